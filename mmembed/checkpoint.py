@@ -1,0 +1,102 @@
+"""Checkpoint I/O: atomic writes, safetensors weights, and nothing that unpickles code.
+
+A run directory holds `model.safetensors`, `config.yaml`, `tokenizer.json` and, for resume,
+`trainer.safetensors` (optimizer tensors) + `trainer.json` (step, RNG states, data position).
+Every file is written to a temporary name in the same folder, fsynced, then renamed, so a crash
+mid-write leaves the previous file intact and never a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmembed.errors import CheckpointError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat tensor dict as safetensors, atomically. Shared storage is copied apart."""
+    flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or non-safetensors file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_torch_weights(path: Path) -> dict[str, Any]:
+    """Load a foreign `.pt`/`.bin` state dict with `weights_only=True`: pickles that would run
+    code are refused (torch raises UnpicklingError before executing anything)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError...
+        raise CheckpointError(f"{path}: refused or unreadable weights file ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupted JSON ({e})") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,274 @@
+"""One config path: YAML → nested typed dataclasses → dotted `key.sub=value` overrides.
+
+Unknown keys, wrong types and missing files fail at load time with a message that names the
+key and the file. Modules never receive these objects: builders unpack them into plain
+arguments (torchtune style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmembed.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TowerConfig:
+    """One modality's path into the shared space: preprocess → encoder → head."""
+
+    encoder: str  # key in encoders.ENCODERS
+    encoder_args: dict[str, Any] = field(default_factory=dict)  # that encoder's keyword arguments
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the modality preprocessor's arguments
+    head: Literal["linear", "mlp"] = "linear"  # LayerNorm → Linear, or LayerNorm → MLP
+    freeze: bool = False  # keep encoder and head fixed during training
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256  # D, the shared space's dimension
+    towers: dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality name
+    init_logit_scale: float = 1 / 0.07  # CLIP's initial temperature
+    max_logit_scale: float = 100.0  # clamp after every step (CLIP)
+    learn_logit_scale: bool = True
+    init_from: str | None = None  # an earlier run dir; towers and heads with matching names load from it
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "clip"] = "bpe"  # our byte-level BPE, or open_clip's CLIP BPE
+    path: str | None = None  # tokenizer.json to load; None: train one on the training captions
+    vocab_size: int = 2048  # when training one
+
+
+@dataclass
+class SynthConfig:
+    n: int = 2000  # scenes
+    seed: int = 0
+    image_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"  # folder of the manifests; relative paths in a manifest resolve here
+    train: str = "train.jsonl"
+    val: str | None = "val.jsonl"
+    test: str | None = "test.jsonl"
+    synth: SynthConfig | None = None  # when set and the manifests are missing, generate the world
+    allow_outside_root: bool = False  # allow absolute paths / `..` in manifests
+    strict: bool = False  # raise on the first bad row instead of skipping and counting it
+    num_workers: int = 0
+    cache: bool = False  # keep decoded, preprocessed samples in memory after the first epoch
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["infonce", "siglip"] = "infonce"
+    mode: Literal["all_pairs", "anchor"] = "all_pairs"  # anchor: bind every modality to one (ImageBind)
+    anchor: str | None = None  # modality name, for mode=anchor
+    pair_weights: dict[str, float] = field(default_factory=dict)  # "image-text": 1.0; default 1
+    label_positives: bool = False  # rows sharing a `label` are not negatives of each other
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    batch_size: int = 128
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps
+    max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # decoupled; none on norms, biases, embeddings and the logit scale
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    accum_steps: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast
+    eval_every: int | None = None  # steps; None = every epoch
+    checkpoint_every: int = 200  # steps
+    keep_last: int = 2  # checkpoints kept besides the best
+    early_stop_patience: int | None = None  # evaluations without improvement
+    early_stop_metric: str = "recall@1"
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped config (`demo` → configs/demo.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    valid = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {name} (shipped configs: {valid})")
+
+
+def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, return a validated `Config`."""
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return from_dict(Config, raw, where="", source=str(path))
+
+
+def apply_override(raw: dict, item: str, source: str = "override") -> None:
+    """`train.lr=3e-4` sets raw["train"]["lr"]; the value is parsed as YAML (`[1, 2]`, `null`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section in {source}")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: cannot parse value {value!r}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain YAML-able structures (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from mmembed.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
+    """Build dataclass `cls` from `raw`, failing on unknown keys, missing keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {_typename(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = _join(where, unknown[0])
+        raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in raw:
+            kwargs[name] = coerce(hints[name], raw[name], key, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against type annotation `tp`; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key, source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {_typename(value)}")
+        ktp, vtp = args or (Any, Any)
+        return {coerce(ktp, k, key, source): coerce(vtp, v, _join(key, str(k)), source) for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {_typename(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} must have {len(args)} items, got {len(value)}")
+            return tuple(coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        return origin(coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")
+        return value
+    return value
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "config") -> dict[str, Any]:
+    """Validate `kwargs` against the signature of `fn` (a class or function) before calling it.
+
+    Registries map names to plain builders; this is how their YAML blocks get the same
+    unknown-key and wrong-type errors as the dataclasses above.
+    """
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    valid = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {}
+    for name, value in kwargs.items():
+        if name not in valid:
+            raise ConfigError(f"{source}: unknown key {_join(where, name)!r} (valid: {', '.join(valid)})")
+        out[name] = coerce(hints.get(name, Any), value, _join(where, name), source)
+    return out
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _typename(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
