@@ -1,0 +1,48 @@
+"""Timing helpers shared by the benchmarks: warm-up, median of repeats, hardware peaks.
+
+Every benchmark runs ours and the anchor in the same process, on 2 threads, and reports ratios;
+absolute times on a shared machine are noise, ratios measured side by side are not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def setup(threads: int = 2, seed: int = 0) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
+    """Measured dense matmul throughput (FLOP/s) on this machine, now: the MFU denominator."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats=repeats)
+
+
+def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Measured read bandwidth (bytes/s): a sum over a large fp32 buffer."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+    return n_bytes / median_time(lambda: x.sum(), repeats=repeats)
+
+
+def ratio_report(name: str, ours: float, anchor: float, unit: str, higher_is_better: bool, **extra) -> dict:
+    """One benchmark row. `ratio` > 1 always means ours is better."""
+    ratio = ours / anchor if higher_is_better else anchor / ours
+    return {"id": name, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio, **extra}
