@@ -1,6 +1,40 @@
-"""mmembed: multimodal shared embeddings."""
+"""mmembed: multimodal shared embeddings.
+
+    import mmembed as mm
+    model = mm.load("runs/demo")
+    z = model.embed("image", ["cat.png"])          # (N, D) unit vectors
+
+Heavy modules (torch, encoders) load on first use, so `mmembed --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from mmembed.modality import Modality
 
 __version__ = "0.1.0"
-__all__ = ["Modality", "__version__"]
+
+_LAZY = {
+    "load": ("mmembed.model", "load"),
+    "Model": ("mmembed.model", "Model"),
+    "build_model": ("mmembed.model", "build_model"),
+    "load_config": ("mmembed.config", "load_config"),
+    "Config": ("mmembed.config", "Config"),
+    "Tokenizer": ("mmembed.tokenizer", "Tokenizer"),
+    "Index": ("mmembed.retrieval", "Index"),
+    "Query": ("mmembed.retrieval", "Query"),
+    "train": ("mmembed.train", "train"),
+}
+
+__all__ = ["Modality", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmembed' has no attribute {name!r}")

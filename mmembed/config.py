@@ -242,6 +242,12 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return origin(coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string; every user writes learning rates that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")

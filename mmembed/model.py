@@ -1,0 +1,175 @@
+"""The object behind `mm.load(...)`: a shared space with its tokenizer and preprocessing.
+
+`Model.embed(modality, items)` takes raw items of any accepted kind (paths, PIL images,
+waveforms, strings), preprocesses them exactly as training did (without augmentation), and
+returns unit vectors. A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmembed.checkpoint import load_tensors, save_tensors
+from mmembed.config import Config, load_config, save_config
+from mmembed.errors import BadInput, CheckpointError, UserError
+from mmembed.modality import Modality
+from mmembed.preprocess import build_preprocessor
+from mmembed.space import SharedSpace, build_space
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
+
+
+class Model:
+    """A trained (or freshly built) shared space, ready to embed raw inputs.
+
+    Attributes:
+        config: the full run config.
+        space: the `SharedSpace` module (towers, heads, logit scale).
+        tokenizer: the text tokenizer (None when the model has no text tower).
+        embed_dim: D, the dimension of every embedding.
+    """
+
+    def __init__(self, config: Config, space: SharedSpace, tokenizer: Any | None):
+        self.config = config
+        self.space = space
+        self.tokenizer = tokenizer
+        self.embed_dim = space.embed_dim
+        self.preprocessors = {
+            m: build_preprocessor(m, config.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=False)
+            for m in space.modalities
+        }
+        self._fingerprint: str | None = None
+
+    @property
+    def modalities(self) -> list[Modality]:
+        return self.space.modalities
+
+    @property
+    def device(self) -> torch.device:
+        return self.space.logit_bias.device
+
+    def to(self, device: str | torch.device) -> Model:
+        self.space.to(device)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights (sha256 over the state dict): indexes check it on load."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.space.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def embed(self, modality: Modality | str, items: Sequence[Any], batch_size: int = 64) -> Tensor:
+        """Embed raw items of one modality.
+
+        Args:
+            modality: "text", "image" or "audio" (any modality with a tower).
+            items: paths, PIL images, arrays/tensors, (waveform, sample_rate) pairs or strings.
+            batch_size: items per forward pass.
+        Returns:
+            (N, D) float32 unit vectors on the CPU, in the order of `items`.
+        Raises:
+            BadInput naming the first item that cannot be read.
+        """
+        modality = Modality.parse(modality)
+        if modality not in self.preprocessors:
+            have = ", ".join(map(str, self.modalities))
+            raise UserError(f"this model has no {modality} tower (it has: {have})")
+        if isinstance(items, (str, Path)) or not isinstance(items, Sequence):
+            items = [items]
+        pre = self.preprocessors[modality]
+        was_training = self.space.training
+        self.space.eval()
+        out = []
+        try:
+            for start in range(0, len(items), batch_size):
+                samples = []
+                for i, item in enumerate(items[start:start + batch_size], start):
+                    try:
+                        samples.append(pre(item))
+                    except BadInput as e:
+                        raise BadInput(f"{modality} item {i}: {e}") from None
+                x, mask = pre.collate(samples)
+                x = x.to(self.device)
+                mask = mask.to(self.device) if mask is not None else None
+                out.append(self.space.encode(modality, x, mask).float().cpu())
+        finally:
+            self.space.train(was_training)
+        if not out:
+            return torch.zeros(0, self.embed_dim)
+        return torch.cat(out)  # (N, D)
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write weights, config and tokenizer into `run_dir` (each file atomically)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_tensors(run_dir / WEIGHTS, self.space.state_dict())
+        save_config(self.config, run_dir / CONFIG)
+        if self.tokenizer is not None:
+            self.tokenizer.save(run_dir / TOKENIZER)
+        return run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Model:
+        """Open a run directory (or a checkpoint folder inside one)."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise UserError(f"run directory not found: {run_dir}")
+        if not (run_dir / WEIGHTS).is_file():
+            raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
+        config = load_config(run_dir / CONFIG)
+        tokenizer = _load_tokenizer(run_dir)
+        space = build_space(config.model, vocab_size=getattr(tokenizer, "vocab_size", None))
+        state = load_tensors(run_dir / WEIGHTS)
+        missing, unexpected = space.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
+                                  f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+        model = cls(config, space, tokenizer)
+        model.space.eval()
+        return model.to(device) if device is not None else model
+
+
+def build_model(config: Config, tokenizer: Any | None) -> Model:
+    """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
+    space = build_space(config.model, vocab_size=getattr(tokenizer, "vocab_size", None))
+    if config.model.init_from:
+        _init_from(space, Path(config.model.init_from))
+    return Model(config, space, tokenizer)
+
+
+def load(run_dir: str | Path, device: str | torch.device | None = None) -> Model:
+    """`mm.load("runs/demo")`: open a trained run. See `Model.load`."""
+    return Model.load(run_dir, device)
+
+
+def _load_tokenizer(run_dir: Path) -> Any | None:
+    if not (run_dir / TOKENIZER).is_file():
+        return None
+    from mmembed.tokenizer import load_tokenizer
+
+    return load_tokenizer(run_dir / TOKENIZER)
+
+
+def _init_from(space: SharedSpace, run_dir: Path) -> None:
+    """Copy every tensor whose name and shape match from an earlier run (bind recipe)."""
+    state = load_tensors(run_dir / WEIGHTS)
+    own = space.state_dict()
+    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    space.load_state_dict(taken, strict=False)
+    towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
+    log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", run_dir)

@@ -1,0 +1,129 @@
+"""The shared space: per-modality towers (encoder → head → L2 normalise) and the logit scale.
+
+    raw ─► preprocess ─► encoder (B, T, W) ─► pooled (B, W) ─► head ─► (B, D) ─► unit vectors
+
+Modules here receive built submodules and plain numbers; `build_space` turns a config into them.
+Nothing in this file names a particular modality: towers live in an `nn.ModuleDict` keyed by it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmembed.config import ModelConfig, check_kwargs
+from mmembed.modality import Modality
+
+
+def build_head(kind: str, width: int, dim: int) -> nn.Module:
+    """LayerNorm → Linear (ImageBind), LayerNorm → MLP, or identity (dims must already match)."""
+    if kind == "linear":
+        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim, bias=False))
+    if kind == "mlp":
+        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim, bias=False))
+    if kind == "none":
+        if width != dim:
+            raise ValueError(f"head 'none' needs encoder width == embed_dim, got {width} vs {dim}")
+        return nn.Identity()
+    raise ValueError(f"unknown head {kind!r}; valid: linear, mlp, none")
+
+
+class Tower(nn.Module):
+    """One modality's encoder and projection head."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        pooled = self.encoder(x, mask).pooled  # (N, W)
+        return F.normalize(self.head(pooled).float(), dim=-1)  # (N, D), unit norm
+
+
+class SharedSpace(nn.Module):
+    """Towers keyed by modality plus CLIP's learnable temperature (and SigLIP's bias).
+
+    The logit scale is stored as its log (as in CLIP) and clamped to `max_logit_scale` after every
+    optimizer step by `clamp_()`; reading it through `logit_scale` clamps as well, so a value
+    pushed past the bound between steps never reaches the loss.
+    """
+
+    def __init__(self, towers: dict[Modality, Tower], embed_dim: int, init_logit_scale: float = 1 / 0.07,
+                 max_logit_scale: float = 100.0, learn_logit_scale: bool = True, init_logit_bias: float = -10.0):
+        super().__init__()
+        if not towers:
+            raise ValueError("a shared space needs at least one tower")
+        self.towers = nn.ModuleDict({str(m): t for m, t in towers.items()})
+        self.embed_dim = embed_dim
+        self.max_log_scale = math.log(max_logit_scale)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)), requires_grad=learn_logit_scale)
+        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias))
+
+    @property
+    def modalities(self) -> list[Modality]:
+        return [Modality(m) for m in self.towers]
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_logit_scale.clamp_(max=self.max_log_scale)
+
+    def encode(self, modality: Modality | str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Embed one modality's preprocessed batch. Returns (N, D) unit vectors (float32)."""
+        key = str(modality)
+        if key not in self.towers:
+            raise KeyError(f"this model has no {key} tower (it has: {', '.join(self.towers)})")
+        return self.towers[key](x, mask)
+
+    def forward(self, inputs: dict[Modality, Tensor], masks: dict[Modality, Tensor | None],
+                present: dict[Modality, Tensor]) -> dict[Modality, Tensor]:
+        """Embed a training batch. Rows lacking a modality hold zeros in that modality's output.
+
+        Shapes: inputs[m] has only the n_m rows that have m; present[m] is (B,) bool with n_m
+        True entries; the result for each m is (B, D).
+        """
+        out = {}
+        for m, x in inputs.items():
+            z = self.encode(m, x, masks.get(m))  # (n_m, D)
+            full = z.new_zeros(present[m].shape[0], z.shape[1])
+            full[present[m]] = z
+            out[m] = full  # (B, D)
+        return out
+
+
+def build_space(config: ModelConfig, vocab_size: int | None = None) -> SharedSpace:
+    """Config → modules. Encoder arguments are validated against the builder's signature, so a
+    misspelt key fails here naming it; the text vocabulary size comes from the tokenizer."""
+    from encoders import ENCODERS
+
+    towers = {}
+    for name, tower_cfg in config.towers.items():
+        modality = Modality.parse(name)
+        where = f"model.towers.{name}"
+        if tower_cfg.encoder not in ENCODERS:
+            valid = ", ".join(sorted(ENCODERS))
+            raise ValueError(f"{where}.encoder: unknown encoder {tower_cfg.encoder!r}; valid: {valid}")
+        builder = ENCODERS[tower_cfg.encoder]
+        args = dict(tower_cfg.encoder_args)
+        if vocab_size is not None and "vocab_size" in _params(builder) and "vocab_size" not in args:
+            args["vocab_size"] = vocab_size
+        encoder = builder(**check_kwargs(builder, args, f"{where}.encoder_args"))
+        head = build_head(tower_cfg.head, encoder.width, config.embed_dim)
+        towers[modality] = Tower(encoder, head)
+        if tower_cfg.freeze:
+            towers[modality].requires_grad_(False)
+    return SharedSpace(towers, config.embed_dim, config.init_logit_scale, config.max_logit_scale,
+                       config.learn_logit_scale)
+
+
+def _params(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)

@@ -1,0 +1,202 @@
+"""The align stage: contrastive training of the shared space on a manifest.
+
+    manifest ─► ManifestDataset (train-time preprocessing) ─► Batch ─► SharedSpace ─► loss
+                                                                      └─ val split ─► recall
+
+`train_align(config)` is what `mmembed train CONFIG` runs; it returns the run directory, which
+`mm.load` opens directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmembed.config import Config, save_config
+from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
+from mmembed.errors import UserError
+from mmembed.evaluate import pairwise_report
+from mmembed.losses import build_loss
+from mmembed.modality import Modality
+from mmembed.model import CONFIG, TOKENIZER, Model, build_model
+from mmembed.preprocess import build_preprocessor
+from mmembed.space import SharedSpace
+from mmembed.train.data_setup import prepare_data, prepare_tokenizer
+from mmembed.train.engine import FitResult, StepOutput, Trainer
+from mmembed.train.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class CollapseMonitor:
+    """Warns when a tower's outputs stop varying across the batch (every row the same vector):
+    contrastive training cannot recover from that, and it usually means a dead tower, a bad
+    learning rate or inputs that are all identical."""
+
+    def __init__(self, patience: int = 3, tol: float = 1e-4):
+        self.patience, self.tol = patience, tol
+        self.streak: dict[Modality, int] = {}
+        self.warned: set[Modality] = set()
+
+    def __call__(self, embeddings: dict[Modality, Tensor], present: dict[Modality, Tensor]) -> None:
+        for m, z in embeddings.items():
+            rows = z.detach()[present[m]]
+            if rows.shape[0] < 2:
+                continue
+            spread = rows.float().std(dim=0).max().item()
+            self.streak[m] = self.streak.get(m, 0) + 1 if spread < self.tol else 0
+            if self.streak[m] >= self.patience and m not in self.warned:
+                self.warned.add(m)
+                log.warning("collapsed embeddings: the %s tower has given the same vector for every input "
+                            "for %d steps (max per-dimension std %.2g)", m, self.streak[m], spread)
+
+
+def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
+                 monitor: CollapseMonitor) -> Callable:
+    def step(batch) -> StepOutput:
+        skips.update(batch.skipped)
+        batch = batch.to(device)
+        emb = space(batch.inputs, batch.masks, batch.present)
+        monitor(emb, batch.present)
+        out = loss_fn(emb, batch.present, space.logit_scale, batch.labels, space.logit_bias)
+        metrics = {"logit_scale": float(space.logit_scale.detach())}
+        metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
+        return StepOutput(out.total, metrics, samples=len(batch))
+
+    return step
+
+
+@torch.inference_mode()
+def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dict[Modality, Tensor], dict[Modality, list[str]]]:
+    """Embed every row of a loader. Keys are the rows' `label` (scene identity), else line numbers."""
+    was_training = space.training
+    space.eval()
+    embs: dict[Modality, list[Tensor]] = {}
+    keys: dict[Modality, list[str]] = {}
+    for batch in loader:
+        batch = batch.to(device)
+        for m, x in batch.inputs.items():
+            embs.setdefault(m, []).append(space.encode(m, x, batch.masks.get(m)).float().cpu())
+            rows = batch.present[m].nonzero().flatten().tolist()
+            keys.setdefault(m, []).extend(
+                batch.keys[i] if batch.keys[i] is not None else f"line{int(batch.rows[i])}" for i in rows)
+    space.train(was_training)
+    return {m: torch.cat(v) for m, v in embs.items()}, keys
+
+
+def mean_recall(report: dict[str, dict]) -> dict[str, float]:
+    """Average each metric over every ordered modality pair; keep per-pair recall@1 too."""
+    out: dict[str, float] = {}
+    if not report:
+        return out
+    for metric in next(iter(report.values())):
+        out[metric] = float(np.mean([r[metric] for r in report.values()]))
+    out.update({f"{pair}/recall@1": r["recall@1"] for pair, r in report.items()})
+    return out
+
+
+def train_align(config: Config, resume: bool = False, callbacks: list[Callable] = ()) -> Path:
+    """Train the shared space described by `config`; returns the run directory.
+
+    With `resume=True` the latest complete checkpoint in `train.out_dir` is restored (weights,
+    optimizer, RNGs, data position) and the run continues exactly where it stopped.
+    """
+    cfg = config
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    run_dir = Path(cfg.train.out_dir)
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        log.info("%s already has checkpoints; starting over (use --resume to continue)", run_dir)
+    root = prepare_data(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, root, run_dir if resume else None)
+    model = build_model(cfg, tokenizer)
+    space = model.space.to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG)
+    extra = {CONFIG: run_dir / CONFIG}
+    if tokenizer is not None:
+        tokenizer.save(run_dir / TOKENIZER)
+        extra[TOKENIZER] = run_dir / TOKENIZER
+
+    train_loader, steps = _train_loader_factory(cfg, root, tokenizer)
+    val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
+    skips = SkipCounter()
+    step_fn = make_step_fn(space, build_loss(cfg.loss), device, skips, CollapseMonitor())
+
+    def evaluate() -> dict[str, float]:
+        emb, keys = embed_dataset(space, val_loader, device)
+        return mean_recall(pairwise_report(emb, keys))
+
+    frozen = [space.towers[str(m)] for m in space.modalities if cfg.model.towers[str(m)].freeze]
+
+    def after_step() -> None:
+        space.clamp_()
+        for tower in frozen:  # frozen towers stay in eval mode: no dropout, no BN statistics drift
+            tower.eval()
+
+    space.train()
+    after_step()
+    trainer = Trainer(space, step_fn, train_loader, steps, cfg.train, run_dir,
+                      evaluate=evaluate if val_loader is not None else None, after_step=after_step,
+                      callbacks=list(callbacks), extra_files=extra, device=device)
+    result = trainer.fit(resume=resume)
+    _finish(model, run_dir, result, skips)
+    return run_dir
+
+
+def _train_loader_factory(cfg: Config, root: Path, tokenizer) -> tuple[Callable, int]:
+    pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=True)
+           for m, t in cfg.model.towers.items()}
+    manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
+                             strict=cfg.data.strict)
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache)
+    bs = cfg.train.batch_size
+    if len(dataset) < bs:
+        raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
+
+    def make(epoch: int, start_batch: int):
+        return build_loader(dataset, bs, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                            drop_last=True, epoch=epoch, start_batch=start_batch)
+
+    return make, len(dataset) // bs
+
+
+def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
+    if name is None or not (root / name).is_file():
+        return None
+    pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=False)
+           for m, t in cfg.model.towers.items()}
+    manifest = read_manifest(root / name, root=root, allow_outside_root=cfg.data.allow_outside_root)
+    dataset = ManifestDataset(manifest, pre, cache=True)
+    return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
+
+
+def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) -> None:
+    model.space.eval()
+    model.save(run_dir)
+    summary = skips.summary()
+    if summary:
+        log.warning("skipped rows during training: %s", summary)
+    try:
+        plot_curves(run_dir / "metrics.jsonl", run_dir)
+    except Exception as e:  # plotting is a convenience; a missing backend must not fail a run
+        log.warning("could not draw curves: %s", e)
+    log.info("run saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)

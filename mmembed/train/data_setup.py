@@ -1,0 +1,60 @@
+"""What a run needs before its first step: the data on disk and a tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from mmembed.config import Config, DataConfig
+from mmembed.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(data: DataConfig) -> Path:
+    """Return the data root; generate the synthetic world there first when configured."""
+    root = Path(data.root)
+    if data.synth is not None:
+        from mmembed.data.synth import generate_world
+
+        generate_world(root, n=data.synth.n, seed=data.synth.seed, image_size=data.synth.image_size)
+    if not (root / data.train).is_file():
+        raise UserError(f"training manifest not found: {root / data.train} "
+                        "(set data.root/data.train, or data.synth to generate the built-in world)")
+    return root
+
+
+def captions(manifest: Path) -> Iterator[str]:
+    """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns."""
+    from mmembed.data import read_manifest
+
+    for row in read_manifest(manifest).rows:
+        text = row.meta.get("text") if isinstance(row.meta, dict) else None
+        for value in [text, *(row.meta.get("captions") or [])]:
+            if isinstance(value, str):
+                yield value
+        for qa in row.meta.get("qa") or []:
+            yield f"{qa.get('question', '')} {qa.get('answer', '')}"
+
+
+def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
+    """Load the configured tokenizer, reuse the run's own on resume, or train one on the
+    training captions (vocabulary `tokenizer.vocab_size`)."""
+    from mmembed.tokenizer import Tokenizer, load_tokenizer
+
+    tok = cfg.tokenizer
+    if run_dir is not None and (run_dir / "tokenizer.json").is_file():
+        return load_tokenizer(run_dir / "tokenizer.json")
+    if tok.kind == "clip":
+        return load_tokenizer("clip")
+    if tok.path is not None:
+        if not Path(tok.path).exists():
+            raise UserError(f"tokenizer.path not found: {tok.path}")
+        return load_tokenizer(tok.path)
+    texts = list(captions(root / cfg.data.train))
+    if not texts:
+        raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on; set tokenizer.path")
+    log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
+    return Tokenizer.train(texts, vocab_size=tok.vocab_size)
+

@@ -1,0 +1,253 @@
+"""The training engine every stage uses: steps, guards, schedule, checkpoints, evaluation.
+
+A stage hands the engine a module, a `step_fn(batch) -> StepOutput` (the forward pass and
+loss), a way to make each epoch's loader, and optionally an evaluation function. The engine
+owns everything users expect from a long run: AdamW + warm-up/cosine, accumulation, clipping,
+bf16 autocast, non-finite guards, time and step budgets, early stopping, JSONL metrics, a
+progress bar, and atomic checkpoints that resume exactly (model, optimizer, RNGs, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mmembed.config import TrainConfig
+from mmembed.errors import UserError
+from mmembed.train.optim import build_optimizer, lr_at, set_lr
+from mmembed.train.state import Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, differentiable
+    metrics: dict[str, float] = field(default_factory=dict)  # logged as-is (per-pair losses, ...)
+    samples: int = 0
+
+
+@dataclass
+class FitResult:
+    progress: Progress
+    stopped_because: str
+    last_checkpoint: Path | None
+
+
+class NonFiniteLossError(UserError):
+    """Raised after `max_bad_steps` consecutive non-finite steps."""
+
+
+class Trainer:
+    """Runs `step_fn` over epochs with the guards and bookkeeping described in the module doc.
+
+    Args:
+        module: the parameters to train (frozen ones are skipped by the optimizer).
+        step_fn: batch → StepOutput (forward + loss); runs under autocast when precision=bf16.
+        make_loader: (epoch, start_batch) → iterable of batches for that epoch, starting at
+            `start_batch` without touching earlier samples (exact resume depends on it).
+        steps_per_epoch: batches per epoch, for the schedule and progress bar.
+        config: the `train` section of the config.
+        run_dir: where checkpoints/, metrics.jsonl and curves go.
+        evaluate: () → metrics dict, called every `eval_every` steps / epoch end.
+        after_step: called after each optimizer step (the shared space clamps its logit scale).
+        callbacks: called as cb(event, trainer, info) on "step" and "checkpoint" events.
+        extra_files: files copied into every checkpoint (config.yaml, tokenizer.json) so each
+            checkpoint folder is itself loadable.
+    """
+
+    def __init__(self, module: nn.Module, step_fn: Callable[[Any], StepOutput],
+                 make_loader: Callable[[int, int], Iterable], steps_per_epoch: int, config: TrainConfig,
+                 run_dir: Path, evaluate: Callable[[], dict[str, float]] | None = None,
+                 after_step: Callable[[], None] | None = None, callbacks: list[Callable] = (),
+                 extra_files: dict[str, Path] | None = None, device: torch.device | None = None):
+        self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
+        self.cfg, self.run_dir = config, Path(run_dir)
+        self.evaluate, self.after_step, self.callbacks = evaluate, after_step, list(callbacks)
+        self.extra_files = extra_files or {}
+        self.device = device or torch.device("cpu")
+        self.steps_per_epoch = max(1, steps_per_epoch // config.accum_steps)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.optimizer = build_optimizer(module, config.lr, config.weight_decay, config.betas)
+        self.progress = Progress()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._bad_in_a_row = 0
+
+    # --- public -------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> FitResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        start = time.monotonic()
+        reason = "finished"
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
+                   dynamic_ncols=True, disable=None)
+        last_ckpt = None
+        try:
+            while reason == "finished" and self.progress.epoch < self.cfg.epochs:
+                reason = self._run_epoch(bar, start)
+                if reason == "finished":
+                    self.progress.epoch += 1
+                    self.progress.batch_in_epoch = 0
+                    if self.cfg.eval_every is None and self._evaluate_and_check():
+                        reason = "early stop"
+            last_ckpt = self._checkpoint()
+        finally:
+            bar.close()
+        log.info("training stopped (%s) at step %d", reason, self.progress.step)
+        return FitResult(self.progress, reason, last_ckpt)
+
+    # --- one epoch ----------------------------------------------------------------------
+
+    def _run_epoch(self, bar: tqdm, start: float) -> str:
+        cfg = self.cfg
+        loader = self.make_loader(self.progress.epoch, self.progress.batch_in_epoch)
+        accum: list[StepOutput] = []
+        data_t0 = time.perf_counter()
+        data_time = 0.0
+        for batch in loader:
+            data_time += time.perf_counter() - data_t0
+            self.progress.batch_in_epoch += 1
+            if self.progress.step >= self.total_steps:
+                return "step budget"
+            out = self._forward_backward(batch)
+            accum.append(out)
+            if len(accum) < cfg.accum_steps:
+                data_t0 = time.perf_counter()
+                continue
+            step_time = time.perf_counter() - data_t0 + data_time
+            self._optimizer_step(accum, data_time, step_time)
+            accum, data_time = [], 0.0
+            bar.update(1)
+            bar.set_postfix(loss=f"{self._last['loss']:.3f}", scale=f"{self._last.get('logit_scale', 0):.1f}",
+                            sps=f"{self._last['samples_per_s']:.0f}")
+            for cb in self.callbacks:
+                cb("step", self, self._last)
+            if cfg.eval_every and self.progress.step % cfg.eval_every == 0 and self._evaluate_and_check():
+                return "early stop"
+            if self.progress.step % cfg.checkpoint_every == 0:
+                self._checkpoint()
+            if cfg.max_minutes is not None and (time.monotonic() - start) / 60 >= cfg.max_minutes:
+                return "time budget"
+            if self.progress.step >= self.total_steps:
+                return "step budget"
+            data_t0 = time.perf_counter()
+        return "finished"
+
+    def _forward_backward(self, batch: Any) -> StepOutput:
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if self.cfg.precision == "bf16" else nullcontext())
+        with autocast:
+            out = self.step_fn(batch)
+        if torch.isfinite(out.loss.detach()):
+            (out.loss / self.cfg.accum_steps).backward()
+        return out
+
+    def _optimizer_step(self, accum: list[StepOutput], data_time: float, step_time: float) -> None:
+        cfg, p = self.cfg, self.progress
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf))
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            # Skip: parameters and optimizer state stay exactly as they were.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._bad_in_a_row += 1
+            p.bad_steps += 1
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
+                        p.step, self._bad_in_a_row)
+            if self._bad_in_a_row >= cfg.max_bad_steps:
+                self._checkpoint()
+                raise NonFiniteLossError(
+                    f"{self._bad_in_a_row} non-finite steps in a row at step {p.step}: stopping "
+                    f"(try a lower train.lr or train.precision=fp32); last good state is checkpointed")
+            return
+        self._bad_in_a_row = 0
+        lr = lr_at(p.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
+        samples = sum(o.samples for o in accum)
+        p.step += 1
+        p.samples += samples
+        self._last = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                      "samples_per_s": samples / max(step_time, 1e-9), "data_time": data_time,
+                      "step_time": step_time, **_mean_metrics(accum)}
+        if p.step % self.cfg.log_every == 0 or p.step == 1:
+            self._log(self._last)
+
+    # --- evaluation, checkpoints, metrics -----------------------------------------------
+
+    def _evaluate_and_check(self) -> bool:
+        """Evaluate, log, keep the best checkpoint; True when early stopping triggers."""
+        if self.evaluate is None:
+            return False
+        metrics = self.evaluate()
+        self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        value = metrics.get(self.cfg.early_stop_metric)
+        p = self.progress
+        if value is None:
+            return False
+        if p.best_metric is None or value > p.best_metric:
+            p.best_metric, p.best_step, p.evals_since_best = value, p.step, 0
+        else:
+            p.evals_since_best += 1
+        patience = self.cfg.early_stop_patience
+        return patience is not None and p.evals_since_best >= patience
+
+    def _checkpoint(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files)
+        prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        for cb in self.callbacks:
+            cb("checkpoint", self, {"path": path})
+        return path
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints")
+        self.progress = load_checkpoint(ckpt, self.module, self.optimizer)
+        self._truncate_metrics(self.progress.step)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
+                 self.progress.epoch, self.progress.batch_in_epoch)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and _safe_step(line) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+
+def _mean_metrics(outs: list[StepOutput]) -> dict[str, float]:
+    keys = {k for o in outs for k in o.metrics}
+    return {k: sum(o.metrics.get(k, 0.0) for o in outs) / len(outs) for k in keys}
+
+
+def _safe_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 1 << 62  # a torn last line from a kill: drop it

@@ -1,0 +1,57 @@
+"""AdamW with decoupled weight decay on matrices only, and a warm-up + cosine learning rate.
+
+Weight decay pulls weights toward zero to fight overfitting; applied to LayerNorm gains,
+biases, embedding tables or the logit scale it only hurts (it shrinks a temperature or a
+norm's gain that the model needs), so those parameters go in a group with decay 0 — the
+same split nanoGPT and open_clip make.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters: ≥2-D weights of Linear/Conv/attention decay, the rest do not."""
+    no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)
+    no_decay_ids = set()
+    for mod in module.modules():
+        if isinstance(mod, no_decay_types):
+            no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        # 1-D tensors are biases, norm gains and scalars such as the logit scale; names ending in
+        # "embedding" cover positional/cls parameters that are not nn.Embedding modules.
+        if p.ndim < 2 or id(p) in no_decay_ids or "embed" in name.rsplit(".", 1)[-1] or "token" in name.rsplit(".", 1)[-1]:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    groups = param_groups(module, weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to `base_lr` over `warmup_steps`, then cosine decay to `base_lr * min_ratio`
+    at `total_steps`. `step` counts optimizer steps from 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return base_lr * (min_ratio + (1 - min_ratio) * cosine)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,147 @@
+"""Trainer checkpoints: everything needed to continue a run as if it had never stopped.
+
+A checkpoint is a folder `checkpoints/step_0000200/` holding
+  model.safetensors    the module's state dict
+  trainer.safetensors  optimizer tensors and the torch/numpy RNG states
+  trainer.json         step, epoch, position in the epoch, optimizer hyper-parameters,
+                       python RNG state, best metric — written last
+The folder is assembled under a temporary name and renamed into place, so a kill during the
+write leaves the previous checkpoint as the latest complete one. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmembed.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from mmembed.errors import CheckpointError
+
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    samples: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    bad_steps: int = 0  # non-finite steps skipped in total
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+                    extra_files: dict[str, Path] | None = None) -> Path:
+    """Write `checkpoints/step_XXXXXXX/` atomically (temp folder + rename). Returns its path."""
+    root = Path(run_dir) / CKPT_DIR
+    final = root / f"step_{progress.step:07d}"
+    tmp = root / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "model.safetensors", module.state_dict())
+    tensors, opt_meta = _flatten_optimizer(optimizer)
+    tensors.update(_rng_tensors())
+    save_tensors(tmp / "trainer.safetensors", tensors)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    atomic_write_json(tmp / "trainer.json", {"progress": asdict(progress), "optimizer": opt_meta,
+                                             "python_rng": _python_rng()})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (one whose trainer.json exists), or None."""
+    root = Path(run_dir) / CKPT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
+    """Restore module, optimizer and every RNG from `path`; returns the saved progress."""
+    meta = read_json(path / "trainer.json")
+    module.load_state_dict(load_tensors(path / "model.safetensors"))
+    tensors = load_tensors(path / "trainer.safetensors")
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    _restore_rng(tensors, meta["python_rng"])
+    return Progress(**meta["progress"])
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and anything in `keep`)."""
+    root = Path(run_dir) / CKPT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file())
+    for old in done[:-keep_last] if keep_last > 0 else done:
+        if old.resolve() not in {k.resolve() for k in keep}:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = meta["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(o["params"]) for g, o in zip(groups, optimizer.param_groups)):
+        raise CheckpointError("checkpoint optimizer does not match this model's parameters")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = {"rng.torch": torch.get_rng_state(),
+           "rng.numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+           "rng.numpy.rest": torch.tensor([pos, has_gauss], dtype=torch.int64),
+           "rng.numpy.gauss": torch.tensor([gauss], dtype=torch.float64)}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    pos, has_gauss = tensors["rng.numpy.rest"].tolist()
+    np.random.set_state(("MT19937", tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(tensors["rng.numpy.gauss"][0])))
+    version, internal, gauss = python_rng
+    random.setstate((version, tuple(internal), gauss))
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)

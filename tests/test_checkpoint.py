@@ -1,0 +1,67 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from mmembed.checkpoint import atomic_write, load_tensors, load_torch_weights, save_tensors
+from mmembed.errors import CheckpointError
+
+
+def test_save_load_bit_identical(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 7, generator=g), "b": torch.randn(7, generator=g).double(),
+               "i": torch.arange(10), "h": torch.randn(3, generator=g).to(torch.bfloat16)}
+    save_tensors(tmp_path / "m.safetensors", tensors)
+    back = load_tensors(tmp_path / "m.safetensors")
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype
+        assert torch.equal(back[k].view(torch.uint8) if back[k].dtype == torch.bfloat16 else back[k],
+                           tensors[k].view(torch.uint8) if tensors[k].dtype == torch.bfloat16 else tensors[k])
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"w": _Evil(marker)}, f)
+    with pytest.raises(CheckpointError, match="refused or unreadable"):
+        load_torch_weights(evil)
+    assert not marker.exists()
+    # The same bytes under a safetensors name are not parsed as a pickle either.
+    renamed = tmp_path / "model.safetensors"
+    evil.rename(renamed)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_tensors(renamed)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_tensors(tmp_path / "m.safetensors", {"w": torch.randn(100, 100)})
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_tensors(tmp_path / "m.safetensors")
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def boom(tmp):
+        tmp.write_text("partial")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmembed.cli import build_parser, main
+
+SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "generate", "chat", "scale"]
+
+
+def test_parser_has_every_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: mmembed {name}")
+
+
+def _one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert err.startswith("mmembed: error:") and match in err, err
+
+
+def test_bad_config_path(capsys):
+    _one_line_error(capsys, ["train", "no/such/config.yaml"], "config file not found")
+
+
+def test_bad_option(capsys):
+    _one_line_error(capsys, ["data", "synth", "--out", "x", "--n", "many"], "invalid int value")
+
+
+def test_bad_override(capsys):
+    _one_line_error(capsys, ["train", "demo", "train.lr=fast"], "train.lr must be float")
+
+
+def test_bad_run_dir(capsys, tmp_path):
+    _one_line_error(capsys, ["index", str(tmp_path / "nope"), "--manifest", "m.jsonl", "--out", "o"], "not found")
+
+
+def test_missing_corpus(capsys, tmp_path):
+    _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(tmp_path / "none.txt"), "--vocab-size", "300",
+                             "--out", str(tmp_path)], "none.txt")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mmembed.cli", "train", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1

@@ -1,0 +1,86 @@
+import pytest
+
+from mmembed.config import CONFIG_DIR, Config, apply_override, check_kwargs, load_config
+from mmembed.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_builds(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.model.towers, f"{path.name} defines no towers"
+    from encoders import ENCODERS
+    from mmembed.space import build_space
+
+    for name, tower in config.model.towers.items():
+        assert tower.encoder in ENCODERS
+    if all(not t.encoder.startswith("open_clip") for t in config.model.towers.values()):
+        space = build_space(config.model, vocab_size=300)
+        assert {str(m) for m in space.modalities} == set(config.model.towers)
+
+
+def test_shipped_name_resolves():
+    assert load_config("demo").train.out_dir
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lrr") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = _write(tmp_path, "train:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be int"):
+        load_config(p)
+
+
+def test_nested_tower_keys_checked(tmp_path):
+    p = _write(tmp_path, "model:\n  towers:\n    text:\n      encoder: x\n      hed: linear\n")
+    with pytest.raises(ConfigError, match=r"model\.towers\.text\.hed"):
+        load_config(p)
+
+
+def test_literal_checked(tmp_path):
+    p = _write(tmp_path, "train:\n  precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"train\.precision must be one of"):
+        load_config(p)
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    p = _write(tmp_path, "train:\n  lr: 0.1\n")
+    c = load_config(p, ["train.lr=3e-4", "train.max_steps=7", "train.betas=[0.8, 0.9]"])
+    assert c.train.lr == pytest.approx(3e-4) and c.train.max_steps == 7 and c.train.betas == (0.8, 0.9)
+
+
+def test_bad_override_names_key(tmp_path):
+    p = _write(tmp_path, "{}\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs must be int"):
+        load_config(p, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.nope'"):
+        load_config(p, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "train.lr")
+
+
+def test_missing_file_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_check_kwargs_against_signature():
+    def builder(width: int = 8, dropout: float = 0.0, kind: str = "a"):
+        return width
+
+    assert check_kwargs(builder, {"width": 4, "dropout": 1}, "enc") == {"width": 4, "dropout": 1.0}
+    with pytest.raises(ConfigError, match=r"enc\.widht"):
+        check_kwargs(builder, {"widht": 4}, "enc")
+    with pytest.raises(ConfigError, match=r"enc\.width must be int"):
+        check_kwargs(builder, {"width": "4"}, "enc")
