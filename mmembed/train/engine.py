@@ -85,6 +85,7 @@ class Trainer:
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._bad_in_a_row = 0
+        self._last: dict[str, Any] = {}
 
     # --- public -------------------------------------------------------------------------
 
@@ -132,8 +133,11 @@ class Trainer:
                 data_t0 = time.perf_counter()
                 continue
             step_time = time.perf_counter() - data_t0 + data_time
-            self._optimizer_step(accum, data_time, step_time)
+            stepped = self._optimizer_step(accum, data_time, step_time)
             accum, data_time = [], 0.0
+            if not stepped:
+                data_t0 = time.perf_counter()
+                continue
             bar.update(1)
             bar.set_postfix(loss=f"{self._last['loss']:.3f}", scale=f"{self._last.get('logit_scale', 0):.1f}",
                             sps=f"{self._last['samples_per_s']:.0f}")
@@ -159,7 +163,8 @@ class Trainer:
             (out.loss / self.cfg.accum_steps).backward()
         return out
 
-    def _optimizer_step(self, accum: list[StepOutput], data_time: float, step_time: float) -> None:
+    def _optimizer_step(self, accum: list[StepOutput], data_time: float, step_time: float) -> bool:
+        """One optimizer step from accumulated gradients; False when the step was skipped."""
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
@@ -176,7 +181,7 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self._bad_in_a_row} non-finite steps in a row at step {p.step}: stopping "
                     f"(try a lower train.lr or train.precision=fp32); last good state is checkpointed")
-            return
+            return False
         self._bad_in_a_row = 0
         lr = lr_at(p.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         set_lr(self.optimizer, lr)
@@ -192,6 +197,7 @@ class Trainer:
                       "step_time": step_time, **_mean_metrics(accum)}
         if p.step % self.cfg.log_every == 0 or p.step == 1:
             self._log(self._last)
+        return True
 
     # --- evaluation, checkpoints, metrics -----------------------------------------------
 

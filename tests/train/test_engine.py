@@ -1,0 +1,159 @@
+"""The training engine on a toy regression problem: guards, schedule, determinism, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmembed.config import TrainConfig
+from mmembed.train.engine import NonFiniteLossError, StepOutput, Trainer
+from mmembed.train.optim import lr_at, param_groups
+from mmembed.train.state import latest_checkpoint
+
+N, BS = 64, 8
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 16)
+        self.norm = nn.LayerNorm(16)
+        self.drop = nn.Dropout(0.1)  # consumes the torch RNG: resume must restore it
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.drop(self.norm(self.lin(x))))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 4, generator=g)
+    return x, x @ torch.randn(4, 4, generator=g)
+
+
+def _make_loader(x, y, seed=0):
+    def make(epoch, start):
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        return ((x[perm[i:i + BS]], y[perm[i:i + BS]], perm[i:i + BS]) for i in range(start * BS, N, BS))
+    return make
+
+
+def _trainer(tmp_path, nan_at=(), callbacks=(), **cfg):
+    torch.manual_seed(0)
+    model = Toy()
+    x, y = _data()
+    calls = {"n": 0}
+
+    def step(batch):
+        xb, yb, _ = batch
+        calls["n"] += 1
+        loss = ((model(xb) - yb) ** 2).mean()
+        if calls["n"] in nan_at:
+            loss = loss * float("nan")
+        return StepOutput(loss, {}, samples=len(xb))
+
+    config = TrainConfig(**{"epochs": 3, "lr": 3e-2, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1,
+                            "keep_last": 100, **cfg})
+    return model, Trainer(model, step, _make_loader(x, y), N // BS, config, tmp_path, callbacks=list(callbacks))
+
+
+def _losses(run_dir):
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    _, a = _trainer(tmp_path / "a")
+    a.fit()
+    _, b = _trainer(tmp_path / "b")
+    b.fit()
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(la) == 24 and la == lb
+    assert sum(la[-4:]) < 0.5 * sum(la[:4])
+
+
+def test_nan_step_leaves_params_and_optimizer_unchanged(tmp_path):
+    snap = {}
+
+    def state(trainer):
+        return ([p.detach().clone() for p in trainer.module.parameters()],
+                [v.clone() for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+
+    def after_step(event, trainer, info):
+        if event == "step" and trainer.progress.step == 3:
+            snap["before"] = state(trainer)
+
+    model, t = _trainer(tmp_path, nan_at={4}, callbacks=[after_step], epochs=1)
+    inner = t.step_fn
+
+    def step(batch):  # call 5 runs right after the skipped NaN step (call 4)
+        if "before" in snap and "after" not in snap and t.progress.bad_steps == 1:
+            snap["after"] = state(t)
+        return inner(batch)
+
+    t.step_fn = step
+    t.fit()
+    assert t.progress.step == 7 and t.progress.bad_steps == 1  # 8 batches, one skipped
+    (p0, o0), (p1, o1) = snap["before"], snap["after"]
+    assert len(o0) == len(o1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(p0 + o0, p1 + o1))
+
+
+def test_nan_guard_skips_exactly(tmp_path):
+    model, t = _trainer(tmp_path, nan_at={1, 2}, epochs=1, max_bad_steps=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    t.make_loader = lambda e, s, _m=t.make_loader: (b for i, b in enumerate(_m(e, s)) if i < 2)
+    t.fit()
+    assert t.progress.step == 0 and t.progress.bad_steps == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not t.optimizer.state  # no moment estimates were created
+
+
+def test_repeated_nan_stops_with_message(tmp_path):
+    _, t = _trainer(tmp_path, nan_at=set(range(1, 100)), max_bad_steps=3)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        t.fit()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_then_resume_equals_uninterrupted(tmp_path):
+    model_a, a = _trainer(tmp_path / "a")
+    a.fit()
+
+    def crash(event, trainer, info):
+        if event == "checkpoint" and trainer.progress.step == 11:
+            raise _Crash
+
+    _, b = _trainer(tmp_path / "b", callbacks=[crash])
+    with pytest.raises(_Crash):
+        b.fit()
+    assert latest_checkpoint(tmp_path / "b").name == "step_0000011"
+    model_c, c = _trainer(tmp_path / "b")
+    c.fit(resume=True)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    sa, sc = a.optimizer.state_dict()["state"], c.optimizer.state_dict()["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sc[i][k]))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[110] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_scalars():
+    m = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+    m.register_parameter("log_logit_scale", nn.Parameter(torch.tensor(1.0)))
+    decay, no_decay = param_groups(m, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(m["lin"].weight)}
+    assert len(no_decay["params"]) == 5 and no_decay["weight_decay"] == 0.0
