@@ -1,0 +1,196 @@
+"""Audio encoders over log-mel spectrograms: an AST-style transformer and a small 2-D CNN.
+
+Input: log-mel (B, n_mels, frames) float with a frame mask (B, frames) bool, True = real frame;
+clips in a batch are right-padded to the longest. Both encoders are exactly padding-invariant:
+frames outside the mask are zeroed before anything reads them, and every later stage masks what
+it pools, so a clip padded with anything gives the output of the clip alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.blocks import Transformer
+from encoders.output import EncoderOutput, downsample_mask, masked_mean
+
+
+def _check_audio(x: Tensor, mask: Tensor | None, n_mels: int, max_frames: int | None) -> Tensor:
+    """Validate shapes; return the frame mask (all True when None)."""
+    if x.dim() != 3 or x.shape[1] != n_mels:
+        raise ValueError(f"expected log-mel of shape (B, {n_mels}, frames), got {tuple(x.shape)}")
+    if max_frames is not None and x.shape[2] > max_frames:
+        raise ValueError(f"{x.shape[2]} frames exceed max_frames={max_frames}")
+    if mask is None:
+        return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+    if mask.shape != (x.shape[0], x.shape[2]) or mask.dtype != torch.bool:
+        expected = (x.shape[0], x.shape[2])
+        raise ValueError(f"frame mask must be bool of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask
+
+
+class AudioTransformer(nn.Module):
+    """Audio Spectrogram Transformer (Gong et al. 2021) with non-overlapping patches.
+
+    The spectrogram is cut into patch_freq x patch_time patches (a conv with kernel = stride),
+    flattened time-major — (t0,f0), (t0,f1), ..., (t1,f0) — so padding only appends patches and
+    positions do not depend on the padded length. A patch is valid if any of its frames is.
+
+    Args:
+        n_mels: mel bins; a multiple of patch_freq.
+        patch_freq, patch_time: patch size in mel bins and frames.
+        width: model width W.
+        layers, heads, mlp_ratio, dropout: transformer shape.
+        max_frames: longest clip in frames (sizes the positional encoding).
+        positional: 1-D encoding over the time-major patch sequence: `sinusoidal`, `learned`,
+            `rotary` or `none`.
+        pool: `mean` of the valid patch tokens, or a `cls` token.
+
+    Shapes:
+        forward(mel (B, n_mels, T), mask (B, T)) → EncoderOutput(tokens (B, P, W),
+        mask (B, P), pooled (B, W)), P = ceil(T / patch_time) * n_mels / patch_freq.
+    """
+
+    def __init__(
+        self,
+        n_mels: int = 64,
+        patch_freq: int = 16,
+        patch_time: int = 16,
+        width: int = 192,
+        layers: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        max_frames: int = 1024,
+        positional: Literal["sinusoidal", "learned", "rotary", "none"] = "sinusoidal",
+        pool: Literal["mean", "cls"] = "mean",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if n_mels % patch_freq:
+            raise ValueError(f"n_mels={n_mels} is not a multiple of patch_freq={patch_freq}")
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"unknown pool {pool!r} (valid: mean, cls)")
+        self.width, self.pool, self.n_mels, self.max_frames = width, pool, n_mels, max_frames
+        self.patch_time, self.freq_patches = patch_time, n_mels // patch_freq
+        self.patchify = nn.Conv2d(1, width, kernel_size=(patch_freq, patch_time), stride=(patch_freq, patch_time))
+        self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None
+        max_patches = -(-max_frames // patch_time) * self.freq_patches + (1 if pool == "cls" else 0)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, dropout, positional=positional, max_len=max_patches
+        )
+
+    def forward(self, mel: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Encode log-mel spectrograms; see the class docstring for shapes."""
+        mask = _check_audio(mel, mask, self.n_mels, self.max_frames)
+        B = mel.shape[0]
+        x = mel.masked_fill(~mask[:, None, :], 0.0)  # padding never reaches a patch
+        x = F.pad(x, (0, (-x.shape[2]) % self.patch_time))  # whole patches; zeros like the padding
+        x = self.patchify(x[:, None])  # (B, W, nF, nT)
+        x = x.permute(0, 3, 2, 1).flatten(1, 2)  # (B, nT * nF, W), time-major
+        patch_mask = downsample_mask(mask, self.patch_time).repeat_interleave(self.freq_patches, dim=1)  # (B, P)
+        if self.cls is not None:
+            x = torch.cat([self.cls.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1 + P, W)
+            full_mask = torch.cat([patch_mask.new_ones(B, 1), patch_mask], dim=1)
+        else:
+            full_mask = patch_mask
+        x = self.transformer(x, full_mask)
+        if self.cls is not None:
+            pooled, tokens = x[:, 0], x[:, 1:]
+        else:
+            tokens = x
+            pooled = masked_mean(tokens, patch_mask)
+        return EncoderOutput(tokens=tokens, mask=patch_mask, pooled=pooled)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover only valid frames, so padding cannot shift them.
+
+    forward(x (B, C, F, T), mask (B, T) bool) → (B, C, F, T).
+    """
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        B, C, Fq, T = x.shape
+        # Statistics in float32, as nn.GroupNorm does under autocast.
+        g = x.float().view(B, self.num_groups, C // self.num_groups, Fq, T)
+        m = mask.float()[:, None, None, None, :]  # (B, 1, 1, 1, T)
+        count = (m.sum(dim=-1, keepdim=True) * (C // self.num_groups) * Fq).clamp(min=1.0)  # (B, 1, 1, 1, 1)
+        mean = (g * m).sum(dim=(2, 3, 4), keepdim=True) / count
+        var = (((g - mean) * m) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+        out = ((g - mean) * torch.rsqrt(var + self.eps)).view(B, C, Fq, T)
+        return (out * self.weight[:, None, None] + self.bias[:, None, None]).type_as(x)
+
+
+class _ConvStage(nn.Module):
+    """conv3x3 (stride freq 2, time `stride`) → norm → ReLU → conv3x3 → norm → ReLU, masked."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, groups: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=(2, stride), padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        make = (lambda: MaskedGroupNorm(groups, c_out)) if norm == "group" else (lambda: nn.BatchNorm2d(c_out))
+        self.norm1, self.norm2 = make(), make()
+
+    def _norm(self, norm: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+        x = norm(x, mask) if isinstance(norm, MaskedGroupNorm) else norm(x)
+        # Zero the padding again: the next 3x3 conv reads one frame past the last valid one,
+        # which must look like the zero padding the unpadded clip would get.
+        return F.relu(x) * mask[:, None, None, :].to(x.dtype)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        mask = downsample_mask(mask, self.stride)  # a 3-tap stride-s conv centred on s*t' covers it
+        x = self._norm(self.norm1, self.conv1(x), mask)
+        x = self._norm(self.norm2, self.conv2(x), mask)
+        return x, mask
+
+
+class AudioCNN(nn.Module):
+    """A small 2-D CNN over the log-mel (PANNs-like), pooled over valid time steps.
+
+    Args:
+        n_mels: mel bins.
+        channels: output channels per stage; width W = channels[-1]. Each stage halves the
+            mel axis.
+        time_strides: time downsampling per stage (same length as channels).
+        norm: `group` (statistics over valid frames only: padding-invariant in training too) or
+            `batch` (padding-invariant in eval; padded zeros enter training batch statistics).
+        groups: groups for `group` norm; divides every channel count.
+        max_frames: longest clip accepted, or None.
+
+    Shapes:
+        forward(mel (B, n_mels, T), mask (B, T)) → EncoderOutput(tokens (B, T', W) averaged over
+        mel bins, mask (B, T'), pooled (B, W) masked mean over time), T' = T / prod(time_strides)
+        rounded up.
+    """
+
+    def __init__(
+        self,
+        n_mels: int = 64,
+        channels: tuple[int, ...] = (32, 64, 128, 256),
+        time_strides: tuple[int, ...] = (2, 2, 2, 1),
+        norm: Literal["group", "batch"] = "group",
+        groups: int = 8,
+        max_frames: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(time_strides) != len(channels):
+            raise ValueError(f"time_strides has {len(time_strides)} entries for {len(channels)} stages")
+        if norm not in ("group", "batch"):
+            raise ValueError(f"unknown norm {norm!r} (valid: group, batch)")
+        if norm == "group" and any(c % groups for c in channels):
+            raise ValueError(f"groups={groups} must divide every channel count {tuple(channels)}")
+        self.width, self.n_mels, self.max_frames = channels[-1], n_mels, max_frames
+        ins = (1, *channels[:-1])
+        self.stages = nn.ModuleList(_ConvStage(i, o, s, norm, groups) for i, o, s in zip(ins, channels, time_strides))
+
+    def forward(self, mel: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Encode log-mel spectrograms; see the class docstring for shapes."""
+        mask = _check_audio(mel, mask, self.n_mels, self.max_frames)
+        x = mel.masked_fill(~mask[:, None, :], 0.0)[:, None]  # (B, 1, n_mels, T)
+        for stage in self.stages:
+            x, mask = stage(x, mask)  # (B, C, F', T'), (B, T')
+        tokens = x.mean(dim=2).transpose(1, 2)  # (B, T', W)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=masked_mean(tokens, mask))

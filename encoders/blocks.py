@@ -1,0 +1,154 @@
+"""Pre-norm transformer: MLP → block → stack. Shared by every transformer encoder and the decoder.
+
+Block (pre-norm, GPT-2 / ViT style):
+    x = x + Dropout(Attention(LayerNorm(x)))
+    x = x + Dropout(MLP(LayerNorm(x)))           MLP = Linear → GELU → Linear
+Stack: input positional encoding → embedding dropout → blocks → final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from encoders.attention import KVCacheLike, MultiHeadAttention
+from encoders.positional import build_positional
+
+
+class MLP(nn.Module):
+    """Linear(dim → hidden) → GELU → Linear(hidden → dim) → dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm block: LayerNorm → attention → residual, LayerNorm → MLP → residual.
+
+    Args:
+        dim: width C.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width = mlp_ratio * dim.
+        dropout: attention-weight, attention-output and MLP-output dropout.
+        bias: biases in linear layers and LayerNorms.
+        positional: rotary module shared across layers, or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        positional: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, bias=bias)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional)
+        self.norm2 = nn.LayerNorm(dim, bias=bias)
+        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=dropout, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        positions: Tensor | None = None,
+        kv_cache: KVCacheLike | None = None,
+    ) -> Tensor:
+        """x: (B, T, C) → (B, T, C). Arguments as in `MultiHeadAttention.forward`."""
+        x = x + self.attn(self.norm1(x), mask, is_causal=is_causal, positions=positions, kv_cache=kv_cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks with a positional encoding and a final LayerNorm.
+
+    Args:
+        dim: width C.
+        depth: number of blocks.
+        heads: attention heads per block.
+        mlp_ratio: MLP hidden width / dim.
+        dropout: dropout after the positional encoding and inside every block.
+        bias: biases in linear layers and LayerNorms.
+        positional: a key of `encoders.positional.POSITIONAL` (sinusoidal, learned, rotary, none).
+        max_len: longest sequence the positional encoding covers.
+
+    Shapes:
+        forward(x (B, T, C), mask (B, T) bool) → (B, T, C).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        positional: str = "none",
+        max_len: int = 2048,
+    ) -> None:
+        super().__init__()
+        self.dim, self.max_len = dim, max_len
+        self.positional = build_positional(positional, dim, heads, max_len)
+        rotary = self.positional if self.positional.in_attention else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, bias=bias)
+        self.apply(_init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * depth),
+        # so the stream's variance does not grow with depth at initialisation.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * max(depth, 1)))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        positions: Tensor | None = None,
+        kv_caches: list[KVCacheLike] | None = None,
+    ) -> Tensor:
+        """Encode a sequence.
+
+        Args:
+            x: (B, T, C) embedded inputs.
+            mask: (B, T) bool key padding mask (True = valid) or a full mask, see `MultiHeadAttention`.
+            is_causal: causal self-attention.
+            positions: (T,) or (B, T) positions of x; None = 0..T-1.
+            kv_caches: one cache per block (decoding), or None.
+
+        Returns:
+            (B, T, C) after the final LayerNorm.
+        """
+        if positions is None and x.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_len={self.max_len}")
+        if not self.positional.in_attention:
+            x = self.positional(x, positions)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x = block(x, mask, is_causal=is_causal, positions=positions, kv_cache=cache)
+        return self.norm(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,139 @@
+"""Image encoders: a small ViT of our own, and torchvision ResNets.
+
+Input: (B, 3, H, W) float, normalised by the image preprocessor; no mask (every patch is real).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from encoders.blocks import Transformer
+from encoders.output import EncoderOutput
+from encoders.positional import sinusoidal_table_2d
+from encoders.weights import load_into, load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2020): patchify → cls + positions → pre-norm blocks.
+
+    Args:
+        image_size: input height = width, in pixels.
+        patch_size: square patch side; image_size must be a multiple.
+        width: model width W.
+        layers: transformer blocks.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        positional: `learned` (1 + N vectors), `sinusoidal` (1-D over the 1 + N positions),
+            `sinusoidal_2d` (fixed row/column encoding of the patch grid, none on cls),
+            `rotary` (1-D, on q/k) or `none`.
+        pool: the `cls` token, or the `mean` of the patch tokens.
+        dropout: dropout inside the transformer.
+        in_channels: image channels.
+
+    Shapes:
+        forward(images (B, C, H, W)) → EncoderOutput(tokens (B, N, W) patch tokens,
+        mask (B, N) all True, pooled (B, W)), N = (image_size / patch_size)^2.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 8,
+        width: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        positional: Literal["learned", "sinusoidal", "sinusoidal_2d", "rotary", "none"] = "learned",
+        pool: Literal["cls", "mean"] = "cls",
+        dropout: float = 0.0,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"unknown pool {pool!r} (valid: cls, mean)")
+        self.width, self.pool, self.image_size = width, pool, image_size
+        grid = image_size // patch_size
+        self.num_patches = grid * grid
+        # kernel = stride = patch: each output pixel is a linear map of one patch.
+        self.patchify = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.randn(width) * 0.02)
+        if positional == "sinusoidal_2d":
+            table = torch.cat([torch.zeros(1, width), sinusoidal_table_2d(grid, grid, width)])  # (1 + N, W)
+            self.register_buffer("pos_2d", table, persistent=False)
+            positional = "none"
+        else:
+            self.pos_2d = None
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, dropout, positional=positional, max_len=1 + self.num_patches
+        )
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Encode images; `mask` is accepted for interface symmetry and must be None."""
+        if mask is not None:
+            raise ValueError("image encoders take no mask: every patch is real")
+        B, _, H, W = images.shape
+        if (H, W) != (self.image_size, self.image_size):
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {H}x{W}")
+        x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W), row-major patches
+        x = torch.cat([self.cls.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1 + N, W)
+        if self.pos_2d is not None:
+            x = x + self.pos_2d.to(x.dtype)
+        x = self.transformer(x)  # (B, 1 + N, W)
+        tokens = x[:, 1:]
+        pooled = x[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
+        mask = torch.ones(B, self.num_patches, dtype=torch.bool, device=images.device)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+
+RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision.models builders
+
+
+class ResNet(nn.Module):
+    """torchvision ResNet trunk without its classifier.
+
+    Args:
+        arch: `resnet18`, `resnet34` or `resnet50`.
+        weights: None (random init) or a local file (`.safetensors`, or `.pt`/`.pth`/`.bin` loaded
+            with `weights_only=True`) holding a torchvision ResNet state dict; `fc.*` is ignored.
+
+    Shapes:
+        forward(images (B, 3, H, W)) → EncoderOutput(tokens (B, h*w, C) the final feature map
+        (h, w = H/32, W/32), mask (B, h*w) all True, pooled (B, C) its average); C = 512 for
+        resnet18/34, 2048 for resnet50.
+    """
+
+    def __init__(
+        self, arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18", weights: str | None = None
+    ) -> None:
+        super().__init__()
+        if arch not in RESNETS:
+            raise ValueError(f"unknown ResNet {arch!r} (valid: {', '.join(RESNETS)})")
+        import torchvision  # deferred: importing it costs seconds
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        self.width = net.fc.in_features
+        net.fc = nn.Identity()  # the classifier is replaced by the projection head downstream
+        if weights is not None:
+            load_into(net, load_state_dict_file(weights), weights, ignore_prefixes=("fc.",))
+            log.info("loaded %s weights from %s", arch, weights)
+        self.net = net
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Encode images; `mask` must be None."""
+        if mask is not None:
+            raise ValueError("image encoders take no mask: every pixel is real")
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(images))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (B, C, h, w)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        pooled = tokens.mean(dim=1)  # = torchvision's adaptive average pool
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=images.device)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)

@@ -1,0 +1,260 @@
+"""open_clip image and text towers as encoders.
+
+Any open_clip architecture (`open_clip.list_models()`, or `local-dir:` / `hf-hub:` names) is
+built with `open_clip.create_model`, then only one tower's modules are kept. `pretrained` is:
+
+- None: random initialisation (offline).
+- a local file: `.safetensors`, or `.pt`/`.pth`/`.bin` read with `torch.load(weights_only=True)`
+  — a full open_clip CLIP state dict, as `model.state_dict()` or open_clip's trainer writes it.
+- an open_clip pretrained tag (`laion2b_s34b_b79k`, ...): open_clip downloads it, so it only
+  works on a machine that can reach the hub.
+
+`pooled` is exactly open_clip's `encode_image` / `encode_text` (before normalisation). `tokens`
+are the tower's per-patch / per-token features passed through the same final projection, when
+the tower exposes them (open_clip ViTs and text transformers); other towers (ModifiedResNet,
+timm, Hugging Face text models) return `pooled` as a single token (T = 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from encoders.output import EncoderOutput
+from encoders.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsFileError, load_into, load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+
+def create_open_clip_model(
+    name: str, pretrained: str | None = None, cache_dir: str | None = None
+) -> tuple[nn.Module, dict]:
+    """Build open_clip model `name` with weights from `pretrained`; return it and its config.
+
+    Raises:
+        ValueError: unknown architecture, or `pretrained` neither a file nor a known tag.
+        WeightsFileError: a weights file that is missing, unsafe, unreadable or does not fit,
+            or a tag whose download failed.
+    """
+    import open_clip  # deferred: importing it costs seconds, and most configs never use it
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {name!r} (valid: {', '.join(open_clip.list_models())})")
+    path, tag = _resolve_pretrained(name, pretrained)
+    # pretrained_image/text=False: never fetch base tower weights behind the user's back.
+    with _quiet_random_init_warning(path is not None):
+        try:
+            model = open_clip.create_model(
+                name, pretrained=tag, pretrained_image=False, pretrained_text=False, cache_dir=cache_dir
+            )
+        except RuntimeError as e:
+            if tag is None:
+                raise
+            raise WeightsFileError(
+                f"could not fetch open_clip weights {name}/{tag} ({e}); without internet access, "
+                "download them elsewhere and pass the local file as `pretrained`"
+            ) from None
+    if path is not None:
+        _load_open_clip_file(model, path)
+    return model, cfg
+
+
+def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[Path | None, str | None]:
+    """Split `pretrained` into (local weights file, open_clip tag); at most one is set."""
+    import open_clip
+
+    if pretrained is None:
+        return None, None
+    path = Path(pretrained)
+    if path.is_file():
+        return path, None
+    if path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or len(path.parts) > 1:
+        raise WeightsFileError(f"weights file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a weights file nor an open_clip tag for {name} "
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
+    return None, pretrained
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool) -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning when we load a file right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_open_clip_file(model: nn.Module, path: Path) -> None:
+    """Load a local CLIP state dict with the fix-ups of `open_clip.load_checkpoint`, but our safe reader."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = convert_state_dict(model, load_state_dict_file(path))  # third-party layouts (MobileCLIP)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)  # CLIP layout into a CustomTextCLIP
+    for key in ("logit_scale", "logit_bias"):
+        param = getattr(model, key, None)
+        if key in state and param is not None and state[key].ndim != param.ndim:
+            state[key] = state[key].reshape(param.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(model.logit_bias)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    load_into(model, state, path)
+    log.info("loaded open_clip weights from %s", path)
+
+
+class OpenClipImage(nn.Module):
+    """open_clip's visual tower. forward(images (B, 3, H, W)) → EncoderOutput.
+
+    Shapes: tokens (B, N, E) projected patch tokens (T = 1 for non-ViT towers), mask all True,
+    pooled (B, E) = `encode_image`; E = open_clip's embed_dim. `preprocess_cfg` holds the
+    size / mean / std the images must be prepared with.
+    """
+
+    def __init__(self, visual: nn.Module, width: int) -> None:
+        from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+
+        super().__init__()
+        self.visual, self.width = visual, width
+        self.preprocess_cfg: dict = dict(getattr(visual, "preprocess_cfg", {}))
+        self.has_tokens = (
+            isinstance(visual, OpenClipVisionTransformer) and visual.attn_pool is None and visual.proj is not None
+        )
+        if self.has_tokens:
+            visual.output_tokens = True  # forward now returns (pooled, tokens); pooled is unchanged
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        if mask is not None:
+            raise ValueError("image encoders take no mask: every patch is real")
+        if self.has_tokens:
+            pooled, tokens = self.visual(images)  # (B, E), (B, N, width_v)
+            if self.visual.final_ln_after_pool:  # open_clip normalises only the pooled vector then
+                tokens = self.visual.ln_post(tokens)
+            tokens = tokens @ self.visual.proj  # (B, N, E)
+        else:
+            pooled = self.visual(images)
+            tokens = pooled[:, None]  # (B, 1, E)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=images.device)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+
+class OpenClipText(nn.Module):
+    """open_clip's text tower. forward(ids (B, T) CLIP token ids, mask (B, T)) → EncoderOutput.
+
+    Ids are padded with the tower's pad id to its context length (77 for CLIP) as open_clip's
+    tokenizer does, and positions outside `mask` are reset to it. Without a mask, positions up
+    to the pooled (EOT) token are valid.
+
+    Shapes: tokens (B, T, E) projected token features (T = 1 for Hugging Face text towers),
+    mask (B, T), pooled (B, E) = `encode_text`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: dict, width: int) -> None:
+        from open_clip.transformer import TextTransformer as OpenClipTextTransformer
+
+        super().__init__()
+        self.width = width
+        text_cfg = cfg.get("text_cfg", {})
+        self.pad_id = int(text_cfg.get("pad_id", 0))
+        if hasattr(model, "text"):  # CustomTextCLIP: a self-contained text module
+            self.text = model.text
+            self.context_length = int(model.context_length)
+            self.pool_type = getattr(self.text, "pool_type", None)
+            self.eos_id = getattr(self.text, "eos_id", None)
+            self.has_tokens = isinstance(self.text, OpenClipTextTransformer) and self.text.cls_emb is None
+            if self.has_tokens:
+                self.text.output_tokens = True
+        else:  # CLIP: the text tower lives on the model itself; keep just its parts
+            self.text = None
+            for part in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+                setattr(self, part, getattr(model, part))
+            self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+            self.context_length = int(model.context_length)
+            self.pool_type, self.eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
+            self.has_tokens = True
+
+    def _clip_forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """open_clip `CLIP.encode_text`, keeping the per-token features."""
+        from open_clip.transformer import text_global_pool
+
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(ids).to(cast_dtype) + self.positional_embedding.to(cast_dtype)  # (B, L, w)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        pooled = text_global_pool(x, ids, self.pool_type, eos_token_id=self.eos_id)  # (B, w)
+        return self._project(pooled), x
+
+    def _project(self, x: Tensor) -> Tensor:
+        proj = self.text_projection if self.text is None else self.text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        B, T = ids.shape
+        if T > self.context_length:
+            raise ValueError(f"text of {T} tokens exceeds the open_clip context length {self.context_length}")
+        if mask is None:
+            mask = self._default_mask(ids)
+        full = torch.full((B, self.context_length), self.pad_id, dtype=ids.dtype, device=ids.device)
+        full[:, :T] = ids.masked_fill(~mask, self.pad_id)  # (B, L)
+        if self.text is None:
+            pooled, tokens = self._clip_forward(full)
+        elif self.has_tokens:
+            pooled, tokens = self.text(full)
+        else:
+            pooled = self.text(full)
+        if self.has_tokens:
+            tokens = self._project(tokens[:, :T])  # (B, T, E)
+        else:
+            tokens, mask = pooled[:, None], mask.new_ones(B, 1)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def _default_mask(self, ids: Tensor) -> Tensor:
+        """Valid up to and including the token open_clip pools (EOT); everything when it pools otherwise."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        if self.pool_type == "argmax":
+            return positions <= ids.argmax(dim=-1, keepdim=True)
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return positions <= (ids == self.eos_id).int().argmax(dim=-1, keepdim=True)
+        return torch.ones_like(ids, dtype=torch.bool)
+
+
+def open_clip_image(
+    arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None
+) -> OpenClipImage:
+    """Image tower of open_clip architecture `arch`; width = its embed_dim. See the module docstring.
+
+    Args:
+        arch: an `open_clip.list_models()` name, or `local-dir:<folder>` / `hf-hub:<repo>`.
+        pretrained: None (random init), a local weights file, or an open_clip pretrained tag.
+        cache_dir: where open_clip caches downloads (tags only).
+    """
+    model, cfg = create_open_clip_model(arch, pretrained, cache_dir)
+    return OpenClipImage(model.visual, int(cfg["embed_dim"]))
+
+
+def open_clip_text(arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None) -> OpenClipText:
+    """Text tower of open_clip architecture `arch`; input CLIP token ids (B, T <= context length).
+
+    Args: as `open_clip_image`.
+    """
+    model, cfg = create_open_clip_model(arch, pretrained, cache_dir)
+    return OpenClipText(model, cfg, int(cfg["embed_dim"]))

@@ -1,0 +1,81 @@
+"""Loading foreign weight files safely: safetensors, or `torch.load(weights_only=True)`.
+
+A `.pt`/`.bin` file is a pickle, and an ordinary unpickler runs whatever code the file names.
+`weights_only=True` admits only tensors and plain containers and refuses everything else before
+executing it, so a malicious file raises `WeightsFileError` and runs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class WeightsFileError(ValueError):
+    """A weights file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from `.safetensors` or a `torch.save`d file (weights only).
+
+    Training checkpoints that wrap the weights (`{"state_dict": ...}`, `{"model": ...}`) and
+    DistributedDataParallel's `module.` prefix are unwrapped.
+
+    Raises:
+        WeightsFileError: missing file, a pickle that would run code, or no tensors inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"weights file not found: {path}")
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (refused global), RuntimeError (truncated zip), EOFError...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsFileError(f"{path}: refused or unreadable weights file ({type(e).__name__}: {reason})") from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsFileError(f"{path}: no state dict (name → tensor mapping) inside")
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_into(
+    module: nn.Module, state: dict[str, Tensor], source: str | Path, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
+    """`module.load_state_dict(state, strict=True)` with a one-line error naming what differs.
+
+    Args:
+        ignore_prefixes: keys in `state` starting with these are dropped first (e.g. a replaced head).
+    """
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else state
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise WeightsFileError(f"{source}: weights do not fit {type(module).__name__}: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,135 @@
+"""Audio encoders: variable length through the frame mask, exact padding invariance, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encoders import AudioCNN, AudioTransformer
+from encoders.audio import MaskedGroupNorm
+from encoders.output import downsample_mask
+
+N_MELS = 32
+LENGTHS = [40, 21, 5]
+
+
+def _ast(**kw) -> AudioTransformer:
+    torch.manual_seed(0)
+    args = dict(n_mels=N_MELS, patch_freq=8, patch_time=4, width=32, layers=2, heads=4, max_frames=64)
+    return AudioTransformer(**(args | kw)).eval()
+
+
+def _cnn(**kw) -> AudioCNN:
+    torch.manual_seed(0)
+    model = AudioCNN(**(dict(n_mels=N_MELS, channels=(8, 16, 32), time_strides=(2, 2, 1), groups=4) | kw))
+    if kw.get("norm") == "batch":  # give BatchNorm non-trivial running statistics first
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(4, N_MELS, 40))
+    return model.eval()
+
+
+ENCODERS = {
+    "ast_mean_sin": lambda: _ast(),
+    "ast_cls_learned": lambda: _ast(pool="cls", positional="learned"),
+    "ast_rotary": lambda: _ast(positional="rotary"),
+    "cnn_group": lambda: _cnn(),
+    "cnn_batch": lambda: _cnn(norm="batch"),
+}
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    T = max(LENGTHS)
+    mel = torch.randn(len(LENGTHS), N_MELS, T)
+    mask = torch.arange(T)[None] < torch.tensor(LENGTHS)[:, None]  # (B, T)
+    mel[~mask[:, None, :].expand_as(mel)] = 1e3  # garbage beyond each clip (finite, large)
+    return mel, mask
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_padded_batch_equals_each_clip_alone(name):
+    model = ENCODERS[name]()
+    mel, mask = _batch()
+    with torch.no_grad():
+        out = model(mel, mask)
+        for i, n in enumerate(LENGTHS):
+            alone = model(mel[i : i + 1, :, :n])
+            assert alone.mask.all() and alone.tokens.shape[1] == int(out.mask[i].sum())
+            torch.testing.assert_close(out.pooled[i], alone.pooled[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.tokens[i][out.mask[i]], alone.tokens[0], atol=1e-5, rtol=1e-5)
+    assert out.pooled.shape == (3, model.width) and out.mask.dtype == torch.bool
+    assert out.tokens.shape[:2] == out.mask.shape and torch.isfinite(out.pooled).all()
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_garbage_changes_output_without_mask(name):
+    """The invariance above comes from the mask: without it the garbage is seen."""
+    model = ENCODERS[name]()
+    mel, mask = _batch()
+    with torch.no_grad():
+        masked = model(mel[1:2], mask[1:2]).pooled
+        unmasked = model(mel[1:2]).pooled
+    assert not torch.allclose(masked, unmasked, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_fully_padded_clip_is_finite(name):
+    model = ENCODERS[name]()
+    mel, mask = _batch()
+    mask[2] = False
+    out = model(mel, mask)
+    assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+    assert not out.mask[2].any()
+
+
+def test_ast_token_layout_and_mask():
+    model = _ast()
+    mel, mask = _batch()
+    out = model(mel, mask)
+    # 40 frames / patch_time 4 = 10 time patches x 32 / 8 = 4 freq patches, time-major.
+    assert out.tokens.shape == (3, 40, 32)
+    assert out.mask.sum(1).tolist() == [40, 24, 8]  # ceil(21 / 4) * 4, ceil(5 / 4) * 4
+
+
+def test_cnn_time_downsampling_and_mask():
+    model = _cnn()
+    mel, mask = _batch()
+    out = model(mel, mask)
+    assert model.width == 32 and out.tokens.shape == (3, 10, 32)  # 40 / 2 / 2
+    assert out.mask.sum(1).tolist() == [10, 6, 2]  # ceil(ceil(n / 2) / 2)
+
+
+def test_downsample_mask_matches_strided_lengths():
+    mask = torch.arange(7)[None] < torch.tensor([7, 3, 0])[:, None]
+    assert downsample_mask(mask, 2).tolist() == [[True] * 4, [True, True, False, False], [False] * 4]
+
+
+def test_audio_errors():
+    with pytest.raises(ValueError, match="multiple of patch_freq"):
+        AudioTransformer(n_mels=30, patch_freq=8)
+    with pytest.raises(ValueError, match=r"\(B, 32, frames\)"):
+        _ast()(torch.randn(1, 16, 10))
+    with pytest.raises(ValueError, match="max_frames=64"):
+        _ast()(torch.randn(1, N_MELS, 65))
+    with pytest.raises(ValueError, match="frame mask must be bool"):
+        _ast()(torch.randn(1, N_MELS, 10), torch.ones(1, 10))
+    with pytest.raises(ValueError, match="groups=3"):
+        AudioCNN(channels=(8, 16), time_strides=(2, 2), groups=3)
+
+
+def test_masked_group_norm_equals_group_norm_on_valid_frames():
+    torch.manual_seed(2)
+    norm = MaskedGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 12)
+    full = torch.ones(2, 12, dtype=torch.bool)
+    reference = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(norm(x, full), reference, atol=1e-5, rtol=1e-5)
+    # With padding, the valid part is normalised as if the padding were absent.
+    mask = torch.arange(12)[None] < torch.tensor([12, 7])[:, None]
+    padded = x.clone()
+    padded[1, :, :, 7:] = 1e3
+    alone = torch.nn.functional.group_norm(x[1:, :, :, :7], 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(norm(padded, mask)[1:, :, :, :7], alone, atol=1e-5, rtol=1e-5)
