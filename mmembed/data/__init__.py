@@ -1,0 +1,27 @@
+"""Datasets: manifests (JSONL/CSV) → preprocessed samples → batches, plus the synthetic world.
+
+Reading order: manifest.py (rows on disk) → dataset.py (rows → samples, bad rows skipped) →
+collate.py (samples → Batch) → loader.py (seeded, resumable DataLoader; skip accounting).
+"""
+
+from mmembed.data.collate import Batch, collate, label_ids
+from mmembed.data.dataset import ManifestDataset, Sample, Skipped
+from mmembed.data.loader import EpochBatchSampler, SkipCounter, build_loader
+from mmembed.data.manifest import Manifest, Row, read_manifest
+
+# synthetic world exports (mmembed.data.synth) are added here by the lead
+
+__all__ = [
+    "read_manifest",
+    "Manifest",
+    "Row",
+    "ManifestDataset",
+    "Sample",
+    "Skipped",
+    "Batch",
+    "collate",
+    "label_ids",
+    "build_loader",
+    "EpochBatchSampler",
+    "SkipCounter",
+]

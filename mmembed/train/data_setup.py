@@ -29,9 +29,10 @@ def captions(manifest: Path) -> Iterator[str]:
     """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns."""
     from mmembed.data import read_manifest
 
+    from mmembed.modality import Modality
+
     for row in read_manifest(manifest).rows:
-        text = row.meta.get("text") if isinstance(row.meta, dict) else None
-        for value in [text, *(row.meta.get("captions") or [])]:
+        for value in [row.items.get(Modality.TEXT), *(row.meta.get("captions") or [])]:
             if isinstance(value, str):
                 yield value
         for qa in row.meta.get("qa") or []:

@@ -1,0 +1,214 @@
+"""DataLoader construction: a seeded, resumable epoch order, and skip accounting.
+
+Order: `EpochBatchSampler` draws a permutation from (seed, epoch) alone and cuts it into
+batches, so an epoch's batches are fixed before any sample is loaded. Resuming at batch k of
+epoch e is `set_epoch(e, start_batch=k)`: the first k batches are never loaded, and the rest
+are exactly the tail of the uninterrupted epoch. Each index travels with its own seed, drawn
+from (seed, epoch, index), so augmentation does not depend on workers or resumes either
+(see `ManifestDataset`).
+
+Skips: bad rows travel inside batches (`batch.skipped`); the training loop feeds them to a
+`SkipCounter`, which logs a rate-limited warning and summarises at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mmembed.data.collate import collate
+from mmembed.data.dataset import ManifestDataset
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of `(index, sample_seed)` for one epoch, optionally starting at batch k.
+
+    Args:
+        n: dataset size.
+        batch_size: rows per batch.
+        shuffle: permute per epoch (seeded by `seed + epoch`); else dataset order.
+        seed: run seed.
+        drop_last: drop a final partial batch.
+        rank, world_size: distributed sharding; every rank draws the same permutation and
+            takes every `world_size`-th index (the tail is trimmed so ranks get equal counts).
+
+    Call `set_epoch(epoch, start_batch=0)` before each epoch (the start persists until then).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's convention
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        usable = self.n - self.n % self.world_size
+        return order[self.rank : usable : self.world_size]
+
+    def batches_per_epoch(self) -> int:
+        per_rank = self.n // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.indices()
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one (run seed, epoch, index) — splitmix64 finaliser."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def seed_worker(worker_id: int) -> None:
+    """worker_init_fn: torch already seeds each worker (base seed + id); align numpy and random."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(
+    dataset: ManifestDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+    epoch: int = 0,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A DataLoader over `dataset` yielding `Batch`es in a seeded, resumable order.
+
+    Args:
+        dataset: a ManifestDataset (its preprocessors collate the batches).
+        batch_size, shuffle, drop_last: as in torch's DataLoader.
+        num_workers: worker processes (persistent across epochs when > 0).
+        seed: fixes the order of every epoch and the per-sample augmentation seeds.
+        pin_memory: None → pin when CUDA is available.
+        epoch, start_batch: where the first iteration starts (resume). Later epochs: call
+            `loader.batch_sampler.set_epoch(e)` (or `set_epoch(e, start_batch=k)`).
+        rank, world_size: shard for distributed training.
+
+    Returns:
+        The DataLoader; `len(loader)` counts the batches still to come in the current epoch.
+    """
+    if getattr(dataset, "cache", None) is not None and num_workers > 0:
+        t0 = time.perf_counter()
+        skipped = dataset.materialize(num_workers=num_workers)
+        log.info("cached %d rows in %.1fs (%d skipped)", len(dataset), time.perf_counter() - t0, len(skipped))
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+    )
+    sampler.set_epoch(epoch, start_batch)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=partial(collate, preprocessors=dataset.preprocessors),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=seed_worker if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
+
+
+class SkipCounter:
+    """Counts skipped rows by kind of reason and warns at most once every `every_s` seconds.
+
+    Args:
+        every_s: minimum seconds between two warnings (the first skip warns at once).
+        logger: where the warnings go (default: this module's logger).
+        clock: time source, injectable for tests.
+
+    Feed it `batch.skipped` (and `manifest.skipped` once); `summary()` at the end of an epoch.
+    """
+
+    def __init__(
+        self, *, every_s: float = 30.0, logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every_s, self.logger, self.clock = every_s, logger or log, clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+        self.by_kind: Counter[str] = Counter()
+        self.example: dict[str, tuple[int, str]] = {}
+        self._last_warning: float | None = None
+        self._since_warning = 0
+
+    def update(self, skipped: Iterable[tuple[int, str]]) -> None:
+        latest = None
+        for line, reason in skipped:
+            kind = reason_kind(reason)
+            self.total += 1
+            self._since_warning += 1
+            self.by_kind[kind] += 1
+            self.example.setdefault(kind, (line, reason))
+            latest = (line, reason)
+        if latest is None:
+            return
+        now = self.clock()
+        if self._last_warning is None or now - self._last_warning >= self.every_s:
+            self.logger.warning(
+                "skipped %d bad row(s) (%d since the last warning); latest: line %d: %s",
+                self.total, self._since_warning, *latest,
+            )
+            self._last_warning, self._since_warning = now, 0
+
+    def summary(self) -> str:
+        """One line: the total and the count per kind, with an example line for each; "" if none."""
+        if not self.total:
+            return ""
+        parts = [f"{n} × {kind} (e.g. line {self.example[kind][0]})" for kind, n in self.by_kind.most_common()]
+        return f"skipped {self.total} row(s): " + "; ".join(parts)
+
+
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|\S*/\S*|\d+")
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with its specifics removed, for grouping: paths, quotes, numbers → '…'."""
+    head = reason.split(" (", 1)[0]
+    return _VARIABLE.sub("…", head).strip()

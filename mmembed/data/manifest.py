@@ -1,0 +1,216 @@
+"""Manifests: the on-disk format of every dataset (JSONL, or CSV/TSV with a header).
+
+One row per example with any subset of the modality columns (`image`, `audio`, `text`) plus
+free metadata; a `label` column is the example's identity for evaluation and label-aware
+losses. Captions are stored inline; every other modality is a file path, relative to the
+manifest's folder (or `root`).
+
+    {"image": "img/0001.png", "audio": "wav/0001.wav", "text": "a red circle", "label": "s1"}
+
+Absent values: a missing key or `null` in JSONL, an empty cell in CSV (CSV cannot say null).
+An empty JSON string is a present-but-empty value, which preprocessing rejects.
+
+Safety: a path that is absolute or escapes the root through `..` is refused unless
+`allow_outside_root`. The check is lexical (normalised path, symlinks not followed): a dataset
+folder may legitimately hold symlinks (the Hugging Face cache is built from them), while a
+manifest naming `/etc/passwd` or `../../secrets` is what the rule exists to stop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+
+# modalities whose manifest value is the content itself; all others are file paths
+INLINE_MODALITIES = frozenset({Modality.TEXT})
+LABEL_COLUMN = "label"
+# no ".json": a JSON array file would be misread line by line; one object per line is the format
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One example. `items` maps each modality the row has to a caption or an absolute Path."""
+
+    line: int  # 1-based line of the manifest file (for CSV: the line the record ends on)
+    items: dict[Modality, str | Path]
+    label: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """The readable rows of a manifest and the (line, reason) of every row that was not."""
+
+    path: Path
+    root: Path
+    rows: list[Row]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        """Modalities present in at least one row, in `Modality` order."""
+        seen = {m for row in self.rows for m in row.items}
+        return tuple(m for m in Modality if m in seen)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; skipped and counted, or raised in strict mode."""
+
+
+def read_manifest(
+    path: str | Path,
+    *,
+    root: str | Path | None = None,
+    allow_outside_root: bool = False,
+    strict: bool = False,
+) -> Manifest:
+    """Read a JSONL or CSV/TSV manifest.
+
+    Args:
+        path: the manifest file; the suffix picks the format (.jsonl/.ndjson, .csv, .tsv).
+        root: folder that relative paths resolve against (default: the manifest's folder).
+        allow_outside_root: accept absolute paths and paths escaping `root` through `..`.
+        strict: raise on the first bad row instead of skipping and counting it.
+
+    Returns:
+        A `Manifest`. Raises UserError (naming the file, and the line for row errors) when the
+        file is missing, has an unknown format, has no modality column, or has no usable row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown manifest format {path.suffix!r} (use {', '.join(_FORMATS)})")
+    base = Path(os.path.abspath(root if root is not None else path.parent))
+    records = _read_jsonl(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
+    rows: list[Row] = []
+    skipped: list[tuple[int, str]] = []
+    seen_columns: set[str] = set()
+    for line, record in records:
+        try:
+            if isinstance(record, _BadRow):
+                raise record
+            seen_columns.update(record)
+            rows.append(_make_row(line, record, base, allow_outside_root))
+        except _BadRow as e:
+            if strict:
+                raise UserError(f"{path}:{line}: {e}") from None
+            skipped.append((line, str(e)))
+    _check_columns(path, seen_columns, rows, skipped)
+    return Manifest(path=path, root=base, rows=rows, skipped=skipped)
+
+
+def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list[tuple[int, str]]) -> None:
+    if not rows and not skipped:
+        raise UserError(f"{path}: manifest is empty")
+    _check_modality_columns(path, columns)
+    if not rows:
+        line, reason = skipped[0]
+        raise UserError(f"{path}: no usable row ({len(skipped)} skipped; first, line {line}: {reason})")
+
+
+def _check_modality_columns(path: Path, columns: set[str]) -> None:
+    known = [m.value for m in Modality]
+    if columns and not columns & set(known):
+        found = ", ".join(sorted(columns))
+        raise UserError(f"{path}: no modality column (need at least one of {', '.join(known)}; found {found})")
+
+
+def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool) -> Row:
+    items: dict[Modality, str | Path] = {}
+    meta: dict[str, Any] = {}
+    label = None
+    for key, value in record.items():
+        if key == LABEL_COLUMN:
+            label = None if value in (None, "") else str(value)
+            continue
+        try:
+            modality = Modality(key)
+        except ValueError:
+            meta[key] = value
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _BadRow(f"{key} must be a string, got {type(value).__name__}")
+        items[modality] = value if modality in INLINE_MODALITIES else _resolve(value, base, allow_outside_root)
+    if not items:
+        raise _BadRow(f"no value in any modality column ({', '.join(m.value for m in Modality)})")
+    return Row(line=line, items=items, label=label, meta=meta)
+
+
+def _resolve(value: str, base: Path, allow_outside_root: bool) -> Path:
+    """Relative path → absolute normalised path under `base` (or refused)."""
+    if not value.strip():
+        raise _BadRow("empty path")
+    raw = Path(value).expanduser() if allow_outside_root else Path(value)
+    if raw.is_absolute() and not allow_outside_root:
+        raise _BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
+    resolved = Path(os.path.normpath(base / raw))
+    if not allow_outside_root and not resolved.is_relative_to(base):
+        raise _BadRow(f"path {value!r} escapes the data root {base} (set allow_outside_root to accept it)")
+    return resolved
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield line, _BadRow(f"invalid UTF-8 at byte {e.start}")
+                continue
+            if not text.strip():
+                continue  # blank lines (a trailing newline, a separator) are not rows
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield line, record if isinstance(record, dict) else _BadRow(
+                f"a row must be a JSON object, got {type(record).__name__}"
+            )
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                return
+            header = [h.strip() for h in header]
+            if len(set(header)) != len(header):
+                raise UserError(f"{path}: duplicate column names in the header {header}")
+            _check_modality_columns(path, set(header))
+            for cells in reader:
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    yield reader.line_num, _BadRow(f"{len(cells)} cells for {len(header)} columns")
+                    continue
+                # CSV has no null: an empty cell is an absent value
+                yield reader.line_num, {k: (v if v != "" else None) for k, v in zip(header, cells)}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: malformed CSV ({e})") from None

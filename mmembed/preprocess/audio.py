@@ -1,0 +1,268 @@
+"""Audio preprocessing: any raw clip → normalised log-mel features (n_mels, frames).
+
+Accepted items:
+  - a path (str / Path) or the encoded bytes of a file: WAV, FLAC or OGG, decoded with
+    `soundfile` (torchaudio's own loaders need torchcodec + FFmpeg);
+  - a `(waveform, sample_rate)` pair, waveform a numpy array or tensor;
+  - a bare array/tensor, taken to be at the configured `sample_rate`.
+  Waveform shape rule: 1-D is mono (T,). 2-D is (C, T) or (T, C): the SHORTER axis is channels
+  (a clip has more samples than channels), so (2, 48000) and (48000, 2) are both stereo; an
+  array whose shorter axis exceeds 32 is ambiguous and rejected. Integer samples are scaled to
+  [-1, 1] (int16 / 32768, int32 / 2**31, uint8 centred on 128).
+
+Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
+from the start otherwise; cropping happens before resampling and reads only the needed frames
+of a file, so an hour-long file costs no more than a clip) → resample to `sample_rate` →
+MelSpectrogram → log(mel + 1e-6) → (x - mean) / std → optional SpecAugment when training.
+
+Longer recordings are cropped, not chunked: an encoder that wants to cover a whole long file
+embeds several crops and averages them itself, using the frame masks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from torch import Tensor
+
+from mmembed.errors import BadInput, ConfigError
+from mmembed.modality import Modality
+
+_MAX_CHANNELS = 32
+_LOG_FLOOR = 1e-6
+
+
+class AudioPreprocessor:
+    """Waveform → normalised log-mel (n_mels, frames), frames ≤ `max_frames`.
+
+    Args:
+        sample_rate: every clip is resampled to this rate (Hz).
+        n_mels, n_fft, hop_length, f_min, f_max: MelSpectrogram settings (Whisper/AST-like
+            25 ms windows, 10 ms hop at 16 kHz).
+        max_seconds: longer clips are cropped to this duration.
+        random_crop: when training, crop at a random offset (otherwise from the start).
+        mean, std: fixed normalisation of the log-mel values; the defaults suit speech and
+            synthetic tones at moderate loudness. Estimate your own with `feature_stats`.
+        spec_augment: when training, mask `freq_mask` mel bins and `time_mask` frames (at most).
+        train: set by the trainer, never by the config.
+
+    Shapes: `__call__` returns (n_mels, frames) float32; `collate` returns
+    (B, n_mels, F) and a (B, F) bool mask, True = real frame, padding = 0 (the mean).
+    """
+
+    modality = Modality.AUDIO
+    random_options = ("random_crop", "spec_augment")  # what makes training calls random
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        *,
+        n_mels: int = 64,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        max_seconds: float = 10.0,
+        random_crop: bool = True,
+        mean: float = -6.0,
+        std: float = 5.0,
+        spec_augment: bool = False,
+        freq_mask: int = 8,
+        time_mask: int = 20,
+        train: bool = False,
+    ) -> None:
+        if min(sample_rate, n_mels, n_fft, hop_length) <= 0 or max_seconds <= 0 or std <= 0:
+            raise ConfigError(
+                "audio preprocess: sample_rate, n_mels, n_fft, hop_length, max_seconds and std must be positive"
+            )
+        self.sample_rate = sample_rate
+        self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
+        self.max_seconds = max_seconds
+        self.max_samples = max(1, int(round(max_seconds * sample_rate)))
+        self.max_frames = self.max_samples // hop_length + 1  # center=True framing
+        self.mean, self.std = mean, std
+        self.train, self.random_crop, self.spec_augment = train, random_crop, spec_augment
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels
+        )
+        self.masking = torch.nn.Sequential(
+            torchaudio.transforms.FrequencyMasking(freq_mask), torchaudio.transforms.TimeMasking(time_mask)
+        )
+        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
+
+    @property
+    def stochastic(self) -> bool:
+        """True when two calls on the same item can differ (so samples must not be cached)."""
+        return self.train and (self.random_crop or self.spec_augment)
+
+    def __call__(self, item: Any) -> Tensor:
+        """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""
+        wave = self.waveform(item)  # (T,) at self.sample_rate, T <= max_samples
+        if wave.numel() < self.n_fft:
+            # reflect padding in the STFT needs a window's worth of samples; silence is neutral
+            wave = torch.nn.functional.pad(wave, (0, self.n_fft - wave.numel()))
+        with torch.no_grad():
+            feats = self.mel(wave).add_(_LOG_FLOOR).log_()  # (n_mels, frames)
+            feats = feats.sub_(self.mean).div_(self.std)
+            if self.train and self.spec_augment:
+                feats = self.masking(feats.unsqueeze(0)).squeeze(0)
+        return feats[:, : self.max_frames].contiguous()
+
+    def waveform(self, item: Any) -> Tensor:
+        """One raw clip → mono float32 waveform (T,) at `sample_rate`, cropped to `max_seconds`."""
+        if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
+            wave, rate = self._read_file(item)
+        else:
+            data, rate = _split_pair(item, self.sample_rate)
+            wave = _crop(_to_mono(data), self._crop_len(rate), self._random())
+        if wave.numel() == 0:
+            raise BadInput("zero-length audio")
+        # the sum is finite iff every sample is (for audio-range values); check fully only then
+        if not torch.isfinite(wave.sum()) and not torch.isfinite(wave).all():
+            raise BadInput("audio contains NaN/Inf samples")
+        if rate != self.sample_rate:
+            wave = self._resampler(rate)(wave)  # (T',)
+        return wave[: self.max_samples]
+
+    def collate(self, samples: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Pad (n_mels, f_i) samples → (B, n_mels, F) with F = max f_i, and a (B, F) frame mask."""
+        frames = max(s.shape[1] for s in samples)
+        batch = samples[0].new_zeros(len(samples), samples[0].shape[0], frames)  # (B, n_mels, F)
+        mask = torch.zeros(len(samples), frames, dtype=torch.bool)  # (B, F)
+        for i, s in enumerate(samples):
+            batch[i, :, : s.shape[1]] = s
+            mask[i, : s.shape[1]] = True
+        return batch, mask
+
+    def __repr__(self) -> str:
+        return (
+            f"AudioPreprocessor(sample_rate={self.sample_rate}, n_mels={self.n_mels}, "
+            f"max_seconds={self.max_seconds}, train={self.train})"
+        )
+
+    # ----------------------------------------------------------------------------------------
+
+    def _random(self) -> bool:
+        return self.train and self.random_crop
+
+    def _crop_len(self, rate: int) -> int:
+        """Samples at `rate` covering max_seconds (one extra so resampling never falls short)."""
+        return int(math.ceil(self.max_seconds * rate)) + 1
+
+    def _read_file(self, item: str | Path | bytes) -> tuple[Tensor, int]:
+        if isinstance(item, (str, Path)):
+            path = Path(item)
+            name = str(path)
+            _check_file(path)
+            source: Any = path
+        else:
+            name, source = "<bytes>", io.BytesIO(bytes(item))
+        try:
+            with sf.SoundFile(source) as f:
+                total, rate = f.frames, f.samplerate
+                n = min(total, self._crop_len(rate))
+                start = int(torch.randint(0, total - n + 1, ()).item()) if self._random() and total > n else 0
+                f.seek(start)
+                data = f.read(n, dtype="float32", always_2d=True)  # (n, C)
+        except Exception as e:  # noqa: BLE001 - libsndfile reports any malformed file this way
+            raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {e})") from None
+        if data.shape[0] == 0:
+            raise BadInput(f"zero-length audio: {name}")
+        data = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+        return torch.from_numpy(data), int(rate)  # (n,)
+
+    def _resampler(self, rate: int) -> torchaudio.transforms.Resample:
+        # the windowed-sinc kernel depends only on the rate pair: build it once per source rate
+        if rate not in self._resamplers:
+            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
+        return self._resamplers[rate]
+
+
+def _check_file(path: Path) -> None:
+    """Missing, not a regular file, or empty → BadInput (one stat call)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BadInput(f"missing file {path}") from None
+    except OSError as e:
+        raise BadInput(f"unreadable file {path} ({type(e).__name__}: {e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"not a file: {path}")
+    if st.st_size == 0:
+        raise BadInput(f"empty file (0 bytes): {path}")
+
+
+def _split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
+    """`(waveform, rate)` or a bare waveform → (float tensor, int rate)."""
+    if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[1], (np.ndarray, Tensor, list)):
+        data, rate = item
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
+            raise BadInput(f"sample rate must be a number, got {type(rate).__name__}")
+        if not float(rate).is_integer() or rate <= 0:
+            raise BadInput(f"sample rate must be a positive integer, got {rate}")
+        rate = int(rate)
+    else:
+        data, rate = item, default_rate
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if not isinstance(data, Tensor):
+        raise BadInput(
+            f"unsupported audio input of type {type(data).__name__} (path, bytes, array, tensor or (waveform, rate))"
+        )
+    return _to_float(data.detach().cpu()), rate
+
+
+def _to_float(t: Tensor) -> Tensor:
+    if t.dtype.is_floating_point:
+        return t.to(torch.float32)
+    scale = {torch.int16: 32768.0, torch.int32: 2.0**31, torch.int8: 128.0}
+    if t.dtype in scale:
+        return t.to(torch.float32) / scale[t.dtype]
+    if t.dtype == torch.uint8:
+        return (t.to(torch.float32) - 128.0) / 128.0
+    raise BadInput(f"unsupported audio dtype {t.dtype} (float, int16, int32, int8 or uint8)")
+
+
+def _to_mono(t: Tensor) -> Tensor:
+    """(T,), (C, T) or (T, C) → (T,) by averaging channels; the shorter axis is channels."""
+    if t.ndim == 1:
+        return t
+    if t.ndim != 2:
+        raise BadInput(f"audio must be (T,), (C, T) or (T, C); got shape {tuple(t.shape)}")
+    channel_axis = 0 if t.shape[0] <= t.shape[1] else 1
+    if t.shape[channel_axis] > _MAX_CHANNELS:
+        raise BadInput(f"ambiguous audio shape {tuple(t.shape)}: no axis is a plausible channel count")
+    return t.mean(dim=channel_axis)
+
+
+def _crop(wave: Tensor, n: int, random: bool) -> Tensor:
+    if wave.numel() <= n:
+        return wave
+    start = int(torch.randint(0, wave.numel() - n + 1, ()).item()) if random else 0
+    return wave[start : start + n]
+
+
+def feature_stats(preprocessor: AudioPreprocessor, items: list[Any]) -> tuple[float, float]:
+    """Mean and std of the raw log-mel values of `items`: the `mean`/`std` to configure.
+
+    Uses the preprocessor's settings with its own normalisation undone; bad items are skipped.
+    """
+    values = []
+    for item in items:
+        try:
+            feats = preprocessor(item) * preprocessor.std + preprocessor.mean
+        except BadInput:
+            continue
+        values.append(feats.flatten())
+    if not values:
+        raise BadInput("feature_stats: no readable audio among the items")
+    flat = torch.cat(values)
+    return float(flat.mean()), float(flat.std())

@@ -1,0 +1,266 @@
+"""ManifestDataset + collate + loader: bad rows skipped and counted, deterministic resumable order."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from mmembed.data import Batch, ManifestDataset, SkipCounter, build_loader, collate, read_manifest
+from mmembed.data.dataset import Sample, Skipped
+from mmembed.data.loader import EpochBatchSampler, reason_kind
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+from mmembed.preprocess import AudioPreprocessor, ImagePreprocessor, TextPreprocessor
+from mmembed.tokenizer import Tokenizer
+
+I, A, T = Modality.IMAGE, Modality.AUDIO, Modality.TEXT
+GOOD = [1, 2, 7, 12, 13]
+BAD = {3: "corrupt or truncated", 4: "not a readable image", 5: "empty file", 6: "missing file",
+       8: "zero-length", 9: "NaN", 10: "not a readable audio", 11: "empty caption"}
+
+
+def _world(root: Path) -> Path:
+    """13 manifest rows: 5 good (some lacking modalities), 8 with one hostile item each."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"{name}.png")
+        sf.write(root / f"{name}.wav", rng.uniform(-0.5, 0.5, 4000).astype(np.float32), 16000, subtype="FLOAT")
+    good_png = (root / "a.png").read_bytes()
+    (root / "trunc.png").write_bytes(good_png[: len(good_png) // 2])
+    (root / "page.png").write_text("<html><body>not an image</body></html>")
+    (root / "zero.png").write_bytes(b"")
+    sf.write(root / "short.wav", np.zeros(0, np.float32), 16000)
+    sf.write(root / "nan.wav", np.full(1000, np.nan, np.float32), 16000, subtype="FLOAT")
+    (root / "text.wav").write_text("definitely not audio " * 20)
+    rows = [
+        {"image": "a.png", "audio": "a.wav", "text": "a red circle", "label": "s1"},  # 1
+        {"image": "b.png", "text": "a blue square", "label": "s2"},  # 2
+        {"image": "trunc.png", "text": "t"},  # 3
+        {"image": "page.png", "text": "t"},  # 4
+        {"image": "zero.png", "text": "t"},  # 5
+        {"image": "missing.png", "text": "t"},  # 6
+        {"audio": "c.wav", "text": "a green circle hums", "label": "s1"},  # 7
+        {"audio": "short.wav", "text": "t"},  # 8
+        {"audio": "nan.wav", "text": "t"},  # 9
+        {"audio": "text.wav", "text": "t"},  # 10
+        {"image": "c.png", "text": ""},  # 11
+        {"text": "just text"},  # 12
+        {"image": "c.png", "audio": "b.wav", "text": "a blue square beeps", "label": "s2"},  # 13
+    ]
+    path = root / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(["a red circle", "a blue square beeps", "a green circle hums"], vocab_size=300)
+
+
+@pytest.fixture
+def world(tmp_path) -> Path:
+    return _world(tmp_path)
+
+
+def _pres(tok, train: bool = False) -> dict:
+    return {
+        T: TextPreprocessor(tok, max_length=16),
+        I: ImagePreprocessor(16, augment=True, train=train),
+        A: AudioPreprocessor(n_mels=16, max_seconds=0.5, random_crop=False, train=train),
+    }
+
+
+def _epoch(loader) -> list[Batch]:
+    return list(loader)
+
+
+def _rows(batches: list[Batch]) -> list[int]:
+    return [r for b in batches for r in b.rows.tolist()]
+
+
+def _assert_batches_equal(xs: list[Batch], ys: list[Batch]) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert torch.equal(x.rows, y.rows) and x.skipped == y.skipped
+        assert x.inputs.keys() == y.inputs.keys()
+        for m in x.inputs:
+            assert torch.equal(x.inputs[m], y.inputs[m]) and torch.equal(x.present[m], y.present[m])
+
+
+# ---------------------------------------------------------------------------- skipping
+
+
+def test_epoch_completes_skipping_and_counting_every_hostile_row(world, tok, caplog):
+    ds = ManifestDataset(read_manifest(world), _pres(tok))
+    counter = SkipCounter(every_s=3600)
+    with caplog.at_level(logging.WARNING, logger="mmembed.data.loader"):
+        batches = _epoch(build_loader(ds, 4, shuffle=True, seed=0))
+        for b in batches:
+            counter.update(b.skipped)
+    assert sorted(_rows(batches)) == GOOD
+    skipped = dict(s for b in batches for s in b.skipped)
+    assert sorted(skipped) == sorted(BAD)
+    for line, reason in BAD.items():
+        assert reason in skipped[line], (line, skipped[line])
+    assert counter.total == len(BAD)
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1  # rate-limited
+    assert "image: missing file …" in counter.summary() and counter.summary().startswith("skipped 8 row(s)")
+
+
+def test_strict_mode_raises_naming_file_and_row(world, tok):
+    ds = ManifestDataset(read_manifest(world), _pres(tok), strict=True)
+    assert isinstance(ds[0], Sample)
+    with pytest.raises(BadInput, match=r"m\.jsonl:3: image: corrupt or truncated image: .*trunc\.png"):
+        ds[2]
+    with pytest.raises(BadInput, match=r"m\.jsonl:6: image: missing file .*missing\.png"):
+        ds[5]
+    with pytest.raises(BadInput, match=r"m\.jsonl:3: "):  # the loader stops at the first bad row
+        _epoch(build_loader(ds, 13, shuffle=False))
+
+
+def test_workers_give_the_same_batches_including_augmentation(world, tok):
+    """Per-sample seeds: augmentation is a function of (seed, epoch, index), not of the worker."""
+    ds = ManifestDataset(read_manifest(world), _pres(tok, train=True))
+    assert ds.stochastic
+    serial = _epoch(build_loader(ds, 3, shuffle=True, seed=5))
+    parallel = _epoch(build_loader(ds, 3, shuffle=True, seed=5, num_workers=2))
+    _assert_batches_equal(serial, parallel)
+    again = build_loader(ds, 3, shuffle=True, seed=6)
+    assert _rows(_epoch(again)) != _rows(serial)
+
+
+# ---------------------------------------------------------------------------- collate
+
+
+def test_collate_shapes_masks_present_and_labels(world, tok):
+    pres = _pres(tok)
+    ds = ManifestDataset(read_manifest(world), pres)
+    samples = [ds[i - 1] for i in (1, 2, 6, 7, 12)]  # line 6 is a skip marker
+    assert isinstance(samples[2], Skipped)
+    b = collate(samples, pres)
+    assert len(b) == 4 and b.rows.tolist() == [1, 2, 7, 12] and b.skipped == [(6, samples[2].reason)]
+    assert b.present[I].tolist() == [True, True, False, False]
+    assert b.present[A].tolist() == [True, False, True, False]
+    assert b.present[T].tolist() == [True, True, True, True]
+    assert b.inputs[I].shape == (2, 3, 16, 16) and b.masks[I] is None
+    assert b.inputs[A].shape[:2] == (2, 16) and b.masks[A].shape == (2, b.inputs[A].shape[2])
+    lengths = [s.inputs[T].numel() for s in samples if isinstance(s, Sample)]
+    assert b.inputs[T].shape[0] == 4 and b.masks[T].sum(1).tolist() == lengths
+    assert torch.equal(b.inputs[I][1], samples[1].inputs[I])  # row order kept among present rows
+    assert b.labels.tolist() == [0, 1, 0, -1] and b.keys == ["s1", "s2", "s1", None]
+
+
+def test_collate_omits_a_modality_no_row_has_and_handles_all_skipped(tok):
+    pres = _pres(tok)
+    b = collate([Sample(4, {T: torch.tensor([1, 2])}, None)], pres)
+    assert list(b.inputs) == [T] and b.present[I].tolist() == [False]
+    empty = collate([Skipped(9, "why")], pres)
+    assert len(empty) == 0 and empty.inputs == {} and empty.skipped == [(9, "why")]
+
+
+def test_batch_to_moves_every_tensor(world, tok):
+    b = collate([ManifestDataset(read_manifest(world), _pres(tok))[0]], _pres(tok))
+    moved = b.to("meta")
+    tensors = [*moved.inputs.values(), *moved.present.values(), moved.labels, moved.rows]
+    tensors += [m for m in moved.masks.values() if m is not None]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert b.rows.device.type == "cpu" and moved.keys == b.keys
+
+
+# ---------------------------------------------------------------------------- order and resume
+
+
+def test_same_seed_same_order_and_start_batch_yields_the_tail_without_loading_it(world, tok):
+    ds = ManifestDataset(read_manifest(world), _pres(tok))
+    full = _epoch(build_loader(ds, 3, shuffle=True, seed=1, epoch=2))
+    _assert_batches_equal(full, _epoch(build_loader(ds, 3, shuffle=True, seed=1, epoch=2)))
+    loads = []
+    ds.load = lambda i, _load=ds.load: loads.append(i) or _load(i)
+    loader = build_loader(ds, 3, shuffle=True, seed=1, epoch=2, start_batch=3)
+    assert len(loader) == len(full) - 3
+    tail = _epoch(loader)
+    _assert_batches_equal(tail, full[3:])
+    assert len(loads) == sum(len(b) + len(b.skipped) for b in full[3:])  # skipped batches never loaded
+    loader.batch_sampler.set_epoch(3)
+    assert len(loader) == len(full) and _rows(_epoch(loader)) != _rows(full)
+
+
+def test_sampler_orders_shards_and_drops():
+    plain = EpochBatchSampler(10, 4, shuffle=False)
+    assert [[i for i, _ in b] for b in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(EpochBatchSampler(10, 4, shuffle=False, drop_last=True)) == 2
+    shards = [EpochBatchSampler(11, 2, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    seen = [[i for b in s for i, _ in b] for s in shards]
+    assert all(len(x) == 3 for x in seen) and len(set(sum(seen, []))) == 9  # equal, disjoint, 11 - 11 % 3
+    a, b = EpochBatchSampler(50, 50, shuffle=True, seed=0), EpochBatchSampler(50, 50, shuffle=True, seed=0)
+    b.set_epoch(1)
+    assert next(iter(a)) != next(iter(b))
+    seeds = [s for _, s in next(iter(a))]
+    assert len(set(seeds)) == 50 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def test_cache_loads_each_row_once_and_refuses_augmentation(world, tok):
+    ds = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
+    loads = []
+    ds.load = lambda i, _load=ds.load: loads.append(i) or _load(i)
+    first = _epoch(build_loader(ds, 4, shuffle=True, seed=0))
+    second_loader = build_loader(ds, 4, shuffle=True, seed=0)
+    assert sorted(loads) == list(range(13))
+    _assert_batches_equal(_epoch(second_loader), first)
+    assert len(loads) == 13  # nothing decoded twice, bad rows included
+    with pytest.raises(UserError, match="cache=True would freeze"):
+        ManifestDataset(read_manifest(world), _pres(tok, train=True), cache=True)
+
+
+def test_materialize_with_workers_fills_the_cache(world, tok):
+    ds = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
+    skipped = ds.materialize(num_workers=2, chunk=4)
+    assert len(ds.cache) == 13 and sorted(line for line, _ in skipped) == sorted(BAD)
+    fresh = ManifestDataset(read_manifest(world), _pres(tok))
+    for i in range(13):
+        if isinstance(ds.cache[i], Sample):
+            assert all(torch.equal(t, fresh[i].inputs[m]) for m, t in ds.cache[i].inputs.items())
+
+
+# ---------------------------------------------------------------------------- misc
+
+
+def test_modalities_without_a_preprocessor_are_ignored(world, tok):
+    ds = ManifestDataset(read_manifest(world), {T: TextPreprocessor(tok, max_length=16)})
+    assert ds.modalities == (T,)
+    b = collate([ds[i] for i in range(13)], ds.preprocessors)
+    assert list(b.inputs) == [T] and sorted(b.rows.tolist()) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13]
+    text_only = read_manifest(world).rows[11:12]
+    with pytest.raises(UserError, match="no row has a modality this model reads"):
+        ManifestDataset(text_only, {I: ImagePreprocessor(16)})
+
+
+def test_skip_counter_rate_limits_and_groups_reasons(caplog):
+    now = [0.0]
+    counter = SkipCounter(every_s=30, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="mmembed.data.loader"):
+        counter.update([(3, "image: missing file /d/a.png")])
+        now[0] = 10
+        counter.update([(4, "image: missing file /d/b.png"), (9, "text: empty caption")])
+        counter.update([])
+        now[0] = 31
+        counter.update([(12, "audio: not a readable audio file: /d/x.wav (LibsndfileError: bad)")])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "skipped 1 bad row(s)" in messages[0] and "skipped 4 bad row(s) (3 since the last warning)" in messages[1]
+    assert counter.by_kind == {"image: missing file …": 2, "text: empty caption": 1,
+                               "audio: not a readable audio file: …": 1}
+    assert counter.summary().startswith("skipped 4 row(s): 2 × image: missing file … (e.g. line 3)")
+    assert reason_kind("3 cells for 4 columns") == "… cells for … columns"
+    counter.reset()
+    assert counter.total == 0 and counter.summary() == ""

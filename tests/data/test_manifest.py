@@ -1,0 +1,121 @@
+"""Manifest reading: formats, path safety, bad lines, missing columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmembed.data import Manifest, read_manifest
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_rows_resolve_paths_and_keep_metadata(tmp_path):
+    m = read_manifest(_jsonl(tmp_path / "train.jsonl", [
+        {"image": "img/a.png", "text": "a red circle", "label": "s1", "split": "train"},
+        {"audio": "wav/b.wav", "label": 7},
+        "",  # blank lines are not rows
+        {"text": "only text"},
+    ]))
+    assert isinstance(m, Manifest) and len(m) == 3 and m.skipped == []
+    first, second, third = m.rows
+    assert first.line == 1 and third.line == 4
+    assert first.items == {Modality.IMAGE: tmp_path / "img/a.png", Modality.TEXT: "a red circle"}
+    assert first.items[Modality.IMAGE].is_absolute()
+    assert first.label == "s1" and first.meta == {"split": "train"}
+    assert second.label == "7" and third.label is None
+    assert m.modalities == (Modality.TEXT, Modality.IMAGE, Modality.AUDIO)
+
+
+def test_root_overrides_the_manifest_folder(tmp_path):
+    (tmp_path / "lists").mkdir()
+    m = read_manifest(_jsonl(tmp_path / "lists/m.jsonl", [{"image": "a.png"}]), root=tmp_path / "data")
+    assert m.rows[0].items[Modality.IMAGE] == tmp_path / "data/a.png"
+    assert m.root == tmp_path / "data"
+
+
+def test_csv_with_header_quotes_and_empty_cells(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('image,text,label,source\nimg/a.png,"a circle, red",s1,cam\n,only text,,\nimg/c.png,,s3,x\n')
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [2, 3, 4]
+    assert m.rows[0].items == {Modality.IMAGE: tmp_path / "img/a.png", Modality.TEXT: "a circle, red"}
+    assert m.rows[0].meta == {"source": "cam"}
+    assert m.rows[1].items == {Modality.TEXT: "only text"} and m.rows[1].label is None
+    assert m.rows[2].items == {Modality.IMAGE: tmp_path / "img/c.png"}
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text("text\tlabel\nhello\tx\n")
+    assert read_manifest(tsv).rows[0].items == {Modality.TEXT: "hello"}
+
+
+def test_missing_modality_column_is_a_user_error_naming_the_file(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("picture,caption\na.png,hello\n")
+    with pytest.raises(UserError, match=r"m\.csv: no modality column .*found caption, picture"):
+        read_manifest(csv)
+    jsonl = _jsonl(tmp_path / "m.jsonl", [{"picture": "a.png", "caption": "x"}])
+    with pytest.raises(UserError, match=r"m\.jsonl: no modality column"):
+        read_manifest(jsonl)
+
+
+def test_bad_json_line_is_skipped_and_counted_or_strict_names_the_line(tmp_path):
+    path = _jsonl(tmp_path / "m.jsonl", [{"text": "ok"}, '{"text": "broken', '["a list"]', {"text": "fine"}])
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [1, 4]
+    assert [line for line, _ in m.skipped] == [2, 3]
+    assert "invalid JSON" in m.skipped[0][1] and "JSON object" in m.skipped[1][1]
+    with pytest.raises(UserError, match=r"m\.jsonl:2: invalid JSON"):
+        read_manifest(path, strict=True)
+
+
+def test_invalid_utf8_line_is_skipped(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    m = read_manifest(path)
+    assert len(m) == 1 and m.skipped == [(2, "invalid UTF-8 at byte 10")]
+
+
+@pytest.mark.parametrize("value, reason", [("/etc/passwd", "absolute path"), ("../secret.png", "escapes the data root"),
+                                           ("img/../../x.png", "escapes the data root")])
+def test_paths_outside_the_root_are_refused_unless_allowed(tmp_path, value, reason):
+    path = _jsonl(tmp_path / "m.jsonl", [{"image": "img/ok.png"}, {"image": value, "text": "t"}])
+    m = read_manifest(path)
+    assert len(m) == 1 and m.skipped[0][0] == 2 and reason in m.skipped[0][1]
+    with pytest.raises(UserError, match=rf"m\.jsonl:2: .*{reason}"):
+        read_manifest(path, strict=True)
+    allowed = read_manifest(path, allow_outside_root=True)
+    assert len(allowed) == 2 and allowed.rows[1].items[Modality.IMAGE] == (tmp_path / value).resolve()
+
+
+def test_dotdot_that_stays_inside_the_root_is_fine(tmp_path):
+    m = read_manifest(_jsonl(tmp_path / "m.jsonl", [{"image": "img/../other/a.png"}]))
+    assert m.rows[0].items[Modality.IMAGE] == tmp_path / "other/a.png"
+
+
+def test_rows_with_wrong_types_or_no_values_are_skipped(tmp_path):
+    path = _jsonl(tmp_path / "m.jsonl", [{"image": 3}, {"text": None, "label": "x"}, {"text": "ok"}])
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [3]
+    assert "image must be a string" in m.skipped[0][1] and "no value in any modality column" in m.skipped[1][1]
+
+
+def test_missing_empty_and_unknown_manifests(tmp_path):
+    with pytest.raises(UserError, match="manifest not found: .*nope.jsonl"):
+        read_manifest(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="empty.jsonl: manifest is empty"):
+        read_manifest(tmp_path / "empty.jsonl")
+    for name in ("m.parquet", "m.json"):  # a JSON array is not a manifest: one object per line
+        (tmp_path / name).write_text("[]")
+        with pytest.raises(UserError, match="unknown manifest format"):
+            read_manifest(tmp_path / name)
+    bad = _jsonl(tmp_path / "bad.jsonl", ["not json", "{"])
+    with pytest.raises(UserError, match=r"bad.jsonl: no usable row \(2 skipped; first, line 1"):
+        read_manifest(bad)

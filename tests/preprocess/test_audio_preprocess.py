@@ -1,0 +1,152 @@
+"""Audio preprocessing: any rate/layout → mono 16 kHz log-mel; hostile clips → BadInput."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mmembed.errors import BadInput
+from mmembed.preprocess.audio import AudioPreprocessor, feature_stats
+
+
+def _tone(rate: int, seconds: float = 1.0, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amp * np.sin(2 * math.pi * freq * t)).astype(np.float32)
+
+
+def _peak_hz(wave: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(wave).abs()
+    return float(torch.argmax(spectrum)) * rate / wave.numel()
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_stereo_file_at_any_rate_becomes_mono_16k_keeping_pitch(tmp_path, rate):
+    tone = _tone(rate)
+    stereo = np.stack([tone, 0.5 * tone], axis=1)  # (T, C): mono mean = 0.75 * tone
+    path = tmp_path / f"tone_{rate}.wav"
+    sf.write(path, stereo, rate, subtype="FLOAT")
+    pre = AudioPreprocessor()
+    wave = pre.waveform(path)
+    assert wave.shape == (16000,)  # 1 s at 16 kHz
+    assert _peak_hz(wave, 16000) == pytest.approx(440.0, abs=1.0)
+    # amplitude of the mono mix (middle of the clip, away from the resampler's edges)
+    assert wave[2000:14000].abs().max().item() == pytest.approx(0.75 * 0.5, rel=0.02)
+    feats = pre(path)
+    assert feats.shape == (64, 16000 // 160 + 1)
+
+
+def test_channel_layouts_and_pairs_agree():
+    tone = _tone(22050)
+    pre = AudioPreprocessor()
+    ref = pre((tone, 22050))
+    ct = np.stack([tone, tone])  # (C, T)
+    assert torch.allclose(pre((ct, 22050)), ref, atol=1e-5)
+    assert torch.allclose(pre((ct.T.copy(), 22050)), ref, atol=1e-5)  # (T, C)
+    assert torch.allclose(pre((torch.from_numpy(ct), 22050.0)), ref, atol=1e-5)
+    # a bare waveform is taken to be at the configured rate
+    assert torch.equal(pre(_tone(16000)), pre((_tone(16000), 16000)))
+    # integer PCM is scaled to [-1, 1]
+    pcm = (_tone(16000) * 32767).astype(np.int16)
+    assert torch.allclose(pre((pcm, 16000)), pre((pcm.astype(np.float32) / 32768, 16000)), atol=1e-5)
+
+
+def test_flac_decodes_like_wav(tmp_path):
+    tone = _tone(16000, 0.5)
+    sf.write(tmp_path / "a.wav", tone, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "a.flac", tone, 16000, subtype="PCM_16")
+    pre = AudioPreprocessor()
+    # libsndfile's float → PCM rounding differs by one LSB between the two encoders
+    assert torch.allclose(pre.waveform(tmp_path / "a.flac"), pre.waveform(tmp_path / "a.wav"), atol=2**-14)
+    assert torch.equal(pre((tmp_path / "a.wav").read_bytes()), pre(tmp_path / "a.wav"))
+
+
+def test_crop_from_start_in_eval_and_random_when_training(tmp_path):
+    long = np.concatenate([_tone(16000, 2.0, 440), _tone(16000, 2.0, 1000)])  # 4 s
+    sf.write(tmp_path / "long.wav", long, 16000, subtype="FLOAT")
+    pre = AudioPreprocessor(max_seconds=1.5)
+    assert pre.max_frames == 24000 // 160 + 1
+    feats = pre(tmp_path / "long.wav")
+    assert feats.shape == (64, pre.max_frames)
+    assert torch.allclose(feats, pre((long[:24000], 16000)), atol=1e-5)  # eval: the first 1.5 s
+    train = AudioPreprocessor(max_seconds=1.5, train=True)
+    assert train.stochastic
+    crops = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        crops.append(train.waveform(tmp_path / "long.wav"))
+    assert all(c.shape == (24000,) for c in crops)
+    assert any(not torch.equal(c, crops[0]) for c in crops[1:])
+    torch.manual_seed(1)
+    assert torch.equal(train.waveform(tmp_path / "long.wav"), crops[1])  # seeded → reproducible
+
+
+def test_crop_happens_before_resampling_and_bounds_length():
+    pre = AudioPreprocessor(max_seconds=0.5)
+    wave = pre.waveform((_tone(48000, 3.0), 48000))
+    assert wave.shape == (8000,)
+
+
+def test_very_short_clip_is_padded_not_rejected():
+    feats = AudioPreprocessor()((np.full(10, 0.1, np.float32), 16000))
+    assert feats.shape[0] == 64 and feats.shape[1] >= 1 and torch.isfinite(feats).all()
+
+
+def test_spec_augment_only_when_training():
+    clip = (_tone(16000), 16000)
+    plain = AudioPreprocessor()(clip)
+    assert torch.equal(AudioPreprocessor(spec_augment=True)(clip), plain)
+    aug = AudioPreprocessor(spec_augment=True, freq_mask=20, time_mask=40, random_crop=False, train=True)
+    torch.manual_seed(0)
+    masked = aug(clip)
+    assert masked.shape == plain.shape and not torch.equal(masked, plain)
+    changed = masked != plain
+    assert (masked[changed] == 0).all()  # masks write the normalised mean
+
+
+def test_hostile_audio_raises_badinput_with_reason(tmp_path):
+    sf.write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000)
+    nan = _tone(16000)
+    nan[100] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    (tmp_path / "text.wav").write_text("RIFF? no, this is not audio at all " * 10)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    pre = AudioPreprocessor()
+    cases = {
+        tmp_path / "zero.wav": "zero-length",
+        tmp_path / "nan.wav": "NaN",
+        tmp_path / "text.wav": "not a readable audio file",
+        tmp_path / "empty.wav": "empty file",
+        tmp_path / "missing.wav": "missing file",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(BadInput, match=reason):
+            pre(path)
+    with pytest.raises(BadInput, match="zero-length"):
+        pre((np.zeros(0, np.float32), 16000))
+    with pytest.raises(BadInput, match="NaN/Inf"):
+        pre(torch.full((1000,), float("inf")))
+    with pytest.raises(BadInput, match="sample rate"):
+        pre((_tone(16000), 0))
+    with pytest.raises(BadInput, match="ambiguous"):
+        pre(np.zeros((100, 200), np.float32))
+
+
+def test_collate_pads_with_a_frame_mask():
+    pre = AudioPreprocessor()
+    a, b = pre((_tone(16000, 0.5), 16000)), pre((_tone(16000, 1.0), 16000))
+    batch, mask = pre.collate([a, b])
+    assert batch.shape == (2, 64, b.shape[1])
+    assert mask.tolist() == [[True] * a.shape[1] + [False] * (b.shape[1] - a.shape[1]), [True] * b.shape[1]]
+    assert torch.equal(batch[0, :, : a.shape[1]], a) and (batch[0, :, a.shape[1] :] == 0).all()
+
+
+def test_feature_stats_recovers_configured_normalisation():
+    clips = [(_tone(16000, 0.5, f), 16000) for f in (300, 900)]
+    mean, std = feature_stats(AudioPreprocessor(), clips)
+    normed = torch.cat([AudioPreprocessor(mean=mean, std=std)(c).flatten() for c in clips])
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert normed.std().item() == pytest.approx(1.0, abs=1e-3)

@@ -1,0 +1,221 @@
+"""Image preprocessing: every PIL mode → RGB, hostile files → BadInput, path == PIL == array."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmembed.errors import BadInput
+from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
+
+SIZE = 16
+
+
+def _gradient(w: int = 40, h: int = 24) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    rgb = np.concatenate([x.repeat(h, 0), y.repeat(w, 1), (x + y).repeat(1, 0) / 2], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def _normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
+    """The expected (3,) output for a uniform image of colour `rgb`."""
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+
+
+def _uniform_colour(out: torch.Tensor) -> torch.Tensor:
+    assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.float32
+    flat = out.flatten(1)
+    assert torch.allclose(flat.min(1).values, flat.max(1).values, atol=1e-5), "image should be uniform"
+    return flat[:, 0]
+
+
+def _bomb_png(path, width: int = 30000, height: int = 30000) -> None:
+    """A valid 1x1 PNG whose IHDR is patched to claim width x height (CRC recomputed)."""
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------- modes → RGB
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: Image.new("L", (20, 20), 128), (128, 128, 128)),
+        (lambda: Image.new("1", (20, 20), 1), (255, 255, 255)),
+        (lambda: Image.new("CMYK", (20, 20), (255, 0, 0, 0)), (0, 255, 255)),  # pure cyan
+        (lambda: Image.new("RGBA", (20, 20), (255, 0, 0, 0)), (255, 255, 255)),  # transparent → background
+        (lambda: Image.new("RGBA", (20, 20), (255, 0, 0, 255)), (255, 0, 0)),
+        (lambda: Image.new("LA", (20, 20), (0, 255)), (0, 0, 0)),
+        # 16-bit values are scaled, not clipped: 32896 / 257 = 128 (Pillow's convert gives 255)
+        (lambda: Image.fromarray(np.full((20, 20), 32896, np.uint16)), (128, 128, 128)),
+        (lambda: Image.fromarray(np.full((20, 20), 0.5, np.float32)), (128, 128, 128)),  # "F" in [0, 1]
+        (lambda: Image.new("I", (20, 20), 65535), (255, 255, 255)),
+    ],
+    ids=["L", "1", "CMYK", "RGBA-clear", "RGBA-opaque", "LA", "I;16", "F", "I"],
+)
+def test_every_mode_becomes_the_right_rgb(make, expected):
+    out = ImagePreprocessor(SIZE)(make())
+    assert torch.allclose(_uniform_colour(out), _normalised(expected), atol=1e-5)
+
+
+def test_palette_with_transparency_composites_on_background(tmp_path):
+    im = Image.new("P", (20, 20), 1)
+    im.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    im.info["transparency"] = 1  # index 1 (blue) is fully transparent
+    path = tmp_path / "p.png"
+    im.save(path, transparency=1)
+    with Image.open(path) as check:
+        assert check.mode == "P"
+    out = ImagePreprocessor(SIZE, background=(0, 255, 0))(path)
+    assert torch.allclose(_uniform_colour(out), _normalised((0, 255, 0)), atol=1e-5)
+
+
+def test_sixteen_bit_png_file_is_scaled(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")
+    assert torch.allclose(_uniform_colour(ImagePreprocessor(SIZE)(path)), _normalised((255, 255, 255)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- same image, any form
+
+
+def test_path_pil_array_and_tensor_give_identical_tensors(tmp_path):
+    path = tmp_path / "g.png"
+    _gradient().save(path)
+    pre = ImagePreprocessor(SIZE)
+    from_path = pre(path)
+    assert torch.equal(from_path, pre(str(path)))
+    assert torch.equal(from_path, pre(Image.open(path)))
+    assert torch.equal(from_path, pre(path.read_bytes()))
+    hwc = np.array(Image.open(path))
+    assert torch.equal(from_path, pre(hwc))
+    assert torch.equal(from_path, pre(torch.from_numpy(hwc).permute(2, 0, 1)))
+    # floats in [0, 1] take the float resize path: equal up to uint8 rounding of the resize
+    assert torch.allclose(from_path, pre(hwc.astype(np.float32) / 255), atol=0.05)
+
+
+def test_resize_keeps_aspect_and_centre_crops():
+    im = Image.new("RGB", (60, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 10, 20))  # left sixth red: the centre crop (and its filter) never sees it
+    out = ImagePreprocessor(SIZE)(im)
+    assert out.shape == (3, SIZE, SIZE)
+    assert torch.allclose(_uniform_colour(out), _normalised((0, 0, 255)), atol=1e-5)
+
+
+def test_bad_arrays_are_rejected():
+    pre = ImagePreprocessor(SIZE)
+    with pytest.raises(BadInput, match="shape"):
+        pre(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(BadInput, match="NaN"):
+        pre(torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(BadInput, match="unsupported image input"):
+        pre(12)
+
+
+# ---------------------------------------------------------------------------- hostile files
+
+
+def test_hostile_files_raise_badinput_with_reason(tmp_path):
+    good = tmp_path / "good.png"
+    _gradient().save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    html = tmp_path / "page.png"
+    html.write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    pre = ImagePreprocessor(SIZE)
+    cases = {
+        truncated: "corrupt or truncated",
+        html: "not a readable image",
+        empty: "empty file",
+        tmp_path / "missing.png": "missing file",
+        tmp_path: "not a file",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(BadInput, match=reason) as info:
+            pre(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "side, reason",
+    [
+        (30000, "decompression bomb"),  # beyond Pillow's own hard limit: Pillow refuses at open()
+        (10000, "header claims 10000x10000"),  # under Pillow's limit, over ours (64 M px)
+    ],
+)
+def test_decompression_bomb_rejected_from_header_without_decoding(tmp_path, monkeypatch, side, reason):
+    bomb = tmp_path / "bomb.png"
+    _bomb_png(bomb, side, side)
+    assert struct.unpack(">II", bomb.read_bytes()[16:24]) == (side, side)
+    assert bomb.stat().st_size < 100
+
+    def no_decoding(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    with pytest.raises(BadInput, match=reason) as info:
+        ImagePreprocessor(SIZE)(bomb)
+    assert str(bomb) in str(info.value)
+
+
+def test_max_pixels_is_a_real_limit(tmp_path):
+    path = tmp_path / "g.png"
+    _gradient(40, 24).save(path)
+    assert ImagePreprocessor(SIZE, max_pixels=40 * 24)(path).shape == (3, SIZE, SIZE)
+    with pytest.raises(BadInput, match="too large"):
+        ImagePreprocessor(SIZE, max_pixels=40 * 24 - 1)(path)
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_only_when_training_and_seeded():
+    im = _gradient(64, 48)
+    plain = ImagePreprocessor(SIZE)(im)
+    assert torch.equal(ImagePreprocessor(SIZE, augment=True, train=False)(im), plain)
+    aug = ImagePreprocessor(SIZE, augment=True, train=True)
+    assert aug.stochastic and not ImagePreprocessor(SIZE, augment=True).stochastic
+    torch.manual_seed(0)
+    a = aug(im)
+    torch.manual_seed(0)
+    assert torch.equal(aug(im), a)
+    outs = [aug(im) for _ in range(4)]
+    assert any(not torch.equal(o, plain) for o in outs)
+
+
+def test_default_augmentation_keeps_colour():
+    """Colour is a label in the synthetic world: the default augmentation must not change it."""
+    red = Image.new("RGB", (40, 30), (200, 10, 10))
+    aug = ImagePreprocessor(SIZE, augment=True, train=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert torch.allclose(_uniform_colour(aug(red)), _normalised((200, 10, 10)), atol=1e-5)
+
+
+def test_collate_stacks_without_mask():
+    pre = ImagePreprocessor(SIZE)
+    batch, mask = pre.collate([pre(_gradient()), pre(Image.new("L", (5, 9)))])
+    assert batch.shape == (2, 3, SIZE, SIZE) and mask is None
+
+
+def test_load_image_returns_uint8_rgb_for_files(tmp_path):
+    path = tmp_path / "c.jpg"
+    Image.new("CMYK", (8, 6), (0, 255, 0, 0)).save(path)  # CMYK JPEG
+    out = load_image(path)
+    assert out.shape == (3, 6, 8) and out.dtype == torch.uint8
