@@ -86,6 +86,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._bad_in_a_row = 0
         self._last: dict[str, Any] = {}
+        self._last_eval_step: int | None = None
 
     # --- public -------------------------------------------------------------------------
 
@@ -96,27 +97,30 @@ class Trainer:
         elif self.metrics_path.exists():
             self.metrics_path.unlink()
         start = time.monotonic()
-        reason = "finished"
+        reason = None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None)
-        last_ckpt = None
         try:
-            while reason == "finished" and self.progress.epoch < self.cfg.epochs:
+            while reason is None and self.progress.epoch < self.cfg.epochs:
                 reason = self._run_epoch(bar, start)
-                if reason == "finished":
+                if reason is None:  # the epoch ran to its end
                     self.progress.epoch += 1
                     self.progress.batch_in_epoch = 0
                     if self.cfg.eval_every is None and self._evaluate_and_check():
                         reason = "early stop"
+            if self._last_eval_step != self.progress.step and reason != "early stop":
+                self._evaluate_and_check()  # the final model always gets a validation row
             last_ckpt = self._checkpoint()
         finally:
             bar.close()
+        reason = reason or "finished"
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
         return FitResult(self.progress, reason, last_ckpt)
 
     # --- one epoch ----------------------------------------------------------------------
 
-    def _run_epoch(self, bar: tqdm, start: float) -> str:
+    def _run_epoch(self, bar: tqdm, start: float) -> str | None:
+        """Run (the rest of) one epoch. Returns why it stopped early, or None at its end."""
         cfg = self.cfg
         loader = self.make_loader(self.progress.epoch, self.progress.batch_in_epoch)
         accum: list[StepOutput] = []
@@ -124,9 +128,9 @@ class Trainer:
         data_time = 0.0
         for batch in loader:
             data_time += time.perf_counter() - data_t0
-            self.progress.batch_in_epoch += 1
             if self.progress.step >= self.total_steps:
                 return "step budget"
+            self.progress.batch_in_epoch += 1
             out = self._forward_backward(batch)
             accum.append(out)
             if len(accum) < cfg.accum_steps:
@@ -149,10 +153,8 @@ class Trainer:
                 self._checkpoint()
             if cfg.max_minutes is not None and (time.monotonic() - start) / 60 >= cfg.max_minutes:
                 return "time budget"
-            if self.progress.step >= self.total_steps:
-                return "step budget"
             data_t0 = time.perf_counter()
-        return "finished"
+        return None
 
     def _forward_backward(self, batch: Any) -> StepOutput:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -205,6 +207,7 @@ class Trainer:
         """Evaluate, log, keep the best checkpoint; True when early stopping triggers."""
         if self.evaluate is None:
             return False
+        self._last_eval_step = self.progress.step
         metrics = self.evaluate()
         self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
         value = metrics.get(self.cfg.early_stop_metric)
