@@ -1,0 +1,231 @@
+"""open_clip's CLIP BPE tokenizer behind mmembed's tokenizer interface.
+
+Use it with CLIP-style text towers (and pretrained open_clip weights): the vocabulary
+(49,408 tokens, shipped inside open_clip) and the ids are exactly open_clip's. What CLIP does
+differs from our byte-level BPE in ways that matter:
+
+- Text is cleaned before it is tokenized (ftfy, HTML unescape, whitespace collapsed and, by
+  default, lowercased), and BPE marks word *ends* rather than spaces. So decode is NOT an exact
+  round trip: `decode(encode("A  Cat!"))` is `"a cat ! "` (open_clip's own decode).
+- bos/eos are `<start_of_text>` / `<end_of_text>`; pad is id 0 (as in open_clip, the id of "!":
+  only the mask tells padding apart). open_clip's text towers pool at the highest id, i.e. at
+  `<end_of_text>`, so encode with `add_bos=True, add_eos=True` for them.
+- `encode_batch` truncates to `context_length` (77) by default, keeping `<end_of_text>`, like
+  `open_clip.tokenize`; `padding="max_length"` reproduces its (B, 77) tensor.
+- There is no bytes API (`encode_bytes`): CLIP tokenizes cleaned text, not bytes.
+
+What it promises, and its tests check: ids equal open_clip's tokenizer on the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mmembed.checkpoint import atomic_write_json
+from mmembed.errors import CheckpointError, UserError
+from mmembed.tokenizer import (
+    TOKENIZER_FILE,
+    AllowedSpecial,
+    Padding,
+    check_ids,
+    check_text,
+    content_budget,
+    encode_bounded,
+    pad_rows,
+    resolve_allowed,
+    split_on_specials,
+    with_bos_eos,
+)
+
+log = logging.getLogger(__name__)
+
+CLIP_CONTEXT_LENGTH = 77
+_MARKER_FORMAT = "mmembed.clip_tokenizer/1"
+_CLEAN_MODES = ("lower", "whitespace", "canonicalize")
+# open_clip's word pattern without its special-token alternatives, so that user text spelling
+# "<end_of_text>" stays text unless allowed (we split on allowed specials ourselves).
+_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class ClipTokenizer:
+    """CLIP's BPE tokenizer (open_clip's `SimpleTokenizer`) with mmembed's interface.
+
+    Args:
+        context_length: the text tower's sequence length; `encode_batch`'s default max_length.
+        clean: open_clip's text cleaning: "lower" (CLIP's), "whitespace" or "canonicalize".
+    """
+
+    kind = "clip"
+
+    def __init__(self, context_length: int = CLIP_CONTEXT_LENGTH,
+                 clean: Literal["lower", "whitespace", "canonicalize"] = "lower"):
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise UserError(f"context_length must be an int >= 2, got {context_length!r}")
+        if clean not in _CLEAN_MODES:
+            raise UserError(f"unknown clean mode {clean!r}; valid: {', '.join(_CLEAN_MODES)}")
+        try:  # imported here: only CLIP users pay for open_clip (and its `regex` dependency)
+            import regex
+            from open_clip.tokenizer import SimpleTokenizer
+        except ImportError as e:
+            raise UserError(f"the CLIP tokenizer needs open_clip_torch installed ({e})") from None
+
+        self._words = regex.compile(_WORDS, regex.IGNORECASE)
+        self._tok = SimpleTokenizer(context_length=context_length, clean=clean)
+        self.context_length = context_length
+        self.clean = clean
+        self.vocab_size: int = self._tok.vocab_size
+        self.bos_id: int = self._tok.sot_token_id
+        self.eos_id: int = self._tok.eot_token_id
+        self.pad_id: int = 0
+        self._special = {"<start_of_text>": self.bos_id, "<end_of_text>": self.eos_id}
+
+    # ---------------------------------------------------------------- special tokens
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text → id."""
+        return dict(self._special)
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token; "<bos>", "<eos>" and "<pad>" are accepted as aliases."""
+        aliases = {"<bos>": self.bos_id, "<eos>": self.eos_id, "<pad>": self.pad_id}
+        if name in self._special:
+            return self._special[name]
+        if name in aliases:
+            return aliases[name]
+        raise UserError(f"unknown special token {name!r}; known: {', '.join([*self._special, *aliases])}")
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset(),
+               add_bos: bool = False, add_eos: bool = False, max_length: int | None = None) -> list[int]:
+        """Text → CLIP token ids (after CLIP's cleaning).
+
+        Args:
+            text: any valid Unicode string (lone surrogates raise BadInput).
+            allowed_special: "<start_of_text>"/"<end_of_text>" that may be recognised in the
+                (cleaned) text; by default they are encoded as ordinary characters.
+            add_bos, add_eos: wrap the ids in `<start_of_text>` / `<end_of_text>`.
+            max_length: keep at most this many ids, bos/eos included (eos is kept); only a
+                prefix of the text is cleaned and encoded, so huge captions take bounded time.
+
+        Returns:
+            The ids.
+        """
+        check_text(text)
+        allowed = resolve_allowed(allowed_special, self._special)
+        budget = content_budget(max_length, add_bos, add_eos)
+        ids = encode_bounded(text, budget, lambda t: self._encode_text(t, allowed))
+        return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
+
+    def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None,
+                     padding: Padding = True, add_bos: bool = False, add_eos: bool = False,
+                     allowed_special: AllowedSpecial = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode many texts into one right-padded batch.
+
+        Args:
+            texts: the strings.
+            max_length: per-row limit, bos/eos included; None means `context_length`.
+            padding: True pads to the longest row; "max_length" pads every row to `max_length`
+                (open_clip's fixed (B, 77)); False requires equal lengths.
+            add_bos, add_eos, allowed_special: as in `encode`.
+
+        Returns:
+            ids: (B, T) long, padded with `pad_id` (0); mask: (B, T) bool, True = real token.
+        """
+        max_length = self.context_length if max_length is None else max_length
+        rows = [self.encode(t, allowed_special=allowed_special, add_bos=add_bos, add_eos=add_eos,
+                            max_length=max_length) for t in texts]
+        return pad_rows(rows, self.pad_id, padding, max_length)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:
+        """Ids → open_clip's decoding: cleaned text, a space after every word end (not exact)."""
+        ids = check_ids(ids, self.vocab_size)
+        if skip_special:
+            ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
+        return self._tok.decode(ids)
+
+    def _encode_text(self, text: str, allowed: frozenset[str]) -> list[int]:
+        cleaned = self._tok.clean_fn(text)
+        pieces = split_on_specials(cleaned, allowed) if allowed else [(cleaned, False)]
+        ids: list[int] = []
+        for piece, is_special in pieces:
+            ids += [self._special[piece]] if is_special else self._encode_words(piece)
+        return ids
+
+    def _encode_words(self, text: str) -> list[int]:
+        tok = self._tok
+        ids: list[int] = []
+        for word in self._words.findall(text):
+            mapped = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+            ids += [tok.encoder[piece] for piece in tok.bpe(mapped).split(" ")]
+        return ids
+
+    # ---------------------------------------------------------------- persistence
+
+    @staticmethod
+    def is_marker(text: str) -> bool:
+        """Whether a tokenizer file's text is the marker `ClipTokenizer.save` writes."""
+        if len(text) > 65536:  # markers are tiny; a real tokenizer.json is megabytes
+            return False
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and obj.get("kind") == "clip"
+
+    def save(self, path: str | Path) -> Path:
+        """Write a small JSON marker (the vocabulary ships with open_clip). A path not ending in
+        `.json` is a directory to write `tokenizer.json` into. Returns the file written."""
+        file = Path(path)
+        if file.suffix != ".json":
+            file = file / TOKENIZER_FILE
+        marker = {"kind": "clip", "format": _MARKER_FORMAT, "context_length": self.context_length,
+                  "clean": self.clean, "vocab_sha256": _vocab_sha256()}
+        atomic_write_json(file, marker)
+        return file
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClipTokenizer:
+        """Restore from a marker file (or a directory holding `tokenizer.json`)."""
+        p = Path(path)
+        file = p / TOKENIZER_FILE if p.is_dir() else p
+        try:
+            obj = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"tokenizer file not found: {file}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: unreadable CLIP tokenizer marker ({e})") from None
+        if not isinstance(obj, dict) or obj.get("kind") != "clip":
+            raise CheckpointError(f"{file}: not a CLIP tokenizer marker (no \"kind\": \"clip\")")
+        ctx, clean = obj.get("context_length"), obj.get("clean", "lower")
+        if not isinstance(ctx, int) or ctx < 2 or clean not in _CLEAN_MODES:
+            raise CheckpointError(f"{file}: bad CLIP marker (context_length={ctx!r}, clean={clean!r})")
+        if obj.get("vocab_sha256") not in (None, _vocab_sha256()):
+            log.warning("%s: open_clip's installed CLIP vocabulary differs from the one saved with "
+                        "this tokenizer; ids may not match the trained model", file)
+        return cls(context_length=ctx, clean=clean)
+
+    def __getstate__(self) -> dict:  # rebuild in DataLoader workers instead of pickling 49k merges
+        return {"context_length": self.context_length, "clean": self.clean}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __repr__(self) -> str:
+        return f"ClipTokenizer(context_length={self.context_length}, clean={self.clean!r})"
+
+
+@lru_cache(maxsize=1)
+def _vocab_sha256() -> str:
+    from open_clip.tokenizer import default_bpe
+
+    return hashlib.sha256(Path(default_bpe()).read_bytes()).hexdigest()

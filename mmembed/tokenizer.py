@@ -1,0 +1,539 @@
+"""Byte-level BPE: train / encode / decode / save / load, with special tokens (minbpe's interface).
+
+The model is Hugging Face `tokenizers` (Rust) configured like GPT-2: text is split by the GPT-2
+regex, each piece is turned into its UTF-8 bytes, and BPE merges bytes into tokens. Every one of
+the 256 bytes is a token, so any string (and any byte string, via `encode_bytes`) round-trips
+exactly. The file format is the ecosystem's `tokenizer.json`.
+
+Special tokens (`<bos> <eos> <pad> <image> </image> <audio> </audio>`, then user extras) take
+the first ids. Like tiktoken, user text never turns into special ids unless the caller allows it
+(`allowed_special`): a caption that says "<image>" is seven characters of text, not an image slot.
+
+`ClipTokenizer` (clip_tokenizer.py) offers the same interface over open_clip's CLIP vocabulary;
+`load_tokenizer` restores either from what `save` wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from mmembed.checkpoint import atomic_write_text
+from mmembed.errors import BadInput, CheckpointError, UserError
+
+if TYPE_CHECKING:
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<image>", "</image>", "<audio>", "</audio>")
+TOKENIZER_FILE = "tokenizer.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_BYTES = re.compile("([\udc80-\udcff]+)")  # what surrogateescape makes of invalid UTF-8
+CHARS_PER_ID = 8  # with max_length, encode a prefix of ~this many characters per id (then grow it)
+
+AllowedSpecial = Union[AbstractSet[str], Literal["all"]]
+Padding = Union[bool, Literal["max_length"]]
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character table, which byte-level BPE vocabularies use.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen...)
+    are shifted to U+0100 onward so that no vocabulary entry contains whitespace or control chars.
+    """
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in set(keep)]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(0x100 + i) for i, b in enumerate(shifted)})
+    return table
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. Build one with `Tokenizer.train` or `Tokenizer.load`.
+
+    Args:
+        hf: a trained byte-level BPE `tokenizers.Tokenizer` whose special tokens include
+            `<bos>`, `<eos>` and `<pad>`.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        self._hf = hf
+        # A twin that treats special-token text as plain text: user strings go through it, so
+        # "<image>" typed by a user can never become the image slot (tiktoken's default).
+        self._plain = tokenizers.Tokenizer.from_str(hf.to_str())
+        self._plain.encode_special_tokens = True
+        added = hf.get_added_tokens_decoder()
+        self._special = {t.content: i for i, t in sorted(added.items()) if t.special}
+        missing = [t for t in DEFAULT_SPECIAL_TOKENS[:3] if t not in self._special]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        self._id_bytes = _id_to_bytes(hf, self._special)
+        chars = byte_to_unicode()
+        self._byte_ids = [hf.token_to_id(chars[b]) for b in range(256)]  # byte value -> its id
+        if None in self._byte_ids:
+            raise ValueError("vocabulary lacks some of the 256 single-byte tokens")
+        self.vocab_size: int = len(self._id_bytes)
+        self.bos_id: int = self._special["<bos>"]
+        self.eos_id: int = self._special["<eos>"]
+        self.pad_id: int = self._special["<pad>"]
+
+    # ---------------------------------------------------------------- construction, persistence
+
+    @classmethod
+    def train(cls, corpus: Iterable[str] | Sequence[str | Path], vocab_size: int,
+              special_tokens: Sequence[str] | None = None, *, min_frequency: int = 0,
+              show_progress: bool = False) -> Tokenizer:
+        """Learn BPE merges on a corpus.
+
+        Args:
+            corpus: file paths (`pathlib.Path` / `os.PathLike`, read as UTF-8 lines) or any
+                iterable of text strings. A plain `str` item is text, never a path.
+            vocab_size: total vocabulary size including the 256 byte tokens and the specials;
+                a small corpus may stop short of it (`vocab_size` then reports the real size).
+            special_tokens: extra special tokens, after the seven defaults.
+            min_frequency: a pair must occur this often to be merged (0: as often as it takes
+                to reach vocab_size, like Hugging Face's trainer).
+
+        Returns:
+            The trained tokenizer.
+        """
+        specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
+        for s in specials:
+            _check_special(s)
+        floor = 256 + len(specials)
+        if vocab_size < floor:
+            raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
+        hf = tokenizers.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+        hf.train_from_iterator(_iter_corpus(corpus), trainer)
+        tok = cls(hf)
+        log.info("trained byte-level BPE: %d tokens (asked %d)", tok.vocab_size, vocab_size)
+        return tok
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a `tokenizer.json`, or the one inside a directory. Bad files raise CheckpointError."""
+        file = _resolve_file(path)
+        return cls._from_json(_read_text(file), file)
+
+    @classmethod
+    def _from_json(cls, text: str, file: Path) -> Tokenizer:
+        from mmembed.clip_tokenizer import ClipTokenizer
+
+        if ClipTokenizer.is_marker(text):
+            raise CheckpointError(f"{file}: is a CLIP tokenizer marker; use load_tokenizer()")
+        try:
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises plain Exception on malformed JSON
+            raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
+        try:
+            return cls(hf)
+        except ValueError as e:
+            raise CheckpointError(f"{file}: not an mmembed byte-level BPE tokenizer ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write `tokenizer.json` atomically (Hugging Face format). A path not ending in `.json`
+        is a directory to write `tokenizer.json` into. Returns the file written."""
+        file = Path(path)
+        if file.suffix != ".json":
+            file = file / TOKENIZER_FILE
+        atomic_write_text(file, self._hf.to_str(pretty=True))
+        return file
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """A fresh copy of the underlying Hugging Face tokenizer (special tokens match in text)."""
+        return tokenizers.Tokenizer.from_str(self._hf.to_str())
+
+    def __getstate__(self) -> dict:  # DataLoader workers: `encode_special_tokens` is not pickled
+        return {"json": self._hf.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(tokenizers.Tokenizer.from_str(state["json"]))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={list(self._special)})"
+
+    # ---------------------------------------------------------------- special tokens
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text → id, in id order."""
+        return dict(self._special)
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token such as `"<image>"`; an unknown name lists the known ones."""
+        if name not in self._special:
+            raise UserError(f"unknown special token {name!r}; known: {', '.join(self._special)}")
+        return self._special[name]
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset(),
+               add_bos: bool = False, add_eos: bool = False, max_length: int | None = None) -> list[int]:
+        """Text → token ids.
+
+        Args:
+            text: any valid Unicode string (lone surrogates raise BadInput).
+            allowed_special: special tokens that may be recognised in `text` (a set, or "all");
+                any other special-token text is encoded as ordinary characters.
+            add_bos, add_eos: wrap the ids in `<bos>` / `<eos>`.
+            max_length: keep at most this many ids, bos/eos included (eos is kept). Bounded
+                time on huge inputs: only a prefix of about 8 characters per id is encoded.
+
+        Returns:
+            The ids.
+        """
+        require_str(text)  # lone surrogates: HF refuses them, then _encode_plain says why
+        allowed = resolve_allowed(allowed_special, self._special)
+        budget = content_budget(max_length, add_bos, add_eos)
+        if not allowed and budget is None:
+            ids = self._encode_plain(text)
+        else:
+            ids = encode_bounded(text, budget, lambda t: self._encode_with_specials(t, allowed))
+        return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
+
+    def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None,
+                     padding: Padding = True, add_bos: bool = False, add_eos: bool = False,
+                     allowed_special: AllowedSpecial = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode many texts into one right-padded batch (HF's parallel batch encoder).
+
+        Args:
+            texts: the strings.
+            max_length, add_bos, add_eos, allowed_special: as in `encode`, per text.
+            padding: True pads to the longest row; "max_length" pads every row to `max_length`;
+                False requires equal lengths.
+
+        Returns:
+            ids: (B, T) long, padded with `pad_id`; mask: (B, T) bool, True = real token.
+        """
+        texts = list(texts)
+        for t in texts:
+            require_str(t)
+        allowed = resolve_allowed(allowed_special, self._special)
+        if allowed:
+            rows = [self.encode(t, allowed_special=allowed, add_bos=add_bos, add_eos=add_eos,
+                                max_length=max_length) for t in texts]
+            return pad_rows(rows, self.pad_id, padding, max_length)
+        budget = content_budget(max_length, add_bos, add_eos)
+        cut = texts if budget is None else [t[:prefix_cut(t, prefix_chars(budget))] for t in texts]
+        rows = [e.ids for e in self._batch_plain(cut)]
+        bos, eos = self.bos_id if add_bos else None, self.eos_id if add_eos else None
+        for i, row in enumerate(rows):
+            if budget is not None and len(row) < budget and len(cut[i]) < len(texts[i]):
+                row = self.encode(texts[i], max_length=budget)  # the prefix was too short
+            rows[i] = with_bos_eos(row if budget is None else row[:budget], bos, eos)
+        return pad_rows(rows, self.pad_id, padding, max_length)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:
+        """Ids → text. Ids from `encode` give back the exact input; a cut inside a multi-byte
+        character decodes to U+FFFD. `skip_special` drops every special token."""
+        return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Arbitrary bytes (invalid UTF-8 included) → ids; `decode_bytes` gives them back exactly."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"encode_bytes takes bytes, got {type(data).__name__}")
+        # Valid UTF-8 runs go through BPE; each undecodable byte becomes its single-byte token.
+        parts = _ESCAPED_BYTES.split(bytes(data).decode("utf-8", errors="surrogateescape"))
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                ids += self._encode_plain(part) if part else []
+            else:
+                ids += [self._byte_ids[ord(c) - 0xDC00] for c in part]
+        return ids
+
+    def decode_bytes(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> bytes:
+        """Ids → the exact bytes they stand for (special tokens as their UTF-8 text)."""
+        ids = check_ids(ids, self.vocab_size)
+        if skip_special:
+            specials = set(self._special.values())
+            ids = [i for i in ids if i not in specials]
+        table = self._id_bytes
+        return b"".join([table[i] for i in ids])
+
+    # ---------------------------------------------------------------- internals
+
+    def _encode_plain(self, text: str) -> list[int]:
+        try:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            check_text(text)  # names the lone surrogate if that is the cause
+            raise
+
+    def _batch_plain(self, texts: list[str]) -> list[tokenizers.Encoding]:
+        try:
+            return self._plain.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            for t in texts:
+                check_text(t)
+            raise
+
+    def _encode_with_specials(self, text: str, allowed: frozenset[str]) -> list[int]:
+        ids: list[int] = []
+        for piece, is_special in split_on_specials(text, allowed):
+            ids += [self._special[piece]] if is_special else self._encode_plain(piece)
+        return ids
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading either kind, and the CLI's `mmembed tokenizer train`
+# ------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path_or_kind: str | Path) -> Tokenizer | ClipTokenizer:
+    """Restore what `Tokenizer.save` or `ClipTokenizer.save` wrote (a file or its directory).
+
+    The string "clip" (when no such file exists) gives a fresh `ClipTokenizer`.
+    """
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    if str(path_or_kind) == "clip" and not Path(path_or_kind).exists():
+        return ClipTokenizer()
+    file = _resolve_file(path_or_kind)
+    text = _read_text(file)
+    if ClipTokenizer.is_marker(text):
+        return ClipTokenizer.load(file)
+    return Tokenizer._from_json(text, file)
+
+
+def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
+                    *, show_progress: bool = False) -> Path:
+    """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
+
+    A missing corpus file is a UserError naming it (checked before any training starts).
+    """
+    files = [Path(f) for f in corpus_files]
+    if not files:
+        raise UserError("no corpus files given")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"corpus file not found: {f}")
+    tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
+    return tok.save(Path(out_dir) / TOKENIZER_FILE)
+
+
+def _check_special(s: object) -> None:
+    # A special that is one GPT-2 pre-token ("hello", "<<>>") could be produced by BPE merges
+    # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
+    if not isinstance(s, str) or not s or _SURROGATE.search(s):
+        raise UserError(f"special token {s!r} must be a non-empty valid string")
+    if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
+        raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
+
+
+def _iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
+    if isinstance(corpus, (str, bytes)):
+        raise UserError("corpus must be a list of file paths or an iterable of strings, not one string")
+    skipped = 0
+    for item in corpus:
+        if isinstance(item, os.PathLike):
+            if not Path(item).is_file():
+                raise UserError(f"corpus file not found: {item}")
+            with open(item, encoding="utf-8", errors="replace", newline="") as f:  # bad UTF-8 -> U+FFFD
+                yield from f
+        elif isinstance(item, str):
+            if _SURROGATE.search(item):  # not valid Unicode: cannot be encoded, so not learnt
+                skipped += 1
+            else:
+                yield item
+        else:
+            raise UserError(f"corpus items must be str or paths, got {type(item).__name__}")
+    if skipped:
+        log.warning("skipped %d corpus strings with lone surrogates (not valid Unicode)", skipped)
+
+
+def _id_to_bytes(hf: tokenizers.Tokenizer, special: dict[str, int]) -> list[bytes]:
+    """The bytes each id stands for: what makes decode exact and byte strings decodable."""
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    table: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if token in special:
+            table[i] = token.encode("utf-8")
+            continue
+        try:
+            table[i] = bytes(byte_of[c] for c in token)
+        except KeyError:
+            raise ValueError(f"token {token!r} is not byte-level BPE") from None
+    if None in table:
+        raise ValueError(f"vocabulary ids are not contiguous (id {table.index(None)} is missing)")
+    return table  # type: ignore[return-value]
+
+
+def _resolve_file(path: str | Path) -> Path:
+    p = Path(path)
+    file = p / TOKENIZER_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise CheckpointError(f"tokenizer file not found: {file}")
+    return file
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable tokenizer file ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by Tokenizer and ClipTokenizer: specials in text, length budget, bounded time, padding
+# ------------------------------------------------------------------------------------------------
+
+
+def require_str(text: object) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+
+
+def check_text(text: object) -> None:
+    """TypeError for non-strings; BadInput naming the first lone surrogate (not valid Unicode)."""
+    require_str(text)
+    m = _SURROGATE.search(text)
+    if m:
+        raise BadInput(f"text is not valid Unicode: lone surrogate U+{ord(m.group()):04X} at index "
+                       f"{m.start()} (raw bytes go through encode_bytes)")
+
+
+def resolve_allowed(allowed: AllowedSpecial, specials: dict[str, int]) -> frozenset[str]:
+    if not allowed:
+        return frozenset()
+    if allowed == "all":
+        return frozenset(specials)
+    if isinstance(allowed, str):
+        raise UserError(f'allowed_special must be a set of special tokens or "all", got {allowed!r}')
+    unknown = sorted(set(allowed) - specials.keys())
+    if unknown:
+        raise UserError(f"allowed_special names unknown tokens {unknown}; known: {', '.join(specials)}")
+    return frozenset(allowed)
+
+
+def split_on_specials(text: str, allowed: frozenset[str]) -> list[tuple[str, bool]]:
+    """Cut text into (piece, is_special) around occurrences of the allowed special tokens."""
+    if not allowed:
+        return [(text, False)] if text else []
+    parts = _special_pattern(allowed).split(text)
+    return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
+
+
+@lru_cache(maxsize=64)
+def _special_pattern(allowed: frozenset[str]) -> re.Pattern:
+    # Longest first, so "<image>" never wins over a longer token that starts the same way.
+    alts = sorted(allowed, key=lambda s: (-len(s), s))
+    return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+
+
+def content_budget(max_length: int | None, add_bos: bool, add_eos: bool) -> int | None:
+    """How many ids the text itself may use once bos/eos are reserved (None: unlimited)."""
+    if max_length is None:
+        return None
+    extra = int(add_bos) + int(add_eos)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < max(1, extra):
+        raise ValueError(f"max_length must be an int >= {max(1, extra)}, got {max_length!r}")
+    return max_length - extra
+
+
+def encode_bounded(text: str, budget: int | None, encode: Callable[[str], list[int]]) -> list[int]:
+    """`encode(text)[:budget]` without encoding all of a huge text.
+
+    Encodes a prefix cut at a word boundary (so its ids are a prefix of the full text's ids), and
+    grows it until it yields `budget` ids. Only a giant run without whitespace is cut mid-word.
+    """
+    if budget is None:
+        return encode(text)
+    n = prefix_chars(budget)
+    while True:
+        cut = prefix_cut(text, n)
+        ids = encode(text[:cut])
+        if len(ids) >= budget or cut >= len(text):
+            return ids[:budget]
+        n *= 4
+
+
+def prefix_chars(budget: int) -> int:
+    """Characters to encode first when `budget` ids are wanted (English needs ~4 per id)."""
+    return CHARS_PER_ID * budget + 64
+
+
+def prefix_cut(text: str, n: int) -> int:
+    """A cut position <= n where a whitespace char follows a non-whitespace one, else n.
+
+    Pre-tokenizers (GPT-2's regex, CLIP's) never join across that boundary, so the prefix's
+    tokens are exactly the full text's tokens up to there.
+    """
+    if len(text) <= n:
+        return len(text)
+    lo, end = n // 2, n + 1
+    for _ in range(64):
+        i = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
+        if i <= lo:
+            break
+        if not text[i - 1].isspace():
+            return i
+        end = i
+    return n
+
+
+def check_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
+    """Ids as a list of ints; an id outside [0, vocab_size) is a ValueError naming it."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else [operator.index(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def with_bos_eos(ids: list[int], bos: int | None, eos: int | None) -> list[int]:
+    if bos is None and eos is None:
+        return ids
+    return ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, padding: Padding,
+             max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists. Returns ids (B, T) long and mask (B, T) bool (True = real token)."""
+    lengths = [len(r) for r in rows]
+    if padding == "max_length":
+        if max_length is None:
+            raise ValueError('padding="max_length" needs max_length')
+        width = max_length
+    elif padding is True:
+        width = max(lengths, default=0)
+    elif padding is False:
+        if len(set(lengths)) > 1:
+            raise ValueError(f"rows have different lengths {sorted(set(lengths))}; use padding=True")
+        width = lengths[0] if lengths else 0
+    else:
+        raise ValueError(f'padding must be True, False or "max_length", got {padding!r}')
+    # numpy converts nested int lists ~5x faster than torch.tensor; from_numpy shares its memory.
+    padded = np.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=np.int64)
+    ids = torch.from_numpy(padded.reshape(len(rows), width))  # (B, T), also when B == 0
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)  # (B, T)
+    return ids, mask
+
+
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "TextTokenizer", "Tokenizer", "byte_to_unicode", "load_tokenizer",
+           "train_tokenizer"]

@@ -1,0 +1,325 @@
+"""Byte-level BPE and the CLIP tokenizer: round trips, special-token safety, truncation,
+batching, persistence, compression on held-out English, and parity with open_clip."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydoc_data.topics import topics
+
+from mmembed.errors import BadInput, CheckpointError, UserError
+from mmembed.tokenizer import (
+    DEFAULT_SPECIAL_TOKENS,
+    Tokenizer,
+    byte_to_unicode,
+    load_tokenizer,
+    prefix_cut,
+    train_tokenizer,
+)
+
+# Python's own documentation (~465 KB of English): train on 85% of the topics, hold out the rest.
+_KEYS = sorted(topics)
+_CUT = int(0.85 * len(_KEYS))
+TRAIN_TEXT = [topics[k] for k in _KEYS[:_CUT]]
+HELD_OUT = "".join(topics[k] for k in _KEYS[_CUT:])
+
+SAMPLES = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "   leading and trailing   ",
+    "tabs\tand\nnewlines\n\n\nand\r\nCRLF\r\n",
+    "日本語のテキストと中文文本，还有한국어.",
+    "emoji 👍🏽 family 👩‍👩‍👧‍👦 flag 🇫🇷 keycap 1️⃣",
+    "e\u0301 vs \u00e9, a\u0308\u0304",
+    "Zalgo: Z\u0351\u036b\u0343\u036a\u0302\u036b\u033d\u034f\u0334\u0319a\u0300\u0301l\u0336go",
+    "mixed: naïve café Straße İstanbul ǅ",
+    "RTL: שלום עולם مرحبا بالعالم",
+    "\x00\x01\x7f control \u200b zero-width \ufeff BOM",
+    "<image> <bos></image><audio></audio><eos><pad> <imag <image",
+    "def f(x):\n    return x ** 2  # code\n",
+    "a" * 5000,
+    "\U0010ffff\U0001f600\uffff",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TRAIN_TEXT, vocab_size=8000)
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_is_exact(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+    assert all(i not in tok.special_tokens.values() for i in ids)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.text(max_size=80))
+def test_round_trip_random_unicode(tok, text):
+    # Any str without lone surrogates (hypothesis excludes them) comes back unchanged.
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_random_bytes_including_invalid_utf8(tok):
+    rng = random.Random(0)
+    cases = [bytes(range(256)), b"\xff\xfe\x00", b"\xed\xa0\x80 encoded surrogate", b"cut \xe4\xb8", b"\x80"]
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(50)]
+    for data in cases:
+        assert tok.decode_bytes(tok.encode_bytes(data)) == data
+    # Valid UTF-8 through the bytes API tokenizes exactly like the string.
+    assert tok.encode_bytes(SAMPLES[5].encode()) == tok.encode(SAMPLES[5])
+
+
+def test_lone_surrogate_is_bad_input_not_a_crash(tok):
+    for call in (lambda: tok.encode("ok \ud800 no"), lambda: tok.encode_batch(["fine", "x\udfff"]),
+                 lambda: tok.encode("a \ud800", allowed_special="all")):
+        with pytest.raises(BadInput, match="U\\+D[8F]"):
+            call()
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+
+
+def test_decode_matches_hf_and_checks_ids(tok):
+    assert set(byte_to_unicode().values()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf = tok.to_hf()
+    for text in SAMPLES:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == hf.decode(ids)
+    ids = tok.encode("<image> x", allowed_special="all")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == "<image> x"
+    assert tok.decode(ids, skip_special=True) == " x"
+    for bad in ([-1], [tok.vocab_size]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tok.decode(bad)
+
+
+# ------------------------------------------------------------------------------ special tokens
+
+
+def test_special_ids_are_stable_first_and_extensible(tok):
+    assert list(tok.special_tokens) == list(DEFAULT_SPECIAL_TOKENS)
+    assert list(tok.special_tokens.values()) == list(range(7))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.vocab_size == 8000
+    ext = Tokenizer.train(TRAIN_TEXT[:5], vocab_size=400, special_tokens=["<video>", "<bos>"])
+    assert ext.token_id("<video>") == 7 and ext.token_id("<image>") == 3
+    with pytest.raises(UserError, match="<video>"):
+        tok.token_id("<video>")  # the message lists the known tokens too
+    with pytest.raises(UserError, match="unknown"):
+        tok.encode("x", allowed_special={"<nope>"})
+    for word_like in ("hello", "<<>>"):  # BPE could build these from plain text: refused
+        with pytest.raises(UserError, match="plain text"):
+            Tokenizer.train(TRAIN_TEXT[:2], vocab_size=400, special_tokens=[word_like])
+
+
+def test_special_text_stays_plain_unless_allowed(tok):
+    text = "look: <image> here <bos> and </image>"
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.special_tokens.values())
+    assert tok.decode(ids) == text
+    img = tok.token_id("<image>")
+    only_image = tok.encode(text, allowed_special={"<image>"})
+    assert only_image.count(img) == 1 and tok.bos_id not in only_image
+    assert only_image == tok.encode("look: ") + [img] + tok.encode(" here <bos> and </image>")
+    every = tok.encode(text, allowed_special="all")
+    assert {img, tok.bos_id, tok.token_id("</image>")} <= set(every)
+    assert tok.decode(every) == text
+
+
+# ------------------------------------------------------------------------------ length, batches
+
+
+def test_bos_eos_and_truncation(tok):
+    body = tok.encode(SAMPLES[0])
+    assert tok.encode(SAMPLES[0], add_bos=True, add_eos=True) == [0, *body, 1]
+    cut = tok.encode(SAMPLES[0], add_bos=True, add_eos=True, max_length=5)
+    assert cut == [0, *body[:3], 1]
+    # The bounded path encodes only a prefix, yet yields exactly the full encoding's prefix.
+    long = HELD_OUT[:200_000]
+    assert tok.encode(long, max_length=64) == tok.encode(long)[:64]
+    assert tok.encode(long, max_length=64, allowed_special="all") == tok.encode(long)[:64]
+    with pytest.raises(ValueError, match="max_length"):
+        tok.encode("x", add_bos=True, add_eos=True, max_length=1)
+
+
+HOSTILE = {"one-word": "a" * 1_000_000, "words": "word " * 200_000, "cjk": "中" * 1_000_000,
+           "zwj-emoji": "👩‍👩‍👧" * 200_000, "spaces": " " * 1_000_000,
+           "specials": "<image>" * 150_000}
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_one_megabyte_caption_truncates(tok, kind, monkeypatch):
+    hostile = HOSTILE[kind]
+    seen: list[int] = []  # how many characters BPE was actually given: bounded, not 1 MB
+    plain, batch = tok._encode_plain, tok._batch_plain
+    monkeypatch.setattr(tok, "_encode_plain", lambda t: seen.append(len(t)) or plain(t))
+    monkeypatch.setattr(tok, "_batch_plain", lambda ts: seen.extend(map(len, ts)) or batch(ts))
+    assert len(tok.encode(hostile, max_length=64)) == 64
+    ids, mask = tok.encode_batch([hostile, "short"], max_length=64, add_eos=True)
+    assert ids.shape == (2, 64) and ids[0, -1] == tok.eos_id and mask[1].sum() == len(tok.encode("short")) + 1
+    assert max(seen) <= 64 * 64
+
+
+def test_prefix_cut_keeps_ids_a_prefix(tok):
+    # The bounded path relies on this: cutting where prefix_cut says never changes earlier ids.
+    rng = random.Random(0)
+    text = HELD_OUT[:20_000] + " tail\r\n\n  words"
+    full = tok.encode(text)
+    at_boundary = 0
+    for n in [rng.randrange(200, len(text)) for _ in range(60)] + [len(text) - 3]:
+        cut = prefix_cut(text, n)
+        assert n // 2 < cut <= n
+        if cut == n and not text[n].isspace():
+            continue  # no word boundary near n: a hard cut, exactness not promised
+        at_boundary += 1
+        ids = tok.encode(text[:cut])
+        assert ids == full[: len(ids)], f"cut at {cut} changed the ids"
+    assert at_boundary >= 55  # English has whitespace every few characters
+
+
+def test_encode_batch_shapes_padding_and_mask(tok):
+    texts = ["a", "a much longer caption with several words", "", "日本語"]
+    ids, mask = tok.encode_batch(texts, add_bos=True, add_eos=True)
+    rows = [tok.encode(t, add_bos=True, add_eos=True) for t in texts]
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+    assert ids.shape == mask.shape == (4, max(map(len, rows)))
+    for i, row in enumerate(rows):
+        assert ids[i, : len(row)].tolist() == row and mask[i].sum() == len(row)
+        assert (ids[i, len(row):] == tok.pad_id).all() and not mask[i, len(row):].any()
+    ids, mask = tok.encode_batch(texts, max_length=6, padding="max_length", allowed_special="all")
+    assert ids.shape == (4, 6)
+    assert [ids[i][mask[i]].tolist() for i in range(4)] == [tok.encode(t, max_length=6) for t in texts]
+    assert tok.encode_batch([])[0].shape == (0, 0)
+    with pytest.raises(ValueError, match="different lengths"):
+        tok.encode_batch(texts, padding=False)
+
+
+# ------------------------------------------------------------------------------ persistence, training
+
+
+VARIED = SAMPLES + [HELD_OUT[:3000], "<image> kept plain"]
+
+
+def test_save_load_gives_identical_ids(tok, tmp_path):
+    file = tok.save(tmp_path / "run")
+    assert file == tmp_path / "run" / "tokenizer.json"
+    for loaded in (Tokenizer.load(tmp_path / "run"), Tokenizer.load(file), load_tokenizer(file)):
+        assert isinstance(loaded, Tokenizer)
+        assert [loaded.encode(t) for t in VARIED] == [tok.encode(t) for t in VARIED]
+        assert loaded.special_tokens == tok.special_tokens
+    hf = tokenizers.Tokenizer.from_file(str(file))  # the ecosystem's reader accepts our file
+    assert [hf.encode(t).ids for t in SAMPLES[:10]] == [tok.encode(t) for t in SAMPLES[:10]]
+    clone = pickle.loads(pickle.dumps(tok))  # DataLoader workers: specials must stay plain text
+    assert [clone.encode(t) for t in VARIED] == [tok.encode(t) for t in VARIED]
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Tokenizer.load(tmp_path / "missing")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {')
+    with pytest.raises(CheckpointError, match="not a valid tokenizer.json") as e:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
+    word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word.save(str(bad))
+    with pytest.raises(CheckpointError, match="<bos>"):
+        Tokenizer.load(bad)
+
+
+def test_train_tokenizer_from_files(tmp_path):
+    files = []
+    for i, text in enumerate(TRAIN_TEXT[:6]):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    out = train_tokenizer(files, 600, tmp_path / "tok")
+    tok = load_tokenizer(out)
+    assert out.name == "tokenizer.json" and tok.vocab_size == 600
+    assert tok.decode(tok.encode(TRAIN_TEXT[0])) == TRAIN_TEXT[0]
+    with pytest.raises(UserError, match="nope.txt"):
+        train_tokenizer([files[0], tmp_path / "nope.txt"], 600, tmp_path / "tok2")
+    with pytest.raises(UserError, match="vocab_size"):
+        Tokenizer.train(["abc"], vocab_size=100)
+    with pytest.raises(UserError, match="not one string"):
+        Tokenizer.train("a corpus string", vocab_size=300)
+
+
+def test_compression_on_held_out_english(tok):
+    chars_per_token = len(HELD_OUT) / len(tok.encode(HELD_OUT))
+    assert chars_per_token >= 3.2, f"held-out chars/token {chars_per_token:.2f} < 3.2"
+
+
+# ------------------------------------------------------------------------------ CLIP
+
+
+CLIP_TEXTS = ["a photo of a cat", "A  Dog!! running, FAST.", "naïve café 中文 👍🏽 &amp; e\u0301",
+              "it's what they've done", "word " * 100, "", "  \n\t "]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    pytest.importorskip("open_clip")
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    return ClipTokenizer(), SimpleTokenizer()
+
+
+def test_clip_ids_equal_open_clip(clip):
+    ours, ref = clip
+    ids, mask = ours.encode_batch(CLIP_TEXTS, add_bos=True, add_eos=True, padding="max_length")
+    assert torch.equal(ids, ref(CLIP_TEXTS))  # (B, 77), truncation keeps <end_of_text>
+    assert mask.sum(1).tolist() == [min(77, len(ref.encode(t)) + 2) for t in CLIP_TEXTS]
+    for t in CLIP_TEXTS:
+        assert ours.encode(t) == ref.encode(t)
+        assert ours.decode(ours.encode(t)) == ref.decode(ref.encode(t))  # cleaned, not exact
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (49406, 49407, 0, 49408)
+
+
+def test_clip_special_text_and_bounds(clip):
+    ours, ref = clip
+    text = "before <end_of_text> after"
+    assert ours.eos_id not in ours.encode(text)
+    assert ours.encode(text, allowed_special="all") == ref.encode(text)  # open_clip always matches
+    assert ours.token_id("<bos>") == ours.bos_id
+    assert len(ours.encode("word " * 200_000, max_length=77)) == 77
+    assert len(ours.encode("a" * 1_000_000, max_length=77)) == 77
+    long = " ".join(CLIP_TEXTS * 40)
+    assert ours.encode(long, max_length=50) == ref.encode(long)[:50]
+    with pytest.raises(BadInput, match="surrogate"):
+        ours.encode("bad \udc80")
+
+
+def test_clip_save_load(clip, tmp_path):
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    ours, _ = clip
+    small = ClipTokenizer(context_length=16)
+    file = small.save(tmp_path)
+    assert json.loads(file.read_text())["kind"] == "clip"
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, ClipTokenizer) and loaded.context_length == 16
+    assert loaded.encode_batch(CLIP_TEXTS)[0].shape[1] == 16
+    assert [loaded.encode(t) for t in CLIP_TEXTS] == [ours.encode(t) for t in CLIP_TEXTS]
+    assert isinstance(load_tokenizer("clip"), ClipTokenizer)
+    assert pickle.loads(pickle.dumps(small)).encode(CLIP_TEXTS[1]) == ours.encode(CLIP_TEXTS[1])
+    with pytest.raises(CheckpointError, match="load_tokenizer"):
+        Tokenizer.load(file)
+    file.write_text('{"kind": "clip", "context_length": "big"}')
+    with pytest.raises(CheckpointError, match="context_length"):
+        load_tokenizer(file)
