@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from mmembed.config import TrainConfig
 from mmembed.errors import UserError
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
-from mmembed.train.state import Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from mmembed.train.state import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                 remove_partial_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> FitResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(self.run_dir)
         if resume:
             self._resume()
         elif self.metrics_path.exists():

@@ -63,6 +63,13 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     return final
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary folders left by a process killed while writing a checkpoint."""
+    root = Path(run_dir) / CKPT_DIR
+    for tmp in root.glob(".step_*.tmp*") if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (one whose trainer.json exists), or None."""
     root = Path(run_dir) / CKPT_DIR

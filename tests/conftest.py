@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny synthetic world and a tiny tri-modal config that trains in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY_MODEL = {
+    "embed_dim": 32,
+    "towers": {
+        "text": {"encoder": "text_transformer",
+                 "encoder_args": {"width": 32, "layers": 1, "heads": 2, "max_len": 48, "dropout": 0.1},
+                 "preprocess": {"max_length": 48}},
+        "image": {"encoder": "vit",
+                  "encoder_args": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+                  "preprocess": {"size": 32, "interpolation": "bilinear"}},
+        "audio": {"encoder": "audio_transformer",
+                  "encoder_args": {"n_mels": 32, "patch_freq": 16, "patch_time": 16, "width": 32, "layers": 1,
+                                   "heads": 2, "max_frames": 256},
+                  "preprocess": {"n_mels": 32, "max_seconds": 2.0, "random_crop": False}},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """64 scenes of the built-in world (shared by every test in the session; read-only)."""
+    from mmembed.data.synth import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n=64, seed=0, image_size=32)
+    return root
+
+
+def tiny_config(world: Path, out_dir: Path, **train) -> Path:
+    """Write a tiny config for `world` to out_dir/../<name>.yaml and return its path."""
+    raw = {
+        "model": TINY_MODEL,
+        "tokenizer": {"vocab_size": 300},
+        "data": {"root": str(world), "cache": True},
+        "train": {"out_dir": str(out_dir), "batch_size": 16, "epochs": 2, "lr": 3e-3, "warmup_steps": 2,
+                  "checkpoint_every": 2, "log_every": 1, "keep_last": 100, **train},
+    }
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path

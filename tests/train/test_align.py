@@ -1,0 +1,145 @@
+"""The align stage end to end on a tiny world: kill/resume exactness, crash-safe checkpoints,
+logit-scale clamp, determinism, and a run directory that `mm.load` opens."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmembed.checkpoint import load_tensors
+from mmembed.config import load_config
+from mmembed.train.align import train_align
+from mmembed.train.state import latest_checkpoint
+from tests.conftest import tiny_config
+
+RUNNER = textwrap.dedent("""
+    import json, os, signal, sys
+    import mmembed.train.align as align
+    from mmembed.config import load_config
+
+    config_path, rows_path, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    inner = align.make_step_fn
+
+    def recording(*args, **kwargs):
+        step = inner(*args, **kwargs)
+        def wrapped(batch):
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(batch.rows.tolist()) + "\\n")
+            return step(batch)
+        return wrapped
+
+    align.make_step_fn = recording
+
+    def killer(event, trainer, info):
+        if event == "step" and trainer.progress.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    align.train_align(load_config(config_path), resume=resume, callbacks=[killer])
+""")
+
+
+def _run(config, rows, kill_at=-1, resume=False):
+    return subprocess.run([sys.executable, "-c", RUNNER, str(config), str(rows), str(kill_at), "1" if resume else "0"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _rows(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _final_state(run_dir):
+    ckpt = latest_checkpoint(run_dir)
+    return load_tensors(ckpt / "model.safetensors"), load_tensors(ckpt / "trainer.safetensors")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_world, tmp_path):
+    steps_total = 3 * (51 // 16)  # 3 epochs of the tiny world's training split
+    kill_at = random.Random(os.getpid()).randint(3, steps_total - 2)
+    ref_cfg = tiny_config(tiny_world, tmp_path / "ref", epochs=3)
+    r = _run(ref_cfg, tmp_path / "ref_rows.jsonl")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cfg = tiny_config(tiny_world, tmp_path / "killed", epochs=3, checkpoint_every=1)
+    r = _run(cfg, tmp_path / "rows.jsonl", kill_at=kill_at)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    # Killed inside step `kill_at`, before its checkpoint: the last complete one is the step before.
+    assert latest_checkpoint(tmp_path / "killed").name == f"step_{kill_at - 1:07d}"
+    seen_before_kill = len(_rows(tmp_path / "rows.jsonl"))
+    r = _run(cfg, tmp_path / "rows.jsonl", resume=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    ref_rows, rows = _rows(tmp_path / "ref_rows.jsonl"), _rows(tmp_path / "rows.jsonl")
+    # Resuming redoes step `kill_at` with the very batch the uninterrupted run used, and so on.
+    assert seen_before_kill == kill_at and rows[:kill_at] == ref_rows[:kill_at]
+    assert rows[seen_before_kill:] == ref_rows[kill_at - 1:]
+    (m_ref, t_ref), (m, t) = _final_state(tmp_path / "ref"), _final_state(tmp_path / "killed")
+    assert m_ref.keys() == m.keys() and t_ref.keys() == t.keys()
+    for k in m_ref:
+        assert torch.equal(m_ref[k], m[k]), k
+    for k in t_ref:
+        assert torch.equal(t_ref[k], t[k]), k
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tiny_world, tmp_path, monkeypatch):
+    import mmembed.train.state as state
+
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1, checkpoint_every=1))
+    real = state.save_tensors
+    calls = {"n": 0}
+
+    def dying_save(path, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 5:  # third checkpoint, its first file: write half of it, then "die"
+            path.write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(state, "save_tensors", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_align(cfg)
+    run = tmp_path / "run"
+    assert latest_checkpoint(run).name == "step_0000002"
+    assert not (run / "checkpoints" / "step_0000003").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir() if "0000003" in p.name]  # the torn temp folder
+    from mmembed.train.state import remove_partial_checkpoints
+
+    remove_partial_checkpoints(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+    import mmembed as mm
+
+    model = mm.load(latest_checkpoint(run))
+    z = model.embed("text", ["a small red circle on the left"])
+    assert z.shape == (1, 32) and torch.allclose(z.norm(dim=-1), torch.ones(1))
+
+
+def test_logit_scale_clamped_every_step(tiny_world, tmp_path):
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=2, lr=0.5, warmup_steps=0))
+    cfg.model.init_logit_scale = 99.5
+    run = train_align(cfg)
+    scales = [json.loads(l)["logit_scale"] for l in (run / "metrics.jsonl").read_text().splitlines() if "logit_scale" in l]
+    assert scales and max(scales) <= 100.0 + 1e-4
+    assert max(scales) > 99.0  # it was pushed against the bound, not left far below it
+    state = load_tensors(run / "model.safetensors")
+    assert state["log_logit_scale"].exp().item() <= 100.0 + 1e-4
+
+
+def test_same_seed_same_loss_curve_and_loadable_run(tiny_world, tmp_path):
+    curves = []
+    for name in ("a", "b"):
+        run = train_align(load_config(tiny_config(tiny_world, tmp_path / name, epochs=1)))
+        curves.append([json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l])
+    assert len(curves[0]) == 51 // 16 and curves[0] == curves[1]
+    import mmembed as mm
+
+    model = mm.load(tmp_path / "a")
+    for modality, items in [("text", ["a large blue star on the right"]),
+                            ("image", [str(next((tiny_world / "images").glob("*.png")))]),
+                            ("audio", [str(next((tiny_world / "audio").glob("*.wav")))])]:
+        z = model.embed(modality, items)
+        assert z.shape == (1, 32) and torch.allclose(z.norm(dim=-1), torch.ones(1), atol=1e-5)
