@@ -35,6 +35,10 @@ class ViT(nn.Module):
         pool: the `cls` token, or the `mean` of the patch tokens.
         dropout: dropout inside the transformer.
         in_channels: image channels.
+        stem: `patch` (one linear map per patch, as in the ViT paper) or `conv`: stride-2 3×3
+            convolutions down to the patch grid, then a 1×1 projection (Xiao et al. 2021,
+            "Early convolutions help transformers see better": same tokens, far faster and
+            more stable training from scratch on small data). patch_size must be a power of 2.
 
     Shapes:
         forward(images (B, C, H, W)) → EncoderOutput(tokens (B, N, W) patch tokens,
@@ -53,6 +57,7 @@ class ViT(nn.Module):
         pool: Literal["cls", "mean"] = "cls",
         dropout: float = 0.0,
         in_channels: int = 3,
+        stem: Literal["patch", "conv"] = "patch",
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -62,8 +67,13 @@ class ViT(nn.Module):
         self.width, self.pool, self.image_size = width, pool, image_size
         grid = image_size // patch_size
         self.num_patches = grid * grid
-        # kernel = stride = patch: each output pixel is a linear map of one patch.
-        self.patchify = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        if stem == "patch":
+            # kernel = stride = patch: each output pixel is a linear map of one patch.
+            self.patchify = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        elif stem == "conv":
+            self.patchify = conv_stem(in_channels, width, patch_size)
+        else:
+            raise ValueError(f"unknown stem {stem!r} (valid: patch, conv)")
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
         if positional == "sinusoidal_2d":
             table = torch.cat([torch.zeros(1, width), sinusoidal_table_2d(grid, grid, width)])  # (1 + N, W)
@@ -91,6 +101,23 @@ class ViT(nn.Module):
         pooled = x[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
         mask = torch.ones(B, self.num_patches, dtype=torch.bool, device=images.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+
+def conv_stem(in_channels: int, width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) stages of stride-2 3×3 conv → GroupNorm → GELU, channels
+    doubling up to width/2, then a 1×1 conv to `width`: (B, C, H, W) → (B, W, H/p, W/p)."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << steps != patch_size:
+        raise ValueError(f"stem='conv' needs a power-of-2 patch_size, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for i in range(steps):
+        c_out = max(16, (width // 2) >> (steps - 1 - i))
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(min(8, c_out // 4), c_out),
+                   nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, width, 1))
+    return nn.Sequential(*layers)
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision.models builders

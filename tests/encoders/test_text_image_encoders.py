@@ -94,12 +94,14 @@ def test_text_pools_differ_and_errors():
 
 
 @pytest.mark.parametrize(
-    "positional,pool",
-    [("learned", "cls"), ("sinusoidal", "mean"), ("sinusoidal_2d", "cls"), ("rotary", "mean"), ("none", "cls")],
+    "positional,pool,stem",
+    [("learned", "cls", "patch"), ("sinusoidal", "mean", "patch"), ("sinusoidal_2d", "cls", "patch"),
+     ("rotary", "mean", "patch"), ("none", "cls", "patch"), ("learned", "mean", "conv")],
 )
-def test_vit_shapes_and_batched_equals_single(positional, pool):
+def test_vit_shapes_and_batched_equals_single(positional, pool, stem):
     torch.manual_seed(0)
-    model = ViT(image_size=32, patch_size=8, width=32, layers=2, heads=4, positional=positional, pool=pool).eval()
+    model = ViT(image_size=32, patch_size=8, width=32, layers=2, heads=4, positional=positional, pool=pool,
+                stem=stem).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         out = model(images)
@@ -119,6 +121,8 @@ def test_vit_errors():
         ViT(image_size=30, patch_size=8)
     with pytest.raises(ValueError, match="unknown positional encoding"):
         ViT(image_size=32, patch_size=8, width=32, layers=1, heads=4, positional="alibi")
+    with pytest.raises(ValueError, match="power-of-2 patch_size"):
+        ViT(image_size=36, patch_size=12, stem="conv")
 
 
 def test_resnet_tokens_pooled_and_local_weights(tmp_path):
