@@ -1,0 +1,126 @@
+"""B-search: exact top-10 inner-product search, ours vs `faiss.IndexFlatIP`, both on 2 threads.
+
+    python -m benchmarks.bench_search            # N ∈ {100k, 1M}, D = 512, Q ∈ {1, 256}
+    python -m benchmarks.bench_search --quick    # N = 100k only
+
+Prints one JSON object. Per (N, Q): median seconds of ours (`exact_topk`, the kernel behind
+`Index(backend="exact")`) and of FAISS, `ratio` = faiss / ours (> 1: ours faster), recall of
+our ids against FAISS's (1.0 expected: both are exact; random data has no ties), and how close
+each comes to the hardware: the fraction of the memory-bandwidth bound (the time of `x.sum()`
+over the same N × D fp32 rows, i.e. streaming them once: what one query must do) and, for the
+batched case, of the fp32 matmul peak (2·Q·N·D FLOPs). Also reported: the whole
+`Index.search_batch` path (Hit objects included) and fp16 storage (half the bytes; its recall
+is against exact fp32 results).
+
+The machine is shared: every repeat times all contestants back to back (interleaved), so a
+load change hits them alike and the ratios stay meaningful when absolute times do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import faiss
+import torch
+
+from benchmarks.common import ratio_report, setup
+from mmembed.retrieval import Index
+from mmembed.retrieval.exact import exact_topk
+
+D, K, THREADS = 512, 10, 2
+PEAK_N = 2048  # square fp32 matmul that measures the FLOP/s peak
+log = logging.getLogger("bench_search")
+
+
+def unit_rows(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, D)
+    for s in range(0, n, 100_000):  # in chunks: no 2× temporary at 1M rows
+        x[s:s + 100_000] = torch.nn.functional.normalize(torch.randn(min(100_000, n - s), D, generator=g), dim=1)
+    return x
+
+
+def recall(rows: torch.Tensor, truth) -> float:
+    truth = torch.as_tensor(truth)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(rows.tolist(), truth.tolist()))
+    return hits / truth.numel()
+
+
+def paired_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per function, timing them round-robin after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_case(x: torch.Tensor, x16: torch.Tensor, flat, index: Index, n_q: int, repeats: int) -> dict:
+    n = x.shape[0]
+    q = unit_rows(n_q, seed=1000 + n_q)
+    q_np = q.numpy()
+    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    t = paired_medians({
+        "matmul": lambda: a @ b,  # the matmul peak, measured under the same load
+        "ours": lambda: exact_topk(x, q, K),
+        "faiss": lambda: flat.search(q_np, K),
+        "stream": lambda: x.sum(),  # the bandwidth bound: read every row once
+        "index": lambda: index.search_batch(q, k=K),
+        "fp16": lambda: exact_topk(x16, q, K),
+    }, repeats)
+    _, f_rows = flat.search(q_np, K)
+    _, rows = exact_topk(x, q, K)
+    _, rows16 = exact_topk(x16, q, K)
+    peak = 2 * PEAK_N**3 / t["matmul"]
+    extra = {
+        "n": n, "d": D, "q": n_q, "k": K,
+        "recall_vs_faiss": recall(rows, f_rows),
+        "bandwidth_GBps": n * D * 4 / t["stream"] / 1e9,
+        "ours_bandwidth_bound_pct": 100 * t["stream"] / t["ours"],
+        "faiss_bandwidth_bound_pct": 100 * t["stream"] / t["faiss"],
+        "ours_matmul_peak_pct": 100 * 2 * n_q * n * D / peak / t["ours"],
+        "faiss_matmul_peak_pct": 100 * 2 * n_q * n * D / peak / t["faiss"],
+        "matmul_peak_GFLOPs": peak / 1e9,
+        "index_search_batch_s": t["index"],
+        "fp16_storage_s": t["fp16"],
+        "fp16_ratio_vs_faiss": t["faiss"] / t["fp16"],
+        "fp16_recall_vs_fp32": recall(rows16, f_rows),
+    }
+    return ratio_report(f"B-search N={n} Q={n_q}", t["ours"], t["faiss"], "s", higher_is_better=False, **extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 100k only")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    setup(THREADS)
+    faiss.omp_set_num_threads(THREADS)
+    results = []
+    for n in (100_000,) if args.quick else (100_000, 1_000_000):
+        x = unit_rows(n, seed=n)
+        flat = faiss.IndexFlatIP(D)
+        flat.add(x.numpy())
+        index = Index(D)
+        index.add(x, "image")
+        x16 = x.half()
+        for n_q in (1, 256):
+            repeats = args.repeats if n_q == 1 or n < 1_000_000 else max(2, args.repeats // 2)
+            results.append(bench_case(x, x16, flat, index, n_q, repeats))
+            log.info("%s", results[-1])
+        del x, flat, index, x16
+    print(json.dumps({"id": "B-search", "threads": THREADS, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

@@ -1,0 +1,257 @@
+"""Evaluation of a shared space: cross-modal recall@K, ranks, zero-shot classification, tables.
+
+A retrieval is correct when the target's key equals the query's key. With manifest row ids
+as keys this is instance retrieval (the caption of row 7 must find the image of row 7); with
+the `label` column it is class/scene retrieval (any image of scene "s3" counts).
+
+Ranks are pessimistic about ties: the rank of a query is 1 + the number of *incorrect*
+targets scoring at least as high as its best correct target, so a collapsed model (every
+score equal) gets the worst rank instead of a perfect one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mmembed.checkpoint import atomic_write_json
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+from mmembed.retrieval.embed import embed_manifest
+
+log = logging.getLogger(__name__)
+_QUERY_BLOCK = 1024  # queries scored at once: bounds the (block, N) score matrix
+
+
+def retrieval_metrics(query_emb: Tensor, target_emb: Tensor, query_keys: Sequence[str],
+                      target_keys: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K and rank statistics of retrieving targets for queries by cosine similarity.
+
+    Args:
+        query_emb: (Q, D) unit vectors; target_emb: (N, D) unit vectors.
+        query_keys / target_keys: one key per row; a target is correct iff its key equals the query's.
+        ks: the K of recall@K.
+    Returns:
+        {"recall@K": fraction of queries with a correct target in the top K, ...,
+         "median_rank", "mean_rank", "mrr" (1-based ranks of the first correct target),
+         "n_queries" (with at least one correct target), "n_targets", "n_unmatched"
+         (queries whose key no target has; left out of every figure)}.
+    Raises:
+        ValueError on mismatched lengths or dimensions, NaN/Inf embeddings, a K < 1, or when no
+        query has a match.
+    """
+    _check_pair(query_emb, target_emb, query_keys, target_keys, ks)
+    codes = {key: i for i, key in enumerate(dict.fromkeys([*target_keys, *query_keys]))}
+    q_codes = torch.tensor([codes[k] for k in query_keys])  # (Q,)
+    t_codes = torch.tensor([codes[k] for k in target_keys])  # (N,)
+    matched = torch.isin(q_codes, t_codes)
+    if not bool(matched.any()):
+        raise ValueError("no query key occurs among the target keys: nothing can be retrieved correctly")
+    queries, q_codes = query_emb[matched].float(), q_codes[matched]
+    targets = target_emb.float()
+    ranks = torch.cat([
+        _first_correct_rank(queries[s:s + _QUERY_BLOCK] @ targets.T, q_codes[s:s + _QUERY_BLOCK], t_codes)
+        for s in range(0, queries.shape[0], _QUERY_BLOCK)
+    ]).double()  # (Q_matched,)
+    out = {f"recall@{k}": float((ranks <= k).double().mean()) for k in ks}
+    out.update(median_rank=float(ranks.quantile(0.5)), mean_rank=float(ranks.mean()),
+               mrr=float((1 / ranks).mean()), n_queries=int(ranks.numel()), n_targets=int(targets.shape[0]),
+               n_unmatched=int((~matched).sum()))
+    return out
+
+
+def _first_correct_rank(scores: Tensor, q_codes: Tensor, t_codes: Tensor) -> Tensor:
+    """scores (B, N) -> (B,) 1-based rank of the best correct target (ties count against it)."""
+    correct = q_codes[:, None] == t_codes[None, :]  # (B, N)
+    best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)  # (B, 1)
+    return 1 + ((scores >= best) & ~correct).sum(dim=1)
+
+
+def _check_pair(q: Tensor, t: Tensor, q_keys: Sequence, t_keys: Sequence, ks: Sequence[int]) -> None:
+    if q.dim() != 2 or t.dim() != 2 or q.shape[1] != t.shape[1]:
+        raise ValueError(f"embeddings must be (Q, D) and (N, D) with equal D, got {tuple(q.shape)}, {tuple(t.shape)}")
+    if len(q_keys) != q.shape[0] or len(t_keys) != t.shape[0]:
+        raise ValueError(f"{len(q_keys)} query keys for {q.shape[0]} queries, "
+                         f"{len(t_keys)} target keys for {t.shape[0]} targets")
+    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(t).all())):
+        raise ValueError("embeddings contain NaN or Inf (a diverged model?); ranks would be meaningless")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive, got {list(ks)}")
+
+
+def pairwise_report(embeddings: dict[Modality, Tensor], keys: dict[Modality, Sequence[str]],
+                    ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+    """`retrieval_metrics` for every ordered pair of distinct modalities, e.g. "text→image".
+
+    A pair whose keys never match (e.g. row ids of disjoint rows) is left out and logged.
+    """
+    report = {}
+    for a, b in itertools.permutations(embeddings, 2):
+        name = f"{a}→{b}"
+        try:
+            report[name] = retrieval_metrics(embeddings[a], embeddings[b], keys[a], keys[b], ks)
+        except ValueError as e:
+            if "no query key" not in str(e):
+                raise
+            log.info("%s: left out, %s", name, e)
+    return report
+
+
+class ZeroShotResult(NamedTuple):
+    predictions: list[str]
+    accuracy: float | None  # None unless `truth` was given
+
+
+def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | str, labels: Sequence[str],
+                       template: str | Sequence[str] = "a photo of a {label}", *, truth: Sequence[str] | None = None,
+                       prompt_modality: Modality | str = Modality.TEXT, batch_size: int = 64) -> ZeroShotResult:
+    """Classify items by their nearest label prompt (CLIP zero-shot).
+
+    Each label becomes `template.format(label=...)`; with several templates the label's prompt
+    embeddings are averaged and renormalised (CLIP's prompt ensembling).
+
+    Args:
+        model: anything with `embed(modality, items) -> (N, D)` unit vectors.
+        items: raw items of `modality`; labels: the candidate class names (unique).
+        truth: the true label per item, to compute accuracy.
+    Returns:
+        ZeroShotResult(predictions, accuracy).
+    """
+    if truth is not None and len(truth) != len(items):
+        raise UserError(f"{len(truth)} truth labels for {len(items)} items")
+    classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
+    with torch.inference_mode():
+        z_items = torch.cat([model.embed(modality, list(items[s:s + batch_size])).float()
+                             for s in range(0, len(items), batch_size)]) if len(items) else classes[:0]
+    predictions = [labels[i] for i in (z_items @ classes.T).argmax(dim=1).tolist()]  # (N,)
+    return ZeroShotResult(predictions, _accuracy(predictions, truth))
+
+
+def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {label}",
+                     prompt_modality: Modality | str = Modality.TEXT) -> Tensor:
+    """(L, D) unit vectors: each label's prompts embedded, averaged over templates, renormalised."""
+    templates = [template] if isinstance(template, str) else list(template)
+    if not labels or len(set(labels)) != len(labels):
+        raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
+    if not templates or any("{label}" not in t for t in templates):
+        raise UserError(f"every template must contain '{{label}}', got {templates}")
+    prompts = [t.format(label=label) for label in labels for t in templates]
+    with torch.inference_mode():
+        z = model.embed(prompt_modality, prompts).float().view(len(labels), len(templates), -1)
+    return torch.nn.functional.normalize(z.mean(dim=1), dim=1)
+
+
+def _accuracy(predictions: Sequence[str], truth: Sequence[str] | None) -> float | None:
+    if truth is None or not predictions:
+        return None
+    return sum(p == t for p, t in zip(predictions, truth)) / len(predictions)
+
+
+EvalKey = Literal["auto", "label", "row"]
+
+
+def evaluate_manifest(model: Any, manifest_path: str | Path, *, ks: Sequence[int] = (1, 5, 10),
+                      batch_size: int = 64, key: EvalKey = "auto", modalities: Sequence[Modality | str] | None = None,
+                      progress: bool = False) -> dict[str, dict[str, float]]:
+    """Embed each modality of a manifest once and return `pairwise_report` over them.
+
+    Args:
+        key: "label" (the label column: scene/class retrieval), "row" (manifest line:
+            instance retrieval), or "auto" (labels when every row has one, else rows).
+    """
+    return manifest_report(model, manifest_path, ks=ks, batch_size=batch_size, key=key, modalities=modalities,
+                           progress=progress)["pairs"]
+
+
+def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] = (1, 5, 10), batch_size: int = 64,
+                    key: EvalKey = "auto", modalities: Sequence[Modality | str] | None = None,
+                    zero_shot_labels: Sequence[str] | None = None,
+                    template: str | Sequence[str] = "a photo of a {label}", label_column: str = "label",
+                    prompt_modality: Modality | str = Modality.TEXT, progress: bool = False) -> dict[str, Any]:
+    """The pairwise report plus provenance and, with `zero_shot_labels`, zero-shot accuracy.
+
+    Returns:
+        {"manifest", "fingerprint", "key" ("label" or "row"), "counts" (vectors per modality),
+         "skipped" (items that could not be read), "ks", "pairs" (`pairwise_report`), and with
+         labels "zero_shot": {modality: {"accuracy", "n"}} for every non-prompt modality, the
+         truth being each row's `label_column` (rows whose truth is not a label are left out)}.
+    """
+    if key not in ("auto", "label", "row"):
+        raise UserError(f"unknown eval key {key!r} (valid: auto, label, row)")
+    emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
+    rows = [r for part in emb.by_modality.values() for r in part.rows]
+    use_label = key == "label" or (key == "auto" and bool(rows) and all(r.label is not None for r in rows))
+    if use_label and (missing := next((r for r in rows if r.label is None), None)):
+        raise UserError(f"{emb.path}:{missing.line}: row has no label (use key='row' or 'auto')")
+    keys = {m: [r.label if use_label else f"line:{r.line}" for r in part.rows] for m, part in emb.by_modality.items()}
+    vectors = {m: part.vectors for m, part in emb.by_modality.items()}
+    report = {"manifest": str(emb.path), "fingerprint": getattr(model, "fingerprint", None),
+              "key": "label" if use_label else "row", "counts": {str(m): int(v.shape[0]) for m, v in vectors.items()},
+              "skipped": len(emb.skipped), "ks": list(ks), "pairs": pairwise_report(vectors, keys, ks)}
+    if zero_shot_labels:
+        labels, prompt_modality = list(zero_shot_labels), Modality.parse(prompt_modality)
+        classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
+        report["zero_shot"] = {str(m): _zero_shot_part(part.vectors, part.rows, classes, labels, label_column)
+                               for m, part in emb.by_modality.items() if m != prompt_modality}
+    return report
+
+
+def _zero_shot_part(vectors: Tensor, rows: list, classes: Tensor, labels: list[str], column: str) -> dict[str, Any]:
+    truth = [r.label if column == "label" else r.meta.get(column) for r in rows]
+    keep = [i for i, t in enumerate(truth) if t is not None and str(t) in labels]
+    if not keep:
+        return {"accuracy": None, "n": 0}
+    predicted = (vectors[keep] @ classes.T).argmax(dim=1).tolist()  # (n,)
+    return {"accuracy": _accuracy([labels[i] for i in predicted], [str(truth[i]) for i in keep]), "n": len(keep)}
+
+
+def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequence[str] | None = None,
+             template: str = "a photo of a {label}", label_column: str = "label", ks: Sequence[int] = (1, 5, 10),
+             batch_size: int = 64, key: EvalKey = "auto", out: str | Path | None = None,
+             progress: bool = True) -> tuple[str, dict[str, Any]]:
+    """What `mmembed eval` runs: load the run (or take a model), report, and render the tables.
+
+    Returns:
+        (markdown tables, `manifest_report` dict); the report is also written to `out` as JSON.
+    """
+    if isinstance(run, (str, Path)):
+        from mmembed.model import load
+
+        model = load(run)
+    else:
+        model = run
+    report = manifest_report(model, manifest_path, ks=ks, batch_size=batch_size, key=key, zero_shot_labels=labels,
+                             template=template, label_column=label_column, progress=progress)
+    if out is not None:
+        atomic_write_json(Path(out), report)
+    return format_table(report), report
+
+
+def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str:
+    """Markdown: one line per modality pair with recall@K, median rank, MRR and query count.
+
+    Accepts a `pairwise_report` or a `manifest_report` (its "pairs", plus zero-shot accuracy).
+    """
+    pairs = report.get("pairs", report)
+    if ks is None:
+        ks = sorted({int(name.split("@")[1]) for m in pairs.values() for name in m if name.startswith("recall@")})
+    header = ["pair", *(f"R@{k} %" for k in ks), "median rank", "MRR", "queries"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, m in pairs.items():
+        cells = [name, *(f"{100 * m[f'recall@{k}']:.1f}" for k in ks), f"{m['median_rank']:g}", f"{m['mrr']:.3f}",
+                 str(m["n_queries"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not pairs:
+        lines.append("| (no modality pair with matching keys) |" + " |" * (len(header) - 1))
+    if report.get("zero_shot"):
+        lines += ["", "| zero-shot | accuracy % | items |", "|---|---:|---:|"]
+        for modality, z in report["zero_shot"].items():
+            acc = "n/a" if z["accuracy"] is None else f"{100 * z['accuracy']:.1f}"
+            lines.append(f"| {modality} | {acc} | {z['n']} |")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""What `mmembed search` runs: load an index and its model, compose the query, render the hits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmembed.errors import UserError
+from mmembed.retrieval.hits import Hit, format_hits
+from mmembed.retrieval.index import Index
+from mmembed.retrieval.query import Query
+
+
+def run_search(index_dir: str | Path, *, run: str | Path | None = None, weights: Sequence[float] = (),
+               target: str | None = None, k: int = 5, as_json: bool = False, **items: Sequence[Any]) -> str:
+    """Search a saved index with a (composed) query given as lists of raw items per modality.
+
+    Args:
+        index_dir: a folder written by `Index.save`.
+        run: the model's run folder (default: the `run_dir` the index was saved with).
+        weights: one weight per item, in the order the items are given (modality by modality,
+            in keyword order); empty = 1.0 each. Negative weights mean "not like this".
+        target: restrict hits to one modality.
+        **items: modality name -> list of items (paths or captions), e.g. text=["a red circle"].
+    Returns:
+        A markdown table of hits, or a JSON list with `as_json`.
+    """
+    items = {name: list(values) for name, values in items.items() if values}
+    if not items:
+        raise UserError("nothing to search for: give at least one query item (e.g. --text, --image, --audio)")
+    index = Index.load(index_dir)
+    run = run if run is not None else index.info.get("run_dir")
+    if run is None:
+        raise UserError(f"{index_dir}: the index does not name the run that built it; pass the run directory")
+    from mmembed.model import load  # the model stack is only needed here, not by `Index`
+
+    index.model = load(run)
+    query = Query(weights=_split_weights(list(weights), items), **items)
+    hits = index.search(query, target=target, k=k)
+    return json.dumps([_as_dict(h) for h in hits], indent=2, default=str) if as_json else format_hits(hits)
+
+
+def _split_weights(weights: list[float], items: dict[str, list[Any]]) -> dict[str, list[float]] | None:
+    """A flat list of weights, in item order -> per modality lists."""
+    if not weights:
+        return None
+    n = sum(len(v) for v in items.values())
+    if len(weights) != n:
+        raise UserError(f"{len(weights)} weights for {n} query items (give one weight per item, or none)")
+    out, start = {}, 0
+    for name, values in items.items():
+        out[name] = weights[start:start + len(values)]
+        start += len(values)
+    return out
+
+
+def _as_dict(hit: Hit) -> dict[str, Any]:
+    return {"id": hit.id, "score": hit.score, "modality": str(hit.modality), "metadata": hit.metadata}

@@ -1,0 +1,143 @@
+"""Embed every modality of a manifest once: shared by `Index.build` and `evaluate_manifest`.
+
+Items are embedded in batches. A batch that raises `BadInput` (one unreadable file) is split
+in halves until the bad items are isolated, so one broken file costs O(log batch) extra
+forward passes instead of the whole batch; bad items are skipped and counted with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mmembed.data.manifest import Row, read_manifest
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+
+log = logging.getLogger(__name__)
+_WARN_FIRST = 5  # skipped items logged one by one before only the count is reported
+
+
+@dataclass
+class EmbeddedModality:
+    """The rows of one modality that embedded, aligned with their vectors."""
+
+    vectors: Tensor  # (n, D) float32 unit rows
+    rows: list[Row]
+
+
+@dataclass
+class ManifestEmbeddings:
+    path: Path
+    by_modality: dict[Modality, EmbeddedModality]
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line, modality, reason)
+    n_rows: int = 0  # usable manifest rows
+
+
+def embed_manifest(
+    model: Any,
+    manifest_path: str | Path,
+    *,
+    modalities: Iterable[Modality | str] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ManifestEmbeddings:
+    """Read a manifest and embed each requested modality of every row.
+
+    Args:
+        model: anything with `embed(modality, items) -> (N, D)` and `embed_dim`.
+        manifest_path: JSONL/CSV manifest (see `mmembed.data.manifest`).
+        modalities: which modalities to embed (default: every one present in the manifest
+            that the model can embed).
+        batch_size: items per `model.embed` call.
+        progress: show a tqdm bar per modality.
+    Returns:
+        `ManifestEmbeddings`; manifest rows that could not be parsed count as skipped too.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = read_manifest(manifest_path)
+    wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
+    out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
+    out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
+    for modality in wanted:
+        rows = [r for r in manifest.rows if modality in r.items]
+        vectors, ok, reasons = _embed_items(model, modality, [r.items[modality] for r in rows],
+                                            batch_size, progress)
+        for i, reason in reasons:
+            out.skipped.append((rows[i].line, modality.value, reason))
+        out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
+    _log_skipped(out.skipped, manifest.path)
+    return out
+
+
+def _select_modalities(model: Any, present: Sequence[Modality], requested: Iterable | None,
+                       path: Path) -> list[Modality]:
+    supported = getattr(model, "modalities", None)
+    supported = list(supported) if supported is not None else list(Modality)
+    if requested is None:
+        chosen = [m for m in present if m in supported]
+        if not chosen:
+            raise UserError(f"{path}: none of its modalities ({', '.join(present)}) has a tower in this model "
+                            f"(it has: {', '.join(supported)})")
+        return chosen
+    chosen = [Modality.parse(m) for m in requested]
+    for m in chosen:
+        if m not in present:
+            raise UserError(f"{path}: no row has a {m} column (present: {', '.join(present)})")
+        if m not in supported:
+            raise UserError(f"this model has no {m} tower (it has: {', '.join(supported)})")
+    return chosen
+
+
+def _embed_items(model: Any, modality: Modality, items: list[Any], batch_size: int,
+                 progress: bool) -> tuple[Tensor, list[bool], list[tuple[int, str]]]:
+    """-> (n_ok, D) vectors, per-item ok flags, (index, reason) of the skipped items."""
+    chunks: list[Tensor] = []
+    ok = [True] * len(items)
+    reasons: list[tuple[int, str]] = []
+    bar = tqdm(total=len(items), desc=f"embed {modality}", unit="item", disable=not progress, leave=False)
+    with bar, torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            idx = list(range(start, min(start + batch_size, len(items))))
+            for span, z, reason in _embed_robust(model, modality, items, idx):
+                if z is None:
+                    ok[span[0]] = False
+                    reasons.append((span[0], reason))
+                else:
+                    chunks.append(z)
+            bar.update(len(idx))
+    dim = int(getattr(model, "embed_dim", chunks[0].shape[1] if chunks else 0))
+    vectors = torch.cat(chunks).float() if chunks else torch.zeros(0, dim)
+    return vectors, ok, reasons  # chunks come back in item order, so vectors align with ok rows
+
+
+def _embed_robust(model: Any, modality: Modality, items: list[Any], idx: list[int]):
+    """Yield (indices, (n, D) vectors or None, reason) for items[idx], bisecting around BadInput."""
+    try:
+        z = model.embed(modality, [items[i] for i in idx])  # (len(idx), D)
+    except BadInput as e:
+        if len(idx) == 1:
+            yield idx, None, str(e)
+            return
+        half = len(idx) // 2
+        yield from _embed_robust(model, modality, items, idx[:half])
+        yield from _embed_robust(model, modality, items, idx[half:])
+        return
+    if z.shape[0] != len(idx):
+        raise RuntimeError(f"model.embed returned {z.shape[0]} vectors for {len(idx)} {modality} items")
+    yield idx, z, ""
+
+
+def _log_skipped(skipped: list[tuple[int, str, str]], path: Path) -> None:
+    for line, what, reason in skipped[:_WARN_FIRST]:
+        log.warning("%s:%d: skipped %s (%s)", path, line, what, reason)
+    if len(skipped) > _WARN_FIRST:
+        log.warning("%s: %d items skipped in all", path, len(skipped))

@@ -1,0 +1,179 @@
+"""FAISS backends (the optional `faiss` extra): IndexFlatIP, IVF-Flat and HNSW-Flat.
+
+FAISS holds its own fp32 copy of the rows, keyed by row position in the `VectorStore`; the
+store stays the source of truth (it is what gets saved; FAISS structures are rebuilt on load).
+Syncing is lazy: appended rows are added at the next search, and a compaction (which moves
+rows) drops the FAISS structure so the next search rebuilds it.
+
+Removal and filters: FAISS HNSW cannot delete, so removed rows stay in the structure as
+tombstones and every search passes an `IDSelectorBitmap` of eligible rows (alive, target
+modality, metadata filter). `Index.remove` compacts once a quarter of the rows are dead.
+A selective filter (few eligible rows) is answered by an exact scan of just those rows: it
+is cheaper than a filtered graph walk and exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmembed.errors import UserError
+from mmembed.retrieval.exact import exact_topk
+from mmembed.retrieval.store import VectorStore
+
+_BRUTE_FORCE_ROWS = 20_000  # an eligible set this small is scanned exactly (a few ms)
+_BRUTE_FORCE_FRACTION = 0.02
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("this index backend needs FAISS: pip install 'mmembed[faiss]' (faiss-cpu)") from None
+    return faiss
+
+
+class _FaissBackend:
+    name = "faiss"
+    exact = False
+
+    def __init__(self) -> None:
+        self._faiss = import_faiss()  # fail at construction, not at the first search
+        self._index: Any = None
+        self._synced = 0  # rows of the store already in `_index`
+        self._version = -1  # store.version the structure was built against
+
+    # subclasses: create an empty (trained) FAISS index for these rows, and search parameters
+    def _create(self, vectors: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _params(self, selector: Any) -> Any:
+        return self._faiss.SearchParameters(sel=selector) if selector is not None else None
+
+    def _stale(self, store: VectorStore) -> bool:
+        return self._index is None or store.version != self._version
+
+    def _sync(self, store: VectorStore) -> None:
+        if self._stale(store):
+            self._index, self._synced = None, 0
+        if store.n_rows > self._synced:
+            new = store.vectors[self._synced:].float().contiguous().numpy()  # (n, D)
+            if self._index is None:
+                self._index = self._create(store.vectors.float().numpy())
+            self._index.add(new)
+            self._synced, self._version = store.n_rows, store.version
+
+    def search(self, store: VectorStore, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        n_valid = store.n_rows if mask is None else int(mask.sum())
+        if n_valid == 0:
+            return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.int64)
+        if mask is not None and n_valid <= max(_BRUTE_FORCE_ROWS, _BRUTE_FORCE_FRACTION * store.n_rows):
+            return _scan_subset(store, queries, k, mask)
+        self._sync(store)
+        selector, keep_alive = None, None
+        if mask is not None:
+            keep_alive = np.packbits(mask.numpy(), bitorder="little")  # bit r = row r eligible
+            selector = self._faiss.IDSelectorBitmap(keep_alive)
+        q = queries.float().contiguous().numpy()  # (Q, D)
+        scores, rows = self._index.search(q, min(k, n_valid), params=self._params(selector))
+        del keep_alive  # the selector reads this buffer during the search only
+        scores, rows = torch.from_numpy(scores), torch.from_numpy(rows)
+        return scores.masked_fill(rows < 0, float("-inf")), rows
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+class FaissFlat(_FaissBackend):
+    """Exact brute force with FAISS's IndexFlatIP (the anchor the `exact` backend is tested against)."""
+
+    name = "faiss_flat"
+    exact = True
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _create(self, vectors: np.ndarray) -> Any:
+        return self._faiss.IndexFlatIP(vectors.shape[1])
+
+
+class FaissIVF(_FaissBackend):
+    """Inverted lists over k-means cells: search visits `nprobe` of `nlist` cells.
+
+    The quantizer is trained on the rows present at the first search; with `nlist=None`
+    (4·sqrt(N) cells) it is retrained once the index has grown 4× since, so an index filled in
+    small steps does not keep a quantizer fitted to its first hundred rows.
+    """
+
+    name = "faiss_ivf"
+
+    def __init__(self, nlist: int | None = None, nprobe: int = 16):
+        super().__init__()
+        if (nlist is not None and nlist < 1) or nprobe < 1:
+            raise UserError(f"faiss_ivf needs nlist >= 1 and nprobe >= 1, got nlist={nlist}, nprobe={nprobe}")
+        self.nlist, self.nprobe = nlist, nprobe
+        self._trained_on = 0
+
+    def _stale(self, store: VectorStore) -> bool:
+        grown = self.nlist is None and store.n_rows >= 4 * self._trained_on
+        return super()._stale(store) or (grown and store.n_rows > self._synced)
+
+    def _create(self, vectors: np.ndarray) -> Any:
+        n, dim = vectors.shape
+        nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = max(1, min(nlist, n // 39 or 1))  # k-means wants >= 39 points per centroid
+        sample = vectors
+        if n > 256 * nlist:  # what FAISS would subsample to anyway; seeded so builds repeat
+            pick = np.random.default_rng(0).choice(n, 256 * nlist, replace=False)
+            sample = vectors[np.sort(pick)]
+        quantizer = self._faiss.IndexFlatIP(dim)
+        index = self._faiss.IndexIVFFlat(quantizer, dim, nlist, self._faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(sample))
+        self._trained_on = n
+        return index
+
+    def _params(self, selector: Any) -> Any:
+        nprobe = min(self.nprobe, self._index.nlist)
+        if selector is None:
+            return self._faiss.SearchParametersIVF(nprobe=nprobe)
+        return self._faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+
+    def config(self) -> dict[str, Any]:
+        return {"nlist": self.nlist, "nprobe": self.nprobe}
+
+
+class FaissHNSW(_FaissBackend):
+    """Hierarchical navigable small-world graph (HNSW32 by default): fast, approximate."""
+
+    name = "faiss_hnsw"
+
+    def __init__(self, m: int = 32, ef_search: int = 128, ef_construction: int = 40):
+        super().__init__()
+        if m < 2 or ef_search < 1 or ef_construction < 1:
+            raise UserError(f"faiss_hnsw needs m >= 2, ef_search >= 1, ef_construction >= 1; "
+                            f"got m={m}, ef_search={ef_search}, ef_construction={ef_construction}")
+        self.m, self.ef_search, self.ef_construction = m, ef_search, ef_construction
+
+    def _create(self, vectors: np.ndarray) -> Any:
+        index = self._faiss.IndexHNSWFlat(vectors.shape[1], self.m, self._faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    def _params(self, selector: Any) -> Any:
+        if selector is None:
+            return self._faiss.SearchParametersHNSW(efSearch=self.ef_search)
+        return self._faiss.SearchParametersHNSW(efSearch=self.ef_search, sel=selector)
+
+    def config(self) -> dict[str, Any]:
+        return {"m": self.m, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
+
+
+def _scan_subset(store: VectorStore, queries: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact scan of the eligible rows only (gathered), mapped back to store rows."""
+    rows = mask.nonzero().squeeze(1)  # (n_valid,)
+    scores, local = exact_topk(store.vectors.index_select(0, rows), queries.float(), k)
+    return scores, rows[local]

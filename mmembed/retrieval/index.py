@@ -1,0 +1,282 @@
+"""`Index`: unit vectors of any modality with metadata, searched by cosine similarity.
+
+    index = mm.Index.build(model, "data/test.jsonl")           # every modality of the manifest
+    hits = index.search(mm.Query(text="a red circle"), target="image", k=5)
+    index.save("runs/demo/index"); index = mm.Index.load("runs/demo/index", model=model)
+
+Every item gets a stable integer id (never reused, kept across save/load); `remove` marks
+rows dead and the store compacts once a quarter of its rows are dead. Queries and stored rows
+are unit vectors, so a score is a cosine similarity in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+from mmembed.retrieval.backends import build_backend
+from mmembed.retrieval.embed import embed_manifest
+from mmembed.retrieval.hits import Hit
+from mmembed.retrieval.persist import read_index, write_index
+from mmembed.retrieval.query import Query
+from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
+
+log = logging.getLogger(__name__)
+_COMPACT_FRACTION = 0.25  # compact once this share of rows is dead
+
+QueryLike = Query | Tensor
+Filter = Callable[[dict[str, Any]], bool] | dict[str, Any] | None
+
+
+class Index:
+    """Vectors of any modality with metadata; exact (default) or FAISS-backed search.
+
+    Args:
+        dim: D, the dimension of every vector.
+        fingerprint: identity of the model that made the vectors (`model.fingerprint`);
+            checked when a model is attached, so vectors of two models never get compared.
+        backend: "exact" (blocked matmul + top-k), "faiss_flat", "faiss_ivf" or "faiss_hnsw".
+        storage: "fp32", or "fp16" (half the memory; scores exact for the fp16-rounded
+            vectors, recall@10 vs fp32 ≥ 0.99).
+        **backend_args: the backend's options (see `mmembed.retrieval.backends`).
+    """
+
+    def __init__(self, dim: int, fingerprint: str | None = None, backend: str = "exact", storage: str = "fp32",
+                 **backend_args: Any):
+        if not isinstance(dim, int) or dim < 1:
+            raise UserError(f"Index dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.fingerprint = fingerprint
+        self.storage = storage
+        self.backend_name = backend
+        self._store = VectorStore(dim, storage_dtype(storage))
+        self._backend = build_backend(backend, backend_args)
+        self._model: Any = None
+        self.info: dict[str, Any] = {}  # provenance (manifest, counts), saved in index.json
+        self.skipped: list[tuple[int, str, str]] = []  # (line, modality, reason) from `build`
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, model: Any, manifest_path: str | Path, *, modalities: Iterable[Modality | str] | None = None,
+              batch_size: int = 64, progress: bool = True, backend: str = "exact", storage: str = "fp32",
+              **backend_args: Any) -> Index:
+        """Embed every modality present in a manifest (one entry per row and modality).
+
+        Metadata of each entry: the manifest's extra columns, plus `line` (manifest line),
+        `label` and `item` (the path or caption). Unreadable items are skipped and listed
+        in `index.skipped` as (line, modality, reason).
+        """
+        index = cls(int(model.embed_dim), fingerprint=model.fingerprint, backend=backend, storage=storage,
+                    **backend_args)
+        index.model = model
+        emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
+        for modality, part in emb.by_modality.items():
+            meta = [{**row.meta, "line": row.line, "label": row.label, "item": str(row.items[modality])}
+                    for row in part.rows]
+            if meta:
+                index.add(part.vectors, modality, meta)
+        index.skipped = emb.skipped
+        index.info = {"manifest": str(emb.path), "rows": emb.n_rows, "skipped": len(emb.skipped)}
+        log.info("indexed %d items from %s (%d skipped)", len(index), emb.path, len(emb.skipped))
+        return index
+
+    @property
+    def model(self) -> Any:
+        """The model used to embed `Query` items; must match the index's dim and fingerprint."""
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        if model is not None:
+            self.check_model(model)
+        self._model = model
+
+    def check_model(self, model: Any) -> None:
+        """UserError unless `model` embeds into this index's space (same dim and fingerprint)."""
+        dim, fp = int(model.embed_dim), getattr(model, "fingerprint", None)
+        if dim != self.dim or (self.fingerprint is not None and fp != self.fingerprint):
+            raise UserError(f"index was built with model {self.fingerprint} (dim {self.dim}), "
+                            f"this model is {fp} (dim {dim})")
+
+    # ---- items -------------------------------------------------------------------------------
+
+    def add(self, vectors: Tensor, modality: Modality | str, metadata: Sequence[dict[str, Any]] | None = None
+            ) -> list[int]:
+        """Add (N, D) vectors of one modality; returns their new stable ids.
+
+        Rows are normalised to unit length (rows already unit-norm are stored as given).
+        Raises BadInput (a ValueError) naming the row for NaN/Inf or zero rows and for a
+        wrong dimension; nothing is added then.
+        """
+        modality = Modality.parse(modality)
+        v = check_vectors(vectors, self.dim)  # (N, D) float32
+        meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
+        return self._store.append(v, modality, meta)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove items by id (an unknown id raises UserError and removes nothing)."""
+        self._store.remove(ids)
+        if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
+            self._store.compact()
+
+    def compact(self) -> None:
+        """Drop removed rows now (FAISS backends rebuild at the next search)."""
+        self._store.compact()
+
+    def __len__(self) -> int:
+        return self._store.n_alive
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, int) and self._store.has(item_id)
+
+    def ids(self) -> list[int]:
+        """Ids of the live items, in storage order."""
+        return self._store.ids[self._store.alive].tolist()
+
+    def counts(self) -> dict[str, int]:
+        """Live items per modality."""
+        alive = self._store.alive
+        out = {}
+        for m in Modality:
+            n = int((self._store.modality_mask(m) & alive).sum())
+            if n:
+                out[m.value] = n
+        return out
+
+    def vector(self, item_id: int) -> Tensor:
+        """The stored (D,) vector of an item, as float32."""
+        return self._store.vectors[self._store.row_of(item_id)].float().clone()
+
+    def metadata(self, item_id: int) -> dict[str, Any]:
+        return dict(self._store.metadata[self._store.row_of(item_id)])
+
+    # ---- search ------------------------------------------------------------------------------
+
+    def search(self, query: QueryLike, *, target: Modality | str | None = None, k: int = 10, filter: Filter = None,
+               model: Any = None) -> list[Hit]:
+        """Best `k` items for one query, best first.
+
+        Args:
+            query: a `Query` (embedded with `model`, else the index's model) or a (D,) vector.
+            target: search only items of this modality (None: all).
+            k: hits wanted (>= 1); fewer come back when fewer items are eligible.
+            filter: a predicate on an item's metadata, or a dict of required values
+                (`{"label": "s3"}`; a list value means any of them).
+            model: overrides the index's model for embedding a `Query`.
+        Returns:
+            Up to k `Hit`s. A zero query vector scores every item 0.0 (never NaN).
+        """
+        if isinstance(query, Tensor) and query.dim() == 2 and query.shape[0] != 1:
+            raise UserError(f"search takes one query, got {query.shape[0]}; use search_batch for (Q, D)")
+        return self.search_batch([query], target=target, k=k, filter=filter, model=model)[0]
+
+    def search_batch(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
+                     k: int = 10, filter: Filter = None, model: Any = None) -> list[list[Hit]]:
+        """`search` for many queries at once: a (Q, D) tensor or a list of queries -> Q hit lists."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        q = self._query_matrix(queries, model)  # (Q, D) float32
+        mask = self._mask(target, filter)
+        if self._store.n_alive == 0 or (mask is not None and not bool(mask.any())):
+            return [[] for _ in range(q.shape[0])]
+        scores, rows = self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
+        return [self._hits(s, r) for s, r in zip(scores.tolist(), rows.tolist())]
+
+    def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> Tensor:
+        """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN)."""
+        if isinstance(queries, Tensor):
+            q = _check_query_vectors(queries, self.dim)
+        else:
+            rows = [q.embed(self._embedding_model(model, q)) if isinstance(q, Query) else _one_vector(q, self.dim, i)
+                    for i, q in enumerate(queries)]
+            q = torch.stack(rows) if rows else torch.zeros(0, self.dim)  # (Q, D)
+        return q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def _embedding_model(self, model: Any, query: Query) -> Any:
+        if model is not None:
+            self.check_model(model)
+            return model
+        if query.needs_model and self._model is None:
+            raise UserError("this query holds raw items: pass model=..., or attach one (Index.load(dir, model=...))")
+        return self._model
+
+    def _mask(self, target: Modality | str | None, filter: Filter) -> Tensor | None:
+        """(N,) bool of eligible rows, or None when every stored row is eligible."""
+        store = self._store
+        mask = store.alive.clone() if store.n_dead else None
+        if target is not None:
+            by_modality = store.modality_mask(Modality.parse(target))
+            mask = by_modality if mask is None else mask & by_modality
+        if filter is not None:
+            by_meta = store.metadata_mask(filter)
+            mask = by_meta if mask is None else mask & by_meta
+        return mask
+
+    def _hits(self, scores: list[float], rows: list[int]) -> list[Hit]:
+        store = self._store
+        return [Hit(int(store.ids[r]), float(s), store.modality_of(r), dict(store.metadata[r]))
+                for s, r in zip(scores, rows) if r >= 0]
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, *, run_dir: str | Path | None = None) -> Path:
+        """Write `index.json`, `vectors.safetensors` and `metadata.jsonl` (atomically) into `directory`.
+
+        `run_dir`: the model's run folder, remembered in `info["run_dir"]` so a later search can
+        load the model that made the vectors without being told.
+        """
+        self._store.compact()
+        if run_dir is not None:
+            self.info["run_dir"] = str(Path(run_dir).resolve())
+        header = {"fingerprint": self.fingerprint, "backend": self.backend_name,
+                  "backend_args": self._backend.config(), "storage": self.storage, "info": self.info}
+        return write_index(directory, self._store, header)
+
+    @classmethod
+    def load(cls, directory: str | Path, model: Any = None) -> Index:
+        """Load a saved index; with `model`, check it made the vectors (dim and fingerprint).
+
+        Raises UserError naming both models on a mismatch, CheckpointError on damaged files.
+        """
+        saved = read_index(directory)
+        h = saved.header
+        index = cls(h["dim"], fingerprint=h.get("fingerprint"), backend=h["backend"], storage=h["storage"],
+                    **h.get("backend_args", {}))
+        index._store = saved.store
+        index.info = h.get("info", {})
+        if model is not None:
+            index.model = model
+        return index
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{m}={n}" for m, n in self.counts().items()) or "empty"
+        return f"Index(dim={self.dim}, {counts}, backend={self.backend_name!r}, storage={self.storage!r})"
+
+
+def _one_vector(q: Any, dim: int, i: int) -> Tensor:
+    v = _check_query_vectors(q, dim, i)
+    if v.shape[0] != 1:
+        raise UserError(f"query {i} holds {v.shape[0]} vectors; pass one (D,) vector per query")
+    return v[0]
+
+
+def _check_query_vectors(q: Any, dim: int, first: int = 0) -> Tensor:
+    """A (D,) or (Q, D) vector query -> (Q, D) float32; wrong size or NaN/Inf is BadInput naming the query."""
+    if isinstance(q, (str, Path)):
+        raise UserError(f"query {first} is a {type(q).__name__}; wrap raw items in mm.Query(...)")
+    v = torch.as_tensor(q).detach().to(device="cpu", dtype=torch.float32)
+    v = v.reshape(1, -1) if v.dim() <= 1 else v
+    if v.dim() != 2 or v.shape[1] != dim:
+        raise BadInput(f"query {first} has shape {tuple(v.shape)}; this index holds dimension {dim}")
+    finite = torch.isfinite(v).all(dim=1)
+    if not bool(finite.all()):
+        raise BadInput(f"query {first + int((~finite).nonzero()[0])} contains NaN or Inf")
+    return v

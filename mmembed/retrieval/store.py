@@ -1,0 +1,212 @@
+"""Row storage behind an `Index`: unit vectors, stable ids, modality codes, metadata, tombstones.
+
+Rows are append-only between compactions: `remove` only clears a row's `alive` bit, so row
+positions (which FAISS backends use as their internal ids) stay valid. `compact` drops dead
+rows and renumbers positions; ids, which users see, never change and are never reused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
+_UNIT_TOL = 1e-4  # rows already unit-norm within this are stored bit-exact
+
+
+def storage_dtype(storage: str) -> torch.dtype:
+    if storage not in STORAGE_DTYPES:
+        raise UserError(f"unknown storage {storage!r} (valid: {', '.join(STORAGE_DTYPES)})")
+    return STORAGE_DTYPES[storage]
+
+
+def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
+    """Validate and convert to a float32 (N, D) CPU tensor, rows normalised to unit length.
+
+    Raises BadInput (a ValueError) naming the first row that is NaN/Inf or zero, and for a
+    wrong shape. A (D,) vector is taken as one row.
+    """
+    v = torch.as_tensor(vectors)
+    if not (v.is_floating_point()):
+        raise BadInput(f"{what} must be floating point, got {v.dtype}")
+    v = v.detach().to(device="cpu", dtype=torch.float32)
+    if v.dim() == 1:
+        v = v.unsqueeze(0)
+    if v.dim() != 2 or v.shape[1] != dim:
+        raise BadInput(f"{what} have shape {tuple(v.shape)}; this index holds dimension {dim} (expected (N, {dim}))")
+    finite = torch.isfinite(v).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        raise BadInput(f"{what}: row {row} contains NaN or Inf")
+    norms = v.norm(dim=1)  # (N,)
+    if bool((norms == 0).any()):
+        row = int((norms == 0).nonzero()[0])
+        raise BadInput(f"{what}: row {row} is the zero vector (it has no direction to compare)")
+    off = (norms - 1).abs() > _UNIT_TOL
+    if bool(off.any()):
+        v = v.clone()
+        v[off] = v[off] / norms[off, None]
+    return v.contiguous()
+
+
+class VectorStore:
+    """Growable (capacity-doubling) columns: vectors (N, D), ids (N,), modality codes (N,), alive (N,)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, capacity: int = 1024):
+        self.dim = dim
+        self.dtype = dtype
+        self.n_rows = 0
+        self.next_id = 0
+        self._vectors = torch.empty(capacity, dim, dtype=dtype)
+        self._ids = torch.empty(capacity, dtype=torch.int64)
+        self._codes = torch.empty(capacity, dtype=torch.int8)
+        self._alive = torch.empty(capacity, dtype=torch.bool)
+        self.metadata: list[dict[str, Any]] = []
+        self._row_of: dict[int, int] = {}
+        self.version = 0  # bumped whenever row positions change (compaction, reload)
+
+    # ---- views over the used rows ----------------------------------------------------------
+
+    @property
+    def vectors(self) -> Tensor:
+        return self._vectors[: self.n_rows]  # (N, D)
+
+    @property
+    def ids(self) -> Tensor:
+        return self._ids[: self.n_rows]
+
+    @property
+    def codes(self) -> Tensor:
+        return self._codes[: self.n_rows]
+
+    @property
+    def alive(self) -> Tensor:
+        return self._alive[: self.n_rows]
+
+    @property
+    def n_alive(self) -> int:
+        return len(self._row_of)
+
+    @property
+    def n_dead(self) -> int:
+        return self.n_rows - self.n_alive
+
+    def has(self, item_id: int) -> bool:
+        return item_id in self._row_of
+
+    def row_of(self, item_id: int) -> int:
+        try:
+            return self._row_of[int(item_id)]
+        except KeyError:
+            raise UserError(f"no item with id {item_id} in the index") from None
+
+    def modality_of(self, row: int) -> Modality:
+        return _MODALITIES[int(self._codes[row])]
+
+    # ---- mutation ----------------------------------------------------------------------------
+
+    def append(self, vectors: Tensor, modality: Modality, metadata: Sequence[dict[str, Any]],
+               ids: Sequence[int] | None = None) -> list[int]:
+        """Append checked float32 rows; returns their new ids (or keeps `ids` when reloading)."""
+        n = vectors.shape[0]
+        if len(metadata) != n:
+            raise UserError(f"{len(metadata)} metadata dicts for {n} vectors")
+        for i, meta in enumerate(metadata):
+            if not isinstance(meta, dict):
+                raise UserError(f"metadata[{i}] must be a dict, got {type(meta).__name__}")
+        self._reserve(self.n_rows + n)
+        if ids is None:
+            new_ids = list(range(self.next_id, self.next_id + n))
+        else:
+            new_ids = [int(i) for i in ids]
+        start, end = self.n_rows, self.n_rows + n
+        self._vectors[start:end] = vectors.to(self.dtype)
+        self._ids[start:end] = torch.tensor(new_ids, dtype=torch.int64)
+        self._codes[start:end] = MODALITY_CODES[modality]
+        self._alive[start:end] = True
+        self.metadata.extend(dict(m) for m in metadata)
+        for offset, item_id in enumerate(new_ids):
+            self._row_of[item_id] = start + offset
+        self.n_rows = end
+        self.next_id = max([self.next_id, *(i + 1 for i in new_ids)])
+        return new_ids
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Tombstone rows. All ids are checked first, so an unknown id changes nothing."""
+        ids = [int(i) for i in ids]
+        rows = [self.row_of(i) for i in ids]
+        for item_id, row in zip(ids, rows):
+            self._alive[row] = False
+            self._row_of.pop(item_id, None)
+
+    def compact(self) -> None:
+        """Drop dead rows; positions change (`version` bumps), ids do not."""
+        if self.n_dead == 0:
+            return
+        keep = self.alive.nonzero().squeeze(1)  # (N_alive,)
+        n = keep.numel()
+        self._vectors[:n] = self.vectors.index_select(0, keep)
+        self._ids[:n] = self.ids.index_select(0, keep)
+        self._codes[:n] = self.codes.index_select(0, keep)
+        self._alive[:n] = True
+        self.metadata = [self.metadata[i] for i in keep.tolist()]
+        self.n_rows = n
+        self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
+        self.version += 1
+
+    def _reserve(self, rows: int) -> None:
+        capacity = self._vectors.shape[0]
+        if rows <= capacity:
+            return
+        new_cap = max(rows, math.ceil(capacity * 1.5), 1024)
+        for name in ("_vectors", "_ids", "_codes", "_alive"):
+            old = getattr(self, name)
+            grown = torch.empty((new_cap, *old.shape[1:]), dtype=old.dtype)
+            grown[: self.n_rows] = old[: self.n_rows]
+            setattr(self, name, grown)
+
+    # ---- masks -------------------------------------------------------------------------------
+
+    def modality_mask(self, modality: Modality) -> Tensor:
+        return self.codes == MODALITY_CODES[modality]  # (N,) bool
+
+    def metadata_mask(self, keep: Any) -> Tensor:
+        """(N,) bool: rows whose metadata passes `keep` (a predicate, or a dict of required values).
+
+        A dict matches when every key is present with an equal value; a list/tuple/set value
+        means "any of these". Dead rows are not evaluated (their bit is False).
+        """
+        predicate = keep if callable(keep) else _dict_predicate(keep)
+        alive = self.alive.tolist()
+        bits = [a and bool(predicate(m)) for a, m in zip(alive, self.metadata)]
+        return torch.tensor(bits, dtype=torch.bool)
+
+
+_MODALITIES = list(Modality)
+
+
+def _dict_predicate(required: Any):
+    if not isinstance(required, dict):
+        raise UserError(f"filter must be a callable or a dict, got {type(required).__name__}")
+    wanted = {k: (set(v) if isinstance(v, (list, tuple, set, frozenset)) else {v}) for k, v in required.items()}
+
+    def predicate(meta: dict[str, Any]) -> bool:
+        return all(k in meta and _hashable(meta[k]) in values for k, values in wanted.items())
+
+    return predicate
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)  # a list/dict metadata value never equals a scalar wanted value
+    return value

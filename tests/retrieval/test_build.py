@@ -1,0 +1,64 @@
+"""Index.build from a manifest: every modality embedded, bad items skipped and counted."""
+
+import json
+
+import pytest
+
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+from mmembed.retrieval import Index, Query
+from mmembed.retrieval.embed import embed_manifest
+from tests.retrieval.fakes import FakeModel
+
+
+def write_manifest(folder, rows) -> str:
+    path = folder / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    return str(path)
+
+
+@pytest.fixture
+def manifest(tmp_path) -> str:
+    rows = []
+    for i in range(12):
+        row = {"text": f"a picture of c{i}", "image": f"img/c{i}.png", "label": f"s{i % 4}", "split": "test"}
+        if i % 3 == 0:
+            row["audio"] = f"wav/c{i}.wav"
+        rows.append(row)
+    rows[5]["image"] = "img/broken5.png"  # unreadable: skipped, its caption still indexed
+    rows[6]["audio"] = "wav/broken6.wav"
+    return write_manifest(tmp_path, rows)
+
+
+def test_build_embeds_every_modality_and_skips_bad_items(manifest):
+    model = FakeModel()
+    idx = Index.build(model, manifest, batch_size=4, progress=False)
+    assert idx.counts() == {"text": 12, "image": 11, "audio": 3}  # audio rows 0, 3, 9 (6 is broken)
+    assert idx.fingerprint == "fake-a" and idx.model is model
+    skipped = {(line, what) for line, what, _ in idx.skipped}
+    assert skipped == {(6, "image"), (7, "audio"), (13, "row")}  # 1-based manifest lines
+    hit = idx.search(Query(text="c7"), target="image", k=1)[0]
+    assert hit.metadata == {"split": "test", "line": 8, "label": "s3", "item": hit.metadata["item"]}
+    assert hit.metadata["item"].endswith("img/c7.png") and hit.modality is Modality.IMAGE
+    # text -> image: the caption of each row finds that row's image first
+    for h in idx.search_batch([Query(text=f"c{i}") for i in (0, 3, 9)], target="image", k=1):
+        assert h[0].metadata["line"] in (1, 4, 10)
+
+
+def test_one_bad_item_costs_log_batch_calls(manifest):
+    model = FakeModel()
+    emb = embed_manifest(model, manifest, modalities=["image"], batch_size=8, progress=False)
+    assert emb.by_modality[Modality.IMAGE].vectors.shape == (11, 16)
+    assert [r.line for r in emb.by_modality[Modality.IMAGE].rows] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    # batch [0..7] fails, halves [0..3] ok, [4..7] fails, [4,5] fails, 4 ok, 5 bad, [6,7] ok; batch [8..11] ok
+    assert model.calls == 8
+
+
+def test_build_checks_requested_modalities(tmp_path, manifest):
+    with pytest.raises(UserError, match="no row has a audio column|has no audio tower"):
+        Index.build(FakeModel(modalities=(Modality.TEXT, Modality.IMAGE)), manifest, modalities=["audio"],
+                    progress=False)
+    text_only = Index.build(FakeModel(modalities=(Modality.TEXT,)), manifest, progress=False)
+    assert text_only.counts() == {"text": 12}
+    with pytest.raises(UserError, match="batch_size"):
+        Index.build(FakeModel(), manifest, batch_size=0)

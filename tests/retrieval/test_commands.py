@@ -1,0 +1,66 @@
+"""The functions behind `mmembed search` and `mmembed eval` (the CLI only parses and prints)."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from mmembed.errors import UserError
+from mmembed.evaluate import run_eval
+from mmembed.retrieval import Index, run_search
+from tests.retrieval.fakes import FakeModel
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png", "label": f"c{i}"} for i in range(6)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """`mmembed.model.load(run)` -> a FakeModel, without importing the real model stack."""
+    loaded = []
+
+    def load(run):
+        loaded.append(str(run))
+        return FakeModel()
+
+    monkeypatch.setitem(sys.modules, "mmembed.model", types.SimpleNamespace(load=load))
+    return loaded
+
+
+def test_run_search_uses_the_saved_run_and_weights(tmp_path, manifest, fake_load):
+    Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
+    table = run_search(tmp_path / "ix", text=["c2"], image=[], target="image", k=2)
+    assert fake_load == [str((tmp_path / "run").resolve())]
+    assert table.splitlines()[2].startswith("| 1 |") and "c2.png" in table.splitlines()[2]
+    # c1 + c4 - c1 = c4: the flat weights follow the keyword order of the items
+    hits = json.loads(run_search(tmp_path / "ix", run="other", text=["c1", "c4"], image=["img/c1.png"],
+                                 weights=[1.0, 1.0, -1.0], target="image", k=1, as_json=True))
+    assert hits[0]["metadata"]["label"] == "c4" and hits[0]["modality"] == "image"
+    assert fake_load[-1] == "other"
+
+
+def test_run_search_errors(tmp_path, manifest, fake_load):
+    Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix")
+    with pytest.raises(UserError, match="nothing to search for"):
+        run_search(tmp_path / "ix", text=[], image=[])
+    with pytest.raises(UserError, match="does not name the run"):
+        run_search(tmp_path / "ix", text=["c1"])
+    with pytest.raises(UserError, match="3 weights for 1 query items"):
+        run_search(tmp_path / "ix", run="r", text=["c1"], weights=[1, 2, 3])
+
+
+def test_run_eval_with_zero_shot(tmp_path, manifest):
+    table, report = run_eval(FakeModel(), manifest, labels=["c0", "c1", "c2", "c3", "c4", "c5"], template="{label}",
+                             out=tmp_path / "eval.json", progress=False)
+    assert report["key"] == "label" and report["pairs"]["text→image"]["recall@1"] == 1.0
+    assert report["zero_shot"] == {"image": {"accuracy": 1.0, "n": 6}}
+    assert "| image | 100.0 | 6 |" in table and "| text→image | 100.0 |" in table
+    assert json.loads((tmp_path / "eval.json").read_text())["zero_shot"]["image"]["n"] == 6
+    _, partial = run_eval(FakeModel(), manifest, labels=["c0", "c9"], template="{label}", progress=False)
+    assert partial["zero_shot"]["image"] == {"accuracy": 1.0, "n": 1}  # rows labelled c1..c5 are left out

@@ -1,0 +1,173 @@
+"""Index: ids, removal, validation, target and metadata filters, zero queries, k edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from mmembed.errors import ConfigError, UserError
+from mmembed.modality import Modality
+from mmembed.retrieval import Index, Query, format_hits
+from tests.retrieval.fakes import FakeModel
+
+D = 16
+
+
+def unit(n: int, seed: int, d: int = D) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.fixture
+def index() -> Index:
+    """60 image rows, 40 audio rows, 50 text rows; metadata: n (running number), group (n % 3)."""
+    idx = Index(D, block_rows=8)  # tiny blocks: every search exercises the block merge
+    for seed, (modality, n) in enumerate([("image", 60), ("audio", 40), ("text", 50)]):
+        start = len(idx)
+        idx.add(unit(n, seed), modality, [{"n": start + i, "group": (start + i) % 3} for i in range(n)])
+    return idx
+
+
+def brute_force(idx: Index, q: torch.Tensor, k: int, keep=lambda item_id: True) -> list[int]:
+    ids = [i for i in idx.ids() if keep(i)]
+    scores = torch.stack([idx.vector(i) for i in ids]) @ q
+    return [ids[j] for j in torch.argsort(scores, descending=True)[:k].tolist()]
+
+
+def test_ids_are_stable_and_never_reused(index):
+    assert index.ids() == list(range(150)) and len(index) == 150
+    v42 = index.vector(42)
+    index.remove(range(0, 40))  # > 25% dead: the store compacts, rows move
+    index.remove([100])
+    assert len(index) == 109 and 5 not in index and 42 in index
+    assert torch.equal(index.vector(42), v42) and index.metadata(42)["n"] == 42
+    new = index.add(unit(3, 99), "image")
+    assert new == [150, 151, 152]
+    q = index.vector(41)
+    hits = index.search(q, k=200)
+    assert len(hits) == 112 and hits[0].id == 41 and math.isclose(hits[0].score, 1.0, abs_tol=1e-5)
+    assert not {h.id for h in hits} & (set(range(40)) | {100})
+
+
+def test_remove_unknown_id_changes_nothing(index):
+    with pytest.raises(UserError, match="no item with id 999"):
+        index.remove([3, 999])
+    assert 3 in index and len(index) == 150
+
+
+def test_search_equals_brute_force(index):
+    q = unit(1, 50)[0]
+    assert [h.id for h in index.search(q, k=7)] == brute_force(index, q, 7)
+
+
+@pytest.mark.parametrize("bad, row", [(float("nan"), 3), (float("inf"), 5), (-float("inf"), 0)])
+def test_nan_inf_vectors_refused_naming_the_row(index, bad, row):
+    v = unit(6, 1)
+    v[row, 2] = bad
+    with pytest.raises(ValueError, match=f"row {row} contains NaN or Inf"):
+        index.add(v, "image")
+    assert len(index) == 150
+
+
+def test_wrong_dim_and_zero_vectors_refused(index):
+    with pytest.raises(ValueError, match="dimension 16"):
+        index.add(torch.randn(2, 8), "image")
+    with pytest.raises(ValueError, match="row 1 is the zero vector"):
+        index.add(torch.stack([unit(1, 2)[0], torch.zeros(D)]), "image")
+    with pytest.raises(ValueError, match="dimension 16"):
+        index.search(torch.randn(8))
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(torch.full((D,), float("nan")))
+
+
+def test_add_normalises_non_unit_rows():
+    idx = Index(4)
+    [i] = idx.add(torch.tensor([[3.0, 4.0, 0.0, 0.0]]), "image")
+    assert idx.vector(i).tolist() == pytest.approx([0.6, 0.8, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_bad_k_is_value_error(index, k):
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        index.search(unit(1, 3)[0], k=k)
+
+
+def test_k_larger_than_n_returns_n(index):
+    assert len(index.search(unit(1, 3)[0], k=10_000)) == 150
+    assert len(index.search(unit(1, 3)[0], k=10_000, target="audio")) == 40
+    assert Index(D).search(unit(1, 3)[0], k=5) == []
+
+
+def test_zero_query_gives_zero_scores_not_nan(index):
+    hits = index.search(torch.zeros(D), k=4)
+    assert len(hits) == 4 and all(h.score == 0.0 for h in hits)
+    batch = index.search_batch(torch.stack([torch.zeros(D), unit(1, 4)[0]]), k=3)
+    assert [h.score for h in batch[0]] == [0.0] * 3 and batch[1][0].score > 0
+
+
+def test_target_modality(index):
+    q = unit(1, 7)[0]
+    hits = index.search(q, target="audio", k=5)
+    assert all(h.modality is Modality.AUDIO for h in hits)
+    assert [h.id for h in hits] == brute_force(index, q, 5, lambda i: 60 <= i < 100)
+    with pytest.raises(ValueError, match="valid: text, image, audio"):
+        index.search(q, target="imgae")
+
+
+def test_metadata_filters(index):
+    q = unit(1, 8)[0]
+    by_dict = index.search(q, k=6, filter={"group": 1})
+    by_fn = index.search(q, k=6, filter=lambda m: m["group"] == 1)
+    assert [h.id for h in by_dict] == [h.id for h in by_fn] == brute_force(index, q, 6, lambda i: i % 3 == 1)
+    any_of = index.search(q, k=200, filter={"n": [1, 2, 70]}, target="image")
+    assert sorted(h.id for h in any_of) == [1, 2]
+    assert index.search(q, filter={"missing_key": 1}) == []
+    with pytest.raises(UserError, match="callable or a dict"):
+        index.search(q, filter=["group"])
+
+
+def test_search_batch_equals_single_searches(index):
+    qs = unit(5, 11)
+    batch = index.search_batch(qs, k=4, target="text")
+    single = [index.search(q, k=4, target="text") for q in qs]  # matrix-vector vs matrix product
+    assert [[h.id for h in hits] for hits in batch] == [[h.id for h in hits] for hits in single]
+    for b_hits, s_hits in zip(batch, single):
+        assert [h.score for h in b_hits] == pytest.approx([h.score for h in s_hits], abs=1e-5)
+    with pytest.raises(UserError, match="use search_batch"):
+        index.search(qs, k=4)
+
+
+def test_query_search_uses_the_model_and_checks_it():
+    model = FakeModel(dim=D)
+    idx = Index(D, fingerprint=model.fingerprint)
+    idx.add(model.embed("image", ["c1.png", "c2.png", "c3.png"]), "image", [{"item": f"c{i}"} for i in (1, 2, 3)])
+    with pytest.raises(UserError, match="pass model="):
+        idx.search(Query(text="c2"))
+    hits = idx.search(Query(text="c2"), model=model, k=1)
+    assert hits[0].metadata["item"] == "c2"
+    idx.model = model
+    assert idx.search(Query(text="c3"), k=1)[0].metadata["item"] == "c3"
+    assert idx.search(Query(vector=model.embed("text", ["c1"])[0]), k=1)[0].id == 0  # no model needed
+    with pytest.raises(UserError, match=r"built with model fake-a \(dim 16\), this model is other \(dim 16\)"):
+        idx.search(Query(text="c2"), model=FakeModel(dim=D, fingerprint="other"))
+    with pytest.raises(UserError, match=r"this model is fake-a \(dim 8\)"):
+        idx.model = FakeModel(dim=8)
+
+
+def test_hits_are_copies_and_format(index):
+    hit = index.search(unit(1, 12)[0], k=1)[0]
+    hit.metadata["n"] = -1
+    assert index.metadata(hit.id)["n"] == hit.id
+    table = format_hits(index.search(unit(1, 12)[0], k=2), columns=("n", "group"))
+    lines = table.splitlines()
+    assert lines[0] == "| rank | score | id | modality | n | group |" and len(lines) == 4
+    assert f"| 1 | {hit.score:.4f} | {hit.id} |" in lines[2]
+    assert "(no hits)" in format_hits([])
+
+
+def test_backend_and_storage_names_are_checked():
+    with pytest.raises(UserError, match="valid: exact, faiss_flat, faiss_ivf, faiss_hnsw"):
+        Index(D, backend="annoy")
+    with pytest.raises(UserError, match="valid: fp32, fp16"):
+        Index(D, storage="int8")
+    with pytest.raises(ConfigError, match="unknown key 'blocks'"):
+        Index(D, blocks=3)

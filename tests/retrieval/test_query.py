@@ -1,0 +1,78 @@
+"""Composed queries: the arithmetic is the normalised weighted sum of unit embeddings."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmembed.errors import UserError
+from mmembed.retrieval import Index, Query
+from tests.retrieval.fakes import FakeModel
+
+normalize = torch.nn.functional.normalize
+
+
+@pytest.fixture
+def model() -> FakeModel:
+    return FakeModel(dim=12, noise=0.3)
+
+
+def test_single_item_equals_model_embedding(model):
+    z = Query(image="img/c4.png").embed(model)
+    torch.testing.assert_close(z, model.embed("image", ["img/c4.png"])[0], atol=1e-6, rtol=0)
+
+
+def test_weighted_list_arithmetic(model):
+    q = Query(audio=["blue_square.wav", "red_circle.wav"], weights={"audio": [1, -1]})
+    e = model.embed("audio", ["blue_square.wav", "red_circle.wav"])
+    torch.testing.assert_close(q.embed(model), normalize(e[0] - e[1], dim=0), atol=1e-6, rtol=0)
+
+
+def test_mixed_modalities_and_vector(model):
+    v = torch.randn(12, generator=torch.Generator().manual_seed(0)) * 5  # not unit: normalised first
+    q = Query(v, text="a red circle", image="cat.png", weights={"image": 2.0, "vector": 0.5})
+    t, i = model.embed("text", ["a red circle"])[0], model.embed("image", ["cat.png"])[0]
+    expected = normalize(t + 2.0 * i + 0.5 * normalize(v, dim=0), dim=0)
+    torch.testing.assert_close(q.embed(model), expected, atol=1e-6, rtol=0)
+    assert abs(float(q.embed(model).norm()) - 1) < 1e-6
+
+
+def test_cancelling_query_is_a_clear_error_not_nan(model):
+    with pytest.raises(UserError, match="zero vector"):
+        Query(text=["c1", "c1"], weights={"text": [1.0, -1.0]}).embed(model)
+    with pytest.raises(UserError, match="zero vector"):
+        Query(torch.zeros(12))
+
+
+def test_bad_queries_name_the_problem(model):
+    with pytest.raises(UserError, match="valid: text, image, audio"):
+        Query(imgae="x.png")
+    with pytest.raises(UserError, match="at least one item"):
+        Query()
+    with pytest.raises(UserError, match="3 weights for 2 audio"):
+        Query(audio=["a.wav", "b.wav"], weights={"audio": [1, 1, 1]})
+    with pytest.raises(UserError, match="weights for image, which the query does not have"):
+        Query(text="x", weights={"image": 1.0})
+    with pytest.raises(UserError, match="NaN or Inf"):
+        Query(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(UserError, match="finite"):
+        Query(text="x", weights={"text": float("inf")})
+    with pytest.raises(UserError, match="pass a model"):
+        Query(text="x").embed(None)
+    with pytest.raises(UserError, match="different dimensions"):
+        Query(torch.ones(5), text="x").embed(model)
+
+
+def test_tuple_is_one_item_list_is_many(model):
+    wave = (np.zeros(100, dtype=np.float32), 16000)
+    assert len(Query(audio=wave).items["audio"]) == 1
+    assert len(Query(audio=[wave, wave]).items["audio"]) == 2
+
+
+def test_index_search_with_query_equals_vector_search(model):
+    idx = Index(12, fingerprint=model.fingerprint)
+    idx.add(model.embed("image", [f"c{i}.png" for i in range(20)]), "image")
+    query = Query(text="c3", audio="c7.wav", weights={"audio": 0.5})
+    by_query = idx.search(query, model=model, k=5)
+    by_vector = idx.search(query.embed(model), k=5)
+    assert [h.id for h in by_query] == [h.id for h in by_vector]
+    assert by_query[0].id == 3  # the heavier part wins

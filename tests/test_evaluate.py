@@ -1,0 +1,126 @@
+"""Recall@K and ranks on hand-made examples, the pairwise report, zero-shot, manifest evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmembed.errors import UserError
+from mmembed.evaluate import (evaluate_manifest, format_table, pairwise_report, retrieval_metrics, run_eval,
+                              zero_shot_classify)
+from mmembed.modality import Modality
+from tests.retrieval.fakes import FakeModel
+
+normalize = torch.nn.functional.normalize
+E = torch.eye(4)
+
+
+def test_hand_made_ranks_and_recall():
+    targets = E  # keys a, b, c, d
+    queries = normalize(torch.stack([
+        E[0],                         # key a: its target scores 1.0 -> rank 1
+        2 * E[2] + E[1],              # key b: c scores higher than b -> rank 2
+        3 * E[3] + 2 * E[0] + E[2],   # key c: d and a score higher -> rank 3
+        E[1],                         # key z: no target has it -> unmatched
+    ]), dim=1)
+    m = retrieval_metrics(queries, targets, ["a", "b", "c", "z"], ["a", "b", "c", "d"], ks=(1, 2, 5))
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@2"] == pytest.approx(2 / 3)
+    assert m["recall@5"] == 1.0
+    assert m["median_rank"] == 2.0 and m["mean_rank"] == 2.0
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert (m["n_queries"], m["n_targets"], m["n_unmatched"]) == (3, 4, 1)
+
+
+def test_class_level_keys_and_even_median():
+    # two targets share key "x": the better one counts
+    targets = torch.stack([E[0], E[1], E[2], E[3]])
+    queries = normalize(torch.stack([E[1] + 0.1 * E[0], E[2] + 0.5 * E[0], E[3],
+                                     3 * E[1] + 2 * E[2] + E[0]]), dim=1)
+    m = retrieval_metrics(queries, targets, ["x", "x", "w", "w"], ["x", "y", "x", "w"], ks=(1,))
+    # ranks: q0 -> t0 behind t1: 2; q1 -> t2 first: 1; q2 -> t3: 1; q3 -> t3 behind t1, t2, t0: 4
+    assert m["median_rank"] == 1.5 and m["mean_rank"] == 2.0 and m["recall@1"] == 0.5
+
+
+def test_ties_count_against_the_query():
+    collapsed = torch.ones(5, 3) / math.sqrt(3)  # every score equal
+    m = retrieval_metrics(collapsed, collapsed, list("abcde"), list("abcde"), ks=(1, 5))
+    assert m["recall@1"] == 0.0 and m["median_rank"] == 5.0 and m["recall@5"] == 1.0
+
+
+def test_equals_argsort_reference_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    q, t = normalize(torch.randn(300, 8, generator=g), dim=1), normalize(torch.randn(200, 8, generator=g), dim=1)
+    q_keys = [str(i % 50) for i in range(300)]
+    t_keys = [str(i % 60) for i in range(200)]
+    m = retrieval_metrics(q, t, q_keys, t_keys, ks=(1, 10))
+    order = torch.argsort(q @ t.T, dim=1, descending=True).tolist()
+    ranks = [next(pos + 1 for pos, j in enumerate(row) if t_keys[j] == key) for row, key in zip(order, q_keys)]
+    assert m["recall@10"] == pytest.approx(sum(r <= 10 for r in ranks) / 300)
+    assert m["median_rank"] == pytest.approx(float(torch.tensor(ranks, dtype=torch.float64).quantile(0.5)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no query key"):
+        retrieval_metrics(E, E, list("abcd"), list("wxyz"))
+    with pytest.raises(ValueError, match="3 query keys for 4 queries"):
+        retrieval_metrics(E, E, list("abc"), list("abcd"))
+    with pytest.raises(ValueError, match="equal D"):
+        retrieval_metrics(E, torch.eye(3), list("abcd"), list("abc"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        retrieval_metrics(E * float("nan"), E, list("abcd"), list("abcd"))
+    with pytest.raises(ValueError, match="ks must be positive"):
+        retrieval_metrics(E, E, list("abcd"), list("abcd"), ks=(0,))
+
+
+def test_pairwise_report_covers_every_ordered_pair():
+    emb = {Modality.TEXT: E, Modality.IMAGE: E, Modality.AUDIO: E[:2]}
+    keys = {Modality.TEXT: list("abcd"), Modality.IMAGE: list("abcd"), Modality.AUDIO: list("ab")}
+    report = pairwise_report(emb, keys, ks=(1,))
+    assert set(report) == {"text→image", "image→text", "text→audio", "audio→text", "image→audio", "audio→image"}
+    assert report["text→audio"]["n_queries"] == 2 and report["text→audio"]["n_unmatched"] == 2
+    assert all(m["recall@1"] == 1.0 for m in report.values())
+    keys[Modality.AUDIO] = ["p", "q"]  # disjoint keys: the audio pairs are left out
+    assert set(pairwise_report(emb, keys)) == {"text→image", "image→text"}
+    table = format_table(report)
+    assert table.splitlines()[0] == "| pair | R@1 % | median rank | MRR | queries |"
+    assert "| text→image | 100.0 | 1 | 1.000 | 4 |" in table
+
+
+def test_zero_shot_classify():
+    model = FakeModel(noise=0.2)
+    items = ["img/c2.png", "img/c0.png", "img/c1.png", "img/c2.png"]
+    result = zero_shot_classify(model, items, "image", ["c0", "c1", "c2"], truth=["c2", "c0", "c1", "c0"])
+    assert result.predictions == ["c2", "c0", "c1", "c2"] and result.accuracy == 0.75
+    ensembled = zero_shot_classify(model, items, "image", ["c0", "c1", "c2"], ["a photo of {label}", "{label}"],
+                                   batch_size=3)
+    assert ensembled.predictions == result.predictions and ensembled.accuracy is None
+    with pytest.raises(UserError, match="must contain"):
+        zero_shot_classify(model, items, "image", ["c0"], template="a photo")
+    with pytest.raises(UserError, match="unique"):
+        zero_shot_classify(model, items, "image", ["c0", "c0"])
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png", "label": f"s{i % 3}"} for i in range(9)]
+    rows.append({"text": "a c9"})  # a row with one modality
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_evaluate_manifest_instance_and_label_keys(manifest, tmp_path):
+    model = FakeModel(noise=0.1)
+    by_row = evaluate_manifest(model, manifest, key="row", ks=(1, 5))
+    assert set(by_row) == {"text→image", "image→text"}
+    assert by_row["text→image"]["recall@1"] == 1.0 and by_row["text→image"]["n_unmatched"] == 1
+    assert by_row["image→text"]["n_targets"] == 10
+    by_label = evaluate_manifest(model, manifest, key="auto", ks=(1,))  # rows lack labels -> row ids
+    assert by_label == evaluate_manifest(model, manifest, key="row", ks=(1,))
+    with pytest.raises(UserError, match=":10: row has no label"):
+        evaluate_manifest(model, manifest, key="label")
+    _, report = run_eval(model, manifest, key="row", out=tmp_path / "eval.json", progress=False)
+    assert report["key"] == "row" and report["counts"] == {"text": 10, "image": 9}
+    assert json.loads((tmp_path / "eval.json").read_text())["pairs"] == json.loads(json.dumps(report["pairs"]))
+    assert "text→image" in format_table(report)
