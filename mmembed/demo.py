@@ -17,6 +17,7 @@ import torch
 
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
+from mmembed.demo_retrieval import composed_query_trials, retrieval_grid
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.model import Model
 from mmembed.train.align import embed_dataset, mean_recall, train_align
@@ -49,7 +50,11 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
         timings["bind-audio training + eval"] = time.monotonic() - t1
 
     figure = _pca_map(model, root / config.data.test, run_dir / "embedding_map.png")
-    report = _write_report(run_dir, config, sections, bound, timings, figure, time.monotonic() - t0)
+    t2 = time.monotonic()
+    composed = composed_query_trials(model, root / config.data.test)
+    grid = retrieval_grid(model, root / config.data.test, run_dir / "retrieval.png")
+    timings["retrieval section"] = time.monotonic() - t2
+    report = _write_report(run_dir, config, sections, bound, timings, figure, composed, grid, time.monotonic() - t0)
     return report
 
 
@@ -112,7 +117,7 @@ def _mpl_colour(name: str) -> str:
 
 
 def _write_report(run_dir: Path, config: Config, sections: dict, bound: dict | None, timings: dict,
-                  figure: Path | None, total: float) -> Path:
+                  figure: Path | None, composed: dict, grid: Path, total: float) -> Path:
     lines = ["# mmembed demo report", "",
              f"Run: `{run_dir}` — config `{config.train.out_dir}`; total time {total / 60:.1f} min.", "",
              "Top-1 is correct when the retrieved item describes exactly the same scene (same objects, "
@@ -129,6 +134,14 @@ def _write_report(run_dir: Path, config: Config, sections: dict, bound: dict | N
             lines.append(f"| {pair} | {joint.get(pair, {}).get('recall@1', float('nan')):.3f} | "
                          f"{bound[pair]['recall@1']:.3f} |")
         lines.append("")
+    lines += ["## Retrieval", "",
+              "Top-5 images for a few text, image and audio queries from the test split:", "",
+              f"![retrieval]({grid.name})", "",
+              "Composed queries — image(A) + audio(B) − audio(A), A and B single objects of different shape "
+              "and colour — should retrieve images of B's shape and colour:", "",
+              "| trials | top-1 accuracy | chance |", "|---|---|---|",
+              f"| {composed.get('trials', 0)} | {composed.get('accuracy', float('nan')):.3f} | "
+              f"{composed.get('chance', float('nan')):.3f} |", ""]
     lines += ["## Curves", "", "![curves](curves.png)", ""]
     if figure is not None:
         lines += ["## Embedding map", "", f"![map]({figure.name})", ""]

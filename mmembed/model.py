@@ -68,7 +68,7 @@ class Model:
             h = hashlib.sha256()
             for name, t in sorted(self.space.state_dict().items()):
                 h.update(name.encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -133,7 +133,7 @@ class Model:
             raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
         config = load_config(run_dir / CONFIG)
         tokenizer = _load_tokenizer(run_dir)
-        space = build_space(config.model, vocab_size=getattr(tokenizer, "vocab_size", None))
+        space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
         state = load_tensors(run_dir / WEIGHTS)
         missing, unexpected = space.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -146,7 +146,7 @@ class Model:
 
 def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
-    space = build_space(config.model, vocab_size=getattr(tokenizer, "vocab_size", None))
+    space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
         _init_from(space, Path(config.model.init_from))
     return Model(config, space, tokenizer)
