@@ -9,7 +9,7 @@ from mmembed.data.dataset import ManifestDataset, Sample, Skipped
 from mmembed.data.loader import EpochBatchSampler, SkipCounter, build_loader
 from mmembed.data.manifest import Manifest, Row, read_manifest
 
-# synthetic world exports (mmembed.data.synth) are added here by the lead
+from mmembed.data.synth import WorldSummary, describe_scene, generate_world
 
 __all__ = [
     "read_manifest",
@@ -24,4 +24,7 @@ __all__ = [
     "build_loader",
     "EpochBatchSampler",
     "SkipCounter",
+    "generate_world",
+    "describe_scene",
+    "WorldSummary",
 ]

@@ -1,0 +1,35 @@
+"""The built-in synthetic world: scenes of coloured shapes, seen, heard and described.
+
+Each scene holds one or two objects (shape, colour, size, position). The same attributes are
+drawn into a PNG, synthesised into a WAV by fixed rules (colour -> pitch, shape -> timbre,
+size -> loudness, position -> onset time) and written as captions, so every attribute can be
+recovered from each modality alone and the modalities can only be aligned through meaning.
+
+Reading order: `rules.py` (vocabularies and rules) -> `world.py` (sampling, held-out
+combinations, splits) -> `render_image.py`, `render_audio.py`, `captions.py`, `questions.py`
+-> `generate.py` (files, manifests, world.json).
+
+    from mmembed.data.synth import generate_world
+    world = generate_world("data/shapes", n=2000, seed=0)
+    world.manifests["train"]   # data/shapes/train.jsonl
+"""
+
+from mmembed.data.synth.captions import SYNONYMS, canonical_caption, describe_scene, mentions, parse_caption
+from mmembed.data.synth.generate import WorldSummary, generate_world
+from mmembed.data.synth.rules import ATTRIBUTES, SYNTH_VERSION
+from mmembed.data.synth.world import SPLITS, SceneObject, scene_label
+
+__all__ = [
+    "ATTRIBUTES",
+    "SPLITS",
+    "SYNONYMS",
+    "SYNTH_VERSION",
+    "SceneObject",
+    "WorldSummary",
+    "canonical_caption",
+    "describe_scene",
+    "generate_world",
+    "mentions",
+    "parse_caption",
+    "scene_label",
+]

@@ -1,0 +1,297 @@
+"""Write a synthetic world to disk: PNG + WAV per scene, JSONL manifests per split, world.json.
+
+Layout of `out_dir`:
+
+    images/s000000.png   audio/s000000.wav   ...
+    train.jsonl  val.jsonl  test.jsonl  heldout.jsonl
+    world.json           written last: its presence marks a complete world
+
+Scenes are sampled (cheaply) in the calling process; pictures and sounds are rendered by a
+process pool over chunks. Each scene's pixels and samples come from its own seeded generator,
+so the files are byte-identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mmembed.checkpoint import atomic_write_json, atomic_write_text
+from mmembed.data.synth.captions import POSITION_PHRASES, SYNONYMS, captions_for
+from mmembed.data.synth.questions import pairs_for_split, questions_for
+from mmembed.data.synth.render_audio import render_audio, save_wav
+from mmembed.data.synth.render_image import render_image, save_png
+from mmembed.data.synth.rules import ATTRIBUTES, SYNTH_VERSION, rules_json
+from mmembed.data.synth.world import (
+    KIND_WORLD,
+    SPLITS,
+    STREAM_AUDIO,
+    STREAM_IMAGE,
+    STREAM_TEXT,
+    Scene,
+    choose_heldout_combos,
+    rng_for,
+    sample_world,
+    split_counts,
+)
+from mmembed.errors import UserError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
+
+
+@dataclass
+class WorldSummary:
+    """Where a generated world lives and what it holds."""
+
+    root: Path
+    manifests: dict[str, Path]  # split name -> JSONL path
+    counts: dict[str, int]  # split name -> scenes
+    world_json: Path
+    heldout_combos: list[tuple[str, str]]
+    reused: bool = False  # True when an identical complete world was already there
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _render_chunk(task: tuple[str, int, int, int, list[Scene]]) -> int:
+    """Render and write the files of a chunk of scenes (runs in a pool worker)."""
+    root, seed, image_size, sample_rate, scenes = task
+    for s in scenes:
+        pixels = render_image(s.objects, rng_for(seed, s.kind, s.index, STREAM_IMAGE), image_size)
+        save_png(pixels, os.path.join(root, "images", f"{s.id}.png"))
+        wave = render_audio(s.objects, rng_for(seed, s.kind, s.index, STREAM_AUDIO), sample_rate)
+        save_wav(wave, os.path.join(root, "audio", f"{s.id}.wav"), sample_rate)
+    return len(scenes)
+
+
+def _render_all(
+    root: Path,
+    scenes: list[Scene],
+    params: dict[str, Any],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+    meanwhile: Callable[[], T],
+) -> T:
+    """Render every scene with `workers` processes; run `meanwhile()` here while they work."""
+    settings = (str(root), params["seed"], params["image_size"], params["sample_rate"])
+    tasks = [(*settings, scenes[i : i + CHUNK]) for i in range(0, len(scenes), CHUNK)]
+    pool = None
+    if workers > 1 and len(tasks) > 1:
+        # fork is cheapest (workers inherit the imported modules); spawn elsewhere.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    try:
+        # Executor.map submits every task at once, so the workers render during `meanwhile`.
+        results = pool.map(_render_chunk, tasks) if pool is not None else map(_render_chunk, tasks)
+        value = meanwhile()
+        done = 0
+        for count in results:
+            done += count
+            if progress is not None:
+                progress(done, len(scenes))
+        return value
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSONL row of one scene: media paths, captions, label, objects, QA and pairs."""
+    rng = rng_for(seed, scene.kind, scene.index, STREAM_TEXT)
+    captions = captions_for(scene.objects, rng)
+    return {
+        "id": scene.id,
+        "image": f"images/{scene.id}.png",
+        "audio": f"audio/{scene.id}.wav",
+        "text": captions[0],
+        "captions": captions,
+        "label": scene.label,
+        "objects": [o.as_dict() for o in scene.objects],
+        "qa": questions_for(scene.objects, rng),
+        "pairs": pairs,
+    }
+
+
+def _write_manifests(root: Path, scenes: list[Scene], seed: int) -> dict[str, int]:
+    counts = {}
+    for k, split in enumerate(SPLITS):
+        members = [s for s in scenes if s.split == split]
+        pairs = pairs_for_split(members, rng_for(seed, KIND_WORLD, k + 1, STREAM_TEXT))
+        lines = [json.dumps(manifest_row(s, seed, pairs[s.id]), separators=(",", ":")) for s in members]
+        atomic_write_text(root / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+        counts[split] = len(members)
+    return counts
+
+
+def _summary(root: Path, world: dict[str, Any], reused: bool) -> WorldSummary:
+    return WorldSummary(
+        root=root,
+        manifests={split: root / f"{split}.jsonl" for split in SPLITS},
+        counts=dict(world["counts"]),
+        world_json=root / "world.json",
+        heldout_combos=[tuple(c) for c in world["heldout_combos"]],
+        reused=reused,
+        params=dict(world["params"]),
+    )
+
+
+def _existing(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The world.json of a complete world generated with exactly `params`, else None."""
+    try:
+        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(world, dict) or world.get("params") != params:
+        return None
+    total = sum(world.get("counts", {}).values())
+    if not all((root / f"{split}.jsonl").is_file() for split in SPLITS):
+        return None
+    for sub in ("images", "audio"):
+        if not (root / sub).is_dir() or sum(1 for _ in (root / sub).iterdir()) != total:
+            return None
+    return world
+
+
+def _clear(root: Path) -> None:
+    """Remove only what a previous generation wrote; world.json first, so a crash mid-clear
+    still reads as an incomplete world."""
+    (root / "world.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        (root / f"{split}.jsonl").unlink(missing_ok=True)
+    for sub in ("images", "audio"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+
+
+def _validate(
+    n: int, seed: int, image_size: int, sample_rate: int, workers: int, split: Any, heldout_fraction: Any
+) -> None:
+    checks = [
+        (isinstance(heldout_fraction, (int, float)), f"heldout_fraction={heldout_fraction!r} must be a number"),
+        (isinstance(n, int) and n >= 1, f"n={n!r} must be a positive integer"),
+        (isinstance(seed, int) and seed >= 0, f"seed={seed!r} must be an integer >= 0"),
+        (isinstance(image_size, int) and 16 <= image_size <= 1024, f"image_size={image_size!r} must be in [16, 1024]"),
+        (
+            isinstance(sample_rate, int) and 8000 <= sample_rate <= 96000,
+            f"sample_rate={sample_rate!r} must be in [8000, 96000]",
+        ),
+        (isinstance(workers, int) and workers >= 1, f"workers={workers!r} must be >= 1"),
+        (
+            isinstance(split, (list, tuple)) and len(split) == 3 and all(isinstance(f, (int, float)) for f in split),
+            f"split={split!r} must be three fractions (train, val, test) summing to 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _world_json(params: dict[str, Any], heldout: list[tuple[str, str]], counts: dict[str, int]) -> dict[str, Any]:
+    rules = rules_json()
+    rules["text"] = {"synonyms": SYNONYMS, "position_phrases": POSITION_PHRASES}
+    return {
+        "format": "mmembed-synth",
+        "params": params,
+        "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
+        "rules": rules,
+        "heldout_combos": [list(c) for c in heldout],
+        "counts": counts,
+        "manifests": {split: f"{split}.jsonl" for split in SPLITS},
+    }
+
+
+def generate_world(
+    out_dir: Path | str,
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    sample_rate: int = 16000,
+    workers: int = 2,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    heldout_fraction: float = 0.1,
+    n_heldout: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> WorldSummary:
+    """Generate (or reuse) the built-in synthetic world of shapes, tones and captions.
+
+    Args:
+        out_dir: folder to write into; created if missing.
+        n: number of in-distribution scenes, divided among train/val/test by `split`.
+        seed: world seed; the same seed and parameters give byte-identical files.
+        image_size: picture width and height in pixels.
+        sample_rate: audio samples per second.
+        workers: render processes (1 = in this process); does not change any output byte.
+        split: (train, val, test) fractions of `n`, summing to 1.
+        heldout_fraction: fraction (0 to 0.5) of the 36 (shape, colour) pairs kept out of
+            train/val/test.
+        n_heldout: scenes in `heldout.jsonl`, each holding a held-out pair; default n // 10
+            (0 when no pair is held out).
+        overwrite: regenerate even if an identical complete world is already there, and allow
+            writing into a non-empty folder that is not a synthetic world.
+        progress: called as progress(done, total) while rendering (e.g. to drive a tqdm bar).
+
+    Returns:
+        WorldSummary with the manifest paths and per-split counts; `reused` is True when a
+        complete world with the same parameters was found and nothing was written.
+
+    Raises:
+        UserError: bad parameters, or `out_dir` holds unrelated files and overwrite is False.
+    """
+    root = Path(out_dir)
+    _validate(n, seed, image_size, sample_rate, workers, split, heldout_fraction)
+    heldout = choose_heldout_combos(seed, heldout_fraction)
+    if n_heldout is None:
+        n_heldout = n // 10 if heldout else 0
+    if not isinstance(n_heldout, int) or n_heldout < 0:
+        raise UserError(f"n_heldout={n_heldout!r} must be an integer >= 0")
+    if n_heldout > 0 and not heldout:
+        raise UserError(f"n_heldout={n_heldout} needs held-out combinations: set heldout_fraction > 0")
+    split_counts(n, tuple(split))  # checks the fractions sum to 1
+    params = {
+        "version": SYNTH_VERSION,
+        "n": n,
+        "n_heldout": n_heldout,
+        "seed": seed,
+        "image_size": image_size,
+        "sample_rate": sample_rate,
+        "split": [float(f) for f in split],
+        "heldout_fraction": float(heldout_fraction),
+    }
+    if not overwrite and (world := _existing(root, params)) is not None:
+        log.info("reusing the synthetic world in %s (same parameters)", root)
+        return _summary(root, world, reused=True)
+    marker = root / ".synth-incomplete"
+    ours = (root / "world.json").is_file() or marker.is_file()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file; generate_world needs a folder")
+    if root.is_dir() and any(root.iterdir()) and not ours and not overwrite:
+        raise UserError(
+            f"{root} is not empty and holds no synthetic world; choose an empty folder or pass overwrite=True"
+        )
+    _clear(root)
+    for sub in ("images", "audio"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(params))
+    scenes = sample_world(seed, n, n_heldout, tuple(split), heldout)
+    log.info("generating %d scenes in %s with %d workers", len(scenes), root, workers)
+    write_manifests = functools.partial(_write_manifests, root, scenes, seed)
+    counts = _render_all(root, scenes, params, workers, progress, meanwhile=write_manifests)
+    world = _world_json(params, heldout, counts)
+    atomic_write_json(root / "world.json", world)
+    marker.unlink()
+    return _summary(root, world, reused=False)
