@@ -34,7 +34,7 @@ class TowerConfig:
     encoder: str  # key in encoders.ENCODERS
     encoder_args: dict[str, Any] = field(default_factory=dict)  # that encoder's keyword arguments
     preprocess: dict[str, Any] = field(default_factory=dict)  # the modality preprocessor's arguments
-    head: Literal["linear", "mlp"] = "linear"  # LayerNorm → Linear, or LayerNorm → MLP
+    head: Literal["linear", "mlp", "none"] = "linear"  # LayerNorm → Linear, LayerNorm → MLP, or identity
     freeze: bool = False  # keep encoder and head fixed during training
 
 
@@ -42,10 +42,11 @@ class TowerConfig:
 class ModelConfig:
     embed_dim: int = 256  # D, the shared space's dimension
     towers: dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality name
-    init_logit_scale: float = 1 / 0.07  # CLIP's initial temperature
+    init_logit_scale: float | None = None  # None: 1/0.07 for InfoNCE (CLIP), 10 for SigLIP (paper)
     max_logit_scale: float = 100.0  # clamp after every step (CLIP)
     learn_logit_scale: bool = True
     init_from: str | None = None  # an earlier run dir; towers and heads with matching names load from it
+    init_towers: list[str] | None = None  # which towers to take from init_from (None = every matching one)
 
 
 @dataclass
@@ -57,9 +58,11 @@ class TokenizerConfig:
 
 @dataclass
 class SynthConfig:
-    n: int = 2000  # scenes
+    n: int = 2000  # scenes in train + val + test
     seed: int = 0
     image_size: int = 64
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test fractions of n
+    n_heldout: int | None = None  # scenes with held-out attribute combinations; None = n // 10
 
 
 @dataclass

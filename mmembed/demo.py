@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mmembed.checkpoint import atomic_write_json
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_retrieval import composed_query_trials, retrieval_grid
@@ -54,8 +55,11 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     composed = composed_query_trials(model, root / config.data.test)
     grid = retrieval_grid(model, root / config.data.test, run_dir / "retrieval.png")
     timings["retrieval section"] = time.monotonic() - t2
-    report = _write_report(run_dir, config, sections, bound, timings, figure, composed, grid, time.monotonic() - t0)
-    return report
+    timings["total"] = time.monotonic() - t0
+    atomic_write_json(run_dir / "demo.json", {"timings_s": timings, "test": sections["test"], "composed": composed,
+                                              "heldout": sections.get("held-out attribute combinations"),
+                                              "bound_audio": bound})
+    return _write_report(run_dir, config, sections, bound, timings, figure, composed, grid, timings["total"])
 
 
 def _evaluate(model: Model, manifest: Path) -> dict[str, dict]:
@@ -67,13 +71,23 @@ def _evaluate(model: Model, manifest: Path) -> dict[str, dict]:
 
 def _train_bound(config: Config, joint_dir: Path) -> Path:
     """ImageBind recipe: image and text towers frozen from the joint run, audio trained against
-    images only. Audio↔text alignment is never trained: it must emerge through the images."""
+    images only. Audio↔text alignment is never trained: it must emerge through the images.
+
+    `configs/bind-audio.yaml` says which towers freeze and how the loss pairs them; the tower
+    architectures come from the joint run, whose weights initialise them."""
     bind = load_config("bind-audio")
+    frozen = {name for name, tower in bind.model.towers.items() if tower.freeze}
+    init_towers = bind.model.init_towers
+    bind.model = copy.deepcopy(config.model)
+    bind.model.init_towers = init_towers
+    for name, tower in bind.model.towers.items():
+        tower.freeze = name in frozen
+    bind.model.init_from = str(joint_dir)
     bind.data = copy.deepcopy(config.data)
     bind.data.synth = None
-    bind.model.init_from = str(joint_dir)
     bind.tokenizer.path = str(joint_dir / "tokenizer.json")
     bind.train.out_dir = str(joint_dir / "bind-audio")
+    bind.train.seed = config.train.seed
     return train_align(bind)
 
 
@@ -146,7 +160,7 @@ def _write_report(run_dir: Path, config: Config, sections: dict, bound: dict | N
     if figure is not None:
         lines += ["## Embedding map", "", f"![map]({figure.name})", ""]
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if k != "total"]
     summary = mean_recall(sections["test"])
     lines += ["", f"Mean test recall@1 over all ordered pairs: {summary.get('recall@1', float('nan')):.3f}", ""]
     out = run_dir / "report.md"

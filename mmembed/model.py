@@ -148,7 +148,7 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
-        _init_from(space, Path(config.model.init_from))
+        _init_from(space, Path(config.model.init_from), config.model.init_towers)
     return Model(config, space, tokenizer)
 
 
@@ -165,11 +165,16 @@ def _load_tokenizer(run_dir: Path) -> Any | None:
     return load_tokenizer(run_dir / TOKENIZER)
 
 
-def _init_from(space: SharedSpace, run_dir: Path) -> None:
-    """Copy every tensor whose name and shape match from an earlier run (bind recipe)."""
+def _init_from(space: SharedSpace, run_dir: Path, towers: list[str] | None) -> None:
+    """Copy every tensor whose name and shape match from an earlier run (bind recipe); with
+    `towers`, only tensors of those towers."""
     state = load_tensors(run_dir / WEIGHTS)
     own = space.state_dict()
-    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    wanted = None if towers is None else tuple(f"towers.{t}." for t in towers)
+    taken = {k: v for k, v in state.items()
+             if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
+    if towers is not None and not taken:
+        raise UserError(f"model.init_towers={towers}: {run_dir / WEIGHTS} has no matching tensors")
     space.load_state_dict(taken, strict=False)
     towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
     log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", run_dir)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmembed.config import ModelConfig, check_kwargs
+from mmembed.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from mmembed.modality import Modality
 
 
@@ -98,7 +99,7 @@ class SharedSpace(nn.Module):
         return out
 
 
-def build_space(config: ModelConfig, vocab_size: int | None = None) -> SharedSpace:
+def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: str = "infonce") -> SharedSpace:
     """Config → modules. Encoder arguments are validated against the builder's signature, so a
     misspelt key fails here naming it; the text vocabulary size comes from the tokenizer."""
     from encoders import ENCODERS
@@ -119,8 +120,11 @@ def build_space(config: ModelConfig, vocab_size: int | None = None) -> SharedSpa
         towers[modality] = Tower(encoder, head)
         if tower_cfg.freeze:
             towers[modality].requires_grad_(False)
-    return SharedSpace(towers, config.embed_dim, config.init_logit_scale, config.max_logit_scale,
-                       config.learn_logit_scale)
+    init_scale = config.init_logit_scale
+    if init_scale is None:
+        init_scale = SIGLIP_INIT_LOGIT_SCALE if loss_kind == "siglip" else 1 / 0.07
+    return SharedSpace(towers, config.embed_dim, init_scale, config.max_logit_scale, config.learn_logit_scale,
+                       init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
 
 
 def _params(fn) -> set[str]:

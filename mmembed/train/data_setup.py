@@ -18,7 +18,8 @@ def prepare_data(data: DataConfig) -> Path:
     if data.synth is not None:
         from mmembed.data.synth import generate_world
 
-        generate_world(root, n=data.synth.n, seed=data.synth.seed, image_size=data.synth.image_size)
+        s = data.synth
+        generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout)
     if not (root / data.train).is_file():
         raise UserError(f"training manifest not found: {root / data.train} "
                         "(set data.root/data.train, or data.synth to generate the built-in world)")

@@ -1,0 +1,119 @@
+"""The shared space and `Model`: unit vectors, input-type invariance, save → load equality, and
+open_clip towers configured from YAML reproducing open_clip exactly."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import mmembed as mm
+from mmembed.config import Config, ModelConfig, TokenizerConfig, TowerConfig, from_dict
+from mmembed.errors import BadInput
+from mmembed.model import build_model
+from tests.conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = mm.load_config("demo")
+    cfg.model = from_dict(ModelConfig, TINY_MODEL, "model", "test")
+    tok = mm.Tokenizer.train(["a large red circle on the left", "a small blue star"] * 20, vocab_size=300)
+    return build_model(cfg, tok)
+
+
+def test_embed_unit_vectors_every_modality(model, tiny_world):
+    img = sorted((tiny_world / "images").glob("*.png"))[:3]
+    wav = sorted((tiny_world / "audio").glob("*.wav"))[:3]
+    for modality, items in [("image", img), ("audio", wav), ("text", ["a", "a small blue star", "x" * 500])]:
+        z = model.embed(modality, items)
+        assert z.dtype == torch.float32 and z.shape == (3, 32)
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+
+
+def test_path_and_pil_give_identical_embeddings(model, tiny_world):
+    path = sorted((tiny_world / "images").glob("*.png"))[0]
+    a = model.embed("image", [path])
+    b = model.embed("image", [Image.open(path)])
+    c = model.embed("image", [str(path)])
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_waveform_pair_equals_path(model, tiny_world):
+    import soundfile as sf
+
+    path = sorted((tiny_world / "audio").glob("*.wav"))[0]
+    wav, sr = sf.read(path, dtype="float32")
+    torch.testing.assert_close(model.embed("audio", [path]), model.embed("audio", [(wav, sr)]), atol=1e-6, rtol=0)
+
+
+def test_batched_equals_single(model):
+    texts = ["a large red circle on the left", "a small blue star", "two objects"]
+    batched = model.embed("text", texts)
+    single = torch.cat([model.embed("text", [t]) for t in texts])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_save_load_identical(model, tmp_path):
+    model.save(tmp_path / "run")
+    back = mm.load(tmp_path / "run")
+    texts = ["a large red circle on the left"]
+    assert torch.equal(model.embed("text", texts), back.embed("text", texts))
+    assert back.fingerprint == model.fingerprint
+
+
+def test_unknown_modality_and_bad_item_are_clear(model, tmp_path):
+    with pytest.raises(ValueError, match="unknown modality 'video'"):
+        model.embed("video", ["x"])
+    (tmp_path / "bad.png").write_text("<html>not an image</html>")
+    with pytest.raises(BadInput, match="image item 1"):
+        model.embed("image", [Image.new("RGB", (40, 40)), tmp_path / "bad.png"])
+
+
+def test_logit_scale_clamped_on_read():
+    from mmembed.space import SharedSpace, Tower, build_head
+
+    enc = torch.nn.Linear(2, 2)
+    space = SharedSpace({mm.Modality.TEXT: Tower(enc, build_head("linear", 2, 2))}, 2, init_logit_scale=500.0)
+    assert space.logit_scale.item() == pytest.approx(100.0)
+    space.clamp_()
+    assert space.log_logit_scale.exp().item() == pytest.approx(100.0)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def test_open_clip_towers_from_config_equal_open_clip(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    (tmp_path / "mmembed-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "mmembed-tiny-clip.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("mmembed-tiny-clip").eval()
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+
+    args = {"arch": "mmembed-tiny-clip", "pretrained": str(tmp_path / "clip.pt")}
+    cfg = Config(model=ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(encoder="open_clip_image", encoder_args=args, head="none", preprocess={"size": 32}),
+        "text": TowerConfig(encoder="open_clip_text", encoder_args=args, head="none", preprocess={"max_length": 77}),
+    }), tokenizer=TokenizerConfig(kind="clip"))
+    from mmembed.tokenizer import load_tokenizer
+
+    model = build_model(cfg, load_tokenizer("clip"))
+    model.space.eval()
+    images = torch.randn(2, 3, 32, 32)
+    texts = ["a photo of a cat", "a diagram"]
+    ids = open_clip.get_tokenizer("mmembed-tiny-clip")(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(model.space.encode("image", images), F.normalize(ref.encode_image(images), dim=-1),
+                                   atol=1e-6, rtol=0)
+        ours_text = model.embed("text", texts)
+        torch.testing.assert_close(ours_text, F.normalize(ref.encode_text(ids), dim=-1), atol=1e-6, rtol=0)
+    model.save(tmp_path / "run")
+    back = mm.load(tmp_path / "run")
+    assert torch.equal(back.embed("text", texts), ours_text)
