@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 
 from mmembed.data import read_manifest
 from mmembed.model import Model

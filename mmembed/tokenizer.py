@@ -16,22 +16,21 @@ the first ids. Like tiktoken, user text never turns into special ids unless the 
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
-from functools import lru_cache
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING
 
-import numpy as np
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mmembed.checkpoint import atomic_write_text
-from mmembed.errors import BadInput, CheckpointError, UserError
+from mmembed.errors import CheckpointError, UserError
+from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, content_budget, encode_bounded,
+                                   pad_rows, prefix_chars, prefix_cut, require_str, resolve_allowed,
+                                   split_on_specials, with_bos_eos)
 
 if TYPE_CHECKING:
     from mmembed.clip_tokenizer import ClipTokenizer
@@ -40,12 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<image>", "</image>", "<audio>", "</audio>")
 TOKENIZER_FILE = "tokenizer.json"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPED_BYTES = re.compile("([\udc80-\udcff]+)")  # what surrogateescape makes of invalid UTF-8
-CHARS_PER_ID = 8  # with max_length, encode a prefix of ~this many characters per id (then grow it)
 
-AllowedSpecial = Union[AbstractSet[str], Literal["all"]]
-Padding = Union[bool, Literal["max_length"]]
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -335,7 +330,7 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
 def _check_special(s: object) -> None:
     # A special that is one GPT-2 pre-token ("hello", "<<>>") could be produced by BPE merges
     # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
-    if not isinstance(s, str) or not s or _SURROGATE.search(s):
+    if not isinstance(s, str) or not s or SURROGATE.search(s):
         raise UserError(f"special token {s!r} must be a non-empty valid string")
     if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
         raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
@@ -352,7 +347,7 @@ def _iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
             with open(item, encoding="utf-8", errors="replace", newline="") as f:  # bad UTF-8 -> U+FFFD
                 yield from f
         elif isinstance(item, str):
-            if _SURROGATE.search(item):  # not valid Unicode: cannot be encoded, so not learnt
+            if SURROGATE.search(item):  # not valid Unicode: cannot be encoded, so not learnt
                 skipped += 1
             else:
                 yield item
@@ -399,141 +394,5 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:200]
 
 
-# ------------------------------------------------------------------------------------------------
-# Shared by Tokenizer and ClipTokenizer: specials in text, length budget, bounded time, padding
-# ------------------------------------------------------------------------------------------------
-
-
-def require_str(text: object) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"text must be str, got {type(text).__name__}")
-
-
-def check_text(text: object) -> None:
-    """TypeError for non-strings; BadInput naming the first lone surrogate (not valid Unicode)."""
-    require_str(text)
-    m = _SURROGATE.search(text)
-    if m:
-        raise BadInput(f"text is not valid Unicode: lone surrogate U+{ord(m.group()):04X} at index "
-                       f"{m.start()} (raw bytes go through encode_bytes)")
-
-
-def resolve_allowed(allowed: AllowedSpecial, specials: dict[str, int]) -> frozenset[str]:
-    if not allowed:
-        return frozenset()
-    if allowed == "all":
-        return frozenset(specials)
-    if isinstance(allowed, str):
-        raise UserError(f'allowed_special must be a set of special tokens or "all", got {allowed!r}')
-    unknown = sorted(set(allowed) - specials.keys())
-    if unknown:
-        raise UserError(f"allowed_special names unknown tokens {unknown}; known: {', '.join(specials)}")
-    return frozenset(allowed)
-
-
-def split_on_specials(text: str, allowed: frozenset[str]) -> list[tuple[str, bool]]:
-    """Cut text into (piece, is_special) around occurrences of the allowed special tokens."""
-    if not allowed:
-        return [(text, False)] if text else []
-    parts = _special_pattern(allowed).split(text)
-    return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
-
-
-@lru_cache(maxsize=64)
-def _special_pattern(allowed: frozenset[str]) -> re.Pattern:
-    # Longest first, so "<image>" never wins over a longer token that starts the same way.
-    alts = sorted(allowed, key=lambda s: (-len(s), s))
-    return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
-
-
-def content_budget(max_length: int | None, add_bos: bool, add_eos: bool) -> int | None:
-    """How many ids the text itself may use once bos/eos are reserved (None: unlimited)."""
-    if max_length is None:
-        return None
-    extra = int(add_bos) + int(add_eos)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < max(1, extra):
-        raise ValueError(f"max_length must be an int >= {max(1, extra)}, got {max_length!r}")
-    return max_length - extra
-
-
-def encode_bounded(text: str, budget: int | None, encode: Callable[[str], list[int]]) -> list[int]:
-    """`encode(text)[:budget]` without encoding all of a huge text.
-
-    Encodes a prefix cut at a word boundary (so its ids are a prefix of the full text's ids), and
-    grows it until it yields `budget` ids. Only a giant run without whitespace is cut mid-word.
-    """
-    if budget is None:
-        return encode(text)
-    n = prefix_chars(budget)
-    while True:
-        cut = prefix_cut(text, n)
-        ids = encode(text[:cut])
-        if len(ids) >= budget or cut >= len(text):
-            return ids[:budget]
-        n *= 4
-
-
-def prefix_chars(budget: int) -> int:
-    """Characters to encode first when `budget` ids are wanted (English needs ~4 per id)."""
-    return CHARS_PER_ID * budget + 64
-
-
-def prefix_cut(text: str, n: int) -> int:
-    """A cut position <= n where a whitespace char follows a non-whitespace one, else n.
-
-    Pre-tokenizers (GPT-2's regex, CLIP's) never join across that boundary, so the prefix's
-    tokens are exactly the full text's tokens up to there.
-    """
-    if len(text) <= n:
-        return len(text)
-    lo, end = n // 2, n + 1
-    for _ in range(64):
-        i = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
-        if i <= lo:
-            break
-        if not text[i - 1].isspace():
-            return i
-        end = i
-    return n
-
-
-def check_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
-    """Ids as a list of ints; an id outside [0, vocab_size) is a ValueError naming it."""
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else [operator.index(i) for i in ids]
-    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        bad = next(i for i in ids if not 0 <= i < vocab_size)
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return ids
-
-
-def with_bos_eos(ids: list[int], bos: int | None, eos: int | None) -> list[int]:
-    if bos is None and eos is None:
-        return ids
-    return ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-
-
-def pad_rows(rows: list[list[int]], pad_id: int, padding: Padding,
-             max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists. Returns ids (B, T) long and mask (B, T) bool (True = real token)."""
-    lengths = [len(r) for r in rows]
-    if padding == "max_length":
-        if max_length is None:
-            raise ValueError('padding="max_length" needs max_length')
-        width = max_length
-    elif padding is True:
-        width = max(lengths, default=0)
-    elif padding is False:
-        if len(set(lengths)) > 1:
-            raise ValueError(f"rows have different lengths {sorted(set(lengths))}; use padding=True")
-        width = lengths[0] if lengths else 0
-    else:
-        raise ValueError(f'padding must be True, False or "max_length", got {padding!r}')
-    # numpy converts nested int lists ~5x faster than torch.tensor; from_numpy shares its memory.
-    padded = np.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=np.int64)
-    ids = torch.from_numpy(padded.reshape(len(rows), width))  # (B, T), also when B == 0
-    mask = torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)  # (B, T)
-    return ids, mask
-
-
-__all__ = ["DEFAULT_SPECIAL_TOKENS", "TextTokenizer", "Tokenizer", "byte_to_unicode", "load_tokenizer",
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "Tokenizer", "byte_to_unicode", "load_tokenizer",
            "train_tokenizer"]

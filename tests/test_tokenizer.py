@@ -21,9 +21,9 @@ from mmembed.tokenizer import (
     Tokenizer,
     byte_to_unicode,
     load_tokenizer,
-    prefix_cut,
     train_tokenizer,
 )
+from mmembed.text_encoding import prefix_cut
 
 # Python's own documentation (~465 KB of English): train on 85% of the topics, hold out the rest.
 _KEYS = sorted(topics)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import math
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torchaudio
 from torch import Tensor
 
 from mmembed.errors import BadInput, ConfigError
+from mmembed.preprocess.files import check_file
 from mmembed.modality import Modality
 
 _MAX_CHANNELS = 32
@@ -161,7 +161,7 @@ class AudioPreprocessor:
         if isinstance(item, (str, Path)):
             path = Path(item)
             name = str(path)
-            _check_file(path)
+            check_file(path)
             source: Any = path
         else:
             name, source = "<bytes>", io.BytesIO(bytes(item))
@@ -185,19 +185,6 @@ class AudioPreprocessor:
             self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
         return self._resamplers[rate]
 
-
-def _check_file(path: Path) -> None:
-    """Missing, not a regular file, or empty → BadInput (one stat call)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise BadInput(f"missing file {path}") from None
-    except OSError as e:
-        raise BadInput(f"unreadable file {path} ({type(e).__name__}: {e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BadInput(f"not a file: {path}")
-    if st.st_size == 0:
-        raise BadInput(f"empty file (0 bytes): {path}")
 
 
 def _split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:

@@ -15,7 +15,6 @@ the row and count it.
 from __future__ import annotations
 
 import io
-import stat
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mmembed.errors import BadInput, ConfigError
+from mmembed.preprocess.files import check_file
 from mmembed.modality import Modality
 
 # open_clip / OpenAI CLIP statistics: the usual choice, and what pretrained CLIP towers expect.
@@ -171,7 +171,7 @@ def load_image(item: Any, *, max_pixels: int = 64_000_000, background=(255, 255,
 def _decode(source: Path | io.BytesIO, max_pixels: int, background) -> Tensor:
     name = str(source) if isinstance(source, Path) else "<bytes>"
     if isinstance(source, Path):
-        _check_file(source)
+        check_file(source)
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below is the authoritative guard; Pillow's hard limit
@@ -195,19 +195,6 @@ def _decode(source: Path | io.BytesIO, max_pixels: int, background) -> Tensor:
             raise BadInput(f"corrupt or truncated image: {name} ({type(e).__name__}: {e})") from None
         return pil_to_rgb_tensor(im, background)
 
-
-def _check_file(path: Path) -> None:
-    """Missing, not a regular file, or empty → BadInput (one stat call)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise BadInput(f"missing file {path}") from None
-    except OSError as e:
-        raise BadInput(f"unreadable file {path} ({type(e).__name__}: {e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BadInput(f"not a file: {path}")
-    if st.st_size == 0:
-        raise BadInput(f"empty file (0 bytes): {path}")
 
 
 def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:

@@ -136,10 +136,16 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
         tokenizer.save(run_dir / TOKENIZER)
         extra[TOKENIZER] = run_dir / TOKENIZER
 
-    train_loader, steps = _train_loader_factory(cfg, root, tokenizer)
+    loss_fn = build_loss(cfg.loss)
+    # Only modalities in a weighted pair are loaded and encoded: a bound tower trained against one
+    # anchor does not pay for the others (validation still measures every pair).
+    active = sorted({m for a, b, _ in loss_fn.pairs(space.modalities) for m in (a, b)})
+    if not active:
+        raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
+    train_loader, steps = _train_loader_factory(cfg, root, tokenizer, active)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     skips = SkipCounter()
-    step_fn = make_step_fn(space, build_loss(cfg.loss), device, skips, CollapseMonitor())
+    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
 
     def evaluate() -> dict[str, float]:
         emb, keys = embed_dataset(space, val_loader, device)
@@ -162,9 +168,9 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     return run_dir
 
 
-def _train_loader_factory(cfg: Config, root: Path, tokenizer) -> tuple[Callable, int]:
-    pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=True)
-           for m, t in cfg.model.towers.items()}
+def _train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality]) -> tuple[Callable, int]:
+    pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
+           for m in active}
     manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
                              strict=cfg.data.strict)
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache)
