@@ -1,0 +1,190 @@
+"""Run every benchmark and write one JSON report.
+
+    python -m benchmarks.run_all                       # full sizes (tens of minutes on 2 cores)
+    python -m benchmarks.run_all --quick               # small sizes, a few minutes
+    python -m benchmarks.run_all --only train,embed    # some of them (ids: the `bench_<id>.py` names)
+    python -m benchmarks.run_all --out benchmarks/results/report.json
+
+Each `benchmarks/bench_<id>.py` module is imported and its `run(quick=...)` called (a module
+without `run` has its `main()` run with `--quick` on the command line, and the JSON it prints is
+read back). A benchmark that fails is recorded with its error and traceback; the others still
+run. The report holds the machine (torch version, threads, CPU count, load average, date) and,
+per benchmark, its status, wall time and result. A summary table (id, ratio, goal) is printed at
+the end; `ratio` > 1 always means ours is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmembed.checkpoint import atomic_write_json
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "report.json"
+
+
+def available() -> list[str]:
+    """Benchmark ids: the `<id>` of every `benchmarks/bench_<id>.py`, sorted."""
+    return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+
+
+def parse_only(only: str | None, valid: list[str]) -> list[str]:
+    """`"train,B-embed"` -> ["train", "embed"]; an unknown id is an error listing the valid ones."""
+    if not only:
+        return valid
+    wanted = [w.strip().lower().removeprefix("b-") for w in only.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in valid]
+    if unknown:
+        raise SystemExit(f"unknown benchmark id(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return wanted
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_default": torch.get_num_threads(),
+        "threads_used": 2,  # every benchmark calls common.setup(threads=2) (B-token: 1)
+        "load_average": _load(),
+    }
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        return None
+
+
+def run_one(bench_id: str, quick: bool) -> dict[str, Any]:
+    """Import and run one benchmark; failures are caught and returned, never raised."""
+    entry: dict[str, Any] = {"load_average_before": _load()}
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(f"benchmarks.bench_{bench_id}")
+        if hasattr(module, "run"):
+            result = module.run(quick=quick)
+        else:
+            result = _run_main(module, quick)
+            entry["note"] = "module has no run(quick); its main() was run and its printed JSON read"
+        entry.update(status="ok", result=result)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a benchmark calling sys.exit must not end the whole run either
+        entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def _run_main(module, quick: bool) -> Any:
+    if not hasattr(module, "main"):
+        raise AttributeError(f"{module.__name__} has neither run(quick) nor main()")
+    out = io.StringIO()
+    argv = sys.argv
+    sys.argv = [module.__name__] + (["--quick"] if quick else [])
+    try:
+        with contextlib.redirect_stdout(out):
+            module.main()
+    finally:
+        sys.argv = argv
+    return json.loads(out.getvalue())
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(id, ratio, paired ratio, goal) for every result row of every benchmark; a failure gets one
+    row. The paired ratio (median over rounds of back-to-back calls) is shown where a benchmark
+    reports it: on a busy machine it is the steadier of the two."""
+    rows = []
+    for bench_id, entry in report["benchmarks"].items():
+        if entry["status"] != "ok":
+            rows.append((bench_id, "FAILED", "", entry["error"].splitlines()[0][:100]))
+            continue
+        result = entry["result"]
+        goal = result.get("goal", "") if isinstance(result, dict) else ""
+        found = list(_find_rows(result))
+        if not found:
+            rows.append((bench_id, "-", "", str(goal)))
+        for r in found:
+            rows.append((str(r["id"]), _num(r.get("ratio")), _num(r.get("ratio_paired", "")), str(r.get("goal", goal))))
+    return rows
+
+
+def _num(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _find_rows(obj: Any):
+    """Every dict with an `id` and a `ratio` (a `common.ratio_report` row), depth first."""
+    if isinstance(obj, dict):
+        if "id" in obj and "ratio" in obj:
+            yield obj
+            return
+        for v in obj.values():
+            yield from _find_rows(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find_rows(v)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    header = ("id", "ratio", "paired", "goal")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in [header, *rows])
+
+
+def run_all(ids: list[str], quick: bool, out: Path | None) -> dict[str, Any]:
+    """Run the benchmarks `ids` in order; write the report to `out` (atomically) when given."""
+    report: dict[str, Any] = {"quick": quick, "machine": machine(), "benchmarks": {}}
+    t0 = time.perf_counter()
+    for bench_id in ids:
+        print(f"[run_all] {bench_id} ...", file=sys.stderr, flush=True)
+        entry = run_one(bench_id, quick)
+        report["benchmarks"][bench_id] = entry
+        print(f"[run_all] {bench_id}: {entry['status']} in {entry['seconds']} s", file=sys.stderr, flush=True)
+        if out is not None:  # after each one: a long run interrupted late keeps what it measured
+            _write(out, report)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["load_average_after"] = _load()
+    if out is not None:
+        _write(out, report)
+    return report
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, json.loads(json.dumps(report, default=str)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes in all)")
+    parser.add_argument("--only", help=f"comma-separated ids among: {', '.join(available())}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report path (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    report = run_all(parse_only(args.only, available()), args.quick, args.out)
+    print(format_table(summary_rows(report)))
+    print(f"\nreport: {args.out} ({report['seconds']} s)")
+    failed = [k for k, v in report["benchmarks"].items() if v["status"] != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

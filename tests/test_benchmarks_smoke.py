@@ -1,0 +1,119 @@
+"""Benchmarks run end to end at tiny sizes and report what they promise; the runner isolates failures.
+
+Never asserts a time: only that the JSON has its keys, that the two sides computed the same
+thing (same vectors, same model size and FLOPs), and that the runner's bookkeeping is right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+pytest.importorskip("open_clip")
+
+from benchmarks import run_all  # noqa: E402
+
+ROW_KEYS = {"id", "unit", "ours", "anchor", "ratio"}
+TIMING_KEYS = {"seconds", "best_seconds", "ratio_best", "ratio_paired"}
+
+
+@pytest.mark.slow
+def test_bench_train_tiny_reports_matching_models():
+    from benchmarks.bench_train import Towers, run
+
+    towers = Towers(width=32, layers=1, heads=2, vocab=500, context=16, embed_dim=32)
+    report = run(quick=True, towers=towers, batches=(8,), rounds=1)
+    assert report["benchmark"] == "B-train" and report["towers"]["width"] == 32
+    (row,) = report["results"]
+    assert ROW_KEYS | TIMING_KEYS | {"params", "flops_per_sample", "mfu", "mfu_best", "matmul_peak_gflops"} <= set(row)
+    assert row["id"] == "B-train B=8" and row["unit"] == "samples/s"
+    assert math.isclose(row["ratio"], row["ours"] / row["anchor"])
+    # same tower configuration on both sides: parameter counts and FLOPs agree within 1%
+    params, flops = row["params"], row["flops_per_sample"]
+    assert abs(params["ours"] - params["anchor"]) / params["anchor"] < 0.01
+    assert abs(flops["ours"] - flops["anchor"]) / flops["anchor"] < 0.01
+    assert all(0 < v < 1 for v in row["mfu"].values())
+    assert row["seconds"].keys() == {"ours", "anchor"} and row["ratio_best"] > 0 and row["ratio_paired"] > 0
+    json.dumps(report)  # JSON-able as is
+
+
+@pytest.mark.slow
+def test_bench_embed_tiny_same_vectors_as_open_clip():
+    from benchmarks.bench_embed import run
+
+    tiny = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    report = run(quick=True, archs={"mmembed-smoke-tiny": tiny}, repeats=1)
+    rows = {r["id"].removeprefix("B-embed mmembed-smoke-tiny "): r for r in report["results"]}
+    assert set(rows) == {"tower image", "tower text", "embed image (from PIL)", "embed text (from str)",
+                         "own vit", "own text_transformer"}
+    for r in rows.values():
+        assert ROW_KEYS | TIMING_KEYS <= set(r) and r["batch"] == 32 and r["ours"] > 0 and r["anchor"] > 0
+    # our open_clip towers return open_clip's vectors (bit-identical: same modules, same weights)
+    assert rows["tower image"]["max_abs_diff"] == 0.0
+    assert rows["tower text"]["max_abs_diff"] == 0.0
+    assert rows["embed text (from str)"]["max_abs_diff"] == 0.0  # same CLIP tokenization
+    assert rows["embed image (from PIL)"]["max_abs_diff"] < 1e-2  # resize filters differ slightly
+    assert rows["tower text"]["tokens"]["ours"] < 77  # ours is handed the batch's longest caption only
+    json.dumps(report)
+
+
+def _fake_module(monkeypatch, bench_id: str, run=None, main=None) -> None:
+    module = types.ModuleType(f"benchmarks.bench_{bench_id}")
+    if run is not None:
+        module.run = run
+    if main is not None:
+        module.main = main
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_run_all_records_a_failure_and_runs_the_rest(monkeypatch, tmp_path, capsys):
+    def broken(quick: bool = False):
+        raise RuntimeError("boom in the benchmark")
+
+    def works(quick: bool = False):
+        return {"goal": "ratio >= 1", "results": [{"id": "B-ok x", "unit": "s", "ours": 1.0, "anchor": 2.0,
+                                                    "ratio": 2.0, "quick_seen": quick}]}
+
+    def main_only():  # a benchmark without run(): its printed JSON is read back
+        print(json.dumps({"id": "B-main", "ratio": 0.5, "argv": sys.argv[1:]}))
+
+    _fake_module(monkeypatch, "zbroken", run=broken)
+    _fake_module(monkeypatch, "zok", run=works)
+    _fake_module(monkeypatch, "zmain", main=main_only)
+    out = tmp_path / "report.json"
+    report = run_all.run_all(["zbroken", "zok", "zmain"], quick=True, out=out)
+
+    saved = json.loads(out.read_text())
+    assert saved["benchmarks"].keys() == {"zbroken", "zok", "zmain"}
+    failed = saved["benchmarks"]["zbroken"]
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom in the benchmark"
+    assert "boom in the benchmark" in failed["traceback"]
+    assert saved["benchmarks"]["zok"]["status"] == "ok"
+    assert saved["benchmarks"]["zok"]["result"]["results"][0]["quick_seen"] is True
+    assert saved["benchmarks"]["zmain"]["result"]["argv"] == ["--quick"]
+    assert {"torch", "cpu_count", "date", "threads_used", "load_average"} <= set(saved["machine"])
+    assert saved["quick"] is True
+
+    table = run_all.summary_rows(report)
+    assert table == [("zbroken", "FAILED", "", "RuntimeError: boom in the benchmark"),
+                     ("B-ok x", "2.000", "", "ratio >= 1"), ("B-main", "0.500", "", "")]
+    lines = run_all.format_table(table).splitlines()
+    assert lines[0].split() == ["id", "ratio", "paired", "goal"] and len(lines) == 4
+    assert lines[1].startswith("zbroken") and "FAILED" in lines[1]
+
+
+def test_only_accepts_ids_and_b_prefix_and_rejects_unknown():
+    valid = run_all.available()
+    assert {"train", "embed", "loss"} <= set(valid)
+    assert run_all.parse_only("B-train, embed", valid) == ["train", "embed"]
+    assert run_all.parse_only(None, valid) == valid
+    with pytest.raises(SystemExit, match="unknown benchmark id.*nope.*valid: .*train"):
+        run_all.parse_only("train,nope", valid)
