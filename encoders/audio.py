@@ -67,6 +67,8 @@ class AudioTransformer(nn.Module):
         positional: Literal["sinusoidal", "learned", "rotary", "none"] = "sinusoidal",
         pool: Literal["mean", "cls"] = "mean",
         dropout: float = 0.0,
+        stem: Literal["patch", "conv"] = "patch",
+        stem_channels: int = 32,
     ) -> None:
         super().__init__()
         if n_mels % patch_freq:
@@ -75,7 +77,13 @@ class AudioTransformer(nn.Module):
             raise ValueError(f"unknown pool {pool!r} (valid: mean, cls)")
         self.width, self.pool, self.n_mels, self.max_frames = width, pool, n_mels, max_frames
         self.patch_time, self.freq_patches = patch_time, n_mels // patch_freq
-        self.patchify = nn.Conv2d(1, width, kernel_size=(patch_freq, patch_time), stride=(patch_freq, patch_time))
+        if stem == "patch":
+            self.stem = None
+            self.patchify = nn.Conv2d(1, width, kernel_size=(patch_freq, patch_time), stride=(patch_freq, patch_time))
+        elif stem == "conv":
+            self.stem, self.patchify = _conv_stem(patch_freq, patch_time, stem_channels, width)
+        else:
+            raise ValueError(f"unknown stem {stem!r} (valid: patch, conv)")
         self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None
         max_patches = -(-max_frames // patch_time) * self.freq_patches + (1 if pool == "cls" else 0)
         self.transformer = Transformer(
@@ -88,7 +96,12 @@ class AudioTransformer(nn.Module):
         B = mel.shape[0]
         x = mel.masked_fill(~mask[:, None, :], 0.0)  # padding never reaches a patch
         x = F.pad(x, (0, (-x.shape[2]) % self.patch_time))  # whole patches; zeros like the padding
-        x = self.patchify(x[:, None])  # (B, W, nF, nT)
+        x = x[:, None]  # (B, 1, n_mels, T)
+        if self.stem is not None:
+            frames = F.pad(mask, (0, x.shape[-1] - mask.shape[1]))  # (B, T padded), False on the padding
+            for stage in self.stem:
+                x, frames = stage(x, frames)  # (B, C, F', T'): frequency-shift-equivariant features
+        x = self.patchify(x)  # (B, W, nF, nT)
         x = x.permute(0, 3, 2, 1).flatten(1, 2)  # (B, nT * nF, W), time-major
         patch_mask = downsample_mask(mask, self.patch_time).repeat_interleave(self.freq_patches, dim=1)  # (B, P)
         if self.cls is not None:
@@ -103,6 +116,25 @@ class AudioTransformer(nn.Module):
             tokens = x
             pooled = masked_mean(tokens, patch_mask)
         return EncoderOutput(tokens=tokens, mask=patch_mask, pooled=pooled)
+
+
+def _conv_stem(patch_freq: int, patch_time: int, channels: int, width: int) -> tuple[nn.ModuleList, nn.Conv2d]:
+    """Masked conv stages halving frequency and time down to the patch grid, then a 1x1 conv.
+
+    Convolutions slide along the mel axis, so a timbre (a pattern of harmonics) is detected by
+    the same filters at every pitch: the features compose pitch and timbre instead of memorising
+    their combinations — what lets the encoder recognise a (timbre, pitch) pair it never heard.
+    """
+    steps_f, steps_t = patch_freq.bit_length() - 1, patch_time.bit_length() - 1
+    if 1 << steps_f != patch_freq or 1 << steps_t != patch_time or steps_f < steps_t:
+        raise ValueError(f"stem='conv' needs power-of-2 patch sizes with patch_freq >= patch_time, "
+                         f"got {patch_freq} x {patch_time}")
+    groups = max(1, min(8, channels // 4))
+    stages, c_in = [], 1
+    for i in range(steps_f):
+        stages.append(_ConvStage(c_in, channels, 2 if i < steps_t else 1, "group", groups))
+        c_in = channels
+    return nn.ModuleList(stages), nn.Conv2d(channels, width, 1)
 
 
 class MaskedGroupNorm(nn.GroupNorm):

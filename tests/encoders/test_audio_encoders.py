@@ -33,6 +33,7 @@ ENCODERS = {
     "ast_mean_sin": lambda: _ast(),
     "ast_cls_learned": lambda: _ast(pool="cls", positional="learned"),
     "ast_rotary": lambda: _ast(positional="rotary"),
+    "ast_conv_stem": lambda: _ast(stem="conv", stem_channels=8),
     "cnn_group": lambda: _cnn(),
     "cnn_batch": lambda: _cnn(norm="batch"),
 }
@@ -103,6 +104,28 @@ def test_cnn_time_downsampling_and_mask():
 def test_downsample_mask_matches_strided_lengths():
     mask = torch.arange(7)[None] < torch.tensor([7, 3, 0])[:, None]
     assert downsample_mask(mask, 2).tolist() == [[True] * 4, [True, True, False, False], [False] * 4]
+
+
+def test_conv_stem_is_frequency_shift_equivariant():
+    """Shifting the spectrum up by one patch shifts the stem's features by one frequency cell
+    (away from the edges): a timbre is seen the same way at every pitch."""
+    model = _ast(stem="conv", stem_channels=8, n_mels=64)
+    mel = torch.zeros(1, 64, 16)
+    mel[0, 27:31, 2:12] = torch.randn(4, 10)  # mid-axis: the receptive fields (±21 bins) miss both edges
+    shifted = torch.roll(mel, shifts=8, dims=1)  # patch_freq = 8 mel bins up
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = mel[:, None], shifted[:, None]
+        ma = mb = mask
+        for stage in model.stem:
+            a, ma = stage(a, ma)
+            b, mb = stage(b, mb)
+    # (1, C, F'=8, T'): the features of the shifted input are the shifted features.
+    # Equal up to GroupNorm's normalised zeros meeting the zero padding at the edges (≈1% here).
+    shifted_gap = (a[:, :, 3] - b[:, :, 4]).abs().max()
+    unshifted_gap = (a[:, :, 3] - b[:, :, 3]).abs().max()
+    assert a[:, :, 3].abs().max() > 0.1  # the compared cell holds the signal
+    assert shifted_gap < 0.05 * unshifted_gap
 
 
 def test_audio_errors():
