@@ -93,6 +93,9 @@ class SharedSpace(nn.Module):
         out = {}
         for m, x in inputs.items():
             z = self.encode(m, x, masks.get(m))  # (n_m, D)
+            if z.shape[0] == present[m].shape[0]:  # every row has m: nothing to scatter
+                out[m] = z
+                continue
             full = z.new_zeros(present[m].shape[0], z.shape[1])
             full[present[m]] = z
             out[m] = full  # (B, D)

@@ -172,7 +172,11 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf))
+        grads = [q.grad for q in params if q.grad is not None]
+        if cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:  # the norm is still needed for the non-finite guard and the log, not the rescale
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             # Skip: parameters and optimizer state stay exactly as they were.
             self.optimizer.zero_grad(set_to_none=True)
