@@ -3,7 +3,7 @@
     python examples/02_train_tiny_space.py [OUT_DIR]
 
 Same pipeline as `mmembed demo`, at a fraction of the data and steps: expect recall well above
-chance (1/200) but far from the demo's, which trains ~4x longer on ~4x more scenes.
+chance (1/100 on its 100 test scenes) but below the demo, which trains ~4x longer on 3x more scenes.
 """
 
 from __future__ import annotations
