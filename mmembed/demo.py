@@ -38,19 +38,20 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
 
     model = Model.load(run_dir)
     root = Path(config.data.root)
-    sections = {"test": _evaluate(model, root / config.data.test)}
+    test_emb, test_keys = _embed(model, root / config.data.test)
+    sections = {"test": pairwise_report(test_emb, test_keys)}
     if (root / "heldout.jsonl").is_file():
-        sections["held-out attribute combinations"] = _evaluate(model, root / "heldout.jsonl")
+        sections["held-out attribute combinations"] = pairwise_report(*_embed(model, root / "heldout.jsonl"))
     timings["evaluation"] = time.monotonic() - t0 - sum(timings.values())
 
     bound = None
     if bind:
         t1 = time.monotonic()
         bound_dir = _train_bound(config, run_dir)
-        bound = _evaluate(Model.load(bound_dir), root / config.data.test)
+        bound = pairwise_report(*_embed(Model.load(bound_dir), root / config.data.test))
         timings["bind-audio training + eval"] = time.monotonic() - t1
 
-    figure = _pca_map(model, root / config.data.test, run_dir / "embedding_map.png")
+    figure = _pca_map(test_emb, test_keys, root / config.data.test, run_dir / "embedding_map.png")
     t2 = time.monotonic()
     composed = composed_query_trials(model, root / config.data.test)
     grid = retrieval_grid(model, root / config.data.test, run_dir / "retrieval.png")
@@ -59,14 +60,14 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     atomic_write_json(run_dir / "demo.json", {"timings_s": timings, "test": sections["test"], "composed": composed,
                                               "heldout": sections.get("held-out attribute combinations"),
                                               "bound_audio": bound})
-    return _write_report(run_dir, config, sections, bound, timings, figure, composed, grid, timings["total"])
+    return _write_report(run_dir, sections, bound, timings, figure, composed, grid, timings["total"])
 
 
-def _evaluate(model: Model, manifest: Path) -> dict[str, dict]:
+def _embed(model: Model, manifest: Path) -> tuple[dict, dict]:
+    """Every modality of every row of `manifest`, with the rows' scene keys."""
     dataset = ManifestDataset(read_manifest(manifest), model.preprocessors)
     loader = build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
-    emb, keys = embed_dataset(model.space, loader, model.device)
-    return pairwise_report(emb, keys)
+    return embed_dataset(model.space, loader, model.device)
 
 
 def _train_bound(config: Config, joint_dir: Path) -> Path:
@@ -91,18 +92,14 @@ def _train_bound(config: Config, joint_dir: Path) -> Path:
     return train_align(bind)
 
 
-@torch.inference_mode()
-def _pca_map(model: Model, manifest: Path, out: Path, max_rows: int = 300) -> Path | None:
+def _pca_map(emb: dict, keys: dict, manifest: Path, out: Path, max_rows: int = 300) -> Path | None:
     """2-D PCA of test embeddings: colour = first object's colour, marker = modality."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_manifest(manifest).rows[:max_rows]
-    dataset = ManifestDataset(read_manifest(manifest), model.preprocessors)
-    loader = build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
-    emb, keys = embed_dataset(model.space, loader, model.device)
+    rows = read_manifest(manifest).rows
     if not emb:
         return None
     allz = torch.cat([z[:max_rows] for z in emb.values()])
@@ -130,10 +127,10 @@ def _mpl_colour(name: str) -> str:
     return name if name in mc.CSS4_COLORS or name in mc.BASE_COLORS else "grey"
 
 
-def _write_report(run_dir: Path, config: Config, sections: dict, bound: dict | None, timings: dict,
+def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: dict,
                   figure: Path | None, composed: dict, grid: Path, total: float) -> Path:
     lines = ["# mmembed demo report", "",
-             f"Run: `{run_dir}` — config `{config.train.out_dir}`; total time {total / 60:.1f} min.", "",
+             f"Run: `{run_dir}`; total time {total / 60:.1f} min.", "",
              "Top-1 is correct when the retrieved item describes exactly the same scene (same objects, "
              "shapes, colours, sizes and positions) as the query.", ""]
     for name, report in sections.items():
