@@ -40,6 +40,8 @@ class ViT(nn.Module):
             "Early convolutions help transformers see better": same tokens, far faster and
             more stable training from scratch on small data). patch_size must be a power of 2.
         stem_depth: 3×3 convolutions per stage of the conv stem (the first one strided).
+        stem_channels: channels of the first (full-resolution, most expensive) stem stage; they
+            double per stage up to `width`.
 
     Shapes:
         forward(images (B, C, H, W)) → EncoderOutput(tokens (B, N, W) patch tokens,
@@ -60,6 +62,7 @@ class ViT(nn.Module):
         in_channels: int = 3,
         stem: Literal["patch", "conv"] = "patch",
         stem_depth: int = 1,
+        stem_channels: int = 32,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -73,7 +76,7 @@ class ViT(nn.Module):
             # kernel = stride = patch: each output pixel is a linear map of one patch.
             self.patchify = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         elif stem == "conv":
-            self.patchify = conv_stem(in_channels, width, patch_size, stem_depth)
+            self.patchify = conv_stem(in_channels, width, patch_size, stem_depth, stem_channels)
         else:
             raise ValueError(f"unknown stem {stem!r} (valid: patch, conv)")
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
@@ -105,16 +108,16 @@ class ViT(nn.Module):
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
 
 
-def conv_stem(in_channels: int, width: int, patch_size: int, depth: int = 1) -> nn.Sequential:
+def conv_stem(in_channels: int, width: int, patch_size: int, depth: int = 1, min_channels: int = 32) -> nn.Sequential:
     """log2(patch_size) stages of stride-2 3×3 conv → GroupNorm → GELU, channels
-    doubling up to `width` (at least 32), then a 1×1 conv to `width`: (B, C, H, W) → (B, W, H/p, W/p)."""
+    doubling up to `width` (at least `min_channels`), then a 1×1 conv to `width`: (B, C, H, W) → (B, W, H/p, W/p)."""
     steps = patch_size.bit_length() - 1
     if patch_size < 2 or 1 << steps != patch_size:
         raise ValueError(f"stem='conv' needs a power-of-2 patch_size, got {patch_size}")
     layers: list[nn.Module] = []
     c_in = in_channels
     for i in range(steps):
-        c_out = max(32, width >> (steps - 1 - i))
+        c_out = max(min_channels, width >> (steps - 1 - i))
         for j in range(depth):  # the first conv of a stage halves the resolution, the rest keep it
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2 if j == 0 else 1, padding=1, bias=False),
                        nn.GroupNorm(min(8, c_out // 4), c_out), nn.GELU()]
