@@ -18,7 +18,7 @@ import torch
 from mmembed.checkpoint import atomic_write_json
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
-from mmembed.demo_retrieval import composed_query_trials, retrieval_grid
+from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.model import Model
 from mmembed.train.align import embed_dataset, mean_recall, train_align
@@ -53,8 +53,9 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
 
     figure = _pca_map(test_emb, test_keys, root / config.data.test, run_dir / "embedding_map.png")
     t2 = time.monotonic()
-    composed = composed_query_trials(model, root / config.data.test)
-    grid = retrieval_grid(model, root / config.data.test, run_dir / "retrieval.png")
+    gallery = image_gallery(model, root / config.data.test)  # embedded once, searched by both
+    composed = composed_query_trials(root / config.data.test, gallery)
+    grid = retrieval_grid(root / config.data.test, gallery, run_dir / "retrieval.png")
     timings["retrieval section"] = time.monotonic() - t2
     timings["total"] = time.monotonic() - t0
     atomic_write_json(run_dir / "demo.json", {"timings_s": timings, "test": sections["test"], "composed": composed,

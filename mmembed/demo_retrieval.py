@@ -32,13 +32,14 @@ def image_gallery(model: Model, manifest: Path) -> Index:
     return index
 
 
-def composed_query_trials(model: Model, manifest: Path, n_trials: int = 100, seed: int = 0) -> dict[str, float]:
-    """Run the composed-query check on the single-object scenes of `manifest`."""
+def composed_query_trials(manifest: Path, gallery: Index, n_trials: int = 100,
+                          seed: int = 0) -> dict[str, float]:
+    """Run the composed-query check on the single-object scenes of `manifest` against `gallery`
+    (its `image_gallery`)."""
     rows = [r for r in read_manifest(manifest).rows
             if len(r.meta.get("objects", [])) == 1 and {Modality.IMAGE, Modality.AUDIO} <= set(r.items)]
     if len(rows) < 2:
         return {"trials": 0}
-    gallery = image_gallery(model, manifest)
     kinds = [_shape_colours(gallery.metadata(i)) for i in gallery.ids()]
     rng = random.Random(seed)
     hits, chance = 0, 0.0
@@ -64,15 +65,15 @@ def _shape_colours(meta: dict) -> set[tuple[str, str]]:
     return {(o["shape"], o["colour"]) for o in meta.get("objects", [])}
 
 
-def retrieval_grid(model: Model, manifest: Path, out: Path, n_queries: int = 2, k: int = 5, seed: int = 0) -> Path:
-    """For a few text, image and audio queries from `manifest`, draw the query and its top-k images."""
+def retrieval_grid(manifest: Path, gallery: Index, out: Path, n_queries: int = 2, k: int = 5, seed: int = 0) -> Path:
+    """For a few text, image and audio queries from `manifest`, draw the query and its top-k images
+    from `gallery` (its `image_gallery`, with the model attached)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    gallery = image_gallery(model, manifest)
     rows = read_manifest(manifest).rows
     picks = random.Random(seed).sample(rows, min(len(rows), n_queries * 3))
     queries = []
