@@ -8,9 +8,10 @@ point of skipping is that data problems are visible and counted, not absorbed. T
 works identically with any number of DataLoader workers.
 
 Randomness: when the sampler hands out `(index, seed)` keys (see `loader.EpochBatchSampler`)
-and a preprocessor is stochastic, preprocessing runs under `torch.manual_seed(seed)` in a
-forked RNG. Augmentations are then a pure function of (seed, epoch, index): the same with 0 or
-8 workers, and the same after a resume.
+and a preprocessor is stochastic or augments, preprocessing runs under `torch.manual_seed(seed)`
+in a forked RNG. Augmentations are then a pure function of (seed, epoch, index): the same with 0
+or 8 workers, and the same after a resume. A preprocessor's `augment` step (SpecAugment) runs on
+the cached sample, so caching and augmentation combine.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ManifestDataset(Dataset):
                 f"built for training; set cache=False, or turn off ({fixes})"
             )
         self.stochastic = bool(stochastic)
+        self.augmenting = [m for m, p in self.preprocessors.items() if getattr(p, "augments", False)]
         self.cache: dict[int, Sample | Skipped] | None = {} if cache else None
 
     def _check_overlap(self) -> None:
@@ -117,17 +119,25 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skipped:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        if seed is not None and self.stochastic:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                result = self.load(index)
-        else:
-            result = self.load(index)
-        if self.cache is not None:
-            self.cache[index] = result
-        return result
+        if seed is None or not (self.stochastic or self.augmenting):
+            return self._augment(self._cached_load(index))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._augment(self._cached_load(index))
+
+    def _cached_load(self, index: int) -> Sample | Skipped:
+        if self.cache is None:
+            return self.load(index)
+        if index not in self.cache:
+            self.cache[index] = self.load(index)
+        return self.cache[index]
+
+    def _augment(self, result: Sample | Skipped) -> Sample | Skipped:
+        """Run the preprocessors' `augment` steps; the (possibly cached) input stays intact."""
+        if not self.augmenting or isinstance(result, Skipped):
+            return result
+        inputs = {m: self.preprocessors[m].augment(t) if m in self.augmenting else t for m, t in result.inputs.items()}
+        return Sample(result.line, inputs, result.label)
 
     def load(self, index: int) -> Sample | Skipped:
         """Preprocess row `index` (no cache). A bad item skips the whole row."""

@@ -8,6 +8,12 @@ Preprocessors are plain picklable objects (they run inside DataLoader workers) w
     __call__(item) -> Tensor                # raises mmembed.errors.BadInput(reason)
     collate(samples) -> (batch, mask | None)
 
+and optionally a random step on the output of `__call__`, which a dataset runs after its cache
+(so cached features still get a fresh draw every epoch):
+
+    augments: bool                          # True if `augment` is random
+    augment(tensor) -> Tensor               # a new tensor; the input stays intact
+
 `build_preprocessor` turns a YAML `preprocess:` block into one, with the same unknown-key and
 wrong-type errors as the rest of the config.
 """

@@ -13,7 +13,8 @@ Accepted items:
 Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
 from the start otherwise; cropping happens before resampling and reads only the needed frames
 of a file, so an hour-long file costs no more than a clip) → resample to `sample_rate` →
-MelSpectrogram → log(mel + 1e-6) → (x - mean) / std → optional SpecAugment when training.
+MelSpectrogram → log(mel + 1e-6) → (x - mean) / std. SpecAugment, when training, is the separate
+`augment` step: it works on the features, so a dataset can cache them and still draw fresh masks.
 
 Longer recordings are cropped, not chunked: an encoder that wants to cover a whole long file
 embeds several crops and averages them itself, using the frame masks.
@@ -51,7 +52,8 @@ class AudioPreprocessor:
         random_crop: when training, crop at a random offset (otherwise from the start).
         mean, std: fixed normalisation of the log-mel values; the defaults suit speech and
             synthetic tones at moderate loudness. Estimate your own with `feature_stats`.
-        spec_augment: when training, mask `freq_mask` mel bins and `time_mask` frames (at most).
+        spec_augment: when training, `augment` masks up to `freq_mask` mel bins and up to
+            `time_mask` frames (one band of each).
         train: set by the trainer, never by the config.
 
     Shapes: `__call__` returns (n_mels, frames) float32; `collate` returns
@@ -59,7 +61,7 @@ class AudioPreprocessor:
     """
 
     modality = Modality.AUDIO
-    random_options = ("random_crop", "spec_augment")  # what makes training calls random
+    random_options = ("random_crop",)  # what makes training calls of `__call__` random
 
     def __init__(
         self,
@@ -101,7 +103,19 @@ class AudioPreprocessor:
     @property
     def stochastic(self) -> bool:
         """True when two calls on the same item can differ (so samples must not be cached)."""
-        return self.train and (self.random_crop or self.spec_augment)
+        return self.train and self.random_crop
+
+    @property
+    def augments(self) -> bool:
+        """True when `augment` is random (training with SpecAugment); it runs after any cache."""
+        return self.train and self.spec_augment
+
+    def augment(self, feats: Tensor) -> Tensor:
+        """SpecAugment on one (n_mels, frames) output of `__call__`: a new tensor, the input intact."""
+        if not self.augments:
+            return feats
+        with torch.no_grad():
+            return self.masking(feats.unsqueeze(0)).squeeze(0)
 
     def __call__(self, item: Any) -> Tensor:
         """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""
@@ -112,8 +126,6 @@ class AudioPreprocessor:
         with torch.no_grad():
             feats = self.mel(wave).add_(_LOG_FLOOR).log_()  # (n_mels, frames)
             feats = feats.sub_(self.mean).div_(self.std)
-            if self.train and self.spec_augment:
-                feats = self.masking(feats.unsqueeze(0)).squeeze(0)
         return feats[:, : self.max_frames].contiguous()
 
     def waveform(self, item: Any) -> Tensor:

@@ -95,16 +95,23 @@ def test_very_short_clip_is_padded_not_rejected():
     assert feats.shape[0] == 64 and feats.shape[1] >= 1 and torch.isfinite(feats).all()
 
 
-def test_spec_augment_only_when_training():
+def test_spec_augment_only_when_training_and_only_in_augment():
     clip = (_tone(16000), 16000)
     plain = AudioPreprocessor()(clip)
-    assert torch.equal(AudioPreprocessor(spec_augment=True)(clip), plain)
+    evaluating = AudioPreprocessor(spec_augment=True)
+    assert not evaluating.augments and torch.equal(evaluating.augment(plain), plain)
     aug = AudioPreprocessor(spec_augment=True, freq_mask=20, time_mask=40, random_crop=False, train=True)
+    assert aug.augments and not aug.stochastic  # features stay cacheable: the masks come after
+    assert torch.equal(aug(clip), plain)
+    kept = plain.clone()
     torch.manual_seed(0)
-    masked = aug(clip)
+    masked = aug.augment(plain)
+    assert torch.equal(plain, kept)  # the input (a cached sample) is never written
     assert masked.shape == plain.shape and not torch.equal(masked, plain)
     changed = masked != plain
     assert (masked[changed] == 0).all()  # masks write the normalised mean
+    rows = changed.all(dim=1).nonzero().flatten()  # the masked mel band: contiguous, <= freq_mask
+    assert len(rows) <= 20 and (len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows))
 
 
 def test_hostile_audio_raises_badinput_with_reason(tmp_path):
