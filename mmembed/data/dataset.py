@@ -119,11 +119,13 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skipped:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is None or not (self.stochastic or self.augmenting):
-            return self._augment(self._cached_load(index))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._augment(self._cached_load(index))
+        if seed is not None and self.stochastic:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                result = self._cached_load(index)
+        else:
+            result = self._cached_load(index)
+        return self._augment(result, seed)
 
     def _cached_load(self, index: int) -> Sample | Skipped:
         if self.cache is None:
@@ -132,11 +134,13 @@ class ManifestDataset(Dataset):
             self.cache[index] = self.load(index)
         return self.cache[index]
 
-    def _augment(self, result: Sample | Skipped) -> Sample | Skipped:
-        """Run the preprocessors' `augment` steps; the (possibly cached) input stays intact."""
+    def _augment(self, result: Sample | Skipped, seed: int | None) -> Sample | Skipped:
+        """Run the preprocessors' `augment` steps (seeded per sample); the cached input stays intact."""
         if not self.augmenting or isinstance(result, Skipped):
             return result
-        inputs = {m: self.preprocessors[m].augment(t) if m in self.augmenting else t for m, t in result.inputs.items()}
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        inputs = {m: self.preprocessors[m].augment(t, generator) if m in self.augmenting else t
+                  for m, t in result.inputs.items()}
         return Sample(result.line, inputs, result.label)
 
     def load(self, index: int) -> Sample | Skipped:

@@ -12,7 +12,7 @@ and optionally a random step on the output of `__call__`, which a dataset runs a
 (so cached features still get a fresh draw every epoch):
 
     augments: bool                          # True if `augment` is random
-    augment(tensor) -> Tensor               # a new tensor; the input stays intact
+    augment(tensor, generator) -> Tensor    # a new tensor; the input stays intact
 
 `build_preprocessor` turns a YAML `preprocess:` block into one, with the same unknown-key and
 wrong-type errors as the rest of the config.

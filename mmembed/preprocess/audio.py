@@ -95,9 +95,7 @@ class AudioPreprocessor:
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels
         )
-        self.masking = torch.nn.Sequential(
-            torchaudio.transforms.FrequencyMasking(freq_mask), torchaudio.transforms.TimeMasking(time_mask)
-        )
+        self.freq_mask, self.time_mask = freq_mask, time_mask
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
 
     @property
@@ -110,12 +108,25 @@ class AudioPreprocessor:
         """True when `augment` is random (training with SpecAugment); it runs after any cache."""
         return self.train and self.spec_augment
 
-    def augment(self, feats: Tensor) -> Tensor:
-        """SpecAugment on one (n_mels, frames) output of `__call__`: a new tensor, the input intact."""
+    def augment(self, feats: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """SpecAugment on one (n_mels, frames) output of `__call__`: a new tensor, the input intact.
+
+        One band of width U[0, freq_mask) mel bins and one of U[0, time_mask) frames, each at a
+        uniform start, are set to 0 (the normalised mean), as torchaudio's Frequency/TimeMasking
+        do; the draws come from `generator` (the dataset seeds one per sample) or the global RNG.
+        """
         if not self.augments:
             return feats
-        with torch.no_grad():
-            return self.masking(feats.unsqueeze(0)).squeeze(0)
+        u = torch.rand(4, generator=generator).tolist()
+        out = feats.clone()
+        n_mels, frames = feats.shape
+        width = int(u[0] * min(self.freq_mask, n_mels))
+        start = int(u[1] * (n_mels - width))
+        out[start : start + width] = 0.0
+        width = int(u[2] * min(self.time_mask, frames))
+        start = int(u[3] * (frames - width))
+        out[:, start : start + width] = 0.0
+        return out
 
     def __call__(self, item: Any) -> Tensor:
         """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""

@@ -112,6 +112,8 @@ def test_spec_augment_only_when_training_and_only_in_augment():
     assert (masked[changed] == 0).all()  # masks write the normalised mean
     rows = changed.all(dim=1).nonzero().flatten()  # the masked mel band: contiguous, <= freq_mask
     assert len(rows) <= 20 and (len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows))
+    seeded = [aug.augment(plain, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
 
 
 def test_hostile_audio_raises_badinput_with_reason(tmp_path):
