@@ -8,10 +8,10 @@ point of skipping is that data problems are visible and counted, not absorbed. T
 works identically with any number of DataLoader workers.
 
 Randomness: when the sampler hands out `(index, seed)` keys (see `loader.EpochBatchSampler`)
-and a preprocessor is stochastic or augments, preprocessing runs under `torch.manual_seed(seed)`
-in a forked RNG. Augmentations are then a pure function of (seed, epoch, index): the same with 0
-or 8 workers, and the same after a resume. A preprocessor's `augment` step (SpecAugment) runs on
-the cached sample, so caching and augmentation combine.
+and a preprocessor is stochastic, preprocessing runs under `torch.manual_seed(seed)` in a forked
+RNG; a preprocessor's `augment` step (SpecAugment) runs after the cache, on a generator seeded
+with the same seed, so caching and augmentation combine. Augmentations are then a pure function
+of (seed, epoch, index): the same with 0 or 8 workers, cached or not, and after a resume.
 """
 
 from __future__ import annotations
