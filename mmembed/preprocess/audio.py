@@ -85,6 +85,8 @@ class AudioPreprocessor:
             raise ConfigError(
                 "audio preprocess: sample_rate, n_mels, n_fft, hop_length, max_seconds and std must be positive"
             )
+        if min(freq_mask, time_mask) < 0:
+            raise ConfigError(f"audio preprocess: freq_mask={freq_mask} and time_mask={time_mask} must be >= 0")
         self.sample_rate = sample_rate
         self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
         self.max_seconds = max_seconds

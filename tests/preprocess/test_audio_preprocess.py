@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmembed.errors import BadInput
+from mmembed.errors import BadInput, ConfigError
 from mmembed.preprocess.audio import AudioPreprocessor, feature_stats
 
 
@@ -114,6 +114,8 @@ def test_spec_augment_only_when_training_and_only_in_augment():
     assert len(rows) <= 20 and (len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows))
     seeded = [aug.augment(plain, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
+    with pytest.raises(ConfigError, match="freq_mask=-1"):
+        AudioPreprocessor(spec_augment=True, freq_mask=-1)
 
 
 def test_hostile_audio_raises_badinput_with_reason(tmp_path):
