@@ -222,6 +222,12 @@ def test_cache_loads_each_row_once_and_refuses_augmentation(world, tok):
         ManifestDataset(read_manifest(world), _pres(tok, train=True), cache=True)
 
 
+def _audio_by_row(batches: list[Batch]) -> dict[int, torch.Tensor]:
+    """Manifest row → its (padded) audio features, for the rows that have audio."""
+    return {row: x for b in batches if A in b.inputs
+            for row, x, present in zip(b.rows.tolist(), b.inputs[A], b.present[A]) if present}
+
+
 def test_cached_features_get_fresh_spec_augment_masks_each_epoch(world, tok):
     """SpecAugment runs after the cache: cached and uncached batches agree, the cache stays
     clean, each epoch draws new masks, and workers do not change them."""
@@ -241,9 +247,7 @@ def test_cached_features_get_fresh_spec_augment_masks_each_epoch(world, tok):
     assert any(m.any() for m in masked)
     later = build_loader(cached, 4, shuffle=True, seed=0)
     later.batch_sampler.set_epoch(1)
-    audio = lambda batches: {r: x for b in batches if A in b.inputs for r, x, p in  # noqa: E731
-                             zip(b.rows.tolist(), b.inputs[A], b.present[A]) if p}
-    a0, a1 = audio(epoch0), audio(_epoch(later))
+    a0, a1 = _audio_by_row(epoch0), _audio_by_row(_epoch(later))
     common = a0.keys() & a1.keys()  # the loader drops a last partial batch
     assert common and any(not torch.equal(a0[r], a1[r]) for r in common)
 
