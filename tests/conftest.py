@@ -34,10 +34,11 @@ def tiny_world(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(world: Path, out_dir: Path, **train) -> Path:
-    """Write a tiny config for `world` to out_dir/../<name>.yaml and return its path."""
+def tiny_config(world: Path, out_dir: Path, model: dict | None = None, **train) -> Path:
+    """Write a tiny config for `world` (model: TINY_MODEL unless given) to out_dir/../<name>.yaml
+    and return its path."""
     raw = {
-        "model": TINY_MODEL,
+        "model": model or TINY_MODEL,
         "tokenizer": {"vocab_size": 300},
         "data": {"root": str(world), "cache": True},
         "train": {"out_dir": str(out_dir), "batch_size": 16, "epochs": 2, "lr": 3e-3, "warmup_steps": 2,

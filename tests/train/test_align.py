@@ -1,6 +1,7 @@
 """The align stage end to end on a tiny world: kill/resume exactness, crash-safe checkpoints,
 logit-scale clamp, determinism, and a run directory that `mm.load` opens."""
 
+import copy
 import json
 import os
 import random
@@ -16,7 +17,7 @@ from mmembed.checkpoint import load_tensors
 from mmembed.config import load_config
 from mmembed.train.align import train_align
 from mmembed.train.state import latest_checkpoint
-from tests.conftest import tiny_config
+from tests.conftest import TINY_MODEL, tiny_config
 
 RUNNER = textwrap.dedent("""
     import json, os, signal, sys
@@ -61,11 +62,14 @@ def _final_state(run_dir):
 def test_sigkill_then_resume_matches_uninterrupted(tiny_world, tmp_path):
     steps_total = 3 * (51 // 16)  # 3 epochs of the tiny world's training split
     kill_at = random.Random(os.getpid()).randint(3, steps_total - 2)
-    ref_cfg = tiny_config(tiny_world, tmp_path / "ref", epochs=3)
+    # SpecAugment on: its masks (drawn after the cache) must be redrawn identically after resume.
+    model = copy.deepcopy(TINY_MODEL)
+    model["towers"]["audio"]["preprocess"] |= {"spec_augment": True, "freq_mask": 8, "time_mask": 8}
+    ref_cfg = tiny_config(tiny_world, tmp_path / "ref", model, epochs=3)
     r = _run(ref_cfg, tmp_path / "ref_rows.jsonl")
     assert r.returncode == 0, r.stderr[-2000:]
 
-    cfg = tiny_config(tiny_world, tmp_path / "killed", epochs=3, checkpoint_every=1)
+    cfg = tiny_config(tiny_world, tmp_path / "killed", model, epochs=3, checkpoint_every=1)
     r = _run(cfg, tmp_path / "rows.jsonl", kill_at=kill_at)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     # Killed inside step `kill_at`, before its checkpoint: the last complete one is the step before.
