@@ -74,7 +74,7 @@ class PlainDataset(Dataset):
     def __init__(self, manifest: Path, tokenizer: Tokenizer, audio: AudioPreprocessor) -> None:
         self.root = manifest.parent
         self.rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-        self.tokenizer, self.mel = tokenizer, audio.mel
+        self.tokenizer, self.mel = tokenizer, audio.filterbank
         self.transform = image_transform(SIZE, is_train=False)
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""Audio preprocessing: any raw clip → normalised log-mel features (n_mels, frames).
+"""Audio preprocessing: any raw clip → normalised log-filterbank features (n_mels, frames).
 
 Accepted items:
   - a path (str / Path) or the encoded bytes of a file: WAV, FLAC or OGG, decoded with
@@ -13,8 +13,9 @@ Accepted items:
 Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
 from the start otherwise; cropping happens before resampling and reads only the needed frames
 of a file, so an hour-long file costs no more than a clip) → resample to `sample_rate` →
-MelSpectrogram → log(mel + 1e-6) → (x - mean) / std. SpecAugment, when training, is the separate
-`augment` step: it works on the features, so a dataset can cache them and still draw fresh masks.
+filterbank (torchaudio's MelSpectrogram, or log-spaced filters on which a pitch change is a
+shift) → log(x + 1e-6) → (x - mean) / std. SpecAugment, when training, is the separate `augment`
+step: it works on the features, so a dataset can cache them and still draw fresh masks.
 
 Longer recordings are cropped, not chunked: an encoder that wants to cover a whole long file
 embeds several crops and averages them itself, using the frame masks.
@@ -42,12 +43,16 @@ _LOG_FLOOR = 1e-6
 
 
 class AudioPreprocessor:
-    """Waveform → normalised log-mel (n_mels, frames), frames ≤ `max_frames`.
+    """Waveform → normalised log-mel or log-frequency features (n_mels, frames), frames ≤ `max_frames`.
 
     Args:
         sample_rate: every clip is resampled to this rate (Hz).
-        n_mels, n_fft, hop_length, f_min, f_max: MelSpectrogram settings (Whisper/AST-like
-            25 ms windows, 10 ms hop at 16 kHz).
+        n_mels, n_fft, hop_length, f_min, f_max: filterbank settings (Whisper/AST-like
+            25 ms windows, 10 ms hop at 16 kHz); `n_mels` is the number of frequency bins.
+        frequency_scale: `mel` (torchaudio's MelSpectrogram) or `log`: triangular filters at
+            log-spaced centres from f_min (> 0) to f_max, a constant-Q axis on which a change of
+            pitch is a shift (see `log_frequency_fbanks`). Low bins are narrow: `log` needs an
+            n_fft whose bin spacing (sample_rate / n_fft) fits the lowest filter, e.g. 2048.
         max_seconds: longer clips are cropped to this duration.
         random_crop: when training, crop at a random offset (otherwise from the start).
         mean, std: fixed normalisation of the log-mel values; the defaults suit speech and
@@ -72,6 +77,7 @@ class AudioPreprocessor:
         hop_length: int = 160,
         f_min: float = 0.0,
         f_max: float | None = None,
+        frequency_scale: str = "mel",
         max_seconds: float = 10.0,
         random_crop: bool = True,
         mean: float = -6.0,
@@ -94,9 +100,14 @@ class AudioPreprocessor:
         self.max_frames = self.max_samples // hop_length + 1  # center=True framing
         self.mean, self.std = mean, std
         self.train, self.random_crop, self.spec_augment = train, random_crop, spec_augment
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels
-        )
+        if frequency_scale == "mel":
+            self.filterbank: torch.nn.Module = torchaudio.transforms.MelSpectrogram(
+                sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels
+            )
+        elif frequency_scale == "log":
+            self.filterbank = LogFrequencySpectrogram(sample_rate, n_fft, hop_length, f_min, f_max, n_mels)
+        else:
+            raise ConfigError(f"audio preprocess: unknown frequency_scale {frequency_scale!r} (valid: mel, log)")
         self.freq_mask, self.time_mask = freq_mask, time_mask
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
 
@@ -137,7 +148,7 @@ class AudioPreprocessor:
             # reflect padding in the STFT needs a window's worth of samples; silence is neutral
             wave = torch.nn.functional.pad(wave, (0, self.n_fft - wave.numel()))
         with torch.no_grad():
-            feats = self.mel(wave).add_(_LOG_FLOOR).log_()  # (n_mels, frames)
+            feats = self.filterbank(wave).add_(_LOG_FLOOR).log_()  # (n_mels, frames)
             feats = feats.sub_(self.mean).div_(self.std)
         return feats[:, : self.max_frames].contiguous()
 
@@ -210,6 +221,44 @@ class AudioPreprocessor:
             self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
         return self._resamplers[rate]
 
+
+
+class LogFrequencySpectrogram(torch.nn.Module):
+    """Power spectrogram (Hann window) → triangular filters at log-spaced centres: (n_bins, frames)."""
+
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, f_min: float, f_max: float | None,
+                 n_bins: int) -> None:
+        super().__init__()
+        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop_length, power=2.0)
+        fb = log_frequency_fbanks(n_fft // 2 + 1, f_min, f_max or sample_rate / 2, n_bins, sample_rate)
+        self.register_buffer("fb", fb)  # (n_freqs, n_bins)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        return (self.spectrogram(wave).transpose(-1, -2) @ self.fb).transpose(-1, -2)  # (..., n_bins, frames)
+
+
+def log_frequency_fbanks(n_freqs: int, f_min: float, f_max: float, n_bins: int, sample_rate: int) -> Tensor:
+    """Triangular filters whose centres are evenly spaced in log-frequency: (n_freqs, n_bins).
+
+    torchaudio's `melscale_fbanks` with log2(Hz) in place of mel: n_bins + 2 edges spaced evenly
+    in log2 from f_min to f_max, filter i rising from edge i to a peak of 1 at edge i + 1 and
+    falling to 0 at edge i + 2 (linear in log-frequency). Every octave gets the same number of
+    bins, so multiplying every frequency by a factor (a change of pitch) shifts a harmonic
+    spectrum along the bins without changing its shape. Raises ConfigError when a filter is
+    narrower than the STFT's bin spacing and catches no bin.
+    """
+    if not 0 < f_min < f_max <= sample_rate / 2:
+        raise ConfigError(f"audio preprocess: frequency_scale=log needs 0 < f_min < f_max <= sample_rate / 2, "
+                          f"got f_min={f_min}, f_max={f_max}")
+    log_f = torch.log2(torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64).clamp(min=1e-3))  # (n_freqs,)
+    edges = torch.linspace(math.log2(f_min), math.log2(f_max), n_bins + 2, dtype=torch.float64)  # (n_bins + 2,)
+    rising = (log_f[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])  # (n_freqs, n_bins)
+    falling = (edges[None, 2:] - log_f[:, None]) / (edges[2:] - edges[1:-1])
+    fb = torch.minimum(rising, falling).clamp(min=0.0).to(torch.float32)
+    if (fb.amax(dim=0) == 0).any():
+        raise ConfigError(f"audio preprocess: the lowest log-frequency filters ({f_min:g} Hz, {n_bins} bins) catch no "
+                          f"STFT bin at n_fft={2 * (n_freqs - 1)}: raise n_fft or f_min")
+    return fb
 
 
 def _split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:

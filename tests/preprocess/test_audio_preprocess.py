@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from mmembed.errors import BadInput, ConfigError
-from mmembed.preprocess.audio import AudioPreprocessor, feature_stats
+from mmembed.preprocess.audio import AudioPreprocessor, feature_stats, log_frequency_fbanks
 
 
 def _tone(rate: int, seconds: float = 1.0, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -161,3 +161,43 @@ def test_feature_stats_recovers_configured_normalisation():
     normed = torch.cat([AudioPreprocessor(mean=mean, std=std)(c).flatten() for c in clips])
     assert normed.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert normed.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def _harmonic(freq: float, rate: int = 16000, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return sum(0.1 / k * np.sin(2 * math.pi * k * freq * t) for k in range(1, int(7000 / freq)))
+
+
+def test_log_frequency_axis_turns_a_pitch_change_into_a_shift():
+    """12 bins per octave: a harmonic tone 7 semitones up is the same spectrum 7 bins up."""
+    pre = AudioPreprocessor(frequency_scale="log", n_fft=2048, f_min=125.0, f_max=8000.0 / 2 ** (1 / 12),
+                            n_mels=72, max_seconds=1.0, mean=0.0, std=1.0)
+    low, high = pre((_harmonic(261.6), 16000)).mean(dim=1), pre((_harmonic(392.0), 16000)).mean(dim=1)  # (72,)
+    assert int(low.argmax()) + 7 == int(high.argmax())
+    assert pre((_harmonic(261.6), 16000)).shape == (72, 101)
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    band = slice(10, 60)  # the fundamental and the partials of both tones, away from the edges
+    shifted = corr(low[band], high[7:][band])
+    assert shifted > 0.85 and corr(low[band], high[band]) < shifted - 0.5  # measured 0.90 vs 0.04
+    # the mel axis is nearly linear below 1 kHz: there the same change of pitch is no shift
+    mel = AudioPreprocessor(n_fft=2048, n_mels=72, max_seconds=1.0)
+    mlow, mhigh = mel((_harmonic(261.6), 16000)).mean(dim=1), mel((_harmonic(392.0), 16000)).mean(dim=1)
+    assert max(corr(mlow[band], mhigh[s:][band]) for s in range(12)) < shifted - 0.3  # measured 0.34
+
+
+def test_log_frequency_fbanks_shape_peaks_and_errors():
+    fb = log_frequency_fbanks(1025, 125.0, 8000.0, 64, 16000)
+    assert fb.shape == (1025, 64) and fb.min() == 0
+    assert (fb.amax(dim=0) > 0.5).all()  # every filter catches an STFT bin near its centre
+    centres = fb.argmax(dim=0).double() * 16000 / 2048  # (64,) Hz
+    ratios = centres[40:] / centres[39:-1]  # high bins: the STFT resolves the constant ratio
+    assert torch.allclose(ratios, torch.full_like(ratios, 2 ** (6 / 64)), rtol=0.03)
+    with pytest.raises(ConfigError, match="raise n_fft or f_min"):
+        AudioPreprocessor(frequency_scale="log", n_fft=400, f_min=125.0)
+    with pytest.raises(ConfigError, match="f_min"):
+        AudioPreprocessor(frequency_scale="log", n_fft=2048, f_min=0.0)
+    with pytest.raises(ConfigError, match="frequency_scale"):
+        AudioPreprocessor(frequency_scale="bark")
