@@ -48,6 +48,12 @@ class AudioTransformer(nn.Module):
         positional: 1-D encoding over the time-major patch sequence: `sinusoidal`, `learned`,
             `rotary` or `none`.
         pool: `mean` of the valid patch tokens, or a `cls` token.
+        stem: `patch` (a linear patch embedding) or `conv` (masked conv stages first, see
+            `_conv_stem`), with `stem_channels` channels.
+        timbre_channels: 0, or the channels of a pitch-invariant branch added to every patch
+            token (`TimbreBranch`): on a log-frequency axis a pitch change is a shift, and this
+            branch's conv along frequency, max-pooled over frequency, does not move with it.
+        timbre_kernel: its kernel size in frequency bins (odd; wide enough for a few harmonics).
 
     Shapes:
         forward(mel (B, n_mels, T), mask (B, T)) → EncoderOutput(tokens (B, P, W),
@@ -69,6 +75,8 @@ class AudioTransformer(nn.Module):
         dropout: float = 0.0,
         stem: Literal["patch", "conv"] = "patch",
         stem_channels: int = 32,
+        timbre_channels: int = 0,
+        timbre_kernel: int = 33,
     ) -> None:
         super().__init__()
         if n_mels % patch_freq:
@@ -84,6 +92,7 @@ class AudioTransformer(nn.Module):
             self.stem, self.patchify = _conv_stem(patch_freq, patch_time, stem_channels, width)
         else:
             raise ValueError(f"unknown stem {stem!r} (valid: patch, conv)")
+        self.timbre = TimbreBranch(timbre_channels, timbre_kernel, patch_time, width) if timbre_channels else None
         self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None
         max_patches = -(-max_frames // patch_time) * self.freq_patches + (1 if pool == "cls" else 0)
         self.transformer = Transformer(
@@ -97,11 +106,14 @@ class AudioTransformer(nn.Module):
         x = mel.masked_fill(~mask[:, None, :], 0.0)  # padding never reaches a patch
         x = F.pad(x, (0, (-x.shape[2]) % self.patch_time))  # whole patches; zeros like the padding
         x = x[:, None]  # (B, 1, n_mels, T)
+        timbre = self.timbre(x) if self.timbre is not None else None  # (B, W, nT)
         if self.stem is not None:
             frames = F.pad(mask, (0, x.shape[-1] - mask.shape[1]))  # (B, T padded), False on the padding
             for stage in self.stem:
                 x, frames = stage(x, frames)  # (B, C, F', T'): frequency-shift-equivariant features
         x = self.patchify(x)  # (B, W, nF, nT)
+        if timbre is not None:
+            x = x + timbre[:, :, None, :]  # the same pitch-invariant features on every band of a time step
         x = x.permute(0, 3, 2, 1).flatten(1, 2)  # (B, nT * nF, W), time-major
         patch_mask = downsample_mask(mask, self.patch_time).repeat_interleave(self.freq_patches, dim=1)  # (B, P)
         if self.cls is not None:
@@ -116,6 +128,36 @@ class AudioTransformer(nn.Module):
             tokens = x
             pooled = masked_mean(tokens, patch_mask)
         return EncoderOutput(tokens=tokens, mask=patch_mask, pooled=pooled)
+
+
+class TimbreBranch(nn.Module):
+    """Pitch-invariant features per patch time step: frame mean → conv along frequency → max over frequency.
+
+    Each of the `channels` filters spans `kernel` frequency bins of one time step, so it can
+    match a spectral template (a timbre: which harmonics are strong). The max over frequency
+    keeps how well the template matched, not where: on a log-frequency axis, where a change of
+    pitch shifts a harmonic spectrum, the features stay put when the pitch changes, so a timbre
+    heard at a new pitch gives the features it gave at the old ones. A 1x1 conv maps them to
+    the model width. Frames are averaged over each patch first (zero-padded like the patches),
+    which keeps the branch cheap: one conv per patch time step, not per frame.
+
+    forward(x (B, 1, F, T) with T a multiple of patch_time) → (B, W, T / patch_time).
+    """
+
+    def __init__(self, channels: int, kernel: int, patch_time: int, width: int) -> None:
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"timbre_kernel={kernel} must be a positive odd number")
+        self.patch_time = patch_time
+        self.conv = nn.Conv2d(1, channels, (kernel, 1), padding=(kernel // 2, 0))
+        self.proj = nn.Conv1d(channels, width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.avg_pool2d(x, (1, self.patch_time))  # (B, 1, F, nT)
+        # max over frequency, then ReLU (the same as ReLU first, as ReLU is monotone, on a 64x smaller
+        # tensor); `max` back-propagates through its index, 3x cheaper than `amax`'s tie-sharing
+        features = F.relu(self.conv(x).max(dim=2).values)  # (B, C, nT): where in frequency is forgotten
+        return self.proj(features)  # (B, W, nT)
 
 
 def _conv_stem(patch_freq: int, patch_time: int, channels: int, width: int) -> tuple[nn.ModuleList, nn.Conv2d]:

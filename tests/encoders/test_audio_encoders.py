@@ -34,6 +34,7 @@ ENCODERS = {
     "ast_cls_learned": lambda: _ast(pool="cls", positional="learned"),
     "ast_rotary": lambda: _ast(positional="rotary"),
     "ast_conv_stem": lambda: _ast(stem="conv", stem_channels=8),
+    "ast_timbre": lambda: _ast(timbre_channels=8, timbre_kernel=9),
     "cnn_group": lambda: _cnn(),
     "cnn_batch": lambda: _cnn(norm="batch"),
 }
@@ -128,6 +129,25 @@ def test_conv_stem_is_frequency_shift_equivariant():
     assert shifted_gap < 0.05 * unshifted_gap
 
 
+def test_timbre_branch_is_pitch_invariant_and_time_local():
+    """A spectral pattern moved along frequency (a new pitch on a log axis) gives the same
+    branch output; a change at one patch time step changes that step's output only."""
+    model = _ast(timbre_channels=8, timbre_kernel=9, n_mels=64)
+    torch.manual_seed(3)
+    x = torch.zeros(1, 1, 64, 16)
+    x[0, 0, 20:26, :] = torch.randn(6, 16)  # away from both edges at every shift below
+    with torch.no_grad():
+        base = model.timbre(x)  # (1, W, 4)
+        for shift in (1, 7, 20):
+            torch.testing.assert_close(model.timbre(torch.roll(x, shift, dims=2)), base, atol=1e-6, rtol=1e-6)
+        y = x.clone()
+        y[0, 0, 22, 9] += 3.0  # inside patch time step 2 (frames 8-11)
+        changed = (model.timbre(y) - base).abs().amax(dim=1)[0]  # (4,)
+    assert changed[2] > 1e-3 and changed[[0, 1, 3]].max() == 0
+    # and it reaches the tokens: the encoder without the branch ignores it
+    assert base.abs().max() > 0
+
+
 def test_audio_errors():
     with pytest.raises(ValueError, match="multiple of patch_freq"):
         AudioTransformer(n_mels=30, patch_freq=8)
@@ -137,6 +157,8 @@ def test_audio_errors():
         _ast()(torch.randn(1, N_MELS, 65))
     with pytest.raises(ValueError, match="frame mask must be bool"):
         _ast()(torch.randn(1, N_MELS, 10), torch.ones(1, 10))
+    with pytest.raises(ValueError, match="timbre_kernel=8"):
+        _ast(timbre_channels=4, timbre_kernel=8)
     with pytest.raises(ValueError, match="groups=3"):
         AudioCNN(channels=(8, 16), time_strides=(2, 2), groups=3)
 
