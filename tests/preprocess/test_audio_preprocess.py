@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 from mmembed.errors import BadInput, ConfigError
-from mmembed.preprocess.audio import AudioPreprocessor, feature_stats, log_frequency_fbanks
+from mmembed.preprocess.audio import AudioPreprocessor, LogFrequencySpectrogram, feature_stats, log_frequency_fbanks
 
 
 def _tone(rate: int, seconds: float = 1.0, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -195,6 +196,11 @@ def test_log_frequency_fbanks_shape_peaks_and_errors():
     centres = fb.argmax(dim=0).double() * 16000 / 2048  # (64,) Hz
     ratios = centres[40:] / centres[39:-1]  # high bins: the STFT resolves the constant ratio
     assert torch.allclose(ratios, torch.full_like(ratios, 2 ** (6 / 64)), rtol=0.03)
+    # the fast power spectrum equals torchaudio's Spectrogram(power=2) through the same filters
+    spectrogram = LogFrequencySpectrogram(16000, 2048, 160, 125.0, None, 64)
+    wave = torch.from_numpy(_harmonic(300.0, seconds=0.7)).float()
+    reference = torchaudio.transforms.Spectrogram(n_fft=2048, hop_length=160, power=2.0)(wave).T @ spectrogram.fb
+    torch.testing.assert_close(spectrogram(wave), reference.T, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="raise n_fft or f_min"):
         AudioPreprocessor(frequency_scale="log", n_fft=400, f_min=125.0)
     with pytest.raises(ConfigError, match="f_min"):
