@@ -123,6 +123,20 @@ def test_vit_errors():
         ViT(image_size=32, patch_size=8, width=32, layers=1, heads=4, positional="alibi")
     with pytest.raises(ValueError, match="power-of-2 patch_size"):
         ViT(image_size=36, patch_size=12, stem="conv")
+    with pytest.raises(ValueError, match=r"one depth >= 1 per stage \(3 stages"):
+        ViT(image_size=32, patch_size=8, stem="conv", stem_depth=(1, 2))
+
+
+def test_vit_conv_stem_depth_per_stage():
+    """stem_depth (1, 2, 2) drops the full-resolution stage's second conv and nothing else."""
+    def convs(depth):
+        model = ViT(image_size=32, patch_size=8, width=32, layers=1, heads=4, stem="conv", stem_depth=depth)
+        return [(m.in_channels, m.out_channels, m.stride[0]) for m in model.patchify if isinstance(m, torch.nn.Conv2d)]
+
+    assert convs(2) == [(3, 32, 2), (32, 32, 1), (32, 32, 2), (32, 32, 1), (32, 32, 2), (32, 32, 1), (32, 32, 1)]
+    assert convs((1, 2, 2)) == [c for i, c in enumerate(convs(2)) if i != 1]
+    kwargs = check_kwargs(ENCODERS["vit"], {"stem_depth": [1, 2, 2]}, "x")  # a YAML list
+    assert kwargs == {"stem_depth": (1, 2, 2)}
 
 
 def test_resnet_tokens_pooled_and_local_weights(tmp_path):
