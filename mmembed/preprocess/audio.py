@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import soundfile as sf
@@ -77,7 +77,7 @@ class AudioPreprocessor:
         hop_length: int = 160,
         f_min: float = 0.0,
         f_max: float | None = None,
-        frequency_scale: str = "mel",
+        frequency_scale: Literal["mel", "log"] = "mel",
         max_seconds: float = 10.0,
         random_crop: bool = True,
         mean: float = -6.0,
@@ -220,7 +220,6 @@ class AudioPreprocessor:
         if rate not in self._resamplers:
             self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
         return self._resamplers[rate]
-
 
 
 class LogFrequencySpectrogram(torch.nn.Module):
