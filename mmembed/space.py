@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmembed.config import ModelConfig, check_kwargs
+from mmembed.errors import ConfigError
 from mmembed.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from mmembed.modality import Modality
 
@@ -113,13 +114,18 @@ def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: s
         where = f"model.towers.{name}"
         if tower_cfg.encoder not in ENCODERS:
             valid = ", ".join(sorted(ENCODERS))
-            raise ValueError(f"{where}.encoder: unknown encoder {tower_cfg.encoder!r}; valid: {valid}")
+            raise ConfigError(f"{where}.encoder: unknown encoder {tower_cfg.encoder!r}; valid: {valid}")
         builder = ENCODERS[tower_cfg.encoder]
-        args = dict(tower_cfg.encoder_args)
+        args = check_kwargs(builder, dict(tower_cfg.encoder_args), f"{where}.encoder_args")
         if vocab_size is not None and "vocab_size" in _params(builder) and "vocab_size" not in args:
             args["vocab_size"] = vocab_size
-        encoder = builder(**check_kwargs(builder, args, f"{where}.encoder_args"))
-        head = build_head(tower_cfg.head, encoder.width, config.embed_dim)
+        try:  # encoders/ check their own arguments with plain ValueErrors: name the config key
+            encoder = builder(**args)
+            head = build_head(tower_cfg.head, encoder.width, config.embed_dim)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
         towers[modality] = Tower(encoder, head)
         if tower_cfg.freeze:
             towers[modality].requires_grad_(False)

@@ -84,3 +84,16 @@ def test_check_kwargs_against_signature():
         check_kwargs(builder, {"widht": 4}, "enc")
     with pytest.raises(ConfigError, match=r"enc\.width must be int"):
         check_kwargs(builder, {"width": "4"}, "enc")
+
+
+def test_encoder_argument_errors_name_the_tower():
+    """An encoder's own argument check (a plain ValueError in encoders/) reaches the user as a
+    ConfigError naming the tower, which the CLI prints as one line."""
+    from mmembed.space import build_space
+
+    config = load_config("demo", ["model.towers.audio.encoder_args.timbre_kernel=8"])
+    with pytest.raises(ConfigError, match=r"model\.towers\.audio: timbre_kernel=8 must be a positive odd number"):
+        build_space(config.model, vocab_size=300)
+    config = load_config("demo", ["model.towers.image.encoder=vitt"])
+    with pytest.raises(ConfigError, match=r"model\.towers\.image\.encoder: unknown encoder 'vitt'"):
+        build_space(config.model, vocab_size=300)
