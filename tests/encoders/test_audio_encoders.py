@@ -35,6 +35,7 @@ ENCODERS = {
     "ast_rotary": lambda: _ast(positional="rotary"),
     "ast_conv_stem": lambda: _ast(stem="conv", stem_channels=8),
     "ast_timbre": lambda: _ast(timbre_channels=8, timbre_kernel=9),
+    "ast_templates": lambda: _ast(stem="templates", patch_freq=N_MELS, timbre_channels=8, timbre_kernel=9),
     "cnn_group": lambda: _cnn(),
     "cnn_batch": lambda: _cnn(norm="batch"),
 }
@@ -154,6 +155,35 @@ def test_timbre_branch_is_pitch_invariant_and_time_local():
         assert (model(mel).pooled - before).abs().max() > 1e-3
 
 
+def test_templates_stem_reads_what_and_where_from_the_same_responses():
+    """stem='templates': one token per time step, built from the branch's two readouts only.
+    The pitch map follows a pattern moved along frequency (its readout is equivariant), the
+    timbre readout does not move (invariant), and without the pitch map a pitch change would
+    be invisible: the two readouts together tell the same timbre at two pitches apart."""
+    model = _ast(stem="templates", patch_freq=64, timbre_channels=8, timbre_kernel=9, n_mels=64)
+    assert model.patchify is None and model.timbre.pitch is not None
+    torch.manual_seed(3)
+    x = torch.zeros(1, 1, 64, 16)
+    x[0, 0, 20:26, :] = torch.randn(6, 16)  # away from both edges at every shift below
+    branch = model.timbre
+    with torch.no_grad():
+        pooled = torch.nn.functional.avg_pool2d(x, (1, 4))  # (1, 1, 64, 4)
+        responses = branch.conv(pooled)  # (1, C, 64, 4)
+        where = responses.max(dim=1).values  # (1, 64, 4): the map the pitch readout reads
+        moved = branch.conv(torch.roll(pooled, 7, dims=2)).max(dim=1).values
+        torch.testing.assert_close(moved, torch.roll(where, 7, dims=1), atol=1e-6, rtol=1e-6)
+        assert where.abs().max() > 0.01  # the equivariance above is not that of a zero map
+        out, out_moved = model(x[:, 0]).pooled, model(torch.roll(x, 7, dims=2)[:, 0]).pooled
+        tokens = model(x[:, 0]).tokens
+    assert tokens.shape == (1, 4, 32)  # 16 frames / patch_time 4, one token per time step
+    assert (out - out_moved).abs().max() > 1e-3  # a new pitch is a new embedding
+    with torch.no_grad():  # ...and that comes from the pitch map alone: the timbre readout is blind to it
+        branch.pitch.weight.zero_()
+        branch.pitch.bias.zero_()
+        torch.testing.assert_close(model(x[:, 0]).pooled, model(torch.roll(x, 7, dims=2)[:, 0]).pooled,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_audio_errors():
     with pytest.raises(ValueError, match="multiple of patch_freq"):
         AudioTransformer(n_mels=30, patch_freq=8)
@@ -165,6 +195,12 @@ def test_audio_errors():
         _ast()(torch.randn(1, N_MELS, 10), torch.ones(1, 10))
     with pytest.raises(ValueError, match="timbre_kernel=8"):
         _ast(timbre_channels=4, timbre_kernel=8)
+    with pytest.raises(ValueError, match=r"stem='templates'.*timbre_channels > 0 \(got 0\)"):
+        _ast(stem="templates", patch_freq=N_MELS)
+    with pytest.raises(ValueError, match=r"patch_freq = n_mels \(got 8 and 32\)"):
+        _ast(stem="templates", timbre_channels=4, timbre_kernel=3)
+    with pytest.raises(ValueError, match="valid: patch, conv, templates"):
+        _ast(stem="mel")
     with pytest.raises(ValueError, match="groups=3"):
         AudioCNN(channels=(8, 16), time_strides=(2, 2), groups=3)
 
