@@ -61,7 +61,7 @@ class AudioTransformer(nn.Module):
     learns for a (timbre, pitch) pair says little about a pair it never heard. The template
     bank's readouts are each blind to one of the two — max over frequency forgets the pitch, max
     over templates forgets which one matched — so an unheard pair is two familiar halves. On
-    the demo world's held-out (shape, colour) pairs this lifted audio recall@1 by about 0.1
+    the demo world's held-out (shape, colour) pairs this lifted audio recall@1 by 0.05–0.18
     (README, "What the demo reaches today").
 
     Shapes:
