@@ -100,9 +100,11 @@ class AudioTransformer(nn.Module):
         elif stem == "conv":
             self.stem, self.patchify = _conv_stem(patch_freq, patch_time, stem_channels, width)
         elif stem == "templates":
-            if not timbre_channels or patch_freq != n_mels:
-                raise ValueError(f"stem='templates' makes one token per time step from the timbre branch: it needs "
-                                 f"timbre_channels > 0 (got {timbre_channels}) and patch_freq = n_mels "
+            if not timbre_channels:
+                raise ValueError(f"stem='templates' builds its tokens from the timbre branch: it needs "
+                                 f"timbre_channels > 0 (got {timbre_channels})")
+            if patch_freq != n_mels:
+                raise ValueError(f"stem='templates' makes one token per time step: it needs patch_freq = n_mels "
                                  f"(got {patch_freq} and {n_mels})")
             self.stem = self.patchify = None
         else:
