@@ -19,7 +19,9 @@ class KVCacheLike(Protocol):
     """What attention needs from a KV cache (the decoder owns the implementation)."""
 
     def update(self, positions: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, T_new, head_dim) at `positions`; return all keys/values (B, H, T_all, head_dim)."""
+        """Append k, v (B, H, T_new, head_dim) after what the cache holds; return every key and
+        value held (B, H, T_all, head_dim). `positions` (the tokens' positions, for rotary) may
+        differ from the cache slots: rows of a left-padded batch share slots, not positions."""
         ...
 
 
@@ -113,11 +115,13 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.update(positions, k, v)  # (B, H, Tk, hd)
         drop = self.dropout if self.training else 0.0
         tk = k.shape[2]
-        if mask is None and (not is_causal or tk == T):
+        # One query (a decoding step) is the last position: bottom-right causality lets it see every key.
+        causal = is_causal and T > 1
+        if mask is None and (not causal or tk == T):
             # Fast path: no mask tensor, the fused kernels handle causality themselves.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
         else:
-            allowed = build_attention_mask(mask, is_causal, T, tk, x.device)
+            allowed = build_attention_mask(mask, causal, T, tk, x.device)
             # A row with no allowed key would be softmax over nothing (NaN on some backends):
             # let it attend everywhere, then zero its output.
             has_key = allowed.any(dim=-1, keepdim=True)  # (B|1, 1|H, Tq|1, 1)

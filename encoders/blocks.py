@@ -16,13 +16,20 @@ from encoders.attention import KVCacheLike, MultiHeadAttention
 from encoders.positional import build_positional
 
 
+# GELU exact (erf), or its tanh approximation (GPT-2's "gelu_new"; needed for weight parity).
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class MLP(nn.Module):
     """Linear(dim → hidden) → GELU → Linear(hidden → dim) → dropout."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True,
+                 activation: str = "gelu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r} (valid: {', '.join(ACTIVATIONS)})")
         self.fc = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate=ACTIVATIONS[activation])
         self.proj = nn.Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
@@ -40,6 +47,8 @@ class TransformerBlock(nn.Module):
         dropout: attention-weight, attention-output and MLP-output dropout.
         bias: biases in linear layers and LayerNorms.
         positional: rotary module shared across layers, or None.
+        activation: MLP non-linearity, a key of `ACTIVATIONS`.
+        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -50,12 +59,14 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         positional: nn.Module | None = None,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, bias=bias)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional)
-        self.norm2 = nn.LayerNorm(dim, bias=bias)
-        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=dropout, bias=bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=dropout, bias=bias, activation=activation)
 
     def forward(
         self,
@@ -83,6 +94,8 @@ class Transformer(nn.Module):
         bias: biases in linear layers and LayerNorms.
         positional: a key of `encoders.positional.POSITIONAL` (sinusoidal, learned, rotary, none).
         max_len: longest sequence the positional encoding covers.
+        activation: MLP non-linearity (`gelu`, or `gelu_tanh` as GPT-2).
+        norm_eps: LayerNorm epsilon.
 
     Shapes:
         forward(x (B, T, C), mask (B, T) bool) → (B, T, C).
@@ -98,6 +111,8 @@ class Transformer(nn.Module):
         bias: bool = True,
         positional: str = "none",
         max_len: int = 2048,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.dim, self.max_len = dim, max_len
@@ -105,9 +120,11 @@ class Transformer(nn.Module):
         rotary = self.positional if self.positional.in_attention else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary) for _ in range(depth)
+            TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary, activation=activation,
+                             norm_eps=norm_eps)
+            for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim, bias=bias)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.apply(_init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * depth),
         # so the stream's variance does not grow with depth at initialisation.
