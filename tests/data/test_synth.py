@@ -63,7 +63,7 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(world, tmp_path, 
     generate_world(tmp_path / "again", n=N, seed=7, n_heldout=N_HELDOUT, workers=2, progress=lambda *a: seen.append(a))
     assert seen[-1] == (N + N_HELDOUT, N + N_HELDOUT) and seen == sorted(seen)
     first, second = _files(world), _files(tmp_path / "again")
-    assert list(first) == list(second) and len(first) == 2 * (N + N_HELDOUT) + 5
+    assert list(first) == list(second) and len(first) == 2 * (N + N_HELDOUT) + 9
     assert [k for k in first if first[k] != second[k]] == []
 
 

@@ -7,15 +7,18 @@ recovered from each modality alone and the modalities can only be aligned throug
 
 Reading order: `rules.py` (vocabularies and rules) -> `world.py` (sampling, held-out
 combinations, splits) -> `render_image.py`, `render_audio.py`, `captions.py`, `questions.py`
--> `generate.py` (files, manifests, world.json).
+-> `instructions.py` (decoder prompts, answers and scoring) -> `generate.py` (files, manifests,
+world.json).
 
     from mmembed.data.synth import generate_world
     world = generate_world("data/shapes", n=2000, seed=0)
     world.manifests["train"]   # data/shapes/train.jsonl
+    world.instructions["train"]   # data/shapes/instruct-train.jsonl
 """
 
 from mmembed.data.synth.captions import SYNONYMS, canonical_caption, describe_scene, mentions, parse_caption
 from mmembed.data.synth.generate import WorldSummary, generate_world
+from mmembed.data.synth.instructions import TASK_GROUPS, TASKS, instruction_rows, score, task_group
 from mmembed.data.synth.rules import ATTRIBUTES, SYNTH_VERSION
 from mmembed.data.synth.world import SPLITS, SceneObject, scene_label
 
@@ -24,12 +27,17 @@ __all__ = [
     "SPLITS",
     "SYNONYMS",
     "SYNTH_VERSION",
+    "TASKS",
+    "TASK_GROUPS",
     "SceneObject",
     "WorldSummary",
     "canonical_caption",
     "describe_scene",
     "generate_world",
+    "instruction_rows",
     "mentions",
     "parse_caption",
     "scene_label",
+    "score",
+    "task_group",
 ]

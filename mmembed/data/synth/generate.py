@@ -4,6 +4,7 @@ Layout of `out_dir`:
 
     images/s000000.png   audio/s000000.wav   ...
     train.jsonl  val.jsonl  test.jsonl  heldout.jsonl
+    instruct-train.jsonl ... instruct-heldout.jsonl   decoder prompts and answers (instructions.py)
     world.json           written last: its presence marks a complete world
 
 Scenes are sampled (cheaply) in the calling process; pictures and sounds are rendered by a
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from mmembed.checkpoint import atomic_write_json, atomic_write_text
 from mmembed.data.synth.captions import POSITION_PHRASES, SYNONYMS, captions_for
+from mmembed.data.synth.instructions import instruction_rows
 from mmembed.data.synth.questions import pairs_for_split, questions_for
 from mmembed.data.synth.render_audio import render_audio, save_wav
 from mmembed.data.synth.render_image import render_image, save_png
@@ -62,6 +64,7 @@ class WorldSummary:
     heldout_combos: list[tuple[str, str]]
     reused: bool = False  # True when an identical complete world was already there
     params: dict[str, Any] = field(default_factory=dict)
+    instructions: dict[str, Path] = field(default_factory=dict)  # split name -> instruct-{split}.jsonl
 
     @property
     def total(self) -> int:
@@ -127,13 +130,18 @@ def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]]) -> dict[s
     }
 
 
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
+
+
 def _write_manifests(root: Path, scenes: list[Scene], seed: int) -> dict[str, int]:
     counts = {}
     for k, split in enumerate(SPLITS):
         members = [s for s in scenes if s.split == split]
         pairs = pairs_for_split(members, rng_for(seed, KIND_WORLD, k + 1, STREAM_TEXT))
-        lines = [json.dumps(manifest_row(s, seed, pairs[s.id]), separators=(",", ":")) for s in members]
-        atomic_write_text(root / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+        rows = [manifest_row(s, seed, pairs[s.id]) for s in members]
+        _write_jsonl(root / f"{split}.jsonl", rows)
+        _write_jsonl(root / f"instruct-{split}.jsonl", instruction_rows(members, rows, seed))
         counts[split] = len(members)
     return counts
 
@@ -147,6 +155,7 @@ def _summary(root: Path, world: dict[str, Any], reused: bool) -> WorldSummary:
         heldout_combos=[tuple(c) for c in world["heldout_combos"]],
         reused=reused,
         params=dict(world["params"]),
+        instructions={split: root / f"instruct-{split}.jsonl" for split in SPLITS},
     )
 
 
@@ -159,7 +168,8 @@ def _existing(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(world, dict) or world.get("params") != params:
         return None
     total = sum(world.get("counts", {}).values())
-    if not all((root / f"{split}.jsonl").is_file() for split in SPLITS):
+    names = [f"{split}.jsonl" for split in SPLITS] + [f"instruct-{split}.jsonl" for split in SPLITS]
+    if not all((root / name).is_file() for name in names):
         return None
     for sub in ("images", "audio"):
         if not (root / sub).is_dir() or sum(1 for _ in (root / sub).iterdir()) != total:
@@ -173,6 +183,7 @@ def _clear(root: Path) -> None:
     (root / "world.json").unlink(missing_ok=True)
     for split in SPLITS:
         (root / f"{split}.jsonl").unlink(missing_ok=True)
+        (root / f"instruct-{split}.jsonl").unlink(missing_ok=True)
     for sub in ("images", "audio"):
         shutil.rmtree(root / sub, ignore_errors=True)
 
@@ -211,6 +222,7 @@ def _world_json(params: dict[str, Any], heldout: list[tuple[str, str]], counts: 
         "heldout_combos": [list(c) for c in heldout],
         "counts": counts,
         "manifests": {split: f"{split}.jsonl" for split in SPLITS},
+        "instructions": {split: f"instruct-{split}.jsonl" for split in SPLITS},
     }
 
 
@@ -246,8 +258,9 @@ def generate_world(
         progress: called as progress(done, total) while rendering (e.g. to drive a tqdm bar).
 
     Returns:
-        WorldSummary with the manifest paths and per-split counts; `reused` is True when a
-        complete world with the same parameters was found and nothing was written.
+        WorldSummary with the manifest and instruction-manifest paths and per-split counts;
+        `reused` is True when a complete world with the same parameters was found and nothing
+        was written.
 
     Raises:
         UserError: bad parameters, or `out_dir` holds unrelated files and overwrite is False.

@@ -1,0 +1,382 @@
+"""Instruction manifests for a multimodal decoder: prompts that mix pictures, sounds and text,
+each with the text answer the decoder must produce, and how to score a generated answer.
+
+One JSON object per line of `instruct-{split}.jsonl`:
+
+    {"id": "s000123/4", "task": "colour",
+     "prompt": ["What colour is the star in ", {"image": "images/s000123.png"}, "?"],
+     "answer": "red", "scenes": ["s000123"], "objects": [[{"shape": "star", ...}]]}
+
+`prompt` is a list of segments in order: a string is text the user typed; a one-key object is
+a media item, `{"image": path}`, `{"audio": path}` (paths as the split manifest writes them) or
+`{"text": caption}` (a caption given as an embedding). `scenes` names the scene of each media
+item in prompt order and `objects` holds that scene's objects, left to right.
+
+Spacing convention: a media item reads as one word and the text around it carries the spaces.
+Text just before a media item ends with a space; text just after one starts with a space, or
+with punctuation that attaches to it ("Describe ", {image}, "."). Text never starts or ends
+the prompt with a space, so joining the segments, each media item as a word, reads correctly.
+
+Randomness comes from one generator per scene (`STREAM_INSTRUCT`), drawn first for the
+scene's own rows, so they do not depend on `n`; only comparison partners depend on the split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption
+from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
+from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
+from mmembed.data.synth.world import Scene, SceneObject, rng_for
+
+# world.py's streams are 0-3 (sample, image, audio, text); this is the next free one.
+STREAM_INSTRUCT = 4
+
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "describe": ("describe", "describe_both"),
+    "attribute": ("count", "exists", "colour", "shape", "size", "position"),
+    "compare": ("same_colour", "same_shape", "larger"),
+}
+TASKS = tuple(task for tasks in TASK_GROUPS.values() for task in tasks)
+LARGER_ANSWERS = ("the picture", "the sound", "equal")  # larger object in the image, the audio, neither
+
+# Words a template may use for a media item: {noun} and {see} (or {noun1}, {see2}, ...).
+MODALITY_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "image": {"noun": ("picture", "image", "photo"), "see": ("see",)},
+    "audio": {"noun": ("sound", "recording", "audio clip"), "see": ("hear",)},
+    "text": {"noun": ("description", "caption"), "see": ("read",)},
+}
+
+# Slots: {m} the media item ({m1}, {m2} for two), {ref} a unique reference to one object,
+# {thing} 'a red star'. Attribute questions never name the asked value, nor offer choices.
+_WHAT = (
+    "What {attr} is the {ref} in {m}?",
+    "{m} What {attr} is the {ref}?",
+    "In {m}, what {attr} is the {ref}?",
+    "Tell me the {attr} of the {ref} you {see} in {m}.",
+    "What is the {attr} of the {ref}? {m}",
+    "{m} Which {attr} does the {ref} have?",
+    "Name the {attr} of the {ref} in this {noun}. {m}",
+    "What {attr} is the {ref} you {see}? {m}",
+    "Consider {m}. What {attr} is the {ref}?",
+    "The {ref} in {m}: what {attr} is it?",
+    "Which {attr} is the {ref} in this {noun}? {m}",
+)
+_SAME = (
+    "Do {m1} and {m2} have the same {attrs}?",
+    "{m1} {m2} Are the {attrs} the same in both?",
+    "Is the set of {attrs} in {m1} the same as in {m2}?",
+    "Compare the {attrs} in {m1} and {m2}. Are they the same?",
+    "Does the {noun1} {m1} have the same {attrs} as the {noun2} {m2}?",
+    "Are the objects in {m1} the same {attrs} as those in {m2}?",
+    "{m1} {m2} Do these two share exactly the same {attrs}?",
+    "Do you {see1} the same {attrs} in {m1} as you {see2} in {m2}?",
+    "Here are {m1} and {m2}. Do they have the same {attrs}?",
+    "Are the {attrs} of {m1} and {m2} identical?",
+    "Same {attrs} in {m1} and {m2}?",
+)
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "describe": (
+        "Describe {m}.",
+        "{m} Describe what you {see}.",
+        "What do you {see} in {m}?",
+        "{m} What is in this {noun}?",
+        "Write a caption for {m}.",
+        "Caption this {noun}: {m}",
+        "Tell me what this {noun} contains. {m}",
+        "{m} List every object you {see}, with its size, colour and position.",
+        "Which objects are in {m}?",
+        "In {m}, what do you {see}?",
+        "{m} Describe this {noun} in one sentence.",
+        "Give a short description of {m}.",
+    ),
+    "describe_both": (
+        "{m1} {m2} Describe the scene.",
+        "The {noun1} {m1} and the {noun2} {m2} come from the same scene. Describe it.",
+        "Describe the scene that {m1} and {m2} both capture.",
+        "What scene do {m1} and {m2} have in common?",
+        "{m1} and {m2} come from one scene. What is in it?",
+        "Write one caption for {m1} and {m2}.",
+        "You {see1} {m1} and {see2} {m2}. Describe the scene.",
+        "{m1} {m2} What scene do these two share?",
+        "Caption the scene behind {m1} and {m2}.",
+        "Given {m1} and {m2}, describe the objects in the scene.",
+        "Here are the {noun1} {m1} and the {noun2} {m2} of one scene. What does it hold?",
+    ),
+    "count": (
+        "How many objects are in {m}?",
+        "{m} How many objects do you {see}?",
+        "Count the objects in this {noun}. {m}",
+        "How many shapes does {m} contain?",
+        "{m} How many things are in this {noun}?",
+        "Count the shapes you {see} in {m}.",
+        "What is the number of objects in {m}?",
+        "In {m}, how many objects are there?",
+        "Tell me how many objects this {noun} holds: {m}",
+        "{m} Count the objects.",
+        "How many objects can you {see} in this {noun}? {m}",
+    ),
+    "exists": (
+        "Is there {thing} in {m}?",
+        "{m} Do you {see} {thing}?",
+        "Does this {noun} contain {thing}? {m}",
+        "Can you {see} {thing} in {m}?",
+        "{m} Is there {thing} in this {noun}?",
+        "Does {m} have {thing} in it?",
+        "In {m}, is there {thing}?",
+        "Check {m} for {thing}. Is it there?",
+        "Is {thing} present in this {noun}? {m}",
+        "{m} Does {thing} appear here?",
+        "Would you say {m} contains {thing}?",
+    ),
+    **{attr: tuple(t.replace("{attr}", attr) for t in _WHAT) for attr in ("colour", "shape", "size")},
+    "position": (
+        "Where is the {ref} in {m}?",
+        "{m} Where is the {ref}?",
+        "In {m}, where is the {ref}?",
+        "Where do you {see} the {ref}? {m}",
+        "Tell me where the {ref} is in this {noun}. {m}",
+        "{m} In which part of the scene is the {ref}?",
+        "Which position does the {ref} have in {m}?",
+        "What is the position of the {ref}? {m}",
+        "Consider {m}. Where is the {ref}?",
+        "The {ref} in {m}: where is it?",
+        "{m} Where in this {noun} is the {ref}?",
+    ),
+    "same_colour": tuple(t.replace("{attrs}", "colours") for t in _SAME),
+    "same_shape": tuple(t.replace("{attrs}", "shapes") for t in _SAME),
+    # Single-object scenes: size is radius in the picture and loudness in the sound.
+    "larger": (
+        "Which object is larger, the one in {m1} or the one in {m2}?",
+        "{m1} {m2} Which holds the larger object, the picture or the sound?",
+        "Compare the sizes in {m1} and {m2}: which is larger?",
+        "Which is bigger: the object you {see1} in {m1} or the one you {see2} in {m2}?",
+        "{m1} {m2} Which object is larger? If they match, say equal.",
+        "A louder sound means a larger object. Which is larger, {m1} or {m2}?",
+        "Which of {m1} and {m2} has the larger object?",
+        "Is the larger object in the {noun1} or in the {noun2}? {m1} {m2}",
+        "Here are {m1} and {m2}. Which shows the larger object?",
+        "Which has the bigger object: {m1} or {m2}?",
+        "Between {m1} and {m2}, which object is larger, or are they equal?",
+    ),
+}
+# `describe` with a caption given as an embedding: the answer is the canonical caption.
+TEXT_TEMPLATES: tuple[str, ...] = (
+    "Rewrite {m} in the standard form.",
+    "{m} Restate this description in the usual words.",
+    "Describe the scene that {m} talks about.",
+    "{m} What scene is this?",
+    "Put this description in the usual words: {m}",
+    "Here is a description: {m} Say it the standard way.",
+    "Read {m} and describe the scene.",
+    "What objects does {m} describe?",
+    "Paraphrase {m}.",
+    "{m} Give the canonical caption.",
+    "Summarise the scene in {m}.",
+)
+
+Prompt = list[str | dict[str, str]]
+Item = tuple[str, Prompt, str, list[Scene]]  # task, prompt, answer, scene of each media item
+_MARK = re.compile("\x00(\\d)\x00")
+
+
+def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _render(template: str, media: Sequence[dict[str, str]], rng: np.random.Generator, **slots: str) -> Prompt:
+    """Fill a template; each media item becomes its own segment, the text keeps its spaces."""
+    values = dict(slots)
+    for i, item in enumerate(media):
+        words = MODALITY_WORDS[next(iter(item))]
+        mark, noun, see = f"\x00{i}\x00", _pick(rng, words["noun"]), _pick(rng, words["see"])
+        values.update({f"m{i + 1}": mark, f"noun{i + 1}": noun, f"see{i + 1}": see})
+        if i == 0:
+            values.update(m=mark, noun=noun, see=see)
+    parts = _MARK.split(template.format_map(values))
+    # split() alternates text and captured media indices: text at even positions.
+    return [media[int(p)] if k % 2 else p for k, p in enumerate(parts) if k % 2 or p]
+
+
+_SAME_KEYS: dict[str, Callable[[Sequence[SceneObject]], frozenset[str]]] = {
+    "same_colour": lambda objects: frozenset(o.colour for o in objects),
+    "same_shape": lambda objects: frozenset(o.shape for o in objects),
+}
+
+
+class _Split:
+    """One split's scenes with their media, and the groups comparison partners are drawn from."""
+
+    def __init__(self, scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]]) -> None:
+        if [s.id for s in scenes] != [r["id"] for r in manifest]:
+            raise ValueError("instruction_rows needs the manifest rows of `scenes`, in the same order")
+        self.scenes, self.rows = list(scenes), list(manifest)
+        self.groups: dict[str, dict[Any, list[int]]] = {task: defaultdict(list) for task in _SAME_KEYS}
+        for i, s in enumerate(self.scenes):
+            for task, key in _SAME_KEYS.items():
+                self.groups[task][key(s.objects)].append(i)
+        self.singles = [i for i, s in enumerate(self.scenes) if len(s.objects) == 1]
+
+    def media(self, i: int, modality: str) -> dict[str, str]:
+        return {modality: self.rows[i][modality]}
+
+
+# ---------------------------------------------------------------- one scene
+def _describe_items(split: _Split, i: int, rng: np.random.Generator) -> list[Item]:
+    scene = split.scenes[i]
+    answer = canonical_caption(scene.objects)
+    items = [
+        ("describe", _render(_pick(rng, TEMPLATES["describe"]), [split.media(i, m)], rng), answer, [scene])
+        for m in ("image", "audio")
+    ]
+    alternatives = split.rows[i]["captions"][1:]
+    if rng.random() < 0.5 and alternatives:
+        caption = {"text": _pick(rng, alternatives)}
+        items.append(("describe", _render(_pick(rng, TEXT_TEMPLATES), [caption], rng), answer, [scene]))
+    if rng.random() < 0.25:
+        media = [split.media(i, m) for m in rng.permutation(["image", "audio"]).tolist()]
+        prompt = _render(_pick(rng, TEMPLATES["describe_both"]), media, rng)
+        items.append(("describe_both", prompt, answer, [scene] * 2))
+    return items
+
+
+def _referable(obj: SceneObject, objects: Sequence[SceneObject], hide: str) -> bool:
+    """Whether some description of `obj` without attribute `hide` matches no other object."""
+    free = [a for a in ATTRS if a != hide]
+    return all(any(getattr(o, a) != getattr(obj, a) for a in free) for o in objects if o is not obj)
+
+
+def _possible(task: str, objects: Sequence[SceneObject]) -> bool:
+    return task not in ATTRS or any(_referable(o, objects, task) for o in objects)
+
+
+def _attribute_question(task: str, objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[dict, str]:
+    """Template slots and answer of one attribute question; `task` must be possible for the scene."""
+    if task == "count":
+        return {}, COUNT_WORDS[len(objects)]
+    if task == "exists":  # as questions.py: half about an object that is there, half at random
+        shape, colour = _pick(rng, objects).combo if rng.random() < 0.5 else (_pick(rng, SHAPES), _pick(rng, COLOURS))
+        noun = _pick(rng, SHAPE_WORDS[shape])
+        present = any(o.combo == (shape, colour) for o in objects)
+        return {"thing": f"{article(colour)} {colour} {noun}"}, "yes" if present else "no"
+    obj = _pick(rng, [o for o in objects if _referable(o, objects, task)])
+    return {"ref": reference(obj, tuple(objects), task, rng)}, getattr(obj, task)
+
+
+def _attribute_items(split: _Split, i: int, modality: str, rng: np.random.Generator) -> list[Item]:
+    scene = split.scenes[i]
+    possible = [t for t in TASK_GROUPS["attribute"] if _possible(t, scene.objects)]
+    items = []
+    for task in rng.choice(possible, size=2, replace=False).tolist():
+        slots, answer = _attribute_question(task, scene.objects, rng)
+        prompt = _render(_pick(rng, TEMPLATES[task]), [split.media(i, modality)], rng, **slots)
+        items.append((task, prompt, answer, [scene]))
+    return items
+
+
+# ---------------------------------------------------------------- two scenes
+def _larger(image: SceneObject, audio: SceneObject) -> str:
+    gap = SIZES.index(image.size) - SIZES.index(audio.size)
+    return LARGER_ANSWERS[0] if gap > 0 else LARGER_ANSWERS[1] if gap < 0 else LARGER_ANSWERS[2]
+
+
+def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
+    """This scene's image and a partner's audio, in random order; the split has >= 2 scenes."""
+    anchor = split.scenes[i]
+    larger_ok = len(anchor.objects) == 1 and len(split.singles) >= 2
+    task = _pick(rng, TASK_GROUPS["compare"] if larger_ok else TASK_GROUPS["compare"][:2])
+    if task == "larger":
+        pool: Sequence[int] = split.singles
+    else:  # about half among scenes that share the property, so that 'yes' is common
+        same = split.groups[task][_SAME_KEYS[task](anchor.objects)]
+        pool = same if rng.random() < 0.5 and len(same) > 1 else range(len(split.scenes))
+    j = i
+    while j == i:
+        j = _pick(rng, pool)
+    partner = split.scenes[j]
+    if task == "larger":
+        answer = _larger(anchor.objects[0], partner.objects[0])
+    else:
+        answer = "yes" if _SAME_KEYS[task](anchor.objects) == _SAME_KEYS[task](partner.objects) else "no"
+    media, scenes = [split.media(i, "image"), split.media(j, "audio")], [anchor, partner]
+    if rng.random() < 0.5:
+        media, scenes = media[::-1], scenes[::-1]
+    return task, _render(_pick(rng, TEMPLATES[task]), media, rng), answer, scenes
+
+
+# ---------------------------------------------------------------- rows, scoring
+def instruction_rows(
+    scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int
+) -> list[dict[str, Any]]:
+    """The instruction rows of one split, about 9 per scene, in scene order.
+
+    Args:
+        scenes: the split's scenes.
+        manifest: their manifest rows, in the same order: media paths and captions come from there.
+        seed: the world seed.
+
+    Returns:
+        JSON-ready rows (see the module docstring); ids are '<scene id>/<k>', unique in the split.
+    """
+    split = _Split(scenes, manifest)
+    rows = []
+    for i, scene in enumerate(split.scenes):
+        rng = rng_for(seed, scene.kind, scene.index, STREAM_INSTRUCT)
+        items = _describe_items(split, i, rng)
+        for modality in ("image", "audio"):
+            items += _attribute_items(split, i, modality, rng)
+        if len(split.scenes) > 1:
+            items += [_comparison_item(split, i, rng) for _ in range(2)]
+        for k, (task, prompt, answer, members) in enumerate(items):
+            rows.append(
+                {
+                    "id": f"{scene.id}/{k}",
+                    "task": task,
+                    "prompt": prompt,
+                    "answer": answer,
+                    "scenes": [s.id for s in members],
+                    "objects": [[o.as_dict() for o in s.objects] for s in members],
+                }
+            )
+    return rows
+
+
+def task_group(task: str) -> str:
+    """The group ('describe', 'attribute' or 'compare') a task belongs to.
+
+    Raises:
+        ValueError: for an unknown task; the message lists the valid ones.
+    """
+    for group, tasks in TASK_GROUPS.items():
+        if task in tasks:
+            return group
+    raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+
+
+def normalise(answer: str) -> str:
+    """Strip, lower-case and drop trailing punctuation: 'Red.' -> 'red'."""
+    return answer.strip().lower().rstrip(".!?,;:").strip()
+
+
+def score(row: Mapping[str, Any], generated: str) -> bool:
+    """Whether `generated` answers an instruction row correctly.
+
+    Description tasks are right when the caption parses to exactly the (shape, colour) pairs
+    of the scene's objects, as a multiset (size and position wording is not judged); every
+    other task needs the normalised answer to equal the row's answer exactly.
+    """
+    task_group(row["task"])
+    if row["task"] not in TASK_GROUPS["describe"]:
+        return normalise(generated) == row["answer"]
+    try:
+        said = parse_caption(generated)
+    except ValueError:
+        return False
+    truth = Counter((o["shape"], o["colour"]) for o in row["objects"][0])
+    return Counter(o.combo for o in said) == truth

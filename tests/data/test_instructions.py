@@ -1,0 +1,265 @@
+"""Instruction manifests of the synthetic world: files, determinism, prompts that point at the
+right media, answers recomputed here from the objects (not by re-running the generator),
+templates that never give the answer away, and scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmembed.data.synth import TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group
+from mmembed.data.synth.generate import manifest_row
+from mmembed.data.synth.instructions import TEMPLATES, TEXT_TEMPLATES, instruction_rows
+from mmembed.data.synth.rules import COLOURS
+from mmembed.data.synth.world import SceneObject, sample_world
+
+SPLITS = ("train", "val", "test", "heldout")
+N, SEED = 60, 0
+MEDIA = {"image", "audio", "text"}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("instruct") / "world"
+    summary = generate_world(root, n=N, seed=SEED, workers=1)
+    assert summary.instructions == {s: root / f"instruct-{s}.jsonl" for s in SPLITS}
+    return root
+
+
+@pytest.fixture(scope="module")
+def rows(world) -> dict[str, list[dict]]:
+    return {split: _jsonl(world / f"instruct-{split}.jsonl") for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def scenes(world) -> dict[str, dict]:
+    """Manifest row of every scene, by id."""
+    return {r["id"]: r for split in SPLITS for r in _jsonl(world / f"{split}.jsonl")}
+
+
+def _all(rows: dict[str, list[dict]]) -> list[dict]:
+    return [r for split in SPLITS for r in rows[split]]
+
+
+def _media(row: dict) -> list[tuple[str, str]]:
+    return [next(iter(seg.items())) for seg in row["prompt"] if isinstance(seg, dict)]
+
+
+def _text(row: dict) -> str:
+    return " ".join(seg for seg in row["prompt"] if isinstance(seg, str))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+# ---------------------------------------------------------------- files and format
+def test_every_split_has_rows_in_the_documented_format(world, rows, scenes):
+    for split in SPLITS:
+        members = {r["id"] for r in _jsonl(world / f"{split}.jsonl")}
+        assert rows[split] and len({r["id"] for r in rows[split]}) == len(rows[split])
+        for r in rows[split]:
+            assert set(r) == {"id", "task", "prompt", "answer", "scenes", "objects"} and r["task"] in TASKS
+            assert r["id"].split("/")[0] in r["scenes"]
+            assert all(isinstance(seg, str) or (len(seg) == 1 and set(seg) <= MEDIA) for seg in r["prompt"])
+            assert len(_media(r)) == len(r["scenes"]) == len(r["objects"]) >= 1
+            assert set(r["scenes"]) <= members  # comparison partners come from the same split
+            assert r["objects"] == [scenes[s]["objects"] for s in r["scenes"]]
+    meta = json.loads((world / "world.json").read_text())
+    assert meta["instructions"] == {s: f"instruct-{s}.jsonl" for s in SPLITS}
+
+
+def test_text_segments_carry_the_spaces_around_media(rows):
+    for r in _all(rows):
+        prompt = r["prompt"]
+        assert isinstance(prompt[0], dict) or not prompt[0][0].isspace()
+        assert isinstance(prompt[-1], dict) or not prompt[-1][-1].isspace()
+        for before, after in zip(prompt, prompt[1:]):
+            assert not (isinstance(before, dict) and isinstance(after, dict)), r["id"]  # a space between
+            if isinstance(after, dict):
+                assert before.endswith(" "), r["id"]
+            if isinstance(before, dict):
+                assert after[0] in " .,:;?!", r["id"]
+        assert "  " not in "".join(seg if isinstance(seg, str) else "M" for seg in prompt)
+
+
+def test_same_seed_gives_identical_bytes_with_any_worker_count(world, tmp_path, monkeypatch):
+    import mmembed.data.synth.generate as gen
+
+    monkeypatch.setattr(gen, "CHUNK", 16)  # several chunks, so the 2-process pool really runs
+    generate_world(tmp_path / "again", n=N, seed=SEED, workers=2)
+    for split in SPLITS:
+        name = f"instruct-{split}.jsonl"
+        assert (world / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def _instructions(n: int, split: str = "train") -> dict[str, list[dict]]:
+    """Rows per scene of one split of a world of `n` scenes, built without rendering any media."""
+    members = [s for s in sample_world(SEED, n, 0, (0.8, 0.1, 0.1), []) if s.split == split]
+    manifest = [manifest_row(s, SEED, pairs=[]) for s in members]
+    by_scene: dict[str, list[dict]] = {}
+    for r in instruction_rows(members, manifest, SEED):
+        by_scene.setdefault(r["id"].split("/")[0], []).append(r)
+    return by_scene
+
+
+def test_a_scenes_own_rows_do_not_depend_on_n():
+    small, large = _instructions(40), _instructions(80)
+    assert len(small) == 32 and set(small) <= set(large)
+    for sid, got in small.items():
+        own = [r for r in got if task_group(r["task"]) != "compare"]
+        assert own == [r for r in large[sid] if task_group(r["task"]) != "compare"], sid
+
+
+# ---------------------------------------------------------------- what the rows hold
+def test_every_task_appears_and_rows_per_scene_follow_the_recipe(rows):
+    assert set(r["task"] for r in rows["train"]) == set(TASKS)
+    per_scene: dict[str, Counter] = {}
+    for r in _all(rows):  # counted by (task, or group for questions) and the first media item
+        group = task_group(r["task"])
+        key = (r["task"] if group == "describe" else group, _media(r)[0][0])
+        per_scene.setdefault(r["id"].split("/")[0], Counter())[key] += 1
+    for counts in per_scene.values():
+        assert counts[("describe", "image")] == counts[("describe", "audio")] == 1
+        assert counts[("attribute", "image")] == counts[("attribute", "audio")] == 2
+        assert counts[("compare", "image")] + counts[("compare", "audio")] == 2
+    mean = np.mean([sum(c.values()) for c in per_scene.values()])
+    texts = np.mean([c[("describe", "text")] for c in per_scene.values()])
+    assert 8.0 < mean < 10.0 and 0.3 < texts < 0.7
+
+
+def test_media_belong_to_the_scenes_listed(world, rows, scenes):
+    for r in _all(rows):
+        for (modality, value), sid in zip(_media(r), r["scenes"]):
+            if modality == "text":  # an alternative caption of the scene, never the canonical one
+                assert r["task"] == "describe" and value in scenes[sid]["captions"][1:]
+            else:
+                assert value == scenes[sid][modality] and (world / value).is_file()
+                assert value == (f"images/{sid}.png" if modality == "image" else f"audio/{sid}.wav")
+
+
+def _objects(r: dict, k: int = 0) -> list[SceneObject]:
+    return [SceneObject.from_dict(o) for o in r["objects"][k]]
+
+
+def _expected(r: dict, scenes: dict) -> str:
+    """The answer recomputed from the row's objects and prompt."""
+    task, objects = r["task"], _objects(r)
+    if task in ("describe", "describe_both"):
+        assert sorted(parse_caption(r["answer"])) == sorted(objects)
+        return scenes[r["scenes"][0]]["text"]  # the canonical caption
+    if task == "count":
+        return {1: "one", 2: "two"}[len(objects)]
+    if task == "exists":
+        wanted = dict(mentions(_text(r)))
+        assert set(wanted) == {"shape", "colour"}
+        return "yes" if any(o.shape == wanted["shape"] and o.colour == wanted["colour"] for o in objects) else "no"
+    if task in ("same_colour", "same_shape"):
+        attr = task.removeprefix("same_")
+        return "yes" if {getattr(o, attr) for o in objects} == {getattr(o, attr) for o in _objects(r, 1)} else "no"
+    if task == "larger":
+        by_modality = {m: _objects(r, k) for k, (m, _) in enumerate(_media(r))}
+        (image,), (audio,) = by_modality["image"], by_modality["audio"]
+        if image.size == audio.size:
+            return "equal"
+        return "the picture" if image.size == "large" else "the sound"
+    ref = dict(mentions(_text(r)))
+    assert task not in ref, r  # the reference never names the asked attribute
+    matches = [o for o in objects if all(getattr(o, a) == v for a, v in ref.items())]
+    assert len(matches) == 1, r
+    return getattr(matches[0], task)
+
+
+def test_answers_match_the_objects(rows, scenes):
+    for r in _all(rows):
+        assert r["answer"] == _expected(r, scenes), r
+        modalities = [m for m, _ in _media(r)]
+        if task_group(r["task"]) == "compare":
+            assert sorted(modalities) == ["audio", "image"] and r["scenes"][0] != r["scenes"][1]
+        if r["task"] == "describe_both":
+            assert sorted(modalities) == ["audio", "image"] and r["scenes"][0] == r["scenes"][1]
+        if task_group(r["task"]) == "attribute":
+            assert modalities in (["image"], ["audio"])
+
+
+def test_yes_and_no_are_both_common(rows):
+    answers = {t: Counter(r["answer"] for r in _all(rows) if r["task"] == t) for t in ("exists", "same_colour")}
+    assert 0.3 < answers["exists"]["yes"] / answers["exists"].total() < 0.75
+    assert 0.2 < answers["same_colour"]["yes"] / answers["same_colour"].total() < 0.8
+
+
+def test_questions_never_contain_their_answer(rows):
+    for r in _all(rows):
+        if r["task"] in ("colour", "shape", "size", "position"):
+            assert r["task"] not in {a for a, _ in mentions(_text(r))}, r["prompt"]
+        if task_group(r["task"]) == "attribute":
+            assert r["answer"] not in _words(_text(r)), r["prompt"]
+
+
+def test_at_least_ten_phrasings_per_task():
+    assert set(TEMPLATES) == set(TASKS)
+    for task, templates in TEMPLATES.items():
+        assert len(set(templates)) >= 10, task
+    assert len(set(TEXT_TEMPLATES)) >= 10
+
+
+def test_phrasings_vary_in_the_written_world(rows):
+    for modality in ("image", "audio"):
+        shapes = {
+            "".join(seg if isinstance(seg, str) else "<M>" for seg in r["prompt"])
+            for r in _all(rows)
+            if r["task"] == "describe" and _media(r)[0][0] == modality
+        }
+        assert len(shapes) >= 10, modality
+
+
+# ---------------------------------------------------------------- scoring
+def _recolour(caption: str) -> str:
+    colour = next(c for c in COLOURS if re.search(rf"\b{c}\b", caption))
+    other = COLOURS[(COLOURS.index(colour) + 1) % len(COLOURS)]
+    return re.sub(rf"\b{colour}\b", other, caption, count=1)
+
+
+def test_score_accepts_any_correct_caption_and_rejects_a_wrong_colour(rows, scenes):
+    rng = np.random.default_rng(0)
+    described = [r for r in _all(rows) if task_group(r["task"]) == "describe"]
+    assert {r["task"] for r in described} == {"describe", "describe_both"}
+    for r in described:
+        captions = scenes[r["scenes"][0]]["captions"]
+        assert score(r, r["answer"]) and score(r, captions[int(rng.integers(1, len(captions)))])
+        assert not score(r, _recolour(r["answer"]))
+        assert not score(r, r["answer"] + " and a small red star on the right")
+        assert not score(r, "I cannot tell.")
+
+
+def test_score_normalises_short_answers():
+    row = {"task": "colour", "answer": "red", "objects": [[]]}
+    assert score(row, "Red.") and score(row, "  red ") and score(row, "RED!")
+    assert not score(row, "blue") and not score(row, "dark red")
+    assert score({"task": "larger", "answer": "the picture"}, "The picture.")
+
+
+def test_task_groups():
+    assert TASK_GROUPS["compare"] == ("same_colour", "same_shape", "larger")
+    assert [task_group(t) for t in ("describe_both", "position", "larger")] == ["describe", "attribute", "compare"]
+    with pytest.raises(ValueError, match="valid: describe"):
+        task_group("caption")
+
+
+# ---------------------------------------------------------------- caching
+def test_a_missing_instruction_file_makes_the_world_regenerate(tmp_path):
+    root = tmp_path / "w"
+    generate_world(root, n=8, seed=1, workers=1)
+    before = (root / "instruct-val.jsonl").read_bytes()
+    (root / "instruct-val.jsonl").unlink()
+    again = generate_world(root, n=8, seed=1, workers=1)
+    assert not again.reused and (root / "instruct-val.jsonl").read_bytes() == before
