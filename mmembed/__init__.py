@@ -3,6 +3,7 @@
     import mmembed as mm
     model = mm.load("runs/demo")
     z = model.embed("image", ["cat.png"])          # (N, D) unit vectors
+    out = model.generate(["What is in", mm.Image("cat.png"), "?"])   # a run with a decoder
 
 Heavy modules (torch, encoders) load on first use, so `mmembed --help` stays instant.
 """
@@ -26,12 +27,19 @@ _LAZY = {
     "Index": ("mmembed.retrieval", "Index"),
     "Query": ("mmembed.retrieval", "Query"),
     "train": ("mmembed.train", "train"),
+    "Image": ("mmembed.decoder.prompt", "Image"),
+    "Audio": ("mmembed.decoder.prompt", "Audio"),
+    "Text": ("mmembed.decoder.prompt", "Text"),
+    "Generation": ("mmembed.decoder.generate", "Generation"),
 }
+_SUBPACKAGES = ("decoder",)
 
-__all__ = ["Modality", "__version__", *_LAZY]
+__all__ = ["Modality", "__version__", *_LAZY, *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"mmembed.{name}")
     if name in _LAZY:
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)

@@ -114,12 +114,54 @@ class TrainConfig:
 
 
 @dataclass
+class DecoderDataConfig:
+    train: str = "instruct-train.jsonl"  # instruction manifest (prompt segments + answer), under data.root
+    val: str | None = "instruct-val.jsonl"
+    tasks: list[str] | None = None  # keep only rows of these tasks (None: all)
+    prompt_modalities: list[str] | None = None  # keep only rows whose media are all of these modalities
+    val_rows: int = 1000  # validation rows scored (teacher-forced) at each evaluation
+
+
+def _decoder_train() -> TrainConfig:
+    return TrainConfig(batch_size=64, epochs=1, lr=2e-3, warmup_steps=50, weight_decay=0.1,
+                       early_stop_metric="answer_accuracy", checkpoint_every=200)
+
+
+@dataclass
+class DecoderConfig:
+    """The decoder stage: a causal LM that reads interleaved text and shared-space vectors."""
+
+    width: int = 256  # C
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    context: int = 256  # longest sequence (prompt + answer) in tokens, soft tokens included
+    positional: Literal["rotary", "sinusoidal", "learned"] = "rotary"
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    dropout: float = 0.1
+    tie_embeddings: bool = True  # output projection = token embedding matrix
+    soft_tokens: int = 4  # k: decoder embeddings per media item
+    projector: Literal["mlp", "linear"] = "mlp"
+    projector_hidden: int | None = None  # MLP hidden width (None: 2 * width)
+    # Training only: Gaussian noise of this std per component on the shared-space vectors before the
+    # projector, then renormalised (CapDec): the decoder learns a neighbourhood, not a point, so a
+    # vector of another modality that lands nearby reads the same.
+    media_noise: float = 0.0
+    vector_marker_prob: float = 0.1  # training: mark an item <vector> instead of its modality this often
+    init_from_gpt2: str | None = None  # a GPT-2 folder saved by transformers: its weights and tokenizer
+    data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
+    train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
+    # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decoder: DecoderConfig | None = None  # set: `mmembed train` also trains the decoder stage
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +244,13 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
     for name, f in fields.items():
         key = _join(where, name)
         if name in raw:
-            kwargs[name] = coerce(hints[name], raw[name], key, source)
+            value = raw[name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                # a partial section keeps the field's own defaults (decoder.train is not TrainConfig())
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):
+                    value = _merged(to_dict(default), value)
+            kwargs[name] = coerce(hints[name], value, key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key {key!r}")
     return cls(**kwargs)
@@ -272,6 +320,13 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "con
         if name not in valid:
             raise ConfigError(f"{source}: unknown key {_join(where, name)!r} (valid: {', '.join(valid)})")
         out[name] = coerce(hints.get(name, Any), value, _join(where, name), source)
+    return out
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -1,17 +1,19 @@
-"""The object behind `mm.load(...)`: a shared space with its tokenizer and preprocessing.
+"""The object behind `mm.load(...)`: a shared space with its tokenizer and preprocessing, and
+the decoder when the run trained one.
 
 `Model.embed(modality, items)` takes raw items of any accepted kind (paths, PIL images,
 waveforms, strings), preprocesses them exactly as training did (without augmentation), and
-returns unit vectors. A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json`.
+returns unit vectors. `Model.generate(prompt)` answers a prompt that mixes text and media.
+A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `decoder.safetensors`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +24,9 @@ from mmembed.errors import BadInput, CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space
+
+if TYPE_CHECKING:
+    from mmembed.decoder import Generation, Prompt, PromptModel
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,15 @@ class Model:
         space: the `SharedSpace` module (towers, heads, logit scale).
         tokenizer: the text tokenizer (None when the model has no text tower).
         embed_dim: D, the dimension of every embedding.
+        prompt_model: the decoder stage (projector + language model), or None.
     """
 
-    def __init__(self, config: Config, space: SharedSpace, tokenizer: Any | None):
+    def __init__(self, config: Config, space: SharedSpace, tokenizer: Any | None,
+                 prompt_model: PromptModel | None = None):
         self.config = config
         self.space = space
         self.tokenizer = tokenizer
+        self.prompt_model = prompt_model
         self.embed_dim = space.embed_dim
         self.preprocessors = {
             m: build_preprocessor(m, config.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=False)
@@ -59,6 +67,8 @@ class Model:
 
     def to(self, device: str | torch.device) -> Model:
         self.space.to(device)
+        if self.prompt_model is not None:
+            self.prompt_model.lm.to(device)
         return self
 
     @property
@@ -113,14 +123,74 @@ class Model:
             return torch.zeros(0, self.embed_dim)
         return torch.cat(out)  # (N, D)
 
+    def generate(self, prompt: Prompt | list[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, stop: str | int | Sequence | None = None,
+                 seed: int | None = None) -> Generation | list[Generation]:
+        """Answer a prompt that interleaves text and media.
+
+        Args:
+            prompt: a `str`, or a list of segments — `str`, `mm.Image(...)`, `mm.Audio(...)`,
+                `mm.Text(...)`, or a (D,) shared-space tensor — in any order. A list of such
+                lists is a batch (left-padded, one forward pass per step).
+            max_new_tokens: most tokens to write (fewer when the context ends first).
+            temperature: 0 = greedy; higher = more random.
+            top_k, top_p: keep the k most likely tokens / the smallest set reaching probability p.
+            stop: stop strings (cut from the text) and/or token ids; <eos> always stops.
+            seed: seeds the sampling for a reproducible draw.
+
+        Returns:
+            A `Generation` (text, token_ids, logprobs, entropy in nats per token), or a list of
+            them for a batch.
+
+        Raises:
+            UserError: the run has no decoder. BadInput naming the segment: an empty prompt,
+            unreadable media, a vector of the wrong shape/dtype/device or with NaN; a prompt
+            longer than the context. ValueError: invalid sampling arguments.
+        """
+        from mmembed.decoder import generate as run_batch
+
+        pm, prompts, batch, args = self._generation_inputs(prompt, temperature, top_k, top_p, stop)
+        outs = []
+        for start in range(0, len(prompts), 64):
+            outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, seed, self.device)
+        return outs if batch else outs[0]
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, stop: str | int | Sequence | None = None,
+               seed: int | None = None) -> Iterator[str]:
+        """Yield the answer to one prompt in text pieces as they are decoded (arguments as in
+        `generate`); the pieces join to the `text` that `generate` returns for the same seed."""
+        from mmembed.decoder import stream
+
+        pm, prompts, batch, args = self._generation_inputs(prompt, temperature, top_k, top_p, stop)
+        if batch:
+            raise UserError("stream takes one prompt; use generate for a batch")
+        yield from stream(pm.lm, pm.fmt, prompts[0], max_new_tokens, *args, seed, self.device)
+
+    def _generation_inputs(self, prompt: Any, temperature: float, top_k: int | None, top_p: float | None,
+                           stop: Any) -> tuple[PromptModel, list, bool, tuple]:
+        from mmembed.decoder import Sampling, Stops, is_batch, resolve_prompts
+
+        if self.prompt_model is None:
+            raise UserError("this run has no decoder: train one with a config that has a `decoder:` section "
+                            "(configs/demo.yaml does)")
+        sampling, stops = Sampling(temperature, top_k, top_p), Stops.parse(stop)
+        batch = is_batch(prompt)
+        prompts = resolve_prompts(list(prompt) if batch else [prompt], self.embed, self.embed_dim, self.device)
+        return self.prompt_model, prompts, batch, (sampling, stops)
+
     def save(self, run_dir: str | Path) -> Path:
-        """Write weights, config and tokenizer into `run_dir` (each file atomically)."""
+        """Write weights, config and tokenizer (and the decoder's) into `run_dir`, each file atomically."""
+        from mmembed.decoder import save_prompt_model
+
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_tensors(run_dir / WEIGHTS, self.space.state_dict())
         save_config(self.config, run_dir / CONFIG)
         if self.tokenizer is not None:
             self.tokenizer.save(run_dir / TOKENIZER)
+        if self.prompt_model is not None:
+            save_prompt_model(self.prompt_model, run_dir)
         return run_dir
 
     @classmethod
@@ -139,7 +209,7 @@ class Model:
         if missing or unexpected:
             raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
                                   f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-        model = cls(config, space, tokenizer)
+        model = cls(config, space, tokenizer, _load_decoder(run_dir, config, tokenizer, space.embed_dim))
         model.space.eval()
         return model.to(device) if device is not None else model
 
@@ -155,6 +225,14 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
 def load(run_dir: str | Path, device: str | torch.device | None = None) -> Model:
     """`mm.load("runs/demo")`: open a trained run. See `Model.load`."""
     return Model.load(run_dir, device)
+
+
+def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_dim: int) -> PromptModel | None:
+    from mmembed.decoder import DECODER_WEIGHTS, load_prompt_model
+
+    if config.decoder is None or not (run_dir / DECODER_WEIGHTS).is_file():
+        return None
+    return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
 
 
 def _load_tokenizer(run_dir: Path) -> Any | None:

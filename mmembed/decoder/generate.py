@@ -1,0 +1,225 @@
+"""Autoregressive generation: prefill the prompt once, then one token per step from the KV cache.
+
+    prompts ─► left-padded ids + media vectors ─► prefill (whole prompt, fills the caches)
+            ─► logits of the last position ─► choose ─► feed the token back ─► … until every row
+               has written <eos>, a stop token or string, or max_new_tokens
+
+A batch is left-padded so that every row's last prompt token sits in the last column: the next
+token of every row is then predicted from the same column. Positions count real tokens only
+(position = number of real tokens before), and padding is masked out of attention, so a row
+gives the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmembed.decoder.fusion import MultimodalLM
+from mmembed.decoder.model import Decoder
+from mmembed.decoder.prompt import PromptFormat, Resolved
+from mmembed.decoder.sampling import Choice, Sampling, choose
+from mmembed.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """What the decoder wrote for one prompt.
+
+    Attributes:
+        text: the answer, without special tokens and cut before a stop string.
+        token_ids: every generated id, the final <eos> or stop token included.
+        logprobs: log-probability of each generated id under the distribution it was drawn from.
+        entropy: entropy (nats) of that distribution at each step; 0 for greedy steps.
+        finish_reason: "eos", "stop" (a stop string or id), or "length" (max_new_tokens or the
+            end of the context).
+        prompt_tokens: ids in the prompt (soft tokens and markers included).
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+    @property
+    def mean_entropy(self) -> float:
+        return sum(self.entropy) / len(self.entropy) if self.entropy else 0.0
+
+
+@dataclass
+class Stops:
+    """When to stop besides <eos>: stop strings (cut from the text) and stop token ids."""
+
+    strings: tuple[str, ...] = ()
+    ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, stop: str | int | Sequence[str | int] | None) -> Stops:
+        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        strings = tuple(s for s in items if isinstance(s, str))
+        ids = frozenset(i for i in items if isinstance(i, int) and not isinstance(i, bool))
+        if len(strings) + len(ids) != len(items) or any(not s for s in strings):
+            raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
+        return cls(strings, ids)
+
+    def cut(self, text: str) -> int | None:
+        """Index of the earliest stop string in `text`, or None."""
+        found = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return min(found) if found else None
+
+    @property
+    def holdback(self) -> int:
+        """Characters a stream must hold back: they may be the start of a stop string."""
+        return max((len(s) for s in self.strings), default=1) - 1
+
+
+class _Row:
+    """One prompt's generation in progress."""
+
+    def __init__(self, fmt: PromptFormat, stops: Stops, prompt_tokens: int) -> None:
+        self.fmt, self.stops = fmt, stops
+        self.out = Generation(text="", prompt_tokens=prompt_tokens)
+        self.done = False
+        self._text_ids: list[int] = []
+
+    def add(self, token: int, logprob: float, entropy: float) -> None:
+        out = self.out
+        out.token_ids.append(token)
+        out.logprobs.append(logprob)
+        out.entropy.append(entropy)
+        if token == self.fmt.eos_id or token in self.stops.ids:
+            out.finish_reason = "eos" if token == self.fmt.eos_id else "stop"
+            self.done = True
+            return
+        self._text_ids.append(token)
+        out.text = self.fmt.decode(self._text_ids)
+        cut = self.stops.cut(out.text)
+        if cut is not None:
+            out.text, out.finish_reason, self.done = out.text[:cut], "stop", True
+
+
+def pad_left(fmt: PromptFormat, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Ids (B, T) padded on the left, and the mask (B, T) (None when no row is padded)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), fmt.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = True
+    return ids.to(device), (None if bool(mask.all()) else mask.to(device))
+
+
+@torch.inference_mode()
+def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_tokens: int,
+                 sampling: Sampling, generator: torch.Generator | None = None) -> Iterator[Choice]:
+    """Yield one `Choice` per step for every row; the caller stops iterating when it is done.
+
+    Args:
+        embeds: (B, T, C) left-padded prompt embeddings (soft tokens already in place).
+        mask: (B, T) bool, True = real token; None when no row is padded.
+        max_new_tokens: steps at most (the caches are sized for T + max_new_tokens).
+    """
+    B, T, _ = embeds.shape
+    device = embeds.device
+    caches = decoder.new_caches(B, T + max_new_tokens)
+    if mask is None:
+        positions, full_mask = None, None
+        next_pos = torch.tensor([T], device=device)
+    else:
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each
+        full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        full_mask[:, :T] = mask
+        next_pos = positions[:, -1:] + 1  # (B, 1)
+    hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
+    logits = decoder.lm_head(hidden[:, -1])  # (B, V)
+    for step in range(max_new_tokens):
+        choice = choose(logits, sampling, generator)
+        yield choice
+        if step + 1 == max_new_tokens:
+            return
+        step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
+        hidden = decoder.hidden(choice.tokens[:, None], mask=step_mask, positions=next_pos, kv_caches=caches)
+        logits = decoder.lm_head(hidden[:, -1])
+        next_pos = next_pos + 1
+
+
+@torch.inference_mode()
+def _prepare(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
+             device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
+    rows = [fmt.encode(p.parts) for p in prompts]
+    context = lm.decoder.max_len
+    longest = max(len(r) for r in rows)
+    if longest > context:
+        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {context} tokens "
+                       "(shorten it, or train with a larger decoder.context)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    steps = min(max_new_tokens, context - longest)
+    if steps < max_new_tokens:
+        log.warning("generation capped at %d new tokens by the %d-token context", steps, context)
+    ids, mask = pad_left(fmt, rows, device)
+    vectors = [p.vectors for p in prompts if p.vectors.shape[0]]
+    embeds = lm.embed(ids, torch.cat(vectors) if vectors else None)  # (B, T, C)
+    return embeds, mask, [len(r) for r in rows], steps
+
+
+def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int, sampling: Sampling,
+        stop: Stops, seed: int | None, device: torch.device) -> Iterator[list[_Row]]:
+    """Generate for a batch; yields the rows after every step (streaming reads them)."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        embeds, mask, lengths, steps = _prepare(lm, fmt, prompts, max_new_tokens, device)
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        rows = [_Row(fmt, stop, n) for n in lengths]
+        if steps < 1:
+            yield rows
+            return
+        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator):
+            tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
+            for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
+                if not row.done:
+                    row.add(t, lp, h)
+            yield rows
+            if all(r.done for r in rows):
+                return
+    finally:
+        lm.train(was_training)
+
+
+def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
+             sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
+    """Run a batch to the end; one `Generation` per prompt."""
+    rows: list[_Row] = []
+    for rows in run(lm, fmt, prompts, max_new_tokens, sampling, stop, seed, device):
+        pass
+    return [r.out for r in rows]
+
+
+def stream(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens: int, sampling: Sampling,
+           stop: Stops, seed: int | None, device: torch.device) -> Iterator[str]:
+    """Yield text pieces of one prompt's answer as they are decoded; they join to its `text`.
+
+    A piece is held back while it ends in an incomplete UTF-8 character or could be the start of
+    a stop string.
+    """
+    sent = 0
+    row = None
+    for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device):
+        text = row.out.text
+        safe = len(text) if row.done else len(text) - stop.holdback
+        while safe > sent and text[safe - 1] == "\ufffd" and not row.done:
+            safe -= 1
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    if row is not None and len(row.out.text) > sent:
+        yield row.out.text[sent:]

@@ -1,0 +1,188 @@
+"""Pretrained GPT-2 from a folder saved by `transformers` (`save_pretrained`), read without it.
+
+    folder/config.json          architecture (n_embd, n_layer, n_head, n_positions, ...)
+    folder/model.safetensors    weights (or pytorch_model.bin, loaded with weights_only=True)
+    folder/tokenizer.json       byte-level BPE (or vocab.json + merges.txt)
+
+GPT-2 is our `Decoder` with learned positions and tanh-GELU. Its `Conv1D` layers store weights
+as (in, out), the transpose of `nn.Linear`; its attention's fused c_attn is [q | k | v] with
+heads contiguous inside each, the layout of our `qkv` projection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers
+
+from mmembed.checkpoint import atomic_write_text, load_torch_weights
+from mmembed.errors import CheckpointError, UserError
+from mmembed.decoder.model import Decoder
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+END_OF_TEXT = "<|endoftext|>"
+
+
+def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
+    """`Decoder` keyword arguments for the GPT-2 in `folder` (from its config.json)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"no config.json in {folder} (a GPT-2 folder is what transformers' save_pretrained writes)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
+        found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise UserError(f"{path}: model_type {found!r} is not gpt2")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise UserError(f"{path}: attention scaling variants of GPT-2 are not supported")
+    activation = cfg.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS:
+        raise UserError(f"{path}: activation {activation!r} not supported (valid: {', '.join(_ACTIVATIONS)})")
+    width = int(cfg.get("n_embd", 768))
+    return {
+        "vocab_size": int(cfg.get("vocab_size", 50257)),
+        "width": width,
+        "layers": int(cfg.get("n_layer", 12)),
+        "heads": int(cfg.get("n_head", 12)),
+        "mlp_ratio": (cfg.get("n_inner") or 4 * width) / width,
+        "max_len": int(cfg.get("n_positions", 1024)),
+        "positional": "learned",
+        "bias": True,
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+        "activation": _ACTIVATIONS[activation],
+        "norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5)),
+    }
+
+
+def load_gpt2(folder: str | Path, dropout: float = 0.0) -> Decoder:
+    """A `Decoder` holding the weights of the GPT-2 saved in `folder`.
+
+    Args:
+        folder: what `GPT2LMHeadModel.save_pretrained` (or `GPT2Model`'s) wrote.
+        dropout: dropout for fine-tuning (GPT-2 used 0.1); 0 for inference.
+
+    Returns:
+        The decoder, in eval mode. Raises UserError / CheckpointError with the file at fault.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"GPT-2 folder not found: {folder}")
+    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout)
+    state = _to_ours(_read_weights(folder), decoder.layers)
+    own = decoder.state_dict()
+    tied = decoder.lm_head.weight is decoder.token_embedding.weight
+    required = [k for k in own if not (tied and k == "lm_head.weight")]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{folder}: the weights lack {len(missing)} tensors of this config (first: {missing[0]})")
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
+    decoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return decoder.eval()
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return load_torch_weights(folder / name)
+    raise UserError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+_BLOCK = {
+    "ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj",
+}
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _to_ours(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Rename (and transpose Conv1D weights) from transformers' GPT-2 names to ours."""
+    out = {}
+    for name, t in state.items():
+        key = name.removeprefix("transformer.")
+        if key == "wte.weight":
+            out["token_embedding.weight"] = t
+        elif key == "wpe.weight":
+            out["transformer.positional.embedding.weight"] = t
+        elif key.startswith("ln_f."):
+            out["transformer.norm." + key[5:]] = t
+        elif key == "lm_head.weight":
+            out[key] = t
+        elif m := re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", key):
+            i, module, kind = int(m.group(1)), m.group(2), m.group(3)
+            if module not in _BLOCK or i >= layers:
+                continue  # attn.bias / masked_bias: causal-mask buffers of old checkpoints
+            if module in _CONV1D and kind == "weight":
+                t = t.t().contiguous()
+            out[f"transformer.blocks.{i}.{_BLOCK[module]}.{kind}"] = t
+    return out
+
+
+class PretrainedTokenizer:
+    """A Hugging Face byte-level BPE tokenizer (GPT-2's) behind mmembed's tokenizer interface.
+
+    GPT-2 has one special token, `<|endoftext|>`, which serves as bos, eos and pad. Typed text
+    never becomes a special id (special-token text is encoded as plain characters).
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, hf: tokenizers.Tokenizer) -> None:
+        self._hf = hf
+        self._plain = tokenizers.Tokenizer.from_str(hf.to_str())
+        self._plain.encode_special_tokens = True
+        self._special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        end = self._special.get(END_OF_TEXT, hf.token_to_id(END_OF_TEXT))
+        if end is None:
+            raise CheckpointError(f"tokenizer has no {END_OF_TEXT} token")
+        self._special.setdefault(END_OF_TEXT, end)
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.eos_id = self.pad_id = end
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def encode(self, text: str, **_: Any) -> list[int]:
+        """Text → ids (special-token text stays text)."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    def save(self, path: str | Path) -> Path:
+        atomic_write_text(Path(path), self._hf.to_str(pretty=True))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PretrainedTokenizer:
+        path = Path(path)
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises plain Exception
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def gpt2_tokenizer(folder: str | Path) -> PretrainedTokenizer:
+    """The tokenizer saved beside a GPT-2: tokenizer.json, else vocab.json + merges.txt."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return PretrainedTokenizer.load(folder / "tokenizer.json")
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise UserError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
+    hf = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([END_OF_TEXT])
+    return PretrainedTokenizer(hf)

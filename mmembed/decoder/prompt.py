@@ -1,0 +1,244 @@
+"""Prompts: segments of text and media, and how they become decoder ids.
+
+A prompt is a `str`, or a sequence of segments in any order:
+
+    str                       text the user typed (tokenised)
+    Image(path | PIL | array) a picture       ─┐
+    Audio(path | (wave, sr))  a sound          ├─ embedded by the model's tower → one vector
+    Text("a caption")         a caption        ─┘  (through the text tower, not tokenised)
+    Tensor (D,)               a shared-space vector from anywhere (an index, a composed query)
+
+Layout of the ids (`PromptFormat.encode`):
+
+    <bos> text … <image> ▢ … ▢ </image> text … <audio> ▢ … ▢ </audio> … <answer>  →  answer … <eos>
+
+where ▢ is the placeholder (`<media>`) the projector's k soft tokens replace. A bare vector is
+wrapped in `<vector> … </vector>`. Markers are special ids that no typed text can produce: a
+user who types "<image>" gets those seven characters as text. Markers the tokenizer lacks
+(all of them for GPT-2's) get ids after its vocabulary; the decoder's embedding has rows for them.
+Text segments are stripped at their ends: a media item is a word boundary, so
+`"Describe ", Image(...)` and `"Describe", Image(...)` are the same prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor
+
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+
+VECTOR = "vector"  # marker name for a bare shared-space vector
+
+
+class Media:
+    """A media item in a prompt; `Image`, `Audio` and `Text` fix the modality."""
+
+    modality: ClassVar[Modality]
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+    def __repr__(self) -> str:
+        shown = self.item if isinstance(self.item, (str, Path)) else type(self.item).__name__
+        return f"{type(self).__name__}({shown!r})"
+
+
+class Image(Media):
+    """A picture: a path, a PIL image or an (H, W, C) array."""
+
+    modality = Modality.IMAGE
+
+
+class Audio(Media):
+    """A sound: a path or a `(waveform, sample_rate)` pair."""
+
+    modality = Modality.AUDIO
+
+
+class Text(Media):
+    """A caption given as a shared-space vector (embedded by the text tower), not as tokens."""
+
+    modality = Modality.TEXT
+
+
+MEDIA: dict[Modality, type[Media]] = {cls.modality: cls for cls in (Image, Audio, Text)}
+
+
+Segment = Union[str, Media, Tensor]
+Prompt = Union[str, Sequence[Segment]]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a media item's soft tokens go; `marker` is a modality name or `VECTOR`."""
+
+    marker: str
+
+
+class PromptFormat:
+    """Turns prompts into decoder ids and generated ids back into text.
+
+    Args:
+        tokenizer: any mmembed tokenizer (`encode`, `decode`, `special_tokens`, bos/eos/pad ids).
+        soft_tokens: placeholders per media item (the projector's k).
+    """
+
+    def __init__(self, tokenizer: Any, soft_tokens: int) -> None:
+        self.tokenizer, self.soft_tokens = tokenizer, soft_tokens
+        markers = [VECTOR, *(m.value for m in Modality)]
+        names = ["<answer>", "<media>", *(t for m in markers for t in (f"<{m}>", f"</{m}>"))]
+        own = tokenizer.special_tokens
+        extra = [n for n in names if n not in own]
+        self.ids = {n: own[n] if n in own else tokenizer.vocab_size + extra.index(n) for n in names}
+        self.extra_tokens = extra
+        self.vocab_size: int = tokenizer.vocab_size + len(extra)
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        self.answer_id, self.placeholder_id = self.ids["<answer>"], self.ids["<media>"]
+        self._hidden = set(self.ids.values()) | set(own.values()) | {self.bos_id, self.eos_id, self.pad_id}
+
+    def encode(self, parts: Sequence[str | Slot]) -> list[int]:
+        """Prompt parts → ids from `<bos>` to `<answer>` inclusive."""
+        ids = [self.bos_id]
+        for part in parts:
+            if isinstance(part, Slot):
+                ids += self.slot_ids(part.marker)
+            elif part.strip():
+                ids += self.tokenizer.encode(part.strip())
+        ids.append(self.answer_id)
+        return ids
+
+    def slot_ids(self, marker: str) -> list[int]:
+        """`<marker>`, k placeholders, `</marker>`: one media item's ids."""
+        return [self.ids[f"<{marker}>"], *[self.placeholder_id] * self.soft_tokens, self.ids[f"</{marker}>"]]
+
+    def encode_answer(self, text: str) -> list[int]:
+        """Answer text → its ids followed by `<eos>` (what the decoder learns to write)."""
+        return [*self.tokenizer.encode(text.strip()), self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids → text, without special or marker tokens."""
+        return self.tokenizer.decode([i for i in ids if i not in self._hidden])
+
+
+_INLINE = re.compile(r"<(image|audio):([^<>]+)>")
+
+
+def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
+    """`"Describe <image:a.png> and <audio:b.wav>"` → ["Describe", Image(a.png), "and", Audio(b.wav)].
+
+    Paths resolve against `base` (default: the working directory) and must exist: a missing file
+    is a UserError naming it.
+    """
+    parts: list[str | Media] = []
+    pos = 0
+    for m in _INLINE.finditer(text):
+        parts.append(text[pos:m.start()])
+        path = Path(m.group(2).strip()).expanduser()
+        path = path if path.is_absolute() or base is None else base / path
+        if not path.is_file():
+            raise UserError(f"prompt names a missing {m.group(1)} file: {path}")
+        parts.append(MEDIA[Modality(m.group(1))](path))
+        pos = m.end()
+    parts.append(text[pos:])
+    return [p for p in parts if not isinstance(p, str) or p.strip()]
+
+
+@dataclass
+class Resolved:
+    """A prompt ready for the decoder: its parts, and one unit vector per `Slot`, in order."""
+
+    parts: list[str | Slot]
+    vectors: Tensor  # (M, D) float32
+
+
+def is_batch(prompts: Any) -> bool:
+    """A list of prompts (each a list/tuple of segments), as opposed to one prompt."""
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(
+        isinstance(p, (list, tuple)) for p in prompts)
+
+
+def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list], Tensor], dim: int,
+                    device: torch.device) -> list[Resolved]:
+    """Check every segment and embed every media item (one tower call per modality).
+
+    Args:
+        prompts: the prompts of one batch.
+        embed: (modality, items) → (N, dim) unit vectors (`Model.embed`).
+        dim: the shared space's dimension D.
+        device: where the model lives; given vectors must already be there.
+
+    Returns:
+        One `Resolved` per prompt. Raises BadInput naming the prompt and segment at fault.
+    """
+    many = len(prompts) > 1
+    parts: list[list[str | Slot]] = []
+    slots: list[list[Tensor | None]] = []
+    pending: dict[Modality, list[tuple[int, int, str, Any]]] = {}
+    for p, prompt in enumerate(prompts):
+        segments = [prompt] if isinstance(prompt, str) else list(prompt)
+        own_parts: list[str | Slot] = []
+        own_slots: list[Tensor | None] = []
+        for i, seg in enumerate(segments):
+            where = f"prompt {p} segment {i}" if many else f"prompt segment {i}"
+            if isinstance(seg, str):
+                own_parts.append(seg)
+            elif isinstance(seg, Media):
+                pending.setdefault(seg.modality, []).append((p, len(own_slots), where, seg.item))
+                own_parts.append(Slot(seg.modality.value))
+                own_slots.append(None)
+            elif isinstance(seg, Tensor):
+                own_parts.append(Slot(VECTOR))
+                own_slots.append(_check_vector(seg, dim, device, where))
+            else:
+                raise BadInput(f"{where}: unsupported type {type(seg).__name__} (use str, mm.Image, mm.Audio, "
+                               "mm.Text or a 1-D torch tensor)")
+        if not any(isinstance(x, Slot) or x.strip() for x in own_parts):
+            raise BadInput(f"{'prompt ' + str(p) if many else 'prompt'} is empty: give text or media")
+        parts.append(own_parts)
+        slots.append(own_slots)
+    for modality, entries in pending.items():
+        for (p, j, _, _), z in zip(entries, _embed_all(embed, modality, entries)):
+            slots[p][j] = z.to(device)
+    return [Resolved(pp, torch.stack(ss) if ss else torch.zeros(0, dim, device=device))
+            for pp, ss in zip(parts, slots)]
+
+
+def _embed_all(embed: Callable[[Modality, list], Tensor], modality: Modality,
+               entries: list[tuple[int, int, str, Any]]) -> Tensor:
+    try:
+        return embed(modality, [item for *_, item in entries])
+    except UserError:
+        for _, _, where, item in entries:  # find the item at fault and name its segment
+            try:
+                embed(modality, [item])
+            except UserError as e:
+                raise BadInput(f"{where} ({modality}): {_reason(e)}") from None
+        raise
+
+
+def _reason(e: Exception) -> str:
+    return re.sub(r"^\w+ item \d+: ", "", str(e))
+
+
+def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tensor:
+    if not z.is_floating_point():
+        raise BadInput(f"{where}: a vector must be a floating-point tensor, got {z.dtype}")
+    if z.dim() != 1 or z.shape[0] != dim:
+        raise BadInput(f"{where}: a vector must have shape ({dim},), the shared space's dimension; "
+                       f"got {tuple(z.shape)}")
+    if z.device != torch.device(device):
+        raise BadInput(f"{where}: the vector is on {z.device}, the model on {device}")
+    z = z.float()
+    if not torch.isfinite(z).all():
+        raise BadInput(f"{where}: the vector holds NaN or Inf")
+    norm = z.norm()
+    if norm == 0:
+        raise BadInput(f"{where}: a zero vector has no direction in the shared space")
+    return z / norm

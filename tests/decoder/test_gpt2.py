@@ -1,0 +1,80 @@
+"""GPT-2 from a transformers folder: logits parity, tokenizer, extended vocabulary, bad folders."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mmembed.decoder import PromptFormat, gpt2_tokenizer, load_gpt2  # noqa: E402
+from mmembed.decoder.model import resize_token_embeddings  # noqa: E402
+from mmembed.errors import CheckpointError, UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A randomly initialised GPT2LMHeadModel and a byte-level BPE tokenizer, saved by transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=299, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["a small red circle on the left", "what do you hear?"] * 50, trainer)
+    hf.add_special_tokens(["<|endoftext|>"])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    vocab, end = hf.get_vocab_size(), hf.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=end, eos_token_id=end)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_logits_match_transformers_within_1e4(gpt2_folder):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
+    ours = load_gpt2(gpt2_folder)
+    ids = torch.randint(0, hf.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    assert ours.lm_head.weight is ours.token_embedding.weight  # tied, as GPT-2
+
+
+def test_tokenizer_round_trips_and_keeps_special_text_plain(gpt2_folder):
+    tok = gpt2_tokenizer(gpt2_folder)
+    hf = transformers.AutoTokenizer.from_pretrained(gpt2_folder)
+    text = "a small red circle, what do you hear? ünïcode <|endoftext|>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == tok.bos_id == hf.eos_token_id and tok.eos_id not in tok.encode(text)
+    assert tok.encode("a small red circle") == hf.encode("a small red circle", add_special_tokens=False)
+
+
+def test_extra_marker_tokens_extend_the_vocabulary_without_changing_old_logits(gpt2_folder):
+    ours = load_gpt2(gpt2_folder)
+    vocab = ours.vocab_size
+    fmt = PromptFormat(gpt2_tokenizer(gpt2_folder), soft_tokens=2)
+    assert fmt.vocab_size > vocab and min(fmt.ids.values()) >= vocab  # every marker is a new id
+    ids = torch.randint(0, vocab, (1, 12))
+    with torch.no_grad():
+        before = ours(ids)
+        resize_token_embeddings(ours, fmt.vocab_size)
+        after = ours(ids)
+    torch.testing.assert_close(after[..., :vocab], before, atol=1e-6, rtol=0)
+    assert ours.lm_head.weight is ours.token_embedding.weight
+
+
+def test_bad_folders_are_clear_errors(gpt2_folder, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_gpt2(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="not gpt2"):
+        load_gpt2(tmp_path)
+    cfg = json.loads((gpt2_folder / "config.json").read_text())
+    cfg["n_embd"] = 32  # weights no longer fit the config
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((gpt2_folder / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="shape"):
+        load_gpt2(tmp_path)

@@ -1,0 +1,134 @@
+"""Prompts: segment checks, marker tokens, soft-token placement, answer-only loss, inline syntax."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmembed as mm
+from mmembed.decoder import Sampling, Stops, Slot, answer_logits, generate, parse_inline, resolve_prompts
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+from tests.decoder.helpers import DIM, fake_embed, prompt_model
+
+CPU = torch.device("cpu")
+
+
+def unit(seed=0):
+    return F.normalize(torch.randn(DIM, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
+def test_soft_tokens_land_exactly_at_their_placeholders():
+    pm = prompt_model()
+    fmt, k = pm.fmt, pm.fmt.soft_tokens
+    rows = [fmt.encode(["see", Slot("image"), "and", Slot("audio")]), fmt.encode([Slot("vector"), "then text"])]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [fmt.pad_id] * (width - len(r)) for r in rows])
+    media = torch.stack([unit(1), unit(2), unit(3)])  # row 0: two items, row 1: one
+    with torch.no_grad():
+        x = pm.lm.embed(ids, media)
+        soft = pm.lm.projector(media)  # (3, k, C)
+        plain = pm.lm.decoder.token_embedding(ids)
+    slots = (ids == fmt.placeholder_id).nonzero().tolist()
+    assert len(slots) == 3 * k
+    expected = soft.reshape(3 * k, -1)  # row-major: row 0's two items, then row 1's
+    for j, (b, t) in enumerate(slots):
+        torch.testing.assert_close(x[b, t], expected[j], atol=0, rtol=0)
+    keep = ids != fmt.placeholder_id
+    torch.testing.assert_close(x[keep], plain[keep], atol=0, rtol=0)
+    # each item's k slots sit between its own markers
+    row0 = rows[0]
+    start = row0.index(fmt.ids["<image>"])
+    assert row0[start + 1: start + 1 + k] == [fmt.placeholder_id] * k and row0[start + 1 + k] == fmt.ids["</image>"]
+    with pytest.raises(ValueError, match="placeholder"):
+        pm.lm.embed(ids, media[:2])
+
+
+def test_loss_ignores_prompt_positions():
+    pm = prompt_model()
+    fmt = pm.fmt
+    prompt = fmt.encode(["what colour is", Slot("image"), "?"])
+    answer = fmt.encode_answer("red")
+    ids = torch.tensor([prompt + answer])
+    targets = torch.tensor([prompt[1:] + answer + [fmt.pad_id]])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(prompt) - 1: len(prompt) - 1 + len(answer)] = True
+    media = unit(4)[None]
+
+    def loss(t):
+        logits, tgt = answer_logits(pm.lm, ids, media, t, mask)
+        return float(F.cross_entropy(logits, tgt).detach())
+
+    base = loss(targets)
+    scrambled = targets.clone()
+    scrambled[0, : len(prompt) - 1] = (scrambled[0, : len(prompt) - 1] + 7) % fmt.vocab_size
+    assert loss(scrambled) == base  # a prompt position's target changes nothing
+    changed = targets.clone()
+    changed[0, len(prompt) - 1] = (changed[0, len(prompt) - 1] + 7) % fmt.vocab_size
+    assert loss(changed) != base  # an answer position's target does
+
+
+def test_typed_marker_text_is_text_not_a_marker():
+    fmt = prompt_model().fmt
+    ids = fmt.encode(["look: <image> </image> <answer> <media>"])
+    markers = set(fmt.ids.values())
+    assert not markers & set(ids[1:-1])
+    assert ids[0] == fmt.bos_id and ids[-1] == fmt.answer_id
+    assert fmt.decode(fmt.tokenizer.encode("<image>")) == "<image>"
+    # a media item is a word boundary: spacing around it does not change the ids
+    assert fmt.encode(["Describe ", Slot("image"), " now"]) == fmt.encode(["Describe", Slot("image"), "now"])
+
+
+@pytest.mark.parametrize("segment, message", [
+    (torch.ones(DIM + 1), r"shape \(16,\)"),
+    (torch.ones(DIM, dtype=torch.long), "floating-point"),
+    (torch.ones(2, DIM), r"shape \(16,\)"),
+    (torch.empty(DIM, device="meta"), "on meta"),
+    (torch.full((DIM,), float("nan")), "NaN"),
+    (torch.zeros(DIM), "zero vector"),
+    ({"image": "a.png"}, "unsupported type dict"),
+])
+def test_bad_segment_is_one_clear_error_naming_it(segment, message):
+    with pytest.raises(BadInput, match=f"prompt segment 1: .*{message}"):
+        resolve_prompts([["look at", segment]], fake_embed, DIM, CPU)
+
+
+def test_empty_prompt_and_unreadable_media_are_named():
+    for empty in ([], ["   "], ""):
+        with pytest.raises(BadInput, match="empty"):
+            resolve_prompts([empty], fake_embed, DIM, CPU)
+
+    def embed(modality, items):
+        if any(str(i).endswith("bad.png") for i in items):
+            raise BadInput(f"{modality} item {len(items) - 1}: not a readable image file: bad.png")
+        return fake_embed(modality, items)
+
+    prompts = [["ok", mm.Image("good.png")], ["two", mm.Audio("a.wav"), mm.Image("x.png"), mm.Image("bad.png")]]
+    with pytest.raises(BadInput, match=r"^prompt 1 segment 3 \(image\): not a readable image file: bad.png$"):
+        resolve_prompts(prompts, embed, DIM, CPU)
+
+
+def test_media_vectors_follow_prompt_order_and_vectors_are_normalised():
+    z = torch.arange(1.0, DIM + 1)
+    (r,) = resolve_prompts([[mm.Audio("b.wav"), "x", z, mm.Image("a.png")]], fake_embed, DIM, CPU)
+    assert [p.marker for p in r.parts if isinstance(p, Slot)] == ["audio", "vector", "image"]
+    torch.testing.assert_close(r.vectors[0], fake_embed(Modality.AUDIO, ["b.wav"])[0])
+    torch.testing.assert_close(r.vectors[1], z / z.norm())
+    torch.testing.assert_close(r.vectors[2], fake_embed(Modality.IMAGE, ["a.png"])[0])
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error():
+    pm = prompt_model()  # context 64
+    resolved = resolve_prompts([["one two " * 60]], fake_embed, DIM, CPU)
+    with pytest.raises(BadInput, match="exceeds the decoder's context of 64"):
+        generate(pm.lm, pm.fmt, resolved, 5, Sampling(), Stops(), None, CPU)
+
+
+def test_inline_prompt_syntax(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.wav").write_bytes(b"x")
+    parts = parse_inline("Describe <image:a.png> and <audio: b.wav >, please", base=tmp_path)
+    assert [type(p).__name__ for p in parts] == ["str", "Image", "str", "Audio", "str"]
+    assert parts[1].item == tmp_path / "a.png" and parts[3].item == tmp_path / "b.wav"
+    with pytest.raises(UserError, match="missing image file"):
+        parse_inline("look <image:nope.png>", base=tmp_path)
+    assert parse_inline("plain <image> text") == ["plain <image> text"]
