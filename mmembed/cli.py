@@ -92,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print hits as JSON")
 
-    for name, text in [("generate", "generate text from an interleaved text/image/audio prompt"),
-                       ("chat", "a conversation with persistent multimodal memory"),
+    p = _add(sub, "generate", "answer a prompt that mixes text, images and sounds", _generate)
+    p.add_argument("run", help="run directory with a decoder stage")
+    p.add_argument("--prompt", required=True,
+                   help='text with inline media, e.g. "Describe <image:a.png> and <audio:b.wav>"')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampling")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
+    p.add_argument("--json", action="store_true", help="print text, token ids, log-probs and entropies as JSON")
+
+    for name, text in [("chat", "a conversation with persistent multimodal memory"),
                        ("scale", "scaling-law sweeps and power-law fits")]:
         p = _add(sub, name, text, _not_yet)
         p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -186,9 +198,37 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import mmembed as mm
+    from mmembed.decoder import parse_inline
+
+    if args.stream and args.json:
+        raise UserError("--stream and --json exclude each other")
+    prompt = parse_inline(args.prompt)
+    model = mm.load(args.run)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop=args.stop, seed=args.seed)
+    try:
+        if args.stream:
+            for piece in model.stream(prompt, **options):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        out = model.generate(prompt, **options)
+    except ValueError as e:  # sampling arguments: one line, like every other usage mistake
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
+                          "entropy": out.entropy, "mean_entropy": out.mean_entropy,
+                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens}))
+    else:
+        print(out.text)
+    return 0
+
+
 def _not_yet(args: argparse.Namespace) -> int:
-    print(f"mmembed {args.command}: not available yet — it arrives with the decoder/memory/scaling "
-          "issues; today mmembed trains, evaluates and searches the shared space.", file=sys.stderr)
+    print(f"mmembed {args.command}: not available yet — it arrives with the memory/scaling issues; today "
+          "mmembed trains, evaluates, searches and generates.", file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -71,7 +71,7 @@ class Manifest:
         return self.rows[i]
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A row that cannot be used; skipped and counted, or raised in strict mode."""
 
 
@@ -101,17 +101,17 @@ def read_manifest(
     if fmt is None:
         raise UserError(f"{path}: unknown manifest format {path.suffix!r} (use {', '.join(_FORMATS)})")
     base = Path(os.path.abspath(root if root is not None else path.parent))
-    records = _read_jsonl(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
+    records = read_jsonl_records(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
     rows: list[Row] = []
     skipped: list[tuple[int, str]] = []
     seen_columns: set[str] = set()
     for line, record in records:
         try:
-            if isinstance(record, _BadRow):
+            if isinstance(record, BadRow):
                 raise record
             seen_columns.update(record)
             rows.append(_make_row(line, record, base, allow_outside_root))
-        except _BadRow as e:
+        except BadRow as e:
             if strict:
                 raise UserError(f"{path}:{line}: {e}") from None
             skipped.append((line, str(e)))
@@ -151,47 +151,47 @@ def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise _BadRow(f"{key} must be a string, got {type(value).__name__}")
-        items[modality] = value if modality in INLINE_MODALITIES else _resolve(value, base, allow_outside_root)
+            raise BadRow(f"{key} must be a string, got {type(value).__name__}")
+        items[modality] = value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root)
     if not items:
-        raise _BadRow(f"no value in any modality column ({', '.join(m.value for m in Modality)})")
+        raise BadRow(f"no value in any modality column ({', '.join(m.value for m in Modality)})")
     return Row(line=line, items=items, label=label, meta=meta)
 
 
-def _resolve(value: str, base: Path, allow_outside_root: bool) -> Path:
+def resolve_path(value: str, base: Path, allow_outside_root: bool) -> Path:
     """Relative path → absolute normalised path under `base` (or refused)."""
     if not value.strip():
-        raise _BadRow("empty path")
+        raise BadRow("empty path")
     raw = Path(value).expanduser() if allow_outside_root else Path(value)
     if raw.is_absolute() and not allow_outside_root:
-        raise _BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
+        raise BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
     resolved = Path(os.path.normpath(base / raw))
     if not allow_outside_root and not resolved.is_relative_to(base):
-        raise _BadRow(f"path {value!r} escapes the data root {base} (set allow_outside_root to accept it)")
+        raise BadRow(f"path {value!r} escapes the data root {base} (set allow_outside_root to accept it)")
     return resolved
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     with path.open("rb") as f:
         for line, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield line, _BadRow(f"invalid UTF-8 at byte {e.start}")
+                yield line, BadRow(f"invalid UTF-8 at byte {e.start}")
                 continue
             if not text.strip():
                 continue  # blank lines (a trailing newline, a separator) are not rows
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                yield line, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+                yield line, BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            yield line, record if isinstance(record, dict) else _BadRow(
+            yield line, record if isinstance(record, dict) else BadRow(
                 f"a row must be a JSON object, got {type(record).__name__}"
             )
 
 
-def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter)
@@ -206,7 +206,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
-                    yield reader.line_num, _BadRow(f"{len(cells)} cells for {len(header)} columns")
+                    yield reader.line_num, BadRow(f"{len(cells)} cells for {len(header)} columns")
                     continue
                 # CSV has no null: an empty cell is an absent value
                 yield reader.line_num, {k: (v if v != "" else None) for k, v in zip(header, cells)}

@@ -1,17 +1,54 @@
-"""Training: one engine (`engine.Trainer`) and its stages (`align`: the shared space)."""
+"""Training: one engine (`engine.Trainer`) and its stages — `align` (the shared space) and
+`decoder` (a language model reading the space's vectors), run in that order."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 from mmembed.config import Config
 
+log = logging.getLogger(__name__)
+
 
 def train(config: Config, resume: bool = False) -> Path:
-    """Run the stage the config describes (today: the align stage). Returns the run directory."""
+    """Run the stages the config describes; returns the run directory.
+
+    Without a `decoder:` section: the align stage. With one: the align stage, then the decoder
+    stage in the same run directory — unless `model.init_from` names a trained run, whose shared
+    space is then copied in instead of trained. `resume` continues the stage that was running.
+    """
     from mmembed.train.align import train_align
 
-    return train_align(config, resume=resume)
+    if config.decoder is None:
+        return train_align(config, resume=resume)
+    from mmembed.decoder import DECODER_DIR
+    from mmembed.train.decoder import train_decoder
+    from mmembed.train.state import latest_checkpoint
+
+    run_dir = Path(config.train.out_dir)
+    decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
+    if not decoder_started:
+        if config.model.init_from is not None:
+            config = copy_space(config)
+        else:
+            train_align(config, resume=resume)
+    return train_decoder(config, resume=decoder_started)
+
+
+def copy_space(config: Config) -> Config:
+    """Copy the shared space of `model.init_from` (weights, tower config, tokenizer) into
+    `train.out_dir`; returns the config with that run's model and tokenizer sections."""
+    from mmembed.model import Model
+
+    source = Path(config.model.init_from)
+    space = Model.load(source)
+    model_section = dataclasses.replace(space.config.model, init_from=str(source))
+    config = dataclasses.replace(config, model=model_section, tokenizer=space.config.tokenizer)
+    Model(config, space.space, space.tokenizer).save(config.train.out_dir)
+    log.info("shared space copied from %s into %s", source, config.train.out_dir)
+    return config
 
 
 __all__ = ["train"]

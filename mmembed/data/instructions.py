@@ -1,0 +1,127 @@
+"""Instruction manifests: (prompt, answer) pairs for training and testing the decoder.
+
+JSONL, one example per line. A prompt is a list of segments: a string is typed text; an object
+with one modality key is a media item — a file path for image/audio (relative to the manifest's
+folder, with the same `..`/absolute-path rule as manifests), the caption itself for text (it
+reaches the decoder as a shared-space vector, not as tokens).
+
+    {"prompt": ["What colour is the star in", {"image": "images/s1.png"}, "?"], "answer": "red",
+     "task": "colour"}
+
+`task` (optional) groups rows for filtering and accuracy tables; every other key is metadata.
+Bad rows (invalid JSON, a prompt that is not a list, an unknown segment, an empty answer, a
+refused path) are skipped and counted, or raised with their line in strict mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmembed.data.manifest import INLINE_MODALITIES, BadRow, read_jsonl_records, resolve_path
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+
+MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
+
+
+@dataclass(frozen=True)
+class InstructionRow:
+    """One example: prompt segments (text, or a `MediaRef`), the answer and its task."""
+
+    line: int
+    prompt: tuple[str | MediaRef, ...]
+    answer: str
+    task: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def media(self) -> list[MediaRef]:
+        return [s for s in self.prompt if not isinstance(s, str)]
+
+
+@dataclass
+class InstructionSet:
+    path: Path
+    rows: list[InstructionRow]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, tasks: Sequence[str] | None = None, modalities: Sequence[str] | None = None) -> InstructionSet:
+        """Rows of the given tasks whose media are all of the given modalities (None: any)."""
+        allowed = None if modalities is None else {Modality.parse(m) for m in modalities}
+        rows = [r for r in self.rows if (tasks is None or r.task in tasks)
+                and (allowed is None or all(m in allowed for m, _ in r.media))]
+        return InstructionSet(self.path, rows, self.skipped)
+
+
+def read_instructions(path: str | Path, *, root: str | Path | None = None, allow_outside_root: bool = False,
+                      strict: bool = False) -> InstructionSet:
+    """Read an instruction manifest (JSONL).
+
+    Args:
+        path: the file.
+        root: folder relative media paths resolve against (default: the file's folder).
+        allow_outside_root: accept absolute paths and `..` escapes.
+        strict: raise on the first bad row (naming its line) instead of skipping it.
+
+    Returns:
+        The readable rows and the (line, reason) of each skipped one. Raises UserError when the
+        file is missing or has no usable row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"instruction manifest not found: {path}")
+    base = Path(root if root is not None else path.parent).absolute()
+    rows, skipped = [], []
+    for line, record in read_jsonl_records(path):
+        try:
+            if isinstance(record, BadRow):
+                raise record
+            rows.append(_row(line, record, base, allow_outside_root))
+        except BadRow as e:
+            if strict:
+                raise UserError(f"{path}:{line}: {e}") from None
+            skipped.append((line, str(e)))
+    if not rows:
+        first = f"; first, line {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise UserError(f"{path}: no usable instruction row ({len(skipped)} skipped{first})")
+    return InstructionSet(path, rows, skipped)
+
+
+def _row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool) -> InstructionRow:
+    prompt, answer = record.get("prompt"), record.get("answer")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRow("prompt must be a non-empty list of segments")
+    if not isinstance(answer, str) or not answer.strip():
+        raise BadRow("answer must be a non-empty string")
+    task = record.get("task")
+    segments = tuple(_segment(s, base, allow_outside_root) for s in prompt)
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "answer", "task")}
+    return InstructionRow(line, segments, answer, None if task is None else str(task), meta)
+
+
+def _segment(seg: Any, base: Path, allow_outside_root: bool) -> str | MediaRef:
+    if isinstance(seg, str):
+        return seg
+    if not isinstance(seg, dict) or len(seg) != 1:
+        raise BadRow(f"a prompt segment must be a string or an object with one modality key, got {seg!r:.60}")
+    (key, value), = seg.items()
+    try:
+        modality = Modality(key)
+    except ValueError:
+        raise BadRow(f"unknown media key {key!r} (valid: {', '.join(m.value for m in Modality)})") from None
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"{key} must be a non-empty string")
+    return (modality, value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root))
+
+
+def instruction_texts(data: InstructionSet) -> list[str]:
+    """Every typed prompt segment and answer (a tokenizer corpus for the decoder's words)."""
+    return [t for r in data.rows for t in (*(s for s in r.prompt if isinstance(s, str) and s.strip()), r.answer)]

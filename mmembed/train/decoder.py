@@ -1,0 +1,146 @@
+"""The decoder stage: teach a causal LM to answer prompts that interleave text and media.
+
+    run's shared space (frozen) ─► MediaTable (every media item embedded once)
+    instruction rows ─► PromptDataset ─► batches ─► projector + decoder ─► loss on answer tokens
+                                                    └─ val rows ─► loss, token and answer accuracy
+
+`train_decoder(config)` runs on a run directory whose shared space is trained (the align stage
+ran there, or `model.init_from` copied one in); it writes `decoder.safetensors` (and GPT-2's
+tokenizer when the decoder has one) beside the space, so `mm.load(run_dir).generate(...)` works.
+Checkpoints, metrics and curves go to `<run>/decoder/`; the engine is the align stage's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmembed.config import Config, save_config
+from mmembed.data import SkipCounter
+from mmembed.data.instructions import InstructionSet, read_instructions
+from mmembed.data.loader import EpochBatchSampler
+from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
+                             save_prompt_model, with_gpt2_architecture)
+from mmembed.errors import UserError
+from mmembed.model import CONFIG, Model
+from mmembed.train.align import resolve_device, seed_everything
+from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
+from mmembed.train.engine import StepOutput, Trainer
+from mmembed.train.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable] = ()) -> Path:
+    """Train the decoder of the run in `config.train.out_dir`; returns the run directory."""
+    if config.decoder is None:
+        raise UserError("the config has no `decoder:` section")
+    config = dataclasses.replace(config, decoder=with_gpt2_architecture(config.decoder))
+    cfg = config.decoder
+    run_dir = Path(config.train.out_dir)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    model = Model.load(run_dir, device=device)
+    model.space.requires_grad_(False)
+    pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
+    lm = pm.lm.to(device)
+
+    root = Path(config.data.root)
+    train_set = _read(config, root, cfg.data.train)
+    val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
+    val_rows = val_set.rows[: cfg.data.val_rows] if val_set is not None else []
+    table = MediaTable()
+    table.add(train_set.rows)
+    table.add(val_rows)
+    log.info("embedding %d media items with the frozen shared space", len(table.index))
+    table.embed(model)
+    vectors = table.vectors.to(device)
+    skips = SkipCounter()
+    skips.update(train_set.skipped)
+    train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob)
+    skips.update(train_data.skipped)
+    val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context) if val_rows else None
+
+    tc = cfg.train
+    if len(train_data) < tc.batch_size:
+        raise UserError(f"{len(train_data)} usable decoder rows, fewer than decoder.train.batch_size={tc.batch_size}")
+    sampler = EpochBatchSampler(len(train_data), tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True)
+
+    def make_loader(epoch: int, start_batch: int):
+        sampler.set_epoch(epoch, start_batch)
+        return (collate_prompts([train_data[key] for key in keys], pm.fmt.pad_id) for keys in sampler)
+
+    step_fn = make_step_fn(pm, vectors, cfg.media_noise, device)
+    evaluate = (lambda: evaluate_answers(pm, val_data, vectors, device)) if val_data is not None else None
+    lm.train()
+    trainer = Trainer(lm, step_fn, make_loader, sampler.batches_per_epoch(), tc, run_dir / DECODER_DIR,
+                      evaluate=evaluate, callbacks=list(callbacks), device=device)
+    result = trainer.fit(resume=resume)
+    lm.eval()
+    save_prompt_model(pm, run_dir)
+    save_config(config, run_dir / CONFIG)
+    if skips.summary():
+        log.warning("decoder stage: %s", skips.summary())
+    try:
+        plot_curves(run_dir / DECODER_DIR / "metrics.jsonl", run_dir / DECODER_DIR)
+    except Exception as e:  # a convenience: a missing backend must not fail a run
+        log.warning("could not draw curves: %s", e)
+    log.info("decoder saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)
+    return run_dir
+
+
+def _read(config: Config, root: Path, name: str) -> InstructionSet:
+    data = read_instructions(root / name, root=root, allow_outside_root=config.data.allow_outside_root,
+                             strict=config.data.strict)
+    selected = data.select(config.decoder.data.tasks, config.decoder.data.prompt_modalities)
+    if not selected.rows:
+        raise UserError(f"{root / name}: no row left after decoder.data.tasks / prompt_modalities")
+    return selected
+
+
+def media_vectors(vectors: torch.Tensor, index: torch.Tensor, noise: float) -> torch.Tensor:
+    """The batch's media vectors; with `noise`, perturbed and renormalised (training only)."""
+    z = vectors[index]
+    if noise > 0:
+        z = F.normalize(z + noise * torch.randn_like(z), dim=-1)
+    return z
+
+
+def make_step_fn(pm: PromptModel, vectors: torch.Tensor, noise: float, device: torch.device) -> Callable:
+    def step(batch: PromptBatch) -> StepOutput:
+        batch = batch.to(device)
+        logits, targets = answer_logits(pm.lm, batch.ids, media_vectors(vectors, batch.media, noise), batch.targets,
+                                        batch.loss_mask)
+        loss = F.cross_entropy(logits.float(), targets)
+        accuracy = float((logits.argmax(-1) == targets).float().mean())
+        return StepOutput(loss, {"token_accuracy": accuracy}, samples=len(batch))
+
+    return step
+
+
+@torch.inference_mode()
+def evaluate_answers(pm: PromptModel, data: PromptDataset, vectors: torch.Tensor, device: torch.device,
+                     batch_size: int = 256) -> dict[str, float]:
+    """Teacher-forced validation: answer loss, token accuracy, and the fraction of rows whose
+    every answer token (the end token too) is the argmax — exact answers under greedy decoding."""
+    was_training = pm.lm.training
+    pm.lm.eval()
+    total_loss = correct_tokens = tokens = exact = 0.0
+    for start in range(0, len(data), batch_size):
+        items = [data[(i, 0)] for i in range(start, min(start + batch_size, len(data)))]
+        batch = collate_prompts(items, pm.fmt.pad_id).to(device)
+        logits, targets = answer_logits(pm.lm, batch.ids, vectors[batch.media], batch.targets, batch.loss_mask)
+        total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        hit = logits.argmax(-1) == targets
+        correct_tokens += float(hit.sum())
+        tokens += targets.numel()
+        row_of = batch.loss_mask.nonzero()[:, 0]  # the row of each answer position
+        wrong_rows = torch.zeros(len(items), device=device).index_add_(0, row_of, (~hit).float())
+        exact += float((wrong_rows == 0).sum())
+    pm.lm.train(was_training)
+    return {"loss": total_loss / tokens, "token_accuracy": correct_tokens / tokens, "answer_accuracy": exact / len(data)}

@@ -1,0 +1,159 @@
+"""Decoder training data: instruction rows → fused-sequence batches over a frozen shared space.
+
+    rows ─► MediaTable: every distinct media item embedded once by the frozen towers ─► (U, D)
+         ─► PromptDataset: ids = prompt (text tokens, markers, placeholders) + answer + <eos>
+         ─► collate: right-padded ids, next-token targets, answer-only loss mask, media indices
+
+With the space frozen a media item's vector never changes, so it is computed once rather than
+every epoch; a step then costs only the projector and the decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mmembed.data.instructions import InstructionRow, MediaRef
+from mmembed.decoder.prompt import VECTOR, PromptFormat
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+
+log = logging.getLogger(__name__)
+
+
+class MediaTable:
+    """The distinct media items of some rows, and their shared-space vectors once embedded."""
+
+    def __init__(self) -> None:
+        self.index: dict[MediaRef, int] = {}
+        self.vectors: Tensor | None = None
+        self.bad: dict[MediaRef, str] = {}
+
+    def add(self, rows: list[InstructionRow]) -> None:
+        for row in rows:
+            for ref in row.media:
+                self.index.setdefault(ref, len(self.index))
+
+    def embed(self, model, batch_size: int = 256) -> None:
+        """Embed every item with `model.embed`; unreadable ones are recorded in `bad`."""
+        from mmembed.errors import BadInput
+
+        vectors = torch.zeros(len(self.index), model.embed_dim)
+        by_modality: dict[Modality, list[MediaRef]] = {}
+        for ref in self.index:
+            by_modality.setdefault(ref[0], []).append(ref)
+        for modality, refs in by_modality.items():
+            for start in range(0, len(refs), batch_size):
+                chunk = refs[start:start + batch_size]
+                try:
+                    z = model.embed(modality, [item for _, item in chunk], batch_size=batch_size)
+                    vectors[[self.index[r] for r in chunk]] = z
+                except BadInput:  # find the bad items one by one; the rest of the chunk still counts
+                    for ref in chunk:
+                        try:
+                            vectors[self.index[ref]] = model.embed(modality, [ref[1]])[0]
+                        except BadInput as e:
+                            self.bad[ref] = str(e)
+        self.vectors = vectors
+
+
+@dataclass
+class Encoded:
+    """One row as ids: prompt pieces (text ids, or a media marker + table index) and the answer."""
+
+    pieces: list[list[int] | tuple[str, int]]
+    answer: list[int]
+
+
+class PromptDataset(Dataset):
+    """Rows → (ids, answer start, media indices), with each media marker drawn per sample.
+
+    Args:
+        rows: instruction rows whose media are all in `table` and readable.
+        fmt: the prompt format (tokenizer, markers, soft tokens).
+        table: where each media item's vector is.
+        context: longest sequence the decoder takes; longer rows are skipped.
+        vector_marker_prob: chance of marking an item `<vector>` instead of its modality (training).
+    """
+
+    def __init__(self, rows: list[InstructionRow], fmt: PromptFormat, table: MediaTable, context: int,
+                 vector_marker_prob: float = 0.0) -> None:
+        self.fmt, self.table, self.vector_marker_prob = fmt, table, vector_marker_prob
+        self.examples: list[Encoded] = []
+        self.skipped: list[tuple[int, str]] = []
+        for row in rows:
+            bad = [table.bad[r] for r in row.media if r in table.bad]
+            if bad:
+                self.skipped.append((row.line, bad[0]))
+                continue
+            enc = self._encode(row)
+            length = 2 + sum(len(p) if isinstance(p, list) else fmt.soft_tokens + 2 for p in enc.pieces)
+            if length + len(enc.answer) > context:
+                self.skipped.append((row.line, f"{length + len(enc.answer)} tokens exceed the context of {context}"))
+                continue
+            self.examples.append(enc)
+        if not self.examples:
+            first = f" (first: line {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            raise UserError(f"no usable instruction rows{first}")
+
+    def _encode(self, row: InstructionRow) -> Encoded:
+        pieces: list[list[int] | tuple[str, int]] = []
+        for seg in row.prompt:
+            if isinstance(seg, str):
+                if seg.strip():
+                    pieces.append(self.fmt.tokenizer.encode(seg.strip()))
+            else:
+                pieces.append((seg[0].value, self.table.index[seg]))
+        return Encoded(pieces, self.fmt.encode_answer(row.answer))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[int], int, list[int]]:
+        """(index, sample seed) → (ids, index of the first answer id, media table indices)."""
+        index, seed = key
+        ex = self.examples[index]
+        rng = random.Random(seed)
+        fmt = self.fmt
+        ids, media = [fmt.bos_id], []
+        for piece in ex.pieces:
+            if isinstance(piece, list):
+                ids += piece
+                continue
+            marker = VECTOR if self.vector_marker_prob and rng.random() < self.vector_marker_prob else piece[0]
+            ids += fmt.slot_ids(marker)
+            media.append(piece[1])
+        ids.append(fmt.answer_id)
+        return ids + ex.answer, len(ids), media
+
+
+@dataclass
+class PromptBatch:
+    ids: Tensor  # (B, T) right-padded
+    targets: Tensor  # (B, T) next id at each position
+    loss_mask: Tensor  # (B, T) bool: the next id belongs to the answer
+    media: Tensor  # (M,) table indices, row-major
+
+    def to(self, device: torch.device) -> PromptBatch:
+        return PromptBatch(*(t.to(device) for t in (self.ids, self.targets, self.loss_mask, self.media)))
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def collate_prompts(items: list[tuple[list[int], int, list[int]]], pad_id: int) -> PromptBatch:
+    width = max(len(ids) for ids, _, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(items), width, dtype=torch.bool)
+    for b, (row, answer_start, _) in enumerate(items):
+        ids[b, : len(row)] = torch.tensor(row)
+        loss_mask[b, answer_start - 1 : len(row) - 1] = True  # positions that predict an answer id
+    targets = torch.full_like(ids, pad_id)
+    targets[:, :-1] = ids[:, 1:]
+    media = torch.tensor([m for _, _, ms in items for m in ms], dtype=torch.long)
+    return PromptBatch(ids, targets, loss_mask, media)
