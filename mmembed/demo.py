@@ -1,9 +1,9 @@
 """`mmembed demo`: the whole pipeline on the built-in synthetic world, end to end.
 
     synthesise world ─► train shared space (joint) ─► bind audio to a frozen image–text space
-                     ─► recall on test and held-out combinations ─► runs/demo/report.md
-
-The decoder stage joins this demo in a later issue.
+                     ─► recall on test and held-out combinations
+                     ─► train the decoder on the space (and a second one on image prompts only)
+                     ─► answer test and held-out prompts ─► runs/demo/report.md
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import torch
 from mmembed.checkpoint import atomic_write_json
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
+from mmembed.demo_prompting import prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.model import Model
+from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
+from mmembed.train.decoder import train_decoder
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,21 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     composed = composed_query_trials(root / config.data.test, gallery)
     grid = retrieval_grid(root / config.data.test, gallery, run_dir / "retrieval.png")
     timings["retrieval section"] = time.monotonic() - t2
+
+    prompts = None
+    if config.decoder is not None:
+        t3 = time.monotonic()
+        train_decoder(config)
+        transfer_dir = _train_image_only_decoder(config, run_dir)
+        timings["decoder training (joint + image-only)"] = time.monotonic() - t3
+        t4 = time.monotonic()
+        prompts = prompting(Model.load(run_dir), Model.load(transfer_dir), root)
+        timings["prompting evaluation"] = time.monotonic() - t4
     timings["total"] = time.monotonic() - t0
     atomic_write_json(run_dir / "demo.json", {"timings_s": timings, "test": sections["test"], "composed": composed,
                                               "heldout": sections.get("held-out attribute combinations"),
-                                              "bound_audio": bound})
-    return _write_report(run_dir, sections, bound, timings, figure, composed, grid, timings["total"])
+                                              "bound_audio": bound, "prompting": prompts})
+    return _write_report(run_dir, sections, bound, timings, figure, composed, grid, prompts, timings["total"])
 
 
 def _embed(model: Model, manifest: Path) -> tuple[dict, dict]:
@@ -91,6 +104,16 @@ def _train_bound(config: Config, joint_dir: Path) -> Path:
     bind.train.out_dir = str(joint_dir / "bind-audio")
     bind.train.seed = config.train.seed
     return train_align(bind)
+
+
+def _train_image_only_decoder(config: Config, joint_dir: Path) -> Path:
+    """The cross-modal transfer check: the same decoder recipe on image prompts only, reading the
+    joint run's space (copied, not retrained). It never sees an audio prompt."""
+    transfer = copy.deepcopy(config)
+    transfer.decoder.data.prompt_modalities = ["image"]
+    transfer.model.init_from = str(joint_dir)
+    transfer.train.out_dir = str(joint_dir / "decoder-image-only")
+    return train(transfer)
 
 
 def _pca_map(emb: dict, keys: dict, manifest: Path, out: Path, max_rows: int = 300) -> Path | None:
@@ -128,8 +151,8 @@ def _mpl_colour(name: str) -> str:
     return name if name in mc.CSS4_COLORS or name in mc.BASE_COLORS else "grey"
 
 
-def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: dict,
-                  figure: Path | None, composed: dict, grid: Path, total: float) -> Path:
+def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: dict, figure: Path | None,
+                  composed: dict, grid: Path, prompts: dict | None, total: float) -> Path:
     lines = ["# mmembed demo report", "",
              f"Run: `{run_dir}`; total time {total / 60:.1f} min.", "",
              "Top-1 is correct when the retrieved item describes exactly the same scene (same objects, "
@@ -154,6 +177,9 @@ def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: di
               "| trials | top-1 accuracy | chance |", "|---|---|---|",
               f"| {composed.get('trials', 0)} | {composed.get('accuracy', float('nan')):.3f} | "
               f"{composed.get('chance', float('nan')):.3f} |", ""]
+    if prompts is not None:
+        lines += report_lines(prompts)
+        lines += ["Decoder training curves:", "", "![decoder curves](decoder/curves.png)", ""]
     lines += ["## Curves", "", "![curves](curves.png)", ""]
     if figure is not None:
         lines += ["## Embedding map", "", f"![map]({figure.name})", ""]

@@ -195,23 +195,30 @@ class Model:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Model:
-        """Open a run directory (or a checkpoint folder inside one)."""
+        """Open a run directory (or a checkpoint folder inside one), with its decoder if it has one."""
+        model = load_space(run_dir)
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise UserError(f"run directory not found: {run_dir}")
-        if not (run_dir / WEIGHTS).is_file():
-            raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
-        config = load_config(run_dir / CONFIG)
-        tokenizer = _load_tokenizer(run_dir)
-        space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
-        state = load_tensors(run_dir / WEIGHTS)
-        missing, unexpected = space.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
-                                  f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-        model = cls(config, space, tokenizer, _load_decoder(run_dir, config, tokenizer, space.embed_dim))
-        model.space.eval()
+        model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
         return model.to(device) if device is not None else model
+
+
+def load_space(run_dir: str | Path) -> Model:
+    """The shared space of a run (weights, config, tokenizer) without its decoder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not (run_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
+    config = load_config(run_dir / CONFIG)
+    tokenizer = _load_tokenizer(run_dir)
+    space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
+    state = load_tensors(run_dir / WEIGHTS)
+    missing, unexpected = space.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
+                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    space.eval()
+    return Model(config, space, tokenizer)
 
 
 def build_model(config: Config, tokenizer: Any | None) -> Model:

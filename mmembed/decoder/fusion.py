@@ -91,7 +91,7 @@ class MultimodalLM(nn.Module):
                              f"{self.soft_tokens} soft tokens")
         if n_items == 0:
             return x
-        soft = self.projector(media.to(x.dtype)).reshape(-1, x.shape[-1])  # (M·k, C)
+        soft = self.projector(media.to(x.dtype)).to(x.dtype).reshape(-1, x.shape[-1])  # (M·k, C); bf16 under autocast
         return x.masked_scatter(slots.unsqueeze(-1), soft)
 
     def forward(self, ids: Tensor, media: Tensor | None, *, mask: Tensor | None = None,

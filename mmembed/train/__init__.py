@@ -40,10 +40,10 @@ def train(config: Config, resume: bool = False) -> Path:
 def copy_space(config: Config) -> Config:
     """Copy the shared space of `model.init_from` (weights, tower config, tokenizer) into
     `train.out_dir`; returns the config with that run's model and tokenizer sections."""
-    from mmembed.model import Model
+    from mmembed.model import Model, load_space
 
     source = Path(config.model.init_from)
-    space = Model.load(source)
+    space = load_space(source)
     model_section = dataclasses.replace(space.config.model, init_from=str(source))
     config = dataclasses.replace(config, model=model_section, tokenizer=space.config.tokenizer)
     Model(config, space.space, space.tokenizer).save(config.train.out_dir)

@@ -27,7 +27,7 @@ from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.errors import UserError
-from mmembed.model import CONFIG, Model
+from mmembed.model import CONFIG, load_space
 from mmembed.train.align import resolve_device, seed_everything
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
 from mmembed.train.engine import StepOutput, Trainer
@@ -45,7 +45,7 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
     run_dir = Path(config.train.out_dir)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    model = Model.load(run_dir, device=device)
+    model = load_space(run_dir).to(device)
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)

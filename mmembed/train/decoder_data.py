@@ -92,9 +92,8 @@ class PromptDataset(Dataset):
                 self.skipped.append((row.line, bad[0]))
                 continue
             enc = self._encode(row)
-            length = 2 + sum(len(p) if isinstance(p, list) else fmt.soft_tokens + 2 for p in enc.pieces)
-            if length + len(enc.answer) > context:
-                self.skipped.append((row.line, f"{length + len(enc.answer)} tokens exceed the context of {context}"))
+            if self._length(enc) > context:
+                self.skipped.append((row.line, f"{self._length(enc)} tokens exceed the context of {context}"))
                 continue
             self.examples.append(enc)
         if not self.examples:
@@ -113,6 +112,11 @@ class PromptDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def _length(self, ex: Encoded) -> int:
+        """<bos> + prompt pieces (a media item: its markers and soft tokens) + <answer> + answer."""
+        media = self.fmt.soft_tokens + 2
+        return 2 + len(ex.answer) + sum(len(p) if isinstance(p, list) else media for p in ex.pieces)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[int], int, list[int]]:
         """(index, sample seed) → (ids, index of the first answer id, media table indices)."""

@@ -134,3 +134,21 @@ def test_generate_cli(trained_run, tiny_world, capsys):
         assert main(["generate", str(trained_run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
+    from mmembed.demo_prompting import HEADLINE, prompting, report_lines
+
+    model = mm.load(trained_run)
+    result = prompting(model, model, tiny_world)
+    n_test = len((tiny_world / "instruct-test.jsonl").read_text().splitlines())
+    assert result["rows"]["test"] == n_test
+    for split, table in result["accuracy"].items():
+        assert set(HEADLINE) <= set(table)
+        assert all(0.0 <= row["accuracy"] <= 1.0 and row["correct"] <= row["n"] for row in table.values())
+    counted = sum(v["n"] for k, v in result["accuracy"]["test"].items() if k != "attribute question (image or sound)")
+    assert counted == n_test  # every prompt lands in exactly one group
+    assert result["transfer"]["test"]["image-only decoder"] == result["transfer"]["test"]["joint decoder"]  # same model
+    assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
+    text = "\n".join(report_lines(result))
+    assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text

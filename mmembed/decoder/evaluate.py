@@ -1,0 +1,53 @@
+"""Answer instruction rows with a model and score the answers, per group of rows.
+
+    rows ─► prompts (text + mm.Image / mm.Audio / mm.Text) ─► Model.generate (greedy, batched)
+         ─► score(row, answer) ─► accuracy per group
+
+Prompts go through the public `generate`, the same path users take; scoring is the caller's
+(exact match, or a world-specific reader such as the synthetic world's caption parser).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mmembed.data.instructions import InstructionRow
+from mmembed.decoder.generate import Generation
+from mmembed.decoder.prompt import MEDIA, Segment
+
+
+def row_prompt(row: InstructionRow) -> list[Segment]:
+    """An instruction row's prompt as `generate` takes it."""
+    return [seg if isinstance(seg, str) else MEDIA[seg[0]](seg[1]) for seg in row.prompt]
+
+
+def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int = 48,
+                batch_size: int = 64) -> list[Generation]:
+    """Greedy answers to every row, in batches of `batch_size` prompts (of similar length, so that
+    little of a left-padded batch is padding), returned in the order of `rows`."""
+    order = sorted(range(len(rows)), key=lambda i: _size(rows[i]))
+    out: list[Generation | None] = [None] * len(rows)
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, answer in zip(chunk, model.generate([row_prompt(rows[i]) for i in chunk], max_new_tokens=max_new_tokens)):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
+def _size(row: InstructionRow) -> tuple[int, int]:
+    return len(row.media), sum(len(s) for s in row.prompt if isinstance(s, str))
+
+
+def accuracy_by_group(rows: Sequence[InstructionRow], answers: Sequence[Generation],
+                      score: Callable[[InstructionRow, str], bool],
+                      group: Callable[[InstructionRow], str]) -> dict[str, dict[str, float]]:
+    """{group: {"n": rows, "correct": …, "accuracy": …}}, groups in first-seen order."""
+    n: dict[str, int] = defaultdict(int)
+    correct: dict[str, int] = defaultdict(int)
+    for row, answer in zip(rows, answers, strict=True):
+        g = group(row)
+        n[g] += 1
+        correct[g] += bool(score(row, answer.text))
+    return {g: {"n": n[g], "correct": correct[g], "accuracy": correct[g] / n[g]} for g in n}

@@ -1,0 +1,151 @@
+"""The demo's prompting section: the decoder answers the world's test and held-out prompts.
+
+    instruct-test.jsonl / instruct-heldout.jsonl ─► Model.generate (greedy) ─► score ─► accuracy
+    a decoder trained on image prompts only ─► the same audio prompts ─► cross-modal transfer
+
+Descriptions count as correct when they name the shape and colour of every object (no more, no
+fewer); every other answer must match exactly (`mmembed.data.synth.score`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmembed.data.instructions import InstructionRow, read_instructions
+from mmembed.data.synth import score, task_group
+from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, row_prompt
+from mmembed.decoder.generate import Generation
+
+NOUN = {"image": "image", "audio": "sound", "text": "caption"}
+# The headline rows (issue goals: test / held-out combinations)
+HEADLINE = {
+    "description from an image": (0.90, 0.75),
+    "description from a sound": (0.85, 0.75),
+    "attribute question (image or sound)": (0.90, 0.75),
+    "two-item comparison (image + sound)": (0.85, 0.75),
+}
+TRANSFER_GOAL = 0.6
+
+
+def row_group(row: InstructionRow) -> str:
+    """Which line of the report a row counts toward."""
+    mods = [NOUN[m.value] for m, _ in row.media]
+    group = task_group(row.task)
+    if row.task == "describe":
+        return f"description from a{'n' if mods[0][0] in 'aeiou' else ''} {mods[0]}"
+    if group == "describe":
+        return "description from an image and its sound"
+    if group == "attribute":
+        return f"attribute question ({mods[0]})"
+    return "two-item comparison (image + sound)"
+
+
+def _score(row: InstructionRow, text: str) -> bool:
+    return score({"task": row.task, "answer": row.answer, **row.meta}, text)
+
+
+def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[Generation]]:
+    """Per-group accuracy (with the attribute questions pooled over modalities) and the answers."""
+    answers = answer_rows(model, rows)
+    table = accuracy_by_group(rows, answers, _score, row_group)
+    pooled = [g for g in table if g.startswith("attribute question (")]
+    n = sum(table[g]["n"] for g in pooled)
+    correct = sum(table[g]["correct"] for g in pooled)
+    table["attribute question (image or sound)"] = {"n": n, "correct": correct, "accuracy": correct / max(n, 1)}
+    return table, answers
+
+
+def audio_descriptions(rows: list[InstructionRow]) -> list[InstructionRow]:
+    return [r for r in rows if r.task == "describe" and all(m.value == "audio" for m, _ in r.media)]
+
+
+def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
+    """Accuracy tables on the test and held-out splits, the transfer check and sample answers."""
+    splits = {"test": read_instructions(root / "instruct-test.jsonl").rows}
+    if (root / "instruct-heldout.jsonl").is_file():
+        splits["held-out"] = read_instructions(root / "instruct-heldout.jsonl").rows
+    tables, answers = {}, {}
+    for name, rows in splits.items():
+        tables[name], answers[name] = evaluate_split(model, rows)
+    result: dict[str, Any] = {"accuracy": tables, "rows": {n: len(r) for n, r in splits.items()},
+                              "samples": _samples(splits["test"], answers["test"]),
+                              "temperature": _temperatures(model, splits["test"])}
+    if transfer is not None:
+        result["transfer"] = {}
+        for name, rows in splits.items():
+            audio = audio_descriptions(rows)
+            table = accuracy_by_group(audio, answer_rows(transfer, audio), _score, row_group)
+            result["transfer"][name] = {"image-only decoder": table["description from a sound"]["accuracy"],
+                                        "joint decoder": tables[name]["description from a sound"]["accuracy"],
+                                        "n": len(audio)}
+    return result
+
+
+def _show(row: InstructionRow) -> str:
+    parts = [s.strip() if isinstance(s, str) else f"[{NOUN[s[0].value]} {Path(str(s[1])).name}]" for s in row.prompt]
+    return " ".join(p for p in parts if p)
+
+
+def _samples(rows: list[InstructionRow], answers: list[Generation]) -> list[dict[str, str]]:
+    """One example of each kind of prompt from the test split: prompt, answer, ground truth."""
+    kinds = ["description from an image", "description from a sound", "description from an image and its sound",
+             "two-item comparison (image + sound)", "attribute question (sound)"]
+    out = []
+    for kind in kinds:
+        for row, answer in zip(rows, answers):
+            if row_group(row) == kind:
+                out.append({"kind": kind, "prompt": _show(row), "answer": answer.text, "truth": row.answer,
+                            "correct": bool(_score(row, answer.text))})
+                break
+    return out
+
+
+def _temperatures(model: Any, rows: list[InstructionRow]) -> list[dict[str, Any]]:
+    """One description prompt sampled at a low and a high temperature, with its mean entropy."""
+    row = next(r for r in rows if row_group(r) == "description from an image")
+    out = []
+    for t in (0.2, 1.5):
+        g = model.generate(row_prompt(row), max_new_tokens=48, temperature=t, seed=0)
+        out.append({"temperature": t, "prompt": _show(row), "answer": g.text, "mean_entropy": g.mean_entropy})
+    return out
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The report's "Prompting" section in markdown."""
+    tables = result["accuracy"]
+    names = list(tables)
+    lines = ["## Prompting", "",
+             "The decoder reads prompts that interleave text with images, sounds and captions (each one a "
+             "shared-space vector turned into soft tokens) and answers in text. Greedy answers to every prompt "
+             "of the test split and of the held-out combinations; a description is correct when it names the "
+             "shape and colour of every object, any other answer must match exactly.", "",
+             "| prompt | " + " | ".join(f"{n} (goal)" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for group, goals in HEADLINE.items():
+        cells = [f"{tables[n][group]['accuracy']:.3f} (≥ {goals[min(i, 1)]:.2f})" for i, n in enumerate(names)]
+        lines.append(f"| **{group}** | " + " | ".join(cells) + " |")
+    others = [g for g in tables[names[0]] if g not in HEADLINE]
+    for group in others:
+        cells = [f"{tables[n][group]['accuracy']:.3f}" if group in tables[n] else "–" for n in names]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names) + ".", ""]
+    if "transfer" in result:
+        lines += ["### Cross-modal transfer", "",
+                  "A second decoder trained on image prompts only — it never saw a sound — answers the same "
+                  "audio description prompts through the shared space (goal: colour and shape right ≥ "
+                  f"{TRANSFER_GOAL:.1f}):", "", "| split | image-only decoder | joint decoder | prompts |", "|---|---:|---:|---:|"]
+        for name, t in result["transfer"].items():
+            lines.append(f"| {name} | {t['image-only decoder']:.3f} | {t['joint decoder']:.3f} | {t['n']} |")
+        lines.append("")
+    lines += ["### Sample answers (test split, greedy)", "", "| prompt | answer | ground truth |", "|---|---|---|"]
+    for s in result["samples"]:
+        mark = "✓" if s["correct"] else "✗"
+        lines.append(f"| {s['prompt']} | {mark} {s['answer']} | {s['truth']} |")
+    lines += ["", "### Temperature and entropy", "",
+              "The same prompt sampled at two temperatures; entropy is that of the distribution each token was "
+              "drawn from, in nats, averaged over the answer:", "",
+              "| temperature | answer | mean entropy |", "|---:|---|---:|"]
+    for t in result["temperature"]:
+        lines.append(f"| {t['temperature']} | {t['answer']} | {t['mean_entropy']:.3f} |")
+    lines.append(f"\nPrompt: {result['temperature'][0]['prompt']}\n")
+    return lines
