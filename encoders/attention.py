@@ -82,7 +82,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.positional = positional
 
     def forward(

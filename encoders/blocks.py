@@ -31,7 +31,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(dim, hidden, bias=bias)
         self.act = nn.GELU(approximate=ACTIVATIONS[activation])
         self.proj = nn.Linear(hidden, dim, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.proj(self.act(self.fc(x))))
@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         self.dim, self.max_len = dim, max_len
         self.positional = build_positional(positional, dim, heads, max_len)
         rotary = self.positional if self.positional.in_attention else None
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary, activation=activation,
                              norm_eps=norm_eps)

@@ -138,8 +138,9 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
         full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
         full_mask[:, :T] = mask
         next_pos = positions[:, -1:] + 1  # (B, 1)
+    head = _logits_fn(decoder, B)
     hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
-    logits = decoder.lm_head(hidden[:, -1])  # (B, V)
+    logits = head(hidden[:, -1])  # (B, V)
     for step in range(max_new_tokens):
         choice = choose(logits, sampling, generator)
         yield choice
@@ -147,8 +148,20 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
             return
         step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
         hidden = decoder.hidden(choice.tokens[:, None], mask=step_mask, positions=next_pos, kv_caches=caches)
-        logits = decoder.lm_head(hidden[:, -1])
+        logits = head(hidden[:, -1])
         next_pos = next_pos + 1
+
+
+def _logits_fn(decoder: Decoder, batch: int):
+    """The LM head for this generation. Weights are stored column-major (`model.column_major_`),
+    the faster layout for one row; for several rows (V, C) @ (C, B) over a row-major copy is the
+    faster GEMM here (GPT-2's 50k × 768 head at B = 8: 21 ms vs 33 ms on the 2-core machine). The
+    copy is made once per generation call, so it is never stale."""
+    weight = decoder.lm_head.weight
+    if batch == 1 or weight.is_contiguous():
+        return decoder.lm_head
+    rows = weight.contiguous()  # (V, C)
+    return lambda h: (rows @ h.t()).t()
 
 
 @torch.inference_mode()
