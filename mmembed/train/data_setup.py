@@ -63,6 +63,6 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
                                                      allow_outside_root=cfg.data.allow_outside_root))
     if not texts:
         raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on; set tokenizer.path")
-    log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
+    log.info("training a %d-token BPE tokenizer on %d texts", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
 

@@ -1,4 +1,4 @@
-"""Training curves as PNG: loss, learning rate, logit scale and validation recall vs step."""
+"""Training curves as PNG: loss, learning rate, logit scale and validation metrics vs step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 CURVES = [("loss", "train loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
-          ("val/recall@1", "val recall@1 (mean over pairs)")]
+          ("val/recall@1", "val recall@1 (mean over pairs)"), ("val/loss", "val loss"),
+          ("val/answer_accuracy", "val exact answers (teacher-forced)")]
 
 
 def read_metrics(path: Path) -> list[dict]:

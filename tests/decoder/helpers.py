@@ -39,3 +39,25 @@ def fake_embed(modality: Modality, items: list) -> torch.Tensor:
         g = torch.Generator().manual_seed(zlib.crc32(f"{modality}:{item}".encode()))
         rows.append(F.normalize(torch.randn(DIM, generator=g), dim=0))
     return torch.stack(rows)
+
+
+def save_tiny_gpt2(folder):
+    """A randomly initialised GPT2LMHeadModel and a byte-level BPE tokenizer, saved by transformers
+    (what a user's local GPT-2 folder holds). Returns the folder."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=299, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(CORPUS, trainer)
+    hf.add_special_tokens(["<|endoftext|>"])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>").save_pretrained(folder)
+    end = hf.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=hf.get_vocab_size(), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=end, eos_token_id=end)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder

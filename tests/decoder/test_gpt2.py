@@ -10,28 +10,12 @@ transformers = pytest.importorskip("transformers")
 from mmembed.decoder import PromptFormat, gpt2_tokenizer, load_gpt2  # noqa: E402
 from mmembed.decoder.model import resize_token_embeddings  # noqa: E402
 from mmembed.errors import CheckpointError, UserError  # noqa: E402
+from tests.decoder.helpers import save_tiny_gpt2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
-    """A randomly initialised GPT2LMHeadModel and a byte-level BPE tokenizer, saved by transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("gpt2")
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=299, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(["a small red circle on the left", "what do you hear?"] * 50, trainer)
-    hf.add_special_tokens(["<|endoftext|>"])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    vocab, end = hf.get_vocab_size(), hf.token_to_id("<|endoftext|>")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=end, eos_token_id=end)
-    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
 def test_logits_match_transformers_within_1e4(gpt2_folder):

@@ -152,3 +152,30 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
     text = "\n".join(report_lines(result))
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
+
+
+def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path):
+    """`decoder.init_from_gpt2`: GPT-2's weights, architecture and tokenizer. At a negligible
+    learning rate the trained decoder still gives GPT-2's logits, and the run loads without the
+    GPT-2 folder."""
+    transformers = pytest.importorskip("transformers")
+    from tests.decoder.helpers import save_tiny_gpt2
+
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2).eval()
+    cfg = decoder_config(tiny_world, tmp_path / "run", init_from_gpt2=str(gpt2), width=999,
+                         train={**DECODER["train"], "max_steps": 3, "lr": 1e-9, "weight_decay": 0.0})
+    cfg.model.init_from = str(trained_run)
+    train(cfg)
+    run = tmp_path / "run"
+    saved = load_config(run / "config.yaml").decoder
+    assert (saved.width, saved.layers, saved.positional, saved.activation) == (64, 2, "learned", "gelu_tanh")
+    (gpt2 / "model.safetensors").unlink()  # the run must not need the folder any more
+    model = mm.load(run)
+    assert model.prompt_model.own_tokenizer and (run / "decoder_tokenizer.json").is_file()
+    vocab = hf.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.prompt_model.lm.decoder(ids)[..., :vocab], hf(ids).logits, atol=1e-4, rtol=0)
+    out = model.generate(["Describe", mm.Image(first(tiny_world, "image"))], max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4
