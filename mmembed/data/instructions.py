@@ -121,7 +121,3 @@ def _segment(seg: Any, base: Path, allow_outside_root: bool) -> str | MediaRef:
         raise BadRow(f"{key} must be a non-empty string")
     return (modality, value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root))
 
-
-def instruction_texts(data: InstructionSet) -> list[str]:
-    """Every typed prompt segment and answer (a tokenizer corpus for the decoder's words)."""
-    return [t for r in data.rows for t in (*(s for s in r.prompt if isinstance(s, str) and s.strip()), r.answer)]

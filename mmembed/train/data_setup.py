@@ -55,14 +55,8 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
             raise UserError(f"tokenizer.path not found: {tok.path}")
         return load_tokenizer(tok.path)
     texts = list(captions(root / cfg.data.train))
-    if cfg.decoder is not None and (root / cfg.decoder.data.train).is_file():
-        from mmembed.data.instructions import instruction_texts, read_instructions
-
-        # the decoder shares this tokenizer: its prompts' words should be tokens too, not bytes
-        texts += instruction_texts(read_instructions(root / cfg.decoder.data.train, root=root,
-                                                     allow_outside_root=cfg.data.allow_outside_root))
     if not texts:
         raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on; set tokenizer.path")
-    log.info("training a %d-token BPE tokenizer on %d texts", tok.vocab_size, len(texts))
+    log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.errors import UserError
-from mmembed.model import CONFIG, load_space
+from mmembed.model import CONFIG, Model, load_space
 from mmembed.train.align import resolve_device, seed_everything
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
 from mmembed.train.engine import StepOutput, Trainer
@@ -49,22 +50,8 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
-
-    root = Path(config.data.root)
-    train_set = _read(config, root, cfg.data.train)
-    val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
-    val_rows = val_set.rows[: cfg.data.val_rows] if val_set is not None else []
-    table = MediaTable()
-    table.add(train_set.rows)
-    table.add(val_rows)
-    log.info("embedding %d media items with the frozen shared space", len(table.index))
-    table.embed(model)
-    vectors = table.vectors.to(device)
-    skips = SkipCounter()
-    skips.update(train_set.skipped)
-    train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob)
-    skips.update(train_data.skipped)
-    val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context) if val_rows else None
+    train_data, val_data, vectors, skips = _datasets(config, pm, model)
+    vectors = vectors.to(device)
 
     tc = cfg.train
     if len(train_data) < tc.batch_size:
@@ -92,6 +79,28 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
         log.warning("could not draw curves: %s", e)
     log.info("decoder saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)
     return run_dir
+
+
+def _datasets(config: Config, pm: PromptModel, model: Model
+              ) -> tuple[PromptDataset, PromptDataset | None, torch.Tensor, SkipCounter]:
+    """Training and validation rows as datasets, the vectors of their media, and the skips."""
+    cfg, root = config.decoder, Path(config.data.root)
+    train_set = _read(config, root, cfg.data.train)
+    val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
+    val_rows = val_set.rows[: cfg.data.val_rows] if val_set is not None else []
+    table = MediaTable()
+    table.add(train_set.rows)
+    table.add(val_rows)
+    t0 = time.perf_counter()
+    table.embed(model)
+    log.info("embedded %d media items with the frozen shared space in %.1f s", len(table.index),
+             time.perf_counter() - t0)
+    skips = SkipCounter()
+    skips.update(train_set.skipped)
+    train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob)
+    skips.update(train_data.skipped)
+    val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context) if val_rows else None
+    return train_data, val_data, table.vectors, skips
 
 
 def _read(config: Config, root: Path, name: str) -> InstructionSet:

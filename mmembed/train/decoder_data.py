@@ -10,9 +10,9 @@ every epoch; a step then costs only the projector and the decoder.
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,11 +20,8 @@ from torch.utils.data import Dataset
 
 from mmembed.data.instructions import InstructionRow, MediaRef
 from mmembed.decoder.prompt import VECTOR, PromptFormat
-from mmembed.errors import UserError
+from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
-
-log = logging.getLogger(__name__)
-
 
 class MediaTable:
     """The distinct media items of some rows, and their shared-space vectors once embedded."""
@@ -39,10 +36,8 @@ class MediaTable:
             for ref in row.media:
                 self.index.setdefault(ref, len(self.index))
 
-    def embed(self, model, batch_size: int = 256) -> None:
-        """Embed every item with `model.embed`; unreadable ones are recorded in `bad`."""
-        from mmembed.errors import BadInput
-
+    def embed(self, model: Any, batch_size: int = 256) -> None:
+        """Embed every item with `model.embed` (a `Model`); unreadable ones are recorded in `bad`."""
         vectors = torch.zeros(len(self.index), model.embed_dim)
         by_modality: dict[Modality, list[MediaRef]] = {}
         for ref in self.index:

@@ -18,7 +18,7 @@ from mmembed.train import train
 from mmembed.train.decoder import train_decoder
 from tests.conftest import tiny_config
 
-DECODER = {"width": 32, "layers": 1, "heads": 2, "context": 96, "soft_tokens": 2, "dropout": 0.1,
+DECODER = {"width": 32, "layers": 1, "heads": 2, "context": 160, "soft_tokens": 2, "dropout": 0.1,
            "media_noise": 0.05, "vector_marker_prob": 0.3,
            "data": {"val_rows": 40},
            "train": {"batch_size": 16, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 1,
@@ -99,6 +99,7 @@ def test_bad_instruction_rows_are_skipped_and_counted(tiny_world, trained_run, t
     rows = [json.loads(line) for line in (tiny_world / "instruct-train.jsonl").read_text().splitlines()]
     rows[0]["prompt"] = ["describe", {"image": "images/missing.png"}]
     rows[1]["prompt"] = ["describe", {"image": "../outside.png"}]
+    rows[2]["prompt"] = ["describe " * 200, rows[2]["prompt"][-1]]
     bad = tmp_path / "bad-instruct.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     cfg = decoder_config(tiny_world, tmp_path / "run", data={"train": str(bad), "val": None},
@@ -107,7 +108,8 @@ def test_bad_instruction_rows_are_skipped_and_counted(tiny_world, trained_run, t
     with caplog.at_level(logging.WARNING):
         train(cfg)
     text = " ".join(r.getMessage() for r in caplog.records)
-    assert "skipped 3 row(s)" in text and "missing" in text and "escapes the data root" in text
+    assert "skipped 4 row(s)" in text and "missing" in text and "escapes the data root" in text
+    assert "tokens exceed the context" in text
 
 
 def test_a_run_without_decoder_says_so(tiny_world, tmp_path):
