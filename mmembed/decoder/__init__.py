@@ -2,7 +2,8 @@
 
 Reading order: model.py (the LM) → kv_cache.py → fusion.py (vectors → soft tokens at their
 placeholders) → prompt.py (segments → ids) → sampling.py → generate.py → gpt2.py (pretrained
-weights) → builder.py (config → modules, run files).
+weights) → builder.py (config → modules, run files) → evaluate.py (answer and score instruction rows).
+The training stage is `mmembed/train/decoder.py`.
 
     import mmembed as mm
     model = mm.load("runs/demo")

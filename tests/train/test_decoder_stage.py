@@ -181,3 +181,15 @@ def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path)
         torch.testing.assert_close(model.prompt_model.lm.decoder(ids)[..., :vocab], hf(ids).logits, atol=1e-4, rtol=0)
     out = model.generate(["Describe", mm.Image(first(tiny_world, "image"))], max_new_tokens=4)
     assert 1 <= len(out.token_ids) <= 4
+
+
+def test_a_media_file_that_fails_to_decode_names_its_segment(trained_run, tiny_world, tmp_path):
+    from mmembed.errors import BadInput
+
+    fake = tmp_path / "not-an-image.png"
+    fake.write_bytes(b"<html>this is not a picture</html>")
+    model = mm.load(trained_run)
+    with pytest.raises(BadInput, match=r"^prompt segment 3 \(image\): "):
+        model.generate(["Compare", mm.Audio(first(tiny_world, "audio")), "with", mm.Image(fake)])
+    with pytest.raises(BadInput, match=r"prompt 1 segment 1 \(image\)"):
+        model.generate([["Describe", mm.Image(first(tiny_world, "image"))], ["Describe", mm.Image(fake)]])
