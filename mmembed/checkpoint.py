@@ -33,11 +33,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -89,7 +90,17 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: corrupted JSON ({e})") from None
 
 
-def _fsync_dir(folder: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: some filesystems refuse directory fsync)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="regenerate even if the same world is there, and write into a non-empty folder that holds "
+                        "no world made by mmembed (its images/, audio/ and manifests are replaced)")
 
     p = _add(sub, "tokenizer", "train a byte-level BPE tokenizer", _tokenizer)
     tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser, required=True)
@@ -64,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "train", "train a model from a config", _train)
     p.add_argument("config", help="config name or YAML path")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete what train.out_dir holds and start over (without it, a fresh run refuses a "
+                           "folder that holds files)")
     _overrides(p)
 
     p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification", _eval)
@@ -165,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     from mmembed.train import train
 
     config = load_config(args.config, args.overrides)
-    run_dir = train(config, resume=args.resume)
+    run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"run: {run_dir}")
     return 0
 

@@ -108,7 +108,8 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the best
     early_stop_patience: int | None = None  # evaluations without improvement
     early_stop_metric: str = "recall@1"
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics.jsonl rows
+    progress_every_s: float = 30.0  # without a terminal (no progress bar): seconds between progress log lines
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     device: str = "auto"
 

@@ -36,7 +36,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     config = load_config(config_name, list(overrides))
     if out_dir is not None:
         config.train.out_dir = out_dir
-    run_dir = train_align(config)
+    run_dir = train_align(config, overwrite=True)  # the demo's folder is its own output: a rerun replaces it
     timings = {"joint training (incl. data synthesis)": time.monotonic() - t0}
 
     model = Model.load(run_dir)

@@ -213,7 +213,11 @@ def load_space(run_dir: str | Path) -> Model:
     tokenizer = _load_tokenizer(run_dir)
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     state = load_tensors(run_dir / WEIGHTS)
-    missing, unexpected = space.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = space.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape: the weights are not this config's
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml ({reason[:300]})") from None
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
                               f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")

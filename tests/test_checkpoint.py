@@ -65,3 +65,20 @@ def test_failed_write_keeps_previous_file(tmp_path):
         atomic_write(target, boom)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+
+    from mmembed.checkpoint import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic = tmp_path / "atomic.txt"
+        # the module read the umask at import; the test machine's is 022 (as on most systems)
+        atomic_write_text(atomic, "x")
+        assert oct(atomic.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == oct(0o644)
+    finally:
+        os.umask(mask)

@@ -12,29 +12,33 @@ from mmembed.config import Config
 log = logging.getLogger(__name__)
 
 
-def train(config: Config, resume: bool = False) -> Path:
+def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Run the stages the config describes; returns the run directory.
 
     Without a `decoder:` section: the align stage. With one: the align stage, then the decoder
     stage in the same run directory — unless `model.init_from` names a trained run, whose shared
-    space is then copied in instead of trained. `resume` continues the stage that was running.
+    space is then copied in instead of trained. `resume` continues the stage that was running;
+    a fresh run refuses a folder that holds files unless `overwrite` (see `run_dir.py`).
     """
     from mmembed.train.align import train_align
 
     if config.decoder is None:
-        return train_align(config, resume=resume)
+        return train_align(config, resume=resume, overwrite=overwrite)
     from mmembed.decoder import DECODER_DIR
     from mmembed.train.decoder import train_decoder
+    from mmembed.train.run_dir import prepare_run_dir, run_lock
     from mmembed.train.state import latest_checkpoint
 
     run_dir = Path(config.train.out_dir)
-    decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
-    if not decoder_started:
-        if config.model.init_from is not None:
-            config = copy_space(config)
-        else:
-            train_align(config, resume=resume)
-    return train_decoder(config, resume=decoder_started)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with run_lock(run_dir):
+        decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
+        if not decoder_started:
+            if config.model.init_from is not None:
+                config = copy_space(config)
+            else:
+                train_align(config, resume=resume)
+        return train_decoder(config, resume=decoder_started)
 
 
 def copy_space(config: Config) -> Config:

@@ -30,6 +30,7 @@ from mmembed.space import SharedSpace
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
+from mmembed.train.run_dir import prepare_run_dir, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ class CollapseMonitor:
 
 def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
                  monitor: CollapseMonitor) -> Callable:
-    def step(batch) -> StepOutput:
+    def step(batch) -> StepOutput | None:
         skips.update(batch.skipped)
+        if len(batch) == 0:  # every row was bad: the engine counts the batch and moves on
+            return None
         batch = batch.to(device)
         emb = space(batch.inputs, batch.masks, batch.present)
         monitor(emb, batch.present)
@@ -113,18 +116,23 @@ def mean_recall(report: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def train_align(config: Config, resume: bool = False, callbacks: list[Callable] = ()) -> Path:
+def train_align(config: Config, resume: bool = False, callbacks: list[Callable] = (), overwrite: bool = False) -> Path:
     """Train the shared space described by `config`; returns the run directory.
 
     With `resume=True` the latest complete checkpoint in `train.out_dir` is restored (weights,
-    optimizer, RNGs, data position) and the run continues exactly where it stopped.
+    optimizer, RNGs, data position) and the run continues exactly where it stopped. A fresh run
+    refuses a folder that holds files unless `overwrite` (which deletes them first); the folder
+    is locked against a second trainer while this one runs.
     """
-    cfg = config
+    run_dir = Path(config.train.out_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with run_lock(run_dir):
+        return _train_align(config, run_dir, resume, callbacks)
+
+
+def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    run_dir = Path(cfg.train.out_dir)
-    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        log.info("%s already has checkpoints; starting over (use --resume to continue)", run_dir)
     root = prepare_data(cfg.data)
     tokenizer = prepare_tokenizer(cfg, root, run_dir if resume else None)
     model = build_model(cfg, tokenizer)
@@ -142,9 +150,9 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     active = sorted({m for a, b, _ in loss_fn.pairs(space.modalities) for m in (a, b)})
     if not active:
         raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
-    train_loader, steps = _train_loader_factory(cfg, root, tokenizer, active)
-    val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     skips = SkipCounter()
+    train_loader, steps = _train_loader_factory(cfg, root, tokenizer, active, skips)
+    val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
 
     def evaluate() -> dict[str, float]:
@@ -168,11 +176,13 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     return run_dir
 
 
-def _train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality]) -> tuple[Callable, int]:
+def _train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
+                          skips: SkipCounter) -> tuple[Callable, int]:
     pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
            for m in active}
     manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
                              strict=cfg.data.strict)
+    skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache)
     bs = cfg.train.batch_size
     if len(dataset) < bs:
@@ -190,8 +200,12 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
         return None
     pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=False)
            for m, t in cfg.model.towers.items()}
-    manifest = read_manifest(root / name, root=root, allow_outside_root=cfg.data.allow_outside_root)
-    dataset = ManifestDataset(manifest, pre, cache=True)
+    manifest = read_manifest(root / name, root=root, allow_outside_root=cfg.data.allow_outside_root,
+                             strict=cfg.data.strict)
+    if manifest.skipped:
+        log.warning("validation manifest %s: %d row(s) skipped at read time (first, line %d: %s)",
+                    root / name, len(manifest.skipped), *manifest.skipped[0])
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True)
     return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
 
 

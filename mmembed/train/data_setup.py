@@ -26,13 +26,14 @@ def prepare_data(data: DataConfig) -> Path:
     return root
 
 
-def captions(manifest: Path) -> Iterator[str]:
-    """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns."""
+def captions(manifest: Path, root: Path | None = None, allow_outside_root: bool = False) -> Iterator[str]:
+    """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns; `root` and
+    `allow_outside_root` as for training (a row refused there is refused here too)."""
     from mmembed.data import read_manifest
 
     from mmembed.modality import Modality
 
-    for row in read_manifest(manifest).rows:
+    for row in read_manifest(manifest, root=root, allow_outside_root=allow_outside_root).rows:
         for value in [row.items.get(Modality.TEXT), *(row.meta.get("captions") or [])]:
             if isinstance(value, str):
                 yield value
@@ -54,7 +55,7 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
         if not Path(tok.path).exists():
             raise UserError(f"tokenizer.path not found: {tok.path}")
         return load_tokenizer(tok.path)
-    texts = list(captions(root / cfg.data.train))
+    texts = list(captions(root / cfg.data.train, root, cfg.data.allow_outside_root))
     if not texts:
         raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on; set tokenizer.path")
     log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))

@@ -33,17 +33,28 @@ from mmembed.train.align import resolve_device, seed_everything
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
+from mmembed.train.run_dir import prepare_run_dir, run_lock
 
 log = logging.getLogger(__name__)
 
 
-def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable] = ()) -> Path:
-    """Train the decoder of the run in `config.train.out_dir`; returns the run directory."""
+def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable] = (),
+                  overwrite: bool = False) -> Path:
+    """Train the decoder of the run in `config.train.out_dir`; returns the run directory.
+
+    A fresh stage refuses a `<run>/decoder/` that holds an earlier stage's files unless
+    `overwrite`; the run folder is locked while it trains."""
     if config.decoder is None:
         raise UserError("the config has no `decoder:` section")
+    run_dir = Path(config.train.out_dir)
+    prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
+    with run_lock(run_dir):
+        return _train_decoder(config, run_dir, resume, callbacks)
+
+
+def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
     config = dataclasses.replace(config, decoder=with_gpt2_architecture(config.decoder))
     cfg = config.decoder
-    run_dir = Path(config.train.out_dir)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = load_space(run_dir).to(device)

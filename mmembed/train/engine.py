@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
 from mmembed.errors import UserError
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
@@ -55,7 +56,8 @@ class Trainer:
 
     Args:
         module: the parameters to train (frozen ones are skipped by the optimizer).
-        step_fn: batch → StepOutput (forward + loss); runs under autocast when precision=bf16.
+        step_fn: batch → StepOutput (forward + loss), or None for a batch with nothing to learn
+            from (every row skipped: counted, no step taken); runs under autocast when precision=bf16.
         make_loader: (epoch, start_batch) → iterable of batches for that epoch, starting at
             `start_batch` without touching earlier samples (exact resume depends on it).
         steps_per_epoch: batches per epoch, for the schedule and progress bar.
@@ -102,6 +104,8 @@ class Trainer:
         reason = None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None)
+        # no terminal (a log file, CI, nohup): no bar, so a progress line now and then instead
+        self._progress_line = None if not bar.disable else ProgressLine(self.total_steps, self.cfg.progress_every_s)
         try:
             while reason is None and self.progress.epoch < self.cfg.epochs:
                 reason = self._run_epoch(bar, start)
@@ -116,6 +120,8 @@ class Trainer:
         finally:
             bar.close()
         reason = reason or "finished"
+        if self.progress.empty_batches:
+            log.warning("%d batch(es) had no usable row and were skipped", self.progress.empty_batches)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
         return FitResult(self.progress, reason, last_ckpt)
 
@@ -134,6 +140,10 @@ class Trainer:
                 return "step budget"
             self.progress.batch_in_epoch += 1
             out = self._forward_backward(batch)
+            if out is None:  # every row of the batch was skipped: nothing to learn from
+                self.progress.empty_batches += 1
+                data_t0 = time.perf_counter()
+                continue
             accum.append(out)
             if len(accum) < cfg.accum_steps:
                 data_t0 = time.perf_counter()
@@ -147,6 +157,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{self._last['loss']:.3f}", scale=f"{self._last.get('logit_scale', 0):.1f}",
                             sps=f"{self._last['samples_per_s']:.0f}")
+            if self._progress_line is not None:
+                self._progress_line.update(self.progress.step, self._last["loss"], self._last["samples_per_s"])
             for cb in self.callbacks:
                 cb("step", self, self._last)
             if cfg.eval_every and self.progress.step % cfg.eval_every == 0 and self._evaluate_and_check():
@@ -158,11 +170,13 @@ class Trainer:
             data_t0 = time.perf_counter()
         return None
 
-    def _forward_backward(self, batch: Any) -> StepOutput:
+    def _forward_backward(self, batch: Any) -> StepOutput | None:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.cfg.precision == "bf16" else nullcontext())
         with autocast:
             out = self.step_fn(batch)
+        if out is None:
+            return None
         if torch.isfinite(out.loss.detach()):
             (out.loss / self.cfg.accum_steps).backward()
         return out
@@ -251,9 +265,38 @@ class Trainer:
         """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
+        keep = [line for line in self.metrics_path.read_text(encoding="utf-8").split("\n")
                 if line.strip() and _safe_step(line) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+
+class ProgressLine:
+    """Logs "step S/T (P%), loss L, N samples/s, ETA h:mm:ss" at most once every `every_s` seconds
+    (the first step logs at once): a run without a terminal still shows that it moves."""
+
+    def __init__(self, total: int, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger | None = None) -> None:
+        self.total, self.every_s, self.clock, self.logger = total, every_s, clock, logger or log
+        self.start = clock()
+        self._last: float | None = None
+        self._first_step: int | None = None
+
+    def update(self, step: int, loss: float, samples_per_s: float) -> None:
+        now = self.clock()
+        if self._first_step is None:  # time the steps after this one (the first may include warm-up)
+            self._first_step, self.start = step, now
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        done = step - self._first_step
+        eta = _hms((now - self.start) / done * (self.total - step)) if done else "–"
+        self.logger.info("step %d/%d (%.0f%%), loss %.4f, %.0f samples/s, ETA %s", step, self.total,
+                         100 * step / max(self.total, 1), loss, samples_per_s, eta)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _mean_metrics(outs: list[StepOutput]) -> dict[str, float]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmembed.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from mmembed.checkpoint import atomic_write_json, fsync_dir, load_tensors, read_json, save_tensors
 from mmembed.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
@@ -38,6 +38,7 @@ class Progress:
     best_step: int | None = None
     evals_since_best: int = 0
     bad_steps: int = 0  # non-finite steps skipped in total
+    empty_batches: int = 0  # batches whose every row was skipped (no step taken)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,40 +58,82 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
         shutil.copyfile(src, tmp / name)
     atomic_write_json(tmp / "trainer.json", {"progress": asdict(progress), "optimizer": opt_meta,
                                              "python_rng": _python_rng()})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-saving a step: swap by renames, so `final` is always a whole checkpoint
+        old = root / f".{final.name}.old{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(root)
     return final
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete temporary folders left by a process killed while writing a checkpoint."""
+    """Clean up after a process killed while writing a checkpoint: delete half-written temporary
+    folders, and put back a checkpoint that was set aside to be replaced but never was."""
     root = Path(run_dir) / CKPT_DIR
-    for tmp in root.glob(".step_*.tmp*") if root.is_dir() else []:
+    if not root.is_dir():
+        return
+    for old in root.glob(".step_*.old*"):
+        final = root / old.name[1:].split(".old")[0]
+        if not final.exists() and _complete(old):
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".step_*.tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder (one whose trainer.json exists), or None."""
+    """The newest complete checkpoint folder (weights, optimizer state and trainer.json), or None."""
     root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file()) if root.is_dir() else []
+    done = sorted(p for p in root.glob("step_*") if _complete(p)) if root.is_dir() else []
     return done[-1] if done else None
 
 
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("model.safetensors", "trainer.safetensors", "trainer.json"))
+
+
 def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-    """Restore module, optimizer and every RNG from `path`; returns the saved progress."""
+    """Restore module, optimizer and every RNG from `path`; returns the saved progress.
+
+    Raises:
+        CheckpointError: a file is missing or corrupt, trainer.json has the wrong fields or types,
+        or the weights do not fit this model (the config changed since the checkpoint).
+    """
     meta = read_json(path / "trainer.json")
-    module.load_state_dict(load_tensors(path / "model.safetensors"))
+    weights = load_tensors(path / "model.safetensors")
     tensors = load_tensors(path / "trainer.safetensors")
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
-    _restore_rng(tensors, meta["python_rng"])
-    return Progress(**meta["progress"])
+    try:
+        progress = Progress(**meta["progress"])
+        for name in ("step", "epoch", "batch_in_epoch"):
+            if not isinstance(getattr(progress, name), int):
+                raise TypeError(f"progress.{name} is {getattr(progress, name)!r}")
+        module.load_state_dict(weights)
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        _restore_rng(tensors, meta["python_rng"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: "
+                              f"{_last_line(e)})") from None
+    return progress
+
+
+def _last_line(e: BaseException) -> str:
+    """The informative line of an exception (torch's load_state_dict puts the mismatch last)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
     """Delete all but the newest `keep_last` complete checkpoints (and anything in `keep`)."""
     root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file())
+    done = sorted(p for p in root.glob("step_*") if _complete(p))
     for old in done[:-keep_last] if keep_last > 0 else done:
         if old.resolve() not in {k.resolve() for k in keep}:
             shutil.rmtree(old, ignore_errors=True)

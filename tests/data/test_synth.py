@@ -362,6 +362,19 @@ def test_refuses_to_write_into_an_unrelated_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_refuses_a_folder_whose_world_json_it_did_not_write(tmp_path):
+    """Another tool's world.json (and its images/) must not read as a synthetic world to clear."""
+    (tmp_path / "world.json").write_text(json.dumps({"format": "someone-elses", "scenes": 3}))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.png").write_bytes(b"not ours")
+    with pytest.raises(UserError, match="not empty.*--overwrite"):
+        generate_world(tmp_path, n=4, workers=1)
+    assert (tmp_path / "images" / "mine.png").read_bytes() == b"not ours"
+    assert json.loads((tmp_path / "world.json").read_text())["format"] == "someone-elses"
+    generate_world(tmp_path, n=4, workers=1, overwrite=True)  # told to: it may
+    assert json.loads((tmp_path / "world.json").read_text())["format"] == "mmembed-synth"
+
+
 def test_image_size_and_sample_rate_are_honoured(tmp_path):
     summary = generate_world(tmp_path / "w", n=6, seed=2, image_size=96, sample_rate=22050, workers=1)
     for r in _rows(tmp_path / "w", "train"):

@@ -177,6 +177,15 @@ def _existing(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     return world
 
 
+def _made_here(root: Path) -> bool:
+    """A world.json written by this generator (another tool's world.json does not count)."""
+    try:
+        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(world, dict) and world.get("format") == "mmembed-synth"
+
+
 def _clear(root: Path) -> None:
     """Remove only what a previous generation wrote; world.json first, so a crash mid-clear
     still reads as an incomplete world."""
@@ -289,12 +298,12 @@ def generate_world(
         log.info("reusing the synthetic world in %s (same parameters)", root)
         return _summary(root, world, reused=True)
     marker = root / ".synth-incomplete"
-    ours = (root / "world.json").is_file() or marker.is_file()
+    ours = _made_here(root) or marker.is_file()
     if root.exists() and not root.is_dir():
         raise UserError(f"{root} is a file; generate_world needs a folder")
     if root.is_dir() and any(root.iterdir()) and not ours and not overwrite:
         raise UserError(
-            f"{root} is not empty and holds no synthetic world; choose an empty folder or pass overwrite=True"
+            f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass --overwrite (overwrite=True)"
         )
     _clear(root)
     for sub in ("images", "audio"):

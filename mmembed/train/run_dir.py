@@ -1,0 +1,90 @@
+"""A run folder belongs to one run and one trainer at a time.
+
+- A fresh run refuses a folder that already holds files: an older run's checkpoints would
+  survive its pruning and a later `--resume` would restore *that* run. `overwrite=True`
+  (`--overwrite`) deletes the folder first; `resume=True` continues what is there.
+- While a stage trains, it holds an exclusive lock on `<run>/.lock` (flock, released by the
+  kernel when the process dies, so a killed trainer never leaves a stale lock); the file names
+  the holder's pid for the message a second trainer gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from mmembed.errors import UserError
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}  # lock path → nesting depth in this process (stages nest: train → align)
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make `run_dir` ready for a fresh run (or check it for a resumed one).
+
+    Raises:
+        UserError: a fresh run into a non-empty folder without `overwrite`; `overwrite` on a
+        folder that contains the working directory.
+    """
+    run_dir = Path(run_dir)
+    if resume or not run_dir.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
+    if not any(p.name != LOCK for p in run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "
+                        "or choose another train.out_dir")
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise UserError(f"--overwrite would delete {run_dir}, which contains the working directory")
+    with run_lock(run_dir):  # never delete a folder another trainer is using
+        for entry in run_dir.iterdir():
+            if entry.name != LOCK:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's exclusive lock; a second holder (another process) gets a UserError.
+
+    Re-entrant within one process, so a stage may take it inside a pipeline that already has it.
+    """
+    path = (Path(run_dir) / LOCK).resolve()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        _acquire(fd, path)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _acquire(fd: int, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory lock, but still one clear owner file
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        raise UserError(f"{path.parent} is in use by a trainer (pid {holder}); wait for it to finish, "
+                        "or train into another train.out_dir") from None

@@ -1,0 +1,206 @@
+"""Run folders and checkpoints under faults: a fresh run never mixes with an older one, one
+trainer per folder, checkpoint re-saves and metrics rewrites that survive a kill, skipped
+batches, read-time skips counted, clear one-line errors on bad checkpoints, progress logging."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from mmembed.checkpoint import load_tensors, save_tensors
+from mmembed.cli import main
+from mmembed.config import load_config
+from mmembed.data.loader import EpochBatchSampler
+from mmembed.errors import CheckpointError, UserError
+from mmembed.train.align import train_align
+from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
+from tests.conftest import tiny_config
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_fresh_run_refuses_a_folder_holding_an_older_run_and_overwrite_starts_clean(tiny_world, tmp_path):
+    run = tmp_path / "run"
+    train_align(load_config(tiny_config(tiny_world, run, epochs=3, checkpoint_every=1)))
+    longer = latest_checkpoint(run).name
+    shorter = load_config(tiny_config(tiny_world, run, epochs=1, checkpoint_every=1))
+    with pytest.raises(UserError, match="already holds a run.*--resume.*--overwrite"):
+        train_align(shorter)
+    train_align(shorter, overwrite=True)
+    # the older, longer run is gone: resuming finds the new run's last step, not the old one's
+    assert latest_checkpoint(run).name < longer and latest_checkpoint(run).name == f"step_{51 // 16:07d}"
+    assert main(["train", str(run.parent / "run.yaml")]) == 2  # the CLI says it in one line too
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stale(tiny_world, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from mmembed.train.run_dir import run_lock
+        with run_lock({str(run)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = load_config(tiny_config(tiny_world, run, epochs=1))
+        with pytest.raises(UserError, match=f"in use by a trainer \\(pid {holder.pid}\\)"):
+            train_align(cfg, resume=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train_align(cfg, overwrite=True)  # the kernel released the dead holder's lock
+    assert latest_checkpoint(run) is not None
+
+
+def test_resaving_a_step_never_leaves_a_checkpoint_without_weights(tmp_path, monkeypatch):
+    import mmembed.train.state as state
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    state.save_checkpoint(tmp_path, module, optimizer, state.Progress(step=5))
+    real_rmtree = state.shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):  # killed while deleting a whole copy of the step
+        if (path / "trainer.json").is_file():
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(state.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        state.save_checkpoint(tmp_path, module, optimizer, state.Progress(step=5))  # the same step again
+    monkeypatch.setattr(state.shutil, "rmtree", real_rmtree)
+    remove_partial_checkpoints(tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step_0000005"
+    assert all((ckpt / f).is_file() for f in ("model.safetensors", "trainer.safetensors", "trainer.json"))
+    assert state.load_checkpoint(ckpt, module, optimizer).step == 5
+
+
+def test_a_kill_while_metrics_are_rewritten_on_resume_keeps_them(tiny_world, tmp_path, monkeypatch):
+    import pathlib
+
+    run = tmp_path / "run"
+    cfg = load_config(tiny_config(tiny_world, run, epochs=2, checkpoint_every=1))
+    train_align(cfg)
+    before = (run / "metrics.jsonl").read_text()
+    real = pathlib.Path.write_text
+
+    def torn_write(self, data, *args, **kwargs):  # killed a third of the way into writing the metrics
+        if "metrics.jsonl" not in self.name:
+            return real(self, data, *args, **kwargs)
+        real(self, data[: len(data) // 3], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_align(cfg, resume=True)
+    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_batch_whose_rows_are_all_bad_is_skipped_and_training_finishes(tiny_world, tmp_path, caplog):
+    rows = [json.loads(line) for line in (tiny_world / "train.jsonl").read_text().splitlines()]
+    first = EpochBatchSampler(len(rows), 16, shuffle=True, seed=0, drop_last=True).indices()[:16]
+    for i in first:  # every modality of every row in the first batch is unusable
+        rows[i].update(image=f"images/missing{i}.png", audio=f"audio/missing{i}.wav", text="")
+    (tmp_path / "bad-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1))
+    cfg.data.train = str(tmp_path / "bad-train.jsonl")
+    cfg.data.cache = False
+    with caplog.at_level(logging.WARNING):
+        run = train_align(cfg)
+    assert _steps(run) == list(range(1, len(rows) // 16))  # one step fewer, and no crash
+    assert "1 batch(es) had no usable row" in caplog.text
+
+
+def test_rows_refused_at_read_time_are_counted_and_val_honours_strict(tiny_world, tmp_path, caplog):
+    lines = (tiny_world / "train.jsonl").read_text().splitlines()
+    lines[3] = "{not json"
+    row = json.loads(lines[5])
+    row["image"] = "/etc/passwd"
+    lines[5] = json.dumps(row)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1))
+    cfg.data.train = str(tmp_path / "train.jsonl")
+    with caplog.at_level(logging.WARNING):
+        train_align(cfg)
+    assert "skipped 2 row(s)" in caplog.text and "invalid JSON" in caplog.text and "refused" in caplog.text
+    (tmp_path / "val.jsonl").write_text("{not json\n" + (tiny_world / "val.jsonl").read_text())
+    strict = load_config(tiny_config(tiny_world, tmp_path / "strict", epochs=1))
+    strict.data.val, strict.data.strict = str(tmp_path / "val.jsonl"), True
+    with pytest.raises(UserError, match="val.jsonl:1: invalid JSON"):
+        train_align(strict)
+
+
+def test_the_tokenizer_reads_captions_with_the_runs_root_and_path_rules(tiny_world, tmp_path):
+    from mmembed.train.data_setup import captions
+
+    rows = [json.loads(line) for line in (tiny_world / "train.jsonl").read_text().splitlines()]
+    for r in rows:  # absolute media paths, which this run's config allows
+        r["image"] = str(tiny_world / r["image"])
+    (tmp_path / "abs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    every = sum(1 + len(r["captions"]) + len(r["qa"]) for r in rows)
+    assert len(list(captions(tmp_path / "abs.jsonl", tiny_world, allow_outside_root=True))) == every
+    with pytest.raises(UserError, match="no usable row"):  # refused rows, as training would refuse them
+        list(captions(tmp_path / "abs.jsonl", tiny_world, allow_outside_root=False))
+
+
+def test_bad_checkpoints_are_one_line_errors(tiny_world, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_align(load_config(tiny_config(tiny_world, run, epochs=1, checkpoint_every=1)))
+    ckpt = latest_checkpoint(run)
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    meta["progress"]["step"] = "three"  # malformed: a wrong field type
+    (ckpt / "trainer.json").write_text(json.dumps(meta))
+    assert main(["train", str(run.parent / "run.yaml"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from this checkpoint" in err and len(err.strip().splitlines()) == 1
+    meta["progress"]["step"] = 3
+    del meta["python_rng"]  # malformed: a missing field
+    (ckpt / "trainer.json").write_text(json.dumps(meta))
+    assert main(["train", str(run.parent / "run.yaml"), "--resume"]) == 2
+    assert "python_rng" in capsys.readouterr().err
+    state = load_tensors(run / "model.safetensors")  # weights of the wrong shape for config.yaml
+    key = next(k for k in state if k.endswith("head.1.weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_tensors(run / "model.safetensors", state)
+    assert main(["eval", str(run), "--manifest", str(tiny_world / "test.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match config.yaml" in err and "size mismatch" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError):
+        import mmembed as mm
+
+        mm.load(run)
+
+
+def test_progress_lines_at_a_bounded_rate_without_a_terminal(caplog):
+    from mmembed.train.engine import ProgressLine
+
+    now = [0.0]
+    line = ProgressLine(total=100, every_s=30.0, clock=lambda: now[0], logger=logging.getLogger("t"))
+    with caplog.at_level(logging.INFO, logger="t"):
+        for step in range(1, 101):
+            now[0] += 1.0  # one step per second: 100 s in all
+            line.update(step, loss=1.0 / step, samples_per_s=128.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4  # steps 1, 31, 61, 91: at most one per 30 s
+    assert messages[1] == "step 31/100 (31%), loss 0.0323, 128 samples/s, ETA 0:01:09"
+
+
+def test_training_without_a_terminal_logs_progress(tiny_world, tmp_path, caplog):
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1, progress_every_s=0.0))
+    with caplog.at_level(logging.INFO, logger="mmembed.train.engine"):
+        train_align(cfg)  # pytest's stderr is no terminal: tqdm shows no bar
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 51 // 16 and "samples/s" in lines[0] and "ETA" in lines[0]
