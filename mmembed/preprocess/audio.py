@@ -17,6 +17,11 @@ filterbank (torchaudio's MelSpectrogram, or log-spaced filters on which a pitch 
 shift) → log(x + 1e-6) → (x - mean) / std. SpecAugment, when training, is the separate `augment`
 step: it works on the features, so a dataset can cache them and still draw fresh masks.
 
+Sample rates: a file header or a `(waveform, rate)` pair may claim any rate; rates outside
+[`min_sample_rate`, `max_sample_rate`] (default 4,000–192,000 Hz) are refused with BadInput
+before anything is read or built. Inside the range every rate is resampled with a bounded
+windowed-sinc kernel (see `resample_ratio`), and only the 8 most recently used kernels are kept.
+
 Longer recordings are cropped, not chunked: an encoder that wants to cover a whole long file
 embeds several crops and averages them itself, using the frame masks.
 """
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections import OrderedDict
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +47,9 @@ from mmembed.modality import Modality
 
 _MAX_CHANNELS = 32
 _LOG_FLOOR = 1e-6
+MAX_RESAMPLE_KERNEL = 2**20  # elements (4 MB of float32) in one resampling kernel
+RESAMPLER_CACHE_SIZE = 8  # source rates whose kernels are kept, least recently used evicted first
+_SINC_WIDTH, _ROLLOFF = 6, 0.99  # torchaudio Resample's defaults: its kernel size depends on them
 
 
 class AudioPreprocessor:
@@ -54,6 +64,8 @@ class AudioPreprocessor:
             pitch is a shift (see `log_frequency_fbanks`). Low bins are narrow: `log` needs an
             n_fft whose bin spacing (sample_rate / n_fft) fits the lowest filter, e.g. 2048.
         max_seconds: longer clips are cropped to this duration.
+        min_sample_rate, max_sample_rate: the accepted source rates (Hz); a clip claiming a rate
+            outside them is refused (BadInput). The range must contain `sample_rate`.
         random_crop: when training, crop at a random offset (otherwise from the start).
         mean, std: fixed normalisation of the log-mel values; the defaults suit speech and
             synthetic tones at moderate loudness. Estimate your own with `feature_stats`.
@@ -79,6 +91,8 @@ class AudioPreprocessor:
         f_max: float | None = None,
         frequency_scale: Literal["mel", "log"] = "mel",
         max_seconds: float = 10.0,
+        min_sample_rate: int = 4000,
+        max_sample_rate: int = 192_000,
         random_crop: bool = True,
         mean: float = -6.0,
         std: float = 5.0,
@@ -93,6 +107,15 @@ class AudioPreprocessor:
             )
         if min(freq_mask, time_mask) < 0:
             raise ConfigError(f"audio preprocess: freq_mask={freq_mask} and time_mask={time_mask} must be >= 0")
+        if not 0 < min_sample_rate <= sample_rate:
+            raise ConfigError(
+                f"audio preprocess: min_sample_rate={min_sample_rate} must be in 1..sample_rate={sample_rate}"
+            )
+        if max_sample_rate < sample_rate:
+            raise ConfigError(
+                f"audio preprocess: max_sample_rate={max_sample_rate} must be >= sample_rate={sample_rate}"
+            )
+        self.min_sample_rate, self.max_sample_rate = min_sample_rate, max_sample_rate
         self.sample_rate = sample_rate
         self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
         self.max_seconds = max_seconds
@@ -109,7 +132,7 @@ class AudioPreprocessor:
         else:
             raise ConfigError(f"audio preprocess: unknown frequency_scale {frequency_scale!r} (valid: mel, log)")
         self.freq_mask, self.time_mask = freq_mask, time_mask
-        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
+        self._resamplers: OrderedDict[int, torchaudio.transforms.Resample] = OrderedDict()  # LRU, by source rate
 
     @property
     def stochastic(self) -> bool:
@@ -150,6 +173,9 @@ class AudioPreprocessor:
         with torch.no_grad():
             feats = self.filterbank(wave).add_(_LOG_FLOOR).log_()  # (n_mels, frames)
             feats = feats.sub_(self.mean).div_(self.std)
+        if not torch.isfinite(feats).all():  # finite samples so large (~1e18) that their power overflows
+            raise BadInput(f"audio of peak {float(wave.abs().max()):.3g} gives non-finite features "
+                           "(samples should lie in [-1, 1])")
         return feats[:, : self.max_frames].contiguous()
 
     def waveform(self, item: Any) -> Tensor:
@@ -158,6 +184,7 @@ class AudioPreprocessor:
             wave, rate = self._read_file(item)
         else:
             data, rate = _split_pair(item, self.sample_rate)
+            self._check_rate(rate, "the waveform")
             wave = _crop(_to_mono(data), self._crop_len(rate), self._random())
         if wave.numel() == 0:
             raise BadInput("zero-length audio")
@@ -189,6 +216,13 @@ class AudioPreprocessor:
     def _random(self) -> bool:
         return self.train and self.random_crop
 
+    def _check_rate(self, rate: int, name: str) -> None:
+        if not self.min_sample_rate <= rate <= self.max_sample_rate:
+            raise BadInput(
+                f"sample rate {rate} Hz of {name} is outside the accepted range "
+                f"{self.min_sample_rate}-{self.max_sample_rate} Hz (min_sample_rate, max_sample_rate)"
+            )
+
     def _crop_len(self, rate: int) -> int:
         """Samples at `rate` covering max_seconds (one extra so resampling never falls short)."""
         return int(math.ceil(self.max_seconds * rate)) + 1
@@ -204,10 +238,13 @@ class AudioPreprocessor:
         try:
             with sf.SoundFile(source) as f:
                 total, rate = f.frames, f.samplerate
+                self._check_rate(rate, name)
                 n = min(total, self._crop_len(rate))
                 start = int(torch.randint(0, total - n + 1, ()).item()) if self._random() and total > n else 0
                 f.seek(start)
                 data = f.read(n, dtype="float32", always_2d=True)  # (n, C)
+        except BadInput:
+            raise
         except Exception as e:  # noqa: BLE001 - libsndfile reports any malformed file this way
             raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {e})") from None
         if data.shape[0] == 0:
@@ -216,10 +253,45 @@ class AudioPreprocessor:
         return torch.from_numpy(data), int(rate)  # (n,)
 
     def _resampler(self, rate: int) -> torchaudio.transforms.Resample:
-        # the windowed-sinc kernel depends only on the rate pair: build it once per source rate
-        if rate not in self._resamplers:
-            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
-        return self._resamplers[rate]
+        # the windowed-sinc kernel depends only on the rate pair: reuse it for recent source rates
+        resampler = self._resamplers.pop(rate, None)
+        if resampler is None:
+            resampler = torchaudio.transforms.Resample(*resample_ratio(rate, self.sample_rate))
+        self._resamplers[rate] = resampler  # now the most recently used
+        if len(self._resamplers) > RESAMPLER_CACHE_SIZE:
+            self._resamplers.popitem(last=False)
+        return resampler
+
+
+def resample_ratio(rate: int, target: int, max_kernel: int = MAX_RESAMPLE_KERNEL) -> tuple[int, int]:
+    """(orig, new) to give torchaudio's Resample for `rate` → `target` Hz, its kernel bounded.
+
+    Resample reduces the ratio by the gcd and builds a (new, orig + 2 * width) kernel, so a rate
+    sharing no factor with the target is a disaster: 44,101 → 16,000 Hz is 16000 x 44135 elements
+    (2.8 GB, and 5.6 GB float64 temporaries while building). A lowpass width or rolloff does not
+    help (the kernel has `new` rows whatever they are). So the exact ratio is used when its kernel
+    has at most `max_kernel` elements (every common rate: 44,100 → 16,000 Hz is 441/160, 76 k),
+    and otherwise the closest fraction whose denominator is small enough for the kernel to fit
+    (`Fraction.limit_denominator`). Duration and pitch then change by the fraction's error: at
+    most 0.05 % (under a cent) for every integer rate from 4 to 192 kHz → 16 kHz with the
+    default `max_kernel` (measured).
+
+    Returns:
+        (orig, new), coprime, with orig / new ≈ rate / target.
+    """
+    exact = Fraction(rate, target)
+    ratio, limit = exact, exact.denominator
+    while _kernel_elements(ratio.numerator, ratio.denominator) > max_kernel and limit > 1:
+        # the kernel grows as new**2 * (orig / new): aim straight at a denominator that fits
+        limit = max(1, min(limit - 1, math.isqrt(max_kernel * ratio.denominator // ratio.numerator)))
+        ratio = exact.limit_denominator(limit)
+    return ratio.numerator, ratio.denominator
+
+
+def _kernel_elements(orig: int, new: int) -> int:
+    """Size of torchaudio's sinc kernel for a reduced orig/new ratio (its formula, default width and rolloff)."""
+    width = math.ceil(_SINC_WIDTH * orig / (min(orig, new) * _ROLLOFF))
+    return new * (orig + 2 * width)
 
 
 class LogFrequencySpectrogram(torch.nn.Module):

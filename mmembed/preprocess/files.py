@@ -14,8 +14,8 @@ def check_file(path: Path) -> None:
         st = path.stat()
     except FileNotFoundError:
         raise BadInput(f"missing file {path}") from None
-    except OSError as e:
-        raise BadInput(f"unreadable file {path} ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, UnicodeError) as e:  # ValueError: NUL byte; UnicodeError: lone surrogate
+        raise BadInput(f"unreadable file {ascii(str(path))} ({type(e).__name__}: {e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise BadInput(f"not a file: {path}")
     if st.st_size == 0:

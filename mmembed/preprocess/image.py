@@ -7,21 +7,32 @@ Accepted items (the same code serves training, `model.embed` and prompts):
   - a torch tensor, (H, W) or (C, H, W) with C in {1, 3, 4} — torch follows torchvision's CHW layout.
   uint8 values are 0..255, uint16 0..65535, floats 0..1. A fourth channel is alpha.
 
+Limits on hostile files, checked before anything is decoded:
+  - formats: only an allow-list of raster formats is opened (default PNG, JPEG, GIF, BMP, TIFF,
+    WebP), whatever the file name says; Pillow is never offered the others, so a PostScript file
+    named .png is refused and can never start Ghostscript;
+  - size: at most `max_pixels` pixels (files), each side at most `max_side` and the aspect ratio
+    at most `max_aspect` (every input: the resize of a 16,000,000 x 1 strip would allocate
+    ~10^10 pixels).
+
 Every failure that belongs to the item (missing, empty, corrupt or truncated file, HTML saved
-as .png, decompression bomb, NaN pixels) raises `BadInput` with the reason, so loaders can skip
-the row and count it.
+as .png, a format or shape outside the limits, NaN pixels, any error while decoding, converting
+or resizing) raises `BadInput` with the reason, so loaders can skip the row and count it.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -38,6 +49,38 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}  # "La" has no Pillow conversion: Ba
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 _INTERPOLATION = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
+DEFAULT_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+# raster formats Pillow decodes in-process (EPS needs Ghostscript; TGA has no magic bytes to
+# check, so Pillow would try it on any file): the only names `formats` accepts
+SAFE_FORMATS = (*DEFAULT_FORMATS, "AVIF", "DDS", "ICO", "JPEG2000", "PCX", "PPM", "QOI", "SGI")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What `load_image` accepts: `formats` and `max_pixels` are read from a file's header before
+    decoding; `max_side` and `max_aspect` (longer side / shorter side) bound every input."""
+
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_pixels: int = 64_000_000
+    max_side: int = 16384
+    max_aspect: float = 50.0
+
+    def __post_init__(self) -> None:
+        Image.init()  # register every plugin, so `Image.open(formats=...)` finds the allowed ones
+        formats = tuple(f.upper() for f in self.formats)
+        valid = [f for f in SAFE_FORMATS if f in Image.OPEN]
+        unknown = [f for f in formats if f not in valid]
+        if not formats or unknown:
+            raise ConfigError(
+                f"image preprocess: formats {unknown or '(empty)'} not accepted (valid: {', '.join(valid)})"
+            )
+        if min(self.max_pixels, self.max_side) <= 0:
+            raise ConfigError(f"image preprocess: max_pixels and max_side must be positive, got {self.max_pixels}, "
+                              f"{self.max_side}")
+        if not self.max_aspect >= 1:
+            raise ConfigError(f"image preprocess: max_aspect must be >= 1, got {self.max_aspect}")
+        object.__setattr__(self, "formats", formats)
+
 
 class ImagePreprocessor:
     """Decode, convert to RGB, resize the shorter side, centre-crop, normalise.
@@ -49,6 +92,11 @@ class ImagePreprocessor:
         max_pixels: images whose header claims more pixels are rejected before decoding
             (decompression-bomb guard). Pillow's own guard (2 × `Image.MAX_IMAGE_PIXELS`,
             ≈ 179 M px) still applies above that.
+        max_side, max_aspect: images (files, PIL images, arrays, tensors) with a side longer
+            than `max_side` or a longer/shorter side ratio above `max_aspect` are rejected
+            (files before decoding).
+        formats: the file formats that are opened (Pillow's names, any case); the rest are
+            rejected naming the detected format. Valid: `SAFE_FORMATS`.
         background: RGB colour that transparent pixels are composited onto.
         augment: with `train=True`, a random resized crop (scale `crop_scale`) replaces the
             centre crop; `color_jitter` and `hflip` add to it. Colour and left/right are
@@ -70,6 +118,9 @@ class ImagePreprocessor:
         std: tuple[float, float, float] = CLIP_STD,
         interpolation: Literal["bicubic", "bilinear"] = "bicubic",
         max_pixels: int = 64_000_000,
+        max_side: int = 16384,
+        max_aspect: float = 50.0,
+        formats: tuple[str, ...] = DEFAULT_FORMATS,
         background: tuple[int, int, int] = (255, 255, 255),
         augment: bool = False,
         crop_scale: tuple[float, float] = (0.8, 1.0),
@@ -77,8 +128,9 @@ class ImagePreprocessor:
         hflip: bool = False,
         train: bool = False,
     ) -> None:
-        if size <= 0 or max_pixels <= 0:
-            raise ConfigError(f"image preprocess: size and max_pixels must be positive, got {size}, {max_pixels}")
+        if size <= 0:
+            raise ConfigError(f"image preprocess: size must be positive, got {size}")
+        self.limits = ImageLimits(tuple(formats), max_pixels, max_side, max_aspect)
         if len(mean) != 3 or len(std) != 3 or len(background) != 3:
             raise ConfigError("image preprocess: mean, std and background need 3 values (R, G, B)")
         if any(s <= 0 for s in std):
@@ -91,7 +143,6 @@ class ImagePreprocessor:
             raise ConfigError(f"image preprocess: interpolation must be one of {list(_INTERPOLATION)}")
         self.size = size
         self.mean, self.std = tuple(mean), tuple(std)
-        self.max_pixels = max_pixels
         self.background = tuple(background)
         self.train = train
         self.augment = augment
@@ -120,7 +171,11 @@ class ImagePreprocessor:
 
     def __call__(self, item: Any) -> Tensor:
         """One raw image → (3, size, size) float32. Raises BadInput with the reason."""
-        chw = load_image(item, max_pixels=self.max_pixels, background=self.background)  # (3, H, W)
+        chw = load_image(item, limits=self.limits, background=self.background)  # (3, H, W)
+        with _failures_as_bad_input("image resize"):
+            return self._resize_and_normalise(chw)
+
+    def _resize_and_normalise(self, chw: Tensor) -> Tensor:
         if self.augmentation is not None:
             chw = self.augmentation(chw)
         else:
@@ -147,54 +202,124 @@ class ImagePreprocessor:
 # --------------------------------------------------------------------------------------------
 
 
-def load_image(item: Any, *, max_pixels: int = 64_000_000, background=(255, 255, 255)) -> Tensor:
-    """Decode one raw image into an RGB tensor (3, H, W), uint8 (0..255) or float32 (0..1)."""
+_DEFAULT_LIMITS = ImageLimits()
+
+
+def load_image(item: Any, *, limits: ImageLimits = _DEFAULT_LIMITS, background=(255, 255, 255)) -> Tensor:
+    """Decode one raw image into an RGB tensor (3, H, W), uint8 (0..255) or float32 (0..1).
+
+    Raises BadInput, and nothing else but MemoryError, for any image that cannot be used.
+    """
+    name = str(item) if isinstance(item, (str, Path)) else type(item).__name__
+    with _failures_as_bad_input(f"image decoding of {name}"):
+        return _load(item, limits, background)
+
+
+def _load(item: Any, limits: ImageLimits, background) -> Tensor:
     if isinstance(item, (str, Path)):
-        return _decode(Path(item), max_pixels, background)
+        return _decode(Path(item), limits, background)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(item)), max_pixels, background)
+        return _decode(io.BytesIO(bytes(item)), limits, background)
     if isinstance(item, Image.Image):
+        _check_shape(item.width, item.height, limits, "PIL image")
         return pil_to_rgb_tensor(item, background)
     if isinstance(item, np.ndarray):
         if item.ndim == 2:
             item = item[..., None]
         if item.ndim != 3:
             raise BadInput(f"image array must be (H, W) or (H, W, C); got shape {item.shape}")
+        _check_shape(item.shape[1], item.shape[0], limits, "image array")
         if not item.flags.writeable:  # e.g. np.asarray(pil_image); torch warns on read-only memory
             item = item.copy()
         return _chw_to_rgb(torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1), background)
     if isinstance(item, Tensor):
+        if item.ndim in (2, 3):
+            _check_shape(item.shape[-1], item.shape[-2], limits, "image tensor")
         return _chw_to_rgb(item.detach().cpu().unsqueeze(0) if item.ndim == 2 else item.detach().cpu(), background)
     raise BadInput(f"unsupported image input of type {type(item).__name__} (path, bytes, PIL image, array or tensor)")
 
 
-def _decode(source: Path | io.BytesIO, max_pixels: int, background) -> Tensor:
+@contextmanager
+def _failures_as_bad_input(what: str) -> Iterator[None]:
+    """Any exception inside → BadInput naming `what` and the exception, so the row is skipped.
+
+    MemoryError passes through: it says the process is short of memory, not that the item is
+    bad (the limits keep any one item's allocations bounded).
+    """
+    try:
+        yield
+    except (BadInput, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the point: one hostile item must never stop the epoch
+        raise BadInput(f"{what} failed ({type(e).__name__}: {e})") from e
+
+
+def _check_shape(width: int, height: int, limits: ImageLimits, what: str) -> None:
+    """A side over max_side or an aspect ratio over max_aspect → BadInput (before any resize)."""
+    longer, shorter = max(width, height), min(width, height)
+    if longer > limits.max_side:
+        raise BadInput(f"image too large: {what} {width}x{height} has a side > max_side {limits.max_side}")
+    # resizing the shorter side to `size` makes the longer one size * aspect: bound it
+    if shorter > 0 and longer / shorter > limits.max_aspect:
+        raise BadInput(f"image too elongated: {what} {width}x{height} has aspect ratio {longer / shorter:,.0f}:1 "
+                       f"> max_aspect {limits.max_aspect:g}")
+
+
+def _decode(source: Path | io.BytesIO, limits: ImageLimits, background) -> Tensor:
     name = str(source) if isinstance(source, Path) else "<bytes>"
     if isinstance(source, Path):
         check_file(source)
-    try:
-        with warnings.catch_warnings():
-            # our own max_pixels check below is the authoritative guard; Pillow's hard limit
-            # (DecompressionBombError at 2 × MAX_IMAGE_PIXELS) still fires and is caught
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)  # lazy: reads the header only
-    except Image.DecompressionBombError as e:
-        raise BadInput(f"decompression bomb refused: {name} ({e})") from None
-    except Exception as e:  # noqa: BLE001 - any failure to parse an untrusted header = bad file
-        raise BadInput(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
-    with im:
+    with _open_header(source, name, limits) as im:
         width, height = im.size
-        if width * height > max_pixels:
+        if width * height > limits.max_pixels:
             raise BadInput(
                 f"image too large: {name} header claims {width}x{height} = {width * height:,} pixels "
-                f"> max_pixels {max_pixels:,} (decompression-bomb guard; not decoded)"
+                f"> max_pixels {limits.max_pixels:,} (decompression-bomb guard; not decoded)"
             )
+        _check_shape(width, height, limits, f"{name} header claims")
         try:
             im.load()
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib/struct errors...
             raise BadInput(f"corrupt or truncated image: {name} ({type(e).__name__}: {e})") from None
         return pil_to_rgb_tensor(im, background)
 
+
+def _open_header(source: Path | io.BytesIO, name: str, limits: ImageLimits) -> Image.Image:
+    """Image.open restricted to the allowed formats (lazy: reads the header only)."""
+    try:
+        with warnings.catch_warnings():
+            # our own max_pixels check is the authoritative guard; Pillow's hard limit
+            # (DecompressionBombError at 2 × MAX_IMAGE_PIXELS) still fires and is caught
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # `formats=` means Pillow never hands the bytes to any other plugin
+            return Image.open(source, formats=limits.formats)
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"decompression bomb refused: {name} ({e})") from None
+    except UnidentifiedImageError:
+        detected = _sniff_format(source, exclude=limits.formats)
+        if detected is None:
+            raise BadInput(f"not a readable image: {name} (no {', '.join(limits.formats)} header)") from None
+        raise BadInput(f"image format {detected} is not allowed: {name} "
+                       f"(allowed: {', '.join(limits.formats)}; see the `formats` option)") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse an untrusted header = bad file
+        raise BadInput(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
+
+
+def _sniff_format(source: Path | io.BytesIO, exclude: tuple[str, ...]) -> str | None:
+    """The Pillow format whose magic bytes start the file, for the message (nothing is parsed)."""
+    if isinstance(source, Path):
+        with source.open("rb") as f:
+            prefix = f.read(16)
+    else:
+        prefix = source.getvalue()[:16]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if fmt in exclude or accept is None:  # no magic bytes (TGA, IM...): cannot tell
+            continue
+        with suppress(Exception):  # some checks index past a short prefix
+            if accept(prefix):
+                return fmt
+    return None
 
 
 def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -207,3 +208,75 @@ def test_log_frequency_fbanks_shape_peaks_and_errors():
         AudioPreprocessor(frequency_scale="log", n_fft=2048, f_min=0.0)
     with pytest.raises(ConfigError, match="frequency_scale"):
         AudioPreprocessor(frequency_scale="bark")
+
+
+# ---------------------------------------------------------------------------- sample rates (issue #13)
+
+
+def _wav_claiming(path, rate: int) -> None:
+    """A valid 16-bit mono WAV whose header is patched to claim `rate` Hz."""
+    sf.write(path, _tone(16000, 0.1), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[24:28] == struct.pack("<I", 16000)
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", rate * 2 & 0xFFFFFFFF)  # byte rate = rate * block align
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [1, 3999, 192_001, 2_000_000_000])
+def test_sample_rate_outside_the_accepted_range_is_refused(tmp_path, rate):
+    path = tmp_path / "claim.wav"
+    _wav_claiming(path, rate)
+    assert sf.info(str(path)).samplerate == rate
+    pre = AudioPreprocessor()
+    for item, name in (((_tone(16000, 0.1), rate), "waveform"), (path, str(path)), (path.read_bytes(), "<bytes>")):
+        with pytest.raises(BadInput, match=rf"sample rate {rate} Hz .*accepted range 4000-192000 Hz") as info:
+            pre(item)
+        assert name in str(info.value)
+    assert not pre._resamplers  # refused before any kernel was built
+
+
+def test_sample_rate_range_is_configurable_and_validated():
+    pre = AudioPreprocessor(min_sample_rate=1000)
+    assert _peak_hz(pre.waveform((_tone(2000), 2000)), 16000) == pytest.approx(440.0, abs=1.0)
+    assert AudioPreprocessor(max_sample_rate=16000)(_tone(16000)).shape[0] == 64
+    with pytest.raises(BadInput, match="accepted range 4000-16000 Hz"):
+        AudioPreprocessor(max_sample_rate=16000)((_tone(22050), 22050))
+    with pytest.raises(ConfigError, match="min_sample_rate"):
+        AudioPreprocessor(min_sample_rate=20000)  # the target rate itself would be refused
+    with pytest.raises(ConfigError, match="max_sample_rate"):
+        AudioPreprocessor(sample_rate=8000, min_sample_rate=4000, max_sample_rate=6000)
+
+
+@pytest.mark.parametrize("rate", [44101, 96001])  # primes: gcd(rate, 16000) = 1
+def test_prime_rate_is_resampled_with_a_bounded_kernel_keeping_pitch(rate):
+    """The exact ratio 44101/16000 needs a 16000 x 44135 kernel (2.8 GB); 96001 one of 6.1 GB."""
+    pre = AudioPreprocessor()
+    wave = pre.waveform((_tone(rate), rate))
+    assert abs(wave.numel() - 16000) <= 2
+    assert _peak_hz(wave, 16000) == pytest.approx(440.0, abs=1.0)
+    (resampler,) = pre._resamplers.values()
+    assert resampler.kernel.numel() <= 2**20  # 4 MB of float32
+    assert resampler.orig_freq / resampler.new_freq == pytest.approx(rate / 16000, rel=1e-4)
+
+
+def test_common_rates_keep_their_exact_ratio():
+    pre = AudioPreprocessor()
+    for rate in (8000, 11025, 22050, 32000, 44100, 48000, 88200, 96000, 192000):
+        pre.waveform((_tone(rate, 0.1), rate))
+        resampler = pre._resamplers[rate]
+        assert resampler.orig_freq * 16000 == resampler.new_freq * rate
+
+
+def test_resampler_cache_is_a_bounded_lru():
+    pre = AudioPreprocessor()
+    rates = [20000 + 1000 * i for i in range(20)]
+    for rate in rates:
+        pre.waveform((_tone(rate, 0.05), rate))
+        assert len(pre._resamplers) <= 8
+    assert list(pre._resamplers) == rates[-8:]
+    kept = pre._resamplers[rates[-8]]
+    pre.waveform((_tone(rates[-8], 0.05), rates[-8]))  # a hit: reused, and now the most recent
+    pre.waveform((_tone(44100, 0.05), 44100))  # evicts the least recently used: rates[-7]
+    assert pre._resamplers[rates[-8]] is kept and rates[-7] not in pre._resamplers
+    assert len(pre._resamplers) == 8

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
-from mmembed.errors import BadInput
+from mmembed.errors import BadInput, ConfigError
+from mmembed.preprocess import build_preprocessor
 from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
 
 SIZE = 16
@@ -219,3 +221,156 @@ def test_load_image_returns_uint8_rgb_for_files(tmp_path):
     Image.new("CMYK", (8, 6), (0, 255, 0, 0)).save(path)  # CMYK JPEG
     out = load_image(path)
     assert out.shape == (3, 6, 8) and out.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------- formats (issue #13)
+
+_EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)
+
+
+@pytest.fixture
+def subprocesses(monkeypatch) -> list:
+    """Every attempt to start a subprocess, refused and recorded (the list must stay empty)."""
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"a subprocess was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(subprocess, "run", refuse)
+    # Pillow caches its Ghostscript probe: clear it so decoding an EPS would really spawn `gs`
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None, raising=False)
+    return calls
+
+
+def test_eps_named_png_is_refused_without_starting_a_subprocess(tmp_path, subprocesses):
+    path = tmp_path / "x.png"
+    path.write_bytes(_EPS)
+    pre = ImagePreprocessor(SIZE)
+    for item, name in ((path, str(path)), (path.read_bytes(), "<bytes>")):
+        with pytest.raises(BadInput, match=r"format EPS is not allowed") as info:
+            pre(item)
+        assert name in str(info.value) and "allowed: PNG, JPEG, GIF, BMP, TIFF, WEBP" in str(info.value)
+    assert subprocesses == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_every_allowed_format_decodes(tmp_path, fmt):
+    path = tmp_path / "image.bin"  # the extension plays no part
+    _gradient().save(path, format=fmt)
+    pre = ImagePreprocessor(SIZE)
+    out = pre(path)
+    assert out.shape == (3, SIZE, SIZE) and torch.isfinite(out).all()
+    reference = pre(_gradient())
+    if fmt in ("PNG", "BMP", "TIFF"):  # lossless
+        assert torch.equal(out, reference)
+    else:  # JPEG/WebP compress, GIF quantises to 256 colours
+        assert (out - reference).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM"])
+def test_valid_but_disallowed_format_is_refused_by_name(tmp_path, fmt):
+    path = tmp_path / "image.png"
+    _gradient(32, 32).save(path, format=fmt)
+    with Image.open(path) as check:
+        assert check.format == fmt  # a real, valid file of that format
+    with pytest.raises(BadInput, match=rf"format {fmt} is not allowed") as info:
+        ImagePreprocessor(SIZE)(path)
+    assert str(path) in str(info.value)
+    # opting in through the config key decodes it
+    assert ImagePreprocessor(SIZE, formats=("PNG", fmt))(path).shape == (3, SIZE, SIZE)
+
+
+def test_formats_are_validated_and_configurable_from_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"EPS.*valid: .*PNG") as info:
+        ImagePreprocessor(SIZE, formats=("PNG", "EPS"))
+    assert "JPEG" in str(info.value)
+    with pytest.raises(ConfigError, match="formats"):
+        ImagePreprocessor(SIZE, formats=())
+    path = tmp_path / "image.ppm"
+    _gradient().save(path)
+    pre = build_preprocessor("image", {"size": SIZE, "formats": ["png", "ppm"]})  # a YAML list, any case
+    assert torch.equal(pre(path), pre(_gradient()))
+    with pytest.raises(BadInput, match="format PPM"):
+        build_preprocessor("image", {"size": SIZE})(path)
+
+
+def test_html_and_garbage_are_still_unreadable_not_a_format(tmp_path):
+    html = tmp_path / "page.png"
+    html.write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    with pytest.raises(BadInput, match="not a readable image"):
+        ImagePreprocessor(SIZE)(html)
+
+
+# ---------------------------------------------------------------------------- sides and aspect (issue #13)
+
+
+def test_aspect_ratio_bomb_header_refused_before_decoding(tmp_path, monkeypatch):
+    """16,000,000 x 1 passes the pixel-count guard; the resize would then ask for ~10^10 pixels."""
+    bomb = tmp_path / "strip.png"
+    _bomb_png(bomb, 16_000_000, 1)
+    wide = tmp_path / "wide.png"
+    _bomb_png(wide, 10_000, 10)  # under max_side, aspect 1000
+
+    def no_decoding(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    pre = ImagePreprocessor(SIZE)
+    with pytest.raises(BadInput, match=r"16000000x1 .*max_side 16384") as info:
+        pre(bomb)
+    assert str(bomb) in str(info.value)
+    with pytest.raises(BadInput, match=r"10000x10 .*max_aspect 50"):
+        pre(wide)
+    with pytest.raises(BadInput, match="max_aspect 50"):
+        pre(wide.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: np.zeros((1, 60), np.uint8), "max_aspect"),
+        (lambda: np.zeros((60, 1, 3), np.float32), "max_aspect"),
+        (lambda: torch.zeros(3, 1, 60, dtype=torch.uint8), "max_aspect"),
+        (lambda: torch.zeros(2, 200), "max_aspect"),
+        (lambda: Image.new("L", (1, 60)), "max_aspect"),
+        (lambda: np.zeros((400, 20000), np.uint8), "max_side"),  # aspect 50 is fine, the side is not
+    ],
+    ids=["numpy-HW", "numpy-HWC", "torch-CHW", "torch-HW", "PIL", "numpy-side"],
+)
+def test_extreme_shapes_in_memory_are_refused(make, reason):
+    with pytest.raises(BadInput, match=reason):
+        ImagePreprocessor(SIZE)(make())
+
+
+def test_side_and_aspect_limits_are_configurable():
+    assert ImagePreprocessor(SIZE)(np.zeros((1, 50), np.uint8)).shape == (3, SIZE, SIZE)  # exactly 50:1
+    assert ImagePreprocessor(SIZE, max_aspect=100)(np.zeros((1, 60), np.uint8)).shape == (3, SIZE, SIZE)
+    with pytest.raises(BadInput, match="max_side 32"):
+        ImagePreprocessor(SIZE, max_side=32)(np.zeros((33, 33), np.uint8))
+    for bad in ({"max_side": 0}, {"max_aspect": 0.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ImagePreprocessor(SIZE, **bad)
+
+
+def test_any_failure_inside_preprocessing_is_badinput(monkeypatch):
+    import mmembed.preprocess.image as image_module
+
+    def broken_resize(*args, **kwargs):
+        raise RuntimeError("resize exploded")
+
+    monkeypatch.setattr(image_module.F, "resize", broken_resize)
+    with pytest.raises(BadInput, match="RuntimeError: resize exploded"):
+        ImagePreprocessor(SIZE)(_gradient())
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(image_module.F, "resize", out_of_memory)
+    with pytest.raises(MemoryError):  # the process is in trouble, not the item: never a skipped row
+        ImagePreprocessor(SIZE)(_gradient())
