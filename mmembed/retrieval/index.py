@@ -228,7 +228,10 @@ class Index:
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, directory: str | Path, *, run_dir: str | Path | None = None) -> Path:
-        """Write `index.json`, `vectors.safetensors` and `metadata.jsonl` (atomically) into `directory`.
+        """Write `index.json`, `vectors.safetensors` and `metadata.jsonl` as the folder `directory`.
+
+        The folder is replaced as a whole (a kill mid-save leaves the old or the new index, never
+        a mix), so a folder holding other files is refused with UserError.
 
         `run_dir`: the model's run folder, remembered in `info["run_dir"]` so a later search can
         load the model that made the vectors without being told.

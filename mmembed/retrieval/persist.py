@@ -1,20 +1,31 @@
-"""On-disk index format: a folder with three files, each written atomically.
+"""On-disk index format: a folder with three files, replaced as a whole by every save.
 
     index.json           header: format, dim, count, fingerprint, backend (+ args), storage,
                          next_id, modality names, a generation token, metadata checksum
     vectors.safetensors  vectors (N, D) fp32/fp16, ids (N,) int64, modality codes (N,) int8
-    metadata.jsonl       one JSON object per row, in row order
+    metadata.jsonl       one JSON object per row, in row order, "\\n"-terminated; pure ASCII (every
+                         other character is a \\uXXXX escape), so no caption can hold a line break.
+                         Any str round-trips except one holding lone surrogates (not Unicode text,
+                         and JSON cannot tell "\\ud800\\udfff" from U+103FF): the save refuses it
 
-The header is written last and is the commit point: it names the generation token stored in
-the safetensors metadata and the sha256 of the metadata file, so a save interrupted between
-files (new vectors beside an old header) is detected at load instead of silently mixing two
-indexes. No pickle anywhere; FAISS structures are not saved, they are rebuilt at first search.
+A save writes the files into a sibling folder `<name>.tmp-<pid>-<hex>` (each file fsynced), then
+swaps it in: the old folder is renamed to `<name>.old-<pid>-<hex>`, the new one renamed to
+`<name>`, the old one deleted. A kill at any point leaves a loadable index: before the swap the
+old folder is untouched; between the two renames `read_index` reads the `.old` folder, and the
+next save renames it back. The next save also deletes leftover temporary folders; reading never
+writes. The header names the generation token stored in the safetensors metadata and the sha256
+of the metadata file, so a reader whose files come from two saves (a swap mid-read) notices and
+reads again. No pickle anywhere; FAISS structures are not saved, they are rebuilt at first search.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +35,20 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from mmembed.checkpoint import atomic_write_json, atomic_write_text, fsync_dir, load_tensors, read_json, save_tensors
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.store import MODALITY_CODES, STORAGE_DTYPES, VectorStore
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 HEADER, VECTORS, METADATA = "index.json", "vectors.safetensors", "metadata.jsonl"
+# JSON would read two adjacent lone surrogates back as one astral character: they are refused
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LEFTOVER = re.compile(r"\.(tmp|old)-\d+-[0-9a-f]{8}")  # suffix of a save's sibling folders
+# atomic_write's temporary files, left in the index folder by a save killed in older versions
+_PARTIAL_FILE = re.compile(r"\.(?:%s)\.\w+\.tmp" % "|".join(map(re.escape, (HEADER, VECTORS, METADATA))))
 
 
 @dataclass
@@ -40,28 +58,131 @@ class SavedIndex:
 
 
 def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any]) -> Path:
-    """Write a compacted store and its header into `directory` (created if needed)."""
+    """Write a compacted store and its header as the folder `directory`, replacing any index there.
+
+    Raises UserError when `directory` holds anything besides an index (it would be deleted).
+    """
     if store.n_dead:
         raise RuntimeError("compact the store before writing it")  # Index.save does
     directory = Path(directory)
-    generation = uuid.uuid4().hex
-    names = [m.value for m in sorted(MODALITY_CODES, key=MODALITY_CODES.get)]
-    tensors = {"vectors": store.vectors, "ids": store.ids, "modality": store.codes}
-    save_tensors(directory / VECTORS, tensors, metadata={"generation": generation})
+    target = directory.resolve()  # through a symlink: the swap renames the real folder
     text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
-    atomic_write_text(directory / METADATA, text)
-    full = {**header, "format": FORMAT_VERSION, "dim": store.dim, "count": store.n_rows,
-            "next_id": store.next_id, "modalities": names, "generation": generation,
-            "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
-    atomic_write_json(directory / HEADER, full)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    _check_replaceable(target)
+    staging = _sibling(target, "tmp")
+    os.mkdir(staging)  # mode 0777 & ~umask (tempfile.mkdtemp would make it 0700)
+    try:
+        _write_files(staging, store, header, text)
+        _swap(staging, target)
+    except Exception:
+        _recover(target)  # a kill skips this; the next save does it
+        raise
     return directory
 
 
 def read_index(directory: str | Path) -> SavedIndex:
     """Read and cross-check the three files; any inconsistency is a CheckpointError."""
     directory = Path(directory)
-    if not directory.is_dir():
+    seen = _identity(directory)
+    try:
+        return _read_folder(_live_folder(directory))
+    except CheckpointError:
+        if _identity(directory) == seen:
+            raise
+    return _read_folder(_live_folder(directory))  # a save swapped the folder mid-read: read the new one
+
+
+def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text: str) -> None:
+    generation = uuid.uuid4().hex
+    names = [m.value for m in sorted(MODALITY_CODES, key=MODALITY_CODES.get)]
+    tensors = {"vectors": store.vectors, "ids": store.ids, "modality": store.codes}
+    save_tensors(folder / VECTORS, tensors, metadata={"generation": generation})
+    atomic_write_text(folder / METADATA, text)
+    full = {**header, "format": FORMAT_VERSION, "dim": store.dim, "count": store.n_rows,
+            "next_id": store.next_id, "modalities": names, "generation": generation,
+            "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    atomic_write_json(folder / HEADER, full)
+
+
+def _swap(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an existing `target` is moved aside first, since rename
+    cannot replace a non-empty folder."""
+    old = None
+    if target.exists():
+        old = _sibling(target, "old")
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_dir(target.parent)  # the new index is durable before the old one goes
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """Undo what an interrupted save left beside `target`: put the old index back if the save
+    stopped between its two renames, then delete the leftover folders."""
+    leftovers = _leftovers(target)
+    previous = _previous(target)
+    if previous is not None and not target.exists():
+        os.rename(previous, target)
+        leftovers.remove(previous)
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_replaceable(target: Path) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UserError(f"cannot save an index as {target}: it is a file")
+    foreign = sorted(p.name for p in target.iterdir()
+                     if p.name not in (HEADER, VECTORS, METADATA) and not _PARTIAL_FILE.fullmatch(p.name))
+    if foreign:
+        raise UserError(f"cannot save an index into {target}: it holds other files ({', '.join(foreign[:5])}), "
+                        "and a save replaces the whole folder; choose a new or empty folder")
+
+
+def _live_folder(directory: Path) -> Path:
+    """`directory`, or the previous index while a save is between its two renames (or died there)."""
+    if directory.is_dir():
+        return directory
+    previous = _previous(directory.resolve())
+    if previous is None:
         raise UserError(f"index folder not found: {directory}")
+    log.warning("%s: a save was interrupted; reading the previous index from %s", directory, previous)
+    return previous
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f"{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _leftovers(target: Path, kind: str | None = None) -> list[Path]:
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for path in target.parent.iterdir():
+        match = path.name.startswith(target.name) and _LEFTOVER.fullmatch(path.name[len(target.name):])
+        if match and kind in (None, match.group(1)):
+            found.append(path)
+    return sorted(found)
+
+
+def _previous(target: Path) -> Path | None:
+    """The index a save moved aside; there is at most one unless saves were interrupted twice."""
+    olds = _leftovers(target, "old")
+    return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_folder(directory: Path) -> SavedIndex:
     header = read_json(directory / HEADER)
     _check_header(header, directory)
     tensors = load_tensors(directory / VECTORS)
@@ -85,9 +206,15 @@ def read_index(directory: str | Path) -> SavedIndex:
 
 def _metadata_line(meta: dict[str, Any], item_id: int) -> str:
     try:
-        return json.dumps(meta, ensure_ascii=False, default=_json_default) + "\n"
+        line = json.dumps(meta, default=_json_default)  # ASCII: U+2028 & co. become escapes too
+        if _SURROGATE_ESCAPE.search(line):  # an astral character, or a lone surrogate?
+            json.dumps(meta, ensure_ascii=False, default=_json_default).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"metadata of item {item_id} holds a lone surrogate U+{ord(e.object[e.start]):04X}, "
+                        "which is not Unicode text and cannot be saved") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"metadata of item {item_id} cannot be saved as JSON ({e})") from None
+    return line + "\n"
 
 
 def _json_default(value: Any) -> Any:
@@ -100,6 +227,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+# every header field a load relies on, with its type (ints also >= 0)
+_HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dim": int, "count": int, "next_id": int, "storage": str, "backend": str, "generation": str,
+    "modalities": list, "metadata_sha256": str, "backend_args": dict, "info": dict,
+    "fingerprint": (str, type(None)),
+}
+_OPTIONAL = ("backend_args", "info", "fingerprint")
+
+
 def _check_header(header: Any, directory: Path) -> None:
     required = ("format", "dim", "count", "storage", "backend", "generation", "modalities", "next_id",
                 "metadata_sha256")
@@ -108,6 +244,16 @@ def _check_header(header: Any, directory: Path) -> None:
     if header["format"] != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: index format {header['format']} is not supported "
                               f"(this mmembed reads format {FORMAT_VERSION})")
+    for key, kinds in _HEADER_TYPES.items():
+        if key not in header and key in _OPTIONAL:
+            continue
+        value = header.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or (kinds is int and value < 0):
+            raise CheckpointError(f"{directory / HEADER}: field {key!r} is {value!r}, not a valid "
+                                  f"{' or '.join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))}")
+    if header["next_id"] < header["count"]:
+        raise CheckpointError(f"{directory / HEADER}: next_id {header['next_id']} is below the item count "
+                              f"{header['count']}: new items would reuse ids")
     if header["storage"] not in STORAGE_DTYPES:
         raise CheckpointError(f"{directory}: unknown storage {header['storage']!r}")
 
@@ -142,7 +288,10 @@ def _read_metadata(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
         raise CheckpointError(f"index metadata not found: {path}") from None
     if hashlib.sha256(raw).hexdigest() != header["metadata_sha256"]:
         raise CheckpointError(f"{path}: checksum does not match {HEADER} (file changed or interrupted save)")
-    rows = [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+    # "\n" only: str.splitlines also breaks on U+2028, U+0085, \x1c..., which files written before
+    # the ASCII-only format may hold raw inside strings
+    lines = raw.decode("utf-8").split("\n")
+    rows = [json.loads(line) for line in lines[:-1]]  # each row ends with "\n": the last piece is ""
     if len(rows) != header["count"]:
         raise CheckpointError(f"{path}: {len(rows)} rows, header says {header['count']}")
     return rows

@@ -1,11 +1,15 @@
 """save → load gives the same hits; model mismatches and damaged files are clear errors."""
 
+import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from mmembed.errors import CheckpointError, UserError
 from mmembed.retrieval import Index
@@ -100,3 +104,85 @@ def test_backend_and_args_survive_save(tmp_path):
     assert [[h[0] for h in hits] for hits in after] == [[h[0] for h in hits] for hits in before]
     for a, b in zip(after, before):
         assert [h[1] for h in a] == pytest.approx([h[1] for h in b], abs=1e-5)
+
+
+# Every character str.splitlines breaks on, plus lone surrogates (not valid UTF-8).
+LINE_BREAKS = ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+ANY_CHAR = st.one_of(st.characters(codec=None, exclude_categories=()),  # surrogates included
+                     st.sampled_from([*LINE_BREAKS, "\ud800", "\udfff"]))
+ANY_TEXT = st.text(ANY_CHAR, max_size=12)
+JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY_TEXT, inner, max_size=3),
+                          max_leaves=6)
+
+
+def has_surrogate(value) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
+    return isinstance(value, list) and any(map(has_surrogate, value))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.dictionaries(ANY_TEXT, JSON_VALUE, max_size=4), min_size=1, max_size=4))
+@example([{"caption": "one\u2028two\u2029three\x85four\x1cfive\r\nsix", "\u2028key": "\U0001f600"}])
+@example([{"k": "\ud800\udfff"}])  # JSON would read this back as U+103FF
+def test_metadata_round_trips_any_unicode(metadata):
+    # Every str survives save -> load, except strings holding lone surrogates: not Unicode text,
+    # so the save refuses them, naming the item, and writes nothing.
+    idx = Index(4)
+    idx.add(torch.eye(4)[: len(metadata)], "text", metadata)
+    with tempfile.TemporaryDirectory() as tmp:
+        if has_surrogate(metadata):
+            with pytest.raises(UserError, match=r"metadata of item \d+ holds a lone surrogate U\+D[89A-F]"):
+                idx.save(Path(tmp) / "ix")
+            assert list(Path(tmp).iterdir()) == []
+            return
+        idx.save(Path(tmp) / "ix")
+        assert (Path(tmp) / "ix" / "metadata.jsonl").read_bytes().isascii()
+        loaded = Index.load(Path(tmp) / "ix")
+    assert [loaded.metadata(i) for i in loaded.ids()] == metadata
+
+
+def test_lone_surrogate_is_refused_and_the_old_index_kept(tmp_path):
+    build().save(tmp_path / "ix")
+    before = searches(Index.load(tmp_path / "ix"))
+    idx = Index(4)
+    idx.add(torch.eye(4), "text", [{}, {"caption": "ok \U0001f600"}, {"caption": "cut \udc80 here"}, {}])
+    with pytest.raises(UserError, match=r"metadata of item 2 holds a lone surrogate U\+DC80"):
+        idx.save(tmp_path / "ix")
+    assert searches(Index.load(tmp_path / "ix")) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
+def test_metadata_written_before_the_ascii_format_loads(tmp_path):
+    # Older saves wrote raw UTF-8, U+2028 and U+0085 included, inside strings.
+    idx = Index(4)
+    idx.add(torch.eye(4)[:2], "text", [{"c": "a\u2028b\x85c"}, {"c": "\u00e9\u2029"}])
+    idx.save(tmp_path / "ix")
+    meta, header = tmp_path / "ix" / "metadata.jsonl", tmp_path / "ix" / "index.json"
+    raw = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in [{"c": "a\u2028b\x85c"}, {"c": "\u00e9\u2029"}])
+    meta.write_bytes(raw.encode("utf-8"))
+    h = json.loads(header.read_text())
+    h["metadata_sha256"] = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+    header.write_text(json.dumps(h))
+    loaded = Index.load(tmp_path / "ix")
+    assert [loaded.metadata(i) for i in loaded.ids()] == [{"c": "a\u2028b\x85c"}, {"c": "\u00e9\u2029"}]
+
+
+@pytest.mark.parametrize("field, value", [("next_id", "x"), ("next_id", 1), ("dim", True), ("count", -1),
+                                          ("backend_args", 5), ("info", "x"), ("modalities", "image")])
+def test_a_header_with_a_wrong_field_type_is_one_clear_error(tmp_path, capsys, field, value):
+    from mmembed.cli import main
+
+    ix = Index(4)
+    ix.add(torch.nn.functional.normalize(torch.randn(3, 4), dim=-1), "image", [{"n": i} for i in range(3)])
+    ix.save(tmp_path / "ix")
+    header = json.loads((tmp_path / "ix" / "index.json").read_text())
+    header[field] = value
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError):
+        Index.load(tmp_path / "ix")
+    assert main(["search", str(tmp_path / "ix"), "--text", "a red star"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmembed: error:") and len(err.strip().splitlines()) == 1
