@@ -45,8 +45,52 @@ def test_eval_index_search(run_dir, tiny_world, tmp_path, capsys):
     img = sorted((tiny_world / "images").glob("*.png"))[0]
     assert main(["search", str(tmp_path / "idx"), "--image", str(img), "--audio", str(wavs[0]), "--audio",
                  str(wavs[1]), "--weight", "1", "--weight", "1", "--weight", "-1", "-k", "2"]) == 0
-    table = capsys.readouterr().out
-    assert table.count("\n") >= 3  # header, rule, two hits
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[2].startswith("| 1 |") and table[3].startswith("| 2 |")  # header, rule, 2 hits
+
+
+def test_composed_search_weights_reach_the_query(run_dir, tiny_world, tmp_path, capsys):
+    """`--weight` values reach the query in item order (text, image, audio) with their signs:
+    the hits are exactly the top scores of normalise(e_img + e_wav0 - e_wav1) over the index."""
+    manifest = tiny_world / "test.jsonl"
+    assert main(["index", str(run_dir), "--manifest", str(manifest), "--out", str(tmp_path / "idx")]) == 0
+    wavs = sorted((tiny_world / "audio").glob("*.wav"))[:2]
+    img = sorted((tiny_world / "images").glob("*.png"))[0]
+    model = mm.load(run_dir)
+    e_img = model.embed("image", [img])[0]
+    e_wav = model.embed("audio", wavs)  # (2, D)
+    index = mm.Index.load(tmp_path / "idx")
+    ids = index.ids()
+    stored = torch.stack([index.vector(i) for i in ids])  # (N, D)
+
+    def expected(weights: list[float], k: int) -> tuple[list[int], list[float]]:
+        q = torch.nn.functional.normalize(weights[0] * e_img + weights[1] * e_wav[0] + weights[2] * e_wav[1], dim=0)
+        scores, rows = torch.topk(stored @ q, k)
+        return [ids[r] for r in rows.tolist()], scores.tolist()
+
+    def search(*weights: str) -> list[dict]:
+        capsys.readouterr()
+        flags = [x for w in weights for x in ("--weight", w)]
+        # the audio items are given before the image: the weights still follow text, image, audio order
+        assert main(["search", str(tmp_path / "idx"), "--audio", str(wavs[0]), "--audio", str(wavs[1]),
+                     "--image", str(img), *flags, "-k", "5", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for weights in ([1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [0.5, -2.0, 1.0]):
+        hits = search(*map(str, weights))
+        want_ids, want_scores = expected(weights, 5)
+        assert [h["id"] for h in hits] == want_ids, weights
+        torch.testing.assert_close(torch.tensor([h["score"] for h in hits]), torch.tensor(want_scores),
+                                   atol=1e-5, rtol=0)
+    # the check can tell the signs apart: adding wav1 instead of subtracting moves these scores
+    sub_ids, sub_scores = expected([1.0, 1.0, -1.0], 5)
+    add_scores = (stored @ torch.nn.functional.normalize(e_img + e_wav[0] + e_wav[1], dim=0)).tolist()
+    assert max(abs(s - add_scores[ids.index(i)]) for i, s in zip(sub_ids, sub_scores)) > 1e-3
+
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), "--image", str(img), "--audio", str(wavs[0]), "--audio",
+                 str(wavs[1]), "--weight", "1", "--weight", "-1"]) == 2
+    assert "2 weights for 3 query items" in capsys.readouterr().err
 
 
 def test_search_with_other_model_is_refused(run_dir, tiny_world, tmp_path, capsys):

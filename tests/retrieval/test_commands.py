@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from mmembed.errors import UserError
 from mmembed.evaluate import run_eval
@@ -43,6 +44,14 @@ def test_run_search_uses_the_saved_run_and_weights(tmp_path, manifest, fake_load
                                  weights=[1.0, 1.0, -1.0], target="image", k=1, as_json=True))
     assert hits[0]["metadata"]["label"] == "c4" and hits[0]["modality"] == "image"
     assert fake_load[-1] == "other"
+    fake = FakeModel()
+    q = fake.embed("text", ["c1"])[0] + fake.embed("text", ["c4"])[0] - fake.embed("image", ["img/c1.png"])[0]
+    expected = float(torch.nn.functional.normalize(q, dim=0) @ fake.embed("image", ["img/c4.png"])[0])
+    assert abs(hits[0]["score"] - expected) < 1e-5
+    # the same items with every weight +1: c1 counts twice and wins
+    hits = json.loads(run_search(tmp_path / "ix", run="other", text=["c1", "c4"], image=["img/c1.png"],
+                                 weights=[1.0, 1.0, 1.0], target="image", k=1, as_json=True))
+    assert hits[0]["metadata"]["label"] == "c1"
 
 
 def test_run_search_errors(tmp_path, manifest, fake_load):

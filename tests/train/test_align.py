@@ -1,8 +1,10 @@
 """The align stage end to end on a tiny world: kill/resume exactness, crash-safe checkpoints,
-logit-scale clamp, determinism, and a run directory that `mm.load` opens."""
+logit-scale clamp, collapse warning, determinism, and a run directory that `mm.load` opens."""
 
 import copy
 import json
+import logging
+import math
 import os
 import random
 import signal
@@ -122,15 +124,103 @@ def test_crash_during_checkpoint_write_keeps_previous(tiny_world, tmp_path, monk
     assert z.shape == (1, 32) and torch.allclose(z.norm(dim=-1), torch.ones(1))
 
 
-def test_logit_scale_clamped_every_step(tiny_world, tmp_path):
+def test_logit_scale_clamped_every_step(tiny_world, tmp_path, monkeypatch):
+    """The raw parameter (not the clamping `logit_scale` property) is back at ln 100 after every
+    step, while every step's gradient pushes it past the bound."""
+    import mmembed.train.align as align
+
+    inner = align.make_step_fn
+
+    def pushing(space, *args, **kwargs):
+        step = inner(space, *args, **kwargs)
+
+        def wrapped(batch):
+            out = step(batch)
+            # On random embeddings InfoNCE lowers the scale; this term raises the raw log scale
+            # every step (its gradient bypasses the property's clamp), so only clamp_ stops it.
+            out.loss = out.loss - 10.0 * space.log_logit_scale
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(align, "make_step_fn", pushing)
+    raw = []
+
+    def record(event, trainer, info):
+        if event == "step":
+            raw.append(trainer.module.log_logit_scale.item())
+
     cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=2, lr=0.5, warmup_steps=0))
     cfg.model.init_logit_scale = 99.5
-    run = train_align(cfg)
-    scales = [json.loads(l)["logit_scale"] for l in (run / "metrics.jsonl").read_text().splitlines() if "logit_scale" in l]
-    assert scales and max(scales) <= 100.0 + 1e-4
-    assert max(scales) > 99.0  # it was pushed against the bound, not left far below it
+    run = train_align(cfg, callbacks=[record])
+    bound = math.log(100.0)
+    assert len(raw) == 2 * (51 // 16)  # one reading per optimizer step
+    assert max(raw) <= bound + 1e-6, raw
+    # pushed against the bound on every step (ln 99.5 + one Adam step of 0.5 is far past it)
+    assert min(raw) >= bound - 1e-6, raw
     state = load_tensors(run / "model.safetensors")
-    assert state["log_logit_scale"].exp().item() <= 100.0 + 1e-4
+    assert abs(state["log_logit_scale"].item() - bound) <= 1e-6
+
+
+def _collapse_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mmembed.train.align" and r.levelno == logging.WARNING and "collapsed" in r.getMessage()]
+
+
+def test_collapse_monitor_warns_once_per_collapsed_tower(caplog):
+    from mmembed.modality import Modality
+    from mmembed.train.align import CollapseMonitor
+
+    caplog.set_level(logging.WARNING, logger="mmembed.train.align")
+    gen = torch.Generator().manual_seed(0)
+    every = torch.ones(8, dtype=torch.bool)
+    varied = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=-1)  # (B, D)
+    constant = varied[:1].expand(8, -1)  # every row the same unit vector
+
+    monitor = CollapseMonitor(patience=3)
+    for _ in range(2):  # one call short of the patience: silent
+        monitor({Modality.IMAGE: constant, Modality.TEXT: varied}, {Modality.IMAGE: every, Modality.TEXT: every})
+    assert _collapse_warnings(caplog) == []
+    for _ in range(5):  # the third call warns, later ones do not repeat it
+        monitor({Modality.IMAGE: constant, Modality.TEXT: varied}, {Modality.IMAGE: every, Modality.TEXT: every})
+    warnings = _collapse_warnings(caplog)
+    assert len(warnings) == 1 and "the image tower" in warnings[0] and "for 3 steps" in warnings[0]
+
+    # a varied batch breaks the streak; rows absent from the batch (zeros) do not count as variety
+    caplog.clear()
+    monitor = CollapseMonitor(patience=3)
+    half = torch.tensor([True] * 4 + [False] * 4)
+    with_absent = torch.cat([constant[:4], torch.zeros(4, 16)])  # (B, D): present rows constant
+    for batch in (constant, constant, varied, constant, constant):
+        monitor({Modality.AUDIO: batch}, {Modality.AUDIO: every})
+    assert _collapse_warnings(caplog) == []
+    monitor({Modality.AUDIO: with_absent}, {Modality.AUDIO: half})  # third constant call in a row
+    warnings = _collapse_warnings(caplog)
+    assert len(warnings) == 1 and "the audio tower" in warnings[0]
+
+    caplog.clear()
+    monitor = CollapseMonitor(patience=3)
+    for _ in range(10):
+        monitor({m: varied for m in Modality}, {m: every for m in Modality})
+    assert _collapse_warnings(caplog) == []
+
+
+def test_collapse_warned_during_training(tiny_world, tmp_path, caplog):
+    """Every training image the same file: the image tower's outputs cannot vary, and training
+    says so within the monitor's patience; the towers whose inputs vary are not named."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    (world / "train.jsonl").write_text("".join(json.dumps(r | {"image": rows[0]["image"]}) + "\n" for r in rows))
+    caplog.set_level(logging.WARNING, logger="mmembed.train.align")
+    steps = []
+    cfg = load_config(tiny_config(world, tmp_path / "run", epochs=2))
+    train_align(cfg, callbacks=[lambda event, trainer, info: steps.append(info["step"]) if event == "step" else None])
+    warnings = _collapse_warnings(caplog)
+    assert len(steps) == 6
+    assert len(warnings) == 1 and "the image tower" in warnings[0] and "for 3 steps" in warnings[0]
 
 
 def test_same_seed_same_loss_curve_and_loadable_run(tiny_world, tmp_path):
