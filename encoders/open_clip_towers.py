@@ -106,17 +106,22 @@ def _load_open_clip_file(model: nn.Module, path: Path) -> None:
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
-    state = convert_state_dict(model, load_state_dict_file(path))  # third-party layouts (MobileCLIP)
-    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
-        state = convert_to_custom_text_state_dict(state)  # CLIP layout into a CustomTextCLIP
-    for key in ("logit_scale", "logit_bias"):
-        param = getattr(model, key, None)
-        if key in state and param is not None and state[key].ndim != param.ndim:
-            state[key] = state[key].reshape(param.shape)
-    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
-        state["logit_bias"] = torch.zeros_like(model.logit_bias)
-    resize_pos_embed(state, model)
-    resize_text_pos_embed(state, model)
+    state = load_state_dict_file(path)
+    try:  # open_clip's fix-ups assume a CLIP state dict: a different file fails inside them
+        state = convert_state_dict(model, state)  # third-party layouts (MobileCLIP)
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            state = convert_to_custom_text_state_dict(state)  # CLIP layout into a CustomTextCLIP
+        for key in ("logit_scale", "logit_bias"):
+            param = getattr(model, key, None)
+            if key in state and param is not None and state[key].ndim != param.ndim:
+                state[key] = state[key].reshape(param.shape)
+        if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+            state["logit_bias"] = torch.zeros_like(model.logit_bias)
+        resize_pos_embed(state, model)
+        resize_text_pos_embed(state, model)
+    except (RuntimeError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise WeightsFileError(f"{path}: not a CLIP state dict this architecture can read "
+                               f"({type(e).__name__}: {str(e)[:200]})") from None
     load_into(model, state, path)
     log.info("loaded open_clip weights from %s", path)
 

@@ -36,7 +36,13 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mmembed", description="Multimodal shared embeddings: train, evaluate, search, prompt.")
+    parser = _Parser(
+        prog="mmembed", description="Multimodal shared embeddings: train, evaluate, search, prompt.",
+        epilog="Input limits (keys of a tower's preprocess: block): images in PNG, JPEG, GIF, BMP, TIFF or WebP "
+               "only (formats), at most 64 M pixels (max_pixels), 16,384 px a side (max_side) and 50:1 "
+               "(max_aspect); audio at 4-192 kHz (min_sample_rate, max_sample_rate). A bad item is skipped and "
+               "counted (data.strict=true: an error). A fresh `train` refuses a non-empty train.out_dir unless "
+               "--overwrite (or --resume).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

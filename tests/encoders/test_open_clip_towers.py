@@ -126,6 +126,9 @@ def test_bad_names_and_tags_are_clear_errors(saved, tmp_path):
         build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained="not-a-tag")
     with pytest.raises(WeightsFileError, match="not found"):
         build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "missing.pt"))
+    torch.save({"visual.positional_embedding": torch.zeros(7, 5)}, tmp_path / "odd.pt")  # open_clip's resize chokes
+    with pytest.raises(WeightsFileError, match="not a CLIP state dict"):
+        build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "odd.pt"))
     torch.save({"visual.proj": torch.zeros(3)}, tmp_path / "partial.pt")
     with pytest.raises(WeightsFileError, match="missing"):
         build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "partial.pt"))
