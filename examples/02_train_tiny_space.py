@@ -22,7 +22,8 @@ config = mm.load_config("demo", [
     f"train.out_dir={out / 'run'}",
     "train.epochs=6",
     "train.eval_every=1000",  # validate only at the end: this example is about speed
+    "decoder=null",  # the shared space alone: example 03 prompts a run with a decoder
 ])
-run_dir = mm.train(config)
+run_dir = mm.train(config, overwrite=True)  # a rerun of the example replaces its run
 table, _ = run_eval(run_dir, out / "world" / "test.jsonl", progress=False)
 print(table)
