@@ -49,6 +49,7 @@ class TransformerBlock(nn.Module):
         positional: rotary module shared across layers, or None.
         activation: MLP non-linearity, a key of `ACTIVATIONS`.
         norm_eps: LayerNorm epsilon.
+        window: sliding-window causal attention span (see `MultiHeadAttention`), or None.
     """
 
     def __init__(
@@ -61,10 +62,11 @@ class TransformerBlock(nn.Module):
         positional: nn.Module | None = None,
         activation: str = "gelu",
         norm_eps: float = 1e-5,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional, window=window)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=dropout, bias=bias, activation=activation)
 
@@ -96,6 +98,10 @@ class Transformer(nn.Module):
         max_len: longest sequence the positional encoding covers.
         activation: MLP non-linearity (`gelu`, or `gelu_tanh` as GPT-2).
         norm_eps: LayerNorm epsilon.
+        window: sliding-window causal attention: each position sees itself and the window - 1
+            before it, in every block (so the receptive field is depth × (window - 1) + 1). Rotary
+            and sinusoidal positions then also run past max_len (computed on demand); None = full
+            causal attention within max_len.
 
     Shapes:
         forward(x (B, T, C), mask (B, T) bool) → (B, T, C).
@@ -113,15 +119,16 @@ class Transformer(nn.Module):
         max_len: int = 2048,
         activation: str = "gelu",
         norm_eps: float = 1e-5,
+        window: int | None = None,
     ) -> None:
         super().__init__()
-        self.dim, self.max_len = dim, max_len
-        self.positional = build_positional(positional, dim, heads, max_len)
+        self.dim, self.max_len, self.window = dim, max_len, window
+        self.positional = build_positional(positional, dim, heads, max_len, unbounded=window is not None)
         rotary = self.positional if self.positional.in_attention else None
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary, activation=activation,
-                             norm_eps=norm_eps)
+                             norm_eps=norm_eps, window=window)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
@@ -153,7 +160,7 @@ class Transformer(nn.Module):
         Returns:
             (B, T, C) after the final LayerNorm.
         """
-        if positions is None and x.shape[1] > self.max_len:
+        if positions is None and x.shape[1] > self.max_len and not self.positional.unbounded:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_len={self.max_len}")
         if not self.positional.in_attention:
             x = self.positional(x, positions)

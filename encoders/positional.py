@@ -9,8 +9,12 @@ Two families, one interface:
   q_i · k_j depends on i - j only. The same instance is shared by every layer (as torchtune
   does); its cos/sin cache is a non-persistent buffer, so it never enters a checkpoint.
 
-`none` adds nothing. Every class takes `(dim, heads, max_len)`; `positions` is (T,) or (B, T)
-long, or None for 0..T-1. A KV-cache decoder passes the absolute positions of the new tokens.
+`none` adds nothing. Every class takes `(dim, heads, max_len, unbounded)`; `positions` is (T,) or
+(B, T) long, or None for 0..T-1. A KV-cache decoder passes the absolute positions of the new tokens.
+
+Tables hold `max_len` positions. `unbounded=True` (a sliding-window decoder generating past its
+context) computes the rows of positions past the table from the same float64 formula, so they
+equal the rows a longer table would hold; a learned table has nothing to compute and stays bounded.
 """
 
 from __future__ import annotations
@@ -27,13 +31,23 @@ def sinusoidal_table(length: int, dim: int, base: float = 10000.0) -> Tensor:
     Returns:
         (length, dim) float32.
     """
+    return sinusoidal_rows(torch.arange(length), dim, base)
+
+
+def sinusoidal_rows(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """The rows of the sinusoidal encoding for any `positions` (..., ) long, computed in float64 on
+    the CPU.
+
+    Returns:
+        (..., dim) float32 on the CPU.
+    """
     if dim % 2:
         raise ValueError(f"sinusoidal positional encoding needs an even dimension, got {dim}")
-    position = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    position = positions.detach().to("cpu", torch.float64).unsqueeze(-1)  # (..., 1)
     inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(base) / dim))  # (dim/2,)
-    table = torch.zeros(length, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)
+    table = torch.zeros(*positions.shape, dim, dtype=torch.float64)
+    table[..., 0::2] = torch.sin(position * inv_freq)
+    table[..., 1::2] = torch.cos(position * inv_freq)
     return table.float()
 
 
@@ -61,27 +75,39 @@ def _gather(table: Tensor, positions: Tensor | None, length: int) -> Tensor:
     return table[positions]
 
 
+def _past_table(positions: Tensor | None, length: int, size: int) -> Tensor | None:
+    """The positions (0..length-1 for None) when one lies past a table of `size` rows, else None.
+    Reads the largest position on the host (a device sync): only unbounded modules ask."""
+    if positions is None:
+        return torch.arange(length) if length > size else None
+    return positions if positions.numel() and int(positions.max()) >= size else None
+
+
 class SinusoidalPositional(nn.Module):
     """Fixed sinusoidal encoding added to the input; a buffer, not a parameter."""
 
     in_attention = False
 
-    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048) -> None:
+    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, unbounded: bool = False) -> None:
         super().__init__()
+        self.dim, self.unbounded = dim, unbounded
         # Deterministic from (max_len, dim): recomputed at construction, kept out of checkpoints.
         self.register_buffer("table", sinusoidal_table(max_len, dim), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: (B, T, C) → x + PE[positions]."""
-        return x + _gather(self.table, positions, x.shape[1]).to(x.dtype)
+        past = _past_table(positions, x.shape[1], self.table.shape[0]) if self.unbounded else None
+        pe = _gather(self.table, positions, x.shape[1]) if past is None else sinusoidal_rows(past, self.dim)
+        return x + pe.to(device=x.device, dtype=x.dtype)
 
 
 class LearnedPositional(nn.Module):
     """A learned table of `max_len` position vectors added to the input."""
 
     in_attention = False
+    unbounded = False  # `unbounded` is accepted and ignored: no formula gives rows never learned
 
-    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048) -> None:
+    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, unbounded: bool = False) -> None:
         super().__init__()
         self.embedding = nn.Embedding(max_len, dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
@@ -100,20 +126,32 @@ class RotaryPositional(nn.Module):
 
     in_attention = True
 
-    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, base: float = 10000.0,
+                 unbounded: bool = False) -> None:
         super().__init__()
         if dim % heads or (dim // heads) % 2:
             raise ValueError(f"rotary needs an even head dimension; got dim={dim}, heads={heads}")
         head_dim = dim // heads
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq  # (L, hd/2)
+        # A plain float64 CPU tensor, not a buffer: `.to(dtype)` must not round the frequencies.
+        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+        self.unbounded = unbounded
+        angles = self._angles(torch.arange(max_len))  # (L, hd/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def _angles(self, positions: Tensor) -> Tensor:
+        """position × frequency in float64 on the CPU: (...,) → (..., hd/2)."""
+        return positions.detach().to("cpu", torch.float64)[..., None] * self.inv_freq
+
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Rotate x: (B, H, T, head_dim) at `positions` ((T,) or (B, T))."""
-        cos = _gather(self.cos, positions, x.shape[2])  # (T, hd/2) or (B, T, hd/2)
-        sin = _gather(self.sin, positions, x.shape[2])
+        past = _past_table(positions, x.shape[2], self.cos.shape[0]) if self.unbounded else None
+        if past is None:
+            cos = _gather(self.cos, positions, x.shape[2])  # (T, hd/2) or (B, T, hd/2)
+            sin = _gather(self.sin, positions, x.shape[2])
+        else:  # the rows a longer table would hold
+            angles = self._angles(past)
+            cos, sin = angles.cos().float().to(self.cos), angles.sin().float().to(self.sin)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
         # Rotate in float32 even under bf16 autocast: large angles lose precision in bf16.
@@ -127,8 +165,9 @@ class NoPositional(nn.Module):
 
     in_attention = False
 
-    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048) -> None:
+    def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, unbounded: bool = False) -> None:
         super().__init__()
+        self.unbounded = unbounded  # no table: any position is fine
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         return x
@@ -142,12 +181,13 @@ POSITIONAL: dict[str, type[nn.Module]] = {
 }
 
 
-def build_positional(name: str, dim: int, heads: int, max_len: int) -> nn.Module:
-    """Positional encoding `name` for width `dim` split into `heads` heads, up to `max_len` positions.
+def build_positional(name: str, dim: int, heads: int, max_len: int, unbounded: bool = False) -> nn.Module:
+    """Positional encoding `name` for width `dim` split into `heads` heads, up to `max_len` positions
+    (past them too when `unbounded` and the encoding can compute them: not `learned`).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
     if name not in POSITIONAL:
         raise ValueError(f"unknown positional encoding {name!r} (valid: {', '.join(POSITIONAL)})")
-    return POSITIONAL[name](dim, heads=heads, max_len=max_len)
+    return POSITIONAL[name](dim, heads=heads, max_len=max_len, unbounded=unbounded)

@@ -141,6 +141,10 @@ class DecoderConfig:
     activation: Literal["gelu", "gelu_tanh"] = "gelu"
     dropout: float = 0.1
     tie_embeddings: bool = True  # output projection = token embedding matrix
+    # Sliding-window attention: a token sees itself and the window - 1 before it (training and
+    # generation alike); generation then keeps `window` keys per layer and, with rotary or
+    # sinusoidal positions, runs past `context`. None: full causal attention within the context.
+    window: int | None = None
     soft_tokens: int = 4  # k: decoder embeddings per media item
     projector: Literal["mlp", "linear"] = "mlp"
     projector_hidden: int | None = None  # MLP hidden width (None: 2 * width)
@@ -153,6 +157,11 @@ class DecoderConfig:
     data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
     train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
     # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ConfigError(f"decoder.window must be an integer >= 1 or null, got {self.window!r}")
 
 
 @dataclass

@@ -132,7 +132,8 @@ class Model:
             prompt: a `str`, or a list of segments — `str`, `mm.Image(...)`, `mm.Audio(...)`,
                 `mm.Text(...)`, or a (D,) shared-space tensor — in any order. A list of such
                 lists is a batch (left-padded, one forward pass per step).
-            max_new_tokens: most tokens to write (fewer when the context ends first).
+            max_new_tokens: most tokens to write (fewer when the context ends first; a decoder
+                with a sliding window and rotary or sinusoidal positions writes on past it).
             temperature: 0 = greedy; higher = more random.
             top_k, top_p: keep the k most likely tokens / the smallest set reaching probability p.
             stop: stop strings (cut from the text) and/or token ids; <eos> always stops.
@@ -145,7 +146,8 @@ class Model:
         Raises:
             UserError: the run has no decoder. BadInput naming the segment: an empty prompt,
             unreadable media, a vector of the wrong shape/dtype/device or with NaN; a prompt
-            longer than the context. ValueError: invalid sampling arguments.
+            longer than the context (without a window), or a windowed decoder with learned
+            positions asked to go past it. ValueError: invalid sampling arguments.
         """
         from mmembed.decoder import generate as run_batch
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mmembed.decoder.kv_cache import KVCache
+from encoders.attention import KVCacheLike
 from mmembed.decoder.model import Decoder
 
 
@@ -95,7 +95,7 @@ class MultimodalLM(nn.Module):
         return x.masked_scatter(slots.unsqueeze(-1), soft)
 
     def forward(self, ids: Tensor, media: Tensor | None, *, mask: Tensor | None = None,
-                positions: Tensor | None = None, kv_caches: list[KVCache] | None = None) -> Tensor:
+                positions: Tensor | None = None, kv_caches: list[KVCacheLike] | None = None) -> Tensor:
         """Logits (B, T, V) for a fused sequence; see `Decoder.hidden` for mask/positions/caches."""
         return self.decoder(inputs_embeds=self.embed(ids, media), mask=mask, positions=positions,
                             kv_caches=kv_caches)

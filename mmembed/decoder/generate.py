@@ -8,6 +8,11 @@ A batch is left-padded so that every row's last prompt token sits in the last co
 token of every row is then predicted from the same column. Positions count real tokens only
 (position = number of real tokens before), and padding is masked out of attention, so a row
 gives the same tokens alone or in any batch.
+
+A decoder with a sliding window W keeps W keys per layer (rolling caches) and, with rotary or
+sinusoidal positions, is not bounded by its context: prompts may be longer than it and
+generation runs on past it, positions still growing. Without a window (or with learned
+positions) the context bounds prompt + answer.
 """
 
 from __future__ import annotations
@@ -131,25 +136,47 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
     device = embeds.device
     caches = decoder.new_caches(B, T + max_new_tokens)
     if mask is None:
-        positions, full_mask = None, None
+        positions = None
         next_pos = torch.tensor([T], device=device)
     else:
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each
-        full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
-        full_mask[:, :T] = mask
         next_pos = positions[:, -1:] + 1  # (B, 1)
     head = _logits_fn(decoder, B)
     hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
     logits = head(hidden[:, -1])  # (B, V)
+    keys = _KeyMask(mask, T + max_new_tokens, caches[0].max_len)
     for step in range(max_new_tokens):
         choice = choose(logits, sampling, generator)
         yield choice
         if step + 1 == max_new_tokens:
             return
-        step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
-        hidden = decoder.hidden(choice.tokens[:, None], mask=step_mask, positions=next_pos, kv_caches=caches)
+        hidden = decoder.hidden(choice.tokens[:, None], mask=keys.last(T + step + 1), positions=next_pos,
+                                kv_caches=caches)
         logits = head(hidden[:, -1])
         next_pos = next_pos + 1
+
+
+class _KeyMask:
+    """Key padding masks for the decoding steps of a left-padded batch: the prompt's padding, then
+    real tokens. Attention reads a mask's last columns (as many keys as the cache returns), so a
+    step gets the columns of the last `width` slots (the most keys a cache call returns): all of
+    them for full caches; for rolling caches a bounded slice, None once the padding has left it."""
+
+    def __init__(self, prompt_mask: Tensor | None, slots: int, width: int) -> None:
+        self.width = width
+        self.prompt = 0 if prompt_mask is None else prompt_mask.shape[1]
+        self.full = None
+        if prompt_mask is not None:  # one buffer, sliced per step: no allocation in the loop
+            B = prompt_mask.shape[0]
+            self.full = torch.ones(B, min(slots, self.prompt + width), dtype=torch.bool, device=prompt_mask.device)
+            self.full[:, : self.prompt] = prompt_mask
+
+    def last(self, end: int) -> Tensor | None:
+        """(B, ≤ width) mask of slots [end - width, end), or None when they are all real tokens."""
+        start = max(0, end - self.width)
+        if self.full is None or start >= self.prompt:
+            return None
+        return self.full[:, start:end]  # end <= the buffer's width whenever start < prompt
 
 
 def _logits_fn(decoder: Decoder, batch: int):
@@ -168,20 +195,31 @@ def _logits_fn(decoder: Decoder, batch: int):
 def _prepare(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
              device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
     rows = [fmt.encode(p.parts) for p in prompts]
-    context = lm.decoder.max_len
-    longest = max(len(r) for r in rows)
-    if longest > context:
-        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {context} tokens "
-                       "(shorten it, or train with a larger decoder.context)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    steps = min(max_new_tokens, context - longest)
-    if steps < max_new_tokens:
-        log.warning("generation capped at %d new tokens by the %d-token context", steps, context)
+    steps = _steps(lm.decoder, max(len(r) for r in rows), max_new_tokens)
     ids, mask = pad_left(fmt, rows, device)
     vectors = [p.vectors for p in prompts if p.vectors.shape[0]]
     embeds = lm.embed(ids, torch.cat(vectors) if vectors else None)  # (B, T, C)
     return embeds, mask, [len(r) for r in rows], steps
+
+
+def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
+    """New tokens to generate after a prompt of `longest` tokens: all of them past the context for
+    a sliding decoder; otherwise the context caps prompt + answer (a warning when it cuts)."""
+    context = decoder.max_len
+    if decoder.window is None and longest > context:
+        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {context} tokens "
+                       "(shorten it, or train with a larger decoder.context)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if decoder.window is not None and longest + max_new_tokens > context:
+        if not decoder.slides:
+            raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
+                           "this decoder has learned ones")
+        return max_new_tokens
+    steps = min(max_new_tokens, context - longest)
+    if steps < max_new_tokens:
+        log.warning("generation capped at %d new tokens by the %d-token context", steps, context)
+    return steps
 
 
 def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int, sampling: Sampling,

@@ -62,12 +62,14 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
     }
 
 
-def load_gpt2(folder: str | Path, dropout: float = 0.0) -> Decoder:
+def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = None) -> Decoder:
     """A `Decoder` holding the weights of the GPT-2 saved in `folder`.
 
     Args:
         folder: what `GPT2LMHeadModel.save_pretrained` (or `GPT2Model`'s) wrote.
         dropout: dropout for fine-tuning (GPT-2 used 0.1); 0 for inference.
+        window: sliding-window attention span to fine-tune with (GPT-2 was trained without one;
+            its learned positions keep generation within its context either way).
 
     Returns:
         The decoder, in eval mode. Raises UserError / CheckpointError with the file at fault.
@@ -75,7 +77,7 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0) -> Decoder:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"GPT-2 folder not found: {folder}")
-    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout)
+    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout, window=window)
     state = _to_ours(_read_weights(folder), decoder.layers)
     own = decoder.state_dict()
     tied = decoder.lm_head.weight is decoder.token_embedding.weight

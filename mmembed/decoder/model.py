@@ -6,6 +6,10 @@
 Built from the same attention and blocks as the encoders (`encoders/`), so rotary, sinusoidal
 and learned positions, SDPA, dropout and the KV-cache hook are the tested ones. GPT-2 is this
 architecture with learned positions and tanh-GELU (`gpt2.py` loads its weights).
+
+With a `window` W every block attends sliding-window causally (a position sees itself and the
+W - 1 before it) in training, prefill and decoding alike; generation then keeps only W keys per
+layer (`kv_cache.RollingKVCache`) and, with rotary or sinusoidal positions, runs past `max_len`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from encoders.attention import KVCacheLike
 from encoders.blocks import Transformer
-from mmembed.decoder.kv_cache import KVCache, allocate_caches
+from mmembed.decoder.kv_cache import KVCache, RollingKVCache, allocate_caches
 
 
 class Decoder(nn.Module):
@@ -35,6 +40,8 @@ class Decoder(nn.Module):
         tie_embeddings: the output projection shares the token-embedding matrix.
         activation: `gelu` or `gelu_tanh` (GPT-2).
         norm_eps: LayerNorm epsilon.
+        window: sliding-window attention span W (a position sees itself and the W - 1 before it);
+            None = full causal attention over the context.
 
     Shapes:
         forward(input_ids (B, T) | inputs_embeds (B, T, C)) → logits (B, T, V).
@@ -54,15 +61,19 @@ class Decoder(nn.Module):
         tie_embeddings: bool = True,
         activation: Literal["gelu", "gelu_tanh"] = "gelu",
         norm_eps: float = 1e-5,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         if positional == "none":
             raise ValueError("a causal decoder needs positions: use rotary, sinusoidal or learned")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
         self.vocab_size, self.width, self.heads, self.max_len = vocab_size, width, heads, max_len
+        self.window = window
         self.token_embedding = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, dropout, bias, positional, max_len,
-                                       activation=activation, norm_eps=norm_eps)
+                                       activation=activation, norm_eps=norm_eps, window=window)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -74,6 +85,12 @@ class Decoder(nn.Module):
     def layers(self) -> int:
         return len(self.transformer.blocks)
 
+    @property
+    def slides(self) -> bool:
+        """Whether generation may run past `max_len`: a window, and positions computed past their
+        table (rotary, sinusoidal; not a learned table)."""
+        return self.window is not None and self.transformer.positional.unbounded
+
     def hidden(
         self,
         input_ids: Tensor | None = None,
@@ -81,7 +98,7 @@ class Decoder(nn.Module):
         inputs_embeds: Tensor | None = None,
         mask: Tensor | None = None,
         positions: Tensor | None = None,
-        kv_caches: list[KVCache] | None = None,
+        kv_caches: list[KVCacheLike] | None = None,
     ) -> Tensor:
         """Final hidden states (after the last LayerNorm).
 
@@ -91,7 +108,8 @@ class Decoder(nn.Module):
             mask: (B, T_all) bool key padding mask, True = real token (T_all counts cached slots);
                 None when no row is padded.
             positions: (T,) or (B, T) positions; None = 0..T-1.
-            kv_caches: one per block, for incremental decoding.
+            kv_caches: one per block, for incremental decoding. With rolling caches `mask` may
+                cover only the most recent slots (at least as many as the caches return).
 
         Returns:
             (B, T, C).
@@ -103,16 +121,17 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 mask: Tensor | None = None, positions: Tensor | None = None,
-                kv_caches: list[KVCache] | None = None) -> Tensor:
+                kv_caches: list[KVCacheLike] | None = None) -> Tensor:
         """Logits (B, T, V) for every position; arguments as in `hidden`."""
         return self.lm_head(self.hidden(input_ids, inputs_embeds=inputs_embeds, mask=mask, positions=positions,
                                         kv_caches=kv_caches))
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """Empty KV caches for `batch` rows and `max_len` slots, on this model's device and dtype."""
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache] | list[RollingKVCache]:
+        """Empty KV caches for `batch` rows and `max_len` slots, on this model's device and dtype:
+        rolling caches of the window when it is shorter than `max_len`."""
         weight = self.token_embedding.weight
         return allocate_caches(self.layers, batch, self.heads, max_len, self.width // self.heads,
-                               weight.dtype, weight.device)
+                               weight.dtype, weight.device, self.window)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         """Parameter count; `non_embedding` leaves out the token (and learned position) tables,

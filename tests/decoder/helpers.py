@@ -25,10 +25,20 @@ def tokenizer() -> Tokenizer:
 
 def prompt_model(positional: str = "rotary", seed: int = 0, **overrides) -> PromptModel:
     torch.manual_seed(seed)
-    cfg = DecoderConfig(width=32, layers=2, heads=4, context=64, positional=positional, dropout=0.0,
-                        soft_tokens=3, **overrides)
+    fields = {"width": 32, "layers": 2, "heads": 4, "context": 64, "dropout": 0.0, "soft_tokens": 3}
+    cfg = DecoderConfig(positional=positional, **{**fields, **overrides})
     pm = build_prompt_model(cfg, tokenizer(), DIM)
     pm.lm.eval()
+    return pm
+
+
+@torch.no_grad()
+def lively(pm: PromptModel, std: float = 1.0, seed: int = 0) -> PromptModel:
+    """Re-draw every weight with a larger spread: an untrained model at the usual 0.02 writes one
+    id over and over, which would let a token-equality check pass whatever the code does."""
+    g = torch.Generator().manual_seed(seed)
+    for p in pm.lm.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * std)
     return pm
 
 
