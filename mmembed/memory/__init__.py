@@ -1,0 +1,19 @@
+"""Persistent multimodal memory: per-user items (text, images, sounds) in one SQLite file.
+
+Reading order: `records.py` (rows as values: `NewItem`, `MemoryHit`) → `store.py` (the SQLite
+file: schema, WAL, transactions, one connection per process) → `items.py` (what `add` accepts
+→ stored bytes) → `cache.py` (a user's vectors in memory, searched with the retrieval backend)
+→ `export.py` (a memory → a manifest folder) → `memory.py` (`Memory`, the public API).
+
+
+    import mmembed as mm
+    mem = mm.Memory("memory.db", model=mm.load("runs/demo"))
+    mem.add(user="ada", item=mm.Image("x.png"), text="my bike")
+    mem.search(user="ada", query=mm.Text("a red bicycle"), k=5)   # -> list[MemoryHit]
+"""
+
+from mmembed.memory.memory import Memory
+from mmembed.memory.records import MemoryHit
+from mmembed.memory.store import SCHEMA_VERSION, MemoryFileError
+
+__all__ = ["SCHEMA_VERSION", "Memory", "MemoryFileError", "MemoryHit"]

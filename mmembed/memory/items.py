@@ -1,0 +1,193 @@
+"""What `Memory.add` accepts, turned into what the store keeps: the file bytes and the text.
+
+An item is `mm.Image`, `mm.Audio` or `mm.Text`, a plain `str` (text), or None with `text=`.
+Media are kept as the bytes of a file, so what is stored is what gets embedded and exported:
+
+    path or bytes             the file's own bytes, unchanged
+    PIL image                 PNG (lossless; the image's own mode where PNG has it)
+    array / tensor image      PNG of its RGB uint8 form (as `load_image` decodes it)
+    (waveform, sample_rate)   WAV, 32-bit float samples (lossless for float32 and int16 input)
+
+With `store_media="path"` a media item must be a file path: only its absolute path is kept.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mmembed.decoder.prompt import Media, Text
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+
+StoreMedia = Literal["bytes", "path"]
+ItemLike = Media | str | None
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+_MAX_CHANNELS = 32
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item ready to embed and store. `source` is what `model.embed` reads (text, bytes, path)."""
+
+    modality: Modality
+    source: Any
+    text: str | None
+    media: bytes | None = None
+    media_path: str | None = None
+
+
+def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:
+    """Normalise one `add` argument pair; raises UserError / BadInput with one line."""
+    if store_media not in ("bytes", "path"):
+        raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
+    if text is not None and not isinstance(text, str):
+        raise BadInput(f"text must be a str, got {type(text).__name__}")
+    if item is None:
+        if text is None:
+            raise UserError("add needs an item (mm.Image, mm.Audio, mm.Text or a str) or text=")
+        item, text = Text(text), None
+    if isinstance(item, str):
+        item = Text(item)
+    if not isinstance(item, Media):
+        raise UserError(f"cannot store a {type(item).__name__}: pass mm.Image, mm.Audio, mm.Text or a str")
+    if item.modality == Text.modality:  # the item is the text itself: nothing to encode
+        return _inline_entry(item, text)
+    if store_media == "path":
+        path = _file_path(item.item)
+        return Entry(item.modality, path, text, media_path=path)
+    media = ENCODERS[item.modality](item.item)
+    return Entry(item.modality, media, text, media=media)
+
+
+def _inline_entry(item: Media, text: str | None) -> Entry:
+    if text is not None:
+        raise UserError(f"a {item.modality} item is its own text: pass text= only with a media item")
+    if not isinstance(item.item, str) or not item.item.strip():
+        raise BadInput(f"a {item.modality} item must be a non-empty str, got {item.item!r:.60}")
+    return Entry(item.modality, item.item, item.item)
+
+
+def _check_file(path: Path) -> None:
+    from mmembed.preprocess.files import check_file  # imported on use: mmembed.preprocess loads torchvision
+
+    check_file(path)
+
+
+def _file_path(item: Any) -> str:
+    if not isinstance(item, (str, Path)):
+        raise UserError(f"store_media='path' needs a file path, got a {type(item).__name__}")
+    path = Path(item).absolute()
+    _check_file(path)
+    return str(path)
+
+
+def _file_bytes(item: Any) -> bytes | None:
+    """A path's or a bytes-like's bytes; None for any other kind of item."""
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        _check_file(path)
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise BadInput(f"unreadable file {path} ({type(e).__name__}: {e})") from None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
+            raise BadInput("empty media bytes")
+        return bytes(item)
+    return None
+
+
+def encode_image(item: Any) -> bytes:
+    """Image item → the bytes of an image file (its own file, or PNG)."""
+    raw = _file_bytes(item)
+    if raw is not None:
+        return raw
+    from PIL import Image
+
+    if not isinstance(item, Image.Image) or item.mode not in _PNG_MODES:
+        from mmembed.preprocess.image import load_image
+
+        chw = load_image(item)  # (3, H, W) uint8, or float in [0, 1]; BadInput when unusable
+        if chw.dtype != torch.uint8:
+            chw = (chw.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        item = Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy())  # (H, W, 3)
+    out = io.BytesIO()
+    try:
+        item.save(out, format="PNG")
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot encode the image as PNG ({type(e).__name__}: {e})") from None
+    return out.getvalue()
+
+
+def encode_audio(item: Any) -> bytes:
+    """Audio item → the bytes of an audio file (its own file, or 32-bit float WAV)."""
+    raw = _file_bytes(item)
+    if raw is not None:
+        return raw
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise BadInput("a waveform needs its sample rate: pass mm.Audio((waveform, sample_rate)) or a file")
+    wave, rate = item
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) \
+            or not float(rate).is_integer() or rate <= 0:
+        raise BadInput(f"sample rate must be a positive integer, got {rate!r}")
+    samples = _frames_by_channels(_float_samples(wave))  # (T, C)
+    if samples.shape[0] == 0:
+        raise BadInput("zero-length audio")
+    if not np.isfinite(samples).all():
+        raise BadInput("audio contains NaN/Inf samples")
+    import soundfile as sf
+
+    out = io.BytesIO()
+    sf.write(out, samples, int(rate), format="WAV", subtype="FLOAT")
+    return out.getvalue()
+
+
+def _float_samples(wave: Any) -> np.ndarray:
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().cpu().numpy()
+    if not isinstance(wave, np.ndarray):
+        raise BadInput(f"unsupported waveform of type {type(wave).__name__} (numpy array or tensor)")
+    scale = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0**31, np.dtype(np.int8): 128.0}
+    if wave.dtype.kind == "f":
+        return wave.astype(np.float32)
+    if wave.dtype in scale:
+        return wave.astype(np.float32) / scale[wave.dtype]
+    if wave.dtype == np.uint8:
+        return (wave.astype(np.float32) - 128.0) / 128.0
+    raise BadInput(f"unsupported audio dtype {wave.dtype} (float, int16, int32, int8 or uint8)")
+
+
+def _frames_by_channels(wave: np.ndarray) -> np.ndarray:
+    """(T,), (C, T) or (T, C) → (T, C); the shorter axis is channels (the preprocessing rule)."""
+    if wave.ndim == 1:
+        return wave[:, None]
+    if wave.ndim != 2 or min(wave.shape) > _MAX_CHANNELS:
+        raise BadInput(f"audio must be (T,), (C, T) or (T, C) with at most {_MAX_CHANNELS} channels; "
+                       f"got shape {wave.shape}")
+    return np.ascontiguousarray(wave.T if wave.shape[0] < wave.shape[1] else wave)
+
+
+# one line per stored (non-inline) modality
+ENCODERS: dict[Modality, Callable[[Any], bytes]] = {
+    Modality.IMAGE: encode_image,
+    Modality.AUDIO: encode_audio,
+}
+
+_MAGIC = [(b"\x89PNG\r\n\x1a\n", 0, "png"), (b"\xff\xd8\xff", 0, "jpg"), (b"GIF8", 0, "gif"), (b"BM", 0, "bmp"),
+          (b"II*\x00", 0, "tiff"), (b"MM\x00*", 0, "tiff"), (b"WEBP", 8, "webp"), (b"WAVE", 8, "wav"),
+          (b"fLaC", 0, "flac"), (b"OggS", 0, "ogg")]
+
+
+def file_suffix(data: bytes) -> str:
+    """The usual suffix of a media file, from its leading bytes (".bin" when unknown)."""
+    for magic, offset, suffix in _MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return f".{suffix}"
+    return ".bin"

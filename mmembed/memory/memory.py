@@ -1,0 +1,375 @@
+"""`Memory`: a persistent, per-user store of text, images and sounds, searched by meaning.
+
+    mem = mm.Memory("memory.db", model=model)
+    i = mem.add(user="ada", item=mm.Image("x.png"), text="my bike", session="s1")
+    hits = mem.search(user="ada", query="a red bicycle", k=5)       # best first, cosine scores
+
+Every item is embedded once, at `add`, and stored with its file bytes in one SQLite file (see
+`store.py` for durability and concurrency). Search scans the user's vectors in memory (see
+`cache.py`); users never see each other's items.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import threading
+import time as _time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmembed.decoder.prompt import Media, Text
+from mmembed.errors import BadInput, UserError
+from mmembed.memory.cache import UserVectors
+from mmembed.memory.export import export_items
+from mmembed.memory.items import Entry, ItemLike, StoreMedia, to_entry
+from mmembed.memory.records import MemoryHit, NewItem
+from mmembed.memory.store import Store
+from mmembed.modality import Modality
+from mmembed.retrieval.store import check_vectors
+
+log = logging.getLogger(__name__)
+
+ROLES = ("user", "assistant")
+# vectors kept in memory across users (4·D bytes each: 2 GB at D = 512); the least recently
+# searched users are dropped first, and the one being searched is always kept
+MAX_CACHED_ROWS = 1_000_000
+QueryLike = Media | str | Tensor | np.ndarray
+
+
+class Memory:
+    """A persistent multimodal memory in one SQLite file.
+
+    Args:
+        path: the memory file; created when absent (its folder must exist), reopened otherwise.
+        model: the model (`mm.load(run)`) that embeds items and queries. A file remembers the
+            model that wrote it (dim and fingerprint) and refuses any other. Without a model,
+            the memory can be read, searched by a raw (D,) vector, deleted from and exported.
+    Raises:
+        MemoryFileError (a UserError) when the file is not a memory file, is corrupt, has
+        another schema version, or was written by another model.
+    """
+
+    def __init__(self, path: str | Path, model: Any = None):
+        self.model = model
+        dim = None if model is None else int(model.embed_dim)
+        self._store = Store(path, dim, None if model is None else str(model.fingerprint))
+        self._vectors: OrderedDict[str, UserVectors] = OrderedDict()
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def add(self, user: str, item: ItemLike = None, text: str | None = None, meta: dict[str, Any] | None = None,
+            *, session: str | None = None, turn: int | None = None, role: str = "user", time: float | None = None,
+            store_media: StoreMedia = "bytes") -> int:
+        """Embed and store one item; returns its id once committed (an acknowledged item survives a crash).
+
+        Args:
+            user: whose memory (searches are always scoped to one user).
+            item: `mm.Image`, `mm.Audio`, `mm.Text` or a str (text); None with `text=` stores the text.
+            text: a caption or the turn's words, kept with a media item (not embedded).
+            meta: any JSON-able dict kept with the item.
+            session, turn, role: where the item comes from in a conversation ("user" / "assistant").
+            time: unix seconds (default now).
+            store_media: "bytes" keeps the file bytes in the memory; "path" keeps only the
+                absolute path of a media item given as a file path.
+        """
+        self._require_model("add items")
+        entry = to_entry(item, text, store_media)
+        return self._add([entry], user, [meta], session, [turn], role, time)[0]
+
+    def add_many(self, user: str, items: Sequence[ItemLike], *, texts: Sequence[str | None] | None = None,
+                 metas: Sequence[dict[str, Any] | None] | None = None, session: str | None = None,
+                 role: str = "user", time: float | None = None, store_media: StoreMedia = "bytes") -> list[int]:
+        """`add` for many items: embedded in batches per modality, stored in one transaction (all or none).
+
+        `texts` and `metas`, when given, hold one entry per item. Returns the ids in item order.
+        """
+        self._require_model("add items")
+        texts = [None] * len(items) if texts is None else list(texts)
+        metas = [None] * len(items) if metas is None else list(metas)
+        if not (len(texts) == len(metas) == len(items)):
+            raise UserError(f"add_many got {len(items)} items, {len(texts)} texts and {len(metas)} metas")
+        entries = [to_entry(item, text, store_media) for item, text in zip(items, texts)]
+        return self._add(entries, user, metas, session, [None] * len(entries), role, time)
+
+    def _add(self, entries: list[Entry], user: str, metas: Sequence[dict[str, Any] | None], session: str | None,
+             turns: Sequence[int | None], role: str, time: float | None) -> list[int]:
+        _check_user(user)
+        _check_optional_str(session, "session")
+        if role not in ROLES:
+            raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        for turn in turns:
+            if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int)):
+                raise UserError(f"turn must be an int, got {turn!r}")
+        when = _time.time() if time is None else _timestamp(time, "time")
+        meta_json = [_meta_json(m) for m in metas]
+        vectors = self._embed(entries)  # (N, D), before the write transaction: the lock covers inserts only
+        blobs = vectors.numpy().astype("<f4")
+        rows = [NewItem(user=user, session=session, turn=turn, role=role, time=when, modality=str(e.modality),
+                        embedding=blobs[i].tobytes(), text=e.text, meta=mj, media_path=e.media_path, media=e.media)
+                for i, (e, turn, mj) in enumerate(zip(entries, turns, meta_json))]
+        with self._guard():
+            ids = self._store.insert(rows)
+            cached = self._vectors.get(user)
+            if cached is not None:
+                cached.append(ids, vectors, [r.modality for r in rows], [when] * len(rows), [session] * len(rows))
+        return ids
+
+    def _embed(self, entries: list[Entry]) -> Tensor:
+        """Embed entries, batched per modality → (N, D) float32 unit rows in entry order."""
+        model = self._require_model("add items")
+        out = torch.empty(len(entries), self._store.dim or int(model.embed_dim))
+        for modality in dict.fromkeys(e.modality for e in entries):
+            pick = [i for i, e in enumerate(entries) if e.modality == modality]
+            vectors = model.embed(modality, [entries[i].source for i in pick])  # (n, D)
+            out[pick] = check_vectors(vectors, out.shape[1], what=f"{modality} embeddings")
+        return out
+
+    def delete(self, ids: Sequence[int] | int, *, user: str | None = None) -> int:
+        """Delete items by id (only `user`'s when given); unknown ids are ignored. Returns how many went."""
+        ids = _check_ids(ids)
+        if user is not None:
+            _check_user(user)
+        with self._guard():
+            deleted = self._store.delete(ids, user)
+            for owner in {u for _, u in deleted}:
+                if owner in self._vectors:
+                    self._vectors[owner].remove([i for i, u in deleted if u == owner])
+        return len(deleted)
+
+    def forget(self, user: str) -> int:
+        """Delete every item of `user`; returns how many."""
+        _check_user(user)
+        with self._guard():
+            n = self._store.forget(user)
+            self._vectors.pop(user, None)
+        return n
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def search(self, user: str, query: QueryLike, k: int = 5, modality: Modality | str | None = None,
+               since: float | dt.datetime | None = None, session: str | None = None,
+               exclude_session: str | None = None) -> list[MemoryHit]:
+        """The `k` items of `user` most similar to `query`, best first, with cosine scores.
+
+        Args:
+            query: `mm.Image`, `mm.Audio`, `mm.Text`, a str (text), or a (D,) vector.
+            k: hits wanted; fewer come back when fewer items pass the filters.
+            modality: only items of this modality.
+            since: only items at or after this time (unix seconds or a datetime).
+            session / exclude_session: only items of / not of this session.
+        """
+        _check_user(user)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"k must be a positive int, got {k!r}")
+        modality = None if modality is None else _parse_modality(modality)
+        since = None if since is None else _timestamp(since, "since")
+        _check_optional_str(session, "session")
+        _check_optional_str(exclude_session, "exclude_session")
+        q = self._query_vector(query)  # (1, D)
+        if q is None:
+            return []
+        with self._guard():
+            found = self._user_vectors(user).search(q, k, modality, since, session, exclude_session)
+            hits = self._store.hits([i for i, _ in found], user=user)
+        scores = dict(found)
+        return [replace(h, score=scores[h.id]) for h in hits]
+
+    def get(self, ids: Sequence[int] | int, *, user: str | None = None) -> list[MemoryHit]:
+        """Items by id (only `user`'s when given), with their media bytes; absent ids are skipped."""
+        ids = _check_ids(ids)
+        if user is not None:
+            _check_user(user)
+        with self._guard():
+            return self._store.hits(ids, user=user, media=True)
+
+    def vectors(self, ids: Sequence[int] | int, *, user: str | None = None) -> Tensor:
+        """The stored embeddings of items, (N, D) float32 unit rows in the order of `ids`.
+
+        Raises UserError naming the ids that are absent (or not `user`'s, when given).
+        """
+        ids = _check_ids(ids)
+        if user is not None:
+            _check_user(user)
+        with self._guard():
+            found = self._store.embeddings(ids, user)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            whose = "" if user is None else f" of user {user!r}"
+            raise UserError(f"no item{whose} with id {', '.join(map(str, missing[:5]))} in {self.path.name}")
+        dim = self._store.dim or 0
+        out = np.frombuffer(bytearray().join(found[i] for i in ids), dtype="<f4").reshape(len(ids), dim)
+        return torch.from_numpy(out.astype(np.float32))  # (N, D)
+
+    def recent(self, user: str, session: str | None = None, limit: int = 20, *, media: bool = False
+               ) -> list[MemoryHit]:
+        """The user's last `limit` items (of one session when given), oldest first."""
+        _check_user(user)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UserError(f"limit must be a positive int, got {limit!r}")
+        with self._guard():
+            return self._store.recent(user, session, limit, media)
+
+    def sessions(self, user: str) -> list[str]:
+        """The user's session names, in order of their first item."""
+        _check_user(user)
+        with self._guard():
+            return self._store.sessions(user)
+
+    def count(self, user: str | None = None) -> int:
+        """Items stored (of `user` when given)."""
+        with self._guard():
+            return self._store.count(user)
+
+    def export(self, path: str | Path, user: str | None = None) -> Path:
+        """Write the memory (of `user` when given) as a manifest folder; returns `memory.jsonl`'s path.
+
+        The folder (new or empty) gets `memory.jsonl` — one row per item: `image` / `audio`
+        paths of media files written under `media/`, `text`, and `id, user, session, turn, role,
+        time, modality, meta` — which `mmembed index` / `eval` and `read_manifest` read.
+        """
+        if user is not None:
+            _check_user(user)
+        with self._guard():
+            if self._store.count(user) == 0:
+                raise UserError(f"nothing to export: {self.path.name} holds no items"
+                                + (f" of user {user!r}" if user is not None else ""))
+            return export_items(self._store.iter_items(user), Path(path))
+
+    def integrity_check(self) -> str:
+        """SQLite's `PRAGMA integrity_check` of the file: "ok" when sound."""
+        with self._guard():
+            return self._store.integrity_check()
+
+    def close(self) -> None:
+        """Close the connection and drop the cached vectors (reopened on next use)."""
+        with self._guard():
+            self._store.close()
+            self._vectors.clear()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Memory({str(self.path)!r}, dim={self._store.dim}, fingerprint={self._store.fingerprint})"
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _guard(self) -> threading.RLock:
+        """The lock of this process (a forked child gets a fresh one: the parent's may be held)."""
+        if self._pid != os.getpid():
+            self._lock, self._pid = threading.RLock(), os.getpid()
+        return self._lock
+
+    def _require_model(self, what: str) -> Any:
+        if self.model is None:
+            raise UserError(f"this Memory was opened without a model: pass model=mm.load(run) to {what}")
+        return self.model
+
+    def _query_vector(self, query: QueryLike) -> Tensor | None:
+        """Query → (1, D) float32 unit row; None when the file holds no vectors yet."""
+        if isinstance(query, str):
+            query = Text(query)
+        if isinstance(query, Media):
+            model = self._require_model("search by text or media")
+            return check_vectors(model.embed(query.modality, [query.item]), int(model.embed_dim), "query")
+        if not isinstance(query, (Tensor, np.ndarray)):
+            raise UserError(f"cannot search with a {type(query).__name__}: pass mm.Image, mm.Audio, mm.Text, "
+                            "a str or a (D,) vector")
+        if self._store.dim is None:
+            self._store.refresh_meta()
+        if self._store.dim is None:
+            return None
+        if query.ndim != 1:
+            raise BadInput(f"a query vector must be (D,) = ({self._store.dim},), got shape {tuple(query.shape)}")
+        return check_vectors(torch.as_tensor(query), self._store.dim, "query vector")
+
+    def _user_vectors(self, user: str) -> UserVectors:
+        """The user's cached vectors, brought up to date with the file."""
+        if self._store.others_wrote():
+            for cached in self._vectors.values():
+                cached.stale = True
+        cached = self._vectors.pop(user, None) or UserVectors(self._store.dim or 0)
+        self._vectors[user] = cached  # most recently used last
+        if cached.stale:
+            self._refresh(user, cached)
+        while len(self._vectors) > 1 and sum(v.rows.n_rows for v in self._vectors.values()) > MAX_CACHED_ROWS:
+            self._vectors.popitem(last=False)
+        return self._vectors[user]
+
+    def _refresh(self, user: str, cached: UserVectors) -> None:
+        """Read the rows added since the last refresh; reload all when rows were deleted elsewhere."""
+        for attempt in range(2):
+            new = self._store.vectors_after(user, cached.synced_id, cached.dim)
+            cached.append(new.ids, torch.from_numpy(new.vectors), new.modalities, new.times, new.sessions)
+            if len(new.ids):
+                cached.synced_id = int(new.ids.max())
+            if len(cached) == new.total or attempt == 1:  # a full read is one snapshot: it always matches
+                break
+            log.debug("memory %s: rows of user %r were deleted elsewhere; reloading", self.path, user)
+            cached = UserVectors(cached.dim)
+            self._vectors[user] = cached
+        cached.stale = False
+
+
+def _check_user(user: Any) -> None:
+    if not isinstance(user, str) or not user:
+        raise UserError(f"user must be a non-empty str, got {user!r}")
+
+
+def _check_ids(ids: Sequence[int] | int) -> list[int]:
+    ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise UserError(f"ids must be ints, got {i!r}")
+    return [int(i) for i in ids]
+
+
+def _check_optional_str(value: Any, name: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{name} must be a str, got {value!r}")
+
+
+def _parse_modality(value: Modality | str) -> Modality:
+    try:
+        return Modality.parse(value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _timestamp(value: Any, name: str) -> float:
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r}")
+    return float(value)
+
+
+def _meta_json(meta: dict[str, Any] | None) -> str:
+    if meta is None:
+        return "{}"
+    if not isinstance(meta, dict):
+        raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        return json.dumps(meta, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"meta must be JSON-able ({e})") from None

@@ -1,0 +1,357 @@
+"""The SQLite layer of the memory store: one file, WAL journal, one connection per process.
+
+Durability — `journal_mode=WAL`, `synchronous=NORMAL`. `COMMIT` returns after the transaction's
+pages were written (write(2)) to the `-wal` file; they sit in the OS page cache, which outlives
+the process, so a writer killed with SIGKILL (or crashing) loses no committed, i.e. acknowledged,
+item, and the file stays consistent (`PRAGMA integrity_check` = ok). NORMAL skips the fsync at
+each commit (WAL is fsynced at checkpoints), so only an OS crash or power loss can roll back the
+last few commits, and even then the database stays consistent. FULL would fsync on every commit
+(milliseconds each) to cover power loss as well; a conversation memory does not need that.
+
+Concurrency — in WAL mode readers and the writer never block each other. Every write runs in
+`BEGIN IMMEDIATE`, which takes the write lock up front: two writers queue on the busy timeout
+instead of both upgrading a read transaction and one failing at once with SQLITE_BUSY (which no
+timeout retries). Every connection waits up to `BUSY_TIMEOUT_S` for a lock rather than raising
+"database is locked". Callers embed before the transaction, so the lock covers the inserts only.
+
+Processes — an SQLite connection must never cross fork(). `Store.conn` notices that
+`os.getpid()` changed (a forked DataLoader worker) and opens a connection of its own; the
+parent's connection object is parked and never used in the child (not even closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmembed.errors import UserError
+from mmembed.memory.records import MemoryHit, NewItem, VectorRows
+from mmembed.modality import Modality
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+_CHUNK = 900  # ids per `IN (...)`: under SQLite's oldest limit of 999 bound variables
+_PARKED: list[sqlite3.Connection] = []  # parents' connections inherited by a fork: kept, never closed
+
+# Small columns first and the media bytes last: SQLite reads a row's columns in order, so the
+# embedding (read by every cache load) never walks the overflow pages of a large image or clip.
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    session TEXT,
+    turn INTEGER,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    time REAL NOT NULL,
+    modality TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    text TEXT,
+    meta TEXT NOT NULL DEFAULT '{}',
+    media_path TEXT,
+    media BLOB
+);
+CREATE INDEX items_user_time ON items (user, time);
+CREATE INDEX items_user_session_turn ON items (user, session, turn);
+"""
+_HIT_COLUMNS = "id, user, session, turn, role, time, modality, text, meta, media_path"
+
+
+class MemoryFileError(UserError):
+    """The memory file cannot be used: not SQLite, corrupt, another schema, or another model's."""
+
+
+class Store:
+    """The `items` and `meta` tables of one memory file.
+
+    Args:
+        path: the SQLite file (created when absent; its folder must exist).
+        dim, fingerprint: the model's embedding size and `Model.fingerprint`; a file written
+            by another model is refused. None: accept the file's own (read, delete, export only).
+    """
+
+    def __init__(self, path: str | Path, dim: int | None = None, fingerprint: str | None = None):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise MemoryFileError(f"{self.path} is a folder, not a memory file")
+        if not self.path.parent.is_dir():
+            raise MemoryFileError(f"cannot create memory file {self.path}: folder {self.path.parent} does not exist")
+        self._lock = threading.RLock()
+        self._lock_pid = os.getpid()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._seen_version: int | None = None
+        self.dim: int | None = None
+        self.fingerprint: str | None = None
+        self._open_schema(dim, fingerprint)
+
+    # ---- connection --------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This process's connection (a new one after fork)."""
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _PARKED.append(self._conn)  # the parent's: never used here, not even to close it
+            self._conn = self._connect()
+            self._pid = os.getpid()
+            self._seen_version = None
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._errors():
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise MemoryFileError(f"{self.path}: SQLite cannot use a WAL journal here (got {mode!r})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def close(self) -> None:
+        """Close this process's connection (a later call reopens it)."""
+        with self._guard():
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def _guard(self) -> threading.RLock:
+        """This process's lock (a forked child gets a fresh one: a parent's thread may hold the old)."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.RLock(), os.getpid()
+        return self._lock
+
+    def others_wrote(self) -> bool:
+        """True when another connection committed since the last call (or this one is new)."""
+        with self._guard(), self._errors():
+            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+            changed = version != self._seen_version
+            self._seen_version = version
+            return changed
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """sqlite3 errors → one-line MemoryFileError naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise MemoryFileError(_describe(self.path, e)) from None
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """A read snapshot (`BEGIN`) or a write (`BEGIN IMMEDIATE`), committed on success."""
+        with self._guard(), self._errors():
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    conn.execute("ROLLBACK")
+                raise
+
+    # ---- schema ------------------------------------------------------------------------------
+
+    def _open_schema(self, dim: int | None, fingerprint: str | None) -> None:
+        """Check the file's schema and model; create the tables / record the model when absent.
+
+        A plain read first, so opening a file that needs no change never waits for the write lock.
+        """
+        with self._transaction(write=False) as conn:
+            tables, meta = self._read_schema(conn)
+        if not tables or (dim is not None and "dim" not in meta):
+            with self._transaction(write=True) as conn:
+                tables, meta = self._read_schema(conn)  # again: another process may have written meanwhile
+                if not tables:
+                    for statement in _SCHEMA.split(";"):  # not executescript: it would commit first
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    meta = {"schema_version": str(SCHEMA_VERSION)}
+                if dim is not None and "dim" not in meta:
+                    record = {"dim": str(dim), "fingerprint": str(fingerprint)}
+                    conn.executemany("INSERT INTO meta VALUES (?, ?)", list(record.items()))
+                    meta.update(record)
+        self._check_model(meta, dim, fingerprint)
+        self._adopt(meta)
+
+    def refresh_meta(self) -> None:
+        """Re-read dim and fingerprint (a file created without a model may have been claimed since)."""
+        with self._transaction(write=False) as conn:
+            self._adopt(self._read_schema(conn)[1])
+
+    def _adopt(self, meta: dict[str, str]) -> None:
+        self.dim = int(meta["dim"]) if "dim" in meta else None
+        self.fingerprint = meta.get("fingerprint")
+
+    def _read_schema(self, conn: sqlite3.Connection) -> tuple[set[str], dict[str, str]]:
+        """The file's tables (empty for a new file) and meta; refuses foreign files and other versions."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")
+        if not tables:
+            return tables, {}
+        if not {"meta", "items"} <= tables:
+            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self._check_version(meta.get("schema_version"))
+        return tables, meta
+
+    def _check_version(self, version: str | None) -> None:
+        if version != str(SCHEMA_VERSION):
+            raise MemoryFileError(f"{self.path} has memory schema version {version}; this mmembed reads version "
+                                  f"{SCHEMA_VERSION} (use the mmembed that wrote it, or another memory file)")
+
+    def _check_model(self, meta: dict[str, str], dim: int | None, fingerprint: str | None) -> None:
+        if dim is None or "dim" not in meta:
+            return
+        if int(meta["dim"]) != dim or meta.get("fingerprint") != str(fingerprint):
+            raise MemoryFileError(
+                f"{self.path.name} was written by model {meta.get('fingerprint')} (dim {meta['dim']}) but this model "
+                f"is {fingerprint} (dim {dim}); open it with that run, or use another memory file")
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def insert(self, rows: Sequence[NewItem]) -> list[int]:
+        """Insert rows in one transaction; returns their ids once committed."""
+        if not rows:
+            return []
+        with self._transaction(write=True) as conn:
+            before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+            conn.executemany(
+                "INSERT INTO items (user, session, turn, role, time, modality, embedding, text, meta, media_path, "
+                "media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.user, r.session, r.turn, r.role, r.time, r.modality, r.embedding, r.text, r.meta, r.media_path,
+                  r.media) for r in rows])
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = (before[0] if before else 0) + 1
+        # AUTOINCREMENT under the write lock: this transaction's ids are consecutive
+        assert last - first + 1 == len(rows), (first, last, len(rows))
+        return list(range(first, last + 1))
+
+    def delete(self, ids: Sequence[int], user: str | None = None) -> list[tuple[int, str]]:
+        """Delete items by id (only `user`'s when given); returns the (id, user) pairs deleted."""
+        deleted: list[tuple[int, str]] = []
+        with self._transaction(write=True) as conn:
+            for chunk in _chunks(ids):
+                where, args = _id_filter(chunk, user)
+                deleted += conn.execute(f"SELECT id, user FROM items WHERE {where}", args).fetchall()
+                conn.execute(f"DELETE FROM items WHERE {where}", args)
+        return deleted
+
+    def forget(self, user: str) -> int:
+        """Delete every item of `user`; returns how many."""
+        with self._transaction(write=True) as conn:
+            return conn.execute("DELETE FROM items WHERE user = ?", (user,)).rowcount
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def hits(self, ids: Sequence[int], user: str | None = None, media: bool = False) -> list[MemoryHit]:
+        """The items with these ids (only `user`'s when given), in the order of `ids`; absent ids are skipped."""
+        columns = _HIT_COLUMNS + (", media" if media else "")
+        found: dict[int, MemoryHit] = {}
+        with self._transaction(write=False) as conn:
+            for chunk in _chunks(ids):
+                where, args = _id_filter(chunk, user)
+                for row in conn.execute(f"SELECT {columns} FROM items WHERE {where}", args):
+                    found[row[0]] = _hit(row)
+        return [found[int(i)] for i in ids if int(i) in found]
+
+    def embeddings(self, ids: Sequence[int], user: str | None = None) -> dict[int, bytes]:
+        """id → stored embedding bytes for the ids present (only `user`'s when given)."""
+        found: dict[int, bytes] = {}
+        with self._transaction(write=False) as conn:
+            for chunk in _chunks(ids):
+                where, args = _id_filter(chunk, user)
+                found.update(conn.execute(f"SELECT id, embedding FROM items WHERE {where}", args).fetchall())
+        return found
+
+    def recent(self, user: str, session: str | None, limit: int, media: bool) -> list[MemoryHit]:
+        """The last `limit` items of `user` (of one session when given), oldest first."""
+        columns = _HIT_COLUMNS + (", media" if media else "")
+        where, args = ("user = ?", [user]) if session is None else ("user = ? AND session = ?", [user, session])
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(f"SELECT {columns} FROM items WHERE {where} ORDER BY time DESC, id DESC LIMIT ?",
+                                [*args, limit]).fetchall()
+        return [_hit(r) for r in reversed(rows)]
+
+    def sessions(self, user: str) -> list[str]:
+        """The user's session names, in order of their first item."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute("SELECT session, min(time) AS t FROM items WHERE user = ? AND session IS NOT NULL "
+                                "GROUP BY session ORDER BY t", (user,)).fetchall()
+        return [r[0] for r in rows]
+
+    def count(self, user: str | None = None) -> int:
+        with self._transaction(write=False) as conn:
+            if user is None:
+                return conn.execute("SELECT count(*) FROM items").fetchone()[0]
+            return conn.execute("SELECT count(*) FROM items WHERE user = ?", (user,)).fetchone()[0]
+
+    def vectors_after(self, user: str, after_id: int, dim: int) -> VectorRows:
+        """`user`'s rows with id > after_id (in no particular order), and the user's item count, from one snapshot."""
+        # a first read walks the user's index; a later one the id range past `after_id` ("+user": not
+        # the index, which would visit every row of the user to find the few new ones)
+        where = "user = ?" if after_id == 0 else "id > ? AND +user = ?"
+        args = (user,) if after_id == 0 else (after_id, user)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(f"SELECT id, modality, time, session, embedding FROM items WHERE {where}",
+                                args).fetchall()
+            total = conn.execute("SELECT count(*) FROM items WHERE user = ?", (user,)).fetchone()[0]
+        blob = bytearray().join(r[4] for r in rows)  # writable: tensors can share it without a copy
+        if len(blob) != 4 * dim * len(rows):
+            raise MemoryFileError(f"{self.path}: an embedding of user {user!r} does not hold {dim} float32 values")
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim)  # (N, D)
+        return VectorRows(ids=np.array([r[0] for r in rows], dtype=np.int64), vectors=vectors,
+                          modalities=[r[1] for r in rows], times=[r[2] for r in rows],
+                          sessions=[r[3] for r in rows], total=total)
+
+    def iter_items(self, user: str | None = None) -> Iterator[MemoryHit]:
+        """Every item (of `user` when given) with its media bytes, in id order, from one snapshot."""
+        where, args = ("", []) if user is None else ("WHERE user = ?", [user])
+        with self._transaction(write=False) as conn:
+            for row in conn.execute(f"SELECT {_HIT_COLUMNS}, media FROM items {where} ORDER BY id", args):
+                yield _hit(row)
+
+    def integrity_check(self) -> str:
+        """SQLite's `PRAGMA integrity_check`: "ok" for a sound file."""
+        with self._guard(), self._errors():
+            return "; ".join(r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall())
+
+
+def _hit(row: Sequence[Any]) -> MemoryHit:
+    media = row[10] if len(row) > 10 else None
+    return MemoryHit(id=row[0], score=None, user=row[1], session=row[2], turn=row[3], role=row[4], time=row[5],
+                     modality=Modality.parse(row[6]), text=row[7], meta=json.loads(row[8]), media=media,
+                     media_path=row[9])
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start:start + _CHUNK]
+
+
+def _id_filter(ids: list[int], user: str | None) -> tuple[str, list[Any]]:
+    where = f"id IN ({', '.join('?' * len(ids))})"
+    # "+user": look rows up by id; SQLite would otherwise pick the user index and scan all the user's rows
+    return (where, list(ids)) if user is None else (f"{where} AND +user = ?", [*ids, user])
+
+
+def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
+    text = str(e)
+    if "file is not a database" in text:
+        return f"{path} is not an mmembed memory file (not an SQLite database)"
+    if "malformed" in text or isinstance(e, sqlite3.DataError):
+        return f"{path} is corrupt (SQLite: {text}); restore it from a copy or an export"
+    if "locked" in text or "busy" in text:
+        return f"{path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s ({text})"
+    return f"{path}: SQLite error ({text})"

@@ -1,0 +1,265 @@
+"""Memory API: add → search, user scoping, filters, delete / forget, reads, and one-line input errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import torch
+
+import mmembed as mm
+from mmembed.errors import BadInput, UserError
+from mmembed.memory import Memory
+from mmembed.memory import memory as memory_module
+from mmembed.modality import Modality
+from tests.memory.conftest import picture, sound
+
+
+@pytest.fixture
+def mem(db, model):
+    with Memory(db, model=model) as m:
+        yield m
+
+
+def test_add_then_search_finds_the_same_item_with_score_one(mem):
+    ids = {
+        "img": mem.add("ada", mm.Image(picture(0)), text="a noisy picture"),
+        "wav": mem.add("ada", mm.Audio(sound(0))),
+        "txt": mem.add("ada", "a small blue star"),
+        "cap": mem.add("ada", mm.Text("a large red circle")),
+        "none": mem.add("ada", None, text="a red circle on the left"),
+    }
+    queries = {"img": mm.Image(picture(0)), "wav": mm.Audio(sound(0)), "txt": mm.Text("a small blue star"),
+               "cap": "a large red circle", "none": "a red circle on the left"}
+    for key, query in queries.items():
+        hits = mem.search("ada", query, k=5)
+        assert hits[0].id == ids[key] and hits[0].score == pytest.approx(1.0, abs=1e-5), key
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert len(hits) == 5
+    assert sorted(ids.values()) == list(range(1, 6))
+    hit = mem.search("ada", mm.Image(picture(0)), k=1)[0]
+    assert (hit.user, hit.modality, hit.text, hit.role, hit.meta) == ("ada", Modality.IMAGE, "a noisy picture",
+                                                                      "user", {})
+
+
+def test_users_never_see_each_others_items(mem):
+    a = mem.add("ada", "a small blue star")
+    b = mem.add("bob", "a small blue star")
+    mem.add("bob", mm.Image(picture(1)))
+    assert [h.id for h in mem.search("ada", "a small blue star", k=10)] == [a]
+    assert {h.id for h in mem.search("bob", "a small blue star", k=10)} == {b, b + 1}
+    assert mem.search("carol", "a small blue star") == []
+    assert mem.get([a, b], user="ada")[0].id == a and len(mem.get([a, b], user="ada")) == 1
+    assert mem.delete([a], user="bob") == 0 and mem.count("ada") == 1  # another user's id: untouched
+    assert mem.count() == 3 and mem.count("bob") == 2
+
+
+def test_filters_modality_since_session_are_exact(mem):
+    t0 = 1_700_000_000.0
+    img = mem.add("ada", mm.Image(picture(2)), session="s1", time=t0)
+    wav = mem.add("ada", mm.Audio(sound(2)), session="s1", time=t0 + 10)
+    txt = mem.add("ada", "a small blue star", session="s2", time=t0 + 20)
+    loose = mem.add("ada", "a large red circle", time=t0 + 30)
+
+    def ids(**kw):
+        return {h.id for h in mem.search("ada", "a blue star", k=10, **kw)}
+
+    assert ids() == {img, wav, txt, loose}
+    assert ids(modality="image") == {img} and ids(modality=Modality.AUDIO) == {wav}
+    assert ids(modality="text") == {txt, loose}
+    assert ids(since=t0 + 10) == {wav, txt, loose}
+    assert ids(since=dt.datetime.fromtimestamp(t0 + 20, tz=dt.timezone.utc)) == {txt, loose}
+    assert ids(session="s1") == {img, wav} and ids(session="nope") == set()
+    assert ids(exclude_session="s1") == {txt, loose}
+    assert ids(session="s1", modality="audio", since=t0 + 5) == {wav}
+    assert ids(since=t0 + 100) == set()
+    assert mem.sessions("ada") == ["s1", "s2"]
+
+
+def test_filtered_top_k_equals_a_brute_force_reference(mem, model):
+    rng = np.random.default_rng(0)
+    t0, sessions = 1_700_000_000.0, ["a", "b", None]
+    texts = [f"item number {i} is a {rng.choice(['red', 'blue', 'green'])} {rng.choice(['star', 'circle'])}"
+             for i in range(40)]
+    rows = []  # (id, vector, modality, time, session)
+    for i, text in enumerate(texts):
+        when, session = t0 + int(rng.integers(0, 100)), sessions[i % 3]
+        item = mm.Image(picture(i)) if i % 4 == 0 else text
+        rows.append((mem.add("ada", item, session=session, time=when), item, when, session))
+    mem.add_many("bob", texts[:10])  # another user's items never show up
+    vectors = torch.stack([model.embed(it.modality, [it.item])[0] if isinstance(it, mm.Image) else
+                           model.embed("text", [it])[0] for _, it, _, _ in rows])  # (N, D)
+    modality_of = ["image" if isinstance(it, mm.Image) else "text" for _, it, _, _ in rows]
+    filters = [{}, {"modality": "image"}, {"since": t0 + 50}, {"session": "a"}, {"exclude_session": "b"},
+               {"modality": "text", "since": t0 + 30, "exclude_session": "a"}]
+    for query in ["a red star", "a green circle"]:
+        q = model.embed("text", [query])[0]
+        for f in filters:
+            keep = [j for j, (_, _, when, session) in enumerate(rows)
+                    if f.get("modality", modality_of[j]) == modality_of[j] and when >= f.get("since", t0)
+                    and f.get("session", session) == session and session != f.get("exclude_session", "-")]
+            scores = vectors[keep] @ q
+            expected = [rows[keep[j]][0] for j in torch.argsort(scores, descending=True)[:7].tolist()]
+            hits = mem.search("ada", query, k=7, **f)
+            assert [h.id for h in hits] == expected, f
+            assert [h.score for h in hits] == pytest.approx(sorted(scores.tolist(), reverse=True)[:7], abs=1e-5)
+
+
+def test_cached_vectors_are_bounded(mem, monkeypatch):
+    monkeypatch.setattr(memory_module, "MAX_CACHED_ROWS", 5)
+    for user in ("ada", "bob", "cy"):
+        mem.add_many(user, [f"{user} item {i}" for i in range(3)])
+        assert mem.search(user, "item", k=1)
+    assert list(mem._vectors) == ["cy"]  # the one being searched always stays
+    assert [len(mem.search(u, "item", k=10)) for u in ("ada", "bob", "cy")] == [3, 3, 3]
+
+
+def test_delete_and_forget(mem):
+    ids = mem.add_many("ada", ["one star", "two stars", "three stars", "four stars"],
+                       metas=[{"n": i} for i in range(4)])
+    other = mem.add("bob", "one star")
+    assert len(mem.search("ada", "stars", k=10)) == 4  # vectors now cached
+    assert mem.delete([ids[0], ids[2], 12345]) == 2
+    assert {h.id for h in mem.search("ada", "stars", k=10)} == {ids[1], ids[3]}
+    assert mem.get(ids) == mem.get([ids[1], ids[3]]) and mem.delete(ids[1]) == 1
+    assert mem.forget("ada") == 1 and mem.count("ada") == 0 and mem.search("ada", "stars") == []
+    assert mem.count("bob") == 1 and mem.search("bob", "one star")[0].id == other
+    new = mem.add("ada", "five stars")
+    assert new > other  # ids are never reused
+    assert [h.id for h in mem.search("ada", "stars", k=10)] == [new]
+
+
+def test_get_recent_sessions_count(mem):
+    t0 = 1_700_000_000.0
+    a = mem.add("ada", mm.Image(picture(3)), text="look", session="s1", turn=0, time=t0)
+    b = mem.add("ada", None, text="a noisy picture", session="s1", turn=1, role="assistant", time=t0 + 1)
+    c = mem.add("ada", "new topic", session="s2", turn=0, time=t0 + 2, meta={"mood": "ok", "n": [1, 2]})
+    assert [h.id for h in mem.recent("ada")] == [a, b, c]
+    assert [h.id for h in mem.recent("ada", limit=2)] == [b, c]
+    assert [h.id for h in mem.recent("ada", session="s1")] == [a, b]
+    recent = mem.recent("ada", session="s1", media=True)
+    assert recent[0].media[:8] == b"\x89PNG\r\n\x1a\n" and recent[1].media is None
+    assert mem.recent("ada")[0].media is None and mem.recent("ada")[0].score is None
+    hit = mem.get([c])[0]
+    assert (hit.session, hit.turn, hit.role, hit.time) == ("s2", 0, "user", t0 + 2)
+    assert hit.meta == {"mood": "ok", "n": [1, 2]}
+    assert mem.get(b)[0].role == "assistant"
+    assert mem.sessions("ada") == ["s1", "s2"] and mem.sessions("bob") == []
+    assert mem.count() == 3 and mem.count("ada") == 3 and mem.count("bob") == 0
+
+
+def test_media_bytes_are_what_was_given_or_lossless(mem, tmp_path):
+    img = picture(4)
+    path = tmp_path / "x.png"
+    img.save(path)
+    from_file = mem.add("ada", mm.Image(path))
+    from_pil = mem.add("ada", mm.Image(img))
+    from_array = mem.add("ada", mm.Image(np.asarray(img)))
+    from_wave = mem.add("ada", mm.Audio(sound(4)))
+    from_int16 = mem.add("ada", mm.Audio(((sound(5)[0] * 32767).astype(np.int16).reshape(2, -1), 8000)))
+    got = {h.id: h.media for h in mem.get([from_file, from_pil, from_array, from_wave, from_int16])}
+    assert got[from_file] == path.read_bytes()
+    from PIL import Image
+    import io
+    import soundfile as sf
+
+    for i in (from_pil, from_array):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[i]))), np.asarray(img))
+    wave, rate = sf.read(io.BytesIO(got[from_wave]), dtype="float32")
+    assert rate == 16000 and np.array_equal(wave, sound(4)[0])
+    stereo, rate = sf.read(io.BytesIO(got[from_int16]), dtype="float32")
+    assert rate == 8000 and stereo.shape == (4000, 2)
+    # the same picture given three ways is one vector
+    scores = [h.score for h in mem.search("ada", mm.Image(img), k=3, modality="image")]
+    assert scores == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+
+
+def test_store_media_path_keeps_only_the_path(mem, tmp_path):
+    path = tmp_path / "y.png"
+    picture(5).save(path)
+    i = mem.add("ada", mm.Image(str(path)), store_media="path")
+    hit = mem.get(i)[0]
+    assert hit.media is None and hit.media_path == str(path.absolute())
+    assert mem.search("ada", mm.Image(path), k=1)[0].score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(UserError, match="store_media='path' needs a file path"):
+        mem.add("ada", mm.Image(picture(5)), store_media="path")
+
+
+def test_raw_vector_queries_and_a_memory_without_model(db, model):
+    with Memory(db, model=model) as mem:
+        i = mem.add("ada", "a small blue star")
+        mem.add("ada", "a large red circle")
+        vector = model.embed("text", ["a small blue star"])[0]  # (D,)
+        assert mem.search("ada", vector * 3.0, k=1)[0].id == i  # any length: normalised
+    with Memory(db) as ro:
+        assert ro.search("ada", vector.numpy(), k=1)[0].id == i
+        assert ro.count() == 2 and ro.recent("ada")[0].text == "a small blue star"
+        with pytest.raises(UserError, match=r"without a model: pass model="):
+            ro.add("ada", "more")
+        with pytest.raises(UserError, match=r"without a model: pass model="):
+            ro.search("ada", "a star")
+        assert ro.delete([i]) == 1
+    with Memory(db.with_name("empty.db")) as empty:  # no model has written it yet: no dimension
+        assert empty.search("ada", torch.ones(8)) == [] and empty.count() == 0
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: m.add("", "x"), UserError, "user must be a non-empty str"),
+    (lambda m: m.add(7, "x"), UserError, "user must be a non-empty str"),
+    (lambda m: m.add("ada", 42), UserError, "cannot store a int"),
+    (lambda m: m.add("ada"), UserError, "add needs an item"),
+    (lambda m: m.add("ada", mm.Text("x"), text="y"), UserError, "its own text"),
+    (lambda m: m.add("ada", mm.Text("  ")), BadInput, "non-empty str"),
+    (lambda m: m.add("ada", "x", role="system"), UserError, "role must be one of user, assistant"),
+    (lambda m: m.add("ada", "x", meta={"f": object()}), BadInput, "meta must be JSON-able"),
+    (lambda m: m.add("ada", "x", meta=[1]), BadInput, "meta must be a dict"),
+    (lambda m: m.add("ada", "x", time=float("nan")), UserError, "time must be unix seconds"),
+    (lambda m: m.add("ada", "x", turn="1"), UserError, "turn must be an int"),
+    (lambda m: m.add("ada", "x", store_media="inline"), UserError, "store_media must be"),
+    (lambda m: m.add("ada", mm.Image(b"<html>not an image</html>")), BadInput, "image"),
+    (lambda m: m.add("ada", mm.Image("/no/such/file.png")), BadInput, "missing file"),
+    (lambda m: m.add("ada", mm.Audio(np.zeros(100, np.float32))), BadInput, "needs its sample rate"),
+    (lambda m: m.add("ada", mm.Audio((np.full(100, np.nan, np.float32), 16000))), BadInput, "NaN"),
+    (lambda m: m.add_many("ada", ["a", 42]), UserError, "cannot store a int"),
+    (lambda m: m.add_many("ada", ["a", "b"], texts=["x"]), UserError, "2 items, 1 texts"),
+    (lambda m: m.search("ada", "x", k=0), UserError, "k must be a positive int"),
+    (lambda m: m.search("ada", "x", modality="video"), UserError, "unknown modality 'video'"),
+    (lambda m: m.search("ada", torch.ones(5)), BadInput, "dimension 32"),
+    (lambda m: m.search("ada", torch.ones(2, 32)), BadInput, r"must be \(D,\)"),
+    (lambda m: m.search("ada", torch.full((32,), float("nan"))), BadInput, "NaN"),
+    (lambda m: m.search("ada", torch.zeros(32)), BadInput, "zero vector"),
+    (lambda m: m.search("ada", 3.0), UserError, "cannot search with a float"),
+    (lambda m: m.recent("ada", limit=0), UserError, "limit must be a positive int"),
+    (lambda m: m.delete(["1"]), UserError, "ids must be ints"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(mem, call, error, message):
+    mem.add("ada", "kept")
+    with pytest.raises(error, match=message) as info:
+        call(mem)
+    assert "\n" not in str(info.value)
+    assert mem.count() == 1
+
+
+def test_add_many_is_all_or_nothing(mem):
+    with pytest.raises(BadInput):
+        mem.add_many("ada", ["fine", mm.Image(b"garbage bytes"), "also fine"])
+    assert mem.count() == 0
+    ids = mem.add_many("ada", ["fine", mm.Image(picture(6)), mm.Audio(sound(6)), "also fine"],
+                       texts=[None, "pic", "clip", None], session="s")
+    assert ids == [1, 2, 3, 4]
+    assert [h.modality for h in mem.get(ids)] == [Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.TEXT]
+    assert mem.search("ada", mm.Audio(sound(6)), k=1)[0].id == 3
+
+
+def test_vectors_are_the_stored_embeddings(mem, model):
+    ids = mem.add_many("ada", ["a small blue star", mm.Image(picture(7))])
+    other = mem.add("bob", "a large red circle")
+    v = mem.vectors(ids)  # (2, D)
+    assert v.shape == (2, 32) and v.dtype == torch.float32
+    assert torch.allclose(v[0], model.embed("text", ["a small blue star"])[0], atol=1e-6)
+    assert torch.allclose(v.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.equal(mem.vectors(ids[1]), v[1:]) and torch.equal(mem.vectors([ids[1], ids[0]]), v.flip(0))
+    assert mem.search("ada", v[1], k=1)[0].id == ids[1]
+    with pytest.raises(UserError, match=f"no item of user 'ada' with id {other}"):
+        mem.vectors([ids[0], other], user="ada")

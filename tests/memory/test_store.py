@@ -1,0 +1,208 @@
+"""The memory file: reopen equality, cache sync across connections, refusals, export, fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+import mmembed as mm
+from mmembed.data.manifest import read_manifest
+from mmembed.errors import UserError
+from mmembed.memory import SCHEMA_VERSION, Memory, MemoryFileError
+from mmembed.modality import Modality
+from tests.memory.conftest import picture, sound
+
+
+def fill(mem: Memory) -> list[int]:
+    ids = [mem.add("ada", mm.Image(picture(i)), text=f"picture {i}", session="s1", turn=i, meta={"i": i})
+           for i in range(3)]
+    ids.append(mem.add("ada", mm.Audio(sound(0)), session="s2", role="assistant", time=1_700_000_000.5))
+    ids += mem.add_many("ada", ["a small blue star", "a large red circle"], metas=[{"x": "ü"}, None])
+    ids.append(mem.add("bob", "a small blue star"))
+    return ids
+
+
+def results(mem: Memory) -> list:
+    queries = ["a blue star", mm.Image(picture(1)), mm.Audio(sound(0))]
+    return [[(h.id, h.score) for h in mem.search(user, q, k=10)] for user in ("ada", "bob") for q in queries]
+
+
+def test_reopen_gives_the_same_items_and_results(db, model):
+    with Memory(db, model=model) as mem:
+        ids = fill(mem)
+        before, items = results(mem), mem.get(ids)
+    with Memory(db, model=model) as mem:
+        after = results(mem)
+        assert mem.get(ids) == items
+        assert mem.integrity_check() == "ok"
+    assert [[i for i, _ in r] for r in after] == [[i for i, _ in r] for r in before]
+    assert np.allclose([s for r in after for _, s in r], [s for r in before for _, s in r], atol=1e-6)
+
+
+def test_cache_follows_other_connections_writes(db, model):
+    a, b = Memory(db, model=model), Memory(db, model=model)
+    x = a.add("ada", "a small blue star")
+    assert [h.id for h in a.search("ada", "star", k=10)] == [x]  # vectors now cached in `a`
+    y = b.add("ada", "a large red circle")
+    assert {h.id for h in a.search("ada", "star", k=10)} == {x, y}  # data_version changed: refreshed
+    z = a.add("ada", "a green square")  # own write: appended to the cache
+    assert {h.id for h in a.search("ada", "star", k=10)} == {x, y, z}
+    assert b.delete([x]) == 1
+    assert {h.id for h in a.search("ada", "star", k=10)} == {y, z}  # a deletion elsewhere: reloaded
+    assert b.forget("ada") == 2 and a.search("ada", "star") == []
+    w = b.add("ada", mm.Image(picture(0)))
+    assert [h.id for h in a.search("ada", "star", k=10)] == [w]
+    a.close()
+    b.close()
+
+
+def test_a_file_of_another_model_is_refused_in_one_line(db, model, other_model):
+    Memory(db, model=model).close()
+    with pytest.raises(MemoryFileError) as info:
+        Memory(db, model=other_model)
+    message = str(info.value)
+    assert f"was written by model {model.fingerprint}" in message
+    assert f"this model is {other_model.fingerprint}" in message
+    assert "open it with that run, or use another memory file" in message and "\n" not in message
+    assert isinstance(info.value, UserError)
+    Memory(db).close()  # without a model: the file's own model is accepted
+
+
+def test_another_schema_version_is_refused(db, model):
+    Memory(db, model=model).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(MemoryFileError, match=f"schema version 99; this mmembed reads version {SCHEMA_VERSION}"):
+        Memory(db, model=model)
+
+
+def test_files_that_are_not_memory_files_are_refused(tmp_path, model):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all " * 200)
+    with pytest.raises(MemoryFileError, match=r"junk.db is not an mmembed memory file \(not an SQLite database\)$"):
+        Memory(junk, model=model)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    with pytest.raises(MemoryFileError, match="an SQLite database but not an mmembed memory file"):
+        Memory(other)
+    with pytest.raises(MemoryFileError, match="is a folder"):
+        Memory(tmp_path)
+    with pytest.raises(MemoryFileError, match="does not exist"):
+        Memory(tmp_path / "no" / "memory.db")
+
+
+def test_a_corrupt_file_is_one_clear_error(db, model):
+    with Memory(db, model=model) as mem:
+        mem.add_many("ada", [f"item {i}" for i in range(200)])
+    data = bytearray(db.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the schema page
+    db.write_bytes(bytes(data))
+    with pytest.raises(MemoryFileError, match="corrupt|not an mmembed memory file") as info:
+        Memory(db, model=model)
+    assert "\n" not in str(info.value)
+
+
+def test_export_round_trip(db, model, tmp_path):
+    with Memory(db, model=model) as mem:
+        ids = fill(mem)
+        manifest_path = mem.export(tmp_path / "out")
+        stored = {h.id: h for h in mem.get(ids)}
+        with pytest.raises(UserError, match="not empty"):
+            mem.export(tmp_path / "out")
+        with pytest.raises(UserError, match="nothing to export: memory.db holds no items of user 'carol'"):
+            mem.export(tmp_path / "carol", user="carol")
+        ada_only = mem.export(tmp_path / "ada", user="ada")
+        manifest = read_manifest(manifest_path, strict=True)
+        assert [r.meta["id"] for r in manifest] == ids and len(read_manifest(ada_only)) == len(ids) - 1
+        for row in manifest:
+            hit = stored[row.meta["id"]]
+            assert {k: row.meta[k] for k in ("user", "session", "turn", "role", "time", "modality", "meta")} == \
+                {"user": hit.user, "session": hit.session, "turn": hit.turn, "role": hit.role, "time": hit.time,
+                 "modality": str(hit.modality), "meta": hit.meta}
+            assert row.items.get(Modality.TEXT) == hit.text
+            if hit.media is not None:
+                assert row.items[hit.modality].read_bytes() == hit.media
+            else:
+                assert set(row.items) == {Modality.TEXT}
+        # an exported file embeds to the stored vector
+        image_row = next(r for r in manifest if Modality.IMAGE in r.items)
+        top = mem.search("ada", mm.Image(image_row.items[Modality.IMAGE]), k=1)[0]
+        assert top.id == image_row.meta["id"] and top.score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(UserError, match="is a file"):
+        Memory(db).export(manifest_path)
+
+
+def _child(mem: Memory, queue) -> None:
+    torch.set_num_threads(1)
+    try:
+        parent_conn = mem._store._conn
+        own = mem._store.conn
+        new = mem.add("ada", "written by the child")
+        hits = mem.search("ada", "written by the child", k=10)
+        queue.put(("ok", own is not parent_conn, new, [h.id for h in hits], mem.count("ada")))
+    except BaseException as e:  # noqa: BLE001 - report anything to the parent
+        queue.put(("error", repr(e)))
+
+
+def test_a_forked_child_opens_its_own_connection(db, model):
+    mem = Memory(db, model=model)
+    first = mem.add("ada", "written by the parent")
+    assert [h.id for h in mem.search("ada", "parent", k=10)] == [first]  # connection and cache in use
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(mem, queue))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    result = queue.get(timeout=5)
+    assert result[0] == "ok", result
+    _, new_connection, new, seen, count = result
+    assert new_connection and seen[0] == new and set(seen) == {first, new} and count == 2
+    assert {h.id for h in mem.search("ada", "child", k=10)} == {first, new}  # the parent sees the child's write
+    assert mem.add("ada", "parent again") == new + 1 and mem.integrity_check() == "ok"
+    mem.close()
+
+
+def test_writers_on_separate_connections_queue_instead_of_failing(db, model):
+    """Two connections writing at once contend for SQLite's write lock: BEGIN IMMEDIATE plus the
+    busy timeout make the second wait (sqlite releases the GIL, so the threads truly overlap)."""
+    import threading
+
+    errors: list[BaseException] = []
+    ids: list[int] = []
+
+    def write(name: str) -> None:
+        try:
+            with Memory(db, model=model) as mem:
+                for i in range(40):
+                    ids.extend(mem.add_many("ada", [f"{name} {i} {j}" for j in range(4)]))
+                    mem.search("ada", torch.ones(32), k=3)
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    Memory(db, model=model).close()
+    threads = [threading.Thread(target=write, args=(f"writer{t}",)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    with Memory(db) as mem:
+        assert sorted(ids) == list(range(1, 481)) and mem.count("ada") == 480
+
+
+def test_bench_memory_runs_at_a_tiny_size():
+    from benchmarks.bench_memory import run
+
+    report = run(sizes=(300,))
+    insert, query = report["results"]
+    assert insert["id"] == "B-memory insert N=300" and insert["unit"] == "items/s" and insert["ratio"] > 0
+    assert query["id"] == "B-memory query N=300 k=10" and query["backend"] == "exact"
+    assert {"first_query_ms", "filtered_query_ms", "query_after_other_write_ms", "meets_goal"} <= set(query)
