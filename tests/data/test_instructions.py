@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mmembed.data.synth import TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group
+from mmembed.data.synth.dialogues import ASK, SHOW
 from mmembed.data.synth.generate import manifest_row
 from mmembed.data.synth.instructions import TEMPLATES, TEXT_TEMPLATES, instruction_rows
 from mmembed.data.synth.rules import COLOURS
@@ -80,6 +81,8 @@ def test_every_split_has_rows_in_the_documented_format(world, rows, scenes):
 
 def test_text_segments_carry_the_spaces_around_media(rows):
     for r in _all(rows):
+        if r["task"] == "recall":  # a dialogue keeps each turn's words, items and answers apart, as a Session does
+            continue
         prompt = r["prompt"]
         assert isinstance(prompt[0], dict) or not prompt[0][0].isspace()
         assert isinstance(prompt[-1], dict) or not prompt[-1][-1].isspace()
@@ -116,8 +119,8 @@ def test_a_scenes_own_rows_do_not_depend_on_n():
     small, large = _instructions(40), _instructions(80)
     assert len(small) == 32 and set(small) <= set(large)
     for sid, got in small.items():
-        own = [r for r in got if task_group(r["task"]) != "compare"]
-        assert own == [r for r in large[sid] if task_group(r["task"]) != "compare"], sid
+        own = [r for r in got if task_group(r["task"]) not in ("compare", "memory")]  # partners depend on n
+        assert own == [r for r in large[sid] if task_group(r["task"]) not in ("compare", "memory")], sid
 
 
 # ---------------------------------------------------------------- what the rows hold
@@ -132,9 +135,11 @@ def test_every_task_appears_and_rows_per_scene_follow_the_recipe(rows):
         assert counts[("describe", "image")] == counts[("describe", "audio")] == 1
         assert counts[("attribute", "image")] == counts[("attribute", "audio")] == 2
         assert counts[("compare", "image")] + counts[("compare", "audio")] == 2
+        assert counts[("memory", "image")] + counts[("memory", "audio")] <= 1
     mean = np.mean([sum(c.values()) for c in per_scene.values()])
     texts = np.mean([c[("describe", "text")] for c in per_scene.values()])
-    assert 8.0 < mean < 10.0 and 0.3 < texts < 0.7
+    memory = np.mean([c[("memory", "image")] + c[("memory", "audio")] for c in per_scene.values()])
+    assert 8.5 < mean < 11.0 and 0.3 < texts < 0.7 and memory > 0.7
 
 
 def test_media_belong_to_the_scenes_listed(world, rows, scenes):
@@ -172,6 +177,15 @@ def _expected(r: dict, scenes: dict) -> str:
         if image.size == audio.size:
             return "equal"
         return "the picture" if image.size == "large" else "the sound"
+    if task == "recall":  # the question names one object among everything shown, and asks another attribute
+        question = r["prompt"][-1]
+        task = "colour" if "colour" in question else "shape"
+        ref = dict(mentions(question))
+        assert task not in ref, r
+        shown = [o for k in range(len(r["objects"])) for o in _objects(r, k)]
+        matches = [o for o in shown if all(getattr(o, a) == v for a, v in ref.items())]
+        assert len(matches) == 1, r
+        return getattr(matches[0], task)
     ref = dict(mentions(_text(r)))
     assert task not in ref, r  # the reference never names the asked attribute
     matches = [o for o in objects if all(getattr(o, a) == v for a, v in ref.items())]
@@ -203,11 +217,13 @@ def test_questions_never_contain_their_answer(rows):
             assert r["task"] not in {a for a, _ in mentions(_text(r))}, r["prompt"]
         if task_group(r["task"]) == "attribute":
             assert r["answer"] not in _words(_text(r)), r["prompt"]
+        if r["task"] == "recall":  # the question itself; earlier answers in the dialogue may say it
+            assert r["answer"] not in _words(r["prompt"][-1]), r["prompt"]
 
 
 def test_at_least_ten_phrasings_per_task():
-    assert set(TEMPLATES) == set(TASKS)
-    for task, templates in TEMPLATES.items():
+    assert set(TEMPLATES) == set(TASKS) - {"recall"}
+    for task, templates in [*TEMPLATES.items(), *SHOW.items(), *ASK.items()]:
         assert len(set(templates)) >= 10, task
     assert len(set(TEXT_TEMPLATES)) >= 10
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption
+from mmembed.data.synth.dialogues import recall_item
 from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
 from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
 from mmembed.data.synth.world import Scene, SceneObject, rng_for
@@ -42,6 +43,7 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "describe": ("describe", "describe_both"),
     "attribute": ("count", "exists", "colour", "shape", "size", "position"),
     "compare": ("same_colour", "same_shape", "larger"),
+    "memory": ("recall",),  # dialogues.py: a question about something shown turns earlier
 }
 TASKS = tuple(task for tasks in TASK_GROUPS.values() for task in tasks)
 LARGER_ANSWERS = ("the picture", "the sound", "equal")  # larger object in the image, the audio, neither
@@ -314,7 +316,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
 def instruction_rows(
     scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int
 ) -> list[dict[str, Any]]:
-    """The instruction rows of one split, about 9 per scene, in scene order.
+    """The instruction rows of one split, about 10 per scene, in scene order.
 
     Args:
         scenes: the split's scenes.
@@ -333,6 +335,9 @@ def instruction_rows(
             items += _attribute_items(split, i, modality, rng)
         if len(split.scenes) > 1:
             items += [_comparison_item(split, i, rng) for _ in range(2)]
+        recall = recall_item(split.scenes, split.rows, i, rng)
+        if recall is not None:
+            items.append(("recall", *recall))
         for k, (task, prompt, answer, members) in enumerate(items):
             rows.append(
                 {
@@ -348,7 +353,7 @@ def instruction_rows(
 
 
 def task_group(task: str) -> str:
-    """The group ('describe', 'attribute' or 'compare') a task belongs to.
+    """The group ('describe', 'attribute', 'compare' or 'memory') a task belongs to.
 
     Raises:
         ValueError: for an unknown task; the message lists the valid ones.

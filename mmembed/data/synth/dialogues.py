@@ -1,0 +1,106 @@
+"""Memory dialogues: earlier turns show pictures and sounds, a later question asks about one of them.
+
+The prompt is laid out exactly as a `Session` lays out what the decoder sees, so the decoder
+learns to answer from memories the way the session will hand them over:
+
+    recalled items (bare media, oldest first)                         {image} {audio}
+    earlier turns of the conversation: words, media, the answer       "Remember this picture. " {image} " a small red star on the left"
+    the question, naming one shown object by another attribute        "What colour was the star?"   → "red"
+
+A turn's answer is the canonical description of what it showed (what the decoder says when it
+is shown something). The asked object is named by a description that no other object shown
+in the dialogue matches, and never by the asked attribute itself. Text segments stay apart
+(each is tokenised on its own), as the session hands over each turn's words and answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mmembed.data.synth.captions import canonical_caption
+from mmembed.data.synth.questions import reference
+from mmembed.data.synth.world import Scene, SceneObject
+
+SHOW = {
+    "image": ("Remember this picture.", "Look at this.", "Here is a picture.", "Keep this image in mind.",
+              "I am showing you a photo.", "Take a look at this picture.", "See this?", "This is my picture.",
+              "Please remember this image.", "Here is something to look at.", "Note this picture."),
+    "audio": ("Remember this sound.", "Listen to this.", "Here is a sound.", "Keep this recording in mind.",
+              "I am playing you a sound.", "Take a listen.", "Hear this?", "This is my recording.",
+              "Please remember this sound.", "Here is something to listen to.", "Note this audio clip."),
+}
+ASK = {
+    "colour": ("What colour was the {ref}?", "Which colour did the {ref} have?", "What colour was the {ref} I showed you?",
+               "Do you remember the colour of the {ref}?", "The {ref} from before: what colour was it?",
+               "Earlier I showed you the {ref}. What colour was it?", "Tell me the colour of the {ref} you saw earlier.",
+               "What was the colour of the {ref}?", "Remind me: what colour was the {ref}?",
+               "Which colour was the {ref} in what I showed you?", "Recall the {ref}. What colour was it?"),
+    "shape": ("What shape was the {ref}?", "Which shape did the {ref} have?", "What shape was the {ref} I showed you?",
+              "Do you remember the shape of the {ref}?", "The {ref} from before: what shape was it?",
+              "Earlier I showed you the {ref}. What shape was it?", "Tell me the shape of the {ref} you saw earlier.",
+              "What was the shape of the {ref}?", "Remind me: what shape was the {ref}?",
+              "Which shape was the {ref} in what I showed you?", "Recall the {ref}. What shape was it?"),
+}
+MAX_SHOWN = 3  # media items per dialogue; with their answers they fit a 128-token context
+
+
+def _pick(rng: np.random.Generator, options: Sequence) -> object:
+    return options[int(rng.integers(len(options)))]
+
+
+def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor: int,
+                rng: np.random.Generator) -> tuple[list, str, list[Scene]] | None:
+    """One memory dialogue about an object of scene `anchor`, with up to two other scenes shown.
+
+    Args:
+        scenes: the split's scenes; `media[i]` maps "image"/"audio" to scene i's paths.
+        anchor: the scene the question is about.
+
+    Returns:
+        (prompt segments, answer, the scene of each media item in prompt order), or None when no
+        object of the anchor can be named uniquely among everything shown.
+    """
+    shown = [anchor] + [int(j) for j in rng.choice(len(scenes), size=int(rng.integers(0, MAX_SHOWN)))]
+    shown = list(dict.fromkeys(shown))  # no scene twice
+    rng.shuffle(shown)
+    objects = tuple(o for j in shown for o in scenes[j].objects)
+    attr = _pick(rng, ("colour", "shape"))
+    candidates = [o for o in scenes[anchor].objects if reference(o, objects, attr, rng) is not None]
+    if not candidates:
+        return None
+    target: SceneObject = _pick(rng, candidates)
+    question = _pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng))
+    recalled = [rng.random() < 0.5 for _ in shown]  # bare, first: as a session recalls them
+    bare: list = []
+    turns: list = []
+    for j, is_recalled in zip(shown, recalled):
+        modality = _pick(rng, ("image", "audio"))
+        item = {modality: media[j][modality]}
+        if is_recalled:
+            bare.append(item)
+        else:
+            turns += [_pick(rng, SHOW[modality]), item, canonical_caption(scenes[j].objects)]
+    prompt = bare + turns + [question]
+    order = [scenes[j] for j, r in zip(shown, recalled) if r] + [scenes[j] for j, r in zip(shown, recalled) if not r]
+    return prompt, getattr(target, attr), order
+
+
+
+def memory_probe(objects: tuple[SceneObject, ...], media: dict[str, str],
+                 rng: np.random.Generator) -> dict[str, str] | None:
+    """One show-then-ask pair about a scene's `objects`: {"show", "modality", "path", "question", "answer"}.
+
+    The show turn is one picture or sound with words; the later question names one of its
+    objects by a description that excludes the asked attribute. None when no object can be named.
+    """
+    modality = _pick(rng, ("image", "audio"))
+    attr = _pick(rng, ("colour", "shape"))
+    candidates = [o for o in objects if reference(o, objects, attr, rng) is not None]
+    if not candidates:
+        return None
+    target: SceneObject = _pick(rng, candidates)
+    return {"show": _pick(rng, SHOW[modality]), "modality": modality, "path": media[modality],
+            "question": _pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng)),
+            "answer": getattr(target, attr)}
