@@ -4,6 +4,8 @@
     model = mm.load("runs/demo")
     z = model.embed("image", ["cat.png"])          # (N, D) unit vectors
     out = model.generate(["What is in", mm.Image("cat.png"), "?"])   # a run with a decoder
+    with mm.Session(model, memory="memory.db", user="ada") as chat:  # remembers across processes
+        chat.ask("What colour was the star I showed you?")
 
 Heavy modules (torch, encoders) load on first use, so `mmembed --help` stays instant.
 """
@@ -31,8 +33,10 @@ _LAZY = {
     "Audio": ("mmembed.decoder.prompt", "Audio"),
     "Text": ("mmembed.decoder.prompt", "Text"),
     "Generation": ("mmembed.decoder.generate", "Generation"),
+    "Memory": ("mmembed.memory", "Memory"),
+    "Session": ("mmembed.memory", "Session"),
 }
-_SUBPACKAGES = ("decoder",)
+_SUBPACKAGES = ("decoder", "memory")
 
 __all__ = ["Modality", "__version__", *_LAZY, *_SUBPACKAGES]
 

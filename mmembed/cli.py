@@ -117,8 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help="print text, token ids, log-probs and entropies as JSON")
 
-    for name, text in [("chat", "a conversation with persistent multimodal memory"),
-                       ("scale", "scaling-law sweeps and power-law fits")]:
+    p = _add(sub, "chat", "a conversation with persistent multimodal memory", _chat)
+    p.add_argument("run", help="run directory with a decoder stage")
+    p.add_argument("--memory", required=True, help="the memory file (SQLite; created when absent)")
+    p.add_argument("--user", required=True, help="whose memory: recall never reads another user's items")
+    p.add_argument("--session", default=None, help="conversation to continue or start (default: the latest)")
+    p.add_argument("--new", action="store_true", help="start a new conversation")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+
+    for name, text in [("scale", "scaling-law sweeps and power-law fits")]:
         p = _add(sub, name, text, _not_yet)
         p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     return parser
@@ -238,9 +246,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    import mmembed as mm
+    from mmembed.memory.chat import run_chat
+
+    model = mm.load(args.run)
+    with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
+        print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
+        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "",
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
 def _not_yet(args: argparse.Namespace) -> int:
-    print(f"mmembed {args.command}: not available yet — it arrives with the memory/scaling issues; today "
-          "mmembed trains, evaluates, searches and generates.", file=sys.stderr)
+    print(f"mmembed {args.command}: not available yet — it arrives with the scaling issue; today "
+          "mmembed trains, evaluates, searches, generates and chats with memory.", file=sys.stderr)
     return EXIT_USAGE
 
 

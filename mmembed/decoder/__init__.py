@@ -17,16 +17,18 @@ from mmembed.decoder.builder import (DECODER_DIR, DECODER_TOKENIZER, DECODER_WEI
 from mmembed.decoder.fusion import MultimodalLM, Projector, answer_logits
 from mmembed.decoder.generate import Generation, Stops, decode_steps, generate, stream
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_tokenizer, load_gpt2
-from mmembed.decoder.kv_cache import KVCache
+from mmembed.decoder.kv_cache import KVCache, RollingKVCache
 from mmembed.decoder.model import Decoder
-from mmembed.decoder.prompt import (MEDIA, Audio, Image, Media, Prompt, PromptFormat, Resolved, Slot, Text,
+from mmembed.decoder.prompt import (MEDIA, Audio, Embedded, Image, Media, Prompt, PromptFormat, Resolved, Slot, Text,
                                     is_batch, parse_inline, resolve_prompts)
 from mmembed.decoder.sampling import Choice, Sampling, choose
 
 __all__ = [
-    "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Choice", "Decoder", "Generation",
+    "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Choice", "Decoder", "Embedded",
+    "Generation",
     "Image", "KVCache", "Media", "MultimodalLM", "PretrainedTokenizer", "Projector", "Prompt", "PromptFormat",
-    "PromptModel", "Resolved", "Sampling", "Slot", "Stops", "Text", "answer_logits", "build_prompt_model",
+    "PromptModel", "Resolved", "RollingKVCache", "Sampling", "Slot", "Stops", "Text", "answer_logits",
+    "build_prompt_model",
     "choose", "decode_steps", "decoder_tokenizer", "generate", "gpt2_tokenizer", "is_batch", "load_gpt2",
     "load_prompt_model", "parse_inline", "resolve_prompts", "save_prompt_model", "stream", "with_gpt2_architecture",
 ]

@@ -45,6 +45,8 @@ class Generation:
         finish_reason: "eos", "stop" (a stop string or id), or "length" (max_new_tokens or the
             end of the context).
         prompt_tokens: ids in the prompt (soft tokens and markers included).
+        recalled: the memories a `Session` showed the decoder for this answer, best first
+            (`MemoryHit`s with scores); empty outside a session.
     """
 
     text: str
@@ -53,6 +55,7 @@ class Generation:
     entropy: list[float] = field(default_factory=list)
     finish_reason: str = "length"
     prompt_tokens: int = 0
+    recalled: list = field(default_factory=list)
 
     @property
     def mean_entropy(self) -> float:

@@ -6,6 +6,7 @@ A prompt is a `str`, or a sequence of segments in any order:
     Image(path | PIL | array) a picture       ─┐
     Audio(path | (wave, sr))  a sound          ├─ embedded by the model's tower → one vector
     Text("a caption")         a caption        ─┘  (through the text tower, not tokenised)
+    Embedded(z, modality)     an item already embedded (a recalled memory): its modality's markers
     Tensor (D,)               a shared-space vector from anywhere (an index, a composed query)
 
 Layout of the ids (`PromptFormat.encode`):
@@ -71,7 +72,24 @@ class Text(Media):
 MEDIA: dict[Modality, type[Media]] = {cls.modality: cls for cls in (Image, Audio, Text)}
 
 
-Segment = Union[str, Media, Tensor]
+class Embedded:
+    """A media item given by its shared-space vector: it reads as the item itself would (inside
+    its modality's markers) without going through a tower again. A memory recalled from a store
+    comes back this way; a bare tensor segment is marked `<vector>` instead.
+
+    Args:
+        vector: (D,) the item's embedding.
+        modality: the modality the vector came from.
+    """
+
+    def __init__(self, vector: Tensor, modality: Modality | str) -> None:
+        self.vector, self.modality = vector, Modality.parse(modality)
+
+    def __repr__(self) -> str:
+        return f"Embedded({self.modality}, dim={tuple(self.vector.shape)})"
+
+
+Segment = Union[str, Media, Embedded, Tensor]
 Prompt = Union[str, Sequence[Segment]]
 
 
@@ -193,12 +211,15 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
                 pending.setdefault(seg.modality, []).append((p, len(own_slots), where, seg.item))
                 own_parts.append(Slot(seg.modality.value))
                 own_slots.append(None)
+            elif isinstance(seg, Embedded):
+                own_parts.append(Slot(seg.modality.value))
+                own_slots.append(_check_vector(seg.vector, dim, device, where))
             elif isinstance(seg, Tensor):
                 own_parts.append(Slot(VECTOR))
                 own_slots.append(_check_vector(seg, dim, device, where))
             else:
                 raise BadInput(f"{where}: unsupported type {type(seg).__name__} (use str, mm.Image, mm.Audio, "
-                               "mm.Text or a 1-D torch tensor)")
+                               "mm.Text, mm.decoder.Embedded or a 1-D torch tensor)")
         if not any(isinstance(x, Slot) or x.strip() for x in own_parts):
             raise BadInput(f"{'prompt ' + str(p) if many else 'prompt'} is empty: give text or media")
         parts.append(own_parts)

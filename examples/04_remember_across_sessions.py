@@ -1,0 +1,67 @@
+"""A conversation that outlives its process: show a picture and a sound, exit, ask about them later.
+
+    python examples/04_remember_across_sessions.py [RUN_DIR]
+
+RUN_DIR defaults to runs/demo (what `mmembed demo` writes); it needs a decoder stage (see
+example 03, which trains a small one when there is none). The script runs three processes on
+one memory file: the first shows the memories, the second asks about them, the third reads the
+file on its own (no model) and exports it as a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mmembed as mm
+
+args = sys.argv[1:]
+part = args[args.index("--part") + 1] if "--part" in args else None  # set in the child processes
+args = args[: args.index("--part")] if part else args
+run = Path(args[0] if args else "runs/demo")
+
+
+def show(memory: str) -> None:
+    """Process 1: show a picture and a sound, then exit."""
+    model = mm.load(run)
+    world = Path(model.config.data.root)
+    scenes = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    star = next(s for s in scenes if len(s["objects"]) == 1 and s["objects"][0]["shape"] == "star")
+    bell = next(s for s in scenes if len(s["objects"]) == 1 and s["objects"][0]["shape"] == "circle")
+    with mm.Session(model, memory=memory, user="ada", new=True) as chat:
+        for words, item, truth in [("Remember this picture.", mm.Image(world / star["image"]), star["text"]),
+                                   ("And this sound.", mm.Audio(world / bell["audio"]), bell["text"])]:
+            answer = chat.ask([words, item], max_new_tokens=24)
+            print(f"[process 1] {words:24} (truth: {truth}) → {answer.text}")
+
+
+def ask(memory: str) -> None:
+    """Process 2: a new process, the same file: the conversation continues."""
+    with mm.Session(mm.load(run), memory=memory, user="ada") as chat:
+        for question in ["What colour was the star?", "What shape was the thing you heard?"]:
+            answer = chat.ask(question, max_new_tokens=8)
+            recalled = ", ".join(f"#{h.id} {h.modality} {h.score:.2f}" for h in answer.recalled)
+            print(f"[process 2] {question:36} → {answer.text:10} recalled: {recalled}")
+
+
+def export(memory: str) -> None:
+    """Process 3: the store on its own (no model): what it holds, exported as a manifest."""
+    with mm.Memory(memory) as mem:
+        for h in mem.recent("ada", limit=20):
+            print(f"[process 3] turn {h.turn} {h.role:9} {h.modality:5} {h.text or ''}")
+        manifest = mem.export(Path(memory).with_suffix(".export"), user="ada")
+        print(f"[process 3] exported {mem.count('ada')} items to {manifest}")
+
+
+if __name__ == "__main__":
+    if part:
+        name, memory = part.split(":", 1)
+        {"show": show, "ask": ask, "export": export}[name](memory)
+        sys.exit(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = str(Path(tmp) / "memory.db")
+        for part in ("show", "ask", "export"):  # three separate processes, one memory file
+            subprocess.run([sys.executable, __file__, str(run), "--part", f"{part}:{memory}"], check=True)

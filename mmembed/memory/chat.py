@@ -1,0 +1,58 @@
+"""The `mmembed chat` loop: lines in, answers out, every turn through a `Session`.
+
+    > What colour is <image:star.png>?
+    red
+      recalled: #12 image 0.81 · #15 text 0.44 "a red star"
+    > /history    this session's turns        /forget    delete everything this user remembers
+    > /quit       leave (the memory keeps the conversation; the next chat continues it)
+
+Inline media (`<image:path>`, `<audio:path>`) resolve against the working directory; a missing
+file, an unreadable one or an over-long prompt is one line and the chat goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from mmembed.decoder.prompt import parse_inline
+from mmembed.errors import UserError
+from mmembed.memory.session import Session
+from mmembed.memory.records import MemoryHit
+
+HELP = "commands: /history, /forget, /quit; media inline as <image:path> or <audio:path>"
+
+
+def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", **generate: Any) -> int:
+    """Answer every line of `lines` until `/quit` or the end of input; returns the turns answered."""
+    answered = 0
+    out.write(f"{HELP}\n{prompt}")
+    out.flush()
+    for line in lines:
+        line = line.strip()
+        if line == "/quit":
+            break
+        try:
+            if line == "/history":
+                for h in session.history():
+                    out.write(f"  {_describe(h)}\n")
+            elif line == "/forget":
+                out.write(f"forgot {session.forget()} item(s)\n")
+            elif line:
+                answer = session.ask(parse_inline(line), **generate)
+                answered += 1
+                out.write(f"{answer.text}\n")
+                if answer.recalled:
+                    out.write("  recalled: " + " · ".join(_describe(h) for h in answer.recalled) + "\n")
+        except UserError as e:  # a bad turn is one line; the conversation goes on
+            out.write(f"error: {e}\n")
+        out.write(prompt)
+        out.flush()
+    out.write("\n")
+    return answered
+
+
+def _describe(h: MemoryHit) -> str:
+    score = "" if h.score is None else f" {h.score:.2f}"
+    text = f' "{h.text}"' if h.text else ""
+    return f"#{h.id} {h.role} {h.modality}{score}{text}"

@@ -1,0 +1,190 @@
+"""A conversation that remembers: each turn reads recent turns and recalled memories, then is stored.
+
+    ask(prompt) ─► store the turn's items (embedded once, by the memory's model)
+               ─► recall: the user's older items most similar to the turn (any modality), score ≥ threshold
+               ─► prompt = recalled memories + last turns of this session + this turn
+                  (every media item as its stored vector, inside its modality's markers)
+               ─► model.generate ─► store the answer ─► Generation (+ .recalled)
+
+Memories need no second pass through a tower: the store keeps each item's shared-space vector,
+and the decoder reads vectors (`Embedded`), so a sound heard in an earlier process comes back
+as the same soft tokens it gave then. A new process that opens the same file continues the
+user's latest session where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmembed.decoder.prompt import Embedded, Media, Segment
+from mmembed.errors import UserError
+from mmembed.memory.memory import Memory
+from mmembed.memory.records import MemoryHit
+from mmembed.modality import Modality
+
+ASSISTANT = "assistant"
+
+
+class Session:
+    """A chat with one user's persistent multimodal memory.
+
+    Args:
+        model: a model with a decoder stage (`mm.load(run)`).
+        memory: the memory file (created or reopened), or an open `Memory`.
+        user: whose memory; recall never reads another user's items.
+        session: the conversation to continue or start; None continues the user's latest one
+            (a new one when there is none or `new=True`).
+        history_turns: earlier turns of this session shown in full (oldest dropped first when
+            the prompt would not fit the decoder's context).
+        recall_k: older memories recalled per turn at most.
+        recall_threshold: the cosine similarity a memory needs to be recalled.
+        new: start a new session even when the user has one.
+    """
+
+    def __init__(self, model: Any, memory: str | Path | Memory, user: str, session: str | None = None, *,
+                 history_turns: int = 3, recall_k: int = 3, recall_threshold: float = 0.3, new: bool = False) -> None:
+        if getattr(model, "prompt_model", None) is None:
+            raise UserError("a Session needs a model with a decoder stage (train one with a `decoder:` section)")
+        self.model, self.user = model, user
+        self._own = not isinstance(memory, Memory)
+        self.memory = Memory(memory, model=model) if self._own else memory
+        self.history_turns, self.recall_k, self.recall_threshold = history_turns, recall_k, recall_threshold
+        names = self.memory.sessions(user)
+        if session is None:
+            session = names[-1] if names and not new else _new_session_name()
+        self.session = session
+        turns = [h.turn for h in self.memory.recent(user, session, limit=1)]
+        self.turn = (turns[-1] or 0) if turns else 0
+
+    # ---- one turn --------------------------------------------------------------------------------
+
+    def ask(self, prompt: str | Sequence[Segment], **generate: Any) -> Any:
+        """Answer one turn with what the memory holds; the turn and its answer are stored.
+
+        Args:
+            prompt: as `Model.generate` takes one prompt (text, `mm.Image`, `mm.Audio`, `mm.Text`).
+            **generate: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop`, `seed`.
+
+        Returns:
+            The `Generation`, with `recalled`: the older memories shown to the decoder, best first.
+        """
+        segments = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.turn += 1
+        history = self._history()
+        current = self._store_turn(segments)
+        recalled = self._recall(current, exclude={h.id for h in history} | {h.id for h, _ in current})
+        parts, recalled = self._fit(recalled, history, current, generate.get("max_new_tokens", 32))
+        out = self.model.generate(parts, **generate)
+        if out.text.strip():
+            self.memory.add(self.user, out.text, session=self.session, turn=self.turn, role=ASSISTANT)
+        return dataclasses.replace(out, recalled=recalled)
+
+    def _store_turn(self, segments: list[Segment]) -> list[tuple[MemoryHit, Segment]]:
+        """Store each segment of the turn; returns (stored item, segment as the decoder reads it)."""
+        stored = []
+        for seg in segments:
+            if isinstance(seg, str) and not seg.strip():
+                continue
+            if not isinstance(seg, (str, Media)):
+                raise UserError(f"a Session turn takes text and mm.Image / mm.Audio / mm.Text, "
+                                f"got {type(seg).__name__}")
+            item_id = self.memory.add(self.user, seg, session=self.session, turn=self.turn)
+            (hit,) = self.memory.get([item_id], user=self.user)
+            stored.append((hit, seg if isinstance(seg, str) else self._embedded(hit)))
+        if not stored:
+            raise UserError("the turn is empty: give text or media")
+        return stored
+
+    def _history(self) -> list[MemoryHit]:
+        """Items of this session's last `history_turns` turns before this one, oldest first."""
+        if self.history_turns < 1:
+            return []
+        items = self.memory.recent(self.user, self.session, limit=64)
+        first = self.turn - self.history_turns
+        return [h for h in items if h.turn is not None and first <= h.turn < self.turn]
+
+    def _recall(self, current: list[tuple[MemoryHit, Segment]], exclude: set[int]) -> list[MemoryHit]:
+        """The user's items most similar to any item of this turn, best first."""
+        if self.recall_k < 1:
+            return []
+        best: dict[int, MemoryHit] = {}
+        for hit, _ in current:
+            query = self.memory.vectors([hit.id], user=self.user)[0]
+            for found in self.memory.search(self.user, query, k=self.recall_k + len(exclude)):
+                if found.id in exclude or found.score < self.recall_threshold:
+                    continue
+                if found.id not in best or found.score > best[found.id].score:
+                    best[found.id] = found
+        return sorted(best.values(), key=lambda h: -h.score)[: self.recall_k]
+
+    # ---- the prompt ------------------------------------------------------------------------------
+
+    def _fit(self, recalled: list[MemoryHit], history: list[MemoryHit], current: list[tuple[MemoryHit, Segment]],
+             max_new_tokens: int) -> tuple[list[Segment], list[MemoryHit]]:
+        """The prompt, dropping the oldest history turn, then the weakest memory, until it fits the
+        decoder's context with room for `max_new_tokens` (a decoder with a sliding window has room)."""
+        pm = self.model.prompt_model
+        window = getattr(pm.config, "window", None)
+        room = None if window else pm.lm.decoder.max_len - max_new_tokens
+        turn_now = [seg for _, seg in current]
+        while True:
+            parts = self._segments(sorted(recalled, key=lambda h: h.time)) + self._segments(history) + turn_now
+            if room is None or self._tokens(parts) <= room or not (history or recalled):
+                return parts, recalled
+            if history:
+                oldest = history[0].turn
+                history = [h for h in history if h.turn != oldest]
+            else:
+                recalled = recalled[:-1]
+
+    def _segments(self, items: list[MemoryHit]) -> list[Segment]:
+        out: list[Segment] = []
+        for h in items:
+            if h.modality != Modality.TEXT:
+                out.append(self._embedded(h))
+            if h.text:
+                out.append(h.text)
+        return out
+
+    def _embedded(self, hit: MemoryHit) -> Embedded:
+        return Embedded(self.memory.vectors([hit.id], user=self.user)[0].to(self.model.device), hit.modality)
+
+    def _tokens(self, parts: list[Segment]) -> int:
+        fmt = self.model.prompt_model.fmt
+        n = 2  # <bos> … <answer>
+        for p in parts:
+            n += fmt.soft_tokens + 2 if isinstance(p, (Embedded, Media, torch.Tensor)) else len(
+                fmt.tokenizer.encode(p.strip()))
+        return n
+
+    # ---- the conversation ------------------------------------------------------------------------
+
+    def history(self, limit: int = 50) -> list[MemoryHit]:
+        """This session's last `limit` items, oldest first (the user's and the answers)."""
+        return self.memory.recent(self.user, self.session, limit=limit)
+
+    def forget(self) -> int:
+        """Delete every item of this user (all sessions); returns how many."""
+        n = self.memory.forget(self.user)
+        self.turn = 0
+        return n
+
+    def close(self) -> None:
+        if self._own:
+            self.memory.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _new_session_name() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")

@@ -1,0 +1,185 @@
+"""Session: turns stored, recalled across processes as the same vectors, scoped by user, fitted to the context."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mmembed as mm
+from mmembed.cli import main
+from mmembed.config import DecoderConfig
+from mmembed.decoder import Embedded, build_prompt_model
+from mmembed.errors import UserError
+from mmembed.memory.chat import run_chat
+from tests.memory.conftest import picture, sound, tiny_model
+
+
+def with_decoder(model, context: int = 96, **overrides):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(width=32, layers=2, heads=4, context=context, dropout=0.0, soft_tokens=2, **overrides)
+    model.config.decoder = cfg
+    model.prompt_model = build_prompt_model(cfg, model.tokenizer, model.embed_dim)
+    model.prompt_model.lm.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    return with_decoder(tiny_model(0))
+
+
+def capture(model, monkeypatch):
+    """Record the prompts the session hands to `generate`."""
+    seen = []
+    real = model.generate
+
+    def spy(prompt, **kw):
+        seen.append(prompt)
+        return real(prompt, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_a_turn_and_its_answer_are_stored_in_order(chat_model, db):
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        out = chat.ask(["Remember this picture.", mm.Image(picture(0))], max_new_tokens=4)
+        items = chat.history()
+    assert [(h.turn, h.role, str(h.modality)) for h in items][:2] == [(1, "user", "text"), (1, "user", "image")]
+    if out.text.strip():
+        assert items[-1].role == "assistant" and items[-1].text == out.text
+    assert out.recalled == []  # nothing older to recall
+
+
+def test_a_memory_comes_back_as_the_vector_the_tower_gave(chat_model, db):
+    """The injected soft tokens are the item's own: answering from memory equals answering with the item."""
+    img = picture(1)
+    with mm.Memory(db, model=chat_model) as mem:
+        item = mem.add("ada", mm.Image(img))
+        stored = mem.vectors([item], user="ada")[0]
+    direct = chat_model.embed("image", [img])[0]
+    assert torch.allclose(stored, direct, atol=1e-6)
+    a = chat_model.generate([Embedded(stored, "image"), "What colour is it?"], max_new_tokens=6)
+    b = chat_model.generate([mm.Image(img), "What colour is it?"], max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+
+
+def test_a_new_process_continues_the_conversation(chat_model, db, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    chat_model.save(run)
+    script = textwrap.dedent(f"""
+        import mmembed as mm
+        from tests.memory.conftest import picture
+        model = mm.load({str(run)!r})
+        with mm.Session(model, memory={str(db)!r}, user="ada") as chat:
+            chat.ask(["Remember this.", mm.Image(picture(2))], max_new_tokens=3)
+            print(chat.session)
+    """)
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    model = mm.load(run)
+    seen = capture(model, monkeypatch)
+    with mm.Session(model, memory=db, user="ada") as chat:
+        assert chat.session == first.stdout.strip().splitlines()[-1]
+        chat.ask("What colour was it?", max_new_tokens=3)
+        assert chat.turn == 2
+    image = model.embed("image", [picture(2)])[0]
+    shown = [s for s in seen[0] if isinstance(s, Embedded)]
+    assert len(shown) == 1 and torch.allclose(shown[0].vector.cpu(), image, atol=1e-6)
+    assert seen[0][-1] == "What colour was it?"
+
+
+def test_recall_finds_older_sessions_and_never_another_users(chat_model, db, monkeypatch):
+    with mm.Memory(db, model=chat_model) as mem:
+        mem.add("ada", mm.Audio(sound(3)), session="old")
+        mem.add("bob", mm.Audio(sound(3)), session="old")  # the same sound, another user
+    seen = capture(chat_model, monkeypatch)
+    with mm.Session(chat_model, memory=db, user="ada", new=True, recall_threshold=0.99) as chat:
+        out = chat.ask(["Have you heard", mm.Audio(sound(3)), "before?"], max_new_tokens=3)
+    assert [(h.user, h.session) for h in out.recalled] == [("ada", "old")]
+    assert out.recalled[0].score == pytest.approx(1.0, abs=1e-5)
+    assert sum(isinstance(s, Embedded) for s in seen[0]) == 2  # the recalled sound, then this turn's
+
+
+def test_below_the_threshold_nothing_is_recalled(chat_model, db):
+    with mm.Memory(db, model=chat_model) as mem:
+        mem.add("ada", mm.Image(picture(4)), session="old")
+    with mm.Session(chat_model, memory=db, user="ada", new=True, recall_threshold=1.01) as chat:
+        assert chat.ask("anything?", max_new_tokens=2).recalled == []
+
+
+def test_the_prompt_is_cut_to_the_context_oldest_turn_first(db, monkeypatch):
+    model = with_decoder(tiny_model(0), context=24)  # soft_tokens 2: an item takes 4 ids, 20 fit
+    seen = capture(model, monkeypatch)
+    with mm.Session(model, memory=db, user="ada", history_turns=8, recall_k=0) as chat:
+        for seed in range(6):
+            chat.ask([mm.Image(picture(10 + seed))], max_new_tokens=4)
+    fmt = model.prompt_model.fmt
+    for prompt in seen:
+        n = 2 + sum(fmt.soft_tokens + 2 if isinstance(s, Embedded) else len(fmt.tokenizer.encode(s)) for s in prompt)
+        assert n <= 40 - 4
+    last = [s for s in seen[-1] if isinstance(s, Embedded)]
+    newest = model.embed("image", [picture(15)])[0]
+    assert torch.allclose(last[-1].vector.cpu(), newest, atol=1e-6)  # this turn's item always stays
+    assert len(last) < 6  # older turns were dropped to fit
+
+
+def test_a_run_without_decoder_is_refused(db):
+    with pytest.raises(UserError, match="decoder"):
+        mm.Session(tiny_model(0), memory=db, user="ada")
+
+
+def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_path):
+    out = io.StringIO()
+    lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/history", "/quit", "never read"]
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        answered = run_chat(chat, lines, out, max_new_tokens=3)
+    text = out.getvalue()
+    assert answered == 1
+    assert "error: prompt names a missing image file" in text
+    assert '#1 user text "hello"' in text
+
+
+def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    chat_model.save(run)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi there\n/forget\n"))
+    assert main(["chat", str(run), "--memory", str(db), "--user", "ada", "--max-new-tokens", "3"]) == 0
+    assert "forgot" in capsys.readouterr().out
+    with mm.Memory(db) as mem:
+        assert mem.count("ada") == 0
+
+
+def test_a_conversation_is_laid_out_as_the_memory_dialogues_the_decoder_trains_on(chat_model, db, monkeypatch):
+    """Session prompt: recalled items bare, then each earlier turn's words, items and answer, then the
+    question — the layout of the synthetic world's `recall` rows (data/synth/dialogues.py)."""
+    import numpy as np
+
+    from mmembed.data.synth.dialogues import recall_item
+    from mmembed.data.synth.world import sample_world
+    from mmembed.decoder import Generation
+
+    seen = []
+    monkeypatch.setattr(chat_model, "generate", lambda prompt, **kw: seen.append(prompt) or Generation("a red star"))
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask(["Remember this picture.", mm.Image(picture(20))])
+        chat.ask("What colour was the star?")
+    kinds = ["media" if isinstance(s, Embedded) else s for s in seen[1]]
+    assert kinds == ["Remember this picture.", "media", "a red star", "What colour was the star?"]
+
+    scenes = sample_world(0, 40, 0, (0.8, 0.1, 0.1), [])
+    media = [{"image": f"{s.id}.png", "audio": f"{s.id}.wav"} for s in scenes]
+    layouts = set()
+    for i in range(40):
+        item = recall_item(scenes, media, i, np.random.default_rng(i))
+        if item is not None:
+            kinds = tuple("media" if isinstance(s, dict) else "text" for s in item[0])
+            bare = kinds.index("text")
+            assert all(x == "media" for x in kinds[:bare])  # recalled items first, bare
+            assert kinds[bare:-1] == ("text", "media", "text") * ((len(kinds) - bare - 1) // 3)  # turns
+            layouts.add(kinds)
+    assert ("text", "media", "text", "text") in layouts  # the conversation above
