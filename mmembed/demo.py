@@ -3,7 +3,9 @@
     synthesise world ─► train shared space (joint) ─► bind audio to a frozen image–text space
                      ─► recall on test and held-out combinations
                      ─► train the decoder on the space (and a second one on image prompts only)
-                     ─► answer test and held-out prompts ─► runs/demo/report.md
+                     ─► answer test and held-out prompts
+                     ─► memory: show in one process, ask in the next (and without memory)
+                     ─► runs/demo/report.md
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from mmembed.checkpoint import atomic_write_json
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
+from mmembed.demo_memory import cross_process_recall, memory_lines
 from mmembed.demo_prompting import prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.evaluate import format_table, pairwise_report
@@ -61,7 +64,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     grid = retrieval_grid(root / config.data.test, gallery, run_dir / "retrieval.png")
     timings["retrieval section"] = time.monotonic() - t2
 
-    prompts = None
+    prompts = memory = None
     if config.decoder is not None:
         t3 = time.monotonic()
         train_decoder(config)
@@ -70,11 +73,15 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
         t4 = time.monotonic()
         prompts = prompting(Model.load(run_dir), Model.load(transfer_dir), root)
         timings["prompting evaluation"] = time.monotonic() - t4
+        t5 = time.monotonic()
+        memory = cross_process_recall(run_dir, root, n=100)
+        timings["memory across processes"] = time.monotonic() - t5
     timings["total"] = time.monotonic() - t0
     atomic_write_json(run_dir / "demo.json", {"timings_s": timings, "test": sections["test"], "composed": composed,
                                               "heldout": sections.get("held-out attribute combinations"),
-                                              "bound_audio": bound, "prompting": prompts})
-    return _write_report(run_dir, sections, bound, timings, figure, composed, grid, prompts, timings["total"])
+                                              "bound_audio": bound, "prompting": prompts, "memory": memory})
+    return _write_report(run_dir, sections, bound, timings, figure, composed, grid, prompts, memory,
+                         timings["total"])
 
 
 def _embed(model: Model, manifest: Path) -> tuple[dict, dict]:
@@ -152,7 +159,7 @@ def _mpl_colour(name: str) -> str:
 
 
 def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: dict, figure: Path | None,
-                  composed: dict, grid: Path, prompts: dict | None, total: float) -> Path:
+                  composed: dict, grid: Path, prompts: dict | None, memory: dict | None, total: float) -> Path:
     lines = ["# mmembed demo report", "",
              f"Run: `{run_dir}`; total time {total / 60:.1f} min.", "",
              "Top-1 is correct when the retrieved item describes exactly the same scene (same objects, "
@@ -180,6 +187,8 @@ def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: di
     if prompts is not None:
         lines += report_lines(prompts)
         lines += ["Decoder training curves:", "", "![decoder curves](decoder/curves.png)", ""]
+    if memory is not None:
+        lines += memory_lines(memory)
     lines += ["## Curves", "", "![curves](curves.png)", ""]
     if figure is not None:
         lines += ["## Embedding map", "", f"![map]({figure.name})", ""]

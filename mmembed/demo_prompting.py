@@ -38,6 +38,8 @@ def row_group(row: InstructionRow) -> str:
         return "description from an image and its sound"
     if group == "attribute":
         return f"attribute question ({mods[0]})"
+    if group == "memory":
+        return "question about an earlier turn (memory dialogue)"
     return "two-item comparison (image + sound)"
 
 
