@@ -14,7 +14,7 @@ from typing import Any
 
 from mmembed.data.instructions import InstructionRow, read_instructions
 from mmembed.data.synth import score, task_group
-from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, row_prompt
+from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting, row_prompt
 from mmembed.decoder.generate import Generation
 
 NOUN = {"image": "image", "audio": "sound", "text": "caption"}
@@ -67,10 +67,15 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
     splits = {"test": read_instructions(root / "instruct-test.jsonl").rows}
     if (root / "instruct-heldout.jsonl").is_file():
         splits["held-out"] = read_instructions(root / "instruct-heldout.jsonl").rows
+    skipped = {}
+    for name, rows in splits.items():  # rows too long for the context are skipped (and counted), as in training
+        splits[name] = fitting(model, rows)
+        skipped[name] = len(rows) - len(splits[name])
     tables, answers = {}, {}
     for name, rows in splits.items():
         tables[name], answers[name] = evaluate_split(model, rows)
     result: dict[str, Any] = {"accuracy": tables, "rows": {n: len(r) for n, r in splits.items()},
+                              "skipped (longer than the context)": skipped,
                               "samples": _samples(splits["test"], answers["test"]),
                               "temperature": _temperatures(model, splits["test"])}
     if transfer is not None:
@@ -130,7 +135,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     for group in others:
         cells = [f"{tables[n][group]['accuracy']:.3f}" if group in tables[n] else "–" for n in names]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names) + ".", ""]
+    skipped = result.get("skipped (longer than the context)", {})
+    lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
+              + "".join(f"; {n}: {k} skipped, longer than the context" for n, k in skipped.items() if k) + ".", ""]
     if "transfer" in result:
         lines += ["### Cross-modal transfer", "",
                   "A second decoder trained on image prompts only — it never saw a sound — answers the same "

@@ -36,6 +36,15 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
     return out  # type: ignore[return-value]
 
 
+def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:
+    """The rows whose prompt leaves room for an answer in the decoder's context (a decoder with a
+    sliding window has room for any)."""
+    pm = model.prompt_model
+    if pm.lm.decoder.window is not None:
+        return list(rows)
+    return [r for r in rows if pm.fmt.length(row_prompt(r)) < pm.lm.decoder.max_len]
+
+
 def _size(row: InstructionRow) -> tuple[int, int]:
     return len(row.media), sum(len(s) for s in row.prompt if isinstance(s, str))
 

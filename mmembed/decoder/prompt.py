@@ -136,6 +136,11 @@ class PromptFormat:
         """`<marker>`, k placeholders, `</marker>`: one media item's ids."""
         return [self.ids[f"<{marker}>"], *[self.placeholder_id] * self.soft_tokens, self.ids[f"</{marker}>"]]
 
+    def length(self, segments: Sequence[Any]) -> int:
+        """Ids a prompt of `segments` takes (text tokens, k + 2 per media item, <bos> and <answer>)."""
+        return 2 + sum(len(self.tokenizer.encode(seg.strip())) if isinstance(seg, str) else self.soft_tokens + 2
+                       for seg in segments)
+
     def encode_answer(self, text: str) -> list[int]:
         """Answer text → its ids followed by `<eos>` (what the decoder learns to write)."""
         return [*self.tokenizer.encode(text.strip()), self.eos_id]

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.errors import UserError
 from mmembed.memory.memory import Memory
@@ -135,7 +133,7 @@ class Session:
         turn_now = [seg for _, seg in current]
         while True:
             parts = self._segments(sorted(recalled, key=lambda h: h.time)) + self._segments(history) + turn_now
-            if room is None or self._tokens(parts) <= room or not (history or recalled):
+            if room is None or self.model.prompt_model.fmt.length(parts) <= room or not (history or recalled):
                 return parts, recalled
             if history:
                 oldest = history[0].turn
@@ -154,14 +152,6 @@ class Session:
 
     def _embedded(self, hit: MemoryHit) -> Embedded:
         return Embedded(self.memory.vectors([hit.id], user=self.user)[0].to(self.model.device), hit.modality)
-
-    def _tokens(self, parts: list[Segment]) -> int:
-        fmt = self.model.prompt_model.fmt
-        n = 2  # <bos> … <answer>
-        for p in parts:
-            n += fmt.soft_tokens + 2 if isinstance(p, (Embedded, Media, torch.Tensor)) else len(
-                fmt.tokenizer.encode(p.strip()))
-        return n
 
     # ---- the conversation ------------------------------------------------------------------------
 

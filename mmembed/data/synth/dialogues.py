@@ -43,7 +43,7 @@ ASK = {
               "What was the shape of the {ref}?", "Remind me: what shape was the {ref}?",
               "Which shape was the {ref} in what I showed you?", "Recall the {ref}. What shape was it?"),
 }
-MAX_SHOWN = 3  # media items per dialogue; with their answers they fit a 128-token context
+MAX_SHOWN = 2  # media items per dialogue: two turns with their answers fit a 128-token context
 
 
 def _pick(rng: np.random.Generator, options: Sequence) -> object:
