@@ -156,6 +156,22 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
 
 
+def test_evaluation_skips_rows_longer_than_the_context(trained_run, tiny_world, monkeypatch):
+    from mmembed.data.instructions import read_instructions
+    from mmembed.decoder.evaluate import fitting, row_prompt
+
+    model = mm.load(trained_run)
+    rows = read_instructions(tiny_world / "instruct-test.jsonl").rows
+    lengths = [model.prompt_model.fmt.length(row_prompt(r)) for r in rows]
+    outs = model.generate([row_prompt(r) for r in rows[:6]], max_new_tokens=1)
+    assert [o.prompt_tokens for o in outs] == lengths[:6]  # the count is the ids generate builds
+    cut = sorted(lengths)[len(lengths) // 2]
+    monkeypatch.setattr(model.prompt_model.lm.decoder, "max_len", cut)
+    kept = fitting(model, rows)
+    assert 0 < len(kept) < len(rows) and len(kept) == sum(n < cut for n in lengths)
+    model.generate([row_prompt(r) for r in kept], max_new_tokens=1)  # every kept row fits
+
+
 def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path):
     """`decoder.init_from_gpt2`: GPT-2's weights, architecture and tokenizer. At a negligible
     learning rate the trained decoder still gives GPT-2's logits, and the run loads without the
