@@ -33,7 +33,7 @@ def show(memory: str) -> None:
     bell = next(s for s in scenes if len(s["objects"]) == 1 and s["objects"][0]["shape"] == "circle")
     with mm.Session(model, memory=memory, user="ada", new=True) as chat:
         for words, item, truth in [("Remember this picture.", mm.Image(world / star["image"]), star["text"]),
-                                   ("And this sound.", mm.Audio(world / bell["audio"]), bell["text"])]:
+                                   ("Listen to this.", mm.Audio(world / bell["audio"]), bell["text"])]:
             answer = chat.ask([words, item], max_new_tokens=24)
             print(f"[process 1] {words:24} (truth: {truth}) → {answer.text}")
 
@@ -41,7 +41,7 @@ def show(memory: str) -> None:
 def ask(memory: str) -> None:
     """Process 2: a new process, the same file: the conversation continues."""
     with mm.Session(mm.load(run), memory=memory, user="ada") as chat:
-        for question in ["What colour was the star?", "What shape was the thing you heard?"]:
+        for question in ["What colour was the star?", "What shape was the yellow object?"]:
             answer = chat.ask(question, max_new_tokens=8)
             recalled = ", ".join(f"#{h.id} {h.modality} {h.score:.2f}" for h in answer.recalled)
             print(f"[process 2] {question:36} → {answer.text:10} recalled: {recalled}")
