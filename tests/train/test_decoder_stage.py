@@ -209,3 +209,15 @@ def test_a_media_file_that_fails_to_decode_names_its_segment(trained_run, tiny_w
         model.generate(["Compare", mm.Audio(first(tiny_world, "audio")), "with", mm.Image(fake)])
     with pytest.raises(BadInput, match=r"prompt 1 segment 1 \(image\)"):
         model.generate([["Describe", mm.Image(first(tiny_world, "image"))], ["Describe", mm.Image(fake)]])
+
+
+def test_demo_memory_section_runs_three_processes_on_one_file(trained_run, tiny_world):
+    from mmembed.demo_memory import cross_process_recall, memory_lines, probes
+
+    items = probes(tiny_world, "test", n=3)
+    assert len(items) == 3 and all(p["answer"] not in p["question"].lower().split() for p in items)
+    result = cross_process_recall(trained_run, tiny_world, n=3)
+    assert result["n"] == 3 and 0 <= result["memory off"] <= 1 and 0 <= result["memory on"] <= 1
+    assert [s["truth"] for s in result["samples"]] == [p["answer"] for p in items]
+    assert all(s["said"] is not None for s in result["samples"])  # process 1 answered every show turn
+    assert "## Memory across processes" in "\n".join(memory_lines(result))
