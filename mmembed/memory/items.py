@@ -41,6 +41,7 @@ class Entry:
     text: str | None
     media: bytes | None = None
     media_path: str | None = None
+    origin: str = ""  # what the user passed, for error messages: a path, or the object's type
 
 
 def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:
@@ -59,11 +60,12 @@ def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes"
         raise UserError(f"cannot store a {type(item).__name__}: pass mm.Image, mm.Audio, mm.Text or a str")
     if item.modality == Text.modality:  # the item is the text itself: nothing to encode
         return _inline_entry(item, text)
+    origin = str(item.item) if isinstance(item.item, (str, Path)) else type(item.item).__name__
     if store_media == "path":
         path = _file_path(item.item)
-        return Entry(item.modality, path, text, media_path=path)
+        return Entry(item.modality, path, text, media_path=path, origin=origin)
     media = ENCODERS[item.modality](item.item)
-    return Entry(item.modality, media, text, media=media)
+    return Entry(item.modality, media, text, media=media, origin=origin)
 
 
 def _inline_entry(item: Media, text: str | None) -> Entry:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time as _time
 from collections import OrderedDict
@@ -95,7 +96,8 @@ class Memory:
 
     def add_many(self, user: str, items: Sequence[ItemLike], *, texts: Sequence[str | None] | None = None,
                  metas: Sequence[dict[str, Any] | None] | None = None, session: str | None = None,
-                 role: str = "user", time: float | None = None, store_media: StoreMedia = "bytes") -> list[int]:
+                 turn: int | None = None, role: str = "user", time: float | None = None,
+                 store_media: StoreMedia = "bytes") -> list[int]:
         """`add` for many items: embedded in batches per modality, stored in one transaction (all or none).
 
         `texts` and `metas`, when given, hold one entry per item. Returns the ids in item order.
@@ -106,7 +108,7 @@ class Memory:
         if not (len(texts) == len(metas) == len(items)):
             raise UserError(f"add_many got {len(items)} items, {len(texts)} texts and {len(metas)} metas")
         entries = [to_entry(item, text, store_media) for item, text in zip(items, texts)]
-        return self._add(entries, user, metas, session, [None] * len(entries), role, time)
+        return self._add(entries, user, metas, session, [turn] * len(entries), role, time)
 
     def _add(self, entries: list[Entry], user: str, metas: Sequence[dict[str, Any] | None], session: str | None,
              turns: Sequence[int | None], role: str, time: float | None) -> list[int]:
@@ -137,7 +139,10 @@ class Memory:
         out = torch.empty(len(entries), self._store.dim or int(model.embed_dim))
         for modality in dict.fromkeys(e.modality for e in entries):
             pick = [i for i, e in enumerate(entries) if e.modality == modality]
-            vectors = model.embed(modality, [entries[i].source for i in pick])  # (n, D)
+            try:
+                vectors = model.embed(modality, [entries[i].source for i in pick])  # (n, D)
+            except BadInput:
+                raise _named_error(model, modality, [entries[i] for i in pick]) from None
             out[pick] = check_vectors(vectors, out.shape[1], what=f"{modality} embeddings")
         return out
 
@@ -329,6 +334,18 @@ class Memory:
             cached = UserVectors(cached.dim)
             self._vectors[user] = cached
         cached.stale = False
+
+
+def _named_error(model: Any, modality: Modality, entries: list[Entry]) -> BadInput:
+    """The error of the first entry that does not embed, naming what the user passed (the model
+    reads the stored bytes, whose own name says nothing)."""
+    for e in entries:
+        try:
+            model.embed(modality, [e.source])
+        except BadInput as err:
+            reason = re.sub(r"^\w+ item \d+: ", "", str(err)).replace("<bytes>", "the item")
+            return BadInput(f"{modality} {e.origin}: {reason}")
+    return BadInput(f"{modality} items could not be embedded")
 
 
 def _check_user(user: Any) -> None:

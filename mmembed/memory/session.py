@@ -75,7 +75,11 @@ class Session:
         segments = [prompt] if isinstance(prompt, str) else list(prompt)
         self.turn += 1
         history = self._history()
-        current = self._store_turn(segments)
+        try:
+            current = self._store_turn(segments)
+        except Exception:
+            self.turn -= 1  # nothing of the turn was stored
+            raise
         recalled = self._recall(current, exclude={h.id for h in history} | {h.id for h, _ in current})
         parts, recalled = self._fit(recalled, history, current, generate.get("max_new_tokens", 32))
         out = self.model.generate(parts, **generate)
@@ -84,20 +88,23 @@ class Session:
         return dataclasses.replace(out, recalled=recalled)
 
     def _store_turn(self, segments: list[Segment]) -> list[tuple[MemoryHit, Segment]]:
-        """Store each segment of the turn; returns (stored item, segment as the decoder reads it)."""
-        stored = []
+        """Store the turn's segments in one transaction (a bad item stores none of them); returns
+        (stored item, segment as the decoder reads it) per segment."""
+        kept: list[Segment] = []
         for seg in segments:
-            if isinstance(seg, str) and not seg.strip():
-                continue
-            if not isinstance(seg, (str, Media)):
+            if isinstance(seg, str):  # words are stored as typed, without the spaces around them
+                seg = seg.strip()
+                if not seg:
+                    continue
+            elif not isinstance(seg, Media):
                 raise UserError(f"a Session turn takes text and mm.Image / mm.Audio / mm.Text, "
                                 f"got {type(seg).__name__}")
-            item_id = self.memory.add(self.user, seg, session=self.session, turn=self.turn)
-            (hit,) = self.memory.get([item_id], user=self.user)
-            stored.append((hit, seg if isinstance(seg, str) else self._embedded(hit)))
-        if not stored:
+            kept.append(seg)
+        if not kept:
             raise UserError("the turn is empty: give text or media")
-        return stored
+        ids = self.memory.add_many(self.user, kept, session=self.session, turn=self.turn)
+        hits = self.memory.get(ids, user=self.user)
+        return [(hit, seg if isinstance(seg, str) else self._embedded(hit)) for hit, seg in zip(hits, kept)]
 
     def _history(self) -> list[MemoryHit]:
         """Items of this session's last `history_turns` turns before this one, oldest first."""

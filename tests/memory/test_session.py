@@ -183,3 +183,16 @@ def test_a_conversation_is_laid_out_as_the_memory_dialogues_the_decoder_trains_o
             assert kinds[bare:-1] == ("text", "media", "text") * ((len(kinds) - bare - 1) // 3)  # turns
             layouts.add(kinds)
     assert ("text", "media", "text", "text") in layouts  # the conversation above
+
+
+def test_a_turn_with_an_unreadable_item_stores_nothing(chat_model, db, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture")
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask("hello", max_new_tokens=2)
+        before = chat.memory.count("ada")
+        with pytest.raises(UserError, match="bad.png"):
+            chat.ask(["look at this", mm.Image(bad)], max_new_tokens=2)
+        assert chat.memory.count("ada") == before and chat.turn == 1
+        chat.ask("still here?", max_new_tokens=2)
+        assert [h.turn for h in chat.history() if h.role == "user"] == [1, 2]
