@@ -47,11 +47,12 @@ def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any
     import mmembed as mm
 
     model = mm.load(run_dir)
+    on = phase != "ask-without-memory"
     answers = []
-    for p in items:
-        on = phase != "ask-without-memory"
-        with mm.Session(model, memory=memory, user=p["user"], history_turns=3 if on else 0,
-                        recall_k=3 if on else 0) as chat:
+    with mm.Memory(memory, model=model) as store:  # one connection for every probe's session
+        for p in items:
+            chat = mm.Session(model, memory=store, user=p["user"], history_turns=3 if on else 0,
+                              recall_k=3 if on else 0)
             if phase == "show":
                 prompt = [p["show"], mm.Image(p["path"]) if p["modality"] == "image" else mm.Audio(p["path"])]
                 answers.append(chat.ask(prompt, max_new_tokens=32).text)

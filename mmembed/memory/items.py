@@ -29,7 +29,6 @@ from mmembed.modality import Modality
 StoreMedia = Literal["bytes", "path"]
 ItemLike = Media | str | None
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
-_MAX_CHANNELS = 32
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,11 @@ def encode_audio(item: Any) -> bytes:
         return raw
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise BadInput("a waveform needs its sample rate: pass mm.Audio((waveform, sample_rate)) or a file")
-    wave, rate = item
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) \
-            or not float(rate).is_integer() or rate <= 0:
-        raise BadInput(f"sample rate must be a positive integer, got {rate!r}")
-    samples = _frames_by_channels(_float_samples(wave))  # (T, C)
+    from mmembed.preprocess.audio import channel_axis, split_pair
+
+    wave, rate = split_pair(item, 0)  # the audio preprocessing's rules: rate, dtype, scaling, channels
+    axis = channel_axis(wave)
+    samples = (wave[:, None] if axis is None else wave.movedim(axis, 1)).contiguous().numpy()  # (T, C)
     if samples.shape[0] == 0:
         raise BadInput("zero-length audio")
     if not np.isfinite(samples).all():
@@ -149,31 +148,6 @@ def encode_audio(item: Any) -> bytes:
     out = io.BytesIO()
     sf.write(out, samples, int(rate), format="WAV", subtype="FLOAT")
     return out.getvalue()
-
-
-def _float_samples(wave: Any) -> np.ndarray:
-    if isinstance(wave, torch.Tensor):
-        wave = wave.detach().cpu().numpy()
-    if not isinstance(wave, np.ndarray):
-        raise BadInput(f"unsupported waveform of type {type(wave).__name__} (numpy array or tensor)")
-    scale = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0**31, np.dtype(np.int8): 128.0}
-    if wave.dtype.kind == "f":
-        return wave.astype(np.float32)
-    if wave.dtype in scale:
-        return wave.astype(np.float32) / scale[wave.dtype]
-    if wave.dtype == np.uint8:
-        return (wave.astype(np.float32) - 128.0) / 128.0
-    raise BadInput(f"unsupported audio dtype {wave.dtype} (float, int16, int32, int8 or uint8)")
-
-
-def _frames_by_channels(wave: np.ndarray) -> np.ndarray:
-    """(T,), (C, T) or (T, C) → (T, C); the shorter axis is channels (the preprocessing rule)."""
-    if wave.ndim == 1:
-        return wave[:, None]
-    if wave.ndim != 2 or min(wave.shape) > _MAX_CHANNELS:
-        raise BadInput(f"audio must be (T,), (C, T) or (T, C) with at most {_MAX_CHANNELS} channels; "
-                       f"got shape {wave.shape}")
-    return np.ascontiguousarray(wave.T if wave.shape[0] < wave.shape[1] else wave)
 
 
 # one line per stored (non-inline) modality

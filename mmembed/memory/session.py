@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.errors import UserError
 from mmembed.memory.memory import Memory
@@ -76,20 +78,24 @@ class Session:
         self.turn += 1
         history = self._history()
         try:
-            current = self._store_turn(segments)
+            stored, vectors, shown = self._store_turn(segments)
         except Exception:
             self.turn -= 1  # nothing of the turn was stored
             raise
-        recalled = self._recall(current, exclude={h.id for h in history} | {h.id for h, _ in current})
-        parts, recalled = self._fit(recalled, history, current, generate.get("max_new_tokens", 32))
+        recalled = self._recall(vectors, exclude={h.id for h in history + stored})
+        parts, recalled = self._fit(recalled, history, shown, generate.get("max_new_tokens", 32))
         out = self.model.generate(parts, **generate)
         if out.text.strip():
             self.memory.add(self.user, out.text, session=self.session, turn=self.turn, role=ASSISTANT)
         return dataclasses.replace(out, recalled=recalled)
 
-    def _store_turn(self, segments: list[Segment]) -> list[tuple[MemoryHit, Segment]]:
-        """Store the turn's segments in one transaction (a bad item stores none of them); returns
-        (stored item, segment as the decoder reads it) per segment."""
+    def _store_turn(self, segments: list[Segment]) -> tuple[list[MemoryHit], Tensor, list[Segment]]:
+        """Store the turn's segments in one transaction (a bad item stores none of them).
+
+        Returns:
+            The stored items, their vectors (n, D), and the segments as the decoder reads them
+            (words, and each media item as its stored vector).
+        """
         kept: list[Segment] = []
         for seg in segments:
             if isinstance(seg, str):  # words are stored as typed, without the spaces around them
@@ -104,7 +110,10 @@ class Session:
             raise UserError("the turn is empty: give text or media")
         ids = self.memory.add_many(self.user, kept, session=self.session, turn=self.turn)
         hits = self.memory.get(ids, user=self.user)
-        return [(hit, seg if isinstance(seg, str) else self._embedded(hit)) for hit, seg in zip(hits, kept)]
+        vectors = self.memory.vectors(ids, user=self.user)
+        shown = [seg if isinstance(seg, str) else Embedded(z.to(self.model.device), hit.modality)
+                 for hit, z, seg in zip(hits, vectors, kept)]
+        return hits, vectors, shown
 
     def _history(self) -> list[MemoryHit]:
         """Items of this session's last `history_turns` turns before this one, oldest first."""
@@ -114,13 +123,12 @@ class Session:
         first = self.turn - self.history_turns
         return [h for h in items if h.turn is not None and first <= h.turn < self.turn]
 
-    def _recall(self, current: list[tuple[MemoryHit, Segment]], exclude: set[int]) -> list[MemoryHit]:
-        """The user's items most similar to any item of this turn, best first."""
+    def _recall(self, queries: Tensor, exclude: set[int]) -> list[MemoryHit]:
+        """The user's items most similar to any of `queries` (this turn's vectors), best first."""
         if self.recall_k < 1:
             return []
         best: dict[int, MemoryHit] = {}
-        for hit, _ in current:
-            query = self.memory.vectors([hit.id], user=self.user)[0]
+        for query in queries:
             for found in self.memory.search(self.user, query, k=self.recall_k + len(exclude)):
                 if found.id in exclude or found.score < self.recall_threshold:
                     continue
@@ -130,17 +138,16 @@ class Session:
 
     # ---- the prompt ------------------------------------------------------------------------------
 
-    def _fit(self, recalled: list[MemoryHit], history: list[MemoryHit], current: list[tuple[MemoryHit, Segment]],
+    def _fit(self, recalled: list[MemoryHit], history: list[MemoryHit], shown: list[Segment],
              max_new_tokens: int) -> tuple[list[Segment], list[MemoryHit]]:
         """The prompt, dropping the oldest history turn, then the weakest memory, until it fits the
         decoder's context with room for `max_new_tokens` (a decoder with a sliding window has room)."""
         pm = self.model.prompt_model
-        window = getattr(pm.config, "window", None)
-        room = None if window else pm.lm.decoder.max_len - max_new_tokens
-        turn_now = [seg for _, seg in current]
+        room = None if pm.lm.decoder.window else pm.lm.decoder.max_len - max_new_tokens
+        rendered = self._render(recalled + history)
         while True:
-            parts = self._segments(sorted(recalled, key=lambda h: h.time)) + self._segments(history) + turn_now
-            if room is None or self.model.prompt_model.fmt.length(parts) <= room or not (history or recalled):
+            parts = [seg for h in sorted(recalled, key=lambda h: h.time) + history for seg in rendered[h.id]] + shown
+            if room is None or pm.fmt.length(parts) <= room or not (history or recalled):
                 return parts, recalled
             if history:
                 oldest = history[0].turn
@@ -148,17 +155,18 @@ class Session:
             else:
                 recalled = recalled[:-1]
 
-    def _segments(self, items: list[MemoryHit]) -> list[Segment]:
-        out: list[Segment] = []
+    def _render(self, items: list[MemoryHit]) -> dict[int, list[Segment]]:
+        """Each stored item as the decoder reads it: a media item as its vector (read in one go), then
+        its text if it has one."""
+        media = [h for h in items if h.modality != Modality.TEXT]
+        vectors = self.memory.vectors([h.id for h in media], user=self.user) if media else []
+        out: dict[int, list[Segment]] = {h.id: [] for h in items}
+        for h, z in zip(media, vectors):
+            out[h.id].append(Embedded(z.to(self.model.device), h.modality))
         for h in items:
-            if h.modality != Modality.TEXT:
-                out.append(self._embedded(h))
             if h.text:
-                out.append(h.text)
+                out[h.id].append(h.text)
         return out
-
-    def _embedded(self, hit: MemoryHit) -> Embedded:
-        return Embedded(self.memory.vectors([hit.id], user=self.user)[0].to(self.model.device), hit.modality)
 
     # ---- the conversation ------------------------------------------------------------------------
 

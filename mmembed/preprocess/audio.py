@@ -183,7 +183,7 @@ class AudioPreprocessor:
         if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
             wave, rate = self._read_file(item)
         else:
-            data, rate = _split_pair(item, self.sample_rate)
+            data, rate = split_pair(item, self.sample_rate)
             self._check_rate(rate, "the waveform")
             wave = _crop(_to_mono(data), self._crop_len(rate), self._random())
         if wave.numel() == 0:
@@ -336,8 +336,9 @@ def log_frequency_fbanks(n_freqs: int, f_min: float, f_max: float, n_bins: int, 
     return fb
 
 
-def _split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
-    """`(waveform, rate)` or a bare waveform → (float tensor, int rate)."""
+def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
+    """`(waveform, rate)` or a bare waveform → (float32 CPU tensor, int rate); integer samples are
+    scaled to [-1, 1]. BadInput for a bad rate, dtype or type."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[1], (np.ndarray, Tensor, list)):
         data, rate = item
         if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
@@ -367,16 +368,22 @@ def _to_float(t: Tensor) -> Tensor:
     raise BadInput(f"unsupported audio dtype {t.dtype} (float, int16, int32, int8 or uint8)")
 
 
-def _to_mono(t: Tensor) -> Tensor:
-    """(T,), (C, T) or (T, C) → (T,) by averaging channels; the shorter axis is channels."""
+def channel_axis(t: Tensor) -> int | None:
+    """The channel axis of a waveform (None for mono (T,)): of (C, T) or (T, C), the shorter one."""
     if t.ndim == 1:
-        return t
+        return None
     if t.ndim != 2:
         raise BadInput(f"audio must be (T,), (C, T) or (T, C); got shape {tuple(t.shape)}")
-    channel_axis = 0 if t.shape[0] <= t.shape[1] else 1
-    if t.shape[channel_axis] > _MAX_CHANNELS:
+    axis = 0 if t.shape[0] <= t.shape[1] else 1
+    if t.shape[axis] > _MAX_CHANNELS:
         raise BadInput(f"ambiguous audio shape {tuple(t.shape)}: no axis is a plausible channel count")
-    return t.mean(dim=channel_axis)
+    return axis
+
+
+def _to_mono(t: Tensor) -> Tensor:
+    """(T,), (C, T) or (T, C) → (T,) by averaging channels."""
+    axis = channel_axis(t)
+    return t if axis is None else t.mean(dim=axis)
 
 
 def _crop(wave: Tensor, n: int, random: bool) -> Tensor:

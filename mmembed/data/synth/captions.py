@@ -9,7 +9,7 @@ the tests prove captions are complete, and how generated captions can be scored.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,27 +82,28 @@ def canonical_caption(objects: tuple[SceneObject, ...]) -> str:
     return " and ".join(phrases)
 
 
-def _pick(rng: np.random.Generator, options: tuple) -> Any:
+def pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    """One of `options`, drawn uniformly from `rng` (every synthetic choice of a word or a template)."""
     return options[int(rng.integers(len(options)))]
 
 
 def _object_phrase(obj: SceneObject, style: int, rng: np.random.Generator) -> str:
-    size, colour = _pick(rng, SIZE_WORDS[obj.size]), obj.colour
-    shape, where = _pick(rng, SHAPE_WORDS[obj.shape]), _pick(rng, POSITION_PHRASES[obj.position])
+    size, colour = pick(rng, SIZE_WORDS[obj.size]), obj.colour
+    shape, where = pick(rng, SHAPE_WORDS[obj.shape]), pick(rng, POSITION_PHRASES[obj.position])
     if style == 0:
         return f"{article(size)} {size} {colour} {shape} {where}"
     if style == 1:
         return f"{where}, {article(size)} {size} {colour} {shape}"
     if style == 2:
-        return f"{_pick(rng, POSITION_WORDS[obj.position])}: {size} {colour} {shape}"
+        return f"{pick(rng, POSITION_WORDS[obj.position])}: {size} {colour} {shape}"
     return f"{article(colour)} {colour} {shape}, {size}, {where}"
 
 
 def random_caption(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> str:
     """One caption with a random frame, object order, phrase styles and synonyms."""
-    frame, styles = _pick(rng, _SINGLE_FRAMES if len(objects) == 1 else _DOUBLE_FRAMES)
+    frame, styles = pick(rng, _SINGLE_FRAMES if len(objects) == 1 else _DOUBLE_FRAMES)
     order = rng.permutation(len(objects))
-    return frame.format(*(_object_phrase(objects[int(i)], _pick(rng, styles), rng) for i in order))
+    return frame.format(*(_object_phrase(objects[int(i)], pick(rng, styles), rng) for i in order))
 
 
 def captions_for(

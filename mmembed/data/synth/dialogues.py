@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmembed.data.synth.captions import canonical_caption
+from mmembed.data.synth.captions import canonical_caption, pick
 from mmembed.data.synth.questions import reference
 from mmembed.data.synth.world import Scene, SceneObject
 
@@ -46,10 +46,6 @@ ASK = {
 MAX_SHOWN = 2  # media items per dialogue: two turns with their answers fit a 128-token context
 
 
-def _pick(rng: np.random.Generator, options: Sequence) -> object:
-    return options[int(rng.integers(len(options)))]
-
-
 def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor: int,
                 rng: np.random.Generator) -> tuple[list, str, list[Scene]] | None:
     """One memory dialogue about an object of scene `anchor`, with up to two other scenes shown.
@@ -66,26 +62,25 @@ def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor
     shown = list(dict.fromkeys(shown))  # no scene twice
     rng.shuffle(shown)
     objects = tuple(o for j in shown for o in scenes[j].objects)
-    attr = _pick(rng, ("colour", "shape"))
+    attr = pick(rng, ("colour", "shape"))
     candidates = [o for o in scenes[anchor].objects if reference(o, objects, attr, rng) is not None]
     if not candidates:
         return None
-    target: SceneObject = _pick(rng, candidates)
-    question = _pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng))
+    target: SceneObject = pick(rng, candidates)
+    question = pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng))
     recalled = [rng.random() < 0.5 for _ in shown]  # bare, first: as a session recalls them
     bare: list = []
     turns: list = []
     for j, is_recalled in zip(shown, recalled):
-        modality = _pick(rng, ("image", "audio"))
+        modality = pick(rng, ("image", "audio"))
         item = {modality: media[j][modality]}
         if is_recalled:
             bare.append(item)
         else:
-            turns += [_pick(rng, SHOW[modality]), item, canonical_caption(scenes[j].objects)]
+            turns += [pick(rng, SHOW[modality]), item, canonical_caption(scenes[j].objects)]
     prompt = bare + turns + [question]
     order = [scenes[j] for j, r in zip(shown, recalled) if r] + [scenes[j] for j, r in zip(shown, recalled) if not r]
     return prompt, getattr(target, attr), order
-
 
 
 def memory_probe(objects: tuple[SceneObject, ...], media: dict[str, str],
@@ -95,12 +90,12 @@ def memory_probe(objects: tuple[SceneObject, ...], media: dict[str, str],
     The show turn is one picture or sound with words; the later question names one of its
     objects by a description that excludes the asked attribute. None when no object can be named.
     """
-    modality = _pick(rng, ("image", "audio"))
-    attr = _pick(rng, ("colour", "shape"))
+    modality = pick(rng, ("image", "audio"))
+    attr = pick(rng, ("colour", "shape"))
     candidates = [o for o in objects if reference(o, objects, attr, rng) is not None]
     if not candidates:
         return None
-    target: SceneObject = _pick(rng, candidates)
-    return {"show": _pick(rng, SHOW[modality]), "modality": modality, "path": media[modality],
-            "question": _pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng)),
+    target: SceneObject = pick(rng, candidates)
+    return {"show": pick(rng, SHOW[modality]), "modality": modality, "path": media[modality],
+            "question": pick(rng, ASK[attr]).format(ref=reference(target, objects, attr, rng)),
             "answer": getattr(target, attr)}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption
+from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption, pick
 from mmembed.data.synth.dialogues import recall_item
 from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
 from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
@@ -188,16 +188,12 @@ Item = tuple[str, Prompt, str, list[Scene]]  # task, prompt, answer, scene of ea
 _MARK = re.compile("\x00(\\d)\x00")
 
 
-def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
-    return options[int(rng.integers(len(options)))]
-
-
 def _render(template: str, media: Sequence[dict[str, str]], rng: np.random.Generator, **slots: str) -> Prompt:
     """Fill a template; each media item becomes its own segment, the text keeps its spaces."""
     values = dict(slots)
     for i, item in enumerate(media):
         words = MODALITY_WORDS[next(iter(item))]
-        mark, noun, see = f"\x00{i}\x00", _pick(rng, words["noun"]), _pick(rng, words["see"])
+        mark, noun, see = f"\x00{i}\x00", pick(rng, words["noun"]), pick(rng, words["see"])
         values.update({f"m{i + 1}": mark, f"noun{i + 1}": noun, f"see{i + 1}": see})
         if i == 0:
             values.update(m=mark, noun=noun, see=see)
@@ -234,16 +230,16 @@ def _describe_items(split: _Split, i: int, rng: np.random.Generator) -> list[Ite
     scene = split.scenes[i]
     answer = canonical_caption(scene.objects)
     items = [
-        ("describe", _render(_pick(rng, TEMPLATES["describe"]), [split.media(i, m)], rng), answer, [scene])
+        ("describe", _render(pick(rng, TEMPLATES["describe"]), [split.media(i, m)], rng), answer, [scene])
         for m in ("image", "audio")
     ]
     alternatives = split.rows[i]["captions"][1:]
     if rng.random() < 0.5 and alternatives:
-        caption = {"text": _pick(rng, alternatives)}
-        items.append(("describe", _render(_pick(rng, TEXT_TEMPLATES), [caption], rng), answer, [scene]))
+        caption = {"text": pick(rng, alternatives)}
+        items.append(("describe", _render(pick(rng, TEXT_TEMPLATES), [caption], rng), answer, [scene]))
     if rng.random() < 0.25:
         media = [split.media(i, m) for m in rng.permutation(["image", "audio"]).tolist()]
-        prompt = _render(_pick(rng, TEMPLATES["describe_both"]), media, rng)
+        prompt = _render(pick(rng, TEMPLATES["describe_both"]), media, rng)
         items.append(("describe_both", prompt, answer, [scene] * 2))
     return items
 
@@ -263,11 +259,11 @@ def _attribute_question(task: str, objects: Sequence[SceneObject], rng: np.rando
     if task == "count":
         return {}, COUNT_WORDS[len(objects)]
     if task == "exists":  # as questions.py: half about an object that is there, half at random
-        shape, colour = _pick(rng, objects).combo if rng.random() < 0.5 else (_pick(rng, SHAPES), _pick(rng, COLOURS))
-        noun = _pick(rng, SHAPE_WORDS[shape])
+        shape, colour = pick(rng, objects).combo if rng.random() < 0.5 else (pick(rng, SHAPES), pick(rng, COLOURS))
+        noun = pick(rng, SHAPE_WORDS[shape])
         present = any(o.combo == (shape, colour) for o in objects)
         return {"thing": f"{article(colour)} {colour} {noun}"}, "yes" if present else "no"
-    obj = _pick(rng, [o for o in objects if _referable(o, objects, task)])
+    obj = pick(rng, [o for o in objects if _referable(o, objects, task)])
     return {"ref": reference(obj, tuple(objects), task, rng)}, getattr(obj, task)
 
 
@@ -277,7 +273,7 @@ def _attribute_items(split: _Split, i: int, modality: str, rng: np.random.Genera
     items = []
     for task in rng.choice(possible, size=2, replace=False).tolist():
         slots, answer = _attribute_question(task, scene.objects, rng)
-        prompt = _render(_pick(rng, TEMPLATES[task]), [split.media(i, modality)], rng, **slots)
+        prompt = _render(pick(rng, TEMPLATES[task]), [split.media(i, modality)], rng, **slots)
         items.append((task, prompt, answer, [scene]))
     return items
 
@@ -292,7 +288,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
     """This scene's image and a partner's audio, in random order; the split has >= 2 scenes."""
     anchor = split.scenes[i]
     larger_ok = len(anchor.objects) == 1 and len(split.singles) >= 2
-    task = _pick(rng, TASK_GROUPS["compare"] if larger_ok else TASK_GROUPS["compare"][:2])
+    task = pick(rng, TASK_GROUPS["compare"] if larger_ok else TASK_GROUPS["compare"][:2])
     if task == "larger":
         pool: Sequence[int] = split.singles
     else:  # about half among scenes that share the property, so that 'yes' is common
@@ -300,7 +296,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
         pool = same if rng.random() < 0.5 and len(same) > 1 else range(len(split.scenes))
     j = i
     while j == i:
-        j = _pick(rng, pool)
+        j = pick(rng, pool)
     partner = split.scenes[j]
     if task == "larger":
         answer = _larger(anchor.objects[0], partner.objects[0])
@@ -309,7 +305,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
     media, scenes = [split.media(i, "image"), split.media(j, "audio")], [anchor, partner]
     if rng.random() < 0.5:
         media, scenes = media[::-1], scenes[::-1]
-    return task, _render(_pick(rng, TEMPLATES[task]), media, rng), answer, scenes
+    return task, _render(pick(rng, TEMPLATES[task]), media, rng), answer, scenes
 
 
 # ---------------------------------------------------------------- rows, scoring

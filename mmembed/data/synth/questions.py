@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mmembed.data.synth.captions import POSITION_PHRASES, SHAPE_WORDS, SIZE_WORDS, article
+from mmembed.data.synth.captions import POSITION_PHRASES, SHAPE_WORDS, SIZE_WORDS, article, pick
 from mmembed.data.synth.rules import COLOURS, SHAPES
 from mmembed.data.synth.world import Scene, SceneObject
 
@@ -24,20 +24,16 @@ COUNT_WORDS = {1: "one", 2: "two"}
 MODALITY_NOUNS = {"image": "picture", "audio": "sound", "text": "description"}
 
 
-def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
-    return options[int(rng.integers(len(options)))]
-
-
 def _phrase(obj: SceneObject, attrs: tuple[str, ...], rng: np.random.Generator) -> str:
     """'small red star on the left', 'object on the right', ... using only `attrs`."""
     words = []
     if "size" in attrs:
-        words.append(_pick(rng, SIZE_WORDS[obj.size]))
+        words.append(pick(rng, SIZE_WORDS[obj.size]))
     if "colour" in attrs:
         words.append(obj.colour)
-    words.append(_pick(rng, SHAPE_WORDS[obj.shape]) if "shape" in attrs else "object")
+    words.append(pick(rng, SHAPE_WORDS[obj.shape]) if "shape" in attrs else "object")
     if "position" in attrs:
-        words.append(_pick(rng, POSITION_PHRASES[obj.position]))
+        words.append(pick(rng, POSITION_PHRASES[obj.position]))
     return " ".join(words)
 
 
@@ -50,7 +46,7 @@ def reference(obj: SceneObject, scene: tuple[SceneObject, ...], hide: str, rng: 
         subsets = [s for s in itertools.combinations(free, r) if "shape" in s or hide == "shape"]
         unique = [s for s in subsets if all(any(getattr(o, a) != getattr(obj, a) for a in s) for o in others)]
         if unique:
-            return _phrase(obj, _pick(rng, unique), rng)
+            return _phrase(obj, pick(rng, unique), rng)
     return None
 
 
@@ -60,7 +56,7 @@ def _object_questions(
     templates: dict[str, Callable[[str], str]] = {
         "colour": lambda ref: f"what colour is the {ref}?",
         "shape": lambda ref: f"what shape is the {ref}?",
-        "size": lambda ref: _pick(rng, (f"what size is the {ref}?", f"is the {ref} small or large?")),
+        "size": lambda ref: pick(rng, (f"what size is the {ref}?", f"is the {ref} small or large?")),
         "position": lambda ref: f"where is the {ref}?",
     }
     qa = []
@@ -75,11 +71,11 @@ def questions_for(objects: tuple[SceneObject, ...], rng: np.random.Generator) ->
     """Counting, existence and per-object attribute questions with one-word answers."""
     qa = [{"question": "how many objects are there?", "answer": COUNT_WORDS[len(objects)]}]
     if rng.random() < 0.5:
-        shape, colour = _pick(rng, objects).combo
+        shape, colour = pick(rng, objects).combo
     else:
-        shape, colour = _pick(rng, SHAPES), _pick(rng, COLOURS)
+        shape, colour = pick(rng, SHAPES), pick(rng, COLOURS)
     present = any(o.combo == (shape, colour) for o in objects)
-    noun = _pick(rng, SHAPE_WORDS[shape])
+    noun = pick(rng, SHAPE_WORDS[shape])
     qa.append({"question": f"is there {article(colour)} {colour} {noun}?", "answer": "yes" if present else "no"})
     for obj in objects:
         qa.extend(_object_questions(obj, objects, rng))
@@ -144,7 +140,7 @@ def pairs_for_split(
             pool = same if rng.random() < 0.5 and len(same) > 1 else range(len(scenes))
             j = i
             while j == i:
-                j = _pick(rng, pool)
+                j = pick(rng, pool)
             other = scenes[j]
             (ma, na), (mb, nb) = (nouns[int(k)] for k in rng.choice(len(nouns), size=2, replace=False))
             both_single = len(scene.objects) == 1 and len(other.objects) == 1
