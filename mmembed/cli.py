@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,12 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regenerate even if the same world is there, and write into a non-empty folder that holds "
                         "no world made by mmembed (its images/, audio/ and manifests are replaced)")
 
-    p = _add(sub, "tokenizer", "train a byte-level BPE tokenizer", _tokenizer)
+    p = _add(sub, "tokenizer", "train a byte-level BPE tokenizer, or compare vocabulary sizes", _tokenizer)
     tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser, required=True)
     t = tok_sub.add_parser("train", help="train on text files, write DIR/tokenizer.json")
     t.add_argument("--corpus", nargs="+", required=True, help="text files")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output folder")
+    t = tok_sub.add_parser("stats", help="train at several vocabulary sizes; plot compression and embedding "
+                                         "parameters against size (DIR/tokenizer_stats.png, .json, .csv)")
+    t.add_argument("--corpus", nargs="+", required=True, help="text files, one caption per line")
+    t.add_argument("--vocab-sizes", default="1k,4k,16k,64k",
+                   help="comma-separated sizes; k = 1024, M = 1024^2 (default: 1k,4k,16k,64k)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--embed-width", type=int, default=None,
+                   help="token-embedding width for the parameter count (default: 128, the demo's text/decoder width)")
+    t.add_argument("--holdout-every", type=int, default=10,
+                   help="every Nth line is held out and compression measured on those only (default: 10)")
 
     p = _add(sub, "train", "train a model from a config", _train)
     p.add_argument("config", help="config name or YAML path")
@@ -104,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print hits as JSON")
 
+    p = _add(sub, "map", "2-D map of an index (PCA, t-SNE or UMAP): colour = a metadata column, marker = modality",
+             _map)
+    p.add_argument("index", help="index folder")
+    p.add_argument("--color-by", required=True, metavar="COLUMN",
+                   help="metadata key, dotted path (objects.0.colour) or 'modality'; numbers get a colourbar")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"],
+                   help="pca (default); tsne needs scikit-learn, umap needs umap-learn")
+    p.add_argument("--max-points", type=int, default=5000, help="draw a seeded random subset above this many")
+    p.add_argument("--seed", type=int, default=0, help="for the subset and for t-SNE/UMAP")
+
     p = _add(sub, "generate", "answer a prompt that mixes text, images and sounds", _generate)
     p.add_argument("run", help="run directory with a decoder stage")
     p.add_argument("--prompt", required=True,
@@ -116,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed the sampling")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help="print text, token ids, log-probs and entropies as JSON")
+    p.add_argument("--attention-png", type=_png, metavar="OUT.png",
+                   help="also draw the decoder's attention over the prompt: a row per layer (4 spread layers of a "
+                        "deeper decoder), the mean over heads and, when there are at most 4, each head")
+    p.add_argument("--temperature-sweep", type=_temperatures, metavar="T,T,...",
+                   help="instead of one answer, sample --samples answers at each temperature (e.g. 0.1,0.5,1,1.5; "
+                        "0 = greedy) and print per temperature the mean entropy (of the distribution drawn from, "
+                        "and the model's own at T=1) and distinct-1/2 (as JSON with --json); seeded by --seed "
+                        "(default 0); excludes --temperature and --stream")
+    p.add_argument("--samples", type=int, default=None,
+                   help="answers per temperature of --temperature-sweep (default: 8)")
+    p.add_argument("--plot", type=_png, metavar="OUT.png",
+                   help="with --temperature-sweep: entropy and distinct-n against temperature; otherwise the "
+                        "entropy of each token of the answer (excludes --stream)")
 
     p = _add(sub, "chat", "a conversation with persistent multimodal memory", _chat)
     p.add_argument("run", help="run directory with a decoder stage")
@@ -126,9 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
-    for name, text in [("scale", "scaling-law sweeps and power-law fits")]:
-        p = _add(sub, name, text, _not_yet)
-        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    p = _add(sub, "scale", "scaling-law sweep: train a ladder of models, fit L = E + A·x^(-α), predict the next "
+             "size; or --study regularisation: dropout × weight decay on a small subset", _scale)
+    p.add_argument("config", nargs="?", default="scaling", help="scaling config name or YAML (default: scaling)")
+    p.add_argument("--verify", action="store_true", help="also train the predicted next size and report the error")
+    p.add_argument("--axis", choices=["params", "data"], help="vary model size (params) or training tokens (data)")
+    p.add_argument("--study", choices=["regularisation"], help="run this study instead of the sweep")
+    p.add_argument("--out", help="output folder (default: the config's out_dir)")
+    _overrides(p)
     return parser
 
 
@@ -173,10 +213,39 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
+    if args.tokenizer_command == "stats":
+        return _tokenizer_stats(args)
     from mmembed.tokenizer import train_tokenizer
 
     path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=Path(args.out))
     print(f"wrote {path}")
+    return 0
+
+
+def _tokenizer_stats(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, format_stats_table, parse_vocab_sizes,
+                                                 plot_tokenizer_stats, tokenizer_stats, write_stats)
+
+    sizes = parse_vocab_sizes(args.vocab_sizes)
+    width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
+    with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
+        rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,
+                               progress=lambda _: bar.update())
+    paths = [plot_tokenizer_stats(rows, Path(args.out) / "tokenizer_stats.png"), *write_stats(rows, args.out)]
+    print(format_stats_table(rows, holdout_every=args.holdout_every))
+    print(f"embedding params = vocab reached x {width}; wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    from mmembed.insight.embedding_map import embedding_map
+
+    drawn = embedding_map(args.index, args.color_by, args.out, method=args.method, max_points=args.max_points,
+                          seed=args.seed)
+    kind = "colourbar" if drawn.numeric else "legend"
+    print(f"{len(drawn.rows)} points by {args.method}, colour = {args.color_by} ({kind}) → {drawn.path}")
     return 0
 
 
@@ -222,28 +291,84 @@ def _generate(args: argparse.Namespace) -> int:
     import mmembed as mm
     from mmembed.decoder import parse_inline
 
-    if args.stream and args.json:
-        raise UserError("--stream and --json exclude each other")
+    _generate_rules(args)
     prompt = parse_inline(args.prompt)
     model = mm.load(args.run)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
-        if args.stream:
+        if args.temperature_sweep is not None:
+            _sweep(args, model, prompt, options)
+        elif args.stream:
             for piece in model.stream(prompt, **options):
                 print(piece, end="", flush=True)
             print()
-            return 0
-        out = model.generate(prompt, **options)
+        else:
+            _answer(args, model, prompt, options)
     except ValueError as e:  # sampling arguments: one line, like every other usage mistake
         raise UserError(str(e)) from None
+    if args.attention_png:
+        _wrote(model.attention_maps(prompt).plot(args.attention_png))
+    return 0
+
+
+def _generate_rules(args: argparse.Namespace) -> None:
+    """Which `generate` options go together (their --help says so)."""
+    if args.stream and (args.json or args.plot or args.temperature_sweep is not None):
+        raise UserError("--stream excludes --json, --plot and --temperature-sweep")
+    if args.temperature_sweep is not None and args.temperature != 0:
+        raise UserError("--temperature-sweep gives the temperatures: drop --temperature")
+    if args.samples is not None and args.temperature_sweep is None:
+        raise UserError("--samples counts the answers per temperature of --temperature-sweep: give that too")
+
+
+def _answer(args: argparse.Namespace, model, prompt: list, options: dict) -> None:
+    out = model.generate(prompt, **options)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
                           "entropy": out.entropy, "mean_entropy": out.mean_entropy,
                           "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens}))
     else:
         print(out.text)
-    return 0
+    if args.plot:
+        _wrote(model.token_entropy(prompt, out).plot(args.plot))
+
+
+def _sweep(args: argparse.Namespace, model, prompt: list, options: dict) -> None:
+    from mmembed.insight import plot_sweep, sweep_json, sweep_table
+
+    options = {k: v for k, v in options.items() if k != "temperature"}
+    options["seed"] = 0 if args.seed is None else args.seed
+    rows = model.temperature_sweep(prompt, args.temperature_sweep, samples=8 if args.samples is None else args.samples,
+                                   **options)
+    print(sweep_json(rows) if args.json else sweep_table(rows))
+    if args.plot:
+        _wrote(plot_sweep(rows, args.plot))
+
+
+def _temperatures(text: str) -> list[float]:
+    """`--temperature-sweep` "0.1,0.5,1" → [0.1, 0.5, 1.0]: finite numbers >= 0."""
+    values = []
+    for item in text.split(","):
+        try:
+            t = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not a number (give temperatures >= 0 "
+                                             "separated by commas, e.g. 0.1,0.5,1,1.5)") from None
+        if not math.isfinite(t) or t < 0:
+            raise argparse.ArgumentTypeError(f"temperatures must be finite numbers >= 0, got {item.strip()}")
+        values.append(t)
+    return values
+
+
+def _png(text: str) -> Path:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text!r} must name a .png file")
+    return Path(text)
+
+
+def _wrote(path: Path) -> None:
+    print(f"wrote {path}", file=sys.stderr)  # stderr: stdout stays the answer (or its JSON)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -258,10 +383,33 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"mmembed {args.command}: not available yet — it arrives with the scaling issue; today "
-          "mmembed trains, evaluates, searches, generates and chats with memory.", file=sys.stderr)
-    return EXIT_USAGE
+def _scale(args: argparse.Namespace) -> int:
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    if "=" in args.config:  # `mmembed scale tokens=2e5`: an override, the shipped config
+        args.overrides, args.config = [args.config, *args.overrides], "scaling"
+    overrides = [*args.overrides, *([f"axis={args.axis}"] if args.axis else []),
+                 *([f"out_dir={args.out}"] if args.out else [])]
+    config = load_scaling_config(args.config, overrides)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.study == "regularisation":
+        from mmembed.insight.regularisation import run_regularisation
+
+        if args.verify:
+            raise UserError("--verify belongs to the sweep, not to --study regularisation")
+        report = run_regularisation(config, progress)
+    elif config.target == "towers":
+        from mmembed.insight.tower_scaling import run_tower_sweep
+
+        report = run_tower_sweep(config, verify=args.verify, progress=progress)
+    else:
+        from mmembed.insight.scaling import run_sweep
+
+        report = run_sweep(config, verify=args.verify, progress=progress)
+    print(report.summary())
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,11 @@ def resolve_config_path(name: str | Path) -> Path:
 
 def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `key.sub=value` overrides, return a validated `Config`."""
+    return load_dataclass(Config, name, overrides)
+
+
+def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Read a YAML file (a path or a shipped config's name), apply overrides, build `cls` from it."""
     path = resolve_config_path(name)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -202,7 +207,7 @@ def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item, source=str(path))
-    return from_dict(Config, raw, where="", source=str(path))
+    return from_dict(cls, raw, where="", source=str(path))
 
 
 def apply_override(raw: dict, item: str, source: str = "override") -> None:

@@ -24,6 +24,7 @@ from mmembed.demo_memory import cross_process_recall, memory_lines
 from mmembed.demo_prompting import prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.evaluate import format_table, pairwise_report
+from mmembed.insight.embedding_map import map_vectors
 from mmembed.model import Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
@@ -57,7 +58,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
         bound = pairwise_report(*_embed(Model.load(bound_dir), root / config.data.test))
         timings["bind-audio training + eval"] = time.monotonic() - t1
 
-    figure = _pca_map(test_emb, test_keys, root / config.data.test, run_dir / "embedding_map.png")
+    figure = _embedding_map(test_emb, test_keys, root / config.data.test, run_dir / "embedding_map.png")
     t2 = time.monotonic()
     gallery = image_gallery(model, root / config.data.test)  # embedded once, searched by both
     composed = composed_query_trials(root / config.data.test, gallery)
@@ -123,39 +124,19 @@ def _train_image_only_decoder(config: Config, joint_dir: Path) -> Path:
     return train(transfer)
 
 
-def _pca_map(emb: dict, keys: dict, manifest: Path, out: Path, max_rows: int = 300) -> Path | None:
-    """2-D PCA of test embeddings: colour = first object's colour, marker = modality."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_manifest(manifest).rows
+def _embedding_map(emb: dict, keys: dict, manifest: Path, out: Path, max_points: int = 900) -> Path | None:
+    """2-D PCA of the test embeddings (`mmembed map`'s drawing): colour = the scene's first
+    object's colour, marker = modality."""
     if not emb:
         return None
-    allz = torch.cat([z[:max_rows] for z in emb.values()])
-    mean = allz.mean(0, keepdim=True)
-    _, _, v = torch.pca_lowrank(allz - mean, q=2, center=False)
-    colour_of = {r.label: (r.meta.get("objects") or [{}])[0].get("colour", "grey") for r in rows}
-    markers = ["o", "s", "^", "D"]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for i, (m, z) in enumerate(emb.items()):
-        xy = ((z[:max_rows] - mean) @ v).numpy()
-        colours = [_mpl_colour(colour_of.get(k, "grey")) for k in keys[m][:max_rows]]
-        ax.scatter(xy[:, 0], xy[:, 1], c=colours, marker=markers[i % 4], s=18, alpha=0.7, label=str(m),
-                   edgecolors="none")
-    ax.legend(title="modality")
-    ax.set_title("test embeddings, PCA (colour = object colour)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def _mpl_colour(name: str) -> str:
-    import matplotlib.colors as mc
-
-    return name if name in mc.CSS4_COLORS or name in mc.BASE_COLORS else "grey"
+    colour_of = {r.label: (r.meta.get("objects") or [{}])[0].get("colour") for r in read_manifest(manifest).rows}
+    modalities = [str(m) for m, z in emb.items() for _ in range(z.shape[0])]
+    metadata = [{"colour": colour_of.get(k)} for m in emb for k in keys[m]]
+    column = "colour" if any(m["colour"] is not None for m in metadata) else "modality"  # a world without objects
+    what = "first object's colour" if column == "colour" else column
+    drawn = map_vectors(torch.cat(list(emb.values())), modalities, metadata, column, out, max_points=max_points,
+                        title=f"test embeddings, PCA (colour = {what})")
+    return drawn.path
 
 
 def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: dict, figure: Path | None,

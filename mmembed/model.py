@@ -26,7 +26,8 @@ from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space
 
 if TYPE_CHECKING:
-    from mmembed.decoder import Generation, Prompt, PromptModel
+    from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops
+    from mmembed.insight import AttentionMaps, SweepRow, TokenEntropy
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,54 @@ class Model:
         if batch:
             raise UserError("stream takes one prompt; use generate for a batch")
         yield from stream(pm.lm, pm.fmt, prompts[0], max_new_tokens, *args, seed, self.device)
+
+    def attention_maps(self, prompt: Prompt) -> AttentionMaps:
+        """The decoder's attention over one prompt (given as to `generate`), per layer and head.
+
+        One prefill forward with temporary hooks: generation itself is untouched.
+
+        Returns:
+            `AttentionMaps`: weights (layers, heads, T, T) and a label per position (media soft
+            tokens as `<image 1>`, `<audio 1>` ...); `.plot(png)` draws them.
+
+        Raises:
+            UserError: the run has no decoder, or a batch was given. BadInput as in `generate`.
+        """
+        from mmembed.insight import attention_maps
+
+        pm, resolved, _ = self._one_prompt(prompt, "attention_maps")
+        return attention_maps(pm, resolved, self.device)
+
+    def temperature_sweep(self, prompt: Prompt, temperatures: Sequence[float], samples: int = 8,
+                          max_new_tokens: int = 32, seed: int | None = 0, top_k: int | None = None,
+                          top_p: float | None = None, stop: str | int | Sequence | None = None) -> list[SweepRow]:
+        """Sample `samples` answers to one prompt at each temperature (other arguments as in
+        `generate`; the same seed at every temperature).
+
+        Returns:
+            One `SweepRow` per temperature: mean entropy of the distribution drawn from and of the
+            model's own (T = 1), distinct-1/2 over the answers (see `mmembed.insight.entropy`).
+        """
+        from mmembed.insight import temperature_sweep
+
+        pm, resolved, stops = self._one_prompt(prompt, "temperature_sweep", top_k, top_p, stop)
+        return temperature_sweep(pm, resolved, temperatures, self.device, samples, max_new_tokens, seed, top_k,
+                                 top_p, stops)
+
+    def token_entropy(self, prompt: Prompt, generation: Generation) -> TokenEntropy:
+        """Per-token entropies of a `generation` of `prompt`: of the distribution each token was
+        drawn from (`generation.entropy`) and of the model's own (T = 1); `.plot(png)` draws them."""
+        from mmembed.insight import token_entropy
+
+        pm, resolved, _ = self._one_prompt(prompt, "token_entropy")
+        return token_entropy(pm, resolved, generation, self.device)
+
+    def _one_prompt(self, prompt: Any, what: str, top_k: int | None = None, top_p: float | None = None,
+                    stop: Any = None) -> tuple[PromptModel, Resolved, Stops]:
+        pm, prompts, batch, (_, stops) = self._generation_inputs(prompt, 0.0, top_k, top_p, stop)
+        if batch:
+            raise UserError(f"{what} takes one prompt, not a batch")
+        return pm, prompts[0], stops
 
     def _generation_inputs(self, prompt: Any, temperature: float, top_k: int | None, top_p: float | None,
                            stop: Any) -> tuple[PromptModel, list, bool, tuple]:

@@ -1,0 +1,185 @@
+"""Embedding map: PCA equals an SVD reference, seeded sampling, column lookup and errors, the PNG, the CLI."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from mmembed.cli import main
+from mmembed.errors import UserError
+from mmembed.insight.embedding_map import (MAX_CATEGORIES, _categories, column_values, embedding_map, is_numeric,
+                                           map_columns, map_vectors, pca_2d, project_2d, sample_rows)
+from mmembed.retrieval import Index
+
+D = 12
+PNG = b"\x89PNG\r\n\x1a\n"
+COLOURS = ["red", "green", "blue"]
+
+
+def build_index() -> Index:
+    """30 images and 20 texts; metadata with a numeric, a categorical and a nested column."""
+    index = Index(D)
+    g = torch.Generator().manual_seed(0)
+    for modality, n in [("image", 30), ("text", 20)]:
+        meta = [{"label": f"c{i % 4}", "score": float(i), "objects": [{"colour": COLOURS[i % 3]}]} for i in range(n)]
+        index.add(torch.randn(n, D, generator=g), modality, meta)
+    return index
+
+
+def _reference_pca(x: np.ndarray) -> np.ndarray:
+    centred = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    return u[:, :2] * s[:2]
+
+
+def _equal_up_to_sign(a: np.ndarray, b: np.ndarray) -> None:
+    for k in range(2):
+        sign = np.sign(a[:, k] @ b[:, k])
+        np.testing.assert_allclose(a[:, k], sign * b[:, k], atol=1e-4)
+
+
+def test_pca_equals_numpy_svd_up_to_sign():
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(1)) * torch.linspace(3, 0.1, D)
+    xy = pca_2d(x).numpy()
+    _equal_up_to_sign(xy, _reference_pca(x.double().numpy()))
+    assert xy[:, 0].var() > xy[:, 1].var()  # the first axis carries the most variance
+    # the documented sign convention: each axis's largest-magnitude loading is positive
+    centred = x.double().numpy() - x.double().numpy().mean(axis=0)
+    loadings = np.linalg.lstsq(centred, xy.astype(np.float64), rcond=None)[0]  # (D, 2)
+    assert all(loadings[np.abs(loadings[:, k]).argmax(), k] > 0 for k in range(2))
+
+
+def test_pca_of_one_point_is_the_origin():
+    assert pca_2d(torch.ones(1, D)).tolist() == [[0.0, 0.0]]
+
+
+def test_map_of_an_index_writes_a_png_of_its_pca(tmp_path):
+    index = build_index()
+    result = embedding_map(index, "label", tmp_path / "map.png")
+    assert result.path.read_bytes()[:8] == PNG
+    vectors = np.stack([index.vector(i).numpy() for i in index.ids()])  # the stored unit rows
+    _equal_up_to_sign(result.xy, _reference_pca(vectors.astype(np.float64)))
+    assert result.modalities == ["image"] * 30 + ["text"] * 20
+    assert result.values[:5] == ["c0", "c1", "c2", "c3", "c0"] and not result.numeric
+
+
+def test_a_saved_index_maps_like_the_live_one(tmp_path):
+    index = build_index()
+    index.remove([3, 4])
+    index.save(tmp_path / "idx")
+    live = embedding_map(index, "score", tmp_path / "a.png")
+    saved = embedding_map(tmp_path / "idx", "score", tmp_path / "b.png")
+    assert len(live.rows) == 48 and live.numeric
+    np.testing.assert_allclose(live.xy, saved.xy, atol=1e-6)
+    assert live.values == saved.values and 3.0 not in live.values[:30]
+
+
+def test_sampling_is_seeded_and_maps_the_subset(tmp_path):
+    index = build_index()
+    a = embedding_map(index, "modality", tmp_path / "a.png", max_points=10, seed=5)
+    b = embedding_map(index, "modality", tmp_path / "b.png", max_points=10, seed=5)
+    c = embedding_map(index, "modality", tmp_path / "c.png", max_points=10, seed=6)
+    assert len(a.rows) == 10 and list(a.rows) == sorted(a.rows) and len(set(a.rows)) == 10
+    assert list(a.rows) == list(b.rows) and list(a.rows) != list(c.rows)
+    vectors = np.stack([index.vector(i).numpy() for i in index.ids()])[a.rows]
+    _equal_up_to_sign(a.xy, _reference_pca(vectors.astype(np.float64)))
+    assert a.values == a.modalities
+    assert list(sample_rows(7, 10, 0)) == list(range(7))
+
+
+def test_columns_nested_paths_and_kinds():
+    meta = [{"label": "a", "n": 1, "objects": [{"colour": "red"}, {"colour": "blue"}], "tags": []}, {"label": "b"}]
+    assert map_columns(meta) == ["modality", "label", "n", "objects.0.colour"]
+    assert column_values(meta, "objects.1.colour") == ["blue", None]
+    assert column_values(meta, "n") == [1, None]
+    assert is_numeric([1, 2.5, None]) and not is_numeric([True, False]) and not is_numeric(["1", 2])
+
+
+def test_unknown_column_lists_the_valid_ones(tmp_path):
+    with pytest.raises(UserError, match=r"unknown --color-by column 'colour'; valid: modality, label, score, "
+                                        r"objects\.0\.colour$"):
+        embedding_map(build_index(), "colour", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_many_categories_are_capped_with_other():
+    values = [f"v{i}" for i in range(30) for _ in range(30 - i)]  # v0 most frequent
+    labels, colours = _categories(values)
+    assert len(colours) == MAX_CATEGORIES and list(colours)[-1] == "other"
+    assert labels.count("other") == sum(range(1, 12))  # v19..v29 occur 11..1 times
+    assert len(set(map(str, colours.values()))) == MAX_CATEGORIES - 1 + 1  # 19 distinct + grey
+    _, named = _categories(["red", "blue", None])
+    assert named == {"red": "red", "blue": "blue", "(missing)": "lightgrey"}  # colour names draw in their colour
+
+
+@pytest.mark.parametrize("method,module", [("tsne", "sklearn.manifold"), ("umap", "umap")])
+def test_missing_method_is_one_line(monkeypatch, method, module):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    with pytest.raises(UserError) as e:
+        project_2d(torch.randn(20, D), method)
+    assert "\n" not in str(e.value) and "not installed" in str(e.value) and "--method pca" in str(e.value)
+    with pytest.raises(UserError, match="unknown projection method 'mds'; valid: pca, tsne, umap"):
+        project_2d(torch.randn(20, D), "mds")
+
+
+def test_tsne_is_called_seeded_when_installed(monkeypatch, tmp_path):
+    calls = {}
+
+    class FakeTSNE:
+        def __init__(self, **kwargs):
+            calls.update(kwargs)
+
+        def fit_transform(self, x):
+            calls["shape"] = x.shape
+            return x[:, :2] * 2
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", types.SimpleNamespace(TSNE=FakeTSNE))
+    x = torch.randn(20, D)
+    xy = map_vectors(x, ["image"] * 20, [{}] * 20, "modality", tmp_path / "t.png", method="tsne", seed=3).xy
+    np.testing.assert_allclose(xy, x[:, :2].numpy() * 2, rtol=1e-6)
+    assert calls["random_state"] == 3 and calls["n_components"] == 2 and calls["shape"] == (20, D)
+    assert calls["perplexity"] < 20  # scikit-learn requires perplexity < n_samples
+
+
+def test_demo_map_colours_by_the_first_objects_colour(tmp_path):
+    from mmembed.demo import _embedding_map
+
+    rows = [{"text": f"scene {i}", "label": f"s{i}", "objects": [{"colour": COLOURS[i % 3]}]} for i in range(6)]
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    emb = {"text": torch.randn(6, D), "image": torch.randn(6, D)}
+    keys = {m: [f"s{i}" for i in range(6)] for m in emb}
+    out = _embedding_map(emb, keys, manifest, tmp_path / "embedding_map.png")
+    assert out == tmp_path / "embedding_map.png" and out.read_bytes()[:8] == PNG
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as e:
+        main(["map", "--help"])
+    assert e.value.code == 0
+
+
+def _one_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("mmembed: error:") and match in err, err
+
+
+def test_cli(capsys, tmp_path, monkeypatch):
+    build_index().save(tmp_path / "idx")
+    assert main(["map", str(tmp_path / "idx"), "--color-by", "score", "--out", str(tmp_path / "m.png")]) == 0
+    assert "50 points by pca, colour = score (colourbar)" in capsys.readouterr().out
+    assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+    _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "nope", "--out", "x.png"],
+              "valid: modality, label, score")
+    _one_line(capsys, ["map", str(tmp_path / "none"), "--color-by", "label", "--out", "x.png"], "not found")
+    _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", "x.png", "--method", "mds"],
+              "invalid choice")
+    _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", "x.png", "--max-points", "0"],
+              "--max-points must be positive")
+    monkeypatch.setitem(sys.modules, "umap", None)
+    _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", "x.png", "--method", "umap"],
+              "needs the umap-learn package")

@@ -1,0 +1,89 @@
+"""fit_power_law recovers known laws; FLOP counts equal a hand count."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmembed.decoder.model import Decoder
+from mmembed.insight.flops import estimated_training_flops, measured_flops
+from mmembed.insight.power_law import fit_power_law
+
+
+def test_exact_power_law_with_offset_is_recovered():
+    x = np.geomspace(1e4, 1e7, 7)
+    fit = fit_power_law(x, 1.7 + 400 * x ** -0.34, bootstrap=0)
+    assert fit.E == pytest.approx(1.7, rel=1e-6)
+    assert fit.A == pytest.approx(400, rel=1e-5)
+    assert fit.alpha == pytest.approx(0.34, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert fit.predict(1e8) == pytest.approx(1.7 + 400 * 1e8 ** -0.34, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noisy_power_law_parameters_inside_bootstrap_intervals(seed):
+    rng = np.random.default_rng(seed)
+    x = np.geomspace(1e3, 1e9, 12)  # FLOP-like magnitudes: the fit rescales x internally
+    truth = dict(E=0.8, A=30.0, alpha=0.25)
+    y = (truth["E"] + truth["A"] * x ** -truth["alpha"]) * (1 + 0.005 * rng.standard_normal(len(x)))
+    fit = fit_power_law(x, y, bootstrap=300, seed=seed)
+    assert fit.alpha == pytest.approx(truth["alpha"], rel=0.1)
+    assert fit.E == pytest.approx(truth["E"], rel=0.1)
+    assert fit.r2 > 0.99
+    for name, value in truth.items():
+        lo, hi = fit.ci[name]
+        assert lo <= value <= hi, (name, lo, value, hi)
+
+
+def test_pure_power_law_and_no_offset_mode():
+    x = np.array([10.0, 30.0, 100.0, 300.0, 1000.0])
+    y = 5.0 * x ** -0.5
+    for offset in (True, False):
+        fit = fit_power_law(x, y, offset=offset, bootstrap=0)
+        assert fit.E == pytest.approx(0.0, abs=1e-9)
+        assert (fit.A, fit.alpha) == (pytest.approx(5.0, rel=1e-6), pytest.approx(0.5, rel=1e-6))
+    # without an offset the fit cannot absorb a floor: it fits worse than with one
+    y2 = 2.0 + y
+    assert fit_power_law(x, y2, offset=False, bootstrap=0).r2 < fit_power_law(x, y2, bootstrap=0).r2
+
+
+@pytest.mark.parametrize("x, y, match", [
+    ([1, 2], [3, 2], "at least 3 distinct"),
+    ([1, 1, 1, 2], [3, 3, 3, 2], "at least 3 distinct"),
+    ([1, 2, 3], [1, 0, 1], "positive"),
+    ([1, 2, float("nan")], [1, 2, 3], "finite"),
+    ([1, 2, 3], [1, 2], "differ in length"),
+])
+def test_bad_inputs_are_refused(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        fit_power_law(x, y)
+
+
+def _hand_count(B, T, C, L, V):
+    """Forward FLOPs of the decoder: per token and layer q,k,v,out (4C²) and MLP (8C²) products at
+    2 FLOPs per multiply-add, attention scores and weighted values 2·2·T·C, then the head 2·C·V."""
+    linear = B * T * (L * 24 * C * C + 2 * C * V)
+    attention = B * T * L * 4 * T * C
+    return linear, attention
+
+
+def test_decoder_flops_match_a_hand_count():
+    B, T, C, L, V = 3, 16, 32, 2, 50
+    torch.manual_seed(0)
+    decoder = Decoder(V, C, L, heads=2, max_len=T)
+    ids = torch.randint(0, V, (B, T))
+    linear, attention = _hand_count(B, T, C, L, V)
+    assert measured_flops(lambda: decoder(ids), backward=False) == linear + attention
+    # backward: two products per linear product (input and weight gradients); attention's
+    # backward recomputes the scores: 2.5× its forward (PyTorch's SDPA formula)
+    loss = lambda: decoder(ids).logsumexp(-1).sum()  # noqa: E731
+    assert measured_flops(loss) == 3 * linear + attention + int(2.5 * attention)
+
+
+def test_six_n_d_estimate_is_close_to_the_measured_count_when_width_dominates():
+    B, T, C, L, V = 2, 8, 128, 2, 16
+    decoder = Decoder(V, C, L, heads=4, max_len=T, tie_embeddings=False)
+    ids = torch.randint(0, V, (B, T))
+    measured = measured_flops(lambda: decoder(ids).logsumexp(-1).sum())
+    estimate = estimated_training_flops(decoder.num_parameters(non_embedding=True), B * T)
+    assert estimate == 6 * decoder.num_parameters() * B * T
+    assert estimate == pytest.approx(measured, rel=0.05)  # attention (T ≪ C) and the head (V ≪ C) are small

@@ -1,0 +1,92 @@
+"""`mmembed scale`: a tiny sweep and a tiny regularisation study end to end, and their numbers."""
+
+import json
+
+import pytest
+
+from mmembed.cli import main
+from mmembed.insight.lm_data import token_rows, train_world_tokenizer, world_documents
+from mmembed.insight.power_law import fit_power_law
+
+TINY = ["tokens=12000", "context=32", "val_tokens=2048", "bootstrap=20", "recipe.batch_size=16",
+        "recipe.eval_every=10", "recipe.eval_rows=32", "recipe.warmup_steps=5",
+        "sizes=[{width: 16, layers: 1, heads: 2}, {width: 24, layers: 1, heads: 2}, {width: 32, layers: 1, heads: 2}]",
+        "next_size={width: 40, layers: 1, heads: 2}"]
+
+
+def test_world_documents_are_seeded_and_rows_overlap_by_one_id():
+    assert world_documents(5, seed=3) == world_documents(5, seed=3)
+    assert world_documents(5, seed=3) != world_documents(5, seed=4)
+    tok = train_world_tokenizer(300, seed=0, documents=300)
+    rows = token_rows(tok, 1000, context=16, seed=1)
+    assert rows.shape == (63, 17)  # ceil(1000 / 16) rows of 16 inputs + 1 target
+    assert (rows[1:, 0] == rows[:-1, -1]).all()  # every id is predicted exactly once
+    assert tok.eos_id in rows.flatten().tolist()  # documents are separated
+
+
+def test_sweep_writes_fit_prediction_and_verification(tmp_path, capsys):
+    assert main(["scale", "--verify", "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "fit against N" in out and "prediction for w40 L1 h2" in out and "trained:" in out
+    doc = json.loads((tmp_path / "scaling.json").read_text())
+    rungs = doc["rungs"]
+    assert [r["label"] for r in rungs] == ["w16 L1 h2", "w24 L1 h2", "w32 L1 h2"]
+    params = [r["params"] for r in rungs]
+    assert params == sorted(params) and len(set(r["tokens"] for r in rungs)) == 1  # fixed data budget
+    for r in rungs:
+        assert r["flops_estimate"] == 6 * r["params"] * r["tokens"]
+        assert r["flops_measured"] > r["flops_estimate"]  # + attention and the (tied) LM head
+        assert r["best_val_loss"] == min(p["val_loss"] for p in r["curve"])
+    refit = fit_power_law(params, [r["val_loss"] for r in rungs], bootstrap=0)
+    assert doc["fit"]["alpha"] == pytest.approx(refit.alpha, rel=1e-6)
+    assert doc["fit"]["r2"] == pytest.approx(refit.r2, rel=1e-6)
+    p = doc["prediction"]
+    assert p["val_loss"] == pytest.approx(refit.predict(p["x"]), rel=1e-6)
+    assert p["x"] == p["result"]["params"]  # the predicted x is the trained model's N
+    assert p["error"] == pytest.approx((p["val_loss"] - p["trained"]) / p["trained"])
+    lines = (tmp_path / "scaling.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("rung,width,layers,heads,params")
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_data_axis_varies_tokens_for_one_model(tmp_path, capsys):
+    argv = ["scale", "--axis", "data", "--out", str(tmp_path), *TINY, "data_tokens=[4096, 8192, 16384]",
+            "data_size={width: 16, layers: 1, heads: 2}"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "scaling.json").read_text())
+    assert len({r["params"] for r in doc["rungs"]}) == 1
+    assert [r["tokens"] for r in doc["rungs"]] == [4096, 8192, 16384]
+    assert doc["prediction"]["x"] == 32768  # the next budget: twice the last
+
+
+def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
+    argv = ["scale", "--study", "regularisation", "--out", str(tmp_path), "context=32", "val_tokens=2048",
+            "recipe.batch_size=16", "recipe.eval_rows=32", "recipe.warmup_steps=5",
+            "regularisation.size={width: 32, layers: 1, heads: 2}", "regularisation.train_tokens=1024",
+            "regularisation.epochs=12", "regularisation.eval_every=4", "regularisation.dropouts=[0.0, 0.3]",
+            "regularisation.weight_decays=[0.0]"]
+    assert main(argv) == 0
+    assert "gap without regularisation" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "regularisation.json").read_text())
+    assert [(s["dropout"], s["weight_decay"]) for s in doc["settings"]] == [(0.0, 0.0), (0.3, 0.0)]
+    for s in doc["settings"]:
+        curve = s["curve"]
+        assert s["gap"] == pytest.approx(curve[-1]["val_loss"] - curve[-1]["train_loss"])
+        best = min(curve, key=lambda p: p["val_loss"])
+        assert (s["early_stop_step"], s["early_stop_val_loss"]) == (best["step"], best["val_loss"])
+    assert doc["settings"][0]["gap"] > 0  # 1k tokens for 12 epochs: memorised
+    assert (tmp_path / "regularisation.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["scale", "--study", "regularisation", "--verify"], "--verify belongs to the sweep"),
+    (["scale", "sizes=[{width: 16, layers: 1, heads: 2}]"], "at least 3 model sizes"),
+    (["scale", "sizes=[{width: 30, layers: 1, heads: 4}, {width: 16, layers: 1, heads: 2}, "
+                "{width: 24, layers: 1, heads: 2}]"], "not divisible"),
+    (["scale", "recipe.lr=fast"], "recipe.lr must be float"),
+    (["scale", "--axis", "time"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("mmembed: error:") and match in err, err
