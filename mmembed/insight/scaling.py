@@ -50,18 +50,23 @@ class SweepReport:
     compute_fit: PowerLawFit  # loss against measured training FLOPs
     prediction: dict  # {"label", "x", "val_loss"}; with --verify also "trained", "error"
     files: dict[str, str]
+    data_unit: str = "tokens"  # what D counts
+    loss_unit: str = "nats/token"
+    note: str = ""  # printed under the table
 
     def summary(self) -> str:
-        lines = [f"{'rung':<22}{'N (non-emb.)':>13}{'tokens':>11}{'6ND':>10}{'FLOPs meas.':>12}"
-                 f"{'time':>8}{'val loss':>10}"]
+        lines = [f"{'rung':<22}{'N (non-emb.)':>13}{'N (total)':>11}{self.data_unit:>11}{'6ND':>10}"
+                 f"{'FLOPs meas.':>12}{'time':>8}{'val loss':>10}"]
         for r in self.rungs:
             x = r.result
-            lines.append(f"{r.label:<22}{x.params:>13,}{x.tokens:>11,}{x.flops_estimate:>10.2e}"
+            lines.append(f"{r.label:<22}{x.params:>13,}{x.params_total:>11,}{x.tokens:>11,}{x.flops_estimate:>10.2e}"
                          f"{x.flops_measured:>12.2e}{x.seconds:>7.0f}s{x.val_loss:>10.4f}")
+        if self.note:
+            lines.append(self.note)
         lines.append(f"fit against {'N' if self.axis == 'params' else 'D'}: {self.fit}")
         lines.append(f"fit against compute C: {self.compute_fit}")
         p = self.prediction
-        line = f"prediction for {p['label']} ({p['x']:,}): val loss {p['val_loss']:.4f}"
+        line = f"prediction for {p['label']} ({p['x']:,}): val loss {p['val_loss']:.4f} ({self.loss_unit})"
         if "trained" in p:
             line += f"; trained: {p['trained']:.4f} (error {100 * p['error']:+.1f}%)"
         lines.append(line)

@@ -15,7 +15,8 @@ def plot_scaling(report, out: Path) -> Path:
     tokens for every rung. Returns `out`."""
     plt = pyplot()
     rungs = report.rungs
-    name = "N (non-embedding parameters)" if report.axis == "params" else "D (training tokens)"
+    name = "N (non-embedding parameters)" if report.axis == "params" else f"D (training {report.data_unit})"
+    loss_label = f"validation loss ({report.loss_unit})"
     xs = np.array([r.result.params if report.axis == "params" else r.result.tokens for r in rungs], dtype=float)
     ys = np.array([r.result.val_loss for r in rungs])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -29,7 +30,7 @@ def plot_scaling(report, out: Path) -> Path:
     if "trained" in p:
         ax.scatter([p["x"]], [p["trained"]], marker="o", facecolors="none", edgecolors="C3", s=90, zorder=4,
                    label=f"trained: error {100 * p['error']:+.1f}%")
-    _loglog(ax, name, "validation loss (nats/token)")
+    _loglog(ax, name, loss_label)
     ax.set_title("loss against " + ("model size" if report.axis == "params" else "data"))
 
     ax = axes[1]
@@ -37,7 +38,7 @@ def plot_scaling(report, out: Path) -> Path:
     grid = np.geomspace(cs.min() / 1.3, cs.max() * 1.3, 200)
     ax.plot(grid, report.compute_fit.predict(grid), color="C1", alpha=0.6, label=_fit_label(report.compute_fit))
     ax.scatter(cs, ys, color="C1", zorder=3)
-    _loglog(ax, "C (training FLOPs, measured)", "validation loss (nats/token)")
+    _loglog(ax, "C (training FLOPs, measured)", loss_label)
     ax.set_title("loss against compute")
 
     ax = axes[2]
@@ -45,7 +46,7 @@ def plot_scaling(report, out: Path) -> Path:
         curve = r.result.curve
         colour = plt.cm.viridis(i / max(1, len(rungs) - 1))
         ax.plot([c["tokens"] for c in curve], [c["val_loss"] for c in curve], color=colour, label=r.label)
-    _loglog(ax, "tokens seen", "validation loss")
+    _loglog(ax, f"{report.data_unit} seen", loss_label)
     ax.set_title("learning curves")
     return save_png(fig, out)
 

@@ -151,7 +151,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     if not active:
         raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
     skips = SkipCounter()
-    train_loader, steps = _train_loader_factory(cfg, root, tokenizer, active, skips)
+    train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
 
@@ -176,7 +176,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     return run_dir
 
 
-def _train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
+def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
                           skips: SkipCounter) -> tuple[Callable, int]:
     pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
            for m in active}

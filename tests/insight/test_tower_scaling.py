@@ -1,0 +1,148 @@
+"""`mmembed scale target=towers`: a tiny ladder of shared spaces end to end, and its numbers
+checked against independent recomputations (the loss from the saved model, the FLOPs from a
+counter around a whole training run)."""
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmembed as mm
+from mmembed.cli import main
+from mmembed.config import ConfigError, load_config
+from mmembed.data import EpochBatchSampler, ManifestDataset, read_manifest
+from mmembed.insight.flops import measured_flops
+from mmembed.insight.power_law import PowerLawFit
+from mmembed.insight.sweep_config import load_scaling_config
+from mmembed.insight.tower_scaling import heads_for, rung_config, run_tower_sweep, space_parameters
+from mmembed.losses import build_loss
+from mmembed.modality import Modality
+from mmembed.preprocess import build_preprocessor
+from mmembed.space import build_space
+from mmembed.tokenizer import load_tokenizer
+from mmembed.train.align import train_align
+from tests.conftest import tiny_config
+
+WIDTHS = [16, 24, 32]
+
+
+def tower_overrides(config: Path) -> list[str]:
+    return ["target=towers", "bootstrap=20", f"towers.config={config}", f"towers.widths={WIDTHS}",
+            "towers.next_width=40"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_world, tmp_path_factory):
+    """One `mmembed scale --verify` run over 3 tiny widths, 1 epoch each: (out dir, stdout)."""
+    base = tmp_path_factory.mktemp("towers")
+    config = tiny_config(tiny_world, base / "base", epochs=1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["scale", "--verify", "--out", str(base / "sweep"), *tower_overrides(config)]) == 0
+    return base / "sweep", out.getvalue()
+
+
+def test_heads_divide_the_width_with_heads_of_at_least_32_channels():
+    assert [heads_for(w) for w in (16, 32, 48, 64, 96, 100, 128, 160)] == [1, 1, 1, 2, 3, 2, 4, 5]
+
+
+def test_rung_config_scales_every_tower_and_nothing_else(tiny_world, tmp_path):
+    path = tiny_config(tiny_world, tmp_path / "base")
+    config = load_scaling_config("scaling", [*tower_overrides(path), f"out_dir={tmp_path / 'sweep'}"])
+    base, cfg = load_config(path), rung_config(config, 64)
+    assert cfg.train.out_dir == str(tmp_path / "sweep" / "towers" / "w64")
+    assert cfg.model.embed_dim == base.model.embed_dim == 32
+    for name, tower in cfg.model.towers.items():
+        expected = base.model.towers[name].encoder_args | {"width": 64, "heads": 2}
+        assert tower.encoder_args == expected
+    # N leaves out exactly the token table and any learned position table
+    space = build_space(cfg.model, vocab_size=300)
+    tables = sum(p.numel() for n, p in space.named_parameters() if n.endswith(("token_embedding.weight",
+                                                                                "positional.embedding.weight")))
+    n, total = space_parameters(space)
+    assert total == sum(p.numel() for p in space.parameters()) and tables > 0 and n == total - tables
+
+
+def test_a_ladder_needs_three_widths_and_the_params_axis(tiny_world, tmp_path):
+    path = tiny_config(tiny_world, tmp_path / "base")
+    with pytest.raises(ConfigError, match="at least 3 widths"):
+        run_tower_sweep(load_scaling_config("scaling", [*tower_overrides(path), "towers.widths=[16, 32]"]))
+    with pytest.raises(ConfigError, match="axis: params"):
+        run_tower_sweep(load_scaling_config("scaling", [*tower_overrides(path), "axis=data"]))
+
+
+def test_ladder_records_parameters_samples_flops_and_loss(sweep):
+    out, stdout = sweep
+    doc = json.loads((out / "scaling.json").read_text())
+    assert doc["target"] == "towers" and "samples" in doc["units"]["tokens"]
+    rungs = doc["rungs"]
+    assert [r["label"] for r in rungs] == ["w16 L1 h1", "w24 L1 h1", "w32 L1 h1"]
+    params = [r["params"] for r in rungs]
+    assert params[0] < params[1] < params[2] and all(r["params_total"] > r["params"] for r in rungs)
+    for r in rungs:
+        assert r["tokens"] == 48  # D = samples: 51 training rows → 3 batches of 16, one epoch
+        assert r["flops_estimate"] == 6 * r["params"] * r["tokens"]
+        assert r["flops_measured"] > r["flops_estimate"]  # every token of every tower, not one per sample
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+        assert [p["step"] for p in r["curve"]] == [2, 3]  # every checkpoint; the last is the saved model
+        assert r["curve"][-1]["val_loss"] == pytest.approx(r["val_loss"], rel=1e-6)
+    assert [r["flops_measured"] for r in rungs] == sorted(r["flops_measured"] for r in rungs)
+    assert "D is training samples" in stdout and "prediction for w40 L1 h1" in stdout and "trained:" in stdout
+
+
+def test_val_loss_is_the_contrastive_loss_of_the_saved_model(sweep):
+    out, _ = sweep
+    rung = json.loads((out / "scaling.json").read_text())["rungs"][1]
+    model = mm.load(out / "towers" / "w24")
+    cfg = model.config
+    root = Path(cfg.data.root)
+    rows = read_manifest(root / cfg.data.val, root=root).rows
+    chunk = min(cfg.train.batch_size, len(rows))  # 6 validation rows: one chunk
+    loss_fn, losses = build_loss(cfg.loss), []
+    for start in range(0, len(rows) - chunk + 1, chunk):
+        part = rows[start:start + chunk]
+        emb = {m: model.embed(m, [r.items[m] for r in part]) for m in model.modalities}
+        present = {m: torch.ones(chunk, dtype=torch.bool) for m in model.modalities}
+        with torch.no_grad():
+            losses.append(float(loss_fn(emb, present, model.space.logit_scale, None, model.space.logit_bias).total))
+    assert set(model.modalities) == {Modality.TEXT, Modality.IMAGE, Modality.AUDIO}
+    assert rung["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_measured_flops_equal_a_counter_around_the_whole_training_run(sweep, tmp_path):
+    out, _ = sweep
+    rung = json.loads((out / "scaling.json").read_text())["rungs"][0]
+    run = out / "towers" / "w16"
+    cfg = load_config(run / "config.yaml", ["data.val=null", f"train.out_dir={tmp_path / 'run'}"])
+    # without a validation set the run is: preprocessing of every row it draws (the mel filterbank
+    # is a matmul), then forward + backward of every batch (optimizer updates count 0 FLOPs)
+    counted = measured_flops(lambda: train_align(cfg, overwrite=True), backward=False)
+    root, tokenizer = Path(cfg.data.root), load_tokenizer(run / "tokenizer.json")
+    pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=True)
+           for m, t in cfg.model.towers.items()}
+    dataset = ManifestDataset(read_manifest(root / cfg.data.train, root=root), pre)
+    drawn = [i for batch in EpochBatchSampler(len(dataset), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                              drop_last=True) for i, _ in batch]
+    preprocessing = measured_flops(lambda: [dataset.load(i) for i in drawn], backward=False)
+    assert len(drawn) == rung["tokens"] == 48 and preprocessing > 0
+    assert rung["flops_measured"] == counted - preprocessing
+
+
+def test_fit_prediction_and_verification_are_written(sweep):
+    out, _ = sweep
+    doc = json.loads((out / "scaling.json").read_text())
+    fit, p = doc["fit"], doc["prediction"]
+    assert fit["n"] == doc["compute_fit"]["n"] == 3 and set(fit["ci"]) == {"E", "A", "alpha"}
+    law = PowerLawFit(fit["E"], fit["A"], fit["alpha"], fit["r2"], fit["n"])
+    assert p["label"] == "w40 L1 h1" and p["val_loss"] == pytest.approx(float(law.predict(p["x"])), rel=1e-9)
+    assert p["x"] == p["result"]["params"] > doc["rungs"][-1]["params"]  # the untrained count is the trained N
+    assert p["trained"] == p["result"]["val_loss"]
+    assert p["error"] == pytest.approx((p["val_loss"] - p["trained"]) / p["trained"])
+    lines = (out / "scaling.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("rung,width,layers,heads,params,params_total,tokens")
+    assert lines[1].startswith("w16 L1 h1,16,1,1,")
+    assert (out / "scaling.png").stat().st_size > 10_000
