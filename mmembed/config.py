@@ -107,7 +107,10 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps
     keep_last: int = 2  # checkpoints kept besides the best
     early_stop_patience: int | None = None  # evaluations without improvement
+    # The validation metric that picks the best checkpoint (and drives early stopping): a loss
+    # ("loss", "val_loss", "loss/...") is minimised, any other metric maximised.
     early_stop_metric: str = "recall@1"
+    restore_best: bool = True  # with validation, end with the best checkpoint's weights, not the last
     log_every: int = 10  # steps between metrics.jsonl rows
     progress_every_s: float = 30.0  # without a terminal (no progress bar): seconds between progress log lines
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops

@@ -5,6 +5,11 @@ loss), a way to make each epoch's loader, and optionally an evaluation function.
 owns everything users expect from a long run: AdamW + warm-up/cosine, accumulation, clipping,
 bf16 autocast, non-finite guards, time and step budgets, early stopping, JSONL metrics, a
 progress bar, and atomic checkpoints that resume exactly (model, optimizer, RNGs, data position).
+
+With validation, every new best value of `early_stop_metric` is checkpointed; pruning never
+deletes that checkpoint, and at the end (`restore_best`) its weights are copied back into the
+module, so the stage saves the best model rather than the last one. The last checkpoint keeps
+the last weights: `--resume` with a larger budget continues training from where it stopped.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from tqdm.auto import tqdm
 
 from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
-from mmembed.errors import UserError
+from mmembed.errors import CheckpointError, UserError
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
-from mmembed.train.state import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                 remove_partial_checkpoints, save_checkpoint)
+from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
+                                 prune_checkpoints, remove_partial_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,10 @@ class StepOutput:
 class FitResult:
     progress: Progress
     stopped_because: str
-    last_checkpoint: Path | None
+    last_checkpoint: Path | None  # holds the last weights (and everything needed to resume)
+    best_step: int | None = None  # the step with the best validation `early_stop_metric` (None: no validation)
+    best_metric: float | None = None  # that value
+    weights_step: int = 0  # the step whose weights the module holds now: best_step when restored, else the last
 
 
 class NonFiniteLossError(UserError):
@@ -63,7 +71,8 @@ class Trainer:
         steps_per_epoch: batches per epoch, for the schedule and progress bar.
         config: the `train` section of the config.
         run_dir: where checkpoints/, metrics.jsonl and curves go.
-        evaluate: () → metrics dict, called every `eval_every` steps / epoch end.
+        evaluate: () → metrics dict, called every `eval_every` steps / epoch end; its
+            `early_stop_metric` picks the best checkpoint, restored at the end (`restore_best`).
         after_step: called after each optimizer step (the shared space clamps its logit scale).
         callbacks: called as cb(event, trainer, info) on "step" and "checkpoint" events.
         extra_files: files copied into every checkpoint (config.yaml, tokenizer.json) so each
@@ -90,10 +99,15 @@ class Trainer:
         self._bad_in_a_row = 0
         self._last: dict[str, Any] = {}
         self._last_eval_step: int | None = None
+        self._last_value: float | None = None  # the early-stop metric at the latest evaluation
+        self._warned_metric = False
 
     # --- public -------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> FitResult:
+        """Train until the epochs, a budget or early stopping end the run (`resume`: continue the
+        latest checkpoint). With validation and `restore_best`, the module ends holding the best
+        checkpoint's weights; the last checkpoint keeps the last ones, to resume from."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(self.run_dir)
         if resume:
@@ -106,24 +120,30 @@ class Trainer:
                    dynamic_ncols=True, disable=None)
         # no terminal (a log file, CI, nohup): no bar, so a progress line now and then instead
         self._progress_line = None if not bar.disable else ProgressLine(self.total_steps, self.cfg.progress_every_s)
+        saved = None  # a checkpoint of the current state, when that was the last thing done
         try:
             while reason is None and self.progress.epoch < self.cfg.epochs:
+                saved = None
                 reason = self._run_epoch(bar, start)
                 if reason is None:  # the epoch ran to its end
                     self.progress.epoch += 1
                     self.progress.batch_in_epoch = 0
-                    if self.cfg.eval_every is None and self._evaluate_and_check():
-                        reason = "early stop"
+                    if self.cfg.eval_every is None:
+                        improved, stop = self._evaluate_and_check()
+                        saved = self._checkpoint() if improved else None
+                        reason = "early stop" if stop else None
             if self._last_eval_step != self.progress.step and reason != "early stop":
                 self._evaluate_and_check()  # the final model always gets a validation row
-            last_ckpt = self._checkpoint()
+                saved = None
+            last_ckpt = saved or self._checkpoint()  # the last weights, also when they are the best
         finally:
             bar.close()
         reason = reason or "finished"
         if self.progress.empty_batches:
             log.warning("%d batch(es) had no usable row and were skipped", self.progress.empty_batches)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
-        return FitResult(self.progress, reason, last_ckpt)
+        p = self.progress
+        return FitResult(p, reason, last_ckpt, p.best_step, p.best_metric, self._restore_best())
 
     # --- one epoch ----------------------------------------------------------------------
 
@@ -161,9 +181,12 @@ class Trainer:
                 self._progress_line.update(self.progress.step, self._last["loss"], self._last["samples_per_s"])
             for cb in self.callbacks:
                 cb("step", self, self._last)
-            if cfg.eval_every and self.progress.step % cfg.eval_every == 0 and self._evaluate_and_check():
-                return "early stop"
-            if self.progress.step % cfg.checkpoint_every == 0:
+            improved = False
+            if cfg.eval_every and self.progress.step % cfg.eval_every == 0:
+                improved, stop = self._evaluate_and_check()
+                if stop:
+                    return "early stop"  # fit() checkpoints the last step
+            if improved or self.progress.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
             if cfg.max_minutes is not None and (time.monotonic() - start) / 60 >= cfg.max_minutes:
                 return "time budget"
@@ -223,27 +246,63 @@ class Trainer:
 
     # --- evaluation, checkpoints, metrics -----------------------------------------------
 
-    def _evaluate_and_check(self) -> bool:
-        """Evaluate, log, keep the best checkpoint; True when early stopping triggers."""
+    def _evaluate_and_check(self) -> tuple[bool, bool]:
+        """Evaluate, log, track the best value. Returns (improved, stop): a new best, which the
+        caller checkpoints (before anything else moves), and whether early stopping triggers."""
         if self.evaluate is None:
-            return False
+            return False, False
         self._last_eval_step = self.progress.step
         metrics = self.evaluate()
         self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
-        value = metrics.get(self.cfg.early_stop_metric)
-        p = self.progress
+        name, p = self.cfg.early_stop_metric, self.progress
+        value = metrics.get(name)
         if value is None:
-            return False
-        if p.best_metric is None or value > p.best_metric:
+            if not self._warned_metric:
+                self._warned_metric = True
+                log.warning("train.early_stop_metric %r is not among the validation metrics (%s): no best "
+                            "checkpoint is kept and the last weights are saved", name, ", ".join(sorted(metrics)))
+            return False, False
+        self._last_value = value = float(value)
+        if _better(value, p.best_metric, lower_is_better(name)):
             p.best_metric, p.best_step, p.evals_since_best = value, p.step, 0
+            improved = True
         else:
             p.evals_since_best += 1
+            improved = False
         patience = self.cfg.early_stop_patience
-        return patience is not None and p.evals_since_best >= patience
+        return improved, patience is not None and p.evals_since_best >= patience
+
+    def _restore_best(self) -> int:
+        """With `restore_best`, load the best checkpoint's weights into the module and record it.
+        Returns the step whose weights the module now holds."""
+        p, name = self.progress, self.cfg.early_stop_metric
+        if p.best_step is None:  # no validation (or not this metric): the last weights
+            return p.step
+        last = "n/a" if self._last_value is None else f"{self._last_value:.4g}"
+        weights_step = p.step
+        if not self.cfg.restore_best:
+            log.info("kept the last weights (step %d, %s = %s); the best was step %d, %s = %.4g "
+                     "(train.restore_best is off)", p.step, name, last, p.best_step, name, p.best_metric)
+        elif p.best_step == p.step:
+            log.info("the last step is the best: step %d, %s = %.4g", p.step, name, p.best_metric)
+        else:
+            try:
+                load_weights(checkpoint_dir(self.run_dir, p.best_step), self.module)
+                weights_step = p.best_step
+                log.info("restored the best checkpoint: step %d, %s = %.4g (last: %s)", p.best_step, name,
+                         p.best_metric, last)
+            except CheckpointError as e:  # e.g. a run from before best checkpoints were kept
+                log.warning("cannot restore the best checkpoint (step %d): %s; keeping the last weights",
+                            p.best_step, e)
+        self._log({"step": p.step, "epoch": p.epoch, "best_step": p.best_step, f"best/{name}": p.best_metric,
+                   "weights_step": weights_step})
+        return weights_step
 
     def _checkpoint(self) -> Path:
         path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files)
-        prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        best = self.progress.best_step
+        prune_checkpoints(self.run_dir, self.cfg.keep_last,
+                          keep={checkpoint_dir(self.run_dir, best)} if best is not None else set())
         for cb in self.callbacks:
             cb("checkpoint", self, {"path": path})
         return path
@@ -262,11 +321,12 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+        """Drop metric lines written after the checkpoint we resume from (they will be redone),
+        and the end-of-run row naming the restored weights (the resumed run writes its own)."""
         if not self.metrics_path.exists():
             return
         keep = [line for line in self.metrics_path.read_text(encoding="utf-8").split("\n")
-                if line.strip() and _safe_step(line) <= step]
+                if line.strip() and _safe_step(line) <= step and '"weights_step"' not in line]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
 
@@ -292,6 +352,18 @@ class ProgressLine:
         eta = _hms((now - self.start) / done * (self.total - step)) if done else "–"
         self.logger.info("step %d/%d (%.0f%%), loss %.4f, %.0f samples/s, ETA %s", step, self.total,
                          100 * step / max(self.total, 1), loss, samples_per_s, eta)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses are minimised (`loss`, `val_loss`, `loss/text-image`); every other metric is maximised."""
+    return any(part.endswith("loss") for part in metric.split("/"))
+
+
+def _better(value: float, best: float | None, lower: bool) -> bool:
+    """Whether `value` beats `best`; a non-finite value never does (a NaN best would block every later one)."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if lower else value > best)
 
 
 def _hms(seconds: float) -> str:

@@ -4,9 +4,11 @@ A checkpoint is a folder `checkpoints/step_0000200/` holding
   model.safetensors    the module's state dict
   trainer.safetensors  optimizer tensors and the torch/numpy RNG states
   trainer.json         step, epoch, position in the epoch, optimizer hyper-parameters,
-                       python RNG state, best metric — written last
+                       python RNG state, best metric and its step — written last
 The folder is assembled under a temporary name and renamed into place, so a kill during the
 write leaves the previous checkpoint as the latest complete one. Nothing is pickled.
+The best checkpoint (by validation) is one of these folders: pruning keeps it besides the
+newest `keep_last`, and `load_weights` copies its weights back at the end of a run.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class Progress:
     epoch: int = 0  # current epoch
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     samples: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
+    best_metric: float | None = None  # best validation value of the early-stop metric so far
+    best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
     evals_since_best: int = 0
     bad_steps: int = 0  # non-finite steps skipped in total
     empty_batches: int = 0  # batches whose every row was skipped (no step taken)
@@ -45,8 +47,8 @@ class Progress:
 def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
                     extra_files: dict[str, Path] | None = None) -> Path:
     """Write `checkpoints/step_XXXXXXX/` atomically (temp folder + rename). Returns its path."""
-    root = Path(run_dir) / CKPT_DIR
-    final = root / f"step_{progress.step:07d}"
+    final = checkpoint_dir(run_dir, progress.step)
+    root = final.parent
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -69,6 +71,11 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
         os.replace(tmp, final)
         fsync_dir(root)
     return final
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken at `step` (which may not exist)."""
+    return Path(run_dir) / CKPT_DIR / f"step_{step:07d}"
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -124,6 +131,19 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     return progress
 
 
+def load_weights(path: Path, module: nn.Module) -> None:
+    """Copy the weights of checkpoint folder `path` into `module`, exactly (optimizer and RNGs untouched).
+
+    Raises:
+        CheckpointError: the weights file is missing or corrupt, or does not fit `module`.
+    """
+    weights = load_tensors(path / "model.safetensors")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit this model ({_last_line(e)})") from None
+
+
 def _last_line(e: BaseException) -> str:
     """The informative line of an exception (torch's load_state_dict puts the mismatch last)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -131,7 +151,7 @@ def _last_line(e: BaseException) -> str:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (and anything in `keep`)."""
+    """Delete all but the newest `keep_last` complete checkpoints and those in `keep` (the best)."""
     root = Path(run_dir) / CKPT_DIR
     done = sorted(p for p in root.glob("step_*") if _complete(p))
     for old in done[:-keep_last] if keep_last > 0 else done:
