@@ -76,6 +76,9 @@ class DataConfig:
     strict: bool = False  # raise on the first bad row instead of skipping and counting it
     num_workers: int = 0
     cache: bool = False  # keep decoded, preprocessed samples in memory after the first epoch
+    # training caption per row: its primary `text`, or one per epoch drawn (seeded) from `text` +
+    # the row's `captions` list; evaluation and indexing always read `text`
+    caption_sampling: Literal["primary", "random"] = "primary"
 
 
 @dataclass

@@ -12,25 +12,35 @@ and a preprocessor is stochastic, preprocessing runs under `torch.manual_seed(se
 RNG; a preprocessor's `augment` step (SpecAugment) runs after the cache, on a generator seeded
 with the same seed, so caching and augmentation combine. Augmentations are then a pure function
 of (seed, epoch, index): the same with 0 or 8 workers, cached or not, and after a resume.
+
+Captions: with `caption_sampling="random"` a row with alternative captions (`Row.captions`)
+trains on one caption of its pool `(primary, *alternatives)` per epoch, drawn from the same
+per-sample seed, so the draw shares those guarantees. Without a seed, and always with
+"primary" (evaluation, indexing), a row gives its primary caption. The cache holds the primary
+sample and, separately, each alternative's preprocessed text: a draw is never cached as the row.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mmembed.data.manifest import Manifest, Row
+from mmembed.data.manifest import CAPTION_MODALITY, Manifest, Row
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 
 log = logging.getLogger(__name__)
+
+CaptionSampling = Literal["primary", "random"]
+_CAPTION_STREAM = 0x5EED_CA97  # keeps the caption draw's stream apart from augmentation's
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,9 @@ class ManifestDataset(Dataset):
             The cache lives in the process that loads: with DataLoader workers each worker
             would hold its own partial copy, so `build_loader` first fills it in the main
             process with `materialize()`; forked workers then share it copy-on-write.
+        caption_sampling: "primary" gives every row its primary caption; "random" draws one
+            of the row's caption pool per `(index, seed)` key (training). Plain-index keys
+            always give the primary.
 
     `__getitem__` takes an index, or an `(index, seed)` pair, and returns `Sample | Skipped`.
     """
@@ -74,6 +87,7 @@ class ManifestDataset(Dataset):
         *,
         strict: bool = False,
         cache: bool = False,
+        caption_sampling: CaptionSampling = "primary",
     ) -> None:
         self.rows: list[Row] = list(manifest.rows if isinstance(manifest, Manifest) else manifest)
         self.source: Path | None = manifest.path if isinstance(manifest, Manifest) else None
@@ -96,6 +110,10 @@ class ManifestDataset(Dataset):
         self.stochastic = bool(stochastic)
         self.augmenting = [m for m, p in self.preprocessors.items() if getattr(p, "augments", False)]
         self.cache: dict[int, Sample | Skipped] | None = {} if cache else None
+        self.caption_sampling = _check_sampling(caption_sampling, self.rows, CAPTION_MODALITY in self.preprocessors)
+        self._draws_captions = self.caption_sampling == "random" and CAPTION_MODALITY in self.preprocessors
+        # index → the row's alternative captions, preprocessed (filled beside `cache`)
+        self.caption_cache: dict[int, tuple[Tensor, ...]] | None = {} if cache else None
 
     def _check_overlap(self) -> None:
         present = {m for row in self.rows for m in row.items}
@@ -119,20 +137,39 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skipped:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        caption = self.draw_caption(index, seed)
         if seed is not None and self.stochastic:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                result = self._cached_load(index)
+                result = self._cached_load(index, caption)
         else:
-            result = self._cached_load(index)
+            result = self._cached_load(index, caption)
         return self._augment(result, seed)
 
-    def _cached_load(self, index: int) -> Sample | Skipped:
+    def draw_caption(self, index: int, seed: int | None) -> int:
+        """Position in row `index`'s caption pool that the key `(index, seed)` trains on (0 = primary)."""
+        n = len(self.rows[index].caption_pool)
+        if not self._draws_captions or seed is None or n < 2:
+            return 0
+        return random.Random(seed ^ _CAPTION_STREAM).randrange(n)
+
+    def _cached_load(self, index: int, caption: int = 0) -> Sample | Skipped:
         if self.cache is None:
-            return self.load(index)
+            return self.load(index, caption)
         if index not in self.cache:
             self.cache[index] = self.load(index)
-        return self.cache[index]
+        result = self.cache[index]
+        if caption == 0 or isinstance(result, Skipped):
+            return result
+        if index not in self.caption_cache:
+            self.caption_cache[index] = self._alternatives(index)
+        inputs = {**result.inputs, CAPTION_MODALITY: self.caption_cache[index][caption - 1]}
+        return Sample(result.line, inputs, result.label)
+
+    def _alternatives(self, index: int) -> tuple[Tensor, ...]:
+        # the manifest refused empty and non-string captions, so these cannot raise BadInput
+        pre = self.preprocessors[CAPTION_MODALITY]
+        return tuple(pre(caption) for caption in self.rows[index].captions)
 
     def _augment(self, result: Sample | Skipped, seed: int | None) -> Sample | Skipped:
         """Run the preprocessors' `augment` steps (seeded per sample); the cached input stays intact."""
@@ -143,11 +180,13 @@ class ManifestDataset(Dataset):
                   for m, t in result.inputs.items()}
         return Sample(result.line, inputs, result.label)
 
-    def load(self, index: int) -> Sample | Skipped:
-        """Preprocess row `index` (no cache). A bad item skips the whole row."""
+    def load(self, index: int, caption: int = 0) -> Sample | Skipped:
+        """Preprocess row `index` (no cache) with caption `caption` of its pool. A bad item
+        skips the whole row."""
         row = self.rows[index]
+        items = row.items if caption == 0 else {**row.items, CAPTION_MODALITY: row.caption_pool[caption]}
         inputs: dict[Modality, Tensor] = {}
-        for modality, item in row.items.items():
+        for modality, item in items.items():
             pre = self.preprocessors.get(modality)
             if pre is None:
                 continue
@@ -180,7 +219,25 @@ class ManifestDataset(Dataset):
                     self.cache[index] = _own_memory(result)
         for index in todo:
             self[index]  # fills whatever the workers did not (and everything when num_workers=0)
+        if self._draws_captions:
+            for index, result in self.cache.items():
+                if isinstance(result, Sample) and self.rows[index].captions and index not in self.caption_cache:
+                    self.caption_cache[index] = self._alternatives(index)
         return [(r.line, r.reason) for r in self.cache.values() if isinstance(r, Skipped)]
+
+
+def _check_sampling(sampling: str, rows: list[Row], reads_captions: bool) -> CaptionSampling:
+    valid = get_args(CaptionSampling)
+    if sampling not in valid:
+        raise UserError(f"unknown caption_sampling {sampling!r} (valid: {', '.join(valid)})")
+    if sampling == "random":
+        with_pool = sum(1 for row in rows if row.captions)
+        if not reads_captions or not with_pool:
+            log.warning("caption_sampling='random' has no effect: %s", "no row has alternative captions"
+                        if reads_captions else "the model reads no captions")
+        else:
+            log.info("caption sampling: %d of %d rows have alternative captions", with_pool, len(rows))
+    return sampling
 
 
 class _Subset(Dataset):

@@ -7,6 +7,16 @@ manifest's folder (or `root`).
 
     {"image": "img/0001.png", "audio": "wav/0001.wav", "text": "a red circle", "label": "s1"}
 
+Several captions: a JSONL row may add `captions`, a list of alternative captions for the same
+media. The primary `text` is what evaluation and indexing use; training may sample one caption
+per epoch from the pool `(text, *captions)` (see `ManifestDataset`). The pool is validated here,
+so a row's skip never depends on which caption an epoch draws: `captions` must be a list of
+non-empty strings and needs a `text` (an empty `text` is a bad item, as anywhere, and the row is
+skipped in every epoch); duplicates (of `text` or of each other) are dropped. CSV cannot hold a list: there, as in JSONL, the same media may instead repeat on
+several rows, one caption each (give them the same `label`).
+
+    {"image": "img/0001.png", "text": "a red circle", "captions": ["a circle in red", "red round shape"]}
+
 Absent values: a missing key or `null` in JSONL, an empty cell in CSV (CSV cannot say null).
 An empty JSON string is a present-but-empty value, which preprocessing rejects.
 
@@ -32,18 +42,33 @@ from mmembed.modality import Modality
 # modalities whose manifest value is the content itself; all others are file paths
 INLINE_MODALITIES = frozenset({Modality.TEXT})
 LABEL_COLUMN = "label"
+# alternative captions of the row's media; their modality is CAPTION_MODALITY
+CAPTIONS_COLUMN = "captions"
+CAPTION_MODALITY = Modality.TEXT
 # no ".json": a JSON array file would be misread line by line; one object per line is the format
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
 @dataclass(frozen=True)
 class Row:
-    """One example. `items` maps each modality the row has to a caption or an absolute Path."""
+    """One example. `items` maps each modality the row has to a caption or an absolute Path.
+
+    `captions` holds the row's alternative captions, validated and without duplicates: never
+    the primary `items[CAPTION_MODALITY]`, empty when the row gives none. `meta` keeps every
+    other column as read (the raw `captions` list included, for readers of metadata).
+    """
 
     line: int  # 1-based line of the manifest file (for CSV: the line the record ends on)
     items: dict[Modality, str | Path]
     label: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    captions: tuple[str, ...] = ()
+
+    @property
+    def caption_pool(self) -> tuple[str, ...]:
+        """The primary caption then the alternatives; () when the row has no caption."""
+        primary = self.items.get(CAPTION_MODALITY)
+        return () if primary is None else (str(primary), *self.captions)
 
 
 @dataclass
@@ -155,7 +180,37 @@ def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root:
         items[modality] = value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root)
     if not items:
         raise BadRow(f"no value in any modality column ({', '.join(m.value for m in Modality)})")
-    return Row(line=line, items=items, label=label, meta=meta)
+    captions = _alternative_captions(record.get(CAPTIONS_COLUMN), items.get(CAPTION_MODALITY))
+    return Row(line=line, items=items, label=label, meta=meta, captions=captions)
+
+
+def _alternative_captions(value: Any, primary: str | Path | None) -> tuple[str, ...]:
+    """The `captions` column → alternatives to `primary`, deduplicated; BadRow if malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        hint = " (CSV cannot hold a list: repeat the row once per caption)" if isinstance(value, str) else ""
+        raise BadRow(f"{CAPTIONS_COLUMN} must be a list of strings, got {type(value).__name__}{hint}")
+    for i, caption in enumerate(value):
+        if not isinstance(caption, str):
+            raise BadRow(f"{CAPTIONS_COLUMN}[{i}] must be a string, got {type(caption).__name__}")
+        if not caption.strip():
+            raise BadRow(f"{CAPTIONS_COLUMN}[{i}] is an empty caption")
+    if not value:
+        return ()
+    if primary is None:
+        raise BadRow(f"{CAPTIONS_COLUMN} given without {CAPTION_MODALITY} (the primary caption evaluation uses)")
+    if not str(primary).strip():
+        # an empty primary makes the row bad, as anywhere: preprocessing skips it every epoch,
+        # which it would not if an epoch could draw an alternative instead
+        return ()
+    seen = {str(primary).strip()}
+    unique = []
+    for caption in value:
+        if caption.strip() not in seen:
+            seen.add(caption.strip())
+            unique.append(caption)
+    return tuple(unique)
 
 
 def resolve_path(value: str, base: Path, allow_outside_root: bool) -> Path:

@@ -183,7 +183,8 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
                              strict=cfg.data.strict)
     skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
-    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache)
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache,
+                              caption_sampling=cfg.data.caption_sampling)
     bs = cfg.train.batch_size
     if len(dataset) < bs:
         raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
@@ -205,7 +206,8 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
     if manifest.skipped:
         log.warning("validation manifest %s: %d row(s) skipped at read time (first, line %d: %s)",
                     root / name, len(manifest.skipped), *manifest.skipped[0])
-    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True)
+    # validation measures the primary captions, whatever data.caption_sampling trains on
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True, caption_sampling="primary")
     return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
 
 

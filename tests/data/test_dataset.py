@@ -182,7 +182,7 @@ def test_same_seed_same_order_and_start_batch_yields_the_tail_without_loading_it
     full = _epoch(build_loader(ds, 3, shuffle=True, seed=1, epoch=2))
     _assert_batches_equal(full, _epoch(build_loader(ds, 3, shuffle=True, seed=1, epoch=2)))
     loads = []
-    ds.load = lambda i, _load=ds.load: loads.append(i) or _load(i)
+    ds.load = lambda i, *caption, _load=ds.load: loads.append(i) or _load(i, *caption)
     loader = build_loader(ds, 3, shuffle=True, seed=1, epoch=2, start_batch=3)
     assert len(loader) == len(full) - 3
     tail = _epoch(loader)
@@ -212,7 +212,7 @@ def test_sampler_orders_shards_and_drops():
 def test_cache_loads_each_row_once_and_refuses_augmentation(world, tok):
     ds = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
     loads = []
-    ds.load = lambda i, _load=ds.load: loads.append(i) or _load(i)
+    ds.load = lambda i, *caption, _load=ds.load: loads.append(i) or _load(i, *caption)
     first = _epoch(build_loader(ds, 4, shuffle=True, seed=0))
     second_loader = build_loader(ds, 4, shuffle=True, seed=0)
     assert sorted(loads) == list(range(13))
