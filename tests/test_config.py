@@ -4,7 +4,11 @@ from mmembed.config import CONFIG_DIR, Config, apply_override, check_kwargs, loa
 from mmembed.errors import ConfigError
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+SWEEP_CONFIGS = {"scaling"}  # `mmembed scale` configs (ScalingConfig), not training configs
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem not in SWEEP_CONFIGS),
+                         ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_builds(path):
     config = load_config(path)
     assert isinstance(config, Config)
@@ -17,6 +21,15 @@ def test_every_shipped_config_loads_and_builds(path):
     if all(not t.encoder.startswith("open_clip") for t in config.model.towers.values()):
         space = build_space(config.model, vocab_size=300)
         assert {str(m) for m in space.modalities} == set(config.model.towers)
+
+
+def test_shipped_sweep_config_loads_as_a_scaling_config():
+    from mmembed.insight.sweep_config import ScalingConfig, load_scaling_config
+
+    config = load_scaling_config("scaling")
+    assert isinstance(config, ScalingConfig) and len(config.sizes) >= 5
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config("scaling")  # a sweep config is not a training config: one clear line
 
 
 def test_shipped_name_resolves():

@@ -195,8 +195,10 @@ def _logits_fn(decoder: Decoder, batch: int):
 
 
 @torch.inference_mode()
-def _prepare(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
-             device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
+def prepare_inputs(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
+                   device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
+    """Left-padded prompt embeddings (B, T, C) with soft tokens in place, the mask (None when no row
+    is padded), each prompt's length and the steps to generate."""
     rows = [fmt.encode(p.parts) for p in prompts]
     steps = _steps(lm.decoder, max(len(r) for r in rows), max_new_tokens)
     ids, mask = pad_left(fmt, rows, device)
@@ -231,7 +233,7 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
     was_training = lm.training
     lm.eval()
     try:
-        embeds, mask, lengths, steps = _prepare(lm, fmt, prompts, max_new_tokens, device)
+        embeds, mask, lengths, steps = prepare_inputs(lm, fmt, prompts, max_new_tokens, device)
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         rows = [_Row(fmt, stop, n) for n in lengths]
         if steps < 1:

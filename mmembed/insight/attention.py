@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from encoders.attention import MultiHeadAttention, build_attention_mask
-from mmembed.decoder.generate import _prepare
+from mmembed.decoder.generate import prepare_inputs
 from mmembed.decoder.prompt import Resolved
 from mmembed.insight.plotting import pyplot, save_png, spread, token_labels
 
@@ -154,7 +154,7 @@ def attention_maps(pm: PromptModel, prompt: Resolved, device: torch.device) -> A
     lm.eval()
     hooks = [m.register_forward_hook(record, with_kwargs=True) for m in layers]
     try:
-        embeds, mask, _, _ = _prepare(lm, pm.fmt, [prompt], 1, device)  # (1, T, C); mask None: one row
+        embeds, mask, _, _ = prepare_inputs(lm, pm.fmt, [prompt], 1, device)  # (1, T, C); mask None: one row
         lm.decoder.hidden(inputs_embeds=embeds, mask=mask)
     finally:
         for h in hooks:

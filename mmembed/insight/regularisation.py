@@ -114,6 +114,10 @@ def plot_regularisation(report: RegularisationReport, out: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes.flat[n:]:
         ax.axis("off")
+    # the first evaluations sit far above the rest: zoom on where the curves part
+    low = min(c["train_loss"] for s in report.settings for c in s.result.curve)
+    high = max(s.result.val_loss for s in report.settings)
+    axes[0][0].set_ylim(0.9 * low, 1.5 * high)
     axes[0][0].set_ylabel("loss (nats/token)")
     axes[0][0].legend(fontsize=7)
     return save_png(fig, out)
