@@ -14,10 +14,13 @@ points (resampled with replacement, percentile intervals).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ALPHA_RANGE = (1e-3, 4.0)
 
@@ -76,6 +79,9 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
     pred = E + A * xs ** (-alpha)
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    if not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
+        log.warning("the fitted exponent %.4g sits at the edge of the search range %s: these points do not "
+                    "follow L = E + A·x^(−α) (R² = %.3f); read the fit as a failure, not a law", alpha, ALPHA_RANGE, r2)
     ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 else {}
     return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci)
 

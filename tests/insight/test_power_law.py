@@ -46,6 +46,16 @@ def test_pure_power_law_and_no_offset_mode():
     assert fit_power_law(x, y2, offset=False, bootstrap=0).r2 < fit_power_law(x, y2, bootstrap=0).r2
 
 
+def test_points_that_follow_no_power_law_are_flagged(caplog):
+    x = [1e5, 2e5, 4e5, 8e5, 1.6e6]
+    fit = fit_power_law(x, [1.61, 1.48, 1.47, 1.55, 1.49], bootstrap=0)  # a real tower sweep that failed
+    assert fit.r2 < 0.9
+    assert "edge of the search range" in caplog.text
+    caplog.clear()
+    fit_power_law(x, [1.7 + 400 * v ** -0.34 for v in x], bootstrap=0)
+    assert "edge of the search range" not in caplog.text
+
+
 @pytest.mark.parametrize("x, y, match", [
     ([1, 2], [3, 2], "at least 3 distinct"),
     ([1, 1, 1, 2], [3, 3, 3, 2], "at least 3 distinct"),
