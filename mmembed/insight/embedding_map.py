@@ -225,14 +225,9 @@ def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, 
 
     if not isinstance(index, Index):
         index = Index.load(index)
-    # The store is read directly: Index has no public "all rows" view, and one vector() call per
-    # item would be slow on a large index.
-    store = index._store
-    alive = store.alive.nonzero().squeeze(1).tolist()
-    vectors = store.vectors[alive].float()  # (N, D)
-    modalities = [store.modality_of(r).value for r in alive]
-    metadata = [store.metadata[r] for r in alive]
-    return map_vectors(vectors, modalities, metadata, color_by, out, method=method, max_points=max_points, seed=seed)
+    vectors, modalities, metadata = index.items()  # (N, D), N, N
+    return map_vectors(vectors, [m.value for m in modalities], metadata, color_by, out, method=method,
+                       max_points=max_points, seed=seed)
 
 
 def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], numeric: bool, column: str, out: Path,

@@ -28,7 +28,7 @@ from mmembed.insight.lm_data import token_rows, train_world_tokenizer
 from mmembed.insight.lm_train import LMResult, Recipe, train_lm
 from mmembed.insight.power_law import PowerLawFit, fit_power_law
 from mmembed.insight.scaling_plots import plot_scaling
-from mmembed.insight.sweep_config import ModelSize, ScalingConfig
+from mmembed.insight.sweep_config import ModelSize, RecipeConfig, ScalingConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     label, size, tokens = _next(config)
     rows = -(-tokens // config.context)
     trained_tokens = rows // config.recipe.batch_size * config.recipe.batch_size * config.context  # as train_lm counts
-    x_next = _x(config, _shape_only(size, vocab, config.context, trained_tokens))
+    x_next = (build_decoder(size, vocab, config.context, 0.0).num_parameters() if config.axis == "params"
+              else trained_tokens)  # the untrained rung's N, or its token budget
     prediction = {"label": label, "x": x_next, "val_loss": float(fit.predict(x_next))}
     if verify:
         progress(f"[verify] {label}: {tokens:,} tokens")
@@ -156,13 +157,6 @@ def _x(config: ScalingConfig, result: LMResult) -> int:
     return result.params if config.axis == "params" else result.tokens
 
 
-def _shape_only(size: ModelSize, vocab: int, context: int, tokens: int) -> LMResult:
-    """The x values of an untrained rung (its parameter count and token budget)."""
-    model = build_decoder(size, vocab, context, 0.0)
-    return LMResult(params=model.num_parameters(), params_total=model.num_parameters(False), tokens=tokens,
-                    flops_estimate=0, flops_measured=0, seconds=0.0, train_loss=0.0, val_loss=0.0)
-
-
 def write_report(report: SweepReport, out: Path) -> dict[str, str]:
     """scaling.json, scaling.csv and scaling.png of a sweep in `out`; returns their paths by kind."""
     rows = [{"rung": r.label, "width": r.size.width, "layers": r.size.layers, "heads": r.size.heads,
@@ -179,7 +173,7 @@ def write_report(report: SweepReport, out: Path) -> dict[str, str]:
     return {"json": str(out / "scaling.json"), "csv": str(out / "scaling.csv"), "png": str(png)}
 
 
-def recipe_of(rc, seed: int, epochs: int = 1, weight_decay: float | None = None,
+def recipe_of(rc: RecipeConfig, seed: int, epochs: int = 1, weight_decay: float | None = None,
               eval_every: int | None = None) -> Recipe:
     return Recipe(batch_size=rc.batch_size, epochs=epochs, lr=rc.lr, warmup_steps=rc.warmup_steps,
                   min_lr_ratio=rc.min_lr_ratio, weight_decay=rc.weight_decay if weight_decay is None else weight_decay,

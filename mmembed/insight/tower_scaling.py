@@ -272,11 +272,6 @@ def contrastive_loss(space: SharedSpace, loss_fn: nn.Module, loader, device: tor
     return sum(losses) / len(losses)
 
 
-def validation_loss(space: SharedSpace, cfg: Config, tokenizer, device: torch.device) -> float:
-    """The sweep's validation loss of a trained space (see the module docstring)."""
-    return contrastive_loss(space, build_loss(cfg.loss), validation_loader(cfg, tokenizer, space), device)
-
-
 def training_flops(space: SharedSpace, cfg: Config, tokenizer, progress: Progress, device: torch.device) -> int:
     """FLOPs of every training batch the run consumed (forward + backward of space and loss),
     replayed from the seeded training loader; each distinct batch shape is counted once."""

@@ -151,6 +151,14 @@ class Index:
                 out[m.value] = n
         return out
 
+    def items(self) -> tuple[Tensor, list[Modality], list[dict[str, Any]]]:
+        """Every live item in storage order (that of `ids()`): vectors (N, D) float32, their
+        modalities and metadata, read in one pass."""
+        store = self._store
+        alive = store.alive.nonzero().squeeze(1).tolist()
+        return (store.vectors[alive].float(), [store.modality_of(r) for r in alive],
+                [dict(store.metadata[r]) for r in alive])
+
     def vector(self, item_id: int) -> Tensor:
         """The stored (D,) vector of an item, as float32."""
         return self._store.vectors[self._store.row_of(item_id)].float().clone()
