@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mmembed.errors import UserError
+from mmembed.errors import PeerLostError, UserError
 
 EXIT_USAGE = 2
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--backend", default="exact", choices=["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
+    p.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default 64)")
 
     p = _add(sub, "search", "search an index with text, image and/or audio (composed) queries", _search)
     p.add_argument("index", help="index folder")
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         return int(args.handler(args) or 0)
+    except PeerLostError as e:  # not the user's mistake: a run-time failure
+        print(f"mmembed: error: {e}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"mmembed: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -252,10 +256,13 @@ def _map(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from mmembed.config import load_config
     from mmembed.train import train
+    from mmembed.train.distributed import distributed_command
 
     config = load_config(args.config, args.overrides)
-    run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"run: {run_dir}")
+    with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
+        run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
+    if world.main:
+        print(f"run: {run_dir}")
     return 0
 
 
@@ -271,11 +278,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     import mmembed as mm
+    from mmembed.train.distributed import distributed_command, resolve_device
 
-    model = mm.load(args.run)
-    index = mm.Index.build(model, args.manifest, backend=args.backend)
-    index.save(args.out, run_dir=args.run)
-    print(f"indexed {len(index)} items → {args.out}")
+    with distributed_command() as world:  # under torchrun each rank embeds a share; rank 0 writes
+        model = mm.load(args.run)
+        if world.active:
+            model.to(resolve_device("auto", world))
+        index = mm.Index.build(model, args.manifest, backend=args.backend, batch_size=args.batch_size)
+    if world.main:
+        index.save(args.out, run_dir=args.run)
+        print(f"indexed {len(index)} items → {args.out}")
     return 0
 
 

@@ -106,6 +106,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     accum_steps: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast
+    # Recompute transformer blocks' activations in backward (less memory for large towers and decoders)
+    grad_checkpointing: bool = False
     eval_every: int | None = None  # steps; None = every epoch
     checkpoint_every: int = 200  # steps
     keep_last: int = 2  # checkpoints kept besides the best
@@ -117,7 +119,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     progress_every_s: float = 30.0  # without a terminal (no progress bar): seconds between progress log lines
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
-    device: str = "auto"
+    device: str = "auto"  # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) when there is one, else the CPU
+    # torchrun: how long a process waits in a collective (for a slow or lost peer) before failing
+    dist_timeout_minutes: float = 30.0
 
 
 @dataclass

@@ -20,3 +20,8 @@ class BadInput(UserError, ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, corrupted or not a safe format."""
+
+
+class PeerLostError(UserError):
+    """Distributed: another process of the run died, hung or stopped this one; the message says
+    where the run can resume from. The CLI prints it as one line and exits 1."""

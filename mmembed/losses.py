@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from mmembed.config import LossConfig
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
+from mmembed.train.distributed import current_world
 
 # SigLIP paper, section 3.1: t' = log 10 (so the multiplier is 10) and b = -10.
 SIGLIP_INIT_LOGIT_SCALE = 10.0
@@ -234,11 +235,20 @@ class ContrastiveLoss(nn.Module):
         embeddings = {Modality.parse(m): z for m, z in embeddings.items()}
         present = {Modality.parse(m): p for m, p in present.items()}
         batch = self._check(embeddings, present, logit_scale, labels, logit_bias)
+        world = current_world()
+        glob = None
+        if world.active:  # torchrun: this rank's share of the global batch's loss
+            from mmembed.losses_distributed import GlobalBatch
+
+            glob = GlobalBatch.collect(world, embeddings, present, labels, batch, with_embeddings=self.kind == "infonce")
         per_pair: dict[str, Tensor] = {}
         n_pairs: dict[str, int] = {}
         weighted_sum, weight_sum = None, 0.0
         for a, b, weight in self.pairs(list(embeddings)):
-            loss, n = self._pair_loss(a, b, embeddings, present, batch, logit_scale, labels, logit_bias)
+            if glob is None:
+                loss, n = self._pair_loss(a, b, embeddings, present, batch, logit_scale, labels, logit_bias)
+            else:
+                loss, n = self._pair_share(glob, a, b, logit_scale, logit_bias)
             if loss is None:
                 continue
             name = pair_name(frozenset((a, b)))
@@ -251,7 +261,21 @@ class ContrastiveLoss(nn.Module):
             total = sum(z[:0].sum() for z in embeddings.values())
         else:
             total = weighted_sum / weight_sum
+        if glob is not None:
+            total = total + glob.anchor()
         return LossOutput(total=total, per_pair=per_pair, n_pairs=n_pairs)
+
+    def _pair_share(self, glob, a, b, logit_scale, logit_bias):
+        """Distributed: this rank's share of one pair's loss over the global batch (see
+        losses_distributed.py), and the pair's global row count; (None, n) if n < 2."""
+        from mmembed.losses_distributed import infonce_share, siglip_share
+
+        n = int(glob.rows(a, b).sum())
+        if n < 2:
+            return None, n
+        if self.kind == "siglip":
+            return siglip_share(glob, a, b, logit_scale, logit_bias, self.label_positives), n
+        return infonce_share(glob, a, b, logit_scale, self.label_positives), n
 
     def _pair_loss(self, a, b, embeddings, present, batch, logit_scale, labels, logit_bias):
         """One pair on the rows where both are present: (loss, rows used), or (None, n) if n < 2."""

@@ -3,7 +3,10 @@
 Order: `EpochBatchSampler` draws a permutation from (seed, epoch) alone and cuts it into
 batches, so an epoch's batches are fixed before any sample is loaded. Resuming at batch k of
 epoch e is `set_epoch(e, start_batch=k)`: the first k batches are never loaded, and the rest
-are exactly the tail of the uninterrupted epoch. Each index travels with its own seed, drawn
+are exactly the tail of the uninterrupted epoch. Distributed, the ranks deal the permutation
+round-robin, so k global batches consume exactly its first k · batch · world_size indices;
+`set_epoch(e, start_sample=s)` resumes after the first s of them with any number of ranks
+(the position is re-derived: no sample is seen twice in an epoch). Each index travels with its own seed, drawn
 from (seed, epoch, index), so augmentation does not depend on workers or resumes either
 (see `ManifestDataset`).
 
@@ -43,9 +46,11 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: run seed.
         drop_last: drop a final partial batch.
         rank, world_size: distributed sharding; every rank draws the same permutation and
-            takes every `world_size`-th index (the tail is trimmed so ranks get equal counts).
+            takes every `world_size`-th index of what is left of it (the tail is trimmed so
+            ranks get equal counts).
 
-    Call `set_epoch(epoch, start_batch=0)` before each epoch (the start persists until then).
+    Call `set_epoch(epoch, start_batch=0)` (or `start_sample=s`) before each epoch (the start
+    persists until then).
     """
 
     def __init__(
@@ -58,33 +63,41 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_sample = 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, *, start_sample: int | None = None) -> None:
+        """Start `epoch` after its first `start_batch` batches of this world, or after the first
+        `start_sample` indices of its permutation (consumed by a run of any world size)."""
+        if start_batch < 0 or (start_sample is not None and start_sample < 0):
+            raise ValueError(f"start must be >= 0, got start_batch={start_batch}, start_sample={start_sample}")
+        self.epoch = epoch
+        self.start_sample = start_batch * self.batch_size * self.world_size if start_sample is None else start_sample
 
     def indices(self) -> list[int]:
-        """This rank's dataset indices for the current epoch, in order."""
+        """This rank's dataset indices for the rest of the current epoch, in order."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's convention
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        usable = self.n - self.n % self.world_size
-        return order[self.rank : usable : self.world_size]
+        rest = order[self.start_sample:]
+        usable = len(rest) - len(rest) % self.world_size
+        return rest[self.rank : usable : self.world_size]
 
     def batches_per_epoch(self) -> int:
-        per_rank = self.n // self.world_size
+        """Batches per rank in a whole epoch."""
+        return self._batches(self.n)
+
+    def _batches(self, n: int) -> int:
+        per_rank = n // self.world_size
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __len__(self) -> int:
-        return max(0, self.batches_per_epoch() - self.start_batch)
+        return self._batches(max(0, self.n - self.start_sample))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.indices()
-        for b in range(self.start_batch, self.batches_per_epoch()):
+        for b in range(len(self)):
             chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
 
@@ -115,6 +128,7 @@ def build_loader(
     pin_memory: bool | None = None,
     epoch: int = 0,
     start_batch: int = 0,
+    start_sample: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
@@ -128,6 +142,8 @@ def build_loader(
         pin_memory: None → pin when CUDA is available.
         epoch, start_batch: where the first iteration starts (resume). Later epochs: call
             `loader.batch_sampler.set_epoch(e)` (or `set_epoch(e, start_batch=k)`).
+        start_sample: instead of `start_batch`, the number of the epoch's indices already
+            consumed (by every rank together), for a resume with another world size.
         rank, world_size: shard for distributed training.
 
     Returns:
@@ -140,7 +156,7 @@ def build_loader(
     sampler = EpochBatchSampler(
         len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
     )
-    sampler.set_epoch(epoch, start_batch)
+    sampler.set_epoch(epoch, start_batch, start_sample=start_sample)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -3,6 +3,10 @@
 Items are embedded in batches. A batch that raises `BadInput` (one unreadable file) is split
 in halves until the bad items are isolated, so one broken file costs O(log batch) extra
 forward passes instead of the whole batch; bad items are skipped and counted with a reason.
+
+Under torchrun (`torchrun ... -m mmembed index`), rank r embeds batches r, r + W, r + 2W, ...
+and rank 0 gathers them back in batch order: the same batches as one process, so the same
+vectors, skips and order; the other ranks get an empty result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 from mmembed.data.manifest import Row, read_manifest
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
+from mmembed.train.distributed import current_world, gather_to_main
 
 log = logging.getLogger(__name__)
 _WARN_FIRST = 5  # skipped items logged one by one before only the count is reported
@@ -67,13 +72,18 @@ def embed_manifest(
     wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
     out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
+    main = current_world().main
     for modality in wanted:
         rows = [r for r in manifest.rows if modality in r.items]
         vectors, ok, reasons = _embed_items(model, modality, [r.items[modality] for r in rows],
                                             batch_size, progress)
+        if not main:
+            continue
         for i, reason in reasons:
             out.skipped.append((rows[i].line, modality.value, reason))
         out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
+    if not main:
+        return ManifestEmbeddings(path=manifest.path, by_modality={})
     _log_skipped(out.skipped, manifest.path)
     return out
 
@@ -99,21 +109,34 @@ def _select_modalities(model: Any, present: Sequence[Modality], requested: Itera
 
 def _embed_items(model: Any, modality: Modality, items: list[Any], batch_size: int,
                  progress: bool) -> tuple[Tensor, list[bool], list[tuple[int, str]]]:
-    """-> (n_ok, D) vectors, per-item ok flags, (index, reason) of the skipped items."""
+    """-> (n_ok, D) vectors, per-item ok flags, (index, reason) of the skipped items (on rank 0
+    of a distributed job, which gathers every rank's batches; the others' results are partial)."""
+    world = current_world()
+    mine: list[tuple[int, list[tuple[list[int], Tensor | None, str]]]] = []  # (batch number, its spans)
+    bar = tqdm(total=len(items), desc=f"embed {modality}", unit="item", disable=not progress or not world.main,
+               leave=False)
+    with bar, torch.inference_mode():
+        for number, start in enumerate(range(0, len(items), batch_size)):
+            idx = list(range(start, min(start + batch_size, len(items))))
+            if number % world.size == world.rank:
+                spans = [(span, z.float().cpu() if z is not None and world.active else z, reason)
+                         for span, z, reason in _embed_robust(model, modality, items, idx)]
+                mine.append((number, spans))
+            bar.update(len(idx))
+    batches = mine
+    if world.active:  # rank 0 puts every rank's batches back in order; the others keep nothing
+        parts = gather_to_main(mine)
+        batches = sorted((b for part in parts for b in part), key=lambda b: b[0]) if parts is not None else []
     chunks: list[Tensor] = []
     ok = [True] * len(items)
     reasons: list[tuple[int, str]] = []
-    bar = tqdm(total=len(items), desc=f"embed {modality}", unit="item", disable=not progress, leave=False)
-    with bar, torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            idx = list(range(start, min(start + batch_size, len(items))))
-            for span, z, reason in _embed_robust(model, modality, items, idx):
-                if z is None:
-                    ok[span[0]] = False
-                    reasons.append((span[0], reason))
-                else:
-                    chunks.append(z)
-            bar.update(len(idx))
+    for _, spans in batches:
+        for span, z, reason in spans:
+            if z is None:
+                ok[span[0]] = False
+                reasons.append((span[0], reason))
+            else:
+                chunks.append(z)
     dim = int(getattr(model, "embed_dim", chunks[0].shape[1] if chunks else 0))
     vectors = torch.cat(chunks).float() if chunks else torch.zeros(0, dim)
     return vectors, ok, reasons  # chunks come back in item order, so vectors align with ok rows

@@ -26,32 +26,35 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         return train_align(config, resume=resume, overwrite=overwrite)
     from mmembed.decoder import DECODER_DIR
     from mmembed.train.decoder import train_decoder
-    from mmembed.train.run_dir import prepare_run_dir, run_lock
+    from mmembed.train.align import lock_run
+    from mmembed.train.distributed import barrier, current_world
     from mmembed.train.state import latest_checkpoint
 
     run_dir = Path(config.train.out_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    with run_lock(run_dir):
+    with lock_run(run_dir, resume=resume, overwrite=overwrite):
         decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
         if not decoder_started:
             if config.model.init_from is not None:
-                config = copy_space(config)
+                config = copy_space(config, save=current_world().main)
+                barrier()
             else:
                 train_align(config, resume=resume)
         return train_decoder(config, resume=decoder_started)
 
 
-def copy_space(config: Config) -> Config:
+def copy_space(config: Config, save: bool = True) -> Config:
     """Copy the shared space of `model.init_from` (weights, tower config, tokenizer) into
-    `train.out_dir`; returns the config with that run's model and tokenizer sections."""
+    `train.out_dir`; returns the config with that run's model and tokenizer sections
+    (`save=False`: only the config, for the ranks that do not write)."""
     from mmembed.model import Model, load_space
 
     source = Path(config.model.init_from)
     space = load_space(source)
     model_section = dataclasses.replace(space.config.model, init_from=str(source))
     config = dataclasses.replace(config, model=model_section, tokenizer=space.config.tokenizer)
-    Model(config, space.space, space.tokenizer).save(config.train.out_dir)
-    log.info("shared space copied from %s into %s", source, config.train.out_dir)
+    if save:
+        Model(config, space.space, space.tokenizer).save(config.train.out_dir)
+        log.info("shared space copied from %s into %s", source, config.train.out_dir)
     return config
 
 

@@ -4,7 +4,9 @@
                                                                       └─ val split ─► recall
 
 `train_align(config)` is what `mmembed train CONFIG` runs; it returns the run directory, which
-`mm.load` opens directly.
+`mm.load` opens directly. Under torchrun each process trains on its shard of every global batch
+through DDP (distributed.py); rank 0 prepares the data, the tokenizer and the run folder first,
+and saves the model.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from encoders.blocks import set_grad_checkpointing
 from mmembed.config import Config, save_config
 from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
 from mmembed.errors import UserError
@@ -28,6 +32,8 @@ from mmembed.model import CONFIG, TOKENIZER, Model, build_model
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
+from mmembed.train.distributed import Forward, as_output, barrier, current_world, main_first, parallelize
+from mmembed.train.distributed import resolve_device as _resolve_device
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import prepare_run_dir, run_lock
@@ -42,9 +48,26 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`: this process's GPU when there is one, else the CPU."""
+    return _resolve_device(name)
+
+
+def seed_ranks(seed: int) -> None:
+    """Distributed, after every rank built the same model: a different stream per rank, so that
+    dropout masks differ between the ranks' rows (a no-op in a single process)."""
+    world = current_world()
+    if world.active:
+        torch.manual_seed(seed + world.rank)
+
+
+def lock_run(run_dir: Path, *, resume: bool, overwrite: bool):
+    """Rank 0 readies and locks the run folder; the others wait until it is ready. Returns the
+    context manager that holds the lock (nothing on the other ranks)."""
+    world = current_world()
+    if world.main:
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    barrier()
+    return run_lock(run_dir) if world.main else nullcontext()
 
 
 class CollapseMonitor:
@@ -70,16 +93,26 @@ class CollapseMonitor:
                             "for %d steps (max per-dimension std %.2g)", m, self.streak[m], spread)
 
 
+def space_forward(space: SharedSpace, inputs, masks, present, with_bias: bool = False):
+    """The align stage's forward as one module call (what DDP wraps): the embeddings, and the
+    logit scale and bias the loss reads — outputs, so DDP sees every parameter the loss uses."""
+    return space(inputs, masks, present), space.logit_scale, as_output(space.logit_bias) if with_bias else None
+
+
 def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
-                 monitor: CollapseMonitor) -> Callable:
+                 monitor: CollapseMonitor, net: torch.nn.Module | None = None) -> Callable:
+    """`net`: the space's forward wrapped for several processes (`parallelize`); default: the space."""
+    net = net if net is not None else Forward(space, space_forward)
+    with_bias = loss_fn.kind == "siglip"
+
     def step(batch) -> StepOutput | None:
         skips.update(batch.skipped)
         if len(batch) == 0:  # every row was bad: the engine counts the batch and moves on
             return None
         batch = batch.to(device)
-        emb = space(batch.inputs, batch.masks, batch.present)
+        emb, scale, bias = net(batch.inputs, batch.masks, batch.present, with_bias)
         monitor(emb, batch.present)
-        out = loss_fn(emb, batch.present, space.logit_scale, batch.labels, space.logit_bias)
+        out = loss_fn(emb, batch.present, scale, batch.labels, bias)
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
         return StepOutput(out.total, metrics, samples=len(batch))
@@ -125,23 +158,27 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     is locked against a second trainer while this one runs.
     """
     run_dir = Path(config.train.out_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    with run_lock(run_dir):
+    with lock_run(run_dir, resume=resume, overwrite=overwrite):
         return _train_align(config, run_dir, resume, callbacks)
 
 
 def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
+    world = current_world()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    root = prepare_data(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, root, run_dir if resume else None)
+    with main_first():  # rank 0 writes the data, the config and the tokenizer; the others read them
+        root = prepare_data(cfg.data)
+        tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None)
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / CONFIG)
+            if tokenizer is not None:
+                tokenizer.save(run_dir / TOKENIZER)
     model = build_model(cfg, tokenizer)
     space = model.space.to(device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG)
+    set_grad_checkpointing(space, cfg.train.grad_checkpointing)
     extra = {CONFIG: run_dir / CONFIG}
     if tokenizer is not None:
-        tokenizer.save(run_dir / TOKENIZER)
         extra[TOKENIZER] = run_dir / TOKENIZER
 
     loss_fn = build_loss(cfg.loss)
@@ -153,7 +190,9 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
-    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
+    net = parallelize(space, space_forward, device)
+    seed_ranks(cfg.train.seed)
+    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor(), net)
 
     def evaluate() -> dict[str, float]:
         emb, keys = embed_dataset(space, val_loader, device)
@@ -170,9 +209,11 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     after_step()
     trainer = Trainer(space, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
-                      callbacks=list(callbacks), extra_files=extra, device=device)
+                      callbacks=list(callbacks), extra_files=extra, device=device, net=net)
     result = trainer.fit(resume=resume)
-    _finish(model, run_dir, result, skips)
+    if world.main:
+        _finish(model, run_dir, result, skips)
+    barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)
     return run_dir
 
 
@@ -189,11 +230,14 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     if len(dataset) < bs:
         raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
 
-    def make(epoch: int, start_batch: int):
-        return build_loader(dataset, bs, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                            drop_last=True, epoch=epoch, start_batch=start_batch)
+    world = current_world()
 
-    return make, len(dataset) // bs
+    def make(epoch: int, start_sample: int):
+        return build_loader(dataset, bs, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                            drop_last=True, epoch=epoch, start_sample=start_sample, rank=world.rank,
+                            world_size=world.size)
+
+    return make, len(dataset) // (bs * world.size)
 
 
 def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):

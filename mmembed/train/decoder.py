@@ -7,7 +7,8 @@
 `train_decoder(config)` runs on a run directory whose shared space is trained (the align stage
 ran there, or `model.init_from` copied one in); it writes `decoder.safetensors` (and GPT-2's
 tokenizer when the decoder has one) beside the space, so `mm.load(run_dir).generate(...)` works.
-Checkpoints, metrics and curves go to `<run>/decoder/`; the engine is the align stage's.
+Checkpoints, metrics and curves go to `<run>/decoder/`; the engine is the align stage's, and
+so is the way it runs under torchrun (DDP over the projector and decoder, rank 0 saves).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from encoders.blocks import set_grad_checkpointing
 from mmembed.config import Config, save_config
 from mmembed.data import SkipCounter
 from mmembed.data.instructions import InstructionSet, read_instructions
@@ -29,11 +31,12 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
-from mmembed.train.align import resolve_device, seed_everything
+from mmembed.train.align import lock_run, resolve_device, seed_everything, seed_ranks
+from mmembed.train.distributed import barrier, current_world, parallelize
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
-from mmembed.train.run_dir import prepare_run_dir, run_lock
+from mmembed.train.run_dir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,9 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
     if config.decoder is None:
         raise UserError("the config has no `decoder:` section")
     run_dir = Path(config.train.out_dir)
-    prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
-    with run_lock(run_dir):
+    if current_world().main:
+        prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
+    with lock_run(run_dir, resume=True, overwrite=False):  # the run folder: rank 0 locks it, the others wait
         return _train_decoder(config, run_dir, resume, callbacks)
 
 
@@ -61,25 +65,37 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
+    set_grad_checkpointing(lm, cfg.train.grad_checkpointing)
     train_data, val_data, vectors, skips = _datasets(config, pm, model)
     vectors = vectors.to(device)
 
     tc = cfg.train
     if len(train_data) < tc.batch_size:
         raise UserError(f"{len(train_data)} usable decoder rows, fewer than decoder.train.batch_size={tc.batch_size}")
-    sampler = EpochBatchSampler(len(train_data), tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True)
+    world = current_world()
+    sampler = EpochBatchSampler(len(train_data), tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
+                                rank=world.rank, world_size=world.size)
 
-    def make_loader(epoch: int, start_batch: int):
-        sampler.set_epoch(epoch, start_batch)
+    def make_loader(epoch: int, start_sample: int):
+        sampler.set_epoch(epoch, start_sample=start_sample)
         return (collate_prompts([train_data[key] for key in keys], pm.fmt.pad_id) for keys in sampler)
 
-    step_fn = make_step_fn(pm, vectors, cfg.media_noise, device)
+    net = parallelize(lm, answer_logits, device)
+    seed_ranks(tc.seed)
+    step_fn = make_step_fn(pm, vectors, cfg.media_noise, device, net)
     evaluate = (lambda: evaluate_answers(pm, val_data, vectors, device)) if val_data is not None else None
     lm.train()
     trainer = Trainer(lm, step_fn, make_loader, sampler.batches_per_epoch(), tc, run_dir / DECODER_DIR,
-                      evaluate=evaluate, callbacks=list(callbacks), device=device)
+                      evaluate=evaluate, callbacks=list(callbacks), device=device, net=net)
     result = trainer.fit(resume=resume)
     lm.eval()
+    if world.main:
+        _finish(config, pm, run_dir, result, skips)
+    barrier()
+    return run_dir
+
+
+def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter) -> None:
     save_prompt_model(pm, run_dir)
     save_config(config, run_dir / CONFIG)
     if skips.summary():
@@ -89,7 +105,6 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     except Exception as e:  # a convenience: a missing backend must not fail a run
         log.warning("could not draw curves: %s", e)
     log.info("decoder saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)
-    return run_dir
 
 
 def _datasets(config: Config, pm: PromptModel, model: Model
@@ -131,11 +146,16 @@ def media_vectors(vectors: torch.Tensor, index: torch.Tensor, noise: float) -> t
     return z
 
 
-def make_step_fn(pm: PromptModel, vectors: torch.Tensor, noise: float, device: torch.device) -> Callable:
+def make_step_fn(pm: PromptModel, vectors: torch.Tensor, noise: float, device: torch.device,
+                 net: torch.nn.Module | None = None) -> Callable:
+    """`net`: `answer_logits` over the LM wrapped for several processes (`parallelize`)."""
     def step(batch: PromptBatch) -> StepOutput:
         batch = batch.to(device)
-        logits, targets = answer_logits(pm.lm, batch.ids, media_vectors(vectors, batch.media, noise), batch.targets,
-                                        batch.loss_mask)
+        media = media_vectors(vectors, batch.media, noise)
+        if net is None:
+            logits, targets = answer_logits(pm.lm, batch.ids, media, batch.targets, batch.loss_mask)
+        else:
+            logits, targets = net(batch.ids, media, batch.targets, batch.loss_mask)
         loss = F.cross_entropy(logits.float(), targets)
         accuracy = float((logits.argmax(-1) == targets).float().mean())
         return StepOutput(loss, {"token_accuracy": accuracy}, samples=len(batch))

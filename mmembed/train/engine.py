@@ -10,6 +10,13 @@ With validation, every new best value of `early_stop_metric` is checkpointed; pr
 deletes that checkpoint, and at the end (`restore_best`) its weights are copied back into the
 module, so the stage saves the best model rather than the last one. The last checkpoint keeps
 the last weights: `--resume` with a larger budget continues training from where it stopped.
+
+Under torchrun every rank runs this loop on its shard of each global batch (see
+distributed.py). Every decision that ends or branches the loop — a batch with no usable row on
+some rank, a non-finite step, a budget, early stopping — is taken from values all ranks share,
+so no rank is left waiting in a collective. Rank 0 evaluates (the metrics are broadcast), logs,
+and writes checkpoints, which hold every rank's RNG state; the data position is stored as the
+number of the epoch's samples consumed, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from tqdm.auto import tqdm
 from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
 from mmembed.errors import CheckpointError, UserError
+from mmembed.train.distributed import all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world, no_sync
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
-                                 prune_checkpoints, remove_partial_checkpoints, save_checkpoint)
+                                 prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +74,11 @@ class Trainer:
         module: the parameters to train (frozen ones are skipped by the optimizer).
         step_fn: batch → StepOutput (forward + loss), or None for a batch with nothing to learn
             from (every row skipped: counted, no step taken); runs under autocast when precision=bf16.
-        make_loader: (epoch, start_batch) → iterable of batches for that epoch, starting at
-            `start_batch` without touching earlier samples (exact resume depends on it).
-        steps_per_epoch: batches per epoch, for the schedule and progress bar.
+        make_loader: (epoch, start_sample) → iterable of this rank's batches (of
+            `config.batch_size` rows: the position is counted in them) for that epoch,
+            after the first `start_sample` samples of the epoch's order (consumed by all ranks
+            together), without touching them (exact resume depends on it); see EpochBatchSampler.
+        steps_per_epoch: batches per epoch (per rank), for the schedule and progress bar.
         config: the `train` section of the config.
         run_dir: where checkpoints/, metrics.jsonl and curves go.
         evaluate: () → metrics dict, called every `eval_every` steps / epoch end; its
@@ -77,14 +87,20 @@ class Trainer:
         callbacks: called as cb(event, trainer, info) on "step" and "checkpoint" events.
         extra_files: files copied into every checkpoint (config.yaml, tokenizer.json) so each
             checkpoint folder is itself loadable.
+        net: the module `step_fn` calls when it is not `module` itself — its DDP wrapper
+            (`distributed.parallelize`), whose gradient sync accumulation skips until the last
+            micro-batch.
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[[Any], StepOutput],
                  make_loader: Callable[[int, int], Iterable], steps_per_epoch: int, config: TrainConfig,
                  run_dir: Path, evaluate: Callable[[], dict[str, float]] | None = None,
                  after_step: Callable[[], None] | None = None, callbacks: list[Callable] = (),
-                 extra_files: dict[str, Path] | None = None, device: torch.device | None = None):
+                 extra_files: dict[str, Path] | None = None, device: torch.device | None = None,
+                 net: nn.Module | None = None):
         self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
+        self.net = net if net is not None else module
+        self.world = current_world()
         self.cfg, self.run_dir = config, Path(run_dir)
         self.evaluate, self.after_step, self.callbacks = evaluate, after_step, list(callbacks)
         self.extra_files = extra_files or {}
@@ -108,18 +124,21 @@ class Trainer:
         """Train until the epochs, a budget or early stopping end the run (`resume`: continue the
         latest checkpoint). With validation and `restore_best`, the module ends holding the best
         checkpoint's weights; the last checkpoint keeps the last ones, to resume from."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(self.run_dir)
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(self.run_dir)
+            if not resume and self.metrics_path.exists():
+                self.metrics_path.unlink()
+        barrier()  # the other ranks read checkpoints only once rank 0 has tidied them
         if resume:
             self._resume()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()
         start = time.monotonic()
         reason = None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.world.main else True)
         # no terminal (a log file, CI, nohup): no bar, so a progress line now and then instead
-        self._progress_line = None if not bar.disable else ProgressLine(self.total_steps, self.cfg.progress_every_s)
+        self._progress_line = (ProgressLine(self.total_steps, self.cfg.progress_every_s)
+                               if bar.disable and self.world.main else None)
         saved = None  # a checkpoint of the current state, when that was the last thing done
         try:
             while reason is None and self.progress.epoch < self.cfg.epochs:
@@ -127,7 +146,7 @@ class Trainer:
                 reason = self._run_epoch(bar, start)
                 if reason is None:  # the epoch ran to its end
                     self.progress.epoch += 1
-                    self.progress.batch_in_epoch = 0
+                    self.progress.batch_in_epoch = self.progress.samples_in_epoch = 0
                     if self.cfg.eval_every is None:
                         improved, stop = self._evaluate_and_check()
                         saved = self._checkpoint() if improved else None
@@ -136,6 +155,7 @@ class Trainer:
                 self._evaluate_and_check()  # the final model always gets a validation row
                 saved = None
             last_ckpt = saved or self._checkpoint()  # the last weights, also when they are the best
+            barrier()  # every checkpoint is on disk before any rank restores the best one
         finally:
             bar.close()
         reason = reason or "finished"
@@ -150,7 +170,7 @@ class Trainer:
     def _run_epoch(self, bar: tqdm, start: float) -> str | None:
         """Run (the rest of) one epoch. Returns why it stopped early, or None at its end."""
         cfg = self.cfg
-        loader = self.make_loader(self.progress.epoch, self.progress.batch_in_epoch)
+        loader = self.make_loader(self.progress.epoch, self.progress.samples_in_epoch)
         accum: list[StepOutput] = []
         data_t0 = time.perf_counter()
         data_time = 0.0
@@ -159,7 +179,8 @@ class Trainer:
             if self.progress.step >= self.total_steps:
                 return "step budget"
             self.progress.batch_in_epoch += 1
-            out = self._forward_backward(batch)
+            self.progress.samples_in_epoch += cfg.batch_size * self.world.size
+            out = self._forward_backward(batch, last_micro=len(accum) + 1 == cfg.accum_steps)
             if out is None:  # every row of the batch was skipped: nothing to learn from
                 self.progress.empty_batches += 1
                 data_t0 = time.perf_counter()
@@ -188,20 +209,25 @@ class Trainer:
                     return "early stop"  # fit() checkpoints the last step
             if improved or self.progress.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
-            if cfg.max_minutes is not None and (time.monotonic() - start) / 60 >= cfg.max_minutes:
+            if cfg.max_minutes is not None and self._agree_any((time.monotonic() - start) / 60 >= cfg.max_minutes):
                 return "time budget"
             data_t0 = time.perf_counter()
         return None
 
-    def _forward_backward(self, batch: Any) -> StepOutput | None:
+    def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:
+        if self.world.active and self._agree_any(_rows(batch) == 0):
+            return None  # some rank has nothing to learn from: every rank skips the batch together
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.cfg.precision == "bf16" else nullcontext())
-        with autocast:
+        with autocast, (nullcontext() if last_micro else no_sync(self.net)):
             out = self.step_fn(batch)
-        if out is None:
-            return None
-        if torch.isfinite(out.loss.detach()):
-            (out.loss / self.cfg.accum_steps).backward()
+            if out is None:
+                return None
+            # Distributed, backward always runs (it holds the gradient all-reduce the other ranks
+            # wait in); a non-finite loss then gives non-finite averaged gradients on every rank,
+            # which the step's guard skips everywhere alike.
+            if self.world.active or torch.isfinite(out.loss.detach()):
+                (out.loss / self.cfg.accum_steps).backward()
         return out
 
     def _optimizer_step(self, accum: list[StepOutput], data_time: float, step_time: float) -> bool:
@@ -209,6 +235,13 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
+        metrics = _mean_metrics(accum)
+        samples = sum(o.samples for o in accum)
+        if self.world.active:  # the global batch's values, identical on every rank
+            keys = sorted(metrics)
+            loss, samples_sum, *values = all_reduce_values([loss, samples, *(metrics[k] for k in keys)])
+            samples = round(samples_sum * self.world.size)
+            metrics = dict(zip(keys, values))
         grads = [q.grad for q in params if q.grad is not None]
         if cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -234,12 +267,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
             self.after_step()
-        samples = sum(o.samples for o in accum)
         p.step += 1
         p.samples += samples
         self._last = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                       "samples_per_s": samples / max(step_time, 1e-9), "data_time": data_time,
-                      "step_time": step_time, **_mean_metrics(accum)}
+                      "step_time": step_time, **metrics}
         if p.step % self.cfg.log_every == 0 or p.step == 1:
             self._log(self._last)
         return True
@@ -252,7 +284,7 @@ class Trainer:
         if self.evaluate is None:
             return False, False
         self._last_eval_step = self.progress.step
-        metrics = self.evaluate()
+        metrics = broadcast_object(self.evaluate() if self.world.main else None)  # rank 0 evaluates
         self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
         name, p = self.cfg.early_stop_metric, self.progress
         value = metrics.get(name)
@@ -299,7 +331,13 @@ class Trainer:
         return weights_step
 
     def _checkpoint(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files)
+        """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
+        self.progress.world_size = self.world.size
+        rng = all_gather_objects(rng_state())
+        if not self.world.main:
+            return checkpoint_dir(self.run_dir, self.progress.step)
+        path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files,
+                               rank_rng=rng)
         best = self.progress.best_step
         prune_checkpoints(self.run_dir, self.cfg.keep_last,
                           keep={checkpoint_dir(self.run_dir, best)} if best is not None else set())
@@ -311,12 +349,25 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints")
-        self.progress = load_checkpoint(ckpt, self.module, self.optimizer)
-        self._truncate_metrics(self.progress.step)
+        self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank)
+        if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
+            self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
+        if self.progress.world_size != self.world.size:
+            log.info("resuming a run of %d process(es) on %d: the rest of epoch %d is dealt anew; the schedule "
+                     "follows this world's steps per epoch", self.progress.world_size, self.world.size,
+                     self.progress.epoch)
+        if self.world.main:
+            self._truncate_metrics(self.progress.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
 
+    def _agree_any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (every rank gets the same answer)."""
+        return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
+
     def _log(self, row: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -369,6 +420,14 @@ def _better(value: float, best: float | None, lower: bool) -> bool:
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _rows(batch: Any) -> int:
+    """Rows in a batch (1 for a batch without a length)."""
+    try:
+        return len(batch)
+    except TypeError:
+        return 1
 
 
 def _mean_metrics(outs: list[StepOutput]) -> dict[str, float]:

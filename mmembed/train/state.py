@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `checkpoints/step_0000200/` holding
   model.safetensors    the module's state dict
-  trainer.safetensors  optimizer tensors and the torch/numpy RNG states
+  trainer.safetensors  optimizer tensors and the torch/numpy RNG states (torch's of every rank)
   trainer.json         step, epoch, position in the epoch, optimizer hyper-parameters,
                        python RNG state, best metric and its step — written last
 The folder is assembled under a temporary name and renamed into place, so a kill during the
@@ -34,7 +34,9 @@ CKPT_DIR = "checkpoints"
 class Progress:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # current epoch
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed (per rank)
+    samples_in_epoch: int | None = 0  # samples of `epoch`'s order consumed by all ranks (None: an older checkpoint)
+    world_size: int = 1  # processes of the run that wrote the checkpoint
     samples: int = 0
     best_metric: float | None = None  # best validation value of the early-stop metric so far
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
@@ -45,8 +47,10 @@ class Progress:
 
 
 def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-                    extra_files: dict[str, Path] | None = None) -> Path:
-    """Write `checkpoints/step_XXXXXXX/` atomically (temp folder + rename). Returns its path."""
+                    extra_files: dict[str, Path] | None = None, rank_rng: list[dict[str, torch.Tensor]] = ()
+                    ) -> Path:
+    """Write `checkpoints/step_XXXXXXX/` atomically (temp folder + rename). Returns its path.
+    `rank_rng`: every rank's `rng_state()` in rank order (distributed runs), kept for a resume."""
     final = checkpoint_dir(run_dir, progress.step)
     root = final.parent
     tmp = root / f".{final.name}.tmp{os.getpid()}"
@@ -55,6 +59,9 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     save_tensors(tmp / "model.safetensors", module.state_dict())
     tensors, opt_meta = _flatten_optimizer(optimizer)
     tensors.update(_rng_tensors())
+    for rank, state in enumerate(rank_rng):
+        if rank:
+            tensors.update({f"rng.rank{rank}.{k}": v for k, v in state.items()})
     save_tensors(tmp / "trainer.safetensors", tensors)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
@@ -105,8 +112,11 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("model.safetensors", "trainer.safetensors", "trainer.json"))
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
+def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> Progress:
     """Restore module, optimizer and every RNG from `path`; returns the saved progress.
+
+    `rank` > 0 (distributed) restores that rank's torch RNG when the checkpoint has it, else
+    (a resume on more processes than wrote it) a stream derived from rank 0's and the rank.
 
     Raises:
         CheckpointError: a file is missing or corrupt, trainer.json has the wrong fields or types,
@@ -116,13 +126,15 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     weights = load_tensors(path / "model.safetensors")
     tensors = load_tensors(path / "trainer.safetensors")
     try:
-        progress = Progress(**meta["progress"])
+        progress = Progress(**{"samples_in_epoch": None, **meta["progress"]})
         for name in ("step", "epoch", "batch_in_epoch"):
             if not isinstance(getattr(progress, name), int):
                 raise TypeError(f"progress.{name} is {getattr(progress, name)!r}")
         module.load_state_dict(weights)
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         _restore_rng(tensors, meta["python_rng"])
+        if rank:
+            _restore_rank_rng(tensors, rank)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
@@ -197,6 +209,26 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"rng.cuda.{i}"] = s
     return out
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU, and each GPU's): what differs between ranks."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def _restore_rank_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
+    prefix = f"rng.rank{rank}."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if "torch" not in own:
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)  # after rank 0's state: reproducible
+        return
+    torch.set_rng_state(own["torch"])
+    cuda = [own[k] for k in sorted(k for k in own if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _python_rng() -> list:

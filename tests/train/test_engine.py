@@ -36,7 +36,7 @@ def _data():
 def _make_loader(x, y, seed=0):
     def make(epoch, start):
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        return ((x[perm[i:i + BS]], y[perm[i:i + BS]], perm[i:i + BS]) for i in range(start * BS, N, BS))
+        return ((x[perm[i:i + BS]], y[perm[i:i + BS]], perm[i:i + BS]) for i in range(start, N, BS))
     return make
 
 
@@ -54,8 +54,8 @@ def _trainer(tmp_path, nan_at=(), callbacks=(), **cfg):
             loss = loss * float("nan")
         return StepOutput(loss, {}, samples=len(xb))
 
-    config = TrainConfig(**{"epochs": 3, "lr": 3e-2, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1,
-                            "keep_last": 100, **cfg})
+    config = TrainConfig(**{"batch_size": BS, "epochs": 3, "lr": 3e-2, "warmup_steps": 2, "checkpoint_every": 1,
+                            "log_every": 1, "keep_last": 100, **cfg})
     return model, Trainer(model, step, _make_loader(x, y), N // BS, config, tmp_path, callbacks=list(callbacks))
 
 

@@ -35,7 +35,7 @@ def _fit(run_dir, script=peak_at_4, metric="recall@1", validate=True, resume=Fal
         xb, yb, _ = batch
         return StepOutput(((model(xb) - yb) ** 2).mean(), {}, samples=len(xb))
 
-    config = TrainConfig(**{"epochs": 2, "lr": 3e-2, "warmup_steps": 2, "eval_every": 2, "checkpoint_every": 3,
+    config = TrainConfig(**{"batch_size": BS, "epochs": 2, "lr": 3e-2, "warmup_steps": 2, "eval_every": 2, "checkpoint_every": 3,
                             "keep_last": 1, "log_every": 1, "early_stop_metric": metric, **cfg})
     trainer = Trainer(model, step, _make_loader(x, y), N // BS, config, run_dir, callbacks=list(callbacks))
     if validate:

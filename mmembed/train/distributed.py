@@ -1,0 +1,323 @@
+"""Many processes, one run: torchrun's environment, PyTorch's DDP, rank-0 duties.
+
+    torchrun --nproc_per_node N -m mmembed train CONFIG
+      └─ each process: init_distributed() ─► World(rank, size) ─► the same stage code
+           data   EpochBatchSampler deals each epoch's permutation round-robin
+                  (global batch = batch_size × N)
+           model  parallelize(module, forward) ─► DDP (gradients averaged over the ranks)
+           loss   gather_with_grad / neighbour_exchange: each rank scores its rows against
+                  the global batch (see losses_distributed.py)
+           rank 0 checkpoints, metrics, evaluation (its result broadcast), the run-folder lock
+
+Without torchrun a process is a World of size 1 and every helper here is a no-op, so the
+stages never branch on "distributed or not" beyond asking `world.main`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mmembed.errors import PeerLostError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, metrics and the saved model."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def current_world() -> World:
+    """The world of the initialised process group, or a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> World:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment); a no-op
+    otherwise or when already joined. Backend: nccl when the run uses CUDA, else gloo."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        world = current_world()
+        log.info("process %d of %d joined (%s backend)", world.rank, world.size, dist.get_backend())
+    return current_world()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _Terminated(Exception):
+    pass
+
+
+# what the backends say when a peer is gone or silent
+_PEER_LOST = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "timeout",
+              "nccl", "gloo", "socket")
+
+
+@contextlib.contextmanager
+def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run_dir: str | Path | None = None
+                        ) -> Iterator[World]:
+    """One CLI command as a process of a torchrun job (or alone): join the process group, keep
+    ranks > 0 to warnings in the log, and turn a lost peer — a collective failing because another
+    process died, or torchrun's SIGTERM after one did — into one `PeerLostError` line naming the
+    checkpoint to resume from; leave the group at the end."""
+    world = init_distributed(device, timeout_minutes)
+    if not world.active:
+        yield world
+        return
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield world
+    except _Terminated:
+        raise PeerLostError(f"rank {world.rank}: stopped by torchrun (another process of the run failed: its "
+                            f"error is above){_resume_hint(run_dir)}") from None
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeError (DistBackendError is one)
+        text = str(e).lower()
+        if not (isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)):
+            raise
+        raise PeerLostError(f"rank {world.rank}: lost contact with another process of the run "
+                            f"({_first_line(e)}){_resume_hint(run_dir)}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown()
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _resume_hint(run_dir: str | Path | None) -> str:
+    if run_dir is None:
+        return ""
+    from mmembed.train.state import latest_checkpoint
+
+    stages = [Path(run_dir) / "decoder", Path(run_dir)]  # the decoder stage runs after the align stage
+    ckpt = next((c for c in map(latest_checkpoint, stages) if c is not None), None)
+    if ckpt is None:
+        return "; no checkpoint was written yet: start the run again"
+    return f"; the last checkpoint is {ckpt}: continue with --resume, on this or any other number of processes"
+
+
+def _first_line(e: BaseException) -> str:
+    line = next((part.strip() for part in str(e).splitlines() if part.strip()), type(e).__name__)
+    return line if len(line) <= 200 else line[:200] + "…"
+
+
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    world = world or current_world()
+    if name == "auto":
+        return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and world.active:
+        return torch.device(f"cuda:{world.local_rank}")
+    return torch.device(name)
+
+
+# --- collectives (no-ops in a single process) -----------------------------------------------
+
+def barrier() -> None:
+    if current_world().active:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (writes data, a tokenizer), then the others (which read it)."""
+    world = current_world()
+    if world.active and not world.main:
+        dist.barrier()
+    yield
+    if world.active and world.main:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` as rank `src` has it, on every rank."""
+    if not current_world().active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    world = current_world()
+    if not world.active:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` in rank order on rank 0 (None elsewhere); only rank 0 receives."""
+    world = current_world()
+    if not world.active:
+        return [obj]
+    out: list[Any] | None = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_reduce_values(values: list[float], op: str = "mean") -> list[float]:
+    """Element-wise mean, sum, max or min of a list of floats over the ranks (one collective)."""
+    world = current_world()
+    if not world.active or not values:
+        return list(values)
+    if op not in ("mean", "sum", "max", "min"):
+        raise ValueError(f"op {op!r}: valid: mean, sum, max, min")
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM))
+    if op == "mean":
+        t /= world.size
+    return t.tolist()
+
+
+def gather(x: Tensor) -> Tensor:
+    """Every rank's `x` (equal shapes), concatenated along dim 0, without gradient."""
+    world = current_world()
+    if not world.active:
+        return x
+    out = [torch.empty_like(x) for _ in range(world.size)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Every rank's `x` concatenated along dim 0; gradients flow back to each rank's own rows
+    (summed over the ranks that used them), as open_clip's `gather_with_grad`."""
+    if not current_world().active:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward: the gradient of the gathered tensor summed over the
+    ranks, each rank keeping its own rows (reduce-scatter on NCCL; all-reduce elsewhere, as gloo
+    has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.rows = x.shape[0]
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        world, grad = current_world(), grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        return grad[world.rank * ctx.rows:(world.rank + 1) * ctx.rows].clone()
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send a tensor to one rank while receiving the same-shaped tensor from another; the
+    backward pass sends the gradient the other way round."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, to_rank: int, from_rank: int) -> Tensor:  # type: ignore[override]
+        ctx.to_rank, ctx.from_rank = to_rank, from_rank
+        return _exchange(x, to_rank, from_rank)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _NeighbourExchange.apply(grad, ctx.from_rank, ctx.to_rank), None, None
+
+
+def _exchange(x: Tensor, to_rank: int, from_rank: int) -> Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, to_rank), dist.P2POp(dist.irecv, out, from_rank)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
+def neighbour_exchange(x: Tensor, to_rank: int, from_rank: int) -> Tensor:
+    """Pass `x` to `to_rank` and return what `from_rank` passed, differentiably (SigLIP's ring)."""
+    if x.requires_grad:
+        return _NeighbourExchange.apply(x, to_rank, from_rank)
+    return _exchange(x, to_rank, from_rank)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --- the model across ranks -----------------------------------------------------------------
+
+class Forward(nn.Module):
+    """A stage's training forward as one module call, `fn(module, *args)`: what DDP
+    wraps. Whatever the loss reads from the module (a logit scale) must be among its outputs."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.module, *args, **kwargs)
+
+
+def as_output(param: nn.Parameter) -> Tensor:
+    """A parameter to return from a `Forward` (a logit bias the loss reads): a view of it, as DDP
+    finds the parameters an output depends on through its graph, and a bare parameter has none."""
+    return param.view_as(param)
+
+
+def parallelize(module: nn.Module, fn: Callable[..., Any], device: torch.device) -> nn.Module:
+    """`Forward(module, fn)`, wrapped for the current world: unwrapped in one process; with
+    several, DistributedDataParallel — every rank holds the whole model and gradients are
+    averaged in buckets during backward. `find_unused_parameters`: a batch may lack a modality,
+    and its tower then gets no gradient. On GPUs, BatchNorm layers become SyncBatchNorm."""
+    if not current_world().active:
+        return Forward(module, fn)
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place below the root
+    return DistributedDataParallel(Forward(module, fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce for an accumulation micro-batch (a no-op otherwise)."""
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()

@@ -1,0 +1,33 @@
+"""The contrastive loss across 2 processes (gloo) equals one process on the same global batch."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mmembed.train.distributed import Forward
+from tests.distributed.workers import CASES, B, W, Towers, forward, loss_and_grads, loss_worker
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(loss_worker, args=(str(out / "init"), str(out)), nprocs=W, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(W)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_on_the_global_batch(two_ranks, case):
+    module = Towers()
+    loss, grads = loss_and_grads(case, module, Forward(module, forward), slice(0, W * B))
+    assert torch.isfinite(loss)
+    for rank in two_ranks:
+        got = rank[case]
+        assert got["loss"] == pytest.approx(float(loss), abs=1e-5)
+        assert grads.keys() == got["grads"].keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=0, msg=f"{case}: grad of {name}")
+    # the case is not trivial: the towers and the scale get real gradients
+    assert grads["towers.text.weight"].abs().max() > 1e-3 and grads["log_scale"].abs() > 1e-4

@@ -1,0 +1,125 @@
+"""`torchrun -m mmembed train` on 2 CPU processes (gloo): same training as one process at the
+same global batch; a killed rank stops the other with one clear line; the run resumes on 2 and 1."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mmembed.checkpoint import load_tensors
+from mmembed.train.state import latest_checkpoint
+from tests.conftest import TINY_MODEL, tiny_config
+from tests.distributed.workers import free_env, rank_pids
+
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' processes through /proc"),
+]
+
+
+def _torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mmembed", *map(str, args)]
+
+
+def _run(cmd, timeout=300):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=free_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _no_dropout():
+    model = copy.deepcopy(TINY_MODEL)
+    model["towers"]["text"]["encoder_args"]["dropout"] = 0.0  # ranks draw different masks
+    return model
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_two_processes_train_as_one_at_the_same_global_batch(tiny_world, tmp_path):
+    one = tiny_config(tiny_world, tmp_path / "one", _no_dropout(), batch_size=16, epochs=2)
+    two = tiny_config(tiny_world, tmp_path / "two", _no_dropout(), batch_size=8, epochs=2)
+    _run([sys.executable, "-m", "mmembed", "train", one])
+    r = _run(_torchrun(2, "train", two))
+    assert r.stdout.count("run: ") == 1  # rank 0 alone reports
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 6  # 3 global batches of 16 per epoch
+    assert b == pytest.approx(a, abs=1e-4)
+    wa = load_tensors(latest_checkpoint(tmp_path / "one") / "model.safetensors")
+    wb = load_tensors(latest_checkpoint(tmp_path / "two") / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_two_and_on_one(tiny_world, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_world, run, batch_size=8, epochs=50, checkpoint_every=1)
+    proc = subprocess.Popen(_torchrun(2, "train", cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=free_env())
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step_0000004").is_dir(), 120, "step 4's checkpoint")
+        pids = rank_pids(proc.pid)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)  # the other rank must not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("mmembed: error: rank 0:")]
+    assert lines, err[-3000:]
+    assert "--resume" in lines[0] and "checkpoints/step_" in lines[0]
+    stopped_at = int(latest_checkpoint(run).name.split("_")[1])
+    assert stopped_at >= 4
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run, copy_dir)
+    end = stopped_at + 3
+    r = _run(_torchrun(2, "train", cfg, f"train.max_steps={end}", "--resume"))
+    assert f"step {stopped_at}" in r.stderr and latest_checkpoint(run).name == f"step_{end:07d}"
+    r = _run([sys.executable, "-m", "mmembed", "train", cfg, f"train.out_dir={copy_dir}", f"train.max_steps={end}",
+              "--resume"])
+    assert "resuming a run of 2 process(es) on 1" in r.stderr
+    assert latest_checkpoint(copy_dir).name == f"step_{end:07d}"
+
+
+def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path):
+    """align (2 processes) then the decoder (2 processes, DDP over projector and decoder), both
+    with activation checkpointing: rank 0 saves a run that generates."""
+    import yaml
+
+    import mmembed as mm
+    from tests.train.test_decoder_stage import DECODER, first
+
+    cfg = tiny_config(tiny_world, tmp_path / "run", batch_size=8, epochs=1, grad_checkpointing=True)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["decoder"] = {**DECODER, "train": {**DECODER["train"], "batch_size": 8, "grad_checkpointing": True}}
+    cfg.write_text(yaml.safe_dump(raw))
+    _run(_torchrun(2, "train", cfg))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "decoder" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert any("val/answer_accuracy" in r for r in rows)
+    out = mm.load(tmp_path / "run").generate(["Describe", mm.Image(first(tiny_world, "image"))], max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4

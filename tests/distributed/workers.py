@@ -1,0 +1,110 @@
+"""Code that runs inside the processes the distributed tests start (importable by spawn)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmembed.losses import ContrastiveLoss
+from mmembed.modality import Modality
+from mmembed.train.distributed import as_output
+
+W, B, D_IN, D = 2, 6, 8, 5  # world size, rows per rank, input and embedding widths
+MODALITIES = (Modality.TEXT, Modality.IMAGE, Modality.AUDIO)
+
+# (kind, mode, anchor, label_positives, pair_weights)
+CASES = {
+    "infonce": ("infonce", "all_pairs", None, False, None),
+    "infonce_labels": ("infonce", "all_pairs", None, True, None),
+    "infonce_anchor_weighted": ("infonce", "anchor", "text", False, {"text-audio": 0.5}),
+    "siglip": ("siglip", "all_pairs", None, False, None),
+    "siglip_labels": ("siglip", "all_pairs", None, True, None),
+}
+
+
+class Towers(nn.Module):
+    """One linear 'tower' per modality, a learnable logit scale and bias: the loss's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.towers = nn.ModuleDict({m.value: nn.Linear(D_IN, D) for m in MODALITIES})
+        self.log_scale = nn.Parameter(torch.tensor(2.0))
+        self.bias = nn.Parameter(torch.tensor(-3.0))
+
+
+def forward(module: Towers, inputs: dict[Modality, torch.Tensor], with_bias: bool):
+    """As the align stage's forward: the bias is an output only when the loss uses it."""
+    emb = {m: F.normalize(module.towers[m.value](x), dim=-1) for m, x in inputs.items()}
+    return emb, module.log_scale.exp(), as_output(module.bias) if with_bias else None
+
+
+def global_batch():
+    """Inputs, presence and labels of the whole global batch (W·B rows). Presence is uneven on
+    purpose: rank 0 has no audio at all and rank 1 lacks some images, so the ranks hold different
+    numbers of rows of each pair; labels repeat across ranks."""
+    g = torch.Generator().manual_seed(1)
+    inputs = {m: torch.randn(W * B, D_IN, generator=g) for m in MODALITIES}
+    present = {m: torch.ones(W * B, dtype=torch.bool) for m in MODALITIES}
+    present[Modality.AUDIO][:B] = False
+    present[Modality.IMAGE][B + 1:B + 3] = False
+    inputs[Modality.AUDIO][~present[Modality.AUDIO]] = 1e4  # junk rows: must not leak into the loss
+    labels = torch.tensor([0, 1, 2, -1, 3, 0, 1, 4, -1, 5, 2, 6])
+    return inputs, present, labels
+
+
+def loss_and_grads(case: str, module: nn.Module, net, rows: slice):
+    kind, mode, anchor, label_positives, weights = CASES[case]
+    loss_fn = ContrastiveLoss(kind, mode, anchor, weights, label_positives)
+    inputs, present, labels = global_batch()
+    module.zero_grad(set_to_none=True)
+    emb, scale, bias = net({m: x[rows] for m, x in inputs.items()}, kind == "siglip")
+    out = loss_fn(emb, {m: p[rows] for m, p in present.items()}, scale, labels[rows], bias)
+    out.total.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in module.named_parameters()}
+    return out.total.detach(), grads
+
+
+def loss_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Each rank: its B rows of the global batch, through DDP; saves the global loss (the mean
+    of the ranks' shares) and the parameters' averaged gradients for every case."""
+    from mmembed.train.distributed import Forward, all_reduce_values, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.set_num_threads(1)
+    results = {}
+    for case in CASES:
+        module = Towers()
+        net = parallelize(module, forward, torch.device("cpu"))
+        assert not isinstance(net, Forward), "two processes must be wrapped in DDP"
+        loss, grads = loss_and_grads(case, module, net, slice(rank * B, (rank + 1) * B))
+        results[case] = {"loss": all_reduce_values([float(loss)])[0], "grads": grads}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes a torchrun agent started (Linux /proc)."""
+    out = {}
+    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+def free_env() -> dict[str, str]:
+    """The environment for a torchrun child of a test: one thread per process, no inherited rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1"}
