@@ -30,6 +30,9 @@ same-label rows are *not negatives*, not that they must be pulled together, and 
 loss's minimum at 0 and its value comparable with the unlabelled loss (it can only lower it),
 whereas soft targets put a floor of log(k) under a k-positive row. For SigLIP the same cells
 simply become +1 (positive) decisions, as the sigmoid loss has no shared denominator.
+
+Under torchrun (an initialised process group of several ranks) each rank passes its own rows
+and gets its share of the global batch's loss: see ``losses_distributed.py``.
 """
 
 from __future__ import annotations
