@@ -108,6 +108,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast
     # Recompute transformer blocks' activations in backward (less memory for large towers and decoders)
     grad_checkpointing: bool = False
+    # torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP
+    fsdp: bool = False
     eval_every: int | None = None  # steps; None = every epoch
     checkpoint_every: int = 200  # steps
     keep_last: int = 2  # checkpoints kept besides the best

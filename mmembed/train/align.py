@@ -190,7 +190,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
-    net = parallelize(space, space_forward, device)
+    net = parallelize(space, space_forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
     seed_ranks(cfg.train.seed)
     step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor(), net)
 
@@ -211,6 +211,11 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net)
     result = trainer.fit(resume=resume)
+    if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
+        weights = trainer.full_weights()
+        if world.main:
+            model = build_model(cfg, tokenizer)
+            model.space.load_state_dict(weights)
     if world.main:
         _finish(model, run_dir, result, skips)
     barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)

@@ -80,7 +80,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
         sampler.set_epoch(epoch, start_sample=start_sample)
         return (collate_prompts([train_data[key] for key in keys], pm.fmt.pad_id) for keys in sampler)
 
-    net = parallelize(lm, answer_logits, device)
+    net = parallelize(lm, answer_logits, device, fsdp=tc.fsdp, bf16=tc.precision == "bf16")
     seed_ranks(tc.seed)
     step_fn = make_step_fn(pm, vectors, cfg.media_noise, device, net)
     evaluate = (lambda: evaluate_answers(pm, val_data, vectors, device)) if val_data is not None else None
@@ -89,6 +89,12 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
                       evaluate=evaluate, callbacks=list(callbacks), device=device, net=net)
     result = trainer.fit(resume=resume)
     lm.eval()
+    if trainer.sharded is not None:  # the saved decoder is a whole one: gather it into a fresh copy
+        weights = trainer.full_weights()
+        if world.main:
+            pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
+            pm.lm.load_state_dict(weights)
+            pm.lm.eval()
     if world.main:
         _finish(config, pm, run_dir, result, skips)
     barrier()

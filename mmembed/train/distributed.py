@@ -303,13 +303,19 @@ def as_output(param: nn.Parameter) -> Tensor:
     return param.view_as(param)
 
 
-def parallelize(module: nn.Module, fn: Callable[..., Any], device: torch.device) -> nn.Module:
+def parallelize(module: nn.Module, fn: Callable[..., Any], device: torch.device, *, fsdp: bool = False,
+                bf16: bool = False) -> nn.Module:
     """`Forward(module, fn)`, wrapped for the current world: unwrapped in one process; with
     several, DistributedDataParallel — every rank holds the whole model and gradients are
     averaged in buckets during backward. `find_unused_parameters`: a batch may lack a modality,
-    and its tower then gets no gradient. On GPUs, BatchNorm layers become SyncBatchNorm."""
+    and its tower then gets no gradient. On GPUs, BatchNorm layers become SyncBatchNorm.
+    `fsdp`: sharded instead (fsdp.py; `bf16` there: its mixed-precision policy on GPUs)."""
     if not current_world().active:
         return Forward(module, fn)
+    if fsdp:
+        from mmembed.train.fsdp import Sharded
+
+        return Sharded.wrap(module, fn, device, bf16)
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cuda":

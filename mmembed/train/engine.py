@@ -39,6 +39,7 @@ from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
 from mmembed.errors import CheckpointError, UserError
 from mmembed.train.distributed import all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world, no_sync
+from mmembed.train.fsdp import sharded_of
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
                                  prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
@@ -89,7 +90,8 @@ class Trainer:
             checkpoint folder is itself loadable.
         net: the module `step_fn` calls when it is not `module` itself — its DDP wrapper
             (`distributed.parallelize`), whose gradient sync accumulation skips until the last
-            micro-batch.
+            micro-batch, or its sharded (FSDP) form: then every rank evaluates, and checkpoints
+            are gathered into the single-process format.
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[[Any], StepOutput],
@@ -100,6 +102,7 @@ class Trainer:
                  net: nn.Module | None = None):
         self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
         self.net = net if net is not None else module
+        self.sharded = sharded_of(self.net)
         self.world = current_world()
         self.cfg, self.run_dir = config, Path(run_dir)
         self.evaluate, self.after_step, self.callbacks = evaluate, after_step, list(callbacks)
@@ -119,6 +122,12 @@ class Trainer:
         self._warned_metric = False
 
     # --- public -------------------------------------------------------------------------
+
+    def full_weights(self) -> dict[str, Tensor]:
+        """The module's full weights (collective under FSDP; on rank 0 there, empty elsewhere)."""
+        if self.sharded is None:
+            return self.module.state_dict()
+        return self.sharded.full_weights()
 
     def fit(self, resume: bool = False) -> FitResult:
         """Train until the epochs, a budget or early stopping end the run (`resume`: continue the
@@ -243,7 +252,9 @@ class Trainer:
             samples = round(samples_sum * self.world.size)
             metrics = dict(zip(keys, values))
         grads = [q.grad for q in params if q.grad is not None]
-        if cfg.grad_clip:
+        if self.sharded is not None:  # norms of shards, summed over the ranks
+            grad_norm = self.sharded.clip_grads(params, cfg.grad_clip or None)
+        elif cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:  # the norm is still needed for the non-finite guard and the log, not the rescale
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
@@ -284,7 +295,11 @@ class Trainer:
         if self.evaluate is None:
             return False, False
         self._last_eval_step = self.progress.step
-        metrics = broadcast_object(self.evaluate() if self.world.main else None)  # rank 0 evaluates
+        if self.sharded is not None:  # running a sharded unit is a collective: every rank evaluates
+            with self.sharded.gathered():
+                metrics = self.evaluate()
+        else:
+            metrics = broadcast_object(self.evaluate() if self.world.main else None)  # rank 0 evaluates
         self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
         name, p = self.cfg.early_stop_metric, self.progress
         value = metrics.get(name)
@@ -319,7 +334,7 @@ class Trainer:
             log.info("the last step is the best: step %d, %s = %.4g", p.step, name, p.best_metric)
         else:
             try:
-                load_weights(checkpoint_dir(self.run_dir, p.best_step), self.module)
+                load_weights(checkpoint_dir(self.run_dir, p.best_step), self.module, self.sharded)
                 weights_step = p.best_step
                 log.info("restored the best checkpoint: step %d, %s = %.4g (last: %s)", p.best_step, name,
                          p.best_metric, last)
@@ -334,10 +349,11 @@ class Trainer:
         """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
         self.progress.world_size = self.world.size
         rng = all_gather_objects(rng_state())
+        state = self.sharded.full_state(self.optimizer) if self.sharded is not None else None  # collective
         if not self.world.main:
             return checkpoint_dir(self.run_dir, self.progress.step)
         path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files,
-                               rank_rng=rng)
+                               rank_rng=rng, state=state)
         best = self.progress.best_step
         prune_checkpoints(self.run_dir, self.cfg.keep_last,
                           keep={checkpoint_dir(self.run_dir, best)} if best is not None else set())
@@ -349,7 +365,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints")
-        self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank)
+        self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
+                                        sharded=self.sharded)
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
             self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
         if self.progress.world_size != self.world.size:

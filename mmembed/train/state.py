@@ -47,17 +47,20 @@ class Progress:
 
 
 def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-                    extra_files: dict[str, Path] | None = None, rank_rng: list[dict[str, torch.Tensor]] = ()
-                    ) -> Path:
+                    extra_files: dict[str, Path] | None = None, rank_rng: list[dict[str, torch.Tensor]] = (),
+                    state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
     """Write `checkpoints/step_XXXXXXX/` atomically (temp folder + rename). Returns its path.
-    `rank_rng`: every rank's `rng_state()` in rank order (distributed runs), kept for a resume."""
+    `rank_rng`: every rank's `rng_state()` in rank order (distributed runs), kept for a resume.
+    `state`: (weights, optimizer state dict) gathered from a sharded model, instead of
+    `module.state_dict()` and `optimizer.state_dict()`."""
     final = checkpoint_dir(run_dir, progress.step)
     root = final.parent
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_tensors(tmp / "model.safetensors", module.state_dict())
-    tensors, opt_meta = _flatten_optimizer(optimizer)
+    weights, optim = state if state is not None else (module.state_dict(), optimizer.state_dict())
+    save_tensors(tmp / "model.safetensors", weights)
+    tensors, opt_meta = _flatten_optimizer(optim)
     tensors.update(_rng_tensors())
     for rank, state in enumerate(rank_rng):
         if rank:
@@ -112,11 +115,13 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("model.safetensors", "trainer.safetensors", "trainer.json"))
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> Progress:
+def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    sharded: Any = None) -> Progress:
     """Restore module, optimizer and every RNG from `path`; returns the saved progress.
 
     `rank` > 0 (distributed) restores that rank's torch RNG when the checkpoint has it, else
     (a resume on more processes than wrote it) a stream derived from rank 0's and the rank.
+    `sharded`: the model's `fsdp.Sharded` handle, which shards the full tensors into it.
 
     Raises:
         CheckpointError: a file is missing or corrupt, trainer.json has the wrong fields or types,
@@ -130,8 +135,11 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         for name in ("step", "epoch", "batch_in_epoch"):
             if not isinstance(getattr(progress, name), int):
                 raise TypeError(f"progress.{name} is {getattr(progress, name)!r}")
-        module.load_state_dict(weights)
-        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        if sharded is not None:
+            sharded.load_full(weights, optimizer, _optimizer_state(optimizer, tensors, meta["optimizer"]))
+        else:
+            module.load_state_dict(weights)
+            optimizer.load_state_dict(_optimizer_state(optimizer, tensors, meta["optimizer"]))
         _restore_rng(tensors, meta["python_rng"])
         if rank:
             _restore_rank_rng(tensors, rank)
@@ -143,15 +151,19 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     return progress
 
 
-def load_weights(path: Path, module: nn.Module) -> None:
-    """Copy the weights of checkpoint folder `path` into `module`, exactly (optimizer and RNGs untouched).
+def load_weights(path: Path, module: nn.Module, sharded: Any = None) -> None:
+    """Copy the weights of checkpoint folder `path` into `module`, exactly (optimizer and RNGs
+    untouched); `sharded`: through the model's `fsdp.Sharded` handle.
 
     Raises:
         CheckpointError: the weights file is missing or corrupt, or does not fit `module`.
     """
     weights = load_tensors(path / "model.safetensors")
     try:
-        module.load_state_dict(weights)
+        if sharded is not None:
+            sharded.load_full(weights)
+        else:
+            module.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the weights do not fit this model ({_last_line(e)})") from None
 
@@ -171,8 +183,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -184,7 +195,8 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state dict a checkpoint holds, checked against `optimizer`'s parameters."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -196,7 +208,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     if len(groups) != len(optimizer.param_groups) or any(
             len(g["params"]) != len(o["params"]) for g, o in zip(groups, optimizer.param_groups)):
         raise CheckpointError("checkpoint optimizer does not match this model's parameters")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

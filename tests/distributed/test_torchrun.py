@@ -47,20 +47,58 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_two_processes_train_as_one_at_the_same_global_batch(tiny_world, tmp_path):
-    one = tiny_config(tiny_world, tmp_path / "one", _no_dropout(), batch_size=16, epochs=2)
-    two = tiny_config(tiny_world, tmp_path / "two", _no_dropout(), batch_size=8, epochs=2)
-    _run([sys.executable, "-m", "mmembed", "train", one])
+@pytest.fixture(scope="module")
+def one_process(tiny_world, tmp_path_factory):
+    """The align stage on one process, global batch 16, 2 epochs."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _run([sys.executable, "-m", "mmembed", "train", tiny_config(tiny_world, out, _no_dropout(), batch_size=16,
+                                                                    epochs=2)])
+    return out
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_as_one_at_the_same_global_batch(tiny_world, tmp_path, one_process, fsdp):
+    two = tiny_config(tiny_world, tmp_path / "two", _no_dropout(), batch_size=8, epochs=2, fsdp=fsdp)
     r = _run(_torchrun(2, "train", two))
     assert r.stdout.count("run: ") == 1  # rank 0 alone reports
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    a, b = _losses(one_process), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6  # 3 global batches of 16 per epoch
     assert b == pytest.approx(a, abs=1e-4)
-    wa = load_tensors(latest_checkpoint(tmp_path / "one") / "model.safetensors")
-    wb = load_tensors(latest_checkpoint(tmp_path / "two") / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-4, rtol=1e-4, msg=name)
+    # the checkpoint (weights and optimizer state) has the single-process format and values
+    for name in ("model.safetensors", "trainer.safetensors"):
+        wa = load_tensors(latest_checkpoint(one_process) / name)
+        wb = load_tensors(latest_checkpoint(tmp_path / "two") / name)
+        keys = [k for k in wa if not k.startswith("rng.")]
+        assert keys == [k for k in wb if not k.startswith("rng.")]
+        for k in keys:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4, msg=k)
+    # the saved model too (under FSDP, gathered from the shards into a whole copy)
+    saved_a, saved_b = load_tensors(one_process / "model.safetensors"), load_tensors(tmp_path / "two" / "model.safetensors")
+    assert saved_a.keys() == saved_b.keys()
+    for k in saved_a:
+        torch.testing.assert_close(saved_b[k], saved_a[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny_world, tmp_path):
+    """FSDP: stop at step 3, resume to 6 on 2 sharded processes = 6 steps in one go; the same
+    checkpoint resumes on a single process too (the format is the single-process one)."""
+    def cfg(name, steps, **extra):
+        return tiny_config(tiny_world, tmp_path / name, _no_dropout(), batch_size=8, epochs=4, max_steps=steps,
+                           min_lr_ratio=1.0, fsdp=True, **extra)  # a flat schedule: max_steps moves no lr
+
+    _run(_torchrun(2, "train", cfg("whole", 6)))
+    stopped = cfg("stopped", 3)
+    _run(_torchrun(2, "train", stopped))
+    shutil.copytree(tmp_path / "stopped", tmp_path / "single")
+    _run(_torchrun(2, "train", stopped, "train.max_steps=6", "--resume"))
+    wa = load_tensors(latest_checkpoint(tmp_path / "whole") / "model.safetensors")
+    wb = load_tensors(latest_checkpoint(tmp_path / "stopped") / "model.safetensors")
+    assert latest_checkpoint(tmp_path / "stopped").name == "step_0000006"
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5, msg=k)
+    _run([sys.executable, "-m", "mmembed", "train", stopped, f"train.out_dir={tmp_path / 'single'}",
+          "train.max_steps=6", "train.fsdp=false", "--resume"])
+    assert latest_checkpoint(tmp_path / "single").name == "step_0000006"
 
 
 def _wait_for(predicate, timeout, what):
@@ -104,17 +142,19 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_two_and_on_one(tin
     assert latest_checkpoint(copy_dir).name == f"step_{end:07d}"
 
 
-def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path):
-    """align (2 processes) then the decoder (2 processes, DDP over projector and decoder), both
-    with activation checkpointing: rank 0 saves a run that generates."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path, fsdp):
+    """align (2 processes) then the decoder (2 processes, DDP or FSDP over projector and decoder),
+    both with activation checkpointing: rank 0 saves a run that generates."""
     import yaml
 
     import mmembed as mm
     from tests.train.test_decoder_stage import DECODER, first
 
-    cfg = tiny_config(tiny_world, tmp_path / "run", batch_size=8, epochs=1, grad_checkpointing=True)
+    cfg = tiny_config(tiny_world, tmp_path / "run", batch_size=8, epochs=1, grad_checkpointing=True, fsdp=fsdp)
     raw = yaml.safe_load(cfg.read_text())
-    raw["decoder"] = {**DECODER, "train": {**DECODER["train"], "batch_size": 8, "grad_checkpointing": True}}
+    raw["decoder"] = {**DECODER, "train": {**DECODER["train"], "batch_size": 8, "grad_checkpointing": True,
+                                           "fsdp": fsdp}}
     cfg.write_text(yaml.safe_dump(raw))
     _run(_torchrun(2, "train", cfg))
     rows = [json.loads(line) for line in (tmp_path / "run" / "decoder" / "metrics.jsonl").read_text().splitlines()]
