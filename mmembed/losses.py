@@ -243,7 +243,8 @@ class ContrastiveLoss(nn.Module):
         if world.active:  # torchrun: this rank's share of the global batch's loss
             from mmembed.losses_distributed import GlobalBatch
 
-            glob = GlobalBatch.collect(world, embeddings, present, labels, batch, with_embeddings=self.kind == "infonce")
+            glob = GlobalBatch.collect(world, embeddings, present, labels, batch,
+                                       with_embeddings=self.kind == "infonce")
         per_pair: dict[str, Tensor] = {}
         n_pairs: dict[str, int] = {}
         weighted_sum, weight_sum = None, 0.0

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
 from mmembed.errors import CheckpointError, UserError
-from mmembed.train.distributed import all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world, no_sync
+from mmembed.train.distributed import (all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world,
+                                       no_sync)
 from mmembed.train.fsdp import sharded_of
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,

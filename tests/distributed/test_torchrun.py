@@ -73,7 +73,8 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tiny_world, tmp_pat
         for k in keys:
             torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4, msg=k)
     # the saved model too (under FSDP, gathered from the shards into a whole copy)
-    saved_a, saved_b = load_tensors(one_process / "model.safetensors"), load_tensors(tmp_path / "two" / "model.safetensors")
+    saved_a = load_tensors(one_process / "model.safetensors")
+    saved_b = load_tensors(tmp_path / "two" / "model.safetensors")
     assert saved_a.keys() == saved_b.keys()
     for k in saved_a:
         torch.testing.assert_close(saved_b[k], saved_a[k], atol=1e-4, rtol=1e-4, msg=k)
