@@ -117,3 +117,15 @@ def test_only_accepts_ids_and_b_prefix_and_rejects_unknown():
     assert run_all.parse_only(None, valid) == valid
     with pytest.raises(SystemExit, match="unknown benchmark id.*nope.*valid: .*train"):
         run_all.parse_only("train,nope", valid)
+
+
+@pytest.mark.slow
+def test_bench_ddp_tiny_times_both_sides():
+    from benchmarks.bench_ddp import run
+
+    report = run(quick=True, batch=16, steps=1, scenes=80)
+    (row,) = report["results"]
+    assert ROW_KEYS <= set(row) and row["id"] == "B-ddp B=16" and row["unit"] == "samples/s"
+    assert math.isclose(row["ratio"], row["ours"] / row["anchor"])
+    assert set(row["seconds"]) == {"two_processes", "one_process_2_threads", "one_process_1_thread"}
+    assert all(t > 0 for t in row["seconds"].values()) and row["scaling_efficiency"] > 0
