@@ -26,7 +26,7 @@ from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space
 
 if TYPE_CHECKING:
-    from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops
+    from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops, StreamedToken
     from mmembed.insight import AttentionMaps, SweepRow, TokenEntropy
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,19 @@ class Model:
         if batch:
             raise UserError("stream takes one prompt; use generate for a batch")
         yield from stream(pm.lm, pm.fmt, prompts[0], max_new_tokens, *args, seed, self.device)
+
+    def stream_tokens(self, prompt: Prompt, max_new_tokens: int = 32, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, stop: str | int | Sequence | None = None,
+                      seed: int | None = None) -> Iterator[StreamedToken]:
+        """`stream`, one `StreamedToken` per generated token: its id, the text it releases, its
+        log-probability and the entropy of the distribution it was drawn from (what a page colours
+        token by token). The ids, log-probs and entropies are `generate`'s for the same seed."""
+        from mmembed.decoder import stream_tokens
+
+        pm, prompts, batch, args = self._generation_inputs(prompt, temperature, top_k, top_p, stop)
+        if batch:
+            raise UserError("stream_tokens takes one prompt; use generate for a batch")
+        yield from stream_tokens(pm.lm, pm.fmt, prompts[0], max_new_tokens, *args, seed, self.device)
 
     def attention_maps(self, prompt: Prompt) -> AttentionMaps:
         """The decoder's attention over one prompt (given as to `generate`), per layer and head.

@@ -15,7 +15,8 @@ from mmembed.decoder.builder import (DECODER_DIR, DECODER_TOKENIZER, DECODER_WEI
                                      build_prompt_model, decoder_tokenizer, load_prompt_model, save_prompt_model,
                                      with_gpt2_architecture)
 from mmembed.decoder.fusion import MultimodalLM, Projector, answer_logits
-from mmembed.decoder.generate import Generation, Stops, decode_steps, generate, stream
+from mmembed.decoder.generate import (Generation, Stops, StreamedToken, decode_steps, generate, stream,
+                                     stream_tokens)
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_tokenizer, load_gpt2
 from mmembed.decoder.kv_cache import KVCache, RollingKVCache
 from mmembed.decoder.model import Decoder
@@ -27,8 +28,9 @@ __all__ = [
     "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Choice", "Decoder", "Embedded",
     "Generation",
     "Image", "KVCache", "Media", "MultimodalLM", "PretrainedTokenizer", "Projector", "Prompt", "PromptFormat",
-    "PromptModel", "Resolved", "RollingKVCache", "Sampling", "Slot", "Stops", "Text", "answer_logits",
+    "PromptModel", "Resolved", "RollingKVCache", "Sampling", "Slot", "Stops", "StreamedToken", "Text", "answer_logits",
     "build_prompt_model",
     "choose", "decode_steps", "decoder_tokenizer", "generate", "gpt2_tokenizer", "is_batch", "load_gpt2",
-    "load_prompt_model", "parse_inline", "resolve_prompts", "save_prompt_model", "stream", "with_gpt2_architecture",
+    "load_prompt_model", "parse_inline", "resolve_prompts", "save_prompt_model", "stream", "stream_tokens",
+    "with_gpt2_architecture",
 ]

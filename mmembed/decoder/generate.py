@@ -17,6 +17,7 @@ positions) the context bounds prompt + answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -258,6 +259,43 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
     for rows in run(lm, fmt, prompts, max_new_tokens, sampling, stop, seed, device):
         pass
     return [r.out for r in rows]
+
+
+@dataclass(frozen=True)
+class StreamedToken:
+    """One generated token as `stream_tokens` reports it.
+
+    `text` is the answer text this token releases: empty while it ends in an incomplete UTF-8
+    character or could start a stop string (the next tokens release it), and for <eos> or a stop
+    id. The texts of a stream join to the answer's `Generation.text`; `logprob` and `entropy`
+    (nats) are those of `Generation.logprobs` / `Generation.entropy` at this step.
+    """
+
+    id: int
+    text: str
+    logprob: float
+    entropy: float
+
+
+def stream_tokens(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens: int, sampling: Sampling,
+                  stop: Stops, seed: int | None, device: torch.device) -> Iterator[StreamedToken]:
+    """Yield every generated token of one prompt's answer with the text it releases (see `stream`
+    for what is held back). A token is yielded once the next one is decoded, so the last one can
+    carry the text held back at the end."""
+    sent, pending, row = 0, None, None
+    for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device):
+        out = row.out
+        if not out.token_ids:  # no room for a token: nothing was generated
+            continue
+        if pending is not None:
+            yield pending
+        safe = len(out.text) if row.done else len(out.text) - stop.holdback
+        while safe > sent and out.text[safe - 1] == "\ufffd" and not row.done:
+            safe -= 1
+        pending = StreamedToken(out.token_ids[-1], out.text[sent:safe], out.logprobs[-1], out.entropy[-1])
+        sent = max(sent, safe)
+    if pending is not None:
+        yield dataclasses.replace(pending, text=pending.text + row.out.text[sent:])
 
 
 def stream(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens: int, sampling: Sampling,

@@ -1,0 +1,41 @@
+"""`stream_tokens`: one event per generated token, equal to `generate`'s ids, log-probs and
+entropies, whose texts join to the answer (held-back characters and stop strings included)."""
+
+import pytest
+import torch
+
+from mmembed.decoder import Sampling, Stops, StreamedToken, generate, resolve_prompts, stream_tokens
+from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model
+
+CPU = torch.device("cpu")
+PROMPT = ["describe the picture", torch.ones(DIM), "and the sound", -torch.ones(DIM), "please"]
+
+
+def both(pm, n: int, stop: Stops, seed: int, temperature: float):
+    (resolved,) = resolve_prompts([PROMPT], fake_embed, DIM, CPU)
+    tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, n, Sampling(temperature), stop, seed, CPU))
+    (out,) = generate(pm.lm, pm.fmt, [resolved], n, Sampling(temperature), stop, seed, CPU)
+    return tokens, out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tokens_match_generate_and_join_to_its_text(temperature):
+    pm = lively(prompt_model(), std=0.3)
+    tokens, out = both(pm, 20, Stops(), seed=5, temperature=temperature)
+    assert all(isinstance(t, StreamedToken) for t in tokens)
+    assert [t.id for t in tokens] == out.token_ids and len(tokens) > 1
+    assert [t.logprob for t in tokens] == out.logprobs and [t.entropy for t in tokens] == out.entropy
+    assert "".join(t.text for t in tokens) == out.text
+    if temperature > 0:
+        assert any(t.entropy > 0 for t in tokens)
+
+
+def test_a_stop_string_is_never_streamed():
+    pm = lively(prompt_model(), std=0.3)
+    free, full = both(pm, 20, Stops(), seed=5, temperature=1.0)
+    stop = full.text[len(full.text) // 2:][:3]  # three characters from the middle of the free answer
+    assert len(stop) == 3
+    tokens, out = both(pm, 20, Stops((stop,)), seed=5, temperature=1.0)
+    streamed = "".join(t.text for t in tokens)
+    assert streamed == out.text and stop not in streamed and out.finish_reason == "stop"
+    assert len(tokens) == len(out.token_ids) < len(free)
