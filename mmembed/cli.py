@@ -162,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
+    p = _add(sub, "serve", "a local web app: search, prompt and memory views, and a JSON API (/api/search, "
+             "/api/generate)", _serve)
+    p.add_argument("run", help="run directory")
+    p.add_argument("--index", help="index folder (`mmembed index`); default: embed the run's test manifest on start")
+    p.add_argument("--memory", help="memory file (SQLite; created when absent): enables the memory view")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
+                        "network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free one)")
+
     p = _add(sub, "scale", "scaling-law sweep: train a ladder of models, fit L = E + A·x^(-α), predict the next "
              "size; or --study regularisation: dropout × weight decay on a small subset", _scale)
     p.add_argument("config", nargs="?", default="scaling", help="scaling config name or YAML (default: scaling)")
@@ -392,6 +402,27 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
         run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "",
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from mmembed.serve import bind, create_app, is_loopback, open_state, run, url_of
+    except ImportError as e:
+        raise UserError(f"mmembed serve needs the web extra ({e.name} is missing): "
+                        "pip install -c constraints.txt -e '.[serve]'") from None
+    import mmembed as mm
+
+    sock = bind(args.host, args.port)  # a busy port fails before the model loads
+    state = open_state(mm.load(args.run), run=Path(args.run).resolve().name, index=args.index, memory=args.memory)
+    if not is_loopback(args.host):
+        print(f"mmembed serve: listening on {args.host}: other machines can reach this server", file=sys.stderr)
+    print(f"mmembed serve: {url_of(sock)} (Ctrl+C to stop)", flush=True)
+    try:
+        run(create_app(state), sock)
+    except KeyboardInterrupt:  # Ctrl+C is how a server is stopped: uvicorn has shut down cleanly by now
+        pass
+    print("mmembed serve: stopped", file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from mmembed.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "map", "generate", "chat", "scale"]
+SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "map", "generate", "chat", "scale", "serve"]
 
 
 def test_parser_has_every_subcommand():

@@ -1,0 +1,216 @@
+"""The JSON API under the page: status, search, the index's media, and generation (whole or streamed).
+
+    GET  /api/status              run, modalities, index progress, limits
+    POST /api/search              pieces (+ weights, target, k)          → {"hits": [...]}
+    GET  /api/media/{id}          an indexed item's own file (images, sounds)
+    POST /api/generate            pieces (+ temperature, top_p, ...)     → {"text", "tokens": [...], ...}
+    POST /api/generate/stream     the same, as server-sent events: `token` per token, then `done`
+
+Requests are multipart forms (see `pieces.py`); every error is `{"error": "one line"}` with a 4xx
+status (503 while the index is being built).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+
+from mmembed.decoder import MEDIA, Generation
+from mmembed.errors import UserError
+from mmembed.retrieval import Hit, Query
+from mmembed.serve.pieces import Piece, number, parse_weights, read_form, read_pieces
+from mmembed.serve.safety import FILE_MODALITIES, Refusal, sniff
+from mmembed.serve.state import ServeState
+
+router = APIRouter(prefix="/api")
+log = logging.getLogger(__name__)
+
+
+def state_of(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A mistake in what the client sent (UserError, or a ValueError from sampling settings) → 400."""
+    try:
+        yield
+    except (UserError, ValueError) as e:
+        raise Refusal(400, str(e)) from None
+
+
+@router.get("/status")
+def status(request: Request) -> dict[str, Any]:
+    return state_of(request).status()
+
+
+# ---- search ------------------------------------------------------------------------------------
+
+
+@router.post("/search")
+async def search(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    form = await read_form(request, state.limits)
+    pieces = await read_pieces(form, state.limits, state.check)
+    if not pieces:
+        raise Refusal(400, "nothing to search for: type some text or add an image or a sound")
+    weights = parse_weights(_str(form, "weights"), len(pieces))
+    target = _target(_str(form, "target"), state)
+    k = number(form, "k", int, 12, 1, state.limits.max_k)
+    index = state.index.ready()
+    start = time.perf_counter()
+    hits = await run_in_threadpool(_search, state, index, pieces, weights, target, k)
+    return {"hits": [hit_json(h, rank) for rank, h in enumerate(hits, 1)], "target": target,
+            "pieces": len(pieces), "took_ms": round(1000 * (time.perf_counter() - start), 1)}
+
+
+def _search(state: ServeState, index: Any, pieces: list[Piece], weights: list[float], target: str | None,
+            k: int) -> list[Hit]:
+    items: dict[str, list[Any]] = {}
+    by_part: dict[str, list[float]] = {}
+    for piece, w in zip(pieces, weights):
+        items.setdefault(piece.modality.value, []).append(piece.value)
+        by_part.setdefault(piece.modality.value, []).append(w)
+    with user_errors(), state.lock:
+        return index.search(Query(weights=by_part, **items), target=target, k=k)
+
+
+def _target(value: str | None, state: ServeState) -> str | None:
+    if value in (None, "", "any"):
+        return None
+    if value not in {str(m) for m in state.model.modalities}:
+        valid = ", ".join(["any", *map(str, state.model.modalities)])
+        raise Refusal(400, f"target must be one of {valid}, got {value[:20]!r}")
+    return value
+
+
+def hit_json(hit: Hit, rank: int) -> dict[str, Any]:
+    """A hit as the page draws it: media by URL (never a server path), text as text."""
+    meta = dict(hit.metadata)
+    item = meta.pop("item", None)
+    has_file = hit.modality in FILE_MODALITIES
+    return {"rank": rank, "id": hit.id, "score": round(hit.score, 4), "modality": str(hit.modality),
+            "label": meta.get("label"), "text": None if has_file else item,
+            "name": Path(item).name if has_file and isinstance(item, str) else None,
+            "media": f"/api/media/{hit.id}" if has_file else None, "metadata": meta}
+
+
+@router.get("/media/{item_id}")
+def media(request: Request, item_id: int) -> FileResponse:
+    path = state_of(request).index.media_path(item_id)
+    with path.open("rb") as f:
+        fmt = sniff(f.read(16))
+    if fmt is None:
+        raise Refusal(404, f"item {item_id}'s file is not a format the page can show")
+    return FileResponse(path, media_type=fmt.mime, headers={"cache-control": "private, max-age=3600"})
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+
+async def read_prompt(request: Request) -> tuple[ServeState, list[Any], dict[str, Any]]:
+    """The prompt's segments in order (text as typed, files as `mm.Image` / `mm.Audio` of their bytes)
+    and the sampling settings."""
+    state = state_of(request)
+    state.need_decoder()
+    form = await read_form(request, state.limits)
+    pieces = await read_pieces(form, state.limits, state.check)
+    if not pieces:
+        raise Refusal(400, "the prompt is empty: add text, an image or a sound")
+    return state, [to_segment(p) for p in pieces], sampling(form, state)
+
+
+def to_segment(piece: Piece) -> Any:
+    return MEDIA[piece.modality](piece.value) if piece.is_file else piece.value
+
+
+def sampling(form: FormData, state: ServeState) -> dict[str, Any]:
+    return {"max_new_tokens": number(form, "max_new_tokens", int, 32, 1, state.limits.max_new_tokens),
+            "temperature": number(form, "temperature", float, 0.0, 0, 100),
+            "top_p": number(form, "top_p", float, None, 0, 1),
+            "top_k": number(form, "top_k", int, None, 1, 1_000_000),
+            "seed": number(form, "seed", int, None, 0, 2**63 - 1)}
+
+
+@router.post("/generate")
+async def generate(request: Request) -> dict[str, Any]:
+    state, prompt, settings = await read_prompt(request)
+    return await run_in_threadpool(_generate_all, state, prompt, settings)
+
+
+def _generate_all(state: ServeState, prompt: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    with user_errors(), state.lock:
+        tokens = [token_json(t) for t in state.model.stream_tokens(prompt, **settings)]
+        return {**finish(state, prompt, tokens), "tokens": tokens}
+
+
+@router.post("/generate/stream")
+async def generate_stream(request: Request) -> StreamingResponse:
+    state, prompt, settings = await read_prompt(request)
+    tokens = state.model.stream_tokens(prompt, **settings)
+    first = await run_in_threadpool(_next, state, tokens)  # a bad prompt is still a 400, not an event
+    return StreamingResponse(_events(state, prompt, first, tokens), media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+def _next(state: ServeState, tokens: Iterator[Any]) -> dict[str, Any] | None:
+    with user_errors(), state.lock:
+        token = next(tokens, None)
+    return None if token is None else token_json(token)
+
+
+def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None,
+            tokens: Iterator[Any]) -> Iterator[str]:
+    """`event: token` per generated token, then `event: done` (or `event: error`)."""
+    sent, token = [], first
+    try:
+        while token is not None:
+            sent.append(token)
+            yield sse("token", token)
+            token = _next(state, tokens)
+        with state.lock:
+            yield sse("done", finish(state, prompt, sent))
+    except Refusal as e:
+        yield sse("error", {"error": e.message})
+    except Exception as e:  # noqa: BLE001 - the headers are sent: the stream itself must say what went wrong
+        log.exception("generation failed")
+        yield sse("error", {"error": f"generation failed ({type(e).__name__}); the server log has the details"})
+    finally:
+        tokens.close()
+
+
+def token_json(token: Any) -> dict[str, Any]:
+    return {"id": token.id, "text": token.text, "entropy": round(token.entropy, 4), "logprob": round(token.logprob, 4)}
+
+
+def finish(state: ServeState, prompt: list[Any], tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer's summary: its text, why it ended, and the model's own entropy (T = 1) at each token."""
+    ids = [t["id"] for t in tokens]
+    drawn = [t["entropy"] for t in tokens]
+    own = state.model.token_entropy(prompt, Generation("", ids, entropy=drawn)).model if ids else []
+    eos = state.model.prompt_model.fmt.eos_id
+    return {"text": "".join(t["text"] for t in tokens), "finish_reason": "eos" if ids and ids[-1] == eos else "length",
+            "mean_entropy": round(sum(drawn) / len(drawn), 4) if drawn else 0.0,
+            "model_entropy": [round(h, 4) for h in own]}
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _str(form: FormData, key: str) -> str | None:
+    value = form.get(key)
+    if value is not None and not isinstance(value, str):
+        raise Refusal(400, f"{key} must be a text field, not a file")
+    return value
+

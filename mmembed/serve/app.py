@@ -1,0 +1,150 @@
+"""The FastAPI app (page + JSON API + guards) and how it is served: uvicorn on a socket bound here,
+loopback unless asked otherwise, in the foreground (`mmembed serve`) or a background thread
+(tests, benchmarks).
+
+    create_app(state)          page at /, assets at /static, API at /api (api.py, memory_api.py)
+    bind(host, port)           the listening socket (a busy port is a one-line UserError)
+    run(app, sock)             serve until Ctrl+C
+    BackgroundServer(app)      `with BackgroundServer(app) as url:` serves on a free loopback port
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from mmembed.errors import UserError
+from mmembed.serve import api, memory_api
+from mmembed.serve.safety import BodyLimit, Refusal, SecurityHeaders
+from mmembed.serve.state import ServeState
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(state: ServeState) -> FastAPI:
+    """The web app over `state` (see `open_state`)."""
+    app = FastAPI(title="mmembed", docs_url=None, redoc_url=None, openapi_url=None)  # the README documents the API
+    app.state.serve = state
+    app.include_router(api.router)
+    app.include_router(memory_api.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+
+    app.add_exception_handler(Refusal, _refused)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _crashed)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_request_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: the body limit's own 413 gets the headers too
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _refused(request: Request, exc: Refusal) -> JSONResponse:
+    return _error(exc.status, exc.message)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("path", "query", "body"))
+    return _error(400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+# ---- serving -------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one). UserError when that is impossible."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.setblocking(False)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def _server(app: FastAPI, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    return uvicorn.Server(config)
+
+
+def run(app: FastAPI, sock: socket.socket, log_level: str = "warning") -> None:
+    """Serve on `sock` until interrupted."""
+    _server(app, log_level).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """Serve `app` from a daemon thread on a free port of `host`; the context gives the page's URL."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+        self.app, self.host = app, host
+        self._server = _server(app, log_level)
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def __enter__(self) -> str:
+        sock = bind(self.host, 0)
+        self.url = url_of(sock)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                        name="mmembed-serve")
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        memory = self.app.state.serve.memory
+        if memory is not None:
+            memory.close()

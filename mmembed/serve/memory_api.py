@@ -1,0 +1,121 @@
+"""The memory view's API (servers started with --memory): a user's items, a turn that recalls, forgetting.
+
+    GET    /api/memory?user=U                     the user's items, newest first
+    POST   /api/memory/remember                   user + pieces → stored items (no answer)
+    POST   /api/memory/ask                        user + pieces (+ sampling) → the answer and what it recalled
+    GET    /api/memory/items/{id}/media?user=U    a stored item's own bytes (image, sound)
+    DELETE /api/memory/items/{id}?user=U          forget one item
+
+A user only ever sees, recalls and deletes their own items (`Memory` scopes every call).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from mmembed.serve.api import read_prompt, state_of, to_segment, user_errors
+from mmembed.serve.pieces import read_form, read_pieces
+from mmembed.serve.safety import FILE_MODALITIES, Refusal, sniff
+from mmembed.serve.state import ServeState
+
+router = APIRouter(prefix="/api/memory")
+MAX_USER_CHARS = 64
+
+
+def user_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Refusal(400, "give a user name (whose memory)")
+    name = value.strip()
+    if len(name) > MAX_USER_CHARS or not name.isprintable():
+        raise Refusal(400, f"a user name is at most {MAX_USER_CHARS} printable characters")
+    return name
+
+
+@router.get("")
+def items(request: Request, user: str, limit: int = 200) -> dict[str, Any]:
+    state = state_of(request)
+    memory, user = state.need_memory(), user_name(user)
+    if not 1 <= limit <= 1000:
+        raise Refusal(400, f"limit must be between 1 and 1000, got {limit}")
+    with user_errors():
+        found = memory.recent(user, limit=limit)
+        total = memory.count(user)
+    return {"user": user, "count": total, "items": [item_json(h) for h in reversed(found)]}
+
+
+def item_json(hit: Any) -> dict[str, Any]:
+    has_file = hit.modality in FILE_MODALITIES and hit.media_path is None
+    out = {"id": hit.id, "modality": str(hit.modality), "text": hit.text, "role": hit.role, "session": hit.session,
+           "turn": hit.turn, "time": hit.time,
+           "media": f"/api/memory/items/{hit.id}/media?user={_quote(hit.user)}" if has_file else None}
+    if hit.score is not None:
+        out["score"] = round(hit.score, 4)
+    return out
+
+
+@router.post("/remember")
+async def remember(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    memory = state.need_memory()
+    form = await read_form(request, state.limits)
+    user = user_name(form.get("user"))
+    pieces = await read_pieces(form, state.limits, state.check)
+    if not pieces:
+        raise Refusal(400, "nothing to remember: add text, an image or a sound")
+
+    def store() -> list[int]:
+        with user_errors(), state.lock:
+            return memory.add_many(user, [to_segment(p) for p in pieces])
+
+    return {"user": user, "ids": await run_in_threadpool(store)}
+
+
+@router.post("/ask")
+async def ask(request: Request) -> dict[str, Any]:
+    state, prompt, settings = await read_prompt(request)
+    memory = state.need_memory()
+    form = await read_form(request, state.limits)  # parsed once by Starlette; this reads its cache
+    user = user_name(form.get("user"))
+    return await run_in_threadpool(_ask, state, memory, user, prompt, settings)
+
+
+def _ask(state: ServeState, memory: Any, user: str, prompt: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    from mmembed.memory import Session
+
+    with user_errors(), state.lock:
+        session = Session(state.model, memory, user)
+        out = session.ask(prompt, **settings)
+    return {"user": user, "session": session.session, "turn": session.turn, "text": out.text,
+            "entropy": [round(h, 4) for h in out.entropy], "recalled": [item_json(h) for h in out.recalled]}
+
+
+@router.get("/items/{item_id}/media")
+def item_media(request: Request, item_id: int, user: str) -> Response:
+    memory, user = state_of(request).need_memory(), user_name(user)
+    with user_errors():
+        found = memory.get([item_id], user=user)
+    data = found[0].media if found else None
+    fmt = sniff(data) if data else None
+    if fmt is None:
+        raise Refusal(404, f"user {user!r} has no item {item_id} with a picture or sound")
+    return Response(data, media_type=fmt.mime, headers={"cache-control": "private, max-age=3600"})
+
+
+@router.delete("/items/{item_id}")
+def forget(request: Request, item_id: int, user: str) -> dict[str, Any]:
+    memory, user = state_of(request).need_memory(), user_name(user)
+    with user_errors():
+        deleted = memory.delete([item_id], user=user)
+    if not deleted:
+        raise Refusal(404, f"user {user!r} has no item {item_id}")
+    return {"user": user, "deleted": item_id, "count": memory.count(user)}
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+

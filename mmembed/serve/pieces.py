@@ -1,0 +1,136 @@
+"""A request's form → the ordered pieces of a query or prompt.
+
+A client sends pieces as repeated form fields, in order: `text` (typed words) and `file` (an
+upload). `weights` (one comma-separated number per piece, in the same order) weighs a search.
+
+    text="What colour is" file=@a.png text="?"           → [text, image, text]
+    text="a red circle" file=@b.wav weights=1,-0.5         → two pieces, weights 1 and -0.5
+
+Each file is read into memory (never written anywhere, its name never used as a path), its
+format sniffed from its bytes, and decoded once by the model's own preprocessing, so a bad file
+is refused here with its name and the reason, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from mmembed.errors import BadInput
+from mmembed.modality import Modality
+from mmembed.serve.safety import Limits, Refusal, accepted_formats, display_name, megabytes, sniff
+
+Check = Callable[[Modality, bytes], None]  # raises BadInput when the preprocessing cannot use the bytes
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One part of a query or prompt: typed text (`str`) or a file's bytes, and its name in messages."""
+
+    modality: Modality
+    value: str | bytes
+    name: str
+
+    @property
+    def is_file(self) -> bool:
+        return isinstance(self.value, bytes)
+
+
+async def read_form(request: Request, limits: Limits) -> FormData:
+    """The request's form, within the file and field counts; a malformed body is a 400."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise Refusal(415, f"send a form (multipart/form-data: fields text, file, ...), not {kind[:60]}")
+    try:
+        return await request.form(max_files=limits.max_files, max_fields=limits.max_fields,
+                                  max_part_size=4 * limits.max_text_chars + 512)
+    except MultiPartException as e:
+        raise Refusal(400, f"bad form: {e.message}") from None
+    except (AssertionError, ValueError, UnicodeError) as e:
+        raise Refusal(400, f"bad form: {e}") from None
+
+
+async def read_pieces(form: FormData, limits: Limits, check: Check) -> list[Piece]:
+    """The `text` and `file` fields of `form`, in order, each checked (see the module doc)."""
+    pieces: list[Piece] = []
+    for key, value in form.multi_items():
+        if key == "text":
+            text = _text(value, limits, len(pieces) + 1)
+            if text:
+                pieces.append(Piece(Modality.TEXT, text, f"text {len(pieces) + 1}"))
+        elif key == "file":
+            if not isinstance(value, UploadFile):
+                raise Refusal(400, "a `file` field must be an uploaded file")
+            pieces.append(await _file(value, limits, check))
+    return pieces
+
+
+def _text(value: Any, limits: Limits, number: int) -> str:
+    if not isinstance(value, str):
+        raise Refusal(400, "a `text` field must be text, not a file")
+    text = value.strip()
+    if len(text) > limits.max_text_chars:
+        raise Refusal(413, f"text {number} has {len(text):,} characters; at most {limits.max_text_chars:,}")
+    return text
+
+
+async def _file(upload: UploadFile, limits: Limits, check: Check) -> Piece:
+    name = display_name(upload.filename)
+    if upload.size is not None and upload.size > limits.max_file_bytes:
+        raise Refusal(413, f"{name} is too large ({megabytes(upload.size)}; at most "
+                           f"{megabytes(limits.max_file_bytes)} a file)")
+    data = await upload.read(limits.max_file_bytes + 1)
+    await upload.close()
+    if len(data) > limits.max_file_bytes:
+        raise Refusal(413, f"{name} is too large (over {megabytes(limits.max_file_bytes)} a file)")
+    if not data:
+        raise Refusal(400, f"{name} is empty (0 bytes)")
+    fmt = sniff(data)
+    if fmt is None:
+        raise Refusal(415, f"{name} is not a file this server reads, whatever its name says: its content is none "
+                           f"of {accepted_formats()}")
+    try:
+        await run_in_threadpool(check, fmt.modality, data)  # decoding is CPU work: off the event loop
+    except BadInput as e:
+        reason = str(e).replace("<bytes>", "the file")
+        raise Refusal(400, f"{name} ({fmt.name}) cannot be used: {reason}") from None
+    return Piece(fmt.modality, data, name)
+
+
+def parse_weights(text: str | None, n: int) -> list[float]:
+    """'1, 0.5, -1' → one finite weight per piece (none given: 1.0 each)."""
+    if text is None or not text.strip():
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise Refusal(400, f"weights must be numbers separated by commas, got {text[:60]!r}") from None
+    if len(weights) != n:
+        raise Refusal(400, f"{len(weights)} weights for {n} pieces (give one per piece, in order, or none)")
+    if not all(math.isfinite(w) for w in weights):
+        raise Refusal(400, "weights must be finite numbers")
+    return weights
+
+
+def number(form: FormData, key: str, kind: type, default: Any, low: float | None = None,
+           high: float | None = None) -> Any:
+    """A numeric form field (`kind` int or float) within [low, high]; absent or empty → `default`."""
+    raw = form.get(key)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return default
+    try:
+        value = kind(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)):
+        raise Refusal(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {str(raw)[:40]!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise Refusal(400, f"{key} must be between {low:g} and {high:g}, got {value:g}")
+    return value

@@ -1,0 +1,191 @@
+"""What the server accepts from a client, and how it says no.
+
+    request ─► BodyLimit (bytes on the wire, before anything is parsed or spooled)
+            ─► form parsing (at most `max_files` files, `max_fields` fields)
+            ─► per file: size ≤ `max_file_bytes`, then `sniff`: the format from the leading bytes,
+               never from the name or the declared type ─► the modality's preprocessing decodes it
+               under its own guards (format allow-list, decompression bomb, sample rates)
+
+Every refusal is a `Refusal`: an HTTP status and one line the page shows as is. File names a
+client sends are used in messages only (`display_name`), never as paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from mmembed.modality import Modality
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request. The page states them; the README lists them."""
+
+    max_file_bytes: int = 10 * MiB  # one uploaded file
+    max_files: int = 8  # files in one request
+    max_fields: int = 64  # form fields in one request (texts, weights, settings)
+    max_text_chars: int = 2000  # one typed text piece
+    max_k: int = 50  # hits per search
+    max_new_tokens: int = 256  # tokens one answer may write
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The whole body: every file at its limit, plus room for the text fields."""
+        return self.max_files * self.max_file_bytes + self.max_fields * (4 * self.max_text_chars + 512)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"max_file_bytes": self.max_file_bytes, "max_files": self.max_files,
+                "max_text_chars": self.max_text_chars, "max_k": self.max_k, "max_new_tokens": self.max_new_tokens}
+
+
+class Refusal(Exception):
+    """A request the server will not serve: `status` (4xx/503) and a one-line `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Format:
+    """A media format recognised by its leading bytes."""
+
+    name: str
+    modality: Modality
+    mime: str
+    magic: bytes
+    offset: int = 0
+
+
+# The formats the preprocessing decodes (image: Pillow's allow-list; audio: soundfile). One line each.
+FORMATS = (
+    Format("PNG", Modality.IMAGE, "image/png", b"\x89PNG\r\n\x1a\n"),
+    Format("JPEG", Modality.IMAGE, "image/jpeg", b"\xff\xd8\xff"),
+    Format("GIF", Modality.IMAGE, "image/gif", b"GIF8"),
+    Format("BMP", Modality.IMAGE, "image/bmp", b"BM"),
+    Format("TIFF", Modality.IMAGE, "image/tiff", b"II*\x00"),
+    Format("TIFF", Modality.IMAGE, "image/tiff", b"MM\x00*"),
+    Format("WebP", Modality.IMAGE, "image/webp", b"WEBP", 8),
+    Format("WAV", Modality.AUDIO, "audio/wav", b"WAVE", 8),
+    Format("FLAC", Modality.AUDIO, "audio/flac", b"fLaC"),
+    Format("OGG", Modality.AUDIO, "audio/ogg", b"OggS"),
+)
+FILE_MODALITIES = frozenset(fmt.modality for fmt in FORMATS)  # modalities whose items are files
+
+
+def sniff(data: bytes) -> Format | None:
+    """The format whose magic bytes `data` starts with (RIFF files are told apart at offset 8)."""
+    for fmt in FORMATS:
+        if data[fmt.offset:fmt.offset + len(fmt.magic)] == fmt.magic:
+            return fmt
+    return None
+
+
+def accepted_formats() -> str:
+    """'PNG, JPEG, … (image); WAV, FLAC, OGG (audio)' for messages."""
+    by_modality: dict[Modality, list[str]] = {}
+    for fmt in FORMATS:
+        names = by_modality.setdefault(fmt.modality, [])
+        if fmt.name not in names:
+            names.append(fmt.name)
+    return "; ".join(f"{', '.join(names)} ({m})" for m, names in by_modality.items())
+
+
+def display_name(name: str | None) -> str:
+    """A client's file name made safe to show: the last path part, printable, at most 60 characters."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    shown = "".join(c if c.isprintable() else "?" for c in base).strip() or "upload"
+    return shown if len(shown) <= 60 else shown[:28] + "…" + shown[-28:]
+
+
+def megabytes(n: int) -> str:
+    return f"{n / MiB:.1f} MB"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before the app parses it.
+
+    A declared Content-Length over the limit is refused at once; a body without one (chunked)
+    is counted as it arrives and cut off at the limit, so nothing larger is ever spooled.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_error(send, 413, self._message(int(declared)))
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(413, self._message(seen, counted=True))
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge as e:
+            if not started:
+                await _send_error(send, 413, e.message)
+
+    def _message(self, size: int, counted: bool = False) -> str:
+        shown = f"over {megabytes(size)}" if counted else megabytes(size)
+        return (f"request too large ({shown}; at most {megabytes(self.max_bytes)} in one request: "
+                f"send fewer or smaller files)")
+
+
+class _TooLarge(Refusal):
+    """Raised from inside the app's `receive`: the app's Refusal handler answers it (413)."""
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# Headers on every response: the page runs only its own scripts, and no response is content-sniffed.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' blob:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
+
+
+class SecurityHeaders:
+    """ASGI middleware adding `SECURITY_HEADERS` to every response."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

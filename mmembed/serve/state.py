@@ -1,0 +1,76 @@
+"""What one server holds: the model, its index, the optional memory file, the limits, and the lock
+that lets one model call run at a time (torch spreads each call over the cores; twenty
+concurrent calls would only fight over them)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmembed.errors import BadInput, UserError
+from mmembed.modality import Modality
+from mmembed.serve.indexing import IndexBuild, runs_test_manifest
+from mmembed.serve.safety import Limits, Refusal
+
+
+@dataclass
+class ServeState:
+    """Everything the routes read. Build it with `open_state`."""
+
+    model: Any
+    index: IndexBuild
+    memory: Any | None  # a `mm.Memory`, with --memory
+    limits: Limits
+    run: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, modality: Modality, data: bytes) -> None:
+        """Decode `data` with the model's preprocessing for `modality` (its guards included); BadInput when unusable."""
+        pre = self.model.preprocessors.get(modality)
+        if pre is None:
+            have = ", ".join(map(str, self.model.modalities))
+            raise BadInput(f"this model has no {modality} tower (it has: {have})")
+        pre(data)
+
+    def need_decoder(self) -> None:
+        if getattr(self.model, "prompt_model", None) is None:
+            raise Refusal(400, "this run has no decoder: prompting needs a run trained with a `decoder:` section")
+
+    def need_memory(self) -> Any:
+        if self.memory is None:
+            raise Refusal(404, "this server has no memory: start it with --memory FILE")
+        return self.memory
+
+    def status(self) -> dict[str, Any]:
+        return {"run": self.run, "modalities": [str(m) for m in self.model.modalities],
+                "decoder": getattr(self.model, "prompt_model", None) is not None,
+                "memory": self.memory is not None, "index": self.index.status(), "limits": self.limits.as_dict()}
+
+
+def open_state(model: Any, *, run: str, index: str | Path | None = None, memory: str | Path | None = None,
+               limits: Limits | None = None) -> ServeState:
+    """The server's state for a loaded model.
+
+    Args:
+        model: `mm.load(run)`.
+        run: the run's name, shown on the page.
+        index: a folder written by `Index.save` / `mmembed index`; None embeds the run's test
+            manifest in the background (the page shows the progress).
+        memory: a memory file (created when absent; its folder must exist).
+        limits: upload and request bounds (default `Limits()`).
+    Raises:
+        UserError: the index was built by another model, or there is no index and no test manifest.
+    """
+    lock = threading.Lock()
+    build = IndexBuild.load(index, model) if index is not None else IndexBuild.start(
+        model, runs_test_manifest(model.config), lock)
+    opened = None
+    if memory is not None:
+        from mmembed.memory import Memory
+
+        if not Path(memory).parent.is_dir():
+            raise UserError(f"--memory {memory}: its folder does not exist")
+        opened = Memory(memory, model=model)
+    return ServeState(model, build, opened, limits or Limits(), run, lock)

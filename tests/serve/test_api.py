@@ -1,0 +1,298 @@
+"""The JSON API through FastAPI's TestClient, on an untrained tiny model: every answer equals the
+Python API's for the same pieces, and every bad request is a one-line 4xx that leaves the server up."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import mmembed as mm  # noqa: E402
+from mmembed.errors import UserError  # noqa: E402
+from mmembed.serve import Limits, ServeState, create_app, open_state  # noqa: E402
+from mmembed.serve.indexing import IndexBuild  # noqa: E402
+from tests.serve.conftest import manifest_rows, untrained_model  # noqa: E402
+
+LIMITS = Limits(max_file_bytes=64 * 1024, max_files=4, max_new_tokens=16)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height (its pixel data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_world):
+    return untrained_model(tiny_world)
+
+
+@pytest.fixture(scope="module")
+def client(model, tiny_world, tmp_path_factory):
+    state = open_state(model, run="tiny", memory=tmp_path_factory.mktemp("serve-memory") / "memory.db", limits=LIMITS)
+    with TestClient(create_app(state)) as client:
+        wait_ready(client)
+        yield client
+    state.memory.close()
+
+
+def wait_ready(client) -> dict:
+    for _ in range(600):
+        status = client.get("/api/status").json()
+        if status["index"]["state"] != "building":
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the index was not built in 30 s")
+
+
+def files(*pieces: tuple[str, object]) -> list:
+    """Ordered multipart fields: ("text", "words") or ("file", (name, bytes))."""
+    return [(key, (None, value) if isinstance(value, str) else value) for key, value in pieces]
+
+
+def first(world, modality: str) -> tuple[str, bytes]:
+    row = manifest_rows(world)[0]
+    path = world / row[modality]
+    return path.name, path.read_bytes()
+
+
+# ---- status, index, search ------------------------------------------------------------------------
+
+
+def test_the_test_manifest_is_indexed_on_start(client, tiny_world):
+    status = wait_ready(client)
+    n = len(manifest_rows(tiny_world))
+    assert status["index"]["state"] == "ready" and status["index"]["done"] == status["index"]["total"] == 3 * n
+    assert status["index"]["counts"] == {"text": n, "image": n, "audio": n}
+    assert status["decoder"] and status["memory"] and status["limits"]["max_files"] == 4
+
+
+def test_search_equals_the_python_api(client, model, tiny_world):
+    index = mm.Index.build(model, tiny_world / "test.jsonl", progress=False)
+    out = client.post("/api/search", files=files(("text", "a small red circle on the left")),
+                      data={"target": "image", "k": "3"}).json()
+    expected = index.search(mm.Query(text="a small red circle on the left"), target="image", k=3)
+    assert [h["id"] for h in out["hits"]] == [h.id for h in expected]
+    assert [h["score"] for h in out["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
+    assert all(h["modality"] == "image" and h["media"] == f"/api/media/{h['id']}" for h in out["hits"])
+    assert all("item" not in h["metadata"] and "/" not in h["name"] for h in out["hits"])  # no server paths
+
+
+def test_composed_weights_reach_the_query_in_piece_order(client, model, tiny_world):
+    index = mm.Index.build(model, tiny_world / "test.jsonl", progress=False)
+    rows = manifest_rows(tiny_world)
+    img, wav0, wav1 = (tiny_world / rows[0]["image"], tiny_world / rows[0]["audio"], tiny_world / rows[1]["audio"])
+    for weights in ([1.0, 1.0, -1.0], [0.5, -2.0, 1.0]):
+        out = client.post("/api/search", data={"weights": ",".join(map(str, weights)), "k": "5"},
+                          files=files(("file", ("a.wav", wav0.read_bytes())), ("file", ("b.png", img.read_bytes())),
+                                      ("file", ("c.wav", wav1.read_bytes())))).json()
+        query = mm.Query(audio=[str(wav0), str(wav1)], image=str(img),
+                         weights={"audio": [weights[0], weights[2]], "image": weights[1]})
+        assert [h["id"] for h in out["hits"]] == [h.id for h in index.search(query, k=5)]
+
+
+def test_a_typed_path_is_text_never_a_file(client, model, tiny_world):
+    index = mm.Index.build(model, tiny_world / "test.jsonl", progress=False)
+    path = str(tiny_world / manifest_rows(tiny_world)[0]["image"])
+    out = client.post("/api/search", files=files(("text", path)), data={"target": "image", "k": "3"}).json()
+    assert [h["id"] for h in out["hits"]] == [h.id for h in index.search(mm.Query(text=path), target="image", k=3)]
+
+
+def test_media_are_served_from_the_index_only(client, tiny_world):
+    out = client.post("/api/search", files=files(("text", "a red star")), data={"target": "any", "k": "50"}).json()
+    image = next(h for h in out["hits"] if h["modality"] == "image")
+    text = next(h for h in out["hits"] if h["modality"] == "text")
+    served = client.get(image["media"])
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert served.content == (tiny_world / "images" / image["name"]).read_bytes()
+    assert text["media"] is None and client.get(f"/api/media/{text['id']}").status_code == 404
+    assert client.get("/api/media/987654").json() == {"error": "no item 987654 in the index"}
+    assert client.get("/api/media/..%2F..%2Fetc%2Fpasswd").status_code in (400, 404)
+    assert client.get("/static/../state.py").status_code == 404
+
+
+# ---- bad requests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pieces, data, status, message", [
+    ([], {}, 400, "nothing to search for"),
+    ([("text", "x")], {"target": "smell"}, 400, "target must be one of"),
+    ([("text", "x")], {"k": "0"}, 400, "k must be between 1 and 50"),
+    ([("text", "x")], {"k": "many"}, 400, "k must be an integer"),
+    ([("text", "x")], {"weights": "1,2"}, 400, "2 weights for 1 pieces"),
+    ([("text", "x")], {"weights": "nan"}, 400, "weights must be finite"),
+    ([("text", "x" * 2001)], {}, 413, "at most 2,000"),
+    ([("file", ("notes.png", b"<html><script>alert(1)</script></html>"))], {}, 415,
+     "notes.png is not a file this server reads, whatever its name says"),
+    ([("file", ("bomb.png", png_header(30000, 30000)))], {}, 400, "bomb.png (PNG) cannot be used: decompression bomb"),
+    ([("file", ("wide.png", png_header(20000, 100)))], {}, 400, "wide.png (PNG) cannot be used: image too large"),
+    ([("file", ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(70 * 1024)))], {}, 413, "big.png is too large (0.1 MB"),
+    ([("file", ("empty.wav", b""))], {}, 400, "empty.wav is empty"),
+    ([("file", ("../../etc/passwd", b"root:x:0:0"))], {}, 415, "passwd is not a file"),
+    ([("file", ("cut.png", png_header(32, 32)[:40]))], {}, 400, "cut.png (PNG) cannot be used"),
+    ([("file", ("x.wav", b"RIFF\x00\x00\x00\x00WAVEfmt garbage"))], {}, 400, "x.wav (WAV) cannot be used"),
+])
+def test_bad_search_requests_get_one_line(client, pieces, data, status, message):
+    response = client.post("/api/search", files=files(*pieces) or None, data=data or None)
+    body = response.json()
+    assert response.status_code == status and message in body["error"] and "\n" not in body["error"], body
+    assert client.get("/api/status").status_code == 200  # still serving
+
+
+def test_too_many_files_and_too_large_bodies_are_refused(client, tiny_world):
+    name, data = first(tiny_world, "image")
+    response = client.post("/api/search", files=files(*[("file", (name, data))] * 5))
+    assert response.status_code == 400 and "Too many files" in response.json()["error"]
+    huge = b"\x89PNG" + bytes(LIMITS.max_request_bytes)
+    response = client.post("/api/search", content=huge, headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and "request too large" in response.json()["error"]
+
+    def chunks():  # no Content-Length: the body is counted as it arrives and cut off at the limit
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(LIMITS.max_request_bytes // 65536 + 2):
+            yield bytes(65536)
+
+    response = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and response.json()["error"].startswith("request too large (over ")
+    response = client.post("/api/search", json={"text": "a red star"})
+    assert response.status_code == 415 and "send a form" in response.json()["error"]
+    assert client.get("/api/status").status_code == 200
+
+
+def test_every_response_carries_the_security_headers(client):
+    for response in (client.get("/"), client.get("/api/status"), client.post("/api/search")):
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html") and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def test_generate_equals_the_python_api_in_piece_order(client, model, tiny_world):
+    name, data = first(tiny_world, "image")
+    for order in (["Describe", "IMG", "please"], ["IMG", "Describe", "please"]):
+        pieces = [("file", (name, data)) if p == "IMG" else ("text", p) for p in order]
+        out = client.post("/api/generate", files=files(*pieces), data={"max_new_tokens": "6", "temperature": "0.9",
+                                                                      "seed": "3"}).json()
+        prompt = [mm.Image(data) if p == "IMG" else p for p in order]
+        expected = model.generate(prompt, max_new_tokens=6, temperature=0.9, seed=3)
+        assert [t["id"] for t in out["tokens"]] == expected.token_ids and out["text"] == expected.text
+        assert [t["entropy"] for t in out["tokens"]] == pytest.approx(expected.entropy, abs=1e-4)
+        own = model.token_entropy(prompt, expected).model
+        assert out["model_entropy"] == pytest.approx(own, abs=1e-4)
+
+
+def test_the_stream_sends_each_token_then_done(client, tiny_world):
+    name, data = first(tiny_world, "audio")
+    body = files(("text", "What do you hear in"), ("file", (name, data)), ("text", "?"))
+    settings = {"max_new_tokens": "8", "temperature": "1.0", "top_p": "0.9", "seed": "7"}
+    whole = client.post("/api/generate", files=body, data=settings).json()
+    with client.stream("POST", "/api/generate/stream", files=body, data=settings) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in response.read().decode().split("\n\n") if block]
+    parsed = [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
+              for b in events]
+    assert [kind for kind, _ in parsed] == ["token"] * len(whole["tokens"]) + ["done"]
+    assert [data for _, data in parsed[:-1]] == whole["tokens"]
+    assert parsed[-1][1] == {k: v for k, v in whole.items() if k != "tokens"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"temperature": "-1"}, "temperature must be between 0 and 100"),
+    ({"top_p": "0"}, "top_p must be in (0, 1]"),
+    ({"max_new_tokens": "17"}, "max_new_tokens must be between 1 and 16"),
+    ({"seed": "1.5"}, "seed must be an integer"),
+])
+def test_bad_sampling_settings_are_400_before_streaming(client, data, message):
+    for path in ("/api/generate", "/api/generate/stream"):
+        response = client.post(path, files=files(("text", "hello")), data=data)
+        assert response.status_code == 400 and message in response.json()["error"]
+
+
+def test_a_run_without_decoder_says_so(model, tiny_world):
+    model = untrained_model(tiny_world)
+    model.prompt_model = None
+    state = open_state(model, run="no-decoder", index=None)
+    with TestClient(create_app(state)) as client:
+        response = client.post("/api/generate", files=files(("text", "hi")))
+        assert response.status_code == 400 and "this run has no decoder" in response.json()["error"]
+        assert client.get("/api/memory", params={"user": "ada"}).json() == {
+            "error": "this server has no memory: start it with --memory FILE"}
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def test_memory_remember_ask_show_and_forget(client, tiny_world):
+    name, data = first(tiny_world, "image")
+    stored = client.post("/api/memory/remember", files=files(("user", "ada"), ("text", "my red bike"),
+                                                             ("file", (name, data)))).json()
+    assert len(stored["ids"]) == 2
+    listed = client.get("/api/memory", params={"user": "ada"}).json()
+    assert {i["id"] for i in listed["items"]} >= set(stored["ids"])
+    image = next(i for i in listed["items"] if i["modality"] == "image")
+    assert client.get(image["media"]).content == data
+    asked = client.post("/api/memory/ask", files=files(("user", "ada"), ("text", "what colour is my bike?"),
+                                                       ("file", (name, data))), data={"max_new_tokens": "4"})
+    assert asked.status_code == 200, asked.text
+    assert image["id"] in {h["id"] for h in asked.json()["recalled"]}  # the same picture: similarity 1
+    # another user sees, reads and deletes nothing of ada's
+    assert client.get("/api/memory", params={"user": "bob"}).json()["items"] == []
+    assert client.get(image["media"].replace("user=ada", "user=bob")).status_code == 404
+    assert client.delete(f"/api/memory/items/{image['id']}", params={"user": "bob"}).status_code == 404
+    gone = client.delete(f"/api/memory/items/{image['id']}", params={"user": "ada"}).json()
+    assert gone["deleted"] == image["id"]
+    assert image["id"] not in {i["id"] for i in client.get("/api/memory", params={"user": "ada"}).json()["items"]}
+    assert client.post("/api/memory/remember", files=files(("text", "x"))).json() == {
+        "error": "give a user name (whose memory)"}
+
+
+def test_state_refuses_an_index_of_another_model(model, tiny_world, tmp_path):
+    other = untrained_model(tiny_world)
+    with torch.no_grad():
+        next(other.space.parameters()).add_(1.0)
+    other._fingerprint = None
+    mm.Index.build(other, tiny_world / "test.jsonl", progress=False).save(tmp_path / "index")
+    with pytest.raises(UserError, match="index was built with"):
+        open_state(model, run="x", index=tmp_path / "index")
+
+
+def test_no_index_and_no_test_manifest_is_a_user_error(tiny_world, tmp_path):
+    model = untrained_model(tiny_world)
+    model.config.data.root = str(tmp_path)
+    with pytest.raises(UserError, match="pass --index DIR"):
+        open_state(model, run="x")
+
+
+def test_indexing_reports_progress_and_searches_wait_for_it(tiny_world):
+    model = untrained_model(tiny_world)
+    lock = threading.Lock()
+    n = 3 * len(manifest_rows(tiny_world))
+    with lock:  # the build embeds under this lock: held here, it cannot advance
+        build = IndexBuild.start(model, tiny_world / "test.jsonl", lock)
+        time.sleep(0.2)
+        assert build.status() == {"state": "building", "done": 0, "total": n, "source": str(tiny_world / "test.jsonl")}
+        state = ServeState(model, build, None, LIMITS, "tiny", lock)
+        with TestClient(create_app(state)) as client:
+            response = client.post("/api/search", files=files(("text", "a red star")))
+            assert response.status_code == 503
+            assert response.json() == {"error": "the index is still being built (0%): try again in a moment"}
+    for _ in range(600):
+        if build.state != "building":
+            break
+        time.sleep(0.05)
+    assert build.state == "ready" and build.done == build.total == n

@@ -1,0 +1,76 @@
+"""`mmembed serve`: prints the URL, listens on loopback by default, serves the run, stops on Ctrl+C;
+a busy port is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from mmembed.cli import main  # noqa: E402
+from tests.serve.conftest import untrained_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_world, tmp_path_factory):
+    return untrained_model(tiny_world).save(tmp_path_factory.mktemp("serve-cli") / "tiny-run")
+
+
+def first_line(stream, timeout: float) -> str:
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return got[0] if got else ""
+
+
+def test_serve_prints_the_url_and_serves_until_interrupted(run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmembed.cli", "serve", str(run_dir), "--port", "0"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = first_line(proc.stdout, timeout=120)
+        assert line.startswith("mmembed serve: http://127.0.0.1:") and line.rstrip().endswith("(Ctrl+C to stop)"), line
+        url = line.split()[2]
+        for _ in range(200):
+            status = json.loads(urllib.request.urlopen(url + "api/status", timeout=10).read())
+            if status["index"]["state"] == "ready":
+                break
+            time.sleep(0.1)
+        assert status["run"] == "tiny-run" and status["index"]["state"] == "ready"
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "<title>mmembed</title>" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_a_busy_port_is_one_line(run_dir, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mmembed: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+
+
+def test_loopback_is_told_apart():
+    from mmembed.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
