@@ -56,3 +56,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_overrides_may_follow_options_and_unknown_arguments_are_still_refused():
+    from mmembed.cli import _parse, build_parser
+    from mmembed.errors import UserError
+
+    args = _parse(build_parser(), ["train", "demo", "train.lr=1e-3", "--resume", "train.epochs=2"])
+    assert args.resume and args.overrides == ["train.lr=1e-3", "train.epochs=2"]
+    with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
+        _parse(build_parser(), ["train", "demo", "--resume", "--bogus"])
+    with pytest.raises(UserError, match="unrecognized arguments: stray"):
+        _parse(build_parser(), ["index", "run", "--manifest", "m", "--out", "o", "stray"])

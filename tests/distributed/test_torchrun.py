@@ -135,7 +135,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_two_and_on_one(tin
     copy_dir = tmp_path / "copy"
     shutil.copytree(run, copy_dir)
     end = stopped_at + 3
-    r = _run(_torchrun(2, "train", cfg, f"train.max_steps={end}", "--resume"))
+    r = _run(_torchrun(2, "train", cfg, "--resume", f"train.max_steps={end}"))
     assert f"step {stopped_at}" in r.stderr and latest_checkpoint(run).name == f"step_{end:07d}"
     r = _run([sys.executable, "-m", "mmembed", "train", cfg, f"train.out_dir={copy_dir}", f"train.max_steps={end}",
               "--resume"])
