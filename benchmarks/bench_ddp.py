@@ -38,10 +38,10 @@ from benchmarks.common import ratio_report
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def _setup(world: Path, batch: int):
-    """The demo's space and loss, and one batch of `batch` rows of `world` (loaded once)."""
+def _setup(world: Path):
+    """The demo's space and loss, and `world`'s training rows (cached as they are read)."""
     from mmembed.config import load_config
-    from mmembed.data import ManifestDataset, build_loader, read_manifest
+    from mmembed.data import ManifestDataset, read_manifest
     from mmembed.losses import build_loss
     from mmembed.model import build_model
     from mmembed.modality import Modality
@@ -56,7 +56,7 @@ def _setup(world: Path, batch: int):
     pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=True)
            for m, t in cfg.model.towers.items()}
     data = ManifestDataset(read_manifest(world / "train.jsonl", root=world), pre, cache=True)
-    return model.space, build_loss(cfg.loss), data, cfg
+    return model.space, build_loss(cfg.loss), data
 
 
 def _time_steps(space, loss_fn, batch, steps: int, warmup: int) -> list[float]:
@@ -91,9 +91,8 @@ def _batch(data, rows: list[int]):
 def _worker(rank: int, world_dir: str, init_file: str, batch: int, steps: int, warmup: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    space, loss_fn, data, _ = _setup(Path(world_dir), batch)
-    half = batch // 2
-    rows = list(range(batch))[rank::2][:half]  # the sampler's round-robin deal of the global batch
+    space, loss_fn, data = _setup(Path(world_dir))
+    rows = list(range(rank, batch, 2))  # the sampler's round-robin deal of the global batch
     times = _time_steps(space, loss_fn, _batch(data, rows), steps, warmup)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
@@ -102,7 +101,7 @@ def _worker(rank: int, world_dir: str, init_file: str, batch: int, steps: int, w
 
 def _single(world: Path, batch: int, steps: int, warmup: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
-    space, loss_fn, data, _ = _setup(world, batch)
+    space, loss_fn, data = _setup(world)
     return _time_steps(space, loss_fn, _batch(data, list(range(batch))), steps, warmup)
 
 

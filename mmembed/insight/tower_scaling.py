@@ -60,7 +60,8 @@ from mmembed.model import TOKENIZER, build_model, load_space
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
-from mmembed.train.align import train_loader_factory, resolve_device, train_align
+from mmembed.train.align import train_align, train_loader_factory
+from mmembed.train.distributed import resolve_device
 from mmembed.train.state import Progress
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         return train_align(config, resume=resume, overwrite=overwrite)
     from mmembed.decoder import DECODER_DIR
     from mmembed.train.decoder import train_decoder
-    from mmembed.train.align import lock_run
     from mmembed.train.distributed import barrier, current_world
+    from mmembed.train.run_dir import lock_run
     from mmembed.train.state import latest_checkpoint
 
     run_dir = Path(config.train.out_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,11 @@ from mmembed.model import CONFIG, TOKENIZER, Model, build_model
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
-from mmembed.train.distributed import Forward, as_output, barrier, current_world, main_first, parallelize
-from mmembed.train.distributed import resolve_device as _resolve_device
+from mmembed.train.distributed import (Forward, as_output, barrier, current_world, main_first, parallelize,
+                                       resolve_device, seed_ranks)
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
-from mmembed.train.run_dir import prepare_run_dir, run_lock
+from mmembed.train.run_dir import lock_run
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +46,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: this process's GPU when there is one, else the CPU."""
-    return _resolve_device(name)
-
-
-def seed_ranks(seed: int) -> None:
-    """Distributed, after every rank built the same model: a different stream per rank, so that
-    dropout masks differ between the ranks' rows (a no-op in a single process)."""
-    world = current_world()
-    if world.active:
-        torch.manual_seed(seed + world.rank)
-
-
-def lock_run(run_dir: Path, *, resume: bool, overwrite: bool):
-    """Rank 0 readies and locks the run folder; the others wait until it is ready. Returns the
-    context manager that holds the lock (nothing on the other ranks)."""
-    world = current_world()
-    if world.main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    barrier()
-    return run_lock(run_dir) if world.main else nullcontext()
 
 
 class CollapseMonitor:

@@ -31,12 +31,12 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
-from mmembed.train.align import lock_run, resolve_device, seed_everything, seed_ranks
-from mmembed.train.distributed import barrier, current_world, parallelize
+from mmembed.train.align import seed_everything
+from mmembed.train.distributed import barrier, current_world, parallelize, resolve_device, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
-from mmembed.train.run_dir import prepare_run_dir
+from mmembed.train.run_dir import lock_run, prepare_run_dir
 
 log = logging.getLogger(__name__)
 

@@ -139,6 +139,14 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 200 else line[:200] + "…"
 
 
+def seed_ranks(seed: int) -> None:
+    """After every rank built the same model: a different RNG stream per rank, so that dropout
+    masks differ between the ranks' rows (a no-op in a single process)."""
+    world = current_world()
+    if world.active:
+        torch.manual_seed(seed + world.rank)
+
+
 def resolve_device(name: str, world: World | None = None) -> torch.device:
     """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
     world = world or current_world()

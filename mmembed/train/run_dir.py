@@ -6,6 +6,7 @@
 - While a stage trains, it holds an exclusive lock on `<run>/.lock` (flock, released by the
   kernel when the process dies, so a killed trainer never leaves a stale lock); the file names
   the holder's pid for the message a second trainer gets.
+- Under torchrun, rank 0 alone prepares and locks the folder (`lock_run`); the others wait.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         for entry in run_dir.iterdir():
             if entry.name != LOCK:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def lock_run(run_dir: Path, *, resume: bool, overwrite: bool) -> contextlib.AbstractContextManager:
+    """Rank 0 readies the run folder (`prepare_run_dir`) while the other ranks wait; returns the
+    context manager that holds its lock (`run_lock` on rank 0, nothing on the others)."""
+    from mmembed.train.distributed import barrier, current_world
+
+    world = current_world()
+    if world.main:
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    barrier()
+    return run_lock(run_dir) if world.main else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
