@@ -9,8 +9,10 @@ our ids against FAISS's (1.0 expected: both are exact; random data has no ties),
 each comes to the hardware: the fraction of the memory-bandwidth bound (the time of `x.sum()`
 over the same N × D fp32 rows, i.e. streaming them once: what one query must do) and, for the
 batched case, of the fp32 matmul peak (2·Q·N·D FLOPs). Also reported: the whole
-`Index.search_batch` path (Hit objects included) and fp16 storage (half the bytes; its recall
-is against exact fp32 results).
+`Index.search_batch` path (Hit objects included), fp16 storage (half the bytes; its recall
+is against exact fp32 results) and the `sq8` backend (int8 codes scanned, candidates re-ranked in
+fp32; more than 8 queries at once take the exact path; its recall is against exact fp32 results,
+its codes are built once, outside the timing, as an index does at its first search).
 
 The machine is shared: every repeat times all contestants back to back (interleaved), so a
 load change hits them alike and the ratios stay meaningful when absolute times do not.
@@ -31,9 +33,11 @@ import torch
 from benchmarks.common import ratio_report, setup
 from mmembed.retrieval import Index
 from mmembed.retrieval.exact import exact_topk
+from mmembed.retrieval.quantized import Int8Codes, scan_or_exact
 
 D, K, THREADS = 512, 10, 2
 PEAK_N = 2048  # square fp32 matmul that measures the FLOP/s peak
+SQ8_MAX_SCAN_QUERIES = 8  # the sq8 backend's default
 log = logging.getLogger("bench_search")
 
 
@@ -64,11 +68,13 @@ def paired_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_case(x: torch.Tensor, x16: torch.Tensor, flat, index: Index, n_q: int, repeats: int) -> dict:
+def bench_case(x: torch.Tensor, x16: torch.Tensor, codes: Int8Codes, flat, index: Index, n_q: int, repeats: int
+               ) -> dict:
     n = x.shape[0]
     q = unit_rows(n_q, seed=1000 + n_q)
     q_np = q.numpy()
     a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    sq8 = lambda q: scan_or_exact(codes, x, q, K, None, None, SQ8_MAX_SCAN_QUERIES)  # noqa: E731
     t = paired_medians({
         "matmul": lambda: a @ b,  # the matmul peak, measured under the same load
         "ours": lambda: exact_topk(x, q, K),
@@ -76,10 +82,12 @@ def bench_case(x: torch.Tensor, x16: torch.Tensor, flat, index: Index, n_q: int,
         "stream": lambda: x.sum(),  # the bandwidth bound: read every row once
         "index": lambda: index.search_batch(q, k=K),
         "fp16": lambda: exact_topk(x16, q, K),
+        "sq8": lambda: sq8(q),
     }, repeats)
     _, f_rows = flat.search(q_np, K)
     _, rows = exact_topk(x, q, K)
     _, rows16 = exact_topk(x16, q, K)
+    _, rows8 = sq8(q)
     peak = 2 * PEAK_N**3 / t["matmul"]
     extra = {
         "n": n, "d": D, "q": n_q, "k": K,
@@ -94,6 +102,9 @@ def bench_case(x: torch.Tensor, x16: torch.Tensor, flat, index: Index, n_q: int,
         "fp16_storage_s": t["fp16"],
         "fp16_ratio_vs_faiss": t["faiss"] / t["fp16"],
         "fp16_recall_vs_fp32": recall(rows16, f_rows),
+        "sq8_s": t["sq8"],
+        "sq8_ratio_vs_faiss": t["faiss"] / t["sq8"],
+        "sq8_recall_vs_fp32": recall(rows8, f_rows),
     }
     return ratio_report(f"B-search N={n} Q={n_q}", t["ours"], t["faiss"], "s", higher_is_better=False, **extra)
 
@@ -113,11 +124,13 @@ def main() -> None:
         index = Index(D)
         index.add(x, "image")
         x16 = x.half()
+        codes = Int8Codes()
+        codes.sync(x, version=0)
         for n_q in (1, 256):
             repeats = args.repeats if n_q == 1 or n < 1_000_000 else max(2, args.repeats // 2)
-            results.append(bench_case(x, x16, flat, index, n_q, repeats))
+            results.append(bench_case(x, x16, codes, flat, index, n_q, repeats))
             log.info("%s", results[-1])
-        del x, flat, index, x16
+        del x, flat, index, x16, codes
     print(json.dumps({"id": "B-search", "threads": THREADS, "results": results}, indent=2))
 
 

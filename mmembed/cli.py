@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="index folder")
-    p.add_argument("--backend", default="exact", choices=["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
+    p.add_argument("--backend", default="exact", choices=["exact", "sq8", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
     p.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default 64)")
 
     p = _add(sub, "search", "search an index with text, image and/or audio (composed) queries", _search)

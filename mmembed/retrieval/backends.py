@@ -8,6 +8,7 @@ the next search after rows were appended or moved.
 | name        | kind                               | arguments                                 |
 |-------------|------------------------------------|-------------------------------------------|
 | exact       | blocked matmul + top-k (default)   | block_rows                                |
+| sq8         | int8 scan + exact fp32 re-rank     | candidates, max_scan_queries              |
 | faiss_flat  | FAISS IndexFlatIP (exact)          | -                                         |
 | faiss_ivf   | FAISS IndexIVFFlat (approximate)   | nlist (None: 4·sqrt(N)), nprobe           |
 | faiss_hnsw  | FAISS IndexHNSWFlat (approximate)  | m, ef_search, ef_construction             |
@@ -24,6 +25,7 @@ from mmembed.config import check_kwargs
 from mmembed.errors import UserError
 from mmembed.retrieval.exact import exact_topk
 from mmembed.retrieval.faiss_backend import FaissFlat, FaissHNSW, FaissIVF
+from mmembed.retrieval.quantized import Int8Codes, scan_or_exact
 from mmembed.retrieval.store import VectorStore
 
 
@@ -63,8 +65,43 @@ class ExactBackend:
         return {} if self.block_rows is None else {"block_rows": self.block_rows}
 
 
+class Sq8Backend:
+    """int8 codes (per-dimension scale) scanned for candidates, re-ranked exactly in fp32.
+
+    About 3× faster than `exact` for one query (a quarter of the bytes to read) at 1.25× the
+    memory; recall@10 against `exact` ≥ 0.99. More than `max_scan_queries` queries at once are
+    compute-bound and take the exact path (faster there, and exact).
+    """
+
+    name = "sq8"
+    exact = False
+
+    def __init__(self, candidates: int | None = None, max_scan_queries: int = 8):
+        """Args: candidates: rows re-ranked per query (None: max(4k + 16, 64));
+        max_scan_queries: above this many queries per call, search exactly instead."""
+        if candidates is not None and candidates < 1:
+            raise UserError(f"candidates must be >= 1, got {candidates}")
+        if max_scan_queries < 0:
+            raise UserError(f"max_scan_queries must be >= 0, got {max_scan_queries}")
+        self.candidates = candidates
+        self.max_scan_queries = max_scan_queries
+        self._codes = Int8Codes()
+
+    def search(self, store: VectorStore, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if queries.shape[0] <= self.max_scan_queries:
+            self._codes.sync(store.vectors, store.version)
+        return scan_or_exact(self._codes, store.vectors, queries, k, mask, self.candidates, self.max_scan_queries)
+
+    def config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_scan_queries": self.max_scan_queries}
+        if self.candidates is not None:
+            out["candidates"] = self.candidates
+        return out
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "exact": ExactBackend,
+    "sq8": Sq8Backend,
     "faiss_flat": FaissFlat,
     "faiss_ivf": FaissIVF,
     "faiss_hnsw": FaissHNSW,

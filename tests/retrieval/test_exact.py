@@ -80,3 +80,31 @@ def test_zero_query_scores_zero_not_nan():
     scores, rows = exact_topk(x, torch.zeros(1, 8), 5, block_rows=32)
     assert rows.shape == (1, 5)
     assert scores.tolist() == [[0.0] * 5]
+
+
+@pytest.mark.parametrize("n_q", [1, 3, 64])
+@pytest.mark.parametrize("n", [40_000, 40_017])  # whole groups of rows, and a tail that fills none
+def test_group_preselection_equals_faiss_on_large_blocks(n, n_q):
+    """Blocks of thousands of rows take the group-max path; the result must stay exact."""
+    faiss = pytest.importorskip("faiss")
+    x, q = unit(n, 32, 10), unit(n_q, 32, 11)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(x.numpy())
+    f_scores, f_rows = flat.search(q.numpy(), 10)
+    scores, rows = exact_topk(x, q, 10)
+    assert rows.tolist() == f_rows.tolist()
+    np.testing.assert_allclose(scores.numpy(), f_scores, atol=1e-5)
+
+
+def test_group_preselection_with_clustered_winners_and_a_mask():
+    """All of a query's best rows inside one group (the worst case for group maxima), and a mask
+    that removes some of them: still the reference answer."""
+    x, q = unit(20_000, 16, 12), unit(2, 16, 13)
+    x[640:672] = torch.nn.functional.normalize(q[0] + 0.2 * unit(32, 16, 14), dim=1)  # one whole group
+    mask = torch.ones(20_000, dtype=torch.bool)
+    mask[640:650] = False
+    for m in (None, mask):
+        scores, rows = exact_topk(x, q, 20, mask=m)
+        r_scores, r_rows = reference(x, q, 20, m)
+        assert rows.tolist() == r_rows.tolist()
+        torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)

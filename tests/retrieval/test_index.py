@@ -165,7 +165,7 @@ def test_hits_are_copies_and_format(index):
 
 
 def test_backend_and_storage_names_are_checked():
-    with pytest.raises(UserError, match="valid: exact, faiss_flat, faiss_ivf, faiss_hnsw"):
+    with pytest.raises(UserError, match="valid: exact, sq8, faiss_flat, faiss_ivf, faiss_hnsw"):
         Index(D, backend="annoy")
     with pytest.raises(UserError, match="valid: fp32, fp16"):
         Index(D, storage="int8")
