@@ -4,7 +4,9 @@ Reading order: positional.py → attention.py → blocks.py (the shared transfor
 text.py, image.py, audio.py (our encoders) → open_clip_towers.py → weights.py (safe loading).
 
 Every encoder is an `nn.Module` with `width: int` and
-`forward(x, mask=None) -> EncoderOutput(tokens (B, T, W), mask (B, T) bool True=valid, pooled (B, W))`.
+`forward(x, mask=None) -> EncoderOutput(tokens (B, T, W), mask (B, T) bool True=valid, pooled (B, W))`,
+and optionally `pooled(x, mask=None) -> (B, W)`: `forward(...).pooled` without the work only the
+tokens need (what the shared space's towers call; the open_clip towers have one).
 This package never imports mmembed; builders take typed keyword arguments only, so a YAML block
 can be validated against their signatures.
 """

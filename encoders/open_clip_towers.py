@@ -13,6 +13,18 @@ built with `open_clip.create_model`, then only one tower's modules are kept. `pr
 are the tower's per-patch / per-token features passed through the same final projection, when
 the tower exposes them (open_clip ViTs and text transformers); other towers (ModifiedResNet,
 timm, Hugging Face text models) return `pooled` as a single token (T = 1).
+
+`pooled` (what a `Tower` calls: embedding and training need only the pooled vector) skips the
+per-token projection, and computes nothing whose result the pooled vector cannot depend on:
+
+- a causal CLIP text tower that pools one token (EOT) runs only the positions up to the last
+  pooled one (the later ones cannot change it), so a caption of 12 tokens costs 12 positions,
+  not the 77 of the context;
+- a ViT pooling its class token runs its last block at that token only (keys and values still
+  come from every patch): the block's outputs at the patches would be thrown away.
+
+Those vectors equal `encode_text` / `encode_image` within float rounding (~1e-7, as a different
+batch size would), not bit for bit; other towers' `pooled` is exactly `forward(...).pooled`.
 """
 
 from __future__ import annotations
@@ -145,6 +157,7 @@ class OpenClipImage(nn.Module):
         )
         if self.has_tokens:
             visual.output_tokens = True  # forward now returns (pooled, tokens); pooled is unchanged
+        self.class_token_last_block = _class_token_last_block(visual)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
         if mask is not None:
@@ -159,6 +172,29 @@ class OpenClipImage(nn.Module):
             tokens = pooled[:, None]  # (B, 1, E)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=images.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def pooled(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`forward(images).pooled` alone, (B, E): no per-patch projection, and for a class-token ViT
+        the last block at the class token only (see the module docstring)."""
+        if mask is not None:
+            raise ValueError("image encoders take no mask: every patch is real")
+        if self.class_token_last_block and not self.visual.transformer.grad_checkpointing:
+            return self._pool_class_token(images)
+        out = self.visual(images)
+        return out[0] if self.has_tokens else out
+
+    def _pool_class_token(self, images: Tensor) -> Tensor:
+        """open_clip's `VisionTransformer.forward` with the last block computed at the class token only."""
+        v = self.visual
+        x = v._embeds(images)  # (B, 1 + N, w): class token first
+        *blocks, last = v.transformer.resblocks
+        for block in blocks:
+            x = block(x)
+        h = last.ln_1(x)
+        cls = x[:, :1] + last.ls_1(last.attention(h[:, :1], h, h))  # (B, 1, w): one query, every key
+        cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+        pooled = v.ln_post(cls[:, 0])  # (B, w): LayerNorm is per row, before or after pooling alike
+        return pooled if v.proj is None else pooled @ v.proj  # (B, E)
 
 
 class OpenClipText(nn.Module):
@@ -195,14 +231,23 @@ class OpenClipText(nn.Module):
             self.context_length = int(model.context_length)
             self.pool_type, self.eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
             self.has_tokens = True
+        # Only the positions up to the pooled token matter when every position sees only those
+        # before it and one token is pooled: then `pooled` runs just those (CLIP layout only, where
+        # the causal mask and the positions are ours to slice).
+        self.prefix_suffices = (self.text is None and _is_causal(self.attn_mask)
+                                and self.pool_type in ("argmax", "eos", "first")
+                                and (self.pool_type != "eos" or self.eos_id is not None))
 
     def _clip_forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """open_clip `CLIP.encode_text`, keeping the per-token features."""
+        """open_clip `CLIP.encode_text` over the first L <= context length positions (the causal mask
+        and the positional embeddings cut to L), keeping the per-token features."""
         from open_clip.transformer import text_global_pool
 
+        L = ids.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
-        x = self.token_embedding(ids).to(cast_dtype) + self.positional_embedding.to(cast_dtype)  # (B, L, w)
-        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        x = self.token_embedding(ids).to(cast_dtype) + self.positional_embedding[:L].to(cast_dtype)  # (B, L, w)
+        attn_mask = None if self.attn_mask is None else self.attn_mask[:L, :L]
+        x = self.ln_final(self.transformer(x, attn_mask=attn_mask))
         pooled = text_global_pool(x, ids, self.pool_type, eos_token_id=self.eos_id)  # (B, w)
         return self._project(pooled), x
 
@@ -214,12 +259,7 @@ class OpenClipText(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> EncoderOutput:
         B, T = ids.shape
-        if T > self.context_length:
-            raise ValueError(f"text of {T} tokens exceeds the open_clip context length {self.context_length}")
-        if mask is None:
-            mask = self._default_mask(ids)
-        full = torch.full((B, self.context_length), self.pad_id, dtype=ids.dtype, device=ids.device)
-        full[:, :T] = ids.masked_fill(~mask, self.pad_id)  # (B, L)
+        full, mask = self._pad(ids, mask)  # (B, L), (B, T)
         if self.text is None:
             pooled, tokens = self._clip_forward(full)
         elif self.has_tokens:
@@ -232,6 +272,36 @@ class OpenClipText(nn.Module):
             tokens, mask = pooled[:, None], mask.new_ones(B, 1)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
 
+    def pooled(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`forward(ids, mask).pooled` alone, (B, E): no per-token projection, and for a causal
+        CLIP tower only the positions up to the last pooled token run (see the module docstring)."""
+        full, _ = self._pad(ids, mask)  # (B, L)
+        if self.text is None:
+            return self._clip_forward(full[:, :self._positions_needed(full)])[0]
+        out = self.text(full)
+        return out[0] if self.has_tokens else out
+
+    def _pad(self, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(B, T) ids → (B, L) ids as open_clip's tokenizer pads them, positions outside `mask` reset
+        to the pad id; and the (B, T) mask (the default one when None)."""
+        B, T = ids.shape
+        if T > self.context_length:
+            raise ValueError(f"text of {T} tokens exceeds the open_clip context length {self.context_length}")
+        if mask is None:
+            mask = self._default_mask(ids)
+        full = torch.full((B, self.context_length), self.pad_id, dtype=ids.dtype, device=ids.device)
+        full[:, :T] = ids.masked_fill(~mask, self.pad_id)  # (B, L)
+        return full, mask
+
+    def _positions_needed(self, full: Tensor) -> int:
+        """How many leading positions of the padded (B, L) ids decide the pooled vectors."""
+        if not self.prefix_suffices:
+            return full.shape[1]
+        if self.pool_type == "first":
+            return 1
+        pooled_at = full.argmax(dim=-1) if self.pool_type == "argmax" else (full == self.eos_id).int().argmax(dim=-1)
+        return int(pooled_at.max()) + 1  # open_clip's own rule for the pooled position, on the same ids
+
     def _default_mask(self, ids: Tensor) -> Tensor:
         """Valid up to and including the token open_clip pools (EOT); everything when it pools otherwise."""
         positions = torch.arange(ids.shape[1], device=ids.device)
@@ -240,6 +310,27 @@ class OpenClipText(nn.Module):
         if self.pool_type == "eos" and self.eos_id is not None:
             return positions <= (ids == self.eos_id).int().argmax(dim=-1, keepdim=True)
         return torch.ones_like(ids, dtype=torch.bool)
+
+
+def _class_token_last_block(visual: nn.Module) -> bool:
+    """True when `visual` is an open_clip ViT whose pooled vector is its class token after a plain
+    self-attention last block: the layout `OpenClipImage._pool_class_token` reproduces."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
+        return False
+    stack = visual.transformer
+    last = stack.resblocks[-1] if len(stack.resblocks) else None
+    return (hasattr(visual, "_embeds") and getattr(stack, "batch_first", False)
+            and type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv"))
+
+
+def _is_causal(attn_mask: Tensor | None) -> bool:
+    """True for an additive (L, L) mask hiding exactly the later positions: -inf above the diagonal, 0 elsewhere."""
+    if attn_mask is None or attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
+        return False
+    later = torch.ones(attn_mask.shape, dtype=torch.bool, device=attn_mask.device).triu(1)
+    return bool(torch.isneginf(attn_mask[later]).all()) and bool((attn_mask[~later] == 0).all())
 
 
 def open_clip_image(

@@ -42,7 +42,9 @@ class Tower(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        pooled = self.encoder(x, mask).pooled  # (N, W)
+        # an encoder with a `pooled` method computes the pooled vector without the per-token features
+        pooled_fn = getattr(self.encoder, "pooled", None)
+        pooled = pooled_fn(x, mask) if pooled_fn is not None else self.encoder(x, mask).pooled  # (N, W)
         return F.normalize(self.head(pooled).float(), dim=-1)  # (N, D), unit norm
 
 

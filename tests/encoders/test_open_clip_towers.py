@@ -78,6 +78,96 @@ def test_text_tower_equals_open_clip_encode_text(saved, name):
         tower(torch.zeros(1, 78, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_image_pooled_equals_encode_image_with_the_last_block_at_the_class_token(saved, name):
+    ref = saved[name]["model"]
+    tower = build_encoder("open_clip_image", arch=name, pretrained=saved[name]["st"]).eval()
+    assert tower.class_token_last_block  # a class-token ViT: the pruned last block is what runs
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.encode_image(images)
+        pooled = tower.pooled(images)
+        tower.visual.transformer.grad_checkpointing = True  # open_clip's own forward then, as is
+        plain = tower.pooled(images)
+        tower.visual.transformer.grad_checkpointing = False
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)  # float rounding only
+    assert torch.equal(plain, expected)
+    with pytest.raises(ValueError, match="no mask"):
+        tower.pooled(images, torch.ones(3, 16, dtype=torch.bool))
+
+
+def test_image_pooled_of_an_average_pooling_vit_is_encode_image(tmp_path):
+    """Every patch's output is pooled: nothing can be skipped, `pooled` is open_clip's forward."""
+    cfg = TINY | {"vision_cfg": TINY["vision_cfg"] | {"pool_type": "avg"}}
+    (tmp_path / "mmembed-test-avg.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "mmembed-test-avg.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("mmembed-test-avg").eval()
+    torch.save(ref.state_dict(), tmp_path / "avg.pt")
+    tower = build_encoder("open_clip_image", arch="mmembed-test-avg", pretrained=str(tmp_path / "avg.pt")).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not tower.class_token_last_block
+        assert torch.equal(tower.pooled(images), ref.encode_image(images))
+
+
+def _positions_run(tower, fn) -> list[int]:
+    """Sequence lengths the text transformer was run on while `fn()` ran."""
+    seen = []
+    hook = tower.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_text_pooled_runs_only_up_to_the_last_eot_and_equals_encode_text(saved):
+    name = "mmembed-test-clip"
+    ref = saved[name]["model"]
+    tower = build_encoder("open_clip_text", arch=name, pretrained=saved[name]["pt"]).eval()
+    ids = open_clip.get_tokenizer(name)(["a red circle", "a much longer caption about a blue square"])  # (2, 77)
+    mask = torch.arange(12)[None] <= ids[:, :12].argmax(-1, keepdim=True)
+    with torch.no_grad():
+        expected = ref.encode_text(ids)
+        assert tower.prefix_suffices
+        out = {}
+        assert _positions_run(tower, lambda: out.update(short=tower.pooled(ids[:, :12], mask))) == [10]  # sot+8+eot
+        assert _positions_run(tower, lambda: out.update(full=tower.pooled(ids))) == [10]
+        assert _positions_run(tower, lambda: tower(ids[:, :12], mask)) == [77]  # forward keeps open_clip's run
+    for pooled in out.values():
+        torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)
+
+
+def test_text_pooled_runs_the_whole_context_when_later_positions_matter(saved, tmp_path):
+    """A text tower without a causal mask: every position can change the pooled token, so `pooled`
+    runs all 77 and is open_clip's encode_text exactly; cutting it would change the vectors."""
+    cfg = TINY | {"text_cfg": TINY["text_cfg"] | {"no_causal_mask": True}}
+    (tmp_path / "mmembed-test-bidir.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "mmembed-test-bidir.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("mmembed-test-bidir").eval()
+    torch.save(ref.state_dict(), tmp_path / "bidir.pt")
+    tower = build_encoder("open_clip_text", arch="mmembed-test-bidir", pretrained=str(tmp_path / "bidir.pt")).eval()
+    ids = open_clip.get_tokenizer("mmembed-test-bidir")(["a red circle", "a blue square on the left"])
+    with torch.no_grad():
+        assert not tower.prefix_suffices
+        seen = _positions_run(tower, lambda: tower.pooled(ids[:, :8]))
+        pooled, expected = tower.pooled(ids[:, :8]), ref.encode_text(ids)
+        cut = tower._clip_forward(ids[:, :8])[0]  # what running only the caption's positions would give
+    assert seen == [77] and torch.equal(pooled, expected)
+    assert (cut - expected).abs().max() > 1e-3  # positive control: the pad positions do matter here
+
+
+def test_customtext_pooled_equals_encode_text(saved):
+    name = "mmembed-test-customtext"
+    ref = saved[name]["model"]
+    tower = build_encoder("open_clip_text", arch=name, pretrained=saved[name]["pt"]).eval()
+    ids = open_clip.get_tokenizer(name)(["a red circle", "a much longer caption about a blue square"])
+    with torch.no_grad():
+        assert torch.equal(tower.pooled(ids[:, :12]), ref.encode_text(ids))
+
+
 def test_trained_weights_differ_from_random_init(saved):
     """The round trip above is only meaningful if a fresh random tower differs."""
     torch.manual_seed(123)
