@@ -148,10 +148,10 @@ def our_step_fn(t: Towers, images: Tensor, ids: Tensor, mask: Tensor, run_dir: P
     trainer = Trainer(space, step_fn, lambda epoch, start: [], 10**6, cfg, run_dir, after_step=space.clamp_)
 
     def fwd_bwd() -> None:
-        trainer._forward_backward(batch)
+        trainer._forward_backward(batch, last_micro=True)
 
     def step() -> None:
-        out = trainer._forward_backward(batch)
+        out = trainer._forward_backward(batch, last_micro=True)
         if not trainer._optimizer_step([out], 0.0, 1.0):
             raise RuntimeError("our training step was skipped (non-finite loss)")
 

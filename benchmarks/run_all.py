@@ -4,13 +4,16 @@
     python -m benchmarks.run_all --quick               # small sizes, a few minutes
     python -m benchmarks.run_all --only train,embed    # some of them (ids: the `bench_<id>.py` names)
     python -m benchmarks.run_all --out benchmarks/results/report.json
+    python -m benchmarks.run_all --only loss,train,embed,search,ann,decode --markdown   # README's table
 
 Each `benchmarks/bench_<id>.py` module is imported and its `run(quick=...)` called (a module
 without `run` has its `main()` run with `--quick` on the command line, and the JSON it prints is
 read back). A benchmark that fails is recorded with its error and traceback; the others still
 run. The report holds the machine (torch version, threads, CPU count, load average, date) and,
 per benchmark, its status, wall time and result. A summary table (id, ratio, goal) is printed at
-the end; `ratio` > 1 always means ours is better.
+the end; `ratio` > 1 always means ours is better. `--markdown` also prints the README's
+Performance table (benchmark, ours, anchor, ratio, % of the hardware bound); `--table REPORT`
+prints it from a saved report without running anything.
 """
 
 from __future__ import annotations
@@ -150,6 +153,43 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in [header, *rows])
 
 
+def hardware_bound(row: dict[str, Any]) -> str:
+    """Ours as a % of the hardware bound, where the benchmark measures one: the fp32 matmul peak
+    for compute-bound work, the memory bandwidth for work that streams its data once."""
+    if "ours_matmul_peak_pct" in row:  # B-search: one query streams the rows, many are a matmul
+        if row.get("q", 1) == 1:
+            return f"{row['ours_bandwidth_bound_pct']:.0f}% of bandwidth"
+        return f"{row['ours_matmul_peak_pct']:.0f}% of matmul peak"
+    if "peak_fraction" in row:
+        return f"{100 * row['peak_fraction']:.0f}% of matmul peak"
+    if isinstance(row.get("mfu"), dict):
+        return f"{100 * row['mfu']['ours']:.0f}% of matmul peak (MFU)"
+    if "fraction_of_bound" in row:
+        return f"{100 * row['fraction_of_bound']:.0f}% of bandwidth"
+    return "–"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The README's Performance table: one line per result row of every benchmark that ran."""
+    lines = ["| benchmark | ours | anchor | ratio (> 1: ours better) | ours vs hardware bound |",
+             "|---|---:|---:|---:|---|"]
+    for entry in report["benchmarks"].values():
+        if entry["status"] != "ok":
+            continue
+        for r in _find_rows(entry["result"]):
+            unit = r.get("unit", "")
+            ratio = r.get("ratio_paired", r["ratio"])
+            lines.append(f"| {r['id']} | {_fig(r['ours'])} {unit} | {_fig(r['anchor'])} {unit} | {ratio:.2f} "
+                         f"| {hardware_bound(r)} |")
+    return "\n".join(lines)
+
+
+def _fig(x: Any) -> str:
+    if not isinstance(x, (int, float)):
+        return str(x)
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
 def run_all(ids: list[str], quick: bool, out: Path | None) -> dict[str, Any]:
     """Run the benchmarks `ids` in order; write the report to `out` (atomically) when given."""
     report: dict[str, Any] = {"quick": quick, "machine": machine(), "benchmarks": {}}
@@ -178,9 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes in all)")
     parser.add_argument("--only", help=f"comma-separated ids among: {', '.join(available())}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report path (default {DEFAULT_OUT})")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's Performance table")
+    parser.add_argument("--table", type=Path, metavar="REPORT", help="print the Performance table of a saved report")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     report = run_all(parse_only(args.only, available()), args.quick, args.out)
     print(format_table(summary_rows(report)))
+    if args.markdown:
+        print("\n" + markdown_table(report))
     print(f"\nreport: {args.out} ({report['seconds']} s)")
     failed = [k for k, v in report["benchmarks"].items() if v["status"] != "ok"]
     return 1 if failed else 0

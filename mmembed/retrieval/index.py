@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -190,14 +191,28 @@ class Index:
     def search_batch(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
                      k: int = 10, filter: Filter = None, model: Any = None) -> list[list[Hit]]:
         """`search` for many queries at once: a (Q, D) tensor or a list of queries -> Q hit lists."""
+        scores, rows = self._search_rows(queries, target, k, filter, model)
+        if rows.numel() == 0:
+            return [[] for _ in range(rows.shape[0])]
+        return self._hits(scores, rows)
+
+    def search_ids(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
+                   k: int = 10, filter: Filter = None, model: Any = None) -> tuple[Tensor, Tensor]:
+        """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
+        float32, best first; an id of -1 pads a row that came up short (approximate backends)."""
+        scores, rows = self._search_rows(queries, target, k, filter, model)
+        ids = self._store.ids[rows.clamp_min(0)]
+        return ids.masked_fill_(rows < 0, -1), scores
+
+    def _search_rows(self, queries: Tensor | Sequence[QueryLike], target: Modality | str | None, k: int,
+                     filter: Filter, model: Any) -> tuple[Tensor, Tensor]:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         q = self._query_matrix(queries, model)  # (Q, D) float32
         mask = self._mask(target, filter)
         if self._store.n_alive == 0 or (mask is not None and not bool(mask.any())):
-            return [[] for _ in range(q.shape[0])]
-        scores, rows = self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
-        return [self._hits(s, r) for s, r in zip(scores.tolist(), rows.tolist())]
+            return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.int64)
+        return self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
 
     def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> Tensor:
         """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN)."""
@@ -207,7 +222,11 @@ class Index:
             rows = [q.embed(self._embedding_model(model, q)) if isinstance(q, Query) else _one_vector(q, self.dim, i)
                     for i, q in enumerate(queries)]
             q = torch.stack(rows) if rows else torch.zeros(0, self.dim)  # (Q, D)
-        return q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        # numpy for the few small operations per call: torch would wake its thread pool for each
+        # (B-ann: ~100 µs per single query, and its spinning threads slow the FAISS call after)
+        a = q.numpy()
+        norms = np.sqrt(np.einsum("qd,qd->q", a, a))[:, None]
+        return torch.from_numpy(a / np.maximum(norms, np.finfo(np.float32).tiny))
 
     def _embedding_model(self, model: Any, query: Query) -> Any:
         if model is not None:
@@ -229,10 +248,15 @@ class Index:
             mask = by_meta if mask is None else mask & by_meta
         return mask
 
-    def _hits(self, scores: list[float], rows: list[int]) -> list[Hit]:
+    def _hits(self, scores: Tensor, rows: Tensor) -> list[list[Hit]]:
+        """(Q, k) scores and rows -> Q hit lists; the ids and modalities are read once per batch."""
         store = self._store
-        return [Hit(int(store.ids[r]), float(s), store.modality_of(r), dict(store.metadata[r]))
-                for s, r in zip(scores, rows) if r >= 0]
+        safe = rows.clamp_min(0)
+        ids, codes = store.ids[safe].tolist(), store.codes[safe].tolist()
+        modalities = list(Modality)
+        return [[Hit(i, s, modalities[c], dict(store.metadata[r]))
+                 for s, r, i, c in zip(s_row, r_row, i_row, c_row) if r >= 0]
+                for s_row, r_row, i_row, c_row in zip(scores.tolist(), rows.tolist(), ids, codes)]
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -288,7 +312,7 @@ def _check_query_vectors(q: Any, dim: int, first: int = 0) -> Tensor:
     v = v.reshape(1, -1) if v.dim() <= 1 else v
     if v.dim() != 2 or v.shape[1] != dim:
         raise BadInput(f"query {first} has shape {tuple(v.shape)}; this index holds dimension {dim}")
-    finite = torch.isfinite(v).all(dim=1)
-    if not bool(finite.all()):
-        raise BadInput(f"query {first + int((~finite).nonzero()[0])} contains NaN or Inf")
+    finite = np.isfinite(v.numpy()).all(axis=1)
+    if not finite.all():
+        raise BadInput(f"query {first + int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
     return v

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from mmembed.errors import UserError
-from mmembed.retrieval import Index, faiss_backend
+from mmembed.modality import Modality
+from mmembed.retrieval import BACKENDS, Index, faiss_backend
+from mmembed.retrieval.backends import ExactBackend
+from mmembed.retrieval.store import VectorStore
 
 pytest.importorskip("faiss")
 
@@ -90,6 +93,45 @@ def test_ivf_with_every_cell_probed_is_exact():
     exact, ivf = filled("exact"), filled("faiss_ivf", nlist=8, nprobe=8)
     q = unit(5, 32, 6)
     assert ids(ivf.search_batch(q, k=10)) == ids(exact.search_batch(q, k=10))
+
+
+def test_short_answers_are_minus_one_rows_with_minus_inf_scores():
+    """IVF probing one of five cells cannot fill k = 100 from 200 rows: the rest is padding."""
+    store = VectorStore(32)
+    store.append(unit(200, 32, 11), Modality.IMAGE, [{}] * 200)
+    backend = BACKENDS["faiss_ivf"](nprobe=1)
+    scores, rows = backend.search(store, unit(4, 32, 12), 100, None)  # (4, 100)
+    short = rows < 0
+    assert short.any() and (~short).any()
+    assert torch.isneginf(scores[short]).all() and torch.isfinite(scores[~short]).all()
+    assert rows.dtype == torch.int64 and scores.dtype == torch.float32
+
+
+def test_search_options_changed_between_searches_take_effect():
+    """Unfiltered searches reuse their FAISS parameter object: a new option value must rebuild it."""
+    store = VectorStore(32)
+    store.append(unit(2000, 32, 13), Modality.IMAGE, [{}] * 2000)
+    q = unit(20, 32, 14)
+    truth = ExactBackend().search(store, q, 10, None)[1]
+    ivf = BACKENDS["faiss_ivf"](nlist=32, nprobe=1)
+    one_cell = ivf.search(store, q, 10, None)[1]
+    ivf.nprobe = 32  # every cell: exact
+    assert not torch.equal(one_cell, truth) and torch.equal(ivf.search(store, q, 10, None)[1], truth)
+
+
+def test_ivf_retrained_after_growth_probes_its_new_cells():
+    """nprobe is capped at the cell count, which grows when the quantizer is retrained: the cached
+    parameters of the first structure (5 cells) must not outlive it (51 cells)."""
+    exact, ivf = Index(32), Index(32, backend="faiss_ivf", nprobe=10_000)  # every cell, always: exact
+    x, q = unit(2000, 32, 15), unit(10, 32, 16)
+    for idx in (exact, ivf):
+        idx.add(x[:200], "image")
+    assert ids(ivf.search_batch(q, k=10)) == ids(exact.search_batch(q, k=10))
+    assert ivf._backend._index.nlist == 5
+    for idx in (exact, ivf):
+        idx.add(x[200:], "image")  # 10× the rows: retrained
+    assert ids(ivf.search_batch(q, k=10)) == ids(exact.search_batch(q, k=10))
+    assert ivf._backend._index.nlist == 51
 
 
 def test_rows_added_after_a_search_are_found():

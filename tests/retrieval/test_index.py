@@ -171,3 +171,19 @@ def test_backend_and_storage_names_are_checked():
         Index(D, storage="int8")
     with pytest.raises(ConfigError, match="unknown key 'blocks'"):
         Index(D, blocks=3)
+
+
+def test_search_ids_equals_search_batch_without_hits():
+    x = torch.nn.functional.normalize(torch.randn(300, D, generator=torch.Generator().manual_seed(3)), dim=1)
+    idx = Index(D)
+    idx.add(x[:200], "image")
+    idx.add(x[200:], "audio")
+    idx.remove([5, 7])
+    q = x[:4] + 0.1
+    ids, scores = idx.search_ids(q, k=6, target="image")
+    hits = idx.search_batch(q, k=6, target="image")
+    assert ids.tolist() == [[h.id for h in row] for row in hits]
+    torch.testing.assert_close(scores, torch.tensor([[h.score for h in row] for row in hits]))
+    assert all(h.modality == "image" for row in hits for h in row) and 5 not in ids
+    empty_ids, empty_scores = Index(D).search_ids(q, k=3)
+    assert empty_ids.shape == (4, 0) and empty_scores.shape == (4, 0)
