@@ -69,11 +69,11 @@ def world(tmp_path) -> Path:
     return _world(tmp_path)
 
 
-def _pres(tok, train: bool = False) -> dict:
+def _pres(tok, train: bool = False, random_crop: bool = False) -> dict:
     return {
         T: TextPreprocessor(tok, max_length=16),
-        I: ImagePreprocessor(16, augment=True, train=train),
-        A: AudioPreprocessor(n_mels=16, max_seconds=0.5, random_crop=False, train=train),
+        I: ImagePreprocessor(16, augment=True, affine_degrees=10, color_jitter=0.2, train=train),
+        A: AudioPreprocessor(n_mels=16, max_seconds=0.5, random_crop=random_crop, train=train),
     }
 
 
@@ -127,8 +127,8 @@ def test_strict_mode_raises_naming_file_and_row(world, tok):
 
 def test_workers_give_the_same_batches_including_augmentation(world, tok):
     """Per-sample seeds: augmentation is a function of (seed, epoch, index), not of the worker."""
-    ds = ManifestDataset(read_manifest(world), _pres(tok, train=True))
-    assert ds.stochastic
+    ds = ManifestDataset(read_manifest(world), _pres(tok, train=True, random_crop=True))
+    assert ds.stochastic and ds.augmenting == [I]
     serial = _epoch(build_loader(ds, 3, shuffle=True, seed=5))
     parallel = _epoch(build_loader(ds, 3, shuffle=True, seed=5, num_workers=2))
     _assert_batches_equal(serial, parallel)
@@ -219,13 +219,37 @@ def test_cache_loads_each_row_once_and_refuses_augmentation(world, tok):
     _assert_batches_equal(_epoch(second_loader), first)
     assert len(loads) == 13  # nothing decoded twice, bad rows included
     with pytest.raises(UserError, match="cache=True would freeze"):
-        ManifestDataset(read_manifest(world), _pres(tok, train=True), cache=True)
+        ManifestDataset(read_manifest(world), _pres(tok, train=True, random_crop=True), cache=True)
 
 
-def _audio_by_row(batches: list[Batch]) -> dict[int, torch.Tensor]:
-    """Manifest row → its (padded) audio features, for the rows that have audio."""
-    return {row: x for b in batches if A in b.inputs
-            for row, x, present in zip(b.rows.tolist(), b.inputs[A], b.present[A]) if present}
+def _audio_by_row(batches: list[Batch], modality=A) -> dict[int, torch.Tensor]:
+    """Manifest row → its (padded) features of `modality`, for the rows that have it."""
+    return {row: x for b in batches if modality in b.inputs
+            for row, x, present in zip(b.rows.tolist(), b.inputs[modality], b.present[modality]) if present}
+
+
+def test_cached_images_get_fresh_augmentations_each_epoch_and_resume_exactly(world, tok):
+    """Image augmentation runs after the cache, as SpecAugment does: cached = uncached, any
+    number of workers, the cache stays clean, each epoch draws anew, and an epoch resumed
+    mid-way draws what the uninterrupted one drew."""
+    cached = ManifestDataset(read_manifest(world), _pres(tok, train=True), cache=True)
+    plain = ManifestDataset(read_manifest(world), _pres(tok, train=True))
+    assert not cached.stochastic and cached.augmenting == [I]
+    epoch0 = _epoch(build_loader(cached, 4, shuffle=True, seed=0))
+    _assert_batches_equal(_epoch(build_loader(plain, 4, shuffle=True, seed=0)), epoch0)
+    _assert_batches_equal(_epoch(build_loader(cached, 4, shuffle=True, seed=0, num_workers=2)), epoch0)
+    loader = build_loader(cached, 4, shuffle=True, seed=0)
+    loader.batch_sampler.set_epoch(1)
+    epoch1 = _epoch(loader)
+    first, second = _audio_by_row(epoch0, I), _audio_by_row(epoch1, I)
+    both = first.keys() & second.keys()  # (the sampler drops a short last batch)
+    assert both and all(not torch.equal(first[r], second[r]) for r in both)
+    loader.batch_sampler.set_epoch(1, start_batch=2)
+    _assert_batches_equal(_epoch(loader), epoch1[2:])
+    clean = ManifestDataset(read_manifest(world), _pres(tok))
+    for i, result in cached.cache.items():
+        if isinstance(result, Sample) and I in result.inputs:
+            assert torch.equal(result.inputs[I], clean[i].inputs[I])  # no augmentation leaked into the cache
 
 
 def test_cached_features_get_fresh_spec_augment_masks_each_epoch(world, tok):

@@ -187,27 +187,58 @@ def test_max_pixels_is_a_real_limit(tmp_path):
 # ---------------------------------------------------------------------------- augmentation
 
 
-def test_augmentation_only_when_training_and_seeded():
+def test_augmentation_only_when_training_seeded_and_after_preprocessing():
     im = _gradient(64, 48)
     plain = ImagePreprocessor(SIZE)(im)
-    assert torch.equal(ImagePreprocessor(SIZE, augment=True, train=False)(im), plain)
-    aug = ImagePreprocessor(SIZE, augment=True, train=True)
-    assert aug.stochastic and not ImagePreprocessor(SIZE, augment=True).stochastic
-    torch.manual_seed(0)
-    a = aug(im)
-    torch.manual_seed(0)
-    assert torch.equal(aug(im), a)
-    outs = [aug(im) for _ in range(4)]
-    assert any(not torch.equal(o, plain) for o in outs)
+    evaluating = ImagePreprocessor(SIZE, augment=True, train=False)
+    assert torch.equal(evaluating(im), plain) and not evaluating.augments
+    assert torch.equal(evaluating.augment(plain, torch.Generator().manual_seed(0)), plain)
+    aug = ImagePreprocessor(SIZE, augment=True, train=True, affine_degrees=10, affine_translate=0.1,
+                            color_jitter=0.3, hflip=True)
+    assert aug.augments and not aug.stochastic  # calls stay deterministic: cacheable
+    assert torch.equal(aug(im), plain)
+    a = aug.augment(plain, torch.Generator().manual_seed(0))
+    assert a.shape == plain.shape and torch.equal(aug.augment(plain, torch.Generator().manual_seed(0)), a)
+    outs = [aug.augment(plain, torch.Generator().manual_seed(s)) for s in range(1, 5)]
+    assert all(not torch.equal(o, plain) and not torch.equal(o, a) for o in outs)
+    assert torch.equal(aug(im), plain)  # the input was not modified in place
 
 
 def test_default_augmentation_keeps_colour():
     """Colour is a label in the synthetic world: the default augmentation must not change it."""
     red = Image.new("RGB", (40, 30), (200, 10, 10))
     aug = ImagePreprocessor(SIZE, augment=True, train=True)
+    x = aug(red)
     for seed in range(5):
-        torch.manual_seed(seed)
-        assert torch.allclose(_uniform_colour(aug(red)), _normalised((200, 10, 10)), atol=1e-5)
+        out = aug.augment(x, torch.Generator().manual_seed(seed))
+        assert torch.allclose(_uniform_colour(out), _normalised((200, 10, 10)), atol=1e-5)
+
+
+def test_each_augmentation_does_what_it_says():
+    """A left-heavy image: a flip moves the mass right; a crop zooms; jitter changes a grey
+    level; an affine shift brings in the background."""
+    a = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    a[:, : SIZE // 4] = 255
+    x = ImagePreprocessor(SIZE)(a)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    flip = ImagePreprocessor(SIZE, augment=True, train=True, crop_scale=(1.0, 1.0), hflip=True)
+    flipped = [flip.augment(x, g(s)) for s in range(8)]
+    assert any(torch.equal(f, x.flip(-1)) for f in flipped) and any(torch.equal(f, x) for f in flipped)
+    crop = ImagePreprocessor(SIZE, augment=True, train=True, crop_scale=(0.25, 0.3))
+    assert not torch.allclose(crop.augment(x, g(0)), x, atol=0.1)
+    grey = ImagePreprocessor(SIZE)(Image.new("RGB", (SIZE, SIZE), (100, 100, 100)))
+    jitter = ImagePreprocessor(SIZE, augment=True, train=True, crop_scale=(1.0, 1.0), color_jitter=0.5)
+    assert not torch.allclose(jitter.augment(grey, g(0)), grey, atol=1e-3)
+    black = ImagePreprocessor(SIZE, background=(255, 255, 255))(Image.new("RGB", (SIZE, SIZE)))
+    shift = ImagePreprocessor(SIZE, augment=True, train=True, crop_scale=(1.0, 1.0), affine_translate=0.3)
+    moved = [shift.augment(black, g(s)) for s in range(4)]
+    assert all(float(m.max()) > float(black.max()) + 1 for m in moved)  # white fill came in
+
+
+def test_augmentation_settings_are_validated():
+    for bad in ({"affine_degrees": -1}, {"affine_translate": 0.5}, {"color_jitter": -0.1}):
+        with pytest.raises(ConfigError):
+            ImagePreprocessor(SIZE, **bad)
 
 
 def test_collate_stacks_without_mask():
