@@ -38,6 +38,7 @@ from mmembed.retrieval.quantized import Int8Codes, scan_or_exact
 D, K, THREADS = 512, 10, 2
 PEAK_N = 2048  # square fp32 matmul that measures the FLOP/s peak
 SQ8_MAX_SCAN_QUERIES = 8  # the sq8 backend's default
+SETTLE_S = 0.05
 log = logging.getLogger("bench_search")
 
 
@@ -56,12 +57,16 @@ def recall(rows: torch.Tensor, truth) -> float:
 
 
 def paired_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per function, timing them round-robin after one warm-up call each."""
+    """Median seconds per function, timing them round-robin after one warm-up call each.
+
+    Each timed call follows a short idle pause: torch and FAISS each keep an OpenMP pool whose
+    threads spin for milliseconds after a parallel region, which would slow whichever ran next."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
