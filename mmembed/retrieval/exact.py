@@ -22,6 +22,8 @@ exact for the *stored* fp16 vectors, which differ from the original fp32 ones by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,15 +62,7 @@ def exact_topk(
     k_search = min(n_valid, 4 * k_out + 16) if rescore else k_out
     scorer = _BlockScorer(vectors, queries, block_rows or _block_rows(vectors, n_q))
     best = RunningTopk(n_q, k_search)
-    for start in range(lo, hi, scorer.block_rows):
-        end = min(start + scorer.block_rows, hi)
-        block_mask = None if mask is None else mask[start:end]
-        if block_mask is not None and not bool(block_mask.any()):
-            continue  # e.g. a block holding only another modality's rows
-        scores = scorer.score(start, end)  # (end - start, Q)
-        if block_mask is not None and not bool(block_mask.all()):
-            scores.masked_fill_(~block_mask.unsqueeze(1), float("-inf"))
-        best.add(scores, start)
+    scan_blocks(best, scorer.score, lo, hi, scorer.block_rows, mask)
     scores, rows = best.result()  # (Q, k_search)
     if rescore:
         return rescore_rows(vectors, queries, rows, k_out)
@@ -114,6 +108,21 @@ class _BlockScorer:
         if self.convert is not None:
             block = self.convert[:n].copy_(block)  # fp16 -> fp32, in cache
         return torch.mm(block, self.query, out=out)  # (n, Q)
+
+
+def scan_blocks(best: RunningTopk, score: Callable[[int, int], Tensor], lo: int, hi: int, block_rows: int,
+                mask: Tensor | None) -> None:
+    """Score rows [lo, hi) block by block (`score(start, end)` -> (n, Q)) into `best`; masked
+    rows score -inf and blocks without an eligible row are not scored at all."""
+    for start in range(lo, hi, block_rows):
+        end = min(start + block_rows, hi)
+        block_mask = None if mask is None else mask[start:end]
+        if block_mask is not None and not bool(block_mask.any()):
+            continue  # e.g. a block holding only another modality's rows
+        scores = score(start, end)  # (end - start, Q)
+        if block_mask is not None and not bool(block_mask.all()):
+            scores.masked_fill_(~block_mask.unsqueeze(1), float("-inf"))
+        best.add(scores, start)
 
 
 class RunningTopk:

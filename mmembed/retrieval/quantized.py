@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmembed.retrieval.exact import RunningTopk, exact_topk, rescore_rows, span
+from mmembed.retrieval.exact import RunningTopk, exact_topk, rescore_rows, scan_blocks, span
 
 _BLOCK_ROWS = 1 << 16
 
@@ -94,17 +94,13 @@ def sq8_topk(
     n_cand = min(n_valid, max(k_out, candidates or max(4 * k_out + 16, 64)))
     query = (queries.float() * codes.scale).to(torch.bfloat16)  # (Q, D): the scale folded in
     unit = torch.ones(_BLOCK_ROWS, dtype=torch.bfloat16)  # the kernel's per-row scale
-    best = RunningTopk(n_q, n_cand)
-    for start in range(lo, hi, _BLOCK_ROWS):
-        end = min(start + _BLOCK_ROWS, hi)
-        block_mask = None if mask is None else mask[start:end]
-        if block_mask is not None and not bool(block_mask.any()):
-            continue
+
+    def score(start: int, end: int) -> Tensor:
         approx = torch._weight_int8pack_mm(query, codes.codes[start:end], unit[: end - start])  # (Q, n)
-        scores = approx.float().T.contiguous()  # (n, Q)
-        if block_mask is not None and not bool(block_mask.all()):
-            scores.masked_fill_(~block_mask.unsqueeze(1), float("-inf"))
-        best.add(scores, start)
+        return approx.float().T.contiguous()  # (n, Q)
+
+    best = RunningTopk(n_q, n_cand)
+    scan_blocks(best, score, lo, hi, _BLOCK_ROWS, mask)
     _, rows = best.result()
     return rescore_rows(vectors, queries, rows, k_out)
 
