@@ -9,7 +9,8 @@ gives (n / GROUP, Q) group maxima, the best k groups per query are taken from th
 32× smaller), and only their k · GROUP scores are gathered and merged into the running best.
 This is exact: a row in the true top k lies in a group whose maximum is at least that row's
 score, and fewer than k other groups can beat it without k+1 rows beating the k-th score (ties
-aside). Selection then costs a few percent of the product.
+aside). Selection then costs ~13% of the time at Q = 256 (profiled: `topk` 6%, `gather` 4%,
+group maxima 3.5%; the product 85%).
 
 One query uses a matrix-vector product, which streams the rows once at memory bandwidth.
 

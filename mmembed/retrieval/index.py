@@ -43,7 +43,7 @@ class Index:
         dim: D, the dimension of every vector.
         fingerprint: identity of the model that made the vectors (`model.fingerprint`);
             checked when a model is attached, so vectors of two models never get compared.
-        backend: "exact" (blocked matmul + top-k), "sq8" (int8 scan + exact fp32 re-rank, ~3× faster
+        backend: "exact" (blocked matmul + top-k), "sq8" (int8 scan + exact fp32 re-rank, ~2× faster
             for one query), "faiss_flat", "faiss_ivf" or "faiss_hnsw".
         storage: "fp32", or "fp16" (half the memory; scores exact for the fp16-rounded
             vectors, recall@10 vs fp32 ≥ 0.99).
@@ -252,11 +252,9 @@ class Index:
         """(Q, k) scores and rows -> Q hit lists; the ids and modalities are read once per batch."""
         store = self._store
         safe = rows.clamp_min(0)
-        ids, codes = store.ids[safe].tolist(), store.codes[safe].tolist()
-        modalities = list(Modality)
-        return [[Hit(i, s, modalities[c], dict(store.metadata[r]))
-                 for s, r, i, c in zip(s_row, r_row, i_row, c_row) if r >= 0]
-                for s_row, r_row, i_row, c_row in zip(scores.tolist(), rows.tolist(), ids, codes)]
+        ids, modalities = store.ids[safe].tolist(), store.modalities_of(safe)
+        return [[Hit(i, s, m, dict(store.metadata[r])) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
+                for s_row, r_row, i_row, m_row in zip(scores.tolist(), rows.tolist(), ids, modalities)]
 
     # ---- persistence -------------------------------------------------------------------------
 

@@ -111,6 +111,10 @@ class VectorStore:
     def modality_of(self, row: int) -> Modality:
         return _MODALITIES[int(self._codes[row])]
 
+    def modalities_of(self, rows: Tensor) -> list[list[Modality]]:
+        """The modality of every row of a (Q, k) tensor of row positions, read in one go."""
+        return [[_MODALITIES[c] for c in line] for line in self._codes[rows].tolist()]
+
     # ---- mutation ----------------------------------------------------------------------------
 
     def append(self, vectors: Tensor, modality: Modality, metadata: Sequence[dict[str, Any]],
