@@ -92,7 +92,7 @@ class _FaissBackend:
         if mask is not None and n_valid <= max(_BRUTE_FORCE_ROWS, _BRUTE_FORCE_FRACTION * store.n_rows):
             return _scan_subset(store, queries, k, mask)
         self._sync(store)
-        q = np.ascontiguousarray((queries if queries.dtype == torch.float32 else queries.float()).numpy())  # (Q, D)
+        q = queries.numpy()  # (Q, D) float32 unit rows, from Index
         if mask is None:
             scores, rows = self._index.search(q, min(k, n_valid), params=self._unfiltered_params())
         else:
@@ -100,9 +100,8 @@ class _FaissBackend:
             params = self._params(self._faiss.IDSelectorBitmap(keep_alive))
             scores, rows = self._index.search(q, min(k, n_valid), params=params)
             del keep_alive  # the selector reads this buffer during the search only
-        short = rows < 0  # (Q, k') answers that came up short
-        if short.any():
-            scores[short] = -np.inf
+        if rows.size and rows.min() < 0:  # answers that came up short
+            scores[rows < 0] = -np.inf
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
     def config(self) -> dict[str, Any]:

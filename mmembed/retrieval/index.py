@@ -12,6 +12,7 @@ are unit vectors, so a score is a cosine similarity in [-1, 1].
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,7 @@ class Index:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
         float32, best first; an id of -1 pads a row that came up short (approximate backends)."""
         scores, rows = self._search_rows(queries, target, k, filter, model)
-        ids = self._store.ids[rows.clamp_min(0)]
-        return ids.masked_fill_(rows < 0, -1), scores
+        return self._store.ids_of_rows(rows), scores
 
     def _search_rows(self, queries: Tensor | Sequence[QueryLike], target: Modality | str | None, k: int,
                      filter: Filter, model: Any) -> tuple[Tensor, Tensor]:
@@ -216,17 +216,20 @@ class Index:
 
     def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> Tensor:
         """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN)."""
+        # numpy, not torch, for the few small operations per call: right after a FAISS HNSW query
+        # (~300 µs, its rows evict the caches) each torch operation cost 5-30 µs (B-ann, single queries)
         if isinstance(queries, Tensor):
-            q = _check_query_vectors(queries, self.dim)
+            a = _check_query_vectors(queries, self.dim)
         else:
-            rows = [q.embed(self._embedding_model(model, q)) if isinstance(q, Query) else _one_vector(q, self.dim, i)
-                    for i, q in enumerate(queries)]
-            q = torch.stack(rows) if rows else torch.zeros(0, self.dim)  # (Q, D)
-        # numpy for the few small operations per call: on one query, torch's per-op dispatch was
-        # measurable beside a ~300 µs FAISS HNSW search (B-ann, single queries)
-        a = q.numpy()
-        norms = np.sqrt(np.einsum("qd,qd->q", a, a))[:, None]
-        return torch.from_numpy(a / np.maximum(norms, np.finfo(np.float32).tiny))
+            rows = [q.embed(self._embedding_model(model, q)).numpy() if isinstance(q, Query)
+                    else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]
+            a = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)  # (Q, D)
+        squares = np.einsum("qd,qd->q", a, a)  # (Q,); NaN or Inf in a row makes its entry non-finite
+        if squares.size and not math.isfinite(squares.max()):
+            _check_finite(a)  # raises BadInput naming the query, unless the squares only overflowed
+            squares = np.einsum("qd,qd->q", a, a, dtype=np.float64)
+        norms = np.sqrt(squares)[:, None]
+        return torch.from_numpy((a / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False))
 
     def _embedding_model(self, model: Any, query: Query) -> Any:
         if model is not None:
@@ -295,22 +298,34 @@ class Index:
         return f"Index(dim={self.dim}, {counts}, backend={self.backend_name!r}, storage={self.storage!r})"
 
 
-def _one_vector(q: Any, dim: int, i: int) -> Tensor:
+def _one_vector(q: Any, dim: int, i: int) -> np.ndarray:
     v = _check_query_vectors(q, dim, i)
     if v.shape[0] != 1:
         raise UserError(f"query {i} holds {v.shape[0]} vectors; pass one (D,) vector per query")
     return v[0]
 
 
-def _check_query_vectors(q: Any, dim: int, first: int = 0) -> Tensor:
-    """A (D,) or (Q, D) vector query -> (Q, D) float32; wrong size or NaN/Inf is BadInput naming the query."""
+def _check_query_vectors(q: Any, dim: int, first: int = 0) -> np.ndarray:
+    """A (D,) or (Q, D) vector query -> (Q, D) float32 array; a wrong size is BadInput naming the query."""
     if isinstance(q, (str, Path)):
         raise UserError(f"query {first} is a {type(q).__name__}; wrap raw items in mm.Query(...)")
-    v = torch.as_tensor(q).detach().to(device="cpu", dtype=torch.float32)
-    v = v.reshape(1, -1) if v.dim() <= 1 else v
-    if v.dim() != 2 or v.shape[1] != dim:
-        raise BadInput(f"query {first} has shape {tuple(v.shape)}; this index holds dimension {dim}")
-    finite = np.isfinite(v.numpy()).all(axis=1)
+    if isinstance(q, Tensor):
+        try:  # a CPU tensor that needs no grad: a view, without a torch operation (see _query_matrix)
+            a = q.numpy()
+        except (RuntimeError, TypeError):  # on a GPU, requiring grad, or bf16
+            a = q.detach().to(device="cpu", dtype=torch.float32).numpy()
+    else:
+        a = np.asarray(q)
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    a = a.reshape(1, -1) if a.ndim <= 1 else a
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise BadInput(f"query {first} has shape {tuple(a.shape)}; this index holds dimension {dim}")
+    return a  # NaN and Inf are found by `Index._query_matrix` from the squared norms
+
+
+def _check_finite(a: np.ndarray) -> None:
+    """BadInput naming the first row of the (Q, D) queries holding NaN or Inf."""
+    finite = np.isfinite(a).all(axis=1)
     if not finite.all():
-        raise BadInput(f"query {first + int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
-    return v
+        raise BadInput(f"query {int(np.flatnonzero(~finite)[0])} contains NaN or Inf")

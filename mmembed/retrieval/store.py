@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -82,6 +83,17 @@ class VectorStore:
     @property
     def ids(self) -> Tensor:
         return self._ids[: self.n_rows]
+
+    def ids_of_rows(self, rows: Tensor) -> Tensor:
+        """The ids at these row positions, -1 where a row is negative (a short answer), in numpy:
+        beside a ~300 µs FAISS query, every torch operation on a cold cache costs 5-30 µs."""
+        r = rows.numpy()
+        if r.size and r.min() < 0:
+            ids = self._ids.numpy()[np.maximum(r, 0)]
+            ids[r < 0] = -1
+        else:
+            ids = self._ids.numpy()[r]
+        return torch.from_numpy(ids)
 
     @property
     def codes(self) -> Tensor:

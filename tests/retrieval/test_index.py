@@ -79,6 +79,19 @@ def test_wrong_dim_and_zero_vectors_refused(index):
         index.search(torch.full((D,), float("nan")))
 
 
+def test_query_checks_name_the_bad_query_and_accept_any_finite_scale(index):
+    q = unit(3, 5)
+    for queries in (q.clone(), list(q.clone()), q.numpy().copy()):
+        queries[2][4] = float("nan")
+        with pytest.raises(ValueError, match="query 2 contains NaN or Inf"):
+            index.search_batch(queries, k=3)
+    # squares of 1e30 overflow float32: a finite query that large is still a direction, not an error
+    huge = index.search_ids(q * 1e30, k=3)
+    plain = index.search_ids(q.double(), k=3)  # float64 and bf16 queries are converted
+    assert torch.equal(huge[0], plain[0]) and torch.allclose(huge[1], plain[1])
+    assert index.search_ids(q.bfloat16(), k=3)[0].shape == (3, 3)
+
+
 def test_add_normalises_non_unit_rows():
     idx = Index(4)
     [i] = idx.add(torch.tensor([[3.0, 4.0, 0.0, 0.0]]), "image")
