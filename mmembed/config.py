@@ -113,7 +113,9 @@ class TrainConfig:
     eval_every: int | None = None  # steps; None = every epoch
     checkpoint_every: int = 200  # steps
     keep_last: int = 2  # checkpoints kept besides the best
-    early_stop_patience: int | None = None  # evaluations without improvement
+    # evaluations without improvement before the run stops (null: never). With restore_best the
+    # run keeps the best weights either way: stopping only saves the time a falling curve wastes
+    early_stop_patience: int | None = 5
     # The validation metric that picks the best checkpoint (and drives early stopping): a loss
     # ("loss", "val_loss", "loss/...") is minimised, any other metric maximised.
     early_stop_metric: str = "recall@1"
@@ -121,6 +123,11 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     progress_every_s: float = 30.0  # without a terminal (no progress bar): seconds between progress log lines
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+    # align stage: a tower giving one vector for every input for `collapse_steps` batches in a row
+    # stops the run (mmembed/train/collapse.py); a fresh run collapsed before its first checkpoint
+    # restarts instead at a third of the learning rate, at most `collapse_restarts` times
+    collapse_steps: int = 10
+    collapse_restarts: int = 2
     device: str = "auto"  # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) when there is one, else the CPU
     # torchrun: how long a process waits in a collective (for a slow or lost peer) before failing
     dist_timeout_minutes: float = 30.0

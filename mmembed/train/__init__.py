@@ -24,7 +24,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
 
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
+    from mmembed.config import load_config
     from mmembed.decoder import DECODER_DIR
+    from mmembed.model import CONFIG
     from mmembed.train.decoder import train_decoder
     from mmembed.train.distributed import barrier, current_world
     from mmembed.train.run_dir import lock_run
@@ -39,6 +41,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
                 barrier()
             else:
                 train_align(config, resume=resume)
+                # the align stage may have restarted at a lower train.lr (a collapsed tower): keep
+                # the train section it saved, which the decoder stage writes into config.yaml again
+                config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
         return train_decoder(config, resume=decoder_started)
 
 

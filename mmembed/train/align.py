@@ -30,6 +30,7 @@ from mmembed.modality import Modality
 from mmembed.model import CONFIG, TOKENIZER, Model, build_model
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
+from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import (Forward, as_output, barrier, current_world, main_first, parallelize,
                                        resolve_device, seed_ranks)
@@ -44,31 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-
-
-class CollapseMonitor:
-    """Warns when a tower's outputs stop varying across the batch (every row the same vector):
-    contrastive training cannot recover from that, and it usually means a dead tower, a bad
-    learning rate or inputs that are all identical."""
-
-    def __init__(self, patience: int = 3, tol: float = 1e-4):
-        self.patience, self.tol = patience, tol
-        self.streak: dict[Modality, int] = {}
-        self.warned: set[Modality] = set()
-
-    def __call__(self, embeddings: dict[Modality, Tensor], present: dict[Modality, Tensor]) -> None:
-        for m, z in embeddings.items():
-            rows = z.detach()[present[m]]
-            if rows.shape[0] < 2:
-                continue
-            spread = rows.float().std(dim=0).max().item()
-            self.streak[m] = self.streak.get(m, 0) + 1 if spread < self.tol else 0
-            if self.streak[m] >= self.patience and m not in self.warned:
-                self.warned.add(m)
-                log.warning("collapsed embeddings: the %s tower has given the same vector for every input "
-                            "for %d steps (max per-dimension std %.2g)", m, self.streak[m], spread)
 
 
 def space_forward(space: SharedSpace, inputs, masks, present, with_bias: bool = False):
@@ -137,7 +113,13 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     """
     run_dir = Path(config.train.out_dir)
     with lock_run(run_dir, resume=resume, overwrite=overwrite):
-        return _train_align(config, run_dir, resume, callbacks)
+        restarts = 0
+        while True:
+            try:
+                return _train_align(config, run_dir, resume, callbacks)
+            except TowerCollapsed as e:  # restart at a lower learning rate, or stop with the fix
+                config = restart_config(config, e, run_dir, resume, restarts)
+                restarts += 1
 
 
 def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
@@ -170,7 +152,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     net = parallelize(space, space_forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
     seed_ranks(cfg.train.seed)
-    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor(), net)
+    monitor = CollapseMonitor(stop_after=cfg.train.collapse_steps, lr=cfg.train.lr, warmup=cfg.train.warmup_steps)
+    step_fn = make_step_fn(space, loss_fn, device, skips, monitor, net)
 
     def evaluate() -> dict[str, float]:
         emb, keys = embed_dataset(space, val_loader, device)

@@ -164,14 +164,14 @@ def test_logit_scale_clamped_every_step(tiny_world, tmp_path, monkeypatch):
 
 def _collapse_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "mmembed.train.align" and r.levelno == logging.WARNING and "collapsed" in r.getMessage()]
+            if r.name == "mmembed.train.collapse" and r.levelno == logging.WARNING and "collapsed" in r.getMessage()]
 
 
 def test_collapse_monitor_warns_once_per_collapsed_tower(caplog):
     from mmembed.modality import Modality
-    from mmembed.train.align import CollapseMonitor
+    from mmembed.train.collapse import CollapseMonitor
 
-    caplog.set_level(logging.WARNING, logger="mmembed.train.align")
+    caplog.set_level(logging.WARNING, logger="mmembed.train.collapse")
     gen = torch.Generator().manual_seed(0)
     every = torch.ones(8, dtype=torch.bool)
     varied = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=-1)  # (B, D)
@@ -237,3 +237,73 @@ def test_same_seed_same_loss_curve_and_loadable_run(tiny_world, tmp_path):
                             ("audio", [str(next((tiny_world / "audio").glob("*.wav")))])]:
         z = model.embed(modality, items)
         assert z.shape == (1, 32) and torch.allclose(z.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_collapse_monitor_stops_after_its_limit_naming_the_tower_and_the_fix():
+    from mmembed.modality import Modality
+    from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
+
+    every = torch.ones(8, dtype=torch.bool)
+    varied = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    constant = varied[:1].expand(8, -1)
+    monitor = CollapseMonitor(patience=3, stop_after=5, lr=3e-3, warmup=30)
+    for batch in (constant, constant, varied, constant, constant, constant, constant):  # a streak of 4
+        monitor({Modality.IMAGE: batch, Modality.TEXT: varied}, {Modality.IMAGE: every, Modality.TEXT: every})
+    with pytest.raises(TowerCollapsed) as caught:
+        monitor({Modality.IMAGE: constant, Modality.TEXT: varied}, {Modality.IMAGE: every, Modality.TEXT: every})
+    message = str(caught.value)
+    assert "the image tower collapsed" in message and "5 batches in a row (by batch 8" in message
+    assert "train.lr=0.003" in message and "Fix: train.lr=0.001" in message and "\n" not in message
+
+
+def _collapse_on(monkeypatch, attempts: set[int], after: int = 1) -> list[float]:
+    """Make the align stage's monitor report a collapse `after` batches into each attempt in
+    `attempts` (0 = the first); returns the learning rate of every attempt."""
+    import mmembed.train.align as align
+    from mmembed.modality import Modality
+    from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
+
+    lrs: list[float] = []
+
+    class Scripted(CollapseMonitor):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.attempt = len(lrs)
+            lrs.append(kwargs["lr"])
+
+        def __call__(self, embeddings, present):
+            super().__call__(embeddings, present)
+            if self.attempt in attempts and self.batches == after:
+                raise TowerCollapsed(Modality.IMAGE, self.batches, self.batches, 0.0, self.lr, self.warmup)
+
+    monkeypatch.setattr(align, "CollapseMonitor", Scripted)
+    return lrs
+
+
+def test_a_run_that_collapses_before_its_first_checkpoint_restarts_at_a_third_of_the_lr(
+        tiny_world, tmp_path, monkeypatch, caplog):
+    lrs = _collapse_on(monkeypatch, attempts={0, 1})
+    caplog.set_level(logging.WARNING, logger="mmembed.train.collapse")
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1, lr=9e-3))
+    run = train_align(cfg)
+    assert lrs == pytest.approx([9e-3, 3e-3, 1e-3])
+    restarts = [r.getMessage() for r in caplog.records if "restarting the stage" in r.getMessage()]
+    assert len(restarts) == 2 and "train.lr=0.003 (restart 1 of at most 2)" in restarts[0]
+    assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)  # what the saved model was trained with
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps == sorted(steps)  # one clean run's rows, not the failed attempts'
+    assert (run / "model.safetensors").is_file()
+
+
+def test_a_collapse_after_a_checkpoint_or_out_of_restarts_stops_with_one_line(tiny_world, tmp_path, monkeypatch):
+    from mmembed.train.collapse import TowerCollapsed
+
+    _collapse_on(monkeypatch, attempts={0}, after=5)  # checkpoint_every=2: steps 2 and 4 are saved
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "late", epochs=3))
+    with pytest.raises(TowerCollapsed, match=r"image tower collapsed.*step_0000004.*--resume and a lower train.lr"):
+        train_align(cfg)
+
+    _collapse_on(monkeypatch, attempts={0, 1, 2})
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "always", epochs=1, collapse_restarts=1))
+    with pytest.raises(TowerCollapsed, match=r"train.lr=0.001, .*Fix: train.lr=0.00033"):  # attempt 2 ran at 1e-3
+        train_align(cfg)

@@ -221,3 +221,15 @@ def test_demo_memory_section_runs_three_processes_on_one_file(trained_run, tiny_
     assert [s["truth"] for s in result["samples"]] == [p["answer"] for p in items]
     assert all(s["said"] is not None for s in result["samples"])  # process 1 answered every show turn
     assert "## Memory across processes" in "\n".join(memory_lines(result))
+
+
+def test_a_collapse_restart_of_the_align_stage_is_what_config_yaml_records_after_the_decoder(
+        tiny_world, tmp_path, monkeypatch):
+    from tests.train.test_align import _collapse_on
+
+    lrs = _collapse_on(monkeypatch, attempts={0})
+    cfg = decoder_config(tiny_world, tmp_path / "run", train={**DECODER["train"], "max_steps": 2})
+    run = train(cfg)
+    assert lrs == pytest.approx([3e-3, 1e-3])
+    saved = load_config(run / "config.yaml")
+    assert saved.train.lr == pytest.approx(1e-3) and saved.decoder.train.max_steps == 2

@@ -1,0 +1,92 @@
+"""Collapse: a tower that gives the same vector for every input, and what the align stage does about it.
+
+Contrastive training cannot recover from a collapsed tower: every row scores the same against
+every other, the loss sits at ln(batch) and the gradients vanish. It happens in the first
+steps when the learning rate is too high for the data (a small dataset, a deep tower), and a
+run left alone then trains for its whole budget at chance.
+
+So the monitor acts. A few collapsed steps in a row log a warning; `stop_after` in a row raise
+`TowerCollapsed`. A fresh run whose collapse comes before anything was saved restarts itself
+from scratch at a third of the learning rate (`train.collapse_restarts` times: what a user would
+do by hand, minus the wasted budget); otherwise the error is one line naming the tower, the
+likely cause and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from torch import Tensor
+
+from mmembed.config import Config
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+from mmembed.train.distributed import all_reduce_values, broadcast_object, current_world
+from mmembed.train.state import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+RESTART_LR_FACTOR = 1 / 3
+
+
+class TowerCollapsed(UserError):
+    """A tower's outputs stopped varying across the batch for `steps` batches in a row."""
+
+    def __init__(self, modality: Modality, batches: int, steps: int, spread: float, lr: float, warmup: int):
+        self.modality, self.batches, self.lr = modality, batches, lr
+        super().__init__(
+            f"the {modality} tower collapsed: it gave the same vector for every input for {steps} batches in a "
+            f"row (by batch {batches}; largest per-dimension std {spread:.2g}), and contrastive training does not "
+            f"recover from that. Likely cause: a learning rate too high for this data (train.lr={lr:g}, "
+            f"{warmup} warm-up steps). Fix: train.lr={lr * RESTART_LR_FACTOR:.2g}, or a longer train.warmup_steps")
+
+
+class CollapseMonitor:
+    """Watches every tower's batch of embeddings; warns after `patience` collapsed batches in a
+    row and raises `TowerCollapsed` after `stop_after` (None: only warn). Collapsed: the largest
+    per-dimension standard deviation over the batch's present rows is below `tol`. Under
+    torchrun the ranks agree, so they all raise at the same batch."""
+
+    def __init__(self, patience: int = 3, tol: float = 1e-4, stop_after: int | None = None,
+                 lr: float = 0.0, warmup: int = 0):
+        self.patience, self.tol, self.stop_after = patience, tol, stop_after
+        self.lr, self.warmup = lr, warmup
+        self.streak: dict[Modality, int] = {}
+        self.warned: set[Modality] = set()
+        self.batches = 0
+
+    def __call__(self, embeddings: dict[Modality, Tensor], present: dict[Modality, Tensor]) -> None:
+        self.batches += 1
+        spreads = {}
+        for m, z in embeddings.items():
+            rows = z.detach()[present[m]]
+            if rows.shape[0] >= 2:
+                spreads[m] = rows.float().std(dim=0).max().item()
+        if current_world().active:  # the same streaks on every rank: the widest spread of any rank counts
+            spreads = dict(zip(spreads, all_reduce_values(list(spreads.values()), "max")))
+        for m, spread in spreads.items():
+            self.streak[m] = self.streak.get(m, 0) + 1 if spread < self.tol else 0
+            if self.streak[m] >= self.patience and m not in self.warned:
+                self.warned.add(m)
+                log.warning("collapsed embeddings: the %s tower has given the same vector for every input "
+                            "for %d steps (max per-dimension std %.2g)", m, self.streak[m], spread)
+            if self.stop_after is not None and self.streak[m] >= self.stop_after:
+                raise TowerCollapsed(m, self.batches, self.streak[m], spread, self.lr, self.warmup)
+
+
+def restart_config(cfg: Config, error: TowerCollapsed, run_dir: Path, resume: bool, restarts_done: int) -> Config:
+    """The config to restart a collapsed run with (the learning rate cut to a third), or raise
+    `error` when the run must stop instead: resumed, out of restarts, or past its first
+    checkpoint (whose weights the user may want; resume them with a lower train.lr)."""
+    saved = latest_checkpoint(run_dir) if current_world().main else None
+    saved = broadcast_object(saved)  # rank 0 owns the run folder: every rank takes its decision
+    if resume or restarts_done >= cfg.train.collapse_restarts or saved is not None:
+        if saved is not None:
+            error.args = (f"{error} (the last checkpoint, {saved}, resumes with --resume and a lower train.lr)",)
+        raise error
+    lr = cfg.train.lr * RESTART_LR_FACTOR
+    log.warning("%s: restarting the stage from scratch at train.lr=%.3g (restart %d of at most %d)",
+                str(error).split(":")[0], lr, restarts_done + 1, cfg.train.collapse_restarts)
+    return replace(cfg, train=replace(cfg.train, lr=lr))
