@@ -108,3 +108,20 @@ def test_group_preselection_with_clustered_winners_and_a_mask():
         r_scores, r_rows = reference(x, q, 20, m)
         assert rows.tolist() == r_rows.tolist()
         torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["random", "best_first", "best_last"])
+def test_many_blocks_of_group_selection_merge_exactly(order):
+    """Many blocks of group-max selection merged into the running best: rows sorted best-first
+    leave every later block nothing to add, best-last make every block replace the result."""
+    x, q = unit(24_613, 16, 15), unit(5, 16, 16)
+    if order != "random":
+        key = (x @ q[0]).argsort(descending=order == "best_first")
+        x = x[key]
+    mask = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(17)) > 0.1
+    for m in (None, mask):
+        for k in (1, 10):
+            scores, rows = exact_topk(x, q, k, mask=m, block_rows=4096)
+            r_scores, r_rows = reference(x, q, k, m)
+            assert rows.tolist() == r_rows.tolist()
+            torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)
