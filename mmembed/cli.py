@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true",
                       help="delete what train.out_dir holds and start over (without it, a fresh run refuses a "
                            "folder that holds files)")
+    mode.add_argument("--find-lr", action="store_true",
+                      help="instead of training: a learning-rate range test of the align stage (lr grows from "
+                           "1e-6 to 1 over --find-lr-steps steps), its curve and a suggested train.lr written to "
+                           "train.out_dir + '-find-lr'")
+    p.add_argument("--find-lr-steps", type=int, default=100, help="steps of the range test (default: 100)")
     _overrides(p)
 
     p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification", _eval)
@@ -280,10 +285,26 @@ def _train(args: argparse.Namespace) -> int:
     from mmembed.train.distributed import distributed_command
 
     config = load_config(args.config, args.overrides)
+    if args.find_lr:
+        return _find_lr(config, args.find_lr_steps)
     with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
         run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     if world.main:
         print(f"run: {run_dir}")
+    return 0
+
+
+def _find_lr(config, steps: int) -> int:
+    from mmembed.train.find_lr import find_lr
+
+    f = find_lr(config, steps=steps)
+    if f.suggested is None:
+        print(f"the loss never fell (lowest at lr={f.lowest:.2g}); see {f.folder / 'lr_find.png'}")
+    else:
+        stop = (f"training fails above {f.ceiling:.2g}: the loss is back at its start or blew up"
+                if f.ceiling is not None else "no failure up to 1")
+        print(f"suggested train.lr={f.suggested:.2g} (steepest fall of the loss; lowest loss at {f.lowest:.2g}; "
+              f"{stop}); curve: {f.folder / 'lr_find.png'}")
     return 0
 
 

@@ -142,11 +142,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         extra[TOKENIZER] = run_dir / TOKENIZER
 
     loss_fn = build_loss(cfg.loss)
-    # Only modalities in a weighted pair are loaded and encoded: a bound tower trained against one
-    # anchor does not pay for the others (validation still measures every pair).
-    active = sorted({m for a, b, _ in loss_fn.pairs(space.modalities) for m in (a, b)})
-    if not active:
-        raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
+    active = trained_modalities(loss_fn, space)
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
@@ -181,6 +177,16 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         _finish(model, run_dir, result, skips)
     barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)
     return run_dir
+
+
+def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:
+    """The modalities in a weighted pair of the loss. Only these are loaded and encoded for
+    training: a bound tower trained against one anchor does not pay for the others (validation
+    still measures every pair)."""
+    active = sorted({m for a, b, _ in loss_fn.pairs(space.modalities) for m in (a, b)})
+    if not active:
+        raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
+    return active
 
 
 def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],

@@ -1,0 +1,167 @@
+"""The learning-rate range test (Smith 2017, "Cyclical Learning Rates for Training Neural
+Networks"; fastai's `lr_find`): a short run whose learning rate grows geometrically every step,
+from far too small to far too large, recording the loss.
+
+    config ─► the align stage's model, data and loss ─► steps at lr_min · (lr_max / lr_min)^(i / (n-1))
+           ─► smoothed loss vs lr ─► {out_dir}-find-lr/: lr_find.json, lr_find.png, a suggested train.lr
+
+Too small a rate leaves the loss flat, a good one makes it fall fastest, too large a one makes
+it stall and then blow up, or collapse a tower (the loss climbs back to ln(batch size), where it
+started). The suggestion is the steepest descent of the smoothed loss before its minimum, the
+usual reading of the curve; the `ceiling` is the rate at which the loss has climbed 90% of the
+way back to its start or passes `DIVERGED` × its minimum, where the test stops: training fails
+above it.
+Nothing of the run itself is written: `train.out_dir` stays as it was, the curve goes to a
+sibling folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmembed.config import Config
+from mmembed.data import SkipCounter
+from mmembed.errors import UserError
+from mmembed.losses import build_loss
+from mmembed.model import build_model
+from mmembed.train.align import make_step_fn, seed_everything, train_loader_factory, trained_modalities
+from mmembed.train.collapse import CollapseMonitor
+from mmembed.train.data_setup import prepare_data, prepare_tokenizer
+from mmembed.train.distributed import current_world, resolve_device
+from mmembed.train.optim import build_optimizer, set_lr
+
+log = logging.getLogger(__name__)
+
+SMOOTHING = 0.9  # exponential moving average of the loss, debiased (as fastai)
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+@dataclass
+class LRFinding:
+    lrs: list[float]  # one per step taken
+    losses: list[float]  # the raw training loss at each step
+    smoothed: list[float]
+    suggested: float | None  # steepest descent of the smoothed loss before its minimum
+    lowest: float  # the rate at the smoothed loss's minimum
+    ceiling: float | None  # where the loss came back to its start or blew up (the test stopped there)
+    folder: Path | None = None
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip: int = 3) -> float | None:
+    """The rate where the smoothed loss falls fastest per unit of log(lr), before its minimum;
+    None when it never falls. The first `skip` points (the average still settling) are ignored."""
+    lowest = int(np.argmin(smoothed))
+    if lowest <= skip:
+        return None
+    log_lr, loss = np.log(np.asarray(lrs[skip:lowest + 1])), np.asarray(smoothed[skip:lowest + 1])
+    slope = np.gradient(loss, log_lr)
+    return float(np.exp(log_lr[int(np.argmin(slope))]))
+
+
+def _failed(losses: list[float], smoothed: list[float], skip: int = 3) -> bool:
+    """The newest loss is non-finite, or the median of the last three (the moving average lags
+    by a decade of rates here) is past `DIVERGED` × the smoothed minimum or, after a fall of at
+    least 10%, has climbed back 90% of the way to the smoothed start."""
+    if not math.isfinite(losses[-1]):
+        return True
+    last, low = float(np.median(losses[-3:])), min(smoothed)
+    if last > DIVERGED * low:
+        return True
+    start = smoothed[min(skip, len(smoothed) - 1)]
+    return low < 0.9 * start and smoothed.index(low) < len(smoothed) - 1 and last >= low + 0.9 * (start - low)
+
+
+def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float = 1.0) -> LRFinding:
+    """Run the range test on the align stage of `cfg` and write its curve next to `train.out_dir`."""
+    if steps < 8 or not 0 < lr_min < lr_max:
+        raise UserError(f"--find-lr needs at least 8 steps and 0 < lr_min < lr_max (got {steps}, {lr_min}, {lr_max})")
+    if current_world().active:
+        raise UserError("--find-lr runs in one process: start it without torchrun")
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    root = prepare_data(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, root, None)
+    space = build_model(cfg, tokenizer).space.to(device)
+    loss_fn = build_loss(cfg.loss)
+    skips = SkipCounter()
+    make_loader, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
+    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
+    optimizer = build_optimizer(space, lr_min, cfg.train.weight_decay, cfg.train.betas)
+    space.train()
+
+    lrs, losses, smoothed, average, ceiling = [], [], [], 0.0, None
+    epoch = 0
+    while len(lrs) < steps and ceiling is None:
+        for batch in make_loader(epoch, 0):
+            if len(lrs) == steps:
+                break
+            lr = lr_min * (lr_max / lr_min) ** (len(lrs) / (steps - 1))
+            set_lr(optimizer, lr)
+            out = step_fn(batch)
+            if out is None:
+                continue
+            out.loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(space.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            space.clamp_()
+            loss = float(out.loss.detach())
+            average = SMOOTHING * average + (1 - SMOOTHING) * loss
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed.append(average / (1 - SMOOTHING ** len(lrs)))
+            if _failed(losses, smoothed):
+                ceiling = lr
+                break
+        epoch += 1
+    finite = [s if math.isfinite(s) else math.inf for s in smoothed]
+    finding = LRFinding(lrs, losses, smoothed, suggest(lrs, finite), lrs[int(np.argmin(finite))], ceiling)
+    finding.folder = _write(finding, Path(cfg.train.out_dir))
+    return finding
+
+
+def _write(f: LRFinding, out_dir: Path) -> Path:
+    folder = out_dir.with_name(out_dir.name + "-find-lr")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in zip(f.lrs, f.losses, f.smoothed)]
+    summary = {"suggested_lr": f.suggested, "lowest_loss_lr": f.lowest, "ceiling_lr": f.ceiling, "steps": rows}
+    (folder / "lr_find.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    try:
+        _plot(f, folder / "lr_find.png")
+    except Exception as e:  # plotting is a convenience; a missing backend must not fail the test
+        log.warning("could not draw the range test: %s", e)
+    return folder
+
+
+def _plot(f: LRFinding, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(f.lrs, f.losses, alpha=0.3, label="loss")
+    ax.plot(f.lrs, f.smoothed, label="smoothed")
+    if f.suggested is not None:
+        ax.axvline(f.suggested, color="tab:green", linestyle="--", label=f"suggested {f.suggested:.2g}")
+    if f.ceiling is not None:
+        ax.axvline(f.ceiling, color="tab:red", linestyle=":", label=f"fails above {f.ceiling:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    start = [s for s in f.smoothed[:3] if math.isfinite(s)]
+    if start:  # the blow-up at the end would flatten everything else
+        ax.set_ylim(top=1.3 * max(start))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

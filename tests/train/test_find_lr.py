@@ -1,0 +1,55 @@
+"""The learning-rate range test: geometric rates, a suggestion read from the curve, a stop
+where training fails, nothing written into the run folder, and the CLI's one line."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmembed.cli import main
+from mmembed.config import load_config
+from mmembed.errors import UserError
+from mmembed.train.find_lr import _failed, find_lr, suggest
+from tests.conftest import tiny_config
+
+
+def test_suggest_is_the_steepest_fall_before_the_minimum():
+    lrs = list(np.logspace(-6, 0, 61))
+    # a logistic fall centred on 1e-3 (steepest there), a minimum at 1e-2, then a climb
+    loss = [4 - 2 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + (max(0.0, math.log10(lr) + 2) ** 2) for lr in lrs]
+    assert suggest(lrs, loss) == pytest.approx(1e-3, rel=0.01)
+    assert suggest(lrs, [5.0 - 0.01 * i for i in range(3)] + [6.0] * 10) is None  # lowest in the settling steps
+
+
+def test_the_test_stops_where_the_loss_climbs_back_or_blows_up():
+    falling = [5.0, 4.9, 4.8, 4.0, 3.0, 2.0]
+    assert not _failed(falling, falling)
+    back = falling + [4.7, 4.8, 4.8]  # 90% of the way back to 4.0's start (4.0 at index 3)
+    assert _failed(back, falling + [2.5, 3.0, 3.5])
+    assert not _failed(falling + [4.7, 2.0, 2.0], falling + [2.2, 2.2, 2.2])  # one noisy step is not a failure
+    assert _failed(falling + [float("nan")], falling + [float("nan")])
+    assert _failed(falling + [9.0, 9.0, 9.0], falling + [3.0, 4.0, 5.0])  # > 4x the minimum
+
+
+def test_find_lr_on_the_tiny_world_writes_its_curve_beside_the_run_folder(tiny_world, tmp_path):
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1))
+    f = find_lr(cfg, steps=12, lr_min=1e-5, lr_max=1e-1)
+    assert 8 <= len(f.lrs) <= 12 and f.lrs[0] == pytest.approx(1e-5)
+    ratios = np.diff(np.log(f.lrs))
+    assert np.allclose(ratios, math.log(1e4) / 11)  # geometric: one factor per step, across epochs
+    assert len(f.losses) == len(f.smoothed) == len(f.lrs) and all(math.isfinite(x) for x in f.losses)
+    assert f.suggested is None or 1e-5 <= f.suggested <= 1e-1
+    assert not (tmp_path / "run").exists()  # the run folder is untouched: a fresh run can still use it
+    saved = json.loads((tmp_path / "run-find-lr" / "lr_find.json").read_text())
+    assert [row["lr"] for row in saved["steps"]] == pytest.approx(f.lrs) and saved["suggested_lr"] == f.suggested
+    assert (tmp_path / "run-find-lr" / "lr_find.png").stat().st_size > 0
+    with pytest.raises(UserError, match="at least 8 steps"):
+        find_lr(cfg, steps=3)
+
+
+def test_cli_find_lr_prints_one_line(tiny_world, tmp_path, capsys):
+    path = tiny_config(tiny_world, tmp_path / "cli", epochs=1)
+    assert main(["train", str(path), "--find-lr", "--find-lr-steps", "10"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and ("suggested train.lr=" in out[0] or "never fell" in out[0]) and "lr_find.png" in out[0]
