@@ -36,7 +36,8 @@ def _fit(run_dir, script=peak_at_4, metric="recall@1", validate=True, resume=Fal
         return StepOutput(((model(xb) - yb) ** 2).mean(), {}, samples=len(xb))
 
     config = TrainConfig(**{"batch_size": BS, "epochs": 2, "lr": 3e-2, "warmup_steps": 2, "eval_every": 2, "checkpoint_every": 3,
-                            "keep_last": 1, "log_every": 1, "early_stop_metric": metric, **cfg})
+                            "keep_last": 1, "log_every": 1, "early_stop_metric": metric, "early_stop_patience": None,
+                            **cfg})
     trainer = Trainer(model, step, _make_loader(x, y), N // BS, config, run_dir, callbacks=list(callbacks))
     if validate:
         trainer.evaluate = lambda: {key or metric: script(trainer.progress.step), "other": 0.5}
