@@ -109,7 +109,9 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     With `resume=True` the latest complete checkpoint in `train.out_dir` is restored (weights,
     optimizer, RNGs, data position) and the run continues exactly where it stopped. A fresh run
     refuses a folder that holds files unless `overwrite` (which deletes them first); the folder
-    is locked against a second trainer while this one runs.
+    is locked against a second trainer while this one runs. A tower that collapses before the
+    first checkpoint restarts the stage at a lower learning rate (collapse.py), which the saved
+    `config.yaml` records.
     """
     run_dir = Path(config.train.out_dir)
     with lock_run(run_dir, resume=resume, overwrite=overwrite):
