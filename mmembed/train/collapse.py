@@ -64,8 +64,8 @@ class CollapseMonitor:
             rows = z.detach()[present[m]]
             if rows.shape[0] >= 2:
                 spreads[m] = rows.float().std(dim=0).max().item()
-        if current_world().active:  # the same streaks on every rank: the widest spread of any rank counts
-            spreads = dict(zip(spreads, all_reduce_values(list(spreads.values()), "max")))
+        if current_world().active:
+            spreads = _widest_over_ranks(spreads)
         for m, spread in spreads.items():
             self.streak[m] = self.streak.get(m, 0) + 1 if spread < self.tol else 0
             if self.streak[m] >= self.patience and m not in self.warned:
@@ -74,6 +74,15 @@ class CollapseMonitor:
                             "for %d steps (max per-dimension std %.2g)", m, self.streak[m], spread)
             if self.stop_after is not None and self.streak[m] >= self.stop_after:
                 raise TowerCollapsed(m, self.batches, self.streak[m], spread, self.lr, self.warmup)
+
+
+def _widest_over_ranks(spreads: dict[Modality, float]) -> dict[Modality, float]:
+    """Every rank's spreads → the widest per modality over the ranks, so the streaks are the same
+    everywhere. One value per modality in a fixed order (-1: too few rows on that rank), since a
+    rank's batch may lack a modality the others have."""
+    order = list(Modality)
+    widest = all_reduce_values([spreads.get(m, -1.0) for m in order], "max")
+    return {m: w for m, w in zip(order, widest) if w >= 0}
 
 
 def restart_config(cfg: Config, error: TowerCollapsed, run_dir: Path, resume: bool, restarts_done: int) -> Config:
@@ -87,6 +96,6 @@ def restart_config(cfg: Config, error: TowerCollapsed, run_dir: Path, resume: bo
             error.args = (f"{error} (the last checkpoint, {saved}, resumes with --resume and a lower train.lr)",)
         raise error
     lr = cfg.train.lr * RESTART_LR_FACTOR
-    log.warning("%s: restarting the stage from scratch at train.lr=%.3g (restart %d of at most %d)",
-                str(error).split(":")[0], lr, restarts_done + 1, cfg.train.collapse_restarts)
+    log.warning("the %s tower collapsed: restarting the stage from scratch at train.lr=%.3g (restart %d of "
+                "at most %d)", error.modality, lr, restarts_done + 1, cfg.train.collapse_restarts)
     return replace(cfg, train=replace(cfg.train, lr=lr))
