@@ -71,6 +71,14 @@ class AudioPreprocessor:
             synthetic tones at moderate loudness. Estimate your own with `feature_stats`.
         spec_augment: when training, `augment` masks up to `freq_mask` mel bins and up to
             `time_mask` frames (one band of each).
+        freq_shift: when training, `augment` shifts the features by a uniform whole number of
+            bins in [-freq_shift, freq_shift] (vacated bins get 0, the mean). On the `log` axis a
+            shift of k bins scales every frequency by the same factor, which is what a longer or
+            shorter vocal tract, or a higher or lower voice, does to speech: vocal tract length
+            perturbation (Jaitly & Hinton 2013) in the feature domain. 0 = off.
+        time_stretch: when training, `augment` resamples the time axis by a factor drawn in
+            1 ± time_stretch (linear interpolation; at most `max_frames`): a slower or faster
+            speaker, as speed perturbation (Ko et al. 2015) does to the waveform. 0 = off.
         train: set by the trainer, never by the config.
 
     Shapes: `__call__` returns (n_mels, frames) float32; `collate` returns
@@ -99,6 +107,8 @@ class AudioPreprocessor:
         spec_augment: bool = False,
         freq_mask: int = 8,
         time_mask: int = 20,
+        freq_shift: int = 0,
+        time_stretch: float = 0.0,
         train: bool = False,
     ) -> None:
         if min(sample_rate, n_mels, n_fft, hop_length) <= 0 or max_seconds <= 0 or std <= 0:
@@ -107,6 +117,9 @@ class AudioPreprocessor:
             )
         if min(freq_mask, time_mask) < 0:
             raise ConfigError(f"audio preprocess: freq_mask={freq_mask} and time_mask={time_mask} must be >= 0")
+        if not 0 <= freq_shift < n_mels or not 0 <= time_stretch < 1:
+            raise ConfigError(f"audio preprocess: freq_shift={freq_shift} must be in [0, n_mels) and "
+                              f"time_stretch={time_stretch} in [0, 1)")
         if not 0 < min_sample_rate <= sample_rate:
             raise ConfigError(
                 f"audio preprocess: min_sample_rate={min_sample_rate} must be in 1..sample_rate={sample_rate}"
@@ -132,6 +145,7 @@ class AudioPreprocessor:
         else:
             raise ConfigError(f"audio preprocess: unknown frequency_scale {frequency_scale!r} (valid: mel, log)")
         self.freq_mask, self.time_mask = freq_mask, time_mask
+        self.freq_shift, self.time_stretch = int(freq_shift), float(time_stretch)
         self._resamplers: OrderedDict[int, torchaudio.transforms.Resample] = OrderedDict()  # LRU, by source rate
 
     @property
@@ -141,27 +155,56 @@ class AudioPreprocessor:
 
     @property
     def augments(self) -> bool:
-        """True when `augment` is random (training with SpecAugment); it runs after any cache."""
-        return self.train and self.spec_augment
+        """True when `augment` is random (training with SpecAugment, a frequency shift or a time
+        stretch); it runs after any cache."""
+        return self.train and (self.spec_augment or self.freq_shift > 0 or self.time_stretch > 0)
 
     def augment(self, feats: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """SpecAugment on one (n_mels, frames) output of `__call__`: a new tensor, the input intact.
+        """Stretch, shift, then SpecAugment one (n_mels, frames) output of `__call__`: a new
+        tensor, the input intact.
 
-        One band of width U[0, freq_mask) mel bins and one of U[0, time_mask) frames, each at a
-        uniform start, are set to 0 (the normalised mean), as torchaudio's Frequency/TimeMasking
-        do; the draws come from `generator` (the dataset seeds one per sample) or the global RNG.
+        The stretch and the shift are described in the class docstring. SpecAugment: one band of
+        width U[0, freq_mask) mel bins and one of U[0, time_mask) frames, each at a uniform start,
+        are set to 0 (the normalised mean), as torchaudio's Frequency/TimeMasking do. The draws
+        come from `generator` (the dataset seeds one per sample) or the global RNG; the masks'
+        come first, so turning the stretch or the shift on leaves their draws as they were.
         """
         if not self.augments:
             return feats
         u = torch.rand(4, generator=generator).tolist()
         out = feats.clone()
-        n_mels, frames = feats.shape
+        if self.time_stretch > 0 or self.freq_shift > 0:
+            v = torch.rand(2, generator=generator).tolist()
+            out = self._shift(self._stretch(out, 1 + self.time_stretch * (2 * v[0] - 1)),
+                              round(self.freq_shift * (2 * v[1] - 1)))
+        if not self.spec_augment:
+            return out
+        n_mels, frames = out.shape
         width = int(u[0] * min(self.freq_mask, n_mels))
         start = int(u[1] * (n_mels - width))
         out[start : start + width] = 0.0
         width = int(u[2] * min(self.time_mask, frames))
         start = int(u[3] * (frames - width))
         out[:, start : start + width] = 0.0
+        return out
+
+    def _stretch(self, feats: Tensor, factor: float) -> Tensor:
+        """(n_mels, F) → (n_mels, round(F * factor)) by linear interpolation in time, ≤ max_frames."""
+        frames = min(self.max_frames, max(1, round(feats.shape[1] * factor)))
+        if frames == feats.shape[1]:
+            return feats
+        return torch.nn.functional.interpolate(feats[None], size=frames, mode="linear", align_corners=True)[0]
+
+    @staticmethod
+    def _shift(feats: Tensor, k: int) -> Tensor:
+        """Bin i moves to bin i + k; the k vacated bins are 0 (the normalised mean)."""
+        if k == 0:
+            return feats
+        out = torch.zeros_like(feats)
+        if k > 0:
+            out[k:] = feats[:-k]
+        else:
+            out[:k] = feats[-k:]
         return out
 
     def __call__(self, item: Any) -> Tensor:

@@ -120,6 +120,42 @@ def test_spec_augment_only_when_training_and_only_in_augment():
         AudioPreprocessor(spec_augment=True, freq_mask=-1)
 
 
+def test_frequency_shift_and_time_stretch_are_seeded_bounded_and_leave_masks_alone():
+    feats = torch.randn(64, 100)
+    kept = feats.clone()
+    shift = AudioPreprocessor(freq_shift=3, random_crop=False, train=True)
+    assert shift.augments and not AudioPreprocessor(freq_shift=3).augments  # training only
+    seen = set()
+    for seed in range(40):
+        out = shift.augment(feats, torch.Generator().manual_seed(seed))
+        assert out.shape == feats.shape
+        k = next(k for k in range(-3, 4) if torch.equal(out, AudioPreprocessor._shift(feats, k)))
+        if k > 0:  # bin i moved to i + k, the vacated low bins hold the mean
+            assert torch.equal(out[k:], feats[:-k]) and (out[:k] == 0).all()
+        seen.add(k)
+    assert seen == set(range(-3, 4)) and torch.equal(feats, kept)
+    stretch = AudioPreprocessor(time_stretch=0.2, random_crop=False, train=True, max_seconds=2.0)
+    lengths = {stretch.augment(feats, torch.Generator().manual_seed(s)).shape[1] for s in range(40)}
+    assert min(lengths) >= 80 and max(lengths) <= 120 and len(lengths) > 10
+    ramp = torch.linspace(0, 1, 100).expand(64, 100)  # linear in time: stays linear, same ends
+    out = stretch.augment(ramp, torch.Generator().manual_seed(1))
+    assert torch.allclose(out, torch.linspace(0, 1, out.shape[1]).expand(64, -1), atol=1e-6)
+    assert AudioPreprocessor(time_stretch=0.5, train=True, max_seconds=0.5).augment(
+        torch.randn(64, 50), torch.Generator().manual_seed(3)).shape[1] <= 51  # never beyond max_frames
+    # with SpecAugment too, the masks draw what they drew without the new options
+    masks = AudioPreprocessor(spec_augment=True, train=True, random_crop=False)
+    both = AudioPreprocessor(spec_augment=True, freq_shift=2, train=True, random_crop=False)
+    a = masks.augment(feats, torch.Generator().manual_seed(5))
+    b = both.augment(feats, torch.Generator().manual_seed(5))
+    assert (a == 0).all(dim=0).any() and torch.equal((a == 0).all(dim=0), (b == 0).all(dim=0))  # same frames
+    rows_a, rows_b = (a == 0).all(dim=1), (b == 0).all(dim=1)  # b's zero rows: a's band + the vacated ones
+    assert torch.equal(rows_a & rows_b, rows_a)
+    assert torch.equal(both.augment(feats, torch.Generator().manual_seed(5)), b)  # seeded
+    for bad in ({"freq_shift": -1}, {"freq_shift": 64}, {"time_stretch": 1.0}, {"time_stretch": -0.1}):
+        with pytest.raises(ConfigError, match="freq_shift="):
+            AudioPreprocessor(**bad)
+
+
 def test_hostile_audio_raises_badinput_with_reason(tmp_path):
     sf.write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000)
     nan = _tone(16000)
