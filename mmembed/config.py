@@ -100,6 +100,9 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # time: with max_minutes, the cosine ends at the time budget or the last step, whichever
+    # comes first (a slower machine still anneals); the clock runs on over a resume
+    schedule_by: Literal["steps", "time"] = "steps"
     warmup_steps: int = 50
     weight_decay: float = 0.1  # decoupled; none on norms, biases, embeddings and the logit scale
     betas: tuple[float, float] = (0.9, 0.98)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
-from mmembed.errors import CheckpointError, UserError
+from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.train.distributed import (all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world,
                                        no_sync)
 from mmembed.train.fsdp import sharded_of
@@ -113,6 +113,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
+        if config.schedule_by == "time" and config.max_minutes is None:
+            raise ConfigError("train.schedule_by=time needs a time budget: set train.max_minutes")
         self.optimizer = build_optimizer(module, config.lr, config.weight_decay, config.betas)
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -121,6 +123,7 @@ class Trainer:
         self._last_eval_step: int | None = None
         self._last_value: float | None = None  # the early-stop metric at the latest evaluation
         self._warned_metric = False
+        self._clock = (time.monotonic(), 0.0)  # set again by fit()
 
     # --- public -------------------------------------------------------------------------
 
@@ -143,6 +146,7 @@ class Trainer:
         if resume:
             self._resume()
         start = time.monotonic()
+        self._clock = (start, self.progress.seconds)  # this fit's start, and the seconds trained before it
         reason = None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None if self.world.main else True)
@@ -273,7 +277,12 @@ class Trainer:
                     f"(try a lower train.lr or train.precision=fp32); last good state is checkpointed")
             return False
         self._bad_in_a_row = 0
-        lr = lr_at(p.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        p.seconds = self._clock[1] + time.monotonic() - self._clock[0]
+        time_progress = 0.0
+        if cfg.schedule_by == "time":  # ranks agree on the clock, hence on the rate
+            seconds = all_reduce_values([p.seconds], "max")[0] if self.world.active else p.seconds
+            time_progress = seconds / (60 * cfg.max_minutes)
+        lr = lr_at(p.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio, time_progress)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -41,13 +41,16 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas: tu
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float,
+          time_progress: float = 0.0) -> float:
     """Linear warm-up to `base_lr` over `warmup_steps`, then cosine decay to `base_lr * min_ratio`
-    at `total_steps`. `step` counts optimizer steps from 0."""
+    at `total_steps`. `step` counts optimizer steps from 0. `time_progress`: the fraction of a
+    time budget spent; after the warm-up the cosine follows whichever of the two is further on,
+    so the decay ends at the budget when steps come slower than planned."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    progress = min(1.0, max((step - warmup_steps) / span, time_progress))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return base_lr * (min_ratio + (1 - min_ratio) * cosine)
 

@@ -43,6 +43,7 @@ class Progress:
     evals_since_best: int = 0
     bad_steps: int = 0  # non-finite steps skipped in total
     empty_batches: int = 0  # batches whose every row was skipped (no step taken)
+    seconds: float = 0.0  # wall seconds of training so far, over every fit (the time schedule's clock)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

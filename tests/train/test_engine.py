@@ -151,6 +151,46 @@ def test_schedule_warmup_then_cosine():
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_time_progress_moves_the_cosine_on_never_back():
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.6)  # warm-up is in steps
+    assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
+    assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
+    assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.2) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
+    assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=1.7) == pytest.approx(0.1)
+
+
+def test_time_schedule_anneals_by_the_budget(tmp_path, monkeypatch):
+    """Steps "take" 1/10 of a 1-minute budget each (a fake clock): the cosine planned over 24
+    steps is at its floor by the 10th, where the budget stops the run; by steps it would still be
+    high there. The clock is saved in the checkpoint and runs on after a resume."""
+    import mmembed.train.engine as engine
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(engine.time, "monotonic", lambda: now["t"])
+    def tick(event, trainer, row):
+        if event == "step":
+            now["t"] += 6.0
+    _, by_time = _trainer(tmp_path / "t", callbacks=[tick], schedule_by="time", max_minutes=1.0)
+    result = by_time.fit()
+    rows = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert result.stopped_because == "time budget" and len(lrs) == 10
+    # the 10th step starts 54 s in: 90% of the budget, 2.5% of the cosine's height left
+    assert lrs[-1] == pytest.approx(lr_at(9, 3e-2, 2, 24, 0.1, time_progress=0.9)) and lrs[-1] < 0.13 * 3e-2
+    assert lrs[-1] < lr_at(9, 3e-2, 2, 24, 0.1) / 5  # by steps: still high
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # after the warm-up, only down
+    assert by_time.progress.seconds == pytest.approx(60.0, abs=6.0)
+    _, resumed = _trainer(tmp_path / "t", callbacks=[tick], schedule_by="time", max_minutes=1.0)
+    resumed.fit(resume=True)
+    rows = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    after = [r["lr"] for r in rows if "lr" in r][10:]
+    # the clock resumes at the checkpoint's 54 s (from 0 it would give the step schedule's lr), then the floor
+    assert after[0] == pytest.approx(lrs[-1]) and after[0] < lr_at(10, 3e-2, 2, 24, 0.1) / 5
+    assert len(after) > 1 and all(lr == pytest.approx(3e-2 * 0.1) for lr in after[1:])
+    with pytest.raises(engine.ConfigError, match="max_minutes"):
+        _trainer(tmp_path / "x", schedule_by="time")
+
+
 def test_no_weight_decay_on_norms_biases_embeddings_scalars():
     m = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
     m.register_parameter("log_logit_scale", nn.Parameter(torch.tensor(1.0)))
