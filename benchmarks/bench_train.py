@@ -102,14 +102,14 @@ def make_data(t: Towers, batch: int, seed: int = 0) -> tuple[Tensor, Tensor, Ten
     return images, ids.masked_fill(~mask, 0), mask
 
 
-def open_clip_param_groups(model: nn.Module) -> list[dict]:
+def open_clip_param_groups(model: nn.Module, weight_decay: float = WD) -> list[dict]:
     """open_clip_train's split: no decay on 1-D tensors, norms, biases, embeddings' gains, logit scale."""
     def exclude(n: str, p: Tensor) -> bool:
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": WD}]
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
 
 
 def anchor_step_fn(t: Towers, images: Tensor, ids: Tensor) -> tuple[nn.Module, Callable[[], None], Callable]:
