@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/small-real"))
     parser.add_argument("--only", choices=("ours", "anchor"), help="run one side")
     parser.add_argument("overrides", nargs="*", help="config overrides for our run (key=value)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     sides = (args.only,) if args.only else ("ours", "anchor")
     print(json.dumps(run(args.root, args.minutes, args.out_dir, args.overrides, sides), indent=2))
 
