@@ -41,6 +41,8 @@ from PIL import Image
 
 from benchmarks.bench_train import open_clip_param_groups
 from benchmarks.common import setup
+from mmembed.data.manifest import read_manifest
+from mmembed.modality import Modality
 from mmembed.train.optim import lr_at, set_lr
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small-data.yaml"
@@ -48,10 +50,6 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small-data.yaml"
 ANCHOR = {"embed_dim": 128,
           "vision_cfg": CLIPVisionCfg(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
           "text_cfg": CLIPTextCfg(context_length=16, vocab_size=49408, width=128, heads=4, layers=2)}
-
-
-def read_rows(root: Path, split: str) -> list[dict]:
-    return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines() if line.strip()]
 
 
 def train_ours(root: Path, minutes: float, out_dir: Path, overrides: list[str]) -> dict:
@@ -79,9 +77,9 @@ def train_anchor(root: Path, minutes: float, *, batch_size: int = 128, lr: float
     tokenizer = SimpleTokenizer(context_length=ANCHOR["text_cfg"].context_length)
     train_tf = image_transform(64, is_train=True)
     eval_tf = image_transform(64, is_train=False)
-    rows = read_rows(root, "train")
-    images = [Image.open(root / r["image"]).convert("RGB") for r in rows]
-    texts = tokenizer([r["text"] for r in rows])  # (N, context)
+    rows = read_manifest(root / "train.jsonl").rows
+    images = [Image.open(r.items[Modality.IMAGE]).convert("RGB") for r in rows]
+    texts = tokenizer([r.items[Modality.TEXT] for r in rows])  # (N, context)
     opt = torch.optim.AdamW(open_clip_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     steps_per_epoch = len(rows) // batch_size
@@ -110,14 +108,14 @@ def train_anchor(root: Path, minutes: float, *, batch_size: int = 128, lr: float
     wall = time.perf_counter() - t0
     model.eval()
     labels = (root / "labels.txt").read_text().split()
-    test = read_rows(root, "test")
+    test = read_manifest(root / "test.jsonl").rows
     with torch.no_grad():
         classes = model.encode_text(tokenizer(labels), normalize=True)  # (L, D)
-        vecs = torch.cat([model.encode_image(torch.stack([eval_tf(Image.open(root / r["image"]).convert("RGB"))
+        vecs = torch.cat([model.encode_image(torch.stack([eval_tf(Image.open(r.items[Modality.IMAGE]).convert("RGB"))
                                                           for r in test[i:i + 256]]), normalize=True)
                           for i in range(0, len(test), 256)])
     predicted = (vecs @ classes.T).argmax(1).tolist()
-    accuracy = sum(labels[p] == r["label"] for p, r in zip(predicted, test)) / len(test)
+    accuracy = sum(labels[p] == r.label for p, r in zip(predicted, test)) / len(test)
     return {"zero_shot": {"image": accuracy}, "wall_s": wall, "steps": step,
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
 
