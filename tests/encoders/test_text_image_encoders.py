@@ -96,7 +96,8 @@ def test_text_pools_differ_and_errors():
 @pytest.mark.parametrize(
     "positional,pool,stem",
     [("learned", "cls", "patch"), ("sinusoidal", "mean", "patch"), ("sinusoidal_2d", "cls", "patch"),
-     ("rotary", "mean", "patch"), ("none", "cls", "patch"), ("learned", "mean", "conv")],
+     ("rotary", "mean", "patch"), ("none", "cls", "patch"), ("learned", "mean", "conv"),
+     ("learned", "flatten", "conv")],
 )
 def test_vit_shapes_and_batched_equals_single(positional, pool, stem):
     torch.manual_seed(0)
@@ -111,6 +112,22 @@ def test_vit_shapes_and_batched_equals_single(positional, pool, stem):
     torch.testing.assert_close(out.pooled, single, atol=1e-5, rtol=0)
     if pool == "mean":
         torch.testing.assert_close(out.pooled, out.tokens.mean(1))
+    if pool == "flatten":  # one linear map of the tokens in grid order
+        torch.testing.assert_close(out.pooled, model.flatten(out.tokens.reshape(3, -1)))
+
+
+def test_vit_flatten_pool_knows_where_each_token_was():
+    """A mean is blind to which grid cell holds which token; `flatten` is not: the same tokens
+    in another order give another vector, and each cell's weights are its own."""
+    torch.manual_seed(0)
+    model = ViT(image_size=32, patch_size=8, width=32, layers=1, heads=4, pool="flatten").eval()
+    assert model.flatten.in_features == 16 * 32 and model.flatten.out_features == 32
+    tokens = torch.randn(1, 16, 32)
+    swapped = tokens[:, torch.tensor([15] + list(range(1, 15)) + [0])]  # first and last cell exchanged
+    assert torch.allclose(tokens.mean(1), swapped.mean(1), atol=1e-6)
+    assert (model.flatten(tokens.flatten(1)) - model.flatten(swapped.flatten(1))).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="valid: cls, mean, flatten"):
+        ViT(image_size=32, patch_size=8, width=32, layers=1, heads=4, pool="max")
 
 
 def test_vit_errors():
