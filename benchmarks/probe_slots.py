@@ -18,13 +18,14 @@ Seeded; CPU.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from mmembed.data.manifest import Row, read_manifest
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES
+from mmembed.modality import Modality
 
 ATTRIBUTES = (("shape", SHAPES), ("colour", COLOURS))
 CLASSES = 1 + max(len(values) for _, values in ATTRIBUTES)  # 0 = no object in the slot
@@ -32,7 +33,8 @@ SPLITS = ("train", "test", "heldout")
 
 
 def slot_labels(rows: list[dict]) -> Tensor:
-    """(N, slots, attributes) class ids: 1 + index of the value, 0 where the slot is empty."""
+    """(N, slots, attributes) class ids: 1 + index of the value, 0 where the slot is empty.
+    `rows`: each with the world's `objects` list (a manifest row's `meta`)."""
     y = torch.zeros(len(rows), len(POSITIONS), len(ATTRIBUTES), dtype=torch.long)
     for i, row in enumerate(rows):
         for obj in row["objects"]:
@@ -41,9 +43,15 @@ def slot_labels(rows: list[dict]) -> Tensor:
     return y
 
 
-def item_of(row: dict, modality: str, root: Path) -> str:
-    """A manifest row's item: the caption for text, else the media file's path."""
-    return row[modality] if modality == "text" else str(root / row[modality])
+def read_splits(root: Path) -> dict[str, list[Row]]:
+    """The world's manifests that exist, read as any manifest is (paths resolved against root)."""
+    return {s: read_manifest(root / f"{s}.jsonl").rows for s in SPLITS if (root / f"{s}.jsonl").is_file()}
+
+
+def items_of(rows: list[Row], modality: str) -> list[str]:
+    """Each row's item of `modality`: the caption for text, else the media file's path."""
+    m = Modality.parse(modality)
+    return [str(r.items[m]) for r in rows]
 
 
 def fit_probe(z: Tensor, y: Tensor, epochs: int, seed: int) -> nn.Module:
@@ -71,9 +79,9 @@ def score(probe: nn.Module, z: Tensor, y: Tensor) -> dict[str, float]:
 
 
 def probe_modality(model, modality: str, root: Path, epochs: int, seed: int) -> dict[str, dict[str, float]]:
-    rows = {s: [json.loads(line) for line in open(root / f"{s}.jsonl")] for s in SPLITS if (root / f"{s}.jsonl").is_file()}
-    z = {s: model.embed(modality, [item_of(r, modality, root) for r in rs], batch_size=256).float() for s, rs in rows.items()}
-    y = {s: slot_labels(rs) for s, rs in rows.items()}
+    rows = read_splits(root)
+    z = {s: model.embed(modality, items_of(rs, modality), batch_size=256).float() for s, rs in rows.items()}
+    y = {s: slot_labels([r.meta for r in rs]) for s, rs in rows.items()}
     mean, std = z["train"].mean(0), z["train"].std(0).clamp_min(1e-6)
     z = {s: (v - mean) / std for s, v in z.items()}
     probe = fit_probe(z["train"], y["train"], epochs, seed)

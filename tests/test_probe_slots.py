@@ -1,10 +1,8 @@
 """benchmarks.probe_slots: the labels it reads, and that its probe finds what a vector holds."""
 
-import json
-
 import torch
 
-from benchmarks.probe_slots import ATTRIBUTES, CLASSES, item_of, probe_modality, slot_labels
+from benchmarks.probe_slots import ATTRIBUTES, CLASSES, items_of, probe_modality, read_splits, slot_labels
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES
 
 
@@ -23,15 +21,11 @@ class _Oracle:
 
     def __init__(self, world, colour_blind: bool):
         self.code = {}
-        for split in ("train", "val", "test", "heldout"):
-            path = world / f"{split}.jsonl"
-            if path.is_file():
-                rows = [json.loads(line) for line in open(path)]
-                onehot = torch.nn.functional.one_hot(slot_labels(rows), CLASSES).float()  # (N, slots, attrs, C)
-                if colour_blind:
-                    onehot[:, :, 1] = 0
-                for row, z in zip(rows, onehot.flatten(1)):
-                    self.code[item_of(row, "image", world)] = z
+        for rows in read_splits(world).values():
+            onehot = torch.nn.functional.one_hot(slot_labels([r.meta for r in rows]), CLASSES).float()  # (N, slots, attrs, C)
+            if colour_blind:
+                onehot[:, :, 1] = 0
+            self.code.update(zip(items_of(rows, "image"), onehot.flatten(1)))
 
     def embed(self, modality, items, batch_size=64):
         g = torch.Generator().manual_seed(0)
