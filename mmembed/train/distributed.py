@@ -104,6 +104,11 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield world
+        # Every rank leaves together: a rank whose last collective finished early (a non-root's
+        # send in gather_object) must not tear down gloo's connections while a peer is still in
+        # one; doing so aborted that rank now and then ("terminate called without an active
+        # exception", CI, 2026-12-03).
+        dist.barrier()
     except _Terminated:
         raise PeerLostError(f"rank {world.rank}: stopped by torchrun (another process of the run failed: its "
                             f"error is above){_resume_hint(run_dir)}") from None
