@@ -175,6 +175,13 @@ class DecoderConfig:
     # vector of another modality that lands nearby reads the same.
     media_noise: float = 0.0
     vector_marker_prob: float = 0.1  # training: mark an item <vector> instead of its modality this often
+    # Whiten the vectors before the projector (decoder/whitening.py), with statistics of the
+    # space's vectors of every modality of the align training manifest's first whiten_rows rows,
+    # saved with the decoder. whiten_eps: added to each eigenvalue (a unit vector's variance
+    # summed over all directions is about 1). Measured trade-off in the README.
+    whiten: bool = False
+    whiten_eps: float = 1e-3
+    whiten_rows: int = 2048
     init_from_gpt2: str | None = None  # a GPT-2 folder saved by transformers: its weights and tokenizer
     data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
     train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
@@ -184,6 +191,10 @@ class DecoderConfig:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ConfigError(f"decoder.window must be an integer >= 1 or null, got {self.window!r}")
+        if not self.whiten_eps > 0:
+            raise ConfigError(f"decoder.whiten_eps must be > 0, got {self.whiten_eps!r}")
+        if self.whiten_rows < 2:
+            raise ConfigError(f"decoder.whiten_rows must be >= 2, got {self.whiten_rows!r}")
 
 
 @dataclass

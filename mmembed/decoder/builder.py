@@ -22,6 +22,7 @@ from mmembed.decoder.fusion import MultimodalLM, Projector
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_architecture, gpt2_tokenizer, load_gpt2
 from mmembed.decoder.model import Decoder, resize_token_embeddings
 from mmembed.decoder.prompt import PromptFormat
+from mmembed.decoder.whitening import Whitening
 from mmembed.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,13 @@ def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> Pr
                           cfg.positional, cfg.dropout, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation,
                           window=cfg.window)
     projector = Projector(embed_dim, decoder.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
-    return PromptModel(MultimodalLM(projector, decoder, fmt.placeholder_id), fmt, cfg)
+    return PromptModel(_fused(cfg, projector, decoder, fmt, embed_dim), fmt, cfg)
+
+
+def _fused(cfg: DecoderConfig, projector: Projector, decoder: Decoder, fmt: PromptFormat, embed_dim: int
+           ) -> MultimodalLM:
+    """Projector + decoder, with the vectors whitened first if the config asks."""
+    return MultimodalLM(projector, decoder, fmt.placeholder_id, Whitening(embed_dim) if cfg.whiten else None)
 
 
 def decoder_tokenizer(cfg: DecoderConfig, space_tokenizer: Any, run_dir: Path | None = None) -> Any:
@@ -104,7 +111,7 @@ def load_prompt_model(run_dir: Path, cfg: DecoderConfig, space_tokenizer: Any, e
     decoder = Decoder(vocab, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context, cfg.positional,
                       0.0, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation, window=cfg.window)
     projector = Projector(embed_dim, cfg.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
-    lm = MultimodalLM(projector, decoder, fmt.placeholder_id)
+    lm = _fused(cfg, projector, decoder, fmt, embed_dim)
     expected = _own_state(lm)
     if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
         wrong = sorted(set(state) ^ set(expected)) or [k for k in expected if state[k].shape != expected[k].shape]

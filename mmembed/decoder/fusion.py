@@ -4,6 +4,8 @@
     prompt ids with k placeholder ids per item ─► token embedding (B, T, C) ────────┴► masked_scatter
                                                                                      ─► Decoder
 
+With `decoder.whiten` the vectors are whitened (whitening.py) before the projector.
+
 The projector is shared by every modality: whatever a vector's origin, the same map reads it,
 which is what lets a decoder trained on images answer about sounds (their vectors share the
 space). The placeholders' own embeddings are overwritten; soft tokens fill them in row-major
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from encoders.attention import KVCacheLike
 from mmembed.decoder.model import Decoder
+from mmembed.decoder.whitening import Whitening
 
 
 class Projector(nn.Module):
@@ -61,13 +64,16 @@ class MultimodalLM(nn.Module):
         projector: shared-space vectors → soft tokens.
         decoder: the causal language model.
         placeholder_id: the id marking soft-token slots in `ids`.
+        whitening: applied to the vectors before the projector (None: none).
     """
 
-    def __init__(self, projector: Projector, decoder: Decoder, placeholder_id: int) -> None:
+    def __init__(self, projector: Projector, decoder: Decoder, placeholder_id: int,
+                 whitening: Whitening | None = None) -> None:
         super().__init__()
         if projector.width != decoder.width:
             raise ValueError(f"projector width {projector.width} != decoder width {decoder.width}")
         self.projector, self.decoder, self.placeholder_id = projector, decoder, placeholder_id
+        self.whitening = whitening
 
     @property
     def soft_tokens(self) -> int:
@@ -91,6 +97,8 @@ class MultimodalLM(nn.Module):
                              f"{self.soft_tokens} soft tokens")
         if n_items == 0:
             return x
+        if self.whitening is not None:
+            media = self.whitening(media.float())
         soft = self.projector(media.to(x.dtype)).to(x.dtype).reshape(-1, x.shape[-1])  # (M·k, C); bf16 under autocast
         return x.masked_scatter(slots.unsqueeze(-1), soft)
 

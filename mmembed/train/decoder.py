@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from encoders.blocks import set_grad_checkpointing
 from mmembed.config import Config, save_config
-from mmembed.data import SkipCounter
+from mmembed.data import SkipCounter, read_manifest
 from mmembed.data.instructions import InstructionSet, read_instructions
 from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
@@ -66,8 +66,10 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
     set_grad_checkpointing(lm, cfg.train.grad_checkpointing)
-    train_data, val_data, vectors, skips = _datasets(config, pm, model)
-    vectors = vectors.to(device)
+    train_data, val_data, table, skips = _datasets(config, pm, model)
+    if cfg.whiten:
+        fit_whitening(config, pm, model, table)
+    vectors = table.vectors.to(device)
 
     tc = cfg.train
     if len(train_data) < tc.batch_size:
@@ -114,8 +116,8 @@ def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipC
 
 
 def _datasets(config: Config, pm: PromptModel, model: Model
-              ) -> tuple[PromptDataset, PromptDataset | None, torch.Tensor, SkipCounter]:
-    """Training and validation rows as datasets, the vectors of their media, and the skips."""
+              ) -> tuple[PromptDataset, PromptDataset | None, MediaTable, SkipCounter]:
+    """Training and validation rows as datasets, their media embedded, and the skips."""
     cfg, root = config.decoder, Path(config.data.root)
     train_set = _read(config, root, cfg.data.train)
     val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
@@ -132,7 +134,29 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob)
     skips.update(train_data.skipped)
     val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context) if val_rows else None
-    return train_data, val_data, table.vectors, skips
+    return train_data, val_data, table, skips
+
+
+def fit_whitening(config: Config, pm: PromptModel, model: Model, table: MediaTable) -> None:
+    """Fit the projector's whitening to the space: the vectors of every modality of the first
+    `decoder.whiten_rows` rows of the align training manifest, pooled (so a decoder trained on
+    one modality's prompts is fitted to the whole space); without that manifest, the decoder's
+    own media."""
+    cfg, root = config.decoder, Path(config.data.root)
+    manifest = root / config.data.train
+    if manifest.is_file():
+        rows = read_manifest(manifest, root=root, allow_outside_root=config.data.allow_outside_root,
+                             strict=config.data.strict).rows[: cfg.whiten_rows]
+        sample = MediaTable()
+        sample.add_refs((m, r.items[m]) for r in rows for m in model.modalities if m in r.items)
+        sample.embed(model)
+        table = sample if sample.good_vectors().shape[0] >= 2 else table
+    vectors = table.good_vectors()
+    if len(vectors) < 2:
+        raise UserError(f"decoder.whiten: {len(vectors)} readable media vector(s) to fit the whitening to; "
+                        "it needs at least 2")
+    pm.lm.whitening.fit(vectors, cfg.whiten_eps)
+    log.info("whitening fitted on %d vectors (eps %g)", len(vectors), cfg.whiten_eps)
 
 
 def _read(config: Config, root: Path, name: str) -> InstructionSet:

@@ -11,6 +11,7 @@ every epoch; a step then costs only the projector and the decoder.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,17 @@ class MediaTable:
         self.bad: dict[MediaRef, str] = {}
 
     def add(self, rows: list[InstructionRow]) -> None:
-        for row in rows:
-            for ref in row.media:
-                self.index.setdefault(ref, len(self.index))
+        self.add_refs(ref for row in rows for ref in row.media)
+
+    def add_refs(self, refs: Iterable[MediaRef]) -> None:
+        for ref in refs:
+            self.index.setdefault(ref, len(self.index))
+
+    def good_vectors(self) -> Tensor:
+        """(N, D) the vectors of the readable items (none before `embed`)."""
+        if self.vectors is None:
+            return torch.zeros(0, 0)
+        return self.vectors[[i for ref, i in self.index.items() if ref not in self.bad]]
 
     def embed(self, model: Any, batch_size: int = 256) -> None:
         """Embed every item with `model.embed` (a `Model`); unreadable ones are recorded in `bad`."""
