@@ -1,0 +1,122 @@
+"""Long-horizon memory (#16): many items shown across processes, then questions about old ones.
+
+    processes 1–3: each user is shown `items` / 3 pictures or sounds of the test split (one turn each)
+    process 4:     reopens the file; per user, questions that name one shown object by other
+                   attributes, unique among everything that user was shown ("What colour was the
+                   large star on the left?"), asked with memory on
+    process 5:     the same questions with memory off (no earlier turns, nothing recalled)
+
+Every process is `python -m mmembed.demo_memory PHASE …` (the demo's memory section), so what
+process 4 knows it can only have read from the file. The decoder's context holds a few turns;
+the rest must come back through recall.
+
+    python -m benchmarks.memory_horizon runs/demo [--world data/shapes] [--users 5]
+           [--items 30] [--questions 50] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmembed.data.synth.dialogues import ASK, SHOW
+from mmembed.data.synth.instructions import normalise
+from mmembed.data.synth.questions import reference
+from mmembed.data.synth.world import SceneObject
+from mmembed.demo_memory import PHASES
+
+GOAL = 0.80
+
+
+def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
+         split: str = "test") -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """(the items each show process gives, in order; the questions), drawn from `split`'s scenes:
+    user u is shown scenes u·items … (u+1)·items − 1."""
+    rng = np.random.default_rng(seed)
+    rows = [json.loads(line) for line in (world / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    if len(rows) < users * items:
+        raise SystemExit(f"{world / f'{split}.jsonl'} has {len(rows)} scenes, fewer than users × items")
+    shown: list[list[dict[str, Any]]] = [[] for _ in range(3)]
+    candidates: list[list[dict[str, Any]]] = []  # per user, in a random order of its items
+    for u in range(users):
+        user = f"horizon-{u}"
+        scenes = rows[u * items:(u + 1) * items]
+        objects = [tuple(SceneObject.from_dict(o) for o in r["objects"]) for r in scenes]
+        everything = tuple(o for scene in objects for o in scene)  # `reference` tells objects apart by identity
+        for i, row in enumerate(scenes):
+            modality = ("image", "audio")[int(rng.integers(2))]
+            shown[i * 3 // items].append({"user": user, "modality": modality, "path": str(world / row[modality]),
+                                          "show": SHOW[modality][int(rng.integers(len(SHOW[modality])))],
+                                          "question": ""})
+        mine = []
+        for i in rng.permutation(items - 3):  # never one of the last 3 (still in the context)
+            attr = ("colour", "shape")[int(rng.integers(2))]
+            for obj in objects[i]:
+                ref = reference(obj, everything, attr, rng)
+                if ref is not None:
+                    template = ASK[attr][int(rng.integers(len(ASK[attr])))]
+                    mine.append({"user": user, "question": template.format(ref=ref), "answer": getattr(obj, attr),
+                                 "item": int(i), "show": "", "modality": "", "path": ""})
+                    break
+        candidates.append(mine)
+    # round robin over the users, so each gets an equal share of the questions where it can
+    asked = [q for turn in itertools.zip_longest(*candidates) for q in turn if q is not None][:questions]
+    asked.sort(key=lambda q: q["user"])  # each user's questions asked in a row
+    if not asked:
+        raise SystemExit("no shown object can be named uniquely among what its user saw: show fewer items")
+    return shown, asked
+
+
+def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> dict[str, Any]:
+    shown, asked = plan(world, users, items, questions)
+    answers: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = Path(tmp) / "memory.db"
+        steps = [("show", part) for part in shown] + [(phase, asked) for phase in PHASES[1:]]
+        for n, (phase, batch) in enumerate(steps):
+            spec, out = Path(tmp) / f"spec{n}.json", Path(tmp) / f"out{n}.json"
+            spec.write_text(json.dumps(batch), encoding="utf-8")
+            subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory),
+                            str(spec), str(out)], check=True)
+            answers[phase] = json.loads(out.read_text(encoding="utf-8"))
+    score = {phase: sum(normalise(a) == q["answer"] for a, q in zip(answers[phase], asked)) / len(asked)
+             for phase in PHASES[1:]}
+    back = [items - 1 - q["item"] for q in asked]
+    return {"users": users, "items per user": items, "questions": len(asked), "memory on": score[PHASES[1]],
+            "memory off": score[PHASES[2]], "turns back (median)": float(np.median(back)), "goal": GOAL,
+            "samples": [{"question": q["question"], "answer": a, "truth": q["answer"]}
+                        for q, a in list(zip(asked, answers[PHASES[1]]))[:5]]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a run with a decoder stage")
+    ap.add_argument("--world", type=Path, default=Path("data/shapes"))
+    ap.add_argument("--users", type=int, default=5)
+    ap.add_argument("--items", type=int, default=30, help="items shown to each user, over three processes")
+    ap.add_argument("--questions", type=int, default=50, help="questions in all")
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args(argv)
+    if args.items < 6 or args.users < 1 or args.questions < 1:
+        raise SystemExit("--items must be >= 6, --users and --questions >= 1")
+    result = run(args.run, args.world, args.users, args.items, args.questions)
+    print(f"{result['questions']} questions, {result['users']} users × {result['items per user']} items shown over "
+          f"3 processes; the item asked about was shown a median {result['turns back (median)']:.0f} turns back")
+    print(f"memory on  {result['memory on']:.3f}  (goal ≥ {GOAL:.2f})")
+    print(f"memory off {result['memory off']:.3f}")
+    for s in result["samples"]:
+        print(f"  {s['question']!r} → {s['answer']!r} (truth {s['truth']!r})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

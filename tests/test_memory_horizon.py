@@ -1,0 +1,30 @@
+"""benchmarks/memory_horizon: what it shows and what it asks (the measurement itself is a
+benchmark, run by hand; README, "Memory: where it stands")."""
+
+import re
+
+import pytest
+
+from benchmarks.memory_horizon import plan
+
+
+def test_plan_shows_every_item_once_over_three_processes_and_asks_unique_old_objects(tiny_world):
+    users, items = 2, 9
+    shown, asked = plan(tiny_world, users, items, questions=8, split="train")
+    assert [len(part) for part in shown] == [users * items // 3] * 3
+    paths = [s["path"] for part in shown for s in part]
+    assert len(set(paths)) == users * items  # one scene per turn, none shown twice
+    for u in range(users):
+        mine = [s for part in shown for s in part if s["user"] == f"horizon-{u}"]
+        assert len(mine) == items and all(s["show"] and s["modality"] in ("image", "audio") for s in mine)
+    assert 0 < len(asked) <= 8
+    assert [q["user"] for q in asked] == sorted(q["user"] for q in asked)
+    for q in asked:
+        assert 0 <= q["item"] < items - 3  # never one of the turns still in the decoder's context
+        words = set(re.findall(r"[a-z]+", q["question"].lower()))
+        assert q["answer"] not in words  # the question names the object by its other attributes
+
+
+def test_plan_refuses_a_world_too_small(tiny_world):
+    with pytest.raises(SystemExit, match="fewer than users × items"):
+        plan(tiny_world, users=100, items=30, questions=5, split="train")
