@@ -88,6 +88,19 @@ class LossConfig:
     anchor: str | None = None  # modality name, for mode=anchor
     pair_weights: dict[str, float] = field(default_factory=dict)  # "image-text": 1.0; default 1
     label_positives: bool = False  # rows sharing a `label` are not negatives of each other
+    # CoCa: also ask every vector to write its row's caption (train/captioning.py); the weight of
+    # that loss beside the contrastive one (0: off), and the training-time captioner's size
+    caption_weight: float = 0.0
+    captioner: dict[str, int] = field(default_factory=lambda: {"width": 128, "layers": 2, "heads": 4,
+                                                               "soft_tokens": 4})
+
+    def __post_init__(self) -> None:
+        if not self.caption_weight >= 0:
+            raise ConfigError(f"loss.caption_weight must be >= 0, got {self.caption_weight!r}")
+        unknown = set(self.captioner) - {"width", "layers", "heads", "soft_tokens"}
+        if unknown:
+            raise ConfigError(f"loss.captioner: unknown key(s) {', '.join(sorted(unknown))} "
+                              "(valid: width, layers, heads, soft_tokens)")
 
 
 @dataclass

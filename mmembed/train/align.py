@@ -30,6 +30,7 @@ from mmembed.modality import Modality
 from mmembed.model import CONFIG, TOKENIZER, Model, build_model
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
+from mmembed.train.captioning import CAPTION, Captioner, caption_losses
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import (Forward, as_output, barrier, current_world, main_first, parallelize,
@@ -53,9 +54,25 @@ def space_forward(space: SharedSpace, inputs, masks, present, with_bias: bool = 
     return space(inputs, masks, present), space.logit_scale, as_output(space.logit_bias) if with_bias else None
 
 
+class WithCaptioner(torch.nn.Module):
+    """The space and its training-time captioner, trained (and checkpointed) as one module."""
+
+    def __init__(self, space: SharedSpace, captioner: Captioner) -> None:
+        super().__init__()
+        self.space, self.captioner = space, captioner
+
+
+def captioned_forward(net: WithCaptioner, inputs, masks, present, with_bias: bool = False):
+    """`space_forward`, plus each modality's captioning loss, inside the one module call DDP wraps."""
+    emb, scale, bias = space_forward(net.space, inputs, masks, present, with_bias)
+    return emb, scale, bias, caption_losses(net.captioner, emb, present, inputs.get(CAPTION), masks.get(CAPTION))
+
+
 def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
-                 monitor: CollapseMonitor, net: torch.nn.Module | None = None) -> Callable:
-    """`net`: the space's forward wrapped for several processes (`parallelize`); default: the space."""
+                 monitor: CollapseMonitor, net: torch.nn.Module | None = None, caption_weight: float = 0.0
+                 ) -> Callable:
+    """`net`: the space's forward wrapped for several processes (`parallelize`); default: the space.
+    With `caption_weight` > 0, `net` is `captioned_forward` over a `WithCaptioner`."""
     net = net if net is not None else Forward(space, space_forward)
     with_bias = loss_fn.kind == "siglip"
 
@@ -64,12 +81,16 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
         if len(batch) == 0:  # every row was bad: the engine counts the batch and moves on
             return None
         batch = batch.to(device)
-        emb, scale, bias = net(batch.inputs, batch.masks, batch.present, with_bias)
+        emb, scale, bias, *captions = net(batch.inputs, batch.masks, batch.present, with_bias)
         monitor(emb, batch.present)
         out = loss_fn(emb, batch.present, scale, batch.labels, bias)
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
-        return StepOutput(out.total, metrics, samples=len(batch))
+        total = out.total
+        if captions and captions[0]:  # the mean over modalities of writing the caption from their vectors
+            metrics.update({f"caption/{m}": float(v.detach()) for m, v in captions[0].items()})
+            total = total + caption_weight * torch.stack(list(captions[0].values())).mean()
+        return StepOutput(total, metrics, samples=len(batch))
 
     return step
 
@@ -148,10 +169,12 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
-    net = parallelize(space, space_forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
+    trained = _with_captioner(cfg, space, tokenizer, device)
+    forward = captioned_forward if trained is not space else space_forward
+    net = parallelize(trained, forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
     seed_ranks(cfg.train.seed)
     monitor = CollapseMonitor(stop_after=cfg.train.collapse_steps, lr=cfg.train.lr, warmup=cfg.train.warmup_steps)
-    step_fn = make_step_fn(space, loss_fn, device, skips, monitor, net)
+    step_fn = make_step_fn(space, loss_fn, device, skips, monitor, net, cfg.loss.caption_weight)
 
     def evaluate() -> dict[str, float]:
         emb, keys = embed_dataset(space, val_loader, device)
@@ -164,14 +187,16 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         for tower in frozen:  # frozen towers stay in eval mode: no dropout, no BN statistics drift
             tower.eval()
 
-    space.train()
+    trained.train()
     after_step()
-    trainer = Trainer(space, step_fn, train_loader, steps, cfg.train, run_dir,
+    trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net)
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()
+        if trained is not space:  # the captioner stays behind
+            weights = {k.removeprefix("space."): v for k, v in weights.items() if k.startswith("space.")}
         if world.main:
             model = build_model(cfg, tokenizer)
             model.space.load_state_dict(weights)
@@ -179,6 +204,19 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         _finish(model, run_dir, result, skips)
     barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)
     return run_dir
+
+
+def _with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.device) -> torch.nn.Module:
+    """The module the stage trains: the space, or the space and a captioner (`loss.caption_weight`)."""
+    if cfg.loss.caption_weight == 0:
+        return space
+    if CAPTION not in space.modalities or getattr(tokenizer, "vocab_size", None) is None:
+        raise UserError(f"loss.caption_weight needs a {CAPTION} tower and the run's own tokenizer")
+    try:
+        captioner = Captioner(space.embed_dim, tokenizer.vocab_size, **cfg.loss.captioner)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"loss.captioner: {e}") from None
+    return WithCaptioner(space, captioner.to(device))
 
 
 def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:
