@@ -57,12 +57,13 @@ class Captioner(nn.Module):
 
 
 def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: dict[Modality, Tensor],
-                   ids: Tensor, mask: Tensor) -> dict[Modality, Tensor]:
+                   ids: Tensor | None, mask: Tensor | None) -> dict[Modality, Tensor]:
     """The captioning loss of each modality's vectors, over the rows that have a caption.
 
     Args:
         emb: modality → (n_m, D) vectors of the rows where it is present (`present[m]`, (B,) bool).
-        ids, mask: (n_text, T) the captions of the rows where `present[CAPTION]`.
+        ids, mask: (n_text, T) the captions of the rows where `present[CAPTION]`; None (and
+            no loss) when the batch has no caption modality.
     """
     out: dict[Modality, Tensor] = {}
     if CAPTION not in present:

@@ -144,14 +144,15 @@ def fit_whitening(config: Config, pm: PromptModel, model: Model, table: MediaTab
     own media."""
     cfg, root = config.decoder, Path(config.data.root)
     manifest = root / config.data.train
+    vectors = table.good_vectors()
     if manifest.is_file():
         rows = read_manifest(manifest, root=root, allow_outside_root=config.data.allow_outside_root,
                              strict=config.data.strict).rows[: cfg.whiten_rows]
         sample = MediaTable()
         sample.add_refs((m, r.items[m]) for r in rows for m in model.modalities if m in r.items)
         sample.embed(model)
-        table = sample if sample.good_vectors().shape[0] >= 2 else table
-    vectors = table.good_vectors()
+        sampled = sample.good_vectors()
+        vectors = sampled if len(sampled) >= 2 else vectors
     if len(vectors) < 2:
         raise UserError(f"decoder.whiten: {len(vectors)} readable media vector(s) to fit the whitening to; "
                         "it needs at least 2")
