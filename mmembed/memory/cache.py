@@ -116,9 +116,10 @@ class UserVectors:
         mask = self._mask(modality, since, session, exclude_session)
         if mask is not None and not bool(mask.any()):
             return []
-        scores, rows = self.backend.search(self.rows, query, k, mask)  # (1, k'), (1, k')
-        ids = self.rows.ids
-        return [(int(ids[r]), float(s)) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+        q = np.ascontiguousarray(query.detach().float().numpy())  # backends take numpy (Backend.search)
+        scores, rows = self.backend.search(self.rows, q, k, mask)  # (1, k'), (1, k')
+        ids = self.rows.ids_of_rows(rows)[0].tolist()
+        return [(i, s) for s, r, i in zip(scores[0].tolist(), rows[0].tolist(), ids) if r >= 0]
 
     def _mask(self, modality: Modality | None, since: float | None, session: str | None,
               exclude_session: str | None) -> Tensor | None:

@@ -11,10 +11,11 @@ modality, metadata filter). `Index.remove` compacts once a quarter of the rows a
 A selective filter (few eligible rows) is answered by an exact scan of just those rows: it
 is cheaper than a filtered graph walk and exact.
 
-Per-call cost: one HNSW query takes a few hundred µs, a small torch operation ~5-15 µs on a
-2-core CPU, and building a FAISS parameter object ~10 µs. So the work around the FAISS call is
-done in numpy, and an unfiltered search reuses its parameter object while the structure and
-the option values stay the same (`benchmarks/bench_ann.py` measures the whole path).
+Per-call cost: one HNSW query takes a few hundred µs and evicts the caches; after it a torch
+call costs 10-25 µs on a 2-core CPU, a numpy one a few µs, and building a FAISS parameter
+object ~10 µs. So backends take and return numpy arrays (`Backend.search`), and an unfiltered
+search reuses its parameter object while the structure and the option values stay the same
+(`benchmarks/bench_ann.py` measures the whole path).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from mmembed.errors import UserError
 from mmembed.retrieval.exact import exact_topk
-from mmembed.retrieval.store import VectorStore
+from mmembed.retrieval.store import VectorStore, padded
 
 _BRUTE_FORCE_ROWS = 20_000  # an eligible set this small is scanned exactly (a few ms)
 _BRUTE_FORCE_FRACTION = 0.02
@@ -85,24 +86,24 @@ class _FaissBackend:
             self._index.add(new)
             self._synced, self._version = store.n_rows, store.version
 
-    def search(self, store: VectorStore, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def search(self, store: VectorStore, queries: np.ndarray, k: int, mask: Tensor | None
+               ) -> tuple[np.ndarray, np.ndarray]:
         n_valid = store.n_rows if mask is None else int(mask.sum())
         if n_valid == 0:
-            return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.int64)
+            return np.empty((queries.shape[0], 0), np.float32), np.empty((queries.shape[0], 0), np.int64)
         if mask is not None and n_valid <= max(_BRUTE_FORCE_ROWS, _BRUTE_FORCE_FRACTION * store.n_rows):
             return _scan_subset(store, queries, k, mask)
         self._sync(store)
-        q = queries.numpy()  # (Q, D) float32 unit rows, from Index
         if mask is None:
-            scores, rows = self._index.search(q, min(k, n_valid), params=self._unfiltered_params())
+            scores, rows = self._index.search(queries, min(k, n_valid), params=self._unfiltered_params())
         else:
             keep_alive = np.packbits(mask.numpy(), bitorder="little")  # bit r = row r eligible
             params = self._params(self._faiss.IDSelectorBitmap(keep_alive))
-            scores, rows = self._index.search(q, min(k, n_valid), params=params)
+            scores, rows = self._index.search(queries, min(k, n_valid), params=params)
             del keep_alive  # the selector reads this buffer during the search only
-        if rows.size and rows.min() < 0:  # answers that came up short
+        if padded(rows):  # FAISS pads a short answer with -1 after its sorted hits
             scores[rows < 0] = -np.inf
-        return torch.from_numpy(scores), torch.from_numpy(rows)
+        return scores, rows
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -198,8 +199,8 @@ class FaissHNSW(_FaissBackend):
         return {"m": self.m, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
 
 
-def _scan_subset(store: VectorStore, queries: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _scan_subset(store: VectorStore, queries: np.ndarray, k: int, mask: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Exact scan of the eligible rows only (gathered), mapped back to store rows."""
     rows = mask.nonzero().squeeze(1)  # (n_valid,)
-    scores, local = exact_topk(store.vectors.index_select(0, rows), queries.float(), k)
-    return scores, rows[local]
+    scores, local = exact_topk(store.vectors.index_select(0, rows), torch.from_numpy(queries), k)
+    return scores.numpy(), rows[local].numpy()

@@ -31,6 +31,7 @@ from mmembed.retrieval.query import Query
 from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
 
 log = logging.getLogger(__name__)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COMPACT_FRACTION = 0.25  # compact once this share of rows is dead
 
 QueryLike = Query | Tensor
@@ -193,7 +194,7 @@ class Index:
                      k: int = 10, filter: Filter = None, model: Any = None) -> list[list[Hit]]:
         """`search` for many queries at once: a (Q, D) tensor or a list of queries -> Q hit lists."""
         scores, rows = self._search_rows(queries, target, k, filter, model)
-        if rows.numel() == 0:
+        if rows.size == 0:
             return [[] for _ in range(rows.shape[0])]
         return self._hits(scores, rows)
 
@@ -202,34 +203,43 @@ class Index:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
         float32, best first; an id of -1 pads a row that came up short (approximate backends)."""
         scores, rows = self._search_rows(queries, target, k, filter, model)
-        return self._store.ids_of_rows(rows), scores
+        return torch.from_numpy(self._store.ids_of_rows(rows)), torch.from_numpy(scores)
 
     def _search_rows(self, queries: Tensor | Sequence[QueryLike], target: Modality | str | None, k: int,
-                     filter: Filter, model: Any) -> tuple[Tensor, Tensor]:
+                     filter: Filter, model: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k') scores and store rows, numpy (see `Backend.search`)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         q = self._query_matrix(queries, model)  # (Q, D) float32
         mask = self._mask(target, filter)
         if self._store.n_alive == 0 or (mask is not None and not bool(mask.any())):
-            return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.int64)
+            return np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
         return self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
 
-    def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> Tensor:
-        """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN)."""
-        # numpy, not torch, for the few small operations per call: right after a FAISS HNSW query
-        # (~300 µs, its rows evict the caches) each torch operation cost 5-30 µs (B-ann, single queries)
+    def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> np.ndarray:
+        """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN).
+        In numpy, with one torch call for a tensor's view (see `Backend.search`)."""
         if isinstance(queries, Tensor):
             a = _check_query_vectors(queries, self.dim)
         else:
             rows = [q.embed(self._embedding_model(model, q)).numpy() if isinstance(q, Query)
                     else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]
             a = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)  # (Q, D)
-        squares = np.einsum("qd,qd->q", a, a)  # (Q,); NaN or Inf in a row makes its entry non-finite
-        if squares.size and not math.isfinite(squares.max()):
-            _check_finite(a)  # raises BadInput naming the query, unless the squares only overflowed
-            squares = np.einsum("qd,qd->q", a, a, dtype=np.float64)
-        norms = np.sqrt(squares)[:, None]
-        return torch.from_numpy((a / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False))
+        # squares in float64 cannot overflow from float32 rows: NaN or Inf there means NaN or Inf in a query
+        if a.shape[0] == 1:  # one query, the latency-bound case: three numpy calls, then Python scalars
+            wide = a.astype(np.float64)
+            norm = math.sqrt(float(np.dot(wide[0], wide[0])))
+            if not math.isfinite(norm):
+                _check_finite(a)  # raises BadInput naming the query
+            if norm > _FLOAT32_MAX:
+                return (wide / norm).astype(np.float32)
+            return a / (norm or 1.0)  # float32 / Python float: a new float32 array
+        squares = np.vecdot(a, a, dtype=np.float64)  # (Q,)
+        if not math.isfinite(squares.max(initial=0.0)):
+            _check_finite(a)
+        norms = np.sqrt(squares)[:, None]  # (Q, 1)
+        norms[norms == 0] = 1.0  # a zero row stays zero
+        return (a / norms).astype(np.float32)
 
     def _embedding_model(self, model: Any, query: Query) -> Any:
         if model is not None:
@@ -251,11 +261,11 @@ class Index:
             mask = by_meta if mask is None else mask & by_meta
         return mask
 
-    def _hits(self, scores: Tensor, rows: Tensor) -> list[list[Hit]]:
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         """(Q, k) scores and rows -> Q hit lists; the ids and modalities are read once per batch."""
         store = self._store
-        safe = rows.clamp_min(0)
-        ids, modalities = store.ids[safe].tolist(), store.modalities_of(safe)
+        safe = np.maximum(rows, 0)
+        ids, modalities = store.ids_of_rows(safe).tolist(), store.modalities_of(safe)
         return [[Hit(i, s, m, dict(store.metadata[r])) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
                 for s_row, r_row, i_row, m_row in zip(scores.tolist(), rows.tolist(), ids, modalities)]
 

@@ -58,6 +58,15 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     return v.contiguous()
 
 
+def padded(rows: np.ndarray) -> bool:
+    """Whether any answer in these (Q, k) rows came up short. Backends put a short answer's -1
+    padding after its hits, so the last column tells: for one query an item read rather than a
+    reduction, which costs ~10-30 µs on the cold cache a FAISS search leaves (B-ann)."""
+    if rows.size == 0:
+        return False
+    return int(rows[0, -1]) < 0 if rows.shape[0] == 1 else bool(rows[:, -1].min() < 0)
+
+
 class VectorStore:
     """Growable (capacity-doubling) columns: vectors (N, D), ids (N,), modality codes (N,), alive (N,)."""
 
@@ -68,6 +77,7 @@ class VectorStore:
         self.next_id = 0
         self._vectors = torch.empty(capacity, dim, dtype=dtype)
         self._ids = torch.empty(capacity, dtype=torch.int64)
+        self._ids_view = self._ids.numpy()  # shares `_ids`' memory; renewed when it is reallocated
         self._codes = torch.empty(capacity, dtype=torch.int8)
         self._alive = torch.empty(capacity, dtype=torch.bool)
         self.metadata: list[dict[str, Any]] = []
@@ -84,16 +94,13 @@ class VectorStore:
     def ids(self) -> Tensor:
         return self._ids[: self.n_rows]
 
-    def ids_of_rows(self, rows: Tensor) -> Tensor:
-        """The ids at these row positions, -1 where a row is negative (a short answer), in numpy:
-        beside a ~300 µs FAISS query, every torch operation on a cold cache costs 5-30 µs."""
-        r = rows.numpy()
-        if r.size and r.min() < 0:
-            ids = self._ids.numpy()[np.maximum(r, 0)]
-            ids[r < 0] = -1
-        else:
-            ids = self._ids.numpy()[r]
-        return torch.from_numpy(ids)
+    def ids_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The ids at these (Q, k) row positions, -1 where a row is -1 (padding after the hits of a
+        short answer); numpy in and out, through a numpy view of the ids (see `Backend.search`)."""
+        ids = self._ids_view[rows]  # a -1 row reads the last slot of the buffer, replaced below
+        if padded(rows):
+            ids[rows < 0] = -1
+        return ids
 
     @property
     def codes(self) -> Tensor:
@@ -123,9 +130,9 @@ class VectorStore:
     def modality_of(self, row: int) -> Modality:
         return _MODALITIES[int(self._codes[row])]
 
-    def modalities_of(self, rows: Tensor) -> list[list[Modality]]:
-        """The modality of every row of a (Q, k) tensor of row positions, read in one go."""
-        return [[_MODALITIES[c] for c in line] for line in self._codes[rows].tolist()]
+    def modalities_of(self, rows: np.ndarray) -> list[list[Modality]]:
+        """The modality of every row of a (Q, k) array of row positions, read in one go."""
+        return [[_MODALITIES[c] for c in line] for line in self._codes.numpy()[rows].tolist()]
 
     # ---- mutation ----------------------------------------------------------------------------
 
@@ -188,6 +195,7 @@ class VectorStore:
             grown = torch.empty((new_cap, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n_rows] = old[: self.n_rows]
             setattr(self, name, grown)
+        self._ids_view = self._ids.numpy()
 
     # ---- masks -------------------------------------------------------------------------------
 

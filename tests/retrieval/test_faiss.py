@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,23 +101,40 @@ def test_short_answers_are_minus_one_rows_with_minus_inf_scores():
     store = VectorStore(32)
     store.append(unit(200, 32, 11), Modality.IMAGE, [{}] * 200)
     backend = BACKENDS["faiss_ivf"](nprobe=1)
-    scores, rows = backend.search(store, unit(4, 32, 12), 100, None)  # (4, 100)
+    scores, rows = backend.search(store, unit(4, 32, 12).numpy(), 100, None)  # (4, 100)
     short = rows < 0
     assert short.any() and (~short).any()
+    assert np.isneginf(scores[short]).all() and np.isfinite(scores[~short]).all()
+    assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_search_ids_pads_short_answers_with_minus_one_ids(n_queries):
+    """Through `Index.search_ids`: the padding rows map to id -1 (never to the id of the buffer's
+    last slot), and every other id is the stored item's id, not its row position."""
+    idx = Index(32, backend="faiss_ivf", nprobe=1)
+    idx.add(unit(200, 32, 11), "image")
+    idx.remove(list(range(0, 200, 7)))  # ids and row positions differ once the store compacts
+    idx.compact()
+    q = unit(n_queries, 32, 12)
+    found, scores = idx.search_ids(q, k=100)
+    short = found < 0
+    assert short.any() and (~short).any()
     assert torch.isneginf(scores[short]).all() and torch.isfinite(scores[~short]).all()
-    assert rows.dtype == torch.int64 and scores.dtype == torch.float32
+    assert [[i for i in row if i >= 0] for row in found.tolist()] == ids(idx.search_batch(q, k=100))
+    assert all(i % 7 for i in found[~short].tolist())  # removed ids never come back
 
 
 def test_search_options_changed_between_searches_take_effect():
     """Unfiltered searches reuse their FAISS parameter object: a new option value must rebuild it."""
     store = VectorStore(32)
     store.append(unit(2000, 32, 13), Modality.IMAGE, [{}] * 2000)
-    q = unit(20, 32, 14)
+    q = unit(20, 32, 14).numpy()
     truth = ExactBackend().search(store, q, 10, None)[1]
     ivf = BACKENDS["faiss_ivf"](nlist=32, nprobe=1)
     one_cell = ivf.search(store, q, 10, None)[1]
     ivf.nprobe = 32  # every cell: exact
-    assert not torch.equal(one_cell, truth) and torch.equal(ivf.search(store, q, 10, None)[1], truth)
+    assert not np.array_equal(one_cell, truth) and np.array_equal(ivf.search(store, q, 10, None)[1], truth)
 
 
 def test_ivf_retrained_after_growth_probes_its_new_cells():
