@@ -125,3 +125,26 @@ def test_many_blocks_of_group_selection_merge_exactly(order):
             r_scores, r_rows = reference(x, q, k, m)
             assert rows.tolist() == r_rows.tolist()
             torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)
+
+
+def test_blocks_after_the_first_merge_only_groups_above_the_kth_score(monkeypatch):
+    """Random rows: later blocks take the sparse path (only groups whose maximum beats a query's
+    k-th best); rows sorted worst-first make most groups beat it, so those blocks fall back to
+    the dense selection. Both give the reference answer."""
+    from mmembed.retrieval.exact import RunningTopk
+
+    taken = []
+    sparse = RunningTopk._add_above
+    monkeypatch.setattr(RunningTopk, "_add_above", lambda self, s, o: taken.append(sparse(self, s, o)) or taken[-1])
+    x, q = unit(30_011, 16, 18), unit(4, 16, 19)
+    for worst_first in (False, True):
+        if worst_first:
+            x = x[(x @ q.sum(0)).argsort()]
+        taken.clear()
+        scores, rows = exact_topk(x, q, 10, block_rows=4096)
+        r_scores, r_rows = reference(x, q, 10)
+        assert rows.tolist() == r_rows.tolist()
+        torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)
+        assert len(taken) == 7  # every block after the first
+        # random: once two blocks are in, few groups can still enter; worst-first: nearly all can
+        assert taken.count(True) >= (1 if worst_first else 6) and taken.count(False) >= (5 if worst_first else 0)
