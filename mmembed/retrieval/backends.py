@@ -40,10 +40,11 @@ class Backend(Protocol):
         """queries (Q, D) float32 unit rows -> scores (Q, k') float32, rows (Q, k') int64, best first.
 
         `mask` (N,) bool marks eligible rows (None: all). Rows of -1 pad answers that came up
-        short (approximate backends), after their hits; callers drop them. Queries and results are numpy arrays:
-        beside a ~300 µs FAISS HNSW query, whose memory traffic evicts the caches, every torch
-        call costs 10-25 µs, so the path around an approximate search makes as few as it can
-        (B-ann, one query per call).
+        short (approximate backends), after their hits; callers drop them.
+
+        Queries and results are numpy arrays: beside a ~300 µs FAISS HNSW query, whose memory
+        traffic evicts the caches, every torch call costs 10-25 µs, so the path around an
+        approximate search makes as few as it can (B-ann, one query per call).
         """
         ...
 
