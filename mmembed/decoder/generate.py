@@ -184,7 +184,7 @@ class _KeyMask:
 
 
 def _logits_fn(decoder: Decoder, batch: int):
-    """The LM head for this generation. Weights are stored column-major (`model.column_major_`),
+    """The LM head for this generation. Its weight is stored column-major (`model.column_major_head_`),
     the faster layout for one row; for several rows (V, C) @ (C, B) over a row-major copy is the
     faster GEMM here (GPT-2's 50k × 768 head at B = 8: 21 ms vs 33 ms on the 2-core machine). The
     copy is made once per generation call, so it is never stale."""
