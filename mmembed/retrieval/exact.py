@@ -13,8 +13,8 @@ aside). Selection then cost ~13% of the time at Q = 256 (profiled: `topk` 6%, `g
 group maxima 3.5%; the product 85%). Once every query holds k rows, a group can only matter if
 its maximum beats the query's k-th best score: from the second or third block on that is a few
 hundred of the block's (group, query) pairs, whose rows are merged directly, without the
-block's `topk` and `gather` (`RunningTopk._add_above`; 3–4% off the whole search at Q = 256).
-The group maxima, one pass over the block's scores, remain.
+block's `topk` and `gather` (`RunningTopk._add_above`; 1–4% off the whole search at Q = 256 in
+paired runs). The group maxima, one pass over the block's scores, are computed once per block.
 
 One query uses a matrix-vector product, which streams the rows once at memory bandwidth.
 
@@ -140,16 +140,17 @@ class RunningTopk:
 
     def add(self, scores: Tensor, offset: int) -> None:
         """Fold one block's scores (n, Q), whose row 0 is row `offset`, into the running best."""
-        if self.scores.shape[0] == self.k and scores.shape[0] >= GROUP and self._add_above(scores, offset):
+        group_max = _group_max(scores, self.k)  # (G, Q), or None for a block of too few groups
+        if group_max is not None and self.scores.shape[0] == self.k and self._add_above(scores, group_max, offset):
             return
-        cand_s, cand_r = _block_candidates(scores, self.k)
+        cand_s, cand_r = _block_candidates(scores, self.k, group_max)
         cand_s = torch.cat([self.scores, cand_s])
         cand_r = torch.cat([self.rows, cand_r + offset])
         keep = min(self.k, cand_s.shape[0])
         self.scores, pick = torch.topk(cand_s, keep, dim=0, sorted=False)  # (keep, Q)
         self.rows = cand_r.gather(0, pick)
 
-    def _add_above(self, scores: Tensor, offset: int) -> bool:
+    def _add_above(self, scores: Tensor, group_max: Tensor, offset: int) -> bool:
         """Once every query holds k rows, only a group whose maximum beats the query's k-th best
         score can change its answer: after the first blocks that is a few of the block's (group,
         query) pairs, so those groups' scores are merged directly and the block's `topk` and
@@ -159,7 +160,7 @@ class RunningTopk:
         n_groups = n // GROUP
         head = scores[: n_groups * GROUP].view(n_groups, GROUP, n_q)
         kth = self.scores.amin(dim=0)  # (Q,)
-        groups, queries = (head.amax(dim=1) > kth).nonzero(as_tuple=True)  # (P,) pairs that may enter
+        groups, queries = (group_max > kth).nonzero(as_tuple=True)  # (P,) pairs that may enter
         if groups.numel() > self.k * n_q:
             return False
         offsets = torch.arange(GROUP)
@@ -198,14 +199,24 @@ class RunningTopk:
         return scores, self.rows.T.gather(1, order)
 
 
-def _block_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """A superset of each query's k best rows of one block: (C, Q) scores and block row numbers."""
+def _group_max(scores: Tensor, k: int) -> Tensor | None:
+    """(G, Q) the maximum of each whole group of `GROUP` rows of a block's (n, Q) scores; None
+    when the block has too few groups for a selection by groups to save anything."""
     n, n_q = scores.shape
     n_groups = n // GROUP
-    if n_groups <= 2 * k:  # too few groups to save anything: select directly
+    if n_groups <= 2 * k:
+        return None
+    return scores[: n_groups * GROUP].view(n_groups, GROUP, n_q).amax(dim=1)
+
+
+def _block_candidates(scores: Tensor, k: int, group_max: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A superset of each query's k best rows of one block: (C, Q) scores and block row numbers;
+    `group_max` is `_group_max(scores, k)`."""
+    n, n_q = scores.shape
+    if group_max is None:  # too few groups to save anything: select directly
         return torch.topk(scores, min(k, n), dim=0, sorted=False)
+    n_groups = group_max.shape[0]
     head = scores[: n_groups * GROUP]
-    group_max = head.view(n_groups, GROUP, n_q).amax(dim=1)  # (G, Q)
     _, groups = torch.topk(group_max, k, dim=0, sorted=False)  # (k, Q)
     offsets = torch.arange(GROUP).view(1, GROUP, 1)
     rows = (groups.unsqueeze(1) * GROUP + offsets).reshape(k * GROUP, n_q)  # (k·GROUP, Q)

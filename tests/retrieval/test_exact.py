@@ -135,7 +135,7 @@ def test_blocks_after_the_first_merge_only_groups_above_the_kth_score(monkeypatc
 
     taken = []
     sparse = RunningTopk._add_above
-    monkeypatch.setattr(RunningTopk, "_add_above", lambda self, s, o: taken.append(sparse(self, s, o)) or taken[-1])
+    monkeypatch.setattr(RunningTopk, "_add_above", lambda self, *a: taken.append(sparse(self, *a)) or taken[-1])
     x, q = unit(30_011, 16, 18), unit(4, 16, 19)
     for worst_first in (False, True):
         if worst_first:
