@@ -80,6 +80,7 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
                               "temperature": _temperatures(model, splits["test"])}
     if transfer is not None:
         result["transfer"] = {}
+        result["whitened"] = {"joint decoder": _whitens(model), "image-only decoder": _whitens(transfer)}
         for name, rows in splits.items():
             audio = audio_descriptions(rows)
             table = accuracy_by_group(audio, answer_rows(transfer, audio), _score, row_group)
@@ -87,6 +88,18 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
                                         "joint decoder": tables[name]["description from a sound"]["accuracy"],
                                         "n": len(audio)}
     return result
+
+
+def _reads(whitened: dict[str, bool] | None) -> str:
+    """'. The image-only decoder reads the raw vectors, the joint one whitens them', or ''."""
+    if not whitened or len(set(whitened.values())) == 1:
+        return ""
+    how = {name: "whitens them" if w else "reads the raw vectors" for name, w in whitened.items()}
+    return f". The image-only decoder {how['image-only decoder']}, the joint one {how['joint decoder']}"
+
+
+def _whitens(model: Any) -> bool:
+    return model.prompt_model.lm.whitening is not None
 
 
 def _show(row: InstructionRow) -> str:
@@ -142,7 +155,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines += ["### Cross-modal transfer", "",
                   "A second decoder trained on image prompts only — it never saw a sound — answers the same "
                   "audio description prompts through the shared space (goal: colour and shape right ≥ "
-                  f"{TRANSFER_GOAL:.1f}):", "", "| split | image-only decoder | joint decoder | prompts |", "|---|---:|---:|---:|"]
+                  f"{TRANSFER_GOAL:.1f}){_reads(result.get('whitened'))}:", "",
+                  "| split | image-only decoder | joint decoder | prompts |", "|---|---:|---:|---:|"]
         for name, t in result["transfer"].items():
             lines.append(f"| {name} | {t['image-only decoder']:.3f} | {t['joint decoder']:.3f} | {t['n']} |")
         lines.append("")

@@ -154,6 +154,20 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
     text = "\n".join(report_lines(result))
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
+    assert result["whitened"] == {"joint decoder": False, "image-only decoder": False} and "raw vectors" not in text
+    result["whitened"]["joint decoder"] = True  # as the demo's decoders are
+    assert ". The image-only decoder reads the raw vectors, the joint one whitens them:" in "\n".join(report_lines(result))
+
+
+def test_the_transfer_decoder_reads_raw_vectors_when_the_joint_one_whitens(tiny_world, tmp_path):
+    from mmembed.demo import image_only_config
+
+    joint = decoder_config(tiny_world, tmp_path / "run", whiten=True)
+    transfer = image_only_config(joint, tmp_path / "run")
+    assert transfer.decoder.data.prompt_modalities == ["image"] and transfer.decoder.whiten is False
+    assert transfer.model.init_from == str(tmp_path / "run")
+    assert transfer.train.out_dir == str(tmp_path / "run" / "decoder-image-only")
+    assert joint.decoder.whiten is True and joint.decoder.data.prompt_modalities != ["image"]  # left as it was
 
 
 def test_evaluation_skips_rows_longer_than_the_context(trained_run, tiny_world, monkeypatch):
