@@ -8,7 +8,9 @@
 
 Every process is `python -m mmembed.demo_memory PHASE …` (the demo's memory section), so what
 process 4 knows it can only have read from the file. The decoder's context holds a few turns;
-the rest must come back through recall.
+the rest must come back through recall. Besides accuracy it reports how often the asked item was
+among the memories recalled for its question (its picture or sound, or the decoder's description
+of it), and accuracy with and without it: whether recall or reading is what fails.
 
     python -m benchmarks.memory_horizon runs/demo [--world data/shapes] [--users 5]
            [--items 30] [--questions 50] [--json out.json]
@@ -78,6 +80,7 @@ def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
 def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> dict[str, Any]:
     shown, asked = plan(world, users, items, questions)
     answers: dict[str, list[str]] = {}
+    recalled: list[list[list]] = []
     with tempfile.TemporaryDirectory() as tmp:
         memory = Path(tmp) / "memory.db"
         steps = [("show", part) for part in shown] + [(phase, asked) for phase in PHASES[1:]]
@@ -86,14 +89,35 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> d
             spec.write_text(json.dumps(batch), encoding="utf-8")
             subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory),
                             str(spec), str(out)], check=True)
-            answers[phase] = json.loads(out.read_text(encoding="utf-8"))
+            got = json.loads(out.read_text(encoding="utf-8"))
+            answers[phase] = got["answers"]
+            if phase == PHASES[1]:
+                recalled = got["recalled"]
     score = {phase: sum(normalise(a) == q["answer"] for a, q in zip(answers[phase], asked)) / len(asked)
              for phase in PHASES[1:]}
     back = [items - 1 - q["item"] for q in asked]
+    found = [asked_item_recalled(q, hits) for q, hits in zip(asked, recalled)]
+    right = [normalise(a) == q["answer"] for a, q in zip(answers[PHASES[1]], asked)]
     return {"users": users, "items per user": items, "questions": len(asked), "memory on": score[PHASES[1]],
             "memory off": score[PHASES[2]], "turns back (median)": float(np.median(back)), "goal": GOAL,
+            "asked item recalled": sum(found) / len(asked),
+            "correct when recalled": _share(right, found), "correct when not recalled": _share(right, [not f for f in found]),
             "samples": [{"question": q["question"], "answer": a, "truth": q["answer"]}
                         for q, a in list(zip(asked, answers[PHASES[1]]))[:5]]}
+
+
+def asked_item_recalled(question: dict[str, Any], hits: list[list]) -> bool:
+    """Whether the item a question asks about came back among its recalled memories (`hits`:
+    [turn, role, modality] each). A user's items were shown one a turn, in order, in one session:
+    item i at turn i + 1. Its picture or sound counts, and so does the decoder's description of
+    it; the user's words of that turn ("Remember this picture.") do not."""
+    return any(turn == question["item"] + 1 and (role != "user" or modality != "text") for turn, role, modality in hits)
+
+
+def _share(right: list[bool], where: list[bool]) -> float | None:
+    """The fraction of `right` among the questions where `where` holds (None if none does)."""
+    picked = [r for r, w in zip(right, where) if w]
+    return sum(picked) / len(picked) if picked else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,10 +136,16 @@ def main(argv: list[str] | None = None) -> None:
           f"3 processes; the item asked about was shown a median {result['turns back (median)']:.0f} turns back")
     print(f"memory on  {result['memory on']:.3f}  (goal ≥ {GOAL:.2f})")
     print(f"memory off {result['memory off']:.3f}")
+    print(f"the asked item was among the recalled memories for {result['asked item recalled']:.3f} of the questions; "
+          f"correct then {_fmt(result['correct when recalled'])}, otherwise {_fmt(result['correct when not recalled'])}")
     for s in result["samples"]:
         print(f"  {s['question']!r} → {s['answer']!r} (truth {s['truth']!r})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def _fmt(share: float | None) -> str:
+    return "–" if share is None else f"{share:.3f}"
 
 
 if __name__ == "__main__":

@@ -42,23 +42,26 @@ def probes(world: Path, split: str = "test", n: int = 100, seed: int = 0) -> lis
     return out
 
 
-def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any]]) -> list[str]:
-    """One process's work; returns the answers it got (one per probe)."""
+def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any]]) -> dict[str, list]:
+    """One process's work: {"answers": one per probe, "recalled": per probe, the memories the
+    session recalled for it, each as [turn, role, modality]}."""
     import mmembed as mm
 
     model = mm.load(run_dir)
     on = phase != "ask-without-memory"
-    answers = []
+    answers, recalled = [], []
     with mm.Memory(memory, model=model) as store:  # one connection for every probe's session
         for p in items:
             chat = mm.Session(model, memory=store, user=p["user"], history_turns=3 if on else 0,
                               recall_k=3 if on else 0)
             if phase == "show":
                 prompt = [p["show"], mm.Image(p["path"]) if p["modality"] == "image" else mm.Audio(p["path"])]
-                answers.append(chat.ask(prompt, max_new_tokens=32).text)
+                out = chat.ask(prompt, max_new_tokens=32)
             else:
-                answers.append(chat.ask(p["question"], max_new_tokens=8).text)
-    return answers
+                out = chat.ask(p["question"], max_new_tokens=8)
+            answers.append(out.text)
+            recalled.append([[hit.turn, hit.role, str(hit.modality)] for hit in out.recalled])
+    return {"answers": answers, "recalled": recalled}
 
 
 def cross_process_recall(run_dir: Path, world: Path, n: int = 100, split: str = "test") -> dict[str, Any]:
@@ -72,7 +75,7 @@ def cross_process_recall(run_dir: Path, world: Path, n: int = 100, split: str = 
             out = Path(tmp) / f"{phase}.json"
             subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory), str(spec),
                             str(out)], check=True)
-            answers[phase] = json.loads(out.read_text(encoding="utf-8"))
+            answers[phase] = json.loads(out.read_text(encoding="utf-8"))["answers"]
     score = {ph: sum(normalise(a) == p["answer"] for a, p in zip(answers[ph], items)) / len(items)
              for ph in PHASES[1:]}
     samples = [{"show": f"{p['show']} [{p['modality']} {Path(p['path']).name}]", "said": answers["show"][i],

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from benchmarks.memory_horizon import plan
+from benchmarks.memory_horizon import asked_item_recalled, plan
 
 
 def test_plan_shows_every_item_once_over_three_processes_and_asks_unique_old_objects(tiny_world):
@@ -28,3 +28,11 @@ def test_plan_shows_every_item_once_over_three_processes_and_asks_unique_old_obj
 def test_plan_refuses_a_world_too_small(tiny_world):
     with pytest.raises(SystemExit, match="fewer than users × items"):
         plan(tiny_world, users=100, items=30, questions=5, split="train")
+
+
+def test_an_item_counts_as_recalled_by_its_media_or_its_description_not_the_users_words():
+    question = {"item": 4}  # shown at turn 5
+    assert asked_item_recalled(question, [[2, "user", "image"], [5, "user", "audio"]])
+    assert asked_item_recalled(question, [[5, "assistant", "text"]])
+    assert not asked_item_recalled(question, [[5, "user", "text"], [4, "user", "image"], [6, "assistant", "text"]])
+    assert not asked_item_recalled(question, [])
