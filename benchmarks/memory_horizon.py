@@ -93,15 +93,15 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> d
             answers[phase] = got["answers"]
             if phase == PHASES[1]:
                 recalled = got["recalled"]
-    score = {phase: sum(normalise(a) == q["answer"] for a, q in zip(answers[phase], asked)) / len(asked)
-             for phase in PHASES[1:]}
+    right = {phase: [normalise(a) == q["answer"] for a, q in zip(answers[phase], asked)] for phase in PHASES[1:]}
+    score = {phase: sum(r) / len(asked) for phase, r in right.items()}
     back = [items - 1 - q["item"] for q in asked]
     found = [asked_item_recalled(q, hits) for q, hits in zip(asked, recalled)]
-    right = [normalise(a) == q["answer"] for a, q in zip(answers[PHASES[1]], asked)]
     return {"users": users, "items per user": items, "questions": len(asked), "memory on": score[PHASES[1]],
             "memory off": score[PHASES[2]], "turns back (median)": float(np.median(back)), "goal": GOAL,
             "asked item recalled": sum(found) / len(asked),
-            "correct when recalled": _share(right, found), "correct when not recalled": _share(right, [not f for f in found]),
+            "correct when recalled": _share(right[PHASES[1]], found),
+            "correct when not recalled": _share(right[PHASES[1]], [not f for f in found]),
             "samples": [{"question": q["question"], "answer": a, "truth": q["answer"]}
                         for q, a in list(zip(asked, answers[PHASES[1]]))[:5]]}
 

@@ -92,10 +92,10 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
 
 def _reads(whitened: dict[str, bool] | None) -> str:
     """'. The image-only decoder reads the raw vectors, the joint one whitens them', or ''."""
-    if not whitened or len(set(whitened.values())) == 1:
+    if not whitened or whitened["image-only decoder"] == whitened["joint decoder"]:
         return ""
-    how = {name: "whitens them" if w else "reads the raw vectors" for name, w in whitened.items()}
-    return f". The image-only decoder {how['image-only decoder']}, the joint one {how['joint decoder']}"
+    how = {True: "whitens them", False: "reads the raw vectors"}
+    return f". The image-only decoder {how[whitened['image-only decoder']]}, the joint one {how[whitened['joint decoder']]}"
 
 
 def _whitens(model: Any) -> bool:
