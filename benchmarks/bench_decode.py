@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_decode            # GPT-2 124M shape and a 6-layer 384-wide model
     python -m benchmarks.bench_decode --quick    # the small model only
+    python -m benchmarks.bench_decode --device cuda   # on a GPU (each timed call ends with a synchronize)
 
 A random `GPT2LMHeadModel` is saved with `save_pretrained` and loaded by `load_gpt2` (the path a
 user takes), so both sides hold the same weights. Work: a 32-token prompt, 128 new tokens, greedy,
@@ -13,7 +14,8 @@ then differs; it reports the first tokens and the share of each row written befo
 Hardware bound: one decoding step reads every weight once, so tokens/s ≤ batch × bandwidth /
 weight bytes; `fraction_of_bound` is ours against it, with the bandwidth measured now. The KV
 cache's memory is reported (2 × layers × batch × heads × (32 + 128) × head_dim × 4 bytes).
-Each figure is the median of interleaved repeats after a warm-up; 2 threads.
+Each figure is the median of interleaved repeats after a warm-up; 2 threads. On a GPU the bandwidth
+is a sum over a device buffer and every timed call synchronises before the clock is read.
 """
 
 from __future__ import annotations
@@ -54,7 +56,21 @@ def hf_generate(model, ids: torch.Tensor, static: bool) -> torch.Tensor:
     return out[:, PROMPT:]
 
 
-def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, bandwidth: float) -> list[dict]:
+def synchronised(fn, device: torch.device):
+    """`fn` that returns only once the device has finished its work (a no-op on the CPU)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, bandwidth: float,
+               device: torch.device) -> list[dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -62,12 +78,15 @@ def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, band
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = load_gpt2(Path(tmp))
+    hf, ours = hf.to(device), ours.to(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
     rows = []
     for batch in batches:
         ids = torch.randint(0, cfg["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        ids = ids.to(device)
         fns = {"ours": lambda: ours_generate(ours, ids), "hf_dynamic": lambda: hf_generate(hf, ids, False),
                "hf_static": lambda: hf_generate(hf, ids, True)}
+        fns = {k: synchronised(fn, device) for k, fn in fns.items()}
         same = fns["ours"]() == fns["hf_dynamic"]()  # (B, NEW)
         # random weights give near-flat logits: a near-tie can flip one argmax, after which a row's
         # continuation differs; the prefix agreement says how far the two agree
@@ -79,7 +98,7 @@ def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, band
         tps = {k: batch * NEW / v for k, v in stats["seconds"].items()}
         bound = batch * bandwidth / weight_bytes
         kv_bytes = 2 * cfg["n_layer"] * batch * (PROMPT + NEW) * cfg["n_embd"] * 4
-        bf16 = ours_bf16(ours, ids, rounds)
+        bf16 = ours_bf16(ours, ids, rounds, device)
         rows.append(ratio_report(
             f"decode {name} batch {batch}", tps["ours"], tps[anchor_name], "tokens/s", higher_is_better=True,
             anchor_impl=anchor_name, tokens_per_s=tps, agreement=agree, bound_tokens_per_s=bound,
@@ -88,12 +107,13 @@ def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, band
     return rows
 
 
-def ours_bf16(decoder, ids: torch.Tensor, rounds: int) -> dict:
+def ours_bf16(decoder, ids: torch.Tensor, rounds: int, device: torch.device) -> dict:
     """The same work with bf16 weights (half the bytes per step): tokens/s and agreement."""
     fp32 = ours_generate(decoder, ids)
     low = decoder.to(torch.bfloat16)
     try:
-        times = interleaved_times({"bf16": lambda: ours_generate(low, ids)}, rounds=max(2, rounds // 2), warmup=1)
+        fn = synchronised(lambda: ours_generate(low, ids), device)
+        times = interleaved_times({"bf16": fn}, rounds=max(2, rounds // 2), warmup=1)
         same = float((ours_generate(low, ids) == fp32).float().mean())
     finally:
         decoder.to(torch.float32)
@@ -101,18 +121,19 @@ def ours_bf16(decoder, ids: torch.Tensor, rounds: int) -> dict:
     return {"tokens_per_s": ids.shape[0] * NEW / seconds, "tokens_same_as_fp32": same}
 
 
-def run(quick: bool = False, rounds: int | None = None) -> dict:
+def run(quick: bool = False, rounds: int | None = None, device: str = "cpu") -> dict:
     setup(threads=2, seed=0)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    bandwidth = memory_bandwidth()
+    dev = torch.device(device)
+    bandwidth = memory_bandwidth(device=dev)
     sizes = {"6x384": SIZES["6x384"]} if quick else SIZES
     rows = []
     for name, cfg in sizes.items():
-        rows += bench_size(name, cfg, (1, 8), rounds or (3 if name == "gpt2-124M" else 5), bandwidth)
+        rows += bench_size(name, cfg, (1, 8), rounds or (3 if name == "gpt2-124M" else 5), bandwidth, dev)
     return {
         "benchmark": "B-decode",
         "goal": "tokens/s ratio >= 1.15 (GPT-2 124M fp32) and >= 1.5 (6x384) against transformers generate",
-        "work": f"prompt {PROMPT} + {NEW} new tokens, greedy, fp32, 2 threads",
+        "work": f"prompt {PROMPT} + {NEW} new tokens, greedy, fp32, 2 threads, on {dev}",
         "bandwidth_bytes_per_s": bandwidth,
         "results": rows,
     }
@@ -122,8 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small model only")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick, rounds=args.rounds), indent=2))
+    print(json.dumps(run(quick=args.quick, rounds=args.rounds, device=args.device), indent=2))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,11 @@ def matmul_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats
     return 2 * n**3 / median_time(lambda: a @ b, repeats=repeats)
 
 
-def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
-    """Measured read bandwidth (bytes/s): a sum over a large fp32 buffer."""
-    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3, device: torch.device | str = "cpu") -> float:
+    """Measured read bandwidth (bytes/s): a sum over a large fp32 buffer on `device`."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    if x.device.type == "cuda":
+        return n_bytes / median_time(lambda: x.sum().item(), repeats=max(repeats, 10))
     return n_bytes / median_time(lambda: x.sum(), repeats=repeats)
 
 

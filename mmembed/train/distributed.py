@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmembed.errors import PeerLostError
+from mmembed.errors import PeerLostError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,23 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Wor
         use_cuda = device != "cpu" and torch.cuda.is_available()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
+            _check_gpus_per_machine(local_rank)
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
         world = current_world()
         log.info("process %d of %d joined (%s backend)", world.rank, world.size, dist.get_backend())
     return current_world()
+
+
+def _check_gpus_per_machine(local_rank: int) -> None:
+    """One GPU per process: more processes on this machine than GPUs is one clear line on every
+    rank, before any joins (set_device would fail on some ranks with CUDA's "invalid device ordinal")."""
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), local_rank + 1)
+    gpus = torch.cuda.device_count()
+    if local > gpus:
+        raise UserError(f"torchrun starts {local} processes on this machine but CUDA sees {gpus} GPU(s): one GPU "
+                        f"per process, so use --nproc-per-node {gpus}, or run on the CPU (train.device=cpu, or "
+                        "CUDA_VISIBLE_DEVICES= for commands without a device option)")
 
 
 def shutdown() -> None:

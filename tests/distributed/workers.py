@@ -104,7 +104,9 @@ def rank_pids(torchrun_pid: int) -> dict[int, int]:
 
 
 def free_env() -> dict[str, str]:
-    """The environment for a torchrun child of a test: one thread per process, no inherited rank."""
+    """The environment for a torchrun child of a test: one thread per process, no inherited rank,
+    and no GPU: these are the CPU (gloo) runs CI makes, also on a machine with one GPU, where two
+    processes asking for one GPU each are refused (test_devices.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1"}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

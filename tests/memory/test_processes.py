@@ -23,7 +23,8 @@ USER = "ada"
 def start(kind: str, db: Path, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tests.memory.worker", kind, str(db), str(seconds)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                           os.environ.get("PYTHONPATH")]))})
 
 
 def wait_ready(*procs: subprocess.Popen) -> None:

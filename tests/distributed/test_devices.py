@@ -1,0 +1,20 @@
+"""One GPU per process: a torchrun job with more processes on a machine than it has GPUs is
+refused on every rank with one clear line, before any process joins the group."""
+
+import pytest
+import torch
+
+from mmembed.errors import UserError
+from mmembed.train.distributed import init_distributed
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_more_processes_than_gpus_is_one_clear_line_on_every_rank(monkeypatch, local_rank):
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(UserError, match=r"2 processes on this machine but CUDA sees 1 GPU.*--nproc-per-node 1") as e:
+        init_distributed("auto")
+    assert "\n" not in str(e.value) and "train.device=cpu" in str(e.value)
