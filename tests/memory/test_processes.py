@@ -21,10 +21,10 @@ USER = "ada"
 
 
 def start(kind: str, db: Path, seconds: float) -> subprocess.Popen:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep what the parent imports from
     return subprocess.Popen([sys.executable, "-m", "tests.memory.worker", kind, str(db), str(seconds)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                                           os.environ.get("PYTHONPATH")]))})
+                            env={**os.environ, "PYTHONPATH": path})
 
 
 def wait_ready(*procs: subprocess.Popen) -> None:
