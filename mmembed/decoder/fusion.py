@@ -110,7 +110,8 @@ class MultimodalLM(nn.Module):
 
 
 def answer_logits(lm: MultimodalLM, ids: Tensor, media: Tensor | None, targets: Tensor,
-                  loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+                  loss_mask: Tensor, mask: Tensor | None = None,
+                  positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Logits and targets at the answer positions only (the loss never sees the prompt).
 
     Args:
@@ -118,10 +119,12 @@ def answer_logits(lm: MultimodalLM, ids: Tensor, media: Tensor | None, targets: 
         media: (M, D) vectors for the placeholders.
         targets: (B, T) the id each position should predict next.
         loss_mask: (B, T) bool, True where the next id is part of the answer (its end token too).
+        mask, positions: for rows that pack several sequences, (B, T, T) which keys each token
+            may see (causality is added) and (B, T) positions; None for one sequence per row.
 
     Returns:
         logits (N, V) and targets (N,) for the N masked positions. Only those N rows go through
         the LM head: with a 50k vocabulary that is most of the saving over full logits.
     """
-    hidden = lm.decoder.hidden(inputs_embeds=lm.embed(ids, media))  # (B, T, C)
+    hidden = lm.decoder.hidden(inputs_embeds=lm.embed(ids, media), mask=mask, positions=positions)  # (B, T, C)
     return lm.decoder.lm_head(hidden[loss_mask]), targets[loss_mask]

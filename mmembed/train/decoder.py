@@ -33,7 +33,7 @@ from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
 from mmembed.train.align import seed_everything
 from mmembed.train.distributed import barrier, current_world, parallelize, resolve_device, seed_ranks
-from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts
+from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import lock_run, prepare_run_dir
@@ -80,7 +80,11 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
 
     def make_loader(epoch: int, start_sample: int):
         sampler.set_epoch(epoch, start_sample=start_sample)
-        return (collate_prompts([train_data[key] for key in keys], pm.fmt.pad_id) for keys in sampler)
+        def batch(items: list) -> PromptBatch:
+            return (pack_prompts(items, pm.fmt.pad_id, cfg.context) if cfg.data.pack
+                    else collate_prompts(items, pm.fmt.pad_id))
+
+        return (batch([train_data[key] for key in keys]) for keys in sampler)
 
     net = parallelize(lm, answer_logits, device, fsdp=tc.fsdp, bf16=tc.precision == "bf16")
     seed_ranks(tc.seed)
@@ -183,10 +187,9 @@ def make_step_fn(pm: PromptModel, vectors: torch.Tensor, noise: float, device: t
     def step(batch: PromptBatch) -> StepOutput:
         batch = batch.to(device)
         media = media_vectors(vectors, batch.media, noise)
-        if net is None:
-            logits, targets = answer_logits(pm.lm, batch.ids, media, batch.targets, batch.loss_mask)
-        else:
-            logits, targets = net(batch.ids, media, batch.targets, batch.loss_mask)
+        args = (batch.ids, media, batch.targets, batch.loss_mask)
+        packing = {"mask": batch.mask, "positions": batch.positions}
+        logits, targets = answer_logits(pm.lm, *args, **packing) if net is None else net(*args, **packing)
         loss = F.cross_entropy(logits.float(), targets)
         accuracy = float((logits.argmax(-1) == targets).float().mean())
         return StepOutput(loss, {"token_accuracy": accuracy}, samples=len(batch))

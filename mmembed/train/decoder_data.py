@@ -3,6 +3,7 @@
     rows ─► MediaTable: every distinct media item embedded once by the frozen towers ─► (U, D)
          ─► PromptDataset: ids = prompt (text tokens, markers, placeholders) + answer + <eos>
          ─► collate: right-padded ids, next-token targets, answer-only loss mask, media indices
+            (or pack: the batch's prompts packed into rows of the context, each attending to itself)
 
 With the space frozen a media item's vector never changes, so it is computed once rather than
 every epoch; a step then costs only the projector and the decoder.
@@ -142,26 +143,74 @@ class PromptDataset(Dataset):
 
 @dataclass
 class PromptBatch:
-    ids: Tensor  # (B, T) right-padded
-    targets: Tensor  # (B, T) next id at each position
-    loss_mask: Tensor  # (B, T) bool: the next id belongs to the answer
+    ids: Tensor  # (R, T) right-padded rows: one prompt each, or several when packed
+    targets: Tensor  # (R, T) next id at each position
+    loss_mask: Tensor  # (R, T) bool: the next id belongs to the answer
     media: Tensor  # (M,) table indices, row-major
+    prompts: int  # prompts in the batch (R unless packed)
+    mask: Tensor | None = None  # packed: (R, T, T) bool, True where a token may see a key of its own prompt
+    positions: Tensor | None = None  # packed: (R, T) each prompt's positions, from 0
 
     def to(self, device: torch.device) -> PromptBatch:
-        return PromptBatch(*(t.to(device) for t in (self.ids, self.targets, self.loss_mask, self.media)))
+        move = (lambda t: None if t is None else t.to(device))
+        return PromptBatch(move(self.ids), move(self.targets), move(self.loss_mask), move(self.media), self.prompts,
+                           move(self.mask), move(self.positions))
 
     def __len__(self) -> int:
-        return self.ids.shape[0]
+        return self.prompts
 
 
-def collate_prompts(items: list[tuple[list[int], int, list[int]]], pad_id: int) -> PromptBatch:
-    width = max(len(ids) for ids, _, _ in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(len(items), width, dtype=torch.bool)
-    for b, (row, answer_start, _) in enumerate(items):
-        ids[b, : len(row)] = torch.tensor(row)
-        loss_mask[b, answer_start - 1 : len(row) - 1] = True  # positions that predict an answer id
+Item = tuple[list[int], int, list[int]]  # PromptDataset's (ids, first answer index, media indices)
+
+
+def collate_prompts(items: list[Item], pad_id: int) -> PromptBatch:
+    """One prompt per row, right-padded to the longest."""
+    return _lay_out([[item] for item in items], pad_id, packed=False)
+
+
+def pack_prompts(items: list[Item], pad_id: int, context: int) -> PromptBatch:
+    """The batch's prompts packed into as few rows of `context` tokens as first-fit decreasing
+    finds (torchtune's packing, within one batch). The mask keeps each prompt to its own tokens
+    and its positions restart at 0, so every prompt gets exactly the logits it gets alone: the
+    batch and its loss stay what they were, without the padding. On the demo's prompts (mean 35
+    tokens, batch longest 82) that is about a third of the tokens."""
+    rows: list[list[Item]] = []
+    room: list[int] = []
+    for item in sorted(items, key=lambda it: -len(it[0])):  # stable: ties keep the batch's order
+        n = len(item[0])
+        if n > context:
+            raise ValueError(f"a prompt of {n} tokens does not fit the context of {context}")
+        free = next((r for r, left in enumerate(room) if n <= left), None)
+        if free is None:
+            rows.append([item])
+            room.append(context - n)
+        else:
+            rows[free].append(item)
+            room[free] -= n
+    return _lay_out(rows, pad_id, packed=True)
+
+
+def _lay_out(rows: list[list[Item]], pad_id: int, packed: bool) -> PromptBatch:
+    width = max(sum(len(ids) for ids, _, _ in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    prompt_of = torch.full((len(rows), width), -1, dtype=torch.long)  # which prompt of its row a token is; -1 = pad
+    media: list[int] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for p, (seq, answer_start, ms) in enumerate(row):
+            end = start + len(seq)
+            ids[r, start:end] = torch.tensor(seq)
+            loss_mask[r, start + answer_start - 1 : end - 1] = True  # positions that predict an answer id
+            positions[r, start:end] = torch.arange(len(seq))
+            prompt_of[r, start:end] = p
+            media += ms
+            start = end
     targets = torch.full_like(ids, pad_id)
-    targets[:, :-1] = ids[:, 1:]
-    media = torch.tensor([m for _, _, ms in items for m in ms], dtype=torch.long)
-    return PromptBatch(ids, targets, loss_mask, media)
+    targets[:, :-1] = ids[:, 1:]  # a prompt's last position would read the next one's first id: never in the loss
+    n_prompts = sum(len(row) for row in rows)
+    if not packed:
+        return PromptBatch(ids, targets, loss_mask, torch.tensor(media, dtype=torch.long), n_prompts)
+    mask = (prompt_of[:, :, None] == prompt_of[:, None, :]) & (prompt_of >= 0)[:, None, :]
+    return PromptBatch(ids, targets, loss_mask, torch.tensor(media, dtype=torch.long), n_prompts, mask, positions)
