@@ -160,13 +160,16 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
 
 
 def test_the_transfer_decoder_reads_raw_vectors_when_the_joint_one_whitens(tiny_world, tmp_path):
-    from mmembed.demo import image_only_config
+    from mmembed.demo import TRANSFER_MAX_STEPS, image_only_config
 
     joint = decoder_config(tiny_world, tmp_path / "run", whiten=True)
     transfer = image_only_config(joint, tmp_path / "run")
     assert transfer.decoder.data.prompt_modalities == ["image"] and transfer.decoder.whiten is False
     assert transfer.model.init_from == str(tmp_path / "run")
     assert transfer.train.out_dir == str(tmp_path / "run" / "decoder-image-only")
+    assert transfer.decoder.train.max_steps == joint.decoder.train.max_steps == 8  # under the cap: as configured
+    joint.decoder.train.max_steps = None
+    assert image_only_config(joint, tmp_path / "run").decoder.train.max_steps == TRANSFER_MAX_STEPS
     assert joint.decoder.whiten is True and joint.decoder.data.prompt_modalities != ["image"]  # left as it was
 
 
