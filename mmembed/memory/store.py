@@ -26,7 +26,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ class Store:
         with self._errors():
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise MemoryFileError(f"{self.path}: SQLite cannot use a WAL journal here (got {mode!r})")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -344,6 +345,24 @@ def _id_filter(ids: list[int], user: str | None) -> tuple[str, list[Any]]:
     where = f"id IN ({', '.join('?' * len(ids))})"
     # "+user": look rows up by id; SQLite would otherwise pick the user index and scan all the user's rows
     return (where, list(ids)) if user is None else (f"{where} AND +user = ?", [*ids, user])
+
+
+def _while_busy(op: Callable[[], Any], timeout_s: float = BUSY_TIMEOUT_S) -> Any:
+    """`op()`, retried while SQLite answers "database is locked", for up to `timeout_s`.
+
+    Turning a new file to WAL needs an exclusive lock, and SQLite answers that request with
+    SQLITE_BUSY at once, without its busy handler, when another process holds the file open (as
+    when several processes open a new memory file together); the busy timeout never applies.
+    """
+    deadline, delay = time.monotonic() + timeout_s, 0.001
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
 
 
 def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
