@@ -78,13 +78,12 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     sampler = EpochBatchSampler(len(train_data), tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                 rank=world.rank, world_size=world.size)
 
+    def collate(items: list) -> PromptBatch:
+        return pack_prompts(items, pm.fmt.pad_id, cfg.context) if cfg.data.pack else collate_prompts(items, pm.fmt.pad_id)
+
     def make_loader(epoch: int, start_sample: int):
         sampler.set_epoch(epoch, start_sample=start_sample)
-        def batch(items: list) -> PromptBatch:
-            return (pack_prompts(items, pm.fmt.pad_id, cfg.context) if cfg.data.pack
-                    else collate_prompts(items, pm.fmt.pad_id))
-
-        return (batch([train_data[key] for key in keys]) for keys in sampler)
+        return (collate([train_data[key] for key in keys]) for keys in sampler)
 
     net = parallelize(lm, answer_logits, device, fsdp=tc.fsdp, bf16=tc.precision == "bf16")
     seed_ranks(tc.seed)
