@@ -31,9 +31,10 @@ def items(pm):
     return out, vectors
 
 
-@pytest.mark.parametrize("positional", ["rotary", "learned", "sinusoidal"])
-def test_a_packed_prompt_gets_the_logits_it_gets_alone(positional):
-    pm = lively(prompt_model(positional), std=0.3)
+@pytest.mark.parametrize("positional, window", [("rotary", None), ("learned", None), ("sinusoidal", None),
+                                              ("rotary", 8)])  # a sliding window counts within each prompt too
+def test_a_packed_prompt_gets_the_logits_it_gets_alone(positional, window):
+    pm = lively(prompt_model(positional, window=window), std=0.3)
     batch_items, vectors = items(pm)
     context = 64
     packed = pack_prompts(batch_items, pm.fmt.pad_id, context)
