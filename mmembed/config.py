@@ -156,6 +156,9 @@ class DecoderDataConfig:
     tasks: list[str] | None = None  # keep only rows of these tasks (None: all)
     prompt_modalities: list[str] | None = None  # keep only rows whose media are all of these modalities
     val_rows: int = 1000  # validation rows scored (teacher-forced) at each evaluation
+    # Training rows of a task repeated by its weight (e.g. {exists: 3}; 0 drops it, others keep 1):
+    # the epoch's task mixture. Validation stays as written.
+    task_weights: dict[str, float] = field(default_factory=dict)
     # Training: pack each batch's prompts into rows of the context (each prompt attends only to
     # itself; same loss, none of the padding: the demo's decoder steps take about half the time)
     pack: bool = True

@@ -15,7 +15,9 @@ refused path) are skipped and counted, or raised with their line in strict mode.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,26 @@ class InstructionSet:
         allowed = None if modalities is None else {Modality.parse(m) for m in modalities}
         rows = [r for r in self.rows if (tasks is None or r.task in tasks)
                 and (allowed is None or all(m in allowed for m, _ in r.media))]
+        return InstructionSet(self.path, rows, self.skipped)
+
+    def weighted(self, weights: Mapping[str, float], seed: int = 0) -> InstructionSet:
+        """Each row repeated by its task's weight, so an epoch holds the tasks in those proportions
+        (an instruction-tuning mixture): 3 keeps every row of the task three times, 2.5 twice and
+        a seeded half of them a third time, 0 drops the task; tasks not named keep 1."""
+        present = {r.task for r in self.rows if r.task is not None}
+        unknown = sorted(set(weights) - present)
+        if unknown:
+            raise UserError(f"task weights name task(s) no row of {self.path} has: {', '.join(unknown)} "
+                            f"(its tasks: {', '.join(sorted(present))})")
+        bad = sorted(t for t, w in weights.items() if not (math.isfinite(w) and w >= 0))
+        if bad:
+            raise UserError(f"task weights must be finite and >= 0: {', '.join(f'{t}={weights[t]}' for t in bad)}")
+        rng = random.Random(seed)
+        rows = []
+        for row in self.rows:
+            w = weights.get(row.task, 1.0)
+            extra = rng.random() < w - math.floor(w)  # drawn for every row: the draws never depend on the weights
+            rows += [row] * (math.floor(w) + extra)
         return InstructionSet(self.path, rows, self.skipped)
 
 

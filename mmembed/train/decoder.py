@@ -123,6 +123,10 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     """Training and validation rows as datasets, their media embedded, and the skips."""
     cfg, root = config.decoder, Path(config.data.root)
     train_set = _read(config, root, cfg.data.train)
+    if cfg.data.task_weights:
+        train_set = train_set.weighted(cfg.data.task_weights, seed=cfg.train.seed)
+        if not train_set.rows:
+            raise UserError(f"{root / cfg.data.train}: no row left after decoder.data.task_weights")
     val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
     val_rows = val_set.rows[: cfg.data.val_rows] if val_set is not None else []
     table = MediaTable()

@@ -1,0 +1,46 @@
+"""Task weights for the decoder stage: rows repeated by their task's weight, seeded, validated."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from mmembed.data.instructions import read_instructions
+from mmembed.errors import UserError
+
+TASKS = {"exists": 40, "colour": 30, "larger": 20, None: 10}
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "instruct.jsonl"
+    lines = []
+    for task, n in TASKS.items():
+        for i in range(n):
+            row = {"prompt": [f"question {i}"], "answer": "yes"}
+            if task is not None:
+                row["task"] = task
+            lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return read_instructions(path)
+
+
+def test_rows_repeat_by_their_tasks_weight(data):
+    out = data.weighted({"exists": 3, "colour": 0, "larger": 2.5}, seed=0)
+    counts = Counter(r.task for r in out.rows)
+    assert counts["exists"] == 120 and "colour" not in counts and counts[None] == 10  # unnamed tasks keep 1
+    assert 40 <= counts["larger"] <= 60 and counts["larger"] not in (40, 60)  # every row twice, about half thrice
+    larger = Counter(r.line for r in out.rows if r.task == "larger")
+    assert set(larger.values()) == {2, 3}
+    assert [r.line for r in data.weighted({"larger": 2.5}, seed=0).rows if r.task == "larger"] == \
+           [r.line for r in out.rows if r.task == "larger"]  # seeded: the same rows get the third copy
+    assert data.weighted({}, seed=0).rows == data.rows
+
+
+def test_bad_weights_are_one_clear_error(data):
+    with pytest.raises(UserError, match="no row of .* has: counting"):
+        data.weighted({"counting": 2})
+    with pytest.raises(UserError, match="finite and >= 0: exists=-1"):
+        data.weighted({"exists": -1})
+    with pytest.raises(UserError, match="exists=nan"):
+        data.weighted({"exists": float("nan")})
