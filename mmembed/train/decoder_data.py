@@ -75,6 +75,9 @@ class Encoded:
     answer: list[int]
 
 
+Item = tuple[list[int], int, list[int]]  # a prompt: (ids, index of the first answer id, media table indices)
+
+
 class PromptDataset(Dataset):
     """Rows → (ids, answer start, media indices), with each media marker drawn per sample.
 
@@ -123,7 +126,7 @@ class PromptDataset(Dataset):
         media = self.fmt.soft_tokens + 2
         return 2 + len(ex.answer) + sum(len(p) if isinstance(p, list) else media for p in ex.pieces)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[int], int, list[int]]:
+    def __getitem__(self, key: tuple[int, int]) -> Item:
         """(index, sample seed) → (ids, index of the first answer id, media table indices)."""
         index, seed = key
         ex = self.examples[index]
@@ -160,9 +163,6 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return self.prompts
-
-
-Item = tuple[list[int], int, list[int]]  # PromptDataset's (ids, first answer index, media indices)
 
 
 def collate_prompts(items: list[Item], pad_id: int) -> PromptBatch:
