@@ -7,6 +7,7 @@ and nowhere else. A user mistake (bad path, bad option, bad config) prints one l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampling")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="answer with the best of N candidates (the greedy one and N-1 sampled at --temperature, "
+                        "which must be > 0), ranked by mean log-probability per token plus --rerank-weight x the "
+                        "shared space's logit scale x the cosine of the answer to the prompt's media")
+    p.add_argument("--rerank-weight", type=float, default=1.0,
+                   help="weight of the shared space in --best-of (default 1; 0 = log-probability alone)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help="print text, token ids, log-probs and entropies as JSON")
     p.add_argument("--attention-png", type=_png, metavar="OUT.png",
@@ -370,6 +377,8 @@ def _generate_rules(args: argparse.Namespace) -> None:
     """Which `generate` options go together (their --help says so)."""
     if args.stream and (args.json or args.plot or args.temperature_sweep is not None):
         raise UserError("--stream excludes --json, --plot and --temperature-sweep")
+    if args.best_of != 1 and (args.stream or args.temperature_sweep is not None):
+        raise UserError("--best-of chooses among whole answers: it excludes --stream and --temperature-sweep")
     if args.temperature_sweep is not None and args.temperature != 0:
         raise UserError("--temperature-sweep gives the temperatures: drop --temperature")
     if args.samples is not None and args.temperature_sweep is None:
@@ -377,11 +386,12 @@ def _generate_rules(args: argparse.Namespace) -> None:
 
 
 def _answer(args: argparse.Namespace, model, prompt: list, options: dict) -> None:
-    out = model.generate(prompt, **options)
+    out = model.generate(prompt, **options, best_of=args.best_of, rerank_weight=args.rerank_weight)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
                           "entropy": out.entropy, "mean_entropy": out.mean_entropy,
-                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens}))
+                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                          "candidates": [dataclasses.asdict(c) for c in out.candidates]}))
     else:
         print(out.text)
     if args.plot:

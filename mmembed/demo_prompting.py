@@ -43,14 +43,14 @@ def row_group(row: InstructionRow) -> str:
     return "two-item comparison (image + sound)"
 
 
-def _score(row: InstructionRow, text: str) -> bool:
+def score_row(row: InstructionRow, text: str) -> bool:
     return score({"task": row.task, "answer": row.answer, **row.meta}, text)
 
 
 def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[Generation]]:
     """Per-group accuracy (with the attribute questions pooled over modalities) and the answers."""
     answers = answer_rows(model, rows)
-    table = accuracy_by_group(rows, answers, _score, row_group)
+    table = accuracy_by_group(rows, answers, score_row, row_group)
     pooled = [g for g in table if g.startswith("attribute question (")]
     n = sum(table[g]["n"] for g in pooled)
     correct = sum(table[g]["correct"] for g in pooled)
@@ -83,7 +83,7 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
         result["whitened"] = {"joint decoder": _whitens(model), "image-only decoder": _whitens(transfer)}
         for name, rows in splits.items():
             audio = audio_descriptions(rows)
-            table = accuracy_by_group(audio, answer_rows(transfer, audio), _score, row_group)
+            table = accuracy_by_group(audio, answer_rows(transfer, audio), score_row, row_group)
             result["transfer"][name] = {"image-only decoder": table["description from a sound"]["accuracy"],
                                         "joint decoder": tables[name]["description from a sound"]["accuracy"],
                                         "n": len(audio)}
@@ -116,7 +116,7 @@ def _samples(rows: list[InstructionRow], answers: list[Generation]) -> list[dict
         for row, answer in zip(rows, answers):
             if row_group(row) == kind:
                 out.append({"kind": kind, "prompt": _show(row), "answer": answer.text, "truth": row.answer,
-                            "correct": bool(_score(row, answer.text))})
+                            "correct": bool(score_row(row, answer.text))})
                 break
     return out
 

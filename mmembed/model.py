@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +126,8 @@ class Model:
 
     def generate(self, prompt: Prompt | list[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, stop: str | int | Sequence | None = None,
-                 seed: int | None = None) -> Generation | list[Generation]:
+                 seed: int | None = None, best_of: int = 1,
+                 rerank_weight: float = 1.0) -> Generation | list[Generation]:
         """Answer a prompt that interleaves text and media.
 
         Args:
@@ -139,10 +140,16 @@ class Model:
             top_k, top_p: keep the k most likely tokens / the smallest set reaching probability p.
             stop: stop strings (cut from the text) and/or token ids; <eos> always stops.
             seed: seeds the sampling for a reproducible draw.
+            best_of: answer with the best of this many candidates: the greedy answer and
+                best_of − 1 sampled at `temperature` (which must then be > 0), ranked by mean
+                log-probability per token plus `rerank_weight` × the space's logit scale × the mean
+                cosine between the answer's text vector and the prompt's media (`decoder/score.py`).
+                The shared space knows combinations the decoder never wrote in training.
+            rerank_weight: 0 ranks by log-probability alone; needs a text tower when > 0.
 
         Returns:
-            A `Generation` (text, token_ids, logprobs, entropy in nats per token), or a list of
-            them for a batch.
+            A `Generation` (text, token_ids, logprobs, entropy in nats per token; with best_of > 1
+            also `candidates`, best first), or a list of them for a batch.
 
         Raises:
             UserError: the run has no decoder. BadInput naming the segment: an empty prompt,
@@ -151,12 +158,29 @@ class Model:
             positions asked to go past it. ValueError: invalid sampling arguments.
         """
         from mmembed.decoder import generate as run_batch
+        from mmembed.decoder.score import check_best_of
+        from mmembed.decoder.score import best_of as best_of_n
 
         pm, prompts, batch, args = self._generation_inputs(prompt, temperature, top_k, top_p, stop)
+        check_best_of(best_of, rerank_weight, args[0])
+        if best_of > 1:
+            scale = float(self.space.logit_scale.detach())
+            outs = best_of_n(pm.lm, pm.fmt, prompts, best_of, max_new_tokens, *args, seed, self.device,
+                             self._answer_embedder(rerank_weight), scale, rerank_weight)
+            return outs if batch else outs[0]
         outs = []
         for start in range(0, len(prompts), 64):
             outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, seed, self.device)
         return outs if batch else outs[0]
+
+    def _answer_embedder(self, rerank_weight: float) -> Callable[[list[str]], Tensor] | None:
+        """What `best_of` judges answers with: the text tower (answers are text)."""
+        if rerank_weight == 0:
+            return None
+        if Modality.TEXT not in self.modalities:
+            raise UserError("rerank_weight > 0 ranks answers by the text tower, which this model lacks: "
+                            "pass rerank_weight=0 to rank them by log-probability alone")
+        return lambda texts: self.embed(Modality.TEXT, texts)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, stop: str | int | Sequence | None = None,
@@ -222,7 +246,7 @@ class Model:
         from mmembed.insight import token_entropy
 
         pm, resolved, _ = self._one_prompt(prompt, "token_entropy")
-        return token_entropy(pm, resolved, generation, self.device)
+        return token_entropy(pm, resolved, generation)
 
     def _one_prompt(self, prompt: Any, what: str, top_k: int | None = None, top_p: float | None = None,
                     stop: Any = None) -> tuple[PromptModel, Resolved, Stops]:

@@ -1,8 +1,9 @@
 """The decoder: a causal language model that reads prompts interleaving text and media.
 
 Reading order: model.py (the LM) → kv_cache.py → whitening.py → fusion.py (vectors → soft tokens at their
-placeholders) → prompt.py (segments → ids) → sampling.py → generate.py → gpt2.py (pretrained
-weights) → builder.py (config → modules, run files) → evaluate.py (answer and score instruction rows).
+placeholders) → prompt.py (segments → ids) → sampling.py → generate.py → score.py (scoring answers, best of
+N) → gpt2.py (pretrained weights) → builder.py (config → modules, run files) → evaluate.py (answer and score
+instruction rows).
 The training stage is `mmembed/train/decoder.py`.
 
     import mmembed as mm

@@ -48,6 +48,8 @@ class Generation:
         prompt_tokens: ids in the prompt (soft tokens and markers included).
         recalled: the memories a `Session` showed the decoder for this answer, best first
             (`MemoryHit`s with scores); empty outside a session.
+        candidates: with `best_of` > 1, every distinct answer considered, best first
+            (`score.Candidate`s with their scores); empty otherwise.
     """
 
     text: str
@@ -57,6 +59,7 @@ class Generation:
     finish_reason: str = "length"
     prompt_tokens: int = 0
     recalled: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
 
     @property
     def mean_entropy(self) -> float:
@@ -128,13 +131,15 @@ def pad_left(fmt: PromptFormat, rows: list[list[int]], device: torch.device) -> 
 
 @torch.inference_mode()
 def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_tokens: int,
-                 sampling: Sampling, generator: torch.Generator | None = None) -> Iterator[Choice]:
+                 sampling: Sampling, generator: torch.Generator | None = None,
+                 suppress: Sequence[int] = ()) -> Iterator[Choice]:
     """Yield one `Choice` per step for every row; the caller stops iterating when it is done.
 
     Args:
         embeds: (B, T, C) left-padded prompt embeddings (soft tokens already in place).
         mask: (B, T) bool, True = real token; None when no row is padded.
         max_new_tokens: steps at most (the caches are sized for T + max_new_tokens).
+        suppress: ids never chosen (probability 0), e.g. `PromptFormat.prompt_only_ids`.
     """
     B, T, _ = embeds.shape
     device = embeds.device
@@ -145,7 +150,7 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
     else:
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each
         next_pos = positions[:, -1:] + 1  # (B, 1)
-    head = _logits_fn(decoder, B)
+    head = _logits_fn(decoder, B, torch.tensor(list(suppress), dtype=torch.long, device=device))
     hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
     logits = head(hidden[:, -1])  # (B, V)
     keys = _KeyMask(mask, T + max_new_tokens, caches[0].max_len)
@@ -183,16 +188,20 @@ class _KeyMask:
         return self.full[:, start:end]  # end <= the buffer's width whenever start < prompt
 
 
-def _logits_fn(decoder: Decoder, batch: int):
-    """The LM head for this generation. Its weight is stored column-major (`model.column_major_head_`),
-    the faster layout for one row; for several rows (V, C) @ (C, B) over a row-major copy is the
-    faster GEMM here (GPT-2's 50k × 768 head at B = 8: 21 ms vs 33 ms on the 2-core machine). The
-    copy is made once per generation call, so it is never stale."""
+def _logits_fn(decoder: Decoder, batch: int, suppress: Tensor):
+    """The LM head for this generation, with the `suppress` ids at -inf. Its weight is stored
+    column-major (`model.column_major_head_`), the faster layout for one row; for several rows
+    (V, C) @ (C, B) over a row-major copy is the faster GEMM here (GPT-2's 50k × 768 head at B = 8:
+    21 ms vs 33 ms on the 2-core machine). The copy is made once per generation call, so it is never
+    stale."""
     weight = decoder.lm_head.weight
-    if batch == 1 or weight.is_contiguous():
-        return decoder.lm_head
-    rows = weight.contiguous()  # (V, C)
-    return lambda h: (rows @ h.t()).t()
+    rows = weight if batch == 1 or weight.is_contiguous() else weight.contiguous()  # (V, C)
+
+    def head(h: Tensor) -> Tensor:
+        logits = decoder.lm_head(h) if rows is weight else (rows @ h.t()).t()
+        return logits.index_fill_(-1, suppress, float("-inf")) if len(suppress) else logits
+
+    return head
 
 
 @torch.inference_mode()
@@ -240,7 +249,7 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
         if steps < 1:
             yield rows
             return
-        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator):
+        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, fmt.prompt_only_ids):
             tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
             for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
                 if not row.done:

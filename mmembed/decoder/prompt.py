@@ -120,6 +120,9 @@ class PromptFormat:
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.answer_id, self.placeholder_id = self.ids["<answer>"], self.ids["<media>"]
         self._hidden = set(self.ids.values()) | set(own.values()) | {self.bos_id, self.eos_id, self.pad_id}
+        # what only a prompt holds (media slots, markers, <bos>, <answer>, padding): never generated,
+        # and a generated placeholder would be read as a media slot when the answer is fed back
+        self.prompt_only_ids = sorted(self._hidden - {self.eos_id})
 
     def encode(self, parts: Sequence[str | Slot]) -> list[int]:
         """Prompt parts → ids from `<bos>` to `<answer>` inclusive."""

@@ -26,6 +26,7 @@ from torch import Tensor
 from mmembed.decoder.generate import Generation, Stops, generate
 from mmembed.decoder.prompt import Resolved
 from mmembed.decoder.sampling import Sampling
+from mmembed.decoder.score import teacher_forced_logits
 from mmembed.insight.plotting import pyplot, save_png, token_labels
 
 if TYPE_CHECKING:
@@ -46,9 +47,7 @@ def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(dim=-1)
 
 
-@torch.inference_mode()
-def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]],
-                  device: torch.device) -> list[list[float]]:
+def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]]) -> list[list[float]]:
     """The model's own entropy H(softmax(z)) at every token of each answer, teacher-forced.
 
     Args:
@@ -59,24 +58,9 @@ def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[
     Returns:
         One list per answer, as long as it: entry t is the entropy of the distribution over token t.
     """
-    lm, fmt = pm.lm, pm.fmt
     if not any(answers):
         return [[] for _ in answers]
-    head = fmt.encode(prompt.parts)
-    P = len(head)
-    # prompt + answer without its last token (nothing reads what follows it); right padding is
-    # never seen by the causal positions before it.
-    rows = [head + list(a[:-1]) for a in answers]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [fmt.pad_id] * (width - len(r)) for r in rows], device=device)  # (N, P + L - 1)
-    media = prompt.vectors.repeat(len(rows), 1) if prompt.vectors.shape[0] else None  # row-major slots
-    was_training = lm.training
-    lm.eval()
-    try:
-        hidden = lm.decoder.hidden(inputs_embeds=lm.embed(ids, media))[:, P - 1:]  # (N, L, C)
-        h = logits_entropy(lm.decoder.lm_head(hidden)).cpu()  # (N, L)
-    finally:
-        lm.train(was_training)
+    h = logits_entropy(teacher_forced_logits(pm.lm, pm.fmt, prompt, answers)).cpu()
     return [h[i, :len(a)].tolist() for i, a in enumerate(answers)]
 
 
@@ -105,9 +89,9 @@ class TokenEntropy:
         return save_png(fig, out_png)
 
 
-def token_entropy(pm: PromptModel, prompt: Resolved, generation: Generation, device: torch.device) -> TokenEntropy:
+def token_entropy(pm: PromptModel, prompt: Resolved, generation: Generation) -> TokenEntropy:
     """The entropy view of one generation of `prompt` (see `TokenEntropy`)."""
-    (model,) = model_entropy(pm, prompt, [generation.token_ids], device)
+    (model,) = model_entropy(pm, prompt, [generation.token_ids])
     return TokenEntropy(token_labels(pm.fmt, generation.token_ids), list(generation.entropy), model)
 
 
@@ -140,7 +124,7 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
     rows = []
     for sampling in settings:
         outs = generate(pm.lm, pm.fmt, [prompt] * samples, max_new_tokens, sampling, stops, seed, device)
-        model = model_entropy(pm, prompt, [o.token_ids for o in outs], device)
+        model = model_entropy(pm, prompt, [o.token_ids for o in outs])
         texts = [o.token_ids[:-1] if o.finish_reason == "eos" else o.token_ids for o in outs]
         rows.append(SweepRow(float(sampling.temperature), _mean([h for o in outs for h in o.entropy]),
                              _mean([h for m in model for h in m]), distinct_n(texts, 1), distinct_n(texts, 2),

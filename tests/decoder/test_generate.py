@@ -33,6 +33,7 @@ def uncached_tokens(pm, prompt, n, sampling, seed):
     with torch.no_grad():
         for _ in range(n):
             logits = pm.lm(torch.tensor([ids + tokens]), media)[:, -1]
+            logits[:, pm.fmt.prompt_only_ids] = -math.inf  # generation never writes what only prompts hold
             c = choose(logits, sampling, g)
             tokens.append(int(c.tokens[0]))
             logprobs.append(float(c.logprobs[0]))

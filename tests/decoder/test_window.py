@@ -62,7 +62,8 @@ def recomputed_run(pm, prompt, n, seed):
         for _ in range(n):
             last = pm.lm(torch.tensor([ids + tokens]), media)[:, -1]  # (1, V)
             logits.append(last)
-            tokens.append(int(choose(last, Sampling(temperature=1.0), g).tokens[0]))
+            writable = last.index_fill(-1, torch.tensor(pm.fmt.prompt_only_ids), float("-inf"))  # as generation
+            tokens.append(int(choose(writable, Sampling(temperature=1.0), g).tokens[0]))
     return tokens, torch.cat(logits)
 
 

@@ -67,12 +67,12 @@ def test_model_entropy_teacher_forced_equals_what_generation_reported_at_t1(pm):
     recomputation (one batch, right-padded answers) gives the cached run's entropies."""
     r = resolved()
     outs = generate(pm.lm, pm.fmt, [r] * 4, 10, Sampling(1.0), Stops(), 3, CPU)
-    model = model_entropy(pm, r, [o.token_ids for o in outs], CPU)
+    model = model_entropy(pm, r, [o.token_ids for o in outs])
     assert [len(m) for m in model] == [len(o.token_ids) for o in outs]
     for o, m in zip(outs, model):
         assert m == pytest.approx(o.entropy, abs=1e-4)
     assert len({round(h, 3) for m in model for h in m}) > 5  # varied: a constant would not test much
-    view = token_entropy(pm, r, outs[0], CPU)
+    view = token_entropy(pm, r, outs[0])
     assert len(view.labels) == len(view.drawn) == len(view.model) == len(outs[0].token_ids)
 
 
@@ -117,5 +117,5 @@ def test_plots_are_written(pm, tmp_path):
     out = plot_sweep(rows, tmp_path / "a" / "sweep.png")
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 5_000
     (gen,) = generate(pm.lm, pm.fmt, [r], 6, Sampling(1.0), Stops(), 0, CPU)
-    out = token_entropy(pm, r, gen, CPU).plot(tmp_path / "tokens.png")
+    out = token_entropy(pm, r, gen).plot(tmp_path / "tokens.png")
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 5_000

@@ -1,0 +1,155 @@
+"""Scoring given answers, and best-of-N answers ranked by the decoder and the shared space.
+
+    prompt ─► the greedy answer + (N − 1) answers sampled at the caller's temperature
+           ─► distinct candidates ─► mean log-probability per token (the decoder, teacher-forced, T = 1)
+                                   ─► + weight · logit_scale · mean cosine(answer's vector, prompt's media)
+           ─► the best candidate, with every candidate and its scores in `Generation.candidates`
+
+Why the shared space judges: a decoder trained by maximum likelihood learns which words follow which,
+so a combination it never saw in training (a "yellow square" when yellow squares were held out) gets
+little probability after "yellow" however clearly the picture shows a square. The contrastive space
+was trained to place whole captions near their media, and it places captions of unseen combinations
+too (held-out retrieval), so it can tell the decoder's right answer from its likelier wrong ones. This
+is re-ranking a captioner's candidates with an image–sentence ranking model (Nikolaus et al.,
+"Compositional Generalization in Image Captioning", CoNLL 2019), as DALL·E's samples were re-ranked by
+CLIP. The weight-0 ranking is OpenAI's `best_of` (highest log-probability), per token so that a short
+answer is not favoured for its length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mmembed.decoder.fusion import MultimodalLM
+from mmembed.decoder.generate import Generation, Stops, generate
+from mmembed.decoder.prompt import PromptFormat, Resolved
+from mmembed.decoder.sampling import Sampling
+
+BATCH = 64  # prompts per generation batch
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One distinct answer considered by `best_of`.
+
+    Attributes:
+        text: the answer.
+        token_ids: its generated ids.
+        logprob: its mean log-probability per token under the decoder's own distribution (T = 1).
+        similarity: mean cosine between its vector and the prompt's media vectors in the shared
+            space; None when not used (weight 0, or a prompt without media).
+        score: logprob + weight · logit_scale · similarity (logprob alone when similarity is None).
+    """
+
+    text: str
+    token_ids: list[int]
+    logprob: float
+    similarity: float | None
+    score: float
+
+
+@torch.inference_mode()
+def teacher_forced_logits(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
+                          answers: Sequence[Sequence[int]]) -> Tensor:
+    """Logits (N, L, V) of each answer's tokens given the prompt and the answer's earlier tokens:
+    entry [i, t] is the distribution token t of answer i was drawn from at T = 1 (prompt-only ids at
+    -inf, as in generation), for t below that answer's length L_i (L = the longest, at least 1;
+    shorter answers are right-padded, which nothing before the padding sees)."""
+    head = fmt.encode(prompt.parts)
+    P = len(head)
+    rows = [head + list(a[:-1]) for a in answers]  # nothing reads what follows an answer's last token
+    width = max(len(r) for r in rows)
+    device = lm.decoder.token_embedding.weight.device
+    ids = torch.tensor([r + [fmt.pad_id] * (width - len(r)) for r in rows], device=device)  # (N, P + L - 1)
+    media = prompt.vectors.to(device).repeat(len(rows), 1) if prompt.vectors.shape[0] else None  # row-major slots
+    was_training = lm.training
+    lm.eval()
+    try:
+        hidden = lm.decoder.hidden(inputs_embeds=lm.embed(ids, media))[:, P - 1:]  # (N, L, C)
+        never = torch.tensor(fmt.prompt_only_ids, dtype=torch.long, device=device)  # as generation does
+        return lm.decoder.lm_head(hidden).float().index_fill_(-1, never, float("-inf"))
+    finally:
+        lm.train(was_training)
+
+
+def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
+                    answers: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Log-probability of every token of each answer under the decoder (T = 1), teacher-forced."""
+    logp = teacher_forced_logits(lm, fmt, prompt, answers).log_softmax(dim=-1).cpu()  # (N, L, V)
+    return [logp[i, torch.arange(len(a)), torch.tensor(a, dtype=torch.long)].tolist() for i, a in enumerate(answers)]
+
+
+def check_best_of(best_of: int, weight: float, sampling: Sampling) -> None:
+    """ValueError for a best_of that is not a positive integer, a weight that is not a finite number
+    >= 0, or several candidates asked of greedy decoding (they would all be the same)."""
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+        raise ValueError(f"best_of must be an integer >= 1, got {best_of!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
+    if best_of > 1 and sampling.greedy:
+        raise ValueError("best_of > 1 samples its candidates: give a temperature > 0")
+
+
+def best_of(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], n: int, max_new_tokens: int,
+            sampling: Sampling, stop: Stops, seed: int | None, device: torch.device,
+            embed_answers: Callable[[list[str]], Tensor] | None, logit_scale: float,
+            weight: float) -> list[Generation]:
+    """The best of `n` candidates per prompt (the greedy answer and n − 1 samples), see the module.
+
+    Args:
+        embed_answers: answers → (N, D) unit vectors in the shared space (the text tower); None
+            ranks by log-probability alone (so does weight 0).
+        logit_scale: the space's contrastive scale, which puts cosines on the scale of log-odds.
+        seed: seeds the samples; batch i of 64 sampled rows draws with seed + i.
+
+    Returns:
+        One `Generation` per prompt: the chosen candidate as generated (its `logprobs` and `entropy`
+        are those of the distribution it was drawn from), with `candidates` best first.
+    """
+    greedy = _in_batches(lm, fmt, prompts, max_new_tokens, Sampling(), stop, None, device)
+    copies = [p for p in prompts for _ in range(n - 1)]
+    sampled = _in_batches(lm, fmt, copies, max_new_tokens, sampling, stop, seed, device)
+    judge = embed_answers if weight > 0 else None
+    out = []
+    for i, prompt in enumerate(prompts):
+        drawn = [greedy[i], *sampled[i * (n - 1):(i + 1) * (n - 1)]]
+        out.append(_choose(lm, fmt, prompt, drawn, judge, logit_scale * weight))
+    return out
+
+
+def _in_batches(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
+                sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
+    out: list[Generation] = []
+    for b, start in enumerate(range(0, len(prompts), BATCH)):
+        out += generate(lm, fmt, prompts[start:start + BATCH], max_new_tokens, sampling, stop,
+                        None if seed is None else seed + b, device)
+    return out
+
+
+def _choose(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, drawn: list[Generation],
+            judge: Callable[[list[str]], Tensor] | None, scale: float) -> Generation:
+    """Score the distinct candidates of one prompt and return the best, with all of them attached."""
+    first: dict[str, Generation] = {}
+    for g in drawn:  # the greedy answer first: it wins ties
+        if g.token_ids:
+            first.setdefault(g.text, g)
+    if not first:  # no room for a single token: nothing to choose from
+        return drawn[0]
+    texts = list(first)
+    similarity: list[float | None] = [None] * len(texts)
+    if judge is not None and prompt.vectors.shape[0] and any(t.strip() for t in texts):
+        texts = [t for t in texts if t.strip()]  # an empty answer has no vector to judge: dropped while others are left
+        z = judge(texts).float().cpu()  # (S, D)
+        similarity = (z @ prompt.vectors.float().cpu().T).mean(dim=1).tolist()  # mean over the prompt's media
+    logprob = [sum(lp) / len(lp) for lp in answer_logprobs(lm, fmt, prompt, [first[t].token_ids for t in texts])]
+    candidates = [Candidate(t, first[t].token_ids, lp, s, lp if s is None else lp + scale * s)
+                  for t, lp, s in zip(texts, logprob, similarity)]
+    order = sorted(range(len(texts)), key=lambda k: -candidates[k].score)  # stable: ties keep the greedy answer
+    best = first[texts[order[0]]]
+    best.candidates = [candidates[k] for k in order]
+    return best
