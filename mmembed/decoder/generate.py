@@ -291,8 +291,26 @@ def stream_tokens(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new
     """Yield every generated token of one prompt's answer with the text it releases (see `stream`
     for what is held back). A token is yielded once the next one is decoded, so the last one can
     carry the text held back at the end."""
+    steps = (row for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device))
+    yield from _released(steps, stop)
+
+
+def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> list[StreamedToken]:
+    """The tokens `stream_tokens` yields for an answer already generated (one chosen by `best_of`)."""
+    row = _Row(fmt, stop, generation.prompt_tokens)
+
+    def steps() -> Iterator[_Row]:
+        for token, logprob, entropy in zip(generation.token_ids, generation.logprobs, generation.entropy):
+            row.add(token, logprob, entropy)
+            yield row
+
+    return list(_released(steps(), stop))
+
+
+def _released(steps: Iterator[_Row], stop: Stops) -> Iterator[StreamedToken]:
+    """One row after every decoding step → its tokens with the text each releases."""
     sent, pending, row = 0, None, None
-    for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device):
+    for row in steps:
         out = row.out
         if not out.token_ids:  # no room for a token: nothing was generated
             continue

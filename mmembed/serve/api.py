@@ -3,8 +3,9 @@
     GET  /api/status              run, modalities, index progress, limits
     POST /api/search              pieces (+ weights, target, k)          → {"hits": [...]}
     GET  /api/media/{id}          an indexed item's own file (images, sounds)
-    POST /api/generate            pieces (+ temperature, top_p, ...)     → {"text", "tokens": [...], ...}
+    POST /api/generate            pieces (+ temperature, top_p, ..., best_of) → {"text", "tokens": [...], ...}
     POST /api/generate/stream     the same, as server-sent events: `token` per token, then `done`
+                                  (not best_of, which chooses among whole answers)
 
 Requests are multipart forms (see `pieces.py`); every error is `{"error": "one line"}` with a 4xx
 status (503 while the index is being built).
@@ -25,7 +26,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
-from mmembed.decoder import MEDIA, Generation
+from mmembed.decoder import MEDIA, Generation, Stops
+from mmembed.decoder.generate import replay_tokens
 from mmembed.errors import UserError
 from mmembed.retrieval import Hit, Query
 from mmembed.serve.pieces import Piece, number, parse_weights, read_form, read_pieces
@@ -139,7 +141,14 @@ def sampling(form: FormData, state: ServeState) -> dict[str, Any]:
             "temperature": number(form, "temperature", float, 0.0, 0, 100),
             "top_p": number(form, "top_p", float, None, 0, 1),
             "top_k": number(form, "top_k", int, None, 1, 1_000_000),
-            "seed": number(form, "seed", int, None, 0, 2**63 - 1)}
+            "seed": number(form, "seed", int, None, 0, 2**63 - 1),
+            "best_of": number(form, "best_of", int, 1, 1, state.limits.max_best_of),
+            "rerank_weight": number(form, "rerank_weight", float, 1.0, 0, 1000)}
+
+
+def choice(settings: dict[str, Any]) -> dict[str, Any]:
+    """Take `best_of` and `rerank_weight` out of the settings (the rest are `stream_tokens`')."""
+    return {k: settings.pop(k) for k in ("best_of", "rerank_weight")}
 
 
 @router.post("/generate")
@@ -149,14 +158,24 @@ async def generate(request: Request) -> dict[str, Any]:
 
 
 def _generate_all(state: ServeState, prompt: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    chosen = choice(settings)
     with user_errors(), state.lock:
-        tokens = [token_json(t) for t in state.model.stream_tokens(prompt, **settings)]
-        return {**finish(state, prompt, tokens), "tokens": tokens}
+        if chosen["best_of"] == 1:
+            tokens = [token_json(t) for t in state.model.stream_tokens(prompt, **settings)]
+            return {**finish(state, prompt, tokens), "tokens": tokens}
+        out = state.model.generate(prompt, **settings, **chosen)
+        tokens = [token_json(t) for t in replay_tokens(state.model.prompt_model.fmt, out, Stops())]
+        return {**finish(state, prompt, tokens), "tokens": tokens,
+                "candidates": [{"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4),
+                                "similarity": None if c.similarity is None else round(c.similarity, 4)}
+                               for c in out.candidates]}
 
 
 @router.post("/generate/stream")
 async def generate_stream(request: Request) -> StreamingResponse:
     state, prompt, settings = await read_prompt(request)
+    if choice(settings)["best_of"] != 1:
+        raise Refusal(400, "best_of chooses among whole answers: POST it to /api/generate, not the stream")
     tokens = state.model.stream_tokens(prompt, **settings)
     first = await run_in_threadpool(_next, state, tokens)  # a bad prompt is still a 400, not an event
     return StreamingResponse(_events(state, prompt, first, tokens), media_type="text/event-stream",

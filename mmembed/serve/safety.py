@@ -31,6 +31,7 @@ class Limits:
     max_text_chars: int = 2000  # one typed text piece
     max_k: int = 50  # hits per search
     max_new_tokens: int = 256  # tokens one answer may write
+    max_best_of: int = 32  # candidates one answer may be chosen from (`best_of`)
 
     @property
     def max_request_bytes(self) -> int:
@@ -39,7 +40,8 @@ class Limits:
 
     def as_dict(self) -> dict[str, int]:
         return {"max_file_bytes": self.max_file_bytes, "max_files": self.max_files,
-                "max_text_chars": self.max_text_chars, "max_k": self.max_k, "max_new_tokens": self.max_new_tokens}
+                "max_text_chars": self.max_text_chars, "max_k": self.max_k, "max_new_tokens": self.max_new_tokens,
+                "max_best_of": self.max_best_of}
 
 
 class Refusal(Exception):

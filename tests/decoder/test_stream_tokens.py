@@ -39,3 +39,16 @@ def test_a_stop_string_is_never_streamed():
     streamed = "".join(t.text for t in tokens)
     assert streamed == out.text and stop not in streamed and out.finish_reason == "stop"
     assert len(tokens) == len(out.token_ids) < len(free)
+
+
+@pytest.mark.parametrize("stop", [Stops(), None])
+def test_replaying_a_finished_answer_gives_the_streamed_tokens(stop):
+    """What the web app shows for a best-of answer: the tokens a stream of it would have sent."""
+    from mmembed.decoder.generate import replay_tokens
+
+    pm = lively(prompt_model(), std=0.3)
+    if stop is None:  # a stop string from the middle of the free answer
+        _, free = both(pm, 20, Stops(), seed=5, temperature=1.0)
+        stop = Stops((free.text[len(free.text) // 2:][:3],))
+    tokens, out = both(pm, 20, stop, seed=5, temperature=1.0)
+    assert replay_tokens(pm.fmt, out, stop) == tokens and len(tokens) > 1

@@ -211,6 +211,31 @@ def test_the_stream_sends_each_token_then_done(client, tiny_world):
     assert parsed[-1][1] == {k: v for k, v in whole.items() if k != "tokens"}
 
 
+def test_best_of_equals_the_python_api_with_its_candidates(client, model, tiny_world):
+    name, data = first(tiny_world, "image")
+    settings = {"max_new_tokens": "6", "temperature": "1.2", "seed": "3", "best_of": "6"}
+    out = client.post("/api/generate", files=files(("text", "Describe"), ("file", (name, data))), data=settings).json()
+    prompt = ["Describe", mm.Image(data)]
+    expected = model.generate(prompt, max_new_tokens=6, temperature=1.2, seed=3, best_of=6)
+    assert [t["id"] for t in out["tokens"]] == expected.token_ids and out["text"] == expected.text
+    assert "".join(t["text"] for t in out["tokens"]) == expected.text
+    assert [c["text"] for c in out["candidates"]] == [c.text for c in expected.candidates]
+    assert [c["score"] for c in out["candidates"]] == pytest.approx([c.score for c in expected.candidates], abs=1e-3)
+    assert len(out["candidates"]) > 1 and out["candidates"][0]["text"] == out["text"]
+    assert "candidates" not in client.post("/api/generate", files=files(("text", "hi")), data={"seed": "1"}).json()
+
+
+def test_best_of_is_refused_on_the_stream_and_outside_its_bounds(client):
+    for data, message in [({"best_of": "4", "temperature": "1"}, "POST it to /api/generate"),
+                          ({"best_of": "33", "temperature": "1"}, "best_of must be between 1 and 32"),
+                          ({"best_of": "0", "temperature": "1"}, "best_of must be between 1 and 32"),
+                          ({"best_of": "2", "temperature": "1", "rerank_weight": "-1"}, "rerank_weight must be between")]:
+        response = client.post("/api/generate/stream", files=files(("text", "hello")), data=data)
+        assert response.status_code == 400 and message in response.json()["error"], response.json()
+    response = client.post("/api/generate", files=files(("text", "hello")), data={"best_of": "4"})  # greedy
+    assert response.status_code == 400 and "give a temperature > 0" in response.json()["error"]
+
+
 @pytest.mark.parametrize("data, message", [
     ({"temperature": "-1"}, "temperature must be between 0 and 100"),
     ({"top_p": "0"}, "top_p must be in (0, 1]"),

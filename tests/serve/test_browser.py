@@ -223,6 +223,20 @@ def test_a_mixed_prompt_streams_an_answer_naming_the_colour(page, served, tmp_pa
     assert "model's own" in shown  # the values appear on hover
     screenshot(page, "serve_prompt.png", tmp_path)
 
+    # best of 4: whole answers from /api/generate, the chosen one shown with every candidate's scores
+    page.fill("#prompt-temperature", "1")
+    page.fill("#prompt-seed", "0")
+    page.fill("#prompt-best-of", "4")
+    with page.expect_response("**/api/generate") as response:
+        page.click("#prompt-go")
+    page.wait_for_selector("#answer[data-state='done']")
+    prompt = [question(row), mm.Image(str(served.world / row["image"])), "?"]
+    with served.state.lock:
+        expected = served.model.generate(prompt, max_new_tokens=4, temperature=1.0, top_p=0.9, seed=0, best_of=4)
+    assert page.inner_text("#answer") == expected.text
+    cells = page.eval_on_selector_all("#candidates tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+    assert cells == [c.text for c in expected.candidates] and page.locator("#candidates tr.chosen").count() == 1
+
 
 # ---- hostile files ---------------------------------------------------------------------------------
 

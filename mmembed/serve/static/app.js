@@ -273,38 +273,52 @@ async function prompt(pieces, event) {
   form.append("top_p", $("prompt-top-p").value);
   form.append("max_new_tokens", $("prompt-max-tokens").value);
   form.append("seed", $("prompt-seed").value);
+  const bestOf = $("prompt-best-of").value || "1";
+  form.append("best_of", bestOf);
   const answer = $("answer");
   answer.replaceChildren();
   answer.dataset.state = "streaming";
   $("answer-info").textContent = "";
+  $("candidates").replaceChildren();
   showError($("prompt-error"), null);
   const spans = [];
+  const addToken = (data) => {
+    const span = el("span", { className: "tok", text: data.text, "data-id": data.id,
+                              "data-entropy": data.entropy, "data-logprob": data.logprob });
+    tokenTitle(span);
+    spans.push(span);
+    if (data.text) answer.append(span);
+    colourTokens();
+  };
+  const done = (data) => {
+    data.model_entropy.forEach((h, i) => { spans[i].dataset.model = h; tokenTitle(spans[i]); });
+    colourTokens();
+    answer.dataset.state = "done";
+    $("answer-info").textContent = `${spans.length} tokens · ended by ${data.finish_reason} · ` +
+      `mean entropy ${data.mean_entropy.toFixed(3)} nats`;
+  };
   generation = new AbortController();
   $("prompt-go").disabled = true;
   $("prompt-stop").disabled = false;
   try {
+    if (bestOf !== "1") { // whole answers, the best shown with every candidate's scores
+      const response = await fetch("/api/generate", { method: "POST", body: form, signal: generation.signal });
+      const data = await response.json().catch(() => null);
+      if (!response.ok) throw new Error(data && data.error ? data.error : `${response.status} ${response.statusText}`);
+      data.tokens.forEach(addToken);
+      done(data);
+      showCandidates(data.candidates);
+      return;
+    }
     const response = await fetch("/api/generate/stream", { method: "POST", body: form, signal: generation.signal });
     if (!response.ok) {
       const body = await response.json().catch(() => null);
       throw new Error(body && body.error ? body.error : `${response.status} ${response.statusText}`);
     }
     await readEvents(response, (kind, data) => {
-      if (kind === "token") {
-        const span = el("span", { className: "tok", text: data.text, "data-id": data.id,
-                                  "data-entropy": data.entropy, "data-logprob": data.logprob });
-        tokenTitle(span);
-        spans.push(span);
-        if (data.text) answer.append(span);
-        colourTokens();
-      } else if (kind === "done") {
-        data.model_entropy.forEach((h, i) => { spans[i].dataset.model = h; tokenTitle(spans[i]); });
-        colourTokens();
-        answer.dataset.state = "done";
-        $("answer-info").textContent = `${spans.length} tokens · ended by ${data.finish_reason} · ` +
-          `mean entropy ${data.mean_entropy.toFixed(3)} nats`;
-      } else if (kind === "error") {
-        throw new Error(data.error);
-      }
+      if (kind === "token") addToken(data);
+      else if (kind === "done") done(data);
+      else if (kind === "error") throw new Error(data.error);
     });
   } catch (error) {
     const stopped = error.name === "AbortError";
@@ -315,6 +329,15 @@ async function prompt(pieces, event) {
     $("prompt-stop").disabled = true;
     generation = null;
   }
+}
+
+// The candidates a best-of answer was chosen from, best first: score = mean log-prob + the space's judgement.
+function showCandidates(candidates) {
+  const rows = candidates.map((c, i) => el("tr", { className: i === 0 ? "chosen" : "" },
+    el("td", { text: c.text }), el("td", { text: c.logprob.toFixed(3) }),
+    el("td", { text: c.similarity === null ? "–" : c.similarity.toFixed(3) }), el("td", { text: c.score.toFixed(2) })));
+  const head = el("tr", {}, ...["candidate", "mean log-prob", "cosine to the media", "score"].map((t) => el("th", { text: t })));
+  $("candidates").replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
 }
 
 // ---- memory ----------------------------------------------------------------------------------------
