@@ -114,12 +114,12 @@ def best_of(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], n: int
     greedy = _in_batches(lm, fmt, prompts, max_new_tokens, Sampling(), stop, None, device)
     copies = [p for p in prompts for _ in range(n - 1)]
     sampled = _in_batches(lm, fmt, copies, max_new_tokens, sampling, stop, seed, device)
-    judge = embed_answers if weight > 0 else None
-    out = []
-    for i, prompt in enumerate(prompts):
-        drawn = [greedy[i], *sampled[i * (n - 1):(i + 1) * (n - 1)]]
-        out.append(_choose(lm, fmt, prompt, drawn, judge, logit_scale * weight))
-    return out
+    distinct = [_distinct([greedy[i], *sampled[i * (n - 1):(i + 1) * (n - 1)]]) for i in range(len(prompts))]
+    vectors = None  # answer text → its vector, for the prompts with media; one text-tower call for all of them
+    if embed_answers is not None and weight > 0:
+        said = list(dict.fromkeys(t for d, p in zip(distinct, prompts) if p.vectors.shape[0] for t in d if t.strip()))
+        vectors = dict(zip(said, embed_answers(said).float().cpu())) if said else {}
+    return [_choose(lm, fmt, p, d, g, vectors, logit_scale * weight) for p, d, g in zip(prompts, distinct, greedy)]
 
 
 def _in_batches(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
@@ -131,20 +131,26 @@ def _in_batches(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], ma
     return out
 
 
-def _choose(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, drawn: list[Generation],
-            judge: Callable[[list[str]], Tensor] | None, scale: float) -> Generation:
-    """Score the distinct candidates of one prompt and return the best, with all of them attached."""
+def _distinct(drawn: list[Generation]) -> dict[str, Generation]:
+    """Answer text → its first generation (the greedy answer comes first: it wins ties); answers
+    without a single token (no room left in the context) are left out."""
     first: dict[str, Generation] = {}
-    for g in drawn:  # the greedy answer first: it wins ties
+    for g in drawn:
         if g.token_ids:
             first.setdefault(g.text, g)
+    return first
+
+
+def _choose(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, first: dict[str, Generation], greedy: Generation,
+            vectors: dict[str, Tensor] | None, scale: float) -> Generation:
+    """Score the distinct candidates of one prompt and return the best, with all of them attached."""
     if not first:  # no room for a single token: nothing to choose from
-        return drawn[0]
+        return greedy
     texts = list(first)
     similarity: list[float | None] = [None] * len(texts)
-    if judge is not None and prompt.vectors.shape[0] and any(t.strip() for t in texts):
+    if vectors is not None and prompt.vectors.shape[0] and any(t.strip() for t in texts):
         texts = [t for t in texts if t.strip()]  # an empty answer has no vector to judge: dropped while others are left
-        z = judge(texts).float().cpu()  # (S, D)
+        z = torch.stack([vectors[t] for t in texts])  # (S, D)
         similarity = (z @ prompt.vectors.float().cpu().T).mean(dim=1).tolist()  # mean over the prompt's media
     logprob = [sum(lp) / len(lp) for lp in answer_logprobs(lm, fmt, prompt, [first[t].token_ids for t in texts])]
     candidates = [Candidate(t, first[t].token_ids, lp, s, lp if s is None else lp + scale * s)
