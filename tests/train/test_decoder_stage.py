@@ -152,13 +152,19 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert counted == n_test  # every prompt lands in exactly one group
     assert result["transfer"]["test"]["image-only decoder"] == result["transfer"]["test"]["joint decoder"]  # same model
     assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
-    best = result["best of"]
-    assert best["split"] == "held-out" and 0 < best["n"] <= 64 and 0 <= best["greedy"] <= 1 and 0 <= best["best"] <= 1
-    scores = [c["score"] for c in best["sample"]["candidates"]]
-    assert scores and scores == sorted(scores, reverse=True)
+    joint, image_only = result["best of"]
+    assert (joint["decoder"], joint["split"], joint["group"]) == ("joint", "held-out", "description from an image")
+    assert (image_only["decoder"], image_only["split"]) == ("image-only", "test")
+    for best in (joint, image_only):
+        assert 0 < best["n"] <= 64 and 0 <= best["greedy"] <= 1 and 0 <= best["best"] <= 1
+        scores = [c["score"] for c in best["sample"]["candidates"]]
+        assert scores and scores == sorted(scores, reverse=True)
+    assert image_only["greedy"] == pytest.approx(  # the transfer table's greedy answers, on the first rows
+        result["transfer"]["test"]["image-only decoder"]) or image_only["n"] < result["transfer"]["test"]["n"]
     text = "\n".join(report_lines(result))
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
-    assert "### Best of 16, judged by the shared space" in text and best["sample"]["candidates"][0]["text"] in text
+    assert "### Best of 16, judged by the shared space" in text and joint["sample"]["candidates"][0]["text"] in text
+    assert "| description from a sound, test | image-only |" in text
     assert result["whitened"] == {"joint decoder": False, "image-only decoder": False} and "raw vectors" not in text
     result["whitened"]["joint decoder"] = True  # as the demo's decoders are
     assert ". The image-only decoder reads the raw vectors, the joint one whitens them:" in "\n".join(report_lines(result))
