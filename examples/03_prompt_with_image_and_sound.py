@@ -1,4 +1,5 @@
-"""Prompt a trained run with pictures, sounds and text: describe, ask, compare, sample, stream.
+"""Prompt a trained run with pictures, sounds and text: describe, ask, compare, sample, stream,
+and pick the best of several answers with the shared space.
 
     python examples/03_prompt_with_image_and_sound.py [RUN_DIR]
 
@@ -52,3 +53,13 @@ print("\nStreaming:", end=" ", flush=True)
 for piece in model.stream(["Describe the sound", audio_a], temperature=0.7, seed=1):
     print(piece, end="", flush=True)
 print()
+
+print("\nBest of 16 on a scene holding a (shape, colour) pair no training row has: the greedy answer and 15")
+print("samples, ranked by mean log-probability + the space's logit scale x cosine(answer, picture)")
+held = json.loads((world / "heldout.jsonl").read_text().splitlines()[0]) if (world / "heldout.jsonl").is_file() else a
+best = model.generate(["Describe", mm.Image(world / held["image"])], temperature=1.0, best_of=16, seed=0,
+                      max_new_tokens=40)
+print(f"  truth:  {held['text']}")
+scale = float(model.space.logit_scale.detach())
+for c in best.candidates[:4]:
+    print(f"  {c.score:6.2f} = {c.logprob:6.3f} + {scale:.1f} x {c.similarity:.3f}  {c.text}")

@@ -67,7 +67,8 @@ def audio_descriptions(rows: list[InstructionRow]) -> list[InstructionRow]:
 
 
 def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
-    """Accuracy tables on the test and held-out splits, the transfer check and sample answers."""
+    """Accuracy tables on the test and held-out splits, the transfer check, the best-of checks and sample
+    answers."""
     splits = {"test": read_instructions(root / "instruct-test.jsonl").rows}
     if (root / "instruct-heldout.jsonl").is_file():
         splits["held-out"] = read_instructions(root / "instruct-heldout.jsonl").rows
