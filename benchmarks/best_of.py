@@ -25,7 +25,8 @@ from mmembed.decoder.evaluate import fitting, row_prompt
 from mmembed.demo_prompting import row_group, score_row
 from mmembed.model import Model
 
-GROUPS = ("description from an image", "description from a sound")
+GROUPS = ("description from an image", "description from a sound", "description from an image and its sound",
+          "description from a caption")
 SPLITS = {"test": "instruct-test.jsonl", "held-out": "instruct-heldout.jsonl"}
 
 

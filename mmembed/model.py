@@ -145,7 +145,8 @@ class Model:
                 log-probability per token plus `rerank_weight` × the space's logit scale × the mean
                 cosine between the answer's text vector and the prompt's media (`decoder/score.py`).
                 The shared space knows combinations the decoder never wrote in training; it
-                judges descriptions, not short answers to questions (those it makes worse).
+                judges descriptions of pictures and sounds, not short answers to questions
+                (those it makes worse; README, "Python API").
             rerank_weight: 0 ranks by log-probability alone; needs a text tower when > 0.
 
         Returns:
