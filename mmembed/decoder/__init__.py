@@ -24,14 +24,16 @@ from mmembed.decoder.model import Decoder
 from mmembed.decoder.prompt import (MEDIA, Audio, Embedded, Image, Media, Prompt, PromptFormat, Resolved, Slot, Text,
                                     is_batch, parse_inline, resolve_prompts)
 from mmembed.decoder.sampling import Choice, Sampling, choose
+from mmembed.decoder.score import Candidate, answer_logprobs, best_of, teacher_forced_logits
 
 __all__ = [
-    "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Choice", "Decoder", "Embedded",
+    "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Candidate", "Choice", "Decoder",
+    "Embedded",
     "Generation",
     "Image", "KVCache", "Media", "MultimodalLM", "PretrainedTokenizer", "Projector", "Prompt", "PromptFormat",
     "PromptModel", "Resolved", "RollingKVCache", "Sampling", "Slot", "Stops", "StreamedToken", "Text", "answer_logits",
-    "build_prompt_model",
+    "answer_logprobs", "best_of", "build_prompt_model",
     "choose", "decode_steps", "decoder_tokenizer", "generate", "gpt2_tokenizer", "is_batch", "load_gpt2",
     "load_prompt_model", "parse_inline", "resolve_prompts", "save_prompt_model", "stream", "stream_tokens",
-    "with_gpt2_architecture",
+    "teacher_forced_logits", "with_gpt2_architecture",
 ]
