@@ -13,7 +13,7 @@ among the memories recalled for its question (its picture or sound, or the decod
 of it), and accuracy with and without it: whether recall or reading is what fails.
 
     python -m benchmarks.memory_horizon runs/demo [--world data/shapes] [--users 5]
-           [--items 30] [--questions 50] [--json out.json]
+           [--items 30] [--questions 50] [--history-turns 3] [--recall-k 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from mmembed.data.synth.dialogues import ASK, SHOW
+from mmembed.data.synth.dialogues import SHOW, question_about
 from mmembed.data.synth.instructions import normalise
-from mmembed.data.synth.questions import reference
 from mmembed.data.synth.world import SceneObject
 from mmembed.demo_memory import PHASES
 
@@ -60,14 +59,10 @@ def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
                                           "question": ""})
         mine = []
         for i in rng.permutation(items - 3):  # never one of the last 3 (still in the context)
-            attr = ("colour", "shape")[int(rng.integers(2))]
-            for obj in objects[i]:
-                ref = reference(obj, everything, attr, rng)
-                if ref is not None:
-                    template = ASK[attr][int(rng.integers(len(ASK[attr])))]
-                    mine.append({"user": user, "question": template.format(ref=ref), "answer": getattr(obj, attr),
-                                 "item": int(i), "show": "", "modality": "", "path": ""})
-                    break
+            asked = question_about(objects[i], everything, rng)
+            if asked is not None:
+                mine.append({"user": user, "question": asked[0], "answer": asked[1], "item": int(i),
+                             "show": "", "modality": "", "path": ""})
         candidates.append(mine)
     # round robin over the users, so each gets an equal share of the questions where it can
     asked = [q for turn in itertools.zip_longest(*candidates) for q in turn if q is not None][:questions]
@@ -77,7 +72,8 @@ def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
     return shown, asked
 
 
-def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> dict[str, Any]:
+def run(run_dir: Path, world: Path, users: int, items: int, questions: int, history_turns: int = 3,
+        recall_k: int = 3) -> dict[str, Any]:
     shown, asked = plan(world, users, items, questions)
     answers: dict[str, list[str]] = {}
     recalled: list[list[list]] = []
@@ -88,7 +84,7 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> d
             spec, out = Path(tmp) / f"spec{n}.json", Path(tmp) / f"out{n}.json"
             spec.write_text(json.dumps(batch), encoding="utf-8")
             subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory),
-                            str(spec), str(out)], check=True)
+                            str(spec), str(out), str(history_turns), str(recall_k)], check=True)
             got = json.loads(out.read_text(encoding="utf-8"))
             answers[phase] = got["answers"]
             if phase == PHASES[1]:
@@ -97,7 +93,8 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int) -> d
     score = {phase: sum(r) / len(asked) for phase, r in right.items()}
     back = [items - 1 - q["item"] for q in asked]
     found = [asked_item_recalled(q, hits) for q, hits in zip(asked, recalled)]
-    return {"users": users, "items per user": items, "questions": len(asked), "memory on": score[PHASES[1]],
+    return {"users": users, "items per user": items, "questions": len(asked), "history turns": history_turns,
+            "recall k": recall_k, "memory on": score[PHASES[1]],
             "memory off": score[PHASES[2]], "turns back (median)": float(np.median(back)), "goal": GOAL,
             "asked item recalled": sum(found) / len(asked),
             "correct when recalled": _share(right[PHASES[1]], found),
@@ -127,14 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--users", type=int, default=5)
     ap.add_argument("--items", type=int, default=30, help="items shown to each user, over three processes")
     ap.add_argument("--questions", type=int, default=50, help="questions in all")
+    ap.add_argument("--history-turns", type=int, default=3, help="the asking Session's history_turns (default 3)")
+    ap.add_argument("--recall-k", type=int, default=3, help="the asking Session's recall_k (default 3)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
-    if args.items < 6 or args.users < 1 or args.questions < 1:
-        raise SystemExit("--items must be >= 6, --users and --questions >= 1")
-    result = run(args.run, args.world, args.users, args.items, args.questions)
+    if args.items < 6 or args.users < 1 or args.questions < 1 or args.history_turns < 0 or args.recall_k < 0:
+        raise SystemExit("--items must be >= 6, --users and --questions >= 1, --history-turns and --recall-k >= 0")
+    result = run(args.run, args.world, args.users, args.items, args.questions, args.history_turns, args.recall_k)
     print(f"{result['questions']} questions, {result['users']} users × {result['items per user']} items shown over "
           f"3 processes; the item asked about was shown a median {result['turns back (median)']:.0f} turns back")
-    print(f"memory on  {result['memory on']:.3f}  (goal ≥ {GOAL:.2f})")
+    print(f"memory on  {result['memory on']:.3f}  (goal ≥ {GOAL:.2f}; history_turns {args.history_turns}, "
+          f"recall_k {args.recall_k})")
     print(f"memory off {result['memory off']:.3f}")
     print(f"the asked item was among the recalled memories for {result['asked item recalled']:.3f} of the questions; "
           f"correct then {_fmt(result['correct when recalled'])}, otherwise {_fmt(result['correct when not recalled'])}")

@@ -42,9 +42,11 @@ def probes(world: Path, split: str = "test", n: int = 100, seed: int = 0) -> lis
     return out
 
 
-def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any]]) -> dict[str, list]:
+def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any]], history_turns: int = 3,
+              recall_k: int = 3) -> dict[str, list]:
     """One process's work: {"answers": one per probe, "recalled": per probe, the memories the
-    session recalled for it, each as [turn, role, modality]}."""
+    session recalled for it, each as [turn, role, modality]}. `history_turns` and `recall_k` are the
+    asking Session's (memory on; a show turn uses the defaults)."""
     import mmembed as mm
 
     model = mm.load(run_dir)
@@ -52,8 +54,10 @@ def run_phase(phase: str, run_dir: Path, memory: Path, items: list[dict[str, Any
     answers, recalled = [], []
     with mm.Memory(memory, model=model) as store:  # one connection for every probe's session
         for p in items:
-            chat = mm.Session(model, memory=store, user=p["user"], history_turns=3 if on else 0,
-                              recall_k=3 if on else 0)
+            asking = phase != "show"
+            chat = mm.Session(model, memory=store, user=p["user"],
+                              history_turns=0 if not on else history_turns if asking else 3,
+                              recall_k=0 if not on else recall_k if asking else 3)
             if phase == "show":
                 prompt = [p["show"], mm.Image(p["path"]) if p["modality"] == "image" else mm.Audio(p["path"])]
                 out = chat.ask(prompt, max_new_tokens=32)
@@ -102,5 +106,7 @@ def memory_lines(result: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":
     phase, run_dir, memory, spec, out = sys.argv[1:6]
-    result = run_phase(phase, Path(run_dir), Path(memory), json.loads(Path(spec).read_text(encoding="utf-8")))
+    history_turns, recall_k = (int(a) for a in sys.argv[6:8]) if len(sys.argv) >= 8 else (3, 3)
+    result = run_phase(phase, Path(run_dir), Path(memory), json.loads(Path(spec).read_text(encoding="utf-8")),
+                       history_turns, recall_k)
     Path(out).write_text(json.dumps(result), encoding="utf-8")

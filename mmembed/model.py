@@ -9,14 +9,16 @@ A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `de
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmembed.checkpoint import load_tensors, save_tensors
 from mmembed.config import Config, load_config, save_config
@@ -43,6 +45,8 @@ class Model:
         tokenizer: the text tokenizer (None when the model has no text tower).
         embed_dim: D, the dimension of every embedding.
         prompt_model: the decoder stage (projector + language model), or None.
+        query_tower: a text tower trained to place questions near the items they name, or None.
+        query_threshold: the score a question must give an item to recall it (with the query tower).
     """
 
     def __init__(self, config: Config, space: SharedSpace, tokenizer: Any | None,
@@ -51,6 +55,8 @@ class Model:
         self.space = space
         self.tokenizer = tokenizer
         self.prompt_model = prompt_model
+        self.query_tower: nn.Module | None = None  # questions → the items they ask about (`train/queries.py`)
+        self.query_threshold: float | None = None  # the query tower's recall threshold, fitted with it
         self.embed_dim = space.embed_dim
         self.preprocessors = {
             m: build_preprocessor(m, config.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=False)
@@ -70,6 +76,8 @@ class Model:
         self.space.to(device)
         if self.prompt_model is not None:
             self.prompt_model.lm.to(device)
+        if self.query_tower is not None:
+            self.query_tower.to(device)
         return self
 
     @property
@@ -97,6 +105,33 @@ class Model:
             BadInput naming the first item that cannot be read.
         """
         modality = Modality.parse(modality)
+        return self._encode(modality, items, batch_size, lambda x, mask: self.space.encode(modality, x, mask))
+
+    @torch.inference_mode()
+    def embed_query(self, texts: str | Sequence[str], batch_size: int = 64, tower: nn.Module | None = None) -> Tensor:
+        """Embed questions for finding the item they ask about: by the query tower when the run has
+        one (`mmembed train-queries`), else by the text tower (then equal to `embed("text", ...)`).
+
+        Args:
+            texts: questions (or any text to search with).
+            batch_size: texts per forward pass.
+            tower: embed with this text-tower-shaped module instead (training compares with the text tower).
+        Returns:
+            (N, D) float32 unit vectors on the CPU, comparable with every modality's `embed`.
+        """
+        if Modality.TEXT not in self.preprocessors:
+            raise UserError(f"this model has no text tower (it has: {', '.join(map(str, self.modalities))})")
+        tower = tower or self.query_tower or self.space.towers[str(Modality.TEXT)]
+        was_training = tower.training
+        tower.eval()
+        try:
+            return self._encode(Modality.TEXT, texts, batch_size, tower)
+        finally:
+            tower.train(was_training)
+
+    def _encode(self, modality: Modality, items: Any, batch_size: int,
+                encode: Callable[[Tensor, Tensor | None], Tensor]) -> Tensor:
+        """Preprocess `items` in batches and run `encode(x, mask)` on each, in eval mode."""
         if modality not in self.preprocessors:
             have = ", ".join(map(str, self.modalities))
             raise UserError(f"this model has no {modality} tower (it has: {have})")
@@ -117,7 +152,7 @@ class Model:
                 x, mask = pre.collate(samples)
                 x = x.to(self.device)
                 mask = mask.to(self.device) if mask is not None else None
-                out.append(self.space.encode(modality, x, mask).float().cpu())
+                out.append(encode(x, mask).float().cpu())
         finally:
             self.space.train(was_training)
         if not out:
@@ -270,8 +305,10 @@ class Model:
         return self.prompt_model, prompts, batch, (sampling, stops)
 
     def save(self, run_dir: str | Path) -> Path:
-        """Write weights, config and tokenizer (and the decoder's) into `run_dir`, each file atomically."""
+        """Write weights, config and tokenizer (and the decoder's and query tower's) into `run_dir`, each
+        file atomically."""
         from mmembed.decoder import save_prompt_model
+        from mmembed.train.queries import save_query_tower
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +318,8 @@ class Model:
             self.tokenizer.save(run_dir / TOKENIZER)
         if self.prompt_model is not None:
             save_prompt_model(self.prompt_model, run_dir)
+        if self.query_tower is not None:
+            save_query_tower(self, run_dir)
         return run_dir
 
     @classmethod
@@ -289,6 +328,7 @@ class Model:
         model = load_space(run_dir)
         run_dir = Path(run_dir)
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
+        model.query_tower, model.query_threshold = _load_query_tower(run_dir, model)
         return model.to(device) if device is not None else model
 
 
@@ -334,6 +374,31 @@ def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_di
     if config.decoder is None or not (run_dir / DECODER_WEIGHTS).is_file():
         return None
     return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
+
+
+def _load_query_tower(run_dir: Path, model: Model) -> tuple[nn.Module | None, float | None]:
+    """The run's query tower (a text tower's architecture with weights of its own) and its recall
+    threshold, or (None, None). A tower trained against another space is refused: its questions
+    would land where that space put the items."""
+    from mmembed.train.queries import QUERY_INFO, QUERY_WEIGHTS
+
+    path = run_dir / QUERY_WEIGHTS
+    if not path.is_file():
+        return None, None
+    if str(Modality.TEXT) not in model.space.towers:
+        raise CheckpointError(f"{path}: a query tower, but the space has no text tower to shape it")
+    info_path = run_dir / QUERY_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if info.get("fingerprint", model.fingerprint) != model.fingerprint:
+        raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
+                              f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")
+    tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
+    try:
+        tower.load_state_dict(load_tensors(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the text tower of config.yaml "
+                              f"({str(e).strip().splitlines()[0][:200]})") from None
+    return tower.eval(), info.get("threshold")
 
 
 def _load_tokenizer(run_dir: Path) -> Any | None:

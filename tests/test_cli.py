@@ -5,7 +5,8 @@ import pytest
 
 from mmembed.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "map", "generate", "chat", "scale", "serve"]
+SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "map", "generate", "chat", "scale", "serve",
+               "train-queries"]
 
 
 def test_parser_has_every_subcommand():

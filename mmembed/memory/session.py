@@ -1,7 +1,8 @@
 """A conversation that remembers: each turn reads recent turns and recalled memories, then is stored.
 
     ask(prompt) ─► store the turn's items (embedded once, by the memory's model)
-               ─► recall: the user's older items most similar to the turn (any modality), score ≥ threshold
+               ─► recall: the user's older items most similar to the turn (any modality), score ≥ threshold;
+                  the turn's words as a question through the query tower when the run has one
                ─► prompt = recalled memories + last turns of this session + this turn
                   (every media item as its stored vector, inside its modality's markers)
                ─► model.generate ─► store the answer ─► Generation (+ .recalled)
@@ -43,7 +44,8 @@ class Session:
         history_turns: earlier turns of this session shown in full (oldest dropped first when
             the prompt would not fit the decoder's context).
         recall_k: older memories recalled per turn at most.
-        recall_threshold: the cosine similarity a memory needs to be recalled.
+        recall_threshold: the cosine similarity a memory needs to be recalled (the turn's words, with
+            a run's query tower, need the tower's own threshold instead: `model.query_threshold`).
         new: start a new session even when the user has one.
     """
 
@@ -82,7 +84,7 @@ class Session:
         except Exception:
             self.turn -= 1  # nothing of the turn was stored
             raise
-        recalled = self._recall(vectors, exclude={h.id for h in history + stored})
+        recalled = self._recall(self._queries(stored, vectors), exclude={h.id for h in history + stored})
         parts, recalled = self._fit(recalled, history, shown, generate.get("max_new_tokens", 32))
         out = self.model.generate(parts, **generate)
         if out.text.strip():
@@ -123,14 +125,25 @@ class Session:
         first = self.turn - self.history_turns
         return [h for h in items if h.turn is not None and first <= h.turn < self.turn]
 
-    def _recall(self, queries: Tensor, exclude: set[int]) -> list[MemoryHit]:
-        """The user's items most similar to any of `queries` (this turn's vectors), best first."""
+    def _queries(self, stored: list[MemoryHit], vectors: Tensor) -> list[tuple[Tensor, float]]:
+        """What recall searches with, and the score a memory needs: each item of the turn by its stored
+        vector, except that with a query tower the turn's words are embedded as a question (a
+        question names part of what it asks about, so it is held to the tower's own threshold)."""
+        tower = self.model.query_tower is not None
+        texts = [h.text for h in stored if h.modality == Modality.TEXT] if tower else []
+        asked = iter(self.model.embed_query(texts)) if texts else iter(())
+        threshold = self.model.query_threshold if self.model.query_threshold is not None else self.recall_threshold
+        return [(next(asked), threshold) if tower and h.modality == Modality.TEXT else (z, self.recall_threshold)
+                for h, z in zip(stored, vectors)]
+
+    def _recall(self, queries: list[tuple[Tensor, float]], exclude: set[int]) -> list[MemoryHit]:
+        """The user's items most similar to any of `queries` ((vector, threshold) each), best first."""
         if self.recall_k < 1:
             return []
         best: dict[int, MemoryHit] = {}
-        for query in queries:
+        for query, threshold in queries:
             for found in self.memory.search(self.user, query, k=self.recall_k + len(exclude)):
-                if found.id in exclude or found.score < self.recall_threshold:
+                if found.id in exclude or found.score < threshold:
                     continue
                 if found.id not in best or found.score > best[found.id].score:
                     best[found.id] = found

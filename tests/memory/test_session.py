@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -196,3 +197,26 @@ def test_a_turn_with_an_unreadable_item_stores_nothing(chat_model, db, tmp_path)
         assert chat.memory.count("ada") == before and chat.turn == 1
         chat.ask("still here?", max_new_tokens=2)
         assert [h.turn for h in chat.history() if h.role == "user"] == [1, 2]
+
+
+def test_with_a_query_tower_the_turns_words_search_as_a_question(db):
+    """Words go through the query tower and its threshold; media items search by their own vectors."""
+    model = with_decoder(tiny_model(0))
+    tower = copy.deepcopy(model.space.towers["text"])
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.query_tower, model.query_threshold = tower.eval(), -1.0  # every memory passes the tower's threshold
+    with mm.Memory(db, model=model) as mem:
+        mem.add("ada", mm.Image(picture(4)), session="old")
+    words = "What colour was the star?"
+    with mm.Session(model, memory=db, user="ada", new=True, recall_threshold=1.01) as chat:
+        searched = []
+        real = chat.memory.search
+        chat.memory.search = lambda user, query, **kw: searched.append(query) or real(user, query, **kw)
+        out = chat.ask([words, mm.Image(picture(5))], max_new_tokens=2)
+    assert torch.allclose(searched[0].cpu(), model.embed_query([words])[0], atol=1e-6)
+    assert not torch.allclose(searched[0].cpu(), model.embed("text", [words])[0], atol=1e-3)
+    assert torch.allclose(searched[1].cpu(), model.embed("image", [picture(5)])[0], atol=1e-6)
+    # the picture's own search is held to recall_threshold (1.01: nothing); the question's found the old picture
+    assert [(h.session, str(h.modality)) for h in out.recalled] == [("old", "image")]

@@ -83,6 +83,19 @@ def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor
     return prompt, getattr(target, attr), order
 
 
+def question_about(objects: Sequence[SceneObject], everything: tuple[SceneObject, ...],
+                   rng: np.random.Generator) -> tuple[str, str] | None:
+    """A question about the first of `objects` (one shown item's) that can be named uniquely among
+    `everything` shown, by a description without the asked attribute: (question, answer), or
+    None when none of them can be."""
+    attr = pick(rng, ("colour", "shape"))
+    for obj in objects:
+        ref = reference(obj, everything, attr, rng)
+        if ref is not None:
+            return pick(rng, ASK[attr]).format(ref=ref), getattr(obj, attr)
+    return None
+
+
 def memory_probe(objects: tuple[SceneObject, ...], media: dict[str, str],
                  rng: np.random.Generator) -> dict[str, str] | None:
     """One show-then-ask pair about a scene's `objects`: {"show", "modality", "path", "question", "answer"}.

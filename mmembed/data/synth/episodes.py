@@ -1,0 +1,65 @@
+"""Recall episodes: a handful of shown pictures and sounds, and questions that each name one of them.
+
+    manifest rows (objects + media) ─► episodes of `size` scenes, one picture or sound each
+                                    ─► per scene, a question about one of its objects, named by
+                                       attributes no other object of the episode shares
+                                       ("What colour was the large star on the left?")
+
+This is what a `Session` meets when a user asks about something shown many turns ago, and what a
+query tower learns from (`mmembed.train.queries`): each question must find its own item among
+the episode's. The questions are the memory dialogues' (`dialogues.question_about`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmembed.data.episodes import Episode, parse_episodes
+from mmembed.data.synth.captions import pick
+from mmembed.data.synth.dialogues import question_about
+from mmembed.data.synth.world import SceneObject
+from mmembed.errors import UserError
+
+MEDIA = ("image", "audio")
+
+
+def recall_episodes(rows: Sequence[Mapping[str, Any]], size: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` episodes of `size` distinct scenes drawn from `rows` (a world manifest's rows).
+
+    Returns:
+        [{"items": [{"image": path} | {"audio": path}, ...], "questions": [{"text", "item", "answer"}, ...]}]
+        with paths as the manifest gives them; scenes whose objects cannot be named uniquely ask nothing.
+    """
+    if not 2 <= size <= len(rows):
+        raise ValueError(f"an episode needs 2 to {len(rows)} scenes, got {size}")
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for _ in range(n):
+        picked = rng.choice(len(rows), size=size, replace=False)
+        objects = [tuple(SceneObject.from_dict(o) for o in rows[int(i)]["objects"]) for i in picked]
+        everything = tuple(o for scene in objects for o in scene)
+        items, questions = [], []
+        for k, (i, scene) in enumerate(zip(picked, objects)):
+            modality = pick(rng, MEDIA)
+            items.append({modality: rows[int(i)][modality]})
+            asked = question_about(scene, everything, rng)
+            if asked is not None:
+                questions.append({"text": asked[0], "item": k, "answer": asked[1]})
+        episodes.append({"items": items, "questions": questions})
+    return episodes
+
+
+def world_episodes(root: str | Path, split: str, size: int, n: int, seed: int = 0) -> list[Episode]:
+    """`recall_episodes` over the `split` manifest of the world in `root`, media paths under `root`."""
+    path = Path(root) / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: recall episodes are built from a synthetic world's manifests")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows or "objects" not in rows[0]:
+        raise UserError(f"{path} is not a synthetic world's manifest (its rows list no objects): give episodes")
+    return parse_episodes(recall_episodes(rows, min(size, len(rows)), n, seed), Path(root), what=str(path))

@@ -1,0 +1,150 @@
+"""A query tower: questions land on the item they ask about, the shared space untouched.
+
+    episodes (shown items + questions, each naming one item) ─► item vectors, once, from the frozen space
+    query tower = a copy of the text tower ─► question vector q
+    loss: softmax over the episode's items of logit_scale · q·item, the asked item the target
+
+The text tower places whole captions: "a large red star on the left and a small blue circle on
+the right" finds its picture, but a question that names one object by some of its attributes
+("What colour was the large star?") lands about as near every picture (README, "Memory"). Training
+the shared text tower on such phrases would cost the space's own recall, since a phrase that fits
+many scenes is a negative for all but one of them in a batch. So, as dense retrieval keeps a query
+encoder beside its passage encoder (DPR, Karpukhin et al. 2020), the question gets a tower of its
+own, trained where it is used: against the few items a user was shown (an episode), in which the
+question names exactly one. Item vectors are the space's, so a memory store or an index built
+before needs no re-embedding; `Model.embed_query` uses the tower, a `Session` recalls with it.
+
+Episodes: `mmembed.data.episodes` (JSON lines; the built-in world writes them from its manifests).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmembed.checkpoint import atomic_write_json, save_tensors
+from mmembed.data.episodes import Episode
+from mmembed.errors import UserError
+from mmembed.modality import Modality
+from mmembed.train.align import seed_everything
+
+log = logging.getLogger(__name__)
+
+QUERY_WEIGHTS, QUERY_INFO = "query_tower.safetensors", "query_tower.json"
+# A question's vector scores lower against its item than a whole caption's does (it names a part of
+# it): the threshold a Session applies to it is the score this share of validation questions stay under
+THRESHOLD_QUANTILE = 0.1
+
+
+@dataclasses.dataclass
+class QueryTowerReport:
+    """Recall of the asked item among its episode's items on the validation episodes, with the text
+    tower (before) and the trained query tower (after)."""
+
+    steps: int
+    seconds: float
+    questions: int  # validation questions
+    before: dict[str, float]  # {"recall@1": ..., "recall@3": ...}
+    after: dict[str, float]
+    threshold: float  # the score 90% of validation questions give their item: a Session's recall threshold
+
+
+def item_vectors(model: Any, episodes: Sequence[Episode], batch_size: int = 64) -> dict[tuple[Modality, str], Tensor]:
+    """Every distinct item of `episodes` embedded once by the (frozen) space."""
+    wanted: dict[Modality, list[str]] = {}
+    for ep in episodes:
+        for modality, value in ep.items:
+            wanted.setdefault(modality, []).append(value)
+    table = {}
+    for modality, values in wanted.items():
+        values = list(dict.fromkeys(values))
+        for value, z in zip(values, model.embed(modality, values, batch_size=batch_size)):
+            table[(modality, value)] = z
+    return table
+
+
+def asked_ranks(encode: Any, episodes: Sequence[Episode],
+                table: dict[tuple[Modality, str], Tensor]) -> tuple[Tensor, Tensor]:
+    """Per question: the rank of the asked item among its episode's items (0 = first; ties count
+    against it) and its score."""
+    ranks, scores = [], []
+    with torch.no_grad():
+        for ep in episodes:
+            items = torch.stack([table[i] for i in ep.items])  # (M, D)
+            s = encode([text for text, _ in ep.questions]) @ items.T  # (Q, M)
+            target = s.gather(1, torch.tensor([i for _, i in ep.questions])[:, None])  # (Q, 1)
+            ranks.append((s >= target).sum(1) - 1)
+            scores.append(target[:, 0])
+    return torch.cat(ranks), torch.cat(scores)
+
+
+def recall_at(ranks: Tensor, ks: Sequence[int] = (1, 3)) -> dict[str, float]:
+    return {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+
+
+def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episode], steps: int = 1500,
+                      episodes_per_step: int = 4, lr: float = 1e-3, weight_decay: float = 0.05,
+                      seed: int = 0) -> QueryTowerReport:
+    """Train `model.query_tower` (started from a copy of its text tower) on `train`; recall on `val`."""
+    if Modality.TEXT not in model.modalities:
+        raise UserError("a query tower starts from the text tower, and this model has none")
+    if steps < 1 or episodes_per_step < 1 or not lr > 0:
+        raise UserError(f"steps and episodes_per_step must be >= 1 and lr > 0 (got {steps}, {episodes_per_step}, {lr})")
+    seed_everything(seed)
+    start = time.monotonic()
+    table = item_vectors(model, [*train, *val])
+    text_tower = model.space.towers[str(Modality.TEXT)]
+    before = recall_at(asked_ranks(lambda texts: model.embed_query(texts, tower=text_tower), val, table)[0])
+    tower = copy.deepcopy(text_tower).train()
+    pre = model.preprocessors[Modality.TEXT]
+    scale = float(model.space.logit_scale.detach())
+    decay = [p for p in tower.parameters() if p.ndim >= 2]
+    rest = [p for p in tower.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    device = model.device
+    for step in range(steps):
+        loss = torch.zeros((), device=device)
+        for j in range(episodes_per_step):
+            ep = train[order[(step * episodes_per_step + j) % len(order)]]
+            x, mask = pre.collate([pre(text) for text, _ in ep.questions])
+            q = tower(x.to(device), None if mask is None else mask.to(device))  # (Q, D)
+            items = torch.stack([table[i] for i in ep.items]).to(device)  # (M, D)
+            target = torch.tensor([i for _, i in ep.questions], device=device)
+            loss = loss + F.cross_entropy(scale * q @ items.T, target)
+        opt.zero_grad(set_to_none=True)
+        (loss / episodes_per_step).backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 250 == 0:
+            log.info("query tower step %d/%d: loss %.3f", step + 1, steps, loss.item() / episodes_per_step)
+    model.query_tower = tower.eval()
+    ranks, scores = asked_ranks(model.embed_query, val, table)
+    model.query_threshold = float(torch.quantile(scores, THRESHOLD_QUANTILE))
+    return QueryTowerReport(steps=steps, seconds=time.monotonic() - start, questions=len(ranks), before=before,
+                            after=recall_at(ranks), threshold=model.query_threshold)
+
+
+def save_query_tower(model: Any, run_dir: str | Path, report: QueryTowerReport | None = None) -> Path:
+    """Write the query tower beside the run's weights (atomically); `mm.load` picks it up."""
+    if model.query_tower is None:
+        raise UserError("this model has no query tower to save")
+    run_dir = Path(run_dir)
+    info = dataclasses.asdict(report) if report is not None else {}
+    info.update(threshold=model.query_threshold, fingerprint=model.fingerprint)  # the space its items came from
+    save_tensors(run_dir / QUERY_WEIGHTS, model.query_tower.state_dict())
+    atomic_write_json(run_dir / QUERY_INFO, info)
+    return run_dir / QUERY_WEIGHTS
