@@ -97,6 +97,7 @@ def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_
 
 def test_bad_instruction_rows_are_skipped_and_counted(tiny_world, trained_run, tmp_path, caplog):
     rows = [json.loads(line) for line in (tiny_world / "instruct-train.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["task"] != "recall"]  # memory dialogues of six items outgrow the tiny context
     rows[0]["prompt"] = ["describe", {"image": "images/missing.png"}]
     rows[1]["prompt"] = ["describe", {"image": "../outside.png"}]
     rows[2]["prompt"] = ["describe " * 200, rows[2]["prompt"][-1]]
