@@ -101,7 +101,9 @@ def memory_lines(result: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|"]
     lines += [f"| {s['show']} | {s['said']} | {s['question']} | {s['answer']} | {s['without memory']} | "
               f"{s['truth']} |" for s in result["samples"]]
-    return lines + [""]
+    return lines + ["", "Many turns later the item must come back by recall: `mmembed train-queries RUN` adds a query "
+                        "tower (a question lands near the item it names), and `python -m benchmarks.memory_horizon RUN` "
+                        "asks about items shown 3 to 29 turns before (README, \"Memory: where it stands\").", ""]
 
 
 if __name__ == "__main__":
