@@ -464,6 +464,8 @@ def _train_queries(args: argparse.Namespace) -> int:
     from mmembed.model import load_space
     from mmembed.train.queries import save_query_tower, train_query_tower
 
+    if args.steps < 1 or args.episode_size < 2:
+        raise UserError(f"--steps must be >= 1 and --episode-size >= 2 (got {args.steps}, {args.episode_size})")
     model = load_space(args.run)
     if args.episodes:
         train = read_episodes(args.episodes)

@@ -121,7 +121,8 @@ class Model:
         """
         if Modality.TEXT not in self.preprocessors:
             raise UserError(f"this model has no text tower (it has: {', '.join(map(str, self.modalities))})")
-        tower = tower or self.query_tower or self.space.towers[str(Modality.TEXT)]
+        if tower is None:
+            tower = self.query_tower if self.query_tower is not None else self.space.towers[str(Modality.TEXT)]
         was_training = tower.training
         tower.eval()
         try:

@@ -30,7 +30,6 @@ class Episode:
     questions: tuple[tuple[str, int], ...]
 
 
-
 def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, what: str = "episodes") -> list[Episode]:
     """Episodes from decoded JSON records; relative media paths are taken under `root`. A malformed
     record is a UserError naming it."""

@@ -100,6 +100,8 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
         raise UserError("a query tower starts from the text tower, and this model has none")
     if steps < 1 or episodes_per_step < 1 or not lr > 0:
         raise UserError(f"steps and episodes_per_step must be >= 1 and lr > 0 (got {steps}, {episodes_per_step}, {lr})")
+    if not train or not val:
+        raise UserError("a query tower needs training and validation episodes")
     seed_everything(seed)
     start = time.monotonic()
     table = item_vectors(model, [*train, *val])

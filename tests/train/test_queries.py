@@ -115,6 +115,9 @@ def test_cli_trains_on_the_runs_world_and_reports_recall(tiny_world, tmp_path, c
     assert mm.load(tmp_path / "run").query_tower is not None
     assert main(["train-queries", str(tmp_path / "run"), "--episodes", str(tmp_path / "none.jsonl")]) == 2
     assert "episodes file not found" in capsys.readouterr().err
+    assert main(["train-queries", str(tmp_path / "run"), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_query_tower_of_another_space_is_refused(tmp_path):
