@@ -182,7 +182,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     skipped = result.get("skipped (longer than the context)", {})
     lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
-              + "".join(f"; {n}: {k} skipped, longer than the context" for n, k in skipped.items() if k) + ".", ""]
+              + "".join(f"; {n}: {k} skipped, prompt and answer longer than the context"
+                        for n, k in skipped.items() if k) + ".", ""]
     if "transfer" in result:
         lines += ["### Cross-modal transfer", "",
                   "A second decoder trained on image prompts only — it never saw a sound — answers the same "

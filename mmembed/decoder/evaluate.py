@@ -37,12 +37,14 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
 
 
 def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:
-    """The rows whose prompt leaves room for an answer in the decoder's context (a decoder with a
+    """The rows whose prompt and reference answer (with its end token) fit the decoder's context:
+    the rows training keeps, so none is scored on an answer cut short for room (a decoder with a
     sliding window has room for any)."""
     pm = model.prompt_model
     if pm.lm.decoder.window is not None:
         return list(rows)
-    return [r for r in rows if pm.fmt.length(row_prompt(r)) < pm.lm.decoder.max_len]
+    return [r for r in rows
+            if pm.fmt.length(row_prompt(r)) + len(pm.fmt.encode_answer(r.answer)) <= pm.lm.decoder.max_len]
 
 
 def _size(row: InstructionRow) -> tuple[int, int]:

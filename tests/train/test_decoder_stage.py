@@ -194,10 +194,12 @@ def test_evaluation_skips_rows_longer_than_the_context(trained_run, tiny_world, 
     lengths = [model.prompt_model.fmt.length(row_prompt(r)) for r in rows]
     outs = model.generate([row_prompt(r) for r in rows[:6]], max_new_tokens=1)
     assert [o.prompt_tokens for o in outs] == lengths[:6]  # the count is the ids generate builds
-    cut = sorted(lengths)[len(lengths) // 2]
+    answers = [len(model.prompt_model.fmt.encode_answer(r.answer)) for r in rows]  # with the end token
+    cut = sorted(n + a for n, a in zip(lengths, answers))[len(lengths) // 2]
     monkeypatch.setattr(model.prompt_model.lm.decoder, "max_len", cut)
     kept = fitting(model, rows)
-    assert 0 < len(kept) < len(rows) and len(kept) == sum(n < cut for n in lengths)
+    # as in training: a row is kept when its prompt and its reference answer fit
+    assert 0 < len(kept) < len(rows) and len(kept) == sum(n + a <= cut for n, a in zip(lengths, answers))
     model.generate([row_prompt(r) for r in kept], max_new_tokens=1)  # every kept row fits
 
 
