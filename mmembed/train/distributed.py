@@ -122,16 +122,21 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
         # exception", CI, 2026-12-03).
         dist.barrier()
     except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the message short
         raise PeerLostError(f"rank {world.rank}: stopped by torchrun (another process of the run failed: its "
                             f"error is above){_resume_hint(run_dir)}") from None
     except RuntimeError as e:  # gloo and NCCL raise RuntimeError (DistBackendError is one)
+        # torchrun's SIGTERM, sent once it sees the peer gone, can land while the hint reads the
+        # checkpoints: it ended this rank with a traceback instead of its line (a test run, 2026-12-05)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         text = str(e).lower()
         if not (isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)):
             raise
         raise PeerLostError(f"rank {world.rank}: lost contact with another process of the run "
                             f"({_first_line(e)}){_resume_hint(run_dir)}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # a failing rank stays deaf until it has said why
+            signal.signal(signal.SIGTERM, previous)
         shutdown()
 
 
