@@ -254,6 +254,24 @@ def test_demo_memory_section_runs_three_processes_on_one_file(trained_run, tiny_
     assert "## Memory across processes" in "\n".join(memory_lines(result))
 
 
+def test_demo_memory_phases_take_the_asking_sessions_settings(trained_run, tiny_world, tmp_path, monkeypatch):
+    """`memory_horizon --history-turns H --recall-k K` reaches the asking Session; memory off stays off."""
+    from mmembed.demo_memory import probes, run_phase
+
+    items = probes(tiny_world, "test", n=2)
+    run_phase("show", trained_run, tmp_path / "memory.db", items)
+    seen, real = [], mm.Session.__init__
+
+    def spy(self, *args, **kw):
+        seen.append((kw["history_turns"], kw["recall_k"]))
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(mm.Session, "__init__", spy)
+    run_phase("ask", trained_run, tmp_path / "memory.db", items, history_turns=1, recall_k=2)
+    run_phase("ask-without-memory", trained_run, tmp_path / "memory.db", items, history_turns=1, recall_k=2)
+    assert seen == [(1, 2)] * 2 + [(0, 0)] * 2
+
+
 def test_a_collapse_restart_of_the_align_stage_is_what_config_yaml_records_after_the_decoder(
         tiny_world, tmp_path, monkeypatch):
     from tests.train.test_align import _collapse_on
