@@ -128,9 +128,11 @@ def image_only_config(config: Config, joint_dir: Path) -> Config:
     exactly what sounds lack (transfer 0.453 raw against 0.160 whitened, README).
 
     At most `TRANSFER_MAX_STEPS` steps: on the demo space transfer varies more between decoder
-    seeds than between step counts (README, "Prompting")."""
+    seeds than between step counts (README, "Prompting"). The rows are not reweighted: the joint
+    decoder's task weights are for comparisons, which an image-only mix does not have."""
     transfer = copy.deepcopy(config)
     transfer.decoder.data.prompt_modalities = ["image"]
+    transfer.decoder.data.task_weights = {}  # the joint mix's weights are for comparisons, which need a sound
     transfer.decoder.whiten = False
     steps = transfer.decoder.train.max_steps
     transfer.decoder.train.max_steps = TRANSFER_MAX_STEPS if steps is None else min(steps, TRANSFER_MAX_STEPS)

@@ -175,8 +175,10 @@ def test_the_transfer_decoder_reads_raw_vectors_when_the_joint_one_whitens(tiny_
     from mmembed.demo import TRANSFER_MAX_STEPS, image_only_config
 
     joint = decoder_config(tiny_world, tmp_path / "run", whiten=True)
+    joint.decoder.data.task_weights = {"larger": 3.0}  # a comparison task: no image-only row has it
     transfer = image_only_config(joint, tmp_path / "run")
     assert transfer.decoder.data.prompt_modalities == ["image"] and transfer.decoder.whiten is False
+    assert transfer.decoder.data.task_weights == {} and joint.decoder.data.task_weights == {"larger": 3.0}
     assert transfer.model.init_from == str(tmp_path / "run")
     assert transfer.train.out_dir == str(tmp_path / "run" / "decoder-image-only")
     assert transfer.decoder.train.max_steps == joint.decoder.train.max_steps == 8  # under the cap: as configured
