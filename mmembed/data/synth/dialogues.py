@@ -45,7 +45,7 @@ ASK = {
 }
 # Media items per dialogue, 1 to 6: a Session shows up to recall_k = 3 recalled items and history_turns = 3
 # turns by default; a decoder that only ever read two picked the asked one out of those for 0.40 of
-# long-horizon questions, trained on up to six for 0.43-0.58 (README, "Memory"). Dialogues longer
+# long-horizon questions, four trained on up to six for 0.36-0.58 (mean 0.47; README, "Memory"). Dialogues longer
 # than the decoder's context (about one in five at 128 tokens) are skipped, and counted, in training.
 MAX_SHOWN = 6
 
