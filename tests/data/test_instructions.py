@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from mmembed.data.synth import TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group
-from mmembed.data.synth.dialogues import ASK, SHOW
+from mmembed.data.synth.dialogues import ASK, SHOW, TELL
 from mmembed.data.synth.generate import manifest_row
-from mmembed.data.synth.instructions import TEMPLATES, TEXT_TEMPLATES, instruction_rows
+from mmembed.data.synth.instructions import MEMORY_ROWS, SHOWN_DESCRIBED, TEMPLATES, TEXT_TEMPLATES, instruction_rows
 from mmembed.data.synth.rules import COLOURS
 from mmembed.data.synth.world import SceneObject, sample_world
 
@@ -70,9 +70,10 @@ def test_every_split_has_rows_in_the_documented_format(world, rows, scenes):
         assert rows[split] and len({r["id"] for r in rows[split]}) == len(rows[split])
         for r in rows[split]:
             assert set(r) == {"id", "task", "prompt", "answer", "scenes", "objects"} and r["task"] in TASKS
-            assert r["id"].split("/")[0] in r["scenes"]
+            told = r["task"] == "recall"  # a dialogue's scenes may all have been told in words, none shown
+            assert told or r["id"].split("/")[0] in r["scenes"]
             assert all(isinstance(seg, str) or (len(seg) == 1 and set(seg) <= MEDIA) for seg in r["prompt"])
-            assert len(_media(r)) == len(r["scenes"]) == len(r["objects"]) >= 1
+            assert len(_media(r)) == len(r["scenes"]) == len(r["objects"]) >= (0 if told else 1)
             assert set(r["scenes"]) <= members  # comparison partners come from the same split
             assert r["objects"] == [scenes[s]["objects"] for s in r["scenes"]]
     meta = json.loads((world / "world.json").read_text())
@@ -129,17 +130,17 @@ def test_every_task_appears_and_rows_per_scene_follow_the_recipe(rows):
     per_scene: dict[str, Counter] = {}
     for r in _all(rows):  # counted by (task, or group for questions) and the first media item
         group = task_group(r["task"])
-        key = (r["task"] if group == "describe" else group, _media(r)[0][0])
+        key = (r["task"] if group == "describe" else group, _media(r)[0][0] if _media(r) else "words")
         per_scene.setdefault(r["id"].split("/")[0], Counter())[key] += 1
     for counts in per_scene.values():
         assert counts[("describe", "image")] == counts[("describe", "audio")] == 1
         assert counts[("attribute", "image")] == counts[("attribute", "audio")] == 2
         assert counts[("compare", "image")] + counts[("compare", "audio")] == 2
-        assert counts[("memory", "image")] + counts[("memory", "audio")] <= 1
+        assert sum(n for (group, _), n in counts.items() if group == "memory") <= MEMORY_ROWS
     mean = np.mean([sum(c.values()) for c in per_scene.values()])
     texts = np.mean([c[("describe", "text")] for c in per_scene.values()])
-    memory = np.mean([c[("memory", "image")] + c[("memory", "audio")] for c in per_scene.values()])
-    assert 8.5 < mean < 11.0 and 0.3 < texts < 0.7 and memory > 0.7
+    memory = np.mean([sum(n for (group, _), n in c.items() if group == "memory") for c in per_scene.values()])
+    assert 9.5 < mean < 12.0 and 0.3 < texts < 0.7 and memory > 0.7 * MEMORY_ROWS
 
 
 def test_media_belong_to_the_scenes_listed(world, rows, scenes):
@@ -152,13 +153,22 @@ def test_media_belong_to_the_scenes_listed(world, rows, scenes):
                 assert value == (f"images/{sid}.png" if modality == "image" else f"audio/{sid}.wav")
 
 
+def _told(segment) -> list[SceneObject]:
+    """The objects of a scene told in words ("Remember this: <caption>."); none for any other segment."""
+    for template in TELL:
+        head, tail = template.split("{caption}")
+        if isinstance(segment, str) and segment.startswith(head) and segment.endswith(tail):
+            return parse_caption(segment[len(head): len(segment) - len(tail)])
+    return []
+
+
 def _objects(r: dict, k: int = 0) -> list[SceneObject]:
     return [SceneObject.from_dict(o) for o in r["objects"][k]]
 
 
 def _expected(r: dict, scenes: dict) -> str:
     """The answer recomputed from the row's objects and prompt."""
-    task, objects = r["task"], _objects(r)
+    task, objects = r["task"], (_objects(r) if r["objects"] else [])
     if task in ("describe", "describe_both"):
         assert sorted(parse_caption(r["answer"])) == sorted(objects)
         return scenes[r["scenes"][0]]["text"]  # the canonical caption
@@ -182,7 +192,7 @@ def _expected(r: dict, scenes: dict) -> str:
         task = "colour" if "colour" in question else "shape"
         ref = dict(mentions(question))
         assert task not in ref, r
-        shown = [o for k in range(len(r["objects"])) for o in _objects(r, k)]
+        shown = [o for k in range(len(r["objects"])) for o in _objects(r, k)] + [o for s in r["prompt"] for o in _told(s)]
         matches = [o for o in shown if all(getattr(o, a) == v for a, v in ref.items())]
         assert len(matches) == 1, r
         return getattr(matches[0], task)
@@ -219,6 +229,39 @@ def test_questions_never_contain_their_answer(rows):
             assert r["answer"] not in _words(_text(r)), r["prompt"]
         if r["task"] == "recall":  # the question itself; earlier answers in the dialogue may say it
             assert r["answer"] not in _words(r["prompt"][-1]), r["prompt"]
+
+
+def test_memory_dialogues_tell_some_scenes_in_words_and_answer_each_turn_with_its_description(rows, scenes):
+    """A told scene is one of its captions in a TELL sentence; every turn (shown or told) is followed by
+    the canonical description, which is what a Session's decoder says to it; recalled ones are bare."""
+    captions = {c for sc in scenes.values() for c in sc["captions"]}
+    told = shown = told_asked = 0
+    for r in _all(rows):
+        if r["task"] != "recall":
+            continue
+        prompt, listed = r["prompt"], iter(r["scenes"])
+        for k, seg in enumerate(prompt[:-1]):
+            objects = _told(seg)
+            if objects:
+                told += 1
+                head, tail = next((t.split("{caption}") for t in TELL if seg.startswith(t.split("{caption}")[0])))
+                assert seg[len(head): len(seg) - len(tail)] in captions
+            if isinstance(seg, dict):
+                shown += 1
+                objects = [SceneObject.from_dict(o) for o in scenes[next(listed)]["objects"]]
+            after = prompt[k + 1] if k + 1 < len(prompt) - 1 else None
+            if objects and isinstance(after, str) and not _told(after) and after not in SHOW["image"] + SHOW["audio"]:
+                assert sorted(parse_caption(after)) == sorted(objects), r["id"]  # the turn's answer
+        told_asked += not r["scenes"]
+    assert 0.3 < told / (told + shown) < 0.7 and told_asked > 0
+
+
+def test_some_descriptions_are_asked_as_a_conversations_show_turn(rows, scenes):
+    described = [r for r in _all(rows) if r["task"] == "describe" and _media(r)[0][0] != "text"]
+    turns = [r for r in described if len(r["prompt"]) == 2 and isinstance(r["prompt"][1], dict)
+             and r["prompt"][0].strip() in SHOW[_media(r)[0][0]]]
+    assert abs(len(turns) / len(described) - SHOWN_DESCRIBED) < 0.1
+    assert all(r["answer"] == scenes[r["scenes"][0]]["text"] for r in turns)
 
 
 def test_at_least_ten_phrasings_per_task():

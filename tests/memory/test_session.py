@@ -157,10 +157,13 @@ def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
 
 def test_a_conversation_is_laid_out_as_the_memory_dialogues_the_decoder_trains_on(chat_model, db, monkeypatch):
     """Session prompt: recalled items bare, then each earlier turn's words, items and answer, then the
-    question — the layout of the synthetic world's `recall` rows (data/synth/dialogues.py)."""
+    question — the layout of the synthetic world's `recall` rows (data/synth/dialogues.py), with a
+    scene shown (words, item, answer) or told in words (words, answer)."""
+    import re
+
     import numpy as np
 
-    from mmembed.data.synth.dialogues import recall_item
+    from mmembed.data.synth import dialogues
     from mmembed.data.synth.world import sample_world
     from mmembed.decoder import Generation
 
@@ -169,21 +172,35 @@ def test_a_conversation_is_laid_out_as_the_memory_dialogues_the_decoder_trains_o
     with mm.Session(chat_model, memory=db, user="ada") as chat:
         chat.ask(["Remember this picture.", mm.Image(picture(20))])
         chat.ask("What colour was the star?")
-    kinds = ["media" if isinstance(s, Embedded) else s for s in seen[1]]
-    assert kinds == ["Remember this picture.", "media", "a red star", "What colour was the star?"]
+    with mm.Session(chat_model, memory=db, user="bob") as chat:
+        chat.ask("Remember this: a red star on the left.")
+        chat.ask("What colour was the star?")
+    kinds = [["media" if isinstance(s, Embedded) else s for s in prompt] for prompt in seen]
+    assert kinds[1] == ["Remember this picture.", "media", "a red star", "What colour was the star?"]
+    assert kinds[3] == ["Remember this: a red star on the left.", "a red star", "What colour was the star?"]
 
     scenes = sample_world(0, 40, 0, (0.8, 0.1, 0.1), [])
     media = [{"image": f"{s.id}.png", "audio": f"{s.id}.wav"} for s in scenes]
     layouts = set()
+    monkeypatch.setattr(dialogues, "P_TOLD", 0.0)  # every scene shown
     for i in range(40):
-        item = recall_item(scenes, media, i, np.random.default_rng(i))
+        item = dialogues.recall_item(scenes, media, i, np.random.default_rng(i))
         if item is not None:
             kinds = tuple("media" if isinstance(s, dict) else "text" for s in item[0])
             bare = kinds.index("text")
             assert all(x == "media" for x in kinds[:bare])  # recalled items first, bare
             assert kinds[bare:-1] == ("text", "media", "text") * ((len(kinds) - bare - 1) // 3)  # turns
             layouts.add(kinds)
-    assert ("text", "media", "text", "text") in layouts  # the conversation above
+    assert ("text", "media", "text", "text") in layouts  # the first conversation above
+    monkeypatch.setattr(dialogues, "P_TOLD", 1.0)  # every scene told: recalled, its words; a turn, words and answer
+    heads = tuple(t.split("{caption}")[0] for t in dialogues.TELL)
+    for i in range(40):
+        item = dialogues.recall_item(scenes, media, i, np.random.default_rng(i))
+        if item is not None:
+            told = "".join("T" if s.startswith(heads) else "A" for s in item[0][:-1])
+            assert all(isinstance(s, str) for s in item[0]) and re.fullmatch("T*(TA)*", told), item[0]
+            layouts.add(told)
+    assert "TA" in layouts  # the second conversation above
 
 
 def test_a_turn_with_an_unreadable_item_stores_nothing(chat_model, db, tmp_path):

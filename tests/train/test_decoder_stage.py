@@ -145,12 +145,13 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     model = mm.load(trained_run)
     result = prompting(model, model, tiny_world)
     n_test = len((tiny_world / "instruct-test.jsonl").read_text().splitlines())
-    assert result["rows"]["test"] == n_test
+    scored, skipped = result["rows"]["test"], result["skipped (longer than the context)"]["test"]
+    assert scored + skipped == n_test and scored > 0.8 * n_test  # a few memory dialogues outgrow the tiny context
     for split, table in result["accuracy"].items():
         assert set(HEADLINE) <= set(table)
         assert all(0.0 <= row["accuracy"] <= 1.0 and row["correct"] <= row["n"] for row in table.values())
     counted = sum(v["n"] for k, v in result["accuracy"]["test"].items() if k != "attribute question (image or sound)")
-    assert counted == n_test  # every prompt lands in exactly one group
+    assert counted == scored  # every scored prompt lands in exactly one group
     assert result["transfer"]["test"]["image-only decoder"] == result["transfer"]["test"]["joint decoder"]  # same model
     assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
     joint, image_only = result["best of"]

@@ -1,16 +1,18 @@
-"""Memory dialogues: earlier turns show pictures and sounds, a later question asks about one of them.
+"""Memory dialogues: earlier turns show pictures and sounds, or tell a scene in words; a later question
+asks about one of them.
 
 The prompt is laid out exactly as a `Session` lays out what the decoder sees, so the decoder
 learns to answer from memories the way the session will hand them over:
 
-    recalled items (bare media, oldest first)                         {image} {audio}
-    earlier turns of the conversation: words, media, the answer       "Remember this picture. " {image} " a small red star on the left"
+    recalled items (bare media, or the words a scene was told in)     {image} "Note: a red star, small, on the left."
+    earlier turns of the conversation: words, media, the answer       "Remember this picture." {image} "a small red star on the left"
     the question, naming one shown object by another attribute        "What colour was the star?"   → "red"
 
-A turn's answer is the canonical description of what it showed (what the decoder says when it
-is shown something). The asked object is named by a description that no other object shown
-in the dialogue matches, and never by the asked attribute itself. Text segments stay apart
-(each is tokenised on its own), as the session hands over each turn's words and answers.
+A turn's answer is the canonical description of what it showed or told: what the decoder says
+when it is shown something (the instruction set trains that too: `instructions.SHOWN_DESCRIBED`).
+The asked object is named by a description that no other object in the dialogue matches, and
+never by the asked attribute itself. Text segments stay apart (each is tokenised on its own), as
+the session hands over each turn's words and answers.
 """
 
 from __future__ import annotations
@@ -43,10 +45,17 @@ ASK = {
               "What was the shape of the {ref}?", "Remind me: what shape was the {ref}?",
               "Which shape was the {ref} in what I showed you?", "Recall the {ref}. What shape was it?"),
 }
+# Half the scenes of a dialogue are told in words instead ("Remember this: a large red circle on the left."),
+# so the decoder learns to read the words in its context, as it must read a Session's earlier answers. A
+# decoder that never had to answered 0.09 of questions about a scene described in the prompt's words;
+# with P_TOLD 0.5 and two dialogues per scene, 0.80 (every one-object scene, 0.6 of two-object ones).
+TELL = ("Remember this: {caption}.", "Note: {caption}.", "Keep in mind: {caption}.", "I saw this: {caption}.",
+        "Here is what I saw: {caption}.", "Please remember: {caption}.")
+P_TOLD = 0.5
 # Media items per dialogue, 1 to 6: a Session shows up to recall_k = 3 recalled items and history_turns = 3
 # turns by default; a decoder that only ever read two picked the asked one out of those for 0.40 of
 # long-horizon questions, four trained on up to six for 0.36-0.58 (mean 0.47; README, "Memory"). Dialogues longer
-# than the decoder's context (about one in five at 128 tokens) are skipped, and counted, in training.
+# than the decoder's context (about one in four at 128 tokens) are skipped, and counted, in training.
 MAX_SHOWN = 6
 
 
@@ -55,12 +64,14 @@ def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor
     """One memory dialogue about an object of scene `anchor`, with up to MAX_SHOWN − 1 other scenes shown.
 
     Args:
-        scenes: the split's scenes; `media[i]` maps "image"/"audio" to scene i's paths.
+        scenes: the split's scenes; `media[i]` maps "image"/"audio" to scene i's paths (and
+            "captions" to its captions, which a told scene is told in; else its canonical one).
         anchor: the scene the question is about.
 
     Returns:
-        (prompt segments, answer, the scene of each media item in prompt order), or None when no
-        object of the anchor can be named uniquely among everything shown.
+        (prompt segments, answer, the scene of each media item in prompt order: a told scene has
+        none, so a dialogue may list no scene at all), or None when no object of the anchor can be
+        named uniquely among everything shown.
     """
     shown = [anchor] + [int(j) for j in rng.choice(len(scenes), size=int(rng.integers(0, MAX_SHOWN)))]
     shown = list(dict.fromkeys(shown))  # no scene twice
@@ -75,16 +86,21 @@ def recall_item(scenes: Sequence[Scene], media: Sequence[dict[str, str]], anchor
     recalled = [rng.random() < 0.5 for _ in shown]  # bare, first: as a session recalls them
     bare: list = []
     turns: list = []
+    bare_scenes: list[Scene] = []
+    turn_scenes: list[Scene] = []
     for j, is_recalled in zip(shown, recalled):
         modality = pick(rng, ("image", "audio"))
-        item = {modality: media[j][modality]}
-        if is_recalled:
-            bare.append(item)
+        if rng.random() < P_TOLD:  # the user's words are the memory: recalled, they are all there is
+            captions = media[j].get("captions") or [canonical_caption(scenes[j].objects)]
+            user = [pick(rng, TELL).format(caption=pick(rng, captions))]
         else:
-            turns += [pick(rng, SHOW[modality]), item, canonical_caption(scenes[j].objects)]
-    prompt = bare + turns + [question]
-    order = [scenes[j] for j, r in zip(shown, recalled) if r] + [scenes[j] for j, r in zip(shown, recalled) if not r]
-    return prompt, getattr(target, attr), order
+            user = [pick(rng, SHOW[modality]), {modality: media[j][modality]}]
+            (bare_scenes if is_recalled else turn_scenes).append(scenes[j])
+        if is_recalled:
+            bare.append(user[-1])
+        else:
+            turns += [*user, canonical_caption(scenes[j].objects)]
+    return bare + turns + [question], getattr(target, attr), bare_scenes + turn_scenes
 
 
 def question_about(objects: Sequence[SceneObject], everything: tuple[SceneObject, ...],

@@ -10,7 +10,8 @@ One JSON object per line of `instruct-{split}.jsonl`:
 `prompt` is a list of segments in order: a string is text the user typed; a one-key object is
 a media item, `{"image": path}`, `{"audio": path}` (paths as the split manifest writes them) or
 `{"text": caption}` (a caption given as an embedding). `scenes` names the scene of each media
-item in prompt order and `objects` holds that scene's objects, left to right.
+item in prompt order and `objects` holds that scene's objects, left to right (a memory dialogue's
+scenes told in words are no media items: its `scenes` may be shorter than what it tells, or empty).
 
 Spacing convention: a media item reads as one word and the text around it carries the spaces.
 Text just before a media item ends with a space; text just after one starts with a space, or
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption, pick
-from mmembed.data.synth.dialogues import recall_item
+from mmembed.data.synth.dialogues import SHOW, recall_item
 from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
 from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
 from mmembed.data.synth.world import Scene, SceneObject, rng_for
@@ -47,6 +48,13 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
 }
 TASKS = tuple(task for tasks in TASK_GROUPS.values() for task in tasks)
 LARGER_ANSWERS = ("the picture", "the sound", "equal")  # larger object in the image, the audio, neither
+# Share of single-item descriptions asked as a conversation's show turn ("Remember this picture." {image}):
+# without them a decoder answered a Session's show turn with "one", "yes" or "left", and those answers
+# are what a later turn reads back from memory.
+SHOWN_DESCRIBED = 0.25
+# Memory dialogues per scene (each may fail to name an object uniquely): with one, the decoder read the
+# words of its context too rarely to learn it (a scene told in words: 0.30 of questions; with two, 0.80).
+MEMORY_ROWS = 2
 
 # Words a template may use for a media item: {noun} and {see} (or {noun1}, {see2}, ...).
 MODALITY_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -226,13 +234,18 @@ class _Split:
 
 
 # ---------------------------------------------------------------- one scene
+def _describe_prompt(item: dict[str, str], modality: str, rng: np.random.Generator) -> Prompt:
+    """A request to describe `item`; one in SHOWN_DESCRIBED is a conversation's show turn ("Look at
+    this." {image}), whose answer is the description, as memory dialogues assume of the decoder."""
+    if rng.random() < SHOWN_DESCRIBED:
+        return [pick(rng, SHOW[modality]) + " ", item]
+    return _render(pick(rng, TEMPLATES["describe"]), [item], rng)
+
+
 def _describe_items(split: _Split, i: int, rng: np.random.Generator) -> list[Item]:
     scene = split.scenes[i]
     answer = canonical_caption(scene.objects)
-    items = [
-        ("describe", _render(pick(rng, TEMPLATES["describe"]), [split.media(i, m)], rng), answer, [scene])
-        for m in ("image", "audio")
-    ]
+    items = [("describe", _describe_prompt(split.media(i, m), m, rng), answer, [scene]) for m in ("image", "audio")]
     alternatives = split.rows[i]["captions"][1:]
     if rng.random() < 0.5 and alternatives:
         caption = {"text": pick(rng, alternatives)}
@@ -312,7 +325,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
 def instruction_rows(
     scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int
 ) -> list[dict[str, Any]]:
-    """The instruction rows of one split, about 10 per scene, in scene order.
+    """The instruction rows of one split, about 11 per scene, in scene order.
 
     Args:
         scenes: the split's scenes.
@@ -331,9 +344,10 @@ def instruction_rows(
             items += _attribute_items(split, i, modality, rng)
         if len(split.scenes) > 1:
             items += [_comparison_item(split, i, rng) for _ in range(2)]
-        recall = recall_item(split.scenes, split.rows, i, rng)
-        if recall is not None:
-            items.append(("recall", *recall))
+        for _ in range(MEMORY_ROWS):
+            recall = recall_item(split.scenes, split.rows, i, rng)
+            if recall is not None:
+                items.append(("recall", *recall))
         for k, (task, prompt, answer, members) in enumerate(items):
             rows.append(
                 {

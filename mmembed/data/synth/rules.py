@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 # Bump whenever rendering, sampling or text generation changes the bytes written for a seed.
-SYNTH_VERSION = 4  # 4: memory dialogues show up to six items
+SYNTH_VERSION = 5  # 5: scenes told in words, show turns described, two memory dialogues per scene
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 # Rainbow order, so that pitch rises with the colour's index (red = lowest, as in light).
