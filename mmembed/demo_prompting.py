@@ -62,6 +62,23 @@ def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[G
     return table, answers
 
 
+def by_objects(rows: list[InstructionRow], answers: list[Generation]) -> dict[str, dict[str, dict]]:
+    """Attribute questions by question and by the objects in the item: {task: {"1": {"n", "correct",
+    "accuracy"}, "2": {..., "either object": what answering about one of the two at random scores}}}.
+    With two objects, "what colour is the star?" must first find the star."""
+    asked = [(r, a) for r, a in zip(rows, answers) if task_group(r.task) == "attribute"]
+    table = accuracy_by_group([r for r, _ in asked], [a for _, a in asked], score_row,
+                              lambda r: f"{r.task}|{len(r.meta['objects'][0])}")
+    out: dict[str, dict[str, dict]] = {}
+    for key in sorted(table):
+        task, objects = key.split("|")
+        out.setdefault(task, {})[objects] = table[key]
+        if objects == "2" and task in ("colour", "shape", "size", "position"):  # a guess between the two objects
+            pairs = [r.meta["objects"][0] for r, _ in asked if r.task == task and len(r.meta["objects"][0]) == 2]
+            table[key]["either object"] = sum(1.0 if a[task] == b[task] else 0.5 for a, b in pairs) / len(pairs)
+    return out
+
+
 def audio_descriptions(rows: list[InstructionRow]) -> list[InstructionRow]:
     return [r for r in rows if r.task == "describe" and all(m.value == "audio" for m, _ in r.media)]
 
@@ -80,6 +97,7 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
     for name, rows in splits.items():
         tables[name], answers[name] = evaluate_split(model, rows)
     result: dict[str, Any] = {"accuracy": tables, "rows": {n: len(r) for n, r in splits.items()},
+                              "attribute questions by objects": {n: by_objects(splits[n], answers[n]) for n in splits},
                               "skipped (longer than the context)": skipped,
                               "samples": _samples(splits["test"], answers["test"]),
                               "temperature": _temperatures(model, splits["test"])}
@@ -184,6 +202,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
               + "".join(f"; {n}: {k} skipped, prompt and answer longer than the context"
                         for n, k in skipped.items() if k) + ".", ""]
+    lines += _by_objects_lines(result.get("attribute questions by objects", {}).get("test"))
     if "transfer" in result:
         lines += ["### Cross-modal transfer", "",
                   "A second decoder trained on image prompts only — it never saw a sound — answers the same "
@@ -206,6 +225,21 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {t['temperature']} | {t['answer']} | {t['mean_entropy']:.3f} |")
     lines.append(f"\nPrompt: {result['temperature'][0]['prompt']}\n")
     return lines
+
+
+def _by_objects_lines(table: dict[str, dict[str, dict]] | None) -> list[str]:
+    if not table:
+        return []
+    lines = ["### Attribute questions by the objects in the item (test)", "",
+             "About one of two objects, a question first has to find it by another attribute (\"the star\", "
+             "\"the object on the left\"; \"is there a red star?\" asks for a colour and a shape together). "
+             "The last column is what answering about one of the two objects at random would score:", "",
+             "| question | one object | two objects | two objects, either one |", "|---|---:|---:|---:|"]
+    for task, cells in table.items():
+        shown = [f"{cells[k]['accuracy']:.3f} ({cells[k]['n']})" if k in cells else "–" for k in ("1", "2")]
+        either = cells.get("2", {}).get("either object")
+        lines.append(f"| {task} | " + " | ".join(shown) + f" | {'–' if either is None else f'{either:.3f}'} |")
+    return lines + [""]
 
 
 def _best_of_lines(checks: list[dict[str, Any]] | None) -> list[str]:

@@ -152,6 +152,14 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
         assert all(0.0 <= row["accuracy"] <= 1.0 and row["correct"] <= row["n"] for row in table.values())
     counted = sum(v["n"] for k, v in result["accuracy"]["test"].items() if k != "attribute question (image or sound)")
     assert counted == scored  # every scored prompt lands in exactly one group
+    for split, by in result["attribute questions by objects"].items():  # the attribute rows, split by objects
+        pooled = result["accuracy"][split]["attribute question (image or sound)"]
+        assert set(by) <= {"count", "exists", "colour", "shape", "size", "position"} and by
+        assert sum(c["n"] for cells in by.values() for c in cells.values()) == pooled["n"]
+        assert sum(c["correct"] for cells in by.values() for c in cells.values()) == pooled["correct"]
+        assert all(set(cells) <= {"1", "2"} for cells in by.values())
+        guesses = [cells["2"]["either object"] for t, cells in by.items() if t in ("colour", "shape") and "2" in cells]
+        assert guesses and all(0.5 <= g <= 1.0 for g in guesses)  # a guess between two objects: at least half right
     assert result["transfer"]["test"]["image-only decoder"] == result["transfer"]["test"]["joint decoder"]  # same model
     assert [t["temperature"] for t in result["temperature"]] == [0.2, 1.5]
     joint, image_only = result["best of"]
@@ -167,6 +175,7 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
     assert "### Best of 16, judged by the shared space" in text and joint["sample"]["candidates"][0]["text"] in text
     assert "| description from a sound, test | image-only |" in text
+    assert "### Attribute questions by the objects in the item (test)" in text and "| question | one object |" in text
     assert result["whitened"] == {"joint decoder": False, "image-only decoder": False} and "raw vectors" not in text
     result["whitened"]["joint decoder"] = True  # as the demo's decoders are
     assert ". The image-only decoder reads the raw vectors, the joint one whitens them:" in "\n".join(report_lines(result))
