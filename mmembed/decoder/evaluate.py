@@ -25,13 +25,27 @@ def row_prompt(row: InstructionRow) -> list[Segment]:
 
 def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int = 48,
                 batch_size: int = 64) -> list[Generation]:
-    """Greedy answers to every row, in batches of `batch_size` prompts (of similar length, so that
-    little of a left-padded batch is padding), returned in the order of `rows`."""
-    order = sorted(range(len(rows)), key=lambda i: _size(rows[i]))
+    """Greedy answers to every row, returned in the order of `rows`, each as it would be alone.
+
+    Rows go in batches of up to `batch_size` prompts of similar length (little of a left-padded batch
+    is padding). A batch shares one context, so its longest prompt caps every row's answer: a row
+    never joins a batch whose longest prompt would leave it less room than it has alone.
+    """
+    pm = model.prompt_model
+    lengths = [pm.fmt.length(row_prompt(r)) for r in rows]
+    free = pm.lm.decoder.max_len - max_new_tokens  # a batch of prompts up to this long caps no answer
+    sliding = pm.lm.decoder.window is not None  # writes past the context: nothing is capped
+    order = sorted(range(len(rows)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    for i in order:  # ascending, so a batch's first row is its shortest and `i` its longest
+        if not batches or len(batches[-1]) == batch_size or (
+                not sliding and lengths[i] > max(free, lengths[batches[-1][0]])):
+            batches.append([])
+        batches[-1].append(i)
     out: list[Generation | None] = [None] * len(rows)
-    for start in range(0, len(rows), batch_size):
-        chunk = order[start:start + batch_size]
-        for i, answer in zip(chunk, model.generate([row_prompt(rows[i]) for i in chunk], max_new_tokens=max_new_tokens)):
+    for batch in batches:  # a long batch asks for the room it has (the same as each of its rows has alone)
+        steps = max_new_tokens if sliding else max(1, min(max_new_tokens, pm.lm.decoder.max_len - lengths[batch[-1]]))
+        for i, answer in zip(batch, model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)):
             out[i] = answer
     return out  # type: ignore[return-value]
 
@@ -45,10 +59,6 @@ def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:
         return list(rows)
     return [r for r in rows
             if pm.fmt.length(row_prompt(r)) + len(pm.fmt.encode_answer(r.answer)) <= pm.lm.decoder.max_len]
-
-
-def _size(row: InstructionRow) -> tuple[int, int]:
-    return len(row.media), sum(len(s) for s in row.prompt if isinstance(s, str))
 
 
 def accuracy_by_group(rows: Sequence[InstructionRow], answers: Sequence[Generation],

@@ -181,6 +181,24 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert ". The image-only decoder reads the raw vectors, the joint one whitens them:" in "\n".join(report_lines(result))
 
 
+def test_evaluation_answers_each_row_as_it_would_alone(trained_run, tiny_world):
+    """A left-padded batch shares one context: a long memory dialogue in a batch of descriptions used to
+    cut their answers short. answer_rows keeps every row's room, so its answers are the rows' own."""
+    from mmembed.data.instructions import read_instructions
+    from mmembed.decoder.evaluate import answer_rows, fitting, row_prompt
+
+    model = mm.load(trained_run)
+    rows = fitting(model, read_instructions(tiny_world / "instruct-test.jsonl").rows)
+    length = {id(r): model.prompt_model.fmt.length(row_prompt(r)) for r in rows}
+    rows.sort(key=lambda r: length[id(r)])
+    picked = rows[:6] + rows[-3:]  # the shortest prompts, then the longest
+    assert length[id(picked[-1])] > model.prompt_model.lm.decoder.max_len - 48  # long enough to cap a shared batch
+    together = answer_rows(model, picked, max_new_tokens=48)
+    alone = [model.generate(row_prompt(r), max_new_tokens=48) for r in picked]
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert max(len(a.token_ids) for a in alone[:6]) > model.prompt_model.lm.decoder.max_len - length[id(picked[-1])]
+
+
 def test_the_transfer_decoder_reads_raw_vectors_when_the_joint_one_whitens(tiny_world, tmp_path):
     from mmembed.demo import TRANSFER_MAX_STEPS, image_only_config
 
