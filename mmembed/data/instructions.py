@@ -67,8 +67,9 @@ class InstructionSet:
         present = {r.task for r in self.rows if r.task is not None}
         unknown = sorted(set(weights) - present)
         if unknown:
-            raise UserError(f"task weights name task(s) no row of {self.path} has: {', '.join(unknown)} "
-                            f"(its tasks: {', '.join(sorted(present))})")
+            raise UserError(f"task weights name task(s) none of the rows has: {', '.join(unknown)} (rows of "
+                            f"{self.path}, after any selection by task or modality; their tasks: "
+                            f"{', '.join(sorted(present))})")
         bad = sorted(t for t, w in weights.items() if not (math.isfinite(w) and w >= 0))
         if bad:
             raise UserError(f"task weights must be finite and >= 0: {', '.join(f'{t}={weights[t]}' for t in bad)}")

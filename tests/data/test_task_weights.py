@@ -38,8 +38,10 @@ def test_rows_repeat_by_their_tasks_weight(data):
 
 
 def test_bad_weights_are_one_clear_error(data):
-    with pytest.raises(UserError, match="no row of .* has: counting"):
+    with pytest.raises(UserError, match="none of the rows has: counting"):
         data.weighted({"counting": 2})
+    with pytest.raises(UserError, match=r"none of the rows has: larger .*after any selection by task or modality"):
+        data.select(["exists"]).weighted({"larger": 2})  # the file has "larger" rows; the selection has none
     with pytest.raises(UserError, match="finite and >= 0: exists=-1"):
         data.weighted({"exists": -1})
     with pytest.raises(UserError, match="exists=nan"):
