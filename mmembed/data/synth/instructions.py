@@ -52,8 +52,9 @@ LARGER_ANSWERS = ("the picture", "the sound", "equal")  # larger object in the i
 # without them a decoder answered a Session's show turn with "one", "yes" or "left", and those answers
 # are what a later turn reads back from memory.
 SHOWN_DESCRIBED = 0.25
-# Memory dialogues per scene (each may fail to name an object uniquely): with one, the decoder read the
-# words of its context too rarely to learn it (a scene told in words: 0.30 of questions; with two, 0.80).
+# Memory dialogues per scene (each may fail to name an object uniquely). With one, and a quarter of their
+# scenes told in words, the decoder answered 0.30 of questions about a scene given in words; with two, and
+# half told (dialogues.P_TOLD), 0.80: it reads words only once it has read enough of them.
 MEMORY_ROWS = 2
 
 # Words a template may use for a media item: {noun} and {see} (or {noun1}, {see2}, ...).
