@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mmembed.data.instructions import InstructionRow
-from mmembed.decoder.generate import Generation
+from mmembed.decoder.generate import Generation, room_batches
 from mmembed.decoder.prompt import MEDIA, Segment
 
 
@@ -25,26 +25,21 @@ def row_prompt(row: InstructionRow) -> list[Segment]:
 
 def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int = 48,
                 batch_size: int = 64) -> list[Generation]:
-    """Greedy answers to every row, returned in the order of `rows`, each as it would be alone.
-
-    Rows go in batches of up to `batch_size` prompts of similar length (little of a left-padded batch
-    is padding). A batch shares one context, so its longest prompt caps every row's answer: a row
-    never joins a batch whose longest prompt would leave it less room than it has alone.
-    """
+    """Greedy answers to every row, returned in the order of `rows`, each as it would be alone: in
+    batches of up to `batch_size` prompts of similar length, none long enough to cut another's
+    answer short (`room_batches`); a batch of long prompts asks for the room it has."""
     pm = model.prompt_model
+    context, sliding = pm.lm.decoder.max_len, pm.lm.decoder.window is not None
     lengths = [pm.fmt.length(row_prompt(r)) for r in rows]
-    free = pm.lm.decoder.max_len - max_new_tokens  # a batch of prompts up to this long caps no answer
-    sliding = pm.lm.decoder.window is not None  # writes past the context: nothing is capped
-    order = sorted(range(len(rows)), key=lengths.__getitem__)
-    batches: list[list[int]] = []
-    for i in order:  # ascending, so a batch's first row is its shortest and `i` its longest
-        if not batches or len(batches[-1]) == batch_size or (
-                not sliding and lengths[i] > max(free, lengths[batches[-1][0]])):
-            batches.append([])
-        batches[-1].append(i)
+    if sliding:  # writes past the context: nothing is cut, any batch will do
+        order = sorted(range(len(rows)), key=lengths.__getitem__)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        batches = room_batches(lengths, context, max_new_tokens, batch_size)
     out: list[Generation | None] = [None] * len(rows)
-    for batch in batches:  # a long batch asks for the room it has (the same as each of its rows has alone)
-        steps = max_new_tokens if sliding else max(1, min(max_new_tokens, pm.lm.decoder.max_len - lengths[batch[-1]]))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        steps = max_new_tokens if sliding else max(1, min(max_new_tokens, context - longest))
         for i, answer in zip(batch, model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)):
             out[i] = answer
     return out  # type: ignore[return-value]

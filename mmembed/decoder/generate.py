@@ -7,7 +7,8 @@
 A batch is left-padded so that every row's last prompt token sits in the last column: the next
 token of every row is then predicted from the same column. Positions count real tokens only
 (position = number of real tokens before), and padding is masked out of attention, so a row
-gives the same tokens alone or in any batch.
+gives the same tokens alone or in any batch. A batch shares one context, so `generate` runs a
+prompt apart from any prompt long enough to leave it less room for its answer than it has alone.
 
 A decoder with a sliding window W keeps W keys per layer (rolling caches) and, with rotary or
 sinusoidal positions, is not bounded by its context: prompts may be longer than it and
@@ -224,8 +225,7 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     if decoder.window is None and longest > context:
         raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {context} tokens "
                        "(shorten it, or train with a larger decoder.context)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    _check_max_new_tokens(max_new_tokens)
     if decoder.window is not None and longest + max_new_tokens > context:
         if not decoder.slides:
             raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
@@ -235,6 +235,30 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     if steps < max_new_tokens:
         log.warning("generation capped at %d new tokens by the %d-token context", steps, context)
     return steps
+
+
+def _check_max_new_tokens(max_new_tokens: object) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def room_batches(lengths: Sequence[int], context: int, max_new_tokens: int,
+                 batch_size: int | None = None) -> list[list[int]]:
+    """Prompt indices (by prompt length in tokens) in batches that cut no answer short.
+
+    A left-padded batch shares one context, so its longest prompt caps every row's answer: a
+    prompt never joins a batch whose longest one would leave it less room than it has alone.
+    Prompts up to `context - max_new_tokens` tokens long go together freely; longer ones only
+    with prompts as long. Batches hold similar lengths (little padding), at most `batch_size`
+    prompts each, every batch's indices in ascending order.
+    """
+    free = context - max_new_tokens
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # shortest first: [0] is a batch's shortest
+        if not batches or len(batches[-1]) == batch_size or lengths[i] > max(free, lengths[batches[-1][0]]):
+            batches.append([])
+        batches[-1].append(i)
+    return [sorted(b) for b in batches]
 
 
 def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int, sampling: Sampling,
@@ -263,11 +287,20 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
 
 def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
              sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
-    """Run a batch to the end; one `Generation` per prompt."""
-    rows: list[_Row] = []
-    for rows in run(lm, fmt, prompts, max_new_tokens, sampling, stop, seed, device):
-        pass
-    return [r.out for r in rows]
+    """Run a batch to the end; one `Generation` per prompt. Prompts whose answers a longer prompt
+    of the batch would cut short for room run in a batch of their own (`room_batches`), so a
+    prompt gives the same answer alone or in any batch."""
+    _check_max_new_tokens(max_new_tokens)
+    batches = [list(range(len(prompts)))]
+    if lm.decoder.window is None and len(prompts) > 1:
+        batches = room_batches([fmt.length(p.parts) for p in prompts], lm.decoder.max_len, max_new_tokens)
+    out: dict[int, Generation] = {}
+    for batch in batches:
+        rows: list[_Row] = []
+        for rows in run(lm, fmt, [prompts[i] for i in batch], max_new_tokens, sampling, stop, seed, device):
+            pass
+        out.update((i, row.out) for i, row in zip(batch, rows))
+    return [out[i] for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)

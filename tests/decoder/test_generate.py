@@ -74,6 +74,36 @@ def test_left_padded_batch_equals_each_row_alone():
             torch.testing.assert_close(together[b, -len(row):], single, atol=1e-5, rtol=0)
 
 
+def test_a_long_prompt_does_not_cut_the_answers_of_its_batch_short():
+    """A batch shares one context: a prompt that leaves room for 2 new tokens would cap every row at 2.
+    generate runs such a prompt apart, so each row's answer is its own."""
+    spread = lively(prompt_model())
+    fmt, context = spread.fmt, spread.lm.decoder.max_len
+    words = 40  # the longest run of "one two" that leaves at least 2 tokens of room (2 or 3)
+    while fmt.length([" ".join(["one two"] * words)]) > context - 2:
+        words -= 1
+    long = [" ".join(["one two"] * words)]
+    prompts = [PROMPTS[0], long, PROMPTS[2]]
+    together = run(spread, prompts, n=12)
+    alone = [run(spread, [p], n=12)[0] for p in prompts]
+    assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+    assert len(together[0].token_ids) > context - fmt.length(long)  # longer than a shared batch would allow
+    assert len(together[1].token_ids) <= context - fmt.length(long)
+
+
+def test_room_batches_keep_every_answer_its_room():
+    from mmembed.decoder.generate import room_batches
+
+    lengths = [10, 100, 20, 90, 100, 5, 81, 80]
+    batches = room_batches(lengths, context=128, max_new_tokens=48)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:  # what any member gets in its batch is what it gets alone
+        assert b == sorted(b)
+        assert all(min(48, 128 - max(lengths[j] for j in b)) == min(48, 128 - lengths[i]) for i in b)
+    assert [0, 2, 5, 7] in batches  # prompts that leave 48 tokens of room go together
+    assert all(len(b) <= 2 for b in room_batches(lengths, 128, 48, batch_size=2))
+
+
 def test_temperature_zero_top_k_one_and_tiny_top_p_all_equal_greedy():
     pm = prompt_model()
     greedy = [o.token_ids for o in run(pm, PROMPTS, n=15)]
