@@ -289,7 +289,7 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
              sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
     """Run a batch to the end; one `Generation` per prompt. Prompts whose answers a longer prompt
     of the batch would cut short for room run in a batch of their own (`room_batches`), so a
-    prompt gives the same answer alone or in any batch."""
+    greedy answer is the same alone or in any batch."""
     _check_max_new_tokens(max_new_tokens)
     batches = [list(range(len(prompts)))]
     if lm.decoder.window is None and len(prompts) > 1:
