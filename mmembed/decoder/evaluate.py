@@ -9,6 +9,7 @@ Prompts go through the public `generate`, the same path users take; scoring is t
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,17 +30,12 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
     batches of up to `batch_size` prompts of similar length, none long enough to cut another's
     answer short (`room_batches`); a batch of long prompts asks for the room it has."""
     pm = model.prompt_model
-    context, sliding = pm.lm.decoder.max_len, pm.lm.decoder.window is not None
+    # a decoder with a sliding window writes on past its context: no batch cuts an answer there
+    context = math.inf if pm.lm.decoder.window is not None else pm.lm.decoder.max_len
     lengths = [pm.fmt.length(row_prompt(r)) for r in rows]
-    if sliding:  # writes past the context: nothing is cut, any batch will do
-        order = sorted(range(len(rows)), key=lengths.__getitem__)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    else:
-        batches = room_batches(lengths, context, max_new_tokens, batch_size)
     out: list[Generation | None] = [None] * len(rows)
-    for batch in batches:
-        longest = max(lengths[i] for i in batch)
-        steps = max_new_tokens if sliding else max(1, min(max_new_tokens, context - longest))
+    for batch in room_batches(lengths, context, max_new_tokens, batch_size):
+        steps = max(1, min(max_new_tokens, context - max(lengths[i] for i in batch)))
         for i, answer in zip(batch, model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)):
             out[i] = answer
     return out  # type: ignore[return-value]

@@ -222,9 +222,7 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     """New tokens to generate after a prompt of `longest` tokens: all of them past the context for
     a sliding decoder; otherwise the context caps prompt + answer (a warning when it cuts)."""
     context = decoder.max_len
-    if decoder.window is None and longest > context:
-        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {context} tokens "
-                       "(shorten it, or train with a larger decoder.context)")
+    _check_fits(decoder, longest)
     _check_max_new_tokens(max_new_tokens)
     if decoder.window is not None and longest + max_new_tokens > context:
         if not decoder.slides:
@@ -237,12 +235,18 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     return steps
 
 
+def _check_fits(decoder: Decoder, longest: int) -> None:
+    if decoder.window is None and longest > decoder.max_len:
+        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {decoder.max_len} tokens "
+                       "(shorten it, or train with a larger decoder.context)")
+
+
 def _check_max_new_tokens(max_new_tokens: object) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
-def room_batches(lengths: Sequence[int], context: int, max_new_tokens: int,
+def room_batches(lengths: Sequence[int], context: float, max_new_tokens: int,
                  batch_size: int | None = None) -> list[list[int]]:
     """Prompt indices (by prompt length in tokens) in batches that cut no answer short.
 
@@ -293,7 +297,9 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
     _check_max_new_tokens(max_new_tokens)
     batches = [list(range(len(prompts)))]
     if lm.decoder.window is None and len(prompts) > 1:
-        batches = room_batches([fmt.length(p.parts) for p in prompts], lm.decoder.max_len, max_new_tokens)
+        lengths = [fmt.length(p.parts) for p in prompts]
+        _check_fits(lm.decoder, max(lengths))  # before any batch runs, as for one batch
+        batches = room_batches(lengths, lm.decoder.max_len, max_new_tokens)
     out: dict[int, Generation] = {}
     for batch in batches:
         rows: list[_Row] = []
