@@ -27,6 +27,11 @@ class KVCacheLike(Protocol):
         rotary) may differ from the cache slots: rows of a left-padded batch share slots, not positions."""
         ...
 
+    def inputs_before(self, x: Tensor, keep: int) -> Tensor:
+        """What a block's short convolution needs (`encoders.short_conv`): the `keep` block inputs
+        before x (B, T_new, C), zeros before the first, as (B, keep, C); x's are then held instead."""
+        ...
+
 
 def build_attention_mask(mask: Tensor | None, is_causal: bool, tq: int, tk: int, device: torch.device,
                          window: int | None = None) -> Tensor | None:

@@ -1,6 +1,7 @@
 """Pre-norm transformer: MLP → block → stack. Shared by every transformer encoder and the decoder.
 
 Block (pre-norm, GPT-2 / ViT style):
+    x = ShortConv(x)                              optional (a decoder's `conv_kernel`): x + a causal conv
     x = x + Dropout(Attention(LayerNorm(x)))
     x = x + Dropout(MLP(LayerNorm(x)))           MLP = Linear → GELU → Linear
 Stack: input positional encoding → embedding dropout → blocks → final LayerNorm.
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from encoders.attention import KVCacheLike, MultiHeadAttention
 from encoders.positional import build_positional
+from encoders.short_conv import ShortConv
 
 
 # GELU exact (erf), or its tanh approximation (GPT-2's "gelu_new"; needed for weight parity).
@@ -52,6 +54,8 @@ class TransformerBlock(nn.Module):
         activation: MLP non-linearity, a key of `ACTIVATIONS`.
         norm_eps: LayerNorm epsilon.
         window: sliding-window causal attention span (see `MultiHeadAttention`), or None.
+        conv_kernel: taps of a short causal convolution before attention (`encoders.short_conv`);
+            0 = none.
     """
 
     def __init__(
@@ -65,8 +69,10 @@ class TransformerBlock(nn.Module):
         activation: str = "gelu",
         norm_eps: float = 1e-5,
         window: int | None = None,
+        conv_kernel: int = 0,
     ) -> None:
         super().__init__()
+        self.conv = ShortConv(dim, conv_kernel) if conv_kernel else None
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional, window=window)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
@@ -82,6 +88,9 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCacheLike | None = None,
     ) -> Tensor:
         """x: (B, T, C) → (B, T, C). Arguments as in `MultiHeadAttention.forward`."""
+        if self.conv is not None:
+            past = kv_cache.inputs_before(x, self.conv.kernel - 1) if kv_cache is not None else None
+            x = self.conv(x, positions, past)
         x = x + self.attn(self.norm1(x), mask, is_causal=is_causal, positions=positions, kv_cache=kv_cache)
         return x + self.mlp(self.norm2(x))
 
@@ -104,6 +113,8 @@ class Transformer(nn.Module):
             before it, in every block (so the receptive field is depth × (window - 1) + 1). Rotary
             and sinusoidal positions then also run past max_len (computed on demand); None = full
             causal attention within max_len.
+        conv_kernel: a short causal convolution of this many taps before each block's attention
+            (`encoders.short_conv`; a decoder's token mixing); 0 = none.
 
     Shapes:
         forward(x (B, T, C), mask (B, T) bool) → (B, T, C).
@@ -122,6 +133,7 @@ class Transformer(nn.Module):
         activation: str = "gelu",
         norm_eps: float = 1e-5,
         window: int | None = None,
+        conv_kernel: int = 0,
     ) -> None:
         super().__init__()
         self.dim, self.max_len, self.window = dim, max_len, window
@@ -133,7 +145,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, mlp_ratio, dropout, bias, positional=rotary, activation=activation,
-                             norm_eps=norm_eps, window=window)
+                             norm_eps=norm_eps, window=window, conv_kernel=conv_kernel)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias)

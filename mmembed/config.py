@@ -186,6 +186,11 @@ class DecoderConfig:
     # generation alike); generation then keeps `window` keys per layer and, with rotary or
     # sinusoidal positions, runs past `context`. None: full causal attention within the context.
     window: int | None = None
+    # A short causal convolution of this many taps before each block's attention
+    # (encoders/short_conv.py): each token carries the few before it, which makes associative
+    # recall learnable when the key is the last token (the demo's questions need more: README,
+    # "Prompting"). 0: none (a plain GPT-2 block).
+    conv_kernel: int = 0
     soft_tokens: int = 4  # k: decoder embeddings per media item
     projector: Literal["mlp", "linear"] = "mlp"
     projector_hidden: int | None = None  # MLP hidden width (None: 2 * width)
@@ -210,6 +215,9 @@ class DecoderConfig:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ConfigError(f"decoder.window must be an integer >= 1 or null, got {self.window!r}")
+        if isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int) or self.conv_kernel == 1 \
+                or self.conv_kernel < 0:
+            raise ConfigError(f"decoder.conv_kernel must be 0 (none) or an integer >= 2, got {self.conv_kernel!r}")
         if not self.whiten_eps > 0:
             raise ConfigError(f"decoder.whiten_eps must be > 0, got {self.whiten_eps!r}")
         if self.whiten_rows < 2:

@@ -64,13 +64,14 @@ def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> Pr
     """
     fmt = PromptFormat(tokenizer, cfg.soft_tokens)
     if cfg.init_from_gpt2 is not None:
-        decoder = load_gpt2(cfg.init_from_gpt2, dropout=cfg.dropout, window=cfg.window).train()
+        decoder = load_gpt2(cfg.init_from_gpt2, dropout=cfg.dropout, window=cfg.window,
+                            conv_kernel=cfg.conv_kernel).train()
         # markers get ids after the tokenizer's; a model whose table is larger already has rows for them
         resize_token_embeddings(decoder, max(fmt.vocab_size, decoder.vocab_size))
     else:
         decoder = Decoder(fmt.vocab_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context,
                           cfg.positional, cfg.dropout, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation,
-                          window=cfg.window)
+                          window=cfg.window, conv_kernel=cfg.conv_kernel)
     projector = Projector(embed_dim, decoder.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
     return PromptModel(_fused(cfg, projector, decoder, fmt, embed_dim), fmt, cfg)
 
@@ -109,7 +110,8 @@ def load_prompt_model(run_dir: Path, cfg: DecoderConfig, space_tokenizer: Any, e
     if vocab < fmt.vocab_size:
         raise CheckpointError(f"{run_dir / DECODER_WEIGHTS}: {vocab} token rows for a {fmt.vocab_size}-id vocabulary")
     decoder = Decoder(vocab, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context, cfg.positional,
-                      0.0, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation, window=cfg.window)
+                      0.0, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation, window=cfg.window,
+                      conv_kernel=cfg.conv_kernel)
     projector = Projector(embed_dim, cfg.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
     lm = _fused(cfg, projector, decoder, fmt, embed_dim)
     expected = _own_state(lm)

@@ -62,7 +62,7 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
     }
 
 
-def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = None) -> Decoder:
+def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = None, conv_kernel: int = 0) -> Decoder:
     """A `Decoder` holding the weights of the GPT-2 saved in `folder`.
 
     Args:
@@ -70,6 +70,8 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
         dropout: dropout for fine-tuning (GPT-2 used 0.1); 0 for inference.
         window: sliding-window attention span to fine-tune with (GPT-2 was trained without one;
             its learned positions keep generation within its context either way).
+        conv_kernel: short convolutions to fine-tune with (`Decoder`); they start at zero, so the
+            loaded model computes what GPT-2 does until training moves them.
 
     Returns:
         The decoder, in eval mode. Raises UserError / CheckpointError with the file at fault.
@@ -77,11 +79,12 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"GPT-2 folder not found: {folder}")
-    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout, window=window)
+    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout, window=window, conv_kernel=conv_kernel)
     state = _to_ours(_read_weights(folder), decoder.layers)
     own = decoder.state_dict()
     tied = decoder.lm_head.weight is decoder.token_embedding.weight
-    required = [k for k in own if not (tied and k == "lm_head.weight")]
+    # short convolutions are ours, not GPT-2's: they stay at zero
+    required = [k for k in own if not (tied and k == "lm_head.weight") and ".conv." not in k]
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"{folder}: the weights lack {len(missing)} tensors of this config (first: {missing[0]})")

@@ -19,6 +19,9 @@ Slots are columns shared by the batch. In a left-padded batch, row b's token at 
 position s - pad_b; positions go to the rotary/learned encodings, slots only index the cache.
 The key padding mask given to attention covers slots; a rolling cache returns the last few, and
 attention reads the mask's last columns to match.
+
+Both also hold the last few inputs of their block for its short convolution, if it has one
+(`InputHistory`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,23 @@ import torch
 from torch import Tensor, nn
 
 
-class KVCache(nn.Module):
+class InputHistory:
+    """The last block inputs a short convolution reaches back to (`encoders.short_conv`)."""
+
+    _history: Tensor | None = None
+
+    def inputs_before(self, x: Tensor, keep: int) -> Tensor:
+        """The `keep` inputs before x (B, T_new, C) — zeros before the first call — as (B, keep, C);
+        afterwards the last `keep` of them and x are held."""
+        past = self._history if self._history is not None else x.new_zeros(x.shape[0], keep, x.shape[2])
+        self._history = torch.cat([past, x], dim=1)[:, -keep:]
+        return past
+
+    def reset_history(self) -> None:
+        self._history = None
+
+
+class KVCache(InputHistory, nn.Module):
     """Keys and values of one attention layer for `batch` rows and up to `max_len` slots.
 
     Args:
@@ -61,13 +80,14 @@ class KVCache(nn.Module):
 
     def reset(self) -> None:
         self.length = 0
+        self.reset_history()
 
     def nbytes(self) -> int:
         """Memory held by the buffers, in bytes."""
         return 2 * self.k.numel() * self.k.element_size()
 
 
-class RollingKVCache(nn.Module):
+class RollingKVCache(InputHistory, nn.Module):
     """Keys and values of one sliding-window attention layer: the most recent slots only.
 
     Args:
@@ -127,6 +147,7 @@ class RollingKVCache(nn.Module):
 
     def reset(self) -> None:
         self.length = self.end = self.held = 0
+        self.reset_history()
 
     def nbytes(self) -> int:
         """Memory held by the buffers, in bytes."""

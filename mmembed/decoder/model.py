@@ -42,6 +42,8 @@ class Decoder(nn.Module):
         norm_eps: LayerNorm epsilon.
         window: sliding-window attention span W (a position sees itself and the W - 1 before it);
             None = full causal attention over the context.
+        conv_kernel: a short causal convolution of this many taps before each block's attention
+            (`encoders.short_conv`: every token carries the few before it); 0 = none (GPT-2).
 
     Shapes:
         forward(input_ids (B, T) | inputs_embeds (B, T, C)) → logits (B, T, V).
@@ -62,18 +64,22 @@ class Decoder(nn.Module):
         activation: Literal["gelu", "gelu_tanh"] = "gelu",
         norm_eps: float = 1e-5,
         window: int | None = None,
+        conv_kernel: int = 0,
     ) -> None:
         super().__init__()
         if positional == "none":
             raise ValueError("a causal decoder needs positions: use rotary, sinusoidal or learned")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
+        if isinstance(conv_kernel, bool) or not isinstance(conv_kernel, int) or conv_kernel == 1 or conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be 0 (none) or an integer >= 2, got {conv_kernel!r}")
         self.vocab_size, self.width, self.heads, self.max_len = vocab_size, width, heads, max_len
-        self.window = window
+        self.window, self.conv_kernel = window, conv_kernel
         self.token_embedding = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, dropout, bias, positional, max_len,
-                                       activation=activation, norm_eps=norm_eps, window=window)
+                                       activation=activation, norm_eps=norm_eps, window=window,
+                                       conv_kernel=conv_kernel)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight

@@ -42,6 +42,16 @@ def lively(pm: PromptModel, std: float = 1.0, seed: int = 0) -> PromptModel:
     return pm
 
 
+@torch.no_grad()
+def with_conv(pm: PromptModel, std: float = 0.3, seed: int = 3) -> PromptModel:
+    """Random short-convolution weights (`decoder.conv_kernel`): they start at zero, where they
+    change nothing, so a test of their plumbing needs them drawn."""
+    g = torch.Generator().manual_seed(seed)
+    for block in pm.lm.decoder.transformer.blocks:
+        block.conv.weight.copy_(torch.randn(block.conv.weight.shape, generator=g) * std)
+    return pm
+
+
 def fake_embed(modality: Modality, items: list) -> torch.Tensor:
     """Deterministic unit vectors: a function of the item's text and modality."""
     rows = []

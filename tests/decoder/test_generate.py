@@ -7,7 +7,7 @@ import torch
 
 from mmembed.decoder import Sampling, Stops, choose, generate, resolve_prompts, stream
 from mmembed.decoder.generate import pad_left
-from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model
+from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model, with_conv
 
 CPU = torch.device("cpu")
 PROMPTS = [
@@ -40,9 +40,11 @@ def uncached_tokens(pm, prompt, n, sampling, seed):
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("positional", ["rotary", "learned", "sinusoidal"])
-def test_kv_cached_generation_equals_recomputing_the_context(positional):
-    pm = prompt_model(positional)
+@pytest.mark.parametrize("positional, conv_kernel", [("rotary", 0), ("learned", 0), ("sinusoidal", 0), ("rotary", 3)])
+def test_kv_cached_generation_equals_recomputing_the_context(positional, conv_kernel):
+    pm = prompt_model(positional, conv_kernel=conv_kernel)
+    if conv_kernel:
+        with_conv(pm)  # the cache carries each block's last inputs for the convolution
     sampling = Sampling(temperature=1.0)  # random draws: any logit difference would change the path
     for prompt in PROMPTS[:2]:
         (out,) = run(pm, [prompt], n=20, seed=5, temperature=1.0)
@@ -52,8 +54,12 @@ def test_kv_cached_generation_equals_recomputing_the_context(positional):
         assert len(set(tokens)) > 3  # the check exercised a varied sequence, not one repeated id
 
 
-def test_left_padded_batch_equals_each_row_alone():
-    spread = lively(prompt_model())  # an untrained model at the usual init writes one id over and over
+@pytest.mark.parametrize("conv_kernel", [0, 3])  # convolutions must not reach into the left padding
+def test_left_padded_batch_equals_each_row_alone(conv_kernel):
+    # an untrained model at the usual init writes one id over and over
+    spread = lively(prompt_model(conv_kernel=conv_kernel))
+    if conv_kernel:
+        with_conv(spread)  # std 1 convolutions would blow the residual stream up
     batch = run(spread, PROMPTS, n=10)
     alone = [run(spread, [p], n=10)[0] for p in PROMPTS]
     assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
@@ -61,7 +67,9 @@ def test_left_padded_batch_equals_each_row_alone():
     assert len({tuple(b.token_ids) for b in batch}) == len(batch) and len({t for b in batch for t in b.token_ids}) > 3
     # Logits at every position of prompt + answer, teacher-forced, batch vs alone: within 1e-5
     # (at the usual init, whose logits have the scale a trained model's have).
-    pm = prompt_model()
+    pm = prompt_model(conv_kernel=conv_kernel)
+    if conv_kernel:
+        with_conv(pm)
     resolved = resolve_prompts(PROMPTS, fake_embed, DIM, CPU)
     rows = [pm.fmt.encode(r.parts) + b.token_ids for r, b in zip(resolved, batch)]
     ids, mask = pad_left(pm.fmt, rows, CPU)

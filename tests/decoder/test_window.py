@@ -229,12 +229,16 @@ def test_left_padded_batch_equals_each_row_alone_and_the_recomputation(monkeypat
 
 
 @pytest.mark.parametrize("kind", ["full", "rolling"])
-def test_chunked_decoding_with_either_cache_equals_the_windowed_pass(kind):
+@pytest.mark.parametrize("conv_kernel", [0, 4])  # a short convolution's history crosses every chunk boundary too
+def test_chunked_decoding_with_either_cache_equals_the_windowed_pass(kind, conv_kernel):
     """Chunks of any size (a chunk longer than the rolling buffer, compactions that overlap), and a
     full cache holding more keys than the window: the window still applies, float64-exactly."""
     torch.manual_seed(0)
     W, B, T = 4, 2, 40
-    decoder = Decoder(300, width=32, layers=2, heads=4, max_len=64, window=W).double().eval()
+    decoder = Decoder(300, width=32, layers=2, heads=4, max_len=64, window=W, conv_kernel=conv_kernel).double().eval()
+    for block in decoder.transformer.blocks:
+        if block.conv is not None:  # they start at zero, where they would change nothing
+            torch.nn.init.normal_(block.conv.weight, std=0.5)
     ids = torch.randint(0, 300, (B, T))
     if kind == "full":
         caches = [KVCache(B, 4, T, 8, torch.float64) for _ in range(decoder.layers)]
@@ -246,6 +250,9 @@ def test_chunked_decoding_with_either_cache_equals_the_windowed_pass(kind):
             outs.append(decoder(ids[:, start: start + n], positions=torch.arange(start, start + n), kv_caches=caches))
             start += n
         torch.testing.assert_close(torch.cat(outs, dim=1), decoder(ids), atol=1e-10, rtol=0)
+        for cache in caches:  # a reset cache starts a new sequence: no keys, no convolution history
+            cache.reset()
+        torch.testing.assert_close(decoder(ids[:, 5:9], kv_caches=caches), decoder(ids[:, 5:9]), atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,10 +31,12 @@ def items(pm):
     return out, vectors
 
 
-@pytest.mark.parametrize("positional, window", [("rotary", None), ("learned", None), ("sinusoidal", None),
-                                              ("rotary", 8)])  # a sliding window counts within each prompt too
-def test_a_packed_prompt_gets_the_logits_it_gets_alone(positional, window):
-    pm = lively(prompt_model(positional, window=window), std=0.3)
+@pytest.mark.parametrize("positional, window, conv_kernel", [
+    ("rotary", None, 0), ("learned", None, 0), ("sinusoidal", None, 0),
+    ("rotary", 8, 0),  # a sliding window counts within each prompt too
+    ("rotary", None, 3)])  # and so does a short convolution
+def test_a_packed_prompt_gets_the_logits_it_gets_alone(positional, window, conv_kernel):
+    pm = lively(prompt_model(positional, window=window, conv_kernel=conv_kernel), std=0.3)
     batch_items, vectors = items(pm)
     context = 64
     packed = pack_prompts(batch_items, pm.fmt.pad_id, context)
@@ -57,8 +59,9 @@ def test_a_packed_prompt_gets_the_logits_it_gets_alone(positional, window):
     assert found == len(batch_items)
 
 
-def test_packed_loss_equals_the_padded_batch_loss_and_gradients():
-    pm = lively(prompt_model(), std=0.3)
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_packed_loss_equals_the_padded_batch_loss_and_gradients(conv_kernel):
+    pm = lively(prompt_model(conv_kernel=conv_kernel), std=0.3)
     pm.lm.train()
     batch_items, vectors = items(pm)
 
