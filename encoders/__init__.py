@@ -1,6 +1,6 @@
 """Backbones: token / patch / frame sequences in, `EncoderOutput` out.
 
-Reading order: positional.py → attention.py → blocks.py (the shared transformer) → output.py →
+Reading order: positional.py → attention.py → short_conv.py → blocks.py (the shared transformer) → output.py →
 text.py, image.py, audio.py (our encoders) → open_clip_towers.py → weights.py (safe loading).
 
 Every encoder is an `nn.Module` with `width: int` and
@@ -24,6 +24,7 @@ from encoders.image import ResNet, ViT
 from encoders.open_clip_towers import OpenClipImage, OpenClipText, open_clip_image, open_clip_text
 from encoders.output import EncoderOutput, last_valid, masked_mean
 from encoders.positional import POSITIONAL, build_positional
+from encoders.short_conv import ShortConv
 from encoders.text import TextTransformer
 from encoders.weights import WeightsFileError, load_state_dict_file
 
@@ -60,6 +61,7 @@ __all__ = [
     "OpenClipImage",
     "OpenClipText",
     "ResNet",
+    "ShortConv",
     "TextTransformer",
     "Transformer",
     "TransformerBlock",
