@@ -22,7 +22,8 @@ from typing import Any
 
 from mmembed.data.instructions import read_instructions
 from mmembed.decoder.evaluate import fitting, row_prompt
-from mmembed.demo_prompting import row_group, score_row
+from mmembed.demo_prompting import row_group
+from mmembed.evaluate_instructions import world_score
 from mmembed.model import Model
 
 GROUPS = ("description from an image", "description from a sound", "description from an image and its sound",
@@ -58,7 +59,7 @@ def _compare(model: Model, rows: list, n: int, temperature: float, weight: float
         "greedy": _share(rows, [g.text for g in greedy]),
         "best of n, log-probability": _share(rows, by_logprob),
         "best of n, with the space": _share(rows, [b.text for b in best]),
-        "a candidate was right": sum(any(score_row(r, c.text) for c in b.candidates) or score_row(r, b.text)
+        "a candidate was right": sum(any(world_score(r, c.text) for c in b.candidates) or world_score(r, b.text)
                                      for r, b in zip(rows, best)) / len(rows),
         "distinct candidates (mean)": sum(len(b.candidates) for b in best) / len(rows),
         "seconds greedy": t1 - t0,
@@ -67,7 +68,7 @@ def _compare(model: Model, rows: list, n: int, temperature: float, weight: float
 
 
 def _share(rows: list, texts: list[str]) -> float:
-    return sum(score_row(r, t) for r, t in zip(rows, texts)) / len(rows)
+    return sum(world_score(r, t) for r, t in zip(rows, texts)) / len(rows)
 
 
 def table(result: dict[str, Any]) -> str:

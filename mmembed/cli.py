@@ -107,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--find-lr-steps", type=int, default=100, help="steps of the range test (default: 100)")
     _overrides(p)
 
-    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification", _eval)
+    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification; the decoder's "
+                          "accuracy on an instruction manifest", _eval)
     p.add_argument("run", help="run directory")
-    p.add_argument("--manifest", required=True, help="JSONL/CSV manifest to evaluate on")
+    p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
     p.add_argument("--labels", nargs="+", help="class names for zero-shot classification")
     p.add_argument("--template", default="a photo of a {label}", help="zero-shot prompt template")
-    p.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
+    p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
+                                          "greedily with the run's decoder, accuracy per task")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer written (--instructions)")
+    p.add_argument("--json", dest="json_out", help="also write the report (with --instructions: every answer) "
+                                                   "to this JSON file")
 
     p = _add(sub, "index", "embed a manifest into a searchable index", _index)
     p.add_argument("run", help="run directory")
@@ -328,12 +333,26 @@ def _find_lr(config, steps: int) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import mmembed as mm
     from mmembed.evaluate import run_eval
+    from mmembed.evaluate_instructions import run_instruction_eval
 
-    table, report = run_eval(args.run, args.manifest, labels=args.labels, template=args.template)
-    print(table)
+    if args.manifest is None and args.instructions is None:
+        raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = mm.load(args.run)
+    reports = {}
+    if args.manifest is not None:
+        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=args.template)
+        print(table)
+    if args.instructions is not None:
+        table, reports["instructions"] = run_instruction_eval(model, args.instructions,
+                                                              max_new_tokens=args.max_new_tokens)
+        print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        Path(args.json_out).write_text(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())),
+                                                  indent=2))
     return 0
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from mmembed.data.instructions import InstructionRow, read_instructions
-from mmembed.data.synth import score, task_group
+from mmembed.data.synth import task_group
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting, row_prompt
 from mmembed.decoder.generate import Generation
+from mmembed.evaluate_instructions import world_score
 
 NOUN = {"image": "image", "audio": "sound", "text": "caption"}
 # The headline rows (issue goals: test / held-out combinations)
@@ -47,14 +48,10 @@ def row_group(row: InstructionRow) -> str:
     return "two-item comparison (image + sound)"
 
 
-def score_row(row: InstructionRow, text: str) -> bool:
-    return score({"task": row.task, "answer": row.answer, **row.meta}, text)
-
-
 def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[Generation]]:
     """Per-group accuracy (with the attribute questions pooled over modalities) and the answers."""
     answers = answer_rows(model, rows)
-    table = accuracy_by_group(rows, answers, score_row, row_group)
+    table = accuracy_by_group(rows, answers, world_score, row_group)
     pooled = [g for g in table if g.startswith("attribute question (")]
     n = sum(table[g]["n"] for g in pooled)
     correct = sum(table[g]["correct"] for g in pooled)
@@ -67,7 +64,7 @@ def by_objects(rows: list[InstructionRow], answers: list[Generation]) -> dict[st
     "accuracy"}, "2": {..., "either object": what answering about one of the two at random scores}}}.
     With two objects, "what colour is the star?" must first find the star."""
     asked = [(r, a) for r, a in zip(rows, answers) if task_group(r.task) == "attribute"]
-    table = accuracy_by_group([r for r, _ in asked], [a for _, a in asked], score_row,
+    table = accuracy_by_group([r for r, _ in asked], [a for _, a in asked], world_score,
                               lambda r: f"{r.task}|{len(r.meta['objects'][0])}")
     out: dict[str, dict[str, dict]] = {}
     for key in sorted(table):
@@ -110,7 +107,7 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
         for name, rows in splits.items():
             audio = audio_descriptions(rows)
             said = answer_rows(transfer, audio)
-            table = accuracy_by_group(audio, said, score_row, row_group)
+            table = accuracy_by_group(audio, said, world_score, row_group)
             result["transfer"][name] = {"image-only decoder": table["description from a sound"]["accuracy"],
                                         "joint decoder": tables[name]["description from a sound"]["accuracy"],
                                         "n": len(audio)}
@@ -132,11 +129,11 @@ def _best_of(model: Any, decoder: str, rows: list[InstructionRow], answers: list
                           seed=0)
     row, greedy = picked[0]
     return {"decoder": decoder, "split": split, "group": group, "n": len(picked), "best_of": BEST_OF,
-            "greedy": sum(score_row(r, a.text) for r, a in picked) / len(picked),
-            "best": sum(score_row(r, b.text) for (r, _), b in zip(picked, best)) / len(picked),
+            "greedy": sum(world_score(r, a.text) for r, a in picked) / len(picked),
+            "best": sum(world_score(r, b.text) for (r, _), b in zip(picked, best)) / len(picked),
             "sample": {"prompt": _show(row), "truth": row.answer, "greedy": greedy.text,
                        "candidates": [{"text": c.text, "logprob": c.logprob, "similarity": c.similarity,
-                                       "score": c.score, "correct": bool(score_row(row, c.text))}
+                                       "score": c.score, "correct": bool(world_score(row, c.text))}
                                       for c in best[0].candidates[:4]]}}
 
 
@@ -166,7 +163,7 @@ def _samples(rows: list[InstructionRow], answers: list[Generation]) -> list[dict
         for row, answer in zip(rows, answers):
             if row_group(row) == kind:
                 out.append({"kind": kind, "prompt": _show(row), "answer": answer.text, "truth": row.answer,
-                            "correct": bool(score_row(row, answer.text))})
+                            "correct": bool(world_score(row, answer.text))})
                 break
     return out
 

@@ -312,3 +312,68 @@ def test_a_collapse_restart_of_the_align_stage_is_what_config_yaml_records_after
     assert lrs == pytest.approx([3e-3, 1e-3])
     saved = load_config(run / "config.yaml")
     assert saved.train.lr == pytest.approx(1e-3) and saved.decoder.train.max_steps == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# `mmembed eval RUN --instructions M`: the decoder's accuracy per task, every answer in the JSON
+# ------------------------------------------------------------------------------------------------
+
+
+def test_eval_instructions_scores_every_row_as_the_demo_does(trained_run, tiny_world, tmp_path, capsys):
+    from mmembed.data.instructions import read_instructions
+    from mmembed.data.synth import score
+    from mmembed.decoder.evaluate import answer_rows, fitting
+
+    manifest = tiny_world / "instruct-test.jsonl"
+    assert main(["eval", str(trained_run), "--instructions", str(manifest), "--json", str(tmp_path / "r.json")]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    model = mm.load(trained_run)
+    rows = read_instructions(manifest).rows
+    kept = fitting(model, rows)
+    assert report["rows"] == len(kept) and report["too_long"] == len(rows) - len(kept)
+    assert report["scoring"].startswith("built-in world")
+    # the answers are the demo's (the same batched greedy path), scored by the world's reader
+    reference = answer_rows(model, kept)
+    assert [a["answer"] for a in report["answers"]] == [g.text for g in reference]
+    truth = [score({"task": r.task, "answer": r.answer, **r.meta}, g.text) for r, g in zip(kept, reference)]
+    assert [a["correct"] for a in report["answers"]] == truth
+    tasks = report["tasks"]
+    assert sum(t["n"] for name, t in tasks.items() if name != "(all tasks)") == len(kept)
+    for name, t in tasks.items():
+        assert t["accuracy"] == pytest.approx(t["correct"] / t["n"])
+        assert f"| {name} | {t['accuracy']:.3f} | {t['correct']} / {t['n']} |" in table
+    assert tasks["(all tasks)"]["correct"] == sum(truth)
+
+
+def test_eval_instructions_scores_other_manifests_by_normalised_exact_match(trained_run, tiny_world, tmp_path):
+    """A manifest of the user's own: right answers that differ only in case, spaces and final
+    punctuation count, others do not; the accuracy is known exactly."""
+    from mmembed.evaluate_instructions import run_instruction_eval
+
+    model = mm.load(trained_run)
+    (tmp_path / "picture.png").write_bytes(first(tiny_world, "image").read_bytes())
+    prompts = [["What is in", "picture.png", "?"], ["Name the colour of", "picture.png"], ["Describe", "picture.png"],
+               ["What do you see?", "picture.png"]]
+    said = [g.text for g in model.generate([[p[0], mm.Image(tmp_path / p[1]), *p[2:]] for p in prompts],
+                                           max_new_tokens=6)]
+    assert all(s.strip() for s in said)
+    rows = [{"prompt": [p[0], {"image": p[1]}, *p[2:]], "task": "mine",
+             "answer": f"  {s.upper()}. " if i % 2 == 0 else "zebra"} for i, (p, s) in enumerate(zip(prompts, said))]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    table, report = run_instruction_eval(model, tmp_path / "mine.jsonl", max_new_tokens=6)
+    assert report["scoring"] == "exact match (normalised)"
+    assert report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
+    assert [a["correct"] for a in report["answers"]] == [True, False, True, False]
+
+
+def test_eval_without_a_decoder_or_a_manifest_is_one_clear_line(trained_run, tiny_world, capsys):
+    from types import SimpleNamespace
+
+    from mmembed.evaluate_instructions import instruction_report
+
+    with pytest.raises(UserError, match="no decoder stage"):
+        instruction_report(SimpleNamespace(prompt_model=None), tiny_world / "instruct-test.jsonl")
+    assert main(["eval", str(trained_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--manifest" in err and "--instructions" in err

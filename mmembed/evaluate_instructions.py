@@ -1,0 +1,100 @@
+"""Evaluation of a run's decoder on an instruction manifest: accuracy per task, and every answer.
+
+    manifest ─► rows (bad rows skipped and counted) ─► rows that fit the decoder's context
+             ─► greedy answers, batched as each row would be answered alone (`answer_rows`)
+             ─► score(row, answer) ─► accuracy per task and overall, and the answers (JSON)
+
+Scoring: an answer is right when it equals the row's answer after both are normalised (spaces
+and case, trailing punctuation: "Red." = "red") — exact match, as VQA-style benchmarks score
+short answers. Rows of the built-in world (`mmembed data synth`; every task one of the world's,
+with its `objects`) are scored by the world's own reader instead, as the demo scores them: a
+description is right when it names the shape and colour of every object, whatever its wording.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmembed.checkpoint import atomic_write_json
+from mmembed.data.instructions import InstructionRow, read_instructions
+from mmembed.data.synth import TASKS, score
+from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
+from mmembed.errors import UserError
+
+OVERALL, UNTASKED = "(all tasks)", "(no task)"
+
+
+def normalise(answer: str) -> str:
+    """Spaces and case, and trailing punctuation: ' Red. ' -> 'red'."""
+    return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
+
+
+def exact_match(row: InstructionRow, text: str) -> bool:
+    return normalise(text) == normalise(row.answer)
+
+
+def world_score(row: InstructionRow, text: str) -> bool:
+    return score({"task": row.task, "answer": row.answer, **row.meta}, text)
+
+
+def scorer(rows: Sequence[InstructionRow]) -> tuple[str, Callable[[InstructionRow, str], bool]]:
+    """(name, score function): the built-in world's reader when every row is one of its own."""
+    if rows and all(r.task in TASKS and "objects" in r.meta for r in rows):
+        return "built-in world (descriptions by shapes and colours, other answers exact)", world_score
+    return "exact match (normalised)", exact_match
+
+
+def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int = 48,
+                       batch_size: int = 64) -> dict[str, Any]:
+    """Answer every row of `manifest` greedily and score the answers.
+
+    Returns:
+        {"manifest", "scoring", "rows" (scored), "skipped" (bad rows), "too_long" (rows whose
+         prompt and answer do not fit the decoder's context: not scored, as training skips them),
+         "tasks": {task: {"n", "correct", "accuracy"}} with OVERALL last,
+         "answers": [{"line", "task", "answer", "reference", "correct"}] in manifest order}.
+    """
+    if getattr(model, "prompt_model", None) is None:
+        raise UserError("this run has no decoder stage: train one (a `decoder:` section in the config) "
+                        "to evaluate prompts")
+    instructions = read_instructions(manifest)
+    rows = fitting(model, instructions.rows)
+    if not rows:
+        raise UserError(f"{manifest}: no row fits the decoder's context of {model.prompt_model.lm.decoder.max_len} "
+                        f"tokens with its answer")
+    name, score_fn = scorer(rows)
+    answers = answer_rows(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    tasks = accuracy_by_group(rows, answers, score_fn, lambda r: r.task or UNTASKED)
+    correct = [bool(score_fn(r, a.text)) for r, a in zip(rows, answers)]
+    tasks[OVERALL] = {"n": len(rows), "correct": sum(correct), "accuracy": sum(correct) / len(rows)}
+    return {
+        "manifest": str(manifest), "scoring": name, "rows": len(rows), "skipped": len(instructions.skipped),
+        "too_long": len(instructions.rows) - len(rows), "tasks": tasks,
+        "answers": [{"line": r.line, "task": r.task, "answer": a.text, "reference": r.answer, "correct": c}
+                    for r, a, c in zip(rows, answers, correct)],
+    }
+
+
+def format_instruction_table(report: dict[str, Any]) -> str:
+    """Markdown: one line per task (and all of them), with the rows left out below."""
+    lines = ["| task | accuracy | correct / rows |", "|---|---:|---:|"]
+    lines += [f"| {task} | {t['accuracy']:.3f} | {t['correct']} / {t['n']} |" for task, t in report["tasks"].items()]
+    lines.append(f"\nscoring: {report['scoring']}; not scored: {report['too_long']} row(s) longer than the "
+                 f"context, {report['skipped']} bad row(s)")
+    return "\n".join(lines)
+
+
+def run_instruction_eval(run: str | Path | Any, manifest: str | Path, *, out: str | Path | None = None,
+                         max_new_tokens: int = 48) -> tuple[str, dict[str, Any]]:
+    """What `mmembed eval RUN --instructions M` runs: (markdown table, report); the report, every
+    answer included, is also written to `out` as JSON."""
+    if isinstance(run, (str, Path)):
+        from mmembed.model import load
+
+        run = load(run)
+    report = instruction_report(run, manifest, max_new_tokens=max_new_tokens)
+    if out is not None:
+        atomic_write_json(Path(out), report)
+    return format_instruction_table(report), report
