@@ -94,6 +94,8 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
     for name, rows in splits.items():
         tables[name], answers[name] = evaluate_split(model, rows)
     result: dict[str, Any] = {"accuracy": tables, "rows": {n: len(r) for n, r in splits.items()},
+                              "by task": {n: accuracy_by_group(splits[n], answers[n], world_score, lambda r: r.task)
+                                          for n in splits},
                               "attribute questions by objects": {n: by_objects(splits[n], answers[n]) for n in splits},
                               "skipped (longer than the context)": skipped,
                               "samples": _samples(splits["test"], answers["test"]),
@@ -199,6 +201,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
               + "".join(f"; {n}: {k} skipped, prompt and answer longer than the context"
                         for n, k in skipped.items() if k) + ".", ""]
+    lines += _by_task_lines(result.get("by task"))
     lines += _by_objects_lines(result.get("attribute questions by objects", {}).get("test"))
     if "transfer" in result:
         lines += ["### Cross-modal transfer", "",
@@ -222,6 +225,22 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {t['temperature']} | {t['answer']} | {t['mean_entropy']:.3f} |")
     lines.append(f"\nPrompt: {result['temperature'][0]['prompt']}\n")
     return lines
+
+
+def _by_task_lines(tables: dict[str, dict[str, dict]] | None) -> list[str]:
+    if not tables:
+        return []
+    names = list(tables)
+    tasks = list(dict.fromkeys(t for n in names for t in tables[n]))
+    lines = ["### Accuracy per task", "",
+             "The rows above, split by the task of their prompt (`mmembed eval RUN --instructions M` prints the "
+             "same for any instruction manifest):", "",
+             "| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for task in tasks:
+        cells = [f"{tables[n][task]['accuracy']:.3f} ({tables[n][task]['n']})" if task in tables[n] else "–"
+                 for n in names]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _by_objects_lines(table: dict[str, dict[str, dict]] | None) -> list[str]:

@@ -152,6 +152,10 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
         assert all(0.0 <= row["accuracy"] <= 1.0 and row["correct"] <= row["n"] for row in table.values())
     counted = sum(v["n"] for k, v in result["accuracy"]["test"].items() if k != "attribute question (image or sound)")
     assert counted == scored  # every scored prompt lands in exactly one group
+    for split, tasks in result["by task"].items():  # every scored row, split by its task
+        assert sum(t["n"] for t in tasks.values()) == result["rows"][split]
+        assert sum(t["correct"] for t in tasks.values()) == sum(
+            v["correct"] for k, v in result["accuracy"][split].items() if k != "attribute question (image or sound)")
     for split, by in result["attribute questions by objects"].items():  # the attribute rows, split by objects
         pooled = result["accuracy"][split]["attribute question (image or sound)"]
         assert set(by) <= {"count", "exists", "colour", "shape", "size", "position"} and by
@@ -173,6 +177,7 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
         result["transfer"]["test"]["image-only decoder"]) or image_only["n"] < result["transfer"]["test"]["n"]
     text = "\n".join(report_lines(result))
     assert "## Prompting" in text and "Cross-modal transfer" in text and "description from a sound" in text
+    assert "### Accuracy per task" in text and all(f"| {task} | " in text for task in result["by task"]["test"])
     assert "### Best of 16, judged by the shared space" in text and joint["sample"]["candidates"][0]["text"] in text
     assert "| description from a sound, test | image-only |" in text
     assert "### Attribute questions by the objects in the item (test)" in text and "| question | one object |" in text
