@@ -13,6 +13,7 @@ learns the same from the world's instruction rows: about 7,000 two-object lookup
 
     python -m benchmarks.probe_lookup runs/demo                      # image and audio
     python -m benchmarks.probe_lookup runs/demo --distinct 7000      # only 7,000 distinct questions
+    python -m benchmarks.probe_lookup runs/demo --gated              # a multiplicative reader
 
 Reported per modality and budget: accuracy on the training questions seen and on the test
 split's, beside the coin (answering about either object at random: 0.5, or 1 where both objects
@@ -81,17 +82,23 @@ def lookup_questions(scenes: Sequence[Sequence[dict]]) -> Questions:
 
 
 class LookupProbe(nn.Module):
-    """[vector, key one-hot, asked one-hot] → 512 → 512 → a value."""
+    """[vector, key one-hot, asked one-hot] → 512 → 512 → a value. `gated`: the vector's 512
+    features times the question's instead of one layer over both (a multiplicative reader, as
+    attention is; it leaves the coin sooner)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, gated: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + len(KEYS) + len(ATTRS), 512), nn.GELU(), nn.Linear(512, 512),
-                                 nn.GELU(), nn.Linear(512, len(KEYS)))
+        question = len(KEYS) + len(ATTRS)
+        self.gate = nn.Linear(question, 512) if gated else None
+        self.first = nn.Linear(dim if gated else dim + question, 512)
+        self.rest = nn.Sequential(nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, len(KEYS)))
 
     def forward(self, z: Tensor, q: Questions) -> Tensor:
-        key = nn.functional.one_hot(q.key, len(KEYS)).float()
-        asked = nn.functional.one_hot(q.asked, len(ATTRS)).float()
-        return self.net(torch.cat([z[q.item], key, asked], dim=1))
+        question = torch.cat([nn.functional.one_hot(q.key, len(KEYS)), nn.functional.one_hot(q.asked, len(ATTRS))],
+                             dim=1).float()
+        if self.gate is None:
+            return self.rest(self.first(torch.cat([z[q.item], question], dim=1)))
+        return self.rest(self.first(z[q.item]) * self.gate(question))
 
 
 @torch.no_grad()
@@ -101,14 +108,14 @@ def accuracy(probe: LookupProbe, z: Tensor, q: Questions) -> float:
 
 def probe_lookups(z_train: Tensor, q_train: Questions, z_test: Tensor, q_test: Questions,
                   seen: Sequence[int] = SEEN, distinct: int | None = None, seed: int = 0,
-                  batch_size: int = 64) -> list[dict[str, float]]:
+                  batch_size: int = 64, gated: bool = False) -> list[dict[str, float]]:
     """Train on `q_train` (its first `distinct` questions in a seeded order, or all) and score after
     each budget in `seen` (examples, in batches of `batch_size`, epoch after epoch).
 
     Returns one dict per budget: seen, distinct, train (on at most 5,000 training questions), test, coin."""
     torch.manual_seed(seed)
     q_train = q_train.subset(torch.randperm(len(q_train))[:distinct])
-    probe = LookupProbe(z_train.shape[1])
+    probe = LookupProbe(z_train.shape[1], gated)
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
     out, done = [], 0
     for budget in sorted(seen):
@@ -128,13 +135,13 @@ def probe_lookups(z_train: Tensor, q_train: Questions, z_test: Tensor, q_test: Q
 
 
 def probe_modality(model, modality: str, root: Path, seen: Sequence[int], distinct: int | None,
-                   seed: int) -> list[dict[str, float]]:
+                   seed: int, gated: bool = False) -> list[dict[str, float]]:
     rows = read_splits(root)
     z = {s: model.embed(modality, items_of(rows[s], modality), batch_size=256).float() for s in ("train", "test")}
     mean, std = z["train"].mean(0), z["train"].std(0).clamp_min(1e-6)
     q = {s: lookup_questions([r.meta["objects"] for r in rows[s]]) for s in z}
     return probe_lookups((z["train"] - mean) / std, q["train"], (z["test"] - mean) / std, q["test"], seen,
-                         distinct, seed)
+                         distinct, seed, gated=gated)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seen", nargs="+", type=int, default=list(SEEN), help="examples seen at each report")
     parser.add_argument("--distinct", type=int, default=None,
                         help="train on this many distinct questions (default: all)")
+    parser.add_argument("--gated", action="store_true", help="a multiplicative reader (see LookupProbe)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     import mmembed as mm
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | modality | distinct questions | examples seen | train | test | coin |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for modality in args.modalities:
-        for r in probe_modality(model, modality, Path(args.root), args.seen, args.distinct, args.seed):
+        for r in probe_modality(model, modality, Path(args.root), args.seen, args.distinct, args.seed, args.gated):
             print(f"| {args.run} | {modality} | {r['distinct']:,} | {r['seen']:,} | {r['train']:.3f} | {r['test']:.3f} "
                   f"| {r['coin']:.3f} |", flush=True)
 
