@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="regenerate even if the same world is there, and write into a non-empty folder that holds "
                         "no world made by mmembed (its images/, audio/ and manifests are replaced)")
+    s = data_sub.add_parser("lookups", help="write a world's training instructions plus more questions that find one "
+                                            "of two objects by an attribute and ask another, for the decoder")
+    s.add_argument("world", help="a synthetic world's folder (mmembed data synth --out)")
+    s.add_argument("--per-item", type=int, default=8, help="questions per two-object scene and modality (default 8)")
 
     p = _add(sub, "tokenizer", "train a byte-level BPE tokenizer, or compare vocabulary sizes", _tokenizer)
     tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser, required=True)
@@ -256,8 +260,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from mmembed.data.synth import generate_world
+    from mmembed.data.synth import generate_world, write_lookup_rows
 
+    if args.data_command == "lookups":
+        path = write_lookup_rows(Path(args.world), args.per_item)
+        print(f"wrote {path}; train a decoder on it with decoder.data.train={path.name}")
+        return 0
     if args.n <= 0:
         raise UserError(f"--n must be positive, got {args.n}")
     summary = generate_world(Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size,

@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmembed.data.synth import TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group
+from mmembed.data.synth import (TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group,
+                                 write_lookup_rows)
 from mmembed.data.synth.dialogues import ASK, SHOW, TELL
 from mmembed.data.synth.generate import manifest_row
-from mmembed.data.synth.instructions import MEMORY_ROWS, SHOWN_DESCRIBED, TEMPLATES, TEXT_TEMPLATES, instruction_rows
+from mmembed.data.synth.instructions import (LOOKUP_TASKS, MEMORY_ROWS, SHOWN_DESCRIBED, TEMPLATES, TEXT_TEMPLATES,
+                                             instruction_rows)
 from mmembed.data.synth.rules import COLOURS
 from mmembed.data.synth.world import SceneObject, sample_world
+from mmembed.errors import UserError
 
 SPLITS = ("train", "val", "test", "heldout")
 N, SEED = 60, 0
@@ -322,3 +325,44 @@ def test_a_missing_instruction_file_makes_the_world_regenerate(tmp_path):
     (root / "instruct-val.jsonl").unlink()
     again = generate_world(root, n=8, seed=1, workers=1)
     assert not again.reused and (root / "instruct-val.jsonl").read_bytes() == before
+
+
+# ---------------------------------------------------------------- more lookups for the decoder
+def test_lookup_rows_find_one_of_two_objects_by_an_attribute_and_ask_another(world, rows, scenes):
+    path = write_lookup_rows(world, 3)
+    assert path == world / "instruct-train-lookups3.jsonl"
+    lines = path.read_text().splitlines()
+    base = (world / "instruct-train.jsonl").read_text().splitlines()
+    assert lines[: len(base)] == base  # the world's own rows first, unchanged
+    extra = [json.loads(line) for line in lines[len(base):]]
+    two = [r["id"] for r in _jsonl(world / "train.jsonl") if len(r["objects"]) == 2]
+    assert two and len(extra) == 2 * 3 * len(two)
+    assert len({r["id"] for r in extra} | {r["id"] for r in rows["train"]}) == len(extra) + len(rows["train"])
+    for r in extra:
+        assert r["task"] in LOOKUP_TASKS and len(r["objects"][0]) == 2 and r["scenes"][0] in two
+        assert r["answer"] == _expected(r, scenes), r  # the reference names exactly one object, never the asked attribute
+        assert r["answer"] not in _words(_text(r)), r["prompt"]
+    assert Counter(m for r in extra for m, _ in _media(r)) == {"image": 3 * len(two), "audio": 3 * len(two)}
+    assert write_lookup_rows(world, 3).read_bytes() == path.read_bytes()  # seeded
+
+
+def test_lookup_rows_refuse_what_they_cannot_rebuild(world, tmp_path):
+    with pytest.raises(UserError, match="integer >= 1"):
+        write_lookup_rows(world, 0)
+    with pytest.raises(UserError, match="no complete synthetic world"):
+        write_lookup_rows(tmp_path, 2)
+    for name in ("train.jsonl", "instruct-train.jsonl"):
+        (tmp_path / name).write_bytes((world / name).read_bytes())
+    meta = json.loads((world / "world.json").read_text())
+    meta["params"]["version"] -= 1
+    (tmp_path / "world.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="regenerate"):
+        write_lookup_rows(tmp_path, 2)
+
+
+def test_the_cli_writes_lookup_rows(world, capsys):
+    from mmembed.cli import main
+
+    assert main(["data", "lookups", str(world), "--per-item", "1"]) == 0
+    assert "decoder.data.train=instruct-train-lookups1.jsonl" in capsys.readouterr().out
+    assert (world / "instruct-train-lookups1.jsonl").is_file()

@@ -17,7 +17,7 @@ world.json).
 """
 
 from mmembed.data.synth.captions import SYNONYMS, canonical_caption, describe_scene, mentions, parse_caption
-from mmembed.data.synth.generate import WorldSummary, generate_world
+from mmembed.data.synth.generate import WorldSummary, generate_world, write_lookup_rows
 from mmembed.data.synth.instructions import TASK_GROUPS, TASKS, instruction_rows, score, task_group
 from mmembed.data.synth.rules import ATTRIBUTES, SYNTH_VERSION
 from mmembed.data.synth.world import SPLITS, SceneObject, scene_label
@@ -40,4 +40,5 @@ __all__ = [
     "scene_label",
     "score",
     "task_group",
+    "write_lookup_rows",
 ]

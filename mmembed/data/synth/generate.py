@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from mmembed.checkpoint import atomic_write_json, atomic_write_text
 from mmembed.data.synth.captions import POSITION_PHRASES, SYNONYMS, captions_for
-from mmembed.data.synth.instructions import instruction_rows
+from mmembed.data.synth.instructions import instruction_rows, lookup_rows
 from mmembed.data.synth.questions import pairs_for_split, questions_for
 from mmembed.data.synth.render_audio import render_audio, save_wav
 from mmembed.data.synth.render_image import render_image, save_png
@@ -317,3 +317,40 @@ def generate_world(
     atomic_write_json(root / "world.json", world)
     marker.unlink()
     return _summary(root, world, reused=False)
+
+
+def write_lookup_rows(root: Path | str, per_item: int) -> Path:
+    """Write `instruct-train-lookups<per_item>.jsonl` beside a world's manifests: the world's
+    training instruction rows, then `per_item` more questions per two-object training scene and
+    modality that find one object by an attribute and ask another (`instructions.lookup_rows`).
+    Train a decoder on it with `decoder.data.train=instruct-train-lookups<per_item>.jsonl`.
+
+    Raises:
+        UserError: no world in `root`, or one written by another `SYNTH_VERSION` (its scenes
+            cannot be rebuilt), or `per_item` < 1.
+    """
+    root = Path(root)
+    if isinstance(per_item, bool) or not isinstance(per_item, int) or per_item < 1:
+        raise UserError(f"lookups per item must be an integer >= 1, got {per_item!r}")
+    try:
+        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
+        params = world["params"]
+        train = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+        base = (root / "instruct-train.jsonl").read_text(encoding="utf-8")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{root} holds no complete synthetic world (world.json, train.jsonl, instruct-train.jsonl); "
+                        "write one with `mmembed data synth`") from None
+    if params.get("version") != SYNTH_VERSION:
+        raise UserError(f"{root} was written by world version {params.get('version')}, this mmembed writes "
+                        f"{SYNTH_VERSION}: regenerate it (`mmembed data synth --overwrite`)")
+    heldout = [tuple(c) for c in world["heldout_combos"]]
+    scenes = sample_world(params["seed"], params["n"], params["n_heldout"], tuple(params["split"]), heldout)
+    try:
+        rows = lookup_rows([s for s in scenes if s.split == "train"], train, params["seed"], per_item)
+    except ValueError:
+        raise UserError(f"{root / 'train.jsonl'} does not hold the scenes its world.json describes; "
+                        "regenerate the world (`mmembed data synth --overwrite`)") from None
+    out = root / f"instruct-train-lookups{per_item}.jsonl"
+    atomic_write_text(out, base + "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
+    log.info("wrote %s: %d rows of the world and %d lookups", out, base.count("\n"), len(rows))
+    return out

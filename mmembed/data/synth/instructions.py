@@ -37,8 +37,10 @@ from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
 from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
 from mmembed.data.synth.world import Scene, SceneObject, rng_for
 
-# world.py's streams are 0-3 (sample, image, audio, text); this is the next free one.
+# world.py's streams are 0-3 (sample, image, audio, text); these are the next free ones.
 STREAM_INSTRUCT = 4
+STREAM_LOOKUPS = 5  # `lookup_rows`: drawn apart, so the world's own rows stay the same
+LOOKUP_TASKS = ("colour", "shape", "size", "position")  # questions that find an object by another attribute
 
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "describe": ("describe", "describe_both"),
@@ -349,18 +351,39 @@ def instruction_rows(
             recall = recall_item(split.scenes, split.rows, i, rng)
             if recall is not None:
                 items.append(("recall", *recall))
-        for k, (task, prompt, answer, members) in enumerate(items):
-            rows.append(
-                {
-                    "id": f"{scene.id}/{k}",
-                    "task": task,
-                    "prompt": prompt,
-                    "answer": answer,
-                    "scenes": [s.id for s in members],
-                    "objects": [[o.as_dict() for o in s.objects] for s in members],
-                }
-            )
+        rows += [_row(f"{scene.id}/{k}", item) for k, item in enumerate(items)]
     return rows
+
+
+def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int,
+                per_item: int) -> list[dict[str, Any]]:
+    """More questions that find one of two objects by one attribute and ask another ("What colour
+    is the star in {image}?"), `per_item` for each two-object scene's picture and each its sound,
+    written as `instruction_rows` writes its attribute questions (same templates, same rows).
+
+    A decoder learns such lookups from hundreds of thousands of examples (README, "The vectors
+    bind; a lookup costs examples"); the world's own rows hold about 1.3 per two-object scene.
+    Ids are '<scene id>/l<k>'; the generator is the scene's own (`STREAM_LOOKUPS`)."""
+    split = _Split(scenes, manifest)
+    rows = []
+    for i, scene in enumerate(split.scenes):
+        if len(scene.objects) != 2:
+            continue
+        rng = rng_for(seed, scene.kind, scene.index, STREAM_LOOKUPS)
+        possible = [t for t in LOOKUP_TASKS if _possible(t, scene.objects)]
+        for k in range(2 * per_item):
+            task = pick(rng, possible)
+            slots, answer = _attribute_question(task, scene.objects, rng)
+            media = split.media(i, "image" if k < per_item else "audio")
+            prompt = _render(pick(rng, TEMPLATES[task]), [media], rng, **slots)
+            rows.append(_row(f"{scene.id}/l{k}", (task, prompt, answer, [scene])))
+    return rows
+
+
+def _row(row_id: str, item: Item) -> dict[str, Any]:
+    task, prompt, answer, members = item
+    return {"id": row_id, "task": task, "prompt": prompt, "answer": answer, "scenes": [s.id for s in members],
+            "objects": [[o.as_dict() for o in s.objects] for s in members]}
 
 
 def task_group(task: str) -> str:
