@@ -56,3 +56,24 @@ def test_the_probe_looks_up_only_what_the_vectors_bind(bound, gated):
         assert r["test"] > 0.95, r
     else:
         assert r["test"] < r["coin"] + 0.05, r
+
+
+def test_a_runs_probe_reads_the_worlds_manifests(tiny_world):
+    """The command's path: the world's train and test manifests, each item embedded once, the
+    questions of its two-object scenes."""
+    from benchmarks.probe_lookup import probe_modality
+    from benchmarks.probe_slots import items_of, read_splits
+
+    splits = read_splits(tiny_world)
+    code = {s: {item: _codes([r.meta["objects"]], bound=True)[0]
+                for item, r in zip(items_of(splits[s], "audio"), splits[s])} for s in ("train", "test")}
+
+    class Model:
+        def embed(self, modality, items, batch_size=64):
+            assert modality == "audio"
+            return torch.stack([code["train"].get(i, code["test"].get(i)) for i in items])
+
+    reports = probe_modality(Model(), "audio", tiny_world, seen=[64, 128], distinct=None, seed=0)
+    expected = len(lookup_questions([r.meta["objects"] for r in splits["train"]]))
+    assert [r["seen"] for r in reports] == [64, 128] and all(r["distinct"] == expected > 0 for r in reports)
+    assert all(0.5 <= r["coin"] <= 1 and 0 <= r["test"] <= 1 for r in reports)
