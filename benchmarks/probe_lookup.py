@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.probe_slots import items_of, read_splits
+from benchmarks.probe_slots import read_splits, standardised_vectors
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES, SIZES
 
 VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
@@ -136,12 +136,10 @@ def probe_lookups(z_train: Tensor, q_train: Questions, z_test: Tensor, q_test: Q
 
 def probe_modality(model, modality: str, root: Path, seen: Sequence[int], distinct: int | None,
                    seed: int, gated: bool = False) -> list[dict[str, float]]:
-    rows = read_splits(root)
-    z = {s: model.embed(modality, items_of(rows[s], modality), batch_size=256).float() for s in ("train", "test")}
-    mean, std = z["train"].mean(0), z["train"].std(0).clamp_min(1e-6)
-    q = {s: lookup_questions([r.meta["objects"] for r in rows[s]]) for s in z}
-    return probe_lookups((z["train"] - mean) / std, q["train"], (z["test"] - mean) / std, q["test"], seen,
-                         distinct, seed, gated=gated)
+    rows = {s: rs for s, rs in read_splits(root).items() if s in ("train", "test")}
+    z = standardised_vectors(model, modality, rows)
+    q = {s: lookup_questions([r.meta["objects"] for r in rs]) for s, rs in rows.items()}
+    return probe_lookups(z["train"], q["train"], z["test"], q["test"], seen, distinct, seed, gated=gated)
 
 
 def main(argv: list[str] | None = None) -> None:

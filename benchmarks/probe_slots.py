@@ -78,12 +78,17 @@ def score(probe: nn.Module, z: Tensor, y: Tensor) -> dict[str, float]:
     return out
 
 
+def standardised_vectors(model, modality: str, rows: dict[str, list[Row]]) -> dict[str, Tensor]:
+    """Each split's vectors of `modality`, standardised with the train split's per-dimension mean and std."""
+    z = {s: model.embed(modality, items_of(rs, modality), batch_size=256).float() for s, rs in rows.items()}
+    mean, std = z["train"].mean(0), z["train"].std(0).clamp_min(1e-6)
+    return {s: (v - mean) / std for s, v in z.items()}
+
+
 def probe_modality(model, modality: str, root: Path, epochs: int, seed: int) -> dict[str, dict[str, float]]:
     rows = read_splits(root)
-    z = {s: model.embed(modality, items_of(rs, modality), batch_size=256).float() for s, rs in rows.items()}
+    z = standardised_vectors(model, modality, rows)
     y = {s: slot_labels([r.meta for r in rs]) for s, rs in rows.items()}
-    mean, std = z["train"].mean(0), z["train"].std(0).clamp_min(1e-6)
-    z = {s: (v - mean) / std for s, v in z.items()}
     probe = fit_probe(z["train"], y["train"], epochs, seed)
     return {s: score(probe, z[s], y[s]) for s in rows}
 
