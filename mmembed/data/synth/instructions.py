@@ -358,11 +358,12 @@ def instruction_rows(
 def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int,
                 per_item: int) -> list[dict[str, Any]]:
     """More questions that find one of two objects by one attribute and ask another ("What colour
-    is the star in {image}?"), `per_item` for each two-object scene's picture and each its sound,
-    written as `instruction_rows` writes its attribute questions (same templates, same rows).
+    is the star in {image}?"), `per_item` about each two-object scene's picture and as many about
+    its sound, written as `instruction_rows` writes its attribute questions (same templates).
 
     A decoder learns such lookups from hundreds of thousands of examples (README, "The vectors
-    bind; a lookup costs examples"); the world's own rows hold about 1.3 per two-object scene.
+    bind; a lookup costs examples"); the world's own rows ask about 1.3 per two-object scene and
+    modality.
     Ids are '<scene id>/l<k>'; the generator is the scene's own (`STREAM_LOOKUPS`)."""
     split = _Split(scenes, manifest)
     rows = []
