@@ -9,7 +9,8 @@ other attribute as the question. An MLP reads [the item's vector, the key (attri
 one-hot, the asked attribute one-hot] and answers with a value; it is trained on the train
 split's questions and scored on the test split's, after each budget of examples seen, so the
 table shows how many examples a reader of these vectors needs to look objects up (the decoder
-learns the same from the world's instruction rows: about 7,000 two-object lookups).
+learns the same from the world's instruction rows: about 7,000 two-object lookups, to which
+`mmembed data lookups` adds more).
 
     python -m benchmarks.probe_lookup runs/demo                      # image and audio
     python -m benchmarks.probe_lookup runs/demo --distinct 7000      # only 7,000 distinct questions
