@@ -340,7 +340,8 @@ def test_lookup_rows_find_one_of_two_objects_by_an_attribute_and_ask_another(wor
     assert len({r["id"] for r in extra} | {r["id"] for r in rows["train"]}) == len(extra) + len(rows["train"])
     for r in extra:
         assert r["task"] in LOOKUP_TASKS and len(r["objects"][0]) == 2 and r["scenes"][0] in two
-        assert r["answer"] == _expected(r, scenes), r  # the reference names exactly one object, never the asked attribute
+        # _expected: the reference names exactly one object and never the asked attribute
+        assert r["answer"] == _expected(r, scenes), r
         assert r["answer"] not in _words(_text(r)), r["prompt"]
     assert Counter(m for r in extra for m, _ in _media(r)) == {"image": 3 * len(two), "audio": 3 * len(two)}
     assert write_lookup_rows(world, 3).read_bytes() == path.read_bytes()  # seeded
