@@ -335,18 +335,20 @@ def write_lookup_rows(root: Path | str, per_item: int) -> Path:
     try:
         world = json.loads((root / "world.json").read_text(encoding="utf-8"))
         params = world["params"]
+        version, seed = params["version"], params["seed"]
+        sampling = (seed, params["n"], params["n_heldout"], tuple(params["split"]),
+                    [tuple(c) for c in world["heldout_combos"]])
         train = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
         base = (root / "instruct-train.jsonl").read_text(encoding="utf-8")
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{root} holds no complete synthetic world (world.json, train.jsonl, instruct-train.jsonl); "
                         "write one with `mmembed data synth`") from None
-    if params.get("version") != SYNTH_VERSION:
-        raise UserError(f"{root} was written by world version {params.get('version')}, this mmembed writes "
+    if version != SYNTH_VERSION:
+        raise UserError(f"{root} was written by world version {version}, this mmembed writes "
                         f"{SYNTH_VERSION}: regenerate it (`mmembed data synth --overwrite`)")
-    heldout = [tuple(c) for c in world["heldout_combos"]]
-    scenes = sample_world(params["seed"], params["n"], params["n_heldout"], tuple(params["split"]), heldout)
     try:
-        rows = lookup_rows([s for s in scenes if s.split == "train"], train, params["seed"], per_item)
+        scenes = sample_world(*sampling)
+        rows = lookup_rows([s for s in scenes if s.split == "train"], train, seed, per_item)
     except ValueError:
         raise UserError(f"{root / 'train.jsonl'} does not hold the scenes its world.json describes; "
                         "regenerate the world (`mmembed data synth --overwrite`)") from None
