@@ -9,7 +9,9 @@ user takes), so both sides hold the same weights. Work: a 32-token prompt, 128 n
 batch 1 and 8, no early stop (both sides write all 128 tokens). `agreement` compares the tokens:
 random weights give near-flat logits, so a near-tie can flip one argmax and the row's continuation
 then differs; it reports the first tokens and the share of each row written before a first flip. Anchors: `generate` with its default dynamic cache, and with
-`cache_implementation="static"`; the ratio is against the faster of the two.
+`cache_implementation="static"`; the ratio is against the faster of the two. `ours_f_linear` is
+our loop with oneDNN switched off (`encoders.linear.onednn(False)`): every linear through
+`F.linear`, i.e. MKL on the CPU, as the anchor's.
 
 Hardware bound: one decoding step reads every weight once, so tokens/s ≤ batch × bandwidth /
 weight bytes; `fraction_of_bound` is ours against it, with the bandwidth measured now. The KV
@@ -30,6 +32,7 @@ import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
 from benchmarks.common import memory_bandwidth, ratio_report, setup
+from encoders.linear import onednn
 from mmembed.decoder import Sampling, decode_steps, load_gpt2
 
 PROMPT, NEW = 32, 128
@@ -46,6 +49,12 @@ def ours_generate(decoder, ids: torch.Tensor) -> torch.Tensor:
         embeds = decoder.token_embedding(ids)
         steps = [c.tokens for c in decode_steps(decoder, embeds, None, NEW, GREEDY)]
     return torch.stack(steps, dim=1)
+
+
+def ours_f_linear(decoder, ids: torch.Tensor) -> torch.Tensor:
+    """The same loop with every linear layer through `F.linear` (MKL on the CPU), not oneDNN."""
+    with onednn(False):
+        return ours_generate(decoder, ids)
 
 
 def hf_generate(model, ids: torch.Tensor, static: bool) -> torch.Tensor:
@@ -85,7 +94,7 @@ def bench_size(name: str, cfg: dict, batches: tuple[int, ...], rounds: int, band
         ids = torch.randint(0, cfg["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
         ids = ids.to(device)
         fns = {"ours": lambda: ours_generate(ours, ids), "hf_dynamic": lambda: hf_generate(hf, ids, False),
-               "hf_static": lambda: hf_generate(hf, ids, True)}
+               "hf_static": lambda: hf_generate(hf, ids, True), "ours_f_linear": lambda: ours_f_linear(ours, ids)}
         fns = {k: synchronised(fn, device) for k, fn in fns.items()}
         same = fns["ours"]() == fns["hf_dynamic"]()  # (B, NEW)
         # random weights give near-flat logits: a near-tie can flip one argmax, after which a row's

@@ -1,6 +1,6 @@
 """Backbones: token / patch / frame sequences in, `EncoderOutput` out.
 
-Reading order: positional.py → attention.py → short_conv.py → blocks.py (the shared transformer) → output.py →
+Reading order: linear.py → positional.py → attention.py → short_conv.py → blocks.py (the shared transformer) → output.py →
 text.py, image.py, audio.py (our encoders) → open_clip_towers.py → weights.py (safe loading).
 
 Every encoder is an `nn.Module` with `width: int` and

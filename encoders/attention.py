@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encoders.linear import Linear
+
 
 class KVCacheLike(Protocol):
     """What attention needs from a KV cache (the decoder owns the implementation)."""
@@ -100,8 +102,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
         self.dim, self.heads, self.head_dim, self.window = dim, heads, dim // heads, window
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = Linear(dim, 3 * dim, bias=bias)
+        self.proj = Linear(dim, dim, bias=bias)
         self.proj_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.positional = positional
 

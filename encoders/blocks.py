@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from encoders.attention import KVCacheLike, MultiHeadAttention
+from encoders.linear import Linear
 from encoders.positional import build_positional
 from encoders.short_conv import ShortConv
 
@@ -32,9 +33,9 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r} (valid: {', '.join(ACTIVATIONS)})")
-        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.fc = Linear(dim, hidden, bias=bias)
         self.act = nn.GELU(approximate=ACTIVATIONS[activation])
-        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.proj = Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

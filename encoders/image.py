@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.blocks import Transformer
+from encoders.linear import Linear
 from encoders.output import EncoderOutput
 from encoders.positional import sinusoidal_table_2d
 from encoders.weights import load_into, load_state_dict_file
@@ -100,7 +101,7 @@ class ViT(nn.Module):
         self.transformer = Transformer(
             width, layers, heads, mlp_ratio, dropout, positional=positional, max_len=1 + self.num_patches
         )
-        self.flatten = nn.Linear(self.num_patches * width, width) if pool == "flatten" else None
+        self.flatten = Linear(self.num_patches * width, width) if pool == "flatten" else None
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
         """Encode images; `mask` is accepted for interface symmetry and must be None."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encoders.linear import Linear
 from mmembed.config import ModelConfig, check_kwargs
 from mmembed.errors import ConfigError
 from mmembed.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
@@ -23,9 +24,9 @@ from mmembed.modality import Modality
 def build_head(kind: str, width: int, dim: int) -> nn.Module:
     """LayerNorm → Linear (ImageBind), LayerNorm → MLP, or identity (dims must already match)."""
     if kind == "linear":
-        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim, bias=False))
+        return nn.Sequential(nn.LayerNorm(width), Linear(width, dim, bias=False))
     if kind == "mlp":
-        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim, bias=False))
+        return nn.Sequential(nn.LayerNorm(width), Linear(width, width), nn.GELU(), Linear(width, dim, bias=False))
     if kind == "none":
         if width != dim:
             raise ValueError(f"head 'none' needs encoder width == embed_dim, got {width} vs {dim}")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.attention import KVCacheLike
+from encoders.linear import Linear
 from mmembed.decoder.model import Decoder
 from mmembed.decoder.whitening import Whitening
 
@@ -41,10 +42,10 @@ class Projector(nn.Module):
         out = soft_tokens * width
         if kind == "mlp":
             hidden = hidden or width * 2
-            self.net = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU(),
-                                     nn.Linear(hidden, out))
+            self.net = nn.Sequential(nn.LayerNorm(embed_dim), Linear(embed_dim, hidden), nn.GELU(),
+                                     Linear(hidden, out))
         elif kind == "linear":
-            self.net = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, out))
+            self.net = nn.Sequential(nn.LayerNorm(embed_dim), Linear(embed_dim, out))
         else:
             raise ValueError(f"unknown projector {kind!r} (valid: mlp, linear)")
         for m in self.net:

@@ -151,7 +151,7 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
     else:
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each
         next_pos = positions[:, -1:] + 1  # (B, 1)
-    head = _logits_fn(decoder, B, torch.tensor(list(suppress), dtype=torch.long, device=device))
+    head = _logits_fn(decoder, torch.tensor(list(suppress), dtype=torch.long, device=device))
     hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
     logits = head(hidden[:, -1])  # (B, V)
     keys = _KeyMask(mask, T + max_new_tokens, caches[0].max_len)
@@ -189,17 +189,10 @@ class _KeyMask:
         return self.full[:, start:end]  # end <= the buffer's width whenever start < prompt
 
 
-def _logits_fn(decoder: Decoder, batch: int, suppress: Tensor):
-    """The LM head for this generation, with the `suppress` ids at -inf. Its weight is stored
-    column-major (`model.column_major_head_`), the faster layout for one row; for several rows
-    (V, C) @ (C, B) over a row-major copy is the faster GEMM here (GPT-2's 50k × 768 head at B = 8:
-    21 ms vs 33 ms on the 2-core machine). The copy is made once per generation call, so it is never
-    stale."""
-    weight = decoder.lm_head.weight
-    rows = weight if batch == 1 or weight.is_contiguous() else weight.contiguous()  # (V, C)
-
+def _logits_fn(decoder: Decoder, suppress: Tensor):
+    """The LM head for this generation, with the `suppress` ids at -inf."""
     def head(h: Tensor) -> Tensor:
-        logits = decoder.lm_head(h) if rows is weight else (rows @ h.t()).t()
+        logits = decoder.lm_head(h)
         return logits.index_fill_(-1, suppress, float("-inf")) if len(suppress) else logits
 
     return head

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from encoders.attention import KVCacheLike
 from encoders.blocks import Transformer
+from encoders.linear import Linear
 from mmembed.decoder.kv_cache import KVCache, RollingKVCache, allocate_caches
 
 
@@ -80,12 +81,11 @@ class Decoder(nn.Module):
         self.transformer = Transformer(width, layers, heads, mlp_ratio, dropout, bias, positional, max_len,
                                        activation=activation, norm_eps=norm_eps, window=window,
                                        conv_kernel=conv_kernel)
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        self.lm_head = Linear(width, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
-        column_major_head_(self)
 
     @property
     def layers(self) -> int:
@@ -154,26 +154,6 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def column_major_head_(decoder: Decoder) -> None:
-    """Store the LM head's weight (vocab, width) column-major, i.e. as the transpose of a
-    contiguous (width, vocab) matrix, in place.
-
-    `F.linear(x, W)` computes x @ Wᵀ; with Wᵀ contiguous, BLAS streams the weight in the order
-    it multiplies. For one row (a batch-1 decoding step) this reads the head ~1.4× faster on the
-    2-core machine (GPT-2's 50k × 768 head: 8.4 ms vs 12.6 ms per call); several rows take a
-    row-major copy per generation call (`generate._logits_fn`). The blocks' linears stay
-    row-major: there the column-major layout saved 0-3% of a batch-1 generation and cost 16-24%
-    at batch 8 (prompt 32 + 128 new tokens, 6 × 384 and GPT-2 124M shapes, paired runs). The
-    embedding lookup reads one strided row: no slower. The parameter keeps its identity, so a
-    tied embedding stays tied; state dicts are unchanged (saving makes tensors contiguous,
-    loading copies into these strides).
-    """
-    w = decoder.lm_head.weight
-    if w.dim() == 2 and w.is_contiguous():
-        w.data = w.data.t().contiguous().t()
-
-
-@torch.no_grad()
 def resize_token_embeddings(decoder: Decoder, vocab_size: int) -> None:
     """Grow the vocabulary to `vocab_size` rows (new special tokens after pre-training).
 
@@ -192,11 +172,10 @@ def resize_token_embeddings(decoder: Decoder, vocab_size: int) -> None:
     decoder.token_embedding = grown
     decoder.vocab_size = vocab_size
     if tied:
-        decoder.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        decoder.lm_head = Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
         decoder.lm_head.weight = grown.weight
     else:
-        head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        head = Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
         head.weight[: old.shape[0]] = decoder.lm_head.weight
         head.weight[old.shape[0]:] = decoder.lm_head.weight.mean(dim=0)
         decoder.lm_head = head
-    column_major_head_(decoder)

@@ -47,7 +47,7 @@ class Sharded:
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
         net = Forward(module, fn)
-        for p in module.parameters():  # FSDP2 shards contiguous storage only (a transposed init is not)
+        for p in module.parameters():  # FSDP2 shards contiguous storage only (a transposed view is not)
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
         ignored = [p for p in module.parameters() if p.ndim == 0]

@@ -1,0 +1,86 @@
+"""`encoders.linear`: oneDNN on the CPU without gradients, `F.linear` everywhere else."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import encoders.linear as lin
+from encoders.linear import Linear, linear, onednn
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _case(rows: tuple[int, ...], n_in: int, n_out: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5), (2, 4, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_matches_f_linear(rows, bias):
+    x, w, b = _case(rows, 48, 80)
+    b = b if bias else None
+    with torch.inference_mode():
+        ours, ref = linear(x, w, b), F.linear(x, w, b)
+    assert lin._works  # the probe found the kernel here, so the line above took it
+    assert ours.shape == ref.shape == (*rows, 80)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_non_contiguous_input():
+    x, w, b = _case((6,), 48, 80)
+    xt = torch.randn(48, 6).t()  # (6, 48), strided
+    with torch.no_grad():
+        torch.testing.assert_close(linear(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_training_is_torchs_own():
+    """With gradients on, the forward and every gradient are F.linear's, bit for bit."""
+    x, w, b = _case((4, 3), 16, 24)
+    grads = []
+    for fn in (linear, F.linear):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, ws, bs)
+        y.pow(2).sum().backward()
+        grads.append((y.detach(), xs.grad, ws.grad, bs.grad))
+    for ours, ref in zip(*grads):
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("case", ["switched_off", "strided_weight", "float64"])
+def test_falls_back_to_f_linear(case):
+    x, w, b = _case((5,), 16, 24)
+    if case == "strided_weight":
+        w = w.t().contiguous().t()  # column-major: oneDNN would copy it every call
+    if case == "float64":
+        x, w, b = x.double(), w.double(), b.double()
+    with torch.no_grad(), onednn(case != "switched_off"):
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+def test_a_disagreeing_kernel_is_not_used(monkeypatch):
+    def wrong(x, w, b, *args):
+        return F.linear(x, w, b) + 1.0
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong)
+    monkeypatch.setattr(lin, "_works", None)
+    x, w, b = _case((5,), 16, 24)
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert lin._works is False
+
+
+def test_module_is_an_nn_linear():
+    """Same parameters and state dict as `nn.Linear`: checkpoints and `isinstance` checks carry over."""
+    torch.manual_seed(0)
+    ref = nn.Linear(16, 24)
+    ours = Linear(16, 24)
+    ours.load_state_dict(ref.state_dict())
+    assert isinstance(ours, nn.Linear)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
