@@ -6,13 +6,14 @@ processors", not AVX-512), which measured 1.6-2.3× slower than oneDNN's matmul 
 torch's own CPU convolutions use) from 8 to 4,096 rows, and made greedy decoding of GPT-2 124M
 1.9× slower (README, "Prompting": decoding speed). On Intel CPUs MKL takes its AVX-512 path too.
 
-So with gradients off (generation, embedding media, evaluation), a `Linear` on a float32 CPU
-tensor with a contiguous weight calls `torch.ops.mkldnn._linear_pointwise`, which reads the
-weight where it lies (no packed copy, nothing cached). Everywhere else — training, autograd, GPUs,
-other dtypes — it is `F.linear`, so gradients and training numerics are torch's own. The two
-agree to float rounding (about 1e-6 relative); `onednn(False)` switches the fast path off, for
-comparisons. The op is private to torch (Inductor's CPU linear), so it is probed once against
-`F.linear` and left unused if it is missing or disagrees.
+So where autograd records nothing (generation, embedding media, evaluation, scoring a search
+index), `linear` on float32 CPU tensors with a contiguous weight calls
+`torch.ops.mkldnn._linear_pointwise`, which reads the weight where it lies (no packed copy,
+nothing cached). Everywhere else — training, autocast, GPUs, other dtypes — it is `F.linear`, so
+gradients and training numerics are torch's own. The two agree to float rounding (about 1e-6
+relative); `onednn(False)` switches the fast path off, for comparisons. The op is private to
+torch (Inductor's CPU linear), so it is probed once against `F.linear` and left unused if it is
+missing or disagrees.
 """
 
 from __future__ import annotations
@@ -50,19 +51,29 @@ def _probe() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN on the CPU when no gradient is recorded.
+    """`F.linear(x, weight, bias)`, i.e. x @ weightᵀ + bias: through oneDNN on float32 CPU tensors
+    when autograd records nothing and autocast is off.
 
     Shapes:
         x (..., in), weight (out, in), bias (out,) → (..., out).
     """
-    global _works
-    if (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.is_contiguous() and not torch.is_grad_enabled()):
-        if _works is None:
-            _works = _probe()
-        if _works:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if _fast(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    global _works
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not _enabled or not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # autograd records this product: torch's own
+    if _works is None:
+        _works = _probe()
+    return _works
 
 
 @contextlib.contextmanager
@@ -81,3 +92,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def use_linear_(module: nn.Module) -> int:
+    """Make every plain `nn.Linear` inside `module` (one built by another library, e.g. open_clip)
+    a `Linear`, in place: the same object, parameters and state dict, computed by `linear`.
+    Returns how many were switched."""
+    plain = [m for m in module.modules() if type(m) is nn.Linear]
+    for m in plain:
+        m.__class__ = Linear
+    return len(plain)

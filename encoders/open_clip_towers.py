@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from encoders.linear import use_linear_
 from encoders.output import EncoderOutput
 from encoders.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsFileError, load_into, load_state_dict_file
 
@@ -74,6 +75,7 @@ def create_open_clip_model(
             ) from None
     if path is not None:
         _load_open_clip_file(model, path)
+    use_linear_(model)  # oneDNN at CPU inference (encoders/linear.py); attention's fused projections stay torch's
     return model, cfg
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import encoders.linear as lin
-from encoders.linear import Linear, linear, onednn
+from encoders.linear import Linear, linear, onednn, use_linear_
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -27,6 +27,23 @@ def test_inference_matches_f_linear(rows, bias):
     assert lin._works  # the probe found the kernel here, so the line above took it
     assert ours.shape == ref.shape == (*rows, 80)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_plain_tensors_with_grad_mode_on(monkeypatch):
+    """Grad mode on but nothing requiring a gradient (a search over stored vectors): oneDNN."""
+    x, w, b = _case((6,), 48, 80)
+    with torch.no_grad():
+        linear(x, w, b)  # the one-time probe, before counting
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or kernel(*a))
+    assert torch.is_grad_enabled()
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: torch's own
+        assert linear(x, w, b).dtype == F.linear(x, w, b).dtype == torch.bfloat16
+    assert len(calls) == 1
 
 
 @needs_onednn
@@ -84,3 +101,15 @@ def test_module_is_an_nn_linear():
     x = torch.randn(3, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_use_linear_switches_plain_linears_in_place():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.MultiheadAttention(16, 2), nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = net[0]
+    assert use_linear_(net) == 2  # MultiheadAttention's out_proj is its own subclass: left alone
+    assert net[0] is first and type(net[0]) is Linear and type(net[3]) is Linear
+    assert type(net[2].out_proj) is not Linear
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

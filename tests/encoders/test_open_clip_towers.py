@@ -11,6 +11,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from encoders import WeightsFileError, build_encoder, load_state_dict_file  # noqa: E402
+from encoders.linear import Linear, onednn  # noqa: E402
 
 TINY = {
     "embed_dim": 32,
@@ -19,6 +20,15 @@ TINY = {
 }
 # CLIP keeps the text tower on the model itself; CustomTextCLIP keeps it in `model.text`.
 ARCHS = {"mmembed-test-clip": TINY, "mmembed-test-customtext": TINY | {"custom_text": True}}
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels():
+    """Bit-identity with open_clip's forward needs the same kernels on both sides: our towers'
+    linear layers run through oneDNN at inference (`encoders.linear`), open_clip's through F.linear.
+    `test_onednn_towers_agree_with_open_clip` checks the towers as they run."""
+    with onednn(False):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +65,19 @@ def test_image_tower_equals_open_clip_encode_image(saved, name, fmt):
     # Only the visual tower is kept.
     n_visual = sum(p.numel() for p in ref.visual.parameters())
     assert sum(p.numel() for p in tower.parameters()) == n_visual
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_onednn_towers_agree_with_open_clip(saved, name):
+    ref = saved[name]["model"]
+    image = build_encoder("open_clip_image", arch=name, pretrained=saved[name]["st"]).eval()
+    text = build_encoder("open_clip_text", arch=name, pretrained=saved[name]["st"]).eval()
+    assert any(isinstance(m, Linear) for m in image.modules()) and any(isinstance(m, Linear) for m in text.modules())
+    images = torch.randn(3, 3, 32, 32)
+    ids = open_clip.get_tokenizer(name)(["a red circle", "a much longer caption about a blue square"])
+    with torch.no_grad(), onednn(True):
+        torch.testing.assert_close(image(images).pooled, ref.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text(ids).pooled, ref.encode_text(ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
