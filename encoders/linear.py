@@ -11,7 +11,8 @@ index), `linear` on float32 CPU tensors with a contiguous weight calls
 `torch.ops.mkldnn._linear_pointwise`, which reads the weight where it lies (no packed copy,
 nothing cached). Everywhere else — training, autocast, GPUs, other dtypes — it is `F.linear`, so
 gradients and training numerics are torch's own. The two agree to float rounding (about 1e-6
-relative); `onednn(False)` switches the fast path off, for comparisons. The op is private to
+relative); `onednn(False)` switches the fast path off inside a block, for comparisons, and the
+environment variable `MMEMBED_ONEDNN=0` for a whole process. The op is private to
 torch (Inductor's CPU linear), so it is probed once against `F.linear` and left unused if it is
 missing or disagrees.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-_enabled = True
+_enabled = os.environ.get("MMEMBED_ONEDNN", "1") != "0"  # MMEMBED_ONEDNN=0: F.linear everywhere
 _works: bool | None = None  # probe result, once
 
 

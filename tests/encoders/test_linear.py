@@ -1,5 +1,9 @@
 """`encoders.linear`: oneDNN on the CPU without gradients, `F.linear` everywhere else."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +117,12 @@ def test_use_linear_switches_plain_linears_in_place():
     assert type(net[2].out_proj) is not Linear
     after = net.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_environment_switch():
+    """`MMEMBED_ONEDNN=0` turns the fast path off for the whole process."""
+    code = "import encoders.linear as m; print(m._enabled)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, MMEMBED_ONEDNN=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
