@@ -58,17 +58,47 @@ def test_non_contiguous_input():
         torch.testing.assert_close(linear(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_training_is_torchs_own():
-    """With gradients on, the forward and every gradient are F.linear's, bit for bit."""
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wanted", ["all", "input", "weight"])
+def test_training_gradients_match_f_linear(bias, wanted):
+    """The autograd path (oneDNN forward and input gradient, torch's weight gradient) gives
+    F.linear's output and gradients to float rounding, for whichever inputs want one."""
     x, w, b = _case((4, 3), 16, 24)
+    b = b if bias else None
     grads = []
     for fn in (linear, F.linear):
-        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        xs = x.clone().requires_grad_(wanted in ("all", "input"))
+        ws = w.clone().requires_grad_(wanted in ("all", "weight"))
+        bs = None if b is None else b.clone().requires_grad_(wanted == "all")
         y = fn(xs, ws, bs)
         y.pow(2).sum().backward()
-        grads.append((y.detach(), xs.grad, ws.grad, bs.grad))
+        grads.append([y.detach(), xs.grad, ws.grad, None if bs is None else bs.grad])
     for ours, ref in zip(*grads):
-        assert torch.equal(ours, ref)
+        if ref is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_second_derivatives():
+    """A backward that builds a graph (a gradient penalty) differentiates again like F.linear."""
+    x, w, b = _case((5,), 16, 24)
+    out = []
+    for fn in (linear, F.linear):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(xs, ws, b).tanh().sum(), xs, create_graph=True)
+        gx.pow(2).sum().backward()
+        out.append(ws.grad)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+
+
+def test_torch_func_transforms_take_f_linear():
+    x, w, b = _case((5,), 16, 24)
+    loss = lambda w_: linear(x, w_, b).pow(2).sum()  # noqa: E731
+    ref = lambda w_: F.linear(x, w_, b).pow(2).sum()  # noqa: E731
+    assert torch.equal(torch.func.grad(loss)(w), torch.func.grad(ref)(w))
 
 
 @pytest.mark.parametrize("case", ["switched_off", "strided_weight", "float64"])
