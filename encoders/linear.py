@@ -6,16 +6,16 @@ processors", not AVX-512), which measured 1.6-2.3× slower than oneDNN's matmul 
 torch's own CPU convolutions use) from 8 to 4,096 rows, and made greedy decoding of GPT-2 124M
 1.9× slower (README, "Prompting": decoding speed). On Intel CPUs MKL takes its AVX-512 path too.
 
-So `linear` on float32 CPU tensors with a contiguous weight calls
-`torch.ops.mkldnn._linear_pointwise`, which reads the weight where it lies (no packed copy,
-nothing cached): at inference directly, in training through an autograd function whose backward
-computes the input's gradient with oneDNN too (a linear layer's training step 1.5× faster at
-8,192 rows; `_Linear`). Under autocast, `torch.compile`, `torch.func` transforms or a dispatch
-mode (FLOP counting, fake tensors), on GPUs, DTensors and other dtypes it is `F.linear`. The two agree to float rounding (about 1e-6
-relative); `onednn(False)` switches the fast path off inside a block, for comparisons, and the
-environment variable `MMEMBED_ONEDNN=0` for a whole process. The op is private to
-torch (Inductor's CPU linear), so it is probed once against `F.linear` and left unused if it is
-missing or disagrees.
+So `linear` on float32 CPU tensors with a contiguous weight, for products large enough to earn
+oneDNN's per-call cost (`_MIN_MACS`, `_BIG_WEIGHT`), calls `torch.ops.mkldnn._linear_pointwise`,
+which reads the weight where it lies (no packed copy, nothing cached): at inference directly, in
+training through an autograd function whose backward computes the input's gradient with oneDNN too
+(a linear layer's training step 1.5× faster at 8,192 rows; `_Linear`). Under autocast,
+`torch.compile`, `torch.func` transforms or a dispatch mode (FLOP counting, fake tensors), on GPUs,
+DTensors and other dtypes it is `F.linear`. The two agree to float rounding (about 1e-6 relative);
+`onednn(False)` switches the fast path off inside a block, for comparisons, and the environment
+variable `MMEMBED_ONEDNN=0` for a whole process. The op is private to torch (Inductor's CPU
+linear), so it is probed once against `F.linear` and left unused if it is missing or disagrees.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 log = logging.getLogger(__name__)
 
 _enabled = os.environ.get("MMEMBED_ONEDNN", "1") != "0"  # MMEMBED_ONEDNN=0: F.linear everywhere
+# oneDNN costs ~10 µs more per call than MKL, which a small product does not earn back: with a
+# 128-wide layer's weight in the cache it is 0.2-0.9× MKL's speed below 4M multiply-adds (rows ×
+# in × out) and 1.2-2.0× above. A weight of a megabyte or more is read from memory in a model's
+# decoding step, where oneDNN is faster even for one row (1.2-1.4 ms against 3.0-3.2 ms through
+# the 6 × 384 model's 24 layers and head).
+_MIN_MACS = 1 << 22
+_BIG_WEIGHT = 1 << 18  # elements (1 MB of float32)
 _works: bool | None = None  # probe result, once
 
 
@@ -78,6 +85,8 @@ def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if not _enabled or not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):
         return False  # autocast picks the dtype: torch's own
+    if weight.numel() < _BIG_WEIGHT and x.numel() // max(x.shape[-1], 1) * weight.numel() < _MIN_MACS:
+        return False  # too small to earn oneDNN's per-call cost
     if any(type(t) not in (Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32
            for t in tensors):
         return False  # DTensors, GPUs, other dtypes

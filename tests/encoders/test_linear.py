@@ -15,6 +15,12 @@ from encoders.linear import Linear, linear, onednn, use_linear_
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _small_products_too(monkeypatch):
+    """These tests use small, fast shapes: let them take oneDNN (`test_size_rule` checks the rule)."""
+    monkeypatch.setattr(lin, "_MIN_MACS", 0)
+
+
 def _case(rows: tuple[int, ...], n_in: int, n_out: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
@@ -156,3 +162,21 @@ def test_environment_switch():
         env = dict(os.environ, MMEMBED_ONEDNN=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+@needs_onednn
+def test_size_rule(monkeypatch):
+    """Small products stay F.linear's (bit for bit); many rows, or a weight of a megabyte, take oneDNN."""
+    monkeypatch.setattr(lin, "_MIN_MACS", 1 << 22)
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad():
+        linear(*_case((2,), 16, 24))  # the one-time probe, before counting
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or kernel(*a))
+        x, w, b = _case((8,), 128, 384)  # 0.4M multiply-adds
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b)) and not calls
+        x, w, b = _case((128,), 128, 384)  # 6.3M
+        linear(x, w, b)
+        x, w, b = _case((1,), 512, 512)  # one row, a 1 MB weight
+        linear(x, w, b)
+    assert calls == [(128, 128), (1, 512)]
