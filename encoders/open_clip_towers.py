@@ -75,7 +75,7 @@ def create_open_clip_model(
             ) from None
     if path is not None:
         _load_open_clip_file(model, path)
-    use_linear_(model)  # oneDNN at CPU inference (encoders/linear.py); attention's fused projections stay torch's
+    use_linear_(model)  # oneDNN on the CPU (encoders/linear.py); attention's fused in-projections stay torch's
     return model, cfg
 
 

@@ -1,4 +1,4 @@
-"""`encoders.linear`: oneDNN on the CPU without gradients, `F.linear` everywhere else."""
+"""`encoders.linear`: oneDNN for large enough float32 CPU products, at inference and in training; `F.linear` everywhere else."""
 
 import os
 import subprocess
