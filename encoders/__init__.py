@@ -1,7 +1,7 @@
 """Backbones: token / patch / frame sequences in, `EncoderOutput` out.
 
-Reading order: linear.py → positional.py → attention.py → short_conv.py → blocks.py (the shared transformer) → output.py →
-text.py, image.py, audio.py (our encoders) → open_clip_towers.py → weights.py (safe loading).
+Reading order: linear.py → positional.py → attention.py → short_conv.py → blocks.py (the shared transformer) →
+output.py → text.py, image.py, audio.py (our encoders) → open_clip_towers.py → weights.py (safe loading).
 
 Every encoder is an `nn.Module` with `width: int` and
 `forward(x, mask=None) -> EncoderOutput(tokens (B, T, W), mask (B, T) bool True=valid, pooled (B, W))`,

@@ -68,9 +68,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Shapes:
         x (..., in), weight (out, in), bias (out,) → (..., out).
     """
-    if not _fast(x, weight, bias):
-        return F.linear(x, weight, bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not _fast(x, weight, tensors):
+        return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _Linear.apply(x, weight, bias)
     return _kernel(x, weight, bias)
@@ -80,9 +80,9 @@ def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def _fast(x: Tensor, weight: Tensor, tensors: tuple[Tensor, ...]) -> bool:
+    """Whether this product takes oneDNN; `tensors` are all its operands (bias included)."""
     global _works
-    tensors = (x, weight) if bias is None else (x, weight, bias)
     if not _enabled or not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):
         return False  # autocast picks the dtype: torch's own
     if weight.numel() < _BIG_WEIGHT and x.numel() // max(x.shape[-1], 1) * weight.numel() < _MIN_MACS:

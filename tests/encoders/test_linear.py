@@ -1,4 +1,5 @@
-"""`encoders.linear`: oneDNN for large enough float32 CPU products, at inference and in training; `F.linear` everywhere else."""
+"""`encoders.linear`: oneDNN for large enough float32 CPU products, at inference and in training;
+`F.linear` everywhere else."""
 
 import os
 import subprocess
