@@ -1,22 +1,25 @@
 """Exact inner-product top-k over stored rows: blocked matrix products and a running top-k merge.
 
-Per block of rows, scores are one matrix product laid out rows × queries, `(n, D) @ (Q, D)ᵀ`,
+Per block of rows, scores are one matrix product laid out queries × rows, `(Q, D) @ (n, D)ᵀ`,
 through `encoders.linear.linear` (oneDNN on the CPU: on an AMD EPYC twice as fast as MKL's
 `torch.mm` for Q = 256 and 3.6× for one query, the whole of a 100k × 512 matrix-vector product
-at 3.1 against 11.2 ms). Selecting the block's best k
-without sorting all n scores per query is the second half of the cost, and what separated the
-first version from FAISS: `topk` over a (Q, n) block cost ~30% of the matrix product. Here the
-block's rows are cut into groups of `GROUP` consecutive rows; one vectorised max over each group
-gives (n / GROUP, Q) group maxima, the best k groups per query are taken from those (a matrix
-32× smaller), and only their k · GROUP scores are gathered and merged into the running best.
-This is exact: a row in the true top k lies in a group whose maximum is at least that row's
-score, and fewer than k other groups can beat it without k+1 rows beating the k-th score (ties
-aside). Selection then cost ~13% of the time at Q = 256 (profiled: `topk` 6%, `gather` 4%,
-group maxima 3.5%; the product 85%). Once every query holds k rows, a group can only matter if
-its maximum beats the query's k-th best score: from the second or third block on that is a few
-hundred of the block's (group, query) pairs, whose rows are merged directly, without the
-block's `topk` and `gather` (`RunningTopk._add_above`; 1–4% off the whole search at Q = 256 in
-paired runs). The group maxima, one pass over the block's scores, are computed once per block.
+at 3.1 against 11.2 ms); for 17-64 queries oneDNN is faster the other way round, so those
+blocks are computed rows × queries and read through a transposed view.
+
+Selecting each query's best k without sorting all n scores is the rest of the cost, and what
+separated the first version from FAISS: `topk` costs about the same per element it reads as
+the product spends per score, so it may only ever see a few elements per query. The block's
+rows are cut into groups of `GROUP` consecutive rows and one vectorised max per group gives
+(Q, n / GROUP) group maxima. Until a query holds k rows, its candidates are the rows of its k
+groups of highest maximum (exact: a row of the true top k lies in a group whose maximum is at
+least that row's score, and fewer than k other groups can beat that without k+1 rows beating
+the k-th score; ties aside). After that, only rows above the query's k-th best score can
+enter, and only groups whose maximum beats that score hold them: from the second block on a
+few hundred, then a few dozen of the block's Q·G (group, query) pairs, whose rows above the
+score are merged as a flat list (`RunningTopk._add_above`). At Q = 256 over 1M rows the
+selection went from ~14% of the search (group maxima over rows × queries scores, `topk` and
+two sorts per block) to ~8%, of which the group maxima — one pass over the block's 16 MB of
+scores, memory-bound once they have left the cache — are more than half.
 
 One query is a matrix-vector product, which streams the rows once.
 
@@ -41,6 +44,9 @@ _SCORE_BLOCK_BYTES = 16 << 20  # scores of one block (rows × Q × 4 bytes): abo
 _CONVERT_BLOCK_BYTES = 8 << 20  # the fp32 copy of an fp16 block
 _SINGLE_BLOCK_ROWS = 1 << 16  # one query: rows per matrix-vector product
 _MIN_BLOCK_ROWS = 4096
+# query counts whose scores are computed rows × queries and read through a transposed view:
+# oneDNN's queries × rows product for 17-64 queries ran at 0.65-0.8× of it (AMD EPYC, 100k rows)
+_ROWS_FIRST_QUERIES = range(17, 65)
 
 
 def exact_topk(
@@ -87,7 +93,7 @@ def _block_rows(vectors: Tensor, n_q: int) -> int:
 
 
 class _BlockScorer:
-    """Scores row blocks, (n, Q) each; fp16 blocks of several queries go through one fp32
+    """Scores row blocks, (Q, n) each; fp16 blocks of several queries go through one fp32
     conversion buffer first."""
 
     def __init__(self, vectors: Tensor, queries: Tensor, block_rows: int):
@@ -99,127 +105,113 @@ class _BlockScorer:
         # an fp16 single query stays in fp16 (one fp16 product, then re-scored)
         self.query = (queries.to(vectors.dtype) if self.single else queries.float()).contiguous()  # (Q, D)
         self.convert = None if (self.fp32 or self.single) else torch.empty(rows, vectors.shape[1])
+        self.rows_first = queries.shape[0] in _ROWS_FIRST_QUERIES
 
     def score(self, start: int, end: int) -> Tensor:
         block = self.vectors[start:end]  # (n, D)
-        if self.single:  # the block is the matrix of a matrix-vector product
-            return linear(self.query, block).view(-1, 1)  # (n, 1)
         if self.convert is not None:
             block = self.convert[:end - start].copy_(block)  # fp16 -> fp32, in cache
-        return linear(block, self.query)  # (n, Q)
+        if self.rows_first:
+            return linear(block, self.query).T  # (Q, n), a view of the (n, Q) product
+        return linear(self.query, block)  # (Q, n); one query: a matrix-vector product over the block
 
 
 def scan_blocks(best: RunningTopk, score: Callable[[int, int], Tensor], lo: int, hi: int, block_rows: int,
                 mask: Tensor | None) -> None:
-    """Score rows [lo, hi) block by block (`score(start, end)` -> (n, Q)) into `best`; masked
+    """Score rows [lo, hi) block by block (`score(start, end)` -> (Q, n)) into `best`; masked
     rows score -inf and blocks without an eligible row are not scored at all."""
     for start in range(lo, hi, block_rows):
         end = min(start + block_rows, hi)
         block_mask = None if mask is None else mask[start:end]
         if block_mask is not None and not bool(block_mask.any()):
             continue  # e.g. a block holding only another modality's rows
-        scores = score(start, end)  # (end - start, Q)
+        scores = score(start, end)  # (Q, end - start)
         if block_mask is not None and not bool(block_mask.all()):
-            scores.masked_fill_(~block_mask.unsqueeze(1), float("-inf"))
+            scores.masked_fill_(~block_mask, float("-inf"))
         best.add(scores, start)
 
 
 class RunningTopk:
-    """The best k (score, row) pairs per query over blocks of scores laid out (rows, Q)."""
+    """The best k (score, row) pairs per query over blocks of scores laid out (Q, rows)."""
 
     def __init__(self, n_q: int, k: int):
         self.k = k
-        self.scores = torch.full((0, n_q), float("-inf"))  # (k or fewer, Q)
-        self.rows = torch.empty((0, n_q), dtype=torch.int64)
+        self.scores = torch.full((n_q, 0), float("-inf"))  # (Q, k or fewer)
+        self.rows = torch.empty((n_q, 0), dtype=torch.int64)
+        self.kth = torch.full((n_q,), float("-inf"))  # each query's k-th best score once it holds k
+        self._offsets = torch.arange(GROUP)
 
     def add(self, scores: Tensor, offset: int) -> None:
-        """Fold one block's scores (n, Q), whose row 0 is row `offset`, into the running best."""
-        group_max = _group_max(scores, self.k)  # (G, Q), or None for a block of too few groups
-        if group_max is not None and self.scores.shape[0] == self.k and self._add_above(scores, group_max, offset):
-            return
-        cand_s, cand_r = _block_candidates(scores, self.k, group_max)
-        cand_s = torch.cat([self.scores, cand_s])
-        cand_r = torch.cat([self.rows, cand_r + offset])
-        keep = min(self.k, cand_s.shape[0])
-        self.scores, pick = torch.topk(cand_s, keep, dim=0, sorted=False)  # (keep, Q)
-        self.rows = cand_r.gather(0, pick)
-
-    def _add_above(self, scores: Tensor, group_max: Tensor, offset: int) -> bool:
-        """Once every query holds k rows, only a group whose maximum beats the query's k-th best
-        score can change its answer: after the first blocks that is a few of the block's (group,
-        query) pairs, so those groups' scores are merged directly and the block's `topk` and
-        `gather` (half the selection's cost) are skipped. Returns False, having done nothing,
-        when too many pairs pass for that to pay (rows sorted by score, say)."""
-        n, n_q = scores.shape
+        """Fold one block's scores (Q, n), whose column 0 is row `offset`, into the running best."""
+        n_q, n = scores.shape
         n_groups = n // GROUP
-        head = scores[: n_groups * GROUP].view(n_groups, GROUP, n_q)
-        kth = self.scores.amin(dim=0)  # (Q,)
-        groups, queries = (group_max > kth).nonzero(as_tuple=True)  # (P,) pairs that may enter
-        if groups.numel() > self.k * n_q:
+        if n_groups <= 2 * self.k:  # too few groups for a selection by groups to save anything
+            self._merge(scores, torch.arange(offset, offset + n).expand(n_q, n))
+            return
+        head = n_groups * GROUP
+        grouped = scores[:, :head].view(n_q, n_groups, GROUP)
+        if scores.stride(1) == 1:
+            group_max = grouped.amax(dim=2)  # (Q, G): one pass over the block's scores
+        else:  # a transposed (n, Q) product: reduce it in its own layout, rows apart
+            group_max = scores.T[:head].view(n_groups, GROUP, n_q).amax(dim=1).T
+        if not (self.scores.shape[1] == self.k and self._add_above(grouped, group_max, offset)):
+            groups = torch.topk(group_max, self.k, dim=1, sorted=False).indices  # (Q, k)
+            cand_s = grouped.gather(1, groups.unsqueeze(2).expand(n_q, self.k, GROUP)).view(n_q, -1)
+            cand_r = (groups.unsqueeze(2) * GROUP + (self._offsets + offset)).view(n_q, -1)
+            self._merge(cand_s, cand_r)
+        if head < n:  # the rows that fill no whole group compete as they are
+            self._merge(scores[:, head:], torch.arange(offset + head, offset + n).expand(n_q, n - head))
+
+    def _add_above(self, grouped: Tensor, group_max: Tensor, offset: int) -> bool:
+        """Once every query holds k rows, only rows above its k-th best score can enter, and only
+        groups whose maximum beats that score hold such rows: after the first blocks a few dozen
+        (group, query) pairs of the block's Q·G, and about as many rows. Those rows are merged as
+        a flat list, without a `topk` over the block (whose cost grows with every element it
+        reads). Returns False, having done nothing, when too many pairs pass for that to pay
+        (rows sorted by score, say)."""
+        queries, groups = (group_max > self.kth.unsqueeze(1)).nonzero(as_tuple=True)  # (P,) by query
+        if queries.shape[0] > group_max.numel() // 8:  # an eighth of the pairs: the flat path costs more
             return False
-        offsets = torch.arange(GROUP)
-        cand_s = head[groups, :, queries]  # (P, GROUP)
-        cand_r = groups.unsqueeze(1) * GROUP + offsets  # (P, GROUP) block rows
-        cand_q = queries.unsqueeze(1).expand(-1, GROUP)
-        if n_groups * GROUP < n:  # the tail rows that fill no whole group, for every query
-            tail = scores[n_groups * GROUP:]  # (t, Q)
-            t_rows = torch.arange(n_groups * GROUP, n)
-            cand_s = torch.cat([cand_s.reshape(-1), tail.T.reshape(-1)])
-            cand_r = torch.cat([cand_r.reshape(-1), t_rows.repeat(n_q)])
-            cand_q = torch.cat([cand_q.reshape(-1), torch.arange(n_q).repeat_interleave(len(t_rows))])
-        cand_s, cand_r, cand_q = cand_s.reshape(-1), cand_r.reshape(-1), cand_q.reshape(-1)
-        above = cand_s > kth[cand_q]  # most rows of a passing group still do not enter
-        self._merge(cand_s[above], cand_r[above] + offset, cand_q[above])
+        cand = grouped[queries, groups]  # (P, GROUP)
+        pair, member = (cand > self.kth[queries].unsqueeze(1)).nonzero(as_tuple=True)  # (E,) entering rows
+        if pair.shape[0]:
+            self._merge_rows(cand[pair, member], groups[pair] * GROUP + member + offset, queries[pair])
         return True
 
-    def _merge(self, cand_s: Tensor, cand_r: Tensor, cand_q: Tensor) -> None:
-        """Merge flat candidates (score, row, query) into the (k, Q) running best: sorted by query,
-        then by score, the first k of each query stay."""
-        k, n_q = self.scores.shape
-        s = torch.cat([self.scores.T.reshape(-1), cand_s])
-        r = torch.cat([self.rows.T.reshape(-1), cand_r])
-        q = torch.cat([torch.arange(n_q).repeat_interleave(k), cand_q])
-        by_score = torch.argsort(s, descending=True)
-        order = by_score[torch.argsort(q[by_score], stable=True)]  # by query, best first within one
-        counts = torch.bincount(q, minlength=n_q)
-        first = torch.cumsum(counts, 0) - counts  # (Q,) where each query's entries start in `order`
-        pick = order[(first.unsqueeze(1) + torch.arange(k)).reshape(-1)]  # (Q·k,) each holds >= k entries
-        self.scores = s[pick].view(n_q, k).T.contiguous()
-        self.rows = r[pick].view(n_q, k).T.contiguous()
+    def _merge(self, cand_s: Tensor, cand_r: Tensor) -> None:
+        """Merge candidates (Q, C), scores and rows, into the running best: one `topk` over each
+        query's k + C."""
+        pool_s = torch.cat([self.scores, cand_s.to(self.scores.dtype)], dim=1)
+        pool_r = torch.cat([self.rows, cand_r], dim=1)
+        self._keep_best(pool_s, pool_r)
+
+    def _merge_rows(self, cand_s: Tensor, cand_r: Tensor, cand_q: Tensor) -> None:
+        """Merge flat candidates (E,) — score, row, query, sorted by query — into the running
+        best: each query's candidates take the next free places of a (Q, held + most per query)
+        pool."""
+        n_q, k = self.scores.shape
+        counts = torch.bincount(cand_q, minlength=n_q)  # (Q,)
+        place = k + torch.arange(cand_q.shape[0]) - (torch.cumsum(counts, 0) - counts)[cand_q]
+        width = k + int(counts.max())
+        pool_s = torch.full((n_q, width), float("-inf"), dtype=self.scores.dtype)
+        pool_r = torch.zeros((n_q, width), dtype=torch.int64)
+        pool_s[:, :k] = self.scores
+        pool_r[:, :k] = self.rows
+        pool_s[cand_q, place] = cand_s.to(pool_s.dtype)
+        pool_r[cand_q, place] = cand_r
+        self._keep_best(pool_s, pool_r)
+
+    def _keep_best(self, pool_s: Tensor, pool_r: Tensor) -> None:
+        keep = min(self.k, pool_s.shape[1])
+        self.scores, pick = torch.topk(pool_s, keep, dim=1, sorted=False)  # (Q, keep)
+        self.rows = pool_r.gather(1, pick)
+        if keep == self.k:
+            self.kth = self.scores.amin(dim=1)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """scores (Q, k) and rows (Q, k), best first."""
-        scores, order = torch.sort(self.scores.T, dim=1, descending=True)
-        return scores, self.rows.T.gather(1, order)
-
-
-def _group_max(scores: Tensor, k: int) -> Tensor | None:
-    """(G, Q) the maximum of each whole group of `GROUP` rows of a block's (n, Q) scores; None
-    when the block has too few groups for a selection by groups to save anything."""
-    n, n_q = scores.shape
-    n_groups = n // GROUP
-    if n_groups <= 2 * k:
-        return None
-    return scores[: n_groups * GROUP].view(n_groups, GROUP, n_q).amax(dim=1)
-
-
-def _block_candidates(scores: Tensor, k: int, group_max: Tensor | None) -> tuple[Tensor, Tensor]:
-    """A superset of each query's k best rows of one block: (C, Q) scores and block row numbers;
-    `group_max` is `_group_max(scores, k)`."""
-    n, n_q = scores.shape
-    if group_max is None:  # too few groups to save anything: select directly
-        return torch.topk(scores, min(k, n), dim=0, sorted=False)
-    n_groups = group_max.shape[0]
-    head = scores[: n_groups * GROUP]
-    _, groups = torch.topk(group_max, k, dim=0, sorted=False)  # (k, Q)
-    offsets = torch.arange(GROUP).view(1, GROUP, 1)
-    rows = (groups.unsqueeze(1) * GROUP + offsets).reshape(k * GROUP, n_q)  # (k·GROUP, Q)
-    cand_s, cand_r = head.gather(0, rows), rows
-    if n_groups * GROUP < n:  # the tail rows that fill no whole group compete as they are
-        tail = torch.arange(n_groups * GROUP, n).unsqueeze(1).expand(-1, n_q)
-        cand_s = torch.cat([cand_s, scores[n_groups * GROUP:]])
-        cand_r = torch.cat([cand_r, tail])
-    return cand_s, cand_r
+        scores, order = torch.sort(self.scores, dim=1, descending=True)
+        return scores, self.rows.gather(1, order)
 
 
 def rescore_rows(vectors: Tensor, queries: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -98,8 +98,7 @@ def sq8_topk(
     unit = torch.ones(_BLOCK_ROWS, dtype=torch.bfloat16)  # the kernel's per-row scale
 
     def score(start: int, end: int) -> Tensor:
-        approx = torch._weight_int8pack_mm(query, codes.codes[start:end], unit[: end - start])  # (Q, n)
-        return approx.float().T.contiguous()  # (n, Q)
+        return torch._weight_int8pack_mm(query, codes.codes[start:end], unit[: end - start]).float()  # (Q, n)
 
     best = RunningTopk(n_q, n_cand)
     scan_blocks(best, score, lo, hi, _BLOCK_ROWS, mask)
