@@ -40,7 +40,6 @@ from mmembed.retrieval.quantized import Int8Codes, scan_or_exact
 D, K, THREADS = 512, 10, 2
 PEAK_N = 2048  # square fp32 matmul that measures the FLOP/s peak
 SQ8_MAX_SCAN_QUERIES = 8  # the sq8 backend's default
-SETTLE_S = 0.05
 log = logging.getLogger("bench_search")
 
 
@@ -59,16 +58,18 @@ def recall(rows: torch.Tensor, truth) -> float:
 
 
 def paired_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per function, timing them round-robin after one warm-up call each.
+    """Median seconds per function, timing them round-robin.
 
-    Each timed call follows a short idle pause: torch and FAISS each keep an OpenMP pool whose
-    threads spin for milliseconds after a parallel region, which would slow whichever ran next."""
-    for fn in fns.values():
-        fn()
+    Each timed call directly follows an untimed call of the same function: torch and FAISS each
+    keep an OpenMP pool whose threads spin for milliseconds after a parallel region, which would
+    slow whichever ran next, and a thread (or a virtual CPU) woken from idle runs its first
+    milliseconds slowly. An idle pause before each call, tried first, fixed the former but
+    made the latter dominate on a 2-core VM: one 100k-row search timed at 7.4-12 ms across
+    identical calls. So every contestant is timed warm, as under steady load."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            time.sleep(SETTLE_S)
+            fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
