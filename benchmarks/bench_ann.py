@@ -55,7 +55,6 @@ TARGET_RECALL = 0.95
 N_CENTRES, SPREAD, MEAN_WEIGHT = 2000, 1.0, 0.5
 N_RECALL_QUERIES, N_TIMED_QUERIES = 1000, 256
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 40
-SETTLE_S = 0.05  # idle time before every timed call (see `interleaved_times`)
 GRIDS = {"faiss_hnsw": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
          "faiss_ivf": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]}
 log = logging.getLogger("bench_ann")
@@ -88,18 +87,18 @@ def index_ids(index: Index, q: Tensor, k: int = K) -> tuple[Tensor, Tensor]:
     return scores, ids
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, settle: float = SETTLE_S
-                      ) -> dict[str, list[float]]:
-    """Seconds of each fn's call in every round, the order alternating between rounds, after one
-    warm-up call each. After every call the process idles `settle` seconds: torch and FAISS each
-    bring their own OpenMP runtime, whose workers spin for ~15 ms after a parallel region, so a
-    call made right after another contestant's would pay for that contestant's spinning threads."""
-    for fn in fns.values():
-        fn()
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each fn's call in every round, the order alternating between rounds; each timed
+    call directly follows an untimed call of the same function. torch and FAISS each bring
+    their own OpenMP runtime, whose workers spin for ~15 ms after a parallel region, so a call
+    made right after another contestant's would pay for that contestant's spinning threads; an
+    idle pause before each call (used before) avoids that but lets the threads, or the virtual
+    CPU, go idle, and a call woken from idle runs slowly for its first milliseconds (one
+    contestant's ratio moved 0.84–0.93 between runs on a 2-core VM)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            time.sleep(settle)
+            fns[name]()
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
@@ -205,8 +204,8 @@ def run(quick: bool = False, n: int | None = None, rounds: int | None = None) ->
         "threads": THREADS,
         "data": {"n": n, "d": D, "centres": N_CENTRES, "spread": SPREAD, "mean_weight": MEAN_WEIGHT,
                  "recall_queries": N_RECALL_QUERIES, "timed_queries": N_TIMED_QUERIES},
-        "timing": f"median of interleaved rounds after one warm-up call each, {SETTLE_S} s idle before every "
-                  "timed call; Q=256: one batch call, Q=1: a loop of 256 single-query calls",
+        "timing": "median of interleaved rounds, each timed call right after an untimed call of the same "
+                  "function; Q=256: one batch call, Q=1: a loop of 256 single-query calls",
         "rounds": rounds,
         "seconds": time.perf_counter() - t0,
         "results": rows,

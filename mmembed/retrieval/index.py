@@ -232,14 +232,14 @@ class Index:
             if not math.isfinite(norm):
                 _check_finite(a)  # raises BadInput naming the query
             if norm > _FLOAT32_MAX:
-                return (wide / norm).astype(np.float32)
-            return a / (norm or 1.0)  # float32 / Python float: a new float32 array
+                return np.divide(wide, norm, out=_aligned(a.shape), casting="same_kind")
+            return np.divide(a, norm or 1.0, out=_aligned(a.shape))
         squares = np.vecdot(a, a, dtype=np.float64)  # (Q,)
         if not math.isfinite(squares.max(initial=0.0)):
             _check_finite(a)
         norms = np.sqrt(squares)[:, None]  # (Q, 1)
         norms[norms == 0] = 1.0  # a zero row stays zero
-        return (a / norms).astype(np.float32)
+        return np.divide(a, norms, out=_aligned(a.shape), casting="same_kind")
 
     def _embedding_model(self, model: Any, query: Query) -> Any:
         if model is not None:
@@ -339,3 +339,10 @@ def _check_finite(a: np.ndarray) -> None:
     finite = np.isfinite(a).all(axis=1)
     if not finite.all():
         raise BadInput(f"query {int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
+
+
+def _aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """An empty float32 array on a 64-byte boundary (torch's CPU allocation). numpy aligns to 16
+    bytes; FAISS's IVF search ran 11% slower for one query from such an array (100k rows,
+    nprobe 48: 140.7 against 124.8 ms for 256 calls, the same values re-aligned)."""
+    return torch.empty(shape, dtype=torch.float32).numpy()

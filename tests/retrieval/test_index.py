@@ -117,6 +117,17 @@ def test_zero_query_gives_zero_scores_not_nan(index):
     assert [h.score for h in batch[0]] == [0.0] * 3 and batch[1][0].score > 0
 
 
+def test_queries_reach_the_backend_unit_length_float32_on_64_byte_boundaries(index):
+    """FAISS's IVF search ran 11% slower from numpy's 16-byte-aligned arrays (`_aligned`)."""
+    import numpy as np
+
+    for q in (unit(1, 5), unit(7, 6), torch.zeros(1, D), 3.0 * unit(1, 8).double(), [unit(1, 9)[0], unit(1, 10)[0]]):
+        a = index._query_matrix(q, None)
+        assert a.dtype == np.float32 and a.ctypes.data % 64 == 0
+        norms = np.linalg.norm(a, axis=1)
+        assert np.allclose(norms[norms > 0], 1.0, atol=1e-6)
+
+
 def test_target_modality(index):
     q = unit(1, 7)[0]
     hits = index.search(q, target="audio", k=5)
