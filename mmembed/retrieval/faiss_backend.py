@@ -95,14 +95,23 @@ class _FaissBackend:
             return _scan_subset(store, queries, k, mask)
         self._sync(store)
         if mask is None:
-            scores, rows = self._index.search(queries, min(k, n_valid), params=self._unfiltered_params())
+            scores, rows = self._search(queries, min(k, n_valid), self._unfiltered_params())
         else:
             keep_alive = np.packbits(mask.numpy(), bitorder="little")  # bit r = row r eligible
             params = self._params(self._faiss.IDSelectorBitmap(keep_alive))
-            scores, rows = self._index.search(queries, min(k, n_valid), params=params)
+            scores, rows = self._search(queries, min(k, n_valid), params)
             del keep_alive  # the selector reads this buffer during the search only
         if padded(rows):  # FAISS pads a short answer with -1 after its sorted hits
             scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def _search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's `search_c` into fresh (Q, k) arrays: what `index.search` does after checks the
+        caller has made (float32 rows of the index's dimension), minus ~2 µs of Python per call."""
+        queries = np.ascontiguousarray(queries)  # search_c reads raw memory: a no-op for our queries
+        n, ptr = queries.shape[0], self._faiss.swig_ptr
+        scores, rows = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        self._index.search_c(n, ptr(queries), k, ptr(scores), ptr(rows), params)
         return scores, rows
 
     def config(self) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class VectorStore:
         self._vectors = torch.empty(capacity, dim, dtype=dtype)
         self._ids = torch.empty(capacity, dtype=torch.int64)
         self._ids_view = self._ids.numpy()  # shares `_ids`' memory; renewed when it is reallocated
+        self._ids_are_rows = True  # every id equals its row (ids given in order, none compacted away)
         self._codes = torch.empty(capacity, dtype=torch.int8)
         self._alive = torch.empty(capacity, dtype=torch.bool)
         self.metadata: list[dict[str, Any]] = []
@@ -97,6 +98,8 @@ class VectorStore:
     def ids_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """The ids at these (Q, k) row positions, -1 where a row is -1 (padding after the hits of a
         short answer); numpy in and out, through a numpy view of the ids (see `Backend.search`)."""
+        if self._ids_are_rows:  # the usual index, filled and never compacted: no lookup (B-ann, one query)
+            return rows.copy()
         ids = self._ids_view[rows]  # a -1 row reads the last slot of the buffer, replaced below
         if padded(rows):
             ids[rows < 0] = -1
@@ -159,6 +162,7 @@ class VectorStore:
         for offset, item_id in enumerate(new_ids):
             self._row_of[item_id] = start + offset
         self.n_rows = end
+        self._ids_are_rows = self._ids_are_rows and new_ids == list(range(start, end))
         self.next_id = max([self.next_id, *(i + 1 for i in new_ids)])
         return new_ids
 
@@ -183,6 +187,7 @@ class VectorStore:
         self.metadata = [self.metadata[i] for i in keep.tolist()]
         self.n_rows = n
         self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
+        self._ids_are_rows = bool(torch.equal(self.ids, torch.arange(n)))
         self.version += 1
 
     def _reserve(self, rows: int) -> None:

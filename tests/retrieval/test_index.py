@@ -211,3 +211,60 @@ def test_search_ids_equals_search_batch_without_hits():
     assert all(h.modality == "image" for row in hits for h in row) and 5 not in ids
     empty_ids, empty_scores = Index(D).search_ids(q, k=3)
     assert empty_ids.shape == (4, 0) and empty_scores.shape == (4, 0)
+
+
+def test_ids_of_rows_reads_rows_as_ids_only_while_every_id_is_its_row():
+    """The lookup-free path of `ids_of_rows` (B-ann, one query) against the plain lookup, through
+    appends, removal, compaction and a reload with ids out of order; -1 padding stays -1."""
+    import numpy as np
+
+    from mmembed.retrieval.store import VectorStore
+
+    def looked_up(store: VectorStore, rows: np.ndarray) -> np.ndarray:
+        return np.where(rows < 0, -1, store.ids.numpy()[np.maximum(rows, 0)])
+
+    def check(store: VectorStore, identity: bool) -> None:
+        rows = np.random.default_rng(store.n_rows).integers(0, store.n_rows, (3, 4))
+        rows[1, 2:] = -1  # a short answer's padding
+        assert store._ids_are_rows is identity
+        out = store.ids_of_rows(rows)
+        assert np.array_equal(out, looked_up(store, rows)) and not np.shares_memory(out, rows)
+
+    store = VectorStore(D, capacity=4)
+    store.append(unit(10, 0), Modality.IMAGE, [{}] * 10)
+    store.append(unit(10, 1), Modality.AUDIO, [{}] * 10)  # grows the buffers
+    check(store, True)
+    store.remove([3])
+    check(store, True)  # a tombstone keeps its row
+    store.compact()
+    check(store, False)
+    trailing = VectorStore(D)
+    trailing.append(unit(10, 2), Modality.TEXT, [{}] * 10)
+    trailing.remove([9])
+    trailing.compact()
+    check(trailing, True)  # only the last row went: every id is still its row
+    trailing.append(unit(2, 3), Modality.TEXT, [{}] * 2)  # ids 10, 11 at rows 9, 10
+    check(trailing, False)
+    reloaded = VectorStore(D)
+    reloaded.append(unit(4, 4), Modality.IMAGE, [{}] * 4, ids=[0, 1, 3, 2])
+    check(reloaded, False)
+    in_order = VectorStore(D)
+    in_order.append(unit(4, 5), Modality.IMAGE, [{}] * 4, ids=[0, 1, 2, 3])
+    check(in_order, True)
+
+
+def test_single_queries_from_several_threads_get_their_own_answers(index):
+    """One query is normalised into a per-thread buffer (`_one_query`): threads never share it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = list(unit(64, 11).split(1))
+    expected = [index.search_ids(q, k=5) for q in queries]
+
+    def run(offset: int) -> bool:
+        order = queries[offset:] + queries[:offset]
+        got = [index.search_ids(q, k=5) for _ in range(5) for q in order]
+        want = [expected[(i + offset) % 64] for _ in range(5) for i in range(64)]
+        return all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, [0, 16, 32, 48]))
