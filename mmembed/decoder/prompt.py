@@ -153,24 +153,29 @@ class PromptFormat:
         return self.tokenizer.decode([i for i in ids if i not in self._hidden])
 
 
-_INLINE = re.compile(r"<(image|audio):([^<>]+)>")
+_INLINE = re.compile(r"<(image|audio):([^<>]*)>")
 
 
 def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     """`"Describe <image:a.png> and <audio:b.wav>"` → ["Describe", Image(a.png), "and", Audio(b.wav)].
 
-    Paths resolve against `base` (default: the working directory) and must exist: a missing file
-    is a UserError naming it.
+    Paths resolve against `base` (default: the working directory) and must name a file: a missing
+    file, a folder or an empty `<image:>` is a UserError naming it.
     """
     parts: list[str | Media] = []
     pos = 0
     for m in _INLINE.finditer(text):
         parts.append(text[pos:m.start()])
-        path = Path(m.group(2).strip()).expanduser()
+        kind, name = m.group(1), m.group(2).strip()
+        if not name:
+            raise UserError(f"prompt holds <{kind}:> without a path: write <{kind}:FILE>")
+        path = Path(name).expanduser()
         path = path if path.is_absolute() or base is None else base / path
+        if path.is_dir():
+            raise UserError(f"prompt names a folder, not an {kind} file: {path}")
         if not path.is_file():
-            raise UserError(f"prompt names a missing {m.group(1)} file: {path}")
-        parts.append(MEDIA[Modality(m.group(1))](path))
+            raise UserError(f"prompt names a missing {kind} file: {path}")
+        parts.append(MEDIA[Modality(kind)](path))
         pos = m.end()
     parts.append(text[pos:])
     return [p for p in parts if not isinstance(p, str) or p.strip()]

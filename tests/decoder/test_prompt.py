@@ -132,3 +132,8 @@ def test_inline_prompt_syntax(tmp_path):
     with pytest.raises(UserError, match="missing image file"):
         parse_inline("look <image:nope.png>", base=tmp_path)
     assert parse_inline("plain <image> text") == ["plain <image> text"]
+    for empty in ("<image:>", "<audio:  >"):
+        with pytest.raises(UserError, match="without a path"):
+            parse_inline(f"look {empty}", base=tmp_path)
+    with pytest.raises(UserError, match="names a folder, not an image file"):
+        parse_inline("look <image:.>", base=tmp_path)
