@@ -27,6 +27,8 @@ def run_search(index_dir: str | Path, *, run: str | Path | None = None, weights:
     Returns:
         A markdown table of hits, or a JSON list with `as_json`.
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"-k must be a positive number of hits, got {k!r}")
     items = {name: list(values) for name, values in items.items() if values}
     if not items:
         raise UserError("nothing to search for: give at least one query item (e.g. --text, --image, --audio)")

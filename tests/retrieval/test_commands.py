@@ -62,6 +62,9 @@ def test_run_search_errors(tmp_path, manifest, fake_load):
         run_search(tmp_path / "ix", text=["c1"])
     with pytest.raises(UserError, match="3 weights for 1 query items"):
         run_search(tmp_path / "ix", run="r", text=["c1"], weights=[1, 2, 3])
+    for k in (0, -1):  # the CLI's -k: one line, not the library's ValueError
+        with pytest.raises(UserError, match="-k must be a positive number of hits"):
+            run_search(tmp_path / "ix", run="r", text=["c1"], k=k)
 
 
 def test_run_eval_with_zero_shot(tmp_path, manifest):
