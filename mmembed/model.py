@@ -168,8 +168,9 @@ class Model:
 
         Args:
             prompt: a `str`, or a list of segments — `str`, `mm.Image(...)`, `mm.Audio(...)`,
-                `mm.Text(...)`, or a (D,) shared-space tensor — in any order. A list of such
-                lists is a batch (left-padded, one forward pass per step).
+                `mm.Text(...)`, or a (D,) shared-space tensor — in any order (one segment may
+                come alone). A list of such lists is a batch (left-padded, one forward pass per
+                step).
             max_new_tokens: most tokens to write (fewer when the context ends first; a decoder
                 with a sliding window and rotary or sinusoidal positions writes on past it).
             temperature: 0 = greedy; higher = more random.

@@ -213,7 +213,12 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
     slots: list[list[Tensor | None]] = []
     pending: dict[Modality, list[tuple[int, int, str, Any]]] = {}
     for p, prompt in enumerate(prompts):
-        segments = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, (str, Media, Embedded, Tensor)):  # one segment alone
+            segments = [prompt]
+        elif isinstance(prompt, (list, tuple)):
+            segments = list(prompt)
+        else:
+            raise BadInput(f"prompt {p}: expected a str, a segment or a list of segments, got {type(prompt).__name__}")
         own_parts: list[str | Slot] = []
         own_slots: list[Tensor | None] = []
         for i, seg in enumerate(segments):

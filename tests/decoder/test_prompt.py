@@ -107,6 +107,18 @@ def test_empty_prompt_and_unreadable_media_are_named():
         resolve_prompts(prompts, embed, DIM, CPU)
 
 
+def test_a_prompt_of_one_segment_or_of_no_kind_at_all():
+    z = torch.arange(1.0, DIM + 1)
+    for alone in (mm.Image("a.png"), z):
+        (one,) = resolve_prompts([alone], fake_embed, DIM, CPU)
+        (listed,) = resolve_prompts([[alone]], fake_embed, DIM, CPU)
+        assert one.parts == listed.parts and torch.equal(one.vectors, listed.vectors)
+    for bad in (None, 5, {"text": "hi"}):
+        with pytest.raises(BadInput, match=f"^prompt 0: expected a str, a segment or a list of segments, "
+                                           f"got {type(bad).__name__}$"):
+            resolve_prompts([bad], fake_embed, DIM, CPU)
+
+
 def test_media_vectors_follow_prompt_order_and_vectors_are_normalised():
     z = torch.arange(1.0, DIM + 1)
     (r,) = resolve_prompts([[mm.Audio("b.wav"), "x", z, mm.Image("a.png")]], fake_embed, DIM, CPU)
