@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,6 +149,37 @@ class TrainConfig:
     # torchrun: how long a process waits in a collective (for a slow or lost peer) before failing
     dist_timeout_minutes: float = 30.0
 
+    def check(self, where: str, source: str) -> None:
+        """The ranges a config's types cannot say (`from_dict` calls this): a ConfigError naming the
+        first key out of range, before a run starts on an epoch count of -1 or a learning rate of NaN."""
+        def at_least(value: Any, low: float, optional: bool = False) -> bool:
+            return (optional and value is None) or (value is not None and low <= value < math.inf)
+
+        rules = [("batch_size", at_least(self.batch_size, 1), ">= 1"),
+                 ("epochs", at_least(self.epochs, 1), ">= 1"),
+                 ("max_steps", at_least(self.max_steps, 1, optional=True), ">= 1 or null"),
+                 ("max_minutes", self.max_minutes is None or 0 < self.max_minutes < math.inf, "> 0 or null"),
+                 ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+                 ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                 ("warmup_steps", at_least(self.warmup_steps, 0), ">= 0"),
+                 ("weight_decay", at_least(self.weight_decay, 0), "a finite number >= 0"),
+                 ("betas", all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+                 ("grad_clip", self.grad_clip is None or 0 < self.grad_clip < math.inf, "> 0 or null"),
+                 ("accum_steps", at_least(self.accum_steps, 1), ">= 1"),
+                 ("eval_every", at_least(self.eval_every, 1, optional=True), ">= 1 or null"),
+                 ("checkpoint_every", at_least(self.checkpoint_every, 1), ">= 1"),
+                 ("keep_last", at_least(self.keep_last, 0), ">= 0"),
+                 ("early_stop_patience", at_least(self.early_stop_patience, 1, optional=True), ">= 1 or null"),
+                 ("log_every", at_least(self.log_every, 1), ">= 1"),
+                 ("progress_every_s", at_least(self.progress_every_s, 0), ">= 0"),
+                 ("max_bad_steps", at_least(self.max_bad_steps, 1), ">= 1"),
+                 ("collapse_steps", at_least(self.collapse_steps, 1), ">= 1"),
+                 ("collapse_restarts", at_least(self.collapse_restarts, 0), ">= 0"),
+                 ("dist_timeout_minutes", 0 < self.dist_timeout_minutes < math.inf, "> 0")]
+        for name, ok, wanted in rules:
+            if not ok:
+                raise ConfigError(f"{source}: {_join(where, name)} must be {wanted}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class DecoderDataConfig:
@@ -262,7 +294,7 @@ def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
@@ -328,7 +360,10 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
             kwargs[name] = coerce(hints[name], value, key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key {key!r}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if hasattr(built, "check"):  # ranges the types cannot say
+        built.check(where, source)
+    return built
 
 
 def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
@@ -403,6 +438,14 @@ def _merged(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: what and where (PyYAML's own text spans four lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(f"{e.__class__.__name__}: {e}".split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _join(where: str, name: str) -> str:

@@ -83,6 +83,35 @@ def test_bad_override_names_key(tmp_path):
         apply_override({}, "train.lr")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=-1", r"train\.epochs must be >= 1, got -1"),
+    ("train.batch_size=0", r"train\.batch_size must be >= 1, got 0"),
+    ("train.lr=.nan", r"train\.lr must be a finite number > 0, got nan"),
+    ("train.lr=0", r"train\.lr must be a finite number > 0"),
+    ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio must be in \[0, 1\]"),
+    ("train.betas=[0.9, 1.0]", r"train\.betas must be two numbers in \[0, 1\)"),
+    ("train.max_minutes=0", r"train\.max_minutes must be > 0 or null"),
+    ("train.weight_decay=-0.1", r"train\.weight_decay must be a finite number >= 0"),
+    ("decoder.train.max_steps=0", r"decoder\.train\.max_steps must be >= 1 or null"),
+    ("decoder.train.early_stop_patience=0", r"decoder\.train\.early_stop_patience must be >= 1 or null"),
+])
+def test_training_numbers_out_of_range_name_the_key(override, message):
+    """Ranges the types cannot say: `train.epochs=-1` used to start a run (no align steps, then
+    the decoder), `train.lr=nan` to train on NaN until the bad-step guard stopped it."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+    assert load_config("demo", ["train.max_steps=null", "train.warmup_steps=0", "train.keep_last=0",
+                                "train.progress_every_s=0"]).train.keep_last == 0  # the edges allowed
+
+
+def test_bad_yaml_is_one_line_saying_where(tmp_path):
+    p = _write(tmp_path, "train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(expected ',' or '\]', but got '<stream end>' "
+                                          r"at line 3, column 1\)$") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
