@@ -49,6 +49,15 @@ class ModelConfig:
     init_from: str | None = None  # an earlier run dir; towers and heads with matching names load from it
     init_towers: list[str] | None = None  # which towers to take from init_from (None = every matching one)
 
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ConfigError(f"model.embed_dim must be >= 1, got {self.embed_dim!r}")
+        if not 0 < self.max_logit_scale < math.inf:
+            raise ConfigError(f"model.max_logit_scale must be a finite number > 0, got {self.max_logit_scale!r}")
+        if self.init_logit_scale is not None and not 0 < self.init_logit_scale <= self.max_logit_scale:
+            raise ConfigError(f"model.init_logit_scale must be in (0, model.max_logit_scale = {self.max_logit_scale}] "
+                              f"or null, got {self.init_logit_scale!r}")
+
 
 @dataclass
 class TokenizerConfig:
@@ -244,6 +253,18 @@ class DecoderConfig:
     # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
 
     def __post_init__(self) -> None:
+        if self.init_from_gpt2 is None:  # else the folder's config.json gives the shape
+            self._check_shape()
+        if self.soft_tokens < 1:
+            raise ConfigError(f"decoder.soft_tokens must be >= 1, got {self.soft_tokens!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"decoder.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.media_noise < math.inf:
+            raise ConfigError(f"decoder.media_noise must be >= 0, got {self.media_noise!r}")
+        if not 0 <= self.vector_marker_prob <= 1:
+            raise ConfigError(f"decoder.vector_marker_prob must be in [0, 1], got {self.vector_marker_prob!r}")
+        if self.projector_hidden is not None and self.projector_hidden < 1:
+            raise ConfigError(f"decoder.projector_hidden must be >= 1 or null, got {self.projector_hidden!r}")
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ConfigError(f"decoder.window must be an integer >= 1 or null, got {self.window!r}")
@@ -254,6 +275,18 @@ class DecoderConfig:
             raise ConfigError(f"decoder.whiten_eps must be > 0, got {self.whiten_eps!r}")
         if self.whiten_rows < 2:
             raise ConfigError(f"decoder.whiten_rows must be >= 2, got {self.whiten_rows!r}")
+
+    def _check_shape(self) -> None:
+        for name, low in (("width", 1), ("layers", 1), ("heads", 1), ("context", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"decoder.{name} must be >= {low}, got {getattr(self, name)!r}")
+        if self.width % self.heads:
+            raise ConfigError(f"decoder.width ({self.width}) must be a multiple of decoder.heads ({self.heads})")
+        if self.positional in ("rotary", "sinusoidal") and (self.width // self.heads) % 2:
+            raise ConfigError(f"{self.positional} positions need an even head width: decoder.width / decoder.heads "
+                              f"= {self.width} / {self.heads}")
+        if not 0 < self.mlp_ratio < math.inf:
+            raise ConfigError(f"decoder.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
 
 
 @dataclass

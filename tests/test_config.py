@@ -104,6 +104,29 @@ def test_training_numbers_out_of_range_name_the_key(override, message):
                                 "train.progress_every_s=0"]).train.keep_last == 0  # the edges allowed
 
 
+@pytest.mark.parametrize("override, message", [
+    ("decoder.width=0", r"decoder\.width must be >= 1, got 0"),
+    ("decoder.heads=3", r"decoder\.width \(128\) must be a multiple of decoder\.heads \(3\)"),
+    ("decoder.heads=128", r"rotary positions need an even head width"),
+    ("decoder.context=1", r"decoder\.context must be >= 2"),
+    ("decoder.soft_tokens=0", r"decoder\.soft_tokens must be >= 1"),
+    ("decoder.dropout=1.0", r"decoder\.dropout must be in \[0, 1\)"),
+    ("decoder.vector_marker_prob=2", r"decoder\.vector_marker_prob must be in \[0, 1\]"),
+    ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
+    ("model.init_logit_scale=500", r"model\.init_logit_scale must be in \(0, model\.max_logit_scale"),
+])
+def test_model_and_decoder_shapes_out_of_range_name_the_key(override, message):
+    """These used to pass the config and fail minutes later, after the align stage (or, for
+    model.embed_dim=0, with a traceback)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_a_pretrained_decoders_shape_comes_from_its_folder_not_the_config():
+    config = load_config("demo", ["decoder.init_from_gpt2=/some/gpt2", "decoder.width=999", "decoder.heads=2"])
+    assert config.decoder.width == 999  # not checked: builder.with_gpt2_architecture replaces it
+
+
 def test_bad_yaml_is_one_line_saying_where(tmp_path):
     p = _write(tmp_path, "train:\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"not valid YAML \(expected ',' or '\]', but got '<stream end>' "
