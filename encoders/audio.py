@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.blocks import Transformer
+from encoders.blocks import Transformer, check_sizes
 from encoders.output import EncoderOutput, downsample_mask, masked_mean
 
 
@@ -88,6 +88,8 @@ class AudioTransformer(nn.Module):
         timbre_kernel: int = 33,
     ) -> None:
         super().__init__()
+        check_sizes(n_mels=n_mels, patch_freq=patch_freq, patch_time=patch_time, width=width,
+                    max_frames=max_frames, stem_channels=stem_channels)
         if n_mels % patch_freq:
             raise ValueError(f"n_mels={n_mels} is not a multiple of patch_freq={patch_freq}")
         if pool not in ("mean", "cls"):

@@ -96,6 +96,14 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_sizes(**sizes: int) -> None:
+    """ValueError naming the first size that is not an integer >= 1 (a width, a layer count, a
+    patch size): caught at construction, not as a shape error in the first forward pass."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 class Transformer(nn.Module):
     """A stack of pre-norm blocks with a positional encoding and a final LayerNorm.
 
@@ -137,6 +145,11 @@ class Transformer(nn.Module):
         conv_kernel: int = 0,
     ) -> None:
         super().__init__()
+        check_sizes(width=dim, layers=depth, heads=heads, max_len=max_len)
+        if not 0 < mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dim, self.max_len, self.window = dim, max_len, window
         # Recompute each block's activations in backward instead of keeping them (training
         # memory ~ one block instead of depth blocks, for ~1/3 more compute); see `set_grad_checkpointing`.

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from encoders.blocks import Transformer
+from encoders.blocks import Transformer, check_sizes
 from encoders.linear import Linear
 from encoders.output import EncoderOutput
 from encoders.positional import sinusoidal_table_2d
@@ -74,6 +74,8 @@ class ViT(nn.Module):
         stem_channels: int = 32,
     ) -> None:
         super().__init__()
+        check_sizes(image_size=image_size, patch_size=patch_size, width=width, in_channels=in_channels,
+                    stem_channels=stem_channels)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
         if pool not in ("cls", "mean", "flatten"):

@@ -90,6 +90,10 @@ class DataConfig:
     # the row's `captions` list; evaluation and indexing always read `text`
     caption_sampling: Literal["primary", "random"] = "primary"
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the training process), got {self.num_workers!r}")
+
 
 @dataclass
 class LossConfig:

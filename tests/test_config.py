@@ -114,6 +114,7 @@ def test_training_numbers_out_of_range_name_the_key(override, message):
     ("decoder.vector_marker_prob=2", r"decoder\.vector_marker_prob must be in \[0, 1\]"),
     ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
     ("model.init_logit_scale=500", r"model\.init_logit_scale must be in \(0, model\.max_logit_scale"),
+    ("data.num_workers=-1", r"data\.num_workers must be >= 0"),
 ])
 def test_model_and_decoder_shapes_out_of_range_name_the_key(override, message):
     """These used to pass the config and fail minutes later, after the align stage (or, for

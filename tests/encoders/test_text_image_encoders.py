@@ -142,6 +142,17 @@ def test_vit_errors():
         ViT(image_size=36, patch_size=12, stem="conv")
     with pytest.raises(ValueError, match=r"one depth >= 1 per stage \(3 stages"):
         ViT(image_size=32, patch_size=8, stem="conv", stem_depth=(1, 2))
+    # sizes out of range fail at construction, not as a shape error in the first forward pass
+    for kwargs, message in [({"width": 0}, "width must be an integer >= 1, got 0"),
+                            ({"patch_size": 0}, "patch_size must be an integer >= 1, got 0"),
+                            ({"layers": 0}, "layers must be an integer >= 1, got 0"),
+                            ({"heads": 0}, "heads must be an integer >= 1, got 0"),
+                            ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+                            ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            ViT(**{"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 4, **kwargs})
+    with pytest.raises(ValueError, match="layers must be an integer >= 1, got 0"):
+        TextTransformer(vocab_size=50, width=32, layers=0, heads=4)
 
 
 def test_vit_conv_stem_depth_per_stage():
