@@ -61,6 +61,9 @@ if __name__ == "__main__":
         name, memory = part.split(":", 1)
         {"show": show, "ask": ask, "export": export}[name](memory)
         sys.exit(0)
+    if not (run / "decoder.safetensors").is_file():
+        sys.exit(f"{run} holds no run with a decoder: run `mmembed demo` first (it writes runs/demo), "
+                 "or pass such a run folder")
     with tempfile.TemporaryDirectory() as tmp:
         memory = str(Path(tmp) / "memory.db")
         for part in ("show", "ask", "export"):  # three separate processes, one memory file

@@ -28,7 +28,6 @@ _LAZY = {
     "Tokenizer": ("mmembed.tokenizer", "Tokenizer"),
     "Index": ("mmembed.retrieval", "Index"),
     "Query": ("mmembed.retrieval", "Query"),
-    "train": ("mmembed.train", "train"),
     "Image": ("mmembed.decoder.prompt", "Image"),
     "Audio": ("mmembed.decoder.prompt", "Audio"),
     "Text": ("mmembed.decoder.prompt", "Text"),
@@ -36,7 +35,9 @@ _LAZY = {
     "Memory": ("mmembed.memory", "Memory"),
     "Session": ("mmembed.memory", "Session"),
 }
-_SUBPACKAGES = ("decoder", "memory")
+# `train` is a subpackage and `mm.train(config)`: the package is callable (mmembed/train/__init__.py),
+# since importing any of its modules sets `mmembed.train` to it whatever was there before
+_SUBPACKAGES = ("decoder", "memory", "train")
 
 __all__ = ["Modality", "__version__", *_LAZY, *_SUBPACKAGES]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import types
 from pathlib import Path
 
 from mmembed.config import Config
@@ -64,3 +66,15 @@ def copy_space(config: Config, save: bool = True) -> Config:
 
 
 __all__ = ["train"]
+
+
+class _CallablePackage(types.ModuleType):
+    """`mm.train(config)` is `train(config)`: Python sets `mmembed.train` to this package as soon as
+    any of its modules is imported (`mmembed.evaluate` does), so the name can only be the package,
+    and the package answers the call."""
+
+    def __call__(self, config: Config, resume: bool = False, overwrite: bool = False) -> Path:
+        return train(config, resume=resume, overwrite=overwrite)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -1,0 +1,43 @@
+"""The examples run as a user runs them (a fresh process, from the command line)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_example_01_embeds_three_modalities():
+    out = run_example("01_embed_three_modalities.py")
+    assert "cos(image, text)" in out and "cos(image, audio)" in out
+
+
+@pytest.mark.slow
+def test_example_02_trains_a_tiny_space_above_chance(tmp_path):
+    out = run_example("02_train_tiny_space.py", str(tmp_path / "ex02"))
+    recall = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+              if line.startswith("| ") and "→" in line}
+    assert len(recall) == 6 and min(recall.values()) > 10  # chance is 1% of 100 test scenes
+
+
+@pytest.mark.slow
+def test_examples_03_and_04_prompt_and_remember(tmp_path):
+    """03 trains a small run with a decoder when there is none (in its working directory), 04
+    runs its three processes on it; without a run 04 says so in one line."""
+    out = run_example("03_prompt_with_image_and_sound.py", "runs/none", cwd=tmp_path)
+    assert "training a small run first" in out
+    out = run_example("04_remember_across_sessions.py", "runs/example-03", cwd=tmp_path)
+    assert "[process 1]" in out and "[process 2]" in out and "exported" in out
+    missing = subprocess.run([sys.executable, str(EXAMPLES / "04_remember_across_sessions.py"), "runs/none"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("or pass such a run folder")
+    assert "Traceback" not in missing.stderr
