@@ -6,6 +6,8 @@
     > /history    this session's turns        /forget    delete everything this user remembers
     > /quit       leave (the memory keeps the conversation; the next chat continues it)
 
+Any other line starting with `/` is an unknown command, said so and not sent (`//…` sends `/…`).
+
 Inline media (`<image:path>`, `<audio:path>`) resolve against the working directory; a missing
 file, an unreadable one or an over-long prompt is one line and the chat goes on.
 """
@@ -38,8 +40,11 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
                     out.write(f"  {_describe(h)}\n")
             elif line == "/forget":
                 out.write(f"forgot {session.forget()} item(s)\n")
+            elif line.startswith("/") and not line.startswith("//"):
+                out.write(f"unknown command {line.split()[0]} ({HELP.split(';')[0]}; "
+                          "start a message with // to send one that begins with /)\n")
             elif line:
-                answer = session.ask(parse_inline(line), **generate)
+                answer = session.ask(parse_inline(line[1:] if line.startswith("//") else line), **generate)
                 answered += 1
                 out.write(f"{answer.text}\n")
                 if answer.recalled:

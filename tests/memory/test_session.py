@@ -136,13 +136,15 @@ def test_a_run_without_decoder_is_refused(db):
 
 def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_path):
     out = io.StringIO()
-    lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/history", "/quit", "never read"]
+    lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/hist", "//slash", "/history", "/quit",
+             "never read"]
     with mm.Session(chat_model, memory=db, user="ada") as chat:
         answered = run_chat(chat, lines, out, max_new_tokens=3)
     text = out.getvalue()
-    assert answered == 1
+    assert answered == 2
     assert "error: prompt names a missing image file" in text
-    assert '#1 user text "hello"' in text
+    assert "unknown command /hist (commands: /history, /forget, /quit;" in text
+    assert '#1 user text "hello"' in text and 'user text "/slash"' in text and '"/hist"' not in text
 
 
 def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
