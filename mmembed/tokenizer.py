@@ -315,7 +315,8 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
                     *, show_progress: bool = False) -> Path:
     """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
 
-    A missing corpus file is a UserError naming it (checked before any training starts).
+    A missing corpus file, or only empty ones, is a UserError naming them (checked before any training
+    starts).
     """
     files = [Path(f) for f in corpus_files]
     if not files:
@@ -323,6 +324,8 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     for f in files:
         if not f.is_file():
             raise UserError(f"corpus file not found: {f}")
+    if all(f.stat().st_size == 0 for f in files):
+        raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}): a tokenizer learns its merges from text")
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
     return tok.save(Path(out_dir) / TOKENIZER_FILE)
 

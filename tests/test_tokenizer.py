@@ -252,6 +252,9 @@ def test_train_tokenizer_from_files(tmp_path):
     assert tok.decode(tok.encode(TRAIN_TEXT[0])) == TRAIN_TEXT[0]
     with pytest.raises(UserError, match="nope.txt"):
         train_tokenizer([files[0], tmp_path / "nope.txt"], 600, tmp_path / "tok2")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match=r"the corpus is empty \(.*empty.txt\)"):
+        train_tokenizer([tmp_path / "empty.txt"], 600, tmp_path / "tok3")
     with pytest.raises(UserError, match="vocab_size"):
         Tokenizer.train(["abc"], vocab_size=100)
     with pytest.raises(UserError, match="not one string"):
