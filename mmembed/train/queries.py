@@ -107,7 +107,7 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
     table = item_vectors(model, [*train, *val])
     text_tower = model.space.towers[str(Modality.TEXT)]
     before = recall_at(asked_ranks(lambda texts: model.embed_query(texts, tower=text_tower), val, table)[0])
-    tower = copy.deepcopy(text_tower).train()
+    tower = copy.deepcopy(text_tower).train().requires_grad_(True)  # a bound run froze its text tower
     pre = model.preprocessors[Modality.TEXT]
     scale = float(model.space.logit_scale.detach())
     decay = [p for p in tower.parameters() if p.ndim >= 2]

@@ -93,6 +93,19 @@ def test_training_lifts_recall_leaves_the_space_alone_and_round_trips(tiny_world
     assert loaded.query_threshold == pytest.approx(model.query_threshold)
 
 
+def test_a_frozen_text_tower_still_gives_a_trainable_query_tower(tiny_world):
+    """A bound run (ImageBind recipe) freezes its text tower; the query tower is a copy that trains
+    (it used to fail: "element 0 of tensors does not require grad"), and the text tower stays frozen."""
+    model = tiny_model(0)
+    model.config.data.root = str(tiny_world)
+    text = model.space.towers["text"].requires_grad_(False)
+    episodes = world_episodes(tiny_world, "train", size=8, n=8, seed=0)
+    train_query_tower(model, episodes, episodes, steps=2, episodes_per_step=1, seed=0)
+    assert not any(p.requires_grad for p in text.parameters())
+    assert not torch.allclose(model.embed_query(["What colour was the star?"]),
+                              model.embed("text", ["What colour was the star?"]), atol=1e-6)
+
+
 def test_a_model_without_text_tower_has_no_query_tower():
     cfg = mm.load_config("demo")
     cfg.model = from_dict(ModelConfig, {**TINY_MODEL, "towers": {k: v for k, v in TINY_MODEL["towers"].items()
