@@ -120,7 +120,10 @@ def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: s
             raise ConfigError(f"{where}.encoder: unknown encoder {tower_cfg.encoder!r}; valid: {valid}")
         builder = ENCODERS[tower_cfg.encoder]
         args = check_kwargs(builder, dict(tower_cfg.encoder_args), f"{where}.encoder_args")
-        if vocab_size is not None and "vocab_size" in _params(builder) and "vocab_size" not in args:
+        if "vocab_size" in _params(builder) and "vocab_size" not in args:
+            if vocab_size is None:
+                raise ConfigError(f"{where}: the {tower_cfg.encoder} encoder needs a tokenizer for its vocabulary "
+                                  "and none was given (a run keeps it in tokenizer.json)")
             args["vocab_size"] = vocab_size
         try:  # encoders/ check their own arguments with plain ValueErrors: name the config key
             encoder = builder(**args)

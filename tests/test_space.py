@@ -10,7 +10,7 @@ from PIL import Image
 
 import mmembed as mm
 from mmembed.config import Config, ModelConfig, TokenizerConfig, TowerConfig, from_dict
-from mmembed.errors import BadInput
+from mmembed.errors import BadInput, ConfigError
 from mmembed.model import build_model
 from tests.conftest import TINY_MODEL
 
@@ -62,6 +62,15 @@ def test_save_load_identical(model, tmp_path):
     texts = ["a large red circle on the left"]
     assert torch.equal(model.embed("text", texts), back.embed("text", texts))
     assert back.fingerprint == model.fingerprint
+
+
+def test_a_run_missing_its_tokenizer_is_one_clear_error(model, tmp_path):
+    """It used to be "TypeError: TextTransformer.__init__() missing 1 required positional argument"."""
+    model.save(tmp_path / "run")
+    (tmp_path / "run" / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"^model\.towers\.text: the text_transformer encoder needs a tokenizer "
+                                          r".*tokenizer\.json\)$"):
+        mm.load(tmp_path / "run")
 
 
 def test_unknown_modality_and_bad_item_are_clear(model, tmp_path):
