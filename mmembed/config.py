@@ -281,6 +281,8 @@ class DecoderConfig:
             raise ConfigError(f"decoder.whiten_rows must be >= 2, got {self.whiten_rows!r}")
 
     def _check_shape(self) -> None:
+        """The decoder's own modules check these too, but only when the decoder stage builds them,
+        after the align stage's minutes: a config says so at load time."""
         for name, low in (("width", 1), ("layers", 1), ("heads", 1), ("context", 2)):
             if getattr(self, name) < low:
                 raise ConfigError(f"decoder.{name} must be >= {low}, got {getattr(self, name)!r}")

@@ -22,7 +22,8 @@ from mmembed.errors import UserError
 from mmembed.memory.session import Session
 from mmembed.memory.records import MemoryHit
 
-HELP = "commands: /history, /forget, /quit; media inline as <image:path> or <audio:path>"
+COMMANDS = "commands: /history, /forget, /quit"
+HELP = f"{COMMANDS}; media inline as <image:path> or <audio:path>"
 
 
 def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", **generate: Any) -> int:
@@ -41,7 +42,7 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
             elif line == "/forget":
                 out.write(f"forgot {session.forget()} item(s)\n")
             elif line.startswith("/") and not line.startswith("//"):
-                out.write(f"unknown command {line.split()[0]} ({HELP.split(';')[0]}; "
+                out.write(f"unknown command {line.split()[0]} ({COMMANDS}; "
                           "start a message with // to send one that begins with /)\n")
             elif line:
                 answer = session.ask(parse_inline(line[1:] if line.startswith("//") else line), **generate)
