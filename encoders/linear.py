@@ -4,7 +4,7 @@ torch's CPU `F.linear` calls MKL's SGEMM/SGEMV, and MKL picks its code path by C
 AMD EPYC with AVX-512 it runs a generic path (`MKL_VERBOSE` names "Intel(R) Architecture
 processors", not AVX-512), which measured 1.6-2.3× slower than oneDNN's matmul (the library
 torch's own CPU convolutions use) from 8 to 4,096 rows, and made greedy decoding of GPT-2 124M
-1.9× slower (README, "Prompting": decoding speed). On Intel CPUs MKL takes its AVX-512 path too.
+1.9× slower (docs/performance.md, "Decoding speed"). On Intel CPUs MKL takes its AVX-512 path too.
 
 So `linear` on float32 CPU tensors with a contiguous weight, for products large enough to earn
 oneDNN's per-call cost (`_MIN_MACS`, `_BIG_WEIGHT`), calls `torch.ops.mkldnn._linear_pointwise`,

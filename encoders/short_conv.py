@@ -13,7 +13,7 @@ that matches the query suffices. This is the short convolution of H3, Hyena and 
 attention. On recall of 6 pairs with the key as the last token, 2 blocks of 128 went from 0.23
 accuracy after 3,000 steps to 1.0 within 500 with K = 3. When words stand between the key and
 the answer (a question: "what colour was the star?"), the key must first be carried to the
-answer's position, a second hop the convolution does not provide (README, "Prompting").
+answer's position, a second hop the convolution does not provide (docs/decoder.md).
 
 Token boundaries. `positions` (a token's index within its own prompt) says how far back a token
 may look: offset j is used only where position ≥ j. So the prompts packed into one training row,

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
              _train_queries)
     p.add_argument("run", help="run directory (the space stays as it is; query_tower.safetensors is added)")
     p.add_argument("--episodes", help="JSONL of episodes (items shown + questions naming one of them; README, "
-                                      "'Memory'); default: built from the synthetic world of the run's data.root")
+                                      "'Data format'); default: built from the synthetic world of the run's data.root")
     p.add_argument("--val-episodes", help="JSONL of validation episodes (default: the world's val split, or a "
                                           "tenth of --episodes)")
     p.add_argument("--steps", type=int, default=1500)

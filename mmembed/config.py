@@ -233,8 +233,8 @@ class DecoderConfig:
     window: int | None = None
     # A short causal convolution of this many taps before each block's attention
     # (encoders/short_conv.py): each token carries the few before it, which makes associative
-    # recall learnable when the key is the last token (the demo's questions need more: README,
-    # "Prompting"). 0: none (a plain GPT-2 block).
+    # recall learnable when the key is the last token (the demo's questions need more:
+    # docs/decoder.md). 0: none (a plain GPT-2 block).
     conv_kernel: int = 0
     soft_tokens: int = 4  # k: decoder embeddings per media item
     projector: Literal["mlp", "linear"] = "mlp"
@@ -247,7 +247,7 @@ class DecoderConfig:
     # Whiten the vectors before the projector (decoder/whitening.py), with statistics of the
     # space's vectors of every modality of the align training manifest's first whiten_rows rows,
     # saved with the decoder. whiten_eps: added to each eigenvalue (a unit vector's variance
-    # summed over all directions is about 1). Measured trade-off in the README.
+    # summed over all directions is about 1). Measured trade-off in docs/decoder.md.
     whiten: bool = False
     whiten_eps: float = 1e-3
     whiten_rows: int = 2048

@@ -125,10 +125,10 @@ def image_only_config(config: Config, joint_dir: Path) -> Config:
     It reads the raw vectors even when the joint decoder whitens them: whitening gives the small
     directions the weight of the large ones, and the small ones hold most of what an image's
     vector does not share with its sound's, so a decoder that only saw images would lean on
-    exactly what sounds lack (transfer 0.453 raw against 0.160 whitened, README).
+    exactly what sounds lack (transfer 0.453 raw against 0.160 whitened, docs/decoder.md).
 
     At most `TRANSFER_MAX_STEPS` steps: on the demo space transfer varies more between decoder
-    seeds than between step counts (README, "Prompting"). The rows are not reweighted: the joint
+    seeds than between step counts (docs/decoder.md). The rows are not reweighted: the joint
     decoder's task weights are for comparisons, which an image-only mix does not have."""
     transfer = copy.deepcopy(config)
     transfer.decoder.data.prompt_modalities = ["image"]

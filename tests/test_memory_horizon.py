@@ -1,5 +1,5 @@
 """benchmarks/memory_horizon: what it shows and what it asks (the measurement itself is a
-benchmark, run by hand; README, "Memory: where it stands")."""
+benchmark, run by hand; docs/memory.md)."""
 
 import re
 

@@ -10,7 +10,7 @@ The projector's LayerNorm keeps that imbalance, so the decoder learns the big di
 and the small ones, where finer distinctions live, slowly. Whitening gives every direction unit
 variance; ε keeps directions with next to no variance from being blown up into noise.
 
-Measured on the demo's space (README, "Prompting: where the decoder stands"): descriptions from
+Measured on the demo's space (docs/decoder.md): descriptions from
 sounds and from an image with its sound read markedly better, cross-modal transfer worse — the
 small directions are also where one modality's vectors differ from another's.
 """

@@ -9,8 +9,7 @@ rarely differ in one attribute alone, so attributes that never decide a batch (t
 shapes) get little gradient. Writing the caption back asks for every word of it. The captioner
 is a training-time head: it lives in the align stage's checkpoints, not in the saved model.
 
-Measured on the demo world with an earlier, monkeypatched version of this loss (README,
-"Prompting: where the decoder stands"): a probe reads every object of a test scene from 0.887
+Measured on the demo world with an earlier, monkeypatched version of this loss (docs/decoder.md): a probe reads every object of a test scene from 0.887
 of sound vectors (0.800 without) and 0.920 of caption vectors (0.777).
 """
 

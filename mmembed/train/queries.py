@@ -6,7 +6,7 @@
 
 The text tower places whole captions: "a large red star on the left and a small blue circle on
 the right" finds its picture, but a question that names one object by some of its attributes
-("What colour was the large star?") lands about as near every picture (README, "Memory"). Training
+("What colour was the large star?") lands about as near every picture (docs/memory.md). Training
 the shared text tower on such phrases would cost the space's own recall, since a phrase that fits
 many scenes is a negative for all but one of them in a batch. So, as dense retrieval keeps a query
 encoder beside its passage encoder (DPR, Karpukhin et al. 2020), the question gets a tower of its

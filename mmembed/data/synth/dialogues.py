@@ -54,7 +54,7 @@ TELL = ("Remember this: {caption}.", "Note: {caption}.", "Keep in mind: {caption
 P_TOLD = 0.5
 # Media items per dialogue, 1 to 6: a Session shows up to recall_k = 3 recalled items and history_turns = 3
 # turns by default; a decoder that only ever read two picked the asked one out of those for 0.40 of
-# long-horizon questions, four trained on up to six for 0.36-0.58 (mean 0.47; README, "Memory"). Dialogues longer
+# long-horizon questions, four trained on up to six for 0.36-0.58 (mean 0.47; docs/memory.md). Dialogues longer
 # than the decoder's context (about one in four at 128 tokens) are skipped, and counted, in training.
 MAX_SHOWN = 6
 

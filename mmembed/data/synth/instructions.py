@@ -361,7 +361,7 @@ def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], 
     is the star in {image}?"), `per_item` about each two-object scene's picture and as many about
     its sound, written as `instruction_rows` writes its attribute questions (same templates).
 
-    A decoder learns such lookups from hundreds of thousands of examples (README, "The vectors
+    A decoder learns such lookups from hundreds of thousands of examples (docs/decoder.md, "The vectors
     bind; a lookup costs examples"); the world's own rows ask about 1.3 per two-object scene and
     modality.
     Ids are '<scene id>/l<k>'; the generator is the scene's own (`STREAM_LOOKUPS`)."""
