@@ -292,8 +292,10 @@ class AudioPreprocessor:
             raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {e})") from None
         if data.shape[0] == 0:
             raise BadInput(f"zero-length audio: {name}")
-        data = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
-        return torch.from_numpy(data), int(rate)  # (n,)
+        wave = torch.from_numpy(data)  # (n, C)
+        # averaged as `_to_mono` averages a given waveform: samples too large to sum (finite, ~1e38)
+        # give Inf, refused as such by `waveform`
+        return (wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)), int(rate)  # (n,)
 
     def _resampler(self, rate: int) -> torchaudio.transforms.Resample:
         # the windowed-sinc kernel depends only on the rate pair: reuse it for recent source rates

@@ -62,7 +62,7 @@ def test_the_answer_is_the_candidate_with_the_best_score_recomputed_from_scratch
     assert 2 < len(cands) <= 12 and len({c.text for c in cands}) == len(cands)
     assert out.text == cands[0].text and out.token_ids == cands[0].token_ids
     assert model.generate(prompt(), max_new_tokens=10).text in {c.text for c in cands}  # greedy is a candidate
-    scale = float(model.space.logit_scale)
+    scale = float(model.space.logit_scale.detach())
     image = model.embed("image", [picture(0)])[0]
     forced = answer_logprobs(pm.lm, pm.fmt, resolved(model, prompt()), [c.token_ids for c in cands])
     for c, f in zip(cands, forced):

@@ -71,7 +71,7 @@ def test_packed_loss_equals_the_padded_batch_loss_and_gradients(conv_kernel):
                                         mask=batch.mask, positions=batch.positions)
         loss = F.cross_entropy(logits, targets)
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in pm.lm.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in pm.lm.named_parameters() if p.grad is not None}
 
     padded = collate_prompts(batch_items, pm.fmt.pad_id)
     assert padded.mask is None and padded.ids.shape[0] == len(padded) == len(batch_items)
