@@ -162,6 +162,63 @@ def test_logprobs_and_entropy_are_those_of_the_distribution_sampled_from():
     assert draws == {0, 1}
 
 
+def test_draw_samples_each_column_at_its_probability_and_never_a_zero_one():
+    from mmembed.decoder.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.3, 0.0, 0.15, 0.05, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.25, 0.25, 0.0, 0.25, 0.0, 0.25, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([draw(probs, g) for _ in range(20_000)], dim=1)  # (3, 20000)
+    counts = torch.zeros_like(probs).scatter_add_(1, picks, torch.ones_like(picks, dtype=probs.dtype))
+    freq = counts / picks.shape[1]
+    assert torch.equal(freq > 0, probs > 0)  # every possible column drawn, no impossible one
+    torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)  # binomial sd <= 0.0036 at 20k draws
+    # rows that sum to 1 only up to rounding (a softmax over 50k columns) still draw inside the row
+    big = torch.randn(4, 50257, generator=torch.Generator().manual_seed(1)).softmax(dim=-1)
+    assert int(torch.cat([draw(big, g) for _ in range(200)]).max()) < 50257
+
+
+def sampled_distributions(settings: dict, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, transformers') distributions over a GPT-2-sized vocabulary, eight rows of N(0, spread²)
+    logits. The reference is what `generate(do_sample=True)` samples from: transformers'
+    temperature, top-k and top-p warpers, then a softmax."""
+    transformers = pytest.importorskip("transformers")
+    from mmembed.decoder.sampling import filtered_logits
+
+    s = Sampling(**settings)
+    warpers = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(s.temperature)])
+    if s.top_k is not None:
+        warpers.append(transformers.TopKLogitsWarper(s.top_k))
+    if s.top_p is not None:
+        warpers.append(transformers.TopPLogitsWarper(s.top_p))
+    logits = torch.randn(8, 50257, generator=torch.Generator().manual_seed(8)) * spread
+    expected = warpers(torch.zeros(8, 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
+    scores, index = filtered_logits(logits, s)
+    probs = scores.softmax(dim=-1)
+    return (probs if index is None else torch.zeros_like(logits).scatter_(-1, index, probs)), expected
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.8}, {"temperature": 1.3, "top_k": 50}, {"temperature": 0.8, "top_p": 0.95},
+    {"temperature": 0.7, "top_k": 200, "top_p": 0.9}, {"temperature": 1.0, "top_p": 0.5},
+])
+def test_the_sampled_distribution_equals_transformers_warpers(settings):
+    ours, expected = sampled_distributions(settings)
+    assert torch.equal(ours > 0, expected > 0)  # the same tokens kept, the edge of top-p included
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_a_nucleus_wider_than_the_candidates_is_found_by_sorting_the_whole_row():
+    from mmembed.decoder.sampling import NUCLEUS_CANDIDATES
+
+    ours, expected = sampled_distributions({"temperature": 0.8, "top_p": 0.99})  # 2,929 to 6,528 tokens a row
+    kept = (expected > 0).sum(dim=-1)
+    assert int(kept.max()) > NUCLEUS_CANDIDATES > int(kept.min())  # one row needs the sort, others not
+    assert torch.equal(ours > 0, expected > 0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
 def test_stop_strings_cut_the_text_and_stop_ids_end_generation():
     pm = prompt_model()
     (full,) = run(pm, [PROMPTS[0]], n=20, seed=1, temperature=1.2)
