@@ -68,6 +68,35 @@ def test_bench_embed_tiny_same_vectors_as_open_clip():
     json.dumps(report)
 
 
+def test_bench_sample_tiny_same_distribution_as_transformers():
+    pytest.importorskip("transformers")
+    from benchmarks.bench_sample import SETTINGS, run
+
+    report = run(rounds=1, calls=1)
+    rows = {r["id"]: r for r in report["results"]}
+    assert set(rows) == {f"B-sample B={b} {name}" for b in (1, 8) for name in SETTINGS}
+    for r in rows.values():
+        assert ROW_KEYS | TIMING_KEYS | {"max_abs_prob_diff", "same_support", "kept_tokens"} <= set(r)
+        assert r["same_support"] and r["max_abs_prob_diff"] < 1e-6  # both sides sample one distribution
+        assert len(r["kept_tokens"]) == r["batch"]
+    assert rows["B-sample B=8 T+k+p"]["kept_tokens"] <= [50] * 8 and rows["B-sample B=1 T"]["kept_tokens"] == [50257]
+    json.dumps(report)
+
+
+def test_bench_cache_tiny_writes_the_same_tokens_with_and_without_the_cache():
+    from benchmarks.bench_cache import run
+
+    report = run(quick=True, rounds=1)
+    assert [r["id"] for r in report["results"]] == ["B-cache T=64", "B-cache T=256"]
+    assert report["all_tokens_equal"] and all(r["tokens_equal"] and r["agreeing_prefix"] == 32
+                                              for r in report["results"])
+    for r in report["results"]:
+        assert ROW_KEYS | TIMING_KEYS | {"kv_cache_bytes", "prompt_tokens"} <= set(r)
+        assert r["prompt_tokens"] + r["new_tokens"] == r["sequence"]
+    assert isinstance(report["speedup_grows_with_T"], bool)  # a timing: reported, never asserted
+    json.dumps(report)
+
+
 @pytest.mark.slow
 def test_bench_ann_tiny_reports_both_sides_at_the_recall_target():
     pytest.importorskip("faiss")
