@@ -1,16 +1,17 @@
 """B-sample: choosing the next token (temperature, top-k, top-p) from 50k logits, ours vs transformers.
 
-    python -m benchmarks.bench_sample            # batch 1 and 8, two settings
+    python -m benchmarks.bench_sample            # batch 1 and 8, three settings
     python -m benchmarks.bench_sample --quick    # fewer rounds
 
 Work: one sampling step over (B, 50,257) logits (GPT-2's vocabulary), drawn once per batch size as
 N(0, 3²), about as spread as a trained LM's logits. Three settings: temperature 0.8 + top-k 50 +
 top-p 0.95 (top-p then sees only top-k's 50 candidates), temperature 0.8 + top-p 0.95 (the anchor
 sorts the whole vocabulary; ours looks among the best 4,096 first and keeps 547–2,122 tokens a
-row here), and temperature 0.8 alone (a draw over the whole vocabulary). Ours is `mmembed.decoder.sampling.choose`, which also returns each pick's
-log-probability and the entropy of the distribution it drew from; the anchor is what `generate`
-does with `do_sample=True`: transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and
-`TopPLogitsWarper` in a `LogitsProcessorList`, a softmax and `torch.multinomial`.
+row here), and temperature 0.8 alone (a draw over the whole vocabulary). Ours is
+`mmembed.decoder.sampling.choose`, which also returns each pick's log-probability and the entropy
+of the distribution it drew from; the anchor is what `generate` does with `do_sample=True`:
+transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` in a
+`LogitsProcessorList`, a softmax and `torch.multinomial`.
 
 Both sides must sample from the same distribution: `max_abs_prob_diff` compares our filtered
 distribution (scattered back to the vocabulary) with the softmax of the anchor's warped scores,

@@ -38,7 +38,8 @@ class ViT(nn.Module):
             its own. A mean forgets where each token was, and what sits where (the left object's
             shape, the right one's colour) must then survive inside the features; in a 2-block
             tower on the built-in world it does not: supervised per-slot shape accuracy after 400
-            steps is 0.42 with `mean`, 0.33 with `cls` and 0.99 with `flatten` (docs/decoder.md). The grid is fixed: inputs are always image_size square.
+            steps is 0.42 with `mean`, 0.33 with `cls` and 0.99 with `flatten` (docs/decoder.md).
+            The grid is fixed: inputs are always image_size square.
         dropout: dropout inside the transformer.
         in_channels: image channels.
         stem: `patch` (one linear map per patch, as in the ViT paper) or `conv`: stride-2 3×3
