@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mmembed import __version__
 from mmembed.errors import PeerLostError, UserError
 
 EXIT_USAGE = 2
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                "counted (data.strict=true: an error). A fresh `train` refuses a non-empty train.out_dir unless "
                "--overwrite (or --resume).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mmembed {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = _add(sub, "demo", "synthesise the built-in world, train the shared space, evaluate, write a report", _demo)

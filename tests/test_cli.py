@@ -23,6 +23,15 @@ def test_subcommand_help(name, capsys):
     assert out.startswith(f"usage: mmembed {name}")
 
 
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mmembed {version('mmembed')}"
+
+
 def _one_line_error(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
