@@ -1,0 +1,80 @@
+"""What `mmembed generate` runs: which options go together, then one answer, a stream or a
+temperature sweep, and the plots asked for. The options themselves are defined in `mmembed.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from mmembed.decoder.prompt import parse_inline
+from mmembed.errors import UserError
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`mmembed generate RUN --prompt ...`: one answer, a stream or a temperature sweep, and the
+    plots asked for; prints the answer (or its JSON) on stdout. Returns the exit status."""
+    import mmembed as mm
+
+    check_options(args)
+    prompt = parse_inline(args.prompt)
+    model = mm.load(args.run)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop=args.stop, seed=args.seed)
+    try:
+        if args.temperature_sweep is not None:
+            _sweep(args, model, prompt, options)
+        elif args.stream:
+            for piece in model.stream(prompt, **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            _answer(args, model, prompt, options)
+    except ValueError as e:  # sampling arguments: one line, like every other usage mistake
+        raise UserError(str(e)) from None
+    if args.attention_png:
+        _wrote(model.attention_maps(prompt).plot(args.attention_png))
+    return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Which `generate` options go together (their --help says so)."""
+    if args.stream and (args.json or args.plot or args.temperature_sweep is not None):
+        raise UserError("--stream excludes --json, --plot and --temperature-sweep")
+    if args.best_of != 1 and (args.stream or args.temperature_sweep is not None):
+        raise UserError("--best-of chooses among whole answers: it excludes --stream and --temperature-sweep")
+    if args.temperature_sweep is not None and args.temperature != 0:
+        raise UserError("--temperature-sweep gives the temperatures: drop --temperature")
+    if args.samples is not None and args.temperature_sweep is None:
+        raise UserError("--samples counts the answers per temperature of --temperature-sweep: give that too")
+
+
+def _answer(args: argparse.Namespace, model, prompt: list, options: dict) -> None:
+    out = model.generate(prompt, **options, best_of=args.best_of, rerank_weight=args.rerank_weight)
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
+                          "entropy": out.entropy, "mean_entropy": out.mean_entropy,
+                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                          "candidates": [dataclasses.asdict(c) for c in out.candidates]}))
+    else:
+        print(out.text)
+    if args.plot:
+        _wrote(model.token_entropy(prompt, out).plot(args.plot))
+
+
+def _sweep(args: argparse.Namespace, model, prompt: list, options: dict) -> None:
+    from mmembed.insight import plot_sweep, sweep_json, sweep_table
+
+    options = {k: v for k, v in options.items() if k != "temperature"}
+    options["seed"] = 0 if args.seed is None else args.seed
+    rows = model.temperature_sweep(prompt, args.temperature_sweep, samples=8 if args.samples is None else args.samples,
+                                   **options)
+    print(sweep_json(rows) if args.json else sweep_table(rows))
+    if args.plot:
+        _wrote(plot_sweep(rows, args.plot))
+
+
+def _wrote(path: Path) -> None:
+    print(f"wrote {path}", file=sys.stderr)  # stderr: stdout stays the answer (or its JSON)
