@@ -16,13 +16,11 @@ Goal: the speed-up grows with T; identical tokens.
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
-from benchmarks.common import ratio_report, setup
+from benchmarks.common import ratio_report, rounds_main, setup
 from mmembed.decoder import Sampling, decode_steps
 from mmembed.decoder.model import Decoder
 
@@ -80,11 +78,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model, T = 64 and 256")
-    parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick, rounds=args.rounds), indent=2))
+    rounds_main(run, __doc__, "a small model, T = 64 and 256")
 
 
 if __name__ == "__main__":

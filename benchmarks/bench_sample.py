@@ -21,14 +21,12 @@ and `same_support` says whether both kept exactly the same tokens. Medians of in
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 
 import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
-from benchmarks.common import ratio_report, setup
+from benchmarks.common import ratio_report, rounds_main, setup
 from mmembed.decoder.sampling import Sampling, choose, filtered_logits
 
 VOCAB, SPREAD, CALLS = 50257, 3.0, 50
@@ -107,11 +105,7 @@ def run(quick: bool = False, rounds: int | None = None, calls: int = CALLS) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick, rounds=args.rounds), indent=2))
+    rounds_main(run, __doc__, "fewer rounds")
 
 
 if __name__ == "__main__":

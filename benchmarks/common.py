@@ -6,6 +6,8 @@ absolute times on a shared machine are noise, ratios measured side by side are n
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -54,3 +56,12 @@ def ratio_report(name: str, ours: float, anchor: float, unit: str, higher_is_bet
     """One benchmark row. `ratio` > 1 always means ours is better."""
     ratio = ours / anchor if higher_is_better else anchor / ours
     return {"id": name, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio, **extra}
+
+
+def rounds_main(run: Callable[..., dict], doc: str, quick_help: str) -> None:
+    """A benchmark module's command line: `--quick` and `--rounds N`, then `run`'s JSON on stdout."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the benchmark's own)")
+    args = parser.parse_args()
+    print(json.dumps(run(quick=args.quick, rounds=args.rounds), indent=2))
