@@ -16,7 +16,6 @@ Goal: the speed-up grows with T; identical tokens.
 
 from __future__ import annotations
 
-
 import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
