@@ -252,6 +252,10 @@ class DecoderConfig:
     whiten_eps: float = 1e-3
     whiten_rows: int = 2048
     init_from_gpt2: str | None = None  # a GPT-2 folder saved by transformers: its weights and tokenizer
+    # Keep that language model as loaded and train only the projector and the embeddings of the
+    # tokens the prompt format adds (markers, <answer>): LLaVA's first stage, ClipCap's frozen GPT-2.
+    # A few thousand rows of one task then cannot wear away what the LM knows.
+    freeze_lm: bool = False
     data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
     train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
     # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
@@ -279,6 +283,9 @@ class DecoderConfig:
             raise ConfigError(f"decoder.whiten_eps must be > 0, got {self.whiten_eps!r}")
         if self.whiten_rows < 2:
             raise ConfigError(f"decoder.whiten_rows must be >= 2, got {self.whiten_rows!r}")
+        if self.freeze_lm and self.init_from_gpt2 is None:
+            raise ConfigError("decoder.freeze_lm keeps a pretrained language model as loaded: set "
+                              "decoder.init_from_gpt2 too (a fresh decoder has nothing to keep)")
 
     def _check_shape(self) -> None:
         """The decoder's own modules check these too, but only when the decoder stage builds them,

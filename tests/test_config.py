@@ -112,6 +112,8 @@ def test_training_numbers_out_of_range_name_the_key(override, message):
     ("decoder.soft_tokens=0", r"decoder\.soft_tokens must be >= 1"),
     ("decoder.dropout=1.0", r"decoder\.dropout must be in \[0, 1\)"),
     ("decoder.vector_marker_prob=2", r"decoder\.vector_marker_prob must be in \[0, 1\]"),
+    ("decoder.freeze_lm=true", r"decoder\.freeze_lm keeps a pretrained language model as loaded: set "
+                                 r"decoder\.init_from_gpt2 too"),
     ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
     ("model.init_logit_scale=500", r"model\.init_logit_scale must be in \(0, model\.max_logit_scale"),
     ("data.num_workers=-1", r"data\.num_workers must be >= 0"),

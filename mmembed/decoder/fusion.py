@@ -110,6 +110,21 @@ class MultimodalLM(nn.Module):
                             kv_caches=kv_caches)
 
 
+def freeze_language_model(lm: MultimodalLM, trainable_from: int) -> None:
+    """Keep the decoder as loaded: only the projector and the token-embedding rows from
+    `trainable_from` on (the ids a prompt format adds after a pretrained tokenizer's) train.
+
+    A gradient hook zeroes every other row of the embedding table, also when it is the tied LM
+    head, so AdamW never moves them (no gradient, and the table is outside weight decay).
+    """
+    lm.decoder.requires_grad_(False)
+    table = lm.decoder.token_embedding.weight
+    table.requires_grad_(True)
+    keep = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)  # (V, 1)
+    keep[trainable_from:] = 1
+    table.register_hook(lambda grad: grad * keep)
+
+
 def answer_logits(lm: MultimodalLM, ids: Tensor, media: Tensor | None, targets: Tensor,
                   loss_mask: Tensor, mask: Tensor | None = None,
                   positions: Tensor | None = None) -> tuple[Tensor, Tensor]:

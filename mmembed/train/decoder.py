@@ -29,6 +29,7 @@ from mmembed.data.instructions import InstructionSet, read_instructions
 from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
                              save_prompt_model, with_gpt2_architecture)
+from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
 from mmembed.train.align import seed_everything
@@ -65,6 +66,11 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
+    if cfg.freeze_lm:
+        if cfg.train.fsdp:
+            raise UserError("decoder.freeze_lm trains a few embedding rows through a gradient hook, which FSDP's "
+                            "flattened parameters do not keep: train with DDP (decoder.train.fsdp=false)")
+        freeze_language_model(lm, pm.fmt.tokenizer.vocab_size)
     set_grad_checkpointing(lm, cfg.train.grad_checkpointing)
     train_data, val_data, table, skips = _datasets(config, pm, model)
     if cfg.whiten:

@@ -265,6 +265,36 @@ def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path)
     assert 1 <= len(out.token_ids) <= 4
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_lm_trains_the_projector_and_the_added_token_rows_only(trained_run, tiny_world, tmp_path, freeze):
+    """`decoder.freeze_lm`: every weight GPT-2 brought stays bit for bit (weight decay included),
+    the rows of the markers the prompt format adds and the projector train. Without it (the
+    control) the same steps move GPT-2's weights."""
+    pytest.importorskip("transformers")
+    from mmembed.decoder import load_gpt2
+    from tests.decoder.helpers import save_tiny_gpt2
+
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    cfg = decoder_config(tiny_world, tmp_path / "run", init_from_gpt2=str(gpt2), freeze_lm=freeze,
+                         train={**DECODER["train"], "max_steps": 3, "lr": 1e-2, "weight_decay": 0.1})
+    cfg.model.init_from = str(trained_run)
+    train(cfg)
+    loaded = {f"decoder.{k}": v for k, v in load_gpt2(gpt2).state_dict().items()}
+    saved = load_tensors(tmp_path / "run" / DECODER_WEIGHTS)
+    vocab = loaded["decoder.token_embedding.weight"].shape[0]  # GPT-2's rows; the markers come after
+    table = saved["decoder.token_embedding.weight"]
+    assert table.shape[0] > vocab
+    same = [k for k in loaded if k in saved and k != "decoder.token_embedding.weight" and torch.equal(saved[k], loaded[k])]
+    lm_keys = [k for k in loaded if k in saved and k != "decoder.token_embedding.weight"]
+    old_rows_same = torch.equal(table[:vocab], loaded["decoder.token_embedding.weight"])
+    if freeze:
+        assert same == lm_keys and old_rows_same
+        start = loaded["decoder.token_embedding.weight"].mean(dim=0)  # what the added rows start as
+        assert not torch.allclose(table[vocab:], start.expand_as(table[vocab:]))  # the markers trained
+    else:
+        assert len(same) < len(lm_keys) and not old_rows_same
+
+
 def test_a_media_file_that_fails_to_decode_names_its_segment(trained_run, tiny_world, tmp_path):
     from mmembed.errors import BadInput
 
