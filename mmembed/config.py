@@ -256,6 +256,11 @@ class DecoderConfig:
     # tokens the prompt format adds (markers, <answer>): LLaVA's first stage, ClipCap's frozen GPT-2.
     # A few thousand rows of one task then cannot wear away what the LM knows.
     freeze_lm: bool = False
+    # LoRA adapters (encoders/lora.py) of this rank on every linear layer of the pretrained LM's
+    # blocks, trained beside the projector while the LM stays frozen (as with freeze_lm); merged
+    # into the weights when the stage ends, so the saved decoder is a plain one. None: no adapters.
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
     train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
     # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
@@ -286,6 +291,14 @@ class DecoderConfig:
         if self.freeze_lm and self.init_from_gpt2 is None:
             raise ConfigError("decoder.freeze_lm keeps a pretrained language model as loaded: set "
                               "decoder.init_from_gpt2 too (a fresh decoder has nothing to keep)")
+        if self.lora_rank is not None:
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise ConfigError(f"decoder.lora_rank must be an integer >= 1 or null, got {self.lora_rank!r}")
+            if self.init_from_gpt2 is None:
+                raise ConfigError("decoder.lora_rank adapts a pretrained language model: set decoder.init_from_gpt2 "
+                                  "too (a fresh decoder trains all its weights)")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ConfigError(f"decoder.lora_alpha must be > 0, got {self.lora_alpha!r}")
 
     def _check_shape(self) -> None:
         """The decoder's own modules check these too, but only when the decoder stage builds them,

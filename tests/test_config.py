@@ -114,6 +114,9 @@ def test_training_numbers_out_of_range_name_the_key(override, message):
     ("decoder.vector_marker_prob=2", r"decoder\.vector_marker_prob must be in \[0, 1\]"),
     ("decoder.freeze_lm=true", r"decoder\.freeze_lm keeps a pretrained language model as loaded: set "
                                  r"decoder\.init_from_gpt2 too"),
+    ("decoder.lora_rank=8", r"decoder\.lora_rank adapts a pretrained language model: set decoder\.init_from_gpt2"),
+    ("decoder.lora_rank=0", r"decoder\.lora_rank must be an integer >= 1 or null, got 0"),
+    ("decoder.lora_alpha=0", r"decoder\.lora_alpha must be > 0"),
     ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
     ("model.init_logit_scale=500", r"model\.init_logit_scale must be in \(0, model\.max_logit_scale"),
     ("data.num_workers=-1", r"data\.num_workers must be >= 0"),

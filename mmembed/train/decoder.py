@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders.blocks import set_grad_checkpointing
+from encoders.lora import add_lora_, merge_lora_
 from mmembed.config import Config, save_config
 from mmembed.data import SkipCounter, read_manifest
 from mmembed.data.instructions import InstructionSet, read_instructions
@@ -66,11 +67,14 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
-    if cfg.freeze_lm:
+    if cfg.freeze_lm or cfg.lora_rank is not None:
         if cfg.train.fsdp:
-            raise UserError("decoder.freeze_lm trains a few embedding rows through a gradient hook, which FSDP's "
-                            "flattened parameters do not keep: train with DDP (decoder.train.fsdp=false)")
+            raise UserError("decoder.freeze_lm and decoder.lora_rank train a few embedding rows through a gradient "
+                            "hook, which FSDP's flattened parameters do not keep: train with DDP "
+                            "(decoder.train.fsdp=false)")
         freeze_language_model(lm, pm.fmt.tokenizer.vocab_size)
+    if cfg.lora_rank is not None:
+        add_lora_(lm.decoder.transformer, cfg.lora_rank, cfg.lora_alpha)
     set_grad_checkpointing(lm, cfg.train.grad_checkpointing)
     train_data, val_data, table, skips = _datasets(config, pm, model)
     if cfg.whiten:
@@ -100,6 +104,8 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
                       evaluate=evaluate, callbacks=list(callbacks), device=device, net=net)
     result = trainer.fit(resume=resume)
     lm.eval()
+    if cfg.lora_rank is not None:  # the adapters go into the weights: the saved decoder is a plain one
+        merge_lora_(lm.decoder.transformer)
     if trainer.sharded is not None:  # the saved decoder is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()
         if world.main:

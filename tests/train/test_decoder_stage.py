@@ -295,6 +295,34 @@ def test_freeze_lm_trains_the_projector_and_the_added_token_rows_only(trained_ru
         assert len(same) < len(lm_keys) and not old_rows_same
 
 
+def test_lora_adapts_a_frozen_gpt2_and_saves_the_adapters_merged(trained_run, tiny_world, tmp_path):
+    """`decoder.lora_rank`: GPT-2 stays frozen while rank-4 adapters on its blocks' linear layers
+    train; the saved decoder is a plain one (no adapter keys) whose linear weights moved by the
+    merged update while everything else GPT-2 brought is as loaded, and the run generates."""
+    pytest.importorskip("transformers")
+    from mmembed.decoder import load_gpt2
+    from tests.decoder.helpers import save_tiny_gpt2
+
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    cfg = decoder_config(tiny_world, tmp_path / "run", init_from_gpt2=str(gpt2), lora_rank=4,
+                         train={**DECODER["train"], "max_steps": 3, "lr": 1e-2, "weight_decay": 0.1})
+    cfg.model.init_from = str(trained_run)
+    train(cfg)
+    loaded = {f"decoder.{k}": v for k, v in load_gpt2(gpt2).state_dict().items()}
+    saved = load_tensors(tmp_path / "run" / DECODER_WEIGHTS)
+    assert not any("lora" in k for k in saved) and set(loaded) - {"decoder.lm_head.weight"} <= set(saved)
+    adapted = [k for k in loaded if k.endswith((".qkv.weight", ".proj.weight", ".fc.weight"))]
+    assert len(adapted) == 2 * 4  # 2 blocks: attention qkv + proj, MLP fc + proj
+    moved = [k for k in adapted if not torch.equal(saved[k], loaded[k])]
+    assert moved == adapted
+    kept = [k for k in loaded if k in saved and k not in adapted and k != "decoder.token_embedding.weight"]
+    assert kept and all(torch.equal(saved[k], loaded[k]) for k in kept)  # norms, biases, positions
+    vocab = loaded["decoder.token_embedding.weight"].shape[0]
+    assert torch.equal(saved["decoder.token_embedding.weight"][:vocab], loaded["decoder.token_embedding.weight"])
+    out = mm.load(tmp_path / "run").generate(["Describe", mm.Image(first(tiny_world, "image"))], max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4
+
+
 def test_a_media_file_that_fails_to_decode_names_its_segment(trained_run, tiny_world, tmp_path):
     from mmembed.errors import BadInput
 
