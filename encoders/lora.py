@@ -53,9 +53,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora_(module: nn.Module, rank: int, alpha: float) -> int:
-    """Wrap every `nn.Linear` inside `module` in a `LoRALinear`, in place. Returns how many."""
+    """Wrap every `nn.Linear` inside `module` in a `LoRALinear`, in place (layers already wrapped
+    stay as they are). Returns how many were wrapped."""
     targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear)]
+               if isinstance(child, nn.Linear) and not isinstance(parent, LoRALinear)]
     for parent, name, child in targets:
         setattr(parent, name, LoRALinear(child, rank, alpha))
     return len(targets)

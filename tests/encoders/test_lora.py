@@ -57,6 +57,7 @@ def test_a_whole_transformer_adapted_then_merged_computes_what_the_adapted_one_d
     n = add_lora_(net, rank=4, alpha=8)
     assert n == 2 * 4  # per block: attention qkv and proj, MLP fc and proj
     assert torch.equal(net(x), before)  # B = 0: nothing changed yet
+    assert add_lora_(net, rank=4, alpha=8) == 0  # wrapped layers are not wrapped again
     assert all("lora_" in name for name, p in net.named_parameters() if p.requires_grad)
     for i, m in enumerate(m for m in net.modules() if isinstance(m, LoRALinear)):
         randomised(m, seed=i)
