@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmembed {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _data_commands(sub)
+    _training_commands(sub)
+    _retrieval_commands(sub)
+    _prompting_commands(sub)
+    _tool_commands(sub)
+    return parser
+
+
+def _data_commands(sub) -> None:
+    """The built-in world, datasets and tokenizers."""
     p = _add(sub, "demo", "synthesise the built-in world, train the shared space, evaluate, write a report", _demo)
     p.add_argument("--config", default="demo", help="config name or YAML path (default: demo)")
     p.add_argument("--out", default=None, help="run directory (default: the config's train.out_dir)")
@@ -98,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout-every", type=int, default=10,
                    help="every Nth line is held out and compression measured on those only (default: 10)")
 
+
+def _training_commands(sub) -> None:
+    """Training and evaluation."""
     p = _add(sub, "train", "train a model from a config", _train)
     p.add_argument("config", help="config name or YAML path")
     mode = p.add_mutually_exclusive_group()
@@ -124,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the report (with --instructions: every answer) "
                                                    "to this JSON file")
 
+
+def _retrieval_commands(sub) -> None:
+    """Indexes, search and maps."""
     p = _add(sub, "index", "embed a manifest into a searchable index", _index)
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", required=True)
@@ -154,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=int, default=5000, help="draw a seeded random subset above this many")
     p.add_argument("--seed", type=int, default=0, help="for the subset and for t-SNE/UMAP")
 
+
+def _prompting_commands(sub) -> None:
+    """Prompting and conversations with memory."""
     p = _add(sub, "generate", "answer a prompt that mixes text, images and sounds", _generate)
     p.add_argument("run", help="run directory with a decoder stage")
     p.add_argument("--prompt", required=True,
@@ -195,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
+
+def _tool_commands(sub) -> None:
+    """The query tower, the web app and scaling studies."""
     p = _add(sub, "train-queries", "train a query tower: questions land on the item they name (memory recall)",
              _train_queries)
     p.add_argument("run", help="run directory (the space stays as it is; query_tower.safetensors is added)")
@@ -225,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", choices=["regularisation"], help="run this study instead of the sweep")
     p.add_argument("--out", help="output folder (default: the config's out_dir)")
     _overrides(p)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
