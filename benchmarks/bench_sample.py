@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
 from benchmarks.common import ratio_report, rounds_main, setup
-from mmembed.decoder.sampling import Sampling, choose, filtered_logits
+from mmembed.decoder.sampling import Sampling, choose, distribution
 
 VOCAB, SPREAD, CALLS = 50257, 3.0, 50
 SETTINGS = {"T+k+p": Sampling(0.8, top_k=50, top_p=0.95), "T+p": Sampling(0.8, top_p=0.95), "T": Sampling(0.8)}
@@ -51,16 +51,9 @@ def anchor_step(warpers, input_ids: torch.Tensor, logits: torch.Tensor, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def our_distribution(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """The distribution `choose` samples from, over the whole vocabulary: (B, V)."""
-    scores, index = filtered_logits(logits, s)
-    probs = scores.softmax(dim=-1)
-    return probs if index is None else torch.zeros_like(logits).scatter_(-1, index, probs)
-
-
 def compare(logits: torch.Tensor, s: Sampling, warpers) -> dict:
     """How far the two sides' sampling distributions are apart."""
-    ours = our_distribution(logits, s)
+    ours = distribution(logits, s)
     anchor = warpers(torch.zeros(logits.shape[0], 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
     return {"max_abs_prob_diff": float((ours - anchor).abs().max()),
             "same_support": bool(torch.equal(ours > 0, anchor > 0)),

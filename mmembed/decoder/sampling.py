@@ -110,6 +110,14 @@ def _nucleus(top: Tensor, index: Tensor, log_total: Tensor, top_p: float) -> tup
     return top[:, :keep].masked_fill(drop[:, :keep], float("-inf")), index[:, :keep]
 
 
+def distribution(logits: Tensor, sampling: Sampling) -> Tensor:
+    """The distribution `choose` samples from, over the whole vocabulary: (B, V), 0 for every
+    token the filters removed (not meaningful for greedy, a point mass)."""
+    scores, index = filtered_logits(logits, sampling)
+    probs = scores.softmax(dim=-1)
+    return probs if index is None else probs.new_zeros(logits.shape).scatter_(-1, index, probs)
+
+
 def choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Choice:
     """Pick the next token of each row.
 

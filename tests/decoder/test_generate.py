@@ -183,20 +183,14 @@ def sampled_distributions(settings: dict, spread: float = 3.0) -> tuple[torch.Te
     """(ours, transformers') distributions over a GPT-2-sized vocabulary, eight rows of N(0, spread²)
     logits. The reference is what `generate(do_sample=True)` samples from: transformers'
     temperature, top-k and top-p warpers, then a softmax."""
-    transformers = pytest.importorskip("transformers")
-    from mmembed.decoder.sampling import filtered_logits
+    pytest.importorskip("transformers")
+    from benchmarks.bench_sample import anchor_warpers
+    from mmembed.decoder.sampling import distribution
 
     s = Sampling(**settings)
-    warpers = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(s.temperature)])
-    if s.top_k is not None:
-        warpers.append(transformers.TopKLogitsWarper(s.top_k))
-    if s.top_p is not None:
-        warpers.append(transformers.TopPLogitsWarper(s.top_p))
     logits = torch.randn(8, 50257, generator=torch.Generator().manual_seed(8)) * spread
-    expected = warpers(torch.zeros(8, 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
-    scores, index = filtered_logits(logits, s)
-    probs = scores.softmax(dim=-1)
-    return (probs if index is None else torch.zeros_like(logits).scatter_(-1, index, probs)), expected
+    expected = anchor_warpers(s)(torch.zeros(8, 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
+    return distribution(logits, s), expected
 
 
 @pytest.mark.parametrize("settings", [
