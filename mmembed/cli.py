@@ -7,7 +7,7 @@ and nowhere else. A user mistake (bad path, bad option, bad config) prints one l
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import math
 import sys
@@ -31,6 +31,12 @@ def _add(sub, name: str, help: str, handler: Callable[[argparse.Namespace], int]
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(handler=handler)
     return p
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """The handler `module:function`, imported only when its command runs (so `--help` starts fast)."""
+    module, _, name = target.partition(":")
+    return lambda args: getattr(importlib.import_module(module), name)(args)
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
@@ -111,7 +117,7 @@ def _data_commands(sub) -> None:
 
 def _training_commands(sub) -> None:
     """Training and evaluation."""
-    p = _add(sub, "train", "train a model from a config", _train)
+    p = _add(sub, "train", "train a model from a config", _lazy("mmembed.train.commands:run_train"))
     p.add_argument("config", help="config name or YAML path")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
@@ -126,7 +132,8 @@ def _training_commands(sub) -> None:
     _overrides(p)
 
     p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification; the decoder's "
-                          "accuracy on an instruction manifest", _eval)
+                          "accuracy on an instruction manifest",
+             _lazy("mmembed.evaluate:run_eval_command"))
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
     p.add_argument("--labels", nargs="+", help="class names for zero-shot classification")
@@ -160,7 +167,7 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print hits as JSON")
 
     p = _add(sub, "map", "2-D map of an index (PCA, t-SNE or UMAP): colour = a metadata column, marker = modality",
-             _map)
+             _lazy("mmembed.insight.commands:run_map"))
     p.add_argument("index", help="index folder")
     p.add_argument("--color-by", required=True, metavar="COLUMN",
                    help="metadata key, dotted path (objects.0.colour) or 'modality'; numbers get a colourbar")
@@ -173,7 +180,8 @@ def _retrieval_commands(sub) -> None:
 
 def _prompting_commands(sub) -> None:
     """Prompting and conversations with memory."""
-    p = _add(sub, "generate", "answer a prompt that mixes text, images and sounds", _generate)
+    p = _add(sub, "generate", "answer a prompt that mixes text, images and sounds",
+             _lazy("mmembed.decoder.commands:run_generate"))
     p.add_argument("run", help="run directory with a decoder stage")
     p.add_argument("--prompt", required=True,
                    help='text with inline media, e.g. "Describe <image:a.png> and <audio:b.wav>"')
@@ -205,7 +213,8 @@ def _prompting_commands(sub) -> None:
                    help="with --temperature-sweep: entropy and distinct-n against temperature; otherwise the "
                         "entropy of each token of the answer (excludes --stream)")
 
-    p = _add(sub, "chat", "a conversation with persistent multimodal memory", _chat)
+    p = _add(sub, "chat", "a conversation with persistent multimodal memory",
+             _lazy("mmembed.memory.commands:run_chat_command"))
     p.add_argument("run", help="run directory with a decoder stage")
     p.add_argument("--memory", required=True, help="the memory file (SQLite; created when absent)")
     p.add_argument("--user", required=True, help="whose memory: recall never reads another user's items")
@@ -218,7 +227,7 @@ def _prompting_commands(sub) -> None:
 def _tool_commands(sub) -> None:
     """The query tower, the web app and scaling studies."""
     p = _add(sub, "train-queries", "train a query tower: questions land on the item they name (memory recall)",
-             _train_queries)
+             _lazy("mmembed.memory.commands:run_train_queries"))
     p.add_argument("run", help="run directory (the space stays as it is; query_tower.safetensors is added)")
     p.add_argument("--episodes", help="JSONL of episodes (items shown + questions naming one of them; README, "
                                       "'Data format'); default: built from the synthetic world of the run's data.root")
@@ -240,7 +249,8 @@ def _tool_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free one)")
 
     p = _add(sub, "scale", "scaling-law sweep: train a ladder of models, fit L = E + A·x^(-α), predict the next "
-             "size; or --study regularisation: dropout × weight decay on a small subset", _scale)
+             "size; or --study regularisation: dropout × weight decay on a small subset",
+             _lazy("mmembed.insight.commands:run_scale"))
     p.add_argument("config", nargs="?", default="scaling", help="scaling config name or YAML (default: scaling)")
     p.add_argument("--verify", action="store_true", help="also train the predicted next size and report the error")
     p.add_argument("--axis", choices=["params", "data"], help="vary model size (params) or training tokens (data)")
@@ -298,7 +308,9 @@ def _data(args: argparse.Namespace) -> int:
 
 def _tokenizer(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "stats":
-        return _tokenizer_stats(args)
+        from mmembed.insight.commands import run_tokenizer_stats
+
+        return run_tokenizer_stats(args)
     from mmembed.tokenizer import train_tokenizer
 
     path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=Path(args.out))
@@ -306,84 +318,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer_stats(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, format_stats_table, parse_vocab_sizes,
-                                                 plot_tokenizer_stats, tokenizer_stats, write_stats)
-
-    sizes = parse_vocab_sizes(args.vocab_sizes)
-    width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
-    with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
-        rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,
-                               progress=lambda _: bar.update())
-    paths = [plot_tokenizer_stats(rows, Path(args.out) / "tokenizer_stats.png"), *write_stats(rows, args.out)]
-    print(format_stats_table(rows, holdout_every=args.holdout_every))
-    print(f"embedding params = vocab reached x {width}; wrote {', '.join(map(str, paths))}")
-    return 0
 
 
-def _map(args: argparse.Namespace) -> int:
-    from mmembed.insight.embedding_map import embedding_map
 
-    drawn = embedding_map(args.index, args.color_by, args.out, method=args.method, max_points=args.max_points,
-                          seed=args.seed)
-    kind = "colourbar" if drawn.numeric else "legend"
-    print(f"{len(drawn.rows)} points by {args.method}, colour = {args.color_by} ({kind}) → {drawn.path}")
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from mmembed.config import load_config
-    from mmembed.train import train
-    from mmembed.train.distributed import distributed_command
-
-    config = load_config(args.config, args.overrides)
-    if args.find_lr:
-        return _find_lr(config, args.find_lr_steps)
-    with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
-        run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
-    if world.main:
-        print(f"run: {run_dir}")
-    return 0
-
-
-def _find_lr(config, steps: int) -> int:
-    from mmembed.train.find_lr import find_lr
-
-    f = find_lr(config, steps=steps)
-    if f.suggested is None:
-        print(f"the loss never fell (lowest at lr={f.lowest:.2g}); see {f.folder / 'lr_find.png'}")
-    else:
-        stop = (f"training fails above {f.ceiling:.2g}: the loss is back at its start or blew up"
-                if f.ceiling is not None else "no failure up to 1")
-        print(f"suggested train.lr={f.suggested:.2g} (steepest fall of the loss; lowest loss at {f.lowest:.2g}; "
-              f"{stop}); curve: {f.folder / 'lr_find.png'}")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import mmembed as mm
-    from mmembed.evaluate import run_eval
-    from mmembed.evaluate_instructions import run_instruction_eval
-
-    if args.manifest is None and args.instructions is None:
-        raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model = mm.load(args.run)
-    reports = {}
-    if args.manifest is not None:
-        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=args.template)
-        print(table)
-    if args.instructions is not None:
-        table, reports["instructions"] = run_instruction_eval(model, args.instructions,
-                                                              max_new_tokens=args.max_new_tokens)
-        print(table)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())),
-                                                  indent=2))
-    return 0
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -409,12 +346,6 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from mmembed.decoder.commands import run_generate
-
-    return run_generate(args)
-
-
 def _temperatures(text: str) -> list[float]:
     """`--temperature-sweep` "0.1,0.5,1" → [0.1, 0.5, 1.0]: finite numbers >= 0."""
     values = []
@@ -436,48 +367,6 @@ def _png(text: str) -> Path:
     return Path(text)
 
 
-def _chat(args: argparse.Namespace) -> int:
-    import mmembed as mm
-    from mmembed.memory.chat import run_chat
-
-    model = mm.load(args.run)
-    with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
-        print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
-        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "",
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    return 0
-
-
-def _train_queries(args: argparse.Namespace) -> int:
-    from mmembed.data.episodes import read_episodes
-    from mmembed.model import load_space
-    from mmembed.train.queries import save_query_tower, train_query_tower
-
-    if args.steps < 1 or args.episode_size < 2:
-        raise UserError(f"--steps must be >= 1 and --episode-size >= 2 (got {args.steps}, {args.episode_size})")
-    model = load_space(args.run)
-    if args.episodes:
-        train = read_episodes(args.episodes)
-        if args.val_episodes:
-            val = read_episodes(args.val_episodes)
-        else:
-            cut = max(1, len(train) // 10)
-            train, val = train[cut:] or train, train[:cut]
-    else:
-        from mmembed.data.synth.episodes import world_episodes
-
-        root = Path(model.config.data.root)
-        train = world_episodes(root, "train", args.episode_size, n=args.steps * 4, seed=args.seed)
-        val = (read_episodes(args.val_episodes) if args.val_episodes
-               else world_episodes(root, "val", 30, n=40, seed=args.seed + 1))
-    report = train_query_tower(model, train, val, steps=args.steps, lr=args.lr, seed=args.seed)
-    save_query_tower(model, args.run, report)
-    before, after = report.before, report.after
-    print(f"query tower: {report.steps} steps in {report.seconds:.0f} s; the asked item first among its episode's "
-          f"{before['recall@1']:.3f} → {after['recall@1']:.3f}, in the top 3 {before['recall@3']:.3f} → "
-          f"{after['recall@3']:.3f} ({report.questions} validation questions; before: the text tower)")
-    print(f"saved: {Path(args.run) / 'query_tower.safetensors'}")
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -500,34 +389,6 @@ def _serve(args: argparse.Namespace) -> int:
     print("mmembed serve: stopped", file=sys.stderr)
     return 0
 
-
-def _scale(args: argparse.Namespace) -> int:
-    from mmembed.insight.sweep_config import load_scaling_config
-
-    if "=" in args.config:  # `mmembed scale tokens=2e5`: an override, the shipped config
-        args.overrides, args.config = [args.config, *args.overrides], "scaling"
-    overrides = [*args.overrides, *([f"axis={args.axis}"] if args.axis else []),
-                 *([f"out_dir={args.out}"] if args.out else [])]
-    config = load_scaling_config(args.config, overrides)
-    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.study == "regularisation":
-        from mmembed.insight.regularisation import run_regularisation
-
-        if args.verify:
-            raise UserError("--verify belongs to the sweep, not to --study regularisation")
-        report = run_regularisation(config, progress)
-    elif config.target == "towers":
-        from mmembed.insight.tower_scaling import run_tower_sweep
-
-        report = run_tower_sweep(config, verify=args.verify, progress=progress)
-    else:
-        from mmembed.insight.scaling import run_sweep
-
-        report = run_sweep(config, verify=args.verify, progress=progress)
-    print(report.summary())
-    for kind, path in report.files.items():
-        print(f"{kind}: {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,13 @@
 """One config path: YAML → nested typed dataclasses → dotted `key.sub=value` overrides.
 
-Unknown keys, wrong types and missing files fail at load time with a message that names the
-key and the file. Modules never receive these objects: builders unpack them into plain
+This file is the schema; `typed_config` builds it. Unknown keys, wrong types and missing files
+fail at load time with a message that names the key and the file. Modules never receive these objects: builders unpack them into plain
 arguments (torchtune style).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from mmembed.errors import ConfigError
+# the config API: `from mmembed.config import from_dict, check_kwargs` builds any of these sections
+from mmembed.typed_config import apply_override, check_kwargs, from_dict, join_key, read_mapping, to_dict  # noqa: F401
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -191,7 +189,7 @@ class TrainConfig:
                  ("dist_timeout_minutes", 0 < self.dist_timeout_minutes < math.inf, "> 0")]
         for name, ok, wanted in rules:
             if not ok:
-                raise ConfigError(f"{source}: {_join(where, name)} must be {wanted}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{source}: {join_key(where, name)} must be {wanted}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -350,166 +348,13 @@ def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read a YAML file (a path or a shipped config's name), apply overrides, build `cls` from it."""
     path = resolve_config_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_mapping(path)
     for item in overrides:
         apply_override(raw, item, source=str(path))
     return from_dict(cls, raw, where="", source=str(path))
-
-
-def apply_override(raw: dict, item: str, source: str = "override") -> None:
-    """`train.lr=3e-4` sets raw["train"]["lr"]; the value is parsed as YAML (`[1, 2]`, `null`)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is not a section in {source}")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ConfigError(f"override {key}: cannot parse value {value!r}") from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass → plain YAML-able structures (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
 
 
 def save_config(config: Config, path: str | Path) -> None:
     from mmembed.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
-    """Build dataclass `cls` from `raw`, failing on unknown keys, missing keys and wrong types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {_typename(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        key = _join(where, unknown[0])
-        raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = _join(where, name)
-        if name in raw:
-            value = raw[name]
-            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
-                # a partial section keeps the field's own defaults (decoder.train is not TrainConfig())
-                default = f.default_factory()
-                if dataclasses.is_dataclass(default):
-                    value = _merged(to_dict(default), value)
-            kwargs[name] = coerce(hints[name], value, key, source)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing required key {key!r}")
-    built = cls(**kwargs)
-    if hasattr(built, "check"):  # ranges the types cannot say
-        built.check(where, source)
-    return built
-
-
-def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Check `value` against type annotation `tp`; ints are accepted where floats are expected."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(arg, value, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key, source)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {_typename(value)}")
-        ktp, vtp = args or (Any, Any)
-        return {coerce(ktp, k, key, source): coerce(vtp, v, _join(key, str(k)), source) for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {_typename(value)}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: {key} must have {len(args)} items, got {len(value)}")
-            return tuple(coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        return origin(coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `3e-4` (no dot) as a string; every user writes learning rates that way.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if type(value) is not tp:
-            raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")
-        return value
-    return value
-
-
-def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "config") -> dict[str, Any]:
-    """Validate `kwargs` against the signature of `fn` (a class or function) before calling it.
-
-    Registries map names to plain builders; this is how their YAML blocks get the same
-    unknown-key and wrong-type errors as the dataclasses above.
-    """
-    params = inspect.signature(fn).parameters
-    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
-    valid = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    out = {}
-    for name, value in kwargs.items():
-        if name not in valid:
-            raise ConfigError(f"{source}: unknown key {_join(where, name)!r} (valid: {', '.join(valid)})")
-        out[name] = coerce(hints.get(name, Any), value, _join(where, name), source)
-    return out
-
-
-def _merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """One line for a YAML error: what and where (PyYAML's own text spans four lines)."""
-    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-    if mark is None or problem is None:
-        return " ".join(f"{e.__class__.__name__}: {e}".split())
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _typename(value: Any) -> str:
-    return "null" if value is None else type(value).__name__

@@ -11,7 +11,9 @@ score equal) gets the worst rank instead of a perfect one.
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -255,3 +257,28 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
             acc = "n/a" if z["accuracy"] is None else f"{100 * z['accuracy']:.1f}"
             lines.append(f"| {modality} | {acc} | {z['n']} |")
     return "\n".join(lines)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """`mmembed eval RUN --manifest M --instructions I`: print retrieval and/or the decoder's answers;
+    `--json F` keeps the report. The options are defined in `mmembed.cli`."""
+    import mmembed as mm
+    from mmembed.evaluate_instructions import run_instruction_eval
+
+    if args.manifest is None and args.instructions is None:
+        raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = mm.load(args.run)
+    reports = {}
+    if args.manifest is not None:
+        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=args.template)
+        print(table)
+    if args.instructions is not None:
+        table, reports["instructions"] = run_instruction_eval(model, args.instructions,
+                                                              max_new_tokens=args.max_new_tokens)
+        print(table)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())),
+                                                  indent=2))
+    return 0

@@ -4,12 +4,10 @@ batches, read-time skips counted, clear one-line errors on bad checkpoints, prog
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch

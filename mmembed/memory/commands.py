@@ -1,0 +1,54 @@
+"""What `mmembed chat` (a conversation with persistent memory on stdin/stdout) and `mmembed
+train-queries` (the query tower that recall uses) run. The options are defined in `mmembed.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmembed.errors import UserError
+
+
+def run_chat_command(args: argparse.Namespace) -> int:
+    import mmembed as mm
+    from mmembed.memory.chat import run_chat
+
+    model = mm.load(args.run)
+    with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
+        print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
+        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "",
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def run_train_queries(args: argparse.Namespace) -> int:
+    from mmembed.data.episodes import read_episodes
+    from mmembed.model import load_space
+    from mmembed.train.queries import save_query_tower, train_query_tower
+
+    if args.steps < 1 or args.episode_size < 2:
+        raise UserError(f"--steps must be >= 1 and --episode-size >= 2 (got {args.steps}, {args.episode_size})")
+    model = load_space(args.run)
+    if args.episodes:
+        train = read_episodes(args.episodes)
+        if args.val_episodes:
+            val = read_episodes(args.val_episodes)
+        else:
+            cut = max(1, len(train) // 10)
+            train, val = train[cut:] or train, train[:cut]
+    else:
+        from mmembed.data.synth.episodes import world_episodes
+
+        root = Path(model.config.data.root)
+        train = world_episodes(root, "train", args.episode_size, n=args.steps * 4, seed=args.seed)
+        val = (read_episodes(args.val_episodes) if args.val_episodes
+               else world_episodes(root, "val", 30, n=40, seed=args.seed + 1))
+    report = train_query_tower(model, train, val, steps=args.steps, lr=args.lr, seed=args.seed)
+    save_query_tower(model, args.run, report)
+    before, after = report.before, report.after
+    print(f"query tower: {report.steps} steps in {report.seconds:.0f} s; the asked item first among its episode's "
+          f"{before['recall@1']:.3f} → {after['recall@1']:.3f}, in the top 3 {before['recall@3']:.3f} → "
+          f"{after['recall@3']:.3f} ({report.questions} validation questions; before: the text tower)")
+    print(f"saved: {Path(args.run) / 'query_tower.safetensors'}")
+    return 0

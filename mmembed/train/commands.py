@@ -1,0 +1,37 @@
+"""What `mmembed train` runs: a run from a config (under torchrun, one process per rank), or a
+learning-rate range test instead. The options themselves are defined in `mmembed.cli`."""
+
+from __future__ import annotations
+
+import argparse
+
+from mmembed.config import Config, load_config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`mmembed train CONFIG [overrides]`: train, or `--find-lr`; prints the run folder."""
+    from mmembed.train import train
+    from mmembed.train.distributed import distributed_command
+
+    config = load_config(args.config, args.overrides)
+    if args.find_lr:
+        return run_find_lr(config, args.find_lr_steps)
+    with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
+        run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
+    if world.main:
+        print(f"run: {run_dir}")
+    return 0
+
+
+def run_find_lr(config: Config, steps: int) -> int:
+    from mmembed.train.find_lr import find_lr
+
+    f = find_lr(config, steps=steps)
+    if f.suggested is None:
+        print(f"the loss never fell (lowest at lr={f.lowest:.2g}); see {f.folder / 'lr_find.png'}")
+    else:
+        stop = (f"training fails above {f.ceiling:.2g}: the loss is back at its start or blew up"
+                if f.ceiling is not None else "no failure up to 1")
+        print(f"suggested train.lr={f.suggested:.2g} (steepest fall of the loss; lowest loss at {f.lowest:.2g}; "
+              f"{stop}); curve: {f.folder / 'lr_find.png'}")
+    return 0

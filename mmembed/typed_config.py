@@ -1,0 +1,181 @@
+"""Typed YAML: plain mappings → nested dataclasses, checked, and dotted `key.sub=value` overrides.
+
+The machinery behind `mmembed.config` (and the scaling configs of `mmembed.insight`): nothing here
+knows a schema. `from_dict` builds any dataclass from a mapping, failing on unknown keys, missing
+keys and wrong types with a message that names the key and the file, then runs the dataclass's
+own `check(where, source)` for the ranges a type cannot say; `check_kwargs` gives a registry's
+plain builder the same checks from its signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmembed.errors import ConfigError
+
+
+def read_mapping(path: Path) -> dict:
+    """The YAML mapping in `path` (an empty file is an empty mapping)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str, source: str = "override") -> None:
+    """`train.lr=3e-4` sets raw["train"]["lr"]; the value is parsed as YAML (`[1, 2]`, `null`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section in {source}")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: cannot parse value {value!r}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain YAML-able structures (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+
+def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
+    """Build dataclass `cls` from `raw`, failing on unknown keys, missing keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {_typename(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = join_key(where, unknown[0])
+        raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = join_key(where, name)
+        if name in raw:
+            value = raw[name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                # a partial section keeps the field's own defaults (decoder.train is not TrainConfig())
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):
+                    value = _merged(to_dict(default), value)
+            kwargs[name] = coerce(hints[name], value, key, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    built = cls(**kwargs)
+    if hasattr(built, "check"):  # ranges the types cannot say
+        built.check(where, source)
+    return built
+
+
+def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against type annotation `tp`; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key, source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {_typename(value)}")
+        ktp, vtp = args or (Any, Any)
+        return {coerce(ktp, k, key, source): coerce(vtp, v, join_key(key, str(k)), source) for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {_typename(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} must have {len(args)} items, got {len(value)}")
+            return tuple(coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        return origin(coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string; every user writes learning rates that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")
+        return value
+    return value
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "config") -> dict[str, Any]:
+    """Validate `kwargs` against the signature of `fn` (a class or function) before calling it.
+
+    Registries map names to plain builders; this is how their YAML blocks get the same
+    unknown-key and wrong-type errors as the dataclasses above.
+    """
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    valid = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {}
+    for name, value in kwargs.items():
+        if name not in valid:
+            raise ConfigError(f"{source}: unknown key {join_key(where, name)!r} (valid: {', '.join(valid)})")
+        out[name] = coerce(hints.get(name, Any), value, join_key(where, name), source)
+    return out
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: what and where (PyYAML's own text spans four lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(f"{e.__class__.__name__}: {e}".split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def join_key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _typename(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
