@@ -21,7 +21,6 @@ number of the epoch's samples consumed, so a run resumes on any number of proces
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,13 +34,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmembed.checkpoint import atomic_write_text
 from mmembed.config import TrainConfig
 from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.train.distributed import (all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world,
                                        no_sync)
 from mmembed.train.fsdp import sharded_of
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
+from mmembed.train.run_log import MetricsLog, ProgressLine
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
                                  prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
 
@@ -117,7 +116,7 @@ class Trainer:
             raise ConfigError("train.schedule_by=time needs a time budget: set train.max_minutes")
         self.optimizer = build_optimizer(module, config.lr, config.weight_decay, config.betas)
         self.progress = Progress()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", write=self.world.main)
         self._bad_in_a_row = 0
         self._last: dict[str, Any] = {}
         self._last_eval_step: int | None = None
@@ -140,8 +139,8 @@ class Trainer:
         if self.world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(self.run_dir)
-            if not resume and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            if not resume:
+                self.metrics.clear()
         barrier()  # the other ranks read checkpoints only once rank 0 has tidied them
         if resume:
             self._resume()
@@ -294,7 +293,7 @@ class Trainer:
                       "samples_per_s": samples / max(step_time, 1e-9), "data_time": data_time,
                       "step_time": step_time, **metrics}
         if p.step % self.cfg.log_every == 0 or p.step == 1:
-            self._log(self._last)
+            self.metrics.append(self._last)
         return True
 
     # --- evaluation, checkpoints, metrics -----------------------------------------------
@@ -310,7 +309,8 @@ class Trainer:
                 metrics = self.evaluate()
         else:
             metrics = broadcast_object(self.evaluate() if self.world.main else None)  # rank 0 evaluates
-        self._log({"step": self.progress.step, "epoch": self.progress.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        self.metrics.append({"step": self.progress.step, "epoch": self.progress.epoch,
+                             **{f"val/{k}": v for k, v in metrics.items()}})
         name, p = self.cfg.early_stop_metric, self.progress
         value = metrics.get(name)
         if value is None:
@@ -351,7 +351,7 @@ class Trainer:
             except CheckpointError as e:  # e.g. a run from before best checkpoints were kept
                 log.warning("cannot restore the best checkpoint (step %d): %s; keeping the last weights",
                             p.best_step, e)
-        self._log({"step": p.step, "epoch": p.epoch, "best_step": p.best_step, f"best/{name}": p.best_metric,
+        self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step, f"best/{name}": p.best_metric,
                    "weights_step": weights_step})
         return weights_step
 
@@ -383,8 +383,7 @@ class Trainer:
             log.info("resuming a run of %d process(es) on %d: the rest of epoch %d is dealt anew; the schedule "
                      "follows this world's steps per epoch", self.progress.world_size, self.world.size,
                      self.progress.epoch)
-        if self.world.main:
-            self._truncate_metrics(self.progress.step)
+        self.metrics.truncate(self.progress.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
 
@@ -392,44 +391,7 @@ class Trainer:
         """Whether `flag` holds on any rank (every rank gets the same answer)."""
         return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
 
-    def _log(self, row: dict[str, Any]) -> None:
-        if not self.world.main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from (they will be redone),
-        and the end-of-run row naming the restored weights (the resumed run writes its own)."""
-        if not self.metrics_path.exists():
-            return
-        keep = [line for line in self.metrics_path.read_text(encoding="utf-8").split("\n")
-                if line.strip() and _safe_step(line) <= step and '"weights_step"' not in line]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
-
-
-class ProgressLine:
-    """Logs "step S/T (P%), loss L, N samples/s, ETA h:mm:ss" at most once every `every_s` seconds
-    (the first step logs at once): a run without a terminal still shows that it moves."""
-
-    def __init__(self, total: int, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 logger: logging.Logger | None = None) -> None:
-        self.total, self.every_s, self.clock, self.logger = total, every_s, clock, logger or log
-        self.start = clock()
-        self._last: float | None = None
-        self._first_step: int | None = None
-
-    def update(self, step: int, loss: float, samples_per_s: float) -> None:
-        now = self.clock()
-        if self._first_step is None:  # time the steps after this one (the first may include warm-up)
-            self._first_step, self.start = step, now
-        if self._last is not None and now - self._last < self.every_s:
-            return
-        self._last = now
-        done = step - self._first_step
-        eta = _hms((now - self.start) / done * (self.total - step)) if done else "–"
-        self.logger.info("step %d/%d (%.0f%%), loss %.4f, %.0f samples/s, ETA %s", step, self.total,
-                         100 * step / max(self.total, 1), loss, samples_per_s, eta)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -444,10 +406,6 @@ def _better(value: float, best: float | None, lower: bool) -> bool:
     return best is None or (value < best if lower else value > best)
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
 
 def _rows(batch: Any) -> int:
     """Rows in a batch (1 for a batch without a length)."""
@@ -460,10 +418,3 @@ def _rows(batch: Any) -> int:
 def _mean_metrics(outs: list[StepOutput]) -> dict[str, float]:
     keys = {k for o in outs for k in o.metrics}
     return {k: sum(o.metrics.get(k, 0.0) for o in outs) / len(outs) for k in keys}
-
-
-def _safe_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return 1 << 62  # a torn last line from a kill: drop it

@@ -183,7 +183,7 @@ def test_bad_checkpoints_are_one_line_errors(tiny_world, tmp_path, capsys):
 
 
 def test_progress_lines_at_a_bounded_rate_without_a_terminal(caplog):
-    from mmembed.train.engine import ProgressLine
+    from mmembed.train.run_log import ProgressLine
 
     now = [0.0]
     line = ProgressLine(total=100, every_s=30.0, clock=lambda: now[0], logger=logging.getLogger("t"))
