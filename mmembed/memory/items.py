@@ -113,7 +113,7 @@ def encode_image(item: Any) -> bytes:
     from PIL import Image
 
     if not isinstance(item, Image.Image) or item.mode not in _PNG_MODES:
-        from mmembed.preprocess.image import load_image
+        from mmembed.preprocess.image_decode import load_image
 
         chw = load_image(item)  # (3, H, W) uint8, or float in [0, 1]; BadInput when unusable
         if chw.dtype != torch.uint8:

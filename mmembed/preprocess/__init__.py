@@ -29,7 +29,8 @@ from mmembed.config import check_kwargs
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
 from mmembed.preprocess.audio import AudioPreprocessor
-from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
+from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+from mmembed.preprocess.image_decode import load_image
 from mmembed.preprocess.text import TextPreprocessor
 
 

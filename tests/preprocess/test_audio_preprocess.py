@@ -12,7 +12,8 @@ import torch
 import torchaudio
 
 from mmembed.errors import BadInput, ConfigError
-from mmembed.preprocess.audio import AudioPreprocessor, LogFrequencySpectrogram, feature_stats, log_frequency_fbanks
+from mmembed.preprocess.audio import AudioPreprocessor, feature_stats
+from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, log_frequency_fbanks
 
 
 def _tone(rate: int, seconds: float = 1.0, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

@@ -13,7 +13,8 @@ from PIL import EpsImagePlugin, Image
 
 from mmembed.errors import BadInput, ConfigError
 from mmembed.preprocess import build_preprocessor
-from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
+from mmembed.preprocess.image import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+from mmembed.preprocess.image_decode import load_image
 
 SIZE = 16
 

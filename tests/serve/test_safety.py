@@ -50,7 +50,7 @@ def test_every_audio_format_is_sniffed_and_decodes(fmt, subtype):
 
 
 def test_the_table_names_only_what_preprocessing_allows():
-    from mmembed.preprocess.image import DEFAULT_FORMATS
+    from mmembed.preprocess.image_decode import DEFAULT_FORMATS
 
     images = {f.name.upper() for f in FORMATS if f.modality == Modality.IMAGE}
     assert images == set(DEFAULT_FORMATS)
