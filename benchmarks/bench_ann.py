@@ -164,7 +164,7 @@ def bench_backend(backend: str, x: Tensor, q: Tensor, truth: np.ndarray, rounds:
         256: {"ours": lambda: index_ids(index, qt), "anchor": lambda: anchor.search(qt_np, K),
               "hits": lambda: index.search_batch(qt, k=K)},
         1: {"ours": lambda: [index_ids(index, s) for s in singles],
-            "anchor": lambda: [anchor.search(s, K) for s in singles],
+            "anchor": lambda: [anchor.search(s, K) for s in singles_np],
             "hits": lambda: [index.search(s, k=K) for s in singles]},
     }
     param_name = "efSearch" if backend == "faiss_hnsw" else "nprobe"
