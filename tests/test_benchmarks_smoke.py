@@ -106,7 +106,8 @@ def test_bench_ann_tiny_reports_both_sides_at_the_recall_target():
     rows = {r["id"]: r for r in report["results"]}
     assert set(rows) == {f"B-ann {b} N=3000 Q={q}" for b in ("faiss_hnsw", "faiss_ivf") for q in (256, 1)}
     for r in rows.values():
-        assert ROW_KEYS | TIMING_KEYS | {"param", "recall_at_10", "hits_qps", "hits_ratio", "recall_curve"} <= set(r)
+        assert ROW_KEYS | TIMING_KEYS | {"param", "recall_at_10", "hits_qps", "hits_ratio", "recall_curve",
+                                         "anchor_built_alike_qps", "ratio_built_alike"} <= set(r)
         assert r["unit"] == "queries/s" and math.isclose(r["ratio"], r["ours"] / r["anchor"])
         # timed at the first grid value where both sides reach the target, and not before it
         assert min(r["recall_at_10"].values()) >= TARGET_RECALL
