@@ -9,9 +9,7 @@ A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `de
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ from mmembed.config import Config, load_config, save_config
 from mmembed.errors import BadInput, CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
-from mmembed.space import SharedSpace, build_space
+from mmembed.space import SharedSpace, build_space, init_from_run
 
 if TYPE_CHECKING:
     from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops, StreamedToken
@@ -327,10 +325,12 @@ class Model:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Model:
         """Open a run directory (or a checkpoint folder inside one), with its decoder if it has one."""
+        from mmembed.train.queries import load_query_tower
+
         model = load_space(run_dir)
         run_dir = Path(run_dir)
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
-        model.query_tower, model.query_threshold = _load_query_tower(run_dir, model)
+        model.query_tower, model.query_threshold = load_query_tower(run_dir, model)
         return model.to(device) if device is not None else model
 
 
@@ -361,7 +361,7 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
-        _init_from(space, Path(config.model.init_from), config.model.init_towers)
+        init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers)
     return Model(config, space, tokenizer)
 
 
@@ -378,30 +378,6 @@ def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_di
     return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
 
 
-def _load_query_tower(run_dir: Path, model: Model) -> tuple[nn.Module | None, float | None]:
-    """The run's query tower (a text tower's architecture with weights of its own) and its recall
-    threshold, or (None, None). A tower trained against another space is refused: its questions
-    would land where that space put the items."""
-    from mmembed.train.queries import QUERY_INFO, QUERY_WEIGHTS
-
-    path = run_dir / QUERY_WEIGHTS
-    if not path.is_file():
-        return None, None
-    if str(Modality.TEXT) not in model.space.towers:
-        raise CheckpointError(f"{path}: a query tower, but the space has no text tower to shape it")
-    info_path = run_dir / QUERY_INFO
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    if info.get("fingerprint", model.fingerprint) != model.fingerprint:
-        raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
-                              f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")
-    tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
-    try:
-        tower.load_state_dict(load_tensors(path))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the text tower of config.yaml "
-                              f"({str(e).strip().splitlines()[0][:200]})") from None
-    return tower.eval(), info.get("threshold")
-
 
 def _load_tokenizer(run_dir: Path) -> Any | None:
     if not (run_dir / TOKENIZER).is_file():
@@ -409,18 +385,3 @@ def _load_tokenizer(run_dir: Path) -> Any | None:
     from mmembed.tokenizer import load_tokenizer
 
     return load_tokenizer(run_dir / TOKENIZER)
-
-
-def _init_from(space: SharedSpace, run_dir: Path, towers: list[str] | None) -> None:
-    """Copy every tensor whose name and shape match from an earlier run (bind recipe); with
-    `towers`, only tensors of those towers."""
-    state = load_tensors(run_dir / WEIGHTS)
-    own = space.state_dict()
-    wanted = None if towers is None else tuple(f"towers.{t}." for t in towers)
-    taken = {k: v for k, v in state.items()
-             if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
-    if towers is not None and not taken:
-        raise UserError(f"model.init_towers={towers}: {run_dir / WEIGHTS} has no matching tensors")
-    space.load_state_dict(taken, strict=False)
-    towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
-    log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", run_dir)

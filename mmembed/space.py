@@ -8,17 +8,22 @@ Nothing in this file names a particular modality: towers live in an `nn.ModuleDi
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.linear import Linear
+from mmembed.checkpoint import load_tensors
 from mmembed.config import ModelConfig, check_kwargs
-from mmembed.errors import ConfigError
+from mmembed.errors import ConfigError, UserError
 from mmembed.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from mmembed.modality import Modality
+
+log = logging.getLogger(__name__)
 
 
 def build_head(kind: str, width: int, dim: int) -> nn.Module:
@@ -146,3 +151,18 @@ def _params(fn) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
+
+
+def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None) -> None:
+    """Copy every tensor whose name and shape match from an earlier run's weights (the bind
+    recipe); with `towers`, only tensors of those towers."""
+    state = load_tensors(weights)
+    own = space.state_dict()
+    wanted = None if towers is None else tuple(f"towers.{t}." for t in towers)
+    taken = {k: v for k, v in state.items()
+             if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
+    if towers is not None and not taken:
+        raise UserError(f"model.init_towers={towers}: {weights} has no matching tensors")
+    space.load_state_dict(taken, strict=False)
+    towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
+    log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", weights)

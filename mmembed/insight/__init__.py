@@ -11,3 +11,9 @@ from mmembed.insight.power_law import PowerLawFit, fit_power_law
 from mmembed.insight.flops import estimated_training_flops, measured_flops
 from mmembed.insight.scaling import SweepReport, run_sweep
 from mmembed.insight.regularisation import RegularisationReport, run_regularisation
+
+__all__ = ["AttentionMaps", "EmbeddingMap", "PowerLawFit", "RegularisationReport", "SweepReport", "SweepRow",
+           "TokenEntropy", "TokenizerStatsRow", "attention_maps", "distinct_n", "estimated_training_flops",
+           "fit_power_law", "head_weights", "logits_entropy", "map_vectors", "measured_flops", "model_entropy",
+           "parse_vocab_sizes", "pca_2d", "plot_sweep", "plot_tokenizer_stats", "project_2d", "run_regularisation",
+           "run_sweep", "sweep_json", "sweep_table", "temperature_sweep", "token_entropy"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -32,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, save_tensors
+from mmembed.checkpoint import atomic_write_json, load_tensors, save_tensors
 from mmembed.data.episodes import Episode
-from mmembed.errors import UserError
+from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.train.align import seed_everything
 
@@ -150,3 +151,26 @@ def save_query_tower(model: Any, run_dir: str | Path, report: QueryTowerReport |
     save_tensors(run_dir / QUERY_WEIGHTS, model.query_tower.state_dict())
     atomic_write_json(run_dir / QUERY_INFO, info)
     return run_dir / QUERY_WEIGHTS
+
+
+def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None, float | None]:
+    """The run's query tower (a text tower's architecture with weights of its own) and its recall
+    threshold, or (None, None). A tower trained against another space is refused: its questions
+    would land where that space put the items."""
+    path = run_dir / QUERY_WEIGHTS
+    if not path.is_file():
+        return None, None
+    if str(Modality.TEXT) not in model.space.towers:
+        raise CheckpointError(f"{path}: a query tower, but the space has no text tower to shape it")
+    info_path = run_dir / QUERY_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if info.get("fingerprint", model.fingerprint) != model.fingerprint:
+        raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
+                              f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")
+    tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
+    try:
+        tower.load_state_dict(load_tensors(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the text tower of config.yaml "
+                              f"({str(e).strip().splitlines()[0][:200]})") from None
+    return tower.eval(), info.get("threshold")
