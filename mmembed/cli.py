@@ -318,11 +318,6 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
-
 def _index(args: argparse.Namespace) -> int:
     import mmembed as mm
     from mmembed.train.distributed import distributed_command, resolve_device
@@ -367,8 +362,6 @@ def _png(text: str) -> Path:
     return Path(text)
 
 
-
-
 def _serve(args: argparse.Namespace) -> int:
     try:
         from mmembed.serve import bind, create_app, is_loopback, open_state, run, url_of
@@ -388,7 +381,6 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     print("mmembed serve: stopped", file=sys.stderr)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -378,7 +378,6 @@ def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_di
     return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
 
 
-
 def _load_tokenizer(run_dir: Path) -> Any | None:
     if not (run_dir / TOKENIZER).is_file():
         return None

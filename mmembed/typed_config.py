@@ -61,7 +61,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-
 def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
     """Build dataclass `cls` from `raw`, failing on unknown keys, missing keys and wrong types."""
     if not isinstance(raw, dict):

@@ -12,6 +12,7 @@ from mmembed.errors import UserError
 
 
 def run_tokenizer_stats(args: argparse.Namespace) -> int:
+    """`mmembed tokenizer stats`: train BPE at each size; print the table, write the plot, JSON and CSV."""
     from tqdm.auto import tqdm
 
     from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, format_stats_table, parse_vocab_sizes,
@@ -29,6 +30,7 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
 
 
 def run_map(args: argparse.Namespace) -> int:
+    """`mmembed map INDEX --color-by COLUMN --out F.png`: draw the index in 2-D."""
     from mmembed.insight.embedding_map import embedding_map
 
     drawn = embedding_map(args.index, args.color_by, args.out, method=args.method, max_points=args.max_points,
@@ -39,6 +41,7 @@ def run_map(args: argparse.Namespace) -> int:
 
 
 def run_scale(args: argparse.Namespace) -> int:
+    """`mmembed scale [CONFIG]`: a scaling-law sweep (decoder or towers), or `--study regularisation`."""
     from mmembed.insight.sweep_config import load_scaling_config
 
     if "=" in args.config:  # `mmembed scale tokens=2e5`: an override, the shipped config

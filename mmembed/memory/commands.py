@@ -11,6 +11,7 @@ from mmembed.errors import UserError
 
 
 def run_chat_command(args: argparse.Namespace) -> int:
+    """`mmembed chat RUN --memory F --user U`: a conversation on stdin/stdout, remembered in F."""
     import mmembed as mm
     from mmembed.memory.chat import run_chat
 
@@ -23,6 +24,7 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
 
 def run_train_queries(args: argparse.Namespace) -> int:
+    """`mmembed train-queries RUN`: train the query tower on episodes (given, or the world's) and save it."""
     from mmembed.data.episodes import read_episodes
     from mmembed.model import load_space
     from mmembed.train.queries import save_query_tower, train_query_tower

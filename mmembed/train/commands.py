@@ -24,6 +24,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_find_lr(config: Config, steps: int) -> int:
+    """`mmembed train CONFIG --find-lr`: the range test; prints the suggested `train.lr`."""
     from mmembed.train.find_lr import find_lr
 
     f = find_lr(config, steps=steps)

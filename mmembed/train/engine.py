@@ -392,8 +392,6 @@ class Trainer:
         return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
 
 
-
-
 def lower_is_better(metric: str) -> bool:
     """Losses are minimised (`loss`, `val_loss`, `loss/text-image`); every other metric is maximised."""
     return any(part.endswith("loss") for part in metric.split("/"))
@@ -404,7 +402,6 @@ def _better(value: float, best: float | None, lower: bool) -> bool:
     if not math.isfinite(value):
         return False
     return best is None or (value < best if lower else value > best)
-
 
 
 def _rows(batch: Any) -> int:
