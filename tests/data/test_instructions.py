@@ -16,8 +16,9 @@ from mmembed.data.synth import (TASK_GROUPS, TASKS, generate_world, mentions, pa
                                  write_lookup_rows)
 from mmembed.data.synth.dialogues import ASK, SHOW, TELL
 from mmembed.data.synth.generate import manifest_row
-from mmembed.data.synth.instructions import (LOOKUP_TASKS, MEMORY_ROWS, SHOWN_DESCRIBED, TEMPLATES, TEXT_TEMPLATES,
+from mmembed.data.synth.instructions import (LOOKUP_TASKS, MEMORY_ROWS, SHOWN_DESCRIBED,
                                              instruction_rows)
+from mmembed.data.synth.phrasings import TEMPLATES, TEXT_TEMPLATES
 from mmembed.data.synth.rules import COLOURS
 from mmembed.data.synth.world import SceneObject, sample_world
 from mmembed.errors import UserError
