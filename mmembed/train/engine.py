@@ -351,8 +351,8 @@ class Trainer:
             except CheckpointError as e:  # e.g. a run from before best checkpoints were kept
                 log.warning("cannot restore the best checkpoint (step %d): %s; keeping the last weights",
                             p.best_step, e)
-        self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step, f"best/{name}": p.best_metric,
-                   "weights_step": weights_step})
+        self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step,
+                             f"best/{name}": p.best_metric, "weights_step": weights_step})
         return weights_step
 
     def _checkpoint(self) -> Path:
