@@ -159,10 +159,7 @@ def bench_backend(backend: str, x: Tensor, q: Tensor, truth: np.ndarray, rounds:
     param, curve = tune(backend, index, anchor, q, truth)
     set_param(index, anchor, backend, param)
     own = index._backend._index  # the FAISS structure ours searches
-    if backend == "faiss_hnsw":
-        own.hnsw.efSearch = param
-    else:
-        own.nprobe = param
+    set_param(index, own, backend, param)
     qt, qt_np = q[:N_TIMED_QUERIES], q[:N_TIMED_QUERIES].numpy()
     singles, singles_np = list(qt.split(1)), [qt_np[i:i + 1] for i in range(len(qt_np))]
     recalls = {"ours": recall(index_ids(index, q)[1].numpy(), truth),

@@ -55,19 +55,22 @@ class LoRALinear(nn.Module):
 def add_lora_(module: nn.Module, rank: int, alpha: float) -> int:
     """Wrap every `nn.Linear` inside `module` in a `LoRALinear`, in place (layers already wrapped
     stay as they are). Returns how many were wrapped."""
-    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and not isinstance(parent, LoRALinear)]
-    for parent, name, child in targets:
-        setattr(parent, name, LoRALinear(child, rank, alpha))
-    return len(targets)
+    return _swap_children(module, lambda parent, child: isinstance(child, nn.Linear)
+                          and not isinstance(parent, LoRALinear), lambda child: LoRALinear(child, rank, alpha))
 
 
 def merge_lora_(module: nn.Module) -> int:
     """Replace every `LoRALinear` inside `module` by its merged `Linear`, in place. Returns how many."""
+    def merge(child: LoRALinear) -> Linear:
+        return child.merged().requires_grad_(child.base.weight.requires_grad)
+
+    return _swap_children(module, lambda parent, child: isinstance(child, LoRALinear), merge)
+
+
+def _swap_children(module: nn.Module, wanted, make) -> int:
+    """Replace each child `wanted(parent, child)` picks, anywhere inside `module`, by `make(child)`."""
     targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if isinstance(child, LoRALinear)]
+               if wanted(parent, child)]
     for parent, name, child in targets:
-        merged = child.merged()
-        merged.requires_grad_(child.base.weight.requires_grad)
-        setattr(parent, name, merged)
+        setattr(parent, name, make(child))
     return len(targets)
