@@ -184,6 +184,9 @@ class Trainer:
         """Run (the rest of) one epoch. Returns why it stopped early, or None at its end."""
         cfg = self.cfg
         loader = self.make_loader(self.progress.epoch, self.progress.samples_in_epoch)
+        # an epoch's last batches % accum_steps never make a step (steps_per_epoch counts whole
+        # accumulations): their gradients go here, not into the next epoch's first step
+        self.optimizer.zero_grad(set_to_none=True)
         accum: list[StepOutput] = []
         data_t0 = time.perf_counter()
         data_time = 0.0

@@ -143,6 +143,22 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
+def test_an_epochs_leftover_micro_batches_do_not_reach_the_next_step(tmp_path):
+    """5 batches an epoch, accum_steps 2: two steps an epoch; the fifth batch's gradient is dropped,
+    never added to the next epoch's first step (which also keeps resume from an epoch's end exact)."""
+    model = nn.Linear(2, 1, bias=False)
+    x = torch.ones(5, 1, 2)  # the same batch five times, and lr 0: every step's gradient is the same
+    config = TrainConfig(batch_size=1, epochs=2, lr=0.0, warmup_steps=0, accum_steps=2, checkpoint_every=1000,
+                         log_every=1, grad_clip=0.0, weight_decay=0.0)
+    trainer = Trainer(model, lambda b: StepOutput((model(b) ** 2).mean(), {}, samples=1),
+                      lambda epoch, start: iter(x[start:]), 5, config, tmp_path)
+    trainer.fit()
+    norms = [json.loads(l)["grad_norm"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "grad_norm" in l]
+    assert len(norms) == 4
+    assert max(norms) == pytest.approx(min(norms), rel=1e-6)
+
+
 def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
