@@ -60,7 +60,8 @@ def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: d
     """The captioning loss of each modality's vectors, over the rows that have a caption.
 
     Args:
-        emb: modality → (n_m, D) vectors of the rows where it is present (`present[m]`, (B,) bool).
+        emb: modality → (B, D) vectors, as `SharedSpace.forward` returns them (rows lacking the
+            modality, `~present[m]`, hold zeros and are not scored).
         ids, mask: (n_text, T) the captions of the rows where `present[CAPTION]`; None (and
             no loss) when the batch has no caption modality.
     """
@@ -72,7 +73,6 @@ def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: d
         both = present[m] & has_caption  # (B,)
         if not bool(both.any()):
             continue
-        rows_z = both[present[m]]  # which of this modality's vectors have a caption
         rows_t = both[has_caption]  # which captions belong to those rows
-        out[m] = captioner(z[rows_z], ids[rows_t], mask[rows_t])
+        out[m] = captioner(z[both], ids[rows_t], mask[rows_t])
     return out

@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 
 import mmembed as mm
 from mmembed.checkpoint import load_tensors
 from mmembed.config import load_config
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
-from mmembed.train.align import train_align
+from mmembed.space import SharedSpace, Tower
+from mmembed.train.align import WithCaptioner, captioned_forward, train_align
 from mmembed.train.captioning import Captioner, caption_losses
 from mmembed.train.state import latest_checkpoint
 from tests.conftest import tiny_config
@@ -44,15 +46,33 @@ def test_loss_is_the_mean_cross_entropy_of_the_real_caption_tokens():
     assert torch.allclose(cap(z, padded, mask), loss, atol=1e-6)
 
 
+class _Flat(nn.Module):
+    """A tower encoder for the test: the first 3 numbers of each row, mapped to width 8."""
+
+    width = 8
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 8)
+
+    def pooled(self, x, mask=None):
+        return self.lin(x.float().reshape(x.shape[0], -1)[:, :3])
+
+
 def test_each_modality_is_scored_against_the_captions_of_its_own_rows():
-    cap = captioner()
+    """A batch where rows lack a modality, through the space's forward as the align stage calls it."""
+    torch.manual_seed(0)
+    space = SharedSpace({TEXT: Tower(_Flat(), nn.Linear(8, 8)), IMAGE: Tower(_Flat(), nn.Linear(8, 8))}, 8)
+    net = WithCaptioner(space, captioner())
     present = {TEXT: torch.tensor([True, False, True, True]), IMAGE: torch.tensor([True, True, False, True])}
     ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 7, 2]])  # the captions of rows 0, 2, 3
     mask = torch.ones_like(ids, dtype=torch.bool)
-    emb = {TEXT: torch.randn(3, 8), IMAGE: torch.randn(3, 8)}  # image rows 0, 1, 3
-    out = caption_losses(cap, emb, present, ids, mask)
-    assert torch.allclose(out[IMAGE], cap(emb[IMAGE][[0, 2]], ids[[0, 2]], mask[[0, 2]]))  # rows 0 and 3
-    assert torch.allclose(out[TEXT], cap(emb[TEXT], ids, mask))
+    inputs = {TEXT: ids, IMAGE: torch.randn(3, 3)}  # image rows 0, 1, 3
+    emb, _, _, out = captioned_forward(net, inputs, {TEXT: mask, IMAGE: None}, present)
+    cap = net.captioner
+    z_image = space.encode(IMAGE, inputs[IMAGE])  # (3, D): rows 0, 1, 3
+    assert torch.allclose(out[IMAGE], cap(z_image[[0, 2]], ids[[0, 2]], mask[[0, 2]]))  # rows 0 and 3
+    assert torch.allclose(out[TEXT], cap(emb[TEXT][present[TEXT]], ids, mask))
     assert caption_losses(cap, {IMAGE: emb[IMAGE]}, {IMAGE: present[IMAGE]}, None, None) == {}
 
 
