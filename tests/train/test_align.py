@@ -14,10 +14,14 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from mmembed.checkpoint import load_tensors
 from mmembed.config import load_config
-from mmembed.train.align import train_align
+from mmembed.data.collate import Batch
+from mmembed.modality import Modality
+from mmembed.space import SharedSpace, Tower
+from mmembed.train.align import embed_dataset, train_align
 from mmembed.train.state import latest_checkpoint
 from tests.conftest import TINY_MODEL, tiny_config
 
@@ -309,3 +313,36 @@ def test_a_collapse_after_a_checkpoint_or_out_of_restarts_stops_with_one_line(ti
     cfg = load_config(tiny_config(tiny_world, tmp_path / "always", epochs=1, collapse_restarts=1))
     with pytest.raises(TowerCollapsed, match=r"train.lr=0.001, .*Fix: train.lr=0.00033"):  # attempt 2 ran at 1e-3
         train_align(cfg)
+
+
+class _NormedLinear(nn.Module):
+    """A tower encoder with batch statistics, which a frozen tower must not update."""
+
+    width = 8
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(3, 8), nn.BatchNorm1d(8)
+
+    def pooled(self, x, mask=None):
+        return self.norm(self.lin(x))
+
+
+def test_validation_leaves_a_frozen_tower_in_eval_mode():
+    """The align stage keeps frozen towers in eval mode between steps; embedding the validation set
+    restores each submodule's own mode, not the whole space's, so the next step does not update the
+    frozen tower's BatchNorm statistics."""
+    text, image = Modality.TEXT, Modality.IMAGE
+    torch.manual_seed(0)
+    space = SharedSpace({m: Tower(_NormedLinear(), nn.Linear(8, 8)) for m in (text, image)}, 8)
+    space.train()
+    frozen = space.towers["image"].eval()
+    every = torch.ones(4, dtype=torch.bool)
+    batch = Batch(inputs={text: torch.randn(4, 3), image: torch.randn(4, 3)}, masks={text: None, image: None},
+                  present={text: every, image: every}, labels=torch.full((4,), -1), rows=torch.arange(4),
+                  keys=[None] * 4)
+    embed_dataset(space, [batch], torch.device("cpu"))
+    assert space.training and space.towers["text"].training and not frozen.training
+    stats = frozen.encoder.norm.running_mean.clone()
+    space(batch.inputs, batch.masks, batch.present)
+    assert torch.equal(frozen.encoder.norm.running_mean, stats)
