@@ -122,7 +122,7 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps
-    max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
+    max_minutes: float | None = None  # stop (and checkpoint) after this much wall time, every resumed fit counted
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     # time: with max_minutes, the cosine ends at the time budget or the last step, whichever

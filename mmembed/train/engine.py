@@ -142,36 +142,44 @@ class Trainer:
             if not resume:
                 self.metrics.clear()
         barrier()  # the other ranks read checkpoints only once rank 0 has tidied them
+        reason = None
         if resume:
             self._resume()
+            # a run that ended is continued only where a budget (epochs, steps, minutes) was raised
+            # since; early stopping is final. Its last model was evaluated before it ended.
+            ended, self.progress.stopped = self.progress.stopped, None
+            if ended is not None:
+                self._last_eval_step = self.progress.step
+            if ended == "early stop":
+                reason = ended
+        if self.cfg.max_minutes is not None and self.progress.seconds >= 60 * self.cfg.max_minutes:
+            reason = reason or "time budget"
         start = time.monotonic()
         self._clock = (start, self.progress.seconds)  # this fit's start, and the seconds trained before it
-        reason = None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None if self.world.main else True)
         # no terminal (a log file, CI, nohup): no bar, so a progress line now and then instead
         self._progress_line = (ProgressLine(self.total_steps, self.cfg.progress_every_s)
                                if bar.disable and self.world.main else None)
-        saved = None  # a checkpoint of the current state, when that was the last thing done
         try:
             while reason is None and self.progress.epoch < self.cfg.epochs:
-                saved = None
-                reason = self._run_epoch(bar, start)
+                reason = self._run_epoch(bar)
                 if reason is None:  # the epoch ran to its end
                     self.progress.epoch += 1
                     self.progress.batch_in_epoch = self.progress.samples_in_epoch = 0
                     if self.cfg.eval_every is None:
                         improved, stop = self._evaluate_and_check()
-                        saved = self._checkpoint() if improved else None
+                        if improved:
+                            self._checkpoint()
                         reason = "early stop" if stop else None
             if self._last_eval_step != self.progress.step and reason != "early stop":
                 self._evaluate_and_check()  # the final model always gets a validation row
-                saved = None
-            last_ckpt = saved or self._checkpoint()  # the last weights, also when they are the best
+            # the last weights (also when they are the best), and why the run ended, for a --resume
+            self.progress.stopped = reason = reason or "finished"
+            last_ckpt = self._checkpoint()
             barrier()  # every checkpoint is on disk before any rank restores the best one
         finally:
             bar.close()
-        reason = reason or "finished"
         if self.progress.empty_batches:
             log.warning("%d batch(es) had no usable row and were skipped", self.progress.empty_batches)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
@@ -180,7 +188,7 @@ class Trainer:
 
     # --- one epoch ----------------------------------------------------------------------
 
-    def _run_epoch(self, bar: tqdm, start: float) -> str | None:
+    def _run_epoch(self, bar: tqdm) -> str | None:
         """Run (the rest of) one epoch. Returns why it stopped early, or None at its end."""
         cfg = self.cfg
         loader = self.make_loader(self.progress.epoch, self.progress.samples_in_epoch)
@@ -225,7 +233,7 @@ class Trainer:
                     return "early stop"  # fit() checkpoints the last step
             if improved or self.progress.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
-            if cfg.max_minutes is not None and self._agree_any((time.monotonic() - start) / 60 >= cfg.max_minutes):
+            if cfg.max_minutes is not None and self._agree_any(self._seconds() >= 60 * cfg.max_minutes):
                 return "time budget"
             data_t0 = time.perf_counter()
         return None
@@ -279,7 +287,7 @@ class Trainer:
                     f"(try a lower train.lr or train.precision=fp32); last good state is checkpointed")
             return False
         self._bad_in_a_row = 0
-        p.seconds = self._clock[1] + time.monotonic() - self._clock[0]
+        p.seconds = self._seconds()
         time_progress = 0.0
         if cfg.schedule_by == "time":  # ranks agree on the clock, hence on the rate
             seconds = all_reduce_values([p.seconds], "max")[0] if self.world.active else p.seconds
@@ -361,6 +369,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
         self.progress.world_size = self.world.size
+        self.progress.seconds = self._seconds()  # a resumed run's clock (and time budget) go on from here
         rng = all_gather_objects(rng_state())
         state = self.sharded.full_state(self.optimizer) if self.sharded is not None else None  # collective
         if not self.world.main:
@@ -390,14 +399,19 @@ class Trainer:
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
 
+    def _seconds(self) -> float:
+        """Wall seconds of training over every fit of this run, up to now."""
+        return self._clock[1] + time.monotonic() - self._clock[0]
+
     def _agree_any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (every rank gets the same answer)."""
         return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
 
 
 def lower_is_better(metric: str) -> bool:
-    """Losses are minimised (`loss`, `val_loss`, `loss/text-image`); every other metric is maximised."""
-    return any(part.endswith("loss") for part in metric.split("/"))
+    """Losses and ranks are minimised (`loss`, `val_loss`, `loss/text-image`, `median_rank`); every
+    other metric (recall, accuracy) is maximised."""
+    return any(part.endswith(("loss", "rank")) for part in metric.split("/"))
 
 
 def _better(value: float, best: float | None, lower: bool) -> bool:

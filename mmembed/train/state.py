@@ -44,6 +44,7 @@ class Progress:
     bad_steps: int = 0  # non-finite steps skipped in total
     empty_batches: int = 0  # batches whose every row was skipped (no step taken)
     seconds: float = 0.0  # wall seconds of training so far, over every fit (the time schedule's clock)
+    stopped: str | None = None  # why the fit that wrote the checkpoint ended (None: it was still running)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -239,9 +240,14 @@ def _restore_rank_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
         torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)  # after rank 0's state: reproducible
         return
     torch.set_rng_state(own["torch"])
-    cuda = [own[k] for k in sorted(k for k in own if k.startswith("cuda."))]
+    cuda = [own[k] for k in sorted((k for k in own if k.startswith("cuda.")), key=_device_number)]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _device_number(key: str) -> int:
+    """`rng.cuda.10` → 10: device states in device order (as strings, "10" would sort before "2")."""
+    return int(key.rsplit(".", 1)[1])
 
 
 def _python_rng() -> list:
@@ -257,6 +263,6 @@ def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list) -> None:
     version, internal, gauss = python_rng
     random.setstate((version, tuple(internal), gauss))
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=_device_number)]
         if states:
             torch.cuda.set_rng_state_all(states)

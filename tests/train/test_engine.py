@@ -178,7 +178,8 @@ def test_time_progress_moves_the_cosine_on_never_back():
 def test_time_schedule_anneals_by_the_budget(tmp_path, monkeypatch):
     """Steps "take" 1/10 of a 1-minute budget each (a fake clock): the cosine planned over 24
     steps is at its floor by the 10th, where the budget stops the run; by steps it would still be
-    high there. The clock is saved in the checkpoint and runs on after a resume."""
+    high there. The clock is saved in the checkpoint and runs on after a resume: a run killed
+    half-way continues with the lrs of the uninterrupted one, and the budget counts every fit."""
     import mmembed.train.engine as engine
 
     now = {"t": 0.0}
@@ -196,13 +197,21 @@ def test_time_schedule_anneals_by_the_budget(tmp_path, monkeypatch):
     assert lrs[-1] < lr_at(9, 3e-2, 2, 24, 0.1) / 5  # by steps: still high
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # after the warm-up, only down
     assert by_time.progress.seconds == pytest.approx(60.0, abs=6.0)
-    _, resumed = _trainer(tmp_path / "t", callbacks=[tick], schedule_by="time", max_minutes=1.0)
-    resumed.fit(resume=True)
-    rows = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    after = [r["lr"] for r in rows if "lr" in r][10:]
-    # the clock resumes at the checkpoint's 54 s (from 0 it would give the step schedule's lr), then the floor
-    assert after[0] == pytest.approx(lrs[-1]) and after[0] < lr_at(10, 3e-2, 2, 24, 0.1) / 5
-    assert len(after) > 1 and all(lr == pytest.approx(3e-2 * 0.1) for lr in after[1:])
+    _, ended = _trainer(tmp_path / "t", callbacks=[tick], schedule_by="time", max_minutes=1.0)
+    assert ended.fit(resume=True).stopped_because == "time budget" and ended.progress.step == 10  # spent
+
+    def crash(event, trainer, row):
+        if event == "checkpoint" and trainer.progress.step == 5:
+            raise _Crash
+    now["t"] = 0.0
+    _, killed = _trainer(tmp_path / "k", callbacks=[tick, crash], schedule_by="time", max_minutes=1.0)
+    with pytest.raises(_Crash):
+        killed.fit()
+    now["t"] += 1000.0  # time between the kill and the resume is not training time
+    _, resumed = _trainer(tmp_path / "k", callbacks=[tick], schedule_by="time", max_minutes=1.0)
+    assert resumed.fit(resume=True).stopped_because == "time budget" and resumed.progress.step == 10
+    rows = [json.loads(l) for l in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(lrs)  # from 0 it would be the step schedule's
     with pytest.raises(engine.ConfigError, match="max_minutes"):
         _trainer(tmp_path / "x", schedule_by="time")
 

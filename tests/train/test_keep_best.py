@@ -90,6 +90,12 @@ def test_early_stopping_restores_the_best_not_the_step_it_stopped_at(tmp_path):
     assert (result.stopped_because, result.progress.step, result.weights_step) == ("early stop", 10, 4)
     assert _folders(tmp_path / "run") == ["step_0000004", "step_0000010"]
     assert _weights(model, tmp_path / "final.safetensors") == _ckpt(tmp_path / "run", 4)
+    # resuming it (as `mmembed train --resume` does when a later stage crashed) trains no further
+    rows = _rows(tmp_path / "run")
+    model, _, again = _fit(tmp_path / "run", early_stop_patience=3, resume=True)
+    assert (again.stopped_because, again.progress.step, again.weights_step) == ("early stop", 10, 4)
+    assert _weights(model, tmp_path / "again.safetensors") == _ckpt(tmp_path / "run", 4)
+    assert _rows(tmp_path / "run") == rows
 
 
 class _Crash(Exception):
@@ -165,8 +171,9 @@ def test_a_loss_metric_is_minimised_and_a_nan_value_is_never_the_best(tmp_path):
     assert (result.best_step, result.weights_step) == (6, 6)
     assert result.best_metric == pytest.approx(0.2)
     assert _weights(model, tmp_path / "final.safetensors") == _ckpt(tmp_path / "run", 6)
-    assert [lower_is_better(m) for m in ("loss", "val_loss", "loss/text-image", "recall@1", "answer_accuracy",
-                                         "image-text/recall@1")] == [True, True, True, False, False, False]
+    assert [lower_is_better(m) for m in ("loss", "val_loss", "loss/text-image", "median_rank", "mean_rank",
+                                         "recall@1", "answer_accuracy", "image-text/recall@1")
+            ] == [True] * 5 + [False] * 3
 
 
 def test_align_and_decoder_stages_save_their_best_checkpoints_weights(tiny_world, tmp_path, monkeypatch):
