@@ -348,11 +348,9 @@ def _released(steps: Iterator[_Row], stop: Stops) -> Iterator[StreamedToken]:
             continue
         if pending is not None:
             yield pending
-        safe = len(out.text) if row.done else len(out.text) - stop.holdback
-        while safe > sent and out.text[safe - 1] == "\ufffd" and not row.done:
-            safe -= 1
+        safe = _releasable(out.text, sent, row.done, stop.holdback)
         pending = StreamedToken(out.token_ids[-1], out.text[sent:safe], out.logprobs[-1], out.entropy[-1])
-        sent = max(sent, safe)
+        sent = safe
     if pending is not None:
         yield dataclasses.replace(pending, text=pending.text + row.out.text[sent:])
 
@@ -367,12 +365,21 @@ def stream(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens
     sent = 0
     row = None
     for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device):
-        text = row.out.text
-        safe = len(text) if row.done else len(text) - stop.holdback
-        while safe > sent and text[safe - 1] == "\ufffd" and not row.done:
-            safe -= 1
+        safe = _releasable(row.out.text, sent, row.done, stop.holdback)
         if safe > sent:
-            yield text[sent:safe]
+            yield row.out.text[sent:safe]
             sent = safe
     if row is not None and len(row.out.text) > sent:
         yield row.out.text[sent:]
+
+
+def _releasable(text: str, sent: int, done: bool, holdback: int) -> int:
+    """How much of an answer's `text` a stream may have sent, `sent` of it already: all of it once
+    the answer is done; before that, not the last `holdback` characters (they could start a stop
+    string) nor an incomplete UTF-8 character at the end. Never less than `sent`."""
+    if done:
+        return len(text)
+    safe = len(text) - holdback
+    while safe > sent and text[safe - 1] == "\ufffd":
+        safe -= 1
+    return max(safe, sent)

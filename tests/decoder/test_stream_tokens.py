@@ -52,3 +52,19 @@ def test_replaying_a_finished_answer_gives_the_streamed_tokens(stop):
         stop = Stops((free.text[len(free.text) // 2:][:3],))
     tokens, out = both(pm, 20, stop, seed=5, temperature=1.0)
     assert replay_tokens(pm.fmt, out, stop) == tokens and len(tokens) > 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_stop_string_longer_than_the_answer_so_far_releases_nothing_twice(temperature):
+    """While the answer is shorter than what a stop string holds back, nothing is released; the
+    texts still join to the answer, and `stream`'s pieces too."""
+    from mmembed.decoder import stream
+
+    pm = lively(prompt_model(), std=0.3)
+    stop = Stops.parse("#" * 40)  # never written: holds back 39 characters until the end
+    tokens, out = both(pm, 30, stop, seed=5, temperature=temperature)
+    assert len(out.text) > 10 and "".join(t.text for t in tokens) == out.text
+    before_last = "".join(t.text for t in tokens[:-1])  # never within 39 characters of the answer's end
+    assert len(before_last) <= max(0, len(out.text) - 39)
+    (resolved,) = resolve_prompts([PROMPT], fake_embed, DIM, CPU)
+    assert "".join(stream(pm.lm, pm.fmt, resolved, 30, Sampling(temperature), stop, 5, CPU)) == out.text
