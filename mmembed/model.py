@@ -195,6 +195,7 @@ class Model:
             positions asked to go past it. ValueError: invalid sampling arguments.
         """
         from mmembed.decoder import generate as run_batch
+        from mmembed.decoder.generate import seeded
         from mmembed.decoder.score import check_best_of
         from mmembed.decoder.score import best_of as best_of_n
 
@@ -205,9 +206,9 @@ class Model:
             outs = best_of_n(pm.lm, pm.fmt, prompts, best_of, max_new_tokens, *args, seed, self.device,
                              self._answer_embedder(rerank_weight), scale, rerank_weight)
             return outs if batch else outs[0]
-        outs = []
+        outs, generator = [], seeded(seed, self.device)  # one stream of draws over the chunks
         for start in range(0, len(prompts), 64):
-            outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, seed, self.device)
+            outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, generator, self.device)
         return outs if batch else outs[0]
 
     def _answer_embedder(self, rerank_weight: float) -> Callable[[list[str]], Tensor] | None:

@@ -259,13 +259,14 @@ def room_batches(lengths: Sequence[int], context: float, max_new_tokens: int,
 
 
 def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int, sampling: Sampling,
-        stop: Stops, seed: int | None, device: torch.device) -> Iterator[list[_Row]]:
-    """Generate for a batch; yields the rows after every step (streaming reads them)."""
+        stop: Stops, seed: int | torch.Generator | None, device: torch.device) -> Iterator[list[_Row]]:
+    """Generate for a batch; yields the rows after every step (streaming reads them). `seed`: an
+    int, or a generator already seeded, which batches that share one seed draw on in turn."""
     was_training = lm.training
     lm.eval()
     try:
         embeds, mask, lengths, steps = prepare_inputs(lm, fmt, prompts, max_new_tokens, device)
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        generator = seeded(seed, device)
         rows = [_Row(fmt, stop, n) for n in lengths]
         if steps < 1:
             yield rows
@@ -283,10 +284,12 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
 
 
 def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
-             sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
+             sampling: Sampling, stop: Stops, seed: int | torch.Generator | None, device: torch.device
+             ) -> list[Generation]:
     """Run a batch to the end; one `Generation` per prompt. Prompts whose answers a longer prompt
     of the batch would cut short for room run in a batch of their own (`room_batches`), so a
-    greedy answer is the same alone or in any batch."""
+    greedy answer is the same alone or in any batch; those batches draw on one seeded generator
+    in turn (the same seed for each would give their first rows the same draws)."""
     _check_max_new_tokens(max_new_tokens)
     batches = [list(range(len(prompts)))]
     if lm.decoder.window is None and len(prompts) > 1:
@@ -294,12 +297,20 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
         _check_fits(lm.decoder, max(lengths))  # before any batch runs, as for one batch
         batches = room_batches(lengths, lm.decoder.max_len, max_new_tokens)
     out: dict[int, Generation] = {}
+    generator = seeded(seed, device)
     for batch in batches:
         rows: list[_Row] = []
-        for rows in run(lm, fmt, [prompts[i] for i in batch], max_new_tokens, sampling, stop, seed, device):
+        for rows in run(lm, fmt, [prompts[i] for i in batch], max_new_tokens, sampling, stop, generator, device):
             pass
         out.update((i, row.out) for i, row in zip(batch, rows))
     return [out[i] for i in range(len(prompts))]
+
+
+def seeded(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` seeded with `seed`; a generator is used as it is (None: torch's own)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass(frozen=True)

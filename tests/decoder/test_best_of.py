@@ -96,6 +96,18 @@ def test_same_seed_same_answer_and_batches_answer_every_prompt(model):
     assert all(c.similarity is None for c in outs[2].candidates)  # no media to judge against: log-probability
 
 
+def test_a_seeded_batch_of_more_than_64_prompts_draws_on_one_stream(model):
+    """`generate` runs 64 prompts at a time, drawing on one seeded generator throughout: 128 copies
+    of a prompt are 128 samples, not 64 twice over, and the same seed gives them all again."""
+    def answers():
+        outs = model.generate([["describe the picture"]] * 128, max_new_tokens=8, temperature=1.5, seed=7)
+        return [tuple(o.token_ids) for o in outs]
+
+    ids = answers()
+    assert sum(a == b for a, b in zip(ids[:64], ids[64:])) < 4  # row i and row i + 64 drew apart
+    assert answers() == ids
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"best_of": 0, "temperature": 1.0}, "best_of must be an integer >= 1"),
     ({"best_of": 2.5, "temperature": 1.0}, "best_of must be an integer >= 1"),
