@@ -20,22 +20,27 @@ the product is compute-bound, where the fp32 blocked product is faster and exact
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmembed.retrieval.exact import RunningTopk, exact_topk, rescore_rows, scan_blocks, span
 
 _BLOCK_ROWS = 1 << 16
+# The kernel reads a row's codes 16 at a time and reads past a shorter tail (torch 2.14 on CPU:
+# NaN, Inf or a crash for D = 8, 24, 100, ...): codes are padded with zero columns to a multiple.
+_KERNEL_COLUMNS = 16
 
 
 class Int8Codes:
     """Per-dimension int8 codes of a store's rows, brought up to date from its vectors lazily.
 
     Appended rows are quantised on their own while they fit the current scales; a row outside
-    them (or a compaction, which moves rows) re-quantises everything with new scales.
+    them (or a compaction, which moves rows) re-quantises everything with new scales. Codes are
+    (N, D') with D' the dimension rounded up to the kernel's multiple; the extra columns are 0.
     """
 
     def __init__(self) -> None:
-        self.codes = torch.empty(0, 0, dtype=torch.int8)  # (N, D)
+        self.codes = torch.empty(0, 0, dtype=torch.int8)  # (N, D')
         self.scale = torch.empty(0)  # (D,)
         self.n_rows = 0
         self.version = -1
@@ -59,13 +64,28 @@ class Int8Codes:
         for start in range(0, vectors.shape[0], _BLOCK_ROWS):  # no fp32 copy of the whole store
             amax = torch.maximum(amax, vectors[start:start + _BLOCK_ROWS].float().abs().amax(dim=0))
         self.scale = amax.clamp_min(1e-12) / 127
-        self.codes = torch.empty(vectors.shape, dtype=torch.int8)
+        self.codes = torch.empty(vectors.shape[0], self.width, dtype=torch.int8)
         for start in range(0, vectors.shape[0], _BLOCK_ROWS):
             self.codes[start:start + _BLOCK_ROWS] = self._quantise(vectors[start:start + _BLOCK_ROWS].float())
         self.n_rows, self.version = vectors.shape[0], version
 
+    @property
+    def width(self) -> int:
+        """D': the codes' columns, the dimension rounded up to the kernel's multiple."""
+        return -(-self.scale.shape[0] // _KERNEL_COLUMNS) * _KERNEL_COLUMNS
+
+    def query(self, queries: Tensor) -> Tensor:
+        """(Q, D) float queries → (Q, D') bf16 with each dimension's scale folded in, zero-padded."""
+        return _pad_columns(queries.float() * self.scale, self.width).to(torch.bfloat16)
+
     def _quantise(self, rows: Tensor) -> Tensor:
-        return (rows / self.scale).round_().clamp_(-127, 127).to(torch.int8)
+        codes = (rows / self.scale).round_().clamp_(-127, 127).to(torch.int8)  # (n, D)
+        return _pad_columns(codes, self.width)  # (n, D')
+
+
+def _pad_columns(x: Tensor, width: int) -> Tensor:
+    """(n, D) → (n, width) with zero columns after D (x itself when D is the width already)."""
+    return F.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
 def sq8_topk(
@@ -94,7 +114,7 @@ def sq8_topk(
     if k_out == 0 or n_q == 0:
         return torch.empty(n_q, 0), torch.empty(n_q, 0, dtype=torch.int64)
     n_cand = min(n_valid, max(k_out, candidates or max(4 * k_out + 16, 64)))
-    query = (queries.float() * codes.scale).to(torch.bfloat16)  # (Q, D): the scale folded in
+    query = codes.query(queries)  # (Q, D')
     unit = torch.ones(_BLOCK_ROWS, dtype=torch.bfloat16)  # the kernel's per-row scale
 
     def score(start: int, end: int) -> Tensor:

@@ -39,6 +39,18 @@ def test_recall_against_exact_and_scores_are_exact_fp32(n_q):
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
 
 
+@pytest.mark.parametrize("d", [8, 24, 100])
+def test_a_dimension_off_the_kernels_multiple_of_16_is_padded_not_misread(d):
+    """The int8 kernel reads codes 16 at a time (D = 8, 24, 100 gave NaN, garbage or a crash)."""
+    x = clustered(3000, d, 4)
+    q = clustered(4, d, 5)
+    codes = synced(x)
+    assert codes.codes.shape == (3000, -(-d // 16) * 16) and not codes.codes[:, d:].any()
+    _, truth = exact_topk(x, q, 10)
+    scores, rows = sq8_topk(codes, x, q, 10)
+    assert recall(rows, truth) >= 0.99 and bool(torch.isfinite(scores).all())
+
+
 def test_codes_are_within_half_a_step_per_dimension():
     x = clustered(5000, 32, 2)
     codes = synced(x)
