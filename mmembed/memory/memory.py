@@ -11,6 +11,7 @@ Every item is embedded once, at `add`, and stored with its file bytes in one SQL
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -255,7 +256,10 @@ class Memory:
             if self._store.count(user) == 0:
                 raise UserError(f"nothing to export: {self.path.name} holds no items"
                                 + (f" of user {user!r}" if user is not None else ""))
-            return export_items(self._store.iter_items(user), Path(path))
+            # closed here whatever happens: a half-read snapshot kept alive by a failure's traceback
+            # would hold the store's read transaction (and lock) open, and every later write would fail
+            with contextlib.closing(self._store.iter_items(user)) as items:
+                return export_items(items, Path(path))
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` of the file: "ok" when sound."""

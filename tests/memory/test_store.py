@@ -137,6 +137,27 @@ def test_export_round_trip(db, model, tmp_path):
         Memory(db).export(manifest_path)
 
 
+def test_an_export_that_fails_half_way_leaves_the_file_writable(db, model, tmp_path, monkeypatch):
+    """The items are read from one snapshot; a failure while writing them (a full disk) ends that
+    read even while the exception, and the traceback holding the reader, are still alive."""
+    import mmembed.memory.export as export
+
+    written = export._row
+
+    def full_disk(item, folder):
+        if item.id == ids[1]:
+            raise OSError(28, "No space left on device")
+        return written(item, folder)
+
+    with Memory(db, model=model) as mem:
+        ids = fill(mem)
+        monkeypatch.setattr(export, "_row", full_disk)
+        with pytest.raises(OSError, match="No space") as failed:
+            mem.export(tmp_path / "out")
+        assert failed.value is not None  # the exception (and its traceback) alive while we write
+        assert mem.get([mem.add("ada", "a tiny green cross")])[0].text == "a tiny green cross"
+
+
 def _child(mem: Memory, queue) -> None:
     torch.set_num_threads(1)
     try:
