@@ -12,6 +12,7 @@ and saves the model.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -87,9 +88,13 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
         total = out.total
-        if captions and captions[0]:  # the mean over modalities of writing the caption from their vectors
-            metrics.update({f"caption/{m}": float(v.detach()) for m, v in captions[0].items()})
-            total = total + caption_weight * torch.stack(list(captions[0].values())).mean()
+        if captions:  # the mean over modalities of writing the caption from their vectors
+            written = captions[0]
+            # every tower's key on every rank, NaN where this batch has no such row: ranks average alike
+            metrics.update({f"caption/{m}": float(written[m].detach()) if m in written else math.nan
+                            for m in space.modalities})
+            if written:
+                total = total + caption_weight * torch.stack(list(written.values())).mean()
         return StepOutput(total, metrics, samples=len(batch))
 
     return step

@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar, differentiable
-    metrics: dict[str, float] = field(default_factory=dict)  # logged as-is (per-pair losses, ...)
+    # logged as their mean over the step's micro-batches and ranks (per-pair losses, ...): the same
+    # keys on every rank, NaN for a value this batch has none of (left out of the mean)
+    metrics: dict[str, float] = field(default_factory=dict)
     samples: int = 0
 
 
@@ -259,13 +261,15 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
-        metrics = _mean_metrics(accum)
+        sums, counts = _metric_sums(accum)
         samples = sum(o.samples for o in accum)
         if self.world.active:  # the global batch's values, identical on every rank
-            keys = sorted(metrics)
-            loss, samples_sum, *values = all_reduce_values([loss, samples, *(metrics[k] for k in keys)])
+            keys = sorted(sums)  # the same on every rank (`StepOutput.metrics`)
+            loss, samples_sum, *values = all_reduce_values(
+                [loss, samples, *(sums[k] for k in keys), *(counts[k] for k in keys)])
             samples = round(samples_sum * self.world.size)
-            metrics = dict(zip(keys, values))
+            sums, counts = dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
+        metrics = {k: sums[k] / counts[k] for k in sums if counts[k]}
         grads = [q.grad for q in params if q.grad is not None]
         if self.sharded is not None:  # norms of shards, summed over the ranks
             grad_norm = self.sharded.clip_grads(params, cfg.grad_clip or None)
@@ -429,6 +433,14 @@ def _rows(batch: Any) -> int:
         return 1
 
 
-def _mean_metrics(outs: list[StepOutput]) -> dict[str, float]:
-    keys = {k for o in outs for k in o.metrics}
-    return {k: sum(o.metrics.get(k, 0.0) for o in outs) / len(outs) for k in keys}
+def _metric_sums(outs: list[StepOutput]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each metric's sum over the micro-batches that measured it (a finite value), and their count:
+    a value a micro-batch lacks is left out of its mean, not counted as 0."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for out in outs:
+        for key, value in out.metrics.items():
+            finite = math.isfinite(value)
+            sums[key] = sums.get(key, 0.0) + (value if finite else 0.0)
+            counts[key] = counts.get(key, 0) + finite
+    return sums, counts

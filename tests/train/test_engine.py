@@ -159,6 +159,25 @@ def test_an_epochs_leftover_micro_batches_do_not_reach_the_next_step(tmp_path):
     assert max(norms) == pytest.approx(min(norms), rel=1e-6)
 
 
+def test_a_metric_a_micro_batch_lacks_is_left_out_of_the_steps_mean(tmp_path):
+    """With accumulation, a value only some micro-batches measure (a modality's captioning loss when
+    a batch has no row of it: NaN) is averaged over those that have it, not counted as 0."""
+    model = nn.Linear(2, 1, bias=False)
+    calls = {"n": 0}
+
+    def step(batch):
+        calls["n"] += 1
+        has = calls["n"] % 2 == 1
+        return StepOutput((model(batch) ** 2).mean(), {"present": 4.0 if has else math.nan, "always": 1.0},
+                          samples=1)
+
+    config = TrainConfig(batch_size=1, epochs=1, lr=0.0, warmup_steps=0, accum_steps=2, checkpoint_every=1000,
+                         log_every=1, grad_clip=0.0, weight_decay=0.0)
+    Trainer(model, step, lambda epoch, start: iter(torch.ones(4, 1, 2)[start:]), 4, config, tmp_path).fit()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert [(r["present"], r["always"]) for r in rows] == [(4.0, 1.0), (4.0, 1.0)]
+
+
 def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
