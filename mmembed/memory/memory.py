@@ -233,7 +233,7 @@ class Memory:
             return self._store.recent(user, session, limit, media)
 
     def sessions(self, user: str) -> list[str]:
-        """The user's session names, in order of their first item."""
+        """The user's session names, the most recently active (latest item) last."""
         _check_user(user)
         with self._guard():
             return self._store.sessions(user)

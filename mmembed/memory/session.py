@@ -39,8 +39,8 @@ class Session:
         model: a model with a decoder stage (`mm.load(run)`).
         memory: the memory file (created or reopened), or an open `Memory`.
         user: whose memory; recall never reads another user's items.
-        session: the conversation to continue or start; None continues the user's latest one
-            (a new one when there is none or `new=True`).
+        session: the conversation to continue or start; None continues the user's latest one,
+            the one with the newest item (a new one when there is none or `new=True`).
         history_turns: earlier turns of this session shown in full (oldest dropped first when
             the prompt would not fit the decoder's context).
         recall_k: older memories recalled per turn at most.

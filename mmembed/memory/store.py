@@ -285,10 +285,10 @@ class Store:
         return [_hit(r) for r in reversed(rows)]
 
     def sessions(self, user: str) -> list[str]:
-        """The user's session names, in order of their first item."""
+        """The user's session names, the most recently active (latest item) last."""
         with self._transaction(write=False) as conn:
-            rows = conn.execute("SELECT session, min(time) AS t FROM items WHERE user = ? AND session IS NOT NULL "
-                                "GROUP BY session ORDER BY t", (user,)).fetchall()
+            rows = conn.execute("SELECT session, max(time) AS t, max(id) AS i FROM items WHERE user = ? AND "
+                                "session IS NOT NULL GROUP BY session ORDER BY t, i", (user,)).fetchall()
         return [r[0] for r in rows]
 
     def count(self, user: str | None = None) -> int:

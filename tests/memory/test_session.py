@@ -94,6 +94,16 @@ def test_a_new_process_continues_the_conversation(chat_model, db, tmp_path, monk
     assert seen[0][-1] == "What colour was it?"
 
 
+def test_the_latest_session_is_the_one_used_last_not_the_one_begun_last(chat_model, db):
+    with mm.Memory(db, model=chat_model) as mem:
+        mem.add("ada", "first words", session="monday", time=1_000.0)
+        mem.add("ada", "other words", session="tuesday", time=2_000.0)
+        mem.add("ada", "back to monday", session="monday", time=3_000.0)
+        assert mem.sessions("ada") == ["tuesday", "monday"]
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        assert chat.session == "monday" and chat.turn == 0
+
+
 def test_recall_finds_older_sessions_and_never_another_users(chat_model, db, monkeypatch):
     with mm.Memory(db, model=chat_model) as mem:
         mem.add("ada", mm.Audio(sound(3)), session="old")
