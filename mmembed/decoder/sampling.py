@@ -59,6 +59,7 @@ class Choice:
     entropy: Tensor
 
 
+_TINY_TEMPERATURE = 1e-30  # above it, logits up to 1e8 stay finite when divided by the temperature
 NUCLEUS_CANDIDATES = 4096  # top-p alone first looks for its tokens among this many (a top-k, not a sort)
 
 
@@ -73,7 +74,10 @@ def filtered_logits(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor 
         each column to its token id — None when the columns are the vocabulary itself. With top-k
         or top-p the columns are sorted by score and V' is at most the most tokens a row keeps.
     """
-    scores = logits.float() / sampling.temperature
+    scores = logits.float()
+    if sampling.temperature < _TINY_TEMPERATURE:  # z / T could pass float32's range: shift the row's
+        scores = scores - scores.amax(dim=-1, keepdim=True)  # best to 0 first (softmax is the same)
+    scores = scores / sampling.temperature
     vocab = scores.shape[-1]
     top_k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab else None
     top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1 else None

@@ -118,6 +118,9 @@ def test_temperature_zero_top_k_one_and_tiny_top_p_all_equal_greedy():
     assert [o.token_ids for o in run(pm, PROMPTS, n=15, seed=3, temperature=0.9, top_k=1)] == greedy
     assert [o.token_ids for o in run(pm, PROMPTS, n=15, seed=3, temperature=1.3, top_p=1e-9)] == greedy
     assert all(h == 0 for o in run(pm, PROMPTS, n=15, seed=3, temperature=0.9, top_k=1) for h in o.entropy)
+    tiny = run(pm, PROMPTS, n=15, seed=3, temperature=1e-40)  # z / T would overflow to inf (NaN probabilities)
+    assert [o.token_ids for o in tiny] == greedy
+    assert all(lp == 0 and h == 0 for o in tiny for lp, h in zip(o.logprobs, o.entropy))
 
 
 def test_same_seed_same_sample_and_another_seed_another():
