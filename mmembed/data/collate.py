@@ -7,6 +7,7 @@ run on `inputs[m]` alone; the loss scatters their outputs back with `present[m]`
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,12 @@ def collate(samples: Sequence[Sample | Skipped], preprocessors: Mapping[Modality
 
 
 def label_ids(keys: Sequence[str | None]) -> Tensor:
-    """(B,) long ids numbering distinct labels by first appearance; None → -1."""
-    ids: dict[str, int] = {}
-    out = [-1 if k is None else ids.setdefault(k, len(ids)) for k in keys]
-    return torch.tensor(out, dtype=torch.long)
+    """(B,) long ids, equal exactly where labels are equal, in any batch and on any rank (the
+    distributed loss compares the ids of every rank's rows): a 63-bit hash of the label, stable
+    across processes as Python's `hash` is not. None → -1."""
+    return torch.tensor([-1 if k is None else _label_hash(k) for k in keys], dtype=torch.long)
+
+
+def _label_hash(label: str) -> int:
+    return int.from_bytes(hashlib.blake2b(label.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little") >> 1  # >= 0

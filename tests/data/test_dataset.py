@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmembed.data import Batch, ManifestDataset, SkipCounter, build_loader, collate, read_manifest
+from mmembed.data import Batch, ManifestDataset, SkipCounter, build_loader, collate, label_ids, read_manifest
 from mmembed.data.dataset import Sample, Skipped
 from mmembed.data.loader import EpochBatchSampler, reason_kind
 from mmembed.errors import BadInput, UserError
@@ -154,7 +154,10 @@ def test_collate_shapes_masks_present_and_labels(world, tok):
     lengths = [s.inputs[T].numel() for s in samples if isinstance(s, Sample)]
     assert b.inputs[T].shape[0] == 4 and b.masks[T].sum(1).tolist() == lengths
     assert torch.equal(b.inputs[I][1], samples[1].inputs[I])  # row order kept among present rows
-    assert b.labels.tolist() == [0, 1, 0, -1] and b.keys == ["s1", "s2", "s1", None]
+    ids = b.labels.tolist()
+    assert ids[0] == ids[2] != ids[1] and ids[3] == -1 and min(ids[:3]) >= 0 and b.keys == ["s1", "s2", "s1", None]
+    # the same label gets the same id in any batch (and on any rank: the distributed loss compares them)
+    assert label_ids(["s2", "s9", "s1"]).tolist()[::2] == [ids[1], ids[0]]
 
 
 def test_collate_omits_a_modality_no_row_has_and_handles_all_skipped(tok):
