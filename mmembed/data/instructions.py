@@ -16,6 +16,7 @@ refused path) are skipped and counted, or raised with their line in strict mode.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ def read_instructions(path: str | Path, *, root: str | Path | None = None, allow
     path = Path(path)
     if not path.is_file():
         raise UserError(f"instruction manifest not found: {path}")
-    base = Path(root if root is not None else path.parent).absolute()
+    base = Path(os.path.abspath(root if root is not None else path.parent))  # normalised, as media paths are
     rows, skipped = [], []
     for line, record in read_jsonl_records(path):
         try:

@@ -99,6 +99,21 @@ def test_dotdot_that_stays_inside_the_root_is_fine(tmp_path):
     assert m.rows[0].items[Modality.IMAGE] == tmp_path / "other/a.png"
 
 
+def test_a_root_given_through_dotdot_holds_its_media_for_both_kinds_of_manifest(tmp_path, monkeypatch):
+    """`data.root: ../world` (a relative path through `..`): the instruction manifest's media resolve
+    under it as the plain manifest's do (every row was refused as escaping the root)."""
+    from mmembed.data.instructions import read_instructions
+
+    (tmp_path / "world").mkdir()
+    (tmp_path / "sub").mkdir()
+    plain = _jsonl(tmp_path / "world/m.jsonl", [{"image": "images/a.png", "text": "red"}])
+    asked = _jsonl(tmp_path / "world/i.jsonl", [{"prompt": ["what is", {"image": "images/a.png"}], "answer": "red"}])
+    monkeypatch.chdir(tmp_path / "sub")
+    image = read_manifest(plain, root="../world").rows[0].items[Modality.IMAGE]
+    assert image == tmp_path / "world/images/a.png"
+    assert len(read_instructions(asked, root="../world").rows) == 1
+
+
 def test_rows_with_wrong_types_or_no_values_are_skipped(tmp_path):
     path = _jsonl(tmp_path / "m.jsonl", [{"image": 3}, {"text": None, "label": "x"}, {"text": "ok"}])
     m = read_manifest(path)
