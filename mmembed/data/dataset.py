@@ -8,7 +8,7 @@ point of skipping is that data problems are visible and counted, not absorbed. T
 works identically with any number of DataLoader workers.
 
 Randomness: when the sampler hands out `(index, seed)` keys (see `loader.EpochBatchSampler`)
-and a preprocessor is stochastic, preprocessing runs under `torch.manual_seed(seed)` in a forked
+and a preprocessor is stochastic, preprocessing runs with the CPU generator seeded with `seed` in a forked
 RNG; a preprocessor's `augment` step (SpecAugment) runs after the cache, on a generator seeded
 with the same seed, so caching and augmentation combine. Augmentations are then a pure function
 of (seed, epoch, index): the same with 0 or 8 workers, cached or not, and after a resume.
@@ -139,8 +139,8 @@ class ManifestDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         caption = self.draw_caption(index, seed)
         if seed is not None and self.stochastic:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator, restored afterwards
+                torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs too)
                 result = self._cached_load(index, caption)
         else:
             result = self._cached_load(index, caption)

@@ -136,6 +136,19 @@ def test_workers_give_the_same_batches_including_augmentation(world, tok):
     assert _rows(_epoch(again)) != _rows(serial)
 
 
+def test_a_samples_seed_leaves_the_training_processs_generators_as_they_were(world, tok, monkeypatch):
+    """With no workers, samples load in the training process: their seeds must not move its CPU
+    generator (dropout) nor reseed its GPUs."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    ds = ManifestDataset(read_manifest(world), _pres(tok, train=True, random_crop=True))
+    torch.manual_seed(0)
+    reseeded.clear()
+    before = torch.get_rng_state()
+    ds[(0, 12345)]
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
+
+
 # ---------------------------------------------------------------------------- collate
 
 
