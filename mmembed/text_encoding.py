@@ -86,9 +86,19 @@ def encode_bounded(text: str, budget: int | None, encode: Callable[[str], list[i
     while True:
         cut = prefix_cut(text, n)
         ids = encode(text[:cut])
-        if len(ids) >= budget or cut >= len(text):
+        if prefix_holds(text, cut, len(ids), budget):
             return ids[:budget]
         n *= 4
+
+
+def prefix_holds(text: str, cut: int, n_ids: int, budget: int) -> bool:
+    """Whether `text[:cut]`, encoded to `n_ids` ids, gives the full text's first `budget`: when it is
+    the whole text, or cut at a word boundary with `budget` ids; cut mid-word (a run without
+    whitespace), where the last tokens can differ from the full text's, with more than twice as many."""
+    if cut >= len(text):
+        return True
+    at_boundary = text[cut].isspace() and not text[cut - 1].isspace()
+    return n_ids >= budget if at_boundary else n_ids > 2 * budget
 
 
 def prefix_chars(budget: int) -> int:

@@ -29,7 +29,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from mmembed.checkpoint import atomic_write_text
 from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, content_budget, encode_bounded,
-                                   pad_rows, prefix_chars, prefix_cut, require_str, resolve_allowed,
+                                   pad_rows, prefix_chars, prefix_cut, prefix_holds, require_str, resolve_allowed,
                                    split_on_specials, with_bos_eos)
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class Tokenizer:
         rows = [e.ids for e in self._batch_plain(cut)]
         bos, eos = self.bos_id if add_bos else None, self.eos_id if add_eos else None
         for i, row in enumerate(rows):
-            if budget is not None and len(row) < budget and len(cut[i]) < len(texts[i]):
+            if budget is not None and not prefix_holds(texts[i], len(cut[i]), len(row), budget):
                 row = self.encode(texts[i], max_length=budget)  # the prefix was too short
             rows[i] = with_bos_eos(row if budget is None else row[:budget], bos, eos)
         return pad_rows(rows, self.pad_id, padding, max_length)

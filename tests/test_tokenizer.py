@@ -171,7 +171,9 @@ def test_one_megabyte_caption_truncates(tok, kind, monkeypatch):
     assert len(tok.encode(hostile, max_length=64)) == 64
     ids, mask = tok.encode_batch([hostile, "short"], max_length=64, add_eos=True)
     assert ids.shape == (2, 64) and ids[0, -1] == tok.eos_id and mask[1].sum() == len(tok.encode("short")) + 1
-    assert max(seen) <= 64 * 64
+    # O(budget), not 1 MB: a run with no word boundary (all spaces) is encoded until it gives twice
+    # the budget's ids, up to 4x more characters at a time
+    assert max(seen) <= 64 * 256
 
 
 def test_prefix_cut_keeps_ids_a_prefix(tok):
@@ -189,6 +191,19 @@ def test_prefix_cut_keeps_ids_a_prefix(tok):
         ids = tok.encode(text[:cut])
         assert ids == full[: len(ids)], f"cut at {cut} changed the ids"
     assert at_boundary >= 55  # English has whitespace every few characters
+
+
+def test_a_run_without_whitespace_cut_for_a_budget_keeps_the_full_texts_first_ids():
+    """Cut mid-word, a prefix's last tokens can differ from the full text's (a vocabulary with long
+    runs of one letter): the bounded paths ask for more than twice the budget there."""
+    runs = Tokenizer.train(["a" * k for k in range(1, 200)] * 2 + ["b" * 30], vocab_size=600)
+    for budget in (1, 2, 5):
+        for k in range(60, 600, 37):
+            for text in ("a" * k, "a" * k + " b"):
+                full = runs.encode(text)[:budget]
+                assert runs.encode(text, max_length=budget) == full, (budget, k)
+                ids, mask = runs.encode_batch([text], max_length=budget)
+                assert ids[0][mask[0]].tolist() == full, (budget, k)
 
 
 def test_encode_batch_shapes_padding_and_mask(tok):
