@@ -170,7 +170,8 @@ def build_loader(
 
 
 class SkipCounter:
-    """Counts skipped rows by kind of reason and warns at most once every `every_s` seconds.
+    """Counts skipped rows by kind of reason and warns at most once every `every_s` seconds. A row
+    is counted once, however many epochs skip it again.
 
     Args:
         every_s: minimum seconds between two warnings (the first skip warns at once).
@@ -191,6 +192,7 @@ class SkipCounter:
         self.total = 0
         self.by_kind: Counter[str] = Counter()
         self.example: dict[str, tuple[int, str]] = {}
+        self._seen: set[tuple[str, int]] = set()  # (kind, line) of every row counted
         self._last_warning: float | None = None
         self._since_warning = 0
 
@@ -198,6 +200,9 @@ class SkipCounter:
         latest = None
         for line, reason in skipped:
             kind = reason_kind(reason)
+            if (kind, line) in self._seen:  # the same bad row in a later epoch
+                continue
+            self._seen.add((kind, line))
             self.total += 1
             self._since_warning += 1
             self.by_kind[kind] += 1

@@ -112,6 +112,9 @@ def test_epoch_completes_skipping_and_counting_every_hostile_row(world, tok, cap
     assert counter.total == len(BAD)
     assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1  # rate-limited
     assert "image: missing file …" in counter.summary() and counter.summary().startswith("skipped 8 row(s)")
+    for b in _epoch(build_loader(ds, 4, shuffle=True, seed=1)):  # a second epoch skips the same rows
+        counter.update(b.skipped)
+    assert counter.total == len(BAD) and counter.summary().startswith("skipped 8 row(s)")
 
 
 def test_strict_mode_raises_naming_file_and_row(world, tok):
