@@ -319,7 +319,12 @@ def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
     else:
         data, rate = item, default_rate
     if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data))
+        if data.dtype.byteorder not in "=|":  # big-endian samples (a WAV reader's raw view): native first
+            data = data.astype(data.dtype.newbyteorder("="))
+        try:
+            data = torch.from_numpy(np.ascontiguousarray(data))
+        except TypeError:  # object, string or other dtypes torch has no tensor for
+            raise BadInput(f"unsupported audio dtype {data.dtype} (float, int16, int32, int8 or uint8)") from None
     if not isinstance(data, Tensor):
         raise BadInput(
             f"unsupported audio input of type {type(data).__name__} (path, bytes, array, tensor or (waveform, rate))"

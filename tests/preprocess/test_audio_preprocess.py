@@ -55,6 +55,7 @@ def test_channel_layouts_and_pairs_agree():
     # integer PCM is scaled to [-1, 1]
     pcm = (_tone(16000) * 32767).astype(np.int16)
     assert torch.allclose(pre((pcm, 16000)), pre((pcm.astype(np.float32) / 32768, 16000)), atol=1e-5)
+    assert torch.equal(pre((pcm.astype(">i2"), 16000)), pre((pcm, 16000)))  # big-endian samples too
 
 
 def test_flac_decodes_like_wav(tmp_path):
@@ -183,6 +184,8 @@ def test_hostile_audio_raises_badinput_with_reason(tmp_path):
         pre((_tone(16000), 0))
     with pytest.raises(BadInput, match="ambiguous"):
         pre(np.zeros((100, 200), np.float32))
+    with pytest.raises(BadInput, match="unsupported audio dtype object"):
+        pre(np.array([0.0] * 1000, dtype=object))
 
 
 def test_collate_pads_with_a_frame_mask():
