@@ -140,6 +140,16 @@ def _load_open_clip_file(model: nn.Module, path: Path) -> None:
     log.info("loaded open_clip weights from %s", path)
 
 
+def _text_pad_id(text_cfg: dict) -> int:
+    """The id open_clip's tokenizer pads this tower's text with, which a tower pooling the last
+    position reads: the config's `pad_id`; else 1 for SigLIP's T5 vocabularies (big_vision pads
+    with </s>, and so do their Hugging Face tokenizers); else 0 (CLIP, SigLIP 2's Gemma vocabulary)."""
+    if "pad_id" in text_cfg:
+        return int(text_cfg["pad_id"])
+    name = str(text_cfg.get("hf_tokenizer_name", "")).lower()
+    return 1 if "siglip" in name and "siglip2" not in name else 0
+
+
 class OpenClipImage(nn.Module):
     """open_clip's visual tower. forward(images (B, 3, H, W)) → EncoderOutput.
 
@@ -157,8 +167,8 @@ class OpenClipImage(nn.Module):
         self.has_tokens = (
             isinstance(visual, OpenClipVisionTransformer) and visual.attn_pool is None and visual.proj is not None
         )
-        if self.has_tokens:
-            visual.output_tokens = True  # forward now returns (pooled, tokens); pooled is unchanged
+        if hasattr(visual, "output_tokens"):  # True: forward returns (pooled, tokens), pooled unchanged;
+            visual.output_tokens = self.has_tokens  # CoCa's config sets it for an attention pooler's tokens
         self.class_token_last_block = _class_token_last_block(visual)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
@@ -216,15 +226,15 @@ class OpenClipText(nn.Module):
         super().__init__()
         self.width = width
         text_cfg = cfg.get("text_cfg", {})
-        self.pad_id = int(text_cfg.get("pad_id", 0))
+        self.pad_id = _text_pad_id(text_cfg)
         if hasattr(model, "text"):  # CustomTextCLIP: a self-contained text module
             self.text = model.text
             self.context_length = int(model.context_length)
             self.pool_type = getattr(self.text, "pool_type", None)
             self.eos_id = getattr(self.text, "eos_id", None)
             self.has_tokens = isinstance(self.text, OpenClipTextTransformer) and self.text.cls_emb is None
-            if self.has_tokens:
-                self.text.output_tokens = True
+            if hasattr(self.text, "output_tokens"):  # as for the image tower (CoCa sets it with a cls token)
+                self.text.output_tokens = self.has_tokens
         else:  # CLIP: the text tower lives on the model itself; keep just its parts
             self.text = None
             for part in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):

@@ -194,6 +194,59 @@ def test_customtext_pooled_equals_encode_text(saved):
         assert torch.equal(tower.pooled(ids[:, :12]), ref.encode_text(ids))
 
 
+def _register(tmp_path, name: str, cfg: dict):
+    """A random reference model of a tiny architecture, and its weights saved for our tower."""
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model(name).eval()
+    torch.save(ref.state_dict(), tmp_path / f"{name}.pt")
+    return ref, str(tmp_path / f"{name}.pt")
+
+
+def test_a_siglip_text_tower_pads_as_its_tokenizer_does(tmp_path):
+    """SigLIP's towers pool the last position, so the pad id decides the vector: its T5 vocabulary
+    pads with </s> (1), as big_vision and its tokenizers do; SigLIP 2 (Gemma) and CLIP with 0."""
+    text = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2, "no_causal_mask": True,
+            "pool_type": "last", "proj_bias": True, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}
+    cfg = TINY | {"custom_text": True, "text_cfg": text, "init_logit_bias": -10}
+    ref, path = _register(tmp_path, "mmembed-test-siglip", cfg)
+    tower = build_encoder("open_clip_text", arch="mmembed-test-siglip", pretrained=path).eval()
+    assert tower.pad_id == 1
+    ids = torch.tensor([[5, 9, 42, 1], [7, 8, 1, 0]])  # content, then </s>; the second row is shorter
+    mask = torch.tensor([[True] * 4, [True, True, True, False]])
+    padded = torch.full((2, 16), 1)
+    padded[0, :4], padded[1, :3] = ids[0], ids[1, :3]  # what the tokenizer gives: </s> to the context
+    with torch.no_grad():
+        assert torch.equal(tower.pooled(ids, mask), ref.encode_text(padded))
+    for name, pad in (("timm/ViT-B-16-SigLIP2", 0), ("timm/ViT-B-16-SigLIP-i18n-256", 1)):
+        cfg2 = cfg | {"text_cfg": text | {"hf_tokenizer_name": name}}
+        _, path2 = _register(tmp_path, f"mmembed-test-{pad}-{name[-4:]}", cfg2)
+        assert build_encoder("open_clip_text", arch=f"mmembed-test-{pad}-{name[-4:]}", pretrained=path2).pad_id == pad
+
+
+def test_coca_towers_return_open_clips_vectors(tmp_path):
+    """CoCa's config asks its towers for their tokens (an attention pooler's, a cls token's): our
+    towers read the pooled vector alone, which is `encode_image` / `encode_text`."""
+    cfg = {"embed_dim": 32, "custom_text": True,
+           "vision_cfg": TINY["vision_cfg"] | {"attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+           "text_cfg": TINY["text_cfg"] | {"context_length": 76, "embed_cls": True, "output_tokens": True},
+           "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                              "attn_pooler_heads": 2}}
+    ref, path = _register(tmp_path, "mmembed-test-coca", cfg)
+    image = build_encoder("open_clip_image", arch="mmembed-test-coca", pretrained=path).eval()
+    text = build_encoder("open_clip_text", arch="mmembed-test-coca", pretrained=path).eval()
+    pictures = torch.randn(2, 3, 32, 32)
+    ids = open_clip.get_tokenizer("mmembed-test-coca")(["a red circle", "a blue square on the left"])
+    with torch.no_grad():
+        expected_image = ref.encode_image(pictures, normalize=False)  # CoCa normalises by default
+        expected_text = ref.encode_text(ids, normalize=False)
+        assert torch.equal(image.pooled(pictures), expected_image)
+        assert torch.equal(image(pictures).pooled, expected_image)
+        assert torch.allclose(text.pooled(ids), expected_text, atol=1e-6)
+        assert torch.allclose(text(ids).pooled, expected_text, atol=1e-6)
+
+
 def test_trained_weights_differ_from_random_init(saved):
     """The round trip above is only meaningful if a fresh random tower differs."""
     torch.manual_seed(123)
