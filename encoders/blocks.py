@@ -48,7 +48,8 @@ class TransformerBlock(nn.Module):
     Args:
         dim: width C.
         heads: attention heads.
-        mlp_ratio: MLP hidden width = mlp_ratio * dim.
+        mlp_ratio: MLP hidden width = mlp_ratio * dim, rounded (a GPT-2's n_inner / n_embd can come
+            back as 959.999… of 960).
         dropout: attention-weight, attention-output and MLP-output dropout.
         bias: biases in linear layers and LayerNorms.
         positional: rotary module shared across layers, or None.
@@ -77,7 +78,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout, bias=bias, positional=positional, window=window)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=dropout, bias=bias, activation=activation)
+        self.mlp = MLP(dim, round(mlp_ratio * dim), dropout=dropout, bias=bias, activation=activation)
 
     def forward(
         self,

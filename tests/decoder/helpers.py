@@ -61,9 +61,9 @@ def fake_embed(modality: Modality, items: list) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def save_tiny_gpt2(folder):
+def save_tiny_gpt2(folder, **config):
     """A randomly initialised GPT2LMHeadModel and a byte-level BPE tokenizer, saved by transformers
-    (what a user's local GPT-2 folder holds). Returns the folder."""
+    (what a user's local GPT-2 folder holds); `config` overrides GPT2Config's fields. Returns the folder."""
     import transformers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -77,7 +77,7 @@ def save_tiny_gpt2(folder):
     transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>").save_pretrained(folder)
     end = hf.token_to_id("<|endoftext|>")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=hf.get_vocab_size(), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                     bos_token_id=end, eos_token_id=end)
+    config = transformers.GPT2Config(**{"vocab_size": hf.get_vocab_size(), "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                        "n_positions": 128, "bos_token_id": end, "eos_token_id": end, **config})
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
     return folder

@@ -27,6 +27,16 @@ def test_logits_match_transformers_within_1e4(gpt2_folder):
     assert ours.lm_head.weight is ours.token_embedding.weight  # tied, as GPT-2
 
 
+def test_an_mlp_width_that_is_no_multiple_of_the_width_loads(tmp_path):
+    """n_inner / n_embd × n_embd is 60.999… for 61 / 56 in floating point: the hidden width is rounded."""
+    folder = save_tiny_gpt2(tmp_path, n_embd=56, n_inner=61)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = load_gpt2(folder)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_tokenizer_round_trips_and_keeps_special_text_plain(gpt2_folder):
     tok = gpt2_tokenizer(gpt2_folder)
     hf = transformers.AutoTokenizer.from_pretrained(gpt2_folder)
