@@ -1,7 +1,9 @@
 """Pretrained GPT-2 from a folder saved by `transformers` (`save_pretrained`), read without it.
 
     folder/config.json          architecture (n_embd, n_layer, n_head, n_positions, ...)
-    folder/model.safetensors    weights (or pytorch_model.bin, loaded with weights_only=True)
+    folder/model.safetensors    weights (or pytorch_model.bin, loaded with weights_only=True; or
+                                shards named by model.safetensors.index.json, as transformers
+                                splits a large model)
     folder/tokenizer.json       byte-level BPE (or vocab.json + merges.txt)
 
 GPT-2 is our `Decoder` with learned positions and tanh-GELU. Its `Conv1D` layers store weights
@@ -99,7 +101,27 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return load_torch_weights(folder / name)
-    raise UserError(f"no model.safetensors or pytorch_model.bin in {folder}")
+        if (folder / f"{name}.index.json").is_file():
+            return _read_shards(folder / f"{name}.index.json")
+    raise UserError(f"no model.safetensors or pytorch_model.bin (or their shard index) in {folder}")
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint split into shards: the index maps each tensor to its file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a shard index of transformers ({type(e).__name__}: {e})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = index.parent / shard
+        if path.parent != index.parent or not path.is_file():  # a bare file name beside the index
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file in {index.parent}")
+        state.update(load_torch_weights(path))
+    if missing := sorted(set(weight_map) - set(state)):
+        raise CheckpointError(f"{index}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]}")
+    return state
 
 
 _BLOCK = {

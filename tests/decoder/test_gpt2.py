@@ -37,6 +37,24 @@ def test_an_mlp_width_that_is_no_multiple_of_the_width_loads(tmp_path):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_a_checkpoint_saved_in_shards_loads(gpt2_folder, tmp_path):
+    """transformers splits a large model (gpt2-xl) into shards named by model.safetensors.index.json."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (gpt2_folder / name).is_file():
+            (folder / name).write_bytes((gpt2_folder / name).read_bytes())
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt2(folder)(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_gpt2(folder)
+
+
 def test_tokenizer_round_trips_and_keeps_special_text_plain(gpt2_folder):
     tok = gpt2_tokenizer(gpt2_folder)
     hf = transformers.AutoTokenizer.from_pretrained(gpt2_folder)
