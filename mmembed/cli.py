@@ -246,7 +246,7 @@ def _tool_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
                         "network)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 = any free one)")
 
     p = _add(sub, "scale", "scaling-law sweep: train a ladder of models, fit L = E + A·x^(-α), predict the next "
              "size; or --study regularisation: dropout × weight decay on a small subset",
@@ -354,6 +354,16 @@ def _temperatures(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"temperatures must be finite numbers >= 0, got {item.strip()}")
         values.append(t)
     return values
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535; 0 = any free one)")
+    return port
 
 
 def _png(text: str) -> Path:

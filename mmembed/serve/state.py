@@ -63,14 +63,19 @@ def open_state(model: Any, *, run: str, index: str | Path | None = None, memory:
     Raises:
         UserError: the index was built by another model, or there is no index and no test manifest.
     """
-    lock = threading.Lock()
-    build = IndexBuild.load(index, model) if index is not None else IndexBuild.start(
-        model, runs_test_manifest(model.config), lock)
     opened = None
-    if memory is not None:
+    if memory is not None:  # before the index: a refused file must not leave a build thread running
         from mmembed.memory import Memory
 
         if not Path(memory).parent.is_dir():
             raise UserError(f"--memory {memory}: its folder does not exist")
         opened = Memory(memory, model=model)
+    lock = threading.Lock()
+    try:
+        build = IndexBuild.load(index, model) if index is not None else IndexBuild.start(
+            model, runs_test_manifest(model.config), lock)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
     return ServeState(model, build, opened, limits or Limits(), run, lock)

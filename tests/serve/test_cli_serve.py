@@ -69,6 +69,22 @@ def test_a_busy_port_is_one_line(run_dir, capsys):
     assert err.startswith(f"mmembed: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
 
 
+def test_a_port_out_of_range_is_one_line(run_dir, capsys):
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2  # a socket would take it as 70000 % 65536
+    assert "'70000' is not a port (0-65535" in capsys.readouterr().err
+
+
+def test_a_refused_memory_file_is_one_line_and_exit_2(run_dir, tmp_path):
+    """In a process of its own: the index's build thread must not be running when the error ends it
+    (it did, and the interpreter aborted: exit 134)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    (tmp_path / "folder").mkdir()
+    done = subprocess.run([sys.executable, "-m", "mmembed.cli", "serve", str(run_dir), "--port", "0", "--memory",
+                           str(tmp_path / "folder")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"mmembed: error: {tmp_path / 'folder'} is a folder, not a memory file"
+
+
 def test_loopback_is_told_apart():
     from mmembed.serve import is_loopback
 
