@@ -216,7 +216,7 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     a sliding decoder; otherwise the context caps prompt + answer (a warning when it cuts)."""
     context = decoder.max_len
     _check_fits(decoder, longest)
-    _check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     if decoder.window is not None and longest + max_new_tokens > context:
         if not decoder.slides:
             raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
@@ -234,7 +234,7 @@ def _check_fits(decoder: Decoder, longest: int) -> None:
                        "(shorten it, or train with a larger decoder.context)")
 
 
-def _check_max_new_tokens(max_new_tokens: object) -> None:
+def check_max_new_tokens(max_new_tokens: object) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
@@ -290,7 +290,7 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
     of the batch would cut short for room run in a batch of their own (`room_batches`), so a
     greedy answer is the same alone or in any batch; those batches draw on one seeded generator
     in turn (the same seed for each would give their first rows the same draws)."""
-    _check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     batches = [list(range(len(prompts)))]
     if lm.decoder.window is None and len(prompts) > 1:
         lengths = [fmt.length(p.parts) for p in prompts]

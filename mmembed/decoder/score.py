@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mmembed.decoder.fusion import MultimodalLM
-from mmembed.decoder.generate import Generation, Stops, generate
+from mmembed.decoder.generate import Generation, Stops, check_max_new_tokens, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 
@@ -93,6 +94,18 @@ def check_best_of(best_of: int, weight: float, sampling: Sampling) -> None:
         raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
     if best_of > 1 and sampling.greedy:
         raise ValueError("best_of > 1 samples its candidates: give a temperature > 0")
+
+
+def check_generation(max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, stop: Any = None, seed: int | None = None, best_of: int = 1,
+                     rerank_weight: float = 1.0) -> None:
+    """What `Model.generate` checks of its settings, without a prompt or a model: ValueError for a
+    bad one (TypeError for an unknown name). A caller that stores a turn before answering it asks
+    first, so a refused setting stores nothing."""
+    check_max_new_tokens(max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p)
+    Stops.parse(stop)
+    check_best_of(best_of, rerank_weight, sampling)
 
 
 def best_of(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], n: int, max_new_tokens: int,

@@ -13,13 +13,18 @@ from mmembed.errors import UserError
 def run_chat_command(args: argparse.Namespace) -> int:
     """`mmembed chat RUN --memory F --user U`: a conversation on stdin/stdout, remembered in F."""
     import mmembed as mm
+    from mmembed.decoder.score import check_generation
     from mmembed.memory.chat import run_chat
 
+    generate = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    try:
+        check_generation(**generate)  # before the model loads and the chat begins: one line, exit 2
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model = mm.load(args.run)
     with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
-        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "",
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "", **generate)
     return 0
 
 

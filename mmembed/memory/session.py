@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from mmembed.decoder.prompt import Embedded, Media, Segment
+from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
@@ -76,6 +77,7 @@ class Session:
         Returns:
             The `Generation`, with `recalled`: the older memories shown to the decoder, best first.
         """
+        check_generation(**generate)  # a refused setting stores nothing of the turn
         segments = [prompt] if isinstance(prompt, str) else list(prompt)
         self.turn += 1
         history = self._history()

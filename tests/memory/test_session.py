@@ -167,6 +167,24 @@ def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
         assert mem.count("ada") == 0
 
 
+@pytest.mark.parametrize("settings, message", [({"temperature": -1.0}, "temperature must be"),
+                                               ({"best_of": 2}, "give a temperature > 0"),
+                                               ({"max_new_tokens": 0}, "max_new_tokens must be")])
+def test_a_refused_setting_stores_nothing_of_the_turn(chat_model, db, settings, message):
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        with pytest.raises(ValueError, match=message):
+            chat.ask("my cat is red", **settings)
+        assert chat.turn == 0 and chat.memory.count("ada") == 0
+
+
+def test_chat_cli_refuses_a_bad_setting_in_one_line(chat_model, db, tmp_path, capsys):
+    run = tmp_path / "run"
+    chat_model.save(run)
+    assert main(["chat", str(run), "--memory", str(db), "--user", "ada", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmembed: error: temperature must be") and "\n" not in err
+
+
 def test_a_conversation_is_laid_out_as_the_memory_dialogues_the_decoder_trains_on(chat_model, db, monkeypatch):
     """Session prompt: recalled items bare, then each earlier turn's words, items and answer, then the
     question — the layout of the synthetic world's `recall` rows (data/synth/dialogues.py), with a
