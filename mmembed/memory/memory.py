@@ -153,7 +153,7 @@ class Memory:
         if user is not None:
             _check_user(user)
         with self._guard():
-            deleted = self._store.delete(ids, user)
+            deleted = self._store.delete(_storable(ids), user)
             for owner in {u for _, u in deleted}:
                 if owner in self._vectors:
                     self._vectors[owner].remove([i for i, u in deleted if u == owner])
@@ -203,7 +203,7 @@ class Memory:
         if user is not None:
             _check_user(user)
         with self._guard():
-            return self._store.hits(ids, user=user, media=True)
+            return self._store.hits(_storable(ids), user=user, media=True)
 
     def vectors(self, ids: Sequence[int] | int, *, user: str | None = None) -> Tensor:
         """The stored embeddings of items, (N, D) float32 unit rows in the order of `ids`.
@@ -214,7 +214,7 @@ class Memory:
         if user is not None:
             _check_user(user)
         with self._guard():
-            found = self._store.embeddings(ids, user)
+            found = self._store.embeddings(_storable(ids), user)
         missing = [i for i in ids if i not in found]
         if missing:
             whose = "" if user is None else f" of user {user!r}"
@@ -363,6 +363,11 @@ def _check_ids(ids: Sequence[int] | int) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise UserError(f"ids must be ints, got {i!r}")
     return [int(i) for i in ids]
+
+
+def _storable(ids: list[int]) -> list[int]:
+    """The ids SQLite can hold (64-bit); one past that names no item: unknown, not an error."""
+    return [i for i in ids if -(2**63) <= i < 2**63]
 
 
 def _check_optional_str(value: Any, name: str) -> None:

@@ -128,6 +128,10 @@ def test_delete_and_forget(mem):
     new = mem.add("ada", "five stars")
     assert new > other  # ids are never reused
     assert [h.id for h in mem.search("ada", "stars", k=10)] == [new]
+    huge = 10**20  # past SQLite's 64-bit ids: unknown, as any absent id (it was an OverflowError)
+    assert mem.delete([huge, new]) == 1 and mem.get([huge, other]) == mem.get([other])
+    with pytest.raises(UserError, match=str(huge)):
+        mem.vectors([other, huge])
 
 
 def test_get_recent_sessions_count(mem):
