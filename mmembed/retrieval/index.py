@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -90,7 +91,8 @@ class Index:
             if meta:
                 index.add(part.vectors, modality, meta)
         index.skipped = emb.skipped
-        index.info = {"manifest": str(emb.path), "rows": emb.n_rows, "skipped": len(emb.skipped)}
+        # absolute: a saved index is opened from other folders (`mmembed serve --index` finds media by it)
+        index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(emb.skipped)}
         log.info("indexed %d items from %s (%d skipped)", len(index), emb.path, len(emb.skipped))
         return index
 

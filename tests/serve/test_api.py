@@ -296,6 +296,16 @@ def test_state_refuses_an_index_of_another_model(model, tiny_world, tmp_path):
         open_state(model, run="x", index=tmp_path / "index")
 
 
+def test_an_index_built_from_a_relative_manifest_serves_its_media_from_any_folder(model, tiny_world, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tiny_world)
+    mm.Index.build(model, "test.jsonl", progress=False).save(tmp_path / "index")
+    monkeypatch.chdir(tmp_path)  # `mmembed serve RUN --index index`, from another folder
+    build = IndexBuild.load(tmp_path / "index", model)
+    image = next(i for i, m in build._modality.items() if str(m) == "image")
+    assert build.media_path(image).is_relative_to(tiny_world.resolve())
+
+
 def test_no_index_and_no_test_manifest_is_a_user_error(tiny_world, tmp_path):
     model = untrained_model(tiny_world)
     model.config.data.root = str(tmp_path)
