@@ -111,7 +111,12 @@ class Query:
             dims.add(int(model.embed_dim))
         if len(dims) != 1:
             raise UserError(f"query parts have different dimensions {sorted(dims)}")
-        total = sum((torch.tensor(w) @ z.cpu()) for z, w in parts)  # (D,)
+        # the weights over the largest one (the direction is the same): large finite weights cannot
+        # overflow the float32 sum (1e38 gave an infinite norm, then a zero query)
+        top = max(abs(x) for _, w in parts for x in w)
+        if top == 0:
+            raise UserError("query embeds to the zero vector (every weight is 0); it has no direction")
+        total = sum((torch.tensor([x / top for x in w]) @ z.cpu()) for z, w in parts)  # (D,)
         norm = float(total.norm())
         if norm < _ZERO_NORM:
             raise UserError("query embeds to the zero vector (its weighted parts cancel); it has no direction")

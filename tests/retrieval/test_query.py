@@ -36,9 +36,18 @@ def test_mixed_modalities_and_vector(model):
     assert abs(float(q.embed(model).norm()) - 1) < 1e-6
 
 
+def test_huge_finite_weights_give_the_same_direction(model):
+    """3e38 is a finite float32, but a sum of such terms is not: the weights are scaled first."""
+    small = Query(text=["a red circle", "a blue square"], weights={"text": [1.0, 2.0]}).embed(model)
+    huge = Query(text=["a red circle", "a blue square"], weights={"text": [1.5e38, 3e38]}).embed(model)
+    torch.testing.assert_close(huge, small, atol=1e-6, rtol=0)
+
+
 def test_cancelling_query_is_a_clear_error_not_nan(model):
     with pytest.raises(UserError, match="zero vector"):
         Query(text=["c1", "c1"], weights={"text": [1.0, -1.0]}).embed(model)
+    with pytest.raises(UserError, match="every weight is 0"):
+        Query(text=["c1", "c2"], weights={"text": [0.0, 0.0]}).embed(model)
     with pytest.raises(UserError, match="zero vector"):
         Query(torch.zeros(12))
 
