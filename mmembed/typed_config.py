@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -133,6 +134,14 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        # `tokens=2e5`, `max_steps=1e4`: YAML reads 2e5 as a string, 2.0e5 as a float; a whole number is an int
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number == int(number) and (isinstance(value, float) or "e" in value.lower()):
+            return int(number)
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")

@@ -71,6 +71,10 @@ def test_overrides_apply_and_are_typed(tmp_path):
     p = _write(tmp_path, "train:\n  lr: 0.1\n")
     c = load_config(p, ["train.lr=3e-4", "train.max_steps=7", "train.betas=[0.8, 0.9]"])
     assert c.train.lr == pytest.approx(3e-4) and c.train.max_steps == 7 and c.train.betas == (0.8, 0.9)
+    c = load_config(p, ["train.max_steps=1e4"])  # YAML reads 1e4 as a string: a whole number is an int
+    assert c.train.max_steps == 10_000 and type(c.train.max_steps) is int
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be int, got str '2\.5e0'"):
+        load_config(p, ["train.max_steps=2.5e0"])
 
 
 def test_bad_override_names_key(tmp_path):
