@@ -197,8 +197,9 @@ def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None,
             sent.append(token)
             yield sse("token", token)
             token = _next(state, tokens)
-        with state.lock:
-            yield sse("done", finish(state, prompt, sent))
+        with state.lock:  # not held across the yield: a client that stops reading must not stall the model
+            done = finish(state, prompt, sent)
+        yield sse("done", done)
     except Refusal as e:
         yield sse("error", {"error": e.message})
     except Exception as e:  # noqa: BLE001 - the headers are sent: the stream itself must say what went wrong

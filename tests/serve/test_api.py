@@ -211,6 +211,26 @@ def test_the_stream_sends_each_token_then_done(client, tiny_world):
     assert parsed[-1][1] == {k: v for k, v in whole.items() if k != "tokens"}
 
 
+def test_the_stream_holds_the_model_lock_only_while_it_computes(client, model):
+    """A client that stops reading after `done` (or never reads it) must not keep the model locked
+    from every other request: the generator is suspended at each event with the lock free."""
+    from mmembed.serve.api import _events
+
+    state = client.app.state.serve
+    tokens = model.stream_tokens(["describe this"], max_new_tokens=3)
+    first = next(tokens)
+    events = _events(state, ["describe this"], {"id": first.id, "text": first.text, "entropy": first.entropy,
+                                                 "logprob": first.logprob}, tokens)
+    kinds = []
+    for event in events:
+        kinds.append(event.split("\n")[0])
+        assert not state.lock.locked(), kinds
+        if kinds[-1] == "event: done":
+            break  # the client reads no further: the generator stays suspended here
+    assert kinds[-1] == "event: done"
+    events.close()
+
+
 def test_best_of_equals_the_python_api_with_its_candidates(client, model, tiny_world):
     name, data = first(tiny_world, "image")
     settings = {"max_new_tokens": "6", "temperature": "1.2", "seed": "3", "best_of": "6"}
