@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 pytest.importorskip("open_clip")
 
@@ -200,3 +201,17 @@ def test_markdown_table_has_one_line_per_row_with_its_hardware_bound():
     assert lines[3].endswith("| 71% of bandwidth |")
     assert lines[4] == "| B-train | 1,234 samples/s | 1,200 samples/s | 1.05 | 31% of matmul peak (MFU) |"
     assert lines[5].endswith("| 1.11 | – |")
+
+
+def test_b_decode_times_bf16_on_a_copy_and_leaves_our_fp32_weights_as_they_were():
+    """The same decoder serves the next batch size and the agreement check against transformers."""
+    from benchmarks.bench_decode import ours_bf16
+    from mmembed.decoder import Decoder
+
+    torch.manual_seed(0)
+    decoder = Decoder(64, width=32, layers=1, heads=2, max_len=256).eval()
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    row = ours_bf16(decoder, torch.randint(0, 64, (1, 8)), rounds=2, device=torch.device("cpu"))
+    assert row["tokens_per_s"] > 0 and 0 <= row["tokens_same_as_fp32"] <= 1
+    after = decoder.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
