@@ -248,7 +248,8 @@ class ContrastiveLoss(nn.Module):
         per_pair: dict[str, Tensor] = {}
         n_pairs: dict[str, int] = {}
         weighted_sum, weight_sum = None, 0.0
-        for a, b, weight in self.pairs(list(embeddings)):
+        # distributed, the pairs of the modalities any rank holds (every rank runs every pair's collectives)
+        for a, b, weight in self.pairs(list(embeddings if glob is None else glob.local)):
             if glob is None:
                 loss, n = self._pair_loss(a, b, embeddings, present, batch, logit_scale, labels, logit_bias)
             else:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmembed.modality import Modality
-from mmembed.train.distributed import World, gather, gather_with_grad, neighbour_exchange
+from mmembed.train.distributed import World, all_reduce_values, gather, gather_with_grad, neighbour_exchange
 
 
 @dataclass
@@ -57,14 +57,28 @@ class GlobalBatch:
     @classmethod
     def collect(cls, world: World, embeddings: dict[Modality, Tensor], present: dict[Modality, Tensor],
                 labels: Tensor | None, batch: int, with_embeddings: bool) -> GlobalBatch:
-        order = sorted(embeddings, key=lambda m: m.value)  # the same collectives in the same order on every rank
-        device = next(iter(embeddings.values())).device
-        full = {m: present.get(m, torch.ones(batch, dtype=torch.bool, device=device)) for m in order}
-        flags = gather(torch.stack([full[m] for m in order]).to(torch.uint8).T.contiguous()).bool()  # (W·B, M)
+        some = next(iter(embeddings.values()))
+        device, dim, dtype = some.device, some.shape[1], some.dtype
+        # Every rank must run the same collectives on the same shapes, but a rank's batch can be
+        # short (rows skipped as bad) or lack a modality (none of its rows has it): agree on the
+        # modalities and the longest batch first, then pad; a padded row is present nowhere.
+        kinds = list(Modality)
+        held = [float(m in embeddings) for m in kinds] + [float(batch)]
+        agreed = all_reduce_values(held, "max")
+        order = [m for m, flag in zip(kinds, agreed) if flag]  # the same order on every rank
+        rows = int(agreed[-1])
+        pad = rows - batch
+        # a modality this rank lacks is zeros that take a gradient, so that the backward of its
+        # all-gather runs here too (the other ranks' does)
+        local = {m: F.pad(embeddings[m], (0, 0, 0, pad)) if m in embeddings
+                 else torch.zeros(rows, dim, dtype=dtype, device=device, requires_grad=True) for m in order}  # (B', D)
+        every = torch.ones(batch, dtype=torch.bool, device=device)
+        full = {m: F.pad(present.get(m, every) if m in embeddings else ~every, (0, pad)) for m in order}  # (B',)
+        flags = gather(torch.stack([full[m] for m in order]).to(torch.uint8).T.contiguous()).bool()  # (W·B', M)
         glob_present = {m: flags[:, i] for i, m in enumerate(order)}
-        glob_labels = gather(labels) if labels is not None else None
-        gathered = {m: gather_with_grad(embeddings[m]) for m in order} if with_embeddings else {}
-        return cls(world, batch, embeddings, gathered, glob_present, glob_labels)
+        glob_labels = gather(F.pad(labels, (0, pad), value=-1)) if labels is not None else None
+        gathered = {m: gather_with_grad(local[m]) for m in order} if with_embeddings else {}
+        return cls(world, rows, local, gathered, glob_present, glob_labels)
 
     def mine(self) -> slice:
         return slice(self.world.rank * self.batch, (self.world.rank + 1) * self.batch)

@@ -5,7 +5,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mmembed.train.distributed import Forward
-from tests.distributed.workers import CASES, B, W, Towers, forward, loss_and_grads, loss_worker
+from tests.distributed.workers import CASES, B, W, Towers, forward, loss_and_grads, loss_worker, uneven_worker
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -31,3 +31,24 @@ def test_two_processes_equal_one_on_the_global_batch(two_ranks, case):
             torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=0, msg=f"{case}: grad of {name}")
     # the case is not trivial: the towers and the scale get real gradients
     assert grads["towers.text.weight"].abs().max() > 1e-3 and grads["log_scale"].abs() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def uneven_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uneven")
+    mp.spawn(uneven_worker, args=(str(out / "init"), str(out)), nprocs=W, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(W)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_with_short_batches_or_a_missing_modality_still_equal_one_process(uneven_ranks, case):
+    """Rank 0's batch has no audio input, rank 1's a row fewer: the ranks still run the same
+    collectives (they aborted: gloo's "collective mismatch"), and the loss and gradients are one
+    process's on the 11 rows they hold together."""
+    module = Towers()
+    loss, grads = loss_and_grads(case, module, Forward(module, forward), slice(0, 2 * B - 1))
+    for rank in uneven_ranks:
+        got = rank[case]
+        assert got["loss"] == pytest.approx(float(loss), abs=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=0, msg=f"{case}: grad of {name}")

@@ -58,13 +58,14 @@ def global_batch():
     return inputs, present, labels
 
 
-def loss_and_grads(case: str, module: nn.Module, net, rows: slice):
+def loss_and_grads(case: str, module: nn.Module, net, rows: slice, absent: tuple[Modality, ...] = ()):
+    """`absent`: modalities this batch leaves out altogether (collate does so when no row has one)."""
     kind, mode, anchor, label_positives, weights = CASES[case]
     loss_fn = ContrastiveLoss(kind, mode, anchor, weights, label_positives)
     inputs, present, labels = global_batch()
     module.zero_grad(set_to_none=True)
-    emb, scale, bias = net({m: x[rows] for m, x in inputs.items()}, kind == "siglip")
-    out = loss_fn(emb, {m: p[rows] for m, p in present.items()}, scale, labels[rows], bias)
+    emb, scale, bias = net({m: x[rows] for m, x in inputs.items() if m not in absent}, kind == "siglip")
+    out = loss_fn(emb, {m: p[rows] for m, p in present.items() if m not in absent}, scale, labels[rows], bias)
     out.total.backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in module.named_parameters()}
     return out.total.detach(), grads
@@ -90,6 +91,29 @@ def loss_worker(rank: int, init_file: str, out_dir: str) -> None:
     # interpreter's teardown sometimes destroys them still joinable: SIGABRT, "terminate called
     # without an active exception" (half the runs on 2026-12-05). The results are saved: skip it.
     os._exit(0)
+
+
+# Uneven ranks, as real batches come: rank 0 holds no audio row, so its batch has no audio input at
+# all, and rank 1 holds one row fewer (a bad row skipped). Together: rows 0-10 of the global batch.
+UNEVEN = {0: (slice(0, B), (Modality.AUDIO,)), 1: (slice(B, 2 * B - 1), ())}
+
+
+def uneven_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """As `loss_worker`, on the `UNEVEN` batches."""
+    from mmembed.train.distributed import all_reduce_values, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.set_num_threads(1)
+    results = {}
+    rows, absent = UNEVEN[rank]
+    for case in CASES:
+        module = Towers()
+        net = parallelize(module, forward, torch.device("cpu"))
+        loss, grads = loss_and_grads(case, module, net, rows, absent)
+        results[case] = {"loss": all_reduce_values([float(loss)])[0], "grads": grads}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # as loss_worker
 
 
 def rank_pids(torchrun_pid: int) -> dict[int, int]:
