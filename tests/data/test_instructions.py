@@ -110,6 +110,23 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(world, tmp_path, 
         assert (world / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
+def test_no_text_outside_the_heldout_split_names_a_heldout_pair(world, rows):
+    """Not even as an absent thing ("is there an orange cross?" → "no"), which taught the decoder that
+    a held-out pair's answer is "no" before the held-out split asked it."""
+    from mmembed.data.synth.captions import SHAPE_WORDS
+
+    heldout = [tuple(c) for c in json.loads((world / "world.json").read_text())["heldout_combos"]]
+    names = [f"{colour} {noun}" for shape, colour in heldout for noun in SHAPE_WORDS[shape]]
+    for split in ("train", "val", "test"):
+        manifest = _jsonl(world / f"{split}.jsonl")
+        texts = [json.dumps(r["prompt"]) + " " + r["answer"] for r in rows[split]]
+        texts += [" ".join(r["captions"]) + " " + " ".join(q["question"] for q in r["qa"]) for r in manifest]
+        named = [name for text in texts for name in names if name in text.lower()]
+        assert named == [], (split, named[:5])
+    asked = [r for r in rows["heldout"] if r["task"] == "exists"]
+    assert any(any(name in json.dumps(r["prompt"]) for name in names) for r in asked)  # the held-out split may
+
+
 def _instructions(n: int, split: str = "train") -> dict[str, list[dict]]:
     """Rows per scene of one split of a world of `n` scenes, built without rendering any media."""
     members = [s for s in sample_world(SEED, n, 0, (0.8, 0.1, 0.1), []) if s.split == split]

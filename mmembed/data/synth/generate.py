@@ -20,7 +20,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +113,10 @@ def _render_all(
             pool.shutdown(cancel_futures=True)
 
 
-def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The JSONL row of one scene: media paths, captions, label, objects, QA and pairs."""
+def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]],
+                 heldout: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The JSONL row of one scene: media paths, captions, label, objects, QA and pairs; no text
+    outside the held-out split names a `heldout` pair."""
     rng = rng_for(seed, scene.kind, scene.index, STREAM_TEXT)
     captions = captions_for(scene.objects, rng)
     return {
@@ -125,7 +127,7 @@ def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]]) -> dict[s
         "captions": captions,
         "label": scene.label,
         "objects": [o.as_dict() for o in scene.objects],
-        "qa": questions_for(scene.objects, rng),
+        "qa": questions_for(scene.objects, rng, () if scene.split == "heldout" else heldout),
         "pairs": pairs,
     }
 
@@ -134,14 +136,15 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
 
 
-def _write_manifests(root: Path, scenes: list[Scene], seed: int) -> dict[str, int]:
+def _write_manifests(root: Path, scenes: list[Scene], seed: int, heldout: list[tuple[str, str]]
+                     ) -> dict[str, int]:
     counts = {}
     for k, split in enumerate(SPLITS):
         members = [s for s in scenes if s.split == split]
         pairs = pairs_for_split(members, rng_for(seed, KIND_WORLD, k + 1, STREAM_TEXT))
-        rows = [manifest_row(s, seed, pairs[s.id]) for s in members]
+        rows = [manifest_row(s, seed, pairs[s.id], heldout) for s in members]
         _write_jsonl(root / f"{split}.jsonl", rows)
-        _write_jsonl(root / f"instruct-{split}.jsonl", instruction_rows(members, rows, seed))
+        _write_jsonl(root / f"instruct-{split}.jsonl", instruction_rows(members, rows, seed, heldout))
         counts[split] = len(members)
     return counts
 
@@ -311,7 +314,7 @@ def generate_world(
     atomic_write_text(marker, json.dumps(params))
     scenes = sample_world(seed, n, n_heldout, tuple(split), heldout)
     log.info("generating %d scenes in %s with %d workers", len(scenes), root, workers)
-    write_manifests = functools.partial(_write_manifests, root, scenes, seed)
+    write_manifests = functools.partial(_write_manifests, root, scenes, seed, heldout)
     counts = _render_all(root, scenes, params, workers, progress, meanwhile=write_manifests)
     world = _world_json(params, heldout, counts)
     atomic_write_json(root / "world.json", world)
@@ -348,7 +351,7 @@ def write_lookup_rows(root: Path | str, per_item: int) -> Path:
                         f"{SYNTH_VERSION}: regenerate it (`mmembed data synth --overwrite`)")
     try:
         scenes = sample_world(*sampling)
-        rows = lookup_rows([s for s in scenes if s.split == "train"], train, seed, per_item)
+        rows = lookup_rows([s for s in scenes if s.split == "train"], train, seed, per_item, sampling[-1])
     except ValueError:
         raise UserError(f"{root / 'train.jsonl'} does not hold the scenes its world.json describes; "
                         "regenerate the world (`mmembed data synth --overwrite`)") from None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,9 @@ import numpy as np
 from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption, parse_caption, pick
 from mmembed.data.synth.dialogues import SHOW, recall_item
 from mmembed.data.synth.phrasings import MODALITY_WORDS, TEMPLATES, TEXT_TEMPLATES
-from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, reference
-from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
-from mmembed.data.synth.world import Scene, SceneObject, rng_for
+from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, asked_pair, reference
+from mmembed.data.synth.rules import SIZES
+from mmembed.data.synth.world import Combo, Scene, SceneObject, rng_for
 
 # world.py's streams are 0-3 (sample, image, audio, text); these are the next free ones.
 STREAM_INSTRUCT = 4
@@ -88,15 +88,20 @@ _SAME_KEYS: dict[str, Callable[[Sequence[SceneObject]], frozenset[str]]] = {
 class _Split:
     """One split's scenes with their media, and the groups comparison partners are drawn from."""
 
-    def __init__(self, scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]],
+                 heldout: Collection[Combo] = ()) -> None:
         if [s.id for s in scenes] != [r["id"] for r in manifest]:
             raise ValueError("instruction_rows needs the manifest rows of `scenes`, in the same order")
-        self.scenes, self.rows = list(scenes), list(manifest)
+        self.scenes, self.rows, self.heldout = list(scenes), list(manifest), heldout
         self.groups: dict[str, dict[Any, list[int]]] = {task: defaultdict(list) for task in _SAME_KEYS}
         for i, s in enumerate(self.scenes):
             for task, key in _SAME_KEYS.items():
                 self.groups[task][key(s.objects)].append(i)
         self.singles = [i for i, s in enumerate(self.scenes) if len(s.objects) == 1]
+
+    def withheld(self, i: int) -> Collection[Combo]:
+        """The pairs no question about scene i may name: the held-out ones, outside their split."""
+        return () if self.scenes[i].split == "heldout" else self.heldout
 
     def media(self, i: int, modality: str) -> dict[str, str]:
         return {modality: self.rows[i][modality]}
@@ -136,12 +141,13 @@ def _possible(task: str, objects: Sequence[SceneObject]) -> bool:
     return task not in ATTRS or any(_referable(o, objects, task) for o in objects)
 
 
-def _attribute_question(task: str, objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[dict, str]:
+def _attribute_question(task: str, objects: Sequence[SceneObject], rng: np.random.Generator,
+                        withheld: Collection[Combo]) -> tuple[dict, str]:
     """Template slots and answer of one attribute question; `task` must be possible for the scene."""
     if task == "count":
         return {}, COUNT_WORDS[len(objects)]
-    if task == "exists":  # as questions.py: half about an object that is there, half at random
-        shape, colour = pick(rng, objects).combo if rng.random() < 0.5 else (pick(rng, SHAPES), pick(rng, COLOURS))
+    if task == "exists":  # as questions.py: half about an object that is there, half any allowed pair
+        shape, colour = asked_pair(objects, rng, withheld)
         noun = pick(rng, SHAPE_WORDS[shape])
         present = any(o.combo == (shape, colour) for o in objects)
         return {"thing": f"{article(colour)} {colour} {noun}"}, "yes" if present else "no"
@@ -154,7 +160,7 @@ def _attribute_items(split: _Split, i: int, modality: str, rng: np.random.Genera
     possible = [t for t in TASK_GROUPS["attribute"] if _possible(t, scene.objects)]
     items = []
     for task in rng.choice(possible, size=2, replace=False).tolist():
-        slots, answer = _attribute_question(task, scene.objects, rng)
+        slots, answer = _attribute_question(task, scene.objects, rng, split.withheld(i))
         prompt = _render(pick(rng, TEMPLATES[task]), [split.media(i, modality)], rng, **slots)
         items.append((task, prompt, answer, [scene]))
     return items
@@ -192,7 +198,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
 
 # ---------------------------------------------------------------- rows, scoring
 def instruction_rows(
-    scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int
+    scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int, heldout: Collection[Combo] = ()
 ) -> list[dict[str, Any]]:
     """The instruction rows of one split, about 11 per scene, in scene order.
 
@@ -200,11 +206,12 @@ def instruction_rows(
         scenes: the split's scenes.
         manifest: their manifest rows, in the same order: media paths and captions come from there.
         seed: the world seed.
+        heldout: the world's held-out (shape, colour) pairs, which only the held-out split's rows name.
 
     Returns:
         JSON-ready rows (see the module docstring); ids are '<scene id>/<k>', unique in the split.
     """
-    split = _Split(scenes, manifest)
+    split = _Split(scenes, manifest, heldout)
     rows = []
     for i, scene in enumerate(split.scenes):
         rng = rng_for(seed, scene.kind, scene.index, STREAM_INSTRUCT)
@@ -222,7 +229,7 @@ def instruction_rows(
 
 
 def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int,
-                per_item: int) -> list[dict[str, Any]]:
+                per_item: int, heldout: Collection[Combo] = ()) -> list[dict[str, Any]]:
     """More questions that find one of two objects by one attribute and ask another ("What colour
     is the star in {image}?"), `per_item` about each two-object scene's picture and as many about
     its sound, written as `instruction_rows` writes its attribute questions (same templates).
@@ -231,7 +238,7 @@ def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], 
     bind; a lookup costs examples"); the world's own rows ask about 1.3 per two-object scene and
     modality.
     Ids are '<scene id>/l<k>'; the generator is the scene's own (`STREAM_LOOKUPS`)."""
-    split = _Split(scenes, manifest)
+    split = _Split(scenes, manifest, heldout)
     rows = []
     for i, scene in enumerate(split.scenes):
         if len(scene.objects) != 2:
@@ -240,7 +247,7 @@ def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], 
         possible = [t for t in LOOKUP_TASKS if _possible(t, scene.objects)]
         for k in range(2 * per_item):
             task = pick(rng, possible)
-            slots, answer = _attribute_question(task, scene.objects, rng)
+            slots, answer = _attribute_question(task, scene.objects, rng, split.withheld(i))
             media = split.media(i, "image" if k < per_item else "audio")
             prompt = _render(pick(rng, TEMPLATES[task]), [media], rng, **slots)
             rows.append(_row(f"{scene.id}/l{k}", (task, prompt, answer, [scene])))

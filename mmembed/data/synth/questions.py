@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,13 +67,22 @@ def _object_questions(
     return qa
 
 
-def questions_for(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> list[dict[str, str]]:
-    """Counting, existence and per-object attribute questions with one-word answers."""
-    qa = [{"question": "how many objects are there?", "answer": COUNT_WORDS[len(objects)]}]
+def asked_pair(objects: Sequence[SceneObject], rng: np.random.Generator,
+               withheld: Collection[tuple[str, str]] = ()) -> tuple[str, str]:
+    """The (shape, colour) an "is there …?" question names: half the time one of the scene's
+    objects', else any pair but the `withheld` ones (the world's held-out pairs, outside the
+    held-out split: no text of train, val or test may name them, not even as an absent thing)."""
     if rng.random() < 0.5:
-        shape, colour = pick(rng, objects).combo
-    else:
-        shape, colour = pick(rng, SHAPES), pick(rng, COLOURS)
+        return pick(rng, objects).combo
+    return pick(rng, [c for c in itertools.product(SHAPES, COLOURS) if c not in withheld])
+
+
+def questions_for(objects: tuple[SceneObject, ...], rng: np.random.Generator,
+                  withheld: Collection[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """Counting, existence and per-object attribute questions with one-word answers (`withheld`:
+    as `asked_pair`)."""
+    qa = [{"question": "how many objects are there?", "answer": COUNT_WORDS[len(objects)]}]
+    shape, colour = asked_pair(objects, rng, withheld)
     present = any(o.combo == (shape, colour) for o in objects)
     noun = pick(rng, SHAPE_WORDS[shape])
     qa.append({"question": f"is there {article(colour)} {colour} {noun}?", "answer": "yes" if present else "no"})

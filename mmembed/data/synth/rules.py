@@ -21,7 +21,8 @@ from types import MappingProxyType
 from typing import Any
 
 # Bump whenever rendering, sampling or text generation changes the bytes written for a seed.
-SYNTH_VERSION = 5  # 5: scenes told in words, show turns described, two memory dialogues per scene
+SYNTH_VERSION = 7  # 5: scenes told in words, show turns described, two memory dialogues per scene;
+# 7: "is there …?" outside the held-out split never names a held-out pair (6: the `turn-first` branch's)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 # Rainbow order, so that pitch rises with the colour's index (red = lowest, as in light).
