@@ -124,7 +124,6 @@ def ours_bf16(decoder, ids: torch.Tensor, rounds: int, device: torch.device) -> 
     fn = synchronised(lambda: ours_generate(low, ids), device)
     times = interleaved_times({"bf16": fn}, rounds=max(2, rounds // 2), warmup=1)
     same = float((ours_generate(low, ids) == fp32).float().mean())
-    del low
     seconds = sorted(times["bf16"])[len(times["bf16"]) // 2]
     return {"tokens_per_s": ids.shape[0] * NEW / seconds, "tokens_same_as_fp32": same}
 
