@@ -11,33 +11,41 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(loss_worker, args=(str(out / "init"), str(out)), nprocs=W, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(W)]
+def _spawn(worker, folder) -> list[dict]:
+    """Each rank's saved results of `worker` (loss and gradients per case)."""
+    mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=W, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(W)]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one_on_the_global_batch(two_ranks, case):
+def _assert_ranks_equal_one_process(ranks: list[dict], case: str, rows: slice):
+    """Every rank's global loss and averaged gradients equal one process's on `rows`; returns those."""
     module = Towers()
-    loss, grads = loss_and_grads(case, module, Forward(module, forward), slice(0, W * B))
+    loss, grads = loss_and_grads(case, module, Forward(module, forward), rows)
     assert torch.isfinite(loss)
-    for rank in two_ranks:
+    for rank in ranks:
         got = rank[case]
         assert got["loss"] == pytest.approx(float(loss), abs=1e-5)
         assert grads.keys() == got["grads"].keys()
         for name, g in grads.items():
             torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=0, msg=f"{case}: grad of {name}")
+    return grads
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _spawn(loss_worker, tmp_path_factory.mktemp("dist"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_on_the_global_batch(two_ranks, case):
+    grads = _assert_ranks_equal_one_process(two_ranks, case, slice(0, W * B))
     # the case is not trivial: the towers and the scale get real gradients
     assert grads["towers.text.weight"].abs().max() > 1e-3 and grads["log_scale"].abs() > 1e-4
 
 
 @pytest.fixture(scope="module")
 def uneven_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uneven")
-    mp.spawn(uneven_worker, args=(str(out / "init"), str(out)), nprocs=W, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(W)]
+    return _spawn(uneven_worker, tmp_path_factory.mktemp("uneven"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -45,10 +53,4 @@ def test_ranks_with_short_batches_or_a_missing_modality_still_equal_one_process(
     """Rank 0's batch has no audio input, rank 1's a row fewer: the ranks still run the same
     collectives (they aborted: gloo's "collective mismatch"), and the loss and gradients are one
     process's on the 11 rows they hold together."""
-    module = Towers()
-    loss, grads = loss_and_grads(case, module, Forward(module, forward), slice(0, 2 * B - 1))
-    for rank in uneven_ranks:
-        got = rank[case]
-        assert got["loss"] == pytest.approx(float(loss), abs=1e-5)
-        for name, g in grads.items():
-            torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=0, msg=f"{case}: grad of {name}")
+    _assert_ranks_equal_one_process(uneven_ranks, case, slice(0, 2 * B - 1))
