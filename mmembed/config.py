@@ -140,7 +140,7 @@ class TrainConfig:
     fsdp: bool = False
     eval_every: int | None = None  # steps; None = every epoch
     checkpoint_every: int = 200  # steps
-    keep_last: int = 2  # checkpoints kept besides the best
+    keep_last: int = 2  # checkpoints kept besides the best (the newest is always kept: --resume starts there)
     # evaluations without improvement before the run stops (null: never). With restore_best the
     # run keeps the best weights either way: stopping only saves the time a falling curve wastes
     early_stop_patience: int | None = 5

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     save_tensors(tmp / "trainer.safetensors", tensors)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
+        with open(tmp / name, "rb+") as f:  # on disk before the folder is renamed complete, as the weights
+            os.fsync(f.fileno())
     atomic_write_json(tmp / "trainer.json", {"progress": asdict(progress), "optimizer": opt_meta,
                                              "python_rng": _python_rng()})
     if final.exists():  # re-saving a step: swap by renames, so `final` is always a whole checkpoint
@@ -109,8 +112,13 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (weights, optimizer state and trainer.json), or None."""
     root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("step_*") if _complete(p)) if root.is_dir() else []
+    done = _by_step(p for p in root.glob("step_*") if _complete(p)) if root.is_dir() else []
     return done[-1] if done else None
+
+
+def _by_step(folders: Iterable[Path]) -> list[Path]:
+    """Checkpoint folders oldest first, by their step (as names, step_10000000 would sort before step_9999000)."""
+    return sorted(folders, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def _complete(folder: Path) -> bool:
@@ -177,10 +185,11 @@ def _last_line(e: BaseException) -> str:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints and those in `keep` (the best)."""
+    """Delete all but the newest `keep_last` complete checkpoints and those in `keep` (the best).
+    The newest is kept whatever `keep_last` says (0: the best and the newest): a resume starts there."""
     root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("step_*") if _complete(p))
-    for old in done[:-keep_last] if keep_last > 0 else done:
+    done = _by_step(p for p in root.glob("step_*") if _complete(p))
+    for old in done[:-max(keep_last, 1)]:
         if old.resolve() not in {k.resolve() for k in keep}:
             shutil.rmtree(old, ignore_errors=True)
 

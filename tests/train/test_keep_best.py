@@ -147,6 +147,26 @@ def test_restore_best_off_keeps_the_last_weights_but_still_keeps_the_best_checkp
     assert f"kept the last weights (step {STEPS}, recall@1 = 0.3); the best was step 4" in caplog.text
 
 
+def test_pruning_keeps_the_newest_and_the_best_and_orders_by_step(tmp_path):
+    """keep_last=0 keeps the best and the newest (a resume starts there); past step 9,999,999 the
+    folder names grow a digit and must still sort by step."""
+    from mmembed.train.state import latest_checkpoint, prune_checkpoints
+
+    def folder(step):
+        path = checkpoint_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        for name in ("model.safetensors", "trainer.safetensors", "trainer.json"):
+            (path / name).write_text("x")
+        return path
+
+    best = folder(20)
+    for step in (10, 30, 9_999_000, 10_000_000):
+        folder(step)
+    assert latest_checkpoint(tmp_path).name == "step_10000000"
+    prune_checkpoints(tmp_path, keep_last=0, keep={best})
+    assert _folders(tmp_path) == ["step_0000020", "step_10000000"]
+
+
 def test_without_validation_the_last_weights_and_only_the_last_checkpoints(tmp_path):
     model, _, result = _fit(tmp_path / "run", validate=False, keep_last=2)
     assert (result.best_step, result.best_metric, result.weights_step) == (None, None, STEPS)
