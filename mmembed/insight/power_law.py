@@ -65,7 +65,9 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
         x: positive abscissae (parameters, tokens, FLOPs), at least 3 distinct values.
         loss: positive losses, one per x.
         offset: fit the irreducible term E ≥ 0; False fits a pure power law (E = 0).
-        bootstrap: resamples for the confidence intervals (0 = none).
+        bootstrap: resamples for the confidence intervals (0 = none). With fewer points than the
+            fitted parameters plus 2 there are none either: every usable resample of 3 points is
+            the same 3 points, refitted exactly (an interval of width 0 that claims certainty).
         seed: seeds the bootstrap.
 
     Returns:
@@ -82,7 +84,8 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
     if not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
         log.warning("the fitted exponent %.4g sits at the edge of the search range %s: these points do not "
                     "follow L = E + A·x^(−α) (R² = %.3f); read the fit as a failure, not a law", alpha, ALPHA_RANGE, r2)
-    ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 else {}
+    n_params = 3 if offset else 2
+    ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 and len(xs) >= n_params + 2 else {}
     return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci)
 
 

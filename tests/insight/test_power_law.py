@@ -34,6 +34,13 @@ def test_noisy_power_law_parameters_inside_bootstrap_intervals(seed):
         assert lo <= value <= hi, (name, lo, value, hi)
 
 
+def test_too_few_points_for_an_interval_give_none_not_a_zero_width_one():
+    """3 points and 3 parameters: every usable resample is the same points, refitted exactly."""
+    assert fit_power_law([1e4, 1e5, 1e6], [3.0, 2.5, 2.2], bootstrap=200).ci == {}
+    wide = fit_power_law([1e4, 1e5, 1e6, 1e7, 1e8], [3.0, 2.52, 2.2, 2.05, 1.93], bootstrap=200).ci
+    assert set(wide) == {"E", "A", "alpha"} and wide["alpha"][1] > wide["alpha"][0]
+
+
 def test_pure_power_law_and_no_offset_mode():
     x = np.array([10.0, 30.0, 100.0, 300.0, 1000.0])
     y = 5.0 * x ** -0.5
