@@ -225,6 +225,7 @@ class DecoderConfig:
     activation: Literal["gelu", "gelu_tanh"] = "gelu"
     dropout: float = 0.1
     tie_embeddings: bool = True  # output projection = token embedding matrix
+    norm_eps: float = 1e-5  # LayerNorm epsilon (a GPT-2's `layer_norm_epsilon` with init_from_gpt2)
     # Sliding-window attention: a token sees itself and the window - 1 before it (training and
     # generation alike); generation then keeps `window` keys per layer and, with rotary or
     # sinusoidal positions, runs past `context`. None: full causal attention within the context.
@@ -311,6 +312,8 @@ class DecoderConfig:
                               f"= {self.width} / {self.heads}")
         if not 0 < self.mlp_ratio < math.inf:
             raise ConfigError(f"decoder.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"decoder.norm_eps must be in (0, 1), got {self.norm_eps!r}")
 
 
 @dataclass

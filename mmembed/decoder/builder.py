@@ -51,7 +51,8 @@ def with_gpt2_architecture(cfg: DecoderConfig) -> DecoderConfig:
     arch = gpt2_architecture(cfg.init_from_gpt2)
     return dataclasses.replace(cfg, width=arch["width"], layers=arch["layers"], heads=arch["heads"],
                                mlp_ratio=arch["mlp_ratio"], context=arch["max_len"], positional="learned",
-                               activation=arch["activation"], tie_embeddings=arch["tie_embeddings"])
+                               activation=arch["activation"], tie_embeddings=arch["tie_embeddings"],
+                               norm_eps=arch["norm_eps"])
 
 
 def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> PromptModel:
@@ -71,7 +72,7 @@ def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> Pr
     else:
         decoder = Decoder(fmt.vocab_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context,
                           cfg.positional, cfg.dropout, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation,
-                          window=cfg.window, conv_kernel=cfg.conv_kernel)
+                          norm_eps=cfg.norm_eps, window=cfg.window, conv_kernel=cfg.conv_kernel)
     projector = Projector(embed_dim, decoder.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
     return PromptModel(_fused(cfg, projector, decoder, fmt, embed_dim), fmt, cfg)
 
@@ -110,8 +111,8 @@ def load_prompt_model(run_dir: Path, cfg: DecoderConfig, space_tokenizer: Any, e
     if vocab < fmt.vocab_size:
         raise CheckpointError(f"{run_dir / DECODER_WEIGHTS}: {vocab} token rows for a {fmt.vocab_size}-id vocabulary")
     decoder = Decoder(vocab, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context, cfg.positional,
-                      0.0, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation, window=cfg.window,
-                      conv_kernel=cfg.conv_kernel)
+                      0.0, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation, norm_eps=cfg.norm_eps,
+                      window=cfg.window, conv_kernel=cfg.conv_kernel)
     projector = Projector(embed_dim, cfg.width, cfg.soft_tokens, cfg.projector, cfg.projector_hidden)
     lm = _fused(cfg, projector, decoder, fmt, embed_dim)
     expected = _own_state(lm)

@@ -245,7 +245,7 @@ def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path)
     transformers = pytest.importorskip("transformers")
     from tests.decoder.helpers import save_tiny_gpt2
 
-    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2", layer_norm_epsilon=1e-3)  # not the default: the run must keep it
     hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2).eval()
     cfg = decoder_config(tiny_world, tmp_path / "run", init_from_gpt2=str(gpt2), width=999,
                          train={**DECODER["train"], "max_steps": 3, "lr": 1e-9, "weight_decay": 0.0})
@@ -254,6 +254,7 @@ def test_decoder_stage_from_a_pretrained_gpt2(trained_run, tiny_world, tmp_path)
     run = tmp_path / "run"
     saved = load_config(run / "config.yaml").decoder
     assert (saved.width, saved.layers, saved.positional, saved.activation) == (64, 2, "learned", "gelu_tanh")
+    assert saved.norm_eps == 1e-3
     (gpt2 / "model.safetensors").unlink()  # the run must not need the folder any more
     model = mm.load(run)
     assert model.prompt_model.own_tokenizer and (run / "decoder_tokenizer.json").is_file()
