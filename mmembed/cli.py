@@ -171,7 +171,7 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("index", help="index folder")
     p.add_argument("--color-by", required=True, metavar="COLUMN",
                    help="metadata key, dotted path (objects.0.colour) or 'modality'; numbers get a colourbar")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, type=_png, metavar="OUT.png", help="PNG to write")
     p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"],
                    help="pca (default); tsne needs scikit-learn, umap needs umap-learn")
     p.add_argument("--max-points", type=int, default=5000, help="draw a seeded random subset above this many")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -269,6 +268,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.json_out and Path(args.json_out).is_dir():  # refused before the evaluation, not after it
+        raise UserError(f"--json {args.json_out} is a folder; name the file to write")
     model = mm.load(args.run)
     reports = {}
     if args.manifest is not None:
@@ -278,7 +279,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
         table, reports["instructions"] = run_instruction_eval(model, args.instructions,
                                                               max_new_tokens=args.max_new_tokens)
         print(table)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())),
-                                                  indent=2))
+    if args.json_out:  # atomically, its folder made if need be, as run_eval's own --json
+        atomic_write_json(Path(args.json_out), reports if len(reports) > 1 else next(iter(reports.values())))
     return 0

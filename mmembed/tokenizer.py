@@ -319,6 +319,8 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     starts).
     """
     files = [Path(f) for f in corpus_files]
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out {out_dir} is a file; give the folder to write tokenizer.json into")
     if not files:
         raise UserError("no corpus files given")
     for f in files:

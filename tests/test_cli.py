@@ -60,6 +60,21 @@ def test_missing_corpus(capsys, tmp_path):
                              "--out", str(tmp_path)], "none.txt")
 
 
+def test_an_output_that_names_a_file_where_a_folder_goes_is_one_line(capsys, tmp_path):
+    """Refused before any work (a tokenizer trained, every size of the stats, a whole evaluation)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 50)
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+                             "--out", str(taken)], "is a file; give the folder")
+    _one_line_error(capsys, ["tokenizer", "stats", "--corpus", str(corpus), "--vocab-sizes", "300",
+                             "--out", str(taken)], "is a file; give the folder")
+    _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", str(tmp_path)], "is a folder")
+    _one_line_error(capsys, ["map", str(tmp_path), "--color-by", "modality", "--out", str(tmp_path / "m.jpg")],
+                    "must name a .png file")
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmembed.cli", "train", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, timeout=120)

@@ -19,6 +19,8 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
                                                  plot_tokenizer_stats, tokenizer_stats, write_stats)
 
     sizes = parse_vocab_sizes(args.vocab_sizes)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before training every size
+        raise UserError(f"--out {args.out} is a file; give the folder to write the table and plot into")
     width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
     with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
         rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,
