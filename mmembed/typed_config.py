@@ -140,7 +140,7 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             number = float(value)
         except ValueError:
             number = math.nan
-        if math.isfinite(number) and number == int(number) and (isinstance(value, float) or "e" in value.lower()):
+        if number.is_integer() and (isinstance(value, float) or "e" in value.lower()):
             return int(number)
     if tp in (int, float, str, bool):
         if type(value) is not tp:
