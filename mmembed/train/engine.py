@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +40,12 @@ from mmembed.train.distributed import (all_gather_objects, all_reduce_values, ba
                                        no_sync)
 from mmembed.train.fsdp import sharded_of
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
+from mmembed.train.metrics import StepOutput, better, lower_is_better, metric_sums
 from mmembed.train.run_log import MetricsLog, ProgressLine
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
                                  prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepOutput:
-    loss: Tensor  # scalar, differentiable
-    # logged as their mean over the step's micro-batches and ranks (per-pair losses, ...): the same
-    # keys on every rank, NaN for a value this batch has none of (left out of the mean)
-    metrics: dict[str, float] = field(default_factory=dict)
-    samples: int = 0
 
 
 @dataclass
@@ -261,7 +253,7 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
-        sums, counts = _metric_sums(accum)
+        sums, counts = metric_sums(accum)
         samples = sum(o.samples for o in accum)
         if self.world.active:  # the global batch's values, identical on every rank
             keys = sorted(sums)  # the same on every rank (`StepOutput.metrics`)
@@ -335,7 +327,7 @@ class Trainer:
                             "checkpoint is kept and the last weights are saved", name, ", ".join(sorted(metrics)))
             return False, False
         self._last_value = value = float(value)
-        if _better(value, p.best_metric, lower_is_better(name)):
+        if better(value, p.best_metric, lower_is_better(name)):
             p.best_metric, p.best_step, p.evals_since_best = value, p.step, 0
             improved = True
         else:
@@ -412,19 +404,6 @@ class Trainer:
         return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
 
 
-def lower_is_better(metric: str) -> bool:
-    """Losses and ranks are minimised (`loss`, `val_loss`, `loss/text-image`, `median_rank`); every
-    other metric (recall, accuracy) is maximised."""
-    return any(part.endswith(("loss", "rank")) for part in metric.split("/"))
-
-
-def _better(value: float, best: float | None, lower: bool) -> bool:
-    """Whether `value` beats `best`; a non-finite value never does (a NaN best would block every later one)."""
-    if not math.isfinite(value):
-        return False
-    return best is None or (value < best if lower else value > best)
-
-
 def _rows(batch: Any) -> int:
     """Rows in a batch (1 for a batch without a length)."""
     try:
@@ -432,15 +411,3 @@ def _rows(batch: Any) -> int:
     except TypeError:
         return 1
 
-
-def _metric_sums(outs: list[StepOutput]) -> tuple[dict[str, float], dict[str, int]]:
-    """Each metric's sum over the micro-batches that measured it (a finite value), and their count:
-    a value a micro-batch lacks is left out of its mean, not counted as 0."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for out in outs:
-        for key, value in out.metrics.items():
-            finite = math.isfinite(value)
-            sums[key] = sums.get(key, 0.0) + (value if finite else 0.0)
-            counts[key] = counts.get(key, 0) + finite
-    return sums, counts

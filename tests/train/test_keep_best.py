@@ -13,7 +13,8 @@ import torch
 
 from mmembed.checkpoint import load_tensors, save_tensors
 from mmembed.config import TrainConfig
-from mmembed.train.engine import StepOutput, Trainer, lower_is_better
+from mmembed.train.engine import StepOutput, Trainer
+from mmembed.train.metrics import lower_is_better
 from mmembed.train.state import CKPT_DIR, checkpoint_dir
 from tests.train.test_engine import BS, N, Toy, _data, _make_loader
 

@@ -1,0 +1,48 @@
+"""What a training step reports, and how a run compares its metrics.
+
+A stage's `step_fn` returns a `StepOutput` (the loss and named values); the engine averages each
+value over the micro-batches and ranks that measured it, and keeps the best checkpoint by
+`early_stop_metric`, minimising losses and ranks and maximising everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, differentiable
+    # logged as their mean over the step's micro-batches and ranks (per-pair losses, ...): the same
+    # keys on every rank, NaN for a value this batch has none of (left out of the mean)
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and ranks are minimised (`loss`, `val_loss`, `loss/text-image`, `median_rank`); every
+    other metric (recall, accuracy) is maximised."""
+    return any(part.endswith(("loss", "rank")) for part in metric.split("/"))
+
+
+def better(value: float, best: float | None, lower: bool) -> bool:
+    """Whether `value` beats `best`; a non-finite value never does (a NaN best would block every later one)."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if lower else value > best)
+
+
+def metric_sums(outs: list[StepOutput]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each metric's sum over the micro-batches that measured it (a finite value), and their count:
+    a value a micro-batch lacks is left out of its mean, not counted as 0."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for out in outs:
+        for key, value in out.metrics.items():
+            finite = math.isfinite(value)
+            sums[key] = sums.get(key, 0.0) + (value if finite else 0.0)
+            counts[key] = counts.get(key, 0) + finite
+    return sums, counts
