@@ -20,15 +20,11 @@ from typing import Any
 from mmembed.checkpoint import atomic_write_json
 from mmembed.data.instructions import InstructionRow, read_instructions
 from mmembed.data.synth import TASKS, score
+from mmembed.data.synth.instructions import normalise
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
 from mmembed.errors import UserError
 
 OVERALL, UNTASKED = "(all tasks)", "(no task)"
-
-
-def normalise(answer: str) -> str:
-    """Spaces and case, and trailing punctuation: ' Red. ' -> 'red'."""
-    return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
 
 
 def exact_match(row: InstructionRow, text: str) -> bool:

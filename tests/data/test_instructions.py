@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmembed.data.instructions import InstructionRow
 from mmembed.data.synth import (TASK_GROUPS, TASKS, generate_world, mentions, parse_caption, score, task_group,
                                  write_lookup_rows)
 from mmembed.data.synth.dialogues import ASK, SHOW, TELL
@@ -22,6 +23,7 @@ from mmembed.data.synth.phrasings import TEMPLATES, TEXT_TEMPLATES
 from mmembed.data.synth.rules import COLOURS
 from mmembed.data.synth.world import SceneObject, sample_world
 from mmembed.errors import UserError
+from mmembed.evaluate_instructions import exact_match
 
 SPLITS = ("train", "val", "test", "heldout")
 N, SEED = 60, 0
@@ -326,6 +328,15 @@ def test_score_normalises_short_answers():
     assert score(row, "Red.") and score(row, "  red ") and score(row, "RED!")
     assert not score(row, "blue") and not score(row, "dark red")
     assert score({"task": "larger", "answer": "the picture"}, "The picture.")
+    assert score({"task": "larger", "answer": "the picture"}, " the  picture ")  # as `mmembed eval` reads it
+
+
+def test_the_world_and_eval_read_answers_alike():
+    """`mmembed eval` on any manifest and the world's own reader normalise an answer the same way."""
+    row = InstructionRow(line=1, prompt=(), answer="the picture", task="larger")
+    for text in ("The  picture.", "\tthe picture\n", "THE PICTURE!", "the pictures"):
+        assert exact_match(row, text) == score({"task": "larger", "answer": "the picture"}, text)
+    assert exact_match(row, "the  picture")
 
 
 def test_task_groups():

@@ -273,8 +273,8 @@ def task_group(task: str) -> str:
 
 
 def normalise(answer: str) -> str:
-    """Strip, lower-case and drop trailing punctuation: 'Red.' -> 'red'."""
-    return answer.strip().lower().rstrip(".!?,;:").strip()
+    """Lower-case, one space between words, no trailing punctuation: ' Red  star. ' -> 'red star'."""
+    return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
 
 
 def score(row: Mapping[str, Any], generated: str) -> bool:
