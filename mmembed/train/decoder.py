@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from encoders.blocks import set_grad_checkpointing
 from encoders.lora import add_lora_, merge_lora_
@@ -78,7 +79,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     set_grad_checkpointing(lm, cfg.train.grad_checkpointing)
     train_data, val_data, table, skips = _datasets(config, pm, model)
     if cfg.whiten:
-        fit_whitening(config, pm, model, table)
+        fit_whitening(config, pm, model, train_data.media_vectors())
     vectors = table.vectors.to(device)
 
     tc = cfg.train
@@ -156,14 +157,14 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     return train_data, val_data, table, skips
 
 
-def fit_whitening(config: Config, pm: PromptModel, model: Model, table: MediaTable) -> None:
+def fit_whitening(config: Config, pm: PromptModel, model: Model, own: Tensor) -> None:
     """Fit the projector's whitening to the space: the vectors of every modality of the first
     `decoder.whiten_rows` rows of the align training manifest, pooled (so a decoder trained on
-    one modality's prompts is fitted to the whole space); without that manifest, the decoder's
-    own media."""
+    one modality's prompts is fitted to the whole space); without that manifest, `own`, the
+    vectors of the decoder's training media (never its validation rows')."""
     cfg, root = config.decoder, Path(config.data.root)
     manifest = root / config.data.train
-    vectors = table.good_vectors()
+    vectors = own
     if manifest.is_file():
         rows = read_manifest(manifest, root=root, allow_outside_root=config.data.allow_outside_root,
                              strict=config.data.strict).rows[: cfg.whiten_rows]

@@ -121,6 +121,11 @@ class PromptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def media_vectors(self) -> Tensor:
+        """(N, D) the table's vectors of the media these examples show, each once."""
+        used = {p[1] for ex in self.examples for p in ex.pieces if isinstance(p, tuple)}
+        return self.table.vectors[sorted(used)]
+
     def _length(self, ex: Encoded) -> int:
         """<bos> + prompt pieces (a media item: its markers and soft tokens) + <answer> + answer."""
         media = self.fmt.soft_tokens + 2

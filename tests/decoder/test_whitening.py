@@ -1,6 +1,8 @@
 """Whitening before the projector: the fitted map whitens its samples, the fused LM reads the
 whitened vectors, and a decoder stage with `decoder.whiten` fits it to the space and saves it."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,10 +10,12 @@ import mmembed as mm
 from mmembed.checkpoint import load_tensors
 from mmembed.config import load_config
 from mmembed.data import read_manifest
+from mmembed.data.instructions import read_instructions
 from mmembed.decoder import DECODER_WEIGHTS
 from mmembed.decoder.whitening import Whitening
 from mmembed.errors import ConfigError
 from mmembed.train import train
+from mmembed.train.decoder import train_decoder
 from tests.decoder.helpers import prompt_model
 from tests.train.test_decoder_stage import decoder_config, first
 
@@ -93,3 +97,22 @@ def test_decoder_stage_fits_the_whitening_to_the_space_and_saves_it(tiny_world, 
     after = mm.load(tmp_path / "copy").generate(prompt, max_new_tokens=6, temperature=1.0, seed=1)
     assert after.token_ids == before.token_ids and after.logprobs == pytest.approx(before.logprobs, abs=1e-6)
     assert load_config(run / "config.yaml").decoder.whiten is True
+
+
+def test_without_the_align_manifest_the_whitening_fits_the_decoders_training_media(tiny_world, tmp_path):
+    """A decoder stage whose align manifest is gone fits the whitening to the media of its own
+    training rows: never to those of its validation rows."""
+    config = decoder_config(tiny_world, tmp_path / "run", whiten=True)
+    train(config)
+    gone = dataclasses.replace(config, data=dataclasses.replace(config.data, train="gone.jsonl"))
+    train_decoder(gone, overwrite=True)
+    model = mm.load(tmp_path / "run")
+
+    def vectors(name):
+        refs = dict.fromkeys(ref for row in read_instructions(tiny_world / name).rows for ref in row.media)
+        return torch.cat([model.embed(m, [path for mod, path in refs if mod == m]) for m in {r[0] for r in refs}])
+
+    own, val = vectors("instruct-train.jsonl"), vectors("instruct-val.jsonl")
+    w = model.prompt_model.lm.whitening
+    assert torch.allclose(w.mean, own.mean(dim=0), atol=1e-5)
+    assert not torch.allclose(w.mean, torch.cat([own, val]).mean(dim=0), atol=1e-4)
