@@ -122,6 +122,8 @@ class Store:
         with self._guard():
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
+            elif self._conn is not None:  # a parent's, inherited by fork: parked, as `conn` does
+                _PARKED.append(self._conn)
             self._conn = None
 
     def _guard(self) -> threading.RLock:

@@ -13,6 +13,7 @@ import mmembed as mm
 from mmembed.data.manifest import read_manifest
 from mmembed.errors import UserError
 from mmembed.memory import SCHEMA_VERSION, Memory, MemoryFileError
+from mmembed.memory import store as store_module
 from mmembed.modality import Modality
 from tests.memory.conftest import picture, sound
 
@@ -188,6 +189,30 @@ def test_a_forked_child_opens_its_own_connection(db, model):
     assert new_connection and seen[0] == new and set(seen) == {first, new} and count == 2
     assert {h.id for h in mem.search("ada", "child", k=10)} == {first, new}  # the parent sees the child's write
     assert mem.add("ada", "parent again") == new + 1 and mem.integrity_check() == "ok"
+    mem.close()
+
+
+def _closing_child(mem: Memory, queue) -> None:
+    try:
+        parent_conn = mem._store._conn
+        mem.close()
+        queue.put(("ok", any(c is parent_conn for c in store_module._PARKED)))
+    except BaseException as e:  # noqa: BLE001 - report anything to the parent
+        queue.put(("error", repr(e)))
+
+
+def test_a_forked_child_that_closes_the_memory_never_closes_the_parents_connection(db, model):
+    """SQLite connections must not cross fork(): a child's `close()` parks the parent's
+    connection object (left to the garbage collector it would be closed in the child)."""
+    mem = Memory(db, model=model)
+    mem.add("ada", "written by the parent")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_closing_child, args=(mem, queue))
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=5) == ("ok", True)
+    assert mem.count("ada") == 1 and mem.integrity_check() == "ok"
     mem.close()
 
 
