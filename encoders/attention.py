@@ -130,7 +130,8 @@ class MultiHeadAttention(nn.Module):
             kv_cache: stores this call's keys/values and returns all of them.
 
         Returns:
-            (B, T, C). Query rows that may attend to no key return zeros, never NaN.
+            (B, T, C). Query rows that may attend to no key read zeros (their output is the
+            projection's bias), never NaN.
         """
         if self.window is not None and not is_causal:
             raise ValueError("a sliding-window attention layer must be called with is_causal=True")

@@ -129,7 +129,9 @@ class RotaryPositional(nn.Module):
     def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, base: float = 10000.0,
                  unbounded: bool = False) -> None:
         super().__init__()
-        if dim % heads or (dim // heads) % 2:
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads={heads}")
+        if (dim // heads) % 2:
             raise ValueError(f"rotary needs an even head dimension; got dim={dim}, heads={heads}")
         head_dim = dim // heads
         # A plain float64 CPU tensor, not a buffer: `.to(dtype)` must not round the frequencies.

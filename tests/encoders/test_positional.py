@@ -84,3 +84,5 @@ def test_rotary_preserves_norms_and_is_identity_at_position_zero():
 def test_rotary_needs_even_head_dim():
     with pytest.raises(ValueError, match="even head dimension"):
         RotaryPositional(dim=12, heads=4)
+    with pytest.raises(ValueError, match="width 36 is not divisible by heads=8"):  # the cause, not its symptom
+        RotaryPositional(dim=36, heads=8)
