@@ -109,10 +109,16 @@ class AudioPreprocessor:
         time_stretch: float = 0.0,
         train: bool = False,
     ) -> None:
+        if not all(math.isfinite(v) for v in (max_seconds, mean, std, f_min, f_max or 0.0, time_stretch)):
+            raise ConfigError("audio preprocess: max_seconds, mean, std, f_min, f_max and time_stretch must be finite")
         if min(sample_rate, n_mels, n_fft, hop_length) <= 0 or max_seconds <= 0 or std <= 0:
             raise ConfigError(
                 "audio preprocess: sample_rate, n_mels, n_fft, hop_length, max_seconds and std must be positive"
             )
+        top = sample_rate / 2 if f_max is None else f_max
+        if not 0 <= f_min < top <= sample_rate / 2:
+            raise ConfigError(f"audio preprocess: need 0 <= f_min < f_max <= sample_rate / 2 = {sample_rate / 2:g} Hz, "
+                              f"got f_min={f_min}, f_max={f_max}")
         if min(freq_mask, time_mask) < 0:
             raise ConfigError(f"audio preprocess: freq_mask={freq_mask} and time_mask={time_mask} must be >= 0")
         if not 0 <= freq_shift < n_mels or not 0 <= time_stretch < 1:
@@ -357,6 +363,8 @@ def channel_axis(t: Tensor) -> int | None:
 
 def _to_mono(t: Tensor) -> Tensor:
     """(T,), (C, T) or (T, C) → (T,) by averaging channels."""
+    if t.numel() == 0:  # (0, 2) would average to two NaN samples
+        raise BadInput(f"zero-length audio (shape {tuple(t.shape)})")
     axis = channel_axis(t)
     return t if axis is None else t.mean(dim=axis)
 

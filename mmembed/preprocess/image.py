@@ -91,8 +91,10 @@ class ImagePreprocessor:
         self.limits = ImageLimits(tuple(formats), max_pixels, max_side, max_aspect)
         if len(mean) != 3 or len(std) != 3 or len(background) != 3:
             raise ConfigError("image preprocess: mean, std and background need 3 values (R, G, B)")
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"image preprocess: std must be positive, got {std}")
+        if not all(math.isfinite(v) for v in (*mean, *std)) or any(s <= 0 for s in std):
+            raise ConfigError(f"image preprocess: mean must be finite and std finite and positive, got {mean}, {std}")
+        if not all(0 <= b <= 255 for b in background):
+            raise ConfigError(f"image preprocess: background values must lie in 0..255, got {background}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ConfigError(f"image preprocess: crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
         if color_jitter < 0 or affine_degrees < 0 or not 0 <= affine_translate < 0.5:

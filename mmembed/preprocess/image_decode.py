@@ -98,13 +98,17 @@ def _load(item: Any, limits: ImageLimits, background) -> Tensor:
     if isinstance(item, np.ndarray):
         if item.ndim == 2:
             item = item[..., None]
-        if item.ndim != 3:
-            raise BadInput(f"image array must be (H, W) or (H, W, C); got shape {item.shape}")
+        if item.ndim != 3 or item.shape[-1] not in (1, 3, 4):  # the layout first: a CHW array is no tall image
+            raise BadInput(f"image array must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {item.shape}")
         _check_shape(item.shape[1], item.shape[0], limits, "image array")
+        if item.dtype.byteorder not in "=|":  # big-endian pixels (FITS, np.frombuffer('>u2')): native first
+            item = item.astype(item.dtype.newbyteorder("="))
         if not item.flags.writeable:  # e.g. np.asarray(pil_image); torch warns on read-only memory
             item = item.copy()
         return _chw_to_rgb(torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1), background)
     if isinstance(item, Tensor):
+        if item.ndim == 3 and item.shape[0] not in (1, 3, 4):
+            raise BadInput(f"image tensor must be (H, W) or (C, H, W) with C in 1, 3, 4; got shape {tuple(item.shape)}")
         if item.ndim in (2, 3):
             _check_shape(item.shape[-1], item.shape[-2], limits, "image tensor")
         return _chw_to_rgb(item.detach().cpu().unsqueeze(0) if item.ndim == 2 else item.detach().cpu(), background)
@@ -170,6 +174,9 @@ def _open_header(source: Path | io.BytesIO, name: str, limits: ImageLimits) -> I
     except UnidentifiedImageError:
         detected = _sniff_format(source, exclude=limits.formats)
         if detected is None:
+            allowed = _sniff_format(source, exclude=tuple(f for f in Image.ID if f not in limits.formats))
+            if allowed is not None:  # its signature, but Pillow could not read the header after it
+                raise BadInput(f"truncated or corrupt {allowed} file: {name}") from None
             raise BadInput(f"not a readable image: {name} (no {', '.join(limits.formats)} header)") from None
         raise BadInput(f"image format {detected} is not allowed: {name} "
                        f"(allowed: {', '.join(limits.formats)}; see the `formats` option)") from None
@@ -201,8 +208,12 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
     try:
         im = ImageOps.exif_transpose(im)  # camera orientation, as every photo viewer shows it
         if im.mode in _HIGH_DEPTH_MODES:
-            gray = _high_depth_to_uint8(np.asarray(im), im.mode)  # (H, W)
-            return torch.from_numpy(gray).unsqueeze(0).expand(3, -1, -1).contiguous()
+            pixels = np.asarray(im)
+            rgb = torch.from_numpy(_high_depth_to_uint8(pixels, im.mode)).unsqueeze(0).repeat(3, 1, 1)  # (3, H, W)
+            clear = im.info.get("transparency")  # a 16-bit grey PNG's tRNS: one fully transparent value
+            if isinstance(clear, int):
+                rgb[:, torch.from_numpy(pixels == clear)] = torch.tensor(background, dtype=torch.uint8)[:, None]
+            return rgb
         if im.mode in _ALPHA_MODES or im.info.get("transparency") is not None:
             rgba = im.convert("RGBA")
             base = Image.new("RGBA", rgba.size, (*background, 255))

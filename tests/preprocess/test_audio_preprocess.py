@@ -320,3 +320,18 @@ def test_resampler_cache_is_a_bounded_lru():
     pre.waveform((_tone(44100, 0.05), 44100))  # evicts the least recently used: rates[-7]
     assert pre._resamplers[rates[-8]] is kept and rates[-7] not in pre._resamplers
     assert len(pre._resamplers) == 8
+
+
+@pytest.mark.parametrize("bad", [{"f_min": 9000.0}, {"f_min": 100.0, "f_max": 50.0}, {"f_max": 9000.0},
+                                 {"max_seconds": math.inf}, {"max_seconds": math.nan}, {"mean": math.nan},
+                                 {"std": math.inf}])
+def test_unusable_settings_are_config_errors(bad):
+    """Each used to be a raw ValueError / OverflowError, or every clip skipped or zeroed later."""
+    with pytest.raises(ConfigError, match="audio preprocess"):
+        AudioPreprocessor(**bad)
+
+
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0), (0,)])
+def test_zero_length_audio_of_any_layout_says_so(shape):
+    with pytest.raises(BadInput, match="zero-length audio"):  # (0, 2) was "audio contains NaN/Inf samples"
+        AudioPreprocessor().waveform((np.zeros(shape, dtype=np.float32), 16000))

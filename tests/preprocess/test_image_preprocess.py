@@ -406,3 +406,40 @@ def test_any_failure_inside_preprocessing_is_badinput(monkeypatch):
     monkeypatch.setattr(image_module.F, "resize", out_of_memory)
     with pytest.raises(MemoryError):  # the process is in trouble, not the item: never a skipped row
         ImagePreprocessor(SIZE)(_gradient())
+
+
+def test_unusable_colour_settings_are_config_errors():
+    for bad in ({"std": (float("nan"), 1.0, 1.0)}, {"mean": (0.5, float("inf"), 0.5)},
+                {"background": (300, -10, 0)}):
+        with pytest.raises(ConfigError, match="image preprocess"):
+            ImagePreprocessor(SIZE, **bad)
+
+
+def test_a_sixteen_bit_grey_png_with_a_transparent_value_is_composited(tmp_path):
+    pixels = np.full((4, 4), 40000, dtype=np.uint16)
+    pixels[:2] = 0  # the transparent value
+    path = tmp_path / "grey16.png"
+    Image.fromarray(pixels).save(path, transparency=0)
+    assert Image.open(path).mode == "I;16" and Image.open(path).info.get("transparency") == 0
+    rgb = load_image(path, background=(10, 200, 30))
+    assert rgb[:, :2].reshape(3, -1).T.unique(dim=0).tolist() == [[10, 200, 30]]  # was black
+    assert rgb[:, 2:].unique().tolist() == [156]  # 40000 / 65535 of 255, as without transparency
+
+
+def test_big_endian_arrays_equal_native_ones():
+    native = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    assert torch.equal(load_image(native.astype(">u2")), load_image(native))
+
+
+def test_a_channel_layout_mistake_is_named_before_the_shape_limits():
+    for item in (torch.zeros(512, 512, 3, dtype=torch.uint8), np.zeros((3, 512, 512), dtype=np.uint8)):
+        with pytest.raises(BadInput, match="C in 1, 3, 4"):  # was "image too elongated ... 171:1"
+            load_image(item)
+
+
+def test_a_png_cut_after_its_signature_is_named_truncated(tmp_path):
+    buffer = tmp_path / "whole.png"
+    _gradient().save(buffer)
+    for cut in (8, 33, 40):
+        with pytest.raises(BadInput, match="truncated or corrupt PNG"):
+            load_image(buffer.read_bytes()[:cut])
