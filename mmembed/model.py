@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,7 +135,9 @@ class Model:
         if modality not in self.preprocessors:
             have = ", ".join(map(str, self.modalities))
             raise UserError(f"this model has no {modality} tower (it has: {have})")
-        if isinstance(items, (str, Path)) or not isinstance(items, Sequence):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if _one_item(items):
             items = [items]
         pre = self.preprocessors[modality]
         was_training = self.space.training
@@ -385,3 +388,12 @@ def _load_tokenizer(run_dir: Path) -> Any | None:
     from mmembed.tokenizer import load_tokenizer
 
     return load_tokenizer(run_dir / TOKENIZER)
+
+
+def _one_item(items: Any) -> bool:
+    """Whether `items` is one item rather than a sequence of them: a path, a string, raw bytes,
+    a (data, sample_rate) pair, or anything that is not a sequence (a PIL image, an array)."""
+    if isinstance(items, (str, Path, bytes, bytearray, memoryview)) or not isinstance(items, Sequence):
+        return True
+    return (isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], numbers.Real)
+            and not isinstance(items[1], bool) and not isinstance(items[0], (str, Path)))

@@ -10,7 +10,7 @@ from PIL import Image
 
 import mmembed as mm
 from mmembed.config import Config, ModelConfig, TokenizerConfig, TowerConfig, from_dict
-from mmembed.errors import BadInput, ConfigError
+from mmembed.errors import BadInput, ConfigError, UserError
 from mmembed.model import build_model
 from tests.conftest import TINY_MODEL
 
@@ -47,6 +47,26 @@ def test_waveform_pair_equals_path(model, tiny_world):
     path = sorted((tiny_world / "audio").glob("*.wav"))[0]
     wav, sr = sf.read(path, dtype="float32")
     torch.testing.assert_close(model.embed("audio", [path]), model.embed("audio", [(wav, sr)]), atol=1e-6, rtol=0)
+
+
+def test_one_item_without_a_list_is_embedded_as_one(model, tiny_world):
+    """A path, raw bytes or a (waveform, rate) pair given alone is one item, as in a list of one
+    (bytes and the pair are sequences: they were taken apart into "items")."""
+    import soundfile as sf
+
+    image = sorted((tiny_world / "images").glob("*.png"))[0]
+    sound = sorted((tiny_world / "audio").glob("*.wav"))[0]
+    wav, sr = sf.read(sound, dtype="float32")
+    for modality, item in [("image", image), ("image", image.read_bytes()), ("audio", sound.read_bytes()),
+                           ("audio", (wav, sr)), ("text", "a small blue star")]:
+        assert torch.equal(model.embed(modality, item), model.embed(modality, [item])), (modality, type(item))
+    assert model.embed("image", (image, image)).shape == (2, 32)  # a tuple of items is still items
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_a_batch_size_below_one_is_one_clear_error(model, batch_size):
+    with pytest.raises(UserError, match="batch_size must be an integer >= 1"):  # -1 returned no vectors
+        model.embed("text", ["a", "b"], batch_size=batch_size)
 
 
 def test_batched_equals_single(model):
