@@ -174,7 +174,8 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
         if path.is_dir():
             raise UserError(f"prompt names a folder, not an {kind} file: {path}")
         if not path.is_file():
-            raise UserError(f"prompt names a missing {kind} file: {path}")
+            cut = " (an inline path ends at its first '>': a file whose name holds < or > cannot be named inline)"
+            raise UserError(f"prompt names a missing {kind} file: {path}" + (cut if ">" in text[m.end():] else ""))
         parts.append(MEDIA[Modality(kind)](path))
         pos = m.end()
     parts.append(text[pos:])

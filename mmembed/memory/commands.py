@@ -22,6 +22,8 @@ def run_chat_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model = mm.load(args.run)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes in a line: that turn's one-line error, not the end
+        sys.stdin.reconfigure(errors="surrogateescape")
     with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
         run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "", **generate)

@@ -49,6 +49,8 @@ def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes"
         raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
     if text is not None and not isinstance(text, str):
         raise BadInput(f"text must be a str, got {type(text).__name__}")
+    if text is not None:
+        check_utf8(text, "text")
     if item is None:
         if text is None:
             raise UserError("add needs an item (mm.Image, mm.Audio, mm.Text or a str) or text=")
@@ -72,7 +74,18 @@ def _inline_entry(item: Media, text: str | None) -> Entry:
         raise UserError(f"a {item.modality} item is its own text: pass text= only with a media item")
     if not isinstance(item.item, str) or not item.item.strip():
         raise BadInput(f"a {item.modality} item must be a non-empty str, got {item.item!r:.60}")
+    check_utf8(item.item, f"a {item.modality} item")
     return Entry(item.modality, item.item, item.item)
+
+
+def check_utf8(value: str, name: str) -> None:
+    """BadInput for a str SQLite cannot store: lone surrogates (undecodable bytes of a command-line
+    argument or a file name, as Python's surrogateescape keeps them)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput(f"{name} is not valid UTF-8 text (undecodable character at position {e.start}): "
+                       f"{value!r:.60}") from None
 
 
 def _check_file(path: Path) -> None:

@@ -34,7 +34,7 @@ from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
 from mmembed.memory.export import export_items
-from mmembed.memory.items import Entry, ItemLike, StoreMedia, to_entry
+from mmembed.memory.items import Entry, ItemLike, StoreMedia, check_utf8, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
 from mmembed.memory.store import Store
 from mmembed.modality import Modality
@@ -238,6 +238,13 @@ class Memory:
         with self._guard():
             return self._store.sessions(user)
 
+    def last_turn(self, user: str, session: str) -> int:
+        """The highest turn number stored in `user`'s `session` (0 when none): where it continues."""
+        _check_user(user)
+        _check_optional_str(session, "session")
+        with self._guard():
+            return self._store.last_turn(user, session)
+
     def count(self, user: str | None = None) -> int:
         """Items stored (of `user` when given)."""
         with self._guard():
@@ -355,6 +362,7 @@ def _named_error(model: Any, modality: Modality, entries: list[Entry]) -> BadInp
 def _check_user(user: Any) -> None:
     if not isinstance(user, str) or not user:
         raise UserError(f"user must be a non-empty str, got {user!r}")
+    check_utf8(user, "user")
 
 
 def _check_ids(ids: Sequence[int] | int) -> list[int]:
@@ -373,6 +381,8 @@ def _storable(ids: list[int]) -> list[int]:
 def _check_optional_str(value: Any, name: str) -> None:
     if value is not None and not isinstance(value, str):
         raise UserError(f"{name} must be a str, got {value!r}")
+    if value is not None:
+        check_utf8(value, name)
 
 
 def _parse_modality(value: Modality | str) -> Modality:
@@ -396,6 +406,8 @@ def _meta_json(meta: dict[str, Any] | None) -> str:
     if not isinstance(meta, dict):
         raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
     try:
-        return json.dumps(meta, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise BadInput(f"meta must be JSON-able ({e})") from None
+    check_utf8(text, "meta")
+    return text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ class Session:
                  history_turns: int = 3, recall_k: int = 3, recall_threshold: float = 0.3, new: bool = False) -> None:
         if getattr(model, "prompt_model", None) is None:
             raise UserError("a Session needs a model with a decoder stage (train one with a `decoder:` section)")
+        for name, value in (("history_turns", history_turns), ("recall_k", recall_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(recall_threshold, bool) or not isinstance(recall_threshold, (int, float)) \
+                or not math.isfinite(recall_threshold):
+            raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
         self.model, self.user = model, user
         self._own = not isinstance(memory, Memory)
         self.memory = Memory(memory, model=model) if self._own else memory
@@ -62,8 +69,7 @@ class Session:
         if session is None:
             session = names[-1] if names and not new else _new_session_name()
         self.session = session
-        turns = [h.turn for h in self.memory.recent(user, session, limit=1)]
-        self.turn = (turns[-1] or 0) if turns else 0
+        self.turn = self.memory.last_turn(user, session)  # the highest, whatever was added after it
 
     # ---- one turn --------------------------------------------------------------------------------
 
@@ -78,7 +84,7 @@ class Session:
             The `Generation`, with `recalled`: the older memories shown to the decoder, best first.
         """
         check_generation(**generate)  # a refused setting stores nothing of the turn
-        segments = [prompt] if isinstance(prompt, str) else list(prompt)
+        segments = [prompt] if isinstance(prompt, (str, Media)) else list(prompt)
         self.turn += 1
         history = self._history()
         try:
@@ -86,9 +92,17 @@ class Session:
         except Exception:
             self.turn -= 1  # nothing of the turn was stored
             raise
-        recalled = self._recall(self._queries(stored, vectors), exclude={h.id for h in history + stored})
-        parts, recalled = self._fit(recalled, history, shown, generate.get("max_new_tokens", 32))
-        out = self.model.generate(parts, **generate)
+        # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
+        # which turns fit, so a memory in a turn the context drops can still be recalled.
+        candidates = self._recall(self._queries(stored, vectors), exclude={h.id for h in stored},
+                                  k=self.recall_k + len(history))
+        parts, recalled = self._fit(candidates, history, shown, generate.get("max_new_tokens", 32))
+        try:
+            out = self.model.generate(parts, **generate)
+        except Exception:  # refused (a turn longer than the context) or failed: the turn did not happen
+            self.memory.delete([h.id for h in stored], user=self.user)
+            self.turn -= 1
+            raise
         if out.text.strip():
             self.memory.add(self.user, out.text, session=self.session, turn=self.turn, role=ASSISTANT)
         return dataclasses.replace(out, recalled=recalled)
@@ -138,29 +152,36 @@ class Session:
         return [(next(asked), threshold) if tower and h.modality == Modality.TEXT else (z, self.recall_threshold)
                 for h, z in zip(stored, vectors)]
 
-    def _recall(self, queries: list[tuple[Tensor, float]], exclude: set[int]) -> list[MemoryHit]:
-        """The user's items most similar to any of `queries` ((vector, threshold) each), best first."""
+    def _recall(self, queries: list[tuple[Tensor, float]], exclude: set[int], k: int) -> list[MemoryHit]:
+        """The user's `k` items most similar to any of `queries` ((vector, threshold) each), best first."""
         if self.recall_k < 1:
             return []
         best: dict[int, MemoryHit] = {}
         for query, threshold in queries:
-            for found in self.memory.search(self.user, query, k=self.recall_k + len(exclude)):
+            for found in self.memory.search(self.user, query, k=k + len(exclude)):
                 if found.id in exclude or found.score < threshold:
                     continue
                 if found.id not in best or found.score > best[found.id].score:
                     best[found.id] = found
-        return sorted(best.values(), key=lambda h: -h.score)[: self.recall_k]
+        return sorted(best.values(), key=lambda h: -h.score)[:k]
 
     # ---- the prompt ------------------------------------------------------------------------------
 
-    def _fit(self, recalled: list[MemoryHit], history: list[MemoryHit], shown: list[Segment],
+    def _fit(self, candidates: list[MemoryHit], history: list[MemoryHit], shown: list[Segment],
              max_new_tokens: int) -> tuple[list[Segment], list[MemoryHit]]:
-        """The prompt, dropping the oldest history turn, then the weakest memory, until it fits the
-        decoder's context with room for `max_new_tokens` (a decoder with a sliding window has room)."""
+        """The prompt and the memories recalled into it: the `recall_k` best `candidates` not in the
+        history shown. The oldest history turn goes first, then the weakest memory, until the prompt
+        fits the decoder's context with room for the answer: `max_new_tokens`, but at most half the
+        context, so a long answer limit never pushes every memory out (`generate` caps the answer
+        at the context instead). A decoder with a sliding window has room."""
         pm = self.model.prompt_model
-        room = None if pm.lm.decoder.window else pm.lm.decoder.max_len - max_new_tokens
-        rendered = self._render(recalled + history)
+        context = pm.lm.decoder.max_len
+        room = None if pm.lm.decoder.window else context - min(max_new_tokens, context // 2)
+        rendered = self._render(list({h.id: h for h in candidates + history}.values()))
+        limit = self.recall_k
         while True:
+            in_history = {h.id for h in history}
+            recalled = [h for h in candidates if h.id not in in_history][:limit]
             parts = [seg for h in sorted(recalled, key=lambda h: h.time) + history for seg in rendered[h.id]] + shown
             if room is None or pm.fmt.length(parts) <= room or not (history or recalled):
                 return parts, recalled
@@ -168,7 +189,7 @@ class Session:
                 oldest = history[0].turn
                 history = [h for h in history if h.turn != oldest]
             else:
-                recalled = recalled[:-1]
+                limit = len(recalled) - 1
 
     def _render(self, items: list[MemoryHit]) -> dict[int, list[Segment]]:
         """Each stored item as the decoder reads it: a media item as its vector (read in one go), then

@@ -293,6 +293,12 @@ class Store:
                                 "session IS NOT NULL GROUP BY session ORDER BY t, i", (user,)).fetchall()
         return [r[0] for r in rows]
 
+    def last_turn(self, user: str, session: str) -> int:
+        """The highest turn number of `user`'s `session` (0 when it has none)."""
+        with self._transaction(write=False) as conn:
+            row = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?", (user, session)).fetchone()
+        return row[0] or 0
+
     def count(self, user: str | None = None) -> int:
         with self._transaction(write=False) as conn:
             if user is None:

@@ -149,3 +149,8 @@ def test_inline_prompt_syntax(tmp_path):
             parse_inline(f"look {empty}", base=tmp_path)
     with pytest.raises(UserError, match="names a folder, not an image file"):
         parse_inline("look <image:.>", base=tmp_path)
+    (tmp_path / "x>y.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="ends at its first '>'"):  # it said only "missing image file: x"
+        parse_inline("look <image:x>y.png>", base=tmp_path)
+    with pytest.raises(UserError, match=r"missing image file: \S*nope.png$"):  # no hint without a later '>'
+        parse_inline("look <image:nope.png>", base=tmp_path)

@@ -267,3 +267,87 @@ def test_with_a_query_tower_the_turns_words_search_as_a_question(db):
     assert torch.allclose(searched[1].cpu(), model.embed("image", [picture(5)])[0], atol=1e-6)
     # the picture's own search is held to recall_threshold (1.01: nothing); the question's found the old picture
     assert [(h.session, str(h.modality)) for h in out.recalled] == [("old", "image")]
+
+
+def test_a_memory_in_a_turn_the_context_drops_is_recalled(chat_model, db, monkeypatch):
+    """Recall used to leave out every item of the last `history_turns` turns, and the context then
+    dropped the oldest of them: the best match (score 1.0) reached the decoder neither way."""
+    seen = capture(chat_model, monkeypatch)
+    words = "a large red circle on the left " * 6  # ~40 ids a turn: three such turns outgrow the context
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=3) as chat:
+        first = chat.ask([mm.Image(picture(3))], max_new_tokens=2)
+        chat.ask(words, max_new_tokens=2)
+        chat.ask(words, max_new_tokens=2)
+        again = chat.ask(["Have you seen this before?", mm.Image(picture(3))], max_new_tokens=2)
+        shown_first = chat.history(limit=100)[0]
+    assert first.recalled == [] and shown_first.turn == 1 and str(shown_first.modality) == "image"
+    assert again.recalled and again.recalled[0].id == shown_first.id and again.recalled[0].score > 0.99
+    vectors = [s.vector for s in seen[-1] if isinstance(s, Embedded)]
+    assert len(vectors) == 2 and torch.allclose(vectors[0], vectors[1])  # the memory, then this turn's picture
+
+
+def test_a_memory_in_the_history_shown_is_not_recalled_twice(chat_model, db, monkeypatch):
+    seen = capture(chat_model, monkeypatch)
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=3) as chat:
+        chat.ask([mm.Image(picture(4))], max_new_tokens=2)
+        again = chat.ask([mm.Image(picture(4))], max_new_tokens=2)
+    assert again.recalled == []  # turn 1 is in the history shown
+    assert sum(isinstance(s, Embedded) for s in seen[-1]) == 2
+
+
+def test_a_turn_refused_for_its_length_is_not_stored(chat_model, db):
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask("my bike is red", max_new_tokens=2)
+        count, turn = chat.memory.count("ada"), chat.turn
+        with pytest.raises(UserError, match="exceeds the decoder.s context"):
+            chat.ask("word " * 200, max_new_tokens=2)
+        assert chat.memory.count("ada") == count and chat.turn == turn  # the turn did not happen
+        chat.ask("and my car?", max_new_tokens=2)
+        assert [h.turn for h in chat.history()][-2] == turn + 1
+
+
+def test_a_continued_session_numbers_turns_after_its_highest(chat_model, db):
+    """An item added to the session without a turn (mm.Memory.add(..., session=S)) used to restart the count at 1."""
+    with mm.Session(chat_model, memory=db, user="ada", session="s1") as chat:
+        for _ in range(3):
+            chat.ask("my bike is red", max_new_tokens=2)
+    with mm.Memory(db, model=chat_model) as mem:
+        mem.add("ada", "a note filed into the conversation", session="s1")
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        assert chat.session == "s1" and chat.turn == 3
+        chat.ask("hello again", max_new_tokens=2)
+        assert max(h.turn or 0 for h in chat.history()) == 4
+
+
+def test_a_long_answer_limit_leaves_room_for_the_memories(chat_model, db, monkeypatch):
+    """`max_new_tokens` as long as the context used to reserve all of it: every earlier turn was dropped."""
+    seen = capture(chat_model, monkeypatch)
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask(mm.Image(picture(5)), max_new_tokens=2)
+        chat.ask("What colour?", max_new_tokens=96)
+    assert any(isinstance(s, Embedded) for s in seen[-1])  # turn 1's picture is still shown
+
+
+def test_one_media_item_is_a_turn(chat_model, db):
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask(mm.Image(picture(6)), max_new_tokens=2)  # was TypeError: 'Image' object is not iterable
+        assert str(chat.history()[0].modality) == "image"
+
+
+@pytest.mark.parametrize("settings", [{"recall_k": 2.5}, {"history_turns": -1}, {"recall_threshold": None},
+                                      {"recall_threshold": float("nan")}])
+def test_session_settings_are_checked_before_any_turn(chat_model, db, settings):
+    with pytest.raises(UserError, match=next(iter(settings))):
+        mm.Session(chat_model, memory=db, user="ada", **settings)
+    assert not db.exists()  # refused before the memory file was opened
+
+
+def test_undecodable_text_is_one_clear_error_and_stores_nothing(chat_model, db):
+    """A command-line argument's undecodable bytes (surrogateescape) used to reach SQLite: UnicodeEncodeError."""
+    with mm.Memory(db, model=chat_model) as mem:
+        for call in (lambda: mem.add("caf\udce9", "hello"), lambda: mem.add("ada", "hello", session="s\udcff"),
+                     lambda: mem.add("ada", mm.Image(picture(7)), text="caf\udce9"),
+                     lambda: mem.add("ada", "hello", meta={"a": "\udce9"}), lambda: mem.add("ada", "caf\udce9")):
+            with pytest.raises(UserError, match="not valid UTF-8"):
+                call()
+        assert mem.count() == 0
