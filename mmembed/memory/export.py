@@ -7,7 +7,7 @@
 A row: the media path under its modality's column (`"image": "media/12.png"`), the item's
 `text` (a text item's words, a media item's caption), and `id, user, session, turn, role,
 time, modality, meta`. `memory.jsonl` is written last, under a temporary name then renamed, so
-an export that fails half way leaves no manifest. Items stored with `store_media="path"` get
+an export that fails half way leaves no manifest (and no media: the folder is as it was). Items stored with `store_media="path"` get
 their file copied when it still exists; otherwise the row is written without it (and without
 any column at all it is left out), with a warning.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,17 +39,22 @@ def export_items(items: Iterable[MemoryHit], folder: Path) -> Path:
     final = folder / MANIFEST
     tmp = folder / f".{MANIFEST}.tmp"
     written, missing = 0, 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in items:
-            row = _row(item, folder)
-            if row is None:
-                missing += 1
-                continue
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            written += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for item in items:
+                row = _row(item, folder)
+                if row is None:
+                    missing += 1
+                    continue
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # the folder was new or empty: leave it so, and a retry can use it
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder / MEDIA_DIR, ignore_errors=True)
+        raise
     if missing:
         log.warning("export %s: %d item(s) left out: their media file (store_media='path') is gone", folder, missing)
     log.info("exported %d item(s) to %s", written, final)
