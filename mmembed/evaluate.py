@@ -5,8 +5,9 @@ as keys this is instance retrieval (the caption of row 7 must find the image of 
 the `label` column it is class/scene retrieval (any image of scene "s3" counts).
 
 Ranks are pessimistic about ties: the rank of a query is 1 + the number of *incorrect*
-targets scoring at least as high as its best correct target, so a collapsed model (every
-score equal) gets the worst rank instead of a perfect one.
+targets scoring at least as high as its best correct target (within 1e-6, so float rounding
+never decides a tie), so a collapsed model (every score equal) gets the worst rank instead
+of a perfect one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmembed.retrieval.embed import embed_manifest
 
 log = logging.getLogger(__name__)
 _QUERY_BLOCK = 1024  # queries scored at once: bounds the (block, N) score matrix
+_TIE = 1e-6  # scores this close count as tied (cosines of unit vectors; float32 rounding is ~1e-7)
 
 
 def retrieval_metrics(query_emb: Tensor, target_emb: Tensor, query_keys: Sequence[str],
@@ -71,7 +73,8 @@ def _first_correct_rank(scores: Tensor, q_codes: Tensor, t_codes: Tensor) -> Ten
     """scores (B, N) -> (B,) 1-based rank of the best correct target (ties count against it)."""
     correct = q_codes[:, None] == t_codes[None, :]  # (B, N)
     best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)  # (B, 1)
-    return 1 + ((scores >= best) & ~correct).sum(dim=1)
+    # "at least as high" up to float rounding: one item embedded at two places of a batch differs by ~1e-8
+    return 1 + ((scores >= best - _TIE) & ~correct).sum(dim=1)
 
 
 def _check_pair(q: Tensor, t: Tensor, q_keys: Sequence, t_keys: Sequence, ks: Sequence[int]) -> None:
@@ -137,15 +140,30 @@ def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | st
 def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {label}",
                      prompt_modality: Modality | str = Modality.TEXT) -> Tensor:
     """(L, D) unit vectors: each label's prompts embedded, averaged over templates, renormalised."""
-    templates = [template] if isinstance(template, str) else list(template)
+    templates = check_templates(template)
     if not labels or len(set(labels)) != len(labels):
         raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
-    if not templates or any("{label}" not in t for t in templates):
-        raise UserError(f"every template must contain '{{label}}', got {templates}")
     prompts = [t.format(label=label) for label in labels for t in templates]
     with torch.inference_mode():
         z = model.embed(prompt_modality, prompts).float().view(len(labels), len(templates), -1)
     return torch.nn.functional.normalize(z.mean(dim=1), dim=1)
+
+
+def check_templates(template: str | Sequence[str]) -> list[str]:
+    """The zero-shot templates as a list; UserError unless each formats with `label` alone and puts
+    the label in its text (`"{{label}}"` is a literal brace pair: every class would get one prompt)."""
+    templates = [template] if isinstance(template, str) else list(template)
+    if not templates:
+        raise UserError("zero-shot needs at least one template, e.g. 'a photo of a {label}'")
+    for t in templates:
+        try:
+            filled = t.format(label="\0")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise UserError(f"zero-shot template {t!r} does not format with {{label}} alone "
+                            f"({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
+        if "\0" not in filled:
+            raise UserError(f"every template must contain '{{label}}', got {t!r}")
+    return templates
 
 
 def _accuracy(predictions: Sequence[str], truth: Sequence[str] | None) -> float | None:
@@ -185,6 +203,8 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     """
     if key not in ("auto", "label", "row"):
         raise UserError(f"unknown eval key {key!r} (valid: auto, label, row)")
+    if zero_shot_labels:
+        check_templates(template)  # before the manifest is embedded
     emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
     rows = [r for part in emb.by_modality.values() for r in part.rows]
     use_label = key == "label" or (key == "auto" and bool(rows) and all(r.label is not None for r in rows))
@@ -242,6 +262,7 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
     pairs = report.get("pairs", report)
     if ks is None:
         ks = sorted({int(name.split("@")[1]) for m in pairs.values() for name in m if name.startswith("recall@")})
+        ks = ks or list(report.get("ks", []))  # no pair measured: the report's own K
     header = ["pair", *(f"R@{k} %" for k in ks), "median rank", "MRR", "queries"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, m in pairs.items():

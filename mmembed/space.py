@@ -116,10 +116,15 @@ def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: s
     misspelt key fails here naming it; the text vocabulary size comes from the tokenizer."""
     from encoders import ENCODERS
 
+    if not config.towers:
+        raise ConfigError("model.towers: a shared space needs at least one tower (text, image or audio)")
     towers = {}
     for name, tower_cfg in config.towers.items():
-        modality = Modality.parse(name)
         where = f"model.towers.{name}"
+        try:
+            modality = Modality.parse(name)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if tower_cfg.encoder not in ENCODERS:
             valid = ", ".join(sorted(ENCODERS))
             raise ConfigError(f"{where}.encoder: unknown encoder {tower_cfg.encoder!r}; valid: {valid}")

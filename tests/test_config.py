@@ -172,3 +172,10 @@ def test_encoder_argument_errors_name_the_tower():
     config = load_config("demo", ["model.towers.image.encoder=vitt"])
     with pytest.raises(ConfigError, match=r"model\.towers\.image\.encoder: unknown encoder 'vitt'"):
         build_space(config.model, vocab_size=300)
+    config = load_config("demo")
+    config.model.towers["video"] = config.model.towers.pop("audio")  # were plain ValueError tracebacks
+    with pytest.raises(ConfigError, match=r"model\.towers\.video: unknown modality 'video'"):
+        build_space(config.model, vocab_size=300)
+    config.model.towers = {}
+    with pytest.raises(ConfigError, match=r"model\.towers: a shared space needs at least one tower"):
+        build_space(config.model, vocab_size=300)

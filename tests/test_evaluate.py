@@ -48,6 +48,17 @@ def test_ties_count_against_the_query():
     assert m["recall@1"] == 0.0 and m["median_rank"] == 5.0 and m["recall@5"] == 1.0
 
 
+def test_float_rounding_never_decides_a_tie():
+    """One item embedded at two places of a batch differs by ~1e-8: a duplicate target scoring a hair
+    above the correct one ties with it (pessimistically), whatever the batch size rounded."""
+    query = E[:1, :3]
+    target = torch.tensor([0.6, 0.8, 0.0])
+    for wrong in (torch.tensor([0.6 - 1e-7, 0.8, 0.0]), torch.tensor([0.6 + 1e-7, 0.8, 0.0])):  # scores 1e-7 apart
+        assert float(query @ wrong) != float(query @ target)
+        m = retrieval_metrics(query, torch.stack([target, wrong]), ["a"], ["a", "b"], ks=(1,))
+        assert m["recall@1"] == 0.0 and m["median_rank"] == 2.0
+
+
 def test_equals_argsort_reference_on_random_data():
     g = torch.Generator().manual_seed(0)
     q, t = normalize(torch.randn(300, 8, generator=g), dim=1), normalize(torch.randn(200, 8, generator=g), dim=1)
@@ -97,6 +108,11 @@ def test_zero_shot_classify():
     assert ensembled.predictions == result.predictions and ensembled.accuracy is None
     with pytest.raises(UserError, match="must contain"):
         zero_shot_classify(model, items, "image", ["c0"], template="a photo")
+    with pytest.raises(UserError, match="must contain"):  # literal braces: every class would get one prompt
+        zero_shot_classify(model, items, "image", ["c0"], template="a {{label}}")
+    for bad in ("{label} {x}", "{label}{}", "{label}{"):  # KeyError, IndexError, ValueError tracebacks before
+        with pytest.raises(UserError, match="does not format with {label} alone"):
+            zero_shot_classify(model, items, "image", ["c0"], template=bad)
     with pytest.raises(UserError, match="unique"):
         zero_shot_classify(model, items, "image", ["c0", "c0"])
 
@@ -124,3 +140,5 @@ def test_evaluate_manifest_instance_and_label_keys(manifest, tmp_path):
     assert report["key"] == "row" and report["counts"] == {"text": 10, "image": 9}
     assert json.loads((tmp_path / "eval.json").read_text())["pairs"] == json.loads(json.dumps(report["pairs"]))
     assert "text→image" in format_table(report)
+    one_modality = {"ks": [1, 5], "pairs": {}}
+    assert "R@1 % | R@5 %" in format_table(one_modality)  # the header kept its K columns
