@@ -102,24 +102,27 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
 
 @torch.inference_mode()
 def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dict[Modality, Tensor], dict[Modality, list[str]]]:
-    """Embed every row of a loader. Keys are the rows' `label` (scene identity), else line numbers.
-    In eval mode; each submodule's mode is restored afterwards (a frozen tower stays in eval)."""
+    """Embed every row of a loader. Keys are the rows' `label` (scene identity) when every row has
+    one, else line numbers (as `mmembed eval` keys a manifest). In eval mode; each submodule's
+    mode is restored afterwards (a frozen tower stays in eval)."""
     modes = {m: m.training for m in space.modules()}
     space.eval()
     embs: dict[Modality, list[Tensor]] = {}
-    keys: dict[Modality, list[str]] = {}
+    labels: dict[Modality, list[str | None]] = {}
+    lines: dict[Modality, list[str]] = {}
     try:
         for batch in loader:
             batch = batch.to(device)
             for m, x in batch.inputs.items():
                 embs.setdefault(m, []).append(space.encode(m, x, batch.masks.get(m)).float().cpu())
                 rows = batch.present[m].nonzero().flatten().tolist()
-                keys.setdefault(m, []).extend(
-                    batch.keys[i] if batch.keys[i] is not None else f"line{int(batch.rows[i])}" for i in rows)
+                labels.setdefault(m, []).extend(batch.keys[i] for i in rows)
+                lines.setdefault(m, []).extend(f"line{int(batch.rows[i])}" for i in rows)
     finally:
         for module, training in modes.items():
             module.training = training
-    return {m: torch.cat(v) for m, v in embs.items()}, keys
+    labelled = all(key is not None for keys in labels.values() for key in keys)
+    return {m: torch.cat(v) for m, v in embs.items()}, (labels if labelled else lines)
 
 
 def mean_recall(report: dict[str, dict]) -> dict[str, float]:

@@ -346,3 +346,23 @@ def test_validation_leaves_a_frozen_tower_in_eval_mode():
     stats = frozen.encoder.norm.running_mean.clone()
     space(batch.inputs, batch.masks, batch.present)
     assert torch.equal(frozen.encoder.norm.running_mean, stats)
+
+
+def test_validation_keys_rows_as_mmembed_eval_does():
+    """Labels are the keys only when every row has one (as `mmembed eval` decides): a manifest
+    labelled in part was keyed by label for some rows and by line for others, so validation and
+    `mmembed eval` scored the same rows differently."""
+    text, image = Modality.TEXT, Modality.IMAGE
+    torch.manual_seed(0)
+    space = SharedSpace({m: Tower(_NormedLinear(), nn.Linear(8, 8)) for m in (text, image)}, 8).eval()
+    every = torch.ones(4, dtype=torch.bool)
+
+    def batch(keys):
+        return Batch(inputs={text: torch.randn(4, 3), image: torch.randn(4, 3)}, masks={text: None, image: None},
+                     present={text: every, image: every}, labels=torch.full((4,), -1), rows=torch.arange(4) + 1,
+                     keys=keys)
+
+    _, keys = embed_dataset(space, [batch(["s1", "s1", None, "s2"])], torch.device("cpu"))
+    assert keys[text] == keys[image] == ["line1", "line2", "line3", "line4"]
+    _, keys = embed_dataset(space, [batch(["s1", "s1", "s3", "s2"])], torch.device("cpu"))
+    assert keys[text] == ["s1", "s1", "s3", "s2"]
