@@ -126,12 +126,27 @@ def prefix_cut(text: str, n: int) -> int:
 
 
 def check_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
-    """Ids as a list of ints; an id outside [0, vocab_size) is a ValueError naming it."""
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else [operator.index(i) for i in ids]
+    """Ids as a list of ints; an id outside [0, vocab_size) is a ValueError naming it, and anything
+    but a sequence (or 1-D integer tensor) of integers is a TypeError saying what was given."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be a 1-D integer tensor, got {ids.dim()}-D {ids.dtype}")
+        ids = ids.tolist()
+    else:
+        try:
+            ids = [_as_id(i) for i in ids]
+        except TypeError as e:
+            raise TypeError(f"token ids must be a sequence of integers ({e})") from None
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(i for i in ids if not 0 <= i < vocab_size)
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def _as_id(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is a bool, not a token id")
+    return operator.index(value)
 
 
 def with_bos_eos(ids: list[int], bos: int | None, eos: int | None) -> list[int]:

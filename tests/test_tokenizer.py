@@ -105,6 +105,9 @@ def test_decode_matches_hf_and_checks_ids(tok):
     for bad in ([-1], [tok.vocab_size]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             tok.decode(bad)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), torch.tensor(5), [True, False], [1, "a"]):
+        with pytest.raises(TypeError, match="token ids must be"):  # [True, False] decoded as ids 1, 0
+            tok.decode(bad)
 
 
 # ------------------------------------------------------------------------------ special tokens
