@@ -68,10 +68,9 @@ def _shape_colours(meta: dict) -> set[tuple[str, str]]:
 def retrieval_grid(manifest: Path, gallery: Index, out: Path, n_queries: int = 2, k: int = 5, seed: int = 0) -> Path:
     """For a few text, image and audio queries from `manifest`, draw the query and its top-k images
     from `gallery` (its `image_gallery`, with the model attached)."""
-    import matplotlib
+    from mmembed.insight.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from PIL import Image
 
     rows = read_manifest(manifest).rows
@@ -100,10 +99,7 @@ def retrieval_grid(manifest: Path, gallery: Index, out: Path, n_queries: int = 2
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("top-5 images per query (✓ = same scene attributes as the query)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def _wrap(text: str, width: int = 28) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mmembed.errors import UserError
-from mmembed.insight.plotting import pyplot
+from mmembed.insight.plotting import pyplot, save_png
 
 if TYPE_CHECKING:
     from mmembed.retrieval import Index
@@ -266,10 +266,7 @@ def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], numeric: boo
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")  # tight_layout would not make room for both outside legends
-    pyplot().close(fig)
-    return out
+    return save_png(fig, out, layout=False, bbox_inches="tight")  # tight_layout leaves no room for both outside legends
 
 
 def _categories(values: list[Any]) -> tuple[list[str], dict[str, Any]]:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmembed.checkpoint import atomic_write
 from mmembed.decoder.prompt import PromptFormat, Slot
 
 
@@ -19,15 +20,17 @@ def pyplot() -> Any:
     return plt
 
 
-def save_png(fig: Any, out_png: str | Path) -> Path:
-    """Lay out (unless the figure has a layout engine), write (creating parent folders) and close a
-    figure; returns the PNG's path."""
-    if fig.get_layout_engine() is None:
+def save_png(fig: Any, out_png: str | Path, layout: bool = True, **savefig: Any) -> Path:
+    """Lay out (with `layout`, unless the figure has a layout engine), write atomically (creating
+    parent folders: a crash leaves the earlier file, never half a PNG) and close a figure; returns
+    the PNG's path. `savefig`: more `Figure.savefig` arguments (dpi 110 unless given)."""
+    if layout and fig.get_layout_engine() is None:
         fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    pyplot().close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **{"dpi": 110, **savefig}))
+    finally:
+        pyplot().close(fig)
     return out
 
 

@@ -142,10 +142,9 @@ def _write(f: LRFinding, out_dir: Path) -> Path:
 
 
 def _plot(f: LRFinding, path: Path) -> None:
-    import matplotlib
+    from mmembed.insight.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot(f.lrs, f.losses, alpha=0.3, label="loss")
@@ -162,6 +161,4 @@ def _plot(f: LRFinding, path: Path) -> None:
         ax.set_ylim(top=1.3 * max(start))
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

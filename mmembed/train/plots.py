@@ -22,10 +22,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_curves(metrics_path: Path, out_dir: Path) -> Path:
     """Draw every curve present in metrics.jsonl into `out_dir/curves.png`."""
-    import matplotlib
+    from mmembed.insight.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_metrics(metrics_path)
     present = [(k, t) for k, t in CURVES if any(k in r for r in rows)]
@@ -36,8 +35,4 @@ def plot_curves(metrics_path: Path, out_dir: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_dir) / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, Path(out_dir) / "curves.png")

@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,25 @@ def test_cli(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)
     _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", "x.png", "--method", "umap"],
               "needs the umap-learn package")
+
+
+def test_a_plot_that_fails_half_way_leaves_the_earlier_png(tmp_path, monkeypatch):
+    """Every PNG (insight plots, the embedding map, training curves) is written beside its name and
+    renamed: a failure mid-write used to leave a truncated file in place of a good one."""
+    from mmembed.insight.plotting import pyplot, save_png
+
+    out = tmp_path / "plot.png"
+    fig, ax = pyplot().subplots()
+    ax.plot([0, 1], [1, 0])
+    good = save_png(fig, out).read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    def half_then_fail(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n")
+        raise OSError(28, "No space left on device")
+
+    fig, ax = pyplot().subplots()
+    monkeypatch.setattr(type(fig), "savefig", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_png(fig, out)
+    assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
