@@ -48,9 +48,10 @@ def run_scale(args: argparse.Namespace) -> int:
 
     if "=" in args.config:  # `mmembed scale tokens=2e5`: an override, the shipped config
         args.overrides, args.config = [args.config, *args.overrides], "scaling"
-    overrides = [*args.overrides, *([f"axis={args.axis}"] if args.axis else []),
-                 *([f"out_dir={args.out}"] if args.out else [])]
+    overrides = [*args.overrides, *([f"axis={args.axis}"] if args.axis else [])]
     config = load_scaling_config(args.config, overrides)
+    if args.out:  # the folder as typed: an override would read it as YAML ("#2" a comment, "2024" a number)
+        config.out_dir = args.out
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.study == "regularisation":
         from mmembed.insight.regularisation import run_regularisation

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmembed.decoder.model import Decoder
+from mmembed.errors import UserError
 from mmembed.insight.flops import estimated_training_flops, measured_flops
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
 
@@ -115,7 +116,7 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
     """
     r = recipe
     if len(train_rows) < r.batch_size:
-        raise ValueError(f"{len(train_rows)} training rows, fewer than batch_size={r.batch_size}")
+        raise UserError(f"{len(train_rows)} training rows, fewer than batch_size={r.batch_size}: give more tokens")
     per_epoch = len(train_rows) // r.batch_size
     steps = per_epoch * r.epochs
     context = train_rows.shape[1] - 1
@@ -133,8 +134,9 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
         for b in range(per_epoch):
             set_lr(optimizer, lr_at(step, r.lr, r.warmup_steps, steps, r.min_lr_ratio))
             loss = lm_loss(decoder, train_rows[order[b * r.batch_size:(b + 1) * r.batch_size]])
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step} (lower the learning rate)")
+            if not math.isfinite(value := loss.item()):
+                raise UserError(f"loss became {value} at step {step} of a {r.lr:g} learning rate: lower "
+                                "recipe.lr (or raise recipe.warmup_steps)")
             loss.backward()
             if r.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(decoder.parameters(), r.grad_clip)

@@ -81,9 +81,10 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
     pred = E + A * xs ** (-alpha)
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    if not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
-        log.warning("the fitted exponent %.4g sits at the edge of the search range %s: these points do not "
-                    "follow L = E + A·x^(−α) (R² = %.3f); read the fit as a failure, not a law", alpha, ALPHA_RANGE, r2)
+    if A <= 0 or r2 <= 0 or not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
+        # A = 0 (a loss that does not fall with x) leaves α free: the search drifts to any value
+        log.warning("these points do not follow L = E + A·x^(−α) (A = %.3g, α = %.4g in the search range %s, "
+                    "R² = %.3f): read the fit as a failure, not a law", A, alpha, ALPHA_RANGE, r2)
     n_params = 3 if offset else 2
     ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 and len(xs) >= n_params + 2 else {}
     return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci)

@@ -13,6 +13,7 @@ is the axis being swept. The same ladder for the shared-space towers is `tower_s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -101,6 +102,7 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     for i, (label, size, tokens) in enumerate(plan):
         progress(f"[{i + 1}/{len(plan)}] {label}: {tokens:,} tokens")
         rungs.append(Rung(label, train_one(label, size, tokens), size))
+    write_rungs(rungs, out)
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([_x(config, r.result) for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,
@@ -159,18 +161,26 @@ def _x(config: ScalingConfig, result: LMResult) -> int:
 
 def write_report(report: SweepReport, out: Path) -> dict[str, str]:
     """scaling.json, scaling.csv and scaling.png of a sweep in `out`; returns their paths by kind."""
-    rows = [{"rung": r.label, "width": r.size.width, "layers": r.size.layers, "heads": r.size.heads,
-             **{k: v for k, v in r.result.to_dict().items() if k != "curve"}} for r in report.rungs]
-    with (out / "scaling.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rungs(report.rungs, out)
     doc = {"axis": report.axis, "rungs": [r.result.to_dict() | {"label": r.label} for r in report.rungs],
            "fit": report.fit.to_dict(), "compute_fit": report.compute_fit.to_dict(),
            "prediction": report.prediction}
     atomic_write_text(out / "scaling.json", json.dumps(doc, indent=2))
     png = plot_scaling(report, out / "scaling.png")
     return {"json": str(out / "scaling.json"), "csv": str(out / "scaling.csv"), "png": str(png)}
+
+
+def write_rungs(rungs: list[Rung], out: Path) -> Path:
+    """scaling.csv: one row per trained rung (written atomically, and before any fit: a fit that
+    fails loses no training)."""
+    rows = [{"rung": r.label, "width": r.size.width, "layers": r.size.layers, "heads": r.size.heads,
+             **{k: v for k, v in r.result.to_dict().items() if k != "curve"}} for r in rungs]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "scaling.csv", text.getvalue())
+    return out / "scaling.csv"
 
 
 def recipe_of(rc: RecipeConfig, seed: int, epochs: int = 1, weight_decay: float | None = None,

@@ -6,6 +6,7 @@ the key) and overridable with `key.sub=value` like every other config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -76,13 +77,55 @@ class ScalingConfig:
     regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
 
     def __post_init__(self) -> None:
-        if self.target == "decoder" and self.axis == "params" and len(self.sizes) < 3:
-            raise ConfigError(f"sizes: a fit needs at least 3 model sizes, got {len(self.sizes)}")
-        if self.axis == "data" and (len(self.data_tokens) < 3 or self.data_size is None):
-            raise ConfigError("axis=data needs data_size and at least 3 data_tokens")
+        self._check_numbers()
+        if self.target == "decoder" and self.axis == "params":
+            if len(self.sizes) < 3:
+                raise ConfigError(f"sizes: a fit needs at least 3 model sizes, got {len(self.sizes)}")
+            if len({(s.width, s.layers, s.heads) for s in self.sizes}) != len(self.sizes):
+                raise ConfigError("sizes: every rung must be a different model size")
+            if self.next_size is None:
+                raise ConfigError("next_size: the sweep predicts the loss of a next size; set one")
+        if self.axis == "data":
+            if len(self.data_tokens) < 3 or self.data_size is None:
+                raise ConfigError("axis=data needs data_size and at least 3 data_tokens")
+            trained = [self.trained_tokens(d) for d in self.data_tokens]
+            if len(set(trained)) != len(trained) or min(trained) < 1:
+                raise ConfigError(f"data_tokens {self.data_tokens} train on {trained} tokens (whole batches of "
+                                  f"{self.recipe.batch_size} rows of {self.context}): each budget must give a "
+                                  "different, non-zero number")
+        if self.target == "decoder" and self.axis == "params" and self.trained_tokens(self.tokens) < 1:
+            raise ConfigError(f"tokens={self.tokens} is less than one batch ({self.recipe.batch_size} rows of "
+                              f"{self.context} tokens)")
         for s in [*self.sizes, *(x for x in (self.next_size, self.data_size, self.regularisation.size) if x)]:
-            if s.width % s.heads:
-                raise ConfigError(f"width {s.width} is not divisible by heads {s.heads}")
+            if min(s.width, s.layers, s.heads) < 1 or s.width % s.heads:
+                raise ConfigError(f"model size {s}: width, layers and heads must be >= 1, width divisible by heads")
+
+    def trained_tokens(self, tokens: int) -> int:
+        """Tokens a budget of `tokens` trains on: whole rows of `context`, in whole batches."""
+        rows = -(-tokens // self.context)
+        return rows // self.recipe.batch_size * self.recipe.batch_size * self.context
+
+    def _check_numbers(self) -> None:
+        r, g = self.recipe, self.regularisation
+        positive = {"context": self.context, "tokens": self.tokens, "val_tokens": self.val_tokens,
+                    "recipe.batch_size": r.batch_size, "recipe.eval_every": r.eval_every,
+                    "recipe.eval_rows": r.eval_rows, "regularisation.epochs": g.epochs,
+                    "regularisation.eval_every": g.eval_every, "regularisation.train_tokens": g.train_tokens}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.val_tokens < self.context:
+            raise ConfigError(f"val_tokens={self.val_tokens} holds no validation row of context={self.context}")
+        if not (math.isfinite(r.lr) and r.lr > 0) or r.warmup_steps < 0 or not 0 <= r.min_lr_ratio <= 1:
+            raise ConfigError(f"recipe: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1] "
+                              f"(got {r.lr}, {r.warmup_steps}, {r.min_lr_ratio})")
+        if not 0 <= r.dropout < 1 or r.weight_decay < 0:
+            raise ConfigError(f"recipe: dropout must be in [0, 1) and weight_decay >= 0 (got {r.dropout}, "
+                              f"{r.weight_decay})")
+        if not g.dropouts or not g.weight_decays or any(not 0 <= d < 1 for d in g.dropouts) \
+                or any(w < 0 for w in g.weight_decays):
+            raise ConfigError("regularisation: dropouts (each in [0, 1)) and weight_decays (each >= 0) must be "
+                              f"non-empty, got {g.dropouts} and {g.weight_decays}")
 
 
 def load_scaling_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ScalingConfig:

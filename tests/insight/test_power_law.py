@@ -57,10 +57,14 @@ def test_points_that_follow_no_power_law_are_flagged(caplog):
     x = [1e5, 2e5, 4e5, 8e5, 1.6e6]
     fit = fit_power_law(x, [1.61, 1.48, 1.47, 1.55, 1.49], bootstrap=0)  # a real tower sweep that failed
     assert fit.r2 < 0.9
-    assert "edge of the search range" in caplog.text
+    assert "do not follow L = E + A·x^(−α)" in caplog.text
     caplog.clear()
     fit_power_law(x, [1.7 + 400 * v ** -0.34 for v in x], bootstrap=0)
-    assert "edge of the search range" not in caplog.text
+    assert "do not follow" not in caplog.text
+    for rising in ([1.0, 1.1, 1.2, 1.3, 1.4], [2.0] * 5):  # A = 0: α drifted to 1.02e-3, just inside the old bound
+        caplog.clear()
+        fit = fit_power_law(x, rising, bootstrap=0)
+        assert fit.A == 0 and "do not follow" in caplog.text
 
 
 @pytest.mark.parametrize("x, y, match", [

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mmembed.cli import main
+from mmembed.errors import UserError
 from mmembed.insight.lm_data import token_rows, train_world_tokenizer, world_documents
 from mmembed.insight.power_law import fit_power_law
 
@@ -82,11 +83,49 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     (["scale", "--study", "regularisation", "--verify"], "--verify belongs to the sweep"),
     (["scale", "sizes=[{width: 16, layers: 1, heads: 2}]"], "at least 3 model sizes"),
     (["scale", "sizes=[{width: 30, layers: 1, heads: 4}, {width: 16, layers: 1, heads: 2}, "
-                "{width: 24, layers: 1, heads: 2}]"], "not divisible"),
+                "{width: 24, layers: 1, heads: 2}]"], "width divisible by heads"),
     (["scale", "recipe.lr=fast"], "recipe.lr must be float"),
+    # each of these trained the whole ladder, then ended in a traceback (or never started one)
+    (["scale", "next_size=null"], "next_size: the sweep predicts"),
+    (["scale", "sizes=[{width: 16, layers: 1, heads: 2}, {width: 16, layers: 1, heads: 2}, "
+                "{width: 24, layers: 1, heads: 2}]"], "every rung must be a different model size"),
+    (["scale", "--axis", "data", "data_tokens=[1024, 1100, 4096]", "context=32", "recipe.batch_size=32"],
+     "each budget must give a different, non-zero number"),
+    (["scale", "recipe.batch_size=0"], "recipe.batch_size must be >= 1"),
+    (["scale", "recipe.eval_every=0"], "recipe.eval_every must be >= 1"),
+    (["scale", "context=0"], "context must be >= 1"),
+    (["scale", "val_tokens=10"], "holds no validation row"),
+    (["scale", "tokens=10"], "less than one batch"),
+    (["scale", "recipe.dropout=1.5"], "dropout must be in [0, 1)"),
+    (["scale", "regularisation.epochs=0"], "regularisation.epochs must be >= 1"),
+    (["scale", "regularisation.dropouts=[]"], "must be non-empty"),
     (["scale", "--axis", "time"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("mmembed: error:") and match in err, err
+
+
+def test_out_is_the_folder_as_typed(tmp_path, monkeypatch):
+    """`--out` used to pass through the YAML override parser: "runs/sweep #2" wrote into runs/sweep,
+    "2024" was refused as a number."""
+    import mmembed.insight.scaling as scaling
+
+    seen = []
+
+    def stop(config, verify, progress):
+        seen.append(config.out_dir)
+        raise UserError("stopped before training")
+
+    monkeypatch.setattr(scaling, "run_sweep", stop)
+    for name in ("sweep #2", "2024", "yes", "a: b"):
+        assert main(["scale", "--out", str(tmp_path / name)]) == 2
+    assert seen == [str(tmp_path / n) for n in ("sweep #2", "2024", "yes", "a: b")]
+
+
+def test_a_diverging_learning_rate_is_one_line(tmp_path, capsys):
+    """It was a FloatingPointError traceback (exit 1), with the right advice inside it."""
+    assert main(["scale", "--out", str(tmp_path), *TINY, "recipe.lr=1e6", "recipe.warmup_steps=0"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("mmembed: error: loss became nan") and "lower recipe.lr" in last, last
