@@ -46,7 +46,9 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     """Linear warm-up to `base_lr` over `warmup_steps`, then cosine decay to `base_lr * min_ratio`
     at `total_steps`. `step` counts optimizer steps from 0. `time_progress`: the fraction of a
     time budget spent; after the warm-up the cosine follows whichever of the two is further on,
-    so the decay ends at the budget when steps come slower than planned."""
+    so the decay ends at the budget when steps come slower than planned. A warm-up longer than
+    half the run is cut to half of it, so a short run still reaches `base_lr` and anneals."""
+    warmup_steps = min(warmup_steps, total_steps // 2)
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)

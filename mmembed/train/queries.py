@@ -114,7 +114,8 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
     decay = [p for p in tower.parameters() if p.ndim >= 2]
     rest = [p for p in tower.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    warmup = max(1, min(50, steps // 2))  # a short run still reaches `lr`
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * s / steps)))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     device = model.device

@@ -186,6 +186,14 @@ def test_schedule_warmup_then_cosine():
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_a_warmup_longer_than_half_the_run_is_cut_to_half():
+    """With warm-up 50 and 12 steps the rate rose to 0.24 of `lr` and never annealed."""
+    lrs = [lr_at(s, 1.0, 50, 12, 0.1) for s in range(13)]
+    assert lrs[5] == pytest.approx(1.0) and lrs == [lr_at(s, 1.0, 6, 12, 0.1) for s in range(13)]
+    assert lrs[12] == pytest.approx(0.1)
+    assert lr_at(0, 1.0, 10, 110, 0.1) == pytest.approx(0.1)  # a warm-up within half the run is untouched
+
+
 def test_time_progress_moves_the_cosine_on_never_back():
     assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.6)  # warm-up is in steps
     assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
