@@ -35,7 +35,7 @@ class TowerCollapsed(UserError):
     """A tower's outputs stopped varying across the batch for `steps` batches in a row."""
 
     def __init__(self, modality: Modality, batches: int, steps: int, spread: float, lr: float, warmup: int):
-        self.modality, self.batches, self.lr = modality, batches, lr
+        self.modality, self.batches, self.steps, self.lr = modality, batches, steps, lr
         super().__init__(
             f"the {modality} tower collapsed: it gave the same vector for every input for {steps} batches in a "
             f"row (by batch {batches}; largest per-dimension std {spread:.2g}), and contrastive training does not "

@@ -32,7 +32,7 @@ from mmembed.errors import UserError
 from mmembed.losses import build_loss
 from mmembed.model import build_model
 from mmembed.train.align import make_step_fn, seed_everything, train_loader_factory, trained_modalities
-from mmembed.train.collapse import CollapseMonitor
+from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import current_world, resolve_device
 from mmembed.train.optim import build_optimizer, set_lr
@@ -92,19 +92,27 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     loss_fn = build_loss(cfg.loss)
     skips = SkipCounter()
     make_loader, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
-    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor())
+    # a collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
+    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor(stop_after=cfg.train.collapse_steps))
     optimizer = build_optimizer(space, lr_min, cfg.train.weight_decay, cfg.train.betas)
     space.train()
 
     lrs, losses, smoothed, average, ceiling = [], [], [], 0.0, None
     epoch = 0
     while len(lrs) < steps and ceiling is None:
+        taken = len(lrs)
         for batch in make_loader(epoch, 0):
             if len(lrs) == steps:
                 break
             lr = lr_min * (lr_max / lr_min) ** (len(lrs) / (steps - 1))
             set_lr(optimizer, lr)
-            out = step_fn(batch)
+            try:
+                out = step_fn(batch)
+            except TowerCollapsed as e:  # the rate of its first collapsed step (this one is its last)
+                began = len(lrs) - (e.steps - 1)
+                ceiling = ([*lrs, lr])[max(0, began)]
+                log.warning("the %s tower collapsed: the range test stops at lr %.3g", e.modality, ceiling)
+                break
             if out is None:
                 continue
             out.loss.backward()
@@ -121,10 +129,13 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
             if _failed(losses, smoothed):
                 ceiling = lr
                 break
+        if len(lrs) == taken and ceiling is None:  # a whole epoch without one usable batch: it never will
+            raise UserError(f"--find-lr: no batch of the training data could be used "
+                            f"({skips.summary() or 'no row read'}); check data.root and the manifest")
         epoch += 1
     finite = [s if math.isfinite(s) else math.inf for s in smoothed]
     finding = LRFinding(lrs, losses, smoothed, suggest(lrs, finite), lrs[int(np.argmin(finite))], ceiling)
-    finding.folder = _write(finding, Path(cfg.train.out_dir))
+    finding.folder = _write(finding, Path(cfg.train.out_dir).resolve())  # "." has no name to extend
     return finding
 
 

@@ -53,3 +53,47 @@ def test_cli_find_lr_prints_one_line(tiny_world, tmp_path, capsys):
     assert main(["train", str(path), "--find-lr", "--find-lr-steps", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and ("suggested train.lr=" in out[0] or "never fell" in out[0]) and "lr_find.png" in out[0]
+
+
+def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tmp_path, monkeypatch):
+    """A collapse settles the loss at ln(batch), below its start: the loss alone never flagged it,
+    and the test reported the collapsed plateau as its lowest loss and "no failure"."""
+    import torch
+
+    import mmembed.train.find_lr as find_lr_module
+    from mmembed.modality import Modality
+
+    real = find_lr_module.make_step_fn
+    calls = []
+
+    def collapsing_after_five(space, loss_fn, device, skips, monitor):
+        def seen(embeddings, present):  # from the 6th step on, the image tower gives one vector for all
+            calls.append(1)
+            if len(calls) > 5:
+                embeddings = {**embeddings, Modality.IMAGE: torch.zeros_like(embeddings[Modality.IMAGE])}
+            monitor(embeddings, present)
+
+        return real(space, loss_fn, device, skips, seen)
+
+    monkeypatch.setattr(find_lr_module, "make_step_fn", collapsing_after_five)
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), ["train.collapse_steps=4"])
+    f = find_lr(cfg, steps=30, lr_min=1e-5, lr_max=1e-1)
+    assert len(f.lrs) == 8 and f.ceiling == pytest.approx(f.lrs[5])  # steps 6–9 collapsed; the 9th raised
+
+
+def test_data_that_yields_no_batch_is_one_error_not_a_hang(tiny_world, tmp_path):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world, ignore=shutil.ignore_patterns("images", "audio"))  # a wrong data.root
+    cfg = load_config(tiny_config(world, tmp_path / "run", epochs=1))
+    with pytest.raises(UserError, match="no batch of the training data could be used"):
+        find_lr(cfg, steps=10)
+
+
+def test_an_out_dir_of_dot_is_resolved(tiny_world, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "unused", epochs=1), ["train.out_dir=."])
+    f = find_lr(cfg, steps=8)  # was ValueError: PosixPath('.') has an empty name, after the whole sweep
+    assert f.folder == tmp_path / "here-find-lr" and (f.folder / "lr_find.json").is_file()
