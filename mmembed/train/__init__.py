@@ -46,7 +46,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
                 # the align stage may have restarted at a lower train.lr (a collapsed tower): keep
                 # the train section it saved, which the decoder stage writes into config.yaml again
                 config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
-        return train_decoder(config, resume=decoder_started)
+        # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
+        return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
 
 
 def copy_space(config: Config, save: bool = True) -> Config:

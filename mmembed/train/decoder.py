@@ -53,9 +53,10 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
     if config.decoder is None:
         raise UserError("the config has no `decoder:` section")
     run_dir = Path(config.train.out_dir)
-    if current_world().main:
-        prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
     with lock_run(run_dir, resume=True, overwrite=False):  # the run folder: rank 0 locks it, the others wait
+        if current_world().main:  # inside the lock: never clear the decoder/ of a stage another trainer runs
+            prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
+        barrier()
         return _train_decoder(config, run_dir, resume, callbacks)
 
 

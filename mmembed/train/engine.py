@@ -382,7 +382,8 @@ class Trainer:
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints")
+            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints (start the run "
+                            "without --resume, with --overwrite if the folder holds its first files)")
         self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
                                         sharded=self.sharded)
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted

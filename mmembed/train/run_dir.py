@@ -31,11 +31,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         folder that contains the working directory.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
     if resume or not run_dir.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         return
-    if not run_dir.is_dir():
-        raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
     if not any(p.name != LOCK for p in run_dir.iterdir()):
         return
     if not overwrite:

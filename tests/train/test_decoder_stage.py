@@ -441,3 +441,50 @@ def test_eval_without_a_decoder_or_a_manifest_is_one_clear_line(trained_run, tin
     assert main(["eval", str(trained_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--manifest" in err and "--instructions" in err
+
+
+def test_a_pipeline_stopped_before_the_decoders_first_checkpoint_resumes(trained_run, tiny_world, tmp_path):
+    """`mmembed train --resume` refused ("decoder already holds a run: continue it with --resume")
+    and only --overwrite, which deletes the trained space too, got out."""
+    from mmembed.train import copy_space
+
+    cfg = decoder_config(tiny_world, tmp_path / "run", train={**DECODER["train"], "checkpoint_every": 1000})
+    cfg.model.init_from = str(trained_run)
+    cfg = copy_space(cfg)
+
+    def stop(event, trainer, info):
+        if event == "step" and trainer.progress.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(cfg, callbacks=[stop])
+    assert (tmp_path / "run" / DECODER_DIR / "metrics.jsonl").is_file()
+    train(cfg, resume=True)
+    assert (tmp_path / "run" / DECODER_WEIGHTS).is_file()
+
+
+def test_overwriting_a_decoder_stage_another_trainer_runs_deletes_nothing(trained_run, tiny_world, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    cfg = decoder_config(tiny_world, run)
+    cfg.model.init_from = str(trained_run)
+    train(cfg)
+    before = sorted(p.name for p in (run / DECODER_DIR).iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from mmembed.train.run_dir import run_lock
+        with run_lock({str(run)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="in use by a trainer"):
+            train_decoder(cfg, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (run / DECODER_DIR).iterdir()) == before  # its checkpoints were deleted

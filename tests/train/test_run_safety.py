@@ -202,3 +202,21 @@ def test_training_without_a_terminal_logs_progress(tiny_world, tmp_path, caplog)
         train_align(cfg)  # pytest's stderr is no terminal: tqdm shows no bar
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert len(lines) == 51 // 16 and "samples/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_a_failed_resume_leaves_nothing_that_blocks_a_fresh_run(tiny_world, tmp_path):
+    """--resume into a folder with no checkpoint (a typo) wrote config.yaml and tokenizer.json before
+    failing, and the fresh run then said the folder already holds a run."""
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "typo", epochs=1))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train_align(cfg, resume=True)
+    assert [p.name for p in (tmp_path / "typo").iterdir()] in ([], [".lock"])
+    train_align(cfg)
+    assert latest_checkpoint(tmp_path / "typo") is not None
+
+
+def test_resume_into_a_file_is_one_line(tiny_world, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "afile", epochs=1))
+    with pytest.raises(UserError, match="is a file, not a folder"):  # was FileExistsError
+        train_align(cfg, resume=True)
