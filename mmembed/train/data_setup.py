@@ -30,15 +30,18 @@ def captions(manifest: Path, root: Path | None = None, allow_outside_root: bool 
     """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns; `root` and
     `allow_outside_root` as for training (a row refused there is refused here too)."""
     from mmembed.data import read_manifest
-
     from mmembed.modality import Modality
 
     for row in read_manifest(manifest, root=root, allow_outside_root=allow_outside_root).rows:
         for value in [row.items.get(Modality.TEXT), *(row.meta.get("captions") or [])]:
             if isinstance(value, str):
                 yield value
-        for qa in row.meta.get("qa") or []:
-            yield f"{qa.get('question', '')} {qa.get('answer', '')}"
+        qas = row.meta.get("qa")
+        for qa in qas if isinstance(qas, list) else []:  # the world's {question, answer} pairs
+            if isinstance(qa, dict):
+                yield " ".join(str(qa[k]) for k in ("question", "answer") if isinstance(qa.get(k), str))
+            elif isinstance(qa, str):  # a manifest's own `qa` column of another shape: its text
+                yield qa
 
 
 def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):

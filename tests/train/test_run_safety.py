@@ -220,3 +220,19 @@ def test_resume_into_a_file_is_one_line(tiny_world, tmp_path):
     cfg = load_config(tiny_config(tiny_world, tmp_path / "afile", epochs=1))
     with pytest.raises(UserError, match="is a file, not a folder"):  # was FileExistsError
         train_align(cfg, resume=True)
+
+
+def test_a_manifests_own_qa_column_of_another_shape_is_read_as_text(tmp_path):
+    """Unknown columns are kept as read; a `qa` list of strings crashed tokenizer training
+    ("'str' object has no attribute 'get'")."""
+    import json
+
+    from mmembed.train.data_setup import captions
+
+    rows = [{"text": "a red star", "qa": ["What colour is it? red"]},
+            {"text": "a blue circle", "qa": [{"question": "What shape?", "answer": "circle"}, 7]},
+            {"text": "a green cross", "qa": "not a list"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(captions(manifest)) == ["a red star", "What colour is it? red", "a blue circle",
+                                        "What shape? circle", "a green cross"]
