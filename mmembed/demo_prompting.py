@@ -9,6 +9,7 @@ fewer); every other answer must match exactly (`mmembed.data.synth.score`).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[G
     pooled = [g for g in table if g.startswith("attribute question (")]
     n = sum(table[g]["n"] for g in pooled)
     correct = sum(table[g]["correct"] for g in pooled)
-    table["attribute question (image or sound)"] = {"n": n, "correct": correct, "accuracy": correct / max(n, 1)}
+    if n:  # a split without attribute questions has no such line (it would read 0.000)
+        table["attribute question (image or sound)"] = {"n": n, "correct": correct, "accuracy": correct / n}
     return table, answers
 
 
@@ -83,13 +85,16 @@ def audio_descriptions(rows: list[InstructionRow]) -> list[InstructionRow]:
 def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
     """Accuracy tables on the test and held-out splits, the transfer check, the best-of checks and sample
     answers."""
-    splits = {"test": read_instructions(root / "instruct-test.jsonl").rows}
+    read = {"test": read_instructions(root / "instruct-test.jsonl")}
     if (root / "instruct-heldout.jsonl").is_file():
-        splits["held-out"] = read_instructions(root / "instruct-heldout.jsonl").rows
-    skipped = {}
-    for name, rows in splits.items():  # rows too long for the context are skipped (and counted), as in training
-        splits[name] = fitting(model, rows)
-        skipped[name] = len(rows) - len(splits[name])
+        read["held-out"] = read_instructions(root / "instruct-heldout.jsonl")
+    splits, skipped, too_long, unreadable = {}, {}, {}, {}
+    for name, data in read.items():  # rows too long for the context are skipped (and counted), as in training
+        splits[name] = fitting(model, data.rows)
+        kept = {id(r) for r in splits[name]}
+        skipped[name] = len(data.rows) - len(splits[name])
+        too_long[name] = dict(Counter(row_group(r) for r in data.rows if id(r) not in kept))
+        unreadable[name] = len(data.skipped)
     tables, answers = {}, {}
     for name, rows in splits.items():
         tables[name], answers[name] = evaluate_split(model, rows)
@@ -98,6 +103,8 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
                                           for n in splits},
                               "attribute questions by objects": {n: by_objects(splits[n], answers[n]) for n in splits},
                               "skipped (longer than the context)": skipped,
+                              "skipped by line (longer than the context)": too_long,
+                              "unreadable rows": unreadable,
                               "samples": _samples(splits["test"], answers["test"]),
                               "temperature": _temperatures(model, splits["test"])}
     checked = "held-out" if "held-out" in splits else "test"
@@ -109,6 +116,8 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
         for name, rows in splits.items():
             audio = audio_descriptions(rows)
             said = answer_rows(transfer, audio)
+            if not audio:  # no sound descriptions in this split: nothing to transfer to
+                continue
             table = accuracy_by_group(audio, said, world_score, row_group)
             result["transfer"][name] = {"image-only decoder": table["description from a sound"]["accuracy"],
                                         "joint decoder": tables[name]["description from a sound"]["accuracy"],
@@ -172,8 +181,10 @@ def _samples(rows: list[InstructionRow], answers: list[Generation]) -> list[dict
 
 def _temperatures(model: Any, rows: list[InstructionRow]) -> list[dict[str, Any]]:
     """One description prompt sampled at a low and a high temperature, with its mean entropy."""
-    row = next(r for r in rows if row_group(r) == "description from an image")
-    out = []
+    row = next((r for r in rows if row_group(r) == "description from an image"), None)
+    out: list[dict[str, Any]] = []
+    if row is None:
+        return out
     for t in (0.2, 1.5):
         g = model.generate(row_prompt(row), max_new_tokens=48, temperature=t, seed=0)
         out.append({"temperature": t, "prompt": _show(row), "answer": g.text, "mean_entropy": g.mean_entropy})
@@ -190,17 +201,31 @@ def report_lines(result: dict[str, Any]) -> list[str]:
              "of the test split and of the held-out combinations; a description is correct when it names the "
              "shape and colour of every object, any other answer must match exactly.", "",
              "| prompt | " + " | ".join(f"{n} (goal)" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    too_long = result.get("skipped by line (longer than the context)", {})
+
+    def cell(name: str, group: str) -> str:
+        """A line's accuracy, and how many of its rows outgrew the context when some did."""
+        if group not in tables[name]:
+            return "–"
+        cut = too_long.get(name, {}).get(group, 0)
+        n = tables[name][group]["n"]
+        return f"{tables[name][group]['accuracy']:.3f}" + (f" ({n} of {n + cut})" if cut else "")
+
     for group, goals in HEADLINE.items():
-        cells = [f"{tables[n][group]['accuracy']:.3f} (≥ {goals[min(i, 1)]:.2f})" for i, n in enumerate(names)]
+        cells = [f"{cell(n, group)} (≥ {goals[min(i, 1)]:.2f})" for i, n in enumerate(names)]
         lines.append(f"| **{group}** | " + " | ".join(cells) + " |")
-    others = [g for g in tables[names[0]] if g not in HEADLINE]
+    others = list(dict.fromkeys(g for n in names for g in tables[n] if g not in HEADLINE))
     for group in others:
-        cells = [f"{tables[n][group]['accuracy']:.3f}" if group in tables[n] else "–" for n in names]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        lines.append(f"| {group} | " + " | ".join(cell(n, group) for n in names) + " |")
     skipped = result.get("skipped (longer than the context)", {})
+    unreadable = result.get("unreadable rows", {})
     lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
               + "".join(f"; {n}: {k} skipped, prompt and answer longer than the context"
-                        for n, k in skipped.items() if k) + ".", ""]
+                        for n, k in skipped.items() if k)
+              + "".join(f"; {n}: {k} unreadable row(s) skipped" for n, k in unreadable.items() if k) + ". "
+              "\"(n of m)\": the line was scored on the n of its m rows that fit the context. A memory dialogue "
+              "shows its earlier turns with the world's reference answers, as the decoder trains on them; a "
+              "`Session` shows the decoder's own answers instead (the memory section measures that).", ""]
     lines += _by_task_lines(result.get("by task"))
     lines += _by_objects_lines(result.get("attribute questions by objects", {}).get("test"))
     if "transfer" in result:
@@ -217,6 +242,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     for s in result["samples"]:
         mark = "✓" if s["correct"] else "✗"
         lines.append(f"| {s['prompt']} | {mark} {s['answer']} | {s['truth']} |")
+    if not result["temperature"]:  # no picture description in the test split to sample
+        return lines + [""]
     lines += ["", "### Temperature and entropy", "",
               "The same prompt sampled at two temperatures; entropy is that of the distribution each token was "
               "drawn from, in nats, averaged over the answer:", "",

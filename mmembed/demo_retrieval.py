@@ -58,7 +58,9 @@ def composed_query_trials(manifest: Path, gallery: Index, n_trials: int = 100,
         hits += int(wanted in _shape_colours(top.metadata))
         chance += sum(wanted in k for k in kinds) / len(kinds)
         trials += 1
-    return {"trials": trials, "accuracy": hits / max(trials, 1), "chance": chance / max(trials, 1)}
+    if not trials:  # no pair of rows differing in shape and colour: nothing measured, not 0.000
+        return {"trials": 0}
+    return {"trials": trials, "accuracy": hits / trials, "chance": chance / trials}
 
 
 def _shape_colours(meta: dict) -> set[tuple[str, str]]:

@@ -147,6 +147,8 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     n_test = len((tiny_world / "instruct-test.jsonl").read_text().splitlines())
     scored, skipped = result["rows"]["test"], result["skipped (longer than the context)"]["test"]
     assert scored + skipped == n_test and scored > 0.8 * n_test  # a few memory dialogues outgrow the tiny context
+    too_long = result["skipped by line (longer than the context)"]["test"]
+    assert sum(too_long.values()) == skipped and result["unreadable rows"]["test"] == 0
     for split, table in result["accuracy"].items():
         assert set(HEADLINE) <= set(table)
         assert all(0.0 <= row["accuracy"] <= 1.0 and row["correct"] <= row["n"] for row in table.values())
@@ -184,6 +186,23 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
     assert result["whitened"] == {"joint decoder": False, "image-only decoder": False} and "raw vectors" not in text
     result["whitened"]["joint decoder"] = True  # as the demo's decoders are
     assert ". The image-only decoder reads the raw vectors, the joint one whitens them:" in "\n".join(report_lines(result))
+    for group, cut in too_long.items():  # a line that lost rows to the context says how many it was scored on
+        n = result["accuracy"]["test"][group]["n"]
+        assert f"({n} of {n + cut})" in text
+
+
+def test_the_prompting_report_shows_a_missing_line_as_a_dash_not_a_crash():
+    """A split without some kind of prompt used to crash the report after the whole demo (KeyError,
+    StopIteration) or print 0.000 for the pooled attribute line."""
+    from mmembed.demo_prompting import report_lines
+
+    only_images = {"description from an image": {"n": 10, "correct": 7, "accuracy": 0.7}}
+    result = {"accuracy": {"test": only_images}, "rows": {"test": 10}, "samples": [], "temperature": [],
+              "skipped by line (longer than the context)": {"test": {"description from an image": 2}}}
+    text = "\n".join(report_lines(result))
+    assert "| **description from an image** | 0.700 (10 of 12) (≥ 0.90) |" in text
+    assert "| **description from a sound** | – (≥ 0.85) |" in text
+    assert "Temperature and entropy" not in text
 
 
 def test_evaluation_answers_each_row_as_it_would_alone(trained_run, tiny_world):
