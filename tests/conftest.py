@@ -48,3 +48,21 @@ def tiny_config(world: Path, out_dir: Path, model: dict | None = None, **train) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def lock_holder(run: Path):
+    """Another process holding `run`'s trainer lock (as a trainer does while it trains), started and
+    locked; the caller kills it. Returns the `subprocess.Popen`."""
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from mmembed.train.run_dir import run_lock
+        with run_lock({str(run)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

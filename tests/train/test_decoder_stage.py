@@ -16,7 +16,7 @@ from mmembed.decoder import DECODER_DIR, DECODER_WEIGHTS
 from mmembed.errors import UserError
 from mmembed.train import train
 from mmembed.train.decoder import train_decoder
-from tests.conftest import tiny_config
+from tests.conftest import lock_holder, tiny_config
 
 DECODER = {"width": 32, "layers": 1, "heads": 2, "context": 160, "soft_tokens": 2, "dropout": 0.1,
            "media_noise": 0.05, "vector_marker_prob": 0.3,
@@ -483,24 +483,13 @@ def test_a_pipeline_stopped_before_the_decoders_first_checkpoint_resumes(trained
 
 
 def test_overwriting_a_decoder_stage_another_trainer_runs_deletes_nothing(trained_run, tiny_world, tmp_path):
-    import subprocess
-    import sys
-    import textwrap
-
     run = tmp_path / "run"
     cfg = decoder_config(tiny_world, run)
     cfg.model.init_from = str(trained_run)
     train(cfg)
     before = sorted(p.name for p in (run / DECODER_DIR).iterdir())
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from mmembed.train.run_dir import run_lock
-        with run_lock({str(run)!r}):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match="in use by a trainer"):
             train_decoder(cfg, overwrite=True)
     finally:

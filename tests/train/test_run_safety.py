@@ -5,9 +5,6 @@ batches, read-time skips counted, clear one-line errors on bad checkpoints, prog
 import json
 import logging
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from mmembed.data.loader import EpochBatchSampler
 from mmembed.errors import CheckpointError, UserError
 from mmembed.train.align import train_align
 from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
-from tests.conftest import tiny_config
+from tests.conftest import lock_holder, tiny_config
 
 
 def _steps(run):
@@ -41,15 +38,8 @@ def test_fresh_run_refuses_a_folder_holding_an_older_run_and_overwrite_starts_cl
 
 def test_a_second_trainer_on_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stale(tiny_world, tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from mmembed.train.run_dir import run_lock
-        with run_lock({str(run)!r}):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         cfg = load_config(tiny_config(tiny_world, run, epochs=1))
         with pytest.raises(UserError, match=f"in use by a trainer \\(pid {holder.pid}\\)"):
             train_align(cfg, resume=True)
