@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from mmembed.decoder import MEDIA, Generation, Stops
@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 
 def state_of(request: Request) -> ServeState:
     return request.app.state.serve
+
+
+async def model_call(state: ServeState, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread, one request at a time: requests waiting for the model queue on
+    the event loop instead of each holding one of the worker threads that status, media, the page
+    and upload decoding need (`fn` still takes `state.lock`, which the index build shares)."""
+    return await anyio.to_thread.run_sync(fn, *args, limiter=state.model_slot())
 
 
 @contextmanager
@@ -71,7 +78,7 @@ async def search(request: Request) -> dict[str, Any]:
     k = number(form, "k", int, 12, 1, state.limits.max_k)
     index = state.index.ready()
     start = time.perf_counter()
-    hits = await run_in_threadpool(_search, state, index, pieces, weights, target, k)
+    hits = await model_call(state, _search, state, index, pieces, weights, target, k)
     return {"hits": [hit_json(h, rank) for rank, h in enumerate(hits, 1)], "target": target,
             "pieces": len(pieces), "took_ms": round(1000 * (time.perf_counter() - start), 1)}
 
@@ -154,7 +161,7 @@ def choice(settings: dict[str, Any]) -> dict[str, Any]:
 @router.post("/generate")
 async def generate(request: Request) -> dict[str, Any]:
     state, prompt, settings = await read_prompt(request)
-    return await run_in_threadpool(_generate_all, state, prompt, settings)
+    return await model_call(state, _generate_all, state, prompt, settings)
 
 
 def _generate_all(state: ServeState, prompt: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -177,9 +184,20 @@ async def generate_stream(request: Request) -> StreamingResponse:
     if choice(settings)["best_of"] != 1:
         raise Refusal(400, "best_of chooses among whole answers: POST it to /api/generate, not the stream")
     tokens = state.model.stream_tokens(prompt, **settings)
-    first = await run_in_threadpool(_next, state, tokens)  # a bad prompt is still a 400, not an event
-    return StreamingResponse(_events(state, prompt, first, tokens), media_type="text/event-stream",
-                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+    first = await model_call(state, _next, state, tokens)  # a bad prompt is still a 400, not an event
+    return _ClosingStream(_events(state, prompt, first, tokens), media_type="text/event-stream",
+                          headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream whose events are closed as soon as the response ends, a client that went away
+    included (Starlette leaves an abandoned generator, its caches and tensors, to the garbage collector)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _next(state: ServeState, tokens: Iterator[Any]) -> dict[str, Any] | None:
@@ -188,25 +206,36 @@ def _next(state: ServeState, tokens: Iterator[Any]) -> dict[str, Any] | None:
     return None if token is None else token_json(token)
 
 
-def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None,
-            tokens: Iterator[Any]) -> Iterator[str]:
-    """`event: token` per generated token, then `event: done` (or `event: error`)."""
+def _finish(state: ServeState, prompt: list[Any], sent: list[dict[str, Any]]) -> dict[str, Any]:
+    with state.lock:
+        return finish(state, prompt, sent)
+
+
+def _close(state: ServeState, tokens: Iterator[Any]) -> None:
+    with state.lock:  # the generation's own clean-up touches the model
+        tokens.close()
+
+
+async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None,
+                  tokens: Iterator[Any]) -> AsyncIterator[str]:
+    """`event: token` per generated token, then `event: done` (or `event: error`). The model lock is
+    held only while a token is computed, never across a yield: a client that stops reading must not
+    stall the model."""
     sent, token = [], first
     try:
         while token is not None:
             sent.append(token)
             yield sse("token", token)
-            token = _next(state, tokens)
-        with state.lock:  # not held across the yield: a client that stops reading must not stall the model
-            done = finish(state, prompt, sent)
-        yield sse("done", done)
+            token = await model_call(state, _next, state, tokens)
+        yield sse("done", await model_call(state, _finish, state, prompt, sent))
     except Refusal as e:
         yield sse("error", {"error": e.message})
     except Exception as e:  # noqa: BLE001 - the headers are sent: the stream itself must say what went wrong
         log.exception("generation failed")
         yield sse("error", {"error": f"generation failed ({type(e).__name__}); the server log has the details"})
     finally:
-        tokens.close()
+        with anyio.CancelScope(shield=True):  # also when the client's disconnect cancelled the stream
+            await anyio.to_thread.run_sync(_close, state, tokens)
 
 
 def token_json(token: Any) -> dict[str, Any]:

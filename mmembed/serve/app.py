@@ -48,7 +48,9 @@ def create_app(state: ServeState) -> FastAPI:
     app.add_exception_handler(Refusal, _refused)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _crashed)
+    # not `add_exception_handler(Exception, ...)`: Starlette answers that outside every middleware,
+    # so a 500 would leave without the security headers
+    app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, max_bytes=state.limits.max_request_bytes)
     app.add_middleware(SecurityHeaders)  # outermost: the body limit's own 413 gets the headers too
     return app
@@ -72,9 +74,31 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 
 
-async def _crashed(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+class CrashGuard:
+    """ASGI middleware: an exception no handler took becomes a one-line 500, logged with its
+    traceback (inside the other middleware, so the answer carries the security headers too)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # noqa: BLE001 - any failure is one line to the client, the details in the log
+            if started:  # the answer is under way (a stream): nothing else can be sent
+                raise
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            response = _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+            await response(scope, receive, send)
 
 
 # ---- serving -------------------------------------------------------------------------------------

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from mmembed.serve.api import read_prompt, state_of, to_segment, user_errors
+from mmembed.serve.api import model_call, read_prompt, state_of, to_segment, user_errors
 from mmembed.serve.pieces import read_form, read_pieces
 from mmembed.serve.safety import FILE_MODALITIES, Refusal, sniff
 from mmembed.serve.state import ServeState
@@ -70,7 +69,7 @@ async def remember(request: Request) -> dict[str, Any]:
         with user_errors(), state.lock:
             return memory.add_many(user, [to_segment(p) for p in pieces])
 
-    return {"user": user, "ids": await run_in_threadpool(store)}
+    return {"user": user, "ids": await model_call(state, store)}
 
 
 @router.post("/ask")
@@ -79,7 +78,7 @@ async def ask(request: Request) -> dict[str, Any]:
     memory = state.need_memory()
     form = await read_form(request, state.limits)  # parsed once by Starlette; this reads its cache
     user = user_name(form.get("user"))
-    return await run_in_threadpool(_ask, state, memory, user, prompt, settings)
+    return await model_call(state, _ask, state, memory, user, prompt, settings)
 
 
 def _ask(state: ServeState, memory: Any, user: str, prompt: list[Any], settings: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ upload). `weights` (one comma-separated number per piece, in the same order) wei
     text="What colour is" file=@a.png text="?"           → [text, image, text]
     text="a red circle" file=@b.wav weights=1,-0.5         → two pieces, weights 1 and -0.5
 
-Each file is read into memory (never written anywhere, its name never used as a path), its
+Each file is read into memory (its name never used as a path; Starlette's parser spools a part
+over 1 MB to an anonymous temporary file until the request ends, and nothing is kept), its
 format sniffed from its bytes, and decoded once by the model's own preprocessing, so a bad file
 is refused here with its name and the reason, before any work starts.
 """
@@ -132,5 +133,6 @@ def number(form: FormData, key: str, kind: type, default: Any, low: float | None
     if value is None or (kind is float and not math.isfinite(value)):
         raise Refusal(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {str(raw)[:40]!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise Refusal(400, f"{key} must be between {low:g} and {high:g}, got {value:g}")
+        shown = f"{value:g}" if kind is float else str(raw).strip()[:40]  # an int past 1e308 has no float form
+        raise Refusal(400, f"{key} must be between {low:g} and {high:g}, got {shown}")
     return value

@@ -25,6 +25,16 @@ class ServeState:
     limits: Limits
     run: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _slot: Any = field(default=None, repr=False)
+
+    def model_slot(self) -> Any:
+        """The `anyio.CapacityLimiter` that admits one request's model work at a time (made on first use,
+        inside the event loop): the rest queue on the loop, not in the worker threads every route shares."""
+        if self._slot is None:
+            import anyio
+
+            self._slot = anyio.CapacityLimiter(1)
+        return self._slot
 
     def check(self, modality: Modality, data: bytes) -> None:
         """Decode `data` with the model's preprocessing for `modality` (its guards included); BadInput when unusable."""

@@ -216,19 +216,76 @@ def test_the_stream_holds_the_model_lock_only_while_it_computes(client, model):
     from every other request: the generator is suspended at each event with the lock free."""
     from mmembed.serve.api import _events
 
+    import anyio
+
     state = client.app.state.serve
     tokens = model.stream_tokens(["describe this"], max_new_tokens=3)
     first = next(tokens)
-    events = _events(state, ["describe this"], {"id": first.id, "text": first.text, "entropy": first.entropy,
-                                                 "logprob": first.logprob}, tokens)
-    kinds = []
-    for event in events:
-        kinds.append(event.split("\n")[0])
-        assert not state.lock.locked(), kinds
-        if kinds[-1] == "event: done":
-            break  # the client reads no further: the generator stays suspended here
-    assert kinds[-1] == "event: done"
-    events.close()
+
+    async def read() -> list[str]:
+        events = _events(state, ["describe this"], {"id": first.id, "text": first.text, "entropy": first.entropy,
+                                                     "logprob": first.logprob}, tokens)
+        kinds = []
+        async for event in events:
+            kinds.append(event.split("\n")[0])
+            assert not state.lock.locked(), kinds
+            if kinds[-1] == "event: done":
+                break  # the client reads no further: the generator stays suspended here
+        await events.aclose()
+        return kinds
+
+    assert anyio.run(read)[-1] == "event: done"
+
+
+def test_a_client_that_leaves_mid_stream_ends_its_generation_at_once(client, model, monkeypatch):
+    """The abandoned stream's generator (its caches and tensors) waited for the garbage collector."""
+    closed = []
+    real = model.stream_tokens
+
+    def watched(*args, **kwargs):
+        tokens = real(*args, **kwargs)
+        try:
+            yield from tokens
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(model, "stream_tokens", watched)
+    with client.stream("POST", "/api/generate/stream", files=files(("text", "describe")),
+                       data={"max_new_tokens": "16", "temperature": "1.0", "seed": "1"}) as response:
+        next(response.iter_lines())  # one event, then the client goes away
+    for _ in range(100):
+        if closed:
+            break
+        time.sleep(0.05)
+    assert closed == [True]
+
+
+def test_requests_queued_for_the_model_leave_the_other_routes_answering(client):
+    """Requests waiting for the model each held a worker thread (waiting on its lock): forty of them
+    took every thread, and /api/status, the page and media stopped answering."""
+    state = client.app.state.serve
+    answers: list[int] = []
+    with state.lock:  # the model is busy
+        waiting = [threading.Thread(target=lambda: answers.append(
+            client.post("/api/search", files=files(("text", "a red star"))).status_code)) for _ in range(48)]
+        for t in waiting:
+            t.start()
+        time.sleep(0.5)  # let them queue
+        status = []
+        asker = threading.Thread(target=lambda: status.append(client.get("/api/status").status_code))
+        asker.start()
+        asker.join(timeout=30)
+        assert status == [200]  # answered while 48 requests wait for the model
+    for t in waiting:
+        t.join(timeout=60)
+    assert answers == [200] * 48
+
+
+def test_a_number_too_large_for_a_float_is_a_400(client):
+    huge = "1" + "0" * 400
+    for path, field in (("/api/search", "k"), ("/api/generate", "max_new_tokens"), ("/api/generate", "seed")):
+        response = client.post(path, files=files(("text", "hello")), data={field: huge})
+        assert response.status_code == 400 and "must be between" in response.json()["error"], response.text
 
 
 def test_best_of_equals_the_python_api_with_its_candidates(client, model, tiny_world):
@@ -351,3 +408,20 @@ def test_indexing_reports_progress_and_searches_wait_for_it(tiny_world):
             break
         time.sleep(0.05)
     assert build.state == "ready" and build.done == build.total == n
+
+
+def test_an_internal_error_is_a_one_line_500_with_the_security_headers(client, monkeypatch, caplog):
+    """Starlette answers an `Exception` handler outside every middleware: the 500 left without the
+    Content-Security-Policy and the other headers every other answer carries."""
+    import mmembed.serve.api as api
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "_search", broken)
+    response = client.post("/api/search", files=files(("text", "a red star")))
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+    assert "content-security-policy" in response.headers and response.headers["x-content-type-options"] == "nosniff"
+    assert "boom" in caplog.text  # the details are in the log
+    assert client.get("/api/status").status_code == 200  # and the server is up
