@@ -271,7 +271,8 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
         if steps < 1:
             yield rows
             return
-        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, fmt.prompt_only_ids):
+        never = fmt.never_written(lm.decoder.vocab_size)
+        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, never):
             tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
             for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
                 if not row.done:
@@ -390,7 +391,7 @@ def _releasable(text: str, sent: int, done: bool, holdback: int) -> int:
     string) nor an incomplete UTF-8 character at the end. Never less than `sent`."""
     if done:
         return len(text)
-    safe = len(text) - holdback
-    while safe > sent and text[safe - 1] == "\ufffd":
-        safe -= 1
-    return max(safe, sent)
+    end = len(text)
+    while end > sent and text[end - 1] == "\ufffd":  # the incomplete character first: it is no
+        end -= 1  # character of a stop string yet, so it must not count as one of the held back
+    return max(end - holdback, sent)

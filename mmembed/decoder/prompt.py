@@ -124,6 +124,12 @@ class PromptFormat:
         # and a generated placeholder would be read as a media slot when the answer is fed back
         self.prompt_only_ids = sorted(self._hidden - {self.eos_id})
 
+    def never_written(self, rows: int) -> list[int]:
+        """Ids a decoder with `rows` output rows must never write: the prompt-only ids, and rows past
+        this format's vocabulary (a table padded to a round size, as nanoGPT's 50,304 for GPT-2's
+        50,257 tokens), which no tokenizer can decode."""
+        return [*self.prompt_only_ids, *range(self.vocab_size, rows)]
+
     def encode(self, parts: Sequence[str | Slot]) -> list[int]:
         """Prompt parts → ids from `<bos>` to `<answer>` inclusive."""
         ids = [self.bos_id]
@@ -279,6 +285,9 @@ def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tens
     if not torch.isfinite(z).all():
         raise BadInput(f"{where}: the vector holds NaN or Inf")
     norm = z.norm()
+    if not torch.isfinite(norm):  # finite components whose squares overflow (1e19 and up): scale first
+        z = z / z.abs().max()
+        norm = z.norm()
     if norm == 0:
         raise BadInput(f"{where}: a zero vector has no direction in the shared space")
     return z / norm

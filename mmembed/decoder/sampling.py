@@ -23,7 +23,8 @@ class Sampling:
 
     Args:
         temperature: 0 = greedy; otherwise a finite positive number.
-        top_k: keep the k most likely tokens (>= 1; larger than the vocabulary = all of it).
+        top_k: keep the k most likely tokens, and any tied with the k-th as transformers does (>= 1;
+            larger than the vocabulary = all of it).
         top_p: keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
 
     Raises:
@@ -60,6 +61,7 @@ class Choice:
 
 
 _TINY_TEMPERATURE = 1e-30  # above it, logits up to 1e8 stay finite when divided by the temperature
+_HUGE_TEMPERATURE = 1e30  # below it, the temperature itself is a float32 number
 NUCLEUS_CANDIDATES = 4096  # top-p alone first looks for its tokens among this many (a top-k, not a sort)
 
 
@@ -75,14 +77,18 @@ def filtered_logits(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor 
         or top-p the columns are sorted by score and V' is at most the most tokens a row keeps.
     """
     scores = logits.float()
-    if sampling.temperature < _TINY_TEMPERATURE:  # z / T could pass float32's range: shift the row's
+    t = sampling.temperature
+    if t < _TINY_TEMPERATURE:  # z / T could pass float32's range: shift the row's
         scores = scores - scores.amax(dim=-1, keepdim=True)  # best to 0 first (softmax is the same)
-    scores = scores / sampling.temperature
+    if t < _TINY_TEMPERATURE or t > _HUGE_TEMPERATURE:  # T itself may round to 0 or inf in float32
+        scores = (scores.double() / t).float()
+    else:
+        scores = scores / t
     vocab = scores.shape[-1]
     top_k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab else None
     top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1 else None
     if top_k is not None:
-        scores, index = scores.topk(top_k, dim=-1)  # sorted, descending
+        scores, index = _top_k(scores, top_k)  # sorted, descending
         if top_p is None:
             return scores, index
         return _nucleus(scores, index, scores.double().logsumexp(dim=-1, keepdim=True), top_p)
@@ -98,6 +104,20 @@ def filtered_logits(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor 
             return found
     top, index = scores.sort(dim=-1, descending=True)
     return _nucleus(top, index, log_total, top_p)
+
+
+def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best scores of each row, sorted, and every token tied with the k-th (as transformers'
+    warper keeps them: which of the tied ones `topk` returns would otherwise depend on the kernel).
+    Columns past a row's own count are at -inf."""
+    top, index = scores.topk(k, dim=-1)
+    kth = top[:, -1:]  # (B, 1)
+    tied = torch.where(kth > float("-inf"), (scores >= kth).sum(dim=-1, keepdim=True), k)  # (B, 1)
+    width = int(tied.max())
+    if width == k:
+        return top, index
+    top, index = scores.topk(width, dim=-1)
+    return top.masked_fill(top < kth, float("-inf")), index
 
 
 def _nucleus(top: Tensor, index: Tensor, log_total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:

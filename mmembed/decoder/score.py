@@ -72,7 +72,7 @@ def teacher_forced_logits(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
     lm.eval()
     try:
         hidden = lm.decoder.hidden(inputs_embeds=lm.embed(ids, media))[:, P - 1:]  # (N, L, C)
-        never = torch.tensor(fmt.prompt_only_ids, dtype=torch.long, device=device)  # as generation does
+        never = torch.tensor(fmt.never_written(lm.decoder.vocab_size), dtype=torch.long, device=device)  # as generation
         return lm.decoder.lm_head(hidden).float().index_fill_(-1, never, float("-inf"))
     finally:
         lm.train(was_training)

@@ -206,6 +206,39 @@ def test_the_sampled_distribution_equals_transformers_warpers(settings):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("settings", [{"temperature": 1.0, "top_k": 2}, {"temperature": 1.0, "top_k": 2, "top_p": 0.95}])
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does(settings):
+    """`topk` kept exactly k tokens, which of the tied ones depending on the kernel (ties are common in
+    half-precision logits)."""
+    pytest.importorskip("transformers")
+    from benchmarks.bench_sample import anchor_warpers
+    from mmembed.decoder.sampling import distribution
+
+    s = Sampling(**settings)
+    for vocab in (6, 40, 5000):
+        logits = torch.full((2, vocab), -1.0)
+        logits[:, :4] = torch.tensor([3.0, 1.0, 1.0, 1.0])
+        logits[1] = logits[1].flip(0)  # the tied tokens at the other end of the row
+        expected = anchor_warpers(s)(torch.zeros(2, 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
+        ours = distribution(logits, s)
+        assert torch.equal(ours > 0, expected > 0) and int((ours > 0).sum()) == 8, vocab
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e-50, 1e39])
+def test_temperatures_past_float32s_range_sample_sensibly(temperature):
+    """They rounded to 0 or inf in float32: 0/0 or -inf/inf gave NaN, then an index error."""
+    from mmembed.decoder.sampling import choose
+
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.5]])
+    choice = choose(logits, Sampling(temperature), torch.Generator().manual_seed(0))
+    assert torch.isfinite(choice.logprobs).all() and int(choice.tokens) != 2
+    if temperature < 1:
+        assert int(choice.tokens) == 0 and float(choice.entropy) == pytest.approx(0.0, abs=1e-6)
+    else:  # uniform over the three finite tokens
+        assert float(choice.entropy) == pytest.approx(math.log(3), abs=1e-6)
+
+
 def test_a_nucleus_wider_than_the_candidates_is_found_by_sorting_the_whole_row():
     from mmembed.decoder.sampling import NUCLEUS_CANDIDATES
 

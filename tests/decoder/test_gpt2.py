@@ -90,3 +90,25 @@ def test_bad_folders_are_clear_errors(gpt2_folder, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((gpt2_folder / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="shape"):
         load_gpt2(tmp_path)
+
+
+def test_rows_past_the_tokenizer_in_a_padded_table_are_never_written(tmp_path):
+    """A GPT-2 whose table is padded past its tokenizer (nanoGPT's 50,304 rows for 50,257 tokens)
+    sampled those rows: ids no tokenizer decodes, counted against max_new_tokens and in the log-probs."""
+    pytest.importorskip("transformers")
+    from mmembed.config import DecoderConfig
+    from mmembed.decoder import Sampling, Stops, build_prompt_model, generate, gpt2_tokenizer, resolve_prompts
+    from mmembed.decoder.score import teacher_forced_logits
+    from tests.decoder.helpers import DIM, fake_embed, save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path, vocab_size=400)
+    pm = build_prompt_model(DecoderConfig(init_from_gpt2=str(tmp_path), soft_tokens=2), gpt2_tokenizer(tmp_path), DIM)
+    pm.lm.eval()
+    assert pm.lm.decoder.vocab_size == 400 > pm.fmt.vocab_size
+    cpu = torch.device("cpu")
+    (r,) = resolve_prompts([["describe the picture", torch.ones(DIM)]], fake_embed, DIM, cpu)
+    for seed in range(5):
+        (out,) = generate(pm.lm, pm.fmt, [r], 30, Sampling(1.0), Stops(), seed, cpu)
+        assert out.token_ids and max(out.token_ids) < pm.fmt.vocab_size
+    logits = teacher_forced_logits(pm.lm, pm.fmt, r, [out.token_ids])
+    assert torch.isinf(logits[..., pm.fmt.vocab_size:]).all()  # as generation: probability 0

@@ -126,6 +126,8 @@ def test_media_vectors_follow_prompt_order_and_vectors_are_normalised():
     torch.testing.assert_close(r.vectors[0], fake_embed(Modality.AUDIO, ["b.wav"])[0])
     torch.testing.assert_close(r.vectors[1], z / z.norm())
     torch.testing.assert_close(r.vectors[2], fake_embed(Modality.IMAGE, ["a.png"])[0])
+    (big,) = resolve_prompts([[z * 1e19]], fake_embed, DIM, CPU)  # finite, but its norm overflows float32
+    torch.testing.assert_close(big.vectors[0], z / z.norm())  # it was a zero vector, silently
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error():

@@ -68,3 +68,34 @@ def test_a_stop_string_longer_than_the_answer_so_far_releases_nothing_twice(temp
     assert len(before_last) <= max(0, len(out.text) - 39)
     (resolved,) = resolve_prompts([PROMPT], fake_embed, DIM, CPU)
     assert "".join(stream(pm.lm, pm.fmt, resolved, 30, Sampling(temperature), stop, 5, CPU)) == out.text
+
+
+def test_a_stop_string_ending_in_a_multibyte_character_is_never_streamed(monkeypatch):
+    """"a€" with "€" arriving as three byte tokens: the half-decoded character counted as one of the
+    held-back characters, so "a" was streamed before the stop string cut it."""
+    import sys
+
+    from mmembed.decoder import stream
+
+    from mmembed.decoder.sampling import Choice
+
+    pm = prompt_model()
+    tok = pm.fmt.tokenizer
+    script = [*tok.encode("z"), *tok.encode("a"), *(tok.encode_bytes(bytes([b]))[0] for b in "€".encode()),
+              *tok.encode(" q")]
+
+    def scripted():
+        ids = iter(script)
+        return lambda logits, sampling, generator=None: Choice(torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
+
+    generate_module = sys.modules["mmembed.decoder.generate"]  # the package's `generate` is the function
+    (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
+    stop = Stops(("a€",))
+    monkeypatch.setattr(generate_module, "choose", scripted())
+    (out,) = generate(pm.lm, pm.fmt, [resolved], len(script), Sampling(), stop, None, CPU)
+    monkeypatch.setattr(generate_module, "choose", scripted())
+    pieces = list(stream(pm.lm, pm.fmt, resolved, len(script), Sampling(), stop, None, CPU))
+    monkeypatch.setattr(generate_module, "choose", scripted())
+    tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, len(script), Sampling(), stop, None, CPU))
+    assert (out.text, out.finish_reason) == ("z", "stop")
+    assert "".join(pieces) == "z" and "".join(t.text for t in tokens) == "z"
