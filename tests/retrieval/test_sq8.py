@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmembed.retrieval import Index
 from mmembed.retrieval.exact import exact_topk
@@ -54,19 +55,19 @@ def test_a_dimension_off_the_kernels_multiple_of_16_is_padded_not_misread(d):
 def test_codes_are_within_half_a_step_per_dimension():
     x = clustered(5000, 32, 2)
     codes = synced(x)
-    error = (codes.codes.float() * codes.scale - x).abs()
-    assert bool((error <= codes.scale / 2 + 1e-7).all())
+    error = (codes.codes.float() * codes.scale + codes.mean - x).abs()
+    assert bool((error <= codes.scale / 2 + 1e-6).all())
 
 
 def test_appends_are_quantised_and_a_row_outside_the_scales_requantises_everything():
     x = clustered(3000, 32, 3)
     codes = synced(x[:2000])
-    scale = codes.scale.clone()
-    inside = x[2000:] * 0.01  # well inside the current scales
+    scale, first = codes.scale.clone(), codes.codes.clone()
+    inside = codes.mean + 0.01 * (x[2000:] - codes.mean)  # well inside the current scales
     both = torch.cat([x[:2000], inside])
     codes.sync(both, version=0)
     assert codes.n_rows == 3000 and torch.equal(codes.scale, scale)
-    assert torch.equal(codes.codes, synced(both).codes)
+    assert torch.equal(codes.codes[:2000], first) and torch.equal(codes.codes[2000:], codes._quantise(inside))
     outside = torch.cat([both, torch.full((1, 32), 1.0) / 32**0.5 * 3])
     codes.sync(outside, version=0)
     assert not torch.equal(codes.scale, scale)
@@ -121,3 +122,19 @@ def test_bad_arguments_are_user_errors():
         Index(8, backend="sq8", candidates=0)
     with pytest.raises(UserError, match="max_scan_queries"):
         Index(8, backend="sq8", max_scan_queries=-1)
+
+
+def test_rows_in_a_narrow_cone_keep_their_recall():
+    """Anisotropic embeddings (a mean cosine of 0.94 between rows) all scored about q·μ uncentred,
+    and their differences vanished in the kernel's bf16 output: recall@10 0.94 here (0.45 at a
+    reviewer's 100k rows)."""
+    g = torch.Generator().manual_seed(7)
+    centre = F.normalize(torch.randn(256, generator=g), dim=0)
+    x = F.normalize(centre + 0.25 * torch.randn(50_000, 256, generator=g) / 16, dim=1)  # noise of norm 0.25
+    q = F.normalize(centre + 0.25 * torch.randn(30, 256, generator=g) / 16, dim=1)
+    assert float((x[:500] @ x[:500].T).mean()) > 0.9
+    codes = synced(x)
+    truth = (q @ x.T).topk(10, dim=1).indices
+    found = torch.stack([sq8_topk(codes, x, q[i:i + 1], 10)[1][0] for i in range(30)])  # one query at a time
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / truth.numel()
+    assert recall >= 0.99
