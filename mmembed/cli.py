@@ -322,6 +322,9 @@ def _index(args: argparse.Namespace) -> int:
     import mmembed as mm
     from mmembed.train.distributed import distributed_command, resolve_device
 
+    from mmembed.retrieval.persist import check_target
+
+    check_target(args.out)  # a mistyped --out is one line before the embedding, not a traceback after it
     with distributed_command() as world:  # under torchrun each rank embeds a share; rank 0 writes
         model = mm.load(args.run)
         if world.active:

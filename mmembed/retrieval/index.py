@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -143,7 +144,13 @@ class Index:
         return self._store.n_alive
 
     def __contains__(self, item_id: object) -> bool:
-        return isinstance(item_id, int) and self._store.has(item_id)
+        """Whether an item id is live; any integer type counts (numpy's, as `search_ids` returns)."""
+        if isinstance(item_id, bool):
+            return False
+        try:
+            return self._store.has(operator.index(item_id))
+        except TypeError:
+            return False
 
     def ids(self) -> list[int]:
         """Ids of the live items, in storage order."""
@@ -227,8 +234,8 @@ class Index:
         if isinstance(queries, Tensor):
             a = _check_query_vectors(queries, self.dim)
         else:
-            rows = [q.embed(self._embedding_model(model, q)).numpy() if isinstance(q, Query)
-                    else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]
+            rows = [_one_vector(q.embed(self._embedding_model(model, q)), self.dim, i) if isinstance(q, Query)
+                    else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]  # a Query(vector=) is checked too
             a = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)  # (Q, D)
         # squares in float64 cannot overflow from float32 rows: NaN or Inf there means NaN or Inf in a query
         if a.shape[0] == 1:  # one query, the latency-bound case: three numpy calls, then Python scalars

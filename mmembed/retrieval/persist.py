@@ -1,7 +1,7 @@
 """On-disk index format: a folder with three files, replaced as a whole by every save.
 
     index.json           header: format, dim, count, fingerprint, backend (+ args), storage,
-                         next_id, modality names, a generation token, metadata checksum
+                         next_id, modality names, a generation token, the two files' checksums
     vectors.safetensors  vectors (N, D) fp32/fp16, ids (N,) int64, modality codes (N,) int8
     metadata.jsonl       one JSON object per row, in row order, "\\n"-terminated; pure ASCII (every
                          other character is a \\uXXXX escape), so no caption can hold a line break.
@@ -14,8 +14,9 @@ swaps it in: the old folder is renamed to `<name>.old-<pid>-<hex>`, the new one 
 old folder is untouched; between the two renames `read_index` reads the `.old` folder, and the
 next save renames it back. The next save also deletes leftover temporary folders; reading never
 writes. The header names the generation token stored in the safetensors metadata and the sha256
-of the metadata file, so a reader whose files come from two saves (a swap mid-read) notices and
-reads again. No pickle anywhere; FAISS structures are not saved, they are rebuilt at first search.
+of both files, so a reader whose files come from two saves (a swap mid-read) notices and reads
+again, and a file changed on disk is refused (indexes saved before the vectors' checksum load
+without that check). No pickle anywhere; FAISS structures are not saved, they are rebuilt at first search.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     directory = Path(directory)
     target = directory.resolve()  # through a symlink: the swap renames the real folder
     text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
+    check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     _check_replaceable(target)
@@ -81,15 +83,26 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     return directory
 
 
+def check_target(target: str | Path) -> None:
+    """UserError unless an index can be saved as `target`: every existing folder above it is a
+    folder (checked before any work, so a mistyped --out costs no embedding)."""
+    target = Path(target).resolve()
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
+            return
+
+
 def read_index(directory: str | Path) -> SavedIndex:
     """Read and cross-check the three files; any inconsistency is a CheckpointError."""
     directory = Path(directory)
     seen = _identity(directory)
     try:
         return _read_folder(_live_folder(directory))
-    except CheckpointError:
+    except (CheckpointError, OSError) as e:
         if _identity(directory) == seen:
-            raise
+            raise e if isinstance(e, CheckpointError) else CheckpointError(f"{directory}: {e}") from None
     return _read_folder(_live_folder(directory))  # a save swapped the folder mid-read: read the new one
 
 
@@ -101,7 +114,8 @@ def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text:
     atomic_write_text(folder / METADATA, text)
     full = {**header, "format": FORMAT_VERSION, "dim": store.dim, "count": store.n_rows,
             "next_id": store.next_id, "modalities": names, "generation": generation,
-            "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+            "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "vectors_sha256": _file_sha256(folder / VECTORS)}
     atomic_write_json(folder / HEADER, full)
 
 
@@ -188,6 +202,8 @@ def _read_folder(directory: Path) -> SavedIndex:
     tensors = load_tensors(directory / VECTORS)
     if _generation(directory / VECTORS) != header["generation"]:
         raise CheckpointError(f"{directory}: {VECTORS} does not belong to {HEADER} (interrupted save?)")
+    if "vectors_sha256" in header and _file_sha256(directory / VECTORS) != header["vectors_sha256"]:
+        raise CheckpointError(f"{directory / VECTORS}: checksum does not match {HEADER} (the file changed)")
     vectors, ids, codes = _check_tensors(tensors, header, directory)
     metadata = _read_metadata(directory / METADATA, header)
     store = VectorStore(header["dim"], STORAGE_DTYPES[header["storage"]], capacity=max(1, vectors.shape[0]))
@@ -231,9 +247,9 @@ def _json_default(value: Any) -> Any:
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "dim": int, "count": int, "next_id": int, "storage": str, "backend": str, "generation": str,
     "modalities": list, "metadata_sha256": str, "backend_args": dict, "info": dict,
-    "fingerprint": (str, type(None)),
+    "fingerprint": (str, type(None)), "vectors_sha256": str,
 }
-_OPTIONAL = ("backend_args", "info", "fingerprint")
+_OPTIONAL = ("backend_args", "info", "fingerprint", "vectors_sha256")
 
 
 def _check_header(header: Any, directory: Path) -> None:
@@ -259,8 +275,19 @@ def _check_header(header: Any, directory: Path) -> None:
 
 
 def _generation(path: Path) -> str | None:
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("generation")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("generation")
+    except Exception as e:  # noqa: BLE001 - gone (a save swapped the folder) or unreadable: for the retry
+        raise CheckpointError(f"{path}: cannot read its header ({type(e).__name__}: {e})") from None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_tensors(tensors: dict[str, Tensor], header: dict[str, Any], directory: Path):

@@ -148,6 +148,8 @@ class VectorStore:
         for i, meta in enumerate(metadata):
             if not isinstance(meta, dict):
                 raise UserError(f"metadata[{i}] must be a dict, got {type(meta).__name__}")
+            if bad := _non_str_keys(meta):  # JSON would make it a str on save: filters would change
+                raise UserError(f"metadata[{i}] has a key that is not a str: {bad[0]!r}")
         self._reserve(self.n_rows + n)
         if ids is None:
             new_ids = list(range(self.next_id, self.next_id + n))
@@ -225,17 +227,48 @@ _MODALITIES = list(Modality)
 def _dict_predicate(required: Any):
     if not isinstance(required, dict):
         raise UserError(f"filter must be a callable or a dict, got {type(required).__name__}")
-    wanted = {k: (set(v) if isinstance(v, (list, tuple, set, frozenset)) else {v}) for k, v in required.items()}
+    wanted = {k: _Wanted(list(v) if isinstance(v, (list, tuple, set, frozenset)) else [v]) for k, v in required.items()}
 
     def predicate(meta: dict[str, Any]) -> bool:
-        return all(k in meta and _hashable(meta[k]) in values for k, values in wanted.items())
+        return all(k in meta and w.matches(meta[k]) for k, w in wanted.items())
 
     return predicate
 
 
-def _hashable(value: Any) -> Any:
-    try:
-        hash(value)
-    except TypeError:
-        return repr(value)  # a list/dict metadata value never equals a scalar wanted value
-    return value
+class _Wanted:
+    """The values a filter key accepts. Scalars are looked up in a set; a list or dict value (a
+    manifest's `objects`) is compared by equality with the list or dict values given — never by its
+    repr — and a tuple equals its list, as a saved index reads it back from JSON."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self.nested = [v for v in values if isinstance(v, (list, tuple, dict))]
+        self.scalars = set()
+        for v in values:
+            if not isinstance(v, (list, tuple, dict)):
+                try:
+                    self.scalars.add(v)
+                except TypeError:
+                    raise UserError(f"filter values must be scalars, lists or dicts, got {type(v).__name__}") from None
+
+    def matches(self, value: Any) -> bool:
+        if isinstance(value, (list, tuple, dict)):
+            return any(_equal(value, w) for w in self.nested)
+        try:
+            return value in self.scalars
+        except TypeError:  # an unhashable metadata value of another kind matches nothing
+            return False
+
+
+def _non_str_keys(value: Any) -> list[Any]:
+    """Every dict key that is not a str, anywhere in `value`."""
+    if isinstance(value, dict):
+        return [k for k in value if not isinstance(k, str)] + [b for v in value.values() for b in _non_str_keys(v)]
+    if isinstance(value, (list, tuple)):
+        return [b for v in value for b in _non_str_keys(v)]
+    return []
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b

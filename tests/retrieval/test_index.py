@@ -149,6 +149,39 @@ def test_metadata_filters(index):
         index.search(q, filter=["group"])
 
 
+def test_filters_match_list_and_dict_values_by_equality():
+    """A list-valued field was matched by its repr (`"['red', 'star']"` matched), and a list or dict
+    among the wanted values was an unhashable-type crash."""
+    idx = Index(D)
+    idx.add(unit(3, 2), "image", [{"tags": ["red", "star"]}, {"tags": "red"}, {"tags": {"a": 1}}])
+    q = unit(1, 3)[0]
+
+    def ids(filter):
+        return sorted(h.id for h in idx.search(q, k=5, filter=filter))
+
+    assert ids({"tags": "['red', 'star']"}) == []
+    assert ids({"tags": [["red", "star"]]}) == [0] and ids({"tags": [("red", "star")]}) == [0]
+    assert ids({"tags": ["red", "star"]}) == [1]  # a list of wanted values: any of these scalars
+    assert ids({"tags": {"a": 1}}) == [2] and ids({"tags": [["red", "star"], "red"]}) == [0, 1]
+    with pytest.raises(UserError, match="key that is not a str: 3"):  # a save would make it "3"
+        idx.add(unit(1, 4), "image", [{3: "x"}])
+
+
+def test_a_query_vector_of_the_wrong_size_is_one_clear_error(index):
+    """A Query(vector=...) skipped the size check: FAISS read past the buffer, exact raised RuntimeError."""
+    for bad in (torch.randn(D - 3), torch.randn(D + 4)):
+        with pytest.raises(UserError, match="query 1"):
+            index.search_batch([Query(vector=unit(1, 5)[0]), Query(vector=bad)], k=3)
+
+
+def test_numpy_ids_are_found_in_the_index(index):
+    import numpy as np
+
+    ids, _ = index.search_ids(unit(2, 6), k=3)  # int64 tensors, as search_ids returns them
+    assert ids[0, 0] in index and np.int64(2) in index and 2 in index
+    assert 10**6 not in index and "2" not in index and True not in index
+
+
 def test_search_batch_equals_single_searches(index):
     qs = unit(5, 11)
     batch = index.search_batch(qs, k=4, target="text")

@@ -87,6 +87,42 @@ def test_damaged_files_are_checkpoint_errors(tmp_path):
         Index.load(tmp_path / "nope")
 
 
+def test_a_vectors_file_changed_on_disk_is_refused(tmp_path):
+    """One flipped exponent byte loaded and gave a hit with score 2.3e37."""
+    build().save(tmp_path / "a")
+    path = tmp_path / "a" / "vectors.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0x40  # a byte of the last tensor's data: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        Index.load(tmp_path / "a")
+
+
+def test_a_header_read_that_fails_mid_swap_is_retried(tmp_path, monkeypatch):
+    """A save's swap between the tensors' read and the generation's read raised FileNotFoundError
+    instead of reading again."""
+    import mmembed.retrieval.persist as persist
+
+    build().save(tmp_path / "a")
+    real, calls = persist.safe_open, []
+
+    def vanished_once(path, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", path)  # renamed away by a save
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(persist, "safe_open", vanished_once)
+    monkeypatch.setattr(persist, "_identity", lambda d, n=iter(range(100)): next(n))  # the folder was swapped
+    assert len(Index.load(tmp_path / "a")) == len(build()) and len(calls) == 2
+
+
+def test_saving_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        build().save(tmp_path / "afile" / "sub")
+
+
 def test_unserialisable_metadata_names_the_item(tmp_path):
     idx = Index(4)
     idx.add(torch.eye(4), "image", [{}, {}, {"bad": object()}, {}])
