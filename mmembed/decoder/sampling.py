@@ -110,13 +110,12 @@ def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k best scores of each row, sorted, and every token tied with the k-th (as transformers'
     warper keeps them: which of the tied ones `topk` returns would otherwise depend on the kernel).
     Columns past a row's own count are at -inf."""
-    top, index = scores.topk(k, dim=-1)
-    kth = top[:, -1:]  # (B, 1)
+    top, index = scores.topk(min(k + 1, scores.shape[-1]), dim=-1)  # one more: is the k-th tied?
+    kth = top[:, k - 1:k]  # (B, 1)
+    if top.shape[1] == k or not bool(((top[:, k:] == kth) & (kth > float("-inf"))).any()):
+        return top[:, :k], index[:, :k]  # no tie past the k-th (the usual case: one top-k, no full pass)
     tied = torch.where(kth > float("-inf"), (scores >= kth).sum(dim=-1, keepdim=True), k)  # (B, 1)
-    width = int(tied.max())
-    if width == k:
-        return top, index
-    top, index = scores.topk(width, dim=-1)
+    top, index = scores.topk(int(tied.max()), dim=-1)
     return top.masked_fill(top < kth, float("-inf")), index
 
 
