@@ -3,7 +3,8 @@
     instruct-test.jsonl / instruct-heldout.jsonl ─► Model.generate (greedy) ─► score ─► accuracy
     a decoder trained on image prompts only ─► the same audio prompts ─► cross-modal transfer
 
-Descriptions count as correct when they name the shape and colour of every object (no more, no
+Descriptions count as correct when they read as the world's captions (sizes and positions stated,
+not checked) and name the shape and colour of every object (no more, no
 fewer); every other answer must match exactly (`mmembed.data.synth.score`).
 """
 
@@ -199,7 +200,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
              "The decoder reads prompts that interleave text with images, sounds and captions (each one a "
              "shared-space vector turned into soft tokens) and answers in text. Greedy answers to every prompt "
              "of the test split and of the held-out combinations; a description is correct when it names the "
-             "shape and colour of every object, any other answer must match exactly.", "",
+             "shape and colour of every object (written as the world's captions are, sizes and positions not "
+             "checked), any other answer must match exactly.", "",
              "| prompt | " + " | ".join(f"{n} (goal)" for n in names) + " |", "|---|" + "---:|" * len(names)]
     too_long = result.get("skipped by line (longer than the context)", {})
 

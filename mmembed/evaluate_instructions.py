@@ -8,7 +8,8 @@ Scoring: an answer is right when it equals the row's answer after both are norma
 and case, trailing punctuation: "Red." = "red") — exact match, as VQA-style benchmarks score
 short answers. Rows of the built-in world (`mmembed data synth`; every task one of the world's,
 with its `objects`) are scored by the world's own reader instead, as the demo scores them: a
-description is right when it names the shape and colour of every object, whatever its wording.
+description is right when it reads as one of the world's captions and names exactly the shape
+and colour of every object (its sizes and positions stated, their values not checked).
 """
 
 from __future__ import annotations

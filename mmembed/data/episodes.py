@@ -13,11 +13,12 @@ manifests (`mmembed.data.synth.episodes`).
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmembed.data.manifest import BadRow, read_jsonl_records, resolve_path
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 
@@ -30,25 +31,31 @@ class Episode:
     questions: tuple[tuple[str, int], ...]
 
 
-def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, what: str = "episodes") -> list[Episode]:
-    """Episodes from decoded JSON records; relative media paths are taken under `root`. A malformed
-    record is a UserError naming it."""
+def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, what: str = "episodes", *,
+                   lines: Sequence[int] | None = None, allow_outside_root: bool = False) -> list[Episode]:
+    """Episodes from decoded JSON records; relative media paths are taken under `root`, as a
+    manifest's are (an absolute or `../` path is refused unless `allow_outside_root`). A malformed
+    record is a UserError naming it: `what:line` with `lines` (the file's line of each record),
+    else its number."""
     out = []
     for n, rec in enumerate(records, 1):
+        where = f"{what}:{lines[n - 1]}" if lines is not None else f"{what}: record {n}"
         try:
             items = []
             for item in rec["items"]:
                 (name, value), = item.items()
                 modality = Modality.parse(name)
-                if modality != Modality.TEXT and root is not None and not Path(value).is_absolute():
-                    value = str(root / value)
+                if modality != Modality.TEXT and root is not None:
+                    value = resolve_path(str(value), root, allow_outside_root)
                 items.append((modality, str(value)))
             questions = tuple((str(q["text"]), int(q["item"])) for q in rec["questions"])
+        except BadRow as e:
+            raise UserError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{what}: record {n} is not an episode ({type(e).__name__}: {e}); expected "
+            raise UserError(f"{where} is not an episode ({type(e).__name__}: {e}); expected "
                             '{"items": [{"image": path}, ...], "questions": [{"text": ..., "item": index}, ...]}') from None
         if any(not 0 <= i < len(items) for _, i in questions):
-            raise UserError(f"{what}: record {n} asks about an item it does not have")
+            raise UserError(f"{where} asks about an item it does not have")
         if len(items) >= 2 and questions:
             out.append(Episode(tuple(items), questions))
     if not out:
@@ -56,16 +63,17 @@ def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, 
     return out
 
 
-def read_episodes(path: str | Path, root: str | Path | None = None) -> list[Episode]:
-    """Episodes from a JSONL file (relative media paths under `root`, default the file's folder)."""
+def read_episodes(path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False) -> list[Episode]:
+    """Episodes from a JSONL file (relative media paths under `root`, default the file's folder),
+    read as manifests are: a byte-order mark allowed, lines split at "\\n" only, errors naming the line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"episodes file not found: {path}")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-    return parse_episodes(records, Path(root) if root is not None else path.parent, what=str(path))
+    records, lines = [], []
+    for line, record in read_jsonl_records(path):
+        if isinstance(record, BadRow):
+            raise UserError(f"{path}:{line}: {record}")
+        records.append(record)
+        lines.append(line)
+    base = Path(os.path.abspath(root if root is not None else path.parent))
+    return parse_episodes(records, base, what=str(path), lines=lines, allow_outside_root=allow_outside_root)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +198,10 @@ def _alternative_captions(value: Any, primary: str | Path | None) -> tuple[str, 
             raise BadRow(f"{CAPTIONS_COLUMN}[{i}] must be a string, got {type(caption).__name__}")
         if not caption.strip():
             raise BadRow(f"{CAPTIONS_COLUMN}[{i}] is an empty caption")
+        try:  # a lone surrogate ("\udfff" in JSON) is no text: refused here, whichever caption an epoch draws
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRow(f"{CAPTIONS_COLUMN}[{i}] holds a lone surrogate, which is not Unicode text") from None
     if not value:
         return ()
     if primary is None:
@@ -246,10 +252,17 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRo
             )
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape keeps them
+
+
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    csv.field_size_limit(sys.maxsize)  # a long caption is truncated by the tokenizer, as in JSONL
+    reader = None
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter)
+        # undecodable bytes are kept as surrogates and refuse their own row, naming its line
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            # strict: an unclosed quote is an error at its line, not the rest of the file as one cell
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
             header = next(reader, None)
             if header is None:
                 return
@@ -263,9 +276,11 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
                 if len(cells) != len(header):
                     yield reader.line_num, BadRow(f"{len(cells)} cells for {len(header)} columns")
                     continue
+                if any(_UNDECODABLE.search(c) for c in cells):
+                    yield reader.line_num, BadRow("invalid UTF-8")
+                    continue
                 # CSV has no null: an empty cell is an absent value
                 yield reader.line_num, {k: (v if v != "" else None) for k, v in zip(header, cells)}
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except csv.Error as e:
-        raise UserError(f"{path}: malformed CSV ({e})") from None
+        where = f":{reader.line_num}" if reader is not None else ""
+        raise UserError(f"{path}{where}: malformed CSV ({e})") from None

@@ -55,6 +55,31 @@ def test_csv_with_header_quotes_and_empty_cells(tmp_path):
     assert read_manifest(tsv).rows[0].items == {Modality.TEXT: "hello"}
 
 
+def test_csv_mistakes_name_their_line_and_never_swallow_rows(tmp_path):
+    """An unclosed quote read every later row into one cell (strict mode too); one non-UTF-8 byte
+    refused the whole file at a chunk's offset; a 200 kB caption was "field larger than field limit"."""
+    path = tmp_path / "m.csv"
+    path.write_text('image,text\na.png,first\na.png,"he said hi\na.png,third\na.png,fourth\n')
+    with pytest.raises(UserError, match=r"m.csv:\d+: malformed CSV"):
+        read_manifest(path)
+    path.write_bytes("image,text\n".encode() + b"a.png,caf\xe9\n" + "a.png,fine\n".encode())
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [3] and [line for line, _ in m.skipped] == [2]
+    assert "invalid UTF-8" in m.skipped[0][1]
+    path.write_text("image,text\na.png," + "word " * 40_000 + "\na.png,short\n")
+    assert [len(r.items[Modality.TEXT]) for r in read_manifest(path).rows] == [200_000, 5]
+
+
+def test_an_alternative_caption_that_is_no_text_refuses_its_row(tmp_path):
+    """A lone surrogate among the captions was refused only by the epochs that drew it, and crashed
+    a cached (multi-worker) run outright."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "text": "ok", "captions": ["fine \udfff"]}) + "\n"
+                    + json.dumps({"image": "b.png", "text": "ok", "captions": ["fine too"]}) + "\n")
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [2] and "lone surrogate" in m.skipped[0][1]
+
+
 def test_missing_modality_column_is_a_user_error_naming_the_file(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("picture,caption\na.png,hello\n")

@@ -346,6 +346,7 @@ def test_changed_parameters_regenerate_without_stale_files(tmp_path):
         ({"n": 10, "heldout_fraction": 0.95}, "heldout_fraction"),
         ({"n": 10, "image_size": 8}, "image_size"),
         ({"n": 10, "seed": -1}, "seed"),
+        ({"n": 10, "sample_rate": 8000}, "upper partials alias"),  # an 8 kHz bell folds a partial onto green's
         ({"n": 10, "heldout_fraction": 0.0, "n_heldout": 5}, "held-out combinations"),
     ],
 )

@@ -55,13 +55,32 @@ def test_bad_episodes_are_one_clear_error(tmp_path):
         parse_episodes([{"items": [{"image": "a.png"}], "questions": [{"text": "?", "item": 0}]}])
     path = tmp_path / "episodes.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(UserError, match="episodes.jsonl:2: not JSON"):
+    with pytest.raises(UserError, match="episodes.jsonl:2: invalid JSON"):
         read_episodes(path)
     with pytest.raises(UserError, match="not found"):
         read_episodes(tmp_path / "missing.jsonl")
     path.write_text(json.dumps(good) + "\n")
     (ep,) = read_episodes(path)
     assert ep.items[0] == (mm.Modality.IMAGE, str(tmp_path / "a.png")) and ep.questions == (("the red one?", 1),)
+
+
+def test_episodes_are_read_as_manifests_are(tmp_path):
+    """Media paths kept the data-root rule out (an absolute or ../ path was read anywhere), a
+    byte-order mark or a caption holding U+2028 was "not JSON", and errors named a record, not a line."""
+    good = {"items": [{"image": "a.png"}, {"text": "a red star\u2028on the left"}],
+            "questions": [{"text": "the star?", "item": 0}]}
+    path = tmp_path / "episodes.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(good, ensure_ascii=False) + "\n").encode())
+    (ep,) = read_episodes(path)
+    assert ep.items[1] == (mm.Modality.TEXT, "a red star\u2028on the left")
+    for escaping in ("../../etc/passwd", "/etc/shadow"):
+        bad = {**good, "items": [{"image": escaping}, {"audio": "b.wav"}]}
+        path.write_text("\n\n" + json.dumps(bad) + "\n")
+        with pytest.raises(UserError, match=r"episodes.jsonl:3: .*(escapes the data root|absolute path)"):
+            read_episodes(path)
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "questions": [{"text": "?", "item": 5}]}) + "\n")
+    with pytest.raises(UserError, match="episodes.jsonl:3 asks about an item it does not have"):
+        read_episodes(path)
 
 
 def test_without_a_query_tower_questions_are_embedded_by_the_text_tower():

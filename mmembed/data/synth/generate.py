@@ -209,8 +209,8 @@ def _validate(
         (isinstance(seed, int) and seed >= 0, f"seed={seed!r} must be an integer >= 0"),
         (isinstance(image_size, int) and 16 <= image_size <= 1024, f"image_size={image_size!r} must be in [16, 1024]"),
         (
-            isinstance(sample_rate, int) and 8000 <= sample_rate <= 96000,
-            f"sample_rate={sample_rate!r} must be in [8000, 96000]",
+            isinstance(sample_rate, int) and 16000 <= sample_rate <= 96000,  # below, the bells' partials alias
+            f"sample_rate={sample_rate!r} must be in [16000, 96000] (below 16 kHz the upper partials alias)",
         ),
         (isinstance(workers, int) and workers >= 1, f"workers={workers!r} must be >= 1"),
         (

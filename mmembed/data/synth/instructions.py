@@ -280,9 +280,10 @@ def normalise(answer: str) -> str:
 def score(row: Mapping[str, Any], generated: str) -> bool:
     """Whether `generated` answers an instruction row correctly.
 
-    Description tasks are right when the caption parses to exactly the (shape, colour) pairs
-    of the scene's objects, as a multiset (size and position wording is not judged); every
-    other task needs the normalised answer to equal the row's answer exactly.
+    Description tasks are right when the answer parses as the world's captions do (each object's
+    size, colour, shape and position: "a red star" alone does not parse) to exactly the (shape,
+    colour) pairs of the scene's objects, as a multiset; the sizes and positions it states are not
+    checked. Every other task needs the normalised answer to equal the row's answer exactly.
     """
     task_group(row["task"])
     if row["task"] not in TASK_GROUPS["describe"]:
