@@ -111,7 +111,7 @@ class LossConfig:
             raise ConfigError(f"loss.caption_weight must be >= 0, got {self.caption_weight!r}")
         unknown = set(self.captioner) - {"width", "layers", "heads", "soft_tokens"}
         if unknown:
-            raise ConfigError(f"loss.captioner: unknown key(s) {', '.join(sorted(unknown))} "
+            raise ConfigError(f"loss.captioner: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
                               "(valid: width, layers, heads, soft_tokens)")
 
 

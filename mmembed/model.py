@@ -24,7 +24,7 @@ from mmembed.config import Config, load_config, save_config
 from mmembed.errors import BadInput, CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
-from mmembed.space import SharedSpace, build_space, init_from_run
+from mmembed.space import SharedSpace, build_space, init_from_run, space_weights
 
 if TYPE_CHECKING:
     from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops, StreamedToken
@@ -348,7 +348,7 @@ def load_space(run_dir: str | Path) -> Model:
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
-    state = load_tensors(run_dir / WEIGHTS)
+    state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
     try:
         missing, unexpected = space.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape: the weights are not this config's

@@ -158,16 +158,25 @@ def _params(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+def space_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The shared space's tensors of a weights file: a run's own, or a checkpoint's of a run that
+    trained a captioner beside the space (its module holds `space.*` and `captioner.*`)."""
+    if any(k.startswith("space.") for k in state) and all(k.startswith(("space.", "captioner.")) for k in state):
+        return {k.removeprefix("space."): v for k, v in state.items() if k.startswith("space.")}
+    return state
+
+
 def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None) -> None:
     """Copy every tensor whose name and shape match from an earlier run's weights (the bind
     recipe); with `towers`, only tensors of those towers."""
-    state = load_tensors(weights)
+    state = space_weights(load_tensors(weights))
     own = space.state_dict()
     wanted = None if towers is None else tuple(f"towers.{t}." for t in towers)
     taken = {k: v for k, v in state.items()
              if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
-    if towers is not None and not taken:
-        raise UserError(f"model.init_towers={towers}: {weights} has no matching tensors")
+    if not taken:
+        what = f"model.init_towers={towers}" if towers is not None else "model.init_from"
+        raise UserError(f"{what}: {weights} has no tensor of this model's names and shapes")
     space.load_state_dict(taken, strict=False)
     towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
     log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", weights)

@@ -10,6 +10,7 @@ plain builder the same checks from its signature.
 from __future__ import annotations
 
 import dataclasses
+import re
 import inspect
 import math
 import types
@@ -22,12 +23,34 @@ import yaml
 from mmembed.errors import ConfigError
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (plain YAML keeps the last: a second `train:`
+    block would silently drop the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_mapping(path: Path) -> dict:
     """The YAML mapping in `path` (an empty file is an empty mapping)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     return raw
@@ -45,6 +68,9 @@ def apply_override(raw: dict, item: str, source: str = "override") -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is not a section in {source}")
         node = child
+    if re.search(r"\s#", value) and value.strip()[:1] not in ("'", '"'):
+        raise ConfigError(f"override {key}: YAML reads ' #' in {value!r} as the start of a comment; quote the "
+                          f"value ({key}='\"{value.strip()}\"') or write it without the space")
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -68,7 +94,7 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
         raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {_typename(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be bools or ints (`on:`, `1:`)
     if unknown:
         key = join_key(where, unknown[0])
         raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(fields)})")

@@ -179,3 +179,25 @@ def test_encoder_argument_errors_name_the_tower():
     config.model.towers = {}
     with pytest.raises(ConfigError, match=r"model\.towers: a shared space needs at least one tower"):
         build_space(config.model, vocab_size=300)
+
+
+def test_yaml_mistakes_are_one_line_errors(tmp_path):
+    """A key given twice was silently the last one (a second `train:` block dropped the first's
+    settings); a key YAML reads as a bool (`on:`) beside a typo crashed sorting the unknown keys;
+    a file that is not UTF-8 was a UnicodeDecodeError; ' #' in an override cut the value."""
+    cases = {"dup.yaml": ("train: {lr: 0.5, epochs: 3}\ntrain: {batch_size: 4}\n", "the key 'train' is given twice"),
+             "dup2.yaml": ("train:\n  lr: 0.5\n  lr: 0.1\n", "the key 'lr' is given twice"),
+             "bool.yaml": ("train:\n  lr: 0.1\n  on: 2\n  foo: 3\n", "unknown key"),
+             "latin.yaml": (b"train:\n  out_dir: caf\xe9\n", "not UTF-8 text")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    with pytest.raises(ConfigError, match="as the start of a comment"):
+        load_config("demo", ["train.out_dir=runs/lr #2"])
+    assert load_config("demo", ['train.out_dir="runs/lr #2"']).train.out_dir == "runs/lr #2"
+    merged = tmp_path / "merge.yaml"  # a merge key may be overridden: not a duplicate
+    merged.write_text("base: &b {lr: 0.5}\ntrain:\n  <<: *b\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'base'"):
+        load_config(merged)

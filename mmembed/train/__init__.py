@@ -32,10 +32,13 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.train.decoder import train_decoder
     from mmembed.train.distributed import barrier, current_world
     from mmembed.train.run_dir import lock_run
-    from mmembed.train.state import latest_checkpoint
+    from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
 
     run_dir = Path(config.train.out_dir)
     with lock_run(run_dir, resume=resume, overwrite=overwrite):
+        if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
+            remove_partial_checkpoints(run_dir / DECODER_DIR)
+        barrier()
         decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
         if not decoder_started:
             if config.model.init_from is not None:

@@ -39,7 +39,7 @@ from mmembed.train.distributed import (Forward, as_output, barrier, current_worl
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import lock_run
-from mmembed.train.state import latest_checkpoint
+from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     """
     run_dir = Path(config.train.out_dir)
     with lock_run(run_dir, resume=resume, overwrite=overwrite):
+        if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
+            remove_partial_checkpoints(run_dir)
+        barrier()
         if resume and latest_checkpoint(run_dir) is None:  # before anything is written into the folder
             raise UserError(f"--resume: no complete checkpoint in {run_dir}/checkpoints (start the run without "
                             "--resume, with --overwrite if the folder holds its first files)")

@@ -113,7 +113,6 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", write=self.world.main)
         self._bad_in_a_row = 0
         self._last: dict[str, Any] = {}
-        self._last_eval_step: int | None = None
         self._last_value: float | None = None  # the early-stop metric at the latest evaluation
         self._warned_metric = False
         self._clock = (time.monotonic(), 0.0)  # set again by fit()
@@ -143,7 +142,7 @@ class Trainer:
             # since; early stopping is final. Its last model was evaluated before it ended.
             ended, self.progress.stopped = self.progress.stopped, None
             if ended is not None:
-                self._last_eval_step = self.progress.step
+                self.progress.last_eval_step = self.progress.step
             if ended == "early stop":
                 reason = ended
         if self.cfg.max_minutes is not None and self.progress.seconds >= 60 * self.cfg.max_minutes:
@@ -166,7 +165,7 @@ class Trainer:
                         if improved:
                             self._checkpoint()
                         reason = "early stop" if stop else None
-            if self._last_eval_step != self.progress.step and reason != "early stop":
+            if self.progress.last_eval_step != self.progress.step and reason != "early stop":
                 self._evaluate_and_check()  # the final model always gets a validation row
             # the last weights (also when they are the best), and why the run ended, for a --resume
             self.progress.stopped = reason = reason or "finished"
@@ -310,7 +309,7 @@ class Trainer:
         caller checkpoints (before anything else moves), and whether early stopping triggers."""
         if self.evaluate is None:
             return False, False
-        self._last_eval_step = self.progress.step
+        self.progress.last_eval_step = self.progress.step
         if self.sharded is not None:  # running a sharded unit is a collective: every rank evaluates
             with self.sharded.gathered():
                 metrics = self.evaluate()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, load_tensors, save_tensors
+from mmembed.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from mmembed.data.episodes import Episode
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
@@ -164,7 +163,9 @@ def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None,
     if str(Modality.TEXT) not in model.space.towers:
         raise CheckpointError(f"{path}: a query tower, but the space has no text tower to shape it")
     info_path = run_dir / QUERY_INFO
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    info = read_json(info_path) if info_path.is_file() else {}  # a broken file is a CheckpointError
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{info_path}: not a JSON object")
     if info.get("fingerprint", model.fingerprint) != model.fingerprint:
         raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
                               f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ class Progress:
     empty_batches: int = 0  # batches whose every row was skipped (no step taken)
     seconds: float = 0.0  # wall seconds of training so far, over every fit (the time schedule's clock)
     stopped: str | None = None  # why the fit that wrote the checkpoint ended (None: it was still running)
+    last_eval_step: int | None = None  # the step last evaluated (a resume does not evaluate it again)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +94,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step_{step:07d}"
 
 
+_STEP = re.compile(r"step_\d+")
+
+
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Clean up after a process killed while writing a checkpoint: delete half-written temporary
     folders, and put back a checkpoint that was set aside to be replaced but never was."""
@@ -111,14 +115,18 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (weights, optimizer state and trainer.json), or None."""
-    root = Path(run_dir) / CKPT_DIR
-    done = _by_step(p for p in root.glob("step_*") if _complete(p)) if root.is_dir() else []
+    done = _complete_by_step(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
 
 
-def _by_step(folders: Iterable[Path]) -> list[Path]:
-    """Checkpoint folders oldest first, by their step (as names, step_10000000 would sort before step_9999000)."""
-    return sorted(folders, key=lambda p: int(p.name.removeprefix("step_")))
+def _complete_by_step(root: Path) -> list[Path]:
+    """The complete checkpoint folders `step_<digits>` under `root`, oldest first, by their step (as
+    names, step_10000000 would sort before step_9999000). Anything else there (a copy someone made,
+    `step_0000004.bak`) is not a checkpoint."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP.fullmatch(p.name) and _complete(p)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def _complete(folder: Path) -> bool:
@@ -187,8 +195,7 @@ def _last_line(e: BaseException) -> str:
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
     """Delete all but the newest `keep_last` complete checkpoints and those in `keep` (the best).
     The newest is kept whatever `keep_last` says (0: the best and the newest): a resume starts there."""
-    root = Path(run_dir) / CKPT_DIR
-    done = _by_step(p for p in root.glob("step_*") if _complete(p))
+    done = _complete_by_step(Path(run_dir) / CKPT_DIR)
     for old in done[:-max(keep_last, 1)]:
         if old.resolve() not in {k.resolve() for k in keep}:
             shutil.rmtree(old, ignore_errors=True)

@@ -96,6 +96,17 @@ def test_align_stage_trains_the_captioner_and_saves_the_space_alone(tiny_world, 
     for k, v in saved.items():  # the saved space is the trained one
         assert torch.equal(v, ckpt[f"space.{k}"]), k
     assert mm.load(run).embed("text", ["a red star"]).shape[0] == 1
+    # a checkpoint folder of it loads as a run and seeds another (it was a CheckpointError, and
+    # init_from copied 0 tensors without a word)
+    from_ckpt = mm.load(latest_checkpoint(run))
+    assert torch.equal(from_ckpt.embed("text", ["a red star"]), mm.load(run).embed("text", ["a red star"]))
+    seeded = load_config(tiny_config(tiny_world, tmp_path / "seeded", epochs=1),
+                         [f"model.init_from={latest_checkpoint(run)}"])
+    from mmembed.model import build_model
+    from mmembed.tokenizer import load_tokenizer
+
+    space = build_model(seeded, load_tokenizer(run / "tokenizer.json")).space
+    assert all(torch.equal(v, saved[k]) for k, v in space.state_dict().items())
 
 
 def test_a_crashed_captioning_run_resumes_to_the_uninterrupted_weights(tiny_world, tmp_path):

@@ -230,3 +230,64 @@ def test_align_and_decoder_stages_save_their_best_checkpoints_weights(tiny_world
     assert not all(_bitwise_equal(saved[k], last[k]) for k in saved)
     assert _rows(dec)[-1]["weights_step"] == 4
     assert mm.load(run).prompt_model is not None  # the run with its restored weights loads
+
+
+def test_a_resume_does_not_evaluate_the_last_evaluated_step_again(tmp_path):
+    """The step a checkpoint follows the evaluation of was evaluated again after a resume: one more
+    evaluation without improvement, so early stopping came sooner than in an uninterrupted run."""
+    class Crash(Exception):
+        pass
+
+    def trainer(run, callbacks=()):
+        torch.manual_seed(0)
+        model = Toy()
+        x, y = _data()
+        state = {}
+
+        def step(b):
+            xb, yb, _ = b
+            return StepOutput(((model(xb) - yb) ** 2).mean(), {}, samples=len(xb))
+
+        def evaluate():  # worse at every evaluation after the first: it never improves
+            return {"recall@1": 1.0 / (1 + state["t"].progress.step)}
+
+        cfg = TrainConfig(batch_size=BS, epochs=3, lr=3e-2, warmup_steps=2, checkpoint_every=4, eval_every=4,
+                          early_stop_patience=100, log_every=1, keep_last=100)
+        state["t"] = Trainer(model, step, _make_loader(x, y), N // BS, cfg, run, evaluate=evaluate,
+                             callbacks=list(callbacks))
+        return state["t"]
+
+    whole = trainer(tmp_path / "a").fit()
+
+    def crash(event, t, info):
+        if event == "checkpoint" and t.progress.step == whole.progress.step:  # after the last step's evaluation
+            raise Crash
+
+    with pytest.raises(Crash):
+        trainer(tmp_path / "b", [crash]).fit()
+    resumed = trainer(tmp_path / "b").fit(resume=True)
+
+    def evaluated(run):
+        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "val/recall@1" in line]
+
+    assert evaluated(tmp_path / "b") == evaluated(tmp_path / "a")
+    assert resumed.progress.evals_since_best == whole.progress.evals_since_best
+
+
+def test_a_copied_checkpoint_folder_is_not_a_checkpoint(tmp_path):
+    """`step_0000004.bak` beside the checkpoints was int("0000004.bak"): resume and every prune crashed."""
+    import shutil
+
+    from mmembed.train.state import latest_checkpoint, prune_checkpoints
+
+    root = tmp_path / CKPT_DIR
+    for step in (2, 4):
+        folder = root / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "trainer.safetensors", "trainer.json"):
+            (folder / name).write_text("x")
+    shutil.copytree(root / "step_0000004", root / "step_0000004.bak")
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004", "step_0000004.bak"]

@@ -162,3 +162,7 @@ def test_a_query_tower_of_another_space_is_refused(tmp_path):
     (tmp_path / "other" / QUERY_INFO).write_bytes((tmp_path / "run" / QUERY_INFO).read_bytes())
     with pytest.raises(CheckpointError, match="trained for another space.*train-queries"):
         mm.load(tmp_path / "other")
+    for broken in (b"", b"{trunc", b"\xff\xfe", b"[1, 2]"):  # were raw JSONDecodeError / UnicodeDecodeError
+        (tmp_path / "run" / QUERY_INFO).write_bytes(broken)
+        with pytest.raises(CheckpointError):
+            mm.load(tmp_path / "run")

@@ -226,3 +226,17 @@ def test_a_manifests_own_qa_column_of_another_shape_is_read_as_text(tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert list(captions(manifest)) == ["a red star", "What colour is it? red", "a blue circle",
                                         "What shape? circle", "a green cross"]
+
+
+def test_a_resume_after_a_kill_mid_resave_restores_the_set_aside_checkpoint(tiny_world, tmp_path):
+    """Re-saving a step sets the old folder aside first; a kill between the two renames left only
+    `.step_X.old…`, and --resume said there was no checkpoint (the engine's clean-up, which puts it
+    back, ran only after that check)."""
+    run = tmp_path / "run"
+    cfg = load_config(tiny_config(tiny_world, run, epochs=1, max_steps=2, checkpoint_every=2))
+    train_align(cfg)
+    last = latest_checkpoint(run)
+    last.rename(last.parent / f".{last.name}.old123")  # as save_checkpoint leaves it when killed there
+    assert latest_checkpoint(run) is None
+    train_align(cfg, resume=True)
+    assert latest_checkpoint(run).name == last.name
