@@ -210,7 +210,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     after_step()
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
-                      callbacks=list(callbacks), extra_files=extra, device=device, net=net)
+                      callbacks=list(callbacks), extra_files=extra, device=device, net=net, stateful=monitor)
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()

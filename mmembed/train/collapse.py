@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -56,6 +57,17 @@ class CollapseMonitor:
         self.streak: dict[Modality, int] = {}
         self.warned: set[Modality] = set()
         self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the streaks stand (JSON), for a checkpoint: a resumed run stops where an
+        uninterrupted one would."""
+        return {"streak": {str(m): n for m, n in self.streak.items()}, "warned": sorted(map(str, self.warned)),
+                "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = {Modality.parse(m): int(n) for m, n in state.get("streak", {}).items()}
+        self.warned = {Modality.parse(m) for m in state.get("warned", [])}
+        self.batches = int(state.get("batches", 0))
 
     def __call__(self, embeddings: dict[Modality, Tensor], present: dict[Modality, Tensor]) -> None:
         self.batches += 1

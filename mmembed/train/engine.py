@@ -93,7 +93,7 @@ class Trainer:
                  run_dir: Path, evaluate: Callable[[], dict[str, float]] | None = None,
                  after_step: Callable[[], None] | None = None, callbacks: list[Callable] = (),
                  extra_files: dict[str, Path] | None = None, device: torch.device | None = None,
-                 net: nn.Module | None = None):
+                 net: nn.Module | None = None, stateful: Any = None):
         self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
         self.net = net if net is not None else module
         self.sharded = sharded_of(self.net)
@@ -101,6 +101,7 @@ class Trainer:
         self.cfg, self.run_dir = config, Path(run_dir)
         self.evaluate, self.after_step, self.callbacks = evaluate, after_step, list(callbacks)
         self.extra_files = extra_files or {}
+        self.stateful = stateful  # the stage's own state (`state_dict()` / `load_state_dict()`, JSON): checkpointed
         self.device = device or torch.device("cpu")
         self.steps_per_epoch = max(1, steps_per_epoch // config.accum_steps)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -365,6 +366,8 @@ class Trainer:
         """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
         self.progress.world_size = self.world.size
         self.progress.seconds = self._seconds()  # a resumed run's clock (and time budget) go on from here
+        if self.stateful is not None:
+            self.progress.extra["stage"] = self.stateful.state_dict()
         rng = all_gather_objects(rng_state())
         state = self.sharded.full_state(self.optimizer) if self.sharded is not None else None  # collective
         if not self.world.main:
@@ -385,6 +388,8 @@ class Trainer:
                             "without --resume, with --overwrite if the folder holds its first files)")
         self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
                                         sharded=self.sharded)
+        if self.stateful is not None and "stage" in self.progress.extra:
+            self.stateful.load_state_dict(self.progress.extra["stage"])
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
             self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
         if self.progress.world_size != self.world.size:

@@ -291,3 +291,55 @@ def test_a_copied_checkpoint_folder_is_not_a_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000004"
     prune_checkpoints(tmp_path, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000004", "step_0000004.bak"]
+
+
+def test_a_stages_own_state_is_checkpointed_and_restored(tmp_path):
+    """The collapse monitor's streaks were not in the checkpoint: a run killed mid-streak and resumed
+    trained past the step where an uninterrupted one stops."""
+    from mmembed.modality import Modality
+    from mmembed.train.collapse import CollapseMonitor
+
+    monitor = CollapseMonitor(stop_after=6)
+    flat = {Modality.TEXT: torch.zeros(4, 3)}
+    for _ in range(4):
+        monitor(flat, {Modality.TEXT: torch.ones(4, dtype=torch.bool)})
+    again = CollapseMonitor(stop_after=6)
+    again.load_state_dict(json.loads(json.dumps(monitor.state_dict())))  # through trainer.json
+    assert (again.streak, again.warned, again.batches) == (monitor.streak, monitor.warned, monitor.batches)
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    class Crash(Exception):
+        pass
+
+    def trainer(counter, callbacks=()):
+        torch.manual_seed(0)
+        model = Toy()
+        x, y = _data()
+
+        def step(b):
+            counter.n += 1
+            xb, yb, _ = b
+            return StepOutput(((model(xb) - yb) ** 2).mean(), {}, samples=len(xb))
+
+        cfg = TrainConfig(batch_size=BS, epochs=1, lr=1e-2, warmup_steps=1, checkpoint_every=3, log_every=1)
+        return Trainer(model, step, _make_loader(x, y), N // BS, cfg, tmp_path, stateful=counter,
+                       callbacks=list(callbacks))
+
+    def crash(event, t, info):
+        if event == "checkpoint" and t.progress.step == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        trainer(Counter(), [crash]).fit()
+    resumed = Counter()
+    trainer(resumed).fit(resume=True)
+    assert resumed.n == N // BS  # 6 counted before the crash, restored, then the last 2
