@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmembed.errors import CheckpointError
+from mmembed.errors import CheckpointError, UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -111,3 +111,16 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_output_folder(folder: str | Path, flag: str = "--out") -> Path:
+    """Create `folder` (and its parents) before any long work writes into it: a path under a file,
+    or one that cannot be created, is one UserError now, not a traceback after the work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give the folder to write into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot create the folder ({e.strerror or e})") from None
+    return folder

@@ -15,6 +15,7 @@ the first ids. Like tiktoken, user text never turns into special ids unless the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mmembed.checkpoint import atomic_write_text
+from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, content_budget, encode_bounded,
                                    pad_rows, prefix_chars, prefix_cut, prefix_holds, require_str, resolve_allowed,
@@ -67,6 +68,7 @@ class Tokenizer:
     kind = "bpe"
 
     def __init__(self, hf: tokenizers.Tokenizer):
+        _check_pipeline(hf)
         self._hf = hf
         # A twin that treats special-token text as plain text: user strings go through it, so
         # "<image>" typed by a user can never become the image slot (tiktoken's default).
@@ -113,6 +115,8 @@ class Tokenizer:
         floor = 256 + len(specials)
         if vocab_size < floor:
             raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
+        if vocab_size > MAX_VOCAB:  # the trainer's own limit is a u32: past it, an OverflowError
+            raise UserError(f"vocab_size={vocab_size} is above {MAX_VOCAB:,}")
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -311,6 +315,9 @@ def load_tokenizer(path_or_kind: str | Path) -> Tokenizer | ClipTokenizer:
     return Tokenizer._from_json(text, file)
 
 
+MAX_VOCAB = 2**31 - 1
+
+
 def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
                     *, show_progress: bool = False) -> Path:
     """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
@@ -319,8 +326,6 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     starts).
     """
     files = [Path(f) for f in corpus_files]
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"--out {out_dir} is a file; give the folder to write tokenizer.json into")
     if not files:
         raise UserError("no corpus files given")
     for f in files:
@@ -328,8 +333,23 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
             raise UserError(f"corpus file not found: {f}")
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}): a tokenizer learns its merges from text")
+    make_output_folder(out_dir)  # before the training, which a bad --out would otherwise lose
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
     return tok.save(Path(out_dir) / TOKENIZER_FILE)
+
+
+def _check_pipeline(hf: tokenizers.Tokenizer) -> None:
+    """ValueError unless `hf` is a plain byte-level BPE: no normalizer, GPT-2's byte-level pre-tokenizer
+    without a prefix space. Anything else (a lower-casing normalizer, a `Whitespace` pre-tokenizer,
+    a prefix space) breaks `decode(encode(s)) == s`, which every caller relies on."""
+    spec = json.loads(hf.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None:
+        raise ValueError(f"it has a {spec['normalizer'].get('type')} normalizer")
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        raise ValueError("its pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
+    if (spec.get("model") or {}).get("type") != "BPE":
+        raise ValueError("its model is not BPE")
 
 
 def _check_special(s: object) -> None:
@@ -337,6 +357,8 @@ def _check_special(s: object) -> None:
     # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
     if not isinstance(s, str) or not s or SURROGATE.search(s):
         raise UserError(f"special token {s!r} must be a non-empty valid string")
+    if any(c.isspace() for c in s):  # a truncation cuts at spaces: it could cut one in two
+        raise UserError(f"special token {s!r} must hold no whitespace; use a form like <my_token>")
     if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
         raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
 

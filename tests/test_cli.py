@@ -70,6 +70,12 @@ def test_an_output_that_names_a_file_where_a_folder_goes_is_one_line(capsys, tmp
                              "--out", str(taken)], "is a file; give the folder")
     _one_line_error(capsys, ["tokenizer", "stats", "--corpus", str(corpus), "--vocab-sizes", "300",
                              "--out", str(taken)], "is a file; give the folder")
+    for under in ("tokenizer train", "tokenizer stats"):  # a folder under a file: a traceback after the training
+        size = "--vocab-size" if under.endswith("train") else "--vocab-sizes"
+        _one_line_error(capsys, [*under.split(), "--corpus", str(corpus), size, "300", "--out", str(taken / "sub")],
+                        "cannot create the folder")
+    _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(10**20),
+                             "--out", str(tmp_path / "tok")], "is above")  # was an OverflowError
     _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", str(tmp_path)], "is a folder")
     _one_line_error(capsys, ["map", str(tmp_path), "--color-by", "modality", "--out", str(tmp_path / "m.jpg")],
                     "must name a .png file")

@@ -255,8 +255,28 @@ def test_load_errors_are_one_line(tmp_path):
     assert "\n" not in str(e.value)
     word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
     word.save(str(bad))
-    with pytest.raises(CheckpointError, match="<bos>"):
+    with pytest.raises(CheckpointError, match="not an mmembed byte-level BPE tokenizer"):
         Tokenizer.load(bad)
+
+
+def test_a_file_whose_pipeline_breaks_the_round_trip_is_refused(tok, tmp_path):
+    """A lower-casing normalizer, a Whitespace pre-tokenizer or a prefix space loaded, and
+    decode(encode("Hello  World")) came back "hello  world", "HelloWorld", " Hello  World"."""
+    import json
+
+    spec = json.loads(tok.to_hf().to_str())
+    for change in ({"normalizer": {"type": "Lowercase"}}, {"pre_tokenizer": {"type": "Whitespace"}},
+                   {"pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}):
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps({**spec, **change}))
+        with pytest.raises(CheckpointError, match="not an mmembed byte-level BPE tokenizer"):
+            Tokenizer.load(path)
+
+
+def test_a_special_token_holding_whitespace_is_refused():
+    """A truncation cuts at spaces, so it could cut "<my token>" in two."""
+    with pytest.raises(UserError, match="must hold no whitespace"):
+        Tokenizer.train(["a red star"] * 10, vocab_size=300, special_tokens=["<my token>"])
 
 
 def test_train_tokenizer_from_files(tmp_path):

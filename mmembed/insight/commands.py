@@ -15,12 +15,12 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
     """`mmembed tokenizer stats`: train BPE at each size; print the table, write the plot, JSON and CSV."""
     from tqdm.auto import tqdm
 
+    from mmembed.checkpoint import make_output_folder
     from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, format_stats_table, parse_vocab_sizes,
                                                  plot_tokenizer_stats, tokenizer_stats, write_stats)
 
     sizes = parse_vocab_sizes(args.vocab_sizes)
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # before training every size
-        raise UserError(f"--out {args.out} is a file; give the folder to write the table and plot into")
+    make_output_folder(args.out)  # before training every size
     width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
     with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
         rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,

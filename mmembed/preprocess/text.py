@@ -114,7 +114,7 @@ def _as_text(item: Any) -> str:
 def _encode(tokenizer: TokenizerLike, text: str, budget: int) -> list[int]:
     """The first `budget` ids of `text`, tokenizing only O(budget) characters of it.
 
-    The window is cut just before a whitespace that ends a word: BPE pre-tokenizers (GPT-2's
+    The window is cut just before a space or newline that ends a word: BPE pre-tokenizers (GPT-2's
     regex, CLIP's word split) never merge across that point, so the prefix's ids equal the
     full caption's first ids exactly. Text without such a boundary (CJK, a 1 MB run of one
     character) is cut mid-word and asked for twice the budget, keeping the edge effects of
@@ -131,8 +131,10 @@ def _encode(tokenizer: TokenizerLike, text: str, budget: int) -> list[int]:
 
 
 def _word_boundary(text: str, end: int) -> int | None:
-    """The largest k in (end/2, end] with text[k] whitespace and text[k-1] not, or None."""
+    """The largest k in (end/2, end] with text[k] a space or newline and text[k-1] no whitespace, or
+    None. Only those two: `str.isspace` also holds for \x1c-\x1f, which GPT-2's regex reads as
+    punctuation and joins to its neighbours (as `text_encoding.prefix_cut` does)."""
     for k in range(end, end // 2, -1):
-        if text[k].isspace() and not text[k - 1].isspace():
+        if text[k] in " \n" and not text[k - 1].isspace():
             return k
     return None

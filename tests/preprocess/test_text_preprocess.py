@@ -118,3 +118,27 @@ def test_build_preprocessor_validates_the_yaml_block(tok):
         build_preprocessor("text", {"max_length": 16})
     text = build_preprocessor(Modality.TEXT, {"max_length": 16}, tokenizer=tok)
     assert text.max_length == 16 and text(CORPUS[0]).numel() == 16
+
+
+def test_a_cut_never_falls_at_a_control_character_gpt2_joins_to_punctuation():
+    """`str.isspace` holds for \\x1c, which GPT-2's regex reads as punctuation: ".,\\x1c" is one
+    pre-token, and a cut before \\x1c re-split it (the last id differed from the full encoding's)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS, byte_to_unicode
+
+    chars = byte_to_unicode()
+    vocab = {t: i for i, t in enumerate(DEFAULT_SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[chars[b]] = len(vocab)
+    merges = [(",", chars[0x1C]), (".", ","), ("!", "."), ("!", "!"), ("!!", "!!"), ("!!!!", "!!!!")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(list(DEFAULT_SPECIAL_TOKENS))
+    tok = Tokenizer(hf)
+    text = "!" * 24 + ".,\x1c" + "z" * 100
+    assert TextPreprocessor(tok, max_length=5)(text).tolist() == [tok.bos_id, *tok.encode(text)[:3], tok.eos_id]
