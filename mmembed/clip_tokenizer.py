@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -41,7 +41,6 @@ from mmembed.text_encoding import (
     encode_bounded,
     pad_rows,
     resolve_allowed,
-    split_on_specials,
     with_bos_eos,
 )
 
@@ -78,6 +77,7 @@ class ClipTokenizer:
             raise UserError(f"the CLIP tokenizer needs open_clip_torch installed ({e})") from None
 
         self._words = regex.compile(_WORDS, regex.IGNORECASE)
+        self._patterns: dict[frozenset[str], Any] = {}  # the word pattern with allowed specials, by set
         self._tok = SimpleTokenizer(context_length=context_length, clean=clean)
         self.context_length = context_length
         self.clean = clean
@@ -155,19 +155,28 @@ class ClipTokenizer:
 
     def _encode_text(self, text: str, allowed: frozenset[str]) -> list[int]:
         cleaned = self._tok.clean_fn(text)
-        pieces = split_on_specials(cleaned, allowed) if allowed else [(cleaned, False)]
+        if not allowed:
+            return [i for word in self._words.findall(cleaned) for i in self._encode_word(word)]
+        # open_clip's own split: the specials are alternatives of its word pattern (case-insensitive),
+        # so ".<end_of_text>" is one run of punctuation there, and "<END_OF_TEXT>" one word; only a
+        # match spelled exactly as an allowed special is that special
         ids: list[int] = []
-        for piece, is_special in pieces:
-            ids += [self._special[piece]] if is_special else self._encode_words(piece)
+        for word in self._words_with(allowed).findall(cleaned):
+            ids += [self._special[word]] if word in allowed else self._encode_word(word)
         return ids
 
-    def _encode_words(self, text: str) -> list[int]:
+    def _words_with(self, allowed: frozenset[str]) -> Any:
+        import regex
+
+        if allowed not in self._patterns:
+            specials = "|".join(regex.escape(s) for s in sorted(allowed))
+            self._patterns[allowed] = regex.compile(f"{specials}|{_WORDS}", regex.IGNORECASE)
+        return self._patterns[allowed]
+
+    def _encode_word(self, word: str) -> list[int]:
         tok = self._tok
-        ids: list[int] = []
-        for word in self._words.findall(text):
-            mapped = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
-            ids += [tok.encoder[piece] for piece in tok.bpe(mapped).split(" ")]
-        return ids
+        mapped = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+        return [tok.encoder[piece] for piece in tok.bpe(mapped).split(" ")]
 
     # ---------------------------------------------------------------- persistence
 

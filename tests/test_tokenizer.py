@@ -337,6 +337,17 @@ def test_clip_special_text_and_bounds(clip):
     text = "before <end_of_text> after"
     assert ours.eos_id not in ours.encode(text)
     assert ours.encode(text, allowed_special="all") == ref.encode(text)  # open_clip always matches
+    # punctuation right before a special is one run of it in open_clip's split, and a special in
+    # another case is one ordinary word: ours split on the special first
+    for tricky in ("a dog.<end_of_text>", "(<start_of_text>", "x!\"&()-./:;<end_of_text> y"):
+        assert ours.encode(tricky, allowed_special="all") == ref.encode(tricky), tricky
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    cased = "a <END_OF_TEXT> b <end_of_text>"  # case kept by this cleaning: only the exact spelling is special
+    assert (ClipTokenizer(clean="whitespace").encode(cased, allowed_special="all")
+            == SimpleTokenizer(clean="whitespace").encode(cased))
     assert ours.token_id("<bos>") == ours.bos_id
     assert len(ours.encode("word " * 200_000, max_length=77)) == 77
     assert len(ours.encode("a" * 1_000_000, max_length=77)) == 77
