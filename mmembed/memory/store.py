@@ -14,19 +14,25 @@ instead of both upgrading a read transaction and one failing at once with SQLITE
 timeout retries). Every connection waits up to `BUSY_TIMEOUT_S` for a lock rather than raising
 "database is locked". Callers embed before the transaction, so the lock covers the inserts only.
 
-Processes — an SQLite connection must never cross fork(). `Store.conn` notices that
-`os.getpid()` changed (a forked DataLoader worker) and opens a connection of its own; the
-parent's connection object is parked and never used in the child (not even closed).
+Processes — an SQLite connection must never cross fork(): SQLite's per-process table of open
+files and their locks would be copied into the child, whose new connection would then take no
+locks of its own, and once the parent closed the file (checkpointing and deleting the WAL) the
+child's acknowledged writes would go to a deleted file. So every open Store closes its connection
+just before this process forks (`os.register_at_fork`), and reopens it lazily after; `Store.conn`
+also notices that `os.getpid()` changed and opens a connection of its own, and a parent's
+connection that did cross is parked and never used in the child (not even closed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +44,13 @@ from mmembed.memory.records import MemoryHit, NewItem, VectorRows
 from mmembed.modality import Modality
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 BUSY_TIMEOUT_S = 60.0
 _CHUNK = 900  # ids per `IN (...)`: under SQLite's oldest limit of 999 bound variables
 _PARKED: list[sqlite3.Connection] = []  # parents' connections inherited by a fork: kept, never closed
+_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every Store of this process, closed before a fork
+_FORK_WAIT_S = 30.0
 
 # Small columns first and the media bytes last: SQLite reads a row's columns in order, so the
 # embedding (read by every cache load) never walks the overflow pages of a large image or clip.
@@ -93,6 +103,20 @@ class Store:
         self.dim: int | None = None
         self.fingerprint: str | None = None
         self._open_schema(dim, fingerprint)
+        _OPEN.add(self)
+
+    def _close_before_fork(self) -> None:
+        """Close this process's connection before a fork (it reopens on next use), waiting for a
+        transaction another thread holds; after `_FORK_WAIT_S` it leaves the connection open."""
+        if not self._lock.acquire(timeout=_FORK_WAIT_S):
+            log.warning("%s: a transaction held the memory file over a fork; the child must not use it", self.path)
+            return
+        try:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+                self._conn, self._seen_version = None, None
+        finally:
+            self._lock.release()
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -382,3 +406,11 @@ def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
     if "locked" in text or "busy" in text:
         return f"{path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s ({text})"
     return f"{path}: SQLite error ({text})"
+
+
+def _close_all_before_fork() -> None:
+    for store in list(_OPEN):
+        store._close_before_fork()
+
+
+os.register_at_fork(before=_close_all_before_fork)
