@@ -118,8 +118,8 @@ class Memory:
         if role not in ROLES:
             raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         for turn in turns:
-            if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int)):
-                raise UserError(f"turn must be an int, got {turn!r}")
+            if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int) or not -2**63 <= turn < 2**63):
+                raise UserError(f"turn must be an int (64-bit), got {turn!r}")
         when = _time.time() if time is None else _timestamp(time, "time")
         meta_json = [_meta_json(m) for m in metas]
         vectors = self._embed(entries)  # (N, D), before the write transaction: the lock covers inserts only
@@ -219,6 +219,8 @@ class Memory:
         if missing:
             whose = "" if user is None else f" of user {user!r}"
             raise UserError(f"no item{whose} with id {', '.join(map(str, missing[:5]))} in {self.path.name}")
+        if self._store.dim is None:  # opened without a model before a writer claimed the file
+            self._store.refresh_meta()
         dim = self._store.dim or 0
         out = np.frombuffer(bytearray().join(found[i] for i in ids), dtype="<f4").reshape(len(ids), dim)
         return torch.from_numpy(out.astype(np.float32))  # (N, D)
@@ -227,8 +229,8 @@ class Memory:
                ) -> list[MemoryHit]:
         """The user's last `limit` items (of one session when given), oldest first."""
         _check_user(user)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise UserError(f"limit must be a positive int, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 2**63:
+            raise UserError(f"limit must be a positive int (below 2**63), got {limit!r}")
         with self._guard():
             return self._store.recent(user, session, limit, media)
 
@@ -394,7 +396,10 @@ def _parse_modality(value: Modality | str) -> Modality:
 
 def _timestamp(value: Any, name: str) -> float:
     if isinstance(value, dt.datetime):
-        return value.timestamp()
+        try:
+            return value.timestamp()
+        except (OverflowError, ValueError, OSError) as e:  # datetime.min and the like
+            raise UserError(f"{name} {value!r} has no unix time ({e})") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{name} must be unix seconds or a datetime, got {value!r}")
     return float(value)

@@ -401,6 +401,8 @@ def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
     text = str(e)
     if "file is not a database" in text:
         return f"{path} is not an mmembed memory file (not an SQLite database)"
+    if "too big" in text:  # SQLite's length limit (1e9 bytes) on one value: the item, not the file
+        return f"an item is too large for {path} (SQLite: {text}); store a path to its media instead"
     if "malformed" in text or isinstance(e, sqlite3.DataError):
         return f"{path} is corrupt (SQLite: {text}); restore it from a copy or an export"
     if "locked" in text or "busy" in text:

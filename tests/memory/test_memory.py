@@ -267,3 +267,22 @@ def test_vectors_are_the_stored_embeddings(mem, model):
     assert mem.search("ada", v[1], k=1)[0].id == ids[1]
     with pytest.raises(UserError, match=f"no item of user 'ada' with id {other}"):
         mem.vectors([ids[0], other], user="ada")
+
+
+def test_out_of_range_arguments_are_one_line_errors(db, model):
+    """They were raw OverflowError / ValueError tracebacks (nothing was stored either way)."""
+    with Memory(db, model=model) as mem:
+        for call in (lambda: mem.add("ada", "x", turn=2**70), lambda: mem.recent("ada", limit=2**63),
+                     lambda: mem.add("ada", "x", time=dt.datetime.min),
+                     lambda: mem.search("ada", "x", since=dt.datetime.min)):
+            with pytest.raises(UserError):
+                call()
+        assert mem.count() == 0
+
+
+def test_a_reader_without_a_model_reads_vectors_a_writer_stored_after_it_opened(db, model):
+    reader = Memory(db)  # a new file: no model has claimed it yet
+    with Memory(db, model=model) as writer:
+        item = writer.add("ada", "a red star")
+    assert reader.vectors([item]).shape == (1, model.embed_dim)  # was a reshape ValueError
+    reader.close()
