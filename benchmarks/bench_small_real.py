@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -55,8 +56,10 @@ ANCHOR = {"embed_dim": 128,
 def train_ours(root: Path, minutes: float, out_dir: Path, overrides: list[str]) -> dict:
     """Train with the small-data recipe (a subprocess: the CLI as a user runs it); zero-shot on test."""
     t0 = time.perf_counter()
+    threads = str(torch.get_num_threads())  # the anchor's, which `setup` set: the same for ours
     subprocess.run([sys.executable, "-m", "mmembed", "train", str(CONFIG), f"data.root={root}",
-                    f"train.out_dir={out_dir}", f"train.max_minutes={minutes}", *overrides], check=True)
+                    f"train.out_dir={out_dir}", f"train.max_minutes={minutes}", *overrides], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     wall = time.perf_counter() - t0
     from mmembed.evaluate import manifest_report
     from mmembed.model import load

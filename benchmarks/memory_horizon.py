@@ -38,9 +38,10 @@ GOAL = 0.80
 
 
 def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
-         split: str = "test") -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+         split: str = "test", history_turns: int = 3) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """(the items each show process gives, in order; the questions), drawn from `split`'s scenes:
-    user u is shown scenes u·items … (u+1)·items − 1."""
+    user u is shown scenes u·items … (u+1)·items − 1. No question asks about one of the last
+    `history_turns` items, which the asking Session still shows as history."""
     rng = np.random.default_rng(seed)
     rows = [json.loads(line) for line in (world / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
     if len(rows) < users * items:
@@ -58,7 +59,7 @@ def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
                                           "show": SHOW[modality][int(rng.integers(len(SHOW[modality])))],
                                           "question": ""})
         mine = []
-        for i in rng.permutation(items - 3):  # never one of the last 3 (still in the context)
+        for i in rng.permutation(max(0, items - history_turns)):  # never one still in the history shown
             asked = question_about(objects[i], everything, rng)
             if asked is not None:
                 mine.append({"user": user, "question": asked[0], "answer": asked[1], "item": int(i),
@@ -74,7 +75,7 @@ def plan(world: Path, users: int, items: int, questions: int, seed: int = 0,
 
 def run(run_dir: Path, world: Path, users: int, items: int, questions: int, history_turns: int = 3,
         recall_k: int = 3) -> dict[str, Any]:
-    shown, asked = plan(world, users, items, questions)
+    shown, asked = plan(world, users, items, questions, history_turns=history_turns)
     answers: dict[str, list[str]] = {}
     recalled: list[list[list]] = []
     with tempfile.TemporaryDirectory() as tmp:

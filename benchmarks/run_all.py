@@ -4,7 +4,7 @@
     python -m benchmarks.run_all --quick               # small sizes, a few minutes
     python -m benchmarks.run_all --only train,embed    # some of them (ids: the `bench_<id>.py` names)
     python -m benchmarks.run_all --out benchmarks/results/report.json
-    python -m benchmarks.run_all --only loss,train,embed,search,ann,decode --markdown   # README's table
+    python -m benchmarks.run_all --only loss,train,embed,search,ann,decode,cache,sample --markdown   # README's table
 
 Each `benchmarks/bench_<id>.py` module is imported and its `run(quick=...)` called (a module
 without `run` has its `main()` run with `--quick` on the command line, and the JSON it prints is
