@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from mmembed.errors import UserError
 from mmembed.serve import api, memory_api
-from mmembed.serve.safety import BodyLimit, Refusal, SecurityHeaders
+from mmembed.serve.safety import BodyLimit, Refusal, SecurityHeaders, watch_start
 from mmembed.serve.state import ServeState
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,11 @@ class CrashGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched, started = watch_start(send)
         try:
             await self.app(scope, receive, watched)
         except Exception as exc:  # noqa: BLE001 - any failure is one line to the client, the details in the log
-            if started:  # the answer is under way (a stream): nothing else can be sent
+            if started():  # the answer is under way (a stream): nothing else can be sent
                 raise
             log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
             response = _error(500, f"internal error ({type(exc).__name__}); the server log has the details")

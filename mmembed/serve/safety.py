@@ -124,7 +124,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, 413, self._message(int(declared)))
-        seen, started = 0, False
+        seen = 0
 
         async def counted():
             nonlocal seen
@@ -135,15 +135,11 @@ class BodyLimit:
                     raise _TooLarge(413, self._message(seen, counted=True))
             return message
 
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked, started = watch_start(send)
         try:
             await self.app(scope, counted, tracked)
         except _TooLarge as e:
-            if not started:
+            if not started():
                 await _send_error(send, 413, e.message)
 
     def _message(self, size: int, counted: bool = False) -> str:
@@ -191,3 +187,15 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def watch_start(send):
+    """`send` wrapped to note when the response has started, and a function telling whether it has
+    (after that, an error can no longer be answered with a response of its own)."""
+    state = {"started": False}
+
+    async def wrapped(message):
+        state["started"] = state["started"] or message["type"] == "http.response.start"
+        await send(message)
+
+    return wrapped, lambda: state["started"]
