@@ -132,6 +132,9 @@ class Store:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
+            raise MemoryFileError(f"{self.path}: its folder {self.path.parent} is not writable, and a memory file "
+                                  f"needs its -wal and -shm files beside it (even to be read)")
         with self._errors():
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")

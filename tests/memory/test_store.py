@@ -261,3 +261,15 @@ def test_bench_memory_runs_at_a_tiny_size():
     assert insert["id"] == "B-memory insert N=300" and insert["unit"] == "items/s" and insert["ratio"] > 0
     assert query["id"] == "B-memory query N=300 k=10" and query["backend"] == "exact"
     assert {"first_query_ms", "filtered_query_ms", "query_after_other_write_ms", "meets_goal"} <= set(query)
+
+
+def test_a_memory_file_in_a_folder_it_cannot_write_to_says_so(db, model, monkeypatch):
+    """SQLite needs -wal and -shm beside the file even to read it; it said "attempt to write a
+    readonly database" about a writable file in a read-only folder."""
+    from mmembed.memory import store as store_module
+
+    with Memory(db, model=model) as mem:
+        mem.add("ada", "a red star")
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
+    with pytest.raises(MemoryFileError, match="is not writable, and a memory file needs its -wal and -shm"):
+        Memory(db)
