@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CLIP_CONTEXT_LENGTH = 77
 _MARKER_FORMAT = "mmembed.clip_tokenizer/1"
 _CLEAN_MODES = ("lower", "whitespace", "canonicalize")
+_CLEAN_WINDOW = 1 << 16  # characters of a huge caption cleaned before it is cut (open_clip cleans all of it)
 # open_clip's word pattern without its special-token alternatives, so that user text spelling
 # "<end_of_text>" stays text unless allowed (we split on allowed specials ourselves).
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -115,7 +116,9 @@ class ClipTokenizer:
                 (cleaned) text; by default they are encoded as ordinary characters.
             add_bos, add_eos: wrap the ids in `<start_of_text>` / `<end_of_text>`.
             max_length: keep at most this many ids, bos/eos included (eos is kept); only a
-                prefix of the text is cleaned and encoded, so huge captions take bounded time.
+                prefix of the text is encoded, so huge captions take bounded time. The text is
+                cleaned before it is cut (ftfy's rules are not local: HTML unescaping depends on
+                the whole text, mojibake repair spans spaces), up to `_CLEAN_WINDOW` characters.
 
         Returns:
             The ids.
@@ -123,7 +126,9 @@ class ClipTokenizer:
         check_text(text)
         allowed = resolve_allowed(allowed_special, self._special)
         budget = content_budget(max_length, add_bos, add_eos)
-        ids = encode_bounded(text, budget, lambda t: self._encode_text(t, allowed))
+        window = None if budget is None else max(_CLEAN_WINDOW, 64 * budget)
+        cleaned = self._tok.clean_fn(text if window is None or len(text) <= window else text[:window])
+        ids = encode_bounded(cleaned, budget, lambda t: self._encode_cleaned(t, allowed))
         return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
 
     def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None,
@@ -153,8 +158,7 @@ class ClipTokenizer:
             ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
         return self._tok.decode(ids)
 
-    def _encode_text(self, text: str, allowed: frozenset[str]) -> list[int]:
-        cleaned = self._tok.clean_fn(text)
+    def _encode_cleaned(self, cleaned: str, allowed: frozenset[str]) -> list[int]:
         if not allowed:
             return [i for word in self._words.findall(cleaned) for i in self._encode_word(word)]
         # open_clip's own split: the specials are alternatives of its word pattern (case-insensitive),

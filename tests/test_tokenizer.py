@@ -357,6 +357,18 @@ def test_clip_special_text_and_bounds(clip):
         ours.encode("bad \udc80")
 
 
+def test_clip_cleans_the_whole_caption_before_cutting_it(clip):
+    """ftfy's cleaning is not local (HTML is unescaped only when the whole text holds no '<';
+    mojibake is repaired across a space): cleaning the cut prefix gave other ids than open_clip."""
+    from mmembed.preprocess.text import TextPreprocessor
+
+    ours, ref = clip
+    for text, n in (("&amp;amp;lt;3 " + "word " * 30 + "a<b", 5), (" " * 45 + "voil\u00c3\u00a0 " + "z" * 100, 5)):
+        expected = ref([text], context_length=n)[0].tolist()
+        assert ours.encode(text, add_bos=True, add_eos=True, max_length=n) == expected, text[:20]
+        assert TextPreprocessor(ours, max_length=n)(text).tolist() == expected, text[:20]
+
+
 def test_clip_save_load(clip, tmp_path):
     from mmembed.clip_tokenizer import ClipTokenizer
 

@@ -3,8 +3,8 @@
 Accepted items: `str`, or UTF-8 `bytes` (invalid bytes → BadInput naming the offset).
 Captions are stripped of surrounding whitespace (CSV cells and JSON strings often carry a
 trailing newline); an empty or whitespace-only caption is rejected. A pathological caption
-(1 MB) is cut to a character budget before tokenizing, so its cost is bounded by `max_length`
-rather than by the caption's size.
+(1 MB) costs what `max_length` asks, not its size: the tokenizer encodes only a prefix
+(`text_encoding.encode_bounded`), whose ids are the whole caption's first ones.
 
 Truncation keeps EOS as the last id (CLIP's convention): text towers that pool at EOS still
 find it in a truncated caption.
@@ -20,9 +20,6 @@ from torch import Tensor
 from mmembed.errors import BadInput, ConfigError
 from mmembed.modality import Modality
 
-# characters tokenized per id of budget; byte-level BPE tokens average 3-5 characters, so 16
-# leaves ample room, and the loop in `_encode` widens the window in the rare case it is not
-CHARS_PER_TOKEN_BUDGET = 16
 
 
 class TokenizerLike(Protocol):
@@ -78,12 +75,9 @@ class TextPreprocessor:
         text = _as_text(item).strip()
         if not text:
             raise BadInput("empty caption")
-        budget = self.max_length - int(self.add_bos) - int(self.add_eos)
-        ids = _encode(self.tokenizer, text, budget)
-        if self.add_bos:
-            ids = [self.tokenizer.bos_id, *ids]
-        if self.add_eos:
-            ids = [*ids, self.tokenizer.eos_id]
+        # the tokenizer bounds the work itself (a prefix cut where its pre-tokenizer never merges
+        # across, after CLIP's cleaning for the CLIP tokenizer): the first ids of the whole caption
+        ids = self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos, max_length=self.max_length)
         return torch.tensor(ids, dtype=torch.long)
 
     def collate(self, samples: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -109,32 +103,3 @@ def _as_text(item: Any) -> str:
         except UnicodeDecodeError as e:
             raise BadInput(f"caption is not valid UTF-8 (byte {e.start}: {e.reason})") from None
     raise BadInput(f"caption must be a string, got {type(item).__name__}")
-
-
-def _encode(tokenizer: TokenizerLike, text: str, budget: int) -> list[int]:
-    """The first `budget` ids of `text`, tokenizing only O(budget) characters of it.
-
-    The window is cut just before a space or newline that ends a word: BPE pre-tokenizers (GPT-2's
-    regex, CLIP's word split) never merge across that point, so the prefix's ids equal the
-    full caption's first ids exactly. Text without such a boundary (CJK, a 1 MB run of one
-    character) is cut mid-word and asked for twice the budget, keeping the edge effects of
-    the cut far beyond the ids we keep. The window widens until it holds enough ids.
-    """
-    window = budget * CHARS_PER_TOKEN_BUDGET
-    while len(text) > window:
-        cut = _word_boundary(text, window)
-        ids = tokenizer.encode(text[: cut or window])
-        if len(ids) > (budget if cut else 2 * budget):
-            return ids[:budget]
-        window *= 4
-    return tokenizer.encode(text)[:budget]
-
-
-def _word_boundary(text: str, end: int) -> int | None:
-    """The largest k in (end/2, end] with text[k] a space or newline and text[k-1] no whitespace, or
-    None. Only those two: `str.isspace` also holds for \x1c-\x1f, which GPT-2's regex reads as
-    punctuation and joins to its neighbours (as `text_encoding.prefix_cut` does)."""
-    for k in range(end, end // 2, -1):
-        if text[k] in " \n" and not text[k - 1].isspace():
-            return k
-    return None
