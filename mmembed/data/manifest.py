@@ -40,6 +40,7 @@ from typing import Any
 
 from mmembed.errors import UserError
 from mmembed.modality import Modality
+from mmembed.text_encoding import SURROGATE
 
 # modalities whose manifest value is the content itself; all others are file paths
 INLINE_MODALITIES = frozenset({Modality.TEXT})
@@ -198,10 +199,8 @@ def _alternative_captions(value: Any, primary: str | Path | None) -> tuple[str, 
             raise BadRow(f"{CAPTIONS_COLUMN}[{i}] must be a string, got {type(caption).__name__}")
         if not caption.strip():
             raise BadRow(f"{CAPTIONS_COLUMN}[{i}] is an empty caption")
-        try:  # a lone surrogate ("\udfff" in JSON) is no text: refused here, whichever caption an epoch draws
-            caption.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRow(f"{CAPTIONS_COLUMN}[{i}] holds a lone surrogate, which is not Unicode text") from None
+        if SURROGATE.search(caption):  # "\udfff" in JSON is no text: refused here, whichever caption an epoch draws
+            raise BadRow(f"{CAPTIONS_COLUMN}[{i}] holds a lone surrogate, which is not Unicode text")
     if not value:
         return ()
     if primary is None:

@@ -25,6 +25,7 @@ import torch
 from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
+from mmembed.text_encoding import SURROGATE
 
 StoreMedia = Literal["bytes", "path"]
 ItemLike = Media | str | None
@@ -81,11 +82,9 @@ def _inline_entry(item: Media, text: str | None) -> Entry:
 def check_utf8(value: str, name: str) -> None:
     """BadInput for a str SQLite cannot store: lone surrogates (undecodable bytes of a command-line
     argument or a file name, as Python's surrogateescape keeps them)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadInput(f"{name} is not valid UTF-8 text (undecodable character at position {e.start}): "
-                       f"{value!r:.60}") from None
+    if m := SURROGATE.search(value):
+        raise BadInput(f"{name} is not valid UTF-8 text (undecodable character at position {m.start()}): "
+                       f"{value!r:.60}")
 
 
 def _check_file(path: Path) -> None:

@@ -235,9 +235,6 @@ def test_align_and_decoder_stages_save_their_best_checkpoints_weights(tiny_world
 def test_a_resume_does_not_evaluate_the_last_evaluated_step_again(tmp_path):
     """The step a checkpoint follows the evaluation of was evaluated again after a resume: one more
     evaluation without improvement, so early stopping came sooner than in an uninterrupted run."""
-    class Crash(Exception):
-        pass
-
     def trainer(run, callbacks=()):
         torch.manual_seed(0)
         model = Toy()
@@ -261,9 +258,9 @@ def test_a_resume_does_not_evaluate_the_last_evaluated_step_again(tmp_path):
 
     def crash(event, t, info):
         if event == "checkpoint" and t.progress.step == whole.progress.step:  # after the last step's evaluation
-            raise Crash
+            raise _Crash
 
-    with pytest.raises(Crash):
+    with pytest.raises(_Crash):
         trainer(tmp_path / "b", [crash]).fit()
     resumed = trainer(tmp_path / "b").fit(resume=True)
 
@@ -317,9 +314,6 @@ def test_a_stages_own_state_is_checkpointed_and_restored(tmp_path):
         def load_state_dict(self, state):
             self.n = state["n"]
 
-    class Crash(Exception):
-        pass
-
     def trainer(counter, callbacks=()):
         torch.manual_seed(0)
         model = Toy()
@@ -336,9 +330,9 @@ def test_a_stages_own_state_is_checkpointed_and_restored(tmp_path):
 
     def crash(event, t, info):
         if event == "checkpoint" and t.progress.step == 6:
-            raise Crash
+            raise _Crash
 
-    with pytest.raises(Crash):
+    with pytest.raises(_Crash):
         trainer(Counter(), [crash]).fit()
     resumed = Counter()
     trainer(resumed).fit(resume=True)
