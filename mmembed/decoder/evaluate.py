@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mmembed.data.instructions import InstructionRow
-from mmembed.decoder.generate import Generation, room_batches
+from mmembed.decoder.generate import Generation, answer_room, room_batches
 from mmembed.decoder.prompt import MEDIA, Segment
 
 
@@ -35,7 +35,7 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
     lengths = [pm.fmt.length(row_prompt(r)) for r in rows]
     out: list[Generation | None] = [None] * len(rows)
     for batch in room_batches(lengths, context, max_new_tokens, batch_size):
-        steps = max(1, min(max_new_tokens, context - max(lengths[i] for i in batch)))
+        steps = max(1, min(max_new_tokens, answer_room(context, max(lengths[i] for i in batch))))
         for i, answer in zip(batch, model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)):
             out[i] = answer
     return out  # type: ignore[return-value]

@@ -139,12 +139,14 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
     Args:
         embeds: (B, T, C) left-padded prompt embeddings (soft tokens already in place).
         mask: (B, T) bool, True = real token; None when no row is padded.
-        max_new_tokens: steps at most (the caches are sized for T + max_new_tokens).
+        max_new_tokens: steps at most (the caches hold T + max_new_tokens - 1 slots: the last token
+            chosen is never fed back).
         suppress: ids never chosen (probability 0), e.g. `PromptFormat.prompt_only_ids`.
     """
     B, T, _ = embeds.shape
     device = embeds.device
-    caches = decoder.new_caches(B, T + max_new_tokens)
+    slots = T + max_new_tokens - 1  # the last token chosen is never fed back
+    caches = decoder.new_caches(B, slots)
     if mask is None:
         positions = None
         next_pos = torch.tensor([T], device=device)
@@ -154,7 +156,7 @@ def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_
     head = _logits_fn(decoder, torch.tensor(list(suppress), dtype=torch.long, device=device))
     hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
     logits = head(hidden[:, -1])  # (B, V)
-    keys = _KeyMask(mask, T + max_new_tokens, caches[0].max_len)
+    keys = _KeyMask(mask, slots, caches[0].max_len)
     for step in range(max_new_tokens):
         choice = choose(logits, sampling, generator)
         yield choice
@@ -211,9 +213,17 @@ def prepare_inputs(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved],
     return embeds, mask, [len(r) for r in rows], steps
 
 
+def answer_room(context: float, longest: int) -> float:
+    """New tokens a decoder with `context` positions can write after a prompt of `longest` tokens:
+    the last one is predicted from the last position and never fed back, so a prompt as long as
+    the context still gets one."""
+    return context + 1 - longest
+
+
 def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     """New tokens to generate after a prompt of `longest` tokens: all of them past the context for
-    a sliding decoder; otherwise the context caps prompt + answer (a warning when it cuts)."""
+    a sliding decoder; otherwise the context caps prompt + answer (`answer_room`; a warning when it
+    cuts)."""
     context = decoder.max_len
     _check_fits(decoder, longest)
     check_max_new_tokens(max_new_tokens)
@@ -222,7 +232,7 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
             raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
                            "this decoder has learned ones")
         return max_new_tokens
-    steps = min(max_new_tokens, context - longest)
+    steps = min(max_new_tokens, int(answer_room(context, longest)))
     if steps < max_new_tokens:
         log.warning("generation capped at %d new tokens by the %d-token context", steps, context)
     return steps
@@ -245,11 +255,11 @@ def room_batches(lengths: Sequence[int], context: float, max_new_tokens: int,
 
     A left-padded batch shares one context, so its longest prompt caps every row's answer: a
     prompt never joins a batch whose longest one would leave it less room than it has alone.
-    Prompts up to `context - max_new_tokens` tokens long go together freely; longer ones only
-    with prompts as long. Batches hold similar lengths (little padding), at most `batch_size`
+    Prompts that leave room for `max_new_tokens` (`answer_room`) go together freely; longer ones
+    only with prompts as long. Batches hold similar lengths (little padding), at most `batch_size`
     prompts each, every batch's indices in ascending order.
     """
-    free = context - max_new_tokens
+    free = answer_room(context, max_new_tokens)  # the longest prompt with room for the whole answer
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # shortest first: [0] is a batch's shortest
         if not batches or len(batches[-1]) == batch_size or lengths[i] > max(free, lengths[batches[-1][0]]):

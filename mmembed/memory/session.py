@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
+from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
@@ -176,7 +177,7 @@ class Session:
         at the context instead). A decoder with a sliding window has room."""
         pm = self.model.prompt_model
         context = pm.lm.decoder.max_len
-        room = None if pm.lm.decoder.window else context - min(max_new_tokens, context // 2)
+        room = None if pm.lm.decoder.window else answer_room(context, min(max_new_tokens, context // 2))
         rendered = self._render(list({h.id: h for h in candidates + history}.values()))
         limit = self.recall_k
         while True:

@@ -88,15 +88,15 @@ def test_a_long_prompt_does_not_cut_the_answers_of_its_batch_short():
     spread = lively(prompt_model())
     fmt, context = spread.fmt, spread.lm.decoder.max_len
     words = 40  # the longest run of "one two" that leaves at least 2 tokens of room (2 or 3)
-    while fmt.length([" ".join(["one two"] * words)]) > context - 2:
+    while fmt.length([" ".join(["one two"] * words)]) > context + 1 - 2:
         words -= 1
     long = [" ".join(["one two"] * words)]
     prompts = [PROMPTS[0], long, PROMPTS[2]]
     together = run(spread, prompts, n=12)
     alone = [run(spread, [p], n=12)[0] for p in prompts]
     assert [t.token_ids for t in together] == [a.token_ids for a in alone]
-    assert len(together[0].token_ids) > context - fmt.length(long)  # longer than a shared batch would allow
-    assert len(together[1].token_ids) <= context - fmt.length(long)
+    assert len(together[0].token_ids) > context + 1 - fmt.length(long)  # longer than a shared batch would allow
+    assert len(together[1].token_ids) <= context + 1 - fmt.length(long)
 
 
 def test_room_batches_keep_every_answer_its_room():
@@ -107,9 +107,23 @@ def test_room_batches_keep_every_answer_its_room():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:  # what any member gets in its batch is what it gets alone
         assert b == sorted(b)
-        assert all(min(48, 128 - max(lengths[j] for j in b)) == min(48, 128 - lengths[i]) for i in b)
-    assert [0, 2, 5, 7] in batches  # prompts that leave 48 tokens of room go together
+        assert all(min(48, 129 - max(lengths[j] for j in b)) == min(48, 129 - lengths[i]) for i in b)
+    assert [0, 2, 5, 6, 7] in batches  # prompts that leave 48 tokens of room (81 of 128 does) go together
     assert all(len(b) <= 2 for b in room_batches(lengths, 128, 48, batch_size=2))
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_a_prompt_as_long_as_the_context_still_gets_its_next_token(positional):
+    """The last position predicts one token past the context (it is never fed back): a prompt of
+    `context` tokens gets 1, of `context - 1` tokens 2, each what recomputing the context gives."""
+    spread = lively(prompt_model(positional))
+    context = spread.lm.decoder.max_len
+    for room in (1, 2):
+        prompts = ([" ".join(["one two"] * a + ["yes"] * b)] for a in range(context) for b in range(4))
+        prompt = next(p for p in prompts if spread.fmt.length(p) == context + 1 - room)
+        (out,) = run(spread, prompt, n=5)
+        assert len(out.token_ids) == room and out.finish_reason in ("length", "eos")
+        assert out.token_ids == uncached_tokens(spread, prompt, room, Sampling(), seed=0)[0]
 
 
 def test_temperature_zero_top_k_one_and_tiny_top_p_all_equal_greedy():

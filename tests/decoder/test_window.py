@@ -281,7 +281,7 @@ def test_without_a_window_the_context_errors_are_unchanged(caplog):
         generate(pm.lm, pm.fmt, resolve_prompts([[" ".join(["one two"] * 64)]], fake_embed, DIM, CPU), 5,
                  Sampling(), Stops(), None, CPU)
     (out,) = generate(pm.lm, pm.fmt, resolve_prompts([LONG], fake_embed, DIM, CPU), 50, Sampling(1.0), Stops(), 1, CPU)
-    assert len(out.token_ids) <= 64 - 48 and "capped at 16 new tokens" in caplog.text
+    assert len(out.token_ids) <= 65 - 48 and "capped at 17 new tokens" in caplog.text  # the 48-token LONG
 
 
 # ------------------------------------------------------------------------------------------------
