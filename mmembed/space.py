@@ -79,7 +79,11 @@ class SharedSpace(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+        """exp of the learned log scale, at most `max_logit_scale`. The gradient passes the bound
+        (straight through): `clamp_` after every step keeps the parameter at it, and a clamp's zero
+        gradient there would hold the scale at the bound for good even when the loss wants it lower."""
+        s = self.log_logit_scale
+        return (s - (s - s.clamp(max=self.max_log_scale)).detach()).exp()
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -2,6 +2,7 @@
 open_clip towers configured from YAML reproducing open_clip exactly."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,6 +111,22 @@ def test_logit_scale_clamped_on_read():
     space.clamp_()
     assert space.log_logit_scale.exp().item() == pytest.approx(100.0)
 
+
+
+def test_a_logit_scale_at_its_bound_can_still_come_down():
+    """At the bound the scale reads 100 but its gradient is exp's (straight through), so a loss that
+    wants a lower scale lowers it (a clamp's zero gradient there held it at 100 for good)."""
+    from mmembed.space import SharedSpace, Tower, build_head
+
+    space = SharedSpace({mm.Modality.TEXT: Tower(torch.nn.Linear(2, 2), build_head("linear", 2, 2))}, 2,
+                        init_logit_scale=100.0)
+    opt = torch.optim.SGD([space.log_logit_scale], lr=1e-4)
+    opt.zero_grad()
+    space.logit_scale.backward()  # a loss that falls with the scale
+    assert space.log_logit_scale.grad.item() == pytest.approx(100.0, rel=1e-5)
+    opt.step()
+    space.clamp_()
+    assert space.logit_scale.item() == pytest.approx(100.0 * math.exp(-1e-2), rel=1e-5)
 
 TINY_CLIP = {
     "embed_dim": 32,
