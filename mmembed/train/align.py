@@ -31,7 +31,7 @@ from mmembed.modality import Modality
 from mmembed.model import CONFIG, TOKENIZER, Model, build_model
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
-from mmembed.train.captioning import CAPTION, Captioner, caption_losses
+from mmembed.train.captioning import CAPTION, Captioner, caption_losses, caption_objective
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import (Forward, as_output, barrier, current_world, main_first, parallelize,
@@ -88,15 +88,18 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
         out = loss_fn(emb, batch.present, scale, batch.labels, bias)
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
-        total = out.total
+        total, learned = out.total, bool(out.per_pair)  # pairs are decided on the global batch
         if captions:  # the mean over modalities of writing the caption from their vectors
             written = captions[0]
             # every tower's key on every rank, NaN where this batch has no such row: ranks average alike
-            metrics.update({f"caption/{m}": float(written[m].detach()) if m in written else math.nan
+            metrics.update({f"caption/{m}": float(written[m].mean.detach()) if m in written else math.nan
                             for m in space.modalities})
-            if written:
-                total = total + caption_weight * torch.stack(list(written.values())).mean()
-        return StepOutput(total, metrics, samples=len(batch))
+            objective = caption_objective(written, space.modalities)
+            if objective is not None:
+                total, learned = total + caption_weight * objective, True
+        # a batch with no pair of two rows and no caption still runs backward (other processes
+        # wait in it); the engine skips a step that learned nothing
+        return StepOutput(total, metrics, samples=len(batch), learned=learned)
 
     return step
 
@@ -231,8 +234,9 @@ def _with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.de
         return space
     if CAPTION not in space.modalities or getattr(tokenizer, "vocab_size", None) is None:
         raise UserError(f"loss.caption_weight needs a {CAPTION} tower and the run's own tokenizer")
+    caption_len = build_preprocessor(CAPTION, cfg.model.towers[str(CAPTION)].preprocess, tokenizer=tokenizer).max_length
     try:
-        captioner = Captioner(space.embed_dim, tokenizer.vocab_size, **cfg.loss.captioner)
+        captioner = Captioner(space.embed_dim, tokenizer.vocab_size, caption_len=caption_len, **cfg.loss.captioner)
     except (TypeError, ValueError) as e:
         raise UserError(f"loss.captioner: {e}") from None
     return WithCaptioner(space, captioner.to(device))

@@ -15,6 +15,8 @@ of sound vectors (0.800 without) and 0.920 of caption vectors (0.777).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from mmembed.decoder.fusion import Projector
 from mmembed.decoder.model import Decoder
 from mmembed.modality import Modality
+from mmembed.train.distributed import all_reduce_values, current_world
 
 CAPTION = Modality.TEXT  # the modality whose token ids the captioner writes
 
@@ -37,13 +40,20 @@ class Captioner(nn.Module):
     """
 
     def __init__(self, embed_dim: int, vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4,
-                 soft_tokens: int = 4) -> None:
+                 soft_tokens: int = 4, caption_len: int = 253) -> None:
         super().__init__()
         self.projector = Projector(embed_dim, width, soft_tokens)
-        self.decoder = Decoder(vocab_size, width, layers, heads, max_len=256, positional="rotary")
+        # reads the soft tokens and every caption id but the last (rotary: no weights depend on it)
+        self.decoder = Decoder(vocab_size, width, layers, heads, max_len=soft_tokens + caption_len - 1,
+                               positional="rotary")
 
     def forward(self, z: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        """Mean cross-entropy of writing `ids` after the soft tokens of `z`.
+        """Mean cross-entropy of writing `ids` after the soft tokens of `z`; arguments as in `written`."""
+        loss = self.written(z, ids, mask)
+        return loss.sum / loss.tokens
+
+    def written(self, z: Tensor, ids: Tensor, mask: Tensor) -> CaptionLoss:
+        """Summed cross-entropy of writing `ids` after the soft tokens of `z`, and its token count.
 
         Args:
             z: (B, D) vectors; ids: (B, T) caption ids, <bos> first; mask: (B, T) True = real token.
@@ -52,11 +62,22 @@ class Captioner(nn.Module):
         x = torch.cat([soft, self.decoder.token_embedding(ids[:, :-1])], dim=1)  # (B, k + T - 1, C)
         hidden = self.decoder.hidden(inputs_embeds=x)[:, soft.shape[1]:]  # (B, T - 1, C): after ids[:, j], ids[:, j + 1]
         keep = mask[:, 1:]
-        return F.cross_entropy(self.decoder.lm_head(hidden[keep]).float(), ids[:, 1:][keep])
+        total = F.cross_entropy(self.decoder.lm_head(hidden[keep]).float(), ids[:, 1:][keep], reduction="sum")
+        return CaptionLoss(total, int(keep.sum()))
+
+
+@dataclass
+class CaptionLoss:
+    sum: Tensor  # summed token cross-entropy (differentiable)
+    tokens: int
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.tokens
 
 
 def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: dict[Modality, Tensor],
-                   ids: Tensor | None, mask: Tensor | None) -> dict[Modality, Tensor]:
+                   ids: Tensor | None, mask: Tensor | None) -> dict[Modality, CaptionLoss]:
     """The captioning loss of each modality's vectors, over the rows that have a caption.
 
     Args:
@@ -65,7 +86,7 @@ def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: d
         ids, mask: (n_text, T) the captions of the rows where `present[CAPTION]`; None (and
             no loss) when the batch has no caption modality.
     """
-    out: dict[Modality, Tensor] = {}
+    out: dict[Modality, CaptionLoss] = {}
     if CAPTION not in present:
         return out
     has_caption = present[CAPTION]
@@ -74,5 +95,22 @@ def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: d
         if not bool(both.any()):
             continue
         rows_t = both[has_caption]  # which captions belong to those rows
-        out[m] = captioner(z[both], ids[rows_t], mask[rows_t])
+        out[m] = captioner.written(z[both], ids[rows_t], mask[rows_t])
     return out
+
+
+def caption_objective(written: dict[Modality, CaptionLoss], modalities: list[Modality]) -> Tensor | None:
+    """The mean over modalities of each one's mean token loss over the global batch (None when no
+    row of any process has a caption). Distributed, this process's share: DDP averages the
+    processes' gradients, so each modality's summed loss is scaled by processes / global tokens,
+    and the shares' mean is the one-process loss (a mean of per-process means would weigh a
+    process's few caption tokens as much as another's many)."""
+    world = current_world()
+    counts = [float(written[m].tokens) if m in written else 0.0 for m in modalities]
+    if world.active:  # the same modality order on every rank
+        counts = all_reduce_values(counts, "sum")
+    scored = [(m, n) for m, n in zip(modalities, counts) if n > 0]
+    if not scored:
+        return None
+    terms = [written[m].sum / n for m, n in scored if m in written]
+    return torch.stack(terms).sum() * (world.size / len(scored)) if terms else None  # None: this process has none

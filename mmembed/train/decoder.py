@@ -209,7 +209,8 @@ def make_step_fn(pm: PromptModel, vectors: torch.Tensor, noise: float, device: t
         logits, targets = answer_logits(pm.lm, *args, **packing) if net is None else net(*args, **packing)
         loss = F.cross_entropy(logits.float(), targets)
         accuracy = float((logits.argmax(-1) == targets).float().mean())
-        return StepOutput(loss, {"token_accuracy": accuracy}, samples=len(batch))
+        # a mean over this batch's answer tokens: the engine weighs micro-batches and ranks by them
+        return StepOutput(loss, {"token_accuracy": accuracy}, samples=len(batch), weight=targets.numel())
 
     return step
 

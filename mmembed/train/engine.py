@@ -103,7 +103,12 @@ class Trainer:
         self.extra_files = extra_files or {}
         self.stateful = stateful  # the stage's own state (`state_dict()` / `load_state_dict()`, JSON): checkpointed
         self.device = device or torch.device("cpu")
-        self.steps_per_epoch = max(1, steps_per_epoch // config.accum_steps)
+        if steps_per_epoch < config.accum_steps:
+            processes = f" in each of {self.world.size} processes" if self.world.size > 1 else ""
+            raise UserError(f"an epoch gives {steps_per_epoch} batch(es) of {config.batch_size} rows{processes}, "
+                            f"fewer than accum_steps={config.accum_steps}: no optimizer step could be taken "
+                            "(lower batch_size or accum_steps, or give more rows)")
+        self.steps_per_epoch = steps_per_epoch // config.accum_steps
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -175,7 +180,8 @@ class Trainer:
         finally:
             bar.close()
         if self.progress.empty_batches:
-            log.warning("%d batch(es) had no usable row and were skipped", self.progress.empty_batches)
+            log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were skipped",
+                        self.progress.empty_batches)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
         p = self.progress
         return FitResult(p, reason, last_ckpt, p.best_step, p.best_metric, self._restore_best())
@@ -245,24 +251,35 @@ class Trainer:
             # wait in); a non-finite loss then gives non-finite averaged gradients on every rank,
             # which the step's guard skips everywhere alike.
             if self.world.active or torch.isfinite(out.loss.detach()):
-                (out.loss / self.cfg.accum_steps).backward()
+                # a weighted loss goes back as its sum: `_optimizer_step` divides by the step's total
+                (out.loss * out.weight if out.weight is not None else out.loss / self.cfg.accum_steps).backward()
         return out
 
     def _optimizer_step(self, accum: list[StepOutput], data_time: float, step_time: float) -> bool:
         """One optimizer step from accumulated gradients; False when the step was skipped."""
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
-        loss = sum(float(o.loss.detach()) for o in accum) / len(accum)
+        weighted = accum[0].weight is not None  # one step_fn: every micro-batch alike
+        loss_sum = sum(float(o.loss.detach()) * (o.weight if weighted else 1.0) for o in accum)
+        weight = sum(o.weight for o in accum) if weighted else float(len(accum))
+        learned = float(any(o.learned for o in accum))
         sums, counts = metric_sums(accum)
         samples = sum(o.samples for o in accum)
         if self.world.active:  # the global batch's values, identical on every rank
             keys = sorted(sums)  # the same on every rank (`StepOutput.metrics`)
-            loss, samples_sum, *values = all_reduce_values(
-                [loss, samples, *(sums[k] for k in keys), *(counts[k] for k in keys)])
+            loss_sum, weight, learned, samples_sum, *values = all_reduce_values(
+                [loss_sum, weight, learned, samples, *(sums[k] for k in keys), *(counts[k] for k in keys)])
             samples = round(samples_sum * self.world.size)
             sums, counts = dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
+        if not learned or not weight:  # no micro-batch of any rank had anything to learn from
+            self.optimizer.zero_grad(set_to_none=True)
+            p.empty_batches += len(accum)
+            return False
+        loss = loss_sum / weight  # weights are rank means (all_reduce_values): the ratio is global
         metrics = {k: sums[k] / counts[k] for k in sums if counts[k]}
         grads = [q.grad for q in params if q.grad is not None]
+        if weighted:  # sums went back: the mean over every unit (DDP has averaged the ranks' sums)
+            torch._foreach_mul_(grads, 1.0 / weight)
         if self.sharded is not None:  # norms of shards, summed over the ranks
             grad_norm = self.sharded.clip_grads(params, cfg.grad_clip or None)
         elif cfg.grad_clip:

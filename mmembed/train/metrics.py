@@ -20,6 +20,13 @@ class StepOutput:
     # keys on every rank, NaN for a value this batch has none of (left out of the mean)
     metrics: dict[str, float] = field(default_factory=dict)
     samples: int = 0
+    # `loss` is a mean over this many units (answer tokens): the step's gradient is then the mean
+    # over every unit of its micro-batches and ranks, not the mean of their means. None: micro-
+    # batches (and ranks) weigh alike, as for losses already scaled to the global batch.
+    weight: float | None = None
+    # False: the batch held nothing to learn from (no pair with two rows). Its backward still runs
+    # (several processes wait in it), but a step whose every micro-batch learned nothing is skipped.
+    learned: bool = True
 
 
 def lower_is_better(metric: str) -> bool:

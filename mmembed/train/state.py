@@ -43,7 +43,7 @@ class Progress:
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
     evals_since_best: int = 0
     bad_steps: int = 0  # non-finite steps skipped in total
-    empty_batches: int = 0  # batches whose every row was skipped (no step taken)
+    empty_batches: int = 0  # batches whose every row was skipped, or that had nothing to learn from (no step taken)
     seconds: float = 0.0  # wall seconds of training so far, over every fit (the time schedule's clock)
     stopped: str | None = None  # why the fit that wrote the checkpoint ended (None: it was still running)
     last_eval_step: int | None = None  # the step last evaluated (a resume does not evaluate it again)

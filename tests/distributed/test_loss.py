@@ -54,3 +54,20 @@ def test_ranks_with_short_batches_or_a_missing_modality_still_equal_one_process(
     collectives (they aborted: gloo's "collective mismatch"), and the loss and gradients are one
     process's on the 11 rows they hold together."""
     _assert_ranks_equal_one_process(uneven_ranks, case, slice(0, 2 * B - 1))
+
+
+def test_the_captioning_objective_over_two_processes_equals_one_process(tmp_path):
+    """Caption tokens differ per process (long captions and images on one, short captions on the
+    other): each modality's loss is still the mean over the global batch's tokens, not a mean of
+    the processes' means (DDP averages gradients; each share is scaled by processes / tokens)."""
+    from mmembed.train.distributed import Forward
+    from tests.distributed.workers import Captioned, caption_loss_and_grads, caption_worker, captioned_forward
+
+    ranks = _spawn(caption_worker, tmp_path)
+    module = Captioned()
+    loss, grads = caption_loss_and_grads(module, Forward(module, captioned_forward), slice(0, 8))
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx(float(loss), abs=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(rank["grads"][name], g, atol=1e-5, rtol=0, msg=f"grad of {name}")
+    assert grads["towers.image.weight"].abs().max() > 1e-4 and grads["captioner.decoder.token_embedding.weight"].abs().max() > 1e-4

@@ -138,3 +138,69 @@ def free_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+class Captioned(nn.Module):
+    """Two linear 'towers' and a captioner: the align stage's captioning objective in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from mmembed.train.captioning import Captioner
+
+        torch.manual_seed(0)
+        self.towers = nn.ModuleDict({m.value: nn.Linear(D_IN, 8) for m in CAPTIONED})
+        self.captioner = Captioner(embed_dim=8, vocab_size=50, width=16, layers=1, heads=2, soft_tokens=2)
+
+
+CAPTIONED = (Modality.TEXT, Modality.IMAGE)
+
+
+def captioned_forward(module: Captioned, inputs, present, ids, mask):
+    from mmembed.train.captioning import caption_losses
+
+    emb = {}
+    for m in CAPTIONED:  # as SharedSpace.forward: zeros where a row lacks the modality
+        z = torch.zeros(len(present[m]), 8)
+        if m in inputs:
+            z[present[m]] = F.normalize(module.towers[m.value](inputs[m]), dim=-1)
+        emb[m] = z
+    return caption_losses(module.captioner, emb, present, ids, mask)
+
+
+def captioned_batch(rows: slice):
+    """Rank 0's 4 rows have long captions and images, rank 1's short captions and no image: the
+    ranks hold different numbers of caption tokens of each modality."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2 * 4, D_IN, generator=g)
+    lengths = torch.tensor([9, 8, 9, 7, 3, 4, 3, 3])
+    ids = torch.randint(3, 50, (8, 9), generator=g)
+    ids[:, 0] = 1
+    mask = torch.arange(9)[None] < lengths[:, None]
+    present = {Modality.TEXT: torch.ones(8, dtype=torch.bool), Modality.IMAGE: torch.arange(8) < 4}
+    present = {m: p[rows] for m, p in present.items()}
+    inputs = {m: x[rows][present[m]] for m in CAPTIONED if present[m].any()}
+    return inputs, present, ids[rows], mask[rows]
+
+
+def caption_loss_and_grads(module: Captioned, net, rows: slice):
+    from mmembed.train.captioning import caption_objective
+
+    module.zero_grad(set_to_none=True)
+    objective = caption_objective(net(*captioned_batch(rows)), list(CAPTIONED))
+    objective.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in module.named_parameters()}
+    return objective.detach(), grads
+
+
+def caption_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Each rank: its 4 rows through DDP; saves the global objective and the averaged gradients."""
+    from mmembed.train.distributed import all_reduce_values, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.set_num_threads(1)
+    module = Captioned()
+    net = parallelize(module, captioned_forward, torch.device("cpu"))
+    loss, grads = caption_loss_and_grads(module, net, slice(4 * rank, 4 * rank + 4))
+    torch.save({"loss": all_reduce_values([float(loss)])[0], "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # as loss_worker

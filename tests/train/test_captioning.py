@@ -71,8 +71,9 @@ def test_each_modality_is_scored_against_the_captions_of_its_own_rows():
     emb, _, _, out = captioned_forward(net, inputs, {TEXT: mask, IMAGE: None}, present)
     cap = net.captioner
     z_image = space.encode(IMAGE, inputs[IMAGE])  # (3, D): rows 0, 1, 3
-    assert torch.allclose(out[IMAGE], cap(z_image[[0, 2]], ids[[0, 2]], mask[[0, 2]]))  # rows 0 and 3
-    assert torch.allclose(out[TEXT], cap(emb[TEXT][present[TEXT]], ids, mask))
+    assert torch.allclose(out[IMAGE].mean, cap(z_image[[0, 2]], ids[[0, 2]], mask[[0, 2]]))  # rows 0 and 3
+    assert torch.allclose(out[TEXT].mean, cap(emb[TEXT][present[TEXT]], ids, mask))
+    assert out[IMAGE].tokens == 4 and out[TEXT].tokens == 6
     assert caption_losses(cap, {IMAGE: emb[IMAGE]}, {IMAGE: present[IMAGE]}, None, None) == {}
 
 
@@ -136,3 +137,22 @@ def test_caption_settings_are_checked(tiny_world, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="depth"):
         load_config(path)
+
+
+def test_the_captioner_reads_captions_as_long_as_the_text_tower_allows(tiny_world, tmp_path):
+    """Its decoder was 256 positions whatever the captions: text max_length 300 died at the first
+    long caption ("sequence of 303 positions exceeds max_len=256"). The align stage sizes it from
+    the text preprocessor's max_length."""
+    from mmembed.model import build_model
+    from mmembed.train.align import _with_captioner
+    from tests.decoder import helpers
+
+    torch.manual_seed(0)
+    cap = Captioner(embed_dim=8, vocab_size=50, width=16, layers=1, heads=2, soft_tokens=2, caption_len=300)
+    ids = torch.randint(3, 50, (2, 300))
+    assert torch.isfinite(cap(torch.randn(2, 8), ids, torch.ones_like(ids, dtype=torch.bool)))
+    cfg = caption_config(tiny_world, tmp_path / "run", epochs=1)
+    cfg.model.towers["text"].preprocess["max_length"] = 300
+    tokenizer = helpers.tokenizer()
+    net = _with_captioner(cfg, build_model(cfg, tokenizer).space, tokenizer, torch.device("cpu"))
+    assert net.captioner.decoder.max_len == 2 + 300 - 1  # 2 soft tokens, every caption id but the last

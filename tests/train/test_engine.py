@@ -249,3 +249,67 @@ def test_no_weight_decay_on_norms_biases_embeddings_scalars():
     decay, no_decay = param_groups(m, 0.1)
     assert {id(p) for p in decay["params"]} == {id(m["lin"].weight)}
     assert len(no_decay["params"]) == 5 and no_decay["weight_decay"] == 0.0
+
+
+def test_more_accumulation_than_an_epochs_batches_is_refused(tmp_path):
+    """3 batches an epoch and accum_steps 4 would never step: the run trained nothing and said
+    "finished". It is now one line before anything runs."""
+    from mmembed.errors import UserError
+
+    model = nn.Linear(2, 1)
+    config = TrainConfig(batch_size=1, epochs=5, lr=0.1, warmup_steps=0, accum_steps=4)
+    with pytest.raises(UserError, match=r"an epoch gives 3 batch\(es\) of 1 rows, fewer than accum_steps=4"):
+        Trainer(model, lambda b: StepOutput(model(b).sum(), {}), lambda e, s: iter([]), 3, config, tmp_path)
+
+
+def _token_step(model, seen):
+    """A decoder-like step: the mean loss over a batch's 'answer tokens' (rows of ones in the mask)."""
+    def step(batch):
+        x, keep = batch
+        per_token = (model(x).squeeze(-1) - 1.0) ** 2  # (rows, tokens)
+        seen.append(int(keep.sum()))
+        return StepOutput(per_token[keep].mean(), {}, samples=len(x), weight=int(keep.sum()))
+    return step
+
+
+def test_weighted_micro_batches_accumulate_to_the_mean_over_every_token(tmp_path):
+    """Micro-batches of 10 and 2 answer tokens, accumulated, give the update of one batch holding
+    all 12 (a mean of the two means over-weighed the short one's tokens 5×)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 3, generator=g)
+    keep = torch.zeros(4, 6, dtype=torch.bool)
+    keep[:2, :5] = True  # rows 0-1: 10 tokens
+    keep[2:, :1] = True  # rows 2-3: 2 tokens
+
+    def fit(batches, accum, out):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        seen = []
+        config = TrainConfig(batch_size=len(batches[0][0]), epochs=1, lr=0.1, warmup_steps=0, accum_steps=accum,
+                             checkpoint_every=1000, log_every=1, grad_clip=0.0, weight_decay=0.0)
+        Trainer(model, _token_step(model, seen), lambda e, s: iter(batches[s // len(batches[0][0]):]), len(batches),
+                config, out).fit()
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        return model, rows, seen
+
+    one, one_rows, _ = fit([(x, keep)], 1, tmp_path / "one")
+    two, two_rows, seen = fit([(x[:2], keep[:2]), (x[2:], keep[2:])], 2, tmp_path / "two")
+    assert seen == [10, 2]
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    assert two_rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-6)
+    assert two_rows[0]["grad_norm"] == pytest.approx(one_rows[0]["grad_norm"], rel=1e-5)
+
+
+def test_a_step_whose_batches_learned_nothing_changes_nothing(tmp_path):
+    """A batch with no pair of two rows (`learned=False`) still goes backward, but a step made only
+    of such batches is skipped: parameters and optimizer state stay put, and the batches are counted."""
+    model = nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(batch_size=1, epochs=1, lr=0.1, warmup_steps=0, checkpoint_every=1000, weight_decay=0.1)
+    trainer = Trainer(model, lambda b: StepOutput(model(b).sum() * 0.0, {}, samples=1, learned=False),
+                      lambda e, s: iter(torch.ones(3, 1, 2)[s:]), 3, config, tmp_path)
+    result = trainer.fit()
+    assert result.progress.step == 0 and result.progress.empty_batches == 3
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not trainer.optimizer.state
