@@ -166,7 +166,8 @@ class Trainer:
                 if reason is None:  # the epoch ran to its end
                     self.progress.epoch += 1
                     self.progress.batch_in_epoch = self.progress.samples_in_epoch = 0
-                    if self.cfg.eval_every is None:
+                    # (a resumed epoch's leftover batches take no step: its model was evaluated)
+                    if self.cfg.eval_every is None and self.progress.last_eval_step != self.progress.step:
                         improved, stop = self._evaluate_and_check()
                         if improved:
                             self._checkpoint()
@@ -200,6 +201,8 @@ class Trainer:
         data_time = 0.0
         for batch in loader:
             data_time += time.perf_counter() - data_t0
+            if self.progress.batch_in_epoch >= self.steps_per_epoch * cfg.accum_steps:
+                break  # the epoch's leftover batches (fewer than accum_steps) never make a step
             if self.progress.step >= self.total_steps:
                 return "step budget"
             self.progress.batch_in_epoch += 1
@@ -403,8 +406,16 @@ class Trainer:
         if ckpt is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints (start the run "
                             "without --resume, with --overwrite if the folder holds its first files)")
+        configured = [_hyper(g) for g in self.optimizer.param_groups]
         self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
                                         sharded=self.sharded)
+        # the checkpoint's groups came back with its weight decay and betas: this config's hold
+        # (the learning rate is set at every step)
+        for group, wanted in zip(self.optimizer.param_groups, configured):
+            if _hyper(group) != wanted:
+                log.info("resume: weight_decay %s, betas %s as configured (the checkpoint had %s, %s)",
+                         *wanted, *_hyper(group))
+                group["weight_decay"], group["betas"] = wanted
         if self.stateful is not None and "stage" in self.progress.extra:
             self.stateful.load_state_dict(self.progress.extra["stage"])
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
@@ -413,7 +424,7 @@ class Trainer:
             log.info("resuming a run of %d process(es) on %d: the rest of epoch %d is dealt anew; the schedule "
                      "follows this world's steps per epoch", self.progress.world_size, self.world.size,
                      self.progress.epoch)
-        self.metrics.truncate(self.progress.step)
+        self.metrics.truncate(self.progress.step, evaluated=self.progress.last_eval_step == self.progress.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
 
@@ -433,3 +444,7 @@ def _rows(batch: Any) -> int:
     except TypeError:
         return 1
 
+
+def _hyper(group: dict) -> tuple[float, tuple[float, float]]:
+    """An optimizer group's weight decay and betas (JSON may have brought the betas back as a list)."""
+    return float(group["weight_decay"]), tuple(float(b) for b in group["betas"])

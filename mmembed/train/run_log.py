@@ -32,13 +32,16 @@ class MetricsLog:
         if self.write:
             self.path.unlink(missing_ok=True)
 
-    def truncate(self, step: int) -> None:
+    def truncate(self, step: int, evaluated: bool = True) -> None:
         """Drop lines written after the checkpoint a run resumes from (they will be redone), and
-        the end-of-run row naming the restored weights (the resumed run writes its own)."""
+        the end-of-run row naming the restored weights (the resumed run writes its own).
+        `evaluated`: the checkpoint knows of a validation at its own step; if not, a validation row
+        of that step came after it (an epoch's end) and is redone too."""
         if not self.write or not self.path.exists():
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").split("\n")
-                if line.strip() and _step_of(line) <= step and '"weights_step"' not in line]
+                if line.strip() and _step_of(line) <= step and '"weights_step"' not in line
+                and (evaluated or _step_of(line) < step or '"val/' not in line)]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 

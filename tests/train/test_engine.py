@@ -313,3 +313,67 @@ def test_a_step_whose_batches_learned_nothing_changes_nothing(tmp_path):
     assert result.progress.step == 0 and result.progress.empty_batches == 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not trainer.optimizer.state
+
+
+def _evaluated(tmp_path, values, callbacks=(), **cfg):
+    """A linear model, 10 one-row batches an epoch, accum_steps 3 (3 steps and a leftover batch an
+    epoch), validated at every epoch's end with the next of `values`."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 2, generator=g), torch.randn(10, 1, generator=g)
+    config = TrainConfig(**{"batch_size": 1, "epochs": 2, "lr": 1e-2, "warmup_steps": 0, "accum_steps": 3,
+                            "checkpoint_every": 1000, "log_every": 1, "keep_last": 100, **cfg})
+    trainer = Trainer(model, lambda b: StepOutput(((model(b[0]) - b[1]) ** 2).mean(), {}, samples=1),
+                      lambda e, s: ((x[i:i + 1], y[i:i + 1]) for i in range(s, 10)), 10, config, tmp_path,
+                      evaluate=lambda: {"recall@1": next(values)}, callbacks=list(callbacks))
+    return model, trainer
+
+
+def _val_rows(run):
+    return [(r["step"], r["epoch"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "val/recall@1" in r]
+
+
+def test_a_raised_epoch_budget_trains_on_instead_of_scoring_the_last_step_again(tmp_path):
+    """The last epoch ends on "step budget" with its leftover batch unread; resumed with more epochs,
+    that batch ends the epoch without a step, and its model (evaluated already) was scored again:
+    a second row for step 6 that counted against patience and early-stopped with nothing trained."""
+    values = iter([0.5] * 10)  # flat: every evaluation counts against patience 2
+    _, first = _evaluated(tmp_path, values, early_stop_patience=2)
+    assert first.fit().progress.step == 6
+    _, more = _evaluated(tmp_path, values, early_stop_patience=2, epochs=3)
+    result = more.fit(resume=True)
+    assert result.progress.step == 9 and _val_rows(tmp_path) == [(3, 1), (6, 2), (9, 3)]
+
+
+def test_a_resumed_run_writes_each_validation_row_once(tmp_path):
+    """Killed after the checkpoint of step 6 (the epoch's last step, taken before the epoch's end
+    and its validation): the validation row written after the checkpoint is dropped with the rest
+    and written again, once."""
+    class Crash(Exception):
+        pass
+
+    def crash(event, trainer, info):
+        if event == "step" and trainer.progress.step == 7:
+            raise Crash
+
+    _, ref = _evaluated(tmp_path / "ref", iter([0.1, 0.2, 0.3]), epochs=3, checkpoint_every=3)
+    ref.fit()
+    _, killed = _evaluated(tmp_path / "run", iter([0.1, 0.2, 0.3]), [crash], epochs=3, checkpoint_every=3)
+    with pytest.raises(Crash):
+        killed.fit()
+    assert latest_checkpoint(tmp_path / "run").name.endswith("6")
+    _, resumed = _evaluated(tmp_path / "run", iter([0.2, 0.3]), epochs=3, checkpoint_every=3)
+    resumed.fit(resume=True)
+    assert _val_rows(tmp_path / "run") == _val_rows(tmp_path / "ref") == [(3, 1), (6, 2), (9, 3)]
+
+
+def test_a_resumed_run_takes_weight_decay_and_betas_from_its_config(tmp_path):
+    """The optimizer's state comes back from the checkpoint, its hyperparameters from the config:
+    they came back as the checkpoint had them, whatever the resumed config said."""
+    _, first = _evaluated(tmp_path, iter([0.5] * 10), weight_decay=0.1, betas=(0.9, 0.98))
+    first.fit()
+    _, more = _evaluated(tmp_path, iter([0.5] * 10), weight_decay=0.0, betas=(0.5, 0.9), epochs=3)
+    more.fit(resume=True)
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in more.optimizer.param_groups] == [(0.0, (0.5, 0.9))] * 2
