@@ -30,8 +30,9 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
     batches of up to `batch_size` prompts of similar length, none long enough to cut another's
     answer short (`room_batches`); a batch of long prompts asks for the room it has."""
     pm = model.prompt_model
-    # a decoder with a sliding window writes on past its context: no batch cuts an answer there
-    context = math.inf if pm.lm.decoder.window is not None else pm.lm.decoder.max_len
+    # a decoder that slides (a window, positions past the table) writes on past its context: no
+    # batch cuts an answer there; learned positions stop at the context, window or not
+    context = math.inf if pm.lm.decoder.slides else pm.lm.decoder.max_len
     lengths = [pm.fmt.length(row_prompt(r)) for r in rows]
     out: list[Generation | None] = [None] * len(rows)
     for batch in room_batches(lengths, context, max_new_tokens, batch_size):
@@ -43,10 +44,10 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
 
 def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:
     """The rows whose prompt and reference answer (with its end token) fit the decoder's context:
-    the rows training keeps, so none is scored on an answer cut short for room (a decoder with a
-    sliding window has room for any)."""
+    the rows training keeps, so none is scored on an answer cut short for room (a decoder that
+    slides past its context has room for any)."""
     pm = model.prompt_model
-    if pm.lm.decoder.window is not None:
+    if pm.lm.decoder.slides:
         return list(rows)
     return [r for r in rows
             if pm.fmt.length(row_prompt(r)) + len(pm.fmt.encode_answer(r.answer)) <= pm.lm.decoder.max_len]

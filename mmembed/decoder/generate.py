@@ -227,7 +227,7 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     context = decoder.max_len
     _check_fits(decoder, longest)
     check_max_new_tokens(max_new_tokens)
-    if decoder.window is not None and longest + max_new_tokens > context:
+    if decoder.window is not None and max_new_tokens > answer_room(context, longest):
         if not decoder.slides:
             raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
                            "this decoder has learned ones")

@@ -44,8 +44,11 @@ def run_train_queries(args: argparse.Namespace) -> int:
         if args.val_episodes:
             val = read_episodes(args.val_episodes)
         else:
+            if len(train) < 2:  # validating on the one training episode would score what it learned
+                raise UserError(f"{args.episodes}: {len(train)} episode(s): give at least 2 (a tenth is held out "
+                                "for validation) or --val-episodes")
             cut = max(1, len(train) // 10)
-            train, val = train[cut:] or train, train[:cut]
+            train, val = train[cut:], train[:cut]
     else:
         from mmembed.data.synth.episodes import world_episodes
 

@@ -174,10 +174,11 @@ class Session:
         history shown. The oldest history turn goes first, then the weakest memory, until the prompt
         fits the decoder's context with room for the answer: `max_new_tokens`, but at most half the
         context, so a long answer limit never pushes every memory out (`generate` caps the answer
-        at the context instead). A decoder with a sliding window has room."""
+        at the context instead). A decoder that slides past its context (a window, rotary or
+        sinusoidal positions) has room."""
         pm = self.model.prompt_model
         context = pm.lm.decoder.max_len
-        room = None if pm.lm.decoder.window else answer_room(context, min(max_new_tokens, context // 2))
+        room = None if pm.lm.decoder.slides else answer_room(context, min(max_new_tokens, context // 2))
         rendered = self._render(list({h.id: h for h in candidates + history}.values()))
         limit = self.recall_k
         while True:

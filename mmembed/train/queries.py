@@ -37,6 +37,7 @@ from mmembed.data.episodes import Episode
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.train.align import seed_everything
+from mmembed.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,7 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
     tower = copy.deepcopy(text_tower).train().requires_grad_(True)  # a bound run froze its text tower
     pre = model.preprocessors[Modality.TEXT]
     scale = float(model.space.logit_scale.detach())
-    decay = [p for p in tower.parameters() if p.ndim >= 2]
-    rest = [p for p in tower.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(param_groups(tower, weight_decay), lr=lr)  # no decay on norms, biases, embeddings
     warmup = max(1, min(50, steps // 2))  # a short run still reaches `lr`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * s / steps)))
     rng = np.random.default_rng(seed)

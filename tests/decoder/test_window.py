@@ -301,6 +301,32 @@ def test_learned_positions_cannot_slide_past_the_context():
     assert 1 <= len(out.token_ids) <= 18
 
 
+
+def test_instruction_evaluation_caps_answers_of_a_window_decoder_with_learned_positions():
+    """GPT-2 with a window cannot write past its context: evaluation treated every window as
+    sliding, asked for 48 tokens after a long prompt and failed with "sliding past ..."; it now
+    asks for the room there is, as without a window, and keeps only rows that fit."""
+    from mmembed.data.instructions import InstructionRow
+    from mmembed.decoder.evaluate import answer_rows, fitting
+
+    pm = prompt_model("learned", window=8, context=32)
+
+    class Stub:  # the part of a Model that answer_rows uses
+        prompt_model = pm
+
+        def generate(self, prompts, max_new_tokens):
+            resolved = resolve_prompts(prompts, fake_embed, DIM, CPU)
+            return generate(pm.lm, pm.fmt, resolved, max_new_tokens, Sampling(), Stops(), None, CPU)
+
+    rows = [InstructionRow(1, ("what colour is the star?",), "blue"),
+            InstructionRow(2, (" ".join(["one two"] * 5),), "yes")]
+    lengths = [pm.fmt.length(list(r.prompt)) for r in rows]
+    assert lengths[0] + 48 > 32 and lengths[1] < 32  # both need the cap
+    answers = answer_rows(Stub(), rows, max_new_tokens=48)
+    assert [len(a.token_ids) <= 33 - n for a, n in zip(answers, lengths)] == [True, True]
+    too_long = InstructionRow(3, (" ".join(["one two"] * 40),), "no")
+    assert fitting(Stub(), rows + [too_long]) == rows
+
 def test_rolling_cache_memory_is_bounded_by_the_window(monkeypatch):
     pm = prompt_model(window=8, context=32)
     caches = spy_caches(pm, monkeypatch)

@@ -150,6 +150,11 @@ def test_cli_trains_on_the_runs_world_and_reports_recall(tiny_world, tmp_path, c
     assert main(["train-queries", str(tmp_path / "run"), "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1
+    # one episode: nothing left to validate on but the training episode itself (it validated on it)
+    one = {"items": [{"image": "a.png"}, {"audio": "b.wav"}], "questions": [{"text": "the red one?", "item": 1}]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n")
+    assert main(["train-queries", str(tmp_path / "run"), "--episodes", str(tmp_path / "one.jsonl")]) == 2
+    assert "1 episode(s): give at least 2" in capsys.readouterr().err
 
 
 def test_a_query_tower_of_another_space_is_refused(tmp_path):
