@@ -38,7 +38,7 @@ from mmembed.memory.items import Entry, ItemLike, StoreMedia, check_utf8, to_ent
 from mmembed.memory.records import MemoryHit, NewItem
 from mmembed.memory.store import Store
 from mmembed.modality import Modality
-from mmembed.retrieval.store import check_vectors
+from mmembed.retrieval.store import check_vectors, non_str_keys
 
 log = logging.getLogger(__name__)
 
@@ -400,9 +400,13 @@ def _timestamp(value: Any, name: str) -> float:
             return value.timestamp()
         except (OverflowError, ValueError, OSError) as e:  # datetime.min and the like
             raise UserError(f"{name} {value!r} has no unix time ({e})") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r}")
-    return float(value)
+    try:
+        seconds = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
+    except OverflowError:  # an int past float's range
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r:.40}")
+    return seconds
 
 
 def _meta_json(meta: dict[str, Any] | None) -> str:
@@ -410,6 +414,8 @@ def _meta_json(meta: dict[str, Any] | None) -> str:
         return "{}"
     if not isinstance(meta, dict):
         raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
+    if bad := non_str_keys(meta):  # JSON would make it a str (and 1 and "1" one key): it would not come back
+        raise BadInput(f"meta has a key that is not a str: {bad[0]!r}")
     try:
         text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:

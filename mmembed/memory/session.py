@@ -64,6 +64,8 @@ class Session:
             raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
         self.model, self.user = model, user
         self._own = not isinstance(memory, Memory)
+        if not self._own:
+            _check_memory_model(memory, model)
         self.memory = Memory(memory, model=model) if self._own else memory
         self.history_turns, self.recall_k, self.recall_threshold = history_turns, recall_k, recall_threshold
         names = self.memory.sessions(user)
@@ -227,6 +229,17 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_memory_model(memory: Memory, model: Any) -> None:
+    """A Memory handed to a Session embeds its turns and recalls with its own model: it must be this
+    model (by fingerprint), or the decoder would read vectors of another space."""
+    if memory.model is None:
+        raise UserError(f"{memory.path.name} was opened without a model: open it as Memory(path, model=model), "
+                        "or give the Session its path")
+    if str(memory.model.fingerprint) != str(model.fingerprint):
+        raise UserError(f"{memory.path.name} was opened with model {memory.model.fingerprint} but this Session's "
+                        f"model is {model.fingerprint}; open the memory with the Session's model")
 
 
 def _new_session_name() -> str:

@@ -174,6 +174,8 @@ class Store:
             yield
         except sqlite3.DatabaseError as e:
             raise MemoryFileError(_describe(self.path, e)) from None
+        except (UnicodeDecodeError, _Damaged) as e:  # bytes SQLite hands back that do not decode
+            raise MemoryFileError(f"{self.path} is corrupt ({e}); restore it from a copy") from None
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -311,7 +313,7 @@ class Store:
         with self._transaction(write=False) as conn:
             rows = conn.execute(f"SELECT {columns} FROM items WHERE {where} ORDER BY time DESC, id DESC LIMIT ?",
                                 [*args, limit]).fetchall()
-        return [_hit(r) for r in reversed(rows)]
+            return [_hit(r) for r in reversed(rows)]  # inside: a damaged row is named as such
 
     def sessions(self, user: str) -> list[str]:
         """The user's session names, the most recently active (latest item) last."""
@@ -342,7 +344,13 @@ class Store:
             rows = conn.execute(f"SELECT id, modality, time, session, embedding FROM items WHERE {where}",
                                 args).fetchall()
             total = conn.execute("SELECT count(*) FROM items WHERE user = ?", (user,)).fetchone()[0]
-        blob = bytearray().join(r[4] for r in rows)  # writable: tensors can share it without a copy
+        try:
+            blob = bytearray().join(r[4] for r in rows)  # writable: tensors can share it without a copy
+            for modality in {r[1] for r in rows}:
+                Modality.parse(modality)
+        except (TypeError, ValueError) as e:  # a NULL embedding, a modality no tower has
+            raise MemoryFileError(f"{self.path} is corrupt (an item of user {user!r}: {e}); restore it from a copy") \
+                from None
         if len(blob) != 4 * dim * len(rows):
             raise MemoryFileError(f"{self.path}: an embedding of user {user!r} does not hold {dim} float32 values")
         vectors = np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim)  # (N, D)
@@ -363,11 +371,18 @@ class Store:
             return "; ".join(r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall())
 
 
+class _Damaged(ValueError):
+    """A row whose stored values do not decode (a damaged file); `_errors` names the file."""
+
+
 def _hit(row: Sequence[Any]) -> MemoryHit:
     media = row[10] if len(row) > 10 else None
+    try:
+        modality, meta = Modality.parse(row[6]), json.loads(row[8])
+    except (TypeError, ValueError) as e:
+        raise _Damaged(f"item {row[0]}: {e}") from None
     return MemoryHit(id=row[0], score=None, user=row[1], session=row[2], turn=row[3], role=row[4], time=row[5],
-                     modality=Modality.parse(row[6]), text=row[7], meta=json.loads(row[8]), media=media,
-                     media_path=row[9])
+                     modality=modality, text=row[7], meta=meta, media=media, media_path=row[9])
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
@@ -407,7 +422,7 @@ def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
     if "too big" in text:  # SQLite's length limit (1e9 bytes) on one value: the item, not the file
         return f"an item is too large for {path} (SQLite: {text}); store a path to its media instead"
     if "malformed" in text or isinstance(e, sqlite3.DataError):
-        return f"{path} is corrupt (SQLite: {text}); restore it from a copy or an export"
+        return f"{path} is corrupt (SQLite: {text}); restore it from a copy"
     if "locked" in text or "busy" in text:
         return f"{path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s ({text})"
     return f"{path}: SQLite error ({text})"

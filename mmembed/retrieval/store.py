@@ -148,7 +148,7 @@ class VectorStore:
         for i, meta in enumerate(metadata):
             if not isinstance(meta, dict):
                 raise UserError(f"metadata[{i}] must be a dict, got {type(meta).__name__}")
-            if bad := _non_str_keys(meta):  # JSON would make it a str on save: filters would change
+            if bad := non_str_keys(meta):  # JSON would make it a str on save: filters would change
                 raise UserError(f"metadata[{i}] has a key that is not a str: {bad[0]!r}")
         self._reserve(self.n_rows + n)
         if ids is None:
@@ -259,12 +259,12 @@ class _Wanted:
             return False
 
 
-def _non_str_keys(value: Any) -> list[Any]:
+def non_str_keys(value: Any) -> list[Any]:
     """Every dict key that is not a str, anywhere in `value`."""
     if isinstance(value, dict):
-        return [k for k in value if not isinstance(k, str)] + [b for v in value.values() for b in _non_str_keys(v)]
+        return [k for k in value if not isinstance(k, str)] + [b for v in value.values() for b in non_str_keys(v)]
     if isinstance(value, (list, tuple)):
-        return [b for v in value for b in _non_str_keys(v)]
+        return [b for v in value for b in non_str_keys(v)]
     return []
 
 

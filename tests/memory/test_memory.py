@@ -236,6 +236,9 @@ def test_raw_vector_queries_and_a_memory_without_model(db, model):
     (lambda m: m.search("ada", 3.0), UserError, "cannot search with a float"),
     (lambda m: m.recent("ada", limit=0), UserError, "limit must be a positive int"),
     (lambda m: m.delete(["1"]), UserError, "ids must be ints"),
+    # JSON would turn the key into "1" (and lose the entry beside a "1"): it would not come back
+    (lambda m: m.add("ada", "x", meta={1: "int key", "1": "str key"}), BadInput, "key that is not a str: 1"),
+    (lambda m: m.add("ada", "x", meta={"a": [{2.5: 0}]}), BadInput, "key that is not a str: 2.5"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(mem, call, error, message):
     mem.add("ada", "kept")
@@ -274,7 +277,8 @@ def test_out_of_range_arguments_are_one_line_errors(db, model):
     with Memory(db, model=model) as mem:
         for call in (lambda: mem.add("ada", "x", turn=2**70), lambda: mem.recent("ada", limit=2**63),
                      lambda: mem.add("ada", "x", time=dt.datetime.min),
-                     lambda: mem.search("ada", "x", since=dt.datetime.min)):
+                     lambda: mem.search("ada", "x", since=dt.datetime.min),
+                     lambda: mem.add("ada", "x", time=10**400), lambda: mem.search("ada", "x", since=-10**400)):
             with pytest.raises(UserError):
                 call()
         assert mem.count() == 0
@@ -286,3 +290,25 @@ def test_a_reader_without_a_model_reads_vectors_a_writer_stored_after_it_opened(
         item = writer.add("ada", "a red star")
     assert reader.vectors([item]).shape == (1, model.embed_dim)  # was a reshape ValueError
     reader.close()
+
+
+@pytest.mark.parametrize("damage, column", [("meta = '{not json'", "meta"), ("modality = 'video'", "modality"),
+                                            ("embedding = 'text, not bytes'", "embedding")])
+def test_a_damaged_row_is_a_corrupt_file_error_not_a_traceback(db, model, damage, column):
+    """Bytes that SQLite reads back fine but that do not decode (JSON, a modality, a NULL
+    embedding) gave JSONDecodeError / ValueError / TypeError tracebacks from search and export."""
+    import sqlite3
+
+    from mmembed.memory.store import MemoryFileError
+
+    with Memory(db, model=model) as mem:
+        mem.add_many("ada", ["a red star", "a blue circle"])
+    conn = sqlite3.connect(db)
+    conn.execute(f"UPDATE items SET {damage} WHERE id = 2")
+    conn.commit()
+    conn.close()
+    with Memory(db, model=model) as mem:
+        calls = [lambda: mem.search("ada", "a red star", k=5), lambda: mem.recent("ada"), lambda: mem.get([1, 2])]
+        for call in calls if column != "embedding" else calls[:1]:
+            with pytest.raises(MemoryFileError, match=r"is corrupt \(.*\); restore it from a copy$"):
+                call()

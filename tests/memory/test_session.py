@@ -144,6 +144,22 @@ def test_a_run_without_decoder_is_refused(db):
         mm.Session(tiny_model(0), memory=db, user="ada")
 
 
+def test_a_memory_opened_with_another_model_or_none_is_refused(chat_model, db):
+    """The Session embeds turns and recalls through the Memory's model and hands those vectors to
+    its own decoder: a Memory of another model was taken without a word (a path was checked)."""
+    other = tiny_model(1)
+    assert other.fingerprint != chat_model.fingerprint
+    with mm.Memory(db, model=other) as foreign:
+        foreign.add("ada", "a red star")
+        with pytest.raises(UserError, match=f"opened with model {other.fingerprint} but this Session's model is "
+                                            f"{chat_model.fingerprint}"):
+            mm.Session(chat_model, memory=foreign, user="ada")
+    with mm.Memory(db) as bare, pytest.raises(UserError, match="opened without a model"):
+        mm.Session(chat_model, memory=bare, user="ada")
+    with mm.Memory(db.with_name("own.db"), model=chat_model) as own:  # its own model's memory: fine
+        assert mm.Session(chat_model, memory=own, user="ada").memory is own
+
+
 def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_path):
     out = io.StringIO()
     lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/hist", "//slash", "/history", "/quit",
