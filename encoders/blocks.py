@@ -208,9 +208,11 @@ class Transformer(nn.Module):
 
 
 def set_grad_checkpointing(module: nn.Module, enabled: bool = True) -> int:
-    """Switch activation checkpointing on (or off) in every `Transformer` inside `module`;
-    returns how many stacks were switched."""
-    stacks = [m for m in module.modules() if isinstance(m, Transformer)]
+    """Switch activation checkpointing on (or off) in every transformer stack inside `module`: ours,
+    and any other with a boolean `grad_checkpointing` switch (open_clip's `Transformer`, which
+    its towers run through); returns how many stacks were switched."""
+    stacks = [m for m in module.modules()
+              if isinstance(m, Transformer) or isinstance(getattr(m, "grad_checkpointing", None), bool)]
     for stack in stacks:
         stack.grad_checkpointing = enabled
     return len(stacks)

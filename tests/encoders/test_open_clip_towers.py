@@ -301,3 +301,28 @@ def test_bad_names_and_tags_are_clear_errors(saved, tmp_path):
     torch.save({"visual.proj": torch.zeros(3)}, tmp_path / "partial.pt")
     with pytest.raises(WeightsFileError, match="missing"):
         build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "partial.pt"))
+
+
+@pytest.mark.parametrize("kind", ["open_clip_image", "open_clip_text"])
+def test_grad_checkpointing_reaches_open_clip_towers(saved, kind):
+    """`train.grad_checkpointing` switched our stacks only: an open_clip tower kept every block's
+    activations (0 stacks switched). Now its transformer recomputes: the same gradients, less kept."""
+    from encoders.blocks import set_grad_checkpointing
+
+    name = "mmembed-test-clip"
+    x = torch.randn(2, 3, 32, 32) if kind == "open_clip_image" else torch.randint(1, 400, (2, 12))
+
+    def run(on: bool):
+        tower = build_encoder(kind, arch=name, pretrained=saved[name]["st"]).train()
+        assert set_grad_checkpointing(tower, on) >= 1
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            y = tower.pooled(x)
+        y.square().sum().backward()
+        return [p.grad.clone() for p in tower.parameters() if p.grad is not None], sum(kept)
+
+    plain, kept_plain = run(False)
+    recomputed, kept_recomputed = run(True)
+    for a, b in zip(recomputed, plain):  # (the image tower's pooled path then runs its last block whole)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert len(recomputed) == len(plain) and kept_recomputed < 0.6 * kept_plain
