@@ -43,6 +43,10 @@ class Preprocessor(Protocol):
 
     def collate(self, samples: list[Tensor]) -> tuple[Tensor, Tensor | None]: ...
 
+    def example(self) -> Any:
+        """A raw item this preprocessor turns into a valid input (a blank image, a second of
+        silence, a word): what a tower runs on when a sharded step needs it to run without data."""
+
 
 PREPROCESSORS: dict[Modality, type] = {
     Modality.TEXT: TextPreprocessor,

@@ -211,6 +211,10 @@ class AudioPreprocessor:
             out[:k] = feats[-k:]
         return out
 
+    def example(self) -> Any:
+        """A second of silence (see `Preprocessor.example`)."""
+        return torch.zeros(self.sample_rate), self.sample_rate
+
     def __call__(self, item: Any) -> Tensor:
         """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""
         wave = self.waveform(item)  # (T,) at self.sample_rate, T <= max_samples

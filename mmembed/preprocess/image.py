@@ -159,6 +159,12 @@ class ImagePreprocessor:
         rgb = F.adjust_saturation(F.adjust_contrast(rgb, max(contrast, 0.0)), max(saturation, 0.0))
         return rgb.sub_(self._mean).div_(self._std)
 
+    def example(self) -> Any:
+        """A blank image (see `Preprocessor.example`)."""
+        from PIL import Image
+
+        return Image.new("RGB", (self.size, self.size))
+
     def __call__(self, item: Any) -> Tensor:
         """One raw image → (3, size, size) float32. Raises BadInput with the reason."""
         chw = load_image(item, limits=self.limits, background=self.background)  # (3, H, W)

@@ -70,6 +70,10 @@ class TextPreprocessor:
         self.add_bos, self.add_eos = add_bos, add_eos
         self.train = train
 
+    def example(self) -> Any:
+        """A word (see `Preprocessor.example`)."""
+        return "a"
+
     def __call__(self, item: Any) -> Tensor:
         """One caption → (T,) int64 ids. Raises BadInput for empty, non-text or invalid UTF-8."""
         text = _as_text(item).strip()

@@ -11,6 +11,7 @@ and saves the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -34,7 +35,7 @@ from mmembed.space import SharedSpace
 from mmembed.train.captioning import CAPTION, Captioner, caption_losses, caption_objective
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
-from mmembed.train.distributed import (Forward, as_output, barrier, current_world, main_first, parallelize,
+from mmembed.train.distributed import (Forward, any_rank, as_output, barrier, current_world, main_first, parallelize,
                                        resolve_device, seed_ranks)
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
@@ -50,10 +51,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def space_forward(space: SharedSpace, inputs, masks, present, with_bias: bool = False):
+def space_forward(space: SharedSpace, inputs, masks, present, with_bias: bool = False, fill=None):
     """The align stage's forward as one module call (what DDP wraps): the embeddings, and the
-    logit scale and bias the loss reads — outputs, so DDP sees every parameter the loss uses."""
-    return space(inputs, masks, present), space.logit_scale, as_output(space.logit_bias) if with_bias else None
+    logit scale and bias the loss reads — outputs, so DDP sees every parameter the loss uses.
+
+    `fill` (sharded, FSDP): modality → a one-row input (x, mask), in the order every process runs
+    the towers. Running a sharded block is a collective, so every process runs the towers of the
+    modalities any process has, in that order; where this batch lacks one, its tower runs on the
+    row, joined to the (all-zero, absent) embeddings with weight 0 so that its backward runs too.
+    A modality no process has runs nowhere (its weights get no gradient, as on one process)."""
+    if fill is None:
+        emb = space(inputs, masks, present)
+    else:
+        emb = {}
+        for (m, (x, mask)), anywhere in zip(fill.items(), any_rank([m in inputs for m in fill])):
+            if m in inputs:
+                emb.update(space({m: inputs[m]}, masks, {m: present[m]}))
+            elif anywhere:
+                z = space.encode(m, x, mask)  # (1, D)
+                emb[m] = z.new_zeros(len(present[m]), z.shape[1]) + 0.0 * z.sum()
+    return emb, space.logit_scale, as_output(space.logit_bias) if with_bias else None
 
 
 class WithCaptioner(torch.nn.Module):
@@ -64,10 +81,17 @@ class WithCaptioner(torch.nn.Module):
         self.space, self.captioner = space, captioner
 
 
-def captioned_forward(net: WithCaptioner, inputs, masks, present, with_bias: bool = False):
-    """`space_forward`, plus each modality's captioning loss, inside the one module call DDP wraps."""
-    emb, scale, bias = space_forward(net.space, inputs, masks, present, with_bias)
-    return emb, scale, bias, caption_losses(net.captioner, emb, present, inputs.get(CAPTION), masks.get(CAPTION))
+def captioned_forward(net: WithCaptioner, inputs, masks, present, with_bias: bool = False, fill=None):
+    """`space_forward`, plus each modality's captioning loss, inside the one module call DDP wraps
+    (sharded, the captioner too runs for every modality of `fill`, in its order)."""
+    emb, scale, bias = space_forward(net.space, inputs, masks, present, with_bias, fill)
+    every = None
+    if fill is not None:  # the modalities with captioned rows on any process
+        has = present.get(CAPTION)
+        here = [has is not None and m in emb and bool((present[m] & has).any()) for m in fill]
+        every = [m for m, anywhere in zip(fill, any_rank(here)) if anywhere]
+    return emb, scale, bias, caption_losses(net.captioner, emb, present, inputs.get(CAPTION), masks.get(CAPTION),
+                                            every)
 
 
 def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
@@ -193,6 +217,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     trained = _with_captioner(cfg, space, tokenizer, device)
     forward = captioned_forward if trained is not space else space_forward
+    if cfg.train.fsdp and world.active:  # every process runs every tower, data or not (`space_forward`)
+        forward = functools.partial(forward, fill=_one_row_inputs(cfg, tokenizer, active, device))
     net = parallelize(trained, forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
     seed_ranks(cfg.train.seed)
     monitor = CollapseMonitor(stop_after=cfg.train.collapse_steps, lr=cfg.train.lr, warmup=cfg.train.warmup_steps)
@@ -240,6 +266,16 @@ def _with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.de
     except (TypeError, ValueError) as e:
         raise UserError(f"loss.captioner: {e}") from None
     return WithCaptioner(space, captioner.to(device))
+
+
+def _one_row_inputs(cfg: Config, tokenizer, active: list[Modality], device: torch.device) -> dict:
+    """Each trained modality's one-row input (x, mask) from its preprocessor's example item."""
+    fill = {}
+    for m in active:
+        pre = build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer)
+        x, mask = pre.collate([pre(pre.example())])
+        fill[m] = (x.to(device), None if mask is None else mask.to(device))
+    return fill
 
 
 def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:

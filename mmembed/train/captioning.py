@@ -77,7 +77,8 @@ class CaptionLoss:
 
 
 def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: dict[Modality, Tensor],
-                   ids: Tensor | None, mask: Tensor | None) -> dict[Modality, CaptionLoss]:
+                   ids: Tensor | None, mask: Tensor | None,
+                   every: list[Modality] | None = None) -> dict[Modality, CaptionLoss]:
     """The captioning loss of each modality's vectors, over the rows that have a caption.
 
     Args:
@@ -85,17 +86,20 @@ def caption_losses(captioner: Captioner, emb: dict[Modality, Tensor], present: d
             modality, `~present[m]`, hold zeros and are not scored).
         ids, mask: (n_text, T) the captions of the rows where `present[CAPTION]`; None (and
             no loss) when the batch has no caption modality.
+        every: sharded (FSDP), the modalities the captioner runs for on every process, in this
+            order (running it is a collective): one without captioned rows here gets a zero-weight
+            loss over 0 tokens. None: only the modalities with captioned rows.
     """
     out: dict[Modality, CaptionLoss] = {}
-    if CAPTION not in present:
-        return out
-    has_caption = present[CAPTION]
-    for m, z in emb.items():
-        both = present[m] & has_caption  # (B,)
-        if not bool(both.any()):
-            continue
-        rows_t = both[has_caption]  # which captions belong to those rows
-        out[m] = captioner.written(z[both], ids[rows_t], mask[rows_t])
+    has_caption = present.get(CAPTION)
+    for m in every if every is not None else list(emb):
+        both = present[m] & has_caption if has_caption is not None else None  # (B,)
+        if both is not None and bool(both.any()):
+            rows_t = both[has_caption]  # which captions belong to those rows
+            out[m] = captioner.written(emb[m][both], ids[rows_t], mask[rows_t])
+        elif every is not None:
+            idle = torch.zeros(1, 2, dtype=torch.long, device=emb[m].device)
+            out[m] = CaptionLoss(captioner.written(emb[m][:1], idle, idle >= 0).sum * 0.0, 0)
     return out
 
 

@@ -240,6 +240,11 @@ def all_reduce_values(values: list[float], op: str = "mean") -> list[float]:
     return t.tolist()
 
 
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Element-wise: whether each flag holds on any rank (every rank gets the same answer)."""
+    return [v > 0 for v in all_reduce_values([float(f) for f in flags], "max")]
+
+
 def gather(x: Tensor) -> Tensor:
     """Every rank's `x` (equal shapes), concatenated along dim 0, without gradient."""
     world = current_world()

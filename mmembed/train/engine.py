@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from mmembed.config import TrainConfig
 from mmembed.errors import CheckpointError, ConfigError, UserError
-from mmembed.train.distributed import (all_gather_objects, all_reduce_values, barrier, broadcast_object, current_world,
-                                       no_sync)
+from mmembed.train.distributed import (all_gather_objects, all_reduce_values, any_rank, barrier, broadcast_object,
+                                       current_world, no_sync)
 from mmembed.train.fsdp import sharded_of
 from mmembed.train.optim import build_optimizer, lr_at, set_lr
 from mmembed.train.metrics import StepOutput, better, lower_is_better, metric_sums
@@ -434,7 +434,7 @@ class Trainer:
 
     def _agree_any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (every rank gets the same answer)."""
-        return bool(all_reduce_values([float(flag)], "max")[0]) if self.world.active else flag
+        return any_rank([flag])[0]
 
 
 def _rows(batch: Any) -> int:

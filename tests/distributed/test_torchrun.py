@@ -165,3 +165,35 @@ def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path, fsdp):
     assert any("val/answer_accuracy" in r for r in rows)
     out = mm.load(tmp_path / "run").generate(["Describe", mm.Image(first(tiny_world, "image"))], max_new_tokens=4)
     assert 1 <= len(out.token_ids) <= 4
+
+
+def test_a_sharded_run_whose_batches_lack_a_modality_trains_as_one_process(tiny_world, tmp_path):
+    """Under FSDP a process whose batch had no audio row skipped the audio tower while the other
+    ran it: running a sharded block is a collective, so both hung in mismatched collectives until
+    the timeout. Every process now runs every tower (and the captioner for every modality), a
+    lacking one on a blank example with weight 0: the losses are one process's."""
+    import yaml
+
+    rows = (tiny_world / "train.jsonl").read_text().splitlines()
+    sparse = [json.loads(line) for line in rows]
+    for i, row in enumerate(sparse):
+        if i % 8:  # audio in 1 row of 8: most per-process batches of 8 have none
+            row.pop("audio", None)
+    (tmp_path / "world").mkdir()
+    for entry in tiny_world.iterdir():
+        (tmp_path / "world" / entry.name).symlink_to(entry)
+    (tmp_path / "world" / "train.jsonl").unlink()
+    (tmp_path / "world" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sparse))
+
+    def config(name, **train):
+        path = tiny_config(tmp_path / "world", tmp_path / name, _no_dropout(), epochs=1, **train)
+        raw = yaml.safe_load(path.read_text())
+        raw["loss"] = {"caption_weight": 1.0, "captioner": {"width": 16, "layers": 1, "heads": 2, "soft_tokens": 2}}
+        raw["data"]["val"] = None
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    _run([sys.executable, "-m", "mmembed", "train", config("one", batch_size=16)])
+    _run(_torchrun(2, "train", config("two", batch_size=8, fsdp=True, dist_timeout_minutes=1.0)), timeout=240)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) >= 2 and b == pytest.approx(a, abs=1e-4)
