@@ -36,8 +36,9 @@ def run_train_queries(args: argparse.Namespace) -> int:
     from mmembed.model import load_space
     from mmembed.train.queries import save_query_tower, train_query_tower
 
-    if args.steps < 1 or args.episode_size < 2:
-        raise UserError(f"--steps must be >= 1 and --episode-size >= 2 (got {args.steps}, {args.episode_size})")
+    if args.steps < 1 or args.episode_size < 2 or args.seed < 0:
+        raise UserError(f"--steps must be >= 1, --episode-size >= 2 and --seed >= 0 "
+                        f"(got {args.steps}, {args.episode_size}, {args.seed})")
     model = load_space(args.run)
     if args.episodes:
         train = read_episodes(args.episodes)

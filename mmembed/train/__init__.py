@@ -31,11 +31,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.model import CONFIG
     from mmembed.train.decoder import train_decoder
     from mmembed.train.distributed import barrier, current_world
-    from mmembed.train.run_dir import lock_run
+    from mmembed.train.run_dir import lock_run, read_paths
     from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
 
     run_dir = Path(config.train.out_dir)
-    with lock_run(run_dir, resume=resume, overwrite=overwrite):
+    with lock_run(run_dir, resume=resume, overwrite=overwrite, keep=read_paths(config)):
         if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
             remove_partial_checkpoints(run_dir / DECODER_DIR)
         barrier()

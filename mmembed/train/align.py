@@ -39,7 +39,7 @@ from mmembed.train.distributed import (Forward, any_rank, as_output, barrier, cu
                                        resolve_device, seed_ranks)
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
-from mmembed.train.run_dir import lock_run
+from mmembed.train.run_dir import lock_run, read_paths
 from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     `config.yaml` records.
     """
     run_dir = Path(config.train.out_dir)
-    with lock_run(run_dir, resume=resume, overwrite=overwrite):
+    with lock_run(run_dir, resume=resume, overwrite=overwrite, keep=read_paths(config)):
         if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
             remove_partial_checkpoints(run_dir)
         barrier()

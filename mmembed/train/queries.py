@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,8 @@ def asked_ranks(encode: Any, episodes: Sequence[Episode],
             items = torch.stack([table[i] for i in ep.items])  # (M, D)
             s = encode([text for text, _ in ep.questions]) @ items.T  # (Q, M)
             target = s.gather(1, torch.tensor([i for _, i in ep.questions])[:, None])  # (Q, 1)
-            ranks.append((s >= target).sum(1) - 1)
+            rank = (s >= target).sum(1) - 1  # (Q,)
+            ranks.append(rank.masked_fill(target[:, 0].isnan(), items.shape[0] - 1))  # a NaN score is last
             scores.append(target[:, 0])
     return torch.cat(ranks), torch.cat(scores)
 
@@ -99,7 +101,7 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
     """Train `model.query_tower` (started from a copy of its text tower) on `train`; recall on `val`."""
     if Modality.TEXT not in model.modalities:
         raise UserError("a query tower starts from the text tower, and this model has none")
-    if steps < 1 or episodes_per_step < 1 or not lr > 0:
+    if steps < 1 or episodes_per_step < 1 or not 0 < lr < math.inf:
         raise UserError(f"steps and episodes_per_step must be >= 1 and lr > 0 (got {steps}, {episodes_per_step}, {lr})")
     if not train or not val:
         raise UserError("a query tower needs training and validation episodes")
@@ -133,6 +135,9 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
         sched.step()
         if (step + 1) % 250 == 0:
             log.info("query tower step %d/%d: loss %.3f", step + 1, steps, loss.item() / episodes_per_step)
+    if not all(torch.isfinite(p).all() for p in tower.parameters()):  # keep the run's tower as it was
+        raise UserError(f"query tower training diverged (non-finite weights after {steps} steps at lr {lr}): "
+                        "lower --lr; nothing was saved")
     model.query_tower = tower.eval()
     ranks, scores = asked_ranks(model.embed_query, val, table)
     model.query_threshold = float(torch.quantile(scores, THRESHOLD_QUANTILE))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mmembed.errors import UserError
 
@@ -23,12 +24,16 @@ LOCK = ".lock"
 _held: dict[Path, int] = {}  # lock path → nesting depth in this process (stages nest: train → align)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:
     """Make `run_dir` ready for a fresh run (or check it for a resumed one).
+
+    Args:
+        keep: what the run reads (its data root, a run it starts from): `overwrite` refuses a
+            folder that is or holds one of them.
 
     Raises:
         UserError: a fresh run into a non-empty folder without `overwrite`; `overwrite` on a
-        folder that contains the working directory.
+        folder that contains the working directory or a `keep` path.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -43,20 +48,25 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                         "or choose another train.out_dir")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise UserError(f"--overwrite would delete {run_dir}, which contains the working directory")
+    for path in keep:
+        if Path(path).resolve().is_relative_to(run_dir.resolve()):
+            raise UserError(f"--overwrite would delete {run_dir}, which holds {path} that this run reads: "
+                            "choose another train.out_dir")
     with run_lock(run_dir):  # never delete a folder another trainer is using
         for entry in run_dir.iterdir():
             if entry.name != LOCK:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
-def lock_run(run_dir: Path, *, resume: bool, overwrite: bool) -> contextlib.AbstractContextManager:
+def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
+             keep: Sequence[str | Path] = ()) -> contextlib.AbstractContextManager:
     """Rank 0 readies the run folder (`prepare_run_dir`) while the other ranks wait; returns the
     context manager that holds its lock (`run_lock` on rank 0, nothing on the others)."""
     from mmembed.train.distributed import barrier, current_world
 
     world = current_world()
     if world.main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, keep=keep)
     barrier()
     return run_lock(run_dir) if world.main else contextlib.nullcontext()
 
@@ -101,3 +111,9 @@ def _acquire(fd: int, path: Path) -> None:
         holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
         raise UserError(f"{path.parent} is in use by a trainer (pid {holder}); wait for it to finish, "
                         "or train into another train.out_dir") from None
+
+
+def read_paths(config: Any) -> list[str]:
+    """What a training run reads and an --overwrite of its folder must not delete: the data root,
+    and the run it starts its space from."""
+    return [p for p in (config.data.root, config.model.init_from) if p]

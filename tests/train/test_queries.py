@@ -150,6 +150,12 @@ def test_cli_trains_on_the_runs_world_and_reports_recall(tiny_world, tmp_path, c
     assert main(["train-queries", str(tmp_path / "run"), "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1
+    before = (tmp_path / "run" / QUERY_WEIGHTS).read_bytes()
+    for lr in ("inf", "1e6"):  # inf, or a rate that diverges: NaN weights were saved over the good tower
+        assert main(["train-queries", str(tmp_path / "run"), "--steps", "3", "--episode-size", "8", "--lr", lr]) == 2
+        err = capsys.readouterr().err
+        assert ("lr > 0" in err or "diverged" in err) and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "run" / QUERY_WEIGHTS).read_bytes() == before
     # one episode: nothing left to validate on but the training episode itself (it validated on it)
     one = {"items": [{"image": "a.png"}, {"audio": "b.wav"}], "questions": [{"text": "the red one?", "item": 1}]}
     (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n")

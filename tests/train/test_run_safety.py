@@ -36,6 +36,20 @@ def test_fresh_run_refuses_a_folder_holding_an_older_run_and_overwrite_starts_cl
     assert main(["train", str(run.parent / "run.yaml")]) == 2  # the CLI says it in one line too
 
 
+
+@pytest.mark.parametrize("out_dir", ["world", "."])  # the data root itself, and the folder holding it
+def test_overwrite_refuses_a_folder_that_holds_the_training_data(tmp_path, out_dir):
+    """--overwrite with train.out_dir at (or above) data.root deleted the world, then failed for
+    want of its manifest."""
+    from mmembed.train.run_dir import prepare_run_dir
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "train.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="holds .*world that this run reads: choose another train.out_dir"):
+        prepare_run_dir(tmp_path / out_dir, resume=False, overwrite=True, keep=[world])
+    assert (world / "train.jsonl").is_file()
+
 def test_a_second_trainer_on_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stale(tiny_world, tmp_path):
     run = tmp_path / "run"
     holder = lock_holder(run)
