@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -278,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmembed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to tell it, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 1
+    except OSError as e:  # a path the command cannot write or read (a file where a folder goes, ...)
+        logging.getLogger(__name__).debug("the failure", exc_info=True)  # the traceback, with --verbose
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mmembed: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 # --- handlers: parse → one library call → print -------------------------------------------

@@ -99,3 +99,17 @@ def test_overrides_may_follow_options_and_unknown_arguments_are_still_refused():
         _parse(build_parser(), ["train", "demo", "--resume", "--bogus"])
     with pytest.raises(UserError, match="unrecognized arguments: stray"):
         _parse(build_parser(), ["index", "run", "--manifest", "m", "--out", "o", "stray"])
+
+
+def test_an_os_error_at_any_path_is_one_line_and_a_closed_pipe_is_quiet(capsys, tmp_path):
+    """A path the command cannot use that no early check caught (the world's folder under a file)
+    was an OSError traceback; a reader that closed the pipe (`| head`) gave a BrokenPipeError one."""
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "synth", "--n", "4", "--out", str(tmp_path / "file" / "world")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mmembed: error: ") and "Not a directory" in err and len(err.strip().splitlines()) == 1
+    reader = subprocess.Popen([sys.executable, "-m", "mmembed", "data", "synth", "--n", "4", "--image-size", "16",
+                               "--out", str(tmp_path / "w")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # nobody reads what it prints
+    _, err = reader.communicate(timeout=180)
+    assert "Traceback" not in err.decode() and reader.returncode in (0, 1)

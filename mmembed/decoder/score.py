@@ -85,11 +85,14 @@ def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
     return [logp[i, torch.arange(len(a)), torch.tensor(a, dtype=torch.long)].tolist() for i, a in enumerate(answers)]
 
 
+MAX_COPIES = 1024  # copies of one prompt in a batch (best_of, a temperature sweep's samples): 2e9 exhausted memory
+
+
 def check_best_of(best_of: int, weight: float, sampling: Sampling) -> None:
     """ValueError for a best_of that is not a positive integer, a weight that is not a finite number
     >= 0, or several candidates asked of greedy decoding (they would all be the same)."""
-    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
-        raise ValueError(f"best_of must be an integer >= 1, got {best_of!r}")
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_COPIES:
+        raise ValueError(f"best_of must be an integer in [1, {MAX_COPIES}], got {best_of!r}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
     if best_of > 1 and sampling.greedy:

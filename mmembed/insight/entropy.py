@@ -26,7 +26,7 @@ from torch import Tensor
 from mmembed.decoder.generate import Generation, Stops, generate
 from mmembed.decoder.prompt import Resolved
 from mmembed.decoder.sampling import Sampling
-from mmembed.decoder.score import teacher_forced_logits
+from mmembed.decoder.score import MAX_COPIES, teacher_forced_logits
 from mmembed.insight.plotting import pyplot, save_png, token_labels
 
 if TYPE_CHECKING:
@@ -118,8 +118,8 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
         One `SweepRow` per temperature, in the order given. Raises ValueError for a bad
         temperature, top_k, top_p or max_new_tokens, or samples < 1.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_COPIES:
+        raise ValueError(f"samples must be an integer in [1, {MAX_COPIES}], got {samples!r}")
     settings = [Sampling(t, top_k, top_p) for t in temperatures]  # validate them all before any work
     rows = []
     for sampling in settings:

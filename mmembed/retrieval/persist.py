@@ -84,14 +84,16 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
 
 
 def check_target(target: str | Path) -> None:
-    """UserError unless an index can be saved as `target`: every existing folder above it is a
-    folder (checked before any work, so a mistyped --out costs no embedding)."""
+    """UserError unless an index can be saved as `target`: it is absent, an index or an empty
+    folder, and every existing folder above it is a folder (checked before any work, so a
+    mistyped --out costs no embedding)."""
     target = Path(target).resolve()
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
-            return
+            break
+    _check_replaceable(target)
 
 
 def read_index(directory: str | Path) -> SavedIndex:

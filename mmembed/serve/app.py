@@ -115,8 +115,8 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(128)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, UnicodeError) as e:  # UnicodeError: a name IDNA cannot encode ("a..b", a 64-letter label)
+        raise UserError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     sock.setblocking(False)
     return sock
 

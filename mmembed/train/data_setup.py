@@ -20,6 +20,11 @@ def prepare_data(data: DataConfig) -> Path:
 
         s = data.synth
         generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout)
+    from mmembed.data.synth.generate import INCOMPLETE
+
+    if (root / INCOMPLETE).is_file():  # its manifests name media never rendered: training would skip them
+        raise UserError(f"{root} holds a synthetic world whose generation was interrupted ({INCOMPLETE}): "
+                        f"make it again with `mmembed data synth --out {root} --overwrite` (or set data.synth)")
     if not (root / data.train).is_file():
         raise UserError(f"training manifest not found: {root / data.train} "
                         "(set data.root/data.train, or data.synth to generate the built-in world)")

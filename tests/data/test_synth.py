@@ -383,3 +383,19 @@ def test_image_size_and_sample_rate_are_honoured(tmp_path):
             assert im.size == (96, 96)
         wave, sr = sf.read(str(summary.root / r["audio"]))
         assert sr == 22050 and [_decode_event(wave, s, sr) for s in _events(wave)] == r["objects"]
+
+
+def test_training_refuses_a_world_whose_generation_was_interrupted(tmp_path):
+    """A Ctrl-C mid-render left manifests naming media never written, and `train` ran on them with
+    a warning that it skipped most rows."""
+    from mmembed.config import DataConfig
+    from mmembed.errors import UserError
+    from mmembed.train.data_setup import prepare_data
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "train.jsonl").write_text('{"image": "images/s0.png", "text": "a red star"}\n')
+    (tmp_path / "w" / ".synth-incomplete").write_text("{}")
+    with pytest.raises(UserError, match=r"generation was interrupted \(\.synth-incomplete\).*--overwrite"):
+        prepare_data(DataConfig(root=str(tmp_path / "w")))
+    (tmp_path / "w" / ".synth-incomplete").unlink()
+    assert prepare_data(DataConfig(root=str(tmp_path / "w"))) == tmp_path / "w"

@@ -109,9 +109,10 @@ def test_a_seeded_batch_of_more_than_64_prompts_draws_on_one_stream(model):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"best_of": 0, "temperature": 1.0}, "best_of must be an integer >= 1"),
-    ({"best_of": 2.5, "temperature": 1.0}, "best_of must be an integer >= 1"),
-    ({"best_of": True, "temperature": 1.0}, "best_of must be an integer >= 1"),
+    ({"best_of": 0, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
+    ({"best_of": 2.5, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
+    ({"best_of": True, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
+    ({"best_of": 2_000_000_000, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),  # exhausted memory
     ({"best_of": 4}, "give a temperature > 0"),
     ({"best_of": 4, "temperature": 1.0, "rerank_weight": -1.0}, "rerank_weight must be a finite number >= 0"),
     ({"best_of": 4, "temperature": 1.0, "rerank_weight": math.nan}, "rerank_weight must be a finite number >= 0"),

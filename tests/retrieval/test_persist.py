@@ -225,3 +225,22 @@ def test_a_header_with_a_wrong_field_type_is_one_clear_error(tmp_path, capsys, f
     assert main(["search", str(tmp_path / "ix"), "--text", "a red star"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmembed: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_text("x"),
+                                  lambda p: (p.mkdir(), (p / "keep.txt").write_text("mine"))])
+def test_an_index_target_that_cannot_be_replaced_is_refused_before_any_work(tmp_path, make):
+    """`check_target` ran before `mmembed index` embeds: it checked only the folders above the
+    target, so a file, or a folder of other files, was refused after the whole manifest was embedded."""
+    from mmembed.retrieval.persist import check_target
+
+    make(tmp_path / "out")
+    with pytest.raises(UserError, match="cannot save an index (as|into) .*out"):
+        check_target(tmp_path / "out")
+    ix = Index(4)
+    ix.add(torch.nn.functional.normalize(torch.randn(2, 4), dim=-1), "image")
+    check_target(tmp_path / "fresh")  # absent, an empty folder, an index: fine
+    (tmp_path / "empty").mkdir()
+    check_target(tmp_path / "empty")
+    ix.save(tmp_path / "ix")
+    check_target(tmp_path / "ix")

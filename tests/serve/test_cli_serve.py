@@ -69,6 +69,15 @@ def test_a_busy_port_is_one_line(run_dir, capsys):
     assert err.startswith(f"mmembed: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
 
 
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example"])  # names IDNA cannot encode: a UnicodeError
+def test_a_malformed_host_name_is_one_line(host):
+    from mmembed.errors import UserError
+    from mmembed.serve.app import bind
+
+    with pytest.raises(UserError, match=f"cannot listen on {host}:0"):
+        bind(host, 0)
+
 def test_a_port_out_of_range_is_one_line(run_dir, capsys):
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2  # a socket would take it as 70000 % 65536
     assert "'70000' is not a port (0-65535" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from mmembed.data.synth.world import (
 from mmembed.errors import UserError
 
 log = logging.getLogger(__name__)
+INCOMPLETE = ".synth-incomplete"  # in a world folder while it is being made (and after an interrupted run)
 
 T = TypeVar("T")
 CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
@@ -300,7 +301,7 @@ def generate_world(
     if not overwrite and (world := _existing(root, params)) is not None:
         log.info("reusing the synthetic world in %s (same parameters)", root)
         return _summary(root, world, reused=True)
-    marker = root / ".synth-incomplete"
+    marker = root / INCOMPLETE
     ours = _made_here(root) or marker.is_file()
     if root.exists() and not root.is_dir():
         raise UserError(f"{root} is a file; generate_world needs a folder")
