@@ -56,7 +56,10 @@ def create_open_clip_model(
     """
     import open_clip  # deferred: importing it costs seconds, and most configs never use it
 
-    cfg = open_clip.get_model_config(name)
+    try:
+        cfg = open_clip.get_model_config(name)
+    except OSError as e:  # a local-dir: or hf-hub: name whose open_clip_config.json cannot be read
+        raise ValueError(f"unknown open_clip architecture {name!r} ({e})") from None
     if cfg is None:
         raise ValueError(f"unknown open_clip architecture {name!r} (valid: {', '.join(open_clip.list_models())})")
     path, tag = _resolve_pretrained(name, pretrained)

@@ -48,19 +48,34 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
     activation = cfg.get("activation_function", "gelu_new")
     if activation not in _ACTIVATIONS:
         raise UserError(f"{path}: activation {activation!r} not supported (valid: {', '.join(_ACTIVATIONS)})")
-    width = int(cfg.get("n_embd", 768))
+    sizes = {}
+    for key, default in (("vocab_size", 50257), ("n_embd", 768), ("n_layer", 12), ("n_head", 12),
+                         ("n_positions", 1024), ("n_inner", None)):
+        value = cfg.get(key, default)
+        if value is None and key == "n_inner":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+        sizes[key] = value
+    width, heads = sizes["n_embd"], sizes["n_head"]
+    if width % heads:
+        raise CheckpointError(f"{path}: n_embd {width} is not a multiple of n_head {heads}")
+    try:
+        eps = float(cfg.get("layer_norm_epsilon", 1e-5))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: layer_norm_epsilon must be a number, got {cfg['layer_norm_epsilon']!r}") from None
     return {
-        "vocab_size": int(cfg.get("vocab_size", 50257)),
+        "vocab_size": sizes["vocab_size"],
         "width": width,
-        "layers": int(cfg.get("n_layer", 12)),
-        "heads": int(cfg.get("n_head", 12)),
-        "mlp_ratio": (cfg.get("n_inner") or 4 * width) / width,
-        "max_len": int(cfg.get("n_positions", 1024)),
+        "layers": sizes["n_layer"],
+        "heads": heads,
+        "mlp_ratio": sizes.get("n_inner", 4 * width) / width,
+        "max_len": sizes["n_positions"],
         "positional": "learned",
         "bias": True,
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
         "activation": _ACTIVATIONS[activation],
-        "norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5)),
+        "norm_eps": eps,
     }
 
 
@@ -82,9 +97,14 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     if not folder.is_dir():
         raise UserError(f"GPT-2 folder not found: {folder}")
     decoder = Decoder(**gpt2_architecture(folder), dropout=dropout, window=window, conv_kernel=conv_kernel)
-    state = _to_ours(_read_weights(folder), decoder.layers)
+    state = _to_ours(_read_weights(folder), decoder.layers, folder)
     own = decoder.state_dict()
     tied = decoder.lm_head.weight is decoder.token_embedding.weight
+    if tied and "lm_head.weight" in state and "token_embedding.weight" in state:
+        # one tensor here: the file's head must be its embedding (transformers keeps wte then)
+        if not torch.equal(state.pop("lm_head.weight"), state["token_embedding.weight"]):
+            raise CheckpointError(f"{folder}: config.json ties the embeddings (tie_word_embeddings) but the file's "
+                                  "lm_head.weight differs from its wte.weight")
     # short convolutions are ours, not GPT-2's: they stay at zero
     required = [k for k in own if not (tied and k == "lm_head.weight") and ".conv." not in k]
     missing = [k for k in required if k not in state]
@@ -100,9 +120,14 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            return load_torch_weights(folder / name)
-        if (folder / f"{name}.index.json").is_file():
-            return _read_shards(folder / f"{name}.index.json")
+            state = load_torch_weights(folder / name)
+        elif (folder / f"{name}.index.json").is_file():
+            state = _read_shards(folder / f"{name}.index.json")
+        else:
+            continue
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise CheckpointError(f"{folder / name}: not a state dict of tensors (found {type(state).__name__})")
+        return state
     raise UserError(f"no model.safetensors or pytorch_model.bin (or their shard index) in {folder}")
 
 
@@ -131,8 +156,9 @@ _BLOCK = {
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def _to_ours(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """Rename (and transpose Conv1D weights) from transformers' GPT-2 names to ours."""
+def _to_ours(state: dict[str, torch.Tensor], layers: int, folder: Path) -> dict[str, torch.Tensor]:
+    """Rename (and transpose Conv1D weights) from transformers' GPT-2 names to ours; a block past
+    config.json's n_layer is an error (it was dropped without a word)."""
     out = {}
     for name, t in state.items():
         key = name.removeprefix("transformer.")
@@ -146,8 +172,10 @@ def _to_ours(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Ten
             out[key] = t
         elif m := re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", key):
             i, module, kind = int(m.group(1)), m.group(2), m.group(3)
-            if module not in _BLOCK or i >= layers:
+            if module not in _BLOCK:
                 continue  # attn.bias / masked_bias: causal-mask buffers of old checkpoints
+            if i >= layers:
+                raise CheckpointError(f"{folder}: the weights hold block {i}, but config.json says n_layer {layers}")
             if module in _CONV1D and kind == "weight":
                 t = t.t().contiguous()
             out[f"transformer.blocks.{i}.{_BLOCK[module]}.{kind}"] = t

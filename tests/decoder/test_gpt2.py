@@ -92,6 +92,37 @@ def test_bad_folders_are_clear_errors(gpt2_folder, tmp_path):
         load_gpt2(tmp_path)
 
 
+
+@pytest.mark.parametrize("change, match", [
+    ({"n_layer": 1}, "hold block 1, but config.json says n_layer 1"),  # a block was dropped without a word
+    ({"n_embd": "big"}, "n_embd must be a positive integer, got 'big'"),  # was a ValueError traceback
+    ({"n_positions": None}, "n_positions must be a positive integer, got None"),  # was a TypeError
+    ({"n_head": 5}, "is not a multiple of n_head 5"),
+])
+def test_a_config_json_that_does_not_describe_the_weights_is_a_checkpoint_error(gpt2_folder, tmp_path, change, match):
+    cfg = json.loads((gpt2_folder / "config.json").read_text())
+    assert cfg["n_layer"] == 2
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    (tmp_path / "model.safetensors").write_bytes((gpt2_folder / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=match):
+        load_gpt2(tmp_path)
+
+
+def test_tied_embeddings_with_a_different_head_in_the_file_are_refused(gpt2_folder, tmp_path):
+    """One shared tensor took the file's lm_head.weight, overwriting its wte (transformers keeps wte)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(gpt2_folder / "model.safetensors"))
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0
+    (tmp_path / "config.json").write_text((gpt2_folder / "config.json").read_text())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from its wte.weight"):
+        load_gpt2(tmp_path)
+    torch.save([1, 2], tmp_path / "pytorch_model.bin")  # a pickle of a list, not of tensors
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not a state dict of tensors"):
+        load_gpt2(tmp_path)
+
 def test_rows_past_the_tokenizer_in_a_padded_table_are_never_written(tmp_path):
     """A GPT-2 whose table is padded past its tokenizer (nanoGPT's 50,304 rows for 50,257 tokens)
     sampled those rows: ids no tokenizer decodes, counted against max_new_tokens and in the log-probs."""

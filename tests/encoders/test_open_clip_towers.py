@@ -326,3 +326,11 @@ def test_grad_checkpointing_reaches_open_clip_towers(saved, kind):
     for a, b in zip(recomputed, plain):  # (the image tower's pooled path then runs its last block whole)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert len(recomputed) == len(plain) and kept_recomputed < 0.6 * kept_plain
+
+
+
+def test_a_local_dir_architecture_that_is_not_there_is_a_value_error(tmp_path):
+    """open_clip opens local-dir:/hf-hub: configs itself: a missing one was a FileNotFoundError
+    traceback through build_space, which turns ValueErrors into one config line."""
+    with pytest.raises(ValueError, match="unknown open_clip architecture 'local-dir:"):
+        build_encoder("open_clip_image", arch=f"local-dir:{tmp_path / 'nope'}")
