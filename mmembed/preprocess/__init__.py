@@ -44,8 +44,9 @@ class Preprocessor(Protocol):
     def collate(self, samples: list[Tensor]) -> tuple[Tensor, Tensor | None]: ...
 
     def example(self) -> Any:
-        """A raw item this preprocessor turns into a valid input (a blank image, a second of
-        silence, a word): what a tower runs on when a sharded step needs it to run without data."""
+        """A raw item this preprocessor turns into its largest input (a blank image, silence of
+        the longest clip, a caption of the most tokens): what training checks its tower accepts,
+        and what a tower runs on when a sharded step needs it to run without data."""
 
 
 PREPROCESSORS: dict[Modality, type] = {

@@ -212,8 +212,8 @@ class AudioPreprocessor:
         return out
 
     def example(self) -> Any:
-        """A second of silence (see `Preprocessor.example`)."""
-        return torch.zeros(self.sample_rate), self.sample_rate
+        """Silence of the longest clip (see `Preprocessor.example`)."""
+        return torch.zeros(self.max_samples), self.sample_rate
 
     def __call__(self, item: Any) -> Tensor:
         """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""

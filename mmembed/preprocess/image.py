@@ -160,7 +160,7 @@ class ImagePreprocessor:
         return rgb.sub_(self._mean).div_(self._std)
 
     def example(self) -> Any:
-        """A blank image (see `Preprocessor.example`)."""
+        """A blank image (see `Preprocessor.example`): every image becomes size × size."""
         from PIL import Image
 
         return Image.new("RGB", (self.size, self.size))

@@ -71,8 +71,8 @@ class TextPreprocessor:
         self.train = train
 
     def example(self) -> Any:
-        """A word (see `Preprocessor.example`)."""
-        return "a"
+        """A caption cut at `max_length` ids (see `Preprocessor.example`): a word is at least one token."""
+        return "a " * self.max_length
 
     def __call__(self, item: Any) -> Tensor:
         """One caption → (T,) int64 ids. Raises BadInput for empty, non-text or invalid UTF-8."""

@@ -25,7 +25,7 @@ from torch import Tensor
 from encoders.blocks import set_grad_checkpointing
 from mmembed.config import Config, save_config
 from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
-from mmembed.errors import UserError
+from mmembed.errors import ConfigError, UserError
 from mmembed.evaluate import pairwise_report
 from mmembed.losses import build_loss
 from mmembed.modality import Modality
@@ -212,13 +212,15 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
 
     loss_fn = build_loss(cfg.loss)
     active = trained_modalities(loss_fn, space)
+    largest = _one_row_inputs(cfg, tokenizer, active, device)
+    check_towers_accept(space, largest)
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     trained = _with_captioner(cfg, space, tokenizer, device)
     forward = captioned_forward if trained is not space else space_forward
     if cfg.train.fsdp and world.active:  # every process runs every tower, data or not (`space_forward`)
-        forward = functools.partial(forward, fill=_one_row_inputs(cfg, tokenizer, active, device))
+        forward = functools.partial(forward, fill=largest)
     net = parallelize(trained, forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
     seed_ranks(cfg.train.seed)
     monitor = CollapseMonitor(stop_after=cfg.train.collapse_steps, lr=cfg.train.lr, warmup=cfg.train.warmup_steps)
@@ -268,8 +270,27 @@ def _with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.de
     return WithCaptioner(space, captioner.to(device))
 
 
+def check_towers_accept(space: SharedSpace, largest: dict) -> None:
+    """ConfigError unless each tower takes its preprocessor's largest input: a text max_length past
+    the encoder's max_len, a longer clip or other mel bands than the audio encoder's, another
+    image size than the ViT's failed at the first long enough item, maybe hours in (or at serving)."""
+    modes = {module: module.training for module in space.modules()}
+    space.eval()  # no dropout draws (training's random stream stays as it was), no running statistics
+    try:
+        with torch.no_grad():
+            for m, (x, mask) in largest.items():
+                try:
+                    space.encode(m, x, mask)
+                except ValueError as e:
+                    raise ConfigError(f"model.towers.{m}: the encoder refuses the largest input its preprocess "
+                                      f"gives ({e}); make the preprocess and encoder_args sizes agree") from None
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
 def _one_row_inputs(cfg: Config, tokenizer, active: list[Modality], device: torch.device) -> dict:
-    """Each trained modality's one-row input (x, mask) from its preprocessor's example item."""
+    """Each trained modality's largest input (x, mask), one row, from its preprocessor's example."""
     fill = {}
     for m in active:
         pre = build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer)

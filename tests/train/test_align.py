@@ -366,3 +366,24 @@ def test_validation_keys_rows_as_mmembed_eval_does():
     assert keys[text] == keys[image] == ["line1", "line2", "line3", "line4"]
     _, keys = embed_dataset(space, [batch(["s1", "s1", "s3", "s2"])], torch.device("cpu"))
     assert keys[text] == ["s1", "s1", "s3", "s2"]
+
+
+@pytest.mark.parametrize("tower, key, value, match", [
+    ("text", "preprocess", {"max_length": 80}, "exceeds max_len"),
+    ("image", "preprocess", {"size": 40}, "expected 32x32 images"),
+])
+def test_a_preprocess_the_encoder_cannot_take_is_refused_before_training(tiny_world, tmp_path, tower, key, value,
+                                                                         match):
+    """The sizes were never compared: training ran until the first caption (or clip) longer than
+    the encoder takes, maybe hours in, and failed with a ValueError traceback."""
+    import copy
+
+    from mmembed.errors import ConfigError
+    from tests.conftest import TINY_MODEL
+
+    model = copy.deepcopy(TINY_MODEL)
+    model["towers"][tower][key] = {**model["towers"][tower].get(key, {}), **value}
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", model=model, epochs=1))
+    with pytest.raises(ConfigError, match=f"model.towers.{tower}: the encoder refuses the largest input .*{match}"):
+        train_align(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
