@@ -39,8 +39,8 @@ from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.train.distributed import (all_gather_objects, all_reduce_values, any_rank, barrier, broadcast_object,
                                        current_world, no_sync)
 from mmembed.train.fsdp import sharded_of
-from mmembed.train.optim import build_optimizer, lr_at, set_lr
-from mmembed.train.metrics import StepOutput, better, lower_is_better, metric_sums
+from mmembed.train.metrics import StepOutput, better, lower_is_better, step_totals
+from mmembed.train.optim import build_optimizer, hyperparameters, lr_at, restore_hyperparameters, set_lr
 from mmembed.train.run_log import MetricsLog, ProgressLine
 from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
                                  prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
@@ -262,27 +262,15 @@ class Trainer:
         """One optimizer step from accumulated gradients; False when the step was skipped."""
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
-        weighted = accum[0].weight is not None  # one step_fn: every micro-batch alike
-        loss_sum = sum(float(o.loss.detach()) * (o.weight if weighted else 1.0) for o in accum)
-        weight = sum(o.weight for o in accum) if weighted else float(len(accum))
-        learned = float(any(o.learned for o in accum))
-        sums, counts = metric_sums(accum)
-        samples = sum(o.samples for o in accum)
-        if self.world.active:  # the global batch's values, identical on every rank
-            keys = sorted(sums)  # the same on every rank (`StepOutput.metrics`)
-            loss_sum, weight, learned, samples_sum, *values = all_reduce_values(
-                [loss_sum, weight, learned, samples, *(sums[k] for k in keys), *(counts[k] for k in keys)])
-            samples = round(samples_sum * self.world.size)
-            sums, counts = dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
-        if not learned or not weight:  # no micro-batch of any rank had anything to learn from
+        totals = step_totals(accum)
+        if not totals.learned:  # no micro-batch of any rank had anything to learn from
             self.optimizer.zero_grad(set_to_none=True)
             p.empty_batches += len(accum)
             return False
-        loss = loss_sum / weight  # weights are rank means (all_reduce_values): the ratio is global
-        metrics = {k: sums[k] / counts[k] for k in sums if counts[k]}
+        loss, metrics, samples = totals.loss, totals.metrics, totals.samples
         grads = [q.grad for q in params if q.grad is not None]
-        if weighted:  # sums went back: the mean over every unit (DDP has averaged the ranks' sums)
-            torch._foreach_mul_(grads, 1.0 / weight)
+        if totals.grad_scale != 1.0:  # sums went back: the mean over every unit (DDP averaged the ranks' sums)
+            torch._foreach_mul_(grads, totals.grad_scale)
         if self.sharded is not None:  # norms of shards, summed over the ranks
             grad_norm = self.sharded.clip_grads(params, cfg.grad_clip or None)
         elif cfg.grad_clip:
@@ -406,16 +394,10 @@ class Trainer:
         if ckpt is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints (start the run "
                             "without --resume, with --overwrite if the folder holds its first files)")
-        configured = [_hyper(g) for g in self.optimizer.param_groups]
+        configured = hyperparameters(self.optimizer)
         self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
                                         sharded=self.sharded)
-        # the checkpoint's groups came back with its weight decay and betas: this config's hold
-        # (the learning rate is set at every step)
-        for group, wanted in zip(self.optimizer.param_groups, configured):
-            if _hyper(group) != wanted:
-                log.info("resume: weight_decay %s, betas %s as configured (the checkpoint had %s, %s)",
-                         *wanted, *_hyper(group))
-                group["weight_decay"], group["betas"] = wanted
+        restore_hyperparameters(self.optimizer, configured)  # the config's, not the checkpoint's
         if self.stateful is not None and "stage" in self.progress.extra:
             self.stateful.load_state_dict(self.progress.extra["stage"])
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
@@ -443,8 +425,3 @@ def _rows(batch: Any) -> int:
         return len(batch)
     except TypeError:
         return 1
-
-
-def _hyper(group: dict) -> tuple[float, tuple[float, float]]:
-    """An optimizer group's weight decay and betas (JSON may have brought the betas back as a list)."""
-    return float(group["weight_decay"]), tuple(float(b) for b in group["betas"])

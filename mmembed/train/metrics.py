@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from mmembed.train.distributed import all_reduce_values, current_world
+
 
 @dataclass
 class StepOutput:
@@ -53,3 +55,34 @@ def metric_sums(outs: list[StepOutput]) -> tuple[dict[str, float], dict[str, int
             sums[key] = sums.get(key, 0.0) + (value if finite else 0.0)
             counts[key] = counts.get(key, 0) + finite
     return sums, counts
+
+
+@dataclass
+class StepTotals:
+    """One optimizer step's values over its micro-batches and every rank (the same on each)."""
+
+    loss: float  # the mean over micro-batches, or over their units (`StepOutput.weight`)
+    samples: int
+    metrics: dict[str, float]  # each value's mean over the micro-batches that measured it
+    learned: bool  # some micro-batch of some rank had something to learn from
+    grad_scale: float  # what the accumulated gradients are multiplied by: 1 / units when weighted
+
+
+def step_totals(accum: list[StepOutput]) -> StepTotals:
+    weighted = accum[0].weight is not None  # one step_fn: every micro-batch alike
+    loss_sum = sum(float(o.loss.detach()) * (o.weight if weighted else 1.0) for o in accum)
+    weight = sum(o.weight for o in accum) if weighted else float(len(accum))
+    learned = float(any(o.learned for o in accum))
+    sums, counts = metric_sums(accum)
+    samples = sum(o.samples for o in accum)
+    world = current_world()
+    if world.active:  # rank means (all_reduce_values): the ratios below are global
+        keys = sorted(sums)  # the same on every rank (`StepOutput.metrics`)
+        loss_sum, weight, learned, samples_sum, *values = all_reduce_values(
+            [loss_sum, weight, learned, samples, *(sums[k] for k in keys), *(counts[k] for k in keys)])
+        samples = round(samples_sum * world.size)
+        sums, counts = dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
+    return StepTotals(loss=loss_sum / weight if weight else math.nan, samples=samples,
+                      metrics={k: sums[k] / counts[k] for k in sums if counts[k]},
+                      learned=bool(learned) and weight > 0,
+                      grad_scale=1.0 / weight if weighted and weight else 1.0)

@@ -8,10 +8,13 @@ same split nanoGPT and open_clip make.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -60,3 +63,18 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[tuple[float, tuple[float, float]]]:
+    """Each group's weight decay and betas (JSON may have brought the betas back as a list)."""
+    return [(float(g["weight_decay"]), tuple(float(b) for b in g["betas"])) for g in optimizer.param_groups]
+
+
+def restore_hyperparameters(optimizer: torch.optim.Optimizer, wanted: list[tuple[float, tuple[float, float]]]) -> None:
+    """Set each group's weight decay and betas back to `wanted` (this run's config): a resumed
+    optimizer's groups come back as its checkpoint had them (the learning rate is set every step)."""
+    for group, have, (decay, betas) in zip(optimizer.param_groups, hyperparameters(optimizer), wanted):
+        if have != (decay, betas):
+            log.info("resume: weight_decay %s, betas %s as configured (the checkpoint had %s, %s)",
+                     decay, betas, *have)
+            group["weight_decay"], group["betas"] = decay, betas
