@@ -21,7 +21,7 @@ if not (run / "decoder.safetensors").is_file():
     print(f"{run} has no decoder: training a small run first")
     run = Path("runs/example-03")
     mm.train(mm.load_config("demo", [
-        "data.root=runs/example-03/world", "data.synth.n=2000", "data.synth.n_heldout=200",
+        "data.root=runs/example-03-world", "data.synth.n=2000", "data.synth.n_heldout=200",
         f"train.out_dir={run}", "train.epochs=6", "train.eval_every=1000", "decoder.train.max_steps=300",
     ]), overwrite=True)
 

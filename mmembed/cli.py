@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the command cannot write or read (a file where a folder goes, ...)
         logging.getLogger(__name__).debug("the failure", exc_info=True)  # the traceback, with --verbose
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mmembed: error: {where}{e.strerror or e}", file=sys.stderr)
+        # mkdir(parents=True) under a file says "File exists" (or "Not a directory"): say what is wrong
+        reason = ("a file stands where a folder must go" if isinstance(e, (FileExistsError, NotADirectoryError))
+                  else e.strerror or e)
+        print(f"mmembed: error: {where}{reason}", file=sys.stderr)
         return 1
 
 

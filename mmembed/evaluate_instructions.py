@@ -24,6 +24,7 @@ from mmembed.data.synth import TASKS, score
 from mmembed.data.synth.instructions import normalise
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
 from mmembed.errors import UserError
+from mmembed.retrieval.embed import outside_root_allowed
 
 OVERALL, UNTASKED = "(all tasks)", "(no task)"
 
@@ -56,7 +57,7 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     if getattr(model, "prompt_model", None) is None:
         raise UserError("this run has no decoder stage: train one (a `decoder:` section in the config) "
                         "to evaluate prompts")
-    instructions = read_instructions(manifest)
+    instructions = read_instructions(manifest, allow_outside_root=outside_root_allowed(model))
     rows = fitting(model, instructions.rows)
     if not rows:
         raise UserError(f"{manifest}: no row fits the decoder's context of {model.prompt_model.lm.decoder.max_len} "

@@ -68,7 +68,7 @@ def embed_manifest(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))
     wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
     out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
@@ -164,3 +164,10 @@ def _log_skipped(skipped: list[tuple[int, str, str]], path: Path) -> None:
         log.warning("%s:%d: skipped %s (%s)", path, line, what, reason)
     if len(skipped) > _WARN_FIRST:
         log.warning("%s: %d items skipped in all", path, len(skipped))
+
+
+def outside_root_allowed(model: Any) -> bool:
+    """The run's `data.allow_outside_root`: a manifest of absolute paths (or `..`) is read as its
+    training data was (False for a model without a config)."""
+    data = getattr(getattr(model, "config", None), "data", None)
+    return bool(getattr(data, "allow_outside_root", False))

@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
@@ -52,8 +53,11 @@ async def read_form(request: Request, limits: Limits) -> FormData:
     try:
         return await request.form(max_files=limits.max_files, max_fields=limits.max_fields,
                                   max_part_size=4 * limits.max_text_chars + 512)
-    except MultiPartException as e:
-        raise Refusal(400, f"bad form: {e.message}") from None
+    except (MultiPartException, HTTPException) as e:  # Starlette's form() turns the first into the second
+        message = str(getattr(e, "message", None) or getattr(e, "detail", e))
+        if "exceeded maximum size" in message:  # a field past max_part_size: a typed text far too long
+            raise Refusal(413, f"a text field is too long; at most {limits.max_text_chars:,} characters") from None
+        raise Refusal(400, f"bad form: {message}") from None
     except (AssertionError, ValueError, UnicodeError) as e:
         raise Refusal(400, f"bad form: {e}") from None
 

@@ -133,6 +133,7 @@ def test_media_are_served_from_the_index_only(client, tiny_world):
     ([("text", "x")], {"weights": "1,2"}, 400, "2 weights for 1 pieces"),
     ([("text", "x")], {"weights": "nan"}, 400, "weights must be finite"),
     ([("text", "x" * 2001)], {}, 413, "at most 2,000"),
+    ([("text", "x" * 9000)], {}, 413, "at most 2,000"),  # past the form's part limit: it was a 400
     ([("file", ("notes.png", b"<html><script>alert(1)</script></html>"))], {}, 415,
      "notes.png is not a file this server reads, whatever its name says"),
     ([("file", ("bomb.png", png_header(30000, 30000)))], {}, 400, "bomb.png (PNG) cannot be used: decompression bomb"),
