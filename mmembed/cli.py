@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmembed: error: {e}", file=sys.stderr)
         return 1
     except UserError as e:
-        print(f"mmembed: error: {e}", file=sys.stderr)
+        print(f"mmembed: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mmembed: interrupted", file=sys.stderr)
@@ -290,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
                   else e.strerror or e)
         print(f"mmembed: error: {where}{reason}", file=sys.stderr)
         return 1
+
+
+def _one_line(e: UserError) -> str:
+    """The error's message; raised in a DataLoader worker, torch re-raises it with the worker's
+    traceback as its text ("Caught BadInput in DataLoader worker process 0. Original Traceback
+    ..."), whose last line is the message."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.{type(e).__name__}: ") else last
 
 
 # --- handlers: parse → one library call → print -------------------------------------------

@@ -114,3 +114,26 @@ def test_an_os_error_at_any_path_is_one_line_and_a_closed_pipe_is_quiet(capsys, 
     reader.stdout.close()  # nobody reads what it prints
     _, err = reader.communicate(timeout=180)
     assert "Traceback" not in err.decode() and reader.returncode in (0, 1)
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_still_one_line(capsys):
+    """torch re-raises a worker's BadInput with the worker's traceback as its text: data.strict with
+    num_workers > 0 printed some 20 lines before the one that matters."""
+    from unittest import mock
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from mmembed.errors import BadInput
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise BadInput("train.jsonl:1: image: corrupt or truncated image")
+
+    def handler(args):
+        list(DataLoader(Bad(), num_workers=1))
+
+    with mock.patch("mmembed.cli._data", handler):
+        _one_line_error(capsys, ["data", "synth", "--out", "x"], "train.jsonl:1: image: corrupt or truncated image")

@@ -213,12 +213,15 @@ class ManifestDataset(Dataset):
             raise UserError("materialize() needs a dataset built with cache=True")
         todo = [i for i in range(len(self)) if i not in self.cache]
         if num_workers > 0 and todo:
-            loader = DataLoader(_Subset(self, todo), batch_size=chunk, num_workers=num_workers, collate_fn=_as_list)
+            # its own generator: a DataLoader without one draws its workers' base seed from the global
+            # random stream, which training (dropout) and a resumed run's restored state go on from
+            loader = DataLoader(_Subset(self, todo), batch_size=chunk, num_workers=num_workers, collate_fn=_as_list,
+                                generator=torch.Generator().manual_seed(0))
             for pairs in loader:
                 for index, result in pairs:
                     self.cache[index] = _own_memory(result)
-        for index in todo:
-            self[index]  # fills whatever the workers did not (and everything when num_workers=0)
+        for index in todo:  # whatever the workers did not fill (everything when num_workers=0); no augmentation
+            self._cached_load(index)
         if self._draws_captions:
             for index, result in self.cache.items():
                 if isinstance(result, Sample) and self.rows[index].captions and index not in self.caption_cache:

@@ -290,6 +290,8 @@ class AudioPreprocessor:
             with sf.SoundFile(source) as f:
                 total, rate = f.frames, f.samplerate
                 self._check_rate(rate, name)
+                if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
+                    raise BadInput(f"{name} has {f.channels} channels; at most {_MAX_CHANNELS} are read")
                 n = min(total, self._crop_len(rate))
                 start = int(torch.randint(0, total - n + 1, ()).item()) if self._random() and total > n else 0
                 f.seek(start)

@@ -138,8 +138,10 @@ def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dic
     embs: dict[Modality, list[Tensor]] = {}
     labels: dict[Modality, list[str | None]] = {}
     lines: dict[Modality, list[str]] = {}
+    skipped: list = []
     try:
         for batch in loader:
+            skipped.extend(batch.skipped)
             batch = batch.to(device)
             for m, x in batch.inputs.items():
                 embs.setdefault(m, []).append(space.encode(m, x, batch.masks.get(m)).float().cpu())
@@ -149,6 +151,10 @@ def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dic
     finally:
         for module, training in modes.items():
             module.training = training
+    if skipped and not getattr(loader, "warned_skips", False):  # once a run: every evaluation reads the same rows
+        loader.warned_skips = True
+        log.warning("validation: %d row(s) could not be read and are left out of every evaluation (first: line "
+                    "%s: %s)", len(skipped), *skipped[0][:2])
     labelled = all(key is not None for keys in labels.values() for key in keys)
     return {m: torch.cat(v) for m, v in embs.items()}, (labels if labelled else lines)
 

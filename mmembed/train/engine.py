@@ -172,6 +172,9 @@ class Trainer:
                         if improved:
                             self._checkpoint()
                         reason = "early stop" if stop else None
+            if self.progress.step == 0 and self.progress.empty_batches:  # a "finished" untrained model otherwise
+                raise UserError(f"no training step was taken: all {self.progress.empty_batches} batch(es) had no "
+                                "usable row or nothing to learn from (the skipped rows are counted above)")
             if self.progress.last_eval_step != self.progress.step and reason != "early stop":
                 self._evaluate_and_check()  # the final model always gets a validation row
             # the last weights (also when they are the best), and why the run ended, for a --resume

@@ -297,7 +297,12 @@ def test_cached_features_get_fresh_spec_augment_masks_each_epoch(world, tok):
 
 def test_materialize_with_workers_fills_the_cache(world, tok):
     ds = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
     skipped = ds.materialize(num_workers=2, chunk=4)
+    # the global random stream is left alone: its workers' seeds came from it (a resumed run's
+    # dropout then differed from the uninterrupted run's, and results from the worker count)
+    assert torch.equal(torch.get_rng_state(), before)
     assert len(ds.cache) == 13 and sorted(line for line, _ in skipped) == sorted(BAD)
     fresh = ManifestDataset(read_manifest(world), _pres(tok))
     for i in range(13):

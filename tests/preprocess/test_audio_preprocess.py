@@ -335,3 +335,19 @@ def test_unusable_settings_are_config_errors(bad):
 def test_zero_length_audio_of_any_layout_says_so(shape):
     with pytest.raises(BadInput, match="zero-length audio"):  # (0, 2) was "audio contains NaN/Inf samples"
         AudioPreprocessor().waveform((np.zeros(shape, dtype=np.float32), 16000))
+
+
+def test_a_file_with_hundreds_of_channels_is_refused_before_it_is_read(tmp_path):
+    """A few KB of compressed silence with 255 channels asked for GBs of float32 (crop length ×
+    channels); arrays were limited to 32 channels, files were not."""
+    import resource
+
+    path = tmp_path / "wide.ogg"
+    sf.write(path, np.zeros((16000, 40), np.float32), 16000, format="OGG")
+    assert path.stat().st_size < 50_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadInput, match="wide.ogg has 40 channels; at most 32 are read"):
+        AudioPreprocessor()(path)
+    sf.write(tmp_path / "fine.wav", np.zeros((16000, 32), np.float32), 16000)  # 32 channels: read
+    assert AudioPreprocessor()(tmp_path / "fine.wav").shape[0] == 64
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing big allocated

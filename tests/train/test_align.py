@@ -387,3 +387,26 @@ def test_a_preprocess_the_encoder_cannot_take_is_refused_before_training(tiny_wo
     with pytest.raises(ConfigError, match=f"model.towers.{tower}: the encoder refuses the largest input .*{match}"):
         train_align(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_validation_rows_that_cannot_be_read_are_named_once(tiny_world, tmp_path, caplog):
+    """They were dropped from every evaluation without a word, and the recall that early stopping
+    and restore_best go by was measured on fewer rows."""
+    import json
+    import logging
+
+    world = tmp_path / "world"
+    world.mkdir()
+    for entry in tiny_world.iterdir():
+        (world / entry.name).symlink_to(entry)
+    rows = [json.loads(line) for line in (tiny_world / "val.jsonl").read_text().splitlines()]
+    rows[1]["image"] = "images/missing.png"
+    (world / "val.jsonl").unlink()
+    (world / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tiny_config(world, tmp_path / "run", epochs=1, eval_every=1)
+    with caplog.at_level(logging.WARNING, logger="mmembed.train.align"):
+        train_align(load_config(path))
+    warned = [r.message for r in caplog.records if r.message.startswith("validation:")]
+    evaluations = sum('"val/' in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert evaluations >= 2 and len(warned) == 1
+    assert "1 row(s) could not be read" in warned[0] and "missing.png" in warned[0]

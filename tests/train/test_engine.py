@@ -309,8 +309,11 @@ def test_a_step_whose_batches_learned_nothing_changes_nothing(tmp_path):
     config = TrainConfig(batch_size=1, epochs=1, lr=0.1, warmup_steps=0, checkpoint_every=1000, weight_decay=0.1)
     trainer = Trainer(model, lambda b: StepOutput(model(b).sum() * 0.0, {}, samples=1, learned=False),
                       lambda e, s: iter(torch.ones(3, 1, 2)[s:]), 3, config, tmp_path)
-    result = trainer.fit()
-    assert result.progress.step == 0 and result.progress.empty_batches == 3
+    from mmembed.errors import UserError
+
+    with pytest.raises(UserError, match="no training step was taken: all 3 batch"):  # not a "finished" run
+        trainer.fit()
+    assert trainer.progress.step == 0 and trainer.progress.empty_batches == 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not trainer.optimizer.state
 
