@@ -141,12 +141,16 @@ def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence
                      prompt_modality: Modality | str = Modality.TEXT) -> Tensor:
     """(L, D) unit vectors: each label's prompts embedded, averaged over templates, renormalised."""
     templates = check_templates(template)
-    if not labels or len(set(labels)) != len(labels):
-        raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
+    check_labels(labels)
     prompts = [t.format(label=label) for label in labels for t in templates]
     with torch.inference_mode():
         z = model.embed(prompt_modality, prompts).float().view(len(labels), len(templates), -1)
     return torch.nn.functional.normalize(z.mean(dim=1), dim=1)
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    if not labels or len(set(labels)) != len(labels):
+        raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
 
 
 def check_templates(template: str | Sequence[str]) -> list[str]:
@@ -203,8 +207,9 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     """
     if key not in ("auto", "label", "row"):
         raise UserError(f"unknown eval key {key!r} (valid: auto, label, row)")
-    if zero_shot_labels:
-        check_templates(template)  # before the manifest is embedded
+    if zero_shot_labels:  # before the manifest is embedded
+        check_templates(template)
+        check_labels(zero_shot_labels)
     emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
     rows = [r for part in emb.by_modality.values() for r in part.rows]
     use_label = key == "label" or (key == "auto" and bool(rows) and all(r.label is not None for r in rows))
@@ -279,6 +284,28 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
     return "\n".join(lines)
 
 
+def _check_json_out(out: Path, inputs: list[Path], run: Path) -> None:
+    """UserError unless the report can go to `out`: not a folder, not under a file, and not one of
+    the files it is made from (a manifest, or the run's own files: the weights were overwritten)."""
+    from mmembed.model import TOKENIZER
+    from mmembed.train.queries import QUERY_INFO
+
+    if out.is_dir():
+        raise UserError(f"--json {out} is a folder; name the file to write")
+    for parent in out.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--json {out}: {parent} is a file, not a folder")
+            break
+    target = out.resolve()
+    # in the run folder, a report may replace an earlier report, never the run's own files
+    run_file = (target.is_file() and target.is_relative_to(run.resolve())
+                and (target.suffix != ".json" or target.name in (TOKENIZER, QUERY_INFO)))
+    if run_file or any(target == p.resolve() for p in inputs):
+        raise UserError(f"--json {out} would overwrite an input of this evaluation (a manifest or one of the "
+                        "run's files); name another file")
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """`mmembed eval RUN --manifest M --instructions I`: print retrieval and/or the decoder's answers;
     `--json F` keeps the report. The options are defined in `mmembed.cli`."""
@@ -289,8 +316,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.json_out and Path(args.json_out).is_dir():  # refused before the evaluation, not after it
-        raise UserError(f"--json {args.json_out} is a folder; name the file to write")
+    if args.json_out:  # refused before the evaluation, not after it
+        _check_json_out(Path(args.json_out), [Path(p) for p in (args.manifest, args.instructions) if p], Path(args.run))
     model = mm.load(args.run)
     reports = {}
     if args.manifest is not None:

@@ -77,6 +77,14 @@ def test_an_output_that_names_a_file_where_a_folder_goes_is_one_line(capsys, tmp
     _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(10**20),
                              "--out", str(tmp_path / "tok")], "is above")  # was an OverflowError
     _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", str(tmp_path)], "is a folder")
+    # the report over its own manifest, or over the run's weights: both were overwritten after the work
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    for out in (tmp_path / "m.jsonl", tmp_path / "model.safetensors"):
+        _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl"), "--json", str(out)],
+                        "would overwrite an input of this evaluation")
+    _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", str(taken / "r.json")],
+                    "is a file, not a folder")
     _one_line_error(capsys, ["map", str(tmp_path), "--color-by", "modality", "--out", str(tmp_path / "m.jpg")],
                     "must name a .png file")
 

@@ -117,6 +117,14 @@ def test_zero_shot_classify():
         zero_shot_classify(model, items, "image", ["c0", "c0"])
 
 
+def test_duplicate_zero_shot_labels_are_refused_before_the_manifest_is_embedded(monkeypatch, tmp_path):
+    from mmembed import evaluate
+
+    monkeypatch.setattr(evaluate, "embed_manifest", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(UserError, match="unique"):
+        evaluate.manifest_report(object(), tmp_path / "m.jsonl", zero_shot_labels=["a", "a"])
+
+
 @pytest.fixture
 def manifest(tmp_path):
     rows = [{"text": f"a c{i}", "image": f"img/c{i}.png", "label": f"s{i % 3}"} for i in range(9)]

@@ -147,7 +147,7 @@ def _next(config: ScalingConfig) -> tuple[str, ModelSize, int]:
         if config.next_size is None:
             raise ValueError("next_size is not set: nothing to predict")
         return size_label(config.next_size), config.next_size, config.tokens
-    d = 2 * config.data_tokens[-1]
+    d = 2 * max(config.data_tokens)  # past every budget trained, whatever their order
     return f"{size_label(config.data_size)} D={d:,}", config.data_size, d
 
 

@@ -81,10 +81,19 @@ class ScalingConfig:
         if self.target == "decoder" and self.axis == "params":
             if len(self.sizes) < 3:
                 raise ConfigError(f"sizes: a fit needs at least 3 model sizes, got {len(self.sizes)}")
-            if len({(s.width, s.layers, s.heads) for s in self.sizes}) != len(self.sizes):
-                raise ConfigError("sizes: every rung must be a different model size")
+            counts = [block_parameters(s) for s in self.sizes]
+            if len(set(counts)) != len(counts):  # heads do not change N; (16, 4) and (32, 1) share it too
+                raise ConfigError(f"sizes: every rung must have its own parameter count N (a power law is fitted "
+                                  f"over N), got {[f'{s.width}x{s.layers}' for s in self.sizes]}: {counts}")
             if self.next_size is None:
                 raise ConfigError("next_size: the sweep predicts the loss of a next size; set one")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.target == "towers":
+            w = self.towers.widths
+            if len(w) < 3 or len(set(w)) != len(w) or min([*w, self.towers.next_width]) < 1:
+                raise ConfigError(f"towers.widths: a fit needs at least 3 different widths >= 1 (and next_width "
+                                  f">= 1), got {w} and {self.towers.next_width}")
         if self.axis == "data":
             if len(self.data_tokens) < 3 or self.data_size is None:
                 raise ConfigError("axis=data needs data_size and at least 3 data_tokens")
@@ -131,3 +140,10 @@ class ScalingConfig:
 def load_scaling_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ScalingConfig:
     """Read a scaling YAML (a path, or the name of a shipped config) and apply overrides."""
     return load_dataclass(ScalingConfig, name, overrides)
+
+
+def block_parameters(size: ModelSize) -> int:
+    """A decoder's parameters outside its embedding tables, as `Decoder.num_parameters` counts them
+    (per block: attention 4w² + 4w, MLP 8w² + 5w, two norms 4w; a final norm 2w)."""
+    w = size.width
+    return size.layers * (12 * w * w + 13 * w) + 2 * w

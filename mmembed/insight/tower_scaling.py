@@ -53,7 +53,7 @@ from mmembed.errors import UserError
 from mmembed.insight.flops import estimated_training_flops, measured_flops
 from mmembed.insight.lm_train import LMResult
 from mmembed.insight.power_law import fit_power_law
-from mmembed.insight.scaling import Rung, SweepReport, size_label, write_report
+from mmembed.insight.scaling import Rung, SweepReport, size_label, write_report, write_rungs
 from mmembed.insight.sweep_config import ModelSize, ScalingConfig
 from mmembed.losses import build_loss
 from mmembed.model import TOKENIZER, build_model, load_space
@@ -96,6 +96,7 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
     for i, width in enumerate(ladder.widths):
         progress(f"[{i + 1}/{len(ladder.widths)}] towers at width {width}")
         rungs.append(train_rung(rung_config(config, width), progress))
+    write_rungs(rungs, out)  # every rung's numbers are on disk before anything can fail
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([r.result.params for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,

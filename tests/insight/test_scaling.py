@@ -88,7 +88,13 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     # each of these trained the whole ladder, then ended in a traceback (or never started one)
     (["scale", "next_size=null"], "next_size: the sweep predicts"),
     (["scale", "sizes=[{width: 16, layers: 1, heads: 2}, {width: 16, layers: 1, heads: 2}, "
-                "{width: 24, layers: 1, heads: 2}]"], "every rung must be a different model size"),
+                "{width: 24, layers: 1, heads: 2}]"], "every rung must have its own parameter count N"),
+    # heads do not change N: the fit failed after the whole ladder trained (a ValueError traceback)
+    (["scale", "sizes=[{width: 16, layers: 1, heads: 2}, {width: 16, layers: 1, heads: 4}, "
+                "{width: 24, layers: 1, heads: 2}]"], "every rung must have its own parameter count N"),
+    (["scale", "seed=-2"], "seed must be >= 0"),
+    (["scale", "target=towers", "towers.widths=[16, 16, 24]"], "at least 3 different widths"),
+    (["scale", "target=towers", "towers.widths=[16, 24, -8]"], "at least 3 different widths"),
     (["scale", "--axis", "data", "data_tokens=[1024, 1100, 4096]", "context=32", "recipe.batch_size=32"],
      "each budget must give a different, non-zero number"),
     (["scale", "recipe.batch_size=0"], "recipe.batch_size must be >= 1"),
@@ -129,3 +135,12 @@ def test_a_diverging_learning_rate_is_one_line(tmp_path, capsys):
     assert main(["scale", "--out", str(tmp_path), *TINY, "recipe.lr=1e6", "recipe.warmup_steps=0"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
     assert last.startswith("mmembed: error: loss became nan") and "lower recipe.lr" in last, last
+
+
+
+def test_the_counted_parameters_are_the_decoders():
+    from mmembed.insight.scaling import build_decoder
+    from mmembed.insight.sweep_config import ModelSize, block_parameters
+
+    for size in (ModelSize(16, 1, 2), ModelSize(32, 2, 4), ModelSize(48, 3, 4), ModelSize(64, 4, 8)):
+        assert block_parameters(size) == build_decoder(size, 300, 64, 0.0).num_parameters()

@@ -69,7 +69,7 @@ def test_rung_config_scales_every_tower_and_nothing_else(tiny_world, tmp_path):
 
 def test_a_ladder_needs_three_widths_and_the_params_axis(tiny_world, tmp_path):
     path = tiny_config(tiny_world, tmp_path / "base")
-    with pytest.raises(ConfigError, match="at least 3 widths"):
+    with pytest.raises(ConfigError, match="at least 3 different widths"):
         run_tower_sweep(load_scaling_config("scaling", [*tower_overrides(path), "towers.widths=[16, 32]"]))
     with pytest.raises(ConfigError, match="axis: params"):
         run_tower_sweep(load_scaling_config("scaling", [*tower_overrides(path), "axis=data"]))
@@ -118,10 +118,19 @@ def test_measured_flops_equal_a_counter_around_the_whole_training_run(sweep, tmp
     rung = json.loads((out / "scaling.json").read_text())["rungs"][0]
     run = out / "towers" / "w16"
     cfg = load_config(run / "config.yaml", ["data.val=null", f"train.out_dir={tmp_path / 'run'}"])
-    # without a validation set the run is: preprocessing of every row it draws (the mel filterbank
-    # is a matmul), then forward + backward of every batch (optimizer updates count 0 FLOPs)
+    # without a validation set the run is: the check that each tower takes its largest input (its
+    # preprocessing and one forward each), preprocessing of every row it draws (the mel filterbank is a matmul), then
+    # forward + backward of every batch (optimizer updates count 0 FLOPs)
     counted = measured_flops(lambda: train_align(cfg, overwrite=True), backward=False)
     root, tokenizer = Path(cfg.data.root), load_tokenizer(run / "tokenizer.json")
+    from mmembed.model import build_model
+    from mmembed.train.align import _one_row_inputs, check_towers_accept, trained_modalities
+
+    space = build_model(cfg, tokenizer).space
+    active = trained_modalities(build_loss(cfg.loss), space)
+    checked = measured_flops(  # the largest inputs are preprocessed too (a mel filterbank)
+        lambda: check_towers_accept(space, _one_row_inputs(cfg, tokenizer, active, torch.device("cpu"))),
+        backward=False)
     pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=True)
            for m, t in cfg.model.towers.items()}
     dataset = ManifestDataset(read_manifest(root / cfg.data.train, root=root), pre)
@@ -129,7 +138,7 @@ def test_measured_flops_equal_a_counter_around_the_whole_training_run(sweep, tmp
                                               drop_last=True) for i, _ in batch]
     preprocessing = measured_flops(lambda: [dataset.load(i) for i in drawn], backward=False)
     assert len(drawn) == rung["tokens"] == 48 and preprocessing > 0
-    assert rung["flops_measured"] == counted - preprocessing
+    assert checked > 0 and rung["flops_measured"] == counted - preprocessing - checked
 
 
 def test_fit_prediction_and_verification_are_written(sweep):
