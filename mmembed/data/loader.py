@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,6 +218,21 @@ class SkipCounter:
                 self.total, self._since_warning, *latest,
             )
             self._last_warning, self._since_warning = now, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows counted so far (JSON), for a checkpoint: a resumed run's summary counts them too."""
+        return {"seen": sorted([kind, line] for kind, line in self._seen),
+                "example": {kind: list(ex) for kind, ex in self.example.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Add the rows of `state` (a checkpoint's, or another process's) to this counter."""
+        for kind, line in state.get("seen", []):
+            if (kind, line) not in self._seen:
+                self._seen.add((kind, line))
+                self.total += 1
+                self.by_kind[kind] += 1
+        for kind, (line, reason) in state.get("example", {}).items():
+            self.example.setdefault(kind, (line, reason))
 
     def summary(self) -> str:
         """One line: the total and the count per kind, with an example line for each; "" if none."""

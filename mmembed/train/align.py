@@ -35,8 +35,8 @@ from mmembed.space import SharedSpace
 from mmembed.train.captioning import CAPTION, Captioner, caption_losses, caption_objective
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
-from mmembed.train.distributed import (Forward, any_rank, as_output, barrier, current_world, main_first, parallelize,
-                                       resolve_device, seed_ranks)
+from mmembed.train.distributed import (Forward, all_gather_objects, any_rank, as_output, barrier, current_world,
+                                       main_first, parallelize, resolve_device, seed_ranks)
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import lock_run, read_paths
@@ -247,7 +247,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     after_step()
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
-                      callbacks=list(callbacks), extra_files=extra, device=device, net=net, stateful=monitor)
+                      callbacks=list(callbacks), extra_files=extra, device=device, net=net,
+                      stateful=_StageState(monitor, skips))
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()
@@ -256,6 +257,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         if world.main:
             model = build_model(cfg, tokenizer)
             model.space.load_state_dict(weights)
+    for state in all_gather_objects(skips.state_dict())[1:]:  # every process's skipped rows (a collective)
+        skips.load_state_dict(state)
     if world.main:
         _finish(model, run_dir, result, skips)
     barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)
@@ -351,6 +354,21 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
     # validation measures the primary captions, whatever data.caption_sampling trains on
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True, caption_sampling="primary")
     return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
+
+
+class _StageState:
+    """What the align stage keeps in its checkpoints besides the engine's: the collapse monitor's
+    streaks and the rows skipped so far (a resumed run's summary counts those of its first part)."""
+
+    def __init__(self, monitor: CollapseMonitor, skips: SkipCounter) -> None:
+        self.monitor, self.skips = monitor, skips
+
+    def state_dict(self) -> dict:
+        return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state.get("collapse", state))  # older checkpoints: the monitor's alone
+        self.skips.load_state_dict(state.get("skips", {}))
 
 
 def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) -> None:

@@ -342,3 +342,29 @@ def test_skip_counter_rate_limits_and_groups_reasons(caplog):
     assert reason_kind("3 cells for 4 columns") == "… cells for … columns"
     counter.reset()
     assert counter.total == 0 and counter.summary() == ""
+
+
+def test_skip_counts_survive_a_checkpoint_and_merge_over_processes():
+    """A resumed run's summary forgot the rows skipped before the kill, and under torchrun only
+    rank 0's skips reached it (6 bad rows were reported as 4)."""
+    import json
+
+    from mmembed.train.align import _StageState
+    from mmembed.train.collapse import CollapseMonitor
+
+    rank0, rank1 = SkipCounter(), SkipCounter()
+    rank0.update([(3, "image: missing file: images/a.png"), (7, "audio: zero-length audio: audio/b.wav")])
+    rank1.update([(3, "image: missing file: images/a.png"), (9, "image: missing file: images/c.png")])
+    merged = SkipCounter()
+    for state in (rank0.state_dict(), json.loads(json.dumps(rank1.state_dict()))):  # JSON, as checkpointed
+        merged.load_state_dict(state)
+    assert merged.total == 3 and merged.by_kind["image: missing file: …"] == 2
+    assert merged.summary().startswith("skipped 3 row(s): 2 × image: missing file: … (e.g. line 3)")
+    resumed = SkipCounter()
+    stage = _StageState(CollapseMonitor(stop_after=5), resumed)
+    saved = _StageState(CollapseMonitor(stop_after=5), rank0).state_dict()
+    stage.load_state_dict(json.loads(json.dumps(saved)))
+    resumed.update([(7, "audio: zero-length audio: audio/b.wav")])  # the same row in the resumed epoch: once
+    assert resumed.total == 2
+    stage.load_state_dict({"streak": {}, "warned": [], "batches": 4})  # a checkpoint of the monitor alone
+    assert stage.monitor.batches == 4
