@@ -16,12 +16,14 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mmembed.checkpoint import make_output_folder
-    from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, format_stats_table, parse_vocab_sizes,
-                                                 plot_tokenizer_stats, tokenizer_stats, write_stats)
+    from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, check_stats_arguments, format_stats_table,
+                                                 parse_vocab_sizes, plot_tokenizer_stats, tokenizer_stats,
+                                                 write_stats)
 
     sizes = parse_vocab_sizes(args.vocab_sizes)
-    make_output_folder(args.out)  # before training every size
     width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
+    check_stats_arguments(sizes, width, args.holdout_every)  # before the output folder is made
+    make_output_folder(args.out)  # before training every size
     with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
         rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,
                                progress=lambda _: bar.update())

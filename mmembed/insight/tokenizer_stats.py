@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmembed.errors import UserError
 from mmembed.insight.plotting import pyplot, save_png
-from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS, MAX_VOCAB, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,21 @@ def parse_vocab_sizes(text: str) -> list[int]:
             raise UserError(f"vocabulary size {item.strip()!r} is not a positive whole number of tokens")
         sizes.add(int(value))
     return sorted(sizes)
+
+
+def check_stats_arguments(vocab_sizes: Sequence[int], embed_width: int, holdout_every: int) -> None:
+    """UserError for arguments `tokenizer_stats` cannot use, before any tokenizer is trained."""
+    if embed_width < 1:
+        raise UserError(f"embed width must be positive, got {embed_width}")
+    if not vocab_sizes:
+        raise UserError("no vocabulary sizes given")
+    floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
+    if min(vocab_sizes) < floor:
+        raise UserError(f"vocabulary size {min(vocab_sizes)} is below the {floor} byte and special tokens")
+    if max(vocab_sizes) > MAX_VOCAB:  # was found after training every smaller size
+        raise UserError(f"vocabulary size {max(vocab_sizes):,} is above {MAX_VOCAB:,}")
+    if holdout_every < 2:
+        raise UserError(f"holdout_every must be at least 2, got {holdout_every}")
 
 
 def split_corpus(lines: Sequence[str], holdout_every: int) -> tuple[list[str], list[str]]:
@@ -141,13 +156,7 @@ def tokenizer_stats(corpus_files: Sequence[str | Path], vocab_sizes: Sequence[in
     Returns:
         One row per size, in the order of `vocab_sizes`.
     """
-    if embed_width < 1:
-        raise UserError(f"embed width must be positive, got {embed_width}")
-    if not vocab_sizes:
-        raise UserError("no vocabulary sizes given")
-    floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
-    if min(vocab_sizes) < floor:
-        raise UserError(f"vocabulary size {min(vocab_sizes)} is below the {floor} byte and special tokens")
+    check_stats_arguments(vocab_sizes, embed_width, holdout_every)
     train, held = split_corpus(read_corpus(corpus_files), holdout_every)
     held_chars = sum(len(line) for line in held)
     train_chars = sum(len(line) for line in train)

@@ -82,6 +82,8 @@ class TextPreprocessor:
         # the tokenizer bounds the work itself (a prefix cut where its pre-tokenizer never merges
         # across, after CLIP's cleaning for the CLIP tokenizer): the first ids of the whole caption
         ids = self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos, max_length=self.max_length)
+        if len(ids) <= self.add_bos + self.add_eos:  # e.g. "&nbsp;", which CLIP's cleaning turns into nothing
+            raise BadInput(f"empty caption (nothing is left of {text[:40]!r} to tokenise)")
         return torch.tensor(ids, dtype=torch.long)
 
     def collate(self, samples: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -123,6 +123,13 @@ def test_cli_bad_vocab_size_is_one_line(capsys, corpus, tmp_path):
                  str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("mmembed: error:") and "'abc'" in err
+    # found before the first size trains, and before the output folder is made (it was left empty)
+    for sizes, bad in (("300,3000000000", "is above 2,147,483,647"), ("300,500", "holdout_every must be at least 2")):
+        extra = ["--holdout-every", "1"] if "holdout" in bad else []
+        assert main(["tokenizer", "stats", "--corpus", str(corpus), "--vocab-sizes", sizes, *extra,
+                     "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and bad in err and not (tmp_path / "never").exists(), err
 
 
 def test_cli_writes_plot_and_numbers(capsys, corpus, tmp_path):

@@ -53,6 +53,19 @@ def test_empty_and_whitespace_captions_are_rejected(tok):
         pre(float("nan"))  # what a CSV reader might hand over for an empty cell
 
 
+
+def test_a_caption_that_cleans_to_nothing_is_empty():
+    """CLIP's cleaning turns "&nbsp;" (or a byte-order mark) into nothing: the caption became
+    [BOS, EOS] and trained as a real one."""
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    pre = TextPreprocessor(ClipTokenizer(), add_bos=True, add_eos=True)
+    for caption in ["&nbsp;", "\ufeff"]:
+        with pytest.raises(BadInput, match="empty caption"):
+            pre(caption)
+    assert len(pre("a red star")) == 5
+
+
 def test_megabyte_caption_is_truncated_in_bounded_work(tok, monkeypatch):
     spy = SpyTokenizer(tok._plain)  # the BPE itself: what it is asked to encode bounds the work
     monkeypatch.setattr(tok, "_plain", spy)
