@@ -35,15 +35,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmembed.config import TrainConfig
-from mmembed.errors import CheckpointError, ConfigError, UserError
+from mmembed.errors import ConfigError, UserError
 from mmembed.train.distributed import (all_gather_objects, all_reduce_values, any_rank, barrier, broadcast_object,
                                        current_world, no_sync)
 from mmembed.train.fsdp import sharded_of
 from mmembed.train.metrics import StepOutput, better, lower_is_better, step_totals
 from mmembed.train.optim import build_optimizer, hyperparameters, lr_at, restore_hyperparameters, set_lr
 from mmembed.train.run_log import MetricsLog, ProgressLine
-from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, load_weights,
-                                 prune_checkpoints, remove_partial_checkpoints, rng_state, save_checkpoint)
+from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                 remove_partial_checkpoints, restore_best, rng_state, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -353,22 +353,8 @@ class Trainer:
         p, name = self.progress, self.cfg.early_stop_metric
         if p.best_step is None:  # no validation (or not this metric): the last weights
             return p.step
-        last = "n/a" if self._last_value is None else f"{self._last_value:.4g}"
-        weights_step = p.step
-        if not self.cfg.restore_best:
-            log.info("kept the last weights (step %d, %s = %s); the best was step %d, %s = %.4g "
-                     "(train.restore_best is off)", p.step, name, last, p.best_step, name, p.best_metric)
-        elif p.best_step == p.step:
-            log.info("the last step is the best: step %d, %s = %.4g", p.step, name, p.best_metric)
-        else:
-            try:
-                load_weights(checkpoint_dir(self.run_dir, p.best_step), self.module, self.sharded)
-                weights_step = p.best_step
-                log.info("restored the best checkpoint: step %d, %s = %.4g (last: %s)", p.best_step, name,
-                         p.best_metric, last)
-            except CheckpointError as e:  # e.g. a run from before best checkpoints were kept
-                log.warning("cannot restore the best checkpoint (step %d): %s; keeping the last weights",
-                            p.best_step, e)
+        weights_step = restore_best(self.run_dir, p, name, self.cfg.restore_best, self._last_value, self.module,
+                                    self.sharded)
         self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step,
                              f"best/{name}": p.best_metric, "weights_step": weights_step})
         return weights_step

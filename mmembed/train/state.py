@@ -13,6 +13,7 @@ newest `keep_last`, and `load_weights` copies its weights back at the end of a r
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -27,6 +28,8 @@ from torch import nn
 
 from mmembed.checkpoint import atomic_write_json, fsync_dir, load_tensors, read_json, save_tensors
 from mmembed.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 
@@ -282,3 +285,26 @@ def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list) -> None:
         states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=_device_number)]
         if states:
             torch.cuda.set_rng_state_all(states)
+
+
+def restore_best(run_dir: Path, progress: Progress, metric: str, enabled: bool, last_value: float | None,
+                 module: nn.Module, sharded: Any = None) -> int:
+    """The end of a run with a best checkpoint: with `enabled` (`train.restore_best`), load its
+    weights into `module` (unless the last step is the best); returns the step whose weights the
+    module holds. A best checkpoint that cannot be read keeps the last weights, with a warning."""
+    p = progress
+    last = "n/a" if last_value is None else f"{last_value:.4g}"
+    if not enabled:
+        log.info("kept the last weights (step %d, %s = %s); the best was step %d, %s = %.4g "
+                 "(train.restore_best is off)", p.step, metric, last, p.best_step, metric, p.best_metric)
+        return p.step
+    if p.best_step == p.step:
+        log.info("the last step is the best: step %d, %s = %.4g", p.step, metric, p.best_metric)
+        return p.step
+    try:
+        load_weights(checkpoint_dir(run_dir, p.best_step), module, sharded)
+    except CheckpointError as e:  # e.g. a run from before best checkpoints were kept
+        log.warning("cannot restore the best checkpoint (step %d): %s; keeping the last weights", p.best_step, e)
+        return p.step
+    log.info("restored the best checkpoint: step %d, %s = %.4g (last: %s)", p.best_step, metric, p.best_metric, last)
+    return p.best_step
