@@ -70,7 +70,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_a_run_that_peaks_early_ends_with_the_best_weights_and_keeps_that_checkpoint(tmp_path, caplog):
     run = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="mmembed.train.engine"):
+    with caplog.at_level(logging.INFO, logger="mmembed.train"):
         model, _, result = _fit(run)
     assert (result.stopped_because, result.progress.step) == ("finished", STEPS)
     assert (result.best_step, result.best_metric, result.weights_step) == (4, 0.9, 4)
@@ -140,7 +140,7 @@ def test_a_run_stopped_by_max_steps_resumes_from_its_last_weights_and_still_rest
 
 
 def test_restore_best_off_keeps_the_last_weights_but_still_keeps_the_best_checkpoint(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="mmembed.train.engine"):
+    with caplog.at_level(logging.INFO, logger="mmembed.train"):
         model, _, result = _fit(tmp_path / "run", restore_best=False)
     assert (result.best_step, result.weights_step) == (4, STEPS)
     assert _folders(tmp_path / "run") == ["step_0000004", f"step_{STEPS:07d}"]
