@@ -15,11 +15,13 @@ our `open_clip_image` / `open_clip_text` encoders load it — the path a user ta
   the same weights, but ours skips what the pooled vector cannot depend on (see
   `encoders/open_clip_towers.py`): text positions after the last EOT of the batch (causal
   mask), and the ViT's last block at the patch positions (class-token pooling). So the vectors
-  agree within float rounding (~1e-7), not bit for bit, and the ratio is that saving plus our
-  wrapper's overhead.
+  agree within float rounding (~1e-7), not bit for bit, and the ratio is that saving, the
+  faster linear kernels our towers use (oneDNN where torch's MKL takes a generic path, as on AMD
+  processors: `encoders/linear.py`; open_clip's modules keep F.linear) and our wrapper's overhead.
 - `text at full context (info)`: captions long enough to fill the 77-token context, so no
   position can be skipped: both sides run the same text transformer over 77 positions, and the
-  ratio is our wrapper's overhead alone (about 1.0, within the machine's noise).
+  ratio is the linear kernels and our wrapper's overhead (1.0 with `MMEMBED_ONEDNN=0`; 1.26 with
+  oneDNN on the 2-core AMD EPYC, 2026-12-06, a review's 7 interleaved rounds).
 - `embed image` / `embed text`: end to end from raw PIL images and strings, `Model.embed`
   (our preprocessing + tokenizer + tower) vs open_clip's eval `preprocess` + tokenizer + encode.
 - `own towers`: mmembed's own `vit` / `text_transformer` (same width, depth, heads, patch and
@@ -190,7 +192,8 @@ def bench_arch(arch: str, cfg: dict, folder: Path, repeats: int) -> list[dict]:
         row(f"{tag} embed text (from str)", t_e_txt, max_abs_diff=diffs["embed text"]),
         row(f"{tag} text at full context (info)", t_full, max_abs_diff=diffs["full context"],
             tokens={"ours": long_ids.shape[1], "anchor": 77},
-            note="every caption fills the context: same positions on both sides, the wrapper's overhead alone"),
+            note="every caption fills the context: same positions on both sides; the linear kernels "
+                 "(oneDNN vs F.linear) and the wrapper's overhead"),
         row(f"{tag} own vit", t_img, ours="own", note="mmembed's own ViT + linear head, same shape (info)"),
         row(f"{tag} own text_transformer", t_txt, ours="own",
             note="mmembed's own causal text transformer + linear head, same shape, T_max tokens (info)"),
@@ -226,7 +229,8 @@ def run(quick: bool = False, archs: dict[str, dict] | None = None, repeats: int 
             "open_clip_image tower runs the ViT's last block at the class token only. Same vectors within "
             "float rounding (max_abs_diff ~1e-7).",
             "text at full context rows: no position can be skipped, so both run the same work; their ratio "
-            "is the wrapper's overhead alone.",
+            "is our linear kernels' (oneDNN where MKL is generic, encoders/linear.py) and the wrapper's "
+            "overhead (about 1.0 with MMEMBED_ONEDNN=0).",
             "embed image rows: ours and open_clip resize with different code paths (max_abs_diff ~1e-4).",
         ],
         "results": rows,

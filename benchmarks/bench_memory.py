@@ -129,7 +129,8 @@ def bench_queries(path: Path, vectors: torch.Tensor) -> dict:
     other.close()
     return ratio_report(f"B-memory query N={n} k={K}", warm_ms, scan_ms, "ms", higher_is_better=False,
                         n=n, backend=backend, first_query_ms=first_ms, filtered_query_ms=filtered_ms,
-                        query_after_other_write_ms=refresh_ms, goal_ms=50.0, meets_goal=warm_ms <= 50.0,
+                        query_after_other_write_ms=refresh_ms, goal_ms=50.0,
+                        meets_goal=(warm_ms <= 50.0) if n >= 100_000 else None,  # the goal is at 100k items
                         anchor_work="exact_topk over the same vectors in a tensor (no filter, no SQLite)")
 
 

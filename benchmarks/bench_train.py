@@ -250,11 +250,11 @@ NOTES = [
     "Text: both causal, both process the full context; ours gets the padding mask too "
     "(open_clip ignores padding, it is masked out by causality before the EOT token).",
     "Ours includes the trainer's per-step bookkeeping: collapse monitor, finiteness guard and grad-norm "
-    "computation (clip_grad_norm_ with max_norm=inf), learning-rate schedule, metrics floats.",
-    "Profiled with torch.profiler (batch 64): the same op mix on both sides. Ours' known extras, together "
-    "~1-2% of a step: the scatter of each tower's rows into a full-batch tensor in SharedSpace.forward "
-    "(index_put forward, index backward) even when every row is present, and clip_grad_norm_(inf), which "
-    "also multiplies every gradient by 1.0. open_clip's extras: nn.MultiheadAttention's copies.",
+    "computation (torch.nn.utils.get_total_norm), learning-rate schedule, metrics floats.",
+    "The op mix differs in the linear layers: ours run through oneDNN (encoders/linear.py), open_clip's "
+    "through F.linear (MKL, a generic path on AMD processors); the rest is the same. Ours' known extras: "
+    "the scatter of each tower's rows into a full-batch tensor in SharedSpace.forward even when every "
+    "row is present. open_clip's extras: nn.MultiheadAttention's copies.",
     "On a busy 2-core machine another process can stall a 2-thread step many times over: compare ratio "
     "(of medians) with ratio_paired and ratio_best before reading anything into a difference under ~10%.",
 ]

@@ -21,11 +21,12 @@ from mmembed.decoder.generate import Generation
 from mmembed.evaluate_instructions import world_score
 
 NOUN = {"image": "image", "audio": "sound", "text": "caption"}
+POOLED = "attribute question (image or sound)"  # the image and the sound attribute questions together
 # The headline rows (issue goals: test / held-out combinations)
 HEADLINE = {
     "description from an image": (0.90, 0.75),
     "description from a sound": (0.85, 0.75),
-    "attribute question (image or sound)": (0.90, 0.75),
+    POOLED: (0.90, 0.75),
     "two-item comparison (image + sound)": (0.85, 0.75),
 }
 TRANSFER_GOAL = 0.6
@@ -58,8 +59,14 @@ def evaluate_split(model: Any, rows: list[InstructionRow]) -> tuple[dict, list[G
     n = sum(table[g]["n"] for g in pooled)
     correct = sum(table[g]["correct"] for g in pooled)
     if n:  # a split without attribute questions has no such line (it would read 0.000)
-        table["attribute question (image or sound)"] = {"n": n, "correct": correct, "accuracy": correct / n}
+        table[POOLED] = {"n": n, "correct": correct, "accuracy": correct / n}
     return table, answers
+
+
+def with_pooled(counts: dict[str, int]) -> dict[str, int]:
+    """Rows per line, with the pooled attribute line's (image and sound): its "(n of m)" counts both."""
+    pooled = sum(n for group, n in counts.items() if group.startswith("attribute question ("))
+    return {**counts, POOLED: pooled} if pooled else counts
 
 
 def by_objects(rows: list[InstructionRow], answers: list[Generation]) -> dict[str, dict[str, dict]]:
@@ -94,7 +101,7 @@ def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
         splits[name] = fitting(model, data.rows)
         kept = {id(r) for r in splits[name]}
         skipped[name] = len(data.rows) - len(splits[name])
-        too_long[name] = dict(Counter(row_group(r) for r in data.rows if id(r) not in kept))
+        too_long[name] = with_pooled(dict(Counter(row_group(r) for r in data.rows if id(r) not in kept)))
         unreadable[name] = len(data.skipped)
     tables, answers = {}, {}
     for name, rows in splits.items():
