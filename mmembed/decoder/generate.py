@@ -321,7 +321,15 @@ def seeded(seed: int | torch.Generator | None, device: torch.device) -> torch.Ge
     """A generator on `device` seeded with `seed`; a generator is used as it is (None: torch's own)."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
+    check_seed(seed)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def check_seed(seed: object) -> None:
+    """ValueError unless `seed` is None or an integer in [0, 2**63 - 1024) (room for the seeds of
+    best_of's batches after it)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 1024):
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
 
 
 @dataclass(frozen=True)

@@ -131,13 +131,12 @@ class PromptFormat:
         return [*self.prompt_only_ids, *range(self.vocab_size, rows)]
 
     def encode(self, parts: Sequence[str | Slot]) -> list[int]:
-        """Prompt parts → ids from `<bos>` to `<answer>` inclusive."""
+        """Prompt parts → ids from `<bos>` to `<answer>` inclusive. Adjacent text parts are one text,
+        joined by a space (a Session's history turns, answers and question: "…star?blue and…"
+        otherwise, words training never shows)."""
         ids = [self.bos_id]
-        for part in parts:
-            if isinstance(part, Slot):
-                ids += self.slot_ids(part.marker)
-            elif part.strip():
-                ids += self.tokenizer.encode(part.strip())
+        for part in _joined(parts):
+            ids += self.slot_ids(part.marker) if isinstance(part, Slot) else self.tokenizer.encode(part)
         ids.append(self.answer_id)
         return ids
 
@@ -147,8 +146,8 @@ class PromptFormat:
 
     def length(self, segments: Sequence[Any]) -> int:
         """Ids a prompt of `segments` takes (text tokens, k + 2 per media item, <bos> and <answer>)."""
-        return 2 + sum(len(self.tokenizer.encode(seg.strip())) if isinstance(seg, str) else self.soft_tokens + 2
-                       for seg in segments)
+        return 2 + sum(len(self.tokenizer.encode(seg)) if isinstance(seg, str) else self.soft_tokens + 2
+                       for seg in _joined(segments))
 
     def encode_answer(self, text: str) -> list[int]:
         """Answer text → its ids followed by `<eos>` (what the decoder learns to write)."""
@@ -157,6 +156,24 @@ class PromptFormat:
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids → text, without special or marker tokens."""
         return self.tokenizer.decode([i for i in ids if i not in self._hidden])
+
+
+def _joined(parts: Sequence[Any]) -> list[Any]:
+    """`parts` with each run of adjacent text parts as one stripped text, joined by spaces (blank
+    ones dropped); anything else (a media slot or segment) as it is."""
+    out: list[Any] = []
+    run: list[str] = []
+    for part in [*parts, None]:
+        if isinstance(part, str):
+            if part.strip():
+                run.append(part.strip())
+            continue
+        if run:
+            out.append(" ".join(run))
+            run = []
+        if part is not None:
+            out.append(part)
+    return out
 
 
 _INLINE = re.compile(r"<(image|audio):([^<>]*)>")
@@ -281,13 +298,10 @@ def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tens
                        f"got {tuple(z.shape)}")
     if z.device != torch.device(device):
         raise BadInput(f"{where}: the vector is on {z.device}, the model on {device}")
-    z = z.float()
-    if not torch.isfinite(z).all():
+    if not torch.isfinite(z).all():  # in the vector's own dtype: float64's 1e300 is finite
         raise BadInput(f"{where}: the vector holds NaN or Inf")
-    norm = z.norm()
-    if not torch.isfinite(norm):  # finite components whose squares overflow (1e19 and up): scale first
-        z = z / z.abs().max()
-        norm = z.norm()
-    if norm == 0:
+    peak = z.abs().max()
+    if peak == 0:
         raise BadInput(f"{where}: a zero vector has no direction in the shared space")
-    return z / norm
+    z = (z / peak).float()  # scaled first: float64's 1e300 (or 1e-300) fits float32 after it
+    return z / z.norm()

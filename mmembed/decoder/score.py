@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mmembed.decoder.fusion import MultimodalLM
-from mmembed.decoder.generate import Generation, Stops, check_max_new_tokens, generate
+from mmembed.decoder.generate import Generation, Stops, check_max_new_tokens, check_seed, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 
@@ -80,9 +80,21 @@ def teacher_forced_logits(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
 
 def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
                     answers: Sequence[Sequence[int]]) -> list[list[float]]:
-    """Log-probability of every token of each answer under the decoder (T = 1), teacher-forced."""
-    logp = teacher_forced_logits(lm, fmt, prompt, answers).log_softmax(dim=-1).cpu()  # (N, L, V)
-    return [logp[i, torch.arange(len(a)), torch.tensor(a, dtype=torch.long)].tolist() for i, a in enumerate(answers)]
+    """Log-probability of every token of each answer under the decoder (T = 1), teacher-forced,
+    `FORCED_ROWS` answers at a time (the logits of 1,024 answers over a 50k vocabulary are GBs)."""
+    out = []
+    for start in range(0, len(answers), FORCED_ROWS):
+        chunk = answers[start:start + FORCED_ROWS]
+        logits = teacher_forced_logits(lm, fmt, prompt, chunk)  # (n, L, V)
+        ids = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        for i, a in enumerate(chunk):
+            ids[i, :len(a)] = torch.tensor(a, dtype=torch.long)
+        picked = (logits.gather(-1, ids[..., None])[..., 0] - logits.logsumexp(dim=-1)).cpu()  # (n, L)
+        out += [picked[i, :len(a)].tolist() for i, a in enumerate(chunk)]
+    return out
+
+
+FORCED_ROWS = 64  # answers teacher-forced in one pass (best_of, a sweep's entropies)
 
 
 MAX_COPIES = 1024  # copies of one prompt in a batch (best_of, a temperature sweep's samples): 2e9 exhausted memory
@@ -108,6 +120,7 @@ def check_generation(max_new_tokens: int = 32, temperature: float = 0.0, top_k: 
     check_max_new_tokens(max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p)
     Stops.parse(stop)
+    check_seed(seed)
     check_best_of(best_of, rerank_weight, sampling)
 
 

@@ -197,3 +197,21 @@ def test_the_best_of_benchmark_compares_greedy_and_both_rankings_on_each_split(m
         chosen = (r["best of n, log-probability"], r["best of n, with the space"])
         assert all(0 <= x <= r["a candidate was right"] <= 1 for x in chosen)  # the ceiling bounds both rankings
     assert table(result).count("| held-out |") == sum(s == "held-out" for s, _ in seen)
+
+
+def test_answers_are_teacher_forced_in_chunks_with_each_answers_own_logprobs():
+    """All N answers' (N, L, V) logits were built at once, and their log-softmax copied twice:
+    1.6 GB for best_of=128 over CLIP's vocabulary. Chunks of FORCED_ROWS give each answer the
+    log-probabilities it has alone."""
+    from mmembed.decoder.score import FORCED_ROWS
+    from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model
+
+    pm = lively(prompt_model(), std=0.3)
+    (prompt,) = resolve_prompts([["describe", torch.ones(DIM)]], fake_embed, DIM, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    answers = [torch.randint(3, 300, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 9, (FORCED_ROWS + 5,), generator=g)]
+    together = answer_logprobs(pm.lm, pm.fmt, prompt, answers)
+    for i in (0, FORCED_ROWS - 1, FORCED_ROWS, FORCED_ROWS + 4):
+        assert together[i] == pytest.approx(answer_logprobs(pm.lm, pm.fmt, prompt, [answers[i]])[0], abs=1e-5)
+    assert [len(t) for t in together] == [len(a) for a in answers]

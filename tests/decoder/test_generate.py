@@ -292,3 +292,25 @@ def test_generation_reports_one_entropy_and_logprob_per_token():
         assert len(out.token_ids) == len(out.logprobs) == len(out.entropy) <= 9
         assert all(lp <= 0 for lp in out.logprobs) and all(h >= 0 for h in out.entropy)
         assert out.finish_reason in ("eos", "length")
+
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "3", -1, 2**64])
+def test_a_seed_that_is_not_a_non_negative_integer_is_a_value_error(seed):
+    """1.5, True, "3" raised RuntimeError; 2**64 an OverflowError's ValueError; -1 and 2**64 - 1 drew alike."""
+    from mmembed.decoder.score import check_generation
+
+    pm = prompt_model()
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        run(pm, [PROMPTS[2]], n=2, seed=seed, temperature=1.0)
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        check_generation(seed=seed)  # what chat checks before a session starts
+
+
+def test_a_float64_vector_past_float32s_range_is_read_by_its_direction():
+    """1e300 reported "holds NaN or Inf" and 1e-300 "a zero vector": it was cast to float32 first."""
+    direction = torch.nn.functional.normalize(torch.randn(DIM, dtype=torch.float64), dim=0)
+    (a,) = resolve_prompts([["x", direction * 1e300]], fake_embed, DIM, CPU)
+    (b,) = resolve_prompts([["x", direction * 1e-300]], fake_embed, DIM, CPU)
+    torch.testing.assert_close(a.vectors[0], direction.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.vectors[0], direction.float(), atol=1e-6, rtol=0)

@@ -156,3 +156,19 @@ def test_inline_prompt_syntax(tmp_path):
         parse_inline("look <image:x>y.png>", base=tmp_path)
     with pytest.raises(UserError, match=r"missing image file: \S*nope.png$"):  # no hint without a later '>'
         parse_inline("look <image:nope.png>", base=tmp_path)
+
+
+def test_adjacent_text_segments_are_one_text_joined_by_a_space():
+    """Each text segment was tokenised alone: ["what colour is the star?", "blue", "and the circle?"]
+    (a Session's history turn, its answer and the new question) reached the decoder as
+    "what colour is the star?blueand the circle?"."""
+    pm = prompt_model()
+    fmt = pm.fmt
+    parts = ["what colour is the star?", "blue", "  ", "and the circle?"]
+    joined = fmt.encode(["what colour is the star? blue and the circle?"])
+    assert fmt.encode(parts) == joined and fmt.length(parts) == len(joined)
+    assert fmt.decode(fmt.encode(parts)) == fmt.decode(joined)
+    media = torch.ones(DIM)
+    (resolved,) = resolve_prompts([["a", "b", media, "c"]], fake_embed, DIM, CPU)  # text runs around media stay apart
+    assert fmt.encode(resolved.parts) == [fmt.bos_id, *fmt.tokenizer.encode("a b"), *fmt.slot_ids("vector"),
+                                          *fmt.tokenizer.encode("c"), fmt.answer_id]
