@@ -30,6 +30,7 @@ from mmembed.decoder.fusion import MultimodalLM
 from mmembed.decoder.generate import Generation, Stops, check_max_new_tokens, check_seed, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
+from mmembed.errors import BadInput
 
 BATCH = 64  # prompts per generation batch
 
@@ -147,8 +148,25 @@ def best_of(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], n: int
     vectors = None  # answer text → its vector, for the prompts with media; one text-tower call for all of them
     if embed_answers is not None and weight > 0:
         said = list(dict.fromkeys(t for d, p in zip(distinct, prompts) if p.vectors.shape[0] for t in d if t.strip()))
-        vectors = dict(zip(said, embed_answers(said).float().cpu())) if said else {}
+        vectors = _answer_vectors(embed_answers, said)
     return [_choose(lm, fmt, p, d, g, vectors, logit_scale * weight) for p, d, g in zip(prompts, distinct, greedy)]
+
+
+def _answer_vectors(embed_answers: Callable, texts: list[str]) -> dict[str, Tensor]:
+    """Answer text → its vector; a text the text tower refuses (one its cleaning empties, as CLIP's
+    does a control character) gets none and is scored as an empty answer is, not the end of best_of."""
+    if not texts:
+        return {}
+    try:
+        return dict(zip(texts, embed_answers(texts).float().cpu()))
+    except BadInput:
+        out = {}
+        for text in texts:
+            try:
+                out[text] = embed_answers([text]).float().cpu()[0]
+            except BadInput:
+                continue
+        return out
 
 
 def _in_batches(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
@@ -177,8 +195,9 @@ def _choose(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, first: dict[s
         return greedy
     texts = list(first)
     similarity: list[float | None] = [None] * len(texts)
-    if vectors is not None and prompt.vectors.shape[0] and any(t.strip() for t in texts):
-        texts = [t for t in texts if t.strip()]  # an empty answer has no vector to judge: dropped while others are left
+    judged = [t for t in texts if t in vectors] if vectors is not None and prompt.vectors.shape[0] else []
+    if judged:  # an answer without a vector (empty, or refused by the text tower) is dropped while others are left
+        texts = judged
         z = torch.stack([vectors[t] for t in texts])  # (S, D)
         similarity = (z @ prompt.vectors.float().cpu().T).mean(dim=1).tolist()  # mean over the prompt's media
     logprob = [sum(lp) / len(lp) for lp in answer_logprobs(lm, fmt, prompt, [first[t].token_ids for t in texts])]

@@ -215,3 +215,30 @@ def test_answers_are_teacher_forced_in_chunks_with_each_answers_own_logprobs():
     for i in (0, FORCED_ROWS - 1, FORCED_ROWS, FORCED_ROWS + 4):
         assert together[i] == pytest.approx(answer_logprobs(pm.lm, pm.fmt, prompt, [answers[i]])[0], abs=1e-5)
     assert [len(t) for t in together] == [len(a) for a in answers]
+
+
+def test_an_answer_the_text_tower_refuses_is_scored_without_a_vector_not_the_end_of_best_of():
+    """CLIP's cleaning empties some non-blank answers (a control character, '&nbsp;'): the one
+    text-tower call over every candidate raised BadInput and best_of failed outright."""
+    from mmembed.decoder import Sampling, Stops
+    from mmembed.decoder.score import best_of
+    from mmembed.errors import BadInput
+    from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model
+
+    pm = lively(prompt_model(), std=0.5)
+    (prompt,) = resolve_prompts([["describe", torch.ones(DIM)]], fake_embed, DIM, torch.device("cpu"))
+    refused = set()
+
+    def embed_answers(texts):
+        if len(texts) > 1 or texts[0] == refuse:
+            refused.add(len(texts))
+            raise BadInput("text item 0: empty caption")
+        return fake_embed(mm.Modality.TEXT, texts)
+
+    probe = best_of(pm.lm, pm.fmt, [prompt], 6, 8, Sampling(1.0), Stops(), 0, torch.device("cpu"),
+                    embed_answers=lambda texts: fake_embed(mm.Modality.TEXT, texts), logit_scale=10.0, weight=1.0)[0]
+    refuse = probe.candidates[0].text  # the best answer, refused by the tower from now on
+    out = best_of(pm.lm, pm.fmt, [prompt], 6, 8, Sampling(1.0), Stops(), 0, torch.device("cpu"),
+                  embed_answers=embed_answers, logit_scale=10.0, weight=1.0)[0]
+    assert refused and refuse not in [c.text for c in out.candidates]
+    assert len(out.candidates) == len(probe.candidates) - 1 and all(c.similarity is not None for c in out.candidates)
