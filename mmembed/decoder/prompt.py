@@ -135,7 +135,7 @@ class PromptFormat:
         joined by a space (a Session's history turns, answers and question: "…star?blue and…"
         otherwise, words training never shows)."""
         ids = [self.bos_id]
-        for part in _joined(parts):
+        for part in join_text(parts):
             ids += self.slot_ids(part.marker) if isinstance(part, Slot) else self.tokenizer.encode(part)
         ids.append(self.answer_id)
         return ids
@@ -147,7 +147,7 @@ class PromptFormat:
     def length(self, segments: Sequence[Any]) -> int:
         """Ids a prompt of `segments` takes (text tokens, k + 2 per media item, <bos> and <answer>)."""
         return 2 + sum(len(self.tokenizer.encode(seg)) if isinstance(seg, str) else self.soft_tokens + 2
-                       for seg in _joined(segments))
+                       for seg in join_text(segments))
 
     def encode_answer(self, text: str) -> list[int]:
         """Answer text → its ids followed by `<eos>` (what the decoder learns to write)."""
@@ -158,7 +158,7 @@ class PromptFormat:
         return self.tokenizer.decode([i for i in ids if i not in self._hidden])
 
 
-def _joined(parts: Sequence[Any]) -> list[Any]:
+def join_text(parts: Sequence[Any]) -> list[Any]:
     """`parts` with each run of adjacent text parts as one stripped text, joined by spaces (blank
     ones dropped); anything else (a media slot or segment) as it is."""
     out: list[Any] = []

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmembed.data.instructions import InstructionRow, MediaRef
-from mmembed.decoder.prompt import VECTOR, PromptFormat
+from mmembed.decoder.prompt import VECTOR, PromptFormat, join_text
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 
@@ -110,10 +110,9 @@ class PromptDataset(Dataset):
 
     def _encode(self, row: InstructionRow) -> Encoded:
         pieces: list[list[int] | tuple[str, int]] = []
-        for seg in row.prompt:
+        for seg in join_text(row.prompt):  # adjacent text segments as one text, as `PromptFormat.encode` reads them
             if isinstance(seg, str):
-                if seg.strip():
-                    pieces.append(self.fmt.tokenizer.encode(seg.strip()))
+                pieces.append(self.fmt.tokenizer.encode(seg))
             else:
                 pieces.append((seg[0].value, self.table.index[seg]))
         return Encoded(pieces, self.fmt.encode_answer(row.answer))

@@ -172,3 +172,19 @@ def test_adjacent_text_segments_are_one_text_joined_by_a_space():
     (resolved,) = resolve_prompts([["a", "b", media, "c"]], fake_embed, DIM, CPU)  # text runs around media stay apart
     assert fmt.encode(resolved.parts) == [fmt.bos_id, *fmt.tokenizer.encode("a b"), *fmt.slot_ids("vector"),
                                           *fmt.tokenizer.encode("c"), fmt.answer_id]
+
+
+def test_training_reads_adjacent_text_segments_as_generation_does():
+    """The training rows of memory dialogues hold runs of text segments (turns, answers, the question):
+    training must tokenise them as `PromptFormat.encode` does, or it trains on other words."""
+    from mmembed.data.instructions import InstructionRow
+    from mmembed.train.decoder_data import MediaTable, PromptDataset
+
+    pm = prompt_model()
+    ref = (Modality.IMAGE, "a.png")
+    row = InstructionRow(1, ("what colour is the star?", "blue", ref, "and", "the circle?"), "red")
+    table = MediaTable()
+    table.add([row])
+    ids, start, media = PromptDataset([row], pm.fmt, table, context=64)[(0, 0)]
+    expected = pm.fmt.encode(["what colour is the star?", "blue", Slot("image"), "and", "the circle?"])
+    assert ids[:start] == expected and media == [0]
