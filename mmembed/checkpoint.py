@@ -115,7 +115,10 @@ def fsync_dir(folder: Path) -> None:
 
 def make_output_folder(folder: str | Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) before any long work writes into it: a path under a file,
-    or one that cannot be created, is one UserError now, not a traceback after the work."""
+    or one that cannot be created, is one UserError now, not a traceback after the work. An empty
+    name is refused (Path("") is the working directory, where the files would land unasked)."""
+    if not str(folder).strip():
+        raise UserError(f"{flag} is empty; give the folder to write into")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file; give the folder to write into")

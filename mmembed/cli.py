@@ -336,7 +336,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
         return run_tokenizer_stats(args)
     from mmembed.tokenizer import train_tokenizer
 
-    path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=Path(args.out))
+    path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out)
     print(f"wrote {path}")
     return 0
 

@@ -316,6 +316,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.json_out is not None and not args.json_out.strip():  # it was written nowhere, without a word
+        raise UserError("--json is empty; name the file to write")
     if args.json_out:  # refused before the evaluation, not after it
         _check_json_out(Path(args.json_out), [Path(p) for p in (args.manifest, args.instructions) if p], Path(args.run))
     model = mm.load(args.run)

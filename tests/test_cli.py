@@ -85,6 +85,9 @@ def test_an_output_that_names_a_file_where_a_folder_goes_is_one_line(capsys, tmp
                         "would overwrite an input of this evaluation")
     _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", str(taken / "r.json")],
                     "is a file, not a folder")
+    _one_line_error(capsys, ["eval", str(tmp_path), "--manifest", "m.jsonl", "--json", ""], "--json is empty")
+    _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", ""],
+                    "--out is empty")  # it wrote tokenizer.json into the working directory
     _one_line_error(capsys, ["map", str(tmp_path), "--color-by", "modality", "--out", str(tmp_path / "m.jpg")],
                     "must name a .png file")
 
