@@ -29,8 +29,8 @@ class Batch:
         masks: modality → padding mask for `inputs[m]` (True = valid), or None (images).
         present: modality → (B,) bool, which rows have it; one entry per modality the
             preprocessors handle, all-False when no row has it. `present[m].sum() == N_m`.
-        labels: (B,) long, equal `label` strings → equal ids (numbered by first appearance
-            in the batch), -1 for rows without a label.
+        labels: (B,) long, equal `label` strings → equal ids (a 63-bit hash of the string, so
+            ids agree across batches and processes), -1 for rows without a label.
         rows: (B,) long manifest line numbers.
         keys: per row, the `label` string (scene identity) or None.
         skipped: (line, reason) of the rows dropped while building this batch. B can be 0
