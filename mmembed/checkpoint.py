@@ -113,6 +113,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_above(path: str | Path) -> Path | None:
+    """The file standing where a folder above `path` must go (the nearest existing ancestor, when it
+    is not a folder), or None: checked before any work that would write `path`."""
+    for parent in Path(path).resolve().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def make_output_folder(folder: str | Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) before any long work writes into it: a path under a file,
     or one that cannot be created, is one UserError now, not a traceback after the work. An empty

@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json
+from mmembed.checkpoint import atomic_write_json, file_above
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.embed import embed_manifest
@@ -292,11 +292,8 @@ def _check_json_out(out: Path, inputs: list[Path], run: Path) -> None:
 
     if out.is_dir():
         raise UserError(f"--json {out} is a folder; name the file to write")
-    for parent in out.resolve().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--json {out}: {parent} is a file, not a folder")
-            break
+    if (parent := file_above(out)) is not None:
+        raise UserError(f"--json {out}: {parent} is a file, not a folder")
     target = out.resolve()
     # in the run folder, a report may replace an earlier report, never the run's own files
     run_file = (target.is_file() and target.is_relative_to(run.resolve())

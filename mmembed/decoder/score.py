@@ -33,6 +33,8 @@ from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput
 
 BATCH = 64  # prompts per generation batch
+FORCED_ROWS = 64  # answers teacher-forced in one pass (best_of, a sweep's entropies)
+MAX_COPIES = 1024  # copies of one prompt in a batch (best_of, a temperature sweep's samples): 2e9 exhausted memory
 
 
 @dataclass(frozen=True)
@@ -79,26 +81,28 @@ def teacher_forced_logits(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
         lm.train(was_training)
 
 
-def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
-                    answers: Sequence[Sequence[int]]) -> list[list[float]]:
-    """Log-probability of every token of each answer under the decoder (T = 1), teacher-forced,
-    `FORCED_ROWS` answers at a time (the logits of 1,024 answers over a 50k vocabulary are GBs)."""
-    out = []
+def per_token(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, answers: Sequence[Sequence[int]],
+              reduce: Callable[[Tensor, Tensor], Tensor]) -> list[list[float]]:
+    """`reduce(logits (n, L, V), ids (n, L))` → (n, L) per answer token, teacher-forced `FORCED_ROWS`
+    answers at a time (the logits of 1,024 answers over a 50k vocabulary are GBs); one list per
+    answer, as long as it."""
+    out: list[list[float]] = []
     for start in range(0, len(answers), FORCED_ROWS):
         chunk = answers[start:start + FORCED_ROWS]
         logits = teacher_forced_logits(lm, fmt, prompt, chunk)  # (n, L, V)
-        ids = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        ids = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)  # (n, L), right-padded
         for i, a in enumerate(chunk):
             ids[i, :len(a)] = torch.tensor(a, dtype=torch.long)
-        picked = (logits.gather(-1, ids[..., None])[..., 0] - logits.logsumexp(dim=-1)).cpu()  # (n, L)
-        out += [picked[i, :len(a)].tolist() for i, a in enumerate(chunk)]
+        values = reduce(logits, ids).cpu()
+        out += [values[i, :len(a)].tolist() for i, a in enumerate(chunk)]
     return out
 
 
-FORCED_ROWS = 64  # answers teacher-forced in one pass (best_of, a sweep's entropies)
-
-
-MAX_COPIES = 1024  # copies of one prompt in a batch (best_of, a temperature sweep's samples): 2e9 exhausted memory
+def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
+                    answers: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Log-probability of every token of each answer under the decoder (T = 1), teacher-forced."""
+    return per_token(lm, fmt, prompt, answers,
+                     lambda logits, ids: logits.gather(-1, ids[..., None])[..., 0] - logits.logsumexp(dim=-1))
 
 
 def check_best_of(best_of: int, weight: float, sampling: Sampling) -> None:

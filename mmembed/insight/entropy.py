@@ -26,7 +26,7 @@ from torch import Tensor
 from mmembed.decoder.generate import Generation, Stops, generate
 from mmembed.decoder.prompt import Resolved
 from mmembed.decoder.sampling import Sampling
-from mmembed.decoder.score import FORCED_ROWS, MAX_COPIES, teacher_forced_logits
+from mmembed.decoder.score import MAX_COPIES, per_token
 from mmembed.insight.plotting import pyplot, save_png, token_labels
 
 if TYPE_CHECKING:
@@ -60,12 +60,7 @@ def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[
     """
     if not any(answers):
         return [[] for _ in answers]
-    out = []
-    for start in range(0, len(answers), FORCED_ROWS):  # never the (N, L, V) logits of every answer at once
-        chunk = answers[start:start + FORCED_ROWS]
-        h = logits_entropy(teacher_forced_logits(pm.lm, pm.fmt, prompt, chunk)).cpu()
-        out += [h[i, :len(a)].tolist() for i, a in enumerate(chunk)]
-    return out
+    return per_token(pm.lm, pm.fmt, prompt, answers, lambda logits, ids: logits_entropy(logits))
 
 
 @dataclass

@@ -36,7 +36,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, atomic_write_text, fsync_dir, load_tensors, read_json, save_tensors
+from mmembed.checkpoint import (atomic_write_json, atomic_write_text, file_above, fsync_dir, load_tensors, read_json,
+                                save_tensors)
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.store import MODALITY_CODES, STORAGE_DTYPES, VectorStore
@@ -88,11 +89,8 @@ def check_target(target: str | Path) -> None:
     folder, and every existing folder above it is a folder (checked before any work, so a
     mistyped --out costs no embedding)."""
     target = Path(target).resolve()
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
-            break
+    if (parent := file_above(target)) is not None:
+        raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
     _check_replaceable(target)
 
 

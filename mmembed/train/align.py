@@ -40,7 +40,7 @@ from mmembed.train.distributed import (Forward, all_gather_objects, any_rank, as
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import lock_run, read_paths
-from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
+from mmembed.train.state import remove_partial_checkpoints, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,8 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
         if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
             remove_partial_checkpoints(run_dir)
         barrier()
-        if resume and latest_checkpoint(run_dir) is None:  # before anything is written into the folder
-            raise UserError(f"--resume: no complete checkpoint in {run_dir}/checkpoints (start the run without "
-                            "--resume, with --overwrite if the folder holds its first files)")
+        if resume:  # before anything is written into the folder
+            resume_checkpoint(run_dir)
         restarts = 0
         while True:
             try:

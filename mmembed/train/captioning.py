@@ -49,8 +49,7 @@ class Captioner(nn.Module):
 
     def forward(self, z: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Mean cross-entropy of writing `ids` after the soft tokens of `z`; arguments as in `written`."""
-        loss = self.written(z, ids, mask)
-        return loss.sum / loss.tokens
+        return self.written(z, ids, mask).mean
 
     def written(self, z: Tensor, ids: Tensor, mask: Tensor) -> CaptionLoss:
         """Summed cross-entropy of writing `ids` after the soft tokens of `z`, and its token count.

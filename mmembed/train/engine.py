@@ -42,8 +42,9 @@ from mmembed.train.fsdp import sharded_of
 from mmembed.train.metrics import StepOutput, better, lower_is_better, step_totals
 from mmembed.train.optim import build_optimizer, hyperparameters, lr_at, restore_hyperparameters, set_lr
 from mmembed.train.run_log import MetricsLog, ProgressLine
-from mmembed.train.state import (Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                 remove_partial_checkpoints, restore_best, rng_state, save_checkpoint)
+from mmembed.train.state import (Progress, checkpoint_dir, load_checkpoint, prune_checkpoints,
+                                 remove_partial_checkpoints, restore_best, resume_checkpoint, rng_state,
+                                 save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -379,10 +380,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints (start the run "
-                            "without --resume, with --overwrite if the folder holds its first files)")
+        ckpt = resume_checkpoint(self.run_dir)
         configured = hyperparameters(self.optimizer)
         self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
                                         sharded=self.sharded)

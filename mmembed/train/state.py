@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mmembed.checkpoint import atomic_write_json, fsync_dir, load_tensors, read_json, save_tensors
-from mmembed.errors import CheckpointError
+from mmembed.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (weights, optimizer state and trainer.json), or None."""
     done = _complete_by_step(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint `--resume` continues from (the newest complete one); UserError when none is."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"--resume: no complete checkpoint in {run_dir}/checkpoints (start the run without "
+                        "--resume, with --overwrite if the folder holds its first files)")
+    return ckpt
 
 
 def _complete_by_step(root: Path) -> list[Path]:

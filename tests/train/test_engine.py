@@ -354,17 +354,14 @@ def test_a_resumed_run_writes_each_validation_row_once(tmp_path):
     """Killed after the checkpoint of step 6 (the epoch's last step, taken before the epoch's end
     and its validation): the validation row written after the checkpoint is dropped with the rest
     and written again, once."""
-    class Crash(Exception):
-        pass
-
     def crash(event, trainer, info):
         if event == "step" and trainer.progress.step == 7:
-            raise Crash
+            raise _Crash
 
     _, ref = _evaluated(tmp_path / "ref", iter([0.1, 0.2, 0.3]), epochs=3, checkpoint_every=3)
     ref.fit()
     _, killed = _evaluated(tmp_path / "run", iter([0.1, 0.2, 0.3]), [crash], epochs=3, checkpoint_every=3)
-    with pytest.raises(Crash):
+    with pytest.raises(_Crash):
         killed.fit()
     assert latest_checkpoint(tmp_path / "run").name.endswith("6")
     _, resumed = _evaluated(tmp_path / "run", iter([0.2, 0.3]), epochs=3, checkpoint_every=3)
