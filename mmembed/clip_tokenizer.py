@@ -37,6 +37,7 @@ from mmembed.text_encoding import (
     Padding,
     check_ids,
     check_text,
+    check_texts,
     content_budget,
     encode_bounded,
     pad_rows,
@@ -148,7 +149,7 @@ class ClipTokenizer:
         """
         max_length = self.context_length if max_length is None else max_length
         rows = [self.encode(t, allowed_special=allowed_special, add_bos=add_bos, add_eos=add_eos,
-                            max_length=max_length) for t in texts]
+                            max_length=max_length) for t in check_texts(texts)]
         return pad_rows(rows, self.pad_id, padding, max_length)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:

@@ -349,6 +349,7 @@ def load_space(run_dir: str | Path) -> Model:
     tokenizer = _load_tokenizer(run_dir)
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
+    _check_vocabulary(space, state, getattr(tokenizer, "vocab_size", None), run_dir)
     try:
         missing, unexpected = space.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape: the weights are not this config's
@@ -359,6 +360,18 @@ def load_space(run_dir: str | Path) -> Model:
                               f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     space.eval()
     return Model(config, space, tokenizer)
+
+
+def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: int | None, run_dir: Path) -> None:
+    """Name tokenizer.json when it, not the weights, is what disagrees: a tensor sized by the
+    vocabulary in the built space but of another size in the checkpoint."""
+    if vocab_size is None:
+        return
+    for key, built in space.state_dict().items():
+        saved = state.get(key)
+        if saved is not None and built.ndim and built.shape[0] == vocab_size and saved.shape[0] != vocab_size:
+            raise CheckpointError(f"{run_dir / TOKENIZER} has {vocab_size} tokens, but the weights' {key} has "
+                                  f"{saved.shape[0]} rows: it is not the tokenizer this run trained with")
 
 
 def build_model(config: Config, tokenizer: Any | None) -> Model:

@@ -36,6 +36,17 @@ def check_text(text: object) -> None:
                        f"{m.start()} (raw bytes go through encode_bytes)")
 
 
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """The strings of a batch as a list, each checked as `check_text` does; one string is a
+    TypeError (iterating it would encode each character as a row)."""
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise TypeError(f"encode_batch takes a sequence of strings, got one {type(texts).__name__}")
+    texts = list(texts)
+    for t in texts:
+        check_text(t)
+    return texts
+
+
 def resolve_allowed(allowed: AllowedSpecial, specials: dict[str, int]) -> frozenset[str]:
     if not allowed:
         return frozenset()

@@ -29,9 +29,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.errors import CheckpointError, UserError
-from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, content_budget, encode_bounded,
-                                   pad_rows, prefix_chars, prefix_cut, prefix_holds, require_str, resolve_allowed,
-                                   split_on_specials, with_bos_eos)
+from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, check_texts,
+                                   content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
+                                   resolve_allowed, split_on_specials, with_bos_eos)
 
 if TYPE_CHECKING:
     from mmembed.clip_tokenizer import ClipTokenizer
@@ -68,7 +68,7 @@ class Tokenizer:
     kind = "bpe"
 
     def __init__(self, hf: tokenizers.Tokenizer):
-        _check_pipeline(hf)
+        _check_pipeline(json.loads(hf.to_str()))
         self._hf = hf
         # A twin that treats special-token text as plain text: user strings go through it, so
         # "<image>" typed by a user can never become the image slot (tiktoken's default).
@@ -141,8 +141,18 @@ class Tokenizer:
         if ClipTokenizer.is_marker(text):
             raise CheckpointError(f"{file}: is a CLIP tokenizer marker; use load_tokenizer()")
         try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
+        try:
+            _check_pipeline(spec)  # before the Rust library reads it: some options make it panic
+        except ValueError as e:
+            raise CheckpointError(f"{file}: not an mmembed byte-level BPE tokenizer ({e})") from None
+        try:
             hf = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:  # the Rust side raises plain Exception on malformed JSON
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # plain Exception on a bad file, a PanicException on some
             raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
         try:
             return cls(hf)
@@ -201,7 +211,7 @@ class Tokenizer:
         Returns:
             The ids.
         """
-        require_str(text)  # lone surrogates: HF refuses them, then _encode_plain says why
+        check_text(text)  # the whole text: with max_length only a prefix reaches the encoder
         allowed = resolve_allowed(allowed_special, self._special)
         budget = content_budget(max_length, add_bos, add_eos)
         if not allowed and budget is None:
@@ -224,9 +234,7 @@ class Tokenizer:
         Returns:
             ids: (B, T) long, padded with `pad_id`; mask: (B, T) bool, True = real token.
         """
-        texts = list(texts)
-        for t in texts:
-            require_str(t)
+        texts = check_texts(texts)
         allowed = resolve_allowed(allowed_special, self._special)
         if allowed:
             rows = [self.encode(t, allowed_special=allowed, add_bos=add_bos, add_eos=add_eos,
@@ -333,23 +341,64 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
             raise UserError(f"corpus file not found: {f}")
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}): a tokenizer learns its merges from text")
-    make_output_folder(out_dir)  # before the training, which a bad --out would otherwise lose
+    target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
+    if target.exists() and not target.is_file():
+        raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
-    return tok.save(Path(out_dir) / TOKENIZER_FILE)
+    return tok.save(target)
 
 
-def _check_pipeline(hf: tokenizers.Tokenizer) -> None:
-    """ValueError unless `hf` is a plain byte-level BPE: no normalizer, GPT-2's byte-level pre-tokenizer
-    without a prefix space. Anything else (a lower-casing normalizer, a `Whitespace` pre-tokenizer,
-    a prefix space) breaks `decode(encode(s)) == s`, which every caller relies on."""
-    spec = json.loads(hf.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") is not None:
-        raise ValueError(f"it has a {spec['normalizer'].get('type')} normalizer")
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+def _check_pipeline(spec: dict) -> None:
+    """ValueError unless `spec` (a tokenizer's JSON) is a plain byte-level BPE: no normalizer,
+    GPT-2's byte-level pre-tokenizer without a prefix space. Anything else (a lower-casing
+    normalizer, a `Whitespace` pre-tokenizer, a prefix space) breaks `decode(encode(s)) == s`,
+    which every caller relies on."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError("it is not a JSON object with a model")
+    pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
+    if normalizer is not None:
+        raise ValueError(f"it has a {normalizer.get('type') if isinstance(normalizer, dict) else ''} normalizer")
+    if (not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
+            or not pre.get("use_regex", True)):
         raise ValueError("its pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
-    if (spec.get("model") or {}).get("type") != "BPE":
+    model = spec["model"]
+    if model.get("type") != "BPE":
         raise ValueError("its model is not BPE")
+    # Options a trained file leaves off, each of which changes ids or text behind our back
+    # (a hand-edited file would load and then truncate, pad, sample or mangle words).
+    changed = [name for name in ("truncation", "padding", "post_processor") if spec.get(name) is not None]
+    changed += [f"model.{name}" for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
+                if model.get(name)]
+    changed += [f"model.{name}" for name in ("byte_fallback", "ignore_merges") if model.get(name)]
+    if changed:
+        raise ValueError(f"it sets {', '.join(changed)}, which an mmembed tokenizer leaves off")
+    added = spec.get("added_tokens") or []
+    for token in added:
+        if (not isinstance(token, dict) or not token.get("special")
+                or any(token.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))):
+            raise ValueError(f"its added token {token.get('content') if isinstance(token, dict) else token!r} is "
+                             "not a plain special token (special, no lstrip/rstrip/single_word/normalized)")
+    _check_merges(model, {t.get("content") for t in added})
+
+
+def _check_merges(model: dict, specials: set) -> None:
+    """Every token beyond the bytes and the specials is one merge's result, and every merge makes
+    one: a file that lost merges would load and encode into other ids (the model's embeddings
+    then read the wrong rows)."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    pairs = isinstance(merges, list) and all(
+        isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges)
+    if not isinstance(vocab, dict) or not pairs:
+        raise ValueError("its model's vocab is not a map of tokens or its merges not a list of pairs")
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError("two of its vocabulary tokens share one id")
+    made = {"".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m) for m in merges}
+    bytes_ = set(byte_to_unicode().values())
+    merged = {t for t in vocab if t not in bytes_ and t not in specials}
+    unmade = merged - made
+    if unmade or len(made) != len(merges) or not made <= set(vocab):
+        raise ValueError(f"its merges do not match its vocabulary ({len(merges)} merges for {len(merged)} "
+                         f"merged tokens, {len(unmade)} of which no merge makes)")
 
 
 def _check_special(s: object) -> None:

@@ -3,9 +3,12 @@ batching, persistence, compression on held-out English, and parity with open_cli
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +94,13 @@ def test_lone_surrogate_is_bad_input_not_a_crash(tok):
             call()
     with pytest.raises(TypeError, match="str"):
         tok.encode(b"bytes")
+    # past the prefix a max_length encodes, too (it was encoded as the first 16 ids, no error)
+    for call in (lambda: tok.encode("word " * 200 + "\ud800", max_length=16),
+                 lambda: tok.encode_batch(["word " * 200 + "\ud800"], max_length=16)):
+        with pytest.raises(BadInput, match="U\\+D800 at index 1000"):
+            call()
+    with pytest.raises(TypeError, match="one str"):  # it was encoded as five rows of one letter
+        tok.encode_batch("a cat")
 
 
 def test_decode_matches_hf_and_checks_ids(tok):
@@ -273,6 +283,43 @@ def test_a_file_whose_pipeline_breaks_the_round_trip_is_refused(tok, tmp_path):
             Tokenizer.load(path)
 
 
+def _edited(spec: dict, path: Path, edit) -> Path:
+    changed = copy.deepcopy(spec)
+    edit(changed)
+    path.write_text(json.dumps(changed), encoding="utf-8")
+    return path
+
+
+def test_a_hand_edited_file_that_would_change_ids_or_text_is_refused(tok, tmp_path):
+    """Each edit loaded before and then truncated every text to 3 ids, padded "a" to 40 ids that
+    the mask counted as real, sampled other ids at every call (dropout), cut the last letter of
+    every word (a word suffix), decoded an added "café" as "caf\ufffd", made user text "<image>"
+    the image slot, or (half the merges gone) encoded into other ids that the run's embeddings
+    then read; a continuing-subword prefix crashed inside the Rust library with a backtrace."""
+    spec = json.loads(tok.to_hf().to_str())
+    image = next(t for t in spec["added_tokens"] if t["content"] == "<image>")
+    edits = {
+        "truncation": lambda s: s.update(truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst",
+                                                     "stride": 0}),
+        "padding": lambda s: s.update(padding={"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
+                                               "pad_id": 2, "pad_type_id": 0, "pad_token": "<pad>"}),
+        "model.dropout": lambda s: s["model"].update(dropout=0.9),
+        "model.end_of_word_suffix": lambda s: s["model"].update(end_of_word_suffix="</w>"),
+        "model.continuing_subword_prefix": lambda s: s["model"].update(continuing_subword_prefix="##"),
+        "not a plain special token": lambda s: s["added_tokens"].append(
+            {**image, "id": len(s["model"]["vocab"]), "content": "café", "special": False}),
+        "'<image>' is not a plain special": lambda s: [t.update(special=False) for t in s["added_tokens"]
+                                                       if t["content"] == "<image>"],
+        "merges do not match": lambda s: s["model"].update(merges=s["model"]["merges"][: len(s["model"]["merges"]) // 2]),
+    }
+    for i, (message, edit) in enumerate(edits.items()):
+        path = _edited(spec, tmp_path / f"{i}.json", edit)
+        with pytest.raises(CheckpointError, match=re.escape(message)) as e:
+            load_tokenizer(path)
+        assert "\n" not in str(e.value)
+    assert load_tokenizer(_edited(spec, tmp_path / "same.json", lambda s: None)).encode(HELD_OUT) == tok.encode(HELD_OUT)
+
+
 def test_a_special_token_holding_whitespace_is_refused():
     """A truncation cuts at spaces, so it could cut "<my token>" in two."""
     with pytest.raises(UserError, match="must hold no whitespace"):
@@ -293,6 +340,9 @@ def test_train_tokenizer_from_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match=r"the corpus is empty \(.*empty.txt\)"):
         train_tokenizer([tmp_path / "empty.txt"], 600, tmp_path / "tok3")
+    (tmp_path / "tok4" / "tokenizer.json").mkdir(parents=True)  # refused before training, not after it
+    with pytest.raises(UserError, match="exists and is not a file"):
+        train_tokenizer(files, 600, tmp_path / "tok4")
     with pytest.raises(UserError, match="vocab_size"):
         Tokenizer.train(["abc"], vocab_size=100)
     with pytest.raises(UserError, match="not one string"):

@@ -124,7 +124,10 @@ def read_corpus(files: Sequence[str | Path]) -> list[str]:
     for f in map(Path, files):
         if not f.is_file():
             raise UserError(f"corpus file not found: {f}")
-        lines += f.read_text(encoding="utf-8", errors="replace").splitlines()
+        # Lines end at \n, \r or \r\n only, as when the tokenizer trains on the file:
+        # str.splitlines would also cut at U+2028, form feeds and other separators inside a caption.
+        with f.open(encoding="utf-8", errors="replace", newline=None) as fh:
+            lines += [line.removesuffix("\n") for line in fh]
     return lines
 
 

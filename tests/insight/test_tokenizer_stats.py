@@ -8,7 +8,7 @@ import pytest
 from mmembed.cli import main
 from mmembed.errors import UserError
 from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, count_tokens, format_stats_table, parse_vocab_sizes,
-                                             split_corpus, tokenizer_stats)
+                                             read_corpus, split_corpus, tokenizer_stats)
 from mmembed.tokenizer import Tokenizer
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "pe", "du", "shi", "gra", "ton", "bel"]
@@ -143,3 +143,11 @@ def test_cli_writes_plot_and_numbers(capsys, corpus, tmp_path):
     assert [(r["vocab"], r["embedding_params"]) for r in saved] == [(300, 300 * 64), (500, 500 * 64)]
     csv = (out / "tokenizer_stats.csv").read_text().splitlines()
     assert csv[0].startswith("requested,vocab,chars_per_token") and len(csv) == 3
+
+
+def test_lines_end_only_at_newlines(tmp_path):
+    """A caption holding U+2028, a form feed or U+0085 is one line, as the tokenizer's training
+    reads it (str.splitlines cut it in two and doubled the held-out lines)."""
+    path = tmp_path / "c.txt"
+    path.write_bytes("a red\u2028star\r\nb\x0cblue\u0085moon\rc\n".encode("utf-8"))
+    assert read_corpus([path]) == ["a red\u2028star", "b\x0cblue\u0085moon", "c"]

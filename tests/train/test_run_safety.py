@@ -184,6 +184,12 @@ def test_bad_checkpoints_are_one_line_errors(tiny_world, tmp_path, capsys):
         import mmembed as mm
 
         mm.load(run)
+    from mmembed.tokenizer import Tokenizer  # another run's tokenizer: named, not "the weights do not match"
+
+    Tokenizer.train(["a small red star on the left"] * 20, vocab_size=280).save(run)
+    assert main(["eval", str(run), "--manifest", str(tiny_world / "test.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json has 280 tokens" in err and "not the tokenizer this run trained with" in err
 
 
 def test_progress_lines_at_a_bounded_rate_without_a_terminal(caplog):
