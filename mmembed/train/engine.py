@@ -273,7 +273,7 @@ class Trainer:
             return False
         loss, metrics, samples = totals.loss, totals.metrics, totals.samples
         grads = [q.grad for q in params if q.grad is not None]
-        if totals.grad_scale != 1.0:  # sums went back: the mean over every unit (DDP averaged the ranks' sums)
+        if grads and totals.grad_scale != 1.0:  # sums went back: the mean over every unit (DDP averaged the ranks' sums)
             torch._foreach_mul_(grads, totals.grad_scale)
         if self.sharded is not None:  # norms of shards, summed over the ranks
             grad_norm = self.sharded.clip_grads(params, cfg.grad_clip or None)

@@ -40,7 +40,7 @@ def _make_loader(x, y, seed=0):
     return make
 
 
-def _trainer(tmp_path, nan_at=(), callbacks=(), **cfg):
+def _trainer(tmp_path, nan_at=(), callbacks=(), weighted=False, **cfg):
     torch.manual_seed(0)
     model = Toy()
     x, y = _data()
@@ -52,7 +52,7 @@ def _trainer(tmp_path, nan_at=(), callbacks=(), **cfg):
         loss = ((model(xb) - yb) ** 2).mean()
         if calls["n"] in nan_at:
             loss = loss * float("nan")
-        return StepOutput(loss, {}, samples=len(xb))
+        return StepOutput(loss, {}, samples=len(xb), weight=len(xb) if weighted else None)
 
     config = TrainConfig(**{"batch_size": BS, "epochs": 3, "lr": 3e-2, "warmup_steps": 2, "checkpoint_every": 1,
                             "log_every": 1, "keep_last": 100, **cfg})
@@ -110,8 +110,11 @@ def test_nan_guard_skips_exactly(tmp_path):
     assert not t.optimizer.state  # no moment estimates were created
 
 
-def test_repeated_nan_stops_with_message(tmp_path):
-    _, t = _trainer(tmp_path, nan_at=set(range(1, 100)), max_bad_steps=3)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_repeated_nan_stops_with_message(tmp_path, weighted):
+    """Weighted (the decoder's loss per answer token): a step whose every loss was non-finite
+    has no gradients to rescale, and the rescale crashed before the guard could skip it."""
+    _, t = _trainer(tmp_path, nan_at=set(range(1, 100)), max_bad_steps=3, weighted=weighted)
     with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         t.fit()
 
