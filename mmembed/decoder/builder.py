@@ -20,7 +20,7 @@ from mmembed.checkpoint import load_tensors, save_tensors
 from mmembed.config import DecoderConfig
 from mmembed.decoder.fusion import MultimodalLM, Projector
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_architecture, gpt2_tokenizer, load_gpt2
-from mmembed.decoder.model import Decoder, resize_token_embeddings
+from mmembed.decoder.model import Decoder, resize_token_embeddings, start_rows_at_mean
 from mmembed.decoder.prompt import PromptFormat
 from mmembed.decoder.whitening import Whitening
 from mmembed.errors import CheckpointError
@@ -67,8 +67,10 @@ def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> Pr
     if cfg.init_from_gpt2 is not None:
         decoder = load_gpt2(cfg.init_from_gpt2, dropout=cfg.dropout, window=cfg.window,
                             conv_kernel=cfg.conv_kernel).train()
-        # markers get ids after the tokenizer's; a model whose table is larger already has rows for them
+        # markers get ids after the tokenizer's; a model whose table is larger (padded) already has rows
+        # for them, which start as the grown ones do
         resize_token_embeddings(decoder, max(fmt.vocab_size, decoder.vocab_size))
+        start_rows_at_mean(decoder, tokenizer.vocab_size, fmt.vocab_size)
     else:
         decoder = Decoder(fmt.vocab_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.context,
                           cfg.positional, cfg.dropout, tie_embeddings=cfg.tie_embeddings, activation=cfg.activation,

@@ -110,18 +110,23 @@ class MultimodalLM(nn.Module):
                             kv_caches=kv_caches)
 
 
-def freeze_language_model(lm: MultimodalLM, trainable_from: int) -> None:
-    """Keep the decoder as loaded: only the projector and the token-embedding rows from
-    `trainable_from` on (the ids a prompt format adds after a pretrained tokenizer's) train.
+def freeze_language_model(lm: MultimodalLM, rows: slice) -> None:
+    """Keep the decoder as loaded: only the projector, the token-embedding `rows` (the ids a
+    prompt format adds after a pretrained tokenizer's) and what
+    mmembed adds to the loaded blocks (short convolutions, `decoder.conv_kernel`, which start at
+    zero) train.
 
     A gradient hook zeroes every other row of the embedding table, also when it is the tied LM
     head, so AdamW never moves them (no gradient, and the table is outside weight decay).
     """
     lm.decoder.requires_grad_(False)
+    for block in lm.decoder.transformer.blocks:
+        if block.conv is not None:
+            block.conv.requires_grad_(True)
     table = lm.decoder.token_embedding.weight
     table.requires_grad_(True)
     keep = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)  # (V, 1)
-    keep[trainable_from:] = 1
+    keep[rows] = 1  # not the rows of a padded table past them: generation never writes those
     table.register_hook(lambda grad: grad * keep)
 
 

@@ -64,6 +64,8 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
         eps = float(cfg.get("layer_norm_epsilon", 1e-5))
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: layer_norm_epsilon must be a number, got {cfg['layer_norm_epsilon']!r}") from None
+    if not 0 < eps < 1:  # a negative or NaN one loaded and gave NaN logits
+        raise CheckpointError(f"{path}: layer_norm_epsilon must be in (0, 1), got {eps!r}")
     return {
         "vocab_size": sizes["vocab_size"],
         "width": width,
@@ -96,10 +98,12 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"GPT-2 folder not found: {folder}")
-    decoder = Decoder(**gpt2_architecture(folder), dropout=dropout, window=window, conv_kernel=conv_kernel)
-    state = _to_ours(_read_weights(folder), decoder.layers, folder)
-    own = decoder.state_dict()
-    tied = decoder.lm_head.weight is decoder.token_embedding.weight
+    arch = gpt2_architecture(folder)
+    state = _to_ours(_read_weights(folder), arch["layers"], folder)
+    with torch.device("meta"):  # shapes only: config.json's sizes allocate nothing until the weights agree
+        shapes = Decoder(**arch, dropout=dropout, window=window, conv_kernel=conv_kernel)
+    own = shapes.state_dict()
+    tied = shapes.lm_head.weight is shapes.token_embedding.weight
     if tied and "lm_head.weight" in state and "token_embedding.weight" in state:
         # one tensor here: the file's head must be its embedding (transformers keeps wte then)
         if not torch.equal(state.pop("lm_head.weight"), state["token_embedding.weight"]):
@@ -113,6 +117,7 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
+    decoder = Decoder(**arch, dropout=dropout, window=window, conv_kernel=conv_kernel)
     decoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return decoder.eval()
 
@@ -120,14 +125,9 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            state = load_torch_weights(folder / name)
-        elif (folder / f"{name}.index.json").is_file():
-            state = _read_shards(folder / f"{name}.index.json")
-        else:
-            continue
-        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-            raise CheckpointError(f"{folder / name}: not a state dict of tensors (found {type(state).__name__})")
-        return state
+            return _tensors(load_torch_weights(folder / name), folder / name)
+        if (folder / f"{name}.index.json").is_file():
+            return _read_shards(folder / f"{name}.index.json")
     raise UserError(f"no model.safetensors or pytorch_model.bin (or their shard index) in {folder}")
 
 
@@ -140,12 +140,20 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{index}: not a shard index of transformers ({type(e).__name__}: {e})") from None
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name")
         path = index.parent / shard
         if path.parent != index.parent or not path.is_file():  # a bare file name beside the index
             raise CheckpointError(f"{index}: shard {shard!r} is not a file in {index.parent}")
-        state.update(load_torch_weights(path))
+        state.update(_tensors(load_torch_weights(path), path))
     if missing := sorted(set(weight_map) - set(state)):
         raise CheckpointError(f"{index}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]}")
+    return state
+
+
+def _tensors(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (found {type(state).__name__})")
     return state
 
 

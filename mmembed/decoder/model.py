@@ -154,6 +154,15 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
+def start_rows_at_mean(decoder: Decoder, start: int, stop: int) -> None:
+    """Rows `start`..`stop` of the embedding table (and of an untied head) become the mean of the
+    rows before `start`: new tokens in a table padded past its tokenizer begin as an average
+    token, as `resize_token_embeddings`'s grown rows do, not as padding rows never trained."""
+    for weight in {id(w): w for w in (decoder.token_embedding.weight, decoder.lm_head.weight)}.values():
+        weight[start:stop] = weight[:start].mean(dim=0)
+
+
+@torch.no_grad()
 def resize_token_embeddings(decoder: Decoder, vocab_size: int) -> None:
     """Grow the vocabulary to `vocab_size` rows (new special tokens after pre-training).
 

@@ -74,7 +74,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
             raise UserError("decoder.freeze_lm and decoder.lora_rank train a few embedding rows through a gradient "
                             "hook, which FSDP's flattened parameters do not keep: train with DDP "
                             "(decoder.train.fsdp=false)")
-        freeze_language_model(lm, pm.fmt.tokenizer.vocab_size)
+        freeze_language_model(lm, slice(pm.fmt.tokenizer.vocab_size, pm.fmt.vocab_size))
     if cfg.lora_rank is not None:
         add_lora_(lm.decoder.transformer, cfg.lora_rank, cfg.lora_alpha)
     set_grad_checkpointing(lm, cfg.train.grad_checkpointing)

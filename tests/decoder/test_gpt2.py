@@ -49,7 +49,19 @@ def test_a_checkpoint_saved_in_shards_loads(gpt2_folder, tmp_path):
     ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_gpt2(folder)(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    index = folder / "model.safetensors.index.json"
+    spec = json.loads(index.read_text())
+    first = next(iter(spec["weight_map"]))
+    index.write_text(json.dumps({**spec, "weight_map": {name: 5 for name in spec["weight_map"]}}))
+    with pytest.raises(CheckpointError, match="shard 5 is not a file name"):  # was a TypeError traceback
+        load_gpt2(folder)
+    index.write_text(json.dumps(spec))
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    torch.save(torch.zeros(2), folder / "odd.bin")  # a shard holding a bare tensor
+    index.write_text(json.dumps({**spec, "weight_map": {**spec["weight_map"], first: "odd.bin"}}))
+    with pytest.raises(CheckpointError, match="odd.bin: not a state dict of tensors"):
+        load_gpt2(folder)
+    index.write_text(json.dumps(spec))
     shard.unlink()
     with pytest.raises(CheckpointError, match="is not a file"):
         load_gpt2(folder)
@@ -98,6 +110,9 @@ def test_bad_folders_are_clear_errors(gpt2_folder, tmp_path):
     ({"n_embd": "big"}, "n_embd must be a positive integer, got 'big'"),  # was a ValueError traceback
     ({"n_positions": None}, "n_positions must be a positive integer, got None"),  # was a TypeError
     ({"n_head": 5}, "is not a multiple of n_head 5"),
+    ({"layer_norm_epsilon": -1.0}, r"layer_norm_epsilon must be in \(0, 1\), got -1.0"),  # loaded: NaN logits
+    ({"n_positions": 10**15}, r"has shape \(128, 64\), config.json implies \(1000000000000000, 64\)"),  # was an
+    # allocation of 256 PB before the weights were read (a smaller excess: gigabytes allocated and filled)
 ])
 def test_a_config_json_that_does_not_describe_the_weights_is_a_checkpoint_error(gpt2_folder, tmp_path, change, match):
     cfg = json.loads((gpt2_folder / "config.json").read_text())

@@ -316,6 +316,35 @@ def test_freeze_lm_trains_the_projector_and_the_added_token_rows_only(trained_ru
         assert len(same) < len(lm_keys) and not old_rows_same
 
 
+def test_freeze_lm_with_a_padded_table_trains_the_marker_rows_and_the_added_convolutions(trained_run, tiny_world,
+                                                                                         tmp_path):
+    """A GPT-2 whose table is padded past its tokenizer (320 rows, 300 tokens) holds the markers
+    in its padding rows: they start as the mean of the real rows and train, while the padding
+    rows after them stay as loaded (all 20 moved). `decoder.conv_kernel` adds zero-initialised
+    convolutions to the frozen blocks: they train (they stayed zero: freezing froze them too)."""
+    pytest.importorskip("transformers")
+    from mmembed.decoder import load_gpt2
+    from mmembed.decoder.builder import build_prompt_model, decoder_tokenizer
+    from tests.decoder.helpers import save_tiny_gpt2
+
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2", vocab_size=320)
+    cfg = decoder_config(tiny_world, tmp_path / "run", init_from_gpt2=str(gpt2), freeze_lm=True, conv_kernel=3,
+                         train={**DECODER["train"], "max_steps": 3, "lr": 1e-2, "weight_decay": 0.1})
+    cfg.model.init_from = str(trained_run)
+    fresh = build_prompt_model(cfg.decoder, decoder_tokenizer(cfg.decoder, None), 32)
+    words, rows = fresh.fmt.tokenizer.vocab_size, fresh.fmt.vocab_size
+    assert words == 300 and 300 < rows < 320
+    table = fresh.lm.decoder.token_embedding.weight
+    torch.testing.assert_close(table[words:rows], table[:words].mean(dim=0).expand(rows - words, -1))
+    train(cfg)
+    loaded = load_gpt2(gpt2).token_embedding.weight
+    saved = load_tensors(tmp_path / "run" / DECODER_WEIGHTS)
+    moved = [i for i in range(320) if not torch.equal(saved["decoder.token_embedding.weight"][i], loaded[i])]
+    assert moved == list(range(words, rows))
+    convs = [k for k in saved if ".conv." in k]
+    assert convs and any(saved[k].abs().max() > 0 for k in convs)
+
+
 def test_lora_adapts_a_frozen_gpt2_and_saves_the_adapters_merged(trained_run, tiny_world, tmp_path):
     """`decoder.lora_rank`: GPT-2 stays frozen while rank-4 adapters on its blocks' linear layers
     train; the saved decoder is a plain one (no adapter keys) whose linear weights moved by the
