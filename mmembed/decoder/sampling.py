@@ -176,6 +176,8 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1), 1 up to rounding
+    if not bool((total > 0).all()):  # NaN from inf or NaN logits: searchsorted would point past the row
+        raise ValueError("cannot sample: a row's probabilities are not finite (its logits hold NaN or inf)")
     u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # rounding must not reach the total
     return torch.searchsorted(cdf, u, right=True)

@@ -40,7 +40,8 @@ def run_map(args: argparse.Namespace) -> int:
     drawn = embedding_map(args.index, args.color_by, args.out, method=args.method, max_points=args.max_points,
                           seed=args.seed)
     kind = "colourbar" if drawn.numeric else "legend"
-    print(f"{len(drawn.rows)} points by {args.method}, colour = {args.color_by} ({kind}) → {drawn.path}")
+    instead = f" ({args.method} needs 4 or more points, not all in one place)" if drawn.method != args.method else ""
+    print(f"{len(drawn.rows)} points by {drawn.method}{instead}, colour = {args.color_by} ({kind}) → {drawn.path}")
     return 0
 
 

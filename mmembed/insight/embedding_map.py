@@ -54,6 +54,8 @@ class EmbeddingMap:
         values: (N,) the colour column's value of each point (None where missing).
         numeric: whether the column was drawn with a colourbar.
         path: the PNG written.
+        method: the projection drawn: PCA where t-SNE or UMAP was asked of fewer than 4 points, or of
+            points all at one place (`method_used`).
     """
 
     rows: np.ndarray
@@ -62,6 +64,7 @@ class EmbeddingMap:
     values: list[Any]
     numeric: bool
     path: Path
+    method: str
 
 
 def pca_2d(x: Tensor) -> Tensor:
@@ -83,11 +86,22 @@ def pca_2d(x: Tensor) -> Tensor:
     return xy.float()
 
 
-def project_2d(x: Tensor, method: Method = "pca", seed: int = 0) -> Tensor:
-    """(N, D) → (N, 2) with PCA, t-SNE or UMAP. An unknown or uninstalled method is a one-line UserError."""
+def method_used(x: Tensor, method: Method) -> Method:
+    """The projection `project_2d` draws (N, D) points with: PCA where t-SNE and UMAP cannot work,
+    below 4 points (they need neighbours) or with every point in one place (scikit-learn's t-SNE
+    divides by their zero spread and crashes the process). An unknown method is a UserError."""
     if method not in METHODS:
         raise UserError(f"unknown projection method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "pca" or x.shape[0] < 4:  # t-SNE/UMAP need a few neighbours; PCA is exact for tiny sets
+    if x.shape[0] < 4 or bool((x == x[:1]).all()):
+        return "pca"
+    return method
+
+
+def project_2d(x: Tensor, method: Method = "pca", seed: int = 0) -> Tensor:
+    """(N, D) → (N, 2) with PCA, t-SNE or UMAP (or PCA where those cannot work: `method_used`).
+    An unknown or uninstalled method is a one-line UserError."""
+    method = method_used(x, method)
+    if method == "pca":
         return pca_2d(x)
     data = x.double().numpy()
     if method == "tsne":
@@ -145,15 +159,23 @@ def column_values(metadata: Sequence[dict[str, Any]], column: str) -> list[Any]:
 
 
 def _lookup(meta: dict[str, Any], column: str) -> Any:
-    value: Any = meta
-    for part in column.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return None if isinstance(value, (dict, list, tuple)) else value
+    return _follow(meta, column.split("."))
+
+
+def _follow(value: Any, parts: list[str]) -> Any:
+    """The scalar at the path `parts`; a key may itself hold dots ("file.name"), so a dict tries its
+    longest matching key first."""
+    if not parts:
+        return None if isinstance(value, (dict, list, tuple)) else value
+    if isinstance(value, dict):
+        for cut in range(len(parts), 0, -1):
+            key = ".".join(parts[:cut])
+            if key in value and (found := _follow(value[key], parts[cut:])) is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)) and parts[0].isdigit() and int(parts[0]) < len(value):
+        return _follow(value[int(parts[0])], parts[1:])
+    return None
 
 
 def is_numeric(values: Sequence[Any]) -> bool:
@@ -199,15 +221,17 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
     rows = sample_rows(n, max_points, seed)
     meta = [{**metadata[i], MODALITY_COLUMN: str(modalities[i])} for i in rows]
     values = column_values(meta, color_by)  # checked before the (possibly slow) projection
-    xy = project_2d(vectors[torch.as_tensor(rows)].float(), method, seed).numpy()  # (N', 2)
+    points = vectors[torch.as_tensor(rows)].float()
+    used = method_used(points, method)
+    xy = project_2d(points, method, seed).numpy()  # (N', 2)
     mods = [str(modalities[i]) for i in rows]
     numeric = is_numeric(values)
     if title is None:
         shown = f"{len(rows)} of {n} points" if len(rows) < n else f"{n} points"
-        title = f"{method.upper() if method == 'pca' else method} map, colour = {color_by} ({shown})"
+        title = f"{used.upper() if used == 'pca' else used} map, colour = {color_by} ({shown})"
     path = _plot(xy, mods, values, numeric, color_by, Path(out), title)
     log.info("embedding map of %d points (%s, colour=%s) -> %s", len(rows), method, color_by, path)
-    return EmbeddingMap(rows, xy, mods, values, numeric, path)
+    return EmbeddingMap(rows, xy, mods, values, numeric, path, used)
 
 
 def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, method: Method = "pca",

@@ -43,8 +43,11 @@ def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     logits: (..., V) → (...)."""
     if temperature == 0:
         return torch.zeros(logits.shape[:-1], device=logits.device)
-    logp = (logits.float() / temperature).log_softmax(dim=-1)
-    return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(dim=-1)
+    # float64, the best logit shifted to 0 first: z / T past float32's range (a tiny T, huge
+    # logits) gave inf - inf = NaN, which the sum below then counted as 0 nats
+    z = logits.double()
+    logp = ((z - z.amax(dim=-1, keepdim=True)) / temperature).log_softmax(dim=-1)
+    return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(dim=-1).float()
 
 
 def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -106,8 +106,9 @@ class ScalingConfig:
             raise ConfigError(f"tokens={self.tokens} is less than one batch ({self.recipe.batch_size} rows of "
                               f"{self.context} tokens)")
         for s in [*self.sizes, *(x for x in (self.next_size, self.data_size, self.regularisation.size) if x)]:
-            if min(s.width, s.layers, s.heads) < 1 or s.width % s.heads:
-                raise ConfigError(f"model size {s}: width, layers and heads must be >= 1, width divisible by heads")
+            if min(s.width, s.layers, s.heads) < 1 or s.width % s.heads or (s.width // s.heads) % 2:
+                raise ConfigError(f"model size {s}: width, layers and heads must be >= 1, width divisible by heads "
+                                  "into an even head width (the sweep's decoders use rotary positions)")
 
     def trained_tokens(self, tokens: int) -> int:
         """Tokens a budget of `tokens` trains on: whole rows of `context`, in whole batches."""
@@ -128,13 +129,17 @@ class ScalingConfig:
         if not (math.isfinite(r.lr) and r.lr > 0) or r.warmup_steps < 0 or not 0 <= r.min_lr_ratio <= 1:
             raise ConfigError(f"recipe: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1] "
                               f"(got {r.lr}, {r.warmup_steps}, {r.min_lr_ratio})")
-        if not 0 <= r.dropout < 1 or r.weight_decay < 0:
-            raise ConfigError(f"recipe: dropout must be in [0, 1) and weight_decay >= 0 (got {r.dropout}, "
+        if not 0 <= r.dropout < 1 or not _finite_at_least_0(r.weight_decay):
+            raise ConfigError(f"recipe: dropout must be in [0, 1) and weight_decay finite and >= 0 (got {r.dropout}, "
                               f"{r.weight_decay})")
         if not g.dropouts or not g.weight_decays or any(not 0 <= d < 1 for d in g.dropouts) \
-                or any(w < 0 for w in g.weight_decays):
-            raise ConfigError("regularisation: dropouts (each in [0, 1)) and weight_decays (each >= 0) must be "
+                or not all(map(_finite_at_least_0, g.weight_decays)):
+            raise ConfigError("regularisation: dropouts (each in [0, 1)) and weight_decays (each finite, >= 0) must be "
                               f"non-empty, got {g.dropouts} and {g.weight_decays}")
+
+
+def _finite_at_least_0(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 def load_scaling_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ScalingConfig:

@@ -99,6 +99,14 @@ def test_columns_nested_paths_and_kinds():
     assert is_numeric([1, 2.5, None]) and not is_numeric([True, False]) and not is_numeric(["1", 2])
 
 
+def test_a_key_holding_a_dot_is_a_column():
+    """Listed as valid, then refused: the lookup split "file.name" into "file" and "name"."""
+    meta = [{"file.name": "a.png", "a": {"b.c": 2, "b": {"c": 3}}}]
+    assert map_columns(meta) == ["modality", "file.name", "a.b.c"]
+    assert column_values(meta, "file.name") == ["a.png"]
+    assert column_values(meta, "a.b.c") == [2]  # the longest key first, as the listing found it
+
+
 def test_unknown_column_lists_the_valid_ones(tmp_path):
     with pytest.raises(UserError, match=r"unknown --color-by column 'colour'; valid: modality, label, score, "
                                         r"objects\.0\.colour$"):
@@ -124,6 +132,19 @@ def test_missing_method_is_one_line(monkeypatch, method, module):
     assert "\n" not in str(e.value) and "not installed" in str(e.value) and "--method pca" in str(e.value)
     with pytest.raises(UserError, match="unknown projection method 'mds'; valid: pca, tsne, umap"):
         project_2d(torch.randn(20, D), "mds")
+
+
+@pytest.mark.parametrize("x", [torch.randn(3, D), torch.ones(6, D)], ids=["three points", "one place"])
+def test_pca_is_drawn_and_named_where_tsne_and_umap_cannot_work(monkeypatch, tmp_path, x):
+    """Three points, or six identical ones (scikit-learn's t-SNE crashed the process on them with
+    a segfault): PCA, and the title and the result say so; they said "umap map" before, with PCA's
+    coordinates, even with umap not installed."""
+    monkeypatch.setitem(sys.modules, "umap", None)
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    for method in ("tsne", "umap"):
+        drawn = map_vectors(x, ["image"] * len(x), [{}] * len(x), "modality", tmp_path / f"{method}.png",
+                            method=method, title=None)
+        assert drawn.method == "pca" and np.allclose(drawn.xy, pca_2d(x).numpy())
 
 
 def test_tsne_is_called_seeded_when_installed(monkeypatch, tmp_path):

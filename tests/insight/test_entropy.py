@@ -52,6 +52,18 @@ def test_two_point_distribution_and_tempered_logits():
     # sharper with lower temperature
     hs = [float(logits_entropy(z[0], t)) for t in (0.25, 0.5, 1.0, 2.0, 8.0)]
     assert hs == sorted(hs) and hs[0] < hs[-1] - 0.5
+    # z / T past float32's range: two tied best tokens are still ln 2 (it said 0: inf - inf = NaN)
+    for logits, t in (([1.0, 1.0, float("-inf")], 1e-40), ([3e38, 3e38, 0.0], 0.5)):
+        assert float(logits_entropy(torch.tensor(logits), t)) == pytest.approx(math.log(2), abs=1e-6)
+    drawn = choose(torch.tensor([[1.0, 1.0, float("-inf")]]), Sampling(1e-40), torch.Generator().manual_seed(0))
+    assert float(drawn.entropy) == pytest.approx(math.log(2), abs=1e-6)  # what sampling reports agrees
+
+
+def test_sampling_logits_that_are_not_finite_is_one_clear_error():
+    """searchsorted over a NaN running sum pointed past the row: an IndexError from deep inside."""
+    for row in ([float("inf"), 0.0, 0.0], [float("-inf")] * 3, [float("nan"), 0.0, 1.0]):
+        with pytest.raises(ValueError, match="not finite"):
+            choose(torch.tensor([row]), Sampling(1.0), torch.Generator().manual_seed(0))
 
 
 def test_sampling_reports_the_entropy_of_the_tempered_distribution():

@@ -106,6 +106,11 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     (["scale", "regularisation.epochs=0"], "regularisation.epochs must be >= 1"),
     (["scale", "regularisation.dropouts=[]"], "must be non-empty"),
     (["scale", "--axis", "time"], "invalid choice"),
+    # an odd head width trained the whole ladder, then the rotary next_size raised a traceback
+    (["scale", "next_size={width: 42, layers: 1, heads: 2}"], "into an even head width"),
+    # NaN or infinite weight decay trained, then blamed the learning rate ("lower recipe.lr")
+    (["scale", "recipe.weight_decay=.nan"], "weight_decay finite and >= 0"),
+    (["scale", "--study", "regularisation", "regularisation.weight_decays=[.inf]"], "each finite, >= 0"),
 ])
 def test_bad_arguments_give_one_line(argv, match, capsys):
     assert main(argv) == 2
