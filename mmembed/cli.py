@@ -40,8 +40,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     return lambda args: getattr(importlib.import_module(module), name)(args)
 
 
-def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=3e-4")
+def _overrides(p: argparse.ArgumentParser, example: str = "train.lr=3e-4") -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {example}")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -257,7 +257,7 @@ def _tool_commands(sub) -> None:
     p.add_argument("--axis", choices=["params", "data"], help="vary model size (params) or training tokens (data)")
     p.add_argument("--study", choices=["regularisation"], help="run this study instead of the sweep")
     p.add_argument("--out", help="output folder (default: the config's out_dir)")
-    _overrides(p)
+    _overrides(p, "recipe.lr=3e-3")
 
 
 def main(argv: list[str] | None = None) -> int:

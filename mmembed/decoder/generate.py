@@ -326,10 +326,13 @@ def seeded(seed: int | torch.Generator | None, device: torch.device) -> torch.Ge
 
 
 def check_seed(seed: object) -> None:
-    """ValueError unless `seed` is None or an integer in [0, 2**63 - 1024) (room for the seeds of
-    best_of's batches after it)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 1024):
-        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    """ValueError unless `seed` is None or an integer in [0, MAX_SEED] (room for the seeds of
+    best_of's batches after it, below 2**63)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] or None, got {seed!r}")
+
+
+MAX_SEED = 2**63 - 1025
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,7 @@ from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_rat
 from mmembed.modality import Modality
 
 _MAX_CHANNELS = 32
+_IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
 _LOG_FLOOR = 1e-6
 RESAMPLER_CACHE_SIZE = 8  # source rates whose kernels are kept, least recently used evicted first
 
@@ -299,7 +301,9 @@ class AudioPreprocessor:
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - libsndfile reports any malformed file this way
-            raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {e})") from None
+            # libsndfile names an in-memory file by its repr ("<_io.BytesIO object at 0x7f…>"): say which one
+            reason = _IN_MEMORY.sub(str(name), str(e))
+            raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {reason})") from None
         if data.shape[0] == 0:
             raise BadInput(f"zero-length audio: {name}")
         wave = torch.from_numpy(data)  # (n, C)

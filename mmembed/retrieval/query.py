@@ -16,6 +16,7 @@ A `list` holds several items of one modality; anything else, a tuple included, i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,7 +73,7 @@ class Query:
             w = [float(x) for x in w] if isinstance(w, (list, tuple)) else [float(w)] * n
             if len(w) != n:
                 raise UserError(f"Query: {len(w)} weights for {n} {part} item(s)")
-            if not all(torch.isfinite(torch.tensor(w))):
+            if not all(map(math.isfinite, w)):  # as float64: 3.5e38 is finite, and `embed` scales it
                 raise UserError(f"Query: weights for {part} must be finite, got {w}")
             resolved[part] = w
         return resolved

@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.datastructures import FormData
 
 from mmembed.decoder import MEDIA, Generation, Stops
-from mmembed.decoder.generate import replay_tokens
+from mmembed.decoder.generate import MAX_SEED, replay_tokens
 from mmembed.errors import UserError
 from mmembed.retrieval import Hit, Query
 from mmembed.serve.pieces import Piece, number, parse_weights, read_form, read_pieces
@@ -148,7 +148,7 @@ def sampling(form: FormData, state: ServeState) -> dict[str, Any]:
             "temperature": number(form, "temperature", float, 0.0, 0, 100),
             "top_p": number(form, "top_p", float, None, 0, 1),
             "top_k": number(form, "top_k", int, None, 1, 1_000_000),
-            "seed": number(form, "seed", int, None, 0, 2**63 - 1),
+            "seed": number(form, "seed", int, None, 0, MAX_SEED),
             "best_of": number(form, "best_of", int, 1, 1, state.limits.max_best_of),
             "rerank_weight": number(form, "rerank_weight", float, 1.0, 0, 1000)}
 

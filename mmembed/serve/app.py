@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from mmembed.errors import UserError
 from mmembed.serve import api, memory_api
@@ -87,6 +88,8 @@ class CrashGuard:
         watched, started = watch_start(send)
         try:
             await self.app(scope, receive, watched)
+        except ClientDisconnect:  # the client left mid-request (a closed tab during an upload): no one to answer
+            log.debug("%s %s: the client disconnected", scope.get("method"), scope.get("path"))
         except Exception as exc:  # noqa: BLE001 - any failure is one line to the client, the details in the log
             if started():  # the answer is under way (a stream): nothing else can be sent
                 raise

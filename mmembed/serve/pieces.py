@@ -51,8 +51,10 @@ async def read_form(request: Request, limits: Limits) -> FormData:
     if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise Refusal(415, f"send a form (multipart/form-data: fields text, file, ...), not {kind[:60]}")
     try:
+        # a character is up to 4 bytes of UTF-8 in a multipart field and 12 once percent-encoded
+        # (an url-encoded form); `_text` then counts the characters themselves
         return await request.form(max_files=limits.max_files, max_fields=limits.max_fields,
-                                  max_part_size=4 * limits.max_text_chars + 512)
+                                  max_part_size=12 * limits.max_text_chars + 512)
     except (MultiPartException, HTTPException) as e:  # Starlette's form() turns the first into the second
         message = str(getattr(e, "message", None) or getattr(e, "detail", e))
         if "exceeded maximum size" in message:  # a field past max_part_size: a typed text far too long
@@ -124,19 +126,25 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
+def _bound(x: float | None, kind: type) -> str:
+    return "-inf" if x is None else str(int(x)) if kind is int else f"{x:g}"  # a seed's bound in full, not 9.2e+18
+
+
 def number(form: FormData, key: str, kind: type, default: Any, low: float | None = None,
            high: float | None = None) -> Any:
     """A numeric form field (`kind` int or float) within [low, high]; absent or empty → `default`."""
     raw = form.get(key)
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return default
+    if not isinstance(raw, str):
+        raise Refusal(400, f"{key} must be a text field, not a file")
     try:
-        value = kind(raw) if isinstance(raw, str) else None
+        value = kind(raw)
     except ValueError:
         value = None
     if value is None or (kind is float and not math.isfinite(value)):
         raise Refusal(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {str(raw)[:40]!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         shown = f"{value:g}" if kind is float else str(raw).strip()[:40]  # an int past 1e308 has no float form
-        raise Refusal(400, f"{key} must be between {low:g} and {high:g}, got {shown}")
+        raise Refusal(400, f"{key} must be between {_bound(low, kind)} and {_bound(high, kind)}, got {shown}")
     return value

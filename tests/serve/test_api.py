@@ -289,6 +289,53 @@ def test_a_number_too_large_for_a_float_is_a_400(client):
         assert response.status_code == 400 and "must be between" in response.json()["error"], response.text
 
 
+def test_fields_at_their_edges(client):
+    """Each was refused although valid, or refused with a misleading message."""
+    # an url-encoded form (README's httpx example) percent-encodes a CJK character into 9 bytes:
+    # 950 of them passed the form's byte limit and came back "at most 2,000 characters"
+    assert client.post("/api/search", data={"text": "中" * 1000}).status_code == 200
+    response = client.post("/api/search", data={"text": "中" * 2001})
+    assert response.status_code == 413 and "text 1 has 2,001 characters" in response.json()["error"]
+    # a large finite weight is finite (it was checked in float32, where 3.5e38 is inf)
+    assert client.post("/api/search", files=files(("text", "a red star")), data={"weights": "3.5e38"}).status_code == 200
+    # a number sent as a file said "got 'UploadFile(filename=...'"
+    response = client.post("/api/search", files=files(("text", "x"), ("k", ("k.txt", b"5"))))
+    assert response.status_code == 400 and response.json()["error"] == "k must be a text field, not a file"
+    # the largest seed generation takes is accepted, one more is refused with the bound in full
+    from mmembed.decoder.generate import MAX_SEED
+
+    assert client.post("/api/generate", files=files(("text", "hi")), data={"seed": str(MAX_SEED)}).status_code == 200
+    response = client.post("/api/generate", files=files(("text", "hi")), data={"seed": str(MAX_SEED + 1)})
+    assert response.json()["error"] == f"seed must be between 0 and {MAX_SEED}, got {MAX_SEED + 1}"
+
+
+def test_an_unreadable_sound_is_named_without_a_memory_address(client):
+    response = client.post("/api/search", files=files(("file", ("junk.ogg", b"OggS" + bytes(range(256)) * 4))))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error.startswith("junk.ogg (OGG) cannot be used") and " at 0x" not in error
+
+
+def test_a_client_that_leaves_mid_request_is_not_a_server_error(caplog):
+    """A tab closed during an upload: Starlette raises ClientDisconnect while reading the form; it
+    was logged as a crash with its traceback (56 lines each time) and answered with a 500."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from mmembed.serve.app import CrashGuard
+
+    async def leaves(scope, receive, send):
+        raise ClientDisconnect
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(CrashGuard(leaves)({"type": "http", "method": "POST", "path": "/api/search"}, None, send))
+    assert sent == [] and "failed" not in caplog.text
+
+
 def test_best_of_equals_the_python_api_with_its_candidates(client, model, tiny_world):
     name, data = first(tiny_world, "image")
     settings = {"max_new_tokens": "6", "temperature": "1.2", "seed": "3", "best_of": "6"}
