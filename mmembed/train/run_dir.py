@@ -12,16 +12,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mmembed.errors import UserError
+from mmembed.file_lock import exclusive
 
 LOCK = ".lock"
-_held: dict[Path, int] = {}  # lock path → nesting depth in this process (stages nest: train → align)
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:
@@ -71,46 +70,14 @@ def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
     return run_lock(run_dir) if world.main else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path) -> contextlib.AbstractContextManager:
     """Hold the run folder's exclusive lock; a second holder (another process) gets a UserError.
 
     Re-entrant within one process, so a stage may take it inside a pipeline that already has it.
     """
-    path = (Path(run_dir) / LOCK).resolve()
-    if path in _held:
-        _held[path] += 1
-        try:
-            yield
-        finally:
-            _held[path] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        _acquire(fd, path)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        _held[path] = 1
-        try:
-            yield
-        finally:
-            del _held[path]
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _acquire(fd: int, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory lock, but still one clear owner file
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
-        raise UserError(f"{path.parent} is in use by a trainer (pid {holder}); wait for it to finish, "
-                        "or train into another train.out_dir") from None
+    return exclusive(Path(run_dir) / LOCK, lambda holder: (
+        f"{Path(run_dir).resolve()} is in use by a trainer ({holder}); wait for it to finish, "
+        "or train into another train.out_dir"))
 
 
 def read_paths(config: Any) -> list[str]:
