@@ -13,6 +13,7 @@ manifests (`mmembed.data.synth.episodes`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 from mmembed.data.manifest import BadRow, read_jsonl_records, resolve_path
 from mmembed.errors import UserError
 from mmembed.modality import Modality
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,7 @@ def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, 
     manifest's are (an absolute or `../` path is refused unless `allow_outside_root`). A malformed
     record is a UserError naming it: `what:line` with `lines` (the file's line of each record),
     else its number."""
-    out = []
+    out, dropped = [], 0
     for n, rec in enumerate(records, 1):
         where = f"{what}:{lines[n - 1]}" if lines is not None else f"{what}: record {n}"
         try:
@@ -45,10 +48,12 @@ def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, 
             for item in rec["items"]:
                 (name, value), = item.items()
                 modality = Modality.parse(name)
+                if not isinstance(value, str) or not value.strip():
+                    raise BadRow(f"an item's {name} must be a non-empty string, got {value!r:.40}")
                 if modality != Modality.TEXT and root is not None:
-                    value = resolve_path(str(value), root, allow_outside_root)
+                    value = resolve_path(value, root, allow_outside_root)
                 items.append((modality, str(value)))
-            questions = tuple((str(q["text"]), int(q["item"])) for q in rec["questions"])
+            questions = tuple(_question(q) for q in rec["questions"])
         except BadRow as e:
             raise UserError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -58,9 +63,25 @@ def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, 
             raise UserError(f"{where} asks about an item it does not have")
         if len(items) >= 2 and questions:
             out.append(Episode(tuple(items), questions))
+        else:
+            dropped += 1
     if not out:
         raise UserError(f"{what}: no episode with two or more items and a question")
+    if dropped:
+        log.warning("%s: %d of %d episodes skipped (fewer than two items, or no question)", what, dropped,
+                    len(records))
     return out
+
+
+def _question(q: Any) -> tuple[str, int]:
+    """(text, item) of a question: a non-empty text, an integer item (1.7, true or "3" were read as
+    items 1, 1 and 3; Infinity stopped the run with an OverflowError)."""
+    text, item = q["text"], q["item"]
+    if not isinstance(text, str) or not text.strip():
+        raise BadRow(f"a question's text must be a non-empty string, got {text!r:.40}")
+    if isinstance(item, bool) or not isinstance(item, int):
+        raise BadRow(f"a question's item must be an integer index, got {item!r:.40}")
+    return text, item
 
 
 def read_episodes(path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False) -> list[Episode]:

@@ -139,6 +139,21 @@ def test_a_root_given_through_dotdot_holds_its_media_for_both_kinds_of_manifest(
     assert len(read_instructions(asked, root="../world").rows) == 1
 
 
+def test_an_instruction_row_that_is_not_valid_unicode_is_skipped_and_counted(tmp_path):
+    """A JSON "\\udfff" in a prompt or an answer stopped a whole decoder run from inside the
+    tokenizer (naming neither the file nor the line)."""
+    from mmembed.data.instructions import read_instructions
+
+    rows = [{"prompt": ["how many objects?"], "answer": "one"},
+            {"prompt": ["how many \udfff objects?"], "answer": "one"},
+            {"prompt": ["what colour?"], "answer": "\udfff"},
+            {"prompt": [{"text": "a red \ud800 star"}], "answer": "red"}]
+    data = read_instructions(_jsonl(tmp_path / "i.jsonl", rows))
+    assert [r.line for r in data.rows] == [1]
+    assert [line for line, _ in data.skipped] == [2, 3, 4]
+    assert all("not valid Unicode (lone surrogate U+D" in why for _, why in data.skipped)
+
+
 def test_rows_with_wrong_types_or_no_values_are_skipped(tmp_path):
     path = _jsonl(tmp_path / "m.jsonl", [{"image": 3}, {"text": None, "label": "x"}, {"text": "ok"}])
     m = read_manifest(path)

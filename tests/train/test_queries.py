@@ -45,6 +45,18 @@ def test_world_episodes_ask_about_one_shown_object_each(tiny_world):
     assert all(path.startswith(str(tiny_world)) for ep in parsed for _, path in ep.items)
 
 
+def test_world_episodes_from_a_small_or_hand_edited_manifest(tiny_world, tmp_path):
+    """One scene gave a ValueError traceback ("an episode needs 2 to 1 scenes"), a byte-order mark
+    a JSONDecodeError, a row without objects a KeyError."""
+    rows = (tiny_world / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "val.jsonl").write_text(rows[0] + "\n")
+    with pytest.raises(UserError, match=r"holds 1 scene\(s\) with their objects; a recall episode needs 2"):
+        world_episodes(tmp_path, "val", size=8, n=2)
+    edited = [json.dumps({k: v for k, v in json.loads(rows[0]).items() if k != "objects"}), *rows]
+    (tmp_path / "val.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(edited).encode())
+    assert len(world_episodes(tmp_path, "val", size=2, n=3)) == 3
+
+
 def test_bad_episodes_are_one_clear_error(tmp_path):
     good = {"items": [{"image": "a.png"}, {"audio": "b.wav"}], "questions": [{"text": "the red one?", "item": 1}]}
     with pytest.raises(UserError, match="record 2 is not an episode"):
@@ -53,6 +65,17 @@ def test_bad_episodes_are_one_clear_error(tmp_path):
         parse_episodes([{**good, "questions": [{"text": "?", "item": 2}]}])
     with pytest.raises(UserError, match="no episode with two or more items"):
         parse_episodes([{"items": [{"image": "a.png"}], "questions": [{"text": "?", "item": 0}]}])
+    # each was read as something else (1.7 and true as item 1, None as the question "None") or,
+    # Infinity, stopped the run with an OverflowError traceback
+    for question, message in (({"text": "?", "item": 1.7}, "item must be an integer index"),
+                              ({"text": "?", "item": True}, "item must be an integer index"),
+                              ({"text": "?", "item": float("inf")}, "item must be an integer index"),
+                              ({"text": None, "item": 0}, "text must be a non-empty string"),
+                              ({"text": " ", "item": 0}, "text must be a non-empty string")):
+        with pytest.raises(UserError, match=f"record 1: a question's {message}"):
+            parse_episodes([{**good, "questions": [question]}])
+    with pytest.raises(UserError, match="record 1: an item's image must be a non-empty string"):
+        parse_episodes([{**good, "items": [{"image": 5}, {"audio": "b.wav"}]}])
     path = tmp_path / "episodes.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(UserError, match="episodes.jsonl:2: invalid JSON"):

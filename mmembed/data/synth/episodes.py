@@ -12,7 +12,7 @@ the episode's. The questions are the memory dialogues' (`dialogues.question_abou
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from mmembed.data.episodes import Episode, parse_episodes
+from mmembed.data.manifest import read_jsonl_records
 from mmembed.data.synth.captions import pick
 from mmembed.data.synth.dialogues import question_about
 from mmembed.data.synth.world import SceneObject
 from mmembed.errors import UserError
 
 MEDIA = ("image", "audio")
+log = logging.getLogger(__name__)
 
 
 def recall_episodes(rows: Sequence[Mapping[str, Any]], size: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -59,7 +61,12 @@ def world_episodes(root: str | Path, split: str, size: int, n: int, seed: int = 
     path = Path(root) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found: recall episodes are built from a synthetic world's manifests")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows or "objects" not in rows[0]:
-        raise UserError(f"{path} is not a synthetic world's manifest (its rows list no objects): give episodes")
+    records = [r for _, r in read_jsonl_records(path)]  # a byte-order mark and CRLF read as manifests are
+    rows = [r for r in records if isinstance(r, dict) and isinstance(r.get("objects"), list)]
+    if len(rows) < len(records):
+        log.warning("%s: %d of %d rows skipped (not a scene with its objects)", path, len(records) - len(rows),
+                    len(records))
+    if len(rows) < 2:
+        raise UserError(f"{path} holds {len(rows)} scene(s) with their objects; a recall episode needs 2 or more "
+                        "(a larger world, or give episodes)")
     return parse_episodes(recall_episodes(rows, min(size, len(rows)), n, seed), Path(root), what=str(path))
