@@ -210,6 +210,18 @@ def test_collapse_monitor_warns_once_per_collapsed_tower(caplog):
         monitor({m: varied for m in Modality}, {m: every for m in Modality})
     assert _collapse_warnings(caplog) == []
 
+    # collapsed is relative to an even spread (1 / sqrt(D)): deviations of 1e-3 around one vector
+    # (what a tower at a ruinous learning rate gave, its loss at ln(batch)) passed an absolute 1e-4;
+    # a tenth of an even spread is a narrow batch, not a collapsed one
+    noise = torch.randn(8, 16, generator=gen)
+    for scale, collapsed in ((1e-3, True), (0.1 / 16**0.5, False)):
+        caplog.clear()
+        monitor = CollapseMonitor(patience=3)
+        batch = torch.nn.functional.normalize(constant + scale * noise, dim=-1)
+        for _ in range(3):
+            monitor({Modality.IMAGE: batch}, {Modality.IMAGE: every})
+        assert len(_collapse_warnings(caplog)) == collapsed
+
 
 def test_collapse_warned_during_training(tiny_world, tmp_path, caplog):
     """Every training image the same file: the image tower's outputs cannot vary, and training
