@@ -222,7 +222,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     skips = SkipCounter()
     train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
-    trained = _with_captioner(cfg, space, tokenizer, device)
+    trained = with_captioner(cfg, space, tokenizer, device)
     forward = captioned_forward if trained is not space else space_forward
     if cfg.train.fsdp and world.active:  # every process runs every tower, data or not (`space_forward`)
         forward = functools.partial(forward, fill=largest)
@@ -264,7 +264,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     return run_dir
 
 
-def _with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.device) -> torch.nn.Module:
+def with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.device) -> torch.nn.Module:
     """The module the stage trains: the space, or the space and a captioner (`loss.caption_weight`)."""
     if cfg.loss.caption_weight == 0:
         return space

@@ -144,7 +144,7 @@ def test_the_captioner_reads_captions_as_long_as_the_text_tower_allows(tiny_worl
     long caption ("sequence of 303 positions exceeds max_len=256"). The align stage sizes it from
     the text preprocessor's max_length."""
     from mmembed.model import build_model
-    from mmembed.train.align import _with_captioner
+    from mmembed.train.align import with_captioner
     from tests.decoder import helpers
 
     torch.manual_seed(0)
@@ -154,5 +154,5 @@ def test_the_captioner_reads_captions_as_long_as_the_text_tower_allows(tiny_worl
     cfg = caption_config(tiny_world, tmp_path / "run", epochs=1)
     cfg.model.towers["text"].preprocess["max_length"] = 300
     tokenizer = helpers.tokenizer()
-    net = _with_captioner(cfg, build_model(cfg, tokenizer).space, tokenizer, torch.device("cpu"))
+    net = with_captioner(cfg, build_model(cfg, tokenizer).space, tokenizer, torch.device("cpu"))
     assert net.captioner.decoder.max_len == 2 + 300 - 1  # 2 soft tokens, every caption id but the last
