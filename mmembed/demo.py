@@ -23,14 +23,32 @@ from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_memory import cross_process_recall, memory_lines
 from mmembed.demo_prompting import prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
+from mmembed.errors import UserError
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.insight.embedding_map import map_vectors
-from mmembed.model import Model
+from mmembed.model import CONFIG, Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
 from mmembed.train.decoder import train_decoder
+from mmembed.train.run_dir import LOCK
+from mmembed.typed_config import to_dict
 
 log = logging.getLogger(__name__)
+
+
+def _check_replaceable(run_dir: Path, config: Config) -> None:
+    """A rerun replaces the demo's own folder: empty, a finished demo (demo.json), or one started
+    with this very config (an interrupted demo). Anything else is a UserError: `--out` over a
+    folder of one's own files, or another run, deleted them before anything was checked."""
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()) or (run_dir / "demo.json").is_file():
+        return
+    try:
+        same = to_dict(load_config(run_dir / CONFIG)) == to_dict(config)
+    except UserError:  # no config.yaml, or not one of ours
+        same = False
+    if not same:
+        raise UserError(f"{run_dir} holds files that are not an earlier demo run (the demo replaces its own folder "
+                        "only): choose another --out, or empty that folder first")
 
 
 def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str | None = None,
@@ -40,6 +58,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     config = load_config(config_name, list(overrides))
     if out_dir is not None:
         config.train.out_dir = out_dir
+    _check_replaceable(Path(config.train.out_dir), config)
     run_dir = train_align(config, overwrite=True)  # the demo's folder is its own output: a rerun replaces it
     timings = {"joint training (incl. data synthesis)": time.monotonic() - t0}
 

@@ -327,11 +327,12 @@ MAX_VOCAB = 2**31 - 1
 
 
 def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
-                    *, show_progress: bool = False) -> Path:
+                    *, show_progress: bool = False, overwrite: bool = False) -> Path:
     """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
 
-    A missing corpus file, or only empty ones, is a UserError naming them (checked before any training
-    starts).
+    A missing corpus file, or only empty ones, is a UserError naming them, and so is a
+    tokenizer.json already in `out_dir` unless `overwrite` (a run's own: replaced, the run no
+    longer loaded); all checked before any training starts.
     """
     files = [Path(f) for f in corpus_files]
     if not files:
@@ -344,6 +345,9 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists (a run's own tokenizer, if the folder is a run): choose another "
+                        "--out, or pass --overwrite")
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
     return tok.save(target)
 

@@ -340,6 +340,11 @@ def test_train_tokenizer_from_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match=r"the corpus is empty \(.*empty.txt\)"):
         train_tokenizer([tmp_path / "empty.txt"], 600, tmp_path / "tok3")
+    before = out.read_bytes()  # a tokenizer already there (a run's own) is kept unless told
+    with pytest.raises(UserError, match="already exists .*--overwrite"):
+        train_tokenizer(files, 300, tmp_path / "tok")
+    assert out.read_bytes() == before
+    assert load_tokenizer(train_tokenizer(files, 300, tmp_path / "tok", overwrite=True)).vocab_size == 300
     (tmp_path / "tok4" / "tokenizer.json").mkdir(parents=True)  # refused before training, not after it
     with pytest.raises(UserError, match="exists and is not a file"):
         train_tokenizer(files, 600, tmp_path / "tok4")

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmembed.decoder.prompt import parse_inline
+from mmembed.decoder.prompt import Media, parse_inline
 from mmembed.errors import UserError
 
 
@@ -20,6 +20,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     check_options(args)
     prompt = parse_inline(args.prompt)
+    check_outputs([p for p in (args.attention_png, args.plot) if p], prompt)
     model = mm.load(args.run)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
@@ -37,6 +38,20 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.attention_png:
         _wrote(model.attention_maps(prompt).plot(args.attention_png))
     return 0
+
+
+def check_outputs(outs: list[str | Path], prompt: list) -> None:
+    """The plots go to files of their own: not a picture or a sound of the prompt (the heatmap
+    replaced the image it was drawn from), nor each other."""
+    media = {Path(p.item).resolve() for p in prompt if isinstance(p, Media) and isinstance(p.item, (str, Path))}
+    seen: set[Path] = set()
+    for out in map(Path, outs):
+        target = out.resolve()
+        if target in media:
+            raise UserError(f"{out} is a file of the prompt: write the plot to another file")
+        if target in seen:
+            raise UserError(f"--attention-png and --plot both name {out}: give each its own file")
+        seen.add(target)
 
 
 def check_options(args: argparse.Namespace) -> None:

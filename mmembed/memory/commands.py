@@ -32,13 +32,17 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
 def run_train_queries(args: argparse.Namespace) -> int:
     """`mmembed train-queries RUN`: train the query tower on episodes (given, or the world's) and save it."""
+    from mmembed.config import MAX_SEED
     from mmembed.data.episodes import read_episodes
     from mmembed.model import load_space
-    from mmembed.train.queries import save_query_tower, train_query_tower
+    from mmembed.train.queries import QUERY_WEIGHTS, save_query_tower, train_query_tower
 
-    if args.steps < 1 or args.episode_size < 2 or args.seed < 0:
-        raise UserError(f"--steps must be >= 1, --episode-size >= 2 and --seed >= 0 "
+    if args.steps < 1 or args.episode_size < 2 or not 0 <= args.seed < MAX_SEED:  # seed + 1 draws validation
+        raise UserError(f"--steps must be >= 1, --episode-size >= 2 and --seed in [0, {MAX_SEED - 1}] "
                         f"(got {args.steps}, {args.episode_size}, {args.seed})")
+    tower = Path(args.run) / QUERY_WEIGHTS
+    if tower.exists() and not args.overwrite:  # 75 s of training or more, replaced without a word
+        raise UserError(f"{tower} already exists: pass --overwrite to train a new one in its place")
     model = load_space(args.run)
     if args.episodes:
         train = read_episodes(args.episodes)
@@ -63,5 +67,5 @@ def run_train_queries(args: argparse.Namespace) -> int:
     print(f"query tower: {report.steps} steps in {report.seconds:.0f} s; the asked item first among its episode's "
           f"{before['recall@1']:.3f} → {after['recall@1']:.3f}, in the top 3 {before['recall@3']:.3f} → "
           f"{after['recall@3']:.3f} ({report.questions} validation questions; before: the text tower)")
-    print(f"saved: {Path(args.run) / 'query_tower.safetensors'}")
+    print(f"saved: {tower}")
     return 0

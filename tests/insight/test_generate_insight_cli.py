@@ -83,6 +83,19 @@ def test_sweep_prints_a_table_and_draws_it_and_the_attention(run, tmp_path, caps
     assert rows[0]["drawn_entropy"] == 0.0 < rows[1]["drawn_entropy"] < rows[2]["drawn_entropy"]
 
 
+def test_a_plot_never_replaces_a_file_of_the_prompt(run, tmp_path, capsys):
+    """--attention-png a.png over the prompt's own a.png wrote the heatmap into it."""
+    image = tmp_path / "a.png"
+    image.write_bytes((run / "a.png").read_bytes())
+    before = image.read_bytes()
+    prompt = ["--prompt", f"describe <image:{image}>"]
+    for flag in ("--attention-png", "--plot"):
+        one_line_error(capsys, ["generate", str(run), *prompt, flag, str(image)], "is a file of the prompt")
+    assert image.read_bytes() == before
+    one_line_error(capsys, ["generate", str(run), *prompt, "--plot", str(tmp_path / "x.png"), "--attention-png",
+                            str(tmp_path / "x.png")], "give each its own file")
+
+
 def test_plot_without_sweep_draws_the_answer_tokens(run, tmp_path, capsys):
     argv = ["generate", str(run), "--prompt", "describe", "--temperature", "1", "--seed", "0", "--json",
             "--max-new-tokens", "6", "--plot", str(tmp_path / "tokens.png")]

@@ -168,21 +168,28 @@ def test_cli_trains_on_the_runs_world_and_reports_recall(tiny_world, tmp_path, c
     assert "query tower: 3 steps" in out and "validation questions" in out
     assert (tmp_path / "run" / QUERY_WEIGHTS).is_file()
     assert mm.load(tmp_path / "run").query_tower is not None
-    assert main(["train-queries", str(tmp_path / "run"), "--episodes", str(tmp_path / "none.jsonl")]) == 2
+    before = (tmp_path / "run" / QUERY_WEIGHTS).read_bytes()
+    # a second run replaced the trained tower without a word ("is added", said the help)
+    assert main(["train-queries", str(tmp_path / "run"), "--steps", "3", "--episode-size", "8"]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert main(["train-queries", str(tmp_path / "run"), "--seed", str(2**32)]) == 2  # was numpy's traceback
+    assert "--seed in [0, 4294967294]" in capsys.readouterr().err
+    assert (tmp_path / "run" / QUERY_WEIGHTS).read_bytes() == before
+    again = ["train-queries", str(tmp_path / "run"), "--overwrite"]
+    assert main([*again, "--episodes", str(tmp_path / "none.jsonl")]) == 2
     assert "episodes file not found" in capsys.readouterr().err
-    assert main(["train-queries", str(tmp_path / "run"), "--steps", "0"]) == 2
+    assert main([*again, "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1
-    before = (tmp_path / "run" / QUERY_WEIGHTS).read_bytes()
     for lr in ("inf", "1e6"):  # inf, or a rate that diverges: NaN weights were saved over the good tower
-        assert main(["train-queries", str(tmp_path / "run"), "--steps", "3", "--episode-size", "8", "--lr", lr]) == 2
+        assert main([*again, "--steps", "3", "--episode-size", "8", "--lr", lr]) == 2
         err = capsys.readouterr().err
         assert ("lr > 0" in err or "diverged" in err) and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "run" / QUERY_WEIGHTS).read_bytes() == before
     # one episode: nothing left to validate on but the training episode itself (it validated on it)
     one = {"items": [{"image": "a.png"}, {"audio": "b.wav"}], "questions": [{"text": "the red one?", "item": 1}]}
     (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n")
-    assert main(["train-queries", str(tmp_path / "run"), "--episodes", str(tmp_path / "one.jsonl")]) == 2
+    assert main([*again, "--episodes", str(tmp_path / "one.jsonl")]) == 2
     assert "1 episode(s): give at least 2" in capsys.readouterr().err
 
 
