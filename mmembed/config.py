@@ -26,6 +26,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # --------------------------------------------------------------------------------------------
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more (train.seed, and the commands' --seed)
+
 @dataclass
 class TowerConfig:
     """One modality's path into the shared space: preprocess → encoder → head."""
@@ -186,7 +188,8 @@ class TrainConfig:
                  ("max_bad_steps", at_least(self.max_bad_steps, 1), ">= 1"),
                  ("collapse_steps", at_least(self.collapse_steps, 1), ">= 1"),
                  ("collapse_restarts", at_least(self.collapse_restarts, 0), ">= 0"),
-                 ("dist_timeout_minutes", 0 < self.dist_timeout_minutes < math.inf, "> 0")]
+                 ("dist_timeout_minutes", 0 < self.dist_timeout_minutes < math.inf, "> 0"),
+                 ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (numpy's seeds)")]
         for name, ok, wanted in rules:
             if not ok:
                 raise ConfigError(f"{source}: {join_key(where, name)} must be {wanted}, got {getattr(self, name)!r}")

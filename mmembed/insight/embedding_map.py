@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmembed.config import MAX_SEED
 from mmembed.errors import UserError
 from mmembed.insight.plotting import pyplot, save_png
 
@@ -218,6 +219,8 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
         raise UserError("nothing to map: the index is empty")
     if len(modalities) != n or len(metadata) != n:
         raise ValueError(f"{n} vectors, {len(modalities)} modalities, {len(metadata)} metadata rows")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:  # t-SNE's own range
+        raise UserError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     rows = sample_rows(n, max_points, seed)
     meta = [{**metadata[i], MODALITY_COLUMN: str(modalities[i])} for i in rows]
     values = column_values(meta, color_by)  # checked before the (possibly slow) projection

@@ -147,6 +147,14 @@ def test_pca_is_drawn_and_named_where_tsne_and_umap_cannot_work(monkeypatch, tmp
         assert drawn.method == "pca" and np.allclose(drawn.xy, pca_2d(x).numpy())
 
 
+def test_a_seed_out_of_range_is_one_line(tmp_path):
+    """--seed 99999999999999999999 was an OverflowError traceback; -1 was taken."""
+    x = torch.randn(6, D)
+    for seed in (-1, 2**70):
+        with pytest.raises(UserError, match=r"seed must be an integer in \[0, 4294967295\]"):
+            map_vectors(x, ["image"] * 6, [{}] * 6, "modality", tmp_path / "s.png", seed=seed)
+
+
 def test_tsne_is_called_seeded_when_installed(monkeypatch, tmp_path):
     calls = {}
 
