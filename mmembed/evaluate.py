@@ -281,6 +281,9 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         for modality, z in report["zero_shot"].items():
             acc = "n/a" if z["accuracy"] is None else f"{100 * z['accuracy']:.1f}"
             lines.append(f"| {modality} | {acc} | {z['n']} |")
+        if not any(z["n"] for z in report["zero_shot"].values()):
+            lines.append("\nno item's label is one of the class names: zero-shot needs --labels equal to the "
+                         "manifest's label column (a built-in world's label names a whole scene)")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Evaluation of a run's decoder on an instruction manifest: accuracy per task, and every answer.
 
     manifest ─► rows (bad rows skipped and counted) ─► rows that fit the decoder's context
-             ─► greedy answers, batched as each row would be answered alone (`answer_rows`)
+             ─► greedy answers, batched as each row would be answered alone (`answer_rows`;
+                a row whose media cannot be read is skipped and counted too)
              ─► score(row, answer) ─► accuracy per task and overall, and the answers (JSON)
 
 Scoring: an answer is right when it equals the row's answer after both are normalised (spaces
@@ -14,6 +15,7 @@ and colour of every object (its sizes and positions stated, their values not che
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,11 @@ from mmembed.data.instructions import InstructionRow, read_instructions
 from mmembed.data.synth import TASKS, score
 from mmembed.data.synth.instructions import normalise
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
+from mmembed.decoder.generate import check_max_new_tokens
 from mmembed.errors import UserError
 from mmembed.retrieval.embed import outside_root_allowed
+
+log = logging.getLogger(__name__)
 
 OVERALL, UNTASKED = "(all tasks)", "(no task)"
 
@@ -57,18 +62,31 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     if getattr(model, "prompt_model", None) is None:
         raise UserError("this run has no decoder stage: train one (a `decoder:` section in the config) "
                         "to evaluate prompts")
+    check_max_new_tokens(max_new_tokens)  # -3 answered one token a row (a wrong accuracy), "8" a TypeError
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     instructions = read_instructions(manifest, allow_outside_root=outside_root_allowed(model))
     rows = fitting(model, instructions.rows)
     if not rows:
         raise UserError(f"{manifest}: no row fits the decoder's context of {model.prompt_model.lm.decoder.max_len} "
                         f"tokens with its answer")
     name, score_fn = scorer(rows)
-    answers = answer_rows(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    unreadable: list[tuple[int, str]] = []  # rows whose media cannot be read: skipped and counted, as bad rows
+    answers = answer_rows(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, bad=unreadable)
+    rows, answers = [r for r, a in zip(rows, answers) if a is not None], [a for a in answers if a is not None]
+    if unreadable:
+        line, why = unreadable[0]
+        log.warning("%s: %d row(s) skipped, their media unreadable (first, line %d: %s)", manifest, len(unreadable),
+                    line, why)
+    if not rows:
+        raise UserError(f"{manifest}: no row's media could be read (first, line {unreadable[0][0]}: "
+                        f"{unreadable[0][1]})")
     tasks = accuracy_by_group(rows, answers, score_fn, lambda r: r.task or UNTASKED)
     correct = [bool(score_fn(r, a.text)) for r, a in zip(rows, answers)]
     tasks[OVERALL] = {"n": len(rows), "correct": sum(correct), "accuracy": sum(correct) / len(rows)}
     return {
-        "manifest": str(manifest), "scoring": name, "rows": len(rows), "skipped": len(instructions.skipped),
+        "manifest": str(manifest), "scoring": name, "rows": len(rows),
+        "skipped": len(instructions.skipped) + len(unreadable),
         "too_long": len(instructions.rows) - len(rows), "tasks": tasks,
         "answers": [{"line": r.line, "task": r.task, "answer": a.text, "reference": r.answer, "correct": c}
                     for r, a, c in zip(rows, answers, correct)],

@@ -150,3 +150,12 @@ def test_evaluate_manifest_instance_and_label_keys(manifest, tmp_path):
     assert "text→image" in format_table(report)
     one_modality = {"ks": [1, 5], "pairs": {}}
     assert "R@1 % | R@5 %" in format_table(one_modality)  # the header kept its K columns
+
+
+def test_zero_shot_labels_that_match_no_item_say_so():
+    """`eval --labels circle square` on the built-in world (whose labels name whole scenes) printed
+    "n/a | 0" rows and nothing else."""
+    report = {"pairs": {}, "zero_shot": {"image": {"accuracy": None, "n": 0}, "audio": {"accuracy": None, "n": 0}}}
+    assert "no item's label is one of the class names" in format_table(report)
+    report["zero_shot"]["image"] = {"accuracy": 0.5, "n": 4}
+    assert "no item's label" not in format_table(report)

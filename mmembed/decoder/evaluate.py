@@ -17,6 +17,7 @@ from typing import Any
 from mmembed.data.instructions import InstructionRow
 from mmembed.decoder.generate import Generation, answer_room, room_batches
 from mmembed.decoder.prompt import MEDIA, Segment
+from mmembed.errors import BadInput
 
 
 def row_prompt(row: InstructionRow) -> list[Segment]:
@@ -25,10 +26,13 @@ def row_prompt(row: InstructionRow) -> list[Segment]:
 
 
 def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int = 48,
-                batch_size: int = 64) -> list[Generation]:
+                batch_size: int = 64, bad: list[tuple[int, str]] | None = None) -> list[Generation | None]:
     """Greedy answers to every row, returned in the order of `rows`, each as it would be alone: in
     batches of up to `batch_size` prompts of similar length, none long enough to cut another's
-    answer short (`room_batches`); a batch of long prompts asks for the room it has."""
+    answer short (`room_batches`); a batch of long prompts asks for the room it has.
+
+    A row whose media cannot be read (a missing or broken file) raises BadInput, or with a `bad`
+    list is answered None and recorded there as (its line, the reason): skipped and counted."""
     pm = model.prompt_model
     # a decoder that slides (a window, positions past the table) writes on past its context: no
     # batch cuts an answer there; learned positions stop at the context, window or not
@@ -37,9 +41,23 @@ def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int 
     out: list[Generation | None] = [None] * len(rows)
     for batch in room_batches(lengths, context, max_new_tokens, batch_size):
         steps = max(1, min(max_new_tokens, answer_room(context, max(lengths[i] for i in batch))))
-        for i, answer in zip(batch, model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)):
+        try:
+            answers = model.generate([row_prompt(rows[i]) for i in batch], max_new_tokens=steps)
+        except BadInput:
+            if bad is None:
+                raise
+            answers = [_alone(model, rows[i], steps, bad) for i in batch]  # which row it was
+        for i, answer in zip(batch, answers):
             out[i] = answer
-    return out  # type: ignore[return-value]
+    return out
+
+
+def _alone(model: Any, row: InstructionRow, steps: int, bad: list[tuple[int, str]]) -> Generation | None:
+    try:
+        return model.generate(row_prompt(row), max_new_tokens=steps)
+    except BadInput as e:
+        bad.append((row.line, str(e)))
+        return None
 
 
 def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:

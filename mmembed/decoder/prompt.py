@@ -176,7 +176,7 @@ def join_text(parts: Sequence[Any]) -> list[Any]:
     return out
 
 
-_INLINE = re.compile(r"<(image|audio):([^<>]*)>")
+_INLINE = re.compile(r"<(\w+):([^<>]*)>")
 
 
 def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
@@ -188,8 +188,14 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     parts: list[str | Media] = []
     pos = 0
     for m in _INLINE.finditer(text):
+        kind, name = m.group(1).lower(), m.group(2).strip()
+        if kind not in ("image", "audio"):
+            typed = Path(name).expanduser()
+            if name and (typed if typed.is_absolute() or base is None else base / typed).is_file():
+                # <img:a.png> went to the decoder as text, and it answered about no picture
+                raise UserError(f"prompt holds <{m.group(1)}:{name}>: a file is named <image:FILE> or <audio:FILE>")
+            continue  # any other <word:...> is text
         parts.append(text[pos:m.start()])
-        kind, name = m.group(1), m.group(2).strip()
         if not name:
             raise UserError(f"prompt holds <{kind}:> without a path: write <{kind}:FILE>")
         path = Path(name).expanduser()

@@ -49,7 +49,8 @@ class Session:
         recall_k: older memories recalled per turn at most.
         recall_threshold: the cosine similarity a memory needs to be recalled (the turn's words, with
             a run's query tower, need the tower's own threshold instead: `model.query_threshold`).
-        new: start a new session even when the user has one.
+        new: start a new session even when the user has one (with `session`, a name the user has
+            not used: a UserError otherwise).
     """
 
     def __init__(self, model: Any, memory: str | Path | Memory, user: str, session: str | None = None, *,
@@ -69,6 +70,11 @@ class Session:
         self.memory = Memory(memory, model=model) if self._own else memory
         self.history_turns, self.recall_k, self.recall_threshold = history_turns, recall_k, recall_threshold
         names = self.memory.sessions(user)
+        if new and session in names:  # it continued that conversation, its old turns fed to the decoder
+            if self._own:
+                self.memory.close()
+            raise UserError(f"session {session!r} of {user!r} already exists: `new` starts another one (leave out "
+                            "the name, or give a new one)")
         if session is None:
             session = names[-1] if names and not new else _new_session_name()
         self.session = session

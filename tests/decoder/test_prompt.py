@@ -156,6 +156,12 @@ def test_inline_prompt_syntax(tmp_path):
         parse_inline("look <image:x>y.png>", base=tmp_path)
     with pytest.raises(UserError, match=r"missing image file: \S*nope.png$"):  # no hint without a later '>'
         parse_inline("look <image:nope.png>", base=tmp_path)
+    # a tag in other letters is the same tag; a misspelt one naming a file was sent as text, and the
+    # decoder answered about no picture
+    assert [type(p).__name__ for p in parse_inline("see <Image:a.png>", base=tmp_path)] == ["str", "Image"]
+    with pytest.raises(UserError, match=r"prompt holds <img:a.png>: a file is named <image:FILE> or <audio:FILE>"):
+        parse_inline("see <img:a.png>", base=tmp_path)
+    assert parse_inline("note <b:bold> and <http://x.org>", base=tmp_path) == ["note <b:bold> and <http://x.org>"]
 
 
 def test_adjacent_text_segments_are_one_text_joined_by_a_space():

@@ -102,6 +102,11 @@ def test_the_latest_session_is_the_one_used_last_not_the_one_begun_last(chat_mod
         assert mem.sessions("ada") == ["tuesday", "monday"]
     with mm.Session(chat_model, memory=db, user="ada") as chat:
         assert chat.session == "monday" and chat.turn == 0
+    # `chat --new --session monday` continued monday, its old turns fed to the decoder
+    with pytest.raises(UserError, match="session 'monday' of 'ada' already exists"):
+        mm.Session(chat_model, memory=db, user="ada", session="monday", new=True)
+    with mm.Session(chat_model, memory=db, user="ada", session="wednesday", new=True) as chat:
+        assert chat.session == "wednesday" and chat.turn == 0
 
 
 def test_recall_finds_older_sessions_and_never_another_users(chat_model, db, monkeypatch):

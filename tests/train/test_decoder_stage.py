@@ -478,6 +478,13 @@ def test_eval_instructions_scores_other_manifests_by_normalised_exact_match(trai
     assert report["scoring"] == "exact match (normalised)"
     assert report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
     assert [a["correct"] for a in report["answers"]] == [True, False, True, False]
+    # a row whose picture is missing or broken is skipped and counted; it stopped the whole evaluation
+    (tmp_path / "broken.png").write_bytes(b"<html>not a picture</html>")
+    extra = [{"prompt": ["What is in", {"image": name}], "answer": "x"} for name in ("missing.png", "broken.png")]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, *extra]))
+    table, report = run_instruction_eval(model, tmp_path / "mine.jsonl", max_new_tokens=6)
+    assert report["skipped"] == 2 and report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
+    assert "2 bad row(s)" in table
 
 
 def test_eval_without_a_decoder_or_a_manifest_is_one_clear_line(trained_run, tiny_world, capsys):
@@ -487,6 +494,10 @@ def test_eval_without_a_decoder_or_a_manifest_is_one_clear_line(trained_run, tin
 
     with pytest.raises(UserError, match="no decoder stage"):
         instruction_report(SimpleNamespace(prompt_model=None), tiny_world / "instruct-test.jsonl")
+    model = mm.load(trained_run)  # -3 answered one token a row and reported its accuracy; "8" was a TypeError
+    for bad in ({"max_new_tokens": -3}, {"max_new_tokens": "8"}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            instruction_report(model, tiny_world / "instruct-test.jsonl", **bad)
     assert main(["eval", str(trained_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--manifest" in err and "--instructions" in err
