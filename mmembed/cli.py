@@ -41,7 +41,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _overrides(p: argparse.ArgumentParser, example: str = "train.lr=3e-4") -> None:
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {example}")
+    # default=[]: without it argparse names the optional overrides among "the required arguments"
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help=f"config overrides, e.g. {example}")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -104,6 +105,8 @@ def _data_commands(sub) -> None:
     t.add_argument("--corpus", nargs="+", required=True, help="text files")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer.json already in --out (a run's "
+                                                            "own: the run then no longer loads)")
     t = tok_sub.add_parser("stats", help="train at several vocabulary sizes; plot compression and embedding "
                                          "parameters against size (DIR/tokenizer_stats.png, .json, .csv)")
     t.add_argument("--corpus", nargs="+", required=True, help="text files, one caption per line")
@@ -137,7 +140,8 @@ def _training_commands(sub) -> None:
              _lazy("mmembed.evaluate:run_eval_command"))
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
-    p.add_argument("--labels", nargs="+", help="class names for zero-shot classification")
+    p.add_argument("--labels", nargs="+", help="class names for zero-shot classification: the values of the "
+                                               "manifest's label column to tell apart")
     p.add_argument("--template", default="a photo of a {label}", help="zero-shot prompt template")
     p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
                                           "greedily with the run's decoder, accuracy per task")
@@ -229,7 +233,8 @@ def _tool_commands(sub) -> None:
     """The query tower, the web app and scaling studies."""
     p = _add(sub, "train-queries", "train a query tower: questions land on the item they name (memory recall)",
              _lazy("mmembed.memory.commands:run_train_queries"))
-    p.add_argument("run", help="run directory (the space stays as it is; query_tower.safetensors is added)")
+    p.add_argument("run", help="run directory (the space stays as it is; query_tower.safetensors is added, or "
+                               "replaced with --overwrite)")
     p.add_argument("--episodes", help="JSONL of episodes (items shown + questions naming one of them; README, "
                                       "'Data format'); default: built from the synthetic world of the run's data.root")
     p.add_argument("--val-episodes", help="JSONL of validation episodes (default: the world's val split, or a "
@@ -238,6 +243,7 @@ def _tool_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--episode-size", type=int, default=32, help="items per world episode (default: 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the run's query tower if it has one")
 
     p = _add(sub, "serve", "a local web app: search, prompt and memory views, and a JSON API (/api/search, "
              "/api/generate)", _serve)
@@ -336,7 +342,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
         return run_tokenizer_stats(args)
     from mmembed.tokenizer import train_tokenizer
 
-    path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out)
+    path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out,
+                           overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 

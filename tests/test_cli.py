@@ -115,8 +115,14 @@ def test_overrides_may_follow_options_and_unknown_arguments_are_still_refused():
 def test_an_os_error_at_any_path_is_one_line_and_a_closed_pipe_is_quiet(capsys, tmp_path):
     """A path the command cannot use that no early check caught (the world's folder under a file)
     was an OSError traceback; a reader that closed the pipe (`| head`) gave a BrokenPipeError one."""
+    from unittest import mock
+
+    import mmembed.data.synth as synth
+
     (tmp_path / "file").write_text("x")
-    assert main(["data", "synth", "--n", "4", "--out", str(tmp_path / "file" / "world")]) == 1
+    unforeseen = NotADirectoryError(20, "Not a directory", str(tmp_path / "file" / "world" / "images"))
+    with mock.patch.object(synth, "generate_world", side_effect=unforeseen):
+        assert main(["data", "synth", "--n", "4", "--out", str(tmp_path / "w2")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mmembed: error: ") and "a file stands where a folder must go" in err
     assert len(err.strip().splitlines()) == 1
@@ -148,3 +154,33 @@ def test_an_error_raised_in_a_data_loader_worker_is_still_one_line(capsys):
 
     with mock.patch("mmembed.cli._data", handler):
         _one_line_error(capsys, ["data", "synth", "--out", "x"], "train.jsonl:1: image: corrupt or truncated image")
+
+
+def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
+    """`demo --out DIR` emptied DIR (a user's notes, an index) before it checked anything."""
+    victim = tmp_path / "victim"
+    (victim / "index").mkdir(parents=True)
+    (victim / "notes.txt").write_text("mine")
+    argv = ["demo", "--out", str(victim), f"data.root={tmp_path / 'nodata'}", "data.synth=null"]
+    _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
+    assert (victim / "notes.txt").read_text() == "mine" and (victim / "index").is_dir()
+    (victim / "notes.txt").unlink()
+    (victim / "demo.json").write_text("{}")  # a finished demo: replaced (here the missing data stops it next)
+    _one_line_error(capsys, argv, "training manifest not found")
+    assert not (victim / "index").exists()
+
+
+def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, capsys):
+    """Caught before any work, it exited 2 in some commands and 1 in others ("a file stands where a
+    folder must go", from the OSError handler after the work had begun)."""
+    (tmp_path / "caps.txt").write_text("x")
+    under = str(tmp_path / "caps.txt" / "sub")
+    for argv in (["data", "synth", "--out", under, "--n", "4"],
+                 ["train", "demo", f"train.out_dir={under}", "data.synth=null", f"data.root={tmp_path}"],
+                 ["scale", "--out", str(tmp_path / "caps.txt" / "sweep")]):
+        _one_line_error(capsys, argv, "cannot create the folder")
+
+
+def test_a_missing_config_names_only_the_config(capsys):
+    """It said "the following arguments are required: config, key.sub=value" (the optional overrides)."""
+    _one_line_error(capsys, ["train"], "the following arguments are required: config (see --help)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mmembed.checkpoint import atomic_write_text
+from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.insight.lm_train import LMResult, train_lm
 from mmembed.insight.plotting import pyplot, save_png
 from mmembed.insight.scaling import build_decoder, recipe_of, world_text
@@ -76,7 +76,7 @@ def run_regularisation(config: ScalingConfig, progress: Callable[[str], None] = 
     regularisation.json and regularisation.png to `config.out_dir`."""
     rc = config.regularisation
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)  # a file above it is one line, before any training
     vocab, train, val = world_text(config, rc.train_tokens, progress)
     grid = [(d, w) for d in rc.dropouts for w in rc.weight_decays]
     settings = []

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmembed.checkpoint import make_output_folder
 from mmembed.errors import UserError
 from mmembed.file_lock import exclusive
 
@@ -38,7 +39,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
     if resume or not run_dir.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_folder(run_dir, "train.out_dir")  # a file above it: one line, exit 2
         return
     if not any(p.name != LOCK for p in run_dir.iterdir()):
         return
