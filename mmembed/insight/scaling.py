@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_text
+from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.decoder.model import Decoder
 from mmembed.insight.lm_data import token_rows, train_world_tokenizer
 from mmembed.insight.lm_train import LMResult, Recipe, train_lm
@@ -86,7 +86,7 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
         The `SweepReport`; scaling.json, scaling.csv and scaling.png are in `config.out_dir`.
     """
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)  # a file above it is one line, before any training
     plan = _plan(config)
     budget = max([t for _, _, t in plan] + ([_next(config)[2]] if verify else []))
     vocab, train, val = world_text(config, budget, progress)
@@ -102,7 +102,7 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     for i, (label, size, tokens) in enumerate(plan):
         progress(f"[{i + 1}/{len(plan)}] {label}: {tokens:,} tokens")
         rungs.append(Rung(label, train_one(label, size, tokens), size))
-    write_rungs(rungs, out)
+        write_rungs(rungs, out)  # after each rung: an interrupted or failing sweep keeps the ones it finished
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([_x(config, r.result) for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,
@@ -171,8 +171,8 @@ def write_report(report: SweepReport, out: Path) -> dict[str, str]:
 
 
 def write_rungs(rungs: list[Rung], out: Path) -> Path:
-    """scaling.csv: one row per trained rung (written atomically, and before any fit: a fit that
-    fails loses no training)."""
+    """scaling.csv: one row per trained rung (written atomically after each rung and before any
+    fit: an interruption, a later rung's failure or a fit that fails loses no finished training)."""
     rows = [{"rung": r.label, "width": r.size.width, "layers": r.size.layers, "heads": r.size.heads,
              **{k: v for k, v in r.result.to_dict().items() if k != "curve"}} for r in rungs]
     text = io.StringIO()

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmembed.checkpoint import atomic_write_text
+from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.config import Config, ConfigError, load_config
 from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
 from mmembed.errors import UserError
@@ -56,12 +56,14 @@ from mmembed.insight.power_law import fit_power_law
 from mmembed.insight.scaling import Rung, SweepReport, size_label, write_report, write_rungs
 from mmembed.insight.sweep_config import ModelSize, ScalingConfig
 from mmembed.losses import build_loss
-from mmembed.model import TOKENIZER, build_model, load_space
 from mmembed.modality import Modality
+from mmembed.model import TOKENIZER, build_model, load_space
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
-from mmembed.train.align import train_align, train_loader_factory
-from mmembed.train.distributed import resolve_device
+from mmembed.train.align import (WithCaptioner, captioned_forward, make_step_fn, space_forward, train_align,
+                                 train_loader_factory, with_captioner)
+from mmembed.train.collapse import CollapseMonitor
+from mmembed.train.distributed import Forward, resolve_device
 from mmembed.train.state import Progress
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ UNITS = {
     "params": "non-embedding parameters of the shared space (nn.Embedding tables left out)",
     "tokens": "training samples seen (D for the towers: a token is not defined across modalities)",
     "flops_estimate": "6 · N · samples (not tokens: below the measured count by about the tokens per sample)",
-    "flops_measured": "torch.utils.flop_counter, forward + backward of every training batch",
+    "flops_measured": "torch.utils.flop_counter, forward + backward of every training batch (captioner included)",
     "val_loss": "the config's contrastive loss on the validation manifest, chunks of train.batch_size rows",
 }
 
@@ -91,7 +93,7 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
     if len(ladder.widths) < 3:
         raise ConfigError(f"towers.widths: a fit needs at least 3 widths, got {len(ladder.widths)}")
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)  # a file above it is one line, before any training
     rungs = []
     for i, width in enumerate(ladder.widths):
         progress(f"[{i + 1}/{len(ladder.widths)}] towers at width {width}")
@@ -213,9 +215,12 @@ class CurveRecorder:
         if event != "checkpoint":
             return
         t0 = time.perf_counter()
+        # the space, also where the stage trains it with a captioner (loss.caption_weight, the
+        # demo's recipe: a towers sweep of it stopped at its first checkpoint)
+        space = trainer.module.space if isinstance(trainer.module, WithCaptioner) else trainer.module
         if self.loader is None:  # the run's tokenizer is on disk by the first checkpoint
-            self.loader = validation_loader(self.cfg, _run_tokenizer(trainer.run_dir), trainer.module)
-        loss = contrastive_loss(trainer.module, build_loss(self.cfg.loss), self.loader, trainer.device)
+            self.loader = validation_loader(self.cfg, _run_tokenizer(trainer.run_dir), space)
+        loss = contrastive_loss(space, build_loss(self.cfg.loss), self.loader, trainer.device)
         self.seconds_validating += time.perf_counter() - t0
         self.progress = p = trainer.progress
         point = {"step": p.step, "tokens": p.samples, "train_loss": self.train_loss, "val_loss": loss,
@@ -275,9 +280,13 @@ def contrastive_loss(space: SharedSpace, loss_fn: nn.Module, loader, device: tor
 
 
 def training_flops(space: SharedSpace, cfg: Config, tokenizer, progress: Progress, device: torch.device) -> int:
-    """FLOPs of every training batch the run consumed (forward + backward of space and loss),
-    replayed from the seeded training loader; each distinct batch shape is counted once."""
+    """FLOPs of every training batch the run consumed (forward + backward of what the align stage
+    trains: the space, its loss and, with `loss.caption_weight`, the captioner), replayed from the
+    seeded training loader; each distinct batch shape is counted once."""
     loss_fn = build_loss(cfg.loss)
+    trained = with_captioner(cfg, space, tokenizer, device)  # a fresh captioner: FLOPs need no weights
+    net = Forward(trained, captioned_forward if trained is not space else space_forward)
+    step = make_step_fn(space, loss_fn, device, SkipCounter(), CollapseMonitor(), net, cfg.loss.caption_weight)
     make, per_epoch = train_loader_factory(cfg, Path(cfg.data.root), tokenizer, _active(space, cfg), SkipCounter())
     counts: dict[tuple, int] = {}
     total = 0
@@ -292,33 +301,31 @@ def training_flops(space: SharedSpace, cfg: Config, tokenizer, progress: Progres
                 continue
             key = batch_shape(batch)
             if key not in counts:
-                counts[key] = step_flops(space, loss_fn, batch.to(device))
+                counts[key] = step_flops(trained, step, batch)
             total += counts[key]
     log.info("training FLOPs: %.3e over %d batch shape(s)", total, len(counts))
     return total
 
 
 def batch_shape(batch) -> tuple:
-    """What a step's FLOPs depend on: rows, each modality's input shape, and the rows each pair shares."""
+    """What a step's FLOPs depend on: rows, each modality's input shape, the rows each pair shares
+    and each mask's real positions (the captioner's loss reads the caption tokens themselves)."""
     inputs = tuple((str(m), tuple(x.shape)) for m, x in sorted(batch.inputs.items()))
     present = sorted(batch.present.items())
     shared = tuple(int((p & q).sum()) for (_, p), (_, q) in combinations(present, 2))
-    return len(batch), inputs, shared
+    real = tuple((str(m), int(mask.sum())) for m, mask in sorted(batch.masks.items()) if mask is not None)
+    return len(batch), inputs, shared, real
 
 
-def step_flops(space: SharedSpace, loss_fn: nn.Module, batch) -> int:
-    """FLOPs of one training step's forward and backward (what `make_step_fn` runs) on `batch`."""
-    modes = {m: m.training for m in space.modules()}
-    space.train()
-
-    def loss():
-        emb = space(batch.inputs, batch.masks, batch.present)
-        return loss_fn(emb, batch.present, space.logit_scale, batch.labels, space.logit_bias).total
-
+def step_flops(trained: nn.Module, step: Callable, batch) -> int:
+    """FLOPs of one training step's forward and backward on `batch`: `step` is the align stage's
+    (`make_step_fn`) over `trained`, the module it trains."""
+    modes = {m: m.training for m in trained.modules()}
+    trained.train()
     try:
-        return measured_flops(loss)
+        return measured_flops(lambda: step(batch).loss)
     finally:
-        space.zero_grad(set_to_none=True)
+        trained.zero_grad(set_to_none=True)
         for m, training in modes.items():
             m.training = training
 

@@ -49,11 +49,15 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     """Linear warm-up to `base_lr` over `warmup_steps`, then cosine decay to `base_lr * min_ratio`
     at `total_steps`. `step` counts optimizer steps from 0. `time_progress`: the fraction of a
     time budget spent; after the warm-up the cosine follows whichever of the two is further on,
-    so the decay ends at the budget when steps come slower than planned. A warm-up longer than
-    half the run is cut to half of it, so a short run still reaches `base_lr` and anneals."""
+    so the decay ends at the budget when steps come slower than planned; the warm-up likewise
+    ends at its share of the budget (warmup_steps / total_steps of it) if that comes first (a
+    budget spent inside a step-counted warm-up stopped at a fraction of `base_lr`, never
+    annealed). A warm-up longer than half the run is cut to half of it, so a short run still
+    reaches `base_lr` and anneals."""
     warmup_steps = min(warmup_steps, total_steps // 2)
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+    share = warmup_steps / total_steps if total_steps > 0 else 0.0  # of the time budget
+    if warmup_steps > 0 and step < warmup_steps and time_progress < share:
+        return base_lr * max((step + 1) / warmup_steps, time_progress / share)
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, max((step - warmup_steps) / span, time_progress))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))

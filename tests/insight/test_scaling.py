@@ -50,6 +50,25 @@ def test_sweep_writes_fit_prediction_and_verification(tmp_path, capsys):
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
+def test_an_interrupted_sweep_keeps_the_rungs_it_finished(tmp_path, monkeypatch):
+    """Ctrl-C (or a rung whose loss became NaN) at the third rung left an empty folder: scaling.csv
+    was written once, after the whole ladder."""
+    import mmembed.insight.scaling as scaling
+
+    real, calls = scaling.train_lm, []
+
+    def interrupted_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scaling, "train_lm", interrupted_at_the_third)
+    assert main(["scale", "--out", str(tmp_path), *TINY]) == 130  # "mmembed: interrupted"
+    lines = (tmp_path / "scaling.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("w16 L1 h2,") and lines[2].startswith("w24 L1 h2,")
+
+
 def test_data_axis_varies_tokens_for_one_model(tmp_path, capsys):
     argv = ["scale", "--axis", "data", "--out", str(tmp_path), *TINY, "data_tokens=[4096, 8192, 16384]",
             "data_size={width: 16, layers: 1, heads: 2}"]

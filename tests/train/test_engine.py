@@ -198,7 +198,12 @@ def test_a_warmup_longer_than_half_the_run_is_cut_to_half():
 
 
 def test_time_progress_moves_the_cosine_on_never_back():
-    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.6)  # warm-up is in steps
+    # the warm-up holds a tenth of the steps (10 of 110), so it ends by a tenth of the budget too:
+    # a budget spent inside it stopped the run at 0.6 of the rate, never annealed
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.05) == pytest.approx(0.6)  # steps are further on
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.08) == pytest.approx(0.08 * 110 / 10)  # time is
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=1.0) == pytest.approx(0.1)  # annealed at the budget
     assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
     assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
     assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.2) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
