@@ -241,6 +241,9 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
+_FLOAT_SLACK = 1e-3  # rounding past [0, 1] (after a resize or a colour transform) is clamped, not refused
+
+
 def _chw_to_rgb(t: Tensor, background) -> Tensor:
     """(C, H, W) tensor with C in {1, 3, 4} → (3, H, W) uint8 or float32 in [0, 1]."""
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
@@ -253,6 +256,10 @@ def _chw_to_rgb(t: Tensor, background) -> Tensor:
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
             raise BadInput("image contains NaN/Inf pixels")
+        low, high = float(t.min()), float(t.max())
+        if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:  # 0..255 or normalised values, clamped to white/black
+            raise BadInput(f"a float image's values must lie in [0, 1], these span [{low:.3g}, {high:.3g}]: "
+                           "divide 0..255 values by 255, or give uint8 (an image already normalised cannot be read)")
         t = t.clamp(0.0, 1.0)
     elif t.dtype != torch.uint8:
         raise BadInput(f"unsupported image dtype {t.dtype} (uint8, uint16 or float)")

@@ -126,6 +126,13 @@ def test_bad_arrays_are_rejected():
         pre(torch.full((3, 4, 4), float("nan")))
     with pytest.raises(BadInput, match="unsupported image input"):
         pre(12)
+    # a float image of 0..255 values was clamped to [0, 1]: all white, embedded without a word
+    # (cosine 1.000 with a white picture); a normalised one went the same way
+    for values, span in ((np.full((4, 4, 3), 200.0, np.float32), r"\[200, 200\]"),
+                         (torch.full((3, 4, 4), -1.8), r"\[-1.8, -1.8\]")):
+        with pytest.raises(BadInput, match=f"a float image's values must lie in \\[0, 1\\], these span {span}"):
+            pre(values)
+    pre(torch.full((3, 4, 4), 1.0005))  # rounding just past 1 is clamped, as before
 
 
 # ---------------------------------------------------------------------------- hostile files
