@@ -353,6 +353,8 @@ def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read a YAML file (a path or a shipped config's name), apply overrides, build `cls` from it."""
+    if isinstance(overrides, str):  # "train.epochs=3" was read as the overrides "t", "r", ...
+        raise ConfigError(f"overrides must be a list of key.sub=value strings, got the one string {overrides!r}")
     path = resolve_config_path(name)
     raw = read_mapping(path)
     for item in overrides:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -85,8 +86,8 @@ def _check_pair(q: Tensor, t: Tensor, q_keys: Sequence, t_keys: Sequence, ks: Se
                          f"{len(t_keys)} target keys for {t.shape[0]} targets")
     if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(t).all())):
         raise ValueError("embeddings contain NaN or Inf (a diverged model?); ranks would be meaningless")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be positive, got {list(ks)}")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")  # 1.5 was taken as 1, 0.5 "not positive"
 
 
 def pairwise_report(embeddings: dict[Modality, Tensor], keys: dict[Modality, Sequence[str]],
@@ -129,6 +130,8 @@ def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | st
     """
     if truth is not None and len(truth) != len(items):
         raise UserError(f"{len(truth)} truth labels for {len(items)} items")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
     with torch.inference_mode():
         z_items = torch.cat([model.embed(modality, list(items[s:s + batch_size])).float()
@@ -149,6 +152,8 @@ def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence
 
 
 def check_labels(labels: Sequence[str]) -> None:
+    if isinstance(labels, str):  # "circle" was read as the labels c, i, r, c, l, e
+        raise UserError(f"zero-shot labels must be a list of class names, got the one string {labels!r}")
     if not labels or len(set(labels)) != len(labels):
         raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
 

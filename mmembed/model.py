@@ -303,7 +303,7 @@ class Model:
         if self.prompt_model is None:
             raise UserError("this run has no decoder: train one with a config that has a `decoder:` section "
                             "(configs/demo.yaml does)")
-        sampling, stops = Sampling(temperature, top_k, top_p), Stops.parse(stop)
+        sampling, stops = Sampling(temperature, top_k, top_p), Stops.parse(stop, self.prompt_model.fmt.vocab_size)
         batch = is_batch(prompt)
         prompts = resolve_prompts(list(prompt) if batch else [prompt], self.embed, self.embed_dim, self.device)
         return self.prompt_model, prompts, batch, (sampling, stops)
@@ -329,8 +329,10 @@ class Model:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Model:
         """Open a run directory (or a checkpoint folder inside one), with its decoder if it has one."""
+        from mmembed.train.distributed import checked_device
         from mmembed.train.queries import load_query_tower
 
+        device = None if device is None else checked_device(device)  # before anything loads
         model = load_space(run_dir)
         run_dir = Path(run_dir)
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
@@ -341,6 +343,8 @@ class Model:
 def load_space(run_dir: str | Path) -> Model:
     """The shared space of a run (weights, config, tokenizer) without its decoder."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():  # its config.yaml, its weights: the folder is what opens
+        raise UserError(f"{run_dir} is a file: give the run's folder ({run_dir.parent})")
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
     if not (run_dir / WEIGHTS).is_file():

@@ -80,8 +80,9 @@ def test_bad_arguments():
         retrieval_metrics(E, torch.eye(3), list("abcd"), list("abc"))
     with pytest.raises(ValueError, match="NaN or Inf"):
         retrieval_metrics(E * float("nan"), E, list("abcd"), list("abcd"))
-    with pytest.raises(ValueError, match="ks must be positive"):
-        retrieval_metrics(E, E, list("abcd"), list("abcd"), ks=(0,))
+    for ks in ((0,), (1.5,), (0.5,)):  # 1.5 was taken (recall@1 reported as recall@1.5)
+        with pytest.raises(ValueError, match="ks must be positive integers"):
+            retrieval_metrics(E, E, list("abcd"), list("abcd"), ks=ks)
 
 
 def test_pairwise_report_covers_every_ordered_pair():
@@ -108,6 +109,10 @@ def test_zero_shot_classify():
     assert ensembled.predictions == result.predictions and ensembled.accuracy is None
     with pytest.raises(UserError, match="must contain"):
         zero_shot_classify(model, items, "image", ["c0"], template="a photo")
+    with pytest.raises(UserError, match="a list of class names, got the one string 'circle'"):
+        zero_shot_classify(model, items, "image", "circle")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):  # range() arg 3 must not be zero
+        zero_shot_classify(model, items, "image", ["c0", "c1"], batch_size=0)
     with pytest.raises(UserError, match="must contain"):  # literal braces: every class would get one prompt
         zero_shot_classify(model, items, "image", ["c0"], template="a {{label}}")
     for bad in ("{label} {x}", "{label}{}", "{label}{"):  # KeyError, IndexError, ValueError tracebacks before

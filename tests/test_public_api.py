@@ -28,3 +28,24 @@ def test_mm_train_runs_the_stages_function(monkeypatch):
 def test_every_public_name_resolves():
     for name in mm.__all__:
         assert getattr(mm, name) is not None, name
+
+
+def test_load_and_load_config_misuse_is_one_line(tmp_path):
+    """Each was a traceback or a message about something else: a device torch cannot use (its
+    RuntimeError at the first tensor moved), the run's config.yaml for its folder ("run
+    directory not found" of a file that exists), one override string read letter by letter."""
+    import pytest
+    import torch
+
+    from mmembed.errors import ConfigError, UserError
+
+    (tmp_path / "config.yaml").write_text("{}")
+    with pytest.raises(UserError, match="is a file: give the run's folder"):
+        mm.load(tmp_path / "config.yaml")
+    with pytest.raises(UserError, match="device 'nope'"):
+        mm.load(tmp_path, device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="torch sees no CUDA GPU"):
+            mm.load(tmp_path, device="cuda")
+    with pytest.raises(ConfigError, match="got the one string 'train.epochs=3'"):
+        mm.load_config("demo", "train.epochs=3")

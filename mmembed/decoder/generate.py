@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,13 +76,20 @@ class Stops:
     ids: frozenset[int] = frozenset()
 
     @classmethod
-    def parse(cls, stop: str | int | Sequence[str | int] | None) -> Stops:
-        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
-        strings = tuple(s for s in items if isinstance(s, str))
-        ids = frozenset(i for i in items if isinstance(i, int) and not isinstance(i, bool))
-        if len(strings) + len(ids) != len(items) or any(not s for s in strings):
+    def parse(cls, stop: str | int | Sequence[str | int] | None, vocab_size: int | None = None) -> Stops:
+        """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
+        [0, vocab_size), which could never be written, is a ValueError."""
+        single = stop is None or isinstance(stop, str) or _integer(stop) is not None
+        if not single and not isinstance(stop, Iterable):
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
-        return cls(strings, ids)
+        items = [] if stop is None else [stop] if single else list(stop)
+        strings = tuple(s for s in items if isinstance(s, str))
+        ids = [_integer(i) for i in items if not isinstance(i, str)]
+        if None in ids or any(not s for s in strings):
+            raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
+        if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"stop token ids must be in [0, {vocab_size}), got {sorted(ids)}")
+        return cls(strings, frozenset(ids))
 
     def cut(self, text: str) -> int | None:
         """Index of the earliest stop string in `text`, or None."""
@@ -92,6 +100,16 @@ class Stops:
     def holdback(self) -> int:
         """Characters a stream must hold back: they may be the start of a stop string."""
         return max((len(s) for s in self.strings), default=1) - 1
+
+
+def _integer(x: object) -> int | None:
+    """`x` as an int when it is an integer of any type (not a bool), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 class _Row:

@@ -303,7 +303,8 @@ def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tens
         raise BadInput(f"{where}: a vector must have shape ({dim},), the shared space's dimension; "
                        f"got {tuple(z.shape)}")
     if z.device != torch.device(device):
-        raise BadInput(f"{where}: the vector is on {z.device}, the model on {device}")
+        raise BadInput(f"{where}: the vector is on {z.device}, the model on {device} (move it: "
+                       "vector.to(model.device))")
     if not torch.isfinite(z).all():  # in the vector's own dtype: float64's 1e300 is finite
         raise BadInput(f"{where}: the vector holds NaN or Inf")
     peak = z.abs().max()

@@ -317,6 +317,8 @@ class Memory:
             self._store.refresh_meta()
         if self._store.dim is None:
             return None
+        if query.ndim == 2 and query.shape[0] == 1:  # (1, D), as `embed` returns one item: Index.search takes it
+            query = query[0]
         if query.ndim != 1:
             raise BadInput(f"a query vector must be (D,) = ({self._store.dim},), got shape {tuple(query.shape)}")
         return check_vectors(torch.as_tensor(query), self._store.dim, "query vector")

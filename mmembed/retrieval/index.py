@@ -130,8 +130,12 @@ class Index:
         meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
         return self._store.append(v, modality, meta)
 
-    def remove(self, ids: Iterable[int]) -> None:
-        """Remove items by id (an unknown id raises UserError and removes nothing)."""
+    def remove(self, ids: int | Iterable[int]) -> None:
+        """Remove items by id, one or several (an unknown id raises UserError and removes nothing)."""
+        try:
+            ids = [operator.index(ids)]  # one id, of any integer type (numpy's, a 0-d tensor)
+        except TypeError:
+            pass
         self._store.remove(ids)
         if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
             self._store.compact()
@@ -234,6 +238,7 @@ class Index:
         if isinstance(queries, Tensor):
             a = _check_query_vectors(queries, self.dim)
         else:
+            queries = [_as_query(q) for q in queries]
             rows = [_one_vector(q.embed(self._embedding_model(model, q)), self.dim, i) if isinstance(q, Query)
                     else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]  # a Query(vector=) is checked too
             a = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)  # (Q, D)
@@ -320,6 +325,17 @@ class Index:
         return f"Index(dim={self.dim}, {counts}, backend={self.backend_name!r}, storage={self.storage!r})"
 
 
+def _as_query(q: Any) -> Any:
+    """A prompt's media item as `generate` and `Memory.search` take it: `mm.Image` / `mm.Audio` /
+    `mm.Text` becomes the `Query` of its item, a recalled `Embedded` its vector (they raised a
+    TypeError from deep in numpy here)."""
+    if isinstance(getattr(q, "vector", None), Tensor):  # decoder.Embedded
+        return q.vector
+    if isinstance(getattr(q, "modality", None), Modality) and hasattr(q, "item"):  # decoder.Media
+        return Query(**{str(q.modality): q.item})
+    return q
+
+
 def _one_vector(q: Any, dim: int, i: int) -> np.ndarray:
     v = _check_query_vectors(q, dim, i)
     if v.shape[0] != 1:
@@ -338,6 +354,9 @@ def _check_query_vectors(q: Any, dim: int, first: int = 0) -> np.ndarray:
             a = q.detach().to(device="cpu", dtype=torch.float32).numpy()
     else:
         a = np.asarray(q)
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):  # None, a dict, a list of strings
+        raise UserError(f"query {first} is a {type(q).__name__}: pass a (D,) vector, an mm.Query(...), or an "
+                        "mm.Image / mm.Audio / mm.Text")
     if a.dtype != np.float32:
         a = a.astype(np.float32)
     a = a.reshape(1, -1) if a.ndim <= 1 else a

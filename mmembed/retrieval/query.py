@@ -17,6 +17,7 @@ A `list` holds several items of one modality; anything else, a tuple included, i
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +71,10 @@ class Query:
         resolved = {}
         for part, n in counts.items():
             w = weights.get(part, 1.0)
-            w = [float(x) for x in w] if isinstance(w, (list, tuple)) else [float(w)] * n
+            w = list(w) if isinstance(w, (list, tuple)) else [w] * n
+            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in w):
+                raise UserError(f"Query: weights for {part} must be numbers, got {w!r:.80}")
+            w = [float(x) for x in w]
             if len(w) != n:
                 raise UserError(f"Query: {len(w)} weights for {n} {part} item(s)")
             if not all(map(math.isfinite, w)):  # as float64: 3.5e38 is finite, and `embed` scales it

@@ -42,7 +42,8 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     if v.dim() == 1:
         v = v.unsqueeze(0)
     if v.dim() != 2 or v.shape[1] != dim:
-        raise BadInput(f"{what} have shape {tuple(v.shape)}; this index holds dimension {dim} (expected (N, {dim}))")
+        raise BadInput(f"{what} have shape {tuple(v.shape)}; the shared space has dimension {dim} "
+                       f"(expected (N, {dim}))")
     finite = torch.isfinite(v).all(dim=1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])

@@ -176,7 +176,21 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
         return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and world.active:
         return torch.device(f"cuda:{world.local_rank}")
-    return torch.device(name)
+    return checked_device(name)
+
+
+def checked_device(name: str | torch.device) -> torch.device:
+    """`name` as a device this machine has: an unknown name, or a GPU torch cannot see, is a
+    UserError (torch's own RuntimeErrors came at the first tensor moved)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: torch sees no CUDA GPU on this machine (use 'cpu' or 'auto')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 # --- collectives (no-ops in a single process) -----------------------------------------------

@@ -276,6 +276,14 @@ def test_stop_strings_cut_the_text_and_stop_ids_end_generation():
     assert by_id.token_ids == full.token_ids[:1] and by_id.text == "" and by_id.finish_reason == "stop"
     with pytest.raises(ValueError):
         Stops.parse(["", 3])
+    # any integer type is a token id (numpy's was "not iterable", or not an id); ids are checked
+    # against the vocabulary when it is known (an id past it could never stop anything)
+    import numpy as np
+
+    assert Stops.parse(np.int64(3)).ids == Stops.parse([np.int64(3), 3]).ids == frozenset({3})
+    for bad in (3.5, [-5], [10**9]):
+        with pytest.raises(ValueError, match="stop"):
+            Stops.parse(bad, vocab_size=300)
 
 
 def test_stream_pieces_join_to_the_generated_text():

@@ -38,6 +38,8 @@ def test_add_then_search_finds_the_same_item_with_score_one(mem):
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
         assert len(hits) == 5
     assert sorted(ids.values()) == list(range(1, 6))
+    z = mem.model.embed("audio", [sound(0)])  # (1, D), as embed returns one item: Index.search takes it too
+    assert mem.search("ada", z, k=1)[0].id == ids["wav"]
     hit = mem.search("ada", mm.Image(picture(0)), k=1)[0]
     assert (hit.user, hit.modality, hit.text, hit.role, hit.meta) == ("ada", Modality.IMAGE, "a noisy picture",
                                                                       "user", {})

@@ -52,6 +52,11 @@ def test_remove_unknown_id_changes_nothing(index):
     with pytest.raises(UserError, match="no item with id 999"):
         index.remove([3, 999])
     assert 3 in index and len(index) == 150
+    import numpy as np
+
+    index.remove(3)  # one id, as Memory.delete takes it (a TypeError: not iterable)
+    index.remove(np.int64(4))  # of the integer type search_ids returns
+    assert 3 not in index and 4 not in index and len(index) == 148
 
 
 def test_search_equals_brute_force(index):
@@ -204,6 +209,16 @@ def test_query_search_uses_the_model_and_checks_it():
     idx.model = model
     assert idx.search(Query(text="c3"), k=1)[0].metadata["item"] == "c3"
     assert idx.search(Query(vector=model.embed("text", ["c1"])[0]), k=1)[0].id == 0  # no model needed
+    # the prompt's own items, as generate and Memory.search take them (a TypeError from numpy here)
+    import mmembed as mm
+    from mmembed.decoder import Embedded
+
+    assert idx.search(mm.Text("c3"), k=1)[0].metadata["item"] == "c3"
+    assert idx.search(mm.Image("c2.png"), k=1)[0].metadata["item"] == "c2"
+    assert idx.search_ids([Embedded(model.embed("text", ["c1"])[0], "text")], k=1)[0].tolist() == [[0]]
+    for odd in (None, {"text": "c1"}):  # "query 0 has shape (1, 1)" for None, a TypeError for the dict
+        with pytest.raises(UserError, match="query 0 is a .*: pass a \\(D,\\) vector, an mm.Query"):
+            idx.search(odd)
     with pytest.raises(UserError, match=r"built with model fake-a \(dim 16\), this model is other \(dim 16\)"):
         idx.search(Query(text="c2"), model=FakeModel(dim=D, fingerprint="other"))
     with pytest.raises(UserError, match=r"this model is fake-a \(dim 8\)"):

@@ -41,6 +41,16 @@ def test_huge_finite_weights_give_the_same_direction(model):
     small = Query(text=["a red circle", "a blue square"], weights={"text": [1.0, 2.0]}).embed(model)
     huge = Query(text=["a red circle", "a blue square"], weights={"text": [1.5e38, 3e38]}).embed(model)
     torch.testing.assert_close(huge, small, atol=1e-6, rtol=0)
+    # finite in float64 though past float32: refused as "not finite" when checked in float32
+    larger = Query(text=["a red circle", "a blue square"], weights={"text": [1.75e38, 3.5e38]}).embed(model)
+    torch.testing.assert_close(larger, small, atol=1e-6, rtol=0)
+
+
+def test_weights_that_are_not_numbers_are_one_line():
+    """"abc" was numpy's ValueError, None a TypeError, and "2" passed as 2.0."""
+    for w in ("abc", None, "2", [True], [1.0, "x"]):
+        with pytest.raises(UserError, match="weights for text must be numbers"):
+            Query(text="a", weights={"text": w})
 
 
 def test_cancelling_query_is_a_clear_error_not_nan(model):
