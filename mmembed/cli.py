@@ -42,7 +42,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
 def _overrides(p: argparse.ArgumentParser, example: str = "train.lr=3e-4") -> None:
     # default=[]: without it argparse names the optional overrides among "the required arguments"
-    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help=f"config overrides, e.g. {example}")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
+                   help=f"config overrides, e.g. {example}")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -87,10 +88,10 @@ def _data_commands(sub) -> None:
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser, required=True)
     s = data_sub.add_parser("synth", help="write the synthetic shapes world (images, audio, captions, QA)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--n", type=int, default=2000, help="number of scenes")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--n", type=int, default=2000, help="number of scenes (default: 2000)")
+    s.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    s.add_argument("--image-size", type=int, default=64, help="picture side in pixels (default: 64)")
+    s.add_argument("--workers", type=int, default=2, help="render processes; no output byte depends on it (default: 2)")
     s.add_argument("--overwrite", action="store_true",
                    help="regenerate even if the same world is there, and write into a non-empty folder that holds "
                         "no world made by mmembed (its images/, audio/ and manifests are replaced)")
@@ -145,7 +146,8 @@ def _training_commands(sub) -> None:
     p.add_argument("--template", default="a photo of a {label}", help="zero-shot prompt template")
     p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
                                           "greedily with the run's decoder, accuracy per task")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer written (--instructions)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="longest answer written (--instructions; default: 48)")
     p.add_argument("--json", dest="json_out", help="also write the report (with --instructions: every answer) "
                                                    "to this JSON file")
 
@@ -168,7 +170,7 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("--weight", action="append", type=float, default=[],
                    help="one weight per query item, in the order text, image, audio items were given (negative = 'not like this')")
     p.add_argument("--target", choices=["text", "image", "audio"], help="restrict hits to one modality")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", "--k", type=int, default=5, help="hits to show (default: 5)")
     p.add_argument("--json", action="store_true", help="print hits as JSON")
 
     p = _add(sub, "map", "2-D map of an index (PCA, t-SNE or UMAP): colour = a metadata column, marker = modality",
@@ -179,7 +181,8 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("--out", required=True, type=_png, metavar="OUT.png", help="PNG to write")
     p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"],
                    help="pca (default); tsne needs scikit-learn, umap needs umap-learn")
-    p.add_argument("--max-points", type=int, default=5000, help="draw a seeded random subset above this many")
+    p.add_argument("--max-points", type=int, default=5000,
+                   help="draw a seeded random subset above this many (default: 5000)")
     p.add_argument("--seed", type=int, default=0, help="for the subset and for t-SNE/UMAP")
 
 
@@ -190,7 +193,7 @@ def _prompting_commands(sub) -> None:
     p.add_argument("run", help="run directory with a decoder stage")
     p.add_argument("--prompt", required=True,
                    help='text with inline media, e.g. "Describe <image:a.png> and <audio:b.wav>"')
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default: 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -225,7 +228,7 @@ def _prompting_commands(sub) -> None:
     p.add_argument("--user", required=True, help="whose memory: recall never reads another user's items")
     p.add_argument("--session", default=None, help="conversation to continue or start (default: the latest)")
     p.add_argument("--new", action="store_true", help="start a new conversation")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer per turn (default: 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
 
@@ -239,10 +242,10 @@ def _tool_commands(sub) -> None:
                                       "'Data format'); default: built from the synthetic world of the run's data.root")
     p.add_argument("--val-episodes", help="JSONL of validation episodes (default: the world's val split, or a "
                                           "tenth of --episodes)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--episode-size", type=int, default=32, help="items per world episode (default: 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
     p.add_argument("--overwrite", action="store_true", help="replace the run's query tower if it has one")
 
     p = _add(sub, "serve", "a local web app: search, prompt and memory views, and a JSON API (/api/search, "
@@ -331,7 +334,10 @@ def _data(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be positive, got {args.n}")
     summary = generate_world(Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size,
                              workers=args.workers, overwrite=args.overwrite)
-    print(summary)
+    counts = ", ".join(f"{split} {summary.counts.get(split, 0)}" for split in summary.manifests)
+    print(f"{'reused' if summary.reused else 'wrote'} the world in {summary.root}: {summary.total} scenes ({counts}); "
+          f"manifests {', '.join(p.name for p in summary.manifests.values())}, instructions "
+          f"{', '.join(p.name for p in summary.instructions.values())}")
     return 0
 
 
