@@ -8,8 +8,10 @@ mid-write leaves the previous file intact and never a partial file under the fin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +25,14 @@ from mmembed.errors import CheckpointError, UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename onto `path`."""
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename onto `path`.
+    An OSError (a full disk, a read-only folder) names `path`, not the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -35,8 +41,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
 
@@ -52,7 +60,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save a flat tensor dict as safetensors, atomically. Shared storage is copied apart."""
     flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # the Rust writer's I/O errors ("... (os error 28)") are no OSError
+            code = re.search(r"os error (\d+)", str(e))
+            errno_ = int(code.group(1)) if code else errno.EIO
+            raise OSError(errno_, os.strerror(errno_), str(path)) from None
+
+    atomic_write(Path(path), write)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

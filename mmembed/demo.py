@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mmembed.checkpoint import atomic_write_json
+from mmembed.checkpoint import atomic_write_json, atomic_write_text
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_memory import cross_process_recall, memory_lines
@@ -214,5 +214,5 @@ def _write_report(run_dir: Path, sections: dict, bound: dict | None, timings: di
     summary = mean_recall(sections["test"])
     lines += ["", f"Mean test recall@1 over all ordered pairs: {summary.get('recall@1', float('nan')):.3f}", ""]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(out, "\n".join(lines))  # a full disk keeps the last report whole
     return out

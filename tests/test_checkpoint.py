@@ -82,3 +82,54 @@ def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
         assert oct(atomic.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == oct(0o644)
     finally:
         os.umask(mask)
+
+
+def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors' writer reports a full disk as its own SafetensorError (no OSError): the CLI
+    showed its traceback. An OSError of the temporary file named the temporary file."""
+    import mmembed.checkpoint as checkpoint
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as e:
+        save_tensors(tmp_path / "model.safetensors", {"w": torch.zeros(2)})
+    assert (e.value.errno, e.value.filename) == (28, str(tmp_path / "model.safetensors"))
+    monkeypatch.undo()
+
+    def read_only(tmp):
+        raise OSError(30, "Read-only file system", str(tmp))
+
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "report.json", read_only)
+    assert e.value.filename == str(tmp_path / "report.json") and os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_that_fails_or_a_prune_that_dies_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A failed save left its temporary folder on the full disk until the next run; a prune killed
+    half-way left an incomplete step_* folder that no later prune or cleanup ever removed."""
+    import mmembed.train.state as state
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    for step in (1, 2):
+        state.save_checkpoint(tmp_path, module, optimizer, state.Progress(step=step))
+    real = state.save_tensors
+
+    def full_at_the_optimizer(path, tensors, metadata=None):
+        if path.name == "trainer.safetensors":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(state, "save_tensors", full_at_the_optimizer)
+    with pytest.raises(OSError):
+        state.save_checkpoint(tmp_path, module, optimizer, state.Progress(step=3))
+    monkeypatch.undo()
+    root = tmp_path / state.CKPT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002"]
+    (root / "step_0000001" / "model.safetensors").unlink()  # a delete killed after its first file:
+    os.replace(root / "step_0000001", root / f".step_0000001.del{os.getpid()}")  # what `_delete` leaves
+    state.remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002"]

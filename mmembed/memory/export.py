@@ -62,9 +62,21 @@ def export_items(items: Iterable[MemoryHit], folder: Path) -> Path:
 
 
 def _check_target(folder: Path) -> None:
+    """A new or empty folder; or one holding only what a killed export left (its temporary
+    manifest and its media: no manifest yet), which is cleared: a retry blocked on it otherwise."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot export to {folder}: it is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
+    if not folder.is_dir():
+        return
+    left = {p.name for p in folder.iterdir()}
+    media = folder / MEDIA_DIR
+    ours = (f".{MANIFEST}.tmp" in left or (media.is_dir() and not any(media.iterdir())))  # never a user's media/
+    if left and left <= {f".{MANIFEST}.tmp", MEDIA_DIR} and ours:
+        (folder / f".{MANIFEST}.tmp").unlink(missing_ok=True)
+        shutil.rmtree(media, ignore_errors=True)
+        log.info("export %s: cleared what an interrupted export left", folder)
+        return
+    if left:
         raise UserError(f"cannot export to {folder}: the folder is not empty (pick a new or empty one)")
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import re
 import shutil
 import uuid
@@ -95,15 +96,23 @@ def check_target(target: str | Path) -> None:
 
 
 def read_index(directory: str | Path) -> SavedIndex:
-    """Read and cross-check the three files; any inconsistency is a CheckpointError."""
+    """Read and cross-check the three files; any inconsistency is a CheckpointError.
+
+    A save that swaps the folder in mid-read makes the files disagree for a moment: the read is
+    tried again (`_READ_TRIES` times in all), and only an inconsistency that stays is an error.
+    (Comparing the folder's inode before and after could not tell: a file system reuses inodes.)"""
     directory = Path(directory)
-    seen = _identity(directory)
-    try:
-        return _read_folder(_live_folder(directory))
-    except (CheckpointError, OSError) as e:
-        if _identity(directory) == seen:
-            raise e if isinstance(e, CheckpointError) else CheckpointError(f"{directory}: {e}") from None
-    return _read_folder(_live_folder(directory))  # a save swapped the folder mid-read: read the new one
+    for attempt in range(_READ_TRIES):
+        try:
+            return _read_folder(_live_folder(directory))
+        except (CheckpointError, OSError) as e:
+            if attempt == _READ_TRIES - 1:
+                raise e if isinstance(e, CheckpointError) else CheckpointError(f"{directory}: {e}") from None
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+_READ_TRIES = 4
 
 
 def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text: str) -> None:
@@ -186,14 +195,6 @@ def _previous(target: Path) -> Path | None:
     """The index a save moved aside; there is at most one unless saves were interrupted twice."""
     olds = _leftovers(target, "old")
     return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
-
-
-def _identity(directory: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _read_folder(directory: Path) -> SavedIndex:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmembed.checkpoint import atomic_write_text
 from mmembed.config import Config
 from mmembed.data import SkipCounter
 from mmembed.errors import UserError
@@ -180,7 +181,7 @@ def _write(f: LRFinding, out_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in zip(f.lrs, f.losses, f.smoothed)]
     summary = {"suggested_lr": f.suggested, "lowest_loss_lr": f.lowest, "ceiling_lr": f.ceiling, "steps": rows}
-    (folder / "lr_find.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    atomic_write_text(folder / "lr_find.json", json.dumps(summary, indent=1))  # a full disk keeps the last one whole
     try:
         _plot(f, folder / "lr_find.png")
     except Exception as e:  # plotting is a convenience; a missing backend must not fail the test

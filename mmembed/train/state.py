@@ -65,6 +65,18 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, module, optimizer, progress, extra_files, rank_rng, state)
+    except BaseException:  # a full disk: its half is no use, and it holds the space another run needs
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, final)
+    return final
+
+
+def _write_checkpoint(tmp: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+                      extra_files: dict[str, Path] | None, rank_rng: list[dict[str, torch.Tensor]],
+                      state: tuple[dict[str, torch.Tensor], dict] | None) -> None:
     weights, optim = state if state is not None else (module.state_dict(), optimizer.state_dict())
     save_tensors(tmp / "model.safetensors", weights)
     tensors, opt_meta = _flatten_optimizer(optim)
@@ -79,6 +91,10 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
             os.fsync(f.fileno())
     atomic_write_json(tmp / "trainer.json", {"progress": asdict(progress), "optimizer": opt_meta,
                                              "python_rng": _python_rng()})
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    root = final.parent
     if final.exists():  # re-saving a step: swap by renames, so `final` is always a whole checkpoint
         old = root / f".{final.name}.old{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
@@ -89,7 +105,6 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     else:
         os.replace(tmp, final)
         fsync_dir(root)
-    return final
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -101,8 +116,9 @@ _STEP = re.compile(r"step_\d+")
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Clean up after a process killed while writing a checkpoint: delete half-written temporary
-    folders, and put back a checkpoint that was set aside to be replaced but never was."""
+    """Clean up after a process killed while writing or pruning a checkpoint: delete half-written
+    temporary folders and half-deleted ones, and put back a checkpoint that was set aside to be
+    replaced but never was."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return
@@ -112,7 +128,7 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
             os.replace(old, final)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".step_*.tmp*"):
+    for tmp in [*root.glob(".step_*.tmp*"), *root.glob(".step_*.del*")]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -210,7 +226,16 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset
     done = _complete_by_step(Path(run_dir) / CKPT_DIR)
     for old in done[:-max(keep_last, 1)]:
         if old.resolve() not in {k.resolve() for k in keep}:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete(old)
+
+
+def _delete(folder: Path) -> None:
+    """Remove a checkpoint folder by renaming it out of the step names first: a process killed
+    half-way through the delete leaves a `.del` folder the next start removes, not an incomplete
+    `step_*` one that no later prune would ever look at again."""
+    doomed = folder.with_name(f".{folder.name}.del{os.getpid()}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

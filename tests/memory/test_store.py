@@ -159,6 +159,19 @@ def test_an_export_that_fails_half_way_leaves_the_file_writable(db, model, tmp_p
         assert list((tmp_path / "out").iterdir()) == []  # no half export left: a retry may use the folder
         monkeypatch.setattr(export, "_row", written)
         assert mem.export(tmp_path / "out").is_file()
+        # a killed export (no exception handler ran) left its temporary manifest and media: a retry
+        # was refused ("not empty") for good; a folder of the user's own media/ stays refused
+        killed = tmp_path / "killed"
+        (killed / "media").mkdir(parents=True)
+        (killed / "media" / "1.png").write_bytes(b"half")
+        (killed / ".memory.jsonl.tmp").write_text('{"id": 1}\n')
+        assert mem.export(killed).is_file() and not (killed / ".memory.jsonl.tmp").exists()
+        mine = tmp_path / "mine"
+        (mine / "media").mkdir(parents=True)
+        (mine / "media" / "holiday.png").write_bytes(b"mine")
+        with pytest.raises(UserError, match="not empty"):
+            mem.export(mine)
+        assert (mine / "media" / "holiday.png").read_bytes() == b"mine"
 
 
 def _child(mem: Memory, queue) -> None:
