@@ -116,7 +116,12 @@ def test_crash_during_checkpoint_write_keeps_previous(tiny_world, tmp_path, monk
     run = tmp_path / "run"
     assert latest_checkpoint(run).name == "step_0000002"
     assert not (run / "checkpoints" / "step_0000003").exists()
-    assert [p.name for p in (run / "checkpoints").iterdir() if "0000003" in p.name]  # the torn temp folder
+    # the failed save removed its torn temporary folder itself; a SIGKILL leaves one, which the next
+    # start removes
+    assert not [p.name for p in (run / "checkpoints").iterdir() if "0000003" in p.name]
+    torn = run / "checkpoints" / ".step_0000003.tmp999999"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
     from mmembed.train.state import remove_partial_checkpoints
 
     remove_partial_checkpoints(run)
