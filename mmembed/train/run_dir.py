@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from mmembed.errors import UserError
 from mmembed.file_lock import exclusive
 
 LOCK = ".lock"
+TRASH = ".overwritten-"  # + pid: what `--overwrite` moved aside and is deleting
+CHECKPOINTS = "checkpoints"  # `state.CKPT_DIR` (not imported: state imports torch)
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:
@@ -53,9 +56,23 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
             raise UserError(f"--overwrite would delete {run_dir}, which holds {path} that this run reads: "
                             "choose another train.out_dir")
     with run_lock(run_dir):  # never delete a folder another trainer is using
-        for entry in run_dir.iterdir():
-            if entry.name != LOCK:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        _clear(run_dir)
+
+
+def _clear(run_dir: Path) -> None:
+    """Empty a run folder for `--overwrite`, its checkpoints first and by one rename into a trash
+    folder: an interrupted delete (Ctrl+C among large checkpoints) left the old run's newest
+    checkpoints behind its deleted logs, and a `--resume` then continued that half-deleted run.
+    A trash folder a killed delete left is removed first."""
+    for trash in run_dir.glob(f"{TRASH}*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    trash = run_dir / f"{TRASH}{os.getpid()}"
+    trash.mkdir()
+    entries = sorted((e for e in run_dir.iterdir() if e.name not in (LOCK, trash.name)),
+                     key=lambda e: e.name != CHECKPOINTS)  # the checkpoints go first: nothing to resume
+    for entry in entries:
+        os.replace(entry, trash / entry.name)
+    shutil.rmtree(trash)
 
 
 def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,

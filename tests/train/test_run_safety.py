@@ -36,6 +36,31 @@ def test_fresh_run_refuses_a_folder_holding_an_older_run_and_overwrite_starts_cl
     assert main(["train", str(run.parent / "run.yaml")]) == 2  # the CLI says it in one line too
 
 
+def test_an_interrupted_overwrite_leaves_nothing_to_resume(tiny_world, tmp_path, monkeypatch):
+    """Ctrl+C while --overwrite deleted the old run (entry by entry) left its newest checkpoints
+    behind its deleted logs, and --resume continued that half-deleted run."""
+    import os
+    import shutil
+
+    import mmembed.train.run_dir as run_dir
+
+    run = tmp_path / "run"
+    train_align(load_config(tiny_config(tiny_world, run, epochs=2, checkpoint_every=1)))
+    real = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dir.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.prepare_run_dir(run, resume=False, overwrite=True)
+    monkeypatch.setattr(run_dir.shutil, "rmtree", real)
+    assert latest_checkpoint(run) is None  # whatever was left, no checkpoint of the old run to resume
+    assert [p.name for p in run.iterdir() if p.name != ".lock"] == [f".overwritten-{os.getpid()}"]
+    train_align(load_config(tiny_config(tiny_world, run, epochs=1, checkpoint_every=1)), overwrite=True)
+    assert not list(run.glob(".overwritten-*"))  # the next overwrite removed the leftover
+
+
 
 @pytest.mark.parametrize("out_dir", ["world", "."])  # the data root itself, and the folder holding it
 def test_overwrite_refuses_a_folder_that_holds_the_training_data(tmp_path, out_dir):
