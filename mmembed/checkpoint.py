@@ -139,6 +139,16 @@ def file_above(path: str | Path) -> Path | None:
     return None
 
 
+def unwritable_above(path: str | Path) -> Path | None:
+    """The nearest existing folder above `path` when this process cannot write into it (a
+    read-only file system, no permission), else None: checked before any work that would write
+    `path` (an index, a report), which failed only after all the work otherwise."""
+    for parent in Path(path).resolve().parents:
+        if parent.is_dir():
+            return None if os.access(parent, os.W_OK | os.X_OK) else parent
+    return None
+
+
 def make_output_folder(folder: str | Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) before any long work writes into it: a path under a file,
     or one that cannot be created, is one UserError now, not a traceback after the work. An empty

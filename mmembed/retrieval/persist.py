@@ -38,7 +38,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from mmembed.checkpoint import (atomic_write_json, atomic_write_text, file_above, fsync_dir, load_tensors, read_json,
-                                save_tensors)
+                                save_tensors, unwritable_above)
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.store import MODALITY_CODES, STORAGE_DTYPES, VectorStore
@@ -92,6 +92,8 @@ def check_target(target: str | Path) -> None:
     target = Path(target).resolve()
     if (parent := file_above(target)) is not None:
         raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
+    if (parent := unwritable_above(target)) is not None:
+        raise UserError(f"cannot save an index as {target}: {parent} cannot be written (read-only, or no permission)")
     _check_replaceable(target)
 
 

@@ -244,3 +244,20 @@ def test_an_index_target_that_cannot_be_replaced_is_refused_before_any_work(tmp_
     check_target(tmp_path / "empty")
     ix.save(tmp_path / "ix")
     check_target(tmp_path / "ix")
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """On a read-only file system `mmembed index` embedded every item, then failed naming its
+    temporary folder (as root, permissions never refuse: the check asks the system, os.access)."""
+    import os
+
+    import mmembed.checkpoint as checkpoint
+    from mmembed.retrieval.persist import check_target
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != locked and real(path, mode))
+    with pytest.raises(UserError, match=r"ro cannot be written \(read-only, or no permission\)"):
+        check_target(locked / "ix")
+    check_target(tmp_path / "ix")  # a folder it can write is fine
