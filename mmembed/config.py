@@ -109,8 +109,8 @@ class LossConfig:
                                                                "soft_tokens": 4})
 
     def __post_init__(self) -> None:
-        if not self.caption_weight >= 0:
-            raise ConfigError(f"loss.caption_weight must be >= 0, got {self.caption_weight!r}")
+        if not 0 <= self.caption_weight < math.inf:
+            raise ConfigError(f"loss.caption_weight must be a finite number >= 0, got {self.caption_weight!r}")
         unknown = set(self.captioner) - {"width", "layers", "heads", "soft_tokens"}
         if unknown:
             raise ConfigError(f"loss.captioner: unknown key(s) {', '.join(sorted(map(str, unknown)))} "

@@ -30,7 +30,7 @@ from mmembed.model import CONFIG, Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
 from mmembed.train.decoder import train_decoder
-from mmembed.train.run_dir import LOCK
+from mmembed.train.run_dir import LOCK, TRASH
 from mmembed.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
     """A rerun replaces the demo's own folder: empty, a finished demo (demo.json), or one started
     with this very config (an interrupted demo). Anything else is a UserError: `--out` over a
     folder of one's own files, or another run, deleted them before anything was checked."""
-    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()) or (run_dir / "demo.json").is_file():
+    left = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)] if run_dir.is_dir() else []
+    if not left or (run_dir / "demo.json").is_file():  # (a leftover of an interrupted overwrite goes too)
         return
     try:
         same = to_dict(load_config(run_dir / CONFIG)) == to_dict(config)

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -168,6 +169,10 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     (victim / "demo.json").write_text("{}")  # a finished demo: replaced (here the missing data stops it next)
     _one_line_error(capsys, argv, "training manifest not found")
     assert not (victim / "index").exists()
+    for entry in victim.iterdir():  # what an --overwrite killed mid-delete leaves: still the demo's own folder
+        entry.unlink() if entry.is_file() else shutil.rmtree(entry)
+    (victim / ".overwritten-123" / "checkpoints").mkdir(parents=True)
+    _one_line_error(capsys, argv, "training manifest not found")
 
 
 def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, capsys):

@@ -190,15 +190,16 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     for m in _INLINE.finditer(text):
         kind, name = m.group(1).lower(), m.group(2).strip()
         if kind not in ("image", "audio"):
-            typed = Path(name).expanduser()
-            if name and (typed if typed.is_absolute() or base is None else base / typed).is_file():
-                # <img:a.png> went to the decoder as text, and it answered about no picture
+            if _names_a_file(name, base):  # <img:a.png> went to the decoder as text: no picture seen
                 raise UserError(f"prompt holds <{m.group(1)}:{name}>: a file is named <image:FILE> or <audio:FILE>")
             continue  # any other <word:...> is text
         parts.append(text[pos:m.start()])
         if not name:
             raise UserError(f"prompt holds <{kind}:> without a path: write <{kind}:FILE>")
-        path = Path(name).expanduser()
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # ~user of no such user
+            raise UserError(f"prompt names {name}, whose ~ names no user of this machine") from None
         path = path if path.is_absolute() or base is None else base / path
         if path.is_dir():
             raise UserError(f"prompt names a folder, not an {kind} file: {path}")
@@ -209,6 +210,18 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
         pos = m.end()
     parts.append(text[pos:])
     return [p for p in parts if not isinstance(p, str) or p.strip()]
+
+
+def _names_a_file(name: str, base: Path | None) -> bool:
+    """Whether text in a `<word:...>` tag is the path of an existing file: one word with a file
+    suffix (a quote or a user name is text, never probed), which names a file."""
+    if not name or len(name) > 255 or any(c.isspace() for c in name) or not Path(name).suffix:
+        return False
+    try:
+        path = Path(name).expanduser()
+        return (path if path.is_absolute() or base is None else base / path).is_file()
+    except (OSError, RuntimeError, ValueError):  # an unknown ~user, a name too long for the system
+        return False
 
 
 @dataclass

@@ -241,7 +241,10 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
-_FLOAT_SLACK = 1e-3  # rounding past [0, 1] (after a resize or a colour transform) is clamped, not refused
+# how far past [0, 1] a float image may go and be clamped: a bicubic resize overshoots sharp edges
+# by up to ~10% (a 1e-3 slack refused such images); 0..255 values or mean/std-normalised ones
+# (about -2.1 to 2.6) lie well beyond it
+_FLOAT_SLACK = 0.5
 
 
 def _chw_to_rgb(t: Tensor, background) -> Tensor:

@@ -100,18 +100,30 @@ def check_target(target: str | Path) -> None:
 def read_index(directory: str | Path) -> SavedIndex:
     """Read and cross-check the three files; any inconsistency is a CheckpointError.
 
-    A save that swaps the folder in mid-read makes the files disagree for a moment: the read is
-    tried again (`_READ_TRIES` times in all), and only an inconsistency that stays is an error.
-    (Comparing the folder's inode before and after could not tell: a file system reuses inodes.)"""
+    A save that swaps the folder in mid-read makes the files disagree for a moment: when the
+    header's generation (or the folder read) changed meanwhile, the read is tried again
+    (`_READ_TRIES` times in all). (The folder's inode could not tell: a file system reuses them.)"""
     directory = Path(directory)
     for attempt in range(_READ_TRIES):
+        before = _version(directory)
         try:
             return _read_folder(_live_folder(directory))
         except (CheckpointError, OSError) as e:
-            if attempt == _READ_TRIES - 1:
+            # a folder no save touched meanwhile is as it will stay: its error is real (retrying a
+            # corrupt index re-read and re-hashed it, 5x slower to refuse)
+            if attempt == _READ_TRIES - 1 or _version(directory) == before:
                 raise e if isinstance(e, CheckpointError) else CheckpointError(f"{directory}: {e}") from None
             time.sleep(0.02 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _version(directory: Path) -> tuple[str, str | None]:
+    """Which folder a read would take and the generation its header names: a save changes one."""
+    try:
+        live = _live_folder(directory)
+        return str(live), read_json(live / HEADER).get("generation")
+    except (UserError, CheckpointError, OSError, AttributeError):
+        return "", None
 
 
 _READ_TRIES = 4

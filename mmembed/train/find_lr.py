@@ -66,6 +66,8 @@ def suggest(lrs: list[float], smoothed: list[float], skip: int = 3) -> float | N
     None when it never falls. The first `skip` points (the average still settling) are ignored.
     `smoothed` should be `centred`: a one-sided moving average lags the rate by ~10 steps, which
     put the suggestion 2.6x (100 steps) to 4.6x (20 steps) above the steepest fall."""
+    if len(smoothed) <= skip + 1:  # too few points to read a fall from (a first loss that overflowed)
+        return None
     lowest = int(np.argmin(smoothed))
     if lowest <= skip:
         return None

@@ -162,6 +162,13 @@ def test_inline_prompt_syntax(tmp_path):
     with pytest.raises(UserError, match=r"prompt holds <img:a.png>: a file is named <image:FILE> or <audio:FILE>"):
         parse_inline("see <img:a.png>", base=tmp_path)
     assert parse_inline("note <b:bold> and <http://x.org>", base=tmp_path) == ["note <b:bold> and <http://x.org>"]
+    # text that only looks like a tag is never probed as a path (the probe raised OSError
+    # "File name too long" on a quote and RuntimeError on ~user, and ended a chat)
+    for text in ("Summarise <quote:" + "word " * 60 + ">", "who is <user:~nobody_xyz/notes> ?",
+                 "<x:" + "a" * 300 + ".png>"):
+        assert parse_inline(text, base=tmp_path) == [text]
+    with pytest.raises(UserError, match="names no user"):
+        parse_inline("see <image:~nobody_xyz/a.png>", base=tmp_path)
 
 
 def test_adjacent_text_segments_are_one_text_joined_by_a_space():

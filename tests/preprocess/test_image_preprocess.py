@@ -133,6 +133,8 @@ def test_bad_arrays_are_rejected():
         with pytest.raises(BadInput, match=f"a float image's values must lie in \\[0, 1\\], these span {span}"):
             pre(values)
     pre(torch.full((3, 4, 4), 1.0005))  # rounding just past 1 is clamped, as before
+    pre(torch.full((3, 4, 4), 1.07))  # and a bicubic resize's overshoot at a sharp edge (up to ~10%)
+    pre(torch.full((3, 4, 4), -0.07))
 
 
 # ---------------------------------------------------------------------------- hostile files

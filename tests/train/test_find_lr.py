@@ -20,6 +20,7 @@ def test_suggest_is_the_steepest_fall_before_the_minimum():
     loss = [4 - 2 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + (max(0.0, math.log10(lr) + 2) ** 2) for lr in lrs]
     assert suggest(lrs, loss) == pytest.approx(1e-3, rel=0.01)
     assert suggest(lrs, [5.0 - 0.01 * i for i in range(3)] + [6.0] * 10) is None  # lowest in the settling steps
+    assert suggest(lrs[:1], []) is None and suggest(lrs[:2], [3.0, 2.0]) is None  # a first loss that overflowed
 
 
 @pytest.mark.parametrize("steps", [20, 40, 100])
