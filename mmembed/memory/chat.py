@@ -23,6 +23,7 @@ from mmembed.memory.session import Session
 from mmembed.memory.records import MemoryHit
 
 COMMANDS = "commands: /history, /forget, /quit"
+COMMAND_WORDS = ("/history", "/forget", "/quit")
 HELP = f"{COMMANDS}; media inline as <image:path> or <audio:path>"
 
 
@@ -31,12 +32,14 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
     answered = 0
     out.write(f"{HELP}\n{prompt}")
     out.flush()
-    for line in lines:
-        line = line.strip()
+    for number, line in enumerate(lines):
+        line = line.removeprefix("\ufeff").strip() if number == 0 else line.strip()  # a byte-order mark
         if line == "/quit":
             break
         try:
-            if line == "/history":
+            if line.split()[:1] in (["/history"], ["/forget"], ["/quit"]) and line not in COMMAND_WORDS:
+                out.write(f"{line.split()[0]} takes no arguments ({COMMANDS})\n")
+            elif line == "/history":
                 for h in session.history():
                     out.write(f"  {_describe(h)}\n")
             elif line == "/forget":

@@ -234,8 +234,19 @@ class Memory:
         with self._guard():
             return self._store.recent(user, session, limit, media)
 
+    def turns(self, user: str, session: str, first: int, stop: int) -> list[MemoryHit]:
+        """The items of `user`'s `session` from turn `first` up to (not including) turn `stop`, in
+        turn order: what a conversation's history shows, whatever the items' times."""
+        _check_user(user)
+        _check_optional_str(session, "session")
+        for name, value in (("first", first), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
+                raise UserError(f"{name} must be an int (a turn number), got {value!r}")
+        with self._guard():
+            return self._store.turns(user, session, first, stop)
+
     def sessions(self, user: str) -> list[str]:
-        """The user's session names, the most recently active (latest item) last."""
+        """The user's session names, the one added to last last."""
         _check_user(user)
         with self._guard():
             return self._store.sessions(user)

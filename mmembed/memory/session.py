@@ -61,7 +61,7 @@ class Session:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"{name} must be an integer >= 0, got {value!r}")
         if isinstance(recall_threshold, bool) or not isinstance(recall_threshold, (int, float)) \
-                or not math.isfinite(recall_threshold):
+                or not -math.inf < recall_threshold < math.inf:  # math.isfinite(10**400) overflowed
             raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
         self.model, self.user = model, user
         self._own = not isinstance(memory, Memory)
@@ -94,23 +94,25 @@ class Session:
         """
         check_generation(**generate)  # a refused setting stores nothing of the turn
         segments = [prompt] if isinstance(prompt, (str, Media)) else list(prompt)
-        self.turn += 1
+        before = self.turn
+        # after the highest turn stored: another process may have added turns to this session
+        self.turn = max(self.turn, self.memory.last_turn(self.user, self.session)) + 1
         history = self._history()
         try:
             stored, vectors, shown = self._store_turn(segments)
-        except Exception:
-            self.turn -= 1  # nothing of the turn was stored
+        except BaseException:
+            self.turn = before  # nothing of the turn was stored
             raise
-        # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
-        # which turns fit, so a memory in a turn the context drops can still be recalled.
-        candidates = self._recall(self._queries(stored, vectors), exclude={h.id for h in stored},
-                                  k=self.recall_k + len(history))
-        parts, recalled = self._fit(candidates, history, shown, generate.get("max_new_tokens", 32))
         try:
+            # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
+            # which turns fit, so a memory in a turn the context drops can still be recalled.
+            candidates = self._recall(self._queries(stored, vectors), exclude={h.id for h in stored},
+                                      k=self.recall_k + len(history))
+            parts, recalled = self._fit(candidates, history, shown, generate.get("max_new_tokens", 32))
             out = self.model.generate(parts, **generate)
-        except Exception:  # refused (a turn longer than the context) or failed: the turn did not happen
+        except BaseException:  # refused, failed or interrupted (Ctrl-C): the turn did not happen
             self.memory.delete([h.id for h in stored], user=self.user)
-            self.turn -= 1
+            self.turn = before
             raise
         if out.text.strip():
             self.memory.add(self.user, out.text, session=self.session, turn=self.turn, role=ASSISTANT)
@@ -145,10 +147,8 @@ class Session:
     def _history(self) -> list[MemoryHit]:
         """Items of this session's last `history_turns` turns before this one, oldest first."""
         if self.history_turns < 1:
-            return []
-        items = self.memory.recent(self.user, self.session, limit=64)
-        first = self.turn - self.history_turns
-        return [h for h in items if h.turn is not None and first <= h.turn < self.turn]
+            return []  # every item of those turns (a limit capped it at 32 turns), in turn order, not by time
+        return self.memory.turns(self.user, self.session, self.turn - self.history_turns, self.turn)
 
     def _queries(self, stored: list[MemoryHit], vectors: Tensor) -> list[tuple[Tensor, float]]:
         """What recall searches with, and the score a memory needs: each item of the turn by its stored

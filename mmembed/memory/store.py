@@ -316,11 +316,20 @@ class Store:
             return [_hit(r) for r in reversed(rows)]  # inside: a damaged row is named as such
 
     def sessions(self, user: str) -> list[str]:
-        """The user's session names, the most recently active (latest item) last."""
+        """The user's session names, the one added to last (highest item id) last: an item's own
+        time (a clock stepped back, an item dated ahead) does not say which session was used last."""
         with self._transaction(write=False) as conn:
-            rows = conn.execute("SELECT session, max(time) AS t, max(id) AS i FROM items WHERE user = ? AND "
-                                "session IS NOT NULL GROUP BY session ORDER BY t, i", (user,)).fetchall()
+            rows = conn.execute("SELECT session, max(id) AS i FROM items WHERE user = ? AND "
+                                "session IS NOT NULL GROUP BY session ORDER BY i", (user,)).fetchall()
         return [r[0] for r in rows]
+
+    def turns(self, user: str, session: str, first: int, stop: int) -> list[MemoryHit]:
+        """The items of `user`'s `session` with `first` <= turn < `stop`, in turn order (each turn's
+        items as added)."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(f"SELECT {_HIT_COLUMNS} FROM items WHERE user = ? AND session = ? AND turn >= ? "
+                                "AND turn < ? ORDER BY turn, id", (user, session, first, stop)).fetchall()
+            return [_hit(r) for r in rows]
 
     def last_turn(self, user: str, session: str) -> int:
         """The highest turn number of `user`'s `session` (0 when it has none)."""

@@ -167,10 +167,17 @@ def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None,
     if str(Modality.TEXT) not in model.space.towers:
         raise CheckpointError(f"{path}: a query tower, but the space has no text tower to shape it")
     info_path = run_dir / QUERY_INFO
-    info = read_json(info_path) if info_path.is_file() else {}  # a broken file is a CheckpointError
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{info_path}: not a JSON object")
-    if info.get("fingerprint", model.fingerprint) != model.fingerprint:
+    again = f"train it again with `mmembed train-queries {run_dir} --overwrite`, or delete {path.name}"
+    if not info_path.is_file():  # a kill between the two writes: the space it belongs to is unknown
+        raise CheckpointError(f"{path} has no {QUERY_INFO} (the space it was trained for, its threshold): {again}")
+    info = read_json(info_path)  # a broken file is a CheckpointError
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        raise CheckpointError(f"{info_path}: not a query tower's record (no fingerprint): {again}")
+    threshold = info.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):  # "0.06" crashed recall, NaN recalled anything
+        raise CheckpointError(f"{info_path}: threshold must be a finite number, got {threshold!r}: {again}")
+    if info["fingerprint"] != model.fingerprint:
         raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
                               f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")
     tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
@@ -179,4 +186,4 @@ def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None,
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match the text tower of config.yaml "
                               f"({str(e).strip().splitlines()[0][:200]})") from None
-    return tower.eval(), info.get("threshold")
+    return tower.eval(), threshold

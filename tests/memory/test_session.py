@@ -176,6 +176,15 @@ def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_
     assert "error: prompt names a missing image file" in text
     assert "unknown command /hist (commands: /history, /forget, /quit;" in text
     assert '#1 user text "hello"' in text and 'user text "/slash"' in text and '"/hist"' not in text
+    # a byte-order mark before the first command sent "\ufeff/history" as a message (stored); a known
+    # command with an argument was "unknown"
+    out = io.StringIO()
+    with mm.Session(chat_model, memory=db, user="bob") as chat:
+        assert run_chat(chat, ["\ufeff/history", "/history 5", "/quit now", "/quit", "never read"], out) == 0
+        assert chat.memory.count("bob") == 0
+    assert "/history takes no arguments" in out.getvalue() and "/quit takes no arguments" in out.getvalue()
+    with mm.Session(chat_model, memory=db, user="bob", recall_threshold=10**400) as chat:  # was an OverflowError
+        assert chat.ask("hi", max_new_tokens=1).recalled == []
 
 
 def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
@@ -372,3 +381,45 @@ def test_undecodable_text_is_one_clear_error_and_stores_nothing(chat_model, db):
             with pytest.raises(UserError, match="not valid UTF-8"):
                 call()
         assert mem.count() == 0
+
+
+def test_an_interrupted_turn_stores_nothing(chat_model, db, monkeypatch):
+    """Ctrl-C during generation (KeyboardInterrupt is no Exception) left the turn stored without
+    an answer, and the next turn showed it as history."""
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask("my bike is red", max_new_tokens=2)
+        count, turn = chat.memory.count("ada"), chat.turn
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(chat_model, "generate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            chat.ask("a small blue circle on the right", max_new_tokens=2)
+        assert chat.memory.count("ada") == count and chat.turn == turn
+
+
+def test_two_sessions_on_one_conversation_number_their_turns_apart(chat_model, db):
+    """Two processes (here two Sessions) alternating turns each counted from where it opened:
+    both stored turns 2 and 3, and history counted two exchanges as one."""
+    with mm.Session(chat_model, memory=db, user="ada", session="s") as a, \
+            mm.Session(chat_model, memory=db, user="ada", session="s") as b:
+        for chat in (a, b, a, b):
+            chat.ask("hello", max_new_tokens=2)
+        turns = [h.turn for h in a.memory.recent("ada", "s", limit=100) if h.role == "user"]
+    assert turns == [1, 2, 3, 4]
+
+
+def test_history_follows_the_turns_not_the_clock(chat_model, db, monkeypatch):
+    """With the clock stepped back after turn 2, the history came out as turns 3, 1, 2 (ordered by
+    time), and the context dropped the newest turn first; a limit of 64 items capped it at 32 turns."""
+    import mmembed.memory.memory as memory_module
+
+    seen = capture(chat_model, monkeypatch)
+    now = iter([1000.0, 1001.0, 1002.0, 1003.0, 400.0, 401.0, 402.0, 403.0])
+    monkeypatch.setattr(memory_module._time, "time", lambda: next(now, 500.0))
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=8, recall_k=0) as chat:
+        for words in ("turn one", "turn two", "turn three", "turn four"):
+            chat.ask(words, max_new_tokens=1)
+    asked = [s for s in seen[-1] if isinstance(s, str) and s.startswith("turn")]
+    assert asked == ["turn one", "turn two", "turn three", "turn four"]

@@ -207,3 +207,13 @@ def test_a_query_tower_of_another_space_is_refused(tmp_path):
         (tmp_path / "run" / QUERY_INFO).write_bytes(broken)
         with pytest.raises(CheckpointError):
             mm.load(tmp_path / "run")
+    # a threshold of "0.06" crashed recall at the second turn, NaN recalled every item; without its
+    # record (a kill between the two writes) the tower loaded unchecked against the space
+    fingerprint = tiny_model(0).fingerprint
+    for threshold in ('"0.06"', "[0.1]", "NaN"):
+        (tmp_path / "run" / QUERY_INFO).write_text(f'{{"fingerprint": "{fingerprint}", "threshold": {threshold}}}')
+        with pytest.raises(CheckpointError, match="threshold must be a finite number"):
+            mm.load(tmp_path / "run")
+    (tmp_path / "run" / QUERY_INFO).unlink()
+    with pytest.raises(CheckpointError, match="has no query_tower.json"):
+        mm.load(tmp_path / "run")
