@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from mmembed.errors import ConfigError
+from mmembed.modality import Modality
 # the config API: `from mmembed.config import from_dict, check_kwargs` builds any of these sections
 from mmembed.typed_config import apply_override, check_kwargs, from_dict, join_key, read_mapping, to_dict  # noqa: F401
 
@@ -201,13 +202,25 @@ class DecoderDataConfig:
     val: str | None = "instruct-val.jsonl"
     tasks: list[str] | None = None  # keep only rows of these tasks (None: all)
     prompt_modalities: list[str] | None = None  # keep only rows whose media are all of these modalities
-    val_rows: int = 1000  # validation rows scored (teacher-forced) at each evaluation
+    # the validation manifest's first rows, scored at each evaluation (those too long left out, logged)
+    val_rows: int = 1000
     # Training rows of a task repeated by its weight (e.g. {exists: 3}; 0 drops it, others keep 1):
     # the epoch's task mixture. Validation stays as written.
     task_weights: dict[str, float] = field(default_factory=dict)
     # Training: pack each batch's prompts into rows of the context (each prompt attends only to
     # itself; same loss, none of the padding: the demo's decoder steps take about half the time)
     pack: bool = True
+
+    def check(self, where: str, source: str) -> None:
+        """At load: a typo in a modality name was a ValueError traceback after the whole align
+        stage had run; a negative val_rows sliced from the end (-1 dropped the last row)."""
+        if self.val_rows < 0:
+            raise ConfigError(f"{source}: {join_key(where, 'val_rows')} must be >= 0, got {self.val_rows}")
+        for name in self.prompt_modalities or []:
+            try:
+                Modality.parse(name)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {join_key(where, 'prompt_modalities')}: {e}") from None
 
 
 def _decoder_train() -> TrainConfig:

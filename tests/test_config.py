@@ -100,6 +100,9 @@ def test_bad_override_names_key(tmp_path):
     ("decoder.train.early_stop_patience=0", r"decoder\.train\.early_stop_patience must be >= 1 or null"),
     ("train.seed=-1", r"train\.seed must be in \[0, 4294967295\]"),  # were numpy's traceback at the start
     ("loss.caption_weight=.inf", r"loss\.caption_weight must be a finite number >= 0"),  # an overflowing loss
+    # a traceback after the whole align stage; -1 silently dropped the last validation row
+    ("decoder.data.prompt_modalities=[img]", r"decoder\.data\.prompt_modalities: unknown modality 'img'"),
+    ("decoder.data.val_rows=-1", r"decoder\.data\.val_rows must be >= 0, got -1"),
     ("decoder.train.seed=4294967296", r"decoder\.train\.seed must be in \[0, 4294967295\]"),
 ])
 def test_training_numbers_out_of_range_name_the_key(override, message):

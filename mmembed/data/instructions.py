@@ -65,7 +65,8 @@ class InstructionSet:
     def weighted(self, weights: Mapping[str, float], seed: int = 0) -> InstructionSet:
         """Each row repeated by its task's weight, so an epoch holds the tasks in those proportions
         (an instruction-tuning mixture): 3 keeps every row of the task three times, 2.5 twice and
-        a seeded half of them a third time, 0 drops the task; tasks not named keep 1."""
+        a seeded half of them (exactly: round(0.5 n)) a third time, 0 drops the task, a weight
+        between 0 and 1 keeps at least one row; tasks not named keep 1."""
         present = {r.task for r in self.rows if r.task is not None}
         unknown = sorted(set(weights) - present)
         if unknown:
@@ -75,12 +76,22 @@ class InstructionSet:
         bad = sorted(t for t, w in weights.items() if not (math.isfinite(w) and w >= 0))
         if bad:
             raise UserError(f"task weights must be finite and >= 0: {', '.join(f'{t}={weights[t]}' for t in bad)}")
+        # A fraction f of a task's n rows gets its extra copy: exactly round(f·n) of them, at least one
+        # for a weight above 0 (a coin flip per row left a 0.3-weighted task of 7 rows out for 2 seeds of 10).
         rng = random.Random(seed)
-        rows = []
-        for row in self.rows:
-            w = weights.get(row.task, 1.0)
-            extra = rng.random() < w - math.floor(w)  # drawn for every row: the draws never depend on the weights
-            rows += [row] * (math.floor(w) + extra)
+        by_task: dict[str | None, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            by_task.setdefault(row.task, []).append(i)
+        extra: set[int] = set()
+        for task in sorted(by_task, key=str):
+            w = weights.get(task, 1.0) if task is not None else 1.0
+            part = w - math.floor(w)
+            if part:
+                rows_of = by_task[task]
+                k = max(round(part * len(rows_of)), 1 if math.floor(w) == 0 else 0)
+                extra.update(rng.sample(rows_of, k))
+        rows = [row for i, row in enumerate(self.rows)
+                for _ in range(math.floor(weights.get(row.task, 1.0) if row.task is not None else 1.0) + (i in extra))]
         return InstructionSet(self.path, rows, self.skipped)
 
 
@@ -129,6 +140,8 @@ def _row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool
     _check_unicode(answer, "answer")
     task = record.get("task")
     segments = tuple(_segment(s, base, allow_outside_root) for s in prompt)
+    if all(isinstance(s, str) and not s.strip() for s in segments):  # generation refuses such a prompt
+        raise BadRow("the prompt holds no text and no media")
     meta = {k: v for k, v in record.items() if k not in ("prompt", "answer", "task")}
     return InstructionRow(line, segments, answer, None if task is None else str(task), meta)
 

@@ -152,9 +152,18 @@ def _datasets(config: Config, pm: PromptModel, model: Model
              time.perf_counter() - t0)
     skips = SkipCounter()
     skips.update(train_set.skipped)
-    train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob)
+    train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob,
+                               what=f"training rows in {root / cfg.data.train}")
     skips.update(train_data.skipped)
-    val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context) if val_rows else None
+    val_data = None
+    if val_rows:
+        val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context,
+                                 what=f"validation rows in {root / cfg.data.val} (decoder.data.val: null for none)")
+        left_out = len(val_set.skipped) + len(val_data.skipped)
+        if left_out:  # scored on the rest: the metric that picks the best checkpoint leaves them out
+            reason = (val_data.skipped or val_set.skipped)[0]
+            log.warning("validation: %d of %s's rows left out (first, line %d: %s); %d scored", left_out,
+                        cfg.data.val, reason[0], reason[1], len(val_data))
     return train_data, val_data, table, skips
 
 

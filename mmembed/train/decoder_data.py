@@ -87,10 +87,11 @@ class PromptDataset(Dataset):
         table: where each media item's vector is.
         context: longest sequence the decoder takes; longer rows are skipped.
         vector_marker_prob: chance of marking an item `<vector>` instead of its modality (training).
+        what: the rows as an error names them (which manifest).
     """
 
     def __init__(self, rows: list[InstructionRow], fmt: PromptFormat, table: MediaTable, context: int,
-                 vector_marker_prob: float = 0.0) -> None:
+                 vector_marker_prob: float = 0.0, what: str = "instruction rows") -> None:
         self.fmt, self.table, self.vector_marker_prob = fmt, table, vector_marker_prob
         self.examples: list[Encoded] = []
         self.skipped: list[tuple[int, str]] = []
@@ -106,7 +107,7 @@ class PromptDataset(Dataset):
             self.examples.append(enc)
         if not self.examples:
             first = f" (first: line {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
-            raise UserError(f"no usable instruction rows{first}")
+            raise UserError(f"no usable {what}{first}")
 
     def _encode(self, row: InstructionRow) -> Encoded:
         pieces: list[list[int] | tuple[str, int]] = []

@@ -154,6 +154,17 @@ def test_an_instruction_row_that_is_not_valid_unicode_is_skipped_and_counted(tmp
     assert all("not valid Unicode (lone surrogate U+D" in why for _, why in data.skipped)
 
 
+def test_an_instruction_row_with_an_empty_prompt_is_skipped(tmp_path):
+    """"" and ["", "   "] trained as <bos><answer>, a prompt generation refuses."""
+    from mmembed.data.instructions import read_instructions
+
+    rows = [{"prompt": "", "answer": "yes"}, {"prompt": ["", "   "], "answer": "yes"},
+            {"prompt": ["is it red?"], "answer": "yes"}]
+    data = read_instructions(_jsonl(tmp_path / "i.jsonl", rows))
+    assert [r.line for r in data.rows] == [3]
+    assert [why for _, why in data.skipped] == ["the prompt holds no text and no media"] * 2
+
+
 def test_rows_with_wrong_types_or_no_values_are_skipped(tmp_path):
     path = _jsonl(tmp_path / "m.jsonl", [{"image": 3}, {"text": None, "label": "x"}, {"text": "ok"}])
     m = read_manifest(path)

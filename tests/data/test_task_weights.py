@@ -37,6 +37,14 @@ def test_rows_repeat_by_their_tasks_weight(data):
     assert data.weighted({}, seed=0).rows == data.rows
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_fraction_of_a_task_is_its_share_exactly(data, seed):
+    """A coin flip per row drew 0 to 3 of 7 rows at weight 0.3 (none for 2 seeds of 10): the task
+    vanished although only weight 0 drops one."""
+    counts = Counter(r.task for r in data.weighted({"larger": 2.5, "colour": 0.3, "exists": 0.01}, seed=seed).rows)
+    assert counts["larger"] == 50 and counts["colour"] == 9 and counts["exists"] == 1  # round(0.3·30); at least one
+
+
 def test_bad_weights_are_one_clear_error(data):
     with pytest.raises(UserError, match="none of the rows has: counting"):
         data.weighted({"counting": 2})
