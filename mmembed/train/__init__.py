@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 from mmembed.config import Config
+from mmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
 
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
+    _check_decoder_manifests(config)
     from mmembed.config import load_config
     from mmembed.decoder import DECODER_DIR
     from mmembed.model import CONFIG
@@ -51,6 +53,18 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
                 config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
         # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
         return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
+
+
+def _check_decoder_manifests(config: Config) -> None:
+    """The decoder's instruction manifests exist before the align stage runs (a missing one was
+    found after it, minutes in). A world `data.synth` makes is written by that stage: not yet."""
+    if config.data.synth is not None:
+        return
+    root, data = Path(config.data.root), config.decoder.data
+    for key, name in (("train", data.train), ("val", data.val)):
+        if name is not None and not (root / name).is_file():
+            raise UserError(f"decoder.data.{key}: instruction manifest not found: {root / name}"
+                            + (" (decoder.data.val: null for none)" if key == "val" else ""))
 
 
 def copy_space(config: Config, save: bool = True) -> Config:

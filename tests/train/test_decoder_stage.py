@@ -553,3 +553,12 @@ def test_the_pooled_attribute_line_counts_the_rows_its_parts_lost_to_the_context
     text = "\n".join(report_lines({"accuracy": {"test": table}, "rows": {"test": 175}, "samples": [],
                                     "temperature": [], "skipped by line (longer than the context)": {"test": cut}}))
     assert "| **attribute question (image or sound)** | 0.777 (175 of 200) (≥ 0.90) |" in text
+
+
+def test_a_missing_instruction_manifest_is_named_before_the_align_stage(tiny_world, tmp_path):
+    """It was found after the align stage had trained (minutes, on the demo)."""
+    for data in ({"train": "nope.jsonl"}, {"val": "nope-val.jsonl"}):
+        cfg = decoder_config(tiny_world, tmp_path / "run", data={**DECODER.get("data", {}), **data})
+        with pytest.raises(UserError, match=r"decoder\.data\.(train|val): instruction manifest not found"):
+            train(cfg)
+        assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing trained
