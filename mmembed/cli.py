@@ -133,7 +133,7 @@ def _training_commands(sub) -> None:
                       help="instead of training: a learning-rate range test of the align stage (lr grows from "
                            "1e-6 to 1 over --find-lr-steps steps), its curve and a suggested train.lr written to "
                            "train.out_dir + '-find-lr'")
-    p.add_argument("--find-lr-steps", type=int, default=100, help="steps of the range test (default: 100)")
+    p.add_argument("--find-lr-steps", type=int, default=None, help="steps of the range test (default: 100)")
     _overrides(p)
 
     p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification; the decoder's "
@@ -143,7 +143,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
     p.add_argument("--labels", nargs="+", help="class names for zero-shot classification: the values of the "
                                                "manifest's label column to tell apart")
-    p.add_argument("--template", default="a photo of a {label}", help="zero-shot prompt template")
+    p.add_argument("--template", default=None, help="zero-shot prompt template (default: 'a photo of a {label}')")
     p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
                                           "greedily with the run's decoder, accuracy per task")
     p.add_argument("--max-new-tokens", type=int, default=48,

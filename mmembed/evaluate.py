@@ -323,6 +323,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.manifest is None and (args.labels or args.template is not None):  # they were ignored
+        raise UserError("--labels and --template classify the items of --manifest: give --manifest too")
+    if args.template is not None and not args.labels:
+        raise UserError("--template words the zero-shot classes of --labels: give --labels too")
     if args.json_out is not None and not args.json_out.strip():  # it was written nowhere, without a word
         raise UserError("--json is empty; name the file to write")
     if args.json_out:  # refused before the evaluation, not after it
@@ -330,7 +334,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     model = mm.load(args.run)
     reports = {}
     if args.manifest is not None:
-        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=args.template)
+        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels,
+                                               template=args.template or "a photo of a {label}")
         print(table)
     if args.instructions is not None:
         table, reports["instructions"] = run_instruction_eval(model, args.instructions,

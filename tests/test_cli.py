@@ -181,7 +181,7 @@ def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, caps
     (tmp_path / "caps.txt").write_text("x")
     under = str(tmp_path / "caps.txt" / "sub")
     for argv in (["data", "synth", "--out", under, "--n", "4"],
-                 ["train", "demo", f"train.out_dir={under}", "data.synth=null", f"data.root={tmp_path}"],
+                 ["train", "demo", f"train.out_dir={under}", "data.synth=null", f"data.root={tmp_path}", "decoder=null"],
                  ["scale", "--out", str(tmp_path / "caps.txt" / "sweep")]):
         _one_line_error(capsys, argv, "cannot create the folder")
 
@@ -189,3 +189,13 @@ def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, caps
 def test_a_missing_config_names_only_the_config(capsys):
     """It said "the following arguments are required: config, key.sub=value" (the optional overrides)."""
     _one_line_error(capsys, ["train"], "the following arguments are required: config (see --help)")
+
+
+def test_an_option_that_would_be_ignored_is_refused(capsys, tmp_path):
+    """Each was silently ignored: training started without the range test, a template or labels
+    without the manifest they classify, a rerank weight without candidates to rerank."""
+    run = str(tmp_path / "run")
+    _one_line_error(capsys, ["train", "demo", "--find-lr-steps", "20"], "give --find-lr too")
+    _one_line_error(capsys, ["eval", run, "--instructions", "i.jsonl", "--labels", "a", "b"], "give --manifest too")
+    _one_line_error(capsys, ["eval", run, "--manifest", "m.jsonl", "--template", "a {label}"], "give --labels too")
+    _one_line_error(capsys, ["generate", run, "--prompt", "hi", "--rerank-weight", "2"], "give --best-of too")

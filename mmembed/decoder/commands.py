@@ -62,6 +62,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError("--best-of chooses among whole answers: it excludes --stream and --temperature-sweep")
     if args.temperature_sweep is not None and args.temperature != 0:
         raise UserError("--temperature-sweep gives the temperatures: drop --temperature")
+    if args.rerank_weight != 1.0 and args.best_of == 1:  # it was ignored
+        raise UserError("--rerank-weight weighs the space's judgement among --best-of answers: give --best-of too")
     if args.samples is not None and args.temperature_sweep is None:
         raise UserError("--samples counts the answers per temperature of --temperature-sweep: give that too")
 

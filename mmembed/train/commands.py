@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from mmembed.config import Config, load_config
+from mmembed.errors import UserError
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -13,9 +14,11 @@ def run_train(args: argparse.Namespace) -> int:
     from mmembed.train import train
     from mmembed.train.distributed import distributed_command
 
+    if args.find_lr_steps is not None and not args.find_lr:  # training started as if it were not there
+        raise UserError("--find-lr-steps sets the range test's length: give --find-lr too")
     config = load_config(args.config, args.overrides)
     if args.find_lr:
-        return run_find_lr(config, args.find_lr_steps)
+        return run_find_lr(config, 100 if args.find_lr_steps is None else args.find_lr_steps)
     with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
         run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     if world.main:
