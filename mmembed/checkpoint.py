@@ -43,7 +43,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename == str(tmp):
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # a failed write or fsync names no file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)

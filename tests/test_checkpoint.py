@@ -106,6 +106,13 @@ def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
         atomic_write(tmp_path / "report.json", read_only)
     assert e.value.filename == str(tmp_path / "report.json") and os.listdir(tmp_path) == []
 
+    def full_write(tmp):  # a failed write() or fsync() names no file at all
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "report.json", full_write)
+    assert e.value.filename == str(tmp_path / "report.json")
+
 
 def test_a_checkpoint_that_fails_or_a_prune_that_dies_leaves_nothing_behind(tmp_path, monkeypatch):
     """A failed save left its temporary folder on the full disk until the next run; a prune killed

@@ -213,9 +213,11 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
 
 
 def _names_a_file(name: str, base: Path | None) -> bool:
-    """Whether text in a `<word:...>` tag is the path of an existing file: one word with a file
-    suffix (a quote or a user name is text, never probed), which names a file."""
-    if not name or len(name) > 255 or any(c.isspace() for c in name) or not Path(name).suffix:
+    """Whether text in a `<word:...>` tag is the path of an existing file: a path with a file
+    suffix, on one line, each part short enough to be a file name (a quote is text, never probed),
+    which names a file."""
+    parts = Path(name).parts
+    if not name or "\n" in name or not Path(name).suffix or any(len(p.encode()) > 255 for p in parts):
         return False
     try:
         path = Path(name).expanduser()

@@ -94,32 +94,32 @@ class Session:
         """
         check_generation(**generate)  # a refused setting stores nothing of the turn
         segments = [prompt] if isinstance(prompt, (str, Media)) else list(prompt)
-        before = self.turn
-        # after the highest turn stored: another process may have added turns to this session
-        self.turn = max(self.turn, self.memory.last_turn(self.user, self.session)) + 1
-        history = self._history()
+        before, stored_ids = self.turn, []
         try:
-            stored, vectors, shown = self._store_turn(segments)
-        except BaseException:
-            self.turn = before  # nothing of the turn was stored
-            raise
-        try:
+            # after the highest turn stored: another process may have added turns to this session
+            self.turn = max(self.turn, self.memory.last_turn(self.user, self.session)) + 1
+            history = self._history()
+            stored, vectors, shown = self._store_turn(segments, stored_ids)
             # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
             # which turns fit, so a memory in a turn the context drops can still be recalled.
             candidates = self._recall(self._queries(stored, vectors), exclude={h.id for h in stored},
                                       k=self.recall_k + len(history))
             parts, recalled = self._fit(candidates, history, shown, generate.get("max_new_tokens", 32))
             out = self.model.generate(parts, **generate)
-        except BaseException:  # refused, failed or interrupted (Ctrl-C): the turn did not happen
-            self.memory.delete([h.id for h in stored], user=self.user)
+            if out.text.strip():
+                stored_ids += self.memory.add_many(self.user, [out.text], session=self.session, turn=self.turn,
+                                                   role=ASSISTANT)
+        except BaseException:  # refused, failed or interrupted (Ctrl-C) anywhere: the turn did not happen
+            if stored_ids:
+                self.memory.delete(stored_ids, user=self.user)
             self.turn = before
             raise
-        if out.text.strip():
-            self.memory.add(self.user, out.text, session=self.session, turn=self.turn, role=ASSISTANT)
         return dataclasses.replace(out, recalled=recalled)
 
-    def _store_turn(self, segments: list[Segment]) -> tuple[list[MemoryHit], Tensor, list[Segment]]:
-        """Store the turn's segments in one transaction (a bad item stores none of them).
+    def _store_turn(self, segments: list[Segment], stored_ids: list[int]
+                    ) -> tuple[list[MemoryHit], Tensor, list[Segment]]:
+        """Store the turn's segments in one transaction (a bad item stores none of them); their ids
+        go into `stored_ids` as soon as they exist (for `ask` to take back).
 
         Returns:
             The stored items, their vectors (n, D), and the segments as the decoder reads them
@@ -138,6 +138,7 @@ class Session:
         if not kept:
             raise UserError("the turn is empty: give text or media")
         ids = self.memory.add_many(self.user, kept, session=self.session, turn=self.turn)
+        stored_ids += ids
         hits = self.memory.get(ids, user=self.user)
         vectors = self.memory.vectors(ids, user=self.user)
         shown = [seg if isinstance(seg, str) else Embedded(z.to(self.model.device), hit.modality)
@@ -148,7 +149,7 @@ class Session:
         """Items of this session's last `history_turns` turns before this one, oldest first."""
         if self.history_turns < 1:
             return []  # every item of those turns (a limit capped it at 32 turns), in turn order, not by time
-        return self.memory.turns(self.user, self.session, self.turn - self.history_turns, self.turn)
+        return self.memory.turns(self.user, self.session, max(self.turn - self.history_turns, -2**63), self.turn)
 
     def _queries(self, stored: list[MemoryHit], vectors: Tensor) -> list[tuple[Tensor, float]]:
         """What recall searches with, and the score a memory needs: each item of the turn by its stored
@@ -217,8 +218,12 @@ class Session:
     # ---- the conversation ------------------------------------------------------------------------
 
     def history(self, limit: int = 50) -> list[MemoryHit]:
-        """This session's last `limit` items, oldest first (the user's and the answers)."""
-        return self.memory.recent(self.user, self.session, limit=limit)
+        """This session's last `limit` items in turn order, oldest first (the user's and the
+        answers), as the decoder's history reads them (not by their times: a clock set back
+        reordered them)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UserError(f"limit must be a positive int, got {limit!r}")
+        return self.memory.turns(self.user, self.session, -2**63, 2**63 - 1)[-limit:]
 
     def forget(self) -> int:
         """Delete every item of this user (all sessions); returns how many."""

@@ -159,11 +159,10 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     if val_rows:
         val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context,
                                  what=f"validation rows in {root / cfg.data.val} (decoder.data.val: null for none)")
-        left_out = len(val_set.skipped) + len(val_data.skipped)
-        if left_out:  # scored on the rest: the metric that picks the best checkpoint leaves them out
-            reason = (val_data.skipped or val_set.skipped)[0]
-            log.warning("validation: %d of %s's rows left out (first, line %d: %s); %d scored", left_out,
-                        cfg.data.val, reason[0], reason[1], len(val_data))
+        if val_data.skipped:  # scored on the rest: the metric that picks the best checkpoint leaves them out
+            line, reason = val_data.skipped[0]
+            log.warning("validation: %d of the first %d rows of %s left out (first, line %d: %s); %d scored",
+                        len(val_data.skipped), len(val_rows), cfg.data.val, line, reason, len(val_data))
     return train_data, val_data, table, skips
 
 

@@ -152,6 +152,9 @@ def save_query_tower(model: Any, run_dir: str | Path, report: QueryTowerReport |
     run_dir = Path(run_dir)
     info = dataclasses.asdict(report) if report is not None else {}
     info.update(threshold=model.query_threshold, fingerprint=model.fingerprint)  # the space its items came from
+    # the old record goes first: a kill between the two writes leaves new weights without a record
+    # (refused at load), never beside the old tower's threshold
+    (run_dir / QUERY_INFO).unlink(missing_ok=True)
     save_tensors(run_dir / QUERY_WEIGHTS, model.query_tower.state_dict())
     atomic_write_json(run_dir / QUERY_INFO, info)
     return run_dir / QUERY_WEIGHTS
@@ -173,13 +176,13 @@ def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None,
     info = read_json(info_path)  # a broken file is a CheckpointError
     if not isinstance(info, dict) or "fingerprint" not in info:
         raise CheckpointError(f"{info_path}: not a query tower's record (no fingerprint): {again}")
-    threshold = info.get("threshold")
+    threshold = info.get("threshold")  # "0.06" crashed recall, NaN recalled anything
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not math.isfinite(threshold)):  # "0.06" crashed recall, NaN recalled anything
+                                  or not -math.inf < threshold < math.inf):
         raise CheckpointError(f"{info_path}: threshold must be a finite number, got {threshold!r}: {again}")
     if info["fingerprint"] != model.fingerprint:
         raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
-                              f"{model.fingerprint}): train it again with `mmembed train-queries {run_dir}` or delete it")
+                              f"{model.fingerprint}): {again}")
     tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
     try:
         tower.load_state_dict(load_tensors(path))

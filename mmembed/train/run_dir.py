@@ -43,8 +43,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
         raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
     if resume or not run_dir.exists():
         make_output_folder(run_dir, "train.out_dir")  # a file above it: one line, exit 2
+        if resume:
+            _remove_trash(run_dir)
         return
-    if not any(p.name != LOCK for p in run_dir.iterdir()):
+    if not any(p.name != LOCK and not p.name.startswith(TRASH) for p in run_dir.iterdir()):
+        _remove_trash(run_dir)  # what an interrupted --overwrite left is no run
         return
     if not overwrite:
         raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "
@@ -64,8 +67,7 @@ def _clear(run_dir: Path) -> None:
     folder: an interrupted delete (Ctrl+C among large checkpoints) left the old run's newest
     checkpoints behind its deleted logs, and a `--resume` then continued that half-deleted run.
     A trash folder a killed delete left is removed first."""
-    for trash in run_dir.glob(f"{TRASH}*"):
-        shutil.rmtree(trash, ignore_errors=True)
+    _remove_trash(run_dir)
     trash = run_dir / f"{TRASH}{os.getpid()}"
     trash.mkdir()
     entries = sorted((e for e in run_dir.iterdir() if e.name not in (LOCK, trash.name)),
@@ -73,6 +75,12 @@ def _clear(run_dir: Path) -> None:
     for entry in entries:
         os.replace(entry, trash / entry.name)
     shutil.rmtree(trash)
+
+
+def _remove_trash(run_dir: Path) -> None:
+    """Delete what an interrupted `--overwrite` left (its trash folders; never a run's files)."""
+    for trash in run_dir.glob(f"{TRASH}*"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,

@@ -169,6 +169,9 @@ def test_inline_prompt_syntax(tmp_path):
         assert parse_inline(text, base=tmp_path) == [text]
     with pytest.raises(UserError, match="names no user"):
         parse_inline("see <image:~nobody_xyz/a.png>", base=tmp_path)
+    (tmp_path / "my photo.png").write_bytes(b"x")  # a misspelt tag before a name with a space is still caught
+    with pytest.raises(UserError, match="a file is named <image:FILE>"):
+        parse_inline("what is <img:my photo.png>?", base=tmp_path)
 
 
 def test_adjacent_text_segments_are_one_text_joined_by_a_space():

@@ -397,6 +397,23 @@ def test_an_interrupted_turn_stores_nothing(chat_model, db, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             chat.ask("a small blue circle on the right", max_new_tokens=2)
         assert chat.memory.count("ada") == count and chat.turn == turn
+        monkeypatch.undo()
+        # and between the store and the vectors' read, or while the answer is stored
+        for name in ("vectors", "add_many"):
+            real = getattr(chat.memory, name)
+            calls = []
+
+            def interrupted_second(*args, _real=real, _calls=calls, **kwargs):
+                _calls.append(1)
+                if name == "vectors" or len(_calls) == 2:  # add_many: the answer's, after the turn's
+                    raise KeyboardInterrupt
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(chat.memory, name, interrupted_second)
+            with pytest.raises(KeyboardInterrupt):
+                chat.ask("a small blue circle on the right", max_new_tokens=2)
+            monkeypatch.undo()
+            assert chat.memory.count("ada") == count and chat.turn == turn, name
 
 
 def test_two_sessions_on_one_conversation_number_their_turns_apart(chat_model, db):
@@ -423,3 +440,7 @@ def test_history_follows_the_turns_not_the_clock(chat_model, db, monkeypatch):
             chat.ask(words, max_new_tokens=1)
     asked = [s for s in seen[-1] if isinstance(s, str) and s.startswith("turn")]
     assert asked == ["turn one", "turn two", "turn three", "turn four"]
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=10**19) as chat:  # was "first must be an int"
+        assert [h.text for h in chat.history() if h.role == "user"] == ["turn one", "turn two", "turn three",
+                                                                         "turn four"]  # /history: by turn too
+        chat.ask("turn five", max_new_tokens=1)

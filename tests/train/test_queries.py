@@ -214,6 +214,28 @@ def test_a_query_tower_of_another_space_is_refused(tmp_path):
         (tmp_path / "run" / QUERY_INFO).write_text(f'{{"fingerprint": "{fingerprint}", "threshold": {threshold}}}')
         with pytest.raises(CheckpointError, match="threshold must be a finite number"):
             mm.load(tmp_path / "run")
+    (tmp_path / "run" / QUERY_INFO).write_text(f'{{"fingerprint": "{fingerprint}", "threshold": 1{"0" * 400}}}')
+    assert mm.load(tmp_path / "run").query_threshold == 10**400  # finite, if unreachable (an OverflowError before)
     (tmp_path / "run" / QUERY_INFO).unlink()
+    with pytest.raises(CheckpointError, match="has no query_tower.json"):
+        mm.load(tmp_path / "run")
+
+
+def test_a_tower_saved_over_another_is_never_paired_with_the_old_record(tmp_path, monkeypatch):
+    """A kill between the new weights and the new record left the new tower beside the old
+    tower's threshold, and it loaded without a word."""
+    import mmembed.train.queries as queries
+
+    model = tiny_model(0)
+    model.query_tower, model.query_threshold = copy.deepcopy(model.space.towers["text"]), 0.1
+    model.save(tmp_path / "run")
+
+    def killed(path, tensors, metadata=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(queries, "save_tensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        queries.save_query_tower(model, tmp_path / "run", None)
+    monkeypatch.undo()
     with pytest.raises(CheckpointError, match="has no query_tower.json"):
         mm.load(tmp_path / "run")

@@ -57,8 +57,9 @@ def test_an_interrupted_overwrite_leaves_nothing_to_resume(tiny_world, tmp_path,
     monkeypatch.setattr(run_dir.shutil, "rmtree", real)
     assert latest_checkpoint(run) is None  # whatever was left, no checkpoint of the old run to resume
     assert [p.name for p in run.iterdir() if p.name != ".lock"] == [f".overwritten-{os.getpid()}"]
-    train_align(load_config(tiny_config(tiny_world, run, epochs=1, checkpoint_every=1)), overwrite=True)
-    assert not list(run.glob(".overwritten-*"))  # the next overwrite removed the leftover
+    # the leftover is no run: a fresh run (no --overwrite) takes the folder and removes it
+    train_align(load_config(tiny_config(tiny_world, run, epochs=1, checkpoint_every=1)))
+    assert not list(run.glob(".overwritten-*"))
 
 
 
