@@ -12,9 +12,11 @@ client sends are used in messages only (`display_name`), never as paths.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from mmembed.modality import Modality
 
@@ -150,6 +152,52 @@ class BodyLimit:
 
 class _TooLarge(Refusal):
     """Raised from inside the app's `receive`: the app's Refusal handler answers it (413)."""
+
+
+class SameSite:
+    """ASGI middleware: only pages of this server may change or ask it (a server on a laptop is
+    reachable from every page the laptop's browser opens).
+
+    - A request that writes or computes (any method but GET/HEAD/OPTIONS) from another origin is
+      a 403: a form another site posts needs no CORS preflight (it wrote into a user's memory).
+    - With `local_names` (the server bound to loopback), a Host header that is not this computer's
+      name is a 403: a DNS name rebound to 127.0.0.1 would otherwise read every user's memory.
+    """
+
+    def __init__(self, app, local_names: bool) -> None:
+        self.app, self.local_names = app, local_names
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.local_names and not _local(host):
+            return await _send_error(send, 403, f"refused: Host {host[:80]!r} does not name this computer")
+        origin = headers.get(b"origin")
+        if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin is not None:
+            if urlsplit(origin.decode("latin-1")).netloc != host:
+                return await _send_error(send, 403, "refused: a page of another site may not send this server "
+                                                    f"requests (Origin {origin.decode('latin-1')[:80]!r})")
+        return await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local(host: str) -> bool:
+    """Whether a Host header ("127.0.0.1:8000", "[::1]:8000", "localhost") names this computer."""
+    try:
+        name = urlsplit(f"//{host}").hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name.lower())
 
 
 async def _send_error(send, status: int, message: str) -> None:

@@ -473,3 +473,19 @@ def test_an_internal_error_is_a_one_line_500_with_the_security_headers(client, m
     assert "content-security-policy" in response.headers and response.headers["x-content-type-options"] == "nosniff"
     assert "boom" in caplog.text  # the details are in the log
     assert client.get("/api/status").status_code == 200  # and the server is up
+
+
+def test_other_sites_may_not_drive_the_server(client, model):
+    """A page of another site posted a form to /api/memory/remember (no CORS preflight for a form)
+    and the item was stored; a DNS name rebound to 127.0.0.1 read every user's memory."""
+    hostile = client.post("/api/search", files=files(("text", "a red star")), headers={"origin": "https://evil.example"})
+    assert hostile.status_code == 403 and "another site" in hostile.json()["error"]
+    own = client.post("/api/search", files=files(("text", "a red star")), headers={"origin": "http://testserver"})
+    assert own.status_code == 200  # the page's own requests carry its origin
+    assert client.get("/api/status", headers={"origin": "https://evil.example"}).status_code == 200
+    state = open_state(model, run="same-site", index=None, memory=None)
+    with TestClient(create_app(state, host="127.0.0.1"), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/api/status").status_code == 200
+        assert client.get("/api/status", headers={"host": "localhost:8000"}).status_code == 200
+        rebound = client.get("/api/status", headers={"host": "evil.example:8000"})
+        assert rebound.status_code == 403 and "does not name this computer" in rebound.json()["error"]

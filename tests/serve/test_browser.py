@@ -60,7 +60,7 @@ def served(browser, request, tmp_path_factory):
     model = mm.load(trained_run)
     memory = tmp_path_factory.mktemp("serve-browser") / "memory.db"
     state = open_state(model, run="tiny-trained", memory=memory, limits=Limits(max_file_bytes=256 * 1024))
-    with BackgroundServer(create_app(state)) as url:
+    with BackgroundServer(create_app(state, host="127.0.0.1")) as url:
         yield SimpleNamespace(url=url, state=state, model=model, world=colour_world, rows=manifest_rows(colour_world))
 
 
@@ -295,6 +295,11 @@ def test_the_memory_view_shows_what_a_turn_recalled_and_forgets(page, served, tm
     before = page.locator("#memory-items .item").count()
     victim = page.locator("#memory-items .item.recalled").first
     victim_id = victim.get_attribute("data-id")
+    asked = []
+    page.once("dialog", lambda dialog: asked.append(dialog.message) or dialog.dismiss())  # "Cancel": nothing goes
+    victim.locator("button.forget").click()
+    assert asked == [f"Forget item #{victim_id} of ada?"] and page.locator("#memory-items .item").count() == before
+    page.once("dialog", lambda dialog: dialog.accept())
     with page.expect_response(lambda r: r.request.method == "DELETE"):
         victim.locator("button.forget").click()
     page.wait_for_function(f"() => !document.querySelector(\"#memory-items .item[data-id='{victim_id}']\")")

@@ -301,7 +301,7 @@ async function prompt(pieces, event) {
   $("prompt-go").disabled = true;
   $("prompt-stop").disabled = false;
   try {
-    if (bestOf !== "1") { // whole answers, the best shown with every candidate's scores
+    if (Number(bestOf) !== 1) { // whole answers, the best shown with every candidate's scores ("01" is 1)
       const response = await fetch("/api/generate", { method: "POST", body: form, signal: generation.signal });
       const data = await response.json().catch(() => null);
       if (!response.ok) throw new Error(data && data.error ? data.error : `${response.status} ${response.statusText}`);
@@ -360,20 +360,34 @@ function itemCard(item) {
   card.append(el("figcaption", {}, el("b", { text: `#${item.id}` }), ` ${item.role} · turn ${item.turn ?? "–"}`,
     recalledIds.has(item.id) ? " · recalled" : "", el("br"), when));
   const forget = el("button", { type: "button", className: "forget", text: "Forget" });
-  forget.addEventListener("click", () => forgetItem(item.id));
+  forget.addEventListener("click", () => {
+    if (!window.confirm(`Forget item #${item.id} of ${listedUser}?`)) return;
+    forget.disabled = true; // a second click deleted nothing and reported an error
+    forgetItem(item.id);
+  });
   card.append(forget);
   return card;
 }
 
+let listedUser = ""; // whose items the list shows: Forget deletes under that name, not the box's new one
+
 async function refreshMemory() {
   const user = memoryUser();
-  if (!user || $("tab-memory").hidden) return;
+  if ($("tab-memory").hidden) return;
+  if (!user) { // an emptied box: no one's list stays on screen
+    listedUser = "";
+    $("memory-items").replaceChildren();
+    $("memory-info").textContent = "";
+    return;
+  }
   try {
     const out = await api(`/api/memory?user=${encodeURIComponent(user)}`);
+    listedUser = out.user;
     const items = $("memory-items");
     items.replaceChildren(...out.items.map(itemCard));
     items.dataset.refreshes = String(Number(items.dataset.refreshes || 0) + 1);
-    $("memory-info").textContent = `${out.count} item(s) remembered for ${out.user}` +
+    const shown = out.items.length < out.count ? ` (the newest ${out.items.length} shown)` : "";
+    $("memory-info").textContent = `${out.count} item(s) remembered for ${out.user}${shown}` +
       (recalledIds.size ? ` · highlighted: recalled by the last turn` : "");
   } catch (error) {
     showError($("memory-error"), error);
@@ -382,7 +396,7 @@ async function refreshMemory() {
 
 async function forgetItem(id) {
   try {
-    await api(`/api/memory/items/${id}?user=${encodeURIComponent(memoryUser())}`, { method: "DELETE" });
+    await api(`/api/memory/items/${id}?user=${encodeURIComponent(listedUser)}`, { method: "DELETE" });
     recalledIds.delete(id);
     showError($("memory-error"), null);
     await refreshMemory();
@@ -395,8 +409,9 @@ async function memoryTurn(pieces, path) {
   const form = new FormData();
   form.append("user", memoryUser());
   pieces.appendTo(form);
-  const button = path === "ask" ? $("memory-ask") : $("memory-remember");
-  button.disabled = true;
+  const buttons = [$("memory-ask"), $("memory-remember")]; // both: one turn at a time (its pieces were sent twice)
+  if (buttons.some((b) => b.disabled)) return;
+  buttons.forEach((b) => { b.disabled = true; });
   try {
     const out = await api(`/api/memory/${path}`, { method: "POST", body: form });
     showError($("memory-error"), null);
@@ -413,7 +428,7 @@ async function memoryTurn(pieces, path) {
   } catch (error) {
     showError($("memory-error"), error);
   } finally {
-    button.disabled = false;
+    buttons.forEach((b) => { b.disabled = false; });
   }
 }
 
