@@ -32,6 +32,7 @@ from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, check_texts,
                                    content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
                                    resolve_allowed, split_on_specials, with_bos_eos)
+from mmembed.tokenizer_file import check_tokenizer_json
 
 if TYPE_CHECKING:
     from mmembed.clip_tokenizer import ClipTokenizer
@@ -68,7 +69,7 @@ class Tokenizer:
     kind = "bpe"
 
     def __init__(self, hf: tokenizers.Tokenizer):
-        _check_pipeline(json.loads(hf.to_str()))
+        check_tokenizer_json(json.loads(hf.to_str()))
         self._hf = hf
         # A twin that treats special-token text as plain text: user strings go through it, so
         # "<image>" typed by a user can never become the image slot (tiktoken's default).
@@ -145,7 +146,7 @@ class Tokenizer:
         except ValueError as e:
             raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
         try:
-            _check_pipeline(spec)  # before the Rust library reads it: some options make it panic
+            check_tokenizer_json(spec)  # before the Rust library reads it: some options make it panic
         except ValueError as e:
             raise CheckpointError(f"{file}: not an mmembed byte-level BPE tokenizer ({e})") from None
         try:
@@ -350,59 +351,6 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
                         "--out, or pass --overwrite")
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
     return tok.save(target)
-
-
-def _check_pipeline(spec: dict) -> None:
-    """ValueError unless `spec` (a tokenizer's JSON) is a plain byte-level BPE: no normalizer,
-    GPT-2's byte-level pre-tokenizer without a prefix space. Anything else (a lower-casing
-    normalizer, a `Whitespace` pre-tokenizer, a prefix space) breaks `decode(encode(s)) == s`,
-    which every caller relies on."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-        raise ValueError("it is not a JSON object with a model")
-    pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
-    if normalizer is not None:
-        raise ValueError(f"it has a {normalizer.get('type') if isinstance(normalizer, dict) else ''} normalizer")
-    if (not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
-            or not pre.get("use_regex", True)):
-        raise ValueError("its pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        raise ValueError("its model is not BPE")
-    # Options a trained file leaves off, each of which changes ids or text behind our back
-    # (a hand-edited file would load and then truncate, pad, sample or mangle words).
-    changed = [name for name in ("truncation", "padding", "post_processor") if spec.get(name) is not None]
-    changed += [f"model.{name}" for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
-                if model.get(name)]
-    changed += [f"model.{name}" for name in ("byte_fallback", "ignore_merges") if model.get(name)]
-    if changed:
-        raise ValueError(f"it sets {', '.join(changed)}, which an mmembed tokenizer leaves off")
-    added = spec.get("added_tokens") or []
-    for token in added:
-        if (not isinstance(token, dict) or not token.get("special")
-                or any(token.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))):
-            raise ValueError(f"its added token {token.get('content') if isinstance(token, dict) else token!r} is "
-                             "not a plain special token (special, no lstrip/rstrip/single_word/normalized)")
-    _check_merges(model, {t.get("content") for t in added})
-
-
-def _check_merges(model: dict, specials: set) -> None:
-    """Every token beyond the bytes and the specials is one merge's result, and every merge makes
-    one: a file that lost merges would load and encode into other ids (the model's embeddings
-    then read the wrong rows)."""
-    vocab, merges = model.get("vocab"), model.get("merges")
-    pairs = isinstance(merges, list) and all(
-        isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges)
-    if not isinstance(vocab, dict) or not pairs:
-        raise ValueError("its model's vocab is not a map of tokens or its merges not a list of pairs")
-    if len(set(vocab.values())) != len(vocab):
-        raise ValueError("two of its vocabulary tokens share one id")
-    made = {"".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m) for m in merges}
-    bytes_ = set(byte_to_unicode().values())
-    merged = {t for t in vocab if t not in bytes_ and t not in specials}
-    unmade = merged - made
-    if unmade or len(made) != len(merges) or not made <= set(vocab):
-        raise ValueError(f"its merges do not match its vocabulary ({len(merges)} merges for {len(merged)} "
-                         f"merged tokens, {len(unmade)} of which no merge makes)")
 
 
 def _check_special(s: object) -> None:

@@ -1,0 +1,60 @@
+"""What a `tokenizer.json` must be for mmembed's byte-level BPE: the checks `Tokenizer` runs on
+the file as written, before the Rust library reads it (some options make it panic) and on every
+tokenizer it wraps. A hand-edited file that would load and then change ids or text is refused."""
+
+from __future__ import annotations
+
+from tokenizers import pre_tokenizers
+
+
+def check_tokenizer_json(spec: dict) -> None:
+    """ValueError unless `spec` (a tokenizer's JSON) is a plain byte-level BPE: no normalizer,
+    GPT-2's byte-level pre-tokenizer without a prefix space. Anything else (a lower-casing
+    normalizer, a `Whitespace` pre-tokenizer, a prefix space) breaks `decode(encode(s)) == s`,
+    which every caller relies on."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError("it is not a JSON object with a model")
+    pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
+    if normalizer is not None:
+        raise ValueError(f"it has a {normalizer.get('type') if isinstance(normalizer, dict) else ''} normalizer")
+    if (not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
+            or not pre.get("use_regex", True)):
+        raise ValueError("its pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError("its model is not BPE")
+    # Options a trained file leaves off, each of which changes ids or text behind our back
+    # (a hand-edited file would load and then truncate, pad, sample or mangle words).
+    changed = [name for name in ("truncation", "padding", "post_processor") if spec.get(name) is not None]
+    changed += [f"model.{name}" for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
+                if model.get(name)]
+    changed += [f"model.{name}" for name in ("byte_fallback", "ignore_merges") if model.get(name)]
+    if changed:
+        raise ValueError(f"it sets {', '.join(changed)}, which an mmembed tokenizer leaves off")
+    added = spec.get("added_tokens") or []
+    for token in added:
+        if (not isinstance(token, dict) or not token.get("special")
+                or any(token.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))):
+            raise ValueError(f"its added token {token.get('content') if isinstance(token, dict) else token!r} is "
+                             "not a plain special token (special, no lstrip/rstrip/single_word/normalized)")
+    _check_merges(model, {t.get("content") for t in added})
+
+
+def _check_merges(model: dict, specials: set) -> None:
+    """Every token beyond the bytes and the specials is one merge's result, and every merge makes
+    one: a file that lost merges would load and encode into other ids (the model's embeddings
+    then read the wrong rows)."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    pairs = isinstance(merges, list) and all(
+        isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges)
+    if not isinstance(vocab, dict) or not pairs:
+        raise ValueError("its model's vocab is not a map of tokens or its merges not a list of pairs")
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError("two of its vocabulary tokens share one id")
+    made = {"".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m) for m in merges}
+    bytes_ = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 single-byte tokens (`byte_to_unicode`'s)
+    merged = {t for t in vocab if t not in bytes_ and t not in specials}
+    unmade = merged - made
+    if unmade or len(made) != len(merges) or not made <= set(vocab):
+        raise ValueError(f"its merges do not match its vocabulary ({len(merges)} merges for {len(merged)} "
+                         f"merged tokens, {len(unmade)} of which no merge makes)")
