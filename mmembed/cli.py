@@ -425,7 +425,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mmembed serve: listening on {args.host}: other machines can reach this server", file=sys.stderr)
     print(f"mmembed serve: {url_of(sock)} (Ctrl+C to stop)", flush=True)
     try:
-        run(create_app(state, host=args.host), sock)
+        run(create_app(state), sock)
     except KeyboardInterrupt:  # Ctrl+C is how a server is stopped: uvicorn has shut down cleanly by now
         pass
     print("mmembed serve: stopped", file=sys.stderr)

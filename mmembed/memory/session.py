@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ from mmembed.errors import UserError
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
 from mmembed.modality import Modality
+
+log = logging.getLogger(__name__)
 
 ASSISTANT = "assistant"
 
@@ -110,9 +113,12 @@ class Session:
                 stored_ids += self.memory.add_many(self.user, [out.text], session=self.session, turn=self.turn,
                                                    role=ASSISTANT)
         except BaseException:  # refused, failed or interrupted (Ctrl-C) anywhere: the turn did not happen
-            if stored_ids:
-                self.memory.delete(stored_ids, user=self.user)
-            self.turn = before
+            try:
+                if stored_ids:
+                    self.memory.delete(stored_ids, user=self.user)
+                self.turn = before
+            except Exception:  # the turn's own error is the one to see; the store keeps what it kept
+                log.exception("could not take back the failed turn %d's items %s", self.turn, stored_ids)
             raise
         return dataclasses.replace(out, recalled=recalled)
 
@@ -218,12 +224,13 @@ class Session:
     # ---- the conversation ------------------------------------------------------------------------
 
     def history(self, limit: int = 50) -> list[MemoryHit]:
-        """This session's last `limit` items in turn order, oldest first (the user's and the
-        answers), as the decoder's history reads them (not by their times: a clock set back
+        """This session's last `limit` items in the order they were added, oldest first (the user's,
+        the answers and any note added to the session), not by their times (a clock set back
         reordered them)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UserError(f"limit must be a positive int, got {limit!r}")
-        return self.memory.turns(self.user, self.session, -2**63, 2**63 - 1)[-limit:]
+        items = self.memory.recent(self.user, self.session, limit=2**62)  # every item of the session (a note too)
+        return sorted(items, key=lambda h: h.id)[-limit:]
 
     def forget(self) -> int:
         """Delete every item of this user (all sessions); returns how many."""

@@ -26,16 +26,15 @@ from starlette.requests import ClientDisconnect
 
 from mmembed.errors import UserError
 from mmembed.serve import api, memory_api
-from mmembed.serve.safety import BodyLimit, Refusal, SameSite, SecurityHeaders, is_loopback, watch_start
+from mmembed.serve.safety import BodyLimit, Refusal, SameSite, SecurityHeaders, watch_start
 from mmembed.serve.state import ServeState
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(state: ServeState, host: str | None = None) -> FastAPI:
-    """The web app over `state` (see `open_state`). `host`: the address it is served on; on a
-    loopback one, requests must name this computer in their Host header (DNS rebinding)."""
+def create_app(state: ServeState) -> FastAPI:
+    """The web app over `state` (see `open_state`)."""
     app = FastAPI(title="mmembed", docs_url=None, redoc_url=None, openapi_url=None)  # the README documents the API
     app.state.serve = state
     app.include_router(api.router)
@@ -53,7 +52,7 @@ def create_app(state: ServeState, host: str | None = None) -> FastAPI:
     # so a 500 would leave without the security headers
     app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, max_bytes=state.limits.max_request_bytes)
-    app.add_middleware(SameSite, local_names=host is not None and is_loopback(host))
+    app.add_middleware(SameSite)
     app.add_middleware(SecurityHeaders)  # outermost: the body limit's own 413 gets the headers too
     return app
 

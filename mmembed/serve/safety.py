@@ -160,20 +160,23 @@ class SameSite:
 
     - A request that writes or computes (any method but GET/HEAD/OPTIONS) from another origin is
       a 403: a form another site posts needs no CORS preflight (it wrote into a user's memory).
-    - With `local_names` (the server bound to loopback), a Host header that is not this computer's
-      name is a 403: a DNS name rebound to 127.0.0.1 would otherwise read every user's memory.
+    - On a connection to a loopback address (the address the server is bound to, whatever name
+      `--host` gave it), a Host header other than localhost or a loopback address is a 403: a DNS
+      name rebound to 127.0.0.1 would otherwise read every user's memory.
     """
 
-    def __init__(self, app, local_names: bool) -> None:
-        self.app, self.local_names = app, local_names
+    def __init__(self, app) -> None:
+        self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"").decode("latin-1")
-        if self.local_names and not _local(host):
-            return await _send_error(send, 403, f"refused: Host {host[:80]!r} does not name this computer")
+        bound = (scope.get("server") or ("",))[0] or ""
+        if _is_ip(bound) and is_loopback(bound) and not _local(host):
+            return await _send_error(send, 403, f"refused: Host {host[:80]!r} is not localhost or a loopback "
+                                                "address (a name that reaches a server bound to loopback)")
         origin = headers.get(b"origin")
         if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin is not None:
             if urlsplit(origin.decode("latin-1")).netloc != host:
@@ -189,6 +192,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _local(host: str) -> bool:

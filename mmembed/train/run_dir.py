@@ -78,9 +78,13 @@ def _clear(run_dir: Path) -> None:
 
 
 def _remove_trash(run_dir: Path) -> None:
-    """Delete what an interrupted `--overwrite` left (its trash folders; never a run's files)."""
-    for trash in run_dir.glob(f"{TRASH}*"):
-        shutil.rmtree(trash, ignore_errors=True)
+    """Delete what an interrupted `--overwrite` left (its trash folders; never a run's files),
+    holding the folder's lock: an overwrite under way moves its entries into its trash."""
+    if not any(run_dir.glob(f"{TRASH}*")):
+        return
+    with run_lock(run_dir):
+        for trash in run_dir.glob(f"{TRASH}*"):
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,

@@ -60,7 +60,7 @@ def served(browser, request, tmp_path_factory):
     model = mm.load(trained_run)
     memory = tmp_path_factory.mktemp("serve-browser") / "memory.db"
     state = open_state(model, run="tiny-trained", memory=memory, limits=Limits(max_file_bytes=256 * 1024))
-    with BackgroundServer(create_app(state, host="127.0.0.1")) as url:
+    with BackgroundServer(create_app(state)) as url:
         yield SimpleNamespace(url=url, state=state, model=model, world=colour_world, rows=manifest_rows(colour_world))
 
 

@@ -286,3 +286,22 @@ def test_a_resume_after_a_kill_mid_resave_restores_the_set_aside_checkpoint(tiny
     assert latest_checkpoint(run) is None
     train_align(cfg, resume=True)
     assert latest_checkpoint(run).name == last.name
+
+
+def test_the_trash_of_an_overwrite_under_way_is_left_to_it(tmp_path):
+    """--resume (and every decoder stage) deleted another process's trash without the lock, mid
+    overwrite: that overwrite crashed and left a half-cleared run."""
+    from mmembed.train.run_dir import prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / ".overwritten-123" / "checkpoints").mkdir(parents=True)
+    holder = lock_holder(run)  # the overwriting trainer
+    try:
+        with pytest.raises(UserError, match="in use by a trainer"):
+            prepare_run_dir(run, resume=True, overwrite=False)
+        assert (run / ".overwritten-123").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_run_dir(run, resume=True, overwrite=False)  # the trainer gone: its leftover goes
+    assert not (run / ".overwritten-123").exists()

@@ -363,7 +363,7 @@ function itemCard(item) {
   forget.addEventListener("click", () => {
     if (!window.confirm(`Forget item #${item.id} of ${listedUser}?`)) return;
     forget.disabled = true; // a second click deleted nothing and reported an error
-    forgetItem(item.id);
+    forgetItem(item.id).finally(() => { forget.disabled = false; }); // a failed delete can be tried again
   });
   card.append(forget);
   return card;
