@@ -152,9 +152,10 @@ class Session:
         return hits, vectors, shown
 
     def _history(self) -> list[MemoryHit]:
-        """Items of this session's last `history_turns` turns before this one, oldest first."""
+        """Every item of this session's last `history_turns` turns before this one, in turn order
+        (not by time: a clock set back reordered them; and no item limit: one capped it at 32 turns)."""
         if self.history_turns < 1:
-            return []  # every item of those turns (a limit capped it at 32 turns), in turn order, not by time
+            return []
         return self.memory.turns(self.user, self.session, max(self.turn - self.history_turns, -2**63), self.turn)
 
     def _queries(self, stored: list[MemoryHit], vectors: Tensor) -> list[tuple[Tensor, float]]:
