@@ -109,7 +109,7 @@ class Pieces {
 
   // Append the pieces to `form` in order (empty texts left out), and their weights.
   appendTo(form) {
-    const used = this.items.filter((item) => item.kind !== "text" || item.text.trim());
+    const used = this.items.filter((item) => item.kind !== "text" || pythonStrip(item.text));
     for (const item of used) {
       if (item.kind === "text") form.append("text", item.text);
       else form.append("file", item.file, item.file.name);
@@ -117,6 +117,12 @@ class Pieces {
     if (this.options.weights) form.append("weights", used.map((item) => item.weight).join(","));
     return used.length;
   }
+}
+
+// What the server's str.strip() leaves (JS's trim() keeps U+001C–U+001F and U+0085, which Python
+// strips: a piece of them was sent, dropped by the server, and its weight then had no piece).
+function pythonStrip(text) {
+  return text.replace(/^[\s\x1c-\x1f\x85]+|[\s\x1c-\x1f\x85]+$/g, "");
 }
 
 function wireBuilder(prefix, options) {
