@@ -163,7 +163,6 @@ def _segment(seg: Any, base: Path, allow_outside_root: bool) -> str | MediaRef:
     return (modality, value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root))
 
 
-
 def _check_unicode(text: str, what: str) -> None:
     """A lone surrogate (a JSON "\\udfff") cannot be tokenised: the row is skipped and counted here,
     where it stopped a whole decoder run from inside the tokenizer before."""

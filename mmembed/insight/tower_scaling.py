@@ -60,10 +60,9 @@ from mmembed.modality import Modality
 from mmembed.model import TOKENIZER, build_model, load_space
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
-from mmembed.train.align import (WithCaptioner, captioned_forward, make_step_fn, space_forward, train_align,
-                                 train_loader_factory, with_captioner)
+from mmembed.train.align import WithCaptioner, one_process_step, train_align, train_loader_factory
 from mmembed.train.collapse import CollapseMonitor
-from mmembed.train.distributed import Forward, resolve_device
+from mmembed.train.distributed import resolve_device
 from mmembed.train.state import Progress
 
 log = logging.getLogger(__name__)
@@ -284,9 +283,8 @@ def training_flops(space: SharedSpace, cfg: Config, tokenizer, progress: Progres
     trains: the space, its loss and, with `loss.caption_weight`, the captioner), replayed from the
     seeded training loader; each distinct batch shape is counted once."""
     loss_fn = build_loss(cfg.loss)
-    trained = with_captioner(cfg, space, tokenizer, device)  # a fresh captioner: FLOPs need no weights
-    net = Forward(trained, captioned_forward if trained is not space else space_forward)
-    step = make_step_fn(space, loss_fn, device, SkipCounter(), CollapseMonitor(), net, cfg.loss.caption_weight)
+    # a fresh captioner (with loss.caption_weight): FLOPs need no weights
+    trained, step = one_process_step(cfg, space, loss_fn, tokenizer, device, SkipCounter(), CollapseMonitor())
     make, per_epoch = train_loader_factory(cfg, Path(cfg.data.root), tokenizer, _active(space, cfg), SkipCounter())
     counts: dict[tuple, int] = {}
     total = 0

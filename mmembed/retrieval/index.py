@@ -11,6 +11,7 @@ are unit vectors, so a score is a cosine similarity in [-1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -132,10 +133,8 @@ class Index:
 
     def remove(self, ids: int | Iterable[int]) -> None:
         """Remove items by id, one or several (an unknown id raises UserError and removes nothing)."""
-        try:
-            ids = [operator.index(ids)]  # one id, of any integer type (numpy's, a 0-d tensor)
-        except TypeError:
-            pass
+        with contextlib.suppress(TypeError):  # one id, of any integer type (numpy's, a 0-d tensor)
+            ids = [operator.index(ids)]
         self._store.remove(ids)
         if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
             self._store.compact()

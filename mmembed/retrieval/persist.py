@@ -25,9 +25,9 @@ import hashlib
 import json
 import logging
 import os
-import time
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path

@@ -264,6 +264,15 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     return run_dir
 
 
+def one_process_step(cfg: Config, space: SharedSpace, loss_fn, tokenizer, device: torch.device,
+                     skips: SkipCounter, monitor: CollapseMonitor) -> tuple[torch.nn.Module, Callable]:
+    """The module the align stage trains (`with_captioner`) and its training step, in one process
+    (no DDP): what the learning-rate range test runs and a towers sweep counts the FLOPs of."""
+    trained = with_captioner(cfg, space, tokenizer, device)
+    net = Forward(trained, captioned_forward if trained is not space else space_forward)
+    return trained, make_step_fn(space, loss_fn, device, skips, monitor, net, cfg.loss.caption_weight)
+
+
 def with_captioner(cfg: Config, space: SharedSpace, tokenizer, device: torch.device) -> torch.nn.Module:
     """The module the stage trains: the space, or the space and a captioner (`loss.caption_weight`)."""
     if cfg.loss.caption_weight == 0:

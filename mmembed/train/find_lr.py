@@ -32,11 +32,10 @@ from mmembed.data import SkipCounter
 from mmembed.errors import UserError
 from mmembed.losses import build_loss
 from mmembed.model import build_model
-from mmembed.train.align import (captioned_forward, make_step_fn, seed_everything, space_forward,
-                                 train_loader_factory, trained_modalities, with_captioner)
+from mmembed.train.align import one_process_step, seed_everything, train_loader_factory, trained_modalities
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
-from mmembed.train.distributed import Forward, current_world, resolve_device
+from mmembed.train.distributed import current_world, resolve_device
 from mmembed.train.optim import build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -120,12 +119,10 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     loss_fn = build_loss(cfg.loss)
     skips = SkipCounter()
     make_loader, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
-    # the objective the align stage trains: the captioner's loss too (loss.caption_weight)
-    trained = with_captioner(cfg, space, tokenizer, device)
-    net = Forward(trained, captioned_forward if trained is not space else space_forward)
-    # a collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
-    step_fn = make_step_fn(space, loss_fn, device, skips, CollapseMonitor(stop_after=cfg.train.collapse_steps), net,
-                           cfg.loss.caption_weight)
+    # the objective the align stage trains (the captioner's loss too, with loss.caption_weight); a
+    # collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
+    trained, step_fn = one_process_step(cfg, space, loss_fn, tokenizer, device, skips,
+                                        CollapseMonitor(stop_after=cfg.train.collapse_steps))
     optimizer = build_optimizer(trained, lr_min, cfg.train.weight_decay, cfg.train.betas)
     trained.train()
 

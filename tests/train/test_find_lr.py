@@ -96,10 +96,10 @@ def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tm
     and the test reported the collapsed plateau as its lowest loss and "no failure"."""
     import torch
 
-    import mmembed.train.find_lr as find_lr_module
+    import mmembed.train.align as align_module  # the range test's step is built there (one_process_step)
     from mmembed.modality import Modality
 
-    real = find_lr_module.make_step_fn
+    real = align_module.make_step_fn
     calls = []
 
     def collapsing_after_five(space, loss_fn, device, skips, monitor, *rest):
@@ -111,7 +111,7 @@ def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tm
 
         return real(space, loss_fn, device, skips, seen, *rest)
 
-    monkeypatch.setattr(find_lr_module, "make_step_fn", collapsing_after_five)
+    monkeypatch.setattr(align_module, "make_step_fn", collapsing_after_five)
     cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), ["train.collapse_steps=4"])
     f = find_lr(cfg, steps=30, lr_min=1e-5, lr_max=1e-1)
     assert len(f.lrs) == 8 and f.ceiling == pytest.approx(f.lrs[5])  # steps 6–9 collapsed; the 9th raised
