@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.blocks import Transformer, check_sizes
+from encoders.blocks import Transformer, check_sizes, norm_groups
 from encoders.output import EncoderOutput, downsample_mask, masked_mean
 
 
@@ -90,6 +90,8 @@ class AudioTransformer(nn.Module):
         super().__init__()
         check_sizes(n_mels=n_mels, patch_freq=patch_freq, patch_time=patch_time, width=width,
                     max_frames=max_frames, stem_channels=stem_channels)
+        if timbre_channels:  # 0 (or None) is no timbre branch; anything else must be a size
+            check_sizes(timbre_channels=timbre_channels, timbre_kernel=timbre_kernel)
         if n_mels % patch_freq:
             raise ValueError(f"n_mels={n_mels} is not a multiple of patch_freq={patch_freq}")
         if pool not in ("mean", "cls"):
@@ -204,7 +206,7 @@ def _conv_stem(patch_freq: int, patch_time: int, channels: int, width: int) -> t
     if 1 << steps_f != patch_freq or 1 << steps_t != patch_time or steps_f < steps_t:
         raise ValueError(f"stem='conv' needs power-of-2 patch sizes with patch_freq >= patch_time, "
                          f"got {patch_freq} x {patch_time}")
-    groups = max(1, min(8, channels // 4))
+    groups = norm_groups(channels)
     stages, c_in = [], 1
     for i in range(steps_f):
         stages.append(_ConvStage(c_in, channels, 2 if i < steps_t else 1, "group", groups))
@@ -283,6 +285,11 @@ class AudioCNN(nn.Module):
         max_frames: int | None = None,
     ) -> None:
         super().__init__()
+        if not channels:
+            raise ValueError("channels is empty: give one channel count per stage")
+        check_sizes(n_mels=n_mels, groups=groups,
+                    **{f"channels[{i}]": c for i, c in enumerate(channels)},
+                    **{f"time_strides[{i}]": s for i, s in enumerate(time_strides)})
         if len(time_strides) != len(channels):
             raise ValueError(f"time_strides has {len(time_strides)} entries for {len(channels)} stages")
         if norm not in ("group", "batch"):

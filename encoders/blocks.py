@@ -105,6 +105,14 @@ def check_sizes(**sizes: int) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def norm_groups(channels: int, most: int = 8) -> int:
+    """GroupNorm's group count for a stem stage of `channels`: the largest divisor of `channels`
+    that is at most `most` and at most channels / 4 (so a group holds 4 channels or more), and 1
+    when none is (a stage of 2 or 6 channels still builds)."""
+    bound = max(1, min(most, channels // 4))
+    return next(g for g in range(bound, 0, -1) if channels % g == 0)
+
+
 class Transformer(nn.Module):
     """A stack of pre-norm blocks with a positional encoding and a final LayerNorm.
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from encoders.blocks import Transformer, check_sizes
+from encoders.blocks import Transformer, check_sizes, norm_groups
 from encoders.linear import Linear
 from encoders.output import EncoderOutput
 from encoders.positional import sinusoidal_table_2d
@@ -146,7 +146,7 @@ def conv_stem(
         c_out = max(min_channels, width >> (steps - 1 - i))
         for j in range(depths[i]):  # the first conv of a stage halves the resolution, the rest keep it
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2 if j == 0 else 1, padding=1, bias=False),
-                       nn.GroupNorm(min(8, c_out // 4), c_out), nn.GELU()]
+                       nn.GroupNorm(norm_groups(c_out), c_out), nn.GELU()]
             c_in = c_out
     layers.append(nn.Conv2d(c_in, width, 1))
     return nn.Sequential(*layers)

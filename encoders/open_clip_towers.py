@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from encoders.linear import use_linear_
 from encoders.output import EncoderOutput
-from encoders.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsFileError, load_into, load_state_dict_file
+from encoders.weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsFileError, check_weights_path, load_into,
+                              load_state_dict_file)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[Path | None,
     path = Path(pretrained)
     if path.is_file():
         return path, None
-    if path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or len(path.parts) > 1:
-        raise WeightsFileError(f"weights file not found: {pretrained}")
+    if path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or len(path.parts) > 1 or path.is_dir():
+        check_weights_path(path)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ValueError(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_BATCH_COUNTER = "num_batches_tracked"
 
 
 class WeightsFileError(ValueError):
@@ -31,8 +32,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         WeightsFileError: missing file, a pickle that would run code, or no tensors inside.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsFileError(f"weights file not found: {path}")
+    check_weights_path(path)
     try:
         if path.suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import load_file
@@ -44,6 +44,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WeightsFileError(f"{path}: refused or unreadable weights file ({type(e).__name__}: {reason})") from None
     return _unwrap(obj, path)
+
+
+def check_weights_path(path: Path) -> None:
+    """WeightsFileError unless `path` is a file: missing, or a folder where a file belongs."""
+    if path.is_dir():
+        raise WeightsFileError(f"{path} is a folder, not a weights file "
+                               f"({', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})")
+    if not path.is_file():
+        raise WeightsFileError(f"weights file not found: {path}")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -68,7 +77,8 @@ def load_into(
     """
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else state
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    # BatchNorm fills in a missing step counter (files from before torchvision kept it)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(_BATCH_COUNTER))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:

@@ -203,6 +203,22 @@ def test_audio_errors():
         _ast(stem="mel")
     with pytest.raises(ValueError, match="groups=3"):
         AudioCNN(channels=(8, 16), time_strides=(2, 2), groups=3)
+    # sizes a config can get wrong fail at construction with the key, not in the first forward
+    for kwargs, message in [({"channels": (), "time_strides": ()}, "channels is empty"),
+                            ({"groups": 0}, "groups must be an integer >= 1, got 0"),
+                            ({"time_strides": (0, 2)}, r"time_strides\[0\] must be an integer >= 1, got 0"),
+                            ({"channels": (0, 8), "norm": "batch"}, r"channels\[0\] must be an integer >= 1"),
+                            ({"n_mels": 0}, "n_mels must be an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            AudioCNN(**{"channels": (8, 16), "time_strides": (2, 2), "groups": 4, **kwargs})
+    with pytest.raises(ValueError, match="timbre_channels must be an integer >= 1, got -3"):
+        _ast(timbre_channels=-3)
+
+
+def test_conv_stem_of_any_channel_count_builds():
+    """stem_channels 36 (not a multiple of 8 groups) builds with a group count that divides it."""
+    model = _ast(stem="conv", stem_channels=36)
+    assert model(torch.randn(1, N_MELS, 16)).pooled.shape[0] == 1
 
 
 def test_masked_group_norm_equals_group_norm_on_valid_frames():

@@ -33,14 +33,37 @@ def test_checkpointing_gives_the_same_output_and_gradients_and_keeps_less():
     assert kept1 < 0.3 * kept0  # each block keeps its input, not its attention and MLP activations
 
 
-def test_checkpointing_is_off_for_inference():
-    torch.manual_seed(0)
-    model = Transformer(16, depth=2, heads=2)
-    set_grad_checkpointing(model)
-    model.eval()
+def test_checkpointing_is_off_for_inference_and_cached_decoding(monkeypatch):
+    """Recomputing is for a training backward only: not in eval, not without grad, and never with
+    KV caches (the checkpointed call passes none, so a cached step would attend to nothing)."""
+    import encoders.blocks as blocks
+    from mmembed.decoder.kv_cache import allocate_caches
+
     calls = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda *a: calls.append(1))
+    real = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = Transformer(16, depth=2, heads=2, positional="rotary", max_len=16)
+    set_grad_checkpointing(model)
+    x = torch.randn(1, 6, 16)
+    model.train()
+    model(x, is_causal=True)
+    assert len(calls) == 2  # the patch sees a training forward's recomputation
+
+    calls.clear()
+    model.eval()
     with torch.no_grad():
-        model(torch.randn(1, 4, 16))
-    assert len(calls) == 2  # each block ran once: nothing to recompute
+        full = model(x, is_causal=True)
+    model.train()
+    with torch.no_grad():
+        model(x, is_causal=True)
+    caches = allocate_caches(2, 1, 2, 16, 8, torch.float32, torch.device("cpu"))
+    model.eval()  # a cached decode under grad (as a training-time sample would be), token by token
+    steps = [model(x[:, t:t + 1], is_causal=True, positions=torch.tensor([t]), kv_caches=caches) for t in range(6)]
+    assert calls == []
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    model.train()
+    caches = allocate_caches(2, 1, 2, 16, 8, torch.float32, torch.device("cpu"))
+    steps = [model(x[:, t:t + 1], is_causal=True, positions=torch.tensor([t]), kv_caches=caches) for t in range(6)]
+    assert calls == []  # training mode, grad on, caches given: still no recomputation
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

@@ -189,6 +189,25 @@ def test_resnet_tokens_pooled_and_local_weights(tmp_path):
     torch.testing.assert_close(out.pooled, out.tokens.mean(1))
 
 
+def test_resnet_weights_without_batchnorm_step_counters_load(tmp_path):
+    """Files saved before BatchNorm kept `num_batches_tracked` load, as torch's strict load takes them."""
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pth")
+    model = ResNet("resnet18", weights=str(tmp_path / "old.pth"))
+    torch.testing.assert_close(model.net.conv1.weight, state["conv1.weight"], atol=0, rtol=0)
+
+
+def test_conv_stems_of_any_width_build():
+    """GroupNorm's group count divides the stage's channels: widths of 4 or 100 build and run."""
+    for width, heads, stem_channels in [(4, 1, 2), (100, 4, 32)]:
+        model = ViT(image_size=32, patch_size=8, width=width, layers=1, heads=heads, stem="conv",
+                    stem_channels=stem_channels)
+        assert model(torch.randn(2, 3, 32, 32)).pooled.shape == (2, width)
+
+
 def test_resnet_weights_that_do_not_fit_are_named(tmp_path):
     import torchvision
 
@@ -201,5 +220,7 @@ def test_resnet_weights_that_do_not_fit_are_named(tmp_path):
         ResNet("resnet18", weights=str(tmp_path / "bad.pt"))
     with pytest.raises(WeightsFileError, match="not found"):
         ResNet("resnet18", weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(WeightsFileError, match="is a folder, not a weights file"):
+        ResNet("resnet18", weights=str(tmp_path))
     with pytest.raises(ValueError, match="valid: resnet18, resnet34, resnet50"):
         ResNet("resnet101")
