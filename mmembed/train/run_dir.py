@@ -2,7 +2,9 @@
 
 - A fresh run refuses a folder that already holds files: an older run's checkpoints would
   survive its pruning and a later `--resume` would restore *that* run. `overwrite=True`
-  (`--overwrite`) deletes the folder first; `resume=True` continues what is there.
+  (`--overwrite`) deletes the folder first; `resume=True` continues what is there. A folder
+  holding only the config and tokenizer a run writes before it builds its model (a run a config
+  error stopped before its first step) is replaced without asking.
 - While a stage trains, it holds an exclusive lock on `<run>/.lock` (flock, released by the
   kernel when the process dies, so a killed trainer never leaves a stale lock); the file names
   the holder's pid for the message a second trainer gets.
@@ -25,6 +27,8 @@ from mmembed.file_lock import exclusive
 LOCK = ".lock"
 TRASH = ".overwritten-"  # + pid: what `--overwrite` moved aside and is deleting
 CHECKPOINTS = "checkpoints"  # `state.CKPT_DIR` (not imported: state imports torch)
+# what a fresh stage writes before it builds its model (`model.CONFIG`, `model.TOKENIZER`)
+UNTRAINED = {"config.yaml", "tokenizer.json"}
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:
@@ -46,8 +50,13 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
         if resume:
             _remove_trash(run_dir)
         return
-    if not any(p.name != LOCK and not p.name.startswith(TRASH) for p in run_dir.iterdir()):
+    names = {p.name for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)}
+    if not names:
         _remove_trash(run_dir)  # what an interrupted --overwrite left is no run
+        return
+    if "config.yaml" in names and names <= UNTRAINED:  # a run stopped by a config error before training
+        with run_lock(run_dir):
+            _clear(run_dir)
         return
     if not overwrite:
         raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "

@@ -251,6 +251,31 @@ def test_a_failed_resume_leaves_nothing_that_blocks_a_fresh_run(tiny_world, tmp_
     assert latest_checkpoint(tmp_path / "typo") is not None
 
 
+def test_a_run_a_config_error_stopped_before_training_is_replaced_by_the_corrected_one(tiny_world, tmp_path):
+    """A tower argument that fails at construction stopped the run after config.yaml and
+    tokenizer.json were written; the corrected config was then refused ('already holds a run'),
+    and --resume had no checkpoint: only --overwrite worked, for a run that never trained."""
+    import copy
+
+    from tests.conftest import TINY_MODEL
+
+    bad = copy.deepcopy(TINY_MODEL)
+    bad["towers"]["image"]["encoder_args"]["heads"] = 3  # 32 is not divisible by 3
+    run = tmp_path / "run"
+    with pytest.raises(Exception, match="divisible|heads"):
+        train_align(load_config(tiny_config(tiny_world, run, model=bad, epochs=1)))
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "tokenizer.json"}
+    train_align(load_config(tiny_config(tiny_world, run, epochs=1)))
+    assert latest_checkpoint(run) is not None
+    other = tmp_path / "other"  # a config.yaml beside anything else is still somebody's folder
+    other.mkdir()
+    (other / "config.yaml").write_text("x: 1\n")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds a run"):
+        train_align(load_config(tiny_config(tiny_world, other, epochs=1)))
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 def test_resume_into_a_file_is_one_line(tiny_world, tmp_path):
     (tmp_path / "afile").write_text("x")
     cfg = load_config(tiny_config(tiny_world, tmp_path / "afile", epochs=1))
