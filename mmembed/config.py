@@ -82,7 +82,9 @@ class DataConfig:
     train: str = "train.jsonl"
     val: str | None = "val.jsonl"
     test: str | None = "test.jsonl"
-    synth: SynthConfig | None = None  # when set and the manifests are missing, generate the world
+    # when set, generate the world in root, or reuse it there if complete with these parameters; a
+    # world made with other parameters is replaced (with a warning)
+    synth: SynthConfig | None = None
     allow_outside_root: bool = False  # allow absolute paths / `..` in manifests
     strict: bool = False  # raise on the first bad row instead of skipping and counting it
     num_workers: int = 0

@@ -279,8 +279,10 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         cells = [name, *(f"{100 * m[f'recall@{k}']:.1f}" for k in ks), f"{m['median_rank']:g}", f"{m['mrr']:.3f}",
                  str(m["n_queries"])]
         lines.append("| " + " | ".join(cells) + " |")
+    skipped = report.get("skipped") or 0
+    unread = f"; {skipped} item(s) could not be read, see the warnings above" if skipped else ""
     if not pairs:
-        lines.append("| (no modality pair with matching keys) |" + " |" * (len(header) - 1))
+        lines.append(f"| (no modality pair with matching keys{unread}) |" + " |" * (len(header) - 1))
     if report.get("zero_shot"):
         lines += ["", "| zero-shot | accuracy % | items |", "|---|---:|---:|"]
         for modality, z in report["zero_shot"].items():
@@ -288,7 +290,7 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
             lines.append(f"| {modality} | {acc} | {z['n']} |")
         if not any(z["n"] for z in report["zero_shot"].values()):
             lines.append("\nno item's label is one of the class names: zero-shot needs --labels equal to the "
-                         "manifest's label column (a built-in world's label names a whole scene)")
+                         f"manifest's label column (a built-in world's label names a whole scene){unread}")
     return "\n".join(lines)
 
 

@@ -164,3 +164,13 @@ def test_zero_shot_labels_that_match_no_item_say_so():
     assert "no item's label is one of the class names" in format_table(report)
     report["zero_shot"]["image"] = {"accuracy": 0.5, "n": 4}
     assert "no item's label" not in format_table(report)
+
+
+def test_a_table_without_pairs_or_zero_shot_items_says_when_items_were_unreadable():
+    """Every image missing: the table blamed the keys and the --labels values, not the skipped files."""
+    report = {"ks": [1], "pairs": {}, "skipped": 2, "zero_shot": {}}
+    table = format_table(report)
+    assert "(no modality pair with matching keys; 2 item(s) could not be read" in table
+    report["zero_shot"] = {"image": {"accuracy": None, "n": 0}}
+    assert "class names" in format_table(report) and "2 item(s) could not be read" in format_table(report)
+    assert "could not be read" not in format_table({"ks": [1], "pairs": {}, "skipped": 0})

@@ -167,7 +167,7 @@ class ManifestDataset(Dataset):
         return Sample(result.line, inputs, result.label)
 
     def _alternatives(self, index: int) -> tuple[Tensor, ...]:
-        # the manifest refused empty and non-string captions, so these cannot raise BadInput
+        """Row `index`'s alternative captions, preprocessed; `load` has checked they all pass."""
         pre = self.preprocessors[CAPTION_MODALITY]
         return tuple(pre(caption) for caption in self.rows[index].captions)
 
@@ -184,24 +184,34 @@ class ManifestDataset(Dataset):
         """Preprocess row `index` (no cache) with caption `caption` of its pool. A bad item
         skips the whole row."""
         row = self.rows[index]
-        items = row.items if caption == 0 else {**row.items, CAPTION_MODALITY: row.caption_pool[caption]}
         inputs: dict[Modality, Tensor] = {}
-        for modality, item in items.items():
+        for modality, item in row.items.items():
             pre = self.preprocessors.get(modality)
             if pre is None:
                 continue
             try:
                 inputs[modality] = pre(item)
             except BadInput as e:
-                reason = f"{modality}: {e}"
-                if self.strict:
-                    where = f"{self.source}:{row.line}" if self.source else f"line {row.line}"
-                    raise BadInput(f"{where}: {reason}") from None
-                log.debug("skipping line %d: %s", row.line, reason)
-                return Skipped(row.line, reason)
+                return self._skip(row, f"{modality}: {e}")
         if not inputs:
             return Skipped(row.line, f"no modality this model reads (row has {', '.join(row.items)})")
+        if self._draws_captions and row.captions and CAPTION_MODALITY in inputs:
+            # every alternative is checked, whichever this epoch draws: a row's skip never
+            # depends on the draw (nor on whether the dataset caches)
+            try:
+                alternatives = self._alternatives(index)
+            except BadInput as e:
+                return self._skip(row, f"{CAPTION_MODALITY} (an alternative caption): {e}")
+            if caption:
+                inputs[CAPTION_MODALITY] = alternatives[caption - 1]
         return Sample(row.line, inputs, row.label)
+
+    def _skip(self, row: Row, reason: str) -> Skipped:
+        if self.strict:
+            where = f"{self.source}:{row.line}" if self.source else f"line {row.line}"
+            raise BadInput(f"{where}: {reason}") from None
+        log.debug("skipping line %d: %s", row.line, reason)
+        return Skipped(row.line, reason)
 
     def materialize(self, num_workers: int = 0, chunk: int = 64) -> list[tuple[int, str]]:
         """Fill the cache for every row, in parallel with `num_workers` processes.

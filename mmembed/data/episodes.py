@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmembed.data.manifest import BadRow, read_jsonl_records, resolve_path
+from mmembed.data.manifest import BadRow, check_unicode, read_jsonl_records, resolve_path
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 
@@ -50,6 +50,7 @@ def parse_episodes(records: Sequence[dict[str, Any]], root: Path | None = None, 
                 modality = Modality.parse(name)
                 if not isinstance(value, str) or not value.strip():
                     raise BadRow(f"an item's {name} must be a non-empty string, got {value!r:.40}")
+                check_unicode(value, f"an item's {name}")
                 if modality != Modality.TEXT and root is not None:
                     value = resolve_path(value, root, allow_outside_root)
                 items.append((modality, str(value)))
@@ -79,6 +80,7 @@ def _question(q: Any) -> tuple[str, int]:
     text, item = q["text"], q["item"]
     if not isinstance(text, str) or not text.strip():
         raise BadRow(f"a question's text must be a non-empty string, got {text!r:.40}")
+    check_unicode(text, "a question's text")
     if isinstance(item, bool) or not isinstance(item, int):
         raise BadRow(f"a question's item must be an integer index, got {item!r:.40}")
     return text, item

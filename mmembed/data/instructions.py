@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmembed.data.manifest import INLINE_MODALITIES, BadRow, read_jsonl_records, resolve_path
+from mmembed.data.manifest import INLINE_MODALITIES, BadRow, check_unicode, read_jsonl_records, resolve_path
 from mmembed.errors import UserError
 from mmembed.modality import Modality
-from mmembed.text_encoding import SURROGATE
 
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
 
@@ -137,7 +136,7 @@ def _row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool
         raise BadRow("prompt must be a non-empty list of segments")
     if not isinstance(answer, str) or not answer.strip():
         raise BadRow("answer must be a non-empty string")
-    _check_unicode(answer, "answer")
+    check_unicode(answer, "answer")
     task = record.get("task")
     segments = tuple(_segment(s, base, allow_outside_root) for s in prompt)
     if all(isinstance(s, str) and not s.strip() for s in segments):  # generation refuses such a prompt
@@ -148,7 +147,7 @@ def _row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool
 
 def _segment(seg: Any, base: Path, allow_outside_root: bool) -> str | MediaRef:
     if isinstance(seg, str):
-        _check_unicode(seg, "a prompt segment")
+        check_unicode(seg, "a prompt segment")
         return seg
     if not isinstance(seg, dict) or len(seg) != 1:
         raise BadRow(f"a prompt segment must be a string or an object with one modality key, got {seg!r:.60}")
@@ -159,12 +158,6 @@ def _segment(seg: Any, base: Path, allow_outside_root: bool) -> str | MediaRef:
         raise BadRow(f"unknown media key {key!r} (valid: {', '.join(m.value for m in Modality)})") from None
     if not isinstance(value, str) or not value.strip():
         raise BadRow(f"{key} must be a non-empty string")
-    _check_unicode(value, key)
+    check_unicode(value, key)
     return (modality, value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root))
 
-
-def _check_unicode(text: str, what: str) -> None:
-    """A lone surrogate (a JSON "\\udfff") cannot be tokenised: the row is skipped and counted here,
-    where it stopped a whole decoder run from inside the tokenizer before."""
-    if m := SURROGATE.search(text):
-        raise BadRow(f"{what} is not valid Unicode (lone surrogate U+{ord(m.group()):04X})")

@@ -123,6 +123,8 @@ def read_manifest(
         file is missing, has an unknown format, has no modality column, or has no usable row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"manifest {path} is a folder, not a file")
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
     fmt = _FORMATS.get(path.suffix.lower())
@@ -218,11 +220,21 @@ def _alternative_captions(value: Any, primary: str | Path | None) -> tuple[str, 
     return tuple(unique)
 
 
+def check_unicode(text: str, what: str) -> None:
+    """A lone surrogate (a JSON "\\udfff") is no text and cannot be tokenised: BadRow, so the row
+    is skipped and counted (or its file and line named) where it is read, not deep in a run."""
+    if m := SURROGATE.search(text):
+        raise BadRow(f"{what} is not valid Unicode (lone surrogate U+{ord(m.group()):04X})")
+
+
 def resolve_path(value: str, base: Path, allow_outside_root: bool) -> Path:
     """Relative path → absolute normalised path under `base` (or refused)."""
     if not value.strip():
         raise BadRow("empty path")
-    raw = Path(value).expanduser() if allow_outside_root else Path(value)
+    try:
+        raw = Path(value).expanduser() if allow_outside_root else Path(value)
+    except RuntimeError:  # "~name/..." for a user this machine does not have
+        raise BadRow(f"cannot expand {value!r}: no such user's home folder") from None
     if raw.is_absolute() and not allow_outside_root:
         raise BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
     resolved = Path(os.path.normpath(base / raw))
@@ -246,9 +258,18 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRo
             except json.JSONDecodeError as e:
                 yield line, BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
+            except RecursionError:
+                yield line, BadRow("invalid JSON (nested too deeply)")
+                continue
             yield line, record if isinstance(record, dict) else BadRow(
                 f"a row must be a JSON object, got {type(record).__name__}"
             )
+
+
+def _cell(column: str, value: str) -> str | None:
+    if column != CAPTION_MODALITY.value:
+        value = value.strip()
+    return value if value != "" else None
 
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape keeps them
@@ -260,12 +281,17 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
     try:
         # undecodable bytes are kept as surrogates and refuse their own row, naming its line
         with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            # strict: an unclosed quote is an error at its line, not the rest of the file as one cell
-            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            # strict: an unclosed quote is an error at its line, not the rest of the file as one cell.
+            # A TSV has no quoting (a caption may start with a quote); a CSV may put a space after
+            # each comma ("text, image"), which is no part of the cell
+            quoting = {"quoting": csv.QUOTE_NONE} if delimiter == "\t" else {"skipinitialspace": True}
+            reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
             header = next(reader, None)
             if header is None:
                 return
             header = [h.strip() for h in header]
+            if not any(header):
+                raise UserError(f"{path}: the header (line 1) is empty: the first line must name the columns")
             if len(set(header)) != len(header):
                 raise UserError(f"{path}: duplicate column names in the header {header}")
             _check_modality_columns(path, set(header))
@@ -278,8 +304,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
                 if any(_UNDECODABLE.search(c) for c in cells):
                     yield reader.line_num, BadRow("invalid UTF-8")
                     continue
-                # CSV has no null: an empty cell is an absent value
-                yield reader.line_num, {k: (v if v != "" else None) for k, v in zip(header, cells)}
+                # CSV has no null: an empty cell is an absent value; a path or label ends where its
+                # text does ("a.png " is a.png), a caption keeps its own spaces
+                yield reader.line_num, {k: _cell(k, v) for k, v in zip(header, cells)}
     except csv.Error as e:
         where = f":{reader.line_num}" if reader is not None else ""
         raise UserError(f"{path}{where}: malformed CSV ({e})") from None

@@ -285,7 +285,7 @@ def training_flops(space: SharedSpace, cfg: Config, tokenizer, progress: Progres
     loss_fn = build_loss(cfg.loss)
     # a fresh captioner (with loss.caption_weight): FLOPs need no weights
     trained, step = one_process_step(cfg, space, loss_fn, tokenizer, device, SkipCounter(), CollapseMonitor())
-    make, per_epoch = train_loader_factory(cfg, Path(cfg.data.root), tokenizer, _active(space, cfg), SkipCounter())
+    make, per_epoch, _ = train_loader_factory(cfg, Path(cfg.data.root), tokenizer, _active(space, cfg), SkipCounter())
     counts: dict[tuple, int] = {}
     total = 0
     for epoch in range(progress.epoch + 1):

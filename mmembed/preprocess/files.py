@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import unicodedata
 from pathlib import Path
 
 from mmembed.errors import BadInput
@@ -13,10 +15,25 @@ def check_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise BadInput(f"missing file {path}") from None
+        raise BadInput(f"missing file {path}{_normalisation_hint(path)}") from None
     except (OSError, ValueError, UnicodeError) as e:  # ValueError: NUL byte; UnicodeError: lone surrogate
         raise BadInput(f"unreadable file {ascii(str(path))} ({type(e).__name__}: {e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise BadInput(f"not a file: {path}")
     if st.st_size == 0:
         raise BadInput(f"empty file (0 bytes): {path}")
+
+
+def _normalisation_hint(path: Path) -> str:
+    """A hint when the folder holds the same name in another Unicode normalisation ("café" typed
+    as NFC, saved as NFD by macOS): the two print alike, and the miss looks impossible."""
+    name = path.name
+    if name.isascii():
+        return ""
+    forms = {unicodedata.normalize(f, name) for f in ("NFC", "NFD")}
+    try:
+        near = [n for n in os.listdir(path.parent) if n != name and unicodedata.normalize("NFC", n) in forms]
+    except OSError:
+        return ""
+    return (f" (the folder has {ascii(near[0])}, the same name in another Unicode normalisation; "
+            "rename the file or the manifest entry to one form)") if near else ""

@@ -12,6 +12,7 @@ and saves the model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -220,7 +221,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     largest = _one_row_inputs(cfg, tokenizer, active, device)
     check_towers_accept(space, largest)
     skips = SkipCounter()
-    train_loader, steps = train_loader_factory(cfg, root, tokenizer, active, skips)
+    train_loader, steps, rows = train_loader_factory(cfg, root, tokenizer, active, skips)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     trained = with_captioner(cfg, space, tokenizer, device)
     forward = captioned_forward if trained is not space else space_forward
@@ -247,7 +248,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,
-                      stateful=_StageState(monitor, skips))
+                      stateful=_StageState(monitor, skips, rows))
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()
@@ -327,7 +328,9 @@ def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:
 
 
 def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
-                          skips: SkipCounter) -> tuple[Callable, int]:
+                          skips: SkipCounter) -> tuple[Callable, int, str]:
+    """(make(epoch, start_sample) → the epoch's loader, steps per epoch, the rows' fingerprint:
+    what a resumed run checks its data against, as its sample position means those rows)."""
     pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
            for m in active}
     manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
@@ -346,11 +349,28 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
                             drop_last=True, epoch=epoch, start_sample=start_sample, rank=world.rank,
                             world_size=world.size)
 
-    return make, len(dataset) // (bs * world.size)
+    return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
+
+
+def rows_fingerprint(manifest) -> str:
+    """sha256 of the rows a sampler permutes (their lines and items, in order; paths relative to
+    the data root, so a run resumed where its data lies elsewhere still matches)."""
+    def item(value) -> str:
+        return str(value.relative_to(manifest.root)) if isinstance(value, Path) and value.is_relative_to(
+            manifest.root) else str(value)
+
+    digest = hashlib.sha256()
+    for row in manifest.rows:
+        digest.update(repr((row.line, sorted((str(m), item(v)) for m, v in row.items.items()))).encode())
+    return digest.hexdigest()[:16]
 
 
 def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
-    if name is None or not (root / name).is_file():
+    if name is None:
+        return None
+    if not (root / name).is_file():  # the default names val.jsonl, which a user's own data may lack
+        log.warning("data.val: %s not found: training without validation (no best checkpoint, no early "
+                    "stopping); set data.val=null if that is meant", root / name)
         return None
     pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=False)
            for m, t in cfg.model.towers.items()}
@@ -368,13 +388,18 @@ class _StageState:
     """What the align stage keeps in its checkpoints besides the engine's: the collapse monitor's
     streaks and the rows skipped so far (a resumed run's summary counts those of its first part)."""
 
-    def __init__(self, monitor: CollapseMonitor, skips: SkipCounter) -> None:
-        self.monitor, self.skips = monitor, skips
+    def __init__(self, monitor: CollapseMonitor, skips: SkipCounter, rows: str | None = None) -> None:
+        self.monitor, self.skips, self.rows = monitor, skips, rows
 
     def state_dict(self) -> dict:
-        return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict()}
+        return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict(), "rows": self.rows}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("rows")  # older checkpoints do not say
+        if saved is not None and self.rows is not None and saved != self.rows:
+            raise UserError("--resume: the training rows (data.root / data.train) are not those the checkpoint "
+                            "was trained on, and its place in the epoch means those rows: restore them, or start "
+                            "over (--overwrite, or another train.out_dir)")
         self.monitor.load_state_dict(state.get("collapse", state))  # older checkpoints: the monitor's alone
         self.skips.load_state_dict(state.get("skips", {}))
 

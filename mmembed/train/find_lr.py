@@ -118,7 +118,7 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     space = build_model(cfg, tokenizer).space.to(device)
     loss_fn = build_loss(cfg.loss)
     skips = SkipCounter()
-    make_loader, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
+    make_loader, _, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
     # the objective the align stage trains (the captioner's loss too, with loss.caption_weight); a
     # collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
     trained, step_fn = one_process_step(cfg, space, loss_fn, tokenizer, device, skips,

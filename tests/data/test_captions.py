@@ -209,7 +209,7 @@ def test_train_loader_samples_captions_and_validation_reads_the_primary(manifest
     cfg = load_config(tiny_config(tmp_path, tmp_path / "run"),
                       ["data.caption_sampling=random", "train.batch_size=3", "data.cache=false"])
     assert load_config(tiny_config(tmp_path, tmp_path / "run")).data.caption_sampling == "primary"
-    make, steps = train_loader_factory(cfg, tmp_path, tok, [T], SkipCounter())
+    make, steps, _ = train_loader_factory(cfg, tmp_path, tok, [T], SkipCounter())
     loader = make(0, 0)
     drawn = set()
     for epoch in range(30):
@@ -218,3 +218,20 @@ def test_train_loader_samples_captions_and_validation_reads_the_primary(manifest
     assert steps == 2 and drawn == {(i + 1, c) for i, pool in enumerate(POOLS) for c in pool}
     val = _eval_loader(cfg, tmp_path, "val.jsonl", tok)
     assert [text for b in val for text in _texts(b, tok)] == [p[0] for p in POOLS]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_an_alternative_the_preprocessor_refuses_skips_its_row_whichever_caption_is_drawn(tmp_path, cache):
+    """'&nbsp;' passes the manifest and is nothing to the CLIP tokenizer (its cleaning unescapes it to
+    a space): the row was kept when an epoch drew the primary, skipped when it drew the
+    alternative, and stopped a cached run (materialize raised)."""
+    from mmembed.tokenizer import load_tokenizer
+
+    path = _write(tmp_path / "m.jsonl", [{"text": "a red circle", "captions": ["&nbsp;"]}, {"text": "a blue square"}])
+    data = _dataset(path, load_tokenizer("clip"), cache=cache, caption_sampling="random")
+    if cache:
+        assert [line for line, _ in data.materialize()] == [1]
+    outcomes = {type(data[(0, seed)]).__name__ for seed in range(8)}
+    assert outcomes == {"Skipped"}
+    assert "alternative caption" in data[(0, 3)].reason
+    assert isinstance(data[(1, 3)], Sample)

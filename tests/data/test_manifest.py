@@ -185,3 +185,49 @@ def test_missing_empty_and_unknown_manifests(tmp_path):
     bad = _jsonl(tmp_path / "bad.jsonl", ["not json", "{"])
     with pytest.raises(UserError, match=r"bad.jsonl: no usable row \(2 skipped; first, line 1"):
         read_manifest(bad)
+
+
+def test_hostile_manifest_files_are_rows_skipped_or_one_line(tmp_path):
+    """A JSON line nested 100,000 deep (RecursionError), '~nosuchuser/x.png' with
+    allow_outside_root (RuntimeError from expanduser), a folder given as the manifest."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "a cat"}\n{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    manifest = read_manifest(deep)
+    assert len(manifest) == 1 and manifest.skipped == [(2, "invalid JSON (nested too deeply)")]
+    tilde = tmp_path / "tilde.jsonl"
+    tilde.write_text('{"text": "a cat"}\n{"image": "~nosuchuser-mmembed/x.png"}\n')
+    manifest = read_manifest(tilde, allow_outside_root=True)
+    assert len(manifest) == 1 and "no such user" in manifest.skipped[0][1]
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        read_manifest(tmp_path)
+
+
+def test_csv_cells_after_a_comma_and_a_space_and_tsv_quotes(tmp_path):
+    """'text, image, label' with rows 'a red circle, img.png, a': every path was ' img.png' (missing)
+    and every label ' a'; a TSV caption starting with a quote stopped the whole file."""
+    (tmp_path / "img.png").write_bytes(b"x")
+    spaced = tmp_path / "m.csv"
+    spaced.write_text('text, image, label\na red circle, img.png, a\n"a cat, black", img.png , b\n')
+    rows = read_manifest(spaced).rows
+    assert [r.items[Modality.IMAGE] for r in rows] == [tmp_path / "img.png"] * 2
+    assert [r.label for r in rows] == ["a", "b"] and rows[1].items[Modality.TEXT] == "a cat, black"
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text('image\ttext\nimg.png\t"Hello" she said\nimg.png\ta "quoted" word\n')
+    assert [r.items[Modality.TEXT] for r in read_manifest(tsv).rows] == ['"Hello" she said', 'a "quoted" word']
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\ntext,image\na,img.png\n")
+    with pytest.raises(UserError, match="header.*is empty"):
+        read_manifest(blank)
+
+
+def test_a_name_in_another_unicode_normalisation_is_named(tmp_path):
+    import unicodedata
+
+    from mmembed.errors import BadInput
+    from mmembed.preprocess.files import check_file
+
+    (tmp_path / unicodedata.normalize("NFD", "café.png")).write_bytes(b"x")
+    with pytest.raises(BadInput, match="another Unicode normalisation"):
+        check_file(tmp_path / unicodedata.normalize("NFC", "café.png"))
+    with pytest.raises(BadInput, match=r"missing file \S+$"):
+        check_file(tmp_path / "other.png")

@@ -5,6 +5,7 @@ pixel statistics, not by re-running the generator)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -331,11 +332,13 @@ def test_rerun_reuses_a_complete_world_and_regenerates_after_interruption(tmp_pa
     assert not redone.reused and _files(root) == before
 
 
-def test_changed_parameters_regenerate_without_stale_files(tmp_path):
+def test_changed_parameters_regenerate_without_stale_files(tmp_path, caplog):
     root = tmp_path / "w"
     generate_world(root, n=20, seed=1, workers=1)
-    small = generate_world(root, n=10, seed=1, workers=1)
+    with caplog.at_level(logging.WARNING):
+        small = generate_world(root, n=10, seed=1, workers=1)
     assert not small.reused and len(list((root / "images").iterdir())) == small.total == 11
+    assert "replacing the synthetic world" in caplog.text and "n 20 → 10" in caplog.text  # said, not silent
 
 
 @pytest.mark.parametrize(

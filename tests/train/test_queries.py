@@ -76,6 +76,11 @@ def test_bad_episodes_are_one_clear_error(tmp_path):
             parse_episodes([{**good, "questions": [question]}])
     with pytest.raises(UserError, match="record 1: an item's image must be a non-empty string"):
         parse_episodes([{**good, "items": [{"image": 5}, {"audio": "b.wav"}]}])
+    # a lone surrogate failed later, inside the tokenizer, naming neither the file nor the line
+    with pytest.raises(UserError, match=r"record 1: a question's text is not valid Unicode \(lone surrogate U\+DFFF"):
+        parse_episodes([{**good, "questions": [{"text": "\udfff", "item": 0}]}])
+    with pytest.raises(UserError, match="record 1: an item's text is not valid Unicode"):
+        parse_episodes([{**good, "items": [{"text": "a \ud800 cat"}, {"audio": "b.wav"}]}])
     path = tmp_path / "episodes.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(UserError, match="episodes.jsonl:2: invalid JSON"):

@@ -276,6 +276,32 @@ def test_a_run_a_config_error_stopped_before_training_is_replaced_by_the_correct
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_resuming_on_other_training_rows_is_refused(tiny_world, tmp_path, caplog):
+    """The saved place in the epoch means the rows it was trained on: a resume after the manifest
+    changed went on without a word. Paths are compared relative to the data root, so the same
+    rows elsewhere still resume. Also: a data.val naming no file says validation is off."""
+    import shutil
+
+    import yaml
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    path = tiny_config(world, tmp_path / "run", epochs=2, checkpoint_every=1, max_steps=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["val"] = "vall.jsonl"  # a typo
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.WARNING):
+        train_align(load_config(path))
+    assert "vall.jsonl not found: training without validation" in caplog.text
+    moved = tmp_path / "moved"
+    shutil.move(world, moved)  # the same rows under another root resume
+    train_align(load_config(path, [f"data.root={moved}", "train.max_steps=2"]), resume=True)
+    lines = (moved / "train.jsonl").read_text().splitlines()
+    (moved / "train.jsonl").write_text("\n".join(reversed(lines)) + "\n")
+    with pytest.raises(UserError, match="training rows .* are not those the checkpoint was trained on"):
+        train_align(load_config(path, [f"data.root={moved}", "train.max_steps=3"]), resume=True)
+
+
 def test_resume_into_a_file_is_one_line(tiny_world, tmp_path):
     (tmp_path / "afile").write_text("x")
     cfg = load_config(tiny_config(tiny_world, tmp_path / "afile", epochs=1))

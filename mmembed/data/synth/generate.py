@@ -194,6 +194,15 @@ def _made_here(root: Path) -> bool:
     return isinstance(world, dict) and world.get("format") == "mmembed-synth"
 
 
+def _changed(root: Path, params: dict[str, Any]) -> str:
+    """"n 60 → 40, seed 0 → 1": how the world in `root` differs from `params`."""
+    try:
+        old = json.loads((root / "world.json").read_text(encoding="utf-8")).get("params") or {}
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return ", ".join(f"{k} {old.get(k)} → {v}" for k, v in params.items() if old.get(k) != v) or "incomplete"
+
+
 def _clear(root: Path) -> None:
     """Remove only what a previous generation wrote; world.json first, so a crash mid-clear
     still reads as an incomplete world."""
@@ -322,6 +331,9 @@ def _generate(root: Path, params: dict[str, Any], heldout: list[tuple[str, str]]
         return _summary(root, world, reused=True)
     marker = root / INCOMPLETE
     ours = _made_here(root) or marker.is_file()
+    if _made_here(root) and not overwrite:  # a run with other data.synth values replaces the world
+        log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root,
+                    _changed(root, params))
     if any(root.iterdir()) and not ours and not overwrite:
         raise UserError(
             f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass --overwrite (overwrite=True)"
