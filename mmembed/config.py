@@ -27,6 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # --------------------------------------------------------------------------------------------
 
 
+MAX_DIST_TIMEOUT = 7 * 24 * 60  # minutes
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more (train.seed, and the commands' --seed)
 
 @dataclass
@@ -74,6 +75,19 @@ class SynthConfig:
     image_size: int = 64
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test fractions of n
     n_heldout: int | None = None  # scenes with held-out attribute combinations; None = n // 10
+
+    def check(self, where: str, source: str) -> None:
+        """At load, naming the key: a bad value was the generator's error (no key), and a valid one
+        that cannot work (a split summing to 1.5) came after the run had started."""
+        from mmembed.data.synth.generate import validate_params
+        from mmembed.errors import UserError
+
+        try:
+            validate_params(self.n, self.seed, self.image_size, split=self.split)
+        except UserError as e:
+            raise ConfigError(f"{source}: {where}: {e}") from None
+        if self.n_heldout is not None and self.n_heldout < 0:
+            raise ConfigError(f"{source}: {join_key(where, 'n_heldout')} must be >= 0 or null, got {self.n_heldout}")
 
 
 @dataclass
@@ -191,11 +205,16 @@ class TrainConfig:
                  ("max_bad_steps", at_least(self.max_bad_steps, 1), ">= 1"),
                  ("collapse_steps", at_least(self.collapse_steps, 1), ">= 1"),
                  ("collapse_restarts", at_least(self.collapse_restarts, 0), ">= 0"),
-                 ("dist_timeout_minutes", 0 < self.dist_timeout_minutes < math.inf, "> 0"),
+                 # gloo and NCCL take milliseconds in a C int: a week is far past any collective
+                 ("dist_timeout_minutes", 0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT,
+                  f"in (0, {MAX_DIST_TIMEOUT}] (a week)"),
                  ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (numpy's seeds)")]
         for name, ok, wanted in rules:
             if not ok:
                 raise ConfigError(f"{source}: {join_key(where, name)} must be {wanted}, got {getattr(self, name)!r}")
+        if self.schedule_by == "time" and self.max_minutes is None:  # was found when the stage started
+            raise ConfigError(f"{source}: {join_key(where, 'schedule_by')}=time needs a time budget: set "
+                              f"{join_key(where, 'max_minutes')}")
 
 
 @dataclass
@@ -218,6 +237,10 @@ class DecoderDataConfig:
         stage had run; a negative val_rows sliced from the end (-1 dropped the last row)."""
         if self.val_rows < 0:
             raise ConfigError(f"{source}: {join_key(where, 'val_rows')} must be >= 0, got {self.val_rows}")
+        bad = sorted(str(t) for t, w in self.task_weights.items() if not 0 <= w < math.inf)
+        if bad:
+            raise ConfigError(f"{source}: {join_key(where, 'task_weights')} must be finite and >= 0: "
+                              + ", ".join(f"{t}={self.task_weights[t]}" for t in bad))
         for name in self.prompt_modalities or []:
             try:
                 Modality.parse(name)
@@ -355,7 +378,8 @@ def resolve_config_path(name: str | Path) -> Path:
     if path.is_file():
         return path
     shipped = CONFIG_DIR / f"{path.stem}.yaml"
-    if path.suffix in ("", ".yaml") and path.parent == Path(".") and shipped.is_file():
+    # "demo", or "configs/demo.yaml" as the README writes it, run from outside the repository
+    if path.suffix in ("", ".yaml") and path.parent in (Path("."), Path("configs")) and shipped.is_file():
         return shipped
     valid = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config file not found: {name} (shipped configs: {valid})")

@@ -63,15 +63,19 @@ class GlobalBatch:
         # short (rows skipped as bad) or lack a modality (none of its rows has it): agree on the
         # modalities and the longest batch first, then pad; a padded row is present nowhere.
         kinds = list(Modality)
-        held = [float(m in embeddings) for m in kinds] + [float(batch)]
+        held = ([float(m in embeddings) for m in kinds] + [float(batch)]
+                + [float(m in embeddings and embeddings[m].requires_grad) for m in kinds])
         agreed = all_reduce_values(held, "max")
         order = [m for m, flag in zip(kinds, agreed) if flag]  # the same order on every rank
-        rows = int(agreed[-1])
+        rows = int(agreed[len(kinds)])
+        graded = {m for m, flag in zip(kinds, agreed[len(kinds) + 1:]) if flag}
         pad = rows - batch
-        # a modality this rank lacks is zeros that take a gradient, so that the backward of its
-        # all-gather runs here too (the other ranks' does)
-        local = {m: F.pad(embeddings[m], (0, 0, 0, pad)) if m in embeddings
-                 else torch.zeros(rows, dim, dtype=dtype, device=device, requires_grad=True) for m in order}  # (B', D)
+        # every rank runs the backward of a modality's all-gather, or none does (a frozen tower's
+        # vectors take no gradient): a modality this rank lacks is zeros that take one where the
+        # others' do; gloo aborted the run when only some ranks ran it
+        local = {m: _with_grad(F.pad(embeddings[m], (0, 0, 0, pad)) if m in embeddings
+                               else torch.zeros(rows, dim, dtype=dtype, device=device), m in graded)
+                 for m in order}  # (B', D)
         every = torch.ones(batch, dtype=torch.bool, device=device)
         full = {m: F.pad(present.get(m, every) if m in embeddings else ~every, (0, pad)) for m in order}  # (B',)
         flags = gather(torch.stack([full[m] for m in order]).to(torch.uint8).T.contiguous()).bool()  # (W·B', M)
@@ -92,6 +96,11 @@ class GlobalBatch:
         rank run the backward collectives even where it has no row of its own."""
         tensors = [*self.gathered.values(), *self.local.values()]
         return sum(t[:0].sum() for t in tensors)
+
+
+def _with_grad(t: Tensor, graded: bool) -> Tensor:
+    """`t` as it is when it already takes a gradient or none is wanted, else a leaf that takes one."""
+    return t if t.requires_grad or not graded else t.detach().requires_grad_()
 
 
 def _same(q_labels: Tensor | None, labels: Tensor | None) -> Tensor | None:

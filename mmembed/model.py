@@ -382,7 +382,8 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
-        init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers)
+        frozen = frozenset(name for name, tower in config.model.towers.items() if tower.freeze)
+        init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers, frozen)
     return Model(config, space, tokenizer)
 
 

@@ -170,17 +170,37 @@ def space_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None) -> None:
+def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
+                  frozen: frozenset[str] = frozenset()) -> None:
     """Copy every tensor whose name and shape match from an earlier run's weights (the bind
-    recipe); with `towers`, only tensors of those towers."""
+    recipe); with `towers`, only tensors of those towers.
+
+    A tower named in `towers`, or one of the `frozen` towers (it would stay as initialised),
+    must load whole: UserError naming what does not fit. Another tower of both runs that loads
+    in part is a warning."""
     state = space_weights(load_tensors(weights))
     own = space.state_dict()
+    what = f"model.init_towers={towers}" if towers is not None else "model.init_from"
+    unknown = sorted(set(towers or ()) - set(space.towers))
+    if unknown:
+        raise UserError(f"{what}: {', '.join(unknown)} is not a tower of this model ({', '.join(space.towers)})")
     wanted = None if towers is None else tuple(f"towers.{t}." for t in towers)
     taken = {k: v for k, v in state.items()
              if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
     if not taken:
-        what = f"model.init_towers={towers}" if towers is not None else "model.init_from"
         raise UserError(f"{what}: {weights} has no tensor of this model's names and shapes")
+    shared = {k.split(".")[1] for k in state if k.startswith("towers.")} & set(space.towers)
+    for name in sorted(set(towers) if towers is not None else shared):
+        mine = [k for k in own if k.startswith(f"towers.{name}.")]
+        left = [k for k in mine if k not in taken]
+        if not left:
+            continue
+        message = (f"{what}: the {name} tower of {weights} fits {len(mine) - len(left)} of its {len(mine)} tensors "
+                   f"here (not {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): its shapes or names "
+                   "differ from this config's")
+        if towers is not None or name in frozen:
+            raise UserError(message + (" (and it is frozen: it would stay as initialised)" if name in frozen else ""))
+        log.warning("%s; those tensors start fresh", message)
     space.load_state_dict(taken, strict=False)
     towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
     log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", weights)

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import inspect
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -64,7 +65,9 @@ def apply_override(raw: dict, item: str, source: str = "override") -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or set to null (`decoder=null`, an empty `decoder:`): made anew
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is not a section in {source}")
         node = child
@@ -85,6 +88,8 @@ def to_dict(obj: Any) -> Any:
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, os.PathLike):  # a Path set from Python (cfg.train.out_dir = Path(...))
+        return os.fspath(obj)
     return obj
 
 

@@ -104,6 +104,13 @@ def test_bad_override_names_key(tmp_path):
     ("decoder.data.prompt_modalities=[img]", r"decoder\.data\.prompt_modalities: unknown modality 'img'"),
     ("decoder.data.val_rows=-1", r"decoder\.data\.val_rows must be >= 0, got -1"),
     ("decoder.train.seed=4294967296", r"decoder\.train\.seed must be in \[0, 4294967295\]"),
+    # each was found after the align stage, or named no key
+    ("decoder.train.schedule_by=time", r"decoder\.train\.schedule_by=time needs a time budget: set "
+                                       r"decoder\.train\.max_minutes"),
+    ("decoder.data.task_weights={larger: -1}", r"decoder\.data\.task_weights must be finite and >= 0: larger=-1"),
+    ("train.dist_timeout_minutes=1e12", r"train\.dist_timeout_minutes must be in \(0, 10080\]"),  # a C++ timeout
+    ("data.synth.n=0", r"data\.synth: n=0 must be an integer in \[1,"),
+    ("data.synth.split=[0.5,0.5,0.5]", r"data\.synth: split=.* summing to 1"),
 ])
 def test_training_numbers_out_of_range_name_the_key(override, message):
     """Ranges the types cannot say: `train.epochs=-1` used to start a run (no align steps, then
@@ -207,3 +214,63 @@ def test_yaml_mistakes_are_one_line_errors(tmp_path):
     merged.write_text("base: &b {lr: 0.5}\ntrain:\n  <<: *b\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key 'base'"):
         load_config(merged)
+
+
+def test_an_override_into_a_section_set_to_null_makes_it_anew(tmp_path):
+    """`data.synth=null data.synth.n=100` said 'synth is not a section'; so did `decoder.width=64` on a
+    config whose decoder: section is empty."""
+    cfg = load_config("demo", ["data.synth=null", "data.synth.n=100"])
+    assert cfg.data.synth is not None and cfg.data.synth.n == 100
+    path = tmp_path / "c.yaml"
+    path.write_text("decoder:\n  # width: 64\n")
+    assert load_config(path).decoder is None
+    assert load_config(path, ["decoder.width=64"]).decoder.width == 64
+
+
+def test_a_path_set_from_python_saves(tmp_path):
+    """cfg.train.out_dir = Path(...) then mm.train: a RepresenterError traceback from save_config."""
+    from mmembed.config import save_config
+
+    cfg = load_config("demo")
+    cfg.train.out_dir = tmp_path / "run"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").train.out_dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.mode=anchor", "loss.anchor=imag"], r"loss\.anchor 'imag'"),
+    (["loss.pair_weights={foo-bar: 1}"], r"loss\.pair_weights key 'foo-bar'"),
+    (["model.towers.image.encoder=vitt"], r"model\.towers\.image\.encoder: unknown encoder 'vitt'"),
+    (["model.init_towers=[image, txet]"], r"model\.init_towers: 'txet' is not one of model\.towers"),
+    (["tokenizer.path=/nonexistent/tok.json"], r"tokenizer\.path: no tokenizer file"),
+    (["tokenizer.vocab_size=0"], r"tokenizer\.vocab_size must be at least 263"),
+    (["model.init_from=/nonexistent/run"], r"model\.init_from: /nonexistent/run holds no trained model"),
+    (["decoder.init_from_gpt2=/nonexistent/gpt2"], r"decoder\.init_from_gpt2: /nonexistent/gpt2 has no config\.json"),
+    (["data.synth.n=30", "data.synth.split=[1.0,0,0]"], r"gives the val split no scene.*data\.val=null"),
+])
+def test_a_run_checks_its_names_and_files_before_any_work(tmp_path, overrides, message):
+    """Each was found after the world was generated and the tokenizer trained, and left a run
+    folder the corrected config was then refused."""
+    from mmembed.train import train
+
+    cfg = load_config("demo", [f"data.root={tmp_path / 'world'}", f"train.out_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_sweep_seed_past_numpys_is_refused_at_load():
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967295\]"):
+        load_scaling_config("scaling", ["seed=1e20"])
+
+
+def test_the_readmes_config_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """`mmembed train configs/demo.yaml` outside the repository said the file was not found and
+    listed demo among the shipped configs."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/demo.yaml") == load_config("demo")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("train: {epochs: 3}\n")  # a local file wins
+    assert load_config("configs/demo.yaml").train.epochs == 3

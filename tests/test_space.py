@@ -163,3 +163,31 @@ def test_open_clip_towers_from_config_equal_open_clip(tmp_path):
     model.save(tmp_path / "run")
     back = mm.load(tmp_path / "run")
     assert torch.equal(back.embed("text", texts), ours_text)
+
+
+def test_init_from_a_run_whose_tower_does_not_fit_is_named(tmp_path, caplog):
+    """init_towers=[image, txet] loaded the image tower alone, and a frozen text tower of another
+    depth loaded 29 of its 42 tensors: both trained on, random where nothing fit, without a word."""
+    import copy
+    import logging
+
+    from mmembed.checkpoint import save_tensors
+    from mmembed.space import build_space, init_from_run
+
+    source = build_space(from_dict(ModelConfig, TINY_MODEL, "model", "test"), vocab_size=300)
+    save_tensors(tmp_path / "model.safetensors", source.state_dict())
+    deeper = copy.deepcopy(TINY_MODEL)
+    deeper["towers"]["text"]["encoder_args"]["layers"] = 2
+    target = build_space(from_dict(ModelConfig, deeper, "model", "test"), vocab_size=300)
+    with pytest.raises(UserError, match="txet is not a tower of this model"):
+        init_from_run(target, tmp_path / "model.safetensors", ["image", "txet"])
+    with pytest.raises(UserError, match=r"the text tower of .* fits \d+ of its \d+ tensors here"):
+        init_from_run(target, tmp_path / "model.safetensors", ["image", "text"])
+    with pytest.raises(UserError, match="it is frozen"):
+        init_from_run(target, tmp_path / "model.safetensors", None, frozenset({"text"}))
+    with caplog.at_level(logging.WARNING):
+        init_from_run(target, tmp_path / "model.safetensors", None)
+    assert "the text tower" in caplog.text and "start fresh" in caplog.text
+    for k, v in source.state_dict().items():
+        if k.startswith("towers.image."):
+            torch.testing.assert_close(target.state_dict()[k], v, atol=0, rtol=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mmembed.config import ConfigError, load_dataclass
+from mmembed.config import MAX_SEED, ConfigError, load_dataclass
 
 
 @dataclass
@@ -87,8 +87,8 @@ class ScalingConfig:
                                   f"over N), got {[f'{s.width}x{s.layers}' for s in self.sizes]}: {counts}")
             if self.next_size is None:
                 raise ConfigError("next_size: the sweep predicts the loss of a next size; set one")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in [0, {MAX_SEED}] (numpy's seeds), got {self.seed}")
         if self.target == "towers":
             w = self.towers.widths
             if len(w) < 3 or len(set(w)) != len(w) or min([*w, self.towers.next_width]) < 1:

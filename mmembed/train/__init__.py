@@ -24,7 +24,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     a fresh run refuses a folder that holds files unless `overwrite` (see `run_dir.py`).
     """
     from mmembed.train.align import train_align
+    from mmembed.train.preflight import check_config
 
+    check_config(config)
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
     _check_decoder_manifests(config)

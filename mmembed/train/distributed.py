@@ -184,8 +184,8 @@ def checked_device(name: str | torch.device) -> torch.device:
     UserError (torch's own RuntimeErrors came at the first tensor moved)."""
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f"device {name!r}: {e}") from None
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows, some thirty
+        raise UserError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r}: torch sees no CUDA GPU on this machine (use 'cpu' or 'auto')")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -390,12 +390,25 @@ class Trainer:
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
             self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
         if self.progress.world_size != self.world.size:
-            log.info("resuming a run of %d process(es) on %d: the rest of epoch %d is dealt anew; the schedule "
-                     "follows this world's steps per epoch", self.progress.world_size, self.world.size,
-                     self.progress.epoch)
+            self._rescale_to_world()
         self.metrics.truncate(self.progress.step, evaluated=self.progress.last_eval_step == self.progress.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
+
+    def _rescale_to_world(self) -> None:
+        """A checkpoint of another number of processes counts its place in the epoch in that
+        world's batches (9 batches of 4 rows in one process are 36 rows, 4.5 batches of two): the
+        place becomes this world's batches, and the step budget the steps taken plus what is left of
+        the data in this world's steps (it counted the steps taken as this world's: a run resumed
+        on more processes skipped the rest of its epoch and stopped short of its last)."""
+        p, cfg = self.progress, self.cfg
+        p.batch_in_epoch = p.samples_in_epoch // (cfg.batch_size * self.world.size)
+        left = max(0, self.steps_per_epoch - p.batch_in_epoch // cfg.accum_steps)
+        self.total_steps = p.step + left + self.steps_per_epoch * max(0, cfg.epochs - p.epoch - 1)
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        log.info("resuming a run of %d process(es) on %d: the rest of epoch %d (%d rows done) is dealt anew, "
+                 "%d steps in all", p.world_size, self.world.size, p.epoch, p.samples_in_epoch, self.total_steps)
 
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""

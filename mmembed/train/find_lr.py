@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     """Run the range test on the align stage of `cfg` and write its curve next to `train.out_dir`."""
     if steps < 8 or not 0 < lr_min < lr_max:
         raise UserError(f"--find-lr needs at least 8 steps and 0 < lr_min < lr_max (got {steps}, {lr_min}, {lr_max})")
-    if current_world().active:
+    # the process group is not set up for --find-lr, so torchrun's variables are what tell
+    if current_world().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--find-lr runs in one process: start it without torchrun")
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)

@@ -100,12 +100,18 @@ def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
              keep: Sequence[str | Path] = ()) -> contextlib.AbstractContextManager:
     """Rank 0 readies the run folder (`prepare_run_dir`) while the other ranks wait; returns the
     context manager that holds its lock (`run_lock` on rank 0, nothing on the others)."""
-    from mmembed.train.distributed import barrier, current_world
+    from mmembed.train.distributed import broadcast_object, current_world
 
     world = current_world()
+    refused = None
     if world.main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, keep=keep)
-    barrier()
+        try:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, keep=keep)
+        except UserError as e:  # every rank says it (the others said rank 0 was lost)
+            refused = str(e)
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise UserError(refused)
     return run_lock(run_dir) if world.main else contextlib.nullcontext()
 
 

@@ -18,3 +18,12 @@ def test_more_processes_than_gpus_is_one_clear_line_on_every_rank(monkeypatch, l
     with pytest.raises(UserError, match=r"2 processes on this machine but CUDA sees 1 GPU.*--nproc-per-node 1") as e:
         init_distributed("auto")
     assert "\n" not in str(e.value) and "train.device=cpu" in str(e.value)
+
+
+def test_a_name_that_is_no_device_is_one_short_line():
+    """train.device=gpu printed torch's list of some thirty device types."""
+    from mmembed.errors import UserError
+    from mmembed.train.distributed import checked_device
+
+    with pytest.raises(UserError, match=r"^device 'gpu' is not a device name \(auto, cpu, cuda, cuda:N or mps\)$"):
+        checked_device("gpu")

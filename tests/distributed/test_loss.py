@@ -17,9 +17,9 @@ def _spawn(worker, folder) -> list[dict]:
     return [torch.load(folder / f"rank{r}.pt") for r in range(W)]
 
 
-def _assert_ranks_equal_one_process(ranks: list[dict], case: str, rows: slice):
+def _assert_ranks_equal_one_process(ranks: list[dict], case: str, rows: slice, module=None):
     """Every rank's global loss and averaged gradients equal one process's on `rows`; returns those."""
-    module = Towers()
+    module = module or Towers()
     loss, grads = loss_and_grads(case, module, Forward(module, forward), rows)
     assert torch.isfinite(loss)
     for rank in ranks:
@@ -54,6 +54,21 @@ def test_ranks_with_short_batches_or_a_missing_modality_still_equal_one_process(
     collectives (they aborted: gloo's "collective mismatch"), and the loss and gradients are one
     process's on the 11 rows they hold together."""
     _assert_ranks_equal_one_process(uneven_ranks, case, slice(0, 2 * B - 1))
+
+
+@pytest.fixture(scope="module")
+def frozen_ranks(tmp_path_factory):
+    from tests.distributed.workers import frozen_worker
+
+    return _spawn(frozen_worker, tmp_path_factory.mktemp("frozen"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_frozen_tower_whose_modality_one_rank_lacks_still_equals_one_process(frozen_ranks, case):
+    from tests.distributed.workers import frozen_towers
+
+    grads = _assert_ranks_equal_one_process(frozen_ranks, case, slice(0, 2 * B - 1), frozen_towers())
+    assert grads["towers.audio.weight"].abs().max() == 0 and grads["towers.text.weight"].abs().max() > 1e-3
 
 
 def test_the_captioning_objective_over_two_processes_equals_one_process(tmp_path):

@@ -103,6 +103,33 @@ def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny_world, tmp_path):
     assert latest_checkpoint(tmp_path / "single").name == "step_0000006"
 
 
+def test_a_one_process_run_resumed_on_two_trains_the_rest_of_its_epoch_and_all_of_the_next(tiny_world, tmp_path):
+    """Its place in the epoch was 9 batches of 4 rows (36 of 51), counted as if they were batches
+    of two processes: the resumed run skipped the epoch's last rows and stopped half-way through
+    the next epoch (the step budget counted the steps taken as two-process steps)."""
+    cfg = tiny_config(tiny_world, tmp_path / "run", batch_size=4, epochs=2, max_steps=9, checkpoint_every=9)
+    _run([sys.executable, "-m", "mmembed", "train", cfg])
+    _run(_torchrun(2, "train", cfg, "--resume", "train.max_steps=null"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = {r["step"]: r["epoch"] for r in rows if "loss" in r}
+    # 15 rows were left: one step of 2 x 4; then 51 // 8 = 6 steps of epoch 1
+    assert [epochs[s] for s in range(10, 17)] == [0] + [1] * 6 and max(epochs) == 16
+
+
+def test_a_refused_start_is_one_line_on_every_rank(tiny_world, one_process):
+    """A fresh run into a trained folder: rank 1 said it had lost contact with another process and
+    pointed at the old run's checkpoint; --find-lr under torchrun ran the range test twice."""
+    cfg = one_process.parent / f"{one_process.name}.yaml"
+    r = subprocess.run(_torchrun(2, "train", cfg), capture_output=True, text=True, timeout=300, env=free_env())
+    assert r.returncode != 0
+    # torchrun stops the other rank once one has failed: one line or two, never a lost contact
+    assert "already holds a run" in r.stderr and "lost contact" not in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(_torchrun(2, "train", cfg, "--find-lr"), capture_output=True, text=True, timeout=300,
+                       env=free_env())
+    assert r.returncode != 0 and "--find-lr runs in one process" in r.stderr, r.stderr[-3000:]
+    assert not (one_process.parent / f"{one_process.name}-find-lr").exists()
+
+
 def _wait_for(predicate, timeout, what):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -59,7 +59,8 @@ def global_batch():
 
 
 def loss_and_grads(case: str, module: nn.Module, net, rows: slice, absent: tuple[Modality, ...] = ()):
-    """`absent`: modalities this batch leaves out altogether (collate does so when no row has one)."""
+    """`absent`: modalities this batch leaves out altogether (collate does so when no row has one).
+    Towers whose parameters take no gradient (frozen) give vectors without one."""
     kind, mode, anchor, label_positives, weights = CASES[case]
     loss_fn = ContrastiveLoss(kind, mode, anchor, weights, label_positives)
     inputs, present, labels = global_batch()
@@ -114,6 +115,31 @@ def uneven_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
     os._exit(0)  # as loss_worker
+
+
+def frozen_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """As `uneven_worker` with the audio tower frozen: rank 0 has no audio, rank 1's audio vectors
+    take no gradient (gloo aborted: only rank 0 ran the all-gather's backward)."""
+    from mmembed.train.distributed import all_reduce_values, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.set_num_threads(1)
+    results = {}
+    rows, absent = UNEVEN[rank]
+    for case in CASES:
+        module = frozen_towers()
+        net = parallelize(module, forward, torch.device("cpu"))
+        loss, grads = loss_and_grads(case, module, net, rows, absent)
+        results[case] = {"loss": all_reduce_values([float(loss)])[0], "grads": grads}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # as loss_worker
+
+
+def frozen_towers() -> Towers:
+    module = Towers()
+    module.towers[Modality.AUDIO.value].requires_grad_(False)
+    return module
 
 
 def rank_pids(torchrun_pid: int) -> dict[int, int]:

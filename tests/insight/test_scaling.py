@@ -111,7 +111,7 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     # heads do not change N: the fit failed after the whole ladder trained (a ValueError traceback)
     (["scale", "sizes=[{width: 16, layers: 1, heads: 2}, {width: 16, layers: 1, heads: 4}, "
                 "{width: 24, layers: 1, heads: 2}]"], "every rung must have its own parameter count N"),
-    (["scale", "seed=-2"], "seed must be >= 0"),
+    (["scale", "seed=-2"], "seed must be in [0, 4294967295]"),
     (["scale", "target=towers", "towers.widths=[16, 16, 24]"], "at least 3 different widths"),
     (["scale", "target=towers", "towers.widths=[16, 24, -8]"], "at least 3 different widths"),
     (["scale", "--axis", "data", "data_tokens=[1024, 1100, 4096]", "context=32", "recipe.batch_size=32"],

@@ -216,9 +216,11 @@ def _clear(root: Path) -> None:
         shutil.rmtree(root / sub, ignore_errors=True)
 
 
-def _validate(
-    n: int, seed: int, image_size: int, sample_rate: int, workers: int, split: Any, heldout_fraction: Any
+def validate_params(
+    n: int, seed: int, image_size: int, sample_rate: int = 16000, workers: int = 1, split: Any = (0.8, 0.1, 0.1),
+    heldout_fraction: Any = 0.1,
 ) -> None:
+    """UserError naming the first parameter of a world that cannot be generated."""
     checks = [
         (isinstance(heldout_fraction, (int, float)), f"heldout_fraction={heldout_fraction!r} must be a number"),
         (isinstance(n, int) and 1 <= n <= MAX_SCENES, f"n={n!r} must be an integer in [1, {MAX_SCENES:,}] "
@@ -238,6 +240,7 @@ def _validate(
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    split_counts(n, tuple(split))  # the fractions sum to 1
 
 
 def _world_json(params: dict[str, Any], heldout: list[tuple[str, str]], counts: dict[str, int]) -> dict[str, Any]:
@@ -295,7 +298,7 @@ def generate_world(
         UserError: bad parameters, or `out_dir` holds unrelated files and overwrite is False.
     """
     root = Path(out_dir)
-    _validate(n, seed, image_size, sample_rate, workers, split, heldout_fraction)
+    validate_params(n, seed, image_size, sample_rate, workers, split, heldout_fraction)
     heldout = choose_heldout_combos(seed, heldout_fraction)
     if n_heldout is None:
         n_heldout = n // 10 if heldout else 0
@@ -305,7 +308,6 @@ def generate_world(
         raise UserError(f"n_heldout={n_heldout} needs held-out combinations, and heldout_fraction={heldout_fraction} "
                         f"holds out round({heldout_fraction} x 36) = 0 of the 36 (shape, colour) pairs: "
                         "set it to 1/72 (0.014) or more, or n_heldout=0")
-    split_counts(n, tuple(split))  # checks the fractions sum to 1
     params = {
         "version": SYNTH_VERSION,
         "n": n,

@@ -1,0 +1,83 @@
+"""What a run checks before any work: the names and files its config points at.
+
+The config's own ranges are checked when it loads (config.py). These checks need the file system
+or the model's registries, so they run when training starts, before the world is generated, the
+tokenizer trained or the run folder written (a typo in `loss.anchor` used to surface after all
+three). A finished run's config.yaml, which `mm.load` reads long after, is not held to them: the
+run it started from may be gone by then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmembed.config import Config
+from mmembed.errors import ConfigError
+from mmembed.modality import Modality
+
+
+def check_config(config: Config) -> None:
+    """ConfigError naming the first key whose value cannot work."""
+    _check_towers(config)
+    _check_loss(config)
+    _check_sources(config)
+    _check_world_splits(config)
+
+
+def _check_towers(config: Config) -> None:
+    from encoders import ENCODERS
+
+    model = config.model
+    if not model.towers and model.init_from is None:
+        raise ConfigError("model.towers: a shared space needs at least one tower (text, image or audio), "
+                          "or model.init_from to take one from")
+    for name, tower in model.towers.items():
+        try:
+            Modality.parse(name)
+        except ValueError as e:
+            raise ConfigError(f"model.towers.{name}: {e}") from None
+        if tower.encoder not in ENCODERS:
+            raise ConfigError(f"model.towers.{name}.encoder: unknown encoder {tower.encoder!r}; valid: "
+                              f"{', '.join(sorted(ENCODERS))}")
+    unknown = [t for t in model.init_towers or () if t not in model.towers]
+    if unknown:
+        raise ConfigError(f"model.init_towers: {', '.join(map(repr, unknown))} is not one of model.towers "
+                          f"({', '.join(model.towers)})")
+
+
+def _check_loss(config: Config) -> None:
+    from mmembed.losses import build_loss
+
+    build_loss(config.loss)  # its anchor and pair weights name modalities, each pair once
+
+
+def _check_sources(config: Config) -> None:
+    tok = config.tokenizer
+    if tok.path is not None and not Path(tok.path).is_file():
+        raise ConfigError(f"tokenizer.path: no tokenizer file at {tok.path}")
+    if tok.kind == "bpe" and tok.path is None:
+        from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS
+
+        floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
+        if tok.vocab_size < floor:
+            raise ConfigError(f"tokenizer.vocab_size must be at least {floor} (256 bytes and the special tokens), "
+                              f"got {tok.vocab_size}")
+    if config.model.init_from is not None and not (Path(config.model.init_from) / "model.safetensors").is_file():
+        raise ConfigError(f"model.init_from: {config.model.init_from} holds no trained model (model.safetensors)")
+    gpt2 = config.decoder.init_from_gpt2 if config.decoder is not None else None
+    if gpt2 is not None and not (Path(gpt2) / "config.json").is_file():
+        raise ConfigError(f"decoder.init_from_gpt2: {gpt2} has no config.json (a GPT-2 folder saved by transformers)")
+
+
+def _check_world_splits(config: Config) -> None:
+    """A world whose val split gets no scene while data.val names it (an empty manifest, found
+    after the world was generated)."""
+    synth, data = config.data.synth, config.data
+    if synth is None:
+        return
+    from mmembed.data.synth.world import split_counts
+
+    counts = split_counts(synth.n, tuple(synth.split))
+    if counts["val"] == 0 and data.val is not None:
+        raise ConfigError(f"data.synth gives the val split no scene (n={synth.n}, split={list(synth.split)}): "
+                          "give it a share, or set data.val=null")
