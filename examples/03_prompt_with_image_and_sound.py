@@ -3,9 +3,10 @@ and pick the best of several answers with the shared space.
 
     python examples/03_prompt_with_image_and_sound.py [RUN_DIR]
 
-RUN_DIR defaults to runs/demo (what `mmembed demo` writes). Without a run that has a decoder, a
-small one is trained first on a 2,000-scene world (a few minutes on 2 cores; its answers are
-rougher than the demo's).
+RUN_DIR defaults to runs/demo (what `mmembed demo` writes). Without RUN_DIR and without runs/demo,
+a small run is trained first on a 2,000-scene world (a few minutes on 2 cores; its answers are
+rougher than the demo's). Run it from the folder the run was trained in: the run's world
+(data.root) is found from there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import mmembed as mm
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+if len(sys.argv) > 1 and not (run / "decoder.safetensors").is_file():  # a typo must not start training
+    sys.exit(f"{run} holds no run with a decoder: pass a run folder `mmembed demo` or `mmembed train` wrote")
 if not (run / "decoder.safetensors").is_file():
     print(f"{run} has no decoder: training a small run first")
     run = Path("runs/example-03")
@@ -26,7 +29,9 @@ if not (run / "decoder.safetensors").is_file():
     ]), overwrite=True)
 
 model = mm.load(run)
-world = Path(model.config.data.root)
+world = Path(model.config.data.root)  # relative to where the run was trained
+if not (world / "test.jsonl").is_file():
+    sys.exit(f"the run's world {world} (data.root) is not here: run this from the folder the run was trained in")
 scenes = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
 a, b = scenes[0], next(s for s in scenes if s["objects"][0]["colour"] != scenes[0]["objects"][0]["colour"])
 image_a, audio_a, audio_b = mm.Image(world / a["image"]), mm.Audio(world / a["audio"]), mm.Audio(world / b["audio"])

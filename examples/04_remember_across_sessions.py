@@ -64,7 +64,12 @@ if __name__ == "__main__":
     if not (run / "decoder.safetensors").is_file():
         sys.exit(f"{run} holds no run with a decoder: run `mmembed demo` first (it writes runs/demo), "
                  "or pass such a run folder")
+    world = Path(mm.load_config(run / "config.yaml").data.root)  # relative to where the run was trained
+    if not (world / "test.jsonl").is_file():
+        sys.exit(f"the run's world {world} (data.root) is not here: run this from the folder the run was trained in")
     with tempfile.TemporaryDirectory() as tmp:
         memory = str(Path(tmp) / "memory.db")
         for part in ("show", "ask", "export"):  # three separate processes, one memory file
-            subprocess.run([sys.executable, __file__, str(run), "--part", f"{part}:{memory}"], check=True)
+            done = subprocess.run([sys.executable, __file__, str(run), "--part", f"{part}:{memory}"])
+            if done.returncode:
+                sys.exit(f"process '{part}' failed (exit {done.returncode}): see its error above")

@@ -398,7 +398,21 @@ def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str
     raw = read_mapping(path)
     for item in overrides:
         apply_override(raw, item, source=str(path))
-    return from_dict(cls, raw, where="", source=str(path))
+    try:
+        return from_dict(cls, raw, where="", source=str(path))
+    except ConfigError:
+        if not overrides or not _loads(cls, read_mapping(path)):
+            raise
+        # the file is fine: the override typed on the command line is what is wrong
+        return from_dict(cls, raw, where="", source=f"an override of {path}")
+
+
+def _loads(cls: type, raw: dict) -> bool:
+    try:
+        from_dict(cls, raw, where="", source="")
+    except ConfigError:
+        return False
+    return True
 
 
 def save_config(config: Config, path: str | Path) -> None:

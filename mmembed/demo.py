@@ -26,7 +26,8 @@ from mmembed.demo_retrieval import composed_query_trials, image_gallery, retriev
 from mmembed.errors import UserError
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.insight.embedding_map import map_vectors
-from mmembed.model import CONFIG, Model
+from mmembed.decoder.builder import DECODER_DIR, DECODER_TOKENIZER, DECODER_WEIGHTS
+from mmembed.model import CONFIG, TOKENIZER, WEIGHTS, Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
 from mmembed.train.decoder import train_decoder
@@ -34,6 +35,13 @@ from mmembed.train.run_dir import LOCK, TRASH
 from mmembed.typed_config import to_dict
 
 log = logging.getLogger(__name__)
+BIND_DIR, TRANSFER_DIR = "bind-audio", "decoder-image-only"  # the bound-audio run and the image-only decoder
+
+
+# what a demo run writes into its folder; a rerun replaces exactly these
+DEMO_OUTPUTS = frozenset({CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.png", "checkpoints", "demo.json",
+                          "report.md", "embedding_map.png", "retrieval.png", BIND_DIR, TRANSFER_DIR, DECODER_DIR,
+                          DECODER_WEIGHTS, DECODER_TOKENIZER})
 
 
 def _check_replaceable(run_dir: Path, config: Config) -> None:
@@ -41,7 +49,14 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
     with this very config (an interrupted demo). Anything else is a UserError: `--out` over a
     folder of one's own files, or another run, deleted them before anything was checked."""
     left = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)] if run_dir.is_dir() else []
-    if not left or (run_dir / "demo.json").is_file():  # (a leftover of an interrupted overwrite goes too)
+    if not left:  # (a leftover of an interrupted overwrite goes too)
+        return
+    if (run_dir / "demo.json").is_file():
+        # a finished demo, but what a user added to it (a query tower, a memory, an index) is theirs
+        added = sorted(p.name for p in left if p.name not in DEMO_OUTPUTS)
+        if added:
+            raise UserError(f"{run_dir} is an earlier demo run that also holds {', '.join(added[:5])}, which a rerun "
+                            "would delete: move them out, or choose another --out")
         return
     try:
         same = to_dict(load_config(run_dir / CONFIG)) == to_dict(config)
@@ -116,8 +131,8 @@ def _train_bound(config: Config, joint_dir: Path) -> Path:
     """ImageBind recipe: image and text towers frozen from the joint run, audio trained against
     images only. Audio↔text alignment is never trained: it must emerge through the images.
 
-    `configs/bind-audio.yaml` says which towers freeze and how the loss pairs them; the tower
-    architectures come from the joint run, whose weights initialise them."""
+    `configs/bind-audio.yaml` says which towers freeze, how the loss pairs them and how it trains;
+    the tower architectures come from the joint run, whose weights initialise them."""
     bind = load_config("bind-audio")
     frozen = {name for name, tower in bind.model.towers.items() if tower.freeze}
     init_towers = bind.model.init_towers
@@ -129,8 +144,11 @@ def _train_bound(config: Config, joint_dir: Path) -> Path:
     bind.data = copy.deepcopy(config.data)
     bind.data.synth = None
     bind.tokenizer.path = str(joint_dir / "tokenizer.json")
-    bind.train.out_dir = str(joint_dir / "bind-audio")
-    bind.train.seed = config.train.seed
+    bind.train.out_dir = str(joint_dir / BIND_DIR)
+    # the run's seed and device, and no larger a batch than its own (a smaller world's demo, with
+    # train.batch_size=16, stopped here at bind-audio.yaml's 128)
+    bind.train.seed, bind.train.device = config.train.seed, config.train.device
+    bind.train.batch_size = min(bind.train.batch_size, config.train.batch_size)
     return train_align(bind)
 
 
@@ -157,7 +175,7 @@ def image_only_config(config: Config, joint_dir: Path) -> Config:
     steps = transfer.decoder.train.max_steps
     transfer.decoder.train.max_steps = TRANSFER_MAX_STEPS if steps is None else min(steps, TRANSFER_MAX_STEPS)
     transfer.model.init_from = str(joint_dir)
-    transfer.train.out_dir = str(joint_dir / "decoder-image-only")
+    transfer.train.out_dir = str(joint_dir / TRANSFER_DIR)
     return transfer
 
 

@@ -166,9 +166,15 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
     assert (victim / "notes.txt").read_text() == "mine" and (victim / "index").is_dir()
     (victim / "notes.txt").unlink()
-    (victim / "demo.json").write_text("{}")  # a finished demo: replaced (here the missing data stops it next)
+    (victim / "demo.json").write_text("{}")
+    # a finished demo, with what a user added to it (an index; a memory.db, a query tower): kept
+    _one_line_error(capsys, argv, "earlier demo run that also holds index, which a rerun would delete")
+    assert (victim / "index").is_dir()
+    (victim / "index").rmdir()
+    (victim / "checkpoints").mkdir()
+    (victim / "report.md").write_text("x")  # the demo's own outputs only: replaced (the missing data stops it next)
     _one_line_error(capsys, argv, "training manifest not found")
-    assert not (victim / "index").exists()
+    assert not (victim / "checkpoints").exists()
     for entry in victim.iterdir():  # what an --overwrite killed mid-delete leaves: still the demo's own folder
         entry.unlink() if entry.is_file() else shutil.rmtree(entry)
     (victim / ".overwritten-123" / "checkpoints").mkdir(parents=True)

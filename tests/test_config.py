@@ -274,3 +274,11 @@ def test_the_readmes_config_paths_work_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text("train: {epochs: 3}\n")  # a local file wins
     assert load_config("configs/demo.yaml").train.epochs == 3
+
+
+def test_an_error_in_an_override_names_the_override_not_the_file():
+    """`train.nosuch=1` said '/…/configs/demo.yaml: unknown key', blaming the shipped file."""
+    for override, message in (("train.nosuch=1", "unknown key 'train.nosuch'"),
+                              ("train.lr=abc", "train.lr must be float")):
+        with pytest.raises(ConfigError, match=rf"^an override of \S*demo.yaml: {message}"):
+            load_config("demo", [override])

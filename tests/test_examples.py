@@ -32,12 +32,22 @@ def test_example_02_trains_a_tiny_space_above_chance(tmp_path):
 @pytest.mark.slow
 def test_examples_03_and_04_prompt_and_remember(tmp_path):
     """03 trains a small run with a decoder when there is none (in its working directory), 04
-    runs its three processes on it; without a run 04 says so in one line."""
-    out = run_example("03_prompt_with_image_and_sound.py", "runs/none", cwd=tmp_path)
+    runs its three processes on it; a missing run, or a run whose world is not reachable from
+    the working directory, is one line in both."""
+    out = run_example("03_prompt_with_image_and_sound.py", cwd=tmp_path)  # no runs/demo there
     assert "training a small run first" in out
     out = run_example("04_remember_across_sessions.py", "runs/example-03", cwd=tmp_path)
     assert "[process 1]" in out and "[process 2]" in out and "exported" in out
-    missing = subprocess.run([sys.executable, str(EXAMPLES / "04_remember_across_sessions.py"), "runs/none"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and missing.stderr.strip().endswith("or pass such a run folder")
-    assert "Traceback" not in missing.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name, args, cwd, ending in [
+        ("04_remember_across_sessions.py", ["runs/none"], tmp_path, "or pass such a run folder"),
+        # a mistyped run started minutes of training in 03
+        ("03_prompt_with_image_and_sound.py", ["runs/none"], tmp_path, "`mmembed train` wrote"),
+        # the run's world is relative to where it was trained: a FileNotFoundError / CalledProcessError
+        ("03_prompt_with_image_and_sound.py", ["../runs/example-03"], elsewhere, "the run was trained in"),
+        ("04_remember_across_sessions.py", ["../runs/example-03"], elsewhere, "the run was trained in")]:
+        done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.strip().endswith(ending), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr

@@ -242,7 +242,8 @@ class SkipCounter:
         return f"skipped {self.total} row(s): " + "; ".join(parts)
 
 
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|\S*/\S*|\d+")
+# a path: absolute, home- or dot-relative, or a relative one with a file suffix ("NaN/Inf" is words)
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|(?<!\S)(?:[/~.]\S*|\S*/\S*\.\w+)|\d+")
 
 
 def reason_kind(reason: str) -> str:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
+from mmembed.text_encoding import SURROGATE
 
 VECTOR = "vector"  # marker name for a bare shared-space vector
 
@@ -177,6 +178,7 @@ def join_text(parts: Sequence[Any]) -> list[Any]:
 
 
 _INLINE = re.compile(r"<(\w+):([^<>]*)>")
+_UNCLOSED = re.compile(r"<(image|audio):(?![^<>]*>)", re.IGNORECASE)
 
 
 def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
@@ -185,6 +187,9 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     Paths resolve against `base` (default: the working directory) and must name a file: a missing
     file, a folder or an empty `<image:>` is a UserError naming it.
     """
+    if unclosed := _UNCLOSED.search(text):  # "Describe <image:a.png" went to the decoder as text
+        kind = unclosed.group(1).lower()
+        raise UserError(f"prompt holds <{kind}: without its closing '>': write <{kind}:FILE>")
     parts: list[str | Media] = []
     pos = 0
     for m in _INLINE.finditer(text):
@@ -269,6 +274,9 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
         for i, seg in enumerate(segments):
             where = f"prompt {p} segment {i}" if many else f"prompt segment {i}"
             if isinstance(seg, str):
+                if m := SURROGATE.search(seg):  # undecodable bytes of a command line, kept as surrogates
+                    raise BadInput(f"{where}: text is not valid UTF-8 (an undecodable character at position "
+                                   f"{m.start()})")
                 own_parts.append(seg)
             elif isinstance(seg, Media):
                 pending.setdefault(seg.modality, []).append((p, len(own_slots), where, seg.item))

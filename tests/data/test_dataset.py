@@ -340,6 +340,9 @@ def test_skip_counter_rate_limits_and_groups_reasons(caplog):
                                "audio: not a readable audio file: …": 1}
     assert counter.summary().startswith("skipped 4 row(s): 2 × image: missing file … (e.g. line 3)")
     assert reason_kind("3 cells for 4 columns") == "… cells for … columns"
+    # a word pair is no path: "audio contains …" hid what was wrong with the file
+    assert reason_kind("audio: audio contains NaN/Inf samples") == "audio: audio contains NaN/Inf samples"
+    assert reason_kind("image: missing file images/s0001.png") == "image: missing file …"
     counter.reset()
     assert counter.total == 0 and counter.summary() == ""
 

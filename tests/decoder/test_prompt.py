@@ -86,6 +86,7 @@ def test_typed_marker_text_is_text_not_a_marker():
     (torch.full((DIM,), float("nan")), "NaN"),
     (torch.zeros(DIM), "zero vector"),
     ({"image": "a.png"}, "unsupported type dict"),
+    ("a \udcff b", "text is not valid UTF-8"),  # a command line's undecodable byte: the tokenizer's words
 ])
 def test_bad_segment_is_one_clear_error_naming_it(segment, message):
     with pytest.raises(BadInput, match=f"prompt segment 1: .*{message}"):
@@ -169,6 +170,10 @@ def test_inline_prompt_syntax(tmp_path):
         assert parse_inline(text, base=tmp_path) == [text]
     with pytest.raises(UserError, match="names no user"):
         parse_inline("see <image:~nobody_xyz/a.png>", base=tmp_path)
+    # a tag without its '>' went to the decoder as text: "yes", about a picture it never saw
+    for text in ("Describe <image:a.png", "Describe <AUDIO:b.wav and <image:a.png>", "<image:a.png <audio:b.wav>"):
+        with pytest.raises(UserError, match="without its closing '>'"):
+            parse_inline(text, base=tmp_path)
     (tmp_path / "my photo.png").write_bytes(b"x")  # a misspelt tag before a name with a space is still caught
     with pytest.raises(UserError, match="a file is named <image:FILE>"):
         parse_inline("what is <img:my photo.png>?", base=tmp_path)
