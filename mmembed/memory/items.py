@@ -124,6 +124,13 @@ def encode_image(item: Any) -> bytes:
         return raw
     from PIL import Image
 
+    if isinstance(item, Image.Image):  # stored upright, as embedding reads it (a JPEG's EXIF orientation)
+        from PIL import ImageOps
+
+        try:
+            item = ImageOps.exif_transpose(item)
+        except Exception as e:  # noqa: BLE001 - a closed or truncated image fails here first
+            raise BadInput(f"corrupt, truncated or closed image ({type(e).__name__}: {e})") from None
     if not isinstance(item, Image.Image) or item.mode not in _PNG_MODES:
         from mmembed.preprocess.image_decode import load_image
 
@@ -137,6 +144,9 @@ def encode_image(item: Any) -> bytes:
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot encode the image as PNG ({type(e).__name__}: {e})") from None
     return out.getvalue()
+
+
+_MAX_WAV_RATE = 2**31 - 1
 
 
 def encode_audio(item: Any) -> bytes:
@@ -155,6 +165,8 @@ def encode_audio(item: Any) -> bytes:
         raise BadInput("zero-length audio")
     if not np.isfinite(samples).all():
         raise BadInput("audio contains NaN/Inf samples")
+    if not 1 <= rate <= _MAX_WAV_RATE:  # a WAV header holds the rate in 32 bits (10**12 overflowed)
+        raise BadInput(f"sample rate {rate} Hz cannot be stored in a WAV file (at most {_MAX_WAV_RATE} Hz)")
     import soundfile as sf
 
     out = io.BytesIO()

@@ -28,6 +28,7 @@ embeds several crops and averages them itself, using the frame masks.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -46,6 +47,7 @@ from mmembed.preprocess.files import check_file
 from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_ratio
 from mmembed.modality import Modality
 
+MAX_SECONDS = 600.0  # the longest max_seconds a preprocessor takes (a clip is cropped to it)
 _MAX_CHANNELS = 32
 _IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
 _LOG_FLOOR = 1e-6
@@ -113,6 +115,9 @@ class AudioPreprocessor:
     ) -> None:
         if not all(math.isfinite(v) for v in (max_seconds, mean, std, f_min, f_max or 0.0, time_stretch)):
             raise ConfigError("audio preprocess: max_seconds, mean, std, f_min, f_max and time_stretch must be finite")
+        if max_seconds > MAX_SECONDS:  # a clip's features are computed whole: 10 hours asked 29 GB
+            raise ConfigError(f"audio preprocess: max_seconds={max_seconds} is over {MAX_SECONDS} (longer clips are "
+                              "cropped to max_seconds)")
         if min(sample_rate, n_mels, n_fft, hop_length) <= 0 or max_seconds <= 0 or std <= 0:
             raise ConfigError(
                 "audio preprocess: sample_rate, n_mels, n_fft, hop_length, max_seconds and std must be positive"
@@ -233,17 +238,19 @@ class AudioPreprocessor:
 
     def waveform(self, item: Any) -> Tensor:
         """One raw clip → mono float32 waveform (T,) at `sample_rate`, cropped to `max_seconds`."""
+        of = ""
         if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
             wave, rate = self._read_file(item)
+            of = f": {item}" if isinstance(item, (str, Path)) else ""  # a file's content errors name it
         else:
             data, rate = split_pair(item, self.sample_rate)
             self._check_rate(rate, "the waveform")
             wave = _crop(_to_mono(data), self._crop_len(rate), self._random())
         if wave.numel() == 0:
-            raise BadInput("zero-length audio")
+            raise BadInput(f"zero-length audio{of}")
         # the sum is finite iff every sample is (for audio-range values); check fully only then
         if not torch.isfinite(wave.sum()) and not torch.isfinite(wave).all():
-            raise BadInput("audio contains NaN/Inf samples")
+            raise BadInput(f"audio contains NaN/Inf samples{of}")
         if rate != self.sample_rate:
             wave = self._resampler(rate)(wave)  # (T',)
         return wave[: self.max_samples]
@@ -285,11 +292,12 @@ class AudioPreprocessor:
             path = Path(item)
             name = str(path)
             check_file(path)
-            source: Any = path
+            source: Any = None  # opened below: libsndfile takes no file name that is not UTF-8
         else:
             name, source = "<bytes>", io.BytesIO(bytes(item))
         try:
-            with sf.SoundFile(source) as f:
+            with (open(path, "rb") if source is None else contextlib.nullcontext(source)) as stream, \
+                    sf.SoundFile(stream) as f:
                 total, rate = f.frames, f.samplerate
                 self._check_rate(rate, name)
                 if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs

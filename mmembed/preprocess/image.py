@@ -89,6 +89,8 @@ class ImagePreprocessor:
         if size <= 0:
             raise ConfigError(f"image preprocess: size must be positive, got {size}")
         self.limits = ImageLimits(tuple(formats), max_pixels, max_side, max_aspect)
+        if size > max_side:  # every image is resized to size x size (the error blamed an image)
+            raise ConfigError(f"image preprocess: size={size} exceeds max_side={max_side}")
         if len(mean) != 3 or len(std) != 3 or len(background) != 3:
             raise ConfigError("image preprocess: mean, std and background need 3 values (R, G, B)")
         if not all(math.isfinite(v) for v in (*mean, *std)) or any(s <= 0 for s in std):
@@ -97,7 +99,7 @@ class ImagePreprocessor:
             raise ConfigError(f"image preprocess: background values must lie in 0..255, got {background}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ConfigError(f"image preprocess: crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
-        if color_jitter < 0 or affine_degrees < 0 or not 0 <= affine_translate < 0.5:
+        if not (0 <= color_jitter < math.inf and 0 <= affine_degrees < math.inf and 0 <= affine_translate < 0.5):
             raise ConfigError(f"image preprocess: color_jitter={color_jitter} and affine_degrees={affine_degrees} "
                               f"must be >= 0 and affine_translate={affine_translate} in [0, 0.5)")
         if interpolation not in _INTERPOLATION:

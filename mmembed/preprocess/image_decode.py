@@ -83,8 +83,13 @@ def load_image(item: Any, *, limits: ImageLimits = _DEFAULT_LIMITS, background=(
     Raises BadInput, and nothing else but MemoryError, for any image that cannot be used.
     """
     name = str(item) if isinstance(item, (str, Path)) else type(item).__name__
-    with failures_as_bad_input(f"image decoding of {name}"):
-        return _load(item, limits, background)
+    try:
+        with failures_as_bad_input(f"image decoding of {name}"):
+            return _load(item, limits, background)
+    except BadInput as e:  # a file's content errors ("NaN pixels") name the file, as its others do
+        if isinstance(item, (str, Path)) and name not in str(e):
+            raise BadInput(f"{e}: {name}") from None
+        raise
 
 
 def _load(item: Any, limits: ImageLimits, background) -> Tensor:
@@ -206,6 +211,10 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
     if im.width == 0 or im.height == 0:
         raise BadInput(f"empty image ({im.width}x{im.height})")
     try:
+        im.load()  # a lazily opened image decodes here: a truncated or closed one fails as itself
+    except Exception as e:  # noqa: BLE001 - OSError (truncated), AttributeError/ValueError (closed)
+        raise BadInput(f"corrupt, truncated or closed image ({type(e).__name__}: {e})") from None
+    try:
         im = ImageOps.exif_transpose(im)  # camera orientation, as every photo viewer shows it
         if im.mode in _HIGH_DEPTH_MODES:
             pixels = np.asarray(im)
@@ -231,8 +240,10 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     if mode == "F":
         if not np.isfinite(a).all():
             raise BadInput("float image contains NaN/Inf pixels")
-        # floats in [0, 1] are normalised intensities; anything else is taken as 0..255
-        scaled = a * 255.0 if a.size and a.min() >= 0 and a.max() <= 1 else a
+        # floats in [0, 1] are normalised intensities (with the slack a float tensor gets: a resize
+        # overshoots 1.0 a little, and a 1.02 made the image 0..255, near black); else 0..255
+        unit = a.size and a.min() >= -_FLOAT_SLACK and a.max() <= 1 + _FLOAT_SLACK
+        scaled = np.clip(a, 0, 1) * 255.0 if unit else a
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     a = a.astype(np.int64)
     # "I" holds 16-bit data in practice (PNG/TIFF); values above 255 mean a 16-bit range

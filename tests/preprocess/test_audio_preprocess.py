@@ -324,7 +324,7 @@ def test_resampler_cache_is_a_bounded_lru():
 
 @pytest.mark.parametrize("bad", [{"f_min": 9000.0}, {"f_min": 100.0, "f_max": 50.0}, {"f_max": 9000.0},
                                  {"max_seconds": math.inf}, {"max_seconds": math.nan}, {"mean": math.nan},
-                                 {"std": math.inf}])
+                                 {"std": math.inf}, {"max_seconds": 36000.0}])  # 10 hours: a 29 GB allocation
 def test_unusable_settings_are_config_errors(bad):
     """Each used to be a raw ValueError / OverflowError, or every clip skipped or zeroed later."""
     with pytest.raises(ConfigError, match="audio preprocess"):
@@ -351,3 +351,20 @@ def test_a_file_with_hundreds_of_channels_is_refused_before_it_is_read(tmp_path)
     sf.write(tmp_path / "fine.wav", np.zeros((16000, 32), np.float32), 16000)  # 32 channels: read
     assert AudioPreprocessor()(tmp_path / "fine.wav").shape[0] == 64
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing big allocated
+
+
+def test_a_file_name_that_is_not_utf8_reads_and_content_errors_name_the_file(tmp_path):
+    """libsndfile encodes a name strictly: a good file named with undecodable bytes was 'not a
+    readable audio file'; 'audio contains NaN/Inf samples' of a file did not say which one."""
+    import os
+
+    sf.write(tmp_path / "ok.wav", _tone(16000, 0.2), 16000)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff\xfe.wav")
+    os.rename(tmp_path / "ok.wav", odd)
+    pre = AudioPreprocessor()
+    assert pre(odd).shape[0] == pre.n_mels
+    bad = _tone(16000, 0.2)
+    bad[100] = np.nan
+    sf.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
+    with pytest.raises(BadInput, match=r"NaN/Inf samples: \S*nan.wav$"):
+        pre(tmp_path / "nan.wav")

@@ -246,7 +246,8 @@ def test_each_augmentation_does_what_it_says():
 
 
 def test_augmentation_settings_are_validated():
-    for bad in ({"affine_degrees": -1}, {"affine_translate": 0.5}, {"color_jitter": -0.1}):
+    for bad in ({"affine_degrees": -1}, {"affine_translate": 0.5}, {"color_jitter": -0.1},
+                {"color_jitter": float("inf")}, {"affine_degrees": float("nan")}, {"affine_degrees": float("inf")}):
         with pytest.raises(ConfigError):
             ImagePreprocessor(SIZE, **bad)
 
@@ -452,3 +453,34 @@ def test_a_png_cut_after_its_signature_is_named_truncated(tmp_path):
     for cut in (8, 33, 40):
         with pytest.raises(BadInput, match="truncated or corrupt PNG"):
             load_image(buffer.read_bytes()[:cut])
+
+
+def test_a_size_past_max_side_names_the_setting():
+    """size=20000 said 'PIL image 20000x20000 has a side > max_side', blaming an image."""
+    with pytest.raises(ConfigError, match="size=20000 exceeds max_side=16384"):
+        ImagePreprocessor(20000)
+
+
+def test_a_float_image_a_resize_overshot_is_read_as_unit_range():
+    """Mode F of [0, 1.02] became 0..255 (near black); the same array as numpy read as [0, 1]."""
+    a = np.linspace(0, 1.02, 64 * 64, dtype=np.float32).reshape(64, 64)
+    from_pil = load_image(Image.fromarray(a, mode="F"))
+    from_array = load_image(np.clip(a, 0, 1))
+    assert from_pil.float().mean() > 100
+    torch.testing.assert_close(from_pil[0].float(), (from_array[0] * 255).round(), atol=1, rtol=0)
+
+
+def test_a_closed_or_truncated_pil_image_says_so(tmp_path):
+    """It said "cannot convert image mode 'RGB' to RGB (AssertionError)"."""
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
+    with Image.open(tmp_path / "ok.png") as im:
+        pass
+    with pytest.raises(BadInput, match="corrupt, truncated or closed image"):
+        load_image(im)
+
+
+def test_content_errors_of_a_file_name_it(tmp_path):
+    a = np.full((16, 16), np.nan, dtype=np.float32)
+    Image.fromarray(a, mode="F").save(tmp_path / "nan.tiff")
+    with pytest.raises(BadInput, match=r"NaN/Inf pixels: \S*nan.tiff$"):
+        load_image(tmp_path / "nan.tiff")
