@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train import interleaved_times, timing_stats
-from benchmarks.common import memory_bandwidth, ratio_report, setup
+from benchmarks.common import count, memory_bandwidth, ratio_report, setup
 from encoders.linear import onednn
 from mmembed.decoder import Sampling, decode_steps, load_gpt2
 
@@ -150,7 +150,7 @@ def run(quick: bool = False, rounds: int | None = None, device: str = "cpu") -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small model only")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=count, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
     print(json.dumps(run(quick=args.quick, rounds=args.rounds, device=args.device), indent=2))

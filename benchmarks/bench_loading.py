@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from open_clip.transform import image_transform
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import ratio_report, setup
+from benchmarks.common import quick_main, ratio_report, setup
 from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.modality import Modality
 from mmembed.preprocess import AudioPreprocessor, ImagePreprocessor, TextPreprocessor
@@ -151,4 +150,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    quick_main(run, __doc__, "small sizes")  # --help, or a misspelt --quik, ran the full benchmark

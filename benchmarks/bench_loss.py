@@ -15,14 +15,12 @@ masking with that compaction, not masking against a free one.
 
 from __future__ import annotations
 
-import json
-import sys
 
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from benchmarks.common import matmul_peak_flops, median_time, ratio_report, setup
+from benchmarks.common import matmul_peak_flops, median_time, quick_main, ratio_report, setup
 from mmembed.losses import ContrastiveLoss
 from mmembed.modality import Modality
 
@@ -99,4 +97,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))  # as run_all calls it
+    quick_main(run, __doc__, "small sizes")  # --help printed nothing and ran the benchmark

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import faiss
 import torch
 
-from benchmarks.common import ratio_report, setup
+from benchmarks.common import count, ratio_report, setup
 from encoders.linear import linear
 from mmembed.retrieval import Index
 from mmembed.retrieval.exact import exact_topk
@@ -121,7 +121,7 @@ def bench_case(x: torch.Tensor, x16: torch.Tensor, codes: Int8Codes, flat, index
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 100k only")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=count, default=5)
     args = parser.parse_args()
     setup(THREADS)
     faiss.omp_set_num_threads(THREADS)

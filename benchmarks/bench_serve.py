@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ratio_report, setup
+from benchmarks.common import count, ratio_report, setup
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "runs" / "demo"
@@ -196,10 +196,12 @@ def run(quick: bool = False, run_dir: str | Path | None = None, clients: int | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="run directory (default: runs/demo if trained, else a tiny random run)")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (default 20; --quick 4)")
-    parser.add_argument("--searches", type=int, default=None, help="searches per client (default 50; --quick 10)")
+    parser.add_argument("--clients", type=count, default=None, help="concurrent clients (default 20; --quick 4)")
+    parser.add_argument("--searches", type=count, default=None, help="searches per client (default 50; --quick 10)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if (args.clients or 1) * (args.searches or 2) < 2:  # latency percentiles need two timings
+        parser.error("--clients x --searches must give at least 2 searches")
     print(json.dumps(run(args.quick, args.run, args.clients, args.searches), indent=2))
 
 

@@ -57,9 +57,12 @@ def train_ours(root: Path, minutes: float, out_dir: Path, overrides: list[str]) 
     """Train with the small-data recipe (a subprocess: the CLI as a user runs it); zero-shot on test."""
     t0 = time.perf_counter()
     threads = str(torch.get_num_threads())  # the anchor's, which `setup` set: the same for ours
-    subprocess.run([sys.executable, "-m", "mmembed", "train", str(CONFIG), f"data.root={root}",
-                    f"train.out_dir={out_dir}", f"train.max_minutes={minutes}", *overrides], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    # --overwrite: the benchmark's own folder, replaced by each run (a second run was refused)
+    done = subprocess.run([sys.executable, "-m", "mmembed", "train", str(CONFIG), f"data.root={root}",
+                           f"train.out_dir={out_dir}", f"train.max_minutes={minutes}", "--overwrite", *overrides],
+                          env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    if done.returncode:
+        raise SystemExit(f"our training run failed (exit {done.returncode}): see its error above")
     wall = time.perf_counter() - t0
     from mmembed.evaluate import manifest_report
     from mmembed.model import load
@@ -142,6 +145,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("ours", "anchor"), help="run one side")
     parser.add_argument("overrides", nargs="*", help="config overrides for our run (key=value)")
     args = parser.parse_intermixed_args()  # overrides may follow the options
+    for name in ("train.jsonl", "test.jsonl", "labels.txt"):  # a wrong root was a traceback on either side
+        if not (args.root / name).is_file():
+            raise SystemExit(f"{args.root}: no {name}; build the set with `python -m benchmarks.words_set {args.root}`")
     sides = (args.only,) if args.only else ("ours", "anchor")
     print(json.dumps(run(args.root, args.minutes, args.out_dir, args.overrides, sides), indent=2))
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import require_world
 from mmembed.data.instructions import read_instructions
 from mmembed.decoder.evaluate import fitting, row_prompt
 from mmembed.demo_prompting import row_group
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
+    require_world(args.world, list(SPLITS.values()), "--world", any_of=True)  # was an empty table
     result = run(args.run, args.world, args.n, args.temperature, args.weight, args.seed)
     print(table(result))
     if args.json:

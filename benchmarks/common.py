@@ -10,11 +10,23 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from encoders.linear import linear
+
+
+def require_world(folder: Path, names: Sequence[str], flag: str, any_of: bool = False) -> None:
+    """SystemExit (one line) unless `folder` holds the built-in world's `names` (or one of them,
+    `any_of`): a missing world was a KeyError, a FileNotFoundError or an empty table."""
+    found = [n for n in names if (Path(folder) / n).is_file()]
+    if (found if any_of else len(found) == len(names)):
+        return
+    wanted = " or ".join(names) if any_of else ", ".join(n for n in names if n not in found)
+    raise SystemExit(f"{folder}: no {wanted} there; pass the built-in world's folder with {flag} "
+                     "(`mmembed demo` writes data/shapes; run from the folder it ran in)")
 
 
 def setup(threads: int = 2, seed: int = 0) -> None:
@@ -58,10 +70,29 @@ def ratio_report(name: str, ours: float, anchor: float, unit: str, higher_is_bet
     return {"id": name, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio, **extra}
 
 
+def count(text: str) -> int:
+    """argparse type of a count of rounds, repeats or clients: an integer >= 1 (0 or -1 ended the
+    run in a median of no timings, or was read as the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def rounds_main(run: Callable[..., dict], doc: str, quick_help: str) -> None:
     """A benchmark module's command line: `--quick` and `--rounds N`, then `run`'s JSON on stdout."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the benchmark's own)")
+    parser.add_argument("--rounds", type=count, default=None, help="timed rounds (default: the benchmark's own)")
     args = parser.parse_args()
     print(json.dumps(run(quick=args.quick, rounds=args.rounds), indent=2))
+
+
+def quick_main(run: Callable[..., dict], doc: str, quick_help: str) -> None:
+    """A benchmark module's command line with `--quick` alone, then `run`'s JSON on stdout."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    print(json.dumps(run(quick=parser.parse_args().quick), indent=2))

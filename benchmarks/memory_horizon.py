@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import require_world
 from mmembed.data.synth.dialogues import SHOW, question_about
 from mmembed.data.synth.instructions import normalise
 from mmembed.data.synth.world import SceneObject
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.items < 6 or args.users < 1 or args.questions < 1 or args.history_turns < 0 or args.recall_k < 0:
         raise SystemExit("--items must be >= 6, --users and --questions >= 1, --history-turns and --recall-k >= 0")
+    if args.history_turns >= args.items:  # every item would still be in the history shown: none to recall
+        raise SystemExit(f"--history-turns ({args.history_turns}) must be below --items ({args.items}): questions "
+                         "are about items shown before the history the asking session sees")
+    require_world(args.world, ["test.jsonl"], "--world")
     result = run(args.run, args.world, args.users, args.items, args.questions, args.history_turns, args.recall_k)
     print(f"{result['questions']} questions, {result['users']} users × {result['items per user']} items shown over "
           f"3 processes; the item asked about was shown a median {result['turns back (median)']:.0f} turns back")

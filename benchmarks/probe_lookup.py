@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import require_world
 from benchmarks.probe_slots import read_splits, standardised_vectors
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES, SIZES
 
@@ -116,6 +117,8 @@ def probe_lookups(z_train: Tensor, q_train: Questions, z_test: Tensor, q_test: Q
     Returns one dict per budget: seen, distinct, train (on at most 5,000 training questions), test, coin."""
     torch.manual_seed(seed)
     q_train = q_train.subset(torch.randperm(len(q_train))[:distinct])
+    if len(q_train) == 0:  # `while done < budget` would never end
+        raise ValueError("no training question: the train split has no two-object scene, or distinct is 0")
     probe = LookupProbe(z_train.shape[1], gated)
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
     out, done = [], 0
@@ -154,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gated", action="store_true", help="a multiplicative reader (see LookupProbe)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.distinct is not None and args.distinct < 1:  # no question to train on: the loop never ended
+        raise SystemExit(f"--distinct must be >= 1, got {args.distinct}")
+    if min(args.seen) < 1:
+        raise SystemExit(f"--seen budgets must be >= 1, got {min(args.seen)}")
+    require_world(Path(args.root), ["train.jsonl", "test.jsonl"], "--root")
     import mmembed as mm
 
     model = mm.load(args.run)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import require_world
 from mmembed.data.manifest import Row, read_manifest
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES
 from mmembed.modality import Modality
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    require_world(Path(args.root), ["train.jsonl", "test.jsonl"], "--root")
     import mmembed as mm
 
     model = mm.load(args.run)

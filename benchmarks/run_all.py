@@ -53,9 +53,11 @@ def available() -> list[str]:
 
 def parse_only(only: str | None, valid: list[str]) -> list[str]:
     """`"train,B-embed"` -> ["train", "embed"]; an unknown id is an error listing the valid ones."""
-    if not only:
+    if only is None:
         return valid
     wanted = [w.strip().lower().removeprefix("b-") for w in only.split(",") if w.strip()]
+    if not wanted:  # "--only ," or "--only ''" ran nothing (or all) and wrote an empty report
+        raise SystemExit(f"--only names no benchmark; valid: {', '.join(valid)}")
     unknown = [w for w in wanted if w not in valid]
     if unknown:
         raise SystemExit(f"unknown benchmark id(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -197,20 +199,36 @@ def _fig(x: Any) -> str:
 
 
 def run_all(ids: list[str], quick: bool, out: Path | None) -> dict[str, Any]:
-    """Run the benchmarks `ids` in order; write the report to `out` (atomically) when given."""
+    """Run the benchmarks `ids` in order; write the report to `out` (atomically) when given.
+
+    Until the last one has run, the report so far goes to `<out>.partial` (a long run interrupted
+    late keeps what it measured); `out` itself is replaced only by a finished run, so an
+    interrupted one never takes the place of the last full report."""
     report: dict[str, Any] = {"quick": quick, "machine": machine(), "benchmarks": {}}
+    partial = None if out is None else out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
     for bench_id in ids:
         print(f"[run_all] {bench_id} ...", file=sys.stderr, flush=True)
         entry = run_one(bench_id, quick)
         report["benchmarks"][bench_id] = entry
         print(f"[run_all] {bench_id}: {entry['status']} in {entry['seconds']} s", file=sys.stderr, flush=True)
-        if out is not None:  # after each one: a long run interrupted late keeps what it measured
-            _write(out, report)
+        if partial is not None:
+            _write(partial, report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["load_average_after"] = _load()
     if out is not None:
         _write(out, report)
+        partial.unlink(missing_ok=True)
+    return report
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--table {path}: cannot read a report ({type(e).__name__}: {e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("benchmarks"), dict):
+        raise SystemExit(f"--table {path}: not a report of this runner (no 'benchmarks')")
     return report
 
 
@@ -228,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, metavar="REPORT", help="print the Performance table of a saved report")
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(markdown_table(json.loads(args.table.read_text())))
+        print(markdown_table(_read_report(args.table)))
         return 0
+    if args.out.is_dir():  # found after the first benchmark had run
+        raise SystemExit(f"--out {args.out} is a folder: give the report's file name")
     report = run_all(parse_only(args.only, available()), args.quick, args.out)
     print(format_table(summary_rows(report)))
     if args.markdown:

@@ -170,6 +170,35 @@ def test_only_accepts_ids_and_b_prefix_and_rejects_unknown():
     assert run_all.parse_only(None, valid) == valid
     with pytest.raises(SystemExit, match="unknown benchmark id.*nope.*valid: .*train"):
         run_all.parse_only("train,nope", valid)
+    for nothing in (",", ""):  # ran nothing (or, "", all fifteen) and wrote an empty report over the last one
+        with pytest.raises(SystemExit, match="names no benchmark"):
+            run_all.parse_only(nothing, valid)
+
+
+def test_an_interrupted_run_leaves_the_last_full_report_in_place(monkeypatch, tmp_path):
+    def works(quick: bool = False):
+        return {"results": [{"id": "B-ok", "ours": 1.0, "anchor": 2.0, "ratio": 2.0}]}
+
+    def interrupted(quick: bool = False):
+        raise KeyboardInterrupt
+
+    _fake_module(monkeypatch, "zok", run=works)
+    _fake_module(monkeypatch, "zstop", run=interrupted)
+    out = tmp_path / "report.json"
+    run_all.run_all(["zok"], quick=True, out=out)
+    before = out.read_text()
+    with pytest.raises(KeyboardInterrupt):
+        run_all.run_all(["zok", "zstop"], quick=True, out=out)
+    assert out.read_text() == before  # the full report stays; what the new run measured is beside it
+    assert json.loads((tmp_path / "report.json.partial").read_text())["benchmarks"].keys() == {"zok"}
+    for bad, message in ((tmp_path / "none.json", "cannot read a report"), (tmp_path, "cannot read a report")):
+        with pytest.raises(SystemExit, match=message):
+            run_all.main(["--table", str(bad)])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a report of this runner"):
+        run_all.main(["--table", str(tmp_path / "other.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        run_all.main(["--only", "zok", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -215,3 +244,24 @@ def test_b_decode_times_bf16_on_a_copy_and_leaves_our_fp32_weights_as_they_were(
     assert row["tokens_per_s"] > 0 and 0 <= row["tokens_same_as_fp32"] <= 1
     after = decoder.state_dict()
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_benchmark_command_lines_refuse_what_would_hang_or_crash(tmp_path, capsys):
+    """Each was a traceback after minutes of work, an empty table with exit 0, or a hang."""
+    import argparse
+
+    from benchmarks import best_of, memory_horizon, probe_lookup, probe_slots
+    from benchmarks.common import count
+
+    for main, flag in ((probe_slots.main, "--root"), (probe_lookup.main, "--root"), (best_of.main, "--world"),
+                       (memory_horizon.main, "--world")):
+        with pytest.raises(SystemExit, match=f"no .*jsonl.* there; pass the built-in world's folder with {flag}"):
+            main([str(tmp_path), flag, str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--distinct must be >= 1"):  # the probe's loop never ended
+        probe_lookup.main([str(tmp_path), "--distinct", "0"])
+    with pytest.raises(SystemExit, match=r"--history-turns \(6\) must be below --items \(6\)"):
+        memory_horizon.main([str(tmp_path), "--items", "6", "--history-turns", "6"])
+    for bad in ("0", "-1", "x"):  # --rounds 0 was the default, -1 a median of no timings
+        with pytest.raises(argparse.ArgumentTypeError):
+            count(bad)
+    assert count("3") == 3
