@@ -7,7 +7,8 @@
 A batch is left-padded so that every row's last prompt token sits in the last column: the next
 token of every row is then predicted from the same column. Positions count real tokens only
 (position = number of real tokens before), and padding is masked out of attention, so a row
-gives the same tokens alone or in any batch. A batch shares one context, so `generate` runs a
+gives the same greedy tokens alone or in any batch (its logits agree within float error; sampled
+rows draw from one seeded stream for the batch, so their samples depend on the batch). A batch shares one context, so `generate` runs a
 prompt apart from any prompt long enough to leave it less room for its answer than it has alone.
 
 A decoder with a sliding window W keeps W keys per layer (rolling caches) and, with rotary or
@@ -80,7 +81,8 @@ class Stops:
         """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
         [0, vocab_size), which could never be written, is a ValueError."""
         single = stop is None or isinstance(stop, str) or _integer(stop) is not None
-        if not single and not isinstance(stop, Iterable):
+        # bytes iterate as ints: b"the" was read as three token ids
+        if not single and (not isinstance(stop, Iterable) or isinstance(stop, (bytes, bytearray, memoryview))):
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
         items = [] if stop is None else [stop] if single else list(stop)
         strings = tuple(s for s in items if isinstance(s, str))
@@ -256,14 +258,16 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     return steps
 
 
-def _check_fits(decoder: Decoder, longest: int) -> None:
+def _check_fits(decoder: Decoder, longest: int, which: int | None = None) -> None:
+    """BadInput unless a prompt of `longest` tokens fits the context (`which`: its index in a batch)."""
     if decoder.window is None and longest > decoder.max_len:
-        raise BadInput(f"prompt of {longest} tokens exceeds the decoder's context of {decoder.max_len} tokens "
+        prompt = "prompt" if which is None else f"prompt {which}"
+        raise BadInput(f"{prompt} of {longest} tokens exceeds the decoder's context of {decoder.max_len} tokens "
                        "(shorten it, or train with a larger decoder.context)")
 
 
 def check_max_new_tokens(max_new_tokens: object) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (n := _integer(max_new_tokens)) is None or n < 1:  # any integer type: numpy's too
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
@@ -323,7 +327,8 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
     batches = [list(range(len(prompts)))]
     if lm.decoder.window is None and len(prompts) > 1:
         lengths = [fmt.length(p.parts) for p in prompts]
-        _check_fits(lm.decoder, max(lengths))  # before any batch runs, as for one batch
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        _check_fits(lm.decoder, lengths[longest], longest)  # before any batch runs, naming the prompt
         batches = room_batches(lengths, lm.decoder.max_len, max_new_tokens)
     out: dict[int, Generation] = {}
     generator = seeded(seed, device)
@@ -340,13 +345,13 @@ def seeded(seed: int | torch.Generator | None, device: torch.device) -> torch.Ge
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     check_seed(seed)
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def check_seed(seed: object) -> None:
     """ValueError unless `seed` is None or an integer in [0, MAX_SEED] (room for the seeds of
     best_of's batches after it, below 2**63)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+    if seed is not None and ((n := _integer(seed)) is None or not 0 <= n <= MAX_SEED):  # numpy's ints too
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] or None, got {seed!r}")
 
 

@@ -24,6 +24,7 @@ Text segments are stripped at their ends: a media item is a word boundary, so
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,11 +207,19 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
         except RuntimeError:  # ~user of no such user
             raise UserError(f"prompt names {name}, whose ~ names no user of this machine") from None
         path = path if path.is_absolute() or base is None else base / path
-        if path.is_dir():
-            raise UserError(f"prompt names a folder, not an {kind} file: {path}")
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             cut = " (an inline path ends at its first '>': a file whose name holds < or > cannot be named inline)"
-            raise UserError(f"prompt names a missing {kind} file: {path}" + (cut if ">" in text[m.end():] else ""))
+            raise UserError(f"prompt names a missing {kind} file: {path}" + (cut if ">" in text[m.end():] else "")) \
+                from None
+        except (OSError, ValueError) as e:  # a name too long, no permission: it ended a chat
+            raise UserError(f"prompt names an unreadable {kind} file: {path} ({getattr(e, 'strerror', None) or e})") \
+                from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UserError(f"prompt names a folder, not an {kind} file: {path}")
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"prompt names {path}, which is not a regular file (a device, pipe or socket)")
         parts.append(MEDIA[Modality(kind)](path))
         pos = m.end()
     parts.append(text[pos:])

@@ -11,6 +11,7 @@ log V for a uniform choice among V tokens).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):  # numpy's too
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                object.__setattr__(self, name, float(value))
+        if isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, (bool, int)):
+            object.__setattr__(self, "top_k", int(self.top_k))
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
@@ -153,6 +159,9 @@ def choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
         A `Choice` of (B,) tensors.
     """
     if sampling.greedy:
+        # argmax picks a NaN (the first, often <eos>: an empty answer); -inf marks suppressed tokens
+        if logits.isnan().any() or not torch.isfinite(logits.max(dim=-1).values).all():
+            raise ValueError("cannot decode: a row's logits hold NaN or inf (are the decoder's weights finite?)")
         tokens = logits.argmax(dim=-1)
         zeros = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
         return Choice(tokens, zeros, zeros.clone())

@@ -281,7 +281,7 @@ def test_stop_strings_cut_the_text_and_stop_ids_end_generation():
     import numpy as np
 
     assert Stops.parse(np.int64(3)).ids == Stops.parse([np.int64(3), 3]).ids == frozenset({3})
-    for bad in (3.5, [-5], [10**9]):
+    for bad in (3.5, [-5], [10**9], b"the", bytearray(b"ab")):  # bytes were read as token ids 116, 104, 101
         with pytest.raises(ValueError, match="stop"):
             Stops.parse(bad, vocab_size=300)
 
@@ -322,3 +322,30 @@ def test_a_float64_vector_past_float32s_range_is_read_by_its_direction():
     (b,) = resolve_prompts([["x", direction * 1e-300]], fake_embed, DIM, CPU)
     torch.testing.assert_close(a.vectors[0], direction.float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(b.vectors[0], direction.float(), atol=1e-6, rtol=0)
+
+
+def test_numpy_numbers_are_numbers_and_nan_logits_are_an_error():
+    """np.int64(8) was 'max_new_tokens must be an integer >= 1, got np.int64(8)'; greedy argmax of
+    NaN logits answered '' with finish_reason eos."""
+    import numpy as np
+
+    pm = prompt_model()
+    (resolved,) = resolve_prompts([PROMPTS[1]], fake_embed, DIM, CPU)
+    (a,) = generate(pm.lm, pm.fmt, [resolved], np.int64(6), Sampling(np.float32(0.7), np.int64(5), np.float64(0.9)),
+                    Stops(), np.int64(3), CPU)
+    (b,) = generate(pm.lm, pm.fmt, [resolved], 6, Sampling(0.7, 5, 0.9), Stops(), 3, CPU)
+    assert a.token_ids == b.token_ids
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN or inf"):
+        choose(logits, Sampling())
+
+
+def test_a_batch_prompt_too_long_for_the_context_is_named():
+    from mmembed.errors import BadInput
+
+    pm = prompt_model()
+    long = " ".join(["one two"] * 200)
+    resolved = resolve_prompts([PROMPTS[0], [long], PROMPTS[1]], fake_embed, DIM, CPU)
+    with pytest.raises(BadInput, match=r"^prompt 1 of \d+ tokens exceeds the decoder's context"):
+        generate(pm.lm, pm.fmt, resolved, 4, Sampling(), Stops(), None, CPU)

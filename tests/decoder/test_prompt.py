@@ -170,6 +170,11 @@ def test_inline_prompt_syntax(tmp_path):
         assert parse_inline(text, base=tmp_path) == [text]
     with pytest.raises(UserError, match="names no user"):
         parse_inline("see <image:~nobody_xyz/a.png>", base=tmp_path)
+    # a name too long for the file system was an OSError that ended a chat; /dev/null was "missing"
+    with pytest.raises(UserError, match="unreadable image file"):
+        parse_inline("see <image:" + "a" * 300 + ".png>", base=tmp_path)
+    with pytest.raises(UserError, match="not a regular file"):
+        parse_inline("see <image:/dev/null>")
     # a tag without its '>' went to the decoder as text: "yes", about a picture it never saw
     for text in ("Describe <image:a.png", "Describe <AUDIO:b.wav and <image:a.png>", "<image:a.png <audio:b.wav>"):
         with pytest.raises(UserError, match="without its closing '>'"):
