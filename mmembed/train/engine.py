@@ -363,6 +363,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
         self.progress.world_size = self.world.size
+        self.progress.batch_size, self.progress.accum_steps = self.cfg.batch_size, self.cfg.accum_steps
         self.progress.seconds = self._seconds()  # a resumed run's clock (and time budget) go on from here
         if self.stateful is not None:
             self.progress.extra["stage"] = self.stateful.state_dict()
@@ -389,26 +390,31 @@ class Trainer:
             self.stateful.load_state_dict(self.progress.extra["stage"])
         if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
             self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
-        if self.progress.world_size != self.world.size:
+        p, cfg = self.progress, self.cfg
+        if p.world_size != self.world.size or p.batch_size not in (None, cfg.batch_size) \
+                or p.accum_steps not in (None, cfg.accum_steps):
             self._rescale_to_world()
         self.metrics.truncate(self.progress.step, evaluated=self.progress.last_eval_step == self.progress.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
 
     def _rescale_to_world(self) -> None:
-        """A checkpoint of another number of processes counts its place in the epoch in that
-        world's batches (9 batches of 4 rows in one process are 36 rows, 4.5 batches of two): the
-        place becomes this world's batches, and the step budget the steps taken plus what is left of
-        the data in this world's steps (it counted the steps taken as this world's: a run resumed
-        on more processes skipped the rest of its epoch and stopped short of its last)."""
+        """A checkpoint of another number of processes, batch size or accumulation counts its
+        place in the epoch in that run's batches (9 batches of 4 rows in one process are 36 rows,
+        4.5 batches of two): the place becomes this run's batches, and the step budget the steps
+        taken plus what is left of the data in this run's steps (it counted the steps taken as this
+        run's: a run resumed on more processes, or with a larger batch, skipped the rest of its
+        epoch and stopped short of its last)."""
         p, cfg = self.progress, self.cfg
         p.batch_in_epoch = p.samples_in_epoch // (cfg.batch_size * self.world.size)
         left = max(0, self.steps_per_epoch - p.batch_in_epoch // cfg.accum_steps)
         self.total_steps = p.step + left + self.steps_per_epoch * max(0, cfg.epochs - p.epoch - 1)
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        log.info("resuming a run of %d process(es) on %d: the rest of epoch %d (%d rows done) is dealt anew, "
-                 "%d steps in all", p.world_size, self.world.size, p.epoch, p.samples_in_epoch, self.total_steps)
+        log.info("resuming a run of %d process(es) x batch %s x %s micro-batch(es) on %d x %d x %d: the rest of "
+                 "epoch %d (%d rows done) is dealt anew, %d steps in all", p.world_size, p.batch_size or "?",
+                 p.accum_steps or "?", self.world.size, cfg.batch_size, cfg.accum_steps, p.epoch, p.samples_in_epoch,
+                 self.total_steps)
 
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""

@@ -14,6 +14,7 @@ newest `keep_last`, and `load_weights` copies its weights back at the end of a r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -41,6 +42,8 @@ class Progress:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed (per rank)
     samples_in_epoch: int | None = 0  # samples of `epoch`'s order consumed by all ranks (None: an older checkpoint)
     world_size: int = 1  # processes of the run that wrote the checkpoint
+    batch_size: int | None = None  # its rows per batch and process, and micro-batches per step
+    accum_steps: int | None = None  # (None: a checkpoint from before they were recorded)
     samples: int = 0
     best_metric: float | None = None  # best validation value of the early-stop metric so far
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
@@ -178,9 +181,7 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     tensors = load_tensors(path / "trainer.safetensors")
     try:
         progress = Progress(**{"samples_in_epoch": None, **meta["progress"]})
-        for name in ("step", "epoch", "batch_in_epoch"):
-            if not isinstance(getattr(progress, name), int):
-                raise TypeError(f"progress.{name} is {getattr(progress, name)!r}")
+        _check_progress(progress)
         if sharded is not None:
             sharded.load_full(weights, optimizer, _optimizer_state(optimizer, tensors, meta["optimizer"]))
         else:
@@ -195,6 +196,28 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: "
                               f"{_last_line(e)})") from None
     return progress
+
+
+def _check_progress(p: Progress) -> None:
+    """TypeError naming the first field of a (hand-edited or damaged) trainer.json that cannot be
+    what the trainer wrote: a str or None there was a TypeError traceback deep in training."""
+    def whole(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    def real(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    rules = {**{name: (lambda v: whole(v, 0)) for name in ("step", "epoch", "batch_in_epoch", "samples",
+                                                          "evals_since_best", "bad_steps", "empty_batches")},
+             "world_size": lambda v: whole(v, 1),
+             "samples_in_epoch": lambda v: v is None or whole(v, 0),
+             "batch_size": lambda v: v is None or whole(v, 1), "accum_steps": lambda v: v is None or whole(v, 1),
+             "best_metric": lambda v: v is None or real(v), "best_step": lambda v: v is None or whole(v, 0),
+             "last_eval_step": lambda v: v is None or whole(v, 0),
+             "seconds": lambda v: real(v) and v >= 0, "extra": lambda v: isinstance(v, dict)}
+    for name, ok in rules.items():
+        if not ok(getattr(p, name)):
+            raise TypeError(f"progress.{name} is {getattr(p, name)!r}")
 
 
 def load_weights(path: Path, module: nn.Module, sharded: Any = None) -> None:

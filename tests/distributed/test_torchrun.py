@@ -167,7 +167,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_two_and_on_one(tin
     assert f"step {stopped_at}" in r.stderr and latest_checkpoint(run).name == f"step_{end:07d}"
     r = _run([sys.executable, "-m", "mmembed", "train", cfg, f"train.out_dir={copy_dir}", f"train.max_steps={end}",
               "--resume"])
-    assert "resuming a run of 2 process(es) on 1" in r.stderr
+    assert "resuming a run of 2 process(es) x batch 8 x 1 micro-batch(es) on 1 x 8 x 1" in r.stderr
     assert latest_checkpoint(copy_dir).name == f"step_{end:07d}"
 
 

@@ -385,3 +385,49 @@ def test_a_resumed_run_takes_weight_decay_and_betas_from_its_config(tmp_path):
     _, more = _evaluated(tmp_path, iter([0.5] * 10), weight_decay=0.0, betas=(0.5, 0.9), epochs=3)
     more.fit(resume=True)
     assert [(g["weight_decay"], tuple(g["betas"])) for g in more.optimizer.param_groups] == [(0.0, (0.5, 0.9))] * 2
+
+
+def test_a_resume_with_another_batch_size_trains_the_rest_of_its_epoch(tmp_path):
+    """4 batches of 8 (32 of 64 rows), resumed with batch 16: the place was read as 4 batches of
+    16, so the epoch's other 32 rows were skipped and the run stopped at step 6 of 2 + 4."""
+    x, y = _data()
+
+    def trainer(batch_size, **cfg):
+        torch.manual_seed(0)
+        model = Toy()
+
+        def make(epoch, start):
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
+            return ((x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]) for i in range(start, N, batch_size))
+
+        def step(batch):
+            return StepOutput(((model(batch[0]) - batch[1]) ** 2).mean(), {}, samples=len(batch[0]))
+
+        config = TrainConfig(batch_size=batch_size, epochs=2, lr=1e-2, warmup_steps=1, checkpoint_every=1,
+                             log_every=1, keep_last=100, **cfg)
+        return Trainer(model, step, make, N // batch_size, config, tmp_path)
+
+    trainer(8, max_steps=4).fit()
+    resumed = trainer(16)
+    resumed.fit(resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # 32 rows left of epoch 0: 2 steps of 16; then 4 steps of epoch 1
+    assert [(r["step"], r["epoch"]) for r in rows[4:]] == [(5, 0), (6, 0), (7, 1), (8, 1), (9, 1), (10, 1)]
+    assert resumed.progress.samples == N * 2
+
+
+@pytest.mark.parametrize("field, value", [("seconds", None), ("samples_in_epoch", "16"), ("best_metric", "0.5"),
+                                          ("step", -1), ("world_size", 0)])
+def test_a_damaged_progress_field_is_a_checkpoint_error(tmp_path, field, value):
+    """Each was a TypeError traceback deep in training (or, step -1, accepted)."""
+    from mmembed.errors import CheckpointError
+
+    _, t = _trainer(tmp_path, epochs=1, max_steps=2)
+    t.fit()
+    meta_path = latest_checkpoint(tmp_path) / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    meta["progress"][field] = value
+    meta_path.write_text(json.dumps(meta))
+    _, again = _trainer(tmp_path, epochs=1)
+    with pytest.raises(CheckpointError, match=f"progress.{field} is"):
+        again.fit(resume=True)
