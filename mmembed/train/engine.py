@@ -201,7 +201,9 @@ class Trainer:
         # accumulations): their gradients go here, not into the next epoch's first step
         self.optimizer.zero_grad(set_to_none=True)
         accum: list[StepOutput] = []
-        data_t0 = time.perf_counter()
+        # a step's time runs from its first micro-batch's fetch to its update; data_time is the
+        # part spent waiting for batches (it was added twice, and only the last micro-batch counted)
+        data_t0 = step_t0 = time.perf_counter()
         data_time = 0.0
         for batch in loader:
             data_time += time.perf_counter() - data_t0
@@ -220,11 +222,11 @@ class Trainer:
             if len(accum) < cfg.accum_steps:
                 data_t0 = time.perf_counter()
                 continue
-            step_time = time.perf_counter() - data_t0 + data_time
+            step_time = time.perf_counter() - step_t0
             stepped = self._optimizer_step(accum, data_time, step_time)
             accum, data_time = [], 0.0
             if not stepped:
-                data_t0 = time.perf_counter()
+                data_t0 = step_t0 = time.perf_counter()
                 continue
             bar.update(1)
             bar.set_postfix(loss=f"{self._last['loss']:.3f}", scale=f"{self._last.get('logit_scale', 0):.1f}",
@@ -242,7 +244,7 @@ class Trainer:
                 self._checkpoint()
             if cfg.max_minutes is not None and self._agree_any(self._seconds() >= 60 * cfg.max_minutes):
                 return "time budget"
-            data_t0 = time.perf_counter()
+            data_t0 = step_t0 = time.perf_counter()
         return None
 
     def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:

@@ -59,7 +59,10 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     if warmup_steps > 0 and step < warmup_steps and time_progress < share:
         return base_lr * max((step + 1) / warmup_steps, time_progress / share)
     span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max((step - warmup_steps) / span, time_progress))
+    # the cosine's share of the budget starts where the warm-up's ends: on plan (step s at s / total
+    # of the time) both agree; the raw fraction ran the whole decay ahead by the warm-up's share
+    after_warmup = (time_progress - share) / (1 - share) if share < 1 else 1.0
+    progress = min(1.0, max((step - warmup_steps) / span, after_warmup))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return base_lr * (min_ratio + (1 - min_ratio) * cosine)
 

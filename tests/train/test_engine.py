@@ -202,10 +202,15 @@ def test_time_progress_moves_the_cosine_on_never_back():
     # a budget spent inside it stopped the run at 0.6 of the rate, never annealed
     assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.05) == pytest.approx(0.6)  # steps are further on
     assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.08) == pytest.approx(0.08 * 110 / 10)  # time is
-    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
+    # the cosine's part of the budget begins where the warm-up's tenth ends: 0.9 of it is 0.89 of the decay
+    assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=0.9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.89 * math.pi)))
     assert lr_at(5, 1.0, 10, 110, 0.1, time_progress=1.0) == pytest.approx(0.1)  # annealed at the budget
     assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
-    assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
+    assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=0.5) == pytest.approx(lr_at(55, 1.0, 10, 110, 0.1))
+    # a run exactly on plan (step s begins at s / 110 of the budget) follows the step schedule: the
+    # raw fraction dropped the rate from 1.0 to 0.98 the moment the warm-up ended, and ran ahead
+    for s in range(111):
+        assert lr_at(s, 1.0, 10, 110, 0.1, time_progress=s / 110) == pytest.approx(lr_at(s, 1.0, 10, 110, 0.1))
     assert lr_at(60, 1.0, 10, 110, 0.1, time_progress=0.2) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
     assert lr_at(20, 1.0, 10, 110, 0.1, time_progress=1.7) == pytest.approx(0.1)
 
@@ -431,3 +436,32 @@ def test_a_damaged_progress_field_is_a_checkpoint_error(tmp_path, field, value):
     _, again = _trainer(tmp_path, epochs=1)
     with pytest.raises(CheckpointError, match=f"progress.{field} is"):
         again.fit(resume=True)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_step_time_runs_from_the_first_fetch_to_the_update(tmp_path, monkeypatch, accum):
+    """A fake clock: fetching a batch takes 1, its forward and backward 2. The step time added the
+    data time twice (4 for 3) and, accumulating, counted the last micro-batch alone (4 for 6)."""
+    import mmembed.train.engine as engine
+
+    now = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+    x, y = _data()
+    torch.manual_seed(0)
+    model = Toy()
+
+    def make(epoch, start):
+        for i in range(start, N, BS):
+            now[0] += 1.0
+            yield x[i:i + BS], y[i:i + BS]
+
+    def step(batch):
+        now[0] += 2.0
+        return StepOutput(((model(batch[0]) - batch[1]) ** 2).mean(), {}, samples=len(batch[0]))
+
+    config = TrainConfig(batch_size=BS, epochs=1, lr=1e-2, warmup_steps=1, checkpoint_every=100, log_every=1,
+                         accum_steps=accum)
+    Trainer(model, step, make, N // BS, config, tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert {(r["step_time"], r["data_time"]) for r in rows} == {(3.0 * accum, 1.0 * accum)}
+    assert {r["samples_per_s"] for r in rows} == {BS / 3.0}
