@@ -282,3 +282,18 @@ def test_an_error_in_an_override_names_the_override_not_the_file():
                               ("train.lr=abc", "train.lr must be float")):
         with pytest.raises(ConfigError, match=rf"^an override of \S*demo.yaml: {message}"):
             load_config("demo", [override])
+
+
+def test_an_early_stop_metric_validation_never_reports_is_refused_before_work(tmp_path):
+    """It was a warning at the first evaluation (168 steps into the demo), then neither a best
+    checkpoint nor an early stop; metrics.jsonl's own name for it (val/recall@1) is taken."""
+    from mmembed.train import train
+    from mmembed.train.preflight import check_config
+
+    for bad, key in (("train.early_stop_metric=recall@2", "train"), ("decoder.train.early_stop_metric=bleu",
+                                                                      "decoder.train")):
+        cfg = load_config("demo", [bad, f"data.root={tmp_path / 'w'}", f"train.out_dir={tmp_path / 'r'}"])
+        with pytest.raises(ConfigError, match=rf"^{key}\.early_stop_metric '\w+@?\d?' is not a validation metric"):
+            train(cfg)
+    for good in ("val/recall@1", "image→text/recall@1", "median_rank"):
+        check_config(load_config("demo", [f"train.early_stop_metric={good}"]))

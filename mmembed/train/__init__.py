@@ -44,6 +44,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
             remove_partial_checkpoints(run_dir / DECODER_DIR)
         barrier()
         decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
+        if decoder_started:  # the align stage is done: its train section stays as it ran
+            config = _align_as_it_ran(config, load_config(run_dir / CONFIG))
         if not decoder_started:
             if config.model.init_from is not None:
                 config = copy_space(config, save=current_world().main)
@@ -55,6 +57,20 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
                 config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
         # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
         return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
+
+
+def _align_as_it_ran(config: Config, saved: Config) -> Config:
+    """`config` with the train section the align stage ran with: on a resume past it, a changed one
+    (train.epochs=3) trained nothing, yet config.yaml then recorded it."""
+    from mmembed.typed_config import to_dict
+
+    kept = dataclasses.replace(saved.train, out_dir=config.train.out_dir)  # the folder as named now
+    was, now = to_dict(kept), to_dict(config.train)
+    changed = [f"train.{k} {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now.get(k)]
+    if changed:
+        log.warning("the align stage is finished, so %s changes nothing: --resume continues the decoder stage "
+                    "(start over with --overwrite to train the space again)", ", ".join(changed))
+    return dataclasses.replace(config, train=kept)
 
 
 def _check_decoder_manifests(config: Config) -> None:

@@ -352,6 +352,15 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
 
 
+def check_same_rows(saved: str | None, current: str | None, keys: str) -> None:
+    """UserError when a checkpoint's training rows (fingerprint `saved`; None in older ones) are not
+    the rows a resumed run now reads: its place in the epoch means those rows."""
+    if saved is not None and current is not None and saved != current:
+        raise UserError(f"--resume: the training rows ({keys}) are not those the checkpoint was trained on, and "
+                        "its place in the epoch means those rows: restore them, or start over (--overwrite, or "
+                        "another train.out_dir)")
+
+
 def rows_fingerprint(manifest) -> str:
     """sha256 of the rows a sampler permutes (their lines and items, in order; paths relative to
     the data root, so a run resumed where its data lies elsewhere still matches)."""
@@ -395,11 +404,7 @@ class _StageState:
         return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict(), "rows": self.rows}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("rows")  # older checkpoints do not say
-        if saved is not None and self.rows is not None and saved != self.rows:
-            raise UserError("--resume: the training rows (data.root / data.train) are not those the checkpoint "
-                            "was trained on, and its place in the epoch means those rows: restore them, or start "
-                            "over (--overwrite, or another train.out_dir)")
+        check_same_rows(state.get("rows"), self.rows, "data.root / data.train")
         self.monitor.load_state_dict(state.get("collapse", state))  # older checkpoints: the monitor's alone
         self.skips.load_state_dict(state.get("skips", {}))
 

@@ -34,7 +34,7 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
-from mmembed.train.align import seed_everything
+from mmembed.train.align import check_same_rows, seed_everything
 from mmembed.train.distributed import barrier, current_world, parallelize, resolve_device, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
@@ -103,7 +103,8 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     evaluate = (lambda: evaluate_answers(pm, val_data, vectors, device)) if val_data is not None else None
     lm.train()
     trainer = Trainer(lm, step_fn, make_loader, sampler.batches_per_epoch(), tc, run_dir / DECODER_DIR,
-                      evaluate=evaluate, callbacks=list(callbacks), device=device, net=net)
+                      evaluate=evaluate, callbacks=list(callbacks), device=device, net=net,
+                      stateful=_RowsState(train_data.fingerprint()))
     result = trainer.fit(resume=resume)
     lm.eval()
     if cfg.lora_rank is not None:  # the adapters go into the weights: the saved decoder is a plain one
@@ -118,6 +119,20 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
         _finish(config, pm, run_dir, result, skips)
     barrier()
     return run_dir
+
+
+class _RowsState:
+    """What the decoder stage keeps in its checkpoints besides the engine's: a fingerprint of its
+    training rows (after task selection and weights), which a resume must read again."""
+
+    def __init__(self, rows: str) -> None:
+        self.rows = rows
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_same_rows(state.get("rows"), self.rows, "decoder.data")
 
 
 def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter) -> None:

@@ -11,9 +11,11 @@ every epoch; a step then costs only the projector and the decoder.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +97,7 @@ class PromptDataset(Dataset):
         self.fmt, self.table, self.vector_marker_prob = fmt, table, vector_marker_prob
         self.examples: list[Encoded] = []
         self.skipped: list[tuple[int, str]] = []
+        self._digest = hashlib.sha256()  # of the rows kept, in order (`fingerprint`)
         for row in rows:
             bad = [table.bad[r] for r in row.media if r in table.bad]
             if bad:
@@ -105,6 +108,8 @@ class PromptDataset(Dataset):
                 self.skipped.append((row.line, f"{self._length(enc)} tokens exceed the context of {context}"))
                 continue
             self.examples.append(enc)
+            self._digest.update(repr((row.line, row.answer, [seg if isinstance(seg, str) else (str(seg[0]), Path(
+                seg[1]).name) for seg in row.prompt])).encode())
         if not self.examples:
             first = f" (first: line {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
             raise UserError(f"no usable {what}{first}")
@@ -120,6 +125,11 @@ class PromptDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """sha256 of the rows kept, in order (lines, answers, prompt words and media file names):
+        what a resumed run checks its rows against."""
+        return self._digest.hexdigest()[:16]
 
     def media_vectors(self) -> Tensor:
         """(N, D) the table's vectors of the media these examples show, each once."""

@@ -333,7 +333,7 @@ class Trainer:
         self.metrics.append({"step": self.progress.step, "epoch": self.progress.epoch,
                              **{f"val/{k}": v for k, v in metrics.items()}})
         name, p = self.cfg.early_stop_metric, self.progress
-        value = metrics.get(name)
+        value = metrics.get(name.removeprefix("val/"))  # as metrics.jsonl names it, too
         if value is None:
             if not self._warned_metric:
                 self._warned_metric = True

@@ -9,11 +9,18 @@ run it started from may be gone by then.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mmembed.config import Config
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
+
+
+# what each stage's validation reports (metrics.jsonl writes them with a "val/" prefix, also taken)
+ALIGN_METRICS = ("recall@1", "recall@5", "recall@10", "median_rank", "mean_rank", "mrr")
+DECODER_METRICS = ("loss", "token_accuracy", "answer_accuracy")
+_PAIR_RECALL = re.compile(r"\w+→\w+/recall@1")  # one ordered pair's, e.g. "image→text/recall@1"
 
 
 def check_config(config: Config) -> None:
@@ -22,6 +29,19 @@ def check_config(config: Config) -> None:
     _check_loss(config)
     _check_sources(config)
     _check_world_splits(config)
+    _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, pairs=True)
+    if config.decoder is not None:
+        _check_metric("decoder.train", config.decoder.train.early_stop_metric, DECODER_METRICS)
+
+
+def _check_metric(where: str, name: str, known: tuple[str, ...], pairs: bool = False) -> None:
+    """A metric validation never reports was a warning at the first evaluation (168 steps into the
+    demo), and then no best checkpoint was kept nor early stop made."""
+    bare = name.removeprefix("val/")
+    if bare not in known and not (pairs and _PAIR_RECALL.fullmatch(bare)):
+        extra = " or a pair's, e.g. image→text/recall@1" if pairs else ""
+        raise ConfigError(f"{where}.early_stop_metric {name!r} is not a validation metric of this stage "
+                          f"(valid: {', '.join(known)}{extra})")
 
 
 def _check_towers(config: Config) -> None:

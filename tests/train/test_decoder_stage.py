@@ -1,6 +1,7 @@
 """The decoder stage end to end on the tiny world: align then decoder, a loadable run that
 generates, exact resume, save → load equality, skipped bad rows, and the `generate` CLI."""
 
+import copy
 import json
 import logging
 
@@ -68,7 +69,7 @@ def test_save_then_load_gives_the_same_generation(trained_run, tiny_world, tmp_p
     assert after.token_ids == before.token_ids and after.logprobs == pytest.approx(before.logprobs, abs=1e-6)
 
 
-def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_path):
+def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_path, caplog):
     """Stop inside step 5, resume: the weights equal an uninterrupted run's, bit for bit (the data
     order, the <vector> marker draws and the media noise are all restored)."""
     ref = tmp_path / "ref"
@@ -90,7 +91,18 @@ def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_
     with pytest.raises(KeyboardInterrupt):
         train_decoder(cfg, callbacks=[stop])
     assert not (run / DECODER_WEIGHTS).exists()
-    train(cfg, resume=True)
+    other = copy.deepcopy(cfg)  # other rows: the saved place in the epoch would point into them
+    other.decoder.data.tasks = ["describe"]
+    with pytest.raises(UserError, match=r"training rows \(decoder.data\) are not those the checkpoint"):
+        train(other, resume=True)
+    # past the align stage, a changed train section trains nothing: said, and config.yaml keeps the one it ran
+    ran = load_config(run / "config.yaml").train.epochs
+    longer = copy.deepcopy(cfg)
+    longer.train.epochs = ran + 5
+    with caplog.at_level(logging.WARNING):
+        train(longer, resume=True)
+    assert f"train.epochs {ran} -> {ran + 5} changes nothing" in caplog.text
+    assert load_config(run / "config.yaml").train.epochs == ran
     a, b = load_tensors(ref / DECODER_WEIGHTS), load_tensors(run / DECODER_WEIGHTS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
