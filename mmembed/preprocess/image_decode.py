@@ -223,7 +223,9 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
             if isinstance(clear, int):
                 rgb[:, torch.from_numpy(pixels == clear)] = torch.tensor(background, dtype=torch.uint8)[:, None]
             return rgb
-        if im.mode in _ALPHA_MODES or im.info.get("transparency") is not None:
+        # has_transparency_data: a palette of RGBA colours too (rgba.convert("P") keeps no info["transparency"],
+        # and its own PNG, which gets a tRNS chunk, read composited where the image read black)
+        if im.mode in _ALPHA_MODES or im.info.get("transparency") is not None or im.has_transparency_data:
             rgba = im.convert("RGBA")
             base = Image.new("RGBA", rgba.size, (*background, 255))
             im = Image.alpha_composite(base, rgba)

@@ -30,7 +30,7 @@ from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest
 from mmembed.retrieval.hits import Hit
-from mmembed.retrieval.persist import read_index, write_index
+from mmembed.retrieval.persist import metadata_json, read_index, write_index
 from mmembed.retrieval.query import Query
 from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
 
@@ -88,10 +88,18 @@ class Index:
         index.model = model
         emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
         for modality, part in emb.by_modality.items():
-            meta = [{**row.meta, "line": row.line, "label": row.label, "item": str(row.items[modality])}
-                    for row in part.rows]
+            keep, meta = [], []
+            for i, row in enumerate(part.rows):
+                entry = {**row.meta, "line": row.line, "label": row.label, "item": str(row.items[modality])}
+                try:  # a row whose columns no save can write is skipped, not found after all the embedding
+                    metadata_json(entry, "its columns")
+                except UserError as e:
+                    emb.skipped.append((row.line, modality, str(e)))
+                    continue
+                keep.append(i)
+                meta.append(entry)
             if meta:
-                index.add(part.vectors, modality, meta)
+                index.add(part.vectors[keep], modality, meta)
         index.skipped = emb.skipped
         # absolute: a saved index is opened from other folders (`mmembed serve --index` finds media by it)
         index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(emb.skipped)}
@@ -129,12 +137,17 @@ class Index:
         modality = Modality.parse(modality)
         v = check_vectors(vectors, self.dim)  # (N, D) float32
         meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
+        for i, m in enumerate(meta):  # what a save cannot write is refused now, not at the save
+            if isinstance(m, dict):
+                metadata_json(m, f"metadata[{i}]")
         return self._store.append(v, modality, meta)
 
     def remove(self, ids: int | Iterable[int]) -> None:
         """Remove items by id, one or several (an unknown id raises UserError and removes nothing)."""
         with contextlib.suppress(TypeError):  # one id, of any integer type (numpy's, a 0-d tensor)
             ids = [operator.index(ids)]
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):  # "12" removed ids 1 and 2
+            raise UserError(f"remove takes an item id or a sequence of them, got {ids!r:.40}")
         self._store.remove(ids)
         if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
             self._store.compact()

@@ -8,7 +8,8 @@
                          Any str round-trips except one holding lone surrogates (not Unicode text,
                          and JSON cannot tell "\\ud800\\udfff" from U+103FF): the save refuses it
 
-A save writes the files into a sibling folder `<name>.tmp-<pid>-<hex>` (each file fsynced), then
+A save holds an exclusive lock on the parent folder (one save at a time there; a second is refused
+with one line) and writes the files into a sibling folder `<name>.tmp-<pid>-<hex>` (each file fsynced), then
 swaps it in: the old folder is renamed to `<name>.old-<pid>-<hex>`, the new one renamed to
 `<name>`, the old one deleted. A kill at any point leaves a loadable index: before the swap the
 old folder is untouched; between the two renames `read_index` reads the `.old` folder, and the
@@ -40,6 +41,7 @@ from torch import Tensor
 from mmembed.checkpoint import (atomic_write_json, atomic_write_text, file_above, fsync_dir, load_tensors, read_json,
                                 save_tensors, unwritable_above)
 from mmembed.errors import CheckpointError, UserError
+from mmembed.file_lock import exclusive
 from mmembed.modality import Modality
 from mmembed.retrieval.store import MODALITY_CODES, STORAGE_DTYPES, VectorStore
 
@@ -72,16 +74,20 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
     check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
-    _check_replaceable(target)
-    staging = _sibling(target, "tmp")
-    os.mkdir(staging)  # mode 0777 & ~umask (tempfile.mkdtemp would make it 0700)
-    try:
-        _write_files(staging, store, header, text)
-        _swap(staging, target)
-    except Exception:
-        _recover(target)  # a kill skips this; the next save does it
-        raise
+    # one save at a time in a folder: a second one's recovery deleted the first's staging folder
+    # mid-write, and the two swaps could leave no index at all
+    with exclusive(target.parent, lambda holder: f"{holder} is saving an index in {target.parent}; save again "
+                                                 "when it is done"):
+        _recover(target)
+        _check_replaceable(target)
+        staging = _sibling(target, "tmp")
+        os.mkdir(staging)  # mode 0777 & ~umask (tempfile.mkdtemp would make it 0700)
+        try:
+            _write_files(staging, store, header, text)
+            _swap(staging, target)
+        except Exception:
+            _recover(target)  # a kill skips this; the next save does it
+            raise
     return directory
 
 
@@ -185,6 +191,8 @@ def _live_folder(directory: Path) -> Path:
         return directory
     previous = _previous(directory.resolve())
     if previous is None:
+        if directory.exists():  # a manifest given where the index goes
+            raise UserError(f"{directory} is a file, not an index folder")
         raise UserError(f"index folder not found: {directory}")
     log.warning("%s: a save was interrupted; reading the previous index from %s", directory, previous)
     return previous
@@ -236,16 +244,22 @@ def _read_folder(directory: Path) -> SavedIndex:
 
 
 def _metadata_line(meta: dict[str, Any], item_id: int) -> str:
+    return metadata_json(meta, f"metadata of item {item_id}") + "\n"
+
+
+def metadata_json(meta: dict[str, Any], what: str) -> str:
+    """`meta` as the one ASCII JSON line a save writes; UserError naming `what` for what no save can
+    write (a lone surrogate, bytes, an array): `Index.add` checks with it, so a save never fails late."""
     try:
         line = json.dumps(meta, default=_json_default)  # ASCII: U+2028 & co. become escapes too
         if _SURROGATE_ESCAPE.search(line):  # an astral character, or a lone surrogate?
             json.dumps(meta, ensure_ascii=False, default=_json_default).encode("utf-8")
     except UnicodeEncodeError as e:
-        raise UserError(f"metadata of item {item_id} holds a lone surrogate U+{ord(e.object[e.start]):04X}, "
-                        "which is not Unicode text and cannot be saved") from None
+        raise UserError(f"{what} holds a lone surrogate U+{ord(e.object[e.start]):04X}, which is not Unicode text "
+                        "and cannot be saved") from None
     except (TypeError, ValueError) as e:
-        raise UserError(f"metadata of item {item_id} cannot be saved as JSON ({e})") from None
-    return line + "\n"
+        raise UserError(f"{what} cannot be saved as JSON ({e})") from None
+    return line
 
 
 def _json_default(value: Any) -> Any:

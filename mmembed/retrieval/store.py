@@ -8,6 +8,7 @@ rows and renumbers positions; ids, which users see, never change and are never r
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -48,15 +49,26 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
         raise BadInput(f"{what}: row {row} contains NaN or Inf")
-    norms = v.norm(dim=1)  # (N,)
+    norms = v.double().norm(dim=1)  # (N,) in float64: float32's overflowed past ~1e19 (stored as zeros)
     if bool((norms == 0).any()):
         row = int((norms == 0).nonzero()[0])
         raise BadInput(f"{what}: row {row} is the zero vector (it has no direction to compare)")
     off = (norms - 1).abs() > _UNIT_TOL
     if bool(off.any()):
         v = v.clone()
-        v[off] = v[off] / norms[off, None]
+        v[off] = (v[off].double() / norms[off, None]).float()  # subnormal rows too come out unit length
     return v.contiguous()
+
+
+def _item_id(value: Any) -> int:
+    """An id of any integer type; UserError otherwise (int() read the characters of "12" as ids 1
+    and 2, and 3.5 as 3)."""
+    if isinstance(value, bool):
+        raise UserError(f"item ids are integers, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise UserError(f"item ids are integers, got {value!r}") from None
 
 
 def padded(rows: np.ndarray) -> bool:
@@ -171,7 +183,7 @@ class VectorStore:
 
     def remove(self, ids: Iterable[int]) -> None:
         """Tombstone rows. All ids are checked first, so an unknown id changes nothing."""
-        ids = [int(i) for i in ids]
+        ids = [_item_id(i) for i in ids]
         rows = [self.row_of(i) for i in ids]
         for item_id, row in zip(ids, rows):
             self._alive[row] = False

@@ -484,3 +484,18 @@ def test_content_errors_of_a_file_name_it(tmp_path):
     Image.fromarray(a, mode="F").save(tmp_path / "nan.tiff")
     with pytest.raises(BadInput, match=r"NaN/Inf pixels: \S*nan.tiff$"):
         load_image(tmp_path / "nan.tiff")
+
+
+def test_a_palette_of_rgba_colours_composites_as_its_own_png_does():
+    """rgba.convert("P") keeps its alpha in the palette, not in info["transparency"]: its clear
+    pixels read black, and its own PNG (which gets a tRNS chunk) white."""
+    import io
+
+    a = np.zeros((8, 8, 4), np.uint8)
+    a[..., 0], a[4:, :, 3] = 200, 255  # the top half fully transparent
+    image = Image.fromarray(a, "RGBA").convert("P")
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    direct = load_image(image)
+    assert torch.equal(direct, load_image(png.getvalue()))
+    assert direct[:, 0, 0].tolist() == [255, 255, 255]

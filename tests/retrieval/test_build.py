@@ -62,3 +62,19 @@ def test_build_checks_requested_modalities(tmp_path, manifest):
     assert text_only.counts() == {"text": 12}
     with pytest.raises(UserError, match="batch_size"):
         Index.build(FakeModel(), manifest, batch_size=0)
+
+
+def test_a_row_whose_columns_no_save_can_write_is_skipped_and_the_index_saves(tmp_path):
+    """A lone surrogate in an extra column: every row was embedded, then the save failed, naming an
+    index id instead of the manifest line, and nothing was written."""
+    rows = [{"text": f"a picture of c{i}", "image": f"img/c{i}.png", "label": f"s{i}"} for i in range(5)]
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-1] + ', "note": "\\ud800 bad"}'
+    path.write_text("\n".join(lines) + "\n")
+    idx = Index.build(FakeModel(), path, batch_size=4, progress=False)
+    assert idx.counts() == {"text": 4, "image": 4}
+    assert {(line, str(what)) for line, what, _ in idx.skipped} == {(3, "text"), (3, "image")}
+    assert all("lone surrogate" in reason for *_, reason in idx.skipped)
+    idx.save(tmp_path / "ix")
+    assert len(Index.load(tmp_path / "ix")) == 8

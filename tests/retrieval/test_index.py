@@ -316,3 +316,26 @@ def test_single_queries_from_several_threads_get_their_own_answers(index):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, [0, 16, 32, 48]))
+
+
+def test_remove_takes_ids_not_strings():
+    """remove("12") removed ids 1 and 2 (the characters); 3.5 was a TypeError traceback."""
+    idx = Index(D)
+    idx.add(torch.randn(13, D, generator=torch.Generator().manual_seed(0)), "text")
+    for bad in ("12", b"12", 3.5, [1.5], ["3"]):
+        with pytest.raises(UserError, match="item id"):
+            idx.remove(bad)
+    assert len(idx) == 13
+    idx.remove([1, 2])
+    assert len(idx) == 11
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-22, 1e-30])
+def test_finite_rows_of_any_scale_become_unit_rows(scale):
+    """Norms in float32 overflowed (x * 1e20 was stored as zeros, every score 0) or underflowed
+    into subnormals (1e-22: norms 1.004; 1e-30: 'the zero vector')."""
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(1))
+    idx = Index(D)
+    idx.add(x * scale, "image")
+    hits = idx.search(x[0], k=1)
+    assert hits[0].id == 0 and hits[0].score == pytest.approx(1.0, abs=1e-5)

@@ -125,8 +125,16 @@ def test_saving_under_a_file_is_one_line(tmp_path):
 
 
 def test_unserialisable_metadata_names_the_item(tmp_path):
+    """Refused when added (it was accepted, and the index then could not be saved until the item
+    was removed); a save still refuses what was changed in place since."""
     idx = Index(4)
-    idx.add(torch.eye(4), "image", [{}, {}, {"bad": object()}, {}])
+    for bad in ({"bad": object()}, {"raw": b"bytes"}, {"note": "\ud800 bad"}):
+        with pytest.raises(UserError, match=r"metadata\[2\] (cannot be saved as JSON|holds a lone surrogate)"):
+            idx.add(torch.eye(4), "image", [{}, {}, bad, {}])
+    assert len(idx) == 0
+    inner = ["fine"]
+    idx.add(torch.eye(4), "image", [{}, {}, {"notes": inner}, {}])
+    inner.append(object())
     with pytest.raises(UserError, match="metadata of item 2"):
         idx.save(tmp_path / "ix")
 
@@ -170,15 +178,15 @@ def has_surrogate(value) -> bool:
 @example([{"k": "\ud800\udfff"}])  # JSON would read this back as U+103FF
 def test_metadata_round_trips_any_unicode(metadata):
     # Every str survives save -> load, except strings holding lone surrogates: not Unicode text,
-    # so the save refuses them, naming the item, and writes nothing.
+    # so adding them is refused, naming the item, and adds nothing.
     idx = Index(4)
+    if has_surrogate(metadata):
+        with pytest.raises(UserError, match=r"metadata\[\d+\] holds a lone surrogate U\+D[89A-F]"):
+            idx.add(torch.eye(4)[: len(metadata)], "text", metadata)
+        assert len(idx) == 0
+        return
     idx.add(torch.eye(4)[: len(metadata)], "text", metadata)
     with tempfile.TemporaryDirectory() as tmp:
-        if has_surrogate(metadata):
-            with pytest.raises(UserError, match=r"metadata of item \d+ holds a lone surrogate U\+D[89A-F]"):
-                idx.save(Path(tmp) / "ix")
-            assert list(Path(tmp).iterdir()) == []
-            return
         idx.save(Path(tmp) / "ix")
         assert (Path(tmp) / "ix" / "metadata.jsonl").read_bytes().isascii()
         loaded = Index.load(Path(tmp) / "ix")
@@ -189,7 +197,9 @@ def test_lone_surrogate_is_refused_and_the_old_index_kept(tmp_path):
     build().save(tmp_path / "ix")
     before = searches(Index.load(tmp_path / "ix"))
     idx = Index(4)
-    idx.add(torch.eye(4), "text", [{}, {"caption": "ok \U0001f600"}, {"caption": "cut \udc80 here"}, {}])
+    captions = ["ok"]
+    idx.add(torch.eye(4), "text", [{}, {"caption": "ok \U0001f600"}, {"captions": captions}, {}])
+    captions.append("cut \udc80 here")  # changed in place after the add, which checked it
     with pytest.raises(UserError, match=r"metadata of item 2 holds a lone surrogate U\+DC80"):
         idx.save(tmp_path / "ix")
     assert searches(Index.load(tmp_path / "ix")) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
@@ -279,3 +289,36 @@ def test_a_corrupt_index_no_save_touches_is_refused_at_once(tmp_path, monkeypatc
     with pytest.raises(CheckpointError):
         Index.load(tmp_path / "a")
     assert len(reads) == 1
+
+
+def test_a_second_save_in_the_same_folder_is_refused_while_one_runs(tmp_path):
+    """Two processes saving one index: each one's recovery deleted the other's staging folder, and
+    the swaps could leave no index at all (5 of 40 rounds)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    build().save(tmp_path / "ix")
+    before = searches(Index.load(tmp_path / "ix"))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from mmembed.file_lock import exclusive
+        with exclusive({str(tmp_path)!r}, lambda h: h):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="is saving an index in"):
+            build().save(tmp_path / "ix")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert searches(Index.load(tmp_path / "ix")) == before
+    build().save(tmp_path / "ix")  # the lock went with its holder
+
+
+def test_a_file_given_as_the_index_folder_says_so(tmp_path):
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="is a file, not an index folder"):
+        Index.load(tmp_path / "m.jsonl")
