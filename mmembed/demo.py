@@ -31,6 +31,7 @@ from mmembed.model import CONFIG, TOKENIZER, WEIGHTS, Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
 from mmembed.train.decoder import train_decoder
+from mmembed.train.preflight import check_config
 from mmembed.train.run_dir import LOCK, TRASH
 from mmembed.typed_config import to_dict
 
@@ -74,6 +75,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     config = load_config(config_name, list(overrides))
     if out_dir is not None:
         config.train.out_dir = out_dir
+    check_config(config)  # the names and files it points at, before the world is made
     _check_replaceable(Path(config.train.out_dir), config)
     run_dir = train_align(config, overwrite=True)  # the demo's folder is its own output: a rerun replaces it
     timings = {"joint training (incl. data synthesis)": time.monotonic() - t0}

@@ -2,60 +2,70 @@
 
 flock, so the kernel releases it when the holder dies (a killed process never leaves a stale
 lock); a lock file names the holder's pid for the message a second process gets (a folder locked
-as itself holds no extra file, and its holder goes unnamed). Re-entrant within one process, so a
-step may take it inside a pipeline that already holds it.
+as itself holds no extra file, and its holder goes unnamed). Re-entrant within one thread, so a
+step may take it inside a pipeline that already holds it; another thread of the process waits or
+is refused as another process is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmembed.errors import UserError
 
-_held: dict[Path, int] = {}  # lock path → nesting depth in this process
+_held: dict[tuple[Path, int], int] = {}  # (lock path, thread) → nesting depth
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
+def exclusive(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> Iterator[None]:
     """Hold the lock on `path`: an existing folder, or a file (created with its folder if
-    missing). Another holder gets a UserError whose message is `busy(holder)`, holder being
-    "pid N" as a lock file records it, else "another process"."""
+    missing). While another holds it, wait up to `wait` seconds; then a UserError whose message
+    is `busy(holder)`, holder being "pid N" as a lock file records it, else "another process"."""
     path = Path(path).resolve()
-    if path in _held:
-        _held[path] += 1
+    key = (path, threading.get_ident())
+    if key in _held:
+        _held[key] += 1
         try:
             yield
         finally:
-            _held[path] -= 1
+            _held[key] -= 1
         return
     folder = path.is_dir()
     if not folder:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY) if folder else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        _acquire(fd, path, busy)
+        _acquire(fd, path, busy, wait)
         if not folder:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-        _held[path] = 1
+        _held[key] = 1
         try:
             yield
         finally:
-            del _held[path]
+            del _held[key]
     finally:
         os.close(fd)  # closing releases the lock
 
 
-def _acquire(fd: int, path: Path, busy: Callable[[str], str]) -> None:
+def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float) -> None:
     try:
         import fcntl
     except ImportError:  # not POSIX: no advisory lock, but still one clear owner file
         return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = "" if path.is_dir() else path.read_text(encoding="utf-8", errors="replace").strip()
-        raise UserError(busy(f"pid {pid}" if pid else "another process")) from None
+    end = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.05)
+    pid = "" if path.is_dir() else path.read_text(encoding="utf-8", errors="replace").strip()
+    raise UserError(busy(f"pid {pid}" if pid else "another process")) from None

@@ -297,3 +297,22 @@ def test_an_early_stop_metric_validation_never_reports_is_refused_before_work(tm
             train(cfg)
     for good in ("val/recall@1", "image→text/recall@1", "median_rank"):
         check_config(load_config("demo", [f"train.early_stop_metric={good}"]))
+
+
+def test_a_resume_is_not_held_to_the_files_its_run_started_from(tmp_path):
+    """A run trained with tokenizer.path, or model.init_from, holds its own copy of them: the file
+    deleted afterwards, its --resume was refused."""
+    from mmembed.train.preflight import check_config
+
+    cfg = load_config("demo", ["tokenizer.path=/nonexistent/tok.json", "model.init_from=/nonexistent/run"])
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        check_config(cfg)
+    check_config(cfg, resume=True)
+
+
+def test_the_demo_checks_its_config_before_the_world(tmp_path, monkeypatch):
+    from mmembed import demo
+
+    monkeypatch.setattr(demo, "train_align", lambda *a, **k: pytest.fail("trained past a bad config"))
+    with pytest.raises(ConfigError, match="early_stop_metric"):
+        demo.run_demo("demo", ["train.early_stop_metric=recal@1"], out_dir=str(tmp_path / "d"))

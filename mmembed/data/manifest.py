@@ -282,10 +282,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
         # undecodable bytes are kept as surrogates and refuse their own row, naming its line
         with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             # strict: an unclosed quote is an error at its line, not the rest of the file as one cell.
-            # A TSV has no quoting (a caption may start with a quote); a CSV may put a space after
-            # each comma ("text, image"), which is no part of the cell
-            quoting = {"quoting": csv.QUOTE_NONE} if delimiter == "\t" else {"skipinitialspace": True}
-            reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
+            # A CSV may put a space after each comma ("text, image"), which is no part of the cell
+            spaced = {"skipinitialspace": True} if delimiter == "," else {}
+            reader = csv.reader(f, delimiter=delimiter, strict=True, **spaced)
             header = next(reader, None)
             if header is None:
                 return
@@ -309,4 +308,5 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
                 yield reader.line_num, {k: _cell(k, v) for k, v in zip(header, cells)}
     except csv.Error as e:
         where = f":{reader.line_num}" if reader is not None else ""
-        raise UserError(f"{path}{where}: malformed CSV ({e})") from None
+        raise UserError(f"{path}{where}: malformed CSV ({e}): a cell that starts with a quote is a quoted "
+                        'field, with "" for each quote inside ("""Hello"" she said")') from None

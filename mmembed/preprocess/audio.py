@@ -292,7 +292,7 @@ class AudioPreprocessor:
             path = Path(item)
             name = str(path)
             check_file(path)
-            source: Any = None  # opened below: libsndfile takes no file name that is not UTF-8
+            source: Any = path if _utf8(name) else None  # else opened below: libsndfile takes UTF-8 names only
         else:
             name, source = "<bytes>", io.BytesIO(bytes(item))
         try:
@@ -328,6 +328,14 @@ class AudioPreprocessor:
         if len(self._resamplers) > RESAMPLER_CACHE_SIZE:
             self._resamplers.popitem(last=False)
         return resampler
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name, kept as surrogates
+        return False
+    return True
 
 
 def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:

@@ -225,7 +225,7 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
             return rgb
         # has_transparency_data: a palette of RGBA colours too (rgba.convert("P") keeps no info["transparency"],
         # and its own PNG, which gets a tRNS chunk, read composited where the image read black)
-        if im.mode in _ALPHA_MODES or im.info.get("transparency") is not None or im.has_transparency_data:
+        if im.mode in _ALPHA_MODES or im.info.get("transparency") is not None or _palette_alpha(im):
             rgba = im.convert("RGBA")
             base = Image.new("RGBA", rgba.size, (*background, 255))
             im = Image.alpha_composite(base, rgba)
@@ -235,6 +235,11 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
     except Exception as e:  # noqa: BLE001 - unsupported mode conversions raise ValueError/OSError
         raise BadInput(f"cannot convert image mode {im.mode!r} to RGB ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def _palette_alpha(im: Image.Image) -> bool:
+    """A palette of RGBA colours (Pillow's has_transparency_data, which Pillow 10.0 lacks)."""
+    return im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA"
 
 
 def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:

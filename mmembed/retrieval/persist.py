@@ -8,8 +8,9 @@
                          Any str round-trips except one holding lone surrogates (not Unicode text,
                          and JSON cannot tell "\\ud800\\udfff" from U+103FF): the save refuses it
 
-A save holds an exclusive lock on the parent folder (one save at a time there; a second is refused
-with one line) and writes the files into a sibling folder `<name>.tmp-<pid>-<hex>` (each file fsynced), then
+A save holds an exclusive lock on a hidden sibling file `.<name>.lock` (one save of an index at a
+time; a second waits its turn) and writes the files into a sibling folder `<name>.tmp-<pid>-<hex>`
+(each file fsynced), then
 swaps it in: the old folder is renamed to `<name>.old-<pid>-<hex>`, the new one renamed to
 `<name>`, the old one deleted. A kill at any point leaves a loadable index: before the swap the
 old folder is untouched; between the two renames `read_index` reads the `.old` folder, and the
@@ -74,10 +75,11 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
     check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # one save at a time in a folder: a second one's recovery deleted the first's staging folder
-    # mid-write, and the two swaps could leave no index at all
-    with exclusive(target.parent, lambda holder: f"{holder} is saving an index in {target.parent}; save again "
-                                                 "when it is done"):
+    # one save of an index at a time: a second one's recovery deleted the first's staging folder
+    # mid-write, and the two swaps could leave no index at all. A second save waits its turn.
+    with exclusive(_lock_file(target), lambda holder: f"{holder} has been saving {target} for "
+                                                      f"{_SAVE_WAIT:.0f} s; save again when it is done",
+                   wait=_SAVE_WAIT):
         _recover(target)
         _check_replaceable(target)
         staging = _sibling(target, "tmp")
@@ -196,6 +198,13 @@ def _live_folder(directory: Path) -> Path:
         raise UserError(f"index folder not found: {directory}")
     log.warning("%s: a save was interrupted; reading the previous index from %s", directory, previous)
     return previous
+
+
+_SAVE_WAIT = 120.0  # seconds a save waits for another save of the same index
+
+
+def _lock_file(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
 
 
 def _sibling(target: Path, kind: str) -> Path:

@@ -26,7 +26,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.train.align import train_align
     from mmembed.train.preflight import check_config
 
-    check_config(config)
+    check_config(config, resume)
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
     _check_decoder_manifests(config)

@@ -40,7 +40,7 @@ from mmembed.train.distributed import (Forward, all_gather_objects, any_rank, as
                                        main_first, parallelize, resolve_device, seed_ranks)
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
-from mmembed.train.run_dir import lock_run, read_paths
+from mmembed.train.run_dir import UNSTARTED, lock_run, read_paths
 from mmembed.train.state import remove_partial_checkpoints, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None)
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # until the model is built and the data read: a stop before is no run
+                (run_dir / UNSTARTED).touch()
             save_config(cfg, run_dir / CONFIG)
             if tokenizer is not None:
                 tokenizer.save(run_dir / TOKENIZER)
@@ -245,6 +247,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
 
     trained.train()
     after_step()
+    if world.main:
+        (run_dir / UNSTARTED).unlink(missing_ok=True)
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,

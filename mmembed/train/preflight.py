@@ -23,11 +23,13 @@ DECODER_METRICS = ("loss", "token_accuracy", "answer_accuracy")
 _PAIR_RECALL = re.compile(r"\w+→\w+/recall@1")  # one ordered pair's, e.g. "image→text/recall@1"
 
 
-def check_config(config: Config) -> None:
-    """ConfigError naming the first key whose value cannot work."""
+def check_config(config: Config, resume: bool = False) -> None:
+    """ConfigError naming the first key whose value cannot work. A resumed run is not held to the
+    files it started from (its tokenizer and space are in its folder by then)."""
     _check_towers(config)
     _check_loss(config)
-    _check_sources(config)
+    if not resume:
+        _check_sources(config)
     _check_world_splits(config)
     _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, pairs=True)
     if config.decoder is not None:

@@ -2,9 +2,9 @@
 
 - A fresh run refuses a folder that already holds files: an older run's checkpoints would
   survive its pruning and a later `--resume` would restore *that* run. `overwrite=True`
-  (`--overwrite`) deletes the folder first; `resume=True` continues what is there. A folder
-  holding only the config and tokenizer a run writes before it builds its model (a run a config
-  error stopped before its first step) is replaced without asking.
+  (`--overwrite`) deletes the folder first; `resume=True` continues what is there. A folder a
+  fresh run marked `.unstarted` and that holds only the config and tokenizer it wrote before it
+  built its model (a run a config error stopped) is replaced without asking.
 - While a stage trains, it holds an exclusive lock on `<run>/.lock` (flock, released by the
   kernel when the process dies, so a killed trainer never leaves a stale lock); the file names
   the holder's pid for the message a second trainer gets.
@@ -27,8 +27,10 @@ from mmembed.file_lock import exclusive
 LOCK = ".lock"
 TRASH = ".overwritten-"  # + pid: what `--overwrite` moved aside and is deleting
 CHECKPOINTS = "checkpoints"  # `state.CKPT_DIR` (not imported: state imports torch)
-# what a fresh stage writes before it builds its model (`model.CONFIG`, `model.TOKENIZER`)
-UNTRAINED = {"config.yaml", "tokenizer.json"}
+# a fresh align stage writes this marker, then its config and tokenizer, and removes the marker
+# once its model is built and its data read: a folder of just these was a start a config error stopped
+UNSTARTED = ".unstarted"
+UNTRAINED = {UNSTARTED, "config.yaml", "tokenizer.json"}  # (`model.CONFIG`, `model.TOKENIZER`)
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:
@@ -54,11 +56,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
     if not names:
         _remove_trash(run_dir)  # what an interrupted --overwrite left is no run
         return
-    if "config.yaml" in names and names <= UNTRAINED:  # a run stopped by a config error before training
-        with run_lock(run_dir):
-            _clear(run_dir)
-        return
-    if not overwrite:
+    stopped_before_training = UNSTARTED in names and names <= UNTRAINED  # by a config error: replaced
+    if not overwrite and not stopped_before_training:
         raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "
                         "or choose another train.out_dir")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):

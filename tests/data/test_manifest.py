@@ -204,16 +204,25 @@ def test_hostile_manifest_files_are_rows_skipped_or_one_line(tmp_path):
 
 def test_csv_cells_after_a_comma_and_a_space_and_tsv_quotes(tmp_path):
     """'text, image, label' with rows 'a red circle, img.png, a': every path was ' img.png' (missing)
-    and every label ' a'; a TSV caption starting with a quote stopped the whole file."""
+    and every label ' a'. A TSV reads quoted fields as csv.writer and pandas write them; a caption
+    that starts with an unescaped quote is one line saying how to write it."""
     (tmp_path / "img.png").write_bytes(b"x")
     spaced = tmp_path / "m.csv"
     spaced.write_text('text, image, label\na red circle, img.png, a\n"a cat, black", img.png , b\n')
     rows = read_manifest(spaced).rows
     assert [r.items[Modality.IMAGE] for r in rows] == [tmp_path / "img.png"] * 2
     assert [r.label for r in rows] == ["a", "b"] and rows[1].items[Modality.TEXT] == "a cat, black"
+    import csv
+
     tsv = tmp_path / "q.tsv"
-    tsv.write_text('image\ttext\nimg.png\t"Hello" she said\nimg.png\ta "quoted" word\n')
-    assert [r.items[Modality.TEXT] for r in read_manifest(tsv).rows] == ['"Hello" she said', 'a "quoted" word']
+    with tsv.open("w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["image", "text"], ["img.png", 'a "big" red ball'],
+                                                 ["img.png", "one\ttwo"], ["img.png", 'a "quoted" word']])
+    assert [r.items[Modality.TEXT] for r in read_manifest(tsv).rows] == ['a "big" red ball', "one\ttwo",
+                                                                         'a "quoted" word']
+    tsv.write_text('image\ttext\nimg.png\t"Hello" she said\n')
+    with pytest.raises(UserError, match=r"q.tsv:2: malformed CSV .*a cell that starts with a quote is a quoted field"):
+        read_manifest(tsv)
     blank = tmp_path / "blank.csv"
     blank.write_text("\ntext,image\na,img.png\n")
     with pytest.raises(UserError, match="header.*is empty"):

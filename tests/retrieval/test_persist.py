@@ -291,31 +291,52 @@ def test_a_corrupt_index_no_save_touches_is_refused_at_once(tmp_path, monkeypatc
     assert len(reads) == 1
 
 
-def test_a_second_save_in_the_same_folder_is_refused_while_one_runs(tmp_path):
+def test_a_second_save_of_an_index_waits_for_the_first(tmp_path, monkeypatch):
     """Two processes saving one index: each one's recovery deleted the other's staging folder, and
-    the swaps could leave no index at all (5 of 40 rounds)."""
+    the swaps could leave no index at all (5 of 40 rounds). A save now waits its turn (and, past
+    the wait, says so); saves of other indexes in the same folder, or from two threads, go on."""
     import subprocess
     import sys
     import textwrap
+    import threading
+
+    import mmembed.retrieval.persist as persist
 
     build().save(tmp_path / "ix")
     before = searches(Index.load(tmp_path / "ix"))
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from mmembed.file_lock import exclusive
-        with exclusive({str(tmp_path)!r}, lambda h: h):
+        with exclusive({str(tmp_path / ".ix.lock")!r}, lambda h: h):
             print("locked", flush=True)
             time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match="is saving an index in"):
+        monkeypatch.setattr(persist, "_SAVE_WAIT", 0.3)
+        with pytest.raises(UserError, match=r"pid \d+ has been saving \S*ix for 0 s"):
             build().save(tmp_path / "ix")
+        build().save(tmp_path / "other")  # another index in the same folder is not held up
     finally:
         holder.kill()
         holder.wait()
     assert searches(Index.load(tmp_path / "ix")) == before
-    build().save(tmp_path / "ix")  # the lock went with its holder
+    errors = []
+
+    def save(name):
+        try:
+            build().save(tmp_path / name)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(e))
+
+    monkeypatch.setattr(persist, "_SAVE_WAIT", 30.0)
+    threads = [threading.Thread(target=save, args=(name,)) for name in ("ix", "ix", "third")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and searches(Index.load(tmp_path / "ix")) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ix", "other", "third"]
 
 
 def test_a_file_given_as_the_index_folder_says_so(tmp_path):

@@ -264,16 +264,17 @@ def test_a_run_a_config_error_stopped_before_training_is_replaced_by_the_correct
     run = tmp_path / "run"
     with pytest.raises(Exception, match="divisible|heads"):
         train_align(load_config(tiny_config(tiny_world, run, model=bad, epochs=1)))
-    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "tokenizer.json"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {".unstarted", "config.yaml", "tokenizer.json"}
     train_align(load_config(tiny_config(tiny_world, run, epochs=1)))
-    assert latest_checkpoint(run) is not None
-    other = tmp_path / "other"  # a config.yaml beside anything else is still somebody's folder
+    assert latest_checkpoint(run) is not None and not (run / ".unstarted").exists()
+    # a user's own config.yaml and tokenizer.json (no marker: no run of ours wrote them) are kept
+    other = tmp_path / "other"
     other.mkdir()
-    (other / "config.yaml").write_text("x: 1\n")
-    (other / "notes.txt").write_text("mine")
+    (other / "config.yaml").write_text("# mine\nx: 1\n")
+    (other / "tokenizer.json").write_text("{}")
     with pytest.raises(UserError, match="already holds a run"):
         train_align(load_config(tiny_config(tiny_world, other, epochs=1)))
-    assert (other / "notes.txt").read_text() == "mine"
+    assert (other / "config.yaml").read_text() == "# mine\nx: 1\n" and (other / "tokenizer.json").is_file()
 
 
 def test_resuming_on_other_training_rows_is_refused(tiny_world, tmp_path, caplog):
