@@ -8,9 +8,9 @@
                          Any str round-trips except one holding lone surrogates (not Unicode text,
                          and JSON cannot tell "\\ud800\\udfff" from U+103FF): the save refuses it
 
-A save holds an exclusive lock on a hidden sibling file `.<name>.lock` (one save of an index at a
-time; a second waits its turn) and writes the files into a sibling folder `<name>.tmp-<pid>-<hex>`
-(each file fsynced), then
+A save holds an exclusive lock named by the index's path in the temporary folder (one save of an
+index at a time; a second waits its turn) and writes the files into a sibling folder
+`<name>.tmp-<pid>-<hex>` (each file fsynced), then
 swaps it in: the old folder is renamed to `<name>.old-<pid>-<hex>`, the new one renamed to
 `<name>`, the old one deleted. A kill at any point leaves a loadable index: before the swap the
 old folder is untouched; between the two renames `read_index` reads the `.old` folder, and the
@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -204,7 +205,14 @@ _SAVE_WAIT = 120.0  # seconds a save waits for another save of the same index
 
 
 def _lock_file(target: Path) -> Path:
-    return target.with_name(f".{target.name}.lock")
+    """The lock of saves of `target`: a file named by the hash of its real path in the temporary
+    folder (every process of this machine finds the same one, and the user's folder gets none)."""
+    name = hashlib.sha256(str(target.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / f"mmembed-{_user()}" / "index-saves" / f"{name}.lock"
+
+
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else "user"
 
 
 def _sibling(target: Path, kind: str) -> Path:

@@ -307,7 +307,7 @@ def test_a_second_save_of_an_index_waits_for_the_first(tmp_path, monkeypatch):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from mmembed.file_lock import exclusive
-        with exclusive({str(tmp_path / ".ix.lock")!r}, lambda h: h):
+        with exclusive({str(persist._lock_file(tmp_path / "ix"))!r}, lambda h: h):
             print("locked", flush=True)
             time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
@@ -336,7 +336,7 @@ def test_a_second_save_of_an_index_waits_for_the_first(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert errors == [] and searches(Index.load(tmp_path / "ix")) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ix", "other", "third"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "other", "third"]  # and no lock files there
 
 
 def test_a_file_given_as_the_index_folder_says_so(tmp_path):
