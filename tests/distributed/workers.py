@@ -101,25 +101,16 @@ UNEVEN = {0: (slice(0, B), (Modality.AUDIO,)), 1: (slice(B, 2 * B - 1), ())}
 
 def uneven_worker(rank: int, init_file: str, out_dir: str) -> None:
     """As `loss_worker`, on the `UNEVEN` batches."""
-    from mmembed.train.distributed import all_reduce_values, parallelize
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
-    torch.set_num_threads(1)
-    results = {}
-    rows, absent = UNEVEN[rank]
-    for case in CASES:
-        module = Towers()
-        net = parallelize(module, forward, torch.device("cpu"))
-        loss, grads = loss_and_grads(case, module, net, rows, absent)
-        results[case] = {"loss": all_reduce_values([float(loss)])[0], "grads": grads}
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-    os._exit(0)  # as loss_worker
+    _uneven_cases(rank, init_file, out_dir, Towers)
 
 
 def frozen_worker(rank: int, init_file: str, out_dir: str) -> None:
     """As `uneven_worker` with the audio tower frozen: rank 0 has no audio, rank 1's audio vectors
     take no gradient (gloo aborted: only rank 0 ran the all-gather's backward)."""
+    _uneven_cases(rank, init_file, out_dir, frozen_towers)
+
+
+def _uneven_cases(rank: int, init_file: str, out_dir: str, make_module) -> None:
     from mmembed.train.distributed import all_reduce_values, parallelize
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
@@ -127,7 +118,7 @@ def frozen_worker(rank: int, init_file: str, out_dir: str) -> None:
     results = {}
     rows, absent = UNEVEN[rank]
     for case in CASES:
-        module = frozen_towers()
+        module = make_module()
         net = parallelize(module, forward, torch.device("cpu"))
         loss, grads = loss_and_grads(case, module, net, rows, absent)
         results[case] = {"loss": all_reduce_values([float(loss)])[0], "grads": grads}
