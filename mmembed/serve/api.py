@@ -146,11 +146,19 @@ def to_segment(piece: Piece) -> Any:
 def sampling(form: FormData, state: ServeState) -> dict[str, Any]:
     return {"max_new_tokens": number(form, "max_new_tokens", int, 32, 1, state.limits.max_new_tokens),
             "temperature": number(form, "temperature", float, 0.0, 0, 100),
-            "top_p": number(form, "top_p", float, None, 0, 1),
+            "top_p": top_p(form),
             "top_k": number(form, "top_k", int, None, 1, 1_000_000),
             "seed": number(form, "seed", int, None, 0, MAX_SEED),
             "best_of": number(form, "best_of", int, 1, 1, state.limits.max_best_of),
             "rerank_weight": number(form, "rerank_weight", float, 1.0, 0, 1000)}
+
+
+def top_p(form: FormData) -> float | None:
+    """top_p in (0, 1]: 0 passed the form's range and got the Python API's "or None" message."""
+    value = number(form, "top_p", float, None, 0, 1)
+    if value == 0:
+        raise Refusal(400, "top_p must be above 0 and at most 1, got 0")
+    return value
 
 
 def choice(settings: dict[str, Any]) -> dict[str, Any]:

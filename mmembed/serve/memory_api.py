@@ -30,6 +30,8 @@ def user_name(value: Any) -> str:
     name = value.strip()
     if len(name) > MAX_USER_CHARS or not name.isprintable():
         raise Refusal(400, f"a user name is at most {MAX_USER_CHARS} printable characters")
+    if "\ufffd" in name:  # what a form's undecodable bytes became: %FE and %FF were one user
+        raise Refusal(400, "a user name must be valid UTF-8 text")
     return name
 
 

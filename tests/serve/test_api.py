@@ -307,6 +307,19 @@ def test_fields_at_their_edges(client):
     assert client.post("/api/generate", files=files(("text", "hi")), data={"seed": str(MAX_SEED)}).status_code == 200
     response = client.post("/api/generate", files=files(("text", "hi")), data={"seed": str(MAX_SEED + 1)})
     assert response.json()["error"] == f"seed must be between 0 and {MAX_SEED}, got {MAX_SEED + 1}"
+    # a value just past a bound was printed rounded, inside it ("got 1"); top_p=0 got the Python API's words
+    response = client.post("/api/generate", data={"text": "hi", "temperature": "0.7", "top_p": "1.0000001"})
+    assert response.json()["error"] == "top_p must be between 0 and 1, got 1.0000001"
+    response = client.post("/api/generate", data={"text": "hi", "temperature": "0.7", "top_p": "0"})
+    assert response.status_code == 400 and response.json()["error"] == "top_p must be above 0 and at most 1, got 0"
+
+
+def test_user_names_of_undecodable_bytes_are_refused(client):
+    """%FE and %FF both became the user '\ufffd': one memory for two names."""
+    response = client.post("/api/memory/remember", content=b"user=%FE&text=secret",
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400 and response.json()["error"] == "a user name must be valid UTF-8 text"
+    assert client.get("/api/memory", params={"user": "\ufffd"}).status_code == 400
 
 
 def test_an_unreadable_sound_is_named_without_a_memory_address(client):
@@ -363,7 +376,7 @@ def test_best_of_is_refused_on_the_stream_and_outside_its_bounds(client):
 
 @pytest.mark.parametrize("data, message", [
     ({"temperature": "-1"}, "temperature must be between 0 and 100"),
-    ({"top_p": "0"}, "top_p must be in (0, 1]"),
+    ({"top_p": "0"}, "top_p must be above 0 and at most 1"),
     ({"max_new_tokens": "17"}, "max_new_tokens must be between 1 and 16"),
     ({"seed": "1.5"}, "seed must be an integer"),
 ])
