@@ -316,3 +316,11 @@ def test_the_demo_checks_its_config_before_the_world(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "train_align", lambda *a, **k: pytest.fail("trained past a bad config"))
     with pytest.raises(ConfigError, match="early_stop_metric"):
         demo.run_demo("demo", ["train.early_stop_metric=recal@1"], out_dir=str(tmp_path / "d"))
+
+
+def test_a_sweep_of_more_tokens_than_memory_holds_is_refused():
+    """val_tokens=1e20 printed its size and then built documents for ever."""
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    with pytest.raises(ConfigError, match="val_tokens must be at most 1,000,000,000"):
+        load_scaling_config("scaling", ["val_tokens=99999999999999999999"])

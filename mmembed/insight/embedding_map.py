@@ -233,7 +233,7 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
         shown = f"{len(rows)} of {n} points" if len(rows) < n else f"{n} points"
         title = f"{used.upper() if used == 'pca' else used} map, colour = {color_by} ({shown})"
     path = _plot(xy, mods, values, numeric, color_by, Path(out), title)
-    log.info("embedding map of %d points (%s, colour=%s) -> %s", len(rows), method, color_by, path)
+    log.info("embedding map of %d points (%s, colour=%s) -> %s", len(rows), used, color_by, path)
     return EmbeddingMap(rows, xy, mods, values, numeric, path, used)
 
 

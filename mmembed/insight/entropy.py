@@ -15,6 +15,7 @@ unique n-grams / total n-grams over the N answers (n-grams within an answer, <eo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,14 +41,20 @@ def entropy(probs: Tensor) -> Tensor:
 
 def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of softmax(logits / temperature) in nats; temperature 0 is a point mass: 0.
-    logits: (..., V) → (...)."""
+    logits: (..., V) → (...); -inf logits are tokens never drawn. ValueError for a temperature
+    that is not a finite number >= 0; a row holding NaN or +inf gives NaN (it was 0: "certain")."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature == 0:
         return torch.zeros(logits.shape[:-1], device=logits.device)
     # float64, the best logit shifted to 0 first: z / T past float32's range (a tiny T, huge
     # logits) gave inf - inf = NaN, which the sum below then counted as 0 nats
     z = logits.double()
     logp = ((z - z.amax(dim=-1, keepdim=True)) / temperature).log_softmax(dim=-1)
-    return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(dim=-1).float()
+    terms = torch.where(logp == -math.inf, torch.zeros_like(logp), logp.exp() * logp)  # 0 log 0 = 0
+    bad = (z.isnan() | (z == math.inf)).any(dim=-1) | (z == -math.inf).all(dim=-1)
+    return (-terms.sum(dim=-1)).masked_fill(bad, math.nan).float()
 
 
 def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -3,8 +3,9 @@
 A dense transformer spends 2·N FLOPs per token forward
 (one multiply and one add per parameter) and twice that backward, so training on D tokens
 costs C ≈ 6·N·D (Kaplan et al., 2020). The estimate leaves out attention's T×T products
-(≈ 2·n_layers·T·width per token forward, small while width ≫ T/12) and counts every parameter
-as if used once per token.
+(≈ 4·n_layers·T·width per token forward as counted here: QKᵀ and A·V over the whole T×T, which
+Kaplan's 2·n_layers·T·width halves for the causal mask; small while width ≫ T/6) and counts
+every parameter as if used once per token.
 
 `measured_training_flops` counts what really runs: `torch.utils.flop_counter` dispatches each
 aten op and sums its FLOPs, forward and backward. PyTorch's own table has no entry for the CPU

@@ -124,6 +124,10 @@ class ScalingConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name in ("tokens", "val_tokens", "regularisation.train_tokens"):  # 1e20 built documents for ever
+            if positive[name] > MAX_TOKENS:
+                raise ConfigError(f"{name} must be at most {MAX_TOKENS:,} (the world's text is built in memory), "
+                                  f"got {positive[name]:,}")
         if self.val_tokens < self.context:
             raise ConfigError(f"val_tokens={self.val_tokens} holds no validation row of context={self.context}")
         if not (math.isfinite(r.lr) and r.lr > 0) or r.warmup_steps < 0 or not 0 <= r.min_lr_ratio <= 1:
@@ -136,6 +140,9 @@ class ScalingConfig:
                 or not all(map(_finite_at_least_0, g.weight_decays)):
             raise ConfigError("regularisation: dropouts (each in [0, 1)) and weight_decays (each finite, >= 0) must be "
                               f"non-empty, got {g.dropouts} and {g.weight_decays}")
+
+
+MAX_TOKENS = 10**9  # of a sweep's world text (8 bytes a token in memory)
 
 
 def _finite_at_least_0(x: float) -> bool:

@@ -191,8 +191,9 @@ def format_stats_table(rows: Sequence[TokenizerStatsRow], holdout_every: int = D
         lines.append(f"| {r.requested} | {r.vocab}{short} | {r.chars_per_token:.3f} | {r.chars_per_token_train:.3f} "
                      f"| {r.tokens_per_line:.2f} | {r.embedding_params:,} | {r.train_seconds:.2f} |")
     if rows:
-        lines += ["", f"Held-out: {rows[0].held_out_lines} lines (every {holdout_every}th non-blank line), "
-                      "never trained on; chars/token and tokens/line are measured on them."]
+        lines += ["", f"Held-out: {rows[0].held_out_lines} lines (every {holdout_every}th non-blank line; a line "
+                      "repeated in the corpus may also be among the trained ones); chars/token and tokens/line are "
+                      "measured on them."]
     return "\n".join(lines)
 
 

@@ -57,6 +57,13 @@ def test_two_point_distribution_and_tempered_logits():
         assert float(logits_entropy(torch.tensor(logits), t)) == pytest.approx(math.log(2), abs=1e-6)
     drawn = choose(torch.tensor([[1.0, 1.0, float("-inf")]]), Sampling(1e-40), torch.Generator().manual_seed(0))
     assert float(drawn.entropy) == pytest.approx(math.log(2), abs=1e-6)  # what sampling reports agrees
+    # a NaN or +inf logit, or no finite one, is no distribution: NaN, not 0 nats ("certain")
+    bad = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [float("-inf")] * 3, [0.0, 0.0, 0.0]])
+    h = logits_entropy(bad)
+    assert h[:3].isnan().all() and float(h[3]) == pytest.approx(math.log(3), abs=1e-6)
+    for t in (-1.0, float("nan"), float("inf")):  # -1 gave the entropy of softmax(-z)
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            logits_entropy(torch.zeros(3), t)
 
 
 def test_sampling_logits_that_are_not_finite_is_one_clear_error():
