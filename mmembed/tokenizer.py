@@ -58,6 +58,11 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+def vocab_floor(specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> int:
+    """The smallest vocabulary a byte-level BPE can have: every byte and every special token."""
+    return 256 + len(specials)
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer. Build one with `Tokenizer.train` or `Tokenizer.load`.
 
@@ -113,7 +118,7 @@ class Tokenizer:
         specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
         for s in specials:
             _check_special(s)
-        floor = 256 + len(specials)
+        floor = vocab_floor(specials)
         if vocab_size < floor:
             raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
         if vocab_size > MAX_VOCAB:  # the trainer's own limit is a u32: past it, an OverflowError

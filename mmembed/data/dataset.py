@@ -202,6 +202,8 @@ class ManifestDataset(Dataset):
                 alternatives = self._alternatives(index)
             except BadInput as e:
                 return self._skip(row, f"{CAPTION_MODALITY} (an alternative caption): {e}")
+            if self.cache is not None:  # `_cached_load` reads them from here: tokenised once
+                self.caption_cache[index] = alternatives
             if caption:
                 inputs[CAPTION_MODALITY] = alternatives[caption - 1]
         return Sample(row.line, inputs, row.label)

@@ -159,10 +159,11 @@ def choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
         A `Choice` of (B,) tensors.
     """
     if sampling.greedy:
-        # argmax picks a NaN (the first, often <eos>: an empty answer); -inf marks suppressed tokens
-        if logits.isnan().any() or not torch.isfinite(logits.max(dim=-1).values).all():
+        # one pass: max propagates a NaN (which argmax picked, often <eos>: an empty answer) and
+        # returns argmax's index; -inf marks suppressed tokens, a row of them alone is no choice
+        best, tokens = logits.max(dim=-1)
+        if not torch.isfinite(best).all():
             raise ValueError("cannot decode: a row's logits hold NaN or inf (are the decoder's weights finite?)")
-        tokens = logits.argmax(dim=-1)
         zeros = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
         return Choice(tokens, zeros, zeros.clone())
     scores, index = filtered_logits(logits, sampling)

@@ -22,6 +22,7 @@ from mmembed.modality import Modality
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
 _UNIT_TOL = 1e-4  # rows already unit-norm within this are stored bit-exact
+_TINY_NORM = 1e-15  # below, a row's float32 squares lose precision to subnormals
 
 
 def storage_dtype(storage: str) -> torch.dtype:
@@ -49,14 +50,19 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
         raise BadInput(f"{what}: row {row} contains NaN or Inf")
-    norms = v.double().norm(dim=1)  # (N,) in float64: float32's overflowed past ~1e19 (stored as zeros)
-    if bool((norms == 0).any()):
-        row = int((norms == 0).nonzero()[0])
+    norms = v.norm(dim=1)  # (N,)
+    # float32's squares overflow past ~1e19 (a row stored as zeros) and lose tiny rows to subnormals:
+    # those rows alone are measured and scaled in float64 (the whole matrix would double the memory)
+    extreme = ~torch.isfinite(norms) | (norms < _TINY_NORM)
+    exact = v[extreme].double().norm(dim=1) if bool(extreme.any()) else norms.new_zeros(0, dtype=torch.float64)
+    if bool((exact == 0).any()):
+        row = int(extreme.nonzero()[int((exact == 0).nonzero()[0])])
         raise BadInput(f"{what}: row {row} is the zero vector (it has no direction to compare)")
-    off = (norms - 1).abs() > _UNIT_TOL
-    if bool(off.any()):
+    off = ((norms - 1).abs() > _UNIT_TOL) & ~extreme
+    if bool(off.any()) or exact.numel():
         v = v.clone()
-        v[off] = (v[off].double() / norms[off, None]).float()  # subnormal rows too come out unit length
+        v[off] = v[off] / norms[off, None]
+        v[extreme] = (v[extreme].double() / exact[:, None]).float()
     return v.contiguous()
 
 

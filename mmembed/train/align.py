@@ -41,7 +41,7 @@ from mmembed.train.distributed import (Forward, all_gather_objects, any_rank, as
 from mmembed.train.engine import FitResult, StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import UNSTARTED, lock_run, read_paths
-from mmembed.train.state import remove_partial_checkpoints, resume_checkpoint
+from mmembed.train.state import check_same_rows, remove_partial_checkpoints, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -354,15 +354,6 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
                             world_size=world.size)
 
     return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
-
-
-def check_same_rows(saved: str | None, current: str | None, keys: str) -> None:
-    """UserError when a checkpoint's training rows (fingerprint `saved`; None in older ones) are not
-    the rows a resumed run now reads: its place in the epoch means those rows."""
-    if saved is not None and current is not None and saved != current:
-        raise UserError(f"--resume: the training rows ({keys}) are not those the checkpoint was trained on, and "
-                        "its place in the epoch means those rows: restore them, or start over (--overwrite, or "
-                        "another train.out_dir)")
 
 
 def rows_fingerprint(manifest) -> str:

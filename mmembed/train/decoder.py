@@ -34,12 +34,13 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
-from mmembed.train.align import check_same_rows, seed_everything
+from mmembed.train.align import seed_everything
 from mmembed.train.distributed import barrier, current_world, parallelize, resolve_device, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.run_dir import lock_run, prepare_run_dir
+from mmembed.train.state import check_same_rows
 
 log = logging.getLogger(__name__)
 

@@ -78,9 +78,9 @@ def _check_sources(config: Config) -> None:
     if tok.path is not None and not Path(tok.path).is_file():
         raise ConfigError(f"tokenizer.path: no tokenizer file at {tok.path}")
     if tok.kind == "bpe" and tok.path is None:
-        from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS
+        from mmembed.tokenizer import vocab_floor
 
-        floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
+        floor = vocab_floor()
         if tok.vocab_size < floor:
             raise ConfigError(f"tokenizer.vocab_size must be at least {floor} (256 bytes and the special tokens), "
                               f"got {tok.vocab_size}")

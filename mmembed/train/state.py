@@ -150,6 +150,15 @@ def resume_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
+def check_same_rows(saved: str | None, current: str | None, keys: str) -> None:
+    """UserError when a checkpoint's training rows (fingerprint `saved`; None in older ones) are not
+    the rows a resumed run now reads: its place in the epoch means those rows."""
+    if saved is not None and current is not None and saved != current:
+        raise UserError(f"--resume: the training rows ({keys}) are not those the checkpoint was trained on, and "
+                        "its place in the epoch means those rows: restore them, or start over (--overwrite, or "
+                        "another train.out_dir)")
+
+
 def _complete_by_step(root: Path) -> list[Path]:
     """The complete checkpoint folders `step_<digits>` under `root`, oldest first, by their step (as
     names, step_10000000 would sort before step_9999000). Anything else there (a copy someone made,
