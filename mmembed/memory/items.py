@@ -44,6 +44,16 @@ class Entry:
     origin: str = ""  # what the user passed, for error messages: a path, or the object's type
 
 
+@dataclass(frozen=True)
+class Pending:
+    """Items checked and embedded but not stored yet (`Memory.prepare`): a conversation's turn is
+    stored with its answer, in one transaction (`Memory.add_turn`)."""
+
+    entries: list[Entry]
+    vectors: torch.Tensor  # (N, D) float32 unit rows, stored as they are
+    role: str
+
+
 def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:
     """Normalise one `add` argument pair; raises UserError / BadInput with one line."""
     if store_media not in ("bytes", "path"):
@@ -88,7 +98,9 @@ def check_utf8(value: str, name: str) -> None:
 
 
 def _check_file(path: Path) -> None:
-    from mmembed.preprocess.files import check_file  # imported on use: mmembed.preprocess loads torchvision
+    from mmembed.preprocess.files import (
+        check_file,  # imported on use: mmembed.preprocess loads torchvision
+    )
 
     check_file(path)
 

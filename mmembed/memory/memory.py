@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
-import math
 import os
 import re
 import threading
@@ -33,16 +31,17 @@ from torch import Tensor
 from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
+from mmembed.memory.checks import (check_ids, check_optional_str, check_role, check_user, meta_json, parse_modality,
+                                   storable, timestamp)
 from mmembed.memory.export import export_items
-from mmembed.memory.items import Entry, ItemLike, StoreMedia, check_utf8, to_entry
+from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
-from mmembed.memory.store import Store
+from mmembed.memory.store import MemoryFileError, Store
 from mmembed.modality import Modality
-from mmembed.retrieval.store import check_vectors, non_str_keys
+from mmembed.retrieval.store import check_vectors
 
 log = logging.getLogger(__name__)
 
-ROLES = ("user", "assistant")
 # vectors kept in memory across users (4·D bytes each: 2 GB at D = 512); the least recently
 # searched users are dropped first, and the one being searched is always kept
 MAX_CACHED_ROWS = 1_000_000
@@ -111,28 +110,53 @@ class Memory:
         entries = [to_entry(item, text, store_media) for item, text in zip(items, texts)]
         return self._add(entries, user, metas, session, [turn] * len(entries), role, time)
 
+    def prepare(self, items: Sequence[ItemLike], *, role: str = "user") -> Pending:
+        """Check and embed items without storing them: a conversation's turn, stored with its
+        answer by `add_turn`, so a turn killed before it is answered leaves nothing behind."""
+        self._require_model("add items")
+        check_role(role)
+        entries = [to_entry(item, None) for item in items]
+        return Pending(entries, self._embed(entries), role)
+
+    def add_turn(self, user: str, session: str, parts: Sequence[Pending], time: float | None = None
+                 ) -> tuple[int, list[int]]:
+        """Store a conversation turn's prepared items (the user's, then the answer) in one
+        transaction, numbered after the session's highest turn as that transaction finds it: two
+        processes on one session never give two turns one number. Returns (turn, ids)."""
+        check_user(user)
+        if not isinstance(session, str):
+            raise UserError(f"session must be a str, got {session!r}")
+        check_optional_str(session, "session")
+        when = _time.time() if time is None else timestamp(time, "time")
+        rows = [row for p in parts for row in _new_items(p, user, session, [None] * len(p.entries), when,
+                                                          ["{}"] * len(p.entries))]
+        with self._guard():
+            turn, ids = self._store.insert_turn(rows)
+            self._cached_rows(user, ids, torch.cat([p.vectors for p in parts]), rows)
+        return turn, ids
+
     def _add(self, entries: list[Entry], user: str, metas: Sequence[dict[str, Any] | None], session: str | None,
              turns: Sequence[int | None], role: str, time: float | None) -> list[int]:
-        _check_user(user)
-        _check_optional_str(session, "session")
-        if role not in ROLES:
-            raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        check_user(user)
+        check_optional_str(session, "session")
+        check_role(role)
         for turn in turns:
             if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int) or not -2**63 <= turn < 2**63):
                 raise UserError(f"turn must be an int (64-bit), got {turn!r}")
-        when = _time.time() if time is None else _timestamp(time, "time")
-        meta_json = [_meta_json(m) for m in metas]
+        when = _time.time() if time is None else timestamp(time, "time")
+        metas_json = [meta_json(m) for m in metas]
         vectors = self._embed(entries)  # (N, D), before the write transaction: the lock covers inserts only
-        blobs = vectors.numpy().astype("<f4")
-        rows = [NewItem(user=user, session=session, turn=turn, role=role, time=when, modality=str(e.modality),
-                        embedding=blobs[i].tobytes(), text=e.text, meta=mj, media_path=e.media_path, media=e.media)
-                for i, (e, turn, mj) in enumerate(zip(entries, turns, meta_json))]
+        rows = _new_items(Pending(entries, vectors, role), user, session, turns, when, metas_json)
         with self._guard():
             ids = self._store.insert(rows)
-            cached = self._vectors.get(user)
-            if cached is not None:
-                cached.append(ids, vectors, [r.modality for r in rows], [when] * len(rows), [session] * len(rows))
+            self._cached_rows(user, ids, vectors, rows)
         return ids
+
+    def _cached_rows(self, user: str, ids: list[int], vectors: Tensor, rows: list[NewItem]) -> None:
+        """Rows just stored join the user's search vectors when they are in memory."""
+        cached = self._vectors.get(user)
+        if cached is not None:
+            cached.append(ids, vectors, [r.modality for r in rows], [r.time for r in rows], [r.session for r in rows])
 
     def _embed(self, entries: list[Entry]) -> Tensor:
         """Embed entries, batched per modality → (N, D) float32 unit rows in entry order."""
@@ -149,11 +173,11 @@ class Memory:
 
     def delete(self, ids: Sequence[int] | int, *, user: str | None = None) -> int:
         """Delete items by id (only `user`'s when given); unknown ids are ignored. Returns how many went."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if user is not None:
-            _check_user(user)
+            check_user(user)
         with self._guard():
-            deleted = self._store.delete(_storable(ids), user)
+            deleted = self._store.delete(storable(ids), user)
             for owner in {u for _, u in deleted}:
                 if owner in self._vectors:
                     self._vectors[owner].remove([i for i, u in deleted if u == owner])
@@ -161,7 +185,7 @@ class Memory:
 
     def forget(self, user: str) -> int:
         """Delete every item of `user`; returns how many."""
-        _check_user(user)
+        check_user(user)
         with self._guard():
             n = self._store.forget(user)
             self._vectors.pop(user, None)
@@ -181,13 +205,13 @@ class Memory:
             since: only items at or after this time (unix seconds or a datetime).
             session / exclude_session: only items of / not of this session.
         """
-        _check_user(user)
+        check_user(user)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"k must be a positive int, got {k!r}")
-        modality = None if modality is None else _parse_modality(modality)
-        since = None if since is None else _timestamp(since, "since")
-        _check_optional_str(session, "session")
-        _check_optional_str(exclude_session, "exclude_session")
+        modality = None if modality is None else parse_modality(modality)
+        since = None if since is None else timestamp(since, "since")
+        check_optional_str(session, "session")
+        check_optional_str(exclude_session, "exclude_session")
         q = self._query_vector(query)  # (1, D)
         if q is None:
             return []
@@ -199,22 +223,22 @@ class Memory:
 
     def get(self, ids: Sequence[int] | int, *, user: str | None = None) -> list[MemoryHit]:
         """Items by id (only `user`'s when given), with their media bytes; absent ids are skipped."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if user is not None:
-            _check_user(user)
+            check_user(user)
         with self._guard():
-            return self._store.hits(_storable(ids), user=user, media=True)
+            return self._store.hits(storable(ids), user=user, media=True)
 
     def vectors(self, ids: Sequence[int] | int, *, user: str | None = None) -> Tensor:
         """The stored embeddings of items, (N, D) float32 unit rows in the order of `ids`.
 
         Raises UserError naming the ids that are absent (or not `user`'s, when given).
         """
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if user is not None:
-            _check_user(user)
+            check_user(user)
         with self._guard():
-            found = self._store.embeddings(_storable(ids), user)
+            found = self._store.embeddings(storable(ids), user)
         missing = [i for i in ids if i not in found]
         if missing:
             whose = "" if user is None else f" of user {user!r}"
@@ -222,13 +246,16 @@ class Memory:
         if self._store.dim is None:  # opened without a model before a writer claimed the file
             self._store.refresh_meta()
         dim = self._store.dim or 0
+        if bad := [i for i in ids if len(found[i]) != 4 * dim]:
+            raise MemoryFileError(f"{self.path}: the embedding of item {bad[0]} does not hold {dim} float32 values "
+                                  "(the file is damaged; restore it from a copy)")
         out = np.frombuffer(bytearray().join(found[i] for i in ids), dtype="<f4").reshape(len(ids), dim)
         return torch.from_numpy(out.astype(np.float32))  # (N, D)
 
     def recent(self, user: str, session: str | None = None, limit: int = 20, *, media: bool = False
                ) -> list[MemoryHit]:
         """The user's last `limit` items (of one session when given), oldest first."""
-        _check_user(user)
+        check_user(user)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 2**63:
             raise UserError(f"limit must be a positive int (below 2**63), got {limit!r}")
         with self._guard():
@@ -237,8 +264,8 @@ class Memory:
     def turns(self, user: str, session: str, first: int, stop: int) -> list[MemoryHit]:
         """The items of `user`'s `session` from turn `first` up to (not including) turn `stop`, in
         turn order: what a conversation's history shows, whatever the items' times."""
-        _check_user(user)
-        _check_optional_str(session, "session")
+        check_user(user)
+        check_optional_str(session, "session")
         for name, value in (("first", first), ("stop", stop)):
             if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
                 raise UserError(f"{name} must be an int (a turn number), got {value!r}")
@@ -247,14 +274,14 @@ class Memory:
 
     def sessions(self, user: str) -> list[str]:
         """The user's session names, the one added to last last."""
-        _check_user(user)
+        check_user(user)
         with self._guard():
             return self._store.sessions(user)
 
     def last_turn(self, user: str, session: str) -> int:
         """The highest turn number stored in `user`'s `session` (0 when none): where it continues."""
-        _check_user(user)
-        _check_optional_str(session, "session")
+        check_user(user)
+        check_optional_str(session, "session")
         with self._guard():
             return self._store.last_turn(user, session)
 
@@ -271,7 +298,7 @@ class Memory:
         time, modality, meta` — which `mmembed index` / `eval` and `read_manifest` read.
         """
         if user is not None:
-            _check_user(user)
+            check_user(user)
         with self._guard():
             if self._store.count(user) == 0:
                 raise UserError(f"nothing to export: {self.path.name} holds no items"
@@ -374,64 +401,9 @@ def _named_error(model: Any, modality: Modality, entries: list[Entry]) -> BadInp
     return BadInput(f"{modality} items could not be embedded")
 
 
-def _check_user(user: Any) -> None:
-    if not isinstance(user, str) or not user:
-        raise UserError(f"user must be a non-empty str, got {user!r}")
-    check_utf8(user, "user")
-
-
-def _check_ids(ids: Sequence[int] | int) -> list[int]:
-    ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise UserError(f"ids must be ints, got {i!r}")
-    return [int(i) for i in ids]
-
-
-def _storable(ids: list[int]) -> list[int]:
-    """The ids SQLite can hold (64-bit); one past that names no item: unknown, not an error."""
-    return [i for i in ids if -(2**63) <= i < 2**63]
-
-
-def _check_optional_str(value: Any, name: str) -> None:
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{name} must be a str, got {value!r}")
-    if value is not None:
-        check_utf8(value, name)
-
-
-def _parse_modality(value: Modality | str) -> Modality:
-    try:
-        return Modality.parse(value)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def _timestamp(value: Any, name: str) -> float:
-    if isinstance(value, dt.datetime):
-        try:
-            return value.timestamp()
-        except (OverflowError, ValueError, OSError) as e:  # datetime.min and the like
-            raise UserError(f"{name} {value!r} has no unix time ({e})") from None
-    try:
-        seconds = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
-    except OverflowError:  # an int past float's range
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r:.40}")
-    return seconds
-
-
-def _meta_json(meta: dict[str, Any] | None) -> str:
-    if meta is None:
-        return "{}"
-    if not isinstance(meta, dict):
-        raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
-    if bad := non_str_keys(meta):  # JSON would make it a str (and 1 and "1" one key): it would not come back
-        raise BadInput(f"meta has a key that is not a str: {bad[0]!r}")
-    try:
-        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise BadInput(f"meta must be JSON-able ({e})") from None
-    check_utf8(text, "meta")
-    return text
+def _new_items(pending: Pending, user: str, session: str | None, turns: Sequence[int | None], when: float,
+               metas: Sequence[str]) -> list[NewItem]:
+    blobs = pending.vectors.numpy().astype("<f4")  # (N, D)
+    return [NewItem(user=user, session=session, turn=turn, role=pending.role, time=when, modality=str(e.modality),
+                    embedding=blobs[i].tobytes(), text=e.text, meta=meta, media_path=e.media_path, media=e.media)
+            for i, (e, turn, meta) in enumerate(zip(pending.entries, turns, metas))]

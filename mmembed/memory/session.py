@@ -29,6 +29,7 @@ from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
+from mmembed.memory.items import Pending
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
 from mmembed.modality import Modality
@@ -88,6 +89,9 @@ class Session:
     def ask(self, prompt: str | Sequence[Segment], **generate: Any) -> Any:
         """Answer one turn with what the memory holds; the turn and its answer are stored.
 
+        Nothing is stored until the answer is, and then the turn with its answer in one
+        transaction: a turn refused, failed or interrupted anywhere (Ctrl-C, a kill) did not happen.
+
         Args:
             prompt: as `Model.generate` takes one prompt (text, `mm.Image`, `mm.Audio`, `mm.Text`).
             **generate: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop`, `seed`.
@@ -96,89 +100,54 @@ class Session:
             The `Generation`, with `recalled`: the older memories shown to the decoder, best first.
         """
         check_generation(**generate)  # a refused setting stores nothing of the turn
-        segments = [prompt] if isinstance(prompt, (str, Media)) else list(prompt)
-        before, stored_ids = self.turn, []
-        try:
-            # after the highest turn stored: another process may have added turns to this session
-            self.turn = max(self.turn, self.memory.last_turn(self.user, self.session)) + 1
-            history = self._history()
-            stored, vectors, shown = self._store_turn(segments, stored_ids)
-            # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
-            # which turns fit, so a memory in a turn the context drops can still be recalled.
-            candidates = self._recall(self._queries(stored, vectors), exclude={h.id for h in stored},
-                                      k=self.recall_k + len(history))
-            parts, recalled = self._fit(candidates, history, shown, generate.get("max_new_tokens", 32))
-            out = self.model.generate(parts, **generate)
-            if out.text.strip():
-                stored_ids += self.memory.add_many(self.user, [out.text], session=self.session, turn=self.turn,
-                                                   role=ASSISTANT)
-        except BaseException:  # refused, failed or interrupted (Ctrl-C) anywhere: the turn did not happen
-            try:
-                if stored_ids:
-                    self.memory.delete(stored_ids, user=self.user)
-                self.turn = before
-            except Exception:  # the turn's own error is the one to see; the store keeps what it kept
-                log.exception("could not take back the failed turn %d's items %s", self.turn, stored_ids)
-            raise
+        segments = _turn_segments(prompt)
+        pending = self.memory.prepare(segments)  # embedded once; stored as they are, with the answer
+        shown = [seg if isinstance(seg, str) else Embedded(z.to(self.model.device), e.modality)
+                 for seg, e, z in zip(segments, pending.entries, pending.vectors)]
+        # after the highest turn stored: another process may have added turns to this session (the
+        # turn's own number is given as it is stored)
+        turn = min(max(self.turn, self.memory.last_turn(self.user, self.session)) + 1, 2**63 - 1)
+        history = self._history(turn)
+        # Candidates beyond recall_k: those in the history shown are left out once `_fit` knows
+        # which turns fit, so a memory in a turn the context drops can still be recalled.
+        candidates = self._recall(self._queries(pending), k=self.recall_k + len(history))
+        max_new_tokens = generate.get("max_new_tokens", 32)
+        parts, recalled = self._fit(candidates, history, shown, max_new_tokens)
+        pm = self.model.prompt_model
+        if pm.lm.decoder.window is not None and not pm.lm.decoder.slides:  # it refuses to write past its context
+            room = int(answer_room(pm.lm.decoder.max_len, pm.fmt.length(parts)))
+            generate = {**generate, "max_new_tokens": max(1, min(max_new_tokens, room))}
+        out = self.model.generate(parts, **generate)
+        answer = [self.memory.prepare([out.text], role=ASSISTANT)] if out.text.strip() else []
+        self.turn, _ = self.memory.add_turn(self.user, self.session, [pending, *answer])
         return dataclasses.replace(out, recalled=recalled)
 
-    def _store_turn(self, segments: list[Segment], stored_ids: list[int]
-                    ) -> tuple[list[MemoryHit], Tensor, list[Segment]]:
-        """Store the turn's segments in one transaction (a bad item stores none of them); their ids
-        go into `stored_ids` as soon as they exist (for `ask` to take back).
-
-        Returns:
-            The stored items, their vectors (n, D), and the segments as the decoder reads them
-            (words, and each media item as its stored vector).
-        """
-        kept: list[Segment] = []
-        for seg in segments:
-            if isinstance(seg, str):  # words are stored as typed, without the spaces around them
-                seg = seg.strip()
-                if not seg:
-                    continue
-            elif not isinstance(seg, Media):
-                raise UserError(f"a Session turn takes text and mm.Image / mm.Audio / mm.Text, "
-                                f"got {type(seg).__name__}")
-            kept.append(seg)
-        if not kept:
-            raise UserError("the turn is empty: give text or media")
-        ids = self.memory.add_many(self.user, kept, session=self.session, turn=self.turn)
-        stored_ids += ids
-        hits = self.memory.get(ids, user=self.user)
-        vectors = self.memory.vectors(ids, user=self.user)
-        shown = [seg if isinstance(seg, str) else Embedded(z.to(self.model.device), hit.modality)
-                 for hit, z, seg in zip(hits, vectors, kept)]
-        return hits, vectors, shown
-
-    def _history(self) -> list[MemoryHit]:
-        """Every item of this session's last `history_turns` turns before this one, in turn order
+    def _history(self, turn: int) -> list[MemoryHit]:
+        """Every item of this session's last `history_turns` turns before `turn`, in turn order
         (not by time: a clock set back reordered them; and no item limit: one capped it at 32 turns)."""
         if self.history_turns < 1:
             return []
-        return self.memory.turns(self.user, self.session, max(self.turn - self.history_turns, -2**63), self.turn)
+        return self.memory.turns(self.user, self.session, max(turn - self.history_turns, -2**63), turn)
 
-    def _queries(self, stored: list[MemoryHit], vectors: Tensor) -> list[tuple[Tensor, float]]:
-        """What recall searches with, and the score a memory needs: each item of the turn by its stored
+    def _queries(self, turn: Pending) -> list[tuple[Tensor, float]]:
+        """What recall searches with, and the score a memory needs: each item of the turn by its
         vector, except that with a query tower the turn's words are embedded as a question (a
         question names part of what it asks about, so it is held to the tower's own threshold)."""
         tower = self.model.query_tower is not None
-        texts = [h.text for h in stored if h.modality == Modality.TEXT] if tower else []
+        texts = [e.text for e in turn.entries if e.modality == Modality.TEXT] if tower else []
         asked = iter(self.model.embed_query(texts)) if texts else iter(())
         threshold = self.model.query_threshold if self.model.query_threshold is not None else self.recall_threshold
-        return [(next(asked), threshold) if tower and h.modality == Modality.TEXT else (z, self.recall_threshold)
-                for h, z in zip(stored, vectors)]
+        return [(next(asked), threshold) if tower and e.modality == Modality.TEXT else (z, self.recall_threshold)
+                for e, z in zip(turn.entries, turn.vectors)]
 
-    def _recall(self, queries: list[tuple[Tensor, float]], exclude: set[int], k: int) -> list[MemoryHit]:
-        """The user's `k` items most similar to any of `queries` ((vector, threshold) each), best first."""
+    def _recall(self, queries: list[tuple[Tensor, float]], k: int) -> list[MemoryHit]:
+        """The user's `k` stored items most similar to any of `queries` ((vector, threshold) each), best first."""
         if self.recall_k < 1:
             return []
         best: dict[int, MemoryHit] = {}
         for query, threshold in queries:
-            for found in self.memory.search(self.user, query, k=k + len(exclude)):
-                if found.id in exclude or found.score < threshold:
-                    continue
-                if found.id not in best or found.score > best[found.id].score:
+            for found in self.memory.search(self.user, query, k=k):
+                if found.score >= threshold and (found.id not in best or found.score > best[found.id].score):
                     best[found.id] = found
         return sorted(best.values(), key=lambda h: -h.score)[:k]
 
@@ -248,6 +217,27 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _turn_segments(prompt: Any) -> list[Segment]:
+    """A turn's segments as stored: words without the spaces around them (blank ones dropped) and
+    media items; anything else is refused by name."""
+    if isinstance(prompt, (str, Media)):
+        prompt = [prompt]
+    elif not isinstance(prompt, (list, tuple)):
+        raise UserError(f"a Session turn is text, a media item or a list of them, got {type(prompt).__name__}")
+    kept: list[Segment] = []
+    for seg in prompt:
+        if isinstance(seg, str):
+            if seg.strip():
+                kept.append(seg.strip())
+        elif isinstance(seg, Media):
+            kept.append(seg)
+        else:
+            raise UserError(f"a Session turn takes text and mm.Image / mm.Audio / mm.Text, got {type(seg).__name__}")
+    if not kept:
+        raise UserError("the turn is empty: give text or media")
+    return kept
 
 
 def _check_memory_model(memory: Memory, model: Any) -> None:

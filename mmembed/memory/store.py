@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,9 @@ class Store:
             raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._check_version(meta.get("schema_version"))
+        if "dim" in meta and not (str(meta["dim"]).isascii() and str(meta["dim"]).isdigit() and int(meta["dim"]) > 0):
+            raise MemoryFileError(f"{self.path} is corrupt (its embedding width is {meta['dim']!r}); "
+                                  "restore it from a copy")
         return tables, meta
 
     def _check_version(self, version: str | None) -> None:
@@ -257,17 +261,20 @@ class Store:
         if not rows:
             return []
         with self._transaction(write=True) as conn:
-            before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
-            conn.executemany(
-                "INSERT INTO items (user, session, turn, role, time, modality, embedding, text, meta, media_path, "
-                "media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.user, r.session, r.turn, r.role, r.time, r.modality, r.embedding, r.text, r.meta, r.media_path,
-                  r.media) for r in rows])
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        first = (before[0] if before else 0) + 1
-        # AUTOINCREMENT under the write lock: this transaction's ids are consecutive
-        assert last - first + 1 == len(rows), (first, last, len(rows))
-        return list(range(first, last + 1))
+            return _insert(conn, rows)
+
+    def insert_turn(self, rows: Sequence[NewItem]) -> tuple[int, list[int]]:
+        """Insert one conversation turn's rows (all of one user and session) in one transaction,
+        numbered after the session's highest turn as this transaction finds it: two processes on one
+        session never give two turns one number. Returns (turn, ids)."""
+        user, session = rows[0].user, rows[0].session
+        with self._transaction(write=True) as conn:
+            last = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?",
+                                (user, session)).fetchone()[0] or 0
+            if last >= 2**63 - 1:
+                raise UserError(f"session {session!r} of user {user!r} is at turn {last}, the highest a turn "
+                                "can be: start a new session")
+            return last + 1, _insert(conn, [replace(r, turn=last + 1) for r in rows])
 
     def delete(self, ids: Sequence[int], user: str | None = None) -> list[tuple[int, str]]:
         """Delete items by id (only `user`'s when given); returns the (id, user) pairs deleted."""
@@ -392,6 +399,21 @@ def _hit(row: Sequence[Any]) -> MemoryHit:
         raise _Damaged(f"item {row[0]}: {e}") from None
     return MemoryHit(id=row[0], score=None, user=row[1], session=row[2], turn=row[3], role=row[4], time=row[5],
                      modality=modality, text=row[7], meta=meta, media=media, media_path=row[9])
+
+
+def _insert(conn: sqlite3.Connection, rows: Sequence[NewItem]) -> list[int]:
+    """Insert rows inside the caller's write transaction; returns their ids."""
+    before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+    conn.executemany(
+        "INSERT INTO items (user, session, turn, role, time, modality, embedding, text, meta, media_path, "
+        "media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(r.user, r.session, r.turn, r.role, r.time, r.modality, r.embedding, r.text, r.meta, r.media_path,
+          r.media) for r in rows])
+    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    first = (before[0] if before else 0) + 1
+    # AUTOINCREMENT under the write lock: this transaction's ids are consecutive
+    assert last - first + 1 == len(rows), (first, last, len(rows))
+    return list(range(first, last + 1))
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:

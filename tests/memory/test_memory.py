@@ -337,3 +337,22 @@ def test_a_pil_picture_is_stored_upright_and_a_rate_a_wav_cannot_hold_is_refused
         assert stored.size == (32, 64)
     with pytest.raises(BadInput, match="cannot be stored in a WAV file"):
         encode_audio((np.zeros(100, dtype=np.float32), 10**12))
+
+
+def test_a_damaged_embedding_width_or_embedding_is_a_memory_file_error(model, db):
+    """A meta dim that is no number gave int()'s ValueError; an embedding of the wrong length
+    read by `vectors` gave numpy's reshape error."""
+    import sqlite3
+
+    from mmembed.memory.store import MemoryFileError
+
+    with mm.Memory(db, model=model) as mem:
+        first = mem.add("ada", "hello")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE items SET embedding = x'00010203' WHERE id = ?", (first,))
+    with mm.Memory(db, model=model) as mem, pytest.raises(MemoryFileError, match=f"item {first} does not hold"):
+        mem.vectors([first])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'dim'")
+    with pytest.raises(MemoryFileError, match="is corrupt \\(its embedding width is 'abc'\\)"):
+        mm.Memory(db, model=model)

@@ -398,14 +398,14 @@ def test_an_interrupted_turn_stores_nothing(chat_model, db, monkeypatch):
             chat.ask("a small blue circle on the right", max_new_tokens=2)
         assert chat.memory.count("ada") == count and chat.turn == turn
         monkeypatch.undo()
-        # and between the store and the vectors' read, or while the answer is stored
-        for name in ("vectors", "add_many"):
+        # and while the answer is embedded, or as the turn is stored
+        for name in ("prepare", "add_turn"):
             real = getattr(chat.memory, name)
             calls = []
 
             def interrupted_second(*args, _real=real, _calls=calls, **kwargs):
                 _calls.append(1)
-                if name == "vectors" or len(_calls) == 2:  # add_many: the answer's, after the turn's
+                if name == "add_turn" or len(_calls) == 2:  # prepare: the answer's, after the turn's
                     raise KeyboardInterrupt
                 return _real(*args, **kwargs)
 
@@ -414,6 +414,44 @@ def test_an_interrupted_turn_stores_nothing(chat_model, db, monkeypatch):
                 chat.ask("a small blue circle on the right", max_new_tokens=2)
             monkeypatch.undo()
             assert chat.memory.count("ada") == count and chat.turn == turn, name
+
+
+def test_nothing_of_a_turn_is_in_the_file_until_it_is_answered(chat_model, db, monkeypatch):
+    """A chat killed while it generated (SIGTERM, a closed terminal, SIGKILL: no Python exception
+    to take the turn back) left the turn stored without its answer; the next process showed it as
+    history. Another connection now sees nothing of the turn before the answer, then both at once."""
+    real, seen = chat_model.generate, []
+
+    def generate(*args, **kwargs):
+        with mm.Memory(db) as other:  # what a process opening the file after a kill here would find
+            seen.append(other.count("ada"))
+        return real(*args, **kwargs)
+
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask("my bike is red", max_new_tokens=2)
+        before = chat.memory.count("ada")
+        monkeypatch.setattr(chat_model, "generate", generate)
+        chat.ask(["a small blue circle", mm.Image(picture(8))], max_new_tokens=2)
+        assert seen == [before]
+        items = [h for h in chat.history() if h.turn == chat.turn]
+        assert [h.role for h in items][:2] == ["user", "user"] and chat.memory.count("ada") == before + len(items)
+
+
+def test_turns_asked_at_once_on_one_conversation_get_their_own_numbers(chat_model, db, monkeypatch):
+    """Two processes asking at the same moment both took the highest turn + 1, read before either
+    stored: every number was used twice. The number is now taken as the turn is stored."""
+    real = chat_model.generate
+    with mm.Session(chat_model, memory=db, user="ada", session="s") as first, \
+            mm.Session(chat_model, memory=db, user="ada", session="s") as second:
+        def generate(*args, **kwargs):  # the second asks (and stores) while the first is generating
+            monkeypatch.setattr(chat_model, "generate", real)
+            second.ask("a turn of the second", max_new_tokens=2)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(chat_model, "generate", generate)
+        first.ask("a turn of the first", max_new_tokens=2)
+        turns = {h.text: h.turn for h in first.history() if h.role == "user"}
+    assert turns == {"a turn of the second": 1, "a turn of the first": 2} and (first.turn, second.turn) == (2, 1)
 
 
 def test_two_sessions_on_one_conversation_number_their_turns_apart(chat_model, db):
@@ -464,3 +502,30 @@ def test_history_lists_a_note_and_a_failed_take_back_keeps_the_turns_error(chat_
         monkeypatch.setattr(chat.memory, "delete", disk)
         with pytest.raises(RuntimeError, match="the turn's own reason"):
             chat.ask("a blue circle", max_new_tokens=1)
+
+
+def test_a_window_decoder_with_learned_positions_answers_every_turn_of_a_long_chat(db):
+    """Such a decoder refuses to write past its context (it cannot slide), and the session assumed
+    `generate` would cap a long answer: once the history grew, every turn failed."""
+    model = with_decoder(tiny_model(0), window=32, positional="learned")
+    with mm.Session(model, memory=db, user="ada") as chat:
+        for _ in range(4):
+            out = chat.ask("a large red circle on the left " * 2, max_new_tokens=64)
+            assert 1 <= len(out.token_ids) <= 64
+        assert chat.turn == 4
+
+
+@pytest.mark.parametrize("prompt, named", [(b"hello", "bytes"), (None, "NoneType"), (5, "int"),
+                                           ([b"hello"], "bytes")])
+def test_a_turn_that_is_not_text_or_media_is_refused_by_name(chat_model, db, prompt, named):
+    with mm.Session(chat_model, memory=db, user="ada") as chat, pytest.raises(UserError, match=f"got {named}$"):
+        chat.ask(prompt, max_new_tokens=2)
+
+
+def test_a_session_at_the_highest_turn_number_says_so(chat_model, db):
+    with mm.Memory(db, model=chat_model) as mem:
+        mem.add("bob", "x", session="s", turn=2**63 - 1)
+    with mm.Session(chat_model, memory=db, user="bob", session="s") as chat:
+        with pytest.raises(UserError, match="at turn 9223372036854775807, the highest a turn can be: start a new"):
+            chat.ask("hello", max_new_tokens=2)
+        assert chat.memory.count("bob") == 1

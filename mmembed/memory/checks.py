@@ -1,0 +1,87 @@
+"""Checks of what `Memory`'s callers pass: users, ids, roles, times and metadata, each a one-line
+UserError / BadInput naming the argument."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mmembed.errors import BadInput, UserError
+from mmembed.memory.items import check_utf8
+from mmembed.modality import Modality
+from mmembed.retrieval.store import non_str_keys
+
+ROLES = ("user", "assistant")
+
+
+def check_role(role: Any) -> None:
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+
+
+def check_user(user: Any) -> None:
+    if not isinstance(user, str) or not user:
+        raise UserError(f"user must be a non-empty str, got {user!r}")
+    check_utf8(user, "user")
+
+
+def check_ids(ids: Sequence[int] | int) -> list[int]:
+    ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise UserError(f"ids must be ints, got {i!r}")
+    return [int(i) for i in ids]
+
+
+def storable(ids: list[int]) -> list[int]:
+    """The ids SQLite can hold (64-bit); one past that names no item: unknown, not an error."""
+    return [i for i in ids if -(2**63) <= i < 2**63]
+
+
+def check_optional_str(value: Any, name: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{name} must be a str, got {value!r}")
+    if value is not None:
+        check_utf8(value, name)
+
+
+def parse_modality(value: Modality | str) -> Modality:
+    try:
+        return Modality.parse(value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def timestamp(value: Any, name: str) -> float:
+    if isinstance(value, dt.datetime):
+        try:
+            return value.timestamp()
+        except (OverflowError, ValueError, OSError) as e:  # datetime.min and the like
+            raise UserError(f"{name} {value!r} has no unix time ({e})") from None
+    try:
+        seconds = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
+    except OverflowError:  # an int past float's range
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r:.40}")
+    return seconds
+
+
+def meta_json(meta: dict[str, Any] | None) -> str:
+    if meta is None:
+        return "{}"
+    if not isinstance(meta, dict):
+        raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
+    if bad := non_str_keys(meta):  # JSON would make it a str (and 1 and "1" one key): it would not come back
+        raise BadInput(f"meta has a key that is not a str: {bad[0]!r}")
+    try:
+        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"meta must be JSON-able ({e})") from None
+    check_utf8(text, "meta")
+    return text
