@@ -192,7 +192,7 @@ class ClipTokenizer:
             return False
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
             return False
         return isinstance(obj, dict) and obj.get("kind") == "clip"
 
@@ -216,7 +216,7 @@ class ClipTokenizer:
             obj = json.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CheckpointError(f"tokenizer file not found: {file}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{file}: unreadable CLIP tokenizer marker ({e})") from None
         if not isinstance(obj, dict) or obj.get("kind") != "clip":
             raise CheckpointError(f"{file}: not a CLIP tokenizer marker (no \"kind\": \"clip\")")

@@ -108,7 +108,9 @@ class Tokenizer:
                 iterable of text strings. A plain `str` item is text, never a path.
             vocab_size: total vocabulary size including the 256 byte tokens and the specials;
                 a small corpus may stop short of it (`vocab_size` then reports the real size).
-            special_tokens: extra special tokens, after the seven defaults.
+            special_tokens: extra special tokens, after the seven defaults. One that the merges
+                also make from the corpus's text (a byte-level form such as "Ã©", the bytes of
+                "é") is a UserError once trained: user text would encode to it.
             min_frequency: a pair must occur this often to be merged (0: as often as it takes
                 to reach vocab_size, like Hugging Face's trainer).
 
@@ -118,11 +120,7 @@ class Tokenizer:
         specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
         for s in specials:
             _check_special(s)
-        floor = vocab_floor(specials)
-        if vocab_size < floor:
-            raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
-        if vocab_size > MAX_VOCAB:  # the trainer's own limit is a u32: past it, an OverflowError
-            raise UserError(f"vocab_size={vocab_size} is above {MAX_VOCAB:,}")
+        check_vocab_size(vocab_size, specials)
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -130,7 +128,10 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
         hf.train_from_iterator(_iter_corpus(corpus), trainer)
-        tok = cls(hf)
+        try:
+            tok = cls(hf)
+        except ValueError as e:  # a special that merges made from the corpus's text
+            raise UserError(f"the trained tokenizer is refused: {e}") from None
         log.info("trained byte-level BPE: %d tokens (asked %d)", tok.vocab_size, vocab_size)
         return tok
 
@@ -148,7 +149,7 @@ class Tokenizer:
             raise CheckpointError(f"{file}: is a CLIP tokenizer marker; use load_tokenizer()")
         try:
             spec = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
             raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
         try:
             check_tokenizer_json(spec)  # before the Rust library reads it: some options make it panic
@@ -329,25 +330,41 @@ def load_tokenizer(path_or_kind: str | Path) -> Tokenizer | ClipTokenizer:
     return Tokenizer._from_json(text, file)
 
 
-MAX_VOCAB = 2**31 - 1
+# Four times the largest vocabulary in use (Gemma's 262,144). The trainer reserves ~70 bytes per
+# vocabulary entry up front: 2,000,000,000 asked it for 141 GB and aborted the process.
+MAX_VOCAB = 2**20
+
+
+def check_vocab_size(vocab_size: object, specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> None:
+    """UserError unless `vocab_size` is an int between `vocab_floor(specials)` and MAX_VOCAB."""
+    floor = vocab_floor(specials)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UserError(f"vocab_size must be an integer, got {vocab_size!r}")
+    if vocab_size < floor:
+        raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"vocab_size={vocab_size:,} is above {MAX_VOCAB:,}")
 
 
 def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
                     *, show_progress: bool = False, overwrite: bool = False) -> Path:
     """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
 
-    A missing corpus file, or only empty ones, is a UserError naming them, and so is a
-    tokenizer.json already in `out_dir` unless `overwrite` (a run's own: replaced, the run no
-    longer loaded); all checked before any training starts.
+    A bad vocab_size, a missing corpus file, or only empty (or whitespace-only) ones, is a
+    UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite` (a
+    run's own: replaced, the run no longer loaded); all checked before any training starts and
+    before `out_dir` is made.
     """
+    check_vocab_size(vocab_size)
     files = [Path(f) for f in corpus_files]
     if not files:
         raise UserError("no corpus files given")
     for f in files:
         if not f.is_file():
             raise UserError(f"corpus file not found: {f}")
-    if all(f.stat().st_size == 0 for f in files):
-        raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}): a tokenizer learns its merges from text")
+    if not any(_holds_text(f) for f in files):
+        raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
+                        "a tokenizer learns its merges from text")
     target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
@@ -369,6 +386,32 @@ def _check_special(s: object) -> None:
         raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
 
 
+def _holds_text(file: Path) -> bool:
+    """Whether a corpus file holds anything but whitespace (read up to its first such character)."""
+    with open(file, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(1 << 20):
+            if not chunk.isspace():
+                return True
+    return False
+
+
+# At most this many characters of one run without whitespace (or of whitespace) per training
+# string: the trainer's time grows with the square of a pre-token's length ('a' * 200,000 took
+# 26 s, a million 11 min). Ordinary text has no such run and reaches the trainer unchanged.
+_RUN_CHUNK = 1000
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{_RUN_CHUNK + 1},}}|(?<!\s)\s{{{_RUN_CHUNK + 1},}}")  # each run scanned once
+
+
+def _cut_long_runs(text: str) -> Iterator[str]:
+    """`text` in pieces (joined, the same text) none of which holds a run longer than _RUN_CHUNK."""
+    start = 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + _RUN_CHUNK, run.end(), _RUN_CHUNK):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
+
+
 def _iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
     if isinstance(corpus, (str, bytes)):
         raise UserError("corpus must be a list of file paths or an iterable of strings, not one string")
@@ -378,12 +421,13 @@ def _iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
             if not Path(item).is_file():
                 raise UserError(f"corpus file not found: {item}")
             with open(item, encoding="utf-8", errors="replace", newline="") as f:  # bad UTF-8 -> U+FFFD
-                yield from f
+                for line in f:
+                    yield from _cut_long_runs(line)
         elif isinstance(item, str):
             if SURROGATE.search(item):  # not valid Unicode: cannot be encoded, so not learnt
                 skipped += 1
             else:
-                yield item
+                yield from _cut_long_runs(item)
         else:
             raise UserError(f"corpus items must be str or paths, got {type(item).__name__}")
     if skipped:

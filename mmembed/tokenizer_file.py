@@ -4,7 +4,7 @@ tokenizer it wraps. A hand-edited file that would load and then change ids or te
 
 from __future__ import annotations
 
-from tokenizers import pre_tokenizers
+from tokenizers import decoders, pre_tokenizers
 
 
 def check_tokenizer_json(spec: dict) -> None:
@@ -58,3 +58,10 @@ def _check_merges(model: dict, specials: set) -> None:
     if unmade or len(made) != len(merges) or not made <= set(vocab):
         raise ValueError(f"its merges do not match its vocabulary ({len(merges)} merges for {len(merged)} "
                          f"merged tokens, {len(unmade)} of which no merge makes)")
+    # A special that is also a byte or a merge's result comes out of plain text: "Ã©" (the bytes
+    # of "é") made "café" encode to the special's id, and decode to "cafÃ©".
+    clash = sorted((made | bytes_) & specials)
+    if clash:
+        plain = decoders.ByteLevel().decode([clash[0]])  # the text whose bytes the token stands for
+        raise ValueError(f"its special token {clash[0]!r} is also the token of plain text {plain!r}, which "
+                         "would then encode to the special; use a form like <name>")

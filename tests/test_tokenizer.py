@@ -338,7 +338,7 @@ def test_train_tokenizer_from_files(tmp_path):
     with pytest.raises(UserError, match="nope.txt"):
         train_tokenizer([files[0], tmp_path / "nope.txt"], 600, tmp_path / "tok2")
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(UserError, match=r"the corpus is empty \(.*empty.txt\)"):
+    with pytest.raises(UserError, match=r"the corpus is empty \(.*empty.txt;"):
         train_tokenizer([tmp_path / "empty.txt"], 600, tmp_path / "tok3")
     before = out.read_bytes()  # a tokenizer already there (a run's own) is kept unless told
     with pytest.raises(UserError, match="already exists .*--overwrite"):
@@ -357,6 +357,93 @@ def test_train_tokenizer_from_files(tmp_path):
 def test_compression_on_held_out_english(tok):
     chars_per_token = len(HELD_OUT) / len(tok.encode(HELD_OUT))
     assert chars_per_token >= 3.2, f"held-out chars/token {chars_per_token:.2f} < 3.2"
+
+
+def test_a_run_without_whitespace_trains_in_bounded_time():
+    """The trainer's time grew with the square of a run's length: 'a' * 200,000 took 26 s."""
+    import time
+
+    from mmembed.tokenizer import _iter_corpus
+
+    text = "x " + "a" * 5000 + " y" + " " * 2500 + "z"
+    pieces = list(_iter_corpus([text]))
+    assert "".join(pieces) == text
+    assert max(len(run) for piece in pieces for run in re.findall(r"\S+|\s+", piece)) <= 1000
+    start = time.perf_counter()
+    tok = Tokenizer.train(["a" * 200_000], vocab_size=300)
+    assert time.perf_counter() - start < 5
+    assert tok.decode(tok.encode("a" * 3000)) == "a" * 3000 and len(tok.encode("a" * 3000)) < 300
+
+
+def test_ordinary_text_trains_the_same_tokenizer_as_uncut(monkeypatch):
+    """Cutting long runs must leave ordinary text (no run of 1,000 characters) as it was: the
+    demo's tokenizer, and every trained run's ids, would change otherwise."""
+    import mmembed.tokenizer as module
+
+    corpus = TRAIN_TEXT[:40]
+    cut = Tokenizer.train(corpus, vocab_size=1000).to_hf().to_str()
+    monkeypatch.setattr(module, "_cut_long_runs", lambda text: iter([text]))
+    assert Tokenizer.train(corpus, vocab_size=1000).to_hf().to_str() == cut
+
+
+def test_a_vocabulary_the_trainer_cannot_allocate_is_one_line(tmp_path):
+    """vocab_size up to 2**31 - 1 was accepted, and 2,000,000,000 made the trainer allocate 141 GB
+    and abort the process; a bad size left an empty --out folder behind."""
+    from mmembed.tokenizer import MAX_VOCAB
+
+    assert 262_144 <= MAX_VOCAB <= 2**24  # above every vocabulary in use, far below a u32
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n", encoding="utf-8")
+    for size, message in ((MAX_VOCAB + 1, "is above"), (2_000_000_000, "is above"), (-5, "is below"),
+                          (300.5, "must be an integer")):
+        with pytest.raises(UserError, match=f"vocab_size.*{message}"):
+            Tokenizer.train(["a red star"], vocab_size=size)
+        with pytest.raises(UserError, match=f"vocab_size.*{message}"):
+            train_tokenizer([corpus], size, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_whitespace_only_corpus_is_refused_as_an_empty_one(tmp_path):
+    """A corpus of spaces, tabs and newlines 'trained' a tokenizer of no merges; an empty one was refused."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \t \n\n  \r\n", encoding="utf-8")
+    with pytest.raises(UserError, match="the corpus is empty"):
+        train_tokenizer([blank], 300, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "text.txt").write_text("a red star\n", encoding="utf-8")
+    assert load_tokenizer(train_tokenizer([blank, tmp_path / "text.txt"], 300, tmp_path / "out")).vocab_size > 263
+
+
+@pytest.mark.parametrize("special, text", [("Ã©", "café"), ("Ġ!", "wow !")])
+def test_a_special_that_merges_make_from_plain_text_is_refused(special, text):
+    """A special "Ã©" (the bytes of "é") was learnt as a merge: "café" encoded to the special's id
+    and decoded as "cafÃ©"; the same for "Ġ!" and " !"."""
+    with pytest.raises(UserError, match=f"special token {re.escape(repr(special))} is also the token of plain text"):
+        Tokenizer.train([f"the {text} is here"] * 100, vocab_size=320, special_tokens=[special])
+    tok = Tokenizer.train([f"the {text} is here"] * 100, vocab_size=320, special_tokens=["<my_token>"])
+    assert tok.token_id("<my_token>") not in tok.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+def test_a_file_whose_special_is_a_plain_token_is_refused(tok, tmp_path):
+    """A hand-edited file whose added special was "Ġthe" (a merge's result) or "!" (a byte) loaded,
+    and " the" in user text became the special's id."""
+    spec = json.loads(tok.to_hf().to_str())
+    vocab = spec["model"]["vocab"]
+    plain = {**next(t for t in spec["added_tokens"] if t["content"] == "<image>")}
+    for i, content in enumerate(("Ġthe", "!")):
+        path = _edited(spec, tmp_path / f"{i}.json",
+                       lambda s: s["added_tokens"].append({**plain, "id": vocab[content], "content": content}))
+        with pytest.raises(CheckpointError, match=f"special token {re.escape(repr(content))} is also the token"):
+            load_tokenizer(path)
+
+
+def test_a_deeply_nested_file_is_a_checkpoint_error(tmp_path):
+    """JSON arrays nested 5,000 deep raised RecursionError with a traceback."""
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": ' + "[" * 5000 + "]" * 5000 + "}")
+    for load in (Tokenizer.load, load_tokenizer):
+        with pytest.raises(CheckpointError, match="not a valid tokenizer.json"):
+            load(path)
 
 
 # ------------------------------------------------------------------------------ CLIP
@@ -442,3 +529,14 @@ def test_clip_save_load(clip, tmp_path):
     file.write_text('{"kind": "clip", "context_length": "big"}')
     with pytest.raises(CheckpointError, match="context_length"):
         load_tokenizer(file)
+
+
+def test_clip_a_deeply_nested_marker_is_a_checkpoint_error(tmp_path):
+    """JSON arrays nested 5,000 deep raised RecursionError with a traceback."""
+    pytest.importorskip("open_clip")
+    from mmembed.clip_tokenizer import ClipTokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"kind": "clip", "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="unreadable CLIP tokenizer marker"):
+        ClipTokenizer.load(path)

@@ -26,6 +26,8 @@ from tokenizers import decoders, models, pre_tokenizers
 from mmembed.checkpoint import atomic_write_text, load_torch_weights
 from mmembed.errors import CheckpointError, UserError
 from mmembed.decoder.model import Decoder
+from mmembed.text_encoding import (AllowedSpecial, check_text, content_budget, encode_bounded, resolve_allowed,
+                                   split_on_specials, with_bos_eos)
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 END_OF_TEXT = "<|endoftext|>"
@@ -38,7 +40,7 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"no config.json in {folder} (a GPT-2 folder is what transformers' save_pretrained writes)")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: deep nesting
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
         found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
@@ -136,7 +138,7 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a shard index of transformers ({type(e).__name__}: {e})") from None
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -194,14 +196,19 @@ class PretrainedTokenizer:
     """A Hugging Face byte-level BPE tokenizer (GPT-2's) behind mmembed's tokenizer interface.
 
     GPT-2 has one special token, `<|endoftext|>`, which serves as bos, eos and pad. Typed text
-    never becomes a special id (special-token text is encoded as plain characters).
+    never becomes a special id (special-token text is encoded as plain characters). A truncation
+    or padding saved in the file (transformers saves what its last call set) is dropped: `encode`
+    takes `max_length` as `Tokenizer.encode` does, and pads nothing.
     """
 
     kind = "pretrained"
 
     def __init__(self, hf: tokenizers.Tokenizer) -> None:
-        self._hf = hf
+        self._hf = tokenizers.Tokenizer.from_str(hf.to_str())
         self._plain = tokenizers.Tokenizer.from_str(hf.to_str())
+        for t in (self._hf, self._plain):
+            t.no_truncation()
+            t.no_padding()
         self._plain.encode_special_tokens = True
         self._special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
         end = self._special.get(END_OF_TEXT, hf.token_to_id(END_OF_TEXT))
@@ -215,9 +222,20 @@ class PretrainedTokenizer:
     def special_tokens(self) -> dict[str, int]:
         return dict(self._special)
 
-    def encode(self, text: str, **_: Any) -> list[int]:
-        """Text → ids (special-token text stays text)."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset(),
+               add_bos: bool = False, add_eos: bool = False, max_length: int | None = None) -> list[int]:
+        """Text → ids, with the options of `Tokenizer.encode` (special-token text stays text unless
+        `allowed_special` names it; `max_length` counts bos/eos and keeps eos)."""
+        check_text(text)  # a lone surrogate is BadInput naming its index, not the library's TypeError
+        allowed = resolve_allowed(allowed_special, self._special)
+        ids = encode_bounded(text, content_budget(max_length, add_bos, add_eos), lambda t: self._encode(t, allowed))
+        return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
+
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        ids: list[int] = []
+        for piece, is_special in split_on_specials(text, allowed):
+            ids += [self._special[piece]] if is_special else self._plain.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -231,9 +249,12 @@ class PretrainedTokenizer:
     def load(cls, path: str | Path) -> PretrainedTokenizer:
         path = Path(path)
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
-        except Exception as e:  # the Rust side raises plain Exception
-            raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
+            hf = tokenizers.Tokenizer.from_file(str(path))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # plain Exception on a bad file, a PanicException (no Exception) on some
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({_one_line(e)})") from None
+        return cls(hf)
 
 
 def gpt2_tokenizer(folder: str | Path) -> PretrainedTokenizer:
@@ -244,8 +265,17 @@ def gpt2_tokenizer(folder: str | Path) -> PretrainedTokenizer:
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise UserError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
-    hf = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    try:
+        hf = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # as in PretrainedTokenizer.load
+        raise CheckpointError(f"{folder}: unreadable vocab.json + merges.txt ({_one_line(e)})") from None
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([END_OF_TEXT])
     return PretrainedTokenizer(hf)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]

@@ -158,3 +158,66 @@ def test_rows_past_the_tokenizer_in_a_padded_table_are_never_written(tmp_path):
         assert out.token_ids and max(out.token_ids) < pm.fmt.vocab_size
     logits = teacher_forced_logits(pm.lm, pm.fmt, r, [out.token_ids])
     assert torch.isinf(logits[..., pm.fmt.vocab_size:]).all()  # as generation: probability 0
+
+
+def _tokenizer_folder(gpt2_folder, tmp_path, **changes):
+    spec = json.loads((gpt2_folder / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, **changes}))
+    return tmp_path
+
+
+def test_a_truncation_or_padding_saved_in_tokenizer_json_is_not_applied(gpt2_folder, tmp_path):
+    """transformers saves the truncation and padding its last call set: 'hello world…' was cut to
+    4 ids and 'hi' padded to 12, without a word."""
+    plain = gpt2_tokenizer(gpt2_folder)
+    text = "hello world, a small red circle and a large blue square"
+    assert len(plain.encode(text)) > 4
+    truncation = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    padding = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
+               "pad_id": plain.pad_id, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    tok = gpt2_tokenizer(_tokenizer_folder(gpt2_folder, tmp_path, truncation=truncation, padding=padding))
+    assert tok.encode(text) == plain.encode(text) and tok.encode("hi") == plain.encode("hi")
+    saved = json.loads(tok.save(tmp_path / "saved.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+
+
+def test_a_tokenizer_json_that_panics_the_library_is_a_checkpoint_error(gpt2_folder, tmp_path):
+    """A malformed normalizer raised the library's PanicException (no Exception): a traceback."""
+    bad = _tokenizer_folder(gpt2_folder, tmp_path, normalizer={"type": "Precompiled", "precompiled_charsmap": "AAAA"})
+    with pytest.raises(CheckpointError, match="not a readable tokenizer.json .*precompiled_charsmap"):
+        gpt2_tokenizer(bad)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text("[1, 2]")
+    (tmp_path / "merges.txt").write_text("a b\n")
+    with pytest.raises(CheckpointError, match="unreadable vocab.json"):
+        gpt2_tokenizer(tmp_path)
+
+
+def test_encode_takes_the_tokenizer_interfaces_options(gpt2_folder):
+    """encode(text, **_) ignored them: encode("x", max_length=1, add_bos=True) gave [x's id]; a
+    lone surrogate raised the library's bare TypeError."""
+    from mmembed.errors import BadInput
+
+    tok = gpt2_tokenizer(gpt2_folder)
+    end = tok.eos_id
+    text = "hello world, a small red circle"
+    ids = tok.encode(text)
+    assert tok.encode("x", max_length=1, add_bos=True) == [end]
+    assert tok.encode(text, add_bos=True, add_eos=True) == [end, *ids, end]
+    assert tok.encode(text, add_eos=True, max_length=4) == [*ids[:3], end]
+    assert tok.encode(text + " " * 10_000 + "z" * 1_000_000, max_length=5) == ids[:5]
+    assert tok.encode("a<|endoftext|>b", allowed_special="all") == [*tok.encode("a"), end, *tok.encode("b")]
+    assert end not in tok.encode("a<|endoftext|>b")
+    with pytest.raises(BadInput, match="lone surrogate U\\+D800 at index 2"):
+        tok.encode("ab\ud800")
+    with pytest.raises(TypeError, match="max_len"):
+        tok.encode("x", max_len=3)
+    with pytest.raises(UserError, match="allowed_special names unknown tokens"):
+        tok.encode("x", allowed_special={"<bos>"})
+
+
+def test_a_deeply_nested_config_json_is_a_checkpoint_error(tmp_path):
+    """JSON arrays nested 5,000 deep raised RecursionError with a traceback."""
+    (tmp_path / "config.json").write_text('{"model_type": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="unreadable config"):
+        load_gpt2(tmp_path)
