@@ -2,7 +2,8 @@
 
     GET  /api/status              run, modalities, index progress, limits
     POST /api/search              pieces (+ weights, target, k)          → {"hits": [...]}
-    GET  /api/media/{id}          an indexed item's own file (images, sounds)
+    GET  /api/media/{id}?g=TAG    an indexed item's own file (images, sounds); TAG is the server's,
+                                  from the hit's `media` URL (cached only under it)
     POST /api/generate            pieces (+ temperature, top_p, ..., best_of) → {"text", "tokens": [...], ...}
     POST /api/generate/stream     the same, as server-sent events: `token` per token, then `done`
                                   (not best_of, which chooses among whole answers)
@@ -79,7 +80,7 @@ async def search(request: Request) -> dict[str, Any]:
     index = state.index.ready()
     start = time.perf_counter()
     hits = await model_call(state, _search, state, index, pieces, weights, target, k)
-    return {"hits": [hit_json(h, rank) for rank, h in enumerate(hits, 1)], "target": target,
+    return {"hits": [hit_json(h, rank, state.media_tag) for rank, h in enumerate(hits, 1)], "target": target,
             "pieces": len(pieces), "took_ms": round(1000 * (time.perf_counter() - start), 1)}
 
 
@@ -103,25 +104,28 @@ def _target(value: str | None, state: ServeState) -> str | None:
     return value
 
 
-def hit_json(hit: Hit, rank: int) -> dict[str, Any]:
-    """A hit as the page draws it: media by URL (never a server path), text as text."""
+def hit_json(hit: Hit, rank: int, media_tag: str) -> dict[str, Any]:
+    """A hit as the page draws it: media by URL (never a server path; `media_tag` names this
+    server's index in it), text as text."""
     meta = dict(hit.metadata)
     item = meta.pop("item", None)
     has_file = hit.modality in FILE_MODALITIES
     return {"rank": rank, "id": hit.id, "score": round(hit.score, 4), "modality": str(hit.modality),
             "label": meta.get("label"), "text": None if has_file else item,
             "name": Path(item).name if has_file and isinstance(item, str) else None,
-            "media": f"/api/media/{hit.id}" if has_file else None, "metadata": meta}
+            "media": f"/api/media/{hit.id}?g={media_tag}" if has_file else None, "metadata": meta}
 
 
 @router.get("/media/{item_id}")
-def media(request: Request, item_id: int) -> FileResponse:
-    path = state_of(request).index.media_path(item_id)
+def media(request: Request, item_id: int, g: str | None = None) -> FileResponse:
+    state = state_of(request)
+    caching = state.media_cache_control(g, f"item {item_id}")
+    path = state.index.media_path(item_id)
     with path.open("rb") as f:
         fmt = sniff(f.read(16))
     if fmt is None:
         raise Refusal(404, f"item {item_id}'s file is not a format the page can show")
-    return FileResponse(path, media_type=fmt.mime, headers={"cache-control": "private, max-age=3600"})
+    return FileResponse(path, media_type=fmt.mime, headers={"cache-control": caching})
 
 
 # ---- generation ----------------------------------------------------------------------------------

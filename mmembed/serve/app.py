@@ -41,7 +41,7 @@ def create_app(state: ServeState) -> FastAPI:
     app.include_router(memory_api.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: a client checking the page is up
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
 
@@ -72,7 +72,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
+    response = _error(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # a 405's Allow (the methods that path takes)
+    return response
 
 
 class CrashGuard:

@@ -3,7 +3,9 @@
     GET    /api/memory?user=U                     the user's items, newest first
     POST   /api/memory/remember                   user + pieces → stored items (no answer)
     POST   /api/memory/ask                        user + pieces (+ sampling) → the answer and what it recalled
-    GET    /api/memory/items/{id}/media?user=U    a stored item's own bytes (image, sound)
+    GET    /api/memory/items/{id}/media?user=U&g=TAG
+                                                  a stored item's own bytes (image, sound); TAG as in
+                                                  the item's `media` URL (see api.py's media)
     DELETE /api/memory/items/{id}?user=U          forget one item
 
 A user only ever sees, recalls and deletes their own items (`Memory` scopes every call).
@@ -44,14 +46,14 @@ def items(request: Request, user: str, limit: int = 200) -> dict[str, Any]:
     with user_errors():
         found = memory.recent(user, limit=limit)
         total = memory.count(user)
-    return {"user": user, "count": total, "items": [item_json(h) for h in reversed(found)]}
+    return {"user": user, "count": total, "items": [item_json(h, state.media_tag) for h in reversed(found)]}
 
 
-def item_json(hit: Any) -> dict[str, Any]:
+def item_json(hit: Any, media_tag: str) -> dict[str, Any]:
     has_file = hit.modality in FILE_MODALITIES and hit.media_path is None
     out = {"id": hit.id, "modality": str(hit.modality), "text": hit.text, "role": hit.role, "session": hit.session,
            "turn": hit.turn, "time": hit.time,
-           "media": f"/api/memory/items/{hit.id}/media?user={_quote(hit.user)}" if has_file else None}
+           "media": f"/api/memory/items/{hit.id}/media?user={_quote(hit.user)}&g={media_tag}" if has_file else None}
     if hit.score is not None:
         out["score"] = round(hit.score, 4)
     return out
@@ -89,20 +91,23 @@ def _ask(state: ServeState, memory: Any, user: str, prompt: list[Any], settings:
     with user_errors(), state.lock:
         session = Session(state.model, memory, user)
         out = session.ask(prompt, **settings)
+    recalled = [item_json(h, state.media_tag) for h in out.recalled]
     return {"user": user, "session": session.session, "turn": session.turn, "text": out.text,
-            "entropy": [round(h, 4) for h in out.entropy], "recalled": [item_json(h) for h in out.recalled]}
+            "entropy": [round(h, 4) for h in out.entropy], "recalled": recalled}
 
 
 @router.get("/items/{item_id}/media")
-def item_media(request: Request, item_id: int, user: str) -> Response:
-    memory, user = state_of(request).need_memory(), user_name(user)
+def item_media(request: Request, item_id: int, user: str, g: str | None = None) -> Response:
+    state = state_of(request)
+    memory, user = state.need_memory(), user_name(user)
+    caching = state.media_cache_control(g, f"item {item_id}")
     with user_errors():
         found = memory.get([item_id], user=user)
     data = found[0].media if found else None
     fmt = sniff(data) if data else None
     if fmt is None:
         raise Refusal(404, f"user {user!r} has no item {item_id} with a picture or sound")
-    return Response(data, media_type=fmt.mime, headers={"cache-control": "private, max-age=3600"})
+    return Response(data, media_type=fmt.mime, headers={"cache-control": caching})
 
 
 @router.delete("/items/{item_id}")

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from mmembed.errors import BadInput
@@ -53,8 +54,13 @@ async def read_form(request: Request, limits: Limits) -> FormData:
     try:
         # a character is up to 4 bytes of UTF-8 in a multipart field and 12 once percent-encoded
         # (an url-encoded form); `_text` then counts the characters themselves
-        return await request.form(max_files=limits.max_files, max_fields=limits.max_fields,
-                                  max_part_size=12 * limits.max_text_chars + 512)
+        bounds = {"max_files": limits.max_files, "max_fields": limits.max_fields,
+                  "max_part_size": 12 * limits.max_text_chars + 512}
+        if kind == "multipart/form-data" and request._form is None:
+            # parsed here, kept where Starlette's request.form() keeps its own (read again by /ask)
+            async with aclosing(request.stream()) as stream:
+                request._form = await _TextParser(request.headers, stream, **bounds).parse()
+        return await request.form(**bounds)
     except (MultiPartException, HTTPException) as e:  # Starlette's form() turns the first into the second
         message = str(getattr(e, "message", None) or getattr(e, "detail", e))
         if "exceeded maximum size" in message:  # a field past max_part_size: a typed text far too long
@@ -62,6 +68,22 @@ async def read_form(request: Request, limits: Limits) -> FormData:
         raise Refusal(400, f"bad form: {message}") from None
     except (AssertionError, ValueError, UnicodeError) as e:
         raise Refusal(400, f"bad form: {e}") from None
+
+
+class _TextParser(MultiPartParser):
+    """Starlette's multipart parser, refusing a text field whose bytes are not text in the form's
+    charset (UTF-8 unless it names another): Starlette decoded them as Latin-1 instead, so
+    b"caf\\xe9" was stored as "café" and the user b"\\xfe" became the user "þ"."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except UnicodeDecodeError:
+                raise MultiPartException(f"the field {part.field_name[:40]!r} is not {self._charset} text "
+                                         "(send text as UTF-8)") from None
+        super().on_part_end()
 
 
 async def read_pieces(form: FormData, limits: Limits, check: Check) -> list[Piece]:

@@ -5,6 +5,7 @@ concurrent calls would only fight over them)."""
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ class ServeState:
     limits: Limits
     run: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # in every media URL (`?g=`): ids restart at 0 in each index (and at 1 in each memory file), so a
+    # browser's cache showed an earlier server's picture on the same port under this one's label
+    media_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     _slot: Any = field(default=None, repr=False)
 
     def model_slot(self) -> Any:
@@ -52,6 +56,15 @@ class ServeState:
         if self.memory is None:
             raise Refusal(404, "this server has no memory: start it with --memory FILE")
         return self.memory
+
+    def media_cache_control(self, tag: str | None, what: str) -> str:
+        """The cache-control for a media answer: cached only under this server's tag (404 for another's)."""
+        if tag is None:
+            return "no-store"  # a bare URL may name another index's item next time
+        if tag != self.media_tag:
+            raise Refusal(404, f"{what} is of another server's index or memory (the server was restarted): "
+                               "reload the page")
+        return "private, max-age=3600"
 
     def status(self) -> dict[str, Any]:
         return {"run": self.run, "modalities": [str(m) for m in self.model.modalities],

@@ -85,7 +85,8 @@ def test_search_equals_the_python_api(client, model, tiny_world):
     expected = index.search(mm.Query(text="a small red circle on the left"), target="image", k=3)
     assert [h["id"] for h in out["hits"]] == [h.id for h in expected]
     assert [h["score"] for h in out["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
-    assert all(h["modality"] == "image" and h["media"] == f"/api/media/{h['id']}" for h in out["hits"])
+    tag = client.app.state.serve.media_tag
+    assert all(h["modality"] == "image" and h["media"] == f"/api/media/{h['id']}?g={tag}" for h in out["hits"])
     assert all("item" not in h["metadata"] and "/" not in h["name"] for h in out["hits"])  # no server paths
 
 
@@ -120,6 +121,27 @@ def test_media_are_served_from_the_index_only(client, tiny_world):
     assert client.get("/api/media/987654").json() == {"error": "no item 987654 in the index"}
     assert client.get("/api/media/..%2F..%2Fetc%2Fpasswd").status_code in (400, 404)
     assert client.get("/static/../state.py").status_code == 404
+
+
+def test_media_urls_are_answered_and_cached_only_by_the_server_that_gave_them(client, model, tiny_world):
+    """Ids restart at 0 in every index (at 1 in every memory file) and a media URL was the id alone,
+    cached an hour: a server restarted on the same port with another index showed the first one's pictures."""
+    hit = client.post("/api/search", files=files(("text", "a red star")), data={"target": "image", "k": "1"}).json()
+    name, data = first(tiny_world, "image")
+    stored = client.post("/api/memory/remember", files=files(("user", "cy"), ("file", (name, data)))).json()
+    item = client.get("/api/memory", params={"user": "cy"}).json()["items"][0]
+    assert item["id"] == stored["ids"][0]
+    state = client.app.state.serve
+    for url in (hit["hits"][0]["media"], item["media"]):
+        assert url.endswith(f"g={state.media_tag}")
+        served = client.get(url)
+        assert served.status_code == 200 and served.headers["cache-control"] == "private, max-age=3600"
+        bare = client.get(url.replace(f"g={state.media_tag}", ""))  # no tag: the bytes, never cached
+        assert bare.content == served.content and bare.headers["cache-control"] == "no-store"
+        restarted = ServeState(model, state.index, state.memory, LIMITS, "tiny")  # the same ids, another server
+        with TestClient(create_app(restarted)) as other:
+            response = other.get(url)
+            assert response.status_code == 404 and "another server's index or memory" in response.json()["error"]
 
 
 # ---- bad requests ---------------------------------------------------------------------------------
@@ -320,6 +342,43 @@ def test_user_names_of_undecodable_bytes_are_refused(client):
                            headers={"content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 400 and response.json()["error"] == "a user name must be valid UTF-8 text"
     assert client.get("/api/memory", params={"user": "\ufffd"}).status_code == 400
+
+
+def multipart(fields: list[tuple[str, bytes]], charset: str | None = None) -> dict:
+    """A multipart body of raw field bytes (httpx would encode str fields as UTF-8), as `post` kwargs."""
+    body = b"".join(b'--B\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+                    for name, value in fields) + b"--B--\r\n"
+    kind = "multipart/form-data; boundary=B" + (f"; charset={charset}" if charset else "")
+    return {"content": body, "headers": {"content-type": kind}}
+
+
+def test_multipart_text_of_undecodable_bytes_is_refused(client):
+    """Starlette decodes a multipart field that is not UTF-8 as Latin-1: b"caf\\xe9 \\xff" was stored
+    as "café ÿ", and the user b"\\xfe" became the user "þ"."""
+    memory = client.app.state.serve.memory
+    for user, text in ((b"dee", b"caf\xe9 \xff"), (b"\xfe", b"hello"), (b"dee", b"\xff")):
+        response = client.post("/api/memory/remember", **multipart([("user", user), ("text", text)]))
+        field = "user" if user == b"\xfe" else "text"
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == f"bad form: the field {field!r} is not utf-8 text (send text as UTF-8)"
+    assert memory.count("dee") == memory.count("þ") == 0
+    # real UTF-8 (whose characters all fit in Latin-1 too) is kept as sent, and so is a declared charset
+    ok = client.post("/api/memory/remember", **multipart([("user", "dée".encode()), ("text", "café".encode())]))
+    assert ok.status_code == 200 and [h.text for h in memory.recent("dée")] == ["café"]
+    latin = client.post("/api/memory/remember", **multipart([("user", b"ed"), ("text", b"caf\xe9")], "latin-1"))
+    assert latin.status_code == 200 and [h.text for h in memory.recent("ed")] == ["café"]
+    search = client.post("/api/search", **multipart([("text", b"a red \xff star")]))
+    assert search.status_code == 400 and "'text' is not utf-8 text" in search.json()["error"]
+
+
+def test_a_wrong_method_names_the_allowed_ones_and_head_gets_the_page(client):
+    """A 405 came without its Allow header (the error handler dropped it), and HEAD / was a 405."""
+    response = client.delete("/api/status")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert response.json() == {"error": "Method Not Allowed"}
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"].startswith("text/html")
+    assert int(head.headers["content-length"]) > 0
 
 
 def test_an_unreadable_sound_is_named_without_a_memory_address(client):

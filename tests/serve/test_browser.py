@@ -309,3 +309,33 @@ def test_the_memory_view_shows_what_a_turn_recalled_and_forgets(page, served, tm
     assert page.locator("#memory-items .item").count() == before - 1
     with served.state.lock:
         assert all(h.id != int(victim_id) for h in served.state.memory.recent("ada", limit=100))
+
+
+def test_a_memory_error_goes_once_a_list_loads(page, served):
+    """refreshMemory never cleared the error box: a refused name's message stayed under the next user's list."""
+    page.click("#tab-memory")
+    page.wait_for_selector("#memory-items[data-refreshes='1']", state="attached")  # the view's own first list
+    page.fill("#memory-user", "bad\u0007name")
+    page.click("#memory-refresh")
+    page.wait_for_function("() => document.querySelector('#memory-error').textContent.includes('printable')")
+    page.fill("#memory-user", "grace")
+    page.click("#memory-refresh")
+    page.wait_for_selector("#memory-items[data-refreshes='2']", state="attached")
+    assert page.locator("#memory-error").is_hidden() and page.text_content("#memory-info").endswith("for grace")
+
+
+# ---- header ----------------------------------------------------------------------------------------
+
+
+def test_an_index_folder_given_with_a_trailing_slash_is_named(browser, served, tmp_path):
+    """`--index idx/` showed "index: ... ()": the name was taken after the path's last slash."""
+    mm.Index.build(served.model, served.world / "test.jsonl", progress=False).save(tmp_path / "idx")
+    state = open_state(served.model, run="tiny-trained", index=f"{tmp_path / 'idx'}/")
+    with BackgroundServer(create_app(state)) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url)
+            page.wait_for_selector("#index-status[data-state='ready']", timeout=TIMEOUT_MS)
+            assert page.text_content("#index-text").endswith("(idx)")
+        finally:
+            page.close()

@@ -177,11 +177,16 @@ async function pollStatus() {
   } else if (index.state === "ready") {
     bar.hidden = true;
     const counts = Object.entries(index.counts).map(([m, n]) => `${n} ${m}`).join(", ");
-    $("index-text").textContent = `index: ${counts} (${index.source.split("/").pop()})`;
+    $("index-text").textContent = `index: ${counts} (${baseName(index.source)})`;
   } else {
     bar.hidden = true;
     $("index-text").textContent = `no index: ${index.error}`;
   }
+}
+
+// The last part of a path ("idx/" → "idx": `--index idx/` showed an empty name).
+function baseName(path) {
+  return path.split(/[\\/]+/).filter(Boolean).pop() || path;
 }
 
 // ---- search ----------------------------------------------------------------------------------------
@@ -382,12 +387,14 @@ async function refreshMemory() {
   if ($("tab-memory").hidden) return;
   if (!user) { // an emptied box: no one's list stays on screen
     listedUser = "";
+    showError($("memory-error"), null);
     $("memory-items").replaceChildren();
     $("memory-info").textContent = "";
     return;
   }
   try {
     const out = await api(`/api/memory?user=${encodeURIComponent(user)}`);
+    showError($("memory-error"), null); // an earlier failure's message stayed under the list it no longer describes
     listedUser = out.user;
     const items = $("memory-items");
     items.replaceChildren(...out.items.map(itemCard));
