@@ -170,6 +170,10 @@ def space_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def _few(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+
 def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
                   frozen: frozenset[str] = frozenset()) -> None:
     """Copy every tensor whose name and shape match from an earlier run's weights (the bind
@@ -193,14 +197,20 @@ def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
     for name in sorted(set(towers) if towers is not None else shared):
         mine = [k for k in own if k.startswith(f"towers.{name}.")]
         left = [k for k in mine if k not in taken]
-        if not left:
+        # and the other way: a source tensor with no place here (pool: flatten's map into a model that
+        # pools by mean) is part of what the tower computed there
+        extra = [k for k in state if k.startswith(f"towers.{name}.") and k not in own]
+        if not left and not extra:
             continue
-        message = (f"{what}: the {name} tower of {weights} fits {len(mine) - len(left)} of its {len(mine)} tensors "
-                   f"here (not {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): its shapes or names "
-                   "differ from this config's")
+        if left:
+            message = (f"{what}: the {name} tower of {weights} fits {len(mine) - len(left)} of its {len(mine)} "
+                       f"tensors here (not {_few(left)}): its shapes or names differ from this config's")
+        else:
+            message = (f"{what}: the {name} tower of {weights} has tensors this config's lacks ({_few(extra)}): "
+                       "it was built otherwise (compare the run's config.yaml)")
         if towers is not None or name in frozen:
             raise UserError(message + (" (and it is frozen: it would stay as initialised)" if name in frozen else ""))
-        log.warning("%s; those tensors start fresh", message)
+        log.warning("%s; %s", message, "those tensors start fresh" if left else "the rest is left out")
     space.load_state_dict(taken, strict=False)
     towers = sorted({k.split(".")[1] for k in taken if k.startswith("towers.")})
     log.info("initialised %d tensors (towers: %s) from %s", len(taken), ", ".join(towers) or "none", weights)

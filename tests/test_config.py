@@ -145,6 +145,20 @@ def test_model_and_decoder_shapes_out_of_range_name_the_key(override, message):
         load_config("demo", [override])
 
 
+def test_sinusoidal_decoder_needs_an_even_width_not_an_even_head_width():
+    """DecoderConfig refused width 30 with 2 heads under sinusoidal positions (an odd head width),
+    which the Decoder builds and runs: the table is added to the input once, at the model width."""
+    from mmembed.decoder.model import Decoder
+
+    shape = ["decoder.width=30", "decoder.heads=2"]
+    assert load_config("demo", [*shape, "decoder.positional=sinusoidal"]).decoder.width == 30
+    Decoder(50, 30, 1, 2, max_len=8, positional="sinusoidal")  # the module agrees
+    with pytest.raises(ConfigError, match=r"sinusoidal positions need an even decoder\.width, got 31"):
+        load_config("demo", ["decoder.width=31", "decoder.heads=1", "decoder.positional=sinusoidal"])
+    with pytest.raises(ConfigError, match=r"rotary positions need an even head width"):
+        load_config("demo", [*shape, "decoder.positional=rotary"])
+
+
 def test_a_pretrained_decoders_shape_comes_from_its_folder_not_the_config():
     config = load_config("demo", ["decoder.init_from_gpt2=/some/gpt2", "decoder.width=999", "decoder.heads=2"])
     assert config.decoder.width == 999  # not checked: builder.with_gpt2_architecture replaces it
@@ -243,10 +257,15 @@ def test_a_path_set_from_python_saves(tmp_path):
     (["model.towers.image.encoder=vitt"], r"model\.towers\.image\.encoder: unknown encoder 'vitt'"),
     (["model.init_towers=[image, txet]"], r"model\.init_towers: 'txet' is not one of model\.towers"),
     (["tokenizer.path=/nonexistent/tok.json"], r"tokenizer\.path: no tokenizer file"),
-    (["tokenizer.vocab_size=0"], r"tokenizer\.vocab_size must be at least 263"),
+    (["tokenizer.vocab_size=0"], r"tokenizer\.vocab_size must be in \[263, 1,048,576\]"),
+    (["tokenizer.vocab_size=2000000000"], r"tokenizer\.vocab_size must be in \[263, .*got 2,000,000,000"),
     (["model.init_from=/nonexistent/run"], r"model\.init_from: /nonexistent/run holds no trained model"),
     (["decoder.init_from_gpt2=/nonexistent/gpt2"], r"decoder\.init_from_gpt2: /nonexistent/gpt2 has no config\.json"),
     (["data.synth.n=30", "data.synth.split=[1.0,0,0]"], r"gives the val split no scene.*data\.val=null"),
+    (["model.towers.image.preprocess.augmnt=true"], r"unknown key 'model\.towers\.image\.preprocess\.augmnt'"),
+    (["model.towers.text.encoder_args.widht=64"], r"unknown key 'model\.towers\.text\.encoder_args\.widht'"),
+    (["decoder.data.tasks=[colr]"], r"decoder\.data\.tasks: 'colr' is not a task of the instruction rows \(their"),
+    (["decoder.data.task_weights={shap: 2}"], r"decoder\.data\.task_weights: 'shap' is not a task"),
 ])
 def test_a_run_checks_its_names_and_files_before_any_work(tmp_path, overrides, message):
     """Each was found after the world was generated and the tokenizer trained, and left a run

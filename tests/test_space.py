@@ -191,3 +191,36 @@ def test_init_from_a_run_whose_tower_does_not_fit_is_named(tmp_path, caplog):
     for k, v in source.state_dict().items():
         if k.startswith("towers.image."):
             torch.testing.assert_close(target.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_init_from_a_run_whose_tower_has_more_than_this_one_is_named(tmp_path):
+    """A tower of the source run with tensors this config lacks (the demo's pool: flatten map
+    into configs/bind-audio.yaml's pool: mean) loaded every tensor it had and dropped the rest:
+    a frozen tower that computed something else than the run's, without a word."""
+    import copy
+
+    from mmembed.checkpoint import save_tensors
+    from mmembed.space import build_space, init_from_run
+
+    deeper = copy.deepcopy(TINY_MODEL)
+    deeper["towers"]["text"]["encoder_args"]["layers"] = 2
+    save_tensors(tmp_path / "model.safetensors",
+                 build_space(from_dict(ModelConfig, deeper, "model", "test"), vocab_size=300).state_dict())
+    target = build_space(from_dict(ModelConfig, TINY_MODEL, "model", "test"), vocab_size=300)
+    with pytest.raises(UserError, match=r"the text tower of .* has tensors this config's lacks \(towers\.text\."):
+        init_from_run(target, tmp_path / "model.safetensors", ["image", "text"])
+    with pytest.raises(UserError, match="it is frozen"):
+        init_from_run(target, tmp_path / "model.safetensors", None, frozenset({"text"}))
+
+
+def test_the_bind_recipe_keeps_the_demo_towers_it_loads():
+    """configs/bind-audio.yaml kept pool: mean after the demo's image tower moved to pool: flatten."""
+    import yaml
+
+    from mmembed.config import CONFIG_DIR
+
+    demo = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())["model"]
+    bind = yaml.safe_load((CONFIG_DIR / "bind-audio.yaml").read_text())["model"]
+    for name in bind["init_towers"]:
+        ours = {k: v for k, v in bind["towers"][name].items() if k != "freeze"}
+        assert ours == {k: v for k, v in demo["towers"][name].items() if k != "freeze"}, name

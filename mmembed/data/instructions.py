@@ -30,6 +30,11 @@ from mmembed.modality import Modality
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
 
 
+def manifest_tasks(path: Path) -> set[str]:
+    """The tasks an instruction manifest's rows name (a quick read: no path is resolved)."""
+    return {str(r["task"]) for _, r in read_jsonl_records(path) if isinstance(r, dict) and r.get("task") is not None}
+
+
 @dataclass(frozen=True)
 class InstructionRow:
     """One example: prompt segments (text, or a `MediaRef`), the answer and its task."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmembed.config import Config
+from mmembed.config import Config, TowerConfig
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
 
@@ -31,6 +31,7 @@ def check_config(config: Config, resume: bool = False) -> None:
     if not resume:
         _check_sources(config)
     _check_world_splits(config)
+    _check_decoder_tasks(config)
     _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, pairs=True)
     if config.decoder is not None:
         _check_metric("decoder.train", config.decoder.train.early_stop_metric, DECODER_METRICS)
@@ -61,10 +62,48 @@ def _check_towers(config: Config) -> None:
         if tower.encoder not in ENCODERS:
             raise ConfigError(f"model.towers.{name}.encoder: unknown encoder {tower.encoder!r}; valid: "
                               f"{', '.join(sorted(ENCODERS))}")
+        _check_tower_arguments(name, tower)
     unknown = [t for t in model.init_towers or () if t not in model.towers]
     if unknown:
         raise ConfigError(f"model.init_towers: {', '.join(map(repr, unknown))} is not one of model.towers "
                           f"({', '.join(model.towers)})")
+
+
+def _check_tower_arguments(name: str, tower: TowerConfig) -> None:
+    """A misspelt encoder or preprocess argument (`augmnt`) was found after the world was generated
+    and the tokenizer trained. Names only: the values are checked as the tower is built."""
+    from encoders import ENCODERS
+    from mmembed.preprocess import PREPROCESSORS
+    from mmembed.typed_config import check_kwargs
+
+    check_kwargs(ENCODERS[tower.encoder], dict(tower.encoder_args), f"model.towers.{name}.encoder_args")
+    check_kwargs(PREPROCESSORS[Modality.parse(name)], dict(tower.preprocess or {}),
+                 where=f"model.towers.{name}.preprocess", source="config")
+
+
+def _check_decoder_tasks(config: Config) -> None:
+    """A task the instruction rows do not have (`decoder.data.tasks=[colr]`) left no row, or named
+    no row's task, after the whole align stage had trained. The tasks are known up front for the
+    built-in world and for a manifest already on disk."""
+    if config.decoder is None:
+        return
+    data = config.decoder.data
+    named = set(data.tasks or ()) | set(data.task_weights)
+    if not named:
+        return
+    path = Path(config.data.root) / data.train
+    if path.is_file():
+        from mmembed.data.instructions import manifest_tasks
+
+        known = manifest_tasks(path)
+    elif config.data.synth is not None:  # the world writes it
+        from mmembed.data.synth.instructions import TASKS as known
+    else:
+        return
+    for key, tasks in (("tasks", data.tasks or ()), ("task_weights", data.task_weights)):
+        if unknown := sorted(set(tasks) - set(known)):
+            raise ConfigError(f"decoder.data.{key}: {', '.join(map(repr, unknown))} is not a task of the instruction "
+                              f"rows (their tasks: {', '.join(sorted(known))})")
 
 
 def _check_loss(config: Config) -> None:
@@ -78,12 +117,12 @@ def _check_sources(config: Config) -> None:
     if tok.path is not None and not Path(tok.path).is_file():
         raise ConfigError(f"tokenizer.path: no tokenizer file at {tok.path}")
     if tok.kind == "bpe" and tok.path is None:
-        from mmembed.tokenizer import vocab_floor
+        from mmembed.tokenizer import MAX_VOCAB, vocab_floor
 
         floor = vocab_floor()
-        if tok.vocab_size < floor:
-            raise ConfigError(f"tokenizer.vocab_size must be at least {floor} (256 bytes and the special tokens), "
-                              f"got {tok.vocab_size}")
+        if not floor <= tok.vocab_size <= MAX_VOCAB:  # above, the trainer aborts allocating for all of it
+            raise ConfigError(f"tokenizer.vocab_size must be in [{floor}, {MAX_VOCAB:,}] (256 bytes and the special "
+                              f"tokens at least), got {tok.vocab_size:,}")
     if config.model.init_from is not None and not (Path(config.model.init_from) / "model.safetensors").is_file():
         raise ConfigError(f"model.init_from: {config.model.init_from} holds no trained model (model.safetensors)")
     gpt2 = config.decoder.init_from_gpt2 if config.decoder is not None else None
