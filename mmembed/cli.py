@@ -106,8 +106,8 @@ def _data_commands(sub) -> None:
     t.add_argument("--corpus", nargs="+", required=True, help="text files")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer.json already in --out (a run's "
-                                                            "own: the run then no longer loads)")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer.json already in --out (never "
+                                                            "a trained run's: its weights belong to it)")
     t = tok_sub.add_parser("stats", help="train at several vocabulary sizes; plot compression and embedding "
                                          "parameters against size (DIR/tokenizer_stats.png, .json, .csv)")
     t.add_argument("--corpus", nargs="+", required=True, help="text files, one caption per line")

@@ -351,9 +351,9 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
 
     A bad vocab_size, a missing corpus file, or only empty (or whitespace-only) ones, is a
-    UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite` (a
-    run's own: replaced, the run no longer loaded); all checked before any training starts and
-    before `out_dir` is made.
+    UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite`, and
+    a trained run's folder in any case (its weights belong to its tokenizer); all checked before
+    any training starts and before `out_dir` is made.
     """
     check_vocab_size(vocab_size)
     files = [Path(f) for f in corpus_files]
@@ -365,6 +365,9 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     if not any(_holds_text(f) for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
                         "a tokenizer learns its merges from text")
+    if (Path(out_dir) / "model.safetensors").exists():  # a same-size tokenizer loaded, every id another word
+        raise UserError(f"{out_dir} is a trained run: its weights belong to its tokenizer.json; write the new "
+                        "tokenizer to another folder")
     target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")

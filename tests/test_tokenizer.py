@@ -348,6 +348,9 @@ def test_train_tokenizer_from_files(tmp_path):
     (tmp_path / "tok4" / "tokenizer.json").mkdir(parents=True)  # refused before training, not after it
     with pytest.raises(UserError, match="exists and is not a file"):
         train_tokenizer(files, 600, tmp_path / "tok4")
+    (tmp_path / "tok" / "model.safetensors").write_bytes(b"")  # a trained run: a same-size tokenizer loaded
+    with pytest.raises(UserError, match="is a trained run: its weights belong to its tokenizer.json"):
+        train_tokenizer(files, 300, tmp_path / "tok", overwrite=True)
     with pytest.raises(UserError, match="vocab_size"):
         Tokenizer.train(["abc"], vocab_size=100)
     with pytest.raises(UserError, match="not one string"):

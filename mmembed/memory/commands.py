@@ -35,6 +35,7 @@ def run_train_queries(args: argparse.Namespace) -> int:
     from mmembed.config import MAX_SEED
     from mmembed.data.episodes import read_episodes
     from mmembed.model import load_space
+    from mmembed.retrieval.embed import outside_root_allowed
     from mmembed.train.queries import QUERY_WEIGHTS, save_query_tower, train_query_tower
 
     if args.steps < 1 or args.episode_size < 2 or not 0 <= args.seed < MAX_SEED:  # seed + 1 draws validation
@@ -44,10 +45,12 @@ def run_train_queries(args: argparse.Namespace) -> int:
     if tower.exists() and not args.overwrite:  # 75 s of training or more, replaced without a word
         raise UserError(f"{tower} already exists: pass --overwrite to train a new one in its place")
     model = load_space(args.run)
+    # read as the run's manifests were: its data.allow_outside_root (the refusal names that key)
+    outside = outside_root_allowed(model)
     if args.episodes:
-        train = read_episodes(args.episodes)
+        train = read_episodes(args.episodes, allow_outside_root=outside)
         if args.val_episodes:
-            val = read_episodes(args.val_episodes)
+            val = read_episodes(args.val_episodes, allow_outside_root=outside)
         else:
             if len(train) < 2:  # validating on the one training episode would score what it learned
                 raise UserError(f"{args.episodes}: {len(train)} episode(s): give at least 2 (a tenth is held out "
@@ -59,7 +62,7 @@ def run_train_queries(args: argparse.Namespace) -> int:
 
         root = Path(model.config.data.root)
         train = world_episodes(root, "train", args.episode_size, n=args.steps * 4, seed=args.seed)
-        val = (read_episodes(args.val_episodes) if args.val_episodes
+        val = (read_episodes(args.val_episodes, allow_outside_root=outside) if args.val_episodes
                else world_episodes(root, "val", 30, n=40, seed=args.seed + 1))
     report = train_query_tower(model, train, val, steps=args.steps, lr=args.lr, seed=args.seed)
     save_query_tower(model, args.run, report)

@@ -101,8 +101,11 @@ def train_query_tower(model: Any, train: Sequence[Episode], val: Sequence[Episod
     """Train `model.query_tower` (started from a copy of its text tower) on `train`; recall on `val`."""
     if Modality.TEXT not in model.modalities:
         raise UserError("a query tower starts from the text tower, and this model has none")
-    if steps < 1 or episodes_per_step < 1 or not 0 < lr < math.inf:
-        raise UserError(f"steps and episodes_per_step must be >= 1 and lr > 0 (got {steps}, {episodes_per_step}, {lr})")
+    for name, value, ok, wanted in (("steps", steps, steps >= 1, ">= 1"),
+                                    ("episodes_per_step", episodes_per_step, episodes_per_step >= 1, ">= 1"),
+                                    ("lr", lr, 0 < lr < math.inf, "> 0 and finite")):
+        if not ok:  # each by its own name: the CLI has --steps and --lr, and no episodes_per_step
+            raise UserError(f"{name} must be {wanted}, got {value!r}")
     if not train or not val:
         raise UserError("a query tower needs training and validation episodes")
     seed_everything(seed)

@@ -189,7 +189,8 @@ def test_cli_trains_on_the_runs_world_and_reports_recall(tiny_world, tmp_path, c
     for lr in ("inf", "1e6"):  # inf, or a rate that diverges: NaN weights were saved over the good tower
         assert main([*again, "--steps", "3", "--episode-size", "8", "--lr", lr]) == 2
         err = capsys.readouterr().err
-        assert ("lr > 0" in err or "diverged" in err) and len(err.strip().splitlines()) == 1, err
+        named = "lr must be > 0 and finite, got inf" in err or "diverged" in err  # not episodes_per_step
+        assert named and "episodes_per_step" not in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "run" / QUERY_WEIGHTS).read_bytes() == before
     # one episode: nothing left to validate on but the training episode itself (it validated on it)
     one = {"items": [{"image": "a.png"}, {"audio": "b.wav"}], "questions": [{"text": "the red one?", "item": 1}]}
@@ -244,3 +245,21 @@ def test_a_tower_saved_over_another_is_never_paired_with_the_old_record(tmp_path
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="has no query_tower.json"):
         mm.load(tmp_path / "run")
+
+
+def test_cli_episodes_are_read_with_the_runs_allow_outside_root(tiny_world, tmp_path, capsys):
+    """Its refusal said "set allow_outside_root to accept it", and the run's data.allow_outside_root,
+    which eval and index read, was ignored: nothing could accept the file."""
+    images, sounds = sorted((tiny_world / "images").iterdir()), sorted((tiny_world / "audio").iterdir())
+    episodes = [{"items": [{"image": str(images[i])}, {"audio": str(sounds[i + 1])}],
+                 "questions": [{"text": "the picture?", "item": 0}]} for i in range(4)]
+    (tmp_path / "eps.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    model = tiny_model(0)
+    model.save(tmp_path / "run")
+    command = ["train-queries", str(tmp_path / "run"), "--episodes", str(tmp_path / "eps.jsonl"), "--steps", "2"]
+    assert main(command) == 2
+    assert "absolute path" in capsys.readouterr().err
+    model.config.data.allow_outside_root = True
+    model.save(tmp_path / "run2")
+    assert main([*command[:1], str(tmp_path / "run2"), *command[2:]]) == 0
+    assert "query tower: 2 steps" in capsys.readouterr().out
