@@ -84,8 +84,19 @@ def embed_manifest(
         out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
     if not main:
         return ManifestEmbeddings(path=manifest.path, by_modality={})
-    _log_skipped(out.skipped, manifest.path)
+    log_skipped(out.skipped, manifest.path)
+    if not any(part.rows for part in out.by_modality.values()):
+        raise nothing_read(manifest.path, out.skipped)
     return out
+
+
+def nothing_read(path: Path, skipped: list[tuple[int, str, str]]) -> UserError:
+    """A manifest of which no item could be read: an empty index or report was a success (exit 0)."""
+    if not skipped:
+        return UserError(f"{path}: no item to embed")
+    line, what, reason = skipped[0]
+    return UserError(f"{path}: no item could be read ({len(skipped)} skipped; the first, line {line}, {what}: "
+                     f"{reason})")
 
 
 def _select_modalities(model: Any, present: Sequence[Modality], requested: Iterable | None,
@@ -159,7 +170,7 @@ def _embed_robust(model: Any, modality: Modality, items: list[Any], idx: list[in
     yield idx, z, ""
 
 
-def _log_skipped(skipped: list[tuple[int, str, str]], path: Path) -> None:
+def log_skipped(skipped: list[tuple[int, str, str]], path: Path) -> None:
     for line, what, reason in skipped[:_WARN_FIRST]:
         log.warning("%s:%d: skipped %s (%s)", path, line, what, reason)
     if len(skipped) > _WARN_FIRST:

@@ -28,7 +28,7 @@ from torch import Tensor
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
-from mmembed.retrieval.embed import embed_manifest
+from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read
 from mmembed.retrieval.hits import Hit
 from mmembed.retrieval.persist import metadata_json, read_index, write_index
 from mmembed.retrieval.query import Query
@@ -87,6 +87,7 @@ class Index:
                     **backend_args)
         index.model = model
         emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
+        unsaveable = []
         for modality, part in emb.by_modality.items():
             keep, meta = [], []
             for i, row in enumerate(part.rows):
@@ -94,16 +95,19 @@ class Index:
                 try:  # a row whose columns no save can write is skipped, not found after all the embedding
                     metadata_json(entry, "its columns")
                 except UserError as e:
-                    emb.skipped.append((row.line, modality, str(e)))
+                    unsaveable.append((row.line, str(modality), str(e)))
                     continue
                 keep.append(i)
                 meta.append(entry)
             if meta:
                 index.add(part.vectors[keep], modality, meta)
-        index.skipped = emb.skipped
+        log_skipped(unsaveable, emb.path)  # after embedding: the embedder's warnings did not count them
+        index.skipped = emb.skipped + unsaveable
+        if emb.by_modality and not len(index):  # (a distributed job's other ranks hold no part)
+            raise nothing_read(emb.path, index.skipped)
         # absolute: a saved index is opened from other folders (`mmembed serve --index` finds media by it)
-        index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(emb.skipped)}
-        log.info("indexed %d items from %s (%d skipped)", len(index), emb.path, len(emb.skipped))
+        index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(index.skipped)}
+        log.info("indexed %d items from %s (%d skipped)", len(index), emb.path, len(index.skipped))
         return index
 
     @property

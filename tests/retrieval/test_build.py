@@ -78,3 +78,27 @@ def test_a_row_whose_columns_no_save_can_write_is_skipped_and_the_index_saves(tm
     assert all("lone surrogate" in reason for *_, reason in idx.skipped)
     idx.save(tmp_path / "ix")
     assert len(Index.load(tmp_path / "ix")) == 8
+
+
+def test_rows_no_save_can_write_are_warned_about_and_none_at_all_is_an_error(tmp_path, caplog):
+    """A manifest in a folder of undecodable bytes: every image and sound was dropped from the index
+    after the embedder's warnings, so nothing said so; and a manifest of which nothing could be read
+    gave an empty index, a success (exit 0)."""
+    import logging
+
+    rows = [{"text": f"a picture of c{i}", "label": f"s{i}", "note": "\ud800" if i == 2 else "fine"} for i in range(3)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        idx = Index.build(FakeModel(), path, progress=False)
+    assert len(idx) == 2 and "m.jsonl:3: skipped text" in caplog.text and idx.info["skipped"] == 1
+    path.write_text("".join(json.dumps({"image": f"img/broken{i}.png"}) + "\n" for i in range(2)))
+    with pytest.raises(UserError, match=r"m.jsonl: no item could be read \(2 skipped; the first, line 1, image: "):
+        Index.build(FakeModel(), path, progress=False)
+    from mmembed.evaluate import manifest_report
+
+    with pytest.raises(UserError, match="no item could be read"):  # `mmembed eval`: an empty table, exit 0
+        manifest_report(FakeModel(), path)
+    path.write_text("".join(json.dumps({"text": "x", "note": "\ud800"}) + "\n" for _ in range(2)))
+    with pytest.raises(UserError, match=r"no item could be read \(2 skipped; the first, line 1, text: .*surrogate"):
+        Index.build(FakeModel(), path, progress=False)
