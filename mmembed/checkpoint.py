@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 from mmembed.errors import CheckpointError, UserError
@@ -78,9 +79,21 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
+        if not utf8_name(path):  # safetensors opens UTF-8 names only; a run or index may have another
+            return safetensors_load(path.read_bytes())
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def utf8_name(path: Path) -> bool:
+    """Whether `path` is valid UTF-8 (Linux names may hold any bytes; Python keeps the undecodable
+    ones as lone surrogates, which libraries taking a UTF-8 str refuse)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_torch_weights(path: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from mmembed.checkpoint import (atomic_write_json, atomic_write_text, file_above, fsync_dir, load_tensors, read_json,
-                                save_tensors, unwritable_above)
+                                save_tensors, unwritable_above, utf8_name)
 from mmembed.errors import CheckpointError, UserError
 from mmembed.file_lock import exclusive
 from mmembed.modality import Modality
@@ -322,10 +322,21 @@ def _check_header(header: Any, directory: Path) -> None:
 
 def _generation(path: Path) -> str | None:
     try:
+        if not utf8_name(path):  # safetensors opens UTF-8 names only: read the header itself
+            return (_header_metadata(path) or {}).get("generation")
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("generation")
     except Exception as e:  # noqa: BLE001 - gone (a save swapped the folder) or unreadable: for the retry
         raise CheckpointError(f"{path}: cannot read its header ({type(e).__name__}: {e})") from None
+
+
+def _header_metadata(path: Path) -> dict[str, str] | None:
+    """A safetensors file's `__metadata__`: its header is an 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:  # safetensors' own bound on a header
+            raise ValueError(f"a header of {size} bytes")
+        return json.loads(f.read(size)).get("__metadata__")
 
 
 def _file_sha256(path: Path) -> str:

@@ -343,3 +343,23 @@ def test_a_file_given_as_the_index_folder_says_so(tmp_path):
     (tmp_path / "m.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match="is a file, not an index folder"):
         Index.load(tmp_path / "m.jsonl")
+
+
+def test_an_index_and_a_weights_file_under_a_name_of_undecodable_bytes_load(tmp_path):
+    """`mmembed index --out $'ix\\xff'` wrote an index nothing could read back ("not a readable
+    safetensors file (Path ... is not valid UTF-8)"), and so for a run folder of such a name."""
+    import os
+
+    import torch
+
+    from mmembed.checkpoint import load_tensors, save_tensors
+
+    folder = tmp_path / os.fsdecode(b"ix\xff")
+    idx = Index(8)
+    idx.add(torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), "text", [{"i": i} for i in range(3)])
+    idx.save(folder)
+    back = Index.load(folder)
+    assert len(back) == 3 and torch.equal(back.items()[0], idx.items()[0]) and back.metadata(2) == {"i": 2}
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_tensors(folder / "model.safetensors", weights)
+    assert torch.equal(load_tensors(folder / "model.safetensors")["w"], weights["w"])
