@@ -162,6 +162,17 @@ def unwritable_above(path: str | Path) -> Path | None:
     return None
 
 
+def check_output_file(out: str | Path, flag: str) -> None:
+    """UserError unless a file can be written at `out`: not a folder, not under a file, not in a
+    folder this process cannot write. Checked before the work (it failed after it: "Is a directory")."""
+    if Path(out).is_dir():
+        raise UserError(f"{flag} {out} is a folder; name the file to write")
+    if (parent := file_above(out)) is not None:
+        raise UserError(f"{flag} {out}: {parent} is a file, not a folder")
+    if (parent := unwritable_above(out)) is not None:
+        raise UserError(f"{flag} {out}: {parent} cannot be written (read-only, or no permission)")
+
+
 def make_output_folder(folder: str | Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) before any long work writes into it: a path under a file,
     or one that cannot be created, is one UserError now, not a traceback after the work. An empty

@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, file_above, unwritable_above
+from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.embed import embed_manifest
@@ -300,12 +300,7 @@ def _check_json_out(out: Path, inputs: list[Path], run: Path) -> None:
     from mmembed.model import TOKENIZER
     from mmembed.train.queries import QUERY_INFO
 
-    if out.is_dir():
-        raise UserError(f"--json {out} is a folder; name the file to write")
-    if (parent := file_above(out)) is not None:
-        raise UserError(f"--json {out}: {parent} is a file, not a folder")
-    if (parent := unwritable_above(out)) is not None:  # before the evaluation, not after it
-        raise UserError(f"--json {out}: {parent} cannot be written (read-only, or no permission)")
+    check_output_file(out, "--json")  # before the evaluation, not after it
     target = out.resolve()
     # in the run folder, a report may replace an earlier report, never the run's own files
     run_file = (target.is_file() and target.is_relative_to(run.resolve())

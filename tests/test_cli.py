@@ -205,3 +205,14 @@ def test_an_option_that_would_be_ignored_is_refused(capsys, tmp_path):
     _one_line_error(capsys, ["eval", run, "--instructions", "i.jsonl", "--labels", "a", "b"], "give --manifest too")
     _one_line_error(capsys, ["eval", run, "--manifest", "m.jsonl", "--template", "a {label}"], "give --labels too")
     _one_line_error(capsys, ["generate", run, "--prompt", "hi", "--rerank-weight", "2"], "give --best-of too")
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--plot dir.png (a folder) decoded everything, then failed with "Is a directory", exit 1."""
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    for flag, out, message in (("--plot", tmp_path / "dir.png", "is a folder"),
+                               ("--attention-png", tmp_path / "file" / "a.png", "is a file, not a folder")):
+        assert main(["generate", str(tmp_path / "no-run"), "--prompt", "describe", flag, str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"mmembed: error: {flag} {out}") and message in err and "\n" not in err

@@ -20,7 +20,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     check_options(args)
     prompt = parse_inline(args.prompt)
-    check_outputs([p for p in (args.attention_png, args.plot) if p], prompt)
+    check_outputs({flag: p for flag, p in (("--attention-png", args.attention_png), ("--plot", args.plot)) if p},
+                  prompt)
     model = mm.load(args.run)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
@@ -40,12 +41,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_outputs(outs: list[str | Path], prompt: list) -> None:
-    """The plots go to files of their own: not a picture or a sound of the prompt (the heatmap
+def check_outputs(outs: dict[str, str | Path], prompt: list) -> None:
+    """The plots (flag → file) go to files that can be written, before the decoding (a folder
+    failed after it), and of their own: not a picture or a sound of the prompt (the heatmap
     replaced the image it was drawn from), nor each other."""
+    from mmembed.checkpoint import check_output_file
+
     media = {Path(p.item).resolve() for p in prompt if isinstance(p, Media) and isinstance(p.item, (str, Path))}
     seen: set[Path] = set()
-    for out in map(Path, outs):
+    for flag, out in outs.items():
+        check_output_file(out, flag)
+        out = Path(out)
         target = out.resolve()
         if target in media:
             raise UserError(f"{out} is a file of the prompt: write the plot to another file")

@@ -179,11 +179,12 @@ def join_text(parts: Sequence[Any]) -> list[Any]:
 
 
 _INLINE = re.compile(r"<(\w+):([^<>]*)>")
-_UNCLOSED = re.compile(r"<(image|audio):(?![^<>]*>)", re.IGNORECASE)
+_UNCLOSED = re.compile(r"<(image|audio|text):(?![^<>]*>)", re.IGNORECASE)
 
 
 def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
-    """`"Describe <image:a.png> and <audio:b.wav>"` → ["Describe", Image(a.png), "and", Audio(b.wav)].
+    """`"Describe <image:a.png> and <audio:b.wav>"` → ["Describe", Image(a.png), "and", Audio(b.wav)];
+    `<text:a red star>` is `mm.Text("a red star")`, a caption read as its shared-space vector.
 
     Paths resolve against `base` (default: the working directory) and must name a file: a missing
     file, a folder or an empty `<image:>` is a UserError naming it.
@@ -195,6 +196,12 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     pos = 0
     for m in _INLINE.finditer(text):
         kind, name = m.group(1).lower(), m.group(2).strip()
+        if kind == "text":  # the Python API's mm.Text: a caption as a vector, not as tokens
+            if not name:
+                raise UserError("prompt holds <text:> without a caption: write <text:CAPTION>")
+            parts += [text[pos:m.start()], Text(name)]
+            pos = m.end()
+            continue
         if kind not in ("image", "audio"):
             if _names_a_file(name, base):  # <img:a.png> went to the decoder as text: no picture seen
                 raise UserError(f"prompt holds <{m.group(1)}:{name}>: a file is named <image:FILE> or <audio:FILE>")

@@ -8,8 +8,9 @@
 
 Any other line starting with `/` is an unknown command, said so and not sent (`//…` sends `/…`).
 
-Inline media (`<image:path>`, `<audio:path>`) resolve against the working directory; a missing
-file, an unreadable one or an over-long prompt is one line and the chat goes on.
+Inline media (`<image:path>`, `<audio:path>`) resolve against the working directory, and
+`<text:caption>` is a caption read as its vector; a missing file, an unreadable one or an
+over-long prompt is one line (on the error stream) and the chat goes on.
 """
 
 from __future__ import annotations
@@ -24,13 +25,20 @@ from mmembed.memory.records import MemoryHit
 
 COMMANDS = "commands: /history, /forget, /quit"
 COMMAND_WORDS = ("/history", "/forget", "/quit")
-HELP = f"{COMMANDS}; media inline as <image:path> or <audio:path>"
+HELP = f"{COMMANDS}; media inline as <image:path>, <audio:path> or <text:caption>"
 
 
-def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", **generate: Any) -> int:
-    """Answer every line of `lines` until `/quit` or the end of input; returns the turns answered."""
-    answered = 0
-    out.write(f"{HELP}\n{prompt}")
+def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", err: TextIO | None = None,
+             **generate: Any) -> int:
+    """Answer every line of `lines` until `/quit` or the end of input; returns the turns answered.
+
+    Answers, histories and replies to commands go to `out`; the help line and each refused turn's
+    error to `err` (default `out`), so a scripted chat can tell them apart.
+    """
+    answered, err = 0, err or out
+    err.write(f"{HELP}\n")
+    err.flush()
+    out.write(prompt)
     out.flush()
     for number, line in enumerate(lines):
         line = line.removeprefix("\ufeff").strip() if number == 0 else line.strip()  # a byte-order mark
@@ -54,7 +62,8 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
                 if answer.recalled:
                     out.write("  recalled: " + " · ".join(_describe(h) for h in answer.recalled) + "\n")
         except UserError as e:  # a bad turn is one line; the conversation goes on
-            out.write(f"error: {e}\n")
+            err.write(f"error: {e}\n")
+            err.flush()
         out.write(prompt)
         out.flush()
     out.write("\n")

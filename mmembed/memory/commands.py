@@ -26,7 +26,7 @@ def run_chat_command(args: argparse.Namespace) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
-        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "", **generate)
+        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "", err=sys.stderr, **generate)
     return 0
 
 

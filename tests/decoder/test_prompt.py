@@ -214,3 +214,16 @@ def test_training_reads_adjacent_text_segments_as_generation_does():
     ids, start, media = PromptDataset([row], pm.fmt, table, context=64)[(0, 0)]
     expected = pm.fmt.encode(["what colour is the star?", "blue", Slot("image"), "and", "the circle?"])
     assert ids[:start] == expected and media == [0]
+
+
+def test_an_inline_caption_is_the_python_apis_text_segment():
+    """`--prompt "Describe <text:a red star>"` sent the tag's characters to the decoder as words,
+    without a message: the command line had no way to give what `mm.Text` gives in Python."""
+    from mmembed.decoder.prompt import Text
+
+    parts = parse_inline("Describe <text: a large red star on the left >, please")
+    assert [type(p).__name__ for p in parts] == ["str", "Text", "str"]
+    assert parts[1].item == "a large red star on the left" and isinstance(parts[1], Text)
+    for bad, message in (("look <text:>", "without a caption"), ("look <text:a red star", "without its closing")):
+        with pytest.raises(UserError, match=message):
+            parse_inline(bad)

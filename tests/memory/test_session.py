@@ -195,6 +195,13 @@ def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
     assert "forgot" in capsys.readouterr().out
     with mm.Memory(db) as mem:
         assert mem.count("ada") == 0
+    # answers on stdout, the help line and a refused turn's error on stderr: a scripted chat wrote
+    # them all to stdout
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"look at <image:{tmp_path / 'missing.png'}>\nhello\n"))
+    assert main(["chat", str(run), "--memory", str(db), "--user", "ada", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "error: prompt names a missing image file" in captured.err and "commands:" in captured.err
+    assert "error" not in captured.out and "commands:" not in captured.out and captured.out.strip()
 
 
 @pytest.mark.parametrize("settings, message", [({"temperature": -1.0}, "temperature must be"),
