@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA checks and GPU figures in one call of a lent GPU machine (README, "Prompting: where the decoder stands", has the first figures).
+# CUDA checks and GPU figures in one call of a lent GPU machine (docs/performance.md has the GPU figures; docs/decoder.md the decoder's record).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
