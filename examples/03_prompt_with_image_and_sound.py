@@ -6,7 +6,7 @@ and pick the best of several answers with the shared space.
 RUN_DIR defaults to runs/demo (what `mmembed demo` writes). Without RUN_DIR and without runs/demo,
 a small run is trained first on a 2,000-scene world (a few minutes on 2 cores; its answers are
 rougher than the demo's). Run it from the folder the run was trained in: the run's world
-(data.root) is found from there.
+(data.root) is found from there, and it must be the built-in world (the script reads its scenes).
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ world = Path(model.config.data.root)  # relative to where the run was trained
 if not (world / "test.jsonl").is_file():
     sys.exit(f"the run's world {world} (data.root) is not here: run this from the folder the run was trained in")
 scenes = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
-a, b = scenes[0], next(s for s in scenes if s["objects"][0]["colour"] != scenes[0]["objects"][0]["colour"])
+a = scenes[0] if scenes and "objects" in scenes[0] else None
+b = a and next((s for s in scenes if s["objects"][0]["colour"] != a["objects"][0]["colour"]), None)
+if b is None:
+    sys.exit(f"{world / 'test.jsonl'} is not the built-in world's test split (two scenes of other colours): this "
+             "example needs a run trained on it (mmembed demo)")
 image_a, audio_a, audio_b = mm.Image(world / a["image"]), mm.Audio(world / a["audio"]), mm.Audio(world / b["audio"])
 print(f"scene A: {a['text']}\nscene B: {b['text']}\n")
 

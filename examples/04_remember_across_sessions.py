@@ -3,9 +3,11 @@
     python examples/04_remember_across_sessions.py [RUN_DIR]
 
 RUN_DIR defaults to runs/demo (what `mmembed demo` writes); it needs a decoder stage (see
-example 03, which trains a small one when there is none). The script runs three processes on
+example 03, which trains a small one when there is none) trained on the built-in world (the
+script shows a one-object star and circle of its test split). The script runs three processes on
 one memory file: the first shows the memories, the second asks about them, the third reads the
-file on its own (no model) and exports it as a manifest.
+file on its own (no model) and exports it as a manifest. The memory file and the export stay in
+a new folder under the system's temporary folder, named at the end.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ def show(memory: str) -> None:
     model = mm.load(run)
     world = Path(model.config.data.root)
     scenes = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
-    star = next(s for s in scenes if len(s["objects"]) == 1 and s["objects"][0]["shape"] == "star")
-    bell = next(s for s in scenes if len(s["objects"]) == 1 and s["objects"][0]["shape"] == "circle")
+    star, bell = (next((s for s in scenes if len(s.get("objects", ())) == 1 and s["objects"][0]["shape"] == shape),
+                       None) for shape in ("star", "circle"))
+    if star is None or bell is None:
+        sys.exit(f"{world / 'test.jsonl'} has no one-object star and circle: this example needs a run trained on "
+                 "the built-in world (mmembed demo)")
     with mm.Session(model, memory=memory, user="ada", new=True) as chat:
         for words, item, truth in [("Remember this picture.", mm.Image(world / star["image"]), star["text"]),
                                    ("Listen to this.", mm.Audio(world / bell["audio"]), bell["text"])]:
@@ -67,9 +72,9 @@ if __name__ == "__main__":
     world = Path(mm.load_config(run / "config.yaml").data.root)  # relative to where the run was trained
     if not (world / "test.jsonl").is_file():
         sys.exit(f"the run's world {world} (data.root) is not here: run this from the folder the run was trained in")
-    with tempfile.TemporaryDirectory() as tmp:
-        memory = str(Path(tmp) / "memory.db")
-        for part in ("show", "ask", "export"):  # three separate processes, one memory file
-            done = subprocess.run([sys.executable, __file__, str(run), "--part", f"{part}:{memory}"])
-            if done.returncode:
-                sys.exit(f"process '{part}' failed (exit {done.returncode}): see its error above")
+    memory = str(Path(tempfile.mkdtemp(prefix="mmembed-example-04-")) / "memory.db")  # kept: the export is there
+    for part in ("show", "ask", "export"):  # three separate processes, one memory file
+        done = subprocess.run([sys.executable, __file__, str(run), "--part", f"{part}:{memory}"])
+        if done.returncode:
+            sys.exit(f"process '{part}' failed (exit {done.returncode}): see its error above")
+    print(f"the memory file and its export are in {Path(memory).parent} (delete the folder when done)")
