@@ -154,8 +154,8 @@ def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence
 def check_labels(labels: Sequence[str]) -> None:
     if isinstance(labels, str):  # "circle" was read as the labels c, i, r, c, l, e
         raise UserError(f"zero-shot labels must be a list of class names, got the one string {labels!r}")
-    if not labels or len(set(labels)) != len(labels):
-        raise UserError(f"zero-shot labels must be non-empty and unique, got {list(labels)}")
+    if not labels or len(set(labels)) != len(labels) or not all(str(label).strip() for label in labels):
+        raise UserError(f"zero-shot labels must be a non-empty list of unique, non-blank names, got {list(labels)}")
 
 
 def check_templates(template: str | Sequence[str]) -> list[str]:

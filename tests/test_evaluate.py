@@ -174,3 +174,12 @@ def test_a_table_without_pairs_or_zero_shot_items_says_when_items_were_unreadabl
     report["zero_shot"] = {"image": {"accuracy": None, "n": 0}}
     assert "class names" in format_table(report) and "2 item(s) could not be read" in format_table(report)
     assert "could not be read" not in format_table({"ks": [1], "pairs": {}, "skipped": 0})
+
+
+@pytest.mark.parametrize("labels", [["circle", ""], ["  ", "square"], [], ["a", "a"], "circle"])
+def test_zero_shot_labels_are_unique_non_blank_names(labels):
+    """`eval --labels ""` was a class: every item could be "a photo of a "."""
+    from mmembed.evaluate import check_labels
+
+    with pytest.raises(UserError, match="zero-shot labels must be"):
+        check_labels(labels)

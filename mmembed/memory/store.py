@@ -95,7 +95,8 @@ class Store:
         if self.path.is_dir():
             raise MemoryFileError(f"{self.path} is a folder, not a memory file")
         if not self.path.parent.is_dir():
-            raise MemoryFileError(f"cannot create memory file {self.path}: folder {self.path.parent} does not exist")
+            why = "is a file, not a folder" if self.path.parent.exists() else "does not exist"
+            raise MemoryFileError(f"cannot create memory file {self.path}: {self.path.parent} {why}")
         self._lock = threading.RLock()
         self._lock_pid = os.getpid()
         self._conn: sqlite3.Connection | None = None

@@ -58,6 +58,12 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
         return
     stopped_before_training = UNSTARTED in names and names <= UNTRAINED  # by a config error: replaced
     if not overwrite and not stopped_before_training:
+        from mmembed.train.state import latest_checkpoint
+
+        if latest_checkpoint(run_dir) is None and "model.safetensors" not in names:  # --resume would refuse it
+            raise UserError(f"{run_dir} already holds files but no checkpoint to resume (a run stopped before its "
+                            "first one?): start over with --overwrite, which deletes them, or choose another "
+                            "train.out_dir")
         raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "
                         "or choose another train.out_dir")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):

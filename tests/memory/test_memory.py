@@ -356,3 +356,12 @@ def test_a_damaged_embedding_width_or_embedding_is_a_memory_file_error(model, db
         conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'dim'")
     with pytest.raises(MemoryFileError, match="is corrupt \\(its embedding width is 'abc'\\)"):
         mm.Memory(db, model=model)
+
+
+def test_a_memory_file_under_a_file_says_so(model, tmp_path):
+    """`chat --memory c.txt/m.db` with c.txt a file said "folder c.txt does not exist"."""
+    from mmembed.memory.store import MemoryFileError
+
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(MemoryFileError, match=r"c.txt is a file, not a folder$"):
+        mm.Memory(tmp_path / "c.txt" / "m.db", model=model)

@@ -272,7 +272,8 @@ def test_a_run_a_config_error_stopped_before_training_is_replaced_by_the_correct
     other.mkdir()
     (other / "config.yaml").write_text("# mine\nx: 1\n")
     (other / "tokenizer.json").write_text("{}")
-    with pytest.raises(UserError, match="already holds a run"):
+    # and no checkpoint: --resume, which the message offered, refused it too
+    with pytest.raises(UserError, match="already holds files but no checkpoint to resume.*--overwrite"):
         train_align(load_config(tiny_config(tiny_world, other, epochs=1)))
     assert (other / "config.yaml").read_text() == "# mine\nx: 1\n" and (other / "tokenizer.json").is_file()
 
