@@ -191,7 +191,8 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
     """
     if unclosed := _UNCLOSED.search(text):  # "Describe <image:a.png" went to the decoder as text
         kind = unclosed.group(1).lower()
-        raise UserError(f"prompt holds <{kind}: without its closing '>': write <{kind}:FILE>")
+        what = "CAPTION" if kind == "text" else "FILE"
+        raise UserError(f"prompt holds <{kind}: without its closing '>': write <{kind}:{what}>")
     parts: list[str | Media] = []
     pos = 0
     for m in _INLINE.finditer(text):

@@ -127,6 +127,8 @@ class Memory:
         if not isinstance(session, str):
             raise UserError(f"session must be a str, got {session!r}")
         check_optional_str(session, "session")
+        if not any(p.entries for p in parts):
+            raise UserError("a turn needs at least one item (Memory.prepare)")
         when = _time.time() if time is None else timestamp(time, "time")
         rows = [row for p in parts for row in _new_items(p, user, session, [None] * len(p.entries), when,
                                                           ["{}"] * len(p.entries))]

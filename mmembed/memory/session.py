@@ -1,11 +1,12 @@
 """A conversation that remembers: each turn reads recent turns and recalled memories, then is stored.
 
-    ask(prompt) ─► store the turn's items (embedded once, by the memory's model)
+    ask(prompt) ─► embed the turn's items (once, by the memory's model; not stored yet)
                ─► recall: the user's older items most similar to the turn (any modality), score ≥ threshold;
                   the turn's words as a question through the query tower when the run has one
                ─► prompt = recalled memories + last turns of this session + this turn
-                  (every media item as its stored vector, inside its modality's markers)
-               ─► model.generate ─► store the answer ─► Generation (+ .recalled)
+                  (every media item as its vector, inside its modality's markers)
+               ─► model.generate ─► store the turn and its answer, in one transaction
+               ─► Generation (+ .recalled)
 
 Memories need no second pass through a tower: the store keeps each item's shared-space vector,
 and the decoder reads vectors (`Embedded`), so a sound heard in an earlier process comes back

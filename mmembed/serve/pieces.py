@@ -23,7 +23,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import Request
 
 from mmembed.errors import BadInput
@@ -71,19 +71,22 @@ async def read_form(request: Request, limits: Limits) -> FormData:
 
 
 class _TextParser(MultiPartParser):
-    """Starlette's multipart parser, refusing a text field whose bytes are not text in the form's
-    charset (UTF-8 unless it names another): Starlette decoded them as Latin-1 instead, so
-    b"caf\\xe9" was stored as "café" and the user b"\\xfe" became the user "þ"."""
+    """Starlette's multipart parser, refusing a text field whose bytes are not text in its charset
+    (the part's own Content-Type charset, else the form's, else UTF-8): Starlette decoded them as
+    Latin-1 instead, so b"caf\\xe9" was stored as "café" and the user b"\\xfe" became the user "þ"."""
 
     def on_part_end(self) -> None:
         part = self._current_part
-        if part.file is None:
-            try:
-                bytes(part.data).decode(self._charset)
-            except UnicodeDecodeError:
-                raise MultiPartException(f"the field {part.field_name[:40]!r} is not {self._charset} text "
-                                         "(send text as UTF-8)") from None
-        super().on_part_end()
+        if part.file is not None:
+            return super().on_part_end()
+        own = dict(part.item_headers).get(b"content-type")
+        charset = parse_options_header(own)[1].get(b"charset", b"").decode("latin-1") if own else ""
+        charset = charset or self._charset
+        try:
+            self.items.append((part.field_name, bytes(part.data).decode(charset)))
+        except (UnicodeDecodeError, LookupError):  # LookupError: a charset Python does not know
+            raise MultiPartException(f"the field {part.field_name[:40]!r} is not {charset[:40]} text "
+                                     "(send text as UTF-8)") from None
 
 
 async def read_pieces(form: FormData, limits: Limits, check: Check) -> list[Piece]:

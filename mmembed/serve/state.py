@@ -90,8 +90,9 @@ def open_state(model: Any, *, run: str, index: str | Path | None = None, memory:
     if memory is not None:  # before the index: a refused file must not leave a build thread running
         from mmembed.memory import Memory
 
-        if not Path(memory).parent.is_dir():
-            raise UserError(f"--memory {memory}: its folder does not exist")
+        if not (parent := Path(memory).parent).is_dir():
+            why = "is a file, not a folder" if parent.exists() else "does not exist"
+            raise UserError(f"--memory {memory}: {parent} {why}")
         opened = Memory(memory, model=model)
     lock = threading.Lock()
     try:

@@ -224,6 +224,6 @@ def test_an_inline_caption_is_the_python_apis_text_segment():
     parts = parse_inline("Describe <text: a large red star on the left >, please")
     assert [type(p).__name__ for p in parts] == ["str", "Text", "str"]
     assert parts[1].item == "a large red star on the left" and isinstance(parts[1], Text)
-    for bad, message in (("look <text:>", "without a caption"), ("look <text:a red star", "without its closing")):
+    for bad, message in (("look <text:>", "without a caption"), ("look <text:a red star", "without its closing '>': write <text:CAPTION>$")):
         with pytest.raises(UserError, match=message):
             parse_inline(bad)

@@ -365,3 +365,8 @@ def test_a_memory_file_under_a_file_says_so(model, tmp_path):
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(MemoryFileError, match=r"c.txt is a file, not a folder$"):
         mm.Memory(tmp_path / "c.txt" / "m.db", model=model)
+
+
+def test_a_turn_of_nothing_is_refused(model, db):
+    with mm.Memory(db, model=model) as mem, pytest.raises(UserError, match="a turn needs at least one item"):
+        mem.add_turn("ada", "s", [mem.prepare([])])

@@ -491,24 +491,12 @@ def test_history_follows_the_turns_not_the_clock(chat_model, db, monkeypatch):
         chat.ask("turn five", max_new_tokens=1)
 
 
-def test_history_lists_a_note_and_a_failed_take_back_keeps_the_turns_error(chat_model, db, monkeypatch):
-    """`/history` dropped a note added to the session without a turn; when taking a failed turn
-    back failed too, its error (a disk error) replaced the turn's own."""
+def test_history_lists_a_note_added_to_the_session(chat_model, db):
+    """`/history` dropped a note added to the session without a turn."""
     with mm.Session(chat_model, memory=db, user="ada", session="s") as chat:
         chat.ask("a red star", max_new_tokens=1)
         chat.memory.add("ada", "a note filed into the conversation", session="s")
         assert "a note filed into the conversation" in [h.text for h in chat.history()]
-
-        def broken(*args, **kwargs):
-            raise RuntimeError("the turn's own reason")
-
-        def disk(*args, **kwargs):
-            raise OSError(5, "disk I/O error")
-
-        monkeypatch.setattr(chat_model, "generate", broken)
-        monkeypatch.setattr(chat.memory, "delete", disk)
-        with pytest.raises(RuntimeError, match="the turn's own reason"):
-            chat.ask("a blue circle", max_new_tokens=1)
 
 
 def test_a_window_decoder_with_learned_positions_answers_every_turn_of_a_long_chat(db):

@@ -369,6 +369,11 @@ def test_multipart_text_of_undecodable_bytes_is_refused(client):
     assert latin.status_code == 200 and [h.text for h in memory.recent("ed")] == ["café"]
     search = client.post("/api/search", **multipart([("text", b"a red \xff star")]))
     assert search.status_code == 400 and "'text' is not utf-8 text" in search.json()["error"]
+    # a part's own charset (RFC 7578 4.4; curl -F 'text=...;type=text/plain;charset=latin1') counts too
+    body = (b'--B\r\nContent-Disposition: form-data; name="user"\r\n\r\nfi\r\n--B\r\nContent-Disposition: '
+            b'form-data; name="text"\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n--B--\r\n')
+    own = client.post("/api/memory/remember", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+    assert own.status_code == 200 and [h.text for h in memory.recent("fi")] == ["café"]
 
 
 def test_a_wrong_method_names_the_allowed_ones_and_head_gets_the_page(client):
@@ -501,6 +506,15 @@ def test_an_index_built_from_a_relative_manifest_serves_its_media_from_any_folde
     build = IndexBuild.load(tmp_path / "index", model)
     image = next(i for i, m in build._modality.items() if str(m) == "image")
     assert build.media_path(image).is_relative_to(tiny_world.resolve())
+
+
+def test_a_memory_file_under_a_file_names_the_file(model, tmp_path):
+    """`serve --memory afile/mem.db` said its folder did not exist."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder$"):
+        open_state(model, run="x", memory=tmp_path / "afile" / "mem.db")
+    with pytest.raises(UserError, match=r"nope does not exist$"):
+        open_state(model, run="x", memory=tmp_path / "nope" / "mem.db")
 
 
 def test_no_index_and_no_test_manifest_is_a_user_error(tiny_world, tmp_path):
