@@ -164,7 +164,8 @@ class TrainConfig:
     # run keeps the best weights either way: stopping only saves the time a falling curve wastes
     early_stop_patience: int | None = 5
     # The validation metric that picks the best checkpoint (and drives early stopping): a loss
-    # ("loss", "val_loss", "loss/...") is minimised, any other metric maximised.
+    # ("loss", "val_loss", "loss/...") or a rank (median_rank, mean_rank) is minimised, any other
+    # metric maximised.
     early_stop_metric: str = "recall@1"
     restore_best: bool = True  # with validation, end with the best checkpoint's weights, not the last
     log_every: int = 10  # steps between metrics.jsonl rows
@@ -348,9 +349,12 @@ class DecoderConfig:
                 raise ConfigError(f"decoder.{name} must be >= {low}, got {getattr(self, name)!r}")
         if self.width % self.heads:
             raise ConfigError(f"decoder.width ({self.width}) must be a multiple of decoder.heads ({self.heads})")
-        if self.positional in ("rotary", "sinusoidal") and (self.width // self.heads) % 2:
-            raise ConfigError(f"{self.positional} positions need an even head width: decoder.width / decoder.heads "
+        # rotary turns pairs of each head's channels; sinusoidal positions are added to the input once
+        if self.positional == "rotary" and (self.width // self.heads) % 2:
+            raise ConfigError(f"rotary positions need an even head width: decoder.width / decoder.heads "
                               f"= {self.width} / {self.heads}")
+        if self.positional == "sinusoidal" and self.width % 2:
+            raise ConfigError(f"sinusoidal positions need an even decoder.width, got {self.width}")
         if not 0 < self.mlp_ratio < math.inf:
             raise ConfigError(f"decoder.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if not 0 < self.norm_eps < 1:

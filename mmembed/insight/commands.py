@@ -5,7 +5,10 @@ sweeps and the regularisation study). The options themselves are defined in `mme
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mmembed.errors import UserError
@@ -15,34 +18,77 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
     """`mmembed tokenizer stats`: train BPE at each size; print the table, write the plot, JSON and CSV."""
     from tqdm.auto import tqdm
 
-    from mmembed.checkpoint import make_output_folder
     from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, check_stats_arguments, format_stats_table,
-                                                 parse_vocab_sizes, plot_tokenizer_stats, tokenizer_stats,
-                                                 write_stats)
+                                                 parse_vocab_sizes, plot_tokenizer_stats, read_corpus, split_corpus,
+                                                 split_stats, write_stats)
 
     sizes = parse_vocab_sizes(args.vocab_sizes)
     width = DEFAULT_EMBED_WIDTH if args.embed_width is None else args.embed_width
     check_stats_arguments(sizes, width, args.holdout_every)  # before the output folder is made
-    make_output_folder(args.out)  # before training every size
-    with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
-        rows = tokenizer_stats(args.corpus, sizes, embed_width=width, holdout_every=args.holdout_every,
-                               progress=lambda _: bar.update())
-    paths = [plot_tokenizer_stats(rows, Path(args.out) / "tokenizer_stats.png"), *write_stats(rows, args.out)]
+    train, held = split_corpus(read_corpus(args.corpus), args.holdout_every)  # a missing or short corpus too
+    with output_folder(args.out):  # before training every size; removed again if the command fails
+        with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
+            rows = split_stats(train, held, sizes, embed_width=width, progress=lambda _: bar.update())
+        paths = [plot_tokenizer_stats(rows, Path(args.out) / "tokenizer_stats.png"), *write_stats(rows, args.out)]
     print(format_stats_table(rows, holdout_every=args.holdout_every))
     print(f"embedding params = vocab reached x {width}; wrote {', '.join(map(str, paths))}")
     return 0
 
 
+@contextmanager
+def output_folder(folder: str | Path) -> Iterator[Path]:
+    """`make_output_folder`, and if the body fails or is interrupted, remove the folders it made
+    (a failed command left an empty --out folder behind). A folder that was there is kept."""
+    from mmembed.checkpoint import make_output_folder
+
+    made = None  # the highest folder this call creates: `folder` or a missing parent of it
+    for path in [Path(folder).absolute(), *Path(folder).absolute().parents]:
+        if path.exists():
+            break
+        made = path
+    make_output_folder(folder)
+    try:
+        yield Path(folder)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
 def run_map(args: argparse.Namespace) -> int:
     """`mmembed map INDEX --color-by COLUMN --out F.png`: draw the index in 2-D."""
     from mmembed.insight.embedding_map import embedding_map
+    from mmembed.retrieval import Index
 
-    drawn = embedding_map(args.index, args.color_by, args.out, method=args.method, max_points=args.max_points,
+    check_map_out(Path(args.out))
+    index = Index.load(args.index)
+    check_not_an_item(Path(args.out), [index.metadata(i) for i in index.ids()])  # before the projection
+    drawn = embedding_map(index, args.color_by, args.out, method=args.method, max_points=args.max_points,
                           seed=args.seed)
     kind = "colourbar" if drawn.numeric else "legend"
     instead = f" ({args.method} needs 4 or more points, not all in one place)" if drawn.method != args.method else ""
     print(f"{len(drawn.rows)} points by {drawn.method}{instead}, colour = {args.color_by} ({kind}) → {drawn.path}")
     return 0
+
+
+def check_map_out(out: Path) -> None:
+    """UserError unless a PNG can be written at `out`: checked before the index is loaded and
+    projected (a folder there failed with "Is a directory" after all the work)."""
+    from mmembed.checkpoint import check_output_file
+
+    check_output_file(out, "--out")
+
+
+def check_not_an_item(out: Path, metadata: list[dict]) -> None:
+    """UserError when `out` is the file of one of the index's items (its metadata's "item": an
+    image the map would have replaced with itself)."""
+    target = out.resolve()
+    for meta in metadata:
+        item = meta.get("item")
+        # the name first: a text item's "item" is its caption, no path to resolve
+        if isinstance(item, str) and Path(item).name == target.name and Path(item).resolve() == target:
+            raise UserError(f"--out {out} is the file of an item of the index ({item}); write the map to "
+                            "another file")
 
 
 def run_scale(args: argparse.Namespace) -> int:

@@ -6,9 +6,10 @@
 
 Projections: "pca" (exact, from an SVD of the centred vectors; always available), "tsne"
 (scikit-learn) and "umap" (umap-learn), the last two only when installed. Colour: a numeric
-column gets a colourbar; any other column is categorical, with a legend of its 19 most
-frequent values plus "other" (values that are all colour names, like "red", are drawn in
-that colour). A column is a metadata key, or a dotted path into nested values
+column gets a colourbar over its finite values (missing, infinite and NaN ones are grey; one
+with values beyond ±1e300, where a colour scale overflows, is categorical); any other column is categorical, with a
+legend of its 19 most frequent values plus "other" (values that are all colour names, like
+"red", are drawn in that colour). A column is a metadata key, or a dotted path into nested values
 (`objects.0.colour`); "modality" is always one. Marker shape = modality.
 """
 
@@ -42,6 +43,7 @@ MAX_CATEGORIES = 20  # legend entries, "other" included
 _MISSING = "(missing)"
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 _MAX_LISTED = 30  # columns named in an unknown-column error
+_MAX_COLOUR_VALUE = 1e300  # a colour scale's arithmetic (range, colourbar steps) overflows near float's 1.8e308
 
 
 @dataclass
@@ -185,6 +187,30 @@ def is_numeric(values: Sequence[Any]) -> bool:
     return bool(present) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in present)
 
 
+def numeric_colours(values: Sequence[Any]) -> np.ndarray | None:
+    """Each value of a numeric column as a float, NaN (drawn grey, as missing) where it is missing,
+    infinite, NaN or beyond float range (a JSON 10**400); None where no finite value is left or
+    one is beyond ±1e300, where the range or the colourbar's steps overflow (±1e308): such a
+    column is drawn as categories.
+
+    Shapes:
+        values: N values → (N,) float64, every entry finite or NaN.
+    """
+    c = np.array([_as_float(v) for v in values], dtype=np.float64)
+    c[~np.isfinite(c)] = np.nan
+    finite = np.abs(c[~np.isnan(c)])
+    if finite.size == 0 or finite.max() > _MAX_COLOUR_VALUE:
+        return None
+    return c
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return np.nan if value is None else float(value)
+    except OverflowError:  # an int past float range
+        return np.nan
+
+
 def sample_rows(n: int, max_points: int, seed: int) -> np.ndarray:
     """Sorted positions of at most `max_points` of `n` rows: all of them, or a seeded random subset."""
     if max_points < 1:
@@ -228,7 +254,7 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
     used = method_used(points, method)
     xy = project_2d(points, method, seed).numpy()  # (N', 2)
     mods = [str(modalities[i]) for i in rows]
-    numeric = is_numeric(values)
+    numeric = is_numeric(values) and numeric_colours(values) is not None
     if title is None:
         shown = f"{len(rows)} of {n} points" if len(rows) < n else f"{n} points"
         title = f"{used.upper() if used == 'pca' else used} map, colour = {color_by} ({shown})"
@@ -268,9 +294,9 @@ def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], numeric: boo
     if numeric:
         from matplotlib import colormaps
 
-        c = np.array([np.nan if v is None else float(v) for v in values])
+        c = numeric_colours(values)  # limits from finite values: one inf made every finite point one colour
         lo, hi = np.nanmin(c), np.nanmax(c)
-        cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # rows lacking the column
+        cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # rows lacking the column, or not finite
         for m in kinds:
             sel = mods == m
             scatter = ax.scatter(xy[sel, 0], xy[sel, 1], c=c[sel], cmap=cmap, vmin=lo, vmax=hi,
@@ -318,4 +344,4 @@ def _categories(values: list[Any]) -> tuple[list[str], dict[str, Any]]:
 
 
 __all__ = ["EmbeddingMap", "METHODS", "column_values", "embedding_map", "is_numeric", "map_columns", "map_vectors",
-           "pca_2d", "project_2d", "sample_rows"]
+           "numeric_colours", "pca_2d", "project_2d", "sample_rows"]

@@ -135,7 +135,8 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
         outs = generate(pm.lm, pm.fmt, [prompt] * samples, max_new_tokens, sampling, stops, seed, device)
         model = model_entropy(pm, prompt, [o.token_ids for o in outs])
         texts = [o.token_ids[:-1] if o.finish_reason == "eos" else o.token_ids for o in outs]
-        rows.append(SweepRow(float(sampling.temperature), _mean([h for o in outs for h in o.entropy]),
+        rows.append(SweepRow(abs(float(sampling.temperature)),  # "-0" is 0: no row labelled -0
+                             _mean([h for o in outs for h in o.entropy]),
                              _mean([h for m in model for h in m]), distinct_n(texts, 1), distinct_n(texts, 2),
                              samples, sum(len(o.token_ids) for o in outs)))
     return rows

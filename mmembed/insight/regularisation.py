@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mmembed.checkpoint import atomic_write_text, make_output_folder
+from mmembed.config import ConfigError
 from mmembed.insight.lm_train import LMResult, train_lm
 from mmembed.insight.plotting import pyplot, save_png
 from mmembed.insight.scaling import build_decoder, recipe_of, world_text
@@ -75,6 +76,9 @@ def run_regularisation(config: ScalingConfig, progress: Callable[[str], None] = 
     """Train every (dropout, weight decay) setting of `config.regularisation`; write
     regularisation.json and regularisation.png to `config.out_dir`."""
     rc = config.regularisation
+    if config.trained_tokens(rc.train_tokens) < 1:  # train_lm said so after the tokenizer, naming no key
+        raise ConfigError(f"regularisation.train_tokens={rc.train_tokens} is less than one batch "
+                          f"({config.recipe.batch_size} rows of {config.context} tokens)")
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
     vocab, train, val = world_text(config, rc.train_tokens, progress)

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor
 
 from mmembed.checkpoint import atomic_write_text, make_output_folder
+from mmembed.config import ConfigError
 from mmembed.decoder.model import Decoder
 from mmembed.insight.lm_data import token_rows, train_world_tokenizer
 from mmembed.insight.lm_train import LMResult, Recipe, train_lm
 from mmembed.insight.power_law import PowerLawFit, fit_power_law
 from mmembed.insight.scaling_plots import plot_scaling
-from mmembed.insight.sweep_config import ModelSize, RecipeConfig, ScalingConfig
+from mmembed.insight.sweep_config import MAX_TOKENS, ModelSize, RecipeConfig, ScalingConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,13 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     Returns:
         The `SweepReport`; scaling.json, scaling.csv and scaling.png are in `config.out_dir`.
     """
-    out = Path(config.out_dir)
-    make_output_folder(out)  # a file above it is one line, before any training
     plan = _plan(config)
     budget = max([t for _, _, t in plan] + ([_next(config)[2]] if verify else []))
+    if budget > MAX_TOKENS:  # only with --verify: axis=data's next rung is twice the largest budget
+        raise ConfigError(f"--verify trains on 2 x max(data_tokens) = {budget:,} tokens, more than {MAX_TOKENS:,} "
+                          "(the world's text is built in memory): lower data_tokens or leave out --verify")
+    out = Path(config.out_dir)
+    make_output_folder(out)  # a file above it is one line, before any training
     vocab, train, val = world_text(config, budget, progress)
 
     def train_one(label: str, size: ModelSize, tokens: int) -> LMResult:
@@ -127,12 +131,14 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
 def world_text(config: ScalingConfig, train_tokens: int, progress: Callable[[str], None] = log.info
                ) -> tuple[int, Tensor, Tensor]:
     """The sweep's tokenizer vocabulary size, training rows and validation rows (three seeds of
-    their own: the tokenizer, the training and the validation documents share no document)."""
+    their own; the validation rows skip every document of the training rows: a simple scene
+    recurs across seeds)."""
     tokenizer = train_world_tokenizer(config.vocab_size, seed=config.seed + 1)
     progress(f"world text: {train_tokens:,} training tokens, {config.val_tokens:,} validation tokens, "
              f"BPE vocabulary {tokenizer.vocab_size}")
-    train = token_rows(tokenizer, train_tokens, config.context, seed=config.seed + 2)
-    val = token_rows(tokenizer, config.val_tokens, config.context, seed=config.seed + 3)
+    trained: set[int] = set()
+    train = token_rows(tokenizer, train_tokens, config.context, seed=config.seed + 2, seen=trained)
+    val = token_rows(tokenizer, config.val_tokens, config.context, seed=config.seed + 3, exclude=trained)
     return tokenizer.vocab_size, train, val
 
 

@@ -128,6 +128,12 @@ class ScalingConfig:
             if positive[name] > MAX_TOKENS:
                 raise ConfigError(f"{name} must be at most {MAX_TOKENS:,} (the world's text is built in memory), "
                                   f"got {positive[name]:,}")
+        for d in self.data_tokens:  # axis=data builds max(data_tokens) (twice it with --verify: run_sweep checks)
+            if not 1 <= d <= MAX_TOKENS:
+                raise ConfigError(f"data_tokens must each be in [1, {MAX_TOKENS:,}] (the world's text is built in "
+                                  f"memory), got {d:,}")
+        if self.bootstrap < 0:  # a negative count silently gave no confidence intervals
+            raise ConfigError(f"bootstrap must be >= 0 (0: no confidence intervals), got {self.bootstrap}")
         if self.val_tokens < self.context:
             raise ConfigError(f"val_tokens={self.val_tokens} holds no validation row of context={self.context}")
         if not (math.isfinite(r.lr) and r.lr > 0) or r.warmup_steps < 0 or not 0 <= r.min_lr_ratio <= 1:

@@ -161,6 +161,14 @@ def tokenizer_stats(corpus_files: Sequence[str | Path], vocab_sizes: Sequence[in
     """
     check_stats_arguments(vocab_sizes, embed_width, holdout_every)
     train, held = split_corpus(read_corpus(corpus_files), holdout_every)
+    return split_stats(train, held, vocab_sizes, embed_width=embed_width, progress=progress)
+
+
+def split_stats(train: Sequence[str], held: Sequence[str], vocab_sizes: Sequence[int], *,
+                embed_width: int = DEFAULT_EMBED_WIDTH,
+                progress: Callable[[int], None] | None = None) -> list[TokenizerStatsRow]:
+    """`tokenizer_stats` of a corpus already split by `split_corpus` (training, held-out lines):
+    the CLI reads and splits it before making its output folder."""
     held_chars = sum(len(line) for line in held)
     train_chars = sum(len(line) for line in train)
     rows = []
@@ -249,4 +257,4 @@ def _short(n: int) -> str:
 
 
 __all__ = ["DEFAULT_EMBED_WIDTH", "TokenizerStatsRow", "count_tokens", "format_stats_table", "parse_vocab_sizes",
-           "plot_tokenizer_stats", "read_corpus", "split_corpus", "tokenizer_stats", "write_stats"]
+           "plot_tokenizer_stats", "read_corpus", "split_corpus", "split_stats", "tokenizer_stats", "write_stats"]

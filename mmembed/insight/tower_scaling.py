@@ -59,7 +59,7 @@ from mmembed.losses import build_loss
 from mmembed.modality import Modality
 from mmembed.model import TOKENIZER, build_model, load_space
 from mmembed.preprocess import build_preprocessor
-from mmembed.space import SharedSpace
+from mmembed.space import SharedSpace, build_space
 from mmembed.train.align import WithCaptioner, one_process_step, train_align, train_loader_factory
 from mmembed.train.collapse import CollapseMonitor
 from mmembed.train.distributed import resolve_device
@@ -91,18 +91,19 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
         raise ConfigError("target: towers sweeps model size only (axis: params)")
     if len(ladder.widths) < 3:
         raise ConfigError(f"towers.widths: a fit needs at least 3 widths, got {len(ladder.widths)}")
+    configs = rung_configs(config)  # every rung, next_width's too, builds: checked before the folder is made
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
     rungs = []
     for i, width in enumerate(ladder.widths):
         progress(f"[{i + 1}/{len(ladder.widths)}] towers at width {width}")
-        rungs.append(train_rung(rung_config(config, width), progress))
+        rungs.append(train_rung(configs[width], progress))
     write_rungs(rungs, out)  # every rung's numbers are on disk before anything can fail
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([r.result.params for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,
                                 seed=config.seed)
-    next_cfg = rung_config(config, ladder.next_width)
+    next_cfg = configs[ladder.next_width]
     # the untrained next rung's N, with the tokenizer every rung trained (the same data, the same one)
     x_next = space_parameters(build_model(next_cfg, _run_tokenizer(rung_dir(config, ladder.widths[0]))).space)[0]
     prediction = {"label": size_label(rung_size(next_cfg)), "x": x_next,
@@ -127,10 +128,12 @@ def rung_dir(config: ScalingConfig, width: int) -> Path:
     return Path(config.out_dir) / "towers" / f"w{width}"
 
 
-def heads_for(width: int, head_dim: int = HEAD_DIM) -> int:
-    """The most attention heads of at least `head_dim` channels that divide `width` (at least 1)."""
+def heads_for(width: int, head_dim: int = HEAD_DIM, rotary: bool = False) -> int:
+    """The most attention heads of at least `head_dim` channels that divide `width` (at least 1);
+    with `rotary`, the most that also leave an even head width (rotary turns pairs of channels),
+    where one does: 66 gets 1 head of 66, not 2 of 33. Widths whose heads of 32 fit are unchanged."""
     heads = max(1, width // head_dim)
-    while width % heads:
+    while width % heads or (rotary and heads > 1 and (width // heads) % 2):
         heads -= 1
     return heads
 
@@ -151,9 +154,24 @@ def rung_config(config: ScalingConfig, width: int) -> Config:
             raise ConfigError(f"model.towers.{name}: encoder {tower.encoder!r} has no width to scale")
         tower.encoder_args["width"] = width
         if "heads" in accepted:
-            tower.encoder_args["heads"] = heads_for(width)
+            default = accepted["positional"].default if "positional" in accepted else None
+            rotary = tower.encoder_args.get("positional", default) == "rotary"
+            tower.encoder_args["heads"] = heads_for(width, rotary=rotary)
     cfg.train.out_dir = str(rung_dir(config, width))
     return cfg
+
+
+def rung_configs(config: ScalingConfig) -> dict[int, Config]:
+    """`rung_config` of every width and of `next_width`, each built once as a fresh space: a width
+    the towers cannot take (an odd rotary head width) is one ConfigError before any training. It
+    was found building the next rung, after the whole ladder had trained, and lost the fit."""
+    configs = {w: rung_config(config, w) for w in [*config.towers.widths, config.towers.next_width]}
+    for width, cfg in configs.items():
+        try:
+            build_space(cfg.model, cfg.tokenizer.vocab_size, cfg.loss.kind)  # the vocabulary size only sizes a table
+        except ConfigError as e:
+            raise ConfigError(f"towers width {width}: {e}") from None
+    return configs
 
 
 def rung_size(cfg: Config) -> ModelSize:

@@ -12,7 +12,8 @@ import torch
 from mmembed.cli import main
 from mmembed.errors import UserError
 from mmembed.insight.embedding_map import (MAX_CATEGORIES, _categories, column_values, embedding_map, is_numeric,
-                                           map_columns, map_vectors, pca_2d, project_2d, sample_rows)
+                                           map_columns, map_vectors, numeric_colours, pca_2d, project_2d,
+                                           sample_rows)
 from mmembed.retrieval import Index
 
 D = 12
@@ -235,3 +236,60 @@ def test_a_plot_that_fails_half_way_leaves_the_earlier_png(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space"):
         save_png(fig, out)
     assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_non_finite_numbers_are_grey_and_the_colour_scale_spans_the_finite_ones(tmp_path, monkeypatch):
+    """±1e308, a JSON 10**400 or inf in a numeric column were a traceback (NaN axis limits, an int
+    too large for a float) or a colourbar of -0.1..0.1 with every finite point one colour."""
+    from mmembed.insight import embedding_map as em
+
+    c = numeric_colours([0.0, 4, float("inf"), None, 10**400, float("nan"), -float("inf")])
+    np.testing.assert_array_equal(c, [0.0, 4.0, np.nan, np.nan, np.nan, np.nan, np.nan])
+    assert numeric_colours([1e308, -1e308, 0.0]) is None  # the range overflows: drawn as categories
+    assert numeric_colours([1e308, 0.0]) is None  # the colourbar's steps would
+    assert numeric_colours([float("inf"), None]) is None
+    limits = []
+    real_save = em.save_png
+
+    def save_png(fig, out, **kwargs):
+        limits.append(fig.axes[1].get_ylim() if len(fig.axes) > 1 else None)  # the colourbar's range
+        return real_save(fig, out, **kwargs)
+
+    monkeypatch.setattr(em, "save_png", save_png)
+    vectors = torch.randn(8, D, generator=torch.Generator().manual_seed(0))
+    cases = {"inf": ([float(i) for i in range(7)] + [float("inf")], (0.0, 6.0)),
+             "big_int": ([10**400] + list(range(1, 8)), (1.0, 7.0)),
+             "huge_range": ([1e308, -1e308] + [float(i) for i in range(6)], None)}
+    for name, (scores, colourbar) in cases.items():
+        out = tmp_path / f"{name}.png"
+        drawn = map_vectors(vectors, ["text"] * 8, [{"score": v} for v in scores], "score", out)
+        assert drawn.numeric == (colourbar is not None) and out.read_bytes()[:8] == PNG, name
+        assert limits.pop() == colourbar, name
+
+
+def test_the_map_never_replaces_an_item_of_the_index(tmp_path, capsys, monkeypatch):
+    """`--out images/a.png` over an item of the index wrote the map into the item's own image."""
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(PNG + b"an item")
+    index = build_index()
+    index.add(torch.randn(1, D, generator=torch.Generator().manual_seed(1)), "image", [{"item": str(image)}])
+    index.save(tmp_path / "idx")
+    monkeypatch.chdir(tmp_path)
+    for out in (str(image), "images/a.png", "images/../images/a.png"):
+        _one_line(capsys, ["map", "idx", "--color-by", "modality", "--out", out], "is the file of an item of the index")
+    assert image.read_bytes() == PNG + b"an item"
+    assert main(["map", "idx", "--color-by", "modality", "--out", "images/b.png"]) == 0  # beside it is fine
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_the_work(tmp_path, capsys, monkeypatch):
+    """A folder named dir.png failed with "Is a directory" (exit 1) only after the projection."""
+    import mmembed.insight.embedding_map as em
+
+    build_index().save(tmp_path / "idx")
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(em, "project_2d", lambda *a, **k: pytest.fail("projected before refusing --out"))
+    for out, match in ((tmp_path / "dir.png", "is a folder; name the file to write"), (tmp_path / "file" / "m.png",
+                                                                             "is a file, not a folder")):
+        _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", str(out)], match)

@@ -83,6 +83,16 @@ def test_sweep_prints_a_table_and_draws_it_and_the_attention(run, tmp_path, caps
     assert rows[0]["drawn_entropy"] == 0.0 < rows[1]["drawn_entropy"] < rows[2]["drawn_entropy"]
 
 
+def test_a_temperature_of_minus_zero_is_zero(run, capsys):
+    """--temperature-sweep=-0 printed a row labelled "-0" (and -0.0 in --json)."""
+    argv = ["generate", str(run), "--prompt", "describe", "--temperature-sweep=-0", "--samples", "2",
+            "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[2].startswith("| 0 | 0.000 |")
+    assert main([*argv, "--json"]) == 0
+    assert str(json.loads(capsys.readouterr().out)[0]["temperature"]) == "0.0"  # -0.0 == 0.0: compare the text
+
+
 def test_a_plot_never_replaces_a_file_of_the_prompt(run, tmp_path, capsys):
     """--attention-png a.png over the prompt's own a.png wrote the heatmap into it."""
     image = tmp_path / "a.png"

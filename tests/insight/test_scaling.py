@@ -25,6 +25,39 @@ def test_world_documents_are_seeded_and_rows_overlap_by_one_id():
     assert tok.eos_id in rows.flatten().tolist()  # documents are separated
 
 
+def _documents(rows, eos: int) -> list[tuple[int, ...]]:
+    """The whole documents in packed rows (ids between two <eos>), as id tuples."""
+    flat = rows[:, :-1].flatten().tolist() + [int(rows[-1, -1])]
+    cuts = [i for i, t in enumerate(flat) if t == eos]
+    return [tuple(flat[a + 1:b]) for a, b in zip([-1, *cuts], cuts)]
+
+
+def test_validation_rows_share_no_document_with_training(monkeypatch):
+    """About 3% of the validation documents (simple scenes, which recur across seeds) were also
+    training documents, though lm_data said another seed shared none."""
+    import numpy as np
+
+    from mmembed.insight import lm_data, scaling
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    def small_world(n: int, seed: int) -> list[str]:  # half the scenes from a handful, as simple scenes recur
+        rng = np.random.default_rng(seed)
+        return [f"simple scene {rng.integers(4)}." if rng.random() < 0.5 else f"scene {rng.integers(10**9)}."
+                for _ in range(n)]
+
+    monkeypatch.setattr(lm_data, "world_documents", small_world)
+    config = load_scaling_config("scaling", ["context=16", "val_tokens=2048", "vocab_size=300"])
+    _, train, val = scaling.world_text(config, 4096)
+    tok = train_world_tokenizer(config.vocab_size, seed=config.seed + 1)
+    trained = set(_documents(train, tok.eos_id))
+    assert val.shape == (128, 17) and not trained & set(_documents(val, tok.eos_id))
+    unfiltered = token_rows(tok, config.val_tokens, config.context, seed=config.seed + 3)
+    assert trained & set(_documents(unfiltered, tok.eos_id))  # what the old validation rows held
+    seen: set[int] = set()
+    assert (token_rows(tok, 4096, 16, seed=config.seed + 2, seen=seen) == train).all()  # training is unchanged
+    assert {lm_data.document_key(tok.decode(list(d))) for d in trained} <= seen  # it records what it packed
+
+
 def test_sweep_writes_fit_prediction_and_verification(tmp_path, capsys):
     assert main(["scale", "--verify", "--out", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
@@ -130,11 +163,29 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     # NaN or infinite weight decay trained, then blamed the learning rate ("lower recipe.lr")
     (["scale", "recipe.weight_decay=.nan"], "weight_decay finite and >= 0"),
     (["scale", "--study", "regularisation", "regularisation.weight_decays=[.inf]"], "each finite, >= 0"),
+    # built text in memory until killed; gave no confidence intervals without a word
+    (["scale", "--axis", "data", "data_tokens=[2048, 4096, 10000000000000]"],
+     "data_tokens must each be in [1, 1,000,000,000]"),
+    (["scale", "bootstrap=-1"], "bootstrap must be >= 0"),
 ])
 def test_bad_arguments_give_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("mmembed: error:") and match in err, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--verify", "--axis", "data", "data_tokens=[2048, 4096, 600000000]"],
+     "--verify trains on 2 x max(data_tokens) = 1,200,000,000 tokens, more than 1,000,000,000"),
+    (["--study", "regularisation", "regularisation.train_tokens=100"],
+     "regularisation.train_tokens=100 is less than one batch (32 rows of 64 tokens)"),
+])
+def test_a_budget_it_cannot_build_is_refused_before_the_folder(argv, match, tmp_path, capsys):
+    """--verify built 2 x max(data_tokens) past the cap until killed; a regularisation subset under
+    one batch failed after the tokenizer trained, naming no key. Both had made the folder."""
+    assert main(["scale", *argv, "--out", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err and not (tmp_path / "sweep").exists(), err
 
 
 def test_out_is_the_folder_as_typed(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from mmembed.cli import main
 from mmembed.errors import UserError
 from mmembed.insight.tokenizer_stats import (DEFAULT_EMBED_WIDTH, count_tokens, format_stats_table, parse_vocab_sizes,
                                              read_corpus, split_corpus, tokenizer_stats)
-from mmembed.tokenizer import Tokenizer
+from mmembed.tokenizer import MAX_VOCAB, Tokenizer
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "pe", "du", "shi", "gra", "ton", "bel"]
 
@@ -124,7 +124,7 @@ def test_cli_bad_vocab_size_is_one_line(capsys, corpus, tmp_path):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("mmembed: error:") and "'abc'" in err
     # found before the first size trains, and before the output folder is made (it was left empty)
-    for sizes, bad in (("300,3000000000", "is above 2,147,483,647"), ("300,500", "holdout_every must be at least 2")):
+    for sizes, bad in (("300,3000000000", f"is above {MAX_VOCAB:,}"), ("300,500", "holdout_every must be at least 2")):
         extra = ["--holdout-every", "1"] if "holdout" in bad else []
         assert main(["tokenizer", "stats", "--corpus", str(corpus), "--vocab-sizes", sizes, *extra,
                      "--out", str(tmp_path / "never")]) == 2
@@ -151,3 +151,27 @@ def test_lines_end_only_at_newlines(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes("a red\u2028star\r\nb\x0cblue\u0085moon\rc\n".encode("utf-8"))
     assert read_corpus([path]) == ["a red\u2028star", "b\x0cblue\u0085moon", "c"]
+
+
+def test_a_failed_or_interrupted_run_leaves_no_out_folder(capsys, corpus, tmp_path, monkeypatch):
+    """A missing corpus, one too short for --holdout-every, or Ctrl-C left an empty --out folder."""
+    import mmembed.insight.tokenizer_stats as stats
+
+    few = tmp_path / "few.txt"
+    few.write_text("one\ntwo\nthree\n")
+    for corpus_file, match in ((tmp_path / "none.txt", "corpus file not found"), (few, "3 non-blank lines")):
+        assert main(["tokenizer", "stats", "--corpus", str(corpus_file), "--vocab-sizes", "300", "--out",
+                     str(tmp_path / "st")]) == 2
+        assert match in capsys.readouterr().err and not (tmp_path / "st").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stats.Tokenizer, "train", interrupted)
+    argv = ["tokenizer", "stats", "--corpus", str(corpus), "--vocab-sizes", "300"]
+    assert main([*argv, "--out", str(tmp_path / "new" / "st")]) == 130
+    assert not (tmp_path / "new").exists()  # the parent it made too
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a file of the user")
+    assert main([*argv, "--out", str(tmp_path / "kept")]) == 130
+    assert (tmp_path / "kept" / "mine.txt").read_text() == "a file of the user"  # a folder that was there stays

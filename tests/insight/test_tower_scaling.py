@@ -174,3 +174,32 @@ def test_fit_prediction_and_verification_are_written(sweep):
     assert len(lines) == 4 and lines[0].startswith("rung,width,layers,heads,params,params_total,tokens")
     assert lines[1].startswith("w16 L1 h1,16,1,1,")
     assert (out / "scaling.png").stat().st_size > 10_000
+
+
+def test_rotary_towers_get_an_even_head_width_and_the_ladders_heads_are_unchanged():
+    """Widths 66, 98 and 130 got 2 heads of 33, 49 and 65 channels: rotary towers cannot take them."""
+    shipped = (32, 48, 64, 96, 128, 160)
+    assert [heads_for(w, rotary=True) for w in shipped] == [heads_for(w) for w in shipped] == [1, 1, 2, 3, 4, 5]
+    assert [heads_for(w, rotary=True) for w in (66, 98, 130, 192)] == [1, 1, 1, 6]
+    assert heads_for(66) == 2  # a tower without rotary positions keeps its heads of 33
+    config = load_scaling_config("scaling", ["target=towers", "towers.widths=[32, 66, 98]", "towers.next_width=130"])
+    for width in (66, 98, 130):
+        text = rung_config(config, width).model.towers["text"].encoder_args  # the demo's text tower is rotary
+        assert text["positional"] == "rotary" and text["heads"] == 1
+
+
+@pytest.mark.parametrize("override, match", [
+    ("towers.next_width=33", r"towers width 33: model\.towers\.text: rotary needs an even head dimension"),
+    ("towers.widths=[32, 33, 64]", r"towers width 33: model\.towers\.text: rotary needs an even head dimension"),
+    ("towers.config=nope", "config file not found: nope"),
+])
+def test_a_rung_that_cannot_build_fails_before_any_training(override, match, tmp_path, monkeypatch):
+    """An odd rotary head width failed building next_width's model after the whole ladder had
+    trained (no fit, no scaling.json); a missing towers.config made the output folder first."""
+    import mmembed.insight.tower_scaling as tower_scaling
+
+    monkeypatch.setattr(tower_scaling, "train_rung", lambda *a, **k: pytest.fail("a rung trained"))
+    config = load_scaling_config("scaling", ["target=towers", override, f"out_dir={tmp_path / 'sweep'}"])
+    with pytest.raises(ConfigError, match=match):
+        run_tower_sweep(config)
+    assert not (tmp_path / "sweep").exists()
