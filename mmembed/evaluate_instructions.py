@@ -67,6 +67,7 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     instructions = read_instructions(manifest, allow_outside_root=outside_root_allowed(model))
     rows = fitting(model, instructions.rows)
+    too_long = len(instructions.rows) - len(rows)  # before unreadable rows go: they are counted as skipped
     if not rows:
         raise UserError(f"{manifest}: no row fits the decoder's context of {model.prompt_model.lm.decoder.max_len} "
                         f"tokens with its answer")
@@ -87,7 +88,7 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     return {
         "manifest": str(manifest), "scoring": name, "rows": len(rows),
         "skipped": len(instructions.skipped) + len(unreadable),
-        "too_long": len(instructions.rows) - len(rows), "tasks": tasks,
+        "too_long": too_long, "tasks": tasks,
         "answers": [{"line": r.line, "task": r.task, "answer": a.text, "reference": r.answer, "correct": c}
                     for r, a, c in zip(rows, answers, correct)],
     }

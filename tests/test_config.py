@@ -343,3 +343,24 @@ def test_a_sweep_of_more_tokens_than_memory_holds_is_refused():
 
     with pytest.raises(ConfigError, match="val_tokens must be at most 1,000,000,000"):
         load_scaling_config("scaling", ["val_tokens=99999999999999999999"])
+
+
+def test_decoder_rows_that_show_a_modality_the_space_lacks_are_refused_before_work(tmp_path):
+    """A space without an audio tower and the world's instruction rows (pictures and sounds): the
+    decoder stage said "this model has no audio tower" after the whole align stage had trained."""
+    import dataclasses
+
+    from mmembed.train import train
+
+    cfg = load_config("demo", [f"data.root={tmp_path / 'world'}", f"train.out_dir={tmp_path / 'run'}"])
+    towers = {name: tower for name, tower in cfg.model.towers.items() if name != "audio"}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, towers=towers),
+                              loss=dataclasses.replace(cfg.loss, pair_weights={}))
+    with pytest.raises(ConfigError, match=r"rows show audio, and model\.towers has no such tower: set "
+                                          r"decoder\.data\.prompt_modalities"):
+        train(cfg)
+    assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
+    cfg.decoder.data.prompt_modalities = ["image", "text"]
+    from mmembed.train.preflight import check_config
+
+    check_config(cfg)

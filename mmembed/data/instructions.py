@@ -30,9 +30,18 @@ from mmembed.modality import Modality
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
 
 
-def manifest_tasks(path: Path) -> set[str]:
-    """The tasks an instruction manifest's rows name (a quick read: no path is resolved)."""
-    return {str(r["task"]) for _, r in read_jsonl_records(path) if isinstance(r, dict) and r.get("task") is not None}
+def manifest_kinds(path: Path) -> tuple[set[str], set[str]]:
+    """The tasks an instruction manifest's rows name, and the modalities their prompts show (a
+    quick read: no path is resolved, no row checked)."""
+    tasks, media = set(), set()
+    for _, row in read_jsonl_records(path):
+        if isinstance(row, dict):
+            if row.get("task") is not None:
+                tasks.add(str(row["task"]))
+            prompt = row.get("prompt")
+            media |= {str(k) for seg in prompt if isinstance(seg, dict) for k in seg} if isinstance(prompt, list) \
+                else set()
+    return tasks, media
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,9 @@ def _align_as_it_ran(config: Config, saved: Config) -> Config:
     if changed:
         log.warning("the align stage is finished, so %s changes nothing: --resume continues the decoder stage "
                     "(start over with --overwrite to train the space again)", ", ".join(changed))
-    return dataclasses.replace(config, train=kept)
+    # and the space as it is: a space copied from model.init_from has that run's sections, which
+    # the decoder stage writes into config.yaml again (the user's own section described no towers)
+    return dataclasses.replace(config, train=kept, model=saved.model, tokenizer=saved.tokenizer)
 
 
 def _check_decoder_manifests(config: Config) -> None:

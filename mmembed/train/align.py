@@ -414,4 +414,5 @@ def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) 
         plot_curves(run_dir / "metrics.jsonl", run_dir)
     except Exception as e:  # plotting is a convenience; a missing backend must not fail a run
         log.warning("could not draw curves: %s", e)
-    log.info("run saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)
+    log.info("run saved to %s (%s at step %d; its weights: step %d)", run_dir, result.stopped_because,
+             result.progress.step, result.weights_step)

@@ -145,7 +145,8 @@ def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipC
         plot_curves(run_dir / DECODER_DIR / "metrics.jsonl", run_dir / DECODER_DIR)
     except Exception as e:  # a convenience: a missing backend must not fail a run
         log.warning("could not draw curves: %s", e)
-    log.info("decoder saved to %s (%s, step %d)", run_dir, result.stopped_because, result.progress.step)
+    log.info("decoder saved to %s (%s at step %d; its weights: step %d)", run_dir, result.stopped_because,
+             result.progress.step, result.weights_step)
 
 
 def _datasets(config: Config, pm: PromptModel, model: Model

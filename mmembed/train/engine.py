@@ -341,8 +341,13 @@ class Trainer:
                             "checkpoint is kept and the last weights are saved", name, ", ".join(sorted(metrics)))
             return False, False
         self._last_value = value = float(value)
-        if better(value, p.best_metric, lower_is_better(name)):
-            p.best_metric, p.best_step, p.evals_since_best = value, p.step, 0
+        # A tie goes to the lower validation loss: an exact-answer accuracy stays at 0 for a while
+        # on long answers, and the first evaluation's weights were kept and the run stopped early.
+        loss = metrics.get("loss") if name.removeprefix("val/") != "loss" else None
+        loss = float(loss) if loss is not None and math.isfinite(loss) else None
+        tie_won = value == p.best_metric and loss is not None and better(loss, p.best_loss, lower=True)
+        if better(value, p.best_metric, lower_is_better(name)) or tie_won:
+            p.best_metric, p.best_step, p.best_loss, p.evals_since_best = value, p.step, loss, 0
             improved = True
         else:
             p.evals_since_best += 1

@@ -28,7 +28,9 @@ def check_config(config: Config, resume: bool = False) -> None:
     files it started from (its tokenizer and space are in its folder by then)."""
     _check_towers(config)
     _check_loss(config)
-    if not resume:
+    if resume:
+        _check_same_space(config)
+    else:
         _check_sources(config)
     _check_world_splits(config)
     _check_decoder_tasks(config)
@@ -88,22 +90,58 @@ def _check_decoder_tasks(config: Config) -> None:
     if config.decoder is None:
         return
     data = config.decoder.data
-    named = set(data.tasks or ()) | set(data.task_weights)
-    if not named:
-        return
     path = Path(config.data.root) / data.train
     if path.is_file():
-        from mmembed.data.instructions import manifest_tasks
+        from mmembed.data.instructions import manifest_kinds
 
-        known = manifest_tasks(path)
+        known, media = manifest_kinds(path)
     elif config.data.synth is not None:  # the world writes it
         from mmembed.data.synth.instructions import TASKS as known
+
+        media = {"image", "audio", "text"}
     else:
         return
+    wanted = set(data.prompt_modalities) if data.prompt_modalities is not None else media
+    if lacking := sorted(wanted - set(config.model.towers)) if config.model.init_from is None else []:
+        raise ConfigError(f"decoder.data: the instruction rows show {', '.join(lacking)}, and model.towers has no "
+                          f"such tower: set decoder.data.prompt_modalities to the ones it has "
+                          f"({', '.join(config.model.towers)})")
     for key, tasks in (("tasks", data.tasks or ()), ("task_weights", data.task_weights)):
         if unknown := sorted(set(tasks) - set(known)):
             raise ConfigError(f"decoder.data.{key}: {', '.join(map(repr, unknown))} is not a task of the instruction "
                               f"rows (their tasks: {', '.join(sorted(known))})")
+
+
+def _check_same_space(config: Config) -> None:
+    """A resume's model and tokenizer sections are the run's own (its config.yaml): its weights are
+    of that space. A changed one was written into config.yaml before the checkpoint refused it (or
+    after the decoder stage finished), and the run no longer loaded. A run whose space was copied
+    from model.init_from holds that run's sections instead: the resume keeps them."""
+    from mmembed.config import load_config
+    from mmembed.model import CONFIG
+    from mmembed.typed_config import to_dict
+
+    saved = Path(config.train.out_dir) / CONFIG
+    if config.model.init_from is not None or not saved.is_file():
+        return
+    ran = load_config(saved)
+    for section in ("model", "tokenizer"):
+        was, now = _flat(to_dict(getattr(ran, section))), _flat(to_dict(getattr(config, section)))
+        if changed := [f"{section}.{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+                       if was.get(k) != now.get(k)]:
+            raise ConfigError(f"--resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run's "
+                              f"weights are of its config.yaml; resume without the change, or start over with "
+                              "--overwrite")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _check_loss(config: Config) -> None:

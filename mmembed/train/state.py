@@ -47,6 +47,7 @@ class Progress:
     samples: int = 0
     best_metric: float | None = None  # best validation value of the early-stop metric so far
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
+    best_loss: float | None = None  # the validation loss there: a tie of the metric goes to a lower loss
     evals_since_best: int = 0
     bad_steps: int = 0  # non-finite steps skipped in total
     empty_batches: int = 0  # batches whose every row was skipped, or that had nothing to learn from (no step taken)
@@ -222,6 +223,7 @@ def _check_progress(p: Progress) -> None:
              "samples_in_epoch": lambda v: v is None or whole(v, 0),
              "batch_size": lambda v: v is None or whole(v, 1), "accum_steps": lambda v: v is None or whole(v, 1),
              "best_metric": lambda v: v is None or real(v), "best_step": lambda v: v is None or whole(v, 0),
+             "best_loss": lambda v: v is None or real(v),
              "last_eval_step": lambda v: v is None or whole(v, 0),
              "seconds": lambda v: real(v) and v >= 0, "extra": lambda v: isinstance(v, dict)}
     for name, ok in rules.items():

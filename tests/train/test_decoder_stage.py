@@ -497,6 +497,7 @@ def test_eval_instructions_scores_other_manifests_by_normalised_exact_match(trai
     table, report = run_instruction_eval(model, tmp_path / "mine.jsonl", max_new_tokens=6)
     assert report["skipped"] == 2 and report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
     assert "2 bad row(s)" in table
+    assert report["too_long"] == 0 and "0 row(s) longer than the context" in table  # they were counted there too
 
 
 def test_eval_without_a_decoder_or_a_manifest_is_one_clear_line(trained_run, tiny_world, capsys):

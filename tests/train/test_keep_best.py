@@ -25,7 +25,8 @@ def peak_at_4(step: int) -> float:
     return 0.9 - 0.05 * abs(step - 4)  # 0.8 at step 2, 0.9 at 4, then down to 0.3 at step 16
 
 
-def _fit(run_dir, script=peak_at_4, metric="recall@1", validate=True, resume=False, callbacks=(), key=None, **cfg):
+def _fit(run_dir, script=peak_at_4, metric="recall@1", validate=True, resume=False, callbacks=(), key=None,
+         also=lambda step: {}, **cfg):
     """Train the toy for two epochs, evaluating every 2 steps (`script(step)` under `key`, by
     default the early-stop metric); returns (module, trainer, result)."""
     torch.manual_seed(0)
@@ -41,7 +42,8 @@ def _fit(run_dir, script=peak_at_4, metric="recall@1", validate=True, resume=Fal
                             **cfg})
     trainer = Trainer(model, step, _make_loader(x, y), N // BS, config, run_dir, callbacks=list(callbacks))
     if validate:
-        trainer.evaluate = lambda: {key or metric: script(trainer.progress.step), "other": 0.5}
+        trainer.evaluate = lambda: {key or metric: script(trainer.progress.step), "other": 0.5,
+                                    **also(trainer.progress.step)}
     return model, trainer, trainer.fit(resume=resume)
 
 
@@ -337,3 +339,20 @@ def test_a_stages_own_state_is_checkpointed_and_restored(tmp_path):
     resumed = Counter()
     trainer(resumed).fit(resume=True)
     assert resumed.n == N // BS  # 6 counted before the crash, restored, then the last 2
+
+
+def test_a_tied_metric_goes_to_the_lower_validation_loss(tmp_path):
+    """The decoder's exact-answer accuracy stays at 0 for a while on long answers: every tie lost to
+    the first evaluation, whose weights were kept (the worst by validation loss), and patience ran
+    out while the loss was still falling."""
+    def loss(step: int) -> dict[str, float]:
+        return {"loss": 5.0 - 0.2 * step if step <= 8 else 3.4 + 0.1 * (step - 8)}  # lowest at step 8
+
+    model, _, result = _fit(tmp_path / "run", script=lambda step: 0.0, metric="answer_accuracy", also=loss,
+                            early_stop_patience=3)
+    assert (result.stopped_because, result.progress.step) == ("early stop", 14)  # 10, 12, 14: no lower loss
+    assert (result.best_step, result.best_metric, result.weights_step) == (8, 0.0, 8)
+    assert result.progress.best_loss == pytest.approx(3.4)
+    assert _weights(model, tmp_path / "final.safetensors") == _ckpt(tmp_path / "run", 8)
+    _, _, result = _fit(tmp_path / "no-loss", script=lambda step: 0.0, metric="answer_accuracy")
+    assert result.best_step == 2  # without a loss to break it, the first of the ties stays

@@ -358,3 +358,21 @@ def test_the_trash_of_an_overwrite_under_way_is_left_to_it(tmp_path):
         holder.wait()
     prepare_run_dir(run, resume=True, overwrite=False)  # the trainer gone: its leftover goes
     assert not (run / ".overwritten-123").exists()
+
+
+def test_a_resume_with_another_space_is_refused_before_config_yaml_changes(tiny_world, tmp_path):
+    """`train CFG --resume model.embed_dim=48` wrote the new model section into config.yaml, then
+    the checkpoint refused it (or the decoder stage finished on it): the run no longer loaded."""
+    import mmembed as mm
+    from mmembed.errors import ConfigError
+    from mmembed.train import train
+
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=1)
+    train(load_config(path))
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    for change in ("model.embed_dim=48", "model.towers.text.encoder_args.layers=2", "tokenizer.vocab_size=400"):
+        with pytest.raises(ConfigError, match=rf"^--resume: {change.split('=')[0]} .* -> .*weights are of its"):
+            train(load_config(path, [change]), resume=True)
+        assert (tmp_path / "run" / "config.yaml").read_text() == before
+    train(load_config(path, ["train.epochs=2"]), resume=True)  # the train section may change
+    mm.load(tmp_path / "run")
