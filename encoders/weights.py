@@ -35,9 +35,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     check_weights_path(path)
     try:
         if path.suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            obj: Any = load_file(str(path))
+            try:
+                str(path).encode("utf-8")
+                obj: Any = load_file(str(path))
+            except UnicodeEncodeError:  # safetensors opens UTF-8 names only: a name of undecodable bytes
+                obj = load(path.read_bytes())
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (refused global), RuntimeError (truncated zip), EOFError...

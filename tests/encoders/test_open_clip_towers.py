@@ -334,3 +334,17 @@ def test_a_local_dir_architecture_that_is_not_there_is_a_value_error(tmp_path):
     traceback through build_space, which turns ValueErrors into one config line."""
     with pytest.raises(ValueError, match="unknown open_clip architecture 'local-dir:"):
         build_encoder("open_clip_image", arch=f"local-dir:{tmp_path / 'nope'}")
+
+
+def test_a_weights_file_under_a_name_of_undecodable_bytes_loads(tmp_path):
+    """safetensors opens UTF-8 names only: a weights file in a folder named with undecodable bytes
+    was "refused or unreadable" though it was neither."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / os.fsdecode(b"w\xff") / "tower.safetensors"
+    path.parent.mkdir()
+    save_file({"proj": torch.arange(4.0)}, str(tmp_path / "plain.safetensors"))
+    path.write_bytes((tmp_path / "plain.safetensors").read_bytes())
+    assert torch.equal(load_state_dict_file(path)["proj"], torch.arange(4.0))
