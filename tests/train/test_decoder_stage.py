@@ -575,3 +575,24 @@ def test_a_missing_instruction_manifest_is_named_before_the_align_stage(tiny_wor
         with pytest.raises(UserError, match=r"decoder\.data\.(train|val): instruction manifest not found"):
             train(cfg)
         assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing trained
+
+
+def test_a_resumed_decoder_stage_keeps_the_space_it_copied_in_config_yaml(trained_run, tiny_world, tmp_path):
+    """A space copied from model.init_from: the resume wrote the user's own model section (not the
+    copied run's) into config.yaml, and the run no longer loaded."""
+    from mmembed.train import copy_space
+
+    run = tmp_path / "run"
+    mine = decoder_config(tiny_world, run)
+    mine.model.init_from = str(trained_run)
+    mine.model.embed_dim = 48  # the user's section; the space is the copied run's
+
+    def stop(event, trainer, info):
+        if event == "step" and trainer.progress.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(copy_space(copy.deepcopy(mine)), callbacks=[stop])
+    train(mine, resume=True)
+    assert load_config(run / "config.yaml").model.embed_dim == load_config(trained_run / "config.yaml").model.embed_dim
+    mm.load(run).generate("describe", max_new_tokens=2)
