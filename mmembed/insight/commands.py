@@ -57,10 +57,11 @@ def output_folder(folder: str | Path) -> Iterator[Path]:
 
 def run_map(args: argparse.Namespace) -> int:
     """`mmembed map INDEX --color-by COLUMN --out F.png`: draw the index in 2-D."""
+    from mmembed.checkpoint import check_output_file
     from mmembed.insight.embedding_map import embedding_map
     from mmembed.retrieval import Index
 
-    check_map_out(Path(args.out))
+    check_output_file(Path(args.out), "--out")  # before the index is loaded and projected
     index = Index.load(args.index)
     check_not_an_item(Path(args.out), [index.metadata(i) for i in index.ids()])  # before the projection
     drawn = embedding_map(index, args.color_by, args.out, method=args.method, max_points=args.max_points,
@@ -69,14 +70,6 @@ def run_map(args: argparse.Namespace) -> int:
     instead = f" ({args.method} needs 4 or more points, not all in one place)" if drawn.method != args.method else ""
     print(f"{len(drawn.rows)} points by {drawn.method}{instead}, colour = {args.color_by} ({kind}) → {drawn.path}")
     return 0
-
-
-def check_map_out(out: Path) -> None:
-    """UserError unless a PNG can be written at `out`: checked before the index is loaded and
-    projected (a folder there failed with "Is a directory" after all the work)."""
-    from mmembed.checkpoint import check_output_file
-
-    check_output_file(out, "--out")
 
 
 def check_not_an_item(out: Path, metadata: list[dict]) -> None:

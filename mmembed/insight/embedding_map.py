@@ -254,13 +254,13 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
     used = method_used(points, method)
     xy = project_2d(points, method, seed).numpy()  # (N', 2)
     mods = [str(modalities[i]) for i in rows]
-    numeric = is_numeric(values) and numeric_colours(values) is not None
+    colours = numeric_colours(values) if is_numeric(values) else None  # None: drawn as categories
     if title is None:
         shown = f"{len(rows)} of {n} points" if len(rows) < n else f"{n} points"
         title = f"{used.upper() if used == 'pca' else used} map, colour = {color_by} ({shown})"
-    path = _plot(xy, mods, values, numeric, color_by, Path(out), title)
+    path = _plot(xy, mods, values, colours, color_by, Path(out), title)
     log.info("embedding map of %d points (%s, colour=%s) -> %s", len(rows), used, color_by, path)
-    return EmbeddingMap(rows, xy, mods, values, numeric, path, used)
+    return EmbeddingMap(rows, xy, mods, values, colours is not None, path, used)
 
 
 def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, method: Method = "pca",
@@ -283,18 +283,19 @@ def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, 
                        max_points=max_points, seed=seed)
 
 
-def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], numeric: bool, column: str, out: Path,
-          title: str) -> Path:
+def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], colours: np.ndarray | None, column: str,
+          out: Path, title: str) -> Path:
+    """`colours`: a numeric column's `numeric_colours` (a colourbar), or None (categories)."""
     from matplotlib.lines import Line2D
 
     fig, ax = pyplot().subplots(figsize=(7, 5.5))
     kinds = list(dict.fromkeys(modalities))
     marker_of = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(kinds)}
     mods = np.array(modalities)
-    if numeric:
+    if colours is not None:
         from matplotlib import colormaps
 
-        c = numeric_colours(values)  # limits from finite values: one inf made every finite point one colour
+        c = colours  # limits from finite values: one inf made every finite point one colour
         lo, hi = np.nanmin(c), np.nanmax(c)
         cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # rows lacking the column, or not finite
         for m in kinds:
@@ -312,7 +313,7 @@ def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], numeric: boo
         legend = ax.legend(handles=handles, title=column, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.add_artist(legend).set_clip_on(False)  # add_artist clips to the axes; this legend sits outside
     shapes = [Line2D([], [], marker=marker_of[m], linestyle="", color="black", label=m) for m in kinds]
-    if numeric:  # the colourbar holds the right margin
+    if colours is not None:  # the colourbar holds the right margin
         ax.legend(handles=shapes, title="modality", fontsize=7, loc="best")
     else:
         ax.legend(handles=shapes, title="modality", fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))

@@ -98,9 +98,7 @@ def check_utf8(value: str, name: str) -> None:
 
 
 def _check_file(path: Path) -> None:
-    from mmembed.preprocess.files import (
-        check_file,  # imported on use: mmembed.preprocess loads torchvision
-    )
+    from mmembed.preprocess.files import check_file  # imported on use: mmembed.preprocess loads torchvision
 
     check_file(path)
 
