@@ -16,7 +16,7 @@ over-long prompt is one line (on the error stream) and the chat goes on.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from mmembed.decoder.prompt import parse_inline
 from mmembed.errors import UserError
@@ -28,14 +28,19 @@ COMMAND_WORDS = ("/history", "/forget", "/quit")
 HELP = f"{COMMANDS}; media inline as <image:path>, <audio:path> or <text:caption>"
 
 
-def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", err: TextIO | None = None,
-             **generate: Any) -> int:
-    """Answer every line of `lines` until `/quit` or the end of input; returns the turns answered.
+class ChatTally(NamedTuple):
+    answered: int  # turns the decoder answered (and the memory stored)
+    refused: int  # lines refused: a turn's error, an unknown command, a command given an argument
 
-    Answers, histories and replies to commands go to `out`; the help line and each refused turn's
-    error to `err` (default `out`), so a scripted chat can tell them apart.
+
+def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = "> ", err: TextIO | None = None,
+             **generate: Any) -> ChatTally:
+    """Answer every line of `lines` until `/quit` or the end of input; returns what was answered and refused.
+
+    Answers, histories and replies to commands go to `out`; the help line and each refused line's
+    message to `err` (default `out`), so a scripted chat can tell them apart.
     """
-    answered, err = 0, err or out
+    answered, refused, err = 0, 0, err or out
     err.write(f"{HELP}\n")
     err.flush()
     out.write(prompt)
@@ -46,28 +51,29 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
             break
         try:
             if line.split()[:1] in (["/history"], ["/forget"], ["/quit"]) and line not in COMMAND_WORDS:
-                out.write(f"{line.split()[0]} takes no arguments ({COMMANDS})\n")
+                raise UserError(f"{line.split()[0]} takes no arguments ({COMMANDS})")
             elif line == "/history":
                 for h in session.history():
                     out.write(f"  {_describe(h)}\n")
             elif line == "/forget":
                 out.write(f"forgot {session.forget()} item(s)\n")
             elif line.startswith("/") and not line.startswith("//"):
-                out.write(f"unknown command {line.split()[0]} ({COMMANDS}; "
-                          "start a message with // to send one that begins with /)\n")
+                raise UserError(f"unknown command {line.split()[0]} ({COMMANDS}; "
+                                "start a message with // to send one that begins with /)")
             elif line:
                 answer = session.ask(parse_inline(line[1:] if line.startswith("//") else line), **generate)
                 answered += 1
                 out.write(f"{answer.text}\n")
                 if answer.recalled:
                     out.write("  recalled: " + " · ".join(_describe(h) for h in answer.recalled) + "\n")
-        except UserError as e:  # a bad turn is one line; the conversation goes on
+        except UserError as e:  # a bad line is one line; the conversation goes on
+            refused += 1
             err.write(f"error: {e}\n")
             err.flush()
         out.write(prompt)
         out.flush()
     out.write("\n")
-    return answered
+    return ChatTally(answered, refused)
 
 
 def _describe(h: MemoryHit) -> str:

@@ -24,9 +24,13 @@ def run_chat_command(args: argparse.Namespace) -> int:
     model = mm.load(args.run)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes in a line: that turn's one-line error, not the end
         sys.stdin.reconfigure(errors="surrogateescape")
+    scripted = not sys.stdin.isatty()
     with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
-        run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else "", err=sys.stderr, **generate)
+        tally = run_chat(session, sys.stdin, sys.stdout, prompt="" if scripted else "> ", err=sys.stderr, **generate)
+    if scripted and tally.refused:  # a script must be able to tell that some of its lines were not answered
+        print(f"mmembed: {tally.refused} line(s) refused, {tally.answered} answered", file=sys.stderr)
+        return 1
     return 0
 
 

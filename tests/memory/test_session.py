@@ -170,9 +170,9 @@ def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_
     lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/hist", "//slash", "/history", "/quit",
              "never read"]
     with mm.Session(chat_model, memory=db, user="ada") as chat:
-        answered = run_chat(chat, lines, out, max_new_tokens=3)
+        tally = run_chat(chat, lines, out, max_new_tokens=3)
     text = out.getvalue()
-    assert answered == 2
+    assert tally == (2, 2)  # "hello" and "//slash" answered; the missing file and "/hist" refused
     assert "error: prompt names a missing image file" in text
     assert "unknown command /hist (commands: /history, /forget, /quit;" in text
     assert '#1 user text "hello"' in text and 'user text "/slash"' in text and '"/hist"' not in text
@@ -180,7 +180,7 @@ def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_
     # command with an argument was "unknown"
     out = io.StringIO()
     with mm.Session(chat_model, memory=db, user="bob") as chat:
-        assert run_chat(chat, ["\ufeff/history", "/history 5", "/quit now", "/quit", "never read"], out) == 0
+        assert run_chat(chat, ["\ufeff/history", "/history 5", "/quit now", "/quit", "never read"], out) == (0, 2)
         assert chat.memory.count("bob") == 0
     assert "/history takes no arguments" in out.getvalue() and "/quit takes no arguments" in out.getvalue()
     with mm.Session(chat_model, memory=db, user="bob", recall_threshold=10**400) as chat:  # was an OverflowError
@@ -197,10 +197,12 @@ def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
         assert mem.count("ada") == 0
     # answers on stdout, the help line and a refused turn's error on stderr: a scripted chat wrote
     # them all to stdout
+    # a scripted chat with a refused line exits 1, saying so last (it exited 0: a script could not tell)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"look at <image:{tmp_path / 'missing.png'}>\nhello\n"))
-    assert main(["chat", str(run), "--memory", str(db), "--user", "ada", "--max-new-tokens", "3"]) == 0
+    assert main(["chat", str(run), "--memory", str(db), "--user", "ada", "--max-new-tokens", "3"]) == 1
     captured = capsys.readouterr()
     assert "error: prompt names a missing image file" in captured.err and "commands:" in captured.err
+    assert captured.err.strip().splitlines()[-1] == "mmembed: 1 line(s) refused, 1 answered"
     assert "error" not in captured.out and "commands:" not in captured.out and captured.out.strip()
 
 
