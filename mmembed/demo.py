@@ -84,7 +84,7 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     root = Path(config.data.root)
     test_emb, test_keys = _embed(model, root / config.data.test)
     sections = {"test": pairwise_report(test_emb, test_keys)}
-    if (root / "heldout.jsonl").is_file():
+    if has_rows(root / "heldout.jsonl"):  # a world made with n_heldout=0 writes it empty
         sections["held-out attribute combinations"] = pairwise_report(*_embed(model, root / "heldout.jsonl"))
     timings["evaluation"] = time.monotonic() - t0 - sum(timings.values())
 

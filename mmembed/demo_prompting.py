@@ -90,11 +90,15 @@ def audio_descriptions(rows: list[InstructionRow]) -> list[InstructionRow]:
     return [r for r in rows if r.task == "describe" and all(m.value == "audio" for m, _ in r.media)]
 
 
+def has_rows(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
 def prompting(model: Any, transfer: Any | None, root: Path) -> dict[str, Any]:
     """Accuracy tables on the test and held-out splits, the transfer check, the best-of checks and sample
     answers."""
     read = {"test": read_instructions(root / "instruct-test.jsonl")}
-    if (root / "instruct-heldout.jsonl").is_file():
+    if has_rows(root / "instruct-heldout.jsonl"):  # a world made with n_heldout=0 writes it empty
         read["held-out"] = read_instructions(root / "instruct-heldout.jsonl")
     splits, skipped, too_long, unreadable = {}, {}, {}, {}
     for name, data in read.items():  # rows too long for the context are skipped (and counted), as in training

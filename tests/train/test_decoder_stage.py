@@ -204,6 +204,23 @@ def test_demo_prompting_section_scores_every_prompt(trained_run, tiny_world):
         assert f"({n} of {n + cut})" in text
 
 
+def test_a_world_without_held_out_scenes_is_prompted_on_its_test_split(trained_run, tiny_world, tmp_path):
+    """A world made with n_heldout=0 writes an empty instruct-heldout.jsonl: the demo read it and
+    failed ("no usable instruction row") after all its training."""
+    import shutil
+
+    from mmembed.demo_prompting import prompting, report_lines
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    rows = (world / "instruct-test.jsonl").read_text(encoding="utf-8").splitlines()
+    (world / "instruct-test.jsonl").write_text("\n".join(rows[:24]) + "\n", encoding="utf-8")
+    (world / "instruct-heldout.jsonl").write_text("", encoding="utf-8")
+    result = prompting(mm.load(trained_run), None, world)
+    assert set(result["accuracy"]) == {"test"} and result["rows"]["test"] > 0
+    assert "## Prompting" in "\n".join(report_lines(result))
+
+
 def test_the_prompting_report_shows_a_missing_line_as_a_dash_not_a_crash():
     """A split without some kind of prompt used to crash the report after the whole demo (KeyError,
     StopIteration) or print 0.000 for the pooled attribute line."""
