@@ -145,6 +145,9 @@ def test_a_scenes_own_rows_do_not_depend_on_n():
     for sid, got in small.items():
         own = [r for r in got if task_group(r["task"]) not in ("compare", "memory")]  # partners depend on n
         assert own == [r for r in large[sid] if task_group(r["task"]) not in ("compare", "memory")], sid
+    # and so do memory dialogues, as the module docstring says (it said only comparisons did)
+    memory = {sid: [r for r in rows if r["task"] == "recall"] for sid, rows in small.items()}
+    assert any(memory[sid] != [r for r in large[sid] if r["task"] == "recall"] for sid in small)
 
 
 # ---------------------------------------------------------------- what the rows hold
@@ -389,6 +392,19 @@ def test_lookup_rows_refuse_what_they_cannot_rebuild(world, tmp_path):
     (tmp_path / "world.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="regenerate"):
         write_lookup_rows(tmp_path, 2)
+
+
+def test_lookup_rows_refuse_a_world_without_training_scenes(tmp_path, capsys):
+    """They wrote an empty file and recommended training a decoder on it."""
+    from mmembed.cli import main
+
+    root = tmp_path / "w"
+    generate_world(root, n=20, split=(0, 0, 1), workers=1)
+    with pytest.raises(UserError, match=r"has no training scenes \(split=\[0.0, 0.0, 1.0\]\)"):
+        write_lookup_rows(root, 2)
+    assert main(["data", "lookups", str(root)]) == 2
+    assert "mmembed: error:" in capsys.readouterr().err
+    assert not list(root.glob("instruct-train-lookups*"))
 
 
 def test_the_cli_writes_lookup_rows(world, capsys):

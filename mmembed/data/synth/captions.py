@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.data.synth.rules import (
+    ATTRIBUTES,
     COLOURS,
     GAIN_DB,
     ONSET_S,
@@ -163,7 +164,21 @@ def _objects_of(row: Mapping[str, Any] | Any) -> tuple[SceneObject, ...]:
     meta = row if isinstance(row, Mapping) else getattr(row, "meta", None)
     if not isinstance(meta, Mapping) or "objects" not in meta:
         raise ValueError("describe_scene needs a synthetic-world row: a mapping with an 'objects' list")
-    return tuple(SceneObject.from_dict(o) for o in meta["objects"])
+    objects = meta["objects"]
+    if not isinstance(objects, (list, tuple)) or not objects:  # an empty list failed as an IndexError
+        raise ValueError(f"describe_scene needs a non-empty 'objects' list, got {objects!r}")
+    return tuple(_object_of(o) for o in objects)
+
+
+def _object_of(o: Any) -> SceneObject:
+    """A row's object, checked: a missing key or an unknown value failed as a KeyError."""
+    if not isinstance(o, Mapping):
+        raise ValueError(f"describe_scene: an object must be a mapping of {', '.join(ATTRIBUTES)}, got {o!r}")
+    for attr, values in ATTRIBUTES.items():
+        if attr not in o or o[attr] not in values:
+            raise ValueError(f"describe_scene: object {dict(o)!r} has {attr}={o.get(attr)!r}; "
+                             f"expected one of {', '.join(values)}")
+    return SceneObject.from_dict(o)
 
 
 def describe_scene(row: Mapping[str, Any] | Any) -> str:
@@ -177,6 +192,10 @@ def describe_scene(row: Mapping[str, Any] | Any) -> str:
         A few sentences, e.g. 'The picture shows a large red circle on the left. The sound
         is a pure sine tone at 220 Hz (red), loud (0 dB, large), starting early at about
         0.10 s (left).'
+
+    Raises:
+        ValueError: `row` is not a synthetic-world row (no objects, or one that is not a known
+            shape, colour, size and position), naming what is wrong.
     """
     objects = _objects_of(row)
     picture = f"The picture shows {canonical_caption(objects)}, on a noisy grey background"

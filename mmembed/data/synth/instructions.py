@@ -19,7 +19,9 @@ with punctuation that attaches to it ("Describe ", {image}, "."). Text never sta
 the prompt with a space, so joining the segments, each media item as a word, reads correctly.
 
 Randomness comes from one generator per scene (`STREAM_INSTRUCT`), drawn first for the
-scene's own rows, so they do not depend on `n`; only comparison partners depend on the split.
+scene's own rows (descriptions and attribute questions), so they do not depend on `n`. The rows
+drawn after them do: comparison partners and the other scenes a memory dialogue shows are drawn
+from the split, so both change with its size (and so with `n`).
 """
 
 from __future__ import annotations
