@@ -164,11 +164,12 @@ def _retrieval_commands(sub) -> None:
     p = _add(sub, "search", "search an index with text, image and/or audio (composed) queries", _search)
     p.add_argument("index", help="index folder")
     p.add_argument("--run", help="run directory (default: the one the index was built with)")
-    p.add_argument("--text", action="append", default=[], help="query text (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="query image path (repeatable)")
-    p.add_argument("--audio", action="append", default=[], help="query audio path (repeatable)")
+    for modality, what in (("text", "query text"), ("image", "query image path"), ("audio", "query audio path")):
+        p.add_argument(f"--{modality}", action=_QueryItem, const=modality, dest="items", default=[],
+                       help=f"{what} (repeatable)")
     p.add_argument("--weight", action="append", type=float, default=[],
-                   help="one weight per query item, in the order text, image, audio items were given (negative = 'not like this')")
+                   help="one weight per query item, in the order the items are given on the command line "
+                        "(negative = 'not like this')")
     p.add_argument("--target", choices=["text", "image", "audio"], help="restrict hits to one modality")
     p.add_argument("-k", "--k", type=int, default=5, help="hits to show (default: 5)")
     p.add_argument("--json", action="store_true", help="print hits as JSON")
@@ -372,11 +373,24 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+class _QueryItem(argparse.Action):
+    """`--text/--image/--audio X` → one list of (modality, X) in command-line order, which `--weight` follows."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.items = [*namespace.items, (self.const, value)]
+
+
 def _search(args: argparse.Namespace) -> int:
     from mmembed.retrieval import run_search
 
-    print(run_search(args.index, run=args.run, text=args.text, image=args.image, audio=args.audio,
-                     weights=args.weight, target=args.target, k=args.k, as_json=args.json))
+    modalities = ("text", "image", "audio")  # run_search's keyword order, which its flat weights follow
+    items = {m: [value for kind, value in args.items if kind == m] for m in modalities}
+    weights = args.weight
+    if len(weights) == len(args.items):  # else run_search refuses the count
+        order = sorted(range(len(weights)), key=lambda i: modalities.index(args.items[i][0]))  # stable
+        weights = [weights[i] for i in order]
+    print(run_search(args.index, run=args.run, weights=weights, target=args.target, k=args.k, as_json=args.json,
+                     **items))
     return 0
 
 

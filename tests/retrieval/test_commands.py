@@ -76,3 +76,19 @@ def test_run_eval_with_zero_shot(tmp_path, manifest):
     assert json.loads((tmp_path / "eval.json").read_text())["zero_shot"]["image"]["n"] == 6
     _, partial = run_eval(FakeModel(), manifest, labels=["c0", "c9"], template="{label}", progress=False)
     assert partial["zero_shot"]["image"] == {"accuracy": 1.0, "n": 1}  # rows labelled c1..c5 are left out
+
+
+def test_cli_search_weights_follow_the_command_line_order(tmp_path, manifest, fake_load, capsys):
+    """`--weight` paired with the items regrouped by modality (all --text, then --image): a query
+    given as text c1, image c1, text c4 with weights 1, -1, 1 searched c1 - c4 + c1."""
+    from mmembed.cli import main
+
+    Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
+    items = ["search", str(tmp_path / "ix"), "--text", "c1", "--image", "img/c1.png", "--text", "c4"]
+    rest = ["--target", "image", "-k", "1", "--json"]
+    assert main(items + ["--weight", "1", "--weight=-1", "--weight", "1"] + rest) == 0
+    assert json.loads(capsys.readouterr().out)[0]["metadata"]["label"] == "c4"  # c1 - c1 + c4
+    assert main(items + rest) == 0  # no weights: 1 each, c1 twice
+    assert json.loads(capsys.readouterr().out)[0]["metadata"]["label"] == "c1"
+    assert main(items + ["--weight", "1", "--weight", "1"] + rest) == 2  # 2 weights for 3 items: one line
+    assert "2 weights for 3 query items" in capsys.readouterr().err
