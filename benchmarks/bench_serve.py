@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import count, ratio_report, setup
+from benchmarks.common import count, ratio_report, require_run, setup
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "runs" / "demo"
@@ -94,7 +94,11 @@ class Server:
         line = self.proc.stdout.readline()
         if not line.startswith("mmembed serve: http"):
             self.stop()
-            raise RuntimeError(f"the server did not start: {line!r}; see {log}")
+            # the log lies in a temporary folder gone by the time the message is read: its last line
+            # (`mmembed: error: ...`, or a traceback's last) goes into the message instead
+            said = [x.strip() for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+            raise SystemExit(f"the server did not start (`mmembed serve {run_dir}`, exit status "
+                             f"{self.proc.returncode}): {said[-1] if said else line.strip() or 'no message'}")
         self.url = line.split()[2]
 
     def wait_ready(self, client) -> dict:
@@ -193,15 +197,17 @@ def run(quick: bool = False, run_dir: str | Path | None = None, clients: int | N
             "goal": "no errors; p95 reported"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="run directory (default: runs/demo if trained, else a tiny random run)")
     parser.add_argument("--clients", type=count, default=None, help="concurrent clients (default 20; --quick 4)")
     parser.add_argument("--searches", type=count, default=None, help="searches per client (default 50; --quick 10)")
     parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if (args.clients or 1) * (args.searches or 2) < 2:  # latency percentiles need two timings
         parser.error("--clients x --searches must give at least 2 searches")
+    if args.run is not None:
+        require_run(args.run, "--run")
     print(json.dumps(run(args.quick, args.run, args.clients, args.searches), indent=2))
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import require_world
+from benchmarks.common import load_run, require_run, require_world
 from mmembed.data.instructions import read_instructions
 from mmembed.decoder.evaluate import fitting, row_prompt
+from mmembed.decoder.score import check_generation
 from mmembed.demo_prompting import row_group
 from mmembed.evaluate_instructions import world_score
 from mmembed.model import Model
@@ -30,10 +32,15 @@ from mmembed.model import Model
 GROUPS = ("description from an image", "description from a sound", "description from an image and its sound",
           "description from a caption")
 SPLITS = {"test": "instruct-test.jsonl", "held-out": "instruct-heldout.jsonl"}
+NEW_TOKENS = 48
+FLAGS = {"best_of": "--n", "temperature": "--temperature", "rerank_weight": "--weight", "seed": "--seed"}
 
 
 def run(run_dir: Path, world: Path, n: int, temperature: float, weight: float, seed: int) -> dict[str, Any]:
-    model = Model.load(run_dir)
+    model = load_run(run_dir)
+    if model.prompt_model is None:  # was an AttributeError on its missing language model
+        raise SystemExit(f"{run_dir}: the run has no decoder to describe with; train one with a decoder: section "
+                         "(`mmembed demo` does)")
     out: dict[str, Any] = {"best_of": n, "temperature": temperature, "weight": weight, "seed": seed, "rows": []}
     for split, name in SPLITS.items():
         if not (world / name).is_file():
@@ -50,9 +57,9 @@ def run(run_dir: Path, world: Path, n: int, temperature: float, weight: float, s
 def _compare(model: Model, rows: list, n: int, temperature: float, weight: float, seed: int) -> dict[str, float]:
     prompts = [row_prompt(r) for r in rows]
     t0 = time.monotonic()
-    greedy = model.generate(prompts, max_new_tokens=48)
+    greedy = model.generate(prompts, max_new_tokens=NEW_TOKENS)
     t1 = time.monotonic()
-    best = model.generate(prompts, max_new_tokens=48, temperature=temperature, best_of=n, seed=seed,
+    best = model.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=temperature, best_of=n, seed=seed,
                           rerank_weight=weight)
     t2 = time.monotonic()
     by_logprob = [max(b.candidates, key=lambda c: c.logprob).text if b.candidates else b.text for b in best]
@@ -95,7 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
+    try:  # was a ValueError after the first greedy pass
+        check_generation(NEW_TOKENS, temperature=args.temperature, seed=args.seed, best_of=args.n,
+                         rerank_weight=args.weight)
+    except ValueError as e:  # "best_of must be ..." -> "--n must be ...": the flag the user gave
+        raise SystemExit(re.sub(r"^\w+", lambda m: FLAGS.get(m[0], m[0]), str(e))) from None
     require_world(args.world, list(SPLITS.values()), "--world", any_of=True)  # was an empty table
+    require_run(args.run)
     result = run(args.run, args.world, args.n, args.temperature, args.weight, args.seed)
     print(table(result))
     if args.json:

@@ -12,10 +12,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from encoders.linear import linear
+
+if TYPE_CHECKING:
+    from mmembed.model import Model
 
 
 def require_world(folder: Path, names: Sequence[str], flag: str, any_of: bool = False) -> None:
@@ -27,6 +31,45 @@ def require_world(folder: Path, names: Sequence[str], flag: str, any_of: bool = 
     wanted = " or ".join(names) if any_of else ", ".join(n for n in names if n not in found)
     raise SystemExit(f"{folder}: no {wanted} there; pass the built-in world's folder with {flag} "
                      "(`mmembed demo` writes data/shapes; run from the folder it ran in)")
+
+
+def require_run(run: str | Path, flag: str = "") -> Path:
+    """SystemExit (one line) unless `run` is a run folder (config.yaml and model.safetensors there;
+    `flag` names the option that gave it): a wrong or missing one was a traceback from the loader,
+    after the imports and any work before it (bench_serve: a config error about "shipped configs")."""
+    path = Path(run)
+    if not path.is_dir():
+        why = "is a file, not a run folder" if path.exists() else "no such folder"
+    else:
+        missing = [n for n in ("config.yaml", "model.safetensors") if not (path / n).is_file()]
+        if not missing:
+            return path
+        why = f"no {' or '.join(missing)} there, not a run folder"
+    given = f"{flag} {path}" if flag else str(path)
+    raise SystemExit(f"{given}: {why}; pass a trained run's folder (`mmembed train` or `mmembed demo` writes one, "
+                     "e.g. runs/demo)")
+
+
+def load_run(run: str | Path) -> Model:
+    """`mm.load(run)`, its user errors (a truncated or corrupt checkpoint, a bad config) as one line."""
+    import mmembed as mm
+    from mmembed.errors import UserError
+
+    try:
+        return mm.load(run)
+    except UserError as e:
+        raise SystemExit(f"{run}: {e}") from None
+
+
+def modality_name(text: str) -> str:
+    """argparse type of a modality name (`--modalities image audio`): an unknown one is refused
+    before the model loads (it was a ValueError traceback after the loading)."""
+    from mmembed.modality import Modality
+
+    try:
+        return Modality.parse(text).value
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def setup(threads: int = 2, seed: int = 0) -> None:

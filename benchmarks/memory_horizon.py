@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import require_world
+from benchmarks.common import require_run, require_world
 from mmembed.data.synth.dialogues import SHOW, question_about
 from mmembed.data.synth.instructions import normalise
 from mmembed.data.synth.world import SceneObject
@@ -85,8 +85,8 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int, hist
         for n, (phase, batch) in enumerate(steps):
             spec, out = Path(tmp) / f"spec{n}.json", Path(tmp) / f"out{n}.json"
             spec.write_text(json.dumps(batch), encoding="utf-8")
-            subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory),
-                            str(spec), str(out), str(history_turns), str(recall_k)], check=True)
+            _phase(phase, n, len(steps), [str(run_dir), str(memory), str(spec), str(out), str(history_turns),
+                                          str(recall_k)])
             got = json.loads(out.read_text(encoding="utf-8"))
             answers[phase] = got["answers"]
             if phase == PHASES[1]:
@@ -103,6 +103,19 @@ def run(run_dir: Path, world: Path, users: int, items: int, questions: int, hist
             "correct when not recalled": _share(right[PHASES[1]], [not f for f in found]),
             "samples": [{"question": q["question"], "answer": a, "truth": q["answer"]}
                         for q, a in list(zip(asked, answers[PHASES[1]]))[:5]]}
+
+
+def _phase(phase: str, n: int, steps: int, args: list[str]) -> None:
+    """Process n of `steps`: `python -m mmembed.demo_memory PHASE ARGS`. A failed one ends the run in
+    one line naming the phase and the child's last error line (it was the child's traceback, then a
+    CalledProcessError one); a finished one's stderr (warnings) is passed on."""
+    done = subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, *args], stderr=subprocess.PIPE,
+                          text=True, check=False)
+    if done.returncode != 0:
+        last = next((line.strip() for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        raise SystemExit(f"the {phase!r} process ({n + 1} of {steps}) failed with exit status {done.returncode}: "
+                         f"{last}")
+    sys.stderr.write(done.stderr)
 
 
 def asked_item_recalled(question: dict[str, Any], hits: list[list]) -> bool:
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--history-turns ({args.history_turns}) must be below --items ({args.items}): questions "
                          "are about items shown before the history the asking session sees")
     require_world(args.world, ["test.jsonl"], "--world")
+    require_run(args.run)
     result = run(args.run, args.world, args.users, args.items, args.questions, args.history_turns, args.recall_k)
     print(f"{result['questions']} questions, {result['users']} users × {result['items per user']} items shown over "
           f"3 processes; the item asked about was shown a median {result['turns back (median)']:.0f} turns back")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import require_world
+from benchmarks.common import load_run, modality_name, require_run, require_world
 from benchmarks.probe_slots import read_splits, standardised_vectors
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES, SIZES
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a trained run directory")
     parser.add_argument("--root", default="data/shapes", help="the built-in world's folder (default: data/shapes)")
-    parser.add_argument("--modalities", nargs="+", default=["image", "audio"])
+    parser.add_argument("--modalities", nargs="+", type=modality_name, default=["image", "audio"])
     parser.add_argument("--seen", nargs="+", type=int, default=list(SEEN), help="examples seen at each report")
     parser.add_argument("--distinct", type=int, default=None,
                         help="train on this many distinct questions (default: all)")
@@ -162,9 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.seen) < 1:
         raise SystemExit(f"--seen budgets must be >= 1, got {min(args.seen)}")
     require_world(Path(args.root), ["train.jsonl", "test.jsonl"], "--root")
-    import mmembed as mm
-
-    model = mm.load(args.run)
+    require_run(args.run)
+    model = load_run(args.run)
     print("| run | modality | distinct questions | examples seen | train | test | coin |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for modality in args.modalities:

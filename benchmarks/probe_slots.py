@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import require_world
+from benchmarks.common import load_run, modality_name, require_run, require_world
 from mmembed.data.manifest import Row, read_manifest
 from mmembed.data.synth.rules import COLOURS, POSITIONS, SHAPES
 from mmembed.modality import Modality
@@ -98,14 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a trained run directory")
     parser.add_argument("--root", default="data/shapes", help="the built-in world's folder (default: data/shapes)")
-    parser.add_argument("--modalities", nargs="+", default=["image", "audio", "text"])
+    parser.add_argument("--modalities", nargs="+", type=modality_name, default=["image", "audio", "text"])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     require_world(Path(args.root), ["train.jsonl", "test.jsonl"], "--root")
-    import mmembed as mm
-
-    model = mm.load(args.run)
+    require_run(args.run)
+    model = load_run(args.run)
     print("| run | modality | split | shape per slot | colour per slot | every slot right |")
     print("|---|---|---|---:|---:|---:|")
     for modality in args.modalities:

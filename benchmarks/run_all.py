@@ -9,9 +9,11 @@
 Each `benchmarks/bench_<id>.py` module is imported and its `run(quick=...)` called (a module
 without `run` has its `main()` run with `--quick` on the command line, and the JSON it prints is
 read back). A benchmark that fails is recorded with its error and traceback; the others still
-run. The report holds the machine (torch version, threads, CPU count, load average, date) and,
-per benchmark, its status, wall time and result. A summary table (id, ratio, goal) is printed at
-the end; `ratio` > 1 always means ours is better. `--markdown` also prints the README's
+run. One that needs an optional extra which is not installed (faiss, transformers, ...) is
+recorded as skipped, with the reason, and does not make the exit status 1. The report holds the
+machine (torch version, threads, CPU count, load average, date) and, per benchmark, its status,
+wall time and result. A summary table (id, ratio, goal) is printed at the end; `ratio` > 1 always
+means ours is better. `--markdown` also prints the README's
 Performance table (benchmark, ours, anchor, ratio, % of the hardware bound); `--table REPORT`
 prints it from a saved report without running anything.
 """
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +42,10 @@ from mmembed.checkpoint import atomic_write_json
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "report.json"
 
+
+# packages of the optional extras: a benchmark that cannot import one is skipped, not failed (as
+# B-token skips its tiktoken side); any other import error is a failure
+OPTIONAL = {"faiss", "transformers", "tiktoken", "fastapi", "httpx", "uvicorn"}
 
 # run on their own, with arguments the runner cannot give: B-small-real needs the words set
 # (`python -m benchmarks.words_set DIR`) and trains for 5 minutes a side
@@ -86,7 +93,8 @@ def _load() -> list[float] | None:
 
 
 def run_one(bench_id: str, quick: bool) -> dict[str, Any]:
-    """Import and run one benchmark; failures are caught and returned, never raised."""
+    """Import and run one benchmark; failures (and skips for a missing optional extra) are caught and
+    returned, never raised."""
     entry: dict[str, Any] = {"load_average_before": _load()}
     t0 = time.perf_counter()
     try:
@@ -100,7 +108,11 @@ def run_one(bench_id: str, quick: bool) -> dict[str, Any]:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # a benchmark calling sys.exit must not end the whole run either
-        entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else None
+        if missing in OPTIONAL:
+            entry.update(status="skipped", reason=f"{missing} is not installed (an optional extra)")
+        else:
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     return entry
 
@@ -125,6 +137,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     reports it: on a busy machine it is the steadier of the two."""
     rows = []
     for bench_id, entry in report["benchmarks"].items():
+        if entry["status"] == "skipped":
+            rows.append((bench_id, "skipped", "", entry["reason"]))
+            continue
         if entry["status"] != "ok":
             rows.append((bench_id, "FAILED", "", entry["error"].splitlines()[0][:100]))
             continue
@@ -232,6 +247,17 @@ def _read_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def _check_out(out: Path) -> None:
+    """SystemExit (one line) unless the report's folder exists or can be made, and takes a file: a
+    bad --out was a traceback after the first benchmark, whose result it lost."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write a report there ({type(e).__name__}: {e})") from None
+
+
 def _write(out: Path, report: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, json.loads(json.dumps(report, default=str)))
@@ -250,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out.is_dir():  # found after the first benchmark had run
         raise SystemExit(f"--out {args.out} is a folder: give the report's file name")
+    _check_out(args.out)
     report = run_all(parse_only(args.only, available()), args.quick, args.out)
     print(format_table(summary_rows(report)))
     if args.markdown:
         print("\n" + markdown_table(report))
     print(f"\nreport: {args.out} ({report['seconds']} s)")
-    failed = [k for k, v in report["benchmarks"].items() if v["status"] != "ok"]
+    failed = [k for k, v in report["benchmarks"].items() if v["status"] == "failed"]  # skipped ones are not
     return 1 if failed else 0
 
 
