@@ -10,6 +10,7 @@ loopback unless asked otherwise, in the foreground (`mmembed serve`) or a backgr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -92,6 +93,9 @@ class CrashGuard:
             await self.app(scope, receive, watched)
         except ClientDisconnect:  # the client left mid-request (a closed tab during an upload): no one to answer
             log.debug("%s %s: the client disconnected", scope.get("method"), scope.get("path"))
+        except asyncio.CancelledError:  # still running 2 s after Ctrl+C: uvicorn cancels it (see _quiet_shutdown)
+            log.info("%s %s: cut off by the server's shutdown", scope.get("method"), scope.get("path"))
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure is one line to the client, the details in the log
             if started():  # the answer is under way (a stream): nothing else can be sent
                 raise
@@ -125,7 +129,15 @@ def url_of(sock: socket.socket) -> str:
 
 def _server(app: FastAPI, log_level: str) -> uvicorn.Server:
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    logging.getLogger("uvicorn.error").addFilter(_quiet_shutdown)  # after Config: it sets up uvicorn's logging
     return uvicorn.Server(config)
+
+
+def _quiet_shutdown(record: logging.LogRecord) -> bool:
+    """False for what uvicorn logs about requests it cancels 2 s after Ctrl+C: "Cancel N running
+    task(s)" and each one's CancelledError with its traceback, where the CLI promises one line."""
+    cancelled = record.exc_info is not None and isinstance(record.exc_info[1], asyncio.CancelledError)
+    return not cancelled and not str(record.msg).startswith("Cancel %s running task(s)")
 
 
 def run(app: FastAPI, sock: socket.socket, log_level: str = "warning") -> None:

@@ -18,7 +18,7 @@ from mmembed.data.manifest import read_manifest
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index
-from mmembed.serve.safety import FILE_MODALITIES, Refusal
+from mmembed.serve.safety import FILE_MODALITIES, Refusal, display_name
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,10 @@ class IndexBuild:
         if self._modality.get(item_id) not in FILE_MODALITIES or not isinstance(item, str) or self._root is None:
             raise Refusal(404, f"item {item_id} has no file to serve")
         path = Path(os.path.realpath(item))
-        if not path.is_relative_to(self._root) or not path.is_file():
+        if not path.is_relative_to(self._root):
             raise Refusal(404, f"item {item_id}'s file is not inside the index's data folder")
+        if not path.is_file():  # moved or deleted since the index was built
+            raise Refusal(404, f"item {item_id}'s file is missing ({display_name(path.name)})")
         return path
 
 

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import Request
 
 from mmembed.errors import BadInput
@@ -56,10 +57,10 @@ async def read_form(request: Request, limits: Limits) -> FormData:
         # (an url-encoded form); `_text` then counts the characters themselves
         bounds = {"max_files": limits.max_files, "max_fields": limits.max_fields,
                   "max_part_size": 12 * limits.max_text_chars + 512}
-        if kind == "multipart/form-data" and request._form is None:
+        if kind in _PARSERS and request._form is None:
             # parsed here, kept where Starlette's request.form() keeps its own (read again by /ask)
             async with aclosing(request.stream()) as stream:
-                request._form = await _TextParser(request.headers, stream, **bounds).parse()
+                request._form = await _PARSERS[kind](request.headers, stream, **bounds).parse()
         return await request.form(**bounds)
     except (MultiPartException, HTTPException) as e:  # Starlette's form() turns the first into the second
         message = str(getattr(e, "message", None) or getattr(e, "detail", e))
@@ -87,6 +88,33 @@ class _TextParser(MultiPartParser):
         except (UnicodeDecodeError, LookupError):  # LookupError: a charset Python does not know
             raise MultiPartException(f"the field {part.field_name[:40]!r} is not {charset[:40]} text "
                                      "(send text as UTF-8)") from None
+
+
+class _UrlTextParser(FormParser):
+    """Starlette's url-encoded form parser, decoding each field's bytes (percent-escaped or not) in
+    the form's charset, else UTF-8, and refusing bytes that are not text in it: Starlette decoded
+    them as UTF-8 with errors="replace", so "caf%E9" was stored as "caf\\ufffd" whatever charset the
+    form named."""
+
+    def __init__(self, headers: Any, stream: Any, max_files: int, **bounds: Any) -> None:
+        super().__init__(headers, stream, **bounds)  # max_files: no files in such a form
+        self._charset = parse_options_header(headers.get("content-type"))[1].get(b"charset", b"utf-8")
+
+    def on_field_end(self) -> None:
+        super().on_field_end()  # counts the field against max_fields
+        charset = self._charset.decode("latin-1")
+        try:
+            self._items[-1] = (_unquote(self._field_name, charset), _unquote(self._field_value, charset))
+        except (UnicodeDecodeError, LookupError):  # LookupError: a charset Python does not know
+            raise MultiPartException(f"the field {self._items[-1][0][:40]!r} is not {charset[:40]} text "
+                                     "(send text as UTF-8)") from None
+
+
+def _unquote(raw: bytearray, charset: str) -> str:
+    return unquote_to_bytes(bytes(raw).replace(b"+", b" ")).decode(charset)
+
+
+_PARSERS = {"multipart/form-data": _TextParser, "application/x-www-form-urlencoded": _UrlTextParser}
 
 
 async def read_pieces(form: FormData, limits: Limits, check: Check) -> list[Piece]:

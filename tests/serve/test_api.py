@@ -4,6 +4,7 @@ Python API's for the same pieces, and every bad request is a one-line 4xx that l
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import threading
 import time
@@ -19,6 +20,7 @@ import mmembed as mm  # noqa: E402
 from mmembed.errors import UserError  # noqa: E402
 from mmembed.serve import Limits, ServeState, create_app, open_state  # noqa: E402
 from mmembed.serve.indexing import IndexBuild  # noqa: E402
+from mmembed.serve.safety import Refusal  # noqa: E402
 from tests.serve.conftest import manifest_rows, untrained_model  # noqa: E402
 
 LIMITS = Limits(max_file_bytes=64 * 1024, max_files=4, max_new_tokens=16)
@@ -340,7 +342,8 @@ def test_user_names_of_undecodable_bytes_are_refused(client):
     """%FE and %FF both became the user '\ufffd': one memory for two names."""
     response = client.post("/api/memory/remember", content=b"user=%FE&text=secret",
                            headers={"content-type": "application/x-www-form-urlencoded"})
-    assert response.status_code == 400 and response.json()["error"] == "a user name must be valid UTF-8 text"
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad form: the field 'user' is not utf-8 text (send text as UTF-8)"
     assert client.get("/api/memory", params={"user": "\ufffd"}).status_code == 400
 
 
@@ -374,6 +377,29 @@ def test_multipart_text_of_undecodable_bytes_is_refused(client):
             b'form-data; name="text"\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n--B--\r\n')
     own = client.post("/api/memory/remember", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
     assert own.status_code == 200 and [h.text for h in memory.recent("fi")] == ["café"]
+
+
+def test_url_encoded_text_of_undecodable_bytes_is_refused(client):
+    """An url-encoded form's bytes were decoded as UTF-8 with errors="replace" whatever charset it
+    named: "caf%E9" was stored as "caf\\ufffd", with `charset=latin-1` too, and %FF%FE was searched for."""
+    memory = client.app.state.serve.memory
+
+    def post(path: str, body: bytes, charset: str = "") -> dict:
+        kind = "application/x-www-form-urlencoded" + (f"; charset={charset}" if charset else "")
+        return client.post(path, content=body, headers={"content-type": kind})
+
+    response = post("/api/memory/remember", b"user=hal&text=caf%E9%20au%20lait")
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad form: the field 'text' is not utf-8 text (send text as UTF-8)"
+    response = post("/api/search", b"text=%FF%FE&k=1")
+    assert response.status_code == 400 and "'text' is not utf-8 text" in response.json()["error"]
+    response = post("/api/memory/remember", b"user=hal&text=hi", charset="no-such-charset")
+    assert response.status_code == 400 and "'user' is not no-such-charset text" in response.json()["error"]
+    assert memory.count("hal") == 0
+    # the charset the form names is used, and UTF-8 (escaped, raw, "+" for a space) is kept as sent
+    assert post("/api/memory/remember", b"user=hal&text=caf%E9%20au%20lait", charset="latin-1").status_code == 200
+    assert post("/api/memory/remember", "user=hal&text=caf%C3%A9+noir+ou+thé".encode()).status_code == 200
+    assert [h.text for h in memory.recent("hal")] == ["café au lait", "café noir ou thé"]
 
 
 def test_a_wrong_method_names_the_allowed_ones_and_head_gets_the_page(client):
@@ -506,6 +532,23 @@ def test_an_index_built_from_a_relative_manifest_serves_its_media_from_any_folde
     build = IndexBuild.load(tmp_path / "index", model)
     image = next(i for i, m in build._modality.items() if str(m) == "image")
     assert build.media_path(image).is_relative_to(tiny_world.resolve())
+
+
+def test_a_media_file_gone_since_indexing_is_named_missing(model, tiny_world, tmp_path):
+    """A deleted or moved file was a 404 saying it "is not inside the index's data folder"."""
+    world = shutil.copytree(tiny_world, tmp_path / "world")
+    mm.Index.build(model, world / "test.jsonl", progress=False).save(tmp_path / "index")
+    build = IndexBuild.load(tmp_path / "index", model)
+    image = next(i for i, m in build._modality.items() if str(m) == "image")
+    path = build.media_path(image)
+    path.unlink()
+    with pytest.raises(Refusal) as missing:
+        build.media_path(image)
+    assert (missing.value.status, missing.value.message) == (404, f"item {image}'s file is missing ({path.name})")
+    (tmp_path / "outside.png").write_bytes(png_header(4, 4))
+    path.symlink_to(tmp_path / "outside.png")  # a file that leads out of the data folder is still refused as such
+    with pytest.raises(Refusal, match="is not inside the index's data folder"):
+        build.media_path(image)
 
 
 def test_a_memory_file_under_a_file_names_the_file(model, tmp_path):

@@ -324,7 +324,78 @@ def test_a_memory_error_goes_once_a_list_loads(page, served):
     assert page.locator("#memory-error").is_hidden() and page.text_content("#memory-info").endswith("for grace")
 
 
+def held_until_released(page, pattern: str) -> list:
+    """Hold each request matching `pattern` (a slow server): the test answers it with `continue_()`."""
+    held: list = []
+    page.route(pattern, lambda route: held.append(route))
+    return held
+
+
+def wait_for(page, condition) -> None:
+    for _ in range(TIMEOUT_MS // 50):
+        if condition():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("timed out")
+
+
+def test_enter_in_the_user_box_shows_that_users_list_and_only_the_latest_list_is_drawn(page, served):
+    """Enter in the user box submitted the form: "Ask" stored the pending pieces under the new name;
+    and a slower list of the previous user, answered last, was drawn (and Forget deleted) under the new one."""
+    with served.state.lock:
+        served.state.memory.add("alice", text="alice's secret")
+        served.state.memory.add("dave", text="dave's note")
+    page.click("#tab-memory")
+    page.wait_for_selector("#memory-items[data-refreshes='1']", state="attached")
+    held = held_until_released(page, "**/api/memory?user=alice*")
+    page.fill("#memory-user", "alice")
+    page.click("#memory-refresh")
+    wait_for(page, lambda: held)
+    page.fill("#memory-pieces input.text", "not to be asked")
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if "/api/memory/ask" in r.url else None)
+    page.fill("#memory-user", "dave")
+    page.press("#memory-user", "Enter")
+    page.wait_for_selector("#memory-items[data-refreshes='2']", state="attached")
+    with page.expect_event("requestfinished", lambda r: "user=alice" in r.url):
+        held[0].continue_()
+    page.wait_for_timeout(300)  # time for the page to draw alice's answer, had it kept it
+    shown = page.eval_on_selector_all("#memory-items blockquote", "els => els.map(e => e.textContent)")
+    assert shown == ["dave's note"] and page.text_content("#memory-info").endswith("for dave")
+    assert asked == [] and page.input_value("#memory-pieces input.text") == "not to be asked"
+    assert served.state.memory.count("dave") == 1
+
+
+def test_pieces_added_while_remember_runs_are_kept(page, served):
+    """Remember cleared every piece once it answered: those added while it ran were lost too."""
+    page.click("#tab-memory")
+    page.fill("#memory-user", "erin")
+    page.fill("#memory-pieces input.text", "sent")
+    held = held_until_released(page, "**/api/memory/remember")
+    page.click("#memory-remember")
+    wait_for(page, lambda: held)
+    page.click("#memory-add-text")
+    page.locator("#memory-pieces input.text").nth(1).fill("typed meanwhile")
+    held[0].continue_()
+    page.wait_for_function("() => document.querySelector('#memory-info').textContent.startsWith('1 item(s)')")
+    typed = page.eval_on_selector_all("#memory-pieces input.text", "els => els.map(e => e.value)")
+    assert typed == ["typed meanwhile"] and [h.text for h in served.state.memory.recent("erin")] == ["sent"]
+
+
 # ---- header ----------------------------------------------------------------------------------------
+
+
+def test_a_hidden_tabs_view_is_never_shown(browser, served):
+    """/#memory on a server without --memory showed the memory view, its tab hidden."""
+    with BackgroundServer(create_app(open_state(served.model, run="tiny-trained"))) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url + "#memory")
+            page.wait_for_selector("#index-status[data-state]", state="attached", timeout=TIMEOUT_MS)
+            assert page.is_hidden("#tab-memory") and page.is_hidden("#view-memory")
+            assert page.is_visible("#view-search") and page.get_attribute("#tab-search", "aria-selected") == "true"
+        finally:
+            page.close()
 
 
 def test_an_index_folder_given_with_a_trailing_slash_is_named(browser, served, tmp_path):

@@ -99,3 +99,29 @@ def test_loopback_is_told_apart():
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
+
+
+def test_ctrl_c_with_a_request_in_flight_prints_no_traceback(run_dir):
+    """A request still running 2 s after Ctrl+C was cancelled by uvicorn, which printed "Cancel 1
+    running task(s)" and the CancelledError's long traceback after the one-line messages."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmembed.cli", "serve", str(run_dir), "--port", "0"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = first_line(proc.stdout, timeout=120).split()[2]
+        urllib.request.urlopen(url + "api/status", timeout=30).read()  # uvicorn is serving (and handles Ctrl+C)
+        with socket.create_connection(("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1])), timeout=10) as conn:
+            # a body that never ends: the app waits for it until the shutdown cancels the request
+            conn.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
+                         b"\r\nContent-Length: 100\r\n\r\ntext=a")
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - sent > 1.9  # the request was in flight: uvicorn waited its 2 s before cancelling it
+    assert "Traceback" not in err and "Cancel" not in err, err
+    assert err.strip().splitlines()[-1] == "mmembed serve: stopped"

@@ -66,10 +66,19 @@ class Pieces {
     this.render();
   }
 
-  clear() {
-    for (const item of this.items) if (item.url) URL.revokeObjectURL(item.url);
-    this.items = [];
-    this.addText();
+  // Each piece and its text now, as a form is built from them (see removeSent).
+  snapshot() {
+    return this.items.map((item) => ({ item, text: item.text }));
+  }
+
+  // Remove the pieces of `snapshot` still as they were sent: pieces added or typed into while the
+  // request ran stay (clearing them all lost what the user added meanwhile).
+  removeSent(snapshot) {
+    const sent = new Set(snapshot.filter((s) => s.item.text === s.text).map((s) => s.item));
+    for (const item of sent) if (item.url) URL.revokeObjectURL(item.url);
+    this.items = this.items.filter((item) => !sent.has(item));
+    if (this.items.length) this.render();
+    else this.addText();
   }
 
   render() {
@@ -145,6 +154,7 @@ function wireBuilder(prefix, options) {
 // ---- tabs and status -------------------------------------------------------------------------------
 
 function showView(name) {
+  if ($(`tab-${name}`).hidden) name = "search"; // /#memory on a server without --memory showed the view
   for (const tab of document.querySelectorAll("nav button")) {
     const on = tab.dataset.view === name;
     tab.setAttribute("aria-selected", String(on));
@@ -381,10 +391,12 @@ function itemCard(item) {
 }
 
 let listedUser = ""; // whose items the list shows: Forget deletes under that name, not the box's new one
+let memoryRefreshes = 0; // the latest refresh's number: an older, slower answer drew the previous user's list
 
 async function refreshMemory() {
   const user = memoryUser();
   if ($("tab-memory").hidden) return;
+  const mine = ++memoryRefreshes;
   if (!user) { // an emptied box: no one's list stays on screen
     listedUser = "";
     showError($("memory-error"), null);
@@ -394,6 +406,7 @@ async function refreshMemory() {
   }
   try {
     const out = await api(`/api/memory?user=${encodeURIComponent(user)}`);
+    if (mine !== memoryRefreshes) return;
     showError($("memory-error"), null); // an earlier failure's message stayed under the list it no longer describes
     listedUser = out.user;
     const items = $("memory-items");
@@ -403,7 +416,7 @@ async function refreshMemory() {
     $("memory-info").textContent = `${out.count} item(s) remembered for ${out.user}${shown}` +
       (recalledIds.size ? ` · highlighted: recalled by the last turn` : "");
   } catch (error) {
-    showError($("memory-error"), error);
+    if (mine === memoryRefreshes) showError($("memory-error"), error);
   }
 }
 
@@ -421,6 +434,7 @@ async function forgetItem(id) {
 async function memoryTurn(pieces, path) {
   const form = new FormData();
   form.append("user", memoryUser());
+  const sent = pieces.snapshot();
   pieces.appendTo(form);
   const buttons = [$("memory-ask"), $("memory-remember")]; // both: one turn at a time (its pieces were sent twice)
   if (buttons.some((b) => b.disabled)) return;
@@ -436,7 +450,7 @@ async function memoryTurn(pieces, path) {
       recalledIds = new Set();
       $("memory-answer").textContent = `remembered ${out.ids.length} item(s)`;
     }
-    pieces.clear();
+    pieces.removeSent(sent);
     await refreshMemory();
   } catch (error) {
     showError($("memory-error"), error);
@@ -458,6 +472,11 @@ function start() {
   $("memory-form").addEventListener("submit", (e) => { e.preventDefault(); memoryTurn(memoryPieces, "ask"); });
   $("memory-remember").addEventListener("click", () => memoryTurn(memoryPieces, "remember"));
   $("memory-refresh").addEventListener("click", refreshMemory);
+  $("memory-user").addEventListener("keydown", (e) => { // Enter submitted the form: an "Ask" under the new name
+    if (e.key !== "Enter" || e.isComposing) return;
+    e.preventDefault();
+    refreshMemory();
+  });
   $("memory-user").value = localStorage.getItem("mmembed-user") || "guest";
   for (const tab of document.querySelectorAll("nav button")) {
     tab.addEventListener("click", () => { history.replaceState(null, "", `#${tab.dataset.view}`); showView(tab.dataset.view); });
