@@ -252,7 +252,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,
-                      stateful=_StageState(monitor, skips, rows))
+                      stateful=_StageState(monitor, skips, rows),
+                      on_skipped=lambda batch: skips.update(batch.skipped))  # (step_fn counts them otherwise)
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()

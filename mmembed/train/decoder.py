@@ -96,7 +96,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
 
     def make_loader(epoch: int, start_sample: int):
         sampler.set_epoch(epoch, start_sample=start_sample)
-        return (collate([train_data[key] for key in keys]) for keys in sampler)
+        return _Batches(sampler, lambda keys: collate([train_data[key] for key in keys]))
 
     net = parallelize(lm, answer_logits, device, fsdp=tc.fsdp, bf16=tc.precision == "bf16")
     seed_ranks(tc.seed)
@@ -120,6 +120,21 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
         _finish(config, pm, run_dir, result, skips)
     barrier()
     return run_dir
+
+
+class _Batches:
+    """The rest of an epoch's batches, collated as they are reached; sized, as the engine plans a
+    resume on another number of processes from the batches left."""
+
+    def __init__(self, sampler: EpochBatchSampler, collate: Callable[[list], PromptBatch]) -> None:
+        self.sampler, self.collate = sampler, collate
+        self.count = len(sampler)  # the sampler's start moves on with the next epoch's set_epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return (self.collate(keys) for keys in self.sampler)
 
 
 class _RowsState:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmembed.errors import PeerLostError, UserError
+from mmembed.errors import ConfigError, PeerLostError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,11 @@ def _resume_hint(run_dir: str | Path | None) -> str:
     stages = [Path(run_dir) / "decoder", Path(run_dir)]  # the decoder stage runs after the align stage
     ckpt = next((c for c in map(latest_checkpoint, stages) if c is not None), None)
     if ckpt is None:
-        return "; no checkpoint was written yet: start the run again"
+        from mmembed.train.run_dir import needs_overwrite
+
+        # a folder that holds this start's files (its config, metrics) refuses a plain restart
+        again = " with --overwrite" if needs_overwrite(run_dir) else ""
+        return f"; no checkpoint was written yet: start the run again{again}"
     return f"; the last checkpoint is {ckpt}: continue with --resume, on this or any other number of processes"
 
 
@@ -175,7 +179,7 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and world.active:
-        return torch.device(f"cuda:{world.local_rank}")
+        return checked_device(f"cuda:{world.local_rank}")  # no GPU: one line per rank, not a traceback
     return checked_device(name)
 
 
@@ -202,13 +206,30 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (writes data, a tokenizer), then the others (which read it)."""
+    """Rank 0 runs the block first (writes data, a tokenizer), then the others (which read it).
+    A UserError rank 0 raises in it is raised on every rank, as one line each (the others,
+    waiting, said rank 0 was lost)."""
     world = current_world()
-    if world.active and not world.main:
-        dist.barrier()
-    yield
-    if world.active and world.main:
-        dist.barrier()
+    if not world.active:
+        yield
+        return
+    if not world.main:
+        _raise_shared(broadcast_object(None))
+        yield
+        return
+    try:
+        yield
+    except UserError as e:
+        broadcast_object((isinstance(e, ConfigError), str(e)))
+        raise
+    broadcast_object(None)
+
+
+def _raise_shared(refused: tuple[bool, str] | None) -> None:
+    """Raise what rank 0 refused (`main_first`): a ConfigError or a UserError with its message."""
+    if refused is not None:
+        config, message = refused
+        raise (ConfigError if config else UserError)(message)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -70,10 +70,11 @@ class Trainer:
         module: the parameters to train (frozen ones are skipped by the optimizer).
         step_fn: batch → StepOutput (forward + loss), or None for a batch with nothing to learn
             from (every row skipped: counted, no step taken); runs under autocast when precision=bf16.
-        make_loader: (epoch, start_sample) → iterable of this rank's batches (of
+        make_loader: (epoch, start_sample) → sized iterable of this rank's batches (of
             `config.batch_size` rows: the position is counted in them) for that epoch,
             after the first `start_sample` samples of the epoch's order (consumed by all ranks
             together), without touching them (exact resume depends on it); see EpochBatchSampler.
+            Its length (the batches it will give) plans a resume on another number of processes.
         steps_per_epoch: batches per epoch (per rank), for the schedule and progress bar.
         config: the `train` section of the config.
         run_dir: where checkpoints/, metrics.jsonl and curves go.
@@ -87,6 +88,9 @@ class Trainer:
             (`distributed.parallelize`), whose gradient sync accumulation skips until the last
             micro-batch, or its sharded (FSDP) form: then every rank evaluates, and checkpoints
             are gathered into the single-process format.
+        on_skipped: called with a batch every rank skips because some rank's share of it has no
+            row: `step_fn` never sees it, so whatever it counts of a batch (its bad rows) is
+            counted here.
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[[Any], StepOutput],
@@ -94,8 +98,10 @@ class Trainer:
                  run_dir: Path, evaluate: Callable[[], dict[str, float]] | None = None,
                  after_step: Callable[[], None] | None = None, callbacks: list[Callable] = (),
                  extra_files: dict[str, Path] | None = None, device: torch.device | None = None,
-                 net: nn.Module | None = None, stateful: Any = None):
+                 net: nn.Module | None = None, stateful: Any = None,
+                 on_skipped: Callable[[Any], None] | None = None):
         self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
+        self.on_skipped = on_skipped
         self.net = net if net is not None else module
         self.sharded = sharded_of(self.net)
         self.world = current_world()
@@ -184,7 +190,7 @@ class Trainer:
             barrier()  # every checkpoint is on disk before any rank restores the best one
         finally:
             bar.close()
-        if self.progress.empty_batches:
+        if self.progress.empty_batches and self.world.main:  # every rank counted the same batches
             log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were skipped",
                         self.progress.empty_batches)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
@@ -249,7 +255,10 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:
         if self.world.active and self._agree_any(_rows(batch) == 0):
-            return None  # some rank has nothing to learn from: every rank skips the batch together
+            # some rank has nothing to learn from: every rank skips the batch together
+            if self.on_skipped is not None:
+                self.on_skipped(batch)
+            return None
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.cfg.precision == "bf16" else nullcontext())
         with autocast, (nullcontext() if last_micro else no_sync(self.net)):
@@ -414,7 +423,11 @@ class Trainer:
         epoch and stopped short of its last)."""
         p, cfg = self.progress, self.cfg
         p.batch_in_epoch = p.samples_in_epoch // (cfg.batch_size * self.world.size)
-        left = max(0, self.steps_per_epoch - p.batch_in_epoch // cfg.accum_steps)
+        # the batches the loader deals from the rows left (a partial one dropped), as far as
+        # `_run_epoch` takes them; the whole epoch's steps less those taken counted one too many
+        # where the rows left end in a partial batch
+        batches = len(self.make_loader(p.epoch, p.samples_in_epoch))
+        left = max(0, min(batches, self.steps_per_epoch * cfg.accum_steps - p.batch_in_epoch)) // cfg.accum_steps
         self.total_steps = p.step + left + self.steps_per_epoch * max(0, cfg.epochs - p.epoch - 1)
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)

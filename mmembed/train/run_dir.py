@@ -52,12 +52,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
         if resume:
             _remove_trash(run_dir)
         return
-    names = {p.name for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)}
+    names = _entries(run_dir)
     if not names:
         _remove_trash(run_dir)  # what an interrupted --overwrite left is no run
         return
-    stopped_before_training = UNSTARTED in names and names <= UNTRAINED  # by a config error: replaced
-    if not overwrite and not stopped_before_training:
+    if not overwrite and needs_overwrite(run_dir):
         from mmembed.train.state import latest_checkpoint
 
         if latest_checkpoint(run_dir) is None and "model.safetensors" not in names:  # --resume would refuse it
@@ -74,6 +73,17 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
                             "choose another train.out_dir")
     with run_lock(run_dir):  # never delete a folder another trainer is using
         _clear(run_dir)
+
+
+def needs_overwrite(run_dir: Path) -> bool:
+    """Whether a fresh run (no `--resume`) into `run_dir` must be given `--overwrite`: the folder
+    holds files, and not just those of a start a config error stopped (replaced without asking)."""
+    names = _entries(run_dir) if Path(run_dir).is_dir() else set()
+    return bool(names) and not (UNSTARTED in names and names <= UNTRAINED)
+
+
+def _entries(run_dir: Path) -> set[str]:
+    return {p.name for p in Path(run_dir).iterdir() if p.name != LOCK and not p.name.startswith(TRASH)}
 
 
 def _clear(run_dir: Path) -> None:
@@ -103,21 +113,24 @@ def _remove_trash(run_dir: Path) -> None:
 
 def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
              keep: Sequence[str | Path] = ()) -> contextlib.AbstractContextManager:
-    """Rank 0 readies the run folder (`prepare_run_dir`) while the other ranks wait; returns the
-    context manager that holds its lock (`run_lock` on rank 0, nothing on the others)."""
+    """Rank 0 readies the run folder (`prepare_run_dir`) and takes its lock while the other ranks
+    wait; returns the context manager that holds the lock (on rank 0; nothing on the others).
+    A refusal is raised on every rank."""
     from mmembed.train.distributed import broadcast_object, current_world
 
-    world = current_world()
+    held = contextlib.ExitStack()
     refused = None
-    if world.main:
+    if current_world().main:
         try:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, keep=keep)
+            held.enter_context(run_lock(run_dir))  # a busy folder too is refused on every rank
         except UserError as e:  # every rank says it (the others said rank 0 was lost)
             refused = str(e)
     refused = broadcast_object(refused)
     if refused is not None:
+        held.close()
         raise UserError(refused)
-    return run_lock(run_dir) if world.main else contextlib.nullcontext()
+    return held
 
 
 def run_lock(run_dir: Path) -> contextlib.AbstractContextManager:

@@ -27,3 +27,17 @@ def test_a_name_that_is_no_device_is_one_short_line():
 
     with pytest.raises(UserError, match=r"^device 'gpu' is not a device name \(auto, cpu, cuda, cuda:N or mps\)$"):
         checked_device("gpu")
+
+
+def test_cuda_under_torchrun_on_a_machine_without_a_gpu_is_one_line(monkeypatch):
+    """train.device=cuda with several processes gave cuda:LOCAL_RANK unchecked: a traceback per rank
+    at the first tensor moved ("Found no NVIDIA driver"), after the run folder was written."""
+    from mmembed.train.distributed import World, resolve_device
+
+    world = World(rank=1, size=2, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^device 'cuda:1': torch sees no CUDA GPU on this machine"):
+        resolve_device("cuda", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", world) == torch.device("cuda:1")

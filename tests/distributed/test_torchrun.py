@@ -109,7 +109,8 @@ def test_a_one_process_run_resumed_on_two_trains_the_rest_of_its_epoch_and_all_o
     the next epoch (the step budget counted the steps taken as two-process steps)."""
     cfg = tiny_config(tiny_world, tmp_path / "run", batch_size=4, epochs=2, max_steps=9, checkpoint_every=9)
     _run([sys.executable, "-m", "mmembed", "train", cfg])
-    _run(_torchrun(2, "train", cfg, "--resume", "train.max_steps=null"))
+    r = _run(_torchrun(2, "train", cfg, "--resume", "train.max_steps=null"))
+    assert "16 steps in all" in r.stderr  # it planned 17: the rest of the epoch as 6 - 36 // 8 steps
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = {r["step"]: r["epoch"] for r in rows if "loss" in r}
     # 15 rows were left: one step of 2 x 4; then 51 // 8 = 6 steps of epoch 1
@@ -224,3 +225,39 @@ def test_a_sharded_run_whose_batches_lack_a_modality_trains_as_one_process(tiny_
     _run(_torchrun(2, "train", config("two", batch_size=8, fsdp=True, dist_timeout_minutes=1.0)), timeout=240)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) >= 2 and b == pytest.approx(a, abs=1e-4)
+
+
+def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_process(tiny_world, tmp_path):
+    """Two rows in three have an unreadable image: a batch some rank's share of which had no
+    usable row was skipped before its bad rows were counted (8 rows counted of one process's 32),
+    and every rank printed the empty-batch summary."""
+    import re
+
+    import yaml
+
+    (tmp_path / "world").mkdir()
+    for entry in tiny_world.iterdir():
+        (tmp_path / "world" / entry.name).symlink_to(entry)
+    (tmp_path / "world" / "junk.png").write_bytes(b"not a picture")
+    rows = [json.loads(line) for line in (tiny_world / "train.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3:
+            row["image"] = "junk.png"
+    (tmp_path / "world" / "train.jsonl").unlink()
+    (tmp_path / "world" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(name, batch_size):
+        path = tiny_config(tmp_path / "world", tmp_path / name, batch_size=batch_size, epochs=1)
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["val"] = None
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def skipped(stderr):
+        return re.findall(r"skipped rows during training: skipped (\d+) row", stderr)
+
+    one = _run([sys.executable, "-m", "mmembed", "train", config("one", 4)]).stderr
+    two = _run(_torchrun(2, "train", config("two", 2))).stderr
+    assert len(skipped(one)) == 1 and int(skipped(one)[0]) > 20, one[-3000:]
+    assert skipped(two) == skipped(one), two[-3000:]
+    assert two.count("had no usable row") == 1, two[-3000:]  # rank 0 alone says it

@@ -221,3 +221,32 @@ def caption_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.save({"loss": all_reduce_values([float(loss)])[0], "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
     os._exit(0)  # as loss_worker
+
+
+def refusal_worker(rank: int, init_file: str, out_dir: str, case: str) -> None:
+    """Each rank: what it raised (`type: message`) where rank 0 alone meets a refusal, written to
+    rank{r}.txt. `lock`: the run folder `out_dir`/run is locked by another process; `main_first`:
+    rank 0 raises a ConfigError in the block. After it, the ranks meet in a barrier, as the run's
+    next collective: a rank that went on without the refusal lost its peer there."""
+    from datetime import timedelta
+
+    from mmembed.errors import ConfigError, UserError
+    from mmembed.train.distributed import main_first
+    from mmembed.train.run_dir import lock_run
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=30))
+    outcome = "no error"
+    try:
+        if case == "lock":
+            with lock_run(Path(out_dir) / "run", resume=True, overwrite=False):
+                dist.barrier()
+        else:
+            with main_first():
+                if rank == 0:
+                    raise ConfigError("data.train: not found")
+            dist.barrier()
+    except (UserError, RuntimeError) as e:
+        outcome = f"{type(e).__name__}: {e}".splitlines()[0]
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    os._exit(0)  # as loss_worker; a rank that lost its peer must not wait in the group's teardown

@@ -398,19 +398,9 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_its_epoch(tmp_path)
     x, y = _data()
 
     def trainer(batch_size, **cfg):
-        torch.manual_seed(0)
-        model = Toy()
-
-        def make(epoch, start):
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
-            return ((x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]) for i in range(start, N, batch_size))
-
-        def step(batch):
-            return StepOutput(((model(batch[0]) - batch[1]) ** 2).mean(), {}, samples=len(batch[0]))
-
         config = TrainConfig(batch_size=batch_size, epochs=2, lr=1e-2, warmup_steps=1, checkpoint_every=1,
                              log_every=1, keep_last=100, **cfg)
-        return Trainer(model, step, make, N // batch_size, config, tmp_path)
+        return _resizable_trainer(tmp_path, x, y, config)
 
     trainer(8, max_steps=4).fit()
     resumed = trainer(16)
@@ -419,6 +409,77 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_its_epoch(tmp_path)
     # 32 rows left of epoch 0: 2 steps of 16; then 4 steps of epoch 1
     assert [(r["step"], r["epoch"]) for r in rows[4:]] == [(5, 0), (6, 0), (7, 1), (8, 1), (9, 1), (10, 1)]
     assert resumed.progress.samples == N * 2
+
+
+def _resizable_trainer(tmp_path, x, y, config):
+    """The Toy model on batches of `config.batch_size`, dealt as EpochBatchSampler does (a
+    partial last batch dropped), each epoch a list (sized)."""
+    torch.manual_seed(0)
+    model = Toy()
+    bs = config.batch_size
+
+    def make(epoch, start):
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
+        return [(x[perm[i:i + bs]], y[perm[i:i + bs]]) for i in range(start, N - bs + 1, bs)]
+
+    def step(batch):
+        return StepOutput(((model(batch[0]) - batch[1]) ** 2).mean(), {}, samples=len(batch[0]))
+
+    return Trainer(model, step, make, N // bs, config, tmp_path)
+
+
+def test_a_resume_whose_rows_left_end_in_a_partial_batch_plans_the_steps_it_takes(tmp_path):
+    """3 batches of 8 (24 of 64 rows), resumed with batch 16: 40 rows left are 2 batches (the
+    partial third dropped), but the plan counted 4 - 24 // 16 = 3, so the cosine never reached its end."""
+    x, y = _data()
+
+    def config(batch_size, **cfg):
+        return TrainConfig(batch_size=batch_size, epochs=2, lr=1e-2, warmup_steps=1, checkpoint_every=1,
+                           log_every=1, keep_last=100, **cfg)
+
+    _resizable_trainer(tmp_path, x, y, config(8, max_steps=3)).fit()
+    resumed = _resizable_trainer(tmp_path, x, y, config(16))
+    resumed.fit(resume=True)
+    assert resumed.progress.step == 3 + 2 + 4
+    assert resumed.total_steps == resumed.progress.step
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"lr"' in line][-1]
+    assert last["lr"] == pytest.approx(lr_at(8, 1e-2, 1, 9, TrainConfig().min_lr_ratio))  # the plan's last step
+
+
+def test_a_batch_the_ranks_skip_together_is_handed_to_on_skipped(tmp_path, caplog):
+    """Under DDP a batch some rank found empty was skipped before step_fn, where its bad rows are
+    counted: they were never counted, and the empty-batch summary came once per rank."""
+    import logging
+
+    from mmembed.train.distributed import World
+
+    x, y = _data()
+    empty = {1, 4}  # the batches (in order) some rank's share of which has no row
+    handed, seen = [], []
+
+    def make(epoch, start):
+        return [(x[i:i + BS], y[i:i + BS], i // BS) for i in range(start, N, BS)]
+
+    def step(batch):
+        seen.append(batch[2])
+        return StepOutput(((model(batch[0]) - batch[1]) ** 2).mean(), {}, samples=BS)
+
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        model = Toy()
+        config = TrainConfig(batch_size=BS, epochs=1, lr=1e-2, warmup_steps=1, checkpoint_every=100, log_every=1)
+        (tmp_path / str(rank)).mkdir()  # (rank 0 makes the run folder)
+        trainer = Trainer(model, step, make, N // BS, config, tmp_path / str(rank), on_skipped=handed.append)
+        trainer.world = World(rank=rank, size=2)  # its collectives stay one process's (none is joined)
+        trainer._agree_any = lambda flag, batches=iter(range(N // BS)): next(batches) in empty
+        handed.clear()
+        seen.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mmembed.train.engine"):
+            trainer.fit()
+        assert [b[2] for b in handed] == sorted(empty) and sorted(seen + sorted(empty)) == list(range(N // BS))
+        assert trainer.progress.empty_batches == len(empty)
+        assert ("had no usable row" in caplog.text) == (rank == 0)
 
 
 @pytest.mark.parametrize("field, value", [("seconds", None), ("samples_in_epoch", "16"), ("best_metric", "0.5"),
