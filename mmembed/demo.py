@@ -21,7 +21,7 @@ from mmembed.checkpoint import atomic_write_json, atomic_write_text
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_memory import cross_process_recall, memory_lines
-from mmembed.demo_prompting import prompting, report_lines
+from mmembed.demo_prompting import has_rows, prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.errors import UserError
 from mmembed.evaluate import format_table, pairwise_report
