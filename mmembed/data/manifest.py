@@ -277,7 +277,7 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as su
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     csv.field_size_limit(sys.maxsize)  # a long caption is truncated by the tokenizer, as in JSONL
-    reader = None
+    reader, done = None, 0  # done: lines of the records read whole; the next one starts after them
     try:
         # undecodable bytes are kept as surrogates and refuse their own row, naming its line
         with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -294,7 +294,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
             if len(set(header)) != len(header):
                 raise UserError(f"{path}: duplicate column names in the header {header}")
             _check_modality_columns(path, set(header))
+            done = reader.line_num
             for cells in reader:
+                done = reader.line_num
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
@@ -307,6 +309,10 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
                 # text does ("a.png " is a.png), a caption keeps its own spaces
                 yield reader.line_num, {k: _cell(k, v) for k, v in zip(header, cells)}
     except csv.Error as e:
-        where = f":{reader.line_num}" if reader is not None else ""
-        raise UserError(f"{path}{where}: malformed CSV ({e}): a cell that starts with a quote is a quoted "
+        # an unclosed quote fails where the file ends: name the line its record starts at
+        start = done + 1
+        where = f":{start}" if reader is not None else ""
+        spans = reader is not None and reader.line_num > start
+        at = f" at line {reader.line_num}, in the record starting at line {start}" if spans else ""
+        raise UserError(f"{path}{where}: malformed CSV ({e}{at}): a cell that starts with a quote is a quoted "
                         'field, with "" for each quote inside ("""Hello"" she said")') from None

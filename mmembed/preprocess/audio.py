@@ -8,14 +8,17 @@ Accepted items:
   Waveform shape rule: 1-D is mono (T,). 2-D is (C, T) or (T, C): the SHORTER axis is channels
   (a clip has more samples than channels), so (2, 48000) and (48000, 2) are both stereo; an
   array whose shorter axis exceeds 32 is ambiguous and rejected. Integer samples are scaled to
-  [-1, 1] (int16 / 32768, int32 / 2**31, uint8 centred on 128).
+  [-1, 1] (int16 / 32768, int32 / 2**31, uint8 centred on 128); float samples are taken to lie
+  in [-1, 1], and a float waveform of peak over 8 (integer samples left unscaled) is refused.
 
 Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
 from the start otherwise; cropping happens before resampling and reads only the needed frames
-of a file, so an hour-long file costs no more than a clip) → resample to `sample_rate` →
-filterbank (torchaudio's MelSpectrogram, or log-spaced filters on which a pitch change is a
-shift) → log(x + 1e-6) → (x - mean) / std. SpecAugment, when training, is the separate `augment`
-step: it works on the features, so a dataset can cache them and still draw fresh masks.
+of a file, so an hour-long file costs no more than a clip; a file whose header gives no
+length, a FLAC streamed to a pipe, is read from the start, four crops' worth when training)
+→ resample to `sample_rate` → filterbank (torchaudio's MelSpectrogram, or log-spaced filters on
+which a pitch change is a shift) → log(x + 1e-6) → (x - mean) / std. SpecAugment, when
+training, is the separate `augment` step: it works on the features, so a dataset can cache them
+and still draw fresh masks.
 
 Sample rates: a file header or a `(waveform, rate)` pair may claim any rate; rates outside
 [`min_sample_rate`, `max_sample_rate`] (default 4,000–192,000 Hz) are refused with BadInput
@@ -33,6 +36,7 @@ import io
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +56,9 @@ _MAX_CHANNELS = 32
 _IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
 _LOG_FLOOR = 1e-6
 RESAMPLER_CACHE_SIZE = 8  # source rates whose kernels are kept, least recently used evicted first
+_UNKNOWN_FRAMES = 2**62  # libsndfile's frame count for a file of unknown length is 2**63 - 1
+_MAX_FLOAT_PEAK = 8.0  # a float waveform louder than this is integer samples left unscaled
+_UNKNOWN_SPAN = 4  # crops' worth read from a file of unknown length, for a random crop to fall in
 
 
 class AudioPreprocessor:
@@ -289,23 +296,13 @@ class AudioPreprocessor:
 
     def _read_file(self, item: str | Path | bytes) -> tuple[Tensor, int]:
         if isinstance(item, (str, Path)):
-            path = Path(item)
-            name = str(path)
-            check_file(path)
-            source: Any = path if _utf8(name) else None  # else opened below: libsndfile takes UTF-8 names only
+            source: Path | bytes = Path(item)
+            name = str(source)
+            check_file(source)
         else:
-            name, source = "<bytes>", io.BytesIO(bytes(item))
+            name, source = "<bytes>", bytes(item)
         try:
-            with (open(path, "rb") if source is None else contextlib.nullcontext(source)) as stream, \
-                    sf.SoundFile(stream) as f:
-                total, rate = f.frames, f.samplerate
-                self._check_rate(rate, name)
-                if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
-                    raise BadInput(f"{name} has {f.channels} channels; at most {_MAX_CHANNELS} are read")
-                n = min(total, self._crop_len(rate))
-                start = int(torch.randint(0, total - n + 1, ()).item()) if self._random() and total > n else 0
-                f.seek(start)
-                data = f.read(n, dtype="float32", always_2d=True)  # (n, C)
+            data, rate = self._decode(source, name)  # (m, C)
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - libsndfile reports any malformed file this way
@@ -314,10 +311,34 @@ class AudioPreprocessor:
             raise BadInput(f"not a readable audio file: {name} ({type(e).__name__}: {reason})") from None
         if data.shape[0] == 0:
             raise BadInput(f"zero-length audio: {name}")
-        wave = torch.from_numpy(data)  # (n, C)
+        wave = torch.from_numpy(data)  # (m, C)
         # averaged as `_to_mono` averages a given waveform: samples too large to sum (finite, ~1e38)
         # give Inf, refused as such by `waveform`
-        return (wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)), int(rate)  # (n,)
+        wave = wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)  # (m,)
+        # a file of unknown length was read past one crop: crop here (a no-op for every other file)
+        return _crop(wave, self._crop_len(rate), self._random()), int(rate)
+
+    def _decode(self, source: Path | bytes, name: str) -> tuple[np.ndarray, int]:
+        """The frames to crop from, (m, C) float32, and the file's rate."""
+        with _opened(source) as f:
+            rate = f.samplerate
+            self._check_rate(rate, name)
+            if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
+                raise BadInput(f"{name} has {f.channels} channels; at most {_MAX_CHANNELS} are read")
+            n = self._crop_len(rate)
+            if f.frames < _UNKNOWN_FRAMES:  # else a FLAC streamed to a pipe: no length to draw a crop from
+                n = min(f.frames, n)
+                start = int(torch.randint(0, f.frames - n + 1, ()).item()) if self._random() and f.frames > n else 0
+                try:
+                    f.seek(start)
+                    return f.read(n, dtype="float32", always_2d=True), rate
+                except sf.LibsndfileError:
+                    pass
+        # a header that gives no length or overstates it: a seek past the real end failed (and
+        # libsndfile keeps the error on that handle), so read from the start of a fresh one, more
+        # than one crop when training for a random crop (by the caller) to fall in
+        with _opened(source) as f:
+            return _read_frames(f, n * _UNKNOWN_SPAN if self._random() else n), rate
 
     def _resampler(self, rate: int) -> torchaudio.transforms.Resample:
         # the windowed-sinc kernel depends only on the rate pair: reuse it for recent source rates
@@ -328,6 +349,32 @@ class AudioPreprocessor:
         if len(self._resamplers) > RESAMPLER_CACHE_SIZE:
             self._resamplers.popitem(last=False)
         return resampler
+
+
+@contextlib.contextmanager
+def _opened(source: Path | bytes) -> Iterator[sf.SoundFile]:
+    if isinstance(source, bytes):
+        with sf.SoundFile(io.BytesIO(source)) as f:
+            yield f
+    elif _utf8(str(source)):
+        with sf.SoundFile(source) as f:
+            yield f
+    else:  # libsndfile takes UTF-8 names only: open the others here
+        with open(source, "rb") as stream, sf.SoundFile(stream) as f:
+            yield f
+
+
+def _read_frames(f: sf.SoundFile, n: int) -> np.ndarray:
+    """Up to n frames from the current position: (m, channels) float32, m <= n.
+
+    libsndfile's own read, as `SoundFile.read` calls it (soundfile's private names: only files
+    `SoundFile.read` fails on come here): that method then seeks to the new position, a seek that
+    fails at the end of a FLAC whose header misstates its length, losing the frames read.
+    """
+    out = np.empty((n, f.channels), dtype=np.float32)
+    got = sf._snd.sf_readf_float(f._file, sf._ffi.cast("float *", sf._ffi.from_buffer(out)), n)
+    sf._error_check(f._errorcode)
+    return out[:got]
 
 
 def _utf8(name: str) -> bool:
@@ -366,7 +413,14 @@ def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
 
 def _to_float(t: Tensor) -> Tensor:
     if t.dtype.is_floating_point:
-        return t.to(torch.float32)
+        t = t.to(torch.float32)
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        # integer samples made float unscaled (scipy's wavfile.read(...).astype(float)) peak in the
+        # thousands and embed as something else; a mix or a resample overshoots 1 by far less
+        if _MAX_FLOAT_PEAK < peak < math.inf:  # NaN/Inf are refused as such later
+            raise BadInput(f"float audio of peak {peak:.4g} lies far outside [-1, 1], the range float samples "
+                           "are read in: divide int16 samples by 32768 (int32 by 2**31), or pass the integer array")
+        return t
     scale = {torch.int16: 32768.0, torch.int32: 2.0**31, torch.int8: 128.0}
     if t.dtype in scale:
         return t.to(torch.float32) / scale[t.dtype]

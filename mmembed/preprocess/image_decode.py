@@ -87,7 +87,8 @@ def load_image(item: Any, *, limits: ImageLimits = _DEFAULT_LIMITS, background=(
         with failures_as_bad_input(f"image decoding of {name}"):
             return _load(item, limits, background)
     except BadInput as e:  # a file's content errors ("NaN pixels") name the file, as its others do
-        if isinstance(item, (str, Path)) and name not in str(e):
+        # (a name with a NUL or a lone surrogate is already there in its ascii() form)
+        if isinstance(item, (str, Path)) and name not in str(e) and ascii(name) not in str(e):
             raise BadInput(f"{e}: {name}") from None
         raise
 
@@ -243,20 +244,37 @@ def _palette_alpha(im: Image.Image) -> bool:
 
 
 def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """16/32-bit integer or float grayscale → uint8 with the full range preserved (not clipped)."""
+    """16/32-bit integer or float grayscale → uint8 with the full range preserved (not clipped).
+
+    Values inside a usual range keep its meaning: floats 0..1 (with a little slack) or 0..255,
+    integers 0..255 or 0..65535 (always, for the "I;16" modes). Any other values (a float TIFF
+    of 0..1000, 32-bit counts, signed 16-bit) are scaled by their own range: min → 0, max → 255.
+    """
     if mode == "F":
         if not np.isfinite(a).all():
             raise BadInput("float image contains NaN/Inf pixels")
         # floats in [0, 1] are normalised intensities (with the slack a float tensor gets: a resize
-        # overshoots 1.0 a little, and a 1.02 made the image 0..255, near black); else 0..255
-        unit = a.size and a.min() >= -_FLOAT_SLACK and a.max() <= 1 + _FLOAT_SLACK
-        scaled = np.clip(a, 0, 1) * 255.0 if unit else a
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        # overshoots 1.0 a little, and a 1.02 made the image 0..255, near black)
+        if a.min() >= -_FLOAT_SLACK and a.max() <= 1 + _FLOAT_SLACK:
+            return np.clip(np.rint(np.clip(a, 0, 1) * 255.0), 0, 255).astype(np.uint8)
+        if a.min() >= 0 and a.max() <= 255:
+            return np.rint(a).astype(np.uint8)
+        return _own_range_to_uint8(a)
     a = a.astype(np.int64)
+    low, high = a.min(), a.max()
+    if 0 <= low and high <= 255 and not mode.startswith("I;16"):
+        return a.astype(np.uint8)
     # "I" holds 16-bit data in practice (PNG/TIFF); values above 255 mean a 16-bit range
-    if mode.startswith("I;16") or (a.size and a.max() > 255):
-        return ((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-    return np.clip(a, 0, 255).astype(np.uint8)
+    if 0 <= low and high <= 65535:
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+    return _own_range_to_uint8(a)
+
+
+def _own_range_to_uint8(a: np.ndarray) -> np.ndarray:
+    """min → 0, max → 255 (a constant image → 0): clipping such values to 0..255 made most pixels white."""
+    low, high = float(a.min()), float(a.max())
+    scaled = (a.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(a.shape)
+    return np.rint(scaled).astype(np.uint8)
 
 
 # how far past [0, 1] a float image may go and be clamped: a bicubic resize overshoots sharp edges

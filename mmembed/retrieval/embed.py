@@ -12,6 +12,7 @@ vectors, skips and order; the other ranks get an empty result.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,8 @@ def _embed_robust(model: Any, modality: Modality, items: list[Any], idx: list[in
     try:
         z = model.embed(modality, [items[i] for i in idx])  # (len(idx), D)
     except BadInput as e:
-        if len(idx) == 1:
-            yield idx, None, str(e)
+        if len(idx) == 1:  # alone, the item is "item 0" of its call: the row's line names it instead
+            yield idx, None, re.sub(rf"^{modality} item \d+: ", "", str(e))
             return
         half = len(idx) // 2
         yield from _embed_robust(model, modality, items, idx[:half])

@@ -93,9 +93,9 @@ class Index:
             for i, row in enumerate(part.rows):
                 entry = {**row.meta, "line": row.line, "label": row.label, "item": str(row.items[modality])}
                 try:  # a row whose columns no save can write is skipped, not found after all the embedding
-                    metadata_json(entry, "its columns")
+                    metadata_json(entry, "one of its columns")
                 except UserError as e:
-                    unsaveable.append((row.line, str(modality), str(e)))
+                    unsaveable.append((row.line, str(modality), _unsaveable(row.items[modality], e)))
                     continue
                 keep.append(i)
                 meta.append(entry)
@@ -339,6 +339,18 @@ class Index:
     def __repr__(self) -> str:
         counts = ", ".join(f"{m}={n}" for m, n in self.counts().items()) or "empty"
         return f"Index(dim={self.dim}, {counts}, backend={self.backend_name!r}, storage={self.storage!r})"
+
+
+def _unsaveable(item: Any, error: UserError) -> str:
+    """Why an entry cannot be saved: its file's name when that is not UTF-8 (another encoding's
+    bytes, which Python keeps as lone surrogates), else what the save said."""
+    try:
+        str(item).encode("utf-8")
+    except UnicodeEncodeError:
+        if isinstance(item, Path):
+            return (f"its file name {str(item)!a} is not UTF-8, which an index cannot save: "
+                    "rename the file (and its manifest entry) to a UTF-8 name")
+    return str(error)
 
 
 def _as_query(q: Any) -> Any:

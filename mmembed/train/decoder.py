@@ -182,6 +182,10 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     table.embed(model)
     log.info("embedded %d media items with the frozen shared space in %.1f s", len(table.index),
              time.perf_counter() - t0)
+    if config.data.strict:  # an unreadable media file is a bad row, as in the align manifests
+        table.refuse_bad(train_set.rows, train_set.path)
+        if val_set is not None:
+            table.refuse_bad(val_rows, val_set.path)
     skips = SkipCounter()
     skips.update(train_set.skipped)
     train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob,

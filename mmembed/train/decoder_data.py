@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,22 @@ class MediaTable:
                         try:
                             vectors[self.index[ref]] = model.embed(modality, [ref[1]])[0]
                         except BadInput as e:
-                            self.bad[ref] = str(e)
+                            self.bad[ref] = f"{modality}: {item_reason(e)}"
         self.vectors = vectors
+
+    def refuse_bad(self, rows: list[InstructionRow], path: Path) -> None:
+        """strict mode: the first of `rows` with an unreadable media item → UserError naming the
+        manifest and the line, as a bad row of it is named."""
+        for row in rows:
+            bad = [self.bad[r] for r in row.media if r in self.bad]
+            if bad:
+                raise UserError(f"{path}:{row.line}: {bad[0]}")
+
+
+def item_reason(e: BadInput) -> str:
+    """A `model.embed` error without its "image item 0: " prefix: an item embedded alone is always
+    item 0, which named no row."""
+    return re.sub(r"^\w+ item \d+: ", "", str(e))
 
 
 @dataclass

@@ -240,3 +240,15 @@ def test_a_name_in_another_unicode_normalisation_is_named(tmp_path):
         check_file(tmp_path / unicodedata.normalize("NFC", "café.png"))
     with pytest.raises(BadInput, match=r"missing file \S+$"):
         check_file(tmp_path / "other.png")
+
+
+def test_an_unclosed_quote_is_reported_at_the_line_its_record_starts(tmp_path):
+    """The error named the last line of the file, where the csv module ran out of data."""
+    path = tmp_path / "m.csv"
+    path.write_text('image,text\na.png,ok\na.png,"unclosed\n' + "a.png,later\n" * 50)
+    with pytest.raises(UserError, match=r"m.csv:3: malformed CSV \(unexpected end of data at line 53, "
+                                         r"in the record starting at line 3\)"):
+        read_manifest(path)
+    path.write_text('image,text\na.png,"two\nlines"\na.png,"x"y\n')  # a one-line error keeps its own line
+    with pytest.raises(UserError, match=r"m.csv:4: malformed CSV \([^)]*\): a cell that starts with a quote"):
+        read_manifest(path)

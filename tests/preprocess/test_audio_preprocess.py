@@ -368,3 +368,43 @@ def test_a_file_name_that_is_not_utf8_reads_and_content_errors_name_the_file(tmp
     sf.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
     with pytest.raises(BadInput, match=r"NaN/Inf samples: \S*nan.wav$"):
         pre(tmp_path / "nan.wav")
+
+
+def _misstate_flac_length(path, total: int) -> None:
+    """Rewrite the 36-bit total_samples of a FLAC's STREAMINFO (0 = unknown, as a stream to a pipe)."""
+    data = bytearray(path.read_bytes())
+    bits = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)
+    data[18:26] = (bits | total).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("total", [0, 160_000])
+def test_a_flac_of_unknown_or_overstated_length_reads_in_training_and_eval(tmp_path, total):
+    """A FLAC streamed to a pipe (total_samples 0) or overstating its length failed the random crop's
+    seek, and any read through its real end: 'Internal psf_fseek() failed', skipped on every draw."""
+    path = tmp_path / "s.flac"
+    sf.write(path, _tone(16000, 1.0), 16000, subtype="PCM_16")
+    whole = AudioPreprocessor(max_seconds=2.0).waveform(path)  # (16000,)
+    _misstate_flac_length(path, total)
+    assert torch.equal(AudioPreprocessor(max_seconds=2.0).waveform(path), whole)  # eval reads through the end
+    assert torch.equal(AudioPreprocessor(max_seconds=2.0).waveform(path.read_bytes()), whole)
+    train = AudioPreprocessor(max_seconds=0.5, train=True)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        crop = train.waveform(path)
+        assert crop.shape == (8000,)
+        assert any(torch.equal(crop, whole[s : s + 8000]) for s in range(0, 8001, 1))  # a crop of the file
+
+
+def test_a_float_waveform_at_integer_scale_is_refused_with_the_fix():
+    """int16 samples made float unscaled (peak ~16000) were embedded as if in [-1, 1]: a wrong
+    embedding, silently; a float overshooting 1 a little (a resampled clip) still reads."""
+    pcm = (_tone(16000, 0.5) * 32767).astype(np.int16)
+    pre = AudioPreprocessor()
+    with pytest.raises(BadInput, match=r"float audio of peak 1\.638e\+04 .*divide int16 samples by 32768"):
+        pre((pcm.astype(np.float64), 16000))
+    with pytest.raises(BadInput, match="divide int16 samples by 32768"):
+        pre(torch.from_numpy(pcm).float())
+    loud = _tone(16000, 0.5, amp=3.0)  # clipped-range overshoot: kept as given
+    assert torch.equal(pre.waveform((loud, 16000)), torch.from_numpy(loud))
+    assert torch.allclose(pre((pcm, 16000)), pre((pcm / 32768.0, 16000)), atol=1e-5)

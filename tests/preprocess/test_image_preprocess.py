@@ -499,3 +499,39 @@ def test_a_palette_of_rgba_colours_composites_as_its_own_png_does():
     direct = load_image(image)
     assert torch.equal(direct, load_image(png.getvalue()))
     assert direct[:, 0, 0].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("values, mode", [
+    (np.linspace(0, 1000, 64 * 64, dtype=np.float32), "F"),  # a float TIFF of 0..1000: 75% white
+    (np.linspace(0, 898_500, 64 * 64).astype(np.int32), "I"),  # 32-bit counts: 93% white
+    (np.linspace(-300, 299, 64 * 64).astype(np.int32), "I"),  # signed 16-bit: all 0 or 1
+], ids=["float-0..1000", "int32-0..898500", "signed-int16"])
+def test_grey_values_outside_the_usual_ranges_are_scaled_by_their_own_range(tmp_path, values, mode):
+    """Such grey images were clipped to 0..255 or 0..65535: mostly white, or all black."""
+    image = Image.fromarray(values.reshape(64, 64))
+    assert image.mode == mode
+    image.save(tmp_path / "g.tiff")
+    out = load_image(tmp_path / "g.tiff")
+    expected = torch.from_numpy(np.rint(np.linspace(0, 255, 64 * 64)).reshape(64, 64))
+    assert out.dtype == torch.uint8 and torch.equal(out[0], out[2])
+    torch.testing.assert_close(out[0].float(), expected.float(), atol=1, rtol=0)  # min → 0, max → 255, linear
+    assert torch.equal(out, load_image(image))
+
+
+def test_grey_values_inside_the_usual_ranges_keep_their_meaning():
+    """The scaling by own range applies outside 0..1, 0..255 and 0..65535 only (a constant is black)."""
+    cases = [(np.full((8, 8), 0.5, np.float32), "F", 128), (np.full((8, 8), 100.0, np.float32), "F", 100),
+             (np.full((8, 8), 200, np.int32), "I", 200), (np.full((8, 8), 32896, np.int32), "I", 128),
+             (np.full((8, 8), 32896, np.uint16), "I;16", 128), (np.full((8, 8), 70_000, np.int32), "I", 0)]
+    for values, mode, grey in cases:
+        image = Image.fromarray(values)
+        assert image.mode == mode
+        assert torch.equal(load_image(image), torch.full((3, 8, 8), grey, dtype=torch.uint8))
+
+
+def test_a_path_with_a_nul_byte_is_named_once_and_printably(tmp_path):
+    """The message named the path twice, the second time with the raw NUL in it."""
+    path = str(tmp_path / "a.png") + "\x00x"
+    with pytest.raises(BadInput) as caught:
+        load_image(path)
+    assert str(caught.value) == f"unreadable file {path!a} (ValueError: embedded null byte)"

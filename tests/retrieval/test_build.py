@@ -102,3 +102,32 @@ def test_rows_no_save_can_write_are_warned_about_and_none_at_all_is_an_error(tmp
     path.write_text("".join(json.dumps({"text": "x", "note": "\ud800"}) + "\n" for _ in range(2)))
     with pytest.raises(UserError, match=r"no item could be read \(2 skipped; the first, line 1, text: .*surrogate"):
         Index.build(FakeModel(), path, progress=False)
+
+
+def test_a_skipped_items_reason_drops_the_item_number_its_retry_gave_it(tmp_path):
+    """Each bad item is retried alone, so every reason said "image item 0: ...", whatever its row."""
+    rows = [{"image": f"img/c{i}.png"} for i in range(6)]
+    rows[3]["image"], rows[5]["image"] = "img/broken3.png", "img/broken5.png"
+    idx = Index.build(FakeModel(), write_manifest(tmp_path, rows), batch_size=4, progress=False)
+    reasons = {line: reason for line, what, reason in idx.skipped if what == "image"}
+    assert set(reasons) == {4, 6}
+    assert reasons[4].startswith("cannot read ") and reasons[4].endswith("img/broken3.png")
+    assert reasons[6].startswith("cannot read ") and reasons[6].endswith("img/broken5.png")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_as_the_reason_its_image_is_left_out(tmp_path):
+    """A Latin-1 file name (a lone surrogate in the manifest) was skipped as "its columns holds a
+    lone surrogate", blaming the columns and ungrammatical."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"text": "a picture of c1", "image": "img/caf\\udce9 c1.png"}\n'
+                    '{"text": "a picture of c2", "image": "img/c2.png"}\n')
+    idx = Index.build(FakeModel(), path, progress=False)
+    assert idx.counts() == {"text": 2, "image": 1}
+    ((line, what, reason),) = idx.skipped
+    assert (line, what) == (1, "image")
+    name = ascii(str(tmp_path / "img" / "caf\udce9 c1.png"))
+    assert reason == f"its file name {name} is not UTF-8, which an index cannot save: rename the file (and its " \
+                     "manifest entry) to a UTF-8 name"
+    path.write_text('{"text": "a picture of c1", "label": "caf\\udce9"}\n{"text": "a picture of c2"}\n')
+    ((_, _, reason),) = Index.build(FakeModel(), path, progress=False).skipped
+    assert reason.startswith("one of its columns holds a lone surrogate U+DCE9")
