@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from encoders.attention import KVCacheLike, MultiHeadAttention
 from encoders.linear import Linear
-from encoders.positional import build_positional
+from encoders.positional import NoPositional, build_positional, check_positions
 from encoders.short_conv import ShortConv
 
 
@@ -202,6 +202,9 @@ class Transformer(nn.Module):
         """
         if positions is None and x.shape[1] > self.max_len and not self.positional.unbounded:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_len={self.max_len}")
+        if positions is not None and not isinstance(self.positional, NoPositional):  # no table: any position
+            # once here, not in every block's rotary call: each check reads the positions (a sync)
+            check_positions(positions, None if self.positional.unbounded else self.max_len)
         if not self.positional.in_attention:
             x = self.positional(x, positions)
         x = self.drop(x)

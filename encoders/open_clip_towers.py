@@ -3,7 +3,8 @@
 Any open_clip architecture (`open_clip.list_models()`, or `local-dir:` / `hf-hub:` names) is
 built with `open_clip.create_model`, then only one tower's modules are kept. `pretrained` is:
 
-- None: random initialisation (offline).
+- None: random initialisation (offline), even for a `local-dir:` folder or `hf-hub:` repo that
+  holds weights (name its weights file to load them).
 - a local file: `.safetensors`, or `.pt`/`.pth`/`.bin` read with `torch.load(weights_only=True)`
   — a full open_clip CLIP state dict, as `model.state_dict()` or open_clip's trainer writes it.
 - an open_clip pretrained tag (`laion2b_s34b_b79k`, ...): open_clip downloads it, so it only
@@ -64,11 +65,14 @@ def create_open_clip_model(
     if cfg is None:
         raise ValueError(f"unknown open_clip architecture {name!r} (valid: {', '.join(open_clip.list_models())})")
     path, tag = _resolve_pretrained(name, pretrained)
-    # pretrained_image/text=False: never fetch base tower weights behind the user's back.
-    with _quiet_random_init_warning(path is not None):
+    # pretrained_image/text=False: never fetch base tower weights behind the user's back; and
+    # load_weights only for a tag: a local-dir: folder's (or hf-hub: repo's) own weights were read
+    # when pretrained was None, which promises random initialisation.
+    with _quiet_random_init_warning():
         try:
             model = open_clip.create_model(
-                name, pretrained=tag, pretrained_image=False, pretrained_text=False, cache_dir=cache_dir
+                name, pretrained=tag, load_weights=tag is not None, pretrained_image=False, pretrained_text=False,
+                cache_dir=cache_dir
             )
         except RuntimeError as e:
             if tag is None:
@@ -104,15 +108,15 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[Path | None,
 
 
 @contextlib.contextmanager
-def _quiet_random_init_warning(active: bool) -> Iterator[None]:
-    """Drop open_clip's "initialized randomly" warning when we load a file right after."""
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning: random is what pretrained=None asks for,
+    and otherwise weights load right after (a file here, a run's own in `mm.load`)."""
 
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded")
 
     root = logging.getLogger()  # open_clip logs through the root logger
-    if active:
-        root.addFilter(keep)
+    root.addFilter(keep)
     try:
         yield
     finally:

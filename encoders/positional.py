@@ -66,6 +66,20 @@ def sinusoidal_table_2d(height: int, width: int, dim: int) -> Tensor:
     return torch.cat([grid_rows, grid_cols], dim=-1).reshape(height * width, dim)
 
 
+def check_positions(positions: Tensor, size: int | None) -> None:
+    """ValueError for a negative position or (`size` rows, None = unbounded) one past the table:
+    indexing raised a bare IndexError there, and a negative position read rows from the table's
+    end. Reads the positions on the host (a device sync): a model checks once per forward, not
+    every layer's rotary call."""
+    if not positions.numel():
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or (size is not None and high >= size):
+        valid = "0 or more" if size is None else f"0..{size - 1}"
+        raise ValueError(f"positions {low}..{high} lie outside the table of "
+                         f"max_len={size if size is not None else 'unbounded'} (valid: {valid})")
+
+
 def _gather(table: Tensor, positions: Tensor | None, length: int) -> Tensor:
     """Rows of `table` for `positions`: (T, C) for None / (T,), (B, T, C) for (B, T)."""
     if positions is None:

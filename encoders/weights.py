@@ -66,6 +66,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsFileError(f"{path}: no state dict (name → tensor mapping) inside")
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if bad := [k for k in state if not isinstance(k, str)]:  # a pickle may key its tensors by anything
+        raise WeightsFileError(f"{path}: tensor key {bad[0]!r} is not a name (a state dict maps names to tensors)")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -92,4 +94,32 @@ def load_into(
             if keys
         ]
         raise WeightsFileError(f"{source}: weights do not fit {type(module).__name__}: {'; '.join(parts)}")
+    if fault := state_fault(module, state):
+        raise WeightsFileError(f"{source}: {fault}")
     module.load_state_dict(state, strict=True)
+
+
+def state_fault(module: nn.Module, state: dict[str, Tensor]) -> str | None:
+    """"NAME holds ..." for the first tensor of `state` whose shape fits `module` but whose values
+    cannot stand in for its own (`tensor_fault`), or None."""
+    own = module.state_dict()
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    for k in sorted(state):
+        if k in own and (fault := tensor_fault(own[k], state[k], k in params)):
+            return f"{k} holds {fault}"
+    return None
+
+
+def tensor_fault(own: Tensor, saved: Tensor, parameter: bool = True) -> str | None:
+    """Why `saved` cannot load into `own` though its shape fits, or None. `load_state_dict` casts
+    silently: integer or bool values into a floating parameter, and NaN loads as NaN. Finiteness
+    is asked of parameters only (a buffer may hold -inf on purpose) and costs a sum first: 0.02 s
+    per 124M float32 values on one core, against 0.65 s for `isfinite` on each (its fallback when
+    the sum is not finite)."""
+    if own.is_floating_point() and not saved.is_floating_point():
+        return f"{saved.dtype} values where a floating tensor belongs"
+    if parameter and saved.is_floating_point() and saved.numel():
+        wide = saved.dtype if saved.dtype == torch.float64 else torch.float32  # half sums overflow
+        if not torch.isfinite(saved.sum(dtype=wide)) and not bool(torch.isfinite(saved).all()):
+            return "NaN or infinite values"
+    return None

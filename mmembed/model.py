@@ -351,9 +351,14 @@ def load_space(run_dir: str | Path) -> Model:
         raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
-    space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
+    # without the pretrained files or tags it started from: model.safetensors holds every tensor
+    space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
     state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
     _check_vocabulary(space, state, getattr(tokenizer, "vocab_size", None), run_dir)
+    from encoders.weights import state_fault
+
+    if fault := state_fault(space, state):  # load_state_dict casts an integer tensor and loads NaN as is
+        raise CheckpointError(f"{run_dir / WEIGHTS}: {fault}")
     try:
         missing, unexpected = space.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape: the weights are not this config's

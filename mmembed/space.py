@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.linear import Linear
+from encoders.weights import state_fault
 from mmembed.checkpoint import load_tensors
 from mmembed.config import ModelConfig, check_kwargs
 from mmembed.errors import ConfigError, UserError
@@ -115,9 +116,18 @@ class SharedSpace(nn.Module):
         return out
 
 
-def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: str = "infonce") -> SharedSpace:
+# encoder arguments naming weights to start from: a run's own weights replace them when it loads
+_PRETRAINED_ARGS = ("pretrained", "weights")
+
+
+def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: str = "infonce",
+                pretrained: bool = True) -> SharedSpace:
     """Config → modules. Encoder arguments are validated against the builder's signature, so a
-    misspelt key fails here naming it; the text vocabulary size comes from the tokenizer."""
+    misspelt key fails here naming it; the text vocabulary size comes from the tokenizer.
+
+    With `pretrained=False` (opening a trained run, whose weights file holds every tensor) the
+    encoders are built without their pretrained files or tags: the file a run started from may
+    have moved since, or a tag need a download, and neither changes the result."""
     from encoders import ENCODERS
 
     if not config.towers:
@@ -139,9 +149,13 @@ def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: s
                 raise ConfigError(f"{where}: the {tower_cfg.encoder} encoder needs a tokenizer for its vocabulary "
                                   "and none was given (a run keeps it in tokenizer.json)")
             args["vocab_size"] = vocab_size
+        if not pretrained:
+            args.update({k: None for k in _PRETRAINED_ARGS if k in args})
         try:  # encoders/ check their own arguments with plain ValueErrors: name the config key
             encoder = builder(**args)
             head = build_head(tower_cfg.head, encoder.width, config.embed_dim)
+            if pretrained:  # a trained run's config.yaml is what it trained with (a tag's mean may differ)
+                _check_preprocess(encoder, modality, tower_cfg.preprocess or {})
         except ConfigError:
             raise
         except ValueError as e:
@@ -160,6 +174,40 @@ def _params(fn) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
+
+
+def _check_preprocess(encoder: nn.Module, modality: Modality, preprocess: dict) -> None:
+    """ValueError when the inputs a pretrained tower asks for (its `preprocess_cfg`: an open_clip
+    image tower's size, mean and std) differ from what its preprocess block prepares: a SigLIP
+    tower was fed CLIP's mean and std, and size 64 on a 32 px tower failed at embed time."""
+    import inspect
+
+    from mmembed.preprocess import PREPROCESSORS
+
+    wanted = getattr(encoder, "preprocess_cfg", None) or {}
+    defaults = {k: p.default for k, p in inspect.signature(PREPROCESSORS[modality]).parameters.items()}
+    differ = []
+    for key in ("size", "mean", "std"):
+        if key in wanted and key in defaults:
+            want, got = _plain(wanted[key], key), _plain(preprocess.get(key, defaults[key]), key)
+            if not (len(want) == len(got) and all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(want, got))):
+                differ.append((key, want, got))
+    if differ:
+        need = ", ".join(f"{k}: {_shown(w, k)}" for k, w, _ in differ)
+        have = ", ".join(f"{k}: {_shown(g, k)}" for k, _, g in differ)
+        raise ValueError(f"the pretrained tower takes preprocess {{{need}}}, not {{{have}}}: set those")
+
+
+def _plain(value, key: str) -> list[float]:
+    """A size (one number, or open_clip's (height, width): one when square) or a mean/std triple, as a list."""
+    values = [float(v) for v in value] if isinstance(value, (tuple, list)) else [float(value)]
+    return values[:1] if key == "size" and len(values) == 2 and values[0] == values[1] else values
+
+
+def _shown(values: list[float], key: str) -> str:
+    if key == "size":
+        return "x".join(str(int(v)) for v in values)
+    return str([round(v, 8) for v in values])
 
 
 def space_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -193,6 +241,8 @@ def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
              if k in own and own[k].shape == v.shape and (wanted is None or k.startswith(wanted))}
     if not taken:
         raise UserError(f"{what}: {weights} has no tensor of this model's names and shapes")
+    if fault := state_fault(space, taken):  # load_state_dict would cast an integer tensor, and copy NaN
+        raise UserError(f"{what}: {weights}: {fault}")
     shared = {k.split(".")[1] for k in state if k.startswith("towers.")} & set(space.towers)
     for name in sorted(set(towers) if towers is not None else shared):
         mine = [k for k in own if k.startswith(f"towers.{name}.")]

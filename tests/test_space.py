@@ -11,7 +11,7 @@ from PIL import Image
 
 import mmembed as mm
 from mmembed.config import Config, ModelConfig, TokenizerConfig, TowerConfig, from_dict
-from mmembed.errors import BadInput, ConfigError, UserError
+from mmembed.errors import BadInput, CheckpointError, ConfigError, UserError
 from mmembed.model import build_model
 from tests.conftest import TINY_MODEL
 
@@ -224,3 +224,77 @@ def test_the_bind_recipe_keeps_the_demo_towers_it_loads():
     for name in bind["init_towers"]:
         ours = {k: v for k, v in bind["towers"][name].items() if k != "freeze"}
         assert ours == {k: v for k, v in demo["towers"][name].items() if k != "freeze"}, name
+
+
+def _tiny_clip_config(tmp_path, image_preprocess: dict) -> Config:
+    """Tiny open_clip towers from a local-dir: folder, started from a weights file in tmp_path."""
+    from safetensors.torch import save_file
+
+    open_clip = pytest.importorskip("open_clip")
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    (arch / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    torch.manual_seed(0)
+    ref = open_clip.create_model(f"local-dir:{arch}")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "start.safetensors"))
+    args = {"arch": f"local-dir:{arch}", "pretrained": str(tmp_path / "start.safetensors")}
+    return Config(model=ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(encoder="open_clip_image", encoder_args=args, head="none", preprocess=image_preprocess),
+        "text": TowerConfig(encoder="open_clip_text", encoder_args=args, head="none", preprocess={"max_length": 77}),
+    }), tokenizer=TokenizerConfig(kind="clip"))
+
+
+def test_a_run_loads_after_the_pretrained_file_it_started_from_moved(tmp_path):
+    """mm.load re-read the run's pretrained file: once moved, 'weights file not found'."""
+    from mmembed.tokenizer import load_tokenizer
+
+    model = build_model(_tiny_clip_config(tmp_path, {"size": 32}), load_tokenizer("clip"))
+    with torch.no_grad():  # trained weights differ from the file started from
+        for p in model.space.parameters():
+            p.add_(0.01)
+    model.space.eval()
+    model.save(tmp_path / "run")
+    (tmp_path / "start.safetensors").rename(tmp_path / "moved.safetensors")
+    back = mm.load(tmp_path / "run")
+    texts, images = ["a photo of a cat", "a diagram"], torch.randn(2, 3, 32, 32)
+    assert torch.equal(back.embed("text", texts), model.embed("text", texts))
+    with torch.no_grad():
+        assert torch.equal(back.space.encode("image", images), model.space.encode("image", images))
+
+
+@pytest.mark.parametrize("preprocess, match", [
+    ({"size": 64}, r"takes preprocess \{size: 32\}, not \{size: 64\}"),  # was a RuntimeError at embed time
+    ({}, r"takes preprocess \{size: 32\}, not \{size: 224\}"),  # the preprocessor's default size
+    ({"size": 32, "mean": [0.5, 0.5, 0.5]}, r"takes preprocess \{mean: \[0.48145466, 0.4578275, 0.40821073\]\}, "
+                                            r"not \{mean: \[0.5, 0.5, 0.5\]\}"),
+])
+def test_image_preprocessing_that_a_pretrained_tower_does_not_take_is_refused(tmp_path, preprocess, match):
+    """The open_clip tower's preprocess_cfg was never read: size 64 on a 32 px tower failed inside it,
+    and a SigLIP-style tower (mean/std 0.5) was fed CLIP's mean and std."""
+    from mmembed.tokenizer import load_tokenizer
+
+    with pytest.raises(ConfigError, match=r"model\.towers\.image: the pretrained tower " + match):
+        build_model(_tiny_clip_config(tmp_path, preprocess), load_tokenizer("clip"))
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda t: t.long(), "holds torch.int64 values where a floating tensor belongs"),
+    (lambda t: t > 0, "holds torch.bool values"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "holds NaN or infinite values"),
+])
+def test_a_runs_weights_of_integer_or_nan_values_are_refused(model, tmp_path, spoil, match):
+    """load_state_dict cast integer and bool tensors to float, and NaN loaded as is: all embedded."""
+    from safetensors.torch import load_file, save_file
+
+    model.save(tmp_path / "run")
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    key = next(k for k in sorted(state) if k.startswith("towers.text.") and k.endswith("weight") and state[k].ndim == 2)
+    state[key] = spoil(state[key])
+    save_file(state, str(tmp_path / "run" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{key} {match}"):
+        mm.load(tmp_path / "run")
+    from mmembed.space import build_space, init_from_run
+
+    target = build_space(from_dict(ModelConfig, TINY_MODEL, "model", "test"), vocab_size=model.tokenizer.vocab_size)
+    with pytest.raises(UserError, match=f"{key} {match}"):
+        init_from_run(target, tmp_path / "run" / "model.safetensors", None)

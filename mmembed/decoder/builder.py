@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from encoders.weights import state_fault
 from mmembed.checkpoint import load_tensors, save_tensors
 from mmembed.config import DecoderConfig
 from mmembed.decoder.fusion import MultimodalLM, Projector
@@ -122,6 +123,8 @@ def load_prompt_model(run_dir: Path, cfg: DecoderConfig, space_tokenizer: Any, e
         wrong = sorted(set(state) ^ set(expected)) or [k for k in expected if state[k].shape != expected[k].shape]
         raise CheckpointError(f"{run_dir / DECODER_WEIGHTS} does not match the decoder in config.yaml "
                               f"(first difference: {wrong[0]})")
+    if fault := state_fault(lm, state):  # load_state_dict would cast an integer tensor, and load NaN
+        raise CheckpointError(f"{run_dir / DECODER_WEIGHTS}: {fault}")
     lm.load_state_dict(state, strict=False)
     return PromptModel(lm.eval(), fmt, cfg)
 

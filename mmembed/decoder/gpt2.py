@@ -23,6 +23,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
 
+from encoders.weights import tensor_fault
 from mmembed.checkpoint import atomic_write_text, load_torch_weights
 from mmembed.errors import CheckpointError, UserError
 from mmembed.decoder.model import Decoder
@@ -101,7 +102,7 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     if not folder.is_dir():
         raise UserError(f"GPT-2 folder not found: {folder}")
     arch = gpt2_architecture(folder)
-    state = _to_ours(_read_weights(folder), arch["layers"], folder)
+    state, origin = _to_ours(_read_weights(folder), arch["layers"], folder)
     with torch.device("meta"):  # shapes only: config.json's sizes allocate nothing until the weights agree
         shapes = Decoder(**arch, dropout=dropout, window=window, conv_kernel=conv_kernel)
     own = shapes.state_dict()
@@ -117,8 +118,14 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     if missing:
         raise CheckpointError(f"{folder}: the weights lack {len(missing)} tensors of this config (first: {missing[0]})")
     for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
+        if k not in own:
+            continue
+        name, flipped = origin[k]  # the file's name, and its shape as stored (Conv1D's (in, out))
+        if own[k].shape != v.shape:
+            stored, implied = (v.shape, own[k].shape) if not flipped else (v.shape[::-1], own[k].shape[::-1])
+            raise CheckpointError(f"{folder}: {name} has shape {tuple(stored)}, config.json implies {tuple(implied)}")
+        if fault := tensor_fault(own[k], v):
+            raise CheckpointError(f"{folder}: {name} holds {fault}")
     decoder = Decoder(**arch, dropout=dropout, window=window, conv_kernel=conv_kernel)
     decoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return decoder.eval()
@@ -166,30 +173,33 @@ _BLOCK = {
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def _to_ours(state: dict[str, torch.Tensor], layers: int, folder: Path) -> dict[str, torch.Tensor]:
+def _to_ours(state: dict[str, torch.Tensor], layers: int, folder: Path
+             ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, bool]]]:
     """Rename (and transpose Conv1D weights) from transformers' GPT-2 names to ours; a block past
-    config.json's n_layer is an error (it was dropped without a word)."""
-    out = {}
+    config.json's n_layer is an error (it was dropped without a word). Also returns, for each of
+    our names, the file's name and whether the tensor was transposed: errors name the file's."""
+    out, origin = {}, {}
     for name, t in state.items():
-        key = name.removeprefix("transformer.")
+        key, ours, flipped = name.removeprefix("transformer."), None, False
         if key == "wte.weight":
-            out["token_embedding.weight"] = t
+            ours = "token_embedding.weight"
         elif key == "wpe.weight":
-            out["transformer.positional.embedding.weight"] = t
+            ours = "transformer.positional.embedding.weight"
         elif key.startswith("ln_f."):
-            out["transformer.norm." + key[5:]] = t
+            ours = "transformer.norm." + key[5:]
         elif key == "lm_head.weight":
-            out[key] = t
+            ours = key
         elif m := re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", key):
             i, module, kind = int(m.group(1)), m.group(2), m.group(3)
             if module not in _BLOCK:
                 continue  # attn.bias / masked_bias: causal-mask buffers of old checkpoints
             if i >= layers:
                 raise CheckpointError(f"{folder}: the weights hold block {i}, but config.json says n_layer {layers}")
-            if module in _CONV1D and kind == "weight":
-                t = t.t().contiguous()
-            out[f"transformer.blocks.{i}.{_BLOCK[module]}.{kind}"] = t
-    return out
+            flipped = module in _CONV1D and kind == "weight" and t.ndim == 2
+            ours = f"transformer.blocks.{i}.{_BLOCK[module]}.{kind}"
+        if ours is not None:
+            out[ours], origin[ours] = (t.t().contiguous() if flipped else t), (name, flipped)
+    return out, origin
 
 
 class PretrainedTokenizer:

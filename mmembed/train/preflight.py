@@ -32,6 +32,7 @@ def check_config(config: Config, resume: bool = False) -> None:
         _check_same_space(config)
     else:
         _check_sources(config)
+        _check_token_ids(config)
     _check_world_splits(config)
     _check_decoder_tasks(config)
     _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, pairs=True)
@@ -166,6 +167,69 @@ def _check_sources(config: Config) -> None:
     gpt2 = config.decoder.init_from_gpt2 if config.decoder is not None else None
     if gpt2 is not None and not (Path(gpt2) / "config.json").is_file():
         raise ConfigError(f"decoder.init_from_gpt2: {gpt2} has no config.json (a GPT-2 folder saved by transformers)")
+
+
+# encoders that pool at the largest token id, which is the end of text in CLIP's vocabulary only
+_POOL_AT_LARGEST_ID = ("open_clip_text",)
+
+
+def _check_token_ids(config: Config) -> None:
+    """The ids a text tower reads must be the ones it was built for. An open_clip text tower pools
+    at the largest id (CLIP's end of text): with another tokenizer every caption embedded to one
+    vector. A tower copied by model.init_from read the ids of a tokenizer trained anew, and a
+    frozen one then kept embeddings of other tokens (cosine 0.13 with the source run's vectors)."""
+    tok, model = config.tokenizer, config.model
+    if model.init_from is not None and config.decoder is not None:  # the space is copied whole, tokenizer too
+        return
+    for name, tower in model.towers.items():
+        if tower.encoder in _POOL_AT_LARGEST_ID and not (tok.kind == "clip" or _eos_is_largest(tok.path)):
+            raise ConfigError(f"model.towers.{name}.encoder: {tower.encoder} pools at CLIP's end-of-text id, so it "
+                              f"needs tokenizer.kind: clip (got tokenizer.kind: {tok.kind})")
+    source = Path(model.init_from) / "tokenizer.json" if model.init_from is not None else None
+    if source is None or not source.is_file() or not _copies_token_reader(config):
+        return
+    if tok.kind == "clip":
+        from mmembed.clip_tokenizer import ClipTokenizer
+
+        same = ClipTokenizer.is_marker(source.read_text(encoding="utf-8", errors="replace"))
+    else:
+        same = tok.path is not None and Path(tok.path).read_bytes() == source.read_bytes()
+    if not same:
+        mine = "a new tokenizer trained on the captions" if tok.kind == "bpe" and tok.path is None else (
+            "CLIP's tokenizer" if tok.kind == "clip" else tok.path)
+        raise ConfigError(f"model.init_from: the towers it copies read the ids of {source}, and this run would "
+                          f"give them those of {mine}: set tokenizer.path: {source}"
+                          f"{' and tokenizer.kind: bpe' if tok.kind == 'clip' else ''}")
+
+
+def _eos_is_largest(path: str | None) -> bool:
+    """Whether the tokenizer file at `path` gives its end of text the largest id (a CLIP one does)."""
+    if path is None or not Path(path).is_file():
+        return False
+    from mmembed.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return tok.eos_id == tok.vocab_size - 1
+
+
+def _copies_token_reader(config: Config) -> bool:
+    """Whether model.init_from supplies a tower that reads token ids (one whose preprocessor
+    takes the tokenizer): one named in init_towers, or without it one the source run has too."""
+    import inspect
+
+    from mmembed.config import load_config
+    from mmembed.errors import UserError
+    from mmembed.preprocess import PREPROCESSORS
+
+    model = config.model
+    copied = set(model.init_towers if model.init_towers is not None else model.towers)
+    if model.init_towers is None and (Path(model.init_from) / "config.yaml").is_file():
+        try:
+            copied &= set(load_config(Path(model.init_from) / "config.yaml").model.towers)
+        except UserError:  # an old or odd config.yaml: assume the towers are shared
+            pass
+    return any("tokenizer" in inspect.signature(PREPROCESSORS[Modality.parse(name)]).parameters
+               for name in copied & set(model.towers))
 
 
 def _check_world_splits(config: Config) -> None:

@@ -221,3 +221,33 @@ def test_a_deeply_nested_config_json_is_a_checkpoint_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(CheckpointError, match="unreadable config"):
         load_gpt2(tmp_path)
+
+
+def _spoilt_copy(gpt2_folder, tmp_path, key, spoil):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(gpt2_folder / "model.safetensors"))
+    state[key] = spoil(state[key])
+    (tmp_path / "config.json").write_text((gpt2_folder / "config.json").read_text())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_a_wrong_shape_names_the_files_tensor_as_stored(gpt2_folder, tmp_path):
+    """It named our transformer.blocks.1.mlp.fc.weight with the transposed shape (999, 64)."""
+    key = "transformer.h.1.mlp.c_fc.weight"
+    folder = _spoilt_copy(gpt2_folder, tmp_path, key, lambda t: torch.zeros(t.shape[0], 999))
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight has shape \(64, 999\), "
+                                              r"config.json implies \(64, 256\)"):
+        load_gpt2(folder)
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda t: t.long(), "holds torch.int64 values"),  # load_state_dict cast them to float
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "holds NaN or infinite values"),
+])
+def test_integer_or_non_finite_gpt2_weights_are_refused(gpt2_folder, tmp_path, spoil, match):
+    """Integer and non-finite tensors of the right shape loaded silently."""
+    folder = _spoilt_copy(gpt2_folder, tmp_path, "transformer.h.0.attn.c_attn.weight", spoil)
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.0\.attn\.c_attn\.weight " + match):
+        load_gpt2(folder)

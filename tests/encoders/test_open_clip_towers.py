@@ -348,3 +348,38 @@ def test_a_weights_file_under_a_name_of_undecodable_bytes_loads(tmp_path):
     save_file({"proj": torch.arange(4.0)}, str(tmp_path / "plain.safetensors"))
     path.write_bytes((tmp_path / "plain.safetensors").read_bytes())
     assert torch.equal(load_state_dict_file(path)["proj"], torch.arange(4.0))
+
+
+def test_pretrained_none_on_a_local_dir_holding_weights_starts_random(tmp_path):
+    """pretrained=None on a local-dir: folder loaded the folder's weights (the docstring promises random init)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
+    torch.manual_seed(0)
+    ref = open_clip.create_model(f"local-dir:{tmp_path}")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    torch.manual_seed(1)
+    tower = build_encoder("open_clip_image", arch=f"local-dir:{tmp_path}", pretrained=None)
+    assert not torch.equal(tower.visual.proj, ref.visual.proj)
+
+
+def test_a_pickle_keyed_by_a_non_string_is_a_weights_file_error(saved, tmp_path):
+    """A .pt file with an int key raised AttributeError ('int' object has no attribute 'startswith')."""
+    state = torch.load(saved["mmembed-test-clip"]["pt"], weights_only=True)
+    torch.save({0: torch.zeros(1), **state}, tmp_path / "intkey.pt")
+    with pytest.raises(WeightsFileError, match="tensor key 0 is not a name"):
+        load_state_dict_file(tmp_path / "intkey.pt")
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda t: t.long(), "visual.proj holds torch.int64 values"),  # load_state_dict cast them to float
+    (lambda t: t > 0, "visual.proj holds torch.bool values"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "visual.proj holds NaN or infinite values"),
+])
+def test_a_weights_file_of_integer_or_nan_values_is_refused(saved, tmp_path, spoil, match):
+    """Integer, bool and NaN tensors of the right shape loaded silently (cast, or as NaN)."""
+    state = torch.load(saved["mmembed-test-clip"]["pt"], weights_only=True)
+    state["visual.proj"] = spoil(state["visual.proj"])
+    torch.save(state, tmp_path / "spoilt.pt")
+    with pytest.raises(WeightsFileError, match=match):
+        build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "spoilt.pt"))

@@ -86,3 +86,18 @@ def test_rotary_needs_even_head_dim():
         RotaryPositional(dim=12, heads=4)
     with pytest.raises(ValueError, match="width 36 is not divisible by heads=8"):  # the cause, not its symptom
         RotaryPositional(dim=36, heads=8)
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal", "rotary"])
+@pytest.mark.parametrize("position", [-1, 4, 7])
+def test_explicit_positions_outside_the_table_are_a_value_error(kind, position):
+    """Past the table was a bare IndexError; a negative position silently read the table's last rows."""
+    from encoders.blocks import Transformer
+
+    model = Transformer(dim=8, depth=2, heads=2, positional=kind, max_len=4).eval()
+    x = torch.zeros(1, 1, 8)
+    with pytest.raises(ValueError, match=r"lie outside the table of max_len=4 \(valid: 0..3\)"):
+        model(x, positions=torch.tensor([position]))
+    model(x, positions=torch.tensor([3]))  # the last row is still there
+    none = Transformer(dim=8, depth=1, heads=2, positional="none", max_len=4).eval()
+    none(x, positions=torch.tensor([7]))  # no table, no limit
