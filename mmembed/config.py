@@ -79,15 +79,18 @@ class SynthConfig:
     def check(self, where: str, source: str) -> None:
         """At load, naming the key: a bad value was the generator's error (no key), and a valid one
         that cannot work (a split summing to 1.5) came after the run had started."""
-        from mmembed.data.synth.generate import validate_params
+        from mmembed.data.synth.generate import MAX_SCENES, validate_params
         from mmembed.errors import UserError
 
         try:
             validate_params(self.n, self.seed, self.image_size, split=self.split)
         except UserError as e:
             raise ConfigError(f"{source}: {where}: {e}") from None
-        if self.n_heldout is not None and self.n_heldout < 0:
-            raise ConfigError(f"{source}: {join_key(where, 'n_heldout')} must be >= 0 or null, got {self.n_heldout}")
+        # n_heldout: 1e10 passed, and the run hung filling the memory (n is capped for the same reason)
+        if self.n_heldout is not None and not 0 <= self.n_heldout <= MAX_SCENES - self.n:
+            raise ConfigError(f"{source}: {join_key(where, 'n_heldout')} must be in [0, {MAX_SCENES - self.n:,}] or "
+                              f"null, got {self.n_heldout:,} (n + n_heldout <= {MAX_SCENES:,}: every scene is "
+                              "sampled in memory first)")
 
 
 @dataclass
@@ -325,8 +328,8 @@ class DecoderConfig:
         if isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int) or self.conv_kernel == 1 \
                 or self.conv_kernel < 0:
             raise ConfigError(f"decoder.conv_kernel must be 0 (none) or an integer >= 2, got {self.conv_kernel!r}")
-        if not self.whiten_eps > 0:
-            raise ConfigError(f"decoder.whiten_eps must be > 0, got {self.whiten_eps!r}")
+        if not 0 < self.whiten_eps < math.inf:  # .inf made the whitening matrix 0: a decoder trained blind
+            raise ConfigError(f"decoder.whiten_eps must be a finite number > 0, got {self.whiten_eps!r}")
         if self.whiten_rows < 2:
             raise ConfigError(f"decoder.whiten_rows must be >= 2, got {self.whiten_rows!r}")
         if self.freeze_lm and self.init_from_gpt2 is None:
@@ -349,6 +352,12 @@ class DecoderConfig:
                 raise ConfigError(f"decoder.{name} must be >= {low}, got {getattr(self, name)!r}")
         if self.width % self.heads:
             raise ConfigError(f"decoder.width ({self.width}) must be a multiple of decoder.heads ({self.heads})")
+        # the shortest training row (decoder/prompt.py): <bos> <image> k x <media> </image> <answer>, one
+        # answer token, <eos>. A longer k passed here and left no usable row after the whole align stage
+        if self.context < self.soft_tokens + 6:
+            raise ConfigError(f"decoder.context ({self.context}) must be >= decoder.soft_tokens + 6 = "
+                              f"{self.soft_tokens + 6}: a prompt with one media item (<bos>, its two markers, "
+                              f"{self.soft_tokens} soft tokens, <answer>) and a one-token answer with <eos>")
         # rotary turns pairs of each head's channels; sinusoidal positions are added to the input once
         if self.positional == "rotary" and (self.width // self.heads) % 2:
             raise ConfigError(f"rotary positions need an even head width: decoder.width / decoder.heads "

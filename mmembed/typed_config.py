@@ -41,7 +41,25 @@ class _UniqueKeys(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
-        return super().construct_mapping(node, deep)
+        mapping = super().construct_mapping(node, deep)
+        last = {self.construct_object(k, deep=deep): v for k, v in node.value}  # merged keys first, then its own
+        for key, value_node in last.items():
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null") and value_node.value == "":
+                mapping[key] = EMPTY
+        return mapping
+
+
+class _Empty:
+    """A key given no value (`decoder:` alone, perhaps with comments under it). YAML reads it as
+    null, which skipped the decoder stage the README says a `decoder:` section adds: under a
+    section's key it is that section with its defaults, elsewhere null (`coerce`). An explicit
+    `null` or `~` stays null."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+EMPTY = _Empty()
 
 
 def read_mapping(path: Path) -> dict:
@@ -54,7 +72,21 @@ def read_mapping(path: Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    return raw
+    try:
+        return _plain(raw)
+    except RecursionError:
+        raise ConfigError(f"{path}: an alias (*name) refers to the mapping or list it is in") from None
+
+
+def _plain(value: Any, empty: Any = EMPTY) -> Any:
+    """A tree of its own (not copy.deepcopy: its memo keeps shared objects shared). A YAML alias
+    (`train: *tr` under decoder) is the anchor's own object, so an override of one section
+    (decoder.train.lr) changed the other too, and config.yaml recorded it."""
+    if isinstance(value, dict):
+        return {k: _plain(v, empty) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, empty) for v in value]
+    return empty if value is EMPTY else value
 
 
 def apply_override(raw: dict, item: str, source: str = "override") -> None:
@@ -65,7 +97,7 @@ def apply_override(raw: dict, item: str, source: str = "override") -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        if node.get(part) is None:  # absent, or set to null (`decoder=null`, an empty `decoder:`): made anew
+        if node.get(part) in (None, EMPTY):  # absent, or set to null (`decoder=null`, an empty `decoder:`): made anew
             node[part] = {}
         child = node[part]
         if not isinstance(child, dict):
@@ -107,7 +139,7 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
     for name, f in fields.items():
         key = join_key(where, name)
         if name in raw:
-            value = raw[name]
+            value = _filled(hints[name], raw[name])
             if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
                 # a partial section keeps the field's own defaults (decoder.train is not TrainConfig())
                 default = f.default_factory()
@@ -124,9 +156,10 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
 
 def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     """Check `value` against type annotation `tp`; ints are accepted where floats are expected."""
+    value = _filled(tp, value)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return value
+        return _plain(value, empty=None)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -195,6 +228,15 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "con
             raise ConfigError(f"{source}: unknown key {join_key(where, name)!r} (valid: {', '.join(valid)})")
         out[name] = coerce(hints.get(name, Any), value, join_key(where, name), source)
     return out
+
+
+def _filled(tp: Any, value: Any) -> Any:
+    """A key given no value: the section with its defaults where `tp` is a section (a dataclass,
+    or one or null), else null."""
+    if value is not EMPTY:
+        return value
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return {} if any(dataclasses.is_dataclass(a) for a in options) else None
 
 
 def _merged(base: dict, over: dict) -> dict:

@@ -111,6 +111,8 @@ def test_bad_override_names_key(tmp_path):
     ("train.dist_timeout_minutes=1e12", r"train\.dist_timeout_minutes must be in \(0, 10080\]"),  # a C++ timeout
     ("data.synth.n=0", r"data\.synth: n=0 must be an integer in \[1,"),
     ("data.synth.split=[0.5,0.5,0.5]", r"data\.synth: split=.* summing to 1"),
+    # passed, and the run hung sampling 10^10 scenes in memory (n is capped for that reason)
+    ("data.synth.n_heldout=1e10", r"data\.synth\.n_heldout must be in \[0, 9,994,000\] or null, got 10,000,000,000"),
 ])
 def test_training_numbers_out_of_range_name_the_key(override, message):
     """Ranges the types cannot say: `train.epochs=-1` used to start a run (no align steps, then
@@ -134,6 +136,9 @@ def test_training_numbers_out_of_range_name_the_key(override, message):
     ("decoder.lora_rank=8", r"decoder\.lora_rank adapts a pretrained language model: set decoder\.init_from_gpt2"),
     ("decoder.lora_rank=0", r"decoder\.lora_rank must be an integer >= 1 or null, got 0"),
     ("decoder.lora_alpha=0", r"decoder\.lora_alpha must be > 0"),
+    # passed: the whitening matrix was then 0 and the decoder trained on blank vectors
+    ("decoder.whiten_eps=.inf", r"decoder\.whiten_eps must be a finite number > 0, got inf"),
+    ("decoder.whiten_eps=.nan", r"decoder\.whiten_eps must be a finite number > 0, got nan"),
     ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
     ("model.init_logit_scale=500", r"model\.init_logit_scale must be in \(0, model\.max_logit_scale"),
     ("data.num_workers=-1", r"data\.num_workers must be >= 0"),
@@ -237,8 +242,50 @@ def test_an_override_into_a_section_set_to_null_makes_it_anew(tmp_path):
     assert cfg.data.synth is not None and cfg.data.synth.n == 100
     path = tmp_path / "c.yaml"
     path.write_text("decoder:\n  # width: 64\n")
-    assert load_config(path).decoder is None
     assert load_config(path, ["decoder.width=64"]).decoder.width == 64
+    path.write_text("decoder: null\n")
+    assert load_config(path, ["decoder.width=64"]).decoder.width == 64
+
+
+def test_an_empty_section_is_the_section_with_its_defaults(tmp_path):
+    """A bare `decoder:` (or `synth:`) read as null: the decoder stage the README says it adds was
+    silently skipped, and an empty `synth:` hinted to set data.synth. An explicit null still leaves it out."""
+    from mmembed.config import DecoderConfig, SynthConfig, _decoder_train
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synth:   # the built-in world\ndecoder:\n  # all defaults\n")
+    cfg = load_config(path)
+    assert cfg.decoder == DecoderConfig() and cfg.data.synth == SynthConfig()
+    assert load_config(path, ["decoder=null", "data.synth=~"]).decoder is None
+    for explicit in ("null", "~"):
+        path.write_text(f"data:\n  synth: {explicit}\ndecoder: {explicit}\n")
+        cfg = load_config(path)
+        assert cfg.decoder is None and cfg.data.synth is None
+    path.write_text("decoder:\n  train:\n")  # a nested one keeps the decoder's own train defaults
+    assert load_config(path).decoder.train == _decoder_train()
+    path.write_text("train:\n  max_steps:\nmodel:\n  towers:\n    text:\n      encoder: x\n      encoder_args:\n"
+                    "        foo:\n")  # not a section: null, as YAML reads it
+    cfg = load_config(path)
+    assert cfg.train.max_steps is None and cfg.model.towers["text"].encoder_args == {"foo": None}
+
+
+def test_an_alias_shared_by_two_sections_is_overridden_in_one(tmp_path):
+    """`decoder: {train: *tr}` is the align train section's own object: decoder.train.lr=1e-5 set
+    both learning rates, and config.yaml recorded it."""
+    from mmembed.config import save_config
+
+    path = tmp_path / "anchor.yaml"
+    path.write_text("train: &tr {lr: 3.0e-3, batch_size: 16}\ndecoder: {width: 32, heads: 2, train: *tr}\n")
+    cfg = load_config(path, ["decoder.train.lr=1e-5"])
+    assert (cfg.train.lr, cfg.decoder.train.lr) == (3e-3, 1e-5)
+    assert cfg.decoder.train.batch_size == 16  # the alias itself still reads
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").train.lr == 3e-3
+    path.write_text("train: &tr {lr: 3.0e-3}\ndecoder: {train: *tr}\n")
+    assert load_config(path, ["train.lr=1e-2"]).decoder.train.lr == 3e-3
+    path.write_text("data: &d {train: *d}\n")  # an alias inside its own anchor: one line, no RecursionError
+    with pytest.raises(ConfigError, match="refers to the mapping or list it is in"):
+        load_config(path)
 
 
 def test_a_path_set_from_python_saves(tmp_path):
@@ -364,3 +411,55 @@ def test_decoder_rows_that_show_a_modality_the_space_lacks_are_refused_before_wo
     from mmembed.train.preflight import check_config
 
     check_config(cfg)
+
+
+def test_n_heldout_is_capped_with_n_at_max_scenes():
+    """data.synth.n_heldout had no upper bound: 1e10 passed the config and the run hung filling the memory."""
+    from mmembed.data.synth.generate import MAX_SCENES
+
+    room = MAX_SCENES - load_config("demo").data.synth.n
+    assert load_config("demo", [f"data.synth.n_heldout={room}"]).data.synth.n_heldout == room
+    with pytest.raises(ConfigError, match=rf"data\.synth\.n_heldout must be in \[0, {room:,}\]"):
+        load_config("demo", [f"data.synth.n_heldout={room + 1}"])
+
+
+def test_a_context_too_short_for_one_media_item_is_refused_at_load():
+    """soft_tokens >= context passed the config and failed after the whole align stage ('no usable
+    training rows ... 135 tokens exceed the context of 64')."""
+    from mmembed.decoder.prompt import PromptFormat, Slot
+    from tests.decoder.helpers import tokenizer
+
+    k = 60
+    fmt = PromptFormat(tokenizer(), soft_tokens=k)
+    answer = fmt.encode_answer("a")
+    assert len(answer) == 2  # one answer token and <eos>
+    shortest = len(fmt.encode([Slot("image")])) + len(answer)  # the shortest row the stage can train on
+    assert load_config("demo", [f"decoder.soft_tokens={k}", f"decoder.context={shortest}"]).decoder.context == shortest
+    with pytest.raises(ConfigError, match=rf"decoder\.context \({shortest - 1}\) must be >= decoder\.soft_tokens "
+                                          rf"\+ 6 = {shortest}"):
+        load_config("demo", [f"decoder.soft_tokens={k}", f"decoder.context={shortest - 1}"])
+
+
+def test_train_checks_a_config_changed_in_python_again(tmp_path, monkeypatch):
+    """cfg.train.epochs = 0; mm.train(cfg) returned an untrained model, whose config.yaml mm.load then refused."""
+    import mmembed as mm
+    from mmembed.train import align
+
+    monkeypatch.setattr(align, "train_align", lambda *a, **k: pytest.fail("trained past a bad config"))
+    cfg = load_config("demo", [f"data.root={tmp_path / 'world'}", f"train.out_dir={tmp_path / 'run'}"])
+    cfg.train.epochs = 0
+    with pytest.raises(ConfigError, match=r"^the Config given to train\(\) \(a value set in Python\): "
+                                          r"train\.epochs must be >= 1, got 0$"):
+        mm.train(cfg)
+    cfg.train.epochs, cfg.decoder.whiten_eps = 1, float("inf")  # a __post_init__ check names its source too
+    with pytest.raises(ConfigError, match=r"^the Config given to train\(\) .*: decoder\.whiten_eps must be"):
+        mm.train(cfg)
+    assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
+    from mmembed.train import preflight
+
+    ran = []  # a valid config reaches the stage as it was
+    monkeypatch.setattr(preflight, "check_config", lambda *a, **k: None)
+    monkeypatch.setattr(align, "train_align", lambda config, **k: ran.append(config))
+    cfg.decoder, cfg.train.lr = None, 1  # an int where a float goes: read as YAML would read it
+    mm.train(cfg)
+    assert ran == [cfg] and type(ran[0].train.lr) is float

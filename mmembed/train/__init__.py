@@ -26,6 +26,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.train.align import train_align
     from mmembed.train.preflight import check_config
 
+    config = _checked_again(config)
     check_config(config, resume)
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
@@ -57,6 +58,19 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
                 config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
         # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
         return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
+
+
+def _checked_again(config: Config) -> Config:
+    """`config` built again from its values, so every load-time check runs on what Python changed:
+    `cfg.train.epochs = 0` trained nothing, and the run's config.yaml then failed to load."""
+    from mmembed.errors import ConfigError
+    from mmembed.typed_config import from_dict, to_dict
+
+    source = "the Config given to train() (a value set in Python)"
+    try:
+        return from_dict(Config, to_dict(config), where="", source=source)
+    except ConfigError as e:  # __post_init__'s messages name the key but no source
+        raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def _align_as_it_ran(config: Config, saved: Config) -> Config:

@@ -547,3 +547,18 @@ def test_training_refuses_a_world_whose_generation_was_interrupted(tmp_path):
         prepare_data(DataConfig(root=str(tmp_path / "w")))
     (tmp_path / "w" / ".synth-incomplete").unlink()
     assert prepare_data(DataConfig(root=str(tmp_path / "w"))) == tmp_path / "w"
+
+
+def test_a_config_pointing_the_world_at_its_own_data_is_told_how_to_use_it(tmp_path):
+    """`mmembed train CFG data.root=MINE data.synth={...} --overwrite` said only 'pass --overwrite',
+    which is the run folder's: the message now says what a config sets instead."""
+    import re
+
+    from mmembed.config import DataConfig, SynthConfig
+    from mmembed.train.data_setup import prepare_data
+
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "text": "mine"}\n')
+    with pytest.raises(UserError, match=rf"from a config: set data\.synth=null to train on the manifests in "
+                                        rf"{re.escape(str(tmp_path))}, or choose an empty data\.root$"):
+        prepare_data(DataConfig(root=str(tmp_path), synth=SynthConfig(n=4)))
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

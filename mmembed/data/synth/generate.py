@@ -357,8 +357,11 @@ def _generate(root: Path, params: dict[str, Any], heldout: list[tuple[str, str]]
         log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root,
                     _changed(root, params))
     if any(root.iterdir()) and not ours and not overwrite:
+        # `mmembed train`'s --overwrite is the run folder's and never reaches here: say what a config does
         raise UserError(
-            f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass --overwrite (overwrite=True)"
+            f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass --overwrite "
+            f"(overwrite=True); from a config: set data.synth=null to train on the manifests in {root}, or choose "
+            "an empty data.root"
         )
     atomic_write_text(marker, json.dumps(params))  # before the clear: a crash in it leaves an incomplete world
     _clear(root)
