@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from encoders.blocks import Transformer
+from encoders.blocks import Transformer, check_sizes
 from encoders.output import EncoderOutput, last_valid, masked_mean
 
 
@@ -51,6 +51,9 @@ class TextTransformer(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        # nn.Embedding is built before the Transformer checks its sizes: a negative width was a
+        # RuntimeError ("negative dimension") there, not this one line
+        check_sizes(vocab_size=vocab_size, width=width, layers=layers, heads=heads, max_len=max_len)
         if pool not in ("mean", "last", "cls"):
             raise ValueError(f"unknown pool {pool!r} (valid: mean, last, cls)")
         if pool == "cls" and causal:

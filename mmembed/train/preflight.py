@@ -13,20 +13,21 @@ import re
 from pathlib import Path
 
 from mmembed.config import Config, TowerConfig
-from mmembed.errors import ConfigError
+from mmembed.errors import ConfigError, UserError
 from mmembed.modality import Modality
 
 
 # what each stage's validation reports (metrics.jsonl writes them with a "val/" prefix, also taken)
 ALIGN_METRICS = ("recall@1", "recall@5", "recall@10", "median_rank", "mean_rank", "mrr")
 DECODER_METRICS = ("loss", "token_accuracy", "answer_accuracy")
-_PAIR_RECALL = re.compile(r"\w+→\w+/recall@1")  # one ordered pair's, e.g. "image→text/recall@1"
+_PAIR_RECALL = re.compile(r"(\w+)→(\w+)/recall@1")  # one ordered pair's, e.g. "image→text/recall@1"
 
 
 def check_config(config: Config, resume: bool = False) -> None:
     """ConfigError naming the first key whose value cannot work. A resumed run is not held to the
     files it started from (its tokenizer and space are in its folder by then)."""
     _check_towers(config)
+    _check_copied_space(config)
     _check_loss(config)
     if resume:
         _check_same_space(config)
@@ -35,19 +36,27 @@ def check_config(config: Config, resume: bool = False) -> None:
         _check_token_ids(config)
     _check_world_splits(config)
     _check_decoder_tasks(config)
-    _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, pairs=True)
+    _check_task_selection(config)
+    # a copied space's towers are the source run's, and its align stage does not run
+    paired = [m.value for m in Modality] if _space_copied(config) else list(config.model.towers)
+    _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, paired)
     if config.decoder is not None:
         _check_metric("decoder.train", config.decoder.train.early_stop_metric, DECODER_METRICS)
 
 
-def _check_metric(where: str, name: str, known: tuple[str, ...], pairs: bool = False) -> None:
+def _check_metric(where: str, name: str, known: tuple[str, ...], paired: list[str] | None = None) -> None:
     """A metric validation never reports was a warning at the first evaluation (168 steps into the
-    demo), and then no best checkpoint was kept nor early stop made."""
+    demo), and then no best checkpoint was kept nor early stop made. Validation reports each
+    ordered pair of the `paired` modalities' recall@1 (`pairwise_report` names it "image→text")."""
     bare = name.removeprefix("val/")
-    if bare not in known and not (pairs and _PAIR_RECALL.fullmatch(bare)):
-        extra = " or a pair's, e.g. image→text/recall@1" if pairs else ""
-        raise ConfigError(f"{where}.early_stop_metric {name!r} is not a validation metric of this stage "
-                          f"(valid: {', '.join(known)}{extra})")
+    pair = _PAIR_RECALL.fullmatch(bare) if paired is not None else None
+    if bare in known or (pair and pair[1] != pair[2] and {pair[1], pair[2]} <= set(paired)):
+        return
+    extra = ""
+    if paired is not None and len(paired) > 1:
+        extra = f", or a pair's of model.towers ({', '.join(paired)}), e.g. {paired[0]}→{paired[1]}/recall@1"
+    raise ConfigError(f"{where}.early_stop_metric {name!r} is not a validation metric of this stage "
+                      f"(valid: {', '.join(known)}{extra})")
 
 
 def _check_towers(config: Config) -> None:
@@ -70,6 +79,33 @@ def _check_towers(config: Config) -> None:
     if unknown:
         raise ConfigError(f"model.init_towers: {', '.join(map(repr, unknown))} is not one of model.towers "
                           f"({', '.join(model.towers)})")
+
+
+def _space_copied(config: Config) -> bool:
+    """With a decoder, model.init_from's whole space is copied in, not trained (train/__init__.py)."""
+    return config.decoder is not None and config.model.init_from is not None
+
+
+def _check_copied_space(config: Config) -> None:
+    """A copied space is the source run's model section: a tower of this config's own it lacks was
+    found after the copy ("this model has no audio tower"), and init_towers was ignored."""
+    if not _space_copied(config):
+        return
+    from mmembed.config import load_config
+
+    model, source = config.model, Path(config.model.init_from) / "config.yaml"
+    try:
+        theirs = list(load_config(source).model.towers) if source.is_file() else None
+    except UserError:  # an old or odd config.yaml: copy_space says what it lacks
+        theirs = None
+    fix = "first in a run without the decoder section, and copy that run"
+    if lacking := [t for t in model.towers if theirs is not None and t not in theirs]:
+        raise ConfigError(f"model.towers: {', '.join(lacking)} is not a tower of model.init_from {model.init_from} "
+                          f"(it has: {', '.join(theirs)}), and a decoder config copies that space whole: drop it from "
+                          f"model.towers, or train it {fix}")
+    if model.init_towers is not None:
+        raise ConfigError(f"model.init_towers: a decoder config copies model.init_from's whole space, so "
+                          f"init_towers={model.init_towers} picks nothing: remove it, or bind new towers {fix}")
 
 
 def _check_tower_arguments(name: str, tower: TowerConfig) -> None:
@@ -111,6 +147,30 @@ def _check_decoder_tasks(config: Config) -> None:
         if unknown := sorted(set(tasks) - set(known)):
             raise ConfigError(f"decoder.data.{key}: {', '.join(map(repr, unknown))} is not a task of the instruction "
                               f"rows (their tasks: {', '.join(sorted(known))})")
+    # every row of the world has a task (a manifest's may not: those keep weight 1)
+    if data.tasks is None and config.data.synth is not None and known and all(
+            data.task_weights.get(t) == 0 for t in known):
+        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of the instruction rows: "
+                          "give one a weight > 0")
+
+
+def _check_task_selection(config: Config) -> None:
+    """Rows are selected by task before they are weighted: a selection that kept no row, or a
+    weight for a task left out, failed after the align stage had trained."""
+    if config.decoder is None:
+        return
+    tasks, weights = config.decoder.data.tasks, config.decoder.data.task_weights
+    if tasks is None:
+        return
+    if not tasks:
+        raise ConfigError("decoder.data.tasks: [] keeps no row: name the tasks to keep, or null for all")
+    if unselected := sorted(set(weights) - set(tasks)):
+        raise ConfigError(f"decoder.data.task_weights: {', '.join(map(repr, unselected))} is not one of "
+                          f"decoder.data.tasks ({', '.join(tasks)}), whose rows are the only ones kept: weigh those, "
+                          "or add it to decoder.data.tasks")
+    if all(weights.get(t) == 0 for t in tasks):
+        raise ConfigError(f"decoder.data.task_weights {weights} drops every task of decoder.data.tasks "
+                          f"({', '.join(tasks)}): give one a weight > 0")
 
 
 def _check_same_space(config: Config) -> None:
@@ -146,9 +206,25 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _check_loss(config: Config) -> None:
+    """A loss that pairs none of the towers ("the loss trains no modality pair") was found after
+    the world was generated and the tokenizer trained."""
     from mmembed.losses import build_loss
 
-    build_loss(config.loss)  # its anchor and pair weights name modalities, each pair once
+    loss = build_loss(config.loss)  # its anchor and pair weights name modalities, each pair once
+    if _space_copied(config):  # no align stage: the loss trains nothing
+        return
+    towers = [Modality.parse(name) for name in config.model.towers]
+    if loss.pairs(towers):
+        return
+    have = ", ".join(config.model.towers) or "none"
+    if len(towers) < 2:
+        raise ConfigError(f"model.towers: a contrastive space needs at least two towers, got {len(towers)} ({have}): "
+                          "add one, or copy a trained space with model.init_from and a decoder section")
+    if loss.anchor is not None and loss.anchor not in towers:
+        raise ConfigError(f"loss.anchor {loss.anchor.value!r} is not one of model.towers ({have}), so the loss "
+                          "trains no modality pair: anchor one of them")
+    raise ConfigError(f"loss.pair_weights {dict(config.loss.pair_weights)} switch off every pair of model.towers "
+                      f"({have}), so the loss trains none: give one a weight > 0")
 
 
 def _check_sources(config: Config) -> None:

@@ -93,6 +93,15 @@ def test_text_pools_differ_and_errors():
         _text(pool="cls", causal=True)
 
 
+@pytest.mark.parametrize("size", ["vocab_size", "width", "layers", "heads", "max_len"])
+@pytest.mark.parametrize("value", [-1, 0])
+def test_text_sizes_out_of_range_are_one_line(size, value):
+    # width=-1 was a RuntimeError ("negative dimension -1") from nn.Embedding, not a ValueError
+    args = {"vocab_size": 50, "width": 32, "layers": 1, "heads": 4, "max_len": 16, size: value}
+    with pytest.raises(ValueError, match=f"^{size} must be an integer >= 1, got {value}$"):
+        TextTransformer(**args)
+
+
 @pytest.mark.parametrize(
     "positional,pool,stem",
     [("learned", "cls", "patch"), ("sinusoidal", "mean", "patch"), ("sinusoidal_2d", "cls", "patch"),
