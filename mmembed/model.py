@@ -194,11 +194,11 @@ class Model:
         Raises:
             UserError: the run has no decoder. BadInput naming the segment: an empty prompt,
             unreadable media, a vector of the wrong shape/dtype/device or with NaN; a prompt
-            longer than the context (without a window), or a windowed decoder with learned
-            positions asked to go past it. ValueError: invalid sampling arguments.
+            longer than the context of a decoder that does not slide past it (no window, or learned
+            positions). ValueError: invalid sampling arguments.
         """
         from mmembed.decoder import generate as run_batch
-        from mmembed.decoder.generate import seeded
+        from mmembed.decoder.generate import check_prompts_fit, seeded
         from mmembed.decoder.score import check_best_of
         from mmembed.decoder.score import best_of as best_of_n
 
@@ -209,6 +209,8 @@ class Model:
             outs = best_of_n(pm.lm, pm.fmt, prompts, best_of, max_new_tokens, *args, seed, self.device,
                              self._answer_embedder(rerank_weight), scale, rerank_weight)
             return outs if batch else outs[0]
+        if len(prompts) > 64:  # before the first chunk runs, naming a prompt by its place in the whole list
+            check_prompts_fit(pm.lm, pm.fmt, prompts)
         outs, generator = [], seeded(seed, self.device)  # one stream of draws over the chunks
         for start in range(0, len(prompts), 64):
             outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, generator, self.device)

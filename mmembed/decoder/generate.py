@@ -134,7 +134,9 @@ class _Row:
             return
         self._text_ids.append(token)
         out.text = self.fmt.decode(self._text_ids)
-        cut = self.stops.cut(out.text)
+        # not in a trailing U+FFFD: the start of a character whose next bytes are still to come (a
+        # stop string "\ufffd" stopped at every character split over tokens, "é" among them)
+        cut = self.stops.cut(out.text.rstrip("\ufffd"))
         if cut is not None:
             out.text, out.finish_reason, self.done = out.text[:cut], "stop", True
 
@@ -243,14 +245,11 @@ def answer_room(context: float, longest: int) -> float:
 def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     """New tokens to generate after a prompt of `longest` tokens: all of them past the context for
     a sliding decoder; otherwise the context caps prompt + answer (`answer_room`; a warning when it
-    cuts)."""
+    cuts), a window with learned positions too (it refused: "sliding past the context ...")."""
     context = decoder.max_len
     _check_fits(decoder, longest)
     check_max_new_tokens(max_new_tokens)
-    if decoder.window is not None and max_new_tokens > answer_room(context, longest):
-        if not decoder.slides:
-            raise BadInput(f"sliding past the {context}-token context needs rotary or sinusoidal positions; "
-                           "this decoder has learned ones")
+    if decoder.slides:
         return max_new_tokens
     steps = min(max_new_tokens, int(answer_room(context, longest)))
     if steps < max_new_tokens:
@@ -258,9 +257,20 @@ def _steps(decoder: Decoder, longest: int, max_new_tokens: int) -> int:
     return steps
 
 
+def check_prompts_fit(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved]) -> list[int] | None:
+    """BadInput naming the longest prompt (its index in `prompts`) when it outgrows the context
+    of a decoder that does not slide; the prompts' lengths in tokens, or None for one that slides."""
+    if lm.decoder.slides:
+        return None
+    lengths = [fmt.length(p.parts) for p in prompts]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    _check_fits(lm.decoder, lengths[longest], longest if len(prompts) > 1 else None)
+    return lengths
+
+
 def _check_fits(decoder: Decoder, longest: int, which: int | None = None) -> None:
     """BadInput unless a prompt of `longest` tokens fits the context (`which`: its index in a batch)."""
-    if decoder.window is None and longest > decoder.max_len:
+    if not decoder.slides and longest > decoder.max_len:
         prompt = "prompt" if which is None else f"prompt {which}"
         raise BadInput(f"{prompt} of {longest} tokens exceeds the decoder's context of {decoder.max_len} tokens "
                        "(shorten it, or train with a larger decoder.context)")
@@ -325,11 +335,8 @@ def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_n
     in turn (the same seed for each would give their first rows the same draws)."""
     check_max_new_tokens(max_new_tokens)
     batches = [list(range(len(prompts)))]
-    if lm.decoder.window is None and len(prompts) > 1:
-        lengths = [fmt.length(p.parts) for p in prompts]
-        longest = max(range(len(lengths)), key=lengths.__getitem__)
-        _check_fits(lm.decoder, lengths[longest], longest)  # before any batch runs, naming the prompt
-        batches = room_batches(lengths, lm.decoder.max_len, max_new_tokens)
+    if len(prompts) > 1 and (lengths := check_prompts_fit(lm, fmt, prompts)) is not None:
+        batches = room_batches(lengths, lm.decoder.max_len, max_new_tokens)  # before any batch runs
     out: dict[int, Generation] = {}
     generator = seeded(seed, device)
     for batch in batches:
@@ -363,8 +370,9 @@ class StreamedToken:
     """One generated token as `stream_tokens` reports it.
 
     `text` is the answer text this token releases: empty while it ends in an incomplete UTF-8
-    character or could start a stop string (the next tokens release it), and for <eos> or a stop
-    id. The texts of a stream join to the answer's `Generation.text`; `logprob` and `entropy`
+    character or could start a stop string (the next tokens release it); the last token, <eos> or
+    a stop id included, carries whatever was held back. The texts of a stream join to the answer's
+    `Generation.text`; `logprob` and `entropy`
     (nats) are those of `Generation.logprobs` / `Generation.entropy` at this step.
     """
 

@@ -285,7 +285,8 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
         elif isinstance(prompt, (list, tuple)):
             segments = list(prompt)
         else:
-            raise BadInput(f"prompt {p}: expected a str, a segment or a list of segments, got {type(prompt).__name__}")
+            raise BadInput(f"{f'prompt {p}' if many else 'prompt'}: expected a str, a segment or a list of segments, "
+                           f"got {type(prompt).__name__}")
         own_parts: list[str | Slot] = []
         own_slots: list[Tensor | None] = []
         for i, seg in enumerate(segments):

@@ -114,10 +114,12 @@ def test_a_prompt_of_one_segment_or_of_no_kind_at_all():
         (one,) = resolve_prompts([alone], fake_embed, DIM, CPU)
         (listed,) = resolve_prompts([[alone]], fake_embed, DIM, CPU)
         assert one.parts == listed.parts and torch.equal(one.vectors, listed.vectors)
-    for bad in (None, 5, {"text": "hi"}):
-        with pytest.raises(BadInput, match=f"^prompt 0: expected a str, a segment or a list of segments, "
+    for bad in (None, 5, {"text": "hi"}):  # one prompt is "prompt", as in every other message (it was "prompt 0")
+        with pytest.raises(BadInput, match=f"^prompt: expected a str, a segment or a list of segments, "
                                            f"got {type(bad).__name__}$"):
             resolve_prompts([bad], fake_embed, DIM, CPU)
+        with pytest.raises(BadInput, match="^prompt 1: expected a str"):
+            resolve_prompts(["fine", bad], fake_embed, DIM, CPU)
 
 
 def test_media_vectors_follow_prompt_order_and_vectors_are_normalised():

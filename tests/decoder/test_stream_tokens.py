@@ -99,3 +99,24 @@ def test_a_stop_string_ending_in_a_multibyte_character_is_never_streamed(monkeyp
     tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, len(script), Sampling(), stop, None, CPU))
     assert (out.text, out.finish_reason) == ("z", "stop")
     assert "".join(pieces) == "z" and "".join(t.text for t in tokens) == "z"
+
+
+def test_a_stop_string_of_the_replacement_character_waits_for_a_character_to_end(monkeypatch):
+    """stop="\ufffd" stopped at the first byte of any character split over tokens ("é" of "héllo"):
+    the answer was "h", although "héllo" holds no U+FFFD; an undecodable byte still stops it."""
+    import sys
+
+    from mmembed.decoder.sampling import Choice
+
+    pm = prompt_model()
+    tok = pm.fmt.tokenizer
+    byte_ids = lambda data: [tok.encode_bytes(bytes([b]))[0] for b in data]  # noqa: E731
+    generate_module = sys.modules["mmembed.decoder.generate"]
+    (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
+    for script, text, reason in [(byte_ids("h\u00e9llo".encode()), "h\u00e9llo", "length"),
+                                 (byte_ids(b"ok\xff then"), "ok", "stop")]:
+        ids = iter(script)
+        monkeypatch.setattr(generate_module, "choose", lambda logits, sampling, generator=None: Choice(
+            torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
+        (out,) = generate(pm.lm, pm.fmt, [resolved], len(script), Sampling(), Stops(("\ufffd",)), None, CPU)
+        assert (out.text, out.finish_reason) == (text, reason)

@@ -289,17 +289,21 @@ def test_without_a_window_the_context_errors_are_unchanged(caplog):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_learned_positions_cannot_slide_past_the_context():
+def test_learned_positions_cap_the_answer_at_the_context_as_without_a_window(caplog):
+    """A window with learned positions (a GPT-2 given one) refused any answer that would run past
+    the context ("sliding past the 32-token context needs rotary ..."), where the same decoder
+    without a window answers, capped: it now caps too, and a prompt past the context is refused
+    as without a window."""
     pm = prompt_model("learned", window=8, context=32)
     (resolved,) = resolve_prompts([PROMPTS[0]], fake_embed, DIM, CPU)
-    message = "^sliding past the 32-token context needs rotary or sinusoidal positions; this decoder has learned ones$"
-    with pytest.raises(BadInput, match=message):
-        generate(pm.lm, pm.fmt, [resolved], 40, Sampling(), Stops(), None, CPU)
-    with pytest.raises(BadInput, match=message):
+    (out,) = generate(pm.lm, pm.fmt, [resolved], 40, Sampling(1.0), Stops(), 1, CPU)
+    room = 32 + 1 - pm.fmt.length(resolved.parts)
+    assert 1 <= len(out.token_ids) <= room < 40 and f"capped at {room} new tokens" in caplog.text
+    with pytest.raises(BadInput, match=r"^prompt of 48 tokens exceeds the decoder's context of 32 tokens"):
         generate(pm.lm, pm.fmt, resolve_prompts([LONG], fake_embed, DIM, CPU), 1, Sampling(), Stops(), None, CPU)
-    (out,) = generate(pm.lm, pm.fmt, [resolved], 32 - 14, Sampling(1.0), Stops(), 1, CPU)  # within: fine
-    assert 1 <= len(out.token_ids) <= 18
-
+    two = resolve_prompts([PROMPTS[0], LONG], fake_embed, DIM, CPU)
+    with pytest.raises(BadInput, match=r"^prompt 1 of 48 tokens exceeds"):  # named by its place in the batch
+        generate(pm.lm, pm.fmt, two, 1, Sampling(), Stops(), None, CPU)
 
 
 def test_instruction_evaluation_caps_answers_of_a_window_decoder_with_learned_positions():
