@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import numbers
 from collections.abc import Sequence
@@ -295,19 +296,40 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
 
 
 def _check_json_out(out: Path, inputs: list[Path], run: Path) -> None:
-    """UserError unless the report can go to `out`: not a folder, not under a file, and not one of
-    the files it is made from (a manifest, or the run's own files: the weights were overwritten)."""
-    from mmembed.model import TOKENIZER
-    from mmembed.train.queries import QUERY_INFO
+    """UserError unless the report can go to `out`: not a folder, not under a file, not one of the
+    files it is made from (a manifest: it was overwritten after the work), and, in the run folder,
+    nothing under checkpoints/ and no existing file but an earlier report (trainer.json was replaced
+    silently, and --resume broke)."""
+    from mmembed.train.run_dir import CHECKPOINTS
 
     check_output_file(out, "--json")  # before the evaluation, not after it
-    target = out.resolve()
-    # in the run folder, a report may replace an earlier report, never the run's own files
-    run_file = (target.is_file() and target.is_relative_to(run.resolve())
-                and (target.suffix != ".json" or target.name in (TOKENIZER, QUERY_INFO)))
-    if run_file or any(target == p.resolve() for p in inputs):
-        raise UserError(f"--json {out} would overwrite an input of this evaluation (a manifest or one of the "
-                        "run's files); name another file")
+    target, run = out.resolve(), run.resolve()
+    if any(target == p.resolve() for p in inputs):
+        raise UserError(f"--json {out} would overwrite an input of this evaluation (a manifest); name another file")
+    if not target.is_relative_to(run):
+        return
+    if CHECKPOINTS in target.relative_to(run).parts:  # --resume reads every file of a checkpoint
+        raise UserError(f"--json {out} is inside the run's {CHECKPOINTS}/ folder, which --resume reads; "
+                        "name a file outside it")
+    if target.is_file() and not _is_report(target):  # a report may replace an earlier report only
+        raise UserError(f"--json {out} would overwrite an input of this evaluation (one of the run's files, "
+                        "not an eval report); name another file")
+
+
+_REPORT_KEYS = ({"ks", "pairs"}, {"tasks", "answers"})  # manifest_report's, instruction_report's
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds a report `mmembed eval --json` wrote: one of the two, or both by name."""
+    if path.suffix != ".json":  # unread: it may be the run's weights, gigabytes of them
+        return False
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    both = isinstance(report, dict) and report and set(report) <= {"retrieval", "instructions"}
+    parts = list(report.values()) if both else [report]
+    return all(isinstance(part, dict) and any(keys <= part.keys() for keys in _REPORT_KEYS) for part in parts)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

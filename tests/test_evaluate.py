@@ -183,3 +183,27 @@ def test_zero_shot_labels_are_unique_non_blank_names(labels):
 
     with pytest.raises(UserError, match="zero-shot labels must be"):
         check_labels(labels)
+
+
+def test_a_json_report_never_replaces_a_run_file_nor_goes_under_checkpoints(tmp_path):
+    """--json RUN/checkpoints/step_N/trainer.json (then --resume broke) or RUN/demo.json was silently replaced."""
+    from mmembed.evaluate import _check_json_out
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    (step / "trainer.json").write_text(json.dumps({"optimizer": {}, "progress": {}, "python_rng": []}))
+    (run / "demo.json").write_text(json.dumps({"test": {}, "heldout": {}}))
+    for out, why in [(step / "trainer.json", "inside the run's checkpoints/ folder"),
+                     (step / "report.json", "inside the run's checkpoints/ folder"),
+                     (run / "demo.json", "one of the run's files, not an eval report")]:
+        with pytest.raises(UserError, match=why) as refused:
+            _check_json_out(out, [], run)
+        assert str(out) in str(refused.value) and "\n" not in str(refused.value)
+    retrieval, instructions = {"ks": [1], "pairs": {}}, {"tasks": {}, "answers": []}
+    for name, earlier in [("r.json", retrieval), ("i.json", instructions),
+                          ("b.json", {"retrieval": retrieval, "instructions": instructions})]:
+        (run / name).write_text(json.dumps(earlier))
+        _check_json_out(run / name, [], run)  # an earlier report may be replaced
+    _check_json_out(run / "new.json", [], run)
+    _check_json_out(tmp_path / "demo.json", [], run)  # outside the run: the user's own file

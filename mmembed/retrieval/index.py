@@ -32,7 +32,7 @@ from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read
 from mmembed.retrieval.hits import Hit
 from mmembed.retrieval.persist import metadata_json, read_index, write_index
 from mmembed.retrieval.query import Query
-from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
+from mmembed.retrieval.store import VectorStore, check_vectors, copied, storage_dtype
 
 log = logging.getLogger(__name__)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -130,20 +130,26 @@ class Index:
 
     # ---- items -------------------------------------------------------------------------------
 
-    def add(self, vectors: Tensor, modality: Modality | str, metadata: Sequence[dict[str, Any]] | None = None
-            ) -> list[int]:
+    def add(self, vectors: Tensor, modality: Modality | str,
+            metadata: Sequence[dict[str, Any]] | dict[str, Any] | None = None) -> list[int]:
         """Add (N, D) vectors of one modality; returns their new stable ids.
 
+        `metadata` is one dict per row (a lone dict for a single vector); the index keeps copies.
         Rows are normalised to unit length (rows already unit-norm are stored as given).
         Raises BadInput (a ValueError) naming the row for NaN/Inf or zero rows and for a
         wrong dimension; nothing is added then.
         """
         modality = Modality.parse(modality)
         v = check_vectors(vectors, self.dim)  # (N, D) float32
+        if isinstance(metadata, dict):  # list() of it made its keys the rows ("metadata[0] must be a dict, got str")
+            if v.shape[0] != 1:
+                raise UserError(f"metadata is one dict for {v.shape[0]} vectors; give a list of dicts, one per vector")
+            metadata = [metadata]
         meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
         for i, m in enumerate(meta):  # what a save cannot write is refused now, not at the save
             if isinstance(m, dict):
                 metadata_json(m, f"metadata[{i}]")
+                meta[i] = copied(m)  # the caller's nested lists, changed later, would change the index
         return self._store.append(v, modality, meta)
 
     def remove(self, ids: int | Iterable[int]) -> None:
@@ -192,14 +198,15 @@ class Index:
         store = self._store
         alive = store.alive.nonzero().squeeze(1).tolist()
         return (store.vectors[alive].float(), [store.modality_of(r) for r in alive],
-                [dict(store.metadata[r]) for r in alive])
+                [copied(store.metadata[r]) for r in alive])  # copies: an edit never reaches the index
 
     def vector(self, item_id: int) -> Tensor:
         """The stored (D,) vector of an item, as float32."""
         return self._store.vectors[self._store.row_of(item_id)].float().clone()
 
     def metadata(self, item_id: int) -> dict[str, Any]:
-        return dict(self._store.metadata[self._store.row_of(item_id)])
+        """A copy of an item's metadata (nested values too: editing it leaves the index as it was)."""
+        return copied(self._store.metadata[self._store.row_of(item_id)])
 
     # ---- search ------------------------------------------------------------------------------
 
@@ -232,7 +239,8 @@ class Index:
     def search_ids(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
                    k: int = 10, filter: Filter = None, model: Any = None) -> tuple[Tensor, Tensor]:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
-        float32, best first; an id of -1 pads a row that came up short (approximate backends)."""
+        float32, best first, k' = min(k, eligible items) (an id of -1 would pad a backend's short answer;
+        the FAISS backends complete theirs by an exact scan)."""
         scores, rows = self._search_rows(queries, target, k, filter, model)
         return torch.from_numpy(self._store.ids_of_rows(rows)), torch.from_numpy(scores)
 
@@ -299,7 +307,7 @@ class Index:
         store = self._store
         safe = np.maximum(rows, 0)
         ids, modalities = store.ids_of_rows(safe).tolist(), store.modalities_of(safe)
-        return [[Hit(i, s, m, dict(store.metadata[r])) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
+        return [[Hit(i, s, m, copied(store.metadata[r])) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
                 for s_row, r_row, i_row, m_row in zip(scores.tolist(), rows.tolist(), ids, modalities)]
 
     # ---- persistence -------------------------------------------------------------------------

@@ -296,6 +296,7 @@ _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "fingerprint": (str, type(None)), "vectors_sha256": str,
 }
 _OPTIONAL = ("backend_args", "info", "fingerprint", "vectors_sha256")
+_INFO_PATHS = ("run_dir", "manifest")  # the paths `info` may hold
 
 
 def _check_header(header: Any, directory: Path) -> None:
@@ -303,8 +304,8 @@ def _check_header(header: Any, directory: Path) -> None:
                 "metadata_sha256")
     if not isinstance(header, dict) or any(k not in header for k in required):
         raise CheckpointError(f"{directory / HEADER}: not an mmembed index header (needs {', '.join(required)})")
-    if header["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: index format {header['format']} is not supported "
+    if header["format"] != FORMAT_VERSION or isinstance(header["format"], bool):  # "1" printed as 1
+        raise CheckpointError(f"{directory}: index format {header['format']!r} is not supported "
                               f"(this mmembed reads format {FORMAT_VERSION})")
     for key, kinds in _HEADER_TYPES.items():
         if key not in header and key in _OPTIONAL:
@@ -313,6 +314,10 @@ def _check_header(header: Any, directory: Path) -> None:
         if not isinstance(value, kinds) or isinstance(value, bool) or (kinds is int and value < 0):
             raise CheckpointError(f"{directory / HEADER}: field {key!r} is {value!r}, not a valid "
                                   f"{' or '.join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))}")
+    for key in _INFO_PATHS:  # `mmembed search` and `serve` open them: a number was a TypeError traceback there
+        value = header.get("info", {}).get(key)
+        if not isinstance(value, (str, type(None))):
+            raise CheckpointError(f"{directory / HEADER}: field 'info.{key}' is {value!r}, not a path (str)")
     if header["next_id"] < header["count"]:
         raise CheckpointError(f"{directory / HEADER}: next_id {header['next_id']} is below the item count "
                               f"{header['count']}: new items would reuse ids")

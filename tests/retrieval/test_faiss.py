@@ -96,33 +96,34 @@ def test_ivf_with_every_cell_probed_is_exact():
     assert ids(ivf.search_batch(q, k=10)) == ids(exact.search_batch(q, k=10))
 
 
-def test_short_answers_are_minus_one_rows_with_minus_inf_scores():
-    """IVF probing one of five cells cannot fill k = 100 from 200 rows: the rest is padding."""
+def test_short_answers_are_rescanned_exactly():
+    """IVF probing one of five cells cannot fill k = 100 from 200 rows: those answers (padded with -1
+    before) are the exact scan's."""
     store = VectorStore(32)
     store.append(unit(200, 32, 11), Modality.IMAGE, [{}] * 200)
-    backend = BACKENDS["faiss_ivf"](nprobe=1)
-    scores, rows = backend.search(store, unit(4, 32, 12).numpy(), 100, None)  # (4, 100)
-    short = rows < 0
-    assert short.any() and (~short).any()
-    assert np.isneginf(scores[short]).all() and np.isfinite(scores[~short]).all()
+    q = unit(4, 32, 12).numpy()
+    scores, rows = BACKENDS["faiss_ivf"](nprobe=1).search(store, q, 100, None)  # (4, 100)
+    truth_scores, truth_rows = ExactBackend().search(store, q, 100, None)
+    assert np.array_equal(rows, truth_rows) and np.allclose(scores, truth_scores, atol=1e-6)
     assert rows.dtype == np.int64 and scores.dtype == np.float32
 
 
 @pytest.mark.parametrize("n_queries", [1, 4])
-def test_search_ids_pads_short_answers_with_minus_one_ids(n_queries):
-    """Through `Index.search_ids`: the padding rows map to id -1 (never to the id of the buffer's
-    last slot), and every other id is the stored item's id, not its row position."""
+def test_search_ids_fills_short_answers_with_stored_ids(n_queries):
+    """Through `Index.search_ids`: every answer is full, and every id is the stored item's id, not
+    its row position."""
     idx = Index(32, backend="faiss_ivf", nprobe=1)
     idx.add(unit(200, 32, 11), "image")
     idx.remove(list(range(0, 200, 7)))  # ids and row positions differ once the store compacts
     idx.compact()
     q = unit(n_queries, 32, 12)
     found, scores = idx.search_ids(q, k=100)
-    short = found < 0
-    assert short.any() and (~short).any()
-    assert torch.isneginf(scores[short]).all() and torch.isfinite(scores[~short]).all()
-    assert [[i for i in row if i >= 0] for row in found.tolist()] == ids(idx.search_batch(q, k=100))
-    assert all(i % 7 for i in found[~short].tolist())  # removed ids never come back
+    assert found.shape == (n_queries, 100) and bool((found >= 0).all()) and torch.isfinite(scores).all()
+    assert found.tolist() == ids(idx.search_batch(q, k=100))
+    assert all(i % 7 for i in found.flatten().tolist())  # removed ids never come back
+    stored = torch.stack([idx.vector(i) for i in idx.ids()])  # (N, D)
+    truth = torch.tensor(idx.ids())[torch.topk(q @ stored.T, 100).indices]
+    assert found.tolist() == truth.tolist()
 
 
 def test_search_options_changed_between_searches_take_effect():
@@ -209,3 +210,18 @@ def test_hnsw_recall_100k_512_isotropic_random():
     hnsw.add(x, "image")
     r = recall(ids(hnsw.search_batch(q, k=10)), ids(exact.search_batch(q, k=10)))
     assert r >= 0.95, r
+
+
+@pytest.mark.parametrize("backend", ["faiss_hnsw", "faiss_ivf"])
+def test_k_at_least_n_returns_every_eligible_item(backend, no_brute_force):
+    """k >= N came back short (HNSW 979 of 1,000 rows, IVF 656): a short answer is rescanned exactly."""
+    idx = filled(backend, n=1000)
+    q = unit(3, 32, 5)
+    for hits in idx.search_batch(q, k=1010):
+        assert sorted(h.id for h in hits) == list(range(1000))
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    idx.remove(range(0, 1000, 10))  # tombstones: the selector path
+    ids, scores = idx.search_ids(q, k=1000, target="text")
+    eligible = [i for i in range(500, 1000) if i % 10]
+    assert ids.shape == (3, len(eligible)) and all(sorted(row) == eligible for row in ids.tolist())
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())

@@ -339,3 +339,30 @@ def test_finite_rows_of_any_scale_become_unit_rows(scale):
     idx.add(x * scale, "image")
     hits = idx.search(x[0], k=1)
     assert hits[0].id == 0 and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_metadata_is_copied_in_and_out_down_to_its_nested_values(tmp_path):
+    """Hits, metadata() and items() shared nested values with the index (an edit changed later filters
+    and the next save), and the caller's list, appended to after add(), made the save fail late."""
+    idx = Index(D)
+    objects = [{"colour": "red"}]
+    idx.add(unit(2, 0), "image", [{"objects": objects, "tags": ["a"]}, {"objects": [{"colour": "blue"}]}])
+    objects.append({"colour": b"bytes"})  # after add: no save can write bytes
+    idx.search(idx.vector(0), k=1)[0].metadata["objects"][0]["colour"] = "green"
+    idx.metadata(0)["objects"][0]["colour"] = "green"
+    idx.items()[2][0]["tags"].append("b")
+    original = {"objects": [{"colour": "red"}], "tags": ["a"]}
+    assert idx.metadata(0) == original
+    red = idx.search(idx.vector(1), k=5, filter=lambda m: m["objects"][0]["colour"] == "red")
+    assert [h.id for h in red] == [0]
+    assert Index.load(idx.save(tmp_path / "ix")).metadata(0) == original
+
+
+def test_a_lone_metadata_dict_goes_with_one_vector_and_is_named_for_several():
+    """A dict for one (D,) vector said "metadata[0] must be a dict, got str" (its keys were taken as the rows)."""
+    idx = Index(D)
+    assert idx.add(unit(1, 0)[0], "image", {"label": "s1", "n": 2}) == [0]
+    assert idx.metadata(0) == {"label": "s1", "n": 2}
+    with pytest.raises(UserError, match="one dict for 2 vectors; give a list of dicts, one per vector"):
+        idx.add(unit(2, 1), "image", {"label": "s1"})
+    assert len(idx) == 1

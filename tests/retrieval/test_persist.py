@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -126,7 +127,8 @@ def test_saving_under_a_file_is_one_line(tmp_path):
 
 def test_unserialisable_metadata_names_the_item(tmp_path):
     """Refused when added (it was accepted, and the index then could not be saved until the item
-    was removed); a save still refuses what was changed in place since."""
+    was removed); the caller's value changed in place since does not reach the index (it made the
+    save fail), and a save still refuses what the store holds that it cannot write."""
     idx = Index(4)
     for bad in ({"bad": object()}, {"raw": b"bytes"}, {"note": "\ud800 bad"}):
         with pytest.raises(UserError, match=r"metadata\[2\] (cannot be saved as JSON|holds a lone surrogate)"):
@@ -135,6 +137,8 @@ def test_unserialisable_metadata_names_the_item(tmp_path):
     inner = ["fine"]
     idx.add(torch.eye(4), "image", [{}, {}, {"notes": inner}, {}])
     inner.append(object())
+    assert Index.load(idx.save(tmp_path / "ix")).metadata(2) == {"notes": ["fine"]}
+    idx._store.metadata[2]["notes"].append(object())  # added metadata is copied: only the store's own can change
     with pytest.raises(UserError, match="metadata of item 2"):
         idx.save(tmp_path / "ix")
 
@@ -197,9 +201,8 @@ def test_lone_surrogate_is_refused_and_the_old_index_kept(tmp_path):
     build().save(tmp_path / "ix")
     before = searches(Index.load(tmp_path / "ix"))
     idx = Index(4)
-    captions = ["ok"]
-    idx.add(torch.eye(4), "text", [{}, {"caption": "ok \U0001f600"}, {"captions": captions}, {}])
-    captions.append("cut \udc80 here")  # changed in place after the add, which checked it
+    idx.add(torch.eye(4), "text", [{}, {"caption": "ok \U0001f600"}, {"captions": ["ok"]}, {}])
+    idx._store.metadata[2]["captions"].append("cut \udc80 here")  # changed in place after the add, which checked it
     with pytest.raises(UserError, match=r"metadata of item 2 holds a lone surrogate U\+DC80"):
         idx.save(tmp_path / "ix")
     assert searches(Index.load(tmp_path / "ix")) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
@@ -363,3 +366,23 @@ def test_an_index_and_a_weights_file_under_a_name_of_undecodable_bytes_load(tmp_
     weights = {"w": torch.arange(6.0).reshape(2, 3)}
     save_tensors(folder / "model.safetensors", weights)
     assert torch.equal(load_tensors(folder / "model.safetensors")["w"], weights["w"])
+
+
+@pytest.mark.parametrize("field, value, said", [("info", {"run_dir": 5}, "field 'info.run_dir' is 5, not a path"),
+                                                ("info", {"manifest": ["m"]}, "field 'info.manifest' is ['m'], not"),
+                                                ("format", "1", "index format '1' is not supported")])
+def test_a_header_with_a_non_string_path_or_format_says_what_it_holds(tmp_path, capsys, field, value, said):
+    """info.run_dir 5 loaded, then `mmembed search` was a TypeError traceback; format "1" was printed as 1."""
+    from mmembed.cli import main
+
+    ix = Index(4)
+    ix.add(torch.nn.functional.normalize(torch.randn(3, 4), dim=-1), "image")
+    ix.save(tmp_path / "ix")
+    header = json.loads((tmp_path / "ix" / "index.json").read_text())
+    header[field] = value
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match=re.escape(said)):
+        Index.load(tmp_path / "ix")
+    assert main(["search", str(tmp_path / "ix"), "--text", "a red star"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1
