@@ -30,18 +30,18 @@ from mmembed.modality import Modality
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
 
 
-def manifest_kinds(path: Path) -> tuple[set[str], set[str]]:
-    """The tasks an instruction manifest's rows name, and the modalities their prompts show (a
-    quick read: no path is resolved, no row checked)."""
-    tasks, media = set(), set()
+def manifest_kinds(path: Path) -> dict[str | None, set[frozenset[str]]]:
+    """Each task an instruction manifest's rows name (None: rows without one), with the sets of
+    modalities their prompts show (a quick read: no path is resolved, no row checked)."""
+    kinds: dict[str | None, set[frozenset[str]]] = {}
     for _, row in read_jsonl_records(path):
         if isinstance(row, dict):
-            if row.get("task") is not None:
-                tasks.add(str(row["task"]))
+            task = None if row.get("task") is None else str(row["task"])
             prompt = row.get("prompt")
-            media |= {str(k) for seg in prompt if isinstance(seg, dict) for k in seg} if isinstance(prompt, list) \
+            media = {str(k) for seg in prompt if isinstance(seg, dict) for k in seg} if isinstance(prompt, list) \
                 else set()
-    return tasks, media
+            kinds.setdefault(task, set()).add(frozenset(media))
+    return kinds
 
 
 @dataclass(frozen=True)

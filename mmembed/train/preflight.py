@@ -36,7 +36,6 @@ def check_config(config: Config, resume: bool = False) -> None:
         _check_token_ids(config)
     _check_world_splits(config)
     _check_decoder_tasks(config)
-    _check_task_selection(config)
     # a copied space's towers are the source run's, and its align stage does not run
     paired = [m.value for m in Modality] if _space_copied(config) else list(config.model.towers)
     _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, paired)
@@ -87,25 +86,25 @@ def _space_copied(config: Config) -> bool:
 
 
 def _check_copied_space(config: Config) -> None:
-    """A copied space is the source run's model section: a tower of this config's own it lacks was
-    found after the copy ("this model has no audio tower"), and init_towers was ignored."""
+    """A copied space is the source run's model section, init_towers included: it was ignored."""
+    if _space_copied(config) and config.model.init_towers is not None:
+        raise ConfigError(f"model.init_towers: a decoder config copies model.init_from's whole space, so "
+                          f"init_towers={config.model.init_towers} picks nothing: remove it, or bind new towers "
+                          "first in a run without the decoder section, and copy that run")
+
+
+def _towers(config: Config) -> list[str] | None:
+    """The towers the decoder will read through: the config's own, or those of the space a decoder
+    config copies from model.init_from (None when its config.yaml cannot be read here)."""
     if not _space_copied(config):
-        return
+        return list(config.model.towers)
     from mmembed.config import load_config
 
-    model, source = config.model, Path(config.model.init_from) / "config.yaml"
+    source = Path(config.model.init_from) / "config.yaml"
     try:
-        theirs = list(load_config(source).model.towers) if source.is_file() else None
+        return list(load_config(source).model.towers) if source.is_file() else None
     except UserError:  # an old or odd config.yaml: copy_space says what it lacks
-        theirs = None
-    fix = "first in a run without the decoder section, and copy that run"
-    if lacking := [t for t in model.towers if theirs is not None and t not in theirs]:
-        raise ConfigError(f"model.towers: {', '.join(lacking)} is not a tower of model.init_from {model.init_from} "
-                          f"(it has: {', '.join(theirs)}), and a decoder config copies that space whole: drop it from "
-                          f"model.towers, or train it {fix}")
-    if model.init_towers is not None:
-        raise ConfigError(f"model.init_towers: a decoder config copies model.init_from's whole space, so "
-                          f"init_towers={model.init_towers} picks nothing: remove it, or bind new towers {fix}")
+        return None
 
 
 def _check_tower_arguments(name: str, tower: TowerConfig) -> None:
@@ -121,9 +120,10 @@ def _check_tower_arguments(name: str, tower: TowerConfig) -> None:
 
 
 def _check_decoder_tasks(config: Config) -> None:
-    """A task the instruction rows do not have (`decoder.data.tasks=[colr]`) left no row, or named
-    no row's task, after the whole align stage had trained. The tasks are known up front for the
-    built-in world and for a manifest already on disk."""
+    """A task the instruction rows do not have (`decoder.data.tasks=[colr]`), a weight for a task
+    the selection by prompt modality leaves out (`{larger: 3}` with `prompt_modalities=[image]`),
+    or a modality no tower reads failed after the whole align stage had trained. The rows' tasks
+    and media are known up front for the built-in world and for a manifest already on disk."""
     if config.decoder is None:
         return
     data = config.decoder.data
@@ -131,27 +131,39 @@ def _check_decoder_tasks(config: Config) -> None:
     if path.is_file():
         from mmembed.data.instructions import manifest_kinds
 
-        known, media = manifest_kinds(path)
+        kinds = manifest_kinds(path)
     elif config.data.synth is not None:  # the world writes it
-        from mmembed.data.synth.instructions import TASKS as known
-
-        media = {"image", "audio", "text"}
+        from mmembed.data.synth.instructions import TASK_MEDIA as kinds
     else:
-        return
-    wanted = set(data.prompt_modalities) if data.prompt_modalities is not None else media
-    if lacking := sorted(wanted - set(config.model.towers)) if config.model.init_from is None else []:
-        raise ConfigError(f"decoder.data: the instruction rows show {', '.join(lacking)}, and model.towers has no "
-                          f"such tower: set decoder.data.prompt_modalities to the ones it has "
-                          f"({', '.join(config.model.towers)})")
+        return _check_task_selection(config)
+    known = sorted(t for t in kinds if t is not None)
     for key, tasks in (("tasks", data.tasks or ()), ("task_weights", data.task_weights)):
         if unknown := sorted(set(tasks) - set(known)):
             raise ConfigError(f"decoder.data.{key}: {', '.join(map(repr, unknown))} is not a task of the instruction "
-                              f"rows (their tasks: {', '.join(sorted(known))})")
-    # every row of the world has a task (a manifest's may not: those keep weight 1)
-    if data.tasks is None and config.data.synth is not None and known and all(
-            data.task_weights.get(t) == 0 for t in known):
-        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of the instruction rows: "
+                              f"rows (their tasks: {', '.join(known)})")
+    _check_task_selection(config)
+    allowed = None if data.prompt_modalities is None else {Modality.parse(m).value for m in data.prompt_modalities}
+    kept = {task: [m for m in media if allowed is None or m <= allowed] for task, media in kinds.items()
+            if data.tasks is None or task in data.tasks}
+    kept = {task: media for task, media in kept.items() if media}
+    selection = "decoder.data.tasks / prompt_modalities"
+    if not kept:
+        raise ConfigError(f"decoder.data: no instruction row is left after {selection}")
+    if left_out := sorted(set(data.task_weights) - set(kept)):
+        raise ConfigError(f"decoder.data.task_weights: {', '.join(map(repr, left_out))} names rows {selection} "
+                          f"leave out (the tasks kept: {', '.join(sorted(t for t in kept if t is not None))}): "
+                          "drop the weight, or keep the modalities its prompts show")
+    if None not in kept and all(data.task_weights.get(t) == 0 for t in kept):  # rows without a task keep weight 1
+        rows = "the instruction rows" if data.prompt_modalities is None else f"the rows {selection} keep"
+        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of {rows}: "
                           "give one a weight > 0")
+    shown = set().union(*(m for media in kept.values() for m in media))
+    towers = _towers(config)
+    if towers is not None and (lacking := sorted(shown - set(towers))):
+        where = (f"the space of model.init_from {config.model.init_from}" if _space_copied(config)
+                 else "model.towers")
+        raise ConfigError(f"decoder.data: the instruction rows show {', '.join(lacking)}, and {where} has no such "
+                          f"tower: set decoder.data.prompt_modalities to the ones it has ({', '.join(towers)})")
 
 
 def _check_task_selection(config: Config) -> None:

@@ -82,23 +82,45 @@ def test_a_task_selection_that_keeps_no_row_is_refused(tmp_path, overrides, mess
     check_config(_demo(tmp_path, "decoder.data.tasks=[colour, exists]", "decoder.data.task_weights={colour: 0}"))
 
 
-def test_a_decoder_config_copying_a_space_refuses_towers_that_space_lacks(tmp_path):
-    """model.init_from's model section replaced the config's: an audio tower its source lacks failed after the copy
-    ("this model has no audio tower"), and init_towers was ignored."""
+def test_a_decoder_config_copying_a_space_checks_the_rows_against_that_space(tmp_path):
+    """model.init_from's model section replaces the config's: rows showing a modality its source
+    lacks failed after the copy ("this model has no audio tower"), and init_towers was ignored.
+    The config's own towers are not read, so one the source lacks is fine when no row shows it."""
     from mmembed.model import build_model
 
     source = _demo(tmp_path, f"train.out_dir={tmp_path / 'source'}", towers=("text", "image"))
     tok = mm.Tokenizer.train(["a large red circle on the left", "a small blue star"] * 20, vocab_size=300)
     build_model(source, tok).save(tmp_path / "source")
     copy = f"model.init_from={tmp_path / 'source'}"
-    with pytest.raises(ConfigError, match=r"^model\.towers: audio is not a tower of model\.init_from .*source \(it "
-                                          r"has: text, image\), and a decoder config copies that space whole: drop it"):
+    with pytest.raises(ConfigError, match=r"^decoder\.data: the instruction rows show audio, and the space of "
+                                          r"model\.init_from .*source has no such tower: set "
+                                          r"decoder\.data\.prompt_modalities to the ones it has \(text, image\)$"):
         check_config(_demo(tmp_path, copy))
     with pytest.raises(ConfigError, match=r"^model\.init_towers: a decoder config copies model\.init_from's whole "
                                           r"space, so init_towers=\['text'\] picks nothing: remove it"):
         check_config(_demo(tmp_path, copy, "model.init_towers=[text]", towers=("text", "image")))
-    check_config(_demo(tmp_path, copy, towers=("text", "image")))
+    rows = ["decoder.data.prompt_modalities=[image,text]", "decoder.data.task_weights={}"]
+    check_config(_demo(tmp_path, copy, *rows))  # an audio tower in the config, none in the rows: it passed before
+    check_config(_demo(tmp_path, copy, *rows, towers=("text", "image")))
     check_config(_demo(tmp_path, copy, "decoder=null", "model.init_towers=[image]"))  # binds: the audio tower trains
+
+
+def test_a_weight_for_a_task_the_modality_selection_leaves_out_is_refused(tmp_path):
+    """{larger: 3} (the demo's) names rows that show a picture and a sound: prompt_modalities=[image]
+    passed preflight and failed ("task weights name task(s) none of the rows has") after the align stage."""
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.task_weights: 'larger' names rows decoder\.data\.tasks "
+                                          r"/ prompt_modalities leave out \(the tasks kept: .*colour.*\): drop the "
+                                          r"weight"):
+        check_config(_demo(tmp_path, "decoder.data.prompt_modalities=[image]"))
+    check_config(_demo(tmp_path, "decoder.data.prompt_modalities=[image]", "decoder.data.task_weights={}"))
+
+
+def test_the_worlds_task_media_table_is_what_a_written_world_holds(tiny_world):
+    """Preflight checks a selection by modality against TASK_MEDIA before the world exists."""
+    from mmembed.data.instructions import manifest_kinds
+    from mmembed.data.synth.instructions import TASK_MEDIA
+
+    assert manifest_kinds(tiny_world / "instruct-train.jsonl") == TASK_MEDIA
 
 
 @pytest.mark.parametrize("overrides, towers, message", [

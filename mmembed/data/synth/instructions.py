@@ -52,6 +52,17 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "memory": ("recall",),  # dialogues.py: a question about something shown turns earlier
 }
 TASKS = tuple(task for tasks in TASK_GROUPS.values() for task in tasks)
+# The media each task's prompts show, as `manifest_kinds` reads them from a written world: what
+# preflight checks a selection by prompt modality against before the world exists (a test keeps
+# it equal to a generated world's).
+_ONE_ITEM = {frozenset({"image"}), frozenset({"audio"})}
+_BOTH = {frozenset({"image", "audio"})}
+TASK_MEDIA: dict[str, set[frozenset[str]]] = {
+    "describe": _ONE_ITEM | {frozenset({"text"})}, "describe_both": _BOTH,
+    **{task: _ONE_ITEM for task in TASK_GROUPS["attribute"]},
+    **{task: _BOTH for task in TASK_GROUPS["compare"]},
+    "recall": _ONE_ITEM | _BOTH | {frozenset()},
+}
 LARGER_ANSWERS = ("the picture", "the sound", "equal")  # larger object in the image, the audio, neither
 # Share of single-item descriptions asked as a conversation's show turn ("Remember this picture." {image}):
 # without them a decoder answered a Session's show turn with "one", "yes" or "left", and those answers
