@@ -30,6 +30,13 @@ def check_user(user: Any) -> None:
     check_utf8(user, "user")
 
 
+def check_list(value: Any, name: str, what: str = "items") -> list[Any]:
+    """A list or tuple, as a list: a lone str would be taken apart character by character."""
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{name} must be a list of {what}; wrap one in [ ], got {type(value).__name__}")
+    return list(value)
+
+
 def check_ids(ids: Sequence[int] | int) -> list[int]:
     ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
     for i in ids:

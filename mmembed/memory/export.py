@@ -7,13 +7,15 @@
 A row: the media path under its modality's column (`"image": "media/12.png"`), the item's
 `text` (a text item's words, a media item's caption), and `id, user, session, turn, role,
 time, modality, meta`. `memory.jsonl` is written last, under a temporary name then renamed, so
-an export that fails half way leaves no manifest (and no media: the folder is as it was). Items stored with `store_media="path"` get
-their file copied when it still exists; otherwise the row is written without it (and without
-any column at all it is left out), with a warning.
+an export that fails half way leaves no manifest and no media: the folder is as it was, or gone
+when the export made it. Items stored with `store_media="path"` get their file copied when it
+still exists; otherwise the row is written without it (and without any column at all it is left
+out), with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,12 +36,20 @@ MEDIA_DIR = "media"
 
 def export_items(items: Iterable[MemoryHit], folder: Path) -> Path:
     """Write `items` (with media bytes) into `folder`, which must be new or empty; returns the manifest path."""
-    _check_target(folder)
-    (folder / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        _check_target(folder)
+        return _write(items, folder)
+    except OSError as e:  # a full disk, no permission: one line naming the folder
+        raise UserError(f"cannot export to {folder}: {e.strerror or e}") from None
+
+
+def _write(items: Iterable[MemoryHit], folder: Path) -> Path:
+    made = _new_folders(folder)
     final = folder / MANIFEST
     tmp = folder / f".{MANIFEST}.tmp"
     written, missing = 0, 0
     try:
+        (folder / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as f:
             for item in items:
                 row = _row(item, folder)
@@ -51,14 +61,36 @@ def export_items(items: Iterable[MemoryHit], folder: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:  # the folder was new or empty: leave it so, and a retry can use it
-        tmp.unlink(missing_ok=True)
-        shutil.rmtree(folder / MEDIA_DIR, ignore_errors=True)
+    except BaseException:  # the folder was new or empty: leave it so (or gone), and a retry can use it
+        _undo(folder, made)
         raise
     if missing:
         log.warning("export %s: %d item(s) left out: their media file (store_media='path') is gone", folder, missing)
     log.info("exported %d item(s) to %s", written, final)
     return final
+
+
+def _new_folders(folder: Path) -> list[Path]:
+    """The folders the export creates, deepest first; refused when one would go under a file."""
+    new: list[Path] = []
+    while not folder.exists():
+        new.append(folder)
+        folder = folder.parent
+    if new and not folder.is_dir():
+        raise UserError(f"cannot export to {new[0]}: {folder} is a file, not a folder")
+    return new
+
+
+def _undo(folder: Path, made: list[Path]) -> None:
+    """Remove what a failed export wrote, and the folders it made (rmdir: only while empty)."""
+    with contextlib.suppress(OSError):
+        (folder / f".{MANIFEST}.tmp").unlink(missing_ok=True)
+    shutil.rmtree(folder / MEDIA_DIR, ignore_errors=True)
+    for made_folder in made:
+        try:
+            made_folder.rmdir()
+        except OSError:  # something else was put in it meanwhile: leave it
+            break
 
 
 def _check_target(folder: Path) -> None:

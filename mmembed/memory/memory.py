@@ -31,8 +31,8 @@ from torch import Tensor
 from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
-from mmembed.memory.checks import (check_ids, check_optional_str, check_role, check_user, meta_json, parse_modality,
-                                   storable, timestamp)
+from mmembed.memory.checks import (check_ids, check_list, check_optional_str, check_role, check_user, meta_json,
+                                   parse_modality, storable, timestamp)
 from mmembed.memory.export import export_items
 from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
@@ -100,11 +100,13 @@ class Memory:
                  store_media: StoreMedia = "bytes") -> list[int]:
         """`add` for many items: embedded in batches per modality, stored in one transaction (all or none).
 
-        `texts` and `metas`, when given, hold one entry per item. Returns the ids in item order.
+        `items` is a list or tuple (a lone item, a str above all, is refused); `texts` and `metas`,
+        when given, hold one entry per item. Returns the ids in item order.
         """
         self._require_model("add items")
-        texts = [None] * len(items) if texts is None else list(texts)
-        metas = [None] * len(items) if metas is None else list(metas)
+        items = check_list(items, "items")
+        texts = [None] * len(items) if texts is None else check_list(texts, "texts", "str or None")
+        metas = [None] * len(items) if metas is None else check_list(metas, "metas", "dicts or None")
         if not (len(texts) == len(metas) == len(items)):
             raise UserError(f"add_many got {len(items)} items, {len(texts)} texts and {len(metas)} metas")
         entries = [to_entry(item, text, store_media) for item, text in zip(items, texts)]
@@ -115,7 +117,7 @@ class Memory:
         answer by `add_turn`, so a turn killed before it is answered leaves nothing behind."""
         self._require_model("add items")
         check_role(role)
-        entries = [to_entry(item, None) for item in items]
+        entries = [to_entry(item, None) for item in check_list(items, "items")]
         return Pending(entries, self._embed(entries), role)
 
     def add_turn(self, user: str, session: str, parts: Sequence[Pending], time: float | None = None
@@ -127,6 +129,9 @@ class Memory:
         if not isinstance(session, str):
             raise UserError(f"session must be a str, got {session!r}")
         check_optional_str(session, "session")
+        parts = check_list(parts, "parts", "Memory.prepare results")  # a lone Pending is refused, as a lone item is
+        if bad := [p for p in parts if not isinstance(p, Pending)]:
+            raise UserError(f"parts must hold Memory.prepare results, got {type(bad[0]).__name__}")
         if not any(p.entries for p in parts):
             raise UserError("a turn needs at least one item (Memory.prepare)")
         when = _time.time() if time is None else timestamp(time, "time")
@@ -258,6 +263,7 @@ class Memory:
                ) -> list[MemoryHit]:
         """The user's last `limit` items (of one session when given), oldest first."""
         check_user(user)
+        check_optional_str(session, "session")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 2**63:
             raise UserError(f"limit must be a positive int (below 2**63), got {limit!r}")
         with self._guard():
@@ -289,6 +295,8 @@ class Memory:
 
     def count(self, user: str | None = None) -> int:
         """Items stored (of `user` when given)."""
+        if user is not None:
+            check_user(user)
         with self._guard():
             return self._store.count(user)
 

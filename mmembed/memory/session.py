@@ -170,7 +170,9 @@ class Session:
         while True:
             in_history = {h.id for h in history}
             recalled = [h for h in candidates if h.id not in in_history][:limit]
-            parts = [seg for h in sorted(recalled, key=lambda h: h.time) + history for seg in rendered[h.id]] + shown
+            # by time, then id: a turn's rows share one time (one transaction), and ids follow the order stored
+            ordered = sorted(recalled, key=lambda h: (h.time, h.id)) + history
+            parts = [seg for h in ordered for seg in rendered[h.id]] + shown
             if room is None or pm.fmt.length(parts) <= room or not (history or recalled):
                 return parts, recalled
             if history:

@@ -370,3 +370,37 @@ def test_a_memory_file_under_a_file_says_so(model, tmp_path):
 def test_a_turn_of_nothing_is_refused(model, db):
     with mm.Memory(db, model=model) as mem, pytest.raises(UserError, match="a turn needs at least one item"):
         mem.add_turn("ada", "s", [mem.prepare([])])
+
+
+def test_a_lone_item_or_part_is_refused_not_taken_apart(mem):
+    """add_many / prepare given a str stored one item per character; add_turn given a str, a lone
+    Pending or None, and prepare given None, were AttributeError / TypeError tracebacks."""
+    one = mem.prepare(["hello"])
+    calls = [(lambda: mem.add_many("ada", "hey"), r"^items must be a list of items; wrap one in \[ \], got str$"),
+             (lambda: mem.add_many("ada", mm.Text("hey")), "items must be a list of items.*got Text$"),
+             (lambda: mem.add_many("ada", ["a", "b"], texts="xy"), "texts must be a list of str or None.*got str$"),
+             (lambda: mem.prepare("hello"), "items must be a list of items.*got str$"),
+             (lambda: mem.prepare(None), "items must be a list of items.*got NoneType$"),
+             (lambda: mem.add_turn("ada", "s", one), r"parts must be a list of Memory.prepare results; wrap one in \["),
+             (lambda: mem.add_turn("ada", "s", None), "parts must be a list of Memory.prepare results"),
+             (lambda: mem.add_turn("ada", "s", ["hello"]), "^parts must hold Memory.prepare results, got str$"),
+             (lambda: mem.add_turn("ada", "s", [one, None]), "^parts must hold Memory.prepare results, got NoneType$")]
+    for call, message in calls:
+        with pytest.raises(UserError, match=message):
+            call()
+    assert mem.count() == 0
+    assert mem.add_turn("ada", "s", (one,)) == (1, [1]) and mem.add_many("ada", ("a", "b")) == [2, 3]
+
+
+def test_recent_and_count_check_their_arguments_as_their_siblings_do(mem):
+    """recent(session=5) and count(user=5) / count(user="") answered [] and 0; recent(session=["x"])
+    blamed the file (MemoryFileError "SQLite error ... binding parameter")."""
+    mem.add("ada", "kept", session="s")
+    for call, message in [(lambda: mem.recent("ada", session=5), "^session must be a str, got 5$"),
+                          (lambda: mem.recent("ada", session=["x"]), r"^session must be a str, got \['x'\]$"),
+                          (lambda: mem.count(user=5), "^user must be a non-empty str, got 5$"),
+                          (lambda: mem.count(user=""), "^user must be a non-empty str, got ''$")]:
+        with pytest.raises(UserError, match=message) as info:
+            call()
+        assert type(info.value) is UserError  # not MemoryFileError: the file is fine
+    assert [h.text for h in mem.recent("ada", session="s")] == ["kept"] and mem.count(user="ada") == 1

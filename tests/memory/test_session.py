@@ -526,3 +526,20 @@ def test_a_session_at_the_highest_turn_number_says_so(chat_model, db):
         with pytest.raises(UserError, match="at turn 9223372036854775807, the highest a turn can be: start a new"):
             chat.ask("hello", max_new_tokens=2)
         assert chat.memory.count("bob") == 1
+
+
+def test_the_items_of_one_recalled_turn_keep_the_order_they_were_stored_in(chat_model, db, monkeypatch):
+    """A turn's rows share one time since they are stored in one transaction, and recalled items
+    were sorted by time alone, so ties kept score order: an answer recalled by its own words came
+    before the picture it describes."""
+    from mmembed.decoder import Generation
+
+    seen = []
+    monkeypatch.setattr(chat_model, "generate", lambda prompt, **kw: seen.append(prompt) or Generation("a red star"))
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        chat.ask(["Remember this picture.", mm.Image(picture(20))])
+    with mm.Session(chat_model, memory=db, user="ada", new=True, history_turns=0, recall_threshold=-1.0,
+                    recall_k=5) as chat:
+        chat.ask("a red star")
+    kinds = ["media" if isinstance(s, Embedded) else s for s in seen[-1]]
+    assert kinds == ["Remember this picture.", "media", "a red star", "a red star"]

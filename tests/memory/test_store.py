@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import sqlite3
 
 import numpy as np
@@ -152,11 +153,11 @@ def test_an_export_that_fails_half_way_leaves_the_file_writable(db, model, tmp_p
     with Memory(db, model=model) as mem:
         ids = fill(mem)
         monkeypatch.setattr(export, "_row", full_disk)
-        with pytest.raises(OSError, match="No space") as failed:
+        with pytest.raises(UserError, match="No space") as failed:
             mem.export(tmp_path / "out")
         assert failed.value is not None  # the exception (and its traceback) alive while we write
         assert mem.get([mem.add("ada", "a tiny green cross")])[0].text == "a tiny green cross"
-        assert list((tmp_path / "out").iterdir()) == []  # no half export left: a retry may use the folder
+        assert not (tmp_path / "out").exists()  # no half export left: the export made the folder
         monkeypatch.setattr(export, "_row", written)
         assert mem.export(tmp_path / "out").is_file()
         # a killed export (no exception handler ran) left its temporary manifest and media: a retry
@@ -172,6 +173,29 @@ def test_an_export_that_fails_half_way_leaves_the_file_writable(db, model, tmp_p
         with pytest.raises(UserError, match="not empty"):
             mem.export(mine)
         assert (mine / "media" / "holiday.png").read_bytes() == b"mine"
+
+
+def test_a_failed_export_is_one_line_and_leaves_the_folders_as_they_were(db, model, tmp_path, monkeypatch):
+    """A full disk was a raw OSError that left the folders the export made (new/deeper/media);
+    a path under a file was a NotADirectoryError."""
+    from mmembed.memory import export
+
+    def full_disk(item, folder):
+        raise OSError(28, "No space left on device")
+
+    where = tmp_path / "exports"
+    (where / "empty").mkdir(parents=True)
+    (where / "notes.txt").write_text("x")
+    with Memory(db, model=model) as mem:
+        fill(mem)
+        with pytest.raises(UserError, match="notes.txt is a file, not a folder$"):
+            mem.export(where / "notes.txt" / "sub", user="ada")
+        monkeypatch.setattr(export, "_row", full_disk)
+        for target in (where / "new" / "deeper", where / "empty"):
+            with pytest.raises(UserError, match=f"^cannot export to {re.escape(str(target))}: No space left on device$"):
+                mem.export(target, user="ada")
+    assert sorted(p.name for p in where.iterdir()) == ["empty", "notes.txt"]
+    assert list((where / "empty").iterdir()) == []  # a folder that was there stays, empty
 
 
 def _child(mem: Memory, queue) -> None:
