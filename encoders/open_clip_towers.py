@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 def create_open_clip_model(
     name: str, pretrained: str | None = None, cache_dir: str | None = None
 ) -> tuple[nn.Module, dict]:
-    """Build open_clip model `name` with weights from `pretrained`; return it and its config.
+    """Build open_clip model `name` with weights from `pretrained`; return it and its config. The
+    model's `pretrained_tag` is the open_clip tag its weights came from (None: random or a file).
 
     Raises:
         ValueError: unknown architecture, or `pretrained` neither a file nor a known tag.
@@ -83,6 +84,9 @@ def create_open_clip_model(
             ) from None
     if path is not None:
         _load_open_clip_file(model, path)
+    # open_clip's preprocess_cfg holds the tag's mean and std only when a tag was loaded: otherwise
+    # its defaults (CLIP's), which a random tower or a file's weights (SigLIP's: 0.5) need not take
+    model.pretrained_tag = tag
     use_linear_(model)  # oneDNN on the CPU (encoders/linear.py); attention's fused in-projections stay torch's
     return model, cfg
 
@@ -162,16 +166,19 @@ class OpenClipImage(nn.Module):
     """open_clip's visual tower. forward(images (B, 3, H, W)) → EncoderOutput.
 
     Shapes: tokens (B, N, E) projected patch tokens (T = 1 for non-ViT towers), mask all True,
-    pooled (B, E) = `encode_image`; E = open_clip's embed_dim. `preprocess_cfg` holds the
-    size / mean / std the images must be prepared with.
+    pooled (B, E) = `encode_image`; E = open_clip's embed_dim. `preprocess_cfg` holds what the
+    images must be prepared with: the size the tower is built for, and with `from_tag` (weights of
+    an open_clip pretrained tag) the tag's mean, std and the rest; a random tower or one loaded
+    from a file takes any mean and std.
     """
 
-    def __init__(self, visual: nn.Module, width: int) -> None:
+    def __init__(self, visual: nn.Module, width: int, from_tag: bool = False) -> None:
         from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 
         super().__init__()
         self.visual, self.width = visual, width
-        self.preprocess_cfg: dict = dict(getattr(visual, "preprocess_cfg", {}))
+        cfg = dict(getattr(visual, "preprocess_cfg", {}))
+        self.preprocess_cfg: dict = cfg if from_tag else {k: cfg[k] for k in ("size",) if k in cfg}
         self.has_tokens = (
             isinstance(visual, OpenClipVisionTransformer) and visual.attn_pool is None and visual.proj is not None
         )
@@ -364,7 +371,7 @@ def open_clip_image(
         cache_dir: where open_clip caches downloads (tags only).
     """
     model, cfg = create_open_clip_model(arch, pretrained, cache_dir)
-    return OpenClipImage(model.visual, int(cfg["embed_dim"]))
+    return OpenClipImage(model.visual, int(cfg["embed_dim"]), from_tag=model.pretrained_tag is not None)
 
 
 def open_clip_text(arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None) -> OpenClipText:

@@ -177,9 +177,9 @@ def _params(fn) -> set[str]:
 
 
 def _check_preprocess(encoder: nn.Module, modality: Modality, preprocess: dict) -> None:
-    """ValueError when the inputs a pretrained tower asks for (its `preprocess_cfg`: an open_clip
-    image tower's size, mean and std) differ from what its preprocess block prepares: a SigLIP
-    tower was fed CLIP's mean and std, and size 64 on a 32 px tower failed at embed time."""
+    """ValueError when the inputs a tower asks for (its `preprocess_cfg`: an open_clip image tower's
+    size, and a pretrained tag's mean and std) differ from what its preprocess block prepares: size
+    64 on a 32 px tower failed at embed time, and a SigLIP tag's tower was fed CLIP's mean and std."""
     import inspect
 
     from mmembed.preprocess import PREPROCESSORS
@@ -195,7 +195,7 @@ def _check_preprocess(encoder: nn.Module, modality: Modality, preprocess: dict) 
     if differ:
         need = ", ".join(f"{k}: {_shown(w, k)}" for k, w, _ in differ)
         have = ", ".join(f"{k}: {_shown(g, k)}" for k, _, g in differ)
-        raise ValueError(f"the pretrained tower takes preprocess {{{need}}}, not {{{have}}}: set those")
+        raise ValueError(f"the tower takes preprocess {{{need}}}, not {{{have}}}: set those")
 
 
 def _plain(value, key: str) -> list[float]:

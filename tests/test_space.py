@@ -265,16 +265,68 @@ def test_a_run_loads_after_the_pretrained_file_it_started_from_moved(tmp_path):
 @pytest.mark.parametrize("preprocess, match", [
     ({"size": 64}, r"takes preprocess \{size: 32\}, not \{size: 64\}"),  # was a RuntimeError at embed time
     ({}, r"takes preprocess \{size: 32\}, not \{size: 224\}"),  # the preprocessor's default size
-    ({"size": 32, "mean": [0.5, 0.5, 0.5]}, r"takes preprocess \{mean: \[0.48145466, 0.4578275, 0.40821073\]\}, "
-                                            r"not \{mean: \[0.5, 0.5, 0.5\]\}"),
 ])
 def test_image_preprocessing_that_a_pretrained_tower_does_not_take_is_refused(tmp_path, preprocess, match):
-    """The open_clip tower's preprocess_cfg was never read: size 64 on a 32 px tower failed inside it,
-    and a SigLIP-style tower (mean/std 0.5) was fed CLIP's mean and std."""
+    """The open_clip tower's preprocess_cfg was never read: size 64 on a 32 px tower failed inside it."""
     from mmembed.tokenizer import load_tokenizer
 
-    with pytest.raises(ConfigError, match=r"model\.towers\.image: the pretrained tower " + match):
+    with pytest.raises(ConfigError, match=r"model\.towers\.image: the tower " + match):
         build_model(_tiny_clip_config(tmp_path, preprocess), load_tokenizer("clip"))
+
+
+def _image_arch(tmp_path, preprocess_cfg: dict | None = None) -> str:
+    """A local-dir: architecture of TINY_CLIP (its json holding `preprocess_cfg`, as a hub model's may)."""
+    arch = tmp_path / "image-arch"
+    arch.mkdir(exist_ok=True)
+    extra = {"preprocess_cfg": preprocess_cfg} if preprocess_cfg else {}
+    (arch / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP} | extra))
+    return f"local-dir:{arch}"
+
+
+def _image_tower(arch: str, pretrained: str | None, preprocess: dict) -> ModelConfig:
+    args = {"arch": arch, "pretrained": pretrained}
+    return ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(encoder="open_clip_image", encoder_args=args, head="none", preprocess=preprocess)})
+
+
+@pytest.mark.parametrize("start", ["random", "file"])
+def test_a_tower_not_from_a_tag_takes_any_mean_and_std(tmp_path, start):
+    """A random tower, or one from a weights file, was refused any mean/std but open_clip's default
+    CLIP one, blaming a "pretrained tower" (a SigLIP file needs 0.5): such runs could not resume."""
+    from mmembed.space import build_space
+
+    open_clip = pytest.importorskip("open_clip")
+    arch, pretrained = _image_arch(tmp_path), None
+    if start == "file":
+        from safetensors.torch import save_file
+
+        pretrained = str(tmp_path / "start.safetensors")
+        save_file({k: v.contiguous() for k, v in open_clip.create_model(arch).state_dict().items()}, pretrained)
+    siglip = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    space = build_space(_image_tower(arch, pretrained, siglip))
+    assert "mean" not in space.towers["image"].encoder.preprocess_cfg
+    with pytest.raises(ConfigError, match=r"model\.towers\.image: the tower takes preprocess \{size: 32\}, "
+                                          r"not \{size: 64\}"):  # the size is checked all the same
+        build_space(_image_tower(arch, pretrained, siglip | {"size": 64}))
+
+
+def test_a_tower_from_a_tag_takes_the_tags_mean_and_std(tmp_path, monkeypatch):
+    """The tag's mean and std are still checked (a SigLIP tag's tower was fed CLIP's): a tag simulated
+    offline by a local-dir: folder whose preprocess_cfg open_clip reads as it reads a tag's."""
+    import encoders.open_clip_towers as open_clip_towers
+    from mmembed.space import build_space
+
+    open_clip = pytest.importorskip("open_clip")
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip_towers, "_resolve_pretrained", lambda name, pretrained: (None, pretrained))
+    monkeypatch.setattr(open_clip, "create_model",
+                        lambda name, **kw: create(name, **kw | {"pretrained": None, "load_weights": False}))
+    siglip = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    with pytest.raises(ConfigError, match=r"the tower takes preprocess \{mean: \[0.5, 0.5, 0.5\], std: \[0.5, 0.5, "
+                                          r"0.5\]\}, not \{mean: \[0.48145466, "):
+        build_space(_image_tower(_image_arch(tmp_path, siglip), "webli", {"size": 32}))
+    space = build_space(_image_tower(_image_arch(tmp_path, siglip), "webli", siglip))
+    assert list(space.towers["image"].encoder.preprocess_cfg["mean"]) == [0.5, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("spoil, match", [

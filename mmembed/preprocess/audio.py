@@ -9,7 +9,8 @@ Accepted items:
   (a clip has more samples than channels), so (2, 48000) and (48000, 2) are both stereo; an
   array whose shorter axis exceeds 32 is ambiguous and rejected. Integer samples are scaled to
   [-1, 1] (int16 / 32768, int32 / 2**31, uint8 centred on 128); float samples are taken to lie
-  in [-1, 1], and a float waveform of peak over 8 (integer samples left unscaled) is refused.
+  in [-1, 1], and a float waveform (or float file) of peak over 8 (integer samples left
+  unscaled) is refused.
 
 Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
 from the start otherwise; cropping happens before resampling and reads only the needed frames
@@ -320,8 +321,9 @@ class AudioPreprocessor:
 
     def _decode(self, source: Path | bytes, name: str) -> tuple[np.ndarray, int]:
         """The frames to crop from, (m, C) float32, and the file's rate."""
+        data = None
         with _opened(source) as f:
-            rate = f.samplerate
+            rate, float_samples = f.samplerate, f.subtype in ("FLOAT", "DOUBLE")
             self._check_rate(rate, name)
             if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
                 raise BadInput(f"{name} has {f.channels} channels; at most {_MAX_CHANNELS} are read")
@@ -331,14 +333,22 @@ class AudioPreprocessor:
                 start = int(torch.randint(0, f.frames - n + 1, ()).item()) if self._random() and f.frames > n else 0
                 try:
                     f.seek(start)
-                    return f.read(n, dtype="float32", always_2d=True), rate
+                    data = f.read(n, dtype="float32", always_2d=True)
                 except sf.LibsndfileError:
                     pass
-        # a header that gives no length or overstates it: a seek past the real end failed (and
-        # libsndfile keeps the error on that handle), so read from the start of a fresh one, more
-        # than one crop when training for a random crop (by the caller) to fall in
-        with _opened(source) as f:
-            return _read_frames(f, n * _UNKNOWN_SPAN if self._random() else n), rate
+        if data is None:
+            # a header that gives no length or overstates it: a seek past the real end failed (and
+            # libsndfile keeps the error on that handle), so read from the start of a fresh one, more
+            # than one crop when training for a random crop (by the caller) to fall in
+            with _opened(source) as f:
+                data = _read_frames(f, n * _UNKNOWN_SPAN if self._random() else n)
+        # libsndfile scales integer PCM into [-1, 1]; float samples are read as stored, and may be
+        # integer samples written unscaled, as a float array may be
+        peak = float(np.abs(data).max()) if float_samples and data.size else 0.0
+        if _unscaled(peak):
+            raise BadInput(f"{name} holds float samples of peak {peak:.4g}, far outside [-1, 1], the range float "
+                           "samples are read in: write it as 16-bit PCM or scale it to [-1, 1]")
+        return data, rate
 
     def _resampler(self, rate: int) -> torchaudio.transforms.Resample:
         # the windowed-sinc kernel depends only on the rate pair: reuse it for recent source rates
@@ -417,7 +427,7 @@ def _to_float(t: Tensor) -> Tensor:
         peak = float(t.abs().max()) if t.numel() else 0.0
         # integer samples made float unscaled (scipy's wavfile.read(...).astype(float)) peak in the
         # thousands and embed as something else; a mix or a resample overshoots 1 by far less
-        if _MAX_FLOAT_PEAK < peak < math.inf:  # NaN/Inf are refused as such later
+        if _unscaled(peak):
             raise BadInput(f"float audio of peak {peak:.4g} lies far outside [-1, 1], the range float samples "
                            "are read in: divide int16 samples by 32768 (int32 by 2**31), or pass the integer array")
         return t
@@ -427,6 +437,11 @@ def _to_float(t: Tensor) -> Tensor:
     if t.dtype == torch.uint8:
         return (t.to(torch.float32) - 128.0) / 128.0
     raise BadInput(f"unsupported audio dtype {t.dtype} (float, int16, int32, int8 or uint8)")
+
+
+def _unscaled(peak: float) -> bool:
+    """Whether float samples of this peak are integer samples left unscaled (NaN/Inf are refused as such later)."""
+    return _MAX_FLOAT_PEAK < peak < math.inf
 
 
 def channel_axis(t: Tensor) -> int | None:

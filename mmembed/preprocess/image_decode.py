@@ -246,8 +246,8 @@ def _palette_alpha(im: Image.Image) -> bool:
 def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """16/32-bit integer or float grayscale → uint8 with the full range preserved (not clipped).
 
-    Values inside a usual range keep its meaning: floats 0..1 (with a little slack) or 0..255,
-    integers 0..255 or 0..65535 (always, for the "I;16" modes). Any other values (a float TIFF
+    Values inside a usual range keep its meaning: floats 0..1 or 0..255 (each with a little slack,
+    clipped), integers 0..255 or 0..65535 (always, for the "I;16" modes). Any other values (a float TIFF
     of 0..1000, 32-bit counts, signed 16-bit) are scaled by their own range: min → 0, max → 255.
     """
     if mode == "F":
@@ -257,8 +257,8 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
         # overshoots 1.0 a little, and a 1.02 made the image 0..255, near black)
         if a.min() >= -_FLOAT_SLACK and a.max() <= 1 + _FLOAT_SLACK:
             return np.clip(np.rint(np.clip(a, 0, 1) * 255.0), 0, 255).astype(np.uint8)
-        if a.min() >= 0 and a.max() <= 255:
-            return np.rint(a).astype(np.uint8)
+        if a.min() >= -_FLOAT_SLACK_255 and a.max() <= 255 + _FLOAT_SLACK_255:  # 0..255, as resized
+            return np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return _own_range_to_uint8(a)
     a = a.astype(np.int64)
     low, high = a.min(), a.max()
@@ -281,6 +281,9 @@ def _own_range_to_uint8(a: np.ndarray) -> np.ndarray:
 # by up to ~10% (a 1e-3 slack refused such images); 0..255 values or mean/std-normalised ones
 # (about -2.1 to 2.6) lie well beyond it
 _FLOAT_SLACK = 0.5
+# the same for a grey float image of 0..255 (a resize overshot it to -8..263, and scaling that by its
+# own range moved every pixel): a quarter of the range, well inside a 0..1000 TIFF's or counts'
+_FLOAT_SLACK_255 = 0.25 * 255
 
 
 def _chw_to_rgb(t: Tensor, background) -> Tensor:

@@ -61,7 +61,7 @@ def test_image_tower_equals_open_clip_encode_image(saved, name, fmt):
     assert tower.width == 32
     assert torch.equal(out.pooled, expected)  # bit-identical
     assert out.tokens.shape == (3, 16, 32) and out.mask.shape == (3, 16) and out.mask.all()
-    assert tower.preprocess_cfg["size"] == (32, 32) and len(tower.preprocess_cfg["mean"]) == 3
+    assert tower.preprocess_cfg == {"size": (32, 32)}  # a file's weights take any mean and std
     # Only the visual tower is kept.
     n_visual = sum(p.numel() for p in ref.visual.parameters())
     assert sum(p.numel() for p in tower.parameters()) == n_visual

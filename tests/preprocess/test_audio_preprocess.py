@@ -408,3 +408,19 @@ def test_a_float_waveform_at_integer_scale_is_refused_with_the_fix():
     loud = _tone(16000, 0.5, amp=3.0)  # clipped-range overshoot: kept as given
     assert torch.equal(pre.waveform((loud, 16000)), torch.from_numpy(loud))
     assert torch.allclose(pre((pcm, 16000)), pre((pcm / 32768.0, 16000)), atol=1e-5)
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_a_float_file_at_integer_scale_is_refused_with_the_fix(tmp_path, subtype):
+    """int16 samples written unscaled to a float WAV were embedded as if in [-1, 1] (only arrays were refused)."""
+    pcm = _tone(16000, 0.5) * 32767
+    sf.write(tmp_path / "loud.wav", pcm, 16000, subtype=subtype)
+    pre = AudioPreprocessor()
+    for item in (tmp_path / "loud.wav", (tmp_path / "loud.wav").read_bytes()):
+        with pytest.raises(BadInput, match=r"holds float samples of peak 1\.638e\+04, .*write it as 16-bit PCM"):
+            pre(item)
+    mix = _tone(16000, 0.5, amp=3.0)  # a clipped mix over 1: read as stored, as the same array is
+    sf.write(tmp_path / "mix.wav", mix, 16000, subtype=subtype)
+    assert torch.equal(pre.waveform(tmp_path / "mix.wav"), pre.waveform((mix, 16000)))
+    sf.write(tmp_path / "pcm.wav", pcm.astype(np.int16), 16000, subtype="PCM_16")  # libsndfile scales it
+    assert pre.waveform(tmp_path / "pcm.wav").abs().max() <= 1

@@ -535,3 +535,14 @@ def test_a_path_with_a_nul_byte_is_named_once_and_printably(tmp_path):
     with pytest.raises(BadInput) as caught:
         load_image(path)
     assert str(caught.value) == f"unreadable file {path!a} (ValueError: embedded null byte)"
+
+
+def test_a_grey_float_image_of_0_255_a_resize_overshot_keeps_its_values():
+    """A bicubic resize took 0..255 to -8..263, which was then scaled by its own range: black read 8."""
+    g = np.zeros((64, 64), np.float32)
+    g[:, 20:40], g[10:20, :] = 255.0, 128.0
+    resized = Image.fromarray(g).resize((48, 48), Image.BICUBIC)
+    a = np.asarray(resized)
+    assert a.min() < -5 and a.max() > 260  # the overshoot this is about
+    expected = torch.from_numpy(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    assert torch.equal(load_image(resized), expected.expand(3, -1, -1))
