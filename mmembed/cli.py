@@ -166,7 +166,7 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("--run", help="run directory (default: the one the index was built with)")
     for modality, what in (("text", "query text"), ("image", "query image path"), ("audio", "query audio path")):
         p.add_argument(f"--{modality}", action=_QueryItem, const=modality, dest="items", default=[],
-                       help=f"{what} (repeatable)")
+                       metavar=modality.upper(), help=f"{what} (repeatable)")
     p.add_argument("--weight", action="append", type=float, default=[],
                    help="one weight per query item, in the order the items are given on the command line "
                         "(negative = 'not like this')")

@@ -204,13 +204,13 @@ class Model:
 
         pm, prompts, batch, args = self._generation_inputs(prompt, temperature, top_k, top_p, stop)
         check_best_of(best_of, rerank_weight, args[0])
+        if len(prompts) > 64:  # before the first chunk of 64 runs, naming a prompt by its place in the whole list
+            check_prompts_fit(pm.lm, pm.fmt, prompts)
         if best_of > 1:
             scale = float(self.space.logit_scale.detach())
             outs = best_of_n(pm.lm, pm.fmt, prompts, best_of, max_new_tokens, *args, seed, self.device,
                              self._answer_embedder(rerank_weight), scale, rerank_weight)
             return outs if batch else outs[0]
-        if len(prompts) > 64:  # before the first chunk runs, naming a prompt by its place in the whole list
-            check_prompts_fit(pm.lm, pm.fmt, prompts)
         outs, generator = [], seeded(seed, self.device)  # one stream of draws over the chunks
         for start in range(0, len(prompts), 64):
             outs += run_batch(pm.lm, pm.fmt, prompts[start:start + 64], max_new_tokens, *args, generator, self.device)

@@ -232,11 +232,17 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, source: str = "con
 
 def _filled(tp: Any, value: Any) -> Any:
     """A key given no value: the section with its defaults where `tp` is a section (a dataclass,
-    or one or null), else null."""
+    or one or null) whose every field has one, else null (a bare `data_size:` of a scaling
+    config, whose fields have none, was refused as missing 'data_size.width')."""
     if value is not EMPTY:
         return value
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    return {} if any(dataclasses.is_dataclass(a) for a in options) else None
+    return {} if any(dataclasses.is_dataclass(a) and _all_defaulted(a) for a in options) else None
+
+
+def _all_defaulted(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
 
 
 def _merged(base: dict, over: dict) -> dict:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mmembed.config import CONFIG_DIR, Config, apply_override, check_kwargs, load_config
@@ -267,6 +269,13 @@ def test_an_empty_section_is_the_section_with_its_defaults(tmp_path):
                     "        foo:\n")  # not a section: null, as YAML reads it
     cfg = load_config(path)
     assert cfg.train.max_steps is None and cfg.model.towers["text"].encoder_args == {"foo": None}
+    # a section without defaults of its own stays null (a scaling config's bare `data_size:` was
+    # refused as "missing required key 'data_size.width'")
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    scaling = (Path(__file__).parents[1] / "configs" / "scaling.yaml").read_text(encoding="utf-8")
+    path.write_text(scaling.replace("data_size: {width: 96, layers: 3, heads: 3}", "data_size:   # --axis data only"))
+    assert load_scaling_config(path).data_size is None
 
 
 def test_an_alias_shared_by_two_sections_is_overridden_in_one(tmp_path):

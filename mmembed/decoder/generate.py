@@ -123,7 +123,8 @@ class _Row:
         self.done = False
         self._text_ids: list[int] = []
 
-    def add(self, token: int, logprob: float, entropy: float) -> None:
+    def add(self, token: int, logprob: float, entropy: float, last: bool = False) -> None:
+        """One generated token; `last`: the final step, after which the text is what it is."""
         out = self.out
         out.token_ids.append(token)
         out.logprobs.append(logprob)
@@ -131,14 +132,18 @@ class _Row:
         if token == self.fmt.eos_id or token in self.stops.ids:
             out.finish_reason = "eos" if token == self.fmt.eos_id else "stop"
             self.done = True
+            self._cut(out.text)  # a trailing U+FFFD is final now
             return
         self._text_ids.append(token)
         out.text = self.fmt.decode(self._text_ids)
-        # not in a trailing U+FFFD: the start of a character whose next bytes are still to come (a
-        # stop string "\ufffd" stopped at every character split over tokens, "é" among them)
-        cut = self.stops.cut(out.text.rstrip("\ufffd"))
-        if cut is not None:
-            out.text, out.finish_reason, self.done = out.text[:cut], "stop", True
+        # not in a trailing U+FFFD until the last step: it may be the start of a character whose
+        # next bytes are still to come (a stop string "\ufffd" stopped at every "é" split over tokens)
+        self._cut(out.text if last else out.text.rstrip("\ufffd"))
+
+    def _cut(self, text: str) -> None:
+        """End the answer before the earliest stop string in `text` (a prefix of the answer)."""
+        if (cut := self.stops.cut(text)) is not None:
+            self.out.text, self.out.finish_reason, self.done = self.out.text[:cut], "stop", True
 
 
 def pad_left(fmt: PromptFormat, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -314,11 +319,11 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
             yield rows
             return
         never = fmt.never_written(lm.decoder.vocab_size)
-        for choice in decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, never):
+        for step, choice in enumerate(decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, never)):
             tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
             for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
                 if not row.done:
-                    row.add(t, lp, h)
+                    row.add(t, lp, h, last=step == steps - 1)
             yield rows
             if all(r.done for r in rows):
                 return
@@ -396,8 +401,9 @@ def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> lis
     row = _Row(fmt, stop, generation.prompt_tokens)
 
     def steps() -> Iterator[_Row]:
-        for token, logprob, entropy in zip(generation.token_ids, generation.logprobs, generation.entropy):
-            row.add(token, logprob, entropy)
+        n = len(generation.token_ids)
+        for i, (token, logprob, entropy) in enumerate(zip(generation.token_ids, generation.logprobs, generation.entropy)):
+            row.add(token, logprob, entropy, last=i == n - 1 and generation.finish_reason == "length")
             yield row
 
     return list(_released(steps(), stop))

@@ -562,3 +562,13 @@ def test_a_config_pointing_the_world_at_its_own_data_is_told_how_to_use_it(tmp_p
                                         rf"{re.escape(str(tmp_path))}, or choose an empty data\.root$"):
         prepare_data(DataConfig(root=str(tmp_path), synth=SynthConfig(n=4)))
     assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
+
+
+def test_n_heldout_is_capped_with_n_before_any_scene_is_sampled(tmp_path):
+    """generate_world took any n_heldout (a config caps n + n_heldout at MAX_SCENES): a typo of a
+    few zeros sampled every scene in memory before anything was written."""
+    from mmembed.data.synth.generate import MAX_SCENES
+
+    with pytest.raises(UserError, match=rf"^n_heldout=1000000000 must be an integer in \[0, {MAX_SCENES - 10:,}\]"):
+        generate_world(tmp_path / "w", n=10, n_heldout=10**9)
+    assert not (tmp_path / "w").exists()

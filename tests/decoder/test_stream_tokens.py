@@ -120,3 +120,23 @@ def test_a_stop_string_of_the_replacement_character_waits_for_a_character_to_end
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
         (out,) = generate(pm.lm, pm.fmt, [resolved], len(script), Sampling(), Stops(("\ufffd",)), None, CPU)
         assert (out.text, out.finish_reason) == (text, reason)
+
+
+def test_a_stop_string_of_the_replacement_character_still_cuts_an_undecodable_byte_at_the_end(monkeypatch):
+    """An undecodable last byte before <eos> (or at the last step) stayed in the text as U+FFFD
+    although it was the stop string: only a character that may still be completed waits."""
+    import sys
+
+    from mmembed.decoder.sampling import Choice
+
+    pm = prompt_model()
+    tok = pm.fmt.tokenizer
+    generate_module = sys.modules["mmembed.decoder.generate"]
+    (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
+    a, bad = tok.encode_bytes(b"a")[0], tok.encode_bytes(b"\xff")[0]
+    for script, steps in [([a, bad, pm.fmt.eos_id], 3), ([a, bad], 2)]:  # <eos> after it; the last step
+        ids = iter(script)
+        monkeypatch.setattr(generate_module, "choose", lambda logits, sampling, generator=None: Choice(
+            torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
+        (out,) = generate(pm.lm, pm.fmt, [resolved], steps, Sampling(), Stops(("\ufffd",)), None, CPU)
+        assert (out.text, out.finish_reason) == ("a", "stop")

@@ -321,8 +321,9 @@ def generate_world(
     heldout = choose_heldout_combos(seed, heldout_fraction)
     if n_heldout is None:
         n_heldout = n // 10 if heldout else 0
-    if not _integer(n_heldout) or n_heldout < 0:
-        raise UserError(f"n_heldout={n_heldout!r} must be an integer >= 0")
+    if not _integer(n_heldout) or not 0 <= n_heldout <= MAX_SCENES - n:  # every scene is sampled in memory first
+        raise UserError(f"n_heldout={n_heldout!r} must be an integer in [0, {MAX_SCENES - n:,}] "
+                        f"(n + n_heldout at most {MAX_SCENES:,}: every scene is sampled in memory first)")
     n_heldout = int(n_heldout)
     if n_heldout > 0 and not heldout:
         # round() halves to even: 1/72 x 36 = 0.5 rounds to 0, so the threshold itself holds out none
