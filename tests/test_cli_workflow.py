@@ -68,10 +68,10 @@ def test_composed_search_weights_reach_the_query(run_dir, tiny_world, tmp_path, 
         scores, rows = torch.topk(stored @ q, k)
         return [ids[r] for r in rows.tolist()], scores.tolist()
 
-    def search(*weights: str) -> list[dict]:
+    def search(w_img: str, w_wav0: str, w_wav1: str) -> list[dict]:
         capsys.readouterr()
-        flags = [x for w in weights for x in ("--weight", w)]
-        # the audio items are given before the image: the weights still follow text, image, audio order
+        # the audio items are given before the image: the weights follow the command line's order
+        flags = [x for w in (w_wav0, w_wav1, w_img) for x in ("--weight", w)]
         assert main(["search", str(tmp_path / "idx"), "--audio", str(wavs[0]), "--audio", str(wavs[1]),
                      "--image", str(img), *flags, "-k", "5", "--json"]) == 0
         return json.loads(capsys.readouterr().out)
