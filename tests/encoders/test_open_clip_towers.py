@@ -200,9 +200,9 @@ def _register(tmp_path, name: str, cfg: dict):
     open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(0)
     ref = open_clip.create_model(name).eval()
-    for module in ref.modules():  # CoCa never initialises its text decoder: torch.empty, NaN at times (refused)
-        if isinstance(module, open_clip.transformer.MultimodalTransformer):
-            module.init_parameters()
+    for module in ref.modules():  # CoCa never initialises its text decoder's projection: torch.empty, NaN at
+        if isinstance(module, open_clip.transformer.MultimodalTransformer):  # times, which loading refuses
+            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
     torch.save(ref.state_dict(), tmp_path / f"{name}.pt")
     return ref, str(tmp_path / f"{name}.pt")
 
