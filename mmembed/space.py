@@ -8,6 +8,7 @@ Nothing in this file names a particular modality: towers live in an `nn.ModuleDi
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -171,8 +172,6 @@ def build_space(config: ModelConfig, vocab_size: int | None = None, loss_kind: s
 
 
 def _params(fn) -> set[str]:
-    import inspect
-
     return set(inspect.signature(fn).parameters)
 
 
@@ -180,8 +179,6 @@ def _check_preprocess(encoder: nn.Module, modality: Modality, preprocess: dict) 
     """ValueError when the inputs a tower asks for (its `preprocess_cfg`: an open_clip image tower's
     size, and a pretrained tag's mean and std) differ from what its preprocess block prepares: size
     64 on a 32 px tower failed at embed time, and a SigLIP tag's tower was fed CLIP's mean and std."""
-    import inspect
-
     from mmembed.preprocess import PREPROCESSORS
 
     wanted = getattr(encoder, "preprocess_cfg", None) or {}

@@ -401,9 +401,9 @@ def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> lis
     row = _Row(fmt, stop, generation.prompt_tokens)
 
     def steps() -> Iterator[_Row]:
-        n = len(generation.token_ids)
-        for i, (token, logprob, entropy) in enumerate(zip(generation.token_ids, generation.logprobs, generation.entropy)):
-            row.add(token, logprob, entropy, last=i == n - 1 and generation.finish_reason == "length")
+        chosen = list(zip(generation.token_ids, generation.logprobs, generation.entropy))
+        for i, (token, logprob, entropy) in enumerate(chosen):
+            row.add(token, logprob, entropy, last=i == len(chosen) - 1 and generation.finish_reason == "length")
             yield row
 
     return list(_released(steps(), stop))

@@ -47,6 +47,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
+from mmembed.checkpoint import utf8_name
 from mmembed.errors import BadInput, ConfigError
 from mmembed.preprocess.files import check_file
 from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_ratio
@@ -366,7 +367,7 @@ def _opened(source: Path | bytes) -> Iterator[sf.SoundFile]:
     if isinstance(source, bytes):
         with sf.SoundFile(io.BytesIO(source)) as f:
             yield f
-    elif _utf8(str(source)):
+    elif utf8_name(source):
         with sf.SoundFile(source) as f:
             yield f
     else:  # libsndfile takes UTF-8 names only: open the others here
@@ -385,14 +386,6 @@ def _read_frames(f: sf.SoundFile, n: int) -> np.ndarray:
     got = sf._snd.sf_readf_float(f._file, sf._ffi.cast("float *", sf._ffi.from_buffer(out)), n)
     sf._error_check(f._errorcode)
     return out[:got]
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes of the name, kept as surrogates
-        return False
-    return True
 
 
 def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:

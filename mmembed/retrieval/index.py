@@ -352,12 +352,11 @@ class Index:
 def _unsaveable(item: Any, error: UserError) -> str:
     """Why an entry cannot be saved: its file's name when that is not UTF-8 (another encoding's
     bytes, which Python keeps as lone surrogates), else what the save said."""
-    try:
-        str(item).encode("utf-8")
-    except UnicodeEncodeError:
-        if isinstance(item, Path):
-            return (f"its file name {str(item)!a} is not UTF-8, which an index cannot save: "
-                    "rename the file (and its manifest entry) to a UTF-8 name")
+    from mmembed.checkpoint import utf8_name
+
+    if isinstance(item, Path) and not utf8_name(item):
+        return (f"its file name {str(item)!a} is not UTF-8, which an index cannot save: "
+                "rename the file (and its manifest entry) to a UTF-8 name")
     return str(error)
 
 

@@ -96,14 +96,18 @@ def _check_copied_space(config: Config) -> None:
 def _towers(config: Config) -> list[str] | None:
     """The towers the decoder will read through: the config's own, or those of the space a decoder
     config copies from model.init_from (None when its config.yaml cannot be read here)."""
-    if not _space_copied(config):
-        return list(config.model.towers)
+    return _source_towers(config) if _space_copied(config) else list(config.model.towers)
+
+
+def _source_towers(config: Config) -> list[str] | None:
+    """The towers of model.init_from's config.yaml; None when it is missing, old or odd (what it
+    lacks is then said as it is copied)."""
     from mmembed.config import load_config
 
     source = Path(config.model.init_from) / "config.yaml"
     try:
         return list(load_config(source).model.towers) if source.is_file() else None
-    except UserError:  # an old or odd config.yaml: copy_space says what it lacks
+    except UserError:
         return None
 
 
@@ -305,17 +309,12 @@ def _copies_token_reader(config: Config) -> bool:
     takes the tokenizer): one named in init_towers, or without it one the source run has too."""
     import inspect
 
-    from mmembed.config import load_config
-    from mmembed.errors import UserError
     from mmembed.preprocess import PREPROCESSORS
 
     model = config.model
     copied = set(model.init_towers if model.init_towers is not None else model.towers)
-    if model.init_towers is None and (Path(model.init_from) / "config.yaml").is_file():
-        try:
-            copied &= set(load_config(Path(model.init_from) / "config.yaml").model.towers)
-        except UserError:  # an old or odd config.yaml: assume the towers are shared
-            pass
+    if model.init_towers is None and (theirs := _source_towers(config)) is not None:  # unknown: assume shared
+        copied &= set(theirs)
     return any("tokenizer" in inspect.signature(PREPROCESSORS[Modality.parse(name)]).parameters
                for name in copied & set(model.towers))
 

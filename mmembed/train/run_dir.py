@@ -116,20 +116,13 @@ def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
     """Rank 0 readies the run folder (`prepare_run_dir`) and takes its lock while the other ranks
     wait; returns the context manager that holds the lock (on rank 0; nothing on the others).
     A refusal is raised on every rank."""
-    from mmembed.train.distributed import broadcast_object, current_world
+    from mmembed.train.distributed import current_world, main_first
 
     held = contextlib.ExitStack()
-    refused = None
-    if current_world().main:
-        try:
+    with main_first():  # a refusal is raised on every rank (the others said rank 0 was lost)
+        if current_world().main:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, keep=keep)
-            held.enter_context(run_lock(run_dir))  # a busy folder too is refused on every rank
-        except UserError as e:  # every rank says it (the others said rank 0 was lost)
-            refused = str(e)
-    refused = broadcast_object(refused)
-    if refused is not None:
-        held.close()
-        raise UserError(refused)
+            held.enter_context(run_lock(run_dir))  # a busy folder too
     return held
 
 
