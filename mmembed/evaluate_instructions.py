@@ -54,7 +54,8 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     """Answer every row of `manifest` greedily and score the answers.
 
     Returns:
-        {"manifest", "scoring", "rows" (scored), "skipped" (bad rows), "too_long" (rows whose
+        {"manifest", "scoring", "rows" (scored), "skipped" (bad rows), "skipped_rows" ([{"line",
+         "reason"}] of those, in line order), "too_long" (rows whose
          prompt and answer do not fit the decoder's context: not scored, as training skips them),
          "tasks": {task: {"n", "correct", "accuracy"}} with OVERALL last,
          "answers": [{"line", "task", "answer", "reference", "correct"}] in manifest order}.
@@ -75,10 +76,9 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     unreadable: list[tuple[int, str]] = []  # rows whose media cannot be read: skipped and counted, as bad rows
     answers = answer_rows(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, bad=unreadable)
     rows, answers = [r for r, a in zip(rows, answers) if a is not None], [a for a in answers if a is not None]
-    if unreadable:
-        line, why = unreadable[0]
-        log.warning("%s: %d row(s) skipped, their media unreadable (first, line %d: %s)", manifest, len(unreadable),
-                    line, why)
+    for skipped, what in ((instructions.skipped, "bad"), (unreadable, "with unreadable media")):
+        if skipped:  # a file of mostly bad rows must not pass for a small accurate one
+            log.warning("%s: %d row(s) skipped, %s (first, line %d: %s)", manifest, len(skipped), what, *skipped[0])
     if not rows:
         raise UserError(f"{manifest}: no row's media could be read (first, line {unreadable[0][0]}: "
                         f"{unreadable[0][1]})")
@@ -88,6 +88,7 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
     return {
         "manifest": str(manifest), "scoring": name, "rows": len(rows),
         "skipped": len(instructions.skipped) + len(unreadable),
+        "skipped_rows": [{"line": line, "reason": why} for line, why in sorted([*instructions.skipped, *unreadable])],
         "too_long": too_long, "tasks": tasks,
         "answers": [{"line": r.line, "task": r.task, "answer": a.text, "reference": r.answer, "correct": c}
                     for r, a, c in zip(rows, answers, correct)],
@@ -100,6 +101,8 @@ def format_instruction_table(report: dict[str, Any]) -> str:
     lines += [f"| {task} | {t['accuracy']:.3f} | {t['correct']} / {t['n']} |" for task, t in report["tasks"].items()]
     lines.append(f"\nscoring: {report['scoring']}; not scored: {report['too_long']} row(s) longer than the "
                  f"context, {report['skipped']} bad row(s)")
+    if first := report.get("skipped_rows"):
+        lines[-1] += f" (first, line {first[0]['line']}: {first[0]['reason']})"
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ class Model:
         prompt_model: the decoder stage (projector + language model), or None.
         query_tower: a text tower trained to place questions near the items they name, or None.
         query_threshold: the score a question must give an item to recall it (with the query tower).
+        run_dir: the folder it was loaded from (absolute), or None for a model built in Python.
     """
 
     def __init__(self, config: Config, space: SharedSpace, tokenizer: Any | None,
@@ -57,6 +58,7 @@ class Model:
         self.query_tower: nn.Module | None = None  # questions → the items they ask about (`train/queries.py`)
         self.query_threshold: float | None = None  # the query tower's recall threshold, fitted with it
         self.embed_dim = space.embed_dim
+        self.run_dir: Path | None = None  # a memory file records it: `mm.Memory(file)` can reopen the run
         self.preprocessors = {
             m: build_preprocessor(m, config.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=False)
             for m in space.modalities
@@ -370,7 +372,9 @@ def load_space(run_dir: str | Path) -> Model:
         raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
                               f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     space.eval()
-    return Model(config, space, tokenizer)
+    model = Model(config, space, tokenizer)
+    model.run_dir = run_dir.resolve()
+    return model
 
 
 def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: int | None, run_dir: Path) -> None:

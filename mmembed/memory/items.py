@@ -52,6 +52,7 @@ class Pending:
     entries: list[Entry]
     vectors: torch.Tensor  # (N, D) float32 unit rows, stored as they are
     role: str
+    fingerprint: str  # the model that embedded them: a file holding another model's vectors refuses them
 
 
 def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:

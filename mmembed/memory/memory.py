@@ -31,8 +31,8 @@ from torch import Tensor
 from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
-from mmembed.memory.checks import (check_ids, check_list, check_optional_str, check_role, check_user, meta_json,
-                                   parse_modality, storable, timestamp)
+from mmembed.memory.checks import (check_ids, check_int, check_list, check_optional_str, check_role, check_user,
+                                   meta_json, parse_modality, storable, timestamp)
 from mmembed.memory.export import export_items
 from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
@@ -54,8 +54,10 @@ class Memory:
     Args:
         path: the memory file; created when absent (its folder must exist), reopened otherwise.
         model: the model (`mm.load(run)`) that embeds items and queries. A file remembers the
-            model that wrote it (dim and fingerprint) and refuses any other. Without a model,
-            the memory can be read, searched by a raw (D,) vector, deleted from and exported.
+            model that wrote it (dim, fingerprint and run folder) and refuses any other. Without
+            a model, the memory is read, searched by a (D,) vector, deleted from and exported as
+            it is; the first `add` or search by content loads the run the file names (a
+            UserError when it names none, or that run now holds other weights).
     Raises:
         MemoryFileError (a UserError) when the file is not a memory file, is corrupt, has
         another schema version, or was written by another model.
@@ -64,7 +66,9 @@ class Memory:
     def __init__(self, path: str | Path, model: Any = None):
         self.model = model
         dim = None if model is None else int(model.embed_dim)
-        self._store = Store(path, dim, None if model is None else str(model.fingerprint))
+        run = getattr(model, "run_dir", None)
+        self._store = Store(path, dim, None if model is None else str(model.fingerprint),
+                            None if run is None else str(run))
         self._vectors: OrderedDict[str, UserVectors] = OrderedDict()
         self._lock = threading.RLock()
         self._pid = os.getpid()
@@ -115,10 +119,10 @@ class Memory:
     def prepare(self, items: Sequence[ItemLike], *, role: str = "user") -> Pending:
         """Check and embed items without storing them: a conversation's turn, stored with its
         answer by `add_turn`, so a turn killed before it is answered leaves nothing behind."""
-        self._require_model("add items")
+        model = self._require_model("add items")
         check_role(role)
         entries = [to_entry(item, None) for item in check_list(items, "items")]
-        return Pending(entries, self._embed(entries), role)
+        return Pending(entries, self._embed(entries), role, str(model.fingerprint))
 
     def add_turn(self, user: str, session: str, parts: Sequence[Pending], time: float | None = None
                  ) -> tuple[int, list[int]]:
@@ -134,6 +138,7 @@ class Memory:
             raise UserError(f"parts must hold Memory.prepare results, got {type(bad[0]).__name__}")
         if not any(p.entries for p in parts):
             raise UserError("a turn needs at least one item (Memory.prepare)")
+        parts = self._checked_parts(parts)
         when = _time.time() if time is None else timestamp(time, "time")
         rows = [row for p in parts for row in _new_items(p, user, session, [None] * len(p.entries), when,
                                                           ["{}"] * len(p.entries))]
@@ -142,18 +147,29 @@ class Memory:
             self._cached_rows(user, ids, torch.cat([p.vectors for p in parts]), rows)
         return turn, ids
 
+    def _checked_parts(self, parts: Sequence[Pending]) -> list[Pending]:
+        """The parts, once their vectors are known to be this file's model's unit rows: a part prepared
+        through another run's Memory (or edited) would mix spaces, or lock the user out of search."""
+        if self._store.fingerprint is None:
+            self._store.refresh_meta()
+        if foreign := [p.fingerprint for p in parts if p.fingerprint != self._store.fingerprint]:
+            raise UserError(f"a part was prepared by model {foreign[0]}, but {self.path.name} holds the vectors of "
+                            f"model {self._store.fingerprint}: prepare it with this Memory")
+        if any(len(p.vectors) != len(p.entries) for p in parts):
+            raise UserError("a part holds more or fewer vectors than items: use Memory.prepare's result as it is")
+        return [replace(p, vectors=check_vectors(p.vectors, self._store.dim, what="prepared vectors")) for p in parts]
+
     def _add(self, entries: list[Entry], user: str, metas: Sequence[dict[str, Any] | None], session: str | None,
              turns: Sequence[int | None], role: str, time: float | None) -> list[int]:
         check_user(user)
         check_optional_str(session, "session")
         check_role(role)
-        for turn in turns:
-            if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int) or not -2**63 <= turn < 2**63):
-                raise UserError(f"turn must be an int (64-bit), got {turn!r}")
+        turns = [None if t is None else check_int(t, "turn", -2**63, 2**63, "an int (64-bit)") for t in turns]
         when = _time.time() if time is None else timestamp(time, "time")
         metas_json = [meta_json(m) for m in metas]
         vectors = self._embed(entries)  # (N, D), before the write transaction: the lock covers inserts only
-        rows = _new_items(Pending(entries, vectors, role), user, session, turns, when, metas_json)
+        rows = _new_items(Pending(entries, vectors, role, self._store.fingerprint), user, session, turns, when,
+                          metas_json)
         with self._guard():
             ids = self._store.insert(rows)
             self._cached_rows(user, ids, vectors, rows)
@@ -206,15 +222,15 @@ class Memory:
         """The `k` items of `user` most similar to `query`, best first, with cosine scores.
 
         Args:
-            query: `mm.Image`, `mm.Audio`, `mm.Text`, a str (text), or a (D,) vector.
+            query: `mm.Image`, `mm.Audio`, `mm.Text`, a str (text), or a (D,) vector (or (1, D),
+                as `embed` returns one item).
             k: hits wanted; fewer come back when fewer items pass the filters.
             modality: only items of this modality.
             since: only items at or after this time (unix seconds or a datetime).
             session / exclude_session: only items of / not of this session.
         """
         check_user(user)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"k must be a positive int, got {k!r}")
+        k = check_int(k, "k", 1, None, "a positive int")
         modality = None if modality is None else parse_modality(modality)
         since = None if since is None else timestamp(since, "since")
         check_optional_str(session, "session")
@@ -264,8 +280,7 @@ class Memory:
         """The user's last `limit` items (of one session when given), oldest first."""
         check_user(user)
         check_optional_str(session, "session")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 2**63:
-            raise UserError(f"limit must be a positive int (below 2**63), got {limit!r}")
+        limit = check_int(limit, "limit", 1, 2**63, "a positive int (below 2**63)")
         with self._guard():
             return self._store.recent(user, session, limit, media)
 
@@ -274,9 +289,8 @@ class Memory:
         turn order: what a conversation's history shows, whatever the items' times."""
         check_user(user)
         check_optional_str(session, "session")
-        for name, value in (("first", first), ("stop", stop)):
-            if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
-                raise UserError(f"{name} must be an int (a turn number), got {value!r}")
+        first, stop = (check_int(value, name, -2**63, 2**63, "an int (a turn number)")
+                       for name, value in (("first", first), ("stop", stop)))
         with self._guard():
             return self._store.turns(user, session, first, stop)
 
@@ -347,9 +361,30 @@ class Memory:
         return self._lock
 
     def _require_model(self, what: str) -> Any:
-        if self.model is None:
-            raise UserError(f"this Memory was opened without a model: pass model=mm.load(run) to {what}")
-        return self.model
+        with self._guard():
+            if self.model is None:
+                self.model = self._recorded_model(what)
+            return self.model
+
+    def _recorded_model(self, what: str) -> Any:
+        """The model of the run the file names, checked to be the one that wrote it."""
+        from mmembed.model import Model  # here: memory is imported by the model's own package
+
+        self._store.refresh_meta()  # a writer may have claimed the file since it was opened
+        run, wrote = self._store.run, self._store.fingerprint
+        fix = f"pass model=mm.load(run) to {what}"
+        if run is None:
+            raise UserError(f"this Memory was opened without a model and {self.path.name} names no run: {fix}")
+        try:
+            model = Model.load(run)
+        except UserError as err:
+            raise UserError(f"this Memory was opened without a model, and the run that wrote {self.path.name} "
+                            f"does not load ({err}): {fix}") from None
+        if str(model.fingerprint) != wrote:
+            raise UserError(f"{self.path.name} was written by model {wrote}, but {run} now holds {model.fingerprint} "
+                            f"(trained again?): {fix}")
+        log.info("memory %s: embedding with the model of %s, which wrote it", self.path, run)
+        return model
 
     def _query_vector(self, query: QueryLike) -> Tensor | None:
         """Query → (1, D) float32 unit row; None when the file holds no vectors yet."""
@@ -365,10 +400,11 @@ class Memory:
             self._store.refresh_meta()
         if self._store.dim is None:
             return None
+        shape = tuple(query.shape)
         if query.ndim == 2 and query.shape[0] == 1:  # (1, D), as `embed` returns one item: Index.search takes it
             query = query[0]
-        if query.ndim != 1:
-            raise BadInput(f"a query vector must be (D,) = ({self._store.dim},), got shape {tuple(query.shape)}")
+        if query.ndim != 1 or query.shape[0] != self._store.dim:
+            raise BadInput(f"a query vector must have shape ({self._store.dim},), the memory's dimension; got {shape}")
         return check_vectors(torch.as_tensor(query), self._store.dim, "query vector")
 
     def _user_vectors(self, user: str) -> UserVectors:

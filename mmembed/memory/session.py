@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -30,12 +31,14 @@ from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
+from mmembed.memory.checks import check_int, check_optional_str, check_user
 from mmembed.memory.items import Pending
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
 from mmembed.modality import Modality
 
 log = logging.getLogger(__name__)
+_SETTINGS = frozenset(inspect.signature(check_generation).parameters)  # what `ask` passes on to generate
 
 ASSISTANT = "assistant"
 
@@ -68,22 +71,30 @@ class Session:
         if isinstance(recall_threshold, bool) or not isinstance(recall_threshold, (int, float)) \
                 or not -math.inf < recall_threshold < math.inf:  # math.isfinite(10**400) overflowed
             raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
+        check_user(user)  # before the file is opened: a mistyped name must not create (and claim) it
+        check_optional_str(session, "session")
         self.model, self.user = model, user
         self._own = not isinstance(memory, Memory)
         if not self._own:
             _check_memory_model(memory, model)
         self.memory = Memory(memory, model=model) if self._own else memory
         self.history_turns, self.recall_k, self.recall_threshold = history_turns, recall_k, recall_threshold
-        names = self.memory.sessions(user)
+        try:
+            self.session = self._session(session, new)
+            self.turn = self.memory.last_turn(user, self.session)  # the highest, whatever was added after it
+        except BaseException:
+            self.close()
+            raise
+
+    def _session(self, session: str | None, new: bool) -> str:
+        """The session to continue or start (see the class's `session` and `new`)."""
+        names = self.memory.sessions(self.user)
         if new and session in names:  # it continued that conversation, its old turns fed to the decoder
-            if self._own:
-                self.memory.close()
-            raise UserError(f"session {session!r} of {user!r} already exists: `new` starts another one (leave out "
-                            "the name, or give a new one)")
+            raise UserError(f"session {session!r} of {self.user!r} already exists: `new` starts another one "
+                            "(leave out the name, or give a new one)")
         if session is None:
-            session = names[-1] if names and not new else _new_session_name()
-        self.session = session
-        self.turn = self.memory.last_turn(user, session)  # the highest, whatever was added after it
+            return names[-1] if names and not new else _new_session_name()
+        return session
 
     # ---- one turn --------------------------------------------------------------------------------
 
@@ -100,6 +111,8 @@ class Session:
         Returns:
             The `Generation`, with `recalled`: the older memories shown to the decoder, best first.
         """
+        if unknown := sorted(set(generate) - _SETTINGS):  # named as `generate` names its own
+            raise TypeError(f"ask() got an unexpected keyword argument {unknown[0]!r}")
         check_generation(**generate)  # a refused setting stores nothing of the turn
         segments = _turn_segments(prompt)
         pending = self.memory.prepare(segments)  # embedded once; stored as they are, with the answer
@@ -200,8 +213,7 @@ class Session:
         """This session's last `limit` items in the order they were added, oldest first (the user's,
         the answers and any note added to the session), not by their times (a clock set back
         reordered them)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise UserError(f"limit must be a positive int, got {limit!r}")
+        limit = check_int(limit, "limit", 1, None, "a positive int")
         items = self.memory.recent(self.user, self.session, limit=2**62)  # every item of the session (a note too)
         return sorted(items, key=lambda h: h.id)[-limit:]
 

@@ -88,9 +88,12 @@ class Store:
         path: the SQLite file (created when absent; its folder must exist).
         dim, fingerprint: the model's embedding size and `Model.fingerprint`; a file written
             by another model is refused. None: accept the file's own (read, delete, export only).
+        run: the folder the model was loaded from, recorded with the model (kept as first recorded),
+            so that a `Memory` opened without a model can load it (`Store.run`).
     """
 
-    def __init__(self, path: str | Path, dim: int | None = None, fingerprint: str | None = None):
+    def __init__(self, path: str | Path, dim: int | None = None, fingerprint: str | None = None,
+                 run: str | None = None):
         self.path = Path(path)
         if self.path.is_dir():
             raise MemoryFileError(f"{self.path} is a folder, not a memory file")
@@ -104,7 +107,8 @@ class Store:
         self._seen_version: int | None = None
         self.dim: int | None = None
         self.fingerprint: str | None = None
-        self._open_schema(dim, fingerprint)
+        self.run: str | None = None
+        self._open_schema(dim, fingerprint, run)
         _OPEN.add(self)
 
     def _close_before_fork(self) -> None:
@@ -195,14 +199,14 @@ class Store:
 
     # ---- schema ------------------------------------------------------------------------------
 
-    def _open_schema(self, dim: int | None, fingerprint: str | None) -> None:
+    def _open_schema(self, dim: int | None, fingerprint: str | None, run: str | None) -> None:
         """Check the file's schema and model; create the tables / record the model when absent.
 
         A plain read first, so opening a file that needs no change never waits for the write lock.
         """
         with self._transaction(write=False) as conn:
             tables, meta = self._read_schema(conn)
-        if not tables or (dim is not None and "dim" not in meta):
+        if not tables or self._to_record(meta, dim, fingerprint, run):
             with self._transaction(write=True) as conn:
                 tables, meta = self._read_schema(conn)  # again: another process may have written meanwhile
                 if not tables:
@@ -211,12 +215,21 @@ class Store:
                             conn.execute(statement)
                     conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                     meta = {"schema_version": str(SCHEMA_VERSION)}
-                if dim is not None and "dim" not in meta:
-                    record = {"dim": str(dim), "fingerprint": str(fingerprint)}
-                    conn.executemany("INSERT INTO meta VALUES (?, ?)", list(record.items()))
-                    meta.update(record)
+                record = self._to_record(meta, dim, fingerprint, run)
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", list(record.items()))
+                meta.update(record)
         self._check_model(meta, dim, fingerprint)
         self._adopt(meta)
+
+    @staticmethod
+    def _to_record(meta: dict[str, str], dim: int | None, fingerprint: str | None, run: str | None) -> dict[str, str]:
+        """What `meta` lacks of the opening model: its dim and fingerprint when the file has none, and
+        its run folder when the file names none (a file of another model is refused afterwards)."""
+        record = {"dim": str(dim), "fingerprint": str(fingerprint)} if dim is not None and "dim" not in meta else {}
+        same_model = record or meta.get("fingerprint") == str(fingerprint)
+        if run is not None and "run" not in meta and same_model:
+            record["run"] = run
+        return record
 
     def refresh_meta(self) -> None:
         """Re-read dim and fingerprint (a file created without a model may have been claimed since)."""
@@ -226,6 +239,7 @@ class Store:
     def _adopt(self, meta: dict[str, str]) -> None:
         self.dim = int(meta["dim"]) if "dim" in meta else None
         self.fingerprint = meta.get("fingerprint")
+        self.run = meta.get("run")
 
     def _read_schema(self, conn: sqlite3.Connection) -> tuple[set[str], dict[str, str]]:
         """The file's tables (empty for a new file) and meta; refuses foreign files and other versions."""

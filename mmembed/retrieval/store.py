@@ -42,11 +42,12 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     if not (v.is_floating_point()):
         raise BadInput(f"{what} must be floating point, got {v.dtype}")
     v = v.detach().to(device="cpu", dtype=torch.float32)
+    shape = tuple(v.shape)  # as given, for the message
     if v.dim() == 1:
         v = v.unsqueeze(0)
     if v.dim() != 2 or v.shape[1] != dim:
-        raise BadInput(f"{what} have shape {tuple(v.shape)}; the shared space has dimension {dim} "
-                       f"(expected (N, {dim}))")
+        raise BadInput(f"{what}: shape {shape}, but the shared space has dimension {dim} "
+                       f"(expected ({dim},) or (N, {dim}))")
     finite = torch.isfinite(v).all(dim=1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])

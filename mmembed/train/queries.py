@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from encoders.weights import state_fault
 from mmembed.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from mmembed.data.episodes import Episode
 from mmembed.errors import CheckpointError, UserError
@@ -187,8 +188,11 @@ def load_query_tower(run_dir: Path, model: Any) -> tuple[torch.nn.Module | None,
         raise CheckpointError(f"{path} was trained for another space (fingerprint {info['fingerprint']}, this run's "
                               f"{model.fingerprint}): {again}")
     tower = copy.deepcopy(model.space.towers[str(Modality.TEXT)])
+    state = load_tensors(path)
+    if fault := state_fault(tower, state):  # NaN loads as it is: every worded turn would fail later
+        raise CheckpointError(f"{path}: {fault}: {again}")
     try:
-        tower.load_state_dict(load_tensors(path))
+        tower.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match the text tower of config.yaml "
                               f"({str(e).strip().splitlines()[0][:200]})") from None

@@ -201,9 +201,10 @@ def test_raw_vector_queries_and_a_memory_without_model(db, model):
     with Memory(db) as ro:
         assert ro.search("ada", vector.numpy(), k=1)[0].id == i
         assert ro.count() == 2 and ro.recent("ada")[0].text == "a small blue star"
-        with pytest.raises(UserError, match=r"without a model: pass model="):
+        # the model was built in Python, not loaded from a run: the file names no run to load
+        with pytest.raises(UserError, match=r"without a model and memory.db names no run: pass model="):
             ro.add("ada", "more")
-        with pytest.raises(UserError, match=r"without a model: pass model="):
+        with pytest.raises(UserError, match=r"without a model and memory.db names no run: pass model="):
             ro.search("ada", "a star")
         assert ro.delete([i]) == 1
     with Memory(db.with_name("empty.db")) as empty:  # no model has written it yet: no dimension
@@ -231,8 +232,9 @@ def test_raw_vector_queries_and_a_memory_without_model(db, model):
     (lambda m: m.add_many("ada", ["a", "b"], texts=["x"]), UserError, "2 items, 1 texts"),
     (lambda m: m.search("ada", "x", k=0), UserError, "k must be a positive int"),
     (lambda m: m.search("ada", "x", modality="video"), UserError, "unknown modality 'video'"),
-    (lambda m: m.search("ada", torch.ones(5)), BadInput, "dimension 32"),
-    (lambda m: m.search("ada", torch.ones(2, 32)), BadInput, r"must be \(D,\)"),
+    (lambda m: m.search("ada", torch.ones(5)), BadInput, r"must have shape \(32,\).*got \(5,\)"),
+    (lambda m: m.search("ada", torch.ones(2, 32)), BadInput, r"must have shape \(32,\).*got \(2, 32\)"),
+    (lambda m: m.search("ada", "x", k=np.True_), UserError, "k must be a positive int"),
     (lambda m: m.search("ada", torch.full((32,), float("nan"))), BadInput, "NaN"),
     (lambda m: m.search("ada", torch.zeros(32)), BadInput, "zero vector"),
     (lambda m: m.search("ada", 3.0), UserError, "cannot search with a float"),
@@ -404,3 +406,55 @@ def test_recent_and_count_check_their_arguments_as_their_siblings_do(mem):
             call()
         assert type(info.value) is UserError  # not MemoryFileError: the file is fine
     assert [h.text for h in mem.recent("ada", session="s")] == ["kept"] and mem.count(user="ada") == 1
+
+
+def test_a_memory_opened_without_a_model_embeds_with_the_run_that_wrote_it(tmp_path, model, other_model):
+    """Issue #16's `mm.Memory("memory.db")` then `mem.add(...)`: it was refused ("opened without a model")."""
+    model.save(tmp_path / "run")
+    db = tmp_path / "memory.db"
+    with Memory(db, model=mm.load(tmp_path / "run")) as mem:
+        star = mem.add("ada", "a small blue star")
+    with Memory(db) as mem:  # the store on its own
+        circle = mem.add("ada", mm.Image(picture(3)), text="my circle")
+        assert mem.search("ada", "a small blue star", k=1)[0].id == star
+        assert torch.allclose(mem.vectors([circle])[0], model.embed("image", [picture(3)])[0], atol=1e-5)
+    other_model.save(tmp_path / "run")  # trained again over the same folder: its vectors are another space's
+    with Memory(db) as mem:
+        with pytest.raises(UserError, match=r"written by model .* now holds .*pass model=mm.load"):
+            mem.add("ada", "more")
+        assert mem.count() == 2
+    with Memory(tmp_path / "new.db") as mem:  # no model has claimed it: nothing names a run
+        with pytest.raises(UserError, match="names no run"):
+            mem.add("ada", "x")
+
+
+def test_add_turn_refuses_parts_of_another_model_or_edited_vectors(tmp_path, model, other_model):
+    """A part prepared through another run's Memory was stored as it was (another space's vectors
+    in this file); a wrong width or NaN locked the user out of every later search."""
+    import dataclasses
+
+    with Memory(tmp_path / "a.db", model=model) as mem, Memory(tmp_path / "b.db", model=other_model) as other:
+        foreign = other.prepare(["a red star on the left"])
+        with pytest.raises(UserError, match="prepared by model .* prepare it with this Memory"):
+            mem.add_turn("ada", "s1", [foreign])
+        own = mem.prepare(["a red star on the left"])
+        for vectors, message in ((torch.randn(1, 64), "shape"), (torch.full((1, 32), float("nan")), "NaN"),
+                                 (torch.randn(2, 32), "more or fewer vectors than items")):
+            with pytest.raises(UserError, match=message):
+                mem.add_turn("ada", "s1", [dataclasses.replace(own, vectors=vectors)])
+        assert mem.count() == 0
+        turn, ids = mem.add_turn("ada", "s1", [dataclasses.replace(own, vectors=own.vectors * 3)])
+        assert turn == 1 and torch.allclose(mem.vectors(ids), own.vectors, atol=1e-6)  # stored as unit rows
+        assert mem.search("ada", "a red star on the left", k=1)[0].id == ids[0]
+
+
+def test_numpy_numbers_are_taken_where_python_numbers_are(mem):
+    """np.int64 seconds were "must be unix seconds", np.int64(5) hits "must be a positive int"."""
+    i = mem.add("ada", "a small blue star", time=np.float32(1.7e9), turn=np.int64(3))
+    mem.add("ada", "a large red circle", time=1.8e9)
+    assert mem.get([i])[0].turn == 3
+    assert [h.id for h in mem.search("ada", "a small blue star", k=np.int64(5), since=np.int64(int(1.75e9)))] \
+        == [i + 1]
+    assert len(mem.recent("ada", limit=np.int32(1))) == 1
+    with pytest.raises(UserError, match="since must be unix seconds"):
+        mem.search("ada", "x", since=np.True_)

@@ -165,6 +165,21 @@ def test_a_memory_opened_with_another_model_or_none_is_refused(chat_model, db):
         assert mm.Session(chat_model, memory=own, user="ada").memory is own
 
 
+def test_a_bad_user_or_setting_leaves_no_file_and_names_ask(chat_model, db):
+    """A mistyped --user created (and claimed) the memory file before it was refused; a typo in a
+    setting blamed check_generation(), a function no document names."""
+    for user in ("", None, "\ud800"):
+        with pytest.raises(UserError, match="user"):
+            mm.Session(chat_model, memory=db, user=user)
+    with pytest.raises(UserError, match="session"):
+        mm.Session(chat_model, memory=db, user="ada", session=7)
+    assert not db.exists()
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        with pytest.raises(TypeError, match=r"^ask\(\) got an unexpected keyword argument 'temprature'$"):
+            chat.ask("hello", temprature=0.7)
+        assert chat.history() == []
+
+
 def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_path):
     out = io.StringIO()
     lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/hist", "//slash", "/history", "/quit",

@@ -510,10 +510,13 @@ def test_eval_instructions_scores_other_manifests_by_normalised_exact_match(trai
     # a row whose picture is missing or broken is skipped and counted; it stopped the whole evaluation
     (tmp_path / "broken.png").write_bytes(b"<html>not a picture</html>")
     extra = [{"prompt": ["What is in", {"image": name}], "answer": "x"} for name in ("missing.png", "broken.png")]
+    extra.append({"prompt": ["What is in", {"image": str(tmp_path / "picture.png")}], "answer": "x"})  # absolute
     (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, *extra]))
     table, report = run_instruction_eval(model, tmp_path / "mine.jsonl", max_new_tokens=6)
-    assert report["skipped"] == 2 and report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
-    assert "2 bad row(s)" in table
+    assert report["skipped"] == 3 and report["tasks"]["mine"] == {"n": 4, "correct": 2, "accuracy": 0.5}
+    assert "3 bad row(s) (first, line 5: " in table  # the reasons were dropped: a file of bad rows looked small
+    assert [r["line"] for r in report["skipped_rows"]] == [5, 6, 7]
+    assert "absolute path" in report["skipped_rows"][2]["reason"]
     assert report["too_long"] == 0 and "0 row(s) longer than the context" in table  # they were counted there too
 
 

@@ -227,6 +227,21 @@ def test_a_query_tower_of_another_space_is_refused(tmp_path):
         mm.load(tmp_path / "run")
 
 
+def test_a_query_tower_holding_nan_is_refused_at_load_naming_its_file(tmp_path):
+    """It loaded, and every worded turn of a Session then failed with "query vector: row 0 contains NaN"."""
+    from mmembed.checkpoint import load_tensors, save_tensors
+
+    model = tiny_model(0)
+    model.query_tower, model.query_threshold = copy.deepcopy(model.space.towers["text"]), 0.1
+    model.save(tmp_path / "run")
+    state = load_tensors(tmp_path / "run" / QUERY_WEIGHTS)
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name].view(-1)[0] = float("nan")
+    save_tensors(tmp_path / "run" / QUERY_WEIGHTS, state)
+    with pytest.raises(CheckpointError, match=rf"{QUERY_WEIGHTS}: {re.escape(name)} holds .*train-queries"):
+        mm.load(tmp_path / "run")
+
+
 def test_a_tower_saved_over_another_is_never_paired_with_the_old_record(tmp_path, monkeypatch):
     """A kill between the new weights and the new record left the new tower beside the old
     tower's threshold, and it loaded without a word."""
