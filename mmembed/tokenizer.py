@@ -32,7 +32,7 @@ from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, check_texts,
                                    content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
                                    resolve_allowed, split_on_specials, with_bos_eos)
-from mmembed.tokenizer_file import check_tokenizer_json
+from mmembed.tokenizer_file import check_tokenizer_json, holds_whitespace
 
 if TYPE_CHECKING:
     from mmembed.clip_tokenizer import ClipTokenizer
@@ -68,12 +68,16 @@ class Tokenizer:
 
     Args:
         hf: a trained byte-level BPE `tokenizers.Tokenizer` whose special tokens include
-            `<bos>`, `<eos>` and `<pad>`.
+            `<bos>`, `<eos>` and `<pad>`. A copy is kept, with truncation and padding off
+            (`encode` takes `max_length` itself and pads nothing).
     """
 
     kind = "bpe"
 
     def __init__(self, hf: tokenizers.Tokenizer):
+        hf = tokenizers.Tokenizer.from_str(hf.to_str())  # the caller's keeps its settings
+        hf.no_truncation()  # transformers' `save_pretrained` writes what its last call set
+        hf.no_padding()
         check_tokenizer_json(json.loads(hf.to_str()))
         self._hf = hf
         # A twin that treats special-token text as plain text: user strings go through it, so
@@ -352,8 +356,8 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
 
     A bad vocab_size, a missing corpus file, or only empty (or whitespace-only) ones, is a
     UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite`, and
-    a trained run's folder in any case (its weights belong to its tokenizer); all checked before
-    any training starts and before `out_dir` is made.
+    a training run's folder in any case, finished, under way or interrupted (its weights belong to
+    its tokenizer); all checked before any training starts and before `out_dir` is made.
     """
     check_vocab_size(vocab_size)
     files = [Path(f) for f in corpus_files]
@@ -365,9 +369,10 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     if not any(_holds_text(f) for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
                         "a tokenizer learns its merges from text")
-    if (Path(out_dir) / "model.safetensors").exists():  # a same-size tokenizer loaded, every id another word
-        raise UserError(f"{out_dir} is a trained run: its weights belong to its tokenizer.json; write the new "
-                        "tokenizer to another folder")
+    run = _run_evidence(Path(out_dir))
+    if run:  # a same-size tokenizer loaded (or resumed with), every id another word
+        raise UserError(f"{out_dir} is a training run's folder ({run}): its weights belong to its tokenizer.json; "
+                        "write the new tokenizer to another folder")
     target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
@@ -383,10 +388,28 @@ def _check_special(s: object) -> None:
     # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
     if not isinstance(s, str) or not s or SURROGATE.search(s):
         raise UserError(f"special token {s!r} must be a non-empty valid string")
-    if any(c.isspace() for c in s):  # a truncation cuts at spaces: it could cut one in two
+    if holds_whitespace(s):
         raise UserError(f"special token {s!r} must hold no whitespace; use a form like <my_token>")
     if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
         raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
+
+
+def _run_evidence(folder: Path) -> str | None:
+    """What shows `folder` to be a training run's, finished, under way or interrupted (weights
+    are written when it ends; checkpoints, the trainer's lock and a fresh run's marker before)."""
+    from mmembed.train.run_dir import LOCK, UNSTARTED
+    from mmembed.train.state import latest_checkpoint
+
+    if (folder / "model.safetensors").exists():
+        return "it holds trained weights, model.safetensors"
+    ckpt = latest_checkpoint(folder)
+    if ckpt is not None:
+        return f"it holds the checkpoint {ckpt.relative_to(folder)}"
+    if (folder / LOCK).exists():
+        return f"a trainer has used it: {LOCK}"
+    if (folder / UNSTARTED).exists():
+        return f"a run is starting in it: {UNSTARTED}"
+    return None
 
 
 def _holds_text(file: Path) -> bool:

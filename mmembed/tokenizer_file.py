@@ -11,7 +11,8 @@ def check_tokenizer_json(spec: dict) -> None:
     """ValueError unless `spec` (a tokenizer's JSON) is a plain byte-level BPE: no normalizer,
     GPT-2's byte-level pre-tokenizer without a prefix space. Anything else (a lower-casing
     normalizer, a `Whitespace` pre-tokenizer, a prefix space) breaks `decode(encode(s)) == s`,
-    which every caller relies on."""
+    which every caller relies on. A truncation or padding (transformers' `save_pretrained` writes
+    what its last call set) is let through: `Tokenizer` turns both off."""
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise ValueError("it is not a JSON object with a model")
     pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
@@ -24,10 +25,10 @@ def check_tokenizer_json(spec: dict) -> None:
     if model.get("type") != "BPE":
         raise ValueError("its model is not BPE")
     # Options a trained file leaves off, each of which changes ids or text behind our back
-    # (a hand-edited file would load and then truncate, pad, sample or mangle words).
-    changed = [name for name in ("truncation", "padding", "post_processor") if spec.get(name) is not None]
-    changed += [f"model.{name}" for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
-                if model.get(name)]
+    # (a hand-edited file would load and then sample or mangle words). A post_processor (the
+    # template transformers' `save_pretrained` writes) is no such option: `encode` never applies it.
+    changed = [f"model.{name}" for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
+               if model.get(name)]
     changed += [f"model.{name}" for name in ("byte_fallback", "ignore_merges") if model.get(name)]
     if changed:
         raise ValueError(f"it sets {', '.join(changed)}, which an mmembed tokenizer leaves off")
@@ -37,7 +38,32 @@ def check_tokenizer_json(spec: dict) -> None:
                 or any(token.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))):
             raise ValueError(f"its added token {token.get('content') if isinstance(token, dict) else token!r} is "
                              "not a plain special token (special, no lstrip/rstrip/single_word/normalized)")
-    _check_merges(model, {t.get("content") for t in added})
+        content = token.get("content")
+        if not isinstance(content, str) or not content:
+            raise ValueError(f"its added token {content!r} is not a non-empty string")
+        if holds_whitespace(content):
+            raise ValueError(f"its special token {content!r} holds whitespace, which a truncation (cutting at spaces) "
+                             "could split; use a form like <my_token>")
+    _check_ids(model, added)
+    _check_merges(model, {t["content"] for t in added})
+
+
+def holds_whitespace(token: str) -> bool:
+    """Whether `token` holds whitespace, which no special token may: a truncation cuts the text at
+    spaces (`text_encoding.prefix_cut`), and could cut such a token in two."""
+    return any(c.isspace() for c in token)
+
+
+def _check_ids(model: dict, added: list[dict]) -> None:
+    """Every id is an int below the number of tokens: one huge id made the tokenizer build tables
+    that long (10**8 took 1.3 GB, 2**32 - 2 was killed at 20 GB), so it is refused before that."""
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise ValueError("its model's vocab is not a map of tokens")
+    size = len(vocab) + len(added)
+    for token, i in [*vocab.items(), *((t["content"], t.get("id")) for t in added)]:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
+            raise ValueError(f"its token {token!r} has id {i!r}; ids are integers from 0 to {size - 1}, one per token")
 
 
 def _check_merges(model: dict, specials: set) -> None:

@@ -291,18 +291,25 @@ def _edited(spec: dict, path: Path, edit) -> Path:
 
 
 def test_a_hand_edited_file_that_would_change_ids_or_text_is_refused(tok, tmp_path):
-    """Each edit loaded before and then truncated every text to 3 ids, padded "a" to 40 ids that
-    the mask counted as real, sampled other ids at every call (dropout), cut the last letter of
+    """A truncation or padding in the file truncated every text to 3 ids and padded "a" to 40 ids
+    that the mask counted as real: both are now turned off on load. Each other edit loaded before
+    and then sampled other ids at every call (dropout), cut the last letter of
     every word (a word suffix), decoded an added "café" as "caf\ufffd", made user text "<image>"
     the image slot, or (half the merges gone) encoded into other ids that the run's embeddings
     then read; a continuing-subword prefix crashed inside the Rust library with a backtrace."""
     spec = json.loads(tok.to_hf().to_str())
     image = next(t for t in spec["added_tokens"] if t["content"] == "<image>")
-    edits = {
+    turned_off = {
         "truncation": lambda s: s.update(truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst",
                                                      "stride": 0}),
         "padding": lambda s: s.update(padding={"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
                                                "pad_id": 2, "pad_type_id": 0, "pad_token": "<pad>"}),
+    }
+    for name, edit in turned_off.items():
+        loaded = load_tokenizer(_edited(spec, tmp_path / f"{name}.json", edit))
+        assert [loaded.encode(t) for t in VARIED] == [tok.encode(t) for t in VARIED]
+        assert loaded.encode_batch(["a", "a red star"])[0].tolist() == tok.encode_batch(["a", "a red star"])[0].tolist()
+    edits = {
         "model.dropout": lambda s: s["model"].update(dropout=0.9),
         "model.end_of_word_suffix": lambda s: s["model"].update(end_of_word_suffix="</w>"),
         "model.continuing_subword_prefix": lambda s: s["model"].update(continuing_subword_prefix="##"),
@@ -349,7 +356,7 @@ def test_train_tokenizer_from_files(tmp_path):
     with pytest.raises(UserError, match="exists and is not a file"):
         train_tokenizer(files, 600, tmp_path / "tok4")
     (tmp_path / "tok" / "model.safetensors").write_bytes(b"")  # a trained run: a same-size tokenizer loaded
-    with pytest.raises(UserError, match="is a trained run: its weights belong to its tokenizer.json"):
+    with pytest.raises(UserError, match="is a training run's folder .*model.safetensors.*: its weights belong to its tokenizer.json"):
         train_tokenizer(files, 300, tmp_path / "tok", overwrite=True)
     with pytest.raises(UserError, match="vocab_size"):
         Tokenizer.train(["abc"], vocab_size=100)

@@ -1,0 +1,117 @@
+"""What a loaded `tokenizer.json` may hold (tokenizer_file.py), and which folders
+`train_tokenizer` never writes a new tokenizer into."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+from pathlib import Path
+
+import pytest
+
+from mmembed.errors import CheckpointError, UserError
+from mmembed.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from mmembed.tokenizer_file import check_tokenizer_json
+
+CORPUS = ["a red star and a blue triangle beside a green circle"] * 50
+TEXTS = ["a red star", "", "  blue  triangles\n", "<bos> typed text", "naïve café 👍🏽", "circle " * 40]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(CORPUS, vocab_size=300)
+
+
+def _write(spec: dict, path: Path) -> Path:
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("where", ["vocab", "added"])
+@pytest.mark.parametrize("bad", [10**8, 2**32 - 2, -1, 1.5, True, "7"])
+def test_an_id_out_of_range_is_refused_before_anything_is_sized_by_it(tok, tmp_path, where, bad):
+    """One vocab id of 10**8 took 14 s and 1.3 GB to load, then failed as "ids are not contiguous";
+    2**32 - 2 grew the process to 20 GB until it was killed."""
+    spec = json.loads(tok.to_hf().to_str())
+    if where == "vocab":
+        assert "Ġred" in spec["model"]["vocab"]
+        spec["model"]["vocab"]["Ġred"] = bad
+        token = "Ġred"
+    else:
+        spec["added_tokens"][3]["id"] = bad
+        token = spec["added_tokens"][3]["content"]
+    path = _write(spec, tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=re.escape(f"its token {token!r} has id {bad!r}")):
+        check_tokenizer_json(spec)  # the file check, before the Rust library reads the file
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(CheckpointError, match=re.escape(f"its token {token!r} has id {bad!r}")) as e:
+        load_tokenizer(path)
+    assert "\n" not in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # nothing sized by the id
+
+
+def test_a_special_holding_whitespace_is_refused_on_load(tok, tmp_path):
+    """A file whose special was "<big star>" loaded, and a max_length truncation (which cuts at
+    spaces) split it: the cut text's ids were not the full encoding's first ids."""
+    spec = json.loads(tok.to_hf().to_str())
+    for i, content in enumerate(("<big star>", "<big\tstar>", "<big\u00a0star>")):
+        changed = json.loads(json.dumps(spec))
+        changed["added_tokens"].append({**spec["added_tokens"][3], "id": len(spec["model"]["vocab"]),
+                                        "content": content})
+        with pytest.raises(CheckpointError, match=re.escape(f"special token {content!r} holds whitespace")) as e:
+            load_tokenizer(_write(changed, tmp_path / f"{i}.json"))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="must hold no whitespace"):  # the same rule as in training
+        Tokenizer.train(CORPUS, vocab_size=300, special_tokens=["<big\u00a0star>"])
+
+
+def test_a_tokenizer_resaved_by_transformers_loads_with_the_same_ids(tok, tmp_path):
+    """transformers' save_pretrained writes a post_processor (and the truncation and padding of its
+    last call), and such a file was refused: "it sets post_processor, which an mmembed tokenizer
+    leaves off"."""
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.to_hf(), bos_token="<bos>",
+                                                eos_token="<eos>", pad_token="<pad>")
+    fast(["a red star", "a"], truncation=True, max_length=2, padding="max_length")  # saved with the file
+    fast.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert spec["post_processor"] and spec["truncation"] and spec["padding"]
+    loaded = load_tokenizer(tmp_path)
+    assert [loaded.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    ids, mask = loaded.encode_batch(TEXTS)
+    want, want_mask = tok.encode_batch(TEXTS)
+    assert ids.tolist() == want.tolist() and mask.tolist() == want_mask.tolist()
+    again = Tokenizer.load(loaded.save(tmp_path / "again"))  # saved without truncation or padding
+    assert [again.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+
+
+def _run_folder(root: Path, tok: Tokenizer, mark: str) -> Path:
+    """A run's folder as training leaves it before its weights: config, tokenizer and `mark`."""
+    root.mkdir()
+    (root / "config.yaml").write_text("seed: 0\n", encoding="utf-8")
+    tok.save(root)
+    if mark == "checkpoint":
+        ckpt = root / "checkpoints" / "step_0000588"
+        ckpt.mkdir(parents=True)
+        for name in ("model.safetensors", "trainer.safetensors", "trainer.json"):
+            (ckpt / name).write_bytes(b"")
+    else:
+        (root / mark).write_text("123\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("mark, why", [("checkpoint", "checkpoints/step_0000588"), (".lock", "a trainer has used it"),
+                                       (".unstarted", "a run is starting in it")])
+def test_overwrite_never_replaces_the_tokenizer_of_a_run_before_its_weights(tok, tmp_path, mark, why):
+    """`tokenizer train --overwrite` replaced the tokenizer of an interrupted or running run (only
+    model.safetensors, written when training ends, was checked): --resume then read the old
+    weights through the new tokenizer."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+    run = _run_folder(tmp_path / "run", tok, mark)
+    before = (run / "tokenizer.json").read_bytes()
+    with pytest.raises(UserError, match=f"is a training run's folder \\(.*{re.escape(why)}.*\\): its weights belong"):
+        train_tokenizer([corpus], 280, run, overwrite=True)
+    assert (run / "tokenizer.json").read_bytes() == before
+    assert load_tokenizer(train_tokenizer([corpus], 280, tmp_path / "other")).vocab_size <= 280
