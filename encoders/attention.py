@@ -22,6 +22,8 @@ from encoders.linear import Linear
 class KVCacheLike(Protocol):
     """What attention needs from a KV cache (the decoder owns the implementation)."""
 
+    length: int  # slots appended so far (a rolling cache counts those it no longer holds): default positions
+
     def update(self, positions: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v (B, H, T_new, head_dim) after what the cache holds; return the keys and
         values of the last T_all slots, in order, the new ones last (B, H, T_all, head_dim): every

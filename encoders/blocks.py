@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         # memory ~ one block instead of depth blocks, for ~1/3 more compute); see `set_grad_checkpointing`.
         self.grad_checkpointing = False
         self.positional = build_positional(positional, dim, heads, max_len, unbounded=window is not None)
+        self.positional.checks_positions = False  # `forward` checks them once, not in every layer's rotary call
         rotary = self.positional if self.positional.in_attention else None
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(
@@ -194,12 +195,14 @@ class Transformer(nn.Module):
             x: (B, T, C) embedded inputs.
             mask: (B, T) bool key padding mask (True = valid) or a full mask, see `MultiHeadAttention`.
             is_causal: causal self-attention.
-            positions: (T,) or (B, T) positions of x; None = 0..T-1.
+            positions: (T,) or (B, T) positions of x; None = 0..T-1, after the tokens the caches hold.
             kv_caches: one cache per block (decoding), or None.
 
         Returns:
             (B, T, C) after the final LayerNorm.
         """
+        if positions is None and kv_caches is not None:
+            positions = cached_positions(kv_caches, x.shape[1], x.device)
         if positions is None and x.shape[1] > self.max_len and not self.positional.unbounded:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_len={self.max_len}")
         if positions is not None and not isinstance(self.positional, NoPositional):  # no table: any position
@@ -216,6 +219,21 @@ class Transformer(nn.Module):
             cache = kv_caches[i] if kv_caches is not None else None
             x = block(x, mask, is_causal=is_causal, positions=positions, kv_cache=cache)
         return self.norm(x)
+
+
+def cached_positions(kv_caches: list[KVCacheLike], length: int, device: torch.device) -> Tensor | None:
+    """Positions of `length` tokens appended to the caches, continuing from the first cache's
+    `length` (every slot appended so far, also by a rolling cache that holds only the last few);
+    None (0..length-1) when it is empty. A decoding step given no positions restarted them at 0.
+
+    Raises:
+        ValueError: a cache that records no length (pass the positions).
+    """
+    start = getattr(kv_caches[0], "length", None)
+    if not isinstance(start, int):
+        raise ValueError(f"{type(kv_caches[0]).__name__} records no length, so the positions of the new "
+                         "tokens are unknown: pass positions")
+    return torch.arange(start, start + length, device=device) if start else None
 
 
 def set_grad_checkpointing(module: nn.Module, enabled: bool = True) -> int:

@@ -12,6 +12,10 @@ Two families, one interface:
 `none` adds nothing. Every class takes `(dim, heads, max_len, unbounded)`; `positions` is (T,) or
 (B, T) long, or None for 0..T-1. A KV-cache decoder passes the absolute positions of the new tokens.
 
+Given `positions` are checked (ValueError for a negative one, or one past a bounded table) unless
+`checks_positions` is False: a `Transformer` clears it and checks once per forward instead, since
+each check reads the positions on the host and a rotary module is called twice in every layer.
+
 Tables hold `max_len` positions. `unbounded=True` (a sliding-window decoder generating past its
 context) computes the rows of positions past the table from the same float64 formula, so they
 equal the rows a longer table would hold; a learned table has nothing to compute and stays bounded.
@@ -80,6 +84,13 @@ def check_positions(positions: Tensor, size: int | None) -> None:
                          f"max_len={size if size is not None else 'unbounded'} (valid: {valid})")
 
 
+def _check(module: nn.Module, positions: Tensor | None, size: int) -> None:
+    """`check_positions` for a module's own call (`size` rows, unbounded modules: no limit), unless
+    its owner checks them (`checks_positions` False)."""
+    if positions is not None and module.checks_positions:
+        check_positions(positions, None if module.unbounded else size)
+
+
 def _gather(table: Tensor, positions: Tensor | None, length: int) -> Tensor:
     """Rows of `table` for `positions`: (T, C) for None / (T,), (B, T, C) for (B, T)."""
     if positions is None:
@@ -101,6 +112,7 @@ class SinusoidalPositional(nn.Module):
     """Fixed sinusoidal encoding added to the input; a buffer, not a parameter."""
 
     in_attention = False
+    checks_positions = True
 
     def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, unbounded: bool = False) -> None:
         super().__init__()
@@ -110,6 +122,7 @@ class SinusoidalPositional(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: (B, T, C) → x + PE[positions]."""
+        _check(self, positions, self.table.shape[0])
         past = _past_table(positions, x.shape[1], self.table.shape[0]) if self.unbounded else None
         pe = _gather(self.table, positions, x.shape[1]) if past is None else sinusoidal_rows(past, self.dim)
         return x + pe.to(device=x.device, dtype=x.dtype)
@@ -119,6 +132,7 @@ class LearnedPositional(nn.Module):
     """A learned table of `max_len` position vectors added to the input."""
 
     in_attention = False
+    checks_positions = True
     unbounded = False  # `unbounded` is accepted and ignored: no formula gives rows never learned
 
     def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, unbounded: bool = False) -> None:
@@ -128,6 +142,7 @@ class LearnedPositional(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: (B, T, C) → x + E[positions]."""
+        _check(self, positions, self.embedding.num_embeddings)
         return x + _gather(self.embedding.weight, positions, x.shape[1]).to(x.dtype)
 
 
@@ -139,6 +154,7 @@ class RotaryPositional(nn.Module):
     """
 
     in_attention = True
+    checks_positions = True
 
     def __init__(self, dim: int, heads: int = 1, max_len: int = 2048, base: float = 10000.0,
                  unbounded: bool = False) -> None:
@@ -161,19 +177,29 @@ class RotaryPositional(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Rotate x: (B, H, T, head_dim) at `positions` ((T,) or (B, T))."""
-        past = _past_table(positions, x.shape[2], self.cos.shape[0]) if self.unbounded else None
-        if past is None:
-            cos = _gather(self.cos, positions, x.shape[2])  # (T, hd/2) or (B, T, hd/2)
-            sin = _gather(self.sin, positions, x.shape[2])
-        else:  # the rows a longer table would hold
-            angles = self._angles(past)
-            cos, sin = angles.cos().float().to(self.cos), angles.sin().float().to(self.sin)
+        _check(self, positions, self.cos.shape[0])
+        # At least float32 even under bf16 autocast (large angles lose precision in bf16); float64 stays.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self._cos_sin(positions, x.shape[2], dtype)  # (T, hd/2) or (B, T, hd/2)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
-        # Rotate in float32 even under bf16 autocast: large angles lose precision in bf16.
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
         return rotated.type_as(x)
+
+    def _cos_sin(self, positions: Tensor | None, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin at `positions`: rows of the tables, or computed from the float64 angles past
+        them (unbounded) and for a float64 x (the float32 tables rounded a float64 model's rotary)."""
+        rows = _past_table(positions, length, self.cos.shape[0]) if self.unbounded else None
+        if rows is None and dtype != torch.float64:
+            return _gather(self.cos, positions, length), _gather(self.sin, positions, length)
+        if rows is None:  # float64 within the table (None: 0..length-1, bounded by it as the tables are)
+            rows = _gather(torch.arange(self.cos.shape[0]), None, length) if positions is None else positions
+        angles = self._angles(rows)
+        cos, sin = angles.cos(), angles.sin()
+        if dtype != torch.float64:  # the rows a longer table would hold, rounded as it is
+            return cos.float().to(self.cos), sin.float().to(self.sin)
+        return cos.to(self.cos.device), sin.to(self.sin.device)
 
 
 class NoPositional(nn.Module):

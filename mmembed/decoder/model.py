@@ -113,7 +113,8 @@ class Decoder(nn.Module):
             inputs_embeds: (B, T, C) embeddings (text tokens and soft tokens interleaved).
             mask: (B, T_all) bool key padding mask, True = real token (T_all counts cached slots);
                 None when no row is padded.
-            positions: (T,) or (B, T) positions; None = 0..T-1.
+            positions: (T,) or (B, T) positions; None = 0..T-1 after the tokens the caches hold (a
+                left-padded batch passes its own: see `generate.decode_steps`).
             kv_caches: one per block, for incremental decoding. With rolling caches `mask` may
                 cover only the most recent slots (at least as many as the caches return).
 

@@ -83,8 +83,10 @@ class _ListCache:
 
     def __init__(self) -> None:
         self.k = self.v = None
+        self.length = 0  # slots appended: where a call given no positions continues
 
     def update(self, positions, k, v):
+        self.length += k.shape[2]
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v

@@ -101,3 +101,90 @@ def test_explicit_positions_outside_the_table_are_a_value_error(kind, position):
     model(x, positions=torch.tensor([3]))  # the last row is still there
     none = Transformer(dim=8, depth=1, heads=2, positional="none", max_len=4).eval()
     none(x, positions=torch.tensor([7]))  # no table, no limit
+
+
+def _rotate_half(x: torch.Tensor, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rotate-half reference, all in float64."""
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.double()[:, None] * inv_freq  # (T, hd/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x1 * angles.sin() + x2 * angles.cos()], dim=-1)
+
+
+@pytest.mark.parametrize("unbounded", [False, True])
+def test_rotary_keeps_float64_and_float32_is_unchanged(unbounded):
+    """Rotary rounded a float64 input to float32 (|rp(x) - x| = 1e-7 at position 0)."""
+    torch.manual_seed(0)
+    rope = RotaryPositional(dim=16, heads=2, max_len=32, unbounded=unbounded)
+    x = torch.randn(2, 2, 6, 8, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 5, 17, 30, 31])
+    got = rope(x, positions)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _rotate_half(x, positions, 8), atol=1e-12, rtol=0)
+    assert torch.equal(rope(x)[:, :, 0], x[:, :, 0])  # position 0 is the identity, exactly
+    # float32 still reads the float32 tables, bit for bit.
+    x32 = x.float()
+    cos, sin = rope.cos[positions], rope.sin[positions]
+    x1, x2 = x32.chunk(2, dim=-1)
+    assert torch.equal(rope(x32, positions), torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+
+
+@pytest.mark.parametrize("positional", ["rotary", "learned", "sinusoidal"])
+def test_float64_transformer_passes_gradcheck(positional):
+    """gradcheck of a float64 rotary Transformer failed (Jacobian mismatch): rotary ran in float32."""
+    from encoders.blocks import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(8, 1, 2, positional=positional, max_len=16).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: model(x, is_causal=True), (x,))
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal", "rotary"])
+@pytest.mark.parametrize("positions", [[-1, 0], [7, 8]])
+def test_a_module_alone_refuses_positions_outside_its_table(kind, positions):
+    """On its own a module read row max_len - 1 for -1 and raised a bare IndexError past its table."""
+    module = build_positional(kind, 16, 2, 8)
+    x = torch.zeros(1, 2, 2, 8) if kind == "rotary" else torch.zeros(1, 2, 16)
+    low, high = positions
+    with pytest.raises(ValueError, match=rf"positions {low}..{high} lie outside the table of max_len=8 \(valid: 0..7\)"):
+        module(x, torch.tensor(positions))
+    module(x, torch.tensor([6, 7]))  # the last rows are still there
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "rotary"])
+def test_an_unbounded_module_refuses_negative_positions_only(kind):
+    """A negative position wrapped to the table's end (or was computed from a negative angle)."""
+    module = build_positional(kind, 16, 2, 8, unbounded=True)
+    x = torch.zeros(1, 2, 5, 8) if kind == "rotary" else torch.zeros(1, 5, 16)
+    for positions in ([-2, -1, 0, 1, 2], [-1, 0, 1, 2, 100]):
+        with pytest.raises(ValueError, match=r"max_len=unbounded \(valid: 0 or more\)"):
+            module(x, torch.tensor(positions))
+    module(x, torch.tensor([0, 1, 2, 99, 100]))  # past the table: computed
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_a_transformer_checks_positions_once_per_forward(kind, monkeypatch):
+    """Checking in the modules must not add a host sync per layer (rotary is called twice in each)."""
+    import encoders.blocks
+    import encoders.positional
+    from encoders.blocks import Transformer
+
+    calls = []
+    real = encoders.positional.check_positions
+
+    def counting(*args):
+        calls.append(args)
+        real(*args)
+
+    monkeypatch.setattr(encoders.positional, "check_positions", counting)
+    monkeypatch.setattr(encoders.blocks, "check_positions", counting)
+    model = Transformer(dim=8, depth=3, heads=2, positional=kind, max_len=8).eval()
+    model(torch.zeros(1, 2, 8), positions=torch.tensor([3, 4]))
+    assert len(calls) == 1
+    build_positional(kind, 8, 2, 8)(torch.zeros(1, 2, 2, 4) if kind == "rotary" else torch.zeros(1, 2, 8),
+                                    torch.tensor([3, 4]))
+    assert len(calls) == 2  # alone, the module checks them itself
