@@ -10,6 +10,11 @@ are relative (weights 1/L²): a 1% miss counts the same at a loss of 4 as at a l
 is how scaling plots on log axes are read. x is scaled by its geometric mean while fitting, so x
 from 10³ to 10¹² is equally well conditioned. Confidence intervals come from a bootstrap over the
 points (resampled with replacement, percentile intervals).
+
+A fit is flagged (a warning in the log, a note in `PowerLawFit.notes` and its summary line) when
+it is no evidence of a law: the points follow none (A = 0, α at its search bound, R² ≤ 0), R² is
+below `WEAK_R2` (a step or a plateau, not a power law), or there are no more points than fitted
+parameters (3 points and E, A, α: any 3 are interpolated exactly, so R² = 1 says nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ALPHA_RANGE = (1e-3, 4.0)
+WEAK_R2 = 0.9  # below it a fit is flagged as weak: a step of 0.55 → 0.45 at the last of 5 points gives 0.46
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class PowerLawFit:
         n: number of points.
         ci: 95% bootstrap interval per parameter, {"E": (lo, hi), "A": ..., "alpha": ...}; empty
             when no bootstrap ran.
+        notes: why the fit is no evidence of a law (each also logged as a warning); empty when
+            nothing is flagged.
     """
 
     E: float
@@ -45,6 +53,7 @@ class PowerLawFit:
     r2: float
     n: int
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def predict(self, x: float | np.ndarray) -> float | np.ndarray:
         """The fitted loss at x."""
@@ -52,10 +61,11 @@ class PowerLawFit:
 
     def to_dict(self) -> dict:
         return {"E": self.E, "A": self.A, "alpha": self.alpha, "r2": self.r2, "n": self.n,
-                "ci": {k: list(v) for k, v in self.ci.items()}}
+                "ci": {k: list(v) for k, v in self.ci.items()}, "notes": list(self.notes)}
 
     def __str__(self) -> str:
-        return f"L = {self.E:.4g} + {self.A:.4g} · x^(−{self.alpha:.4g})  (R² = {self.r2:.4f}, {self.n} points)"
+        line = f"L = {self.E:.4g} + {self.A:.4g} · x^(−{self.alpha:.4g})  (R² = {self.r2:.4f}, {self.n} points)"
+        return line + "".join(f"; {note}" for note in self.notes)
 
 
 def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: int = 0) -> PowerLawFit:
@@ -81,13 +91,29 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
     pred = E + A * xs ** (-alpha)
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    n_params = 3 if offset else 2
+    notes = _flags(A, alpha, r2, len(np.unique(xs)), n_params)
+    ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 and len(xs) >= n_params + 2 else {}
+    return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci, notes=notes)
+
+
+def _flags(A: float, alpha: float, r2: float, distinct: int, n_params: int) -> tuple[str, ...]:
+    """Why a fit is no evidence of a law, as short notes for its summary line; each is also logged."""
+    notes = []
     if A <= 0 or r2 <= 0 or not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
         # A = 0 (a loss that does not fall with x) leaves α free: the search drifts to any value
         log.warning("these points do not follow L = E + A·x^(−α) (A = %.3g, α = %.4g in the search range %s, "
                     "R² = %.3f): read the fit as a failure, not a law", A, alpha, ALPHA_RANGE, r2)
-    n_params = 3 if offset else 2
-    ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 and len(xs) >= n_params + 2 else {}
-    return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci)
+        notes.append("not a power law")
+    elif r2 < WEAK_R2:
+        log.warning("a weak fit (R² = %.3f < %.1f): the points are far from L = E + A·x^(−α) (a step or a "
+                    "plateau?); read its prediction with care", r2, WEAK_R2)
+        notes.append(f"weak fit: R² < {WEAK_R2}")
+    if distinct <= n_params:  # as many unknowns as points: any points are fitted exactly
+        log.warning("exact interpolation: %d distinct points for %d fitted parameters, so R² says nothing about "
+                    "the law; add points (rungs) to test it", distinct, n_params)
+        notes.append("exact interpolation: R² says nothing")
+    return tuple(notes)
 
 
 def _validated(x, loss) -> tuple[np.ndarray, np.ndarray]:

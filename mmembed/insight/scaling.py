@@ -84,15 +84,20 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     """Train the ladder, fit, predict (and with `verify` train the predicted rung); write the files.
 
     Returns:
-        The `SweepReport`; scaling.json, scaling.csv and scaling.png are in `config.out_dir`.
+        The `SweepReport`; scaling.json, scaling.csv and scaling.png are in `config.out_dir` (a
+        previous sweep's are removed as this one starts).
     """
     plan = _plan(config)
-    budget = max([t for _, _, t in plan] + ([_next(config)[2]] if verify else []))
-    if budget > MAX_TOKENS:  # only with --verify: axis=data's next rung is twice the largest budget
-        raise ConfigError(f"--verify trains on 2 x max(data_tokens) = {budget:,} tokens, more than {MAX_TOKENS:,} "
-                          "(the world's text is built in memory): lower data_tokens or leave out --verify")
+    # the budget --verify would train, with or without it: validation leaves out every document of
+    # this budget, so --verify must not change the validation rows (nor the fit it checks)
+    budget = max(t for _, _, t in [*plan, _next(config)])
+    if budget > MAX_TOKENS:  # axis=data's next rung is twice the largest budget
+        raise ConfigError(f"axis=data builds 2 x max(data_tokens) = {budget:,} tokens (the budget --verify trains, "
+                          f"whose documents validation leaves out), more than {MAX_TOKENS:,} (the world's text is "
+                          "built in memory): lower data_tokens")
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
+    clear_report(out)
     vocab, train, val = world_text(config, budget, progress)
 
     def train_one(label: str, size: ModelSize, tokens: int) -> LMResult:
@@ -163,6 +168,16 @@ def build_decoder(size: ModelSize, vocab_size: int, context: int, dropout: float
 
 def _x(config: ScalingConfig, result: LMResult) -> int:
     return result.params if config.axis == "params" else result.tokens
+
+
+REPORT_FILES = ("scaling.json", "scaling.csv", "scaling.png")
+
+
+def clear_report(out: Path) -> None:
+    """Remove a previous sweep's report from `out`: a new sweep that stopped at a rung left its
+    scaling.csv beside the old scaling.json and scaling.png (a fit the CSV does not support)."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def write_report(report: SweepReport, out: Path) -> dict[str, str]:

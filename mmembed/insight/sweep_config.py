@@ -128,7 +128,7 @@ class ScalingConfig:
             if positive[name] > MAX_TOKENS:
                 raise ConfigError(f"{name} must be at most {MAX_TOKENS:,} (the world's text is built in memory), "
                                   f"got {positive[name]:,}")
-        for d in self.data_tokens:  # axis=data builds max(data_tokens) (twice it with --verify: run_sweep checks)
+        for d in self.data_tokens:  # axis=data builds twice max(data_tokens) (the next budget): run_sweep checks
             if not 1 <= d <= MAX_TOKENS:
                 raise ConfigError(f"data_tokens must each be in [1, {MAX_TOKENS:,}] (the world's text is built in "
                                   f"memory), got {d:,}")

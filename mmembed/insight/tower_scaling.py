@@ -53,7 +53,7 @@ from mmembed.errors import UserError
 from mmembed.insight.flops import estimated_training_flops, measured_flops
 from mmembed.insight.lm_train import LMResult
 from mmembed.insight.power_law import fit_power_law
-from mmembed.insight.scaling import Rung, SweepReport, size_label, write_report, write_rungs
+from mmembed.insight.scaling import Rung, SweepReport, clear_report, size_label, write_report, write_rungs
 from mmembed.insight.sweep_config import ModelSize, ScalingConfig
 from mmembed.losses import build_loss
 from mmembed.modality import Modality
@@ -62,7 +62,9 @@ from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space
 from mmembed.train.align import WithCaptioner, one_process_step, train_align, train_loader_factory
 from mmembed.train.collapse import CollapseMonitor
+from mmembed.train.data_setup import prepare_data
 from mmembed.train.distributed import resolve_device
+from mmembed.train.preflight import check_config
 from mmembed.train.state import Progress
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
     `verify` train it); write the files.
 
     Returns:
-        The report; scaling.json, scaling.csv and scaling.png are in `config.out_dir`, each rung's
-        run in `<out_dir>/towers/w<width>`.
+        The report; scaling.json, scaling.csv and scaling.png are in `config.out_dir` (a previous
+        sweep's are removed as this one starts), each rung's run in `<out_dir>/towers/w<width>`.
     """
     ladder = config.towers
     if config.axis != "params":
@@ -92,13 +94,15 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
     if len(ladder.widths) < 3:
         raise ConfigError(f"towers.widths: a fit needs at least 3 widths, got {len(ladder.widths)}")
     configs = rung_configs(config)  # every rung, next_width's too, builds: checked before the folder is made
+    check_data(configs[ladder.widths[0]])  # the rungs differ only in width: one check is every rung's
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
+    clear_report(out)
     rungs = []
     for i, width in enumerate(ladder.widths):
         progress(f"[{i + 1}/{len(ladder.widths)}] towers at width {width}")
         rungs.append(train_rung(configs[width], progress))
-    write_rungs(rungs, out)  # every rung's numbers are on disk before anything can fail
+        write_rungs(rungs, out)  # after each rung: a failing or interrupted sweep keeps the ones it finished
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([r.result.params for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,
@@ -172,6 +176,25 @@ def rung_configs(config: ScalingConfig) -> dict[int, Config]:
         except ConfigError as e:
             raise ConfigError(f"towers width {width}: {e}") from None
     return configs
+
+
+def check_data(cfg: Config) -> None:
+    """What every rung reads, checked as `mmembed train` checks it (the config's names and files,
+    the data root as train_align prepares it: the world generated when data.synth is set), and
+    the validation manifest the sweep's loss needs. Each failed inside the first rung, after it
+    had trained (no data.val) or made its folder (a data.root holding no world made there)."""
+    check_config(cfg)
+    prepare_data(cfg.data)
+    validation_manifest(cfg)
+
+
+def validation_manifest(cfg: Config) -> Path:
+    """The validation manifest's path; UserError when data.val is unset or names no file."""
+    path = Path(cfg.data.root) / str(cfg.data.val)
+    if cfg.data.val is None or not path.is_file():
+        raise UserError(f"a towers sweep needs a validation manifest (data.val), none at {path}: set data.val "
+                        "(in towers.config or towers.overrides) to a manifest in data.root")
+    return path
 
 
 def rung_size(cfg: Config) -> ModelSize:
@@ -256,13 +279,10 @@ def _active(space: SharedSpace, cfg: Config) -> list[Modality]:
 def validation_loader(cfg: Config, tokenizer, space: SharedSpace):
     """The validation manifest in manifest order, eval preprocessing, chunks of train.batch_size
     rows (the last partial chunk dropped; one chunk of every row when there are fewer)."""
-    root = Path(cfg.data.root)
-    if cfg.data.val is None or not (root / cfg.data.val).is_file():
-        raise UserError(f"a towers sweep needs a validation manifest (data.val), none at {root / str(cfg.data.val)}")
+    root, path = Path(cfg.data.root), validation_manifest(cfg)
     pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=False)
            for m in _active(space, cfg)}
-    manifest = read_manifest(root / cfg.data.val, root=root, allow_outside_root=cfg.data.allow_outside_root,
-                             strict=cfg.data.strict)
+    manifest = read_manifest(path, root=root, allow_outside_root=cfg.data.allow_outside_root, strict=cfg.data.strict)
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True)
     rows = cfg.train.batch_size
     if len(dataset) < rows:

@@ -108,3 +108,27 @@ def test_six_n_d_estimate_is_close_to_the_measured_count_when_width_dominates():
     estimate = estimated_training_flops(decoder.num_parameters(non_embedding=True), B * T)
     assert estimate == 6 * decoder.num_parameters() * B * T
     assert estimate == pytest.approx(measured, rel=0.05)  # attention (T ≪ C) and the head (V ≪ C) are small
+
+
+def test_three_points_for_three_parameters_are_flagged_as_an_exact_fit(caplog):
+    """3 rungs (the fewest a sweep takes) were fitted exactly, R² = 1.0000, with no warning."""
+    fit = fit_power_law([1e4, 1e5, 1e6], [3.0, 2.5, 2.2], bootstrap=0)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-9)
+    assert "exact interpolation" in caplog.text
+    assert "exact interpolation: R² says nothing" in fit.notes and "R² says nothing" in str(fit)
+    assert fit.to_dict()["notes"] == list(fit.notes)
+    caplog.clear()
+    fit_power_law([1e4, 1e5, 1e6], [3.0, 2.5, 2.2], offset=False, bootstrap=0)  # 2 parameters: one to spare
+    assert "exact interpolation" not in caplog.text
+
+
+def test_a_step_is_flagged_as_a_weak_fit_and_a_good_noisy_fit_is_not(caplog):
+    """A step (README: 0.55 until the last rung, then 0.45) fitted with R² 0.46 and no warning."""
+    fit = fit_power_law([1e3, 2e3, 4e3, 8e3, 16e3], [0.55, 0.55, 0.55, 0.55, 0.45], bootstrap=0)
+    assert fit.r2 < 0.9 and "weak fit" in caplog.text
+    assert fit.notes == ("weak fit: R² < 0.9",) and "weak fit" in str(fit)
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1e4, 1e6, 5)
+    fit = fit_power_law(x, (0.8 + 30 * x ** -0.3) * (1 + 0.003 * rng.standard_normal(5)), bootstrap=0)
+    assert 0.9 < fit.r2 < 1 and fit.notes == () and caplog.text == ""

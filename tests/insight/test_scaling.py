@@ -176,7 +176,10 @@ def test_bad_arguments_give_one_line(argv, match, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--verify", "--axis", "data", "data_tokens=[2048, 4096, 600000000]"],
-     "--verify trains on 2 x max(data_tokens) = 1,200,000,000 tokens, more than 1,000,000,000"),
+     "axis=data builds 2 x max(data_tokens) = 1,200,000,000 tokens (the budget --verify trains"),
+    # validation leaves out the documents of the budget --verify trains, with or without it
+    (["--axis", "data", "data_tokens=[2048, 4096, 600000000]"],
+     "axis=data builds 2 x max(data_tokens) = 1,200,000,000 tokens"),
     (["--study", "regularisation", "regularisation.train_tokens=100"],
      "regularisation.train_tokens=100 is less than one batch (32 rows of 64 tokens)"),
 ])
@@ -219,3 +222,76 @@ def test_the_counted_parameters_are_the_decoders():
 
     for size in (ModelSize(16, 1, 2), ModelSize(32, 2, 4), ModelSize(48, 3, 4), ModelSize(64, 4, 8)):
         assert block_parameters(size) == build_decoder(size, 300, 64, 0.0).num_parameters()
+
+
+class _Stop(Exception):
+    """Raised by a stand-in trainer: the sweep stops there."""
+
+
+def test_verify_leaves_the_data_axis_validation_rows_unchanged(monkeypatch):
+    """--verify on --axis data packed twice the training budget and left its documents out of
+    validation: the validation rows, so every rung's loss and the fit it checks, changed with it."""
+    import numpy as np
+
+    from mmembed.insight import lm_data, scaling
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    def small_world(n: int, seed: int) -> list[str]:  # simple scenes recur, as in the world: a few hundred of them
+        rng = np.random.default_rng(seed)
+        return [f"simple scene {rng.integers(300)}." if rng.random() < 0.5 else f"scene {rng.integers(10**9)}."
+                for _ in range(n)]
+
+    def first_validation(verify: bool):
+        seen = []
+
+        def record(model, train, val, recipe):
+            seen.append((train, val))
+            raise _Stop
+
+        monkeypatch.setattr(scaling, "train_lm", record)
+        config = load_scaling_config("scaling", ["axis=data", "context=16", "val_tokens=2048", "vocab_size=300",
+                                                 "data_tokens=[1024, 2048, 4096]", "recipe.batch_size=16",
+                                                 "data_size={width: 16, layers: 1, heads: 2}", "out_dir=unused"])
+        with pytest.raises(_Stop):
+            scaling.run_sweep(config, verify=verify, progress=lambda _: None)
+        return seen[0]
+
+    monkeypatch.setattr(lm_data, "world_documents", small_world)
+    monkeypatch.setattr(scaling, "make_output_folder", lambda out: None)  # no folder: the sweep stops first
+    monkeypatch.setattr(scaling, "clear_report", lambda out: None, raising=False)
+    (train, val), (train_v, val_v) = first_validation(False), first_validation(True)
+    assert val.shape == val_v.shape and (val == val_v).all()
+    assert (train == train_v).all()  # the first rung's rows too
+
+
+def _fake_train_lm(fail_at: int | None = None):
+    """A stand-in for train_lm: a power law in N at once; raises _Stop at call `fail_at` (1-based)."""
+    from mmembed.insight.lm_train import LMResult
+
+    calls = []
+
+    def train(model, train, val, recipe):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise _Stop
+        n, tokens = model.num_parameters(), train.shape[0] * (train.shape[1] - 1)
+        loss = 0.5 + 40 * n ** -0.5
+        return LMResult(n, n, tokens, 6 * n * tokens, 7 * n * tokens, 0.1, loss, loss,
+                        [{"step": 1, "tokens": tokens, "train_loss": loss, "val_loss": loss, "seconds": 0.1}])
+
+    return train
+
+
+def test_a_second_sweep_that_fails_leaves_no_report_of_the_first(tmp_path, monkeypatch):
+    """A sweep re-run into the same --out that failed at a rung left its scaling.csv beside the
+    first sweep's scaling.json and scaling.png: a fit and a prediction the CSV does not support."""
+    import mmembed.insight.scaling as scaling
+
+    monkeypatch.setattr(scaling, "train_lm", _fake_train_lm())
+    assert main(["scale", "--out", str(tmp_path), *TINY]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"scaling.json", "scaling.csv", "scaling.png"}
+    monkeypatch.setattr(scaling, "train_lm", _fake_train_lm(fail_at=3))
+    with pytest.raises(_Stop):
+        main(["scale", "--out", str(tmp_path), *TINY])
+    assert {p.name for p in tmp_path.iterdir()} == {"scaling.csv"}
+    assert len((tmp_path / "scaling.csv").read_text().splitlines()) == 3  # the second sweep's 2 rungs

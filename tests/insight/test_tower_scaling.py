@@ -203,3 +203,59 @@ def test_a_rung_that_cannot_build_fails_before_any_training(override, match, tmp
     with pytest.raises(ConfigError, match=match):
         run_tower_sweep(config)
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.val=nosuch.jsonl", "a towers sweep needs a validation manifest (data.val), none at"),
+    ("data.val=null", "a towers sweep needs a validation manifest (data.val), none at"),
+    ("data.synth={n: 64, image_size: 32}", "is not empty and holds no synthetic world made here"),
+])
+def test_data_every_rung_needs_is_checked_before_the_folder(override, match, tiny_world, tmp_path, monkeypatch,
+                                                            capsys):
+    """No validation manifest was found at the first rung's first checkpoint, after it trained, and
+    a data.root holding no world made there inside the first rung: each left a half-written run."""
+    import mmembed.insight.tower_scaling as tower_scaling
+
+    monkeypatch.setattr(tower_scaling, "train_rung", lambda *a, **k: pytest.fail("a rung trained"))
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):  # manifests only: no world made here, and no rung reads them
+        (root / name).write_text((tiny_world / name).read_text())
+    config = tiny_config(tiny_world, tmp_path / "base", epochs=1)
+    argv = ["scale", "--out", str(tmp_path / "sweep"), *tower_overrides(config),
+            f"towers.overrides=[data.root={root}, '{override}']"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mmembed: error:") and match in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_second_sweep_that_fails_leaves_no_report_of_the_first(tiny_world, tmp_path, monkeypatch):
+    """A towers sweep re-run into the same --out that failed at a rung left the first sweep's
+    scaling.json and scaling.png (and, before any rung was written, its scaling.csv)."""
+    import mmembed.insight.tower_scaling as tower_scaling
+    from mmembed.insight.lm_train import LMResult
+    from mmembed.insight.scaling import Rung
+    from mmembed.insight.sweep_config import ModelSize
+
+    class Stop(Exception):
+        pass
+
+    def second_fails(cfg, progress):
+        width = int(next(iter(cfg.model.towers.values())).encoder_args["width"])
+        if width != WIDTHS[0]:
+            raise Stop
+        point = {"step": 1, "tokens": 64, "train_loss": 2.0, "val_loss": 2.0, "seconds": 0.1}
+        return Rung(f"w{width}", LMResult(width, width, 64, 1, 1, 0.1, 2.0, 2.0, [point]), ModelSize(width, 1, 1))
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    for name in ("scaling.json", "scaling.csv", "scaling.png"):
+        (out / name).write_text("the first sweep's")
+    monkeypatch.setattr(tower_scaling, "train_rung", second_fails)
+    config = tiny_config(tiny_world, tmp_path / "base", epochs=1)
+    with pytest.raises(Stop):
+        main(["scale", "--out", str(out), *tower_overrides(config)])
+    assert {p.name for p in out.iterdir()} == {"scaling.csv"}
+    lines = (out / "scaling.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"w{WIDTHS[0]},")  # the rung it finished
