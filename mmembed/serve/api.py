@@ -4,11 +4,12 @@
     POST /api/search              pieces (+ weights, target, k)          → {"hits": [...]}
     GET  /api/media/{id}?g=TAG    an indexed item's own file (images, sounds); TAG is the server's,
                                   from the hit's `media` URL (cached only under it)
-    POST /api/generate            pieces (+ temperature, top_p, ..., best_of) → {"text", "tokens": [...], ...}
+    POST /api/generate            pieces (+ temperature, top_p, ..., stop, best_of) → {"text", "tokens": [...], ...}
     POST /api/generate/stream     the same, as server-sent events: `token` per token, then `done`
                                   (not best_of, which chooses among whole answers)
 
-Requests are multipart forms (see `pieces.py`); every error is `{"error": "one line"}` with a 4xx
+Requests are multipart forms (see `pieces.py`) of the fields each endpoint names (`*_FIELDS`; any
+other is a 400: a misspelt setting was ignored); every error is `{"error": "one line"}` with a 4xx
 status (503 while the index is being built).
 """
 
@@ -31,12 +32,15 @@ from mmembed.decoder import MEDIA, Generation, Stops
 from mmembed.decoder.generate import MAX_SEED, replay_tokens
 from mmembed.errors import UserError
 from mmembed.retrieval import Hit, Query
-from mmembed.serve.pieces import Piece, number, parse_weights, read_form, read_pieces
-from mmembed.serve.safety import FILE_MODALITIES, Refusal, sniff
+from mmembed.serve.pieces import Piece, check_fields, number, parse_weights, read_form, read_pieces
+from mmembed.serve.safety import FILE_MODALITIES, Refusal
 from mmembed.serve.state import ServeState
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
+SEARCH_FIELDS = ("text", "file", "weights", "target", "k")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "best_of", "rerank_weight")
+GENERATE_FIELDS = ("text", "file", *SAMPLING_FIELDS)
 
 
 def state_of(request: Request) -> ServeState:
@@ -71,6 +75,7 @@ def status(request: Request) -> dict[str, Any]:
 async def search(request: Request) -> dict[str, Any]:
     state = state_of(request)
     form = await read_form(request, state.limits)
+    check_fields(form, SEARCH_FIELDS)
     pieces = await read_pieces(form, state.limits, state.check)
     if not pieces:
         raise Refusal(400, "nothing to search for: type some text or add an image or a sound")
@@ -80,8 +85,9 @@ async def search(request: Request) -> dict[str, Any]:
     index = state.index.ready()
     start = time.perf_counter()
     hits = await model_call(state, _search, state, index, pieces, weights, target, k)
-    return {"hits": [hit_json(h, rank, state.media_tag) for rank, h in enumerate(hits, 1)], "target": target,
-            "pieces": len(pieces), "took_ms": round(1000 * (time.perf_counter() - start), 1)}
+    playable = await anyio.to_thread.run_sync(state.index.playable, [h.id for h in hits])  # reads their files
+    return {"hits": [hit_json(h, rank, state.media_tag, h.id in playable) for rank, h in enumerate(hits, 1)],
+            "target": target, "pieces": len(pieces), "took_ms": round(1000 * (time.perf_counter() - start), 1)}
 
 
 def _search(state: ServeState, index: Any, pieces: list[Piece], weights: list[float], target: str | None,
@@ -104,39 +110,37 @@ def _target(value: str | None, state: ServeState) -> str | None:
     return value
 
 
-def hit_json(hit: Hit, rank: int, media_tag: str) -> dict[str, Any]:
+def hit_json(hit: Hit, rank: int, media_tag: str, playable: bool) -> dict[str, Any]:
     """A hit as the page draws it: media by URL (never a server path; `media_tag` names this
-    server's index in it), text as text."""
+    server's index in it) when `playable` (the media route serves its file), text as text."""
     meta = dict(hit.metadata)
     item = meta.pop("item", None)
     has_file = hit.modality in FILE_MODALITIES
     return {"rank": rank, "id": hit.id, "score": round(hit.score, 4), "modality": str(hit.modality),
             "label": meta.get("label"), "text": None if has_file else item,
             "name": Path(item).name if has_file and isinstance(item, str) else None,
-            "media": f"/api/media/{hit.id}?g={media_tag}" if has_file else None, "metadata": meta}
+            "media": f"/api/media/{hit.id}?g={media_tag}" if playable else None, "metadata": meta}
 
 
 @router.get("/media/{item_id}")
 def media(request: Request, item_id: int, g: str | None = None) -> FileResponse:
     state = state_of(request)
     caching = state.media_cache_control(g, f"item {item_id}")
-    path = state.index.media_path(item_id)
-    with path.open("rb") as f:
-        fmt = sniff(f.read(16))
-    if fmt is None:
-        raise Refusal(404, f"item {item_id}'s file is not a format the page can show")
+    path, fmt = state.index.served(item_id)
     return FileResponse(path, media_type=fmt.mime, headers={"cache-control": caching})
 
 
 # ---- generation ----------------------------------------------------------------------------------
 
 
-async def read_prompt(request: Request) -> tuple[ServeState, list[Any], dict[str, Any]]:
+async def read_prompt(request: Request, fields: tuple[str, ...] = GENERATE_FIELDS
+                      ) -> tuple[ServeState, list[Any], dict[str, Any]]:
     """The prompt's segments in order (text as typed, files as `mm.Image` / `mm.Audio` of their bytes)
-    and the sampling settings."""
+    and the sampling settings, from a form of `fields` only."""
     state = state_of(request)
     state.need_decoder()
     form = await read_form(request, state.limits)
+    check_fields(form, fields)
     pieces = await read_pieces(form, state.limits, state.check)
     if not pieces:
         raise Refusal(400, "the prompt is empty: add text, an image or a sound")
@@ -149,9 +153,10 @@ def to_segment(piece: Piece) -> Any:
 
 def sampling(form: FormData, state: ServeState) -> dict[str, Any]:
     return {"max_new_tokens": number(form, "max_new_tokens", int, 32, 1, state.limits.max_new_tokens),
-            "temperature": number(form, "temperature", float, 0.0, 0, 100),
+            "temperature": number(form, "temperature", float, 0.0, 0, state.limits.max_temperature),
             "top_p": top_p(form),
-            "top_k": number(form, "top_k", int, None, 1, 1_000_000),
+            "top_k": number(form, "top_k", int, None, 1),  # past the vocabulary: all of it, as in Python
+            "stop": stops(form, state),
             "seed": number(form, "seed", int, None, 0, MAX_SEED),
             "best_of": number(form, "best_of", int, 1, 1, state.limits.max_best_of),
             "rerank_weight": number(form, "rerank_weight", float, 1.0, 0, 1000)}
@@ -163,6 +168,22 @@ def top_p(form: FormData) -> float | None:
     if value == 0:
         raise Refusal(400, "top_p must be above 0 and at most 1, got 0")
     return value
+
+
+def stops(form: FormData, state: ServeState) -> list[str] | None:
+    """The `stop` fields, each one stop string exactly as sent (" on" stops before " on"; an empty one
+    is none), as `generate(stop=[...])` takes them."""
+    found = form.getlist("stop")
+    if not all(isinstance(s, str) for s in found):
+        raise Refusal(400, "stop must be a text field, not a file")
+    found = [s for s in found if s]
+    limits = state.limits
+    if len(found) > limits.max_stops:
+        raise Refusal(400, f"{len(found)} stop strings; at most {limits.max_stops}")
+    for i, s in enumerate(found, 1):
+        if len(s) > limits.max_text_chars:
+            raise Refusal(413, f"stop string {i} has {len(s):,} characters; at most {limits.max_text_chars:,}")
+    return found or None
 
 
 def choice(settings: dict[str, Any]) -> dict[str, Any]:
@@ -181,10 +202,11 @@ def _generate_all(state: ServeState, prompt: list[Any], settings: dict[str, Any]
     with user_errors(), state.lock:
         if chosen["best_of"] == 1:
             tokens = [token_json(t) for t in state.model.stream_tokens(prompt, **settings)]
-            return {**finish(state, prompt, tokens), "tokens": tokens}
+            return {**finish(state, prompt, tokens, settings["stop"]), "tokens": tokens}
         out = state.model.generate(prompt, **settings, **chosen)
-        tokens = [token_json(t) for t in replay_tokens(state.model.prompt_model.fmt, out, Stops())]
-        return {**finish(state, prompt, tokens), "tokens": tokens,
+        replayed = replay_tokens(state.model.prompt_model.fmt, out, Stops.parse(settings["stop"]))
+        tokens = [token_json(t) for t in replayed]
+        return {**finish(state, prompt, tokens, settings["stop"]), "tokens": tokens,
                 "candidates": [{"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4),
                                 "similarity": None if c.similarity is None else round(c.similarity, 4)}
                                for c in out.candidates]}
@@ -197,7 +219,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
         raise Refusal(400, "best_of chooses among whole answers: POST it to /api/generate, not the stream")
     tokens = state.model.stream_tokens(prompt, **settings)
     first = await model_call(state, _next, state, tokens)  # a bad prompt is still a 400, not an event
-    return _ClosingStream(_events(state, prompt, first, tokens), media_type="text/event-stream",
+    return _ClosingStream(_events(state, prompt, first, tokens, settings["stop"]), media_type="text/event-stream",
                           headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
 
@@ -218,9 +240,10 @@ def _next(state: ServeState, tokens: Iterator[Any]) -> dict[str, Any] | None:
     return None if token is None else token_json(token)
 
 
-def _finish(state: ServeState, prompt: list[Any], sent: list[dict[str, Any]]) -> dict[str, Any]:
+def _finish(state: ServeState, prompt: list[Any], sent: list[dict[str, Any]], stop: list[str] | None
+            ) -> dict[str, Any]:
     with state.lock:
-        return finish(state, prompt, sent)
+        return finish(state, prompt, sent, stop)
 
 
 def _close(state: ServeState, tokens: Iterator[Any]) -> None:
@@ -228,8 +251,8 @@ def _close(state: ServeState, tokens: Iterator[Any]) -> None:
         tokens.close()
 
 
-async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None,
-                  tokens: Iterator[Any]) -> AsyncIterator[str]:
+async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None, tokens: Iterator[Any],
+                  stop: list[str] | None = None) -> AsyncIterator[str]:
     """`event: token` per generated token, then `event: done` (or `event: error`). The model lock is
     held only while a token is computed, never across a yield: a client that stops reading must not
     stall the model."""
@@ -239,7 +262,7 @@ async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | 
             sent.append(token)
             yield sse("token", token)
             token = await model_call(state, _next, state, tokens)
-        yield sse("done", await model_call(state, _finish, state, prompt, sent))
+        yield sse("done", await model_call(state, _finish, state, prompt, sent, stop))
     except Refusal as e:
         yield sse("error", {"error": e.message})
     except Exception as e:  # noqa: BLE001 - the headers are sent: the stream itself must say what went wrong
@@ -254,15 +277,24 @@ def token_json(token: Any) -> dict[str, Any]:
     return {"id": token.id, "text": token.text, "entropy": round(token.entropy, 4), "logprob": round(token.logprob, 4)}
 
 
-def finish(state: ServeState, prompt: list[Any], tokens: list[dict[str, Any]]) -> dict[str, Any]:
+def finish(state: ServeState, prompt: list[Any], tokens: list[dict[str, Any]], stop: list[str] | None
+           ) -> dict[str, Any]:
     """The answer's summary: its text, why it ended, and the model's own entropy (T = 1) at each token."""
     ids = [t["id"] for t in tokens]
     drawn = [t["entropy"] for t in tokens]
     own = state.model.token_entropy(prompt, Generation("", ids, entropy=drawn)).model if ids else []
-    eos = state.model.prompt_model.fmt.eos_id
-    return {"text": "".join(t["text"] for t in tokens), "finish_reason": "eos" if ids and ids[-1] == eos else "length",
+    return {"text": "".join(t["text"] for t in tokens),
+            "finish_reason": finish_reason(state.model.prompt_model.fmt, ids, Stops.parse(stop)),
             "mean_entropy": round(sum(drawn) / len(drawn), 4) if drawn else 0.0,
             "model_entropy": [round(h, 4) for h in own]}
+
+
+def finish_reason(fmt: Any, ids: list[int], stops: Stops) -> str:
+    """`Generation.finish_reason` of these ids: "eos", "stop" when their text holds a stop string
+    (generation checks the text after every token and cuts it there), else "length"."""
+    if ids and ids[-1] == fmt.eos_id:
+        return "eos"
+    return "stop" if ids and stops.cut(fmt.decode(ids)) is not None else "length"
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from mmembed.data.manifest import read_manifest
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index
-from mmembed.serve.safety import FILE_MODALITIES, Refusal, display_name
+from mmembed.serve.safety import FILE_MODALITIES, Format, Refusal, display_name, sniff, unplayable
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,30 @@ class IndexBuild:
         if not path.is_file():  # moved or deleted since the index was built
             raise Refusal(404, f"item {item_id}'s file is missing ({display_name(path.name)})")
         return path
+
+    def served(self, item_id: int) -> tuple[Path, Format]:
+        """An indexed item's file and its format, when the page can show it (else a 404 saying why)."""
+        path = self.media_path(item_id)
+        try:
+            with path.open("rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            raise Refusal(404, f"item {item_id}'s file cannot be read ({e.strerror})") from None
+        fmt = sniff(head)
+        if fmt is None:
+            raise Refusal(404, unplayable(f"item {item_id}", self._modality[item_id], head))
+        return path, fmt
+
+    def playable(self, ids: list[int]) -> set[int]:
+        """The ids among `ids` whose file `served` serves: only their hits get a `media` URL."""
+        found = set()
+        for i in ids:
+            try:
+                self.served(i)
+            except Refusal:
+                continue
+            found.add(i)
+        return found
 
 
 class _Counting:

@@ -164,6 +164,14 @@ async def _file(upload: UploadFile, limits: Limits, check: Check) -> Piece:
     return Piece(fmt.modality, data, name)
 
 
+def check_fields(form: FormData, known: tuple[str, ...]) -> None:
+    """A 400 naming a field the endpoint does not read: `temprature=1.5` was dropped, and the
+    answer came back greedy with a 200."""
+    for key in form.keys():
+        if key not in known:
+            raise Refusal(400, f"unknown field {key[:40]!r}; known: {', '.join(known)}")
+
+
 def parse_weights(text: str | None, n: int) -> list[float]:
     """'1, 0.5, -1' → one finite weight per piece (none given: 1.0 each)."""
     if text is None or not text.strip():
@@ -199,5 +207,7 @@ def number(form: FormData, key: str, kind: type, default: Any, low: float | None
         raise Refusal(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {str(raw)[:40]!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         shown = str(raw).strip()[:40]  # as sent: 1.0000001 printed as 1 looked inside the range
+        if high is None:
+            raise Refusal(400, f"{key} must be at least {_bound(low, kind)}, got {shown}")
         raise Refusal(400, f"{key} must be between {_bound(low, kind)} and {_bound(high, kind)}, got {shown}")
     return value

@@ -34,16 +34,18 @@ class Limits:
     max_k: int = 50  # hits per search
     max_new_tokens: int = 256  # tokens one answer may write
     max_best_of: int = 32  # candidates one answer may be chosen from (`best_of`)
+    max_stops: int = 8  # stop strings one answer may be given (`stop`; each at most max_text_chars)
+    max_temperature: float = 100.0  # far past where sampling is uniform; a typo, not a setting
 
     @property
     def max_request_bytes(self) -> int:
         """The whole body: every file at its limit, plus room for the text fields."""
         return self.max_files * self.max_file_bytes + self.max_fields * (4 * self.max_text_chars + 512)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return {"max_file_bytes": self.max_file_bytes, "max_files": self.max_files,
                 "max_text_chars": self.max_text_chars, "max_k": self.max_k, "max_new_tokens": self.max_new_tokens,
-                "max_best_of": self.max_best_of}
+                "max_best_of": self.max_best_of, "max_stops": self.max_stops, "max_temperature": self.max_temperature}
 
 
 class Refusal(Exception):
@@ -79,14 +81,31 @@ FORMATS = (
     Format("OGG", Modality.AUDIO, "audio/ogg", b"OggS"),
 )
 FILE_MODALITIES = frozenset(fmt.modality for fmt in FORMATS)  # modalities whose items are files
+# Formats the preprocessing may read (soundfile) but browsers do not play: known only to name them
+# when an item of the index or the memory has one and the page cannot show it.
+UNPLAYED = (
+    Format("AIFF", Modality.AUDIO, "audio/aiff", b"AIFF", 8),
+    Format("AIFF-C", Modality.AUDIO, "audio/aiff", b"AIFC", 8),
+    Format("AU", Modality.AUDIO, "audio/basic", b".snd"),
+    Format("CAF", Modality.AUDIO, "audio/x-caf", b"caff"),
+)
 
 
-def sniff(data: bytes) -> Format | None:
+def sniff(data: bytes, formats: tuple[Format, ...] = FORMATS) -> Format | None:
     """The format whose magic bytes `data` starts with (RIFF files are told apart at offset 8)."""
-    for fmt in FORMATS:
+    for fmt in formats:
         if data[fmt.offset:fmt.offset + len(fmt.magic)] == fmt.magic:
             return fmt
     return None
+
+
+def unplayable(what: str, modality: Modality, head: bytes) -> str:
+    """Why the page cannot show an item's file of these leading bytes: "item 3's audio is AIFF, which
+    the page does not play (it plays WAV, FLAC, OGG)"."""
+    known = sniff(head, UNPLAYED)
+    plays = dict.fromkeys(fmt.name for fmt in FORMATS if fmt.modality == modality)
+    shown = f"{known.name}, which" if known else "in a format"
+    return f"{what}'s {modality} is {shown} the page does not play (it plays {', '.join(plays) or 'none'})"
 
 
 def accepted_formats() -> str:

@@ -29,6 +29,7 @@ class ServeState:
     # in every media URL (`?g=`): ids restart at 0 in each index (and at 1 in each memory file), so a
     # browser's cache showed an earlier server's picture on the same port under this one's label
     media_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    memory_media: dict[int, bool] = field(default_factory=dict)  # item id → the page plays its media
     _slot: Any = field(default=None, repr=False)
 
     def model_slot(self) -> Any:

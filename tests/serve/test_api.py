@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -636,3 +637,129 @@ def test_other_sites_may_not_drive_the_server(client, model):
     assert status("[::1]:8000", "::1") == 200
     assert status("evil.example:8000", "127.0.0.1") == status("evil.example", "::1") == 403
     assert status("my-laptop.lan:8000", "192.168.1.5") == 200  # served to the network: names are the user's
+
+
+# ---- fixes: user names, playable media, form fields, bounds ----------------------------------------
+
+
+def aiff_of(wav: bytes) -> bytes:
+    """The same sound as AIFF (soundfile reads it; browsers do not play it)."""
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(wav))
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="AIFF")
+    return out.getvalue()
+
+
+def test_a_user_name_with_a_space_at_either_end_is_refused_never_trimmed(client):
+    """" zed" was trimmed to "zed" (Memory keeps them apart): it listed and deleted zed's items."""
+    memory = client.app.state.serve.memory
+    zed = memory.add("zed", "zed's own note")
+    spaced = memory.add(" zed", "a note of ' zed'")
+    error = "a user name must not start or end with a space, got ' zed'"
+    for user in (" zed", "zed "):
+        listed = client.get("/api/memory", params={"user": user})
+        assert listed.status_code == 400 and listed.json()["error"] == error.replace("' zed'", repr(user))
+        for item in (zed, spaced):
+            assert client.delete(f"/api/memory/items/{item}", params={"user": user}).status_code == 400
+            assert client.get(f"/api/memory/items/{item}/media", params={"user": user}).status_code == 400
+        stored = client.post("/api/memory/remember", files=files(("user", user), ("text", "hello")))
+        assert stored.status_code == 400 and "must not start or end with a space" in stored.json()["error"]
+    assert [h.id for h in memory.recent("zed")] == [zed] and [h.id for h in memory.recent(" zed")] == [spaced]
+    assert [i["id"] for i in client.get("/api/memory", params={"user": "zed"}).json()["items"]] == [zed]
+    assert client.get("/api/memory", params={"user": "   "}).json() == {"error": "give a user name (whose memory)"}
+
+
+def test_only_media_the_page_plays_get_a_url_and_the_others_say_why(client, tiny_world):
+    """A sound stored as AIFF was listed with a `media` URL, which then said the item did not exist."""
+    memory = client.app.state.serve.memory
+    name, wav = first(tiny_world, "audio")
+    played = memory.add("dora", mm.Audio(wav))
+    aiff = memory.add("dora", mm.Audio(aiff_of(wav)))
+    items = {i["id"]: i for i in client.get("/api/memory", params={"user": "dora"}).json()["items"]}
+    assert items[aiff]["media"] is None and items[played]["media"] is not None
+    assert client.get(items[played]["media"]).content == wav
+    response = client.get(f"/api/memory/items/{aiff}/media", params={"user": "dora"})
+    assert response.status_code == 404
+    assert response.json()["error"] == f"item {aiff}'s audio is AIFF, which the page does not play (it plays WAV, FLAC, OGG)"
+    assert client.get(f"/api/memory/items/{aiff}/media", params={"user": "bob"}).json()["error"] == (
+        f"user 'bob' has no item {aiff} with a picture or sound")
+
+
+def test_index_hits_get_a_media_url_only_for_files_the_page_plays(model, tiny_world, tmp_path):
+    """A hit on an indexed AIFF sound had a `media` URL that answered 404."""
+    world = shutil.copytree(tiny_world, tmp_path / "world")
+    rows = manifest_rows(world)
+    wav = world / rows[0]["audio"]
+    wav.with_suffix(".aiff").write_bytes(aiff_of(wav.read_bytes()))
+    rows[0]["audio"] = rows[0]["audio"].removesuffix(".wav") + ".aiff"
+    (world / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mm.Index.build(model, world / "test.jsonl", progress=False).save(tmp_path / "index")
+    state = open_state(model, run="aiff", index=tmp_path / "index")
+    with TestClient(create_app(state)) as client:
+        hits = client.post("/api/search", files=files(("text", "a red star")), data={"target": "audio", "k": "50"})
+        by_name = {h["name"]: h for h in hits.json()["hits"]}
+        assert len(by_name) == len(rows)
+        aiff = by_name.pop(Path(rows[0]["audio"]).name)
+        assert aiff["media"] is None and all(h["media"] is not None for h in by_name.values())
+        assert all(client.get(h["media"]).status_code == 200 for h in by_name.values())
+        response = client.get(f"/api/media/{aiff['id']}")
+        assert response.status_code == 404 and response.json()["error"] == (
+            f"item {aiff['id']}'s audio is AIFF, which the page does not play (it plays WAV, FLAC, OGG)")
+
+
+def test_stop_strings_end_the_answer_as_the_python_api_does(client, model):
+    """`stop` was ignored: the server wrote the whole answer where `generate(stop=[...])` stopped."""
+    settings = {"max_new_tokens": "16", "temperature": "1.0", "seed": "5"}
+    whole = model.generate("Describe", max_new_tokens=16, temperature=1.0, seed=5)
+    assert len(whole.text) > 4, whole.text
+    stops = [whole.text[2:4], "never written \u2603"]  # a stop string is kept as sent, spaces included
+    expected = model.generate("Describe", max_new_tokens=16, temperature=1.0, seed=5, stop=stops)
+    assert expected.finish_reason == "stop" and expected.text == whole.text[:2]
+    body = files(("text", "Describe"), *[("stop", s) for s in stops])
+    out = client.post("/api/generate", files=body, data=settings).json()
+    assert (out["text"], out["finish_reason"]) == (expected.text, "stop")
+    assert [t["id"] for t in out["tokens"]] == expected.token_ids
+    with client.stream("POST", "/api/generate/stream", files=body, data=settings) as response:
+        done = response.read().decode().split("event: done\ndata: ")[1]
+    assert json.loads(done)["text"] == expected.text and json.loads(done)["finish_reason"] == "stop"
+    best = client.post("/api/generate", files=body, data={**settings, "best_of": "3"}).json()
+    chosen = model.generate("Describe", max_new_tokens=16, temperature=1.0, seed=5, stop=stops, best_of=3)
+    assert (best["text"], best["finish_reason"]) == (chosen.text, chosen.finish_reason)
+    asked = client.post("/api/memory/ask", files=files(("user", "sam"), ("text", "Describe"), ("stop", "e")))
+    assert asked.status_code == 200 and "e" not in asked.json()["text"]
+    too_many = client.post("/api/generate", files=files(("text", "hi"), *[("stop", str(i)) for i in range(9)]))
+    assert too_many.status_code == 400 and too_many.json()["error"] == "9 stop strings; at most 8"
+    as_file = client.post("/api/generate", files=files(("text", "hi"), ("stop", ("s.txt", b"on"))))
+    assert as_file.json()["error"] == "stop must be a text field, not a file"
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/api/generate", [("text", "hi")]), ("/api/generate/stream", [("text", "hi")]),
+    ("/api/memory/ask", [("user", "ula"), ("text", "hi")]), ("/api/memory/remember", [("user", "ula"), ("text", "hi")]),
+    ("/api/search", [("text", "hi")]),
+])
+def test_a_field_the_endpoint_does_not_read_is_refused(client, path, fields):
+    """`temprature=1.5` was dropped: the answer came back greedy, with a 200."""
+    response = client.post(path, files=files(*fields, ("temprature", "1.5")))
+    assert response.status_code == 400 and response.json()["error"].startswith("unknown field 'temprature'; known: ")
+    known = response.json()["error"].split("known: ")[1].split(", ")
+    assert {"text", "file"} <= set(known) and ("temperature" in known) == ("generate" in path or "ask" in path)
+    assert client.app.state.serve.memory.count("ula") == 0
+
+
+def test_top_k_past_the_vocabulary_is_all_of_it_and_status_lists_the_bounds(client, model):
+    """top_k above 1,000,000 was a 400 where Python keeps the whole vocabulary."""
+    response = client.post("/api/generate", files=files(("text", "hi")),
+                           data={"top_k": "5000000", "temperature": "1", "seed": "2", "max_new_tokens": "6"})
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == model.generate("hi", top_k=5_000_000, temperature=1.0, seed=2, max_new_tokens=6).text
+    response = client.post("/api/generate", files=files(("text", "hi")), data={"top_k": "0"})
+    assert response.json()["error"] == "top_k must be at least 1, got 0"
+    response = client.post("/api/generate", files=files(("text", "hi")), data={"temperature": "100.5"})
+    assert response.json()["error"] == "temperature must be between 0 and 100, got 100.5"
+    limits = client.get("/api/status").json()["limits"]
+    assert (limits["max_temperature"], limits["max_stops"]) == (100, 8)

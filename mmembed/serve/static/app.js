@@ -204,9 +204,10 @@ function baseName(path) {
 function hitCard(hit) {
   const card = el("figure", { className: "hit", "data-id": hit.id, "data-rank": hit.rank,
                               "data-modality": hit.modality, "data-label": hit.label || "" });
-  if (hit.modality === "image") card.append(el("img", { src: hit.media, alt: hit.label || hit.name, loading: "lazy" }));
+  // no `media` for a file the page cannot show (a sound in AIFF): its name stands in for it
+  if (hit.media && hit.modality === "image") card.append(el("img", { src: hit.media, alt: hit.label || hit.name, loading: "lazy" }));
   else if (hit.media) card.append(el("audio", { src: hit.media, controls: true, preload: "none" }));
-  else card.append(el("blockquote", { text: hit.text || "" }));
+  else card.append(el("blockquote", { text: hit.text || hit.name || "" }));
   const where = hit.name || (hit.metadata.line !== undefined ? `line ${hit.metadata.line}` : "");
   card.append(el("figcaption", {},
     el("b", { text: `#${hit.rank} · ${hit.score.toFixed(3)}` }), ` ${hit.modality}`, el("br"),
