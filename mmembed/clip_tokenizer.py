@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +49,13 @@ from mmembed.text_encoding import (
 log = logging.getLogger(__name__)
 
 CLIP_CONTEXT_LENGTH = 77
+# CLIP towers use 77 (Long-CLIP 248); far above any text tower's positional table, and a padded
+# batch of it stays small: a tokenizer file's 10**12 was a MemoryError at the first padded batch
+MAX_CONTEXT_LENGTH = 1 << 14
 _MARKER_FORMAT = "mmembed.clip_tokenizer/1"
 _CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 _CLEAN_WINDOW = 1 << 16  # characters of a huge caption cleaned before it is cut (open_clip cleans all of it)
+_BLANK_RUN = re.compile(r"[ \t\r\n]{5,}")  # shrunk before the window is cut: a long run hid the words after it
 # open_clip's word pattern without its special-token alternatives, so that user text spelling
 # "<end_of_text>" stays text unless allowed (we split on allowed specials ourselves).
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -68,8 +73,9 @@ class ClipTokenizer:
 
     def __init__(self, context_length: int = CLIP_CONTEXT_LENGTH,
                  clean: Literal["lower", "whitespace", "canonicalize"] = "lower"):
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-            raise UserError(f"context_length must be an int >= 2, got {context_length!r}")
+        if (isinstance(context_length, bool) or not isinstance(context_length, int)
+                or not 2 <= context_length <= MAX_CONTEXT_LENGTH):
+            raise UserError(f"context_length must be an int in [2, {MAX_CONTEXT_LENGTH}], got {context_length!r}")
         if clean not in _CLEAN_MODES:
             raise UserError(f"unknown clean mode {clean!r}; valid: {', '.join(_CLEAN_MODES)}")
         try:  # imported here: only CLIP users pay for open_clip (and its `regex` dependency)
@@ -119,7 +125,8 @@ class ClipTokenizer:
             max_length: keep at most this many ids, bos/eos included (eos is kept); only a
                 prefix of the text is encoded, so huge captions take bounded time. The text is
                 cleaned before it is cut (ftfy's rules are not local: HTML unescaping depends on
-                the whole text, mojibake repair spans spaces), up to `_CLEAN_WINDOW` characters.
+                the whole text, mojibake repair spans spaces), up to `_CLEAN_WINDOW` characters
+                once long runs of whitespace are shrunk (`_shrink_run`).
 
         Returns:
             The ids.
@@ -128,7 +135,9 @@ class ClipTokenizer:
         allowed = resolve_allowed(allowed_special, self._special)
         budget = content_budget(max_length, add_bos, add_eos)
         window = None if budget is None else max(_CLEAN_WINDOW, 64 * budget)
-        cleaned = self._tok.clean_fn(text if window is None or len(text) <= window else text[:window])
+        if window is not None and len(text) > window:
+            text = _BLANK_RUN.sub(_shrink_run, text)[:window]
+        cleaned = self._tok.clean_fn(text)
         ids = encode_bounded(cleaned, budget, lambda t: self._encode_cleaned(t, allowed))
         return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
 
@@ -221,8 +230,12 @@ class ClipTokenizer:
         if not isinstance(obj, dict) or obj.get("kind") != "clip":
             raise CheckpointError(f"{file}: not a CLIP tokenizer marker (no \"kind\": \"clip\")")
         ctx, clean = obj.get("context_length"), obj.get("clean", "lower")
-        if not isinstance(ctx, int) or ctx < 2 or clean not in _CLEAN_MODES:
-            raise CheckpointError(f"{file}: bad CLIP marker (context_length={ctx!r}, clean={clean!r})")
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or not 2 <= ctx <= MAX_CONTEXT_LENGTH:
+            raise CheckpointError(f"{file}: bad CLIP marker: context_length must be an int in "
+                                  f"[2, {MAX_CONTEXT_LENGTH}], got {ctx!r}")
+        if clean not in _CLEAN_MODES:
+            raise CheckpointError(f"{file}: bad CLIP marker: clean must be one of {', '.join(_CLEAN_MODES)}, "
+                                  f"got {clean!r}")
         if obj.get("vocab_sha256") not in (None, _vocab_sha256()):
             log.warning("%s: open_clip's installed CLIP vocabulary differs from the one saved with "
                         "this tokenizer; ids may not match the trained model", file)
@@ -236,6 +249,16 @@ class ClipTokenizer:
 
     def __repr__(self) -> str:
         return f"ClipTokenizer(context_length={self.context_length}, clean={self.clean!r})"
+
+
+def _shrink_run(m: re.Match) -> str:
+    """A run of ASCII whitespace as its first two and last two characters, with one newline between
+    when the rest held one. CLIP's cleaning ends by collapsing whitespace; before that, ftfy reads
+    at most two whitespace characters beside a word (a-grave's "Ã " with no second space) and cuts
+    lines at newlines, which this keeps, so the ids stay open_clip's; lines over ftfy's 1,000,000
+    characters aside. A run of 70,000 spaces then fits the window with the words after it."""
+    run = m.group()
+    return run[:2] + ("\n" if "\n" in run[2:-2] else "") + run[-2:]
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from encoders.weights import tensor_fault
 from mmembed.checkpoint import atomic_write_text, load_torch_weights
 from mmembed.errors import CheckpointError, UserError
 from mmembed.decoder.model import Decoder
-from mmembed.text_encoding import (AllowedSpecial, check_text, content_budget, encode_bounded, resolve_allowed,
-                                   split_on_specials, with_bos_eos)
+from mmembed.text_encoding import (AllowedSpecial, check_ids, check_text, content_budget, encode_bounded,
+                                   resolve_allowed, split_on_specials, with_bos_eos)
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 END_OF_TEXT = "<|endoftext|>"
@@ -213,7 +214,9 @@ class PretrainedTokenizer:
 
     kind = "pretrained"
 
-    def __init__(self, hf: tokenizers.Tokenizer) -> None:
+    def __init__(self, hf: tokenizers.Tokenizer, source: str | Path = "tokenizer") -> None:
+        """`source` names the file(s) `hf` was read from, for errors."""
+        _check_dense_ids(hf, source)
         self._hf = tokenizers.Tokenizer.from_str(hf.to_str())
         self._plain = tokenizers.Tokenizer.from_str(hf.to_str())
         for t in (self._hf, self._plain):
@@ -223,10 +226,16 @@ class PretrainedTokenizer:
         self._special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
         end = self._special.get(END_OF_TEXT, hf.token_to_id(END_OF_TEXT))
         if end is None:
-            raise CheckpointError(f"tokenizer has no {END_OF_TEXT} token")
+            raise CheckpointError(f"{source}: tokenizer has no {END_OF_TEXT} token")
         self._special.setdefault(END_OF_TEXT, end)
-        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        self.vocab_size: int = len(hf.get_vocab(with_added_tokens=True))  # ids 0..vocab_size-1, checked above
         self.bos_id = self.eos_id = self.pad_id = end
+
+    def __getstate__(self) -> dict:  # DataLoader workers, deepcopy: `encode_special_tokens` is not pickled
+        return {"json": self._hf.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(tokenizers.Tokenizer.from_str(state["json"]))
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -248,8 +257,8 @@ class PretrainedTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = False) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self._hf.decode(ids, skip_special_tokens=skip_special)
+        """Ids → text; an id outside the vocabulary is a ValueError naming it (the library dropped it)."""
+        return self._hf.decode(check_ids(ids, self.vocab_size), skip_special_tokens=skip_special)
 
     def save(self, path: str | Path) -> Path:
         atomic_write_text(Path(path), self._hf.to_str(pretty=True))
@@ -264,7 +273,7 @@ class PretrainedTokenizer:
             raise
         except BaseException as e:  # plain Exception on a bad file, a PanicException (no Exception) on some
             raise CheckpointError(f"{path}: not a readable tokenizer.json ({_one_line(e)})") from None
-        return cls(hf)
+        return cls(hf, path)
 
 
 def gpt2_tokenizer(folder: str | Path) -> PretrainedTokenizer:
@@ -284,7 +293,22 @@ def gpt2_tokenizer(folder: str | Path) -> PretrainedTokenizer:
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([END_OF_TEXT])
-    return PretrainedTokenizer(hf)
+    return PretrainedTokenizer(hf, vocab)
+
+
+def _check_dense_ids(hf: tokenizers.Tokenizer, source: str | Path) -> None:
+    """Refuse a vocabulary whose ids are not exactly 0..N-1 (N tokens): `vocab_size` counts tokens,
+    and `PromptFormat` gives its markers the ids from N on, so an id past N let typed text produce
+    a marker's id (and a gap is filled by the library's next added token: two tokens, one id)."""
+    by_id = sorted((i, token) for token, i in hf.get_vocab(with_added_tokens=True).items())
+    n = len(by_id)
+    if by_id and by_id[-1][0] >= n:
+        i, token = by_id[-1]
+        raise CheckpointError(f"{source}: token {token!r} has the id {i}, but a vocabulary of {n} tokens must have "
+                              f"the ids 0..{n - 1}, each once")
+    for (i, a), (j, b) in pairwise(by_id):  # no id past N-1: a repeat is what is left
+        if i == j:
+            raise CheckpointError(f"{source}: tokens {a!r} and {b!r} share the id {i} (each id must name one token)")
 
 
 def _one_line(e: BaseException) -> str:

@@ -121,8 +121,10 @@ class PromptFormat:
         self.vocab_size: int = tokenizer.vocab_size + len(extra)
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.answer_id, self.placeholder_id = self.ids["<answer>"], self.ids["<media>"]
-        self._hidden = set(self.ids.values()) | set(own.values()) | {self.bos_id, self.eos_id, self.pad_id}
-        # what only a prompt holds (media slots, markers, <bos>, <answer>, padding): never generated,
+        # pad only as a special token: CLIP's pad is id 0, the real token "!" (padding never reaches
+        # the loss, and no real token attends to it: masked, or after them in a causal row)
+        self._hidden = set(self.ids.values()) | set(own.values()) | {self.bos_id, self.eos_id}
+        # what only a prompt holds (media slots, markers, <bos>, <answer>, a <pad>): never generated,
         # and a generated placeholder would be read as a media slot when the answer is fed back
         self.prompt_only_ids = sorted(self._hidden - {self.eos_id})
 

@@ -251,3 +251,49 @@ def test_integer_or_non_finite_gpt2_weights_are_refused(gpt2_folder, tmp_path, s
     folder = _spoilt_copy(gpt2_folder, tmp_path, "transformer.h.0.attn.c_attn.weight", spoil)
     with pytest.raises(CheckpointError, match=r"transformer\.h\.0\.attn\.c_attn\.weight " + match):
         load_gpt2(folder)
+
+
+def test_a_vocabulary_whose_ids_are_not_0_to_n_minus_1_is_refused(gpt2_folder, tmp_path):
+    """Ids past the token count loaded: vocab_size counted tokens and markers took the ids from there,
+    so a '%' moved to such an id typed <answer>; an <|endoftext|> at 10**8 loaded as eos."""
+    spec = json.loads((gpt2_folder / "tokenizer.json").read_text())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    n = len(vocab) + 1  # and <|endoftext|>, an added token
+    (tmp_path / "json").mkdir()
+    moved = _tokenizer_folder(gpt2_folder, tmp_path / "json", model={**spec["model"], "vocab": {**vocab, "%": n}})
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: token '%' has the id"):
+        gpt2_tokenizer(moved)
+    (tmp_path / "merges.txt").write_text("\n".join(m if isinstance(m, str) else " ".join(m) for m in merges) + "\n")
+    vocab_json = tmp_path / "vocab.json"
+    vocab_json.write_text(json.dumps({**vocab, "<|endoftext|>": 10**8}))
+    with pytest.raises(CheckpointError, match=r"vocab\.json: token '<\|endoftext\|>' has the id 100000000"):
+        gpt2_tokenizer(tmp_path)
+    vocab_json.write_text(json.dumps({**vocab, "<|endoftext|>": len(vocab)}))  # GPT-2's own layout loads
+    tok, ref = gpt2_tokenizer(tmp_path), gpt2_tokenizer(gpt2_folder)
+    assert (tok.vocab_size, tok.eos_id) == (ref.vocab_size, ref.eos_id) == (n, n - 1)
+    assert PromptFormat(tok, 2).answer_id == n and tok.encode("what is 100%") == ref.encode("what is 100%")
+
+
+def test_a_copied_or_pickled_tokenizer_keeps_special_text_plain(gpt2_folder):
+    """deepcopy and pickle dropped `encode_special_tokens`: typed "<|endoftext|>" became the end id."""
+    import copy
+    import pickle
+
+    tok = gpt2_tokenizer(gpt2_folder)
+    text = "ignore this <|endoftext|> new doc"
+    assert tok.eos_id not in tok.encode(text)
+    for other in (copy.deepcopy(tok), pickle.loads(pickle.dumps(tok))):
+        assert other.encode(text) == tok.encode(text)
+        assert other.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+
+
+@pytest.mark.parametrize("ids, error, match", [
+    ([5, 10_000], ValueError, "token id 10000 is outside the vocabulary"),  # was dropped without a word
+    ([-1], ValueError, "token id -1 is outside"),  # was an OverflowError
+    ([True], TypeError, "is a bool, not a token id"),  # was decoded as id 1
+    (torch.zeros(2, 2, dtype=torch.long), TypeError, "1-D integer tensor"),
+])
+def test_decode_checks_the_ids_as_the_own_tokenizer_does(gpt2_folder, ids, error, match):
+    """decode passed ids to the library unchecked: out-of-range ids vanished or raised its errors."""
+    with pytest.raises(error, match=match):
+        gpt2_tokenizer(gpt2_folder).decode(ids)

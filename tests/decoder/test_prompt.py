@@ -229,3 +229,20 @@ def test_an_inline_caption_is_the_python_apis_text_segment():
     for bad, message in (("look <text:>", "without a caption"), ("look <text:a red star", "without its closing '>': write <text:CAPTION>$")):
         with pytest.raises(UserError, match=message):
             parse_inline(bad)
+
+
+def test_clips_exclamation_mark_is_a_word_the_decoder_may_write():
+    """CLIP's pad id 0 is also the token "!": PromptFormat hid it, so decode dropped every "!" and
+    generation could never write one."""
+    pytest.importorskip("open_clip")
+    from mmembed.clip_tokenizer import ClipTokenizer
+    from mmembed.decoder import PromptFormat
+
+    tok = ClipTokenizer()
+    fmt = PromptFormat(tok, 2)
+    ids = tok.encode("wow!\U0001F600")  # "!" not ending a word: id 0
+    assert tok.pad_id in ids
+    assert fmt.decode(ids) == tok.decode(ids) == "wow !\U0001F600 "
+    assert tok.pad_id not in fmt.prompt_only_ids and tok.pad_id not in fmt.never_written(fmt.vocab_size)
+    own = prompt_model().fmt  # a pad that is a special token stays prompt-only
+    assert own.pad_id in own.prompt_only_ids

@@ -1,0 +1,53 @@
+"""CLIP tokenizer: huge captions with long whitespace runs, and the bound on a marker's context_length."""
+
+import pytest
+
+from mmembed.errors import CheckpointError, UserError
+
+open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+
+from mmembed.clip_tokenizer import ClipTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return ClipTokenizer(), open_clip_tokenizer.SimpleTokenizer()
+
+
+def test_words_after_a_long_whitespace_run_are_open_clips(clip):
+    """The text was cut to 65,536 characters before cleaning: after 70,000 spaces "red star" was gone."""
+    ours, ref = clip
+    texts = ["a" + " " * 70_000 + "red star", " " * 70_000 + "red star",
+             "\u00c3" + " " * 70_000 + "la mode", "x \u00c3\t" + " " * 70_000 + "la",
+             "voil\u00c3\u00a0" + (" \t" * 700 + "\r\n") * 50 + "z &amp; y", "a!" + "\n " * 40_000 + "<b> c"]
+    for text in texts:
+        expected = ref([text], context_length=20)[0].tolist()
+        expected = expected[:expected.index(ref.eot_token_id) + 1]
+        assert ours.encode(text, add_bos=True, add_eos=True, max_length=20) == expected, repr(text[:12])
+        assert ours.encode(text, max_length=3) == ref.encode(text)[:3], repr(text[:12])
+
+
+def test_a_million_blank_characters_are_not_all_cleaned(clip, monkeypatch):
+    """Cleaning is slow on many lines (ftfy fixes each on its own: 34 s for a million newlines), so
+    a long whitespace run must shrink before cleaning, not grow the window."""
+    ours, ref = clip
+    seen = []
+    clean = ours._tok.clean_fn
+    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    assert ours.encode("a" + "\n" * 1_000_000 + "red star", max_length=77) == ref.encode("a red star")
+    assert max(seen) < 100
+
+
+def test_a_markers_context_length_is_bounded(tmp_path):
+    """context_length 10**12 loaded, then a padded batch raised a bare MemoryError."""
+    from mmembed.clip_tokenizer import MAX_CONTEXT_LENGTH
+
+    file = tmp_path / "tokenizer.json"
+    file.write_text('{"kind": "clip", "context_length": 1000000000000}')
+    with pytest.raises(CheckpointError, match=f"context_length must be an int in \\[2, {MAX_CONTEXT_LENGTH}\\]"):
+        ClipTokenizer.load(file)
+    with pytest.raises(UserError, match="context_length"):
+        ClipTokenizer(context_length=MAX_CONTEXT_LENGTH + 1)
+    file.write_text(f'{{"kind": "clip", "context_length": {MAX_CONTEXT_LENGTH}}}')
+    ids, mask = ClipTokenizer.load(file).encode_batch(["hi"], padding="max_length")
+    assert ids.shape == mask.shape == (1, MAX_CONTEXT_LENGTH)
