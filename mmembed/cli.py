@@ -349,9 +349,13 @@ def _tokenizer(args: argparse.Namespace) -> int:
         return run_tokenizer_stats(args)
     from mmembed.tokenizer import train_tokenizer
 
+    from mmembed.tokenizer import load_tokenizer
+
     path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out,
                            overwrite=args.overwrite)
-    print(f"wrote {path}")
+    size = load_tokenizer(path).vocab_size  # an embedding table is sized by it, not by --vocab-size
+    short = f" ({size} tokens: the corpus ran out of merges before {args.vocab_size})" if size < args.vocab_size else ""
+    print(f"wrote {path}{short}")
     return 0
 
 

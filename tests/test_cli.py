@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from mmembed.cli import build_parser, main
+from mmembed.tokenizer import load_tokenizer
 
 SUBCOMMANDS = ["demo", "data", "tokenizer", "train", "eval", "index", "search", "map", "generate", "chat", "scale", "serve",
                "train-queries"]
@@ -59,6 +60,19 @@ def test_bad_run_dir(capsys, tmp_path):
 def test_missing_corpus(capsys, tmp_path):
     _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(tmp_path / "none.txt"), "--vocab-size", "300",
                              "--out", str(tmp_path)], "none.txt")
+
+
+def test_tokenizer_train_says_when_the_corpus_gave_fewer_tokens_than_asked(capsys, tmp_path):
+    """It printed "wrote .../tokenizer.json" alone: an embedding table sized by --vocab-size was wrong."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 50)
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr().out.strip()
+    size = load_tokenizer(tmp_path / "a" / "tokenizer.json").vocab_size
+    assert size < 300 and said.endswith(f"({size} tokens: the corpus ran out of merges before 300)")
+    corpus.write_text(" ".join(f"w{i}x{i * 7}" for i in range(3000)))  # merges to spare
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'b' / 'tokenizer.json'}"
 
 
 def test_an_output_that_names_a_file_where_a_folder_goes_is_one_line(capsys, tmp_path):
