@@ -232,7 +232,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {group} | " + " | ".join(cell(n, group) for n in names) + " |")
     skipped = result.get("skipped (longer than the context)", {})
     unreadable = result.get("unreadable rows", {})
-    lines += ["", "Prompts per split: " + ", ".join(f"{n} {result['rows'][n]}" for n in names)
+    lines += ["", "Prompts scored per split: " + ", ".join(
+                  f"{n} {result['rows'][n]} of {result['rows'][n] + skipped.get(n, 0) + unreadable.get(n, 0)}"
+                  for n in names)
               + "".join(f"; {n}: {k} skipped, prompt and answer longer than the context"
                         for n, k in skipped.items() if k)
               + "".join(f"; {n}: {k} unreadable row(s) skipped" for n, k in unreadable.items() if k) + ". "
