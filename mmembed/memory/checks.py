@@ -72,23 +72,30 @@ def timestamp(value: Any, name: str) -> float:
         except (OverflowError, ValueError, OSError) as e:  # datetime.min and the like
             raise UserError(f"{name} {value!r} has no unix time ({e})") from None
     try:
-        seconds = float(value) if _number(value, numbers.Real) else math.nan
+        seconds = float(value) if is_number(value) else math.nan
     except OverflowError:  # an int past float's range
         seconds = math.nan
     if not math.isfinite(seconds):
-        raise UserError(f"{name} must be unix seconds or a datetime, got {value!r:.40}")
+        raise UserError(f"{name} must be unix seconds or a datetime, got {shown(value)}")
     return seconds
 
 
 def check_int(value: Any, name: str, low: int, high: int | None, what: str) -> int:
     """`value` as a Python int in [low, high) (high None: no bound), numpy's integers too; else a
     UserError "`name` must be `what`"."""
-    if not _number(value, numbers.Integral) or not (low <= value and (high is None or value < high)):
-        raise UserError(f"{name} must be {what}, got {value!r:.40}")
+    if not is_number(value, numbers.Integral) or not (low <= value and (high is None or value < high)):
+        raise UserError(f"{name} must be {what}, got {shown(value)}")
     return int(value)
 
 
-def _number(value: Any, kind: type) -> bool:
+def shown(value: Any, width: int = 40) -> str:
+    """`value`'s repr for a message, cut to `width` characters with a visible "…" (a cut number
+    read as another number)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "…"
+
+
+def is_number(value: Any, kind: type = numbers.Real) -> bool:
     """A number of `kind` (numpy's scalars included), not a bool: True is not 1 second or 1 hit."""
     return isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
 

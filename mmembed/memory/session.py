@@ -31,7 +31,7 @@ from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
-from mmembed.memory.checks import check_int, check_optional_str, check_user
+from mmembed.memory.checks import check_int, check_optional_str, check_user, is_number
 from mmembed.memory.items import Pending
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
@@ -65,11 +65,10 @@ class Session:
                  history_turns: int = 3, recall_k: int = 3, recall_threshold: float = 0.3, new: bool = False) -> None:
         if getattr(model, "prompt_model", None) is None:
             raise UserError("a Session needs a model with a decoder stage (train one with a `decoder:` section)")
-        for name, value in (("history_turns", history_turns), ("recall_k", recall_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(recall_threshold, bool) or not isinstance(recall_threshold, (int, float)) \
-                or not -math.inf < recall_threshold < math.inf:  # math.isfinite(10**400) overflowed
+        history_turns, recall_k = (check_int(value, name, 0, None, "an integer >= 0")
+                                   for name, value in (("history_turns", history_turns), ("recall_k", recall_k)))
+        # not math.isfinite: 10**400 overflowed it
+        if not is_number(recall_threshold) or not -math.inf < recall_threshold < math.inf:
             raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
         check_user(user)  # before the file is opened: a mistyped name must not create (and claim) it
         check_optional_str(session, "session")

@@ -77,6 +77,13 @@ CREATE INDEX items_user_session_turn ON items (user, session, turn);
 _HIT_COLUMNS = "id, user, session, turn, role, time, modality, text, meta, media_path"
 
 
+def _run_to_record(meta: dict[str, str], fingerprint: str | None, run: str | None) -> bool:
+    """Whether the file should name `run`, the folder of the model opening it: the file's own model,
+    and the file names no run or one that is gone (a pruned checkpoint, a moved run)."""
+    return (run is not None and meta.get("fingerprint") == str(fingerprint)
+            and ("run" not in meta or not Path(meta["run"]).is_dir()))
+
+
 class MemoryFileError(UserError):
     """The memory file cannot be used: not SQLite, corrupt, another schema, or another model's."""
 
@@ -206,30 +213,43 @@ class Store:
         """
         with self._transaction(write=False) as conn:
             tables, meta = self._read_schema(conn)
-        if not tables or self._to_record(meta, dim, fingerprint, run):
-            with self._transaction(write=True) as conn:
-                tables, meta = self._read_schema(conn)  # again: another process may have written meanwhile
-                if not tables:
-                    for statement in _SCHEMA.split(";"):  # not executescript: it would commit first
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                    meta = {"schema_version": str(SCHEMA_VERSION)}
-                record = self._to_record(meta, dim, fingerprint, run)
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", list(record.items()))
-                meta.update(record)
+        if not tables or (dim is not None and "dim" not in meta):
+            meta = self._claim(dim, fingerprint, run)
+        elif _run_to_record(meta, fingerprint, run):
+            meta = self._record_run(meta, fingerprint, run)
         self._check_model(meta, dim, fingerprint)
         self._adopt(meta)
 
-    @staticmethod
-    def _to_record(meta: dict[str, str], dim: int | None, fingerprint: str | None, run: str | None) -> dict[str, str]:
-        """What `meta` lacks of the opening model: its dim and fingerprint when the file has none, and
-        its run folder when the file names none (a file of another model is refused afterwards)."""
-        record = {"dim": str(dim), "fingerprint": str(fingerprint)} if dim is not None and "dim" not in meta else {}
-        same_model = record or meta.get("fingerprint") == str(fingerprint)
-        if run is not None and "run" not in meta and same_model:
-            record["run"] = run
-        return record
+    def _claim(self, dim: int | None, fingerprint: str | None, run: str | None) -> dict[str, str]:
+        """Create the tables when absent and record the opening model (dim, fingerprint, run) when the
+        file has none; returns the file's meta."""
+        with self._transaction(write=True) as conn:
+            tables, meta = self._read_schema(conn)  # again: another process may have written meanwhile
+            if not tables:
+                for statement in _SCHEMA.split(";"):  # not executescript: it would commit first
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                meta = {"schema_version": str(SCHEMA_VERSION)}
+            record = {"dim": str(dim), "fingerprint": str(fingerprint)} if dim is not None and "dim" not in meta else {}
+            if run is not None and (record or _run_to_record(meta, fingerprint, run)):
+                record["run"] = run
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(record.items()))
+            meta.update(record)
+        return meta
+
+    def _record_run(self, meta: dict[str, str], fingerprint: str | None, run: str) -> dict[str, str]:
+        """Record the run folder of the file's own model; best effort: a file this process cannot
+        write (read-only, as files written before runs were recorded may be) opens as it is."""
+        try:
+            with self._transaction(write=True) as conn:
+                meta = self._read_schema(conn)[1]
+                if _run_to_record(meta, fingerprint, run):
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('run', ?)", (run,))
+                    meta["run"] = run
+        except MemoryFileError as e:
+            log.info("%s: its model's run folder is not recorded (%s)", self.path, e)
+        return meta
 
     def refresh_meta(self) -> None:
         """Re-read dim and fingerprint (a file created without a model may have been claimed since)."""

@@ -458,3 +458,49 @@ def test_numpy_numbers_are_taken_where_python_numbers_are(mem):
     assert len(mem.recent("ada", limit=np.int32(1))) == 1
     with pytest.raises(UserError, match="since must be unix seconds"):
         mem.search("ada", "x", since=np.True_)
+
+
+
+def test_a_file_without_a_recorded_run_opens_read_only_and_a_gone_run_is_replaced(tmp_path, model, monkeypatch):
+    """Recording the run made opening write: a read-only file of an earlier release was refused
+    ("attempt to write a readonly database"); and a recorded run that was gone (a pruned checkpoint)
+    stayed recorded though the same weights reopened the file from a folder that exists."""
+    import contextlib
+    import shutil
+    import sqlite3
+
+    from mmembed.memory.store import Store
+
+    model.save(tmp_path / "run")
+    loaded = mm.load(tmp_path / "run")
+    old = tmp_path / "old.db"
+    Store(old, model.embed_dim, model.fingerprint).close()  # as written before runs were recorded
+    real = Store._transaction
+
+    @contextlib.contextmanager
+    def read_only(self, write):
+        with real(self, False) as conn:  # a write is what a read-only file refuses
+            if write:
+                with self._errors():
+                    raise sqlite3.OperationalError("attempt to write a readonly database")
+            yield conn
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "_transaction", read_only)
+        with Memory(old, model=loaded) as mem:  # was a MemoryFileError
+            assert mem.count() == 0 and mem._store.run is None
+    with Memory(old, model=loaded) as mem:  # writable again: the run is recorded
+        assert mem._store.run == str(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    with Memory(tmp_path / "moved.db", model=mm.load(tmp_path / "copy")) as mem:
+        mem.add("ada", "a small blue star")
+    shutil.rmtree(tmp_path / "copy")
+    Memory(tmp_path / "moved.db", model=loaded).close()  # the same weights, from a folder that exists
+    with Memory(tmp_path / "moved.db") as mem:
+        assert mem.search("ada", "a small blue star", k=1)[0].text == "a small blue star"
+
+
+def test_a_huge_number_in_a_message_is_never_cut_into_another(mem):
+    """"got 1000…0" showed 10**39 for the 10**45 passed: the cut was invisible."""
+    with pytest.raises(UserError, match=r"got 10{39}…$"):
+        mem.recent("ada", limit=10**45)

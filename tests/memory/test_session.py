@@ -180,6 +180,17 @@ def test_a_bad_user_or_setting_leaves_no_file_and_names_ask(chat_model, db):
         assert chat.history() == []
 
 
+def test_session_settings_take_numpy_numbers(chat_model, db):
+    """np.int64(2) recall_k was "must be an integer >= 0" where Memory's own arguments took it."""
+    import numpy as np
+
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=np.int64(2), recall_k=np.int32(1),
+                    recall_threshold=np.float32(0.5)) as chat:
+        assert (chat.history_turns, chat.recall_k) == (2, 1) and type(chat.recall_k) is int
+    with pytest.raises(UserError, match="recall_k must be an integer >= 0"):
+        mm.Session(chat_model, memory=db, user="ada", recall_k=np.bool_(True))
+
+
 def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_path):
     out = io.StringIO()
     lines = ["hello", f"look at <image:{tmp_path / 'missing.png'}>", "/hist", "//slash", "/history", "/quit",
