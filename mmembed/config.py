@@ -154,6 +154,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # decoupled; none on norms, biases, embeddings and the logit scale
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
+    # micro-batches per optimizer step. Align stage: the mean of each micro-batch's own InfoNCE over
+    # batch_size rows (no more negatives; chance, and the logged loss, stay at ln(batch_size));
+    # decoder stage: the one-batch update of accum_steps × batch_size rows (a sum over answer tokens)
     accum_steps: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast
     # Recompute transformer blocks' activations in backward (less memory for large towers and decoders)

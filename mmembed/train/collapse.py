@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import Tensor
 
+from mmembed.checkpoint import read_json
 from mmembed.config import Config
-from mmembed.errors import UserError
+from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.train.distributed import all_reduce_values, broadcast_object, current_world
-from mmembed.train.state import latest_checkpoint
+from mmembed.train.state import CKPT_DIR, complete_checkpoints, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,43 @@ def _widest_over_ranks(spreads: dict[Modality, float]) -> dict[Modality, float]:
 def restart_config(cfg: Config, error: TowerCollapsed, run_dir: Path, resume: bool, restarts_done: int) -> Config:
     """The config to restart a collapsed run with (the learning rate cut to a third), or raise
     `error` when the run must stop instead: resumed, out of restarts, or past its first
-    checkpoint (whose weights the user may want; resume them with a lower train.lr)."""
+    checkpoint (whose weights the user may want: the error names the newest one from before the
+    collapse, to resume with a lower train.lr, or says to start over)."""
     saved = latest_checkpoint(run_dir) if current_world().main else None
     saved = broadcast_object(saved)  # rank 0 owns the run folder: every rank takes its decision
     if resume or restarts_done >= cfg.train.collapse_restarts or saved is not None:
         if saved is not None:
-            error.args = (f"{error} (the last checkpoint, {saved}, resumes with --resume and a lower train.lr)",)
+            error.args = (f"{error} ({_where_to_restart(run_dir, error)})",)
         raise error
     lr = cfg.train.lr * RESTART_LR_FACTOR
     log.warning("the %s tower collapsed: restarting the stage from scratch at train.lr=%.3g (restart %d of "
                 "at most %d)", error.modality, lr, restarts_done + 1, cfg.train.collapse_restarts)
     return replace(cfg, train=replace(cfg.train, lr=lr))
+
+
+def _where_to_restart(run_dir: Path, error: TowerCollapsed) -> str:
+    """The advice that ends the error: resume the newest checkpoint saved before the collapse began,
+    or start over. The latest one may hold the collapsed tower already (its streak is saved with it),
+    and resuming it collapsed again, pointing back at it."""
+    done = complete_checkpoints(Path(run_dir) / CKPT_DIR)  # oldest first
+    clean = [c for c in done if _before_collapse(c, error)]
+    if not clean:
+        return "every checkpoint was saved after the collapse began: start over with --overwrite and a lower train.lr"
+    later = [c.name for c in done[done.index(clean[-1]) + 1:]]
+    if not later:
+        return f"the last checkpoint, {clean[-1]}, predates the collapse: resume it with --resume and a lower train.lr"
+    # --resume takes the newest checkpoint: the collapsed ones have to go first
+    return (f"the newest checkpoint saved before the collapse began is {clean[-1]}: move the later ones "
+            f"({', '.join(later)}) out of {clean[-1].parent}, then resume with --resume and a lower train.lr")
+
+
+def _before_collapse(checkpoint: Path, error: TowerCollapsed) -> bool:
+    """Whether `checkpoint`'s weights are from before the error's streak began. Counted in the monitor's
+    own batches, which the checkpoint records (micro-batches under accumulation, not steps); strictly
+    before: the weights saved after batch k are those batch k + 1 ran on. A checkpoint that does not
+    say (an older one, an unreadable one) is not advised."""
+    try:
+        saved = read_json(checkpoint / "trainer.json")["progress"]["extra"]["stage"]["collapse"]["batches"]
+    except (CheckpointError, KeyError, TypeError):
+        return False
+    return isinstance(saved, int) and saved < error.batches - error.steps

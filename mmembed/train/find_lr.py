@@ -6,11 +6,14 @@ from far too small to far too large, recording the loss.
            ─► smoothed loss vs lr ─► {out_dir}-find-lr/: lr_find.json, lr_find.png, a suggested train.lr
 
 Too small a rate leaves the loss flat, a good one makes it fall fastest, too large a one makes
-it stall and then blow up, or collapse a tower (the contrastive loss climbs back to ln(batch
-size), where it started; the captioner's, with `loss.caption_weight`, need not follow). The
-suggestion is the steepest descent of the smoothed loss before its minimum, the usual reading of
-the curve; the `ceiling` is the rate at which the loss has climbed `CLIMB_BACK` of the way back
-to its start or passes `DIVERGED` × its minimum, where the test stops: training fails above it.
+it stall and then blow up, or collapse a tower (a pair's contrastive loss settles back at chance,
+ln(rows), from below: InfoNCE starts above chance, as random vectors at the initial logit scale
+are confidently wrong, so a collapse need not bring the total back to its start; the
+captioner's loss, with `loss.caption_weight`, need not follow either). The suggestion is the
+steepest descent of the smoothed loss before its minimum, the usual reading of the curve; the
+`ceiling` is the rate at which the loss has climbed `CLIMB_BACK` of the way back to its start,
+passes `DIVERGED` × its minimum, or an InfoNCE pair sits at chance for `AT_CHANCE_STEPS` steps
+after having been `BELOW_CHANCE` under it: the test stops there, training fails above it.
 Nothing of the run itself is written: `train.out_dir` stays as it was, the curve goes to a
 sibling folder.
 """
@@ -31,7 +34,7 @@ from mmembed.checkpoint import atomic_write_text
 from mmembed.config import Config
 from mmembed.data import SkipCounter
 from mmembed.errors import UserError
-from mmembed.losses import build_loss
+from mmembed.losses import build_loss, parse_pair, same_label_mask
 from mmembed.model import build_model
 from mmembed.train.align import one_process_step, seed_everything, train_loader_factory, trained_modalities
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
@@ -48,6 +51,12 @@ DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minim
 # came back three quarters of the way on the demo at 7e-2, where every tower had collapsed; 0.9 put the
 # failure at 0.38, ten times past it.
 CLIMB_BACK = 0.5
+# A pair's InfoNCE loss over its chance level ln(rows) (1: chance). Back at chance for this many
+# steps in a row, within this fraction, after a median of three steps this far below it, is a
+# failure: a collapsed tower (or a logit scale driven to nothing) sat at 1.000 ± 0.002 on the tiny
+# world from 7e-2 on, where the total had fallen only 2% below chance and never climbed half-way back
+# to its start (3.56 against ln 16 = 2.77), while a learning pair's steps scatter by several percent.
+AT_CHANCE_STEPS, AT_CHANCE, BELOW_CHANCE = 3, 0.01, 0.05
 
 
 @dataclass
@@ -93,17 +102,50 @@ def centred(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     return one_way(one_way(finite)[::-1])[::-1]
 
 
-def _failed(losses: list[float], smoothed: list[float], skip: int = 3) -> bool:
+def _failed(losses: list[float], smoothed: list[float], chance: list[dict[str, float]] = (), skip: int = 3) -> bool:
     """The newest loss is non-finite, or the median of the last three (the moving average lags
     by a decade of rates here) is past `DIVERGED` × the smoothed minimum or, after a fall of at
-    least 10%, has climbed back `CLIMB_BACK` of the way to the smoothed start."""
+    least 10%, has climbed back `CLIMB_BACK` of the way to the smoothed start; or a pair of
+    `chance` (per step: pair → InfoNCE loss / its chance level) is `back_at_chance`."""
     if not math.isfinite(losses[-1]):
         return True
     last, low = float(np.median(losses[-3:])), min(smoothed)
     if last > DIVERGED * low:
         return True
+    newest = chance[-1] if chance else {}
+    if any(back_at_chance([step[pair] for step in chance if pair in step]) for pair in newest):
+        return True
     start = smoothed[min(skip, len(smoothed) - 1)]
     return low < 0.9 * start and smoothed.index(low) < len(smoothed) - 1 and last >= low + CLIMB_BACK * (start - low)
+
+
+def back_at_chance(ratios: list[float]) -> bool:
+    """Whether a pair's loss / chance ratios end with `AT_CHANCE_STEPS` within `AT_CHANCE` of 1,
+    after a median of three earlier ones `BELOW_CHANCE` under it (a pair still falling through
+    chance from its start above it is not back)."""
+    recent, earlier = ratios[-AT_CHANCE_STEPS:], ratios[:-AT_CHANCE_STEPS]
+    if len(recent) < AT_CHANCE_STEPS or any(abs(r - 1) > AT_CHANCE for r in recent):
+        return False
+    return any(np.median(earlier[i:i + 3]) <= 1 - BELOW_CHANCE for i in range(len(earlier) - 2))
+
+
+def chance_ratios(metrics: dict[str, float], batch, label_positives: bool) -> dict[str, float]:
+    """Each InfoNCE pair's loss over its chance level: the mean over the pair's rows of ln(its
+    candidates), the rows with both modalities less those of its label (`loss.label_positives`),
+    which is ln(rows) without labels. A collapsed tower scores every candidate alike: ratio 1."""
+    out = {}
+    for key, loss in metrics.items():
+        if not key.startswith("loss/"):
+            continue
+        a, b = parse_pair(key.removeprefix("loss/"))
+        both = batch.present[a] & batch.present[b]
+        candidates = torch.full((int(both.sum()),), float(both.sum()))
+        if label_positives:
+            candidates -= same_label_mask(batch.labels[both]).sum(dim=1)
+        level = float(candidates.log().mean()) if len(candidates) >= 2 else 0.0
+        if level > 0:  # (0: every row's only candidate is its own, no negatives)
+            out[key] = loss / level
+    return out
 
 
 def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float = 1.0) -> LRFinding:
@@ -128,7 +170,7 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     optimizer = build_optimizer(trained, lr_min, cfg.train.weight_decay, cfg.train.betas)
     trained.train()
 
-    lrs, losses, smoothed, average, ceiling, unlearned = [], [], [], 0.0, None, 0
+    lrs, losses, smoothed, chance, average, ceiling, unlearned = [], [], [], [], 0.0, None, 0
     epoch = 0
     while len(lrs) < steps and ceiling is None:
         taken = len(lrs)
@@ -159,7 +201,9 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
             lrs.append(lr)
             losses.append(loss)
             smoothed.append(average / (1 - SMOOTHING ** len(lrs)))
-            if _failed(losses, smoothed):
+            if loss_fn.kind == "infonce":  # SigLIP's loss at chance depends on its bias, not on ln(rows)
+                chance.append(chance_ratios(out.metrics, batch, cfg.loss.label_positives))
+            if _failed(losses, smoothed, chance):
                 ceiling = lr
                 break
         if len(lrs) == taken and ceiling is None:  # a whole epoch without one usable batch: it never will

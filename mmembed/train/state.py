@@ -138,7 +138,7 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (weights, optimizer state and trainer.json), or None."""
-    done = _complete_by_step(Path(run_dir) / CKPT_DIR)
+    done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
 
 
@@ -160,7 +160,7 @@ def check_same_rows(saved: str | None, current: str | None, keys: str) -> None:
                         "another train.out_dir)")
 
 
-def _complete_by_step(root: Path) -> list[Path]:
+def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoint folders `step_<digits>` under `root`, oldest first, by their step (as
     names, step_10000000 would sort before step_9999000). Anything else there (a copy someone made,
     `step_0000004.bak`) is not a checkpoint."""
@@ -257,7 +257,7 @@ def _last_line(e: BaseException) -> str:
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
     """Delete all but the newest `keep_last` complete checkpoints and those in `keep` (the best).
     The newest is kept whatever `keep_last` says (0: the best and the newest): a resume starts there."""
-    done = _complete_by_step(Path(run_dir) / CKPT_DIR)
+    done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     for old in done[:-max(keep_last, 1)]:
         if old.resolve() not in {k.resolve() for k in keep}:
             _delete(old)

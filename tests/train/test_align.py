@@ -279,9 +279,10 @@ def test_collapse_monitor_stops_after_its_limit_naming_the_tower_and_the_fix():
     assert "train.lr=0.003" in message and "Fix: train.lr=0.001" in message and "\n" not in message
 
 
-def _collapse_on(monkeypatch, attempts: set[int], after: int = 1) -> list[float]:
+def _collapse_on(monkeypatch, attempts: set[int], after: int = 1, streak: int | None = None) -> list[float]:
     """Make the align stage's monitor report a collapse `after` batches into each attempt in
-    `attempts` (0 = the first); returns the learning rate of every attempt."""
+    `attempts` (0 = the first), collapsed for its last `streak` batches (default: all of them);
+    returns the learning rate of every attempt."""
     import mmembed.train.align as align
     from mmembed.modality import Modality
     from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
@@ -297,7 +298,7 @@ def _collapse_on(monkeypatch, attempts: set[int], after: int = 1) -> list[float]
         def __call__(self, embeddings, present):
             super().__call__(embeddings, present)
             if self.attempt in attempts and self.batches == after:
-                raise TowerCollapsed(Modality.IMAGE, self.batches, self.batches, 0.0, self.lr, self.warmup)
+                raise TowerCollapsed(Modality.IMAGE, self.batches, streak or self.batches, 0.0, self.lr, self.warmup)
 
     monkeypatch.setattr(align, "CollapseMonitor", Scripted)
     return lrs
@@ -321,7 +322,8 @@ def test_a_run_that_collapses_before_its_first_checkpoint_restarts_at_a_third_of
 def test_a_collapse_after_a_checkpoint_or_out_of_restarts_stops_with_one_line(tiny_world, tmp_path, monkeypatch):
     from mmembed.train.collapse import TowerCollapsed
 
-    _collapse_on(monkeypatch, attempts={0}, after=5)  # checkpoint_every=2: steps 2 and 4 are saved
+    # checkpoint_every=2: steps 2 and 4 are saved; the collapse begins at batch 6, which step 4's weights ran
+    _collapse_on(monkeypatch, attempts={0}, after=6, streak=1)
     cfg = load_config(tiny_config(tiny_world, tmp_path / "late", epochs=3))
     with pytest.raises(TowerCollapsed, match=r"image tower collapsed.*step_0000004.*--resume and a lower train.lr"):
         train_align(cfg)

@@ -10,7 +10,7 @@ import pytest
 from mmembed.cli import main
 from mmembed.config import load_config
 from mmembed.errors import UserError
-from mmembed.train.find_lr import SMOOTHING, _failed, centred, find_lr, suggest
+from mmembed.train.find_lr import SMOOTHING, _failed, centred, chance_ratios, find_lr, suggest
 from tests.conftest import tiny_config
 
 
@@ -133,3 +133,57 @@ def test_an_out_dir_of_dot_is_resolved(tiny_world, tmp_path, monkeypatch):
     cfg = load_config(tiny_config(tiny_world, tmp_path / "unused", epochs=1), ["train.out_dir=."])
     f = find_lr(cfg, steps=8)  # was ValueError: PosixPath('.') has an empty name, after the whole sweep
     assert f.folder == tmp_path / "here-find-lr" and (f.folder / "lr_find.json").is_file()
+
+
+def _first_failure(curve: list[float], rows: int = 16) -> int | None:
+    """The step at which the range test stops on an InfoNCE pair's loss `curve` (None: never), with
+    the smoothing and the chance ratios the test keeps."""
+    losses, smoothed, chance, average = [], [], [], 0.0
+    for i, loss in enumerate(curve):
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        losses.append(loss)
+        smoothed.append(average / (1 - SMOOTHING ** (i + 1)))
+        chance.append({"loss/image-text": loss / math.log(rows)})
+        if _failed(losses, smoothed, chance):
+            return i
+    return None
+
+
+def test_a_loss_settling_back_at_chance_from_below_is_a_failure():
+    """InfoNCE starts above ln(batch) (3.56 against ln 16 = 2.77) and a collapse settles at ln(batch):
+    never half-way back to the start, so 20 steps at chance were reported as "no failure up to 1"."""
+    rng = np.random.default_rng(0)
+    chance = math.log(16)
+    fall = list(np.linspace(3.56, 2.45, 30) + rng.normal(0, 0.05, 30))  # through chance, then below it
+    collapsed = fall + [chance + rng.normal(0, 0.002) for _ in range(20)]
+    assert _first_failure(collapsed) == 32  # the third step back at chance
+    assert _first_failure(fall + list(np.linspace(2.45, 1.5, 20) + rng.normal(0, 0.05, 20))) is None  # still falling
+    # a pair falling slowly through chance from its start above it has not come back to it
+    assert _first_failure(list(np.linspace(2.85, 2.70, 30))) is None
+    # the loss alone missed it: the total never climbed back half-way to its start
+    smoothed = centred(collapsed)
+    assert not _failed(collapsed, smoothed)
+
+
+def test_the_chance_ratio_of_a_collapsed_pair_is_one():
+    """The level a collapsed pair's InfoNCE loss settles at, read by the range test: ln(rows with
+    both modalities), less the candidates that share a row's label with loss.label_positives."""
+    import torch
+
+    from mmembed.data.collate import Batch
+    from mmembed.losses import ContrastiveLoss
+    from mmembed.modality import Modality
+
+    text, image = Modality.TEXT, Modality.IMAGE
+    torch.manual_seed(0)
+    present = {text: torch.ones(12, dtype=torch.bool), image: torch.arange(12) % 4 != 0}  # 9 rows with both
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, -1])
+    # scores all alike, where a collapsed pair settles (the repro's sat at ln 16 ± 0.001)
+    embeddings = {m: torch.nn.functional.normalize(torch.ones(12, 8), dim=-1) for m in (text, image)}
+    batch = Batch(inputs={}, masks={}, present=present, labels=labels, rows=torch.arange(12), keys=[None] * 12)
+    for label_positives in (False, True):
+        out = ContrastiveLoss(label_positives=label_positives)(embeddings, present, torch.tensor(14.3), labels)
+        metrics = {f"loss/{k}": float(v) for k, v in out.per_pair.items()}
+        ratios = chance_ratios(metrics, batch, label_positives)
+        assert ratios == {"loss/image-text": pytest.approx(1.0, abs=1e-5)}
+    assert float(out.per_pair["image-text"]) < math.log(9) - 0.05  # label positives lower the chance level
