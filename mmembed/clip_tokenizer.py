@@ -56,6 +56,7 @@ _MARKER_FORMAT = "mmembed.clip_tokenizer/1"
 _CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 _CLEAN_WINDOW = 1 << 16  # characters of a huge caption cleaned before it is cut (open_clip cleans all of it)
 _BLANK_RUN = re.compile(r"[ \t\r\n]{5,}")  # shrunk before the window is cut: a long run hid the words after it
+_BLANKS = re.compile(r"[ \t\r\n]+")
 # open_clip's word pattern without its special-token alternatives, so that user text spelling
 # "<end_of_text>" stays text unless allowed (we split on allowed specials ourselves).
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -136,7 +137,7 @@ class ClipTokenizer:
         budget = content_budget(max_length, add_bos, add_eos)
         window = None if budget is None else max(_CLEAN_WINDOW, 64 * budget)
         if window is not None and len(text) > window:
-            text = _BLANK_RUN.sub(_shrink_run, text)[:window]
+            text = _shrunk_prefix(text, window)
         cleaned = self._tok.clean_fn(text)
         ids = encode_bounded(cleaned, budget, lambda t: self._encode_cleaned(t, allowed))
         return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
@@ -251,13 +252,28 @@ class ClipTokenizer:
         return f"ClipTokenizer(context_length={self.context_length}, clean={self.clean!r})"
 
 
-def _shrink_run(m: re.Match) -> str:
+def _shrunk_prefix(text: str, window: int) -> str:
+    """The first `window` characters of `text` with every run of 5+ blanks shrunk (`_shrink_run`),
+    reading no further into `text` than they need: a huge caption keeps its bounded time."""
+    pieces, size, pos = [], 0, 0
+    while size < window:
+        found = _BLANK_RUN.search(text, pos, pos + window - size + 5)  # a run starting within the budget
+        if found is None:
+            pieces.append(text[pos:pos + window - size])
+            break
+        end = _BLANKS.match(text, found.start()).end()  # the whole run (the search stopped at the budget)
+        run = _shrink_run(text[found.start():end])
+        pieces += [text[pos:found.start()], run]
+        size, pos = size + found.start() - pos + len(run), end
+    return "".join(pieces)[:window]
+
+
+def _shrink_run(run: str) -> str:
     """A run of ASCII whitespace as its first two and last two characters, with one newline between
     when the rest held one. CLIP's cleaning ends by collapsing whitespace; before that, ftfy reads
     at most two whitespace characters beside a word (a-grave's "Ã " with no second space) and cuts
     lines at newlines, which this keeps, so the ids stay open_clip's; lines over ftfy's 1,000,000
     characters aside. A run of 70,000 spaces then fits the window with the words after it."""
-    run = m.group()
     return run[:2] + ("\n" if "\n" in run[2:-2] else "") + run[-2:]
 
 

@@ -75,14 +75,21 @@ class Tokenizer:
     kind = "bpe"
 
     def __init__(self, hf: tokenizers.Tokenizer):
-        hf = tokenizers.Tokenizer.from_str(hf.to_str())  # the caller's keeps its settings
-        hf.no_truncation()  # transformers' `save_pretrained` writes what its last call set
-        hf.no_padding()
-        check_tokenizer_json(json.loads(hf.to_str()))
+        text = hf.to_str()  # serialised once: a 50k-token vocabulary takes a tenth of a second a pass
+        spec = json.loads(text)
+        check_tokenizer_json(spec)
+        if spec.get("truncation") is not None or spec.get("padding") is not None:
+            # transformers' `save_pretrained` writes what its last call set; `encode` cuts and pads
+            # itself. Turned off in a copy: the caller's keeps its settings.
+            hf = tokenizers.Tokenizer.from_str(text)
+            hf.no_truncation()
+            hf.no_padding()
         self._hf = hf
         # A twin that treats special-token text as plain text: user strings go through it, so
         # "<image>" typed by a user can never become the image slot (tiktoken's default).
-        self._plain = tokenizers.Tokenizer.from_str(hf.to_str())
+        self._plain = tokenizers.Tokenizer.from_str(text)
+        self._plain.no_truncation()
+        self._plain.no_padding()
         self._plain.encode_special_tokens = True
         added = hf.get_added_tokens_decoder()
         self._special = {t.content: i for i, t in sorted(added.items()) if t.special}

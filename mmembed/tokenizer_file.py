@@ -60,7 +60,7 @@ def _check_ids(model: dict, added: list[dict]) -> None:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise ValueError("its model's vocab is not a map of tokens")
-    size = len(vocab) + len(added)
+    size = len(set(vocab) | {t["content"] for t in added})  # specials are in both, as trainers write them
     for token, i in [*vocab.items(), *((t["content"], t.get("id")) for t in added)]:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
             raise ValueError(f"its token {token!r} has id {i!r}; ids are integers from 0 to {size - 1}, one per token")

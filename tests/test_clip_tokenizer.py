@@ -51,3 +51,18 @@ def test_a_markers_context_length_is_bounded(tmp_path):
     file.write_text(f'{{"kind": "clip", "context_length": {MAX_CONTEXT_LENGTH}}}')
     ids, mask = ClipTokenizer.load(file).encode_batch(["hi"], padding="max_length")
     assert ids.shape == mask.shape == (1, MAX_CONTEXT_LENGTH)
+
+
+def test_the_shrunk_prefix_equals_shrinking_the_whole_text_then_cutting():
+    """Shrinking ran over the whole caption before the cut: a 40M-character caption of short runs
+    took 6.4 s where the cut alone took 0.2 s. Reading only the prefix must give the same text."""
+    import random
+
+    from mmembed.clip_tokenizer import _BLANK_RUN, _shrink_run, _shrunk_prefix
+
+    rng = random.Random(0)
+    pieces = ["a", "bc", "Ã", "x" * 7, " ", "  ", " " * 5, " " * 11, "\n" * 3, " \t\r\n", "\n" * 6 + " "]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        window = rng.randint(1, 60)
+        assert _shrunk_prefix(text, window) == _BLANK_RUN.sub(lambda m: _shrink_run(m.group()), text)[:window]

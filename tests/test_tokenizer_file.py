@@ -51,6 +51,17 @@ def test_an_id_out_of_range_is_refused_before_anything_is_sized_by_it(tok, tmp_p
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # nothing sized by the id
 
 
+def test_the_id_range_counts_a_special_once(tok):
+    """Specials are in both model.vocab and added_tokens: the message said "0 to 306" of a
+    300-token file, and ids up to 306 passed the check."""
+    spec = json.loads(tok.to_hf().to_str())
+    size = tok.vocab_size
+    assert all(t["content"] in spec["model"]["vocab"] for t in spec["added_tokens"])
+    spec["model"]["vocab"]["Ġred"] = size
+    with pytest.raises(ValueError, match=rf"has id {size}; ids are integers from 0 to {size - 1}, one per token"):
+        check_tokenizer_json(spec)
+
+
 def test_a_special_holding_whitespace_is_refused_on_load(tok, tmp_path):
     """A file whose special was "<big star>" loaded, and a max_length truncation (which cuts at
     spaces) split it: the cut text's ids were not the full encoding's first ids."""

@@ -97,7 +97,6 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
                           "built in memory): lower data_tokens")
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
-    clear_report(out)
     vocab, train, val = world_text(config, budget, progress)
 
     def train_one(label: str, size: ModelSize, tokens: int) -> LMResult:
@@ -111,7 +110,7 @@ def run_sweep(config: ScalingConfig, verify: bool = False,
     for i, (label, size, tokens) in enumerate(plan):
         progress(f"[{i + 1}/{len(plan)}] {label}: {tokens:,} tokens")
         rungs.append(Rung(label, train_one(label, size, tokens), size))
-        write_rungs(rungs, out)  # after each rung: an interrupted or failing sweep keeps the ones it finished
+        save_progress(rungs, out)
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([_x(config, r.result) for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,
@@ -171,6 +170,15 @@ def _x(config: ScalingConfig, result: LMResult) -> int:
 
 
 REPORT_FILES = ("scaling.json", "scaling.csv", "scaling.png")
+
+
+def save_progress(rungs: list[Rung], out: Path) -> None:
+    """After each rung: an interrupted or failing sweep keeps the rungs it finished. The previous
+    sweep's report goes as the first is written (not at the start: a sweep stopped before it had a
+    rung to show lost the earlier sweep's fit for nothing)."""
+    if len(rungs) == 1:
+        clear_report(out)
+    write_rungs(rungs, out)
 
 
 def clear_report(out: Path) -> None:

@@ -53,7 +53,7 @@ from mmembed.errors import UserError
 from mmembed.insight.flops import estimated_training_flops, measured_flops
 from mmembed.insight.lm_train import LMResult
 from mmembed.insight.power_law import fit_power_law
-from mmembed.insight.scaling import Rung, SweepReport, clear_report, size_label, write_report, write_rungs
+from mmembed.insight.scaling import Rung, SweepReport, save_progress, size_label, write_report
 from mmembed.insight.sweep_config import ModelSize, ScalingConfig
 from mmembed.losses import build_loss
 from mmembed.modality import Modality
@@ -97,12 +97,11 @@ def run_tower_sweep(config: ScalingConfig, verify: bool = False,
     check_data(configs[ladder.widths[0]])  # the rungs differ only in width: one check is every rung's
     out = Path(config.out_dir)
     make_output_folder(out)  # a file above it is one line, before any training
-    clear_report(out)
     rungs = []
     for i, width in enumerate(ladder.widths):
         progress(f"[{i + 1}/{len(ladder.widths)}] towers at width {width}")
         rungs.append(train_rung(configs[width], progress))
-        write_rungs(rungs, out)  # after each rung: a failing or interrupted sweep keeps the ones it finished
+        save_progress(rungs, out)
     losses = [r.result.val_loss for r in rungs]
     fit = fit_power_law([r.result.params for r in rungs], losses, bootstrap=config.bootstrap, seed=config.seed)
     compute_fit = fit_power_law([r.result.flops_measured for r in rungs], losses, bootstrap=config.bootstrap,

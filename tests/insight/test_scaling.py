@@ -295,3 +295,16 @@ def test_a_second_sweep_that_fails_leaves_no_report_of_the_first(tmp_path, monke
         main(["scale", "--out", str(tmp_path), *TINY])
     assert {p.name for p in tmp_path.iterdir()} == {"scaling.csv"}
     assert len((tmp_path / "scaling.csv").read_text().splitlines()) == 3  # the second sweep's 2 rungs
+
+
+def test_a_sweep_stopped_before_its_first_rung_keeps_the_previous_report(tmp_path, monkeypatch):
+    """The previous report was deleted as a sweep started: a Ctrl-C in its first minutes lost the fit."""
+    import mmembed.insight.scaling as scaling
+
+    monkeypatch.setattr(scaling, "train_lm", _fake_train_lm())
+    assert main(["scale", "--out", str(tmp_path), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(scaling, "train_lm", _fake_train_lm(fail_at=1))
+    with pytest.raises(_Stop):
+        main(["scale", "--out", str(tmp_path), *TINY])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
