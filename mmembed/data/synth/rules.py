@@ -92,7 +92,7 @@ EVENT_S = 0.30
 ATTACK_S = 0.015
 RELEASE_S = 0.05
 DURATION_S = (1.3, 1.7)  # uniform range of a clip's length; the right slot ends by 1.23 s
-NOISE_RMS = (0.0015, 0.004)  # white background noise: >= 19 dB below the quietest event
+NOISE_RMS = (0.0015, 0.004)  # white background noise: >= 18 dB below the quietest event (0.15·10^(-13/20) over 0.004: 18.5 dB)
 FM_RATIO, FM_INDEX = 3.5, 1.0
 PULSE_DUTY = 0.15
 VIBRATO_HZ, VIBRATO_SEMITONES = 7.0, 1.0
