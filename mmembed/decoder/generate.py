@@ -80,13 +80,13 @@ class Stops:
     def parse(cls, stop: str | int | Sequence[str | int] | None, vocab_size: int | None = None) -> Stops:
         """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
         [0, vocab_size), which could never be written, is a ValueError."""
-        single = stop is None or isinstance(stop, str) or _integer(stop) is not None
+        single = stop is None or isinstance(stop, str) or as_integer(stop) is not None
         # bytes iterate as ints: b"the" was read as three token ids
         if not single and (not isinstance(stop, Iterable) or isinstance(stop, (bytes, bytearray, memoryview))):
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
         items = [] if stop is None else [stop] if single else list(stop)
         strings = tuple(s for s in items if isinstance(s, str))
-        ids = [_integer(i) for i in items if not isinstance(i, str)]
+        ids = [as_integer(i) for i in items if not isinstance(i, str)]
         if None in ids or any(not s for s in strings):
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
         if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
@@ -104,7 +104,7 @@ class Stops:
         return max((len(s) for s in self.strings), default=1) - 1
 
 
-def _integer(x: object) -> int | None:
+def as_integer(x: object) -> int | None:
     """`x` as an int when it is an integer of any type (not a bool), else None."""
     if isinstance(x, bool):
         return None
@@ -282,7 +282,7 @@ def _check_fits(decoder: Decoder, longest: int, which: int | None = None) -> Non
 
 
 def check_max_new_tokens(max_new_tokens: object) -> None:
-    if (n := _integer(max_new_tokens)) is None or n < 1:  # any integer type: numpy's too
+    if (n := as_integer(max_new_tokens)) is None or n < 1:  # any integer type: numpy's too
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
@@ -363,7 +363,7 @@ def seeded(seed: int | torch.Generator | None, device: torch.device) -> torch.Ge
 def check_seed(seed: object) -> None:
     """ValueError unless `seed` is None or an integer in [0, MAX_SEED] (room for the seeds of
     best_of's batches after it, below 2**63)."""
-    if seed is not None and ((n := _integer(seed)) is None or not 0 <= n <= MAX_SEED):  # numpy's ints too
+    if seed is not None and ((n := as_integer(seed)) is None or not 0 <= n <= MAX_SEED):  # numpy's ints too
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] or None, got {seed!r}")
 
 

@@ -19,15 +19,17 @@ answer is not favoured for its length.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mmembed.decoder.fusion import MultimodalLM
-from mmembed.decoder.generate import Generation, Stops, check_max_new_tokens, check_seed, generate
+from mmembed.decoder.generate import Generation, Stops, as_integer, check_max_new_tokens, check_seed, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput
@@ -108,9 +110,9 @@ def answer_logprobs(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved,
 def check_best_of(best_of: int, weight: float, sampling: Sampling) -> None:
     """ValueError for a best_of that is not a positive integer, a weight that is not a finite number
     >= 0, or several candidates asked of greedy decoding (they would all be the same)."""
-    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_COPIES:
+    if (n := as_integer(best_of)) is None or not 1 <= n <= MAX_COPIES:  # numpy's ints too, as seed takes
         raise ValueError(f"best_of must be an integer in [1, {MAX_COPIES}], got {best_of!r}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+    if not _finite(weight) or weight < 0:
         raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
     if best_of > 1 and sampling.greedy:
         raise ValueError("best_of > 1 samples its candidates: give a temperature > 0")
@@ -173,12 +175,24 @@ def _answer_vectors(embed_answers: Callable, texts: list[str]) -> dict[str, Tens
         return out
 
 
+def _finite(x: object) -> bool:
+    """A finite real number of any type (numpy's too), not a bool; 10**400 is not (as a float, inf)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _in_batches(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,
                 sampling: Sampling, stop: Stops, seed: int | None, device: torch.device) -> list[Generation]:
     out: list[Generation] = []
     for b, start in enumerate(range(0, len(prompts), BATCH)):
-        out += generate(lm, fmt, prompts[start:start + BATCH], max_new_tokens, sampling, stop,
-                        None if seed is None else seed + b, device)
+        # a generator, not `seed + b`: the seed was checked, and MAX_SEED leaves room for b; checked
+        # again, a seed near MAX_SEED was refused at the second batch, after the first had run
+        batch_seed = None if seed is None else torch.Generator(device=device).manual_seed(int(seed) + b)
+        out += generate(lm, fmt, prompts[start:start + BATCH], max_new_tokens, sampling, stop, batch_seed, device)
     return out
 
 

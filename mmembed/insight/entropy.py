@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mmembed.decoder.generate import Generation, Stops, generate
+from mmembed.decoder.generate import Generation, Stops, as_integer, generate
 from mmembed.decoder.prompt import Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.decoder.score import MAX_COPIES, per_token
@@ -127,7 +127,7 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
         One `SweepRow` per temperature, in the order given. Raises ValueError for a bad
         temperature, top_k, top_p or max_new_tokens, or samples < 1.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_COPIES:
+    if (n := as_integer(samples)) is None or not 1 <= n <= MAX_COPIES:  # numpy's ints too
         raise ValueError(f"samples must be an integer in [1, {MAX_COPIES}], got {samples!r}")
     settings = [Sampling(t, top_k, top_p) for t in temperatures]  # validate them all before any work
     rows = []

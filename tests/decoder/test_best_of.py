@@ -7,6 +7,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,20 @@ def test_a_seeded_batch_of_more_than_64_prompts_draws_on_one_stream(model):
     assert answers() == ids
 
 
+def test_numpy_settings_and_a_seed_at_max_seed_take_every_batch(model):
+    """best_of and rerank_weight refused numpy numbers that seed and temperature took; and the seed of
+    best_of's second batch of 64 samples (seed + 1) was checked again, so MAX_SEED failed there."""
+    from mmembed.decoder.generate import MAX_SEED
+
+    kwargs = {"max_new_tokens": 4, "temperature": 1.5}
+    out = model.generate(prompt(), best_of=np.int64(3), rerank_weight=np.float32(0.5), seed=np.int64(1), **kwargs)
+    assert out == model.generate(prompt(), best_of=3, rerank_weight=0.5, seed=1, **kwargs)
+    out = model.generate(prompt(), best_of=66, seed=MAX_SEED, **kwargs)  # two batches of samples
+    assert out.candidates and out == model.generate(prompt(), best_of=66, seed=MAX_SEED, **kwargs)
+    rows = model.temperature_sweep(prompt(), [0.5, 1.0], samples=np.int64(2), max_new_tokens=3)
+    assert len(rows) == 2
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"best_of": 0, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
     ({"best_of": 2.5, "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
@@ -117,6 +132,8 @@ def test_a_seeded_batch_of_more_than_64_prompts_draws_on_one_stream(model):
     ({"best_of": 4, "temperature": 1.0, "rerank_weight": -1.0}, "rerank_weight must be a finite number >= 0"),
     ({"best_of": 4, "temperature": 1.0, "rerank_weight": math.nan}, "rerank_weight must be a finite number >= 0"),
     ({"best_of": 4, "temperature": 1.0, "rerank_weight": math.inf}, "rerank_weight must be a finite number >= 0"),
+    ({"best_of": 4, "temperature": 1.0, "rerank_weight": 10**400}, "rerank_weight must be a finite number >= 0"),
+    ({"best_of": np.bool_(True), "temperature": 1.0}, r"best_of must be an integer in \[1, 1024\]"),
 ])
 def test_bad_best_of_arguments_are_value_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
