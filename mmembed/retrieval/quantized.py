@@ -120,8 +120,8 @@ def sq8_topk(
     n_q = queries.shape[0]
     lo, hi, n_valid = span(mask, vectors.shape[0])
     k_out = min(k, n_valid)
-    if k_out == 0 or n_q == 0:
-        return torch.empty(n_q, 0), torch.empty(n_q, 0, dtype=torch.int64)
+    if k_out == 0 or n_q == 0:  # (Q, k'), as every backend answers: no queries, still k' columns
+        return torch.empty(n_q, k_out), torch.empty(n_q, k_out, dtype=torch.int64)
     n_cand = min(n_valid, max(k_out, candidates or max(4 * k_out + 16, 64)))
     query = codes.query(queries)  # (Q, D')
     unit = torch.ones(_BLOCK_ROWS, dtype=torch.bfloat16)  # the kernel's per-row scale

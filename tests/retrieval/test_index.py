@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -366,3 +367,31 @@ def test_a_lone_metadata_dict_goes_with_one_vector_and_is_named_for_several():
     with pytest.raises(UserError, match="one dict for 2 vectors; give a list of dicts, one per vector"):
         idx.add(unit(2, 1), "image", {"label": "s1"})
     assert len(idx) == 1
+
+
+def test_a_filter_that_searches_the_index_leaves_the_outer_query_alone():
+    """One query's rows live in a per-thread buffer, filled before the filter ran: a filter that
+    searched the same index overwrote it, and the outer search answered the inner query."""
+    torch.manual_seed(0)
+    idx = Index(8)
+    x = torch.randn(100, 8)
+    idx.add(x, "image", [{"i": i} for i in range(100)])
+    inner = []
+
+    def keep(meta):
+        if not inner:
+            inner.append(idx.search(x[0], k=1))
+        return True
+
+    assert [h.id for h in idx.search(x[7], k=3, filter=keep)] == [h.id for h in idx.search(x[7], k=3)]
+    assert inner
+
+
+def test_k_may_be_a_numpy_integer():
+    """k=np.int64(3) was "k must be a positive int, got np.int64(3)"."""
+    idx = Index(8)
+    idx.add(torch.randn(20, 8), "image")
+    q = torch.randn(8)
+    assert [h.id for h in idx.search(q, k=np.int64(3))] == [h.id for h in idx.search(q, k=3)]
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        idx.search(q, k=np.bool_(True))
