@@ -64,6 +64,18 @@ def manifest_rows(world: Path) -> list[dict]:
     return [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
 
 
+def aiff_of(wav: bytes) -> bytes:
+    """The same sound as AIFF (soundfile reads it; browsers do not play it)."""
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(wav))
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="AIFF")
+    return out.getvalue()
+
+
 def untrained_model(world: Path) -> mm.Model:
     """A random tiny model with a decoder, whose config points at `world` (its test manifest is indexed)."""
     from tests.memory.conftest import tiny_model

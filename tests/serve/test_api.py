@@ -22,7 +22,7 @@ from mmembed.errors import UserError  # noqa: E402
 from mmembed.serve import Limits, ServeState, create_app, open_state  # noqa: E402
 from mmembed.serve.indexing import IndexBuild  # noqa: E402
 from mmembed.serve.safety import Refusal  # noqa: E402
-from tests.serve.conftest import manifest_rows, untrained_model  # noqa: E402
+from tests.serve.conftest import aiff_of, manifest_rows, untrained_model  # noqa: E402
 
 LIMITS = Limits(max_file_bytes=64 * 1024, max_files=4, max_new_tokens=16)
 
@@ -640,18 +640,6 @@ def test_other_sites_may_not_drive_the_server(client, model):
 
 
 # ---- fixes: user names, playable media, form fields, bounds ----------------------------------------
-
-
-def aiff_of(wav: bytes) -> bytes:
-    """The same sound as AIFF (soundfile reads it; browsers do not play it)."""
-    import io
-
-    import soundfile as sf
-
-    samples, rate = sf.read(io.BytesIO(wav))
-    out = io.BytesIO()
-    sf.write(out, samples, rate, format="AIFF")
-    return out.getvalue()
 
 
 def test_a_user_name_with_a_space_at_either_end_is_refused_never_trimmed(client):

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 
 import mmembed as mm  # noqa: E402
 from mmembed.serve import BackgroundServer, Limits, create_app, open_state  # noqa: E402
-from tests.serve.conftest import manifest_rows  # noqa: E402
+from tests.serve.conftest import aiff_of, manifest_rows  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -324,6 +324,69 @@ def test_a_memory_error_goes_once_a_list_loads(page, served):
     assert page.locator("#memory-error").is_hidden() and page.text_content("#memory-info").endswith("for grace")
 
 
+def show_items(page, user: str) -> None:
+    """Show `user`'s list in the memory view and wait until it is drawn."""
+    items = page.locator("#memory-items")
+    before = int(items.get_attribute("data-refreshes") or 0)
+    page.fill("#memory-user", user)
+    page.click("#memory-refresh")
+    page.wait_for_selector(f"#memory-items[data-refreshes='{before + 1}']", state="attached")
+
+
+def test_a_memory_item_the_page_cannot_play_says_what_it_is(page, served):
+    """An AIFF sound, or a sound stored as a path, came with no `media` and was drawn as an empty card."""
+    wav = served.world / next(r["audio"] for r in served.rows if r.get("audio"))
+    with served.state.lock:
+        memory = served.state.memory
+        ids = {"aiff": memory.add("ivy", mm.Audio(aiff_of(wav.read_bytes()))),
+               "captioned": memory.add("ivy", mm.Audio(aiff_of(wav.read_bytes())), text="a caption"),
+               "path": memory.add("ivy", mm.Audio(str(wav)), store_media="path"),
+               "played": memory.add("ivy", mm.Audio(str(wav))),
+               "note": memory.add("ivy", text="a note")}
+    page.click("#tab-memory")
+    page.wait_for_selector("#memory-items[data-refreshes='1']", state="attached")
+    show_items(page, "ivy")
+    cards = {int(c["id"]): c for c in page.eval_on_selector_all("#memory-items .item", """els => els.map(e => ({
+        id: e.dataset.id, caption: e.querySelector('figcaption').textContent, audio: !!e.querySelector('audio'),
+        quote: e.querySelector('blockquote')?.textContent ?? null,
+        unplayable: e.querySelector('.unplayable')?.textContent ?? null}))""")}
+    for name in ("aiff", "captioned", "path"):
+        card = cards[ids[name]]
+        assert " audio " in card["caption"] and not card["audio"], card
+        assert card["unplayable"] == "this sound cannot be played in the browser", card
+    assert cards[ids["captioned"]]["quote"] == "a caption" and cards[ids["aiff"]]["quote"] is None
+    played, note = cards[ids["played"]], cards[ids["note"]]
+    assert " audio " in played["caption"] and played["audio"] and played["unplayable"] is None
+    assert " text " in note["caption"] and note["quote"] == "a note" and note["unplayable"] is None
+
+
+def test_another_users_list_is_not_said_to_be_highlighted(page, served):
+    """After an Ask as one user, the next user's list still said "highlighted: recalled by the last turn"."""
+    image = str(served.world / next(r for r in served.rows if "|" not in r["label"])["image"])
+    with served.state.lock:
+        served.state.memory.add("judy", mm.Image(image), text="my picture")
+    page.click("#tab-memory")
+    page.wait_for_selector("#memory-items[data-refreshes='1']", state="attached")
+    page.fill("#memory-user", "judy")
+    page.fill("#memory-pieces input.text", "What colour is it?")
+    page.set_input_files("#memory-files", image)
+    with page.expect_response("**/api/memory/ask") as asked:
+        page.click("#memory-ask")
+    assert asked.value.json()["recalled"]
+    page.wait_for_selector("#memory-items .item.recalled")
+    assert page.text_content("#memory-info").endswith(" · highlighted: recalled by the last turn")
+    show_items(page, "kim")
+    assert page.text_content("#memory-info") == "0 item(s) remembered for kim"
+    with served.state.lock:
+        served.state.memory.add("kim", text="kim's note")
+    show_items(page, "kim")
+    assert page.text_content("#memory-info") == "1 item(s) remembered for kim"
+    assert page.locator("#memory-items .item.recalled").count() == 0
+    show_items(page, "judy")  # judy's last turn still recalled them
+    assert page.text_content("#memory-info").endswith(" · highlighted: recalled by the last turn")
+    assert page.locator("#memory-items .item.recalled").count() == len(asked.value.json()["recalled"])
+
+
 def held_until_released(page, pattern: str) -> list:
     """Hold each request matching `pattern` (a slow server): the test answers it with `continue_()`."""
     held: list = []
@@ -408,5 +471,44 @@ def test_an_index_folder_given_with_a_trailing_slash_is_named(browser, served, t
             page.goto(url)
             page.wait_for_selector("#index-status[data-state='ready']", timeout=TIMEOUT_MS)
             assert page.text_content("#index-text").endswith("(idx)")
+        finally:
+            page.close()
+
+
+class Answers:
+    """ASGI middleware keeping (path, status) of every answer: Chromium's own icon request is seen
+    neither by Playwright nor by the page's DevTools session, only by the server."""
+
+    def __init__(self, app, answered: list) -> None:
+        self.app, self.answered = app, answered
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def sent(message) -> None:
+            if message["type"] == "http.response.start":
+                self.answered.append((scope["path"], message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, sent)
+
+
+def test_loading_the_page_logs_no_console_error(browser, served):
+    """Every load logged an error: the browser's request for /favicon.ico was a 404."""
+    answered: list = []
+    app = create_app(open_state(served.model, run="tiny-trained"))
+    app.add_middleware(Answers, answered=answered)
+    with BackgroundServer(app) as url:
+        page = browser.new_page()
+        errors = []
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        try:
+            page.goto(url)
+            page.wait_for_selector("#index-status[data-state='ready']", timeout=TIMEOUT_MS)
+            wait_for(page, lambda: any("favicon" in path for path, _ in answered))  # asked once the page loaded
+            page.wait_for_timeout(300)  # time for a late error to be logged
+            assert errors == [] and [a for a in answered if a[1] >= 400] == []
+            assert ("/static/favicon.svg", 200) in answered
+            kind = "fetch('/static/favicon.svg').then(r => r.headers.get('content-type'))"
+            assert page.evaluate(kind) == "image/svg+xml"
         finally:
             page.close()

@@ -364,7 +364,18 @@ function showCandidates(candidates) {
 
 // ---- memory ----------------------------------------------------------------------------------------
 
-let recalledIds = new Set();
+// The ids the last turn recalled, and whose turn it was: another user's list highlights none of
+// them (it said "highlighted: recalled by the last turn" over a list that had nothing of that turn).
+let recalled = { user: "", ids: new Set() };
+
+function wasRecalled(id) {
+  return recalled.user === listedUser && recalled.ids.has(id);
+}
+
+// What a card says in place of a picture or sound whose bytes the page cannot show (`media` null:
+// a sound in AIFF, a file stored as a path); the card was empty, or looked like a text item.
+const UNSHOWN = { image: "this picture cannot be shown in the browser",
+                  audio: "this sound cannot be played in the browser" };
 
 function memoryUser() {
   const user = $("memory-user").value.trim();
@@ -374,13 +385,16 @@ function memoryUser() {
 
 function itemCard(item) {
   const card = el("figure", { className: "item", "data-id": item.id, "data-modality": item.modality });
-  if (recalledIds.has(item.id)) card.classList.add("recalled");
+  if (wasRecalled(item.id)) card.classList.add("recalled");
   if (item.media && item.modality === "image") card.append(el("img", { src: item.media, alt: item.text || "" }));
   else if (item.media) card.append(el("audio", { src: item.media, controls: true, preload: "none" }));
+  else if (item.modality !== "text") {
+    card.append(el("p", { className: "unplayable", text: UNSHOWN[item.modality] ?? `this ${item.modality} cannot be shown in the browser` }));
+  }
   if (item.modality === "text" || item.text) card.append(el("blockquote", { text: item.text || "" }));
   const when = new Date(item.time * 1000).toLocaleString();
-  card.append(el("figcaption", {}, el("b", { text: `#${item.id}` }), ` ${item.role} · turn ${item.turn ?? "–"}`,
-    recalledIds.has(item.id) ? " · recalled" : "", el("br"), when));
+  card.append(el("figcaption", {}, el("b", { text: `#${item.id}` }),
+    ` ${item.modality} · ${item.role} · turn ${item.turn ?? "–"}`, wasRecalled(item.id) ? " · recalled" : "", el("br"), when));
   const forget = el("button", { type: "button", className: "forget", text: "Forget" });
   forget.addEventListener("click", () => {
     if (!window.confirm(`Forget item #${item.id} of ${listedUser}?`)) return;
@@ -415,7 +429,7 @@ async function refreshMemory() {
     items.dataset.refreshes = String(Number(items.dataset.refreshes || 0) + 1);
     const shown = out.items.length < out.count ? ` (the newest ${out.items.length} shown)` : "";
     $("memory-info").textContent = `${out.count} item(s) remembered for ${out.user}${shown}` +
-      (recalledIds.size ? ` · highlighted: recalled by the last turn` : "");
+      (out.items.some((item) => wasRecalled(item.id)) ? ` · highlighted: recalled by the last turn` : "");
   } catch (error) {
     if (mine === memoryRefreshes) showError($("memory-error"), error);
   }
@@ -424,7 +438,7 @@ async function refreshMemory() {
 async function forgetItem(id) {
   try {
     await api(`/api/memory/items/${id}?user=${encodeURIComponent(listedUser)}`, { method: "DELETE" });
-    recalledIds.delete(id);
+    recalled.ids.delete(id);
     showError($("memory-error"), null);
     await refreshMemory();
   } catch (error) {
@@ -444,11 +458,11 @@ async function memoryTurn(pieces, path) {
     const out = await api(`/api/memory/${path}`, { method: "POST", body: form });
     showError($("memory-error"), null);
     if (path === "ask") {
-      recalledIds = new Set(out.recalled.map((h) => h.id));
-      const recalled = out.recalled.map((h) => `#${h.id} (${h.score.toFixed(3)})`).join(", ") || "nothing";
-      $("memory-answer").textContent = `${out.text || "(no answer)"}\n— turn ${out.turn}; recalled: ${recalled}`;
+      recalled = { user: out.user, ids: new Set(out.recalled.map((h) => h.id)) };
+      const scores = out.recalled.map((h) => `#${h.id} (${h.score.toFixed(3)})`).join(", ") || "nothing";
+      $("memory-answer").textContent = `${out.text || "(no answer)"}\n— turn ${out.turn}; recalled: ${scores}`;
     } else {
-      recalledIds = new Set();
+      recalled = { user: out.user, ids: new Set() };
       $("memory-answer").textContent = `remembered ${out.ids.length} item(s)`;
     }
     pieces.removeSent(sent);
