@@ -361,7 +361,8 @@ def test_a_memory_item_the_page_cannot_play_says_what_it_is(page, served):
 
 
 def test_another_users_list_is_not_said_to_be_highlighted(page, served):
-    """After an Ask as one user, the next user's list still said "highlighted: recalled by the last turn"."""
+    """After an Ask as one user, the next user's list still said "highlighted: recalled by the last turn",
+    under the first user's answer."""
     image = str(served.world / next(r for r in served.rows if "|" not in r["label"])["image"])
     with served.state.lock:
         served.state.memory.add("judy", mm.Image(image), text="my picture")
@@ -375,8 +376,10 @@ def test_another_users_list_is_not_said_to_be_highlighted(page, served):
     assert asked.value.json()["recalled"]
     page.wait_for_selector("#memory-items .item.recalled")
     assert page.text_content("#memory-info").endswith(" · highlighted: recalled by the last turn")
+    assert page.is_visible("#memory-answer")
     show_items(page, "kim")
     assert page.text_content("#memory-info") == "0 item(s) remembered for kim"
+    assert not page.is_visible("#memory-answer")  # judy's answer stayed above kim's list
     with served.state.lock:
         served.state.memory.add("kim", text="kim's note")
     show_items(page, "kim")
@@ -384,6 +387,7 @@ def test_another_users_list_is_not_said_to_be_highlighted(page, served):
     assert page.locator("#memory-items .item.recalled").count() == 0
     show_items(page, "judy")  # judy's last turn still recalled them
     assert page.text_content("#memory-info").endswith(" · highlighted: recalled by the last turn")
+    assert page.is_visible("#memory-answer")
     assert page.locator("#memory-items .item.recalled").count() == len(asked.value.json()["recalled"])
 
 

@@ -414,6 +414,7 @@ async function refreshMemory() {
   const mine = ++memoryRefreshes;
   if (!user) { // an emptied box: no one's list stays on screen
     listedUser = "";
+    $("memory-answer").hidden = true;
     showError($("memory-error"), null);
     $("memory-items").replaceChildren();
     $("memory-info").textContent = "";
@@ -424,6 +425,7 @@ async function refreshMemory() {
     if (mine !== memoryRefreshes) return;
     showError($("memory-error"), null); // an earlier failure's message stayed under the list it no longer describes
     listedUser = out.user;
+    $("memory-answer").hidden = recalled.user !== listedUser; // the last turn's answer is its user's only
     const items = $("memory-items");
     items.replaceChildren(...out.items.map(itemCard));
     items.dataset.refreshes = String(Number(items.dataset.refreshes || 0) + 1);
