@@ -84,8 +84,8 @@ def exact_topk(
     if not rescore:
         return scores[:, :k_out], rows[:, :k_out]
     exact = rescored(vectors, queries, rows)  # (1, k_search)
-    if k_search == n_valid or _pool_holds_top_k(scores, exact, k_out):
-        top, pick = torch.topk(exact, k_out, dim=1)
+    top, pick = torch.topk(exact, k_out, dim=1)
+    if k_search == n_valid or _pool_holds_top_k(scores, exact, top[:, -1]):
         return top, rows.gather(1, pick)
     # near-ties past the pool's cut (a narrow cone of vectors): the fp16 product cannot tell
     # them apart, so the query is scored exactly, block by block, as several queries are
@@ -95,13 +95,13 @@ def exact_topk(
     return best.result()
 
 
-def _pool_holds_top_k(approx: Tensor, exact: Tensor, k: int) -> bool:
+def _pool_holds_top_k(approx: Tensor, exact: Tensor, kth: Tensor) -> bool:
     """Whether the pool of one query's best fp16-product scores (`approx`, (1, C), best first) surely
-    holds the exact top k: a row left out scored at most the pool's last fp16 score, so its exact
-    score is below that plus the product's error, here twice the largest error seen in the pool
-    (at least 2^-10: the query's and the output's fp16 rounding for unit vectors)."""
+    holds the exact top k, whose k-th exact score is `kth`: a row left out scored at most the pool's
+    last fp16 score, so its exact score is below that plus the product's error, here twice the
+    largest error seen in the pool (at least 2^-10: the query's and the output's fp16 rounding for
+    unit vectors)."""
     error = max(2 * float((approx.float() - exact).abs().max()), 2.0**-10)
-    kth = torch.topk(exact, k, dim=1).values[:, -1]
     return bool((kth > approx[:, -1].float() + error).all())
 
 

@@ -44,6 +44,7 @@ class IndexBuild:
         self._index: Index | None = None
         self._root: Path | None = None
         self._modality: dict[int, Modality] = {}  # id → modality: which items have a file
+        self._playable: dict[int, bool] = {}  # id → `served` serves its file, read once per item
         self._started = time.monotonic()
         self._seconds: float | None = None
 
@@ -133,15 +134,19 @@ class IndexBuild:
         return path, fmt
 
     def playable(self, ids: list[int]) -> set[int]:
-        """The ids among `ids` whose file `served` serves: only their hits get a `media` URL."""
-        found = set()
+        """The ids among `ids` whose file `served` serves: only their hits get a `media` URL. Each
+        file is read once, not at every search that returns it (`served` itself reads it live)."""
         for i in ids:
-            try:
-                self.served(i)
-            except Refusal:
-                continue
-            found.add(i)
-        return found
+            if i not in self._playable:
+                self._playable[i] = self._serves(i)
+        return {i for i in ids if self._playable[i]}
+
+    def _serves(self, item_id: int) -> bool:
+        try:
+            self.served(item_id)
+        except Refusal:
+            return False
+        return True
 
 
 class _Counting:
