@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,10 +28,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mmembed.checkpoint import atomic_write_text, make_output_folder
 from mmembed.errors import CheckpointError, UserError
-from mmembed.text_encoding import (SURROGATE, AllowedSpecial, Padding, check_ids, check_text, check_texts,
+from mmembed.text_encoding import (AllowedSpecial, Padding, check_ids, check_text, check_texts,
                                    content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
                                    resolve_allowed, split_on_specials, with_bos_eos)
-from mmembed.tokenizer_file import check_tokenizer_json, holds_whitespace
+from mmembed.tokenizer_corpus import holds_text, iter_corpus
+from mmembed.tokenizer_file import byte_to_unicode, check_special, check_tokenizer_json, id_to_bytes
 
 if TYPE_CHECKING:
     from mmembed.clip_tokenizer import ClipTokenizer
@@ -43,19 +43,6 @@ DEFAULT_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<image>", "</image>", "<au
 TOKENIZER_FILE = "tokenizer.json"
 _ESCAPED_BYTES = re.compile("([\udc80-\udcff]+)")  # what surrogateescape makes of invalid UTF-8
 
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character table, which byte-level BPE vocabularies use.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen...)
-    are shifted to U+0100 onward so that no vocabulary entry contains whitespace or control chars.
-    """
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    shifted = [b for b in range(256) if b not in set(keep)]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(0x100 + i) for i, b in enumerate(shifted)})
-    return table
 
 
 def vocab_floor(specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> int:
@@ -96,7 +83,7 @@ class Tokenizer:
         missing = [t for t in DEFAULT_SPECIAL_TOKENS[:3] if t not in self._special]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
-        self._id_bytes = _id_to_bytes(hf, self._special)
+        self._id_bytes = id_to_bytes(hf, self._special)
         chars = byte_to_unicode()
         self._byte_ids = [hf.token_to_id(chars[b]) for b in range(256)]  # byte value -> its id
         if None in self._byte_ids:
@@ -130,7 +117,7 @@ class Tokenizer:
         """
         specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
         for s in specials:
-            _check_special(s)
+            check_special(s)
         check_vocab_size(vocab_size, specials)
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -138,7 +125,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-        hf.train_from_iterator(_iter_corpus(corpus), trainer)
+        hf.train_from_iterator(iter_corpus(corpus), trainer)
         try:
             tok = cls(hf)
         except ValueError as e:  # a special that merges made from the corpus's text
@@ -373,10 +360,12 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     for f in files:
         if not f.is_file():
             raise UserError(f"corpus file not found: {f}")
-    if not any(_holds_text(f) for f in files):
+    if not any(holds_text(f) for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
                         "a tokenizer learns its merges from text")
-    run = _run_evidence(Path(out_dir))
+    from mmembed.train.run_dir import run_evidence
+
+    run = run_evidence(Path(out_dir))
     if run:  # a same-size tokenizer loaded (or resumed with), every id another word
         raise UserError(f"{out_dir} is a training run's folder ({run}): its weights belong to its tokenizer.json; "
                         "write the new tokenizer to another folder")
@@ -388,105 +377,6 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
                         "--out, or pass --overwrite")
     tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
     return tok.save(target)
-
-
-def _check_special(s: object) -> None:
-    # A special that is one GPT-2 pre-token ("hello", "<<>>") could be produced by BPE merges
-    # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
-    if not isinstance(s, str) or not s or SURROGATE.search(s):
-        raise UserError(f"special token {s!r} must be a non-empty valid string")
-    if holds_whitespace(s):
-        raise UserError(f"special token {s!r} must hold no whitespace; use a form like <my_token>")
-    if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
-        raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
-
-
-def _run_evidence(folder: Path) -> str | None:
-    """What shows `folder` to be a training run's, finished, under way or interrupted (weights
-    are written when it ends; checkpoints, the trainer's lock and a fresh run's marker before)."""
-    from mmembed.train.run_dir import LOCK, UNSTARTED
-    from mmembed.train.state import latest_checkpoint
-
-    if (folder / "model.safetensors").exists():
-        return "it holds trained weights, model.safetensors"
-    ckpt = latest_checkpoint(folder)
-    if ckpt is not None:
-        return f"it holds the checkpoint {ckpt.relative_to(folder)}"
-    if (folder / LOCK).exists():
-        return f"a trainer has used it: {LOCK}"
-    if (folder / UNSTARTED).exists():
-        return f"a run is starting in it: {UNSTARTED}"
-    return None
-
-
-def _holds_text(file: Path) -> bool:
-    """Whether a corpus file holds anything but whitespace (read up to its first such character)."""
-    with open(file, encoding="utf-8", errors="replace") as f:
-        while chunk := f.read(1 << 20):
-            if not chunk.isspace():
-                return True
-    return False
-
-
-# At most this many characters of one pre-token per training string: the trainer's time grows with
-# the square of a pre-token's length ('a' * 200,000 took 26 s, a million 11 min). A text whose
-# pre-tokens are all shorter reaches the trainer whole, and trains exactly as it did uncut.
-_RUN_CHUNK = 1000
-_PRE_TOKENS = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # as the trainer splits
-
-
-def _cut_long_runs(text: str) -> Iterator[str]:
-    """`text` in pieces (joined, the same text), cut only inside a pre-token longer than _RUN_CHUNK
-    characters (a CJK paragraph or a URL without spaces is many short pre-tokens: not cut)."""
-    if len(text) <= _RUN_CHUNK:
-        yield text
-        return
-    start = 0
-    for _, (first, end) in _PRE_TOKENS.pre_tokenize_str(text):  # character offsets into `text`
-        for cut in range(first + _RUN_CHUNK, end, _RUN_CHUNK):
-            yield text[start:cut]
-            start = cut
-    yield text[start:]
-
-
-def _iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
-    if isinstance(corpus, (str, bytes)):
-        raise UserError("corpus must be a list of file paths or an iterable of strings, not one string")
-    skipped = 0
-    for item in corpus:
-        if isinstance(item, os.PathLike):
-            if not Path(item).is_file():
-                raise UserError(f"corpus file not found: {item}")
-            with open(item, encoding="utf-8", errors="replace", newline="") as f:  # bad UTF-8 -> U+FFFD
-                for line in f:
-                    yield from _cut_long_runs(line)
-        elif isinstance(item, str):
-            if SURROGATE.search(item):  # not valid Unicode: cannot be encoded, so not learnt
-                skipped += 1
-            else:
-                yield from _cut_long_runs(item)
-        else:
-            raise UserError(f"corpus items must be str or paths, got {type(item).__name__}")
-    if skipped:
-        log.warning("skipped %d corpus strings with lone surrogates (not valid Unicode)", skipped)
-
-
-def _id_to_bytes(hf: tokenizers.Tokenizer, special: dict[str, int]) -> list[bytes]:
-    """The bytes each id stands for: what makes decode exact and byte strings decodable."""
-    byte_of = {c: b for b, c in byte_to_unicode().items()}
-    vocab = hf.get_vocab(with_added_tokens=True)
-    table: list[bytes | None] = [None] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        if token in special:
-            table[i] = token.encode("utf-8")
-            continue
-        try:
-            table[i] = bytes(byte_of[c] for c in token)
-        except KeyError:
-            raise ValueError(f"token {token!r} is not byte-level BPE") from None
-    if None in table:
-        raise ValueError(f"vocabulary ids are not contiguous (id {table.index(None)} is missing)")
-    return table  # type: ignore[return-value]
 
 
 def _resolve_file(path: str | Path) -> Path:

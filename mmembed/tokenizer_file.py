@@ -1,10 +1,15 @@
 """What a `tokenizer.json` must be for mmembed's byte-level BPE: the checks `Tokenizer` runs on
 the file as written, before the Rust library reads it (some options make it panic) and on every
-tokenizer it wraps. A hand-edited file that would load and then change ids or text is refused."""
+tokenizer it wraps. A hand-edited file that would load and then change ids or text is refused.
+Also what the file's strings mean: GPT-2's byte → character table, and the bytes each id stands for."""
 
 from __future__ import annotations
 
+import tokenizers
 from tokenizers import decoders, pre_tokenizers
+
+from mmembed.errors import UserError
+from mmembed.text_encoding import SURROGATE
 
 
 def check_tokenizer_json(spec: dict) -> None:
@@ -91,3 +96,47 @@ def _check_merges(model: dict, specials: set) -> None:
         plain = decoders.ByteLevel().decode([clash[0]])  # the text whose bytes the token stands for
         raise ValueError(f"its special token {clash[0]!r} is also the token of plain text {plain!r}, which "
                          "would then encode to the special; use a form like <name>")
+
+
+def check_special(s: object) -> None:
+    """UserError unless `s` can be a special token: a non-empty valid string without whitespace
+    that plain text cannot produce."""
+    # A special that is one GPT-2 pre-token ("hello", "<<>>") could be produced by BPE merges
+    # from plain text, which would defeat `allowed_special`; "<name>" spans three pre-tokens.
+    if not isinstance(s, str) or not s or SURROGATE.search(s):
+        raise UserError(f"special token {s!r} must be a non-empty valid string")
+    if holds_whitespace(s):
+        raise UserError(f"special token {s!r} must hold no whitespace; use a form like <my_token>")
+    if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(s)) < 2:
+        raise UserError(f"special token {s!r} could arise from plain text; use a form like <name>")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character table, which byte-level BPE vocabularies use.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen...)
+    are shifted to U+0100 onward so that no vocabulary entry contains whitespace or control chars.
+    """
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in set(keep)]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(0x100 + i) for i, b in enumerate(shifted)})
+    return table
+
+
+def id_to_bytes(hf: tokenizers.Tokenizer, special: dict[str, int]) -> list[bytes]:
+    """The bytes each id stands for: what makes decode exact and byte strings decodable."""
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    table: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if token in special:
+            table[i] = token.encode("utf-8")
+            continue
+        try:
+            table[i] = bytes(byte_of[c] for c in token)
+        except KeyError:
+            raise ValueError(f"token {token!r} is not byte-level BPE") from None
+    if None in table:
+        raise ValueError(f"vocabulary ids are not contiguous (id {table.index(None)} is missing)")
+    return table  # type: ignore[return-value]

@@ -372,12 +372,12 @@ def test_compression_on_held_out_english(tok):
 def test_a_long_pre_token_is_cut_for_the_trainer():
     """The trainer's time grew with the square of a pre-token's length ('a' * 200,000 took 26 s, a
     million 11 min): training strings now hold no pre-token over 1,000 characters."""
-    from mmembed.tokenizer import _PRE_TOKENS, _iter_corpus
+    from mmembed.tokenizer_corpus import PRE_TOKENS, iter_corpus
 
     text = "x " + "a" * 5000 + " y" + " " * 2500 + "z"
-    pieces = list(_iter_corpus([text]))
+    pieces = list(iter_corpus([text]))
     assert "".join(pieces) == text
-    assert max(end - first for piece in pieces for _, (first, end) in _PRE_TOKENS.pre_tokenize_str(piece)) <= 1000
+    assert max(end - first for piece in pieces for _, (first, end) in PRE_TOKENS.pre_tokenize_str(piece)) <= 1000
     tok = Tokenizer.train(["a" * 200_000], vocab_size=300)
     assert tok.decode(tok.encode("a" * 3000)) == "a" * 3000 and len(tok.encode("a" * 3000)) < 300
 
@@ -388,7 +388,7 @@ def test_ordinary_text_trains_the_same_tokenizer_as_uncut(monkeypatch):
     spaces were cut every 1,000 characters, mid-word, and trained other merges."""
     import random
 
-    import mmembed.tokenizer as module
+    import mmembed.tokenizer_corpus as module
 
     rng = random.Random(0)
     paragraphs = ["".join("".join(chr(0x4E00 + rng.randrange(300)) for _ in range(rng.randint(4, 20))) + "，"
@@ -396,7 +396,7 @@ def test_ordinary_text_trains_the_same_tokenizer_as_uncut(monkeypatch):
     corpus = TRAIN_TEXT[:40] + paragraphs
     assert max(map(len, paragraphs)) > 2000
     cut = Tokenizer.train(corpus, vocab_size=1500).to_hf().to_str()
-    monkeypatch.setattr(module, "_cut_long_runs", lambda text: iter([text]))
+    monkeypatch.setattr(module, "cut_long_runs", lambda text: iter([text]))
     assert Tokenizer.train(corpus, vocab_size=1500).to_hf().to_str() == cut
 
 

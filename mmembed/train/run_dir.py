@@ -140,3 +140,21 @@ def read_paths(config: Any) -> list[str]:
     """What a training run reads and an --overwrite of its folder must not delete: the data root,
     and the run it starts its space from."""
     return [p for p in (config.data.root, config.model.init_from) if p]
+
+
+def run_evidence(folder: Path) -> str | None:
+    """What shows `folder` to be a training run's, finished, under way or interrupted (weights
+    are written when it ends; checkpoints, the trainer's lock and a fresh run's marker before);
+    None for any other folder."""
+    from mmembed.train.state import latest_checkpoint  # torch: only when asked
+
+    if (folder / "model.safetensors").exists():
+        return "it holds trained weights, model.safetensors"
+    ckpt = latest_checkpoint(folder)
+    if ckpt is not None:
+        return f"it holds the checkpoint {ckpt.relative_to(folder)}"
+    if (folder / LOCK).exists():
+        return f"a trainer has used it: {LOCK}"
+    if (folder / UNSTARTED).exists():
+        return f"a run is starting in it: {UNSTARTED}"
+    return None
