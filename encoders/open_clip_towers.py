@@ -143,13 +143,29 @@ def _load_open_clip_file(model: nn.Module, path: Path) -> None:
                 state[key] = state[key].reshape(param.shape)
         if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
             state["logit_bias"] = torch.zeros_like(model.logit_bias)
+        if fault := _pos_embed_width_fault(model, state):
+            raise WeightsFileError(f"{path}: not a CLIP state dict this architecture can read ({fault})")
         resize_pos_embed(state, model)
         resize_text_pos_embed(state, model)
-    except (RuntimeError, KeyError, IndexError, TypeError, AttributeError) as e:
+    # AssertionError: open_clip's resizes assert what they cannot resize (a width checked above)
+    except (RuntimeError, KeyError, IndexError, TypeError, AttributeError, AssertionError) as e:
         raise WeightsFileError(f"{path}: not a CLIP state dict this architecture can read "
                                f"({type(e).__name__}: {str(e)[:200]})") from None
     load_into(model, state, path)
     log.info("loaded open_clip weights from %s", path)
+
+
+def _pos_embed_width_fault(model: nn.Module, state: dict[str, Tensor]) -> str | None:
+    """"KEY is N wide, ..." when the file's positional embeddings are not as wide as the model's:
+    weights of another architecture (open_clip resizes only their length, and asserts the width)."""
+    own = model.state_dict()
+    for key in ("visual.positional_embedding", "positional_embedding", "text.positional_embedding"):
+        if key in state and key in own and state[key].ndim == own[key].ndim == 2:
+            theirs, ours = state[key].shape[-1], own[key].shape[-1]
+            if theirs != ours:
+                return (f"{key} is {theirs} wide, this architecture's is {ours}: weights of another open_clip "
+                        "architecture? name the one they were saved from")
+    return None
 
 
 def _text_pad_id(text_cfg: dict) -> int:

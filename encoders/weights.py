@@ -7,6 +7,7 @@ executing it, so a malicious file raises `WeightsFileError` and runs nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ class WeightsFileError(ValueError):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from `.safetensors` or a `torch.save`d file (weights only).
+    """Read a state dict from a safetensors file (known by its suffix or its bytes) or a
+    `torch.save`d one (weights only).
 
     Training checkpoints that wrap the weights (`{"state_dict": ...}`, `{"model": ...}`) and
     DistributedDataParallel's `module.` prefix are unwrapped.
@@ -34,7 +36,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     check_weights_path(path)
     try:
-        if path.suffix in SAFETENSORS_SUFFIXES:
+        if path.suffix in SAFETENSORS_SUFFIXES or is_safetensors(path):
             from safetensors.torch import load, load_file
 
             try:
@@ -45,9 +47,46 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (refused global), RuntimeError (truncated zip), EOFError...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise WeightsFileError(f"{path}: refused or unreadable weights file ({type(e).__name__}: {reason})") from None
+        raise WeightsFileError(f"{path}: refused or unreadable weights file ({load_failure(e, path)})") from None
     return _unwrap(obj, path)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file's bytes are safetensors' (an 8-byte little-endian header length, then the
+    JSON header's '{', within the file), whatever its name: a .pt or suffix-less safetensors file
+    went to torch.load, whose refusal hid what the file was."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def load_failure(e: Exception, path: Path) -> str:
+    """One line of our own on why `torch.load(path, weights_only=True)` failed. torch's message
+    advises weights_only=False ("will likely succeed"), which runs whatever the file names: never
+    pass that on."""
+    text = str(e)
+    if m := re.search(r"GLOBAL ([\w.]+)", text):
+        return (f"it needs code to unpickle, not just plain tensors: it names {m.group(1)}; nothing was run "
+                "(re-save the tensors as safetensors where the file is trusted)")
+    if _starts_with(path, b"<"):
+        return "an HTML or XML page, not a weights file (a failed download?)"
+    if m := re.search(r"Unsupported operand (\d+)", text):
+        return f"not a pickle of plain tensors: pickle opcode {m.group(1)} is refused"
+    if isinstance(e, EOFError):
+        return "the file is empty or cut short"
+    return f"{type(e).__name__}: {' '.join(text.split('. ')[0].split())[:200]}"
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(512).lstrip().startswith(prefix)
+    except OSError:
+        return False
 
 
 def check_weights_path(path: Path) -> None:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
+from encoders.weights import is_safetensors, load_failure
 from mmembed.errors import CheckpointError, UserError
 
 
@@ -100,14 +101,14 @@ def load_torch_weights(path: Path) -> dict[str, Any]:
     """Load a foreign `.pt`/`.bin` state dict with `weights_only=True`: pickles that would run
     code are refused (torch raises UnpicklingError before executing anything)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):  # by content too: a .bin may hold safetensors
         return load_tensors(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError...
-        raise CheckpointError(f"{path}: refused or unreadable weights file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: refused or unreadable weights file ({load_failure(e, path)})") from None
 
 
 def read_json(path: Path) -> Any:

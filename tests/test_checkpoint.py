@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -140,3 +141,22 @@ def test_a_checkpoint_that_fails_or_a_prune_that_dies_leaves_nothing_behind(tmp_
     os.replace(root / "step_0000001", root / f".step_0000001.del{os.getpid()}")  # what `_delete` leaves
     state.remove_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000002"]
+
+
+def test_a_refused_gpt2_pickle_is_one_line_naming_the_global(tmp_path):
+    """The GPT-2 path kept torch's six lines, the first advising weights_only=False ("will likely succeed")."""
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(2), "x": _Evil(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        load_torch_weights(tmp_path / "pytorch_model.bin")
+    message = str(e.value)
+    assert re.search(r"it names \w+\.system;", message) and "\n" not in message and "weights_only" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "weights"])
+def test_a_safetensors_file_under_another_name_loads(tmp_path, name):
+    """A safetensors file named .bin or with no suffix went to torch.load and was refused as a pickle."""
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_tensors(tmp_path / name, tensors)
+    assert torch.equal(load_torch_weights(tmp_path / name)["w"], tensors["w"])

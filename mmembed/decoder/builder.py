@@ -68,6 +68,10 @@ def build_prompt_model(cfg: DecoderConfig, tokenizer: Any, embed_dim: int) -> Pr
     if cfg.init_from_gpt2 is not None:
         decoder = load_gpt2(cfg.init_from_gpt2, dropout=cfg.dropout, window=cfg.window,
                             conv_kernel=cfg.conv_kernel).train()
+        if tokenizer.vocab_size > decoder.vocab_size:  # the table would grow rows at the mean for real tokens
+            raise CheckpointError(f"{cfg.init_from_gpt2}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                                  f"weights only {decoder.vocab_size} token rows (vocab_size): the tokenizer and "
+                                  "the weights come from different models; put the model's own tokenizer beside it")
         # markers get ids after the tokenizer's; a model whose table is larger (padded) already has rows
         # for them, which start as the grown ones do
         resize_token_embeddings(decoder, max(fmt.vocab_size, decoder.vocab_size))

@@ -115,9 +115,8 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
                                   "lm_head.weight differs from its wte.weight")
     # short convolutions are ours, not GPT-2's: they stay at zero
     required = [k for k in own if not (tied and k == "lm_head.weight") and ".conv." not in k]
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointError(f"{folder}: the weights lack {len(missing)} tensors of this config (first: {missing[0]})")
+    if missing := [k for k in required if k not in state]:
+        raise CheckpointError(f"{folder}: {_missing_message(missing, state, origin, arch['layers'])}")
     for k, v in state.items():
         if k not in own:
             continue
@@ -130,6 +129,38 @@ def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = Non
     decoder = Decoder(**arch, dropout=dropout, window=window, conv_kernel=conv_kernel)
     decoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return decoder.eval()
+
+
+def _missing_message(missing: list[str], state: dict[str, torch.Tensor], origin: dict[str, tuple[str, bool]],
+                     layers: int) -> str:
+    """What the weights lack, in the file's names: whole blocks as config.json's n_layer against the
+    blocks held, else the first missing tensor."""
+    held = sorted({_block_of(k) for k in state} - {-1})
+    if held == list(range(len(held))) and all(_block_of(k) >= len(held) for k in missing):  # whole blocks past n
+        blocks = f"blocks 0–{held[-1]}" if held else "no blocks"
+        return f"config.json says n_layer {layers}, the weights hold {blocks}"
+    prefix = "transformer." if any(name.startswith("transformer.") for name, _ in origin.values()) else ""
+    return f"the weights lack {len(missing)} tensor(s) of this config (first: {_gpt2_name(missing[0], prefix)})"
+
+
+def _block_of(ours: str) -> int:
+    """The block index of our tensor name, -1 outside the blocks."""
+    return int(ours.split(".")[2]) if ours.startswith("transformer.blocks.") else -1
+
+
+def _gpt2_name(ours: str, prefix: str) -> str:
+    """transformers' name for our tensor `ours` (`prefix`: "transformer." as GPT2LMHeadModel saves)."""
+    if ours == "lm_head.weight":
+        return ours
+    if ours == "token_embedding.weight":
+        return prefix + "wte.weight"
+    if ours == "transformer.positional.embedding.weight":
+        return prefix + "wpe.weight"
+    if ours.startswith("transformer.norm."):
+        return prefix + "ln_f." + ours.removeprefix("transformer.norm.")
+    i, rest = ours.removeprefix("transformer.blocks.").split(".", 1)
+    module, kind = rest.rsplit(".", 1)
+    return f"{prefix}h.{i}.{_FROM_OURS.get(module, module)}.{kind}"
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,6 +202,7 @@ _BLOCK = {
     "ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
     "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj",
 }
+_FROM_OURS = {ours: theirs for theirs, ours in _BLOCK.items()}
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 

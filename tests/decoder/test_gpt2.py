@@ -297,3 +297,22 @@ def test_decode_checks_the_ids_as_the_own_tokenizer_does(gpt2_folder, ids, error
     """decode passed ids to the library unchecked: out-of-range ids vanished or raised its errors."""
     with pytest.raises(error, match=match):
         gpt2_tokenizer(gpt2_folder).decode(ids)
+
+
+def test_missing_tensors_are_named_as_the_file_names_them(gpt2_folder, tmp_path):
+    """A missing tensor was named by our internal name (transformer.blocks.1.mlp.fc.weight), and a
+    config.json with more layers than the weights said "lack 12 tensors (first: transformer.blocks.2...)"."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(gpt2_folder / "model.safetensors"))
+    (tmp_path / "config.json").write_text((gpt2_folder / "config.json").read_text())
+    save_file({k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.weight"},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lack 1 tensor\(s\) of this config \(first: transformer\.h\.1\.mlp"
+                                              r"\.c_fc\.weight\)"):
+        load_gpt2(tmp_path)
+    cfg = json.loads((gpt2_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="config.json says n_layer 3, the weights hold blocks 0–1$"):
+        load_gpt2(tmp_path)

@@ -386,3 +386,17 @@ def test_a_weights_file_of_integer_or_nan_values_is_refused(saved, tmp_path, spo
     torch.save(state, tmp_path / "spoilt.pt")
     with pytest.raises(WeightsFileError, match=match):
         build_encoder("open_clip_image", arch="mmembed-test-clip", pretrained=str(tmp_path / "spoilt.pt"))
+
+
+def test_weights_of_another_architecture_name_both_widths(saved, tmp_path):
+    """A file whose text tower is narrower (another architecture's) crashed in open_clip's resize
+    with a bare AssertionError ('text pos_embed width changed!'), no file named."""
+    narrow = TINY | {"text_cfg": TINY["text_cfg"] | {"width": 32}}
+    (tmp_path / "mmembed-test-narrow-text.json").write_text(json.dumps(narrow))
+    open_clip.add_model_config(tmp_path / "mmembed-test-narrow-text.json")
+    other = open_clip.create_model("mmembed-test-narrow-text")
+    torch.save(other.state_dict(), tmp_path / "narrow.pt")
+    for kind in ("open_clip_image", "open_clip_text"):
+        with pytest.raises(WeightsFileError, match=r"narrow\.pt: not a CLIP state dict .*\(positional_embedding "
+                                                   r"is 32 wide, this architecture's is 64"):
+            build_encoder(kind, arch="mmembed-test-clip", pretrained=str(tmp_path / "narrow.pt"))
