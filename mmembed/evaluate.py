@@ -111,7 +111,8 @@ def pairwise_report(embeddings: dict[Modality, Tensor], keys: dict[Modality, Seq
 
 class ZeroShotResult(NamedTuple):
     predictions: list[str]
-    accuracy: float | None  # None unless `truth` was given
+    accuracy: float | None  # over the `n` items whose truth is a label; None without truth or such items
+    n: int  # the items the accuracy counts (0 without `truth`)
 
 
 def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | str, labels: Sequence[str],
@@ -125,9 +126,10 @@ def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | st
     Args:
         model: anything with `embed(modality, items) -> (N, D)` unit vectors.
         items: raw items of `modality`; labels: the candidate class names (unique).
-        truth: the true label per item, to compute accuracy.
+        truth: the true label per item, to compute accuracy; an item whose truth is not among
+            `labels` (or None) cannot be right and is left out of it, as `manifest_report` does.
     Returns:
-        ZeroShotResult(predictions, accuracy).
+        ZeroShotResult(predictions of every item, accuracy over the n items whose truth is a label, n).
     """
     if truth is not None and len(truth) != len(items):
         raise UserError(f"{len(truth)} truth labels for {len(items)} items")
@@ -138,7 +140,7 @@ def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | st
         z_items = torch.cat([model.embed(modality, list(items[s:s + batch_size])).float()
                              for s in range(0, len(items), batch_size)]) if len(items) else classes[:0]
     predictions = [labels[i] for i in (z_items @ classes.T).argmax(dim=1).tolist()]  # (N,)
-    return ZeroShotResult(predictions, _accuracy(predictions, truth))
+    return ZeroShotResult(predictions, *_accuracy(predictions, truth, labels))
 
 
 def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {label}",
@@ -176,10 +178,17 @@ def check_templates(template: str | Sequence[str]) -> list[str]:
     return templates
 
 
-def _accuracy(predictions: Sequence[str], truth: Sequence[str] | None) -> float | None:
-    if truth is None or not predictions:
-        return None
-    return sum(p == t for p, t in zip(predictions, truth)) / len(predictions)
+def _accuracy(predictions: Sequence[str], truth: Sequence[Any] | None,
+              labels: Sequence[str]) -> tuple[float | None, int]:
+    """(accuracy, n) over the items whose truth is one of `labels`: the others cannot be right, and
+    counting them wrong made the two zero-shot entry points disagree on the same items."""
+    if truth is None:
+        return None, 0
+    classes = set(labels)
+    scored = [(p, str(t)) for p, t in zip(predictions, truth) if t is not None and str(t) in classes]
+    if not scored:
+        return None, 0
+    return sum(p == t for p, t in scored) / len(scored), len(scored)
 
 
 EvalKey = Literal["auto", "label", "row"]
@@ -207,16 +216,26 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
 
     Returns:
         {"manifest", "fingerprint", "key" ("label" or "row"), "counts" (vectors per modality),
-         "skipped" (items that could not be read), "ks", "pairs" (`pairwise_report`), and with
-         labels "zero_shot": {modality: {"accuracy", "n"}} for every non-prompt modality, the
-         truth being each row's `label_column` (rows whose truth is not a label are left out)}.
+         "skipped" (rows left out: malformed, or with an unreadable item, which leaves the whole
+         row out as training's validation does, so a logged val/recall is reproduced),
+         "skipped_rows" ([{"line", "reason"}] of those, in line order), "ks", "pairs"
+         (`pairwise_report`), and with labels "zero_shot": {modality: {"accuracy", "n"}} for every
+         non-prompt modality, the truth being each row's `label_column` (rows whose truth is not
+         a label are left out, as in `zero_shot_classify`)}.
+    Raises:
+        UserError when labels are given and the manifest has no modality but the prompts'.
     """
     if key not in ("auto", "label", "row"):
         raise UserError(f"unknown eval key {key!r} (valid: auto, label, row)")
     if zero_shot_labels:  # before the manifest is embedded
         check_templates(template)
         check_labels(zero_shot_labels)
-    emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress)
+    emb = embed_manifest(model, manifest_path, modalities=modalities, batch_size=batch_size, progress=progress,
+                         skip="row")
+    if zero_shot_labels and not set(emb.by_modality) - {Modality.parse(prompt_modality)}:  # was dropped silently
+        raise UserError(f"{emb.path}: zero-shot has nothing to classify: the manifest's only modality, "
+                        f"{prompt_modality}, is the side of the label prompts; give a manifest with another "
+                        "modality's column")
     rows = [r for part in emb.by_modality.values() for r in part.rows]
     use_label = key == "label" or (key == "auto" and bool(rows) and all(r.label is not None for r in rows))
     if use_label and (missing := next((r for r in rows if r.label is None), None)):
@@ -225,7 +244,8 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     vectors = {m: part.vectors for m, part in emb.by_modality.items()}
     report = {"manifest": str(emb.path), "fingerprint": getattr(model, "fingerprint", None),
               "key": "label" if use_label else "row", "counts": {str(m): int(v.shape[0]) for m, v in vectors.items()},
-              "skipped": len(emb.skipped), "ks": list(ks), "pairs": pairwise_report(vectors, keys, ks)}
+              "skipped": len(emb.skipped), "ks": list(ks), "pairs": pairwise_report(vectors, keys, ks),
+              "skipped_rows": [{"line": line, "reason": why} for line, _, why in emb.skipped]}
     if zero_shot_labels:
         labels, prompt_modality = list(zero_shot_labels), Modality.parse(prompt_modality)
         classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
@@ -236,11 +256,9 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
 
 def _zero_shot_part(vectors: Tensor, rows: list, classes: Tensor, labels: list[str], column: str) -> dict[str, Any]:
     truth = [r.label if column == "label" else r.meta.get(column) for r in rows]
-    keep = [i for i, t in enumerate(truth) if t is not None and str(t) in labels]
-    if not keep:
-        return {"accuracy": None, "n": 0}
-    predicted = (vectors[keep] @ classes.T).argmax(dim=1).tolist()  # (n,)
-    return {"accuracy": _accuracy([labels[i] for i in predicted], [str(truth[i]) for i in keep]), "n": len(keep)}
+    predicted = [labels[i] for i in (vectors @ classes.T).argmax(dim=1).tolist()]  # (n,)
+    accuracy, n = _accuracy(predicted, truth, labels)
+    return {"accuracy": accuracy, "n": n}
 
 
 def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequence[str] | None = None,
@@ -260,6 +278,7 @@ def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequen
         model = run
     report = manifest_report(model, manifest_path, ks=ks, batch_size=batch_size, key=key, zero_shot_labels=labels,
                              template=template, label_column=label_column, progress=progress)
+    _check_measured(report)
     if out is not None:
         atomic_write_json(Path(out), report)
     return format_table(report), report
@@ -280,10 +299,8 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         cells = [name, *(f"{100 * m[f'recall@{k}']:.1f}" for k in ks), f"{m['median_rank']:g}", f"{m['mrr']:.3f}",
                  str(m["n_queries"])]
         lines.append("| " + " | ".join(cells) + " |")
-    skipped = report.get("skipped") or 0
-    unread = f"; {skipped} item(s) could not be read, see the warnings above" if skipped else ""
     if not pairs:
-        lines.append(f"| (no modality pair with matching keys{unread}) |" + " |" * (len(header) - 1))
+        lines.append(f"| ({_no_pair(report)}) |" + " |" * (len(header) - 1))
     if report.get("zero_shot"):
         lines += ["", "| zero-shot | accuracy % | items |", "|---|---:|---:|"]
         for modality, z in report["zero_shot"].items():
@@ -291,8 +308,44 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
             lines.append(f"| {modality} | {acc} | {z['n']} |")
         if not any(z["n"] for z in report["zero_shot"].values()):
             lines.append("\nno item's label is one of the class names: zero-shot needs --labels equal to the "
-                         f"manifest's label column (a built-in world's label names a whole scene){unread}")
+                         "manifest's label column (a built-in world's label names a whole scene)")
+    if note := _skipped_note(report):
+        lines.append(f"\n{note}")
     return "\n".join(lines)
+
+
+def _no_pair(report: dict[str, Any]) -> str:
+    """Why a report has no pair: one modality embedded, or keys that never match across modalities."""
+    embedded = [m for m, n in report.get("counts", {}).items() if n]
+    if len(embedded) == 1:
+        return f"only one modality ({embedded[0]}) in the manifest: no pair to retrieve between"
+    return "no modality pair with matching keys"
+
+
+def _skipped_note(report: dict[str, Any]) -> str:
+    """The rows left out of every figure, as `mmembed eval --instructions` says its bad rows."""
+    if not (skipped := report.get("skipped") or 0):
+        return ""
+    first = report.get("skipped_rows") or []
+    where = f" (first, line {first[0]['line']}: {first[0]['reason']})" if first else ""
+    return f"not measured: {skipped} bad row(s), left out whole as validation leaves them{where}"
+
+
+def _check_measured(report: dict[str, Any], prompt_modality: Modality = Modality.TEXT) -> None:
+    """UserError when no pair and no zero-shot item was measured: an empty table exited 0."""
+    zero_shot = report.get("zero_shot") or {}
+    if report["pairs"] or any(z["n"] for z in zero_shot.values()):
+        return
+    why = _no_pair(report)
+    embedded = [m for m, n in report.get("counts", {}).items() if n]
+    if zero_shot:
+        why += "; and no item's label is one of the class names of --labels"
+    elif embedded == [str(prompt_modality)]:  # the prompts' side: --labels has nothing to classify either
+        why += "; give a manifest with a second modality"
+    elif len(embedded) == 1:
+        why += "; give --labels to classify its items, or a manifest with a second modality"
+    note = _skipped_note(report)
+    raise UserError(f"{report['manifest']}: nothing measured: {why}" + (f"; {note}" if note else ""))
 
 
 def _check_json_out(out: Path, inputs: list[Path], run: Path) -> None:
@@ -353,8 +406,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     model = mm.load(args.run)
     reports = {}
     if args.manifest is not None:
-        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels,
-                                               template=args.template or "a photo of a {label}")
+        template = "a photo of a {label}" if args.template is None else args.template  # "" is refused, not replaced
+        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=template)
         print(table)
     if args.instructions is not None:
         table, reports["instructions"] = run_instruction_eval(model, args.instructions,

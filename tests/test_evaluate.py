@@ -170,10 +170,10 @@ def test_a_table_without_pairs_or_zero_shot_items_says_when_items_were_unreadabl
     """Every image missing: the table blamed the keys and the --labels values, not the skipped files."""
     report = {"ks": [1], "pairs": {}, "skipped": 2, "zero_shot": {}}
     table = format_table(report)
-    assert "(no modality pair with matching keys; 2 item(s) could not be read" in table
+    assert "(no modality pair with matching keys)" in table and "not measured: 2 bad row(s)" in table
     report["zero_shot"] = {"image": {"accuracy": None, "n": 0}}
-    assert "class names" in format_table(report) and "2 item(s) could not be read" in format_table(report)
-    assert "could not be read" not in format_table({"ks": [1], "pairs": {}, "skipped": 0})
+    assert "class names" in format_table(report) and "not measured: 2 bad row(s)" in format_table(report)
+    assert "bad row" not in format_table({"ks": [1], "pairs": {}, "skipped": 0})
 
 
 @pytest.mark.parametrize("labels", [["circle", ""], ["  ", "square"], [], ["a", "a"], "circle"])
@@ -207,3 +207,58 @@ def test_a_json_report_never_replaces_a_run_file_nor_goes_under_checkpoints(tmp_
         _check_json_out(run / name, [], run)  # an earlier report may be replaced
     _check_json_out(run / "new.json", [], run)
     _check_json_out(tmp_path / "demo.json", [], run)  # outside the run: the user's own file
+
+
+def _write(path, rows, extra: str = ""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra)
+    return path
+
+
+def test_a_one_modality_manifest_says_so_and_measuring_nothing_is_an_error(tmp_path):
+    """An image-only manifest printed "(no modality pair with matching keys)" and exited 0; a text-only
+    one with --labels dropped the asked zero-shot without a word ("pairs": {}, "zero_shot": {})."""
+    from mmembed.evaluate import manifest_report
+
+    images = _write(tmp_path / "img.jsonl", [{"image": f"img/c{i}.png", "label": f"c{i}"} for i in range(4)])
+    with pytest.raises(UserError, match=r"nothing measured: only one modality \(image\) in the manifest: no pair "
+                                        "to retrieve between; give --labels"):
+        run_eval(FakeModel(), images, progress=False)
+    table, report = run_eval(FakeModel(), images, labels=["c0", "c1", "c2", "c3"], template="{label}", progress=False)
+    assert report["zero_shot"]["image"]["n"] == 4  # zero-shot measured something: no error
+    assert "| (only one modality (image) in the manifest: no pair to retrieve between) |" in table
+    with pytest.raises(UserError, match="no item's label is one of the class names"):
+        run_eval(FakeModel(), images, labels=["x", "y"], template="{label}", progress=False)
+    texts = _write(tmp_path / "text.jsonl", [{"text": f"a c{i}", "label": f"c{i}"} for i in range(4)])
+    with pytest.raises(UserError, match=r"zero-shot has nothing to classify: the manifest's only modality, text, "):
+        manifest_report(FakeModel(), texts, zero_shot_labels=["c0", "c1"], template="{label}")
+    with pytest.raises(UserError, match=r"only one modality \(text\) .*; give a manifest with a second modality$"):
+        run_eval(FakeModel(), texts, progress=False)  # not "give --labels": text is the prompts' side
+
+
+def test_both_zero_shot_entry_points_score_the_same_items(tmp_path):
+    """An item whose truth is not a class counted as wrong in `zero_shot_classify` and was left out by
+    `manifest_report`: the same items gave two accuracies (0.3425 on 146 against 0.3906 on 128)."""
+    from mmembed.evaluate import manifest_report
+
+    truth = ["c0", "c1", "c2", "c9", "c9", "c1"]  # c9 is no class: it cannot be predicted
+    items = [f"img/{t}.png" for t in truth]
+    result = zero_shot_classify(FakeModel(noise=0.1), items, "image", ["c0", "c1", "c2"], "{label}", truth=truth)
+    assert (result.accuracy, result.n) == (1.0, 4) and len(result.predictions) == 6
+    path = _write(tmp_path / "m.jsonl", [{"image": item, "label": t} for item, t in zip(items, truth)])
+    report = manifest_report(FakeModel(noise=0.1), path, zero_shot_labels=["c0", "c1", "c2"], template="{label}")
+    assert report["zero_shot"]["image"] == {"accuracy": result.accuracy, "n": result.n}
+    none = zero_shot_classify(FakeModel(), items[3:5], "image", ["c0", "c1"], "{label}", truth=truth[3:5])
+    assert (none.accuracy, none.n) == (None, 0)
+
+
+def test_the_retrieval_table_says_how_many_rows_were_left_out(tmp_path):
+    """The table named no skipped row unless no pair was measured; `--instructions` names them always."""
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png"} for i in range(5)]
+    rows[1]["image"] = "img/broken1.png"
+    path = _write(tmp_path / "m.jsonl", rows, "{not json\n")
+    table, report = run_eval(FakeModel(), path, key="row", progress=False)
+    assert report["counts"] == {"text": 4, "image": 4} and report["skipped"] == 2
+    assert table.splitlines()[-1] == ("not measured: 2 bad row(s), left out whole as validation leaves them "
+                                      f"(first, line 2: image: cannot read {tmp_path / 'img/broken1.png'})")
+    assert "bad row" not in run_eval(FakeModel(), _write(tmp_path / "ok.jsonl", rows[:1] + rows[2:]),
+                                      progress=False)[0]

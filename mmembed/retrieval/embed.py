@@ -3,6 +3,8 @@
 Items are embedded in batches. A batch that raises `BadInput` (one unreadable file) is split
 in halves until the bad items are isolated, so one broken file costs O(log batch) extra
 forward passes instead of the whole batch; bad items are skipped and counted with a reason.
+With `skip="row"` (what `mmembed eval` uses) a row with a bad item is left out whole, in every
+modality, as training's validation reads it: then eval reproduces a logged validation figure.
 
 Under torchrun (`torchrun ... -m mmembed index`), rank r embeds batches r, r + W, r + 2W, ...
 and rank 0 gathers them back in batch order: the same batches as one process, so the same
@@ -16,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +31,7 @@ from mmembed.train.distributed import current_world, gather_to_main
 
 log = logging.getLogger(__name__)
 _WARN_FIRST = 5  # skipped items logged one by one before only the count is reported
+SkipRule = Literal["item", "row"]  # what one unreadable item leaves out: itself, or its whole row
 
 
 @dataclass
@@ -54,6 +57,7 @@ def embed_manifest(
     modalities: Iterable[Modality | str] | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    skip: SkipRule = "item",
 ) -> ManifestEmbeddings:
     """Read a manifest and embed each requested modality of every row.
 
@@ -64,11 +68,18 @@ def embed_manifest(
             that the model can embed).
         batch_size: items per `model.embed` call.
         progress: show a tqdm bar per modality.
+        skip: "item" leaves out an unreadable item alone (an index keeps the row's other items);
+            "row" leaves out its whole row and counts it once, as "row" (training's validation rule).
     Returns:
         `ManifestEmbeddings`; manifest rows that could not be parsed count as skipped too.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if skip not in ("item", "row"):
+        raise ValueError(f"skip must be 'item' or 'row', got {skip!r}")
+    from mmembed.data.synth.generate import check_complete  # (the world's renderers: only when asked)
+
+    check_complete(Path(manifest_path).parent)  # a world cut short: its media were never all rendered
     manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))
     wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
@@ -85,10 +96,25 @@ def embed_manifest(
         out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
     if not main:
         return ManifestEmbeddings(path=manifest.path, by_modality={})
+    if skip == "row":
+        _drop_bad_rows(out)
     log_skipped(out.skipped, manifest.path)
     if not any(part.rows for part in out.by_modality.values()):
         raise nothing_read(manifest.path, out.skipped)
     return out
+
+
+def _drop_bad_rows(out: ManifestEmbeddings) -> None:
+    """Leave out every row with a skipped item, in every modality; its skip is counted once, in line
+    order, with the reason `ManifestDataset` gives ("image: cannot read ...")."""
+    bad: dict[int, str] = {}
+    for line, what, reason in out.skipped:
+        bad.setdefault(line, reason if what == "row" else f"{what}: {reason}")
+    for modality, part in out.by_modality.items():
+        keep = [i for i, row in enumerate(part.rows) if row.line not in bad]
+        out.by_modality[modality] = EmbeddedModality(part.vectors[torch.tensor(keep, dtype=torch.long)],
+                                                     [part.rows[i] for i in keep])
+    out.skipped = [(line, "row", reason) for line, reason in sorted(bad.items())]
 
 
 def nothing_read(path: Path, skipped: list[tuple[int, str, str]]) -> UserError:

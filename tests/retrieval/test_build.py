@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from mmembed.errors import UserError
 from mmembed.modality import Modality
@@ -52,6 +53,23 @@ def test_one_bad_item_costs_log_batch_calls(manifest):
     assert [r.line for r in emb.by_modality[Modality.IMAGE].rows] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
     # batch [0..7] fails, halves [0..3] ok, [4..7] fails, [4,5] fails, 4 ok, 5 bad, [6,7] ok; batch [8..11] ok
     assert model.calls == 8
+
+
+def test_the_row_rule_leaves_a_row_with_a_bad_item_out_of_every_modality(manifest):
+    """`mmembed eval` dropped only the bad item where training's validation drops its whole row; the
+    index (the default rule) keeps the row's other items."""
+    by_item = embed_manifest(FakeModel(), manifest, batch_size=4, progress=False)
+    by_row = embed_manifest(FakeModel(), manifest, batch_size=4, progress=False, skip="row")
+    assert {str(m): len(p.rows) for m, p in by_row.by_modality.items()} == {"text": 10, "image": 10, "audio": 3}
+    assert [(line, what) for line, what, _ in by_row.skipped] == [(6, "row"), (7, "row"), (13, "row")]
+    assert by_row.skipped[0][2].startswith("image: cannot read") and by_row.skipped[1][2].startswith("audio: ")
+    for modality, part in by_row.by_modality.items():  # the rows kept have the vectors the item rule gives them
+        whole = by_item.by_modality[modality]
+        keep = [i for i, row in enumerate(whole.rows) if row.line not in (6, 7)]
+        assert [r.line for r in part.rows] == [whole.rows[i].line for i in keep]
+        assert torch.equal(part.vectors, whole.vectors[keep])
+    with pytest.raises(ValueError, match="skip must be 'item' or 'row'"):
+        embed_manifest(FakeModel(), manifest, progress=False, skip="rows")
 
 
 def test_build_checks_requested_modalities(tmp_path, manifest):
