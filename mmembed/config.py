@@ -7,6 +7,7 @@ arguments (torchtune style).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,23 @@ class ModelConfig:
         if self.init_logit_scale is not None and not 0 < self.init_logit_scale <= self.max_logit_scale:
             raise ConfigError(f"model.init_logit_scale must be in (0, model.max_logit_scale = {self.max_logit_scale}] "
                               f"or null, got {self.init_logit_scale!r}")
+
+    def check(self, where: str, source: str) -> None:
+        """Each tower's encoder and preprocess arguments against their builders' signatures, naming the
+        file: a misspelt one passed the load and was reported later as `config: unknown key`. An
+        unknown encoder or modality is left to the build (and the run's preflight), which name it."""
+        from encoders import ENCODERS
+        from mmembed.preprocess import PREPROCESSORS
+
+        for name, tower in self.towers.items():
+            at = join_key(where, f"towers.{name}")
+            if tower.encoder in ENCODERS:
+                check_kwargs(ENCODERS[tower.encoder], dict(tower.encoder_args), join_key(at, "encoder_args"), source)
+            try:
+                preprocessor = PREPROCESSORS[Modality.parse(name)]
+            except (ValueError, KeyError):
+                continue
+            check_kwargs(preprocessor, dict(tower.preprocess), join_key(at, "preprocess"), source)
 
 
 @dataclass
@@ -139,7 +157,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str | None = "runs/demo"  # null only under decoder.train, which writes into <train.out_dir>/decoder
     seed: int = 0
     batch_size: int = 128
     epochs: int = 10
@@ -256,8 +274,15 @@ class DecoderDataConfig:
 
 
 def _decoder_train() -> TrainConfig:
-    return TrainConfig(batch_size=64, epochs=1, lr=2e-3, warmup_steps=50, weight_decay=0.1,
+    return TrainConfig(out_dir=None, batch_size=64, epochs=1, lr=2e-3, warmup_steps=50, weight_decay=0.1,
                        early_stop_metric="answer_accuracy", checkpoint_every=200)
+
+
+# decoder.train keys the decoder stage never reads, and what governs each instead
+_DECODER_UNREAD = {"out_dir": "the stage writes into <train.out_dir>/decoder",
+                   "collapse_steps": "the collapse guard is the align stage's (train.collapse_steps)",
+                   "collapse_restarts": "the collapse guard is the align stage's (train.collapse_restarts)",
+                   "dist_timeout_minutes": "torchrun's timeout is train.dist_timeout_minutes"}
 
 
 @dataclass
@@ -309,8 +334,9 @@ class DecoderConfig:
     lora_rank: int | None = None
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     data: DecoderDataConfig = field(default_factory=DecoderDataConfig)
-    train: TrainConfig = field(default_factory=_decoder_train)  # out_dir is unused: the stage writes into
-    # <train.out_dir>/decoder (checkpoints, metrics) and <train.out_dir>/decoder.safetensors
+    # the stage's own training: checkpoints and metrics go into <train.out_dir>/decoder, the weights into
+    # <train.out_dir>/decoder.safetensors; the keys of _DECODER_UNREAD are not read (Config.check)
+    train: TrainConfig = field(default_factory=_decoder_train)
 
     def __post_init__(self) -> None:
         if self.init_from_gpt2 is None:  # else the folder's config.json gives the shape
@@ -382,6 +408,29 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decoder: DecoderConfig | None = None  # set: `mmembed train` also trains the decoder stage
 
+    def check(self, where: str, source: str) -> None:
+        if self.train.out_dir is None:
+            raise ConfigError(f"{source}: {join_key(where, 'train.out_dir')} must be a folder, got null")
+        if self.decoder is not None:
+            self.decoder.train = _unread_at_defaults(self.train, self.decoder.train, join_key(where, "decoder.train"),
+                                                     source)
+
+
+def _unread_at_defaults(train: TrainConfig, stage: TrainConfig, where: str, source: str) -> TrainConfig:
+    """`stage` (decoder.train) with the keys its stage never reads at their defaults (out_dir null).
+    A value set there was accepted silently, and config.yaml recorded a folder never written. Taken
+    as unset: the default, the align train block's own value (`decoder: {train: *tr}`), and
+    TrainConfig's (runs/demo), which every run's config.yaml recorded there before."""
+    defaults, plain = _decoder_train(), TrainConfig()
+    bad = [k for k in _DECODER_UNREAD
+           if getattr(stage, k) not in (getattr(defaults, k), getattr(plain, k), getattr(train, k))]
+    if bad:
+        given = ", ".join(f"{join_key(where, k)}={getattr(stage, k)!r}" for k in bad)
+        instead = "; ".join(_DECODER_UNREAD[k] for k in bad)
+        raise ConfigError(f"{source}: the decoder stage does not read {given}: {instead}; "
+                          f"remove {'it' if len(bad) == 1 else 'them'}")
+    return dataclasses.replace(stage, **{k: getattr(defaults, k) for k in _DECODER_UNREAD})
+
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -397,6 +446,10 @@ def resolve_config_path(name: str | Path) -> Path:
     # "demo", or "configs/demo.yaml" as the README writes it, run from outside the repository
     if path.suffix in ("", ".yaml") and path.parent in (Path("."), Path("configs")) and shipped.is_file():
         return shipped
+    if (path / "config.yaml").is_file():  # a run's folder: `mmembed train runs/demo-s52`
+        raise ConfigError(f"{name} is a folder, not a config file: its config is {path / 'config.yaml'}")
+    if path.name == "config.yaml" and path.parent.is_dir() and path.parent != Path("."):  # a run's own, gone
+        raise ConfigError(f"{path.parent} holds no config.yaml: a run folder needs the config its training wrote")
     valid = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config file not found: {name} (shipped configs: {valid})")
 
@@ -412,6 +465,7 @@ def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str
         raise ConfigError(f"overrides must be a list of key.sub=value strings, got the one string {overrides!r}")
     path = resolve_config_path(name)
     raw = read_mapping(path)
+    _check_kind(cls, raw, path)
     for item in overrides:
         apply_override(raw, item, source=str(path))
     try:
@@ -421,6 +475,26 @@ def load_dataclass(cls: type, name: str | Path, overrides: list[str] | tuple[str
             raise
         # the file is fine: the override typed on the command line is what is wrong
         return from_dict(cls, raw, where="", source=f"an override of {path}")
+
+
+def _check_kind(cls: type, raw: dict, path: Path) -> None:
+    """A file whose top-level keys are all another command's: `mmembed train scaling` said
+    "unknown key 'axis'", as if the scaling config had a typo."""
+    keys = sorted(map(str, raw))
+    if not keys or set(keys) & _field_names(cls):
+        return
+    from mmembed.insight.sweep_config import ScalingConfig  # here only: insight imports torch
+
+    kinds = {Config: ("mmembed train", "a training config"), ScalingConfig: ("mmembed scale", "a scaling config")}
+    for other, (command, kind) in kinds.items():
+        if cls in kinds and other is not cls and set(keys) & _field_names(other):
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            raise ConfigError(f"{path}: this is {kind} (keys {shown}), not {kinds[cls][1]}: run it with "
+                              f"`{command}`; `{kinds[cls][0]}` reads {kinds[cls][1]}")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _loads(cls: type, raw: dict) -> bool:

@@ -10,6 +10,7 @@ plain builder the same checks from its signature.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import inspect
 import math
@@ -62,6 +63,21 @@ class _Empty:
 EMPTY = _Empty()
 
 
+class _Typed:
+    """An override's value that YAML read as a number, a date or a boolean, with the text typed.
+    A str field takes the text: `train.out_dir=2024-06-01` was refused as a date, and `"2024"`
+    reached us as 2024 (the shell strips the quotes). Any other field takes YAML's value."""
+
+    def __init__(self, value: Any, text: str) -> None:
+        self.value, self.text = value, text
+
+    def as_str(self, key: str, source: str) -> str:
+        if isinstance(self.value, bool):  # `false` for a path or a name more likely means "none" than the text
+            raise ConfigError(f"{source}: {key} must be str, got bool {self.value!r} (YAML reads {self.text} as "
+                              f"a boolean: for the text, quote it: {key}='\"{self.text}\"')")
+        return self.text
+
+
 def read_mapping(path: Path) -> dict:
     """The YAML mapping in `path` (an empty file is an empty mapping)."""
     try:
@@ -86,6 +102,8 @@ def _plain(value: Any, empty: Any = EMPTY) -> Any:
         return {k: _plain(v, empty) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v, empty) for v in value]
+    if isinstance(value, _Typed):
+        return value.value
     return empty if value is EMPTY else value
 
 
@@ -106,10 +124,19 @@ def apply_override(raw: dict, item: str, source: str = "override") -> None:
     if re.search(r"\s#", value) and value.strip()[:1] not in ("'", '"'):
         raise ConfigError(f"override {key}: YAML reads ' #' in {value!r} as the start of a comment; quote the "
                           f"value ({key}='\"{value.strip()}\"') or write it without the space")
+    if not value.strip():  # `decoder=`: as YAML's key given no value, a section's defaults (else null)
+        node[parts[-1]] = EMPTY
+        return
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         raise ConfigError(f"override {key}: cannot parse value {value!r}") from None
+    node[parts[-1]] = _Typed(parsed, value.strip()) if _is_scalar(parsed) else parsed
+
+
+def _is_scalar(value: Any) -> bool:
+    """What YAML reads as other than text, null or a collection (bool is an int)."""
+    return isinstance(value, (int, float, datetime.date))
 
 
 def to_dict(obj: Any) -> Any:
@@ -170,6 +197,10 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
+    if isinstance(value, _Typed):  # under a union each option decides: `str | None` takes the text
+        if tp is str:
+            return value.as_str(key, source)
+        value = value.value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
@@ -208,7 +239,9 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             return int(number)
     if tp in (int, float, str, bool):
         if type(value) is not tp:
-            raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_typename(value)} {value!r}")
+            got = "null" if value is None else f"{_typename(value)} {value!r}"
+            raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {got}"
+                              + (_quote_hint(key, value) if tp is str else ""))
         return value
     return value
 
@@ -238,6 +271,15 @@ def _filled(tp: Any, value: Any) -> Any:
         return value
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     return {} if any(dataclasses.is_dataclass(a) and _all_defaulted(a) for a in options) else None
+
+
+def _quote_hint(key: str, value: Any) -> str:
+    """For a YAML file's `out_dir: 2024` (or a date, or `yes`): text must be quoted there."""
+    if not _is_scalar(value):
+        return ""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    name = key.rpartition(".")[2]
+    return f' (quote it: {name}: "{text}")' if name.isidentifier() else f' (quote it: "{text}")'
 
 
 def _all_defaulted(cls: type) -> bool:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmembed.config import CONFIG_DIR, Config, apply_override, check_kwargs, load_config
 from mmembed.errors import ConfigError
@@ -30,7 +31,7 @@ def test_shipped_sweep_config_loads_as_a_scaling_config():
 
     config = load_scaling_config("scaling")
     assert isinstance(config, ScalingConfig) and len(config.sizes) >= 5
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"this is a scaling config .*run it with `mmembed scale`"):
         load_config("scaling")  # a sweep config is not a training config: one clear line
 
 
@@ -318,8 +319,6 @@ def test_a_path_set_from_python_saves(tmp_path):
     (["model.init_from=/nonexistent/run"], r"model\.init_from: /nonexistent/run holds no trained model"),
     (["decoder.init_from_gpt2=/nonexistent/gpt2"], r"decoder\.init_from_gpt2: /nonexistent/gpt2 has no config\.json"),
     (["data.synth.n=30", "data.synth.split=[1.0,0,0]"], r"gives the val split no scene.*data\.val=null"),
-    (["model.towers.image.preprocess.augmnt=true"], r"unknown key 'model\.towers\.image\.preprocess\.augmnt'"),
-    (["model.towers.text.encoder_args.widht=64"], r"unknown key 'model\.towers\.text\.encoder_args\.widht'"),
     (["decoder.data.tasks=[colr]"], r"decoder\.data\.tasks: 'colr' is not a task of the instruction rows \(their"),
     (["decoder.data.task_weights={shap: 2}"], r"decoder\.data\.task_weights: 'shap' is not a task"),
 ])
@@ -473,3 +472,115 @@ def test_train_checks_a_config_changed_in_python_again(tmp_path, monkeypatch):
     cfg.decoder, cfg.train.lr = None, 1  # an int where a float goes: read as YAML would read it
     mm.train(cfg)
     assert ran == [cfg] and type(ran[0].train.lr) is float
+
+
+def test_decoder_train_keys_the_stage_never_reads_are_refused(tmp_path):
+    """decoder.train.out_dir=/tmp/elsewhere trained, wrote nothing there, and config.yaml recorded that
+    folder; decoder.train.collapse_steps and the like were accepted and never read either."""
+    from mmembed.config import save_config
+
+    for override, key in (("decoder.train.out_dir=/tmp/elsewhere", "out_dir='/tmp/elsewhere'"),
+                          ("decoder.train.collapse_steps=1", "collapse_steps=1"),
+                          ("decoder.train.collapse_restarts=0", "collapse_restarts=0"),
+                          ("decoder.train.dist_timeout_minutes=5", "dist_timeout_minutes=5.0")):
+        with pytest.raises(ConfigError, match=rf"does not read decoder\.train\.{key}: .*; remove it$"):
+            load_config("demo", [override])
+    with pytest.raises(ConfigError, match=r"<train\.out_dir>/decoder; .*train\.collapse_steps\); remove them$"):
+        load_config("demo", ["decoder.train.out_dir=x", "decoder.train.collapse_steps=1"])
+    path = tmp_path / "c.yaml"  # the align block's own values, through an alias, are no setting of their own
+    path.write_text(f"train: &tr {{out_dir: {tmp_path / 'run'}, collapse_steps: 3}}\ndecoder: {{train: *tr}}\n")
+    cfg = load_config(path)
+    assert cfg.decoder.train.out_dir is None and cfg.decoder.train.collapse_steps == 10
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["decoder"]["train"]["out_dir"] is None and saved["train"]["out_dir"] == str(tmp_path / "run")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"train\.out_dir must be a folder, got null"):
+        load_config("demo", ["train.out_dir=null"])
+
+
+def test_an_old_runs_config_recording_decoder_out_dir_still_loads(tmp_path):
+    """Every run's config.yaml recorded decoder.train.out_dir: runs/demo (and the collapse keys at
+    their defaults): mm.load, eval and --resume read it."""
+    import mmembed as mm
+    from mmembed.config import save_config
+    from mmembed.decoder import build_prompt_model
+    from mmembed.model import CONFIG, Model
+    from mmembed.space import build_space
+    from mmembed.train.preflight import check_config
+    from tests.conftest import TINY_MODEL
+    from tests.decoder.helpers import tokenizer
+
+    run = tmp_path / "run"
+    cfg = load_config("demo", [f"train.out_dir={run}", f"data.root={tmp_path / 'world'}",
+                               "decoder.width=32", "decoder.heads=2", "decoder.layers=1", "decoder.context=32"])
+    cfg.model = load_config(tiny_config_path(tmp_path)).model
+    model = Model(cfg, build_space(cfg.model, tokenizer().vocab_size, pretrained=False), tokenizer())
+    model.prompt_model = build_prompt_model(cfg.decoder, tokenizer(), TINY_MODEL["embed_dim"])
+    model.save(run)
+    raw = yaml.safe_load((run / CONFIG).read_text())
+    raw["decoder"]["train"] |= {"out_dir": "runs/demo", "collapse_steps": 10, "collapse_restarts": 2,
+                                "dist_timeout_minutes": 30.0}  # as config.yaml recorded it
+    (run / CONFIG).write_text(yaml.safe_dump(raw))
+    loaded = mm.load(run)
+    assert loaded.config.decoder.train.out_dir is None and loaded.prompt_model is not None
+    check_config(load_config(run / CONFIG), resume=True)  # --resume reads it twice: the config given and the run's
+    save_config(loaded.config, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == loaded.config
+
+
+def tiny_config_path(tmp_path: Path) -> Path:
+    from tests.conftest import tiny_config
+
+    return tiny_config(tmp_path / "world", tmp_path / "tiny")
+
+
+def test_a_file_of_the_other_command_says_which_it_is(tmp_path):
+    """`mmembed train scaling` said "unknown key 'axis'", `mmembed scale demo` "unknown key 'data'",
+    and `mmembed train runs/x` "config file not found" though the folder holds config.yaml."""
+    from mmembed.insight.sweep_config import load_scaling_config
+
+    with pytest.raises(ConfigError, match=r"scaling\.yaml: this is a scaling config \(keys axis, .*\), not a "
+                                          r"training config: run it with `mmembed scale`"):
+        load_config("scaling")
+    with pytest.raises(ConfigError, match=r"demo\.yaml: this is a training config \(keys data, .*\), not a "
+                                          r"scaling config: run it with `mmembed train`"):
+        load_scaling_config("demo")
+    path = tmp_path / "typo.yaml"  # a key of both kinds and a typo: a typo in a training config
+    path.write_text("train: {epochs: 1}\naxis: params\n")
+    with pytest.raises(ConfigError, match="unknown key 'axis'"):
+        load_config(path)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("train: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'run'} is a folder, not a config file: its config is "
+                                          rf"{tmp_path / 'run' / 'config.yaml'}$"):
+        load_config(tmp_path / "run")
+
+
+def test_a_run_folder_without_its_config_says_so(tmp_path):
+    """A run folder whose config.yaml is gone (`mmembed generate RUN`) said "config file not found:
+    RUN/config.yaml (shipped configs: ...)", as if a shipped config had been asked for."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'run'} holds no config.yaml: a run folder needs"):
+        load_config(tmp_path / "run" / "config.yaml")
+    with pytest.raises(ConfigError, match="config file not found: nothere/config.yaml"):  # no such folder
+        load_config("nothere/config.yaml")
+
+
+def test_unknown_tower_arguments_fail_at_load_naming_the_file(tmp_path):
+    """A misspelt encoder_args or preprocess key passed mm.load_config and was reported later, by the
+    run's checks, as "config: unknown key ..." without the file."""
+    path = tiny_config_path(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["towers"]["text"]["encoder_args"]["widht"] = 64
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'model\.towers\.text\.encoder_args\.widht' "
+                                          r"\(valid: .*width"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^an override of \S*demo\.yaml: unknown key "
+                                          r"'model\.towers\.image\.preprocess\.augmnt'"):
+        load_config("demo", ["model.towers.image.preprocess.augmnt=true"])
+    with pytest.raises(ConfigError, match=r"model\.towers\.text\.encoder_args\.width must be int"):
+        load_config("demo", ["model.towers.text.encoder_args.width=wide"])
