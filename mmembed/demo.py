@@ -23,7 +23,7 @@ from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_memory import cross_process_recall, memory_lines
 from mmembed.demo_prompting import has_rows, prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
-from mmembed.errors import UserError
+from mmembed.errors import ConfigError, UserError
 from mmembed.evaluate import format_table, pairwise_report
 from mmembed.insight.embedding_map import map_vectors
 from mmembed.decoder.builder import DECODER_DIR, DECODER_TOKENIZER, DECODER_WEIGHTS
@@ -68,6 +68,31 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
                         "only): choose another --out, or empty that folder first")
 
 
+def _check_test_split(config: Config) -> None:
+    """The report is measured on data.test (the prompting on the world's instruct-test.jsonl): with
+    data.test=null, or a split without scenes, the demo trained the whole align stage, then failed."""
+    from mmembed.data.synth.world import SPLITS, split_counts
+
+    data, root = config.data, Path(config.data.root)
+    if data.test is None:
+        raise ConfigError("data.test: the demo reports recall on the test split: set it (test.jsonl, which the "
+                          "world data.synth makes writes)")
+    wanted = [("data.test", data.test)]
+    if config.decoder is not None:
+        wanted.append(("decoder (the demo's prompting section)", "instruct-test.jsonl"))
+    if data.synth is not None:
+        written = [f"{split}.jsonl" for split in SPLITS] + [f"instruct-{split}.jsonl" for split in SPLITS]
+        wanted = [(key, name) for key, name in wanted if name not in written]
+        if split_counts(data.synth.n, tuple(data.synth.split))["test"] == 0:
+            raise ConfigError(f"data.synth gives the test split no scene (n={data.synth.n}, split="
+                              f"{list(data.synth.split)}), and the demo reports on it: give it a share")
+    fix = ("set data.test to test.jsonl, which that world writes" if data.synth is not None
+           else "point data.root at a world that has it, or set data.synth to make one")
+    for key, name in wanted:
+        if not (root / name).is_file():
+            raise ConfigError(f"{key}: the demo evaluates on {root / name}, which is not a file: {fix}")
+
+
 def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str | None = None,
              bind: bool = True) -> Path:
     """Run the demo; returns the path of the written report."""
@@ -75,8 +100,9 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     config = load_config(config_name, list(overrides))
     if out_dir is not None:
         config.train.out_dir = out_dir
+    _check_replaceable(Path(config.train.out_dir), config)  # whatever else is wrong, a user's folder is named first
     check_config(config)  # the names and files it points at, before the world is made
-    _check_replaceable(Path(config.train.out_dir), config)
+    _check_test_split(config)
     run_dir = train_align(config, overwrite=True)  # the demo's folder is its own output: a rerun replaces it
     timings = {"joint training (incl. data synthesis)": time.monotonic() - t0}
 

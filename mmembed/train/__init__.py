@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 from mmembed.config import Config
-from mmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     check_config(config, resume)
     if config.decoder is None:
         return train_align(config, resume=resume, overwrite=overwrite)
-    _check_decoder_manifests(config)
     from mmembed.config import load_config
     from mmembed.decoder import DECODER_DIR
     from mmembed.model import CONFIG
@@ -87,18 +85,6 @@ def _align_as_it_ran(config: Config, saved: Config) -> Config:
     # and the space as it is: a space copied from model.init_from has that run's sections, which
     # the decoder stage writes into config.yaml again (the user's own section described no towers)
     return dataclasses.replace(config, train=kept, model=saved.model, tokenizer=saved.tokenizer)
-
-
-def _check_decoder_manifests(config: Config) -> None:
-    """The decoder's instruction manifests exist before the align stage runs (a missing one was
-    found after it, minutes in). A world `data.synth` makes is written by that stage: not yet."""
-    if config.data.synth is not None:
-        return
-    root, data = Path(config.data.root), config.decoder.data
-    for key, name in (("train", data.train), ("val", data.val)):
-        if name is not None and not (root / name).is_file():
-            raise UserError(f"decoder.data.{key}: instruction manifest not found: {root / name}"
-                            + (" (decoder.data.val: null for none)" if key == "val" else ""))
 
 
 def copy_space(config: Config, save: bool = True) -> Config:

@@ -35,10 +35,11 @@ from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, Model, load_space
 from mmembed.train.align import seed_everything
-from mmembed.train.distributed import barrier, current_world, parallelize, resolve_device, seed_ranks
+from mmembed.train.distributed import barrier, current_world, parallelize, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
+from mmembed.train.preflight import check_sharding, stage_device
 from mmembed.train.run_dir import lock_run, prepare_run_dir
 from mmembed.train.state import check_same_rows
 
@@ -65,16 +66,13 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     config = dataclasses.replace(config, decoder=with_gpt2_architecture(config.decoder))
     cfg = config.decoder
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = stage_device("decoder.train", cfg.train.device)  # the preflight checked both; a direct call did not
+    check_sharding(cfg)
     model = load_space(run_dir).to(device)
     model.space.requires_grad_(False)
     pm = build_prompt_model(cfg, decoder_tokenizer(cfg, model.tokenizer), model.embed_dim)
     lm = pm.lm.to(device)
     if cfg.freeze_lm or cfg.lora_rank is not None:
-        if cfg.train.fsdp:
-            raise UserError("decoder.freeze_lm and decoder.lora_rank train a few embedding rows through a gradient "
-                            "hook, which FSDP's flattened parameters do not keep: train with DDP "
-                            "(decoder.train.fsdp=false)")
         freeze_language_model(lm, slice(pm.fmt.tokenizer.vocab_size, pm.fmt.vocab_size))
     if cfg.lora_rank is not None:
         add_lora_(lm.decoder.transformer, cfg.lora_rank, cfg.lora_alpha)

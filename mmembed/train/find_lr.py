@@ -41,6 +41,7 @@ from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import current_world, resolve_device
 from mmembed.train.optim import build_optimizer, set_lr
+from mmembed.train.preflight import check_config
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     # the process group is not set up for --find-lr, so torchrun's variables are what tell
     if current_world().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--find-lr runs in one process: start it without torchrun")
+    check_config(cfg)  # as `mmembed train` does: a misspelt key was found after the world and the tokenizer were made
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     root = prepare_data(cfg.data)

@@ -1,10 +1,11 @@
 """What a run checks before any work: the names and files its config points at.
 
-The config's own ranges are checked when it loads (config.py). These checks need the file system
-or the model's registries, so they run when training starts, before the world is generated, the
-tokenizer trained or the run folder written (a typo in `loss.anchor` used to surface after all
-three). A finished run's config.yaml, which `mm.load` reads long after, is not held to them: the
-run it started from may be gone by then.
+The config's own ranges are checked when it loads (config.py). These checks need the file system,
+the model's registries or its builders (each tower, preprocessor and the captioner is built once,
+untrained and without pretrained weights, for its values), so they run when training starts,
+before the world is generated, the tokenizer trained or the run folder written (a typo in
+`loss.anchor` used to surface after all three). A finished run's config.yaml, which `mm.load`
+reads long after, is not held to them: the run it started from may be gone by then.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmembed.config import Config, TowerConfig
+import torch
+
+from mmembed.config import Config, DecoderConfig, TowerConfig
 from mmembed.errors import ConfigError, UserError
 from mmembed.modality import Modality
+from mmembed.train.preflight_build import check_built, check_gpt2
 
 
 # what each stage's validation reports (metrics.jsonl writes them with a "val/" prefix, also taken)
@@ -34,8 +38,12 @@ def check_config(config: Config, resume: bool = False) -> None:
     else:
         _check_sources(config)
         _check_token_ids(config)
+    if not _space_copied(config):
+        check_built(config)
     _check_world_splits(config)
+    _check_decoder_manifests(config)
     _check_decoder_tasks(config)
+    _check_devices(config)
     # a copied space's towers are the source run's, and its align stage does not run
     paired = [m.value for m in Modality] if _space_copied(config) else list(config.model.towers)
     _check_metric("train", config.train.early_stop_metric, ALIGN_METRICS, paired)
@@ -256,9 +264,62 @@ def _check_sources(config: Config) -> None:
                               f"tokens at least), got {tok.vocab_size:,}")
     if config.model.init_from is not None and not (Path(config.model.init_from) / "model.safetensors").is_file():
         raise ConfigError(f"model.init_from: {config.model.init_from} holds no trained model (model.safetensors)")
-    gpt2 = config.decoder.init_from_gpt2 if config.decoder is not None else None
-    if gpt2 is not None and not (Path(gpt2) / "config.json").is_file():
-        raise ConfigError(f"decoder.init_from_gpt2: {gpt2} has no config.json (a GPT-2 folder saved by transformers)")
+    if config.decoder is not None and config.decoder.init_from_gpt2 is not None:
+        check_gpt2(config.decoder)
+
+
+def _check_decoder_manifests(config: Config) -> None:
+    """The decoder's instruction manifests exist before the align stage runs (a missing one was
+    found after it, minutes in). A world `data.synth` makes is written by that stage: a manifest
+    not yet there must be one of the files it writes, of a split given scenes."""
+    if config.decoder is None:
+        return
+    from mmembed.data.synth.world import SPLITS
+
+    root, data, synth = Path(config.data.root), config.decoder.data, config.data.synth
+    written = {f"instruct-{split}.jsonl": split for split in SPLITS}
+    for key, name in (("train", data.train), ("val", data.val)):
+        val_hint = " (decoder.data.val: null for none)" if key == "val" else ""
+        if name is None or (synth is None or name not in written) and (root / name).is_file():
+            continue
+        if synth is None or name not in written:
+            made = f"; the world data.synth makes writes {', '.join(written)}" if synth is not None else ""
+            raise ConfigError(f"decoder.data.{key}: instruction manifest not found: {root / name}{made}{val_hint}")
+        # the world data.synth describes, whatever the folder holds now
+        if _world_counts(config)[split := written[name]] == 0:
+            share = "set data.synth.n_heldout" if split == "heldout" else "give it a share of data.synth.split"
+            raise ConfigError(f"decoder.data.{key}: data.synth gives the {split} split no scene, so {name} holds no "
+                              f"row: {share}{val_hint}")
+
+
+def _check_devices(config: Config) -> None:
+    """A device this machine lacks, or a name torch does not know (`gpu`): the decoder stage's was
+    found after the whole align stage, in a message without its key. A copied space trains no
+    align stage. And what the decoder stage trains must suit how it shards."""
+    if not _space_copied(config):
+        stage_device("train", config.train.device)
+    if config.decoder is not None:
+        stage_device("decoder.train", config.decoder.train.device)
+        check_sharding(config.decoder)
+
+
+def stage_device(where: str, name: str) -> torch.device:
+    """`{where}.device` resolved (`resolve_device`); a ConfigError naming the key when this machine
+    cannot run it."""
+    from mmembed.train.distributed import resolve_device
+
+    try:
+        return resolve_device(name)
+    except UserError as e:  # its message begins "device 'gpu' ...": the key goes before it
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def check_sharding(decoder: DecoderConfig) -> None:
+    """ConfigError when what the decoder stage trains cannot be sharded by FSDP."""
+    if decoder.train.fsdp and (decoder.freeze_lm or decoder.lora_rank is not None):
+        raise ConfigError("decoder.freeze_lm and decoder.lora_rank train a few embedding rows through a gradient "
+                          "hook, which FSDP's flattened parameters do not keep: train with DDP "
+                          "(decoder.train.fsdp=false)")
 
 
 # encoders that pool at the largest token id, which is the end of text in CLIP's vocabulary only
@@ -325,9 +386,16 @@ def _check_world_splits(config: Config) -> None:
     synth, data = config.data.synth, config.data
     if synth is None:
         return
-    from mmembed.data.synth.world import split_counts
-
-    counts = split_counts(synth.n, tuple(synth.split))
+    counts = _world_counts(config)
     if counts["val"] == 0 and data.val is not None:
         raise ConfigError(f"data.synth gives the val split no scene (n={synth.n}, split={list(synth.split)}): "
                           "give it a share, or set data.val=null")
+
+
+def _world_counts(config: Config) -> dict[str, int]:
+    """Scenes per split of the world data.synth makes (held-out: n // 10 unless n_heldout says)."""
+    from mmembed.data.synth.world import split_counts
+
+    synth = config.data.synth
+    return {**split_counts(synth.n, tuple(synth.split)),
+            "heldout": synth.n // 10 if synth.n_heldout is None else synth.n_heldout}

@@ -616,3 +616,13 @@ def test_a_resumed_decoder_stage_keeps_the_space_it_copied_in_config_yaml(traine
     train(mine, resume=True)
     assert load_config(run / "config.yaml").model.embed_dim == load_config(trained_run / "config.yaml").model.embed_dim
     mm.load(run).generate("describe", max_new_tokens=2)
+
+
+def test_the_decoder_stages_device_error_names_its_key(tiny_world, tmp_path):
+    """train_decoder called directly (the demo does) said "device 'gpu' is not a device name", without the key."""
+    from mmembed.errors import ConfigError
+
+    cfg = decoder_config(tiny_world, tmp_path / "run", train={**DECODER["train"], "device": "gpu"})
+    (tmp_path / "run").mkdir()  # the decoder stage trains in an align stage's folder
+    with pytest.raises(ConfigError, match=r"^decoder\.train\.device 'gpu' is not a device name \(auto, cpu, "):
+        train_decoder(cfg)

@@ -187,3 +187,19 @@ def test_the_chance_ratio_of_a_collapsed_pair_is_one():
         ratios = chance_ratios(metrics, batch, label_positives)
         assert ratios == {"loss/image-text": pytest.approx(1.0, abs=1e-5)}
     assert float(out.per_pair["image-text"]) < math.log(9) - 0.05  # label positives lower the chance level
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.towers.text.encoder_args.widht=64", r"model\.towers\.text\.encoder_args.*widht"),
+    ("model.init_towers=[imag]", r"^model\.init_towers: 'imag' is not one of model\.towers"),
+    ("model.towers.text.encoder_args.heads=3", r"^model\.towers\.text: width 32 is not divisible by heads=3$"),
+])
+def test_find_lr_checks_the_config_before_any_work(tiny_world, tmp_path, monkeypatch, override, message):
+    """--find-lr skipped the preflight: a misspelt key was found after the world was made and the tokenizer
+    trained, and init_towers=[imag] was taken without a word."""
+    import mmembed.train.find_lr as find_lr_module
+    from mmembed.errors import ConfigError
+
+    monkeypatch.setattr(find_lr_module, "prepare_data", lambda *a, **k: pytest.fail("worked past a bad config"))
+    with pytest.raises(ConfigError, match=message):
+        find_lr(load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), [override]), steps=8)

@@ -146,3 +146,104 @@ def test_a_pair_metric_names_two_of_the_towers(tmp_path, metric):
         check_config(_demo(tmp_path, f"train.early_stop_metric={metric}", "decoder=null", towers=("text", "image")))
     for good in ("text→image/recall@1", "val/image→text/recall@1"):
         check_config(_demo(tmp_path, f"train.early_stop_metric={good}", "decoder=null", towers=("text", "image")))
+
+
+@pytest.mark.parametrize("setting, message", [
+    (("encoder_args", "text", "heads", 3), r"^model\.towers\.text: width 32 is not divisible by heads=3$"),
+    (("preprocess", "image", "size", -4), r"^model\.towers\.image\.preprocess: size must be positive, got -4$"),
+    (("preprocess", "text", "max_length", 1), r"^model\.towers\.text\.preprocess: max_length must exceed the 2 "),
+    (("captioner", None, "heads", 3), r"^loss\.captioner: width 128 is not divisible by heads=3$"),
+])
+def test_tower_and_captioner_values_are_refused_before_the_world(tmp_path, setting, message):
+    """Names were checked, values only as the towers were built: heads=3 on a width of 32 was refused after the
+    world was generated and the tokenizer trained, leaving .unstarted, config.yaml and tokenizer.json behind."""
+    from mmembed.train import train
+
+    section, tower, key, value = setting
+    config = _demo(tmp_path, "decoder=null", "data.synth.n=40", "loss.caption_weight=1")
+    args = config.loss.captioner if section == "captioner" else getattr(config.model.towers[tower], section)
+    args[key] = value
+    with pytest.raises(ConfigError, match=message):
+        train(config)
+    assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_captioner_without_a_text_tower_is_refused(tmp_path):
+    """"loss.caption_weight needs a text tower" came after the world and the tokenizer."""
+    with pytest.raises(ConfigError, match=r"^loss\.caption_weight 1\.0: the captioner writes each row's caption, and "
+                                          r"model\.towers \(image, audio\) has no text tower"):
+        check_config(_demo(tmp_path, "decoder=null", "loss.caption_weight=1", towers=("image", "audio")))
+    check_config(_demo(tmp_path, "decoder=null", "loss.caption_weight=0", towers=("image", "audio")))
+
+
+def test_the_decoder_stages_device_is_checked_naming_its_key(tmp_path):
+    """decoder.train.device=gpu was refused after the align stage, as "device 'gpu' is not a device name"."""
+    for key in ("train", "decoder.train"):
+        with pytest.raises(ConfigError, match=rf"^{key}\.device 'gpu' is not a device name \(auto, cpu, "):
+            check_config(_demo(tmp_path, f"{key}.device=gpu"))
+    check_config(_demo(tmp_path, "decoder.train.device=cpu"))
+
+
+def test_decoder_manifests_the_synthetic_world_does_not_write_are_refused(tmp_path):
+    """With data.synth, a missing decoder.data.train passed preflight and failed after the align stage."""
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.train: instruction manifest not found: .*nope\.jsonl; "
+                                          r"the world data\.synth makes writes instruct-train\.jsonl, "):
+        check_config(_demo(tmp_path, "decoder.data.train=nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.val: data\.synth gives the heldout split no scene, so "
+                                          r"instruct-heldout\.jsonl holds no row: set data\.synth\.n_heldout"):
+        check_config(_demo(tmp_path, "decoder.data.val=instruct-heldout.jsonl", "data.synth.n_heldout=0"))
+    check_config(_demo(tmp_path, "decoder.data.val=instruct-test.jsonl"))
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "mine.jsonl").write_text("")  # a manifest of one's own beside the world: taken as it is
+    check_config(_demo(tmp_path, "decoder.data.val=mine.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.decoder.helpers import save_tiny_gpt2
+
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "gpt2", n_layer=1)
+
+
+def _broken(folder, tmp_path, change):
+    import json
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "broken")
+    if change == "no tokenizer":
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (copy / name).unlink(missing_ok=True)
+    elif change == "truncated weights":
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        config = json.loads((copy / "config.json").read_text())
+        key, value = change
+        (copy / "config.json").write_text(json.dumps({**config, key: value}))
+    return copy
+
+
+@pytest.mark.parametrize("change, message", [
+    ("no tokenizer", r"broken: no tokenizer\.json, nor vocab\.json \+ merges\.txt$"),
+    ("truncated weights", r"broken/model\.safetensors: not a readable safetensors file \(.*\)$"),
+    (("model_type", "bert"), r"broken/config\.json: model_type 'bert' is not gpt2$"),
+    (("activation_function", "relu"), r"broken/config\.json: activation 'relu' not supported"),
+    (("n_positions", 8), r"broken's n_positions 8 is shorter than decoder\.soft_tokens \+ 6 = 10, the shortest prompt"),
+])
+def test_a_gpt2_folder_the_decoder_stage_cannot_load_is_refused(tmp_path, gpt2_folder, change, message):
+    """Only its config.json's presence was checked: each failed in the decoder stage, after the whole align stage."""
+    check_config(_demo(tmp_path, f"decoder.init_from_gpt2={gpt2_folder}"))
+    broken = _broken(gpt2_folder, tmp_path, change)
+    with pytest.raises(ConfigError, match=r"^decoder\.init_from_gpt2: .*" + message):
+        check_config(_demo(tmp_path, f"decoder.init_from_gpt2={broken}"))
+
+
+@pytest.mark.parametrize("adapt", ["decoder.freeze_lm=true", "decoder.lora_rank=4"])
+def test_fsdp_with_a_frozen_or_adapted_gpt2_is_refused_before_work(tmp_path, gpt2_folder, adapt):
+    """It was refused by the decoder stage, after the whole align stage had trained."""
+    gpt2 = f"decoder.init_from_gpt2={gpt2_folder}"
+    with pytest.raises(ConfigError, match=r"^decoder\.freeze_lm and decoder\.lora_rank train a few embedding rows "
+                                          r"through a gradient hook, .*\(decoder\.train\.fsdp=false\)$"):
+        check_config(_demo(tmp_path, gpt2, adapt, "decoder.train.fsdp=true"))
+    check_config(_demo(tmp_path, gpt2, adapt))
