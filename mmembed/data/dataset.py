@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mmembed.data.manifest import CAPTION_MODALITY, Manifest, Row
+from mmembed.data.manifest import CAPTION_MODALITY, Manifest, Row, column_hints, misnamed_columns
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 
@@ -118,13 +118,38 @@ class ManifestDataset(Dataset):
     def _check_overlap(self) -> None:
         present = {m for row in self.rows for m in row.items}
         if self.rows and not present & set(self.preprocessors):
-            where = f"{self.source}: " if self.source else ""
             have = ", ".join(sorted(present)) or "none"
-            raise UserError(f"{where}no row has a modality this model reads (rows have: {have}; model reads: "
-                            f"{', '.join(self.preprocessors) or 'none'})")
+            raise UserError(f"{self._where()}no row has a modality this model reads (rows have: {have}; model reads: "
+                            f"{', '.join(self.preprocessors) or 'none'}){self._hints(set(self.preprocessors))}")
         ignored = present - set(self.preprocessors)
         if ignored:
             log.info("ignoring manifest column(s) %s: no preprocessor for them", ", ".join(sorted(ignored)))
+
+    def check_pairs(self) -> None:
+        """For training, which learns from pairs: UserError unless some row has two modalities this
+        dataset reads (every batch would train nothing), naming the columns read as metadata; a
+        warning for a column that looks like a modality no row has (its tower would learn nothing)."""
+        reads = set(self.preprocessors)
+        if len(reads) < 2:  # a loader of one modality (the captions alone): no row can hold a pair
+            return
+        absent = reads - {m for row in self.rows for m in row.items}
+        if self.rows and not any(len(reads & row.items.keys()) >= 2 for row in self.rows):
+            have = ", ".join(sorted({"+".join(sorted(reads & row.items.keys())) or "none" for row in self.rows}))
+            hints = self._hints(absent) or "; columns read as metadata: " + (", ".join(sorted(self._meta())) or "none")
+            raise UserError(f"{self._where()}no row has two of the modalities this model trains on "
+                            f"({', '.join(self.preprocessors)}; rows have: {have}): no pair to learn from{hints}")
+        for column, m in misnamed_columns(self._meta(), absent).items():
+            log.warning("%scolumn %r is read as metadata and no row has %s: did you mean %r? (the %s tower "
+                        "learns nothing)", self._where(), column, m, m.value, m)
+
+    def _where(self) -> str:
+        return f"{self.source}: " if self.source else ""
+
+    def _meta(self) -> set[str]:
+        return {k for row in self.rows for k in row.meta}
+
+    def _hints(self, wanted: set[Modality]) -> str:
+        return "".join(f"; {hint}" for hint in column_hints(self._meta(), wanted))
 
     @property
     def modalities(self) -> tuple[Modality, ...]:

@@ -29,6 +29,7 @@ manifest naming `/etc/passwd` or `../../secrets` is what the rule exists to stop
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import re
@@ -50,6 +51,16 @@ CAPTIONS_COLUMN = "captions"
 CAPTION_MODALITY = Modality.TEXT
 # no ".json": a JSON array file would be misread line by line; one object per line is the format
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+# column names people give a modality (a close misspelling of these or of a modality is caught too)
+_MODALITY_SYNONYMS = {
+    "caption": Modality.TEXT, "txt": Modality.TEXT, "sentence": Modality.TEXT, "description": Modality.TEXT,
+    "img": Modality.IMAGE, "picture": Modality.IMAGE, "photo": Modality.IMAGE, "image_path": Modality.IMAGE,
+    "img_path": Modality.IMAGE, "image_file": Modality.IMAGE,
+    "wav": Modality.AUDIO, "sound": Modality.AUDIO, "audio_path": Modality.AUDIO, "audio_file": Modality.AUDIO,
+}
+# byte-order marks of the encodings a spreadsheet's "Unicode text" export writes (UTF-32 first: FF FE 00 00 starts with FF FE)
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+         (b"\xfe\xff", "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,11 @@ class Manifest:
     root: Path
     rows: list[Row]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def meta_columns(self) -> set[str]:
+        """The columns read as metadata (every column not a modality nor `label`)."""
+        return {k for row in self.rows for k in row.meta}
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
@@ -130,6 +146,7 @@ def read_manifest(
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown manifest format {path.suffix!r} (use {', '.join(_FORMATS)})")
+    _check_utf8ish(path)
     base = Path(os.path.abspath(root if root is not None else path.parent))
     records = read_jsonl_records(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
     rows: list[Row] = []
@@ -158,11 +175,46 @@ def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list
         raise UserError(f"{path}: no usable row ({len(skipped)} skipped; first, line {line}: {reason})")
 
 
+def _check_utf8ish(path: Path) -> None:
+    """UserError for a UTF-16/32 file: read as UTF-8 its columns are names full of NULs, its lines
+    all invalid. Without a byte-order mark, its NULs give it away: one byte in two or more (ASCII
+    text in UTF-16); a stray NUL in a UTF-8 file is one bad line, skipped as such."""
+    with path.open("rb") as f:
+        head = f.read(256)
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if encoding is None and b"\x00" in head and head.count(b"\x00") >= len(head) // 4:
+        encoding = "UTF-16 or UTF-32 (it holds NUL bytes)"
+    if encoding is not None:
+        raise UserError(f"{path}: manifest is {encoding}: save it as UTF-8")
+
+
 def _check_modality_columns(path: Path, columns: set[str]) -> None:
     known = [m.value for m in Modality]
     if columns and not columns & set(known):
-        found = ", ".join(sorted(columns))
-        raise UserError(f"{path}: no modality column (need at least one of {', '.join(known)}; found {found})")
+        found = ", ".join(c if c.isprintable() else ascii(c) for c in sorted(columns))
+        hints = "".join(f"; {hint}" for hint in column_hints(columns, set(Modality)))
+        raise UserError(f"{path}: no modality column (need at least one of {', '.join(known)}; found {found}){hints}")
+
+
+def likely_modality(column: str) -> Modality | None:
+    """The modality a metadata column's name looks like a synonym or misspelling of, else None."""
+    if column in (CAPTIONS_COLUMN, LABEL_COLUMN):  # real columns (`captions` is close to `caption`)
+        return None
+    name = column.strip().lower()
+    names = {m.value: m for m in Modality} | _MODALITY_SYNONYMS
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    return names[close[0]] if close else None
+
+
+def misnamed_columns(columns: set[str], wanted: set[Modality]) -> dict[str, Modality]:
+    """The columns among `columns` that look like a modality of `wanted`: column → that modality."""
+    guesses = {c: likely_modality(c) for c in sorted(columns) if c not in {m.value for m in Modality}}
+    return {c: m for c, m in guesses.items() if m in wanted}
+
+
+def column_hints(columns: set[str], wanted: set[Modality]) -> list[str]:
+    """"column 'caption' is metadata (did you mean 'text'?)" for each column that looks like one of `wanted`."""
+    return [f"column {c!r} is metadata (did you mean {m.value!r}?)" for c, m in misnamed_columns(columns, wanted).items()]
 
 
 def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool) -> Row:

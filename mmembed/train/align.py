@@ -343,6 +343,7 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache,
                               caption_sampling=cfg.data.caption_sampling)
+    dataset.check_pairs()  # a misnamed column ("caption", "imgae") leaves nothing to pair, or a tower untrained
     bs = cfg.train.batch_size
     if len(dataset) < bs:
         raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
@@ -398,6 +399,14 @@ class _StageState:
 
     def state_dict(self) -> dict:
         return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict(), "rows": self.rows}
+
+    def merged(self, states: list[dict]) -> dict:
+        """Every rank's state as one: the monitor's is shared, the skipped rows are each rank's own
+        (a row is counted once, so loading this on every rank of a resumed run counts none twice)."""
+        skips = SkipCounter()
+        for state in states:
+            skips.load_state_dict(state["skips"])
+        return {**states[0], "skips": skips.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         check_same_rows(state.get("rows"), self.rows, "data.root / data.train")

@@ -20,11 +20,9 @@ def prepare_data(data: DataConfig) -> Path:
 
         s = data.synth
         generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout)
-    from mmembed.data.synth.generate import INCOMPLETE
+    from mmembed.data.synth.generate import check_complete
 
-    if (root / INCOMPLETE).is_file():  # its manifests name media never rendered: training would skip them
-        raise UserError(f"{root} holds a synthetic world whose generation was interrupted ({INCOMPLETE}): "
-                        f"make it again with `mmembed data synth --out {root} --overwrite` (or set data.synth)")
+    check_complete(root, hint=" (or set data.synth)")
     if not (root / data.train).is_file():
         raise UserError(f"training manifest not found: {root / data.train} "
                         "(set data.root/data.train, or data.synth to generate the built-in world)")
@@ -65,7 +63,18 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
         return load_tokenizer(tok.path)
     texts = list(captions(root / cfg.data.train, root, cfg.data.allow_outside_root))
     if not texts:
-        raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on; set tokenizer.path")
+        raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on"
+                        f"{_caption_hints(root / cfg.data.train, root, cfg.data.allow_outside_root)}")
     log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
 
+
+def _caption_hints(manifest: Path, root: Path, allow_outside_root: bool) -> str:
+    """Why a manifest gave no caption: a column that looks like `text` (rename it), else "; set tokenizer.path"."""
+    from mmembed.data import read_manifest
+    from mmembed.data.manifest import column_hints
+    from mmembed.modality import Modality
+
+    read = read_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
+    hints = column_hints(read.meta_columns, {Modality.TEXT})
+    return f" ({'; '.join(hints)}): rename the column, or set tokenizer.path" if hints else "; set tokenizer.path"

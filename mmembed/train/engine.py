@@ -88,6 +88,9 @@ class Trainer:
             (`distributed.parallelize`), whose gradient sync accumulation skips until the last
             micro-batch, or its sharded (FSDP) form: then every rank evaluates, and checkpoints
             are gathered into the single-process format.
+        stateful: the stage's own state, checkpointed as JSON: `state_dict()` (on every rank),
+            `load_state_dict(state)`, and optionally `merged(states)`, every rank's states (in
+            rank order) as the one the checkpoint keeps (default: rank 0's).
         on_skipped: called with a batch every rank skips because some rank's share of it has no
             row: `step_fn` never sees it, so whatever it counts of a batch (its bad rows) is
             counted here.
@@ -108,7 +111,7 @@ class Trainer:
         self.cfg, self.run_dir = config, Path(run_dir)
         self.evaluate, self.after_step, self.callbacks = evaluate, after_step, list(callbacks)
         self.extra_files = extra_files or {}
-        self.stateful = stateful  # the stage's own state (`state_dict()` / `load_state_dict()`, JSON): checkpointed
+        self.stateful = stateful
         self.device = device or torch.device("cpu")
         if steps_per_epoch < config.accum_steps:
             processes = f" in each of {self.world.size} processes" if self.world.size > 1 else ""
@@ -125,6 +128,7 @@ class Trainer:
         self.progress = Progress()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", write=self.world.main)
         self._bad_in_a_row = 0
+        self._rowless = 0  # batches (of this fit) skipped for want of a usable row, of `progress.empty_batches`
         self._last: dict[str, Any] = {}
         self._last_value: float | None = None  # the early-stop metric at the latest evaluation
         self._warned_metric = False
@@ -180,8 +184,7 @@ class Trainer:
                             self._checkpoint()
                         reason = "early stop" if stop else None
             if self.progress.step == 0 and self.progress.empty_batches:  # a "finished" untrained model otherwise
-                raise UserError(f"no training step was taken: all {self.progress.empty_batches} batch(es) had no "
-                                "usable row or nothing to learn from (the skipped rows are counted above)")
+                raise UserError(self._nothing_learned())
             if self.progress.last_eval_step != self.progress.step and reason != "early stop":
                 self._evaluate_and_check()  # the final model always gets a validation row
             # the last weights (also when they are the best), and why the run ended, for a --resume
@@ -222,6 +225,7 @@ class Trainer:
             out = self._forward_backward(batch, last_micro=len(accum) + 1 == cfg.accum_steps)
             if out is None:  # every row of the batch was skipped: nothing to learn from
                 self.progress.empty_batches += 1
+                self._rowless += 1
                 data_t0 = time.perf_counter()
                 continue
             accum.append(out)
@@ -381,14 +385,18 @@ class Trainer:
         self.progress.world_size = self.world.size
         self.progress.batch_size, self.progress.accum_steps = self.cfg.batch_size, self.cfg.accum_steps
         self.progress.seconds = self._seconds()  # a resumed run's clock (and time budget) go on from here
+        stage = self.stateful.state_dict() if self.stateful is not None else None
+        # every rank's stage state rides with its RNG state: what a rank counts alone (the rows it
+        # skipped) is merged into the checkpoint, which held rank 0's alone
+        rng, stages = zip(*all_gather_objects((rng_state(), stage)))
         if self.stateful is not None:
-            self.progress.extra["stage"] = self.stateful.state_dict()
-        rng = all_gather_objects(rng_state())
+            merged = getattr(self.stateful, "merged", None)
+            self.progress.extra["stage"] = merged(list(stages)) if merged is not None else stage
         state = self.sharded.full_state(self.optimizer) if self.sharded is not None else None  # collective
         if not self.world.main:
             return checkpoint_dir(self.run_dir, self.progress.step)
         path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files,
-                               rank_rng=rng, state=state)
+                               rank_rng=list(rng), state=state)
         best = self.progress.best_step
         prune_checkpoints(self.run_dir, self.cfg.keep_last,
                           keep={checkpoint_dir(self.run_dir, best)} if best is not None else set())
@@ -435,6 +443,15 @@ class Trainer:
                  "epoch %d (%d rows done) is dealt anew, %d steps in all", p.world_size, p.batch_size or "?",
                  p.accum_steps or "?", self.world.size, cfg.batch_size, cfg.accum_steps, p.epoch, p.samples_in_epoch,
                  self.total_steps)
+
+    def _nothing_learned(self) -> str:
+        """Why a run ended without a step: rows skipped (counted above), or batches with rows but no pair."""
+        n = self.progress.empty_batches
+        if self._rowless:
+            return (f"no training step was taken: all {n} batch(es) had no usable row or nothing to learn from "
+                    "(the skipped rows are counted above)")
+        return (f"no training step was taken: none of the {n} batch(es) had anything to learn from (no two rows "
+                "of a batch with a pair of modalities the model trains on; check the manifest's column names)")
 
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""

@@ -371,3 +371,38 @@ def test_skip_counts_survive_a_checkpoint_and_merge_over_processes():
     assert resumed.total == 2
     stage.load_state_dict({"streak": {}, "warned": [], "batches": 4})  # a checkpoint of the monitor alone
     assert stage.monitor.batches == 4
+
+
+def _renamed(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_training_rows_without_a_pair_are_refused_naming_the_misnamed_column(tmp_path, tok):
+    """{"image", "caption"}: every batch was decoded, then the run failed with "all 42 batch(es) had
+    no usable row ... (the skipped rows are counted above)", though no row was skipped."""
+    pres = {I: ImagePreprocessor(16), T: TextPreprocessor(tok, max_length=16)}
+    rows = [{"image": f"{i}.png", "caption": "a red circle", "id": i} for i in range(4)]
+    ds = ManifestDataset(read_manifest(_renamed(tmp_path, rows)), pres)  # evaluation or indexing: one modality is fine
+    with pytest.raises(UserError, match=r"renamed\.jsonl: no row has two of the modalities .*rows have: image\).*"
+                                        r"column 'caption' is metadata \(did you mean 'text'\?\)"):
+        ds.check_pairs()
+    plain = [{"image": f"{i}.png", "id": i} for i in range(4)]  # nothing close to a modality: the columns named
+    with pytest.raises(UserError, match="columns read as metadata: id$"):
+        ManifestDataset(read_manifest(_renamed(tmp_path, plain)), pres).check_pairs()
+    misspelt = [{"imgae": f"{i}.png", "text": "a red circle"} for i in range(4)]
+    with pytest.raises(UserError, match=r"no row has a modality this model reads .*column 'imgae' is metadata"):
+        ManifestDataset(read_manifest(_renamed(tmp_path, misspelt)), {I: ImagePreprocessor(16)})
+
+
+def test_a_column_that_looks_like_a_modality_no_row_has_is_warned_of(tmp_path, tok, world, caplog):
+    """{"imgae", "text", "audio"}: the run trained text and audio without a word, the image tower never."""
+    rows = [{"imgae": f"{i}.png", "audio": f"{i}.wav", "text": "a red circle", "captions": ["a circle"]}
+            for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="mmembed.data.dataset"):
+        ManifestDataset(read_manifest(_renamed(tmp_path, rows)), _pres(tok)).check_pairs()
+        ManifestDataset(read_manifest(world), _pres(tok)).check_pairs()  # a column `captions` is no misspelt `text`
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "column 'imgae' is read as metadata and no row has image: did you mean 'image'?" \
+        in warned[0], warned

@@ -252,3 +252,49 @@ def test_an_unclosed_quote_is_reported_at_the_line_its_record_starts(tmp_path):
     path.write_text('image,text\na.png,"two\nlines"\na.png,"x"y\n')  # a one-line error keeps its own line
     with pytest.raises(UserError, match=r"m.csv:4: malformed CSV \([^)]*\): a cell that starts with a quote"):
         read_manifest(path)
+
+
+@pytest.mark.parametrize("name, encoding, shown", [
+    ("m.csv", "utf-16", "UTF-16"),  # Excel's "Unicode Text": little-endian, with a byte-order mark
+    ("m.tsv", "utf-16-be", "UTF-16 or UTF-32 (it holds NUL bytes)"),  # no mark: its NULs give it away
+    ("m.jsonl", "utf-16-le", "UTF-16 or UTF-32 (it holds NUL bytes)"),
+    ("m.jsonl", "utf-16", "UTF-16"),
+    ("m.jsonl", "utf-32", "UTF-32"),
+])
+def test_a_utf16_or_utf32_manifest_is_one_line_asking_for_utf8(tmp_path, name, encoding, shown):
+    """A UTF-16 CSV was "no modality column (... found ^@t^@e^@x^@t^@, ...)" with raw NULs, a UTF-16
+    JSONL "invalid UTF-8 at byte 0" on every line."""
+    sep = "\t" if name.endswith(".tsv") else ","
+    text = (json.dumps({"text": "a red circle", "image": "a.png"}) + "\n" if name.endswith(".jsonl")
+            else f"text{sep}image\na red circle{sep}a.png\n")
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(UserError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == f"{path}: manifest is {shown}: save it as UTF-8"
+
+
+def test_a_column_named_like_a_modality_is_named_with_the_modality_it_looks_like(tmp_path):
+    """A manifest whose columns were `caption` and `imgae` was only told it had no modality column;
+    header names that are not printable reached the terminal raw."""
+    from mmembed.data.manifest import likely_modality
+
+    guesses = {c: likely_modality(c) for c in ("caption", "Text", "texts", "imgae", "img", "picture", "wav",
+                                               "audio_path", "captions", "label", "id", "test", "qa", "split")}
+    assert guesses == {"caption": Modality.TEXT, "Text": Modality.TEXT, "texts": Modality.TEXT,
+                       "imgae": Modality.IMAGE, "img": Modality.IMAGE, "picture": Modality.IMAGE,
+                       "wav": Modality.AUDIO, "audio_path": Modality.AUDIO, "captions": None, "label": None,
+                       "id": None, "test": None, "qa": None, "split": None}
+    csv = tmp_path / "m.csv"
+    csv.write_text("imgae,caption,x\x07y\na.png,hello,1\n")
+    with pytest.raises(UserError) as caught:
+        read_manifest(csv)
+    assert str(caught.value).endswith(r"found caption, imgae, 'x\x07y'); column 'caption' is metadata (did you "
+                                      "mean 'text'?); column 'imgae' is metadata (did you mean 'image'?)")
+
+
+def test_a_stray_nul_in_a_utf8_manifest_is_one_bad_line_not_a_utf16_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"text": "a\x00b"}\n' + json.dumps({"text": "fine"}).encode() + b"\n")
+    m = read_manifest(path)
+    assert [r.line for r in m.rows] == [2] and [line for line, _ in m.skipped] == [1]

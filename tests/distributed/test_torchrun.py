@@ -4,6 +4,7 @@ same global batch; a killed rank stops the other with one clear line; the run re
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,14 +228,8 @@ def test_a_sharded_run_whose_batches_lack_a_modality_trains_as_one_process(tiny_
     assert len(a) == len(b) >= 2 and b == pytest.approx(a, abs=1e-4)
 
 
-def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_process(tiny_world, tmp_path):
-    """Two rows in three have an unreadable image: a batch some rank's share of which had no
-    usable row was skipped before its bad rows were counted (8 rows counted of one process's 32),
-    and every rank printed the empty-batch summary."""
-    import re
-
-    import yaml
-
+def _junk_world(tiny_world, tmp_path):
+    """`tiny_world` where two rows in three point at an unreadable image."""
     (tmp_path / "world").mkdir()
     for entry in tiny_world.iterdir():
         (tmp_path / "world" / entry.name).symlink_to(entry)
@@ -245,19 +240,47 @@ def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_p
             row["image"] = "junk.png"
     (tmp_path / "world" / "train.jsonl").unlink()
     (tmp_path / "world" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "world"
 
-    def config(name, batch_size):
-        path = tiny_config(tmp_path / "world", tmp_path / name, batch_size=batch_size, epochs=1)
-        raw = yaml.safe_load(path.read_text())
-        raw["data"]["val"] = None
-        path.write_text(yaml.safe_dump(raw))
-        return path
 
-    def skipped(stderr):
-        return re.findall(r"skipped rows during training: skipped (\d+) row", stderr)
+def _junk_config(world, out_dir, **train):
+    import yaml
 
-    one = _run([sys.executable, "-m", "mmembed", "train", config("one", 4)]).stderr
-    two = _run(_torchrun(2, "train", config("two", 2))).stderr
-    assert len(skipped(one)) == 1 and int(skipped(one)[0]) > 20, one[-3000:]
-    assert skipped(two) == skipped(one), two[-3000:]
+    path = tiny_config(world, out_dir, epochs=1, **train)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["val"] = None
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _skipped(stderr):
+    return re.findall(r"skipped rows during training: skipped (\d+) row", stderr)
+
+
+def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_process(tiny_world, tmp_path):
+    """Two rows in three have an unreadable image: a batch some rank's share of which had no
+    usable row was skipped before its bad rows were counted (8 rows counted of one process's 32),
+    and every rank printed the empty-batch summary."""
+    world = _junk_world(tiny_world, tmp_path)
+    one = _run([sys.executable, "-m", "mmembed", "train", _junk_config(world, tmp_path / "one", batch_size=4)]).stderr
+    two = _run(_torchrun(2, "train", _junk_config(world, tmp_path / "two", batch_size=2))).stderr
+    assert len(_skipped(one)) == 1 and int(_skipped(one)[0]) > 20, one[-3000:]
+    assert _skipped(two) == _skipped(one), two[-3000:]
     assert two.count("had no usable row") == 1, two[-3000:]  # rank 0 alone says it
+
+
+def test_a_resumed_run_counts_every_ranks_skipped_rows_of_its_first_part_once(tiny_world, tmp_path):
+    """The checkpoint held rank 0's skipped rows only: a 2-process run stopped at step 2 and
+    resumed reported 20 skipped rows where the uninterrupted run reported 32."""
+    world = _junk_world(tiny_world, tmp_path)
+    one = _run([sys.executable, "-m", "mmembed", "train", _junk_config(world, tmp_path / "one", batch_size=4)]).stderr
+    stopped = _junk_config(world, tmp_path / "two", batch_size=2, max_steps=2, checkpoint_every=100)
+    _run(_torchrun(2, "train", stopped))
+    shutil.copytree(tmp_path / "two", tmp_path / "single")
+    two = _run(_torchrun(2, "train", stopped, "train.max_steps=null", "--resume")).stderr
+    # on one process at the same global batch (4 rows), from the 2-process checkpoint
+    single = _run([sys.executable, "-m", "mmembed", "train", stopped, f"train.out_dir={tmp_path / 'single'}",
+                   "train.max_steps=null", "train.batch_size=4", "--resume"]).stderr
+    assert len(_skipped(one)) == 1 and int(_skipped(one)[0]) > 20, one[-3000:]
+    assert _skipped(two) == _skipped(one), two[-3000:]
+    assert _skipped(single) == _skipped(one), single[-3000:]

@@ -324,11 +324,28 @@ def test_a_step_whose_batches_learned_nothing_changes_nothing(tmp_path):
                       lambda e, s: iter(torch.ones(3, 1, 2)[s:]), 3, config, tmp_path)
     from mmembed.errors import UserError
 
-    with pytest.raises(UserError, match="no training step was taken: all 3 batch"):  # not a "finished" run
+    with pytest.raises(UserError, match="no training step was taken: none of the 3 batch"):  # not a "finished" run
         trainer.fit()
     assert trainer.progress.step == 0 and trainer.progress.empty_batches == 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not trainer.optimizer.state
+
+
+@pytest.mark.parametrize("rowless", [False, True], ids=["no-pair", "rows-skipped"])
+def test_a_run_that_took_no_step_blames_skipped_rows_only_when_rows_were_skipped(tmp_path, rowless):
+    """Batches with rows but no pair (a misnamed modality column) were reported as having "no
+    usable row ... (the skipped rows are counted above)", though no row was skipped."""
+    from mmembed.errors import UserError
+
+    model = nn.Linear(2, 1)
+    config = TrainConfig(batch_size=1, epochs=1, lr=0.1, warmup_steps=0, checkpoint_every=1000)
+    step = (lambda b: None) if rowless else (lambda b: StepOutput(model(b).sum() * 0.0, {}, samples=1, learned=False))
+    trainer = Trainer(model, step, lambda e, s: iter(torch.ones(3, 1, 2)[s:]), 3, config, tmp_path)
+    with pytest.raises(UserError) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    assert message.startswith("no training step was taken") and ("skipped rows" in message) == rowless
+    assert ("pair of modalities" in message) != rowless
 
 
 def _evaluated(tmp_path, values, callbacks=(), **cfg):
