@@ -347,12 +347,12 @@ def _tokenizer(args: argparse.Namespace) -> int:
         from mmembed.insight.commands import run_tokenizer_stats
 
         return run_tokenizer_stats(args)
-    from mmembed.tokenizer import train_tokenizer
+    from mmembed.insight.commands import output_folder
+    from mmembed.tokenizer import load_tokenizer, train_tokenizer
 
-    from mmembed.tokenizer import load_tokenizer
-
-    path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out,
-                           overwrite=args.overwrite)
+    with output_folder(args.out):  # Ctrl-C or a refusal removes the folders it made (never one that was there)
+        path = train_tokenizer([Path(p) for p in args.corpus], vocab_size=args.vocab_size, out_dir=args.out,
+                               overwrite=args.overwrite)
     size = load_tokenizer(path).vocab_size  # an embedding table is sized by it, not by --vocab-size
     short = f" ({size} tokens: the corpus ran out of merges before {args.vocab_size})" if size < args.vocab_size else ""
     print(f"wrote {path}{short}")
@@ -363,9 +363,11 @@ def _index(args: argparse.Namespace) -> int:
     import mmembed as mm
     from mmembed.train.distributed import distributed_command, resolve_device
 
+    from mmembed.data.synth.generate import check_complete
     from mmembed.retrieval.persist import check_target
 
     check_target(args.out)  # a mistyped --out is one line before the embedding, not a traceback after it
+    check_complete(Path(args.manifest).parent)  # before the model loads
     with distributed_command() as world:  # under torchrun each rank embeds a share; rank 0 writes
         model = mm.load(args.run)
         if world.active:

@@ -31,7 +31,7 @@ from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (AllowedSpecial, Padding, check_ids, check_text, check_texts,
                                    content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
                                    resolve_allowed, split_on_specials, with_bos_eos)
-from mmembed.tokenizer_corpus import holds_text, iter_corpus
+from mmembed.tokenizer_corpus import check_corpus_file, holds_text, iter_corpus
 from mmembed.tokenizer_file import byte_to_unicode, check_special, check_tokenizer_json, id_to_bytes
 
 if TYPE_CHECKING:
@@ -358,8 +358,7 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     if not files:
         raise UserError("no corpus files given")
     for f in files:
-        if not f.is_file():
-            raise UserError(f"corpus file not found: {f}")
+        check_corpus_file(f)
     if not any(holds_text(f) for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
                         "a tokenizer learns its merges from text")

@@ -32,8 +32,7 @@ def iter_corpus(corpus: Iterable[str] | Sequence[str | Path]) -> Iterator[str]:
     skipped = 0
     for item in corpus:
         if isinstance(item, os.PathLike):
-            if not Path(item).is_file():
-                raise UserError(f"corpus file not found: {item}")
+            check_corpus_file(Path(item))
             with open(item, encoding="utf-8", errors="replace", newline="") as f:  # bad UTF-8 -> U+FFFD
                 for line in f:
                     yield from cut_long_runs(line)
@@ -60,6 +59,14 @@ def cut_long_runs(text: str) -> Iterator[str]:
             yield text[start:cut]
             start = cut
     yield text[start:]
+
+
+def check_corpus_file(file: Path) -> None:
+    """UserError unless `file` is a file: a folder is said to be one, not "not found"."""
+    if file.is_dir():
+        raise UserError(f"corpus file {file} is a folder, not a file")
+    if not file.is_file():
+        raise UserError(f"corpus file not found: {file}")
 
 
 def holds_text(file: Path) -> bool:

@@ -186,13 +186,13 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     assert (victim / "index").is_dir()
     (victim / "index").rmdir()
     (victim / "checkpoints").mkdir()
-    (victim / "report.md").write_text("x")  # the demo's own outputs only: replaced (the missing data stops it next)
-    _one_line_error(capsys, argv, "training manifest not found")
-    assert not (victim / "checkpoints").exists()
+    (victim / "report.md").write_text("x")  # the demo's own outputs only: accepted, and the missing data stops it
+    _one_line_error(capsys, argv, "instruction manifest not found")  # in the preflight, so nothing was replaced yet
+    assert (victim / "checkpoints").is_dir()
     for entry in victim.iterdir():  # what an --overwrite killed mid-delete leaves: still the demo's own folder
         entry.unlink() if entry.is_file() else shutil.rmtree(entry)
     (victim / ".overwritten-123" / "checkpoints").mkdir(parents=True)
-    _one_line_error(capsys, argv, "training manifest not found")
+    _one_line_error(capsys, argv, "instruction manifest not found")
 
 
 def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, capsys):
@@ -230,3 +230,35 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_the_model_loads(tm
         assert main(["generate", str(tmp_path / "no-run"), "--prompt", "describe", flag, str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"mmembed: error: {flag} {out}") and message in err and "\n" not in err
+
+
+def test_an_interrupted_tokenizer_train_removes_only_the_folders_it_made(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during `tokenizer train` left its --out folder and the parents it made, empty."""
+    from mmembed.tokenizer import Tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "train", interrupted)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 50)
+    argv = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out"]
+    assert main([*argv, str(tmp_path / "new" / "sub")]) == 130
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    assert main([*argv, str(tmp_path / "kept" / "sub")]) == 130
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "sub").exists()
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_eval_template_empty_is_refused_not_replaced(capsys, tmp_path, monkeypatch):
+    """`mmembed eval --template ""` silently used the default template; the Python API refuses ""."""
+    import mmembed
+    from tests.retrieval.fakes import FakeModel
+
+    monkeypatch.setattr(mmembed, "load", lambda run, *args, **kwargs: FakeModel())
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"text": "a c{i}", "image": "img/c{i}.png", "label": "c{i}"}}\n' for i in range(3)))
+    argv = ["eval", str(tmp_path), "--manifest", str(manifest), "--labels", "c0", "c1", "c2", "--template"]
+    _one_line_error(capsys, [*argv, ""], "every template must contain '{label}', got ''")
+    assert main([*argv, "{label}"]) == 0 and "| image | 100.0 | 3 |" in capsys.readouterr().out

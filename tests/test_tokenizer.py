@@ -554,3 +554,19 @@ def test_clip_a_deeply_nested_marker_is_a_checkpoint_error(tmp_path):
     path.write_text('{"kind": "clip", "x": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(CheckpointError, match="unreadable CLIP tokenizer marker"):
         ClipTokenizer.load(path)
+
+
+def test_a_folder_given_as_a_corpus_file_is_called_a_folder(tmp_path):
+    """`tokenizer train --corpus DIR` said "corpus file not found: DIR" of a folder that is there."""
+    from mmembed.tokenizer_corpus import iter_corpus
+
+    said = f"corpus file {re.escape(str(tmp_path))} is a folder, not a file"
+    with pytest.raises(UserError, match=said):
+        train_tokenizer([tmp_path], vocab_size=300, out_dir=tmp_path / "tok")
+    with pytest.raises(UserError, match=said):
+        Tokenizer.train([tmp_path], vocab_size=300)
+    with pytest.raises(UserError, match=said):
+        list(iter_corpus([tmp_path]))
+    with pytest.raises(UserError, match="corpus file not found"):
+        train_tokenizer([tmp_path / "none.txt"], vocab_size=300, out_dir=tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()

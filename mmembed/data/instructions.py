@@ -123,6 +123,8 @@ def read_instructions(path: str | Path, *, root: str | Path | None = None, allow
         file is missing or has no usable row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"instruction manifest {path} is a folder, not a file")
     if not path.is_file():
         raise UserError(f"instruction manifest not found: {path}")
     base = Path(os.path.abspath(root if root is not None else path.parent))  # normalised, as media paths are

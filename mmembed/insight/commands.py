@@ -62,6 +62,7 @@ def run_map(args: argparse.Namespace) -> int:
     from mmembed.retrieval import Index
 
     check_output_file(Path(args.out), "--out")  # before the index is loaded and projected
+    check_not_in_an_index(Path(args.out))
     index = Index.load(args.index)
     check_not_an_item(Path(args.out), [index.metadata(i) for i in index.ids()])  # before the projection
     drawn = embedding_map(index, args.color_by, args.out, method=args.method, max_points=args.max_points,
@@ -70,6 +71,17 @@ def run_map(args: argparse.Namespace) -> int:
     instead = f" ({args.method} needs 4 or more points, not all in one place)" if drawn.method != args.method else ""
     print(f"{len(drawn.rows)} points by {drawn.method}{instead}, colour = {args.color_by} ({kind}) → {drawn.path}")
     return 0
+
+
+def check_not_in_an_index(out: Path) -> None:
+    """UserError when `out` is inside an index folder: a save replaces that folder as a whole, so
+    it refuses one holding other files, and the index could no longer be saved there."""
+    from mmembed.retrieval.persist import HEADER, VECTORS
+
+    for folder in Path(out).absolute().parents:
+        if (folder / HEADER).is_file() and (folder / VECTORS).is_file():
+            raise UserError(f"--out {out} is inside the index folder {folder}, which a save of the index "
+                            "replaces as a whole; write the map outside it")
 
 
 def check_not_an_item(out: Path, metadata: list[dict]) -> None:

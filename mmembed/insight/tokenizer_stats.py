@@ -26,6 +26,7 @@ from pathlib import Path
 from mmembed.errors import UserError
 from mmembed.insight.plotting import pyplot, save_png
 from mmembed.tokenizer import DEFAULT_SPECIAL_TOKENS, MAX_VOCAB, Tokenizer
+from mmembed.tokenizer_corpus import check_corpus_file
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ def read_corpus(files: Sequence[str | Path]) -> list[str]:
         raise UserError("no corpus files given")
     lines: list[str] = []
     for f in map(Path, files):
-        if not f.is_file():
-            raise UserError(f"corpus file not found: {f}")
+        check_corpus_file(f)
         # Lines end at \n, \r or \r\n only, as when the tokenizer trains on the file:
         # str.splitlines would also cut at U+2028, form feeds and other separators inside a caption.
         with f.open(encoding="utf-8", errors="replace", newline=None) as fh:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,29 @@ def run_search(index_dir: str | Path, *, run: str | Path | None = None, weights:
     if not items:
         raise UserError("nothing to search for: give at least one query item (e.g. --text, --image, --audio)")
     index = Index.load(index_dir)
-    run = run if run is not None else index.info.get("run_dir")
     if run is None:
-        raise UserError(f"{index_dir}: the index does not name the run that built it; pass the run directory")
+        run = _saved_run(index, index_dir)
     from mmembed.model import load  # the model stack is only needed here, not by `Index`
 
     index.model = load(run)
     query = Query(weights=_split_weights(list(weights), items), **items)
     hits = index.search(query, target=target, k=k)
-    return json.dumps([_as_dict(h) for h in hits], indent=2, default=str) if as_json else format_hits(hits)
+    if not as_json:
+        return format_hits(hits)
+    # NaN/Infinity (a manifest may hold them) are not JSON: null, as /api/search answers
+    return json.dumps([finite_json(_as_dict(h)) for h in hits], indent=2, default=str, allow_nan=False)
+
+
+def _saved_run(index: Index, index_dir: str | Path) -> str:
+    """The run folder the index was saved with; UserError when it names none or that folder is gone
+    (its path was not typed by the user: "run directory not found" did not say where it came from)."""
+    run = index.info.get("run_dir")
+    if run is None:
+        raise UserError(f"{index_dir}: the index does not name the run that built it; pass the run directory")
+    if not Path(run).exists():
+        raise UserError(f"{index_dir} was built with the run {run}, which is gone (moved or deleted?); give the "
+                        "model's run folder with --run (in Python: run=..., or Index.load(..., model=...))")
+    return run
 
 
 def _split_weights(weights: list[float], items: dict[str, list[Any]]) -> dict[str, list[float]] | None:
@@ -56,6 +71,17 @@ def _split_weights(weights: list[float], items: dict[str, list[Any]]) -> dict[st
         out[name] = weights[start:start + len(values)]
         start += len(values)
     return out
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, Infinity) inside dicts, lists and tuples as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _as_dict(hit: Hit) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
         try:
             _write_files(staging, store, header, text)
             _swap(staging, target)
-        except Exception:
+        except BaseException:  # Ctrl-C too: it left the whole staged index beside the target
             _recover(target)  # a kill skips this; the next save does it
             raise
     return directory

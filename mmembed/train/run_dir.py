@@ -42,11 +42,14 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
 
     Raises:
         UserError: a fresh run into a non-empty folder without `overwrite`; `overwrite` on a
-        folder that contains the working directory or a `keep` path.
+        folder that contains the working directory or a `keep` path; `resume` of a missing folder.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.out_dir {run_dir} is a file, not a folder")
+    if resume and not run_dir.exists():  # before anything is made: it left empty folders and a .lock
+        raise UserError(f"train.out_dir {run_dir} does not exist, so there is no run to resume: give the run's "
+                        "folder, or drop --resume to start a fresh run there")
     if resume or not run_dir.exists():
         make_output_folder(run_dir, "train.out_dir")  # a file above it: one line, exit 2
         if resume:

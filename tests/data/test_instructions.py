@@ -413,3 +413,13 @@ def test_the_cli_writes_lookup_rows(world, capsys):
     assert main(["data", "lookups", str(world), "--per-item", "1"]) == 0
     assert "decoder.data.train=instruct-train-lookups1.jsonl" in capsys.readouterr().out
     assert (world / "instruct-train-lookups1.jsonl").is_file()
+
+
+def test_a_folder_given_as_the_instruction_manifest_is_called_a_folder(tmp_path):
+    """`eval --instructions DIR` said "instruction manifest not found: DIR" of a folder that is there."""
+    from mmembed.data.instructions import read_instructions
+
+    with pytest.raises(UserError, match=f"instruction manifest {re.escape(str(tmp_path))} is a folder, not a file"):
+        read_instructions(tmp_path)
+    with pytest.raises(UserError, match="instruction manifest not found"):
+        read_instructions(tmp_path / "none.jsonl")

@@ -293,3 +293,16 @@ def test_an_out_that_cannot_be_written_is_one_line_before_the_work(tmp_path, cap
     for out, match in ((tmp_path / "dir.png", "is a folder; name the file to write"), (tmp_path / "file" / "m.png",
                                                                              "is a file, not a folder")):
         _one_line(capsys, ["map", str(tmp_path / "idx"), "--color-by", "label", "--out", str(out)], match)
+
+
+@pytest.mark.parametrize("inside", ["map.png", "sub/map.png"])
+def test_map_refuses_an_out_inside_the_index_folder(capsys, tmp_path, inside):
+    """`map --out IDX/map.png` wrote into the index folder, and every later save to IDX was refused."""
+    build_index().save(tmp_path / "idx")
+    out = tmp_path / "idx" / inside
+    assert main(["map", str(tmp_path / "idx"), "--color-by", "score", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"inside the index folder {tmp_path / 'idx'}" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json", "metadata.jsonl",
+                                                                    "vectors.safetensors"]
+    Index.load(tmp_path / "idx").save(tmp_path / "idx")  # the index can still be saved in place

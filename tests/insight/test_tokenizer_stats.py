@@ -175,3 +175,11 @@ def test_a_failed_or_interrupted_run_leaves_no_out_folder(capsys, corpus, tmp_pa
     (tmp_path / "kept" / "mine.txt").write_text("a file of the user")
     assert main([*argv, "--out", str(tmp_path / "kept")]) == 130
     assert (tmp_path / "kept" / "mine.txt").read_text() == "a file of the user"  # a folder that was there stays
+
+
+def test_a_folder_given_as_a_corpus_file_is_called_a_folder(capsys, tmp_path):
+    """`tokenizer stats --corpus DIR` said "corpus file not found: DIR" of a folder that is there."""
+    assert main(["tokenizer", "stats", "--corpus", str(tmp_path), "--vocab-sizes", "300",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"corpus file {tmp_path} is a folder, not a file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

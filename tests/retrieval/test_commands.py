@@ -35,6 +35,7 @@ def fake_load(monkeypatch):
 
 
 def test_run_search_uses_the_saved_run_and_weights(tmp_path, manifest, fake_load):
+    (tmp_path / "run").mkdir()
     Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
     table = run_search(tmp_path / "ix", text=["c2"], image=[], target="image", k=2)
     assert fake_load == [str((tmp_path / "run").resolve())]
@@ -83,6 +84,7 @@ def test_cli_search_weights_follow_the_command_line_order(tmp_path, manifest, fa
     given as text c1, image c1, text c4 with weights 1, -1, 1 searched c1 - c4 + c1."""
     from mmembed.cli import main
 
+    (tmp_path / "run").mkdir()
     Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
     items = ["search", str(tmp_path / "ix"), "--text", "c1", "--image", "img/c1.png", "--text", "c4"]
     rest = ["--target", "image", "-k", "1", "--json"]
@@ -92,3 +94,48 @@ def test_cli_search_weights_follow_the_command_line_order(tmp_path, manifest, fa
     assert json.loads(capsys.readouterr().out)[0]["metadata"]["label"] == "c1"
     assert main(items + ["--weight", "1", "--weight", "1"] + rest) == 2  # 2 weights for 3 items: one line
     assert "2 weights for 3 query items" in capsys.readouterr().err
+
+
+def test_search_json_writes_non_finite_metadata_as_null(tmp_path, fake_load):
+    """`mmembed search --json` printed NaN and Infinity from a manifest's columns: not JSON (/api/search gives null)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"text": "a c1", "label": "c1", "w": NaN, "big": [Infinity, 2.5]}\n'
+                        '{"text": "a c2", "label": "c2", "w": -Infinity, "big": []}\n')
+    (tmp_path / "run").mkdir()
+    Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
+    text = run_search(tmp_path / "ix", text=["c1"], k=2, as_json=True)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    hits = json.loads(text, parse_constant=refuse)
+    assert [h["metadata"]["label"] for h in hits] == ["c1", "c2"]
+    assert hits[0]["metadata"]["w"] is None and hits[0]["metadata"]["big"] == [None, 2.5]
+    assert hits[1]["metadata"]["w"] is None
+
+
+def test_search_says_the_index_s_run_is_gone(tmp_path, manifest, fake_load):
+    """An index whose run was moved said "run directory not found: <a path the user never typed>"."""
+    (tmp_path / "run").mkdir()
+    Index.build(FakeModel(), manifest, progress=False).save(tmp_path / "ix", run_dir=tmp_path / "run")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=r"was built with the run .*run, which is gone .*--run .*model=") as e:
+        run_search(tmp_path / "ix", text=["c1"])
+    assert str(tmp_path / "ix") in str(e.value) and fake_load == []
+    assert run_search(tmp_path / "ix", run=tmp_path / "moved", text=["c1"], k=1)  # --run still works
+    assert fake_load == [str(tmp_path / "moved")]
+
+
+def test_index_refuses_an_interrupted_synthetic_world(tmp_path, manifest, capsys):
+    """`mmembed index` on a world whose `data synth` was interrupted exited 0, with most items skipped."""
+    from mmembed.cli import main
+    from mmembed.data.synth.generate import INCOMPLETE
+
+    (tmp_path / INCOMPLETE).write_text("")
+    with pytest.raises(UserError, match=r"generation was interrupted \(\.synth-incomplete\).*--overwrite"):
+        Index.build(FakeModel(), manifest, progress=False)
+    # the CLI: before the model loads (this run does not exist), nothing written
+    assert main(["index", str(tmp_path / "norun"), "--manifest", str(manifest), "--out", str(tmp_path / "ix")]) == 2
+    assert "generation was interrupted" in capsys.readouterr().err and not (tmp_path / "ix").exists()
+    (tmp_path / INCOMPLETE).unlink()
+    assert len(Index.build(FakeModel(), manifest, progress=False)) == 12

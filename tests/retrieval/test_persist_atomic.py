@@ -192,3 +192,24 @@ def test_process_killed_at_every_step_of_a_resave(tmp_path):
             return
         assert rc == 9
     raise AssertionError("the save never finished")
+
+
+@pytest.mark.parametrize("resave", [False, True])
+def test_ctrl_c_mid_save_leaves_no_staging_folder(tmp_path, monkeypatch, resave):
+    """Ctrl-C after the files were staged left the whole `<out>.tmp-*` folder (MBs of vectors) beside --out."""
+    folder = tmp_path / "sub" / "ix"
+    if resave:
+        make(1, 5).save(folder)
+    real = persist._write_files
+
+    def interrupted(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persist, "_write_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make(2, 7).save(folder)
+    monkeypatch.undo()
+    assert siblings(folder) == (["ix"] if resave else [])
+    if resave:
+        assert same(snapshot(Index.load(folder)), snapshot(make(1, 5)))

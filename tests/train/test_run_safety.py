@@ -244,6 +244,7 @@ def test_a_failed_resume_leaves_nothing_that_blocks_a_fresh_run(tiny_world, tmp_
     """--resume into a folder with no checkpoint (a typo) wrote config.yaml and tokenizer.json before
     failing, and the fresh run then said the folder already holds a run."""
     cfg = load_config(tiny_config(tiny_world, tmp_path / "typo", epochs=1))
+    (tmp_path / "typo").mkdir()  # a missing folder is refused earlier, before anything is made
     with pytest.raises(UserError, match="no complete checkpoint"):
         train_align(cfg, resume=True)
     assert [p.name for p in (tmp_path / "typo").iterdir()] in ([], [".lock"])
@@ -376,3 +377,17 @@ def test_a_resume_with_another_space_is_refused_before_config_yaml_changes(tiny_
         assert (tmp_path / "run" / "config.yaml").read_text() == before
     train(load_config(path, ["train.epochs=2"]), resume=True)  # the train section may change
     mm.load(tmp_path / "run")
+
+
+def test_resume_of_a_missing_out_dir_is_refused_before_anything_is_made(tiny_world, tmp_path, capsys):
+    """`train --resume train.out_dir=new/sub` made new/, new/sub/ and a .lock, then said "no complete checkpoint"."""
+    from mmembed.train.run_dir import prepare_run_dir
+
+    with pytest.raises(UserError, match=r"train.out_dir .*sub does not exist, so there is no run to resume"):
+        prepare_run_dir(tmp_path / "new" / "sub", resume=True, overwrite=False)
+    assert not (tmp_path / "new").exists()
+    config = tiny_config(tiny_world, tmp_path / "cfg")
+    assert main(["train", str(config), "--resume", f"train.out_dir={tmp_path / 'new' / 'sub'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist, so there is no run to resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()

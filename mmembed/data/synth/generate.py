@@ -55,6 +55,14 @@ LOOKUPS = "instruct-train-lookups"  # + per_item + .jsonl: `write_lookup_rows`
 MAX_SCENES = 10_000_000  # a typo of a few zeros filled the memory before a file was written
 MAX_LOOKUPS = 1_000
 
+
+def check_complete(root: str | Path, hint: str = "") -> None:
+    """UserError when `root` holds a world whose generation was interrupted: its manifests name media
+    never rendered, which training, an index or an evaluation would skip by the hundred."""
+    if (Path(root) / INCOMPLETE).is_file():
+        raise UserError(f"{root} holds a synthetic world whose generation was interrupted ({INCOMPLETE}): "
+                        f"make it again with `mmembed data synth --out {root} --overwrite`{hint}")
+
 T = TypeVar("T")
 CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
 
