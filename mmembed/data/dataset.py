@@ -125,15 +125,18 @@ class ManifestDataset(Dataset):
         if ignored:
             log.info("ignoring manifest column(s) %s: no preprocessor for them", ", ".join(sorted(ignored)))
 
-    def check_pairs(self) -> None:
+    def check_pairs(self, captioned: bool = False) -> None:
         """For training, which learns from pairs: UserError unless some row has two modalities this
         dataset reads (every batch would train nothing), naming the columns read as metadata; a
-        warning for a column that looks like a modality no row has (its tower would learn nothing)."""
+        warning for a column that looks like a modality no row has (its tower would learn nothing).
+        `captioned`: a captioning loss trains too, on any row with a caption (its own text vector
+        writes it), so only the warning applies then."""
         reads = set(self.preprocessors)
         if len(reads) < 2:  # a loader of one modality (the captions alone): no row can hold a pair
             return
         absent = reads - {m for row in self.rows for m in row.items}
-        if self.rows and not any(len(reads & row.items.keys()) >= 2 for row in self.rows):
+        learns = captioned and any(CAPTION_MODALITY in row.items for row in self.rows)
+        if self.rows and not learns and not any(len(reads & row.items.keys()) >= 2 for row in self.rows):
             have = ", ".join(sorted({"+".join(sorted(reads & row.items.keys())) or "none" for row in self.rows}))
             hints = self._hints(absent) or "; columns read as metadata: " + (", ".join(sorted(self._meta())) or "none")
             raise UserError(f"{self._where()}no row has two of the modalities this model trains on "

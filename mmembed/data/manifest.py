@@ -29,7 +29,6 @@ manifest naming `/etc/passwd` or `../../secrets` is what the rule exists to stop
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import os
 import re
@@ -202,8 +201,22 @@ def likely_modality(column: str) -> Modality | None:
         return None
     name = column.strip().lower()
     names = {m.value: m for m in Modality} | _MODALITY_SYNONYMS
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
-    return names[close[0]] if close else None
+    # one slip away at most ("imgae", "images"), in names of 4 characters or more ("id" is not "img"):
+    # a looser match took ids and sizes ("caption_id", "image_w", "audio_len") for the modality itself
+    near = _one_edit_apart if len(name) >= 4 else str.__eq__
+    return next((m for known, m in names.items() if near(name, known)), None)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether `a` is `b`, or `b` with one character inserted or deleted, or two adjacent ones
+    swapped. Not one replaced: "test" and "audit" are words of their own, not "text" and "audio"."""
+    if a == b:
+        return True
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return len(long) - len(short) == 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def misnamed_columns(columns: set[str], wanted: set[Modality]) -> dict[str, Modality]:

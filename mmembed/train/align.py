@@ -343,7 +343,8 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache,
                               caption_sampling=cfg.data.caption_sampling)
-    dataset.check_pairs()  # a misnamed column ("caption", "imgae") leaves nothing to pair, or a tower untrained
+    # a misnamed column ("caption", "imgae") leaves nothing to pair, or a tower untrained
+    dataset.check_pairs(captioned=cfg.loss.caption_weight > 0)
     bs = cfg.train.batch_size
     if len(dataset) < bs:
         raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")

@@ -396,6 +396,20 @@ def test_training_rows_without_a_pair_are_refused_naming_the_misnamed_column(tmp
         ManifestDataset(read_manifest(_renamed(tmp_path, misspelt)), {I: ImagePreprocessor(16)})
 
 
+def test_rows_of_one_modality_each_train_a_captioning_loss_and_are_not_refused(tmp_path, tok):
+    """With loss.caption_weight > 0 a text row alone trains (its own vector writes its caption): the
+    pair check refused such a manifest, which had trained before it."""
+    pres = {I: ImagePreprocessor(16), T: TextPreprocessor(tok, max_length=16)}
+    rows = [{"text": "a red circle"}, {"image": "0.png"}, {"text": "a blue square"}, {"image": "1.png"}]
+    ds = ManifestDataset(read_manifest(_renamed(tmp_path, rows)), pres)
+    ds.check_pairs(captioned=True)
+    with pytest.raises(UserError, match="no pair to learn from"):
+        ds.check_pairs()
+    images = ManifestDataset(read_manifest(_renamed(tmp_path, rows[1::2])), pres)  # no caption to write either
+    with pytest.raises(UserError, match="no pair to learn from"):
+        images.check_pairs(captioned=True)
+
+
 def test_a_column_that_looks_like_a_modality_no_row_has_is_warned_of(tmp_path, tok, world, caplog):
     """{"imgae", "text", "audio"}: the run trained text and audio without a word, the image tower never."""
     rows = [{"imgae": f"{i}.png", "audio": f"{i}.wav", "text": "a red circle", "captions": ["a circle"]}

@@ -285,6 +285,10 @@ def test_a_column_named_like_a_modality_is_named_with_the_modality_it_looks_like
                        "imgae": Modality.IMAGE, "img": Modality.IMAGE, "picture": Modality.IMAGE,
                        "wav": Modality.AUDIO, "audio_path": Modality.AUDIO, "captions": None, "label": None,
                        "id": None, "test": None, "qa": None, "split": None}
+    ids_and_sizes = ("caption_id", "captionid", "caption_en", "caption_1", "sentence_id", "textid", "audio_len",
+                     "audio_hash", "image_size", "imageid", "image_w", "image_h", "image_id", "textual",
+                     "imagenet_class", "sound_source", "text_lang", "audit")
+    assert {c: likely_modality(c) for c in ids_and_sizes} == dict.fromkeys(ids_and_sizes)  # were taken for modalities
     csv = tmp_path / "m.csv"
     csv.write_text("imgae,caption,x\x07y\na.png,hello,1\n")
     with pytest.raises(UserError) as caught:
