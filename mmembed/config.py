@@ -8,6 +8,7 @@ arguments (torchtune style).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from mmembed.errors import ConfigError
 from mmembed.modality import Modality
 # the config API: `from mmembed.config import from_dict, check_kwargs` builds any of these sections
 from mmembed.typed_config import apply_override, check_kwargs, from_dict, join_key, read_mapping, to_dict  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -417,18 +420,19 @@ class Config:
 
 
 def _unread_at_defaults(train: TrainConfig, stage: TrainConfig, where: str, source: str) -> TrainConfig:
-    """`stage` (decoder.train) with the keys its stage never reads at their defaults (out_dir null).
-    A value set there was accepted silently, and config.yaml recorded a folder never written. Taken
-    as unset: the default, the align train block's own value (`decoder: {train: *tr}`), and
-    TrainConfig's (runs/demo), which every run's config.yaml recorded there before."""
+    """`stage` (decoder.train) with the keys its stage never reads at their defaults (out_dir null),
+    so config.yaml no longer records a folder never written. A value set there is a warning, not an
+    error: `decoder: {train: *tr}` copies the align block's values, which an override of
+    `train.out_dir` then leaves behind, and a finished run's config.yaml may record one. Not
+    warned of: the default, the align block's own value, and TrainConfig's (runs/demo), which
+    every run's config.yaml recorded there before."""
     defaults, plain = _decoder_train(), TrainConfig()
-    bad = [k for k in _DECODER_UNREAD
-           if getattr(stage, k) not in (getattr(defaults, k), getattr(plain, k), getattr(train, k))]
-    if bad:
-        given = ", ".join(f"{join_key(where, k)}={getattr(stage, k)!r}" for k in bad)
-        instead = "; ".join(_DECODER_UNREAD[k] for k in bad)
-        raise ConfigError(f"{source}: the decoder stage does not read {given}: {instead}; "
-                          f"remove {'it' if len(bad) == 1 else 'them'}")
+    ignored = [k for k in _DECODER_UNREAD
+               if getattr(stage, k) not in (getattr(defaults, k), getattr(plain, k), getattr(train, k))]
+    if ignored:
+        given = ", ".join(f"{join_key(where, k)}={getattr(stage, k)!r}" for k in ignored)
+        log.warning("%s: the decoder stage does not read %s (%s): ignored", source, given,
+                    "; ".join(_DECODER_UNREAD[k] for k in ignored))
     return dataclasses.replace(stage, **{k: getattr(defaults, k) for k in _DECODER_UNREAD})
 
 

@@ -34,6 +34,7 @@ The same ladder for the decoder is `scaling.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -182,7 +183,7 @@ def check_data(cfg: Config) -> None:
     the data root as train_align prepares it: the world generated when data.synth is set), and
     the validation manifest the sweep's loss needs. Each failed inside the first rung, after it
     had trained (no data.val) or made its folder (a data.root holding no world made there)."""
-    check_config(cfg)
+    check_config(dataclasses.replace(cfg, decoder=None))  # a rung trains the align stage alone
     prepare_data(cfg.data)
     validation_manifest(cfg)
 

@@ -33,7 +33,7 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
-from mmembed.model import CONFIG, Model, load_space
+from mmembed.model import CONFIG, WEIGHTS, Model, load_space
 from mmembed.train.align import seed_everything
 from mmembed.train.distributed import barrier, current_world, parallelize, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
@@ -55,6 +55,9 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
     if config.decoder is None:
         raise UserError("the config has no `decoder:` section")
     run_dir = Path(config.train.out_dir)
+    if not (run_dir / WEIGHTS).is_file():  # before the lock, which would make the folder (and blame --resume)
+        raise UserError(f"{run_dir} holds no {WEIGHTS} (is it a run directory? the decoder stage trains on the "
+                        "space an align stage saved there)")
     with lock_run(run_dir, resume=True, overwrite=False):  # the run folder: rank 0 locks it, the others wait
         if current_world().main:  # inside the lock: never clear the decoder/ of a stage another trainer runs
             prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)

@@ -20,6 +20,7 @@ sibling folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -156,7 +157,8 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     # the process group is not set up for --find-lr, so torchrun's variables are what tell
     if current_world().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--find-lr runs in one process: start it without torchrun")
-    check_config(cfg)  # as `mmembed train` does: a misspelt key was found after the world and the tokenizer were made
+    # as `mmembed train` checks its align stage: a misspelt key was found after the world and the tokenizer were made
+    check_config(dataclasses.replace(cfg, decoder=None))
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     root = prepare_data(cfg.data)

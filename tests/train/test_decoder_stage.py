@@ -623,6 +623,16 @@ def test_the_decoder_stages_device_error_names_its_key(tiny_world, tmp_path):
     from mmembed.errors import ConfigError
 
     cfg = decoder_config(tiny_world, tmp_path / "run", train={**DECODER["train"], "device": "gpu"})
-    (tmp_path / "run").mkdir()  # the decoder stage trains in an align stage's folder
+    (tmp_path / "run").mkdir()  # the decoder stage trains in an align stage's folder (the device comes first)
+    (tmp_path / "run" / "model.safetensors").touch()
     with pytest.raises(ConfigError, match=r"^decoder\.train\.device 'gpu' is not a device name \(auto, cpu, "):
         train_decoder(cfg)
+
+
+def test_the_decoder_stage_on_a_folder_without_a_space_makes_nothing(tiny_world, tmp_path):
+    """train_decoder on a folder that does not exist said "drop --resume" (which no one had passed), after
+    the resume check; before that check it made the folder and left a .lock and decoder/ in it."""
+    cfg = decoder_config(tiny_world, tmp_path / "nodir")
+    with pytest.raises(UserError, match=r"nodir holds no model\.safetensors \(is it a run directory\?"):
+        train_decoder(cfg)
+    assert not (tmp_path / "nodir").exists()

@@ -203,3 +203,24 @@ def test_find_lr_checks_the_config_before_any_work(tiny_world, tmp_path, monkeyp
     monkeypatch.setattr(find_lr_module, "prepare_data", lambda *a, **k: pytest.fail("worked past a bad config"))
     with pytest.raises(ConfigError, match=message):
         find_lr(load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), [override]), steps=8)
+
+
+def test_find_lr_and_a_sweeps_rungs_check_the_align_stage_alone(tiny_world, tmp_path, monkeypatch):
+    """The range test and a towers sweep train the align stage only: a config whose decoder section names
+    an instruction manifest not written yet was refused by them (it ran before the preflight grew)."""
+    import mmembed.train.find_lr as find_lr_module
+    from mmembed.insight import tower_scaling
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    decoder = ["decoder={width: 32, layers: 1, heads: 2, context: 96}", "decoder.data.train=not-yet.jsonl"]
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), decoder)
+    monkeypatch.setattr(find_lr_module, "prepare_data", reached)
+    monkeypatch.setattr(tower_scaling, "prepare_data", reached)
+    for run in (lambda: find_lr(cfg, steps=8), lambda: tower_scaling.check_data(cfg)):
+        with pytest.raises(Reached):  # past the checks, to the data
+            run()
