@@ -50,6 +50,24 @@ def tiny_config(world: Path, out_dir: Path, model: dict | None = None, **train) 
     return path
 
 
+def tiny_model(seed: int = 0):
+    """An untrained model of TINY_MODEL's towers (eval mode) with a 300-token tokenizer: for tests that
+    embed, search or remember without training."""
+    import torch
+
+    import mmembed as mm
+    from mmembed.config import ModelConfig, from_dict
+    from mmembed.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = mm.load_config("demo")
+    cfg.model = from_dict(ModelConfig, TINY_MODEL, "model", "test")
+    tok = mm.Tokenizer.train(["a large red circle on the left", "a small blue star"] * 20, vocab_size=300)
+    model = build_model(cfg, tok)
+    model.space.eval()
+    return model
+
+
 def lock_holder(run: Path):
     """Another process holding `run`'s trainer lock (as a trainer does while it trains), started and
     locked; the caller kills it. Returns the `subprocess.Popen`."""

@@ -92,7 +92,7 @@ def test_best_of_checks_its_settings_before_loading(world, run_dir, no_loading, 
 
 def test_best_of_says_the_run_has_no_decoder(tmp_path, tiny_world):
     """A run without a decoder stage was an AttributeError ('NoneType' object has no attribute 'lm')."""
-    from tests.memory.conftest import tiny_model
+    from tests.conftest import tiny_model
 
     run = tiny_model(0).save(tmp_path / "space-only")
     with pytest.raises(SystemExit, match=r"space-only: the run has no decoder .*train one with a decoder: section"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmembed.demo_retrieval import composed_query_trials, image_gallery
 from mmembed.modality import Modality
-from tests.memory.conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_composed_queries_report_the_plain_sound_query_of_each_trial(tiny_world):

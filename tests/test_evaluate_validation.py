@@ -8,22 +8,13 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-import mmembed as mm
-from mmembed.config import ModelConfig, from_dict
 from mmembed.evaluate import manifest_report, pairwise_report
-from mmembed.model import build_model
-from tests.conftest import TINY_MODEL
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = mm.load_config("demo")
-    cfg.model = from_dict(ModelConfig, TINY_MODEL, "model", "test")
-    tok = mm.Tokenizer.train(["a large red circle on the left", "a small blue star"] * 20, vocab_size=300)
-    model = build_model(cfg, tok)
-    model.space.eval()
-    return model
+    return tiny_model(0)
 
 
 def _val_manifest(root) -> str:

@@ -21,7 +21,8 @@ from mmembed.errors import UserError
 from mmembed.model import build_model
 from tests.conftest import TINY_MODEL
 from tests.decoder.helpers import lively
-from tests.memory.conftest import picture, tiny_model
+from tests.conftest import tiny_model
+from tests.memory.conftest import picture
 
 DECODER = DecoderConfig(width=32, layers=2, heads=4, context=64, dropout=0.0, soft_tokens=2)
 

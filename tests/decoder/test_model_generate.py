@@ -5,7 +5,7 @@ import pytest
 
 from mmembed.errors import BadInput
 from tests.decoder.test_best_of import with_decoder
-from tests.memory.conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_a_prompt_too_long_past_the_first_chunk_is_named_by_its_place_in_the_list():

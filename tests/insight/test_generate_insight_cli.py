@@ -14,7 +14,8 @@ from mmembed.config import DecoderConfig
 from mmembed.decoder import build_prompt_model
 from mmembed.errors import UserError
 from tests.decoder.helpers import lively
-from tests.memory.conftest import picture, tiny_model
+from tests.conftest import tiny_model
+from tests.memory.conftest import picture
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

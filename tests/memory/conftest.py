@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import mmembed as mm
-from mmembed.config import ModelConfig, from_dict
-from mmembed.model import Model, build_model
-from tests.conftest import TINY_MODEL
-
-
-def tiny_model(seed: int) -> Model:
-    torch.manual_seed(seed)
-    cfg = mm.load_config("demo")
-    cfg.model = from_dict(ModelConfig, TINY_MODEL, "model", "test")
-    tok = mm.Tokenizer.train(["a large red circle on the left", "a small blue star"] * 20, vocab_size=300)
-    model = build_model(cfg, tok)
-    model.space.eval()
-    return model
+from mmembed.model import Model
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from mmembed.config import DecoderConfig
 from mmembed.decoder import Embedded, build_prompt_model
 from mmembed.errors import UserError
 from mmembed.memory.chat import run_chat
-from tests.memory.conftest import picture, sound, tiny_model
+from tests.conftest import tiny_model
+from tests.memory.conftest import picture, sound
 
 
 def with_decoder(model, context: int = 96, **overrides):

@@ -78,7 +78,7 @@ def aiff_of(wav: bytes) -> bytes:
 
 def untrained_model(world: Path) -> mm.Model:
     """A random tiny model with a decoder, whose config points at `world` (its test manifest is indexed)."""
-    from tests.memory.conftest import tiny_model
+    from tests.conftest import tiny_model
 
     model = tiny_model(0)
     model.config.data.root = str(world)

@@ -19,7 +19,7 @@ from mmembed.errors import CheckpointError, UserError
 from mmembed.model import build_model
 from mmembed.train.queries import QUERY_INFO, QUERY_WEIGHTS, asked_ranks, item_vectors, recall_at, train_query_tower
 from tests.conftest import TINY_MODEL
-from tests.memory.conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def rows_of(world, split="train"):
