@@ -393,7 +393,9 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
-        frozen = frozenset(name for name, tower in config.model.towers.items() if tower.freeze)
+        # a frozen tower with weights of its own (an encoder's `pretrained` file or tag) needs none from the run
+        frozen = frozenset(name for name, tower in config.model.towers.items()
+                           if tower.freeze and not tower.encoder_args.get("pretrained"))
         init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers, frozen)
     return Model(config, space, tokenizer)
 

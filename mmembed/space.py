@@ -241,6 +241,13 @@ def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
     if fault := state_fault(space, taken):  # load_state_dict would cast an integer tensor, and copy NaN
         raise UserError(f"{what}: {weights}: {fault}")
     shared = {k.split(".")[1] for k in state if k.startswith("towers.")} & set(space.towers)
+    loaded = shared & set(towers) if towers is not None else shared
+    if unloaded := sorted((frozen & set(space.towers)) - loaded):
+        name = unloaded[0]  # it would stay frozen at its random initialisation, unsaid
+        why = (f"{what} leaves it out" if name in shared else f"{weights} has no {name} tower")
+        raise UserError(f"{what}: the {name} tower is frozen and {why}: it would stay as initialised; load it "
+                        f"({'add it to model.init_towers' if name in shared else 'from a run that has it'}) or set "
+                        f"model.towers.{name}.freeze=false")
     for name in sorted(set(towers) if towers is not None else shared):
         mine = [k for k in own if k.startswith(f"towers.{name}.")]
         left = [k for k in mine if k not in taken]

@@ -385,6 +385,21 @@ def test_a_resume_is_not_held_to_the_files_its_run_started_from(tmp_path):
     check_config(cfg, resume=True)
 
 
+def test_a_bind_runs_resume_is_held_to_its_config(tmp_path):
+    """A run with model.init_from and no decoder trains its own space (the bind recipe), yet its --resume
+    skipped the same-space check: a changed tower failed on the checkpoint, after config.yaml had been
+    rewritten with it."""
+    from mmembed.config import save_config
+    from mmembed.train.preflight import check_config
+
+    bind = ["decoder=null", "model.init_from=/nonexistent/run", f"train.out_dir={tmp_path / 'run'}"]
+    (tmp_path / "run").mkdir()
+    save_config(load_config("demo", bind), tmp_path / "run" / "config.yaml")
+    check_config(load_config("demo", bind), resume=True)
+    with pytest.raises(ConfigError, match=r"model\.towers\.text\.freeze False -> True"):
+        check_config(load_config("demo", [*bind, "model.towers.text.freeze=true"]), resume=True)
+
+
 def test_the_demo_checks_its_config_before_the_world(tmp_path, monkeypatch):
     from mmembed import demo
 

@@ -213,6 +213,30 @@ def test_init_from_a_run_whose_tower_has_more_than_this_one_is_named(tmp_path):
         init_from_run(target, tmp_path / "model.safetensors", None, frozenset({"text"}))
 
 
+def test_a_frozen_tower_the_run_does_not_load_is_refused(tmp_path):
+    """A frozen tower that init_from left out (init_towers=[image] with text frozen) or that the run lacks
+    stayed at its random initialisation, frozen, with no word."""
+    import copy
+
+    from mmembed.checkpoint import save_tensors
+    from mmembed.space import build_space, init_from_run
+
+    full = from_dict(ModelConfig, TINY_MODEL, "model", "test")
+    save_tensors(tmp_path / "full.safetensors", build_space(full, vocab_size=300).state_dict())
+    no_audio = copy.deepcopy(TINY_MODEL)
+    del no_audio["towers"]["audio"]
+    save_tensors(tmp_path / "no_audio.safetensors",
+                 build_space(from_dict(ModelConfig, no_audio, "model", "test"), vocab_size=300).state_dict())
+    target = build_space(full, vocab_size=300)
+    with pytest.raises(UserError, match=r"the text tower is frozen and model\.init_towers=\['image'\] leaves it out: "
+                                        r"it would stay as initialised; load it \(add it to model\.init_towers\)"):
+        init_from_run(target, tmp_path / "full.safetensors", ["image"], frozenset({"image", "text"}))
+    with pytest.raises(UserError, match=r"no_audio\.safetensors has no audio tower: .*from a run that has it"):
+        init_from_run(target, tmp_path / "no_audio.safetensors", None, frozenset({"audio"}))
+    init_from_run(target, tmp_path / "full.safetensors", ["image", "text"], frozenset({"image", "text"}))
+    init_from_run(target, tmp_path / "no_audio.safetensors", None, frozenset({"text"}))  # audio trains: fine
+
+
 def test_the_bind_recipe_keeps_the_demo_towers_it_loads():
     """configs/bind-audio.yaml kept pool: mean after the demo's image tower moved to pool: flatten."""
     import yaml

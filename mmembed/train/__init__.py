@@ -95,7 +95,8 @@ def copy_space(config: Config, save: bool = True) -> Config:
 
     source = Path(config.model.init_from)
     space = load_space(source)
-    model_section = dataclasses.replace(space.config.model, init_from=str(source))
+    # the source's init_towers (a bound run's) picked what it loaded; here the whole space is copied
+    model_section = dataclasses.replace(space.config.model, init_from=str(source), init_towers=None)
     config = dataclasses.replace(config, model=model_section, tokenizer=space.config.tokenizer)
     if save:
         Model(config, space.space, space.tokenizer).save(config.train.out_dir)

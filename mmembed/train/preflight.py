@@ -207,7 +207,7 @@ def _check_same_space(config: Config) -> None:
     from mmembed.typed_config import to_dict
 
     saved = Path(config.train.out_dir) / CONFIG
-    if config.model.init_from is not None or not saved.is_file():
+    if _space_copied(config) or not saved.is_file():  # a bind run (init_from, no decoder) trains its own space
         return
     ran = load_config(saved)
     for section in ("model", "tokenizer"):

@@ -141,8 +141,11 @@ def run_lock(run_dir: Path) -> contextlib.AbstractContextManager:
 
 def read_paths(config: Any) -> list[str]:
     """What a training run reads and an --overwrite of its folder must not delete: the data root,
-    and the run it starts its space from."""
-    return [p for p in (config.data.root, config.model.init_from) if p]
+    the run it starts its space from, the tokenizer file it is given, and the GPT-2 its decoder
+    starts from."""
+    decoder = getattr(config, "decoder", None)
+    gpt2 = decoder.init_from_gpt2 if decoder is not None else None
+    return [p for p in (config.data.root, config.model.init_from, config.tokenizer.path, gpt2) if p]
 
 
 def run_evidence(folder: Path) -> str | None:

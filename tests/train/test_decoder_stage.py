@@ -636,3 +636,24 @@ def test_the_decoder_stage_on_a_folder_without_a_space_makes_nothing(tiny_world,
     with pytest.raises(UserError, match=r"nodir holds no model\.safetensors \(is it a run directory\?"):
         train_decoder(cfg)
     assert not (tmp_path / "nodir").exists()
+
+
+def test_a_space_copied_from_a_bound_run_saves_a_config_that_reloads(trained_run, tiny_world, tmp_path):
+    """copy_space kept the source's init_towers (a bound run's [image, text]), which the copied run's own
+    config.yaml was then refused for ("a decoder config copies model.init_from's whole space")."""
+    import shutil
+
+    from mmembed.config import save_config
+    from mmembed.train import copy_space
+    from mmembed.train.preflight import check_config
+
+    bound = tmp_path / "bound"
+    shutil.copytree(trained_run, bound, ignore=shutil.ignore_patterns("checkpoints", DECODER_DIR))
+    source = load_config(bound / "config.yaml")
+    source.model.init_from, source.model.init_towers = str(trained_run), ["image", "text"]
+    save_config(source, bound / "config.yaml")
+    cfg = decoder_config(tiny_world, tmp_path / "run")
+    cfg.model.init_from = str(bound)
+    copied = copy_space(cfg)
+    assert copied.model.init_towers is None
+    check_config(load_config(tmp_path / "run" / "config.yaml"))  # what `mmembed train RUN/config.yaml` checks

@@ -76,6 +76,21 @@ def test_overwrite_refuses_a_folder_that_holds_the_training_data(tmp_path, out_d
         prepare_run_dir(tmp_path / out_dir, resume=False, overwrite=True, keep=[world])
     assert (world / "train.jsonl").is_file()
 
+def test_overwrite_refuses_a_folder_that_holds_the_tokenizer_or_gpt2_the_run_reads(tmp_path):
+    """tokenizer.path inside train.out_dir: --overwrite deleted the tokenizer, then the run failed saying
+    "tokenizer.path not found" (the preflight had found it); decoder.init_from_gpt2 likewise."""
+    from mmembed.train.run_dir import prepare_run_dir, read_paths
+
+    run = tmp_path / "run"
+    (run / "gpt2").mkdir(parents=True)
+    (run / "tokenizer.json").write_text("{}")
+    for override in (f"tokenizer.path={run / 'tokenizer.json'}", f"decoder.init_from_gpt2={run / 'gpt2'}"):
+        cfg = load_config("demo", [override, f"data.root={tmp_path / 'world'}"])
+        with pytest.raises(UserError, match="that this run reads: choose another train.out_dir"):
+            prepare_run_dir(run, resume=False, overwrite=True, keep=read_paths(cfg))
+    assert (run / "tokenizer.json").is_file() and (run / "gpt2").is_dir()
+
+
 def test_a_second_trainer_on_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stale(tiny_world, tmp_path):
     run = tmp_path / "run"
     holder = lock_holder(run)
