@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.errors import UserError
+from mmembed.memory.checks import is_number
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
 from mmembed.modality import Modality
 
@@ -151,6 +152,11 @@ class Store:
         with self._errors():
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            try:  # another program's database is refused before anything is changed (WAL mode stays in its header)
+                self._check_ours(_while_busy(lambda: _tables(conn)))
+            except MemoryFileError:
+                conn.close()
+                raise
             mode = _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise MemoryFileError(f"{self.path}: SQLite cannot use a WAL journal here (got {mode!r})")
@@ -263,18 +269,20 @@ class Store:
 
     def _read_schema(self, conn: sqlite3.Connection) -> tuple[set[str], dict[str, str]]:
         """The file's tables (empty for a new file) and meta; refuses foreign files and other versions."""
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        tables.discard("sqlite_sequence")
+        tables = _tables(conn)
         if not tables:
             return tables, {}
-        if not {"meta", "items"} <= tables:
-            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
+        self._check_ours(tables)
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._check_version(meta.get("schema_version"))
         if "dim" in meta and not (str(meta["dim"]).isascii() and str(meta["dim"]).isdigit() and int(meta["dim"]) > 0):
             raise MemoryFileError(f"{self.path} is corrupt (its embedding width is {meta['dim']!r}); "
                                   "restore it from a copy")
         return tables, meta
+
+    def _check_ours(self, tables: set[str]) -> None:
+        if tables and not {"meta", "items"} <= tables:
+            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
 
     def _check_version(self, version: str | None) -> None:
         if version != str(SCHEMA_VERSION):
@@ -304,8 +312,8 @@ class Store:
         session never give two turns one number. Returns (turn, ids)."""
         user, session = rows[0].user, rows[0].session
         with self._transaction(write=True) as conn:
-            last = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?",
-                                (user, session)).fetchone()[0] or 0
+            last = _turn(conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?",
+                                      (user, session)).fetchone()[0])
             if last >= 2**63 - 1:
                 raise UserError(f"session {session!r} of user {user!r} is at turn {last}, the highest a turn "
                                 "can be: start a new session")
@@ -377,7 +385,7 @@ class Store:
         """The highest turn number of `user`'s `session` (0 when it has none)."""
         with self._transaction(write=False) as conn:
             row = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?", (user, session)).fetchone()
-        return row[0] or 0
+            return _turn(row[0])
 
     def count(self, user: str | None = None) -> int:
         with self._transaction(write=False) as conn:
@@ -399,7 +407,9 @@ class Store:
             blob = bytearray().join(r[4] for r in rows)  # writable: tensors can share it without a copy
             for modality in {r[1] for r in rows}:
                 Modality.parse(modality)
-        except (TypeError, ValueError) as e:  # a NULL embedding, a modality no tower has
+            if bad := [r[2] for r in rows if not is_number(r[2])]:
+                raise ValueError(f"its time is {bad[0]!r}")
+        except (TypeError, ValueError) as e:  # a NULL embedding, a modality no tower has, a time of text
             raise MemoryFileError(f"{self.path} is corrupt (an item of user {user!r}: {e}); restore it from a copy") \
                 from None
         if len(blob) != 4 * dim * len(rows):
@@ -424,6 +434,20 @@ class Store:
 
 class _Damaged(ValueError):
     """A row whose stored values do not decode (a damaged file); `_errors` names the file."""
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    """The file's tables (SQLite's own sqlite_sequence aside): empty for a new file."""
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
+
+
+def _turn(value: Any) -> int:
+    """A session's highest turn as stored (0 for none); _Damaged unless an integer (SQLite keeps any type)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Damaged(f"a turn number is {value!r}")
+    return value
 
 
 def _hit(row: Sequence[Any]) -> MemoryHit:

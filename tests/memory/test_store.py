@@ -97,6 +97,42 @@ def test_files_that_are_not_memory_files_are_refused(tmp_path, model):
         Memory(tmp_path / "no" / "memory.db")
 
 
+def test_a_refused_database_is_left_as_it_was(tmp_path):
+    """Opening another program's SQLite file switched it to WAL for good (its header changed) before the
+    file was refused: a mistyped --memory rewrote someone else's database."""
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    conn.close()
+    before = other.read_bytes()
+    with pytest.raises(MemoryFileError, match="an SQLite database but not an mmembed memory file"):
+        Memory(other)
+    assert other.read_bytes() == before
+    check = sqlite3.connect(other)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    check.close()
+
+
+@pytest.mark.parametrize("column, value", [("turn", "x"), ("time", "soon")])
+def test_a_stored_value_of_the_wrong_type_is_the_corrupt_file_error(db, model, column, value):
+    """SQLite keeps any type in any column: a damaged turn number or time was a TypeError or ValueError
+    traceback (in Session.ask and in a search) instead of the file's one-line error."""
+    with Memory(db, model=model) as mem:
+        mem.add_turn("ada", "s", [mem.prepare(["a red star?"]), mem.prepare(["yes"], role="assistant")])
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE items SET {column} = ?", (value,))
+    conn.close()
+    with Memory(db, model=model) as mem:
+        with pytest.raises(MemoryFileError, match=rf"is corrupt \(.*{value!r}"):
+            if column == "turn":
+                mem.last_turn("ada", "s")
+            else:
+                mem.search("ada", "a red star")
+        if column == "turn":  # and the next turn, numbered after it
+            with pytest.raises(MemoryFileError, match=rf"is corrupt \(.*{value!r}"):
+                mem.add_turn("ada", "s", [mem.prepare(["and now?"])])
+
+
 def test_a_corrupt_file_is_one_clear_error(db, model):
     with Memory(db, model=model) as mem:
         mem.add_many("ada", [f"item {i}" for i in range(200)])
