@@ -26,7 +26,6 @@ connection that did cross is parked and never used in the child (not even closed
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -42,6 +41,7 @@ import numpy as np
 
 from mmembed.errors import UserError
 from mmembed.memory.checks import is_number
+from mmembed.memory import table
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
 from mmembed.modality import Modality
 
@@ -49,34 +49,9 @@ SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 60.0
-_CHUNK = 900  # ids per `IN (...)`: under SQLite's oldest limit of 999 bound variables
 _PARKED: list[sqlite3.Connection] = []  # parents' connections inherited by a fork: kept, never closed
 _OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every Store of this process, closed before a fork
 _FORK_WAIT_S = 30.0
-
-# Small columns first and the media bytes last: SQLite reads a row's columns in order, so the
-# embedding (read by every cache load) never walks the overflow pages of a large image or clip.
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
-    session TEXT,
-    turn INTEGER,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    time REAL NOT NULL,
-    modality TEXT NOT NULL,
-    embedding BLOB NOT NULL,
-    text TEXT,
-    meta TEXT NOT NULL DEFAULT '{}',
-    media_path TEXT,
-    media BLOB
-);
-CREATE INDEX items_user_time ON items (user, time);
-CREATE INDEX items_user_session_turn ON items (user, session, turn);
-"""
-_HIT_COLUMNS = "id, user, session, turn, role, time, modality, text, meta, media_path"
-
 
 def _run_to_record(meta: dict[str, str], fingerprint: str | None, run: str | None) -> bool:
     """Whether the file should name `run`, the folder of the model opening it: the file's own model,
@@ -153,7 +128,7 @@ class Store:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             try:  # another program's database is refused before anything is changed (WAL mode stays in its header)
-                self._check_ours(_while_busy(lambda: _tables(conn)))
+                self._check_ours(_while_busy(lambda: table.tables(conn)))
             except MemoryFileError:
                 conn.close()
                 raise
@@ -193,7 +168,7 @@ class Store:
             yield
         except sqlite3.DatabaseError as e:
             raise MemoryFileError(_describe(self.path, e)) from None
-        except (UnicodeDecodeError, _Damaged) as e:  # bytes SQLite hands back that do not decode
+        except (UnicodeDecodeError, table.Damaged) as e:  # bytes SQLite hands back that do not decode
             raise MemoryFileError(f"{self.path} is corrupt ({e}); restore it from a copy") from None
 
     @contextlib.contextmanager
@@ -232,7 +207,7 @@ class Store:
         with self._transaction(write=True) as conn:
             tables, meta = self._read_schema(conn)  # again: another process may have written meanwhile
             if not tables:
-                for statement in _SCHEMA.split(";"):  # not executescript: it would commit first
+                for statement in table.SCHEMA.split(";"):  # not executescript: it would commit first
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -269,7 +244,7 @@ class Store:
 
     def _read_schema(self, conn: sqlite3.Connection) -> tuple[set[str], dict[str, str]]:
         """The file's tables (empty for a new file) and meta; refuses foreign files and other versions."""
-        tables = _tables(conn)
+        tables = table.tables(conn)
         if not tables:
             return tables, {}
         self._check_ours(tables)
@@ -304,7 +279,7 @@ class Store:
         if not rows:
             return []
         with self._transaction(write=True) as conn:
-            return _insert(conn, rows)
+            return table.insert(conn, rows)
 
     def insert_turn(self, rows: Sequence[NewItem]) -> tuple[int, list[int]]:
         """Insert one conversation turn's rows (all of one user and session) in one transaction,
@@ -312,19 +287,19 @@ class Store:
         session never give two turns one number. Returns (turn, ids)."""
         user, session = rows[0].user, rows[0].session
         with self._transaction(write=True) as conn:
-            last = _turn(conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?",
-                                      (user, session)).fetchone()[0])
+            found = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?", (user, session))
+            last = table.turn_number(found.fetchone()[0])
             if last >= 2**63 - 1:
                 raise UserError(f"session {session!r} of user {user!r} is at turn {last}, the highest a turn "
                                 "can be: start a new session")
-            return last + 1, _insert(conn, [replace(r, turn=last + 1) for r in rows])
+            return last + 1, table.insert(conn, [replace(r, turn=last + 1) for r in rows])
 
     def delete(self, ids: Sequence[int], user: str | None = None) -> list[tuple[int, str]]:
         """Delete items by id (only `user`'s when given); returns the (id, user) pairs deleted."""
         deleted: list[tuple[int, str]] = []
         with self._transaction(write=True) as conn:
-            for chunk in _chunks(ids):
-                where, args = _id_filter(chunk, user)
+            for chunk in table.chunks(ids):
+                where, args = table.id_filter(chunk, user)
                 deleted += conn.execute(f"SELECT id, user FROM items WHERE {where}", args).fetchall()
                 conn.execute(f"DELETE FROM items WHERE {where}", args)
         return deleted
@@ -338,32 +313,32 @@ class Store:
 
     def hits(self, ids: Sequence[int], user: str | None = None, media: bool = False) -> list[MemoryHit]:
         """The items with these ids (only `user`'s when given), in the order of `ids`; absent ids are skipped."""
-        columns = _HIT_COLUMNS + (", media" if media else "")
+        columns = table.HIT_COLUMNS + (", media" if media else "")
         found: dict[int, MemoryHit] = {}
         with self._transaction(write=False) as conn:
-            for chunk in _chunks(ids):
-                where, args = _id_filter(chunk, user)
+            for chunk in table.chunks(ids):
+                where, args = table.id_filter(chunk, user)
                 for row in conn.execute(f"SELECT {columns} FROM items WHERE {where}", args):
-                    found[row[0]] = _hit(row)
+                    found[row[0]] = table.hit(row)
         return [found[int(i)] for i in ids if int(i) in found]
 
     def embeddings(self, ids: Sequence[int], user: str | None = None) -> dict[int, bytes]:
         """id → stored embedding bytes for the ids present (only `user`'s when given)."""
         found: dict[int, bytes] = {}
         with self._transaction(write=False) as conn:
-            for chunk in _chunks(ids):
-                where, args = _id_filter(chunk, user)
+            for chunk in table.chunks(ids):
+                where, args = table.id_filter(chunk, user)
                 found.update(conn.execute(f"SELECT id, embedding FROM items WHERE {where}", args).fetchall())
         return found
 
     def recent(self, user: str, session: str | None, limit: int, media: bool) -> list[MemoryHit]:
         """The last `limit` items of `user` (of one session when given), oldest first."""
-        columns = _HIT_COLUMNS + (", media" if media else "")
+        columns = table.HIT_COLUMNS + (", media" if media else "")
         where, args = ("user = ?", [user]) if session is None else ("user = ? AND session = ?", [user, session])
         with self._transaction(write=False) as conn:
             rows = conn.execute(f"SELECT {columns} FROM items WHERE {where} ORDER BY time DESC, id DESC LIMIT ?",
                                 [*args, limit]).fetchall()
-            return [_hit(r) for r in reversed(rows)]  # inside: a damaged row is named as such
+            return [table.hit(r) for r in reversed(rows)]  # inside: a damaged row is named as such
 
     def sessions(self, user: str) -> list[str]:
         """The user's session names, the one added to last (highest item id) last: an item's own
@@ -377,15 +352,15 @@ class Store:
         """The items of `user`'s `session` with `first` <= turn < `stop`, in turn order (each turn's
         items as added)."""
         with self._transaction(write=False) as conn:
-            rows = conn.execute(f"SELECT {_HIT_COLUMNS} FROM items WHERE user = ? AND session = ? AND turn >= ? "
+            rows = conn.execute(f"SELECT {table.HIT_COLUMNS} FROM items WHERE user = ? AND session = ? AND turn >= ? "
                                 "AND turn < ? ORDER BY turn, id", (user, session, first, stop)).fetchall()
-            return [_hit(r) for r in rows]
+            return [table.hit(r) for r in rows]
 
     def last_turn(self, user: str, session: str) -> int:
         """The highest turn number of `user`'s `session` (0 when it has none)."""
         with self._transaction(write=False) as conn:
             row = conn.execute("SELECT max(turn) FROM items WHERE user = ? AND session = ?", (user, session)).fetchone()
-            return _turn(row[0])
+            return table.turn_number(row[0])
 
     def count(self, user: str | None = None) -> int:
         with self._transaction(write=False) as conn:
@@ -423,68 +398,13 @@ class Store:
         """Every item (of `user` when given) with its media bytes, in id order, from one snapshot."""
         where, args = ("", []) if user is None else ("WHERE user = ?", [user])
         with self._transaction(write=False) as conn:
-            for row in conn.execute(f"SELECT {_HIT_COLUMNS}, media FROM items {where} ORDER BY id", args):
-                yield _hit(row)
+            for row in conn.execute(f"SELECT {table.HIT_COLUMNS}, media FROM items {where} ORDER BY id", args):
+                yield table.hit(row)
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check`: "ok" for a sound file."""
         with self._guard(), self._errors():
             return "; ".join(r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall())
-
-
-class _Damaged(ValueError):
-    """A row whose stored values do not decode (a damaged file); `_errors` names the file."""
-
-
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    """The file's tables (SQLite's own sqlite_sequence aside): empty for a new file."""
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
-
-
-def _turn(value: Any) -> int:
-    """A session's highest turn as stored (0 for none); _Damaged unless an integer (SQLite keeps any type)."""
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Damaged(f"a turn number is {value!r}")
-    return value
-
-
-def _hit(row: Sequence[Any]) -> MemoryHit:
-    media = row[10] if len(row) > 10 else None
-    try:
-        modality, meta = Modality.parse(row[6]), json.loads(row[8])
-    except (TypeError, ValueError) as e:
-        raise _Damaged(f"item {row[0]}: {e}") from None
-    return MemoryHit(id=row[0], score=None, user=row[1], session=row[2], turn=row[3], role=row[4], time=row[5],
-                     modality=modality, text=row[7], meta=meta, media=media, media_path=row[9])
-
-
-def _insert(conn: sqlite3.Connection, rows: Sequence[NewItem]) -> list[int]:
-    """Insert rows inside the caller's write transaction; returns their ids."""
-    before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
-    conn.executemany(
-        "INSERT INTO items (user, session, turn, role, time, modality, embedding, text, meta, media_path, "
-        "media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(r.user, r.session, r.turn, r.role, r.time, r.modality, r.embedding, r.text, r.meta, r.media_path,
-          r.media) for r in rows])
-    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-    first = (before[0] if before else 0) + 1
-    # AUTOINCREMENT under the write lock: this transaction's ids are consecutive
-    assert last - first + 1 == len(rows), (first, last, len(rows))
-    return list(range(first, last + 1))
-
-
-def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
-    ids = [int(i) for i in ids]
-    for start in range(0, len(ids), _CHUNK):
-        yield ids[start:start + _CHUNK]
-
-
-def _id_filter(ids: list[int], user: str | None) -> tuple[str, list[Any]]:
-    where = f"id IN ({', '.join('?' * len(ids))})"
-    # "+user": look rows up by id; SQLite would otherwise pick the user index and scan all the user's rows
-    return (where, list(ids)) if user is None else (f"{where} AND +user = ?", [*ids, user])
 
 
 def _while_busy(op: Callable[[], Any], timeout_s: float = BUSY_TIMEOUT_S) -> Any:
