@@ -393,10 +393,10 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
     """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
     if config.model.init_from:
-        # a frozen tower with weights of its own (an encoder's `pretrained` file or tag) needs none from the run
-        frozen = frozenset(name for name, tower in config.model.towers.items()
-                           if tower.freeze and not tower.encoder_args.get("pretrained"))
-        init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers, frozen)
+        frozen = frozenset(name for name, tower in config.model.towers.items() if tower.freeze)
+        # a frozen tower with weights of its own (an encoder's `pretrained` file or tag) may take none from the run
+        own = frozenset(name for name in frozen if config.model.towers[name].encoder_args.get("pretrained"))
+        init_from_run(space, Path(config.model.init_from) / WEIGHTS, config.model.init_towers, frozen, own)
     return Model(config, space, tokenizer)
 
 

@@ -220,13 +220,14 @@ def _few(names: list[str]) -> str:
 
 
 def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
-                  frozen: frozenset[str] = frozenset()) -> None:
+                  frozen: frozenset[str] = frozenset(), own_weights: frozenset[str] = frozenset()) -> None:
     """Copy every tensor whose name and shape match from an earlier run's weights (the bind
     recipe); with `towers`, only tensors of those towers.
 
     A tower named in `towers`, or one of the `frozen` towers (it would stay as initialised),
-    must load whole: UserError naming what does not fit. Another tower of both runs that loads
-    in part is a warning."""
+    must load whole: UserError naming what does not fit, or a frozen tower the run does not load
+    at all (unless it is in `own_weights`, built from pretrained weights of its own). Another
+    tower of both runs that loads in part is a warning."""
     state = space_weights(load_tensors(weights))
     own = space.state_dict()
     what = f"model.init_towers={towers}" if towers is not None else "model.init_from"
@@ -242,9 +243,9 @@ def init_from_run(space: SharedSpace, weights: Path, towers: list[str] | None,
         raise UserError(f"{what}: {weights}: {fault}")
     shared = {k.split(".")[1] for k in state if k.startswith("towers.")} & set(space.towers)
     loaded = shared & set(towers) if towers is not None else shared
-    if unloaded := sorted((frozen & set(space.towers)) - loaded):
+    if unloaded := sorted((frozen & set(space.towers)) - own_weights - loaded):
         name = unloaded[0]  # it would stay frozen at its random initialisation, unsaid
-        why = (f"{what} leaves it out" if name in shared else f"{weights} has no {name} tower")
+        why = "model.init_towers leaves it out" if name in shared else f"{weights} has no {name} tower"
         raise UserError(f"{what}: the {name} tower is frozen and {why}: it would stay as initialised; load it "
                         f"({'add it to model.init_towers' if name in shared else 'from a run that has it'}) or set "
                         f"model.towers.{name}.freeze=false")

@@ -396,6 +396,8 @@ def test_a_bind_runs_resume_is_held_to_its_config(tmp_path):
     (tmp_path / "run").mkdir()
     save_config(load_config("demo", bind), tmp_path / "run" / "config.yaml")
     check_config(load_config("demo", bind), resume=True)
+    moved = [*bind, "model.init_from=/elsewhere/run", "tokenizer.path=/elsewhere/run/tokenizer.json"]
+    check_config(load_config("demo", moved), resume=True)  # where it started may move: the checkpoint holds it
     with pytest.raises(ConfigError, match=r"model\.towers\.text\.freeze False -> True"):
         check_config(load_config("demo", [*bind, "model.towers.text.freeze=true"]), resume=True)
 

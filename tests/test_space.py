@@ -228,13 +228,21 @@ def test_a_frozen_tower_the_run_does_not_load_is_refused(tmp_path):
     save_tensors(tmp_path / "no_audio.safetensors",
                  build_space(from_dict(ModelConfig, no_audio, "model", "test"), vocab_size=300).state_dict())
     target = build_space(full, vocab_size=300)
-    with pytest.raises(UserError, match=r"the text tower is frozen and model\.init_towers=\['image'\] leaves it out: "
-                                        r"it would stay as initialised; load it \(add it to model\.init_towers\)"):
+    with pytest.raises(UserError, match=r"init_towers=\['image'\]: the text tower is frozen and model\.init_towers "
+                                        r"leaves it out: it would stay as initialised; load it \(add it to "
+                                        r"model\.init_towers\)"):
         init_from_run(target, tmp_path / "full.safetensors", ["image"], frozenset({"image", "text"}))
     with pytest.raises(UserError, match=r"no_audio\.safetensors has no audio tower: .*from a run that has it"):
         init_from_run(target, tmp_path / "no_audio.safetensors", None, frozenset({"audio"}))
     init_from_run(target, tmp_path / "full.safetensors", ["image", "text"], frozenset({"image", "text"}))
     init_from_run(target, tmp_path / "no_audio.safetensors", None, frozenset({"text"}))  # audio trains: fine
+    # built from pretrained weights of its own, a frozen tower may take none from the run
+    init_from_run(target, tmp_path / "no_audio.safetensors", None, frozenset({"audio"}), frozenset({"audio"}))
+    deeper = copy.deepcopy(TINY_MODEL)  # but one the run loads in part is still refused: a mix of two models
+    deeper["towers"]["text"]["encoder_args"]["layers"] = 2
+    target = build_space(from_dict(ModelConfig, deeper, "model", "test"), vocab_size=300)
+    with pytest.raises(UserError, match="it is frozen"):
+        init_from_run(target, tmp_path / "full.safetensors", None, frozenset({"text"}), frozenset({"text"}))
 
 
 def test_the_bind_recipe_keeps_the_demo_towers_it_loads():

@@ -197,6 +197,11 @@ def _check_task_selection(config: Config) -> None:
                           f"({', '.join(tasks)}): give one a weight > 0")
 
 
+# where a run's weights and tokenizer came from, not what they are: a resume reads the checkpoint and the
+# run's own tokenizer.json, so these may move (a bind run whose source run moved is resumed from its new place)
+_WHERE_IT_STARTED = {"model.init_from", "model.init_towers", "tokenizer.path"}
+
+
 def _check_same_space(config: Config) -> None:
     """A resume's model and tokenizer sections are the run's own (its config.yaml): its weights are
     of that space. A changed one was written into config.yaml before the checkpoint refused it (or
@@ -213,7 +218,7 @@ def _check_same_space(config: Config) -> None:
     for section in ("model", "tokenizer"):
         was, now = _flat(to_dict(getattr(ran, section))), _flat(to_dict(getattr(config, section)))
         if changed := [f"{section}.{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-                       if was.get(k) != now.get(k)]:
+                       if was.get(k) != now.get(k) and f"{section}.{k}" not in _WHERE_IT_STARTED]:
             raise ConfigError(f"--resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run's "
                               f"weights are of its config.yaml; resume without the change, or start over with "
                               "--overwrite")
