@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from mmembed.errors import UserError
-from mmembed.memory.checks import is_number
 from mmembed.memory import table
+from mmembed.memory.checks import is_number
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
 from mmembed.modality import Modality
 
