@@ -59,6 +59,6 @@ class VectorRows:
     ids: np.ndarray
     vectors: np.ndarray
     modalities: list[str]
-    times: list[float]
+    times: np.ndarray  # (N,) float64 unix seconds
     sessions: list[str | None]
     total: int  # the user's item count in the same snapshot

@@ -41,7 +41,6 @@ import numpy as np
 
 from mmembed.errors import UserError
 from mmembed.memory import table
-from mmembed.memory.checks import is_number
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
 from mmembed.modality import Modality
 
@@ -382,8 +381,7 @@ class Store:
             blob = bytearray().join(r[4] for r in rows)  # writable: tensors can share it without a copy
             for modality in {r[1] for r in rows}:
                 Modality.parse(modality)
-            if bad := [r[2] for r in rows if not is_number(r[2])]:
-                raise ValueError(f"its time is {bad[0]!r}")
+            times = np.asarray([r[2] for r in rows], dtype=np.float64)  # (N,): converted once, for the cache
         except (TypeError, ValueError) as e:  # a NULL embedding, a modality no tower has, a time of text
             raise MemoryFileError(f"{self.path} is corrupt (an item of user {user!r}: {e}); restore it from a copy") \
                 from None
@@ -391,7 +389,7 @@ class Store:
             raise MemoryFileError(f"{self.path}: an embedding of user {user!r} does not hold {dim} float32 values")
         vectors = np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim)  # (N, D)
         return VectorRows(ids=np.array([r[0] for r in rows], dtype=np.int64), vectors=vectors,
-                          modalities=[r[1] for r in rows], times=[r[2] for r in rows],
+                          modalities=[r[1] for r in rows], times=times,
                           sessions=[r[3] for r in rows], total=total)
 
     def iter_items(self, user: str | None = None) -> Iterator[MemoryHit]:
