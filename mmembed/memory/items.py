@@ -167,7 +167,7 @@ def encode_audio(item: Any) -> bytes:
         return raw
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise BadInput("a waveform needs its sample rate: pass mm.Audio((waveform, sample_rate)) or a file")
-    from mmembed.preprocess.audio import channel_axis, split_pair
+    from mmembed.preprocess.waveform import channel_axis, split_pair
 
     wave, rate = split_pair(item, 0)  # the audio preprocessing's rules: rate, dtype, scaling, channels
     axis = channel_axis(wave)

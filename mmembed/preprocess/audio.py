@@ -32,12 +32,9 @@ embeds several crops and averages them itself, using the frame masks.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,19 +44,17 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from mmembed.checkpoint import utf8_name
 from mmembed.errors import BadInput, ConfigError
 from mmembed.preprocess.files import check_file
 from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_ratio
 from mmembed.modality import Modality
+from mmembed.preprocess.waveform import MAX_CHANNELS, crop, is_unscaled, opened, read_frames, split_pair, to_mono
 
 MAX_SECONDS = 600.0  # the longest max_seconds a preprocessor takes (a clip is cropped to it)
-_MAX_CHANNELS = 32
 _IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
 _LOG_FLOOR = 1e-6
 RESAMPLER_CACHE_SIZE = 8  # source rates whose kernels are kept, least recently used evicted first
 _UNKNOWN_FRAMES = 2**62  # libsndfile's frame count for a file of unknown length is 2**63 - 1
-_MAX_FLOAT_PEAK = 8.0  # a float waveform louder than this is integer samples left unscaled
 _UNKNOWN_SPAN = 4  # crops' worth read from a file of unknown length, for a random crop to fall in
 
 
@@ -254,7 +249,7 @@ class AudioPreprocessor:
         else:
             data, rate = split_pair(item, self.sample_rate)
             self._check_rate(rate, "the waveform")
-            wave = _crop(_to_mono(data), self._crop_len(rate), self._random())
+            wave = crop(to_mono(data), self._crop_len(rate), self._random())
         if wave.numel() == 0:
             raise BadInput(f"zero-length audio{of}")
         # the sum is finite iff every sample is (for audio-range values); check fully only then
@@ -318,16 +313,16 @@ class AudioPreprocessor:
         # give Inf, refused as such by `waveform`
         wave = wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)  # (m,)
         # a file of unknown length was read past one crop: crop here (a no-op for every other file)
-        return _crop(wave, self._crop_len(rate), self._random()), int(rate)
+        return crop(wave, self._crop_len(rate), self._random()), int(rate)
 
     def _decode(self, source: Path | bytes, name: str) -> tuple[np.ndarray, int]:
         """The frames to crop from, (m, C) float32, and the file's rate."""
         data = None
-        with _opened(source) as f:
+        with opened(source) as f:
             rate, float_samples = f.samplerate, f.subtype in ("FLOAT", "DOUBLE")
             self._check_rate(rate, name)
-            if f.channels > _MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
-                raise BadInput(f"{name} has {f.channels} channels; at most {_MAX_CHANNELS} are read")
+            if f.channels > MAX_CHANNELS:  # read as (n, channels) float32: a tiny file could ask for GBs
+                raise BadInput(f"{name} has {f.channels} channels; at most {MAX_CHANNELS} are read")
             n = self._crop_len(rate)
             if f.frames < _UNKNOWN_FRAMES:  # else a FLAC streamed to a pipe: no length to draw a crop from
                 n = min(f.frames, n)
@@ -341,12 +336,12 @@ class AudioPreprocessor:
             # a header that gives no length or overstates it: a seek past the real end failed (and
             # libsndfile keeps the error on that handle), so read from the start of a fresh one, more
             # than one crop when training for a random crop (by the caller) to fall in
-            with _opened(source) as f:
-                data = _read_frames(f, n * _UNKNOWN_SPAN if self._random() else n)
+            with opened(source) as f:
+                data = read_frames(f, n * _UNKNOWN_SPAN if self._random() else n)
         # libsndfile scales integer PCM into [-1, 1]; float samples are read as stored, and may be
         # integer samples written unscaled, as a float array may be
         peak = float(np.abs(data).max()) if float_samples and data.size else 0.0
-        if _unscaled(peak):
+        if is_unscaled(peak):
             raise BadInput(f"{name} holds float samples of peak {peak:.4g}, far outside [-1, 1], the range float "
                            "samples are read in: write it as 16-bit PCM or scale it to [-1, 1]")
         return data, rate
@@ -360,108 +355,6 @@ class AudioPreprocessor:
         if len(self._resamplers) > RESAMPLER_CACHE_SIZE:
             self._resamplers.popitem(last=False)
         return resampler
-
-
-@contextlib.contextmanager
-def _opened(source: Path | bytes) -> Iterator[sf.SoundFile]:
-    if isinstance(source, bytes):
-        with sf.SoundFile(io.BytesIO(source)) as f:
-            yield f
-    elif utf8_name(source):
-        with sf.SoundFile(source) as f:
-            yield f
-    else:  # libsndfile takes UTF-8 names only: open the others here
-        with open(source, "rb") as stream, sf.SoundFile(stream) as f:
-            yield f
-
-
-def _read_frames(f: sf.SoundFile, n: int) -> np.ndarray:
-    """Up to n frames from the current position: (m, channels) float32, m <= n.
-
-    libsndfile's own read, as `SoundFile.read` calls it (soundfile's private names: only files
-    `SoundFile.read` fails on come here): that method then seeks to the new position, a seek that
-    fails at the end of a FLAC whose header misstates its length, losing the frames read.
-    """
-    out = np.empty((n, f.channels), dtype=np.float32)
-    got = sf._snd.sf_readf_float(f._file, sf._ffi.cast("float *", sf._ffi.from_buffer(out)), n)
-    sf._error_check(f._errorcode)
-    return out[:got]
-
-
-def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
-    """`(waveform, rate)` or a bare waveform → (float32 CPU tensor, int rate); integer samples are
-    scaled to [-1, 1]. BadInput for a bad rate, dtype or type."""
-    if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[1], (np.ndarray, Tensor, list)):
-        data, rate = item
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
-            raise BadInput(f"sample rate must be a number, got {type(rate).__name__}")
-        if not float(rate).is_integer() or rate <= 0:
-            raise BadInput(f"sample rate must be a positive integer, got {rate}")
-        rate = int(rate)
-    else:
-        data, rate = item, default_rate
-    if isinstance(data, np.ndarray):
-        if data.dtype.byteorder not in "=|":  # big-endian samples (a WAV reader's raw view): native first
-            data = data.astype(data.dtype.newbyteorder("="))
-        try:
-            data = torch.from_numpy(np.ascontiguousarray(data))
-        except TypeError:  # object, string or other dtypes torch has no tensor for
-            raise BadInput(f"unsupported audio dtype {data.dtype} (float, int16, int32, int8 or uint8)") from None
-    if not isinstance(data, Tensor):
-        raise BadInput(
-            f"unsupported audio input of type {type(data).__name__} (path, bytes, array, tensor or (waveform, rate))"
-        )
-    return _to_float(data.detach().cpu()), rate
-
-
-def _to_float(t: Tensor) -> Tensor:
-    if t.dtype.is_floating_point:
-        t = t.to(torch.float32)
-        peak = float(t.abs().max()) if t.numel() else 0.0
-        # integer samples made float unscaled (scipy's wavfile.read(...).astype(float)) peak in the
-        # thousands and embed as something else; a mix or a resample overshoots 1 by far less
-        if _unscaled(peak):
-            raise BadInput(f"float audio of peak {peak:.4g} lies far outside [-1, 1], the range float samples "
-                           "are read in: divide int16 samples by 32768 (int32 by 2**31), or pass the integer array")
-        return t
-    scale = {torch.int16: 32768.0, torch.int32: 2.0**31, torch.int8: 128.0}
-    if t.dtype in scale:
-        return t.to(torch.float32) / scale[t.dtype]
-    if t.dtype == torch.uint8:
-        return (t.to(torch.float32) - 128.0) / 128.0
-    raise BadInput(f"unsupported audio dtype {t.dtype} (float, int16, int32, int8 or uint8)")
-
-
-def _unscaled(peak: float) -> bool:
-    """Whether float samples of this peak are integer samples left unscaled (NaN/Inf are refused as such later)."""
-    return _MAX_FLOAT_PEAK < peak < math.inf
-
-
-def channel_axis(t: Tensor) -> int | None:
-    """The channel axis of a waveform (None for mono (T,)): of (C, T) or (T, C), the shorter one."""
-    if t.ndim == 1:
-        return None
-    if t.ndim != 2:
-        raise BadInput(f"audio must be (T,), (C, T) or (T, C); got shape {tuple(t.shape)}")
-    axis = 0 if t.shape[0] <= t.shape[1] else 1
-    if t.shape[axis] > _MAX_CHANNELS:
-        raise BadInput(f"ambiguous audio shape {tuple(t.shape)}: no axis is a plausible channel count")
-    return axis
-
-
-def _to_mono(t: Tensor) -> Tensor:
-    """(T,), (C, T) or (T, C) → (T,) by averaging channels."""
-    if t.numel() == 0:  # (0, 2) would average to two NaN samples
-        raise BadInput(f"zero-length audio (shape {tuple(t.shape)})")
-    axis = channel_axis(t)
-    return t if axis is None else t.mean(dim=axis)
-
-
-def _crop(wave: Tensor, n: int, random: bool) -> Tensor:
-    if wave.numel() <= n:
-        return wave
-    start = int(torch.randint(0, wave.numel() - n + 1, ()).item()) if random else 0
-    return wave[start : start + n]
 
 
 def feature_stats(preprocessor: AudioPreprocessor, items: list[Any]) -> tuple[float, float]:
