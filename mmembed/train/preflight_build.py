@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +18,8 @@ from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.modality import Modality
 
 
+# the CPU allocator's "can't allocate memory: you tried to allocate N bytes"
+_ASKED = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
 # the vocabulary size only sizes a table: any stands in for the tokenizer's, trained later
 _PLACEHOLDER_VOCAB = 512
 
@@ -30,20 +34,36 @@ def check_built(config: Config) -> None:
 
     for name, tower in config.model.towers.items():
         one = dataclasses.replace(config.model, towers={name: tower})
-        _built(lambda: build_space(one, _PLACEHOLDER_VOCAB, config.loss.kind, pretrained=False))
+        _built(lambda: build_space(one, _PLACEHOLDER_VOCAB, config.loss.kind, pretrained=False),
+               f"model.towers.{name} (model.embed_dim={config.model.embed_dim})")
         _preprocessor(name, tower)
     if config.loss.caption_weight > 0:
         _check_captioner(config)
 
 
-def _built(build):
+def _built(build, what: str) -> torch.nn.Module:
     """`build()` on the meta device (nothing allocated nor initialised); on the CPU where a module
-    computes a buffer from values at construction (rotary angles, mel filters), which meta lacks."""
+    computes a buffer from values at construction (rotary angles, mel filters), which meta lacks.
+    Sizes beyond the machine's memory (`model.embed_dim=1e9`: a 512 GB projection) were the CPU
+    allocator's traceback, at once or when the stage built the model: ConfigError naming `what`."""
     try:
         with torch.device("meta"):
-            return build()
+            module = build()
     except (NotImplementedError, RuntimeError):
-        return build()
+        try:
+            module = build()
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            asked = _ASKED.search(str(e))
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None:
+                raise
+            size = f" ({int(asked.group(1)) / 1e9:.3g} GB at once)" if asked else ""
+            raise ConfigError(f"{what}: too large to build in this machine's memory{size}: check its sizes") from None
+    held = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if held > memory:
+        raise ConfigError(f"{what}: {held / 1e9:.3g} GB of weights, more than this machine's {memory / 1e9:.3g} GB "
+                          "of memory: check its sizes")
+    return module
 
 
 class _NoTokenizer:
@@ -73,7 +93,10 @@ def _check_captioner(config: Config) -> None:
                           "loss.caption_weight=0")
     length, sizes = _preprocessor("text", text).max_length, config.loss.captioner
     try:
-        _built(lambda: Captioner(config.model.embed_dim, _PLACEHOLDER_VOCAB, caption_len=length, **sizes))
+        _built(lambda: Captioner(config.model.embed_dim, _PLACEHOLDER_VOCAB, caption_len=length, **sizes),
+               f"loss.captioner (model.embed_dim={config.model.embed_dim})")
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"loss.captioner: {e}") from None
 

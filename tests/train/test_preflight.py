@@ -247,3 +247,19 @@ def test_fsdp_with_a_frozen_or_adapted_gpt2_is_refused_before_work(tmp_path, gpt
                                           r"through a gradient hook, .*\(decoder\.train\.fsdp=false\)$"):
         check_config(_demo(tmp_path, gpt2, adapt, "decoder.train.fsdp=true"))
     check_config(_demo(tmp_path, gpt2, adapt))
+
+
+@pytest.mark.parametrize("positional, size", [
+    ("learned", r"1\.28e\+04 GB of weights, more than this machine's [0-9.e+]+ GB of memory"),  # built on meta
+    ("rotary", r"too large to build in this machine's memory \(1\.28e\+04 GB at once\)"),  # on the CPU: its angles
+])
+def test_sizes_too_large_for_memory_are_one_line_naming_the_tower(tmp_path, positional, size):
+    """model.embed_dim=1e9 was the CPU allocator's traceback ("can't allocate memory: you tried to
+    allocate 512000000000 bytes"), in preflight where a tower is built on the CPU, else when the
+    stage built the model."""
+    config = _demo(tmp_path, "decoder=null", "loss.caption_weight=0", "model.embed_dim=100000000000",
+                   towers=("text", "image"))
+    config.model.towers["text"].encoder_args["positional"] = positional
+    with pytest.raises(ConfigError, match=rf"^model\.towers\.text \(model\.embed_dim=100000000000\): {size}: "
+                                          "check its sizes$"):
+        check_config(config)
