@@ -19,7 +19,8 @@ def prepare_data(data: DataConfig) -> Path:
         from mmembed.data.synth import generate_world
 
         s = data.synth
-        generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout)
+        generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout,
+                       replace=True)
     from mmembed.data.synth.generate import check_complete
 
     check_complete(root, hint=" (or set data.synth)")

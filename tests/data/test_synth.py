@@ -28,6 +28,7 @@ from mmembed.data.synth.rules import (
     X_FRACTION,
 )
 from mmembed.data.synth.world import SceneObject, choose_heldout_combos
+from mmembed.cli import main
 from mmembed.errors import UserError
 
 SPLITS = ("train", "val", "test", "heldout")
@@ -351,10 +352,19 @@ def test_rerun_reuses_a_complete_world_and_regenerates_after_interruption(tmp_pa
 
 
 def test_changed_parameters_regenerate_without_stale_files(tmp_path, caplog):
+    """A config whose data.synth changed replaces the world (`replace`, what prepare_data passes),
+    saying so; the command and the Python default refuse: `mmembed data synth --out data/shapes --n 10`
+    deleted the 6,000 scenes the demo's runs were trained on, with only a warning."""
     root = tmp_path / "w"
     generate_world(root, n=20, seed=1, workers=1)
+    with pytest.raises(UserError, match=r"w holds a synthetic world made with other parameters \(n 20 → 10, n_heldout 2 → 1\), and "
+                                        r"runs trained on it read it: pass --overwrite \(overwrite=True\)"):
+        generate_world(root, n=10, seed=1, workers=1)
+    assert len(list((root / "images").iterdir())) == 22  # untouched
+    assert main(["data", "synth", "--out", str(root), "--n", "10", "--seed", "1", "--workers", "1"]) == 2
+    assert len(list((root / "images").iterdir())) == 22
     with caplog.at_level(logging.WARNING):
-        small = generate_world(root, n=10, seed=1, workers=1)
+        small = generate_world(root, n=10, seed=1, workers=1, replace=True)
     assert not small.reused and len(list((root / "images").iterdir())) == small.total == 11
     assert "replacing the synthetic world" in caplog.text and "n 20 → 10" in caplog.text  # said, not silent
 
@@ -449,7 +459,7 @@ def test_regenerating_removes_the_lookups_written_for_the_old_world(tmp_path):
     root = tmp_path / "w"
     generate_world(root, n=20, seed=1, workers=1)
     assert write_lookup_rows(root, 2).is_file()
-    generate_world(root, n=20, seed=2, workers=1)
+    generate_world(root, n=20, seed=2, workers=1, replace=True)
     assert not list(root.glob("instruct-train-lookups*"))
 
 
@@ -466,7 +476,7 @@ def test_a_crash_while_clearing_the_old_world_leaves_an_incomplete_one(tmp_path,
 
     monkeypatch.setattr(shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        generate_world(root, n=4, seed=1, workers=1)
+        generate_world(root, n=4, seed=1, workers=1, replace=True)
     monkeypatch.undo()
     assert (root / ".synth-incomplete").is_file()
     assert generate_world(root, n=4, seed=1, workers=1).total == 4

@@ -294,6 +294,7 @@ def generate_world(
     n_heldout: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    replace: bool = False,
 ) -> WorldSummary:
     """Generate (or reuse) the built-in synthetic world of shapes, tones and captions.
 
@@ -312,6 +313,9 @@ def generate_world(
         overwrite: regenerate even if an identical complete world is already there, and allow
             writing into a non-empty folder that is not a synthetic world.
         progress: called as progress(done, total) while rendering (e.g. to drive a tqdm bar).
+        replace: replace a world made here with other parameters, with a warning (what a config's
+            changed `data.synth` does); otherwise that needs `overwrite` (`mmembed data synth --n 10`
+            into the demo's world deleted the 6,000 scenes its runs were trained on).
 
     Returns:
         WorldSummary with the manifest and instruction-manifest paths and per-split counts;
@@ -319,7 +323,8 @@ def generate_world(
         was written.
 
     Raises:
-        UserError: bad parameters, or `out_dir` holds unrelated files and overwrite is False.
+        UserError: bad parameters, or `out_dir` holds unrelated files, or a world made with other
+            parameters without `replace`, and overwrite is False.
     """
     root = Path(out_dir)
     validate_params(n, seed, image_size, sample_rate, workers, split, heldout_fraction)
@@ -352,19 +357,22 @@ def generate_world(
     # one generator at a time (the folder itself is the lock: no file in the world): a second one
     # cleared the first's files mid-run, and the two left a world of mixed scenes that read as complete
     with exclusive(root, _busy(root)):
-        return _generate(root, params, heldout, workers, overwrite, progress)
+        return _generate(root, params, heldout, workers, overwrite, progress, replace)
 
 
 def _generate(root: Path, params: dict[str, Any], heldout: list[tuple[str, str]], workers: int, overwrite: bool,
-              progress: Callable[[int, int], None] | None) -> WorldSummary:
+              progress: Callable[[int, int], None] | None, replace: bool) -> WorldSummary:
     if not overwrite and (world := _existing(root, params)) is not None:
         log.info("reusing the synthetic world in %s (same parameters)", root)
         return _summary(root, world, reused=True)
     marker = root / INCOMPLETE
     ours = _made_here(root) or marker.is_file()
-    if _made_here(root) and not overwrite:  # a run with other data.synth values replaces the world
-        log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root,
-                    _changed(root, params))
+    changed = _changed(root, params) if _made_here(root) else None
+    if changed not in (None, "incomplete", "unknown") and not overwrite and not replace:  # a damaged one goes
+        raise UserError(f"{root} holds a synthetic world made with other parameters ({changed}), and runs trained "
+                        "on it read it: pass --overwrite (overwrite=True) to replace it, or choose another folder")
+    if changed is not None and not overwrite:  # a run with other data.synth values replaces the world
+        log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root, changed)
     if any(root.iterdir()) and not ours and not overwrite:
         # `mmembed train`'s --overwrite is the run folder's and never reaches here: say what a config does
         raise UserError(
