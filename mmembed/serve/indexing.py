@@ -98,7 +98,10 @@ class IndexBuild:
         return self._index
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state, "done": self.done, "total": self.total, "source": self.source}
+        """What /api/status shows of the index: `source` is the folder's or manifest's name only (any
+        client reads this, and under --host 0.0.0.0 any machine: it showed the server's full path)."""
+        name = Path(os.path.abspath(self.source)).name if self.source else ""  # abspath: `--index .` has none
+        out: dict[str, Any] = {"state": self.state, "done": self.done, "total": self.total, "source": name}
         if self._index is not None:
             out.update(counts=self._index.counts(), seconds=round(self._seconds or 0.0, 1))
         if self.error:

@@ -29,7 +29,7 @@ from starlette.requests import Request
 
 from mmembed.errors import BadInput
 from mmembed.modality import Modality
-from mmembed.serve.safety import Limits, Refusal, accepted_formats, display_name, megabytes, sniff
+from mmembed.serve.safety import Limits, Refusal, accepted_formats, display_name, megabytes, over_limit, sniff
 
 Check = Callable[[Modality, bytes], None]  # raises BadInput when the preprocessing cannot use the bytes
 
@@ -72,9 +72,24 @@ async def read_form(request: Request, limits: Limits) -> FormData:
 
 
 class _TextParser(MultiPartParser):
-    """Starlette's multipart parser, refusing a text field whose bytes are not text in its charset
-    (the part's own Content-Type charset, else the form's, else UTF-8): Starlette decoded them as
-    Latin-1 instead, so b"caf\\xe9" was stored as "café" and the user b"\\xfe" became the user "þ"."""
+    """Starlette's multipart parser, refusing
+    - a text field whose bytes are not text in its charset (the part's own Content-Type charset,
+      else the form's, else UTF-8): Starlette decoded them as Latin-1 instead, so b"caf\\xe9" was
+      stored as "café" and the user b"\\xfe" became the user "þ";
+    - a body that ends before the closing boundary: Starlette kept the parts that had ended and
+      dropped the one cut off, so a picture was lost (or k=3 ignored) and the answer was a 200."""
+
+    _closed = False  # set when the parser reaches the closing boundary (`--B--`)
+
+    def on_end(self) -> None:
+        self._closed = True
+
+    async def parse(self) -> FormData:
+        form = await super().parse()
+        if not self._closed:
+            await form.close()  # the parts' spooled files
+            raise MultiPartException("the form ends before its closing boundary (was the upload cut off?)")
+        return form
 
     def on_part_end(self) -> None:
         part = self._current_part
@@ -120,11 +135,13 @@ _PARSERS = {"multipart/form-data": _TextParser, "application/x-www-form-urlencod
 async def read_pieces(form: FormData, limits: Limits, check: Check) -> list[Piece]:
     """The `text` and `file` fields of `form`, in order, each checked (see the module doc)."""
     pieces: list[Piece] = []
+    texts = 0  # a text is named by its place among the texts ("text 2" was the text after a file)
     for key, value in form.multi_items():
         if key == "text":
-            text = _text(value, limits, len(pieces) + 1)
+            texts += 1
+            text = _text(value, limits, texts)
             if text:
-                pieces.append(Piece(Modality.TEXT, text, f"text {len(pieces) + 1}"))
+                pieces.append(Piece(Modality.TEXT, text, f"text {texts}"))
         elif key == "file":
             if not isinstance(value, UploadFile):
                 raise Refusal(400, "a `file` field must be an uploaded file")
@@ -144,8 +161,7 @@ def _text(value: Any, limits: Limits, number: int) -> str:
 async def _file(upload: UploadFile, limits: Limits, check: Check) -> Piece:
     name = display_name(upload.filename)
     if upload.size is not None and upload.size > limits.max_file_bytes:
-        raise Refusal(413, f"{name} is too large ({megabytes(upload.size)}; at most "
-                           f"{megabytes(limits.max_file_bytes)} a file)")
+        raise Refusal(413, f"{name} is too large ({over_limit(upload.size, limits.max_file_bytes)} a file)")
     data = await upload.read(limits.max_file_bytes + 1)
     await upload.close()
     if len(data) > limits.max_file_bytes:

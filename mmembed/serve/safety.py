@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -129,6 +130,15 @@ def megabytes(n: int) -> str:
     return f"{n / MiB:.1f} MB"
 
 
+def over_limit(size: int, limit: int) -> str:
+    """'10.1 MB; at most 10.0 MB': the size rounded up (10 MB and a byte read "10.0 MB; at most
+    10.0 MB"), in bytes where both still read the same (a limit that is no whole tenth of a MB)."""
+    shown, most = f"{math.ceil(10 * size / MiB) / 10:.1f} MB", megabytes(limit)
+    if shown == most:
+        shown, most = f"{size:,} bytes", f"{limit:,} bytes"
+    return f"{shown}; at most {most}"
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` gets 413 before the app parses it.
 
@@ -153,7 +163,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge(413, self._message(seen, counted=True))
+                    raise _TooLarge(413, self._message(None))
             return message
 
         tracked, started = watch_start(send)
@@ -163,10 +173,10 @@ class BodyLimit:
             if not started():
                 await _send_error(send, 413, e.message)
 
-    def _message(self, size: int, counted: bool = False) -> str:
-        shown = f"over {megabytes(size)}" if counted else megabytes(size)
-        return (f"request too large ({shown}; at most {megabytes(self.max_bytes)} in one request: "
-                f"send fewer or smaller files)")
+    def _message(self, declared: int | None) -> str:
+        # no declared size: the body was cut off just past the limit (what was read would read as the limit)
+        shown = f"over {megabytes(self.max_bytes)}" if declared is None else over_limit(declared, self.max_bytes)
+        return f"request too large ({shown} in one request: send fewer or smaller files)"
 
 
 class _TooLarge(Refusal):
@@ -198,19 +208,33 @@ class SameSite:
                                                 "address (a name that reaches a server bound to loopback)")
         origin = headers.get(b"origin")
         if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin is not None:
-            if urlsplit(origin.decode("latin-1")).netloc != host:
-                return await _send_error(send, 403, "refused: a page of another site may not send this server "
-                                                    f"requests (Origin {origin.decode('latin-1')[:80]!r})")
+            refused = _foreign(origin.decode("latin-1"), host)
+            if refused:
+                return await _send_error(send, 403, refused)
         return await self.app(scope, receive, send)
+
+
+def _foreign(origin: str, host: str) -> str | None:
+    """Why a request from `origin` may not drive the server reached as `host`, or None when it may."""
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[" (an unclosed IPv6 bracket) was a traceback and a plain-text 500
+        return f"refused: Origin {origin[:80]!r} is not a URL"
+    if netloc != host:
+        return f"refused: a page of another site may not send this server requests (Origin {origin[:80]!r})"
+    return None
 
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # under `--host ::` an IPv4 connection's address is ::ffff:127.0.0.1, which Python < 3.13 does
+    # not count as loopback: the Host check was skipped for it
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def _is_ip(text: str) -> bool:

@@ -163,7 +163,8 @@ def test_media_urls_are_answered_and_cached_only_by_the_server_that_gave_them(cl
      "notes.png is not a file this server reads, whatever its name says"),
     ([("file", ("bomb.png", png_header(30000, 30000)))], {}, 400, "bomb.png (PNG) cannot be used: decompression bomb"),
     ([("file", ("wide.png", png_header(20000, 100)))], {}, 400, "wide.png (PNG) cannot be used: image too large"),
-    ([("file", ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(70 * 1024)))], {}, 413, "big.png is too large (0.1 MB"),
+    ([("file", ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(70 * 1024)))], {}, 413,
+     "big.png is too large (71,688 bytes; at most 65,536 bytes a file)"),
     ([("file", ("empty.wav", b""))], {}, 400, "empty.wav is empty"),
     ([("file", ("../../etc/passwd", b"root:x:0:0"))], {}, 415, "passwd is not a file"),
     ([("file", ("cut.png", png_header(32, 32)[:40]))], {}, 400, "cut.png (PNG) cannot be used"),
@@ -575,7 +576,7 @@ def test_indexing_reports_progress_and_searches_wait_for_it(tiny_world):
     with lock:  # the build embeds under this lock: held here, it cannot advance
         build = IndexBuild.start(model, tiny_world / "test.jsonl", lock)
         time.sleep(0.2)
-        assert build.status() == {"state": "building", "done": 0, "total": n, "source": str(tiny_world / "test.jsonl")}
+        assert build.status() == {"state": "building", "done": 0, "total": n, "source": "test.jsonl"}
         state = ServeState(model, build, None, LIMITS, "tiny", lock)
         with TestClient(create_app(state)) as client:
             response = client.post("/api/search", files=files(("text", "a red star")))
@@ -751,3 +752,97 @@ def test_top_k_past_the_vocabulary_is_all_of_it_and_status_lists_the_bounds(clie
     assert response.json()["error"] == "temperature must be between 0 and 100, got 100.5"
     limits = client.get("/api/status").json()["limits"]
     assert (limits["max_temperature"], limits["max_stops"]) == (100, 8)
+
+
+# ---- fixes: cut-off forms, Origin and Host guards, size and text messages, status paths -------------
+
+
+CUT = "bad form: the form ends before its closing boundary (was the upload cut off?)"
+
+
+def part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--B\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value
+
+
+def test_a_form_cut_off_before_its_closing_boundary_is_a_400(client, tiny_world):
+    """Starlette dropped a part that never ended: the text was stored and the picture lost (a 200),
+    an unterminated temperature=1.5 answered greedily, a cut-off k=3 gave 12 hits."""
+    name, data = first(tiny_world, "image")
+    memory = client.app.state.serve.memory
+    kind = {"content-type": "multipart/form-data; boundary=B"}
+    user, text = part("user", b"cut") + b"\r\n", part("text", b"my picture:") + b"\r\n"
+    for body, path in [(user + text + part("file", data, name), "/api/memory/remember"),
+                       (user + text + part("file", data, name) + b"\r\n--B-", "/api/memory/remember"),
+                       (part("text", b"hi") + b"\r\n" + part("temperature", b"1.5"), "/api/generate"),
+                       (part("text", b"a red star") + b"\r\n" + part("k", b"3"), "/api/search"),
+                       (b"", "/api/search")]:
+        response = client.post(path, content=body, headers=kind)
+        assert response.status_code == 400 and response.json() == {"error": CUT}, (body[-40:], response.text)
+    assert memory.count("cut") == 0
+    # the same form with its closing boundary is read whole
+    whole = user + text + part("file", data, name) + b"\r\n--B--\r\n"
+    assert client.post("/api/memory/remember", content=whole, headers=kind).status_code == 200
+    assert sorted(h.modality for h in memory.recent("cut")) == ["image", "text"]
+    closed = part("text", b"a red star") + b"\r\n" + part("k", b"3") + b"\r\n--B--"
+    assert len(client.post("/api/search", content=closed, headers=kind).json()["hits"]) == 3
+
+
+def test_a_malformed_origin_is_a_json_403_through_the_app(client):
+    """Origin: http://[ made urlsplit raise outside the crash guard: a plain-text 500 and a traceback."""
+    for origin in ("http://[", "http://[::1", "http://a:b@[x]"):
+        response = client.post("/api/search", files=files(("text", "a red star")), headers={"origin": origin})
+        assert response.status_code == 403 and response.json() == {"error": f"refused: Origin {origin!r} is not a URL"}
+        assert "content-security-policy" in response.headers
+    assert client.get("/api/status").status_code == 200
+
+
+def test_the_host_check_holds_on_a_dual_stack_socket(model):
+    """Under --host :: an IPv4 loopback connection reports ::ffff:127.0.0.1, which did not count as
+    loopback: Host: evil.example (a DNS name rebound to 127.0.0.1) got a 200 from /api/status."""
+    import httpx
+
+    from mmembed.serve import BackgroundServer
+
+    state = ServeState(model, IndexBuild(), None, LIMITS, "tiny", threading.Lock())
+    try:
+        server = BackgroundServer(create_app(state), host="::")
+        url = server.__enter__()
+    except (UserError, RuntimeError) as e:
+        pytest.skip(f"no IPv6 socket here ({e})")
+    try:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        v4 = f"http://127.0.0.1:{port}/api/status"
+        refused = httpx.get(v4, headers={"host": "evil.example"}, timeout=10)
+        assert refused.status_code == 403 and "evil.example" in refused.json()["error"]
+        assert httpx.get(v4, timeout=10).status_code == 200
+        assert httpx.get(v4, headers={"host": f"[::ffff:127.0.0.1]:{port}"}, timeout=10).status_code == 200
+    finally:
+        server.__exit__(None, None, None)
+
+
+def test_a_file_just_over_its_limit_does_not_read_as_the_limit(client):
+    """A file of the limit and a byte was "too large (0.1 MB; at most 0.1 MB a file)" (10.0 and 10.0
+    at the default 10 MB)."""
+    big = b"\x89PNG\r\n\x1a\n" + bytes(LIMITS.max_file_bytes - 7)
+    response = client.post("/api/search", files=files(("file", ("big.png", big))))
+    assert response.status_code == 413
+    assert response.json()["error"] == "big.png is too large (65,537 bytes; at most 65,536 bytes a file)"
+
+
+def test_a_text_too_long_is_named_by_its_place_among_the_texts(client, tiny_world):
+    """A too-long text after a file was "text 2 has 2,001 characters", though it was the only text."""
+    name, data = first(tiny_world, "image")
+    response = client.post("/api/search", files=files(("file", (name, data)), ("text", "x" * 2001)))
+    assert response.status_code == 413 and response.json()["error"] == "text 1 has 2,001 characters; at most 2,000"
+    response = client.post("/api/search", files=files(("text", "red"), ("file", (name, data)), ("text", "x" * 2001)))
+    assert response.json()["error"] == "text 2 has 2,001 characters; at most 2,000"
+
+
+def test_status_shows_the_index_by_name_never_its_path(client, model, tiny_world, tmp_path, monkeypatch):
+    """/api/status gave every client the server's path of the index ("/tmp/review-serve/idx")."""
+    assert client.get("/api/status").json()["index"]["source"] == "test.jsonl"
+    mm.Index.build(model, tiny_world / "test.jsonl", progress=False).save(tmp_path / "my-index")
+    monkeypatch.chdir(tmp_path / "my-index")
+    for given in (tmp_path / "my-index", f"{tmp_path}/my-index/", "."):  # `--index .` is the folder's name too
+        assert IndexBuild.load(given, model).status()["source"] == "my-index"

@@ -4,6 +4,7 @@ whatever a file is called; client file names are only ever shown, cleaned; weigh
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -84,3 +85,67 @@ def test_a_request_within_every_other_limit_fits_the_body_limit():
     limits = Limits(max_file_bytes=1000, max_files=3)
     fields = limits.max_fields * 4 * limits.max_text_chars  # every field at its longest, 4 bytes a character
     assert limits.max_request_bytes >= limits.max_files * limits.max_file_bytes + fields
+
+
+# ---- the SameSite guard and size messages -----------------------------------------------------------
+
+
+def same_site(headers: dict[str, str], server: str = "127.0.0.1", method: str = "POST") -> tuple[int, dict, dict]:
+    """SameSite (inside SecurityHeaders, as in the app) over an app answering 200: status, body, headers."""
+    import asyncio
+
+    from mmembed.serve.safety import SameSite, SecurityHeaders
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "server": (server, 8000),
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(SecurityHeaders(SameSite(ok))(scope, None, send))
+    return sent[0]["status"], json.loads(sent[1]["body"]), {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://a:b@[x]"])
+def test_a_malformed_origin_is_a_json_403(origin):
+    """An Origin urlsplit cannot read raised ValueError outside the crash guard: a plain-text 500."""
+    status, body, headers = same_site({"host": "127.0.0.1:8000", "origin": origin})
+    assert status == 403 and body == {"error": f"refused: Origin {origin!r} is not a URL"}
+    assert headers["content-type"] == "application/json" and "content-security-policy" in headers
+    assert same_site({"host": "127.0.0.1:8000", "origin": "http://127.0.0.1:8000"})[0] == 200
+
+
+def test_an_ipv4_mapped_loopback_address_is_loopback():
+    """Under --host :: an IPv4 connection is to ::ffff:127.0.0.1, which was not loopback: the Host
+    check was skipped, and a DNS name rebound to 127.0.0.1 got every answer."""
+    from mmembed.serve.safety import _local, is_loopback
+
+    assert is_loopback("::ffff:127.0.0.1") and is_loopback("::ffff:127.8.9.10") and is_loopback("::1")
+    assert not is_loopback("::ffff:10.0.0.1") and not is_loopback("::ffff:0:127.0.0.1")  # the latter: IPv4-translated
+    assert _local("[::ffff:127.0.0.1]:8000") and not _local("[::ffff:192.168.1.5]:8000")
+    get = {"method": "GET"}
+    assert same_site({"host": "evil.example:8000"}, server="::ffff:127.0.0.1", **get)[0] == 403
+    assert same_site({"host": "[::ffff:127.0.0.1]:8000"}, server="::ffff:127.0.0.1", **get)[0] == 200
+    assert same_site({"host": "evil.example:8000"}, server="::ffff:192.168.1.5", **get)[0] == 200  # on the network
+
+
+def test_a_size_over_a_limit_never_reads_as_the_limit():
+    """10 MB and a byte was "10.0 MB; at most 10.0 MB" (both rounded to a tenth)."""
+    from mmembed.serve.safety import BodyLimit, MiB, over_limit
+
+    assert over_limit(10 * MiB + 1, 10 * MiB) == "10.1 MB; at most 10.0 MB"
+    assert over_limit(11 * MiB, 10 * MiB) == "11.0 MB; at most 10.0 MB"  # the README's example
+    assert over_limit(64 * 1024 + 1, 64 * 1024) == "65,537 bytes; at most 65,536 bytes"  # 0.1 MB both, rounded up
+    body = BodyLimit(None, 10 * MiB)  # a declared body, and one counted until it passed the limit
+    assert body._message(10 * MiB + 1) == "request too large (10.1 MB; at most 10.0 MB in one request: " \
+                                          "send fewer or smaller files)"
+    assert body._message(None) == "request too large (over 10.0 MB in one request: send fewer or smaller files)"
+    for limit in (10 * MiB, 64 * 1024, 3 * MiB + 12345, 80 * MiB + 544768):
+        for size in (limit + 1, limit + 1000, limit + MiB // 10, 2 * limit):
+            shown, most = over_limit(size, limit).split("; at most ")
+            assert shown != most, (size, limit)
