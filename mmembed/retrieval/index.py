@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmembed.errors import BadInput, UserError
+from mmembed.data.manifest import read_manifest
+from mmembed.errors import BadInput, CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
-from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read
+from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, outside_root_allowed
 from mmembed.retrieval.hits import Hit
-from mmembed.retrieval.persist import metadata_json, read_index, write_index
+from mmembed.retrieval.persist import metadata_json, read_index, saved_metadata, write_index
 from mmembed.retrieval.query import Query
 from mmembed.retrieval.store import VectorStore, check_vectors, copied, storage_dtype
 
@@ -70,7 +71,7 @@ class Index:
         self._store = VectorStore(dim, storage_dtype(storage))
         self._backend = build_backend(backend, backend_args)
         self._model: Any = None
-        self.info: dict[str, Any] = {}  # provenance (manifest, counts), saved in index.json
+        self.info: dict[str, Any] = {}  # provenance (manifest, counts), saved in index.json (a Path as a str)
         self.skipped: list[tuple[int, str, str]] = []  # (line, modality, reason) from `build`
 
     # ---- construction ----------------------------------------------------------------------
@@ -82,9 +83,11 @@ class Index:
         """Embed every modality present in a manifest (one entry per row and modality).
 
         Metadata of each entry: the manifest's extra columns, plus `line` (manifest line),
-        `label` and `item` (the path or caption). Unreadable items are skipped and listed
-        in `index.skipped` as (line, modality, reason).
+        `label` and `item` (the path or caption): a manifest with a `line` or `item` column is
+        refused (UserError). Unreadable items are skipped and listed in `index.skipped` as
+        (line, modality, reason).
         """
+        _check_columns(model, manifest_path)
         index = cls(int(model.embed_dim), fingerprint=model.fingerprint, backend=backend, storage=storage,
                     **backend_args)
         index.model = model
@@ -136,7 +139,8 @@ class Index:
             metadata: Sequence[dict[str, Any]] | dict[str, Any] | None = None) -> list[int]:
         """Add (N, D) vectors of one modality; returns their new stable ids.
 
-        `metadata` is one dict per row (a lone dict for a single vector); the index keeps copies.
+        `metadata` is one dict per row (a lone dict for a single vector); the index keeps copies as a
+        save writes them (a 0-d tensor or numpy scalar its number, a tuple a list, a Path a str).
         Rows are normalised to unit length (rows already unit-norm are stored as given).
         Raises BadInput (a ValueError) naming the row for NaN/Inf or zero rows and for a
         wrong dimension; nothing is added then.
@@ -149,15 +153,14 @@ class Index:
             metadata = [metadata]
         meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
         for i, m in enumerate(meta):  # what a save cannot write is refused now, not at the save
-            if isinstance(m, dict):
-                metadata_json(m, f"metadata[{i}]")
-                meta[i] = copied(m)  # the caller's nested lists, changed later, would change the index
+            if isinstance(m, dict):  # kept as a load reads it back (a copy: the caller's later edits stay theirs)
+                meta[i] = saved_metadata(m, f"metadata[{i}]")
         return self._store.append(v, modality, meta)
 
     def remove(self, ids: int | Iterable[int]) -> None:
         """Remove items by id, one or several (an unknown id raises UserError and removes nothing)."""
-        with contextlib.suppress(TypeError):  # one id, of any integer type (numpy's, a 0-d tensor)
-            ids = [operator.index(ids)]
+        with contextlib.suppress(TypeError):  # one id, of any integer type (numpy's, a 0-d tensor); True removed item 1
+            ids = [ids if isinstance(ids, bool) else operator.index(ids)]
         if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):  # "12" removed ids 1 and 2
             raise UserError(f"remove takes an item id or a sequence of them, got {ids!r:.40}")
         self._store.remove(ids)
@@ -341,8 +344,11 @@ class Index:
         """
         saved = read_index(directory)
         h = saved.header
-        index = cls(h["dim"], fingerprint=h.get("fingerprint"), backend=h["backend"], storage=h["storage"],
-                    **h.get("backend_args", {}))
+        try:
+            index = cls(h["dim"], fingerprint=h.get("fingerprint"), backend=h["backend"], storage=h["storage"],
+                        **h.get("backend_args", {}))
+        except UserError as e:  # a hand-edited backend or argument (a ConfigError or a backend's UserError)
+            raise CheckpointError(f"{Path(directory) / 'index.json'}: {e}") from None
         index._store = saved.store
         index.info = h.get("info", {})
         if model is not None:
@@ -352,6 +358,16 @@ class Index:
     def __repr__(self) -> str:
         counts = ", ".join(f"{m}={n}" for m, n in self.counts().items()) or "empty"
         return f"Index(dim={self.dim}, {counts}, backend={self.backend_name!r}, storage={self.storage!r})"
+
+
+def _check_columns(model: Any, manifest_path: str | Path) -> None:
+    """UserError for manifest columns named like the metadata `build` writes (they were overwritten
+    without a word). Read before the embedding, so a clash costs none (a read is ~0.1 ms a row)."""
+    manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))
+    if clash := sorted(manifest.meta_columns & {"line", "item"}):
+        raise UserError(f"{manifest.path}: an index writes its own 'line' (manifest line) and 'item' (path or caption) "
+                        f"into each item's metadata; rename the manifest's {' and '.join(map(repr, clash))} column"
+                        + "s" * (len(clash) > 1))
 
 
 def _unsaveable(item: Any, error: UserError) -> str:
@@ -397,6 +413,8 @@ def _check_query_vectors(q: Any, dim: int, first: int = 0) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):  # None, a dict, a list of strings
         raise UserError(f"query {first} is a {type(q).__name__}: pass a (D,) vector, an mm.Query(...), or an "
                         "mm.Image / mm.Audio / mm.Text")
+    if np.iscomplexobj(a):  # astype(float32) dropped the imaginary part with a warning; `add` refuses it too
+        raise BadInput(f"query {first} must be real, got {getattr(q, 'dtype', a.dtype)}")
     if a.dtype != np.float32:
         a = a.astype(np.float32)
     a = a.reshape(1, -1) if a.ndim <= 1 else a

@@ -45,7 +45,7 @@ from mmembed.checkpoint import (atomic_write_json, atomic_write_text, file_above
 from mmembed.errors import CheckpointError, UserError
 from mmembed.file_lock import exclusive
 from mmembed.modality import Modality
-from mmembed.retrieval.store import MODALITY_CODES, STORAGE_DTYPES, VectorStore
+from mmembed.retrieval.store import ID_LIMIT, MODALITY_CODES, STORAGE_DTYPES, VectorStore, non_str_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     """
     if store.n_dead:
         raise RuntimeError("compact the store before writing it")  # Index.save does
+    header = _writable_header(header)  # before anything is written: the old index stays as it was
     directory = Path(directory)
     target = directory.resolve()  # through a symlink: the swap renames the real folder
     text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
@@ -260,6 +261,23 @@ def _read_folder(directory: Path) -> SavedIndex:
     return SavedIndex(header, store)
 
 
+def _writable_header(header: dict[str, Any]) -> dict[str, Any]:
+    """`header` as index.json will hold it (a Path a str, as in metadata); UserError for what JSON cannot
+    write or `read_index` would refuse (a save then replaced a good index with one no load reads)."""
+    written = {}
+    for key, value in header.items():
+        if bad := non_str_keys(value):  # JSON would make it a str: the value would change across the save
+            raise UserError(f"cannot save the index: its {key} has a key that is not a str: {bad[0]!r}")
+        try:
+            written[key] = json.loads(json.dumps(value, default=_json_default))
+        except (TypeError, ValueError) as e:  # a date, a set, a loop
+            raise UserError(f"cannot save the index: its {key} cannot be written as JSON ({e}); "
+                            "use str, numbers, lists and dicts") from None
+    if problem := _header_problem(written):
+        raise UserError(f"cannot save the index: its {problem}")
+    return written
+
+
 def _metadata_line(meta: dict[str, Any], item_id: int) -> str:
     return metadata_json(meta, f"metadata of item {item_id}") + "\n"
 
@@ -279,6 +297,15 @@ def metadata_json(meta: dict[str, Any], what: str) -> str:
     return line
 
 
+def saved_metadata(meta: dict[str, Any], what: str) -> dict[str, Any]:
+    """`meta` as a load reads it back (a 0-d tensor or numpy scalar a number, a tuple a list, a Path a str),
+    so a filter matches the same items before and after a save; UserError naming `what` for what
+    no save can write."""
+    if bad := non_str_keys(meta):  # JSON would make it a str
+        raise UserError(f"{what} has a key that is not a str: {bad[0]!r}")
+    return json.loads(metadata_json(meta, what))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -289,13 +316,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-# every header field a load relies on, with its type (ints also >= 0)
+# every header field a load relies on, with its type (ints also >= 0); backend_args, info,
+# fingerprint and vectors_sha256 may be missing
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "dim": int, "count": int, "next_id": int, "storage": str, "backend": str, "generation": str,
     "modalities": list, "metadata_sha256": str, "backend_args": dict, "info": dict,
     "fingerprint": (str, type(None)), "vectors_sha256": str,
 }
-_OPTIONAL = ("backend_args", "info", "fingerprint", "vectors_sha256")
 _INFO_PATHS = ("run_dir", "manifest")  # the paths `info` may hold
 
 
@@ -307,22 +334,32 @@ def _check_header(header: Any, directory: Path) -> None:
     if header["format"] != FORMAT_VERSION or isinstance(header["format"], bool):  # "1" printed as 1
         raise CheckpointError(f"{directory}: index format {header['format']!r} is not supported "
                               f"(this mmembed reads format {FORMAT_VERSION})")
-    for key, kinds in _HEADER_TYPES.items():
-        if key not in header and key in _OPTIONAL:
-            continue
-        value = header.get(key)
-        if not isinstance(value, kinds) or isinstance(value, bool) or (kinds is int and value < 0):
-            raise CheckpointError(f"{directory / HEADER}: field {key!r} is {value!r}, not a valid "
-                                  f"{' or '.join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))}")
-    for key in _INFO_PATHS:  # `mmembed search` and `serve` open them: a number was a TypeError traceback there
-        value = header.get("info", {}).get(key)
-        if not isinstance(value, (str, type(None))):
-            raise CheckpointError(f"{directory / HEADER}: field 'info.{key}' is {value!r}, not a path (str)")
+    if problem := _header_problem(header):
+        raise CheckpointError(f"{directory / HEADER}: {problem}")
     if header["next_id"] < header["count"]:
         raise CheckpointError(f"{directory / HEADER}: next_id {header['next_id']} is below the item count "
                               f"{header['count']}: new items would reuse ids")
-    if header["storage"] not in STORAGE_DTYPES:
-        raise CheckpointError(f"{directory}: unknown storage {header['storage']!r}")
+
+
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with the fields `header` holds ("field 'info' is None, not a valid dict"), else None:
+    the rules of a load, which a save applies before writing (missing fields are for the load to judge)."""
+    for key, kinds in _HEADER_TYPES.items():
+        if key not in header:
+            continue
+        value = header[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) or (kinds is int and value < 0):
+            names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            return f"field {key!r} is {value!r:.80}, not a valid {names}"
+        if key == "next_id" and value > ID_LIMIT:  # an add then raised "Overflow when unpacking long long"
+            return f"field 'next_id' is {value}, beyond int64 ids"
+    for key in _INFO_PATHS:  # `mmembed search` and `serve` open them: a number was a TypeError traceback there
+        value = header.get("info", {}).get(key)
+        if not isinstance(value, (str, type(None))):
+            return f"field 'info.{key}' is {value!r:.80}, not a path (str)"
+    if "storage" in header and header["storage"] not in STORAGE_DTYPES:
+        return f"field 'storage' is {header['storage']!r}, not one of {', '.join(STORAGE_DTYPES)}"
+    return None
 
 
 def _generation(path: Path) -> str | None:

@@ -138,11 +138,21 @@ def _as_vectors(vector: Any) -> Tensor | None:
     """None, (D,) or (n, D) -> (n, D) float32 unit rows; NaN/Inf or zero rows are refused."""
     if vector is None:
         return None
-    v = torch.as_tensor(vector).detach().float().cpu()
+    try:
+        v = torch.as_tensor(vector).detach()
+    except (TypeError, ValueError, RuntimeError):  # a str, a list of them, None inside: torch's raw TypeError
+        raise UserError(f"Query: vector must be a (D,) or (n, D) array of numbers, "
+                        f"got {type(vector).__name__}") from None
+    if v.is_complex():  # .float() dropped the imaginary part with a warning
+        raise UserError(f"Query: vector must be real, got {v.dtype}")
+    shape = tuple(v.shape)
+    v = v.float().cpu()
     if v.dim() == 1:
         v = v.unsqueeze(0)
     if v.dim() != 2 or v.shape[0] == 0:
-        raise UserError(f"Query: vector must have shape (D,) or (n, D), got {tuple(v.shape)}")
+        raise UserError(f"Query: vector must have shape (D,) or (n, D), got {shape}")
+    if v.shape[1] == 0:  # it was called "the zero vector"
+        raise UserError(f"Query: vector is empty (shape {shape}); pass a (D,) or (n, D) vector")
     if not bool(torch.isfinite(v).all()):
         raise UserError("Query: vector contains NaN or Inf")
     norms = v.norm(dim=1, keepdim=True)

@@ -22,6 +22,7 @@ from mmembed.modality import Modality
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
+ID_LIMIT = 2**63  # ids are int64: every id is below this, `next_id` at most this
 _UNIT_TOL = 1e-4  # rows already unit-norm within this are stored bit-exact
 _TINY_NORM = 1e-15  # below, a row's float32 squares lose precision to subnormals
 
@@ -146,8 +147,8 @@ class VectorStore:
         return item_id in self._row_of
 
     def row_of(self, item_id: int) -> int:
-        try:
-            return self._row_of[int(item_id)]
+        try:  # `_item_id`: int() read 1.9 and "1" as item 1 (`remove` and `in` refused them)
+            return self._row_of[_item_id(item_id)]
         except KeyError:
             raise UserError(f"no item with id {item_id} in the index") from None
 
@@ -166,16 +167,17 @@ class VectorStore:
         n = vectors.shape[0]
         if len(metadata) != n:
             raise UserError(f"{len(metadata)} metadata dicts for {n} vectors")
-        for i, meta in enumerate(metadata):
+        for i, meta in enumerate(metadata):  # non-str keys: refused by `Index.add`, never in a load's JSON
             if not isinstance(meta, dict):
                 raise UserError(f"metadata[{i}] must be a dict, got {type(meta).__name__}")
-            if bad := non_str_keys(meta):  # JSON would make it a str on save: filters would change
-                raise UserError(f"metadata[{i}] has a key that is not a str: {bad[0]!r}")
-        self._reserve(self.n_rows + n)
         if ids is None:
+            if self.next_id + n > ID_LIMIT:  # (a hand-edited next_id) torch raised "Overflow when unpacking long long"
+                raise UserError(f"the index has no ids left for {n} new items: its next id is {self.next_id}, "
+                                f"and ids are int64 (below {ID_LIMIT})")
             new_ids = list(range(self.next_id, self.next_id + n))
         else:
             new_ids = [int(i) for i in ids]
+        self._reserve(self.n_rows + n)
         start, end = self.n_rows, self.n_rows + n
         self._vectors[start:end] = vectors.to(self.dtype)
         self._ids[start:end] = torch.tensor(new_ids, dtype=torch.int64)

@@ -149,3 +149,18 @@ def test_a_file_name_that_is_not_utf8_is_named_as_the_reason_its_image_is_left_o
     path.write_text('{"text": "a picture of c1", "label": "caf\\udce9"}\n{"text": "a picture of c2"}\n')
     ((_, _, reason),) = Index.build(FakeModel(), path, progress=False).skipped
     assert reason.startswith("one of its columns holds a lone surrogate U+DCE9")
+
+
+@pytest.mark.parametrize("columns, said", [({"line": "my-line-col"}, "'line' column$"),
+                                           ({"item": "x", "line": 3}, "'item' and 'line' columns$")])
+def test_manifest_columns_named_line_or_item_are_refused_before_any_embedding(tmp_path, columns, said):
+    """A manifest's own `line` and `item` columns were overwritten by the index's, without a word."""
+    rows = [{"text": f"a picture of c{i}", "score": i} for i in range(3)]
+    rows[1].update(columns)
+    model = FakeModel()
+    with pytest.raises(UserError, match=f"an index writes its own 'line'.*rename the manifest's {said}"):
+        Index.build(model, write_manifest(tmp_path, rows), progress=False)
+    assert model.calls == 0
+    idx = Index.build(model, write_manifest(tmp_path, [{k: v for k, v in r.items() if k not in columns} for r in rows]),
+                      progress=False)
+    assert idx.metadata(1) == {"score": 1, "line": 2, "label": None, "item": "a picture of c1"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmembed.errors import ConfigError, UserError
+from mmembed.errors import BadInput, ConfigError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index, Query, format_hits
 from tests.retrieval.fakes import FakeModel
@@ -395,3 +395,24 @@ def test_k_may_be_a_numpy_integer():
     assert [h.id for h in idx.search(q, k=np.int64(3))] == [h.id for h in idx.search(q, k=3)]
     with pytest.raises(ValueError, match="k must be a positive int"):
         idx.search(q, k=np.bool_(True))
+
+
+@pytest.mark.parametrize("bad", [1.9, "1", 1.0, True, None])
+def test_vector_and_metadata_refuse_ids_that_remove_refuses(index, bad):
+    """metadata(1.9) and vector("1") gave item 1 (int() read them) while `remove` and `in` refused them."""
+    assert bad not in index
+    for read in (index.vector, index.metadata, index.remove):
+        with pytest.raises(UserError, match="item ids are integers|remove takes an item id"):
+            read(bad)
+    assert torch.equal(index.vector(np.int64(1)), index.vector(1)) and index.metadata(torch.tensor(1)) == {"n": 1, "group": 1}
+
+
+@pytest.mark.parametrize("query", [torch.tensor([1 + 0j] + [5j] * (D - 1)), np.full(D, 1 + 1j),
+                                   torch.ones(2, D, dtype=torch.complex128)])
+def test_a_complex_query_is_refused_not_cut_to_its_real_part(index, query):
+    """A complex query lost its imaginary part with a ComplexWarning and searched on; `add` refuses complex."""
+    search = index.search if query.ndim == 1 else index.search_ids
+    with pytest.raises(BadInput, match="query 0 must be real, got .*complex"):
+        search(query, k=2)
+    with pytest.raises(BadInput, match="query 1 must be real"):
+        index.search_batch([torch.ones(D), query.reshape(-1, D)[0]], k=2)

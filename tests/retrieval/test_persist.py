@@ -1,5 +1,6 @@
 """save → load gives the same hits; model mismatches and damaged files are clear errors."""
 
+import datetime
 import hashlib
 import json
 import re
@@ -7,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -386,3 +388,80 @@ def test_a_header_with_a_non_string_path_or_format_says_what_it_holds(tmp_path, 
     assert main(["search", str(tmp_path / "ix"), "--text", "a red star"]) == 2
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1
+
+
+def _small(fingerprint=None) -> Index:
+    ix = Index(4, fingerprint=fingerprint)
+    ix.add(torch.eye(4)[:2], "text", [{"n": 0}, {"n": 1}])
+    return ix
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda ix: setattr(ix, "info", None), "field 'info' is None, not a valid dict"),
+    (lambda ix: setattr(ix, "fingerprint", 7), "field 'fingerprint' is 7, not a valid str"),
+    (lambda ix: setattr(ix, "info", {"built": datetime.date(2026, 1, 1)}), "info cannot be written as JSON (date"),
+    (lambda ix: setattr(ix, "info", {"manifest": 5}), "field 'info.manifest' is 5, not a path"),
+    (lambda ix: setattr(ix, "info", {3: "x"}), "info has a key that is not a str: 3"),
+])
+def test_a_save_that_no_load_could_read_is_refused_before_the_old_index_is_touched(tmp_path, change, said):
+    """A re-save with info=None or fingerprint=7 replaced a good index with one no load read; a date was a TypeError."""
+    _small("abc").save(tmp_path / "ix")
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "ix").iterdir())
+    ix = Index.load(tmp_path / "ix")
+    change(ix)
+    with pytest.raises(UserError, match=re.escape(f"cannot save the index: its {said}")):
+        ix.save(tmp_path / "ix")
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "ix").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]  # no staging folder left either
+    assert Index.load(tmp_path / "ix").fingerprint == "abc"
+
+
+def test_info_paths_are_saved_as_strings_and_load_back(tmp_path):
+    """A Path in info was a raw TypeError "Object of type PosixPath is not JSON serializable" from the save."""
+    ix = _small()
+    ix.info = {"manifest": Path("/data/m.jsonl"), "rows": np.int64(2), "tags": ("a", "b")}
+    ix.save(tmp_path / "ix")
+    assert Index.load(tmp_path / "ix").info == {"manifest": "/data/m.jsonl", "rows": 2, "tags": ["a", "b"]}
+
+
+def test_metadata_and_filters_are_the_same_before_and_after_a_save(tmp_path):
+    """A 0-d tensor or a tuple in metadata became a number or a list on load: filter {"n": 3} found [1], then [0, 1]."""
+    ix = Index(4)
+    ix.add(torch.eye(4)[:3], "image", [{"n": torch.tensor(3), "t": (1, 2)}, {"n": 3, "t": [1, 2]},
+                                        {"n": np.float32(0.5), "p": Path("/x/a.png"), "t": {"u": (3,)}}])
+    ix.save(tmp_path / "ix")
+    back = Index.load(tmp_path / "ix")
+    for f in [{"n": 3}, {"t": [1, 2]}, {"n": 0.5}, {"p": "/x/a.png"}, {"t": {"u": [3]}}, lambda m: isinstance(m["n"], int)]:
+        assert [h.id for h in ix.search(torch.ones(4), k=5, filter=f)] == \
+               [h.id for h in back.search(torch.ones(4), k=5, filter=f)], f
+    assert [ix.metadata(i) for i in ix.ids()] == [back.metadata(i) for i in back.ids()]
+    assert [type(ix.metadata(i)["n"]) for i in ix.ids()] == [int, int, float]
+    assert ix.metadata(0) == {"n": 3, "t": [1, 2]}
+
+
+@pytest.mark.parametrize("field, value", [("backend_args", {"zzz": 1}), ("backend_args", {"block_rows": -1}),
+                                          ("backend", "nope"), ("next_id", 2**64)])
+def test_a_hand_edited_backend_or_next_id_is_a_checkpoint_error(tmp_path, field, value):
+    """backend_args {"zzz": 1} was a ConfigError, {"block_rows": -1} a UserError; next_id 2**64 loaded, then add
+    raised a raw "Overflow when unpacking long long"."""
+    _small().save(tmp_path / "ix")
+    header = json.loads((tmp_path / "ix" / "index.json").read_text())
+    header[field] = value
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="index.json: "):
+        Index.load(tmp_path / "ix")
+
+
+def test_the_last_int64_id_is_given_then_adding_is_one_line(tmp_path):
+    """next_id near 2**63 is valid up to the last int64 id; past it an add was a raw ValueError."""
+    _small().save(tmp_path / "ix")
+    header = json.loads((tmp_path / "ix" / "index.json").read_text())
+    header["next_id"] = 2**63 - 1
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(header))
+    ix = Index.load(tmp_path / "ix")
+    assert ix.add(torch.ones(4), "text") == [2**63 - 1]
+    ix.save(tmp_path / "ix")  # next_id 2**63: still loads
+    ix = Index.load(tmp_path / "ix")
+    with pytest.raises(UserError, match="no ids left"):
+        ix.add(torch.ones(4), "text")
+    assert len(ix) == 3

@@ -95,3 +95,15 @@ def test_index_search_with_query_equals_vector_search(model):
     by_vector = idx.search(query.embed(model), k=5)
     assert [h.id for h in by_query] == [h.id for h in by_vector]
     assert by_query[0].id == 3  # the heavier part wins
+
+
+@pytest.mark.parametrize("vector, said", [(torch.ones(0), r"is empty \(shape \(0,\)\)"),
+                                          (torch.ones(2, 0), r"is empty \(shape \(2, 0\)\)"),
+                                          ("abc", "array of numbers, got str"), (["a", "b"], "array of numbers, got list"),
+                                          ([1.0, None], "array of numbers, got list"),
+                                          (np.array(["x", "y"]), "array of numbers, got ndarray"),
+                                          (torch.tensor([1 + 0j, 5j]), "must be real, got torch.complex64")])
+def test_a_vector_that_is_empty_not_numbers_or_complex_is_one_line(vector, said):
+    """An empty vector was "the zero vector", a str a raw TypeError from torch, a complex one cut to its real part."""
+    with pytest.raises(UserError, match=f"^Query: vector .*{said}"):
+        Query(vector=vector)
