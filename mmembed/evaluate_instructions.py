@@ -61,8 +61,9 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
          "answers": [{"line", "task", "answer", "reference", "correct"}] in manifest order}.
     """
     if getattr(model, "prompt_model", None) is None:
-        raise UserError("this run has no decoder stage: train one (a `decoder:` section in the config) "
-                        "to evaluate prompts")
+        from mmembed.model import no_decoder
+
+        raise UserError(no_decoder(model, "answer prompts"))
     check_max_new_tokens(max_new_tokens)  # -3 answered one token a row (a wrong accuracy), "8" a TypeError
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")

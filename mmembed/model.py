@@ -305,8 +305,7 @@ class Model:
         from mmembed.decoder import Sampling, Stops, is_batch, resolve_prompts
 
         if self.prompt_model is None:
-            raise UserError("this run has no decoder: train one with a config that has a `decoder:` section "
-                            "(configs/demo.yaml does)")
+            raise UserError(no_decoder(self, "generate"))
         sampling, stops = Sampling(temperature, top_k, top_p), Stops.parse(stop, self.prompt_model.fmt.vocab_size)
         batch = is_batch(prompt)
         prompts = resolve_prompts(list(prompt) if batch else [prompt], self.embed, self.embed_dim, self.device)
@@ -406,11 +405,30 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Model
 
 
 def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_dim: int) -> PromptModel | None:
+    """The run's decoder; None without one (a config without a `decoder:` section, or a decoder
+    stage not finished: `no_decoder` says which)."""
     from mmembed.decoder import DECODER_WEIGHTS, load_prompt_model
 
     if config.decoder is None or not (run_dir / DECODER_WEIGHTS).is_file():
         return None
     return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
+
+
+def no_decoder(model: Any, what: str) -> str:
+    """Why `model` (a `Model` without a decoder) cannot `what`: its run has no decoder stage, or
+    one that has not finished (killed mid-stage, it was called "no decoder stage")."""
+    from mmembed.decoder import DECODER_DIR, DECODER_WEIGHTS
+
+    config, run = getattr(model, "config", None), getattr(model, "run_dir", None)
+    if config is None or config.decoder is None:
+        return (f"this run has no decoder stage, so it cannot {what}: train one with a config that has a `decoder:` "
+                "section (configs/demo.yaml does)")
+    if run is None:
+        return f"this model's decoder is not trained, so it cannot {what}: load a run whose decoder stage finished"
+    checkpoints = run / DECODER_DIR / "checkpoints"
+    held = f" (its checkpoints are in {checkpoints})" if checkpoints.is_dir() and any(checkpoints.iterdir()) else ""
+    return (f"the decoder stage of {run} has not finished (no {DECODER_WEIGHTS}), so it cannot {what}: continue "
+            f"it with `mmembed train {run / CONFIG} --resume`{held}")
 
 
 def _load_tokenizer(run_dir: Path) -> Any | None:

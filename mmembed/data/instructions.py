@@ -23,24 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmembed.data.manifest import INLINE_MODALITIES, BadRow, check_unicode, read_jsonl_records, resolve_path
+from mmembed.data.manifest import (INLINE_MODALITIES, BadRow, check_unicode, check_utf8ish, read_jsonl_records,
+                                   resolve_path)
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
 
 
-def manifest_kinds(path: Path) -> dict[str | None, set[frozenset[str]]]:
-    """Each task an instruction manifest's rows name (None: rows without one), with the sets of
-    modalities their prompts show (a quick read: no path is resolved, no row checked)."""
+def manifest_kinds(path: Path, *, root: str | Path | None = None, allow_outside_root: bool = False,
+                   strict: bool = False) -> dict[str | None, set[frozenset[str]]]:
+    """Each task the usable rows of an instruction manifest name (None: rows without one), with
+    the sets of modalities their prompts show. The rows are those `read_instructions` keeps (same
+    arguments, same UserError when none is usable): a bad row counted in training stopped the run here."""
     kinds: dict[str | None, set[frozenset[str]]] = {}
-    for _, row in read_jsonl_records(path):
-        if isinstance(row, dict):
-            task = None if row.get("task") is None else str(row["task"])
-            prompt = row.get("prompt")
-            media = {str(k) for seg in prompt if isinstance(seg, dict) for k in seg} if isinstance(prompt, list) \
-                else set()
-            kinds.setdefault(task, set()).add(frozenset(media))
+    for row in read_instructions(path, root=root, allow_outside_root=allow_outside_root, strict=strict).rows:
+        kinds.setdefault(row.task, set()).add(frozenset(m.value for m, _ in row.media))
     return kinds
 
 
@@ -127,6 +125,7 @@ def read_instructions(path: str | Path, *, root: str | Path | None = None, allow
         raise UserError(f"instruction manifest {path} is a folder, not a file")
     if not path.is_file():
         raise UserError(f"instruction manifest not found: {path}")
+    check_utf8ish(path)  # read as UTF-8, a UTF-16 file's every line was a bad row, and no row was usable
     base = Path(os.path.abspath(root if root is not None else path.parent))  # normalised, as media paths are
     rows, skipped = [], []
     for line, record in read_jsonl_records(path):

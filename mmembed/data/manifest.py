@@ -145,7 +145,7 @@ def read_manifest(
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown manifest format {path.suffix!r} (use {', '.join(_FORMATS)})")
-    _check_utf8ish(path)
+    check_utf8ish(path)
     base = Path(os.path.abspath(root if root is not None else path.parent))
     records = read_jsonl_records(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
     rows: list[Row] = []
@@ -174,7 +174,7 @@ def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list
         raise UserError(f"{path}: no usable row ({len(skipped)} skipped; first, line {line}: {reason})")
 
 
-def _check_utf8ish(path: Path) -> None:
+def check_utf8ish(path: Path) -> None:
     """UserError for a UTF-16/32 file: read as UTF-8 its columns are names full of NULs, its lines
     all invalid. Without a byte-order mark, its NULs give it away: one byte in two or more (ASCII
     text in UTF-16); a stray NUL in a UTF-8 file is one bad line, skipped as such."""
@@ -293,19 +293,23 @@ def check_unicode(text: str, what: str) -> None:
 
 
 def resolve_path(value: str, base: Path, allow_outside_root: bool) -> Path:
-    """Relative path → absolute normalised path under `base` (or refused)."""
+    """Relative path → absolute normalised path under `base` (or refused). String operations, one
+    Path at the end: with a Path per step, 57k instruction rows took 5 s to resolve."""
     if not value.strip():
         raise BadRow("empty path")
-    try:
-        raw = Path(value).expanduser() if allow_outside_root else Path(value)
-    except RuntimeError:  # "~name/..." for a user this machine does not have
-        raise BadRow(f"cannot expand {value!r}: no such user's home folder") from None
-    if raw.is_absolute() and not allow_outside_root:
+    if allow_outside_root:
+        try:
+            value = str(Path(value).expanduser())
+        except RuntimeError:  # "~name/..." for a user this machine does not have
+            raise BadRow(f"cannot expand {value!r}: no such user's home folder") from None
+    elif os.path.isabs(value):
         raise BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
-    resolved = Path(os.path.normpath(base / raw))
-    if not allow_outside_root and not resolved.is_relative_to(base):
+    root = str(base)
+    resolved = os.path.normpath(os.path.join(root, value))
+    inside = root if root.endswith(os.sep) else root + os.sep
+    if not allow_outside_root and resolved != root and not resolved.startswith(inside):
         raise BadRow(f"path {value!r} escapes the data root {base} (set allow_outside_root to accept it)")
-    return resolved
+    return Path(resolved)
 
 
 def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:

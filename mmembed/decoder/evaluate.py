@@ -62,11 +62,10 @@ def _alone(model: Any, row: InstructionRow, steps: int, bad: list[tuple[int, str
 
 def fitting(model: Any, rows: Sequence[InstructionRow]) -> list[InstructionRow]:
     """The rows whose prompt and reference answer (with its end token) fit the decoder's context:
-    the rows training keeps, so none is scored on an answer cut short for room (a decoder that
-    slides past its context has room for any)."""
+    the rows training and validation keep, so none is scored on an answer cut short for room. A
+    decoder that slides (`decoder.window`) could answer a longer one, but it never trained on such
+    a row: kept, it was scored where validation had left it out."""
     pm = model.prompt_model
-    if pm.lm.decoder.slides:
-        return list(rows)
     return [r for r in rows
             if pm.fmt.length(row_prompt(r)) + len(pm.fmt.encode_answer(r.answer)) <= pm.lm.decoder.max_len]
 

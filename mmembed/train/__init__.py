@@ -82,9 +82,20 @@ def _align_as_it_ran(config: Config, saved: Config) -> Config:
     if changed:
         log.warning("the align stage is finished, so %s changes nothing: --resume continues the decoder stage "
                     "(start over with --overwrite to train the space again)", ", ".join(changed))
+    if _another_folder(saved.model.init_from, config.model.init_from):
+        # warned, not refused: a source run that moved is resumed from its new place (preflight's _WHERE_IT_STARTED)
+        log.warning("the decoder stage began on the space %s, so model.init_from %r -> %r changes nothing: --resume "
+                    "continues it on that space (start over with --overwrite to copy another)",
+                    "copied from " + saved.model.init_from if saved.model.init_from else "trained here",
+                    saved.model.init_from, config.model.init_from)
     # and the space as it is: a space copied from model.init_from has that run's sections, which
     # the decoder stage writes into config.yaml again (the user's own section described no towers)
     return dataclasses.replace(config, train=kept, model=saved.model, tokenizer=saved.tokenizer)
+
+
+def _another_folder(was: str | None, now: str | None) -> bool:
+    """Whether two model.init_from values name different folders (`runs/a/` is `runs/a`)."""
+    return (was is None) != (now is None) or was is not None and Path(was).resolve() != Path(now).resolve()
 
 
 def copy_space(config: Config, save: bool = True) -> Config:

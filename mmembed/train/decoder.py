@@ -27,7 +27,7 @@ from encoders.blocks import set_grad_checkpointing
 from encoders.lora import add_lora_, merge_lora_
 from mmembed.config import Config, save_config
 from mmembed.data import SkipCounter, read_manifest
-from mmembed.data.instructions import InstructionSet, read_instructions
+from mmembed.data.instructions import InstructionRow, InstructionSet, read_instructions
 from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
                              save_prompt_model, with_gpt2_architecture)
@@ -174,7 +174,7 @@ def _datasets(config: Config, pm: PromptModel, model: Model
         train_set = train_set.weighted(cfg.data.task_weights, seed=cfg.train.seed)
         if not train_set.rows:
             raise UserError(f"{root / cfg.data.train}: no row left after decoder.data.task_weights")
-    val_set = _read(config, root, cfg.data.val) if cfg.data.val is not None else None
+    val_set = _read(config, root, cfg.data.val, _VAL_HINT) if cfg.data.val is not None else None
     val_rows = val_set.rows[: cfg.data.val_rows] if val_set is not None else []
     table = MediaTable()
     table.add(train_set.rows)
@@ -195,12 +195,29 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     val_data = None
     if val_rows:
         val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context,
-                                 what=f"validation rows in {root / cfg.data.val} (decoder.data.val: null for none)")
-        if val_data.skipped:  # scored on the rest: the metric that picks the best checkpoint leaves them out
-            line, reason = val_data.skipped[0]
-            log.warning("validation: %d of the first %d rows of %s left out (first, line %d: %s); %d scored",
-                        len(val_data.skipped), len(val_rows), cfg.data.val, line, reason, len(val_data))
+                                 what=f"validation rows in {root / cfg.data.val}{_VAL_HINT}")
+        _warn_left_out(root / cfg.data.val, val_set, val_rows, val_data)
     return train_data, val_data, table, skips
+
+
+_VAL_HINT = " (decoder.data.val: null for none)"
+
+
+def _warn_left_out(path: Path, val_set: InstructionSet, val_rows: list[InstructionRow],
+                   val_data: PromptDataset) -> None:
+    """Validation is scored on the rows it can use, and the metric that picks the best checkpoint
+    leaves the others out: say how many. Bad rows were dropped without a word, and the rows the
+    decoder could not take were counted against "the first N rows" though more lines were read."""
+    if val_set.skipped:
+        log.warning("validation manifest %s: %d row(s) skipped at read time (first, line %d: %s)", path,
+                    len(val_set.skipped), *val_set.skipped[0])
+    # the bad rows among those validation reached (all of them when it reached the selection's end)
+    last = val_rows[-1].line if len(val_rows) < len(val_set.rows) else float("inf")
+    bad = [skip for skip in val_set.skipped if skip[0] < last]
+    if bad or val_data.skipped:
+        log.warning("validation: %d of %d rows of %s left out (%d bad, %d the decoder cannot take; first, line %d: "
+                    "%s); %d scored", len(bad) + len(val_data.skipped), len(bad) + len(val_rows), path, len(bad),
+                    len(val_data.skipped), *min(bad + val_data.skipped), len(val_data))
 
 
 def fit_whitening(config: Config, pm: PromptModel, model: Model, own: Tensor) -> None:
@@ -226,12 +243,12 @@ def fit_whitening(config: Config, pm: PromptModel, model: Model, own: Tensor) ->
     log.info("whitening fitted on %d vectors (eps %g)", len(vectors), cfg.whiten_eps)
 
 
-def _read(config: Config, root: Path, name: str) -> InstructionSet:
+def _read(config: Config, root: Path, name: str, val_hint: str = "") -> InstructionSet:
     data = read_instructions(root / name, root=root, allow_outside_root=config.data.allow_outside_root,
                              strict=config.data.strict)
     selected = data.select(config.decoder.data.tasks, config.decoder.data.prompt_modalities)
     if not selected.rows:
-        raise UserError(f"{root / name}: no row left after decoder.data.tasks / prompt_modalities")
+        raise UserError(f"{root / name}: no row left after decoder.data.tasks / prompt_modalities{val_hint}")
     return selected
 
 

@@ -139,14 +139,8 @@ def _check_decoder_tasks(config: Config) -> None:
     if config.decoder is None:
         return
     data = config.decoder.data
-    path = Path(config.data.root) / data.train
-    if path.is_file():
-        from mmembed.data.instructions import manifest_kinds
-
-        kinds = manifest_kinds(path)
-    elif config.data.synth is not None:  # the world writes it
-        from mmembed.data.synth.instructions import TASK_MEDIA as kinds
-    else:
+    kinds = _manifest_kinds(config, "train")
+    if kinds is None:
         return _check_task_selection(config)
     known = sorted(t for t in kinds if t is not None)
     for key, tasks in (("tasks", data.tasks or ()), ("task_weights", data.task_weights)):
@@ -154,21 +148,62 @@ def _check_decoder_tasks(config: Config) -> None:
             raise ConfigError(f"decoder.data.{key}: {', '.join(map(repr, unknown))} is not a task of the instruction "
                               f"rows (their tasks: {', '.join(known)})")
     _check_task_selection(config)
+    kept = _selected(config, "train", kinds)
+    if left_out := sorted(set(data.task_weights) - set(kept)):
+        raise ConfigError(f"decoder.data.task_weights: {', '.join(map(repr, left_out))} names rows {_SELECTION} "
+                          f"leave out (the tasks kept: {', '.join(sorted(t for t in kept if t is not None))}): "
+                          "drop the weight, or keep the modalities its prompts show")
+    if None not in kept and all(data.task_weights.get(t) == 0 for t in kept):  # rows without a task keep weight 1
+        rows = "the instruction rows" if data.prompt_modalities is None else f"the rows {_SELECTION} keep"
+        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of {rows}: "
+                          "give one a weight > 0")
+    _check_media_read(config, kept)
+    # validation rows go through the same selection, after the align stage: a val file left without rows failed there
+    if data.val is not None and (val_kinds := _manifest_kinds(config, "val")) is not None:
+        _check_media_read(config, _selected(config, "val", val_kinds))
+
+
+_SELECTION = "decoder.data.tasks / prompt_modalities"
+
+
+def _manifest_kinds(config: Config, key: str) -> dict[str | None, set[frozenset[str]]] | None:
+    """The tasks and prompt media of `decoder.data.{key}`'s usable rows, read as the decoder stage
+    reads them (bad rows skipped, or refused with data.strict); the world's table when data.synth
+    writes it; None when neither is known yet."""
+    name = getattr(config.decoder.data, key)
+    path = Path(config.data.root) / name
+    if path.is_file():
+        from mmembed.data.instructions import manifest_kinds
+
+        try:
+            return manifest_kinds(path, root=config.data.root, allow_outside_root=config.data.allow_outside_root,
+                                  strict=config.data.strict)
+        except UserError as e:  # the file's own error (no usable row, UTF-16), with the key that names it
+            raise ConfigError(f"decoder.data.{key}: {e}") from None
+    if config.data.synth is not None:  # the world writes it
+        from mmembed.data.synth.instructions import TASK_MEDIA
+
+        return TASK_MEDIA
+    return None
+
+
+def _selected(config: Config, key: str, kinds: dict[str | None, set[frozenset[str]]]
+              ) -> dict[str | None, list[frozenset[str]]]:
+    """The tasks and media of the rows decoder.data.tasks / prompt_modalities keep; a ConfigError
+    when they keep none."""
+    data = config.decoder.data
     allowed = None if data.prompt_modalities is None else {Modality.parse(m).value for m in data.prompt_modalities}
     kept = {task: [m for m in media if allowed is None or m <= allowed] for task, media in kinds.items()
             if data.tasks is None or task in data.tasks}
     kept = {task: media for task, media in kept.items() if media}
-    selection = "decoder.data.tasks / prompt_modalities"
     if not kept:
-        raise ConfigError(f"decoder.data: no instruction row is left after {selection}")
-    if left_out := sorted(set(data.task_weights) - set(kept)):
-        raise ConfigError(f"decoder.data.task_weights: {', '.join(map(repr, left_out))} names rows {selection} "
-                          f"leave out (the tasks kept: {', '.join(sorted(t for t in kept if t is not None))}): "
-                          "drop the weight, or keep the modalities its prompts show")
-    if None not in kept and all(data.task_weights.get(t) == 0 for t in kept):  # rows without a task keep weight 1
-        rows = "the instruction rows" if data.prompt_modalities is None else f"the rows {selection} keep"
-        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of {rows}: "
-                          "give one a weight > 0")
+        val_hint = ": give another validation manifest, or decoder.data.val: null for none" if key == "val" else ""
+        raise ConfigError(f"decoder.data.{key}: no row of {getattr(data, key)} is left after {_SELECTION}{val_hint}")
+    return kept
+
+
+def _check_media_read(config: Config, kept: dict[str | None, list[frozenset[str]]]) -> None:
+    """A modality the kept rows show that no tower of the space reads."""
     shown = set().union(*(m for media in kept.values() for m in media))
     towers = _towers(config)
     if towers is not None and (lacking := sorted(shown - set(towers))):

@@ -395,3 +395,24 @@ def test_window_from_yaml_reaches_the_decoder_and_survives_save_and_load(tmp_pat
     for bad in (0, -3, True, 2.5, "8"):
         with pytest.raises(ConfigError, match="decoder.window"):
             load_config(path, [f"decoder.window={yaml.safe_dump(bad).splitlines()[0]}"])
+
+
+def test_instruction_evaluation_of_a_sliding_decoder_keeps_the_rows_training_keeps():
+    """With a window (rotary positions) evaluation scored every row, those that training and
+    validation had left out as longer than the context too ("0 row(s) longer than the context")."""
+    from mmembed.data.instructions import InstructionRow
+    from mmembed.decoder.evaluate import fitting
+    from mmembed.train.decoder_data import MediaTable, PromptDataset
+
+    pm = prompt_model("rotary", window=8, context=32)
+    assert pm.lm.decoder.slides
+
+    class Stub:  # the part of a Model that fitting uses
+        prompt_model = pm
+
+    rows = [InstructionRow(1, ("what colour is the star?",), "blue"),
+            InstructionRow(2, (" ".join(["one two"] * 40),), "no"),
+            InstructionRow(3, (" ".join(["one two"] * 5),), "yes")]
+    trained = PromptDataset(rows, pm.fmt, MediaTable(), context=32)
+    assert [line for line, _ in trained.skipped] == [2]
+    assert fitting(Stub(), rows) == [rows[0], rows[2]]

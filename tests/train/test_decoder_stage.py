@@ -657,3 +657,91 @@ def test_a_space_copied_from_a_bound_run_saves_a_config_that_reloads(trained_run
     copied = copy_space(cfg)
     assert copied.model.init_towers is None
     check_config(load_config(tmp_path / "run" / "config.yaml"))  # what `mmembed train RUN/config.yaml` checks
+
+
+def _val_rows(tiny_world, path, val_lines):
+    """A validation manifest: the world's own rows (no memory dialogue) and `val_lines` at their line numbers."""
+    rows = [json.loads(line) for line in (tiny_world / "instruct-val.jsonl").read_text().splitlines()]
+    rows = [json.dumps(r) for r in rows if r["task"] != "recall"]
+    for line, text in sorted(val_lines.items()):
+        rows.insert(line - 1, text)
+    path.write_text("".join(f"{r}\n" for r in rows))
+    return path
+
+
+def test_bad_validation_rows_are_counted_in_the_validation_warning(tiny_world, trained_run, tmp_path, caplog):
+    """Bad validation rows were dropped without a word, and the warning called the 8 lines that gave
+    6 rows "the first 6 rows" ("1 of the first 6 rows ... left out; 5 scored")."""
+    world_rows = [json.loads(line) for line in (tiny_world / "instruct-val.jsonl").read_text().splitlines()]
+    long = next(r for r in world_rows if r["task"] != "recall")
+    long = json.dumps({**long, "prompt": ["describe " * 200, long["prompt"][-1]]})
+    val = _val_rows(tiny_world, tmp_path / "val.jsonl", {2: "{not json", 4: "{not json", 5: long, 9: "[1]"})
+    cfg = decoder_config(tiny_world, tmp_path / "run", data={"val": str(val), "val_rows": 6},
+                         train={**DECODER["train"], "max_steps": 2, "eval_every": 2})
+    cfg.model.init_from = str(trained_run)
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert f"validation manifest {val}: 3 row(s) skipped at read time (first, line 2: invalid JSON" in caplog.text
+    # lines 1-8 gave the 6 rows: the bad lines 2 and 4 and the long row 5 left out; line 9 was never reached
+    assert (f"validation: 3 of 8 rows of {val} left out (2 bad, 1 the decoder cannot take; first, line 2: invalid "
+            "JSON") in caplog.text and "; 5 scored" in caplog.text
+
+
+def _interrupted(tiny_world, trained_run, run):
+    """A decoder stage on a space copied from `trained_run`, killed after its step 2 (checkpoints, no decoder)."""
+    from mmembed.train import copy_space
+
+    cfg = decoder_config(tiny_world, run)
+    cfg.model.init_from = str(trained_run)
+
+    def stop(event, trainer, info):
+        if event == "step" and trainer.progress.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(copy_space(cfg), callbacks=[stop])
+    assert not (run / DECODER_WEIGHTS).exists() and any((run / DECODER_DIR / "checkpoints").iterdir())
+    return cfg
+
+
+def test_an_interrupted_decoder_stage_is_called_unfinished_with_the_way_to_resume(trained_run, tiny_world, tmp_path,
+                                                                                    capsys):
+    """`generate` and `eval --instructions` said "this run has no decoder (stage): train one", of a
+    run whose decoder stage was killed half way."""
+    from mmembed.evaluate_instructions import instruction_report
+
+    run = tmp_path / "run"
+    _interrupted(tiny_world, trained_run, run)
+    model = mm.load(run)
+    resume = rf"continue it with `mmembed train {run / 'config.yaml'} --resume` \(its checkpoints are in {run}/decoder/"
+    with pytest.raises(UserError, match=rf"^the decoder stage of {run} has not finished \(no decoder\.safetensors\), "
+                                        rf"so it cannot generate: {resume}"):
+        model.generate("hello")
+    with pytest.raises(UserError, match=rf"has not finished .* so it cannot answer prompts: {resume}"):
+        instruction_report(model, tiny_world / "instruct-test.jsonl")
+    assert main(["generate", str(run), "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has not finished" in err and "--resume" in err
+    train(load_config(run / "config.yaml"), resume=True)  # what the message says to run
+    assert mm.load(run).generate("hello", max_new_tokens=2).token_ids
+
+
+def test_resuming_the_decoder_stage_with_another_init_from_says_it_changes_nothing(trained_run, tiny_world, tmp_path,
+                                                                                    caplog):
+    """The resume kept the space it had copied and replaced model.init_from without a word."""
+    import shutil
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    cfg = _interrupted(tiny_world, trained_run, run)
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints", DECODER_DIR))
+    cfg.model.init_from = str(other)
+    with caplog.at_level(logging.WARNING):
+        train(cfg, resume=True)
+    assert (f"the decoder stage began on the space copied from {trained_run}, so model.init_from '{trained_run}' -> "
+            f"'{other}' changes nothing") in caplog.text
+    assert load_config(run / "config.yaml").model.init_from == str(trained_run)
+    caplog.clear()
+    cfg.model.init_from = f"{trained_run}/"  # the same folder, spelt otherwise
+    with caplog.at_level(logging.WARNING):
+        train(cfg, resume=True)
+    assert "changes nothing" not in caplog.text

@@ -194,7 +194,8 @@ def test_decoder_manifests_the_synthetic_world_does_not_write_are_refused(tmp_pa
         check_config(_demo(tmp_path, "decoder.data.val=instruct-heldout.jsonl", "data.synth.n_heldout=0"))
     check_config(_demo(tmp_path, "decoder.data.val=instruct-test.jsonl"))
     (tmp_path / "world").mkdir()
-    (tmp_path / "world" / "mine.jsonl").write_text("")  # a manifest of one's own beside the world: taken as it is
+    # a manifest of one's own beside the world: taken as it is (an empty one would fail the decoder stage: refused)
+    (tmp_path / "world" / "mine.jsonl").write_text('{"prompt": ["Describe", {"text": "a red star"}], "answer": "red"}\n')
     check_config(_demo(tmp_path, "decoder.data.val=mine.jsonl"))
 
 
@@ -263,3 +264,68 @@ def test_sizes_too_large_for_memory_are_one_line_naming_the_tower(tmp_path, posi
     with pytest.raises(ConfigError, match=rf"^model\.towers\.text \(model\.embed_dim=100000000000\): {size}: "
                                           "check its sizes$"):
         check_config(config)
+
+
+def _rows(folder, name, rows, raw=()):
+    """An instruction manifest of `rows` (and `raw` lines) in `folder`; its name."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(line + "\n" for line in raw))
+    return name
+
+
+GOOD_ROWS = [{"prompt": ["What colour is", {"image": "images/s1.png"}], "answer": "red", "task": "colour"},
+             {"prompt": ["Describe", {"text": "a red star"}], "answer": "a red star", "task": "describe"}]
+
+
+def _own_rows(tmp_path, train, *overrides, val=None):
+    """The demo config (text and image towers) training its decoder on the manifest `train` of tmp_path/world."""
+    return _demo(tmp_path, "data.synth=null", f"decoder.data.train={train}", f"decoder.data.val={val or 'null'}",
+                 "decoder.data.task_weights={}", *overrides, towers=("text", "image"))
+
+
+def test_bad_instruction_rows_are_skipped_by_the_task_check_as_training_skips_them(tmp_path):
+    """A misspelt media key in one row stopped the run ("the rows show imgae ... no such tower"), and
+    a weight for a task only a bad row names passed, to fail after the align stage."""
+    world = tmp_path / "world"
+    typo = {"prompt": ["Describe", {"imgae": "images/s1.png"}], "answer": "x", "task": "describe"}
+    empty = {"prompt": ["What", {"image": "images/s1.png"}], "answer": "", "task": "typo"}
+    name = _rows(world, "mine.jsonl", [*GOOD_ROWS, typo, empty], raw=["{not json"])
+    check_config(_own_rows(tmp_path, name))
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.task_weights: 'typo' is not a task of the instruction "
+                                          r"rows \(their tasks: colour, describe\)$"):
+        check_config(_own_rows(tmp_path, name, "decoder.data.task_weights={typo: 2}"))
+
+
+def test_an_instruction_manifest_without_a_usable_row_is_named_as_such(tmp_path):
+    """A UTF-16 file or a JSON array saved as .jsonl blamed filters never set ("no instruction row is
+    left after decoder.data.tasks / prompt_modalities")."""
+    import json
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "u16.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode("utf-16"))
+    (world / "array.jsonl").write_text(json.dumps(GOOD_ROWS) + "\n")
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.train: .*u16\.jsonl: manifest is UTF-16: save it as "
+                                          r"UTF-8$"):
+        check_config(_own_rows(tmp_path, "u16.jsonl"))
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.train: .*array\.jsonl: no usable instruction row \(1 "
+                                          r"skipped; first, line 1: a row must be a JSON object, got list\)$"):
+        check_config(_own_rows(tmp_path, "array.jsonl"))
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.val: .*u16\.jsonl: manifest is UTF-16"):
+        check_config(_own_rows(tmp_path, _rows(world, "mine.jsonl", GOOD_ROWS), val="u16.jsonl"))
+
+
+def test_the_validation_manifest_is_checked_against_the_task_selection(tmp_path):
+    """decoder.data.tasks=[colour] with a validation file of other tasks passed preflight, and the
+    decoder stage failed on it after the whole align stage had trained."""
+    world = tmp_path / "world"
+    train = _rows(world, "mine.jsonl", GOOD_ROWS)
+    val = _rows(world, "val.jsonl", GOOD_ROWS[1:])
+    check_config(_own_rows(tmp_path, train, val=val))
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.val: no row of val\.jsonl is left after decoder\.data\."
+                                          r"tasks / prompt_modalities: give another validation manifest, or "
+                                          r"decoder\.data\.val: null for none$"):
+        check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[colour]", val=val))
+    check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[colour]"))
