@@ -64,10 +64,10 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Seque
 
         if latest_checkpoint(run_dir) is None and "model.safetensors" not in names:  # --resume would refuse it
             raise UserError(f"{run_dir} already holds files but no checkpoint to resume (a run stopped before its "
-                            "first one?): start over with --overwrite, which deletes them, or choose another "
-                            "train.out_dir")
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume, start over with --overwrite, "
-                        "or choose another train.out_dir")
+                            "first one?): start over with --overwrite (overwrite=True), which deletes them, or "
+                            "choose another train.out_dir")
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume (resume=True), start over with "
+                        "--overwrite (overwrite=True), or choose another train.out_dir")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise UserError(f"--overwrite would delete {run_dir}, which contains the working directory")
     for path in keep:
