@@ -110,8 +110,7 @@ def run_scale(args: argparse.Namespace) -> int:
     if args.study == "regularisation":
         from mmembed.insight.regularisation import run_regularisation
 
-        if args.verify:
-            raise UserError("--verify belongs to the sweep, not to --study regularisation")
+        check_study_arguments(args, config.target)
         report = run_regularisation(config, progress)
     elif config.target == "towers":
         from mmembed.insight.tower_scaling import run_tower_sweep
@@ -125,3 +124,14 @@ def run_scale(args: argparse.Namespace) -> int:
     for kind, path in report.files.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def check_study_arguments(args: argparse.Namespace, target: str) -> None:
+    """UserError for a sweep's option given to `--study regularisation`, which trains one decoder
+    on one budget: --axis and target=towers were ignored without a word."""
+    for option, given in (("--verify", args.verify), ("--axis", args.axis)):
+        if given:
+            raise UserError(f"{option} belongs to the sweep, not to --study regularisation")
+    if target != "decoder":
+        raise UserError(f"--study regularisation trains the decoder, not target={target}: leave target out (or "
+                        "set target=decoder)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,20 +42,30 @@ def entropy(probs: Tensor) -> Tensor:
 
 def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of softmax(logits / temperature) in nats; temperature 0 is a point mass: 0.
-    logits: (..., V) → (...); -inf logits are tokens never drawn. ValueError for a temperature
-    that is not a finite number >= 0; a row holding NaN or +inf gives NaN (it was 0: "certain")."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature >= 0):
+    logits: (..., V) → (...); -inf logits are tokens never drawn. The temperature is any real
+    number (numpy's and 0-d tensors too, not a bool); ValueError for one that is not a finite
+    number >= 0. A row holding NaN or +inf gives NaN (it was 0: "certain")."""
+    t = _real(temperature)
+    if t is None or not (math.isfinite(t) and t >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if temperature == 0:
+    if t == 0:
         return torch.zeros(logits.shape[:-1], device=logits.device)
     # float64, the best logit shifted to 0 first: z / T past float32's range (a tiny T, huge
     # logits) gave inf - inf = NaN, which the sum below then counted as 0 nats
     z = logits.double()
-    logp = ((z - z.amax(dim=-1, keepdim=True)) / temperature).log_softmax(dim=-1)
+    logp = ((z - z.amax(dim=-1, keepdim=True)) / t).log_softmax(dim=-1)
     terms = torch.where(logp == -math.inf, torch.zeros_like(logp), logp.exp() * logp)  # 0 log 0 = 0
     bad = (z.isnan() | (z == math.inf)).any(dim=-1) | (z == -math.inf).all(dim=-1)
     return (-terms.sum(dim=-1)).masked_fill(bad, math.nan).float()
+
+
+def _real(value) -> float | None:
+    """`value` as a float when it is a real number (np.float32(0.5), torch.tensor(0.5) included:
+    they were refused as "not a finite number >= 0"); None for a bool or anything else."""
+    if isinstance(value, Tensor):
+        real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
+        return float(value) if real else None
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -5,6 +5,7 @@ regularisation study needs.
                  every `eval_every` steps: loss on a fixed slice of the training rows and on the
                  validation rows, both in eval mode (no dropout), so their gap is the
                  generalisation gap and not a dropout artefact
+                 at the end: the loss on every validation row, the number a sweep reports and fits
 
 The optimiser, its parameter groups (no decay on norms, biases, embeddings) and the schedule are
 the training engine's (`mmembed.train.optim`): a sweep measures the recipe users train with.
@@ -36,7 +37,8 @@ class Recipe:
         lr: peak learning rate; warmup_steps of linear warm-up, then cosine to lr · min_lr_ratio.
         weight_decay: decoupled, on matrices only.
         eval_every: steps between evaluations (the last step is always evaluated).
-        eval_rows: rows of each split scored per evaluation.
+        eval_rows: rows of each split scored per evaluation of the curve (the final validation
+            loss scores every row).
         seed: initialisation and shuffling.
     """
 
@@ -63,8 +65,11 @@ class LMResult:
         flops_estimate: 6 · N · D.
         flops_measured: FLOPs counted by torch.utils.flop_counter for one step × steps.
         seconds: wall time of the training loop (evaluations included).
-        train_loss, val_loss: last evaluation (nats per token, eval mode).
-        curve: every evaluation: step, tokens, train_loss, val_loss, seconds.
+        train_loss: the last evaluation's, on `eval_rows` training rows (nats per token, eval mode).
+        val_loss: the trained model's on every validation row (nats per token, eval mode): the
+            number a sweep fits; `val_tokens` sets how many.
+        curve: every evaluation (`eval_rows` rows of each split): step, tokens, train_loss, val_loss,
+            seconds. Its last val_loss is the same model's on the first `eval_rows` rows only.
     """
 
     params: int
@@ -112,7 +117,8 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
         recipe: optimisation settings.
 
     Returns:
-        The run's `LMResult`.
+        The run's `LMResult`: its curve scores `eval_rows` rows of each split (cheap enough to
+        repeat), its final `val_loss` every validation row.
     """
     r = recipe
     if len(train_rows) < r.batch_size:
@@ -150,7 +156,10 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
                               "seconds": time.perf_counter() - start})
     tokens = steps * r.batch_size * context
     n = decoder.num_parameters(non_embedding=True)
+    # every validation row, not the curve's eval_rows: val_tokens sets the reported loss's precision
+    # (the first 128 rows of 64 tokens scored 8,192 of the shipped 32,768 tokens, whatever val_tokens said)
+    val_loss = mean_loss(decoder, val_rows, r.batch_size)
     return LMResult(params=n, params_total=decoder.num_parameters(non_embedding=False), tokens=tokens,
                     flops_estimate=estimated_training_flops(n, tokens), flops_measured=step_flops * steps,
                     seconds=time.perf_counter() - start, train_loss=curve[-1]["train_loss"],
-                    val_loss=curve[-1]["val_loss"], curve=curve)
+                    val_loss=val_loss, curve=curve)

@@ -14,7 +14,8 @@ points (resampled with replacement, percentile intervals).
 A fit is flagged (a warning in the log, a note in `PowerLawFit.notes` and its summary line) when
 it is no evidence of a law: the points follow none (A = 0, α at its search bound, R² ≤ 0), R² is
 below `WEAK_R2` (a step or a plateau, not a power law), or there are no more points than fitted
-parameters (3 points and E, A, α: any 3 are interpolated exactly, so R² = 1 says nothing).
+parameters (3 points and E, A, α: 3 points that fall as a power law are interpolated exactly,
+so R² = 1 says nothing; where E ≥ 0 or A ≥ 0 binds they are not, and the note says so).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ALPHA_RANGE = (1e-3, 4.0)
 WEAK_R2 = 0.9  # below it a fit is flagged as weak: a step of 0.55 → 0.45 at the last of 5 points gives 0.46
+EXACT = 1e-6  # relative residuals all below it: the points are interpolated (an exact 3-point fit leaves ~1e-9)
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,15 @@ def fit_power_law(x, loss, *, offset: bool = True, bootstrap: int = 1000, seed: 
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
     n_params = 3 if offset else 2
-    notes = _flags(A, alpha, r2, len(np.unique(xs)), n_params)
+    exact = bool(np.abs((ys - pred) / ys).max() < EXACT)
+    notes = _flags(A, alpha, r2, len(np.unique(xs)), n_params, exact)
     ci = _bootstrap(xs, ys, offset, bootstrap, seed) if bootstrap > 0 and len(xs) >= n_params + 2 else {}
     return PowerLawFit(E=E, A=A, alpha=alpha, r2=r2, n=len(xs), ci=ci, notes=notes)
 
 
-def _flags(A: float, alpha: float, r2: float, distinct: int, n_params: int) -> tuple[str, ...]:
-    """Why a fit is no evidence of a law, as short notes for its summary line; each is also logged."""
+def _flags(A: float, alpha: float, r2: float, distinct: int, n_params: int, exact: bool) -> tuple[str, ...]:
+    """Why a fit is no evidence of a law, as short notes for its summary line; each is also logged.
+    `exact`: the fit passes through every point."""
     notes = []
     if A <= 0 or r2 <= 0 or not ALPHA_RANGE[0] * 1.01 < alpha < ALPHA_RANGE[1] / 1.01:
         # A = 0 (a loss that does not fall with x) leaves α free: the search drifts to any value
@@ -109,10 +113,14 @@ def _flags(A: float, alpha: float, r2: float, distinct: int, n_params: int) -> t
         log.warning("a weak fit (R² = %.3f < %.1f): the points are far from L = E + A·x^(−α) (a step or a "
                     "plateau?); read its prediction with care", r2, WEAK_R2)
         notes.append(f"weak fit: R² < {WEAK_R2}")
-    if distinct <= n_params:  # as many unknowns as points: any points are fitted exactly
+    if distinct <= n_params and exact:  # as many unknowns as points: points that fall as a law are hit exactly
         log.warning("exact interpolation: %d distinct points for %d fitted parameters, so R² says nothing about "
                     "the law; add points (rungs) to test it", distinct, n_params)
         notes.append("exact interpolation: R² says nothing")
+    elif distinct <= n_params:  # a bound (E ≥ 0, A ≥ 0) binds: not interpolated, but barely tested either
+        log.warning("%d distinct points for %d fitted parameters (not interpolated: a bound on E or A binds): "
+                    "add points (rungs) to test the law", distinct, n_params)
+        notes.append(f"as many points as parameters ({distinct}), not interpolated: R² says little")
     return tuple(notes)
 
 

@@ -24,7 +24,9 @@ What each number is:
   averaged. A last partial chunk is dropped (fewer negatives would lower its loss); a manifest
   smaller than one batch is one chunk. Rows lacking a modality take part as in training (the
   loss uses the rows where both sides of a pair are present). It is also recorded at every
-  checkpoint, which gives each rung its learning curve.
+  checkpoint, which gives each rung its learning curve. The reported loss is the last weights'
+  (a rung runs with `train.restore_best` off): the weights the samples and FLOPs trained, so it
+  is the curve's last point; `best_val_loss` and `best_step` are the curve's lowest, for reading.
 * Training loss: the last optimizer step's (train mode, one batch), as the trainer logs it.
 * Wall time: `train_align` (tokenizer, data loading, evaluation and checkpoints included), less
   the time this module's own validation passes took inside it.
@@ -144,8 +146,9 @@ def heads_for(width: int, head_dim: int = HEAD_DIM, rotary: bool = False) -> int
 
 def rung_config(config: ScalingConfig, width: int) -> Config:
     """The training config (`towers.config` + `towers.overrides`) with every tower's encoder at
-    `width` (and `heads_for(width)` heads where the encoder has heads), run in `rung_dir`.
-    Everything else, `model.embed_dim` and the seed included, is the config's."""
+    `width` (and `heads_for(width)` heads where the encoder has heads), run in `rung_dir`, keeping
+    its last weights (`train.restore_best` off). Everything else, `model.embed_dim` and the seed
+    included, is the config's."""
     from encoders import ENCODERS
 
     cfg = load_config(config.towers.config, config.towers.overrides)
@@ -162,6 +165,9 @@ def rung_config(config: ScalingConfig, width: int) -> Config:
             rotary = tower.encoder_args.get("positional", default) == "rotary"
             tower.encoder_args["heads"] = heads_for(width, rotary=rotary)
     cfg.train.out_dir = str(rung_dir(config, width))
+    # the last weights: the loss is scored on what every sample and FLOP counted trained (the best
+    # recall's checkpoint, restored by default, was an earlier step's, scored beside the whole run's D and C)
+    cfg.train.restore_best = False
     return cfg
 
 

@@ -12,8 +12,11 @@ are confidently wrong, so a collapse need not bring the total back to its start;
 captioner's loss, with `loss.caption_weight`, need not follow either). The suggestion is the
 steepest descent of the smoothed loss before its minimum, the usual reading of the curve; the
 `ceiling` is the rate at which the loss has climbed `CLIMB_BACK` of the way back to its start,
-passes `DIVERGED` × its minimum, or an InfoNCE pair sits at chance for `AT_CHANCE_STEPS` steps
-after having been `BELOW_CHANCE` under it: the test stops there, training fails above it.
+passes `DIVERGED` × its minimum, an InfoNCE pair sits at chance for `AT_CHANCE_STEPS` steps
+after having been `BELOW_CHANCE` under it, or a tower's outputs collapse (`collapse_patience`
+steps in a row, or fewer at the test's end after the monitor's warning): the test stops there,
+training fails above it. The suggestion and the lowest loss are read from the zero-lag
+(`centred`) curve, the lowest below the ceiling.
 Nothing of the run itself is written: `train.out_dir` stays as it was, the curve goes to a
 sibling folder.
 """
@@ -67,8 +70,9 @@ class LRFinding:
     losses: list[float]  # the raw training loss at each step
     smoothed: list[float]
     suggested: float | None  # steepest descent of the smoothed loss before its minimum
-    lowest: float  # the rate at the smoothed loss's minimum
-    ceiling: float | None  # where the loss came back to its start or blew up (the test stopped there)
+    lowest: float  # the rate at the minimum of the zero-lag smoothed loss below the ceiling (`lowest_rate`)
+    # where the loss came back to its start or blew up, or a tower collapsed (the test stopped there)
+    ceiling: float | None
     folder: Path | None = None
 
 
@@ -85,6 +89,30 @@ def suggest(lrs: list[float], smoothed: list[float], skip: int = 3) -> float | N
     log_lr, loss = np.log(np.asarray(lrs[skip:lowest + 1])), np.asarray(smoothed[skip:lowest + 1])
     slope = np.gradient(loss, log_lr)
     return float(np.exp(log_lr[int(np.argmin(slope))]))
+
+
+def lowest_rate(lrs: list[float], losses: list[float], ceiling: float | None = None) -> float:
+    """The rate at the minimum of `centred(losses)` below `ceiling` (a collapsed tower's plateau
+    at ln(batch) can be the lowest loss of a test that barely fell). The one-sided moving average
+    (`smoothed`) lags as it does for `suggest`: its minimum came ~3x past the loss's (3.3e-3 for
+    a minimum at 1e-3 over 100 steps). The first rate when no loss is left."""
+    below = [x for lr, x in zip(lrs, centred(losses)) if ceiling is None or lr < ceiling]  # a prefix: rates rise
+    return lrs[int(np.argmin(below))] if below else lrs[0]
+
+
+def warned_collapse(monitor: CollapseMonitor, lrs: list[float]) -> float | None:
+    """The rate where a collapse began that the monitor warned about but the test ended before
+    stopping on (it ran out of steps within `stop_after`); None when no tower ends collapsed."""
+    streak = max(monitor.streak.values(), default=0)
+    return lrs[max(0, len(lrs) - streak)] if lrs and streak >= monitor.patience else None
+
+
+def collapse_patience(collapse_steps: int, steps: int) -> int:
+    """Collapsed steps in a row that end a range test of `steps` steps: a tenth of them (at least
+    3, at most `train.collapse_steps`), so the test stops at about the same rate whatever its
+    length. `collapse_steps` (10) alone outlasted a 30-step test: its towers collapsed from 3.6e-2,
+    warned, and the collapsed plateau was reported as the lowest loss with no ceiling."""
+    return min(collapse_steps, max(3, steps // 10))
 
 
 def centred(losses: list[float], beta: float = SMOOTHING) -> list[float]:
@@ -169,8 +197,8 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     make_loader, _, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
     # the objective the align stage trains (the captioner's loss too, with loss.caption_weight); a
     # collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
-    trained, step_fn = one_process_step(cfg, space, loss_fn, tokenizer, device, skips,
-                                        CollapseMonitor(stop_after=cfg.train.collapse_steps))
+    monitor = CollapseMonitor(stop_after=collapse_patience(cfg.train.collapse_steps, steps))
+    trained, step_fn = one_process_step(cfg, space, loss_fn, tokenizer, device, skips, monitor)
     optimizer = build_optimizer(trained, lr_min, cfg.train.weight_decay, cfg.train.betas)
     trained.train()
 
@@ -217,10 +245,11 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
             raise UserError(f"--find-lr: no batch of the training data could be used "
                             f"({skips.summary() or 'no row read'}); check data.root and the manifest")
         epoch += 1
-    finite = [s if math.isfinite(s) else math.inf for s in smoothed]
+    if ceiling is None:
+        ceiling = warned_collapse(monitor, lrs)
     zero_lag = centred(losses)
-    finding = LRFinding(lrs, losses, smoothed, suggest(lrs[:len(zero_lag)], zero_lag), lrs[int(np.argmin(finite))],
-                        ceiling)
+    finding = LRFinding(lrs, losses, smoothed, suggest(lrs[:len(zero_lag)], zero_lag),
+                        lowest_rate(lrs, losses, ceiling), ceiling)
     finding.folder = _write(finding, Path(cfg.train.out_dir).resolve())  # "." has no name to extend
     return finding
 

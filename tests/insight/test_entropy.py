@@ -66,6 +66,21 @@ def test_two_point_distribution_and_tempered_logits():
             logits_entropy(torch.zeros(3), t)
 
 
+def test_a_temperature_is_any_real_number_numpys_and_0d_tensors_included():
+    """np.float32(0.5), np.int64(1) and torch.tensor(0.5) were refused: "temperature must be a finite
+    number >= 0, got np.float32(0.5)"."""
+    import numpy as np
+
+    z = torch.randn(3, 30, generator=torch.Generator().manual_seed(0))
+    for t, same in ((np.float32(0.5), 0.5), (np.int64(1), 1.0), (torch.tensor(0.5), 0.5), (torch.tensor(2), 2.0),
+                    (np.float64(0.0), 0.0)):
+        torch.testing.assert_close(logits_entropy(z, t), logits_entropy(z, same), atol=0, rtol=0)
+    for t in (True, np.bool_(True), torch.tensor(True), torch.tensor([0.5]), "0.5", None, np.float32(-1.0),
+              torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            logits_entropy(z, t)
+
+
 def test_sampling_logits_that_are_not_finite_is_one_clear_error():
     """searchsorted over a NaN running sum pointed past the row: an IndexError from deep inside."""
     for row in ([float("inf"), 0.0, 0.0], [float("-inf")] * 3, [float("nan"), 0.0, 1.0]):

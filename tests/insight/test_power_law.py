@@ -132,3 +132,13 @@ def test_a_step_is_flagged_as_a_weak_fit_and_a_good_noisy_fit_is_not(caplog):
     x = np.geomspace(1e4, 1e6, 5)
     fit = fit_power_law(x, (0.8 + 30 * x ** -0.3) * (1 + 0.003 * rng.standard_normal(5)), bootstrap=0)
     assert 0.9 < fit.r2 < 1 and fit.notes == () and caplog.text == ""
+
+
+def test_three_points_the_bound_keeps_from_interpolating_are_not_called_exact(caplog):
+    """Where E >= 0 binds, 3 points are not interpolated (the data sweep's R² = 0.9891), yet the
+    fit said "exact interpolation: R² says nothing"."""
+    fit = fit_power_law([7680, 15872, 31744], [5.1195, 4.5861, 3.9449], bootstrap=0)  # falls faster than any E >= 0 law
+    assert fit.E == 0 and 0.98 < fit.r2 < 0.995
+    assert "exact interpolation" not in caplog.text and not any("exact" in note for note in fit.notes)
+    assert fit.notes == ("as many points as parameters (3), not interpolated: R² says little",)
+    assert "as many points as parameters" in str(fit) and "not interpolated" in caplog.text

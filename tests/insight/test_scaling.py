@@ -124,7 +124,8 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     assert [(s["dropout"], s["weight_decay"]) for s in doc["settings"]] == [(0.0, 0.0), (0.3, 0.0)]
     for s in doc["settings"]:
         curve = s["curve"]
-        assert s["gap"] == pytest.approx(curve[-1]["val_loss"] - curve[-1]["train_loss"])
+        # the final validation loss scores all 64 validation rows, the curve's 32 (recipe.eval_rows)
+        assert s["gap"] == pytest.approx(s["val_loss"] - curve[-1]["train_loss"])
         best = min(curve, key=lambda p: p["val_loss"])
         assert (s["early_stop_step"], s["early_stop_val_loss"]) == (best["step"], best["val_loss"])
     assert doc["settings"][0]["gap"] > 0  # 1k tokens for 12 epochs: memorised
@@ -158,6 +159,10 @@ def test_regularisation_study_reports_gap_and_early_stop(tmp_path, capsys):
     (["scale", "regularisation.epochs=0"], "regularisation.epochs must be >= 1"),
     (["scale", "regularisation.dropouts=[]"], "must be non-empty"),
     (["scale", "--axis", "time"], "invalid choice"),
+    # the study ran on the decoder at its one budget, ignoring both
+    (["scale", "--study", "regularisation", "--axis", "data"], "--axis belongs to the sweep, not to --study"),
+    (["scale", "--study", "regularisation", "target=towers"],
+     "--study regularisation trains the decoder, not target=towers"),
     # an odd head width trained the whole ladder, then the rotary next_size raised a traceback
     (["scale", "next_size={width: 42, layers: 1, heads: 2}"], "into an even head width"),
     # NaN or infinite weight decay trained, then blamed the learning rate ("lower recipe.lr")

@@ -259,3 +259,22 @@ def test_a_second_sweep_that_fails_leaves_no_report_of_the_first(tiny_world, tmp
     assert {p.name for p in out.iterdir()} == {"scaling.csv"}
     lines = (out / "scaling.csv").read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith(f"w{WIDTHS[0]},")  # the rung it finished
+
+
+def test_a_rung_reports_the_loss_of_the_weights_its_samples_and_flops_trained(tiny_world, tmp_path, monkeypatch):
+    """A rung's saved weights were the best recall's checkpoint (an early step), scored beside the
+    samples and FLOPs of the whole run: its val_loss was the curve's first point, not its last."""
+    import mmembed.train.engine as engine
+    from mmembed.insight.tower_scaling import train_rung
+
+    # validation "peaks" at the first evaluation: no later one beats it
+    monkeypatch.setattr(engine, "better", lambda value, best, lower: best is None)
+    path = tiny_config(tiny_world, tmp_path / "base", epochs=2)
+    config = load_scaling_config("scaling", [*tower_overrides(path), f"out_dir={tmp_path / 'sweep'}"])
+    result = train_rung(rung_config(config, 16)).result
+    curve = result.curve
+    assert len(curve) >= 2 and curve[0]["val_loss"] != pytest.approx(curve[-1]["val_loss"], rel=1e-4)
+    assert result.val_loss == pytest.approx(curve[-1]["val_loss"], rel=1e-6)
+    assert result.tokens == curve[-1]["tokens"] == 96  # 2 epochs of 3 batches of 16: every sample counted
+    saved = json.loads((tmp_path / "sweep" / "towers" / "w16" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert saved["best_step"] < saved["weights_step"] == curve[-1]["step"]  # the best step is not what is scored

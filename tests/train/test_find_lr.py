@@ -10,7 +10,8 @@ import pytest
 from mmembed.cli import main
 from mmembed.config import load_config
 from mmembed.errors import UserError
-from mmembed.train.find_lr import SMOOTHING, _failed, centred, chance_ratios, find_lr, suggest
+from mmembed.train.find_lr import (SMOOTHING, _failed, centred, chance_ratios, collapse_patience, find_lr,
+                                   lowest_rate, suggest)
 from tests.conftest import tiny_config
 
 
@@ -91,9 +92,8 @@ def test_cli_find_lr_prints_one_line(tiny_world, tmp_path, capsys):
     assert len(out) == 1 and ("suggested train.lr=" in out[0] or "never fell" in out[0]) and "lr_find.png" in out[0]
 
 
-def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tmp_path, monkeypatch):
-    """A collapse settles the loss at ln(batch), below its start: the loss alone never flagged it,
-    and the test reported the collapsed plateau as its lowest loss and "no failure"."""
+def _collapse_after(monkeypatch, healthy: int) -> None:
+    """From step `healthy` + 1 on, the image tower gives one vector for every input."""
     import torch
 
     import mmembed.train.align as align_module  # the range test's step is built there (one_process_step)
@@ -102,19 +102,59 @@ def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tm
     real = align_module.make_step_fn
     calls = []
 
-    def collapsing_after_five(space, loss_fn, device, skips, monitor, *rest):
-        def seen(embeddings, present):  # from the 6th step on, the image tower gives one vector for all
+    def collapsing(space, loss_fn, device, skips, monitor, *rest):
+        def seen(embeddings, present):
             calls.append(1)
-            if len(calls) > 5:
+            if len(calls) > healthy:
                 embeddings = {**embeddings, Modality.IMAGE: torch.zeros_like(embeddings[Modality.IMAGE])}
             monitor(embeddings, present)
 
         return real(space, loss_fn, device, skips, seen, *rest)
 
-    monkeypatch.setattr(align_module, "make_step_fn", collapsing_after_five)
+    monkeypatch.setattr(align_module, "make_step_fn", collapsing)
+
+
+def test_a_collapsed_tower_ends_the_test_where_the_collapse_began(tiny_world, tmp_path, monkeypatch):
+    """A collapse settles the loss at ln(batch), below its start: the loss alone never flagged it,
+    and the test reported the collapsed plateau as its lowest loss and "no failure"."""
+    _collapse_after(monkeypatch, 5)
     cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), ["train.collapse_steps=4"])
-    f = find_lr(cfg, steps=30, lr_min=1e-5, lr_max=1e-1)
+    f = find_lr(cfg, steps=40, lr_min=1e-5, lr_max=1e-1)
     assert len(f.lrs) == 8 and f.ceiling == pytest.approx(f.lrs[5])  # steps 6–9 collapsed; the 9th raised
+
+
+def test_a_short_test_stops_at_a_collapse_it_warned_about(tiny_world, tmp_path, monkeypatch):
+    """train.collapse_steps (10) collapsed steps outlasted a 30-step test: the towers collapsed,
+    the warning fired, and the test reported no ceiling and the collapsed plateau as the lowest loss."""
+    _collapse_after(monkeypatch, 23)
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1))  # collapse_steps 10, the default
+    f = find_lr(cfg, steps=30, lr_min=1e-5, lr_max=1e-1)
+    assert len(f.lrs) == 25 and f.ceiling == pytest.approx(f.lrs[23])  # a tenth of 30 steps: the 3rd raised
+    assert collapse_patience(10, 30) == 3 and collapse_patience(10, 100) == 10 and collapse_patience(4, 1000) == 4
+    assert f.lowest < f.ceiling  # not the collapsed plateau
+
+
+def test_a_collapse_the_test_ends_inside_is_its_ceiling(tiny_world, tmp_path, monkeypatch):
+    """A collapse warned about in the last steps, too few to stop the test, left it without a ceiling."""
+    _collapse_after(monkeypatch, 37)
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1))
+    f = find_lr(cfg, steps=40, lr_min=1e-6, lr_max=1e-3)  # 4 collapsed steps stop it: 3 are warned about
+    assert len(f.lrs) == 40 and f.ceiling == pytest.approx(f.lrs[37]) and f.lowest < f.ceiling
+
+
+def test_the_lowest_loss_is_read_from_a_curve_without_lag():
+    """"lowest loss at" was the one-sided moving average's minimum, which lags: 3.3e-3 for a loss
+    whose minimum is at 1e-3 (the suggestion beside it was already read without the lag)."""
+    lrs = list(np.logspace(-6, 0, 100))
+    loss = [2 + (math.log10(lr) + 3) ** 2 / 4 for lr in lrs]
+    one_sided, average = [], 0.0
+    for i, x in enumerate(loss, 1):
+        average = SMOOTHING * average + (1 - SMOOTHING) * x
+        one_sided.append(average / (1 - SMOOTHING ** i))
+    assert lrs[int(np.argmin(one_sided))] > 3e-3  # the lag
+    assert lowest_rate(lrs, loss) == pytest.approx(1e-3, rel=0.15)  # within a step's factor (1.15)
+    assert lowest_rate(lrs[:3], [3.0, 2.0, float("inf")]) == lrs[1] and lowest_rate(lrs[:1], [math.nan]) == lrs[0]
+    assert lowest_rate(lrs, loss, ceiling=lrs[40]) == lrs[39]  # a collapsed plateau above the ceiling is no minimum
 
 
 def test_data_that_yields_no_batch_is_one_error_not_a_hang(tiny_world, tmp_path):
