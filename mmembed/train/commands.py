@@ -34,8 +34,8 @@ def run_find_lr(config: Config, steps: int) -> int:
     if f.suggested is None:
         print(f"the loss never fell (lowest at lr={f.lowest:.2g}); see {f.folder / 'lr_find.png'}")
     else:
-        stop = (f"training fails above {f.ceiling:.2g}: the loss is back at its start or at chance, or blew up"
-                if f.ceiling is not None else "no failure up to 1")
+        stop = (f"training fails above {f.ceiling:.2g}: the loss is back at its start or at chance, blew up, or a "
+                "tower collapsed" if f.ceiling is not None else "no failure up to 1")
         print(f"suggested train.lr={f.suggested:.2g} (steepest fall of the loss; lowest loss at {f.lowest:.2g}; "
               f"{stop}); curve: {f.folder / 'lr_find.png'}")
     return 0
