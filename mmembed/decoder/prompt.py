@@ -35,6 +35,7 @@ from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
+from mmembed.preprocess.files import normalisation_hint
 from mmembed.text_encoding import SURROGATE
 
 VECTOR = "vector"  # marker name for a bare shared-space vector
@@ -221,8 +222,8 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
             st = path.stat()
         except FileNotFoundError:
             cut = " (an inline path ends at its first '>': a file whose name holds < or > cannot be named inline)"
-            raise UserError(f"prompt names a missing {kind} file: {path}" + (cut if ">" in text[m.end():] else "")) \
-                from None
+            raise UserError(f"prompt names a missing {kind} file: {path}{normalisation_hint(path)}"
+                            + (cut if ">" in text[m.end():] else "")) from None
         except (OSError, ValueError) as e:  # a name too long, no permission: it ended a chat
             raise UserError(f"prompt names an unreadable {kind} file: {path} ({getattr(e, 'strerror', None) or e})") \
                 from None

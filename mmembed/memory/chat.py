@@ -52,8 +52,8 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
         try:
             if line.split()[:1] in (["/history"], ["/forget"], ["/quit"]) and line not in COMMAND_WORDS:
                 raise UserError(f"{line.split()[0]} takes no arguments ({COMMANDS})")
-            elif line == "/history":
-                for h in session.history():
+            elif line == "/history":  # the whole session (history() keeps its last 50 items: turn 1 vanished)
+                for h in session.history(limit=2**62):
                     out.write(f"  {_describe(h)}\n")
             elif line == "/forget":
                 out.write(f"forgot {session.forget()} item(s)\n")
@@ -77,6 +77,14 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
 
 
 def _describe(h: MemoryHit) -> str:
+    """One line for a remembered item; its text quoted with control characters, quotes and
+    backslashes escaped: a stored text (anyone who reaches `mmembed serve` can store one for any
+    user) printed raw could retitle the terminal, write its clipboard or forge history lines."""
     score = "" if h.score is None else f" {h.score:.2f}"
-    text = f' "{h.text}"' if h.text else ""
+    text = ' "' + "".join(c if c.isprintable() and c not in '"\\' else _escaped(c) for c in h.text) + '"' \
+        if h.text else ""
     return f"#{h.id} {h.role} {h.modality}{score}{text}"
+
+
+def _escaped(c: str) -> str:
+    return {'"': '\\"', "\\": "\\\\"}.get(c) or repr(c)[1:-1]

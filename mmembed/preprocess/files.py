@@ -15,7 +15,7 @@ def check_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise BadInput(f"missing file {path}{_normalisation_hint(path)}") from None
+        raise BadInput(f"missing file {path}{normalisation_hint(path)}") from None
     except (OSError, ValueError, UnicodeError) as e:  # ValueError: NUL byte; UnicodeError: lone surrogate
         raise BadInput(f"unreadable file {ascii(str(path))} ({type(e).__name__}: {e})") from None
     if not stat.S_ISREG(st.st_mode):
@@ -24,7 +24,7 @@ def check_file(path: Path) -> None:
         raise BadInput(f"empty file (0 bytes): {path}")
 
 
-def _normalisation_hint(path: Path) -> str:
+def normalisation_hint(path: Path) -> str:
     """A hint when the folder holds the same name in another Unicode normalisation ("café" typed
     as NFC, saved as NFD by macOS): the two print alike, and the miss looks impossible."""
     name = path.name

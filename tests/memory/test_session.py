@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import unicodedata
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mmembed.cli import main
 from mmembed.config import DecoderConfig
 from mmembed.decoder import Embedded, build_prompt_model
 from mmembed.errors import UserError
+from mmembed.decoder.prompt import parse_inline
 from mmembed.memory.chat import run_chat
 from tests.conftest import tiny_model
 from tests.memory.conftest import picture, sound
@@ -570,3 +572,24 @@ def test_the_items_of_one_recalled_turn_keep_the_order_they_were_stored_in(chat_
         chat.ask("a red star")
     kinds = ["media" if isinstance(s, Embedded) else s for s in seen[-1]]
     assert kinds == ["Remember this picture.", "media", "a red star", "a red star"]
+
+
+def test_chat_shows_stored_texts_escaped_and_the_whole_session(chat_model, db, tmp_path):
+    """A stored text was printed raw (an escape code retitled the terminal, a newline forged a
+    /history line) and /history showed only the session's last 50 items (turn 1 vanished)."""
+    with mm.Session(chat_model, memory=db, user="eve") as chat:
+        for i in range(30):
+            chat.ask(f"turn {i}", max_new_tokens=1)
+            if i == 0:  # the session is named at its first turn
+                chat.memory.add("eve", 'a\x1b]0;PWNED\x07 "x"\n  #1 user text "PIN"', session=chat.session)
+        out = io.StringIO()
+        run_chat(chat, ["/history"], out, prompt="")
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith('  #1 user text "turn 0"')
+    assert lines[3] == r'  #3 user text "a\x1b]0;PWNED\x07 \"x\"\n  #1 user text \"PIN\""'
+    assert sum(line.startswith("  #") for line in lines) == 61  # the note and 30 turns of two items
+    missing = tmp_path / unicodedata.normalize("NFD", "ünï.png")
+    picture(0).save(missing)
+    typed = unicodedata.normalize("NFC", str(missing))
+    with pytest.raises(UserError, match=r"missing image file: .*the same name in another Unicode normalisation"):
+        parse_inline(f"look at <image:{typed}>")
