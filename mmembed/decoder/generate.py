@@ -53,6 +53,8 @@ class Generation:
             (`MemoryHit`s with scores); empty outside a session.
         candidates: with `best_of` > 1, every distinct answer considered, best first
             (`score.Candidate`s with their scores); empty otherwise.
+        final_step: whether the last token came on the last step there was room for, where a
+            trailing U+FFFD is final text, not a character still to come (`replay_tokens` reads it).
     """
 
     text: str
@@ -63,6 +65,7 @@ class Generation:
     prompt_tokens: int = 0
     recalled: list = field(default_factory=list)
     candidates: list = field(default_factory=list)
+    final_step: bool = False
 
     @property
     def mean_entropy(self) -> float:
@@ -126,6 +129,7 @@ class _Row:
     def add(self, token: int, logprob: float, entropy: float, last: bool = False) -> None:
         """One generated token; `last`: the final step, after which the text is what it is."""
         out = self.out
+        out.final_step = last
         out.token_ids.append(token)
         out.logprobs.append(logprob)
         out.entropy.append(entropy)
@@ -403,7 +407,8 @@ def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> lis
     def steps() -> Iterator[_Row]:
         chosen = list(zip(generation.token_ids, generation.logprobs, generation.entropy))
         for i, (token, logprob, entropy) in enumerate(chosen):
-            row.add(token, logprob, entropy, last=i == len(chosen) - 1 and generation.finish_reason == "length")
+            # as the run did: a stop on the final step cut a trailing U+FFFD that an earlier one kept
+            row.add(token, logprob, entropy, last=i == len(chosen) - 1 and generation.final_step)
             yield row
 
     return list(_released(steps(), stop))

@@ -79,10 +79,21 @@ def gpt2_architecture(folder: str | Path) -> dict[str, Any]:
         "max_len": sizes["n_positions"],
         "positional": "learned",
         "bias": True,
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+        "tie_embeddings": _tied(cfg, path),
         "activation": _ACTIVATIONS[activation],
         "norm_eps": eps,
     }
+
+
+def _tied(cfg: dict[str, Any], path: Path) -> bool:
+    """config.json's tie_word_embeddings: absent or null is true (transformers' default); a string
+    "false" was truthy, tied an untied model and blamed its head for differing from its wte."""
+    tie = cfg.get("tie_word_embeddings")
+    if tie is None:
+        return True
+    if not isinstance(tie, bool):
+        raise CheckpointError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}")
+    return tie
 
 
 def load_gpt2(folder: str | Path, dropout: float = 0.0, window: int | None = None, conv_kernel: int = 0) -> Decoder:

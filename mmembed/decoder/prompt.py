@@ -309,9 +309,11 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
             elif isinstance(seg, Tensor):
                 own_parts.append(Slot(VECTOR))
                 own_slots.append(_check_vector(seg, dim, device, where))
-            else:
-                raise BadInput(f"{where}: unsupported type {type(seg).__name__} (use str, mm.Image, mm.Audio, "
-                               "mm.Text, mm.decoder.Embedded or a 1-D torch tensor)")
+            else:  # a list here: a batch that mixes prompts given as lists with bare strings
+                hint = ("a batch is a list of prompts, each a list: wrap a one-segment prompt as ['text']; "
+                        if isinstance(seg, (list, tuple)) else "")
+                raise BadInput(f"{where}: unsupported type {type(seg).__name__} ({hint}use str, mm.Image, "
+                               "mm.Audio, mm.Text, mm.decoder.Embedded or a 1-D torch tensor)")
         if not any(isinstance(x, Slot) or x.strip() for x in own_parts):
             raise BadInput(f"{'prompt ' + str(p) if many else 'prompt'} is empty: give text or media")
         parts.append(own_parts)

@@ -138,6 +138,21 @@ def test_tied_embeddings_with_a_different_head_in_the_file_are_refused(gpt2_fold
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
         load_gpt2(tmp_path)
 
+@pytest.mark.parametrize("tie", ["false", 0])
+def test_a_tie_word_embeddings_that_is_no_boolean_is_a_checkpoint_error(tmp_path, tie):
+    """A string "false" tied an untied model, then blamed its lm_head for differing from its wte."""
+    save_tiny_gpt2(tmp_path, tie_word_embeddings=False)
+    untied = load_gpt2(tmp_path)
+    assert untied.lm_head.weight is not untied.token_embedding.weight
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": tie}))
+    with pytest.raises(CheckpointError, match=f"tie_word_embeddings must be true or false, got {tie!r}"):
+        load_gpt2(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": None}))  # transformers: tied
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from its wte.weight"):
+        load_gpt2(tmp_path)
+
+
 def test_rows_past_the_tokenizer_in_a_padded_table_are_never_written(tmp_path):
     """A GPT-2 whose table is padded past its tokenizer (nanoGPT's 50,304 rows for 50,257 tokens)
     sampled those rows: ids no tokenizer decodes, counted against max_new_tokens and in the log-probs."""

@@ -1,11 +1,14 @@
 """Prompts: segment checks, marker tokens, soft-token placement, answer-only loss, inline syntax."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mmembed as mm
-from mmembed.decoder import Sampling, Stops, Slot, answer_logits, generate, parse_inline, resolve_prompts
+from mmembed.decoder import (Sampling, Stops, Slot, answer_logits, generate, is_batch, parse_inline,
+                             resolve_prompts)
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from tests.decoder.helpers import DIM, fake_embed, prompt_model
@@ -91,6 +94,19 @@ def test_typed_marker_text_is_text_not_a_marker():
 def test_bad_segment_is_one_clear_error_naming_it(segment, message):
     with pytest.raises(BadInput, match=f"prompt segment 1: .*{message}"):
         resolve_prompts([["look at", segment]], fake_embed, DIM, CPU)
+
+
+def test_a_batch_mixing_lists_and_bare_strings_says_how_to_write_a_batch():
+    """A list within a prompt (a batch with one bare string is one prompt) was "unsupported type list"."""
+    mixed = [["Describe", mm.Image("a.png")], ["a", mm.Audio("a.wav")], "What is it"]
+    assert not is_batch(mixed)
+    hint = "a batch is a list of prompts, each a list: wrap a one-segment prompt as ['text']; use str, mm.Image"
+    for segment in (mixed[0], tuple(mixed[0])):
+        with pytest.raises(BadInput, match=re.escape(f"prompt segment 0: unsupported type {type(segment).__name__} "
+                                                     f"({hint}")):
+            resolve_prompts([[segment, *mixed[1:]]], fake_embed, DIM, CPU)
+    with pytest.raises(BadInput, match=re.escape("prompt segment 1: unsupported type dict (use str, mm.Image")):
+        resolve_prompts([["look at", {"image": "a.png"}]], fake_embed, DIM, CPU)
 
 
 def test_empty_prompt_and_unreadable_media_are_named():

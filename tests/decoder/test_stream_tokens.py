@@ -86,7 +86,8 @@ def test_a_stop_string_ending_in_a_multibyte_character_is_never_streamed(monkeyp
 
     def scripted():
         ids = iter(script)
-        return lambda logits, sampling, generator=None: Choice(torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
+        return lambda logits, sampling, generator=None: Choice(
+            torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
 
     generate_module = sys.modules["mmembed.decoder.generate"]  # the package's `generate` is the function
     (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
@@ -140,3 +141,40 @@ def test_a_stop_string_of_the_replacement_character_still_cuts_an_undecodable_by
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
         (out,) = generate(pm.lm, pm.fmt, [resolved], steps, Sampling(), Stops(("\ufffd",)), None, CPU)
         assert (out.text, out.finish_reason) == ("a", "stop")
+
+
+@pytest.mark.parametrize("steps, stop, text, reason", [
+    (2, ("b", "ab\ufffd"), "", "stop"),  # the final step: "ab\ufffd" is final text, and the earliest stop
+    (4, ("b", "ab\ufffd"), "a", "stop"),  # an earlier step: "\ufffd" may still become "é", so "b" stops it
+    (2, ("q",), "ab\ufffd", "length"),
+])
+def test_replayed_tokens_join_to_the_text_whichever_step_stopped_the_answer(monkeypatch, steps, stop, text, reason):
+    """A stop on the final step was replayed as on an earlier one: a best-of answer "" showed tokens joining to "a"."""
+    import sys
+
+    from mmembed.config import DecoderConfig
+    from mmembed.decoder import build_prompt_model
+    from mmembed.decoder.generate import replay_tokens
+    from mmembed.decoder.sampling import Choice
+    from mmembed.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["b\u00e9 ab\u00e9"] * 30, vocab_size=300)  # learns the token b"b\xc3": "b" + half an "é"
+    (split,) = [i for i in range(tok.vocab_size) if tok.decode_bytes([i]) == b"b\xc3"]
+    torch.manual_seed(0)
+    cfg = DecoderConfig(width=32, layers=2, heads=4, context=64, dropout=0.0, soft_tokens=3)
+    pm = build_prompt_model(cfg, tok, DIM)
+    generate_module = sys.modules["mmembed.decoder.generate"]
+    (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
+
+    def scripted():  # "a", then "b" and the first byte of an "é"
+        ids = iter([*tok.encode_bytes(b"a"), split, *tok.encode_bytes(b"zz")])
+        return lambda logits, sampling, generator=None: Choice(
+            torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
+
+    monkeypatch.setattr(generate_module, "choose", scripted())
+    (out,) = generate(pm.lm, pm.fmt, [resolved], steps, Sampling(), Stops(stop), None, CPU)
+    monkeypatch.setattr(generate_module, "choose", scripted())
+    tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, steps, Sampling(), Stops(stop), None, CPU))
+    assert (out.text, out.finish_reason, len(out.token_ids)) == (text, reason, 2)
+    replayed = replay_tokens(pm.fmt, out, Stops(stop))
+    assert replayed == tokens and "".join(t.text for t in replayed) == out.text
