@@ -306,8 +306,10 @@ def resolve_path(value: str, base: Path, allow_outside_root: bool) -> Path:
         raise BadRow(f"absolute path {value!r} refused (set allow_outside_root to accept it)")
     root = str(base)
     resolved = os.path.normpath(os.path.join(root, value))
-    inside = root if root.endswith(os.sep) else root + os.sep
-    if not allow_outside_root and resolved != root and not resolved.startswith(inside):
+    # compared as absolute paths: under a relative base (`.`) "a.png" does not start with "./"
+    whole, where = (resolved, root) if os.path.isabs(root) else (os.path.abspath(resolved), os.path.abspath(root))
+    inside = where if where.endswith(os.sep) else where + os.sep
+    if not allow_outside_root and whole != where and not whole.startswith(inside):
         raise BadRow(f"path {value!r} escapes the data root {base} (set allow_outside_root to accept it)")
     return Path(resolved)
 

@@ -37,8 +37,8 @@ class Recipe:
         lr: peak learning rate; warmup_steps of linear warm-up, then cosine to lr · min_lr_ratio.
         weight_decay: decoupled, on matrices only.
         eval_every: steps between evaluations (the last step is always evaluated).
-        eval_rows: rows of each split scored per evaluation of the curve (the final validation
-            loss scores every row).
+        eval_rows: training rows scored per evaluation (the training loss of the curve); the
+            validation loss scores every validation row at every evaluation.
         seed: initialisation and shuffling.
     """
 
@@ -68,8 +68,9 @@ class LMResult:
         train_loss: the last evaluation's, on `eval_rows` training rows (nats per token, eval mode).
         val_loss: the trained model's on every validation row (nats per token, eval mode): the
             number a sweep fits; `val_tokens` sets how many.
-        curve: every evaluation (`eval_rows` rows of each split): step, tokens, train_loss, val_loss,
-            seconds. Its last val_loss is the same model's on the first `eval_rows` rows only.
+        curve: every evaluation (`eval_rows` training rows, every validation row): step, tokens,
+            train_loss, val_loss, seconds; its last val_loss is `val_loss`, and its lowest
+            (`best`, where early stopping stops) is on the same rows.
     """
 
     params: int
@@ -117,8 +118,7 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
         recipe: optimisation settings.
 
     Returns:
-        The run's `LMResult`: its curve scores `eval_rows` rows of each split (cheap enough to
-        repeat), its final `val_loss` every validation row.
+        The run's `LMResult`: its curve scores `eval_rows` training rows and every validation row.
     """
     r = recipe
     if len(train_rows) < r.batch_size:
@@ -130,7 +130,10 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
     optimizer = build_optimizer(decoder, r.lr, r.weight_decay, (0.9, 0.95))
     step_flops = measured_flops(lambda: lm_loss(decoder, train_rows[: r.batch_size]))
     optimizer.zero_grad(set_to_none=True)
-    train_probe, val_probe = train_rows[: r.eval_rows], val_rows[: r.eval_rows]
+    # every validation row at every evaluation: the reported loss and the curve's lowest (the study's
+    # early stop) are then on the same rows (the first 128 rows of 64 tokens scored 8,192 of the
+    # shipped 32,768 validation tokens, whatever val_tokens said)
+    train_probe = train_rows[: r.eval_rows]
     curve: list[dict] = []
     start = time.perf_counter()
     decoder.train()
@@ -152,14 +155,11 @@ def train_lm(decoder: Decoder, train_rows: Tensor, val_rows: Tensor, recipe: Rec
             if step % r.eval_every == 0 or step == steps:
                 curve.append({"step": step, "tokens": step * r.batch_size * context,
                               "train_loss": mean_loss(decoder, train_probe, r.batch_size),
-                              "val_loss": mean_loss(decoder, val_probe, r.batch_size),
+                              "val_loss": mean_loss(decoder, val_rows, r.batch_size),
                               "seconds": time.perf_counter() - start})
     tokens = steps * r.batch_size * context
     n = decoder.num_parameters(non_embedding=True)
-    # every validation row, not the curve's eval_rows: val_tokens sets the reported loss's precision
-    # (the first 128 rows of 64 tokens scored 8,192 of the shipped 32,768 tokens, whatever val_tokens said)
-    val_loss = mean_loss(decoder, val_rows, r.batch_size)
     return LMResult(params=n, params_total=decoder.num_parameters(non_embedding=False), tokens=tokens,
                     flops_estimate=estimated_training_flops(n, tokens), flops_measured=step_flops * steps,
                     seconds=time.perf_counter() - start, train_loss=curve[-1]["train_loss"],
-                    val_loss=val_loss, curve=curve)
+                    val_loss=curve[-1]["val_loss"], curve=curve)

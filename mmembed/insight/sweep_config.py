@@ -32,7 +32,7 @@ class RecipeConfig:
     weight_decay: float = 0.1
     dropout: float = 0.0
     eval_every: int = 50  # steps
-    eval_rows: int = 128  # rows of each split scored per evaluation of the curve (the final val loss: every row)
+    eval_rows: int = 128  # training rows scored per evaluation (validation: every row, every evaluation)
 
 
 @dataclass

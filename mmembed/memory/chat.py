@@ -15,6 +15,7 @@ over-long prompt is one line (on the error stream) and the chat goes on.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TextIO
 
@@ -26,6 +27,9 @@ from mmembed.memory.records import MemoryHit
 COMMANDS = "commands: /history, /forget, /quit"
 COMMAND_WORDS = ("/history", "/forget", "/quit")
 HELP = f"{COMMANDS}; media inline as <image:path>, <audio:path> or <text:caption>"
+# escaped in a shown text: controls (escape codes, newlines), format characters (bidi overrides),
+# line and paragraph separators; a no-break or ideographic space is text (French, CJK)
+_UNSAFE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 
 
 class ChatTally(NamedTuple):
@@ -81,8 +85,8 @@ def _describe(h: MemoryHit) -> str:
     backslashes escaped: a stored text (anyone who reaches `mmembed serve` can store one for any
     user) printed raw could retitle the terminal, write its clipboard or forge history lines."""
     score = "" if h.score is None else f" {h.score:.2f}"
-    text = ' "' + "".join(c if c.isprintable() and c not in '"\\' else _escaped(c) for c in h.text) + '"' \
-        if h.text else ""
+    text = ' "' + "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in '"\\' else c
+                          for c in h.text) + '"' if h.text else ""
     return f"#{h.id} {h.role} {h.modality}{score}{text}"
 
 

@@ -59,7 +59,10 @@ def _built(build, what: str) -> torch.nn.Module:
             size = f" ({int(asked.group(1)) / 1e9:.3g} GB at once)" if asked else ""
             raise ConfigError(f"{what}: too large to build in this machine's memory{size}: check its sizes") from None
     held = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocator is the check
+        return module
     if held > memory:
         raise ConfigError(f"{what}: {held / 1e9:.3g} GB of weights, more than this machine's {memory / 1e9:.3g} GB "
                           "of memory: check its sizes")

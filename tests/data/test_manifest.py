@@ -302,3 +302,16 @@ def test_a_stray_nul_in_a_utf8_manifest_is_one_bad_line_not_a_utf16_file(tmp_pat
     path.write_bytes(b'{"text": "a\x00b"}\n' + json.dumps({"text": "fine"}).encode() + b"\n")
     m = read_manifest(path)
     assert [r.line for r in m.rows] == [2] and [line for line, _ in m.skipped] == [1]
+
+
+def test_paths_under_a_relative_data_root(tmp_path, monkeypatch):
+    """Under data.root "." every path was refused as escaping it ("a.png" does not start with "./"),
+    and "../x" was let through."""
+    from mmembed.data.manifest import BadRow, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("images/a.png", Path("."), False) == Path("images/a.png")
+    assert resolve_path("x/../a.png", Path("sub"), False) == Path("sub/a.png")
+    for escaping in ("../a.png", "x/../../a.png"):
+        with pytest.raises(BadRow, match="escapes the data root"):
+            resolve_path(escaping, Path("."), False)

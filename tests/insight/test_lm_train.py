@@ -30,3 +30,14 @@ def test_the_reported_validation_loss_scores_every_validation_row():
     assert abs(val_loss - direct) < 1e-5 and abs(val_loss - first) > 1e-3
     _, fewer = _trained(val_rows[:16])  # the same training (same seed), fewer validation tokens
     assert abs(fewer - val_loss) > 1e-4
+
+
+def test_the_curve_scores_the_same_validation_rows_as_the_reported_loss():
+    """The curve scored eval_rows validation rows while the reported loss scored them all: the
+    study's "val loss there" (the curve's lowest) and its final val loss were on different rows."""
+    torch.manual_seed(0)
+    train_rows, val_rows = torch.randint(0, 40, (32, 9)), torch.randint(0, 40, (40, 9))
+    result = train_lm(Decoder(40, 16, 1, 2, max_len=8), train_rows, val_rows,
+                      Recipe(batch_size=8, lr=1e-2, warmup_steps=1, eval_every=2, eval_rows=8))
+    assert result.curve[-1]["val_loss"] == result.val_loss
+    assert result.best["val_loss"] <= result.val_loss

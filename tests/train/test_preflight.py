@@ -329,3 +329,11 @@ def test_the_validation_manifest_is_checked_against_the_task_selection(tmp_path)
                                           r"decoder\.data\.val: null for none$"):
         check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[colour]", val=val))
     check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[colour]"))
+
+
+def test_the_memory_check_is_skipped_where_there_is_no_sysconf(tmp_path, monkeypatch):
+    """Without os.sysconf (Windows) every preflight died with an AttributeError."""
+    import os
+
+    monkeypatch.delattr(os, "sysconf")
+    check_config(_demo(tmp_path, "decoder=null"))

@@ -11,7 +11,7 @@ combinations, splits) -> `render_image.py`, `render_audio.py`, `captions.py`, `q
 world.json).
 
     from mmembed.data.synth import generate_world
-    world = generate_world("data/shapes", n=2000, seed=0)
+    world = generate_world("data/shapes2000", n=2000, seed=0)
     world.manifests["train"]   # data/shapes/train.jsonl
     world.instructions["train"]   # data/shapes/instruct-train.jsonl
 """
