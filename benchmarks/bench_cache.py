@@ -10,7 +10,8 @@ the same model without a cache, as nanoGPT's `generate` runs it: each step feeds
 so far and keeps the last position's logits. A step without the cache costs a forward over all t
 tokens, with it one token's against t cached keys, so the speed-up should grow with T; both sides
 include the prompt's forward. `tokens_equal` checks that both wrote the same tokens (the same
-model, so only float summation order differs between them). Medians of interleaved rounds.
+model, so only float summation order differs between them); a row is `correct` when they did.
+Medians of interleaved rounds.
 Goal: the speed-up grows with T; identical tokens.
 """
 
@@ -50,6 +51,7 @@ def bench_length(decoder: Decoder, length: int, rounds: int) -> dict:
     prompt = torch.randint(0, VOCAB, (1, length - NEW), generator=torch.Generator().manual_seed(length))
     ours, anchor = cached(decoder, prompt), recomputed(decoder, prompt)
     same = ours == anchor  # (1, NEW)
+    equal = bool(same.all())
     times = interleaved_times({"ours": lambda: cached(decoder, prompt), "anchor": lambda: recomputed(decoder, prompt)},
                               rounds=rounds, warmup=1)
     stats = timing_stats(times)
@@ -57,7 +59,7 @@ def bench_length(decoder: Decoder, length: int, rounds: int) -> dict:
     kv_bytes = 2 * decoder.layers * length * decoder.width * 4
     return ratio_report(f"B-cache T={length}", tps["ours"], tps["anchor"], "tokens/s", higher_is_better=True,
                         goal="grows with T", sequence=length, prompt_tokens=length - NEW, new_tokens=NEW,
-                        tokens_equal=bool(same.all()),
+                        correct=equal, correct_if=f"tokens_equal (all {NEW} tokens)", tokens_equal=equal,
                         agreeing_prefix=int(same.long().cumprod(dim=1).sum()), kv_cache_bytes=kv_bytes, **stats)
 
 

@@ -107,10 +107,19 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3, device: torch.dev
     return n_bytes / median_time(lambda: x.sum(), repeats=repeats)
 
 
-def ratio_report(name: str, ours: float, anchor: float, unit: str, higher_is_better: bool, **extra) -> dict:
-    """One benchmark row. `ratio` > 1 always means ours is better."""
+def ratio_report(name: str, ours: float, anchor: float, unit: str, higher_is_better: bool,
+                 correct: bool | None = None, correct_if: str = "", **extra) -> dict:
+    """One benchmark row. `ratio` > 1 always means ours is better.
+
+    `correct`: whether ours computed what the anchor did, by the rule `correct_if` (the check and
+    its tolerance, in words, e.g. "max_abs_diff <= 1e-06"). A row with `correct` False is marked
+    WRONG by the runner, which then exits 1: a ratio of a wrong result means nothing. A row that
+    checks nothing (an informational one) leaves both out."""
     ratio = ours / anchor if higher_is_better else anchor / ours
-    return {"id": name, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio, **extra}
+    row = {"id": name, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio}
+    if correct is not None:
+        row.update(correct=bool(correct), correct_if=correct_if)
+    return {**row, **extra}
 
 
 def count(text: str) -> int:

@@ -16,6 +16,11 @@ wall time and result. A summary table (id, ratio, goal) is printed at the end; `
 means ours is better. `--markdown` also prints the README's
 Performance table (benchmark, ours, anchor, ratio, % of the hardware bound); `--table REPORT`
 prints it from a saved report without running anything.
+
+A row that checks its result against the anchor's carries `correct` and the rule it was judged by,
+`correct_if` (a tolerance such as "max_abs_diff <= 1e-06"). A row with `correct` False is WRONG:
+both tables print "WRONG" beside its ratio, the report lists it under the benchmark's `wrong`,
+and the exit status is 1, as for a benchmark that failed.
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ def run_one(bench_id: str, quick: bool) -> dict[str, Any]:
             result = _run_main(module, quick)
             entry["note"] = "module has no run(quick); its main() was run and its printed JSON read"
         entry.update(status="ok", result=result)
+        wrong = wrong_rows(result)
+        if wrong:
+            entry["wrong"] = wrong
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # a benchmark calling sys.exit must not end the whole run either
@@ -115,6 +123,11 @@ def run_one(bench_id: str, quick: bool) -> dict[str, Any]:
             entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     return entry
+
+
+def wrong_rows(result: Any) -> list[str]:
+    """Ids of the rows whose own check (`correct`) failed; a row without one is not counted."""
+    return [str(r["id"]) for r in _find_rows(result) if r.get("correct") is False]
 
 
 def _run_main(module, quick: bool) -> Any:
@@ -149,8 +162,21 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if not found:
             rows.append((bench_id, "-", "", str(goal)))
         for r in found:
-            rows.append((str(r["id"]), _num(r.get("ratio")), _num(r.get("ratio_paired", "")), str(r.get("goal", goal))))
+            rows.append((str(r["id"]), _num(r.get("ratio")) + _mark(r), _num(r.get("ratio_paired", "")),
+                         _goal(r, goal)))
     return rows
+
+
+def _mark(row: dict[str, Any]) -> str:
+    """The mark after the ratio of a row whose result failed its own check ("WRONG"), else nothing."""
+    return " WRONG" if row.get("correct") is False else ""
+
+
+def _goal(row: dict[str, Any], goal: Any) -> str:
+    text = str(row.get("goal", goal))
+    if row.get("correct") is False:
+        return f"WRONG (correct if {row.get('correct_if') or 'its check holds'}); {text}"
+    return text
 
 
 def _num(x: Any) -> str:
@@ -202,8 +228,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         for r in _find_rows(entry["result"]):
             unit = r.get("unit", "")
             ratio = r.get("ratio_paired", r["ratio"])
-            lines.append(f"| {r['id']} | {_fig(r['ours'])} {unit} | {_fig(r['anchor'])} {unit} | {ratio:.2f} "
-                         f"| {hardware_bound(r)} |")
+            lines.append(f"| {r['id']} | {_fig(r['ours'])} {unit} | {_fig(r['anchor'])} {unit} "
+                         f"| {ratio:.2f}{_mark(r)} | {hardware_bound(r)} |")
     return "\n".join(lines)
 
 
@@ -226,7 +252,8 @@ def run_all(ids: list[str], quick: bool, out: Path | None) -> dict[str, Any]:
         print(f"[run_all] {bench_id} ...", file=sys.stderr, flush=True)
         entry = run_one(bench_id, quick)
         report["benchmarks"][bench_id] = entry
-        print(f"[run_all] {bench_id}: {entry['status']} in {entry['seconds']} s", file=sys.stderr, flush=True)
+        wrong = f", WRONG: {', '.join(entry['wrong'])}" if entry.get("wrong") else ""
+        print(f"[run_all] {bench_id}: {entry['status']} in {entry['seconds']} s{wrong}", file=sys.stderr, flush=True)
         if partial is not None:
             _write(partial, report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -283,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + markdown_table(report))
     print(f"\nreport: {args.out} ({report['seconds']} s)")
     failed = [k for k, v in report["benchmarks"].items() if v["status"] == "failed"]  # skipped ones are not
-    return 1 if failed else 0
+    wrong = [row for v in report["benchmarks"].values() for row in v.get("wrong", [])]
+    if wrong:
+        print(f"WRONG results (their ratios mean nothing): {', '.join(wrong)}", file=sys.stderr)
+    return 1 if failed or wrong else 0
 
 
 if __name__ == "__main__":
