@@ -222,7 +222,7 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
             st = path.stat()
         except FileNotFoundError:
             cut = " (an inline path ends at its first '>': a file whose name holds < or > cannot be named inline)"
-            raise UserError(f"prompt names a missing {kind} file: {path}{normalisation_hint(path)}"
+            raise UserError(f"prompt names a missing {kind} file: {path}{normalisation_hint(path, 'the path in the prompt')}"
                             + (cut if ">" in text[m.end():] else "")) from None
         except (OSError, ValueError) as e:  # a name too long, no permission: it ended a chat
             raise UserError(f"prompt names an unreadable {kind} file: {path} ({getattr(e, 'strerror', None) or e})") \
@@ -311,7 +311,7 @@ def resolve_prompts(prompts: Sequence[Prompt], embed: Callable[[Modality, list],
                 own_slots.append(_check_vector(seg, dim, device, where))
             else:  # a list here: a batch that mixes prompts given as lists with bare strings
                 hint = ("a batch is a list of prompts, each a list: wrap a one-segment prompt as ['text']; "
-                        if isinstance(seg, (list, tuple)) else "")
+                        if isinstance(seg, (list, tuple)) and not many else "")
                 raise BadInput(f"{where}: unsupported type {type(seg).__name__} ({hint}use str, mm.Image, "
                                "mm.Audio, mm.Text, mm.decoder.Embedded or a 1-D torch tensor)")
         if not any(isinstance(x, Slot) or x.strip() for x in own_parts):

@@ -27,9 +27,11 @@ from mmembed.memory.records import MemoryHit
 COMMANDS = "commands: /history, /forget, /quit"
 COMMAND_WORDS = ("/history", "/forget", "/quit")
 HELP = f"{COMMANDS}; media inline as <image:path>, <audio:path> or <text:caption>"
-# escaped in a shown text: controls (escape codes, newlines), format characters (bidi overrides),
-# line and paragraph separators; a no-break or ideographic space is text (French, CJK)
-_UNSAFE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+# escaped in a shown text: controls (escape codes, newlines), line and paragraph separators, lone
+# surrogates and the bidi controls (which reorder what follows); a no-break space, a zero-width
+# joiner (emoji, Persian), a soft hyphen or an emoji newer than Python's tables is text
+_UNSAFE = {"Cc", "Zl", "Zp", "Cs"}
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class ChatTally(NamedTuple):
@@ -85,7 +87,7 @@ def _describe(h: MemoryHit) -> str:
     backslashes escaped: a stored text (anyone who reaches `mmembed serve` can store one for any
     user) printed raw could retitle the terminal, write its clipboard or forge history lines."""
     score = "" if h.score is None else f" {h.score:.2f}"
-    text = ' "' + "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in '"\\' else c
+    text = ' "' + "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in _BIDI or c in '"\\' else c
                           for c in h.text) + '"' if h.text else ""
     return f"#{h.id} {h.role} {h.modality}{score}{text}"
 

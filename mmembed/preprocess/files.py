@@ -24,7 +24,7 @@ def check_file(path: Path) -> None:
         raise BadInput(f"empty file (0 bytes): {path}")
 
 
-def normalisation_hint(path: Path) -> str:
+def normalisation_hint(path: Path, named_by: str = "the manifest entry") -> str:
     """A hint when the folder holds the same name in another Unicode normalisation ("café" typed
     as NFC, saved as NFD by macOS): the two print alike, and the miss looks impossible."""
     name = path.name
@@ -36,4 +36,4 @@ def normalisation_hint(path: Path) -> str:
     except OSError:
         return ""
     return (f" (the folder has {ascii(near[0])}, the same name in another Unicode normalisation; "
-            "rename the file or the manifest entry to one form)") if near else ""
+            "rename the file or {named_by} to one form)") if near else ""

@@ -107,6 +107,9 @@ def test_a_batch_mixing_lists_and_bare_strings_says_how_to_write_a_batch():
             resolve_prompts([[segment, *mixed[1:]]], fake_embed, DIM, CPU)
     with pytest.raises(BadInput, match=re.escape("prompt segment 1: unsupported type dict (use str, mm.Image")):
         resolve_prompts([["look at", {"image": "a.png"}]], fake_embed, DIM, CPU)
+    # already a batch: a list nested in one of its prompts gets no batch hint
+    with pytest.raises(BadInput, match=re.escape("prompt 0 segment 1: unsupported type list (use str, mm.Image")):
+        resolve_prompts([["look at", ["a", "b"]], ["c"]], fake_embed, DIM, CPU)
 
 
 def test_empty_prompt_and_unreadable_media_are_named():

@@ -582,16 +582,17 @@ def test_chat_shows_stored_texts_escaped_and_the_whole_session(chat_model, db, t
             chat.ask(f"turn {i}", max_new_tokens=1)
             if i == 0:  # the session is named at its first turn
                 chat.memory.add("eve", 'a\x1b]0;PWNED\x07 "x"\n  #1 user text "PIN"', session=chat.session)
-                chat.memory.add("eve", "prix\xa0: 5\u202f€ 東京\u3000タワー \u202eevil", session=chat.session)
+                chat.memory.add("eve", "prix\xa0: 5\u202f€ 東京\u3000タワー 👨\u200d👩\u200d👧 \u202eevil", session=chat.session)
         out = io.StringIO()
         run_chat(chat, ["/history"], out, prompt="")
     lines = out.getvalue().splitlines()
     assert lines[1].startswith('  #1 user text "turn 0"')
     assert lines[3] == r'  #3 user text "a\x1b]0;PWNED\x07 \"x\"\n  #1 user text \"PIN\""'
-    assert lines[4] == '  #4 user text "prix\xa0: 5\u202f€ 東京\u3000タワー \\u202eevil"'  # spaces are text
+    assert lines[4] == '  #4 user text "prix\xa0: 5\u202f€ 東京\u3000タワー 👨\u200d👩\u200d👧 \\u202eevil"'  # text stays
     assert sum(line.startswith("  #") for line in lines) == 62  # two notes and 30 turns of two items
     missing = tmp_path / unicodedata.normalize("NFD", "ünï.png")
     picture(0).save(missing)
     typed = unicodedata.normalize("NFC", str(missing))
-    with pytest.raises(UserError, match=r"missing image file: .*the same name in another Unicode normalisation"):
+    with pytest.raises(UserError, match=r"missing image file: .*the same name in another Unicode normalisation; "
+                                        r"rename the file or the path in the prompt to one form"):
         parse_inline(f"look at <image:{typed}>")

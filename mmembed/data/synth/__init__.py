@@ -12,8 +12,8 @@ world.json).
 
     from mmembed.data.synth import generate_world
     world = generate_world("data/shapes2000", n=2000, seed=0)
-    world.manifests["train"]   # data/shapes/train.jsonl
-    world.instructions["train"]   # data/shapes/instruct-train.jsonl
+    world.manifests["train"]   # data/shapes2000/train.jsonl
+    world.instructions["train"]   # data/shapes2000/instruct-train.jsonl
 """
 
 from mmembed.data.synth.captions import SYNONYMS, canonical_caption, describe_scene, mentions, parse_caption
