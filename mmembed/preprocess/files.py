@@ -36,4 +36,4 @@ def normalisation_hint(path: Path, named_by: str = "the manifest entry") -> str:
     except OSError:
         return ""
     return (f" (the folder has {ascii(near[0])}, the same name in another Unicode normalisation; "
-            "rename the file or {named_by} to one form)") if near else ""
+            f"rename the file or {named_by} to one form)") if near else ""
