@@ -45,6 +45,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         decoder_started = resume and latest_checkpoint(run_dir / DECODER_DIR) is not None
         if decoder_started:  # the align stage is done: its train section stays as it ran
             config = _align_as_it_ran(config, load_config(run_dir / CONFIG))
+        elif resume and (run_dir / CONFIG).is_file():
+            _check_space_source(run_dir, load_config(run_dir / CONFIG), config)
         if not decoder_started:
             if config.model.init_from is not None:
                 config = copy_space(config, save=current_world().main)
@@ -91,6 +93,22 @@ def _align_as_it_ran(config: Config, saved: Config) -> Config:
     # and the space as it is: a space copied from model.init_from has that run's sections, which
     # the decoder stage writes into config.yaml again (the user's own section described no towers)
     return dataclasses.replace(config, train=kept, model=saved.model, tokenizer=saved.tokenizer)
+
+
+def _check_space_source(run_dir: Path, saved: Config, config: Config) -> None:
+    """A resume before the decoder stage's first checkpoint that would change where the space comes
+    from: `model.init_from` newly set copied that run's space over the one trained here (its align
+    stage lost), and dropped it trained a space over the copied one."""
+    from mmembed.errors import UserError
+
+    was, now = saved.model.init_from, config.model.init_from
+    if was is None and now is not None:
+        raise UserError(f"{run_dir}: its space was trained here, so --resume with model.init_from={now} would "
+                        "replace it with that run's: drop model.init_from to continue this run, or start over "
+                        "with --overwrite")
+    if was is not None and now is None:
+        raise UserError(f"{run_dir}: its space was copied from {was}: resume with model.init_from={was} (or where "
+                        "that run is now), or start over with --overwrite")
 
 
 def _another_folder(was: str | None, now: str | None) -> bool:

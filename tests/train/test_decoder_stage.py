@@ -745,3 +745,28 @@ def test_resuming_the_decoder_stage_with_another_init_from_says_it_changes_nothi
     with caplog.at_level(logging.WARNING):
         train(cfg, resume=True)
     assert "changes nothing" not in caplog.text
+
+
+def test_a_resume_before_the_decoder_stage_keeps_where_the_space_came_from(trained_run, tiny_world, tmp_path):
+    """A run that trained its space, stopped before the decoder's first checkpoint and resumed with
+    model.init_from newly set had that run's space copied over its own (its align stage lost)."""
+    import shutil
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(DECODER_DIR, DECODER_WEIGHTS))
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints", DECODER_DIR))
+    before = (run / "model.safetensors").read_bytes()
+    cfg = decoder_config(tiny_world, run)
+    cfg.model.init_from = str(other)
+    with pytest.raises(UserError, match=r"its space was trained here, so --resume with model.init_from=.*other "
+                                        "would replace it with that run's: drop model.init_from"):
+        train(cfg, resume=True)
+    assert (run / "model.safetensors").read_bytes() == before
+    from mmembed.train import copy_space
+
+    copied = decoder_config(tiny_world, tmp_path / "copied")
+    copied.model.init_from = str(trained_run)
+    copy_space(copied)  # stopped before the decoder stage's first checkpoint
+    copied = decoder_config(tiny_world, tmp_path / "copied")
+    with pytest.raises(UserError, match=r"its space was copied from .*: resume with model.init_from="):
+        train(copied, resume=True)
