@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +58,7 @@ def embed_manifest(
     batch_size: int = 64,
     progress: bool = True,
     skip: SkipRule = "item",
+    reserved: Mapping[str, str] | None = None,
 ) -> ManifestEmbeddings:
     """Read a manifest and embed each requested modality of every row.
 
@@ -70,6 +71,8 @@ def embed_manifest(
         progress: show a tqdm bar per modality.
         skip: "item" leaves out an unreadable item alone (an index keeps the row's other items);
             "row" leaves out its whole row and counts it once, as "row" (training's validation rule).
+        reserved: metadata columns the caller writes itself (name → what it holds): a manifest with
+            such a column is refused (UserError) before anything is embedded.
     Returns:
         `ManifestEmbeddings`; manifest rows that could not be parsed count as skipped too.
     """
@@ -81,6 +84,10 @@ def embed_manifest(
 
     check_complete(Path(manifest_path).parent)  # a world cut short: its media were never all rendered
     manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))
+    if clash := sorted(manifest.meta_columns & set(reserved or {})):  # they were overwritten without a word
+        own = " and ".join(f"{name!r} ({what})" for name, what in reserved.items())
+        raise UserError(f"{manifest.path}: an index writes its own {own} into each item's metadata; rename the "
+                        f"manifest's {' and '.join(map(repr, clash))} column" + "s" * (len(clash) > 1))
     wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
     out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
