@@ -222,8 +222,9 @@ def parse_inline(text: str, base: Path | None = None) -> list[str | Media]:
             st = path.stat()
         except FileNotFoundError:
             cut = " (an inline path ends at its first '>': a file whose name holds < or > cannot be named inline)"
-            raise UserError(f"prompt names a missing {kind} file: {path}{normalisation_hint(path, 'the path in the prompt')}"
-                            + (cut if ">" in text[m.end():] else "")) from None
+            hint = normalisation_hint(path, "the path in the prompt")
+            raise UserError(f"prompt names a missing {kind} file: {path}{hint}" + (cut if ">" in text[m.end():] else "")) \
+                from None
         except (OSError, ValueError) as e:  # a name too long, no permission: it ended a chat
             raise UserError(f"prompt names an unreadable {kind} file: {path} ({getattr(e, 'strerror', None) or e})") \
                 from None

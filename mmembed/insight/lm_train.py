@@ -5,7 +5,7 @@ regularisation study needs.
                  every `eval_every` steps: loss on a fixed slice of the training rows and on the
                  validation rows, both in eval mode (no dropout), so their gap is the
                  generalisation gap and not a dropout artefact
-                 at the end: the loss on every validation row, the number a sweep reports and fits
+                 (every validation row: the last evaluation's is the number a sweep reports and fits)
 
 The optimiser, its parameter groups (no decay on norms, biases, embeddings) and the schedule are
 the training engine's (`mmembed.train.optim`): a sweep measures the recipe users train with.

@@ -117,7 +117,7 @@ def _flags(A: float, alpha: float, r2: float, distinct: int, n_params: int, exac
         log.warning("exact interpolation: %d distinct points for %d fitted parameters, so R² says nothing about "
                     "the law; add points (rungs) to test it", distinct, n_params)
         notes.append("exact interpolation: R² says nothing")
-    elif distinct <= n_params:  # a bound (E ≥ 0, A ≥ 0) or points repeated at one x: not interpolated, barely tested
+    elif distinct <= n_params:  # a bound (E ≥ 0, A ≥ 0) or points repeated at one x: barely tested
         log.warning("%d distinct points for %d fitted parameters (not interpolated): "
                     "add points (rungs) to test the law", distinct, n_params)
         notes.append(f"as many points as parameters ({distinct}), not interpolated: R² says little")
