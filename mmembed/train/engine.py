@@ -9,7 +9,8 @@ progress bar, and atomic checkpoints that resume exactly (model, optimizer, RNGs
 With validation, every new best value of `early_stop_metric` is checkpointed; pruning never
 deletes that checkpoint, and at the end (`restore_best`) its weights are copied back into the
 module, so the stage saves the best model rather than the last one. The last checkpoint keeps
-the last weights: `--resume` with a larger budget continues training from where it stopped.
+the last weights: `--resume` with a larger budget continues training from where it stopped (an
+early-stopped run, with a larger `early_stop_patience` or none).
 
 Under torchrun every rank runs this loop on its shard of each global batch (see
 distributed.py). Every decision that ends or branches the loop — a batch with no usable row on
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmembed.config import TrainConfig
+from mmembed.data import SkipCounter
 from mmembed.errors import ConfigError, UserError
 from mmembed.train.distributed import (all_gather_objects, all_reduce_values, any_rank, barrier, broadcast_object,
                                        current_world, no_sync)
@@ -90,7 +92,8 @@ class Trainer:
             are gathered into the single-process format.
         stateful: the stage's own state, checkpointed as JSON: `state_dict()` (on every rank),
             `load_state_dict(state)`, and optionally `merged(states)`, every rank's states (in
-            rank order) as the one the checkpoint keeps (default: rank 0's).
+            rank order) as the one the checkpoint keeps (default: rank 0's), and `skips`, the
+            stage's SkipCounter, whose count a run that took no step gives in its error.
         on_skipped: called with a batch every rank skips because some rank's share of it has no
             row: `step_fn` never sees it, so whatever it counts of a batch (its bad rows) is
             counted here.
@@ -130,7 +133,6 @@ class Trainer:
         self._bad_in_a_row = 0
         self._rowless = 0  # batches (of this fit) skipped for want of a usable row, of `progress.empty_batches`
         self._last: dict[str, Any] = {}
-        self._last_value: float | None = None  # the early-stop metric at the latest evaluation
         self._warned_metric = False
         self._clock = (time.monotonic(), 0.0)  # set again by fit()
 
@@ -155,12 +157,12 @@ class Trainer:
         reason = None
         if resume:
             self._resume()
-            # a run that ended is continued only where a budget (epochs, steps, minutes) was raised
-            # since; early stopping is final. Its last model was evaluated before it ended.
+            # a run that ended is continued only where a budget (epochs, steps, minutes, patience)
+            # was raised since. Its last model was evaluated before it ended.
             ended, self.progress.stopped = self.progress.stopped, None
             if ended is not None:
                 self.progress.last_eval_step = self.progress.step
-            if ended == "early stop":
+            if ended == "early stop" and self._still_stopped():
                 reason = ended
         if self.cfg.max_minutes is not None and self.progress.seconds >= 60 * self.cfg.max_minutes:
             reason = reason or "time budget"
@@ -193,9 +195,7 @@ class Trainer:
             barrier()  # every checkpoint is on disk before any rank restores the best one
         finally:
             bar.close()
-        if self.progress.empty_batches and self.world.main:  # every rank counted the same batches
-            log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were skipped",
-                        self.progress.empty_batches)
+        self._report_skips(reason)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
         p = self.progress
         return FitResult(p, reason, last_ckpt, p.best_step, p.best_metric, self._restore_best())
@@ -305,9 +305,10 @@ class Trainer:
                         p.step, self._bad_in_a_row)
             if self._bad_in_a_row >= cfg.max_bad_steps:
                 self._checkpoint()
+                fp32 = " or train.precision=fp32" if cfg.precision != "fp32" else ""
                 raise NonFiniteLossError(
                     f"{self._bad_in_a_row} non-finite steps in a row at step {p.step}: stopping "
-                    f"(try a lower train.lr or train.precision=fp32); last good state is checkpointed")
+                    f"(try a lower train.lr{fp32}); last good state is checkpointed")
             return False
         self._bad_in_a_row = 0
         p.seconds = self._seconds()
@@ -353,7 +354,7 @@ class Trainer:
                 log.warning("train.early_stop_metric %r is not among the validation metrics (%s): no best "
                             "checkpoint is kept and the last weights are saved", name, ", ".join(sorted(metrics)))
             return False, False
-        self._last_value = value = float(value)
+        p.last_metric = value = float(value)
         # A tie goes to the lower validation loss: an exact-answer accuracy stays at 0 for a while
         # on long answers, and the first evaluation's weights were kept and the run stopped early.
         loss = metrics.get("loss") if name.removeprefix("val/") != "loss" else None
@@ -374,8 +375,7 @@ class Trainer:
         p, name = self.progress, self.cfg.early_stop_metric
         if p.best_step is None:  # no validation (or not this metric): the last weights
             return p.step
-        weights_step = restore_best(self.run_dir, p, name, self.cfg.restore_best, self._last_value, self.module,
-                                    self.sharded)
+        weights_step = restore_best(self.run_dir, p, name, self.cfg.restore_best, self.module, self.sharded)
         self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step,
                              f"best/{name}": p.best_metric, "weights_step": weights_step})
         return weights_step
@@ -444,14 +444,51 @@ class Trainer:
                  p.accum_steps or "?", self.world.size, cfg.batch_size, cfg.accum_steps, p.epoch, p.samples_in_epoch,
                  self.total_steps)
 
+    def _still_stopped(self) -> bool:
+        """Whether a resumed early-stopped run stays stopped: the patience it ran out of is not
+        larger now (a larger one, or null, trains on), which it says, and how to continue it."""
+        p, patience = self.progress, self.cfg.early_stop_patience
+        if patience is None or p.evals_since_best < patience:
+            log.info("the run had stopped early at step %d; train.early_stop_patience=%s now: training on",
+                     p.step, "null" if patience is None else patience)
+            return False
+        log.warning("the run had stopped early at step %d (%d evaluation(s) without a better %s than step %s's): "
+                    "resume with a larger train.early_stop_patience, or null, to train on", p.step,
+                    p.evals_since_best, self.cfg.early_stop_metric, p.best_step)
+        return True
+
+    def _report_skips(self, reason: str) -> None:
+        """Warn of the batches and steps the run skipped: they explain a run shorter than planned."""
+        p = self.progress
+        if not self.world.main:  # every rank counted the same batches and steps
+            return
+        if p.empty_batches:
+            log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were "
+                        "skipped", p.empty_batches)
+        if p.bad_steps:
+            short = (f": the run took {p.step} of its {self.total_steps} planned steps"
+                     if reason == "finished" and p.step < self.total_steps else "")
+            log.warning("%d step(s) with a non-finite loss or gradient were skipped%s", p.bad_steps, short)
+
     def _nothing_learned(self) -> str:
-        """Why a run ended without a step: rows skipped (counted above), or batches with rows but no pair."""
+        """Why a run ended without a step: rows skipped (counted here), or batches with rows but no pair."""
         n = self.progress.empty_batches
         if self._rowless:
             return (f"no training step was taken: all {n} batch(es) had no usable row or nothing to learn from "
-                    "(the skipped rows are counted above)")
+                    f"({self._skipped_rows() or 'the skipped rows are counted above'})")
         return (f"no training step was taken: none of the {n} batch(es) had anything to learn from (no two rows "
                 "of a batch with a pair of modalities the model trains on; check the manifest's column names)")
+
+    def _skipped_rows(self) -> str:
+        """The stage's count of the rows it skipped, every rank's (a collective), or "" if it keeps none:
+        its rate-limited warnings may have counted only the first of them."""
+        skips = getattr(self.stateful, "skips", None)
+        if skips is None:
+            return ""
+        every = SkipCounter()
+        for state in all_gather_objects(skips.state_dict()):
+            every.load_state_dict(state)
+        return every.summary()
 
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""

@@ -49,6 +49,7 @@ class Progress:
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
     best_loss: float | None = None  # the validation loss there: a tie of the metric goes to a lower loss
     evals_since_best: int = 0
+    last_metric: float | None = None  # the early-stop metric at the latest evaluation (None: none yet)
     bad_steps: int = 0  # non-finite steps skipped in total
     empty_batches: int = 0  # batches whose every row was skipped, or that had nothing to learn from (no step taken)
     seconds: float = 0.0  # wall seconds of training so far, over every fit (the time schedule's clock)
@@ -214,8 +215,11 @@ def _check_progress(p: Progress) -> None:
     def whole(value: Any, low: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     def real(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return number(value) and math.isfinite(value)
 
     rules = {**{name: (lambda v: whole(v, 0)) for name in ("step", "epoch", "batch_in_epoch", "samples",
                                                           "evals_since_best", "bad_steps", "empty_batches")},
@@ -224,6 +228,7 @@ def _check_progress(p: Progress) -> None:
              "batch_size": lambda v: v is None or whole(v, 1), "accum_steps": lambda v: v is None or whole(v, 1),
              "best_metric": lambda v: v is None or real(v), "best_step": lambda v: v is None or whole(v, 0),
              "best_loss": lambda v: v is None or real(v),
+             "last_metric": lambda v: v is None or number(v),  # (NaN too: a diverged model's value)
              "last_eval_step": lambda v: v is None or whole(v, 0),
              "seconds": lambda v: real(v) and v >= 0, "extra": lambda v: isinstance(v, dict)}
     for name, ok in rules.items():
@@ -355,13 +360,14 @@ def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
-def restore_best(run_dir: Path, progress: Progress, metric: str, enabled: bool, last_value: float | None,
-                 module: nn.Module, sharded: Any = None) -> int:
+def restore_best(run_dir: Path, progress: Progress, metric: str, enabled: bool, module: nn.Module,
+                 sharded: Any = None) -> int:
     """The end of a run with a best checkpoint: with `enabled` (`train.restore_best`), load its
     weights into `module` (unless the last step is the best); returns the step whose weights the
     module holds. A best checkpoint that cannot be read keeps the last weights, with a warning."""
     p = progress
-    last = "n/a" if last_value is None else f"{last_value:.4g}"
+    # None: a run resumed from a checkpoint older than `last_metric`, which evaluated nothing since
+    last = "not recorded in the checkpoint resumed from" if p.last_metric is None else f"{p.last_metric:.4g}"
     if not enabled:
         log.info("kept the last weights (step %d, %s = %s); the best was step %d, %s = %.4g "
                  "(train.restore_best is off)", p.step, metric, last, p.best_step, metric, p.best_metric)
