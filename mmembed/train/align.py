@@ -17,6 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from encoders.blocks import set_grad_checkpointing
+from mmembed.checkpoint import read_json
 from mmembed.config import Config, save_config
 from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
 from mmembed.errors import ConfigError, UserError
@@ -179,25 +181,61 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
     refuses a folder that holds files unless `overwrite` (which deletes them first); the folder
     is locked against a second trainer while this one runs. A tower that collapses before the
     first checkpoint restarts the stage at a lower learning rate (collapse.py), which the saved
-    `config.yaml` records.
+    `config.yaml` records and a resume keeps (unless given another train.lr).
     """
     run_dir = Path(config.train.out_dir)
     with lock_run(run_dir, resume=resume, overwrite=overwrite, keep=read_paths(config)):
         if resume and current_world().main:  # a checkpoint set aside by a killed re-save counts: put it back
             remove_partial_checkpoints(run_dir)
         barrier()
+        restarted = None
         if resume:  # before anything is written into the folder
-            resume_checkpoint(run_dir)
-        restarts = 0
+            config, restarted = _as_it_ran(config, saved_stage(resume_checkpoint(run_dir)))
+        given_lr, restarts = config.train.lr, 0
         while True:
             try:
-                return _train_align(config, run_dir, resume, callbacks)
+                return _train_align(config, run_dir, resume, callbacks, restarted)
             except TowerCollapsed as e:  # restart at a lower learning rate, or stop with the fix
                 config = restart_config(config, e, run_dir, resume, restarts)
                 restarts += 1
+                restarted = {"from": given_lr, "to": config.train.lr}
 
 
-def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
+def saved_stage(checkpoint: Path) -> dict:
+    """The stage's own state in `checkpoint` (`_StageState`'s; {} where it has none), read before
+    any work: what a resume must keep is checked, or taken, before the data and the model are built."""
+    try:
+        stage = read_json(checkpoint / "trainer.json")["progress"]["extra"].get("stage")
+    except (KeyError, TypeError, AttributeError):  # the engine's load names what is wrong with it
+        return {}
+    return stage if isinstance(stage, dict) else {}
+
+
+def check_same_seed(saved: int | None, current: int, key: str) -> None:
+    """UserError when a resume changes the seed that shuffles the training rows (`saved`: None in
+    older checkpoints): the rest of the epoch was dealt from another order, some rows twice."""
+    if saved is not None and saved != current:
+        raise UserError(f"--resume: {key} {saved!r} -> {current!r}: the checkpoint's place in the epoch is in the "
+                        "order that seed shuffled the rows into; resume without the change to continue the run, or "
+                        "start over (--overwrite, or another train.out_dir)")
+
+
+def _as_it_ran(config: Config, stage: dict) -> tuple[Config, dict | None]:
+    """`config` for resuming the checkpoint whose stage state is `stage`, and the collapse restart it
+    continues (None: none). The seed must be the run's; a run a collapse restarted at a lower rate
+    goes on at that rate unless train.lr is another than the one it was cut from (a lower one is
+    the collapse error's advice)."""
+    check_same_seed(stage.get("seed"), config.train.seed, "train.seed")
+    restart = stage.get("restart")
+    if not isinstance(restart, dict) or restart.get("from") != config.train.lr:
+        return config, None
+    log.warning("--resume: training at train.lr=%.3g, the rate this run restarted at after a collapse, not the "
+                "config's %.3g (give another train.lr to change it)", restart["to"], restart["from"])
+    return replace(config, train=replace(config.train, lr=float(restart["to"]))), restart
+
+
+def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable],
+                 restarted: dict | None) -> Path:
     world = current_world()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -208,7 +246,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # until the model is built and the data read: a stop before is no run
                 (run_dir / UNSTARTED).touch()
-            save_config(cfg, run_dir / CONFIG)
+                save_config(cfg, run_dir / CONFIG)  # a resume's, once its checkpoint is loaded (_StageState)
             if tokenizer is not None:
                 tokenizer.save(run_dir / TOKENIZER)
     model = build_model(cfg, tokenizer)
@@ -249,10 +287,12 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     after_step()
     if world.main:
         (run_dir / UNSTARTED).unlink(missing_ok=True)
+    # a resume writes config.yaml once its checkpoint is loaded: a refused one leaves the run's as it was
+    write_config = functools.partial(save_config, cfg, run_dir / CONFIG) if world.main else None
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,
-                      stateful=_StageState(monitor, skips, rows),
+                      stateful=_StageState(monitor, skips, rows, cfg.train.seed, restarted, loaded=write_config),
                       on_skipped=lambda batch: skips.update(batch.skipped))  # (step_fn counts them otherwise)
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
@@ -354,7 +394,7 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     def make(epoch: int, start_sample: int):
         return build_loader(dataset, bs, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                             drop_last=True, epoch=epoch, start_sample=start_sample, rank=world.rank,
-                            world_size=world.size)
+                            world_size=world.size, skips=skips)
 
     return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
 
@@ -393,13 +433,20 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
 
 class _StageState:
     """What the align stage keeps in its checkpoints besides the engine's: the collapse monitor's
-    streaks and the rows skipped so far (a resumed run's summary counts those of its first part)."""
+    streaks, the rows skipped so far (a resumed run's summary counts those of its first part), the
+    rows and the seed that shuffled them (which a resume must keep) and the collapse restart the run
+    trains after ({"from": the config's train.lr, "to": the rate it runs at}; a resume goes on at it).
+    `loaded` runs once a resume's checkpoint is loaded: its config.yaml is written then, so a refused
+    resume leaves it as it was."""
 
-    def __init__(self, monitor: CollapseMonitor, skips: SkipCounter, rows: str | None = None) -> None:
-        self.monitor, self.skips, self.rows = monitor, skips, rows
+    def __init__(self, monitor: CollapseMonitor, skips: SkipCounter, rows: str | None = None, seed: int | None = None,
+                 restart: dict | None = None, loaded: Callable[[], object] | None = None) -> None:
+        self.monitor, self.skips, self.rows, self.seed, self.restart = monitor, skips, rows, seed, restart
+        self.loaded = loaded
 
     def state_dict(self) -> dict:
-        return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict(), "rows": self.rows}
+        return {"collapse": self.monitor.state_dict(), "skips": self.skips.state_dict(), "rows": self.rows,
+                "seed": self.seed, "restart": self.restart}
 
     def merged(self, states: list[dict]) -> dict:
         """Every rank's state as one: the monitor's is shared, the skipped rows are each rank's own
@@ -413,6 +460,8 @@ class _StageState:
         check_same_rows(state.get("rows"), self.rows, "data.root / data.train")
         self.monitor.load_state_dict(state.get("collapse", state))  # older checkpoints: the monitor's alone
         self.skips.load_state_dict(state.get("skips", {}))
+        if self.loaded is not None:
+            self.loaded()
 
 
 def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) -> None:

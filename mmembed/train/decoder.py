@@ -34,14 +34,14 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
 from mmembed.model import CONFIG, WEIGHTS, Model, load_space
-from mmembed.train.align import seed_everything
+from mmembed.train.align import check_same_seed, saved_stage, seed_everything
 from mmembed.train.distributed import barrier, current_world, parallelize, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves
 from mmembed.train.preflight import check_sharding, stage_device
 from mmembed.train.run_dir import lock_run, prepare_run_dir
-from mmembed.train.state import check_same_rows
+from mmembed.train.state import check_same_rows, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
 def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:
     config = dataclasses.replace(config, decoder=with_gpt2_architecture(config.decoder))
     cfg = config.decoder
+    if resume:  # before the media are embedded
+        saved = saved_stage(resume_checkpoint(run_dir / DECODER_DIR))
+        check_same_seed(saved.get("seed"), cfg.train.seed, "decoder.train.seed")
     seed_everything(cfg.train.seed)
     device = stage_device("decoder.train", cfg.train.device)  # the preflight checked both; a direct call did not
     check_sharding(cfg)
@@ -106,7 +109,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     lm.train()
     trainer = Trainer(lm, step_fn, make_loader, sampler.batches_per_epoch(), tc, run_dir / DECODER_DIR,
                       evaluate=evaluate, callbacks=list(callbacks), device=device, net=net,
-                      stateful=_RowsState(train_data.fingerprint()))
+                      stateful=_RowsState(train_data.fingerprint(), tc.seed))
     result = trainer.fit(resume=resume)
     lm.eval()
     if cfg.lora_rank is not None:  # the adapters go into the weights: the saved decoder is a plain one
@@ -140,13 +143,14 @@ class _Batches:
 
 class _RowsState:
     """What the decoder stage keeps in its checkpoints besides the engine's: a fingerprint of its
-    training rows (after task selection and weights), which a resume must read again."""
+    training rows (after task selection and weights), which a resume must read again, and the seed
+    that shuffles them, which it must keep (`_train_decoder` checks it first)."""
 
-    def __init__(self, rows: str) -> None:
-        self.rows = rows
+    def __init__(self, rows: str, seed: int | None = None) -> None:
+        self.rows, self.seed = rows, seed
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         check_same_rows(state.get("rows"), self.rows, "decoder.data")

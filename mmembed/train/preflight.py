@@ -241,22 +241,74 @@ def _check_same_space(config: Config) -> None:
     """A resume's model and tokenizer sections are the run's own (its config.yaml): its weights are
     of that space. A changed one was written into config.yaml before the checkpoint refused it (or
     after the decoder stage finished), and the run no longer loaded. A run whose space was copied
-    from model.init_from holds that run's sections instead: the resume keeps them."""
+    from model.init_from holds that run's sections instead: the resume keeps them. So are the
+    settings that shape the checkpoint's other weights: the captioner the align stage trains beside
+    the space (loss.caption_weight zero or not, loss.captioner) while that stage is resumed, and the
+    decoder once its stage has a checkpoint; a change failed as the checkpoint loaded, in a raw
+    state-dict message (the decoder's after every media item was embedded)."""
     from mmembed.config import load_config
+    from mmembed.decoder import DECODER_DIR
     from mmembed.model import CONFIG
+    from mmembed.train.state import latest_checkpoint
+
+    run_dir = Path(config.train.out_dir)
+    if not (run_dir / CONFIG).is_file():
+        return
+    ran = load_config(run_dir / CONFIG)
+    decoder_started = config.decoder is not None and latest_checkpoint(run_dir / DECODER_DIR) is not None
+    changed = []
+    if not _space_copied(config):  # a bind run (init_from, no decoder) trains its own space
+        changed = _space_changes(ran, config)
+        if not decoder_started:  # the align stage resumes: its checkpoint holds the captioner
+            changed += _captioner_changes(ran, config)
+    if decoder_started and ran.decoder is not None:
+        changed += _decoder_changes(ran.decoder, config.decoder)
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run's "
+                          f"weights are of its config.yaml; resume without the change, or start over with "
+                          "--overwrite")
+
+
+def _space_changes(ran: Config, config: Config) -> list[str]:
     from mmembed.typed_config import to_dict
 
-    saved = Path(config.train.out_dir) / CONFIG
-    if _space_copied(config) or not saved.is_file():  # a bind run (init_from, no decoder) trains its own space
-        return
-    ran = load_config(saved)
-    for section in ("model", "tokenizer"):
-        was, now = _flat(to_dict(getattr(ran, section))), _flat(to_dict(getattr(config, section)))
-        if changed := [f"{section}.{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-                       if was.get(k) != now.get(k) and f"{section}.{k}" not in _WHERE_IT_STARTED]:
-            raise ConfigError(f"--resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run's "
-                              f"weights are of its config.yaml; resume without the change, or start over with "
-                              "--overwrite")
+    return [change for section in ("model", "tokenizer")
+            for change in _changes(section, to_dict(getattr(ran, section)), to_dict(getattr(config, section)))
+            if change.split(" ")[0] not in _WHERE_IT_STARTED]
+
+
+def _captioner_changes(ran: Config, config: Config) -> list[str]:
+    """The align stage's checkpoint holds a captioner when loss.caption_weight > 0, of loss.captioner's size."""
+    was, now = ran.loss, config.loss
+    if (was.caption_weight > 0) != (now.caption_weight > 0):
+        return [f"loss.caption_weight {was.caption_weight!r} -> {now.caption_weight!r}"]
+    return _changes("loss.captioner", dict(was.captioner), dict(now.captioner)) if now.caption_weight > 0 else []
+
+
+# the decoder fields its checkpoint's weights are shaped (or computed) by; GPT-2's come from its folder
+_DECODER_SHAPE = ("width", "layers", "heads", "mlp_ratio", "context", "positional", "activation", "tie_embeddings",
+                  "norm_eps", "window", "conv_kernel", "soft_tokens", "projector", "projector_hidden", "whiten",
+                  "lora_rank")
+
+
+def _decoder_changes(was: DecoderConfig, now: DecoderConfig) -> list[str]:
+    from mmembed.decoder import with_gpt2_architecture
+
+    if (was.init_from_gpt2 is None) != (now.init_from_gpt2 is None):  # the path itself may move
+        return [f"decoder.init_from_gpt2 {was.init_from_gpt2!r} -> {now.init_from_gpt2!r}"]
+    try:
+        was, now = with_gpt2_architecture(was), with_gpt2_architecture(now)
+    except UserError:  # a GPT-2 folder that cannot be read: check_gpt2 names it
+        return []
+    shape = [{k: getattr(d, k) for k in _DECODER_SHAPE} for d in (was, now)]
+    return _changes("decoder", *shape)
+
+
+def _changes(prefix: str, was: dict, now: dict) -> list[str]:
+    """`prefix.key old -> new` for each key of two (nested) dicts whose values differ."""
+    was, now = _flat(was), _flat(now)
+    return [f"{prefix}.{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+            if was.get(k) != now.get(k)]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

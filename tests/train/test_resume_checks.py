@@ -1,0 +1,134 @@
+"""What a `--resume` keeps of the run it continues: the rate a collapse restart lowered train.lr to,
+the seed that dealt the epoch, and the settings that shape the checkpoint's weights, each refused
+in one line before any work and before config.yaml changes."""
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from mmembed.config import load_config, save_config
+from mmembed.errors import ConfigError, UserError
+from mmembed.train import train
+from mmembed.train.align import train_align
+from tests.conftest import tiny_config
+from tests.train.test_decoder_stage import DECODER, decoder_config
+
+
+def _stop_at(step: int):
+    def stop(event, trainer, info):
+        if event == "step" and trainer.progress.step == step:
+            raise KeyboardInterrupt  # as a kill: the checkpoint of the step before is the latest
+
+    return stop
+
+
+def test_a_resume_goes_on_at_the_rate_a_collapse_restart_lowered_train_lr_to(tiny_world, tmp_path, monkeypatch,
+                                                                            caplog):
+    """A plain --resume of a run restarted at train.lr=1e-3 trained at the config's 3e-3 again, and config.yaml said so."""
+    from tests.train.test_align import _collapse_on
+
+    lrs = _collapse_on(monkeypatch, attempts={0})  # the first attempt collapses: the stage restarts at a third
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_align(load_config(path), callbacks=[_stop_at(4)])
+    assert lrs == pytest.approx([3e-3, 1e-3])
+    with caplog.at_level(logging.WARNING):
+        run = train(load_config(path), resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in rows if "lr" in r]
+    assert len(rates) == 6 and max(rates) <= 1e-3 * (1 + 1e-9)  # the resumed steps 4..6 too
+    assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)
+    assert "training at train.lr=0.001, the rate this run restarted at" in caplog.text
+
+
+def test_a_resume_with_another_train_seed_is_refused_before_config_yaml_changes(tiny_world, tmp_path):
+    """The rest of the epoch was dealt from the new seed's shuffle: some rows trained twice, others never."""
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1, max_steps=1)
+    run = train(load_config(path))
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(UserError, match=r"^--resume: train\.seed 0 -> 1: .*resume without the change to continue"):
+        train(load_config(path, ["train.seed=1", "train.max_steps=2"]), resume=True)
+    assert (run / "config.yaml").read_text() == before
+    train(load_config(path, ["train.max_steps=2"]), resume=True)  # the same seed continues the run
+    assert load_config(run / "config.yaml").train.max_steps == 2
+    assert load_config(run / "checkpoints" / "step_0000002" / "config.yaml").train.max_steps == 2
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(tiny_world, tmp_path):
+    """The align stage wrote the resume's config.yaml before its checkpoint was read, so a refused resume changed it."""
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    path = tiny_config(world, tmp_path / "run", epochs=2, checkpoint_every=1, max_steps=1)
+    run = train_align(load_config(path))
+    before = (run / "config.yaml").read_text()
+    lines = (world / "train.jsonl").read_text().splitlines()
+    (world / "train.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # refused as the checkpoint loads
+    with pytest.raises(UserError, match="training rows .* are not those the checkpoint was trained on"):
+        train_align(load_config(path, ["train.max_steps=2"]), resume=True)
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_a_resume_that_adds_or_drops_the_captioner_is_one_line_before_config_yaml_changes(tiny_world, tmp_path):
+    """loss.caption_weight 0 -> 1 failed as the checkpoint loaded ("Unexpected key(s) in state_dict"),
+    after config.yaml had been rewritten with it."""
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=1, max_steps=1)
+    run = train(load_config(path))
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"^--resume: loss\.caption_weight 0\.0 -> 1\.0: .*resume without the change"):
+        train(load_config(path, ["loss.caption_weight=1"]), resume=True)
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_a_resume_is_held_to_the_captioners_size_not_its_weight(tmp_path):
+    """The same-space check read model and tokenizer alone: another loss.captioner failed in a raw state-dict message."""
+    from mmembed.train.preflight import _check_same_space
+
+    cfg = load_config(tiny_config(tmp_path, tmp_path / "run"), ["loss.caption_weight=1"])
+    (tmp_path / "run").mkdir()
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    _check_same_space(load_config(tiny_config(tmp_path, tmp_path / "run"), ["loss.caption_weight=0.5"]))
+    with pytest.raises(ConfigError, match=r"^--resume: loss\.captioner\.layers 2 -> 1: "):
+        _check_same_space(load_config(tiny_config(tmp_path, tmp_path / "run"),
+                                      ["loss.caption_weight=1", "loss.captioner.layers=1"]))
+
+
+@pytest.fixture(scope="module")
+def space_run(tiny_world, tmp_path_factory):
+    """A trained tiny space, for decoder stages to copy."""
+    return train(load_config(tiny_config(tiny_world, tmp_path_factory.mktemp("space") / "run", epochs=1)))
+
+
+def _decoder_run(tiny_world, space_run, run):
+    """A decoder stage of 2 steps on `space_run`'s copied space; returns config(**decoder.train keys)."""
+    def config(**settings):
+        cfg = decoder_config(tiny_world, run, train={**DECODER["train"], "max_steps": 2, "eval_every": None,
+                                                     **settings})
+        cfg.model.init_from = str(space_run)
+        return cfg
+
+    train(config())
+    return config
+
+
+def test_a_decoder_resume_with_another_seed_is_refused_before_any_work(tiny_world, space_run, tmp_path, caplog):
+    """A changed decoder.train.seed went on silently: the rest of the epoch came from another shuffle."""
+    config = _decoder_run(tiny_world, space_run, tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(UserError, match=r"^--resume: decoder\.train\.seed 0 -> 1: .*resume without the change"):
+            train(config(seed=1, max_steps=3), resume=True)
+    assert "embedded" not in caplog.text  # refused before the media were embedded
+    train(config(max_steps=3), resume=True)  # unchanged, it continues
+    assert (tmp_path / "run" / "decoder" / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_a_decoder_resume_with_another_shape_is_one_line_before_any_work(tiny_world, space_run, tmp_path, caplog):
+    """decoder.layers=2 embedded every media item, then failed with "Missing key(s) in state_dict: decoder...."."""
+    config = _decoder_run(tiny_world, space_run, tmp_path / "run")
+    cfg = config(max_steps=3)
+    cfg.decoder.layers = 2
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(ConfigError, match=r"^--resume: decoder\.layers 1 -> 2: .*resume without the change"):
+            train(cfg, resume=True)
+    assert "embedded" not in caplog.text
