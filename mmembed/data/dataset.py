@@ -99,14 +99,7 @@ class ManifestDataset(Dataset):
         self._check_overlap()
         stochastic = [m for m, p in self.preprocessors.items() if getattr(p, "stochastic", False)]
         if cache and stochastic:
-            fixes = "; ".join(
-                f"{m}: {', '.join(getattr(self.preprocessors[m], 'random_options', ())) or 'its random options'}"
-                for m in stochastic
-            )
-            raise UserError(
-                f"cache=True would freeze one random draw of the {', '.join(stochastic)} preprocessor(s) "
-                f"built for training; set cache=False, or turn off ({fixes})"
-            )
+            raise UserError(self._cache_refusal(stochastic))
         self.stochastic = bool(stochastic)
         self.augmenting = [m for m, p in self.preprocessors.items() if getattr(p, "augments", False)]
         self.cache: dict[int, Sample | Skipped] | None = {} if cache else None
@@ -114,6 +107,17 @@ class ManifestDataset(Dataset):
         self._draws_captions = self.caption_sampling == "random" and CAPTION_MODALITY in self.preprocessors
         # index → the row's alternative captions, preprocessed (filled beside `cache`)
         self.caption_cache: dict[int, tuple[Tensor, ...]] | None = {} if cache else None
+
+    def _cache_refusal(self, stochastic: list[Modality]) -> str:
+        # named as a config key, with the Python argument beside it: the CLI and the API reach this
+        fixes = []
+        for m in stochastic:
+            options = getattr(self.preprocessors[m], "random_options", ())
+            fixes += [f"model.towers.{m}.preprocess.{o}" for o in options] or [
+                f"the random options of model.towers.{m}.preprocess"]
+        return (f"data.cache=true (cache=True) would freeze one random draw of the {', '.join(stochastic)} "
+                f"preprocessor(s) built for training; set data.cache=false (cache=False), or turn off "
+                f"{' and '.join(fixes)}")
 
     def _check_overlap(self) -> None:
         present = {m for row in self.rows for m in row.items}

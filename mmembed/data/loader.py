@@ -12,6 +12,7 @@ from (seed, epoch, index), so augmentation does not depend on workers or resumes
 
 Skips: bad rows travel inside batches (`batch.skipped`); the training loop feeds them to a
 `SkipCounter`, which logs a rate-limited warning and summarises at the end of an epoch.
+Those that filling a dataset's cache finds reach it through `build_loader(skips=...)`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def build_loader(
     start_sample: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    skips: SkipCounter | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` yielding `Batch`es in a seeded, resumable order.
 
@@ -146,14 +148,15 @@ def build_loader(
         start_sample: instead of `start_batch`, the number of the epoch's indices already
             consumed (by every rank together), for a resume with another world size.
         rank, world_size: shard for distributed training.
+        skips: counts the bad rows that filling a cached dataset's cache finds (with workers the
+            cache is filled here, every row at once, so the rows of a batch `drop_last` drops are
+            found too); give the counter that counts `batch.skipped`: a row is counted once.
 
     Returns:
         The DataLoader; `len(loader)` counts the batches still to come in the current epoch.
     """
     if getattr(dataset, "cache", None) is not None and num_workers > 0:
-        t0 = time.perf_counter()
-        skipped = dataset.materialize(num_workers=num_workers)
-        log.info("cached %d rows in %.1fs (%d skipped)", len(dataset), time.perf_counter() - t0, len(skipped))
+        _fill_cache(dataset, num_workers, skips)
     sampler = EpochBatchSampler(
         len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
     )
@@ -168,6 +171,16 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
     )
+
+
+def _fill_cache(dataset: ManifestDataset, num_workers: int, skips: SkipCounter | None) -> None:
+    """Fill the cache before the workers fork (they then share it); a later epoch finds it full."""
+    todo, t0 = len(dataset) - len(dataset.cache), time.perf_counter()
+    skipped = dataset.materialize(num_workers=num_workers)
+    if todo:
+        log.info("cached %d rows in %.1fs (%d skipped)", todo, time.perf_counter() - t0, len(skipped))
+    if skips is not None:
+        skips.update(skipped)  # the same rows again in a later epoch or a resume: counted once
 
 
 class SkipCounter:
@@ -246,7 +259,15 @@ class SkipCounter:
 _VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|(?<!\S)(?:[/~.]\S*|\S*/\S*\.\w+)|\d+")
 
 
+# a path may hold spaces ("cat one.jpg"), so where a reason announces one its whole rest is the
+# path: after "file" ("missing file …", "not a file: …", "audio file: …"), and after a ": " a
+# path-like word on to the first word with a file suffix ("audio: /d/my clip.wav has 3 channels")
+_ANNOUNCED_PATH = re.compile(r"(?<=\bfile )\S.*|(?<=\bfile: )\S.*")
+_PATH_AFTER_COLON = re.compile(r"(?<=: )(?:[/~.]|[^\s:]*/)[^:]*?\.[A-Za-z]\w*(?!\S)")
+
+
 def reason_kind(reason: str) -> str:
     """A reason with its specifics removed, for grouping: paths, quotes, numbers → '…'."""
     head = reason.split(" (", 1)[0]
+    head = _PATH_AFTER_COLON.sub("…", _ANNOUNCED_PATH.sub("…", head, count=1))
     return _VARIABLE.sub("…", head).strip()

@@ -220,6 +220,20 @@ def test_train_loader_samples_captions_and_validation_reads_the_primary(manifest
     assert [text for b in val for text in _texts(b, tok)] == [p[0] for p in POOLS]
 
 
+def test_a_row_the_cache_fill_refuses_is_counted_by_the_training_loader(tmp_path):
+    """With workers and a cache, the align stage's loader logged the rows its cache fill refused and
+    counted none of them: the run ended without a skipped-rows warning."""
+    from mmembed.tokenizer import load_tokenizer
+
+    _write(tmp_path / "train.jsonl", [{"text": p[0]} for p in POOLS] + [{"text": "&nbsp;"}])
+    cfg = load_config(tiny_config(tmp_path, tmp_path / "run"),
+                      ["train.batch_size=3", "data.cache=true", "data.num_workers=1"])
+    skips = SkipCounter()
+    make, steps, _ = train_loader_factory(cfg, tmp_path, load_tokenizer("clip"), [T], skips)
+    make(0, 0)  # fills the cache in the main process: every row, the one drop_last drops included
+    assert steps == 2 and skips.total == 1 and list(skips.by_kind.values()) == [1]
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_an_alternative_the_preprocessor_refuses_skips_its_row_whichever_caption_is_drawn(tmp_path, cache):
     """'&nbsp;' passes the manifest and is nothing to the CLIP tokenizer (its cleaning unescapes it to

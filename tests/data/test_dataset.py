@@ -237,8 +237,38 @@ def test_cache_loads_each_row_once_and_refuses_augmentation(world, tok):
     assert sorted(loads) == list(range(13))
     _assert_batches_equal(_epoch(second_loader), first)
     assert len(loads) == 13  # nothing decoded twice, bad rows included
-    with pytest.raises(UserError, match="cache=True would freeze"):
+
+
+def test_the_cache_refuses_a_random_preprocessor_naming_the_config_keys_that_lift_it(world, tok):
+    """The refusal named Python arguments only (cache=False, "audio: random_crop"): a CLI user
+    needs data.cache=false or model.towers.audio.preprocess.random_crop=false."""
+    with pytest.raises(UserError) as e:
         ManifestDataset(read_manifest(world), _pres(tok, train=True, random_crop=True), cache=True)
+    message = str(e.value)
+    assert "set data.cache=false (cache=False)" in message
+    assert message.endswith("or turn off model.towers.audio.preprocess.random_crop")
+
+
+def test_skips_found_filling_the_cache_are_counted_once_and_it_logs_only_a_real_fill(world, tok, caplog):
+    """With workers, the rows the cache fill skipped never reached the SkipCounter (a bad row in
+    the tail drop_last drops went uncounted), and "cached 13 rows" was logged again every epoch."""
+    ds = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
+    counter = SkipCounter(every_s=3600)
+    with caplog.at_level(logging.INFO, logger="mmembed.data.loader"):
+        loaders = [build_loader(ds, 4, shuffle=True, seed=0, num_workers=1, drop_last=True, epoch=e, skips=counter)
+                   for e in range(3)]
+        for batch in _epoch(loaders[-1]):
+            counter.update(batch.skipped)  # as the training loop does: the same rows again
+    messages = [r.getMessage() for r in caplog.records]
+    cached = [m for m in messages if m.startswith("cached ")]
+    assert len(cached) == 1 and cached[0].startswith("cached 13 rows in ")
+    assert sum(m.startswith("skipped ") for m in messages) == 1
+    assert sorted(line for _, line in counter.state_dict()["seen"]) == sorted(BAD)
+    resumed = SkipCounter()  # a resumed run: its checkpointed counts, a fresh cache
+    resumed.load_state_dict(counter.state_dict())
+    again = ManifestDataset(read_manifest(world), _pres(tok), cache=True)
+    build_loader(again, 4, shuffle=True, seed=0, num_workers=1, drop_last=True, epoch=1, skips=resumed)
+    assert resumed.total == len(BAD) and resumed.by_kind == counter.by_kind
 
 
 def _audio_by_row(batches: list[Batch], modality=A) -> dict[int, torch.Tensor]:
@@ -345,6 +375,24 @@ def test_skip_counter_rate_limits_and_groups_reasons(caplog):
     assert reason_kind("image: missing file images/s0001.png") == "image: missing file …"
     counter.reset()
     assert counter.total == 0 and counter.summary() == ""
+
+
+@pytest.mark.parametrize("reason, kind", [
+    ("image: missing file /data/pets/{}.jpg", "image: missing file …"),
+    ("image: missing file /data/pets/{}.jpg (the folder has 'x', the same name)", "image: missing file …"),
+    ("image: not a file: /data/{} dir", "image: not a file: …"),
+    ("audio: not a readable audio file: /data/{}.wav (LibsndfileError: bad)", "audio: not a readable audio file: …"),
+    ("image: truncated or corrupt PNG file: /data/{}.png", "image: truncated or corrupt PNG file: …"),
+    ("audio: zero-length audio: audio/{}.wav", "audio: zero-length audio: …"),
+    ("image: corrupt or truncated image: /data/{}.png (OSError: x)", "image: corrupt or truncated image: …"),
+    ("audio: /data/{}.wav has 3 channels; at most 2 are read", "audio: … has … channels; at most … are read"),
+])
+def test_paths_with_spaces_group_as_one_kind(reason, kind):
+    """A path stopped at its first space: four missing files "cat one.jpg", "dog two.jpg", …
+    made four kinds ("missing file … one.jpg", …) in the skip summary instead of one."""
+    counter = SkipCounter()
+    counter.update([(i, reason.format(name)) for i, name in enumerate(["cat one", "dog two", "bird three"], 1)])
+    assert counter.by_kind == {kind: 3}
 
 
 def test_skip_counts_survive_a_checkpoint_and_merge_over_processes():
