@@ -9,8 +9,8 @@ Accepted items:
   (a clip has more samples than channels), so (2, 48000) and (48000, 2) are both stereo; an
   array whose shorter axis exceeds 32 is ambiguous and rejected. Integer samples are scaled to
   [-1, 1] (int16 / 32768, int32 / 2**31, uint8 centred on 128); float samples are taken to lie
-  in [-1, 1], and a float waveform (or float file) of peak over 8 (integer samples left
-  unscaled) is refused.
+  in [-1, 1], and a float waveform (or float file) of peak over 8 in the samples cropped
+  (integer samples left unscaled) is refused.
 
 Pipeline: mix to mono (mean of channels) → crop to `max_seconds` (random offset when training,
 from the start otherwise; cropping happens before resampling and reads only the needed frames
@@ -45,10 +45,10 @@ import torchaudio
 from torch import Tensor
 
 from mmembed.errors import BadInput, ConfigError
-from mmembed.preprocess.files import check_file
+from mmembed.preprocess.files import as_path, check_file, shown
 from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_ratio
 from mmembed.modality import Modality
-from mmembed.preprocess.waveform import MAX_CHANNELS, crop, is_unscaled, opened, read_frames, split_pair, to_mono
+from mmembed.preprocess.waveform import MAX_CHANNELS, crop, is_unscaled, mono_clip, opened, raw_pair, read_frames
 
 MAX_SECONDS = 600.0  # the longest max_seconds a preprocessor takes (a clip is cropped to it)
 _IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
@@ -245,11 +245,11 @@ class AudioPreprocessor:
         of = ""
         if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
             wave, rate = self._read_file(item)
-            of = f": {item}" if isinstance(item, (str, Path)) else ""  # a file's content errors name it
+            of = f": {shown(item)}" if isinstance(item, (str, Path)) else ""  # a file's content errors name it
         else:
-            data, rate = split_pair(item, self.sample_rate)
+            data, rate = raw_pair(item, self.sample_rate)
             self._check_rate(rate, "the waveform")
-            wave = crop(to_mono(data), self._crop_len(rate), self._random())
+            wave = mono_clip(data, self._crop_len(rate), self._random())  # (T,)
         if wave.numel() == 0:
             raise BadInput(f"zero-length audio{of}")
         # the sum is finite iff every sample is (for audio-range values); check fully only then
@@ -293,8 +293,8 @@ class AudioPreprocessor:
 
     def _read_file(self, item: str | Path | bytes) -> tuple[Tensor, int]:
         if isinstance(item, (str, Path)):
-            source: Path | bytes = Path(item)
-            name = str(source)
+            source: Path | bytes = as_path(item)
+            name = shown(source)
             check_file(source)
         else:
             name, source = "<bytes>", bytes(item)
@@ -309,7 +309,7 @@ class AudioPreprocessor:
         if data.shape[0] == 0:
             raise BadInput(f"zero-length audio: {name}")
         wave = torch.from_numpy(data)  # (m, C)
-        # averaged as `_to_mono` averages a given waveform: samples too large to sum (finite, ~1e38)
+        # averaged as `mono_clip` averages a given waveform: samples too large to sum (finite, ~1e38)
         # give Inf, refused as such by `waveform`
         wave = wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)  # (m,)
         # a file of unknown length was read past one crop: crop here (a no-op for every other file)

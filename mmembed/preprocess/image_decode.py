@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from mmembed.errors import BadInput, ConfigError
-from mmembed.preprocess.files import check_file
+from mmembed.preprocess.files import as_path, check_file, shown
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}  # "La" has no Pillow conversion: BadInput
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -82,7 +82,7 @@ def load_image(item: Any, *, limits: ImageLimits = _DEFAULT_LIMITS, background=(
 
     Raises BadInput, and nothing else but MemoryError, for any image that cannot be used.
     """
-    name = str(item) if isinstance(item, (str, Path)) else type(item).__name__
+    name = shown(item) if isinstance(item, (str, Path)) else type(item).__name__
     try:
         with failures_as_bad_input(f"image decoding of {name}"):
             return _load(item, limits, background)
@@ -95,7 +95,7 @@ def load_image(item: Any, *, limits: ImageLimits = _DEFAULT_LIMITS, background=(
 
 def _load(item: Any, limits: ImageLimits, background) -> Tensor:
     if isinstance(item, (str, Path)):
-        return _decode(Path(item), limits, background)
+        return _decode(as_path(item), limits, background)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(item)), limits, background)
     if isinstance(item, Image.Image):
@@ -148,7 +148,7 @@ def _check_shape(width: int, height: int, limits: ImageLimits, what: str) -> Non
 
 
 def _decode(source: Path | io.BytesIO, limits: ImageLimits, background) -> Tensor:
-    name = str(source) if isinstance(source, Path) else "<bytes>"
+    name = shown(source) if isinstance(source, Path) else "<bytes>"
     if isinstance(source, Path):
         check_file(source)
     with _open_header(source, name, limits) as im:
@@ -159,6 +159,8 @@ def _decode(source: Path | io.BytesIO, limits: ImageLimits, background) -> Tenso
                 f"> max_pixels {limits.max_pixels:,} (decompression-bomb guard; not decoded)"
             )
         _check_shape(width, height, limits, f"{name} header claims")
+        if (key := colour_key(im)) is not None:  # our own image: the 8-bit key, read after loading too
+            im.info["transparency"] = key
         try:
             im.load()
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib/struct errors...
@@ -211,12 +213,18 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
     """Any PIL mode → RGB uint8 (3, H, W): alpha composited on `background`, 16-bit/float scaled."""
     if im.width == 0 or im.height == 0:
         raise BadInput(f"empty image ({im.width}x{im.height})")
+    key = colour_key(im)  # before loading: the tile still says whether the samples were 16-bit
     try:
         im.load()  # a lazily opened image decodes here: a truncated or closed one fails as itself
     except Exception as e:  # noqa: BLE001 - OSError (truncated), AttributeError/ValueError (closed)
         raise BadInput(f"corrupt, truncated or closed image ({type(e).__name__}: {e})") from None
     try:
         im = ImageOps.exif_transpose(im)  # camera orientation, as every photo viewer shows it
+        if key is not None:  # an RGB tRNS colour: its pixels are the background
+            rgb = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, H, W)
+            clear = (rgb == torch.tensor(key, dtype=torch.uint8)[:, None, None]).all(dim=0)  # (H, W)
+            rgb[:, clear] = torch.tensor(background, dtype=torch.uint8)[:, None]
+            return rgb
         if im.mode in _HIGH_DEPTH_MODES:
             pixels = np.asarray(im)
             rgb = torch.from_numpy(_high_depth_to_uint8(pixels, im.mode)).unsqueeze(0).repeat(3, 1, 1)  # (3, H, W)
@@ -236,6 +244,16 @@ def pil_to_rgb_tensor(im: Image.Image, background=(255, 255, 255)) -> Tensor:
     except Exception as e:  # noqa: BLE001 - unsupported mode conversions raise ValueError/OSError
         raise BadInput(f"cannot convert image mode {im.mode!r} to RGB ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def colour_key(im: Image.Image) -> tuple[int, int, int] | None:
+    """An RGB image's transparent colour (a PNG's tRNS) at 8 bits, or None. Pillow decodes a 16-bit
+    PNG to its high bytes but keeps the colour at 16 bits, which then matched no pixel."""
+    key = im.info.get("transparency")
+    if im.mode != "RGB" or not isinstance(key, tuple) or len(key) != 3:
+        return None
+    sixteen = any(len(t) > 3 and t[3] == "RGB;16B" for t in im.tile) or max(key) > 255  # the tile: not yet loaded
+    return tuple(v >> 8 for v in key) if sixteen else key
 
 
 def _palette_alpha(im: Image.Image) -> bool:

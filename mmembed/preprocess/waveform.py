@@ -1,6 +1,6 @@
 """Waveforms as the audio preprocessor takes them: a file opened with `soundfile` (any name, or
-bytes), a `(waveform, rate)` pair or a bare array split and scaled to float32 in [-1, 1], the
-channel axis found and averaged away, and a clip cropped to the samples the features need.
+bytes), a `(waveform, rate)` pair or a bare array split, cropped to the samples the features need,
+scaled to float32 in [-1, 1] and its channel axis found and averaged away.
 
 The shape and scaling rules are those of `audio.py`'s docstring (the preprocessor's contract).
 """
@@ -54,28 +54,64 @@ def read_frames(f: sf.SoundFile, n: int) -> np.ndarray:
 
 def split_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
     """`(waveform, rate)` or a bare waveform → (float32 CPU tensor, int rate); integer samples are
-    scaled to [-1, 1]. BadInput for a bad rate, dtype or type."""
-    if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[1], (np.ndarray, Tensor, list)):
-        data, rate = item
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
-            raise BadInput(f"sample rate must be a number, got {type(rate).__name__}")
-        if not float(rate).is_integer() or rate <= 0:
-            raise BadInput(f"sample rate must be a positive integer, got {rate}")
-        rate = int(rate)
+    scaled to [-1, 1]. BadInput for a bad rate, dtype or type, or float samples left unscaled."""
+    data, rate = raw_pair(item, default_rate)
+    return to_float(data), rate
+
+
+def raw_pair(item: Any, default_rate: int) -> tuple[Tensor, int]:
+    """`(waveform, rate)` or a bare waveform → (CPU tensor of the samples as given, int rate)."""
+    if isinstance(item, (tuple, list)) and len(item) == 2 and is_rate(item[1]):
+        data, rate = item[0], checked_rate(item[1])
     else:
         data, rate = item, default_rate
     if isinstance(data, np.ndarray):
         if data.dtype.byteorder not in "=|":  # big-endian samples (a WAV reader's raw view): native first
             data = data.astype(data.dtype.newbyteorder("="))
+        data = np.ascontiguousarray(data)
+        if not data.flags.writeable:  # np.frombuffer(pcm_bytes, np.int16): torch warns on read-only memory
+            data = data.copy()
         try:
-            data = torch.from_numpy(np.ascontiguousarray(data))
+            data = torch.from_numpy(data)
         except TypeError:  # object, string or other dtypes torch has no tensor for
             raise BadInput(f"unsupported audio dtype {data.dtype} (float, int16, int32, int8 or uint8)") from None
     if not isinstance(data, Tensor):
         raise BadInput(
             f"unsupported audio input of type {type(data).__name__} (path, bytes, array, tensor or (waveform, rate))"
         )
-    return to_float(data.detach().cpu()), rate
+    return data.detach().cpu(), rate
+
+
+def is_rate(x: Any) -> bool:
+    """Whether a pair's second element is a rate: a number, or a 0-d array or tensor (np.load(...)["sr"],
+    torch.tensor(16000)); a longer array or a list is a second waveform."""
+    if isinstance(x, (np.ndarray, Tensor)):
+        return x.ndim == 0
+    return not isinstance(x, list)
+
+
+def checked_rate(rate: Any) -> int:
+    if isinstance(rate, (np.ndarray, Tensor)):
+        rate = rate.item()
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
+        raise BadInput(f"sample rate must be a number, got {type(rate).__name__}")
+    if not float(rate).is_integer() or rate <= 0:
+        raise BadInput(f"sample rate must be a positive integer, got {rate}")
+    return int(rate)
+
+
+def mono_clip(data: Tensor, n: int, random: bool) -> Tensor:
+    """A waveform as `raw_pair` gives it → mono float32 (T,), T <= n: cropped first, so that float samples
+    are checked over the samples kept, as a float file's are (a loud sample past the crop is not read)."""
+    if data.numel() == 0:  # (0, 2) would average to two NaN samples
+        raise BadInput(f"zero-length audio (shape {tuple(data.shape)})")
+    axis = channel_axis(data)  # of the whole waveform: a crop shorter than the channel count would flip it
+    time = 0 if axis is None else 1 - axis
+    if data.shape[time] > n:
+        start = int(torch.randint(0, data.shape[time] - n + 1, ()).item()) if random else 0
+        data = data.narrow(time, start, n)
+    wave = to_float(data)
+    return wave if axis is None else wave.mean(dim=axis)
 
 
 def to_float(t: Tensor) -> Tensor:
@@ -111,14 +147,6 @@ def channel_axis(t: Tensor) -> int | None:
     if t.shape[axis] > MAX_CHANNELS:
         raise BadInput(f"ambiguous audio shape {tuple(t.shape)}: no axis is a plausible channel count")
     return axis
-
-
-def to_mono(t: Tensor) -> Tensor:
-    """(T,), (C, T) or (T, C) → (T,) by averaging channels."""
-    if t.numel() == 0:  # (0, 2) would average to two NaN samples
-        raise BadInput(f"zero-length audio (shape {tuple(t.shape)})")
-    axis = channel_axis(t)
-    return t if axis is None else t.mean(dim=axis)
 
 
 def crop(wave: Tensor, n: int, random: bool) -> Tensor:

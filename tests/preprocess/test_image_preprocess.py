@@ -546,3 +546,35 @@ def test_a_grey_float_image_of_0_255_a_resize_overshot_keeps_its_values():
     assert a.min() < -5 and a.max() > 260  # the overshoot this is about
     expected = torch.from_numpy(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     assert torch.equal(load_image(resized), expected.expand(3, -1, -1))
+
+
+def _rgb16_png(pixels: np.ndarray, key: tuple[int, int, int]) -> bytes:
+    """A 16-bit RGB PNG (colour type 2) of `pixels` (H, W, 3) uint16 with a tRNS chunk for `key`."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("key, kept", [((65535, 32768, 256), (65535, 32768, 512)), ((0, 0, 255), (0, 0, 0xFF00))],
+                         ids=["key-above-255", "key-below-256"])
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_a_sixteen_bit_rgb_png_with_a_transparent_colour_is_composited(tmp_path, key, kept, as_pil):
+    """Pillow keeps a 16-bit PNG's tRNS colour at 16 bits but decodes the pixels to 8: no pixel matched."""
+    pixels = np.array([[key, kept]], dtype=np.uint16)  # (1, 2, 3)
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_rgb16_png(pixels, key))
+    rgb = load_image(Image.open(path) if as_pil else path, background=(10, 200, 30))
+    assert rgb[:, 0, 0].tolist() == [10, 200, 30]  # was the colour itself
+    # the other pixel keeps its high bytes (for the second key they equal the key read as 8-bit)
+    assert rgb[:, 0, 1].tolist() == [v >> 8 for v in kept]
+
+
+def test_an_eight_bit_rgb_png_with_a_transparent_colour_still_composites(tmp_path):
+    pixels = np.array([[[255, 128, 1], [255, 128, 2]]], dtype=np.uint8)
+    path = tmp_path / "rgb8.png"
+    Image.fromarray(pixels).save(path, transparency=(255, 128, 1))
+    assert load_image(path, background=(10, 200, 30))[:, 0].T.tolist() == [[10, 200, 30], [255, 128, 2]]
