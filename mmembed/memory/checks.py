@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,12 @@ def check_user(user: Any) -> None:
     check_utf8(user, "user")
 
 
+def check_model(model: Any) -> None:
+    """A run folder given for `model` is refused by name: it failed later on an attribute of a str."""
+    if isinstance(model, (str, os.PathLike)):
+        raise UserError(f"model is the run folder {shown(str(model))}: pass model=mm.load(RUN), not the run folder")
+
+
 def check_list(value: Any, name: str, what: str = "items") -> list[Any]:
     """A list or tuple, as a list: a lone str would be taken apart character by character."""
     if not isinstance(value, (list, tuple)):
@@ -39,7 +46,12 @@ def check_list(value: Any, name: str, what: str = "items") -> list[Any]:
 
 
 def check_ids(ids: Sequence[int] | int) -> list[int]:
-    ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
+    """One id or a list / tuple / 1-D array of them, as Python ints."""
+    if is_number(ids, numbers.Integral):
+        return [int(ids)]
+    # not list() of anything: a str became its characters, None and a float a bare TypeError
+    if not isinstance(ids, (list, tuple, range)) and not (isinstance(ids, np.ndarray) and ids.ndim == 1):
+        raise UserError(f"ids must be an int or a list of ints, got {shown(ids)}")
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise UserError(f"ids must be ints, got {i!r}")
@@ -105,11 +117,15 @@ def meta_json(meta: dict[str, Any] | None) -> str:
         return "{}"
     if not isinstance(meta, dict):
         raise BadInput(f"meta must be a dict, got {type(meta).__name__}")
-    if bad := non_str_keys(meta):  # JSON would make it a str (and 1 and "1" one key): it would not come back
+    try:
+        bad = non_str_keys(meta)
+    except RecursionError:  # a dict that holds itself, or nested past Python's stack
+        raise BadInput("meta must be JSON-able (it holds itself or nests too deep)") from None
+    if bad:  # JSON would make it a str (and 1 and "1" one key): it would not come back
         raise BadInput(f"meta has a key that is not a str: {bad[0]!r}")
     try:
         text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # json's depth limit is not non_str_keys's
         raise BadInput(f"meta must be JSON-able ({e})") from None
     check_utf8(text, "meta")
     return text

@@ -98,25 +98,25 @@ def check_utf8(value: str, name: str) -> None:
                        f"{value!r:.60}")
 
 
-def _check_file(path: Path) -> None:
-    from mmembed.preprocess.files import check_file  # imported on use: mmembed.preprocess loads torchvision
+def _checked_path(item: str | Path) -> Path:
+    """An existing, non-empty file's path; an empty or blank item is named as such (not as ".")."""
+    from mmembed.preprocess.files import as_path, check_file  # on use: mmembed.preprocess loads torchvision
 
+    path = as_path(item)
     check_file(path)
+    return path
 
 
 def _file_path(item: Any) -> str:
     if not isinstance(item, (str, Path)):
         raise UserError(f"store_media='path' needs a file path, got a {type(item).__name__}")
-    path = Path(item).absolute()
-    _check_file(path)
-    return str(path)
+    return str(_checked_path(item).absolute())
 
 
 def _file_bytes(item: Any) -> bytes | None:
     """A path's or a bytes-like's bytes; None for any other kind of item."""
     if isinstance(item, (str, Path)):
-        path = Path(item)
-        _check_file(path)
+        path = _checked_path(item)
         try:
             return path.read_bytes()
         except OSError as e:

@@ -31,8 +31,8 @@ from torch import Tensor
 from mmembed.decoder.prompt import Media, Text
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
-from mmembed.memory.checks import (check_ids, check_int, check_list, check_optional_str, check_role, check_user,
-                                   meta_json, parse_modality, storable, timestamp)
+from mmembed.memory.checks import (check_ids, check_int, check_list, check_model, check_optional_str, check_role,
+                                   check_user, meta_json, parse_modality, storable, timestamp)
 from mmembed.memory.export import export_items
 from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
@@ -64,6 +64,7 @@ class Memory:
     """
 
     def __init__(self, path: str | Path, model: Any = None):
+        check_model(model)
         self.model = model
         dim = None if model is None else int(model.embed_dim)
         run = getattr(model, "run_dir", None)

@@ -31,7 +31,7 @@ from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
 from mmembed.errors import UserError
-from mmembed.memory.checks import check_int, check_optional_str, check_user, is_number
+from mmembed.memory.checks import check_int, check_model, check_optional_str, check_user, is_number
 from mmembed.memory.items import Pending
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
@@ -63,6 +63,7 @@ class Session:
 
     def __init__(self, model: Any, memory: str | Path | Memory, user: str, session: str | None = None, *,
                  history_turns: int = 3, recall_k: int = 3, recall_threshold: float = 0.3, new: bool = False) -> None:
+        check_model(model)
         if getattr(model, "prompt_model", None) is None:
             raise UserError("a Session needs a model with a decoder stage (train one with a `decoder:` section)")
         history_turns, recall_k = (check_int(value, name, 0, None, "an integer >= 0")
@@ -172,11 +173,12 @@ class Session:
         history shown. The oldest history turn goes first, then the weakest memory, until the prompt
         fits the decoder's context with room for the answer: `max_new_tokens`, but at most half the
         context, so a long answer limit never pushes every memory out (`generate` caps the answer
-        at the context instead). A decoder that slides past its context (a window, rotary or
-        sinusoidal positions) has room."""
+        at the context instead). A decoder that slides (a window, rotary or sinusoidal positions) is
+        fitted the same: it trained on nothing longer, and memories a window's reach has passed are
+        read by no position."""
         pm = self.model.prompt_model
         context = pm.lm.decoder.max_len
-        room = None if pm.lm.decoder.slides else answer_room(context, min(max_new_tokens, context // 2))
+        room = answer_room(context, min(max_new_tokens, context // 2))
         rendered = self._render(list({h.id: h for h in candidates + history}.values()))
         limit = self.recall_k
         while True:
@@ -185,7 +187,7 @@ class Session:
             # by time, then id: a turn's rows share one time (one transaction), and ids follow the order stored
             ordered = sorted(recalled, key=lambda h: (h.time, h.id)) + history
             parts = [seg for h in ordered for seg in rendered[h.id]] + shown
-            if room is None or pm.fmt.length(parts) <= room or not (history or recalled):
+            if pm.fmt.length(parts) <= room or not (history or recalled):
                 return parts, recalled
             if history:
                 oldest = history[0].turn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,6 +227,8 @@ def test_raw_vector_queries_and_a_memory_without_model(db, model):
     (lambda m: m.add("ada", "x", store_media="inline"), UserError, "store_media must be"),
     (lambda m: m.add("ada", mm.Image(b"<html>not an image</html>")), BadInput, "image"),
     (lambda m: m.add("ada", mm.Image("/no/such/file.png")), BadInput, "missing file"),
+    (lambda m: m.add("ada", mm.Image("")), BadInput, "empty path ''"),  # was "not a file: ."
+    (lambda m: m.add("ada", mm.Audio(" ")), BadInput, "empty path ' '"),
     (lambda m: m.add("ada", mm.Audio(np.zeros(100, np.float32))), BadInput, "needs its sample rate"),
     (lambda m: m.add("ada", mm.Audio((np.full(100, np.nan, np.float32), 16000))), BadInput, "NaN"),
     (lambda m: m.add_many("ada", ["a", 42]), UserError, "cannot store a int"),
@@ -504,3 +507,45 @@ def test_a_huge_number_in_a_message_is_never_cut_into_another(mem):
     """"got 1000…0" showed 10**39 for the 10**45 passed: the cut was invisible."""
     with pytest.raises(UserError, match=r"got 10{39}…$"):
         mem.recent("ada", limit=10**45)
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def holds_itself() -> dict:
+    d: dict = {}
+    d["self"] = d
+    return d
+
+
+@pytest.mark.parametrize("meta", [holds_itself(), {"a": nested(2000)}], ids=["circular", "deep"])
+def test_meta_that_holds_itself_or_nests_too_deep_is_one_line(mem, meta):
+    """Such a meta ended in a RecursionError traceback (the key check recursed before JSON's)."""
+    mem.add("ada", "kept")
+    with pytest.raises(BadInput, match="meta must be JSON-able") as info:
+        mem.add("ada", "x", meta=meta)
+    assert "\n" not in str(info.value) and mem.count() == 1
+
+
+@pytest.mark.parametrize("ids, named", [("12", "'12'"), (None, "None"), (1.0, "1.0"), (True, "True"),
+                                        (np.array(3), "array"), ({1, 2}, "{1, 2}")])
+def test_an_id_that_is_not_an_int_or_a_list_of_them_is_named_as_given(mem, ids, named):
+    """A str id was taken apart ("got '1'"), and None or a float raised a bare TypeError."""
+    kept = mem.add("ada", "kept")
+    for call in (mem.delete, mem.get, mem.vectors):
+        with pytest.raises(UserError, match=f"ids must be an int or a list of ints, got {named}"):
+            call(ids, user="ada")
+    assert mem.count() == 1 and mem.get([kept]) == mem.get(np.array([kept])) == mem.get((kept,))
+
+
+@pytest.mark.parametrize("given", ["runs/demo", Path("runs/demo")])
+def test_a_run_folder_given_as_the_model_is_refused_by_name(db, given):
+    """Memory crashed on `'str' object has no attribute 'embed_dim'`; Session said the run had no decoder."""
+    for opened in (lambda: Memory(db, model=given), lambda: mm.Session(given, memory=db, user="ada")):
+        with pytest.raises(UserError, match=r"model is the run folder 'runs/demo': pass model=mm.load\(RUN\)"):
+            opened()
+    assert not db.exists()

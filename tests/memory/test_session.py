@@ -596,3 +596,23 @@ def test_chat_shows_stored_texts_escaped_and_the_whole_session(chat_model, db, t
     with pytest.raises(UserError, match=r"missing image file: .*the same name in another Unicode normalisation; "
                                         r"rename the file or the path in the prompt to one form"):
         parse_inline(f"look at <image:{typed}>")
+
+
+def test_a_sliding_decoder_gets_a_prompt_that_fits_its_context_with_the_memory_in_it(db, monkeypatch):
+    """A decoder that slides (window, rotary) was sent every turn unfitted: the prompt outgrew the
+    context it trained on, and the recalled memory at its start lay past the window's reach."""
+    model = with_decoder(tiny_model(0), context=48, window=16)
+    assert model.prompt_model.lm.decoder.slides
+    seen = capture(model, monkeypatch)
+    words = "a large red circle on the left " * 2
+    with mm.Session(model, memory=db, user="ada", history_turns=3) as chat:
+        chat.ask([mm.Image(picture(3))], max_new_tokens=2)
+        for _ in range(3):
+            chat.ask(words, max_new_tokens=2)
+        again = chat.ask(["Have you seen this before?", mm.Image(picture(3))], max_new_tokens=2)
+    fmt = model.prompt_model.fmt
+    assert fmt.length(seen[-1]) <= 48 + 1 - 2  # room for the answer
+    assert again.recalled and again.recalled[0].score > 0.99
+    vectors = [s.vector for s in seen[-1] if isinstance(s, Embedded)]
+    assert len(vectors) == 2 and torch.allclose(vectors[0], vectors[1])  # the memory, then this turn's picture
+    assert sum(s == words.strip() for s in seen[-1]) < 3  # older turns were dropped to fit
