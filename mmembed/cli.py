@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _parse(parser, argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
+        configure_logging(args.verbose)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
@@ -300,6 +299,26 @@ def main(argv: list[str] | None = None) -> int:
                   else e.strerror or e)
         print(f"mmembed: error: {where}{reason}", file=sys.stderr)
         return 1
+
+
+# the packages whose INFO lines (training progress, the demo's steps) a command shows
+_OWN_LOGGERS = frozenset({"mmembed", "encoders"})
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO (DEBUG with -v) from this project's loggers, WARNING and above from any. A filter on
+    the handler rather than levels on loggers: a torchrun rank > 0 quiets itself by setting the
+    root logger to WARNING (`distributed_command`), which a level on "mmembed" would override."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_shown)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _shown(record: logging.LogRecord) -> bool:
+    """Another library's INFO is noise on a command that worked (faiss logs its import probes:
+    "Could not load library with AVX512 support due to: ModuleNotFoundError(...)")."""
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] in _OWN_LOGGERS
 
 
 def _one_line(e: UserError) -> str:

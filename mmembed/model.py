@@ -10,18 +10,22 @@ A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `de
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import numbers
+import re
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from mmembed.checkpoint import load_tensors, save_tensors
 from mmembed.config import Config, load_config, save_config
-from mmembed.errors import BadInput, CheckpointError, UserError
+from mmembed.errors import BadInput, CheckpointError, ConfigError, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space, init_from_run, space_weights
@@ -331,11 +335,18 @@ class Model:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Model:
-        """Open a run directory (or a checkpoint folder inside one), with its decoder if it has one."""
-        from mmembed.train.distributed import checked_device
+        """Open a run directory (or a checkpoint folder inside one), with its decoder if it has one.
+
+        Args:
+            run_dir: the run's folder (model.safetensors, config.yaml, tokenizer.json).
+            device: "auto" (the GPU when there is one, else the CPU), "cpu", "cuda", "cuda:N" or
+                "mps"; None: the CPU.
+        Raises:
+            CheckpointError: config.yaml does not fit the weights (a preprocess size its encoder refuses).
+        """
         from mmembed.train.queries import load_query_tower
 
-        device = None if device is None else checked_device(device)  # before anything loads
+        device = None if device is None else serving_device(device)  # before anything loads
         model = load_space(run_dir)
         run_dir = Path(run_dir)
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
@@ -355,7 +366,10 @@ def load_space(run_dir: str | Path) -> Model:
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
     # without the pretrained files or tags it started from: model.safetensors holds every tensor
-    space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
+    try:
+        space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
+    except ConfigError as e:  # an encoder's own arguments that disagree (n_mels not a multiple of a patch)
+        raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
     state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
     _check_vocabulary(space, state, getattr(tokenizer, "vocab_size", None), run_dir)
     from encoders.weights import state_fault
@@ -372,8 +386,31 @@ def load_space(run_dir: str | Path) -> Model:
                               f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     space.eval()
     model = Model(config, space, tokenizer)
+    _check_preprocess_fits(model, run_dir)
     model.run_dir = run_dir.resolve()
     return model
+
+
+def _check_preprocess_fits(model: Model, run_dir: Path) -> None:
+    """One dummy input per tower, the largest its preprocess gives: a config.yaml edited after
+    training (another image size, n_mels, max_length) loaded, then failed every embed with a
+    traceback. A few milliseconds per tower for the demo's (mm.load ~180 -> ~220 ms warm)."""
+    from mmembed.train.align import check_towers_accept
+
+    largest = {m: pre.collate([pre(pre.example())]) for m, pre in model.preprocessors.items()}
+    try:
+        check_towers_accept(model.space, largest)
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} does not fit the run's {WEIGHTS}: {e} (is it the config "
+                              "this run trained with?)") from None
+
+
+def serving_device(name: str | torch.device) -> torch.device:
+    """`auto` (this process's GPU when there is one, else the CPU, as `train.device`) or a device
+    this machine has, of a type the towers run on: 'meta' loaded, then failed at the first embed."""
+    from mmembed.train.distributed import checked_device, resolve_device
+
+    return resolve_device(name) if isinstance(name, str) else checked_device(name)
 
 
 def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: int | None, run_dir: Path) -> None:
@@ -425,10 +462,25 @@ def no_decoder(model: Any, what: str) -> str:
                 "section (configs/demo.yaml does)")
     if run is None:
         return f"this model's decoder is not trained, so it cannot {what}: load a run whose decoder stage finished"
+    if run.parent.name == "checkpoints" and (run.parent.parent / CONFIG).is_file():  # Model.load opens these too
+        return (f"{run} is a checkpoint of the align stage, which holds no decoder, so it cannot {what}: load the "
+                f"run's own folder ({run.parent.parent}) once its decoder stage has finished")
     checkpoints = run / DECODER_DIR / "checkpoints"
     held = f" (its checkpoints are in {checkpoints})" if checkpoints.is_dir() and any(checkpoints.iterdir()) else ""
+    # train.out_dir named: config.yaml's may be relative to where the run was trained, or another run's now
+    command = shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
     return (f"the decoder stage of {run} has not finished (no {DECODER_WEIGHTS}), so it cannot {what}: continue "
-            f"it with `mmembed train {run / CONFIG} --resume`{held}")
+            f"it with `{command}`{held}")
+
+
+def _yaml_text(text: str) -> str:
+    """`text` as an override's value reads it back (quoted when YAML would read something else:
+    a `: ` or ` #` in a folder's name)."""
+    try:
+        plain = yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain and not re.search(r"\s#", text) else json.dumps(text, ensure_ascii=False)
 
 
 def _load_tokenizer(run_dir: Path) -> Any | None:

@@ -175,10 +175,18 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
             kwargs[name] = coerce(hints[name], value, key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key {key!r}")
-    built = cls(**kwargs)
+    try:
+        built = cls(**kwargs)
+    except ConfigError as e:  # a __post_init__ range check names its key, not the file
+        raise ConfigError(sourced(str(e), source)) from None
     if hasattr(built, "check"):  # ranges the types cannot say
         built.check(where, source)
     return built
+
+
+def sourced(message: str, source: str) -> str:
+    """`message` led by the file it is about, once (a message may already name it)."""
+    return message if not source or message.startswith(f"{source}:") else f"{source}: {message}"
 
 
 def coerce(tp: Any, value: Any, key: str, source: str) -> Any:

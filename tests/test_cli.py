@@ -262,3 +262,39 @@ def test_eval_template_empty_is_refused_not_replaced(capsys, tmp_path, monkeypat
     argv = ["eval", str(tmp_path), "--manifest", str(manifest), "--labels", "c0", "c1", "c2", "--template"]
     _one_line_error(capsys, [*argv, ""], "every template must contain '{label}', got ''")
     assert main([*argv, "{label}"]) == 0 and "| image | 100.0 | 3 |" in capsys.readouterr().out
+
+
+_LOGGING_PROBE = """
+import logging, sys
+from mmembed import cli
+
+def handler(args):  # what a command's libraries log: ours, faiss's import probes, a warning
+    if "--quiet-rank" in sys.argv:
+        logging.getLogger().setLevel(logging.WARNING)  # as distributed_command does on a rank > 0
+    logging.getLogger("faiss.loader").info("Could not load library with AVX512 support")
+    logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR'")
+    logging.getLogger("mmembed.train.engine").info("step 1 progress")
+    logging.getLogger("encoders.weights").info("weights loaded")
+    logging.getLogger("mmembed.model").debug("a debug detail")
+    logging.getLogger("faiss").warning("a warning of faiss")
+    return 0
+
+cli._data = handler
+sys.exit(cli.main([*(a for a in sys.argv[1:] if a == "-v"), "data", "synth", "--out", "unused"]))
+"""
+
+
+@pytest.mark.parametrize("flags, shown, hidden", [
+    ([], ["step 1 progress", "weights loaded", "a warning of faiss"], ["AVX512", "IHDR", "a debug detail"]),
+    (["-v"], ["step 1 progress", "a debug detail", "a warning of faiss"], ["AVX512", "IHDR"]),
+    (["--quiet-rank"], ["a warning of faiss"], ["step 1 progress", "AVX512"]),
+], ids=["default", "verbose", "rank-1"])
+def test_logging_shows_our_info_and_only_warnings_of_other_libraries(flags, shown, hidden):
+    """The root logger at INFO printed faiss's "Could not load library ... ModuleNotFoundError" lines."""
+    # a process of its own: under pytest the root logger already has handlers, so basicConfig does nothing
+    done = subprocess.run([sys.executable, "-c", _LOGGING_PROBE, *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for text in shown:
+        assert text in done.stderr, done.stderr
+    for text in hidden:
+        assert text not in done.stderr, done.stderr

@@ -1,4 +1,5 @@
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -608,3 +609,35 @@ def test_unknown_tower_arguments_fail_at_load_naming_the_file(tmp_path):
         load_config("demo", ["model.towers.image.preprocess.augmnt=true"])
     with pytest.raises(ConfigError, match=r"model\.towers\.text\.encoder_args\.width must be int"):
         load_config("demo", ["model.towers.text.encoder_args.width=wide"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  embed_dim: 0\n", r"model\.embed_dim must be >= 1, got 0"),
+    ("decoder:\n  width: 0\n", r"decoder\.width must be >= 1, got 0"),
+    ("loss:\n  caption_weight: -1\n", r"loss\.caption_weight must be a finite number >= 0"),
+    ("data:\n  num_workers: -1\n", r"data\.num_workers must be >= 0"),
+], ids=["model", "decoder", "loss", "data"])
+def test_a_range_error_in_a_file_names_the_file(tmp_path, text, message):
+    """`model: {embed_dim: 0}` said "model.embed_dim must be >= 1" without the file (train.lr: 0 named it)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_config(path)
+
+
+def test_a_range_error_already_naming_its_source_is_not_prefixed_twice():
+    """The prefix is added once: a message that begins with the source keeps it as it is."""
+    from dataclasses import dataclass
+
+    from mmembed.config import from_dict
+
+    @dataclass
+    class Section:
+        n: int = 1
+
+        def __post_init__(self) -> None:
+            if self.n < 1:
+                raise ConfigError(f"src.yaml: n must be >= 1, got {self.n}")
+
+    with pytest.raises(ConfigError, match=r"^src\.yaml: n must be >= 1, got 0$"):
+        from_dict(Section, {"n": 0}, where="", source="src.yaml")

@@ -184,12 +184,15 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
 
 
 def checked_device(name: str | torch.device) -> torch.device:
-    """`name` as a device this machine has: an unknown name, or a GPU torch cannot see, is a
-    UserError (torch's own RuntimeErrors came at the first tensor moved)."""
+    """`name` as a device this machine has and a model runs on: an unknown name, a type other than
+    cpu, cuda and mps, or a GPU torch cannot see, is a UserError (torch's own RuntimeErrors came at
+    the first tensor moved)."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):  # torch's message lists every device type it knows, some thirty
         raise UserError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # 'meta' was taken, then failed at the first embed or step
+        raise UserError(f"device {str(name)!r} is not one a model runs on (auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r}: torch sees no CUDA GPU on this machine (use 'cpu' or 'auto')")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

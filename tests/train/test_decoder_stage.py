@@ -713,7 +713,8 @@ def test_an_interrupted_decoder_stage_is_called_unfinished_with_the_way_to_resum
     run = tmp_path / "run"
     _interrupted(tiny_world, trained_run, run)
     model = mm.load(run)
-    resume = rf"continue it with `mmembed train {run / 'config.yaml'} --resume` \(its checkpoints are in {run}/decoder/"
+    resume = (rf"continue it with `mmembed train {run / 'config.yaml'} --resume train\.out_dir={run}` "
+              rf"\(its checkpoints are in {run}/decoder/")
     with pytest.raises(UserError, match=rf"^the decoder stage of {run} has not finished \(no decoder\.safetensors\), "
                                         rf"so it cannot generate: {resume}"):
         model.generate("hello")

@@ -184,6 +184,13 @@ def test_the_decoder_stages_device_is_checked_naming_its_key(tmp_path):
     check_config(_demo(tmp_path, "decoder.train.device=cpu"))
 
 
+def test_a_device_no_model_trains_on_is_refused_before_work(tmp_path):
+    """train.device=meta passed the checks, and the run failed at its first step."""
+    for key in ("train", "decoder.train"):
+        with pytest.raises(ConfigError, match=rf"^{key}\.device 'meta' is not one a model runs on \(auto, cpu, "):
+            check_config(_demo(tmp_path, f"{key}.device=meta"))
+
+
 def test_decoder_manifests_the_synthetic_world_does_not_write_are_refused(tmp_path):
     """With data.synth, a missing decoder.data.train passed preflight and failed after the align stage."""
     with pytest.raises(ConfigError, match=r"^decoder\.data\.train: instruction manifest not found: .*nope\.jsonl; "
