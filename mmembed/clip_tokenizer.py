@@ -23,8 +23,8 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,8 +55,12 @@ MAX_CONTEXT_LENGTH = 1 << 14
 _MARKER_FORMAT = "mmembed.clip_tokenizer/1"
 _CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 _CLEAN_WINDOW = 1 << 16  # characters of a huge caption cleaned before it is cut (open_clip cleans all of it)
-_BLANK_RUN = re.compile(r"[ \t\r\n]{5,}")  # shrunk before the window is cut: a long run hid the words after it
-_BLANKS = re.compile(r"[ \t\r\n]+")
+# ASCII whitespace, and the Unicode blanks that no single-byte encoding holds (U+3000, U+2028…), so
+# that ftfy never reads them as mojibake (U+00A0 is byte A0 of "à" in UTF-8 read as Latin-1). Their
+# runs are shrunk before the window is cut: a long run hid the words after it
+_BLANK = r"[\t\n\x0c\r \u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_BLANK_RUN = re.compile(_BLANK + "{6,}")
+_BLANKS = re.compile(_BLANK + "+")
 # open_clip's word pattern without its special-token alternatives, so that user text spelling
 # "<end_of_text>" stays text unless allowed (we split on allowed specials ourselves).
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -126,8 +130,9 @@ class ClipTokenizer:
             max_length: keep at most this many ids, bos/eos included (eos is kept); only a
                 prefix of the text is encoded, so huge captions take bounded time. The text is
                 cleaned before it is cut (ftfy's rules are not local: HTML unescaping depends on
-                the whole text, mojibake repair spans spaces), up to `_CLEAN_WINDOW` characters
-                once long runs of whitespace are shrunk (`_shrink_run`).
+                the whole text, mojibake repair spans spaces), from `_CLEAN_WINDOW` characters
+                once long runs of whitespace are shrunk (`_shrink_run`), grown while the
+                prefix's words give fewer ids than asked (`_encode_prefix`).
 
         Returns:
             The ids.
@@ -135,12 +140,29 @@ class ClipTokenizer:
         check_text(text)
         allowed = resolve_allowed(allowed_special, self._special)
         budget = content_budget(max_length, add_bos, add_eos)
-        window = None if budget is None else max(_CLEAN_WINDOW, 64 * budget)
-        if window is not None and len(text) > window:
-            text = _shrunk_prefix(text, window)
-        cleaned = self._tok.clean_fn(text)
-        ids = encode_bounded(cleaned, budget, lambda t: self._encode_cleaned(t, allowed))
+        encode = partial(self._encode_cleaned, allowed=allowed)
+        if budget is None:
+            ids = encode(self._tok.clean_fn(text))
+        else:
+            ids = self._encode_prefix(text, budget, encode)
         return with_bos_eos(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
+
+    def _encode_prefix(self, text: str, budget: int, encode: Callable[[str], list[int]]) -> list[int]:
+        """The whole text's first `budget` ids, from a cleaned prefix of it (blank runs shrunk)."""
+        window = max(_CLEAN_WINDOW, 64 * budget)
+        while True:
+            prefix, end = _shrunk_prefix(text, window) if len(text) > window else (text, len(text))
+            if end == len(text):
+                return encode_bounded(self._tok.clean_fn(prefix), budget, encode)
+            # ftfy leaves HTML entities to open_clip in a line holding "<": so must the prefix's line
+            tag = " <" if text.find("<", end, _line_end(text, end)) >= 0 else ""
+            # the cut can fall inside a word, an entity ("&nb") or mojibake, which then clean to
+            # other text; the words before those last ones clean as in the whole caption
+            cleaned = self._tok.clean_fn(prefix + tag)
+            ids = encode_bounded(_without_last_words(cleaned, 2), budget, encode)
+            if len(ids) == budget:
+                return ids
+            window *= 4  # blanks or entities that clean to nothing filled the window
 
     def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None,
                      padding: Padding = True, add_bos: bool = False, add_eos: bool = False,
@@ -252,29 +274,48 @@ class ClipTokenizer:
         return f"ClipTokenizer(context_length={self.context_length}, clean={self.clean!r})"
 
 
-def _shrunk_prefix(text: str, window: int) -> str:
-    """The first `window` characters of `text` with every run of 5+ blanks shrunk (`_shrink_run`),
-    reading no further into `text` than they need: a huge caption keeps its bounded time."""
+def _shrunk_prefix(text: str, window: int) -> tuple[str, int]:
+    """The first `window` characters (a few more when a blank run ends them) of `text` with every
+    run of 6+ blanks shrunk (`_shrink_run`), and where in `text` they end; reading no further into
+    `text` than they need: a huge caption keeps its bounded time."""
     pieces, size, pos = [], 0, 0
     while size < window:
-        found = _BLANK_RUN.search(text, pos, pos + window - size + 5)  # a run starting within the budget
+        found = _BLANK_RUN.search(text, pos, pos + window - size + 6)  # a run starting within the budget
         if found is None:
-            pieces.append(text[pos:pos + window - size])
-            break
+            end = min(len(text), pos + window - size)
+            return "".join([*pieces, text[pos:end]]), end
         end = _BLANKS.match(text, found.start()).end()  # the whole run (the search stopped at the budget)
         run = _shrink_run(text[found.start():end])
         pieces += [text[pos:found.start()], run]
         size, pos = size + found.start() - pos + len(run), end
-    return "".join(pieces)[:window]
+    return "".join(pieces), pos
 
 
 def _shrink_run(run: str) -> str:
-    """A run of ASCII whitespace as its first two and last two characters, with one newline between
-    when the rest held one. CLIP's cleaning ends by collapsing whitespace; before that, ftfy reads
-    at most two whitespace characters beside a word (a-grave's "Ã " with no second space) and cuts
-    lines at newlines, which this keeps, so the ids stay open_clip's; lines over ftfy's 1,000,000
-    characters aside. A run of 70,000 spaces then fits the window with the words after it."""
-    return run[:2] + ("\n" if "\n" in run[2:-2] else "") + run[-2:]
+    """A run of blanks as its first three and last two characters, with one of each other blank
+    it held between, before and after one newline when it held one. CLIP's cleaning ends by
+    collapsing whitespace; before that, ftfy cleans line by line (newlines kept), reads at most
+    three blanks beside a word (a-grave's "Ã " with no second space) and repairs mojibake in a
+    whole line only when every character of it has a byte (so a U+3000 is kept in its line); the
+    ids stay open_clip's, lines over ftfy's 1,000,000 characters aside. A run of 70,000 spaces
+    then fits the window with the words after it."""
+    first, newline, last = run[3:-2].partition("\n")
+    last = last.rpartition("\n")[2]
+    return run[:3] + "".join(dict.fromkeys(first)) + newline + "".join(dict.fromkeys(last)) + run[-2:]
+
+
+def _line_end(text: str, pos: int) -> int:
+    """Where the line holding `text[pos]` ends (ftfy cleans line by line)."""
+    end = text.find("\n", pos)
+    return len(text) if end < 0 else end
+
+
+def _without_last_words(cleaned: str, n: int) -> str:
+    """`cleaned` (words joined by single spaces) less its last `n` words."""
+    end = len(cleaned)
+    for _ in range(n):
+        end = max(cleaned.rfind(" ", 0, end), 0)
+    return cleaned[:end]
 
 
 @lru_cache(maxsize=1)

@@ -115,6 +115,7 @@ class Tokenizer:
         Returns:
             The trained tokenizer.
         """
+        _check_train_options(special_tokens, min_frequency)
         specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
         for s in specials:
             check_special(s)
@@ -342,6 +343,17 @@ def check_vocab_size(vocab_size: object, specials: Sequence[str] = DEFAULT_SPECI
         raise UserError(f"vocab_size={vocab_size} is below the {floor} byte and special tokens")
     if vocab_size > MAX_VOCAB:
         raise UserError(f"vocab_size={vocab_size:,} is above {MAX_VOCAB:,}")
+
+
+def _check_train_options(special_tokens: object, min_frequency: object) -> None:
+    """UserError for a str of special tokens (it was split into characters: "special token '<' could
+    arise from plain text") or a min_frequency the Rust trainer cannot hold (a raw OverflowError)."""
+    if special_tokens is not None and (isinstance(special_tokens, str) or not isinstance(special_tokens, Sequence)):
+        raise UserError(f"special_tokens must be a list of strings, got {special_tokens!r}; "
+                        f"pass [{special_tokens!r}] for one token")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or not 0 <= min_frequency < 2**64:
+        raise UserError(f"min_frequency must be an integer >= 0 (how often a pair occurs to be merged), "
+                        f"got {min_frequency!r}")
 
 
 def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,

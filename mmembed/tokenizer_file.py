@@ -82,7 +82,8 @@ def _check_merges(model: dict, specials: set) -> None:
         raise ValueError("its model's vocab is not a map of tokens or its merges not a list of pairs")
     if len(set(vocab.values())) != len(vocab):
         raise ValueError("two of its vocabulary tokens share one id")
-    made = {"".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m) for m in merges}
+    results = ["".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m) for m in merges]
+    made = set(results)
     bytes_ = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 single-byte tokens (`byte_to_unicode`'s)
     merged = {t for t in vocab if t not in bytes_ and t not in specials}
     unmade = merged - made
@@ -96,6 +97,18 @@ def _check_merges(model: dict, specials: set) -> None:
         plain = decoders.ByteLevel().decode([clash[0]])  # the text whose bytes the token stands for
         raise ValueError(f"its special token {clash[0]!r} is also the token of plain text {plain!r}, which "
                          "would then encode to the special; use a form like <name>")
+    _check_merge_order(results, vocab)
+
+
+def _check_merge_order(results: list[str], vocab: dict) -> None:
+    """A merge's rank is its place in the list, and the trainer gives each result the next id: a
+    list reordered by hand (same merges as a set) loaded and encoded text into other ids."""
+    for rank in range(1, len(results)):
+        before, after = vocab[results[rank - 1]], vocab[results[rank]]
+        if after <= before:
+            raise ValueError(f"its merges are out of order: merge {rank} makes {results[rank]!r} (id {after}) after "
+                             f"merge {rank - 1} made id {before}; a trained file's merges make ever larger ids, "
+                             "and their order decides the ids")
 
 
 def check_special(s: object) -> None:

@@ -61,8 +61,54 @@ def test_the_shrunk_prefix_equals_shrinking_the_whole_text_then_cutting():
     from mmembed.clip_tokenizer import _BLANK_RUN, _shrink_run, _shrunk_prefix
 
     rng = random.Random(0)
-    pieces = ["a", "bc", "Ã", "x" * 7, " ", "  ", " " * 5, " " * 11, "\n" * 3, " \t\r\n", "\n" * 6 + " "]
+    pieces = ["a", "bc", "Ã", "x" * 7, " ", "  ", " " * 5, " " * 11, "\n" * 3, " \t\r\n", "\n" * 6 + " ",
+              "\u3000" * 7, "\u2028", "\xa0" * 6]
     for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         window = rng.randint(1, 60)
-        assert _shrunk_prefix(text, window) == _BLANK_RUN.sub(lambda m: _shrink_run(m.group()), text)[:window]
+        prefix, end = _shrunk_prefix(text, window)
+        shrunk = _BLANK_RUN.sub(lambda m: _shrink_run(m.group()), text)
+        assert prefix == _BLANK_RUN.sub(lambda m: _shrink_run(m.group()), text[:end])
+        assert shrunk.startswith(prefix) and len(prefix) >= min(window, len(shrunk))
+
+
+def test_shrinking_blank_runs_keeps_open_clips_cleaning(clip):
+    """Shrinking runs of Unicode blanks too (so that 70,000 U+3000 no longer hide the words after
+    them) must not change what ftfy makes of a line: shrinking U+00A0 (mojibake's byte A0) did."""
+    import random
+
+    from mmembed.clip_tokenizer import _BLANK_RUN, _shrink_run
+
+    ref = clip[1]
+    rng = random.Random(0)
+    pieces = ["a", "Ã", "ð", "â€", "Ã©", "æ—¥æœ¬", "â€™", "\xa0", "\u3000", "\u2028", " ", "\n", "\r", "\x85",
+              "\x1c", "&nbsp;", "<", "\xa0" * 6, " " * 6, "\u3000" * 7, "\n" * 7, " \u2028 " * 3]
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 20)))
+        shrunk = _BLANK_RUN.sub(lambda m: _shrink_run(m.group()), text)
+        assert ref.clean_fn(shrunk) == ref.clean_fn(text), repr(text)
+
+
+def test_capped_ids_after_unicode_blanks_or_entities_are_open_clips(clip):
+    """After 70,000 U+3000 (or 12,000 "&nbsp;") a capped caption lost its words ("a" alone), or
+    encoded half an entity ("a & n"): only ASCII runs were shrunk before the 65,536-character cut."""
+    ours, ref = clip
+    texts = ["a" + "\u3000" * 70_000 + " red star", "a " + "&nbsp;" * 12_000 + " red star",
+             "a" + "\xa0" * 70_000 + " red star", "a" + "x" * 70_000 + " red star",
+             "a" + "\u3000\n" * 40_000 + "red star",
+             "&amp;amp;amp; x " + "word " * 14_000 + "<b>"]  # "<" beyond the cut: ftfy unescapes nothing
+    for text in texts:
+        expected = ref([text])[0].tolist()
+        expected = expected[:expected.index(ref.eot_token_id) + 1]
+        assert ours.encode(text, add_bos=True, add_eos=True, max_length=77) == expected, repr(text[:12])
+
+
+def test_a_megabyte_of_unicode_blanks_or_entities_stays_bounded(clip, monkeypatch):
+    """Blank runs of any kind are shrunk before cleaning; a megabyte of "&nbsp;" is cleaned once."""
+    ours, ref = clip
+    seen = []
+    clean = ours._tok.clean_fn
+    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    assert ours.encode("a" + "\u3000" * 1_000_000 + "red star", max_length=77) == ref.encode("a red star")
+    assert max(seen) < 100
+    assert ours.encode("a " + "&nbsp;" * 170_000 + " red star", max_length=77) == ref.encode("a red star")

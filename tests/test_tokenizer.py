@@ -333,6 +333,20 @@ def test_a_special_token_holding_whitespace_is_refused():
         Tokenizer.train(["a red star"] * 10, vocab_size=300, special_tokens=["<my token>"])
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"special_tokens": "<sep>"}, r"special_tokens must be a list of strings, got '<sep>'; pass \['<sep>'\]"),
+    ({"min_frequency": -1}, "min_frequency must be an integer >= 0"),
+    ({"min_frequency": True}, "min_frequency must be an integer >= 0"),
+    ({"min_frequency": 2**64}, "min_frequency must be an integer >= 0"),
+])
+def test_train_refuses_a_string_of_specials_or_a_bad_min_frequency(options, message):
+    """A str of specials was split into characters ("special token '<' could arise from plain text");
+    min_frequency=-1 was a raw OverflowError from the Rust trainer."""
+    with pytest.raises(UserError, match=message):
+        Tokenizer.train(["hello world"] * 3, 300, **options)
+    assert Tokenizer.train(["hello world"] * 3, 300, ["<sep>"], min_frequency=2).token_id("<sep>") == 7
+
+
 def test_train_tokenizer_from_files(tmp_path):
     files = []
     for i, text in enumerate(TRAIN_TEXT[:6]):

@@ -126,3 +126,25 @@ def test_overwrite_never_replaces_the_tokenizer_of_a_run_before_its_weights(tok,
         train_tokenizer([corpus], 280, run, overwrite=True)
     assert (run / "tokenizer.json").read_bytes() == before
     assert load_tokenizer(train_tokenizer([corpus], 280, tmp_path / "other")).vocab_size <= 280
+
+
+@pytest.mark.parametrize("edit", ["reverse", "swap"])
+def test_a_file_with_its_merges_reordered_is_refused(tok, tmp_path, edit):
+    """Merges were compared as a set: a file with them reordered loaded and encoded into other ids."""
+    spec = json.loads(tok._hf.to_str())
+    merges = spec["model"]["merges"]
+    if edit == "reverse":
+        merges.reverse()
+    else:
+        merges[3], merges[4] = merges[4], merges[3]
+    with pytest.raises(CheckpointError, match="its merges are out of order: merge"):
+        Tokenizer.load(_write(spec, tmp_path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("vocab_size", [270, 300, 600])
+@pytest.mark.parametrize("specials", [None, ["<sep>", "<cls>"]])
+def test_trained_tokenizers_load_with_the_same_ids(tmp_path, vocab_size, specials):
+    corpus = [*CORPUS, "naïve café 👍🏽 日本語 " * 3, "x y z " * 10]
+    trained = Tokenizer.train(corpus, vocab_size, specials)
+    loaded = Tokenizer.load(trained.save(tmp_path))
+    assert [loaded.encode(t) for t in TEXTS] == [trained.encode(t) for t in TEXTS]
