@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
@@ -496,5 +497,13 @@ def _one_item(items: Any) -> bool:
     a (data, sample_rate) pair, or anything that is not a sequence (a PIL image, an array)."""
     if isinstance(items, (str, Path, bytes, bytearray, memoryview)) or not isinstance(items, Sequence):
         return True
-    return (isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], numbers.Real)
-            and not isinstance(items[1], bool) and not isinstance(items[0], (str, Path)))
+    return (isinstance(items, tuple) and len(items) == 2 and _a_rate(items[1])
+            and not isinstance(items[0], (str, Path)))
+
+
+def _a_rate(x: Any) -> bool:
+    """A number, or a 0-d array or tensor (`np.load(...)["sr"]`, `torch.tensor(16000)`): a pair's
+    sample rate (a 0-d one made the pair two items, the rate refused as a clip of dtype int64)."""
+    if isinstance(x, (np.ndarray, Tensor)):
+        return x.ndim == 0
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

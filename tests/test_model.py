@@ -93,3 +93,17 @@ def test_a_checkpoint_of_the_align_stage_is_not_told_to_resume(run, tmp_path):
     advice = _advice(mm.load(step))
     assert advice.startswith(f"{step.resolve()} is a checkpoint of the align stage, which holds no decoder")
     assert str(parent.resolve()) in advice and "--resume" not in advice
+
+
+def test_a_zero_d_sample_rate_keeps_the_pair_one_item(run):
+    """A rate from np.load(...)["sr"] or torch.tensor(16000) made model.embed read the pair as two
+    clips, and the rate was refused as a clip "of unsupported dtype int64"."""
+    import numpy as np
+
+    model = mm.load(run)
+    wave = np.sin(np.arange(16000, dtype=np.float32) * 0.05) * 0.5
+    plain = model.embed("audio", (wave, 16000))
+    for rate in (np.array(16000), torch.tensor(16000), np.int64(16000)):
+        z = model.embed("audio", (wave, rate))
+        assert z.shape == plain.shape == (1, model.embed_dim) and torch.equal(z, plain)
+    assert torch.equal(model.embed("audio", [(wave, np.array(16000))]), plain)
