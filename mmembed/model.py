@@ -369,8 +369,8 @@ def load_space(run_dir: str | Path) -> Model:
     # without the pretrained files or tags it started from: model.safetensors holds every tensor
     try:
         space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
-    except ConfigError as e:  # an encoder's own arguments that disagree (n_mels not a multiple of a patch)
-        raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
+    except ConfigError as e:  # an encoder's own arguments that disagree (n_mels not a multiple of a patch),
+        raise ConfigError(f"{run_dir}: {e}") from None  # or a tokenizer.json gone: the run's folder named
     state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
     _check_vocabulary(space, state, getattr(tokenizer, "vocab_size", None), run_dir)
     from encoders.weights import state_fault
