@@ -66,6 +66,10 @@ def build_attention_mask(mask: Tensor | None, is_causal: bool, tq: int, tk: int,
             combined = mask
         else:
             raise ValueError(f"attention mask must have 2, 3 or 4 dimensions, got shape {tuple(mask.shape)}")
+        # a (B, 1) mask (a decoding step's new token only) broadcast over every key: no error, wrong logits
+        if mask.shape[-1] != tk or (mask.dim() > 2 and mask.shape[-2] not in (1, tq)):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit {tq} queries over {tk} keys "
+                             f"(with a KV cache: past + new); a key padding mask is (B, {tk})")
     if is_causal:
         causal = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
         if window is not None:

@@ -38,12 +38,12 @@ def sinusoidal_table(length: int, dim: int, base: float = 10000.0) -> Tensor:
     return sinusoidal_rows(torch.arange(length), dim, base)
 
 
-def sinusoidal_rows(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+def sinusoidal_rows(positions: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """The rows of the sinusoidal encoding for any `positions` (..., ) long, computed in float64 on
     the CPU.
 
     Returns:
-        (..., dim) float32 on the CPU.
+        (..., dim) of `dtype` on the CPU.
     """
     if dim % 2:
         raise ValueError(f"sinusoidal positional encoding needs an even dimension, got {dim}")
@@ -52,7 +52,7 @@ def sinusoidal_rows(positions: Tensor, dim: int, base: float = 10000.0) -> Tenso
     table = torch.zeros(*positions.shape, dim, dtype=torch.float64)
     table[..., 0::2] = torch.sin(position * inv_freq)
     table[..., 1::2] = torch.cos(position * inv_freq)
-    return table.float()
+    return table.to(dtype)
 
 
 def sinusoidal_table_2d(height: int, width: int, dim: int) -> Tensor:
@@ -124,7 +124,11 @@ class SinusoidalPositional(nn.Module):
         """x: (B, T, C) → x + PE[positions]."""
         _check(self, positions, self.table.shape[0])
         past = _past_table(positions, x.shape[1], self.table.shape[0]) if self.unbounded else None
-        pe = _gather(self.table, positions, x.shape[1]) if past is None else sinusoidal_rows(past, self.dim)
+        if past is None and x.dtype != torch.float64:
+            pe = _gather(self.table, positions, x.shape[1])
+        else:  # past the table, or a float64 x (the float32 table rounded a float64 model's rows, as rotary's did)
+            rows = past if past is not None else _gather(torch.arange(self.table.shape[0]), positions, x.shape[1])
+            pe = sinusoidal_rows(rows, self.dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         return x + pe.to(device=x.device, dtype=x.dtype)
 
 

@@ -48,14 +48,14 @@ def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     t = _real(temperature)
     if t is None or not (math.isfinite(t) and t >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if t == 0:
-        return torch.zeros(logits.shape[:-1], device=logits.device)
     # float64, the best logit shifted to 0 first: z / T past float32's range (a tiny T, huge
     # logits) gave inf - inf = NaN, which the sum below then counted as 0 nats
     z = logits.double()
+    bad = (z.isnan() | (z == math.inf)).any(dim=-1) | (z == -math.inf).all(dim=-1)
+    if t == 0:  # a broken row is no point mass at T = 0 either (it read 0: "certain")
+        return torch.zeros(logits.shape[:-1], device=logits.device).masked_fill(bad, math.nan)
     logp = ((z - z.amax(dim=-1, keepdim=True)) / t).log_softmax(dim=-1)
     terms = torch.where(logp == -math.inf, torch.zeros_like(logp), logp.exp() * logp)  # 0 log 0 = 0
-    bad = (z.isnan() | (z == math.inf)).any(dim=-1) | (z == -math.inf).all(dim=-1)
     return (-terms.sum(dim=-1)).masked_fill(bad, math.nan).float()
 
 

@@ -78,6 +78,21 @@ def test_mask_must_be_bool(attn):
         attn(torch.randn(1, 3, 32, dtype=torch.float64), torch.ones(1, 3))
 
 
+def test_a_mask_that_does_not_fit_the_keys_is_refused(attn):
+    """A (B, 1) mask (a cached step's new token only) was broadcast over every key: a padded slot
+    became visible again, with no error; other widths failed in a bare broadcasting error."""
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    for mask in (torch.ones(2, 1), torch.ones(2, 4), torch.ones(2, 2, 3), torch.ones(2, 1, 3, 2)):
+        with pytest.raises(ValueError, match=r"does not fit 3 queries over 3 keys .*a key padding mask is \(B, 3\)"):
+            attn(x, mask.bool())
+    cache = _ListCache()
+    attn(x[:, :2], torch.ones(2, 2, dtype=torch.bool), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"does not fit 1 queries over 3 keys"):
+        attn(x[:, 2:], torch.ones(2, 1, dtype=torch.bool), kv_cache=cache)
+    for mask in (torch.ones(2, 3), torch.ones(2, 3, 3), torch.ones(2, 1, 1, 3)):  # every shape that fits
+        attn(x, mask.bool())
+
+
 class _ListCache:
     """Minimal append-only KV cache (the decoder owns the real one)."""
 

@@ -61,6 +61,8 @@ def test_two_point_distribution_and_tempered_logits():
     bad = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [float("-inf")] * 3, [0.0, 0.0, 0.0]])
     h = logits_entropy(bad)
     assert h[:3].isnan().all() and float(h[3]) == pytest.approx(math.log(3), abs=1e-6)
+    greedy = logits_entropy(bad, 0.0)  # T = 0 called the broken rows certain too (0 nats)
+    assert greedy[:3].isnan().all() and float(greedy[3]) == 0.0
     for t in (-1.0, float("nan"), float("inf")):  # -1 gave the entropy of softmax(-z)
         with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
             logits_entropy(torch.zeros(3), t)
