@@ -227,10 +227,13 @@ def _as_it_ran(config: Config, stage: dict) -> tuple[Config, dict | None]:
     the collapse error's advice)."""
     check_same_seed(stage.get("seed"), config.train.seed, "train.seed")
     restart = stage.get("restart")
-    if not isinstance(restart, dict) or restart.get("from") != config.train.lr:
+    if not isinstance(restart, dict) or config.train.lr not in (restart.get("from"), restart.get("to")):
         return config, None
-    log.warning("--resume: training at train.lr=%.3g, the rate this run restarted at after a collapse, not the "
-                "config's %.3g (give another train.lr to change it)", restart["to"], restart["from"])
+    if config.train.lr == restart["to"]:  # RUN/config.yaml, which records the lowered rate: kept for later resumes
+        return config, restart
+    if current_world().main:
+        log.warning("--resume: training at train.lr=%.3g, the rate this run restarted at after a collapse, not the "
+                    "config's %.3g (give another train.lr to change it)", restart["to"], restart["from"])
     return replace(config, train=replace(config.train, lr=float(restart["to"]))), restart
 
 

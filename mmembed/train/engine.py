@@ -448,13 +448,15 @@ class Trainer:
         """Whether a resumed early-stopped run stays stopped: the patience it ran out of is not
         larger now (a larger one, or null, trains on), which it says, and how to continue it."""
         p, patience = self.progress, self.cfg.early_stop_patience
+        say = log.info if self.world.main else log.debug  # once, not once per rank
         if patience is None or p.evals_since_best < patience:
-            log.info("the run had stopped early at step %d; train.early_stop_patience=%s now: training on",
-                     p.step, "null" if patience is None else patience)
+            say("the run had stopped early at step %d; train.early_stop_patience=%s now: training on", p.step,
+                "null" if patience is None else patience)
             return False
-        log.warning("the run had stopped early at step %d (%d evaluation(s) without a better %s than step %s's): "
-                    "resume with a larger train.early_stop_patience, or null, to train on", p.step,
-                    p.evals_since_best, self.cfg.early_stop_metric, p.best_step)
+        (log.warning if self.world.main else log.debug)(
+            "the run had stopped early at step %d (%d evaluation(s) without a better %s than step %s's): resume "
+            "with a larger train.early_stop_patience, or null, to train on", p.step, p.evals_since_best,
+            self.cfg.early_stop_metric, p.best_step)
         return True
 
     def _report_skips(self, reason: str) -> None:

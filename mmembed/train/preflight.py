@@ -285,10 +285,10 @@ def _captioner_changes(ran: Config, config: Config) -> list[str]:
     return _changes("loss.captioner", dict(was.captioner), dict(now.captioner)) if now.caption_weight > 0 else []
 
 
-# the decoder fields its checkpoint's weights are shaped (or computed) by; GPT-2's come from its folder
-_DECODER_SHAPE = ("width", "layers", "heads", "mlp_ratio", "context", "positional", "activation", "tie_embeddings",
-                  "norm_eps", "window", "conv_kernel", "soft_tokens", "projector", "projector_hidden", "whiten",
-                  "lora_rank")
+# the decoder fields its checkpoint's weights are shaped by, or mean nothing without (heads, the kind of
+# positions); GPT-2's come from its folder. Not window, norm_eps or activation: a resume took those before.
+_DECODER_SHAPE = ("width", "layers", "heads", "mlp_ratio", "positional", "tie_embeddings", "conv_kernel",
+                  "soft_tokens", "projector", "projector_hidden", "whiten", "lora_rank")
 
 
 def _decoder_changes(was: DecoderConfig, now: DecoderConfig) -> list[str]:
@@ -300,7 +300,8 @@ def _decoder_changes(was: DecoderConfig, now: DecoderConfig) -> list[str]:
         was, now = with_gpt2_architecture(was), with_gpt2_architecture(now)
     except UserError:  # a GPT-2 folder that cannot be read: check_gpt2 names it
         return []
-    shape = [{k: getattr(d, k) for k in _DECODER_SHAPE} for d in (was, now)]
+    learned = "learned" in (was.positional, now.positional)  # a table of `context` rows: context shapes it
+    shape = [{k: getattr(d, k) for k in _DECODER_SHAPE + (("context",) if learned else ())} for d in (was, now)]
     return _changes("decoder", *shape)
 
 

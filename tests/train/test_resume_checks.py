@@ -43,6 +43,38 @@ def test_a_resume_goes_on_at_the_rate_a_collapse_restart_lowered_train_lr_to(tin
     assert "training at train.lr=0.001, the rate this run restarted at" in caplog.text
 
 
+def test_a_resume_from_the_runs_own_config_keeps_the_restart_for_the_next_resume(tiny_world, tmp_path, monkeypatch):
+    """RUN/config.yaml (which records the lowered rate) dropped the restart from later checkpoints:
+    a resume after it with the original config went back to the rate that collapsed."""
+    from tests.train.test_align import _collapse_on
+
+    _collapse_on(monkeypatch, attempts={0})
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_align(load_config(path), callbacks=[_stop_at(3)])
+    with pytest.raises(KeyboardInterrupt):
+        train_align(load_config(tmp_path / "run" / "config.yaml"), resume=True, callbacks=[_stop_at(5)])
+    run = train(load_config(path), resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in rows if "lr" in r]
+    assert len(rates) == 6 and max(rates) <= 1e-3 * (1 + 1e-9)
+
+
+def test_a_decoder_resume_takes_settings_that_leave_its_weights_as_they_are():
+    """window, norm_eps, activation (and context, but for learned positions) were refused as shape
+    changes, though a resume had taken them before; the size, heads and kind of positions are refused."""
+    from mmembed.config import DecoderConfig
+    from mmembed.train.preflight import _decoder_changes
+
+    rotary = DecoderConfig(positional="rotary", context=128)
+    for change in ({"window": 64}, {"norm_eps": 1e-6}, {"activation": "gelu_tanh"}, {"context": 256}):
+        assert _decoder_changes(rotary, DecoderConfig(**{**vars(rotary), **change})) == []
+    assert _decoder_changes(rotary, DecoderConfig(**{**vars(rotary), "heads": 2})) != []
+    learned = DecoderConfig(positional="learned", context=128)
+    assert _decoder_changes(learned, DecoderConfig(**{**vars(learned), "context": 256})) == [
+        "decoder.context 128 -> 256"]
+
+
 def test_a_resume_with_another_train_seed_is_refused_before_config_yaml_changes(tiny_world, tmp_path):
     """The rest of the epoch was dealt from the new seed's shuffle: some rows trained twice, others never."""
     path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1, max_steps=1)
