@@ -31,7 +31,7 @@ from mmembed.model import CONFIG, TOKENIZER, WEIGHTS, Model
 from mmembed.train import train
 from mmembed.train.align import embed_dataset, mean_recall, train_align
 from mmembed.train.decoder import train_decoder
-from mmembed.train.preflight import check_config
+from mmembed.train.preflight import changes, check_config
 from mmembed.train.run_dir import LOCK, TRASH
 from mmembed.typed_config import to_dict
 
@@ -60,12 +60,23 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
                             "would delete: move them out, or choose another --out")
         return
     try:
-        same = to_dict(load_config(run_dir / CONFIG)) == to_dict(config)
+        saved = load_config(run_dir / CONFIG)
     except UserError:  # no config.yaml, or not one of ours
-        same = False
-    if not same:
-        raise UserError(f"{run_dir} holds files that are not an earlier demo run (the demo replaces its own folder "
-                        "only): choose another --out, or empty that folder first")
+        saved = None
+    # where the run is is no setting: `--out runs/x/` is runs/x (train.out_dir is what --out wrote)
+    differ = None if saved is None else changes("", _settings(saved), _settings(config))
+    if differ == []:
+        return
+    other = (f" (its config.yaml differs: {', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}; an "
+             "interrupted demo is replaced by a rerun with the same options)" if differ else "")
+    raise UserError(f"{run_dir} holds files that are not an earlier demo run of these settings{other} (the demo "
+                    "replaces its own folder only): choose another --out, or empty that folder first")
+
+
+def _settings(config: Config) -> dict:
+    settings = to_dict(config)
+    settings["train"].pop("out_dir")
+    return settings
 
 
 def _check_test_split(config: Config) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 
 from mmembed.checkpoint import atomic_write_json
 from mmembed.data.instructions import InstructionRow, read_instructions
-from mmembed.data.synth import TASKS, score
-from mmembed.data.synth.instructions import normalise
+from mmembed.data.synth import TASK_GROUPS, TASKS, score
+from mmembed.data.synth.instructions import normalise, objects_problem
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
 from mmembed.decoder.generate import check_max_new_tokens
 from mmembed.errors import UserError
@@ -43,8 +43,13 @@ def world_score(row: InstructionRow, text: str) -> bool:
 
 
 def scorer(rows: Sequence[InstructionRow]) -> tuple[str, Callable[[InstructionRow, str], bool]]:
-    """(name, score function): the built-in world's reader when every row is one of its own."""
+    """(name, score function): the built-in world's reader when every row is one of its own.
+    UserError, before any answer is generated, for a description whose `objects` it cannot read
+    (a flat list, [] or null: a traceback once every answer had been generated)."""
     if rows and all(r.task in TASKS and "objects" in r.meta for r in rows):
+        for r in rows:  # a description is scored by its objects
+            if r.task in TASK_GROUPS["describe"] and (problem := objects_problem(r.meta["objects"])) is not None:
+                raise UserError(f"line {r.line}: {problem}")
         return "built-in world (descriptions by shapes and colours, other answers exact)", world_score
     return "exact match (normalised)", exact_match
 

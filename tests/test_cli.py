@@ -195,6 +195,24 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     _one_line_error(capsys, argv, "instruction manifest not found")
 
 
+def test_an_interrupted_demo_is_replaced_whatever_its_out_folder_is_spelt(tmp_path):
+    """`--out runs/x/` refused the interrupted demo of `--out runs/x` ("not an earlier demo run"),
+    and an interrupted demo of other settings was called no demo run, without saying what differed."""
+    from mmembed.config import load_config, save_config
+    from mmembed.demo import _check_replaceable
+    from mmembed.errors import UserError
+
+    run = tmp_path / "int"
+    run.mkdir()
+    config = load_config("demo", [f"train.out_dir={run}"])
+    save_config(config, run / "config.yaml")
+    _check_replaceable(run, load_config("demo", [f"train.out_dir={run}/"]))  # the same demo: replaced
+    other = load_config("demo", [f"train.out_dir={run}", "train.seed=1"])
+    with pytest.raises(UserError, match=r"its config\.yaml differs: train\.seed 0 -> 1; an interrupted demo is "
+                                        r"replaced by a rerun with the same options"):
+        _check_replaceable(run, other)
+
+
 def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, capsys):
     """Caught before any work, it exited 2 in some commands and 1 in others ("a file stands where a
     folder must go", from the OSError handler after the work had begun)."""

@@ -273,7 +273,7 @@ def _space_changes(ran: Config, config: Config) -> list[str]:
     from mmembed.typed_config import to_dict
 
     return [change for section in ("model", "tokenizer")
-            for change in _changes(section, to_dict(getattr(ran, section)), to_dict(getattr(config, section)))
+            for change in changes(section, to_dict(getattr(ran, section)), to_dict(getattr(config, section)))
             if change.split(" ")[0] not in _WHERE_IT_STARTED]
 
 
@@ -282,7 +282,7 @@ def _captioner_changes(ran: Config, config: Config) -> list[str]:
     was, now = ran.loss, config.loss
     if (was.caption_weight > 0) != (now.caption_weight > 0):
         return [f"loss.caption_weight {was.caption_weight!r} -> {now.caption_weight!r}"]
-    return _changes("loss.captioner", dict(was.captioner), dict(now.captioner)) if now.caption_weight > 0 else []
+    return changes("loss.captioner", dict(was.captioner), dict(now.captioner)) if now.caption_weight > 0 else []
 
 
 # the decoder fields its checkpoint's weights are shaped by, or mean nothing without (heads, the kind of
@@ -302,13 +302,14 @@ def _decoder_changes(was: DecoderConfig, now: DecoderConfig) -> list[str]:
         return []
     learned = "learned" in (was.positional, now.positional)  # a table of `context` rows: context shapes it
     shape = [{k: getattr(d, k) for k in _DECODER_SHAPE + (("context",) if learned else ())} for d in (was, now)]
-    return _changes("decoder", *shape)
+    return changes("decoder", *shape)
 
 
-def _changes(prefix: str, was: dict, now: dict) -> list[str]:
-    """`prefix.key old -> new` for each key of two (nested) dicts whose values differ."""
-    was, now = _flat(was), _flat(now)
-    return [f"{prefix}.{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+def changes(prefix: str, was: dict, now: dict) -> list[str]:
+    """`prefix.key old -> new` (`key old -> new` for an empty prefix) for each key of two (nested)
+    dicts whose values differ."""
+    was, now, dot = _flat(was), _flat(now), "." if prefix else ""
+    return [f"{prefix}{dot}{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
             if was.get(k) != now.get(k)]
 
 

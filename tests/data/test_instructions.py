@@ -23,7 +23,7 @@ from mmembed.data.synth.phrasings import TEMPLATES, TEXT_TEMPLATES
 from mmembed.data.synth.rules import COLOURS
 from mmembed.data.synth.world import SceneObject, sample_world
 from mmembed.errors import UserError
-from mmembed.evaluate_instructions import exact_match
+from mmembed.evaluate_instructions import exact_match, world_score
 
 SPLITS = ("train", "val", "test", "heldout")
 N, SEED = 60, 0
@@ -332,6 +332,31 @@ def test_score_normalises_short_answers():
     assert not score(row, "blue") and not score(row, "dark red")
     assert score({"task": "larger", "answer": "the picture"}, "The picture.")
     assert score({"task": "larger", "answer": "the picture"}, " the  picture ")  # as `mmembed eval` reads it
+
+
+def test_a_reference_answer_is_normalised_as_the_generated_one_is():
+    """A hand-written "Red" (or "Yes.") was compared with the normalised generated text: the
+    reference answer itself scored wrong."""
+    for answer in ("Red", "red.", "Yes.", " the  Picture "):
+        assert score({"task": "colour", "answer": answer, "objects": [[]]}, answer)
+    assert not score({"task": "colour", "answer": "Red", "objects": [[]]}, "blue")
+
+
+@pytest.mark.parametrize("objects", [[{"shape": "star", "colour": "red"}], [], None, [[]], [["star"]]])
+def test_a_description_whose_objects_the_reader_cannot_read_is_one_line_before_any_answer(objects):
+    """A flat `objects` list, [] or null crashed `mmembed eval --instructions` with a traceback,
+    once every answer had been generated."""
+    from mmembed.errors import UserError
+    from mmembed.evaluate_instructions import scorer
+
+    good = InstructionRow(line=1, prompt=(), answer="a red star", task="describe",
+                          meta={"objects": [[{"shape": "star", "colour": "red"}]]})
+    assert scorer([good])[1] is world_score
+    bad = InstructionRow(line=2, prompt=(), answer="a red star", task="describe", meta={"objects": objects})
+    with pytest.raises(UserError, match=r"^line 2: objects must be a list of scenes"):
+        scorer([good, bad])
+    colour = InstructionRow(line=3, prompt=(), answer="red", task="colour", meta={"objects": objects})
+    assert scorer([good, colour])[1] is world_score  # a colour answer is read without its objects
 
 
 def test_the_world_and_eval_read_answers_alike():

@@ -290,6 +290,20 @@ def normalise(answer: str) -> str:
     return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
 
 
+def objects_problem(objects: Any) -> str | None:
+    """What is wrong with a row's `objects` for `score` (None: nothing): a list of scenes, each a
+    non-empty list of objects with a str `shape` and `colour`, as the world writes them."""
+    def scene_ok(scene: Any) -> bool:
+        return isinstance(scene, list) and bool(scene) and all(
+            isinstance(o, Mapping) and isinstance(o.get("shape"), str) and isinstance(o.get("colour"), str)
+            for o in scene)
+
+    if isinstance(objects, list) and objects and all(scene_ok(scene) for scene in objects):
+        return None
+    return ("objects must be a list of scenes, each a list of objects with a shape and a colour "
+            '([[{"shape": "star", "colour": "red", ...}]], as `mmembed data synth` writes them)')
+
+
 def score(row: Mapping[str, Any], generated: str) -> bool:
     """Whether `generated` answers an instruction row correctly.
 
@@ -299,8 +313,8 @@ def score(row: Mapping[str, Any], generated: str) -> bool:
     checked. Every other task needs the normalised answer to equal the row's answer exactly.
     """
     task_group(row["task"])
-    if row["task"] not in TASK_GROUPS["describe"]:
-        return normalise(generated) == row["answer"]
+    if row["task"] not in TASK_GROUPS["describe"]:  # both sides: a hand-written "Red" is "red" too
+        return normalise(generated) == normalise(row["answer"])
     try:
         said = parse_caption(generated)
     except ValueError:
