@@ -310,12 +310,16 @@ def _line_end(text: str, pos: int) -> int:
     return len(text) if end < 0 else end
 
 
-def _without_last_words(cleaned: str, n: int) -> str:
-    """`cleaned` (words joined by single spaces) less its last `n` words."""
+def _without_last_words(cleaned: str, n: int, tail: int = 32) -> str:
+    """`cleaned` (words joined by single spaces) less its last `n` words, a word longer than `tail`
+    characters (CJK prose, a URL, mojibake without spaces) cut back by `tail` only: that is all a
+    cut can garble (an entity, a mojibake sequence), and dropping such a word whole left too few ids,
+    so the window grew until the whole megabyte was cleaned."""
     end = len(cleaned)
     for _ in range(n):
-        end = max(cleaned.rfind(" ", 0, end), 0)
-    return cleaned[:end]
+        space = cleaned.rfind(" ", 0, end)
+        end = space if end - space <= tail else end - tail  # (space is -1 where there is none)
+    return cleaned[:max(end, 0)]
 
 
 @lru_cache(maxsize=1)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -115,7 +117,7 @@ class Tokenizer:
         Returns:
             The trained tokenizer.
         """
-        _check_train_options(special_tokens, min_frequency)
+        min_frequency = _check_train_options(special_tokens, min_frequency)
         specials = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or ())]))
         for s in specials:
             check_special(s)
@@ -345,15 +347,22 @@ def check_vocab_size(vocab_size: object, specials: Sequence[str] = DEFAULT_SPECI
         raise UserError(f"vocab_size={vocab_size:,} is above {MAX_VOCAB:,}")
 
 
-def _check_train_options(special_tokens: object, min_frequency: object) -> None:
-    """UserError for a str of special tokens (it was split into characters: "special token '<' could
-    arise from plain text") or a min_frequency the Rust trainer cannot hold (a raw OverflowError)."""
-    if special_tokens is not None and (isinstance(special_tokens, str) or not isinstance(special_tokens, Sequence)):
+def _check_train_options(special_tokens: object, min_frequency: object) -> int:
+    """min_frequency as an int. UserError for a str of special tokens (it was split into characters:
+    "special token '<' could arise from plain text"), a set of them (its order, which numbers the
+    tokens, changes from run to run) or a min_frequency the Rust trainer cannot hold (a raw
+    OverflowError); numpy's integers are integers."""
+    if isinstance(special_tokens, (str, bytes)):
         raise UserError(f"special_tokens must be a list of strings, got {special_tokens!r}; "
                         f"pass [{special_tokens!r}] for one token")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or not 0 <= min_frequency < 2**64:
+    if special_tokens is not None and not isinstance(special_tokens, Sequence):
+        raise UserError(f"special_tokens must be a list of strings (in order: it numbers the tokens), got a "
+                        f"{type(special_tokens).__name__}")
+    if (isinstance(min_frequency, (bool, np.bool_)) or not isinstance(min_frequency, numbers.Integral)
+            or not 0 <= min_frequency < 2**64):
         raise UserError(f"min_frequency must be an integer >= 0 (how often a pair occurs to be merged), "
                         f"got {min_frequency!r}")
+    return int(min_frequency)
 
 
 def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,

@@ -112,3 +112,18 @@ def test_a_megabyte_of_unicode_blanks_or_entities_stays_bounded(clip, monkeypatc
     assert ours.encode("a" + "\u3000" * 1_000_000 + "red star", max_length=77) == ref.encode("a red star")
     assert max(seen) < 100
     assert ours.encode("a " + "&nbsp;" * 170_000 + " red star", max_length=77) == ref.encode("a red star")
+
+
+@pytest.mark.parametrize("word", ["日本語の文章", "cafÃ©"])
+def test_a_megabyte_without_spaces_is_cleaned_a_window_at_a_time(clip, monkeypatch, word):
+    """With no space left to drop words at, the window grew until the whole caption was cleaned
+    (CJK prose or mojibake: 1 MB took seconds, 4 MB seven)."""
+    ours, ref = clip
+    seen = []
+    clean = ours._tok.clean_fn
+    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    text = "a red star " + word * (1_000_000 // len(word))
+    ids = ours.encode(text, max_length=77)
+    assert len(ids) == 77 and max(seen) < 200_000
+    short = text[:3000]  # a prefix open_clip tokenizes in well under a second: the same first ids
+    assert ids == ref.encode(short)[:77]

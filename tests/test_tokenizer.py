@@ -338,6 +338,8 @@ def test_a_special_token_holding_whitespace_is_refused():
     ({"min_frequency": -1}, "min_frequency must be an integer >= 0"),
     ({"min_frequency": True}, "min_frequency must be an integer >= 0"),
     ({"min_frequency": 2**64}, "min_frequency must be an integer >= 0"),
+    ({"special_tokens": {"<sep>"}}, r"special_tokens must be a list of strings \(in order: it numbers the tokens\), "
+                                    r"got a set$"),
 ])
 def test_train_refuses_a_string_of_specials_or_a_bad_min_frequency(options, message):
     """A str of specials was split into characters ("special token '<' could arise from plain text");
@@ -345,6 +347,9 @@ def test_train_refuses_a_string_of_specials_or_a_bad_min_frequency(options, mess
     with pytest.raises(UserError, match=message):
         Tokenizer.train(["hello world"] * 3, 300, **options)
     assert Tokenizer.train(["hello world"] * 3, 300, ["<sep>"], min_frequency=2).token_id("<sep>") == 7
+    import numpy as np  # numpy's integers and a tuple of specials are taken, as before the check
+
+    assert Tokenizer.train(["hello world"] * 3, 300, ("<sep>",), min_frequency=np.int64(2)).token_id("<sep>") == 7
 
 
 def test_train_tokenizer_from_files(tmp_path):

@@ -8,7 +8,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,13 +45,16 @@ def check_list(value: Any, name: str, what: str = "items") -> list[Any]:
     return list(value)
 
 
-def check_ids(ids: Sequence[int] | int) -> list[int]:
-    """One id or a list / tuple / 1-D array of them, as Python ints."""
+def check_ids(ids: Iterable[int] | int) -> list[int]:
+    """One id, or any iterable of them (a list, a 1-D array, a set, `(h.id for h in hits)`), as
+    Python ints."""
     if is_number(ids, numbers.Integral):
         return [int(ids)]
     # not list() of anything: a str became its characters, None and a float a bare TypeError
-    if not isinstance(ids, (list, tuple, range)) and not (isinstance(ids, np.ndarray) and ids.ndim == 1):
+    if (isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable)
+            or (isinstance(ids, np.ndarray) and ids.ndim != 1)):
         raise UserError(f"ids must be an int or a list of ints, got {shown(ids)}")
+    ids = list(ids)
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise UserError(f"ids must be ints, got {i!r}")

@@ -532,7 +532,7 @@ def test_meta_that_holds_itself_or_nests_too_deep_is_one_line(mem, meta):
 
 
 @pytest.mark.parametrize("ids, named", [("12", "'12'"), (None, "None"), (1.0, "1.0"), (True, "True"),
-                                        (np.array(3), "array"), ({1, 2}, "{1, 2}")])
+                                        (np.array(3), "array"), ({1: 2}, "{1: 2}")])
 def test_an_id_that_is_not_an_int_or_a_list_of_them_is_named_as_given(mem, ids, named):
     """A str id was taken apart ("got '1'"), and None or a float raised a bare TypeError."""
     kept = mem.add("ada", "kept")
@@ -540,6 +540,8 @@ def test_an_id_that_is_not_an_int_or_a_list_of_them_is_named_as_given(mem, ids, 
         with pytest.raises(UserError, match=f"ids must be an int or a list of ints, got {named}"):
             call(ids, user="ada")
     assert mem.count() == 1 and mem.get([kept]) == mem.get(np.array([kept])) == mem.get((kept,))
+    # any other iterable of ids, as before the check: a set, a generator, dict keys
+    assert mem.get({kept}) == mem.get(i for i in [kept]) == mem.get({kept: 0}.keys()) == mem.get([kept])
 
 
 @pytest.mark.parametrize("given", ["runs/demo", Path("runs/demo")])

@@ -66,12 +66,16 @@ def test_a_channel_first_pair_is_cropped_along_time_when_the_crop_is_shorter_tha
     assert torch.allclose(pre.waveform((wave, 4000)), wave.mean(dim=0)[:4])
 
 
-def test_a_read_only_waveform_raises_no_warning():
-    """np.frombuffer(pcm_bytes, np.int16) made torch warn 'The given NumPy array is not writable'."""
+def test_a_read_only_waveform_raises_no_warning(monkeypatch):
+    """np.frombuffer(pcm_bytes, np.int16) made torch warn 'The given NumPy array is not writable'
+    (torch warns once per process, so the test checks what torch is handed: a writable array)."""
     pcm = (_tone(16000, 0.5) * 32767).astype(np.int16)
     frozen = np.frombuffer(pcm.tobytes(), np.int16)
     assert not frozen.flags.writeable
+    handed, from_numpy = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: handed.append(a.flags.writeable) or from_numpy(a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data, rate = split_pair((frozen, 16000), 8000)
-    assert rate == 16000 and torch.equal(data, torch.from_numpy(pcm) / 32768.0)
+    assert handed == [True]
+    assert rate == 16000 and torch.equal(data, from_numpy(pcm) / 32768.0)
