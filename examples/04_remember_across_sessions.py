@@ -8,6 +8,12 @@ script shows a one-object star and circle of its test split). The script runs th
 one memory file: the first shows the memories, the second asks about them, the third reads the
 file on its own (no model) and exports it as a manifest. The memory file and the export stay in
 a new folder under the system's temporary folder, named at the end.
+
+What it shows is the plumbing, not the accuracy: the demo's decoder is often wrong here. Its memory
+section measures one item shown per user (0.77 across processes, README "Memory across
+processes"); two items shown, then a question naming one by another attribute, is harder and not
+measured: with `runs/demo-s54` both answers are wrong ("yellow" for the red star's colour, "red"
+for the yellow object's shape).
 """
 
 from __future__ import annotations
