@@ -27,13 +27,18 @@ def test_words_after_a_long_whitespace_run_are_open_clips(clip):
         assert ours.encode(text, max_length=3) == ref.encode(text)[:3], repr(text[:12])
 
 
+def _cleaned_lengths(ours, monkeypatch) -> list[int]:
+    """The length of every text the tokenizer cleans from now on (ftfy's time grows with it)."""
+    seen, clean = [], ours._tok.clean_fn
+    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    return seen
+
+
 def test_a_million_blank_characters_are_not_all_cleaned(clip, monkeypatch):
     """Cleaning is slow on many lines (ftfy fixes each on its own: 34 s for a million newlines), so
     a long whitespace run must shrink before cleaning, not grow the window."""
     ours, ref = clip
-    seen = []
-    clean = ours._tok.clean_fn
-    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    seen = _cleaned_lengths(ours, monkeypatch)
     assert ours.encode("a" + "\n" * 1_000_000 + "red star", max_length=77) == ref.encode("a red star")
     assert max(seen) < 100
 
@@ -106,9 +111,7 @@ def test_capped_ids_after_unicode_blanks_or_entities_are_open_clips(clip):
 def test_a_megabyte_of_unicode_blanks_or_entities_stays_bounded(clip, monkeypatch):
     """Blank runs of any kind are shrunk before cleaning; a megabyte of "&nbsp;" is cleaned once."""
     ours, ref = clip
-    seen = []
-    clean = ours._tok.clean_fn
-    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    seen = _cleaned_lengths(ours, monkeypatch)
     assert ours.encode("a" + "\u3000" * 1_000_000 + "red star", max_length=77) == ref.encode("a red star")
     assert max(seen) < 100
     assert ours.encode("a " + "&nbsp;" * 170_000 + " red star", max_length=77) == ref.encode("a red star")
@@ -119,9 +122,7 @@ def test_a_megabyte_without_spaces_is_cleaned_a_window_at_a_time(clip, monkeypat
     """With no space left to drop words at, the window grew until the whole caption was cleaned
     (CJK prose or mojibake: 1 MB took seconds, 4 MB seven)."""
     ours, ref = clip
-    seen = []
-    clean = ours._tok.clean_fn
-    monkeypatch.setattr(ours._tok, "clean_fn", lambda t: seen.append(len(t)) or clean(t))
+    seen = _cleaned_lengths(ours, monkeypatch)
     text = "a red star " + word * (1_000_000 // len(word))
     ids = ours.encode(text, max_length=77)
     assert len(ids) == 77 and max(seen) < 200_000
