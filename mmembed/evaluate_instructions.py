@@ -23,7 +23,7 @@ from typing import Any
 from mmembed.checkpoint import atomic_write_json
 from mmembed.data.instructions import InstructionRow, read_instructions
 from mmembed.data.synth import TASK_GROUPS, TASKS, score
-from mmembed.data.synth.instructions import normalise, objects_problem
+from mmembed.data.synth.instructions import objects_problem, same_answer
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting
 from mmembed.decoder.generate import check_max_new_tokens
 from mmembed.errors import UserError
@@ -35,7 +35,7 @@ OVERALL, UNTASKED = "(all tasks)", "(no task)"
 
 
 def exact_match(row: InstructionRow, text: str) -> bool:
-    return normalise(text) == normalise(row.answer)
+    return same_answer(text, row.answer)
 
 
 def world_score(row: InstructionRow, text: str) -> bool:

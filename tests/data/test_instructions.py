@@ -340,9 +340,14 @@ def test_a_reference_answer_is_normalised_as_the_generated_one_is():
     for answer in ("Red", "red.", "Yes.", " the  Picture "):
         assert score({"task": "colour", "answer": answer, "objects": [[]]}, answer)
     assert not score({"task": "colour", "answer": "Red", "objects": [[]]}, "blue")
+    assert not score({"task": "colour", "answer": "...", "objects": [[]]}, "")  # "..." is no empty answer
+    assert score({"task": "colour", "answer": "...", "objects": [[]]}, "...")
+    star = {"task": "describe", "answer": "", "objects": [[{"shape": "cross", "colour": "orange"}]]}
+    assert score(star, "a small orange plus  sign in the\nmiddle")  # spaces collapsed, as on the exact path
 
 
-@pytest.mark.parametrize("objects", [[{"shape": "star", "colour": "red"}], [], None, [[]], [["star"]]])
+@pytest.mark.parametrize("objects", [[{"shape": "star", "colour": "red"}], [], None, [[]], [["star"]],
+                                     [[{"shape": "Star", "colour": "red"}]], [[{"shape": "box", "colour": "red"}]]])
 def test_a_description_whose_objects_the_reader_cannot_read_is_one_line_before_any_answer(objects):
     """A flat `objects` list, [] or null crashed `mmembed eval --instructions` with a traceback,
     once every answer had been generated."""
@@ -353,7 +358,8 @@ def test_a_description_whose_objects_the_reader_cannot_read_is_one_line_before_a
                           meta={"objects": [[{"shape": "star", "colour": "red"}]]})
     assert scorer([good])[1] is world_score
     bad = InstructionRow(line=2, prompt=(), answer="a red star", task="describe", meta={"objects": objects})
-    with pytest.raises(UserError, match=r"^line 2: objects must be a list of scenes"):
+    with pytest.raises(UserError, match=r"^line 2: (objects must be a list of scenes|an object's shape '(Star|box)' "
+                                        r"is not one of the world's \(circle, square)"):
         scorer([good, bad])
     colour = InstructionRow(line=3, prompt=(), answer="red", task="colour", meta={"objects": objects})
     assert scorer([good, colour])[1] is world_score  # a colour answer is read without its objects
@@ -365,6 +371,8 @@ def test_the_world_and_eval_read_answers_alike():
     for text in ("The  picture.", "\tthe picture\n", "THE PICTURE!", "the pictures"):
         assert exact_match(row, text) == score({"task": "larger", "answer": "the picture"}, text)
     assert exact_match(row, "the  picture")
+    dots = InstructionRow(line=2, prompt=(), answer="...", task="larger")  # normalises to nothing
+    assert not exact_match(dots, "") and exact_match(dots, " ... ")
 
 
 def test_task_groups():

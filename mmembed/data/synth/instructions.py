@@ -37,7 +37,7 @@ from mmembed.data.synth.captions import SHAPE_WORDS, article, canonical_caption,
 from mmembed.data.synth.dialogues import SHOW, recall_item
 from mmembed.data.synth.phrasings import MODALITY_WORDS, TEMPLATES, TEXT_TEMPLATES
 from mmembed.data.synth.questions import ATTRS, COUNT_WORDS, asked_pair, reference
-from mmembed.data.synth.rules import SIZES
+from mmembed.data.synth.rules import COLOURS, SHAPES, SIZES
 from mmembed.data.synth.world import Combo, Scene, SceneObject, rng_for
 
 # world.py's streams are 0-3 (sample, image, audio, text); these are the next free ones.
@@ -290,18 +290,27 @@ def normalise(answer: str) -> str:
     return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
 
 
+def same_answer(generated: str, reference: str) -> bool:
+    """Exact match after `normalise` on both sides ("Red." = "red"); a reference that normalises to
+    nothing ("...") is matched as written, or an empty answer would match it."""
+    if not (wanted := normalise(reference)):
+        return generated.strip() == reference.strip()
+    return normalise(generated) == wanted
+
+
 def objects_problem(objects: Any) -> str | None:
     """What is wrong with a row's `objects` for `score` (None: nothing): a list of scenes, each a
-    non-empty list of objects with a str `shape` and `colour`, as the world writes them."""
-    def scene_ok(scene: Any) -> bool:
-        return isinstance(scene, list) and bool(scene) and all(
-            isinstance(o, Mapping) and isinstance(o.get("shape"), str) and isinstance(o.get("colour"), str)
-            for o in scene)
-
-    if isinstance(objects, list) and objects and all(scene_ok(scene) for scene in objects):
-        return None
-    return ("objects must be a list of scenes, each a list of objects with a shape and a colour "
-            '([[{"shape": "star", "colour": "red", ...}]], as `mmembed data synth` writes them)')
+    non-empty list of objects with one of the world's shapes and colours, as it writes them (a
+    "Star" or a "box" passed, and the row's own reference description then scored wrong)."""
+    if not (isinstance(objects, list) and objects and all(isinstance(s, list) and s for s in objects)
+            and all(isinstance(o, Mapping) for s in objects for o in s)):
+        return ("objects must be a list of scenes, each a list of objects with a shape and a colour "
+                '([[{"shape": "star", "colour": "red", ...}]], as `mmembed data synth` writes them)')
+    for o in (o for s in objects for o in s):
+        for key, valid in (("shape", SHAPES), ("colour", COLOURS)):
+            if o.get(key) not in valid:
+                return f"an object's {key} {o.get(key)!r} is not one of the world's ({', '.join(valid)})"
+    return None
 
 
 def score(row: Mapping[str, Any], generated: str) -> bool:
@@ -313,10 +322,10 @@ def score(row: Mapping[str, Any], generated: str) -> bool:
     checked. Every other task needs the normalised answer to equal the row's answer exactly.
     """
     task_group(row["task"])
-    if row["task"] not in TASK_GROUPS["describe"]:  # both sides: a hand-written "Red" is "red" too
-        return normalise(generated) == normalise(row["answer"])
+    if row["task"] not in TASK_GROUPS["describe"]:  # both sides: a hand-written "Red" is "red" too,
+        return same_answer(generated, row["answer"])
     try:
-        said = parse_caption(generated)
+        said = parse_caption(" ".join(generated.split()))  # "plus  sign" as the exact-match path reads it
     except ValueError:
         return False
     truth = Counter((o["shape"], o["colour"]) for o in row["objects"][0])
