@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mmembed.data.manifest import Row, read_manifest
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
-from mmembed.train.distributed import current_world, gather_to_main
+from mmembed.train.distributed import broadcast_object, current_world, gather_to_main
 
 log = logging.getLogger(__name__)
 _WARN_FIRST = 5  # skipped items logged one by one before only the count is reported
@@ -101,14 +101,17 @@ def embed_manifest(
         for i, reason in reasons:
             out.skipped.append((rows[i].line, modality.value, reason))
         out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
-    if not main:
-        return ManifestEmbeddings(path=manifest.path, by_modality={})
-    if skip == "row":
-        _drop_bad_rows(out)
-    log_skipped(out.skipped, manifest.path)
-    if not any(part.rows for part in out.by_modality.values()):
-        raise nothing_read(manifest.path, out.skipped)
-    return out
+    refusal = None
+    if main:
+        if skip == "row":
+            _drop_bad_rows(out)
+        log_skipped(out.skipped, manifest.path)
+        if not any(part.rows for part in out.by_modality.values()):
+            refusal = str(nothing_read(manifest.path, out.skipped))
+    # rank 0 decides for every rank: the others, waiting for it, reported a lost peer instead
+    if (refusal := broadcast_object(refusal)) is not None:
+        raise UserError(refusal)
+    return out if main else ManifestEmbeddings(path=manifest.path, by_modality={})
 
 
 def _drop_bad_rows(out: ManifestEmbeddings) -> None:

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
-def _run(cmd):
+def _run(cmd, returncode=0):
     r = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=300, env=free_env())
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == returncode, r.stderr[-3000:]
     return r
 
 
@@ -34,3 +34,10 @@ def test_two_process_index_equals_one_process_index(tiny_world, tmp_path):
     (va, ma, meta_a), (vb, mb, meta_b) = one.items(), two.items()
     assert torch.equal(va, vb)
     assert ma == mb and meta_a == meta_b
+    # a manifest of which nothing can be read: the one line on every rank (rank 1 said it lost rank 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(f'{{"image": "gone{i}.png"}}\n' for i in range(3)))
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmembed", "index", run,
+              "--manifest", bad, "--out", tmp_path / "none"], returncode=1)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("mmembed: error:")]
+    assert len(errors) == 2 and all("no item could be read" in line for line in errors), r.stderr[-2000:]
