@@ -425,6 +425,11 @@ def test_lookup_rows_refuse_what_they_cannot_rebuild(world, tmp_path):
     (tmp_path / "world.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="regenerate"):
         write_lookup_rows(tmp_path, 2)
+    meta["params"]["version"] += 1
+    meta["params"]["n"] = str(meta["params"]["n"])  # hand-edited: it was a TypeError traceback
+    (tmp_path / "world.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not hold the scenes its world.json describes"):
+        write_lookup_rows(tmp_path, 2)
 
 
 def test_lookup_rows_refuse_a_world_without_training_scenes(tmp_path, capsys):

@@ -258,7 +258,7 @@ def validate_params(
         (_integer(workers) and workers >= 1, f"workers={workers!r} must be >= 1"),
         (
             isinstance(split, (list, tuple)) and len(split) == 3 and all(_number(f) for f in split),
-            f"split={split!r} must be three fractions (train, val, test) summing to 1",
+            f"split={split!r} must be a list or tuple of three fractions (train, val, test) summing to 1",
         ),
     ]
     for ok, message in checks:
@@ -438,7 +438,7 @@ def _write_lookups(root: Path, per_item: int) -> Path:
     try:
         scenes = sample_world(*sampling)
         rows = lookup_rows([s for s in scenes if s.split == "train"], train, seed, per_item, sampling[-1])
-    except ValueError:
+    except (ValueError, TypeError):  # (a hand-edited world.json: an "n" of "40" was a TypeError traceback)
         raise UserError(f"{root / 'train.jsonl'} does not hold the scenes its world.json describes; "
                         "regenerate the world (`mmembed data synth --overwrite`)") from None
     out = root / f"{LOOKUPS}{per_item}.jsonl"
