@@ -97,11 +97,38 @@ def captioned_forward(net: WithCaptioner, inputs, masks, present, with_bias: boo
                                             every)
 
 
+class IdleParts:
+    """The towers (and the captioner) no process learned from in an optimizer step, for the
+    engine's `idle`: one process leaves their gradients None, DDP and FSDP give them zeros. The
+    step function records what each batch learned from (`saw`); a call agrees on it over the ranks
+    (one collective) and starts the next step afresh."""
+
+    def __init__(self, space: SharedSpace, captioner: torch.nn.Module | None = None) -> None:
+        self.space, self.captioner = space, captioner
+        self.used: set[str] = set()  # modalities in a pair that ran, or whose vectors wrote a caption here
+        self.captioned = False
+
+    def saw(self, modalities, captioned: bool = False) -> None:
+        self.used.update(str(m) for m in modalities)
+        self.captioned |= captioned
+
+    def __call__(self) -> list[torch.nn.Parameter]:
+        names = list(self.space.towers)
+        *used, captioned = any_rank([m in self.used for m in names] + [self.captioned])
+        self.used, self.captioned = set(), False
+        idle = [p for m, u in zip(names, used) if not u for p in self.space.towers[m].parameters()]
+        if self.captioner is not None and not captioned:
+            idle += list(self.captioner.parameters())
+        return idle
+
+
 def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipCounter,
-                 monitor: CollapseMonitor, net: torch.nn.Module | None = None, caption_weight: float = 0.0
-                 ) -> Callable:
+                 monitor: CollapseMonitor, net: torch.nn.Module | None = None, caption_weight: float = 0.0,
+                 idle: IdleParts | None = None) -> Callable:
     """`net`: the space's forward wrapped for several processes (`parallelize`); default: the space.
-    With `caption_weight` > 0, `net` is `captioned_forward` over a `WithCaptioner`."""
+    With `caption_weight` > 0, `net` is `captioned_forward` over a `WithCaptioner`. `idle`: told
+    what each batch learned from."""
+    idle = idle if idle is not None else IdleParts(space)
     net = net if net is not None else Forward(space, space_forward)
     with_bias = loss_fn.kind == "siglip"
 
@@ -116,12 +143,14 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
         total, learned = out.total, bool(out.per_pair)  # pairs are decided on the global batch
+        idle.saw(m for pair in out.per_pair for m in pair.split("-"))  # keys: `pair_name`
         if captions:  # the mean over modalities of writing the caption from their vectors
             written = captions[0]
             # every tower's key on every rank, NaN where this batch has no such row: ranks average alike
             metrics.update({f"caption/{m}": float(written[m].mean.detach()) if m in written else math.nan
                             for m in space.modalities})
             objective = caption_objective(written, space.modalities)
+            idle.saw([m for m in written if written[m].tokens > 0], captioned=objective is not None)
             if objective is not None:
                 total, learned = total + caption_weight * objective, True
         # a batch with no pair of two rows and no caption still runs backward (other processes
@@ -270,10 +299,13 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     forward = captioned_forward if trained is not space else space_forward
     if cfg.train.fsdp and world.active:  # every process runs every tower, data or not (`space_forward`)
         forward = functools.partial(forward, fill=largest)
-    net = parallelize(trained, forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16")
+    # a batch may lack a modality: its tower then gets no gradient
+    net = parallelize(trained, forward, device, fsdp=cfg.train.fsdp, bf16=cfg.train.precision == "bf16",
+                      find_unused=True)
     seed_ranks(cfg.train.seed)
     monitor = CollapseMonitor(stop_after=cfg.train.collapse_steps, lr=cfg.train.lr, warmup=cfg.train.warmup_steps)
-    step_fn = make_step_fn(space, loss_fn, device, skips, monitor, net, cfg.loss.caption_weight)
+    idle = IdleParts(space, trained.captioner if trained is not space else None)
+    step_fn = make_step_fn(space, loss_fn, device, skips, monitor, net, cfg.loss.caption_weight, idle)
 
     def evaluate() -> dict[str, float]:
         emb, keys = embed_dataset(space, val_loader, device)
@@ -296,7 +328,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,
                       stateful=_StageState(monitor, skips, rows, cfg.train.seed, restarted, loaded=write_config),
-                      on_skipped=lambda batch: skips.update(batch.skipped))  # (step_fn counts them otherwise)
+                      on_skipped=lambda batch: skips.update(batch.skipped),  # (step_fn counts them otherwise)
+                      idle=idle)
     result = trainer.fit(resume=resume)
     if trainer.sharded is not None:  # the saved model is a whole one: gather it into a fresh copy
         weights = trainer.full_weights()

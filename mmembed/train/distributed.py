@@ -71,7 +71,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Wor
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
         world = current_world()
-        log.info("process %d of %d joined (%s backend)", world.rank, world.size, dist.get_backend())
+        # ranks > 0 are quieted to warnings only later (distributed_command): one INFO line, rank 0's
+        (log.info if world.main else log.debug)("process %d of %d joined (%s backend)", world.rank, world.size,
+                                                dist.get_backend())
     return current_world()
 
 
@@ -377,11 +379,12 @@ def as_output(param: nn.Parameter) -> Tensor:
 
 
 def parallelize(module: nn.Module, fn: Callable[..., Any], device: torch.device, *, fsdp: bool = False,
-                bf16: bool = False) -> nn.Module:
+                bf16: bool = False, find_unused: bool = True) -> nn.Module:
     """`Forward(module, fn)`, wrapped for the current world: unwrapped in one process; with
     several, DistributedDataParallel — every rank holds the whole model and gradients are
-    averaged in buckets during backward. `find_unused_parameters`: a batch may lack a modality,
-    and its tower then gets no gradient. On GPUs, BatchNorm layers become SyncBatchNorm.
+    averaged in buckets during backward. `find_unused`: some trainable parameter may get no
+    gradient in a forward (a tower whose modality a batch lacks); False spares DDP its graph walk
+    and its warning when every parameter always has one. On GPUs, BatchNorm layers become SyncBatchNorm.
     `fsdp`: sharded instead (fsdp.py; `bf16` there: its mixed-precision policy on GPUs)."""
     if not current_world().active:
         return Forward(module, fn)
@@ -394,7 +397,7 @@ def parallelize(module: nn.Module, fn: Callable[..., Any], device: torch.device,
     if device.type == "cuda":
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place below the root
     return DistributedDataParallel(Forward(module, fn), device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   find_unused_parameters=find_unused)
 
 
 def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:

@@ -97,6 +97,10 @@ class Trainer:
         on_skipped: called with a batch every rank skips because some rank's share of it has no
             row: `step_fn` never sees it, so whatever it counts of a batch (its bad rows) is
             counted here.
+        idle: called once per optimizer step on every rank (it may be a collective): the
+            parameters no batch of the step, on any rank, learned from. One process leaves their
+            gradients None and AdamW leaves them alone; DDP and FSDP fill them with zeros, which
+            AdamW's momentum, weight decay and step count act on: their gradients are dropped.
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[[Any], StepOutput],
@@ -105,9 +109,10 @@ class Trainer:
                  after_step: Callable[[], None] | None = None, callbacks: list[Callable] = (),
                  extra_files: dict[str, Path] | None = None, device: torch.device | None = None,
                  net: nn.Module | None = None, stateful: Any = None,
-                 on_skipped: Callable[[Any], None] | None = None):
+                 on_skipped: Callable[[Any], None] | None = None,
+                 idle: Callable[[], Iterable[nn.Parameter]] | None = None):
         self.module, self.step_fn, self.make_loader = module, step_fn, make_loader
-        self.on_skipped = on_skipped
+        self.on_skipped, self.idle = on_skipped, idle
         self.net = net if net is not None else module
         self.sharded = sharded_of(self.net)
         self.world = current_world()
@@ -132,6 +137,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", write=self.world.main)
         self._bad_in_a_row = 0
         self._rowless = 0  # batches (of this fit) skipped for want of a usable row, of `progress.empty_batches`
+        self._share_empty = 0  # of those, batches with rows on some rank: one process's share had none
         self._last: dict[str, Any] = {}
         self._warned_metric = False
         self._clock = (time.monotonic(), 0.0)  # set again by fit()
@@ -258,8 +264,10 @@ class Trainer:
         return None
 
     def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:
-        if self.world.active and self._agree_any(_rows(batch) == 0):
+        some_empty, some_not = self._agree_empty(batch) if self.world.active else (False, True)
+        if some_empty:
             # some rank has nothing to learn from: every rank skips the batch together
+            self._share_empty += some_not
             if self.on_skipped is not None:
                 self.on_skipped(batch)
             return None
@@ -282,6 +290,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         totals = step_totals(accum)
+        for q in self.idle() if self.idle is not None else ():
+            q.grad = None  # before the norm: a step's every rank calls `idle` alike
         if not totals.learned:  # no micro-batch of any rank had anything to learn from
             self.optimizer.zero_grad(set_to_none=True)
             p.empty_batches += len(accum)
@@ -475,6 +485,11 @@ class Trainer:
     def _nothing_learned(self) -> str:
         """Why a run ended without a step: rows skipped (counted here), or batches with rows but no pair."""
         n = self.progress.empty_batches
+        if self._share_empty:  # every process needs a usable row of each global batch
+            return (f"no training step was taken: in {self._share_empty} of the {n} skipped batch(es) only some "
+                    f"process's share had no usable row ({self._skipped_rows() or 'the skipped rows are counted above'}"
+                    f"); each of the {self.world.size} processes needs one: use fewer processes or a larger "
+                    "batch_size")
         if self._rowless:
             return (f"no training step was taken: all {n} batch(es) had no usable row or nothing to learn from "
                     f"({self._skipped_rows() or 'the skipped rows are counted above'})")
@@ -495,6 +510,11 @@ class Trainer:
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""
         return self._clock[1] + time.monotonic() - self._clock[0]
+
+    def _agree_empty(self, batch: Any) -> tuple[bool, bool]:
+        """(whether some rank's share of the batch has no row, whether some rank's has rows): one collective."""
+        some_empty, some_not = any_rank([_rows(batch) == 0, _rows(batch) > 0])
+        return some_empty, some_not
 
     def _agree_any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (every rank gets the same answer)."""

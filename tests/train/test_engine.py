@@ -488,7 +488,7 @@ def test_a_batch_the_ranks_skip_together_is_handed_to_on_skipped(tmp_path, caplo
         (tmp_path / str(rank)).mkdir()  # (rank 0 makes the run folder)
         trainer = Trainer(model, step, make, N // BS, config, tmp_path / str(rank), on_skipped=handed.append)
         trainer.world = World(rank=rank, size=2)  # its collectives stay one process's (none is joined)
-        trainer._agree_any = lambda flag, batches=iter(range(N // BS)): next(batches) in empty
+        trainer._agree_empty = lambda batch, batches=iter(range(N // BS)): (next(batches) in empty, True)
         handed.clear()
         seen.clear()
         caplog.clear()
