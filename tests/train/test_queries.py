@@ -55,6 +55,11 @@ def test_world_episodes_from_a_small_or_hand_edited_manifest(tiny_world, tmp_pat
     edited = [json.dumps({k: v for k, v in json.loads(rows[0]).items() if k != "objects"}), *rows]
     (tmp_path / "val.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(edited).encode())
     assert len(world_episodes(tmp_path, "val", size=2, n=3)) == 3
+    first = json.loads(rows[0])  # an object without its colour, or of a colour the world has not: a KeyError
+    for bad in ({k: v for k, v in first["objects"][0].items() if k != "colour"}, {**first["objects"][0], "colour": "teal"}):
+        edited = [json.dumps({**first, "objects": [bad]}), *rows[1:]]
+        (tmp_path / "val.jsonl").write_text("\n".join(edited) + "\n")
+        assert len(world_episodes(tmp_path, "val", size=100, n=3)) == 3  # every scene in each: the bad one too
 
 
 def test_bad_episodes_are_one_clear_error(tmp_path):

@@ -23,6 +23,7 @@ from mmembed.data.episodes import Episode, parse_episodes
 from mmembed.data.manifest import read_jsonl_records
 from mmembed.data.synth.captions import pick
 from mmembed.data.synth.dialogues import question_about
+from mmembed.data.synth.rules import ATTRIBUTES
 from mmembed.data.synth.world import SceneObject
 from mmembed.errors import UserError
 
@@ -62,7 +63,7 @@ def world_episodes(root: str | Path, split: str, size: int, n: int, seed: int = 
     if not path.is_file():
         raise UserError(f"{path} not found: recall episodes are built from a synthetic world's manifests")
     records = [r for _, r in read_jsonl_records(path)]  # a byte-order mark and CRLF read as manifests are
-    rows = [r for r in records if isinstance(r, dict) and isinstance(r.get("objects"), list)]
+    rows = [r for r in records if isinstance(r, dict) and _scene_objects(r.get("objects"))]
     if len(rows) < len(records):
         log.warning("%s: %d of %d rows skipped (not a scene with its objects)", path, len(records) - len(rows),
                     len(records))
@@ -70,3 +71,10 @@ def world_episodes(root: str | Path, split: str, size: int, n: int, seed: int = 
         raise UserError(f"{path} holds {len(rows)} scene(s) with their objects; a recall episode needs 2 or more "
                         "(a larger world, or give episodes)")
     return parse_episodes(recall_episodes(rows, min(size, len(rows)), n, seed), Path(root), what=str(path))
+
+
+def _scene_objects(objects: Any) -> bool:
+    """Whether a row's `objects` name every attribute of each object with one of the world's values
+    (an object without a colour was a KeyError)."""
+    return isinstance(objects, list) and bool(objects) and all(
+        isinstance(o, Mapping) and all(o.get(attr) in values for attr, values in ATTRIBUTES.items()) for o in objects)
