@@ -345,9 +345,11 @@ class Model:
         Raises:
             CheckpointError: config.yaml does not fit the weights (a preprocess size its encoder refuses).
         """
+        from mmembed.train.distributed import resolve_device
         from mmembed.train.queries import load_query_tower
 
-        device = None if device is None else serving_device(device)  # before anything loads
+        # before anything loads: "auto" as train.device reads it; 'meta' loaded, then failed at the first embed
+        device = None if device is None else resolve_device(device)
         model = load_space(run_dir)
         run_dir = Path(run_dir)
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
@@ -404,14 +406,6 @@ def _check_preprocess_fits(model: Model, run_dir: Path) -> None:
     except ConfigError as e:
         raise CheckpointError(f"{run_dir / CONFIG} does not fit the run's {WEIGHTS}: {e} (is it the config "
                               "this run trained with?)") from None
-
-
-def serving_device(name: str | torch.device) -> torch.device:
-    """`auto` (this process's GPU when there is one, else the CPU, as `train.device`) or a device
-    this machine has, of a type the towers run on: 'meta' loaded, then failed at the first embed."""
-    from mmembed.train.distributed import checked_device, resolve_device
-
-    return resolve_device(name) if isinstance(name, str) else checked_device(name)
 
 
 def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: int | None, run_dir: Path) -> None:

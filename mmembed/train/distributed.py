@@ -175,8 +175,9 @@ def seed_ranks(seed: int) -> None:
         torch.manual_seed(seed + world.rank)
 
 
-def resolve_device(name: str, world: World | None = None) -> torch.device:
-    """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+def resolve_device(name: str | torch.device, world: World | None = None) -> torch.device:
+    """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU; any other name
+    or device as `checked_device` takes it."""
     world = world or current_world()
     if name == "auto":
         return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")

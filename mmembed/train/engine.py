@@ -487,21 +487,21 @@ class Trainer:
         n = self.progress.empty_batches
         if self._share_empty:  # every process needs a usable row of each global batch
             return (f"no training step was taken: in {self._share_empty} of the {n} skipped batch(es) only some "
-                    f"process's share had no usable row ({self._skipped_rows() or 'the skipped rows are counted above'}"
+                    f"process's share had no usable row ({self._skipped_rows()}"
                     f"); each of the {self.world.size} processes needs one: use fewer processes or a larger "
                     "batch_size")
         if self._rowless:
             return (f"no training step was taken: all {n} batch(es) had no usable row or nothing to learn from "
-                    f"({self._skipped_rows() or 'the skipped rows are counted above'})")
+                    f"({self._skipped_rows()})")
         return (f"no training step was taken: none of the {n} batch(es) had anything to learn from (no two rows "
                 "of a batch with a pair of modalities the model trains on; check the manifest's column names)")
 
     def _skipped_rows(self) -> str:
-        """The stage's count of the rows it skipped, every rank's (a collective), or "" if it keeps none:
-        its rate-limited warnings may have counted only the first of them."""
+        """The stage's count of the rows it skipped, every rank's (a collective): its rate-limited
+        warnings may have counted only the first of them. A stage that keeps no count points there."""
         skips = getattr(self.stateful, "skips", None)
         if skips is None:
-            return ""
+            return "the skipped rows are counted above"
         every = SkipCounter()
         for state in all_gather_objects(skips.state_dict()):
             every.load_state_dict(state)
