@@ -61,8 +61,10 @@ def _setup(world: Path):
 
 def _time_steps(space, loss_fn, batch, steps: int, warmup: int) -> list[float]:
     from mmembed.data import SkipCounter
-    from mmembed.train.align import CollapseMonitor, make_step_fn, space_forward
-    from mmembed.train.distributed import barrier, parallelize
+    from mmembed.train.align_step import make_step_fn, space_forward
+    from mmembed.train.collapse import CollapseMonitor
+    from mmembed.train.collectives import barrier
+    from mmembed.train.distributed import parallelize
     from mmembed.train.optim import build_optimizer
 
     net = parallelize(space, space_forward, torch.device("cpu"))

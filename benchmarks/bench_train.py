@@ -46,12 +46,13 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import matmul_peak_flops, ratio_report, setup
-from mmembed.config import TrainConfig
+from mmembed.config_train import TrainConfig
 from mmembed.data import Batch, SkipCounter
 from mmembed.losses import ContrastiveLoss
 from mmembed.modality import Modality
 from mmembed.space import SharedSpace, Tower, build_head
-from mmembed.train.align import CollapseMonitor, make_step_fn
+from mmembed.train.align_step import make_step_fn
+from mmembed.train.collapse import CollapseMonitor
 from mmembed.train.engine import Trainer
 
 LR, WD, BETAS, EPS = 1e-3, 0.1, (0.9, 0.98), 1e-6

@@ -31,7 +31,7 @@ _LAZY = {
     "Image": ("mmembed.decoder.prompt", "Image"),
     "Audio": ("mmembed.decoder.prompt", "Audio"),
     "Text": ("mmembed.decoder.prompt", "Text"),
-    "Generation": ("mmembed.decoder.generate", "Generation"),
+    "Generation": ("mmembed.decoder.answer", "Generation"),
     "Memory": ("mmembed.memory", "Memory"),
     "Session": ("mmembed.memory", "Session"),
 }

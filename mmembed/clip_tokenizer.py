@@ -32,7 +32,7 @@ import torch
 
 from mmembed.checkpoint import atomic_write_json
 from mmembed.errors import CheckpointError, UserError
-from mmembed.tokenizer import TOKENIZER_FILE
+from mmembed.tokenizer_io import TOKENIZER_FILE
 from mmembed.text_encoding import (
     AllowedSpecial,
     Padding,

@@ -24,14 +24,17 @@ from mmembed.demo_memory import cross_process_recall, memory_lines
 from mmembed.demo_prompting import has_rows, prompting, report_lines
 from mmembed.demo_retrieval import composed_query_trials, image_gallery, retrieval_grid
 from mmembed.errors import ConfigError, UserError
-from mmembed.evaluate import format_table, pairwise_report
+from mmembed.evaluate import format_table
+from mmembed.evaluate_recall import pairwise_report
 from mmembed.insight.embedding_map import map_vectors
 from mmembed.decoder.builder import DECODER_DIR, DECODER_TOKENIZER, DECODER_WEIGHTS
 from mmembed.model import CONFIG, TOKENIZER, WEIGHTS, Model
 from mmembed.train import train
-from mmembed.train.align import embed_dataset, mean_recall, train_align
+from mmembed.train.align import train_align
+from mmembed.train.align_data import embed_dataset, mean_recall
 from mmembed.train.decoder import train_decoder
-from mmembed.train.preflight import changes, check_config
+from mmembed.train.preflight import check_config
+from mmembed.train.preflight_resume import changes
 from mmembed.train.run_dir import LOCK, TRASH
 from mmembed.typed_config import to_dict
 

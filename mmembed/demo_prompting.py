@@ -17,7 +17,7 @@ from typing import Any
 from mmembed.data.instructions import InstructionRow, read_instructions
 from mmembed.data.synth import task_group
 from mmembed.decoder.evaluate import accuracy_by_group, answer_rows, fitting, row_prompt
-from mmembed.decoder.generate import Generation
+from mmembed.decoder.answer import Generation
 from mmembed.evaluate_instructions import world_score
 
 NOUN = {"image": "image", "audio": "sound", "text": "caption"}

@@ -1,195 +1,34 @@
-"""Evaluation of a shared space: cross-modal recall@K, ranks, zero-shot classification, tables.
+"""Evaluation of a shared space on a manifest: each modality embedded once, the pairwise recall
+report and zero-shot accuracy (`manifest_report`), the markdown tables, and `mmembed eval`
+(`run_eval`, `run_eval_command`).
 
-A retrieval is correct when the target's key equals the query's key. With manifest row ids
-as keys this is instance retrieval (the caption of row 7 must find the image of row 7); with
-the `label` column it is class/scene retrieval (any image of scene "s3" counts).
-
-Ranks are pessimistic about ties: the rank of a query is 1 + the number of *incorrect*
-targets scoring at least as high as its best correct target (within 1e-6, so float rounding
-never decides a tie), so a collapsed model (every score equal) gets the worst rank instead
-of a perfect one.
+A retrieval is correct when the target's key equals the query's key: the manifest's row ids
+(instance retrieval) or its `label` column (class/scene retrieval). Recall@K and ranks are
+evaluate_recall.py, zero-shot classification evaluate_zero_shot.py, the decoder's answers
+evaluate_instructions.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import logging
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
+from mmembed.evaluate_recall import pairwise_report
+from mmembed.evaluate_zero_shot import (
+    _accuracy,
+    check_labels,
+    check_templates,
+    class_embeddings,
+)
 from mmembed.modality import Modality
 from mmembed.retrieval.embed import embed_manifest
-
-log = logging.getLogger(__name__)
-_QUERY_BLOCK = 1024  # queries scored at once: bounds the (block, N) score matrix
-_TIE = 1e-6  # scores this close count as tied (cosines of unit vectors; float32 rounding is ~1e-7)
-
-
-def retrieval_metrics(query_emb: Tensor, target_emb: Tensor, query_keys: Sequence[str],
-                      target_keys: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K and rank statistics of retrieving targets for queries by cosine similarity.
-
-    Args:
-        query_emb: (Q, D) unit vectors; target_emb: (N, D) unit vectors.
-        query_keys / target_keys: one key per row; a target is correct iff its key equals the query's.
-        ks: the K of recall@K.
-    Returns:
-        {"recall@K": fraction of queries with a correct target in the top K, ...,
-         "median_rank", "mean_rank", "mrr" (1-based ranks of the first correct target),
-         "n_queries" (with at least one correct target), "n_targets", "n_unmatched"
-         (queries whose key no target has; left out of every figure)}.
-    Raises:
-        ValueError on mismatched lengths or dimensions, NaN/Inf embeddings, a K < 1, or when no
-        query has a match.
-    """
-    _check_pair(query_emb, target_emb, query_keys, target_keys, ks)
-    codes = {key: i for i, key in enumerate(dict.fromkeys([*target_keys, *query_keys]))}
-    q_codes = torch.tensor([codes[k] for k in query_keys])  # (Q,)
-    t_codes = torch.tensor([codes[k] for k in target_keys])  # (N,)
-    matched = torch.isin(q_codes, t_codes)
-    if not bool(matched.any()):
-        raise ValueError("no query key occurs among the target keys: nothing can be retrieved correctly")
-    queries, q_codes = query_emb[matched].float(), q_codes[matched]
-    targets = target_emb.float()
-    ranks = torch.cat([
-        _first_correct_rank(queries[s:s + _QUERY_BLOCK] @ targets.T, q_codes[s:s + _QUERY_BLOCK], t_codes)
-        for s in range(0, queries.shape[0], _QUERY_BLOCK)
-    ]).double()  # (Q_matched,)
-    out = {f"recall@{k}": float((ranks <= k).double().mean()) for k in ks}
-    out.update(median_rank=float(ranks.quantile(0.5)), mean_rank=float(ranks.mean()),
-               mrr=float((1 / ranks).mean()), n_queries=int(ranks.numel()), n_targets=int(targets.shape[0]),
-               n_unmatched=int((~matched).sum()))
-    return out
-
-
-def _first_correct_rank(scores: Tensor, q_codes: Tensor, t_codes: Tensor) -> Tensor:
-    """scores (B, N) -> (B,) 1-based rank of the best correct target (ties count against it)."""
-    correct = q_codes[:, None] == t_codes[None, :]  # (B, N)
-    best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)  # (B, 1)
-    # "at least as high" up to float rounding: one item embedded at two places of a batch differs by ~1e-8
-    return 1 + ((scores >= best - _TIE) & ~correct).sum(dim=1)
-
-
-def _check_pair(q: Tensor, t: Tensor, q_keys: Sequence, t_keys: Sequence, ks: Sequence[int]) -> None:
-    if q.dim() != 2 or t.dim() != 2 or q.shape[1] != t.shape[1]:
-        raise ValueError(f"embeddings must be (Q, D) and (N, D) with equal D, got {tuple(q.shape)}, {tuple(t.shape)}")
-    if len(q_keys) != q.shape[0] or len(t_keys) != t.shape[0]:
-        raise ValueError(f"{len(q_keys)} query keys for {q.shape[0]} queries, "
-                         f"{len(t_keys)} target keys for {t.shape[0]} targets")
-    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(t).all())):
-        raise ValueError("embeddings contain NaN or Inf (a diverged model?); ranks would be meaningless")
-    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {list(ks)}")  # 1.5 was taken as 1, 0.5 "not positive"
-
-
-def pairwise_report(embeddings: dict[Modality, Tensor], keys: dict[Modality, Sequence[str]],
-                    ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
-    """`retrieval_metrics` for every ordered pair of distinct modalities, e.g. "text→image".
-
-    A pair whose keys never match (e.g. row ids of disjoint rows) is left out and logged.
-    """
-    report = {}
-    for a, b in itertools.permutations(embeddings, 2):
-        name = f"{a}→{b}"
-        try:
-            report[name] = retrieval_metrics(embeddings[a], embeddings[b], keys[a], keys[b], ks)
-        except ValueError as e:
-            if "no query key" not in str(e):
-                raise
-            log.info("%s: left out, %s", name, e)
-    return report
-
-
-class ZeroShotResult(NamedTuple):
-    predictions: list[str]
-    accuracy: float | None  # over the `n` items whose truth is a label; None without truth or such items
-    n: int  # the items the accuracy counts (0 without `truth`)
-
-
-def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | str, labels: Sequence[str],
-                       template: str | Sequence[str] = "a photo of a {label}", *, truth: Sequence[str] | None = None,
-                       prompt_modality: Modality | str = Modality.TEXT, batch_size: int = 64) -> ZeroShotResult:
-    """Classify items by their nearest label prompt (CLIP zero-shot).
-
-    Each label becomes `template.format(label=...)`; with several templates the label's prompt
-    embeddings are averaged and renormalised (CLIP's prompt ensembling).
-
-    Args:
-        model: anything with `embed(modality, items) -> (N, D)` unit vectors.
-        items: raw items of `modality`; labels: the candidate class names (unique).
-        truth: the true label per item, to compute accuracy; an item whose truth is not among
-            `labels` (or None) cannot be right and is left out of it, as `manifest_report` does.
-    Returns:
-        ZeroShotResult(predictions of every item, accuracy over the n items whose truth is a label, n).
-    """
-    if truth is not None and len(truth) != len(items):
-        raise UserError(f"{len(truth)} truth labels for {len(items)} items")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
-    with torch.inference_mode():
-        z_items = torch.cat([model.embed(modality, list(items[s:s + batch_size])).float()
-                             for s in range(0, len(items), batch_size)]) if len(items) else classes[:0]
-    predictions = [labels[i] for i in (z_items @ classes.T).argmax(dim=1).tolist()]  # (N,)
-    return ZeroShotResult(predictions, *_accuracy(predictions, truth, labels))
-
-
-def class_embeddings(model: Any, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {label}",
-                     prompt_modality: Modality | str = Modality.TEXT) -> Tensor:
-    """(L, D) unit vectors: each label's prompts embedded, averaged over templates, renormalised."""
-    templates = check_templates(template)
-    check_labels(labels)
-    prompts = [t.format(label=label) for label in labels for t in templates]
-    with torch.inference_mode():
-        z = model.embed(prompt_modality, prompts).float().view(len(labels), len(templates), -1)
-    return torch.nn.functional.normalize(z.mean(dim=1), dim=1)
-
-
-def check_labels(labels: Sequence[str]) -> None:
-    if isinstance(labels, str):  # "circle" was read as the labels c, i, r, c, l, e
-        raise UserError(f"zero-shot labels must be a list of class names, got the one string {labels!r}")
-    if not labels or len(set(labels)) != len(labels) or not all(str(label).strip() for label in labels):
-        raise UserError(f"zero-shot labels must be a non-empty list of unique, non-blank names, got {list(labels)}")
-
-
-def check_templates(template: str | Sequence[str]) -> list[str]:
-    """The zero-shot templates as a list; UserError unless each formats with `label` alone and puts
-    the label in its text (`"{{label}}"` is a literal brace pair: every class would get one prompt)."""
-    templates = [template] if isinstance(template, str) else list(template)
-    if not templates:
-        raise UserError("zero-shot needs at least one template, e.g. 'a photo of a {label}'")
-    for t in templates:
-        try:
-            filled = t.format(label="\0")
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise UserError(f"zero-shot template {t!r} does not format with {{label}} alone "
-                            f"({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
-        if "\0" not in filled:
-            raise UserError(f"every template must contain '{{label}}', got {t!r}")
-    return templates
-
-
-def _accuracy(predictions: Sequence[str], truth: Sequence[Any] | None,
-              labels: Sequence[str]) -> tuple[float | None, int]:
-    """(accuracy, n) over the items whose truth is one of `labels`: the others cannot be right, and
-    counting them wrong made the two zero-shot entry points disagree on the same items."""
-    if truth is None:
-        return None, 0
-    classes = set(labels)
-    scored = [(p, str(t)) for p, t in zip(predictions, truth) if t is not None and str(t) in classes]
-    if not scored:
-        return None, 0
-    return sum(p == t for p, t in scored) / len(scored), len(scored)
-
 
 EvalKey = Literal["auto", "label", "row"]
 

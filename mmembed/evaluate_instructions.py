@@ -66,7 +66,7 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
          "answers": [{"line", "task", "answer", "reference", "correct"}] in manifest order}.
     """
     if getattr(model, "prompt_model", None) is None:
-        from mmembed.model import no_decoder
+        from mmembed.model_load import no_decoder
 
         raise UserError(no_decoder(model, "answer prompts"))
     check_max_new_tokens(max_new_tokens)  # -3 answered one token a row (a wrong accuracy), "8" a TypeError

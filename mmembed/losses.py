@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmembed.config import LossConfig
+from mmembed.config_train import LossConfig
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
 from mmembed.train.distributed import current_world

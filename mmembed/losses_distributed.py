@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmembed.modality import Modality
-from mmembed.train.distributed import World, all_reduce_values, gather, gather_with_grad, neighbour_exchange
+from mmembed.train.collectives import all_reduce_values, gather, gather_with_grad, neighbour_exchange
+from mmembed.train.distributed import World
 
 
 @dataclass

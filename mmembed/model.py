@@ -4,32 +4,29 @@ the decoder when the run trained one.
 `Model.embed(modality, items)` takes raw items of any accepted kind (paths, PIL images,
 waveforms, strings), preprocesses them exactly as training did (without augmentation), and
 returns unit vectors. `Model.generate(prompt)` answers a prompt that mixes text and media.
-A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `decoder.safetensors`).
+A run directory is `model.safetensors` + `config.yaml` + `tokenizer.json` (+ `decoder.safetensors`);
+opening one and checking its files fit each other is `model_load.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import numbers
-import re
-import shlex
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
-from mmembed.checkpoint import load_tensors, save_tensors
-from mmembed.config import Config, load_config, save_config
-from mmembed.errors import BadInput, CheckpointError, ConfigError, UserError
+from mmembed.checkpoint import save_tensors
+from mmembed.config import Config, save_config
+from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
-from mmembed.space import SharedSpace, build_space, init_from_run, space_weights
+from mmembed.space import SharedSpace, build_space, init_from_run
 
 if TYPE_CHECKING:
     from mmembed.decoder import Generation, Prompt, PromptModel, Resolved, Stops, StreamedToken
@@ -308,6 +305,7 @@ class Model:
     def _generation_inputs(self, prompt: Any, temperature: float, top_k: int | None, top_p: float | None,
                            stop: Any) -> tuple[PromptModel, list, bool, tuple]:
         from mmembed.decoder import Sampling, Stops, is_batch, resolve_prompts
+        from mmembed.model_load import no_decoder
 
         if self.prompt_model is None:
             raise UserError(no_decoder(self, "generate"))
@@ -345,6 +343,7 @@ class Model:
         Raises:
             CheckpointError: config.yaml does not fit the weights (a preprocess size its encoder refuses).
         """
+        from mmembed.model_load import _load_decoder, load_space
         from mmembed.train.distributed import resolve_device
         from mmembed.train.queries import load_query_tower
 
@@ -355,69 +354,6 @@ class Model:
         model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
         model.query_tower, model.query_threshold = load_query_tower(run_dir, model)
         return model.to(device) if device is not None else model
-
-
-def load_space(run_dir: str | Path) -> Model:
-    """The shared space of a run (weights, config, tokenizer) without its decoder."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():  # its config.yaml, its weights: the folder is what opens
-        raise UserError(f"{run_dir} is a file: give the run's folder ({run_dir.parent})")
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    if not (run_dir / WEIGHTS).is_file():
-        raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
-    config = load_config(run_dir / CONFIG)
-    tokenizer = _load_tokenizer(run_dir)
-    # without the pretrained files or tags it started from: model.safetensors holds every tensor
-    try:
-        space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
-    except ConfigError as e:  # an encoder's own arguments that disagree (n_mels not a multiple of a patch),
-        raise ConfigError(f"{run_dir}: {e}") from None  # or a tokenizer.json gone: the run's folder named
-    state = space_weights(load_tensors(run_dir / WEIGHTS))  # a checkpoint folder of a captioning run too
-    _check_vocabulary(space, state, getattr(tokenizer, "vocab_size", None), run_dir)
-    from encoders.weights import state_fault
-
-    if fault := state_fault(space, state):  # load_state_dict casts an integer tensor and loads NaN as is
-        raise CheckpointError(f"{run_dir / WEIGHTS}: {fault}")
-    try:
-        missing, unexpected = space.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of the wrong shape: the weights are not this config's
-        reason = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml ({reason[:300]})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{run_dir / WEIGHTS} does not match config.yaml "
-                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    space.eval()
-    model = Model(config, space, tokenizer)
-    _check_preprocess_fits(model, run_dir)
-    model.run_dir = run_dir.resolve()
-    return model
-
-
-def _check_preprocess_fits(model: Model, run_dir: Path) -> None:
-    """One dummy input per tower, the largest its preprocess gives: a config.yaml edited after
-    training (another image size, n_mels, max_length) loaded, then failed every embed with a
-    traceback. A few milliseconds per tower for the demo's (mm.load ~180 -> ~220 ms warm)."""
-    from mmembed.train.align import check_towers_accept
-
-    largest = {m: pre.collate([pre(pre.example())]) for m, pre in model.preprocessors.items()}
-    try:
-        check_towers_accept(model.space, largest)
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir / CONFIG} does not fit the run's {WEIGHTS}: {e} (is it the config "
-                              "this run trained with?)") from None
-
-
-def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: int | None, run_dir: Path) -> None:
-    """Name tokenizer.json when it, not the weights, is what disagrees: a tensor sized by the
-    vocabulary in the built space but of another size in the checkpoint."""
-    if vocab_size is None:
-        return
-    for key, built in space.state_dict().items():
-        saved = state.get(key)
-        if saved is not None and built.ndim and built.shape[0] == vocab_size and saved.shape[0] != vocab_size:
-            raise CheckpointError(f"{run_dir / TOKENIZER} has {vocab_size} tokens, but the weights' {key} has "
-                                  f"{saved.shape[0]} rows: it is not the tokenizer this run trained with")
 
 
 def build_model(config: Config, tokenizer: Any | None) -> Model:
@@ -434,56 +370,6 @@ def build_model(config: Config, tokenizer: Any | None) -> Model:
 def load(run_dir: str | Path, device: str | torch.device | None = None) -> Model:
     """`mm.load("runs/demo")`: open a trained run. See `Model.load`."""
     return Model.load(run_dir, device)
-
-
-def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_dim: int) -> PromptModel | None:
-    """The run's decoder; None without one (a config without a `decoder:` section, or a decoder
-    stage not finished: `no_decoder` says which)."""
-    from mmembed.decoder import DECODER_WEIGHTS, load_prompt_model
-
-    if config.decoder is None or not (run_dir / DECODER_WEIGHTS).is_file():
-        return None
-    return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
-
-
-def no_decoder(model: Any, what: str) -> str:
-    """Why `model` (a `Model` without a decoder) cannot `what`: its run has no decoder stage, or
-    one that has not finished (killed mid-stage, it was called "no decoder stage")."""
-    from mmembed.decoder import DECODER_DIR, DECODER_WEIGHTS
-
-    config, run = getattr(model, "config", None), getattr(model, "run_dir", None)
-    if config is None or config.decoder is None:
-        return (f"this run has no decoder stage, so it cannot {what}: train one with a config that has a `decoder:` "
-                "section (configs/demo.yaml does)")
-    if run is None:
-        return f"this model's decoder is not trained, so it cannot {what}: load a run whose decoder stage finished"
-    if run.parent.name == "checkpoints" and (run.parent.parent / CONFIG).is_file():  # Model.load opens these too
-        return (f"{run} is a checkpoint of the align stage, which holds no decoder, so it cannot {what}: load the "
-                f"run's own folder ({run.parent.parent}) once its decoder stage has finished")
-    checkpoints = run / DECODER_DIR / "checkpoints"
-    held = f" (its checkpoints are in {checkpoints})" if checkpoints.is_dir() and any(checkpoints.iterdir()) else ""
-    # train.out_dir named: config.yaml's may be relative to where the run was trained, or another run's now
-    command = shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
-    return (f"the decoder stage of {run} has not finished (no {DECODER_WEIGHTS}), so it cannot {what}: continue "
-            f"it with `{command}`{held}")
-
-
-def _yaml_text(text: str) -> str:
-    """`text` as an override's value reads it back (quoted when YAML would read something else:
-    a `: ` or ` #` in a folder's name)."""
-    try:
-        plain = yaml.safe_load(text) == text
-    except yaml.YAMLError:
-        plain = False
-    return text if plain and not re.search(r"\s#", text) else json.dumps(text, ensure_ascii=False)
-
-
-def _load_tokenizer(run_dir: Path) -> Any | None:
-    if not (run_dir / TOKENIZER).is_file():
-        return None
-    from mmembed.tokenizer import load_tokenizer
-
-    return load_tokenizer(run_dir / TOKENIZER)
 
 
 def _one_item(items: Any) -> bool:

@@ -10,7 +10,8 @@ the first ids. Like tiktoken, user text never turns into special ids unless the 
 (`allowed_special`): a caption that says "<image>" is seven characters of text, not an image slot.
 
 `ClipTokenizer` (clip_tokenizer.py) offers the same interface over open_clip's CLIP vocabulary;
-`load_tokenizer` restores either from what `save` wrote.
+`load_tokenizer` (tokenizer_io.py) restores either from what `save` wrote, and `train_tokenizer`
+trains one on text files into a folder.
 """
 
 from __future__ import annotations
@@ -21,30 +22,26 @@ import numbers
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mmembed.checkpoint import atomic_write_text, make_output_folder
+from mmembed.checkpoint import atomic_write_text
 from mmembed.errors import CheckpointError, UserError
 from mmembed.text_encoding import (AllowedSpecial, Padding, check_ids, check_text, check_texts,
                                    content_budget, encode_bounded, pad_rows, prefix_chars, prefix_cut, prefix_holds,
                                    resolve_allowed, split_on_specials, with_bos_eos)
-from mmembed.tokenizer_corpus import check_corpus_file, holds_text, iter_corpus
+from mmembed.tokenizer_corpus import iter_corpus
 from mmembed.tokenizer_file import byte_to_unicode, check_special, check_tokenizer_json, id_to_bytes
-
-if TYPE_CHECKING:
-    from mmembed.clip_tokenizer import ClipTokenizer
+from mmembed.tokenizer_io import (TOKENIZER_FILE, _one_line, _read_text, _resolve_file, load_tokenizer,
+                                  train_tokenizer)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<image>", "</image>", "<audio>", "</audio>")
-TOKENIZER_FILE = "tokenizer.json"
 _ESCAPED_BYTES = re.compile("([\udc80-\udcff]+)")  # what surrogateescape makes of invalid UTF-8
-
 
 
 def vocab_floor(specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> int:
@@ -310,27 +307,6 @@ class Tokenizer:
         return ids
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading either kind, and the CLI's `mmembed tokenizer train`
-# ------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(path_or_kind: str | Path) -> Tokenizer | ClipTokenizer:
-    """Restore what `Tokenizer.save` or `ClipTokenizer.save` wrote (a file or its directory).
-
-    The string "clip" (when no such file exists) gives a fresh `ClipTokenizer`.
-    """
-    from mmembed.clip_tokenizer import ClipTokenizer
-
-    if str(path_or_kind) == "clip" and not Path(path_or_kind).exists():
-        return ClipTokenizer()
-    file = _resolve_file(path_or_kind)
-    text = _read_text(file)
-    if ClipTokenizer.is_marker(text):
-        return ClipTokenizer.load(file)
-    return Tokenizer._from_json(text, file)
-
-
 # Four times the largest vocabulary in use (Gemma's 262,144). The trainer reserves ~70 bytes per
 # vocabulary entry up front: 2,000,000,000 asked it for 141 GB and aborted the process.
 MAX_VOCAB = 2**20
@@ -363,59 +339,6 @@ def _check_train_options(special_tokens: object, min_frequency: object) -> int:
         raise UserError(f"min_frequency must be an integer >= 0 (how often a pair occurs to be merged), "
                         f"got {min_frequency!r}")
     return int(min_frequency)
-
-
-def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
-                    *, show_progress: bool = False, overwrite: bool = False) -> Path:
-    """Train byte-level BPE on text files and write `out_dir/tokenizer.json`; returns that path.
-
-    A bad vocab_size, a missing corpus file, or only empty (or whitespace-only) ones, is a
-    UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite`, and
-    a training run's folder in any case, finished, under way or interrupted (its weights belong to
-    its tokenizer); all checked before any training starts and before `out_dir` is made.
-    """
-    check_vocab_size(vocab_size)
-    files = [Path(f) for f in corpus_files]
-    if not files:
-        raise UserError("no corpus files given")
-    for f in files:
-        check_corpus_file(f)
-    if not any(holds_text(f) for f in files):
-        raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
-                        "a tokenizer learns its merges from text")
-    from mmembed.train.run_dir import run_evidence
-
-    run = run_evidence(Path(out_dir))
-    if run:  # a same-size tokenizer loaded (or resumed with), every id another word
-        raise UserError(f"{out_dir} is a training run's folder ({run}): its weights belong to its tokenizer.json; "
-                        "write the new tokenizer to another folder")
-    target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
-    if target.exists() and not target.is_file():
-        raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists (a run's own tokenizer, if the folder is a run): choose another "
-                        "--out, or pass --overwrite")
-    tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
-    return tok.save(target)
-
-
-def _resolve_file(path: str | Path) -> Path:
-    p = Path(path)
-    file = p / TOKENIZER_FILE if p.is_dir() else p
-    if not file.is_file():
-        raise CheckpointError(f"tokenizer file not found: {file}")
-    return file
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: unreadable tokenizer file ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 __all__ = ["DEFAULT_SPECIAL_TOKENS", "Tokenizer", "byte_to_unicode", "load_tokenizer",

@@ -255,7 +255,8 @@ def test_an_override_into_a_section_set_to_null_makes_it_anew(tmp_path):
 def test_an_empty_section_is_the_section_with_its_defaults(tmp_path):
     """A bare `decoder:` (or `synth:`) read as null: the decoder stage the README says it adds was
     silently skipped, and an empty `synth:` hinted to set data.synth. An explicit null still leaves it out."""
-    from mmembed.config import DecoderConfig, SynthConfig, _decoder_train
+    from mmembed.config import SynthConfig
+    from mmembed.config_decoder import DecoderConfig, _decoder_train
 
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  synth:   # the built-in world\ndecoder:\n  # all defaults\n")

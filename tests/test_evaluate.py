@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mmembed.errors import UserError
-from mmembed.evaluate import (evaluate_manifest, format_table, pairwise_report, retrieval_metrics, run_eval,
-                              zero_shot_classify)
+from mmembed.evaluate import evaluate_manifest, format_table, run_eval
+from mmembed.evaluate_recall import pairwise_report, retrieval_metrics
+from mmembed.evaluate_zero_shot import zero_shot_classify
 from mmembed.modality import Modality
 from tests.retrieval.fakes import FakeModel
 
@@ -179,7 +180,7 @@ def test_a_table_without_pairs_or_zero_shot_items_says_when_items_were_unreadabl
 @pytest.mark.parametrize("labels", [["circle", ""], ["  ", "square"], [], ["a", "a"], "circle"])
 def test_zero_shot_labels_are_unique_non_blank_names(labels):
     """`eval --labels ""` was a class: every item could be "a photo of a "."""
-    from mmembed.evaluate import check_labels
+    from mmembed.evaluate_zero_shot import check_labels
 
     with pytest.raises(UserError, match="zero-shot labels must be"):
         check_labels(labels)

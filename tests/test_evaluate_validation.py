@@ -8,7 +8,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmembed.evaluate import manifest_report, pairwise_report
+from mmembed.evaluate import manifest_report
+from mmembed.evaluate_recall import pairwise_report
 from tests.conftest import tiny_model
 
 
@@ -42,7 +43,7 @@ def _val_manifest(root) -> str:
 def test_eval_scores_the_rows_validation_scores(model, tmp_path):
     """A row with one unreadable item: validation dropped the whole row, `mmembed eval` only the item,
     so a logged val/recall (which chose the best checkpoint) could not be reproduced."""
-    from mmembed.train.align import _eval_loader, embed_dataset
+    from mmembed.train.align_data import _eval_loader, embed_dataset
 
     name = _val_manifest(tmp_path)
     loader = _eval_loader(model.config, tmp_path, name, model.tokenizer)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from mmembed.config import LossConfig
+from mmembed.config_train import LossConfig
 from mmembed.errors import ConfigError
 from mmembed.losses import ContrastiveLoss, build_loss
 from mmembed.modality import Modality

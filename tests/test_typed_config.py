@@ -2,7 +2,8 @@
 
 import pytest
 
-from mmembed.config import DecoderConfig, SynthConfig, load_config
+from mmembed.config import SynthConfig, load_config
+from mmembed.config_decoder import DecoderConfig
 from mmembed.errors import ConfigError
 
 

@@ -1,9 +1,9 @@
 """The decoder: a causal language model that reads prompts interleaving text and media.
 
 Reading order: model.py (the LM) → kv_cache.py → whitening.py → fusion.py (vectors → soft tokens at their
-placeholders) → prompt.py (segments → ids) → sampling.py → generate.py → score.py (scoring answers, best of
-N) → gpt2.py (pretrained weights) → builder.py (config → modules, run files) → evaluate.py (answer and score
-instruction rows).
+placeholders) → prompt.py (segments → ids) → sampling.py → answer.py (one answer and its stops) → decode.py
+(the KV-cached loop) → generate.py → stream.py → score.py (scoring answers, best of N) → gpt2.py (pretrained
+weights) → builder.py (config → modules, run files) → evaluate.py (answer and score instruction rows).
 The training stage is `mmembed/train/decoder.py`.
 
     import mmembed as mm
@@ -16,8 +16,9 @@ from mmembed.decoder.builder import (DECODER_DIR, DECODER_TOKENIZER, DECODER_WEI
                                      build_prompt_model, decoder_tokenizer, load_prompt_model, save_prompt_model,
                                      with_gpt2_architecture)
 from mmembed.decoder.fusion import MultimodalLM, Projector, answer_logits
-from mmembed.decoder.generate import (Generation, Stops, StreamedToken, decode_steps, generate, stream,
-                                     stream_tokens)
+from mmembed.decoder.answer import Generation, Stops
+from mmembed.decoder.decode import decode_steps
+from mmembed.decoder.generate import generate
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_tokenizer, load_gpt2
 from mmembed.decoder.kv_cache import KVCache, RollingKVCache
 from mmembed.decoder.model import Decoder
@@ -25,6 +26,7 @@ from mmembed.decoder.prompt import (MEDIA, Audio, Embedded, Image, Media, Prompt
                                     is_batch, parse_inline, resolve_prompts)
 from mmembed.decoder.sampling import Choice, Sampling, choose
 from mmembed.decoder.score import Candidate, answer_logprobs, best_of, teacher_forced_logits
+from mmembed.decoder.stream import StreamedToken, stream, stream_tokens
 
 __all__ = [
     "DECODER_DIR", "DECODER_TOKENIZER", "DECODER_WEIGHTS", "MEDIA", "Audio", "Candidate", "Choice", "Decoder",

@@ -18,7 +18,7 @@ from typing import Any
 
 from encoders.weights import state_fault
 from mmembed.checkpoint import load_tensors, save_tensors
-from mmembed.config import DecoderConfig
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder.fusion import MultimodalLM, Projector
 from mmembed.decoder.gpt2 import PretrainedTokenizer, gpt2_architecture, gpt2_tokenizer, load_gpt2
 from mmembed.decoder.model import Decoder, resize_token_embeddings, start_rows_at_mean

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mmembed.data.instructions import InstructionRow
-from mmembed.decoder.generate import Generation, answer_room, room_batches
+from mmembed.decoder.answer import Generation
+from mmembed.decoder.generate import answer_room, room_batches
 from mmembed.decoder.prompt import MEDIA, Segment
 from mmembed.errors import BadInput
 

@@ -4,6 +4,10 @@
             ─► logits of the last position ─► choose ─► feed the token back ─► … until every row
                has written <eos>, a stop token or string, or max_new_tokens
 
+This file sizes the answers to the context (`answer_room`, `room_batches`), prepares the inputs and
+runs batches (`run`, `generate`, seeding); the decoding loop itself is decode.py, an answer and its
+stops answer.py, streaming stream.py.
+
 A batch is left-padded so that every row's last prompt token sits in the last column: the next
 token of every row is then predicted from the same column. Positions count real tokens only
 (position = number of real tokens before), and padding is masked out of attention, so a row
@@ -19,216 +23,21 @@ positions) the context bounds prompt + answer.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import operator
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from mmembed.decoder.answer import Generation, Stops, _Row, as_integer
+from mmembed.decoder.decode import decode_steps, pad_left
 from mmembed.decoder.fusion import MultimodalLM
 from mmembed.decoder.model import Decoder
 from mmembed.decoder.prompt import PromptFormat, Resolved
-from mmembed.decoder.sampling import Choice, Sampling, choose
+from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generation:
-    """What the decoder wrote for one prompt.
-
-    Attributes:
-        text: the answer, without special tokens and cut before a stop string.
-        token_ids: every generated id, the final <eos> or stop token included.
-        logprobs: log-probability of each generated id under the distribution it was drawn from.
-        entropy: entropy (nats) of that distribution at each step; 0 for greedy steps.
-        finish_reason: "eos", "stop" (a stop string or id), or "length" (max_new_tokens or the
-            end of the context).
-        prompt_tokens: ids in the prompt (soft tokens and markers included).
-        recalled: the memories a `Session` showed the decoder for this answer, best first
-            (`MemoryHit`s with scores); empty outside a session.
-        candidates: with `best_of` > 1, every distinct answer considered, best first
-            (`score.Candidate`s with their scores); empty otherwise.
-        final_step: whether the last token came on the last step there was room for, where a
-            trailing U+FFFD is final text, not a character still to come (`replay_tokens` reads it).
-    """
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    entropy: list[float] = field(default_factory=list)
-    finish_reason: str = "length"
-    prompt_tokens: int = 0
-    recalled: list = field(default_factory=list)
-    candidates: list = field(default_factory=list)
-    final_step: bool = False
-
-    @property
-    def mean_entropy(self) -> float:
-        return sum(self.entropy) / len(self.entropy) if self.entropy else 0.0
-
-
-@dataclass
-class Stops:
-    """When to stop besides <eos>: stop strings (cut from the text) and stop token ids."""
-
-    strings: tuple[str, ...] = ()
-    ids: frozenset[int] = frozenset()
-
-    @classmethod
-    def parse(cls, stop: str | int | Sequence[str | int] | None, vocab_size: int | None = None) -> Stops:
-        """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
-        [0, vocab_size), which could never be written, is a ValueError."""
-        single = stop is None or isinstance(stop, str) or as_integer(stop) is not None
-        # bytes iterate as ints: b"the" was read as three token ids
-        if not single and (not isinstance(stop, Iterable) or isinstance(stop, (bytes, bytearray, memoryview))):
-            raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
-        items = [] if stop is None else [stop] if single else list(stop)
-        strings = tuple(s for s in items if isinstance(s, str))
-        ids = [as_integer(i) for i in items if not isinstance(i, str)]
-        if None in ids or any(not s for s in strings):
-            raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
-        if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
-            raise ValueError(f"stop token ids must be in [0, {vocab_size}), got {sorted(ids)}")
-        return cls(strings, frozenset(ids))
-
-    def cut(self, text: str) -> int | None:
-        """Index of the earliest stop string in `text`, or None."""
-        found = [i for i in (text.find(s) for s in self.strings) if i >= 0]
-        return min(found) if found else None
-
-    @property
-    def holdback(self) -> int:
-        """Characters a stream must hold back: they may be the start of a stop string."""
-        return max((len(s) for s in self.strings), default=1) - 1
-
-
-def as_integer(x: object) -> int | None:
-    """`x` as an int when it is an integer of any type (not a bool), else None."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
-
-
-class _Row:
-    """One prompt's generation in progress."""
-
-    def __init__(self, fmt: PromptFormat, stops: Stops, prompt_tokens: int) -> None:
-        self.fmt, self.stops = fmt, stops
-        self.out = Generation(text="", prompt_tokens=prompt_tokens)
-        self.done = False
-        self._text_ids: list[int] = []
-
-    def add(self, token: int, logprob: float, entropy: float, last: bool = False) -> None:
-        """One generated token; `last`: the final step, after which the text is what it is."""
-        out = self.out
-        out.final_step = last
-        out.token_ids.append(token)
-        out.logprobs.append(logprob)
-        out.entropy.append(entropy)
-        if token == self.fmt.eos_id or token in self.stops.ids:
-            out.finish_reason = "eos" if token == self.fmt.eos_id else "stop"
-            self.done = True
-            self._cut(out.text)  # a trailing U+FFFD is final now
-            return
-        self._text_ids.append(token)
-        out.text = self.fmt.decode(self._text_ids)
-        # not in a trailing U+FFFD until the last step: it may be the start of a character whose
-        # next bytes are still to come (a stop string "\ufffd" stopped at every "é" split over tokens)
-        self._cut(out.text if last else out.text.rstrip("\ufffd"))
-
-    def _cut(self, text: str) -> None:
-        """End the answer before the earliest stop string in `text` (a prefix of the answer)."""
-        if (cut := self.stops.cut(text)) is not None:
-            self.out.text, self.out.finish_reason, self.done = self.out.text[:cut], "stop", True
-
-
-def pad_left(fmt: PromptFormat, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Ids (B, T) padded on the left, and the mask (B, T) (None when no row is padded)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), fmt.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, width - len(r):] = True
-    return ids.to(device), (None if bool(mask.all()) else mask.to(device))
-
-
-@torch.inference_mode()
-def decode_steps(decoder: Decoder, embeds: Tensor, mask: Tensor | None, max_new_tokens: int,
-                 sampling: Sampling, generator: torch.Generator | None = None,
-                 suppress: Sequence[int] = ()) -> Iterator[Choice]:
-    """Yield one `Choice` per step for every row; the caller stops iterating when it is done.
-
-    Args:
-        embeds: (B, T, C) left-padded prompt embeddings (soft tokens already in place).
-        mask: (B, T) bool, True = real token; None when no row is padded.
-        max_new_tokens: steps at most (the caches hold T + max_new_tokens - 1 slots: the last token
-            chosen is never fed back).
-        suppress: ids never chosen (probability 0), e.g. `PromptFormat.prompt_only_ids`.
-    """
-    B, T, _ = embeds.shape
-    device = embeds.device
-    slots = T + max_new_tokens - 1  # the last token chosen is never fed back
-    caches = decoder.new_caches(B, slots)
-    if mask is None:
-        positions = None
-        next_pos = torch.tensor([T], device=device)
-    else:
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-    head = _logits_fn(decoder, torch.tensor(list(suppress), dtype=torch.long, device=device))
-    hidden = decoder.hidden(inputs_embeds=embeds, mask=mask, positions=positions, kv_caches=caches)
-    logits = head(hidden[:, -1])  # (B, V)
-    keys = _KeyMask(mask, slots, caches[0].max_len)
-    for step in range(max_new_tokens):
-        choice = choose(logits, sampling, generator)
-        yield choice
-        if step + 1 == max_new_tokens:
-            return
-        hidden = decoder.hidden(choice.tokens[:, None], mask=keys.last(T + step + 1), positions=next_pos,
-                                kv_caches=caches)
-        logits = head(hidden[:, -1])
-        next_pos = next_pos + 1
-
-
-class _KeyMask:
-    """Key padding masks for the decoding steps of a left-padded batch: the prompt's padding, then
-    real tokens. Attention reads a mask's last columns (as many keys as the cache returns), so a
-    step gets the columns of the last `width` slots (the most keys a cache call returns): all of
-    them for full caches; for rolling caches a bounded slice, None once the padding has left it."""
-
-    def __init__(self, prompt_mask: Tensor | None, slots: int, width: int) -> None:
-        self.width = width
-        self.prompt = 0 if prompt_mask is None else prompt_mask.shape[1]
-        self.full = None
-        if prompt_mask is not None:  # one buffer, sliced per step: no allocation in the loop
-            B = prompt_mask.shape[0]
-            self.full = torch.ones(B, min(slots, self.prompt + width), dtype=torch.bool, device=prompt_mask.device)
-            self.full[:, : self.prompt] = prompt_mask
-
-    def last(self, end: int) -> Tensor | None:
-        """(B, ≤ width) mask of slots [end - width, end), or None when they are all real tokens."""
-        start = max(0, end - self.width)
-        if self.full is None or start >= self.prompt:
-            return None
-        return self.full[:, start:end]  # end <= the buffer's width whenever start < prompt
-
-
-def _logits_fn(decoder: Decoder, suppress: Tensor):
-    """The LM head for this generation, with the `suppress` ids at -inf."""
-    def head(h: Tensor) -> Tensor:
-        logits = decoder.lm_head(h)
-        return logits.index_fill_(-1, suppress, float("-inf")) if len(suppress) else logits
-
-    return head
 
 
 @torch.inference_mode()
@@ -372,89 +181,3 @@ def check_seed(seed: object) -> None:
 
 
 MAX_SEED = 2**63 - 1025
-
-
-@dataclass(frozen=True)
-class StreamedToken:
-    """One generated token as `stream_tokens` reports it.
-
-    `text` is the answer text this token releases: empty while it ends in an incomplete UTF-8
-    character or could start a stop string (the next tokens release it); the last token, <eos> or
-    a stop id included, carries whatever was held back. The texts of a stream join to the answer's
-    `Generation.text`; `logprob` and `entropy`
-    (nats) are those of `Generation.logprobs` / `Generation.entropy` at this step.
-    """
-
-    id: int
-    text: str
-    logprob: float
-    entropy: float
-
-
-def stream_tokens(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens: int, sampling: Sampling,
-                  stop: Stops, seed: int | None, device: torch.device) -> Iterator[StreamedToken]:
-    """Yield every generated token of one prompt's answer with the text it releases (see `stream`
-    for what is held back). A token is yielded once the next one is decoded, so the last one can
-    carry the text held back at the end."""
-    steps = (row for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device))
-    yield from _released(steps, stop)
-
-
-def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> list[StreamedToken]:
-    """The tokens `stream_tokens` yields for an answer already generated (one chosen by `best_of`)."""
-    row = _Row(fmt, stop, generation.prompt_tokens)
-
-    def steps() -> Iterator[_Row]:
-        chosen = list(zip(generation.token_ids, generation.logprobs, generation.entropy))
-        for i, (token, logprob, entropy) in enumerate(chosen):
-            # as the run did: a stop on the final step cut a trailing U+FFFD that an earlier one kept
-            row.add(token, logprob, entropy, last=i == len(chosen) - 1 and generation.final_step)
-            yield row
-
-    return list(_released(steps(), stop))
-
-
-def _released(steps: Iterator[_Row], stop: Stops) -> Iterator[StreamedToken]:
-    """One row after every decoding step → its tokens with the text each releases."""
-    sent, pending, row = 0, None, None
-    for row in steps:
-        out = row.out
-        if not out.token_ids:  # no room for a token: nothing was generated
-            continue
-        if pending is not None:
-            yield pending
-        safe = _releasable(out.text, sent, row.done, stop.holdback)
-        pending = StreamedToken(out.token_ids[-1], out.text[sent:safe], out.logprobs[-1], out.entropy[-1])
-        sent = safe
-    if pending is not None:
-        yield dataclasses.replace(pending, text=pending.text + row.out.text[sent:])
-
-
-def stream(lm: MultimodalLM, fmt: PromptFormat, prompt: Resolved, max_new_tokens: int, sampling: Sampling,
-           stop: Stops, seed: int | None, device: torch.device) -> Iterator[str]:
-    """Yield text pieces of one prompt's answer as they are decoded; they join to its `text`.
-
-    A piece is held back while it ends in an incomplete UTF-8 character or could be the start of
-    a stop string.
-    """
-    sent = 0
-    row = None
-    for (row,) in run(lm, fmt, [prompt], max_new_tokens, sampling, stop, seed, device):
-        safe = _releasable(row.out.text, sent, row.done, stop.holdback)
-        if safe > sent:
-            yield row.out.text[sent:safe]
-            sent = safe
-    if row is not None and len(row.out.text) > sent:
-        yield row.out.text[sent:]
-
-
-def _releasable(text: str, sent: int, done: bool, holdback: int) -> int:
-    """How much of an answer's `text` a stream may have sent, `sent` of it already: all of it once
-    the answer is done; before that, not the last `holdback` characters (they could start a stop
-    string) nor an incomplete UTF-8 character at the end. Never less than `sent`."""
-    if done:
-        return len(text)
-    end = len(text)
-    while end > sent and text[end - 1] == "\ufffd":  # the incomplete character first: it is no
-        end -= 1  # character of a stop string yet, so it must not count as one of the held back
-    return max(end - holdback, sent)

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from mmembed.decoder.fusion import MultimodalLM
-from mmembed.decoder.generate import Generation, Stops, as_integer, check_max_new_tokens, check_seed, generate
+from mmembed.decoder.answer import Generation, Stops, as_integer
+from mmembed.decoder.generate import check_max_new_tokens, check_seed, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput

@@ -76,7 +76,7 @@ def run_map(args: argparse.Namespace) -> int:
 def check_not_in_an_index(out: Path) -> None:
     """UserError when `out` is inside an index folder: a save replaces that folder as a whole, so
     it refuses one holding other files, and the index could no longer be saved there."""
-    from mmembed.retrieval.persist import HEADER, VECTORS
+    from mmembed.retrieval.index_format import HEADER, VECTORS
 
     for folder in Path(out).absolute().parents:
         if (folder / HEADER).is_file() and (folder / VECTORS).is_file():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmembed.config import MAX_SEED
+from mmembed.config_train import MAX_SEED
 from mmembed.errors import UserError
 from mmembed.insight.plotting import pyplot, save_png
 

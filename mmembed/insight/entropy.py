@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mmembed.decoder.generate import Generation, Stops, as_integer, generate
+from mmembed.decoder.answer import Generation, Stops, as_integer
+from mmembed.decoder.generate import generate
 from mmembed.decoder.prompt import Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.decoder.score import MAX_COPIES, per_token

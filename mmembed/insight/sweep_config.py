@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mmembed.config import MAX_SEED, ConfigError, load_dataclass
+from mmembed.config import ConfigError, load_dataclass
+from mmembed.config_train import MAX_SEED
 
 
 @dataclass

@@ -60,10 +60,13 @@ from mmembed.insight.scaling import Rung, SweepReport, save_progress, size_label
 from mmembed.insight.sweep_config import ModelSize, ScalingConfig
 from mmembed.losses import build_loss
 from mmembed.modality import Modality
-from mmembed.model import TOKENIZER, build_model, load_space
+from mmembed.model import TOKENIZER, build_model
+from mmembed.model_load import load_space
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace, build_space
-from mmembed.train.align import WithCaptioner, one_process_step, train_align, train_loader_factory
+from mmembed.train.align import train_align
+from mmembed.train.align_data import train_loader_factory
+from mmembed.train.align_step import WithCaptioner, one_process_step
 from mmembed.train.collapse import CollapseMonitor
 from mmembed.train.data_setup import prepare_data
 from mmembed.train.distributed import resolve_device

@@ -1,9 +1,10 @@
 """Persistent multimodal memory: per-user items (text, images, sounds) in one SQLite file.
 
-Reading order: `records.py` (rows as values: `NewItem`, `MemoryHit`) → `store.py` (the SQLite
-file: schema, WAL, transactions, one connection per process) → `items.py` (what `add` accepts
-→ stored bytes) → `cache.py` (a user's vectors in memory, searched with the retrieval backend)
-→ `export.py` (a memory → a manifest folder) → `memory.py` (`Memory`, the public API) →
+Reading order: `records.py` (rows as values: `NewItem`, `MemoryHit`) → `sqlite.py` (lock waits,
+errors, forks) → `store.py` (the SQLite file: schema, WAL, transactions, one connection per process)
+→ `items.py` (what `add` accepts → stored bytes) → `cache.py` (a user's vectors in memory, searched
+with the retrieval backend) → `export.py` (a memory → a manifest folder) → `embedding.py` (items →
+stored rows with the model) → `memory.py` (`Memory`, the public API) →
 `session.py` (`Session`: a conversation that recalls memories into the decoder's prompt) →
 `chat.py` (the `mmembed chat` loop).
 

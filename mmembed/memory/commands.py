@@ -38,9 +38,9 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
 def run_train_queries(args: argparse.Namespace) -> int:
     """`mmembed train-queries RUN`: train the query tower on episodes (given, or the world's) and save it."""
-    from mmembed.config import MAX_SEED
+    from mmembed.config_train import MAX_SEED
     from mmembed.data.episodes import read_episodes
-    from mmembed.model import load_space
+    from mmembed.model_load import load_space
     from mmembed.retrieval.embed import outside_root_allowed
     from mmembed.train.queries import QUERY_WEIGHTS, save_query_tower, train_query_tower
 

@@ -4,9 +4,9 @@
     i = mem.add(user="ada", item=mm.Image("x.png"), text="my bike", session="s1")
     hits = mem.search(user="ada", query="a red bicycle", k=5)       # best first, cosine scores
 
-Every item is embedded once, at `add`, and stored with its file bytes in one SQLite file (see
-`store.py` for durability and concurrency). Search scans the user's vectors in memory (see
-`cache.py`); users never see each other's items.
+Every item is embedded once, at `add` (see `embedding.py`), and stored with its file bytes in one
+SQLite file (see `store.py` for durability and concurrency). Search scans the user's vectors in
+memory (see `cache.py`); users never see each other's items.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import re
 import threading
 import time as _time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from mmembed.errors import BadInput, UserError
 from mmembed.memory.cache import UserVectors
 from mmembed.memory.checks import (check_ids, check_int, check_list, check_model, check_optional_str, check_role,
                                    check_user, meta_json, parse_modality, storable, timestamp)
+from mmembed.memory.embedding import _checked_parts, _embed, _new_items, _recorded_model
 from mmembed.memory.export import export_items
 from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
@@ -123,7 +123,7 @@ class Memory:
         model = self._require_model("add items")
         check_role(role)
         entries = [to_entry(item, None) for item in check_list(items, "items")]
-        return Pending(entries, self._embed(entries), role, str(model.fingerprint))
+        return Pending(entries, _embed(model, entries, self._store.dim), role, str(model.fingerprint))
 
     def add_turn(self, user: str, session: str, parts: Sequence[Pending], time: float | None = None
                  ) -> tuple[int, list[int]]:
@@ -139,7 +139,7 @@ class Memory:
             raise UserError(f"parts must hold Memory.prepare results, got {type(bad[0]).__name__}")
         if not any(p.entries for p in parts):
             raise UserError("a turn needs at least one item (Memory.prepare)")
-        parts = self._checked_parts(parts)
+        parts = _checked_parts(self._store, parts)
         when = _time.time() if time is None else timestamp(time, "time")
         rows = [row for p in parts for row in _new_items(p, user, session, [None] * len(p.entries), when,
                                                           ["{}"] * len(p.entries))]
@@ -147,18 +147,6 @@ class Memory:
             turn, ids = self._store.insert_turn(rows)
             self._cached_rows(user, ids, torch.cat([p.vectors for p in parts]), rows)
         return turn, ids
-
-    def _checked_parts(self, parts: Sequence[Pending]) -> list[Pending]:
-        """The parts, once their vectors are known to be this file's model's unit rows: a part prepared
-        through another run's Memory (or edited) would mix spaces, or lock the user out of search."""
-        if self._store.fingerprint is None:
-            self._store.refresh_meta()
-        if foreign := [p.fingerprint for p in parts if p.fingerprint != self._store.fingerprint]:
-            raise UserError(f"a part was prepared by model {foreign[0]}, but {self.path.name} holds the vectors of "
-                            f"model {self._store.fingerprint}: prepare it with this Memory")
-        if any(len(p.vectors) != len(p.entries) for p in parts):
-            raise UserError("a part holds more or fewer vectors than items: use Memory.prepare's result as it is")
-        return [replace(p, vectors=check_vectors(p.vectors, self._store.dim, what="prepared vectors")) for p in parts]
 
     def _add(self, entries: list[Entry], user: str, metas: Sequence[dict[str, Any] | None], session: str | None,
              turns: Sequence[int | None], role: str, time: float | None) -> list[int]:
@@ -168,7 +156,8 @@ class Memory:
         turns = [None if t is None else check_int(t, "turn", -2**63, 2**63, "an int (64-bit)") for t in turns]
         when = _time.time() if time is None else timestamp(time, "time")
         metas_json = [meta_json(m) for m in metas]
-        vectors = self._embed(entries)  # (N, D), before the write transaction: the lock covers inserts only
+        # (N, D), before the write transaction: the lock covers inserts only
+        vectors = _embed(self._require_model("add items"), entries, self._store.dim)
         rows = _new_items(Pending(entries, vectors, role, self._store.fingerprint), user, session, turns, when,
                           metas_json)
         with self._guard():
@@ -181,19 +170,6 @@ class Memory:
         cached = self._vectors.get(user)
         if cached is not None:
             cached.append(ids, vectors, [r.modality for r in rows], [r.time for r in rows], [r.session for r in rows])
-
-    def _embed(self, entries: list[Entry]) -> Tensor:
-        """Embed entries, batched per modality → (N, D) float32 unit rows in entry order."""
-        model = self._require_model("add items")
-        out = torch.empty(len(entries), self._store.dim or int(model.embed_dim))
-        for modality in dict.fromkeys(e.modality for e in entries):
-            pick = [i for i, e in enumerate(entries) if e.modality == modality]
-            try:
-                vectors = model.embed(modality, [entries[i].source for i in pick])  # (n, D)
-            except BadInput:
-                raise _named_error(model, modality, [entries[i] for i in pick]) from None
-            out[pick] = check_vectors(vectors, out.shape[1], what=f"{modality} embeddings")
-        return out
 
     def delete(self, ids: Sequence[int] | int, *, user: str | None = None) -> int:
         """Delete items by id (only `user`'s when given); unknown ids are ignored. Returns how many went."""
@@ -364,28 +340,8 @@ class Memory:
     def _require_model(self, what: str) -> Any:
         with self._guard():
             if self.model is None:
-                self.model = self._recorded_model(what)
+                self.model = _recorded_model(self._store, what)
             return self.model
-
-    def _recorded_model(self, what: str) -> Any:
-        """The model of the run the file names, checked to be the one that wrote it."""
-        from mmembed.model import Model  # here: memory is imported by the model's own package
-
-        self._store.refresh_meta()  # a writer may have claimed the file since it was opened
-        run, wrote = self._store.run, self._store.fingerprint
-        fix = f"pass model=mm.load(run) to {what}"
-        if run is None:
-            raise UserError(f"this Memory was opened without a model and {self.path.name} names no run: {fix}")
-        try:
-            model = Model.load(run)
-        except UserError as err:
-            raise UserError(f"this Memory was opened without a model, and the run that wrote {self.path.name} "
-                            f"does not load ({err}): {fix}") from None
-        if str(model.fingerprint) != wrote:
-            raise UserError(f"{self.path.name} was written by model {wrote}, but {run} now holds {model.fingerprint} "
-                            f"(trained again?): {fix}")
-        log.info("memory %s: embedding with the model of %s, which wrote it", self.path, run)
-        return model
 
     def _query_vector(self, query: QueryLike) -> Tensor | None:
         """Query → (1, D) float32 unit row; None when the file holds no vectors yet."""
@@ -434,23 +390,3 @@ class Memory:
             cached = UserVectors(cached.dim)
             self._vectors[user] = cached
         cached.stale = False
-
-
-def _named_error(model: Any, modality: Modality, entries: list[Entry]) -> BadInput:
-    """The error of the first entry that does not embed, naming what the user passed (the model
-    reads the stored bytes, whose own name says nothing)."""
-    for e in entries:
-        try:
-            model.embed(modality, [e.source])
-        except BadInput as err:
-            reason = re.sub(r"^\w+ item \d+: ", "", str(err)).replace("<bytes>", "the item")
-            return BadInput(f"{modality} {e.origin}: {reason}")
-    return BadInput(f"{modality} items could not be embedded")
-
-
-def _new_items(pending: Pending, user: str, session: str | None, turns: Sequence[int | None], when: float,
-               metas: Sequence[str]) -> list[NewItem]:
-    blobs = pending.vectors.numpy().astype("<f4")  # (N, D)
-    return [NewItem(user=user, session=session, turn=turn, role=pending.role, time=when, modality=str(e.modality),
-                    embedding=blobs[i].tobytes(), text=e.text, meta=meta, media_path=e.media_path, media=e.media)
-            for i, (e, turn, meta) in enumerate(zip(pending.entries, turns, metas))]

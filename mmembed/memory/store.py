@@ -14,13 +14,8 @@ instead of both upgrading a read transaction and one failing at once with SQLITE
 timeout retries). Every connection waits up to `BUSY_TIMEOUT_S` for a lock rather than raising
 "database is locked". Callers embed before the transaction, so the lock covers the inserts only.
 
-Processes — an SQLite connection must never cross fork(): SQLite's per-process table of open
-files and their locks would be copied into the child, whose new connection would then take no
-locks of its own, and once the parent closed the file (checkpointing and deleting the WAL) the
-child's acknowledged writes would go to a deleted file. So every open Store closes its connection
-just before this process forks (`os.register_at_fork`), and reopens it lazily after; `Store.conn`
-also notices that `os.getpid()` changed and opens a connection of its own, and a parent's
-connection that did cross is parked and never used in the child (not even closed).
+Processes — a connection never crosses fork(): `sqlite.py` closes every open Store's before a
+fork, and `Store.conn` opens this process's own.
 """
 
 from __future__ import annotations
@@ -30,27 +25,21 @@ import logging
 import os
 import sqlite3
 import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mmembed.errors import UserError
 from mmembed.memory import table
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
+from mmembed.memory.sqlite import _FORK_WAIT_S, _OPEN, _PARKED, BUSY_TIMEOUT_S, _describe, _while_busy
 from mmembed.modality import Modality
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_S = 60.0
-_PARKED: list[sqlite3.Connection] = []  # parents' connections inherited by a fork: kept, never closed
-_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every Store of this process, closed before a fork
-_FORK_WAIT_S = 30.0
 
 def _run_to_record(meta: dict[str, str], fingerprint: str | None, run: str | None) -> bool:
     """Whether the file should name `run`, the folder of the model opening it: the file's own model,
@@ -403,42 +392,3 @@ class Store:
         """SQLite's `PRAGMA integrity_check`: "ok" for a sound file."""
         with self._guard(), self._errors():
             return "; ".join(r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall())
-
-
-def _while_busy(op: Callable[[], Any], timeout_s: float = BUSY_TIMEOUT_S) -> Any:
-    """`op()`, retried while SQLite answers "database is locked", for up to `timeout_s`.
-
-    Turning a new file to WAL needs an exclusive lock, and SQLite answers that request with
-    SQLITE_BUSY at once, without its busy handler, when another process holds the file open (as
-    when several processes open a new memory file together); the busy timeout never applies.
-    """
-    deadline, delay = time.monotonic() + timeout_s, 0.001
-    while True:
-        try:
-            return op()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() >= deadline:
-                raise
-            time.sleep(delay)
-            delay = min(2 * delay, 0.05)
-
-
-def _describe(path: Path, e: sqlite3.DatabaseError) -> str:
-    text = str(e)
-    if "file is not a database" in text:
-        return f"{path} is not an mmembed memory file (not an SQLite database)"
-    if "too big" in text:  # SQLite's length limit (1e9 bytes) on one value: the item, not the file
-        return f"an item is too large for {path} (SQLite: {text}); store a path to its media instead"
-    if "malformed" in text or isinstance(e, sqlite3.DataError):
-        return f"{path} is corrupt (SQLite: {text}); restore it from a copy"
-    if "locked" in text or "busy" in text:
-        return f"{path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s ({text})"
-    return f"{path}: SQLite error ({text})"
-
-
-def _close_all_before_fork() -> None:
-    for store in list(_OPEN):
-        store._close_before_fork()
-
-
-os.register_at_fork(before=_close_all_before_fork)

@@ -2,7 +2,8 @@
 
 Reading order: `store.py` (rows, ids, tombstones) → `exact.py` (blocked top-k) →
 `faiss_backend.py` / `backends.py` (the registry) → `query.py` (composed queries) →
-`embed.py` (embedding a manifest) → `persist.py` (on-disk format) → `index.py` (`Index`) →
+`embed.py` (embedding a manifest) → `index_format.py` (on-disk format) → `persist.py` (the folder swap)
+→ `query_vectors.py` (queries → checked rows) → `index.py` (`Index`) →
 `commands.py` (what `mmembed search` runs).
 """
 

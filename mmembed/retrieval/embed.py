@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from mmembed.data.manifest import Row, read_manifest
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
-from mmembed.train.distributed import broadcast_object, current_world, gather_to_main
+from mmembed.train.collectives import broadcast_object, gather_to_main
+from mmembed.train.distributed import current_world
 
 log = logging.getLogger(__name__)
 _WARN_FIRST = 5  # skipped items logged one by one before only the count is reported
@@ -80,7 +81,7 @@ def embed_manifest(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if skip not in ("item", "row"):
         raise ValueError(f"skip must be 'item' or 'row', got {skip!r}")
-    from mmembed.data.synth.generate import check_complete  # (the world's renderers: only when asked)
+    from mmembed.data.synth.world_folder import check_complete  # (the world's renderers: only when asked)
 
     check_complete(Path(manifest_path).parent)  # a world cut short: its media were never all rendered
     manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))

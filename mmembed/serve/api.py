@@ -29,7 +29,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.datastructures import FormData
 
 from mmembed.decoder import MEDIA, Generation, Stops
-from mmembed.decoder.generate import MAX_SEED, replay_tokens
+from mmembed.decoder.generate import MAX_SEED
+from mmembed.decoder.stream import replay_tokens
 from mmembed.errors import UserError
 from mmembed.retrieval import Hit, Query
 from mmembed.serve.pieces import Piece, check_fields, number, parse_weights, read_form, read_pieces

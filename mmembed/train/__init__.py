@@ -33,7 +33,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.decoder import DECODER_DIR
     from mmembed.model import CONFIG
     from mmembed.train.decoder import train_decoder
-    from mmembed.train.distributed import barrier, current_world
+    from mmembed.train.collectives import barrier
+    from mmembed.train.distributed import current_world
     from mmembed.train.run_dir import lock_run, read_paths
     from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
 
@@ -85,7 +86,7 @@ def _align_as_it_ran(config: Config, saved: Config) -> Config:
         log.warning("the align stage is finished, so %s changes nothing: --resume continues the decoder stage "
                     "(start over with --overwrite to train the space again)", ", ".join(changed))
     if _another_folder(saved.model.init_from, config.model.init_from):
-        # warned, not refused: a source run that moved is resumed from its new place (preflight's _WHERE_IT_STARTED)
+        # warned, not refused: a source run that moved is resumed from its new place (preflight_resume's _WHERE_IT_STARTED)
         log.warning("the decoder stage began on the space %s, so model.init_from %r -> %r changes nothing: --resume "
                     "continues it on that space (start over with --overwrite to copy another)",
                     "copied from " + saved.model.init_from if saved.model.init_from else "trained here",
@@ -120,7 +121,8 @@ def copy_space(config: Config, save: bool = True) -> Config:
     """Copy the shared space of `model.init_from` (weights, tower config, tokenizer) into
     `train.out_dir`; returns the config with that run's model and tokenizer sections
     (`save=False`: only the config, for the ranks that do not write)."""
-    from mmembed.model import Model, load_space
+    from mmembed.model import Model
+    from mmembed.model_load import load_space
 
     source = Path(config.model.init_from)
     space = load_space(source)

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from mmembed.decoder.fusion import Projector
 from mmembed.decoder.model import Decoder
 from mmembed.modality import Modality
-from mmembed.train.distributed import all_reduce_values, current_world
+from mmembed.train.collectives import all_reduce_values
+from mmembed.train.distributed import current_world
 
 CAPTION = Modality.TEXT  # the modality whose token ids the captioner writes
 

@@ -25,7 +25,8 @@ from mmembed.checkpoint import read_json
 from mmembed.config import Config
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
-from mmembed.train.distributed import all_reduce_values, broadcast_object, current_world
+from mmembed.train.collectives import all_reduce_values, broadcast_object
+from mmembed.train.distributed import current_world
 from mmembed.train.state import CKPT_DIR, complete_checkpoints, latest_checkpoint
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ def prepare_data(data: DataConfig) -> Path:
         s = data.synth
         generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout,
                        replace=True)
-    from mmembed.data.synth.generate import check_complete
+    from mmembed.data.synth.world_folder import check_complete
 
     check_complete(root, hint=" (or set data.synth)")
     if not (root / data.train).is_file():

@@ -33,9 +33,11 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
-from mmembed.model import CONFIG, WEIGHTS, Model, load_space
+from mmembed.model import CONFIG, WEIGHTS, Model
+from mmembed.model_load import load_space
 from mmembed.train.align import check_same_seed, saved_stage, seed_everything
-from mmembed.train.distributed import barrier, current_world, parallelize, seed_ranks
+from mmembed.train.collectives import barrier
+from mmembed.train.distributed import current_world, parallelize, seed_ranks
 from mmembed.train.decoder_data import MediaTable, PromptBatch, PromptDataset, collate_prompts, pack_prompts
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.plots import plot_curves

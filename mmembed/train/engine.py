@@ -18,6 +18,9 @@ some rank, a non-finite step, a budget, early stopping — is taken from values 
 so no rank is left waiting in a collective. Rank 0 evaluates (the metrics are broadcast), logs,
 and writes checkpoints, which hold every rank's RNG state; the data position is stored as the
 number of the epoch's samples consumed, so a run resumes on any number of processes.
+
+This file holds the loop (epochs, micro-batches, the optimizer step and its guards); evaluation,
+checkpoints and resume are checkpointing.py's, and the end-of-run reports engine_reports.py's.
 """
 
 from __future__ import annotations
@@ -35,18 +38,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmembed.config import TrainConfig
-from mmembed.data import SkipCounter
+from mmembed.config_train import TrainConfig
 from mmembed.errors import ConfigError, UserError
-from mmembed.train.distributed import (all_gather_objects, all_reduce_values, any_rank, barrier, broadcast_object,
-                                       current_world, no_sync)
+from mmembed.train.checkpointing import checkpoint, evaluate_and_check, restore_best_weights, resume_latest
+from mmembed.train.collectives import all_reduce_values, any_rank, barrier
+from mmembed.train.distributed import current_world, no_sync
+from mmembed.train.engine_reports import nothing_learned, report_skips, still_stopped
 from mmembed.train.fsdp import sharded_of
-from mmembed.train.metrics import StepOutput, better, lower_is_better, step_totals
-from mmembed.train.optim import build_optimizer, hyperparameters, lr_at, restore_hyperparameters, set_lr
+from mmembed.train.metrics import StepOutput, step_totals
+from mmembed.train.optim import build_optimizer, lr_at, set_lr
 from mmembed.train.run_log import MetricsLog, ProgressLine
-from mmembed.train.state import (Progress, checkpoint_dir, load_checkpoint, prune_checkpoints,
-                                 remove_partial_checkpoints, restore_best, resume_checkpoint, rng_state,
-                                 save_checkpoint)
+from mmembed.train.state import Progress, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +164,13 @@ class Trainer:
         barrier()  # the other ranks read checkpoints only once rank 0 has tidied them
         reason = None
         if resume:
-            self._resume()
+            resume_latest(self)
             # a run that ended is continued only where a budget (epochs, steps, minutes, patience)
             # was raised since. Its last model was evaluated before it ended.
             ended, self.progress.stopped = self.progress.stopped, None
             if ended is not None:
                 self.progress.last_eval_step = self.progress.step
-            if ended == "early stop" and self._still_stopped():
+            if ended == "early stop" and still_stopped(self):
                 reason = ended
         if self.cfg.max_minutes is not None and self.progress.seconds >= 60 * self.cfg.max_minutes:
             reason = reason or "time budget"
@@ -187,24 +189,24 @@ class Trainer:
                     self.progress.batch_in_epoch = self.progress.samples_in_epoch = 0
                     # (a resumed epoch's leftover batches take no step: its model was evaluated)
                     if self.cfg.eval_every is None and self.progress.last_eval_step != self.progress.step:
-                        improved, stop = self._evaluate_and_check()
+                        improved, stop = evaluate_and_check(self)
                         if improved:
-                            self._checkpoint()
+                            checkpoint(self)
                         reason = "early stop" if stop else None
             if self.progress.step == 0 and self.progress.empty_batches:  # a "finished" untrained model otherwise
-                raise UserError(self._nothing_learned())
+                raise UserError(nothing_learned(self))
             if self.progress.last_eval_step != self.progress.step and reason != "early stop":
-                self._evaluate_and_check()  # the final model always gets a validation row
+                evaluate_and_check(self)  # the final model always gets a validation row
             # the last weights (also when they are the best), and why the run ended, for a --resume
             self.progress.stopped = reason = reason or "finished"
-            last_ckpt = self._checkpoint()
+            last_ckpt = checkpoint(self)
             barrier()  # every checkpoint is on disk before any rank restores the best one
         finally:
             bar.close()
-        self._report_skips(reason)
+        report_skips(self, reason)
         log.info("training stopped (%s) at step %d", reason, self.progress.step)
         p = self.progress
-        return FitResult(p, reason, last_ckpt, p.best_step, p.best_metric, self._restore_best())
+        return FitResult(p, reason, last_ckpt, p.best_step, p.best_metric, restore_best_weights(self))
 
     # --- one epoch ----------------------------------------------------------------------
 
@@ -253,11 +255,11 @@ class Trainer:
                 cb("step", self, self._last)
             improved = False
             if cfg.eval_every and self.progress.step % cfg.eval_every == 0:
-                improved, stop = self._evaluate_and_check()
+                improved, stop = evaluate_and_check(self)
                 if stop:
                     return "early stop"  # fit() checkpoints the last step
             if improved or self.progress.step % cfg.checkpoint_every == 0:
-                self._checkpoint()
+                checkpoint(self)
             if cfg.max_minutes is not None and self._agree_any(self._seconds() >= 60 * cfg.max_minutes):
                 return "time budget"
             data_t0 = step_t0 = time.perf_counter()
@@ -314,7 +316,7 @@ class Trainer:
             log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
                         p.step, self._bad_in_a_row)
             if self._bad_in_a_row >= cfg.max_bad_steps:
-                self._checkpoint()
+                checkpoint(self)
                 fp32 = " or train.precision=fp32" if cfg.precision != "fp32" else ""
                 raise NonFiniteLossError(
                     f"{self._bad_in_a_row} non-finite steps in a row at step {p.step}: stopping "
@@ -340,172 +342,6 @@ class Trainer:
         if p.step % self.cfg.log_every == 0 or p.step == 1:
             self.metrics.append(self._last)
         return True
-
-    # --- evaluation, checkpoints, metrics -----------------------------------------------
-
-    def _evaluate_and_check(self) -> tuple[bool, bool]:
-        """Evaluate, log, track the best value. Returns (improved, stop): a new best, which the
-        caller checkpoints (before anything else moves), and whether early stopping triggers."""
-        if self.evaluate is None:
-            return False, False
-        self.progress.last_eval_step = self.progress.step
-        if self.sharded is not None:  # running a sharded unit is a collective: every rank evaluates
-            with self.sharded.gathered():
-                metrics = self.evaluate()
-        else:
-            metrics = broadcast_object(self.evaluate() if self.world.main else None)  # rank 0 evaluates
-        self.metrics.append({"step": self.progress.step, "epoch": self.progress.epoch,
-                             **{f"val/{k}": v for k, v in metrics.items()}})
-        name, p = self.cfg.early_stop_metric, self.progress
-        value = metrics.get(name.removeprefix("val/"))  # as metrics.jsonl names it, too
-        if value is None:
-            if not self._warned_metric:
-                self._warned_metric = True
-                log.warning("train.early_stop_metric %r is not among the validation metrics (%s): no best "
-                            "checkpoint is kept and the last weights are saved", name, ", ".join(sorted(metrics)))
-            return False, False
-        p.last_metric = value = float(value)
-        # A tie goes to the lower validation loss: an exact-answer accuracy stays at 0 for a while
-        # on long answers, and the first evaluation's weights were kept and the run stopped early.
-        loss = metrics.get("loss") if name.removeprefix("val/") != "loss" else None
-        loss = float(loss) if loss is not None and math.isfinite(loss) else None
-        tie_won = value == p.best_metric and loss is not None and better(loss, p.best_loss, lower=True)
-        if better(value, p.best_metric, lower_is_better(name)) or tie_won:
-            p.best_metric, p.best_step, p.best_loss, p.evals_since_best = value, p.step, loss, 0
-            improved = True
-        else:
-            p.evals_since_best += 1
-            improved = False
-        patience = self.cfg.early_stop_patience
-        return improved, patience is not None and p.evals_since_best >= patience
-
-    def _restore_best(self) -> int:
-        """With `restore_best`, load the best checkpoint's weights into the module and record it.
-        Returns the step whose weights the module now holds."""
-        p, name = self.progress, self.cfg.early_stop_metric
-        if p.best_step is None:  # no validation (or not this metric): the last weights
-            return p.step
-        weights_step = restore_best(self.run_dir, p, name, self.cfg.restore_best, self.module, self.sharded)
-        self.metrics.append({"step": p.step, "epoch": p.epoch, "best_step": p.best_step,
-                             f"best/{name}": p.best_metric, "weights_step": weights_step})
-        return weights_step
-
-    def _checkpoint(self) -> Path:
-        """Rank 0 writes the checkpoint (with every rank's RNG state); every rank gets its path."""
-        self.progress.world_size = self.world.size
-        self.progress.batch_size, self.progress.accum_steps = self.cfg.batch_size, self.cfg.accum_steps
-        self.progress.seconds = self._seconds()  # a resumed run's clock (and time budget) go on from here
-        stage = self.stateful.state_dict() if self.stateful is not None else None
-        # every rank's stage state rides with its RNG state: what a rank counts alone (the rows it
-        # skipped) is merged into the checkpoint, which held rank 0's alone
-        rng, stages = zip(*all_gather_objects((rng_state(), stage)))
-        if self.stateful is not None:
-            merged = getattr(self.stateful, "merged", None)
-            self.progress.extra["stage"] = merged(list(stages)) if merged is not None else stage
-        state = self.sharded.full_state(self.optimizer) if self.sharded is not None else None  # collective
-        if not self.world.main:
-            return checkpoint_dir(self.run_dir, self.progress.step)
-        path = save_checkpoint(self.run_dir, self.module, self.optimizer, self.progress, self.extra_files,
-                               rank_rng=list(rng), state=state)
-        best = self.progress.best_step
-        prune_checkpoints(self.run_dir, self.cfg.keep_last,
-                          keep={checkpoint_dir(self.run_dir, best)} if best is not None else set())
-        for cb in self.callbacks:
-            cb("checkpoint", self, {"path": path})
-        return path
-
-    def _resume(self) -> None:
-        ckpt = resume_checkpoint(self.run_dir)
-        configured = hyperparameters(self.optimizer)
-        self.progress = load_checkpoint(ckpt, self.module, self.optimizer, rank=self.world.rank,
-                                        sharded=self.sharded)
-        restore_hyperparameters(self.optimizer, configured)  # the config's, not the checkpoint's
-        if self.stateful is not None and "stage" in self.progress.extra:
-            self.stateful.load_state_dict(self.progress.extra["stage"])
-        if self.progress.samples_in_epoch is None:  # a checkpoint from before samples were counted
-            self.progress.samples_in_epoch = self.progress.batch_in_epoch * self.cfg.batch_size
-        p, cfg = self.progress, self.cfg
-        if p.world_size != self.world.size or p.batch_size not in (None, cfg.batch_size) \
-                or p.accum_steps not in (None, cfg.accum_steps):
-            self._rescale_to_world()
-        self.metrics.truncate(self.progress.step, evaluated=self.progress.last_eval_step == self.progress.step)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.progress.step,
-                 self.progress.epoch, self.progress.batch_in_epoch)
-
-    def _rescale_to_world(self) -> None:
-        """A checkpoint of another number of processes, batch size or accumulation counts its
-        place in the epoch in that run's batches (9 batches of 4 rows in one process are 36 rows,
-        4.5 batches of two): the place becomes this run's batches, and the step budget the steps
-        taken plus what is left of the data in this run's steps (it counted the steps taken as this
-        run's: a run resumed on more processes, or with a larger batch, skipped the rest of its
-        epoch and stopped short of its last)."""
-        p, cfg = self.progress, self.cfg
-        p.batch_in_epoch = p.samples_in_epoch // (cfg.batch_size * self.world.size)
-        # the batches the loader deals from the rows left (a partial one dropped), as far as
-        # `_run_epoch` takes them; the whole epoch's steps less those taken counted one too many
-        # where the rows left end in a partial batch
-        batches = len(self.make_loader(p.epoch, p.samples_in_epoch))
-        left = max(0, min(batches, self.steps_per_epoch * cfg.accum_steps - p.batch_in_epoch)) // cfg.accum_steps
-        self.total_steps = p.step + left + self.steps_per_epoch * max(0, cfg.epochs - p.epoch - 1)
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        log.info("resuming a run of %d process(es) x batch %s x %s micro-batch(es) on %d x %d x %d: the rest of "
-                 "epoch %d (%d rows done) is dealt anew, %d steps in all", p.world_size, p.batch_size or "?",
-                 p.accum_steps or "?", self.world.size, cfg.batch_size, cfg.accum_steps, p.epoch, p.samples_in_epoch,
-                 self.total_steps)
-
-    def _still_stopped(self) -> bool:
-        """Whether a resumed early-stopped run stays stopped: the patience it ran out of is not
-        larger now (a larger one, or null, trains on), which it says, and how to continue it."""
-        p, patience = self.progress, self.cfg.early_stop_patience
-        say = log.info if self.world.main else log.debug  # once, not once per rank
-        if patience is None or p.evals_since_best < patience:
-            say("the run had stopped early at step %d; train.early_stop_patience=%s now: training on", p.step,
-                "null" if patience is None else patience)
-            return False
-        (log.warning if self.world.main else log.debug)(
-            "the run had stopped early at step %d (%d evaluation(s) without a better %s than step %s's): resume "
-            "with a larger train.early_stop_patience, or null, to train on", p.step, p.evals_since_best,
-            self.cfg.early_stop_metric, p.best_step)
-        return True
-
-    def _report_skips(self, reason: str) -> None:
-        """Warn of the batches and steps the run skipped: they explain a run shorter than planned."""
-        p = self.progress
-        if not self.world.main:  # every rank counted the same batches and steps
-            return
-        if p.empty_batches:
-            log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were "
-                        "skipped", p.empty_batches)
-        if p.bad_steps:
-            short = (f": the run took {p.step} of its {self.total_steps} planned steps"
-                     if reason == "finished" and p.step < self.total_steps else "")
-            log.warning("%d step(s) with a non-finite loss or gradient were skipped%s", p.bad_steps, short)
-
-    def _nothing_learned(self) -> str:
-        """Why a run ended without a step: rows skipped (counted here), or batches with rows but no pair."""
-        n = self.progress.empty_batches
-        if self._share_empty:  # every process needs a usable row of each global batch
-            return (f"no training step was taken: in {self._share_empty} of the {n} skipped batch(es) only some "
-                    f"process's share had no usable row ({self._skipped_rows()}"
-                    f"); each of the {self.world.size} processes needs one: use fewer processes or a larger "
-                    "batch_size")
-        if self._rowless:
-            return (f"no training step was taken: all {n} batch(es) had no usable row or nothing to learn from "
-                    f"({self._skipped_rows()})")
-        return (f"no training step was taken: none of the {n} batch(es) had anything to learn from (no two rows "
-                "of a batch with a pair of modalities the model trains on; check the manifest's column names)")
-
-    def _skipped_rows(self) -> str:
-        """The stage's count of the rows it skipped, every rank's (a collective): its rate-limited
-        warnings may have counted only the first of them. A stage that keeps no count points there."""
-        skips = getattr(self.stateful, "skips", None)
-        if skips is None:
-            return "the skipped rows are counted above"
-        every = SkipCounter()
-        for state in all_gather_objects(skips.state_dict()):
-            every.load_state_dict(state)
-        return every.summary()
 
     def _seconds(self) -> float:
         """Wall seconds of training over every fit of this run, up to now."""

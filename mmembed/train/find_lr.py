@@ -40,7 +40,9 @@ from mmembed.data import SkipCounter
 from mmembed.errors import UserError
 from mmembed.losses import build_loss, parse_pair, same_label_mask
 from mmembed.model import build_model
-from mmembed.train.align import one_process_step, seed_everything, train_loader_factory, trained_modalities
+from mmembed.train.align import seed_everything
+from mmembed.train.align_data import train_loader_factory, trained_modalities
+from mmembed.train.align_step import one_process_step
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import current_world, resolve_device

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from mmembed.train.distributed import all_reduce_values, current_world
+from mmembed.train.collectives import all_reduce_values
+from mmembed.train.distributed import current_world
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mmembed.config import Config, DecoderConfig, TowerConfig
+from mmembed.config import Config, TowerConfig
+from mmembed.config_decoder import DecoderConfig
 from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.modality import Modality
 

@@ -119,7 +119,8 @@ def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
     """Rank 0 readies the run folder (`prepare_run_dir`) and takes its lock while the other ranks
     wait; returns the context manager that holds the lock (on rank 0; nothing on the others).
     A refusal is raised on every rank."""
-    from mmembed.train.distributed import current_world, main_first
+    from mmembed.train.collectives import main_first
+    from mmembed.train.distributed import current_world
 
     held = contextlib.ExitStack()
     with main_first():  # a refusal is raised on every rank (the others said rank 0 was lost)

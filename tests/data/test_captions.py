@@ -18,7 +18,7 @@ from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import TextPreprocessor
 from mmembed.tokenizer import Tokenizer
-from mmembed.train.align import _eval_loader, train_loader_factory
+from mmembed.train.align_data import _eval_loader, train_loader_factory
 from tests.conftest import tiny_config
 
 T = Modality.TEXT

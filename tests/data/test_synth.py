@@ -419,7 +419,7 @@ def test_lookups_and_a_generator_of_one_world_exclude_each_other(tmp_path, monke
     import os
     import threading
 
-    from mmembed.data.synth import generate
+    from mmembed.data.synth import lookups
 
     root = tmp_path / "w"
     generate_world(root, n=20, seed=1, workers=1)
@@ -427,12 +427,12 @@ def test_lookups_and_a_generator_of_one_world_exclude_each_other(tmp_path, monke
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="is being written by another process"):
-            generate.write_lookup_rows(root, 2)
+            lookups.write_lookup_rows(root, 2)
     finally:
         os.close(fd)
     assert not list(root.glob("instruct-train-lookups*"))
     # and a generator started while the lookups are being built is refused
-    refused, lookup_rows = [], generate.lookup_rows
+    refused, lookup_rows = [], lookups.lookup_rows
 
     def replace_meanwhile(*args):
         def regenerate():
@@ -445,16 +445,16 @@ def test_lookups_and_a_generator_of_one_world_exclude_each_other(tmp_path, monke
         thread.join()
         return lookup_rows(*args)
 
-    monkeypatch.setattr(generate, "lookup_rows", replace_meanwhile)
+    monkeypatch.setattr(lookups, "lookup_rows", replace_meanwhile)
     before = (root / "world.json").read_bytes()
-    generate.write_lookup_rows(root, 2)
+    lookups.write_lookup_rows(root, 2)
     assert refused and "is being written by another process" in refused[0]
     assert (root / "world.json").read_bytes() == before
 
 
 def test_regenerating_removes_the_lookups_written_for_the_old_world(tmp_path):
     """They paired the new world's pictures with the old scenes' answers."""
-    from mmembed.data.synth.generate import write_lookup_rows
+    from mmembed.data.synth.lookups import write_lookup_rows
 
     root = tmp_path / "w"
     generate_world(root, n=20, seed=1, workers=1)

@@ -8,7 +8,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from mmembed.config import DecoderConfig
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder import PromptModel, build_prompt_model
 from mmembed.modality import Modality
 from mmembed.tokenizer import Tokenizer

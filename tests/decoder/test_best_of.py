@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import mmembed as mm
 from mmembed.cli import main
-from mmembed.config import DecoderConfig, ModelConfig, from_dict
+from mmembed.config import ModelConfig, from_dict
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder import build_prompt_model, resolve_prompts
 from mmembed.decoder.score import answer_logprobs
 from mmembed.errors import UserError

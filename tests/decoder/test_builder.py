@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mmembed.config import DecoderConfig  # noqa: E402
+from mmembed.config_decoder import DecoderConfig  # noqa: E402
 from mmembed.decoder import build_prompt_model, gpt2_tokenizer  # noqa: E402
 from mmembed.errors import CheckpointError  # noqa: E402
 from tests.decoder.helpers import DIM, save_tiny_gpt2  # noqa: E402

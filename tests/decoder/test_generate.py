@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmembed.decoder import Sampling, Stops, choose, generate, resolve_prompts, stream
-from mmembed.decoder.generate import pad_left
+from mmembed.decoder.decode import pad_left
 from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model, with_conv
 
 CPU = torch.device("cpu")

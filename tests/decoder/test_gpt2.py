@@ -157,7 +157,7 @@ def test_rows_past_the_tokenizer_in_a_padded_table_are_never_written(tmp_path):
     """A GPT-2 whose table is padded past its tokenizer (nanoGPT's 50,304 rows for 50,257 tokens)
     sampled those rows: ids no tokenizer decodes, counted against max_new_tokens and in the log-probs."""
     pytest.importorskip("transformers")
-    from mmembed.config import DecoderConfig
+    from mmembed.config_decoder import DecoderConfig
     from mmembed.decoder import Sampling, Stops, build_prompt_model, generate, gpt2_tokenizer, resolve_prompts
     from mmembed.decoder.score import teacher_forced_logits
     from tests.decoder.helpers import DIM, fake_embed, save_tiny_gpt2

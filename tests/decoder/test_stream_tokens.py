@@ -44,7 +44,7 @@ def test_a_stop_string_is_never_streamed():
 @pytest.mark.parametrize("stop", [Stops(), None])
 def test_replaying_a_finished_answer_gives_the_streamed_tokens(stop):
     """What the web app shows for a best-of answer: the tokens a stream of it would have sent."""
-    from mmembed.decoder.generate import replay_tokens
+    from mmembed.decoder.stream import replay_tokens
 
     pm = lively(prompt_model(), std=0.3)
     if stop is None:  # a stop string from the middle of the free answer
@@ -89,14 +89,14 @@ def test_a_stop_string_ending_in_a_multibyte_character_is_never_streamed(monkeyp
         return lambda logits, sampling, generator=None: Choice(
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
 
-    generate_module = sys.modules["mmembed.decoder.generate"]  # the package's `generate` is the function
+    decode_module = sys.modules["mmembed.decoder.decode"]  # where `decode_steps` looks up `choose`
     (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
     stop = Stops(("a€",))
-    monkeypatch.setattr(generate_module, "choose", scripted())
+    monkeypatch.setattr(decode_module, "choose", scripted())
     (out,) = generate(pm.lm, pm.fmt, [resolved], len(script), Sampling(), stop, None, CPU)
-    monkeypatch.setattr(generate_module, "choose", scripted())
+    monkeypatch.setattr(decode_module, "choose", scripted())
     pieces = list(stream(pm.lm, pm.fmt, resolved, len(script), Sampling(), stop, None, CPU))
-    monkeypatch.setattr(generate_module, "choose", scripted())
+    monkeypatch.setattr(decode_module, "choose", scripted())
     tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, len(script), Sampling(), stop, None, CPU))
     assert (out.text, out.finish_reason) == ("z", "stop")
     assert "".join(pieces) == "z" and "".join(t.text for t in tokens) == "z"
@@ -112,12 +112,12 @@ def test_a_stop_string_of_the_replacement_character_waits_for_a_character_to_end
     pm = prompt_model()
     tok = pm.fmt.tokenizer
     byte_ids = lambda data: [tok.encode_bytes(bytes([b]))[0] for b in data]  # noqa: E731
-    generate_module = sys.modules["mmembed.decoder.generate"]
+    decode_module = sys.modules["mmembed.decoder.decode"]
     (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
     for script, text, reason in [(byte_ids("h\u00e9llo".encode()), "h\u00e9llo", "length"),
                                  (byte_ids(b"ok\xff then"), "ok", "stop")]:
         ids = iter(script)
-        monkeypatch.setattr(generate_module, "choose", lambda logits, sampling, generator=None: Choice(
+        monkeypatch.setattr(decode_module, "choose", lambda logits, sampling, generator=None: Choice(
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
         (out,) = generate(pm.lm, pm.fmt, [resolved], len(script), Sampling(), Stops(("\ufffd",)), None, CPU)
         assert (out.text, out.finish_reason) == (text, reason)
@@ -132,12 +132,12 @@ def test_a_stop_string_of_the_replacement_character_still_cuts_an_undecodable_by
 
     pm = prompt_model()
     tok = pm.fmt.tokenizer
-    generate_module = sys.modules["mmembed.decoder.generate"]
+    decode_module = sys.modules["mmembed.decoder.decode"]
     (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
     a, bad = tok.encode_bytes(b"a")[0], tok.encode_bytes(b"\xff")[0]
     for script, steps in [([a, bad, pm.fmt.eos_id], 3), ([a, bad], 2)]:  # <eos> after it; the last step
         ids = iter(script)
-        monkeypatch.setattr(generate_module, "choose", lambda logits, sampling, generator=None: Choice(
+        monkeypatch.setattr(decode_module, "choose", lambda logits, sampling, generator=None: Choice(
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1)))
         (out,) = generate(pm.lm, pm.fmt, [resolved], steps, Sampling(), Stops(("\ufffd",)), None, CPU)
         assert (out.text, out.finish_reason) == ("a", "stop")
@@ -152,9 +152,9 @@ def test_replayed_tokens_join_to_the_text_whichever_step_stopped_the_answer(monk
     """A stop on the final step was replayed as on an earlier one: a best-of answer "" showed tokens joining to "a"."""
     import sys
 
-    from mmembed.config import DecoderConfig
+    from mmembed.config_decoder import DecoderConfig
     from mmembed.decoder import build_prompt_model
-    from mmembed.decoder.generate import replay_tokens
+    from mmembed.decoder.stream import replay_tokens
     from mmembed.decoder.sampling import Choice
     from mmembed.tokenizer import Tokenizer
 
@@ -163,7 +163,7 @@ def test_replayed_tokens_join_to_the_text_whichever_step_stopped_the_answer(monk
     torch.manual_seed(0)
     cfg = DecoderConfig(width=32, layers=2, heads=4, context=64, dropout=0.0, soft_tokens=3)
     pm = build_prompt_model(cfg, tok, DIM)
-    generate_module = sys.modules["mmembed.decoder.generate"]
+    decode_module = sys.modules["mmembed.decoder.decode"]
     (resolved,) = resolve_prompts([["describe"]], fake_embed, DIM, CPU)
 
     def scripted():  # "a", then "b" and the first byte of an "é"
@@ -171,9 +171,9 @@ def test_replayed_tokens_join_to_the_text_whichever_step_stopped_the_answer(monk
         return lambda logits, sampling, generator=None: Choice(
             torch.tensor([next(ids)]), torch.zeros(1), torch.zeros(1))
 
-    monkeypatch.setattr(generate_module, "choose", scripted())
+    monkeypatch.setattr(decode_module, "choose", scripted())
     (out,) = generate(pm.lm, pm.fmt, [resolved], steps, Sampling(), Stops(stop), None, CPU)
-    monkeypatch.setattr(generate_module, "choose", scripted())
+    monkeypatch.setattr(decode_module, "choose", scripted())
     tokens = list(stream_tokens(pm.lm, pm.fmt, resolved, steps, Sampling(), Stops(stop), None, CPU))
     assert (out.text, out.finish_reason, len(out.token_ids)) == (text, reason, 2)
     replayed = replay_tokens(pm.fmt, out, Stops(stop))

@@ -15,14 +15,14 @@ from encoders import MultiHeadAttention, build_attention_mask, build_positional
 from mmembed.config import load_config, save_config
 from mmembed.decoder import (Choice, Decoder, Sampling, Stops, build_prompt_model, choose, decode_steps,
                              generate, load_prompt_model, resolve_prompts, save_prompt_model)
-from mmembed.decoder.generate import pad_left
+from mmembed.decoder.decode import pad_left
 from mmembed.decoder.kv_cache import KVCache, RollingKVCache
 from mmembed.errors import BadInput, ConfigError
 from tests.decoder.helpers import DIM, fake_embed, prompt_model, tokenizer
 from tests.decoder.test_generate import PROMPTS
 
 CPU = torch.device("cpu")
-GENERATE = importlib.import_module("mmembed.decoder.generate")  # the module; the package exports a function so named
+DECODE = importlib.import_module("mmembed.decoder.decode")  # the module where `decode_steps` looks up `choose`
 LONG = ["one two three large green square in the centre, describe the picture and the sound, what colour "
         "is the star? blue"]  # 48 tokens
 
@@ -203,7 +203,7 @@ def forced_decode(pm, resolved, script: torch.Tensor, monkeypatch) -> torch.Tens
         tokens = script[:, len(logits) - 1]
         return Choice(tokens, torch.zeros(len(tokens)), torch.zeros(len(tokens)))
 
-    monkeypatch.setattr(GENERATE, "choose", force)
+    monkeypatch.setattr(DECODE, "choose", force)
     with torch.no_grad():
         embeds = pm.lm.embed(ids, torch.cat(media) if media else None)
         for _ in decode_steps(pm.lm.decoder, embeds, mask, script.shape[1], Sampling(), None):

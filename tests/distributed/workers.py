@@ -75,7 +75,8 @@ def loss_and_grads(case: str, module: nn.Module, net, rows: slice, absent: tuple
 def loss_worker(rank: int, init_file: str, out_dir: str) -> None:
     """Each rank: its B rows of the global batch, through DDP; saves the global loss (the mean
     of the ranks' shares) and the parameters' averaged gradients for every case."""
-    from mmembed.train.distributed import Forward, all_reduce_values, parallelize
+    from mmembed.train.collectives import all_reduce_values
+    from mmembed.train.distributed import Forward, parallelize
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
     torch.set_num_threads(1)
@@ -111,7 +112,8 @@ def frozen_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _uneven_cases(rank: int, init_file: str, out_dir: str, make_module) -> None:
-    from mmembed.train.distributed import all_reduce_values, parallelize
+    from mmembed.train.collectives import all_reduce_values
+    from mmembed.train.distributed import parallelize
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
     torch.set_num_threads(1)
@@ -211,7 +213,8 @@ def caption_loss_and_grads(module: Captioned, net, rows: slice):
 
 def caption_worker(rank: int, init_file: str, out_dir: str) -> None:
     """Each rank: its 4 rows through DDP; saves the global objective and the averaged gradients."""
-    from mmembed.train.distributed import all_reduce_values, parallelize
+    from mmembed.train.collectives import all_reduce_values
+    from mmembed.train.distributed import parallelize
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
     torch.set_num_threads(1)
@@ -231,7 +234,7 @@ def refusal_worker(rank: int, init_file: str, out_dir: str, case: str) -> None:
     from datetime import timedelta
 
     from mmembed.errors import ConfigError, UserError
-    from mmembed.train.distributed import main_first
+    from mmembed.train.collectives import main_first
     from mmembed.train.run_dir import lock_run
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W,

@@ -10,7 +10,7 @@ import torch
 
 import mmembed as mm
 from mmembed.cli import main
-from mmembed.config import DecoderConfig
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder import build_prompt_model
 from mmembed.errors import UserError
 from tests.decoder.helpers import lively

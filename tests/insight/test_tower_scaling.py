@@ -119,7 +119,7 @@ def _counted_training_flops(cfg) -> tuple[int, int]:
     largest input (its preprocessing and one forward each) and the preprocessing of every row it
     draws (the mel filterbank is a matmul); optimizer updates count 0 FLOPs."""
     from mmembed.model import build_model
-    from mmembed.train.align import _one_row_inputs, check_towers_accept, trained_modalities
+    from mmembed.train.align_data import _one_row_inputs, check_towers_accept, trained_modalities
 
     counted = measured_flops(lambda: train_align(cfg, overwrite=True), backward=False)
     root = Path(cfg.data.root)
@@ -264,11 +264,11 @@ def test_a_second_sweep_that_fails_leaves_no_report_of_the_first(tiny_world, tmp
 def test_a_rung_reports_the_loss_of_the_weights_its_samples_and_flops_trained(tiny_world, tmp_path, monkeypatch):
     """A rung's saved weights were the best recall's checkpoint (an early step), scored beside the
     samples and FLOPs of the whole run: its val_loss was the curve's first point, not its last."""
-    import mmembed.train.engine as engine
+    import mmembed.train.checkpointing as checkpointing
     from mmembed.insight.tower_scaling import train_rung
 
     # validation "peaks" at the first evaluation: no later one beats it
-    monkeypatch.setattr(engine, "better", lambda value, best, lower: best is None)
+    monkeypatch.setattr(checkpointing, "better", lambda value, best, lower: best is None)
     path = tiny_config(tiny_world, tmp_path / "base", epochs=2)
     config = load_scaling_config("scaling", [*tower_overrides(path), f"out_dir={tmp_path / 'sweep'}"])
     result = train_rung(rung_config(config, 16)).result

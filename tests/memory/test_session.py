@@ -14,7 +14,7 @@ import torch
 
 import mmembed as mm
 from mmembed.cli import main
-from mmembed.config import DecoderConfig
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder import Embedded, build_prompt_model
 from mmembed.errors import UserError
 from mmembed.decoder.prompt import parse_inline

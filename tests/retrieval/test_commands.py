@@ -129,7 +129,7 @@ def test_search_says_the_index_s_run_is_gone(tmp_path, manifest, fake_load):
 def test_index_refuses_an_interrupted_synthetic_world(tmp_path, manifest, capsys):
     """`mmembed index` on a world whose `data synth` was interrupted exited 0, with most items skipped."""
     from mmembed.cli import main
-    from mmembed.data.synth.generate import INCOMPLETE
+    from mmembed.data.synth.world_folder import INCOMPLETE
 
     (tmp_path / INCOMPLETE).write_text("")
     with pytest.raises(UserError, match=r"generation was interrupted \(\.synth-incomplete\).*--overwrite"):

@@ -105,10 +105,10 @@ def test_a_header_read_that_fails_mid_swap_is_retried(tmp_path, monkeypatch):
     """A save's swap between the tensors' read and the generation's read raised FileNotFoundError
     instead of reading again; the retry waited on the folder's inode changing, which a file system
     may reuse for the new folder (a spurious "interrupted save?" error)."""
-    import mmembed.retrieval.persist as persist
+    import mmembed.retrieval.index_format as index_format
 
     build().save(tmp_path / "a")
-    real, calls = persist.safe_open, []
+    real, calls = index_format.safe_open, []
 
     def vanished_once(path, **kwargs):
         calls.append(path)
@@ -117,7 +117,7 @@ def test_a_header_read_that_fails_mid_swap_is_retried(tmp_path, monkeypatch):
             raise FileNotFoundError(2, "No such file or directory", path)  # renamed away by it
         return real(path, **kwargs)
 
-    monkeypatch.setattr(persist, "safe_open", vanished_once)
+    monkeypatch.setattr(index_format, "safe_open", vanished_once)
     assert len(Index.load(tmp_path / "a")) == len(build()) and len(calls) == 2
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmembed.errors import UserError
-from mmembed.retrieval import Index, persist
+from mmembed.retrieval import Index, index_format, persist
 
 D = 8
 
@@ -146,7 +146,7 @@ def test_refuses_to_replace_a_folder_holding_other_files(tmp_path):
 def test_reader_during_a_resave_gets_old_or_new(tmp_path, monkeypatch):
     folder = tmp_path / "ix"
     make(1, 5).save(folder)
-    real, calls = persist.load_tensors, []
+    real, calls = index_format.load_tensors, []
 
     def resave_then_load(path):
         if not calls:  # the reader has the old header; a writer swaps in a new index now
@@ -154,7 +154,7 @@ def test_reader_during_a_resave_gets_old_or_new(tmp_path, monkeypatch):
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(persist, "load_tensors", resave_then_load)
+    monkeypatch.setattr(index_format, "load_tensors", resave_then_load)
     assert same(snapshot(Index.load(folder)), snapshot(make(2, 7)))
 
 

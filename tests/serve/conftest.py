@@ -12,7 +12,8 @@ import torch
 import yaml
 
 import mmembed as mm
-from mmembed.config import DecoderConfig, load_config
+from mmembed.config import load_config
+from mmembed.config_decoder import DecoderConfig
 from mmembed.decoder import build_prompt_model
 from tests.conftest import TINY_MODEL, tiny_config
 

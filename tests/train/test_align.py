@@ -21,7 +21,8 @@ from mmembed.config import load_config
 from mmembed.data.collate import Batch
 from mmembed.modality import Modality
 from mmembed.space import SharedSpace, Tower
-from mmembed.train.align import embed_dataset, train_align
+from mmembed.train.align import train_align
+from mmembed.train.align_data import embed_dataset
 from mmembed.train.state import latest_checkpoint
 from tests.conftest import TINY_MODEL, tiny_config
 
@@ -423,7 +424,7 @@ def test_validation_rows_that_cannot_be_read_are_named_once(tiny_world, tmp_path
     (world / "val.jsonl").unlink()
     (world / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tiny_config(world, tmp_path / "run", epochs=1, eval_every=1)
-    with caplog.at_level(logging.WARNING, logger="mmembed.train.align"):
+    with caplog.at_level(logging.WARNING, logger="mmembed.train.align_data"):
         train_align(load_config(path))
     warned = [r.message for r in caplog.records if r.message.startswith("validation:")]
     evaluations = sum('"val/' in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

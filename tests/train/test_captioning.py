@@ -16,7 +16,8 @@ from mmembed.config import load_config
 from mmembed.errors import ConfigError
 from mmembed.modality import Modality
 from mmembed.space import SharedSpace, Tower
-from mmembed.train.align import WithCaptioner, captioned_forward, train_align
+from mmembed.train.align import train_align
+from mmembed.train.align_step import WithCaptioner, captioned_forward
 from mmembed.train.captioning import Captioner, caption_losses
 from mmembed.train.state import latest_checkpoint
 from tests.conftest import tiny_config
@@ -144,7 +145,7 @@ def test_the_captioner_reads_captions_as_long_as_the_text_tower_allows(tiny_worl
     long caption ("sequence of 303 positions exceeds max_len=256"). The align stage sizes it from
     the text preprocessor's max_length."""
     from mmembed.model import build_model
-    from mmembed.train.align import with_captioner
+    from mmembed.train.align_step import with_captioner
     from tests.decoder import helpers
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmembed.config import TrainConfig
+from mmembed.config_train import TrainConfig
 from mmembed.train.engine import NonFiniteLossError, StepOutput, Trainer
 from mmembed.train.optim import lr_at, param_groups
 from mmembed.train.state import latest_checkpoint

@@ -96,7 +96,7 @@ def _collapse_after(monkeypatch, healthy: int) -> None:
     """From step `healthy` + 1 on, the image tower gives one vector for every input."""
     import torch
 
-    import mmembed.train.align as align_module  # the range test's step is built there (one_process_step)
+    import mmembed.train.align_step as align_module  # the range test's step is built there (one_process_step)
     from mmembed.modality import Modality
 
     real = align_module.make_step_fn

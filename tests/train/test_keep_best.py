@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmembed.checkpoint import load_tensors, save_tensors
-from mmembed.config import TrainConfig
+from mmembed.config_train import TrainConfig
 from mmembed.train.engine import StepOutput, Trainer
 from mmembed.train.metrics import lower_is_better
 from mmembed.train.state import CKPT_DIR, checkpoint_dir

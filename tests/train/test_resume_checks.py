@@ -63,8 +63,8 @@ def test_a_resume_from_the_runs_own_config_keeps_the_restart_for_the_next_resume
 def test_a_decoder_resume_takes_settings_that_leave_its_weights_as_they_are():
     """window, norm_eps, activation (and context, but for learned positions) were refused as shape
     changes, though a resume had taken them before; the size, heads and kind of positions are refused."""
-    from mmembed.config import DecoderConfig
-    from mmembed.train.preflight import _decoder_changes
+    from mmembed.config_decoder import DecoderConfig
+    from mmembed.train.preflight_resume import _decoder_changes
 
     rotary = DecoderConfig(positional="rotary", context=128)
     for change in ({"window": 64}, {"norm_eps": 1e-6}, {"activation": "gelu_tanh"}, {"context": 256}):
@@ -115,7 +115,7 @@ def test_a_resume_that_adds_or_drops_the_captioner_is_one_line_before_config_yam
 
 def test_a_resume_is_held_to_the_captioners_size_not_its_weight(tmp_path):
     """The same-space check read model and tokenizer alone: another loss.captioner failed in a raw state-dict message."""
-    from mmembed.train.preflight import _check_same_space
+    from mmembed.train.preflight_resume import _check_same_space
 
     cfg = load_config(tiny_config(tmp_path, tmp_path / "run"), ["loss.caption_weight=1"])
     (tmp_path / "run").mkdir()

@@ -7,8 +7,9 @@ recovered from each modality alone and the modalities can only be aligned throug
 
 Reading order: `rules.py` (vocabularies and rules) -> `world.py` (sampling, held-out
 combinations, splits) -> `render_image.py`, `render_audio.py`, `captions.py`, `questions.py`
--> `instructions.py` (decoder prompts, answers and scoring) -> `generate.py` (files, manifests,
-world.json).
+-> `instructions.py` (decoder prompts, answers and scoring) -> `world_folder.py` (a world's folder:
+complete, reused or refused) -> `generate.py` (files, manifests, world.json) -> `lookups.py` (the
+lookup rows).
 
     from mmembed.data.synth import generate_world
     world = generate_world("data/shapes2000", n=2000, seed=0)
@@ -17,10 +18,12 @@ world.json).
 """
 
 from mmembed.data.synth.captions import SYNONYMS, canonical_caption, describe_scene, mentions, parse_caption
-from mmembed.data.synth.generate import WorldSummary, generate_world, write_lookup_rows
+from mmembed.data.synth.generate import generate_world
 from mmembed.data.synth.instructions import TASK_GROUPS, TASKS, instruction_rows, score, task_group
+from mmembed.data.synth.lookups import write_lookup_rows
 from mmembed.data.synth.rules import ATTRIBUTES, SYNTH_VERSION
 from mmembed.data.synth.world import SPLITS, SceneObject, scene_label
+from mmembed.data.synth.world_folder import WorldSummary
 
 __all__ = [
     "ATTRIBUTES",

@@ -10,6 +10,9 @@ Layout of `out_dir`:
 Scenes are sampled (cheaply) in the calling process; pictures and sounds are rendered by a
 process pool over chunks. Each scene's pixels and samples come from its own seeded generator,
 so the files are byte-identical whatever the number of workers.
+
+A world's folder (the unfinished marker, reuse, clearing, `WorldSummary`) is world_folder.py;
+lookup rows written beside a world are lookups.py.
 """
 
 from __future__ import annotations
@@ -20,16 +23,14 @@ import logging
 import multiprocessing
 import numbers
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mmembed.checkpoint import atomic_write_json, atomic_write_text, make_output_folder
 from mmembed.data.synth.captions import POSITION_PHRASES, SYNONYMS, captions_for
-from mmembed.data.synth.instructions import instruction_rows, lookup_rows
+from mmembed.data.synth.instructions import instruction_rows
 from mmembed.data.synth.questions import pairs_for_split, questions_for
 from mmembed.data.synth.render_audio import render_audio, save_wav
 from mmembed.data.synth.render_image import render_image, save_png
@@ -46,43 +47,24 @@ from mmembed.data.synth.world import (
     sample_world,
     split_counts,
 )
+from mmembed.data.synth.world_folder import (
+    INCOMPLETE,
+    WorldSummary,
+    _busy,
+    _changed,
+    _clear,
+    _existing,
+    _made_here,
+    _summary,
+)
 from mmembed.errors import UserError
 from mmembed.file_lock import exclusive
 
 log = logging.getLogger(__name__)
-INCOMPLETE = ".synth-incomplete"  # in a world folder while it is being made (and after an interrupted run)
-LOOKUPS = "instruct-train-lookups"  # + per_item + .jsonl: `write_lookup_rows`
 MAX_SCENES = 10_000_000  # a typo of a few zeros filled the memory before a file was written
-MAX_LOOKUPS = 1_000
-
-
-def check_complete(root: str | Path, hint: str = "") -> None:
-    """UserError when `root` holds a world whose generation was interrupted: its manifests name media
-    never rendered, which training, an index or an evaluation would skip by the hundred."""
-    if (Path(root) / INCOMPLETE).is_file():
-        raise UserError(f"{root} holds a synthetic world whose generation was interrupted ({INCOMPLETE}): "
-                        f"make it again with `mmembed data synth --out {root} --overwrite`{hint}")
 
 T = TypeVar("T")
 CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
-
-
-@dataclass
-class WorldSummary:
-    """Where a generated world lives and what it holds."""
-
-    root: Path
-    manifests: dict[str, Path]  # split name -> JSONL path
-    counts: dict[str, int]  # split name -> scenes
-    world_json: Path
-    heldout_combos: list[tuple[str, str]]
-    reused: bool = False  # True when an identical complete world was already there
-    params: dict[str, Any] = field(default_factory=dict)
-    instructions: dict[str, Path] = field(default_factory=dict)  # split name -> instruct-{split}.jsonl
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 def _render_chunk(task: tuple[str, int, int, int, list[Scene]]) -> int:
@@ -163,68 +145,6 @@ def _write_manifests(root: Path, scenes: list[Scene], seed: int, heldout: list[t
     return counts
 
 
-def _summary(root: Path, world: dict[str, Any], reused: bool) -> WorldSummary:
-    return WorldSummary(
-        root=root,
-        manifests={split: root / f"{split}.jsonl" for split in SPLITS},
-        counts=dict(world["counts"]),
-        world_json=root / "world.json",
-        heldout_combos=[tuple(c) for c in world["heldout_combos"]],
-        reused=reused,
-        params=dict(world["params"]),
-        instructions={split: root / f"instruct-{split}.jsonl" for split in SPLITS},
-    )
-
-
-def _existing(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The world.json of a complete world generated with exactly `params`, else None."""
-    try:
-        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(world, dict) or world.get("params") != params:
-        return None
-    total = sum(world.get("counts", {}).values())
-    names = [f"{split}.jsonl" for split in SPLITS] + [f"instruct-{split}.jsonl" for split in SPLITS]
-    if not all((root / name).is_file() for name in names):
-        return None
-    for sub in ("images", "audio"):
-        if not (root / sub).is_dir() or sum(1 for _ in (root / sub).iterdir()) != total:
-            return None
-    return world
-
-
-def _made_here(root: Path) -> bool:
-    """A world.json written by this generator (another tool's world.json does not count)."""
-    try:
-        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(world, dict) and world.get("format") == "mmembed-synth"
-
-
-def _changed(root: Path, params: dict[str, Any]) -> str:
-    """"n 60 → 40, seed 0 → 1": how the world in `root` differs from `params`."""
-    try:
-        old = json.loads((root / "world.json").read_text(encoding="utf-8")).get("params") or {}
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
-    return ", ".join(f"{k} {old.get(k)} → {v}" for k, v in params.items() if old.get(k) != v) or "incomplete"
-
-
-def _clear(root: Path) -> None:
-    """Remove only what a previous generation wrote; world.json first, so a crash mid-clear
-    still reads as an incomplete world."""
-    (root / "world.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        (root / f"{split}.jsonl").unlink(missing_ok=True)
-        (root / f"instruct-{split}.jsonl").unlink(missing_ok=True)
-    for lookups in root.glob(f"{LOOKUPS}*.jsonl"):  # `write_lookup_rows`' files: the old scenes' answers
-        lookups.unlink()
-    for sub in ("images", "audio"):
-        shutil.rmtree(root / sub, ignore_errors=True)
-
-
 def _integer(x: Any) -> bool:
     """An int or a numpy integer; not a bool (n=True made a 1-scene world with "n": true in world.json)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -232,12 +152,6 @@ def _integer(x: Any) -> bool:
 
 def _number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _busy(root: Path) -> Callable[[str], str]:
-    """The refusal while another process generates the world in `root` or writes its lookups."""
-    return lambda holder: (f"{root} is being written by {holder} (`mmembed data synth` or `lookups`); wait for it, "
-                           "or write into another folder")
 
 
 def validate_params(
@@ -392,56 +306,3 @@ def _generate(root: Path, params: dict[str, Any], heldout: list[tuple[str, str]]
     atomic_write_json(root / "world.json", world)
     marker.unlink()
     return _summary(root, world, reused=False)
-
-
-def write_lookup_rows(root: Path | str, per_item: int) -> Path:
-    """Write `instruct-train-lookups<per_item>.jsonl` beside a world's manifests: the world's
-    training instruction rows, then `per_item` more questions per two-object training scene and
-    modality that find one object by an attribute and ask another (`instructions.lookup_rows`).
-    Train a decoder on it with `decoder.data.train=instruct-train-lookups<per_item>.jsonl`.
-
-    Raises:
-        UserError: no world in `root`, or one written by another `SYNTH_VERSION` (its scenes
-            cannot be rebuilt), or one with no training scenes, or `per_item` < 1, or the world
-            is being generated (or its lookups written) by another process.
-    """
-    root = Path(root)
-    if isinstance(per_item, bool) or not isinstance(per_item, int) or not 1 <= per_item <= MAX_LOOKUPS:
-        raise UserError(f"lookups per item must be an integer in [1, {MAX_LOOKUPS}], got {per_item!r} "
-                        "(every row is built in memory before the file is written)")
-    if not root.is_dir():  # checked first: `exclusive` would create a lock file where the folder should be
-        raise UserError(f"{root} holds no complete synthetic world; write one with `mmembed data synth`")
-    # the generator's lock: a `data synth` replacing the world mid-run left lookups that paired the new
-    # world's pictures with the old scenes' answers
-    with exclusive(root, _busy(root)):
-        return _write_lookups(root, per_item)
-
-
-def _write_lookups(root: Path, per_item: int) -> Path:
-    try:
-        world = json.loads((root / "world.json").read_text(encoding="utf-8"))
-        params = world["params"]
-        version, seed = params["version"], params["seed"]
-        sampling = (seed, params["n"], params["n_heldout"], tuple(params["split"]),
-                    [tuple(c) for c in world["heldout_combos"]])
-        train = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-        base = (root / "instruct-train.jsonl").read_text(encoding="utf-8")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{root} holds no complete synthetic world (world.json, train.jsonl, instruct-train.jsonl); "
-                        "write one with `mmembed data synth`") from None
-    if version != SYNTH_VERSION:
-        raise UserError(f"{root} was written by world version {version}, this mmembed writes "
-                        f"{SYNTH_VERSION}: regenerate it (`mmembed data synth --overwrite`)")
-    if not train:  # lookups ask about training scenes: the file was empty, and recommended for training
-        raise UserError(f"{root} has no training scenes (split={params['split']}), so no lookups to ask: "
-                        "regenerate it with a training fraction above 0")
-    try:
-        scenes = sample_world(*sampling)
-        rows = lookup_rows([s for s in scenes if s.split == "train"], train, seed, per_item, sampling[-1])
-    except (ValueError, TypeError):  # (a hand-edited world.json: an "n" of "40" was a TypeError traceback)
-        raise UserError(f"{root / 'train.jsonl'} does not hold the scenes its world.json describes; "
-                        "regenerate the world (`mmembed data synth --overwrite`)") from None
-    out = root / f"{LOOKUPS}{per_item}.jsonl"
-    atomic_write_text(out, base + "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
-    log.info("wrote %s: %d rows of the world and %d lookups", out, base.count("\n"), len(rows))
-    return out

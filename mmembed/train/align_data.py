@@ -1,0 +1,166 @@
+"""What the align stage reads, and how its validation measures the space: the modalities it
+trains, the training loader (and the fingerprint of its rows a resume checks), the validation
+loader, embedding it and averaging recall over the pairs, and each tower's largest one-row input,
+which the towers must accept. The stage's run is in align.py, its forward and step in align_step.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmembed.config import Config
+from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
+from mmembed.errors import ConfigError, UserError
+from mmembed.modality import Modality
+from mmembed.preprocess import build_preprocessor
+from mmembed.space import SharedSpace
+from mmembed.train.distributed import current_world
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dict[Modality, Tensor], dict[Modality, list[str]]]:
+    """Embed every row of a loader. Keys are the rows' `label` (scene identity) when every row has
+    one, else line numbers (as `mmembed eval` keys a manifest). In eval mode; each submodule's
+    mode is restored afterwards (a frozen tower stays in eval)."""
+    modes = {m: m.training for m in space.modules()}
+    space.eval()
+    embs: dict[Modality, list[Tensor]] = {}
+    labels: dict[Modality, list[str | None]] = {}
+    lines: dict[Modality, list[str]] = {}
+    skipped: list = []
+    try:
+        for batch in loader:
+            skipped.extend(batch.skipped)
+            batch = batch.to(device)
+            for m, x in batch.inputs.items():
+                embs.setdefault(m, []).append(space.encode(m, x, batch.masks.get(m)).float().cpu())
+                rows = batch.present[m].nonzero().flatten().tolist()
+                labels.setdefault(m, []).extend(batch.keys[i] for i in rows)
+                lines.setdefault(m, []).extend(f"line{int(batch.rows[i])}" for i in rows)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if skipped and not getattr(loader, "warned_skips", False):  # once a run: every evaluation reads the same rows
+        loader.warned_skips = True
+        log.warning("validation: %d row(s) could not be read and are left out of every evaluation (first: line "
+                    "%s: %s)", len(skipped), *skipped[0][:2])
+    labelled = all(key is not None for keys in labels.values() for key in keys)
+    return {m: torch.cat(v) for m, v in embs.items()}, (labels if labelled else lines)
+
+
+def mean_recall(report: dict[str, dict]) -> dict[str, float]:
+    """Average each metric over every ordered modality pair; keep per-pair recall@1 too."""
+    out: dict[str, float] = {}
+    if not report:
+        return out
+    for metric in next(iter(report.values())):
+        out[metric] = float(np.mean([r[metric] for r in report.values()]))
+    out.update({f"{pair}/recall@1": r["recall@1"] for pair, r in report.items()})
+    return out
+
+
+def check_towers_accept(space: SharedSpace, largest: dict) -> None:
+    """ConfigError unless each tower takes its preprocessor's largest input: a text max_length past
+    the encoder's max_len, a longer clip or other mel bands than the audio encoder's, another
+    image size than the ViT's failed at the first long enough item, maybe hours in (or at serving)."""
+    modes = {module: module.training for module in space.modules()}
+    space.eval()  # no dropout draws (training's random stream stays as it was), no running statistics
+    try:
+        with torch.no_grad():
+            for m, (x, mask) in largest.items():
+                try:
+                    space.encode(m, x, mask)
+                except ValueError as e:
+                    raise ConfigError(f"model.towers.{m}: the encoder refuses the largest input its preprocess "
+                                      f"gives ({e}); make the preprocess and encoder_args sizes agree") from None
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def _one_row_inputs(cfg: Config, tokenizer, active: list[Modality], device: torch.device) -> dict:
+    """Each trained modality's largest input (x, mask), one row, from its preprocessor's example."""
+    fill = {}
+    for m in active:
+        pre = build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer)
+        x, mask = pre.collate([pre(pre.example())])
+        fill[m] = (x.to(device), None if mask is None else mask.to(device))
+    return fill
+
+
+def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:
+    """The modalities in a weighted pair of the loss. Only these are loaded and encoded for
+    training: a bound tower trained against one anchor does not pay for the others (validation
+    still measures every pair)."""
+    active = sorted({m for a, b, _ in loss_fn.pairs(space.modalities) for m in (a, b)})
+    if not active:
+        raise UserError("the loss trains no modality pair (check loss.mode, loss.anchor, loss.pair_weights)")
+    return active
+
+
+def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
+                          skips: SkipCounter) -> tuple[Callable, int, str]:
+    """(make(epoch, start_sample) → the epoch's loader, steps per epoch, the rows' fingerprint:
+    what a resumed run checks its data against, as its sample position means those rows)."""
+    pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
+           for m in active}
+    manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
+                             strict=cfg.data.strict)
+    skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache,
+                              caption_sampling=cfg.data.caption_sampling)
+    # a misnamed column ("caption", "imgae") leaves nothing to pair, or a tower untrained
+    dataset.check_pairs(captioned=cfg.loss.caption_weight > 0)
+    bs = cfg.train.batch_size
+    if len(dataset) < bs:
+        raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
+
+    world = current_world()
+
+    def make(epoch: int, start_sample: int):
+        return build_loader(dataset, bs, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                            drop_last=True, epoch=epoch, start_sample=start_sample, rank=world.rank,
+                            world_size=world.size, skips=skips)
+
+    return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
+
+
+def rows_fingerprint(manifest) -> str:
+    """sha256 of the rows a sampler permutes (their lines and items, in order; paths relative to
+    the data root, so a run resumed where its data lies elsewhere still matches)."""
+    def item(value) -> str:
+        return str(value.relative_to(manifest.root)) if isinstance(value, Path) and value.is_relative_to(
+            manifest.root) else str(value)
+
+    digest = hashlib.sha256()
+    for row in manifest.rows:
+        digest.update(repr((row.line, sorted((str(m), item(v)) for m, v in row.items.items()))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
+    if name is None:
+        return None
+    if not (root / name).is_file():  # the default names val.jsonl, which a user's own data may lack
+        log.warning("data.val: %s not found: training without validation (no best checkpoint, no early "
+                    "stopping); set data.val=null if that is meant", root / name)
+        return None
+    pre = {Modality.parse(m): build_preprocessor(Modality.parse(m), t.preprocess, tokenizer=tokenizer, train=False)
+           for m, t in cfg.model.towers.items()}
+    manifest = read_manifest(root / name, root=root, allow_outside_root=cfg.data.allow_outside_root,
+                             strict=cfg.data.strict)
+    if manifest.skipped:
+        log.warning("validation manifest %s: %d row(s) skipped at read time (first, line %d: %s)",
+                    root / name, len(manifest.skipped), *manifest.skipped[0])
+    # validation measures the primary captions, whatever data.caption_sampling trains on
+    dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True, caption_sampling="primary")
+    return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
