@@ -67,25 +67,28 @@ def captioned_forward(net: WithCaptioner, inputs, masks, present, with_bias: boo
 
 
 class IdleParts:
-    """The towers (and the captioner) no process learned from in an optimizer step, for the
-    engine's `idle`: one process leaves their gradients None, DDP and FSDP give them zeros. The
-    step function records what each batch learned from (`saw`); a call agrees on it over the ranks
-    (one collective) and starts the next step afresh."""
+    """The towers (and the captioner, and the logit scale and bias when no pair ran) no process
+    learned from in an optimizer step, for the engine's `idle`: one process leaves their gradients
+    None, DDP and FSDP give them zeros. The step function records what each batch learned from
+    (`saw`); a call agrees on it over the ranks (one collective) and starts the next step afresh."""
 
     def __init__(self, space: SharedSpace, captioner: torch.nn.Module | None = None) -> None:
         self.space, self.captioner = space, captioner
         self.used: set[str] = set()  # modalities in a pair that ran, or whose vectors wrote a caption here
-        self.captioned = False
+        self.captioned = self.paired = False
 
-    def saw(self, modalities, captioned: bool = False) -> None:
+    def saw(self, modalities, captioned: bool = False, paired: bool = False) -> None:
         self.used.update(str(m) for m in modalities)
         self.captioned |= captioned
+        self.paired |= paired
 
     def __call__(self) -> list[torch.nn.Parameter]:
         names = list(self.space.towers)
-        *used, captioned = any_rank([m in self.used for m in names] + [self.captioned])
-        self.used, self.captioned = set(), False
+        *used, captioned, paired = any_rank([m in self.used for m in names] + [self.captioned, self.paired])
+        self.used, self.captioned, self.paired = set(), False, False
         idle = [p for m, u in zip(names, used) if not u for p in self.space.towers[m].parameters()]
+        if not paired:  # only captions were written: the contrastive loss's scale and bias had no say
+            idle += [self.space.log_logit_scale, self.space.logit_bias]
         if self.captioner is not None and not captioned:
             idle += list(self.captioner.parameters())
         return idle
@@ -112,7 +115,7 @@ def make_step_fn(space: SharedSpace, loss_fn, device: torch.device, skips: SkipC
         metrics = {"logit_scale": float(space.logit_scale.detach())}
         metrics.update({f"loss/{k}": float(v) for k, v in out.per_pair.items()})
         total, learned = out.total, bool(out.per_pair)  # pairs are decided on the global batch
-        idle.saw(m for pair in out.per_pair for m in pair.split("-"))  # keys: `pair_name`
+        idle.saw((m for pair in out.per_pair for m in pair.split("-")), paired=learned)  # keys: `pair_name`
         if captions:  # the mean over modalities of writing the caption from their vectors
             written = captions[0]
             # every tower's key on every rank, NaN where this batch has no such row: ranks average alike
