@@ -66,6 +66,7 @@ class Store:
     def __init__(self, path: str | Path, dim: int | None = None, fingerprint: str | None = None,
                  run: str | None = None):
         self.path = Path(path)
+        self._file = self.path.absolute()  # what every connection opens, wherever the process has moved since
         if self.path.is_dir():
             raise MemoryFileError(f"{self.path} is a folder, not a memory file")
         if not self.path.parent.is_dir():
@@ -109,15 +110,15 @@ class Store:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
-        if not os.access(self.path.parent, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
+        if not os.access(self._file.parent, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
             raise MemoryFileError(f"{self.path}: its folder {self.path.parent} is not writable, and a memory file "
                                   f"needs its -wal and -shm files beside it (even to be read)")
         with self._errors():
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self._file, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             try:  # another program's database is refused before anything is changed (WAL mode stays in its header)
-                self._check_ours(_while_busy(lambda: table.tables(conn)))
-            except MemoryFileError:
+                _while_busy(lambda: self._check_ours_file(conn))
+            except (MemoryFileError, sqlite3.DatabaseError):
                 conn.close()
                 raise
             mode = _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
@@ -246,6 +247,24 @@ class Store:
     def _check_ours(self, tables: set[str]) -> None:
         if tables and not {"meta", "items"} <= tables:
             raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
+
+    def _check_ours_file(self, conn: sqlite3.Connection) -> None:
+        """Before a connection changes anything: the file is new or a memory file, by its tables and its
+        recorded schema version (another program's `meta` and `items` tables are not enough), and, once
+        this Store has adopted a model, still that model's (a file replaced since the last connection)."""
+        tables = table.tables(conn)
+        self._check_ours(tables)
+        if not tables:
+            return
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError:  # no such column: someone else's `meta`
+            meta = {}
+        if "schema_version" not in meta:
+            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
+        if self.dim is not None:
+            self._check_version(meta["schema_version"])
+            self._check_model(meta, self.dim, self.fingerprint)
 
     def _check_version(self, version: str | None) -> None:
         if version != str(SCHEMA_VERSION):

@@ -63,6 +63,12 @@ def hit(row: Sequence[Any]) -> MemoryHit:
         modality, meta = Modality.parse(row[6]), json.loads(row[8])
     except (TypeError, ValueError) as e:
         raise Damaged(f"item {row[0]}: {e}") from None
+    for name, value in (("user", row[1]), ("session", row[2]), ("role", row[4]), ("text", row[7]),
+                        ("media_path", row[9])):  # SQLite keeps whatever type was written
+        if value is not None and not isinstance(value, str):
+            raise Damaged(f"item {row[0]}: its {name} is {type(value).__name__}, not text")
+    if media is not None and not isinstance(media, bytes):
+        raise Damaged(f"item {row[0]}: its media is {type(media).__name__}, not bytes")
     return MemoryHit(id=row[0], score=None, user=row[1], session=row[2], turn=row[3], role=row[4], time=row[5],
                      modality=modality, text=row[7], meta=meta, media=media, media_path=row[9])
 

@@ -346,3 +346,66 @@ def test_a_memory_file_in_a_folder_it_cannot_write_to_says_so(db, model, monkeyp
     monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
     with pytest.raises(MemoryFileError, match="is not writable, and a memory file needs its -wal and -shm"):
         Memory(db)
+
+
+def test_a_memory_opened_by_a_relative_path_stays_with_its_file_when_the_process_moves(tmp_path, model,
+                                                                                          other_model, monkeypatch):
+    """Every new connection (after close() or a fork) opened the relative path in the process's new folder:
+    the other model's file there took this model's vectors (a 128-wide row in a 32-wide file)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    Memory("memory.db", model=other_model).close()
+    monkeypatch.chdir(tmp_path / "a")
+    mem = Memory("memory.db", model=model)
+    first = mem.add("ada", "first, in a")
+    monkeypatch.chdir(tmp_path / "b")
+    mem.close()  # as a fork does
+    second = mem.add("ada", "second")
+    assert [h.id for h in mem.recent("ada")] == [first, second]
+    mem.close()
+    with Memory(tmp_path / "b" / "memory.db") as there:
+        assert there.count("ada") == 0
+
+
+def test_a_file_replaced_by_another_models_between_connections_is_refused(tmp_path, model, other_model):
+    """A reconnect checked only the table names: vectors of one model were written into another's file."""
+    path = tmp_path / "memory.db"
+    mem = Memory(path, model=model)
+    mem.add("ada", "one")
+    mem.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"memory.db{suffix}").unlink(missing_ok=True)
+    Memory(path, model=other_model).close()
+    with pytest.raises(MemoryFileError, match=f"was written by model {other_model.fingerprint}"):
+        mem.add("ada", "two")
+
+
+@pytest.mark.parametrize("meta", ["key TEXT PRIMARY KEY, value TEXT", "a, b"])
+def test_another_programs_meta_and_items_tables_are_refused_and_left_as_they_were(db, model, meta):
+    """A database of another program with tables named meta and items was switched to WAL mode, then
+    said 'memory schema version None' (or 'no such column: key')."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE meta ({meta})")
+        conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT)")
+    before = db.read_bytes()
+    with pytest.raises(MemoryFileError, match=r"is an SQLite database but not an mmembed memory file$"):
+        Memory(db, model=model)
+    assert db.read_bytes() == before
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+
+
+@pytest.mark.parametrize("column", ["text", "session", "media_path"])
+def test_a_row_whose_text_columns_hold_bytes_is_a_corrupt_file_in_one_line(db, model, column, tmp_path):
+    """A text column holding a BLOB (a damaged file) reached export as a TypeError, /history as a
+    traceback, and a Session's prompt as the user's own bad segment."""
+    with Memory(db, model=model) as mem:
+        mem.add("ada", "a note", session="s", turn=1)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE items SET {column} = x'ff00'")
+    with Memory(db) as mem:
+        for read in (lambda: mem.recent("ada"), lambda: mem.export(tmp_path / "out", user="ada")):
+            with pytest.raises(MemoryFileError, match=rf"is corrupt \(item 1: its {column} is bytes, not text\)"):
+                read()
