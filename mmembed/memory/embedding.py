@@ -21,7 +21,7 @@ from mmembed.memory.store import Store
 from mmembed.modality import Modality
 from mmembed.retrieval.store import check_vectors
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmembed.memory.memory")  # its line keeps its logger name (the CLI prints it)
 
 
 def _embed(model: Any, entries: list[Entry], dim: int | None) -> Tensor:

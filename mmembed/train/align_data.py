@@ -23,7 +23,7 @@ from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
 from mmembed.train.distributed import current_world
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmembed.train.align")  # the stage's lines keep their logger name (the CLI prints it)
 
 
 @torch.inference_mode()
