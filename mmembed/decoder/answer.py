@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mmembed.decoder.prompt import PromptFormat
+from mmembed.text_encoding import SURROGATE
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Stops:
     @classmethod
     def parse(cls, stop: str | int | Sequence[str | int] | None, vocab_size: int | None = None) -> Stops:
         """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
-        [0, vocab_size), which could never be written, is a ValueError."""
+        [0, vocab_size), or a string holding a lone surrogate, which could never be written, is a
+        ValueError."""
         single = stop is None or isinstance(stop, str) or as_integer(stop) is not None
         # bytes iterate as ints: b"the" was read as three token ids
         if not single and (not isinstance(stop, Iterable) or isinstance(stop, (bytes, bytearray, memoryview))):
@@ -69,6 +71,10 @@ class Stops:
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
         if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
             raise ValueError(f"stop token ids must be in [0, {vocab_size}), got {sorted(ids)}")
+        for i, s in enumerate(strings):
+            if m := SURROGATE.search(s):  # a command line's undecodable byte: no decoded text holds it
+                raise ValueError(f"stop string {i}: text is not valid UTF-8 (an undecodable character at "
+                                 f"position {m.start()})")
         return cls(strings, frozenset(ids))
 
     def cut(self, text: str) -> int | None:

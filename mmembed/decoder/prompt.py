@@ -89,7 +89,8 @@ class Embedded:
         self.vector, self.modality = vector, Modality.parse(modality)
 
     def __repr__(self) -> str:
-        return f"Embedded({self.modality}, dim={tuple(self.vector.shape)})"
+        shape = tuple(self.vector.shape) if isinstance(self.vector, Tensor) else type(self.vector).__name__
+        return f"Embedded({self.modality}, dim={shape})"
 
 
 Segment = Union[str, Media, Embedded, Tensor]
@@ -344,6 +345,9 @@ def _reason(e: Exception) -> str:
 
 
 def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tensor:
+    if not isinstance(z, Tensor):  # an Embedded's numpy array or list: refused, as a bare segment is
+        raise BadInput(f"{where}: a vector must be a 1-D torch tensor, got {type(z).__name__} "
+                       "(torch.as_tensor(vector) makes one)")
     if not z.is_floating_point():
         raise BadInput(f"{where}: a vector must be a floating-point tensor, got {z.dtype}")
     if z.dim() != 1 or z.shape[0] != dim:

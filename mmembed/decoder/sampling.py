@@ -26,7 +26,10 @@ class Sampling:
         temperature: 0 = greedy; otherwise a finite positive number.
         top_k: keep the k most likely tokens, and any tied with the k-th as transformers does (>= 1;
             larger than the vocabulary = all of it).
-        top_p: keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
+        top_p: keep the smallest set of tokens whose probability reaches top_p, and any tied with
+            the last of them, in (0, 1].
+
+    Numbers of any type are taken: numpy's and 0-d tensors too (an integer one for top_k).
 
     Raises:
         ValueError: negative or non-finite temperature, top_k < 1, top_p outside (0, 1].
@@ -37,11 +40,9 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):  # numpy's too
-            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-                object.__setattr__(self, name, float(value))
-        if isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, (bool, int)):
-            object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "temperature", _as_real(self.temperature))
+        object.__setattr__(self, "top_p", _as_real(self.top_p))
+        object.__setattr__(self, "top_k", _as_integer(self.top_k))
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
@@ -55,6 +56,23 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _as_real(value: object) -> object:
+    """A real number of any type (numpy's, a 0-d tensor: torch.tensor(0.5) was refused as "not a
+    finite number >= 0") as a float; anything else (a bool, a 1-D tensor) as it is, for the checks."""
+    if isinstance(value, Tensor):
+        real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
+        return float(value) if real else value
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) else value
+
+
+def _as_integer(value: object) -> object:
+    """An integer of any type (numpy's, a 0-d integer tensor) as an int; anything else as it is."""
+    if isinstance(value, Tensor):
+        whole = value.ndim == 0 and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
+        return int(value) if whole else value
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)) else value
 
 
 @dataclass
@@ -127,12 +145,17 @@ def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _nucleus(top: Tensor, index: Tensor, log_total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """Top-p over a row's best tokens, sorted descending (B, n), whose whole row has the log-sum-exp
-    `log_total` (B, 1): the smallest prefix reaching top_p, cut to the longest such prefix."""
+    `log_total` (B, 1): the smallest prefix reaching top_p and any token tied with its last, cut to
+    the longest such prefix."""
     # drop a token when the tokens before it already reach top_p (the first always stays), in
     # float64: in float32 a sum over a whole vocabulary drifts by ~1e-5, while the edge token's own
     # margin can be 1e-7 (transformers, summing the small tail, mostly gets it right)
     probs = (top.double() - log_total).exp()
     drop = probs.cumsum(dim=-1) - probs >= top_p
+    # and keep every token tied with the last one kept, as top-k does with the k-th: which of equal
+    # scores the sort put first depends on the kernel (transformers keeps those it put first)
+    edge = top.gather(-1, (~drop).sum(dim=-1, keepdim=True) - 1)  # (B, 1) the last kept score
+    drop &= (top != edge) | (edge == float("-inf"))
     # the kept tokens are a prefix of each sorted row: what follows (softmax, sampling, entropy)
     # reads the longest one, hundreds of columns rather than the vocabulary
     keep = int((~drop).sum(dim=-1).max())

@@ -96,6 +96,16 @@ def test_bad_segment_is_one_clear_error_naming_it(segment, message):
         resolve_prompts([["look at", segment]], fake_embed, DIM, CPU)
 
 
+@pytest.mark.parametrize("vector", [unit().numpy(), unit().tolist()])
+def test_an_embedded_vector_that_is_not_a_tensor_is_named_not_an_attribute_error(vector):
+    """mm.decoder.Embedded(z.numpy(), "audio") raised AttributeError: 'numpy.ndarray' object has no
+    attribute 'is_floating_point'."""
+    name = type(vector).__name__
+    with pytest.raises(BadInput, match=re.escape(f"prompt segment 1: a vector must be a 1-D torch tensor, got {name} (")):
+        resolve_prompts([["look at", mm.decoder.Embedded(vector, "audio")]], fake_embed, DIM, CPU)
+    assert name in repr(mm.decoder.Embedded(vector, "audio"))
+
+
 def test_a_batch_mixing_lists_and_bare_strings_says_how_to_write_a_batch():
     """A list within a prompt (a batch with one bare string is one prompt) was "unsupported type list"."""
     mixed = [["Describe", mm.Image("a.png")], ["a", mm.Audio("a.wav")], "What is it"]
