@@ -3,15 +3,17 @@ report and zero-shot accuracy (`manifest_report`), the markdown tables, and `mme
 (`run_eval`, `run_eval_command`).
 
 A retrieval is correct when the target's key equals the query's key: the manifest's row ids
-(instance retrieval) or its `label` column (class/scene retrieval). Recall@K and ranks are
-evaluate_recall.py, zero-shot classification evaluate_zero_shot.py, the decoder's answers
-evaluate_instructions.py.
+(instance retrieval) or its `label` column (class/scene retrieval, when every row has one). The
+table says which; a manifest with some rows unlabelled is matched by row, with a warning.
+Recall@K and ranks are evaluate_recall.py, zero-shot classification evaluate_zero_shot.py, the
+decoder's answers evaluate_instructions.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +33,9 @@ from mmembed.modality import Modality
 from mmembed.retrieval.embed import embed_manifest
 
 EvalKey = Literal["auto", "label", "row"]
+log = logging.getLogger(__name__)
+# what a hit is under each key, said above the table: the two give very different figures
+_MATCHED_BY = {"label": "an item of the same label counts as a hit", "row": "only the row's own items count"}
 
 
 def evaluate_manifest(model: Any, manifest_path: str | Path, *, ks: Sequence[int] = (1, 5, 10),
@@ -54,7 +59,8 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     """The pairwise report plus provenance and, with `zero_shot_labels`, zero-shot accuracy.
 
     Returns:
-        {"manifest", "fingerprint", "key" ("label" or "row"), "counts" (vectors per modality),
+        {"manifest", "fingerprint", "key" ("label" or "row"), "rows" (rows measured), "unlabelled" (of
+         those, rows without a label: with "auto", any makes the key "row"), "counts" (vectors per modality),
          "skipped" (rows left out: malformed, or with an unreadable item, which leaves the whole
          row out as training's validation does, so a logged val/recall is reproduced),
          "skipped_rows" ([{"line", "reason"}] of those, in line order), "ks", "pairs"
@@ -79,10 +85,15 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     use_label = key == "label" or (key == "auto" and bool(rows) and all(r.label is not None for r in rows))
     if use_label and (missing := next((r for r in rows if r.label is None), None)):
         raise UserError(f"{emb.path}:{missing.line}: row has no label (use key='row' or 'auto')")
+    lines, unlabelled = {r.line for r in rows}, {r.line for r in rows if r.label is None}
+    if key == "auto" and 0 < len(unlabelled) < len(lines):  # one such row moved recall@1 from 100 % to 57 %
+        log.warning("%s: %d of %d rows have no label, so recall is matched by row (only a row's own items count), "
+                    "not by label; give every row a label to match by label", emb.path, len(unlabelled), len(lines))
     keys = {m: [r.label if use_label else f"line:{r.line}" for r in part.rows] for m, part in emb.by_modality.items()}
     vectors = {m: part.vectors for m, part in emb.by_modality.items()}
     report = {"manifest": str(emb.path), "fingerprint": getattr(model, "fingerprint", None),
-              "key": "label" if use_label else "row", "counts": {str(m): int(v.shape[0]) for m, v in vectors.items()},
+              "key": "label" if use_label else "row", "rows": len(lines), "unlabelled": len(unlabelled),
+              "counts": {str(m): int(v.shape[0]) for m, v in vectors.items()},
               "skipped": len(emb.skipped), "ks": list(ks), "pairs": pairwise_report(vectors, keys, ks),
               "skipped_rows": [{"line": line, "reason": why} for line, _, why in emb.skipped]}
     if zero_shot_labels:
@@ -133,7 +144,7 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         ks = sorted({int(name.split("@")[1]) for m in pairs.values() for name in m if name.startswith("recall@")})
         ks = ks or list(report.get("ks", []))  # no pair measured: the report's own K
     header = ["pair", *(f"R@{k} %" for k in ks), "median rank", "MRR", "queries"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines = [*_matched_by(report), "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, m in pairs.items():
         cells = [name, *(f"{100 * m[f'recall@{k}']:.1f}" for k in ks), f"{m['median_rank']:g}", f"{m['mrr']:.3f}",
                  str(m["n_queries"])]
@@ -151,6 +162,15 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
     if note := _skipped_note(report):
         lines.append(f"\n{note}")
     return "\n".join(lines)
+
+
+def _matched_by(report: dict[str, Any]) -> list[str]:
+    """"matched by: ..." and a blank line, above a manifest report's table (a bare pairwise report has no key)."""
+    if (key := report.get("key")) not in _MATCHED_BY:
+        return []
+    unlabelled, rows = report.get("unlabelled") or 0, report.get("rows") or 0
+    partly = f"; {unlabelled} of {rows} rows have no label" if key == "row" and 0 < unlabelled < rows else ""
+    return [f"matched by: {key} ({_MATCHED_BY[key]}{partly})", ""]
 
 
 def _no_pair(report: dict[str, Any]) -> str:

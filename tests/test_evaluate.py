@@ -263,3 +263,27 @@ def test_the_retrieval_table_says_how_many_rows_were_left_out(tmp_path):
                                       f"(first, line 2: image: cannot read {tmp_path / 'img/broken1.png'})")
     assert "bad row" not in run_eval(FakeModel(), _write(tmp_path / "ok.jsonl", rows[:1] + rows[2:]),
                                       progress=False)[0]
+
+
+def test_the_table_says_how_items_were_matched_and_a_partly_labelled_manifest_warns(tmp_path, caplog):
+    """One unlabelled row switched the whole report from label to row matching (recall@1 100 % -> 57 %)
+    without a word; only `--json` showed "key"."""
+    import logging
+
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png", "label": f"s{i % 2}"} for i in range(4)]
+    with caplog.at_level(logging.WARNING):
+        table, report = run_eval(FakeModel(), _write(tmp_path / "all.jsonl", rows), progress=False)
+    assert table.splitlines()[:2] == ["matched by: label (an item of the same label counts as a hit)", ""]
+    assert (report["key"], report["rows"], report["unlabelled"]) == ("label", 4, 0) and not caplog.text
+    partly = _write(tmp_path / "partly.jsonl", [*rows, {"text": "a c9", "image": "img/c9.png"}])
+    with caplog.at_level(logging.WARNING):
+        table, report = run_eval(FakeModel(), partly, progress=False)
+    assert table.splitlines()[0] == "matched by: row (only the row's own items count; 1 of 5 rows have no label)"
+    assert (report["key"], report["rows"], report["unlabelled"]) == ("row", 5, 1)
+    assert "partly.jsonl: 1 of 5 rows have no label, so recall is matched by row" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # asked for by row: nothing to warn about
+        table, _ = run_eval(FakeModel(), _write(tmp_path / "rows.jsonl", rows), key="row", progress=False)
+        run_eval(FakeModel(), partly, key="row", progress=False)
+    assert table.splitlines()[0] == "matched by: row (only the row's own items count)" and not caplog.text
+    assert format_table({"ks": [1], "pairs": {}}).startswith("| pair |")  # a bare pairwise report has no key

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mmembed.errors import UserError
 from mmembed.modality import Modality
@@ -92,6 +92,7 @@ class Manifest:
     root: Path
     rows: list[Row]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped_items: list[tuple[int, Modality, str]] = field(default_factory=list)  # (line, modality, reason)
 
     @property
     def meta_columns(self) -> set[str]:
@@ -124,6 +125,7 @@ def read_manifest(
     root: str | Path | None = None,
     allow_outside_root: bool = False,
     strict: bool = False,
+    bad_items: Literal["row", "item"] = "row",
 ) -> Manifest:
     """Read a JSONL or CSV/TSV manifest.
 
@@ -132,6 +134,10 @@ def read_manifest(
         root: folder that relative paths resolve against (default: the manifest's folder).
         allow_outside_root: accept absolute paths and paths escaping `root` through `..`.
         strict: raise on the first bad row instead of skipping and counting it.
+        bad_items: "row": a row with a refused item (a path outside the root, a value that is not a
+            string) is skipped whole, as training reads it; "item": only that item is, counted in
+            `skipped_items` (an index keeps the row's other items). A row with no good item is
+            skipped either way.
 
     Returns:
         A `Manifest`. Raises UserError (naming the file, and the line for row errors) when the
@@ -150,19 +156,22 @@ def read_manifest(
     records = read_jsonl_records(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
     rows: list[Row] = []
     skipped: list[tuple[int, str]] = []
+    skipped_items: list[tuple[int, Modality, str]] = []
     seen_columns: set[str] = set()
     for line, record in records:
+        refused: list[tuple[Modality, str]] | None = [] if bad_items == "item" and not strict else None
         try:
             if isinstance(record, BadRow):
                 raise record
             seen_columns.update(record)
-            rows.append(_make_row(line, record, base, allow_outside_root))
+            rows.append(_make_row(line, record, base, allow_outside_root, refused))
+            skipped_items += [(line, m, reason) for m, reason in refused or ()]
         except BadRow as e:
             if strict:
                 raise UserError(f"{path}:{line}: {e}") from None
             skipped.append((line, str(e)))
     _check_columns(path, seen_columns, rows, skipped)
-    return Manifest(path=path, root=base, rows=rows, skipped=skipped)
+    return Manifest(path=path, root=base, rows=rows, skipped=skipped, skipped_items=skipped_items)
 
 
 def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list[tuple[int, str]]) -> None:
@@ -230,7 +239,10 @@ def column_hints(columns: set[str], wanted: set[Modality]) -> list[str]:
     return [f"column {c!r} is metadata (did you mean {m.value!r}?)" for c, m in misnamed_columns(columns, wanted).items()]
 
 
-def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool) -> Row:
+def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool,
+              refused: list[tuple[Modality, str]] | None = None) -> Row:
+    """One record → a Row; BadRow when it cannot be used. With `refused` (a list), an item that is
+    refused alone is appended to it instead, and the row keeps its other items."""
     items: dict[Modality, str | Path] = {}
     meta: dict[str, Any] = {}
     label = None
@@ -245,12 +257,20 @@ def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root:
             continue
         if value is None:
             continue
-        if not isinstance(value, str):
-            raise BadRow(f"{key} must be a string, got {type(value).__name__}")
-        items[modality] = value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root)
+        try:
+            if not isinstance(value, str):
+                raise BadRow(f"{key} must be a string, got {type(value).__name__}")
+            items[modality] = value if modality in INLINE_MODALITIES else resolve_path(value, base, allow_outside_root)
+        except BadRow as e:
+            if refused is None:
+                raise
+            refused.append((modality, str(e)))
     if not items:
-        raise BadRow(f"no value in any modality column ({', '.join(m.value for m in Modality)})")
-    captions = _alternative_captions(record.get(CAPTIONS_COLUMN), items.get(CAPTION_MODALITY))
+        raise BadRow(refused[0][1] if refused else f"no value in any modality column "
+                     f"({', '.join(m.value for m in Modality)})")
+    caption_refused = refused is not None and any(m == CAPTION_MODALITY for m, _ in refused)
+    # a refused caption takes its alternatives with it (they stand beside a primary caption)
+    captions = () if caption_refused else _alternative_captions(record.get(CAPTIONS_COLUMN), items.get(CAPTION_MODALITY))
     return Row(line=line, items=items, label=label, meta=meta, captions=captions)
 
 

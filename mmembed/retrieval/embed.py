@@ -3,6 +3,9 @@
 Items are embedded in batches. A batch that raises `BadInput` (one unreadable file) is split
 in halves until the bad items are isolated, so one broken file costs O(log batch) extra
 forward passes instead of the whole batch; bad items are skipped and counted with a reason.
+An item the manifest reader refuses (a path outside the root, a value that is not a string) is
+skipped alone too (`read_manifest(bad_items="item")`); "row" skips are the rows unusable as a
+whole (not JSON, no good item at all, malformed `captions`).
 With `skip="row"` (what `mmembed eval` uses) a row with a bad item is left out whole, in every
 modality, as training's validation reads it: then eval reproduces a logged validation figure.
 
@@ -14,6 +17,7 @@ vectors, skips and order; the other ranks get an empty result.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmembed.data.manifest import Row, read_manifest
+from mmembed.data.manifest import INLINE_MODALITIES, Manifest, Row, read_manifest
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from mmembed.train.collectives import broadcast_object, gather_to_main
@@ -47,7 +51,7 @@ class EmbeddedModality:
 class ManifestEmbeddings:
     path: Path
     by_modality: dict[Modality, EmbeddedModality]
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line, modality, reason)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line, modality or "row", reason)
     n_rows: int = 0  # usable manifest rows
 
 
@@ -70,8 +74,9 @@ def embed_manifest(
             that the model can embed).
         batch_size: items per `model.embed` call.
         progress: show a tqdm bar per modality.
-        skip: "item" leaves out an unreadable item alone (an index keeps the row's other items);
-            "row" leaves out its whole row and counts it once, as "row" (training's validation rule).
+        skip: "item" leaves out an unreadable or refused item alone (an index keeps the row's other
+            items; a refused path is an item skip, as a missing file is); "row" leaves out its whole
+            row and counts it once, as "row" (training's validation rule).
         reserved: metadata columns the caller writes itself (name → what it holds): a manifest with
             such a column is refused (UserError) before anything is embedded.
     Returns:
@@ -84,7 +89,7 @@ def embed_manifest(
     from mmembed.data.synth.world_folder import check_complete  # (the world's renderers: only when asked)
 
     check_complete(Path(manifest_path).parent)  # a world cut short: its media were never all rendered
-    manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model))
+    manifest = read_manifest(manifest_path, allow_outside_root=outside_root_allowed(model), bad_items=skip)
     if clash := sorted(manifest.meta_columns & set(reserved or {})):  # they were overwritten without a word
         own = " and ".join(f"{name!r} ({what})" for name, what in reserved.items())
         raise UserError(f"{manifest.path}: an index writes its own {own} into each item's metadata; rename the "
@@ -92,6 +97,7 @@ def embed_manifest(
     wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
     out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
+    out.skipped.extend((line, m.value, reason) for line, m, reason in manifest.skipped_items if m in wanted)
     main = current_world().main
     for modality in wanted:
         rows = [r for r in manifest.rows if modality in r.items]
@@ -104,11 +110,15 @@ def embed_manifest(
         out.by_modality[modality] = EmbeddedModality(vectors, [r for r, good in zip(rows, ok) if good])
     refusal = None
     if main:
+        out.skipped.sort(key=lambda s: s[0])  # refused items among the embedder's skips, in line order
+        hint = "" if _media_read(out) else media_root_hint(model, manifest)
         if skip == "row":
             _drop_bad_rows(out)
         log_skipped(out.skipped, manifest.path)
         if not any(part.rows for part in out.by_modality.values()):
-            refusal = str(nothing_read(manifest.path, out.skipped))
+            refusal = str(nothing_read(manifest.path, out.skipped, hint))
+        elif hint:  # the captions were read: an index of them alone exits 0, so say why its media are not
+            log.warning("%s: no media file could be read: %s", manifest.path, hint)
     # rank 0 decides for every rank: the others, waiting for it, reported a lost peer instead
     if (refusal := broadcast_object(refusal)) is not None:
         raise UserError(refusal)
@@ -128,13 +138,45 @@ def _drop_bad_rows(out: ManifestEmbeddings) -> None:
     out.skipped = [(line, "row", reason) for line, reason in sorted(bad.items())]
 
 
-def nothing_read(path: Path, skipped: list[tuple[int, str, str]]) -> UserError:
-    """A manifest of which no item could be read: an empty index or report was a success (exit 0)."""
+def nothing_read(path: Path, skipped: list[tuple[int, str, str]], hint: str = "") -> UserError:
+    """A manifest of which no item could be read: an empty index or report was a success (exit 0).
+    `hint` (from `media_root_hint`) says where its media paths were looked for."""
     if not skipped:
         return UserError(f"{path}: no item to embed")
     line, what, reason = skipped[0]
-    return UserError(f"{path}: no item could be read ({len(skipped)} skipped; the first, line {line}, {what}: "
-                     f"{reason})")
+    return UserError(f"{path}: no item could be read ({skip_summary(skipped)} skipped; the first, line {line}, "
+                     f"{what}: {reason})" + (f"; {hint}" if hint else ""))
+
+
+def skip_summary(skipped: list[tuple[int, str, str]]) -> str:
+    """"2 items and 1 row": items and whole rows are counted apart (a row is not an item)."""
+    rows = sum(what == "row" for _, what, _ in skipped)
+    parts = [f"{n} {name}{'s' * (n != 1)}" for n, name in ((len(skipped) - rows, "item"), (rows, "row")) if n]
+    return " and ".join(parts) or "nothing"
+
+
+def _media_read(out: ManifestEmbeddings) -> bool:
+    """Whether an item of a file modality was read, or none was wanted."""
+    media = [part for m, part in out.by_modality.items() if m not in INLINE_MODALITIES]
+    return not media or any(part.rows for part in media)
+
+
+def media_root_hint(model: Any, manifest: Manifest) -> str:
+    """Where a manifest's missing media paths were looked for, and where training found them if the
+    run's `data.root` has them: eval and index resolve against the manifest's folder, training against
+    data.root, so a manifest moved into a subfolder found none of its media. "" when no media file is missing."""
+    missing = next((p for r in manifest.rows for m, p in r.items.items()
+                    if m not in INLINE_MODALITIES and not Path(p).exists()), None)
+    if missing is None:
+        return ""
+    relative = os.path.relpath(missing, manifest.root)
+    hint = f"media paths resolve against the manifest's folder {manifest.root} ({relative!r} is not there)"
+    data_root = getattr(getattr(getattr(model, "config", None), "data", None), "root", None)
+    if data_root and (Path(data_root) / relative).exists() and os.path.abspath(data_root) != str(manifest.root):
+        return (f"{hint}; it is under the run's data.root {os.path.abspath(data_root)}, which training resolved "
+                f"them against: move the manifest into that folder (next to its media) or write its paths "
+                f"relative to {manifest.root}")
+    return f"{hint}: move the manifest next to its media or write its paths relative to its folder"
 
 
 def _select_modalities(model: Any, present: Sequence[Modality], requested: Iterable | None,
@@ -212,7 +254,7 @@ def log_skipped(skipped: list[tuple[int, str, str]], path: Path) -> None:
     for line, what, reason in skipped[:_WARN_FIRST]:
         log.warning("%s:%d: skipped %s (%s)", path, line, what, reason)
     if len(skipped) > _WARN_FIRST:
-        log.warning("%s: %d items skipped in all", path, len(skipped))
+        log.warning("%s: %s skipped in all", path, skip_summary(skipped))
 
 
 def outside_root_allowed(model: Any) -> bool:

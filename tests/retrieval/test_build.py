@@ -1,11 +1,14 @@
 """Index.build from a manifest: every modality embedded, bad items skipped and counted."""
 
 import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mmembed.errors import UserError
+from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index, Query
 from mmembed.retrieval.embed import embed_manifest
@@ -111,14 +114,14 @@ def test_rows_no_save_can_write_are_warned_about_and_none_at_all_is_an_error(tmp
         idx = Index.build(FakeModel(), path, progress=False)
     assert len(idx) == 2 and "m.jsonl:3: skipped text" in caplog.text and idx.info["skipped"] == 1
     path.write_text("".join(json.dumps({"image": f"img/broken{i}.png"}) + "\n" for i in range(2)))
-    with pytest.raises(UserError, match=r"m.jsonl: no item could be read \(2 skipped; the first, line 1, image: "):
+    with pytest.raises(UserError, match=r"m.jsonl: no item could be read \(2 items skipped; the first, line 1, image: "):
         Index.build(FakeModel(), path, progress=False)
     from mmembed.evaluate import manifest_report
 
     with pytest.raises(UserError, match="no item could be read"):  # `mmembed eval`: an empty table, exit 0
         manifest_report(FakeModel(), path)
     path.write_text("".join(json.dumps({"text": "x", "note": "\ud800"}) + "\n" for _ in range(2)))
-    with pytest.raises(UserError, match=r"no item could be read \(2 skipped; the first, line 1, text: .*surrogate"):
+    with pytest.raises(UserError, match=r"no item could be read \(2 items skipped; the first, line 1, text: .*surrogate"):
         Index.build(FakeModel(), path, progress=False)
 
 
@@ -164,3 +167,93 @@ def test_manifest_columns_named_line_or_item_are_refused_before_any_embedding(tm
     idx = Index.build(model, write_manifest(tmp_path, [{k: v for k, v in r.items() if k not in columns} for r in rows]),
                       progress=False)
     assert idx.metadata(1) == {"score": 1, "line": 2, "label": None, "item": "a picture of c1"}
+
+
+def test_a_refused_path_or_a_value_not_a_string_skips_that_item_not_its_row(tmp_path, caplog):
+    """One absolute path or one non-string value threw the whole row away, its good items with it, and
+    the row was counted among the "items" skipped."""
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png", "audio": f"wav/c{i}.wav"} for i in range(6)]
+    rows[1]["image"] = "/etc/hostname"  # refused: outside the root
+    rows[2]["text"] = 5  # refused: not a string
+    rows[3] = {"image": "../c3.png", "label": "s3"}  # its only item refused: no row left, a row skip
+    rows[4]["captions"] = "not a list"  # bad as a whole: still a row skip
+    rows[5] = {"text": 7, "captions": ["a c5"], "image": "img/c5.png"}  # the alternatives go with their caption
+    with caplog.at_level(logging.WARNING):
+        idx = Index.build(FakeModel(), write_manifest(tmp_path, rows), progress=False)  # + a line of bad JSON
+    assert {(line, what) for line, what, _ in idx.skipped} == {
+        (2, "image"), (3, "text"), (4, "row"), (5, "row"), (6, "text"), (7, "row")}
+    assert idx.counts() == {"text": 2, "image": 3, "audio": 3}
+    _, modalities, metadata = idx.items()
+    lines = {str(m): [meta["line"] for m2, meta in zip(modalities, metadata) if m2 == m] for m in Modality}
+    assert lines == {"text": [1, 2], "image": [1, 3, 6], "audio": [1, 2, 3]}
+    assert "test.jsonl:2: skipped image (absolute path '/etc/hostname' refused" in caplog.text
+    from mmembed.retrieval.embed import skip_summary
+
+    assert skip_summary(idx.skipped) == "3 items and 3 rows"
+
+
+def test_a_csv_row_with_a_refused_path_keeps_its_caption(tmp_path):
+    """The CSV reader's refused rows were lost whole too."""
+    path = tmp_path / "m.csv"
+    path.write_text("text,image,label\na c0,img/c0.png,s0\na c1,/abs/c1.png,s1\n")
+    emb = embed_manifest(FakeModel(), path, progress=False)
+    assert [(r.line, r.label) for r in emb.by_modality[Modality.TEXT].rows] == [(2, "s0"), (3, "s1")]
+    assert [r.line for r in emb.by_modality[Modality.IMAGE].rows] == [2]
+    assert [(line, what) for line, what, _ in emb.skipped] == [(3, "image")] and emb.n_rows == 2
+
+
+def test_the_summary_of_many_skips_counts_items_and_rows_apart(tmp_path, caplog):
+    """"8 items skipped in all" counted 8 rows."""
+    rows = [{"text": f"a c{i}", "image": f"img/broken{i}.png"} for i in range(7)]
+    rows[0]["image"] = "img/c0.png"
+    with caplog.at_level(logging.WARNING):
+        embed_manifest(FakeModel(), write_manifest(tmp_path, rows), progress=False)
+    assert "test.jsonl: 6 items and 1 row skipped in all" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        embed_manifest(FakeModel(), write_manifest(tmp_path, rows), progress=False, skip="row")
+    assert "test.jsonl: 7 rows skipped in all" in caplog.text
+
+
+class _FileModel(FakeModel):
+    """Reads media files that exist only, as the real preprocessing does; trained on `root`."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.config = SimpleNamespace(data=SimpleNamespace(root=str(root), allow_outside_root=False))
+
+    def embed(self, modality, items):
+        for i, item in enumerate(items):
+            if isinstance(item, Path) and not item.exists():
+                raise BadInput(f"{modality} item {i}: missing file {item}")
+        return super().embed(modality, items)
+
+
+def test_media_missing_from_a_manifests_subfolder_name_where_they_were_looked_for(tmp_path, caplog):
+    """A manifest moved into splits/ with paths relative to data.root: eval said only "missing file
+    .../splits/img/c0.png", and the index kept the captions alone and exited 0 without a word why."""
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"c{i}.png").write_bytes(b"")
+    (tmp_path / "splits").mkdir()
+    manifest = tmp_path / "splits" / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"text": f"a c{i}", "image": f"img/c{i}.png"}) + "\n" for i in range(3)))
+    said = (rf"media paths resolve against the manifest's folder {tmp_path / 'splits'} \('img/c0.png' is not there\); "
+            rf"it is under the run's data.root {tmp_path}, which training resolved them against: move the manifest "
+            rf"into that folder \(next to its media\) or write its paths relative to {tmp_path / 'splits'}$")
+    with pytest.raises(UserError, match=r"no item could be read \(3 rows skipped; .*missing file.*; " + said):
+        embed_manifest(_FileModel(tmp_path), manifest, progress=False, skip="row")  # what `mmembed eval` reads
+    with caplog.at_level(logging.WARNING):
+        emb = embed_manifest(_FileModel(tmp_path), manifest, progress=False)
+    assert len(emb.by_modality[Modality.TEXT].rows) == 3 and not emb.by_modality[Modality.IMAGE].rows
+    assert f"{manifest}: no media file could be read: media paths resolve against" in caplog.text
+    with pytest.raises(UserError, match="paths relative to its folder$"):  # the run's root has them not either
+        embed_manifest(_FileModel(tmp_path / "elsewhere"), manifest, progress=False, skip="row")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the manifest beside its media: nothing to say
+        embed_manifest(_FileModel(tmp_path), _copy(manifest, tmp_path / "m.jsonl"), progress=False)
+    assert not caplog.text
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_text(src.read_text())
+    return dst
