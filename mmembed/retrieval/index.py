@@ -30,7 +30,7 @@ from torch import Tensor
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
-from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read
+from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
 from mmembed.retrieval.hits import Hit
 from mmembed.retrieval.index_format import metadata_json, saved_metadata
 from mmembed.retrieval.persist import read_index, write_index
@@ -116,7 +116,7 @@ class Index:
             raise nothing_read(emb.path, index.skipped)
         # absolute: a saved index is opened from other folders (`mmembed serve --index` finds media by it)
         index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(index.skipped)}
-        log.info("indexed %d items from %s (%d skipped)", len(index), emb.path, len(index.skipped))
+        log.info("indexed %d items from %s (%s skipped)", len(index), emb.path, skip_summary(index.skipped))
         return index
 
     @property
