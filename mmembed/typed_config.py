@@ -219,6 +219,8 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping, got {_typename(value)}")
         ktp, vtp = args or (Any, Any)
+        if dataclasses.is_dataclass(vtp):  # sections by name (towers): one set to null is left out, as a section is
+            value = {k: v for k, v in value.items() if v is not None}
         return {coerce(ktp, k, key, source): coerce(vtp, v, join_key(key, str(k)), source) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

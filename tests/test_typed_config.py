@@ -45,3 +45,15 @@ def test_an_empty_override_is_the_section_with_its_defaults(tmp_path):
     assert load_config("demo", ["train.max_steps="]).train.max_steps is None  # a field: null, as YAML reads it
     with pytest.raises(ConfigError, match=r"train\.lr must be float, got null$"):
         load_config("demo", ["train.lr="])
+
+
+def test_a_tower_set_to_null_is_left_out(tmp_path):
+    """`model.towers.text=null` was "model.towers.text must be a mapping, got null": a tower could be
+    left out only by writing a config of its own, though `decoder=null` leaves a section out."""
+    cfg = load_config("demo", ["model.towers.text=null", "loss.caption_weight=0"])
+    assert set(cfg.model.towers) == {"image", "audio"}
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  towers:\n    text: null\n    image: {encoder: vit}\n")
+    assert set(load_config(path).model.towers) == {"image"}
+    with pytest.raises(ConfigError, match=r"loss\.pair_weights\.image-text must be float, got null$"):
+        load_config("demo", ["loss.pair_weights.image-text=null"])  # a mapping of numbers keeps its null refused

@@ -255,8 +255,10 @@ class SkipCounter:
         return f"skipped {self.total} row(s): " + "; ".join(parts)
 
 
-# a path: absolute, home- or dot-relative, or a relative one with a file suffix ("NaN/Inf" is words)
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|(?<!\S)(?:[/~.]\S*|\S*/\S*\.\w+)|\d+")
+# a path: absolute, home- or dot-relative, or a relative one with a file suffix ("NaN/Inf" is words);
+# a number, whole, unless it ends a name ("UTF-8", "float32": "invalid UTF-… at byte …" hid the reason)
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|<bytes>|(?<!\S)(?:[/~.]\S*|\S*/\S*\.\w+)"
+                       r"|(?<!\d)(?<![^\W\d_]{2})(?<![^\W\d_]{2}-)\d+")
 
 
 # a path may hold spaces ("cat one.jpg"), so where a reason announces one its whole rest is the

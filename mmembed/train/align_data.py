@@ -122,7 +122,7 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     dataset.check_pairs(captioned=cfg.loss.caption_weight > 0)
     bs = cfg.train.batch_size
     if len(dataset) < bs:
-        raise UserError(f"training manifest has {len(dataset)} rows, fewer than train.batch_size={bs}")
+        raise UserError(f"training manifest has {_usable(manifest)}, fewer than train.batch_size={bs}")
 
     world = current_world()
 
@@ -132,6 +132,15 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
                             world_size=world.size, skips=skips)
 
     return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
+
+
+def _usable(manifest) -> str:
+    """"3 rows", or "3 usable rows of 32 (29 skipped; first, line 1: …)": refused rows are why so few remain."""
+    if not manifest.skipped:
+        return f"{len(manifest.rows)} rows"
+    line, reason = manifest.skipped[0]
+    return (f"{len(manifest.rows)} usable rows of {len(manifest.rows) + len(manifest.skipped)} "
+            f"({len(manifest.skipped)} skipped; first, line {line}: {reason})")
 
 
 def rows_fingerprint(manifest) -> str:

@@ -34,9 +34,14 @@ def captions(manifest: Path, root: Path | None = None, allow_outside_root: bool 
     """Every caption in a JSONL/CSV manifest's `text` (and `captions`, `qa`) columns; `root` and
     `allow_outside_root` as for training (a row refused there is refused here too)."""
     from mmembed.data import read_manifest
+
+    yield from _texts(read_manifest(manifest, root=root, allow_outside_root=allow_outside_root).rows)
+
+
+def _texts(rows) -> Iterator[str]:
     from mmembed.modality import Modality
 
-    for row in read_manifest(manifest, root=root, allow_outside_root=allow_outside_root).rows:
+    for row in rows:
         for value in [row.items.get(Modality.TEXT), *(row.meta.get("captions") or [])]:
             if isinstance(value, str):
                 yield value
@@ -50,32 +55,46 @@ def captions(manifest: Path, root: Path | None = None, allow_outside_root: bool 
 
 def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
     """Load the configured tokenizer, reuse the run's own on resume, or train one on the
-    training captions (vocabulary `tokenizer.vocab_size`)."""
+    training captions (vocabulary `tokenizer.vocab_size`). None when nothing needs one: no
+    text tower, and no caption to train one on."""
+    from mmembed.data import read_manifest
     from mmembed.tokenizer import Tokenizer, load_tokenizer
 
     tok = cfg.tokenizer
     if run_dir is not None and (run_dir / "tokenizer.json").is_file():
         return load_tokenizer(run_dir / "tokenizer.json")
+    # the data's own errors first: a tokenizer's, or advice about one, would hide them
+    manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root)
+    texts = list(_texts(manifest.rows))
+    check_trainable(cfg, manifest, has_text=bool(texts))
     if tok.kind == "clip":
         return load_tokenizer("clip")
     if tok.path is not None:
         if not Path(tok.path).exists():
             raise UserError(f"tokenizer.path not found: {tok.path}")
         return load_tokenizer(tok.path)
-    texts = list(captions(root / cfg.data.train, root, cfg.data.allow_outside_root))
-    if not texts:
-        raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on"
-                        f"{_caption_hints(root / cfg.data.train, root, cfg.data.allow_outside_root)}")
+    if not texts:  # and no text tower (check_trainable)
+        return None
     log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
 
 
-def _caption_hints(manifest: Path, root: Path, allow_outside_root: bool) -> str:
-    """Why a manifest gave no caption: a column that looks like `text` (rename it), else "; set tokenizer.path"."""
-    from mmembed.data import read_manifest
+def check_trainable(cfg: Config, manifest, has_text: bool) -> None:
+    """UserError unless some row of `manifest` pairs two of the towers' modalities, and, with a text
+    tower, unless some row has a caption (`has_text`): that tower would learn nothing."""
+    from mmembed.data import ManifestDataset
     from mmembed.data.manifest import column_hints
     from mmembed.modality import Modality
 
-    read = read_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
-    hints = column_hints(read.meta_columns, {Modality.TEXT})
-    return f" ({'; '.join(hints)}): rename the column, or set tokenizer.path" if hints else "; set tokenizer.path"
+    towers = {Modality(m) for m in cfg.model.towers if m in {str(v) for v in Modality}}  # others: the build's error
+    if not any(len(towers & row.items.keys()) >= 2 for row in manifest.rows):
+        # its error, once (the training loader gives its warnings); it reads which modalities the model
+        # has, not their preprocessors, which need the tokenizer
+        ManifestDataset(manifest, dict.fromkeys(towers)).check_pairs(captioned=cfg.loss.caption_weight > 0)
+    if has_text or Modality.TEXT not in towers:
+        return
+    hints = column_hints(manifest.meta_columns, {Modality.TEXT})
+    rename = f" ({'; '.join(hints)}): rename the column, or" if hints else ":"
+    also = " loss.caption_weight=0 and" if cfg.loss.caption_weight > 0 else ""
+    raise UserError(f"{manifest.path}: no row has a caption (column text, captions or qa) for the text tower to "
+                    f"learn from{rename} leave the text tower out with{also} model.towers.text=null")

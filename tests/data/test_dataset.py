@@ -468,3 +468,16 @@ def test_a_column_that_looks_like_a_modality_no_row_has_is_warned_of(tmp_path, t
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "column 'imgae' is read as metadata and no row has image: did you mean 'image'?" \
         in warned[0], warned
+
+
+def test_skipped_undecodable_lines_group_as_one_readable_kind(tmp_path):
+    """Lines with bytes \\xff\\xfe were summarised as "1 × invalid UTF-… at byte …": the number in
+    "UTF-8" was taken for a variable."""
+    good = json.dumps({"text": "a red circle"}).encode()
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join([good, b'{"text": "\xff\xfe"}', good, b'{"text": "ab\xff"}', good]))
+    counter = SkipCounter()
+    counter.update(read_manifest(tmp_path / "m.jsonl").skipped)
+    assert counter.summary() == "skipped 2 row(s): 2 × invalid UTF-8 at byte … (e.g. line 2)"
+    assert reason_kind("image too large: /d/a.png 5000x3000 has a side > max_side 4096") == \
+        "image too large: … …x… has a side > max_side …"
+    assert reason_kind("value -3 of float32 data") == "value -… of float32 data"

@@ -28,8 +28,9 @@ def _captioned_world(tiny_world, tmp_path):
 def test_a_caption_column_is_named_where_no_tokenizer_can_be_trained(tiny_world, tmp_path):
     """It said "no captions in cap.jsonl to train a tokenizer on; set tokenizer.path": wrong advice."""
     cfg = load_config(tiny_config(_captioned_world(tiny_world, tmp_path), tmp_path / "run", epochs=1))
-    with pytest.raises(UserError, match=r"no captions in .*train\.jsonl to train a tokenizer on \(column 'caption' "
-                                        r"is metadata \(did you mean 'text'\?\)\): rename the column"):
+    # (since the data's own errors come first: no row pairs two modalities, the caption being metadata)
+    with pytest.raises(UserError, match=r"train\.jsonl: no row has two of the modalities .*: no pair to learn from; "
+                                        r"column 'caption' is metadata \(did you mean 'text'\?\)$"):
         train_align(cfg)
 
 
