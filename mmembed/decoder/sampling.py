@@ -40,8 +40,8 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "temperature", _as_real(self.temperature))
-        object.__setattr__(self, "top_p", _as_real(self.top_p))
+        object.__setattr__(self, "temperature", as_real(self.temperature))
+        object.__setattr__(self, "top_p", as_real(self.top_p))
         object.__setattr__(self, "top_k", _as_integer(self.top_k))
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
@@ -58,7 +58,7 @@ class Sampling:
         return self.temperature == 0
 
 
-def _as_real(value: object) -> object:
+def as_real(value: object) -> object:
     """A real number of any type (numpy's, a 0-d tensor: torch.tensor(0.5) was refused as "not a
     finite number >= 0") as a float; anything else (a bool, a 1-D tensor) as it is, for the checks."""
     if isinstance(value, Tensor):

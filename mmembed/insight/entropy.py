@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import Tensor
 from mmembed.decoder.answer import Generation, Stops, as_integer
 from mmembed.decoder.generate import generate
 from mmembed.decoder.prompt import Resolved
-from mmembed.decoder.sampling import Sampling
+from mmembed.decoder.sampling import Sampling, as_real
 from mmembed.decoder.score import MAX_COPIES, per_token
 from mmembed.insight.plotting import pyplot, save_png, token_labels
 
@@ -63,10 +62,8 @@ def logits_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
 def _real(value) -> float | None:
     """`value` as a float when it is a real number (np.float32(0.5), torch.tensor(0.5) included:
     they were refused as "not a finite number >= 0"); None for a bool or anything else."""
-    if isinstance(value, Tensor):
-        real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
-        return float(value) if real else None
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    value = as_real(value)  # the sampler's reading of a number
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def model_entropy(pm: PromptModel, prompt: Resolved, answers: Sequence[Sequence[int]]) -> list[list[float]]:
