@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mmembed.checkpoint import load_tensors
@@ -28,14 +29,15 @@ def _sparse(i, row):
     return {k: v for k, v in row.items() if not (k == "audio" and i % 12 or k == "image" and i % 3 == 1)}
 
 
-def test_a_tower_no_process_has_rows_for_is_left_as_on_one_process(tiny_world, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ddp", "fsdp"])
+def test_a_tower_no_process_has_rows_for_is_left_as_on_one_process(tiny_world, tmp_path, fsdp):
     """Under DDP a tower no rank used got zero gradients, and AdamW moved it (momentum, weight decay) and
     counted its steps; rank 1 also logged an INFO line ("process 1 of 2 joined")."""
     world = tmp_path / "world"
     shutil.copytree(tiny_world, world)
     data = {"data.train": _manifest(world, "sparse.jsonl", _sparse)}
     one = tiny_config(world, tmp_path / "one", _no_dropout(), batch_size=16, epochs=2)
-    two = tiny_config(world, tmp_path / "two", _no_dropout(), batch_size=8, epochs=2)
+    two = tiny_config(world, tmp_path / "two", _no_dropout(), batch_size=8, epochs=2, fsdp=fsdp)
     overrides = [f"{k}={v}" for k, v in data.items()]
     _run([sys.executable, "-m", "mmembed", "train", one, *overrides])
     r = _run(_torchrun(2, "train", two, *overrides))
