@@ -59,7 +59,7 @@ def embed_manifest(
     model: Any,
     manifest_path: str | Path,
     *,
-    modalities: Iterable[Modality | str] | None = None,
+    modalities: Modality | str | Iterable[Modality | str] | None = None,
     batch_size: int = 64,
     progress: bool = True,
     skip: SkipRule = "item",
@@ -94,13 +94,17 @@ def embed_manifest(
         own = " and ".join(f"{name!r} ({what})" for name, what in reserved.items())
         raise UserError(f"{manifest.path}: an index writes its own {own} into each item's metadata; rename the "
                         f"manifest's {' and '.join(map(repr, clash))} column" + "s" * (len(clash) > 1))
-    wanted = _select_modalities(model, manifest.modalities, modalities, manifest.path)
+    refused = {m for _, m, _ in manifest.skipped_items}  # a column whose every item was refused is still there
+    present = [m for m in Modality if m in manifest.modalities or m in refused]
+    wanted = _select_modalities(model, present, modalities, manifest.path)
     out = ManifestEmbeddings(path=manifest.path, by_modality={}, n_rows=len(manifest.rows))
     out.skipped.extend((line, "row", reason) for line, reason in manifest.skipped)
     out.skipped.extend((line, m.value, reason) for line, m, reason in manifest.skipped_items if m in wanted)
     main = current_world().main
     for modality in wanted:
         rows = [r for r in manifest.rows if modality in r.items]
+        if not rows:  # every item refused: counted above
+            continue
         vectors, ok, reasons = _embed_items(model, modality, [r.items[modality] for r in rows],
                                             batch_size, progress)
         if not main:
@@ -189,7 +193,11 @@ def _select_modalities(model: Any, present: Sequence[Modality], requested: Itera
             raise UserError(f"{path}: none of its modalities ({', '.join(present)}) has a tower in this model "
                             f"(it has: {', '.join(supported)})")
         return chosen
-    chosen = [Modality.parse(m) for m in requested]
+    if isinstance(requested, (str, Modality)):  # "text" alone, not the letters t, e, x, t
+        requested = [requested]
+    chosen = list(dict.fromkeys(Modality.parse(m) for m in requested))  # each once: twice embedded it twice
+    if not chosen:
+        raise UserError(f"{path}: no modality asked for (modalities is empty; None embeds every one the model has)")
     for m in chosen:
         if m not in present:
             raise UserError(f"{path}: no row has a {m} column (present: {', '.join(present)})")

@@ -257,3 +257,28 @@ def test_media_missing_from_a_manifests_subfolder_name_where_they_were_looked_fo
 def _copy(src: Path, dst: Path) -> Path:
     dst.write_text(src.read_text())
     return dst
+
+
+def test_a_column_whose_every_item_is_refused_is_counted_not_dropped(tmp_path):
+    """Every image path absolute: the index held the captions alone and said "nothing skipped"; asking
+    for images said "no row has a image column"."""
+    rows = [{"text": f"a c{i}", "image": f"/abs/c{i}.png"} for i in range(3)]
+    path = write_manifest(tmp_path, rows)
+    emb = embed_manifest(FakeModel(), path, progress=False)
+    assert [(line, what) for line, what, _ in emb.skipped] == [(1, "image"), (2, "image"), (3, "image"), (4, "row")]
+    assert list(emb.by_modality) == [Modality.TEXT]
+    with pytest.raises(UserError, match=r"no item could be read \(3 items and 1 row skipped; the first, line 1, image: "
+                                        r"absolute path '/abs/c0.png' refused"):
+        embed_manifest(FakeModel(), path, modalities=["image"], progress=False)
+
+
+def test_modalities_may_be_one_name_and_are_each_embedded_once(manifest):
+    """"text" was read as the modalities t, e, x, t; ["text", "text"] embedded and counted everything
+    twice; [] said "no item could be read"."""
+    once = embed_manifest(FakeModel(), manifest, modalities=["text"], progress=False)
+    for asked in ("text", Modality.TEXT, ["text", "text"]):
+        again = embed_manifest(FakeModel(), manifest, modalities=asked, progress=False)
+        assert list(again.by_modality) == [Modality.TEXT] and again.skipped == once.skipped
+        assert torch.equal(again.by_modality[Modality.TEXT].vectors, once.by_modality[Modality.TEXT].vectors)
+    with pytest.raises(UserError, match="no modality asked for"):
+        embed_manifest(FakeModel(), manifest, modalities=[], progress=False)
