@@ -13,13 +13,14 @@ rows are cut into groups of `GROUP` consecutive rows and one vectorised max per 
 (Q, n / GROUP) group maxima. Until a query holds k rows, its candidates are the rows of its k
 groups of highest maximum (exact: a row of the true top k lies in a group whose maximum is at
 least that row's score, and fewer than k other groups can beat that without k+1 rows beating
-the k-th score; ties aside). After that, only rows above the query's k-th best score can
-enter, and only groups whose maximum beats that score hold them: from the second block on a
-few hundred, then a few dozen of the block's Q·G (group, query) pairs, whose rows above the
-score are merged as a flat list (`RunningTopk._add_above`). At Q = 256 over 1M rows the
-selection went from ~14% of the search (group maxima over rows × queries scores, `topk` and
-two sorts per block) to ~8%, of which the group maxima — one pass over the block's 16 MB of
-scores, memory-bound once they have left the cache — are more than half.
+the k-th score; a tie between maxima goes to the lower group, as one between rows to the lower
+row). After that, only rows above the query's k-th best score can enter, and only groups
+whose maximum beats that score hold them: from the second block on a few hundred, then a few
+dozen of the block's Q·G (group, query) pairs, whose rows above the score are merged as a
+flat list (`RunningTopk._add_above`). At Q = 256 over 1M rows the selection went from ~14%
+of the search (group maxima over rows × queries scores, `topk` and two sorts per block) to ~8%,
+of which the group maxima — one pass over the block's 16 MB of scores, memory-bound once they
+have left the cache — are more than half.
 
 One query is a matrix-vector product, which streams the rows once.
 
@@ -84,9 +85,9 @@ def exact_topk(
     if not rescore:
         return scores[:, :k_out], rows[:, :k_out]
     exact = rescored(vectors, queries, rows)  # (1, k_search)
-    top, pick = torch.topk(exact, k_out, dim=1)
+    top, top_rows = best_first(exact, rows, k_out)
     if k_search == n_valid or _pool_holds_top_k(scores, exact, top[:, -1]):
-        return top, rows.gather(1, pick)
+        return top, top_rows
     # near-ties past the pool's cut (a narrow cone of vectors): the fp16 product cannot tell
     # them apart, so the query is scored exactly, block by block, as several queries are
     scorer = _BlockScorer(vectors, queries, _block_rows(vectors, 2), exact=True)
@@ -181,7 +182,8 @@ class RunningTopk:
         else:  # a transposed (n, Q) product: reduce it in its own layout, rows apart
             group_max = scores.T[:head].view(n_groups, GROUP, n_q).amax(dim=1).T
         if not (self.scores.shape[1] == self.k and self._add_above(grouped, group_max, offset)):
-            groups = torch.topk(group_max, self.k, dim=1, sorted=False).indices  # (Q, k)
+            # ties between group maxima go to the lower group, which holds the lower rows
+            _, groups = _best(group_max, torch.arange(n_groups).expand(n_q, n_groups), self.k)  # (Q, k)
             cand_s = grouped.gather(1, groups.unsqueeze(2).expand(n_q, self.k, GROUP)).view(n_q, -1)
             cand_r = (groups.unsqueeze(2) * GROUP + (self._offsets + offset)).view(n_q, -1)
             self._merge(cand_s, cand_r)
@@ -229,21 +231,53 @@ class RunningTopk:
 
     def _keep_best(self, pool_s: Tensor, pool_r: Tensor) -> None:
         keep = min(self.k, pool_s.shape[1])
-        self.scores, pick = torch.topk(pool_s, keep, dim=1, sorted=False)  # (Q, keep)
-        self.rows = pool_r.gather(1, pick)
+        self.scores, self.rows = _best(pool_s, pool_r, keep)  # (Q, keep)
         if keep == self.k:
             self.kth = self.scores.amin(dim=1)
 
     def result(self) -> tuple[Tensor, Tensor]:
-        """scores (Q, k) and rows (Q, k), best first."""
-        scores, order = torch.sort(self.scores, dim=1, descending=True)
-        return scores, self.rows.gather(1, order)
+        """scores (Q, k) and rows (Q, k), best first (ties: the lower row first)."""
+        return _ordered(self.scores, self.rows)
+
+
+# Ties. Rows are in id order (ids only grow, and a compaction or a load keeps the order), so a tie
+# between equal scores goes to the lower row: the answer is ordered by (score descending, row
+# ascending), and of rows tied at the k-th score the lowest are kept, whatever the blocking, the
+# query batch or the mask (a top k is then a prefix of the top k + 1). Blocks are scanned in row
+# order, so a later row tied with the k-th score never enters (`_add_above`'s strict >).
+
+
+def best_first(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The best k of candidates (Q, C), scores and rows: (Q, k) by score descending, then row ascending."""
+    return _ordered(*_best(scores, rows, k))
+
+
+def _best(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The best k of candidates (Q, C), in no order; of candidates tied at the k-th score, the lowest
+    rows. One `topk`, which keeps any of the tied ones: the queries where one was left out (duplicate
+    rows) are chosen again by sorting their candidates."""
+    top_s, pick = torch.topk(scores, k, dim=1, sorted=False)  # (Q, k)
+    top_r = rows.gather(1, pick)
+    kth = top_s.amin(dim=1, keepdim=True)  # (Q, 1)
+    # -inf ties are masked rows, which a full answer never holds: not worth a sort
+    left_out = ((scores == kth).sum(dim=1) > (top_s == kth).sum(dim=1)) & (kth[:, 0] > float("-inf"))
+    if bool(left_out.any()):
+        tied = left_out.nonzero().squeeze(1)  # (T,)
+        again_s, again_r = _ordered(scores[tied], rows[tied])
+        top_s[tied], top_r[tied] = again_s[:, :k], again_r[:, :k]
+    return top_s, top_r
+
+
+def _ordered(scores: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Candidates (Q, C) sorted by score descending, then row ascending (two sorts, the second stable)."""
+    rows, by_row = torch.sort(rows, dim=1)
+    scores, by_score = torch.sort(scores.gather(1, by_row), dim=1, descending=True, stable=True)
+    return scores, rows.gather(1, by_score)
 
 
 def rescore_rows(vectors: Tensor, queries: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Re-score candidate rows (Q, C) in fp32 against `vectors` and keep the best k, best first."""
-    top_s, pick = torch.topk(rescored(vectors, queries, rows), k, dim=1)
-    return top_s, rows.gather(1, pick)
+    return best_first(rescored(vectors, queries, rows), rows, k)
 
 
 def rescored(vectors: Tensor, queries: Tensor, rows: Tensor) -> Tensor:

@@ -115,7 +115,9 @@ class Index:
         if emb.by_modality and not len(index):  # (a distributed job's other ranks hold no part)
             raise nothing_read(emb.path, index.skipped)
         # absolute: a saved index is opened from other folders (`mmembed serve --index` finds media by it)
-        index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(index.skipped)}
+        rows = sum(what == "row" for _, what, _ in index.skipped)  # whole rows, as the log counts them apart
+        index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(index.skipped),
+                      "skipped_items": len(index.skipped) - rows, "skipped_rows": rows}
         log.info("indexed %d items from %s (%s skipped)", len(index), emb.path, skip_summary(index.skipped))
         return index
 
@@ -145,7 +147,7 @@ class Index:
 
         `metadata` is one dict per row (a lone dict for a single vector); the index keeps copies as a
         save writes them (a 0-d tensor or numpy scalar its number, a tuple a list, a Path a str).
-        Rows are normalised to unit length (rows already unit-norm are stored as given).
+        Rows are normalised to unit length (rows unit-norm to float32 rounding are stored as given).
         Raises BadInput (a ValueError) naming the row for NaN/Inf or zero rows and for a
         wrong dimension; nothing is added then.
         """
@@ -231,21 +233,25 @@ class Index:
                 (`{"label": "s3"}`; a list value means any of them).
             model: overrides the index's model for embedding a `Query`.
         Returns:
-            Up to k `Hit`s. A zero query vector scores every item 0.0 (never NaN).
+            Up to k `Hit`s. A zero query vector scores every item 0.0 (never NaN). Equal scores come
+            in id order, and of items tied at the k-th score the lowest ids are kept ("exact", "sq8",
+            whatever the batch or filter), so the top k is the start of the top k + 1; the FAISS
+            backends give tied hits in FAISS's own order.
         """
         if isinstance(query, Tensor) and query.dim() == 2 and query.shape[0] != 1:
             raise UserError(f"search takes one query, got {query.shape[0]}; use search_batch for (Q, D)")
         return self.search_batch([query], target=target, k=k, filter=filter, model=model)[0]
 
-    def search_batch(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
-                     k: int = 10, filter: Filter = None, model: Any = None) -> list[list[Hit]]:
-        """`search` for many queries at once: a (Q, D) tensor or a list of queries -> Q hit lists."""
+    def search_batch(self, queries: Tensor | np.ndarray | Sequence[QueryLike], *,
+                     target: Modality | str | None = None, k: int = 10, filter: Filter = None,
+                     model: Any = None) -> list[list[Hit]]:
+        """`search` for many queries at once: a (Q, D) tensor or array, or a list of queries -> Q hit lists."""
         scores, rows = self._search_rows(queries, target, k, filter, model)
         if rows.size == 0:
             return [[] for _ in range(rows.shape[0])]
         return self._hits(scores, rows)
 
-    def search_ids(self, queries: Tensor | Sequence[QueryLike], *, target: Modality | str | None = None,
+    def search_ids(self, queries: Tensor | np.ndarray | Sequence[QueryLike], *, target: Modality | str | None = None,
                    k: int = 10, filter: Filter = None, model: Any = None) -> tuple[Tensor, Tensor]:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
         float32, best first, k' = min(k, eligible items) (an id of -1 would pad a backend's short answer;
@@ -253,7 +259,7 @@ class Index:
         scores, rows = self._search_rows(queries, target, k, filter, model)
         return torch.from_numpy(self._store.ids_of_rows(rows)), torch.from_numpy(scores)
 
-    def _search_rows(self, queries: Tensor | Sequence[QueryLike], target: Modality | str | None, k: int,
+    def _search_rows(self, queries: Tensor | np.ndarray | Sequence[QueryLike], target: Modality | str | None, k: int,
                      filter: Filter, model: Any) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k') scores and store rows, numpy (see `Backend.search`)."""
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:  # numpy's ints too
@@ -267,12 +273,12 @@ class Index:
             return np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
         return self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
 
-    def _query_matrix(self, queries: Tensor | Sequence[QueryLike], model: Any) -> np.ndarray:
+    def _query_matrix(self, queries: Tensor | np.ndarray | Sequence[QueryLike], model: Any) -> np.ndarray:
         """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN).
         In numpy, with one torch call for a tensor's view (see `Backend.search`). One query comes
         back in this thread's buffer (`_one_query`), overwritten by its next single query."""
-        if isinstance(queries, Tensor):
-            a = _check_query_vectors(queries, self.dim)
+        if isinstance(queries, Tensor) or (isinstance(queries, np.ndarray) and queries.dtype != object):
+            a = _check_query_vectors(queries, self.dim)  # a (D,) array is one query, not D of one number
         else:
             queries = [_as_query(q) for q in queries]
             rows = [_one_vector(q.embed(self._embedding_model(model, q)), self.dim, i) if isinstance(q, Query)

@@ -88,8 +88,7 @@ def _writable_header(header: dict[str, Any]) -> dict[str, Any]:
     write or `read_index` would refuse (a save then replaced a good index with one no load reads)."""
     written = {}
     for key, value in header.items():
-        if bad := non_str_keys(value):  # JSON would make it a str: the value would change across the save
-            raise UserError(f"cannot save the index: its {key} has a key that is not a str: {bad[0]!r}")
+        _check_keys(value, f"cannot save the index: its {key}")
         try:
             written[key] = json.loads(json.dumps(value, default=_json_default))
         except (TypeError, ValueError) as e:  # a date, a set, a loop
@@ -114,7 +113,7 @@ def metadata_json(meta: dict[str, Any], what: str) -> str:
     except UnicodeEncodeError as e:
         raise UserError(f"{what} holds a lone surrogate U+{ord(e.object[e.start]):04X}, which is not Unicode text "
                         "and cannot be saved") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth limit
         raise UserError(f"{what} cannot be saved as JSON ({e})") from None
     return line
 
@@ -123,9 +122,20 @@ def saved_metadata(meta: dict[str, Any], what: str) -> dict[str, Any]:
     """`meta` as a load reads it back (a 0-d tensor or numpy scalar a number, a tuple a list, a Path a str),
     so a filter matches the same items before and after a save; UserError naming `what` for what
     no save can write."""
-    if bad := non_str_keys(meta):  # JSON would make it a str
-        raise UserError(f"{what} has a key that is not a str: {bad[0]!r}")
+    _check_keys(meta, what)
     return json.loads(metadata_json(meta, what))
+
+
+def _check_keys(value: Any, what: str) -> None:
+    """UserError naming `what` for a dict key that is not a str (JSON would make it one: the value would
+    change across a save) and for a dict or list that holds itself."""
+    try:
+        bad = non_str_keys(value)
+    except RecursionError:  # a loop (or nesting past Python's stack): a traceback of 1,000 frames
+        raise UserError(f"{what} holds itself (or nests too deep), which JSON cannot write; "
+                        "use str, numbers, lists and dicts") from None
+    if bad:
+        raise UserError(f"{what} has a key that is not a str: {bad[0]!r}")
 
 
 def _json_default(value: Any) -> Any:
@@ -238,11 +248,28 @@ def _read_metadata(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
         raise CheckpointError(f"{path}: checksum does not match {HEADER} (file changed or interrupted save)")
     # "\n" only: str.splitlines also breaks on U+2028, U+0085, \x1c..., which files written before
     # the ASCII-only format may hold raw inside strings
-    lines = raw.decode("utf-8").split("\n")
-    rows = [json.loads(line) for line in lines[:-1]]  # each row ends with "\n": the last piece is ""
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:  # a hand edit whose checksum was updated too, as below
+        line = raw[:e.start].count(b"\n") + 1
+        raise CheckpointError(f"{path}: line {line} is not UTF-8 (byte {e.start}: {e.reason})") from None
+    rows = [_metadata_row(line, i + 1, path) for i, line in enumerate(lines[:-1])]  # the last piece is ""
     if len(rows) != header["count"]:
         raise CheckpointError(f"{path}: {len(rows)} rows, header says {header['count']}")
     return rows
+
+
+def _metadata_row(line: str, number: int, path: Path) -> dict[str, Any]:
+    """One line of metadata.jsonl; CheckpointError naming the file and line for one that is not a JSON
+    object (a hand edit: JSONDecodeError, or "metadata[0] must be a dict" from the store)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise CheckpointError(f"{path}: line {number} is not JSON ({detail})") from None
+    if not isinstance(row, dict):
+        raise CheckpointError(f"{path}: line {number} is a {type(row).__name__}, not a JSON object")
+    return row
 
 
 def _code_map(names: list[str], directory: Path) -> dict[int, Modality]:

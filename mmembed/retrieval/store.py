@@ -23,7 +23,10 @@ from mmembed.modality import Modality
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
 ID_LIMIT = 2**63  # ids are int64: every id is below this, `next_id` at most this
-_UNIT_TOL = 1e-4  # rows already unit-norm within this are stored bit-exact
+# rows unit-norm within this are stored bit-exact: a float32 normalisation leaves norms within 4e-7
+# of 1 (D up to 4096); a row further off is divided by its norm, so no score passes 1 by more (1e-4
+# let scores reach 1.0001)
+_UNIT_TOL = 1e-6
 _TINY_NORM = 1e-15  # below, a row's float32 squares lose precision to subnormals
 
 
@@ -37,9 +40,13 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     """Validate and convert to a float32 (N, D) CPU tensor, rows normalised to unit length.
 
     Raises BadInput (a ValueError) naming the first row that is NaN/Inf or zero, and for a
-    wrong shape. A (D,) vector is taken as one row.
+    wrong shape or container. A (D,) vector is taken as one row.
     """
-    v = torch.as_tensor(vectors)
+    try:
+        v = torch.as_tensor(vectors)
+    except (TypeError, ValueError, RuntimeError):  # a list of vectors, a str, None: torch's own message
+        raise BadInput(f"{what} must be an (N, {dim}) tensor or array, got {type(vectors).__name__} "
+                       f"(a list of ({dim},) vectors: torch.stack(vectors))") from None
     if not (v.is_floating_point()):
         raise BadInput(f"{what} must be floating point, got {v.dtype}")
     v = v.detach().to(device="cpu", dtype=torch.float32)
