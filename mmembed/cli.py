@@ -278,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(parser, argv)
         configure_logging(args.verbose)
+        if hasattr(sys.stdout, "reconfigure"):  # a "→" or a caption's "☕" on a cp1252/ASCII stdout: a traceback
+            sys.stdout.reconfigure(errors="backslashreplace")  # after the work (an index saved, a report lost)
         if args.command is None:
-            parser.print_help()
+            print(parser.format_usage(), end="", file=sys.stderr)
+            print("mmembed: error: give a command (mmembed --help lists them)", file=sys.stderr)
             return EXIT_USAGE
         return int(args.handler(args) or 0)
     except PeerLostError as e:  # not the user's mistake: a run-time failure

@@ -62,11 +62,14 @@ def cut_long_runs(text: str) -> Iterator[str]:
 
 
 def check_corpus_file(file: Path) -> None:
-    """UserError unless `file` is a file: a folder is said to be one, not "not found"."""
+    """UserError unless `file` is a UTF-8 (or ASCII) file: a folder is said to be one, not "not found"."""
     if file.is_dir():
         raise UserError(f"corpus file {file} is a folder, not a file")
     if not file.is_file():
         raise UserError(f"corpus file not found: {file}")
+    from mmembed.data.manifest import check_utf8ish
+
+    check_utf8ish(file, "corpus")  # read as UTF-8, a UTF-16 file trained a vocabulary of NULs and U+FFFD
 
 
 def holds_text(file: Path) -> bool:

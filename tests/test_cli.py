@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -316,3 +317,32 @@ def test_logging_shows_our_info_and_only_warnings_of_other_libraries(flags, show
         assert text in done.stderr, done.stderr
     for text in hidden:
         assert text not in done.stderr, done.stderr
+
+
+def test_no_command_is_a_usage_error_on_stderr(capsys):
+    """`mmembed` alone printed 40 lines of help on stdout, exited 2 and said nothing on stderr."""
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == "mmembed: error: give a command (mmembed --help lists them)"
+
+
+def test_output_a_cp1252_stdout_cannot_encode_is_escaped_not_a_traceback(tmp_path):
+    """A "☕" in a printed path (or the tool's own "→") ended a finished command with a UnicodeEncodeError
+    traceback and exit 1 (`mmembed index` had saved the index)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 50)
+    out = tmp_path / "tok ☕"
+    r = subprocess.run([sys.executable, "-m", "mmembed.cli", "tokenizer", "train", "--corpus", str(corpus),
+                        "--vocab-size", "300", "--out", str(out)], capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    assert b"tok \\u2615" in r.stdout and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_utf16_corpus_is_refused_in_one_line(capsys, tmp_path, encoding):
+    """A spreadsheet's "Unicode text" corpus trained a vocabulary of NULs and U+FFFD, exit 0."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\nblue circle\n" * 50, encoding=encoding)
+    _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+                             "--out", str(tmp_path / "t")], "corpus is UTF-")

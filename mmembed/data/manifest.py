@@ -183,8 +183,8 @@ def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list
         raise UserError(f"{path}: no usable row ({len(skipped)} skipped; first, line {line}: {reason})")
 
 
-def check_utf8ish(path: Path) -> None:
-    """UserError for a UTF-16/32 file: read as UTF-8 its columns are names full of NULs, its lines
+def check_utf8ish(path: Path, what: str = "manifest") -> None:
+    """UserError for a UTF-16/32 file (a manifest, or `what` else): read as UTF-8 its columns are names full of NULs, its lines
     all invalid. Without a byte-order mark, its NULs give it away: one byte in two or more (ASCII
     text in UTF-16); a stray NUL in a UTF-8 file is one bad line, skipped as such."""
     with path.open("rb") as f:
@@ -193,7 +193,7 @@ def check_utf8ish(path: Path) -> None:
     if encoding is None and b"\x00" in head and head.count(b"\x00") >= len(head) // 4:
         encoding = "UTF-16 or UTF-32 (it holds NUL bytes)"
     if encoding is not None:
-        raise UserError(f"{path}: manifest is {encoding}: save it as UTF-8")
+        raise UserError(f"{path}: {what} is {encoding}: save it as UTF-8")
 
 
 def _check_modality_columns(path: Path, columns: set[str]) -> None:
