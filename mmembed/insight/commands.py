@@ -27,7 +27,8 @@ def run_tokenizer_stats(args: argparse.Namespace) -> int:
     check_stats_arguments(sizes, width, args.holdout_every)  # before the output folder is made
     train, held = split_corpus(read_corpus(args.corpus), args.holdout_every)  # a missing or short corpus too
     with output_folder(args.out):  # before training every size; removed again if the command fails
-        with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False) as bar:
+        # disable=None: no terminal (a log file), no bar, as in training
+        with tqdm(total=len(sizes), desc="train BPE", unit="size", leave=False, disable=None) as bar:
             rows = split_stats(train, held, sizes, embed_width=width, progress=lambda _: bar.update())
         paths = [plot_tokenizer_stats(rows, Path(args.out) / "tokenizer_stats.png"), *write_stats(rows, args.out)]
     print(format_stats_table(rows, holdout_every=args.holdout_every))

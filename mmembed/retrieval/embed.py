@@ -212,8 +212,9 @@ def _embed_items(model: Any, modality: Modality, items: list[Any], batch_size: i
     of a distributed job, which gathers every rank's batches; the others' results are partial)."""
     world = current_world()
     mine: list[tuple[int, list[tuple[list[int], Tensor | None, str]]]] = []  # (batch number, its spans)
-    bar = tqdm(total=len(items), desc=f"embed {modality}", unit="item", disable=not progress or not world.main,
-               leave=False)
+    # disable=None: no terminal (a log file, a pipe), no bar, as in training (its frames filled the log)
+    bar = tqdm(total=len(items), desc=f"embed {modality}", unit="item", leave=False,
+               disable=None if progress and world.main else True)
     with bar, torch.inference_mode():
         for number, start in enumerate(range(0, len(items), batch_size)):
             idx = list(range(start, min(start + batch_size, len(items))))

@@ -282,3 +282,9 @@ def test_modalities_may_be_one_name_and_are_each_embedded_once(manifest):
         assert torch.equal(again.by_modality[Modality.TEXT].vectors, once.by_modality[Modality.TEXT].vectors)
     with pytest.raises(UserError, match="no modality asked for"):
         embed_manifest(FakeModel(), manifest, modalities=[], progress=False)
+
+
+def test_no_progress_bar_is_drawn_into_a_log_file(manifest, capsys):
+    """Without a terminal (stderr to a file) the bar's carriage-return frames filled the log."""
+    embed_manifest(FakeModel(), manifest, progress=True)
+    assert "embed text" not in capsys.readouterr().err
