@@ -346,3 +346,16 @@ def test_a_utf16_corpus_is_refused_in_one_line(capsys, tmp_path, encoding):
     corpus.write_text("a red star\nblue circle\n" * 50, encoding=encoding)
     _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
                              "--out", str(tmp_path / "t")], "corpus is UTF-")
+
+
+def test_a_plot_never_replaces_a_file_of_the_run(tmp_path, capsys):
+    """--plot RUN/curves.png replaced the training curves the run's report shows, without a word."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "curves.png").write_bytes(b"the run's own")
+    for flag in ("--plot", "--attention-png"):
+        assert main(["generate", str(run), "--prompt", "describe", flag, str(run / "curves.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"mmembed: error: {flag} {run / 'curves.png'} would overwrite one of the run's files: " \
+                      "write the plot to another file"
+    assert (run / "curves.png").read_bytes() == b"the run's own"

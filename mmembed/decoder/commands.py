@@ -21,7 +21,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_options(args)
     prompt = parse_inline(args.prompt)
     check_outputs({flag: p for flag, p in (("--attention-png", args.attention_png), ("--plot", args.plot)) if p},
-                  prompt)
+                  prompt, Path(args.run))
     model = mm.load(args.run)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
@@ -41,10 +41,11 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_outputs(outs: dict[str, str | Path], prompt: list) -> None:
+def check_outputs(outs: dict[str, str | Path], prompt: list, run: Path | None = None) -> None:
     """The plots (flag → file) go to files that can be written, before the decoding (a folder
     failed after it), and of their own: not a picture or a sound of the prompt (the heatmap
-    replaced the image it was drawn from), nor each other."""
+    replaced the image it was drawn from), nor each other, nor a file already in the `run` folder
+    (its curves.png and retrieval.png, which its report shows, were replaced without a word)."""
     from mmembed.checkpoint import check_output_file
 
     media = {Path(p.item).resolve() for p in prompt if isinstance(p, Media) and isinstance(p.item, (str, Path))}
@@ -55,6 +56,8 @@ def check_outputs(outs: dict[str, str | Path], prompt: list) -> None:
         target = out.resolve()
         if target in media:
             raise UserError(f"{out} is a file of the prompt: write the plot to another file")
+        if run is not None and target.is_file() and target.is_relative_to(run.resolve()):
+            raise UserError(f"{flag} {out} would overwrite one of the run's files: write the plot to another file")
         if target in seen:
             raise UserError(f"--attention-png and --plot both name {out}: give each its own file")
         seen.add(target)
