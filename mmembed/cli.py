@@ -149,8 +149,9 @@ def _training_commands(sub) -> None:
     p.add_argument("--template", default=None, help="zero-shot prompt template (default: 'a photo of a {label}')")
     p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
                                           "greedily with the run's decoder, accuracy per task")
-    p.add_argument("--max-new-tokens", type=int, default=48,
-                   help="longest answer written (--instructions; default: 48)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer written (--instructions); a row whose reference answer is longer is not "
+                        "scored (default: each row its reference answer's length and some slack, at least 48)")
     p.add_argument("--json", dest="json_out", help="also write the report (with --instructions: every answer) "
                                                    "to this JSON file")
 

@@ -252,7 +252,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     if args.manifest is None and args.instructions is None:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.manifest is None and (args.labels or args.template is not None):  # they were ignored
         raise UserError("--labels and --template classify the items of --manifest: give --manifest too")

@@ -1,6 +1,7 @@
 """Answer instruction rows with a model and score the answers, per group of rows.
 
-    rows ─► prompts (text + mm.Image / mm.Audio / mm.Text) ─► Model.generate (greedy, batched)
+    rows ─► prompts (text + mm.Image / mm.Audio / mm.Text) ─► Model.generate (greedy, batched;
+            each row may write its reference answer and a little more, at least 48 tokens)
          ─► score(row, answer) ─► accuracy per group
 
 Prompts go through the public `generate`, the same path users take; scoring is the caller's
@@ -26,14 +27,40 @@ def row_prompt(row: InstructionRow) -> list[Segment]:
     return [seg if isinstance(seg, str) else MEDIA[seg[0]](seg[1]) for seg in row.prompt]
 
 
-def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int = 48,
+ANSWER_FLOOR = 48  # tokens every row may write at least (the built-in world's answers take at most 16)
+ANSWER_SLACK = 8  # tokens past its reference (and end token) a row may write: a longer wrong answer shows more
+
+
+def answer_budget(model: Any, row: InstructionRow) -> int:
+    """The new tokens a row may write by default: its reference answer with its end token, plus
+    slack, and never fewer than ANSWER_FLOOR (a fixed 48 scored every longer answer cut short)."""
+    return max(ANSWER_FLOOR, len(model.prompt_model.fmt.encode_answer(row.answer)) + ANSWER_SLACK)
+
+
+def answer_rows(model: Any, rows: Sequence[InstructionRow], max_new_tokens: int | None = None,
                 batch_size: int = 64, bad: list[tuple[int, str]] | None = None) -> list[Generation | None]:
     """Greedy answers to every row, returned in the order of `rows`, each as it would be alone: in
     batches of up to `batch_size` prompts of similar length, none long enough to cut another's
     answer short (`room_batches`); a batch of long prompts asks for the room it has.
 
+    `max_new_tokens`: the most tokens any row writes; None: each row its `answer_budget`. Either
+    way the context caps it (`answer_room`).
+
     A row whose media cannot be read (a missing or broken file) raises BadInput, or with a `bad`
     list is answered None and recorded there as (its line, the reason): skipped and counted."""
+    by_budget: dict[int, list[int]] = defaultdict(list)  # rows of one budget share batches
+    for i, row in enumerate(rows):
+        by_budget[max_new_tokens if max_new_tokens is not None else answer_budget(model, row)].append(i)
+    out: list[Generation | None] = [None] * len(rows)
+    for budget, indices in by_budget.items():
+        answers = _answer_batches(model, [rows[i] for i in indices], budget, batch_size, bad)
+        for i, answer in zip(indices, answers):
+            out[i] = answer
+    return out
+
+
+def _answer_batches(model: Any, rows: list[InstructionRow], max_new_tokens: int, batch_size: int,
+                    bad: list[tuple[int, str]] | None) -> list[Generation | None]:
     pm = model.prompt_model
     # a decoder that slides (a window, positions past the table) writes on past its context: no
     # batch cuts an answer there; learned positions stop at the context, window or not

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from encoders.blocks import set_grad_checkpointing
 from encoders.lora import add_lora_, merge_lora_
-from mmembed.config import Config, save_config
+from mmembed.config import Config, load_config, save_config
 from mmembed.data import SkipCounter, read_manifest
 from mmembed.data.instructions import InstructionRow, InstructionSet, read_instructions
 from mmembed.data.loader import EpochBatchSampler
@@ -109,9 +109,9 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
     step_fn = make_step_fn(pm, vectors, cfg.media_noise, device, net)
     evaluate = (lambda: evaluate_answers(pm, val_data, vectors, device)) if val_data is not None else None
     lm.train()
+    rows = _RowsState(train_data.fingerprint(), tc.seed, _context_change(run_dir, cfg.context) if resume else None)
     trainer = Trainer(lm, step_fn, make_loader, sampler.batches_per_epoch(), tc, run_dir / DECODER_DIR,
-                      evaluate=evaluate, callbacks=list(callbacks), device=device, net=net,
-                      stateful=_RowsState(train_data.fingerprint(), tc.seed))
+                      evaluate=evaluate, callbacks=list(callbacks), device=device, net=net, stateful=rows)
     result = trainer.fit(resume=resume)
     lm.eval()
     if cfg.lora_rank is not None:  # the adapters go into the weights: the saved decoder is a plain one
@@ -148,14 +148,25 @@ class _RowsState:
     training rows (after task selection and weights), which a resume must read again, and the seed
     that shuffles them, which it must keep (`_train_decoder` checks it first)."""
 
-    def __init__(self, rows: str, seed: int | None = None) -> None:
-        self.rows, self.seed = rows, seed
+    def __init__(self, rows: str, seed: int | None = None, cause: str | None = None) -> None:
+        self.rows, self.seed, self.cause = rows, seed, cause  # cause: a change that decides which rows fit
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        check_same_rows(state.get("rows"), self.rows, "decoder.data")
+        check_same_rows(state.get("rows"), self.rows, "decoder.data", self.cause)
+
+
+def _context_change(run_dir: Path, context: int) -> str | None:
+    """The change 'decoder.context A -> B' when the run's config.yaml (what its checkpoints trained with) has
+    another context: a resume may change it (rotary positions), but it decides which rows fit."""
+    try:  # GPT-2's context is its folder's, as this stage's own config has it
+        ran = load_config(run_dir / CONFIG).decoder
+        ran = ran if ran is None else with_gpt2_architecture(ran)
+    except UserError:  # missing or unreadable: the rows' own message stands
+        return None
+    return f"decoder.context {ran.context} -> {context}" if ran is not None and ran.context != context else None
 
 
 def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter) -> None:
@@ -229,24 +240,39 @@ def _warn_left_out(path: Path, val_set: InstructionSet, val_rows: list[Instructi
 def fit_whitening(config: Config, pm: PromptModel, model: Model, own: Tensor) -> None:
     """Fit the projector's whitening to the space: the vectors of every modality of the first
     `decoder.whiten_rows` rows of the align training manifest, pooled (so a decoder trained on
-    one modality's prompts is fitted to the whole space); without that manifest, `own`, the
-    vectors of the decoder's training media (never its validation rows')."""
-    cfg, root = config.decoder, Path(config.data.root)
-    manifest = root / config.data.train
-    vectors = own
-    if manifest.is_file():
-        rows = read_manifest(manifest, root=root, allow_outside_root=config.data.allow_outside_root,
-                             strict=config.data.strict).rows[: cfg.whiten_rows]
-        sample = MediaTable()
-        sample.add_refs((m, r.items[m]) for r in rows for m in model.modalities if m in r.items)
-        sample.embed(model)
-        sampled = sample.good_vectors()
-        vectors = sampled if len(sampled) >= 2 else vectors
+    one modality's prompts is fitted to the whole space); without that manifest, or when
+    data.train is no align manifest (a space copied with model.init_from never read it: an
+    instruction file named train.jsonl stopped the run), `own`, the vectors of the decoder's
+    training media (never its validation rows')."""
+    cfg = config.decoder
+    vectors, source = own, "the decoder's training media"
+    if (sampled := _align_sample(config, model)) is not None and len(sampled) >= 2:
+        vectors, source = sampled, f"the align manifest {Path(config.data.root) / config.data.train}"
     if len(vectors) < 2:
         raise UserError(f"decoder.whiten: {len(vectors)} readable media vector(s) to fit the whitening to; "
                         "it needs at least 2")
     pm.lm.whitening.fit(vectors, cfg.whiten_eps)
-    log.info("whitening fitted on %d vectors (eps %g)", len(vectors), cfg.whiten_eps)
+    log.info("whitening fitted on %d vectors of %s (eps %g)", len(vectors), source, cfg.whiten_eps)
+
+
+def _align_sample(config: Config, model: Model) -> Tensor | None:
+    """The space's vectors of the first decoder.whiten_rows rows of data.train; None when it is
+    missing or not an align manifest (said once, with the reason)."""
+    root = Path(config.data.root)
+    manifest = root / config.data.train
+    if not manifest.is_file():
+        return None
+    try:
+        rows = read_manifest(manifest, root=root, allow_outside_root=config.data.allow_outside_root,
+                             strict=config.data.strict).rows[: config.decoder.whiten_rows]
+    except UserError as e:  # the align stage, which would have refused it, did not run (model.init_from)
+        log.warning("decoder.whiten: data.train is not an align manifest to sample the space from (%s); "
+                    "fitting to the decoder's training media instead", e)
+        return None
+    sample = MediaTable()
+    sample.add_refs((m, r.items[m]) for r in rows for m in model.modalities if m in r.items)
+    sample.embed(model)
+    return sample.good_vectors()
 
 
 def _read(config: Config, root: Path, name: str, val_hint: str = "") -> InstructionSet:

@@ -1,16 +1,20 @@
 """What a run checks before any work of its decoder section: whether it copies model.init_from's
 whole space (and which towers it then reads through), its instruction manifests, and the tasks and
-prompt media that decoder.data's selection keeps. `preflight.check_config` runs these; a resume's
-checks are in preflight_resume.py.
+prompt media that decoder.data's selection keeps, and whether its rows make a batch.
+`preflight.check_config` runs these; a resume's checks are in preflight_resume.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmembed.config import Config
 from mmembed.errors import ConfigError, UserError
 from mmembed.modality import Modality
+
+if TYPE_CHECKING:  # read only when a manifest is
+    from mmembed.data.instructions import InstructionSet
 
 
 def _space_copied(config: Config) -> bool:
@@ -47,12 +51,14 @@ def _source_towers(config: Config) -> list[str] | None:
 def _check_decoder_tasks(config: Config) -> None:
     """A task the instruction rows do not have (`decoder.data.tasks=[colr]`), a weight for a task
     the selection by prompt modality leaves out (`{larger: 3}` with `prompt_modalities=[image]`),
-    or a modality no tower reads failed after the whole align stage had trained. The rows' tasks
-    and media are known up front for the built-in world and for a manifest already on disk."""
+    a modality no tower reads, or fewer rows than a batch failed after the whole align stage had
+    trained. The rows' tasks and media are known up front for the built-in world and for a
+    manifest already on disk (its rows too)."""
     if config.decoder is None:
         return
     data = config.decoder.data
-    kinds = _manifest_kinds(config, "train")
+    rows = _manifest_rows(config, "train")
+    kinds = _manifest_kinds(config, rows)
     if kinds is None:
         return _check_task_selection(config)
     known = sorted(t for t in kinds if t is not None)
@@ -67,37 +73,64 @@ def _check_decoder_tasks(config: Config) -> None:
                           f"leave out (the tasks kept: {', '.join(sorted(t for t in kept if t is not None))}): "
                           "drop the weight, or keep the modalities its prompts show")
     if None not in kept and all(data.task_weights.get(t) == 0 for t in kept):  # rows without a task keep weight 1
-        rows = "the instruction rows" if data.prompt_modalities is None else f"the rows {_SELECTION} keep"
-        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of {rows}: "
+        rows_kept = "the instruction rows" if data.prompt_modalities is None else f"the rows {_SELECTION} keep"
+        raise ConfigError(f"decoder.data.task_weights {data.task_weights} drops every task of {rows_kept}: "
                           "give one a weight > 0")
     _check_media_read(config, kept)
+    if rows is not None and config.data.synth is None:  # a world data.synth makes is written again, to its size
+        _check_enough_rows(config, rows)
     # validation rows go through the same selection, after the align stage: a val file left without rows failed there
-    if data.val is not None and (val_kinds := _manifest_kinds(config, "val")) is not None:
+    if data.val is not None and (val_kinds := _manifest_kinds(config, _manifest_rows(config, "val"))) is not None:
         _check_media_read(config, _selected(config, "val", val_kinds))
 
 
 _SELECTION = "decoder.data.tasks / prompt_modalities"
 
 
-def _manifest_kinds(config: Config, key: str) -> dict[str | None, set[frozenset[str]]] | None:
-    """The tasks and prompt media of `decoder.data.{key}`'s usable rows, read as the decoder stage
-    reads them (bad rows skipped, or refused with data.strict); the world's table when data.synth
-    writes it; None when neither is known yet."""
-    name = getattr(config.decoder.data, key)
-    path = Path(config.data.root) / name
-    if path.is_file():
-        from mmembed.data.instructions import manifest_kinds
+def _manifest_rows(config: Config, key: str) -> InstructionSet | None:
+    """The usable rows of `decoder.data.{key}`, read as the decoder stage reads them (bad rows
+    skipped, or refused with data.strict); None when the file is not there (yet)."""
+    path = Path(config.data.root) / getattr(config.decoder.data, key)
+    if not path.is_file():
+        return None
+    from mmembed.data.instructions import read_instructions
 
-        try:
-            return manifest_kinds(path, root=config.data.root, allow_outside_root=config.data.allow_outside_root,
-                                  strict=config.data.strict)
-        except UserError as e:  # the file's own error (no usable row, UTF-16), with the key that names it
-            raise ConfigError(f"decoder.data.{key}: {e}") from None
+    try:
+        return read_instructions(path, root=config.data.root, allow_outside_root=config.data.allow_outside_root,
+                                 strict=config.data.strict)
+    except UserError as e:  # the file's own error (no usable row, UTF-16), with the key that names it
+        raise ConfigError(f"decoder.data.{key}: {e}") from None
+
+
+def _manifest_kinds(config: Config, rows: InstructionSet | None) -> dict[str | None, set[frozenset[str]]] | None:
+    """Each task of `rows` (None: rows without one) with the sets of modalities their prompts
+    show (`manifest_kinds`); the world's table when data.synth writes the file; None when
+    neither is known yet."""
+    if rows is not None:
+        kinds: dict[str | None, set[frozenset[str]]] = {}
+        for row in rows.rows:
+            kinds.setdefault(row.task, set()).add(frozenset(m.value for m, _ in row.media))
+        return kinds
     if config.data.synth is not None:  # the world writes it
         from mmembed.data.synth.instructions import TASK_MEDIA
 
         return TASK_MEDIA
     return None
+
+
+def _check_enough_rows(config: Config, rows: InstructionSet) -> None:
+    """Fewer training rows than a batch ("N usable decoder rows, fewer than decoder.train.batch_size")
+    was found after the align stage. Counted as the stage counts them (selected, then weighted);
+    rows whose media cannot be read or that outgrow decoder.context, which need the space and its
+    tokenizer, only lower the count: so "at most"."""
+    data, batch = config.decoder.data, config.decoder.train.batch_size
+    kept = rows.select(data.tasks, data.prompt_modalities)
+    if data.task_weights:
+        kept = kept.weighted(data.task_weights, seed=config.decoder.train.seed)
+    if len(kept) < batch:
+        raise ConfigError(f"decoder.data.train: {rows.path} keeps at most {len(kept)} usable row(s) after "
+                          f"{_SELECTION} / task_weights, fewer than decoder.train.batch_size={batch}: lower the "
+                          "batch size, or give more rows")
 
 
 def _selected(config: Config, key: str, kinds: dict[str | None, set[frozenset[str]]]

@@ -152,13 +152,19 @@ def resume_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
-def check_same_rows(saved: str | None, current: str | None, keys: str) -> None:
+def check_same_rows(saved: str | None, current: str | None, keys: str, cause: str | None = None) -> None:
     """UserError when a checkpoint's training rows (fingerprint `saved`; None in older ones) are not
-    the rows a resumed run now reads: its place in the epoch means those rows."""
-    if saved is not None and current is not None and saved != current:
-        raise UserError(f"--resume: the training rows ({keys}) are not those the checkpoint was trained on, and "
-                        "its place in the epoch means those rows: restore them, or start over (--overwrite, or "
-                        "another train.out_dir)")
+    the rows a resumed run now reads: its place in the epoch means those rows. `cause`: a changed
+    setting that decides which rows are kept (`decoder.context 128 -> 256`), named instead of `keys`."""
+    if saved is None or current is None or saved == current:
+        return
+    if cause is not None:  # the data may be untouched: blaming it sent users looking for a change they never made
+        raise UserError(f"--resume: {cause} changed which training rows fit, so the checkpoint's place in the epoch "
+                        "no longer matches their order: resume without the change, or start a new run (--overwrite, "
+                        "or another train.out_dir)")
+    raise UserError(f"--resume: the training rows ({keys}) are not those the checkpoint was trained on, and "
+                    "its place in the epoch means those rows: restore them, or start over (--overwrite, or "
+                    "another train.out_dir)")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -287,9 +287,10 @@ GOOD_ROWS = [{"prompt": ["What colour is", {"image": "images/s1.png"}], "answer"
 
 
 def _own_rows(tmp_path, train, *overrides, val=None):
-    """The demo config (text and image towers) training its decoder on the manifest `train` of tmp_path/world."""
+    """The demo config (text and image towers) training its decoder on the manifest `train` of tmp_path/world,
+    in batches of one (its few rows make one)."""
     return _demo(tmp_path, "data.synth=null", f"decoder.data.train={train}", f"decoder.data.val={val or 'null'}",
-                 "decoder.data.task_weights={}", *overrides, towers=("text", "image"))
+                 "decoder.data.task_weights={}", "decoder.train.batch_size=1", *overrides, towers=("text", "image"))
 
 
 def test_bad_instruction_rows_are_skipped_by_the_task_check_as_training_skips_them(tmp_path):
@@ -344,3 +345,21 @@ def test_the_memory_check_is_skipped_where_there_is_no_sysconf(tmp_path, monkeyp
 
     monkeypatch.delattr(os, "sysconf")
     check_config(_demo(tmp_path, "decoder=null"))
+
+
+def test_fewer_training_rows_than_a_decoder_batch_are_refused_before_the_align_stage(tmp_path):
+    """4 rows kept by decoder.data.tasks with decoder.train.batch_size=16 passed preflight, and the decoder
+    stage failed ("4 usable decoder rows, fewer than ...") after the whole align stage had trained."""
+    world = tmp_path / "world"
+    shape = {"prompt": ["Which shape is", {"image": "images/s1.png"}], "answer": "a star", "task": "shape"}
+    train = _rows(world, "mine.jsonl", [*GOOD_ROWS * 4, shape, shape], raw=["{not json"])
+    with pytest.raises(ConfigError, match=r"^decoder\.data\.train: .*mine\.jsonl keeps at most 2 usable row\(s\) "
+                                          r"after decoder\.data\.tasks / prompt_modalities / task_weights, fewer "
+                                          r"than decoder\.train\.batch_size=3: lower the batch size"):
+        check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[shape]", "decoder.train.batch_size=3"))
+    check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[shape]", "decoder.train.batch_size=2"))
+    # counted as the stage counts them: the weights repeat rows (2 * 1.5 = 3), the bad line counts for none
+    check_config(_own_rows(tmp_path, train, "decoder.data.tasks=[shape]", "decoder.data.task_weights={shape: 1.5}",
+                           "decoder.train.batch_size=3"))
+    with pytest.raises(ConfigError, match=r"keeps at most 10 usable row\(s\)"):
+        check_config(_own_rows(tmp_path, train, "decoder.train.batch_size=11"))
