@@ -67,6 +67,10 @@ def run_train_queries(args: argparse.Namespace) -> int:
         from mmembed.data.synth.episodes import world_episodes
 
         root = Path(model.config.data.root)
+        if not root.is_absolute() and not (root / "train.jsonl").is_file():  # read from here, not the run's folder
+            raise UserError(f"the run's data.root {root} is relative to the folder it was trained in, and "
+                            f"{Path.cwd()} holds no {root / 'train.jsonl'}: run this from that folder, or give "
+                            "--episodes")
         train = world_episodes(root, "train", args.episode_size, n=args.steps * 4, seed=args.seed)
         val = (read_episodes(args.val_episodes, allow_outside_root=outside) if args.val_episodes
                else world_episodes(root, "val", 30, n=40, seed=args.seed + 1))

@@ -283,3 +283,16 @@ def test_cli_episodes_are_read_with_the_runs_allow_outside_root(tiny_world, tmp_
     model.save(tmp_path / "run2")
     assert main([*command[:1], str(tmp_path / "run2"), *command[2:]]) == 0
     assert "query tower: 2 steps" in capsys.readouterr().out
+
+
+def test_a_relative_data_root_read_from_another_folder_says_so(tmp_path, capsys, monkeypatch):
+    """From another folder the run's relative data.root gave "data/shapes/train.jsonl not found", naming
+    neither the run's data.root nor --episodes."""
+    model = tiny_model(0)
+    model.config.data.root = "data/shapes"
+    model.save(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-queries", str(tmp_path / "run"), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mmembed: error: the run's data.root data/shapes is relative to the folder it was trained in, "
+                   f"and {tmp_path} holds no data/shapes/train.jsonl: run this from that folder, or give --episodes")
