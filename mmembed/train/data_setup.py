@@ -58,6 +58,7 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
     training captions (vocabulary `tokenizer.vocab_size`). None when nothing needs one: no
     text tower, and no caption to train one on."""
     from mmembed.data import read_manifest
+    from mmembed.modality import Modality
     from mmembed.tokenizer import Tokenizer, load_tokenizer
 
     tok = cfg.tokenizer
@@ -73,7 +74,10 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
         if not Path(tok.path).exists():
             raise UserError(f"tokenizer.path not found: {tok.path}")
         return load_tokenizer(tok.path)
-    if not texts:  # and no text tower (check_trainable)
+    if not texts:  # no text tower, or a frozen one (check_trainable), whose run's tokenizer it needs
+        if str(Modality.TEXT) in cfg.model.towers:
+            raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on: the frozen text tower "
+                            "needs the tokenizer of the run it comes from (tokenizer.path=RUN/tokenizer.json)")
         return None
     log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
@@ -81,7 +85,8 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
 
 def check_trainable(cfg: Config, manifest, has_text: bool) -> None:
     """UserError unless some row of `manifest` pairs two of the towers' modalities, and, with a text
-    tower, unless some row has a caption (`has_text`): that tower would learn nothing."""
+    tower that trains, unless some row has a caption (`has_text`): that tower would learn nothing. A
+    frozen one (the bind-audio recipe: audio bound through images to a fixed space) needs none."""
     from mmembed.data import ManifestDataset
     from mmembed.data.manifest import column_hints
     from mmembed.modality import Modality
@@ -91,7 +96,7 @@ def check_trainable(cfg: Config, manifest, has_text: bool) -> None:
         # its error, once (the training loader gives its warnings); it reads which modalities the model
         # has, not their preprocessors, which need the tokenizer
         ManifestDataset(manifest, dict.fromkeys(towers)).check_pairs(captioned=cfg.loss.caption_weight > 0)
-    if has_text or Modality.TEXT not in towers:
+    if has_text or Modality.TEXT not in towers or cfg.model.towers[str(Modality.TEXT)].freeze:
         return
     hints = column_hints(manifest.meta_columns, {Modality.TEXT})
     rename = f" ({'; '.join(hints)}): rename the column, or" if hints else ":"

@@ -52,6 +52,19 @@ def test_a_manifest_without_captions_names_the_text_tower(tiny_world, tmp_path, 
     assert "tokenizer.path" not in str(e.value)
 
 
+def test_a_frozen_text_tower_needs_no_caption_but_its_runs_tokenizer(tiny_world, tmp_path):
+    """The bind-audio recipe (image+audio rows, the text tower frozen from another run) was refused for
+    having no caption, with advice that dropped the very tower audio->text retrieval goes through."""
+    world, _ = _world_of(tiny_world, tmp_path, ("image", "audio"))
+    Tokenizer.train(["a red circle", "a blue square"], vocab_size=300).save(tmp_path / "tokenizer.json")
+    frozen = ["model.towers.text.freeze=true"]
+    cfg = load_config(tiny_config(world, tmp_path / "run"), [*frozen, f"tokenizer.path={tmp_path / 'tokenizer.json'}"])
+    assert prepare_tokenizer(cfg, world, None).vocab_size == Tokenizer.load(tmp_path / "tokenizer.json").vocab_size
+    with pytest.raises(UserError, match=r"the frozen text tower needs the tokenizer of the run it comes from "
+                                        r"\(tokenizer.path=RUN/tokenizer.json\)$"):
+        prepare_tokenizer(load_config(tiny_config(world, tmp_path / "run"), frozen), world, None)
+
+
 def test_a_run_without_a_text_tower_trains_without_captions(tiny_world, tmp_path):
     """`model.towers.text=null` was "model.towers.text must be a mapping, got null": no tower could be
     left out from the command line, so an image+audio manifest could not be trained on."""
