@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mmembed.data.manifest import CAPTION_MODALITY, Manifest, Row, column_hints, misnamed_columns
+from mmembed.data.columns import column_hints, misnamed_columns
+from mmembed.data.manifest import CAPTION_MODALITY, Manifest, Row
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 

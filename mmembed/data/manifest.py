@@ -38,25 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmembed.data.columns import CAPTIONS_COLUMN, LABEL_COLUMN, column_hints
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.text_encoding import SURROGATE
 
 # modalities whose manifest value is the content itself; all others are file paths
 INLINE_MODALITIES = frozenset({Modality.TEXT})
-LABEL_COLUMN = "label"
-# alternative captions of the row's media; their modality is CAPTION_MODALITY
-CAPTIONS_COLUMN = "captions"
+# the modality of the alternative captions (`CAPTIONS_COLUMN`) of the row's media
 CAPTION_MODALITY = Modality.TEXT
 # no ".json": a JSON array file would be misread line by line; one object per line is the format
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-# column names people give a modality (a close misspelling of these or of a modality is caught too)
-_MODALITY_SYNONYMS = {
-    "caption": Modality.TEXT, "txt": Modality.TEXT, "sentence": Modality.TEXT, "description": Modality.TEXT,
-    "img": Modality.IMAGE, "picture": Modality.IMAGE, "photo": Modality.IMAGE, "image_path": Modality.IMAGE,
-    "img_path": Modality.IMAGE, "image_file": Modality.IMAGE,
-    "wav": Modality.AUDIO, "sound": Modality.AUDIO, "audio_path": Modality.AUDIO, "audio_file": Modality.AUDIO,
-}
 # byte-order marks of the encodings a spreadsheet's "Unicode text" export writes (UTF-32 first: FF FE 00 00 starts with FF FE)
 _BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
          (b"\xfe\xff", "UTF-16"))
@@ -202,41 +194,6 @@ def _check_modality_columns(path: Path, columns: set[str]) -> None:
         found = ", ".join(c if c.isprintable() else ascii(c) for c in sorted(columns))
         hints = "".join(f"; {hint}" for hint in column_hints(columns, set(Modality)))
         raise UserError(f"{path}: no modality column (need at least one of {', '.join(known)}; found {found}){hints}")
-
-
-def likely_modality(column: str) -> Modality | None:
-    """The modality a metadata column's name looks like a synonym or misspelling of, else None."""
-    if column in (CAPTIONS_COLUMN, LABEL_COLUMN):  # real columns (`captions` is close to `caption`)
-        return None
-    name = column.strip().lower()
-    names = {m.value: m for m in Modality} | _MODALITY_SYNONYMS
-    # one slip away at most ("imgae", "images"), in names of 4 characters or more ("id" is not "img"):
-    # a looser match took ids and sizes ("caption_id", "image_w", "audio_len") for the modality itself
-    near = _one_edit_apart if len(name) >= 4 else str.__eq__
-    return next((m for known, m in names.items() if near(name, known)), None)
-
-
-def _one_edit_apart(a: str, b: str) -> bool:
-    """Whether `a` is `b`, or `b` with one character inserted or deleted, or two adjacent ones
-    swapped. Not one replaced: "test" and "audit" are words of their own, not "text" and "audio"."""
-    if a == b:
-        return True
-    if len(a) == len(b):
-        diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) == 2 and diff[1] == diff[0] + 1 and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
-    short, long = sorted((a, b), key=len)
-    return len(long) - len(short) == 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long)))
-
-
-def misnamed_columns(columns: set[str], wanted: set[Modality]) -> dict[str, Modality]:
-    """The columns among `columns` that look like a modality of `wanted`: column → that modality."""
-    guesses = {c: likely_modality(c) for c in sorted(columns) if c not in {m.value for m in Modality}}
-    return {c: m for c, m in guesses.items() if m in wanted}
-
-
-def column_hints(columns: set[str], wanted: set[Modality]) -> list[str]:
-    """"column 'caption' is metadata (did you mean 'text'?)" for each column that looks like one of `wanted`."""
-    return [f"column {c!r} is metadata (did you mean {m.value!r}?)" for c, m in misnamed_columns(columns, wanted).items()]
 
 
 def _make_row(line: int, record: dict[str, Any], base: Path, allow_outside_root: bool,

@@ -19,6 +19,7 @@ stored rows with the model) → `memory.py` (`Memory`, the public API) →
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
 from mmembed.memory.session import Session
-from mmembed.memory.store import SCHEMA_VERSION, MemoryFileError
+from mmembed.memory.sqlite import MemoryFileError
+from mmembed.memory.store import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "Memory", "MemoryFileError", "MemoryHit", "Session"]

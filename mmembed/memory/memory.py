@@ -36,7 +36,8 @@ from mmembed.memory.embedding import _checked_parts, _embed, _new_items, _record
 from mmembed.memory.export import export_items
 from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
-from mmembed.memory.store import MemoryFileError, Store
+from mmembed.memory.sqlite import MemoryFileError
+from mmembed.memory.store import Store
 from mmembed.modality import Modality
 from mmembed.retrieval.store import check_vectors
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmembed.errors import UserError
+
 if TYPE_CHECKING:
     from mmembed.memory.store import Store
 
@@ -28,6 +30,10 @@ BUSY_TIMEOUT_S = 60.0
 _PARKED: list[sqlite3.Connection] = []  # parents' connections inherited by a fork: kept, never closed
 _OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every Store of this process, closed before a fork
 _FORK_WAIT_S = 30.0
+
+
+class MemoryFileError(UserError):
+    """The memory file cannot be used: not SQLite, corrupt, another schema, or another model's."""
 
 
 def _while_busy(op: Callable[[], Any], timeout_s: float = BUSY_TIMEOUT_S) -> Any:

@@ -34,7 +34,7 @@ import numpy as np
 from mmembed.errors import UserError
 from mmembed.memory import table
 from mmembed.memory.records import MemoryHit, NewItem, VectorRows
-from mmembed.memory.sqlite import _FORK_WAIT_S, _OPEN, _PARKED, BUSY_TIMEOUT_S, _describe, _while_busy
+from mmembed.memory.sqlite import _FORK_WAIT_S, _OPEN, _PARKED, BUSY_TIMEOUT_S, MemoryFileError, _describe, _while_busy
 from mmembed.modality import Modality
 
 SCHEMA_VERSION = 1
@@ -46,10 +46,6 @@ def _run_to_record(meta: dict[str, str], fingerprint: str | None, run: str | Non
     and the file names no run or one that is gone (a pruned checkpoint, a moved run)."""
     return (run is not None and meta.get("fingerprint") == str(fingerprint)
             and ("run" not in meta or not Path(meta["run"]).is_dir()))
-
-
-class MemoryFileError(UserError):
-    """The memory file cannot be used: not SQLite, corrupt, another schema, or another model's."""
 
 
 class Store:
@@ -232,38 +228,28 @@ class Store:
         self.run = meta.get("run")
 
     def _read_schema(self, conn: sqlite3.Connection) -> tuple[set[str], dict[str, str]]:
-        """The file's tables (empty for a new file) and meta; refuses foreign files and other versions."""
+        """The file's tables (empty for a new file) and meta; refuses foreign files (by their tables and a
+        recorded schema version: another program's `meta` and `items` are not enough) and other versions."""
         tables = table.tables(conn)
         if not tables:
             return tables, {}
-        self._check_ours(tables)
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        self._check_version(meta.get("schema_version"))
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if {"meta", "items"} <= tables else {}
+        except sqlite3.OperationalError:  # no such column: someone else's `meta`
+            meta = {}
+        if "schema_version" not in meta:
+            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
+        self._check_version(meta["schema_version"])
         if "dim" in meta and not (str(meta["dim"]).isascii() and str(meta["dim"]).isdigit() and int(meta["dim"]) > 0):
             raise MemoryFileError(f"{self.path} is corrupt (its embedding width is {meta['dim']!r}); "
                                   "restore it from a copy")
         return tables, meta
 
-    def _check_ours(self, tables: set[str]) -> None:
-        if tables and not {"meta", "items"} <= tables:
-            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
-
     def _check_ours_file(self, conn: sqlite3.Connection) -> None:
-        """Before a connection changes anything: the file is new or a memory file, by its tables and its
-        recorded schema version (another program's `meta` and `items` tables are not enough), and, once
+        """Before a connection changes anything (WAL mode): the file is new or a memory file, and, once
         this Store has adopted a model, still that model's (a file replaced since the last connection)."""
-        tables = table.tables(conn)
-        self._check_ours(tables)
-        if not tables:
-            return
-        try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.OperationalError:  # no such column: someone else's `meta`
-            meta = {}
-        if "schema_version" not in meta:
-            raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
-        if self.dim is not None:
-            self._check_version(meta["schema_version"])
+        tables, meta = self._read_schema(conn)
+        if tables:
             self._check_model(meta, self.dim, self.fingerprint)
 
     def _check_version(self, version: str | None) -> None:

@@ -88,7 +88,7 @@ def check_trainable(cfg: Config, manifest, has_text: bool) -> None:
     tower that trains, unless some row has a caption (`has_text`): that tower would learn nothing. A
     frozen one (the bind-audio recipe: audio bound through images to a fixed space) needs none."""
     from mmembed.data import ManifestDataset
-    from mmembed.data.manifest import column_hints
+    from mmembed.data.columns import column_hints
     from mmembed.modality import Modality
 
     towers = {Modality(m) for m in cfg.model.towers if m in {str(v) for v in Modality}}  # others: the build's error

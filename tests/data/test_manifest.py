@@ -277,7 +277,7 @@ def test_a_utf16_or_utf32_manifest_is_one_line_asking_for_utf8(tmp_path, name, e
 def test_a_column_named_like_a_modality_is_named_with_the_modality_it_looks_like(tmp_path):
     """A manifest whose columns were `caption` and `imgae` was only told it had no modality column;
     header names that are not printable reached the terminal raw."""
-    from mmembed.data.manifest import likely_modality
+    from mmembed.data.columns import likely_modality
 
     guesses = {c: likely_modality(c) for c in ("caption", "Text", "texts", "imgae", "img", "picture", "wav",
                                                "audio_path", "captions", "label", "id", "test", "qa", "split")}

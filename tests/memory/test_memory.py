@@ -306,7 +306,7 @@ def test_a_damaged_row_is_a_corrupt_file_error_not_a_traceback(db, model, damage
     embedding) gave JSONDecodeError / ValueError / TypeError tracebacks from search and export."""
     import sqlite3
 
-    from mmembed.memory.store import MemoryFileError
+    from mmembed.memory import MemoryFileError
 
     with Memory(db, model=model) as mem:
         mem.add_many("ada", ["a red star", "a blue circle"])
@@ -349,7 +349,7 @@ def test_a_damaged_embedding_width_or_embedding_is_a_memory_file_error(model, db
     read by `vectors` gave numpy's reshape error."""
     import sqlite3
 
-    from mmembed.memory.store import MemoryFileError
+    from mmembed.memory import MemoryFileError
 
     with mm.Memory(db, model=model) as mem:
         first = mem.add("ada", "hello")
@@ -365,7 +365,7 @@ def test_a_damaged_embedding_width_or_embedding_is_a_memory_file_error(model, db
 
 def test_a_memory_file_under_a_file_says_so(model, tmp_path):
     """`chat --memory c.txt/m.db` with c.txt a file said "folder c.txt does not exist"."""
-    from mmembed.memory.store import MemoryFileError
+    from mmembed.memory import MemoryFileError
 
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(MemoryFileError, match=r"c.txt is a file, not a folder$"):
