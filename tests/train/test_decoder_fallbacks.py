@@ -11,9 +11,9 @@ import torch
 from mmembed.decoder import build_prompt_model
 from mmembed.errors import UserError
 from mmembed.train import copy_space, train
-from mmembed.train.decoder import fit_whitening, train_decoder
+from mmembed.train.decoder import fit_whitening
 from tests.conftest import tiny_model
-from tests.train.test_decoder_stage import decoder_config
+from tests.train.test_decoder_stage import decoder_config, interrupt_decoder
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,7 @@ def test_a_resume_that_changes_decoder_context_blames_the_context_not_the_data(s
     cfg = decoder_config(tiny_world, tmp_path / "run")
     cfg.model.init_from = str(space)
     cfg = copy_space(cfg)
-
-    def stop(event, trainer, info):
-        if event == "step" and trainer.progress.step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_decoder(cfg, callbacks=[stop])
+    interrupt_decoder(cfg, at_step=2)
     shorter = copy.deepcopy(cfg)
     shorter.decoder.context = 40  # the longer rows no longer fit: other rows, another epoch order
     with pytest.raises(UserError, match=r"^--resume: decoder\.context 160 -> 40 changed which training rows fit, so "

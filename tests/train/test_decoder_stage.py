@@ -34,6 +34,17 @@ def decoder_config(world, out_dir, **decoder):
     return load_config(path)
 
 
+def interrupt_decoder(cfg, at_step: int) -> None:
+    """Train the decoder stage of `cfg` until a Ctrl-C at step `at_step` (what a resume starts from)."""
+
+    def stop(event, trainer, info):
+        if event == "step" and trainer.progress.step == at_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(cfg, callbacks=[stop])
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("decoder-run") / "run"
@@ -81,15 +92,10 @@ def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_
     cfg = decoder_config(tiny_world, run)
     cfg.model.init_from = str(trained_run)
 
-    def stop(event, trainer, info):
-        if event == "step" and trainer.progress.step == 5:
-            raise KeyboardInterrupt
-
     from mmembed.train import copy_space
 
     cfg = copy_space(cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train_decoder(cfg, callbacks=[stop])
+    interrupt_decoder(cfg, at_step=5)
     assert not (run / DECODER_WEIGHTS).exists()
     other = copy.deepcopy(cfg)  # other rows: the saved place in the epoch would point into them
     other.decoder.data.tasks = ["describe"]
@@ -544,13 +550,7 @@ def test_a_pipeline_stopped_before_the_decoders_first_checkpoint_resumes(trained
     cfg = decoder_config(tiny_world, tmp_path / "run", train={**DECODER["train"], "checkpoint_every": 1000})
     cfg.model.init_from = str(trained_run)
     cfg = copy_space(cfg)
-
-    def stop(event, trainer, info):
-        if event == "step" and trainer.progress.step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_decoder(cfg, callbacks=[stop])
+    interrupt_decoder(cfg, at_step=2)
     assert (tmp_path / "run" / DECODER_DIR / "metrics.jsonl").is_file()
     train(cfg, resume=True)
     assert (tmp_path / "run" / DECODER_WEIGHTS).is_file()
@@ -607,12 +607,7 @@ def test_a_resumed_decoder_stage_keeps_the_space_it_copied_in_config_yaml(traine
     mine.model.init_from = str(trained_run)
     mine.model.embed_dim = 48  # the user's section; the space is the copied run's
 
-    def stop(event, trainer, info):
-        if event == "step" and trainer.progress.step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_decoder(copy_space(copy.deepcopy(mine)), callbacks=[stop])
+    interrupt_decoder(copy_space(copy.deepcopy(mine)), at_step=3)
     train(mine, resume=True)
     assert load_config(run / "config.yaml").model.embed_dim == load_config(trained_run / "config.yaml").model.embed_dim
     mm.load(run).generate("describe", max_new_tokens=2)
