@@ -6,6 +6,7 @@ which the towers must accept. The stage's run is in align.py, its forward and st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -54,6 +55,11 @@ def embed_dataset(space: SharedSpace, loader, device: torch.device) -> tuple[dic
         log.warning("validation: %d row(s) could not be read and are left out of every evaluation (first: line "
                     "%s: %s)", len(skipped), *skipped[0][:2])
     labelled = all(key is not None for keys in labels.values() for key in keys)
+    if not getattr(loader, "said_key", False):  # once a run (a loader object), as `mmembed eval`'s table says it
+        with contextlib.suppress(AttributeError):  # a plain list of batches takes no attribute: said each time
+            loader.said_key = True
+        log.info("validation: recall matched by %s", "label (an item of the same label counts as a hit)" if labelled
+                 else "row (only the row's own items count; give every row a label to match by label)")
     return {m: torch.cat(v) for m, v in embs.items()}, (labels if labelled else lines)
 
 

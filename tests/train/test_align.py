@@ -368,7 +368,7 @@ def test_validation_leaves_a_frozen_tower_in_eval_mode():
     assert torch.equal(frozen.encoder.norm.running_mean, stats)
 
 
-def test_validation_keys_rows_as_mmembed_eval_does():
+def test_validation_keys_rows_as_mmembed_eval_does(caplog):
     """Labels are the keys only when every row has one (as `mmembed eval` decides): a manifest
     labelled in part was keyed by label for some rows and by line for others, so validation and
     `mmembed eval` scored the same rows differently."""
@@ -382,10 +382,14 @@ def test_validation_keys_rows_as_mmembed_eval_does():
                      present={text: every, image: every}, labels=torch.full((4,), -1), rows=torch.arange(4) + 1,
                      keys=keys)
 
-    _, keys = embed_dataset(space, [batch(["s1", "s1", None, "s2"])], torch.device("cpu"))
-    assert keys[text] == keys[image] == ["line1", "line2", "line3", "line4"]
-    _, keys = embed_dataset(space, [batch(["s1", "s1", "s3", "s2"])], torch.device("cpu"))
-    assert keys[text] == ["s1", "s1", "s3", "s2"]
+    with caplog.at_level(logging.INFO, logger="mmembed.train.align"):
+        _, keys = embed_dataset(space, [batch(["s1", "s1", None, "s2"])], torch.device("cpu"))
+        assert keys[text] == keys[image] == ["line1", "line2", "line3", "line4"]
+        _, keys = embed_dataset(space, [batch(["s1", "s1", "s3", "s2"])], torch.device("cpu"))
+        assert keys[text] == ["s1", "s1", "s3", "s2"]
+    said = [r.message for r in caplog.records if r.message.startswith("validation: recall matched by")]
+    assert said[0].startswith("validation: recall matched by row") and said[1].startswith(  # the figures differ:
+        "validation: recall matched by label")  # it said neither (`mmembed eval`'s table says which)
 
 
 @pytest.mark.parametrize("tower, key, value, match", [
