@@ -204,7 +204,8 @@ def _datasets(config: Config, pm: PromptModel, model: Model
         table.refuse_bad(train_set.rows, train_set.path)
         if val_set is not None:
             table.refuse_bad(val_rows, val_set.path)
-    skips = SkipCounter()
+    main = current_world().main  # every process reads the same rows: one of them says what it skipped
+    skips = SkipCounter(logger=None if main else _OTHER_RANKS)
     skips.update(train_set.skipped)
     train_data = PromptDataset(train_set.rows, pm.fmt, table, cfg.context, cfg.vector_marker_prob,
                                what=f"training rows in {root / cfg.data.train}")
@@ -213,11 +214,14 @@ def _datasets(config: Config, pm: PromptModel, model: Model
     if val_rows:
         val_data = PromptDataset(val_rows, pm.fmt, table, cfg.context,
                                  what=f"validation rows in {root / cfg.data.val}{_VAL_HINT}")
-        _warn_left_out(root / cfg.data.val, val_set, val_rows, val_data)
+        if main:
+            _warn_left_out(root / cfg.data.val, val_set, val_rows, val_data)
     return train_data, val_data, table, skips
 
 
 _VAL_HINT = " (decoder.data.val: null for none)"
+_OTHER_RANKS = logging.getLogger("mmembed.train.decoder.other_ranks")  # the same warnings as rank 0's: dropped
+_OTHER_RANKS.disabled = True
 
 
 def _warn_left_out(path: Path, val_set: InstructionSet, val_rows: list[InstructionRow],

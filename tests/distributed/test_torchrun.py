@@ -187,7 +187,10 @@ def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path, fsdp):
     raw["decoder"] = {**DECODER, "train": {**DECODER["train"], "batch_size": 8, "grad_checkpointing": True,
                                            "fsdp": fsdp}}
     cfg.write_text(yaml.safe_dump(raw))
-    _run(_torchrun(2, "train", cfg))
+    err = _run(_torchrun(2, "train", cfg)).stderr
+    # each process read the same rows: their skips and validation's left-out rows were said twice
+    said = [line for line in err.splitlines() if "validation:" in line and "left out" in line or "bad row(s)" in line]
+    assert len(said) == 2 and sum("left out" in line for line in said) == 1, err[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "decoder" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
