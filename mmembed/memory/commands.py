@@ -24,8 +24,6 @@ def run_chat_command(args: argparse.Namespace) -> int:
     model = mm.load(args.run)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes in a line: that turn's one-line error, not the end
         sys.stdin.reconfigure(errors="surrogateescape")
-    if hasattr(sys.stdout, "reconfigure"):  # a stored "🌟" on an ASCII/cp1252 stdout ended the chat with a traceback
-        sys.stdout.reconfigure(errors="backslashreplace")
     scripted = not sys.stdin.isatty()
     with mm.Session(model, memory=args.memory, user=args.user, session=args.session, new=args.new) as session:
         print(f"session {session.session} of {args.user} in {args.memory}", file=sys.stderr)
