@@ -282,18 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(sys.stdout, "reconfigure"):  # a "→" or a caption's "☕" on a cp1252/ASCII stdout: a traceback
             sys.stdout.reconfigure(errors="backslashreplace")  # after the work (an index saved, a report lost)
         if args.command is None:
-            print(parser.format_usage(), end="", file=sys.stderr)
-            print("mmembed: error: give a command (mmembed --help lists them)", file=sys.stderr)
+            _say(parser.format_usage() + "mmembed: error: give a command (mmembed --help lists them)")
             return EXIT_USAGE
         return int(args.handler(args) or 0)
     except PeerLostError as e:  # not the user's mistake: a run-time failure
-        print(f"mmembed: error: {e}", file=sys.stderr)
+        _say(f"mmembed: error: {e}")
         return 1
     except UserError as e:
-        print(f"mmembed: error: {_one_line(e)}", file=sys.stderr)
+        _say(f"mmembed: error: {_one_line(e)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("mmembed: interrupted", file=sys.stderr)
+        _say("mmembed: interrupted")
         return 130
     except BrokenPipeError:  # the reader left (`| head`): nothing more to tell it, and no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
@@ -304,8 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         # mkdir(parents=True) under a file says "File exists" (or "Not a directory"): say what is wrong
         reason = ("a file stands where a folder must go" if isinstance(e, (FileExistsError, NotADirectoryError))
                   else e.strerror or e)
-        print(f"mmembed: error: {where}{reason}", file=sys.stderr)
+        _say(f"mmembed: error: {where}{reason}")
         return 1
+
+
+def _say(text: str) -> None:
+    """`text` and its newline to stderr in one write: `print` writes them apart, and with an
+    unbuffered stderr (PYTHONUNBUFFERED, as many containers set) the error lines of a torchrun
+    job's processes, which share one stderr, ran together on one line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 # the packages whose INFO lines (training progress, the demo's steps) a command shows

@@ -58,6 +58,31 @@ def test_bad_run_dir(capsys, tmp_path):
     _one_line_error(capsys, ["index", str(tmp_path / "nope"), "--manifest", "m.jsonl", "--out", "o"], "not found")
 
 
+class _Writes:
+    """A stderr that records each write call, as an unbuffered stderr hands each to the OS."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_each_error_line_is_one_write(monkeypatch, tmp_path):
+    """With PYTHONUNBUFFERED (this machine's environment), `print` wrote the message and its newline
+    apart, and the two processes of a torchrun job, sharing one stderr, glued their error lines into
+    one ("...its foldermmembed: error: ...")."""
+    for argv in (["index", str(tmp_path / "nope"), "--manifest", "m.jsonl", "--out", "o"], []):
+        monkeypatch.setattr(sys, "stderr", err := _Writes())
+        assert main(argv) == 2
+        errors = [c for c in err.calls if "mmembed: error:" in c]
+        assert len(errors) == 1 and errors[0].endswith("\n") and errors[0].count("\n") == (1 if argv else 2), err.calls
+
+
 def test_missing_corpus(capsys, tmp_path):
     _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(tmp_path / "none.txt"), "--vocab-size", "300",
                              "--out", str(tmp_path)], "none.txt")
