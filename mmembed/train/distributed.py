@@ -202,6 +202,8 @@ def checked_device(name: str | torch.device) -> torch.device:
         raise UserError(f"device {name!r}: torch sees no CUDA GPU on this machine (use 'cpu' or 'auto')")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r}: torch sees no Apple GPU (MPS) on this machine (use 'cpu' or 'auto')")
     return device
 
 

@@ -41,3 +41,19 @@ def test_cuda_under_torchrun_on_a_machine_without_a_gpu_is_one_line(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda", world) == torch.device("cuda:1")
+
+
+def test_mps_on_a_machine_without_it_is_one_line_before_any_work():
+    """device=mps where torch has no MPS gave torch's traceback ("not linked with support for mps
+    devices"); as decoder.train.device it came after the whole align stage."""
+    from mmembed.config import load_config
+    from mmembed.errors import ConfigError
+    from mmembed.train.distributed import checked_device
+    from mmembed.train.preflight import check_config
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UserError, match=r"^device 'mps': torch sees no Apple GPU \(MPS\) on this machine"):
+        checked_device("mps")
+    with pytest.raises(ConfigError, match=r"decoder\.train\.device.*no Apple GPU"):
+        check_config(load_config("demo", ["decoder.train.device=mps", "data.root=/nonexistent/world"]))
