@@ -26,6 +26,7 @@ from mmembed.config import Config, save_config
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
+from mmembed.scalars import as_integer
 from mmembed.space import SharedSpace, build_space, init_from_run
 
 if TYPE_CHECKING:
@@ -139,8 +140,9 @@ class Model:
         if modality not in self.preprocessors:
             have = ", ".join(map(str, self.modalities))
             raise UserError(f"this model has no {modality} tower (it has: {have})")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if (n := as_integer(batch_size)) is None or n < 1:  # numpy's ints and 0-d tensors too
             raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = n
         if _one_item(items):
             items = [items]
         pre = self.preprocessors[modality]

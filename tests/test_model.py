@@ -67,6 +67,19 @@ def test_device_auto_is_accepted_and_a_device_no_model_runs_on_is_refused(run):
             mm.load(run, device=device)
 
 
+def test_embed_takes_a_batch_size_of_any_integer_type(run):
+    """batch_size=np.int64(8) (or torch.tensor(8)) was refused as "must be an integer"."""
+    import numpy as np
+
+    model = mm.load(run)
+    want = model.embed("text", ["a red circle", "a blue star"], batch_size=1)
+    for size in (np.int64(1), torch.tensor(1)):
+        assert torch.equal(model.embed("text", ["a red circle", "a blue star"], batch_size=size), want)
+    for size in (True, 0, 1.0, torch.tensor([1])):
+        with pytest.raises(UserError, match="batch_size must be an integer >= 1"):
+            model.embed("text", ["a red circle"], batch_size=size)
+
+
 def _advice(model) -> str:
     with pytest.raises(UserError) as e:
         model.generate("hi")

@@ -49,3 +49,25 @@ def test_load_and_load_config_misuse_is_one_line(tmp_path):
             mm.load(tmp_path, device="cuda")
     with pytest.raises(ConfigError, match="got the one string 'train.epochs=3'"):
         mm.load_config("demo", "train.epochs=3")
+
+
+def test_counts_take_numpy_integers_and_0d_tensors_everywhere():
+    """`embed`'s batch_size refused np.int64(8) and torch.tensor(8) as "must be an integer", and
+    `search`'s k refused a 0-d tensor, while generate took both (scalars.as_integer, one rule)."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from mmembed.scalars import as_integer
+
+    for value in (8, np.int64(8), np.uint8(8), torch.tensor(8), torch.tensor(8, dtype=torch.int16)):
+        assert as_integer(value) == 8 and type(as_integer(value)) is int
+    for value in (True, np.bool_(True), torch.tensor(True), 8.0, torch.tensor(8.0), torch.tensor([8]), "8", None):
+        assert as_integer(value) is None, value
+    index = mm.Index(4)
+    index.add(torch.eye(4), "image")
+    for k in (2, np.int64(2), torch.tensor(2)):
+        ids, _ = index.search_ids(torch.eye(4)[:1], k=k)
+        assert ids.tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        index.search_ids(torch.eye(4)[:1], k=torch.tensor(True))

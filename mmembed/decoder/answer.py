@@ -5,11 +5,11 @@ stop string. The decoding loop is decode.py; `run` / `generate` (generate.py) an
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mmembed.decoder.prompt import PromptFormat
+from mmembed.scalars import as_integer
 from mmembed.text_encoding import SURROGATE
 
 
@@ -86,16 +86,6 @@ class Stops:
     def holdback(self) -> int:
         """Characters a stream must hold back: they may be the start of a stop string."""
         return max((len(s) for s in self.strings), default=1) - 1
-
-
-def as_integer(x: object) -> int | None:
-    """`x` as an int when it is an integer of any type (not a bool), else None."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
 
 
 class _Row:

@@ -29,13 +29,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mmembed.decoder.answer import Generation, Stops, _Row, as_integer
+from mmembed.decoder.answer import Generation, Stops, _Row
 from mmembed.decoder.decode import decode_steps, pad_left
 from mmembed.decoder.fusion import MultimodalLM
 from mmembed.decoder.model import Decoder
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput
+from mmembed.scalars import as_integer
 
 log = logging.getLogger(__name__)
 

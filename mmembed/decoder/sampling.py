@@ -11,11 +11,12 @@ log V for a uniform choice among V tokens).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from mmembed.scalars import as_integer, as_real
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Sampling:
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperature", as_real(self.temperature))
         object.__setattr__(self, "top_p", as_real(self.top_p))
-        object.__setattr__(self, "top_k", _as_integer(self.top_k))
+        object.__setattr__(self, "top_k", self.top_k if (k := as_integer(self.top_k)) is None else k)
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
@@ -56,23 +57,6 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def as_real(value: object) -> object:
-    """A real number of any type (numpy's, a 0-d tensor: torch.tensor(0.5) was refused as "not a
-    finite number >= 0") as a float; anything else (a bool, a 1-D tensor) as it is, for the checks."""
-    if isinstance(value, Tensor):
-        real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
-        return float(value) if real else value
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) else value
-
-
-def _as_integer(value: object) -> object:
-    """An integer of any type (numpy's, a 0-d integer tensor) as an int; anything else as it is."""
-    if isinstance(value, Tensor):
-        whole = value.ndim == 0 and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
-        return int(value) if whole else value
-    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)) else value
 
 
 @dataclass

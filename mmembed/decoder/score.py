@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from mmembed.decoder.fusion import MultimodalLM
-from mmembed.decoder.answer import Generation, Stops, as_integer
+from mmembed.decoder.answer import Generation, Stops
 from mmembed.decoder.generate import check_max_new_tokens, check_seed, generate
 from mmembed.decoder.prompt import PromptFormat, Resolved
 from mmembed.decoder.sampling import Sampling
 from mmembed.errors import BadInput
+from mmembed.scalars import as_integer
 
 BATCH = 64  # prompts per generation batch
 FORCED_ROWS = 64  # answers teacher-forced in one pass (best_of, a sweep's entropies)

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mmembed.decoder.answer import Generation, Stops, as_integer
+from mmembed.decoder.answer import Generation, Stops
 from mmembed.decoder.generate import generate
 from mmembed.decoder.prompt import Resolved
-from mmembed.decoder.sampling import Sampling, as_real
+from mmembed.decoder.sampling import Sampling
 from mmembed.decoder.score import MAX_COPIES, per_token
 from mmembed.insight.plotting import pyplot, save_png, token_labels
+from mmembed.scalars import as_integer, as_real
 
 if TYPE_CHECKING:
     from mmembed.decoder import PromptModel

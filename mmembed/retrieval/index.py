@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ from mmembed.retrieval.query import Query
 from mmembed.retrieval.query_vectors import (_aligned, _as_query, _check_finite, _check_query_vectors, _one_query,
                                              _one_vector)
 from mmembed.retrieval.store import VectorStore, check_vectors, copied, storage_dtype
+from mmembed.scalars import as_integer
 
 log = logging.getLogger(__name__)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -262,9 +262,9 @@ class Index:
     def _search_rows(self, queries: Tensor | np.ndarray | Sequence[QueryLike], target: Modality | str | None, k: int,
                      filter: Filter, model: Any) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k') scores and store rows, numpy (see `Backend.search`)."""
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:  # numpy's ints too
+        if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
             raise ValueError(f"k must be a positive int, got {k!r}")
-        k = int(k)
+        k = n
         # the mask first: a filter may search this index, and one query's rows live in a per-thread
         # buffer (`_one_query`) that its search would overwrite
         mask = self._mask(target, filter)

@@ -1,0 +1,28 @@
+"""Numbers as users pass them: Python's, numpy's (np.int64 from an array), or 0-d tensors
+(`t.max()`, `torch.tensor(0.7)`), read as one plain int or float before a value is checked, so
+that every argument of the API takes every kind of number and refuses the rest in one line."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def as_integer(value: object) -> int | None:
+    """`value` as an int when it is an integer of any type (a numpy integer, a 0-d integer tensor),
+    not a bool; else None."""
+    if isinstance(value, Tensor):
+        whole = value.ndim == 0 and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
+        return int(value) if whole else None
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
+def as_real(value: object) -> object:
+    """A real number of any type (numpy's, a 0-d tensor: torch.tensor(0.5) was refused as "not a
+    finite number >= 0") as a float; anything else (a bool, a 1-D tensor) as it is, for the checks."""
+    if isinstance(value, Tensor):
+        real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
+        return float(value) if real else value
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) else value
