@@ -36,6 +36,7 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
 def run_train_queries(args: argparse.Namespace) -> int:
     """`mmembed train-queries RUN`: train the query tower on episodes (given, or the world's) and save it."""
+    from mmembed.checkpoint import unwritable_above
     from mmembed.config_train import MAX_SEED
     from mmembed.data.episodes import read_episodes
     from mmembed.model_load import load_space
@@ -48,6 +49,9 @@ def run_train_queries(args: argparse.Namespace) -> int:
     tower = Path(args.run) / QUERY_WEIGHTS
     if tower.exists() and not args.overwrite:  # 75 s of training or more, replaced without a word
         raise UserError(f"{tower} already exists: pass --overwrite to train a new one in its place")
+    # the tower is saved into the run: a read-only run failed only after all the training
+    if Path(args.run).is_dir() and (parent := unwritable_above(tower)) is not None:
+        raise UserError(f"{tower}: {parent} cannot be written (read-only, or no permission)")
     model = load_space(args.run)
     # read as the run's manifests were: its data.allow_outside_root (the refusal names that key)
     outside = outside_root_allowed(model)

@@ -363,7 +363,7 @@ class Memory:
             query = query[0]
         if query.ndim != 1 or query.shape[0] != self._store.dim:
             raise BadInput(f"a query vector must have shape ({self._store.dim},), the memory's dimension; got {shape}")
-        return check_vectors(torch.as_tensor(query), self._store.dim, "query vector")
+        return check_vectors(query, self._store.dim, "query vector")  # a reversed array too
 
     def _user_vectors(self, user: str) -> UserVectors:
         """The user's cached vectors, brought up to date with the file."""

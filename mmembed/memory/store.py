@@ -106,8 +106,9 @@ class Store:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
-        if not os.access(self._file.parent, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
-            raise MemoryFileError(f"{self.path}: its folder {self.path.parent} is not writable, and a memory file "
+        folder = Path(os.path.realpath(self._file)).parent  # SQLite follows a link: -wal and -shm go beside its target
+        if not os.access(folder, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
+            raise MemoryFileError(f"{self.path}: its folder {folder} is not writable, and a memory file "
                                   f"needs its -wal and -shm files beside it (even to be read)")
         with self._errors():
             conn = sqlite3.connect(self._file, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)

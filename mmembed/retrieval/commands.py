@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmembed.data.manifest import INLINE_MODALITIES
 from mmembed.errors import UserError
+from mmembed.modality import Modality
 from mmembed.retrieval.hits import Hit, format_hits
 from mmembed.retrieval.index import Index
 from mmembed.retrieval.query import Query
+
+log = logging.getLogger(__name__)
+MEDIA_SAMPLE = 3  # files checked per modality: data that moved takes every file with it
 
 
 def run_search(index_dir: str | Path, *, run: str | Path | None = None, weights: Sequence[float] = (),
@@ -34,6 +41,7 @@ def run_search(index_dir: str | Path, *, run: str | Path | None = None, weights:
     if not items:
         raise UserError("nothing to search for: give at least one query item (e.g. --text, --image, --audio)")
     index = Index.load(index_dir)
+    warn_if_media_moved(index, index_dir)
     if run is None:
         run = _saved_run(index, index_dir)
     from mmembed.model import load  # the model stack is only needed here, not by `Index`
@@ -57,6 +65,34 @@ def _saved_run(index: Index, index_dir: str | Path) -> str:
         raise UserError(f"{index_dir} was built with the run {run}, which is gone (moved or deleted?); give the "
                         "model's run folder with --run (in Python: run=..., or Index.load(..., model=...))")
     return run
+
+
+def warn_if_media_moved(index: Index, where: str | Path) -> None:
+    """Log one warning when the media files a built index names are gone (its data moved, or was
+    deleted): the hits name them all the same, and the server shows none of them."""
+    manifest = index.info.get("manifest")
+    if not isinstance(manifest, str):  # filled by `Index.add`: its metadata need not name files
+        return
+    paths = _sampled_media(index)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not missing:
+        return
+    folder = Path(manifest).parent
+    gone = (f"its data folder {folder} is gone" if not folder.is_dir()
+            else f"{len(missing)} of the {len(paths)} media files checked are missing (e.g. {missing[0]})")
+    log.warning("%s: %s, so its hits name files that are not there; if the data moved, re-run `mmembed index` "
+                "on the manifest at its new place", where, gone)
+
+
+def _sampled_media(index: Index) -> list[str]:
+    """The files of the first `MEDIA_SAMPLE` items of each modality that has files."""
+    store = index._store  # its rows as they are: `Index.items` would copy every vector
+    paths = []
+    for modality in Modality:
+        if modality not in INLINE_MODALITIES:
+            rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1)[:MEDIA_SAMPLE].tolist()
+            paths += [store.metadata[r]["item"] for r in rows if isinstance(store.metadata[r].get("item"), str)]
+    return paths
 
 
 def _split_weights(weights: list[float], items: dict[str, list[Any]]) -> dict[str, list[float]] | None:

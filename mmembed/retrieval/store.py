@@ -42,6 +42,8 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     Raises BadInput (a ValueError) naming the first row that is NaN/Inf or zero, and for a
     wrong shape or container. A (D,) vector is taken as one row.
     """
+    if isinstance(vectors, np.ndarray) and any(step < 0 for step in vectors.strides):
+        vectors = vectors.copy()  # a reversed view (a[::-1]): torch refuses negative strides
     try:
         v = torch.as_tensor(vectors)
     except (TypeError, ValueError, RuntimeError):  # a list of vectors, a str, None: torch's own message

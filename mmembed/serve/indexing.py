@@ -2,7 +2,8 @@
 in a background thread when the server starts, its progress readable while it runs.
 
 Media the hits show are served from this index's own files only: an item's file is found by the
-item's id, and must lie inside the folder of the manifest the index was built from.
+item's id, and must lie inside the folder of the manifest the index was built from (a linked
+subfolder of it, such as a shared image store, included: see `inside`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mmembed.data.manifest import read_manifest
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index
+from mmembed.retrieval.commands import warn_if_media_moved
 from mmembed.serve.safety import FILE_MODALITIES, Format, Refusal, display_name, sniff, unplayable
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class IndexBuild:
         build = cls()
         build.source = str(directory)
         build._finish(Index.load(directory, model=model))
+        warn_if_media_moved(build._index, directory)  # else every hit's media is null without a word
         return build
 
     @classmethod
@@ -78,7 +81,7 @@ class IndexBuild:
 
     def _finish(self, index: Index) -> None:
         manifest = index.info.get("manifest")
-        self._root = Path(os.path.realpath(Path(manifest).parent)) if manifest else None
+        self._root = Path(os.path.abspath(Path(manifest).parent)) if manifest else None  # as its items name it
         self._modality = dict(zip(index.ids(), index.items()[1]))
         self._index, self.done = index, len(index)
         self.total = max(self.total, len(index))
@@ -116,8 +119,8 @@ class IndexBuild:
         item = index.metadata(item_id).get("item")
         if self._modality.get(item_id) not in FILE_MODALITIES or not isinstance(item, str) or self._root is None:
             raise Refusal(404, f"item {item_id} has no file to serve")
-        path = Path(os.path.realpath(item))
-        if not path.is_relative_to(self._root):
+        path = inside(self._root, item)
+        if path is None:
             raise Refusal(404, f"item {item_id}'s file is not inside the index's data folder")
         if not path.is_file():  # moved or deleted since the index was built
             raise Refusal(404, f"item {item_id}'s file is missing ({display_name(path.name)})")
@@ -150,6 +153,19 @@ class IndexBuild:
         except Refusal:
             return False
         return True
+
+
+def inside(root: Path, item: str) -> Path | None:
+    """The real file of `item` when the data folder `root` holds it, else None.
+
+    Held: the file lies under the real folder of `root`, or `item` is (normalised, as the manifest
+    accepted it) under `root` and its file lies under the real folder of one of the subfolders on
+    the way: a linked subfolder (`images/` → a shared image store) is part of the data, while a `..`
+    escape, an absolute path elsewhere, or a file linked out of its folder are not.
+    """
+    path, real = Path(os.path.abspath(item)), Path(os.path.realpath(item))
+    folders = [root, *(p for p in path.parents if p != root and p.is_relative_to(root))]
+    return real if any(real.is_relative_to(os.path.realpath(f)) for f in folders) else None
 
 
 class _Counting:

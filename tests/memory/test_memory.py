@@ -551,3 +551,18 @@ def test_a_run_folder_given_as_the_model_is_refused_by_name(db, given):
         with pytest.raises(UserError, match=r"model is the run folder 'runs/demo': pass model=mm.load\(RUN\)"):
             opened()
     assert not db.exists()
+
+
+def test_a_reversed_numpy_query_or_item_is_read_as_its_values(mem, model):
+    """A negative-stride query (a[::-1]) raised torch's "At least one stride ... is negative" ValueError."""
+    first = mem.add("ada", "a small blue star")
+    mem.add("ada", "a large red circle")
+    vector = model.embed(Modality.TEXT, ["a small blue star"]).numpy()  # (1, D)
+    for query in (vector[0, ::-1].copy()[::-1], vector[:, ::-1].copy()[:, ::-1]):
+        hits = mem.search("ada", query, k=1)
+        assert hits[0].id == first and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(BadInput, match=r"^a query vector must have shape"):
+        mem.search("ada", vector[0, ::-2])
+    pixels = np.asarray(picture(5))[::-1]  # media given as reversed views are stored as they look
+    image = mem.add("ada", mm.Image(pixels))
+    assert mem.search("ada", mm.Image(pixels.copy()), k=1)[0].id == image

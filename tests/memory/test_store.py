@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,3 +411,27 @@ def test_a_row_whose_text_columns_hold_bytes_is_a_corrupt_file_in_one_line(db, m
         for read in (lambda: mem.recent("ada"), lambda: mem.export(tmp_path / "out", user="ada")):
             with pytest.raises(MemoryFileError, match=rf"is corrupt \(item 1: its {column} is bytes, not text\)"):
                 read()
+
+
+def test_a_memory_file_reached_through_a_link_is_judged_by_the_folder_it_leads_to(model, tmp_path, monkeypatch):
+    """The link's own folder was checked: a link in a read-only folder to a writable file was refused
+    with a false reason, and a link to a file in a read-only folder got SQLite's vague error."""
+    from mmembed.memory import store as store_module
+
+    tmp_path = tmp_path.resolve()  # the folders as realpath names them
+    for name in ("links", "files"):
+        (tmp_path / name).mkdir()
+    with Memory(tmp_path / "files" / "m.db", model=model) as mem:
+        mem.add("ada", "a red star")
+    (tmp_path / "links" / "m.db").symlink_to(tmp_path / "files" / "m.db")
+    real_access = os.access  # root passes every os.access: the read-only folder is simulated
+
+    def read_only(folder):
+        return lambda path, mode: Path(path) != folder and real_access(path, mode)
+
+    monkeypatch.setattr(store_module.os, "access", read_only(tmp_path / "links"))
+    with Memory(tmp_path / "links" / "m.db") as mem:  # was "its folder links is not writable"
+        assert [h.text for h in mem.recent("ada")] == ["a red star"]
+    monkeypatch.setattr(store_module.os, "access", read_only(tmp_path / "files"))
+    with pytest.raises(MemoryFileError, match=rf"m\.db: its folder {re.escape(str(tmp_path / 'files'))} is not "):
+        Memory(tmp_path / "links" / "m.db")

@@ -139,3 +139,29 @@ def test_index_refuses_an_interrupted_synthetic_world(tmp_path, manifest, capsys
     assert "generation was interrupted" in capsys.readouterr().err and not (tmp_path / "ix").exists()
     (tmp_path / INCOMPLETE).unlink()
     assert len(Index.build(FakeModel(), manifest, progress=False)) == 12
+
+
+def test_run_search_warns_once_when_the_indexed_media_are_gone(tmp_path, fake_load, caplog):
+    """Moved data: the hits named files that no longer exist, without a word."""
+    import logging
+
+    (tmp_path / "small" / "img").mkdir(parents=True)
+    rows = [{"text": f"a c{i}", "image": f"img/c{i}.png"} for i in range(5)]
+    (tmp_path / "small" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i in range(5):
+        (tmp_path / "small" / "img" / f"c{i}.png").write_bytes(b"x")
+    Index.build(FakeModel(), tmp_path / "small" / "m.jsonl", progress=False).save(tmp_path / "ix")
+    search = dict(run="run", text=["c2"], target="image", k=1)
+    warned = []
+    for change in (lambda: None, (tmp_path / "small" / "img" / "c1.png").unlink,
+                   lambda: (tmp_path / "small").rename(tmp_path / "small2")):
+        change()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mmembed"):
+            run_search(tmp_path / "ix", **search)
+        warned.append([r.getMessage() for r in caplog.records])
+    advice = "so its hits name files that are not there; if the data moved, re-run `mmembed index` on the manifest"
+    assert warned[0] == []
+    assert len(warned[1]) == 1 and warned[1][0].startswith(
+        f"{tmp_path / 'ix'}: 1 of the 3 media files checked are missing (e.g. {tmp_path / 'small/img/c1.png'}), {advice}")
+    assert len(warned[2]) == 1 and f"its data folder {tmp_path / 'small'} is gone, {advice}" in warned[2][0]

@@ -69,3 +69,17 @@ def test_build_info_counts_skipped_items_and_rows_apart(tmp_path):
     idx = Index.build(FakeModel(dim=D), path, progress=False)
     assert (idx.info["skipped_items"], idx.info["skipped_rows"], idx.info["skipped"]) == (2, 1, 3)
     assert Index.load(idx.save(tmp_path / "ix")).info["skipped_items"] == 2
+
+
+def test_a_reversed_numpy_array_is_added_as_its_rows():
+    """A negative-stride array (a[::-1]) was refused as "must be an (N, D) tensor or array, got ndarray"."""
+    import numpy as np
+
+    v = np.random.default_rng(0).standard_normal((4, D)).astype(np.float32)
+    idx = Index(D)
+    idx.add(v[::-1], "image")
+    idx.add(v[:, ::-1], "text")
+    expected = torch.nn.functional.normalize(torch.from_numpy(v.copy()), dim=1)
+    assert torch.allclose(idx.items()[0][:4], expected.flip(0), atol=1e-6)
+    assert torch.allclose(idx.items()[0][4:], expected.flip(1), atol=1e-6)
+    assert [h.id for h in idx.search(v[0], target="image", k=1)] == [3]
