@@ -358,10 +358,15 @@ class Model:
         return model.to(device) if device is not None else model
 
 
-def build_model(config: Config, tokenizer: Any | None) -> Model:
-    """A freshly initialised model for `config` (weights of `model.init_from` loaded if set)."""
+def build_model(config: Config, tokenizer: Any | None, restoring: bool = False) -> Model:
+    """A freshly initialised model for `config` (weights of `model.init_from` loaded if set).
+
+    Args:
+        restoring: every weight is about to be overwritten (a checkpoint's, on a resume): the
+            `model.init_from` run is not read, so a resume does not need it where it started.
+    """
     space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind)
-    if config.model.init_from:
+    if config.model.init_from and not restoring:
         frozen = frozenset(name for name, tower in config.model.towers.items() if tower.freeze)
         # a frozen tower with weights of its own (an encoder's `pretrained` file or tag) may take none from the run
         own = frozenset(name for name in frozen if config.model.towers[name].encoder_args.get("pretrained"))

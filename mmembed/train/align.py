@@ -130,7 +130,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
                 save_config(cfg, run_dir / CONFIG)  # a resume's, once its checkpoint is loaded (_StageState)
             if tokenizer is not None:
                 tokenizer.save(run_dir / TOKENIZER)
-    model = build_model(cfg, tokenizer)
+    # a resume's checkpoint holds every weight: model.init_from's run may have moved since it began
+    model = build_model(cfg, tokenizer, restoring=resume)
     space = model.space.to(device)
     set_grad_checkpointing(space, cfg.train.grad_checkpointing)
     extra = {CONFIG: run_dir / CONFIG}
@@ -185,7 +186,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         if trained is not space:  # the captioner stays behind
             weights = {k.removeprefix("space."): v for k, v in weights.items() if k.startswith("space.")}
         if world.main:
-            model = build_model(cfg, tokenizer)
+            model = build_model(cfg, tokenizer, restoring=True)
             model.space.load_state_dict(weights)
     for state in all_gather_objects(skips.state_dict())[1:]:  # every process's skipped rows (a collective)
         skips.load_state_dict(state)

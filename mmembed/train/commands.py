@@ -17,6 +17,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.find_lr_steps is not None and not args.find_lr:  # training started as if it were not there
         raise UserError("--find-lr-steps sets the range test's length: give --find-lr too")
     config = load_config(args.config, args.overrides)
+    if args.resume or args.overwrite:  # a copied or moved run's config.yaml names the original's folder
+        from mmembed.train.run_dir import check_resumed_folder
+
+        check_resumed_folder(args.config, config.train.out_dir, args.overrides,
+                             "--resume" if args.resume else "--overwrite")
     if args.find_lr:
         return run_find_lr(config, 100 if args.find_lr_steps is None else args.find_lr_steps)
     with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:

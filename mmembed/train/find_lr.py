@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
             lr = lr_min * (lr_max / lr_min) ** (len(lrs) / (steps - 1))
             set_lr(optimizer, lr)
             try:
-                out = step_fn(batch)
+                out = _forward_backward(step_fn, batch, device, cfg.train.precision)
             except TowerCollapsed as e:  # the rate of its first collapsed step (this one is its last)
                 began = len(lrs) - (e.steps - 1)
                 ceiling = ([*lrs, lr])[max(0, began)]
@@ -224,7 +225,6 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
                 unlearned += out is not None
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            out.loss.backward()
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.train.grad_clip)
             optimizer.step()
@@ -254,6 +254,18 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
                         lowest_rate(lrs, losses, ceiling), ceiling)
     finding.folder = _write(finding, Path(cfg.train.out_dir).resolve())  # "." has no name to extend
     return finding
+
+
+def _forward_backward(step_fn, batch, device: torch.device, precision: str):
+    """The step's output, its loss's gradients taken (when it has something to learn), under the
+    autocast the engine trains with (`Trainer._forward_backward`): in fp32 the test found rates
+    for another numeric regime than the bf16 run it was asked about."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with autocast:
+        out = step_fn(batch)
+        if out is not None and out.learned:
+            out.loss.backward()
+    return out
 
 
 def _write(f: LRFinding, out_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,6 +148,37 @@ def read_paths(config: Any) -> list[str]:
     decoder = getattr(config, "decoder", None)
     gpt2 = decoder.init_from_gpt2 if decoder is not None else None
     return [p for p in (config.data.root, config.model.init_from, config.tokenizer.path, gpt2) if p]
+
+
+def check_resumed_folder(config_path: str | Path, out_dir: str | Path, overrides: Sequence[str] = (),
+                         flag: str = "--resume") -> None:
+    """UserError when `train RUN/config.yaml --resume` would continue another folder than RUN: a run's
+    config.yaml records the train.out_dir it was trained in, so resuming a copy of the run (or a run
+    moved since) from its own config continued, pruned and overwrote the original, or whatever run
+    now sits there (and `--overwrite` deleted it). An override of train.out_dir says which folder
+    is meant: never refused."""
+    from mmembed.config import resolve_config_path
+
+    if any(item.partition("=")[0].strip() in ("train", "train.out_dir") for item in overrides):
+        return
+    folder = _run_holding(resolve_config_path(config_path).parent)
+    if folder.resolve() == Path(out_dir).resolve() or run_evidence(folder) is None:
+        return
+    from mmembed.model_load import _yaml_text  # an override as YAML reads it back (a `: ` in the name)
+
+    fix = shlex.quote(f"train.out_dir={_yaml_text(str(folder))}")
+    did = "continue" if flag == "--resume" else "replace"
+    raise UserError(f"{config_path} is the config of the run in {folder}, but its train.out_dir is {out_dir}: "
+                    f"{flag} would {did} that folder's run, not this one; for this one, add {fix}")
+
+
+def _run_holding(folder: Path) -> Path:
+    """The run a config's folder belongs to: itself, or the run above a checkpoint's folder
+    (RUN/checkpoints/step_N, RUN/decoder/checkpoints/step_N)."""
+    if folder.parent.name != CHECKPOINTS:
+        return folder
+    run = folder.parent.parent
+    return run.parent if run.name == "decoder" else run  # (`decoder.DECODER_DIR`)
 
 
 def run_evidence(folder: Path) -> str | None:

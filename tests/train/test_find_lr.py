@@ -264,3 +264,29 @@ def test_find_lr_and_a_sweeps_rungs_check_the_align_stage_alone(tiny_world, tmp_
     for run in (lambda: find_lr(cfg, steps=8), lambda: tower_scaling.check_data(cfg)):
         with pytest.raises(Reached):  # past the checks, to the data
             run()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_range_test_steps_under_the_runs_precision(tiny_world, tmp_path, monkeypatch, precision):
+    """train.precision=bf16 trains under bf16 autocast, yet the range test stepped in fp32."""
+    import torch
+
+    import mmembed.train.find_lr as find_lr_module
+
+    real, seen = find_lr_module.one_process_step, []
+
+    def recording(*args, **kwargs):
+        trained, step_fn = real(*args, **kwargs)
+
+        def step(batch):
+            on = torch.is_autocast_enabled("cpu")
+            seen.append((on, torch.get_autocast_dtype("cpu") if on else None))
+            return step_fn(batch)
+
+        return trained, step
+
+    monkeypatch.setattr(find_lr_module, "one_process_step", recording)
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run", epochs=1), [f"train.precision={precision}"])
+    f = find_lr(cfg, steps=8, lr_min=1e-6, lr_max=1e-4)
+    assert len(seen) >= 8 and all(math.isfinite(x) for x in f.losses)
+    assert set(seen) == ({(True, torch.bfloat16)} if precision == "bf16" else {(False, None)})

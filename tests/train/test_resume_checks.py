@@ -164,3 +164,21 @@ def test_a_decoder_resume_with_another_shape_is_one_line_before_any_work(tiny_wo
         with pytest.raises(ConfigError, match=r"^--resume: decoder\.layers 1 -> 2: .*resume without the change"):
             train(cfg, resume=True)
     assert "embedded" not in caplog.text
+
+
+def test_a_bind_run_resumes_from_its_checkpoint_after_its_source_run_moved(tiny_world, tmp_path):
+    """A resumed model.init_from run read the source's weights before its checkpoint overwrote every one,
+    so once the source had moved: "checkpoint file not found: <source>/model.safetensors"."""
+    from safetensors.torch import load_file
+
+    source = train(load_config(tiny_config(tiny_world, tmp_path / "source", epochs=1)))
+    path = tiny_config(tiny_world, tmp_path / "bound", epochs=2, checkpoint_every=1, max_steps=4)
+    bind = [f"model.init_from={source}", f"tokenizer.path={source / 'tokenizer.json'}"]
+    train(load_config(path, [*bind, f"train.out_dir={tmp_path / 'whole'}"]))  # the same run, never stopped
+    with pytest.raises(KeyboardInterrupt):
+        train_align(load_config(path, bind), callbacks=[_stop_at(3)])
+    shutil.move(source, tmp_path / "moved")
+    run = train(load_config(tmp_path / "bound" / "config.yaml"), resume=True)
+    assert (run / "checkpoints" / "step_0000004").is_dir()
+    resumed, ran = load_file(run / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert resumed.keys() == ran.keys() and all(resumed[k].equal(ran[k]) for k in ran)

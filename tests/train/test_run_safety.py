@@ -4,6 +4,7 @@ batches, read-time skips counted, clear one-line errors on bad checkpoints, prog
 
 import json
 import logging
+import re
 import signal
 
 import pytest
@@ -406,3 +407,36 @@ def test_resume_of_a_missing_out_dir_is_refused_before_anything_is_made(tiny_wor
     err = capsys.readouterr().err
     assert "does not exist, so there is no run to resume" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_a_copied_run_resumed_from_its_own_config_is_refused_with_its_folder(tiny_world, tmp_path, monkeypatch,
+                                                                            capsys):
+    """`train COPY/config.yaml --resume` continued the original run (config.yaml's train.out_dir): it
+    pruned the original's checkpoints and overwrote its weights, and the copy stayed as it was."""
+    import shutil
+
+    from mmembed.train import train
+    from mmembed.train.run_dir import check_resumed_folder
+
+    monkeypatch.chdir(tmp_path)  # out_dir as relative as the original's config.yaml records it
+    original = train_align(load_config(tiny_config(tiny_world, tmp_path / "a1", epochs=2, max_steps=2),
+                                       ["train.out_dir=a1"]))
+    shutil.copytree(original, tmp_path / "a1 copy")
+    copy = tmp_path / "a1 copy" / "config.yaml"
+    before = sorted(p.name for p in (original / "checkpoints").iterdir())
+    for flag, did in (("--resume", "continue"), ("--overwrite", "replace")):
+        assert main(["train", str(copy), flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(rf"mmembed: error: .*a1 copy/config.yaml is the config of the run in .*a1 copy, but its "
+                            rf"train.out_dir is a1: {flag} would {did} that folder's run, not this one; for this one, "
+                            rf"add 'train.out_dir=.*a1 copy'", err), err
+    assert sorted(p.name for p in (original / "checkpoints").iterdir()) == before  # the original untouched
+    check_resumed_folder(original / "config.yaml", "a1")  # the run's own config, in its own folder
+    check_resumed_folder(original / "checkpoints" / "step_0000002" / "config.yaml", "a1")  # a checkpoint's: the run's
+    shutil.rmtree(original)  # gone: "train.out_dir a1 does not exist" named no fix
+    with pytest.raises(UserError, match=r"for this one, add 'train.out_dir="):
+        check_resumed_folder(copy, "a1")
+    fix = [f"train.out_dir={tmp_path / 'a1 copy'}", "train.max_steps=4"]
+    check_resumed_folder(copy, load_config(copy, fix).train.out_dir, fix)  # the README's RUN/config.yaml --resume
+    run = train(load_config(copy, fix), resume=True)
+    assert run == tmp_path / "a1 copy" and latest_checkpoint(run).name == "step_0000004"
