@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def as_integer(value: object) -> int | None:
-    """`value` as an int when it is an integer of any type (a numpy integer, a 0-d integer tensor),
-    not a bool; else None."""
+    """`value` as an int when it is an integer of any type (a numpy integer, a 0-d integer array or
+    tensor: `np.load(f)["n"]`, `t.argmax()`), not a bool; else None."""
     if isinstance(value, Tensor):
         whole = value.ndim == 0 and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
         return int(value) if whole else None
+    if isinstance(value, np.ndarray):
+        return int(value) if value.ndim == 0 and value.dtype.kind in "iu" else None
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
 
 

@@ -60,10 +60,18 @@ def test_counts_take_numpy_integers_and_0d_tensors_everywhere():
 
     from mmembed.scalars import as_integer
 
-    for value in (8, np.int64(8), np.uint8(8), torch.tensor(8), torch.tensor(8, dtype=torch.int16)):
+    for value in (8, np.int64(8), np.uint8(8), np.array(8), torch.tensor(8), torch.tensor(8, dtype=torch.int16)):
         assert as_integer(value) == 8 and type(as_integer(value)) is int
-    for value in (True, np.bool_(True), torch.tensor(True), 8.0, torch.tensor(8.0), torch.tensor([8]), "8", None):
+    for value in (True, np.bool_(True), torch.tensor(True), np.array(True), 8.0, np.array(8.0), torch.tensor(8.0),
+                  torch.tensor([8]), np.array([8]), "8", None):
         assert as_integer(value) is None, value
+    from mmembed.decoder.answer import Stops
+
+    # a 0-d stop was iterated: "TypeError: iteration over a 0-d array" (a regression review, this session)
+    assert Stops.parse(np.array(5)).ids == Stops.parse(torch.tensor(5)).ids == {5}
+    for value in (np.array(2.5), torch.tensor(True)):
+        with pytest.raises(ValueError, match="stop must be non-empty strings and/or token ids"):
+            Stops.parse(value)
     index = mm.Index(4)
     index.add(torch.eye(4), "image")
     for k in (2, np.int64(2), torch.tensor(2)):

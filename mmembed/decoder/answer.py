@@ -60,7 +60,8 @@ class Stops:
         """Stop strings and token ids (any integer type: numpy's too) from `stop`; an id outside
         [0, vocab_size), or a string holding a lone surrogate, which could never be written, is a
         ValueError."""
-        single = stop is None or isinstance(stop, str) or as_integer(stop) is not None
+        # a 0-d array or tensor is one value (iterating it is a TypeError): an id, or refused below
+        single = stop is None or isinstance(stop, str) or getattr(stop, "ndim", None) == 0 or as_integer(stop) is not None
         # bytes iterate as ints: b"the" was read as three token ids
         if not single and (not isinstance(stop, Iterable) or isinstance(stop, (bytes, bytearray, memoryview))):
             raise ValueError(f"stop must be non-empty strings and/or token ids, got {stop!r}")
