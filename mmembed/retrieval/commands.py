@@ -73,25 +73,28 @@ def warn_if_media_moved(index: Index, where: str | Path) -> None:
     manifest = index.info.get("manifest")
     if not isinstance(manifest, str):  # filled by `Index.add`: its metadata need not name files
         return
-    paths = _sampled_media(index)
+    folder = Path(manifest).parent
+    paths = _sampled_media(index, str(folder))
     missing = [p for p in paths if not os.path.exists(p)]
     if not missing:
         return
-    folder = Path(manifest).parent
     gone = (f"its data folder {folder} is gone" if not folder.is_dir()
             else f"{len(missing)} of the {len(paths)} media files checked are missing (e.g. {missing[0]})")
     log.warning("%s: %s, so its hits name files that are not there; if the data moved, re-run `mmembed index` "
                 "on the manifest at its new place", where, gone)
 
 
-def _sampled_media(index: Index) -> list[str]:
-    """The files of the first `MEDIA_SAMPLE` items of each modality that has files."""
+def _sampled_media(index: Index, folder: str) -> list[str]:
+    """The files of the first `MEDIA_SAMPLE` items of each modality that the manifest in `folder`
+    gave (absolute paths under it, as the build writes them; rows added later may name anything)."""
     store = index._store  # its rows as they are: `Index.items` would copy every vector
+    inside = folder.rstrip(os.sep) + os.sep
     paths = []
     for modality in Modality:
         if modality not in INLINE_MODALITIES:
-            rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1)[:MEDIA_SAMPLE].tolist()
-            paths += [store.metadata[r]["item"] for r in rows if isinstance(store.metadata[r].get("item"), str)]
+            rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1).tolist()
+            items = (store.metadata[r].get("item") for r in rows)
+            paths += [p for p in items if isinstance(p, str) and p.startswith(inside)][:MEDIA_SAMPLE]
     return paths
 
 

@@ -152,6 +152,12 @@ def test_run_search_warns_once_when_the_indexed_media_are_gone(tmp_path, fake_lo
         (tmp_path / "small" / "img" / f"c{i}.png").write_bytes(b"x")
     Index.build(FakeModel(), tmp_path / "small" / "m.jsonl", progress=False).save(tmp_path / "ix")
     search = dict(run="run", text=["c2"], target="image", k=1)
+    added = Index.load(tmp_path / "ix")  # rows added later name what they like: no files to check
+    added.add(torch.randn(2, added.dim), "audio", metadata=[{"item": "product-17"}, {"item": "product-18"}])
+    added.save(tmp_path / "ix-added")
+    with caplog.at_level(logging.WARNING, logger="mmembed"):
+        run_search(tmp_path / "ix-added", **search)
+    assert caplog.records == []
     warned = []
     for change in (lambda: None, (tmp_path / "small" / "img" / "c1.png").unlink,
                    lambda: (tmp_path / "small").rename(tmp_path / "small2")):
