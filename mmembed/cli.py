@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             _say(parser.format_usage() + "mmembed: error: give a command (mmembed --help lists them)")
             return EXIT_USAGE
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a pipe's reader gone (`| head`): the flush at exit raised outside this try
+        return code
     except PeerLostError as e:  # not the user's mistake: a run-time failure
         _say(f"mmembed: error: {e}")
         return 1

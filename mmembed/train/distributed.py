@@ -138,6 +138,9 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
             raise
         raise PeerLostError(f"rank {world.rank}: lost contact with another process of the run "
                             f"({_first_line(e)}){_resume_hint(run_dir)}") from None
+    except Exception:  # this rank's own error (a UserError every rank raises): torchrun's SIGTERM, sent when
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a faster rank exits with it, must not cut its line
+        raise
     finally:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # a failing rank stays deaf until it has said why
             signal.signal(signal.SIGTERM, previous)

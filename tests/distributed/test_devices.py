@@ -57,3 +57,24 @@ def test_mps_on_a_machine_without_it_is_one_line_before_any_work():
         checked_device("mps")
     with pytest.raises(ConfigError, match=r"decoder\.train\.device.*no Apple GPU"):
         check_config(load_config("demo", ["decoder.train.device=mps", "data.root=/nonexistent/world"]))
+
+
+def test_a_ranks_own_error_leaves_it_deaf_to_torchrun_until_it_has_said_it(monkeypatch):
+    """A UserError every rank raises (a manifest of which nothing can be read) put back SIGTERM's
+    default before the line was printed: torchrun, seeing the faster rank exit, killed the other
+    one silently (exit -15, its error line lost)."""
+    import signal
+
+    import mmembed.train.distributed as distributed
+    from mmembed.train.distributed import World, distributed_command
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: World(rank=1, size=2, local_rank=1))
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(UserError, match="nothing could be read"):
+            with distributed_command("cpu"):
+                raise UserError("nothing could be read")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
