@@ -361,9 +361,10 @@ def test_an_error_in_an_override_names_the_override_not_the_file():
             load_config("demo", [override])
 
 
-def test_an_early_stop_metric_validation_never_reports_is_refused_before_work(tmp_path):
+def test_an_early_stop_metric_validation_never_reports_is_refused_before_work(tmp_path, monkeypatch):
     """It was a warning at the first evaluation (168 steps into the demo), then neither a best
     checkpoint nor an early stop; metrics.jsonl's own name for it (val/recall@1) is taken."""
+    monkeypatch.chdir(tmp_path)  # the demo's relative data.root: a world left in the checkout was read and checked
     from mmembed.train import train
     from mmembed.train.preflight import check_config
 
@@ -376,11 +377,12 @@ def test_an_early_stop_metric_validation_never_reports_is_refused_before_work(tm
         check_config(load_config("demo", [f"train.early_stop_metric={good}"]))
 
 
-def test_a_resume_is_not_held_to_the_files_its_run_started_from(tmp_path):
+def test_a_resume_is_not_held_to_the_files_its_run_started_from(tmp_path, monkeypatch):
     """A run trained with tokenizer.path, or model.init_from, holds its own copy of them: the file
     deleted afterwards, its --resume was refused."""
     from mmembed.train.preflight import check_config
 
+    monkeypatch.chdir(tmp_path)  # the demo's relative data.root: a world left in the checkout was read and checked
     cfg = load_config("demo", ["tokenizer.path=/nonexistent/tok.json", "model.init_from=/nonexistent/run"])
     with pytest.raises(ConfigError, match="tokenizer.path"):
         check_config(cfg)
@@ -407,6 +409,7 @@ def test_a_bind_runs_resume_is_held_to_its_config(tmp_path):
 def test_the_demo_checks_its_config_before_the_world(tmp_path, monkeypatch):
     from mmembed import demo
 
+    monkeypatch.chdir(tmp_path)  # the demo's relative data.root: a world left in the checkout was read and checked
     monkeypatch.setattr(demo, "train_align", lambda *a, **k: pytest.fail("trained past a bad config"))
     with pytest.raises(ConfigError, match="early_stop_metric"):
         demo.run_demo("demo", ["train.early_stop_metric=recal@1"], out_dir=str(tmp_path / "d"))
