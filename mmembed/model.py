@@ -351,10 +351,11 @@ class Model:
 
         # before anything loads: "auto" as train.device reads it; 'meta' loaded, then failed at the first embed
         device = None if device is None else resolve_device(device)
-        model = load_space(run_dir)
-        run_dir = Path(run_dir)
-        model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
-        model.query_tower, model.query_threshold = load_query_tower(run_dir, model)
+        with torch.random.fork_rng(devices=[]):  # modules are built (drawing weights) before the saved ones load:
+            model = load_space(run_dir)          # a caller's random stream must not depend on a load
+            run_dir = Path(run_dir)
+            model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
+            model.query_tower, model.query_threshold = load_query_tower(run_dir, model)
         return model.to(device) if device is not None else model
 
 

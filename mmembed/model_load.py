@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from torch import Tensor, nn
 
@@ -36,7 +37,10 @@ def load_space(run_dir: str | Path) -> Model:
         raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
-    # without the pretrained files or tags it started from: model.safetensors holds every tensor
+    # without the pretrained files or tags it started from: model.safetensors holds every tensor. Its
+    # random initial weights draw on the global generator, and the decoder stage's initial weights
+    # follow on from those draws (it loads the space after seeding): a caller that must keep its
+    # stream (`Model.load`) forks the generator around this call
     try:
         space = build_space(config.model, getattr(tokenizer, "vocab_size", None), config.loss.kind, pretrained=False)
     except ConfigError as e:  # an encoder's own arguments that disagree (n_mels not a multiple of a patch),
@@ -95,7 +99,10 @@ def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_di
 
     if config.decoder is None or not (run_dir / DECODER_WEIGHTS).is_file():
         return None
-    return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
+    # building draws the initial weights that the file's replace: on a copy of the CPU generator, so
+    # that opening a run leaves the caller's random stream as it was
+    with torch.random.fork_rng(devices=[]):
+        return load_prompt_model(run_dir, config.decoder, tokenizer, embed_dim)
 
 
 def no_decoder(model: Any, what: str) -> str:

@@ -120,3 +120,40 @@ def test_a_zero_d_sample_rate_keeps_the_pair_one_item(run):
         z = model.embed("audio", (wave, rate))
         assert z.shape == plain.shape == (1, model.embed_dim) and torch.equal(z, plain)
     assert torch.equal(model.embed("audio", [(wave, np.array(16000))]), plain)
+
+
+@pytest.fixture(scope="module")
+def run_with_decoder(tmp_path_factory):
+    """A tiny untrained run with a decoder stage (random weights, saved as a finished stage's)."""
+    from mmembed.decoder import build_prompt_model
+
+    out = tmp_path_factory.mktemp("runs") / "r2"
+    model = tiny_model()
+    model.prompt_model = build_prompt_model(model.config.decoder, model.tokenizer, model.embed_dim)
+    model.save(out)
+    return out
+
+
+def test_opening_a_decoder_leaves_the_callers_random_stream_and_gives_the_saved_weights(run_with_decoder):
+    """Opening a run's decoder drew its random initial weights from the caller's global generator."""
+    from mmembed.decoder import load_prompt_model
+    from mmembed.model_load import _load_decoder
+
+    model = mm.load(run_with_decoder)
+    args = (model.config, model.tokenizer, model.embed_dim)
+    saved = load_prompt_model(run_with_decoder, model.config.decoder, *args[1:]).lm.state_dict()
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    state = _load_decoder(run_with_decoder, *args).lm.state_dict()
+    assert torch.equal(torch.rand(3), want)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_mm_load_leaves_the_callers_random_stream_as_it_was(run_with_decoder):
+    """mm.load drew from the global generator (random initial weights the files then replace)."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    model = mm.load(run_with_decoder)
+    assert model.prompt_model is not None and torch.equal(torch.rand(3), want)

@@ -8,10 +8,12 @@ point of skipping is that data problems are visible and counted, not absorbed. T
 works identically with any number of DataLoader workers.
 
 Randomness: when the sampler hands out `(index, seed)` keys (see `loader.EpochBatchSampler`)
-and a preprocessor is stochastic, preprocessing runs with the CPU generator seeded with `seed` in a forked
-RNG; a preprocessor's `augment` step (SpecAugment) runs after the cache, on a generator seeded
-with the same seed, so caching and augmentation combine. Augmentations are then a pure function
-of (seed, epoch, index): the same with 0 or 8 workers, cached or not, and after a resume.
+and a preprocessor is stochastic, it draws (a random crop) from a generator of the sample's own,
+seeded with `seed` and passed as `pre(item, generator=...)`; a preprocessor's `augment` step
+(SpecAugment) runs after the cache, on a generator seeded with the same seed, so caching and
+augmentation combine. Neither touches the process's global RNG, so augmentations are a pure
+function of (seed, epoch, index): the same with 0 or 8 workers or from several threads, cached or
+not, and after a resume; and loading a sample leaves the caller's random stream (dropout) as it was.
 
 Captions: with `caption_sampling="random"` a row with alternative captions (`Row.captions`)
 trains on one caption of its pool `(primary, *alternatives)` per epoch, drawn from the same
@@ -171,13 +173,9 @@ class ManifestDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skipped:
         index, seed = key if isinstance(key, tuple) else (key, None)
         caption = self.draw_caption(index, seed)
-        if seed is not None and self.stochastic:
-            with torch.random.fork_rng(devices=[]):  # the CPU generator, restored afterwards
-                torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs too)
-                result = self._cached_load(index, caption)
-        else:
-            result = self._cached_load(index, caption)
-        return self._augment(result, seed)
+        # the sample's own generator: a forked, reseeded global one was shared by every thread
+        generator = torch.Generator().manual_seed(seed) if seed is not None and self.stochastic else None
+        return self._augment(self._cached_load(index, caption, generator), seed)
 
     def draw_caption(self, index: int, seed: int | None) -> int:
         """Position in row `index`'s caption pool that the key `(index, seed)` trains on (0 = primary)."""
@@ -186,9 +184,9 @@ class ManifestDataset(Dataset):
             return 0
         return random.Random(seed ^ _CAPTION_STREAM).randrange(n)
 
-    def _cached_load(self, index: int, caption: int = 0) -> Sample | Skipped:
-        if self.cache is None:
-            return self.load(index, caption)
+    def _cached_load(self, index: int, caption: int = 0, generator: torch.Generator | None = None) -> Sample | Skipped:
+        if self.cache is None:  # a stochastic preprocessor (the only use of `generator`) has no cache
+            return self.load(index, caption, generator)
         if index not in self.cache:
             self.cache[index] = self.load(index)
         result = self.cache[index]
@@ -213,9 +211,9 @@ class ManifestDataset(Dataset):
                   for m, t in result.inputs.items()}
         return Sample(result.line, inputs, result.label)
 
-    def load(self, index: int, caption: int = 0) -> Sample | Skipped:
+    def load(self, index: int, caption: int = 0, generator: torch.Generator | None = None) -> Sample | Skipped:
         """Preprocess row `index` (no cache) with caption `caption` of its pool. A bad item
-        skips the whole row."""
+        skips the whole row. `generator`: what stochastic preprocessors draw from (None: the global RNG)."""
         row = self.rows[index]
         inputs: dict[Modality, Tensor] = {}
         for modality, item in row.items.items():
@@ -223,7 +221,8 @@ class ManifestDataset(Dataset):
             if pre is None:
                 continue
             try:
-                inputs[modality] = pre(item)
+                drawn = generator is not None and getattr(pre, "stochastic", False)
+                inputs[modality] = pre(item, generator=generator) if drawn else pre(item)
             except BadInput as e:
                 return self._skip(row, f"{modality}: {e}")
         if not inputs:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -122,25 +123,37 @@ def room_batches(lengths: Sequence[int], context: float, max_new_tokens: int,
 def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int, sampling: Sampling,
         stop: Stops, seed: int | torch.Generator | None, device: torch.device) -> Iterator[list[_Row]]:
     """Generate for a batch; yields the rows after every step (streaming reads them). `seed`: an
-    int, or a generator already seeded, which batches that share one seed draw on in turn."""
+    int, or a generator already seeded, which batches that share one seed draw on in turn.
+
+    The decoder is in eval mode only while a step computes, never while the caller holds a row: a
+    stream left suspended (or collected later) leaves the mode as its caller sets it."""
+    with _eval_mode(lm):
+        embeds, mask, lengths, steps = prepare_inputs(lm, fmt, prompts, max_new_tokens, device)
+    generator = seeded(seed, device)
+    rows = [_Row(fmt, stop, n) for n in lengths]
+    if steps < 1:
+        yield rows
+        return
+    never = fmt.never_written(lm.decoder.vocab_size)
+    choices = decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, never)
+    for step in range(steps):
+        with _eval_mode(lm):  # a step is one forward (the prefill, then one token), run inside next()
+            choice = next(choices)
+        tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
+        for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
+            if not row.done:
+                row.add(t, lp, h, last=step == steps - 1)
+        yield rows
+        if all(r.done for r in rows):
+            return
+
+
+@contextmanager
+def _eval_mode(lm: MultimodalLM) -> Iterator[None]:
     was_training = lm.training
     lm.eval()
     try:
-        embeds, mask, lengths, steps = prepare_inputs(lm, fmt, prompts, max_new_tokens, device)
-        generator = seeded(seed, device)
-        rows = [_Row(fmt, stop, n) for n in lengths]
-        if steps < 1:
-            yield rows
-            return
-        never = fmt.never_written(lm.decoder.vocab_size)
-        for step, choice in enumerate(decode_steps(lm.decoder, embeds, mask, steps, sampling, generator, never)):
-            tokens, logprobs, entropy = choice.tokens.tolist(), choice.logprobs.tolist(), choice.entropy.tolist()
-            for row, t, lp, h in zip(rows, tokens, logprobs, entropy):
-                if not row.done:
-                    row.add(t, lp, h, last=step == steps - 1)
-            yield rows
-            if all(r.done for r in rows):
-                return
+        yield
     finally:
         lm.train(was_training)
 

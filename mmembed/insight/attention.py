@@ -7,13 +7,17 @@ The decoder's attention runs through fused SDPA kernels, which never materialise
 than change that path (generation must not pay for inspection), forward hooks are attached for one
 forward pass and removed afterwards: each recomputes the weights from the layer's input with the
 layer's own q/k projection, rotary positions, causal mask and sliding window. `weights @ v`
-reproduces the layer's output before its projection (tested to 1e-5).
+reproduces the layer's output before its projection (tested to 1e-5). The layers are shared with
+any other thread that runs the decoder meanwhile (a `generate`): the hooks record only the forward
+calls of the thread that attached them and return at once for the others, so their computation is
+untouched and never lands in the maps.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +148,14 @@ def attention_maps(pm: PromptModel, prompt: Resolved, device: torch.device) -> A
     lm = pm.lm
     layers = [m for m in lm.decoder.transformer.modules() if isinstance(m, MultiHeadAttention)]
     found: dict[int, Tensor] = {}
+    owner = threading.get_ident()
 
-    def record(module: MultiHeadAttention, args: tuple, kwargs: dict[str, Any], output: Tensor) -> None:
+    def record(module: MultiHeadAttention, args: tuple, *rest: Any) -> None:
+        # `rest` is (kwargs, output); a thread that snapshotted the hooks just before they were
+        # removed calls it as a plain hook, (output,): the thread test comes first for that too
+        if threading.get_ident() != owner:
+            return  # another thread's forward (a generate): neither recorded nor changed
+        kwargs = rest[0]
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
         found[id(module)] = head_weights(module, args[0], mask, is_causal=kwargs.get("is_causal", False),
                                          positions=kwargs.get("positions"))[0].cpu()

@@ -5,7 +5,9 @@ Preprocessors are plain picklable objects (they run inside DataLoader workers) w
     modality: Modality
     stochastic: bool                        # True if two calls on one item may differ (augmentation)
     random_options: tuple[str, ...]         # the arguments that make it stochastic when training
-    __call__(item) -> Tensor                # raises mmembed.errors.BadInput(reason)
+    __call__(item) -> Tensor                # raises mmembed.errors.BadInput(reason); a stochastic one
+                                            # also takes generator= (a dataset's per-sample generator,
+                                            # None: the global RNG) and draws only from it
     collate(samples) -> (batch, mask | None)
 
 and optionally a random step on the output of `__call__`, which a dataset runs after its cache

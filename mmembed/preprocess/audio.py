@@ -48,7 +48,8 @@ from mmembed.errors import BadInput, ConfigError
 from mmembed.preprocess.files import as_path, check_file, shown
 from mmembed.preprocess.filterbanks import LogFrequencySpectrogram, resample_ratio
 from mmembed.modality import Modality
-from mmembed.preprocess.waveform import MAX_CHANNELS, crop, is_unscaled, mono_clip, opened, raw_pair, read_frames
+from mmembed.preprocess.waveform import (MAX_CHANNELS, channel_axis, is_unscaled, mono_clip, opened, raw_pair,
+                                         read_frames, to_float)
 
 MAX_SECONDS = 600.0  # the longest max_seconds a preprocessor takes (a clip is cropped to it)
 _IN_MEMORY = re.compile(r"<_io\.\w+ object at 0x[0-9a-f]+>")
@@ -226,9 +227,10 @@ class AudioPreprocessor:
         """Silence of the longest clip (see `Preprocessor.example`)."""
         return torch.zeros(self.max_samples), self.sample_rate
 
-    def __call__(self, item: Any) -> Tensor:
-        """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason."""
-        wave = self.waveform(item)  # (T,) at self.sample_rate, T <= max_samples
+    def __call__(self, item: Any, generator: torch.Generator | None = None) -> Tensor:
+        """One raw clip → (n_mels, frames) float32. Raises BadInput with the reason. A training
+        crop's offset is drawn from `generator` (a dataset seeds one per sample), else the global RNG."""
+        wave = self.waveform(item, generator)  # (T,) at self.sample_rate, T <= max_samples
         if wave.numel() < self.n_fft:
             # reflect padding in the STFT needs a window's worth of samples; silence is neutral
             wave = torch.nn.functional.pad(wave, (0, self.n_fft - wave.numel()))
@@ -240,16 +242,17 @@ class AudioPreprocessor:
                            "(samples should lie in [-1, 1])")
         return feats[:, : self.max_frames].contiguous()
 
-    def waveform(self, item: Any) -> Tensor:
-        """One raw clip → mono float32 waveform (T,) at `sample_rate`, cropped to `max_seconds`."""
+    def waveform(self, item: Any, generator: torch.Generator | None = None) -> Tensor:
+        """One raw clip → mono float32 waveform (T,) at `sample_rate`, cropped to `max_seconds`
+        (a training crop at an offset drawn from `generator`, else the global RNG)."""
         of = ""
         if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
-            wave, rate = self._read_file(item)
+            wave, rate = self._read_file(item, generator)
             of = f": {shown(item)}" if isinstance(item, (str, Path)) else ""  # a file's content errors name it
         else:
             data, rate = raw_pair(item, self.sample_rate)
             self._check_rate(rate, "the waveform")
-            wave = mono_clip(data, self._crop_len(rate), self._random())  # (T,)
+            wave = self._mono_clip(data, self._crop_len(rate), generator)  # (T,)
         if wave.numel() == 0:
             raise BadInput(f"zero-length audio{of}")
         # the sum is finite iff every sample is (for audio-range values); check fully only then
@@ -280,6 +283,21 @@ class AudioPreprocessor:
     def _random(self) -> bool:
         return self.train and self.random_crop
 
+    def _start(self, length: int, n: int, generator: torch.Generator | None) -> int:
+        """The first of n samples cropped from `length`: uniform when cropping at random, else 0."""
+        if not self._random() or length <= n:
+            return 0
+        return int(torch.randint(0, length - n + 1, (), generator=generator).item())
+
+    def _mono_clip(self, data: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+        """`mono_clip`, its offset from `_start` (mono_clip draws a random one from the global RNG)."""
+        if not self._random() or data.numel() == 0:
+            return mono_clip(data, n, False)  # from the start; a zero-length waveform is refused there
+        axis = channel_axis(data)  # of the whole waveform, as mono_clip takes it
+        time = 0 if axis is None else 1 - axis
+        wave = to_float(data.narrow(time, self._start(data.shape[time], n, generator), min(n, data.shape[time])))
+        return wave if axis is None else wave.mean(dim=axis)
+
     def _check_rate(self, rate: int, name: str) -> None:
         if not self.min_sample_rate <= rate <= self.max_sample_rate:
             raise BadInput(
@@ -291,7 +309,7 @@ class AudioPreprocessor:
         """Samples at `rate` covering max_seconds (one extra so resampling never falls short)."""
         return int(math.ceil(self.max_seconds * rate)) + 1
 
-    def _read_file(self, item: str | Path | bytes) -> tuple[Tensor, int]:
+    def _read_file(self, item: str | Path | bytes, generator: torch.Generator | None) -> tuple[Tensor, int]:
         if isinstance(item, (str, Path)):
             source: Path | bytes = as_path(item)
             name = shown(source)
@@ -299,7 +317,7 @@ class AudioPreprocessor:
         else:
             name, source = "<bytes>", bytes(item)
         try:
-            data, rate = self._decode(source, name)  # (m, C)
+            data, rate = self._decode(source, name, generator)  # (m, C)
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - libsndfile reports any malformed file this way
@@ -313,9 +331,10 @@ class AudioPreprocessor:
         # give Inf, refused as such by `waveform`
         wave = wave[:, 0] if wave.shape[1] == 1 else wave.mean(dim=1)  # (m,)
         # a file of unknown length was read past one crop: crop here (a no-op for every other file)
-        return crop(wave, self._crop_len(rate), self._random()), int(rate)
+        start = self._start(wave.numel(), self._crop_len(rate), generator)
+        return wave[start : start + self._crop_len(rate)], int(rate)
 
-    def _decode(self, source: Path | bytes, name: str) -> tuple[np.ndarray, int]:
+    def _decode(self, source: Path | bytes, name: str, generator: torch.Generator | None) -> tuple[np.ndarray, int]:
         """The frames to crop from, (m, C) float32, and the file's rate."""
         data = None
         with opened(source) as f:
@@ -326,7 +345,7 @@ class AudioPreprocessor:
             n = self._crop_len(rate)
             if f.frames < _UNKNOWN_FRAMES:  # else a FLAC streamed to a pipe: no length to draw a crop from
                 n = min(f.frames, n)
-                start = int(torch.randint(0, f.frames - n + 1, ()).item()) if self._random() and f.frames > n else 0
+                start = self._start(f.frames, n, generator)
                 try:
                     f.seek(start)
                     data = f.read(n, dtype="float32", always_2d=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,53 @@ def test_a_samples_seed_leaves_the_training_processs_generators_as_they_were(wor
     before = torch.get_rng_state()
     ds[(0, 12345)]
     assert torch.equal(torch.get_rng_state(), before) and reseeded == []
+
+
+class _Meanwhile:
+    """An audio preprocessor whose call for `first` starts `then` in another thread and draws once
+    that thread's call has begun; that call draws once the first one has."""
+
+    def __init__(self, pre: AudioPreprocessor, first: str) -> None:
+        self.pre, self.first, self.then = pre, first, None
+        self.began, self.drawn = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.pre, name)
+
+    def __call__(self, item, **kwargs):
+        if not str(item).endswith(self.first):
+            self.began.set()
+            assert self.drawn.wait(10)
+            return self.pre(item, **kwargs)
+        self.thread = threading.Thread(target=self.then)
+        self.thread.start()
+        assert self.began.wait(10)
+        out = self.pre(item, **kwargs)
+        self.drawn.set()
+        return out
+
+
+def test_samples_loaded_by_two_threads_at_once_are_their_own_and_leave_the_global_rng(tmp_path, tok):
+    """Each thread reseeded the shared global generator: a sample drew another's crop, and the caller's RNG moved."""
+    rng = np.random.default_rng(0)
+    for name in ("x", "y"):
+        sf.write(tmp_path / f"{name}.wav", rng.uniform(-0.5, 0.5, 16000).astype(np.float32), 16000)
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"audio": f"{n}.wav", "text": "a red circle"}) + "\n" for n in "xy"))
+    pre = AudioPreprocessor(n_mels=16, max_seconds=0.2, random_crop=True, train=True)
+    keys = [(0, 11), (1, 22)]
+    want = [ManifestDataset(read_manifest(path), {A: pre})[k].inputs[A] for k in keys]
+    meanwhile = _Meanwhile(pre, "x.wav")
+    ds = ManifestDataset(read_manifest(path), {A: meanwhile})
+    got = {}
+    meanwhile.then = lambda: got.__setitem__(1, ds[keys[1]].inputs[A])
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    got[0] = ds[keys[0]].inputs[A]  # the other thread's sample loads meanwhile
+    meanwhile.thread.join()
+    assert ds.stochastic and not torch.equal(want[0], want[1])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ---------------------------------------------------------------------------- collate

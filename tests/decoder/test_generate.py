@@ -1,5 +1,6 @@
 """Generation: KV cache vs recomputation, left-padded batches, sampling, seeds, streaming, stops."""
 
+import gc
 import math
 
 import pytest
@@ -292,6 +293,25 @@ def test_stream_pieces_join_to_the_generated_text():
     pieces = list(stream(pm.lm, pm.fmt, resolved, 25, Sampling(1.0), Stops(), 11, CPU))
     (out,) = run(pm, [PROMPTS[1]], n=25, seed=11, temperature=1.0)
     assert len(pieces) > 1 and "".join(pieces) == out.text
+
+
+def test_a_suspended_stream_leaves_the_decoders_mode_as_its_caller_sets_it():
+    """A half-read stream held the decoder in eval mode, and once collected undid a later eval()."""
+    pm = lively(prompt_model(dropout=0.5), std=0.3)  # dropout: a step run in training mode would differ
+    (resolved,) = resolve_prompts([PROMPTS[1]], fake_embed, DIM, CPU)
+    (out,) = run(pm, [PROMPTS[1]], n=25, seed=11, temperature=1.0)
+    pm.lm.train()
+    pieces = stream(pm.lm, pm.fmt, resolved, 25, Sampling(1.0), Stops(), 11, CPU)
+    text = next(pieces)
+    assert pm.lm.training  # suspended: the caller's mode
+    text += "".join(pieces)
+    assert text == out.text and len(out.token_ids) > 5 and pm.lm.training  # every step ran in eval mode
+    suspended = stream(pm.lm, pm.fmt, resolved, 25, Sampling(1.0), Stops(), 11, CPU)
+    next(suspended)
+    pm.lm.eval()
+    del suspended
+    gc.collect()
+    assert not pm.lm.training
 
 
 def test_generation_reports_one_entropy_and_logprob_per_token():

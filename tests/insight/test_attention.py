@@ -3,11 +3,13 @@ labelled with the prompt's tokens and media; the hooks leave nothing behind."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from encoders.attention import MultiHeadAttention
-from mmembed.decoder import Audio, Image, resolve_prompts
+from mmembed.decoder import Audio, Image, Sampling, Stops, generate, resolve_prompts
 from mmembed.insight import attention_maps
 from mmembed.insight.plotting import token_labels
 from tests.decoder.helpers import DIM, fake_embed, lively, prompt_model
@@ -111,6 +113,39 @@ def test_hooks_are_removed_and_the_mode_restored():
     assert pm.lm.training
     assert [dict(m._forward_hooks) for m in layers_of(pm)] == before == [{}, {}]
     assert all(not m._forward_hooks_with_kwargs for m in layers_of(pm))
+
+
+def test_a_generate_in_another_thread_is_neither_broken_nor_recorded():
+    """The hooks ran on another thread's generate: it raised (a KV-step mask) and its weights replaced the maps."""
+    pm = spread_model()
+    batch = resolve_prompts([["describe", Image("a.png")], ["the sound", Audio("b.wav"), "in a few words"]],
+                            fake_embed, DIM, CPU)  # two lengths: a left-padded batch, a mask at every step
+
+    def answers() -> list[list[int]]:
+        return [g.token_ids for g in generate(pm.lm, pm.fmt, batch, 6, Sampling(), Stops(), None, CPU)]
+
+    want_maps, want_answers = attention_maps(pm, resolved(), CPU).weights, answers()
+    got: dict[str, object] = {}
+
+    def other_thread() -> None:
+        try:
+            got["answers"] = answers()
+        except Exception as e:  # noqa: BLE001 - the failure is what the test reports
+            got["answers"] = e
+
+    def meanwhile(module, args) -> None:  # the last layer's turn, the earlier ones recorded: run it all now
+        if "answers" not in got and threading.current_thread() is threading.main_thread():
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+
+    handle = layers_of(pm)[-1].register_forward_pre_hook(meanwhile)
+    try:
+        maps = attention_maps(pm, resolved(), CPU)
+    finally:
+        handle.remove()
+    assert got["answers"] == want_answers and len(want_answers[1]) > 1  # decoding steps ran, not the prefill only
+    torch.testing.assert_close(maps.weights, want_maps, atol=0, rtol=0)
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -424,3 +424,19 @@ def test_a_float_file_at_integer_scale_is_refused_with_the_fix(tmp_path, subtype
     assert torch.equal(pre.waveform(tmp_path / "mix.wav"), pre.waveform((mix, 16000)))
     sf.write(tmp_path / "pcm.wav", pcm.astype(np.int16), 16000, subtype="PCM_16")  # libsndfile scales it
     assert pre.waveform(tmp_path / "pcm.wav").abs().max() <= 1
+
+
+def test_a_random_crop_draws_from_the_generator_given_and_leaves_the_global_one(tmp_path):
+    """The crop's offset came from the global RNG only: a dataset had to reseed it (shared by every thread)."""
+    rng = np.random.default_rng(0)
+    stereo = rng.uniform(-0.5, 0.5, (16000, 2)).astype(np.float32)
+    sf.write(tmp_path / "clip.wav", stereo, 16000)
+    pre = AudioPreprocessor(max_seconds=0.1, random_crop=True, train=True)
+    for item in (tmp_path / "clip.wav", (stereo, 16000), (stereo.T.copy(), 16000), stereo[:, 0].copy()):
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        drawn = [pre.waveform(item, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+        assert torch.equal(torch.get_rng_state(), before)
+        assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+        torch.manual_seed(7)  # the same crop as a global generator seeded alike: a seeded run draws as it did
+        assert torch.equal(pre.waveform(item), drawn[0])
