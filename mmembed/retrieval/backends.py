@@ -40,7 +40,8 @@ class Backend(Protocol):
         """queries (Q, D) float32 unit rows -> scores (Q, k') float32, rows (Q, k') int64, best first.
 
         `mask` (N,) bool marks eligible rows (None: all). Rows of -1 pad answers that came up
-        short (approximate backends), after their hits; callers drop them.
+        short (approximate backends), after their hits; callers drop them. A search may bring the
+        backend's own structures up to date, so calls must not overlap (`Index` holds its lock).
 
         Queries and results are numpy arrays: beside a ~300 µs FAISS HNSW query, whose memory
         traffic evicts the caches, every torch call costs 10-25 µs, so the path around an

@@ -90,11 +90,12 @@ def _sampled_media(index: Index, folder: str) -> list[str]:
     store = index._store  # its rows as they are: `Index.items` would copy every vector
     inside = folder.rstrip(os.sep) + os.sep
     paths = []
-    for modality in Modality:
-        if modality not in INLINE_MODALITIES:
-            rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1).tolist()
-            items = (store.metadata[r].get("item") for r in rows)
-            paths += [p for p in items if isinstance(p, str) and p.startswith(inside)][:MEDIA_SAMPLE]
+    with index._lock:  # a server may be adding to it already
+        for modality in Modality:
+            if modality not in INLINE_MODALITIES:
+                rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1).tolist()
+                items = (store.metadata[r].get("item") for r in rows)
+                paths += [p for p in items if isinstance(p, str) and p.startswith(inside)][:MEDIA_SAMPLE]
     return paths
 
 

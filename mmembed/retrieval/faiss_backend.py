@@ -3,7 +3,8 @@
 FAISS holds its own fp32 copy of the rows, keyed by row position in the `VectorStore`; the
 store stays the source of truth (it is what gets saved; FAISS structures are rebuilt on load).
 Syncing is lazy: appended rows are added at the next search, and a compaction (which moves
-rows) drops the FAISS structure so the next search rebuilds it.
+rows) drops the FAISS structure so the next search rebuilds it. So a search changes the backend,
+and two at once corrupt it (crashes, wrong hits): `Index` runs them one at a time, under its lock.
 
 Removal and filters: FAISS HNSW cannot delete, so removed rows stay in the structure as
 tombstones and every search passes an `IDSelectorBitmap` of eligible rows (alive, target

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import operator
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,35 @@ from mmembed.retrieval.hits import Hit
 from mmembed.retrieval.index_format import metadata_json, saved_metadata
 from mmembed.retrieval.persist import read_index, write_index
 from mmembed.retrieval.query import Query
-from mmembed.retrieval.query_vectors import (_aligned, _as_query, _check_finite, _check_query_vectors, _one_query,
-                                             _one_vector)
+from mmembed.retrieval.query_vectors import _query_rows, _unit_rows
 from mmembed.retrieval.store import VectorStore, check_vectors, copied, storage_dtype
 from mmembed.scalars import as_integer
 
 log = logging.getLogger(__name__)
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COMPACT_FRACTION = 0.25  # compact once this share of rows is dead
 # the metadata `build` writes beside a manifest's own columns, which may not take these names
 _WRITTEN = {"line": "manifest line", "item": "path or caption"}
 
 QueryLike = Query | Tensor
 Filter = Callable[[dict[str, Any]], bool] | dict[str, Any] | None
+_LIVE: weakref.WeakSet[Index] = weakref.WeakSet()  # every index of this process, for `_fresh_locks`
+
+
+def _fresh_locks() -> None:
+    """After a fork, in the child: a lock another thread of the parent held stays held for ever."""
+    for index in list(_LIVE):
+        index._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks)
 
 
 class Index:
     """Vectors of any modality with metadata; exact (default) or FAISS-backed search.
+
+    Safe to share between threads: every call that reads or changes the items, and every search
+    (its backend brings its own structures up to date lazily), runs under the index's lock, one
+    at a time; a `Query` is embedded before the lock is taken.
 
     Args:
         dim: D, the dimension of every vector.
@@ -77,6 +90,16 @@ class Index:
         self._model: Any = None
         self.info: dict[str, Any] = {}  # provenance (manifest, counts), saved in index.json (a Path as a str)
         self.skipped: list[tuple[int, str, str]] = []  # (line, modality, reason) from `build`
+        self._lock = threading.RLock()  # reentrant: a search's filter may search this index
+        _LIVE.add(self)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy or pickle gets its own lock, not this one's state
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        _LIVE.add(self)
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -161,7 +184,8 @@ class Index:
         for i, m in enumerate(meta):  # what a save cannot write is refused now, not at the save
             if isinstance(m, dict):  # kept as a load reads it back (a copy: the caller's later edits stay theirs)
                 meta[i] = saved_metadata(m, f"metadata[{i}]")
-        return self._store.append(v, modality, meta)
+        with self._lock:
+            return self._store.append(v, modality, meta)
 
     def remove(self, ids: int | Iterable[int]) -> None:
         """Remove items by id, one or several (an unknown id raises UserError and removes nothing)."""
@@ -169,14 +193,17 @@ class Index:
             ids = [ids if isinstance(ids, bool) else operator.index(ids)]
         if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):  # "12" removed ids 1 and 2
             raise UserError(f"remove takes an item id or a sequence of them, got {ids!r:.40}")
-        self._store.remove(ids)
-        if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
-            self._store.compact()
+        with self._lock:
+            self._store.remove(ids)
+            if self._store.n_dead > _COMPACT_FRACTION * self._store.n_rows:
+                self._store.compact()
 
     def compact(self) -> None:
         """Drop removed rows now (FAISS backends rebuild at the next search)."""
-        self._store.compact()
+        with self._lock:
+            self._store.compact()
 
+    # `len` and `in` read one dict, which a change replaces or updates in one step: no lock needed
     def __len__(self) -> int:
         return self._store.n_alive
 
@@ -191,33 +218,34 @@ class Index:
 
     def ids(self) -> list[int]:
         """Ids of the live items, in storage order."""
-        return self._store.ids[self._store.alive].tolist()
+        with self._lock:
+            return self._store.ids[self._store.alive].tolist()
 
     def counts(self) -> dict[str, int]:
         """Live items per modality."""
-        alive = self._store.alive
-        out = {}
-        for m in Modality:
-            n = int((self._store.modality_mask(m) & alive).sum())
-            if n:
-                out[m.value] = n
-        return out
+        with self._lock:
+            alive = self._store.alive
+            counts = {m.value: int((self._store.modality_mask(m) & alive).sum()) for m in Modality}
+        return {name: n for name, n in counts.items() if n}
 
     def items(self) -> tuple[Tensor, list[Modality], list[dict[str, Any]]]:
         """Every live item in storage order (that of `ids()`): vectors (N, D) float32, their
         modalities and metadata, read in one pass."""
-        store = self._store
-        alive = store.alive.nonzero().squeeze(1).tolist()
-        return (store.vectors[alive].float(), [store.modality_of(r) for r in alive],
-                [copied(store.metadata[r]) for r in alive])  # copies: an edit never reaches the index
+        with self._lock:
+            store = self._store
+            alive = store.alive.nonzero().squeeze(1).tolist()
+            return (store.vectors[alive].float(), [store.modality_of(r) for r in alive],
+                    [copied(store.metadata[r]) for r in alive])  # copies: an edit never reaches the index
 
     def vector(self, item_id: int) -> Tensor:
         """The stored (D,) vector of an item, as float32."""
-        return self._store.vectors[self._store.row_of(item_id)].float().clone()
+        with self._lock:
+            return self._store.vectors[self._store.row_of(item_id)].float().clone()
 
     def metadata(self, item_id: int) -> dict[str, Any]:
         """A copy of an item's metadata (nested values too: editing it leaves the index as it was)."""
-        return copied(self._store.metadata[self._store.row_of(item_id)])
+        with self._lock:
+            return copied(self._store.metadata[self._store.row_of(item_id)])
 
     # ---- search ------------------------------------------------------------------------------
 
@@ -246,59 +274,42 @@ class Index:
                      target: Modality | str | None = None, k: int = 10, filter: Filter = None,
                      model: Any = None) -> list[list[Hit]]:
         """`search` for many queries at once: a (Q, D) tensor or array, or a list of queries -> Q hit lists."""
-        scores, rows = self._search_rows(queries, target, k, filter, model)
-        if rows.size == 0:
-            return [[] for _ in range(rows.shape[0])]
-        return self._hits(scores, rows)
+        a = _query_rows(queries, self.dim, self._embedding_model, model)  # a model's time taken outside the lock
+        with self._lock:  # rows are read back as the search found them
+            scores, rows = self._search_rows(a, target, k, filter)
+            if rows.size == 0:
+                return [[] for _ in range(rows.shape[0])]
+            return self._hits(scores, rows)
 
     def search_ids(self, queries: Tensor | np.ndarray | Sequence[QueryLike], *, target: Modality | str | None = None,
                    k: int = 10, filter: Filter = None, model: Any = None) -> tuple[Tensor, Tensor]:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
         float32, best first, k' = min(k, eligible items) (an id of -1 would pad a backend's short answer;
         the FAISS backends complete theirs by an exact scan)."""
-        scores, rows = self._search_rows(queries, target, k, filter, model)
-        return torch.from_numpy(self._store.ids_of_rows(rows)), torch.from_numpy(scores)
+        a = _query_rows(queries, self.dim, self._embedding_model, model)  # a model's time taken outside the lock
+        with self._lock:  # rows are read back as ids as the search found them
+            scores, rows = self._search_rows(a, target, k, filter)
+            ids = self._store.ids_of_rows(rows)
+        return torch.from_numpy(ids), torch.from_numpy(scores)
 
-    def _search_rows(self, queries: Tensor | np.ndarray | Sequence[QueryLike], target: Modality | str | None, k: int,
-                     filter: Filter, model: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, k') scores and store rows, numpy (see `Backend.search`)."""
+    def _search_rows(self, queries: np.ndarray, target: Modality | str | None, k: int, filter: Filter
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) float32 queries -> (Q, k') scores and store rows, numpy (see `Backend.search`); the
+        caller holds the lock."""
         if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
             raise ValueError(f"k must be a positive int, got {k!r}")
         k = n
         # the mask first: a filter may search this index, and one query's rows live in a per-thread
         # buffer (`_one_query`) that its search would overwrite
         mask = self._mask(target, filter)
-        q = self._query_matrix(queries, model)  # (Q, D) float32
+        q = _unit_rows(queries)  # (Q, D) float32
         if self._store.n_alive == 0 or (mask is not None and not bool(mask.any())):
             return np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
         return self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
 
     def _query_matrix(self, queries: Tensor | np.ndarray | Sequence[QueryLike], model: Any) -> np.ndarray:
-        """Queries -> (Q, D) float32 rows of unit length; a zero row stays zero (scores 0.0, never NaN).
-        In numpy, with one torch call for a tensor's view (see `Backend.search`). One query comes
-        back in this thread's buffer (`_one_query`), overwritten by its next single query."""
-        if isinstance(queries, Tensor) or (isinstance(queries, np.ndarray) and queries.dtype != object):
-            a = _check_query_vectors(queries, self.dim)  # a (D,) array is one query, not D of one number
-        else:
-            queries = [_as_query(q) for q in queries]
-            rows = [_one_vector(q.embed(self._embedding_model(model, q)), self.dim, i) if isinstance(q, Query)
-                    else _one_vector(q, self.dim, i) for i, q in enumerate(queries)]  # a Query(vector=) is checked too
-            a = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)  # (Q, D)
-        # squares in float64 cannot overflow from float32 rows: NaN or Inf there means NaN or Inf in a query
-        if a.shape[0] == 1:  # one query, the latency-bound case: three numpy calls, then Python scalars
-            wide = a.astype(np.float64)
-            norm = math.sqrt(float(np.dot(wide[0], wide[0])))
-            if not math.isfinite(norm):
-                _check_finite(a)  # raises BadInput naming the query
-            if norm > _FLOAT32_MAX:
-                return np.divide(wide, norm, out=_one_query(self.dim), casting="same_kind")
-            return np.divide(a, norm or 1.0, out=_one_query(self.dim))
-        squares = np.vecdot(a, a, dtype=np.float64)  # (Q,)
-        if not math.isfinite(squares.max(initial=0.0)):
-            _check_finite(a)
-        norms = np.sqrt(squares)[:, None]  # (Q, 1)
-        norms[norms == 0] = 1.0  # a zero row stays zero
-        return np.divide(a, norms, out=_aligned(a.shape), casting="same_kind")
+        """Queries -> (Q, D) float32 unit rows, as the backend gets them (see `_unit_rows`)."""
+        return _unit_rows(_query_rows(queries, self.dim, self._embedding_model, model))
 
     def _embedding_model(self, model: Any, query: Query) -> Any:
         if model is not None:
@@ -339,12 +350,13 @@ class Index:
         `run_dir`: the model's run folder, remembered in `info["run_dir"]` so a later search can
         load the model that made the vectors without being told.
         """
-        self._store.compact()
-        if run_dir is not None:
-            self.info["run_dir"] = str(Path(run_dir).resolve())
-        header = {"fingerprint": self.fingerprint, "backend": self.backend_name,
-                  "backend_args": self._backend.config(), "storage": self.storage, "info": self.info}
-        return write_index(directory, self._store, header)
+        with self._lock:  # an add during the write made vectors and header disagree (a folder load refused)
+            self._store.compact()
+            if run_dir is not None:
+                self.info["run_dir"] = str(Path(run_dir).resolve())
+            header = {"fingerprint": self.fingerprint, "backend": self.backend_name,
+                      "backend_args": self._backend.config(), "storage": self.storage, "info": self.info}
+            return write_index(directory, self._store, header)
 
     @classmethod
     def load(cls, directory: str | Path, model: Any = None) -> Index:

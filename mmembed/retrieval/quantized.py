@@ -41,6 +41,8 @@ class Int8Codes:
     Appended rows are quantised on their own while they fit the current scales; a row outside
     them (or a compaction, which moves rows) re-quantises everything with new scales. Codes are
     (N, D') with D' the dimension rounded up to the kernel's multiple; the extra columns are 0.
+    A sync replaces the fields one after another: its caller keeps other searches out meanwhile
+    (`Index` searches under its lock).
     """
 
     def __init__(self) -> None:

@@ -1,10 +1,12 @@
 """A search's query vectors: what `Index.search` takes as a query, checked and turned into float32
-rows, and the 64-byte-aligned buffers `Index._query_matrix` (in `index.py`) normalises them into.
+rows, normalised into 64-byte-aligned buffers (`_unit_rows`) for `Index`'s search (in `index.py`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from mmembed.modality import Modality
 from mmembed.retrieval.query import Query
 
 _THREAD = threading.local()
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _as_query(q: Any) -> Any:
@@ -28,6 +31,18 @@ def _as_query(q: Any) -> Any:
     if isinstance(getattr(q, "modality", None), Modality) and hasattr(q, "item"):  # decoder.Media
         return Query(**{str(q.modality): q.item})
     return q
+
+
+def _query_rows(queries: Tensor | np.ndarray | Sequence[Any], dim: int, pick: Callable[[Any, Query], Any],
+                model: Any) -> np.ndarray:
+    """Queries -> (Q, D) float32 rows as given, a `Query` embedded by `pick(model, query)` (the model
+    given, else the index's). In numpy, with one torch call for a tensor's view (see `Backend.search`)."""
+    if isinstance(queries, Tensor) or (isinstance(queries, np.ndarray) and queries.dtype != object):
+        return _check_query_vectors(queries, dim)  # a (D,) array is one query, not D of one number
+    queries = [_as_query(q) for q in queries]
+    rows = [_one_vector(q.embed(pick(model, q)), dim, i) if isinstance(q, Query)
+            else _one_vector(q, dim, i) for i, q in enumerate(queries)]  # a Query(vector=) is checked too
+    return np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)  # (Q, D)
 
 
 def _one_vector(q: Any, dim: int, i: int) -> np.ndarray:
@@ -66,6 +81,26 @@ def _check_finite(a: np.ndarray) -> None:
     finite = np.isfinite(a).all(axis=1)
     if not finite.all():
         raise BadInput(f"query {int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    """(Q, D) float32 queries -> rows of unit length; a zero row stays zero (scores 0.0, never NaN).
+    One query comes back in this thread's buffer (`_one_query`), overwritten by its next single query."""
+    # squares in float64 cannot overflow from float32 rows: NaN or Inf there means NaN or Inf in a query
+    if a.shape[0] == 1:  # one query, the latency-bound case: three numpy calls, then Python scalars
+        wide = a.astype(np.float64)
+        norm = math.sqrt(float(np.dot(wide[0], wide[0])))
+        if not math.isfinite(norm):
+            _check_finite(a)  # raises BadInput naming the query
+        if norm > _FLOAT32_MAX:
+            return np.divide(wide, norm, out=_one_query(a.shape[1]), casting="same_kind")
+        return np.divide(a, norm or 1.0, out=_one_query(a.shape[1]))
+    squares = np.vecdot(a, a, dtype=np.float64)  # (Q,)
+    if not math.isfinite(squares.max(initial=0.0)):
+        _check_finite(a)
+    norms = np.sqrt(squares)[:, None]  # (Q, 1)
+    norms[norms == 0] = 1.0  # a zero row stays zero
+    return np.divide(a, norms, out=_aligned(a.shape), casting="same_kind")
 
 
 def _one_query(dim: int) -> np.ndarray:

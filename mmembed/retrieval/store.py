@@ -116,6 +116,15 @@ class VectorStore:
         self._row_of: dict[int, int] = {}
         self.version = 0  # bumped whenever row positions change (compaction, reload)
 
+    # a copy or pickle of `_ids_view` is an array of its own, which later appends never reach: a
+    # copied index's new rows came back with stale ids after a compaction
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name != "_ids_view"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ids_view = self._ids.numpy()
+
     # ---- views over the used rows ----------------------------------------------------------
 
     @property
