@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             _say(parser.format_usage() + "mmembed: error: give a command (mmembed --help lists them)")
             return EXIT_USAGE
         code = int(args.handler(args) or 0)
-        sys.stdout.flush()  # a pipe's reader gone (`| head`): the flush at exit raised outside this try
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout.flush()  # a pipe's reader gone (`| head`): the flush at exit raised outside this try
         return code
     except PeerLostError as e:  # not the user's mistake: a run-time failure
         _say(f"mmembed: error: {e}")

@@ -83,6 +83,15 @@ def test_each_error_line_is_one_write(monkeypatch, tmp_path):
         assert len(errors) == 1 and errors[0].endswith("\n") and errors[0].count("\n") == (1 if argv else 2), err.calls
 
 
+def test_a_command_started_with_stdout_closed_ends_as_before(monkeypatch, capsys, tmp_path):
+    """With `>&-` sys.stdout is None: the flush added for closed pipes raised AttributeError."""
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["tokenizer", "train", "--corpus", str(tmp_path / "none.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "t")]) == 2  # the error path
+    assert main(["data", "synth", "--n", "2", "--image-size", "16", "--out", str(tmp_path / "w")]) == 0, \
+        capsys.readouterr().err  # a command that prints its result
+
+
 def test_missing_corpus(capsys, tmp_path):
     _one_line_error(capsys, ["tokenizer", "train", "--corpus", str(tmp_path / "none.txt"), "--vocab-size", "300",
                              "--out", str(tmp_path)], "none.txt")

@@ -24,6 +24,7 @@ sample and, separately, each alternative's preprocessed text: a draw is never ca
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -221,8 +222,7 @@ class ManifestDataset(Dataset):
             if pre is None:
                 continue
             try:
-                drawn = generator is not None and getattr(pre, "stochastic", False)
-                inputs[modality] = pre(item, generator=generator) if drawn else pre(item)
+                inputs[modality] = _preprocessed(pre, item, generator)
             except BadInput as e:
                 return self._skip(row, f"{modality}: {e}")
         if not inputs:
@@ -311,3 +311,20 @@ def _own_memory(result: Sample | Skipped) -> Sample | Skipped:
     if isinstance(result, Skipped):
         return result
     return Sample(result.line, {m: t.clone() for m, t in result.inputs.items()}, result.label)
+
+
+def _preprocessed(pre: Any, item: Any, generator: torch.Generator | None) -> Tensor:
+    """`pre(item)`; a stochastic preprocessor draws from `generator` (the sample's own): passed to it
+    when its `__call__` takes one, else (one written to the protocol before `generator=`) it runs
+    on the global generator seeded alike, in a fork that gives the caller's state back."""
+    if generator is None or not getattr(pre, "stochastic", False):
+        return pre(item)
+    try:
+        params = inspect.signature(pre).parameters
+    except (TypeError, ValueError):  # no signature to read: the old way
+        params = {}
+    if "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return pre(item, generator=generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(generator.initial_seed())
+        return pre(item)

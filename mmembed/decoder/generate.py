@@ -150,6 +150,9 @@ def run(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_to
 
 @contextmanager
 def _eval_mode(lm: MultimodalLM) -> Iterator[None]:
+    if not lm.training:  # as a loaded model is: the two walks over every module cost 30% of a token's time
+        yield
+        return
     was_training = lm.training
     lm.eval()
     try:

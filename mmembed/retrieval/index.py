@@ -17,8 +17,6 @@ import contextlib
 import logging
 import operator
 import os
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
 from mmembed.retrieval.hits import Hit
 from mmembed.retrieval.index_format import metadata_json, saved_metadata
+from mmembed.retrieval.locking import Locked
 from mmembed.retrieval.persist import read_index, write_index
 from mmembed.retrieval.query import Query
 from mmembed.retrieval.query_vectors import _query_rows, _unit_rows
@@ -46,19 +45,15 @@ _WRITTEN = {"line": "manifest line", "item": "path or caption"}
 
 QueryLike = Query | Tensor
 Filter = Callable[[dict[str, Any]], bool] | dict[str, Any] | None
-_LIVE: weakref.WeakSet[Index] = weakref.WeakSet()  # every index of this process, for `_fresh_locks`
+def _checked(k: Any, target: Modality | str | None) -> tuple[int, Modality | None]:
+    """A search's `k` as an int and `target` as a Modality, or the error naming the bad one."""
+    if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return n, None if target is None else Modality.parse(target)
 
 
-def _fresh_locks() -> None:
-    """After a fork, in the child: a lock another thread of the parent held stays held for ever."""
-    for index in list(_LIVE):
-        index._lock = threading.RLock()
 
-
-os.register_at_fork(after_in_child=_fresh_locks)
-
-
-class Index:
+class Index(Locked):
     """Vectors of any modality with metadata; exact (default) or FAISS-backed search.
 
     Safe to share between threads: every call that reads or changes the items, and every search
@@ -90,16 +85,7 @@ class Index:
         self._model: Any = None
         self.info: dict[str, Any] = {}  # provenance (manifest, counts), saved in index.json (a Path as a str)
         self.skipped: list[tuple[int, str, str]] = []  # (line, modality, reason) from `build`
-        self._lock = threading.RLock()  # reentrant: a search's filter may search this index
-        _LIVE.add(self)
-
-    def __getstate__(self) -> dict[str, Any]:  # a copy or pickle gets its own lock, not this one's state
-        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
-        _LIVE.add(self)
+        Locked.__init__(self)  # reentrant: a search's filter may search this index
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -274,6 +260,7 @@ class Index:
                      target: Modality | str | None = None, k: int = 10, filter: Filter = None,
                      model: Any = None) -> list[list[Hit]]:
         """`search` for many queries at once: a (Q, D) tensor or array, or a list of queries -> Q hit lists."""
+        k, target = _checked(k, target)  # before a Query's embedding: a bad argument costs no model run
         a = _query_rows(queries, self.dim, self._embedding_model, model)  # a model's time taken outside the lock
         with self._lock:  # rows are read back as the search found them
             scores, rows = self._search_rows(a, target, k, filter)
@@ -286,19 +273,18 @@ class Index:
         """`search_batch` without `Hit` objects, for bulk use: (Q, k') ids int64 and (Q, k') scores
         float32, best first, k' = min(k, eligible items) (an id of -1 would pad a backend's short answer;
         the FAISS backends complete theirs by an exact scan)."""
+        k, target = _checked(k, target)  # before a Query's embedding: a bad argument costs no model run
         a = _query_rows(queries, self.dim, self._embedding_model, model)  # a model's time taken outside the lock
         with self._lock:  # rows are read back as ids as the search found them
             scores, rows = self._search_rows(a, target, k, filter)
             ids = self._store.ids_of_rows(rows)
         return torch.from_numpy(ids), torch.from_numpy(scores)
 
-    def _search_rows(self, queries: np.ndarray, target: Modality | str | None, k: int, filter: Filter
+    def _search_rows(self, queries: np.ndarray, target: Modality | None, k: int, filter: Filter
                      ) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) float32 queries -> (Q, k') scores and store rows, numpy (see `Backend.search`); the
-        caller holds the lock."""
-        if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        k = n
+        caller holds the lock (and `filter` runs under it: it may search this index itself, but must
+        not wait for another thread that uses it)."""
         # the mask first: a filter may search this index, and one query's rows live in a per-thread
         # buffer (`_one_query`) that its search would overwrite
         mask = self._mask(target, filter)
@@ -319,12 +305,12 @@ class Index:
             raise UserError("this query holds raw items: pass model=..., or attach one (Index.load(dir, model=...))")
         return self._model
 
-    def _mask(self, target: Modality | str | None, filter: Filter) -> Tensor | None:
+    def _mask(self, target: Modality | None, filter: Filter) -> Tensor | None:
         """(N,) bool of eligible rows, or None when every stored row is eligible."""
         store = self._store
         mask = store.alive.clone() if store.n_dead else None
         if target is not None:
-            by_modality = store.modality_mask(Modality.parse(target))
+            by_modality = store.modality_mask(target)
             mask = by_modality if mask is None else mask & by_modality
         if filter is not None:
             by_meta = store.metadata_mask(filter)

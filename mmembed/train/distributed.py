@@ -110,7 +110,9 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
     """One CLI command as a process of a torchrun job (or alone): join the process group, keep
     ranks > 0 to warnings in the log, and turn a lost peer — a collective failing because another
     process died, or torchrun's SIGTERM after one did — into one `PeerLostError` line naming the
-    checkpoint to resume from; leave the group at the end."""
+    checkpoint to resume from; leave the group at the end. After an error the process stays deaf
+    to SIGTERM, so that torchrun cannot cut its line short: it is for commands, which print the
+    error and exit, not for a caller that goes on working."""
     world = init_distributed(device, timeout_minutes)
     if not world.active:
         yield world

@@ -200,6 +200,29 @@ def test_samples_loaded_by_two_threads_at_once_are_their_own_and_leave_the_globa
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_a_stochastic_preprocessor_without_a_generator_argument_still_draws_per_seed(tmp_path):
+    """A user's stochastic preprocessor written to the protocol's `__call__(item)` got
+    "unexpected keyword argument 'generator'" once the crop drew from a per-sample generator."""
+
+    class Jitter:  # the documented protocol, without generator=
+        modality, stochastic, random_options = Modality.TEXT, True, ("jitter",)
+
+        def __call__(self, item):
+            return torch.rand(3)
+
+        def collate(self, samples):
+            return torch.stack(samples), None
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"text": "hi"}) + "\n")
+    ds = ManifestDataset(read_manifest(path), {Modality.TEXT: Jitter()})
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b, c = ds[(0, 7)].inputs[Modality.TEXT], ds[(0, 7)].inputs[Modality.TEXT], ds[(0, 8)].inputs[Modality.TEXT]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # a pure function of the seed, as before
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ---------------------------------------------------------------------------- collate
 
 

@@ -152,3 +152,48 @@ def test_a_child_forked_while_another_thread_holds_the_lock_can_use_the_index():
         release.set()
         holder.join()
     assert status == 0
+
+
+class _EqIndex(Index):
+    def __eq__(self, other: object) -> bool:  # makes its objects unhashable: a WeakSet of indexes refused them
+        return isinstance(other, _EqIndex) and self.dim == other.dim
+
+
+class _Slotted(Index):
+    __slots__ = ("extra",)
+
+
+@pytest.mark.parametrize("how", ["copy", "pickle"])
+def test_subclasses_with_eq_or_slots_are_built_copied_and_pickled(how):
+    """The lock's bookkeeping refused an Index subclass defining __eq__ (unhashable), and a copy or
+    pickle dropped a __slots__ subclass's slot values."""
+    import copy
+
+    twin = (lambda x: copy.deepcopy(x)) if how == "copy" else (lambda x: pickle.loads(pickle.dumps(x)))
+    eq = _EqIndex(D)
+    eq.add(unit(3, 0), "image")
+    assert twin(eq).ids() == [0, 1, 2]
+    slotted = _Slotted(D)
+    slotted.extra = 42
+    slotted.add(unit(3, 0), "image")
+    again = twin(slotted)
+    assert again.extra == 42 and again.ids() == [0, 1, 2] and again._lock is not slotted._lock
+
+
+def test_a_bad_k_or_target_is_refused_before_the_query_is_read_or_embedded():
+    """Since the lock, a bad query's error came first, and a Query was embedded (a model run) before
+    `k=0` or an unknown target was refused."""
+    from mmembed.retrieval import Query
+
+    index = Index(D)
+    index.add(unit(3, 0), "image")
+
+    class Refuses:  # any embedding is a failure of this test
+        def embed(self, *a: Any, **k: Any) -> None:
+            pytest.fail("the query was embedded before its arguments were checked")
+
+    for kwargs, error in (({"k": 0}, "k must be a positive int"), ({"target": "bogus"}, "bogus")):
+        with pytest.raises(ValueError, match=error):
+            index.search(torch.randn(D + 1), **kwargs)
+        with pytest.raises(ValueError, match=error):
+            index.search(Query(text="hi"), model=Refuses(), **kwargs)
