@@ -45,12 +45,13 @@ _WRITTEN = {"line": "manifest line", "item": "path or caption"}
 
 QueryLike = Query | Tensor
 Filter = Callable[[dict[str, Any]], bool] | dict[str, Any] | None
+
+
 def _checked(k: Any, target: Modality | str | None) -> tuple[int, Modality | None]:
     """A search's `k` as an int and `target` as a Modality, or the error naming the bad one."""
     if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
         raise ValueError(f"k must be a positive int, got {k!r}")
     return n, None if target is None else Modality.parse(target)
-
 
 
 class Index(Locked):
