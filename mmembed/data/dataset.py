@@ -105,6 +105,7 @@ class ManifestDataset(Dataset):
         if cache and stochastic:
             raise UserError(self._cache_refusal(stochastic))
         self.stochastic = bool(stochastic)
+        self._take_generator = {m for m in stochastic if _takes_generator(self.preprocessors[m])}
         self.augmenting = [m for m, p in self.preprocessors.items() if getattr(p, "augments", False)]
         self.cache: dict[int, Sample | Skipped] | None = {} if cache else None
         self.caption_sampling = _check_sampling(caption_sampling, self.rows, CAPTION_MODALITY in self.preprocessors)
@@ -222,7 +223,7 @@ class ManifestDataset(Dataset):
             if pre is None:
                 continue
             try:
-                inputs[modality] = _preprocessed(pre, item, generator)
+                inputs[modality] = _preprocessed(pre, item, generator, modality in self._take_generator)
             except BadInput as e:
                 return self._skip(row, f"{modality}: {e}")
         if not inputs:
@@ -313,17 +314,22 @@ def _own_memory(result: Sample | Skipped) -> Sample | Skipped:
     return Sample(result.line, {m: t.clone() for m, t in result.inputs.items()}, result.label)
 
 
-def _preprocessed(pre: Any, item: Any, generator: torch.Generator | None) -> Tensor:
-    """`pre(item)`; a stochastic preprocessor draws from `generator` (the sample's own): passed to it
-    when its `__call__` takes one, else (one written to the protocol before `generator=`) it runs
-    on the global generator seeded alike, in a fork that gives the caller's state back."""
-    if generator is None or not getattr(pre, "stochastic", False):
-        return pre(item)
+def _takes_generator(pre: Any) -> bool:
+    """Whether `pre`'s `__call__` takes `generator=` (one written to the protocol before it does not)."""
     try:
         params = inspect.signature(pre).parameters
     except (TypeError, ValueError):  # no signature to read: the old way
-        params = {}
-    if "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return False
+    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _preprocessed(pre: Any, item: Any, generator: torch.Generator | None, takes_generator: bool) -> Tensor:
+    """`pre(item)`; a stochastic preprocessor draws from `generator` (the sample's own): passed to it
+    when it takes one, else it runs on the global generator seeded alike, in a fork that gives the
+    caller's state back."""
+    if generator is None or not getattr(pre, "stochastic", False):
+        return pre(item)
+    if takes_generator:
         return pre(item, generator=generator)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(generator.initial_seed())

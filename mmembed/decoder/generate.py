@@ -153,12 +153,11 @@ def _eval_mode(lm: MultimodalLM) -> Iterator[None]:
     if not lm.training:  # as a loaded model is: the two walks over every module cost 30% of a token's time
         yield
         return
-    was_training = lm.training
     lm.eval()
     try:
         yield
     finally:
-        lm.train(was_training)
+        lm.train()
 
 
 def generate(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved], max_new_tokens: int,

@@ -273,9 +273,7 @@ class Trainer:
             if self.on_skipped is not None:
                 self.on_skipped(batch)
             return None
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if self.cfg.precision == "bf16" else nullcontext())
-        with autocast, (nullcontext() if last_micro else no_sync(self.net)):
+        with precision_context(self.device, self.cfg.precision), (nullcontext() if last_micro else no_sync(self.net)):
             out = self.step_fn(batch)
             if out is None:
                 return None
@@ -355,6 +353,11 @@ class Trainer:
     def _agree_any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (every rank gets the same answer)."""
         return any_rank([flag])[0]
+
+
+def precision_context(device: torch.device, precision: str) -> Any:
+    """What a step runs under: bf16 autocast on `device` when `precision` is bf16, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _rows(batch: Any) -> int:

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from mmembed.train.align_step import one_process_step
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
 from mmembed.train.data_setup import prepare_data, prepare_tokenizer
 from mmembed.train.distributed import current_world, resolve_device
+from mmembed.train.engine import precision_context
 from mmembed.train.optim import build_optimizer, set_lr
 from mmembed.train.preflight import check_config
 
@@ -260,8 +260,7 @@ def _forward_backward(step_fn, batch, device: torch.device, precision: str):
     """The step's output, its loss's gradients taken (when it has something to learn), under the
     autocast the engine trains with (`Trainer._forward_backward`): in fp32 the test found rates
     for another numeric regime than the bf16 run it was asked about."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with autocast:
+    with precision_context(device, precision):
         out = step_fn(batch)
         if out is not None and out.learned:
             out.loss.backward()
