@@ -25,7 +25,10 @@ from torch import Tensor
 from mmembed.modality import Modality
 
 log = logging.getLogger("mmembed.evaluate")  # the evaluation's lines keep their logger name
-_QUERY_BLOCK = 1024  # queries scored at once: bounds the (block, N) score matrix
+_QUERY_BLOCK = 1024  # queries scored at once, at most
+# scores (and the masks made from them) of one block, block × N: ~1 GB at 1M targets a block of
+# 1,024 queries held (the scores, the correct mask, a masked copy, two comparisons: ~13 bytes each)
+_BLOCK_SCORES = 1 << 22
 _TIE = 1e-6  # scores this close count as tied (cosines of unit vectors; float32 rounding is ~1e-7)
 
 
@@ -55,9 +58,10 @@ def retrieval_metrics(query_emb: Tensor, target_emb: Tensor, query_keys: Sequenc
         raise ValueError("no query key occurs among the target keys: nothing can be retrieved correctly")
     queries, q_codes = query_emb[matched].float(), q_codes[matched]
     targets = target_emb.float()
+    block = max(1, min(_QUERY_BLOCK, _BLOCK_SCORES // max(1, targets.shape[0])))
     ranks = torch.cat([
-        _first_correct_rank(queries[s:s + _QUERY_BLOCK] @ targets.T, q_codes[s:s + _QUERY_BLOCK], t_codes)
-        for s in range(0, queries.shape[0], _QUERY_BLOCK)
+        _first_correct_rank(queries[s:s + block] @ targets.T, q_codes[s:s + block], t_codes)
+        for s in range(0, queries.shape[0], block)
     ]).double()  # (Q_matched,)
     out = {f"recall@{k}": float((ranks <= k).double().mean()) for k in ks}
     out.update(median_rank=float(ranks.quantile(0.5)), mean_rank=float(ranks.mean()),

@@ -72,6 +72,21 @@ def test_equals_argsort_reference_on_random_data():
     assert m["median_rank"] == pytest.approx(float(torch.tensor(ranks, dtype=torch.float64).quantile(0.5)))
 
 
+def test_the_score_blocks_stay_bounded_by_the_number_of_targets(monkeypatch):
+    """Blocks of 1,024 queries were scored against every target at once: ~13 GB at 1M targets."""
+    import mmembed.evaluate_recall as er
+
+    g = torch.Generator().manual_seed(0)
+    q, t = normalize(torch.randn(700, 8, generator=g), dim=1), normalize(torch.randn(5000, 8, generator=g), dim=1)
+    q_keys, t_keys = [str(i % 40) for i in range(700)], [str(i % 90) for i in range(5000)]
+    whole = retrieval_metrics(q, t, q_keys, t_keys)
+    seen, rank = [], er._first_correct_rank
+    monkeypatch.setattr(er, "_first_correct_rank", lambda s, *a: seen.append(s.numel()) or rank(s, *a))
+    monkeypatch.setattr(er, "_BLOCK_SCORES", 300_000, raising=False)  # 60 queries a block
+    assert retrieval_metrics(q, t, q_keys, t_keys) == whole
+    assert max(seen) <= 300_000 and sum(seen) == 700 * 5000
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="no query key"):
         retrieval_metrics(E, E, list("abcd"), list("wxyz"))

@@ -192,3 +192,20 @@ def test_zero_queries_give_k_prime_columns_on_every_backend():
     codes.sync(x, 0)
     scores, rows = sq8_topk(codes, x, torch.zeros(0, 16), 5)
     assert scores.shape == rows.shape == (0, 5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_many_queries_are_searched_in_parts_whose_scores_stay_within_a_block(monkeypatch, masked):
+    """Past 1,024 queries a block of 4,096 rows held Q × 4,096 scores: 27 GB for 1M queries."""
+    import mmembed.retrieval.exact as ex
+
+    x, q = unit(5000, 64, 5), unit(2500, 64, 6)
+    mask = torch.arange(5000) % 3 != 0 if masked else None
+    sizes, score = [], ex._BlockScorer.score
+    monkeypatch.setattr(ex._BlockScorer, "score", lambda self, a, b: sizes.append((b - a) * self.query.shape[0])
+                        or score(self, a, b))
+    scores, rows = exact_topk(x, q, 10, mask=mask)
+    assert 4 * max(sizes) <= ex._SCORE_BLOCK_BYTES
+    r_scores, r_rows = reference(x, q, 10, mask)
+    assert rows.tolist() == r_rows.tolist()
+    torch.testing.assert_close(scores, r_scores, atol=1e-5, rtol=0)
