@@ -8,7 +8,11 @@ and two at once corrupt it (crashes, wrong hits): `Index` runs them one at a tim
 
 Removal and filters: FAISS HNSW cannot delete, so removed rows stay in the structure as
 tombstones and every search passes an `IDSelectorBitmap` of eligible rows (alive, target
-modality, metadata filter). `Index.remove` compacts once a quarter of the rows are dead.
+modality, metadata filter). `Index.remove` compacts once a quarter of the rows are dead. Without a
+filter the mask is the store's cached one, the same object until rows change, and its count, rows
+and bitmap selector are kept with it: a search after a removal or with a `target` costs the
+selector's checks inside FAISS, not an (N,) count and pack per query (0.43 ms against 0.14 for IVF
+at 100k rows).
 A selective filter (few eligible rows) is answered by an exact scan of just those rows: it
 is cheaper than a filtered graph walk and exact. A query whose walk or probed cells reach fewer
 eligible rows than k asks for (k near N) is answered again by an exact scan, so k > N returns N.
@@ -35,6 +39,7 @@ from mmembed.retrieval.store import VectorStore, padded
 
 _BRUTE_FORCE_ROWS = 20_000  # an eligible set this small is scanned exactly (a few ms)
 _BRUTE_FORCE_FRACTION = 0.02
+_SELECTIONS = 8  # masks whose selections are kept: one per target, a few filters' ((N,) bytes + a bitmap each)
 
 
 def import_faiss() -> Any:
@@ -55,6 +60,7 @@ class _FaissBackend:
         self._synced = 0  # rows of the store already in `_index`
         self._version = -1  # store.version the structure was built against
         self._plain: tuple[Any, Any] | None = None  # (options, parameters) of an unfiltered search
+        self._selections: dict[int, _Selection] = {}  # by id of their mask, least recently used first
 
     # subclasses: create an empty (trained) FAISS index for these rows, search parameters, and
     # the option values those parameters are built from
@@ -80,7 +86,7 @@ class _FaissBackend:
 
     def _sync(self, store: VectorStore) -> None:
         if self._stale(store):
-            self._index, self._synced, self._plain = None, 0, None
+            self._index, self._synced, self._plain, self._selections = None, 0, None, {}
         if store.n_rows > self._synced:
             new = store.vectors[self._synced:].float().contiguous().numpy()  # (n, D)
             if self._index is None:
@@ -90,22 +96,28 @@ class _FaissBackend:
 
     def search(self, store: VectorStore, queries: np.ndarray, k: int, mask: Tensor | None
                ) -> tuple[np.ndarray, np.ndarray]:
-        n_valid = store.n_rows if mask is None else int(mask.sum())
+        chosen = None if mask is None else self._selected(mask)
+        n_valid = store.n_rows if chosen is None else chosen.n_valid
         if n_valid == 0:
             return np.empty((queries.shape[0], 0), np.float32), np.empty((queries.shape[0], 0), np.int64)
-        if mask is not None and n_valid <= max(_BRUTE_FORCE_ROWS, _BRUTE_FORCE_FRACTION * store.n_rows):
-            return _scan_subset(store, queries, k, mask)
+        if chosen is not None and n_valid <= max(_BRUTE_FORCE_ROWS, _BRUTE_FORCE_FRACTION * store.n_rows):
+            return _scan_subset(store, queries, k, chosen.rows())
         self._sync(store)
-        if mask is None:
-            scores, rows = self._search(queries, min(k, n_valid), self._unfiltered_params())
-        else:
-            keep_alive = np.packbits(mask.numpy(), bitorder="little")  # bit r = row r eligible
-            params = self._params(self._faiss.IDSelectorBitmap(keep_alive))
-            scores, rows = self._search(queries, min(k, n_valid), params)
-            del keep_alive  # the selector reads this buffer during the search only
+        chosen = None if mask is None else self._selected(mask)  # (a rebuild in `_sync` dropped it)
+        params = self._unfiltered_params() if chosen is None else chosen.params(self)
+        scores, rows = self._search(queries, min(k, n_valid), params)
         if padded(rows):  # FAISS pads a short answer with -1 after its sorted hits
             _rescan_short(store, queries, mask, scores, rows)
         return scores, rows  # tied hits in FAISS's order: sorting them cost ~4% of an HNSW query at Q = 1
+
+    def _selected(self, mask: Tensor) -> _Selection:
+        chosen = self._selections.pop(id(mask), None)  # a kept selection holds its mask: the id is its own
+        if chosen is None:
+            chosen = _Selection(mask)
+            if len(self._selections) >= _SELECTIONS:
+                del self._selections[next(iter(self._selections))]
+        self._selections[id(mask)] = chosen
+        return chosen
 
     def _search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's `search_c` into fresh (Q, k) arrays: what `index.search` does after checks the
@@ -118,6 +130,31 @@ class _FaissBackend:
 
     def config(self) -> dict[str, Any]:
         return {}
+
+
+class _Selection:
+    """What searches derive from one eligibility mask: its count, its rows and FAISS parameters
+    with its bitmap, each made at first use. It holds the mask, so no other mask gets that id while
+    it is kept; the store never changes a mask it handed out (read-only)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self.n_valid = int(mask.sum())
+        self._rows: Tensor | None = None
+        self._params: tuple[Any, ...] | None = None  # (options, parameters, selector, bitmap)
+
+    def rows(self) -> Tensor:
+        if self._rows is None:
+            self._rows = self.mask.nonzero().squeeze(1)  # (n_valid,)
+        return self._rows
+
+    def params(self, backend: _FaissBackend) -> Any:
+        options = backend._options()
+        if self._params is None or self._params[0] != options:
+            bitmap = np.packbits(self.mask.numpy(), bitorder="little")  # bit r = row r eligible
+            selector = backend._faiss.IDSelectorBitmap(bitmap)  # reads `bitmap`, kept beside it
+            self._params = (options, backend._params(selector), selector, bitmap)
+        return self._params[1]
 
 
 class FaissFlat(_FaissBackend):
@@ -221,8 +258,7 @@ def _rescan_short(store: VectorStore, queries: np.ndarray, mask: Tensor | None, 
     scores[short], rows[short] = fill_s.numpy(), fill_r.numpy()
 
 
-def _scan_subset(store: VectorStore, queries: np.ndarray, k: int, mask: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _scan_subset(store: VectorStore, queries: np.ndarray, k: int, rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Exact scan of the eligible rows only (gathered), mapped back to store rows."""
-    rows = mask.nonzero().squeeze(1)  # (n_valid,)
     scores, local = exact_topk(store.vectors.index_select(0, rows), torch.from_numpy(queries), k)
     return scores.numpy(), rows[local].numpy()

@@ -290,7 +290,7 @@ class Index(Locked):
         # buffer (`_one_query`) that its search would overwrite
         mask = self._mask(target, filter)
         q = _unit_rows(queries)  # (Q, D) float32
-        if self._store.n_alive == 0 or (mask is not None and not bool(mask.any())):
+        if self._store.n_alive == 0 or (mask is not None and not mask.numpy().any()):  # numpy's stops early
             return np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
         return self._backend.search(self._store, q, k, mask)  # (Q, k'), (Q, k')
 
@@ -307,12 +307,10 @@ class Index(Locked):
         return self._model
 
     def _mask(self, target: Modality | None, filter: Filter) -> Tensor | None:
-        """(N,) bool of eligible rows, or None when every stored row is eligible."""
+        """(N,) bool of eligible rows, or None when every stored row is eligible; without a filter,
+        the store's cached mask (read-only: backends keep what they derive from it by identity)."""
         store = self._store
-        mask = store.alive.clone() if store.n_dead else None
-        if target is not None:
-            by_modality = store.modality_mask(target)
-            mask = by_modality if mask is None else mask & by_modality
+        mask = store.eligible(target)
         if filter is not None:
             by_meta = store.metadata_mask(filter)
             mask = by_meta if mask is None else mask & by_meta

@@ -2,7 +2,9 @@
 
 Rows are append-only between compactions: `remove` only clears a row's `alive` bit, so row
 positions (which FAISS backends use as their internal ids) stay valid. `compact` drops dead
-rows and renumbers positions; ids, which users see, never change and are never reused.
+rows and renumbers positions; ids, which users see, never change and are never reused. The masks
+searches derive from the rows (`eligible`, dict filters' columns) are kept until the rows change,
+and never pickled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
+from mmembed.retrieval.masks import MetadataColumns, dict_filter
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
@@ -115,15 +118,24 @@ class VectorStore:
         self.metadata: list[dict[str, Any]] = []
         self._row_of: dict[int, int] = {}
         self.version = 0  # bumped whenever row positions change (compaction, reload)
+        self._caches()
+
+    def _caches(self) -> None:
+        """Empty caches of what searches derive from the rows (`eligible`, `metadata_mask`)."""
+        self._eligible: dict[Modality | None, Tensor | None] = {}  # dropped at every append and remove
+        self._columns = MetadataColumns()  # extended at an append, dropped when rows move
 
     # a copy or pickle of `_ids_view` is an array of its own, which later appends never reach: a
-    # copied index's new rows came back with stale ids after a compaction
+    # copied index's new rows came back with stale ids after a compaction; the caches are rebuilt
+    _UNSAVED = frozenset({"_ids_view", "_eligible", "_columns"})
+
     def __getstate__(self) -> dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name != "_ids_view"}
+        return {name: value for name, value in self.__dict__.items() if name not in self._UNSAVED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._ids_view = self._ids.numpy()
+        self._caches()
 
     # ---- views over the used rows ----------------------------------------------------------
 
@@ -207,6 +219,7 @@ class VectorStore:
         self.n_rows = end
         self._ids_are_rows = self._ids_are_rows and new_ids == list(range(start, end))
         self.next_id = max([self.next_id, *(i + 1 for i in new_ids)])
+        self._eligible = {}
         return new_ids
 
     def remove(self, ids: Iterable[int]) -> None:
@@ -216,6 +229,7 @@ class VectorStore:
         for item_id, row in zip(ids, rows):
             self._alive[row] = False
             self._row_of.pop(item_id, None)
+        self._eligible = {}
 
     def compact(self) -> None:
         """Drop dead rows; positions change (`version` bumps), ids do not."""
@@ -232,6 +246,7 @@ class VectorStore:
         self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
         self._ids_are_rows = bool(torch.equal(self.ids, torch.arange(n)))
         self.version += 1
+        self._caches()
 
     def _reserve(self, rows: int) -> None:
         capacity = self._vectors.shape[0]
@@ -250,54 +265,34 @@ class VectorStore:
     def modality_mask(self, modality: Modality) -> Tensor:
         return self.codes == MODALITY_CODES[modality]  # (N,) bool
 
+    def eligible(self, target: Modality | None) -> Tensor | None:
+        """(N,) bool of the live rows (of `target`: None, every modality), or None when that is every
+        row. Kept until rows are added or removed, so the searches between share one (read-only)
+        object and a backend can keep what it derives from it (B-ann: one removal made every FAISS
+        query rebuild and count an (N,) mask, 0.14 -> 0.43 ms at 100k rows)."""
+        if target not in self._eligible:
+            mask = self.alive.clone() if self.n_dead else None
+            if target is not None:
+                by_modality = self.modality_mask(target)
+                mask = by_modality if mask is None else mask & by_modality
+            self._eligible[target] = mask
+        return self._eligible[target]
+
     def metadata_mask(self, keep: Any) -> Tensor:
         """(N,) bool: rows whose metadata passes `keep` (a predicate, or a dict of required values).
 
         A dict matches when every key is present with an equal value; a list/tuple/set value
-        means "any of these". Dead rows are not evaluated (their bit is False).
+        means "any of these". Dead rows are not evaluated (their bit is False). A predicate runs
+        on every live row at every call; a dict filter compares cached per-key code columns
+        (`masks.py`: one pass over the rows at a key's first filter, then numpy).
         """
-        predicate = keep if callable(keep) else _dict_predicate(keep)
-        alive = self.alive.tolist()
-        bits = [a and bool(predicate(m)) for a, m in zip(alive, self.metadata)]
-        return torch.tensor(bits, dtype=torch.bool)
+        if callable(keep):
+            alive = self.alive.tolist()
+            return torch.tensor([a and bool(keep(m)) for a, m in zip(alive, self.metadata)], dtype=torch.bool)
+        return torch.from_numpy(self._columns.mask(self.metadata, self.alive.numpy(), dict_filter(keep)))
 
 
 _MODALITIES = list(Modality)
-
-
-def _dict_predicate(required: Any):
-    if not isinstance(required, dict):
-        raise UserError(f"filter must be a callable or a dict, got {type(required).__name__}")
-    wanted = {k: _Wanted(list(v) if isinstance(v, (list, tuple, set, frozenset)) else [v]) for k, v in required.items()}
-
-    def predicate(meta: dict[str, Any]) -> bool:
-        return all(k in meta and w.matches(meta[k]) for k, w in wanted.items())
-
-    return predicate
-
-
-class _Wanted:
-    """The values a filter key accepts. Scalars are looked up in a set; a list or dict value (a
-    manifest's `objects`) is compared by equality with the list or dict values given — never by its
-    repr — and a tuple equals its list, as a saved index reads it back from JSON."""
-
-    def __init__(self, values: list[Any]) -> None:
-        self.nested = [v for v in values if isinstance(v, (list, tuple, dict))]
-        self.scalars = set()
-        for v in values:
-            if not isinstance(v, (list, tuple, dict)):
-                try:
-                    self.scalars.add(v)
-                except TypeError:
-                    raise UserError(f"filter values must be scalars, lists or dicts, got {type(v).__name__}") from None
-
-    def matches(self, value: Any) -> bool:
-        if isinstance(value, (list, tuple, dict)):
-            return any(_equal(value, w) for w in self.nested)
-        try:
-            return value in self.scalars
-        except TypeError:  # an unhashable metadata value of another kind matches nothing
-            return False
 
 
 _ATOMS = frozenset({str, int, float, bool, type(None)})
@@ -321,9 +316,3 @@ def non_str_keys(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [b for v in value for b in non_str_keys(v)]
     return []
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b

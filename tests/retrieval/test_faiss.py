@@ -225,3 +225,35 @@ def test_k_at_least_n_returns_every_eligible_item(backend, no_brute_force):
     eligible = [i for i in range(500, 1000) if i % 10]
     assert ids.shape == (3, len(eligible)) and all(sorted(row) == eligible for row in ids.tolist())
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+
+
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf", "faiss_hnsw"])
+def test_a_removal_or_target_builds_the_selector_once_per_mask(backend, monkeypatch, no_brute_force):
+    """After one removal, or with a target, every FAISS query counted, packed and wrapped an (N,) mask
+    again (0.14 -> 0.43 ms a query at 100k rows, IVF)."""
+    faiss = pytest.importorskip("faiss")
+    built, make = [], faiss.IDSelectorBitmap
+    monkeypatch.setattr(faiss, "IDSelectorBitmap", lambda bits: built.append(bits) or make(bits))
+    exact, idx = filled("exact", n=600), filled(backend, n=600, **({"nprobe": 100} if backend == "faiss_ivf" else {}))
+    q = unit(3, 32, 21)
+
+    def search(target=None):  # (every IVF cell probed: exact)
+        found = idx.search_batch(q, k=5, target=target)
+        assert all(h.id not in (7, 400) and target in (None, h.modality) for hits in found for h in hits)
+        assert backend == "faiss_hnsw" or ids(found) == ids(exact.search_batch(q, k=5, target=target))
+        return found
+
+    for other in (exact, idx):
+        other.remove([7, 400])
+    plain = [search() for _ in range(3)]
+    assert len(built) == 1 and plain[0] == plain[2]
+    for target in ("image", "text", "image", "text"):
+        search(target)
+    assert len(built) == 3
+    idx._backend._options = lambda: "new"  # new option values: new parameters for the kept mask
+    search("text")
+    assert len(built) == 4
+    for other in (exact, idx):
+        other.add(unit(2, 32, 22), "text")  # the rows changed: a new mask, a new selector
+    search("text")
+    assert len(built) == 5 and len(built[-1]) == (602 + 7) // 8
