@@ -241,19 +241,30 @@ def map_vectors(vectors: Tensor, modalities: Sequence[str], metadata: Sequence[d
         The coordinates and values drawn, and the PNG path.
     """
     n = vectors.shape[0]
-    if n == 0:
-        raise UserError("nothing to map: the index is empty")
     if len(modalities) != n or len(metadata) != n:
         raise ValueError(f"{n} vectors, {len(modalities)} modalities, {len(metadata)} metadata rows")
+    rows = _sample(n, max_points, seed)
+    return _draw(vectors[torch.as_tensor(rows)], [modalities[i] for i in rows], [metadata[i] for i in rows], rows, n,
+                 color_by, out, method, seed, title)
+
+
+def _sample(n: int, max_points: int, seed: int) -> np.ndarray:
+    if n == 0:
+        raise UserError("nothing to map: the index is empty")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:  # t-SNE's own range
         raise UserError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    rows = sample_rows(n, max_points, seed)
-    meta = [{**metadata[i], MODALITY_COLUMN: str(modalities[i])} for i in rows]
+    return sample_rows(n, max_points, seed)
+
+
+def _draw(points: Tensor, modalities: Sequence[str], metadata: Sequence[dict[str, Any]], rows: np.ndarray, n: int,
+          color_by: str, out: str | Path, method: Method, seed: int, title: str | None) -> EmbeddingMap:
+    """`map_vectors` once `rows` of the `n` are drawn: `points`, `modalities` and `metadata` are theirs."""
+    meta = [{**m, MODALITY_COLUMN: str(mod)} for m, mod in zip(metadata, modalities)]
     values = column_values(meta, color_by)  # checked before the (possibly slow) projection
-    points = vectors[torch.as_tensor(rows)].float()
+    points = points.float()
     used = method_used(points, method)
     xy = project_2d(points, method, seed).numpy()  # (N', 2)
-    mods = [str(modalities[i]) for i in rows]
+    mods = [str(m) for m in modalities]
     colours = numeric_colours(values) if is_numeric(values) else None  # None: drawn as categories
     if title is None:
         shown = f"{len(rows)} of {n} points" if len(rows) < n else f"{n} points"
@@ -278,9 +289,10 @@ def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, 
 
     if not isinstance(index, Index):
         index = Index.load(index)
-    vectors, modalities, metadata = index.items()  # (N, D), N, N
-    return map_vectors(vectors, [m.value for m in modalities], metadata, color_by, out, method=method,
-                       max_points=max_points, seed=seed)
+    ids = index.ids()
+    rows = _sample(len(ids), max_points, seed)  # before reading items: their metadata is copied out
+    vectors, modalities, metadata = index.items([ids[r] for r in rows])  # (N', D), N', N'
+    return _draw(vectors, [m.value for m in modalities], metadata, rows, len(ids), color_by, out, method, seed, None)
 
 
 def _plot(xy: np.ndarray, modalities: list[str], values: list[Any], colours: np.ndarray | None, column: str,

@@ -215,14 +215,14 @@ class Index(Locked):
             counts = {m.value: int((self._store.modality_mask(m) & alive).sum()) for m in Modality}
         return {name: n for name, n in counts.items() if n}
 
-    def items(self) -> tuple[Tensor, list[Modality], list[dict[str, Any]]]:
-        """Every live item in storage order (that of `ids()`): vectors (N, D) float32, their
-        modalities and metadata, read in one pass."""
+    def items(self, ids: Sequence[int] | None = None) -> tuple[Tensor, list[Modality], list[dict[str, Any]]]:
+        """Every live item in storage order (that of `ids()`), or the items of `ids` in their order:
+        vectors (N, D) float32, their modalities and metadata, read in one pass."""
         with self._lock:
             store = self._store
-            alive = store.alive.nonzero().squeeze(1).tolist()
-            return (store.vectors[alive].float(), [store.modality_of(r) for r in alive],
-                    [copied(store.metadata[r]) for r in alive])  # copies: an edit never reaches the index
+            rows = store.alive.nonzero().squeeze(1).tolist() if ids is None else [store.row_of(i) for i in ids]
+            return (store.vectors[rows].float(), [store.modality_of(r) for r in rows],
+                    [copied(store.metadata[r]) for r in rows])  # copies: an edit never reaches the index
 
     def vector(self, item_id: int) -> Tensor:
         """The stored (D,) vector of an item, as float32."""

@@ -92,6 +92,22 @@ def test_sampling_is_seeded_and_maps_the_subset(tmp_path):
     assert list(sample_rows(7, 10, 0)) == list(range(7))
 
 
+def test_a_sampled_map_of_an_index_reads_only_the_sampled_items(tmp_path, monkeypatch):
+    """A map of 5,000 points copied every item's metadata out of the index first (4.9 s at 100k)."""
+    index = build_index()
+    index.remove([7])
+    vectors, modalities, metadata = index.items()
+    whole = map_vectors(vectors, [m.value for m in modalities], metadata, "score", tmp_path / "a.png",
+                        max_points=10, seed=3)
+    asked, items = [], Index.items
+    monkeypatch.setattr(Index, "items", lambda self, ids=None: asked.append(ids) or items(self, ids))
+    sampled = embedding_map(index, "score", tmp_path / "b.png", max_points=10, seed=3)
+    assert [len(ids) for ids in asked] == [10]
+    assert list(sampled.rows) == list(whole.rows) and sampled.values == whole.values
+    np.testing.assert_allclose(sampled.xy, whole.xy, atol=1e-6)
+    assert sampled.modalities == whole.modalities
+
+
 def test_columns_nested_paths_and_kinds():
     meta = [{"label": "a", "n": 1, "objects": [{"colour": "red"}, {"colour": "blue"}], "tags": []}, {"label": "b"}]
     assert map_columns(meta) == ["modality", "label", "n", "objects.0.colour"]
