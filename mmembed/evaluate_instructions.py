@@ -76,6 +76,9 @@ def instruction_report(model: Any, manifest: str | Path, *, max_new_tokens: int 
          "tasks": {task: {"n", "correct", "accuracy"}} with OVERALL last,
          "answers": [{"line", "task", "answer", "reference", "correct"}] in manifest order}.
     """
+    from mmembed.data.synth.world_folder import check_complete
+
+    check_complete(Path(manifest).parent)  # a world cut short: its rows name media never rendered
     _check_arguments(model, max_new_tokens, batch_size)
     instructions = read_instructions(manifest, allow_outside_root=outside_root_allowed(model))
     rows = fitting(model, instructions.rows)

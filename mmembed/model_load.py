@@ -7,6 +7,7 @@ The `Model` it returns, its file names and `Model.load` (which adds the decoder)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -34,7 +35,7 @@ def load_space(run_dir: str | Path) -> Model:
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
     if not (run_dir / WEIGHTS).is_file():
-        raise CheckpointError(f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
+        raise CheckpointError(_unfinished(run_dir) or f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
     # without the pretrained files or tags it started from: model.safetensors holds every tensor. Its
@@ -121,10 +122,50 @@ def no_decoder(model: Any, what: str) -> str:
                 f"run's own folder ({run.parent.parent}) once its decoder stage has finished")
     checkpoints = run / DECODER_DIR / "checkpoints"
     held = f" (its checkpoints are in {checkpoints})" if checkpoints.is_dir() and any(checkpoints.iterdir()) else ""
-    # train.out_dir named: config.yaml's may be relative to where the run was trained, or another run's now
-    command = shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
     return (f"the decoder stage of {run} has not finished (no {DECODER_WEIGHTS}), so it cannot {what}: continue "
-            f"it with `{command}`{held}")
+            f"it with `{_resume_command(run)}`{held}")
+
+
+def _unfinished(run_dir: Path) -> str | None:
+    """Why a run's folder holds no weights yet (they are written when its align stage ends): its
+    trainer is under way, or was stopped after a checkpoint; None for any other folder (it was
+    called "not a run directory")."""
+    from mmembed.train.run_dir import LOCK
+    from mmembed.train.state import latest_checkpoint
+
+    if (holder := _lock_holder(run_dir / LOCK)) is not None:
+        return (f"{run_dir} is still training ({holder} holds its {LOCK}; {WEIGHTS} is written when the align "
+                "stage ends), so it cannot be loaded yet: wait for it to finish")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not (run_dir / CONFIG).is_file():
+        return None
+    return (f"the training of {run_dir} has not finished (no {WEIGHTS}), so it cannot be loaded: continue it with "
+            f"`{_resume_command(run_dir)}` (its last checkpoint is {ckpt})")
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """"pid N" (as the file records it) while another process holds the trainer's lock on `lock`,
+    else None. Read-only, and a shared lock at once released: opening a run never writes into it."""
+    try:
+        import fcntl
+
+        fd = os.open(lock, os.O_RDONLY)
+    except (ImportError, OSError):  # no lock file (or not POSIX): no trainer to name
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # closing the file releases it
+    except BlockingIOError:
+        pid = os.read(fd, 64).decode(errors="replace").strip()
+        return f"pid {pid}" if pid else "another process"
+    finally:
+        os.close(fd)
+
+
+def _resume_command(run: Path) -> str:
+    """The command that continues the run in `run`, from any directory."""
+    # train.out_dir named: config.yaml's may be relative to where the run was trained, or another run's now
+    return shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
 
 
 def _yaml_text(text: str) -> str:

@@ -6,6 +6,7 @@ are tokenizer.py (`Tokenizer`) and clip_tokenizer.py (`ClipTokenizer`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +46,9 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     A bad vocab_size, a missing corpus file, or only empty (or whitespace-only) ones, is a
     UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite`, and
     a training run's folder in any case, finished, under way or interrupted (its weights belong to
-    its tokenizer); all checked before any training starts and before `out_dir` is made.
+    its tokenizer); all checked before any training starts and before `out_dir` is made, and again
+    under the folder's trainer lock just before the file is written (without `overwrite`, a file
+    another process wrote meanwhile is never replaced).
     """
     from mmembed.tokenizer import Tokenizer, check_vocab_size
 
@@ -58,20 +61,66 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     if not any(holds_text(f) for f in files):
         raise UserError(f"the corpus is empty ({', '.join(str(f) for f in files)}; whitespace only counts as empty): "
                         "a tokenizer learns its merges from text")
+    _refuse_run(Path(out_dir))
+    target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
+    _refuse_existing(target, overwrite)
+    tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
+    return _save_into(tok, target, overwrite)
+
+
+def _refuse_run(folder: Path) -> None:
     from mmembed.train.run_dir import run_evidence
 
-    run = run_evidence(Path(out_dir))
+    run = run_evidence(folder)
     if run:  # a same-size tokenizer loaded (or resumed with), every id another word
-        raise UserError(f"{out_dir} is a training run's folder ({run}): its weights belong to its tokenizer.json; "
+        raise UserError(f"{folder} is a training run's folder ({run}): its weights belong to its tokenizer.json; "
                         "write the new tokenizer to another folder")
-    target = make_output_folder(out_dir) / TOKENIZER_FILE  # before the training, which a bad --out would lose
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists (a run's own tokenizer, if the folder is a run): choose another "
                         "--out, or pass --overwrite")
-    tok = Tokenizer.train(files, vocab_size, show_progress=show_progress)
-    return tok.save(target)
+
+
+def _save_into(tok: Tokenizer, target: Path, overwrite: bool) -> Path:
+    """Write `tok` to `target` under the folder's trainer lock, the checks made again first: while it
+    trained, a run could start (and finish) in the folder, or another `tokenizer train` write there,
+    and the file was replaced without a word."""
+    from mmembed.train.run_dir import LOCK, run_lock
+
+    folder = target.parent
+    _refuse_run(folder)  # no .lock either: a trainer under way, or one that came and went
+    with run_lock(folder):  # so no trainer starts while this writes
+        try:
+            _refuse_existing(target, overwrite)
+            if overwrite:
+                return tok.save(target)
+            tmp = tok.save(folder / f".{TOKENIZER_FILE}.{os.getpid()}.json")
+            try:
+                _place_new(tmp, target)
+            except FileExistsError:
+                _refuse_existing(target, overwrite)
+                raise
+            finally:
+                tmp.unlink(missing_ok=True)
+            return target
+        finally:  # the .lock is this one's (there was none): left, it would mark the folder as a run's
+            (folder / LOCK).unlink(missing_ok=True)
+
+
+def _place_new(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target` unless a file is there: a rename would replace one another process wrote
+    since the check (FileExistsError instead)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then fill it in one rename
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, target)
 
 
 def _resolve_file(path: str | Path) -> Path:

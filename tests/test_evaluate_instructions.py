@@ -69,3 +69,17 @@ def test_a_manifest_none_of_whose_media_is_found_says_where_they_were_looked_for
     model.config.data.allow_outside_root = True
     report = instruction_report(model, path)
     assert report["rows"] == 2 and report["skipped"] == 1 and report["skipped_rows"][0]["line"] == 1
+
+
+def test_a_world_whose_generation_was_interrupted_is_refused(tmp_path):
+    """`eval --instructions` of a half-written world skipped its unrendered rows with a warning and exited
+    0, where index, eval --manifest and train refuse the world."""
+    from mmembed.data.synth.world_folder import INCOMPLETE
+
+    path = _manifest(tmp_path / "w" / "instruct-test.jsonl", [{"prompt": ["Its colour?"], "answer": "red"}])
+    (tmp_path / "w" / INCOMPLETE).write_text("")
+    with pytest.raises(UserError, match=r"w holds a synthetic world whose generation was interrupted .*"
+                                        r"`mmembed data synth --out .*w --overwrite`"):
+        run_instruction_eval(decoder_model(), path)
+    (tmp_path / "w" / INCOMPLETE).unlink()
+    assert run_instruction_eval(decoder_model(), path)[1]["rows"] == 1

@@ -148,3 +148,66 @@ def test_trained_tokenizers_load_with_the_same_ids(tmp_path, vocab_size, special
     trained = Tokenizer.train(corpus, vocab_size, specials)
     loaded = Tokenizer.load(trained.save(tmp_path))
     assert [loaded.encode(t) for t in TEXTS] == [trained.encode(t) for t in TEXTS]
+
+
+def _trained_then(monkeypatch, meanwhile):
+    """Tokenizer.train that calls `meanwhile()` once it has trained: what another process did then."""
+    real = Tokenizer.train.__func__
+
+    def train(cls, *args, **kwargs):
+        tok = real(cls, *args, **kwargs)
+        meanwhile()
+        return tok
+    monkeypatch.setattr(Tokenizer, "train", classmethod(train))
+
+
+@pytest.mark.parametrize("left", ["weights", "checkpoint"])
+def test_a_run_made_in_the_folder_while_the_tokenizer_trained_keeps_its_tokenizer(tok, tmp_path, monkeypatch, left):
+    """The folder was checked only before training: a run trained there meanwhile had its tokenizer.json
+    replaced, and loaded without a word with another tokenizer's ids."""
+    corpus, out = tmp_path / "c.txt", tmp_path / "out"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+
+    def run_trains_there():  # finished (its weights and the .lock its trainer held), or stopped
+        tok.save(out)
+        names = ("model.safetensors", ".lock") if left == "weights" else ("checkpoints/step_0000004/trainer.json",
+                                                                         "checkpoints/step_0000004/model.safetensors",
+                                                                         "checkpoints/step_0000004/trainer.safetensors")
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"")
+    _trained_then(monkeypatch, run_trains_there)
+    with pytest.raises(UserError, match=r"out is a training run's folder \(.*\): its weights belong"):
+        train_tokenizer([corpus], 280, out, overwrite=True)
+    assert (out / "tokenizer.json").read_bytes() == tok.save(tmp_path / "own.json").read_bytes()
+
+
+@pytest.mark.parametrize("when", ["while it trained", "while it saved"])
+def test_a_tokenizer_another_process_wrote_meanwhile_is_kept_without_overwrite(tok, tmp_path, monkeypatch, when):
+    """Two `tokenizer train --out D` at once both said "wrote D/tokenizer.json": the second replaced the first."""
+    corpus, out = tmp_path / "c.txt", tmp_path / "out"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+    theirs = tok.save(tmp_path / "theirs.json").read_bytes()
+    if when == "while it trained":
+        _trained_then(monkeypatch, lambda: (out / "tokenizer.json").write_bytes(theirs))
+    else:  # after the check under the lock, before the file lands: only an exclusive link keeps theirs
+        real_save = Tokenizer.save
+
+        def save(self, path):
+            written = real_save(self, path)
+            (out / "tokenizer.json").write_bytes(theirs)
+            return written
+        monkeypatch.setattr(Tokenizer, "save", save)
+    with pytest.raises(UserError, match=r"out/tokenizer\.json already exists .*pass --overwrite"):
+        train_tokenizer([corpus], 280, out)
+    assert (out / "tokenizer.json").read_bytes() == theirs
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]  # no temporary file, no .lock
+
+
+def test_the_lock_taken_to_write_a_tokenizer_leaves_no_trace(tmp_path):
+    """Its .lock, left behind, would mark the folder as a training run's: the next --overwrite refused."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+    for overwrite in (False, True, True):
+        train_tokenizer([corpus], 280, tmp_path / "out", overwrite=overwrite)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tokenizer.json"]

@@ -1,0 +1,59 @@
+"""Opening a run folder (model_load.py): a run whose align stage has not finished says so and how to
+continue it, never "is it a run directory?"."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+import mmembed as mm
+from mmembed.cli import main
+from mmembed.errors import CheckpointError
+from tests.conftest import lock_holder
+
+
+def _stopped_run(root: Path) -> Path:
+    """A run folder as a trainer killed in its align stage leaves it: config, tokenizer, a checkpoint, no weights."""
+    run = root / "my run"
+    ckpt = run / "checkpoints" / "step_0000078"
+    ckpt.mkdir(parents=True)
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
+        (run / name).write_text("", encoding="utf-8")
+    for name in ("model.safetensors", "trainer.safetensors", "trainer.json"):
+        (ckpt / name).write_bytes(b"")
+    return run
+
+
+def test_a_run_stopped_in_its_align_stage_names_the_resume_command(tmp_path, capsys):
+    """A run killed before its weights were written was called "not a run directory" (index, generate, load)."""
+    run = _stopped_run(tmp_path)
+    resume = shlex.join(["mmembed", "train", str(run / "config.yaml"), "--resume", f"train.out_dir={run}"])
+    with pytest.raises(CheckpointError) as e:
+        mm.load(run)
+    assert str(e.value) == (f"the training of {run} has not finished (no model.safetensors), so it cannot be loaded: "
+                            f"continue it with `{resume}` (its last checkpoint is {run / 'checkpoints/step_0000078'})")
+    assert main(["generate", str(run), "--prompt", "a prompt"]) == 2
+    assert capsys.readouterr().err == f"mmembed: error: {e.value}\n"
+
+
+def test_a_run_still_training_says_so_and_names_its_trainer(tmp_path):
+    """A run under way was called "not a run directory"; opening it must not take or write its lock."""
+    run = _stopped_run(tmp_path)
+    holder = lock_holder(run)
+    try:
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path}/my run is still training \(pid {holder.pid} holds "
+                                                  r"its \.lock; .*\), so it cannot be loaded yet: wait for it to finish$"):
+            mm.load(run)
+        assert (run / ".lock").read_text().strip() == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_folder_that_is_no_run_is_still_said_to_be_none(tmp_path):
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "checkpoints").mkdir()  # a checkpoints folder alone is no run's
+    with pytest.raises(CheckpointError, match=r"some holds no model\.safetensors \(is it a run directory\?\)"):
+        mm.load(tmp_path / "some")
