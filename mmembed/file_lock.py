@@ -1,10 +1,13 @@
 """An exclusive advisory lock on a file or a folder, for what one process at a time writes.
 
 flock, so the kernel releases it when the holder dies (a killed process never leaves a stale
-lock); a lock file names the holder's pid for the message a second process gets (a folder locked
-as itself holds no extra file, and its holder goes unnamed). Re-entrant within one thread, so a
-step may take it inside a pipeline that already holds it; another thread of the process waits or
-is refused as another process is.
+lock). The lock is its taker's alone: a forked child closes its copies of the descriptors at once,
+since flock belongs to the open file and a child's copy held it after its parent was killed (a
+killed `data synth` left its render workers keeping the world locked). A lock file names the
+holder's pid for the message a second process gets (a folder locked as itself holds no extra
+file, and its holder goes unnamed). Re-entrant within one thread, so a step may take it inside a
+pipeline that already holds it; another thread of the process waits or is refused as another
+process is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,20 @@ from pathlib import Path
 from mmembed.errors import UserError
 
 _held: dict[tuple[Path, int], int] = {}  # (lock path, thread) → nesting depth
+_fds: dict[tuple[Path, int], int] = {}  # (lock path, thread) → the descriptor holding the lock
+
+
+def _close_in_child() -> None:
+    # close, never LOCK_UN: unlocking a shared open file would release the parent's lock too
+    for fd in _fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _fds.clear()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextlib.contextmanager
@@ -33,24 +50,25 @@ def exclusive(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> Iter
         try:
             yield
         finally:
-            _held[key] -= 1
+            if key in _held:  # a forked child unwinding its parent's block holds nothing
+                _held[key] -= 1
         return
     folder = path.is_dir()
     if not folder:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY) if folder else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    _fds[key] = fd
     try:
         _acquire(fd, path, busy, wait)
         if not folder:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = 1
-        try:
-            yield
-        finally:
-            del _held[key]
+        yield
     finally:
-        os.close(fd)  # closing releases the lock
+        _held.pop(key, None)
+        if _fds.pop(key, None) is not None:  # a forked child closed its copy already
+            os.close(fd)  # closing releases the lock
 
 
 def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float) -> None:

@@ -9,7 +9,8 @@ Layout of `out_dir`:
 
 Scenes are sampled (cheaply) in the calling process; pictures and sounds are rendered by a
 process pool over chunks. Each scene's pixels and samples come from its own seeded generator,
-so the files are byte-identical whatever the number of workers.
+so the files are byte-identical whatever the number of workers. The workers leave Ctrl-C to the
+calling process, which cancels the pool, and die with it when it is killed.
 
 A world's folder (the unfinished marker, reuse, clearing, `WorldSummary`) is world_folder.py;
 lookup rows written beside a world are lookups.py.
@@ -17,13 +18,19 @@ lookup rows written beside a world are lookups.py.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
 import logging
 import multiprocessing
 import numbers
 import os
-from collections.abc import Callable, Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +72,7 @@ MAX_SCENES = 10_000_000  # a typo of a few zeros filled the memory before a file
 
 T = TypeVar("T")
 CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _render_chunk(task: tuple[str, int, int, int, list[Scene]]) -> int:
@@ -76,6 +84,50 @@ def _render_chunk(task: tuple[str, int, int, int, list[Scene]]) -> int:
         wave = render_audio(s.objects, rng_for(seed, s.kind, s.index, STREAM_AUDIO), sample_rate)
         save_wav(wave, os.path.join(root, "audio", f"{s.id}.wav"), sample_rate)
     return len(scenes)
+
+
+def _die_with_parent() -> bool:
+    """Have Linux kill this process when its parent dies; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        args = (ctypes.c_ulong(v) for v in (int(signal.SIGKILL), 0, 0, 0))  # prctl reads unsigned longs
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, *args) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    """First thing in each render worker. Ctrl-C is the parent's to handle (a worker printed a
+    KeyboardInterrupt traceback), and the worker dies with its parent (a killed `data synth` left
+    its workers rendering forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _sigint_held
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C back while the workers start: each inherits it blocked, so none is interrupted
+    before `_init_worker` ignores it; this process gets it on leaving."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _render_all(
@@ -93,10 +145,12 @@ def _render_all(
     if workers > 1 and len(tasks) > 1:
         # fork is cheapest (workers inherit the imported modules); spawn elsewhere.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_init_worker, initargs=(os.getpid(),))
     try:
-        # Executor.map submits every task at once, so the workers render during `meanwhile`.
-        results = pool.map(_render_chunk, tasks) if pool is not None else map(_render_chunk, tasks)
+        # Executor.map submits every task at once (starting the workers), so they render during `meanwhile`.
+        with _sigint_held():
+            results = pool.map(_render_chunk, tasks) if pool is not None else map(_render_chunk, tasks)
         value = meanwhile()
         done = 0
         for count in results:
@@ -106,7 +160,7 @@ def _render_all(
         return value
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(cancel_futures=True)  # waits for the running chunks: no worker outlives this
 
 
 def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]],
