@@ -461,3 +461,18 @@ def test_a_folder_given_as_the_instruction_manifest_is_called_a_folder(tmp_path)
         read_instructions(tmp_path)
     with pytest.raises(UserError, match="instruction manifest not found"):
         read_instructions(tmp_path / "none.jsonl")
+
+
+def test_instruction_rows_come_a_scene_at_a_time(monkeypatch):
+    """A split's rows (~11 a scene) were built as one list and written as one string: 25 GB at 1M scenes."""
+    import mmembed.data.synth.instructions as ins
+
+    members = [s for s in sample_world(SEED, 50, 0, (0.8, 0.1, 0.1), []) if s.split == "train"]
+    manifest = [manifest_row(s, SEED, pairs=[]) for s in members]
+    described, describe = [], ins._describe_items
+    monkeypatch.setattr(ins, "_describe_items", lambda *a: described.append(1) or describe(*a))
+    rows = instruction_rows(members, manifest, SEED)
+    first = next(iter(rows))
+    assert first["id"].startswith(f"{members[0].id}/") and len(described) == 1
+    rest = list(rows)
+    assert len(described) == len(members) and len(rest) > 10 * len(members)

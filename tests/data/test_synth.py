@@ -381,7 +381,7 @@ def test_changed_parameters_regenerate_without_stale_files(tmp_path, caplog):
         ({"n": 10, "heldout_fraction": 0.0, "n_heldout": 5}, "held-out combinations"),
         # it said "set heldout_fraction > 0" of a fraction that was
         ({"n": 10, "heldout_fraction": 0.01, "n_heldout": 5}, r"round\(0.01 x 36\) = 0 of the 36"),
-        ({"n": 10**12}, r"must be an integer in \[1, 10,000,000\]"),  # it filled the memory, then the disk
+        ({"n": 10**12}, r"must be an integer in \[1, 1,000,000\]"),  # it filled the memory, then the disk
     ],
 )
 def test_bad_parameters_are_one_readable_error(tmp_path, kwargs, message):

@@ -30,12 +30,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmembed.checkpoint import atomic_write_json, atomic_write_text, make_output_folder
+from mmembed.checkpoint import atomic_write, atomic_write_json, atomic_write_text, make_output_folder
 from mmembed.data.synth.captions import POSITION_PHRASES, SYNONYMS, captions_for
 from mmembed.data.synth.instructions import instruction_rows
 from mmembed.data.synth.questions import pairs_for_split, questions_for
@@ -68,7 +68,9 @@ from mmembed.errors import UserError
 from mmembed.file_lock import exclusive
 
 log = logging.getLogger(__name__)
-MAX_SCENES = 10_000_000  # a typo of a few zeros filled the memory before a file was written
+# a typo of a few zeros filled the memory before a file was written: scenes are sampled in memory,
+# and a split's manifest rows are held while its instructions are written (20k scenes: +110 MB)
+MAX_SCENES = 1_000_000
 
 T = TypeVar("T")
 CHUNK = 64  # scenes per pool task: large enough to amortise IPC, small enough to balance 2 workers
@@ -182,8 +184,15 @@ def manifest_row(scene: Scene, seed: int, pairs: list[dict[str, Any]],
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON row a line, written as the rows come (the instruction rows of a split, ~11 a scene,
+    were held as a list and then as one string: ~25 KB of memory a scene, 25 GB for 1M scenes)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
+
+    atomic_write(path, write)
 
 
 def _write_manifests(root: Path, scenes: list[Scene], seed: int, heldout: list[tuple[str, str]]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -212,7 +212,7 @@ def _comparison_item(split: _Split, i: int, rng: np.random.Generator) -> Item:
 # ---------------------------------------------------------------- rows, scoring
 def instruction_rows(
     scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int, heldout: Collection[Combo] = ()
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """The instruction rows of one split, about 11 per scene, in scene order.
 
     Args:
@@ -221,11 +221,11 @@ def instruction_rows(
         seed: the world seed.
         heldout: the world's held-out (shape, colour) pairs, which only the held-out split's rows name.
 
-    Returns:
-        JSON-ready rows (see the module docstring); ids are '<scene id>/<k>', unique in the split.
+    Yields:
+        JSON-ready rows (see the module docstring), a scene's at a time (a world's are written as
+        they come); ids are '<scene id>/<k>', unique in the split.
     """
     split = _Split(scenes, manifest, heldout)
-    rows = []
     for i, scene in enumerate(split.scenes):
         rng = rng_for(seed, scene.kind, scene.index, STREAM_INSTRUCT)
         items = _describe_items(split, i, rng)
@@ -237,8 +237,7 @@ def instruction_rows(
             recall = recall_item(split.scenes, split.rows, i, rng)
             if recall is not None:
                 items.append(("recall", *recall))
-        rows += [_row(f"{scene.id}/{k}", item) for k, item in enumerate(items)]
-    return rows
+        yield from (_row(f"{scene.id}/{k}", item) for k, item in enumerate(items))
 
 
 def lookup_rows(scenes: Sequence[Scene], manifest: Sequence[Mapping[str, Any]], seed: int,
