@@ -1,7 +1,8 @@
 """Datasets: manifests (JSONL/CSV) → preprocessed samples → batches, plus the synthetic world.
 
 Reading order: columns.py (column names, and which one a user meant) → manifest.py (rows on disk)
-→ dataset.py (rows → samples, bad rows skipped) → collate.py (samples → Batch) → loader.py
+→ dataset.py (rows → samples, bad rows skipped; cache_size.py: whether its cache fits in memory)
+→ collate.py (samples → Batch) → loader.py
 (seeded, resumable DataLoader; skip accounting).
 """
 

@@ -248,6 +248,10 @@ class ManifestDataset(Dataset):
         log.debug("skipping line %d: %s", row.line, reason)
         return Skipped(row.line, reason)
 
+    def drop_cache(self) -> None:
+        """Load every row afresh from now on (validation streams a set too large to keep)."""
+        self.cache = self.caption_cache = None
+
     def materialize(self, num_workers: int = 0, chunk: int = 64) -> list[tuple[int, str]]:
         """Fill the cache for every row, in parallel with `num_workers` processes.
 

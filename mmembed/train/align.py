@@ -35,7 +35,7 @@ from mmembed.train.align_data import (_eval_loader, _one_row_inputs, check_tower
 from mmembed.train.align_step import IdleParts, captioned_forward, make_step_fn, space_forward, with_captioner
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.collectives import all_gather_objects, barrier, main_first
-from mmembed.train.data_setup import prepare_data, prepare_tokenizer
+from mmembed.train.data_setup import prepare_data, prepare_tokenizer, read_train_manifest
 from mmembed.train.distributed import current_world, parallelize, resolve_device, seed_ranks
 from mmembed.train.engine import FitResult, Trainer
 from mmembed.train.plots import plot_curves
@@ -122,7 +122,8 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     device = resolve_device(cfg.train.device)
     with main_first():  # rank 0 writes the data, the config and the tokenizer; the others read them
         root = prepare_data(cfg.data)
-        tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None)
+        manifest = read_train_manifest(cfg, root)  # once: the tokenizer's captions and the loader's rows
+        tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None, manifest)
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # until the model is built and the data read: a stop before is no run
@@ -143,7 +144,7 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     largest = _one_row_inputs(cfg, tokenizer, active, device)
     check_towers_accept(space, largest)
     skips = SkipCounter()
-    train_loader, steps, rows = train_loader_factory(cfg, root, tokenizer, active, skips)
+    train_loader, steps, rows = train_loader_factory(cfg, root, tokenizer, active, skips, manifest)
     val_loader = _eval_loader(cfg, root, cfg.data.val, tokenizer)
     trained = with_captioner(cfg, space, tokenizer, device)
     forward = captioned_forward if trained is not space else space_forward

@@ -7,7 +7,6 @@ which the towers must accept. The stage's run is in align.py, its forward and st
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,13 @@ import torch
 from torch import Tensor
 
 from mmembed.config import Config
-from mmembed.data import ManifestDataset, SkipCounter, build_loader, read_manifest
+from mmembed.data import Manifest, ManifestDataset, SkipCounter, build_loader, read_manifest
+from mmembed.data.cache_size import check_cache_fits, keep_validation_cached
 from mmembed.errors import ConfigError, UserError
 from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
+from mmembed.train.data_setup import read_train_manifest, rows_fingerprint
 from mmembed.train.distributed import current_world
 
 log = logging.getLogger("mmembed.train.align")  # the stage's lines keep their logger name (the CLI prints it)
@@ -113,14 +114,15 @@ def trained_modalities(loss_fn, space: SharedSpace) -> list[Modality]:
     return active
 
 
-def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality],
-                          skips: SkipCounter) -> tuple[Callable, int, str]:
+def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modality], skips: SkipCounter,
+                         manifest: Manifest | None = None) -> tuple[Callable, int, str]:
     """(make(epoch, start_sample) → the epoch's loader, steps per epoch, the rows' fingerprint:
-    what a resumed run checks its data against, as its sample position means those rows)."""
+    what a resumed run checks its data against, as its sample position means those rows).
+    `manifest`: data.train as `read_train_manifest` read it (else read here)."""
     pre = {m: build_preprocessor(m, cfg.model.towers[str(m)].preprocess, tokenizer=tokenizer, train=True)
            for m in active}
-    manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
-                             strict=cfg.data.strict)
+    if manifest is None:
+        manifest = read_train_manifest(cfg, root)
     skips.update(manifest.skipped)  # rows refused at read time (bad JSON, escaping paths) count too
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=cfg.data.cache,
                               caption_sampling=cfg.data.caption_sampling)
@@ -129,6 +131,8 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     bs = cfg.train.batch_size
     if len(dataset) < bs:
         raise UserError(f"training manifest has {_usable(manifest)}, fewer than train.batch_size={bs}")
+    if cfg.data.cache:  # now, not when the first epoch has filled most of the memory
+        check_cache_fits(dataset, "training set")
 
     world = current_world()
 
@@ -149,19 +153,6 @@ def _usable(manifest) -> str:
             f"({len(manifest.skipped)} skipped; first, line {line}: {reason})")
 
 
-def rows_fingerprint(manifest) -> str:
-    """sha256 of the rows a sampler permutes (their lines and items, in order; paths relative to
-    the data root, so a run resumed where its data lies elsewhere still matches)."""
-    def item(value) -> str:
-        return str(value.relative_to(manifest.root)) if isinstance(value, Path) and value.is_relative_to(
-            manifest.root) else str(value)
-
-    digest = hashlib.sha256()
-    for row in manifest.rows:
-        digest.update(repr((row.line, sorted((str(m), item(v)) for m, v in row.items.items()))).encode())
-    return digest.hexdigest()[:16]
-
-
 def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
     if name is None:
         return None
@@ -178,4 +169,8 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
                     root / name, len(manifest.skipped), *manifest.skipped[0])
     # validation measures the primary captions, whatever data.caption_sampling trains on
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True, caption_sampling="primary")
-    return build_loader(dataset, 256, shuffle=False, num_workers=0, seed=0, drop_last=False)
+    if not keep_validation_cached(dataset, asked=cfg.data.cache):
+        dataset.drop_cache()
+    # a cache fills in this process at the first evaluation; a stream decodes in data.num_workers workers
+    workers = 0 if dataset.cache is not None else cfg.data.num_workers
+    return build_loader(dataset, 256, shuffle=False, num_workers=workers, seed=0, drop_last=False)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from mmembed.config import Config, DataConfig
 from mmembed.errors import UserError
+
+if TYPE_CHECKING:  # read only when a manifest is
+    from mmembed.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,20 @@ def _texts(rows) -> Iterator[str]:
                 yield qa
 
 
-def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
+def read_train_manifest(cfg: Config, root: Path) -> Manifest:
+    """data.train as the align stage trains on it (bad rows skipped, or refused with data.strict):
+    read once and handed to `prepare_tokenizer` and the training loader (1M rows take ~30 s)."""
+    from mmembed.data import read_manifest
+
+    return read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root,
+                         strict=cfg.data.strict)
+
+
+def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None, manifest: Manifest | None = None):
     """Load the configured tokenizer, reuse the run's own on resume, or train one on the
     training captions (vocabulary `tokenizer.vocab_size`). None when nothing needs one: no
-    text tower, and no caption to train one on."""
+    text tower, and no caption to train one on. `manifest`: data.train already read
+    (`read_train_manifest`); else it is read here, unless the run's own tokenizer is reused."""
     from mmembed.data import read_manifest
     from mmembed.modality import Modality
     from mmembed.tokenizer import Tokenizer, load_tokenizer
@@ -65,20 +80,22 @@ def prepare_tokenizer(cfg: Config, root: Path, run_dir: Path | None):
     if run_dir is not None and (run_dir / "tokenizer.json").is_file():
         return load_tokenizer(run_dir / "tokenizer.json")
     # the data's own errors first: a tokenizer's, or advice about one, would hide them
-    manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root)
-    texts = list(_texts(manifest.rows))
-    check_trainable(cfg, manifest, has_text=bool(texts))
+    if manifest is None:
+        manifest = read_manifest(root / cfg.data.train, root=root, allow_outside_root=cfg.data.allow_outside_root)
+    has_text = next(_texts(manifest.rows), None) is not None  # the captions are listed only to train one
+    check_trainable(cfg, manifest, has_text=has_text)
     if tok.kind == "clip":
         return load_tokenizer("clip")
     if tok.path is not None:
         if not Path(tok.path).exists():
             raise UserError(f"tokenizer.path not found: {tok.path}")
         return load_tokenizer(tok.path)
-    if not texts:  # no text tower, or a frozen one (check_trainable), whose run's tokenizer it needs
+    if not has_text:  # no text tower, or a frozen one (check_trainable), whose run's tokenizer it needs
         if str(Modality.TEXT) in cfg.model.towers:
             raise UserError(f"no captions in {root / cfg.data.train} to train a tokenizer on: the frozen text tower "
                             "needs the tokenizer of the run it comes from (tokenizer.path=RUN/tokenizer.json)")
         return None
+    texts = list(_texts(manifest.rows))
     log.info("training a %d-token BPE tokenizer on %d captions", tok.vocab_size, len(texts))
     return Tokenizer.train(texts, vocab_size=tok.vocab_size)
 
@@ -103,3 +120,39 @@ def check_trainable(cfg: Config, manifest, has_text: bool) -> None:
     also = " loss.caption_weight=0 and" if cfg.loss.caption_weight > 0 else ""
     raise UserError(f"{manifest.path}: no row has a caption (column text, captions or qa) for the text tower to "
                     f"learn from{rename} leave the text tower out with{also} model.towers.text=null")
+
+
+def rows_fingerprint(manifest: Manifest) -> str:
+    """sha256 of the rows a sampler permutes (their lines and items, in order; paths relative to
+    the data root, so a run resumed where its data lies elsewhere still matches)."""
+    item = _relative_to(manifest.root)
+    digest = hashlib.sha256()
+    for row in manifest.rows:
+        digest.update(repr((row.line, sorted((str(m), item(v)) for m, v in row.items.items()))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _relative_to(root) -> Callable[[object], str]:
+    """str(value), relative to `root` when value is a Path under it, as Path.relative_to says.
+    Path's own methods took ~15 µs an item (15 s for a million rows); a POSIX Path's string is
+    already normalised (no '.', no doubled or trailing '/'), so a prefix test on the strings gives
+    the same answer, except for POSIX's '//' anchor (not '/'), which goes Path's way."""
+    def slow(value) -> str:
+        return str(value.relative_to(root)) if isinstance(value, Path) and value.is_relative_to(root) else str(value)
+
+    top = str(root) if isinstance(root, PurePosixPath) else ""
+    if not top.startswith("/") or top.startswith("//"):  # relative, '//' or Windows: no read manifest's
+        return slow
+    prefix = top if top == "/" else top + "/"
+
+    def fast(value) -> str:
+        if not isinstance(value, Path):
+            return str(value)
+        text = str(value)
+        if text.startswith("//") or not isinstance(value, PurePosixPath):
+            return slow(value)
+        if text == top:
+            return "."
+        return text[len(prefix):] if text.startswith(prefix) else text
+
+    return fast

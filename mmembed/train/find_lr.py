@@ -44,7 +44,7 @@ from mmembed.train.align import seed_everything
 from mmembed.train.align_data import train_loader_factory, trained_modalities
 from mmembed.train.align_step import one_process_step
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed
-from mmembed.train.data_setup import prepare_data, prepare_tokenizer
+from mmembed.train.data_setup import prepare_data, prepare_tokenizer, read_train_manifest
 from mmembed.train.distributed import current_world, resolve_device
 from mmembed.train.engine import precision_context
 from mmembed.train.optim import build_optimizer, set_lr
@@ -193,11 +193,12 @@ def find_lr(cfg: Config, steps: int = 100, lr_min: float = 1e-6, lr_max: float =
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     root = prepare_data(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, root, None)
+    manifest = read_train_manifest(cfg, root)
+    tokenizer = prepare_tokenizer(cfg, root, None, manifest)
     space = build_model(cfg, tokenizer).space.to(device)
     loss_fn = build_loss(cfg.loss)
     skips = SkipCounter()
-    make_loader, _, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips)
+    make_loader, _, _ = train_loader_factory(cfg, root, tokenizer, trained_modalities(loss_fn, space), skips, manifest)
     # the objective the align stage trains (the captioner's loss too, with loss.caption_weight); a
     # collapsed tower is a failure the loss cannot show: it settles at ln(batch), below its start
     monitor = CollapseMonitor(stop_after=collapse_patience(cfg.train.collapse_steps, steps))
