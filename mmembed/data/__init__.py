@@ -2,8 +2,7 @@
 
 Reading order: columns.py (column names, and which one a user meant) → manifest.py (rows on disk)
 → dataset.py (rows → samples, bad rows skipped; cache_size.py: whether its cache fits in memory)
-→ collate.py (samples → Batch) → loader.py
-(seeded, resumable DataLoader; skip accounting).
+→ collate.py (samples → Batch) → loader.py (seeded, resumable DataLoader; skip accounting).
 """
 
 from mmembed.data.collate import Batch, collate, label_ids
