@@ -35,7 +35,7 @@ def load_space(run_dir: str | Path) -> Model:
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
     if not (run_dir / WEIGHTS).is_file():
-        raise CheckpointError(_unfinished(run_dir) or f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
+        raise CheckpointError(_unfinished(run_dir.resolve()) or f"{run_dir} holds no {WEIGHTS} (is it a run directory?)")
     config = load_config(run_dir / CONFIG)
     tokenizer = _load_tokenizer(run_dir)
     # without the pretrained files or tags it started from: model.safetensors holds every tensor. Its

@@ -47,8 +47,8 @@ def train_tokenizer(corpus_files: Sequence[str | Path], vocab_size: int, out_dir
     UserError naming them, and so is a tokenizer.json already in `out_dir` unless `overwrite`, and
     a training run's folder in any case, finished, under way or interrupted (its weights belong to
     its tokenizer); all checked before any training starts and before `out_dir` is made, and again
-    under the folder's trainer lock just before the file is written (without `overwrite`, a file
-    another process wrote meanwhile is never replaced).
+    just before the file is written (without `overwrite`, a file another process wrote meanwhile is
+    never replaced: the file is hard-linked into place).
     """
     from mmembed.tokenizer import Tokenizer, check_vocab_size
 
@@ -80,35 +80,29 @@ def _refuse_run(folder: Path) -> None:
 def _refuse_existing(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_file():
         raise UserError(f"{target} exists and is not a file: the tokenizer is written there")
-    if target.exists() and not overwrite:
+    if (target.exists() or target.is_symlink()) and not overwrite:  # a dangling link: the exclusive link fails on it
         raise UserError(f"{target} already exists (a run's own tokenizer, if the folder is a run): choose another "
                         "--out, or pass --overwrite")
 
 
 def _save_into(tok: Tokenizer, target: Path, overwrite: bool) -> Path:
-    """Write `tok` to `target` under the folder's trainer lock, the checks made again first: while it
-    trained, a run could start (and finish) in the folder, or another `tokenizer train` write there,
-    and the file was replaced without a word."""
-    from mmembed.train.run_dir import LOCK, run_lock
-
+    """Write `tok` to `target`, the checks made again first: while it trained, a run could start (and
+    finish) in the folder, or another `tokenizer train` write there, and the file was replaced without
+    a word. No lock is taken: a `.lock` left by a killed save would mark the folder as a run's."""
     folder = target.parent
-    _refuse_run(folder)  # no .lock either: a trainer under way, or one that came and went
-    with run_lock(folder):  # so no trainer starts while this writes
-        try:
-            _refuse_existing(target, overwrite)
-            if overwrite:
-                return tok.save(target)
-            tmp = tok.save(folder / f".{TOKENIZER_FILE}.{os.getpid()}.json")
-            try:
-                _place_new(tmp, target)
-            except FileExistsError:
-                _refuse_existing(target, overwrite)
-                raise
-            finally:
-                tmp.unlink(missing_ok=True)
-            return target
-        finally:  # the .lock is this one's (there was none): left, it would mark the folder as a run's
-            (folder / LOCK).unlink(missing_ok=True)
+    _refuse_run(folder)
+    _refuse_existing(target, overwrite)
+    if overwrite:
+        return tok.save(target)
+    tmp = tok.save(folder / f".{TOKENIZER_FILE}.{os.getpid()}.json")
+    try:
+        _place_new(tmp, target)
+    except FileExistsError:  # written since the check above
+        _refuse_existing(target, overwrite)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _place_new(tmp: Path, target: Path) -> None:

@@ -3,6 +3,7 @@ continue it, never "is it a run directory?"."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def test_a_run_stopped_in_its_align_stage_names_the_resume_command(tmp_path, cap
                             f"continue it with `{resume}` (its last checkpoint is {run / 'checkpoints/step_0000078'})")
     assert main(["generate", str(run), "--prompt", "a prompt"]) == 2
     assert capsys.readouterr().err == f"mmembed: error: {e.value}\n"
+
+
+def test_the_resume_command_of_a_run_given_by_a_relative_path_works_from_anywhere(tmp_path, monkeypatch):
+    """`mm.load("run")` named `mmembed train run/config.yaml --resume train.out_dir=run`: relative."""
+    run = _stopped_run(tmp_path)
+    monkeypatch.chdir(run.parent)
+    resume = shlex.join(["mmembed", "train", str(run / "config.yaml"), "--resume", f"train.out_dir={run}"])
+    with pytest.raises(CheckpointError, match=re.escape(f"`{resume}`")):
+        mm.load(run.name)
 
 
 def test_a_run_still_training_says_so_and_names_its_trainer(tmp_path):

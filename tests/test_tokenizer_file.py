@@ -204,6 +204,35 @@ def test_a_tokenizer_another_process_wrote_meanwhile_is_kept_without_overwrite(t
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]  # no temporary file, no .lock
 
 
+def test_writing_a_tokenizer_takes_no_lock_a_killed_save_could_leave(tmp_path, monkeypatch):
+    """Its save held the folder's .lock: killed then, the .lock stayed and every later tokenizer (and a
+    second one saving at the same time) was told the folder was a training run's."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+    seen, real_save = [], Tokenizer.save
+
+    def save(self, path):
+        seen.append(sorted(p.name for p in Path(path).parent.iterdir()))
+        return real_save(self, path)
+    monkeypatch.setattr(Tokenizer, "save", save)
+    for overwrite in (False, True, True):
+        train_tokenizer([corpus], 280, tmp_path / "out", overwrite=overwrite)
+    assert seen and not any(".lock" in names for names in seen)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tokenizer.json"]
+
+
+def test_a_dangling_tokenizer_link_is_refused_or_replaced(tmp_path):
+    """A dangling tokenizer.json link passed the exists() check and the exclusive link raised FileExistsError."""
+    corpus, out = tmp_path / "c.txt", tmp_path / "out"
+    corpus.write_text("a red star\n" * 20, encoding="utf-8")
+    out.mkdir()
+    (out / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(UserError, match=r"out/tokenizer\.json already exists .*pass --overwrite"):
+        train_tokenizer([corpus], 280, out)
+    train_tokenizer([corpus], 280, out, overwrite=True)
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
+
+
 def test_the_lock_taken_to_write_a_tokenizer_leaves_no_trace(tmp_path):
     """Its .lock, left behind, would mark the folder as a training run's: the next --overwrite refused."""
     corpus = tmp_path / "c.txt"

@@ -289,9 +289,10 @@ def embedding_map(index: Index | str | Path, color_by: str, out: str | Path, *, 
 
     if not isinstance(index, Index):
         index = Index.load(index)
-    ids = index.ids()
-    rows = _sample(len(ids), max_points, seed)  # before reading items: their metadata is copied out
-    vectors, modalities, metadata = index.items([ids[r] for r in rows])  # (N', D), N', N'
+    with index.locked():  # the ids sampled are the ids read, whatever another thread adds or removes
+        ids = index.ids()
+        rows = _sample(len(ids), max_points, seed)  # before reading items: their metadata is copied out
+        vectors, modalities, metadata = index.items([ids[r] for r in rows])  # (N', D), N', N'
     return _draw(vectors, [m.value for m in modalities], metadata, rows, len(ids), color_by, out, method, seed, None)
 
 

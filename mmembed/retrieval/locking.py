@@ -6,6 +6,7 @@ that another thread of the parent held would stay held for ever in the child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -21,6 +22,11 @@ class Locked:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         _LIVE[id(self)] = self
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """`with obj.locked():` holds the lock across several calls, so what they read is one state
+        (other threads wait; the calls themselves take the lock again, which is reentrant)."""
+        return self._lock
 
     def __getstate__(self) -> Any:
         state = super().__getstate__()  # (dict, slots) for a subclass with __slots__

@@ -21,6 +21,7 @@ from mmembed.errors import UserError
 _ATOMS = frozenset({str, int, float, bool, type(None)})  # exact types: their == is a set's grouping
 _MISSING, _OTHER = -1, -2  # codes of a row without the key, and of a value compared row by row
 _ABSENT = object()
+_KEEP_DISTINCT = 1024  # a column of more distinct values than this and than half its rows is not kept
 
 
 class Wanted:
@@ -117,6 +118,8 @@ class MetadataColumns:
             if type(key) is str:
                 self._columns[key] = column
         column.extend(metadata, key)
+        if len(column.code_of) > max(_KEEP_DISTINCT, len(column.codes) // 2):  # an id-like key: kept, its
+            self._columns.pop(key, None)  # dict would hold an entry a row (155 bytes a row at 200k rows)
         return column
 
 

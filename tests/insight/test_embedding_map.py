@@ -108,6 +108,29 @@ def test_a_sampled_map_of_an_index_reads_only_the_sampled_items(tmp_path, monkey
     assert sampled.modalities == whole.modalities
 
 
+def test_a_map_reads_the_ids_it_sampled_while_another_thread_removes(tmp_path, monkeypatch):
+    """The map read ids(), then items(ids) under a second hold of the lock: an item removed between
+    the two by another thread ended the map with "no item with id 49"."""
+    import threading
+    import time
+
+    index, real_ids, done = build_index(), Index.ids, []
+
+    def ids_then_a_removal(self):
+        found = real_ids(self)
+        if not done:  # once: the remover waits for the lock if the map holds it
+            remover = threading.Thread(target=lambda: done.append(index.remove(found[-1])))
+            remover.start()
+            time.sleep(0.2)
+            done.append(remover)
+        return found
+
+    monkeypatch.setattr(Index, "ids", ids_then_a_removal)
+    drawn = embedding_map(index, "label", tmp_path / "map.png")
+    done[0].join()
+    assert len(drawn.rows) == 50 and len(index) == 49
+
+
 def test_columns_nested_paths_and_kinds():
     meta = [{"label": "a", "n": 1, "objects": [{"colour": "red"}, {"colour": "blue"}], "tags": []}, {"label": "b"}]
     assert map_columns(meta) == ["modality", "label", "n", "objects.0.colour"]
