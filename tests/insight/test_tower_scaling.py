@@ -116,8 +116,10 @@ def test_val_loss_is_the_contrastive_loss_of_the_saved_model(sweep):
 def _counted_training_flops(cfg) -> tuple[int, int]:
     """(FLOPs of the whole run's batches, rows drawn): a counter around a training run without a
     validation set, less what is not a training step — the check that each tower takes its
-    largest input (its preprocessing and one forward each) and the preprocessing of every row it
-    draws (the mel filterbank is a matmul); optimizer updates count 0 FLOPs."""
+    largest input (its preprocessing and one forward each), the preprocessing of every row it
+    draws (the mel filterbank is a matmul) and of the cache estimate's rows; optimizer updates
+    count 0 FLOPs."""
+    from mmembed.data.cache_size import estimate_cache_bytes
     from mmembed.model import build_model
     from mmembed.train.align_data import _one_row_inputs, check_towers_accept, trained_modalities
 
@@ -135,8 +137,10 @@ def _counted_training_flops(cfg) -> tuple[int, int]:
     drawn = [i for batch in EpochBatchSampler(len(dataset), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                               drop_last=True) for i, _ in batch]
     preprocessing = measured_flops(lambda: [dataset.load(i) for i in drawn], backward=False)
+    # with data.cache, the rows preprocessed to estimate the cache's size before the first step
+    probes = measured_flops(lambda: estimate_cache_bytes(dataset), backward=False) if cfg.data.cache else 0
     assert checked > 0 and preprocessing > 0
-    return counted - preprocessing - checked, len(drawn)
+    return counted - preprocessing - checked - probes, len(drawn)
 
 
 def test_measured_flops_equal_a_counter_around_the_whole_training_run(sweep, tmp_path):
