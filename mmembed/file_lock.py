@@ -86,4 +86,27 @@ def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float) -> No
                 break
             time.sleep(0.05)
     pid = "" if path.is_dir() else path.read_text(encoding="utf-8", errors="replace").strip()
-    raise UserError(busy(f"pid {pid}" if pid else "another process")) from None
+    raise UserError(busy(_holder(pid))) from None
+
+
+def holder(path: Path) -> str | None:
+    """The holder of the lock on the file `path` ("pid N" as the file records it, else "another
+    process") while another process holds it; None when none does or there is no such file.
+    Read-only: a shared lock tried and released at once, so asking never writes."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # no lock file (or not POSIX): no holder to name
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # closing the file releases it
+    except BlockingIOError:
+        return _holder(os.read(fd, 64).decode(errors="replace").strip())
+    finally:
+        os.close(fd)
+
+
+def _holder(pid: str) -> str:
+    return f"pid {pid}" if pid else "another process"

@@ -7,7 +7,6 @@ The `Model` it returns, its file names and `Model.load` (which adds the decoder)
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -130,10 +129,11 @@ def _unfinished(run_dir: Path) -> str | None:
     """Why a run's folder holds no weights yet (they are written when its align stage ends): its
     trainer is under way, or was stopped after a checkpoint; None for any other folder (it was
     called "not a run directory")."""
+    from mmembed.file_lock import holder as lock_holder
     from mmembed.train.run_dir import LOCK
     from mmembed.train.state import latest_checkpoint
 
-    if (holder := _lock_holder(run_dir / LOCK)) is not None:
+    if (holder := lock_holder(run_dir / LOCK)) is not None:
         return (f"{run_dir} is still training ({holder} holds its {LOCK}; {WEIGHTS} is written when the align "
                 "stage ends), so it cannot be loaded yet: wait for it to finish")
     ckpt = latest_checkpoint(run_dir)
@@ -141,25 +141,6 @@ def _unfinished(run_dir: Path) -> str | None:
         return None
     return (f"the training of {run_dir} has not finished (no {WEIGHTS}), so it cannot be loaded: continue it with "
             f"`{_resume_command(run_dir)}` (its last checkpoint is {ckpt})")
-
-
-def _lock_holder(lock: Path) -> str | None:
-    """"pid N" (as the file records it) while another process holds the trainer's lock on `lock`,
-    else None. Read-only, and a shared lock at once released: opening a run never writes into it."""
-    try:
-        import fcntl
-
-        fd = os.open(lock, os.O_RDONLY)
-    except (ImportError, OSError):  # no lock file (or not POSIX): no trainer to name
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # closing the file releases it
-    except BlockingIOError:
-        pid = os.read(fd, 64).decode(errors="replace").strip()
-        return f"pid {pid}" if pid else "another process"
-    finally:
-        os.close(fd)
 
 
 def _resume_command(run: Path) -> str:

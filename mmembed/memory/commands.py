@@ -99,10 +99,9 @@ def _check_unchanged(run: Path, space: tuple[int, int, int] | None, overwrite: b
 
 def _query_lock(run: Path) -> contextlib.AbstractContextManager:
     """The lock a trainer holds on its run folder (`run_dir.run_lock`), with a message for train-queries."""
-    from mmembed.file_lock import exclusive
-    from mmembed.train.run_dir import LOCK
+    from mmembed.train.run_dir import run_lock
 
-    return exclusive(run / LOCK, lambda holder: (
+    return run_lock(run, lambda holder: (
         f"{run} is in use ({holder}: a trainer, or another train-queries); wait for it to finish, then run "
         "train-queries again"))
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from mmembed.errors import UserError
 
-_ATOMS = frozenset({str, int, float, bool, type(None)})  # exact types: their == is a set's grouping
+ATOMS = frozenset({str, int, float, bool, type(None)})  # JSON's scalar types, exactly: their == is a set's grouping
 _MISSING, _OTHER = -1, -2  # codes of a row without the key, and of a value compared row by row
 _ABSENT = object()
 _KEEP_DISTINCT = 1024  # a column of more distinct values than this and than half its rows is not kept
@@ -38,7 +38,7 @@ class Wanted:
                     self.scalars.add(v)
                 except TypeError:
                     raise UserError(f"filter values must be scalars, lists or dicts, got {type(v).__name__}") from None
-        self.plain = all(type(v) in _ATOMS for v in self.scalars)  # codes answer for these
+        self.plain = all(type(v) in ATOMS for v in self.scalars)  # codes answer for these
 
     def matches(self, value: Any) -> bool:
         if isinstance(value, (list, tuple, dict)):
@@ -71,7 +71,7 @@ class _Column:
             value = meta.get(key, _ABSENT)
             if value is _ABSENT:
                 new.append(_MISSING)
-            elif type(value) in _ATOMS:
+            elif type(value) in ATOMS:
                 new.append(code_of.setdefault(value, len(code_of)))
             else:
                 new.append(_OTHER)

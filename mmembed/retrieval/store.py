@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
-from mmembed.retrieval.masks import MetadataColumns, dict_filter
+from mmembed.retrieval.masks import ATOMS, MetadataColumns, dict_filter
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
@@ -295,18 +295,15 @@ class VectorStore:
 _MODALITIES = list(Modality)
 
 
-_ATOMS = frozenset({str, int, float, bool, type(None)})
-
-
 def copied(value: Any) -> Any:
     """A deep copy of metadata: dicts and lists rebuilt, plain scalars shared, anything else through
     `copy.deepcopy` (about 6 µs for a manifest row with its objects and captions, deepcopy's 14)."""
     kind = type(value)
     if kind is dict:
-        return {k: v if type(v) in _ATOMS else copied(v) for k, v in value.items()}
+        return {k: v if type(v) in ATOMS else copied(v) for k, v in value.items()}
     if kind is list:
-        return [v if type(v) in _ATOMS else copied(v) for v in value]
-    return value if kind in _ATOMS else copy.deepcopy(value)
+        return [v if type(v) in ATOMS else copied(v) for v in value]
+    return value if kind in ATOMS else copy.deepcopy(value)
 
 
 def non_str_keys(value: Any) -> list[Any]:

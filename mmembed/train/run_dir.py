@@ -17,7 +17,7 @@ import contextlib
 import os
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +131,15 @@ def lock_run(run_dir: Path, *, resume: bool, overwrite: bool,
     return held
 
 
-def run_lock(run_dir: Path) -> contextlib.AbstractContextManager:
-    """Hold the run folder's exclusive lock; a second holder (another process) gets a UserError.
+def run_lock(run_dir: Path, busy: Callable[[str], str] | None = None) -> contextlib.AbstractContextManager:
+    """Hold the run folder's exclusive lock; a second holder (another process) gets a UserError,
+    `busy(holder)` if given (a command other than a trainer says what to do).
 
     Re-entrant within one process, so a stage may take it inside a pipeline that already has it.
     """
-    return exclusive(Path(run_dir) / LOCK, lambda holder: (
+    return exclusive(Path(run_dir) / LOCK, busy or (lambda holder: (
         f"{Path(run_dir).resolve()} is in use by a trainer ({holder}); wait for it to finish, "
-        "or train into another train.out_dir"))
+        "or train into another train.out_dir")))
 
 
 def read_paths(config: Any) -> list[str]:
