@@ -92,7 +92,7 @@ class UserVectors:
         for modality in np.unique(modalities[keep]):  # VectorStore appends one modality at a time
             pick = np.flatnonzero(keep & (modalities == modality))
             rows = torch.from_numpy(pick)
-            self.rows.append(vectors[rows], Modality.parse(modality), [{}] * len(pick), ids=ids[pick].tolist())
+            self.rows.append(vectors[rows], Modality.parse(modality), ["{}"] * len(pick), ids=ids[pick].tolist())
             self.times.extend(times_col[rows])
             self.session_codes.extend(codes[rows])
 

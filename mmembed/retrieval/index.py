@@ -30,12 +30,12 @@ from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
 from mmembed.retrieval.hits import Hit
-from mmembed.retrieval.index_format import metadata_json, saved_metadata
+from mmembed.retrieval.index_format import metadata_json, metadata_text
 from mmembed.retrieval.locking import Locked
 from mmembed.retrieval.persist import read_index, write_index
 from mmembed.retrieval.query import Query
 from mmembed.retrieval.query_vectors import _query_rows, _unit_rows
-from mmembed.retrieval.store import VectorStore, check_vectors, copied, storage_dtype
+from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
 from mmembed.scalars import as_integer
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,11 @@ class Index(Locked):
                 raise UserError(f"metadata is one dict for {v.shape[0]} vectors; give a list of dicts, one per vector")
             metadata = [metadata]
         meta = [{} for _ in range(v.shape[0])] if metadata is None else list(metadata)
-        for i, m in enumerate(meta):  # what a save cannot write is refused now, not at the save
-            if isinstance(m, dict):  # kept as a load reads it back (a copy: the caller's later edits stay theirs)
-                meta[i] = saved_metadata(m, f"metadata[{i}]")
+        if len(meta) != v.shape[0]:
+            raise UserError(f"{len(meta)} metadata dicts for {v.shape[0]} vectors")
+        # what a save cannot write is refused now, not at the save; kept as the text a save writes (a
+        # copy: the caller's later edits stay theirs)
+        meta = [metadata_text(m, f"metadata[{i}]") for i, m in enumerate(meta)]
         with self._lock:
             return self._store.append(v, modality, meta)
 
@@ -222,7 +224,7 @@ class Index(Locked):
             store = self._store
             rows = store.alive.nonzero().squeeze(1).tolist() if ids is None else [store.row_of(i) for i in ids]
             return (store.vectors[rows].float(), [store.modality_of(r) for r in rows],
-                    [copied(store.metadata[r]) for r in rows])  # copies: an edit never reaches the index
+                    [store.metadata[r] for r in rows])  # each decoded afresh: an edit never reaches the index
 
     def vector(self, item_id: int) -> Tensor:
         """The stored (D,) vector of an item, as float32."""
@@ -232,7 +234,7 @@ class Index(Locked):
     def metadata(self, item_id: int) -> dict[str, Any]:
         """A copy of an item's metadata (nested values too: editing it leaves the index as it was)."""
         with self._lock:
-            return copied(self._store.metadata[self._store.row_of(item_id)])
+            return self._store.metadata[self._store.row_of(item_id)]  # decoded afresh: the caller's
 
     # ---- search ------------------------------------------------------------------------------
 
@@ -321,7 +323,7 @@ class Index(Locked):
         store = self._store
         safe = np.maximum(rows, 0)
         ids, modalities = store.ids_of_rows(safe).tolist(), store.modalities_of(safe)
-        return [[Hit(i, s, m, copied(store.metadata[r])) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
+        return [[Hit(i, s, m, store.metadata[r]) for s, r, i, m in zip(s_row, r_row, i_row, m_row) if r >= 0]
                 for s_row, r_row, i_row, m_row in zip(scores.tolist(), rows.tolist(), ids, modalities)]
 
     # ---- persistence -------------------------------------------------------------------------

@@ -99,10 +99,6 @@ def _writable_header(header: dict[str, Any]) -> dict[str, Any]:
     return written
 
 
-def _metadata_line(meta: dict[str, Any], item_id: int) -> str:
-    return metadata_json(meta, f"metadata of item {item_id}") + "\n"
-
-
 def metadata_json(meta: dict[str, Any], what: str) -> str:
     """`meta` as the one ASCII JSON line a save writes; UserError naming `what` for what no save can
     write (a lone surrogate, bytes, an array): `Index.add` checks with it, so a save never fails late."""
@@ -118,12 +114,14 @@ def metadata_json(meta: dict[str, Any], what: str) -> str:
     return line
 
 
-def saved_metadata(meta: dict[str, Any], what: str) -> dict[str, Any]:
-    """`meta` as a load reads it back (a 0-d tensor or numpy scalar a number, a tuple a list, a Path a str),
-    so a filter matches the same items before and after a save; UserError naming `what` for what
-    no save can write."""
+def metadata_text(meta: Any, what: str) -> str:
+    """`meta` as the index keeps it and a save writes it: one ASCII JSON object (a 0-d tensor or numpy
+    scalar its number, a tuple a list, a Path a str), so a filter matches the same items before and
+    after a save; UserError naming `what` for what no save can write."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{what} must be a dict, got {type(meta).__name__}")
     _check_keys(meta, what)
-    return json.loads(metadata_json(meta, what))
+    return metadata_json(meta, what)
 
 
 def _check_keys(value: Any, what: str) -> None:
@@ -239,7 +237,8 @@ def _check_tensors(tensors: dict[str, Tensor], header: dict[str, Any], directory
     return vectors, ids, codes
 
 
-def _read_metadata(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+def _read_metadata(path: Path, header: dict[str, Any]) -> list[str]:
+    """metadata.jsonl's rows, as the JSON object texts the store keeps (each checked by decoding it)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -259,9 +258,10 @@ def _read_metadata(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _metadata_row(line: str, number: int, path: Path) -> dict[str, Any]:
-    """One line of metadata.jsonl; CheckpointError naming the file and line for one that is not a JSON
-    object (a hand edit: JSONDecodeError, or "metadata[0] must be a dict" from the store)."""
+def _metadata_row(line: str, number: int, path: Path) -> str:
+    """One line of metadata.jsonl, as the ASCII JSON text a save writes; CheckpointError naming the file
+    and line for one that is not a JSON object (a hand edit: JSONDecodeError, or "metadata[0] must be
+    a dict" from the store)."""
     try:
         row = json.loads(line)
     except (ValueError, RecursionError) as e:
@@ -269,7 +269,8 @@ def _metadata_row(line: str, number: int, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: line {number} is not JSON ({detail})") from None
     if not isinstance(row, dict):
         raise CheckpointError(f"{path}: line {number} is a {type(row).__name__}, not a JSON object")
-    return row
+    # a file written before the ASCII-only format: its line saved again as this one writes it
+    return line if line.isascii() else json.dumps(row)
 
 
 def _code_map(names: list[str], directory: Path) -> dict[int, Modality]:

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from mmembed.errors import UserError
+from mmembed.retrieval.metadata_rows import MetadataRows
 
 ATOMS = frozenset({str, int, float, bool, type(None)})  # JSON's scalar types, exactly: their == is a set's grouping
 _MISSING, _OTHER = -1, -2  # codes of a row without the key, and of a value compared row by row
 _ABSENT = object()
 _KEEP_DISTINCT = 1024  # a column of more distinct values than this and than half its rows is not kept
+_DECODE_ROWS = 256  # rows compared one by one beyond this read the kept decoding (`MetadataRows.decoded`)
 
 
 class Wanted:
@@ -63,11 +65,11 @@ class _Column:
         self.codes = np.empty(0, np.int32)
         self.code_of: dict[Any, int] = {}
 
-    def extend(self, metadata: list[dict[str, Any]], key: Any) -> None:
+    def extend(self, metadata: MetadataRows, key: Any) -> None:
         """Code the rows appended since the last call (rows only move in a compaction, which drops
         the column)."""
         code_of, new = self.code_of, []
-        for meta in metadata[len(self.codes):]:
+        for meta in metadata.dicts(len(self.codes)):
             value = meta.get(key, _ABSENT)
             if value is _ABSENT:
                 new.append(_MISSING)
@@ -78,7 +80,7 @@ class _Column:
         if new:
             self.codes = np.concatenate([self.codes, np.array(new, np.int32)])
 
-    def matches(self, wanted: Wanted, metadata: list[dict[str, Any]], key: Any, live: np.ndarray) -> np.ndarray:
+    def matches(self, wanted: Wanted, metadata: MetadataRows, key: Any, live: np.ndarray) -> np.ndarray:
         """(N,) bool: rows whose value `wanted` accepts (rows outside `live` may be left False)."""
         if wanted.plain:
             codes = [c for v in wanted.scalars if (c := self.code_of.get(v)) is not None]
@@ -87,8 +89,10 @@ class _Column:
         else:  # a numpy number may equal values a set would not group with it: row by row
             bits = np.zeros(len(self.codes), bool)
             by_row = self.codes != _MISSING
-        for r in np.flatnonzero(by_row & live).tolist():
-            bits[r] = wanted.matches(metadata[r][key])
+        rows = np.flatnonzero(by_row & live).tolist()
+        read = metadata.decoded() if len(rows) > _DECODE_ROWS else metadata  # each decoding is read-only here
+        for r in rows:
+            bits[r] = wanted.matches(read[r][key])
         return bits
 
 
@@ -98,28 +102,32 @@ class MetadataColumns:
 
     def __init__(self) -> None:
         self._columns: dict[str, _Column] = {}
+        self._unkept: set[Any] = set()  # keys whose column was too distinct to keep: coded from the decoding
 
     def clear(self) -> None:
         self._columns = {}
 
-    def mask(self, metadata: list[dict[str, Any]], alive: np.ndarray, wanted: dict[Any, Wanted]) -> np.ndarray:
+    def mask(self, metadata: MetadataRows, alive: np.ndarray, wanted: dict[Any, Wanted]) -> np.ndarray:
         """(N,) bool: live rows holding every key of `wanted` with a value it accepts."""
         bits = alive.copy()
         for key, accepted in wanted.items():
             bits &= self._column(metadata, key).matches(accepted, metadata, key, bits)
         return bits
 
-    def _column(self, metadata: list[dict[str, Any]], key: Any) -> _Column:
+    def _column(self, metadata: MetadataRows, key: Any) -> _Column:
         # only str keys are kept: another key type (1 == True, a NaN) could find a column built for
         # a key that a metadata dict would not equate with it
         column = self._columns.get(key, None) if type(key) is str else None
         if column is None:
+            if type(key) is str and key in self._unkept:  # coded afresh at every filter: decode the rows once
+                metadata.decoded()
             column = _Column()
             if type(key) is str:
                 self._columns[key] = column
         column.extend(metadata, key)
         if len(column.code_of) > max(_KEEP_DISTINCT, len(column.codes) // 2):  # an id-like key: kept, its
             self._columns.pop(key, None)  # dict would hold an entry a row (155 bytes a row at 200k rows)
+            self._unkept.add(key)
         return column
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from mmembed.checkpoint import file_above, fsync_dir, read_json, unwritable_above
 from mmembed.errors import CheckpointError, UserError
 from mmembed.file_lock import exclusive
-from mmembed.retrieval.index_format import (HEADER, METADATA, VECTORS, SavedIndex, _metadata_line, _read_folder,
+from mmembed.retrieval.index_format import (HEADER, METADATA, VECTORS, SavedIndex, _read_folder,
                                             _writable_header, _write_files)
 from mmembed.retrieval.store import VectorStore
 
@@ -50,7 +50,7 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
     header = _writable_header(header)  # before anything is written: the old index stays as it was
     directory = Path(directory)
     target = directory.resolve()  # through a symlink: the swap renames the real folder
-    text = "".join(_metadata_line(m, int(i)) for m, i in zip(store.metadata, store.ids.tolist()))
+    text = store.metadata.text()  # the rows' JSON, as `Index.add` and a load checked it
     check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # one save of an index at a time: a second one's recovery deleted the first's staging folder

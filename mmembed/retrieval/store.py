@@ -9,7 +9,6 @@ and never pickled.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,8 @@ from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
 from mmembed.modality import Modality
-from mmembed.retrieval.masks import ATOMS, MetadataColumns, dict_filter
+from mmembed.retrieval.masks import MetadataColumns, dict_filter
+from mmembed.retrieval.metadata_rows import MetadataRows
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODALITY_CODES = {m: i for i, m in enumerate(Modality)}  # saved files store names, not codes
@@ -115,7 +115,7 @@ class VectorStore:
         self._ids_are_rows = True  # every id equals its row (ids given in order, none compacted away)
         self._codes = torch.empty(capacity, dtype=torch.int8)
         self._alive = torch.empty(capacity, dtype=torch.bool)
-        self.metadata: list[dict[str, Any]] = []
+        self.metadata = MetadataRows()  # each row's as JSON text; reading a row decodes a copy
         self._row_of: dict[int, int] = {}
         self.version = 0  # bumped whenever row positions change (compaction, reload)
         self._caches()
@@ -191,15 +191,15 @@ class VectorStore:
 
     # ---- mutation ----------------------------------------------------------------------------
 
-    def append(self, vectors: Tensor, modality: Modality, metadata: Sequence[dict[str, Any]],
+    def append(self, vectors: Tensor, modality: Modality, metadata: Sequence[str],
                ids: Sequence[int] | None = None) -> list[int]:
-        """Append checked float32 rows; returns their new ids (or keeps `ids` when reloading)."""
+        """Append checked float32 rows and their metadata as JSON object texts (`Index.add` and a load
+        check them); returns their new ids (or keeps `ids` when reloading)."""
         n = vectors.shape[0]
         if len(metadata) != n:
-            raise UserError(f"{len(metadata)} metadata dicts for {n} vectors")
-        for i, meta in enumerate(metadata):  # non-str keys: refused by `Index.add`, never in a load's JSON
-            if not isinstance(meta, dict):
-                raise UserError(f"metadata[{i}] must be a dict, got {type(meta).__name__}")
+            raise UserError(f"{len(metadata)} metadata rows for {n} vectors")
+        if not all(type(line) is str for line in metadata):
+            raise TypeError("VectorStore.append takes metadata as JSON object texts (Index.add makes them)")
         if ids is None:
             if self.next_id + n > ID_LIMIT:  # (a hand-edited next_id) torch raised "Overflow when unpacking long long"
                 raise UserError(f"the index has no ids left for {n} new items: its next id is {self.next_id}, "
@@ -213,7 +213,7 @@ class VectorStore:
         self._ids[start:end] = torch.tensor(new_ids, dtype=torch.int64)
         self._codes[start:end] = MODALITY_CODES[modality]
         self._alive[start:end] = True
-        self.metadata.extend(dict(m) for m in metadata)
+        self.metadata.extend(metadata)
         for offset, item_id in enumerate(new_ids):
             self._row_of[item_id] = start + offset
         self.n_rows = end
@@ -241,7 +241,7 @@ class VectorStore:
         self._ids[:n] = self.ids.index_select(0, keep)
         self._codes[:n] = self.codes.index_select(0, keep)
         self._alive[:n] = True
-        self.metadata = [self.metadata[i] for i in keep.tolist()]
+        self.metadata.keep(keep.tolist())
         self.n_rows = n
         self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
         self._ids_are_rows = bool(torch.equal(self.ids, torch.arange(n)))
@@ -283,27 +283,18 @@ class VectorStore:
 
         A dict matches when every key is present with an equal value; a list/tuple/set value
         means "any of these". Dead rows are not evaluated (their bit is False). A predicate runs
-        on every live row at every call; a dict filter compares cached per-key code columns
+        on every live row at every call, on the rows decoded once and kept (`metadata_rows.py`; a
+        predicate must not edit them); a dict filter compares cached per-key code columns
         (`masks.py`: one pass over the rows at a key's first filter, then numpy).
         """
         if callable(keep):
             alive = self.alive.tolist()
-            return torch.tensor([a and bool(keep(m)) for a, m in zip(alive, self.metadata)], dtype=torch.bool)
+            return torch.tensor([a and bool(keep(m)) for a, m in zip(alive, self.metadata.decoded())],
+                                dtype=torch.bool)
         return torch.from_numpy(self._columns.mask(self.metadata, self.alive.numpy(), dict_filter(keep)))
 
 
 _MODALITIES = list(Modality)
-
-
-def copied(value: Any) -> Any:
-    """A deep copy of metadata: dicts and lists rebuilt, plain scalars shared, anything else through
-    `copy.deepcopy` (about 6 µs for a manifest row with its objects and captions, deepcopy's 14)."""
-    kind = type(value)
-    if kind is dict:
-        return {k: v if type(v) in ATOMS else copied(v) for k, v in value.items()}
-    if kind is list:
-        return [v if type(v) in ATOMS else copied(v) for v in value]
-    return value if kind in ATOMS else copy.deepcopy(value)
 
 
 def non_str_keys(value: Any) -> list[Any]:

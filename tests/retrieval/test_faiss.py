@@ -100,7 +100,7 @@ def test_short_answers_are_rescanned_exactly():
     """IVF probing one of five cells cannot fill k = 100 from 200 rows: those answers (padded with -1
     before) are the exact scan's."""
     store = VectorStore(32)
-    store.append(unit(200, 32, 11), Modality.IMAGE, [{}] * 200)
+    store.append(unit(200, 32, 11), Modality.IMAGE, ["{}"] * 200)
     q = unit(4, 32, 12).numpy()
     scores, rows = BACKENDS["faiss_ivf"](nprobe=1).search(store, q, 100, None)  # (4, 100)
     truth_scores, truth_rows = ExactBackend().search(store, q, 100, None)
@@ -129,7 +129,7 @@ def test_search_ids_fills_short_answers_with_stored_ids(n_queries):
 def test_search_options_changed_between_searches_take_effect():
     """Unfiltered searches reuse their FAISS parameter object: a new option value must rebuild it."""
     store = VectorStore(32)
-    store.append(unit(2000, 32, 13), Modality.IMAGE, [{}] * 2000)
+    store.append(unit(2000, 32, 13), Modality.IMAGE, ["{}"] * 2000)
     q = unit(20, 32, 14).numpy()
     truth = ExactBackend().search(store, q, 10, None)[1]
     ivf = BACKENDS["faiss_ivf"](nlist=32, nprobe=1)

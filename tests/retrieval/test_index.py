@@ -280,25 +280,25 @@ def test_ids_of_rows_reads_rows_as_ids_only_while_every_id_is_its_row():
         assert np.array_equal(out, looked_up(store, rows)) and not np.shares_memory(out, rows)
 
     store = VectorStore(D, capacity=4)
-    store.append(unit(10, 0), Modality.IMAGE, [{}] * 10)
-    store.append(unit(10, 1), Modality.AUDIO, [{}] * 10)  # grows the buffers
+    store.append(unit(10, 0), Modality.IMAGE, ["{}"] * 10)
+    store.append(unit(10, 1), Modality.AUDIO, ["{}"] * 10)  # grows the buffers
     check(store, True)
     store.remove([3])
     check(store, True)  # a tombstone keeps its row
     store.compact()
     check(store, False)
     trailing = VectorStore(D)
-    trailing.append(unit(10, 2), Modality.TEXT, [{}] * 10)
+    trailing.append(unit(10, 2), Modality.TEXT, ["{}"] * 10)
     trailing.remove([9])
     trailing.compact()
     check(trailing, True)  # only the last row went: every id is still its row
-    trailing.append(unit(2, 3), Modality.TEXT, [{}] * 2)  # ids 10, 11 at rows 9, 10
+    trailing.append(unit(2, 3), Modality.TEXT, ["{}"] * 2)  # ids 10, 11 at rows 9, 10
     check(trailing, False)
     reloaded = VectorStore(D)
-    reloaded.append(unit(4, 4), Modality.IMAGE, [{}] * 4, ids=[0, 1, 3, 2])
+    reloaded.append(unit(4, 4), Modality.IMAGE, ["{}"] * 4, ids=[0, 1, 3, 2])
     check(reloaded, False)
     in_order = VectorStore(D)
-    in_order.append(unit(4, 5), Modality.IMAGE, [{}] * 4, ids=[0, 1, 2, 3])
+    in_order.append(unit(4, 5), Modality.IMAGE, ["{}"] * 4, ids=[0, 1, 2, 3])
     check(in_order, True)
 
 

@@ -1,5 +1,6 @@
 """Dict filters by code columns: exactly the rows the per-row loop matched, columns read once per key."""
 
+import json
 import math
 import pickle
 
@@ -10,11 +11,14 @@ import torch
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 from mmembed.retrieval import Index
+from mmembed.retrieval.index_format import metadata_text
 from mmembed.retrieval.masks import dict_filter
+from mmembed.retrieval.metadata_rows import MetadataRows
 from mmembed.retrieval.store import VectorStore
 
 D = 4
-NAN = float("nan")  # one object: a set finds it by identity, so the loop matched it to itself
+NAN = float("nan")  # one object: a set finds it by identity, so the loop matched it to itself (a
+# stored NaN reads back as json's own NaN object, which no filter value but that one is)
 
 
 class Str(str):
@@ -45,9 +49,11 @@ FILTERS = [{"x": v} for v in VALUES if not isinstance(v, list)] + [
     {"x": 1, "y": "b"}, {"y": ["b", "c"], "x": [0, None]}, {"missing": 1}, {1: "k"}, {True: "k"}, {}]
 
 
-def rows() -> list[dict]:
-    out = [{"x": v, "y": "bcd"[i % 3]} for i, v in enumerate(VALUES)]
-    return out + [{"y": "b"}, {}, {"x": 1, 1: "k"}, {"x": NAN, "y": "c"}]
+def rows() -> list[str]:
+    """Rows holding every value a save can write (as `Index.add` keeps them: JSON texts)."""
+    out = [{"x": v, "y": "bcd"[i % 3]} for i, v in enumerate(VALUES) if not isinstance(v, (bytes, OnlyInt))]
+    out += [{"y": "b"}, {}, {"x": 1, "1": "k"}, {"x": NAN, "y": "c"}, {"x": json.decoder.NaN}]
+    return [metadata_text(m, "row") for m in out]
 
 
 def loop_predicate(required):
@@ -61,18 +67,26 @@ def loop_mask(store: VectorStore, required) -> list[bool]:
     return [a and keep(m) for a, m in zip(store.alive.tolist(), store.metadata)]
 
 
-class Counted(list):
-    """Metadata rows that count how many of them a filter reads."""
+class Counted(MetadataRows):
+    """Metadata rows that count how many of them a filter decodes."""
 
     read = 0
+
+    def __init__(self, rows: MetadataRows):
+        super().__init__(rows.text().splitlines())
 
     def __iter__(self):
         self.read += len(self)
         return super().__iter__()
 
-    def __getitem__(self, i):
-        self.read += len(range(*i.indices(len(self)))) if isinstance(i, slice) else 1
-        return super().__getitem__(i)
+    def __getitem__(self, row):
+        self.read += 1
+        return super().__getitem__(row)
+
+    def dicts(self, start=0):
+        for meta in super().dicts(start):
+            self.read += 1
+            yield meta
 
 
 def test_dict_filters_match_exactly_the_rows_the_loop_matched():
@@ -98,14 +112,14 @@ def test_dict_filters_match_exactly_the_rows_the_loop_matched():
 def test_a_dict_filter_reads_each_rows_metadata_once_per_key():
     """A dict filter ran a Python predicate over every row's metadata at every search (0.15 s at 100k rows)."""
     store = VectorStore(D)
-    store.append(unit(50), Modality.IMAGE, [{"label": f"c{i % 5}", "n": i} for i in range(50)])
+    store.append(unit(50), Modality.IMAGE, [json.dumps({"label": f"c{i % 5}", "n": i}) for i in range(50)])
     store.metadata = Counted(store.metadata)
     first = store.metadata_mask({"label": "c3"})
     assert store.metadata.read == 50 and first.tolist() == [i % 5 == 3 for i in range(50)]
     for _ in range(3):
         assert store.metadata_mask({"label": ["c3", "c1"]}).sum() == 20
     assert store.metadata.read == 50  # the column is kept
-    store.append(unit(3, 1), Modality.IMAGE, [{"label": "c3", "n": -1}] * 3)
+    store.append(unit(3, 1), Modality.IMAGE, [json.dumps({"label": "c3", "n": -1})] * 3)
     assert store.metadata_mask({"label": "c3"}).sum() == 13 and store.metadata.read == 53  # the new rows only
     store.remove([3, 8])
     assert store.metadata_mask({"label": "c3"}).sum() == 11 and store.metadata.read == 53
@@ -119,7 +133,7 @@ def test_a_dict_filter_reads_each_rows_metadata_once_per_key():
 def test_only_rows_with_other_values_are_compared_one_by_one():
     """A list value (a manifest's `objects`) is compared row by row; plain values by their codes."""
     store = VectorStore(D)
-    store.append(unit(40), Modality.IMAGE, [{"o": [i % 2]} if i < 4 else {"o": i % 3} for i in range(40)])
+    store.append(unit(40), Modality.IMAGE, [json.dumps({"o": [i % 2]} if i < 4 else {"o": i % 3}) for i in range(40)])
     store.metadata_mask({"o": 1})
     store.metadata = Counted(store.metadata)
     assert store.metadata_mask({"o": [1, [1]]}).tolist() == [i % 2 == 1 if i < 4 else i % 3 == 1 for i in range(40)]
@@ -138,7 +152,7 @@ def test_index_dict_filters_agree_with_the_same_predicate():
 
 def test_a_filter_neither_dict_nor_callable_is_refused():
     store = VectorStore(D)
-    store.append(unit(2), Modality.IMAGE, [{}, {}])
+    store.append(unit(2), Modality.IMAGE, ["{}", "{}"])
     with pytest.raises(UserError, match="callable or a dict"):
         store.metadata_mask(["x"])
     with pytest.raises(UserError, match="scalars, lists or dicts"):
@@ -149,8 +163,44 @@ def test_a_column_of_id_like_values_is_not_kept():
     """Every filtered key kept a column and a dict of its values: 155 bytes a row for a key unique per row."""
     store = VectorStore(D)
     n = 3000
-    store.append(unit(n), Modality.IMAGE, [{"item": f"{i}.png", "label": f"c{i % 7}"} for i in range(n)])
+    store.append(unit(n), Modality.IMAGE, [json.dumps({"item": f"{i}.png", "label": f"c{i % 7}"}) for i in range(n)])
     for key, value in (("item", "17.png"), ("label", "c3")):
         bits = store.metadata_mask({key: value})
         assert bits.tolist() == [m[key] == value for m in store.metadata]
     assert set(store._columns._columns) == {"label"}
+
+
+def test_filters_that_read_every_row_decode_the_rows_once():
+    """Metadata is kept as JSON text; a predicate, or a key too distinct to keep a column of, would
+    decode every row at every search: they read one decoding, kept until rows move."""
+    store = VectorStore(D)
+    n = 2000
+    store.append(unit(n), Modality.IMAGE, [json.dumps({"item": f"{i}.png", "o": [i % 3]}) for i in range(n)])
+    decodes = []
+    real = json.loads
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mmembed.retrieval.metadata_rows.json.loads", lambda text: decodes.append(1) or real(text))
+        for _ in range(3):
+            assert store.metadata_mask(lambda m: m["item"] == "7.png").sum() == 1
+            assert store.metadata_mask({"item": "8.png"}).sum() == 1
+            assert store.metadata_mask({"o": [[1]]}).sum() == (n + 1) // 3  # lists: compared row by row
+        assert len(decodes) <= 2 * n  # the first column's pass, then the kept decoding
+        store.append(unit(1, 1), Modality.IMAGE, [json.dumps({"item": "7.png", "o": [1]})])
+        assert store.metadata_mask(lambda m: m["item"] == "7.png").sum() == 2
+        assert len(decodes) <= 2 * n + 1  # only the new row
+        store.remove([0])
+        store.compact()  # rows moved: decoded afresh
+        assert store.metadata_mask({"item": "7.png"}).sum() == 2 and len(decodes) <= 4 * n
+
+
+def test_metadata_is_held_as_text_and_read_as_a_fresh_copy():
+    idx = Index(D)
+    idx.add(unit(2), "image", [{"objects": [{"shape": "star"}], "n": np.int64(3)}, {}])
+    held = idx._store.metadata
+    assert all(isinstance(line, str) and line.isascii() for line in held._lines)
+    first = idx.metadata(0)
+    first["objects"][0]["shape"] = "circle"
+    assert idx.metadata(0) == {"objects": [{"shape": "star"}], "n": 3}
+    hit = idx.search(unit(1)[0], k=1)[0]
+    hit.metadata["n"] = 4
+    assert idx.items()[2][0] == {"objects": [{"shape": "star"}], "n": 3}

@@ -23,13 +23,13 @@ def truth(store: VectorStore, target: Modality | None) -> list[bool]:
 def test_eligible_masks_are_kept_until_rows_change():
     """Every search after one removal (or with a target) built and counted an (N,) mask anew."""
     store = VectorStore(D)
-    store.append(unit(6), Modality.IMAGE, [{}] * 6)
-    store.append(unit(4, 1), Modality.TEXT, [{}] * 4)
+    store.append(unit(6), Modality.IMAGE, ["{}"] * 6)
+    store.append(unit(4, 1), Modality.TEXT, ["{}"] * 4)
     assert store.eligible(None) is None  # every row
     image = store.eligible(Modality.IMAGE)
     assert store.eligible(Modality.IMAGE) is image and image.tolist() == truth(store, Modality.IMAGE)
     before = {None: None, Modality.IMAGE: image}
-    for change in (lambda: store.remove([2, 7]), lambda: store.append(unit(3, 2), Modality.IMAGE, [{}] * 3),
+    for change in (lambda: store.remove([2, 7]), lambda: store.append(unit(3, 2), Modality.IMAGE, ["{}"] * 3),
                    lambda: store.remove([0]), store.compact):
         change()
         for target in (None, Modality.IMAGE, Modality.TEXT):
@@ -43,7 +43,7 @@ def test_eligible_masks_are_kept_until_rows_change():
 
 def test_a_kept_mask_is_not_changed_by_a_later_removal():
     store = VectorStore(D)
-    store.append(unit(5), Modality.IMAGE, [{}] * 5)
+    store.append(unit(5), Modality.IMAGE, ["{}"] * 5)
     store.remove([1])
     mask = store.eligible(None)
     store.remove([3])
@@ -52,7 +52,7 @@ def test_a_kept_mask_is_not_changed_by_a_later_removal():
 
 def test_a_pickled_store_carries_no_caches():
     store = VectorStore(D)
-    store.append(unit(5), Modality.IMAGE, [{"g": i % 2} for i in range(5)])
+    store.append(unit(5), Modality.IMAGE, [f'{{"g": {i % 2}}}' for i in range(5)])
     store.remove([1])
     store.eligible(Modality.IMAGE), store.metadata_mask({"g": 1})
     state = store.__getstate__()

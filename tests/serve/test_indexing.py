@@ -53,7 +53,10 @@ def test_media_in_a_linked_subfolder_of_the_data_are_served(tmp_path):
     with pytest.raises(Refusal, match="is not inside the index's data folder"):
         build.media_path(image_ids(build)[0])
     second = image_ids(build)[1]
-    build._index._store.metadata[build._index._store.row_of(second)]["item"] = str(tmp_path / "data/../outside.png")
+    store = build._index._store
+    meta = store.metadata[store.row_of(second)]
+    meta["item"] = str(tmp_path / "data/../outside.png")
+    store.metadata[store.row_of(second)] = meta
     with pytest.raises(Refusal, match="is not inside the index's data folder"):
         build.media_path(second)
 
