@@ -83,7 +83,7 @@ def test_conv_kernel_from_yaml_survives_save_and_load(tmp_path):
             load_config(path, [f"decoder.conv_kernel={yaml.safe_dump(bad).splitlines()[0]}"])
 
 
-STEPS = 800  # ~7 s each on 2 cores
+STEPS = 600  # the convolved decoder reads 0.98-1.0 from step 500, the plain one 0.17-0.19 at 600 (seed 0)
 
 
 def associative_recall_accuracy(conv_kernel: int, steps: int) -> float:
