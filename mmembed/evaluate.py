@@ -248,6 +248,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     """`mmembed eval RUN --manifest M --instructions I`: print retrieval and/or the decoder's answers;
     `--json F` keeps the report. The options are defined in `mmembed.cli`."""
     import mmembed as mm
+    from mmembed.data.manifest import check_file
+    from mmembed.data.synth.world_folder import check_complete
     from mmembed.evaluate_instructions import run_instruction_eval
 
     if args.manifest is None and args.instructions is None:
@@ -262,6 +264,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("--json is empty; name the file to write")
     if args.json_out:  # refused before the evaluation, not after it
         _check_json_out(Path(args.json_out), [Path(p) for p in (args.manifest, args.instructions) if p], Path(args.run))
+    for path, what in ((args.manifest, "manifest"), (args.instructions, "instruction manifest")):
+        if path is not None:  # before the model loads (seconds), as `mmembed index` checks its manifest
+            check_file(Path(path), what)
+            check_complete(Path(path).parent)
     model = mm.load(args.run)
     reports = {}
     if args.manifest is not None:

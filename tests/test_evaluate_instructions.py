@@ -83,3 +83,18 @@ def test_a_world_whose_generation_was_interrupted_is_refused(tmp_path):
         run_instruction_eval(decoder_model(), path)
     (tmp_path / "w" / INCOMPLETE).unlink()
     assert run_instruction_eval(decoder_model(), path)[1]["rows"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--instructions", "--manifest"])
+def test_a_missing_or_unfinished_manifest_is_said_before_the_model_loads(tmp_path, capsys, flag):
+    """`mmembed eval` loaded the run first (seconds of a large one), then named the missing file; a run
+    that is no run shows the order: the manifest's error comes first."""
+    from mmembed.data.synth.world_folder import INCOMPLETE
+
+    what = "instruction manifest" if flag == "--instructions" else "manifest"
+    assert main(["eval", str(tmp_path / "no-run"), flag, str(tmp_path / "nope.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"mmembed: error: {what} not found: {tmp_path / 'nope.jsonl'}"
+    path = _manifest(tmp_path / "w" / "m.jsonl", [{"prompt": ["Its colour?"], "answer": "red"}])
+    (tmp_path / "w" / INCOMPLETE).write_text("")
+    assert main(["eval", str(tmp_path / "no-run"), flag, str(path)]) == 2
+    assert "generation was interrupted" in capsys.readouterr().err

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmembed.data.manifest import (INLINE_MODALITIES, BadRow, check_unicode, check_utf8ish, read_jsonl_records,
-                                   resolve_path)
+from mmembed.data.manifest import (INLINE_MODALITIES, BadRow, check_file, check_unicode, check_utf8ish,
+                                   read_jsonl_records, resolve_path)
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 
@@ -121,10 +121,7 @@ def read_instructions(path: str | Path, *, root: str | Path | None = None, allow
         file is missing or has no usable row.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"instruction manifest {path} is a folder, not a file")
-    if not path.is_file():
-        raise UserError(f"instruction manifest not found: {path}")
+    check_file(path, "instruction manifest")
     check_utf8ish(path)  # read as UTF-8, a UTF-16 file's every line was a bad row, and no row was usable
     base = Path(os.path.abspath(root if root is not None else path.parent))  # normalised, as media paths are
     rows, skipped = [], []

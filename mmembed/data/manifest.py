@@ -136,10 +136,7 @@ def read_manifest(
         file is missing, has an unknown format, has no modality column, or has no usable row.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"manifest {path} is a folder, not a file")
-    if not path.is_file():
-        raise UserError(f"manifest not found: {path}")
+    check_file(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown manifest format {path.suffix!r} (use {', '.join(_FORMATS)})")
@@ -173,6 +170,14 @@ def _check_columns(path: Path, columns: set[str], rows: list[Row], skipped: list
     if not rows:
         line, reason = skipped[0]
         raise UserError(f"{path}: no usable row ({len(skipped)} skipped; first, line {line}: {reason})")
+
+
+def check_file(path: Path, what: str = "manifest") -> None:
+    """UserError for a manifest path that names a folder or nothing."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
 
 
 def check_utf8ish(path: Path, what: str = "manifest") -> None:
