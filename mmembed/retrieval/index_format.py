@@ -260,8 +260,7 @@ def _read_metadata(path: Path, header: dict[str, Any]) -> list[str]:
 
 def _metadata_row(line: str, number: int, path: Path) -> str:
     """One line of metadata.jsonl, as the ASCII JSON text a save writes; CheckpointError naming the file
-    and line for one that is not a JSON object (a hand edit: JSONDecodeError, or "metadata[0] must be
-    a dict" from the store)."""
+    and line for one that is not a JSON object (a hand edit whose checksum was updated too)."""
     try:
         row = json.loads(line)
     except (ValueError, RecursionError) as e:

@@ -2,7 +2,7 @@
 
 A manifest row's metadata (its captions, objects and questions: the built-in world's) took 7.2 KB
 of Python dicts and lists a row and takes 1.3 KB as text: an index of 1M such rows held 7 GB of
-metadata beside 2 GB of vectors. A row is decoded when it is read, so what a caller gets is its
+metadata beside 2 GB of vectors (D = 512). A row is decoded when it is read, so what a caller gets is its
 own copy and an edit never reaches the index.
 
 Filters that must look at every row's values — a predicate, a dict filter on a key holding an
