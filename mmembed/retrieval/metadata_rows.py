@@ -37,13 +37,6 @@ class MetadataRows:
         """Row `row`'s metadata, freshly decoded: the caller's to edit."""
         return json.loads(self._lines[row])
 
-    def __setitem__(self, row: int, meta: dict[str, Any]) -> None:
-        """Replace a row's metadata, checked as `Index.add` checks it (UserError for what no save can write)."""
-        from mmembed.retrieval.index_format import metadata_text  # it reads stores: imported late
-
-        self._lines[row] = metadata_text(meta, f"metadata of row {row}")
-        self._decoded = None
-
     def extend(self, lines: Sequence[str]) -> None:
         """Append rows given as JSON object texts (a cached decoding is extended when next asked for)."""
         self._lines.extend(lines)
