@@ -147,10 +147,3 @@ def channel_axis(t: Tensor) -> int | None:
     if t.shape[axis] > MAX_CHANNELS:
         raise BadInput(f"ambiguous audio shape {tuple(t.shape)}: no axis is a plausible channel count")
     return axis
-
-
-def crop(wave: Tensor, n: int, random: bool) -> Tensor:
-    if wave.numel() <= n:
-        return wave
-    start = int(torch.randint(0, wave.numel() - n + 1, ()).item()) if random else 0
-    return wave[start : start + n]
