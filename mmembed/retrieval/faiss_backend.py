@@ -62,6 +62,21 @@ class _FaissBackend:
         self._plain: tuple[Any, Any] | None = None  # (options, parameters) of an unfiltered search
         self._selections: dict[int, _Selection] = {}  # by id of their mask, least recently used first
 
+    # a pickle or deep copy (an Index sent to a worker process) carries the built structure as
+    # FAISS's own serialisation, so the copy answers exactly as the original (an HNSW graph built
+    # again could differ); the module and the parameter objects are made again on the other side
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_faiss", "_index", "_plain", "_selections")}
+        state["_index"] = None if self._index is None else self._faiss.serialize_index(self._index)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._faiss = import_faiss()
+        self._plain, self._selections = None, {}
+        if self._index is not None:
+            self._index = self._faiss.deserialize_index(self._index)
+
     # subclasses: create an empty (trained) FAISS index for these rows, search parameters, and
     # the option values those parameters are built from
     def _create(self, vectors: np.ndarray) -> Any:

@@ -257,3 +257,25 @@ def test_a_removal_or_target_builds_the_selector_once_per_mask(backend, monkeypa
         other.add(unit(2, 32, 22), "text")  # the rows changed: a new mask, a new selector
     search("text")
     assert len(built) == 5 and len(built[-1]) == (602 + 7) // 8
+
+
+@pytest.mark.parametrize("backend", ["faiss_hnsw", "faiss_ivf", "faiss_flat"])
+def test_a_pickled_or_copied_faiss_index_answers_as_the_original(backend, no_brute_force):
+    """An Index with a FAISS backend could not be pickled ("cannot pickle 'module' object"), so it
+    could not go to a worker process; the copy carries FAISS's structure, not one built again."""
+    import copy
+    import pickle
+
+    idx = filled(backend)
+    q = unit(8, 32, 1)
+    before = [idx.search_batch(q, k=10), idx.search_batch(q, k=10, target="text", filter={"g": 1})]
+    for twin in (pickle.loads(pickle.dumps(idx)), copy.deepcopy(idx)):
+        assert twin._backend._index is not None and twin._backend._index is not idx._backend._index
+        for got, want in zip([twin.search_batch(q, k=10), twin.search_batch(q, k=10, target="text", filter={"g": 1})],
+                             before):
+            assert ids(got) == ids(want) and [[h.score for h in r] for r in got] == [[h.score for h in r] for r in want]
+        new = twin.add(unit(5, 32, 2), "image")  # the copy goes on from its own rows
+        assert [hits[0].id for hits in twin.search_batch(unit(5, 32, 2), k=1)] == new
+        assert len(idx) == 2000
+    fresh = Index(32, backend=backend)  # never searched: no structure yet
+    assert len(pickle.loads(pickle.dumps(fresh))) == 0
