@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,8 @@ def _sampled_media(index: Index, folder: str) -> list[str]:
         for modality in Modality:
             if modality not in INLINE_MODALITIES:
                 rows = (store.modality_mask(modality) & store.alive).nonzero().squeeze(1).tolist()
-                items = (store.metadata[r].get("item") for r in rows)
-                paths += [p for p in items if isinstance(p, str) and p.startswith(inside)][:MEDIA_SAMPLE]
+                items = (store.metadata[r].get("item") for r in rows)  # each row decoded as it is reached
+                paths += islice((p for p in items if isinstance(p, str) and p.startswith(inside)), MEDIA_SAMPLE)
     return paths
 
 

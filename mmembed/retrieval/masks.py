@@ -119,7 +119,7 @@ class MetadataColumns:
         # a key that a metadata dict would not equate with it
         column = self._columns.get(key, None) if type(key) is str else None
         if column is None:
-            if type(key) is str and key in self._unkept:  # coded afresh at every filter: decode the rows once
+            if type(key) is not str or key in self._unkept:  # coded afresh at every filter: decode the rows once
                 metadata.decoded()
             column = _Column()
             if type(key) is str:

@@ -170,16 +170,20 @@ def test_a_column_of_id_like_values_is_not_kept():
     assert set(store._columns._columns) == {"label"}
 
 
+def _counting_decodes(mp) -> list:
+    decodes, real = [], json.loads
+    mp.setattr("mmembed.retrieval.metadata_rows.json.loads", lambda text: decodes.append(1) or real(text))
+    return decodes
+
+
 def test_filters_that_read_every_row_decode_the_rows_once():
     """Metadata is kept as JSON text; a predicate, or a key too distinct to keep a column of, would
     decode every row at every search: they read one decoding, kept until rows move."""
     store = VectorStore(D)
     n = 2000
     store.append(unit(n), Modality.IMAGE, [json.dumps({"item": f"{i}.png", "o": [i % 3]}) for i in range(n)])
-    decodes = []
-    real = json.loads
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("mmembed.retrieval.metadata_rows.json.loads", lambda text: decodes.append(1) or real(text))
+        decodes = _counting_decodes(mp)
         for _ in range(3):
             assert store.metadata_mask(lambda m: m["item"] == "7.png").sum() == 1
             assert store.metadata_mask({"item": "8.png"}).sum() == 1
@@ -204,3 +208,30 @@ def test_metadata_is_held_as_text_and_read_as_a_fresh_copy():
     hit = idx.search(unit(1)[0], k=1)[0]
     hit.metadata["n"] = 4
     assert idx.items()[2][0] == {"objects": [{"shape": "star"}], "n": 3}
+
+
+def test_a_key_that_is_not_a_plain_str_reads_the_kept_decoding():
+    """np.str_ keys (a numpy or pandas column's) keep no column: every search decoded every row."""
+    idx = Index(D)
+    n = 2000
+    idx.add(unit(n), "image", [{"label": f"c{i % 7}"} for i in range(n)])
+    q = unit(1, 1)[0]
+    key = np.str_("label")
+    first = idx.search(q, k=5, filter={key: "c3"})
+    with pytest.MonkeyPatch.context() as mp:
+        decodes = _counting_decodes(mp)
+        for _ in range(3):
+            assert [h.id for h in idx.search(q, k=5, filter={key: "c3"})] == [h.id for h in first]
+    assert len(decodes) == 3 * 5  # the hits' metadata only
+
+
+def test_the_media_sample_of_a_saved_index_decodes_only_the_rows_it_keeps():
+    """`_sampled_media` (every `mmembed search` and serve start) decoded every media row to keep three."""
+    from mmembed.retrieval.commands import MEDIA_SAMPLE, _sampled_media
+
+    idx = Index(D)
+    idx.add(unit(3000), "image", [{"item": f"/data/w/images/{i}.png"} for i in range(3000)])
+    with pytest.MonkeyPatch.context() as mp:
+        decodes = _counting_decodes(mp)
+        assert _sampled_media(idx, "/data/w") == [f"/data/w/images/{i}.png" for i in range(MEDIA_SAMPLE)]
+    assert len(decodes) == MEDIA_SAMPLE
