@@ -14,9 +14,24 @@ A dict filter on plain values codes its key in one decoding pass and keeps only 
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while many objects that hold no cycles are made (JSON
+    never does): each of its passes walks every container made so far, to find nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class MetadataRows:
@@ -55,7 +70,9 @@ class MetadataRows:
         if self._decoded is None:
             self._decoded = []
         cache = self._decoded
-        cache.extend(json.loads(line) for line in self._lines[len(cache):])
+        if len(cache) < len(self._lines):
+            with _collector_paused():  # 97,200 world rows: 4.7 s with the collector running, 1.0 s without
+                cache.extend(json.loads(line) for line in self._lines[len(cache):])
         return cache
 
     def dicts(self, start: int = 0) -> Iterator[dict[str, Any]]:
