@@ -26,6 +26,7 @@ from typing import Any
 from mmembed.data.manifest import (INLINE_MODALITIES, BadRow, check_file, check_unicode, check_utf8ish,
                                    read_jsonl_records, resolve_path)
 from mmembed.errors import UserError
+from mmembed.gc_pause import collector_paused
 from mmembed.modality import Modality
 
 MediaRef = tuple[Modality, "str | Path"]  # (modality, absolute path — or the caption for inline modalities)
@@ -106,6 +107,7 @@ class InstructionSet:
         return InstructionSet(self.path, rows, self.skipped)
 
 
+@collector_paused()  # rows of dicts and lists, many of them: gc_pause.py
 def read_instructions(path: str | Path, *, root: str | Path | None = None, allow_outside_root: bool = False,
                       strict: bool = False) -> InstructionSet:
     """Read an instruction manifest (JSONL).

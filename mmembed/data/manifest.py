@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from mmembed.data.columns import CAPTIONS_COLUMN, LABEL_COLUMN, column_hints
 from mmembed.errors import UserError
+from mmembed.gc_pause import collector_paused
 from mmembed.modality import Modality
 from mmembed.text_encoding import SURROGATE
 
@@ -111,6 +112,7 @@ class BadRow(Exception):
     """A row that cannot be used; skipped and counted, or raised in strict mode."""
 
 
+@collector_paused()  # rows of dicts and lists, many of them: gc_pause.py
 def read_manifest(
     path: str | Path,
     *,

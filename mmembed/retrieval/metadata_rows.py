@@ -14,24 +14,11 @@ A dict filter on plain values codes its key in one decoding pass and keeps only 
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while many objects that hold no cycles are made (JSON
-    never does): each of its passes walks every container made so far, to find nothing."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+from mmembed.gc_pause import collector_paused
 
 
 class MetadataRows:
@@ -71,7 +58,7 @@ class MetadataRows:
             self._decoded = []
         cache = self._decoded
         if len(cache) < len(self._lines):
-            with _collector_paused():  # 97,200 world rows: 4.7 s with the collector running, 1.0 s without
+            with collector_paused():  # 97,200 world rows: 4.2 s with the collector running, 1.6 s without
                 cache.extend(json.loads(line) for line in self._lines[len(cache):])
         return cache
 
