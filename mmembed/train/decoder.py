@@ -33,6 +33,7 @@ from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prom
                              save_prompt_model, with_gpt2_architecture)
 from mmembed.decoder.fusion import freeze_language_model
 from mmembed.errors import UserError
+from mmembed.gc_pause import collector_paused
 from mmembed.model import CONFIG, WEIGHTS, Model
 from mmembed.model_load import load_space
 from mmembed.train.align import check_same_seed, saved_stage, seed_everything
@@ -182,6 +183,7 @@ def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipC
              result.progress.step, result.weights_step)
 
 
+@collector_paused()  # tens of thousands of prompts as lists of ids: 22 s -> 16-17 s for the demo's (gc_pause.py)
 def _datasets(config: Config, pm: PromptModel, model: Model
               ) -> tuple[PromptDataset, PromptDataset | None, MediaTable, SkipCounter]:
     """Training and validation rows as datasets, their media embedded, and the skips."""
