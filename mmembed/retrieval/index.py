@@ -30,7 +30,7 @@ from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
 from mmembed.retrieval.hits import Hit
-from mmembed.retrieval.index_format import metadata_json, metadata_text
+from mmembed.retrieval.index_format import metadata_text
 from mmembed.retrieval.locking import Locked
 from mmembed.retrieval.persist import read_index, write_index
 from mmembed.retrieval.query import Query
@@ -108,18 +108,18 @@ class Index(Locked):
                              reserved=_WRITTEN)
         unsaveable = []
         for modality, part in emb.by_modality.items():
-            keep, meta = [], []
+            keep, texts = [], []
             for i, row in enumerate(part.rows):
                 entry = {**row.meta, "line": row.line, "label": row.label, "item": str(row.items[modality])}
                 try:  # a row whose columns no save can write is skipped, not found after all the embedding
-                    metadata_json(entry, "one of its columns")
+                    texts.append(metadata_text(entry, "one of its columns"))
                 except UserError as e:
                     unsaveable.append((row.line, str(modality), _unsaveable(row.items[modality], e)))
                     continue
                 keep.append(i)
-                meta.append(entry)
-            if meta:
-                index.add(part.vectors[keep], modality, meta)
+            if texts:  # `add` less its metadata check, made above
+                with index._lock:
+                    index._store.append(check_vectors(part.vectors[keep], index.dim), modality, texts)
         log_skipped(unsaveable, emb.path)  # after embedding: the embedder's warnings did not count them
         index.skipped = emb.skipped + unsaveable
         if emb.by_modality and not len(index):  # (a distributed job's other ranks hold no part)
