@@ -87,7 +87,7 @@ def _data_commands(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: the config's train.out_dir)")
     _overrides(p)
 
-    p = _add(sub, "data", "datasets: generate the built-in synthetic world", _data)
+    p = _add(sub, "data", "datasets: manifests from a folder, the built-in synthetic world", _data)
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser, required=True)
     s = data_sub.add_parser("synth", help="write the synthetic shapes world (images, audio, captions, QA)")
     s.add_argument("--out", required=True, help="output folder")
@@ -98,6 +98,19 @@ def _data_commands(sub) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="regenerate even if the same world is there, and write into a non-empty folder that holds "
                         "no world made by mmembed (its images/, audio/ and manifests are replaced)")
+    s = data_sub.add_parser("manifest", help="write a manifest from a folder of pictures, sounds and .txt captions "
+                                             "(files of one name are one row), or train/val/test manifests with --split")
+    s.add_argument("folder", help="the folder to scan (subfolders included)")
+    s.add_argument("--split", default=None, metavar="TRAIN,VAL[,TEST]",
+                   help="fractions, e.g. 0.8,0.1,0.1: writes train.jsonl, val.jsonl, test.jsonl, dealt per label "
+                        "(default: one manifest.jsonl)")
+    s.add_argument("--labels", choices=["none", "folder"], default="none",
+                   help="folder: a row's label is its folder's path (ImageFolder's classes; default: none)")
+    s.add_argument("--caption-lines", action="store_true",
+                   help="each line of a .txt is a caption (the first is text, the others captions)")
+    s.add_argument("--out", default=None, help="folder to write the manifests in (default: FOLDER)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace manifests of the same names")
     s = data_sub.add_parser("lookups", help="write a world's training instructions plus more questions that find one "
                                             "of two objects by an attribute and ask another, for the decoder")
     s.add_argument("world", help="a synthetic world's folder (mmembed data synth --out)")

@@ -27,6 +27,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from mmembed.data.synth import generate_world, write_lookup_rows
 
+    if args.data_command == "manifest":
+        return _folder_manifest(args)
     if args.data_command == "lookups":
         path = write_lookup_rows(Path(args.world), args.per_item)
         print(f"wrote {path}; train a decoder on it with decoder.data.train={path.name}")
@@ -39,6 +41,28 @@ def _data(args: argparse.Namespace) -> int:
     print(f"{'reused' if summary.reused else 'wrote'} the world in {summary.root}: {summary.total} scenes ({counts}); "
           f"manifests {', '.join(p.name for p in summary.manifests.values())}, instructions "
           f"{', '.join(p.name for p in summary.instructions.values())}")
+    return 0
+
+
+def _folder_manifest(args: argparse.Namespace) -> int:
+    from mmembed.data.folder import write_folder_manifests
+
+    split = None
+    if args.split is not None:
+        try:
+            split = [float(f) for f in args.split.split(",")]
+        except ValueError:
+            raise UserError(f"--split: give comma-separated fractions such as 0.8,0.1,0.1, got {args.split!r}") from None
+    done = write_folder_manifests(args.folder, out_dir=args.out, split=split, seed=args.seed, labels=args.labels,
+                                  caption_lines=args.caption_lines, overwrite=args.overwrite)
+    written = ", ".join(f"{path} ({done.rows[name]} rows)" for name, path in done.files.items())
+    items = ", ".join(f"{m.value} {n}" for m, n in done.items.items() if n)
+    labels = f"; {done.labels} labels" if done.labels else ""
+    print(f"wrote {written}; items: {items}{labels}")
+    if done.skipped:
+        print(f"skipped: {done.skipped_line()}")
+    if done.absolute:
+        print("paths are absolute (the folder is not inside --out): read them with data.allow_outside_root=true")
     return 0
 
 

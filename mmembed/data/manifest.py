@@ -50,6 +50,7 @@ INLINE_MODALITIES = frozenset({Modality.TEXT})
 CAPTION_MODALITY = Modality.TEXT
 # no ".json": a JSON array file would be misread line by line; one object per line is the format
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+MANIFEST_SUFFIXES = frozenset(_FORMATS)
 # byte-order marks of the encodings a spreadsheet's "Unicode text" export writes (UTF-32 first: FF FE 00 00 starts with FF FE)
 _BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
          (b"\xfe\xff", "UTF-16"))
