@@ -159,7 +159,12 @@ def _training_commands(sub) -> None:
     p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
     p.add_argument("--labels", nargs="+", help="class names for zero-shot classification: the values of the "
                                                "manifest's label column to tell apart")
-    p.add_argument("--template", default=None, help="zero-shot prompt template (default: 'a photo of a {label}')")
+    p.add_argument("--template", default=None, action="append",
+                   help="zero-shot prompt template (default: 'a photo of a {label}'); repeat it for an ensemble "
+                        "(each class's prompts averaged, as CLIP's prompt ensembling)")
+    p.add_argument("--linear-probe", default=None, metavar="TRAIN_MANIFEST",
+                   help="fit a logistic regression on this manifest's embeddings by label (CLIP's linear probe; "
+                        "the L2 penalty chosen on a held-out fifth) and score it on --manifest's items")
     p.add_argument("--instructions", help="instruction manifest (JSONL of prompt/answer rows): answer every row "
                                           "greedily with the run's decoder, accuracy per task")
     p.add_argument("--max-new-tokens", type=int, default=None,

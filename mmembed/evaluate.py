@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
+from mmembed.evaluate_probe import linear_probe
 from mmembed.evaluate_recall import pairwise_report
 from mmembed.evaluate_zero_shot import (
     _accuracy,
@@ -55,8 +56,10 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
                     key: EvalKey = "auto", modalities: Sequence[Modality | str] | None = None,
                     zero_shot_labels: Sequence[str] | None = None,
                     template: str | Sequence[str] = "a photo of a {label}", label_column: str = "label",
-                    prompt_modality: Modality | str = Modality.TEXT, progress: bool = False) -> dict[str, Any]:
-    """The pairwise report plus provenance and, with `zero_shot_labels`, zero-shot accuracy.
+                    prompt_modality: Modality | str = Modality.TEXT, linear_probe: str | Path | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The pairwise report plus provenance and, with `zero_shot_labels`, zero-shot accuracy; with
+    `linear_probe` (a training manifest), a linear probe's accuracy (evaluate_probe.py).
 
     Returns:
         {"manifest", "fingerprint", "key" ("label" or "row"), "rows" (rows measured), "unlabelled" (of
@@ -66,7 +69,9 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
          "skipped_rows" ([{"line", "reason"}] of those, in line order), "ks", "pairs"
          (`pairwise_report`), and with labels "zero_shot": {modality: {"accuracy", "n"}} for every
          non-prompt modality, the truth being each row's `label_column` (rows whose truth is not
-         a label are left out, as in `zero_shot_classify`)}.
+         a label are left out, as in `zero_shot_classify`)}, and with `linear_probe` "linear_probe":
+         {modality: {"accuracy", "n", "train", "classes", "l2", "val_accuracy"}} for every modality
+         both manifests hold, fitted on the training manifest's items by their `label_column`.
     Raises:
         UserError when labels are given and the manifest has no modality but the prompts'.
     """
@@ -101,20 +106,45 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
         classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
         report["zero_shot"] = {str(m): _zero_shot_part(part.vectors, part.rows, classes, labels, label_column)
                                for m, part in emb.by_modality.items() if m != prompt_modality}
+    if linear_probe is not None:
+        report["linear_probe"] = _probe_report(model, linear_probe, emb.by_modality, label_column, batch_size,
+                                               progress)
+    return report
+
+
+def _truth(rows: list, column: str) -> list[Any]:
+    return [r.label if column == "label" else r.meta.get(column) for r in rows]
+
+
+def _probe_report(model: Any, train_manifest: str | Path, test: dict, column: str, batch_size: int,
+                  progress: bool) -> dict[str, dict[str, Any]]:
+    """A linear probe per modality of both manifests: fitted on `train_manifest`'s items, scored on `test`'s."""
+    train = embed_manifest(model, train_manifest, modalities=list(test), batch_size=batch_size, progress=progress,
+                           skip="row").by_modality
+    report = {}
+    for m in (m for m in test if m in train):
+        result = linear_probe(train[m].vectors, _truth(train[m].rows, column), test[m].vectors,
+                              _truth(test[m].rows, column))
+        report[str(m)] = {"accuracy": result.accuracy, "n": result.n, "train": result.n_train,
+                          "classes": len(result.classes), "l2": result.l2, "val_accuracy": result.val_accuracy}
+    if not report:
+        raise UserError(f"{train_manifest}: the linear probe's training manifest holds none of the evaluated "
+                        f"modalities ({', '.join(map(str, test))})")
     return report
 
 
 def _zero_shot_part(vectors: Tensor, rows: list, classes: Tensor, labels: list[str], column: str) -> dict[str, Any]:
-    truth = [r.label if column == "label" else r.meta.get(column) for r in rows]
+    truth = _truth(rows, column)
     predicted = [labels[i] for i in (vectors @ classes.T).argmax(dim=1).tolist()]  # (n,)
     accuracy, n = _accuracy(predicted, truth, labels)
     return {"accuracy": accuracy, "n": n}
 
 
 def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequence[str] | None = None,
-             template: str = "a photo of a {label}", label_column: str = "label", ks: Sequence[int] = (1, 5, 10),
+             template: str | Sequence[str] = "a photo of a {label}", label_column: str = "label",
+             ks: Sequence[int] = (1, 5, 10),
              batch_size: int = 64, key: EvalKey = "auto", out: str | Path | None = None,
-             progress: bool = True) -> tuple[str, dict[str, Any]]:
+             linear_probe: str | Path | None = None, progress: bool = True) -> tuple[str, dict[str, Any]]:
     """What `mmembed eval` runs: load the run (or take a model), report, and render the tables.
 
     Returns:
@@ -127,7 +157,8 @@ def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequen
     else:
         model = run
     report = manifest_report(model, manifest_path, ks=ks, batch_size=batch_size, key=key, zero_shot_labels=labels,
-                             template=template, label_column=label_column, progress=progress)
+                             template=template, label_column=label_column, linear_probe=linear_probe,
+                             progress=progress)
     _check_measured(report)
     if out is not None:
         atomic_write_json(Path(out), report)
@@ -159,6 +190,12 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         if not any(z["n"] for z in report["zero_shot"].values()):
             lines.append("\nno item's label is one of the class names: zero-shot needs --labels equal to the "
                          "manifest's label column (a built-in world's label names a whole scene)")
+    if report.get("linear_probe"):
+        lines += ["", "| linear probe | accuracy % | test items | training items | classes | L2 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for modality, p in report["linear_probe"].items():
+            acc = "n/a" if p["accuracy"] is None else f"{100 * p['accuracy']:.1f}"
+            lines.append(f"| {modality} | {acc} | {p['n']} | {p['train']} | {p['classes']} | {p['l2']:g} |")
     if note := _skipped_note(report):
         lines.append(f"\n{note}")
     return "\n".join(lines)
@@ -193,7 +230,7 @@ def _skipped_note(report: dict[str, Any]) -> str:
 def _check_measured(report: dict[str, Any], prompt_modality: Modality = Modality.TEXT) -> None:
     """UserError when no pair and no zero-shot item was measured: an empty table exited 0."""
     zero_shot = report.get("zero_shot") or {}
-    if report["pairs"] or any(z["n"] for z in zero_shot.values()):
+    if report["pairs"] or any(z["n"] for z in [*zero_shot.values(), *(report.get("linear_probe") or {}).values()]):
         return
     why = _no_pair(report)
     embedded = [m for m, n in report.get("counts", {}).items() if n]
@@ -252,6 +289,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from mmembed.data.synth.world_folder import check_complete
     from mmembed.evaluate_instructions import run_instruction_eval
 
+    if args.manifest is None and args.linear_probe is not None:
+        raise UserError("--linear-probe fits on its manifest and scores the items of --manifest: give --manifest too")
     if args.manifest is None and args.instructions is None:
         raise UserError("give --manifest (retrieval), --instructions (the decoder's answers), or both")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -263,8 +302,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.json_out is not None and not args.json_out.strip():  # it was written nowhere, without a word
         raise UserError("--json is empty; name the file to write")
     if args.json_out:  # refused before the evaluation, not after it
-        _check_json_out(Path(args.json_out), [Path(p) for p in (args.manifest, args.instructions) if p], Path(args.run))
-    for path, what in ((args.manifest, "manifest"), (args.instructions, "instruction manifest")):
+        inputs = [Path(p) for p in (args.manifest, args.instructions, args.linear_probe) if p]
+        _check_json_out(Path(args.json_out), inputs, Path(args.run))
+    for path, what in ((args.manifest, "manifest"), (args.instructions, "instruction manifest"),
+                       (args.linear_probe, "linear probe's training manifest")):
         if path is not None:  # before the model loads (seconds), as `mmembed index` checks its manifest
             check_file(Path(path), what)
             check_complete(Path(path).parent)
@@ -272,7 +313,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     reports = {}
     if args.manifest is not None:
         template = "a photo of a {label}" if args.template is None else args.template  # "" is refused, not replaced
-        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=template)
+        table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=template,
+                                               linear_probe=args.linear_probe)
         print(table)
     if args.instructions is not None:
         table, reports["instructions"] = run_instruction_eval(model, args.instructions,

@@ -323,6 +323,22 @@ def test_eval_template_empty_is_refused_not_replaced(capsys, tmp_path, monkeypat
     assert main([*argv, "{label}"]) == 0 and "| image | 100.0 | 3 |" in capsys.readouterr().out
 
 
+def test_eval_templates_repeated_are_one_ensemble(capsys, tmp_path, monkeypatch):
+    import mmembed
+    from mmembed import evaluate
+    from tests.retrieval.fakes import FakeModel
+
+    monkeypatch.setattr(mmembed, "load", lambda run, *args, **kwargs: FakeModel())
+    seen = []
+    monkeypatch.setattr(evaluate, "class_embeddings", lambda model, labels, template, modality: seen.append(template)
+                        or FakeModel().embed("text", [f"a {label}" for label in labels]))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"text": "a c{i}", "image": "img/c{i}.png", "label": "c{i}"}}\n' for i in range(3)))
+    assert main(["eval", str(tmp_path), "--manifest", str(manifest), "--labels", "c0", "c1", "c2",
+                 "--template", "{label}", "--template", "a photo of {label}"]) == 0
+    assert seen == [["{label}", "a photo of {label}"]] and "| image | 100.0 | 3 |" in capsys.readouterr().out
+
+
 _LOGGING_PROBE = """
 import logging, sys
 from mmembed import cli

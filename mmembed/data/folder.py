@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, Literal
 from mmembed.checkpoint import atomic_write_text
 from mmembed.data.columns import CAPTIONS_COLUMN, LABEL_COLUMN
 from mmembed.data.manifest import MANIFEST_SUFFIXES
+from mmembed.data.splits import deal
 from mmembed.errors import UserError
 from mmembed.modality import Modality
 
@@ -186,32 +186,10 @@ def check_fractions(split: Sequence[float]) -> tuple[float, ...]:
     return fractions
 
 
-def _shares(n: int, fractions: Sequence[float]) -> list[int]:
-    """n rows dealt by `fractions`, by largest remainders (ties to the earlier split): sums to n."""
-    exact = [n * f for f in fractions]
-    counts = [int(e) for e in exact]
-    order = sorted(range(len(fractions)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[:n - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
 def split_rows(rows: list[dict[str, Any]], fractions: Sequence[float], seed: int) -> list[list[dict[str, Any]]]:
-    """`rows` dealt into len(fractions) parts, per label (rows without one are one group), each
-    group shuffled by `seed` first; every part in the rows' own order."""
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row.get(LABEL_COLUMN, ""), []).append(i)
-    rng = random.Random(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
-    for label in sorted(groups):
-        members = groups[label]
-        rng.shuffle(members)
-        start = 0
-        for part, count in zip(parts, _shares(len(members), fractions)):
-            part += members[start:start + count]
-            start += count
-    return [[rows[i] for i in sorted(part)] for part in parts]
+    """`rows` dealt into len(fractions) parts per label (rows without one are one group; `splits.deal`),
+    every part in the rows' own order."""
+    return [[rows[i] for i in part] for part in deal([r.get(LABEL_COLUMN, "") for r in rows], fractions, seed)]
 
 
 def write_folder_manifests(folder: str | Path, *, out_dir: str | Path | None = None,

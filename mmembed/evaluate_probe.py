@@ -1,0 +1,88 @@
+"""Linear probe (CLIP's, Radford et al. 2021, section 3.2; LAION's clip_benchmark): a multinomial
+logistic regression fitted on frozen embeddings of one manifest's items and scored on another's.
+Where zero-shot asks whether the space placed an item near its class's words, the probe asks
+whether the class can be read off the vectors at all.
+
+As CLIP did, the L2 penalty is chosen on held-out training items: a fifth of them, dealt per label
+(`data.splits.deal`, seeded), each penalty of `L2_GRID` fitted on the rest, the best validation
+accuracy kept (ties: the larger penalty); the probe is then refitted on every training item. A fit
+is full-batch L-BFGS on the mean cross-entropy plus `l2`·‖W‖² (the bias unpenalised): convex, so
+the optimum does not depend on the start, and deterministic on one machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mmembed.data.splits import deal
+from mmembed.errors import UserError
+
+L2_GRID = tuple(10.0 ** e for e in range(-6, 1))  # 1e-6 ... 1, on the mean loss
+VALIDATION_SHARE = 0.2
+
+
+class ProbeResult(NamedTuple):
+    accuracy: float | None  # over the n test items whose label the probe was trained on; None if none
+    n: int
+    n_train: int
+    classes: list[str]
+    l2: float
+    val_accuracy: float | None  # of the chosen penalty; None when too few items to hold any out
+
+
+def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int = 500) -> tuple[Tensor, Tensor]:
+    """(weight (C, D), bias (C,)) minimising mean cross-entropy + l2·‖weight‖² over (N, D) features
+    `x` and (N,) class indices `y`, by L-BFGS with a strong-Wolfe line search, in float64."""
+    x = x.double()
+    weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+    return weight.detach(), bias.detach()
+
+
+def _accuracy(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
+    return float(((x.double() @ weight.T + bias).argmax(dim=1) == y).double().mean())
+
+
+def linear_probe(train_x: Tensor, train_labels: Sequence[Any], test_x: Tensor, test_labels: Sequence[Any], *,
+                 l2: float | None = None, seed: int = 0) -> ProbeResult:
+    """Fit on the training items with a label, score the test items whose label is among theirs
+    (the others cannot be right and are left out of `n`, as zero-shot leaves them). `l2=None`
+    chooses the penalty on a held-out fifth of the training items (module docstring)."""
+    keep = [i for i, label in enumerate(train_labels) if label is not None]
+    classes = sorted({str(train_labels[i]) for i in keep})
+    if len(classes) < 2:
+        raise UserError(f"a linear probe needs training items of at least 2 labels, got {len(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    x = train_x[keep].float()
+    y = torch.tensor([index[str(train_labels[i])] for i in keep])
+    val_accuracy = None
+    if l2 is None:
+        fit, held = deal(y.tolist(), (1 - VALIDATION_SHARE, VALIDATION_SHARE), seed)
+        if held and len(set(y[fit].tolist())) >= 2:
+            scores = [(_accuracy(x[held], y[held], *fit_logistic(x[fit], y[fit], len(classes), c)), c)
+                      for c in L2_GRID]
+            val_accuracy, l2 = max(scores)  # equal accuracies: the larger penalty
+        else:  # a label of one item stays in the fitted part: with every label so, nothing is held out
+            l2 = L2_GRID[len(L2_GRID) // 2]
+    weight, bias = fit_logistic(x, y, len(classes), l2)
+    scored = [i for i, label in enumerate(test_labels) if label is not None and str(label) in index]
+    if not scored:
+        return ProbeResult(None, 0, len(keep), classes, l2, val_accuracy)
+    truth = torch.tensor([index[str(test_labels[i])] for i in scored])
+    return ProbeResult(_accuracy(test_x[scored], truth, weight, bias), len(scored), len(keep), classes, l2,
+                       val_accuracy)
