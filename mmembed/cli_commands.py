@@ -59,6 +59,9 @@ def _folder_manifest(args: argparse.Namespace) -> int:
     items = ", ".join(f"{m.value} {n}" for m, n in done.items.items() if n)
     labels = f"; {done.labels} labels" if done.labels else ""
     print(f"wrote {written}; items: {items}{labels}")
+    if done.unlabelled:
+        print(f"{done.unlabelled} rows of files directly in {args.folder} have no label (only subfolders are classes); "
+              "`mmembed eval` then matches every row by row")
     if done.skipped:
         print(f"skipped: {done.skipped_line()}")
     if done.absolute:

@@ -31,7 +31,8 @@ from mmembed.evaluate_zero_shot import (
     class_embeddings,
 )
 from mmembed.modality import Modality
-from mmembed.retrieval.embed import embed_manifest
+from mmembed.data.manifest import read_manifest
+from mmembed.retrieval.embed import embed_manifest, outside_root_allowed
 
 EvalKey = Literal["auto", "label", "row"]
 log = logging.getLogger(__name__)
@@ -106,7 +107,10 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
         classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
         report["zero_shot"] = {str(m): _zero_shot_part(part.vectors, part.rows, classes, labels, label_column)
                                for m, part in emb.by_modality.items() if m != prompt_modality}
+    if zero_shot_labels:
+        report["zero_shot_templates"] = check_templates(template)
     if linear_probe is not None:
+        report["linear_probe_manifest"] = str(linear_probe)
         report["linear_probe"] = _probe_report(model, linear_probe, emb.by_modality, label_column, batch_size,
                                                progress)
     return report
@@ -118,18 +122,26 @@ def _truth(rows: list, column: str) -> list[Any]:
 
 def _probe_report(model: Any, train_manifest: str | Path, test: dict, column: str, batch_size: int,
                   progress: bool) -> dict[str, dict[str, Any]]:
-    """A linear probe per modality of both manifests: fitted on `train_manifest`'s items, scored on `test`'s."""
-    train = embed_manifest(model, train_manifest, modalities=list(test), batch_size=batch_size, progress=progress,
-                           skip="row").by_modality
-    report = {}
-    for m in (m for m in test if m in train):
-        result = linear_probe(train[m].vectors, _truth(train[m].rows, column), test[m].vectors,
-                              _truth(test[m].rows, column))
-        report[str(m)] = {"accuracy": result.accuracy, "n": result.n, "train": result.n_train,
-                          "classes": len(result.classes), "l2": result.l2, "val_accuracy": result.val_accuracy}
-    if not report:
+    """A linear probe per modality of both manifests: fitted on `train_manifest`'s items, scored on
+    `test`'s; a modality only one of them holds is left out (logged)."""
+    held = read_manifest(train_manifest, allow_outside_root=outside_root_allowed(model), bad_items="row").modalities
+    shared = [m for m in test if m in held]
+    if not shared:
         raise UserError(f"{train_manifest}: the linear probe's training manifest holds none of the evaluated "
                         f"modalities ({', '.join(map(str, test))})")
+    if left := [str(m) for m in (*test, *held) if m not in shared]:
+        log.info("linear probe: %s is in only one of the two manifests, not probed", ", ".join(dict.fromkeys(left)))
+    train = embed_manifest(model, train_manifest, modalities=shared, batch_size=batch_size, progress=progress,
+                           skip="row").by_modality
+    report = {}
+    for m in shared:
+        try:
+            result = linear_probe(train[m].vectors, _truth(train[m].rows, column), test[m].vectors,
+                                  _truth(test[m].rows, column))
+        except UserError as e:
+            raise UserError(f"{train_manifest}: {m}: {e} (its classes are the '{column}' column)") from None
+        report[str(m)] = {"accuracy": result.accuracy, "n": result.n, "train": result.n_train,
+                          "classes": len(result.classes), "l2": result.l2, "val_accuracy": result.val_accuracy}
     return report
 
 
@@ -196,6 +208,9 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         for modality, p in report["linear_probe"].items():
             acc = "n/a" if p["accuracy"] is None else f"{100 * p['accuracy']:.1f}"
             lines.append(f"| {modality} | {acc} | {p['n']} | {p['train']} | {p['classes']} | {p['l2']:g} |")
+        if not all(p["n"] for p in report["linear_probe"].values()):
+            lines.append("\nn/a: no test item's label is among the labels the probe was trained on (its manifest's "
+                         "label column)")
     if note := _skipped_note(report):
         lines.append(f"\n{note}")
     return "\n".join(lines)
@@ -228,17 +243,19 @@ def _skipped_note(report: dict[str, Any]) -> str:
 
 
 def _check_measured(report: dict[str, Any], prompt_modality: Modality = Modality.TEXT) -> None:
-    """UserError when no pair and no zero-shot item was measured: an empty table exited 0."""
-    zero_shot = report.get("zero_shot") or {}
-    if report["pairs"] or any(z["n"] for z in [*zero_shot.values(), *(report.get("linear_probe") or {}).values()]):
+    """UserError when no pair, no zero-shot item and no probed item was measured: an empty table exited 0."""
+    zero_shot, probe = report.get("zero_shot") or {}, report.get("linear_probe") or {}
+    if report["pairs"] or any(part["n"] for part in [*zero_shot.values(), *probe.values()]):
         return
     why = _no_pair(report)
     embedded = [m for m, n in report.get("counts", {}).items() if n]
     if zero_shot:
         why += "; and no item's label is one of the class names of --labels"
-    elif embedded == [str(prompt_modality)]:  # the prompts' side: --labels has nothing to classify either
+    if probe:
+        why += "; and no item's label is among the labels of the linear probe's training manifest"
+    if not (zero_shot or probe) and embedded == [str(prompt_modality)]:  # the prompts' side: --labels classifies nothing
         why += "; give a manifest with a second modality"
-    elif len(embedded) == 1:
+    elif not (zero_shot or probe) and len(embedded) == 1:
         why += "; give --labels to classify its items, or a manifest with a second modality"
     note = _skipped_note(report)
     raise UserError(f"{report['manifest']}: nothing measured: {why}" + (f"; {note}" if note else ""))

@@ -107,6 +107,22 @@ def test_eval_probes_every_modality_as_the_probe_on_its_own_vectors_does(tiny_wo
     assert f"| text | {100 * text['accuracy']:.1f} | {len(test)} | {len(train)} | 6 | {text['l2']:g} |" in table
 
 
+def test_a_modality_of_one_manifest_only_is_left_out_and_a_bad_training_set_named(tiny_world, tmp_path):
+    model = tiny_model()
+    model.config.data.allow_outside_root = True
+    paths = _colour_manifests(tiny_world, tmp_path)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    no_audio = tmp_path / "train-no-audio.jsonl"
+    no_audio.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "audio"}) + "\n" for r in rows))
+    _, report = run_eval(model, paths["test"], linear_probe=no_audio, progress=False)
+    assert set(report["linear_probe"]) == {"text", "image"} and report["linear_probe_manifest"] == str(no_audio)
+    one_class = tmp_path / "train-one-class.jsonl"
+    one_class.write_text("".join(json.dumps({**r, "label": "red"}) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"train-one-class.jsonl: text: a linear probe needs training items of at "
+                                        r"least 2 labels, got 1 \(its classes are the 'label' column\)"):
+        run_eval(model, paths["test"], linear_probe=one_class, progress=False)
+
+
 def test_the_command_checks_its_probe_manifest_before_loading_the_run(tmp_path, capsys):
     manifest = tmp_path / "test.jsonl"
     manifest.write_text('{"text": "a", "label": "x"}\n')

@@ -51,3 +51,23 @@ def test_examples_03_and_04_prompt_and_remember(tmp_path):
                               text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.strip().endswith(ending), done.stderr[-2000:]
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_example_05_trains_on_a_folder_of_files(tmp_path, tiny_world):
+    """A folder per colour built from the tiny world's files: manifests written, a run trained, the
+    probe's table printed."""
+    import json
+    import os
+
+    folder = tmp_path / "files"
+    for line in (tiny_world / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        colour = folder / row["objects"][0]["colour"]
+        colour.mkdir(parents=True, exist_ok=True)
+        for column in ("image", "audio"):
+            os.link(tiny_world / row[column], colour / Path(row[column]).name)
+        (colour / f"{row['id']}.txt").write_text(row["text"])
+    out = run_example("05_train_on_a_folder.py", str(tmp_path / "ex05"), str(folder))
+    assert out.startswith("manifests: train ") and "6 classes" in out.splitlines()[0]
+    assert "| linear probe | accuracy % |" in out and "| zero-shot | accuracy % |" in out

@@ -9,13 +9,18 @@ extensions of the formats an image tower opens by default), a sound (those sound
 a caption (`.txt`, UTF-8, stripped; with `caption_lines`, each non-empty line is a caption, the
 first `text` and the others `captions`). With `labels="folder"` a row's label is its folder's path
 under the scanned one (ImageFolder's classes), which makes `mmembed eval` match by class and
-score zero-shot classification. With `split` the rows are dealt into train / val (/ test)
-manifests by the given fractions, per label (stratified), seeded.
+score zero-shot classification (files directly in the folder have none: counted). With `split`
+the rows are dealt into train / val (/ test) manifests by the given fractions, exactly in all and
+per label as nearly as can be (`data.splits.deal`, seeded).
 
 What is not an example is skipped and counted, never guessed at: two pictures (or sounds, or
 captions) of one name, a caption with no picture or sound of its name (a README.txt), a caption
-file that is empty, not UTF-8 or over `MAX_CAPTION_BYTES`, a broken link. Hidden files and
-folders (`.git`, `.DS_Store`, `__MACOSX`) are passed over; linked folders are not entered (counted).
+file that is empty, unreadable, not UTF-8 or over `MAX_CAPTION_BYTES` (its picture or sound stays),
+a broken link, a pipe or device, a path that is not UTF-8. Hidden files and
+folders (`.git`, `.DS_Store`, `__MACOSX`) and manifests (`.jsonl`, `.csv`, `.tsv`) are passed over;
+linked folders are not entered (counted). A split into two refuses a `test.jsonl` left in the
+output folder by an earlier split into three, whatever `overwrite` says: it would share rows with
+the new `train.jsonl`.
 The manifest's paths are relative to the folder it is written in when the scanned folder lies
 inside it (so it can be `data.root`), else absolute (`data.allow_outside_root=true` reads those).
 """
@@ -70,6 +75,7 @@ class FolderManifests:
     rows: dict[str, int]
     items: dict[Modality, int]
     labels: int  # distinct labels (0 without labels="folder")
+    unlabelled: int  # with labels="folder": rows of files directly in the folder, which have no label
     absolute: bool  # paths written absolute: the scanned folder is not inside the manifests' folder
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     examples: dict[str, str] = field(default_factory=dict)  # reason -> the first path it was given for
@@ -87,7 +93,8 @@ class _Scan:
 
     def skip(self, reason: str, example: Path | str) -> None:
         self.skipped[reason] += 1
-        self.examples.setdefault(reason, str(example))
+        name = str(example)
+        self.examples.setdefault(reason, name if name.isprintable() else ascii(name))  # a newline in a name
 
 
 def scan_folder(folder: Path) -> _Scan:
@@ -96,7 +103,8 @@ def scan_folder(folder: Path) -> _Scan:
     scan = _Scan(groups={})
 
     def unreadable(error: OSError) -> None:
-        scan.skip("unreadable folders", error.filename)
+        where = Path(error.filename or folder)
+        scan.skip("unreadable folders", where.relative_to(folder) if where.is_relative_to(folder) else where)
 
     for here, folders, files in os.walk(folder, onerror=unreadable):
         base = Path(here)
@@ -114,11 +122,13 @@ def scan_folder(folder: Path) -> _Scan:
             path = base / name
             kind = kinds.get(path.suffix.lower())
             if not _utf8(str(path.relative_to(folder))):  # undecodable bytes in a name: no manifest can hold it
-                scan.skip("files whose path is not UTF-8", ascii(str(path.relative_to(folder))))
+                scan.skip("files whose path is not UTF-8", path.relative_to(folder))
             elif kind is None:
                 scan.skip(f"files of another type ({path.suffix.lower() or 'no extension'})", path.relative_to(folder))
             elif not path.exists():
                 scan.skip("broken links", path.relative_to(folder))
+            elif not path.is_file():  # a pipe or a device: reading it could wait forever
+                scan.skip("entries that are not regular files", path.relative_to(folder))
             else:
                 scan.groups.setdefault((rel, path.stem), {}).setdefault(kind, []).append(path)
     return scan
@@ -134,12 +144,14 @@ def _utf8(text: str) -> bool:
 
 def _caption(path: Path, lines: bool) -> tuple[list[str], str | None]:
     """The captions a .txt holds, or the reason it holds none."""
-    if path.stat().st_size > MAX_CAPTION_BYTES:
-        return [], f"caption files over {MAX_CAPTION_BYTES >> 20} MB"
     try:
+        if path.stat().st_size > MAX_CAPTION_BYTES:
+            return [], f"caption files over {MAX_CAPTION_BYTES >> 20} MB"
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         return [], "caption files not in UTF-8"
+    except OSError:  # no permission, or gone since the scan
+        return [], "unreadable caption files"
     found = [line.strip() for line in text.splitlines()] if lines else [text.strip()]
     found = list(dict.fromkeys(c for c in found if c))  # order kept, duplicates dropped
     return found, (None if found else "empty caption files")
@@ -158,7 +170,7 @@ def _rows(scan: _Scan, folder: Path, out_dir: Path, absolute: bool, labels: bool
         if not media:
             scan.skip("captions without a picture or sound of their name", files[Modality.TEXT][0].relative_to(folder))
             continue
-        row: dict[str, Any] = {m.value: (p.resolve() if absolute else p.relative_to(out_dir)).as_posix()
+        row: dict[str, Any] = {m.value: (p if absolute else p.relative_to(out_dir)).as_posix()  # links kept
                                for m, p in media.items()}
         if Modality.TEXT in files:
             captions, why = _caption(files[Modality.TEXT][0], caption_lines)
@@ -214,15 +226,22 @@ def write_folder_manifests(folder: str | Path, *, out_dir: str | Path | None = N
     there = [t for t in targets if t.exists()]
     if there and not overwrite:
         raise UserError(f"{there[0]} exists: pass --overwrite (overwrite=True) to replace it")
+    # a test.jsonl of an earlier 3-way split beside a new 2-way one would share rows with the new train.jsonl
+    stale = [out / f"{n}.jsonl" for n in SPLIT_NAMES[len(names):]] if fractions else []
+    if stale := [p for p in stale if p.exists()]:
+        raise UserError(f"{stale[0]} is there, from another split, and would share rows with the new manifests: "
+                        "delete it, or split three ways")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    absolute = not (out == folder or out in folder.parents)
+    if absolute and not _utf8(str(folder)):
+        raise UserError(f"{ascii(str(folder))}: the folder's path is not UTF-8, which no manifest can hold; write the "
+                        "manifests inside it (no --out) to keep its paths relative")
 
     scan = scan_folder(folder)
-    absolute = not (out == folder or out in folder.parents)
     rows = _rows(scan, folder, out, absolute, labels == "folder", caption_lines)
     if not rows:
-        kinds = media_extensions()
-        wanted = ", ".join(sorted(e for e, m in kinds.items() if m != Modality.TEXT))
+        wanted = ", ".join(sorted(e for e, m in media_extensions().items() if m != Modality.TEXT))
         raise UserError(f"no picture or sound in {folder} (looked for {wanted}, and .txt captions beside them)")
     parts = split_rows(rows, fractions, seed) if fractions else [rows]
     empty = [n for n, part in zip(names, parts) if not part]
@@ -235,4 +254,5 @@ def write_folder_manifests(folder: str | Path, *, out_dir: str | Path | None = N
     return FolderManifests(files={t.stem: t for t in targets}, rows={t.stem: len(p) for t, p in zip(targets, parts)},
                            items={m: items[m] for m in Modality}, absolute=absolute,
                            labels=len({r[LABEL_COLUMN] for r in rows if LABEL_COLUMN in r}),
+                           unlabelled=sum(LABEL_COLUMN not in r for r in rows) if labels == "folder" else 0,
                            skipped=scan.skipped, examples=scan.examples)

@@ -73,7 +73,7 @@ def test_what_is_not_an_example_is_skipped_and_counted_and_the_rest_kept(tmp_pat
     root = classes(tmp_path / "set", 1, names=("cat",))
     caption(root / "README.txt", "how this set was made")  # a caption with no picture or sound of its name
     caption(root / "notes.json", "{}")  # another type
-    caption(root / "train.jsonl", "")  # a manifest: passed over, not counted
+    caption(root / "sub" / "train.jsonl", "")  # a manifest: passed over, not counted
     picture(root / ".git" / "a.png")  # hidden folders and files are passed over
     picture(root / "__MACOSX" / "b.png")
     picture(root / ".thumb.png")
@@ -85,6 +85,7 @@ def test_what_is_not_an_example_is_skipped_and_counted_and_the_rest_kept(tmp_pat
     caption(root / "cat" / "latin1.txt", "caf\xe9".encode("latin-1"))
     os.symlink(root / "gone.png", root / "cat" / "dangling.png")
     os.symlink(root / "cat", root / "linked")  # a linked folder is not entered
+    os.mkfifo(root / "cat" / "pipe.txt")  # reading it would wait forever
     picture(Path(os.fsdecode(os.fsencode(root / "cat") + b"/caf\xe9.png")))  # a Latin-1 name: no UTF-8 file holds it
     done = write_folder_manifests(root)
     assert done.skipped == {"captions without a picture or sound of their name": 1,
@@ -92,13 +93,38 @@ def test_what_is_not_an_example_is_skipped_and_counted_and_the_rest_kept(tmp_pat
                             "examples with two files of one kind (image)": 1,
                             "empty caption files": 1, "caption files not in UTF-8": 1,
                             "broken links": 1, "linked folders not entered": 1,
-                            "files whose path is not UTF-8": 1}
+                            "files whose path is not UTF-8": 1, "entries that are not regular files": 1}
     assert done.examples["examples with two files of one kind (image)"] == "cat/twin.jpg, twin.png"
     assert done.examples["caption files not in UTF-8"] == "cat/latin1.txt"
     rows = lines(root / "manifest.jsonl")
     assert rows == [{"image": "cat/000.png", "audio": "cat/000.wav", "text": "a cat, number 0"},
                     {"image": "cat/blank.png"}, {"image": "cat/latin1.png"}]
     assert "captions without a picture or sound of their name: 1 (e.g. README.txt)" in done.skipped_line()
+
+
+def test_files_outside_every_class_folder_are_counted_and_an_unreadable_caption_skipped(tmp_path, monkeypatch):
+    root = classes(tmp_path / "set", 2, names=("cat",))
+    picture(root / "cover.png")  # directly in the folder: no class
+    read_bytes = Path.read_bytes
+
+    def refuse(path: Path) -> bytes:  # (as root, chmod 000 does not stop a read)
+        if path.name == "001.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    done = write_folder_manifests(root, labels="folder")
+    assert done.unlabelled == 1 and done.labels == 1
+    assert done.skipped == {"unreadable caption files": 1} and done.examples["unreadable caption files"] == "cat/001.txt"
+    assert lines(root / "manifest.jsonl")[2] == {"image": "cat/001.png", "audio": "cat/001.wav", "label": "cat"}
+
+
+def test_a_folder_whose_path_is_not_utf8_keeps_its_manifest_inside(tmp_path):
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    picture(root / "cat" / "000.png")
+    with pytest.raises(UserError, match="the folder's path is not UTF-8"):
+        write_folder_manifests(root, out_dir=tmp_path / "out")
+    assert write_folder_manifests(root).rows == {"manifest": 1}  # relative paths: nothing to encode
 
 
 def test_caption_lines_give_text_and_alternative_captions(tmp_path):
@@ -113,29 +139,38 @@ def test_caption_lines_give_text_and_alternative_captions(tmp_path):
     assert read_manifest(root / "manifest.jsonl")[0].items[Modality.TEXT].startswith("a red circle\n\na circle")
 
 
-def test_a_split_is_dealt_per_label_seeded_disjoint_and_complete(tmp_path):
+def test_a_split_is_exact_in_all_near_per_label_seeded_disjoint_and_complete(tmp_path):
     root = classes(tmp_path / "set", 12)
     done = write_folder_manifests(root, split=[0.7, 0.15, 0.15], labels="folder", seed=3)
-    assert done.rows == {"train": 24, "val": 6, "test": 6}
+    assert done.rows == {"train": 25, "val": 6, "test": 5}  # 36 × (0.7, 0.15, 0.15) = 25.2, 5.4, 5.4
     parts = {name: lines(path) for name, path in done.files.items()}
-    for name, count in (("train", 8), ("val", 2), ("test", 2)):  # 12 × (0.7, 0.15, 0.15) = 8.4, 1.8, 1.8
-        assert [r["label"] for r in parts[name]].count("owl") == count
+    for name, share in (("train", 8.4), ("val", 1.8), ("test", 1.8)):  # each class: within one of its share
+        assert all(abs([r["label"] for r in parts[name]].count(c) - share) < 1 for c in ("cat", "dog", "owl"))
     images = [r["image"] for part in parts.values() for r in part]
     assert len(images) == len(set(images)) == 36
     again = write_folder_manifests(root, split=[0.7, 0.15, 0.15], labels="folder", seed=3, overwrite=True)
     assert {n: lines(p) for n, p in again.files.items()} == parts
     write_folder_manifests(root, split=[0.7, 0.15, 0.15], labels="folder", seed=4, overwrite=True)
     assert lines(root / "val.jsonl") != parts["val"]
-    # without labels the rows are one group; two fractions make train and val only
-    two = write_folder_manifests(root, split=[0.75, 0.25], out_dir=tmp_path / "set", overwrite=True)
+    # a split into two beside an earlier split's test.jsonl: refused, as it would share rows with train.jsonl
+    with pytest.raises(UserError, match="test.jsonl is there, from another split"):
+        write_folder_manifests(root, split=[0.75, 0.25], overwrite=True)
+    (root / "test.jsonl").unlink()
+    two = write_folder_manifests(root, split=[0.75, 0.25], overwrite=True)  # without labels: the rows are one group
     assert two.rows == {"train": 27, "val": 9}
 
 
-def test_largest_remainders_deal_every_row():
-    rows = [{"image": f"{i}.png", "label": "a" if i < 5 else "b"} for i in range(7)]
+@pytest.mark.parametrize("labels, per_label", [(100, 5), (300, 3), (100, 15)])
+def test_many_small_labels_still_give_every_part_its_share(labels, per_label):
+    """Each label rounded alone sent 100 labels of 5 rows to 400 / 100 / 0 (asked 0.8 / 0.1 / 0.1)."""
+    rows = [{"image": f"{k}-{i}.png", "label": str(k)} for k in range(labels) for i in range(per_label)]
     parts = split_rows(rows, [0.8, 0.1, 0.1], seed=0)
-    assert [len(p) for p in parts] == [6, 1, 0]  # a: 4, 1, 0 (ties go to val); b: 2, 0, 0
+    n = len(rows)
+    assert [len(p) for p in parts] == [round(0.8 * n), round(0.1 * n), n - round(0.8 * n) - round(0.1 * n)]
     assert sorted(r["image"] for p in parts for r in p) == sorted(r["image"] for r in rows)
+    for k in range(labels):  # and each label near its share in every part
+        for part, share in zip(parts, (0.8, 0.1, 0.1)):
+            assert abs(sum(r["label"] == str(k) for r in part) - share * per_label) < 1
 
 
 def test_paths_are_absolute_when_the_folder_is_not_inside_the_manifests_folder(tmp_path):
