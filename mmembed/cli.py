@@ -162,6 +162,9 @@ def _training_commands(sub) -> None:
     p.add_argument("--template", default=None, action="append",
                    help="zero-shot prompt template (default: 'a photo of a {label}'); repeat it for an ensemble "
                         "(each class's prompts averaged, as CLIP's prompt ensembling)")
+    p.add_argument("--all-captions", action="store_true",
+                   help="every caption of a row (text and its captions list) is a text item, found as the row: "
+                        "the COCO / Flickr30k protocol (default: text only)")
     p.add_argument("--linear-probe", default=None, metavar="TRAIN_MANIFEST",
                    help="fit a logistic regression on this manifest's embeddings by label (CLIP's linear probe; "
                         "the L2 penalty chosen on a held-out fifth) and score it on --manifest's items")

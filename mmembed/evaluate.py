@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from mmembed.checkpoint import atomic_write_json, check_output_file
@@ -58,9 +59,12 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
                     zero_shot_labels: Sequence[str] | None = None,
                     template: str | Sequence[str] = "a photo of a {label}", label_column: str = "label",
                     prompt_modality: Modality | str = Modality.TEXT, linear_probe: str | Path | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+                    all_captions: bool = False, progress: bool = False) -> dict[str, Any]:
     """The pairwise report plus provenance and, with `zero_shot_labels`, zero-shot accuracy; with
-    `linear_probe` (a training manifest), a linear probe's accuracy (evaluate_probe.py).
+    `linear_probe` (a training manifest), a linear probe's accuracy (evaluate_probe.py). With
+    `all_captions`, each row's alternative `captions` are text items too, keyed as the row: every
+    caption queries, and a query finds its row through any of them (the COCO / Flickr30k protocol,
+    five captions an image); "captions" counts them.
 
     Returns:
         {"manifest", "fingerprint", "key" ("label" or "row"), "rows" (rows measured), "unlabelled" (of
@@ -97,11 +101,18 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
                     "not by label; give every row a label to match by label", emb.path, len(unlabelled), len(lines))
     keys = {m: [r.label if use_label else f"line:{r.line}" for r in part.rows] for m, part in emb.by_modality.items()}
     vectors = {m: part.vectors for m, part in emb.by_modality.items()}
+    extra = _alternative_captions(model, emb.by_modality.get(Modality.TEXT), keys.get(Modality.TEXT), batch_size) \
+        if all_captions else None
+    if extra is not None:
+        vectors[Modality.TEXT] = torch.cat([vectors[Modality.TEXT], extra[0]])
+        keys[Modality.TEXT] = [*keys[Modality.TEXT], *extra[1]]
     report = {"manifest": str(emb.path), "fingerprint": getattr(model, "fingerprint", None),
               "key": "label" if use_label else "row", "rows": len(lines), "unlabelled": len(unlabelled),
               "counts": {str(m): int(v.shape[0]) for m, v in vectors.items()},
               "skipped": len(emb.skipped), "ks": list(ks), "pairs": pairwise_report(vectors, keys, ks),
               "skipped_rows": [{"line": line, "reason": why} for line, _, why in emb.skipped]}
+    if all_captions:
+        report["captions"] = 0 if extra is None else len(extra[1])
     if zero_shot_labels:
         labels, prompt_modality = list(zero_shot_labels), Modality.parse(prompt_modality)
         classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
@@ -114,6 +125,21 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
         report["linear_probe"] = _probe_report(model, linear_probe, emb.by_modality, label_column, batch_size,
                                                progress)
     return report
+
+
+def _alternative_captions(model: Any, part: Any, keys: list[str] | None, batch_size: int
+                          ) -> tuple[Tensor, list[str]] | None:
+    """The text rows' alternative captions embedded, each keyed as its row; None when there are none."""
+    if part is None:
+        return None
+    extra = [(caption, key) for row, key in zip(part.rows, keys) for caption in row.captions]
+    if not extra:
+        return None
+    texts = [caption for caption, _ in extra]
+    with torch.inference_mode():
+        z = torch.cat([model.embed(Modality.TEXT, texts[s:s + batch_size]).float()
+                       for s in range(0, len(texts), batch_size)])
+    return z, [key for _, key in extra]
 
 
 def _truth(rows: list, column: str) -> list[Any]:
@@ -156,7 +182,8 @@ def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequen
              template: str | Sequence[str] = "a photo of a {label}", label_column: str = "label",
              ks: Sequence[int] = (1, 5, 10),
              batch_size: int = 64, key: EvalKey = "auto", out: str | Path | None = None,
-             linear_probe: str | Path | None = None, progress: bool = True) -> tuple[str, dict[str, Any]]:
+             linear_probe: str | Path | None = None, all_captions: bool = False,
+             progress: bool = True) -> tuple[str, dict[str, Any]]:
     """What `mmembed eval` runs: load the run (or take a model), report, and render the tables.
 
     Returns:
@@ -170,7 +197,7 @@ def run_eval(run: str | Path | Any, manifest_path: str | Path, *, labels: Sequen
         model = run
     report = manifest_report(model, manifest_path, ks=ks, batch_size=batch_size, key=key, zero_shot_labels=labels,
                              template=template, label_column=label_column, linear_probe=linear_probe,
-                             progress=progress)
+                             all_captions=all_captions, progress=progress)
     _check_measured(report)
     if out is not None:
         atomic_write_json(Path(out), report)
@@ -187,7 +214,8 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         ks = sorted({int(name.split("@")[1]) for m in pairs.values() for name in m if name.startswith("recall@")})
         ks = ks or list(report.get("ks", []))  # no pair measured: the report's own K
     header = ["pair", *(f"R@{k} %" for k in ks), "median rank", "MRR", "queries"]
-    lines = [*_matched_by(report), "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines = [*_matched_by(report), *_captions_note(report), "| " + " | ".join(header) + " |",
+             "|---|" + "---:|" * (len(header) - 1)]
     for name, m in pairs.items():
         cells = [name, *(f"{100 * m[f'recall@{k}']:.1f}" for k in ks), f"{m['median_rank']:g}", f"{m['mrr']:.3f}",
                  str(m["n_queries"])]
@@ -223,6 +251,15 @@ def _matched_by(report: dict[str, Any]) -> list[str]:
     unlabelled, rows = report.get("unlabelled") or 0, report.get("rows") or 0
     partly = f"; {unlabelled} of {rows} rows have no label" if key == "row" and 0 < unlabelled < rows else ""
     return [f"matched by: {key} ({_MATCHED_BY[key]}{partly})", ""]
+
+
+def _captions_note(report: dict[str, Any]) -> list[str]:
+    """"text items: ...", and a blank line, above the table of an `all_captions` report."""
+    if "captions" not in report:
+        return []
+    n = report["captions"]
+    return [f"text items: each row's caption and the rows' {n} alternative captions (a row is found through any of them)"
+            if n else "text items: each row's caption (the manifest gives no alternative captions)", ""]
 
 
 def _no_pair(report: dict[str, Any]) -> str:
@@ -306,6 +343,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from mmembed.data.synth.world_folder import check_complete
     from mmembed.evaluate_instructions import run_instruction_eval
 
+    if args.manifest is None and args.all_captions:
+        raise UserError("--all-captions queries with the captions of --manifest's rows: give --manifest too")
     if args.manifest is None and args.linear_probe is not None:
         raise UserError("--linear-probe fits on its manifest and scores the items of --manifest: give --manifest too")
     if args.manifest is None and args.instructions is None:
@@ -331,7 +370,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.manifest is not None:
         template = "a photo of a {label}" if args.template is None else args.template  # "" is refused, not replaced
         table, reports["retrieval"] = run_eval(model, args.manifest, labels=args.labels, template=template,
-                                               linear_probe=args.linear_probe)
+                                               linear_probe=args.linear_probe, all_captions=args.all_captions)
         print(table)
     if args.instructions is not None:
         table, reports["instructions"] = run_instruction_eval(model, args.instructions,

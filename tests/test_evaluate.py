@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from mmembed.cli import main
 from mmembed.errors import UserError
 from mmembed.evaluate import evaluate_manifest, format_table, run_eval
 from mmembed.evaluate_recall import pairwise_report, retrieval_metrics
@@ -302,3 +303,22 @@ def test_the_table_says_how_items_were_matched_and_a_partly_labelled_manifest_wa
         run_eval(FakeModel(), partly, key="row", progress=False)
     assert table.splitlines()[0] == "matched by: row (only the row's own items count)" and not caplog.text
     assert format_table({"ks": [1], "pairs": {}}).startswith("| pair |")  # a bare pairwise report has no key
+
+
+def test_all_captions_query_with_every_caption_and_find_a_row_through_any(tmp_path, capsys):
+    """COCO / Flickr30k: each caption a query; an image is found by its row's captions, any of them."""
+    from mmembed.evaluate import manifest_report
+
+    rows = [{"image": f"img/c{i}.png", "text": f"a c{i}", "captions": [f"the c{i}", f"one c{9 - i}"]}
+            for i in range(4)]  # the second alternative names a concept no image shows: a wrong caption
+    path = _write(tmp_path / "m.jsonl", rows)
+    plain = manifest_report(FakeModel(), path)
+    both = manifest_report(FakeModel(), path, all_captions=True)
+    assert plain["pairs"]["text→image"]["n_queries"] == 4 and "captions" not in plain
+    assert both["captions"] == 8 and both["pairs"]["text→image"]["n_queries"] == 12
+    assert both["pairs"]["text→image"]["recall@1"] == pytest.approx(8 / 12)  # the wrong captions miss
+    assert both["pairs"]["image→text"]["recall@1"] == 1.0  # found through either of its right captions
+    assert main(["eval", str(tmp_path), "--all-captions"]) == 2
+    assert "--all-captions queries with the captions of --manifest's rows" in capsys.readouterr().err
+    table, _ = run_eval(FakeModel(), path, all_captions=True, progress=False)
+    assert "text items: each row's caption and the rows' 8 alternative captions" in table
