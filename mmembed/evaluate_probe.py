@@ -56,7 +56,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int 
     return weight.detach(), bias.detach()
 
 
-def _accuracy(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
+def _hit_rate(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
     return float(((x.double() @ weight.T + bias).argmax(dim=1) == y).double().mean())
 
 
@@ -76,7 +76,7 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[Any], test_x: Tensor, t
     if l2 is None:
         fit, held = deal(y.tolist(), (1 - VALIDATION_SHARE, VALIDATION_SHARE), seed)
         if held and len(set(y[fit].tolist())) >= 2:
-            scores = [(_accuracy(x[held], y[held], *fit_logistic(x[fit], y[fit], len(classes), c)), c)
+            scores = [(_hit_rate(x[held], y[held], *fit_logistic(x[fit], y[fit], len(classes), c)), c)
                       for c in L2_GRID]
             val_accuracy, l2 = max(scores)  # equal accuracies: the larger penalty
         else:  # a label of one item stays in the fitted part: with every label so, nothing is held out
@@ -86,5 +86,5 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[Any], test_x: Tensor, t
     if not scored:
         return ProbeResult(None, 0, len(keep), classes, l2, val_accuracy)
     truth = torch.tensor([index[str(test_labels[i])] for i in scored])
-    return ProbeResult(_accuracy(test_x[scored], truth, weight, bias), len(scored), len(keep), classes, l2,
+    return ProbeResult(_hit_rate(test_x[scored], truth, weight, bias), len(scored), len(keep), classes, l2,
                        val_accuracy)
