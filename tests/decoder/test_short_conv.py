@@ -113,6 +113,7 @@ def associative_recall_accuracy(conv_kernel: int, steps: int) -> float:
         return float((model(seq)[:, -1].argmax(-1) == answer).float().mean())
 
 
+@pytest.mark.slow  # two 600-step trainings: 15-40 s; the layer itself is tested above, in the default suite
 def test_a_short_convolution_makes_associative_recall_learnable():
     """The lookup behind "what colour is the circle?": without the convolution the same steps
     leave the decoder picking one of the six values at random (1/6)."""
