@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
-from mmembed.evaluate_probe import linear_probe
+from mmembed.evaluate_probe import probe_report, row_labels
 from mmembed.evaluate_recall import pairwise_report
 from mmembed.evaluate_zero_shot import (
     _accuracy,
@@ -32,8 +32,7 @@ from mmembed.evaluate_zero_shot import (
     class_embeddings,
 )
 from mmembed.modality import Modality
-from mmembed.data.manifest import read_manifest
-from mmembed.retrieval.embed import embed_manifest, outside_root_allowed
+from mmembed.retrieval.embed import embed_manifest
 
 EvalKey = Literal["auto", "label", "row"]
 log = logging.getLogger(__name__)
@@ -118,12 +117,11 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
         classes = class_embeddings(model, labels, template, prompt_modality)  # (L, D)
         report["zero_shot"] = {str(m): _zero_shot_part(part.vectors, part.rows, classes, labels, label_column)
                                for m, part in emb.by_modality.items() if m != prompt_modality}
-    if zero_shot_labels:
         report["zero_shot_templates"] = check_templates(template)
     if linear_probe is not None:
         report["linear_probe_manifest"] = str(linear_probe)
-        report["linear_probe"] = _probe_report(model, linear_probe, emb.by_modality, label_column, batch_size,
-                                               progress)
+        report["linear_probe"] = probe_report(model, linear_probe, emb.by_modality, label_column, batch_size,
+                                              progress)
     return report
 
 
@@ -142,37 +140,8 @@ def _alternative_captions(model: Any, part: Any, keys: list[str] | None, batch_s
     return z, [key for _, key in extra]
 
 
-def _truth(rows: list, column: str) -> list[Any]:
-    return [r.label if column == "label" else r.meta.get(column) for r in rows]
-
-
-def _probe_report(model: Any, train_manifest: str | Path, test: dict, column: str, batch_size: int,
-                  progress: bool) -> dict[str, dict[str, Any]]:
-    """A linear probe per modality of both manifests: fitted on `train_manifest`'s items, scored on
-    `test`'s; a modality only one of them holds is left out (logged)."""
-    held = read_manifest(train_manifest, allow_outside_root=outside_root_allowed(model), bad_items="row").modalities
-    shared = [m for m in test if m in held]
-    if not shared:
-        raise UserError(f"{train_manifest}: the linear probe's training manifest holds none of the evaluated "
-                        f"modalities ({', '.join(map(str, test))})")
-    if left := [str(m) for m in (*test, *held) if m not in shared]:
-        log.info("linear probe: %s is in only one of the two manifests, not probed", ", ".join(dict.fromkeys(left)))
-    train = embed_manifest(model, train_manifest, modalities=shared, batch_size=batch_size, progress=progress,
-                           skip="row").by_modality
-    report = {}
-    for m in shared:
-        try:
-            result = linear_probe(train[m].vectors, _truth(train[m].rows, column), test[m].vectors,
-                                  _truth(test[m].rows, column))
-        except UserError as e:
-            raise UserError(f"{train_manifest}: {m}: {e} (its classes are the '{column}' column)") from None
-        report[str(m)] = {"accuracy": result.accuracy, "n": result.n, "train": result.n_train,
-                          "classes": len(result.classes), "l2": result.l2, "val_accuracy": result.val_accuracy}
-    return report
-
-
 def _zero_shot_part(vectors: Tensor, rows: list, classes: Tensor, labels: list[str], column: str) -> dict[str, Any]:
-    truth = _truth(rows, column)
+    truth = row_labels(rows, column)
     predicted = [labels[i] for i in (vectors @ classes.T).argmax(dim=1).tolist()]  # (n,)
     accuracy, n = _accuracy(predicted, truth, labels)
     return {"accuracy": accuracy, "n": n}
@@ -290,9 +259,10 @@ def _check_measured(report: dict[str, Any], prompt_modality: Modality = Modality
         why += "; and no item's label is one of the class names of --labels"
     if probe:
         why += "; and no item's label is among the labels of the linear probe's training manifest"
-    if not (zero_shot or probe) and embedded == [str(prompt_modality)]:  # the prompts' side: --labels classifies nothing
+    classified = bool(zero_shot or probe)
+    if not classified and embedded == [str(prompt_modality)]:  # the prompts' side: --labels classifies nothing
         why += "; give a manifest with a second modality"
-    elif not (zero_shot or probe) and len(embedded) == 1:
+    elif not classified and len(embedded) == 1:
         why += "; give --labels to classify its items, or a manifest with a second modality"
     note = _skipped_note(report)
     raise UserError(f"{report['manifest']}: nothing measured: {why}" + (f"; {note}" if note else ""))
