@@ -1,4 +1,5 @@
-"""The demo's retrieval section: top-5 picture grids and the composed-query check.
+"""The demo's retrieval section: top-5 picture grids, the composed-query check, and recall with
+every caption of a scene as a query (`every_caption_recall`).
 
 Composed query (embedding arithmetic across modalities): for scenes A and B holding one object
 each, with different shapes and colours,
@@ -18,7 +19,10 @@ import random
 from pathlib import Path
 
 
+import torch
+
 from mmembed.data import read_manifest
+from mmembed.evaluate_recall import pairwise_report
 from mmembed.model import Model
 from mmembed.modality import Modality
 from mmembed.retrieval import Index, Query
@@ -32,6 +36,23 @@ def image_gallery(model: Model, manifest: Path) -> Index:
     index.add(vectors, Modality.IMAGE, [{"label": r.label, "path": str(r.items[Modality.IMAGE]), **r.meta} for r in rows])
     index.model = model
     return index
+
+
+def every_caption_recall(model: Model, manifest: Path, vectors: dict, keys: dict, batch_size: int = 256
+                         ) -> dict | None:
+    """`pairwise_report` with each row's alternative captions (`captions`) as more text items, keyed
+    by the row's label (its scene), beside the embedded `vectors` and `keys` of the same manifest:
+    the figures `mmembed eval --all-captions` gives. None when the manifest has none. The demo trains
+    on each scene's primary caption; its paraphrases are what a user's own words look like."""
+    rows = read_manifest(manifest).rows
+    texts = [c for r in rows for c in r.captions]
+    if not texts or Modality.TEXT not in vectors:
+        return None
+    with torch.inference_mode():
+        extra = torch.cat([model.embed(Modality.TEXT, texts[s:s + batch_size]).float()
+                           for s in range(0, len(texts), batch_size)])
+    return pairwise_report({**vectors, Modality.TEXT: torch.cat([vectors[Modality.TEXT].float(), extra])},
+                           {**keys, Modality.TEXT: [*keys[Modality.TEXT], *(r.label for r in rows for _ in r.captions)]})
 
 
 def composed_query_trials(manifest: Path, gallery: Index, n_trials: int = 100,

@@ -29,3 +29,24 @@ def test_composed_queries_report_the_plain_sound_query_of_each_trial(tiny_world)
         top = real(alone, target=Modality.IMAGE, k=1)[0]
         found += bool(wanted & {(o["shape"], o["colour"]) for o in top.metadata["objects"]})
     assert out["sound alone"] == found / 6 and 0 <= out["accuracy"] <= 1 and 0 < out["chance"] < 1
+
+
+def test_every_caption_recall_is_what_eval_all_captions_reports(tmp_path):
+    """The demo's paraphrase table and `mmembed eval --all-captions` score the same queries alike."""
+    from mmembed.evaluate import manifest_report
+    from mmembed.demo_retrieval import every_caption_recall
+    from tests.retrieval.fakes import FakeModel
+
+    rows = [{"image": f"img/c{i}.png", "text": f"a c{i}", "captions": [f"the c{i}", f"one c{9 - i}"],
+             "label": f"scene{i}"} for i in range(4)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = FakeModel()
+    vectors = {Modality.TEXT: model.embed("text", [r["text"] for r in rows]),
+               Modality.IMAGE: model.embed("image", [r["image"] for r in rows])}
+    keys = {m: [r["label"] for r in rows] for m in vectors}
+    got = every_caption_recall(model, manifest, vectors, keys)
+    assert got == manifest_report(model, manifest, all_captions=True)["pairs"]
+    assert got["text→image"]["n_queries"] == 12 and got["text→image"]["recall@1"] == 8 / 12
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "captions"}) + "\n" for r in rows))
+    assert every_caption_recall(model, manifest, vectors, keys) is None  # no paraphrases: no table
