@@ -46,8 +46,8 @@ def every_caption_recall(model: Model, manifest: Path, vectors: dict, keys: dict
     on each scene's primary caption; its paraphrases are what a user's own words look like."""
     rows = read_manifest(manifest).rows
     texts = [c for r in rows for c in r.captions]
-    if not texts or Modality.TEXT not in vectors:
-        return None
+    if not texts or Modality.TEXT not in vectors or any(r.label is None for r in rows):
+        return None  # keys are labels (scenes) only when every row has one, as in the built-in world
     with torch.inference_mode():
         extra = torch.cat([model.embed(Modality.TEXT, texts[s:s + batch_size]).float()
                            for s in range(0, len(texts), batch_size)])

@@ -327,6 +327,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("--template words the zero-shot classes of --labels: give --labels too")
     if args.json_out is not None and not args.json_out.strip():  # it was written nowhere, without a word
         raise UserError("--json is empty; name the file to write")
+    if args.linear_probe is not None and not args.linear_probe.strip():  # "" was checked as the folder "."
+        raise UserError("--linear-probe is empty; name the training manifest")
     if args.json_out:  # refused before the evaluation, not after it
         inputs = [Path(p) for p in (args.manifest, args.instructions, args.linear_probe) if p]
         _check_json_out(Path(args.json_out), inputs, Path(args.run))

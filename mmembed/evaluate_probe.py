@@ -4,7 +4,8 @@ Where zero-shot asks whether the space placed an item near its class's words, th
 whether the class can be read off the vectors at all.
 
 As CLIP did, the L2 penalty is chosen on held-out training items: a fifth of them, dealt per label
-(`data.splits.deal`, seeded), each penalty of `L2_GRID` fitted on the rest, the best validation
+(`data.splits.deal`, seeded; an item whose label would have none left to fit on stays in the fitted
+part, so a label of one item is never held out), each penalty of `L2_GRID` fitted on the rest, the best validation
 accuracy kept (ties: the larger penalty); the probe is then refitted on every training item. A fit
 is full-batch L-BFGS on the mean cross-entropy plus `l2`·‖W‖² (the bias unpenalised): convex, so
 the optimum does not depend on the start, and deterministic on one machine. `probe_report` is what
@@ -82,11 +83,14 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[Any], test_x: Tensor, t
     val_accuracy = None
     if l2 is None:
         fit, held = deal(y.tolist(), (1 - VALIDATION_SHARE, VALIDATION_SHARE), seed)
-        if held and len(set(y[fit].tolist())) >= 2:
+        fitted = set(y[fit].tolist())  # a label dealt wholly to the held-out part could never be answered
+        fit, held = (sorted([*fit, *(i for i in held if int(y[i]) not in fitted)]),
+                     [i for i in held if int(y[i]) in fitted])
+        if held and len(fitted) >= 2:
             scores = [(_hit_rate(x[held], y[held], *fit_logistic(x[fit], y[fit], len(classes), c)), c)
                       for c in L2_GRID]
             val_accuracy, l2 = max(scores)  # equal accuracies: the larger penalty
-        else:  # a label of one item stays in the fitted part: with every label so, nothing is held out
+        else:  # labels of one item each stay in the fitted part: with every label so, nothing is held out
             l2 = L2_GRID[len(L2_GRID) // 2]
     weight, bias = fit_logistic(x, y, len(classes), l2)
     scored = [i for i, label in enumerate(test_labels) if label is not None and str(label) in index]

@@ -50,3 +50,6 @@ def test_every_caption_recall_is_what_eval_all_captions_reports(tmp_path):
     assert got["text→image"]["n_queries"] == 12 and got["text→image"]["recall@1"] == 8 / 12
     manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "captions"}) + "\n" for r in rows))
     assert every_caption_recall(model, manifest, vectors, keys) is None  # no paraphrases: no table
+    rows[0].pop("label")  # keys are labels only when every row has one
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert every_caption_recall(model, manifest, vectors, keys) is None

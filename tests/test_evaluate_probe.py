@@ -128,7 +128,22 @@ def test_the_command_checks_its_probe_manifest_before_loading_the_run(tmp_path, 
     manifest.write_text('{"text": "a", "label": "x"}\n')
     for argv, match in (([str(tmp_path / "run"), "--linear-probe", str(manifest)], "give --manifest too"),
                         ([str(tmp_path / "run"), "--manifest", str(manifest), "--linear-probe",
-                          str(tmp_path / "nope.jsonl")], "linear probe's training manifest not found")):
+                          str(tmp_path / "nope.jsonl")], "linear probe's training manifest not found"),
+                        ([str(tmp_path / "run"), "--manifest", str(manifest), "--linear-probe", " "],
+                         "--linear-probe is empty")):
         assert main(["eval", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and match in err, err
+
+
+def test_a_label_of_one_item_is_never_held_out():
+    """The dealing put about a fifth of single-item labels in the held-out part, where no fitted item
+    taught them: with every label single, every penalty scored 0 and the largest won."""
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    labels = [f"c{i}" for i in range(10)]
+    result = linear_probe(x, labels, x, labels)
+    assert result.val_accuracy is None and result.l2 == L2_GRID[len(L2_GRID) // 2]
+    centres = 3 * torch.eye(3, 8)
+    train_x, train_labels = blobs(10, centres, 0.3, seed=0)
+    train_x, train_labels = torch.cat([train_x, torch.randn(5, 8)]), [*train_labels, *(f"one{i}" for i in range(5))]
+    assert linear_probe(train_x, train_labels, train_x[:30], train_labels[:30]).val_accuracy == 1.0
