@@ -98,8 +98,9 @@ def _data_commands(sub) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="regenerate even if the same world is there, and write into a non-empty folder that holds "
                         "no world made by mmembed (its images/, audio/ and manifests are replaced)")
-    s = data_sub.add_parser("manifest", help="write a manifest from a folder of pictures, sounds and .txt captions "
-                                             "(files of one name are one row), or train/val/test manifests with --split")
+    about = ("write a manifest from a folder of pictures, sounds and .txt captions (files of one name are one row), "
+             "or train/val/test manifests with --split")
+    s = data_sub.add_parser("manifest", help=about, description=about)
     s.add_argument("folder", help="the folder to scan (subfolders included)")
     s.add_argument("--split", default=None, metavar="TRAIN,VAL[,TEST]",
                    help="fractions, e.g. 0.8,0.1,0.1: writes train.jsonl, val.jsonl, test.jsonl, dealt per label "
@@ -152,7 +153,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--find-lr-steps", type=int, default=None, help="steps of the range test (default: 100)")
     _overrides(p)
 
-    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification; the decoder's "
+    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification, a linear probe; the decoder's "
                           "accuracy on an instruction manifest",
              _lazy("mmembed.evaluate:run_eval_command"))
     p.add_argument("run", help="run directory")
