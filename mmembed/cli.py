@@ -153,8 +153,8 @@ def _training_commands(sub) -> None:
     p.add_argument("--find-lr-steps", type=int, default=None, help="steps of the range test (default: 100)")
     _overrides(p)
 
-    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification, a linear probe; the decoder's "
-                          "accuracy on an instruction manifest",
+    p = _add(sub, "eval", "recall@K for every ordered modality pair, zero-shot classification, a linear probe; "
+                          "the decoder's accuracy on an instruction manifest",
              _lazy("mmembed.evaluate:run_eval_command"))
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", help="JSONL/CSV manifest to evaluate retrieval on")
