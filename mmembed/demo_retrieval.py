@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mmembed.data import read_manifest
+from mmembed.evaluate import alternative_captions
 from mmembed.evaluate_recall import pairwise_report
 from mmembed.model import Model
 from mmembed.modality import Modality
@@ -45,14 +46,13 @@ def every_caption_recall(model: Model, manifest: Path, vectors: dict, keys: dict
     the figures `mmembed eval --all-captions` gives. None when the manifest has none. The demo trains
     on each scene's primary caption; its paraphrases are what a user's own words look like."""
     rows = read_manifest(manifest).rows
-    texts = [c for r in rows for c in r.captions]
-    if not texts or Modality.TEXT not in vectors or any(r.label is None for r in rows):
+    if Modality.TEXT not in vectors or any(r.label is None for r in rows):
         return None  # keys are labels (scenes) only when every row has one, as in the built-in world
-    with torch.inference_mode():
-        extra = torch.cat([model.embed(Modality.TEXT, texts[s:s + batch_size]).float()
-                           for s in range(0, len(texts), batch_size)])
-    return pairwise_report({**vectors, Modality.TEXT: torch.cat([vectors[Modality.TEXT].float(), extra])},
-                           {**keys, Modality.TEXT: [*keys[Modality.TEXT], *(r.label for r in rows for _ in r.captions)]})
+    extra = alternative_captions(model, rows, [r.label for r in rows], batch_size)
+    if extra is None:
+        return None
+    return pairwise_report({**vectors, Modality.TEXT: torch.cat([vectors[Modality.TEXT].float(), extra[0]])},
+                           {**keys, Modality.TEXT: [*keys[Modality.TEXT], *extra[1]]})
 
 
 def composed_query_trials(manifest: Path, gallery: Index, n_trials: int = 100,

@@ -100,8 +100,9 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
                     "not by label; give every row a label to match by label", emb.path, len(unlabelled), len(lines))
     keys = {m: [r.label if use_label else f"line:{r.line}" for r in part.rows] for m, part in emb.by_modality.items()}
     vectors = {m: part.vectors for m, part in emb.by_modality.items()}
-    extra = _alternative_captions(model, emb.by_modality.get(Modality.TEXT), keys.get(Modality.TEXT), batch_size) \
-        if all_captions else None
+    text = emb.by_modality.get(Modality.TEXT)
+    extra = alternative_captions(model, text.rows, keys[Modality.TEXT], batch_size) \
+        if all_captions and text is not None else None
     if extra is not None:
         vectors[Modality.TEXT] = torch.cat([vectors[Modality.TEXT], extra[0]])
         keys[Modality.TEXT] = [*keys[Modality.TEXT], *extra[1]]
@@ -125,12 +126,11 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     return report
 
 
-def _alternative_captions(model: Any, part: Any, keys: list[str] | None, batch_size: int
-                          ) -> tuple[Tensor, list[str]] | None:
-    """The text rows' alternative captions embedded, each keyed as its row; None when there are none."""
-    if part is None:
-        return None
-    extra = [(caption, key) for row, key in zip(part.rows, keys) for caption in row.captions]
+def alternative_captions(model: Any, rows: Sequence[Any], keys: Sequence[str], batch_size: int = 64
+                         ) -> tuple[Tensor, list[str]] | None:
+    """The rows' alternative captions (`Row.captions`) embedded, (n, D), each keyed as its row
+    (`keys`, one per row); None when the rows give none."""
+    extra = [(caption, key) for row, key in zip(rows, keys) for caption in row.captions]
     if not extra:
         return None
     texts = [caption for caption, _ in extra]
@@ -194,8 +194,7 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
     if report.get("zero_shot"):
         lines += ["", "| zero-shot | accuracy % | items |", "|---|---:|---:|"]
         for modality, z in report["zero_shot"].items():
-            acc = "n/a" if z["accuracy"] is None else f"{100 * z['accuracy']:.1f}"
-            lines.append(f"| {modality} | {acc} | {z['n']} |")
+            lines.append(f"| {modality} | {_percent(z['accuracy'])} | {z['n']} |")
         if not any(z["n"] for z in report["zero_shot"].values()):
             lines.append("\nno item's label is one of the class names: zero-shot needs --labels equal to the "
                          "manifest's label column (a built-in world's label names a whole scene)")
@@ -203,14 +202,18 @@ def format_table(report: dict[str, Any], ks: Sequence[int] | None = None) -> str
         lines += ["", "| linear probe | accuracy % | test items | training items | classes | L2 |",
                   "|---|---:|---:|---:|---:|---:|"]
         for modality, p in report["linear_probe"].items():
-            acc = "n/a" if p["accuracy"] is None else f"{100 * p['accuracy']:.1f}"
-            lines.append(f"| {modality} | {acc} | {p['n']} | {p['train']} | {p['classes']} | {p['l2']:g} |")
+            lines.append(f"| {modality} | {_percent(p['accuracy'])} | {p['n']} | {p['train']} | {p['classes']} | "
+                         f"{p['l2']:g} |")
         if not all(p["n"] for p in report["linear_probe"].values()):
             lines.append("\nn/a: no test item's label is among the labels the probe was trained on (its manifest's "
                          "label column)")
     if note := _skipped_note(report):
         lines.append(f"\n{note}")
     return "\n".join(lines)
+
+
+def _percent(accuracy: float | None) -> str:
+    return "n/a" if accuracy is None else f"{100 * accuracy:.1f}"
 
 
 def _matched_by(report: dict[str, Any]) -> list[str]:
@@ -227,8 +230,8 @@ def _captions_note(report: dict[str, Any]) -> list[str]:
     if "captions" not in report:
         return []
     n = report["captions"]
-    return [f"text items: each row's caption and the rows' {n} alternative captions (a row is found through any of them)"
-            if n else "text items: each row's caption (the manifest gives no alternative captions)", ""]
+    return [f"text items: each row's caption and the rows' {n} alternative captions (a row is found through any "
+            "of them)" if n else "text items: each row's caption (the manifest gives no alternative captions)", ""]
 
 
 def _no_pair(report: dict[str, Any]) -> str:
