@@ -139,9 +139,11 @@ def _check_keys(value: Any, what: str) -> None:
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+    shape = getattr(value, "shape", None)  # a tensor or numpy array: only a 0-d one (a scalar) is a number
+    if shape is not None and tuple(shape):
+        raise TypeError(f"{type(value).__name__} of shape {tuple(shape)} is not JSON-serialisable "
+                        "(a list is: .tolist())")
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors, numpy scalars
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 

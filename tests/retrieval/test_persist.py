@@ -441,6 +441,21 @@ def test_metadata_and_filters_are_the_same_before_and_after_a_save(tmp_path):
     assert ix.metadata(0) == {"n": 3, "t": [1, 2]}
 
 
+@pytest.mark.parametrize("value", [torch.arange(3), np.arange(3), torch.tensor([5.0]), np.ones((1, 1))])
+def test_an_array_in_metadata_or_info_is_one_line_not_a_number(tmp_path, value):
+    """A tensor of 3 elements escaped as torch's raw RuntimeError ("cannot be converted to Scalar"), a numpy
+    array gave numpy's message, and a 1-element tensor was stored as its number: only 0-d values are numbers."""
+    ix = Index(4)
+    with pytest.raises(UserError, match=r"metadata\[0\] cannot be saved as JSON .* of shape .*\.tolist\(\)"):
+        ix.add(torch.eye(4)[:1], "image", {"x": value})
+    assert len(ix) == 0
+    ix.add(torch.eye(4)[:1], "image", {"x": value.tolist()})
+    ix.info["t"] = value
+    with pytest.raises(UserError, match="cannot save the index: its info cannot be written as JSON"):
+        ix.save(tmp_path / "ix")
+    assert not (tmp_path / "ix").exists()
+
+
 @pytest.mark.parametrize("field, value", [("backend_args", {"zzz": 1}), ("backend_args", {"block_rows": -1}),
                                           ("backend", "nope"), ("next_id", 2**64)])
 def test_a_hand_edited_backend_or_next_id_is_a_checkpoint_error(tmp_path, field, value):
