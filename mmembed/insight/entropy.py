@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,12 +133,18 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
                       top_p: float | None = None, stops: Stops = Stops()) -> list[SweepRow]:
     """Sample `samples` answers to one prompt at each temperature (one batch each, same seed).
 
+    `temperatures`: a list of them, or one number.
+
     Returns:
         One `SweepRow` per temperature, in the order given. Raises ValueError for a bad
         temperature, top_k, top_p or max_new_tokens, or samples < 1.
     """
     if (n := as_integer(samples)) is None or not 1 <= n <= MAX_COPIES:  # numpy's ints too
         raise ValueError(f"samples must be an integer in [1, {MAX_COPIES}], got {samples!r}")
+    if isinstance(as_real(temperatures), (int, float)):  # one temperature (any kind of number) is a list of one
+        temperatures = [temperatures]
+    elif isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Iterable):
+        raise ValueError(f"temperatures must be a number or a list of numbers, got {temperatures!r:.80}")
     settings = [Sampling(t, top_k, top_p) for t in temperatures]  # validate them all before any work
     rows = []
     for sampling in settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,17 @@ def test_sweep_refuses_bad_arguments(pm):
         temperature_sweep(pm, resolved(), [1.0], CPU, samples=0)
     with pytest.raises(ValueError, match="temperature"):
         temperature_sweep(pm, resolved(), [1.0, -0.5], CPU)
+    for bad in (None, "1.0", torch.ones(2) > 0):  # None was a raw "'NoneType' object is not iterable"
+        with pytest.raises(ValueError, match="temperature"):
+            temperature_sweep(pm, resolved(), bad, CPU)
+
+
+def test_one_temperature_is_a_sweep_of_one(pm):
+    """A single number was a bare TypeError ("'float' object is not iterable")."""
+    rows = temperature_sweep(pm, resolved(), [0.5], CPU, samples=2, max_new_tokens=4, seed=0)
+    for one in (0.5, np.float32(0.5), torch.tensor(0.5)):
+        got = temperature_sweep(pm, resolved(), one, CPU, samples=2, max_new_tokens=4, seed=0)
+        assert got == rows
 
 
 def test_plots_are_written(pm, tmp_path):
