@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mmembed.errors import BadInput, UserError
-from mmembed.memory.items import Entry, Pending
+from mmembed.memory.items import Entry, ItemError, Pending
 from mmembed.memory.records import NewItem
 from mmembed.memory.store import Store
 from mmembed.modality import Modality
@@ -32,20 +32,22 @@ def _embed(model: Any, entries: list[Entry], dim: int | None) -> Tensor:
         try:
             vectors = model.embed(modality, [entries[i].source for i in pick])  # (n, D)
         except BadInput:
-            raise _named_error(model, modality, [entries[i] for i in pick]) from None
+            raise _named_error(model, modality, entries, pick) from None
         out[pick] = check_vectors(vectors, out.shape[1], what=f"{modality} embeddings")
     return out
 
 
-def _named_error(model: Any, modality: Modality, entries: list[Entry]) -> BadInput:
-    """The error of the first entry that does not embed, naming what the user passed (the model
-    reads the stored bytes, whose own name says nothing)."""
-    for e in entries:
+def _named_error(model: Any, modality: Modality, entries: list[Entry], pick: list[int]) -> BadInput:
+    """The error of the first entry (of those at `pick`) that does not embed, naming what the user
+    passed (the model reads the stored bytes, whose own name says nothing) and, as an `ItemError`,
+    its position among `entries`."""
+    for i in pick:
         try:
-            model.embed(modality, [e.source])
+            model.embed(modality, [entries[i].source])
         except BadInput as err:
             reason = re.sub(r"^\w+ item \d+: ", "", str(err)).replace("<bytes>", "the item")
-            return BadInput(f"{modality} {e.origin}: {reason}")
+            return ItemError(f"{modality} {entries[i].origin}: {reason}", i, str(modality),
+                             f"{entries[i].origin}: {reason}")
     return BadInput(f"{modality} items could not be embedded")
 
 

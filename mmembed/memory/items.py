@@ -14,7 +14,7 @@ With `store_media="path"` a media item must be a file path: only its absolute pa
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,27 @@ class Pending:
     vectors: torch.Tensor  # (N, D) float32 unit rows, stored as they are
     role: str
     fingerprint: str  # the model that embedded them: a file holding another model's vectors refuses them
+
+
+class ItemError(BadInput):
+    """One item of a list cannot be used: `position` is its index in the list, `reason` says why."""
+
+    def __init__(self, message: str, position: int, modality: str, reason: str):
+        super().__init__(message)
+        self.position, self.modality, self.reason = position, modality, reason
+
+
+def to_entries(items: Sequence[ItemLike], texts: Sequence[str | None], store_media: StoreMedia = "bytes"
+               ) -> list[Entry]:
+    """`to_entry` of each (item, text); an item that cannot be used is an `ItemError` naming its index."""
+    entries = []
+    for i, (item, text) in enumerate(zip(items, texts)):
+        try:
+            entries.append(to_entry(item, text, store_media))
+        except BadInput as e:
+            kind = str(getattr(item, "modality", "text"))
+            raise ItemError(f"items[{i}] ({kind}): {e}", i, kind, str(e)) from None
+    return entries
 
 
 def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:

@@ -34,7 +34,7 @@ from mmembed.memory.checks import (check_ids, check_int, check_list, check_model
                                    check_user, meta_json, parse_modality, storable, timestamp)
 from mmembed.memory.embedding import _checked_parts, _embed, _new_items, _recorded_model
 from mmembed.memory.export import export_items
-from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entry
+from mmembed.memory.items import Entry, ItemLike, Pending, StoreMedia, to_entries, to_entry
 from mmembed.memory.records import MemoryHit, NewItem
 from mmembed.memory.sqlite import MemoryFileError
 from mmembed.memory.store import Store
@@ -115,7 +115,7 @@ class Memory:
         metas = [None] * len(items) if metas is None else check_list(metas, "metas", "dicts or None")
         if not (len(texts) == len(metas) == len(items)):
             raise UserError(f"add_many got {len(items)} items, {len(texts)} texts and {len(metas)} metas")
-        entries = [to_entry(item, text, store_media) for item, text in zip(items, texts)]
+        entries = to_entries(items, texts, store_media)
         return self._add(entries, user, metas, session, [turn] * len(entries), role, time)
 
     def prepare(self, items: Sequence[ItemLike], *, role: str = "user") -> Pending:
@@ -123,7 +123,8 @@ class Memory:
         answer by `add_turn`, so a turn killed before it is answered leaves nothing behind."""
         model = self._require_model("add items")
         check_role(role)
-        entries = [to_entry(item, None) for item in check_list(items, "items")]
+        items = check_list(items, "items")
+        entries = to_entries(items, [None] * len(items))
         return Pending(entries, _embed(model, entries, self._store.dim), role, str(model.fingerprint))
 
     def add_turn(self, user: str, session: str, parts: Sequence[Pending], time: float | None = None

@@ -30,9 +30,9 @@ from torch import Tensor
 from mmembed.decoder.generate import answer_room
 from mmembed.decoder.prompt import Embedded, Media, Segment
 from mmembed.decoder.score import check_generation
-from mmembed.errors import UserError
+from mmembed.errors import BadInput, UserError
 from mmembed.memory.checks import check_int, check_model, check_optional_str, check_user, is_number
-from mmembed.memory.items import Pending
+from mmembed.memory.items import ItemError, Pending
 from mmembed.memory.memory import Memory
 from mmembed.memory.records import MemoryHit
 from mmembed.modality import Modality
@@ -114,8 +114,11 @@ class Session:
         if unknown := sorted(set(generate) - _SETTINGS):  # named as `generate` names its own
             raise TypeError(f"ask() got an unexpected keyword argument {unknown[0]!r}")
         check_generation(**generate)  # a refused setting stores nothing of the turn
-        segments = _turn_segments(prompt)
-        pending = self.memory.prepare(segments)  # embedded once; stored as they are, with the answer
+        positions, segments = _turn_segments(prompt)
+        try:
+            pending = self.memory.prepare(segments)  # embedded once; stored as they are, with the answer
+        except ItemError as e:  # named as `generate` names a segment: by its place in the prompt as given
+            raise BadInput(f"prompt segment {positions[e.position]} ({e.modality}): {e.reason}") from None
         shown = [seg if isinstance(seg, str) else Embedded(z.to(self.model.device), e.modality)
                  for seg, e, z in zip(segments, pending.entries, pending.vectors)]
         # after the highest turn stored: another process may have added turns to this session (the
@@ -235,25 +238,27 @@ class Session:
         self.close()
 
 
-def _turn_segments(prompt: Any) -> list[Segment]:
+def _turn_segments(prompt: Any) -> tuple[list[int], list[Segment]]:
     """A turn's segments as stored: words without the spaces around them (blank ones dropped) and
-    media items; anything else is refused by name."""
+    media items, with each one's place in the prompt as given; anything else is refused by name."""
     if isinstance(prompt, (str, Media)):
         prompt = [prompt]
     elif not isinstance(prompt, (list, tuple)):
         raise UserError(f"a Session turn is text, a media item or a list of them, got {type(prompt).__name__}")
+    positions: list[int] = []
     kept: list[Segment] = []
-    for seg in prompt:
+    for i, seg in enumerate(prompt):
         if isinstance(seg, str):
-            if seg.strip():
-                kept.append(seg.strip())
-        elif isinstance(seg, Media):
-            kept.append(seg)
-        else:
+            if not seg.strip():
+                continue
+            seg = seg.strip()
+        elif not isinstance(seg, Media):
             raise UserError(f"a Session turn takes text and mm.Image / mm.Audio / mm.Text, got {type(seg).__name__}")
+        positions.append(i)
+        kept.append(seg)
     if not kept:
         raise UserError("the turn is empty: give text or media")
-    return kept
+    return positions, kept
 
 
 def _check_memory_model(memory: Memory, model: Any) -> None:

@@ -307,8 +307,12 @@ def test_a_turn_with_an_unreadable_item_stores_nothing(chat_model, db, tmp_path)
     with mm.Session(chat_model, memory=db, user="ada") as chat:
         chat.ask("hello", max_new_tokens=2)
         before = chat.memory.count("ada")
-        with pytest.raises(UserError, match="bad.png"):
+        with pytest.raises(UserError, match="^prompt segment 1 \\(image\\): .*bad.png: not a readable image"):
             chat.ask(["look at this", mm.Image(bad)], max_new_tokens=2)
+        # named by its place in the prompt as given, as `generate` names it (a blank segment is not stored);
+        # a missing file was "missing file nope.png", naming no segment
+        with pytest.raises(UserError, match=r"^prompt segment 2 \(image\): missing file .*nope.png$"):
+            chat.ask(["look", " ", mm.Image(tmp_path / "nope.png")], max_new_tokens=2)
         assert chat.memory.count("ada") == before and chat.turn == 1
         chat.ask("still here?", max_new_tokens=2)
         assert [h.turn for h in chat.history() if h.role == "user"] == [1, 2]
