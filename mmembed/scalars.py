@@ -5,6 +5,8 @@ that every argument of the API takes every kind of number and refuses the rest i
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,3 +31,17 @@ def as_real(value: object) -> object:
         real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
         return float(value) if real else value
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) else value
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps`'s `default=` for what users put in metadata: a Path as its str, a 0-d tensor or a
+    numpy scalar as its number; TypeError for the rest (a tensor or array of any other shape too)."""
+    if isinstance(value, Path):
+        return str(value)
+    shape = getattr(value, "shape", None)  # a tensor or numpy array: only a 0-d one (a scalar) is a number
+    if shape is not None and tuple(shape):
+        raise TypeError(f"{type(value).__name__} of shape {tuple(shape)} is not JSON-serialisable "
+                        "(a list is: .tolist())")
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors, numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

@@ -12,11 +12,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmembed.errors import BadInput, UserError
 from mmembed.memory.items import check_utf8
 from mmembed.modality import Modality
 from mmembed.retrieval.store import non_str_keys
+from mmembed.scalars import as_integer, json_default
 
 ROLES = ("user", "assistant")
 
@@ -48,17 +50,18 @@ def check_list(value: Any, name: str, what: str = "items") -> list[Any]:
 def check_ids(ids: Iterable[int] | int) -> list[int]:
     """One id, or any iterable of them (a list, a 1-D array, a set, `(h.id for h in hits)`), as
     Python ints."""
-    if is_number(ids, numbers.Integral):
-        return [int(ids)]
+    if (n := as_integer(ids)) is not None:
+        return [n]
     # not list() of anything: a str became its characters, None and a float a bare TypeError
     if (isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable)
-            or (isinstance(ids, np.ndarray) and ids.ndim != 1)):
+            or (isinstance(ids, (np.ndarray, torch.Tensor)) and ids.ndim != 1)):
         raise UserError(f"ids must be an int or a list of ints, got {shown(ids)}")
-    ids = list(ids)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+    out = []
+    for i in ids:  # Python's, numpy's or 0-d tensors (a tensor of ids, as `Index.search_ids` gives, iterates into them)
+        if (n := as_integer(i)) is None:
             raise UserError(f"ids must be ints, got {i!r}")
-    return [int(i) for i in ids]
+        out.append(n)
+    return out
 
 
 def storable(ids: list[int]) -> list[int]:
@@ -127,7 +130,7 @@ def meta_json(meta: dict[str, Any] | None) -> str:
     if bad:  # JSON would make it a str (and 1 and "1" one key): it would not come back
         raise BadInput(f"meta has a key that is not a str: {bad[0]!r}")
     try:
-        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(meta, ensure_ascii=False, allow_nan=False, default=json_default)  # as an index's metadata
     except (TypeError, ValueError, RecursionError) as e:  # json's depth limit is not non_str_keys's
         raise BadInput(f"meta must be JSON-able ({e})") from None
     check_utf8(text, "meta")

@@ -32,6 +32,7 @@ from torch import Tensor
 from mmembed.checkpoint import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, utf8_name
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
+from mmembed.scalars import json_default
 from mmembed.retrieval.store import ID_LIMIT, MODALITY_CODES, STORAGE_DTYPES, VectorStore, non_str_keys
 
 FORMAT_VERSION = 1
@@ -90,7 +91,7 @@ def _writable_header(header: dict[str, Any]) -> dict[str, Any]:
     for key, value in header.items():
         _check_keys(value, f"cannot save the index: its {key}")
         try:
-            written[key] = json.loads(json.dumps(value, default=_json_default))
+            written[key] = json.loads(json.dumps(value, default=json_default))
         except (TypeError, ValueError) as e:  # a date, a set, a loop
             raise UserError(f"cannot save the index: its {key} cannot be written as JSON ({e}); "
                             "use str, numbers, lists and dicts") from None
@@ -103,9 +104,9 @@ def metadata_json(meta: dict[str, Any], what: str) -> str:
     """`meta` as the one ASCII JSON line a save writes; UserError naming `what` for what no save can
     write (a lone surrogate, bytes, an array): `Index.add` checks with it, so a save never fails late."""
     try:
-        line = json.dumps(meta, default=_json_default)  # ASCII: U+2028 & co. become escapes too
+        line = json.dumps(meta, default=json_default)  # ASCII: U+2028 & co. become escapes too
         if _SURROGATE_ESCAPE.search(line):  # an astral character, or a lone surrogate?
-            json.dumps(meta, ensure_ascii=False, default=_json_default).encode("utf-8")
+            json.dumps(meta, ensure_ascii=False, default=json_default).encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(f"{what} holds a lone surrogate U+{ord(e.object[e.start]):04X}, which is not Unicode text "
                         "and cannot be saved") from None
@@ -134,18 +135,6 @@ def _check_keys(value: Any, what: str) -> None:
                         "use str, numbers, lists and dicts") from None
     if bad:
         raise UserError(f"{what} has a key that is not a str: {bad[0]!r}")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    shape = getattr(value, "shape", None)  # a tensor or numpy array: only a 0-d one (a scalar) is a number
-    if shape is not None and tuple(shape):
-        raise TypeError(f"{type(value).__name__} of shape {tuple(shape)} is not JSON-serialisable "
-                        "(a list is: .tolist())")
-    if hasattr(value, "item") and callable(value.item):  # 0-d tensors, numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 # every header field a load relies on, with its type (ints also >= 0); backend_args, info,

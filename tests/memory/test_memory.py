@@ -533,7 +533,8 @@ def test_meta_that_holds_itself_or_nests_too_deep_is_one_line(mem, meta):
 
 
 @pytest.mark.parametrize("ids, named", [("12", "'12'"), (None, "None"), (1.0, "1.0"), (True, "True"),
-                                        (np.array(3), "array"), ({1: 2}, "{1: 2}")])
+                                        (np.array(3.0), "array"), (torch.ones(1, 1, dtype=torch.long), "tensor"),
+                                        ({1: 2}, "{1: 2}")])
 def test_an_id_that_is_not_an_int_or_a_list_of_them_is_named_as_given(mem, ids, named):
     """A str id was taken apart ("got '1'"), and None or a float raised a bare TypeError."""
     kept = mem.add("ada", "kept")
@@ -543,6 +544,21 @@ def test_an_id_that_is_not_an_int_or_a_list_of_them_is_named_as_given(mem, ids, 
     assert mem.count() == 1 and mem.get([kept]) == mem.get(np.array([kept])) == mem.get((kept,))
     # any other iterable of ids, as before the check: a set, a generator, dict keys
     assert mem.get({kept}) == mem.get(i for i in [kept]) == mem.get({kept: 0}.keys()) == mem.get([kept])
+
+
+def test_ids_and_meta_take_what_an_index_takes(mem):
+    """A tensor of ids (as `Index.search_ids` gives) was "ids must be ints, got tensor(1)", and a Path in
+    meta "meta must be JSON-able" where an index's metadata keeps it as its str."""
+    a, b = mem.add("ada", "a"), mem.add("ada", "b", meta={"p": Path("/x/a.png"), "n": np.int64(3),
+                                                            "t": torch.tensor(2.5)})
+    assert mem.get(torch.tensor([a, b])) == mem.get(np.array([a, b])) == mem.get([a, b])
+    assert mem.get(torch.tensor(b)) == mem.get(np.array(b)) == mem.get(b)
+    assert mem.get(b)[0].meta == {"p": "/x/a.png", "n": 3, "t": 2.5}
+    with pytest.raises(UserError, match=r"ids must be ints, got tensor\(1\.\)"):
+        mem.get(torch.tensor([1.0]))
+    with pytest.raises(BadInput, match=r"meta must be JSON-able \(Tensor of shape \(3,\)"):
+        mem.add("ada", "c", meta={"v": torch.arange(3)})
+    assert mem.count() == 2
 
 
 @pytest.mark.parametrize("given", ["runs/demo", Path("runs/demo")])
