@@ -176,6 +176,13 @@ def _training_commands(sub) -> None:
                         "scored (default: each row its reference answer's length and some slack, at least 48)")
     p.add_argument("--json", dest="json_out", help="also write the report (with --instructions: every answer) "
                                                    "to this JSON file")
+    _outside_root_flag(p)
+
+
+def _outside_root_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read the manifests' absolute paths and paths with '..' (as data.allow_outside_root=true "
+                        "does in training; default: the run's own setting)")
 
 
 def _retrieval_commands(sub) -> None:
@@ -186,6 +193,7 @@ def _retrieval_commands(sub) -> None:
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--backend", default="exact", choices=["exact", "sq8", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
     p.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default 64)")
+    _outside_root_flag(p)
 
     p = _add(sub, "search", "search an index with text, image and/or audio (composed) queries", _search)
     p.add_argument("index", help="index folder")

@@ -91,12 +91,13 @@ def _index(args: argparse.Namespace) -> int:
     from mmembed.train.distributed import distributed_command, resolve_device
 
     from mmembed.data.synth.world_folder import check_complete
+    from mmembed.retrieval.embed import allowing_outside_root
     from mmembed.retrieval.persist import check_target
 
     check_target(args.out)  # a mistyped --out is one line before the embedding, not a traceback after it
     check_complete(Path(args.manifest).parent)  # before the model loads
     with distributed_command() as world:  # under torchrun each rank embeds a share; rank 0 writes
-        model = mm.load(args.run)
+        model = allowing_outside_root(mm.load(args.run), args.allow_outside_root)
         if world.active:
             model.to(resolve_device("auto", world))
         index = mm.Index.build(model, args.manifest, backend=args.backend, batch_size=args.batch_size)

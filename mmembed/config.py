@@ -10,6 +10,7 @@ arguments (torchtune style).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,10 +47,18 @@ class TowerConfig:
     freeze: bool = False  # keep encoder and head fixed during training
 
 
+def _tower_name(name: Any, key: str, source: str) -> None:
+    """ConfigError naming the key for a tower that is not a modality's, one set to null included."""
+    try:
+        Modality.parse(name)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+
+
 @dataclass
 class ModelConfig:
     embed_dim: int = 256  # D, the shared space's dimension
-    towers: dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality name
+    towers: dict[str, TowerConfig] = field(default_factory=dict, metadata={"key_check": _tower_name})  # by modality
     init_logit_scale: float | None = None  # None: 1/0.07 for InfoNCE (CLIP), 10 for SigLIP (paper)
     max_logit_scale: float = 100.0  # clamp after every step (CLIP)
     learn_logit_scale: bool = True
@@ -244,7 +253,24 @@ def _loads(cls: type, raw: dict) -> bool:
     return True
 
 
-def save_config(config: Config, path: str | Path) -> None:
+# a run's config.yaml starts with this line: its relative paths (data.root, ...) are read from that folder
+STARTED_IN = "# relative paths below are read from the folder this run was started in: "
+
+
+def save_config(config: Config, path: str | Path, started_in: Path | None = None) -> None:
+    """`config` as YAML; `started_in` (a run's: the working directory of its `mmembed train`) recorded
+    in a first comment line, which `started_in` reads back."""
     from mmembed.checkpoint import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+    head = f"{STARTED_IN}{json.dumps(str(started_in), ensure_ascii=False)}\n" if started_in is not None else ""
+    atomic_write_text(Path(path), head + yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def started_in(path: str | Path) -> Path | None:
+    """The folder a run's config.yaml says the run was started in; None when it says none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().rstrip("\n")
+        return Path(json.loads(first.removeprefix(STARTED_IN))) if first.startswith(STARTED_IN) else None
+    except (OSError, ValueError, TypeError):
+        return None

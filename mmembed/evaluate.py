@@ -340,7 +340,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
         if path is not None:  # before the model loads (seconds), as `mmembed index` checks its manifest
             check_file(Path(path), what)
             check_complete(Path(path).parent)
-    model = mm.load(args.run)
+    from mmembed.retrieval.embed import allowing_outside_root
+
+    model = allowing_outside_root(mm.load(args.run), args.allow_outside_root)
     reports = {}
     if args.manifest is not None:
         template = "a photo of a {label}" if args.template is None else args.template  # "" is refused, not replaced

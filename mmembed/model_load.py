@@ -145,8 +145,14 @@ def _unfinished(run_dir: Path) -> str | None:
 
 def _resume_command(run: Path) -> str:
     """The command that continues the run in `run`, from any directory."""
+    from mmembed.config import started_in
+
     # train.out_dir named: config.yaml's may be relative to where the run was trained, or another run's now
-    return shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
+    command = shlex.join(["mmembed", "train", str(run / CONFIG), "--resume", f"train.out_dir={_yaml_text(str(run))}"])
+    where = started_in(run / CONFIG)  # where its relative paths (data.root, ...) are read from
+    if where is None or where == Path.cwd() or not run.is_absolute():
+        return command
+    return f"cd {shlex.quote(str(where))} && {command}"
 
 
 def _yaml_text(text: str) -> str:

@@ -167,6 +167,9 @@ def from_dict(cls: type, raw: Any, where: str, source: str) -> Any:
         key = join_key(where, name)
         if name in raw:
             value = _filled(hints[name], raw[name])
+            if (check_key := f.metadata.get("key_check")) is not None and isinstance(value, dict):
+                for k in value:  # those set to null too: `coerce` drops them, and a misspelt one would go unseen
+                    check_key(k, join_key(key, str(k)), source)
             if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
                 # a partial section keeps the field's own defaults (decoder.train is not TrainConfig())
                 default = f.default_factory()

@@ -105,3 +105,22 @@ def test_search_with_other_model_is_refused(run_dir, tiny_world, tmp_path, capsy
     assert main(["search", str(tmp_path / "i"), "--run", str(tmp_path / "other"), "--text", "x"]) == 2
     err = capsys.readouterr().err
     assert "index was built with model" in err and err.count("\n") == 1
+
+
+def test_allow_outside_root_reads_a_manifest_of_absolute_paths(run_dir, tiny_world, tmp_path, capsys):
+    """`data manifest --out elsewhere` writes absolute paths; a run trained without data.allow_outside_root
+    refused them in `index` and `eval` ("set allow_outside_root"), which only an edit of its config.yaml could."""
+    rows = [json.loads(line) for line in (tiny_world / "test.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update({m: str(tiny_world / row[m]) for m in ("image", "audio")})
+    manifest = tmp_path / "abs.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["index", str(run_dir), "--manifest", str(manifest), "--out", str(tmp_path / "text-only")]) == 0
+    assert f"indexed {len(rows)} items" in capsys.readouterr().out  # the captions alone
+    assert main(["eval", str(run_dir), "--manifest", str(manifest)]) == 2
+    assert "absolute path" in capsys.readouterr().err
+    argv = ["--manifest", str(manifest), "--allow-outside-root"]
+    assert main(["index", str(run_dir), *argv, "--out", str(tmp_path / "idx")]) == 0
+    assert f"indexed {3 * len(rows)} items" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), *argv]) == 0 and "| text→image |" in capsys.readouterr().out
+    assert mm.load(run_dir).config.data.allow_outside_root is False  # the run's own config is left as it was

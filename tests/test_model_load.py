@@ -48,6 +48,36 @@ def test_the_resume_command_of_a_run_given_by_a_relative_path_works_from_anywher
         mm.load(run.name)
 
 
+def test_the_resume_command_goes_to_the_folder_the_run_was_started_in(tiny_world, tmp_path, monkeypatch):
+    """A run trained with a relative data.root named `mmembed train RUN/config.yaml --resume ...`, which from
+    any other folder failed: "training manifest not found: world/train.jsonl"."""
+    from mmembed.config import load_config, started_in
+    from tests.conftest import tiny_config
+
+    monkeypatch.chdir(tiny_world.parent)
+    config = tiny_config(Path(tiny_world.name), tmp_path / "run", epochs=1)  # data.root relative to here
+    run = tmp_path / "run"
+    assert main(["train", str(config), "train.max_steps=2"]) == 0
+    assert started_in(run / "config.yaml") == tiny_world.parent
+    assert load_config(run / "config.yaml").data.root == tiny_world.name  # as given: the comment line is no key
+    (run / "model.safetensors").unlink()  # as a trainer killed in its align stage leaves it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CheckpointError) as e:
+        mm.load(run)
+    command = re.search(r"continue it with `(.*)`", str(e.value)).group(1)
+    cd, _, train = command.partition(" && ")
+    assert shlex.split(cd) == ["cd", str(tiny_world.parent)]
+    monkeypatch.chdir(shlex.split(cd)[1])
+    assert main(shlex.split(train)[1:]) == 0
+    assert mm.load(run).fingerprint
+    monkeypatch.chdir(tiny_world.parent)  # from the folder itself, no cd
+    (run / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"continue it with `{shlex.join(['mmembed', 'train'])}")):
+        mm.load(run)
+
+
 def test_a_run_still_training_says_so_and_names_its_trainer(tmp_path):
     """A run under way was called "not a run directory"; opening it must not take or write its lock."""
     run = _stopped_run(tmp_path)

@@ -57,3 +57,15 @@ def test_a_tower_set_to_null_is_left_out(tmp_path):
     assert set(load_config(path).model.towers) == {"image"}
     with pytest.raises(ConfigError, match=r"loss\.pair_weights\.image-text must be float, got null$"):
         load_config("demo", ["loss.pair_weights.image-text=null"])  # a mapping of numbers keeps its null refused
+
+
+def test_a_misspelt_tower_set_to_null_is_refused_by_name(tmp_path):
+    """`model.towers.txt=null` (meant: text) was dropped with the nulls: the text tower trained on, exit 0."""
+    with pytest.raises(ConfigError, match=r"model\.towers\.txt: unknown modality 'txt'; valid: text, image, audio$"):
+        load_config("demo", ["model.towers.txt=null"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  towers:\n    imgae: null\n    image: {encoder: vit}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: model\.towers\.imgae: unknown modality 'imgae'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"model\.towers\.video: unknown modality 'video'"):
+        load_config("demo", ["model.towers.video.encoder=vit"])  # as the build named it before

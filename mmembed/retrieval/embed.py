@@ -271,3 +271,11 @@ def outside_root_allowed(model: Any) -> bool:
     training data was (False for a model without a config)."""
     data = getattr(getattr(model, "config", None), "data", None)
     return bool(getattr(data, "allow_outside_root", False))
+
+
+def allowing_outside_root(model: Any, allow: bool) -> Any:
+    """`model`, reading manifests' absolute and `..` paths when `allow` (`--allow-outside-root`): its
+    `data.allow_outside_root` decides how `index` and `eval` read a manifest, as it did in training."""
+    if allow and getattr(model, "config", None) is not None:
+        model.config.data.allow_outside_root = True
+    return model

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from mmembed.errors import UserError
 from mmembed.evaluate_recall import pairwise_report
 from mmembed.losses import build_loss
 from mmembed.model import CONFIG, TOKENIZER, Model, build_model
-from mmembed.train.align_data import (_eval_loader, _one_row_inputs, check_towers_accept, embed_dataset, mean_recall,
-                                      train_loader_factory, trained_modalities)
+from mmembed.train.align_data import (_eval_loader, _one_row_inputs, check_batch_fits, check_towers_accept,
+                                      embed_dataset, mean_recall, train_loader_factory, trained_modalities)
 from mmembed.train.align_step import IdleParts, captioned_forward, make_step_fn, space_forward, with_captioner
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.collectives import all_gather_objects, barrier, main_first
@@ -123,12 +124,13 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
     with main_first():  # rank 0 writes the data, the config and the tokenizer; the others read them
         root = prepare_data(cfg.data)
         manifest = read_train_manifest(cfg, root)  # once: the tokenizer's captions and the loader's rows
+        check_batch_fits(manifest, cfg.train.batch_size)  # before the tokenizer is trained
         tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None, manifest)
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:  # until the model is built and the data read: a stop before is no run
+            if not resume:  # until its first step: a stop before is no run
                 (run_dir / UNSTARTED).touch()
-                save_config(cfg, run_dir / CONFIG)  # a resume's, once its checkpoint is loaded (_StageState)
+                save_config(cfg, run_dir / CONFIG, Path.cwd())  # a resume's, once its checkpoint is loaded
             if tokenizer is not None:
                 tokenizer.save(run_dir / TOKENIZER)
     # a resume's checkpoint holds every weight: model.init_from's run may have moved since it began
@@ -171,10 +173,10 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
 
     trained.train()
     after_step()
-    if world.main:
-        (run_dir / UNSTARTED).unlink(missing_ok=True)
+    if world.main:  # the run has started once it has taken a step: a start stopped before (its data unusable,
+        callbacks = [*callbacks, _started(run_dir / UNSTARTED)]  # Ctrl+C) is replaced without --overwrite
     # a resume writes config.yaml once its checkpoint is loaded: a refused one leaves the run's as it was
-    write_config = functools.partial(save_config, cfg, run_dir / CONFIG) if world.main else None
+    write_config = functools.partial(save_config, cfg, run_dir / CONFIG, Path.cwd()) if world.main else None
     trainer = Trainer(trained, step_fn, train_loader, steps, cfg.train, run_dir,
                       evaluate=evaluate if val_loader is not None else None, after_step=after_step,
                       callbacks=list(callbacks), extra_files=extra, device=device, net=net,
@@ -195,6 +197,17 @@ def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Calla
         _finish(model, run_dir, result, skips)
     barrier()  # the saved model is on disk before any rank goes on (to the decoder stage)
     return run_dir
+
+
+def _started(marker: Path) -> Callable[..., None]:
+    """A trainer callback removing a fresh run's `.unstarted` marker at its first step."""
+    pending = [marker]
+
+    def on_event(event: str, *_: Any) -> None:
+        if event == "step" and pending:
+            pending.pop().unlink(missing_ok=True)
+
+    return on_event
 
 
 class _StageState:
@@ -233,6 +246,7 @@ class _StageState:
 def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) -> None:
     model.space.eval()
     model.save(run_dir)
+    save_config(model.config, run_dir / CONFIG, Path.cwd())  # with the folder its relative paths are read from
     summary = skips.summary()
     if summary:
         log.warning("skipped rows during training: %s", summary)

@@ -129,8 +129,7 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
     # a misnamed column ("caption", "imgae") leaves nothing to pair, or a tower untrained
     dataset.check_pairs(captioned=cfg.loss.caption_weight > 0)
     bs = cfg.train.batch_size
-    if len(dataset) < bs:
-        raise UserError(f"training manifest has {_usable(manifest)}, fewer than train.batch_size={bs}")
+    check_batch_fits(manifest, bs, len(dataset))
     if cfg.data.cache:  # now, not when the first epoch has filled most of the memory
         check_cache_fits(dataset, "training set")
 
@@ -142,6 +141,16 @@ def train_loader_factory(cfg: Config, root: Path, tokenizer, active: list[Modali
                             world_size=world.size, skips=skips)
 
     return make, len(dataset) // (bs * world.size), rows_fingerprint(manifest)
+
+
+def check_batch_fits(manifest, batch_size: int, rows: int | None = None) -> None:
+    """UserError when the training manifest's `rows` (usable rows: all of `manifest`'s by default) fill
+    no batch (training drops the last, incomplete one)."""
+    rows = len(manifest.rows) if rows is None else rows
+    if rows < batch_size:
+        fits = 2 ** (max(rows, 2).bit_length() - 1)
+        raise UserError(f"training manifest has {_usable(manifest)}, fewer than train.batch_size={batch_size}: "
+                        f"set a smaller one (train.batch_size={fits}), or give more rows")
 
 
 def _usable(manifest) -> str:

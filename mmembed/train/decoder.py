@@ -172,7 +172,7 @@ def _context_change(run_dir: Path, context: int) -> str | None:
 
 def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter) -> None:
     save_prompt_model(pm, run_dir)
-    save_config(config, run_dir / CONFIG)
+    save_config(config, run_dir / CONFIG, Path.cwd())
     if skips.summary():
         log.warning("decoder stage: %s", skips.summary())
     try:

@@ -13,12 +13,13 @@ and those that build or read what the stages use in preflight_build.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
-from mmembed.config import Config, TowerConfig
+from mmembed.config import Config, DataConfig, TowerConfig
 from mmembed.config_decoder import DecoderConfig
 from mmembed.errors import ConfigError, UserError
 from mmembed.modality import Modality
@@ -48,6 +49,7 @@ def check_config(config: Config, resume: bool = False) -> None:
     if not _space_copied(config):
         check_built(config)
     _check_world_splits(config)
+    _check_named_splits(config, resume)
     _check_decoder_manifests(config)
     _check_decoder_tasks(config)
     _check_devices(config)
@@ -232,6 +234,22 @@ def _copies_token_reader(config: Config) -> bool:
         copied &= set(theirs)
     return any("tokenizer" in inspect.signature(PREPROCESSORS[Modality.parse(name)]).parameters
                for name in copied & set(model.towers))
+
+
+def _check_named_splits(config: Config, resume: bool) -> None:
+    """A validation or test manifest named other than by default that is not there: a typo
+    (`data.val=vall.jsonl`) trained without validation after a warning, and one of data.test went
+    unnoticed into the run's config. The default names (`val.jsonl`, `test.jsonl`), which a user's
+    own data may lack, are left to the warning; the built-in world writes its files later."""
+    data = config.data
+    if data.synth is not None or resume:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    for key in ("val", "test"):
+        name = getattr(data, key)
+        if name is not None and name != defaults[key] and not (Path(data.root) / name).is_file():
+            raise ConfigError(f"data.{key}: {Path(data.root) / name} not found: name a manifest that is there "
+                              f"(relative to data.root), or set data.{key}=null for none")
 
 
 def _check_world_splits(config: Config) -> None:

@@ -3,8 +3,8 @@
 - A fresh run refuses a folder that already holds files: an older run's checkpoints would
   survive its pruning and a later `--resume` would restore *that* run. `overwrite=True`
   (`--overwrite`) deletes the folder first; `resume=True` continues what is there. A folder a
-  fresh run marked `.unstarted` and that holds only the config and tokenizer it wrote before it
-  built its model (a run a config error stopped) is replaced without asking.
+  fresh run marked `.unstarted` and that holds only the config and tokenizer it wrote before its
+  first step (a run a config error or unusable data stopped) is replaced without asking.
 - While a stage trains, it holds an exclusive lock on `<run>/.lock` (flock, released by the
   kernel when the process dies, so a killed trainer never leaves a stale lock); the file names
   the holder's pid for the message a second trainer gets.
@@ -28,10 +28,11 @@ from mmembed.file_lock import exclusive
 LOCK = ".lock"
 TRASH = ".overwritten-"  # + pid: what `--overwrite` moved aside and is deleting
 CHECKPOINTS = "checkpoints"  # `state.CKPT_DIR` (not imported: state imports torch)
-# a fresh align stage writes this marker, then its config and tokenizer, and removes the marker
-# once its model is built and its data read: a folder of just these was a start a config error stopped
+# a fresh align stage writes this marker, then its config and tokenizer, and removes the marker at
+# its first step: a folder of just these was a start that stopped before it (a config error, no usable row)
 UNSTARTED = ".unstarted"
-UNTRAINED = {UNSTARTED, "config.yaml", "tokenizer.json"}  # (`model.CONFIG`, `model.TOKENIZER`)
+# (`model.CONFIG`, `model.TOKENIZER`, and the trainer's log, opened before its first step)
+UNTRAINED = {UNSTARTED, "config.yaml", "tokenizer.json", "metrics.jsonl"}
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, keep: Sequence[str | Path] = ()) -> None:

@@ -86,8 +86,21 @@ def test_too_few_rows_for_a_batch_counts_the_skipped_ones(tiny_world, tmp_path):
     cfg = load_config(tiny_config(world, tmp_path / "run"))
     tok = Tokenizer.train(["a red circle", "a blue square"], vocab_size=300)
     with pytest.raises(UserError, match=rf"training manifest has 3 usable rows of {n} \({n - 3} skipped; first, "
-                                        r"line 1: absolute path '.*' refused .*\), fewer than train.batch_size=16"):
+                                        r"line 1: absolute path '.*' refused .*\), fewer than train.batch_size=16: "
+                                        r"set a smaller one \(train.batch_size=2\), or give more rows$"):
         train_loader_factory(cfg, world, tok, [Modality.IMAGE, Modality.TEXT], SkipCounter())
+
+
+def test_too_few_rows_for_a_batch_is_refused_before_the_tokenizer_is_trained(tiny_world, tmp_path, monkeypatch):
+    """The README's own-data command (the demo's batch of 128) on 47 rows failed once the tokenizer was trained,
+    and without saying what to change."""
+    cfg = load_config(tiny_config(tiny_world, tmp_path / "run"), ["train.batch_size=4096"])
+    n = len(read_train_manifest(cfg, tiny_world).rows)
+    monkeypatch.setattr("mmembed.train.align.prepare_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained"))
+    with pytest.raises(UserError, match=rf"training manifest has {n} rows, fewer than train.batch_size=4096: set a "
+                                        rf"smaller one \(train.batch_size={2 ** (n.bit_length() - 1)}\)"):
+        train_align(cfg)
+    assert not (tmp_path / "run").exists() or {p.name for p in (tmp_path / "run").iterdir()} <= {".lock"}
 
 
 def test_the_tokenizer_is_made_from_the_manifest_read_once(tiny_world, tmp_path, monkeypatch):

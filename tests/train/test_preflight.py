@@ -363,3 +363,22 @@ def test_fewer_training_rows_than_a_decoder_batch_are_refused_before_the_align_s
                            "decoder.train.batch_size=3"))
     with pytest.raises(ConfigError, match=r"keeps at most 10 usable row\(s\)"):
         check_config(_own_rows(tmp_path, train, "decoder.train.batch_size=11"))
+
+
+def test_a_misnamed_validation_or_test_manifest_is_refused_before_work(tiny_world, tmp_path, caplog):
+    """`data.val=vall.jsonl` trained without validation after a warning, and `data.test=tset.jsonl` went
+    unnoticed into the run's config. The default names, which a user's own data may lack, still only warn."""
+    from mmembed.config import load_config
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tiny_world, tmp_path / "run")
+    for key in ("val", "test"):
+        with pytest.raises(ConfigError, match=rf"^data\.{key}: .*/nosuch\.jsonl not found: name a manifest that is "
+                                              rf"there \(relative to data\.root\), or set data\.{key}=null for none$"):
+            check_config(load_config(config, [f"data.{key}=nosuch.jsonl"]))
+        check_config(load_config(config, [f"data.{key}=train.jsonl"]))  # there: fine
+        check_config(load_config(config, [f"data.{key}=null"]))
+    bare = tmp_path / "bare"  # the defaults' files absent: left to the training's warning
+    bare.mkdir()
+    (bare / "train.jsonl").write_text((tiny_world / "train.jsonl").read_text())
+    check_config(load_config(tiny_config(bare, tmp_path / "run2")))

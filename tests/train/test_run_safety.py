@@ -5,6 +5,7 @@ batches, read-time skips counted, clear one-line errors on bad checkpoints, prog
 import json
 import logging
 import re
+import shutil
 import signal
 
 import pytest
@@ -293,6 +294,22 @@ def test_a_run_a_config_error_stopped_before_training_is_replaced_by_the_correct
     with pytest.raises(UserError, match="already holds files but no checkpoint to resume.*--overwrite"):
         train_align(load_config(tiny_config(tiny_world, other, epochs=1)))
     assert (other / "config.yaml").read_text() == "# mine\nx: 1\n" and (other / "tokenizer.json").is_file()
+
+
+def test_a_start_whose_data_was_unusable_is_replaced_by_the_corrected_one(tiny_world, tmp_path):
+    """A start that took no step because no item could be read ("no training step was taken") had removed
+    its marker: the same command on the mended data was refused, "already holds files but no checkpoint"."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_world, broken)
+    for media in [*broken.rglob("*.png"), *broken.rglob("*.wav")]:
+        media.write_bytes(b"not a picture or a sound")
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="no training step was taken"):
+        train_align(load_config(tiny_config(broken, run, epochs=1)))
+    assert {p.name for p in run.iterdir()} - {".lock", "metrics.jsonl"} == {".unstarted", "config.yaml",
+                                                                           "tokenizer.json"}
+    train_align(load_config(tiny_config(tiny_world, run, epochs=1)))
+    assert latest_checkpoint(run) is not None and not (run / ".unstarted").exists()
 
 
 def test_resuming_on_other_training_rows_is_refused(tiny_world, tmp_path, caplog):
