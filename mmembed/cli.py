@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmembed import __version__
+from mmembed.allocator import keep_freed_memory
 from mmembed.cli_commands import _data, _demo, _index, _search, _serve, _tokenizer
 from mmembed.errors import PeerLostError, UserError
 
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(parser, argv)
         configure_logging(args.verbose)
+        keep_freed_memory()  # a step's freed memory kept for the next, not faulted back in page by page
         if hasattr(sys.stdout, "reconfigure"):  # a "→" or a caption's "☕" on a cp1252/ASCII stdout: a traceback
             sys.stdout.reconfigure(errors="backslashreplace")  # after the work (an index saved, a report lost)
         if args.command is None:
