@@ -262,7 +262,8 @@ def save_config(config: Config, path: str | Path, started_in: Path | None = None
     in a first comment line, which `started_in` reads back."""
     from mmembed.checkpoint import atomic_write_text
 
-    head = f"{STARTED_IN}{json.dumps(str(started_in), ensure_ascii=False)}\n" if started_in is not None else ""
+    # ASCII: a folder name that is not UTF-8 (its bytes kept as lone surrogates) is written as escapes
+    head = f"{STARTED_IN}{json.dumps(str(started_in))}\n" if started_in is not None else ""
     atomic_write_text(Path(path), head + yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

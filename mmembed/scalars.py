@@ -30,6 +30,8 @@ def as_real(value: object) -> object:
     if isinstance(value, Tensor):
         real = value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex())
         return float(value) if real else value
+    if isinstance(value, np.ndarray):  # a 0-d array: np.array(0.7), np.load(f)["t"]
+        return float(value) if value.ndim == 0 and value.dtype.kind in "iuf" else value
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) else value
 
 

@@ -78,6 +78,18 @@ def test_the_resume_command_goes_to_the_folder_the_run_was_started_in(tiny_world
         mm.load(run)
 
 
+def test_a_run_started_in_a_folder_whose_name_is_not_utf8_records_it(tmp_path):
+    """Its config.yaml could not be written (UnicodeEncodeError: surrogates not allowed): the run crashed."""
+    import os
+
+    from mmembed.config import Config, save_config, started_in
+
+    where = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    save_config(Config(), tmp_path / "config.yaml", where)
+    assert started_in(tmp_path / "config.yaml") == where
+    (tmp_path / "config.yaml").read_text(encoding="ascii").splitlines()[0].encode("ascii")
+
+
 def test_a_run_still_training_says_so_and_names_its_trainer(tmp_path):
     """A run under way was called "not a run directory"; opening it must not take or write its lock."""
     run = _stopped_run(tmp_path)

@@ -11,7 +11,7 @@ first `text` and the others `captions`). With `labels="folder"` a row's label is
 under the scanned one (ImageFolder's classes), which makes `mmembed eval` match by class and
 score zero-shot classification (files directly in the folder have none: counted). With `split`
 the rows are dealt into train / val (/ test) manifests by the given fractions, exactly in all and
-per label as nearly as can be (`data.splits.deal`, seeded).
+per label about so (`data.splits.deal`, seeded; many single-row labels can move a large one by a few rows).
 
 What is not an example is skipped and counted, never guessed at: two pictures (or sounds, or
 captions) of one name, a caption with no picture or sound of its name (a README.txt), a caption
@@ -82,7 +82,12 @@ class FolderManifests:
 
     def skipped_line(self) -> str:
         """'captions without a picture or sound of their name: 2 (e.g. README.txt); ...', or ''."""
-        return "; ".join(f"{reason}: {n} (e.g. {self.examples[reason]})" for reason, n in self.skipped.items())
+        return _skipped_line(self)
+
+
+def _skipped_line(counts: Any) -> str:
+    """A `FolderManifests`' or a scan's skips as one line."""
+    return "; ".join(f"{reason}: {n} (e.g. {counts.examples[reason]})" for reason, n in counts.skipped.items())
 
 
 @dataclass
@@ -163,8 +168,8 @@ def _rows(scan: _Scan, folder: Path, out_dir: Path, absolute: bool, labels: bool
     for (rel, _), files in scan.groups.items():
         doubled = [m for m, paths in files.items() if len(paths) > 1]
         if doubled:
-            names = ", ".join(p.name for p in files[doubled[0]])
-            scan.skip(f"examples with two files of one kind ({doubled[0]})", f"{rel}/{names}" if rel != "." else names)
+            names = ", ".join(p.relative_to(folder).as_posix() for p in files[doubled[0]])
+            scan.skip(f"examples with two files of one kind ({doubled[0]})", names)
             continue
         media = {m: paths[0] for m, paths in files.items() if m != Modality.TEXT}
         if not media:
@@ -234,15 +239,20 @@ def write_folder_manifests(folder: str | Path, *, out_dir: str | Path | None = N
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     absolute = not (out == folder or out in folder.parents)
-    if absolute and not _utf8(str(folder)):
+    written = folder if absolute else folder.relative_to(out)  # what the manifests' paths start with
+    if not _utf8(str(written)):
         raise UserError(f"{ascii(str(folder))}: the folder's path is not UTF-8, which no manifest can hold; write the "
                         "manifests inside it (no --out) to keep its paths relative")
 
     scan = scan_folder(folder)
     rows = _rows(scan, folder, out, absolute, labels == "folder", caption_lines)
     if not rows:
+        skipped = f"; skipped: {_skipped_line(scan)}" if scan.skipped else ""
+        if any(m != Modality.TEXT for files in scan.groups.values() for m in files):  # found, none an example
+            raise UserError(f"no example in {folder}: every picture or sound was skipped{skipped}")
         wanted = ", ".join(sorted(e for e, m in media_extensions().items() if m != Modality.TEXT))
-        raise UserError(f"no picture or sound in {folder} (looked for {wanted}, and .txt captions beside them)")
+        raise UserError(f"no picture or sound in {folder} (looked for {wanted}, and .txt captions beside them)"
+                        f"{skipped}")
     parts = split_rows(rows, fractions, seed) if fractions else [rows]
     empty = [n for n, part in zip(names, parts) if not part]
     if empty:

@@ -1,5 +1,6 @@
 """Seeded, stratified splits: indices dealt into parts by fractions so that every part holds its
-share of the whole exactly (largest remainders) and of each key (label) as nearly as it can.
+share of the whole exactly (largest remainders) and of each key (label) about its share: within a
+row or so, and a key among many single-row ones by up to about half their number (see `deal`).
 `mmembed data manifest --split` deals rows this way, the linear probe its training items into a
 fit and a validation part."""
 
@@ -27,8 +28,10 @@ def deal(keys: Sequence[Hashable], fractions: Sequence[float], seed: int) -> lis
     Each key's indices are shuffled (by `seed`) and spread evenly over [0, 1) at a random offset
     ((j + u) / n for the j-th of n, one u per key); every index takes its place in one list by
     that position, and the list is cut by `shares` of the whole. So the parts' sizes are exact,
-    and a key's members in any stretch of the list number its share of them, rounded up or down:
-    rounding each key alone instead sent 100 keys of 5 members to 400 / 100 / 0 when asked for
+    and a key's members in any stretch of [0, 1) number its share of them, rounded up or down. The
+    cuts fall by count, at positions the other keys' members move: single-member keys, each at a
+    random place, can move them by up to about half their number (10 of them beside two keys of 50,
+    split in halves: 27 / 23 of one). Rounding each key alone instead sent 100 keys of 5 members to 400 / 100 / 0 when asked for
     0.8 / 0.1 / 0.1."""
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):

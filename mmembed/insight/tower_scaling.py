@@ -192,6 +192,8 @@ def check_data(cfg: Config) -> None:
     the data root as train_align prepares it: the world generated when data.synth is set), and
     the validation manifest the sweep's loss needs. Each failed inside the first rung, after it
     had trained (no data.val) or made its folder (a data.root holding no world made there)."""
+    if cfg.data.synth is None:  # why the sweep needs it, before the preflight's word on a misnamed data.val
+        validation_manifest(cfg)
     check_config(dataclasses.replace(cfg, decoder=None))  # a rung trains the align stage alone
     prepare_data(cfg.data)
     validation_manifest(cfg)

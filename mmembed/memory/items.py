@@ -66,6 +66,8 @@ class ItemError(BadInput):
 def to_entries(items: Sequence[ItemLike], texts: Sequence[str | None], store_media: StoreMedia = "bytes"
                ) -> list[Entry]:
     """`to_entry` of each (item, text); an item that cannot be used is an `ItemError` naming its index."""
+    if store_media not in ("bytes", "path"):  # not any item's fault
+        raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
     entries = []
     for i, (item, text) in enumerate(zip(items, texts)):
         try:
@@ -73,6 +75,8 @@ def to_entries(items: Sequence[ItemLike], texts: Sequence[str | None], store_med
         except BadInput as e:
             kind = str(getattr(item, "modality", "text"))
             raise ItemError(f"items[{i}] ({kind}): {e}", i, kind, str(e)) from None
+        except UserError as e:  # not an item at all (a number): named by its place too
+            raise UserError(f"items[{i}]: {e}") from None
     return entries
 
 

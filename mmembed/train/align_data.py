@@ -148,9 +148,9 @@ def check_batch_fits(manifest, batch_size: int, rows: int | None = None) -> None
     no batch (training drops the last, incomplete one)."""
     rows = len(manifest.rows) if rows is None else rows
     if rows < batch_size:
-        fits = 2 ** (max(rows, 2).bit_length() - 1)
+        smaller = f"set a smaller one (train.batch_size={2 ** (rows.bit_length() - 1)}), or " if rows >= 2 else ""
         raise UserError(f"training manifest has {_usable(manifest)}, fewer than train.batch_size={batch_size}: "
-                        f"set a smaller one (train.batch_size={fits}), or give more rows")
+                        f"{smaller}give more rows")
 
 
 def _usable(manifest) -> str:

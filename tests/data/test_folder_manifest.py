@@ -94,7 +94,7 @@ def test_what_is_not_an_example_is_skipped_and_counted_and_the_rest_kept(tmp_pat
                             "empty caption files": 1, "caption files not in UTF-8": 1,
                             "broken links": 1, "linked folders not entered": 1,
                             "files whose path is not UTF-8": 1, "entries that are not regular files": 1}
-    assert done.examples["examples with two files of one kind (image)"] == "cat/twin.jpg, twin.png"
+    assert done.examples["examples with two files of one kind (image)"] == "cat/twin.jpg, cat/twin.png"
     assert done.examples["caption files not in UTF-8"] == "cat/latin1.txt"
     rows = lines(root / "manifest.jsonl")
     assert rows == [{"image": "cat/000.png", "audio": "cat/000.wav", "text": "a cat, number 0"},
@@ -125,6 +125,19 @@ def test_a_folder_whose_path_is_not_utf8_keeps_its_manifest_inside(tmp_path):
     with pytest.raises(UserError, match="the folder's path is not UTF-8"):
         write_folder_manifests(root, out_dir=tmp_path / "out")
     assert write_folder_manifests(root).rows == {"manifest": 1}  # relative paths: nothing to encode
+    inner = root / "photos"  # the manifests above it: their paths start "caf\xe9/photos/", a traceback before
+    picture(inner / "cat" / "000.png")
+    with pytest.raises(UserError, match="the folder's path is not UTF-8"):
+        write_folder_manifests(inner, out_dir=tmp_path)
+
+
+def test_a_folder_whose_every_file_is_skipped_says_why(tmp_path):
+    """It said "no picture or sound in ..." of a folder of four pictures, each one of two of its name."""
+    for name in ("x.jpg", "x.png", "y.jpg", "y.png"):
+        picture(tmp_path / "set" / name)
+    with pytest.raises(UserError, match=r"no example in .*set: every picture or sound was skipped; skipped: "
+                                        r"examples with two files of one kind \(image\): 2 \(e\.g\. x\.jpg, x\.png\)$"):
+        write_folder_manifests(tmp_path / "set")
 
 
 def test_caption_lines_give_text_and_alternative_captions(tmp_path):

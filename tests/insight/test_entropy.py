@@ -152,7 +152,7 @@ def test_sweep_refuses_bad_arguments(pm):
 def test_one_temperature_is_a_sweep_of_one(pm):
     """A single number was a bare TypeError ("'float' object is not iterable")."""
     rows = temperature_sweep(pm, resolved(), [0.5], CPU, samples=2, max_new_tokens=4, seed=0)
-    for one in (0.5, np.float32(0.5), torch.tensor(0.5)):
+    for one in (0.5, np.float32(0.5), np.array(0.5), torch.tensor(0.5)):
         got = temperature_sweep(pm, resolved(), one, CPU, samples=2, max_new_tokens=4, seed=0)
         assert got == rows
 

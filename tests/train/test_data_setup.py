@@ -186,3 +186,16 @@ def test_rows_fingerprint_of_a_read_manifest(tmp_path, monkeypatch):
         calls = _path_calls(monkeypatch)
         assert len(manifest) == 4 and rows_fingerprint(manifest) == expected and calls == []
         monkeypatch.undo()
+
+
+def test_the_batch_size_named_fits_the_rows():
+    """One row was told "set a smaller one (train.batch_size=2)" at a batch of 2."""
+    from types import SimpleNamespace
+
+    from mmembed.train.align_data import check_batch_fits
+
+    for rows, said in ((1, r"fewer than train.batch_size=2: give more rows$"),
+                       (7, r"fewer than train.batch_size=8: set a smaller one \(train.batch_size=4\), or give more")):
+        with pytest.raises(UserError, match=said):
+            check_batch_fits(SimpleNamespace(rows=[None] * rows, skipped=[]), rows + 1)
+    check_batch_fits(SimpleNamespace(rows=[None] * 8, skipped=[]), 8)

@@ -4,6 +4,7 @@ generates, exact resume, save → load equality, skipped bad rows, and the `gene
 import copy
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +98,10 @@ def test_interrupted_decoder_stage_resumes_exactly(trained_run, tiny_world, tmp_
     cfg = copy_space(cfg)
     interrupt_decoder(cfg, at_step=5)
     assert not (run / DECODER_WEIGHTS).exists()
+    from mmembed.config import started_in
+
+    assert started_in(run / "config.yaml") == Path.cwd()  # the copied space's config, as the align stage's: the
+    # resume command goes there (it said nothing of it when the decoder stage of a copied space stopped)
     other = copy.deepcopy(cfg)  # other rows: the saved place in the epoch would point into them
     other.decoder.data.tasks = ["describe"]
     with pytest.raises(UserError, match=r"training rows \(decoder.data\) are not those the checkpoint"):
