@@ -105,6 +105,8 @@ def run_scale(args: argparse.Namespace) -> int:
         args.overrides, args.config = [args.config, *args.overrides], "scaling"
     overrides = [*args.overrides, *([f"axis={args.axis}"] if args.axis else [])]
     config = load_scaling_config(args.config, overrides)
+    if args.out is not None and not args.out.strip():  # "" fell back to the config's out_dir and swept there
+        raise UserError("--out is empty; name the sweep's folder")
     if args.out:  # the folder as typed: an override would read it as YAML ("#2" a comment, "2024" a number)
         config.out_dir = args.out
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

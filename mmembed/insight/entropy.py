@@ -146,6 +146,8 @@ def temperature_sweep(pm: PromptModel, prompt: Resolved, temperatures: Sequence[
     elif isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Iterable):
         raise ValueError(f"temperatures must be a number or a list of numbers, got {temperatures!r:.80}")
     settings = [Sampling(t, top_k, top_p) for t in temperatures]  # validate them all before any work
+    if not settings:  # as the command line refuses an empty sweep
+        raise ValueError("temperatures is empty: give at least one")
     rows = []
     for sampling in settings:
         outs = generate(pm.lm, pm.fmt, [prompt] * samples, max_new_tokens, sampling, stops, seed, device)

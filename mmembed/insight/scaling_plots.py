@@ -45,7 +45,8 @@ def plot_scaling(report, out: Path) -> Path:
     for i, r in enumerate(rungs):
         curve = r.result.curve
         colour = plt.cm.viridis(i / max(1, len(rungs) - 1))
-        ax.plot([c["tokens"] for c in curve], [c["val_loss"] for c in curve], color=colour, label=r.label)
+        ax.plot([c["tokens"] for c in curve], [c["val_loss"] for c in curve], color=colour, label=r.label,
+                marker="o" if len(curve) == 1 else None)  # a rung evaluated once is a point, not a line
     _loglog(ax, f"{report.data_unit} seen", loss_label)
     ax.set_title("learning curves")
     return save_png(fig, out)

@@ -79,6 +79,13 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        from mmembed.errors import UserError
+        from mmembed.tokenizer import check_vocab_size
+
+        try:  # at load, as every other value: the tokenizer refused it once the sweep's folder was made
+            check_vocab_size(self.vocab_size)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
         if self.target == "decoder" and self.axis == "params":
             if len(self.sizes) < 3:
                 raise ConfigError(f"sizes: a fit needs at least 3 model sizes, got {len(self.sizes)}")

@@ -241,10 +241,13 @@ def plot_tokenizer_stats(rows: Sequence[TokenizerStatsRow], out_png: str | Path)
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend()
-    for r in rows:  # say where BPE stopped short of the size asked
+    short: dict[tuple[int, float], list[int]] = {}  # say where BPE stopped short of the size asked: one note a
+    for r in rows:                                   # point, naming every size asked that stopped there
         if r.vocab < r.requested:
-            axes[0].annotate(f"asked {r.requested}", (r.vocab, r.chars_per_token), fontsize=7,
-                             textcoords="offset points", xytext=(-45, -4))
+            short.setdefault((r.vocab, r.chars_per_token), []).append(r.requested)
+    for (vocab, cpt), asked in short.items():
+        axes[0].annotate(f"asked {', '.join(map(str, asked))}", (vocab, cpt), fontsize=7, ha="right",
+                         textcoords="offset points", xytext=(-6, -4))
     return save_png(fig, out_png)
 
 

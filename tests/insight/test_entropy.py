@@ -144,7 +144,7 @@ def test_sweep_refuses_bad_arguments(pm):
         temperature_sweep(pm, resolved(), [1.0], CPU, samples=0)
     with pytest.raises(ValueError, match="temperature"):
         temperature_sweep(pm, resolved(), [1.0, -0.5], CPU)
-    for bad in (None, "1.0", torch.ones(2) > 0):  # None was a raw "'NoneType' object is not iterable"
+    for bad in (None, "1.0", torch.ones(2) > 0, []):  # None was a raw "'NoneType' object is not iterable"
         with pytest.raises(ValueError, match="temperature"):
             temperature_sweep(pm, resolved(), bad, CPU)
 

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from mmembed.cli import main
-from mmembed.errors import UserError
+from mmembed.errors import ConfigError, UserError
 from mmembed.insight.lm_data import token_rows, train_world_tokenizer, world_documents
 from mmembed.insight.power_law import fit_power_law
+from mmembed.insight.sweep_config import load_scaling_config
 
 TINY = ["tokens=12000", "context=32", "val_tokens=2048", "bootstrap=20", "recipe.batch_size=16",
         "recipe.eval_every=10", "recipe.eval_rows=32", "recipe.warmup_steps=5",
@@ -313,3 +314,29 @@ def test_a_sweep_stopped_before_its_first_rung_keeps_the_previous_report(tmp_pat
     with pytest.raises(_Stop):
         main(["scale", "--out", str(tmp_path), *TINY])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_smallest_gap_is_the_smallest_in_size():
+    """A validation loss just below the training loss (-0.008, noise) was called the smallest gap over 0.001."""
+    from types import SimpleNamespace
+
+    from mmembed.insight.regularisation import RegularisationReport, Setting
+
+    def setting(dropout, train, val):
+        return Setting(dropout, 0.0, SimpleNamespace(train_loss=train, val_loss=val, best={"step": 4, "val_loss": val}))
+
+    report = RegularisationReport([setting(0.0, 2.0, 2.001), setting(0.3, 2.0, 1.992), setting(0.5, 2.0, 2.3)],
+                                  tokens=1024, epochs=2, files={})
+    assert report.summary().splitlines()[-1] == ("gap without regularisation 0.001; smallest gap 0.001 (dropout 0.0, "
+                                                  "weight decay 0.0)")
+
+
+def test_a_vocabulary_below_the_bytes_or_an_empty_out_is_refused_before_any_folder(tmp_path, capsys):
+    """vocab_size=100 was refused by the tokenizer once the sweep's folder was made; --out "" swept into the
+    config's own out_dir."""
+    with pytest.raises(ConfigError, match="vocab_size=100 is below the 263 byte and special tokens"):
+        load_scaling_config("scaling", ["vocab_size=100"])
+    for argv in (["scale", "vocab_size=100", "--out", str(tmp_path / "sweep")], ["scale", "--out", ""]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "sweep").exists()
