@@ -104,6 +104,7 @@ def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny_world, tmp_path):
     assert latest_checkpoint(tmp_path / "single").name == "step_0000006"
 
 
+@pytest.mark.slow  # 11-20 s of two processes: the default suite stays under 10 minutes
 def test_a_one_process_run_resumed_on_two_trains_the_rest_of_its_epoch_and_all_of_the_next(tiny_world, tmp_path):
     """Its place in the epoch was 9 batches of 4 rows (36 of 51), counted as if they were batches
     of two processes: the resumed run skipped the epoch's last rows and stopped half-way through
@@ -199,6 +200,7 @@ def test_the_decoder_stage_trains_on_two_processes(tiny_world, tmp_path, fsdp):
     assert 1 <= len(out.token_ids) <= 4
 
 
+@pytest.mark.slow  # 11-20 s of two processes: the default suite stays under 10 minutes
 def test_a_sharded_run_whose_batches_lack_a_modality_trains_as_one_process(tiny_world, tmp_path):
     """Under FSDP a process whose batch had no audio row skipped the audio tower while the other
     ran it: running a sharded block is a collective, so both hung in mismatched collectives until
@@ -260,6 +262,7 @@ def _skipped(stderr):
     return re.findall(r"skipped rows during training: skipped (\d+) row", stderr)
 
 
+@pytest.mark.slow  # 11-20 s of two processes: the default suite stays under 10 minutes
 def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_process(tiny_world, tmp_path):
     """Two rows in three have an unreadable image: a batch some rank's share of which had no
     usable row was skipped before its bad rows were counted (8 rows counted of one process's 32),
@@ -272,6 +275,7 @@ def test_rows_skipped_in_batches_the_ranks_skip_together_are_counted_as_on_one_p
     assert two.count("had no usable row") == 1, two[-3000:]  # rank 0 alone says it
 
 
+@pytest.mark.slow  # 11-20 s of two processes: the default suite stays under 10 minutes
 def test_a_resumed_run_counts_every_ranks_skipped_rows_of_its_first_part_once(tiny_world, tmp_path):
     """The checkpoint held rank 0's skipped rows only: a 2-process run stopped at step 2 and
     resumed reported 20 skipped rows where the uninterrupted run reported 32."""
