@@ -316,16 +316,17 @@ class Model:
         prompts = resolve_prompts(list(prompt) if batch else [prompt], self.embed, self.embed_dim, self.device)
         return self.prompt_model, prompts, batch, (sampling, stops)
 
-    def save(self, run_dir: str | Path) -> Path:
+    def save(self, run_dir: str | Path, *, started_in: Path | None = None) -> Path:
         """Write weights, config and tokenizer (and the decoder's and query tower's) into `run_dir`, each
-        file atomically."""
+        file atomically; `started_in`: a training run's working directory, recorded in its config.yaml
+        (`config.save_config`)."""
         from mmembed.decoder import save_prompt_model
         from mmembed.train.queries import save_query_tower
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_tensors(run_dir / WEIGHTS, self.space.state_dict())
-        save_config(self.config, run_dir / CONFIG)
+        save_config(self.config, run_dir / CONFIG, started_in)
         if self.tokenizer is not None:
             self.tokenizer.save(run_dir / TOKENIZER)
         if self.prompt_model is not None:

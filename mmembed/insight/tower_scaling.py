@@ -196,7 +196,8 @@ def check_data(cfg: Config) -> None:
         validation_manifest(cfg)
     check_config(dataclasses.replace(cfg, decoder=None))  # a rung trains the align stage alone
     prepare_data(cfg.data)
-    validation_manifest(cfg)
+    if cfg.data.synth is not None:  # the world has written its manifests now
+        validation_manifest(cfg)
 
 
 def validation_manifest(cfg: Config) -> Path:

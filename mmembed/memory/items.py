@@ -66,8 +66,7 @@ class ItemError(BadInput):
 def to_entries(items: Sequence[ItemLike], texts: Sequence[str | None], store_media: StoreMedia = "bytes"
                ) -> list[Entry]:
     """`to_entry` of each (item, text); an item that cannot be used is an `ItemError` naming its index."""
-    if store_media not in ("bytes", "path"):  # not any item's fault
-        raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
+    _check_store_media(store_media)  # not any item's fault
     entries = []
     for i, (item, text) in enumerate(zip(items, texts)):
         try:
@@ -82,8 +81,7 @@ def to_entries(items: Sequence[ItemLike], texts: Sequence[str | None], store_med
 
 def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes") -> Entry:
     """Normalise one `add` argument pair; raises UserError / BadInput with one line."""
-    if store_media not in ("bytes", "path"):
-        raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
+    _check_store_media(store_media)
     if text is not None and not isinstance(text, str):
         raise BadInput(f"text must be a str, got {type(text).__name__}")
     if text is not None:
@@ -104,6 +102,11 @@ def to_entry(item: ItemLike, text: str | None, store_media: StoreMedia = "bytes"
         return Entry(item.modality, path, text, media_path=path, origin=origin)
     media = ENCODERS[item.modality](item.item)
     return Entry(item.modality, media, text, media=media, origin=origin)
+
+
+def _check_store_media(store_media: object) -> None:
+    if store_media not in ("bytes", "path"):
+        raise UserError(f"store_media must be 'bytes' or 'path', got {store_media!r}")
 
 
 def _inline_entry(item: Media, text: str | None) -> Entry:

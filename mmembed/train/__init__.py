@@ -121,8 +121,7 @@ def copy_space(config: Config, save: bool = True) -> Config:
     """Copy the shared space of `model.init_from` (weights, tower config, tokenizer) into
     `train.out_dir`; returns the config with that run's model and tokenizer sections
     (`save=False`: only the config, for the ranks that do not write)."""
-    from mmembed.config import save_config
-    from mmembed.model import CONFIG, Model
+    from mmembed.model import Model
     from mmembed.model_load import load_space
 
     source = Path(config.model.init_from)
@@ -131,8 +130,8 @@ def copy_space(config: Config, save: bool = True) -> Config:
     model_section = dataclasses.replace(space.config.model, init_from=str(source), init_towers=None)
     config = dataclasses.replace(config, model=model_section, tokenizer=space.config.tokenizer)
     if save:
-        out = Model(config, space.space, space.tokenizer).save(config.train.out_dir)
-        save_config(config, out / CONFIG, Path.cwd())  # where its relative paths are read from (a resume's cd)
+        # with the folder its relative paths are read from (a resume's cd)
+        Model(config, space.space, space.tokenizer).save(config.train.out_dir, started_in=Path.cwd())
         log.info("shared space copied from %s into %s", source, config.train.out_dir)
     return config
 

@@ -245,8 +245,7 @@ class _StageState:
 
 def _finish(model: Model, run_dir: Path, result: FitResult, skips: SkipCounter) -> None:
     model.space.eval()
-    model.save(run_dir)
-    save_config(model.config, run_dir / CONFIG, Path.cwd())  # with the folder its relative paths are read from
+    model.save(run_dir, started_in=Path.cwd())  # the folder its relative paths are read from
     summary = skips.summary()
     if summary:
         log.warning("skipped rows during training: %s", summary)
