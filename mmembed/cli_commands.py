@@ -123,7 +123,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from mmembed.serve import bind, create_app, is_loopback, open_state, run, url_of
+        from mmembed.serve import bind, bracketed, create_app, is_loopback, open_state, run, url_of
     except ImportError as e:
         raise UserError(f"mmembed serve needs the web extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[serve]'") from None
@@ -132,7 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a busy port fails before the model loads
     state = open_state(mm.load(args.run), run=Path(args.run).resolve().name, index=args.index, memory=args.memory)
     if not is_loopback(args.host):
-        print(f"mmembed serve: listening on {args.host}: other machines can reach this server", file=sys.stderr)
+        print(f"mmembed serve: listening on {bracketed(args.host)}:{args.port}: other machines can reach this server",
+              file=sys.stderr)
     print(f"mmembed serve: {url_of(sock)} (Ctrl+C to stop)", flush=True)
     try:
         run(create_app(state), sock)

@@ -59,6 +59,20 @@ def replay_tokens(fmt: PromptFormat, generation: Generation, stop: Stops) -> lis
     return list(_released(steps(), stop))
 
 
+def token_texts(fmt: PromptFormat, token_ids: list[int], text: str) -> list[str]:
+    """Each generated token's own part of an answer's `text` (its `Generation.text`, cut before a
+    stop string): they join to `text`. Unlike a stream's, nothing is held back for a stop string that
+    might begin, so a token's text is the one it wrote (only an incomplete UTF-8 character waits for
+    the token that completes it); the token where a cut stop string begins and those after it have ""."""
+    unstopped = replay_tokens(fmt, Generation("", list(token_ids), [0.0] * len(token_ids), [0.0] * len(token_ids)),
+                              Stops())
+    texts, used = [], 0
+    for token in unstopped:
+        texts.append(token.text[:max(len(text) - used, 0)])
+        used += len(texts[-1])
+    return texts
+
+
 def _released(steps: Iterator[_Row], stop: Stops) -> Iterator[StreamedToken]:
     """One row after every decoding step → its tokens with the text each releases."""
     sent, pending, row = 0, None, None

@@ -14,9 +14,9 @@ thread). The page is `static/index.html`, `static/app.js`, `static/style.css` (n
         ...                                               # POST url + "api/search", ...
 """
 
-from mmembed.serve.app import BackgroundServer, bind, create_app, run, url_of
+from mmembed.serve.app import BackgroundServer, bind, bracketed, create_app, run, url_of
 from mmembed.serve.safety import Limits, is_loopback
 from mmembed.serve.state import ServeState, open_state
 
-__all__ = ["BackgroundServer", "Limits", "ServeState", "bind", "create_app", "is_loopback", "open_state", "run",
-           "url_of"]
+__all__ = ["BackgroundServer", "Limits", "ServeState", "bind", "bracketed", "create_app", "is_loopback", "open_state",
+           "run", "url_of"]

@@ -30,10 +30,10 @@ from starlette.datastructures import FormData
 
 from mmembed.decoder import MEDIA, Generation, Stops
 from mmembed.decoder.generate import MAX_SEED
-from mmembed.decoder.stream import replay_tokens
+from mmembed.decoder.stream import replay_tokens, token_texts
 from mmembed.errors import UserError
 from mmembed.retrieval import Hit, Query
-from mmembed.serve.pieces import Piece, check_fields, number, parse_weights, read_form, read_pieces
+from mmembed.serve.pieces import Piece, check_fields, check_once, number, parse_weights, read_form, read_pieces
 from mmembed.serve.safety import FILE_MODALITIES, Refusal
 from mmembed.serve.state import ServeState
 
@@ -126,6 +126,7 @@ def hit_json(hit: Hit, rank: int, media_tag: str, playable: bool) -> dict[str, A
 @router.get("/media/{item_id}")
 def media(request: Request, item_id: int, g: str | None = None) -> FileResponse:
     state = state_of(request)
+    check_once(request.query_params, "query parameter")
     caching = state.media_cache_control(g, f"item {item_id}")
     path, fmt = state.index.served(item_id)
     return FileResponse(path, media_type=fmt.mime, headers={"cache-control": caching})
@@ -203,11 +204,11 @@ def _generate_all(state: ServeState, prompt: list[Any], settings: dict[str, Any]
     with user_errors(), state.lock:
         if chosen["best_of"] == 1:
             tokens = [token_json(t) for t in state.model.stream_tokens(prompt, **settings)]
-            return {**finish(state, prompt, tokens, settings["stop"]), "tokens": tokens}
+            return whole(finish(state, prompt, tokens, settings), tokens)
         out = state.model.generate(prompt, **settings, **chosen)
         replayed = replay_tokens(state.model.prompt_model.fmt, out, Stops.parse(settings["stop"]))
         tokens = [token_json(t) for t in replayed]
-        return {**finish(state, prompt, tokens, settings["stop"]), "tokens": tokens,
+        return {**whole(finish(state, prompt, tokens, settings), tokens),
                 "candidates": [{"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4),
                                 "similarity": None if c.similarity is None else round(c.similarity, 4)}
                                for c in out.candidates]}
@@ -220,7 +221,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
         raise Refusal(400, "best_of chooses among whole answers: POST it to /api/generate, not the stream")
     tokens = state.model.stream_tokens(prompt, **settings)
     first = await model_call(state, _next, state, tokens)  # a bad prompt is still a 400, not an event
-    return _ClosingStream(_events(state, prompt, first, tokens, settings["stop"]), media_type="text/event-stream",
+    return _ClosingStream(_events(state, prompt, first, tokens, settings), media_type="text/event-stream",
                           headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
 
@@ -241,10 +242,10 @@ def _next(state: ServeState, tokens: Iterator[Any]) -> dict[str, Any] | None:
     return None if token is None else token_json(token)
 
 
-def _finish(state: ServeState, prompt: list[Any], sent: list[dict[str, Any]], stop: list[str] | None
+def _finish(state: ServeState, prompt: list[Any], sent: list[dict[str, Any]], settings: dict[str, Any]
             ) -> dict[str, Any]:
     with state.lock:
-        return finish(state, prompt, sent, stop)
+        return finish(state, prompt, sent, settings)
 
 
 def _close(state: ServeState, tokens: Iterator[Any]) -> None:
@@ -253,7 +254,7 @@ def _close(state: ServeState, tokens: Iterator[Any]) -> None:
 
 
 async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | None, tokens: Iterator[Any],
-                  stop: list[str] | None = None) -> AsyncIterator[str]:
+                  settings: dict[str, Any]) -> AsyncIterator[str]:
     """`event: token` per generated token, then `event: done` (or `event: error`). The model lock is
     held only while a token is computed, never across a yield: a client that stops reading must not
     stall the model."""
@@ -263,7 +264,7 @@ async def _events(state: ServeState, prompt: list[Any], first: dict[str, Any] | 
             sent.append(token)
             yield sse("token", token)
             token = await model_call(state, _next, state, tokens)
-        yield sse("done", await model_call(state, _finish, state, prompt, sent, stop))
+        yield sse("done", await model_call(state, _finish, state, prompt, sent, settings))
     except Refusal as e:
         yield sse("error", {"error": e.message})
     except Exception as e:  # noqa: BLE001 - the headers are sent: the stream itself must say what went wrong
@@ -278,16 +279,28 @@ def token_json(token: Any) -> dict[str, Any]:
     return {"id": token.id, "text": token.text, "entropy": round(token.entropy, 4), "logprob": round(token.logprob, 4)}
 
 
-def finish(state: ServeState, prompt: list[Any], tokens: list[dict[str, Any]], stop: list[str] | None
+def finish(state: ServeState, prompt: list[Any], tokens: list[dict[str, Any]], settings: dict[str, Any]
            ) -> dict[str, Any]:
-    """The answer's summary: its text, why it ended, and the model's own entropy (T = 1) at each token."""
+    """The answer's summary: its text, why it ended (and whether the decoder's context cut it short of
+    `max_new_tokens`), each token's own part of the text, and the model's own entropy (T = 1) at each token."""
+    fmt = state.model.prompt_model.fmt
     ids = [t["id"] for t in tokens]
     drawn = [t["entropy"] for t in tokens]
     own = state.model.token_entropy(prompt, Generation("", ids, entropy=drawn)).model if ids else []
-    return {"text": "".join(t["text"] for t in tokens),
-            "finish_reason": finish_reason(state.model.prompt_model.fmt, ids, Stops.parse(stop)),
+    text = "".join(t["text"] for t in tokens)
+    reason = finish_reason(fmt, ids, Stops.parse(settings["stop"]))
+    # only a decoder that does not slide stops short of max_new_tokens without an <eos> or a stop
+    context = state.decoder_context()
+    cut = reason == "length" and context is not None and len(ids) < settings["max_new_tokens"]
+    return {"text": text, "finish_reason": reason, "context_cut": context if cut else None,
             "mean_entropy": round(sum(drawn) / len(drawn), 4) if drawn else 0.0,
-            "model_entropy": [round(h, 4) for h in own]}
+            "model_entropy": [round(h, 4) for h in own], "token_texts": token_texts(fmt, ids, text)}
+
+
+def whole(summary: dict[str, Any], tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """/api/generate's answer: the summary, and the tokens each with its own text (the stream's `text` is
+    what a token released: one may carry text held back while a stop string could begin)."""
+    return {**summary, "tokens": [{**t, "text": own} for t, own in zip(tokens, summary["token_texts"])]}
 
 
 def finish_reason(fmt: Any, ids: list[int], stops: Stops) -> str:

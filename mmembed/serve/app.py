@@ -11,6 +11,7 @@ loopback unless asked otherwise, in the foreground (`mmembed serve`) or a backgr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import threading
@@ -63,7 +64,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _refused(request: Request, exc: Refusal) -> JSONResponse:
-    return _error(exc.status, exc.message)
+    response = _error(exc.status, exc.message)
+    if exc.status == 413:  # the rest of the body is never read: the connection cannot carry another request
+        response.headers["connection"] = "close"
+    return response
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,9 +126,16 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def url_of(sock: socket.socket) -> str:
+    """The URL to open: a socket bound to every address (0.0.0.0, ::) is opened on this computer's loopback."""
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "127.0.0.1" if sock.family == socket.AF_INET else "::1"
+    return f"http://{bracketed(host)}:{port}/"
+
+
+def bracketed(host: str) -> str:
+    """An address as a URL or `host:port` writes it: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _server(app: FastAPI, log_level: str) -> uvicorn.Server:

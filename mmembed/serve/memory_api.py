@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from mmembed.serve.api import SAMPLING_FIELDS, model_call, read_prompt, state_of, to_segment, user_errors
-from mmembed.serve.pieces import check_fields, read_form, read_pieces
+from mmembed.serve.pieces import check_fields, check_once, read_form, read_pieces
 from mmembed.serve.safety import FILE_MODALITIES, Refusal, sniff, unplayable
 from mmembed.serve.state import ServeState
 
@@ -35,8 +35,10 @@ def user_name(value: Any) -> str:
         raise Refusal(400, "give a user name (whose memory)")
     if value != value.strip():
         raise Refusal(400, f"a user name must not start or end with a space, got {value[:MAX_USER_CHARS]!r}")
-    if len(value) > MAX_USER_CHARS or not value.isprintable():
-        raise Refusal(400, f"a user name is at most {MAX_USER_CHARS} printable characters")
+    if len(value) > MAX_USER_CHARS:
+        raise Refusal(400, f"a user name is at most {MAX_USER_CHARS} characters, got {len(value)}")
+    if not value.isprintable():  # a 3-letter name with a NUL was told "at most 64 printable characters"
+        raise Refusal(400, f"a user name must be printable characters, got {value!r}")
     if "\ufffd" in value:  # what a form's undecodable bytes became: %FE and %FF were one user
         raise Refusal(400, "a user name must be valid UTF-8 text")
     return value
@@ -45,6 +47,7 @@ def user_name(value: Any) -> str:
 @router.get("")
 def items(request: Request, user: str, limit: int = 200) -> dict[str, Any]:
     state = state_of(request)
+    check_once(request.query_params, "query parameter")
     memory, user = state.need_memory(), user_name(user)
     if not 1 <= limit <= 1000:
         raise Refusal(400, f"limit must be between 1 and 1000, got {limit}")
@@ -118,6 +121,7 @@ def _ask(state: ServeState, memory: Any, user: str, prompt: list[Any], settings:
 @router.get("/items/{item_id}/media")
 def item_media(request: Request, item_id: int, user: str, g: str | None = None) -> Response:
     state = state_of(request)
+    check_once(request.query_params, "query parameter")
     memory, user = state.need_memory(), user_name(user)
     caching = state.media_cache_control(g, f"item {item_id}")
     with user_errors():
@@ -135,6 +139,7 @@ def item_media(request: Request, item_id: int, user: str, g: str | None = None) 
 
 @router.delete("/items/{item_id}")
 def forget(request: Request, item_id: int, user: str) -> dict[str, Any]:
+    check_once(request.query_params, "query parameter")
     memory, user = state_of(request).need_memory(), user_name(user)
     with user_errors():
         deleted = memory.delete([item_id], user=user)

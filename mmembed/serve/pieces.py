@@ -15,6 +15,7 @@ is refused here with its name and the reason, before any work starts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ async def read_form(request: Request, limits: Limits) -> FormData:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise Refusal(415, f"send a form (multipart/form-data: fields text, file, ...), not {kind[:60]}")
+    if not kind and (request.headers.get("content-length", "0").strip() not in ("", "0")
+                     or "transfer-encoding" in request.headers):  # its body was ignored: "nothing to search for"
+        raise Refusal(415, "send a form (multipart/form-data: fields text, file, ...); this body has no Content-Type")
     try:
         # a character is up to 4 bytes of UTF-8 in a multipart field and 12 once percent-encoded
         # (an url-encoded form); `_text` then counts the characters themselves
@@ -180,12 +184,24 @@ async def _file(upload: UploadFile, limits: Limits, check: Check) -> Piece:
     return Piece(fmt.modality, data, name)
 
 
+REPEATABLE = ("text", "file", "stop")  # the pieces, in order, and the stop strings; every other field is one value
+
+
 def check_fields(form: FormData, known: tuple[str, ...]) -> None:
-    """A 400 naming a field the endpoint does not read: `temprature=1.5` was dropped, and the
-    answer came back greedy with a 200."""
+    """A 400 naming a field the endpoint does not read (`temprature=1.5` was dropped, and the
+    answer came back greedy with a 200), or one sent twice that takes one value."""
     for key in form.keys():
         if key not in known:
             raise Refusal(400, f"unknown field {key[:40]!r}; known: {', '.join(known)}")
+    check_once(form, "field")
+
+
+def check_once(fields: Any, what: str) -> None:
+    """A 400 for a field (`what`: "field", "query parameter") sent more than once that takes one value:
+    the last one won, so `user=ada&user=bob` stored the item as bob's and `k=1&k` returned 12 hits."""
+    for key in dict.fromkeys(fields.keys()):
+        if key not in REPEATABLE and (n := len(fields.getlist(key))) > 1:
+            raise Refusal(400, f"{what} {key[:40]!r} is sent {n} times; it takes one value")
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -207,6 +223,10 @@ def _bound(x: float | None, kind: type) -> str:
     return "-inf" if x is None else str(int(x)) if kind is int else f"{x:g}"  # a seed's bound in full, not 9.2e+18
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def number(form: FormData, key: str, kind: type, default: Any, low: float | None = None,
            high: float | None = None) -> Any:
     """A numeric form field (`kind` int or float) within [low, high]; absent or empty → `default`."""
@@ -215,10 +235,9 @@ def number(form: FormData, key: str, kind: type, default: Any, low: float | None
         return default
     if not isinstance(raw, str):
         raise Refusal(400, f"{key} must be a text field, not a file")
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
+    # ASCII digits only: Python's int() and float() read "٣" as 3 and "1_0" as 10
+    pattern = _INTEGER if kind is int else _DECIMAL
+    value = kind(raw) if pattern.fullmatch(raw.strip()) else None
     if value is None or (kind is float and not math.isfinite(value)):
         raise Refusal(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {str(raw)[:40]!r}")
     if (low is not None and value < low) or (high is not None and value > high):

@@ -190,8 +190,9 @@ class SameSite:
     - A request that writes or computes (any method but GET/HEAD/OPTIONS) from another origin is
       a 403: a form another site posts needs no CORS preflight (it wrote into a user's memory).
     - On a connection to a loopback address (the address the server is bound to, whatever name
-      `--host` gave it), a Host header other than localhost or a loopback address is a 403: a DNS
-      name rebound to 127.0.0.1 would otherwise read every user's memory.
+      `--host` gave it), a Host header other than localhost, a loopback address or the unspecified
+      address (0.0.0.0, ::) is a 403: a DNS name rebound to 127.0.0.1 would otherwise read every
+      user's memory.
     """
 
     def __init__(self, app) -> None:
@@ -251,7 +252,11 @@ def _local(host: str) -> bool:
         name = urlsplit(f"//{host}").hostname
     except ValueError:
         return False
-    return name is not None and is_loopback(name.lower())
+    if name is None:
+        return False
+    # `--host 0.0.0.0` (or `::`) prints a loopback URL, but http://0.0.0.0:PORT/ reaches this computer
+    # too (Linux connects it to 127.0.0.1), and its Host was a 403: an address, never a name to rebind
+    return is_loopback(name.lower()) or _is_ip(name) and ipaddress.ip_address(name).is_unspecified
 
 
 async def _send_error(send, status: int, message: str) -> None:

@@ -49,9 +49,17 @@ class ServeState:
             raise BadInput(f"this model has no {modality} tower (it has: {have})")
         pre(data)
 
+    def no_decoder(self) -> str | None:
+        """Why this server cannot answer prompts (no decoder stage, or one not finished), or None when it can."""
+        if getattr(self.model, "prompt_model", None) is not None:
+            return None
+        from mmembed.model_load import no_decoder
+
+        return no_decoder(self.model, "answer prompts")
+
     def need_decoder(self) -> None:
-        if getattr(self.model, "prompt_model", None) is None:
-            raise Refusal(400, "this run has no decoder: prompting needs a run trained with a `decoder:` section")
+        if (why := self.no_decoder()) is not None:
+            raise Refusal(400, why)
 
     def need_memory(self) -> Any:
         if self.memory is None:
@@ -69,8 +77,14 @@ class ServeState:
 
     def status(self) -> dict[str, Any]:
         return {"run": self.run, "modalities": [str(m) for m in self.model.modalities],
-                "decoder": getattr(self.model, "prompt_model", None) is not None,
+                "decoder": (why := self.no_decoder()) is None, "no_decoder": why, "context": self.decoder_context(),
                 "memory": self.memory is not None, "index": self.index.status(), "limits": self.limits.as_dict()}
+
+    def decoder_context(self) -> int | None:
+        """The decoder's context in tokens, which caps prompt + answer; None without a decoder or for
+        one that slides (`decoder.window`: it writes on past it)."""
+        pm = getattr(self.model, "prompt_model", None)
+        return None if pm is None or pm.lm.decoder.slides else pm.lm.decoder.max_len
 
 
 def open_state(model: Any, *, run: str, index: str | Path | None = None, memory: str | Path | None = None,

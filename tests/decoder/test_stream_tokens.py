@@ -178,3 +178,39 @@ def test_replayed_tokens_join_to_the_text_whichever_step_stopped_the_answer(monk
     assert (out.text, out.finish_reason, len(out.token_ids)) == (text, reason, 2)
     replayed = replay_tokens(pm.fmt, out, Stops(stop))
     assert replayed == tokens and "".join(t.text for t in replayed) == out.text
+
+
+def test_token_texts_give_each_token_the_text_it_wrote():
+    """`token_texts`: no hold-back for a stop string that might begin, so each token keeps its own
+    text; they join to the answer, cut where a stop string begins (a stream's token i carried the
+    text of token i+1 while the stop could be starting)."""
+    from mmembed.decoder.stream import token_texts
+
+    pm = lively(prompt_model(), std=0.3)
+    free_tokens, free = both(pm, 20, Stops(), seed=5, temperature=1.0)
+    own = token_texts(pm.fmt, free.token_ids, free.text)
+    assert own == [t.text for t in free_tokens]  # nothing to hold back: the stream's texts
+    stop = free.text[len(free.text) // 2:][:3]
+    tokens, out = both(pm, 20, Stops((stop,)), seed=5, temperature=1.0)
+    stopped = token_texts(pm.fmt, out.token_ids, out.text)
+    assert "".join(stopped) == out.text and len(stopped) == len(out.token_ids)
+    cut, used = len(out.text), 0
+    for text, unstopped in zip(stopped, own):
+        assert text == unstopped[:max(cut - used, 0)]
+        used += len(text)
+    assert stopped != [t.text for t in tokens]  # the stream held text back behind the stop's first characters
+
+
+def test_token_texts_wait_for_a_character_split_over_tokens():
+    from mmembed.decoder.stream import token_texts
+    from mmembed.tokenizer import Tokenizer
+    from mmembed.decoder.prompt import PromptFormat
+
+    tok = Tokenizer.train(["b\u00e9 ab\u00e9"] * 30, vocab_size=300)  # learns the token b"b\xc3": "b" + half an "é"
+    (split,) = [i for i in range(tok.vocab_size) if tok.decode_bytes([i]) == b"b\xc3"]
+    (rest,) = tok.encode_bytes(b"\xa9")
+    fmt = PromptFormat(tok, soft_tokens=1)
+    ids = [*tok.encode_bytes(b"a"), split, rest, *tok.encode_bytes(b"z")]
+    # the token holding "b" and half an "é" writes the "b"; the "é" waits for its second byte
+    assert token_texts(fmt, ids, "ab\u00e9z") == ["a", "b", "\u00e9", "z"]
+    assert token_texts(fmt, ids, "ab") == ["a", "b", "", ""]  # an answer cut before the "é"

@@ -10,6 +10,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from mmembed.serve.indexing import IndexBuild  # noqa: E402
 from mmembed.serve.safety import Refusal  # noqa: E402
 from tests.serve.conftest import aiff_of, manifest_rows, untrained_model  # noqa: E402
 
+URLENCODED = {"content-type": "application/x-www-form-urlencoded"}
 LIMITS = Limits(max_file_bytes=64 * 1024, max_files=4, max_new_tokens=16)
 
 
@@ -79,6 +81,7 @@ def test_the_test_manifest_is_indexed_on_start(client, tiny_world):
     assert status["index"]["state"] == "ready" and status["index"]["done"] == status["index"]["total"] == 3 * n
     assert status["index"]["counts"] == {"text": n, "image": n, "audio": n}
     assert status["decoder"] and status["memory"] and status["limits"]["max_files"] == 4
+    assert status["no_decoder"] is None and status["context"] == 64  # the untrained decoder's
 
 
 def test_search_equals_the_python_api(client, model, tiny_world):
@@ -192,6 +195,11 @@ def test_too_many_files_and_too_large_bodies_are_refused(client, tiny_world):
 
     response = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert response.status_code == 413 and response.json()["error"].startswith("request too large (over ")
+    # the unread rest of the body cannot carry another request: a raw client waited 30 s for the close
+    assert response.headers["connection"] == "close"
+    # a body without a Content-Type was ignored: "nothing to search for"
+    response = client.post("/api/search", content=b"text=red")
+    assert response.status_code == 415 and "has no Content-Type" in response.json()["error"]
     response = client.post("/api/search", json={"text": "a red star"})
     assert response.status_code == 415 and "send a form" in response.json()["error"]
     assert client.get("/api/status").status_code == 200
@@ -238,6 +246,49 @@ def test_the_stream_sends_each_token_then_done(client, tiny_world):
     assert parsed[-1][1] == {k: v for k, v in whole.items() if k != "tokens"}
 
 
+def test_with_a_stop_string_each_token_keeps_its_own_text(client):
+    """With a stop string the stream holds text back while one could begin, so token i carried
+    text of token i+1 ("a s" under the id of "a"); /api/generate reported those released texts, and
+    the page coloured the wrong characters. Now /api/generate's tokens and `done`'s `token_texts`
+    give each token the text it wrote: the answer without the stop, cut where the stop begins."""
+    settings = {"max_new_tokens": "16", "temperature": "1.0", "seed": "5"}
+    free = client.post("/api/generate", files=files(("text", "describe this")), data=settings).json()
+    assert len(free["text"]) >= 8, free  # enough text to stop inside
+    assert [t["text"] for t in free["tokens"]] == free["token_texts"]
+    stop = free["text"][5:8]
+    cut = free["text"].find(stop)
+    body = files(("text", "describe this"), ("stop", stop))
+    stopped = client.post("/api/generate", files=body, data=settings).json()
+    assert stopped["text"] == free["text"][:cut] and stopped["finish_reason"] == "stop"
+    texts = [t["text"] for t in stopped["tokens"]]
+    assert "".join(texts) == stopped["text"] and texts == stopped["token_texts"]
+    used = 0
+    for own, unstopped in zip(texts, free["token_texts"]):  # the same draws up to the stop
+        assert own == unstopped[:max(cut - used, 0)], (texts, free["token_texts"])
+        used += len(own)
+    with client.stream("POST", "/api/generate/stream", files=body, data=settings) as response:
+        blocks = [b for b in response.read().decode().split("\n\n") if b]
+    events = [json.loads(b.split("\n")[1].removeprefix("data: ")) for b in blocks]
+    assert events[-1]["token_texts"] == texts
+    released = [e["text"] for e in events[:-1]]
+    assert "".join(released) == stopped["text"] and released != texts  # the stream held text back
+
+
+def test_an_answer_cut_by_the_context_says_so(client, model):
+    """max_new_tokens up to the server's limit was accepted and the answer silently cut where the
+    decoder's context ends (only the server's log said so): `context_cut` names the context."""
+    fmt = model.prompt_model.fmt
+    words = "describe this " * 40
+    prompt = next(words[:n] for n in range(len(words), 0, -1) if fmt.length([words[:n]]) <= 60)
+    assert client.get("/api/status").json()["context"] == 64
+    out = client.post("/api/generate", files=files(("text", prompt)), data={"max_new_tokens": "16"}).json()
+    room = 64 + 1 - fmt.length([prompt])
+    assert out["finish_reason"] == "length" and len(out["tokens"]) == room < 16, out
+    assert out["context_cut"] == 64
+    short = client.post("/api/generate", files=files(("text", "hi")), data={"max_new_tokens": "3"}).json()
+    assert short["context_cut"] is None and len(short["tokens"]) <= 3
+
+
 def test_the_stream_holds_the_model_lock_only_while_it_computes(client, model):
     """A client that stops reading after `done` (or never reads it) must not keep the model locked
     from every other request: the generator is suspended at each event with the lock free."""
@@ -251,7 +302,8 @@ def test_the_stream_holds_the_model_lock_only_while_it_computes(client, model):
 
     async def read() -> list[str]:
         events = _events(state, ["describe this"], {"id": first.id, "text": first.text, "entropy": first.entropy,
-                                                     "logprob": first.logprob}, tokens)
+                                                     "logprob": first.logprob}, tokens,
+                         {"stop": None, "max_new_tokens": 3})
         kinds = []
         async for event in events:
             kinds.append(event.split("\n")[0])
@@ -306,6 +358,51 @@ def test_requests_queued_for_the_model_leave_the_other_routes_answering(client):
     for t in waiting:
         t.join(timeout=60)
     assert answers == [200] * 48
+
+
+@pytest.mark.parametrize("path,fields,error", [
+    ("/api/search", [("text", "red"), ("k", "1"), ("k", "3")], "field 'k' is sent 2 times; it takes one value"),
+    ("/api/search", [("text", "red"), ("k", "1"), ("k", "")], "field 'k' is sent 2 times"),  # an empty k reset it
+    ("/api/search", [("text", "red"), ("target", "image"), ("target", "audio")], "field 'target' is sent 2 times"),
+    ("/api/generate", [("text", "hi"), ("max_new_tokens", "2"), ("max_new_tokens", "5")],
+     "field 'max_new_tokens' is sent 2 times"),
+    ("/api/memory/remember", [("user", "ada"), ("user", "bob"), ("text", "two users")],
+     "field 'user' is sent 2 times"),
+])
+def test_a_field_that_takes_one_value_sent_twice_is_a_400(client, path, fields, error):
+    """The last value won: user=ada&user=bob stored the item under bob, k=1&k=3 gave 3 hits."""
+    response = client.post(path, content=urlencode(fields), headers=URLENCODED)
+    assert response.status_code == 400 and response.json()["error"].startswith(error), response.text
+    assert client.app.state.serve.memory.count("bob") == 0
+
+
+def test_pieces_and_stop_strings_repeat_and_a_query_parameter_does_not(client):
+    body = urlencode([("text", "a red"), ("text", "star"), ("k", "2")])
+    assert len(client.post("/api/search", content=body, headers=URLENCODED).json()["hits"]) == 2
+    body = urlencode([("text", "hi"), ("stop", "x"), ("stop", "y"), ("max_new_tokens", "2")])
+    assert client.post("/api/generate", content=body, headers=URLENCODED).status_code == 200
+    response = client.get("/api/memory?user=ada&user=bob")
+    assert response.status_code == 400 and response.json()["error"] == ("query parameter 'user' is sent 2 times; "
+                                                                        "it takes one value")
+    assert client.delete("/api/memory/items/1?user=ada&user=bob").status_code == 400
+
+
+@pytest.mark.parametrize("value", ["\u0663", "1_0", "\uff13", "3e0"])
+def test_a_number_is_written_in_ascii_digits(client, value):
+    """Python's int() read the Arabic-Indic "٣" as 3 and "1_0" as 10: k accepted them."""
+    response = client.post("/api/search", data={"text": "red", "k": value})
+    assert response.status_code == 400 and response.json()["error"].startswith("k must be an integer")
+    if value != "3e0":  # a number, not an integer
+        response = client.post("/api/generate", data={"text": "hi", "temperature": value})
+        assert response.status_code == 400 and "temperature must be a number" in response.json()["error"]
+
+
+def test_a_user_name_with_a_control_character_says_so(client):
+    """A 3-letter name with a NUL was told "a user name is at most 64 printable characters"."""
+    response = client.get("/api/memory", params={"user": "a\x00b"})
+    assert response.json()["error"] == "a user name must be printable characters, got 'a\\x00b'"
+    response = client.get("/api/memory", params={"user": "x" * 65})
+    assert response.json()["error"] == "a user name is at most 64 characters, got 65"
 
 
 def test_a_number_too_large_for_a_float_is_a_400(client):
@@ -478,15 +575,26 @@ def test_bad_sampling_settings_are_400_before_streaming(client, data, message):
         assert response.status_code == 400 and message in response.json()["error"]
 
 
-def test_a_run_without_decoder_says_so(model, tiny_world):
+def test_a_run_without_decoder_says_so(model, tiny_world, tmp_path):
+    """A run whose decoder stage had not finished was told "this run has no decoder: prompting needs
+    a run trained with a `decoder:` section", though its config had one (`mmembed generate` said
+    how to finish it); /api/status now carries the reason, which the page shows."""
     model = untrained_model(tiny_world)
     model.prompt_model = None
-    state = open_state(model, run="no-decoder", index=None)
-    with TestClient(create_app(state)) as client:
-        response = client.post("/api/generate", files=files(("text", "hi")))
-        assert response.status_code == 400 and "this run has no decoder" in response.json()["error"]
-        assert client.get("/api/memory", params={"user": "ada"}).json() == {
-            "error": "this server has no memory: start it with --memory FILE"}
+    for config_decoder, run_dir, expected in [
+            (None, None, "this run has no decoder stage, so it cannot answer prompts: train one with a config"),
+            (model.config.decoder, tmp_path, f"the decoder stage of {tmp_path} has not finished (no "
+                                             "decoder.safetensors), so it cannot answer prompts: continue it with")]:
+        model.config.decoder, model.run_dir = config_decoder, run_dir
+        state = open_state(model, run="no-decoder", index=None)
+        with TestClient(create_app(state)) as client:
+            for path in ("/api/generate", "/api/generate/stream"):
+                response = client.post(path, files=files(("text", "hi")))
+                assert response.status_code == 400 and response.json()["error"].startswith(expected)
+            status = client.get("/api/status").json()
+            assert not status["decoder"] and status["no_decoder"].startswith(expected) and status["context"] is None
+            assert client.get("/api/memory", params={"user": "ada"}).json() == {
+                "error": "this server has no memory: start it with --memory FILE"}
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -817,6 +925,32 @@ def test_the_host_check_holds_on_a_dual_stack_socket(model):
         assert refused.status_code == 403 and "evil.example" in refused.json()["error"]
         assert httpx.get(v4, timeout=10).status_code == 200
         assert httpx.get(v4, headers={"host": f"[::ffff:127.0.0.1]:{port}"}, timeout=10).status_code == 200
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_server_on_every_address_prints_a_url_that_opens(model, host):
+    """`--host 0.0.0.0` printed http://0.0.0.0:PORT/, which reaches this computer's loopback with
+    Host: 0.0.0.0:PORT, and that Host was a 403 (`--host ::` the same with [::])."""
+    import httpx
+
+    from mmembed.serve import BackgroundServer
+
+    state = ServeState(model, IndexBuild(), None, LIMITS, "tiny", threading.Lock())
+    try:
+        server = BackgroundServer(create_app(state), host=host)
+        url = server.__enter__()
+    except (UserError, RuntimeError) as e:
+        pytest.skip(f"no socket on {host} here ({e})")
+    try:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        assert url == (f"http://127.0.0.1:{port}/" if host == "0.0.0.0" else f"http://[::1]:{port}/")
+        assert httpx.get(url + "api/status", timeout=10).status_code == 200
+        wildcard = f"{'[::]' if ':' in host else host}:{port}"
+        assert httpx.get(url + "api/status", headers={"host": wildcard}, timeout=10).status_code == 200
+        refused = httpx.get(url + "api/status", headers={"host": "evil.example"}, timeout=10)
+        assert refused.status_code == 403
     finally:
         server.__exit__(None, None, None)
 

@@ -465,6 +465,35 @@ def test_a_hidden_tabs_view_is_never_shown(browser, served):
             page.close()
 
 
+def test_a_run_whose_decoder_has_not_finished_says_so_before_a_prompt(browser, served, tmp_path):
+    """The Prompt view and the memory's Ask stayed enabled on a run without a decoder, and a
+    submitted prompt was told "this run has no decoder", though the run's config had one."""
+    import copy
+
+    model = copy.copy(served.model)
+    model.prompt_model = None  # as `mm.load` leaves a run whose decoder.safetensors is not written yet
+    state = open_state(model, run="tiny-trained", memory=tmp_path / "memory.db")
+    with BackgroundServer(create_app(state)) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url + "#prompt")
+            page.wait_for_selector("#prompt-error:not([hidden])", timeout=TIMEOUT_MS)
+            reason = page.text_content("#prompt-error")
+            assert reason.startswith(f"the decoder stage of {served.model.run_dir} has not finished"), reason
+            assert page.is_disabled("#prompt-go") and page.is_disabled("#memory-ask")
+            assert page.get_attribute("#prompt-go", "title") == reason
+            page.click("#tab-memory")
+            page.fill("#memory-pieces input.text", "remember this")
+            with page.expect_response("**/api/memory/remember") as remembered:
+                page.click("#memory-remember")  # remembering needs no decoder; Ask stays off after it
+            assert remembered.value.status == 200, remembered.value.text()
+            page.locator("#memory-items .item").first.wait_for()
+            assert page.is_disabled("#memory-ask") and page.is_enabled("#memory-remember")
+        finally:
+            page.close()
+        state.memory.close()
+
+
 def test_an_index_folder_given_with_a_trailing_slash_is_named(browser, served, tmp_path):
     """`--index idx/` showed "index: ... ()": the name was taken after the path's last slash."""
     mm.Index.build(served.model, served.world / "test.jsonl", progress=False).save(tmp_path / "idx")

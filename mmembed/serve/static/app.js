@@ -174,6 +174,11 @@ async function pollStatus() {
   }
   $("run-name").textContent = status.run;
   $("tab-memory").hidden = !status.memory;
+  if (!status.decoder) { // the run has no decoder (or its stage has not finished): say so before a prompt is typed
+    noDecoder = status.no_decoder;
+    for (const id of ["prompt-go", "memory-ask"]) { $(id).disabled = true; $(id).title = noDecoder; }
+    showError($("prompt-error"), noDecoder);
+  }
   const index = status.index;
   const box = $("index-status");
   const bar = $("index-progress");
@@ -286,6 +291,7 @@ async function readEvents(response, on) {
 }
 
 let generation = null; // the AbortController of the answer being streamed
+let noDecoder = null; // why this server answers no prompts (/api/status), or null
 
 async function prompt(pieces, event) {
   event.preventDefault();
@@ -314,9 +320,15 @@ async function prompt(pieces, event) {
   };
   const done = (data) => {
     data.model_entropy.forEach((h, i) => { spans[i].dataset.model = h; tokenTitle(spans[i]); });
+    // each token's own text: the stream releases text late while a stop string could begin, so a
+    // token's span carried the next one's characters under its own entropy
+    data.token_texts.forEach((text, i) => { spans[i].textContent = text; });
+    answer.replaceChildren(...spans.filter((span) => span.textContent));
     colourTokens();
     answer.dataset.state = "done";
-    $("answer-info").textContent = `${spans.length} tokens · ended by ${data.finish_reason} · ` +
+    const ended = data.context_cut ? `the decoder's ${data.context_cut}-token context (prompt + answer)`
+      : data.finish_reason;
+    $("answer-info").textContent = `${spans.length} tokens · ended by ${ended} · ` +
       `mean entropy ${data.mean_entropy.toFixed(3)} nats`;
   };
   generation = new AbortController();
@@ -347,7 +359,7 @@ async function prompt(pieces, event) {
     answer.dataset.state = stopped ? "stopped" : "error";
     if (!stopped) showError($("prompt-error"), error);
   } finally {
-    $("prompt-go").disabled = false;
+    $("prompt-go").disabled = Boolean(noDecoder);
     $("prompt-stop").disabled = true;
     generation = null;
   }
@@ -454,7 +466,7 @@ async function memoryTurn(pieces, path) {
   const sent = pieces.snapshot();
   pieces.appendTo(form);
   const buttons = [$("memory-ask"), $("memory-remember")]; // both: one turn at a time (its pieces were sent twice)
-  if (buttons.some((b) => b.disabled)) return;
+  if ($("memory-remember").disabled) return; // a turn is under way (Ask alone is off on a run without a decoder)
   buttons.forEach((b) => { b.disabled = true; });
   try {
     const out = await api(`/api/memory/${path}`, { method: "POST", body: form });
@@ -472,7 +484,7 @@ async function memoryTurn(pieces, path) {
   } catch (error) {
     showError($("memory-error"), error);
   } finally {
-    buttons.forEach((b) => { b.disabled = false; });
+    buttons.forEach((b) => { b.disabled = b.id === "memory-ask" && Boolean(noDecoder); });
   }
 }
 
