@@ -47,6 +47,7 @@ def prepare_inputs(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved],
                    device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
     """Left-padded prompt embeddings (B, T, C) with soft tokens in place, the mask (None when no row
     is padded), each prompt's length and the steps to generate."""
+    check_prompts_fit(lm, fmt, prompts)  # before encoding them whole
     rows = [fmt.encode(p.parts) for p in prompts]
     steps = _steps(lm.decoder, max(len(r) for r in rows), max_new_tokens)
     ids, mask = pad_left(fmt, rows, device)
@@ -82,17 +83,23 @@ def check_prompts_fit(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolve
     of a decoder that does not slide; the prompts' lengths in tokens, or None for one that slides."""
     if lm.decoder.slides:
         return None
-    lengths = [fmt.length(p.parts) for p in prompts]
+    counted = _COUNTED * lm.decoder.max_len  # exact up to this many; past it, "more than"
+    lengths = [fmt.length(p.parts, at_most=counted) for p in prompts]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
-    _check_fits(lm.decoder, lengths[longest], longest if len(prompts) > 1 else None)
+    _check_fits(lm.decoder, lengths[longest], longest if len(prompts) > 1 else None, counted)
     return lengths
 
 
-def _check_fits(decoder: Decoder, longest: int, which: int | None = None) -> None:
-    """BadInput unless a prompt of `longest` tokens fits the context (`which`: its index in a batch)."""
+_COUNTED = 4  # a prompt is counted exactly up to this many contexts
+
+
+def _check_fits(decoder: Decoder, longest: int, which: int | None = None, counted: int | None = None) -> None:
+    """BadInput unless a prompt of `longest` tokens fits the context (`which`: its index in a batch;
+    `counted`: a `longest` above it is only known to be more than it)."""
     if not decoder.slides and longest > decoder.max_len:
         prompt = "prompt" if which is None else f"prompt {which}"
-        raise BadInput(f"{prompt} of {longest} tokens exceeds the decoder's context of {decoder.max_len} tokens "
+        size = f"more than {counted:,}" if counted is not None and longest > counted else f"{longest}"
+        raise BadInput(f"{prompt} of {size} tokens exceeds the decoder's context of {decoder.max_len} tokens "
                        "(shorten it, or train with a larger decoder.context)")
 
 

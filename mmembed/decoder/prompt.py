@@ -150,10 +150,13 @@ class PromptFormat:
         """`<marker>`, k placeholders, `</marker>`: one media item's ids."""
         return [self.ids[f"<{marker}>"], *[self.placeholder_id] * self.soft_tokens, self.ids[f"</{marker}>"]]
 
-    def length(self, segments: Sequence[Any]) -> int:
-        """Ids a prompt of `segments` takes (text tokens, k + 2 per media item, <bos> and <answer>)."""
-        return 2 + sum(len(self.tokenizer.encode(seg)) if isinstance(seg, str) else self.soft_tokens + 2
-                       for seg in join_text(segments))
+    def length(self, segments: Sequence[Any], at_most: int | None = None) -> int:
+        """Ids a prompt of `segments` takes (text tokens, k + 2 per media item, <bos> and <answer>).
+        With `at_most`, a result above it only says the prompt is longer: each text is encoded only
+        as far as needed (a 5 MB line was tokenised whole, 6 s and 1 GB, to be refused)."""
+        cap = None if at_most is None else at_most + 1
+        return 2 + sum(len(self.tokenizer.encode(seg, max_length=cap)) if isinstance(seg, str)
+                       else self.soft_tokens + 2 for seg in join_text(segments))
 
     def encode_answer(self, text: str) -> list[int]:
         """Answer text → its ids followed by `<eos>` (what the decoder learns to write)."""

@@ -69,7 +69,7 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
             elif line:
                 answer = session.ask(parse_inline(line[1:] if line.startswith("//") else line), **generate)
                 answered += 1
-                out.write(f"{answer.text}\n")
+                out.write(f"{shown(answer.text)}\n")  # one line, as /history shows it (a sampled answer held ESC, NUL, newlines)
                 if answer.recalled:
                     out.write("  recalled: " + " · ".join(_describe(h) for h in answer.recalled) + "\n")
         except UserError as e:  # a bad line is one line; the conversation goes on
@@ -87,9 +87,16 @@ def _describe(h: MemoryHit) -> str:
     backslashes escaped: a stored text (anyone who reaches `mmembed serve` can store one for any
     user) printed raw could retitle the terminal, write its clipboard or forge history lines."""
     score = "" if h.score is None else f" {h.score:.2f}"
-    text = ' "' + "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in _BIDI or c in '"\\' else c
-                          for c in h.text) + '"' if h.text else ""
+    text = f' "{shown(h.text, quoted=True)}"' if h.text else ""
     return f"#{h.id} {h.role} {h.modality}{score}{text}"
+
+
+def shown(text: str, quoted: bool = False) -> str:
+    """`text` safe to print on one line of a terminal: control characters (escape codes, newlines),
+    separators, lone surrogates and bidi controls escaped; quotes and backslashes too when `quoted`."""
+    special = '"\\' if quoted else ""
+    return "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in _BIDI or c in special else c
+                   for c in text)
 
 
 def _escaped(c: str) -> str:

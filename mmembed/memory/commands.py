@@ -23,6 +23,10 @@ def run_chat_command(args: argparse.Namespace) -> int:
         check_generation(**generate)  # before the model loads and the chat begins: one line, exit 2
     except ValueError as e:
         raise UserError(str(e)) from None
+    for name, stream in (("input", sys.stdin), ("output", sys.stdout)):  # `<&-`, `>&-`: an AttributeError on None
+        if stream is None:
+            raise UserError(f"standard {name} is closed: mmembed chat reads the conversation from standard input "
+                            "and writes the answers to standard output")
     model = mm.load(args.run)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes in a line: that turn's one-line error, not the end
         sys.stdin.reconfigure(errors="surrogateescape")

@@ -73,6 +73,8 @@ class Session:
             raise UserError(f"recall_threshold must be a number (a cosine similarity), got {recall_threshold!r}")
         check_user(user)  # before the file is opened: a mistyped name must not create (and claim) it
         check_optional_str(session, "session")
+        if session == "":  # an unset shell variable (`--session "$S"`) began a conversation without a name
+            raise UserError("session must be a non-empty name, or None for the user's latest conversation")
         self.model, self.user = model, user
         self._own = not isinstance(memory, Memory)
         if not self._own:
@@ -163,10 +165,11 @@ class Session:
             return []
         best: dict[int, MemoryHit] = {}
         for query, threshold in queries:
-            for found in self.memory.search(self.user, query, k=k):
+            # k more than needed: copies of one text (below) take no place among the k
+            for found in self.memory.search(self.user, query, k=2 * k):
                 if found.score >= threshold and (found.id not in best or found.score > best[found.id].score):
                     best[found.id] = found
-        return sorted(best.values(), key=lambda h: -h.score)[:k]
+        return _one_of_each_text(sorted(best.values(), key=lambda h: (-h.score, -h.id)))[:k]
 
     # ---- the prompt ------------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class Session:
             # by time, then id: a turn's rows share one time (one transaction), and ids follow the order stored
             ordered = sorted(recalled, key=lambda h: (h.time, h.id)) + history
             parts = [seg for h in ordered for seg in rendered[h.id]] + shown
-            if pm.fmt.length(parts) <= room or not (history or recalled):
+            if pm.fmt.length(parts, at_most=int(room)) <= room or not (history or recalled):
                 return parts, recalled
             if history:
                 oldest = history[0].turn
@@ -274,3 +277,19 @@ def _check_memory_model(memory: Memory, model: Any) -> None:
 
 def _new_session_name() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _one_of_each_text(hits: list[MemoryHit]) -> list[MemoryHit]:
+    """`hits` (best first) with each text said more than once kept once, its newest copy first among
+    equals: "Remember this picture." said in six turns tied at 1.00 with the picture it came back
+    with and took every place recalled. Pictures and sounds are kept however alike: an earlier one
+    seen again is what recall is for."""
+    seen: set[tuple[str, str | None]] = set()
+    out = []
+    for h in hits:
+        if h.modality == Modality.TEXT:
+            if (h.role, h.text) in seen:
+                continue
+            seen.add((h.role, h.text))
+        out.append(h)
+    return out

@@ -107,6 +107,9 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         folder = Path(os.path.realpath(self._file)).parent  # SQLite follows a link: -wal and -shm go beside its target
+        if not folder.is_dir():  # a link to a missing folder was "not writable"
+            via = " (where its link leads)" if os.path.islink(self._file) else ""
+            raise MemoryFileError(f"{self.path}: its folder {folder} does not exist{via}")
         if not os.access(folder, os.W_OK | os.X_OK):  # checked first: SQLite would say "readonly database"
             raise MemoryFileError(f"{self.path}: its folder {folder} is not writable, and a memory file "
                                   f"needs its -wal and -shm files beside it (even to be read)")
@@ -235,9 +238,16 @@ class Store:
         if not tables:
             return tables, {}
         try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if {"meta", "items"} <= tables else {}
-        except sqlite3.OperationalError:  # no such column: someone else's `meta`
-            meta = {}
+            rows = conn.execute("SELECT key, value FROM meta").fetchall() if {"meta", "items"} <= tables else []
+        except sqlite3.OperationalError as e:  # no such column: someone else's `meta`
+            if "decode" in str(e):  # text that is not UTF-8: a damaged page
+                raise MemoryFileError(f"{self.path} is corrupt (its meta table holds unreadable rows); "
+                                      "restore it from a copy") from None
+            rows = []
+        if any(not isinstance(key, str) for key, _ in rows):  # damaged pages read back as NULL rows
+            raise MemoryFileError(f"{self.path} is corrupt (its meta table holds unreadable rows); "
+                                  "restore it from a copy")
+        meta = dict(rows)
         if "schema_version" not in meta:
             raise MemoryFileError(f"{self.path} is an SQLite database but not an mmembed memory file")
         self._check_version(meta["schema_version"])

@@ -75,16 +75,19 @@ def hit(row: Sequence[Any]) -> MemoryHit:
 
 def insert(conn: sqlite3.Connection, rows: Sequence[NewItem]) -> list[int]:
     """Insert rows inside the caller's write transaction; returns their ids."""
-    before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
     conn.executemany(
         "INSERT INTO items (user, session, turn, role, time, modality, embedding, text, meta, media_path, "
         "media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(r.user, r.session, r.turn, r.role, r.time, r.modality, r.embedding, r.text, r.meta, r.media_path,
           r.media) for r in rows])
     last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-    first = (before[0] if before else 0) + 1
-    # AUTOINCREMENT under the write lock: this transaction's ids are consecutive
-    assert last - first + 1 == len(rows), (first, last, len(rows))
+    # AUTOINCREMENT under the write lock: this transaction's ids are consecutive, ending at the last
+    # one (counted back from it, not on from sqlite_sequence: a file whose counter row was deleted or
+    # damaged, which SQLite itself gets past, failed an assert with a traceback)
+    first = last - len(rows) + 1
+    found = conn.execute("SELECT count(*) FROM items WHERE id BETWEEN ? AND ?", (first, last)).fetchone()[0]
+    if found != len(rows):
+        raise Damaged(f"{len(rows)} items written, but ids {first}-{last} hold {found}")
     return list(range(first, last + 1))
 
 

@@ -216,6 +216,27 @@ def test_chat_loop_answers_and_keeps_going_after_a_bad_line(chat_model, db, tmp_
         assert chat.ask("hi", max_new_tokens=1).recalled == []
 
 
+def test_a_live_answer_is_one_escaped_line_as_history_shows_it(chat_model, db, monkeypatch):
+    """A sampled answer holding ESC, CR, NUL or a newline was written raw: it could recolour or
+    retitle the terminal, and broke a script reading one line per answer (/history escaped it)."""
+    from mmembed.decoder import Generation
+
+    raw = "red\x1b]0;owned\x07\nfake line\r\x00 \u202eevil"
+    out = io.StringIO()
+    with mm.Session(chat_model, memory=db, user="ada") as chat:
+        monkeypatch.setattr(chat, "ask", lambda prompt, **kw: Generation(raw))
+        run_chat(chat, ["hi"], out, prompt="", err=io.StringIO())
+    escaped = "red\\x1b]0;owned\\x07\\nfake line\\r\\x00 \\u202eevil"
+    assert out.getvalue() == escaped + "\n" + "\n"  # the answer's line, then the newline ending the chat
+
+
+def test_an_empty_session_name_is_refused(chat_model, db, capsys, tmp_path):
+    """`--session "$S"` with S unset began a conversation named "" (an empty user was refused)."""
+    with pytest.raises(UserError, match="session must be a non-empty name"):
+        mm.Session(chat_model, memory=db, user="ada", session="")
+    assert not db.exists()
+
+
 def test_chat_cli(chat_model, db, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     chat_model.save(run)
@@ -243,6 +264,19 @@ def test_a_refused_setting_stores_nothing_of_the_turn(chat_model, db, settings, 
         with pytest.raises(ValueError, match=message):
             chat.ask("my cat is red", **settings)
         assert chat.turn == 0 and chat.memory.count("ada") == 0
+
+
+@pytest.mark.parametrize("stream", ["stdin", "stdout"])
+def test_chat_cli_with_a_closed_stream_is_one_line(chat_model, db, tmp_path, monkeypatch, capsys, stream):
+    """`<&-` or `>&-` (Python sets the stream to None) was an AttributeError traceback."""
+    run = tmp_path / "run"
+    chat_model.save(run)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    monkeypatch.setattr(sys, stream, None)
+    assert main(["chat", str(run), "--memory", str(db), "--user", "ada"]) == 2
+    name = "input" if stream == "stdin" else "output"
+    assert capsys.readouterr().err.startswith(f"mmembed: error: standard {name} is closed")
+    assert not db.exists()
 
 
 def test_chat_cli_refuses_a_bad_setting_in_one_line(chat_model, db, tmp_path, capsys):
@@ -356,6 +390,23 @@ def test_a_memory_in_a_turn_the_context_drops_is_recalled(chat_model, db, monkey
     assert again.recalled and again.recalled[0].id == shown_first.id and again.recalled[0].score > 0.99
     vectors = [s.vector for s in seen[-1] if isinstance(s, Embedded)]
     assert len(vectors) == 2 and torch.allclose(vectors[0], vectors[1])  # the memory, then this turn's picture
+
+
+def test_words_said_in_every_turn_do_not_crowd_the_picture_out_of_recall(chat_model, db):
+    """"Remember this picture." said in five turns tied at 1.00 with the picture shown again and took
+    every place recalled (the reviewer's chat: picture 0, 1, 2, 1, 2, then 0 again recalled three
+    copies of the words and neither the picture nor its description)."""
+    words = "Remember this picture."
+    with mm.Session(chat_model, memory=db, user="ada", history_turns=3, recall_k=3) as chat:
+        for i in (0, 1, 2, 1, 2):
+            chat.ask([words, mm.Image(picture(i))], max_new_tokens=2)
+        again = chat.ask([words, mm.Image(picture(0))], max_new_tokens=2)
+        first_picture = chat.history(limit=100)[1]
+    assert first_picture.turn == 1 and str(first_picture.modality) == "image"
+    recalled = [(h.role, str(h.modality), h.text) for h in again.recalled]
+    assert first_picture.id in {h.id for h in again.recalled}, recalled
+    texts = [h.text for h in again.recalled if str(h.modality) == "text"]
+    assert len(texts) == len(set(texts)), recalled  # each text once
 
 
 def test_a_memory_in_the_history_shown_is_not_recalled_twice(chat_model, db, monkeypatch):

@@ -435,3 +435,40 @@ def test_a_memory_file_reached_through_a_link_is_judged_by_the_folder_it_leads_t
     monkeypatch.setattr(store_module.os, "access", read_only(tmp_path / "files"))
     with pytest.raises(MemoryFileError, match=rf"m\.db: its folder {re.escape(str(tmp_path / 'files'))} is not "):
         Memory(tmp_path / "links" / "m.db")
+
+
+def test_a_link_to_a_missing_folder_says_it_does_not_exist(model, tmp_path):
+    """It said "its folder ... is not writable"."""
+    (tmp_path / "m.db").symlink_to(tmp_path / "nowhere" / "m.db")
+    with pytest.raises(MemoryFileError, match=rf"its folder {re.escape(str(tmp_path.resolve() / 'nowhere'))} does "
+                                              r"not exist \(where its link leads\)$"):
+        Memory(tmp_path / "m.db", model=model)
+
+
+def test_ids_are_right_when_the_id_counter_row_is_gone(db, model):
+    """A file whose sqlite_sequence row was deleted (it passes PRAGMA integrity_check, and SQLite
+    numbers new rows after the largest id) failed an assert with a traceback on every add."""
+    with Memory(db, model=model) as mem:
+        first = mem.add_many("ada", ["one", "two", "three"])
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM sqlite_sequence")
+    conn.close()
+    with Memory(db, model=model) as mem:
+        ids = mem.add_many("ada", ["four", "five"])
+        assert ids == [first[-1] + 1, first[-1] + 2]
+        assert [h.text for h in mem.get(ids, user="ada")] == ["four", "five"]
+
+
+def test_unreadable_meta_rows_are_a_corrupt_file_not_a_foreign_one(db, model):
+    """Damaged pages of the meta table read back as NULL or undecodable rows: the file was called "an SQLite
+    database but not an mmembed memory file", though its items were all there."""
+    with Memory(db, model=model) as mem:
+        mem.add("ada", "a red star")
+    saved = db.read_bytes()
+    for garbled in ("zeroblob(rowid)", "x'ff' || rowid"):  # bytes where text was; text that is not UTF-8
+        db.write_bytes(saved)
+        with sqlite3.connect(db) as conn:
+            conn.execute(f"UPDATE meta SET key = {garbled}")
+        conn.close()
+        with pytest.raises(MemoryFileError, match=r"is corrupt \(its meta table holds unreadable rows\); restore"):
+            Memory(db, model=model)
