@@ -87,6 +87,20 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def tensor_metadata(path: Path) -> dict[str, str]:
+    """The `metadata` a safetensors file was saved with ({} for none), read from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (no header)")
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def utf8_name(path: Path) -> bool:
     """Whether `path` is valid UTF-8 (Linux names may hold any bytes; Python keeps the undecodable
     ones as lone surrogates, which libraries taking a UTF-8 str refuse)."""

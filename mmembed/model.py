@@ -330,7 +330,7 @@ class Model:
         if self.tokenizer is not None:
             self.tokenizer.save(run_dir / TOKENIZER)
         if self.prompt_model is not None:
-            save_prompt_model(self.prompt_model, run_dir)
+            save_prompt_model(self.prompt_model, run_dir, self.fingerprint)
         if self.query_tower is not None:
             save_query_tower(self, run_dir)
         return run_dir
@@ -346,7 +346,7 @@ class Model:
         Raises:
             CheckpointError: config.yaml does not fit the weights (a preprocess size its encoder refuses).
         """
-        from mmembed.model_load import _load_decoder, load_space
+        from mmembed.model_load import _load_decoder, check_decoder_space, load_space
         from mmembed.train.distributed import resolve_device
         from mmembed.train.queries import load_query_tower
 
@@ -356,6 +356,8 @@ class Model:
             model = load_space(run_dir)          # a caller's random stream must not depend on a load
             run_dir = Path(run_dir)
             model.prompt_model = _load_decoder(run_dir, model.config, model.tokenizer, model.embed_dim)
+            if model.prompt_model is not None:
+                check_decoder_space(run_dir, model)
             model.query_tower, model.query_threshold = load_query_tower(run_dir, model)
         return model.to(device) if device is not None else model
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from mmembed.checkpoint import load_tensors
+from mmembed.checkpoint import load_tensors, tensor_metadata
 from mmembed.config import Config, load_config
 from mmembed.errors import CheckpointError, ConfigError, UserError
 from mmembed.model import CONFIG, TOKENIZER, WEIGHTS, Model
@@ -90,6 +90,21 @@ def _check_vocabulary(space: nn.Module, state: dict[str, Tensor], vocab_size: in
         if saved is not None and built.ndim and built.shape[0] == vocab_size and saved.shape[0] != vocab_size:
             raise CheckpointError(f"{run_dir / TOKENIZER} has {vocab_size} tokens, but the weights' {key} has "
                                   f"{saved.shape[0]} rows: it is not the tokenizer this run trained with")
+
+
+def check_decoder_space(run_dir: Path, model: Any) -> None:
+    """CheckpointError when the run's decoder was trained on another shared space than its
+    model.safetensors (decoder files copied between runs answered, silently, from vectors the
+    decoder never read: "yes" for "which colour"). Decoders saved before the space was recorded pass."""
+    from mmembed.decoder import DECODER_WEIGHTS
+    from mmembed.decoder.builder import SPACE_FINGERPRINT
+
+    trained_on = tensor_metadata(run_dir / DECODER_WEIGHTS).get(SPACE_FINGERPRINT)
+    if trained_on is not None and trained_on != model.fingerprint:
+        raise CheckpointError(f"{run_dir / DECODER_WEIGHTS} was trained on another shared space (fingerprint "
+                              f"{trained_on}; this run's {WEIGHTS} is {model.fingerprint}): its answers would read "
+                              "vectors it never learned. Put back the space it was trained with, or train the "
+                              "decoder stage on this one (a config with `model.init_from` set to this run)")
 
 
 def _load_decoder(run_dir: Path, config: Config, tokenizer: Any | None, embed_dim: int) -> PromptModel | None:

@@ -50,15 +50,17 @@ def test_a_manifest_none_of_whose_media_is_found_says_where_they_were_looked_for
     Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "images" / "a.png")
     rows = [{"prompt": ["What is in", {"image": "images/a.png"}, "?"], "answer": "red"},
             {"prompt": ["Describe", {"image": "images/a.png"}], "answer": "a red square"},
-            {"prompt": ["Say yes."], "answer": "yes"}]
+            {"prompt": ["Say yes."], "answer": "yes"},
+            # a caption is never missing: such rows made the check pass, and they scored 1.000 alone
+            {"prompt": ["Which colour is", {"text": "a red square"}, "?"], "answer": "red"}]
     path = _manifest(root / "sub" / "m.jsonl", rows)
     model = decoder_model()
     model.config.data.root = str(root)
-    with pytest.raises(UserError, match=r"m\.jsonl: no row's media could be read \(2 row\(s\) with media; first, line "
-                                        r"1: .*missing file.*\); media paths resolve against the manifest's folder "
-                                        r".*sub \('images/a\.png' is not there\); it is under the run's data\.root "
-                                        r".*data, which training resolved them against: .*; its 1 row\(s\) without "
-                                        r"media were not scored alone$"):
+    with pytest.raises(UserError, match=r"m\.jsonl: no row's media could be read \(2 row\(s\) with media files; first, "
+                                        r"line 1: .*missing file.*\); media paths resolve against the manifest's "
+                                        r"folder .*sub \('images/a\.png' is not there\); it is under the run's "
+                                        r"data\.root .*data, which training resolved them against: .*; its 2 row\(s\) "
+                                        r"without a media file were not scored alone$"):
         instruction_report(model, path)
     model.save(tmp_path / "run")
     assert main(["eval", str(tmp_path / "run"), "--instructions", str(path)]) == 2

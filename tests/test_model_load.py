@@ -48,7 +48,7 @@ def test_the_resume_command_of_a_run_given_by_a_relative_path_works_from_anywher
         mm.load(run.name)
 
 
-def test_the_resume_command_goes_to_the_folder_the_run_was_started_in(tiny_world, tmp_path, monkeypatch):
+def test_the_resume_command_goes_to_the_folder_the_run_was_started_in(tiny_world, tmp_path, monkeypatch, capsys):
     """A run trained with a relative data.root named `mmembed train RUN/config.yaml --resume ...`, which from
     any other folder failed: "training manifest not found: world/train.jsonl"."""
     from mmembed.config import load_config, started_in
@@ -69,6 +69,10 @@ def test_the_resume_command_goes_to_the_folder_the_run_was_started_in(tiny_world
     command = re.search(r"continue it with `(.*)`", str(e.value)).group(1)
     cd, _, train = command.partition(" && ")
     assert shlex.split(cd) == ["cd", str(tiny_world.parent)]
+    # the resume command without its cd: the error now says where to run it (it said "not found" alone)
+    assert main(shlex.split(train)[1:]) == 2
+    err = capsys.readouterr().err
+    assert "training manifest not found" in err and f"cd {shlex.quote(str(tiny_world.parent))} first)" in err
     monkeypatch.chdir(shlex.split(cd)[1])
     assert main(shlex.split(train)[1:]) == 0
     assert mm.load(run).fingerprint
@@ -109,3 +113,31 @@ def test_a_folder_that_is_no_run_is_still_said_to_be_none(tmp_path):
     (tmp_path / "some" / "checkpoints").mkdir()  # a checkpoints folder alone is no run's
     with pytest.raises(CheckpointError, match=r"some holds no model\.safetensors \(is it a run directory\?\)"):
         mm.load(tmp_path / "some")
+
+
+def test_a_decoder_copied_onto_another_space_is_refused(tmp_path, capsys):
+    """A decoder.safetensors copied next to another run's model.safetensors loaded and answered from
+    vectors it never read ("yes" for "which colour"), without a word; a decoder saved before the
+    space was recorded still loads."""
+    import shutil
+
+    from mmembed.checkpoint import load_tensors, save_tensors, tensor_metadata
+    from mmembed.decoder import DECODER_WEIGHTS
+    from tests.conftest import tiny_model
+    from tests.memory.test_session import with_decoder
+
+    trained = with_decoder(tiny_model(0))
+    trained.save(tmp_path / "a")
+    assert tensor_metadata(tmp_path / "a" / DECODER_WEIGHTS) == {"space_fingerprint": trained.fingerprint}
+    assert mm.load(tmp_path / "a").prompt_model is not None
+    other = with_decoder(tiny_model(1))
+    other.save(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / DECODER_WEIGHTS, tmp_path / "b" / DECODER_WEIGHTS)
+    with pytest.raises(CheckpointError, match=rf"decoder\.safetensors was trained on another shared space "
+                                              rf"\(fingerprint {trained.fingerprint}; this run's model\.safetensors "
+                                              rf"is {other.fingerprint}\)"):
+        mm.load(tmp_path / "b")
+    assert main(["generate", str(tmp_path / "b"), "--prompt", "hi"]) == 2
+    assert "trained on another shared space" in capsys.readouterr().err
+    save_tensors(tmp_path / "b" / DECODER_WEIGHTS, load_tensors(tmp_path / "a" / DECODER_WEIGHTS))  # no record
+    assert mm.load(tmp_path / "b").prompt_model is not None

@@ -1,9 +1,10 @@
 """Instruction manifests: (prompt, answer) pairs for training and testing the decoder.
 
 JSONL, one example per line. A prompt is a list of segments: a string is typed text; an object
-with one modality key is a media item — a file path for image/audio (relative to the manifest's
-folder, with the same `..`/absolute-path rule as manifests), the caption itself for text (it
-reaches the decoder as a shared-space vector, not as tokens).
+with one modality key is a media item — a file path for image/audio (relative to `root`: data.root
+in training, the manifest's folder in `mmembed eval`, as for manifests; with the same
+`..`/absolute-path rule), the caption itself for text (it reaches the decoder as a shared-space
+vector, not as tokens).
 
     {"prompt": ["What colour is the star in", {"image": "images/s1.png"}, "?"], "answer": "red",
      "task": "colour"}

@@ -312,7 +312,8 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRo
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                yield line, BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+                # json's "Invalid control character at" ends in its own "at"
+                yield line, BadRow(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             except RecursionError:
                 yield line, BadRow("invalid JSON (nested too deeply)")

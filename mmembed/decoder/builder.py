@@ -29,6 +29,7 @@ from mmembed.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 DECODER_WEIGHTS, DECODER_TOKENIZER, DECODER_DIR = "decoder.safetensors", "decoder_tokenizer.json", "decoder"
+SPACE_FINGERPRINT = "space_fingerprint"  # decoder.safetensors' metadata: the space it was trained on
 
 
 @dataclass
@@ -101,9 +102,11 @@ def decoder_tokenizer(cfg: DecoderConfig, space_tokenizer: Any, run_dir: Path | 
     return gpt2_tokenizer(cfg.init_from_gpt2)
 
 
-def save_prompt_model(pm: PromptModel, run_dir: Path) -> None:
-    """Write decoder.safetensors (and decoder_tokenizer.json for a tokenizer of its own)."""
-    save_tensors(run_dir / DECODER_WEIGHTS, _own_state(pm.lm))
+def save_prompt_model(pm: PromptModel, run_dir: Path, space_fingerprint: str | None = None) -> None:
+    """Write decoder.safetensors (and decoder_tokenizer.json for a tokenizer of its own), recording
+    the fingerprint of the shared space it reads (`Model.fingerprint`), which loading checks."""
+    meta = None if space_fingerprint is None else {SPACE_FINGERPRINT: space_fingerprint}
+    save_tensors(run_dir / DECODER_WEIGHTS, _own_state(pm.lm), meta)
     if pm.own_tokenizer:
         pm.fmt.tokenizer.save(run_dir / DECODER_TOKENIZER)
 

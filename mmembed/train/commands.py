@@ -4,6 +4,8 @@ learning-rate range test instead. The options themselves are defined in `mmembed
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 from mmembed.config import Config, load_config
 from mmembed.errors import UserError
@@ -24,11 +26,29 @@ def run_train(args: argparse.Namespace) -> int:
                              "--resume" if args.resume else "--overwrite")
     if args.find_lr:
         return run_find_lr(config, 100 if args.find_lr_steps is None else args.find_lr_steps)
-    with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
-        run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
+    try:
+        with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
+            run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
+    except UserError as e:
+        if hint := _started_elsewhere(args.config, e):
+            e.args = (f"{e}{hint}",)  # the same error (its kind sets the exit status), said with where to run it
+        raise
     if world.main:
         print(f"run: {run_dir}")
     return 0
+
+
+def _started_elsewhere(config_path: str, error: UserError) -> str:
+    """For a path not found while running a run's own config.yaml from another folder than the one
+    the run was started in (which its first line records, and its relative paths are read from):
+    where to run it. "" otherwise (`generate` and `eval` named that folder; a resume did not)."""
+    from mmembed.config import resolve_config_path, started_in
+
+    there = started_in(resolve_config_path(config_path))
+    if there is None or there.resolve() == Path.cwd().resolve() or "not found" not in str(error):
+        return ""
+    return (f" (this config's relative paths are read from the folder its run was started in: "
+            f"cd {shlex.quote(str(there))} first)")
 
 
 def run_find_lr(config: Config, steps: int) -> int:

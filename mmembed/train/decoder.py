@@ -124,7 +124,7 @@ def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[
             pm.lm.load_state_dict(weights)
             pm.lm.eval()
     if world.main:
-        _finish(config, pm, run_dir, result, skips)
+        _finish(config, pm, run_dir, result, skips, model.fingerprint)
     barrier()
     return run_dir
 
@@ -170,8 +170,9 @@ def _context_change(run_dir: Path, context: int) -> str | None:
     return f"decoder.context {ran.context} -> {context}" if ran is not None and ran.context != context else None
 
 
-def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter) -> None:
-    save_prompt_model(pm, run_dir)
+def _finish(config: Config, pm: PromptModel, run_dir: Path, result, skips: SkipCounter,
+            space_fingerprint: str) -> None:
+    save_prompt_model(pm, run_dir, space_fingerprint)
     save_config(config, run_dir / CONFIG, Path.cwd())
     if skips.summary():
         log.warning("decoder stage: %s", skips.summary())

@@ -194,6 +194,9 @@ def test_hostile_manifest_files_are_rows_skipped_or_one_line(tmp_path):
     deep.write_text('{"text": "a cat"}\n{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     manifest = read_manifest(deep)
     assert len(manifest) == 1 and manifest.skipped == [(2, "invalid JSON (nested too deeply)")]
+    tab = tmp_path / "tab.jsonl"
+    tab.write_text('{"text": "a cat"}\n{"text": "a\tdog"}\n')  # a raw tab inside a string: "... at at column 12"
+    assert read_manifest(tab).skipped == [(2, "invalid JSON (Invalid control character at column 12)")]
     tilde = tmp_path / "tilde.jsonl"
     tilde.write_text('{"text": "a cat"}\n{"image": "~nosuchuser-mmembed/x.png"}\n')
     manifest = read_manifest(tilde, allow_outside_root=True)
