@@ -69,7 +69,8 @@ def run_chat(session: Session, lines: Iterable[str], out: TextIO, prompt: str = 
             elif line:
                 answer = session.ask(parse_inline(line[1:] if line.startswith("//") else line), **generate)
                 answered += 1
-                out.write(f"{shown(answer.text)}\n")  # one line, as /history shows it (a sampled answer held ESC, NUL, newlines)
+                # one line, escaped as /history shows it (a sampled answer held ESC, NUL, newlines)
+                out.write(f"{shown(answer.text)}\n")
                 if answer.recalled:
                     out.write("  recalled: " + " · ".join(_describe(h) for h in answer.recalled) + "\n")
         except UserError as e:  # a bad line is one line; the conversation goes on
