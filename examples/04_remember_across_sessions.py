@@ -14,7 +14,7 @@ question (none here: each conversation is one turn long).
 
 One item shown per user, then a question naming it by another attribute, is what the demo's memory
 section measures (0.77 correct across processes over 100 test probes, README "Memory across
-processes"); with `runs/demo-s55` both answers here are right. Several items shown to one user,
+processes"); with `runs/demo-s61b` (2026-12-08) both answers here are right. Several items shown to one user,
 then a question about one of them, is harder: the demo's decoder answers such questions about an
 earlier turn 0.47 of the time (README, "Prompting"), and with two items here it answered both wrong.
 """

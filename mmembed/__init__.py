@@ -51,3 +51,8 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mmembed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too: a notebook's `mm.<Tab>` offered `load` only once it had been used."""
+    return sorted({*globals(), *__all__})

@@ -25,3 +25,14 @@ class CheckpointError(UserError):
 class PeerLostError(UserError):
     """Distributed: another process of the run died, hung or stopped this one; the message says
     where the run can resume from. The CLI prints it as one line and exits 1."""
+
+
+def refuse_run_folder(model: object, name: str = "model") -> None:
+    """UserError when a run folder (a str or Path) is given where a loaded model goes: it failed later,
+    on an attribute of a str ("'str' object has no attribute 'embed_dim'")."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        text = repr(str(model))
+        raise UserError(f"{name} is the run folder {text if len(text) <= 40 else text[:40] + '…'}: "
+                        f"pass {name}=mm.load(RUN), not the run folder")

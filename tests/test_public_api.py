@@ -30,6 +30,18 @@ def test_every_public_name_resolves():
         assert getattr(mm, name) is not None, name
 
 
+def test_tab_completion_lists_every_public_name_before_its_first_use():
+    """`dir(mmembed)` listed a lazy name only after it had been used: `mm.<Tab>` offered no `Index`."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run([sys.executable, "-c", "import mmembed; print(' '.join(dir(mmembed)))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    import mmembed as mm
+
+    assert set(mm.__all__) <= set(listed) and {"Index", "load", "Session", "Query"} <= set(listed)
+
+
 def test_load_and_load_config_misuse_is_one_line(tmp_path):
     """Each was a traceback or a message about something else: a device torch cannot use (its
     RuntimeError at the first tensor moved), the run's config.yaml for its folder ("run

@@ -356,13 +356,14 @@ def _check_vector(z: Tensor, dim: int, device: torch.device, where: str) -> Tens
     if z.dim() != 1 or z.shape[0] != dim:
         raise BadInput(f"{where}: a vector must have shape ({dim},), the shared space's dimension; "
                        f"got {tuple(z.shape)}")
-    if z.device != torch.device(device):
-        raise BadInput(f"{where}: the vector is on {z.device}, the model on {device} (move it: "
-                       "vector.to(model.device))")
+    if z.is_meta:
+        raise BadInput(f"{where}: the vector is on meta, which holds no values")
     if not torch.isfinite(z).all():  # in the vector's own dtype: float64's 1e300 is finite
         raise BadInput(f"{where}: the vector holds NaN or Inf")
     peak = z.abs().max()
     if peak == 0:
         raise BadInput(f"{where}: a zero vector has no direction in the shared space")
     z = (z / peak).float()  # scaled first: float64's 1e300 (or 1e-300) fits float32 after it
-    return z / z.norm()
+    # onto the model's device: `model.embed` and `Index.vector` give CPU tensors, and a model on a GPU
+    # refused them ("the vector is on cpu"), the README's own prompts among them
+    return (z / z.norm()).to(device)

@@ -7,14 +7,13 @@ import datetime as dt
 import json
 import math
 import numbers
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmembed.errors import BadInput, UserError
+from mmembed.errors import BadInput, UserError, refuse_run_folder
 from mmembed.memory.items import check_utf8
 from mmembed.modality import Modality
 from mmembed.retrieval.store import non_str_keys
@@ -36,8 +35,7 @@ def check_user(user: Any) -> None:
 
 def check_model(model: Any) -> None:
     """A run folder given for `model` is refused by name: it failed later on an attribute of a str."""
-    if isinstance(model, (str, os.PathLike)):
-        raise UserError(f"model is the run folder {shown(str(model))}: pass model=mm.load(RUN), not the run folder")
+    refuse_run_folder(model)
 
 
 def check_list(value: Any, name: str, what: str = "items") -> list[Any]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmembed.errors import CheckpointError, UserError
+from mmembed.errors import BadInput, CheckpointError, UserError, refuse_run_folder
 from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
@@ -50,7 +50,7 @@ Filter = Callable[[dict[str, Any]], bool] | dict[str, Any] | None
 def _checked(k: Any, target: Modality | str | None) -> tuple[int, Modality | None]:
     """A search's `k` as an int and `target` as a Modality, or the error naming the bad one."""
     if (n := as_integer(k)) is None or n < 1:  # numpy's ints and 0-d tensors too
-        raise ValueError(f"k must be a positive int, got {k!r}")
+        raise BadInput(f"k must be a positive int, got {k!r}")  # a ValueError and a UserError, as Memory's
     return n, None if target is None else Modality.parse(target)
 
 
@@ -75,9 +75,9 @@ class Index(Locked):
 
     def __init__(self, dim: int, fingerprint: str | None = None, backend: str = "exact", storage: str = "fp32",
                  **backend_args: Any):
-        if not isinstance(dim, int) or dim < 1:
+        if (n := as_integer(dim)) is None or n < 1:  # np.int64(512) too, as k takes it
             raise UserError(f"Index dim must be a positive int, got {dim!r}")
-        self.dim = dim
+        self.dim = n
         self.fingerprint = fingerprint
         self.storage = storage
         self.backend_name = backend
@@ -101,6 +101,7 @@ class Index(Locked):
         refused (UserError). Unreadable items are skipped and listed in `index.skipped` as
         (line, modality, reason).
         """
+        refuse_run_folder(model)
         index = cls(int(model.embed_dim), fingerprint=model.fingerprint, backend=backend, storage=storage,
                     **backend_args)
         index.model = model
@@ -128,6 +129,8 @@ class Index(Locked):
         rows = sum(what == "row" for _, what, _ in index.skipped)  # whole rows, as the log counts them apart
         index.info = {"manifest": os.path.abspath(emb.path), "rows": emb.n_rows, "skipped": len(index.skipped),
                       "skipped_items": len(index.skipped) - rows, "skipped_rows": rows}
+        if getattr(model, "run_dir", None) is not None:  # `mm.load`'s: `mmembed search` finds the run by it
+            index.info["run_dir"] = str(Path(model.run_dir).resolve())
         log.info("indexed %d items from %s (%s skipped)", len(index), emb.path, skip_summary(index.skipped))
         return index
 
@@ -144,6 +147,7 @@ class Index(Locked):
 
     def check_model(self, model: Any) -> None:
         """UserError unless `model` embeds into this index's space (same dim and fingerprint)."""
+        refuse_run_folder(model)
         dim, fp = int(model.embed_dim), getattr(model, "fingerprint", None)
         if dim != self.dim or (self.fingerprint is not None and fp != self.fingerprint):
             raise UserError(f"index was built with model {self.fingerprint} (dim {self.dim}), "
@@ -335,7 +339,7 @@ class Index(Locked):
         a mix), so a folder holding other files is refused with UserError.
 
         `run_dir`: the model's run folder, remembered in `info["run_dir"]` so a later search can
-        load the model that made the vectors without being told.
+        load the model that made the vectors without being told (`build` records a loaded model's own).
         """
         with self._lock:  # an add during the write made vectors and header disagree (a folder load refused)
             self._store.compact()

@@ -1,12 +1,13 @@
 """A lock per object that copies, pickles and forks well: what makes `Index` safe to share
-between threads. A copy or an unpickled object gets a lock of its own (a lock cannot be pickled,
-and a copy must not share its original's), and after a fork the child gets fresh locks, since one
+between threads. A copy (always a deep one) or an unpickled object gets a lock of its own (a lock
+cannot be pickled, and a copy must not share its original's), and after a fork the child gets fresh locks, since one
 that another thread of the parent held would stay held for ever in the child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import weakref
@@ -27,6 +28,11 @@ class Locked:
         """`with obj.locked():` holds the lock across several calls, so what they read is one state
         (other threads wait; the calls themselves take the lock again, which is reentrant)."""
         return self._lock
+
+    def __copy__(self) -> Locked:
+        """A deep copy: a shallow one shared the original's items under a lock of its own, so an `add`
+        to the copy changed the original and threads on the two raced (broadcast errors in searches)."""
+        return copy.deepcopy(self)
 
     def __getstate__(self) -> Any:
         state = super().__getstate__()  # (dict, slots) for a subclass with __slots__

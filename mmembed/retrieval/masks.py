@@ -18,6 +18,7 @@ import numpy as np
 
 from mmembed.errors import UserError
 from mmembed.retrieval.metadata_rows import MetadataRows
+from mmembed.scalars import json_default
 
 ATOMS = frozenset({str, int, float, bool, type(None)})  # JSON's scalar types, exactly: their == is a set's grouping
 _MISSING, _OTHER = -1, -2  # codes of a row without the key, and of a value compared row by row
@@ -32,6 +33,7 @@ class Wanted:
     repr — and a tuple equals its list, as a saved index reads it back from JSON."""
 
     def __init__(self, values: list[Any]) -> None:
+        values = [_as_stored(v) for v in values]
         self.nested = [v for v in values if isinstance(v, (list, tuple, dict))]
         self.scalars = set()
         for v in values:
@@ -49,6 +51,17 @@ class Wanted:
             return value in self.scalars
         except TypeError:  # an unhashable metadata value of another kind matches nothing
             return False
+
+
+def _as_stored(value: Any) -> Any:
+    """A filter value as metadata holding it was stored (`json_default`): a Path as its str, a 0-d tensor
+    or numpy scalar as its number (filter={"p": Path("a/b")} matched nothing: the item holds "a/b")."""
+    if type(value) in ATOMS or isinstance(value, (list, tuple, dict)):
+        return value
+    try:
+        return json_default(value)
+    except TypeError:  # refused below, as before, when unhashable
+        return value
 
 
 def dict_filter(required: Any) -> dict[Any, Wanted]:

@@ -39,6 +39,11 @@ def _query_rows(queries: Tensor | np.ndarray | Sequence[Any], dim: int, pick: Ca
     given, else the index's). In numpy, with one torch call for a tensor's view (see `Backend.search`)."""
     if isinstance(queries, Tensor) or (isinstance(queries, np.ndarray) and queries.dtype != object):
         return _check_query_vectors(queries, dim)  # a (D,) array is one query, not D of one number
+    if isinstance(queries, (list, tuple)) and queries and all(isinstance(x, (int, float)) for x in queries):
+        return _check_query_vectors(queries, dim)  # one vector as a list (`z.tolist()`): "query 0 has shape (1, 1)"
+    if isinstance(_as_query(queries), Query):  # one Query (or mm.Text, ...): "'Query' object is not iterable"
+        raise UserError(f"queries must be a list of them (or a (Q, D) tensor), got one {type(queries).__name__}: "
+                        "wrap it in [ ], or use search for one query")
     queries = [_as_query(q) for q in queries]
     rows = [_one_vector(q.embed(pick(model, q)), dim, i) if isinstance(q, Query)
             else _one_vector(q, dim, i) for i, q in enumerate(queries)]  # a Query(vector=) is checked too

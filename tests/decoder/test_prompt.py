@@ -275,3 +275,11 @@ def test_clips_exclamation_mark_is_a_word_the_decoder_may_write():
     assert tok.pad_id not in fmt.prompt_only_ids and tok.pad_id not in fmt.never_written(fmt.vocab_size)
     own = prompt_model().fmt  # a pad that is a special token stays prompt-only
     assert own.pad_id in own.prompt_only_ids
+
+
+def test_a_vector_on_another_device_is_moved_to_the_models():
+    """`model.embed` and `Index.vector` give CPU tensors; a model on a GPU refused them ("the vector is
+    on cpu, the model on cuda:0"). Here the model's device is `meta` (no second device on a CPU machine):
+    the CPU vector arrives there, checked and normalised first."""
+    (resolved,) = resolve_prompts([["look at", 3 * unit()]], fake_embed, DIM, torch.device("meta"))
+    assert resolved.vectors.device.type == "meta" and resolved.vectors.shape == (1, DIM)

@@ -288,3 +288,29 @@ def test_no_progress_bar_is_drawn_into_a_log_file(manifest, capsys):
     """Without a terminal (stderr to a file) the bar's carriage-return frames filled the log."""
     embed_manifest(FakeModel(), manifest, progress=True)
     assert "embed text" not in capsys.readouterr().err
+
+
+def test_a_run_folder_given_for_the_model_is_one_line(tmp_path, manifest):
+    """Index.build("runs/demo", ...) and Index.load(dir, model="runs/demo") were "AttributeError: 'str'
+    object has no attribute 'embed_dim'" with a traceback."""
+    with pytest.raises(UserError, match=r"^model is the run folder '.*: pass model=mm\.load\(RUN\), not the run "
+                                        r"folder$"):
+        Index.build(str(tmp_path / "run"), manifest, progress=False)
+    index = Index(4)
+    with pytest.raises(UserError, match=r"^model is the run folder"):
+        index.model = tmp_path / "run"
+
+
+def test_an_index_built_from_a_loaded_run_names_it_for_the_command_line(tiny_world, tmp_path, capsys):
+    """An index built in Python did not record its run: `mmembed search DIR` said "the index does not
+    name the run that built it; pass the run directory"."""
+    import mmembed as mm
+    from mmembed.cli import main
+    from tests.conftest import tiny_model
+
+    tiny_model(0).save(tmp_path / "run")
+    model = mm.load(tmp_path / "run")
+    Index.build(model, tiny_world / "test.jsonl", progress=False).save(tmp_path / "idx")
+    assert Index.load(tmp_path / "idx").info["run_dir"] == str((tmp_path / "run").resolve())
+    assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "-k", "2"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -83,3 +83,41 @@ def test_a_reversed_numpy_array_is_added_as_its_rows():
     assert torch.allclose(idx.items()[0][:4], expected.flip(0), atol=1e-6)
     assert torch.allclose(idx.items()[0][4:], expected.flip(1), atol=1e-6)
     assert [h.id for h in idx.search(v[0], target="image", k=1)] == [3]
+
+
+def test_one_query_given_where_a_list_goes_is_one_line_and_a_listed_vector_is_one_query():
+    """search_batch(mm.Query(...)) and search_ids(mm.Text(...)) were "TypeError: 'Query' object is not
+    iterable" with a traceback; search_ids(z.tolist()) read each number as a query ("query 0 has shape
+    (1, 1)") where search(z.tolist()) took the vector."""
+    import mmembed as mm
+    from mmembed.errors import UserError
+
+    index = Index(D)
+    index.add(unit(4, 0), "image")
+    for one in (mm.Query(text="a star"), mm.Text("a star")):
+        for search in (index.search_batch, index.search_ids):
+            with pytest.raises(UserError, match=r"^queries must be a list of them \(or a \(Q, D\) tensor\), got "
+                                                r"one \w+: wrap it in \[ \], or use search for one query$"):
+                search(one, k=2, model=FakeModel(D))
+    z = unit(1, 1)[0]
+    ids, scores = index.search_ids(z.tolist(), k=3)
+    expected_ids, expected_scores = index.search_ids(z, k=3)
+    assert torch.equal(ids, expected_ids) and torch.allclose(scores, expected_scores)
+
+
+def test_numpy_sizes_and_a_bad_k_are_taken_as_the_rest_of_the_api_takes_them():
+    """Index(np.int64(8)) was refused while k=np.int64(3) was taken; k=0 was a bare ValueError, which
+    `except UserError` (Memory.search's k=0) did not catch."""
+    import numpy as np
+
+    from mmembed.errors import UserError
+
+    index = Index(np.int64(D))
+    assert index.dim == D and type(index.dim) is int
+    index.add(unit(2, 0), "image")
+    with pytest.raises(UserError, match="k must be a positive int, got 0"):
+        index.search(unit(1, 0)[0], k=0)
+    with pytest.raises(ValueError, match="k must be a positive int"):  # still a ValueError too
+        index.search_ids(unit(1, 0), k=-1)
+    with pytest.raises(UserError, match="Index dim must be a positive int"):
+        Index(True)

@@ -253,3 +253,22 @@ def test_decoding_every_row_leaves_the_garbage_collector_as_it_found_it():
     with pytest.raises(json.JSONDecodeError):
         broken.decoded()
     assert gc.isenabled()
+
+
+def test_a_filter_value_matches_as_its_metadata_was_stored(tmp_path):
+    """Metadata holds a Path as its str and a 0-d tensor as its number, but a filter compared the raw
+    value: filter={"p": Path("a/b")} and {"t": torch.tensor(3)} matched nothing, before and after a save."""
+    from pathlib import Path
+
+    idx = Index(D)
+    idx.add(unit(2), "image", [{"p": Path("a/b"), "t": torch.tensor(3)}, {"p": "c", "t": 4}])
+    for index in (idx, _saved(idx, tmp_path)):
+        q = unit(1)[0]
+        assert [h.id for h in index.search(q, k=2, filter={"p": Path("a/b")})] == [0]
+        assert [h.id for h in index.search(q, k=2, filter={"t": torch.tensor(3)})] == [0]
+        assert [h.id for h in index.search(q, k=2, filter={"t": [np.int64(4), torch.tensor(9)]})] == [1]
+
+
+def _saved(index: Index, folder) -> Index:
+    index.save(folder / "idx")
+    return Index.load(folder / "idx")

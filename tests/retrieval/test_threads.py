@@ -197,3 +197,19 @@ def test_a_bad_k_or_target_is_refused_before_the_query_is_read_or_embedded():
             index.search(torch.randn(D + 1), **kwargs)
         with pytest.raises(ValueError, match=error):
             index.search(Query(text="hi"), model=Refuses(), **kwargs)
+
+
+def test_a_copy_of_an_index_holds_items_of_its_own():
+    """`copy.copy` shared the original's store and backend under a lock of its own: an `add` to the
+    copy changed the original, and threads on the two raced (1,350 broadcast and size errors in 15 s)."""
+    import copy
+
+    index = Index(D)
+    index.add(unit(3, 0), "image", [{"g": 1}] * 3)
+    twin = copy.copy(index)
+    twin.add(unit(2, 1), "text")
+    twin.remove([0])
+    assert len(index) == 3 and index.ids() == [0, 1, 2] and len(twin) == 4
+    assert twin._lock is not index._lock
+    ids, _ = index.search_ids(unit(1, 0), k=3, filter={"g": 1})
+    assert sorted(ids[0].tolist()) == [0, 1, 2]
