@@ -305,6 +305,19 @@ def _tool_commands(sub) -> None:
     _overrides(p, "recipe.lr=3e-3")
 
 
+_ACROSS_PROCESSES = ("train", "index")  # the commands that split their work among torchrun's processes
+
+
+def _check_launcher(command: str) -> None:
+    """UserError for a command started by torchrun that does not share its work: each process ran it
+    whole (`eval` printed its table and wrote its JSON once per process, `train-queries` found its own
+    sibling holding the run's lock)."""
+    processes = os.environ.get("WORLD_SIZE", "")
+    if command not in _ACROSS_PROCESSES and processes.isdigit() and int(processes) > 1:
+        raise UserError(f"mmembed {command} runs in one process: start it without torchrun "
+                        f"(only {' and '.join(_ACROSS_PROCESSES)} share their work among its processes)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -316,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             _say(parser.format_usage() + "mmembed: error: give a command (mmembed --help lists them)")
             return EXIT_USAGE
+        _check_launcher(args.command)
         code = int(args.handler(args) or 0)
         if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
             sys.stdout.flush()  # a pipe's reader gone (`| head`): the flush at exit raised outside this try

@@ -71,6 +71,26 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def check_same_everywhere(settings: dict[str, Any], what: str) -> None:
+    """ConfigError on every rank when some rank's `settings` (a nested dict) differ from rank 0's,
+    naming the first key that differs: a node started with another batch size trained on a global
+    batch the others did not expect, then hung for `train.dist_timeout_minutes`."""
+    gathered = all_gather_objects(_flat(settings))
+    for rank, other in enumerate(gathered[1:], 1):
+        if other != gathered[0]:
+            key = min(k for k in gathered[0].keys() | other.keys() if gathered[0].get(k) != other.get(k))
+            raise ConfigError(f"{what} differs between the processes: {key} is {gathered[0].get(key)!r} on rank 0 "
+                              f"and {other.get(key)!r} on rank {rank} (start every process with the same command)")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's `obj` in rank order on rank 0 (None elsewhere); only rank 0 receives."""
     world = current_world()

@@ -14,7 +14,9 @@ from mmembed.errors import UserError
 def run_train(args: argparse.Namespace) -> int:
     """`mmembed train CONFIG [overrides]`: train, or `--find-lr`; prints the run folder."""
     from mmembed.train import train
+    from mmembed.train.collectives import check_same_everywhere
     from mmembed.train.distributed import distributed_command
+    from mmembed.typed_config import to_dict
 
     if args.find_lr_steps is not None and not args.find_lr:  # training started as if it were not there
         raise UserError("--find-lr-steps sets the range test's length: give --find-lr too")
@@ -28,6 +30,7 @@ def run_train(args: argparse.Namespace) -> int:
         return run_find_lr(config, 100 if args.find_lr_steps is None else args.find_lr_steps)
     try:
         with distributed_command(config.train.device, config.train.dist_timeout_minutes, config.train.out_dir) as world:
+            check_same_everywhere(to_dict(config), "the config")
             run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     except UserError as e:
         if hint := _started_elsewhere(args.config, e):

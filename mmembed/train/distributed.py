@@ -127,19 +127,15 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
         # one; doing so aborted that rank now and then ("terminate called without an active
         # exception", CI, 2026-12-03).
         dist.barrier()
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the message short
-        raise PeerLostError(f"rank {world.rank}: stopped by torchrun (another process of the run failed: its "
-                            f"error is above){_resume_hint(run_dir)}") from None
-    except RuntimeError as e:  # gloo and NCCL raise RuntimeError (DistBackendError is one)
-        # torchrun's SIGTERM, sent once it sees the peer gone, can land while the hint reads the
-        # checkpoints: it ended this rank with a traceback instead of its line (a test run, 2026-12-05)
+    except (_Terminated, RuntimeError) as e:  # gloo and NCCL raise RuntimeError (DistBackendError is one)
+        # a second SIGTERM must not cut the message short: torchrun's, sent once it sees the peer gone,
+        # can land while the hint reads the checkpoints (a traceback instead of the line, 2026-12-05)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        text = str(e).lower()
-        if not (isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)):
+        # with DataLoader workers, the SIGTERM kills them too, and their "DataLoader worker (pid N) is
+        # killed by signal" replaced the stop (or the lost peer) being unwound: 86 lines of traceback
+        if (said := _stopped(e, world.rank, run_dir)) is None:
             raise
-        raise PeerLostError(f"rank {world.rank}: lost contact with another process of the run "
-                            f"({_first_line(e)}){_resume_hint(run_dir)}") from None
+        raise PeerLostError(said) from None
     except Exception:  # this rank's own error (a UserError every rank raises): torchrun's SIGTERM, sent when
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a faster rank exits with it, must not cut its line
         raise
@@ -151,6 +147,34 @@ def distributed_command(device: str = "auto", timeout_minutes: float = 30.0, run
 
 def _raise_terminated(signum, frame) -> None:
     raise _Terminated
+
+
+def _stopped(e: BaseException, rank: int, run_dir: str | Path | None) -> str | None:
+    """This rank's line when `e` (or what it was raised while handling) is a lost peer or torchrun's
+    SIGTERM; None for an error of its own."""
+    chain = _chain(e)
+    if lost := next((c for c in chain if isinstance(c, RuntimeError) and _peer_lost(c)), None):
+        return f"rank {rank}: lost contact with another process of the run ({_first_line(lost)}){_resume_hint(run_dir)}"
+    if any(isinstance(c, _Terminated) for c in chain):
+        # it said "another process failed: its error is above" when nothing had failed (a job stopped
+        # from outside) or the process that died said nothing (SIGKILLed by the OOM killer)
+        return (f"rank {rank}: stopped by SIGTERM (torchrun sends it to every process once one has ended: a "
+                f"failed one's error, if it gave one, is above; or the job was stopped){_resume_hint(run_dir)}")
+    return None
+
+
+def _peer_lost(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised while handling, innermost last."""
+    seen: list[BaseException] = []
+    while e is not None and all(e is not s for s in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
 
 
 def _resume_hint(run_dir: str | Path | None) -> str:

@@ -33,6 +33,14 @@ def test_an_error_rank_0_raises_in_main_first_is_raised_on_every_rank(tmp_path):
     assert _outcomes(tmp_path, "main_first") == ["ConfigError: data.train: not found"] * W
 
 
+def test_a_config_that_differs_between_the_processes_is_refused_on_every_rank(tmp_path):
+    """Two nodes started with different batch sizes trained on a corrupted global batch, then hung for
+    train.dist_timeout_minutes and recommended --resume."""
+    expected = ("ConfigError: the config differs between the processes: train.batch_size is 16 on rank 0 and 4 on "
+                "rank 1 (start every process with the same command)")
+    assert _outcomes(tmp_path, "config") == [expected] * W
+
+
 @pytest.mark.parametrize("files", [(), (UNSTARTED, "config.yaml"), ("config.yaml", "tokenizer.json"),
                                    ("config.yaml", "metrics.jsonl")])
 def test_the_hint_of_a_run_lost_before_its_first_checkpoint_is_what_a_restart_accepts(tmp_path, files):
@@ -51,3 +59,47 @@ def test_the_hint_of_a_run_lost_before_its_first_checkpoint_is_what_a_restart_ac
         assert "--overwrite" in str(e)
     assert hint.endswith(" with --overwrite") == refused
     assert refused == (files not in ((), (UNSTARTED, "config.yaml")))
+
+
+def _raised_while_handling(*errors: BaseException) -> BaseException:
+    """The last of `errors`, raised while handling the one before it, and so on (its __context__ chain)."""
+    try:
+        if len(errors) == 1:
+            raise errors[0]
+        try:
+            raise _raised_while_handling(*errors[:-1])
+        except BaseException:
+            raise errors[-1]  # noqa: B904 - the implicit context is the point
+    except BaseException as e:
+        return e
+
+
+def test_a_stop_unwound_through_dataloader_workers_is_still_said_in_one_line():
+    """With data.num_workers > 0, torchrun's SIGTERM killed the workers too, and PyTorch's "DataLoader worker
+    (pid N) is killed by signal: Terminated." replaced the stop being unwound: 86 lines of traceback and no
+    line; and a SIGTERM was called "another process of the run failed: its error is above" when nothing had."""
+    from mmembed.train.distributed import _stopped, _Terminated
+
+    worker = RuntimeError("DataLoader worker (pid 19184) is killed by signal: Terminated.")
+    stopped = _stopped(_raised_while_handling(_Terminated(), worker), 1, None)
+    assert stopped.startswith("rank 1: stopped by SIGTERM (torchrun sends it to every process once one has ended")
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+    lost = _stopped(_raised_while_handling(peer, _Terminated(), worker), 0, None)
+    assert lost == "rank 0: lost contact with another process of the run ([gloo/transport/tcp/pair.cc:545] Read " \
+                   "error: Connection reset by peer)"
+    assert _stopped(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"), 0, None) is None
+    assert _stopped(_raised_while_handling(ValueError("own"), worker), 0, None) is None  # a worker's own death
+
+
+@pytest.mark.parametrize("argv", [["eval", "RUN", "--manifest", "m.jsonl"], ["generate", "RUN", "--prompt", "hi"],
+                                  ["train-queries", "RUN"], ["demo"]])
+def test_a_command_that_does_not_share_its_work_refuses_torchrun_in_one_line(argv, monkeypatch, capsys):
+    """Under torchrun every process ran `eval` whole (its table printed and its JSON written once per
+    process) and `train-queries` found its own sibling holding the run's lock."""
+    from mmembed.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mmembed: error: mmembed {argv[0]} runs in one process: start it without torchrun (only train "
+                   "and index share their work among its processes)")

@@ -229,12 +229,12 @@ def caption_worker(rank: int, init_file: str, out_dir: str) -> None:
 def refusal_worker(rank: int, init_file: str, out_dir: str, case: str) -> None:
     """Each rank: what it raised (`type: message`) where rank 0 alone meets a refusal, written to
     rank{r}.txt. `lock`: the run folder `out_dir`/run is locked by another process; `main_first`:
-    rank 0 raises a ConfigError in the block. After it, the ranks meet in a barrier, as the run's
+    rank 0 raises a ConfigError in the block; `config`: rank 1's config differs. After it, the ranks meet in a barrier, as the run's
     next collective: a rank that went on without the refusal lost its peer there."""
     from datetime import timedelta
 
     from mmembed.errors import ConfigError, UserError
-    from mmembed.train.collectives import main_first
+    from mmembed.train.collectives import check_same_everywhere, main_first
     from mmembed.train.run_dir import lock_run
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W,
@@ -244,6 +244,9 @@ def refusal_worker(rank: int, init_file: str, out_dir: str, case: str) -> None:
         if case == "lock":
             with lock_run(Path(out_dir) / "run", resume=True, overwrite=False):
                 dist.barrier()
+        elif case == "config":  # one node started with train.batch_size=4
+            check_same_everywhere({"train": {"lr": 1e-3, "batch_size": 16 if rank == 0 else 4}}, "the config")
+            dist.barrier()
         else:
             with main_first():
                 if rank == 0:
