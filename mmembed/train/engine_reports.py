@@ -38,9 +38,15 @@ def report_skips(trainer: Trainer, reason: str) -> None:
     p = trainer.progress
     if not trainer.world.main:  # every rank counted the same batches and steps
         return
-    if p.empty_batches:
+    # of them, global batches some process's share of which was empty (this run's part: a resumed
+    # run counts those of its earlier part among the rest): they had rows, which one process trains on
+    shared = min(trainer._share_empty, p.empty_batches)
+    if p.empty_batches > shared:
         log.warning("%d batch(es) had no usable row or nothing to learn from (no pair of two rows) and were "
-                    "skipped", p.empty_batches)
+                    "skipped", p.empty_batches - shared)
+    if shared:
+        log.warning("%d global batch(es) were skipped by every process because one process's share of them had "
+                    "no usable row (one process would have trained on the rest)", shared)
     if p.bad_steps:
         short = (f": the run took {p.step} of its {trainer.total_steps} planned steps"
                  if reason == "finished" and p.step < trainer.total_steps else "")
