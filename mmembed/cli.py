@@ -29,7 +29,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints the usage block before an error; users asked for one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        # "mmembed: error: mmembed: unrecognized arguments" named the program twice: the command alone
+        command = self.prog.removeprefix("mmembed").strip()
+        raise UserError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
 def _add(sub, name: str, help: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:

@@ -415,3 +415,10 @@ def test_a_plot_never_replaces_a_file_of_the_run(tmp_path, capsys):
         assert err == f"mmembed: error: {flag} {run / 'curves.png'} would overwrite one of the run's files: " \
                       "write the plot to another file"
     assert (run / "curves.png").read_bytes() == b"the run's own"
+
+
+def test_a_usage_error_names_the_program_once(capsys):
+    """`mmembed demo --overwrite` said "mmembed: error: mmembed: unrecognized arguments: --overwrite"."""
+    assert main(["demo", "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == "mmembed: error: unrecognized arguments: --overwrite (see --help)"
+    _one_line_error(capsys, ["train"], "mmembed: error: train: the following arguments are required: config")

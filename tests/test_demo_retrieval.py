@@ -53,3 +53,14 @@ def test_every_caption_recall_is_what_eval_all_captions_reports(tmp_path):
     rows[0].pop("label")  # keys are labels only when every row has one
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert every_caption_recall(model, manifest, vectors, keys) is None
+
+
+def test_the_report_puts_each_retrieval_goal_beside_its_lowest_pair():
+    """report.md showed the retrieval tables without #14's goals (0.95 on the test split, 0.85 held out)."""
+    from mmembed.demo import _goal_line
+
+    report = {"text→image": {"recall@1": 1.0}, "audio→image": {"recall@1": 0.84}, "image→text": {"recall@1": 0.9}}
+    assert _goal_line("held-out attribute combinations", report) == [
+        "", "Goal (#14): recall@1 ≥ 0.85 on every pair; the lowest is audio→image, 0.840: not met."]
+    assert _goal_line("test", {"text→image": {"recall@1": 0.96}})[1].endswith("text→image, 0.960: met.")
+    assert _goal_line("validation", report) == []

@@ -353,18 +353,20 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
             _check_modality_columns(path, set(header))
             done = reader.line_num
             for cells in reader:
-                done = reader.line_num
+                # a record's line is the one it starts on (a quoted caption may run over several;
+                # `line_num` is where it ends, and rows were named by their last line)
+                start, done = done + 1, reader.line_num
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
-                    yield reader.line_num, BadRow(f"{len(cells)} cells for {len(header)} columns")
+                    yield start, BadRow(f"{len(cells)} cells for {len(header)} columns")
                     continue
                 if any(_UNDECODABLE.search(c) for c in cells):
-                    yield reader.line_num, BadRow("invalid UTF-8")
+                    yield start, BadRow("invalid UTF-8")
                     continue
                 # CSV has no null: an empty cell is an absent value; a path or label ends where its
                 # text does ("a.png " is a.png), a caption keeps its own spaces
-                yield reader.line_num, {k: _cell(k, v) for k, v in zip(header, cells)}
+                yield start, {k: _cell(k, v) for k, v in zip(header, cells)}
     except csv.Error as e:
         # an unclosed quote fails where the file ends: name the line its record starts at
         start = done + 1

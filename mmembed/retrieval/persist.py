@@ -75,6 +75,8 @@ def check_target(target: str | Path) -> None:
     """UserError unless an index can be saved as `target`: it is absent, an index or an empty
     folder, and every existing folder above it is a folder (checked before any work, so a
     mistyped --out costs no embedding)."""
+    if not str(target).strip():  # Path("") is the working directory: `--out ""` wrote the index there
+        raise UserError("the index folder's name is empty (--out \"\"): name the folder to write")
     target = Path(target).resolve()
     if (parent := file_above(target)) is not None:
         raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")

@@ -53,6 +53,9 @@ def test_csv_with_header_quotes_and_empty_cells(tmp_path):
     tsv = tmp_path / "m.tsv"
     tsv.write_text("text\tlabel\nhello\tx\n")
     assert read_manifest(tsv).rows[0].items == {Modality.TEXT: "hello"}
+    # a quoted caption over lines 2-4: its row is line 2 (it was 4, where the record ends), the next 5
+    path.write_text('image,text\nimg/a.png,"a circle\nover\nlines"\nimg/b.png,x\n\nimg/c.png,\n')
+    assert [r.line for r in read_manifest(path).rows] == [2, 5, 7]
 
 
 def test_csv_mistakes_name_their_line_and_never_swallow_rows(tmp_path):

@@ -171,3 +171,14 @@ def test_run_search_warns_once_when_the_indexed_media_are_gone(tmp_path, fake_lo
     assert len(warned[1]) == 1 and warned[1][0].startswith(
         f"{tmp_path / 'ix'}: 1 of the 3 media files checked are missing (e.g. {tmp_path / 'small/img/c1.png'}), {advice}")
     assert len(warned[2]) == 1 and f"its data folder {tmp_path / 'small'} is gone, {advice}" in warned[2][0]
+
+
+def test_an_empty_out_is_refused_before_any_embedding(tmp_path, monkeypatch, capsys):
+    """`mmembed index RUN --manifest M --out ""` wrote index.json and its files into the working directory."""
+    from mmembed.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", str(tmp_path / "run"), "--manifest", str(tmp_path / "m.jsonl"), "--out", ""]) == 2
+    assert capsys.readouterr().err.strip() == ("mmembed: error: the index folder's name is empty (--out \"\"): name the "
+                                               "folder to write")
+    assert list(tmp_path.iterdir()) == []
