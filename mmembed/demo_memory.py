@@ -22,6 +22,7 @@ import numpy as np
 from mmembed.data.synth.dialogues import memory_probe
 from mmembed.data.synth.instructions import normalise
 from mmembed.data.synth.world import SceneObject
+from mmembed.errors import UserError
 
 PHASES = ("show", "ask", "ask-without-memory")
 RECALL_GOAL = (0.85, 0.30)  # correct with memory on (at least) and off (at most)
@@ -77,8 +78,13 @@ def cross_process_recall(run_dir: Path, world: Path, n: int = 100, split: str = 
         answers = {}
         for phase in PHASES:
             out = Path(tmp) / f"{phase}.json"
-            subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory), str(spec),
-                            str(out)], check=True)
+            # a session of its own: Ctrl-C interrupts this process, which kills the child (subprocess.run
+            # does), instead of also reaching the child mid-import with a traceback of its own
+            done = subprocess.run([sys.executable, "-m", "mmembed.demo_memory", phase, str(run_dir), str(memory),
+                                   str(spec), str(out)], start_new_session=True)
+            if done.returncode != 0:  # it printed its one line (or, for a crash, its traceback) above
+                raise UserError(f"the memory section's {phase!r} process ended with exit status {done.returncode} "
+                                "(its error is above)")
             answers[phase] = json.loads(out.read_text(encoding="utf-8"))["answers"]
     score = {ph: sum(normalise(a) == p["answer"] for a, p in zip(answers[ph], items)) / len(items)
              for ph in PHASES[1:]}
@@ -106,9 +112,22 @@ def memory_lines(result: dict[str, Any]) -> list[str]:
                         "asks about items shown 3 to 29 turns before (docs/memory.md).", ""]
 
 
-if __name__ == "__main__":
-    phase, run_dir, memory, spec, out = sys.argv[1:6]
-    history_turns, recall_k = (int(a) for a in sys.argv[6:8]) if len(sys.argv) >= 8 else (3, 3)
-    result = run_phase(phase, Path(run_dir), Path(memory), json.loads(Path(spec).read_text(encoding="utf-8")),
-                       history_turns, recall_k)
+def _main(argv: list[str]) -> int:
+    """One phase in its own process (`cross_process_recall` runs three): a user error is one line, exit 2; Ctrl-C
+    exit 130, quietly (a second demo into the same folder made this a traceback in the parent and the child)."""
+    phase, run_dir, memory, spec, out = argv[:5]
+    history_turns, recall_k = (int(a) for a in argv[5:7]) if len(argv) >= 7 else (3, 3)
+    try:
+        result = run_phase(phase, Path(run_dir), Path(memory), json.loads(Path(spec).read_text(encoding="utf-8")),
+                           history_turns, recall_k)
+    except UserError as e:
+        print(f"mmembed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     Path(out).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from mmembed.demo_retrieval import composed_query_trials, image_gallery
 from mmembed.modality import Modality
 from tests.conftest import tiny_model
@@ -64,3 +66,25 @@ def test_the_report_puts_each_retrieval_goal_beside_its_lowest_pair():
         "", "Goal (#14): recall@1 ≥ 0.85 on every pair; the lowest is audio→image, 0.840: not met."]
     assert _goal_line("test", {"text→image": {"recall@1": 0.96}})[1].endswith("text→image, 0.960: met.")
     assert _goal_line("validation", report) == []
+
+
+def test_a_memory_phase_that_fails_is_one_line_in_the_child_and_in_the_demo(tmp_path, capsys, monkeypatch):
+    """A phase whose run had lost its decoder (a second demo into the same folder replaced it) printed two
+    full tracebacks: the child's UserError and the parent's CalledProcessError."""
+    import json
+    import subprocess
+
+    from mmembed import demo_memory
+    from mmembed.errors import UserError
+
+    spec = tmp_path / "probes.json"
+    spec.write_text(json.dumps([]))
+    argv = ["show", str(tmp_path / "no-run"), str(tmp_path / "m.db"), str(spec), str(tmp_path / "o.json")]
+    assert demo_memory._main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmembed: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.setattr(demo_memory, "probes", lambda world, split, n: [{"answer": "red"}])
+    monkeypatch.setattr(demo_memory.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2))
+    with pytest.raises(UserError, match=r"^the memory section's 'show' process ended with exit status 2 \(its error "
+                                        r"is above\)$"):
+        demo_memory.cross_process_recall(tmp_path / "no-run", tmp_path)
