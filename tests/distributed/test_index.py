@@ -20,6 +20,7 @@ def _run(cmd, returncode=0):
     return r
 
 
+@pytest.mark.slow  # 22 s of two processes: the default suite took 10:06 in a slow stretch
 def test_two_process_index_equals_one_process_index(tiny_world, tmp_path):
     run = tmp_path / "run"
     _run(["-m", "mmembed", "train", tiny_config(tiny_world, run, epochs=1, batch_size=16)])

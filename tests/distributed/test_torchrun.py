@@ -81,6 +81,7 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tiny_world, tmp_pat
         torch.testing.assert_close(saved_b[k], saved_a[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow  # 35 s of two processes, three runs: the default suite took 10:06 in a slow stretch
 def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny_world, tmp_path):
     """FSDP: stop at step 3, resume to 6 on 2 sharded processes = 6 steps in one go; the same
     checkpoint resumes on a single process too (the format is the single-process one)."""
