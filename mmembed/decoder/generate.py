@@ -47,9 +47,12 @@ def prepare_inputs(lm: MultimodalLM, fmt: PromptFormat, prompts: list[Resolved],
                    device: torch.device) -> tuple[Tensor, Tensor | None, list[int], int]:
     """Left-padded prompt embeddings (B, T, C) with soft tokens in place, the mask (None when no row
     is padded), each prompt's length and the steps to generate."""
-    check_prompts_fit(lm, fmt, prompts)  # before encoding them whole
-    rows = [fmt.encode(p.parts) for p in prompts]
-    steps = _steps(lm.decoder, max(len(r) for r in rows), max_new_tokens)
+    # each prompt encoded once, only as far as its refusal needs (a 5 MB line was encoded whole to be refused)
+    counted = None if lm.decoder.slides else _COUNTED * lm.decoder.max_len
+    rows = [fmt.encode(p.parts, at_most=counted) for p in prompts]
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    _check_fits(lm.decoder, len(rows[longest]), longest if len(rows) > 1 else None, counted)
+    steps = _steps(lm.decoder, len(rows[longest]), max_new_tokens)
     ids, mask = pad_left(fmt, rows, device)
     vectors = [p.vectors for p in prompts if p.vectors.shape[0]]
     embeds = lm.embed(ids, torch.cat(vectors) if vectors else None)  # (B, T, C)

@@ -136,13 +136,15 @@ class PromptFormat:
         50,257 tokens), which no tokenizer can decode."""
         return [*self.prompt_only_ids, *range(self.vocab_size, rows)]
 
-    def encode(self, parts: Sequence[str | Slot]) -> list[int]:
+    def encode(self, parts: Sequence[str | Slot], at_most: int | None = None) -> list[int]:
         """Prompt parts → ids from `<bos>` to `<answer>` inclusive. Adjacent text parts are one text,
         joined by a space (a Session's history turns, answers and question: "…star?blue and…"
-        otherwise, words training never shows)."""
+        otherwise, words training never shows). With `at_most`, each text is encoded only as far as
+        `at_most` + 1 ids: exact for a prompt that fits, and only known to be longer otherwise."""
+        cap = None if at_most is None else at_most + 1
         ids = [self.bos_id]
         for part in join_text(parts):
-            ids += self.slot_ids(part.marker) if isinstance(part, Slot) else self.tokenizer.encode(part)
+            ids += self.slot_ids(part.marker) if isinstance(part, Slot) else self.tokenizer.encode(part, max_length=cap)
         ids.append(self.answer_id)
         return ids
 
