@@ -11,13 +11,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from mmembed.checkpoint import atomic_write_json, atomic_write_text
+from mmembed.checkpoint import atomic_write_json, atomic_write_text, make_output_folder
 from mmembed.config import Config, load_config
 from mmembed.data import ManifestDataset, build_loader, read_manifest
 from mmembed.demo_memory import cross_process_recall, memory_lines
@@ -35,7 +37,8 @@ from mmembed.train.align_data import embed_dataset, mean_recall
 from mmembed.train.decoder import train_decoder
 from mmembed.train.preflight import check_config
 from mmembed.train.preflight_resume import changes
-from mmembed.train.run_dir import LOCK, TRASH
+from mmembed.train.data_setup import data_in_use
+from mmembed.train.run_dir import LOCK, TRASH, run_lock
 from mmembed.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -49,18 +52,12 @@ DEMO_OUTPUTS = frozenset({CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.p
 
 
 def _check_replaceable(run_dir: Path, config: Config) -> None:
-    """A rerun replaces the demo's own folder: empty, a finished demo (demo.json), or one started
-    with this very config (an interrupted demo). Anything else is a UserError: `--out` over a
-    folder of one's own files, or another run, deleted them before anything was checked."""
+    """A rerun replaces the demo's own folder: empty, a finished demo (its demo.json) holding only what
+    a demo writes, or one started with this very config (an interrupted demo). Anything else is a
+    UserError: `--out` over a folder of one's own files, or another run, deleted them before anything
+    was checked. What is replaced is said (a finished demo of other settings, an interrupted one)."""
     left = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)] if run_dir.is_dir() else []
     if not left:  # (a leftover of an interrupted overwrite goes too)
-        return
-    if (run_dir / "demo.json").is_file():
-        # a finished demo, but what a user added to it (a query tower, a memory, an index) is theirs
-        added = sorted(p.name for p in left if p.name not in DEMO_OUTPUTS)
-        if added:
-            raise UserError(f"{run_dir} is an earlier demo run that also holds {', '.join(added[:5])}, which a rerun "
-                            "would delete: move them out, or choose another --out")
         return
     try:
         saved = load_config(run_dir / CONFIG)
@@ -68,12 +65,67 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
         saved = None
     # where the run is is no setting: `--out runs/x/` is runs/x (train.out_dir is what --out wrote)
     differ = None if saved is None else changes("", _settings(saved), _settings(config))
-    if differ == []:
+    if _finished_demo(run_dir) and saved is not None:
+        # a finished demo, but what a user added to it (a query tower, a memory, an index) is theirs
+        added = _not_written_by_the_demo(run_dir)
+        if added:
+            raise UserError(f"{run_dir} is an earlier demo run that also holds {', '.join(added[:5])}"
+                            f"{', ...' if len(added) > 5 else ''}, which a rerun would delete: move them out, or "
+                            "choose another --out")
+        if differ:
+            log.warning("replacing the earlier demo run in %s, made with other settings (%s)", run_dir,
+                        _listed(differ))
         return
-    other = (f" (its config.yaml differs: {', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}; an "
-             "interrupted demo is replaced by a rerun with the same options)" if differ else "")
+    if differ == []:
+        log.warning("replacing the interrupted demo run in %s (started with these settings; a demo starts over)",
+                    run_dir)
+        return
+    other = (f" (its config.yaml differs: {_listed(differ)}; an interrupted demo is replaced by a rerun with the "
+             "same options)" if differ else "")
     raise UserError(f"{run_dir} holds files that are not an earlier demo run of these settings{other} (the demo "
                     "replaces its own folder only): choose another --out, or empty that folder first")
+
+
+def _listed(differ: list[str]) -> str:
+    return f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}"
+
+
+def _finished_demo(run_dir: Path) -> bool:
+    """Whether `run_dir/demo.json` is one a demo wrote (a file of that name of one's own is not)."""
+    try:
+        summary = json.loads((run_dir / "demo.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"timings_s", "test"} <= summary.keys()
+
+
+# the folders a demo writes inside its own, and what each holds (a name ending in "/": a folder of
+# checkpoints `step_<digits>`, not looked into); hidden names (locks, a killed write's leftovers) pass
+_RUN_FILES = {CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.png", "checkpoints/", DECODER_WEIGHTS,
+              DECODER_TOKENIZER, DECODER_DIR}
+_DEMO_TREE = {".": (DEMO_OUTPUTS - {"checkpoints"}) | {"checkpoints/"}, BIND_DIR: _RUN_FILES, TRANSFER_DIR: _RUN_FILES, DECODER_DIR: {
+    "metrics.jsonl", "curves.png", "checkpoints/"}, f"{TRANSFER_DIR}/{DECODER_DIR}": {
+    "metrics.jsonl", "curves.png", "checkpoints/"}}
+
+
+def _not_written_by_the_demo(run_dir: Path) -> list[str]:
+    """The paths in a finished demo's folder, relative to it, that no demo writes (a user's index,
+    memory or notes there, in a subfolder too): a rerun, which deletes the folder, must not."""
+    found = []
+    for sub, names in _DEMO_TREE.items():
+        folder = run_dir / sub
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            name = entry.name if sub == "." else f"{sub}/{entry.name}"
+            if entry.name.startswith("."):
+                continue
+            if entry.name not in names and f"{entry.name}/" not in names:
+                found.append(name)
+            elif f"{entry.name}/" in names and entry.is_dir():
+                found += [f"{name}/{c.name}" for c in sorted(entry.iterdir())
+                          if not c.name.startswith(".") and not re.fullmatch(r"step_\d+", c.name)]
+    return found
 
 
 def _settings(config: Config) -> dict:
@@ -114,9 +166,24 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     config = load_config(config_name, list(overrides))
     if out_dir is not None:
         config.train.out_dir = out_dir
-    _check_replaceable(Path(config.train.out_dir), config)  # whatever else is wrong, a user's folder is named first
-    check_config(config)  # the names and files it points at, before the world is made
-    _check_test_split(config)
+    run_dir = Path(config.train.out_dir)
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise UserError(f"--out {run_dir} holds the working directory, and the demo replaces its folder: give one "
+                        "beside or under it (e.g. --out runs/demo)")
+    make_output_folder(run_dir)
+    # the folder is the demo's from the first check to the report: a second demo there (or a trainer)
+    # is refused, where it replaced this one's joint run between its stages
+    with run_lock(run_dir, lambda holder: f"{run_dir.resolve()} is in use by another demo or trainer ({holder}); "
+                  "wait for it to finish, or choose another --out"):
+        _check_replaceable(run_dir, config)  # whatever else is wrong, a user's folder is named first
+        check_config(config)  # the names and files it points at, before the world is made
+        _check_test_split(config)
+        # the world is read from the first stage to the memory's: no generator may replace it meanwhile
+        with data_in_use(config.data):
+            return _run_demo(config, run_dir, bind, t0)
+
+
+def _run_demo(config: Config, run_dir: Path, bind: bool, t0: float) -> Path:
     run_dir = train_align(config, overwrite=True)  # the demo's folder is its own output: a rerun replaces it
     timings = {"joint training (incl. data synthesis)": time.monotonic() - t0}
 

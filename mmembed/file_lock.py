@@ -7,7 +7,8 @@ killed `data synth` left its render workers keeping the world locked). A lock fi
 holder's pid for the message a second process gets (a folder locked as itself holds no extra
 file, and its holder goes unnamed). Re-entrant within one thread, so a step may take it inside a
 pipeline that already holds it; another thread of the process waits or is refused as another
-process is.
+process is. A lock is exclusive (a writer's) or shared (`shared`: readers, who exclude writers
+but not each other).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from mmembed.errors import UserError
 
 _held: dict[tuple[Path, int], int] = {}  # (lock path, thread) → nesting depth
+_shared: set[tuple[Path, int]] = set()  # the held locks that are shared ones
 _fds: dict[tuple[Path, int], int] = {}  # (lock path, thread) → the descriptor holding the lock
 
 
@@ -32,20 +34,35 @@ def _close_in_child() -> None:
             os.close(fd)
     _fds.clear()
     _held.clear()
+    _shared.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
 
 
-@contextlib.contextmanager
-def exclusive(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> Iterator[None]:
+def exclusive(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> contextlib.AbstractContextManager:
     """Hold the lock on `path`: an existing folder, or a file (created with its folder if
     missing). While another holds it, wait up to `wait` seconds; then a UserError whose message
     is `busy(holder)`, holder being "pid N" as a lock file records it, else "another process"."""
+    return _lock(path, busy, wait, shared=False)
+
+
+def shared(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> contextlib.AbstractContextManager:
+    """Hold a shared lock on the existing folder or file `path`: any number of processes hold one
+    at once, and none while another holds `exclusive` (then `busy(holder)`, as there). A thread that
+    holds it and asks for the exclusive one is refused (flock's upgrade drops the shared lock first,
+    and other readers may hold it too)."""
+    return _lock(path, busy, wait, shared=True)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, busy: Callable[[str], str], wait: float, shared: bool) -> Iterator[None]:
     path = Path(path).resolve()
     key = (path, threading.get_ident())
     if key in _held:
+        if key in _shared and not shared:
+            raise UserError(busy("this process, which reads it"))
         _held[key] += 1
         try:
             yield
@@ -54,24 +71,27 @@ def exclusive(path: Path, busy: Callable[[str], str], wait: float = 0.0) -> Iter
                 _held[key] -= 1
         return
     folder = path.is_dir()
-    if not folder:
+    if not folder and not shared:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY) if folder else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDONLY) if folder or shared else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     _fds[key] = fd
     try:
-        _acquire(fd, path, busy, wait)
-        if not folder:
+        _acquire(fd, path, busy, wait, shared)
+        if not folder and not shared:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = 1
+        if shared:
+            _shared.add(key)
         yield
     finally:
         _held.pop(key, None)
+        _shared.discard(key)
         if _fds.pop(key, None) is not None:  # a forked child closed its copy already
             os.close(fd)  # closing releases the lock
 
 
-def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float) -> None:
+def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float, shared: bool = False) -> None:
     try:
         import fcntl
     except ImportError:  # not POSIX: no advisory lock, but still one clear owner file
@@ -79,7 +99,7 @@ def _acquire(fd: int, path: Path, busy: Callable[[str], str], wait: float) -> No
     end = time.monotonic() + wait
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() >= end:

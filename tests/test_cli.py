@@ -221,12 +221,20 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
     assert (victim / "notes.txt").read_text() == "mine" and (victim / "index").is_dir()
     (victim / "notes.txt").unlink()
-    (victim / "demo.json").write_text("{}")
+    (victim / "demo.json").write_text("{}")  # a demo.json of one's own (with no demo's config.yaml): no demo
+    _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
+    _finished_demo_in(victim, argv)
     # a finished demo, with what a user added to it (an index; a memory.db, a query tower): kept
     _one_line_error(capsys, argv, "earlier demo run that also holds index, which a rerun would delete")
     assert (victim / "index").is_dir()
     (victim / "index").rmdir()
-    (victim / "checkpoints").mkdir()
+    for mine in ("bind-audio/notes.txt", "checkpoints/best", "decoder-image-only/decoder/mine.pt"):  # in its folders
+        (victim / mine).parent.mkdir(parents=True, exist_ok=True)
+        (victim / mine).write_text("mine")
+        _one_line_error(capsys, argv, f"earlier demo run that also holds {mine}, which a rerun would delete")
+        (victim / mine).unlink()
+    (victim / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (victim / "bind-audio" / "config.yaml").write_text("x")
     (victim / "report.md").write_text("x")  # the demo's own outputs only: accepted, and the missing data stops it
     _one_line_error(capsys, argv, "instruction manifest not found")  # in the preflight, so nothing was replaced yet
     assert (victim / "checkpoints").is_dir()
@@ -234,6 +242,35 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
         entry.unlink() if entry.is_file() else shutil.rmtree(entry)
     (victim / ".overwritten-123" / "checkpoints").mkdir(parents=True)
     _one_line_error(capsys, argv, "instruction manifest not found")
+
+
+def _finished_demo_in(folder, argv):
+    """What a finished demo leaves that `_check_replaceable` reads: its config.yaml and demo.json."""
+    import json
+
+    from mmembed.config import load_config, save_config
+
+    overrides = [a for a in argv[3:] if "=" in a]
+    save_config(load_config("demo", [f"train.out_dir={folder}", *overrides]), folder / "config.yaml")
+    (folder / "demo.json").write_text(json.dumps({"timings_s": {"total": 1.0}, "test": {}}))
+
+
+def test_a_finished_demo_of_other_settings_is_replaced_with_a_word(tmp_path, caplog):
+    """A finished demo made with other options was replaced silently (and an interrupted one too)."""
+    from mmembed.config import load_config
+    from mmembed.demo import _check_replaceable
+
+    run = tmp_path / "done"
+    run.mkdir()
+    _finished_demo_in(run, ["demo", "--out", str(run)])
+    with caplog.at_level("WARNING", logger="mmembed.demo"):
+        _check_replaceable(run, load_config("demo", [f"train.out_dir={run}", "train.seed=1"]))
+    assert "replacing the earlier demo run in" in caplog.text and "train.seed 0 -> 1" in caplog.text
+    caplog.clear()
+    (run / "demo.json").unlink()  # interrupted: the same settings replace it, and say so
+    with caplog.at_level("WARNING", logger="mmembed.demo"):
+        _check_replaceable(run, load_config("demo", [f"train.out_dir={run}"]))
+    assert "replacing the interrupted demo run in" in caplog.text
 
 
 def test_an_interrupted_demo_is_replaced_whatever_its_out_folder_is_spelt(tmp_path):

@@ -12,6 +12,7 @@ its forward and training step are in align_step.py, its loaders and validation i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -36,7 +37,7 @@ from mmembed.train.align_data import (_eval_loader, _one_row_inputs, check_batch
 from mmembed.train.align_step import IdleParts, captioned_forward, make_step_fn, space_forward, with_captioner
 from mmembed.train.collapse import CollapseMonitor, TowerCollapsed, restart_config
 from mmembed.train.collectives import all_gather_objects, barrier, main_first
-from mmembed.train.data_setup import prepare_data, prepare_tokenizer, read_train_manifest
+from mmembed.train.data_setup import data_in_use, prepare_tokenizer, read_train_manifest
 from mmembed.train.distributed import current_world, parallelize, resolve_device, seed_ranks
 from mmembed.train.engine import FitResult, Trainer
 from mmembed.train.plots import plot_curves
@@ -73,7 +74,8 @@ def train_align(config: Config, resume: bool = False, callbacks: list[Callable] 
         given_lr, restarts = config.train.lr, 0
         while True:
             try:
-                return _train_align(config, run_dir, resume, callbacks, restarted)
+                with contextlib.ExitStack() as data_held:  # the data's readers' lock, for the stage's length
+                    return _train_align(config, run_dir, resume, callbacks, restarted, data_held)
             except TowerCollapsed as e:  # restart at a lower learning rate, or stop with the fix
                 config = restart_config(config, e, run_dir, resume, restarts)
                 restarts += 1
@@ -117,12 +119,12 @@ def _as_it_ran(config: Config, stage: dict) -> tuple[Config, dict | None]:
 
 
 def _train_align(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Callable],
-                 restarted: dict | None) -> Path:
+                 restarted: dict | None, data_held: contextlib.ExitStack) -> Path:
     world = current_world()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     with main_first():  # rank 0 writes the data, the config and the tokenizer; the others read them
-        root = prepare_data(cfg.data)
+        root = data_held.enter_context(data_in_use(cfg.data))
         manifest = read_train_manifest(cfg, root)  # once: the tokenizer's captions and the loader's rows
         check_batch_fits(manifest, cfg.train.batch_size)  # before the tokenizer is trained
         tokenizer = prepare_tokenizer(cfg, root, run_dir if resume or not world.main else None, manifest)

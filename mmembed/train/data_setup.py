@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
@@ -22,6 +23,12 @@ def prepare_data(data: DataConfig) -> Path:
     root = Path(data.root)
     if data.synth is not None:
         from mmembed.data.synth import generate_world
+        from mmembed.data.synth.world_folder import holds_other_files
+
+        if holds_other_files(root):  # `mmembed train` and the demo have no --overwrite for it: say what a config does
+            raise UserError(f"data.root {root} is not empty and holds no synthetic world made here, which data.synth "
+                            f"would write: set data.synth=null to train on the manifests in {root}, or choose an "
+                            "empty data.root")
 
         s = data.synth
         generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout,
@@ -33,6 +40,19 @@ def prepare_data(data: DataConfig) -> Path:
         raise UserError(f"training manifest not found: {root / data.train} "
                         "(set data.root/data.train, or data.synth to generate the built-in world)")
     return root
+
+
+@contextlib.contextmanager
+def data_in_use(data: DataConfig) -> Iterator[Path]:
+    """`prepare_data`'s root, held with the data's readers' lock (`world_folder.reading`) while the
+    block runs: a world generator meanwhile (`mmembed data synth`, a run or a demo with other
+    data.synth values) is refused instead of replacing the data under this run (a demo with a
+    smaller world deleted the 6,000 scenes a running demo was training on)."""
+    from mmembed.data.synth.world_folder import reading
+
+    root = prepare_data(data)
+    with reading(root):
+        yield root
 
 
 def captions(manifest: Path, root: Path | None = None, allow_outside_root: bool = False) -> Iterator[str]:

@@ -28,6 +28,7 @@ from encoders.lora import add_lora_, merge_lora_
 from mmembed.config import Config, load_config, save_config
 from mmembed.data import SkipCounter, read_manifest
 from mmembed.data.instructions import InstructionRow, InstructionSet, read_instructions
+from mmembed.data.synth.world_folder import reading
 from mmembed.data.loader import EpochBatchSampler
 from mmembed.decoder import (DECODER_DIR, PromptModel, answer_logits, build_prompt_model, decoder_tokenizer,
                              save_prompt_model, with_gpt2_architecture)
@@ -65,7 +66,8 @@ def train_decoder(config: Config, resume: bool = False, callbacks: list[Callable
         if current_world().main:  # inside the lock: never clear the decoder/ of a stage another trainer runs
             prepare_run_dir(run_dir / DECODER_DIR, resume=resume, overwrite=overwrite)
         barrier()
-        return _train_decoder(config, run_dir, resume, callbacks)
+        with reading(config.data.root):  # its manifests and media: no world generator meanwhile
+            return _train_decoder(config, run_dir, resume, callbacks)
 
 
 def _train_decoder(config: Config, run_dir: Path, resume: bool, callbacks: list[Callable]) -> Path:

@@ -448,7 +448,7 @@ def test_lookups_and_a_generator_of_one_world_exclude_each_other(tmp_path, monke
     monkeypatch.setattr(lookups, "lookup_rows", replace_meanwhile)
     before = (root / "world.json").read_bytes()
     lookups.write_lookup_rows(root, 2)
-    assert refused and "is being written by another process" in refused[0]
+    assert refused and "is in use by another process: a world being written" in refused[0]
     assert (root / "world.json").read_bytes() == before
 
 
@@ -561,15 +561,17 @@ def test_training_refuses_a_world_whose_generation_was_interrupted(tmp_path):
 
 def test_a_config_pointing_the_world_at_its_own_data_is_told_how_to_use_it(tmp_path):
     """`mmembed train CFG data.root=MINE data.synth={...} --overwrite` said only 'pass --overwrite',
-    which is the run folder's: the message now says what a config sets instead."""
+    which is the run folder's (and `mmembed demo` has none): the message says what a config sets."""
     import re
 
     from mmembed.config import DataConfig, SynthConfig
     from mmembed.train.data_setup import prepare_data
 
     (tmp_path / "train.jsonl").write_text('{"image": "a.png", "text": "mine"}\n')
-    with pytest.raises(UserError, match=rf"from a config: set data\.synth=null to train on the manifests in "
-                                        rf"{re.escape(str(tmp_path))}, or choose an empty data\.root$"):
+    with pytest.raises(UserError, match=rf"^data\.root {re.escape(str(tmp_path))} is not empty and holds no synthetic "
+                                        rf"world made here, which data\.synth would write: set data\.synth=null to "
+                                        rf"train on the manifests in {re.escape(str(tmp_path))}, or choose an empty "
+                                        r"data\.root$"):
         prepare_data(DataConfig(root=str(tmp_path), synth=SynthConfig(n=4)))
     assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
 

@@ -58,6 +58,8 @@ from mmembed.data.synth.world_folder import (
     INCOMPLETE,
     WorldSummary,
     _busy,
+    _in_use,
+    holds_other_files,
     _changed,
     _clear,
     _existing,
@@ -65,7 +67,7 @@ from mmembed.data.synth.world_folder import (
     _summary,
 )
 from mmembed.errors import UserError
-from mmembed.file_lock import exclusive
+from mmembed.file_lock import exclusive, shared
 
 log = logging.getLogger(__name__)
 # a typo of a few zeros filled the memory before a file was written: scenes are sampled in memory,
@@ -331,9 +333,16 @@ def generate_world(
         "heldout_fraction": heldout_fraction,
     }
     make_output_folder(root, "out_dir")  # a file there or above it: one line, exit 2
-    # one generator at a time (the folder itself is the lock: no file in the world): a second one
-    # cleared the first's files mid-run, and the two left a world of mixed scenes that read as complete
-    with exclusive(root, _busy(root)):
+    if not overwrite:  # an identical world is only read: the readers' lock, which runs training on it hold too
+        with shared(root, _busy(root)):
+            if (world := _existing(root, params)) is not None:
+                log.info("reusing the synthetic world in %s (same parameters)", root)
+                return _summary(root, world, reused=True)
+    # one generator at a time, and none while a run reads the world (the folder itself is the lock:
+    # no file in the world): a second one cleared the first's files mid-run, and the two left a world
+    # of mixed scenes that read as complete; a demo with another world size deleted the one a running
+    # demo trained on
+    with exclusive(root, _in_use(root)):
         return _generate(root, params, heldout, workers, overwrite, progress, replace)
 
 
@@ -343,20 +352,18 @@ def _generate(root: Path, params: dict[str, Any], heldout: list[tuple[str, str]]
         log.info("reusing the synthetic world in %s (same parameters)", root)
         return _summary(root, world, reused=True)
     marker = root / INCOMPLETE
-    ours = _made_here(root) or marker.is_file()
     changed = _changed(root, params) if _made_here(root) else None
     if changed not in (None, "incomplete", "unknown") and not overwrite and not replace:  # a damaged one goes
         raise UserError(f"{root} holds a synthetic world made with other parameters ({changed}), and runs trained "
                         "on it read it: pass --overwrite (overwrite=True) to replace it, or choose another folder")
     if changed is not None and not overwrite:  # a run with other data.synth values replaces the world
-        log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root, changed)
-    if any(root.iterdir()) and not ours and not overwrite:
-        # `mmembed train`'s --overwrite is the run folder's and never reaches here: say what a config does
-        raise UserError(
-            f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass --overwrite "
-            f"(overwrite=True); from a config: set data.synth=null to train on the manifests in {root}, or choose "
-            "an empty data.root"
-        )
+        if changed in ("incomplete", "unknown"):  # the same parameters, or unreadable ones: files missing
+            log.warning("replacing the synthetic world in %s: some of its files are missing", root)
+        else:
+            log.warning("replacing the synthetic world in %s: it was made with other parameters (%s)", root, changed)
+    if holds_other_files(root) and not overwrite:  # (a config's data.synth is refused earlier: `prepare_data`)
+        raise UserError(f"{root} is not empty and holds no synthetic world made here; choose an empty folder or pass "
+                        "--overwrite (overwrite=True)")
     atomic_write_text(marker, json.dumps(params))  # before the clear: a crash in it leaves an incomplete world
     _clear(root)
     for sub in ("images", "audio"):

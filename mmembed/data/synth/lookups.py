@@ -16,7 +16,7 @@ from mmembed.data.synth.rules import SYNTH_VERSION
 from mmembed.data.synth.world import sample_world
 from mmembed.data.synth.world_folder import LOOKUPS, _busy
 from mmembed.errors import UserError
-from mmembed.file_lock import exclusive
+from mmembed.file_lock import shared
 
 log = logging.getLogger("mmembed.data.synth.generate")  # the generator's lines keep their logger name
 MAX_LOOKUPS = 1_000
@@ -39,9 +39,10 @@ def write_lookup_rows(root: Path | str, per_item: int) -> Path:
                         "(every row is built in memory before the file is written)")
     if not root.is_dir():  # checked first: `exclusive` would create a lock file where the folder should be
         raise UserError(f"{root} holds no complete synthetic world; write one with `mmembed data synth`")
-    # the generator's lock: a `data synth` replacing the world mid-run left lookups that paired the new
-    # world's pictures with the old scenes' answers
-    with exclusive(root, _busy(root)):
+    # the world's readers' lock, which a generator waits for: a `data synth` replacing the world
+    # mid-run left lookups that paired the new world's pictures with the old scenes' answers (the
+    # lookups file itself is written whole, by one rename)
+    with shared(root, _busy(root)):
         return _write_lookups(root, per_item)
 
 

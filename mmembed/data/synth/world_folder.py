@@ -6,6 +6,7 @@ written. generate.py writes the world; lookups.py writes lookup rows beside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -15,9 +16,18 @@ from typing import Any
 
 from mmembed.data.synth.world import SPLITS
 from mmembed.errors import UserError
+from mmembed.file_lock import shared
 
 INCOMPLETE = ".synth-incomplete"  # in a world folder while it is being made (and after an interrupted run)
 LOOKUPS = "instruct-train-lookups"  # + per_item + .jsonl: `write_lookup_rows`
+
+
+def reading(root: str | Path) -> contextlib.AbstractContextManager:
+    """Hold the readers' lock on the data folder `root` (nothing when there is no such folder): a
+    world's generator, which takes it exclusively, is refused while it is held, and a reader is
+    refused while a generator writes. Readers do not exclude each other."""
+    root = Path(root)
+    return shared(root, _busy(root)) if root.is_dir() else contextlib.nullcontext()
 
 
 def check_complete(root: str | Path, hint: str = "") -> None:
@@ -86,6 +96,12 @@ def _made_here(root: Path) -> bool:
     return isinstance(world, dict) and world.get("format") == "mmembed-synth"
 
 
+def holds_other_files(root: Path) -> bool:
+    """Whether `root` holds files but no world made here (complete or not): a user's own folder."""
+    return (root.is_dir() and any(root.iterdir()) and not _made_here(root)
+            and not (root / INCOMPLETE).is_file())
+
+
 def _changed(root: Path, params: dict[str, Any]) -> str:
     """"n 60 → 40, seed 0 → 1": how the world in `root` differs from `params`."""
     try:
@@ -109,6 +125,14 @@ def _clear(root: Path) -> None:
 
 
 def _busy(root: Path) -> Callable[[str], str]:
-    """The refusal while another process generates the world in `root` or writes its lookups."""
-    return lambda holder: (f"{root} is being written by {holder} (`mmembed data synth` or `lookups`); wait for it, "
-                           "or write into another folder")
+    """The refusal of a reader (a run training on the world, lookups being built) while another
+    process generates the world in `root`."""
+    return lambda holder: (f"{root} is being written by {holder} (`mmembed data synth`, or a run making its "
+                           "data.synth world); wait for it, or use another folder")
+
+
+def _in_use(root: Path) -> Callable[[str], str]:
+    """The refusal of a generator while another process writes the world in `root` or reads it."""
+    return lambda holder: (f"{root} is in use by {holder}: a world being written (`mmembed data synth`) or read (a "
+                           "run or demo training on it, lookups being built); wait for it to end, or write into "
+                           "another folder")
