@@ -105,6 +105,9 @@ def test_search_with_other_model_is_refused(run_dir, tiny_world, tmp_path, capsy
     assert main(["search", str(tmp_path / "i"), "--run", str(tmp_path / "other"), "--text", "x"]) == 2
     err = capsys.readouterr().err
     assert "index was built with model" in err and err.count("\n") == 1
+    # both runs are named (it gave two fingerprints only), with what to do
+    assert f"run {run_dir.resolve()})" in err and f"run {tmp_path / 'other'}" in err, err
+    assert "search it with the model that built it, or build the index again with this one" in err
 
 
 def test_allow_outside_root_reads_a_manifest_of_absolute_paths(run_dir, tiny_world, tmp_path, capsys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,10 +182,16 @@ def _follow(value: Any, parts: list[str]) -> Any:
     return None
 
 
+_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")  # a number as a CSV cell spells it
+
+
 def is_numeric(values: Sequence[Any]) -> bool:
-    """True when every present value is a real number (bools are categories)."""
-    present = [v for v in values if v is not None]
-    return bool(present) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in present)
+    """True when every present value is a real number (bools are categories) or a decimal number's
+    text (a CSV manifest's cells are all text: its numbers drew as hundreds of categories); an empty
+    cell is missing."""
+    present = [v for v in values if v is not None and v != ""]
+    return bool(present) and all((isinstance(v, numbers.Real) and not isinstance(v, bool))
+                                 or (isinstance(v, str) and _DECIMAL.fullmatch(v)) for v in present)
 
 
 def numeric_colours(values: Sequence[Any]) -> np.ndarray | None:
@@ -206,7 +213,7 @@ def numeric_colours(values: Sequence[Any]) -> np.ndarray | None:
 
 def _as_float(value: Any) -> float:
     try:
-        return np.nan if value is None else float(value)
+        return np.nan if value is None or value == "" else float(value)
     except OverflowError:  # an int past float range
         return np.nan
 

@@ -150,8 +150,11 @@ class Index(Locked):
         refuse_run_folder(model)
         dim, fp = int(model.embed_dim), getattr(model, "fingerprint", None)
         if dim != self.dim or (self.fingerprint is not None and fp != self.fingerprint):
-            raise UserError(f"index was built with model {self.fingerprint} (dim {self.dim}), "
-                            f"this model is {fp} (dim {dim})")
+            built, given = self.info.get("run_dir"), getattr(model, "run_dir", None)
+            raise UserError(f"index was built with model {self.fingerprint} (dim {self.dim}"
+                            f"{f', run {built}' if built else ''}), this model is {fp} (dim {dim}"
+                            f"{f', run {given}' if given is not None else ''}): search it with the model that built "
+                            "it, or build the index again with this one")
 
     # ---- items -------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ def test_columns_nested_paths_and_kinds():
     assert map_columns(meta) == ["modality", "label", "n", "objects.0.colour"]
     assert column_values(meta, "objects.1.colour") == ["blue", None]
     assert column_values(meta, "n") == [1, None]
-    assert is_numeric([1, 2.5, None]) and not is_numeric([True, False]) and not is_numeric(["1", 2])
+    assert is_numeric([1, 2.5, None]) and not is_numeric([True, False]) and not is_numeric(["a", 2])
 
 
 def test_a_key_holding_a_dot_is_a_column():
@@ -345,3 +345,18 @@ def test_map_refuses_an_out_inside_the_index_folder(capsys, tmp_path, inside):
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json", "metadata.jsonl",
                                                                     "vectors.safetensors"]
     Index.load(tmp_path / "idx").save(tmp_path / "idx")  # the index can still be saved in place
+
+
+def test_a_csv_manifests_numbers_draw_with_a_colourbar(tmp_path):
+    """A CSV's cells are all text: a `year` column of "1999", "2004.5" drew as categories (a legend
+    of every value, the rest "other"), where JSONL's numbers drew a colourbar."""
+    from mmembed.insight.embedding_map import is_numeric
+
+    assert is_numeric(["1999", " 2004.5", "-3e2", ".5", "", None])
+    assert not is_numeric(["1999", "n/a"]) and not is_numeric(["nan", "1"]) and not is_numeric(["1_000"])
+    assert not is_numeric(["", None])
+    np.testing.assert_array_equal(numeric_colours(["1999", "", "2004.5", None]), [1999.0, np.nan, 2004.5, np.nan])
+    vectors = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
+    drawn = map_vectors(vectors, ["image"] * 6, [{"year": str(1990 + i)} for i in range(6)], "year",
+                        tmp_path / "m.png")
+    assert drawn.numeric and (tmp_path / "m.png").read_bytes()[:8] == PNG
