@@ -117,6 +117,19 @@ def test_bench_ann_tiny_reports_both_sides_at_the_recall_target():
     json.dumps(report)
 
 
+@pytest.mark.slow
+def test_bench_index_open_tiny_reads_the_saved_structure_and_answers_alike():
+    pytest.importorskip("faiss")
+    from benchmarks.bench_index_open import run
+
+    report = run(n=3000, rounds=1)
+    assert [r["backend"] for r in report["results"]] == ["faiss_hnsw", "faiss_ivf"]
+    for r in report["results"]:
+        assert r["same_hits"] and r["faiss_same_hits"] and r["structure_mb"] > 0
+        assert math.isclose(r["ratio"], r["faiss_s"] / r["ours_s"], rel_tol=0.05)
+    json.dumps(report)
+
+
 def _fake_module(monkeypatch, bench_id: str, run=None, main=None) -> None:
     module = types.ModuleType(f"benchmarks.bench_{bench_id}")
     if run is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mmembed.decoder.prompt import Media, parse_inline
 from mmembed.errors import UserError
+from mmembed.terminal import for_terminal
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def run_generate(args: argparse.Namespace) -> int:
             _sweep(args, model, prompt, options)
         elif args.stream:
             for piece in model.stream(prompt, **options):
-                print(piece, end="", flush=True)
+                print(for_terminal(piece), end="", flush=True)
             print()
         else:
             _answer(args, model, prompt, options)
@@ -85,7 +86,7 @@ def _answer(args: argparse.Namespace, model, prompt: list, options: dict) -> Non
                           "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                           "candidates": [dataclasses.asdict(c) for c in out.candidates]}))
     else:
-        print(out.text)
+        print(for_terminal(out.text))  # a terminal gets its escape codes escaped, a pipe the exact text
     if args.plot:
         _wrote(model.token_entropy(prompt, out).plot(args.plot))
 
@@ -97,7 +98,7 @@ def _sweep(args: argparse.Namespace, model, prompt: list, options: dict) -> None
     options["seed"] = 0 if args.seed is None else args.seed
     rows = model.temperature_sweep(prompt, args.temperature_sweep, samples=8 if args.samples is None else args.samples,
                                    **options)
-    print(sweep_json(rows) if args.json else sweep_table(rows))
+    print(sweep_json(rows) if args.json else for_terminal(sweep_table(rows)))
     if args.plot:
         _wrote(plot_sweep(rows, args.plot))
 

@@ -15,7 +15,6 @@ over-long prompt is one line (on the error stream) and the chat goes on.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TextIO
 
@@ -23,17 +22,11 @@ from mmembed.decoder.prompt import parse_inline
 from mmembed.errors import UserError
 from mmembed.memory.session import Session
 from mmembed.memory.records import MemoryHit
+from mmembed.terminal import printable as shown
 
 COMMANDS = "commands: /history, /forget, /quit"
 COMMAND_WORDS = ("/history", "/forget", "/quit")
 HELP = f"{COMMANDS}; media inline as <image:path>, <audio:path> or <text:caption>"
-# escaped in a shown text: controls (escape codes, newlines), line and paragraph separators, lone
-# surrogates and the bidi controls (which reorder what follows); a no-break space, a zero-width
-# joiner (emoji, Persian), a soft hyphen or an emoji newer than Python's tables is text
-_UNSAFE = {"Cc", "Zl", "Zp", "Cs"}
-_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 class ChatTally(NamedTuple):
     answered: int  # turns the decoder answered (and the memory stored)
     refused: int  # lines refused: a turn's error, an unknown command, a command given an argument
@@ -90,15 +83,3 @@ def _describe(h: MemoryHit) -> str:
     score = "" if h.score is None else f" {h.score:.2f}"
     text = f' "{shown(h.text, quoted=True)}"' if h.text else ""
     return f"#{h.id} {h.role} {h.modality}{score}{text}"
-
-
-def shown(text: str, quoted: bool = False) -> str:
-    """`text` safe to print on one line of a terminal: control characters (escape codes, newlines),
-    separators, lone surrogates and bidi controls escaped; quotes and backslashes too when `quoted`."""
-    special = '"\\' if quoted else ""
-    return "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE or c in _BIDI or c in special else c
-                   for c in text)
-
-
-def _escaped(c: str) -> str:
-    return {'"': '\\"', "\\": "\\\\"}.get(c) or repr(c)[1:-1]

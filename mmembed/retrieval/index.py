@@ -336,7 +336,9 @@ class Index(Locked):
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, directory: str | Path, *, run_dir: str | Path | None = None) -> Path:
-        """Write `index.json`, `vectors.safetensors` and `metadata.jsonl` as the folder `directory`.
+        """Write `index.json`, `vectors.safetensors` and `metadata.jsonl` as the folder `directory`,
+        and with a `faiss_ivf` or `faiss_hnsw` backend its built structure (`structure.faiss`, built
+        now if no search has yet), which a load takes instead of building it again.
 
         The folder is replaced as a whole (a kill mid-save leaves the old or the new index, never
         a mix), so a folder holding other files is refused with UserError.
@@ -350,7 +352,8 @@ class Index(Locked):
                 self.info["run_dir"] = str(Path(run_dir).resolve())
             header = {"fingerprint": self.fingerprint, "backend": self.backend_name,
                       "backend_args": self._backend.config(), "storage": self.storage, "info": self.info}
-            return write_index(directory, self._store, header)
+            keep = getattr(self._backend, "structure", None)  # an IVF's or HNSW's: built now if it is not yet
+            return write_index(directory, self._store, header, keep(self._store) if keep is not None else None)
 
     @classmethod
     def load(cls, directory: str | Path, model: Any = None) -> Index:
@@ -366,6 +369,8 @@ class Index(Locked):
         except UserError as e:  # a hand-edited backend or argument (a ConfigError or a backend's UserError)
             raise CheckpointError(f"{Path(directory) / 'index.json'}: {e}") from None
         index._store = saved.store
+        if saved.structure is not None and hasattr(index._backend, "restore"):
+            index._backend.restore(*saved.structure, saved.store)  # (one not for these rows is built again)
         index.info = h.get("info", {})
         if model is not None:
             index.model = model

@@ -8,11 +8,13 @@
                          Any str round-trips except one holding lone surrogates (not Unicode text,
                          and JSON cannot tell "\\ud800\\udfff" from U+103FF): the save refuses it
 
-The header names the generation token stored in the safetensors metadata and the sha256 of both
-files, so a reader whose files come from two saves (a swap mid-read) notices, and a file changed
+    structure.faiss      an IVF's or HNSW's built structure, in FAISS's own serialisation (only
+                         for those backends; an index saved without it builds it at first search)
+
+The header names the generation token stored in the safetensors metadata and the sha256 of every
+file, so a reader whose files come from two saves (a swap mid-read) notices, and a file changed
 on disk is refused (indexes saved before the vectors' checksum load without that check). No pickle
-anywhere; FAISS structures are not saved, they are rebuilt at first search. How a save replaces
-the folder as a whole, and a read retries, is `persist.py`.
+anywhere. How a save replaces the folder as a whole, and a read retries, is `persist.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, utf8_name
+from mmembed.checkpoint import atomic_write, atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, utf8_name
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.scalars import json_default
@@ -37,6 +39,7 @@ from mmembed.retrieval.store import ID_LIMIT, MODALITY_CODES, STORAGE_DTYPES, Ve
 
 FORMAT_VERSION = 1
 HEADER, VECTORS, METADATA = "index.json", "vectors.safetensors", "metadata.jsonl"
+STRUCTURE = "structure.faiss"  # a FAISS backend's built structure (`_FaissBackend.structure`)
 # JSON would read two adjacent lone surrogates back as one astral character: they are refused
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -45,9 +48,11 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 class SavedIndex:
     header: dict[str, Any]
     store: VectorStore
+    structure: tuple[bytes, dict[str, Any]] | None = None  # a FAISS backend's structure and its state
 
 
-def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text: str) -> None:
+def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text: str,
+                 structure: tuple[bytes, dict[str, Any]] | None = None) -> None:
     generation = uuid.uuid4().hex
     names = [m.value for m in sorted(MODALITY_CODES, key=MODALITY_CODES.get)]
     tensors = {"vectors": store.vectors, "ids": store.ids, "modality": store.codes}
@@ -57,6 +62,10 @@ def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text:
             "next_id": store.next_id, "modalities": names, "generation": generation,
             "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "vectors_sha256": _file_sha256(folder / VECTORS)}
+    if structure is not None:
+        data, state = structure
+        atomic_write(folder / STRUCTURE, lambda tmp: tmp.write_bytes(data))
+        full["structure"] = {"sha256": hashlib.sha256(data).hexdigest(), "state": state}
     atomic_write_json(folder / HEADER, full)
 
 
@@ -81,7 +90,23 @@ def _read_folder(directory: Path) -> SavedIndex:
         store.append(vectors[start:end], by_code[code], metadata[start:end], ids[start:end].tolist())
         start = end
     store.next_id = max(store.next_id, int(header["next_id"]))
-    return SavedIndex(header, store)
+    return SavedIndex(header, store, _read_structure(directory, header))
+
+
+def _read_structure(directory: Path, header: dict[str, Any]) -> tuple[bytes, dict[str, Any]] | None:
+    """structure.faiss and its state, checked against the header's checksum (None: none was saved)."""
+    saved = header.get("structure")
+    if saved is None:
+        return None
+    if not isinstance(saved.get("sha256"), str) or not isinstance(saved.get("state", {}), dict):
+        raise CheckpointError(f"{directory / HEADER}: field 'structure' is {saved!r:.80}, not a valid structure entry")
+    try:
+        data = (directory / STRUCTURE).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / STRUCTURE} is missing (the header names it)") from None
+    if hashlib.sha256(data).hexdigest() != saved["sha256"]:
+        raise CheckpointError(f"{directory / STRUCTURE}: checksum does not match {HEADER} (the file changed)")
+    return data, saved.get("state", {})
 
 
 def _writable_header(header: dict[str, Any]) -> dict[str, Any]:
@@ -138,11 +163,11 @@ def _check_keys(value: Any, what: str) -> None:
 
 
 # every header field a load relies on, with its type (ints also >= 0); backend_args, info,
-# fingerprint and vectors_sha256 may be missing
+# fingerprint, vectors_sha256 and structure may be missing
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "dim": int, "count": int, "next_id": int, "storage": str, "backend": str, "generation": str,
     "modalities": list, "metadata_sha256": str, "backend_args": dict, "info": dict,
-    "fingerprint": (str, type(None)), "vectors_sha256": str,
+    "fingerprint": (str, type(None)), "vectors_sha256": str, "structure": dict,
 }
 _INFO_PATHS = ("run_dir", "manifest")  # the paths `info` may hold
 

@@ -29,7 +29,7 @@ from typing import Any
 from mmembed.checkpoint import file_above, fsync_dir, read_json, unwritable_above
 from mmembed.errors import CheckpointError, UserError
 from mmembed.file_lock import exclusive
-from mmembed.retrieval.index_format import (HEADER, METADATA, VECTORS, SavedIndex, _read_folder,
+from mmembed.retrieval.index_format import (HEADER, METADATA, STRUCTURE, VECTORS, SavedIndex, _read_folder,
                                             _writable_header, _write_files)
 from mmembed.retrieval.store import VectorStore
 
@@ -37,11 +37,13 @@ log = logging.getLogger(__name__)
 
 _LEFTOVER = re.compile(r"\.(tmp|old)-\d+-[0-9a-f]{8}")  # suffix of a save's sibling folders
 # atomic_write's temporary files, left in the index folder by a save killed in older versions
-_PARTIAL_FILE = re.compile(r"\.(?:%s)\.\w+\.tmp" % "|".join(map(re.escape, (HEADER, VECTORS, METADATA))))
+_PARTIAL_FILE = re.compile(r"\.(?:%s)\.\w+\.tmp" % "|".join(map(re.escape, (HEADER, VECTORS, METADATA, STRUCTURE))))
 
 
-def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any]) -> Path:
-    """Write a compacted store and its header as the folder `directory`, replacing any index there.
+def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any],
+                structure: tuple[bytes, dict[str, Any]] | None = None) -> Path:
+    """Write a compacted store and its header as the folder `directory`, replacing any index there;
+    `structure`: a FAISS backend's built structure for the store's rows, and its state.
 
     Raises UserError when `directory` holds anything besides an index (it would be deleted).
     """
@@ -63,7 +65,7 @@ def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any
         staging = _sibling(target, "tmp")
         os.mkdir(staging)  # mode 0777 & ~umask (tempfile.mkdtemp would make it 0700)
         try:
-            _write_files(staging, store, header, text)
+            _write_files(staging, store, header, text, structure)
             _swap(staging, target)
         except BaseException:  # Ctrl-C too: it left the whole staged index beside the target
             _recover(target)  # a kill skips this; the next save does it
@@ -148,7 +150,7 @@ def _check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise UserError(f"cannot save an index as {target}: it is a file")
     foreign = sorted(p.name for p in target.iterdir()
-                     if p.name not in (HEADER, VECTORS, METADATA) and not _PARTIAL_FILE.fullmatch(p.name))
+                     if p.name not in (HEADER, VECTORS, METADATA, STRUCTURE) and not _PARTIAL_FILE.fullmatch(p.name))
     if foreign:
         raise UserError(f"cannot save an index into {target}: it holds other files ({', '.join(foreign[:5])}), "
                         "and a save replaces the whole folder; choose a new or empty folder")

@@ -142,3 +142,30 @@ def test_a_run_without_decoder_says_so(run):
     for call in (lambda: model.attention_maps("hi"), lambda: model.temperature_sweep("hi", [1.0])):
         with pytest.raises(UserError, match="no decoder"):
             call()
+
+
+def test_an_answer_printed_on_a_terminal_has_its_escape_codes_escaped(run, capsys, monkeypatch):
+    """`mmembed generate` printed the decoder's text raw: a sampled escape code (byte tokens can
+    spell any) retitled the terminal or worse. A terminal gets it escaped, lines kept; a pipe the
+    exact text (its reader wants the answer, not our rendering of it)."""
+    import sys
+    import types
+
+    from mmembed.model import Model
+    from mmembed.terminal import for_terminal, printable
+
+    text = "red\x1b]0;owned\x07 circle\nsecond\tline \u202eevil"
+    monkeypatch.setattr(Model, "generate", lambda self, prompt, **kw: types.SimpleNamespace(text=text))
+    monkeypatch.setattr(Model, "stream", lambda self, prompt, **kw: iter([text[:5], text[5:]]))
+    escaped = "red\\x1b]0;owned\\x07 circle\nsecond\tline \\u202eevil"
+    assert printable(text, keep="\n\t") == escaped
+    for extra in ([], ["--stream"]):
+        assert main(["generate", str(run), "--prompt", "describe", *extra]) == 0
+        assert capsys.readouterr().out == text + "\n"  # captured: not a terminal
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+        assert main(["generate", str(run), "--prompt", "describe", *extra]) == 0
+        assert capsys.readouterr().out == escaped + "\n"
+        monkeypatch.undo()
+        monkeypatch.setattr(Model, "generate", lambda self, prompt, **kw: types.SimpleNamespace(text=text))
+        monkeypatch.setattr(Model, "stream", lambda self, prompt, **kw: iter([text[:5], text[5:]]))
+    assert for_terminal("a\x1bb", types.SimpleNamespace()) == "a\x1bb"  # no isatty: as it is
