@@ -27,6 +27,7 @@ search reuses its parameter object while the structure and the option values sta
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -38,6 +39,7 @@ from mmembed.errors import UserError
 from mmembed.retrieval.exact import exact_topk
 from mmembed.retrieval.store import VectorStore, padded
 
+log = logging.getLogger(__name__)
 _BRUTE_FORCE_ROWS = 20_000  # an eligible set this small is scanned exactly (a few ms)
 _BRUTE_FORCE_FRACTION = 0.02
 _SELECTIONS = 8  # masks whose selections are kept: one per target, a few filters' ((N,) bytes + a bitmap each)
@@ -157,6 +159,8 @@ class _FaissBackend:
         20k rows took 2.8 s in every `mmembed search`, and one built again could answer otherwise)."""
         if not self._saved or store.n_rows == 0:
             return None
+        if self._stale(store) or store.n_rows > self._synced:
+            log.info("building the %s structure of %d rows to save with the index", self.name, store.n_rows)
         self._sync(store)
         return self._faiss.serialize_index(self._index).tobytes(), self._state()
 
