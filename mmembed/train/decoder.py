@@ -257,9 +257,11 @@ def fit_whitening(config: Config, pm: PromptModel, model: Model, own: Tensor) ->
     vectors, source = own, "the decoder's training media"
     if (sampled := _align_sample(config, model)) is not None and len(sampled) >= 2:
         vectors, source = sampled, f"the align manifest {Path(config.data.root) / config.data.train}"
-    if len(vectors) < 2:
-        raise UserError(f"decoder.whiten: {len(vectors)} readable media vector(s) to fit the whitening to; "
-                        "it needs at least 2")
+    if len(vectors) < 2:  # a text-only instruction set over a copied space had none, and was told only that
+        raise UserError(f"decoder.whiten: {len(vectors)} readable media vector(s) to fit the whitening to, from "
+                        f"{source}; it needs at least 2: point data.train at an align manifest of the space (its "
+                        "media are sampled), or set decoder.whiten=false (a decoder of text-only prompts projects "
+                        "no vector)")
     pm.lm.whitening.fit(vectors, cfg.whiten_eps)
     log.info("whitening fitted on %d vectors of %s (eps %g)", len(vectors), source, cfg.whiten_eps)
 

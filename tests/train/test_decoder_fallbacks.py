@@ -42,6 +42,19 @@ def test_whitening_fits_the_decoders_media_when_data_train_is_no_align_manifest(
     assert not torch.allclose(pm.lm.whitening.mean, own.mean(dim=0), atol=1e-3)
 
 
+def test_whitening_with_no_media_vector_says_what_to_set(tiny_world, tmp_path):
+    """A text-only instruction set over a copied space stopped at "0 readable media vector(s) to fit
+    the whitening to; it needs at least 2", after the copy, with nothing said of a way out."""
+    model = tiny_model()
+    config = decoder_config(tiny_world, tmp_path / "run", whiten=True)
+    pm = build_prompt_model(config.decoder, model.tokenizer, model.embed_dim)
+    config.data.train = "missing.jsonl"
+    with pytest.raises(UserError, match=r"0 readable media vector\(s\) to fit the whitening to, from the decoder's "
+                                        r"training media; .*point data\.train at an align manifest of the space.*"
+                                        r"set decoder\.whiten=false"):
+        fit_whitening(config, pm, model, torch.empty(0, model.embed_dim))
+
+
 def test_a_resume_that_changes_decoder_context_blames_the_context_not_the_data(space, tiny_world, tmp_path):
     """`--resume decoder.context=...` was told "the training rows (decoder.data) are not those the
     checkpoint was trained on ... restore them", though decoder.data was untouched."""
