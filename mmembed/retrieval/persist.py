@@ -84,6 +84,10 @@ def check_target(target: str | Path) -> None:
         raise UserError(f"cannot save an index as {target}: {parent} is a file, not a folder")
     if (parent := unwritable_above(target)) is not None:
         raise UserError(f"cannot save an index as {target}: {parent} cannot be written (read-only, or no permission)")
+    if (outer := next((p for p in target.parents if (p / HEADER).is_file() and (p / VECTORS).is_file()), None)):
+        # there it would be deleted by the next save of that index, which replaces its folder (it refused)
+        raise UserError(f"cannot save an index as {target}: it is inside the index folder {outer}, which a save "
+                        "of that index replaces whole; save it beside it")
     _check_replaceable(target)
 
 

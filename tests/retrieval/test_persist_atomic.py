@@ -143,6 +143,17 @@ def test_refuses_to_replace_a_folder_holding_other_files(tmp_path):
     assert same(snapshot(Index.load(make(1, 3).save(tmp_path / "empty"))), snapshot(make(1, 3)))
 
 
+def test_an_index_inside_another_index_folder_is_refused(tmp_path):
+    """Saved as ix/sub, it made ix hold another file, and ix's next save was refused (or, had it not
+    been, would have deleted it): refused at its own save, naming the folder around it."""
+    make(1, 3).save(tmp_path / "ix")
+    with pytest.raises(UserError, match=r"it is inside the index folder .*ix, which a save of that index replaces"):
+        make(2, 3).save(tmp_path / "ix" / "sub" / "inner")
+    assert not (tmp_path / "ix" / "sub").exists()
+    make(1, 4).save(tmp_path / "ix")  # the outer one saves again
+    make(2, 3).save(tmp_path / "beside")
+
+
 def test_reader_during_a_resave_gets_old_or_new(tmp_path, monkeypatch):
     folder = tmp_path / "ix"
     make(1, 5).save(folder)
