@@ -38,7 +38,10 @@ THREADS = 2
 _CHILD = {
     "ours": ("from mmembed.retrieval import Index", "index = Index.load(folder)",
              "ids = index.search_ids(q, k={k})[0][0].tolist()"),
-    "faiss": ("import faiss", "index = faiss.read_index(str(folder / 'structure.faiss'))",
+    # the search parameters ours uses (our defaults: efSearch 128, nprobe 16), set on FAISS's index
+    "faiss": ("import faiss", "index = faiss.read_index(str(folder / 'structure.faiss'))\n"
+              "if hasattr(index, 'hnsw'): index.hnsw.efSearch = 128\n"
+              "if hasattr(index, 'nprobe'): index.nprobe = min(16, index.nlist)",
               "ids = index.search(q.numpy(), {k})[1][0].tolist()"),
 }
 
