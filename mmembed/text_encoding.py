@@ -89,27 +89,48 @@ def encode_bounded(text: str, budget: int | None, encode: Callable[[str], list[i
     """`encode(text)[:budget]` without encoding all of a huge text.
 
     Encodes a prefix cut at a word boundary (so its ids are a prefix of the full text's ids), and
-    grows it until it yields `budget` ids. Only a giant run without whitespace is cut mid-word.
+    grows it until it yields `budget` ids. Only a run without whitespace longer than the prefix is
+    cut inside it: BPE inside one word is not prefix-stable (a merge at the cut can change the
+    word's ids from its start), so such a prefix is taken only when it holds more than twice
+    `budget` ids and one twice as long gives the same first `budget` (else it grows, up to the
+    whole text).
     """
     if budget is None:
         return encode(text)
-    n = prefix_chars(budget)
+    n, earlier = prefix_chars(budget), None
     while True:
         cut = prefix_cut(text, n)
         ids = encode(text[:cut])
         if prefix_holds(text, cut, len(ids), budget):
             return ids[:budget]
+        if not at_word_boundary(text, cut) and len(ids) > 2 * budget:  # inside a run: stable from here on?
+            if earlier is not None and earlier == ids[:budget]:
+                return earlier
+            earlier = ids[:budget]
+            n *= 2
+            continue
+        earlier = None
         n *= 4
 
 
 def prefix_holds(text: str, cut: int, n_ids: int, budget: int) -> bool:
-    """Whether `text[:cut]`, encoded to `n_ids` ids, gives the full text's first `budget`: when it is
-    the whole text, or cut at a word boundary with `budget` ids; cut mid-word (a run without
-    whitespace), where the last tokens can differ from the full text's, with more than twice as many."""
+    """Whether `text[:cut]`, encoded to `n_ids` ids, surely gives the full text's first `budget`: when it
+    is the whole text, or cut at a word boundary with `budget` ids (a cut inside a run of non-blank
+    characters never surely does: `encode_bounded` checks it against a longer prefix)."""
     if cut >= len(text):
         return True
-    at_boundary = text[cut].isspace() and not text[cut - 1].isspace()
-    return n_ids >= budget if at_boundary else n_ids > 2 * budget
+    return at_word_boundary(text, cut) and n_ids >= budget
+
+
+def at_word_boundary(text: str, cut: int) -> bool:
+    """Whether a pre-tokenizer (GPT-2's regex, CLIP's) surely ends a token at `cut`: a blank there
+    after a non-blank. Blank as the regex's `\\s` means it: Python's `isspace` also counts
+    U+001C..U+001F, which the regex takes for punctuation (a cut before one joined a token in two)."""
+    return 0 < cut < len(text) and _blank(text[cut]) and not _blank(text[cut - 1])
+
+
+def _blank(c: str) -> bool:
+    return c.isspace() and not "\x1c" <= c <= "\x1f"
 
 
 def prefix_chars(budget: int) -> int:
@@ -130,7 +151,7 @@ def prefix_cut(text: str, n: int) -> int:
         i = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
         if i <= lo:
             break
-        if not text[i - 1].isspace():
+        if not _blank(text[i - 1]):
             return i
         end = i
     return n

@@ -185,8 +185,9 @@ def test_one_megabyte_caption_truncates(tok, kind, monkeypatch):
     ids, mask = tok.encode_batch([hostile, "short"], max_length=64, add_eos=True)
     assert ids.shape == (2, 64) and ids[0, -1] == tok.eos_id and mask[1].sum() == len(tok.encode("short")) + 1
     # O(budget), not 1 MB: a run with no word boundary (all spaces) is encoded until it gives twice
-    # the budget's ids, up to 4x more characters at a time
-    assert max(seen) <= 64 * 256
+    # the budget's ids, up to 4x more characters at a time, then once more at twice its length, to
+    # check that its first ids hold
+    assert max(seen) <= 64 * 512
 
 
 def test_prefix_cut_keeps_ids_a_prefix(tok):
@@ -589,3 +590,21 @@ def test_a_folder_given_as_a_corpus_file_is_called_a_folder(tmp_path):
     with pytest.raises(UserError, match="corpus file not found"):
         train_tokenizer([tmp_path / "none.txt"], vocab_size=300, out_dir=tmp_path / "tok")
     assert not (tmp_path / "tok").exists()
+
+
+def test_a_prefix_cut_before_a_separator_control_or_inside_a_run_keeps_the_full_texts_ids():
+    """`encode(text, max_length=b)` gave other ids than `encode(text)[:b]`: Python's isspace counts
+    U+001C..U+001F as blanks, which GPT-2's regex takes for punctuation, so a cut before one was
+    called a word boundary; and a run's prefix with more than twice the budget was taken as it was,
+    though a merge at its cut changed the run's ids from its second one."""
+    from mmembed.text_encoding import at_word_boundary
+
+    assert not at_word_boundary("a!\x1c", 2) and at_word_boundary("a! b", 2) and not at_word_boundary("a  b", 2)
+    for corpus, text in ((["x" + "!\x1c" * 200] * 50, "x" + "!\x1c" * 500),
+                         (["x" + "!?" * 200] * 50, "x" + "!?" * 2000), (["x" + "!?" * 200] * 50, "x" + "!?" * 2000 + " b")):
+        tok = Tokenizer.train(corpus, vocab_size=300)
+        full = tok.encode(text)
+        for budget in range(1, 24):
+            assert tok.encode(text, max_length=budget) == full[:budget], (text[:4], budget)
+            ids, mask = tok.encode_batch([text, "a b"], max_length=budget)
+            assert ids[0][mask[0]].tolist() == full[:budget], (text[:4], budget)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mmembed.errors import UserError
 from mmembed.modality import Modality
+from mmembed.retrieval.store import unit_rows
 
 VECTOR = "vector"  # the weights key of precomputed vectors
 _ZERO_NORM = 1e-6  # below this the composition has no direction (the weights cancelled)
@@ -155,7 +156,5 @@ def _as_vectors(vector: Any) -> Tensor | None:
         raise UserError(f"Query: vector is empty (shape {shape}); pass a (D,) or (n, D) vector")
     if not bool(torch.isfinite(v).all()):
         raise UserError("Query: vector contains NaN or Inf")
-    norms = v.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise UserError("Query: vector is the zero vector; it has no direction")
-    return v / norms
+    # scaled as the index scales its rows: a norm past float32's squares (3e19) made the row zeros
+    return unit_rows(v, lambda row: UserError("Query: vector is the zero vector; it has no direction"))

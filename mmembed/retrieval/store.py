@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,14 +65,22 @@ def check_vectors(vectors: Any, dim: int, what: str = "vectors") -> Tensor:
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
         raise BadInput(f"{what}: row {row} contains NaN or Inf")
+    return unit_rows(v, lambda row: BadInput(f"{what}: row {row} is the zero vector (it has no direction to "
+                                             "compare)"))
+
+
+def unit_rows(v: Tensor, zero: Callable[[int], Exception]) -> Tensor:
+    """The finite float32 rows `v` (N, D) scaled to unit length (rows unit to float32 rounding kept as
+    they are); `zero(row)` is raised for the first row with no direction.
+
+    float32's squares overflow past ~1e19 (such a row came out as zeros) and lose tiny rows to
+    subnormals: those rows alone are measured and scaled in float64 (the whole matrix would double
+    the memory). A query's vector and an indexed one are scaled alike."""
     norms = v.norm(dim=1)  # (N,)
-    # float32's squares overflow past ~1e19 (a row stored as zeros) and lose tiny rows to subnormals:
-    # those rows alone are measured and scaled in float64 (the whole matrix would double the memory)
     extreme = ~torch.isfinite(norms) | (norms < _TINY_NORM)
     exact = v[extreme].double().norm(dim=1) if bool(extreme.any()) else norms.new_zeros(0, dtype=torch.float64)
     if bool((exact == 0).any()):
-        row = int(extreme.nonzero()[int((exact == 0).nonzero()[0])])
-        raise BadInput(f"{what}: row {row} is the zero vector (it has no direction to compare)")
+        raise zero(int(extreme.nonzero()[int((exact == 0).nonzero()[0])]))
     off = ((norms - 1).abs() > _UNIT_TOL) & ~extreme
     if bool(off.any()) or exact.numel():
         v = v.clone()

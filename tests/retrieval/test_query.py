@@ -107,3 +107,16 @@ def test_a_vector_that_is_empty_not_numbers_or_complex_is_one_line(vector, said)
     """An empty vector was "the zero vector", a str a raw TypeError from torch, a complex one cut to its real part."""
     with pytest.raises(UserError, match=f"^Query: vector .*{said}"):
         Query(vector=vector)
+
+
+def test_a_query_vector_of_any_finite_norm_keeps_its_direction():
+    """A vector past float32's squares (norm > ~1.8e19) became zeros: alone it was called "the zero
+    vector", in a sum it was dropped without a word; a tiny one (1e-23) was refused. The index scaled
+    such rows in float64 already: a query is scaled alike."""
+    want = torch.tensor([[0.6, 0.8, 0.0]])
+    for scale in (1e19, 1e30, 1e-23, 1e-40):
+        torch.testing.assert_close(Query(vector=torch.tensor([3.0, 4.0, 0.0]) * scale).vectors, want)
+    both = Query(vector=torch.tensor([[3e19, 4e19, 0.0], [0.0, 0.0, 1.0]])).embed()
+    torch.testing.assert_close(both, normalize(torch.tensor([0.6, 0.8, 1.0]), dim=0))
+    with pytest.raises(UserError, match="the zero vector"):
+        Query(vector=torch.zeros(3)).vectors
