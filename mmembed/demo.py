@@ -103,9 +103,9 @@ def _finished_demo(run_dir: Path) -> bool:
 # checkpoints `step_<digits>`, not looked into); hidden names (locks, a killed write's leftovers) pass
 _RUN_FILES = {CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.png", "checkpoints/", DECODER_WEIGHTS,
               DECODER_TOKENIZER, DECODER_DIR}
-_DEMO_TREE = {".": (DEMO_OUTPUTS - {"checkpoints"}) | {"checkpoints/"}, BIND_DIR: _RUN_FILES, TRANSFER_DIR: _RUN_FILES, DECODER_DIR: {
-    "metrics.jsonl", "curves.png", "checkpoints/"}, f"{TRANSFER_DIR}/{DECODER_DIR}": {
-    "metrics.jsonl", "curves.png", "checkpoints/"}}
+_STAGE_FILES = {"metrics.jsonl", "curves.png", "checkpoints/"}  # a decoder stage's folder
+_DEMO_TREE = {".": (DEMO_OUTPUTS - {"checkpoints"}) | {"checkpoints/"}, BIND_DIR: _RUN_FILES, TRANSFER_DIR: _RUN_FILES,
+              DECODER_DIR: _STAGE_FILES, f"{TRANSFER_DIR}/{DECODER_DIR}": _STAGE_FILES}
 
 
 def _not_written_by_the_demo(run_dir: Path) -> list[str]:
