@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -38,7 +39,7 @@ from mmembed.train.decoder import train_decoder
 from mmembed.train.preflight import check_config
 from mmembed.train.preflight_resume import changes
 from mmembed.train.data_setup import data_in_use
-from mmembed.train.run_dir import LOCK, TRASH, run_lock
+from mmembed.train.run_dir import DEMO, LOCK, TRASH, UNSTARTED, run_lock
 from mmembed.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -52,38 +53,33 @@ DEMO_OUTPUTS = frozenset({CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.p
 
 
 def _check_replaceable(run_dir: Path, config: Config) -> None:
-    """A rerun replaces the demo's own folder: empty, a finished demo (its demo.json) holding only what
-    a demo writes, or one started with this very config (an interrupted demo). Anything else is a
-    UserError: `--out` over a folder of one's own files, or another run, deleted them before anything
-    was checked. What is replaced is said (a finished demo of other settings, an interrupted one)."""
-    left = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(TRASH)] if run_dir.is_dir() else []
-    if not left:  # (a leftover of an interrupted overwrite goes too)
+    """A rerun replaces the demo's own folder: empty, or one a demo wrote — finished (its demo.json)
+    or interrupted (its `.demo` mark, written before its first stage) — holding nothing else.
+    Anything else is a UserError: `--out` over a folder of one's own files, or a training run
+    (which a config alone cannot tell from an interrupted demo), deleted them unasked. What is
+    replaced is said: a finished demo of other settings, an interrupted one."""
+    left = [p for p in run_dir.iterdir() if not _demo_hidden(p.name)] if run_dir.is_dir() else []
+    if not left and not _foreign_hidden(run_dir):  # (a leftover of an interrupted overwrite goes too)
+        return
+    finished = _finished_demo(run_dir)
+    if not finished and not (run_dir / DEMO).is_file():
+        raise UserError(f"{run_dir} holds files that are not a demo run (no demo.json, no {DEMO} mark); the demo "
+                        "replaces its own folder only: choose another --out, or empty that folder first")
+    # a demo's folder, but what a user added to it (a query tower, a memory, an index, notes) is theirs
+    added = _not_written_by_the_demo(run_dir)
+    if added:
+        raise UserError(f"{run_dir} is an earlier demo run that also holds {', '.join(added[:5])}"
+                        f"{', ...' if len(added) > 5 else ''}, which a rerun would delete: move them out, or "
+                        "choose another --out")
+    if not finished:  # a demo stopped by an error or Ctrl-C: rerun with the fix its error named
+        log.warning("replacing the interrupted demo run in %s (a demo starts over)", run_dir)
         return
     try:
-        saved = load_config(run_dir / CONFIG)
-    except UserError:  # no config.yaml, or not one of ours
-        saved = None
-    # where the run is is no setting: `--out runs/x/` is runs/x (train.out_dir is what --out wrote)
-    differ = None if saved is None else changes("", _settings(saved), _settings(config))
-    if _finished_demo(run_dir) and saved is not None:
-        # a finished demo, but what a user added to it (a query tower, a memory, an index) is theirs
-        added = _not_written_by_the_demo(run_dir)
-        if added:
-            raise UserError(f"{run_dir} is an earlier demo run that also holds {', '.join(added[:5])}"
-                            f"{', ...' if len(added) > 5 else ''}, which a rerun would delete: move them out, or "
-                            "choose another --out")
-        if differ:
-            log.warning("replacing the earlier demo run in %s, made with other settings (%s)", run_dir,
-                        _listed(differ))
-        return
-    if differ == []:
-        log.warning("replacing the interrupted demo run in %s (started with these settings; a demo starts over)",
-                    run_dir)
-        return
-    other = (f" (its config.yaml differs: {_listed(differ)}; an interrupted demo is replaced by a rerun with the "
-             "same options)" if differ else "")
-    raise UserError(f"{run_dir} holds files that are not an earlier demo run of these settings{other} (the demo "
-                    "replaces its own folder only): choose another --out, or empty that folder first")
+        differ = changes("", _settings(load_config(run_dir / CONFIG)), _settings(config))
+    except UserError:  # its config.yaml is gone or damaged: it is replaced all the same
+        differ = ["config.yaml unreadable"]
+    if differ:
+        log.warning("replacing the earlier demo run in %s, made with other settings (%s)", run_dir, _listed(differ))
 
 
 def _listed(differ: list[str]) -> str:
@@ -100,17 +96,29 @@ def _finished_demo(run_dir: Path) -> bool:
 
 
 # the folders a demo writes inside its own, and what each holds (a name ending in "/": a folder of
-# checkpoints `step_<digits>`, not looked into); hidden names (locks, a killed write's leftovers) pass
+# checkpoints `step_<digits>`, not looked into)
 _RUN_FILES = {CONFIG, TOKENIZER, WEIGHTS, "metrics.jsonl", "curves.png", "checkpoints/", DECODER_WEIGHTS,
               DECODER_TOKENIZER, DECODER_DIR}
 _STAGE_FILES = {"metrics.jsonl", "curves.png", "checkpoints/"}  # a decoder stage's folder
 _DEMO_TREE = {".": (DEMO_OUTPUTS - {"checkpoints"}) | {"checkpoints/"}, BIND_DIR: _RUN_FILES, TRANSFER_DIR: _RUN_FILES,
               DECODER_DIR: _STAGE_FILES, f"{TRANSFER_DIR}/{DECODER_DIR}": _STAGE_FILES}
+# the hidden names a demo's stages leave: the lock and the mark, a starting run's marker, an
+# overwrite's trash, a checkpoint's or an atomic write's temporary (a user's .git or .env is not)
+_HIDDEN = re.compile(rf"{re.escape(LOCK)}|{re.escape(DEMO)}|{re.escape(UNSTARTED)}|{re.escape(TRASH)}\d+"
+                     r"|\.step_\d+\.(tmp|old|del)\d+|\..+\.tmp")
+
+
+def _demo_hidden(name: str) -> bool:
+    return _HIDDEN.fullmatch(name) is not None
+
+
+def _foreign_hidden(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name.startswith(".") and not _demo_hidden(p.name) for p in run_dir.iterdir())
 
 
 def _not_written_by_the_demo(run_dir: Path) -> list[str]:
-    """The paths in a finished demo's folder, relative to it, that no demo writes (a user's index,
-    memory or notes there, in a subfolder too): a rerun, which deletes the folder, must not."""
+    """The paths in a demo's folder, relative to it, that no demo writes (a user's index, memory,
+    notes or .git there, in a subfolder too): a rerun, which deletes the folder, must not."""
     found = []
     for sub, names in _DEMO_TREE.items():
         folder = run_dir / sub
@@ -118,13 +126,13 @@ def _not_written_by_the_demo(run_dir: Path) -> list[str]:
             continue
         for entry in sorted(folder.iterdir()):
             name = entry.name if sub == "." else f"{sub}/{entry.name}"
-            if entry.name.startswith("."):
+            if _demo_hidden(entry.name):
                 continue
             if entry.name not in names and f"{entry.name}/" not in names:
                 found.append(name)
             elif f"{entry.name}/" in names and entry.is_dir():
                 found += [f"{name}/{c.name}" for c in sorted(entry.iterdir())
-                          if not c.name.startswith(".") and not re.fullmatch(r"step_\d+", c.name)]
+                          if not _demo_hidden(c.name) and not re.fullmatch(r"step_\d+", c.name)]
     return found
 
 
@@ -170,17 +178,36 @@ def run_demo(config_name: str = "demo", overrides: list[str] = (), out_dir: str 
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise UserError(f"--out {run_dir} holds the working directory, and the demo replaces its folder: give one "
                         "beside or under it (e.g. --out runs/demo)")
+    if Path(config.data.root).resolve().is_relative_to(run_dir.resolve()):  # it failed after the world was made
+        raise UserError(f"data.root {config.data.root} is inside --out {run_dir}, which the demo replaces: put the "
+                        "world beside it (the default data.root is data/shapes)")
+    existed, had_lock = run_dir.exists(), (run_dir / LOCK).exists()
     make_output_folder(run_dir)
-    # the folder is the demo's from the first check to the report: a second demo there (or a trainer)
-    # is refused, where it replaced this one's joint run between its stages
-    with run_lock(run_dir, lambda holder: f"{run_dir.resolve()} is in use by another demo or trainer ({holder}); "
-                  "wait for it to finish, or choose another --out"):
-        _check_replaceable(run_dir, config)  # whatever else is wrong, a user's folder is named first
-        check_config(config)  # the names and files it points at, before the world is made
-        _check_test_split(config)
-        # the world is read from the first stage to the memory's: no generator may replace it meanwhile
-        with data_in_use(config.data):
-            return _run_demo(config, run_dir, bind, t0)
+    refused = True
+    try:
+        # the folder is the demo's from the first check to the report: a second demo there (or a
+        # trainer) is refused, where it replaced this one's joint run between its stages
+        with run_lock(run_dir, lambda holder: f"{run_dir.resolve()} is in use by another demo or trainer ({holder}); "
+                      "wait for it to finish, or choose another --out"):
+            _check_replaceable(run_dir, config)  # whatever else is wrong, a user's folder is named first
+            check_config(config)  # the names and files it points at, before the world is made
+            _check_test_split(config)
+            refused = False
+            (run_dir / DEMO).write_text("written by `mmembed demo`: a rerun may replace this folder\n")
+            # the world is read from the first stage to the memory's: no generator may replace it meanwhile
+            with data_in_use(config.data):
+                return _run_demo(config, run_dir, bind, t0)
+    finally:
+        if refused:  # a refused demo leaves no trace: no lock file in a user's folder, no empty folder
+            _undo_folder(run_dir, existed, had_lock)
+
+
+def _undo_folder(run_dir: Path, existed: bool, had_lock: bool) -> None:
+    if not had_lock:
+        (run_dir / LOCK).unlink(missing_ok=True)
+    if not existed:
+        with contextlib.suppress(OSError):  # (not empty: someone wrote into it meanwhile)
+            run_dir.rmdir()
 
 
 def _run_demo(config: Config, run_dir: Path, bind: bool, t0: float) -> Path:

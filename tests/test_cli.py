@@ -218,22 +218,28 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     (victim / "index").mkdir(parents=True)
     (victim / "notes.txt").write_text("mine")
     argv = ["demo", "--out", str(victim), f"data.root={tmp_path / 'nodata'}", "data.synth=null"]
-    _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
+    _one_line_error(capsys, argv, "holds files that are not a demo run")
     assert (victim / "notes.txt").read_text() == "mine" and (victim / "index").is_dir()
+    assert not (victim / ".lock").exists()  # a refused demo leaves no lock file in a user's folder
     (victim / "notes.txt").unlink()
-    (victim / "demo.json").write_text("{}")  # a demo.json of one's own (with no demo's config.yaml): no demo
-    _one_line_error(capsys, argv, "holds files that are not an earlier demo run")
+    (victim / "demo.json").write_text("{}")  # a demo.json of one's own: no demo
+    _one_line_error(capsys, argv, "holds files that are not a demo run")
     _finished_demo_in(victim, argv)
     # a finished demo, with what a user added to it (an index; a memory.db, a query tower): kept
     _one_line_error(capsys, argv, "earlier demo run that also holds index, which a rerun would delete")
     assert (victim / "index").is_dir()
     (victim / "index").rmdir()
-    for mine in ("bind-audio/notes.txt", "checkpoints/best", "decoder-image-only/decoder/mine.pt"):  # in its folders
+    for mine in ("bind-audio/notes.txt", "checkpoints/best", "decoder-image-only/decoder/mine.pt",  # in its folders
+                 ".env", ".git/config", "bind-audio/.my-notes"):  # hidden ones too (not a lock's or a temporary's)
         (victim / mine).parent.mkdir(parents=True, exist_ok=True)
         (victim / mine).write_text("mine")
-        _one_line_error(capsys, argv, f"earlier demo run that also holds {mine}, which a rerun would delete")
+        _one_line_error(capsys, argv, f"earlier demo run that also holds {mine.split('/config')[0]}, which a rerun "
+                                      "would delete")
         (victim / mine).unlink()
+        if mine == ".git/config":
+            (victim / ".git").rmdir()
     (victim / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (victim / "checkpoints" / ".step_0000012.tmp77").mkdir()
     (victim / "bind-audio" / "config.yaml").write_text("x")
     (victim / "report.md").write_text("x")  # the demo's own outputs only: accepted, and the missing data stops it
     _one_line_error(capsys, argv, "instruction manifest not found")  # in the preflight, so nothing was replaced yet
@@ -242,6 +248,9 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
         entry.unlink() if entry.is_file() else shutil.rmtree(entry)
     (victim / ".overwritten-123" / "checkpoints").mkdir(parents=True)
     _one_line_error(capsys, argv, "instruction manifest not found")
+    shutil.rmtree(victim)
+    _one_line_error(capsys, argv, "instruction manifest not found")
+    assert not victim.exists()  # a refused demo leaves no empty folder either
 
 
 def _finished_demo_in(folder, argv):
@@ -266,16 +275,13 @@ def test_a_finished_demo_of_other_settings_is_replaced_with_a_word(tmp_path, cap
     with caplog.at_level("WARNING", logger="mmembed.demo"):
         _check_replaceable(run, load_config("demo", [f"train.out_dir={run}", "train.seed=1"]))
     assert "replacing the earlier demo run in" in caplog.text and "train.seed 0 -> 1" in caplog.text
-    caplog.clear()
-    (run / "demo.json").unlink()  # interrupted: the same settings replace it, and say so
-    with caplog.at_level("WARNING", logger="mmembed.demo"):
-        _check_replaceable(run, load_config("demo", [f"train.out_dir={run}"]))
-    assert "replacing the interrupted demo run in" in caplog.text
 
 
-def test_an_interrupted_demo_is_replaced_whatever_its_out_folder_is_spelt(tmp_path):
-    """`--out runs/x/` refused the interrupted demo of `--out runs/x` ("not an earlier demo run"),
-    and an interrupted demo of other settings was called no demo run, without saying what differed."""
+def test_an_interrupted_demo_is_replaced_and_a_training_run_is_not(tmp_path, caplog):
+    """A training run in --out (a finished one, or a user's notes beside it) with the demo's config was
+    taken for an interrupted demo and deleted; and a demo that failed on a setting could not be rerun
+    with that setting changed ("its config.yaml differs"). The demo marks its folder (.demo) before
+    its first stage: a marked folder holding only a demo's files is replaced, whatever the settings."""
     from mmembed.config import load_config, save_config
     from mmembed.demo import _check_replaceable
     from mmembed.errors import UserError
@@ -284,11 +290,25 @@ def test_an_interrupted_demo_is_replaced_whatever_its_out_folder_is_spelt(tmp_pa
     run.mkdir()
     config = load_config("demo", [f"train.out_dir={run}"])
     save_config(config, run / "config.yaml")
-    _check_replaceable(run, load_config("demo", [f"train.out_dir={run}/"]))  # the same demo: replaced
-    other = load_config("demo", [f"train.out_dir={run}", "train.seed=1"])
-    with pytest.raises(UserError, match=r"its config\.yaml differs: train\.seed 0 -> 1; an interrupted demo is "
-                                        r"replaced by a rerun with the same options"):
-        _check_replaceable(run, other)
+    (run / "model.safetensors").write_bytes(b"a trained run")
+    with pytest.raises(UserError, match=r"holds files that are not a demo run \(no demo\.json, no \.demo mark\)"):
+        _check_replaceable(run, load_config("demo", [f"train.out_dir={run}/"]))
+    (run / ".demo").write_text("")
+    with caplog.at_level("WARNING", logger="mmembed.demo"):
+        _check_replaceable(run, load_config("demo", [f"train.out_dir={run}", "decoder.train.batch_size=8"]))
+    assert "replacing the interrupted demo run in" in caplog.text
+    (run / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match="earlier demo run that also holds notes.md"):
+        _check_replaceable(run, config)
+
+
+def test_a_demo_whose_world_is_inside_its_folder_is_refused_before_the_world_is_made(tmp_path, capsys):
+    """data.root inside --out: the world was generated (minutes with the default one), then the align
+    stage's overwrite refused to delete it, naming an --overwrite the user never gave."""
+    out = tmp_path / "d"
+    _one_line_error(capsys, ["demo", "--out", str(out), f"data.root={out / 'world'}"],
+                    "is inside --out")
+    assert not out.exists()
 
 
 def test_an_output_under_a_file_is_a_usage_error_in_every_command(tmp_path, capsys):

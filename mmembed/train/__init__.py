@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -33,7 +34,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     from mmembed.decoder import DECODER_DIR
     from mmembed.model import CONFIG
     from mmembed.train.decoder import train_decoder
-    from mmembed.train.collectives import barrier
+    from mmembed.train.collectives import barrier, main_first
+    from mmembed.train.data_setup import data_in_use
     from mmembed.train.distributed import current_world
     from mmembed.train.run_dir import lock_run, read_paths
     from mmembed.train.state import latest_checkpoint, remove_partial_checkpoints
@@ -48,17 +50,20 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
             config = _align_as_it_ran(config, load_config(run_dir / CONFIG))
         elif resume and (run_dir / CONFIG).is_file():
             _check_space_source(run_dir, load_config(run_dir / CONFIG), config)
-        if not decoder_started:
-            if config.model.init_from is not None:
-                config = copy_space(config, save=current_world().main)
-                barrier()
-            else:
-                train_align(config, resume=resume)
-                # the align stage may have restarted at a lower train.lr (a collapsed tower): keep
-                # the train section it saved, which the decoder stage writes into config.yaml again
-                config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
-        # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
-        return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
+        with contextlib.ExitStack() as data_held:
+            if not decoder_started:
+                if config.model.init_from is not None:
+                    config = copy_space(config, save=current_world().main)
+                    barrier()
+                else:
+                    with main_first():  # the world made (rank 0 first), then read by both stages: no
+                        data_held.enter_context(data_in_use(config.data))  # generator between them
+                    train_align(config, resume=resume)
+                    # the align stage may have restarted at a lower train.lr (a collapsed tower): keep
+                    # the train section it saved, which the decoder stage writes into config.yaml again
+                    config = dataclasses.replace(config, train=load_config(run_dir / CONFIG).train)
+            # resumed before the decoder's first checkpoint: its folder holds nothing to continue from
+            return train_decoder(config, resume=decoder_started, overwrite=resume and not decoder_started)
 
 
 def _checked_again(config: Config) -> Config:

@@ -20,7 +20,13 @@ log = logging.getLogger(__name__)
 
 def prepare_data(data: DataConfig) -> Path:
     """Return the data root; generate the synthetic world there first when configured."""
-    root = Path(data.root)
+    return _prepare(data)[0]
+
+
+def _prepare(data: DataConfig) -> tuple[Path, dict | None]:
+    """The data root, its synthetic world generated first when configured, and that world's
+    parameters (None without data.synth); the root's files checked."""
+    root, params = Path(data.root), None
     if data.synth is not None:
         from mmembed.data.synth import generate_world
         from mmembed.data.synth.world_folder import holds_other_files
@@ -31,15 +37,19 @@ def prepare_data(data: DataConfig) -> Path:
                             "empty data.root")
 
         s = data.synth
-        generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split, n_heldout=s.n_heldout,
-                       replace=True)
+        params = generate_world(root, n=s.n, seed=s.seed, image_size=s.image_size, split=s.split,
+                                n_heldout=s.n_heldout, replace=True).params
+    _check_files(root, data)
+    return root, params
+
+
+def _check_files(root: Path, data: DataConfig) -> None:
     from mmembed.data.synth.world_folder import check_complete
 
     check_complete(root, hint=" (or set data.synth)")
     if not (root / data.train).is_file():
         raise UserError(f"training manifest not found: {root / data.train} "
                         "(set data.root/data.train, or data.synth to generate the built-in world)")
-    return root
 
 
 @contextlib.contextmanager
@@ -47,11 +57,16 @@ def data_in_use(data: DataConfig) -> Iterator[Path]:
     """`prepare_data`'s root, held with the data's readers' lock (`world_folder.reading`) while the
     block runs: a world generator meanwhile (`mmembed data synth`, a run or a demo with other
     data.synth values) is refused instead of replacing the data under this run (a demo with a
-    smaller world deleted the 6,000 scenes a running demo was training on)."""
-    from mmembed.data.synth.world_folder import reading
+    smaller world deleted the 6,000 scenes a running demo was training on). The world is checked
+    again once the lock is held: a generator could start between the two."""
+    from mmembed.data.synth.world_folder import matches, reading
 
-    root = prepare_data(data)
+    root, params = _prepare(data)
     with reading(root):
+        if params is not None and not matches(root, params):
+            raise UserError(f"data.root {root}: its synthetic world was replaced by another process as this run "
+                            "started; start it again")
+        _check_files(root, data)
         yield root
 
 

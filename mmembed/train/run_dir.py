@@ -26,6 +26,7 @@ from mmembed.errors import UserError
 from mmembed.file_lock import exclusive
 
 LOCK = ".lock"
+DEMO = ".demo"  # marks a folder `mmembed demo` writes (demo.py): an overwrite keeps it, as it keeps the lock
 TRASH = ".overwritten-"  # + pid: what `--overwrite` moved aside and is deleting
 CHECKPOINTS = "checkpoints"  # `state.CKPT_DIR` (not imported: state imports torch)
 # a fresh align stage writes this marker, then its config and tokenizer, and removes the marker at
@@ -88,7 +89,7 @@ def needs_overwrite(run_dir: Path) -> bool:
 
 
 def _entries(run_dir: Path) -> set[str]:
-    return {p.name for p in Path(run_dir).iterdir() if p.name != LOCK and not p.name.startswith(TRASH)}
+    return {p.name for p in Path(run_dir).iterdir() if p.name not in (LOCK, DEMO) and not p.name.startswith(TRASH)}
 
 
 def _clear(run_dir: Path) -> None:
@@ -99,7 +100,7 @@ def _clear(run_dir: Path) -> None:
     _remove_trash(run_dir)
     trash = run_dir / f"{TRASH}{os.getpid()}"
     trash.mkdir()
-    entries = sorted((e for e in run_dir.iterdir() if e.name not in (LOCK, trash.name)),
+    entries = sorted((e for e in run_dir.iterdir() if e.name not in (LOCK, DEMO, trash.name)),
                      key=lambda e: e.name != CHECKPOINTS)  # the checkpoints go first: nothing to resume
     for entry in entries:
         os.replace(entry, trash / entry.name)

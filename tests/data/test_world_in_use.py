@@ -132,3 +132,58 @@ def test_the_shared_lock_admits_readers_and_refuses_a_writer(tmp_path, held):
             with pytest.raises(UserError, match="this process, which reads it"):
                 with exclusive(folder, str):
                     pass
+
+
+def test_a_training_run_holds_its_world_from_the_align_stage_through_the_decoder_stage(tmp_path, monkeypatch):
+    """The align stage let the world go and the decoder stage took it again: a `data synth
+    --overwrite` between them made the decoder train on another world than the space's."""
+    from mmembed.config import save_config
+    from mmembed.train import align, decoder, train
+    from tests.train.test_decoder_stage import DECODER
+
+    root = tmp_path / "w"
+    generate_world(root, n=40, image_size=32)
+    path = tiny_config(root, tmp_path / "run", epochs=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["synth"] = {"n": 40, "image_size": 32}
+    raw["decoder"] = DECODER
+    path.write_text(yaml.safe_dump(raw))
+    seen = []
+
+    def align_stage(config, resume=False, **_):  # what the stage leaves: its config.yaml
+        save_config(config, tmp_path / "run" / "config.yaml")
+        return tmp_path / "run"
+
+    def decoder_stage(config, **_):
+        seen.append(_in_another_thread(lambda: generate_world(root, n=20, image_size=32, overwrite=True)))
+        return tmp_path / "run"
+
+    monkeypatch.setattr(align, "train_align", align_stage)
+    monkeypatch.setattr(decoder, "train_decoder", decoder_stage)
+    from mmembed.config import load_config
+
+    train(load_config(path))
+    assert seen[0] is not None and "is in use by another process" in seen[0], seen
+
+
+def test_a_world_replaced_between_its_making_and_the_lock_is_refused(tmp_path, monkeypatch):
+    """The world was checked before the readers' lock was taken: a generator in between went unseen."""
+    from mmembed.config import load_config
+    from mmembed.data.synth import world_folder
+    from mmembed.train.data_setup import data_in_use
+
+    root = tmp_path / "w"
+    path = tiny_config(root, tmp_path / "run", epochs=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["synth"] = {"n": 40, "image_size": 32}
+    path.write_text(yaml.safe_dump(raw))
+    real = world_folder.reading
+
+    def late(folder):  # another process replaces the world just before this one locks it
+        generate_world(root, n=20, image_size=32, overwrite=True)
+        return real(folder)
+
+    monkeypatch.setattr(world_folder, "reading", late)
+    with pytest.raises(UserError, match="its synthetic world was replaced by another process as this run started"):
+        with data_in_use(load_config(path).data):
+            pass

@@ -87,6 +87,11 @@ def _existing(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     return world
 
 
+def matches(root: Path, params: dict[str, Any]) -> bool:
+    """Whether `root` holds a complete world generated with exactly `params` (`WorldSummary.params`)."""
+    return _existing(root, params) is not None
+
+
 def _made_here(root: Path) -> bool:
     """A world.json written by this generator (another tool's world.json does not count)."""
     try:
