@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -149,31 +150,66 @@ class _FaissBackend:
     def config(self) -> dict[str, Any]:
         return {}
 
-    # what a save keeps of the built structure (None: nothing worth keeping, it is rebuilt at once)
+    # what a save keeps of the built structure (False: nothing worth keeping, it is rebuilt at once),
+    # and the FAISS index type it must be
     _saved = False
+    _kind = ""
 
-    def structure(self, store: VectorStore) -> tuple[bytes, dict[str, Any]] | None:
-        """The structure for all of `store`'s rows in FAISS's own serialisation (built first if it is
-        stale), and the state a load needs with it; None for a backend whose structure is cheap to
-        build. A search in a later process then reads it instead of building it (an HNSW graph of
-        20k rows took 2.8 s in every `mmembed search`, and one built again could answer otherwise)."""
+    def structure(self, store: VectorStore) -> tuple[Callable[[Callable[[bytes], Any]], None], dict[str, Any]] | None:
+        """A writer of the structure for all of `store`'s rows in FAISS's own serialisation (built
+        first if it is stale) — `write(sink)` hands `sink` the bytes piece by piece, no copy of the
+        whole in memory — and the state a load needs with it; None for a backend whose structure is
+        cheap to build. A search in a later process then reads it instead of building it (an HNSW
+        graph of 20k rows took 2.8 s in every `mmembed search`, and one built again could answer
+        otherwise)."""
         if not self._saved or store.n_rows == 0:
             return None
         if self._stale(store) or store.n_rows > self._synced:
             log.info("building the %s structure of %d rows to save with the index", self.name, store.n_rows)
         self._sync(store)
-        return self._faiss.serialize_index(self._index).tobytes(), self._state()
+        index, faiss = self._index, self._faiss
+        return (lambda sink: faiss.write_index(index, faiss.PyCallbackIOWriter(sink))), self._state()
 
-    def restore(self, structure: bytes, state: dict[str, Any], store: VectorStore) -> bool:
-        """Take the structure `structure` saved for `store`'s rows; False (nothing taken: it is built
-        at the first search) when it is not one for them."""
-        index = self._faiss.deserialize_index(np.frombuffer(structure, dtype=np.uint8))
-        if index.ntotal != store.n_rows or index.d != store.dim:
+    def restore(self, read: Callable[[int], bytes], state: dict[str, Any], store: VectorStore, where: str) -> bool:
+        """Take the structure that `read(n)` gives, saved for `store`'s rows; False (with a warning
+        naming `where`; it is built again from the vectors at the first search) when FAISS cannot read
+        it (a damaged file, another FAISS's format) or it is not this backend's for these rows: another
+        index type or parameters (a hand-edited header), another row count, rows unlike the store's."""
+        try:
+            index = self._faiss.read_index(self._faiss.PyCallbackIOReader(read))  # (of its own type already)
+        except (RuntimeError, TypeError) as e:  # FAISS's own read errors
+            log.warning("%s: FAISS cannot read it (%s): building the structure again from the vectors", where,
+                        str(e).splitlines()[-1][:200])
+            return False
+        problem = self._unlike(index, state, store)
+        if problem:
+            log.warning("%s: %s: building the structure again from the vectors", where, problem)
             return False
         self._index, self._synced, self._version = index, store.n_rows, store.version
         self._plain, self._selections = None, {}
         self._restore_state(state)
         return True
+
+    def _unlike(self, index: Any, state: dict[str, Any], store: VectorStore) -> str | None:
+        """What makes `index` not this backend's structure for `store`'s rows, else None."""
+        if type(index).__name__ != self._kind or index.metric_type != self._faiss.METRIC_INNER_PRODUCT:
+            return f"it is a {type(index).__name__}, not the {self._kind} (inner product) of {self.name}"
+        if index.ntotal != store.n_rows or index.d != store.dim:
+            return f"it holds {index.ntotal} rows of {index.d}, the index {store.n_rows} of {store.dim}"
+        if problem := self._other_parameters(index, state):
+            return problem
+        rows = sorted({0, store.n_rows - 1, *range(0, store.n_rows, max(1, store.n_rows // 6))})
+        got = self._rows_of(index, rows)
+        want = store.vectors[rows].float().numpy()
+        if not np.allclose(got, want, atol=1e-6):  # (a structure of other vectors answered with scores of 1e28)
+            return "its rows are not the index's vectors"
+        return None
+
+    def _other_parameters(self, index: Any, state: dict[str, Any]) -> str | None:
+        return None
+
+    def _rows_of(self, index: Any, rows: list[int]) -> np.ndarray:
+        return np.stack([index.reconstruct(r) for r in rows])
 
     def _state(self) -> dict[str, Any]:
         return {}
@@ -267,14 +303,25 @@ class FaissIVF(_FaissBackend):
     def config(self) -> dict[str, Any]:
         return {"nlist": self.nlist, "nprobe": self.nprobe}
 
-    _saved = True
+    _saved, _kind = True, "IndexIVFFlat"
 
     def _state(self) -> dict[str, Any]:
         return {"trained_on": self._trained_on}  # when an index grown 4x since retrains its cells
 
     def _restore_state(self, state: dict[str, Any]) -> None:
-        trained_on = state.get("trained_on")
-        self._trained_on = trained_on if isinstance(trained_on, int) and trained_on > 0 else self._synced
+        self._trained_on = _trained_on(state, self._synced)
+
+    def _other_parameters(self, index: Any, state: dict[str, Any]) -> str | None:
+        n = _trained_on(state, index.ntotal)
+        nlist = max(1, min(self.nlist or max(1, int(4 * math.sqrt(n))), n // 39 or 1))  # as `_create` chose it
+        return None if index.nlist == nlist else f"it has {index.nlist} cells, where nlist={self.nlist} gives {nlist}"
+
+    def _rows_of(self, index: Any, rows: list[int]) -> np.ndarray:
+        index.make_direct_map()  # an IVF finds a row's list through it (dropped again: memory)
+        try:
+            return super()._rows_of(index, rows)
+        finally:
+            index.set_direct_map_type(self._faiss.DirectMap.NoMap)
 
 
 class FaissHNSW(_FaissBackend):
@@ -305,7 +352,18 @@ class FaissHNSW(_FaissBackend):
     def config(self) -> dict[str, Any]:
         return {"m": self.m, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
 
-    _saved = True
+    _saved, _kind = True, "IndexHNSWFlat"
+
+    def _other_parameters(self, index: Any, state: dict[str, Any]) -> str | None:
+        m, ef = index.hnsw.nb_neighbors(1), index.hnsw.efConstruction  # (level 0 holds 2m)
+        if (m, ef) != (self.m, self.ef_construction):
+            return f"its graph has m={m}, ef_construction={ef}, the index m={self.m}, ef_construction={self.ef_construction}"
+        return None
+
+
+def _trained_on(state: dict[str, Any], default: int) -> int:
+    trained_on = state.get("trained_on")
+    return trained_on if isinstance(trained_on, int) and not isinstance(trained_on, bool) and trained_on > 0 else default
 
 
 def _rescan_short(store: VectorStore, queries: np.ndarray, mask: Tensor | None, scores: np.ndarray,

@@ -30,9 +30,9 @@ from mmembed.modality import Modality
 from mmembed.retrieval.backends import build_backend
 from mmembed.retrieval.embed import embed_manifest, log_skipped, nothing_read, skip_summary
 from mmembed.retrieval.hits import Hit
-from mmembed.retrieval.index_format import metadata_text
+from mmembed.retrieval.index_format import STRUCTURE, metadata_text
 from mmembed.retrieval.locking import Locked
-from mmembed.retrieval.persist import read_index, write_index
+from mmembed.retrieval.persist import check_target, read_index, write_index
 from mmembed.retrieval.query import Query
 from mmembed.retrieval.query_vectors import _query_rows, _unit_rows
 from mmembed.retrieval.store import VectorStore, check_vectors, storage_dtype
@@ -353,6 +353,8 @@ class Index(Locked):
             header = {"fingerprint": self.fingerprint, "backend": self.backend_name,
                       "backend_args": self._backend.config(), "storage": self.storage, "info": self.info}
             keep = getattr(self._backend, "structure", None)  # an IVF's or HNSW's: built now if it is not yet
+            if keep is not None:
+                check_target(directory)  # before the build: a graph of 100k rows took 12 s, then the save was refused
             return write_index(directory, self._store, header, keep(self._store) if keep is not None else None)
 
     @classmethod
@@ -369,8 +371,11 @@ class Index(Locked):
         except UserError as e:  # a hand-edited backend or argument (a ConfigError or a backend's UserError)
             raise CheckpointError(f"{Path(directory) / 'index.json'}: {e}") from None
         index._store = saved.store
-        if saved.structure is not None and hasattr(index._backend, "restore"):
-            index._backend.restore(*saved.structure, saved.store)  # (one not for these rows is built again)
+        if saved.structure is not None:
+            file, state = saved.structure
+            with file:
+                if hasattr(index._backend, "restore"):  # (one not for these rows is built again)
+                    index._backend.restore(file.read, state, saved.store, str(Path(directory) / STRUCTURE))
         index.info = h.get("info", {})
         if model is not None:
             index.model = model

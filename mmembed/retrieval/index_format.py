@@ -13,30 +13,35 @@
 
 The header names the generation token stored in the safetensors metadata and the sha256 of every
 file, so a reader whose files come from two saves (a swap mid-read) notices, and a file changed
-on disk is refused (indexes saved before the vectors' checksum load without that check). No pickle
-anywhere. How a save replaces the folder as a whole, and a read retries, is `persist.py`.
+on disk is refused (indexes saved before the vectors' checksum load without that check) — but for
+structure.faiss, which is derived from the vectors: one missing, changed, unreadable by this FAISS
+or unlike the vectors is built again from them, with a warning. No pickle anywhere. How a save replaces the folder as a whole, and a read retries, is `persist.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mmembed.checkpoint import atomic_write, atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, utf8_name
+from mmembed.checkpoint import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, utf8_name
 from mmembed.errors import CheckpointError, UserError
 from mmembed.modality import Modality
 from mmembed.scalars import json_default
 from mmembed.retrieval.store import ID_LIMIT, MODALITY_CODES, STORAGE_DTYPES, VectorStore, non_str_keys
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 HEADER, VECTORS, METADATA = "index.json", "vectors.safetensors", "metadata.jsonl"
 STRUCTURE = "structure.faiss"  # a FAISS backend's built structure (`_FaissBackend.structure`)
@@ -44,15 +49,20 @@ STRUCTURE = "structure.faiss"  # a FAISS backend's built structure (`_FaissBacke
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+# a backend's structure as a save gets it: a writer handing its bytes to a sink, and its state
+Structure = tuple[Callable[[Callable[[bytes], Any]], None], dict[str, Any]]
+
+
 @dataclass
 class SavedIndex:
     header: dict[str, Any]
     store: VectorStore
-    structure: tuple[bytes, dict[str, Any]] | None = None  # a FAISS backend's structure and its state
+    # structure.faiss, open and checked against its checksum, and its state (None: none, or unusable)
+    structure: tuple[BinaryIO, dict[str, Any]] | None = None
 
 
 def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text: str,
-                 structure: tuple[bytes, dict[str, Any]] | None = None) -> None:
+                 structure: Structure | None = None) -> None:
     generation = uuid.uuid4().hex
     names = [m.value for m in sorted(MODALITY_CODES, key=MODALITY_CODES.get)]
     tensors = {"vectors": store.vectors, "ids": store.ids, "modality": store.codes}
@@ -63,9 +73,16 @@ def _write_files(folder: Path, store: VectorStore, header: dict[str, Any], text:
             "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "vectors_sha256": _file_sha256(folder / VECTORS)}
     if structure is not None:
-        data, state = structure
-        atomic_write(folder / STRUCTURE, lambda tmp: tmp.write_bytes(data))
-        full["structure"] = {"sha256": hashlib.sha256(data).hexdigest(), "state": state}
+        write, state = structure
+        digest = hashlib.sha256()
+        with open(folder / STRUCTURE, "wb") as f:  # (the staging folder: it is swapped in whole)
+            def sink(piece: bytes) -> int:
+                digest.update(piece)
+                return f.write(piece)
+            write(sink)
+            f.flush()
+            os.fsync(f.fileno())
+        full["structure"] = {"sha256": digest.hexdigest(), "state": state}
     atomic_write_json(folder / HEADER, full)
 
 
@@ -93,20 +110,34 @@ def _read_folder(directory: Path) -> SavedIndex:
     return SavedIndex(header, store, _read_structure(directory, header))
 
 
-def _read_structure(directory: Path, header: dict[str, Any]) -> tuple[bytes, dict[str, Any]] | None:
-    """structure.faiss and its state, checked against the header's checksum (None: none was saved)."""
+def _read_structure(directory: Path, header: dict[str, Any]) -> tuple[BinaryIO, dict[str, Any]] | None:
+    """structure.faiss, open at its start once its bytes match the header's checksum, and its state;
+    None when none was saved, or (with a warning: the vectors are what the index is, and the
+    structure is built again from them) when it is missing or changed."""
     saved = header.get("structure")
     if saved is None:
         return None
+    path = directory / STRUCTURE
     if not isinstance(saved.get("sha256"), str) or not isinstance(saved.get("state", {}), dict):
-        raise CheckpointError(f"{directory / HEADER}: field 'structure' is {saved!r:.80}, not a valid structure entry")
+        log.warning("%s: its 'structure' entry is not valid: building the structure again from the vectors",
+                    directory / HEADER)
+        return None
     try:
-        data = (directory / STRUCTURE).read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory / STRUCTURE} is missing (the header names it)") from None
-    if hashlib.sha256(data).hexdigest() != saved["sha256"]:
-        raise CheckpointError(f"{directory / STRUCTURE}: checksum does not match {HEADER} (the file changed)")
-    return data, saved.get("state", {})
+        f = open(path, "rb")  # read through this one file: a save swapping the folder in meanwhile cannot mix
+    except OSError as e:
+        log.warning("%s: cannot read it (%s): building the structure again from the vectors", path,
+                    e.strerror or e)
+        return None
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 22):
+        digest.update(chunk)
+    if digest.hexdigest() != saved["sha256"]:
+        f.close()
+        log.warning("%s: checksum does not match %s (the file changed): building the structure again from the "
+                    "vectors", path, HEADER)
+        return None
+    f.seek(0)
+    return f, saved.get("state", {})
 
 
 def _writable_header(header: dict[str, Any]) -> dict[str, Any]:

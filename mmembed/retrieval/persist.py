@@ -29,7 +29,7 @@ from typing import Any
 from mmembed.checkpoint import file_above, fsync_dir, read_json, unwritable_above
 from mmembed.errors import CheckpointError, UserError
 from mmembed.file_lock import exclusive
-from mmembed.retrieval.index_format import (HEADER, METADATA, STRUCTURE, VECTORS, SavedIndex, _read_folder,
+from mmembed.retrieval.index_format import (HEADER, METADATA, STRUCTURE, VECTORS, SavedIndex, Structure, _read_folder,
                                             _writable_header, _write_files)
 from mmembed.retrieval.store import VectorStore
 
@@ -41,9 +41,9 @@ _PARTIAL_FILE = re.compile(r"\.(?:%s)\.\w+\.tmp" % "|".join(map(re.escape, (HEAD
 
 
 def write_index(directory: str | Path, store: VectorStore, header: dict[str, Any],
-                structure: tuple[bytes, dict[str, Any]] | None = None) -> Path:
+                structure: Structure | None = None) -> Path:
     """Write a compacted store and its header as the folder `directory`, replacing any index there;
-    `structure`: a FAISS backend's built structure for the store's rows, and its state.
+    `structure`: a FAISS backend's writer of its built structure for the store's rows, and its state.
 
     Raises UserError when `directory` holds anything besides an index (it would be deleted).
     """

@@ -309,16 +309,75 @@ def test_a_saved_ann_index_loads_its_structure_instead_of_building_it(backend, t
     assert [loaded.search(v, k=1)[0].id for v in unit(3, 32, 9)] == new and built == []
     if backend == "faiss_ivf":
         assert loaded._backend._trained_on == idx._backend._trained_on == 1998
-    # a structure file changed on disk is refused, as the other files are
     header = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert set(header["structure"]) == {"sha256", "state"}
-    data = (tmp_path / "ix" / "structure.faiss").read_bytes()
-    (tmp_path / "ix" / "structure.faiss").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(CheckpointError, match="structure.faiss: checksum does not match"):
-        Index.load(tmp_path / "ix")
-    (tmp_path / "ix" / "structure.faiss").unlink()
-    with pytest.raises(CheckpointError, match="structure.faiss is missing"):
-        Index.load(tmp_path / "ix")
+
+
+def _saved_hnsw(folder):
+    idx = filled("faiss_hnsw", n=600)
+    idx.save(folder)
+    return idx
+
+
+def _edit(folder, *, structure=None, backend_args=None, backend=None):
+    """Change structure.faiss (and its checksum, as a hand edit would) or the header's backend."""
+    import hashlib
+    import json
+
+    header = json.loads((folder / "index.json").read_text())
+    if structure is not None:
+        (folder / "structure.faiss").write_bytes(structure)
+        header["structure"]["sha256"] = hashlib.sha256(structure).hexdigest()
+    if backend_args is not None:
+        header["backend_args"].update(backend_args)
+    if backend is not None:
+        header["backend"], header["backend_args"] = backend, {}
+    (folder / "index.json").write_text(json.dumps(header))
+
+
+def test_a_structure_that_cannot_serve_is_built_again_from_the_vectors(tmp_path, caplog, no_brute_force):
+    """An unreadable structure.faiss (a damaged file, another FAISS's format) was a traceback that made
+    `mmembed search` and `serve` fail on intact vectors, and one of another index type, other
+    parameters or other vectors was taken as it was (scores of 1e28, an AttributeError at search). The
+    vectors are the index: such a structure is named in a warning and built again from them."""
+    import logging
+
+    q = unit(5, 32, 1)
+    cases = {
+        "checksum does not match": lambda f, data: (f / "structure.faiss").write_bytes(data[:-1] + bytes([data[-1] ^ 1])),
+        "cannot read it": lambda f, data: (f / "structure.faiss").unlink(),
+        "FAISS cannot read it": lambda f, data: _edit(f, structure=data[: len(data) // 2]),
+        # the flat storage's vectors come last: the last rows scaled past any unit vector's
+        "its rows are not the index's vectors": lambda f, data: _edit(f, structure=data[:-4000] + bytes(
+            [b ^ 0x40 for b in data[-4000:]])),
+        "its graph has m=32, ef_construction=40, the index m=16": lambda f, data: _edit(f, backend_args={"m": 16}),
+        "it is a IndexHNSWFlat, not the IndexIVFFlat": lambda f, data: _edit(f, backend="faiss_ivf"),
+    }
+    for i, (warning, damage) in enumerate(cases.items()):
+        folder = tmp_path / f"ix{i}"
+        idx = _saved_hnsw(folder)
+        damage(folder, (folder / "structure.faiss").read_bytes())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded = Index.load(folder)
+        assert warning in caplog.text and "building the structure again from the vectors" in caplog.text, warning
+        assert loaded._backend._index is None  # nothing taken: built at the first search, from the vectors
+        exact = Index.load(folder)
+        exact._backend = ExactBackend()
+        got, truth = loaded.search_batch(q, k=5), exact.search_batch(q, k=5)
+        assert recall(ids(got), ids(truth)) >= 0.9 and max(h.score for r in got for h in r) <= 1 + 1e-5, warning
+        assert len(idx) == len(loaded)
+
+
+def test_an_ann_index_refused_where_it_is_saved_builds_nothing_first(tmp_path, monkeypatch):
+    """A never-searched 100k-row HNSW index saved inside another index (or under a file) was refused
+    only after 12.6 s of building its graph, holding the index's lock."""
+    idx = filled("faiss_hnsw", n=300)
+    idx.save(tmp_path / "outer")
+    fresh = filled("faiss_hnsw", n=300)
+    monkeypatch.setattr(type(fresh._backend), "_create", lambda self, v: pytest.fail("built before the refusal"))
+    with pytest.raises(UserError, match="inside the index folder"):
+        fresh.save(tmp_path / "outer" / "inner")
 
 
 def test_an_index_saved_without_a_structure_builds_it_at_its_first_search(tmp_path):
