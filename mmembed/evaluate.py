@@ -24,7 +24,7 @@ from torch import Tensor
 from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
 from mmembed.evaluate_probe import probe_report, row_labels
-from mmembed.evaluate_recall import pairwise_report
+from mmembed.evaluate_recall import check_finite, pairwise_report
 from mmembed.evaluate_zero_shot import (
     _accuracy,
     check_labels,
@@ -142,6 +142,7 @@ def alternative_captions(model: Any, rows: Sequence[Any], keys: Sequence[str], b
 
 def _zero_shot_part(vectors: Tensor, rows: list, classes: Tensor, labels: list[str], column: str) -> dict[str, Any]:
     truth = row_labels(rows, column)
+    check_finite(vectors, classes, what="a classification")
     predicted = [labels[i] for i in (vectors @ classes.T).argmax(dim=1).tolist()]  # (n,)
     accuracy, n = _accuracy(predicted, truth, labels)
     return {"accuracy": accuracy, "n": n}

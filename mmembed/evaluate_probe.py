@@ -25,9 +25,10 @@ import logging
 import torch
 from torch import Tensor
 
-from mmembed.data.manifest import read_manifest
+from mmembed.data.manifest import INLINE_MODALITIES, read_manifest
 from mmembed.data.splits import deal
 from mmembed.errors import UserError
+from mmembed.evaluate_recall import check_finite
 from mmembed.retrieval.embed import embed_manifest, outside_root_allowed
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[Any], test_x: Tensor, t
     """Fit on the training items with a label, score the test items whose label is among theirs
     (the others cannot be right and are left out of `n`, as zero-shot leaves them). `l2=None`
     chooses the penalty on a held-out fifth of the training items (module docstring)."""
+    check_finite(train_x, test_x, what="a probe")
     keep = [i for i, label in enumerate(train_labels) if label is not None]
     classes = sorted({str(train_labels[i]) for i in keep})
     if len(classes) < 2:
@@ -106,6 +108,23 @@ def row_labels(rows: list, column: str) -> list[Any]:
     return [r.label if column == "label" else r.meta.get(column) for r in rows]
 
 
+def _check_apart(train_rows: list, test_rows: list, modality: Any, train_manifest: str | Path) -> None:
+    """UserError when the probe would be fitted on the very files it is scored on (`--linear-probe` given
+    the evaluated manifest read 92.5 for 91.1); a warning when some are shared. Texts are not compared:
+    the same caption in both splits is the data's (170 of the world's 300 test captions are also
+    training ones), not a mistake."""
+    if modality in INLINE_MODALITIES:
+        return
+    fitted = {row.items.get(modality) for row in train_rows} - {None}
+    shared = sum(row.items.get(modality) in fitted for row in test_rows)
+    if shared and shared == len(test_rows):
+        raise UserError(f"{train_manifest}: the linear probe would be fitted on every {modality} item it is scored on "
+                        "(the evaluated manifest's own): give it a training manifest of other rows (e.g. train.jsonl)")
+    if shared:
+        log.warning("linear probe: %d of the %d %s items scored are also among its training items (%s): its "
+                    "accuracy overstates what it does on unseen ones", shared, len(test_rows), modality, train_manifest)
+
+
 def probe_report(model: Any, train_manifest: str | Path, test: dict, column: str, batch_size: int,
                  progress: bool) -> dict[str, dict[str, Any]]:
     """A linear probe per modality of both manifests: fitted on `train_manifest`'s items, scored on
@@ -121,6 +140,7 @@ def probe_report(model: Any, train_manifest: str | Path, test: dict, column: str
                            skip="row").by_modality
     report = {}
     for m in shared:
+        _check_apart(train[m].rows, test[m].rows, m, train_manifest)
         try:
             result = linear_probe(train[m].vectors, row_labels(train[m].rows, column), test[m].vectors,
                                   row_labels(test[m].rows, column))

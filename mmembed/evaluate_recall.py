@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mmembed.errors import BadInput
 from mmembed.modality import Modality
 
 log = logging.getLogger("mmembed.evaluate")  # the evaluation's lines keep their logger name
@@ -78,14 +79,21 @@ def _first_correct_rank(scores: Tensor, q_codes: Tensor, t_codes: Tensor) -> Ten
     return 1 + ((scores >= best - _TIE) & ~correct).sum(dim=1)
 
 
+def check_finite(*vectors: Tensor, what: str) -> None:
+    """BadInput (a ValueError, and one line from the CLI) when any of `vectors` holds NaN or Inf: `what`
+    (ranks, a classification) would be meaningless, and an argmax of NaN rows picked the first label
+    for every item."""
+    if not all(bool(torch.isfinite(v).all()) for v in vectors):
+        raise BadInput(f"embeddings contain NaN or Inf (a diverged model?); {what} would be meaningless")
+
+
 def _check_pair(q: Tensor, t: Tensor, q_keys: Sequence, t_keys: Sequence, ks: Sequence[int]) -> None:
     if q.dim() != 2 or t.dim() != 2 or q.shape[1] != t.shape[1]:
         raise ValueError(f"embeddings must be (Q, D) and (N, D) with equal D, got {tuple(q.shape)}, {tuple(t.shape)}")
     if len(q_keys) != q.shape[0] or len(t_keys) != t.shape[0]:
         raise ValueError(f"{len(q_keys)} query keys for {q.shape[0]} queries, "
                          f"{len(t_keys)} target keys for {t.shape[0]} targets")
-    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(t).all())):
-        raise ValueError("embeddings contain NaN or Inf (a diverged model?); ranks would be meaningless")
+    check_finite(q, t, what="ranks")
     if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {list(ks)}")  # 1.5 was taken as 1, 0.5 "not positive"
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mmembed.errors import UserError
 from mmembed.modality import Modality
+from mmembed.evaluate_recall import check_finite
 
 
 class ZeroShotResult(NamedTuple):
@@ -45,6 +46,7 @@ def zero_shot_classify(model: Any, items: Sequence[Any], modality: Modality | st
     with torch.inference_mode():
         z_items = torch.cat([model.embed(modality, list(items[s:s + batch_size])).float()
                              for s in range(0, len(items), batch_size)]) if len(items) else classes[:0]
+    check_finite(z_items, classes, what="a classification")
     predictions = [labels[i] for i in (z_items @ classes.T).argmax(dim=1).tolist()]  # (N,)
     return ZeroShotResult(predictions, *_accuracy(predictions, truth, labels))
 

@@ -139,6 +139,24 @@ def test_zero_shot_classify():
         zero_shot_classify(model, items, "image", ["c0", "c0"])
 
 
+def test_a_classification_of_nan_embeddings_is_refused_as_retrieval_is():
+    """Zero-shot and the probe took an argmax of NaN rows (index 0): a diverged model scored 0.75, every
+    item given the first label, where retrieval refused it."""
+    from mmembed.evaluate_probe import linear_probe
+
+    class Diverged(FakeModel):
+        def embed(self, modality, items):
+            z = super().embed(modality, items)
+            return torch.full_like(z, float("nan")) if str(modality) == "image" else z
+
+    items = ["img/c0.png"] * 3 + ["img/c1.png"]
+    with pytest.raises(ValueError, match="NaN or Inf .* a classification would be meaningless"):
+        zero_shot_classify(Diverged(noise=0.2), items, "image", ["c0", "c1"], truth=["c0", "c0", "c0", "c1"])
+    clean = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    with pytest.raises(UserError, match="NaN or Inf .* a probe would be meaningless"):
+        linear_probe(clean, list("aabbaabb"), torch.full((4, 4), float("nan")), list("aaab"))
+
+
 def test_duplicate_zero_shot_labels_are_refused_before_the_manifest_is_embedded(monkeypatch, tmp_path):
     from mmembed import evaluate
 

@@ -123,6 +123,24 @@ def test_a_modality_of_one_manifest_only_is_left_out_and_a_bad_training_set_name
         run_eval(model, paths["test"], linear_probe=one_class, progress=False)
 
 
+def test_a_probe_fitted_on_the_items_it_is_scored_on_is_refused_and_a_partial_overlap_said(tiny_world, tmp_path,
+                                                                                               caplog):
+    """`--linear-probe` given the evaluated manifest itself fitted the probe on its test items (92.5 read
+    for 91.1), without a word."""
+    model = tiny_model()
+    model.config.data.allow_outside_root = True
+    paths = _colour_manifests(tiny_world, tmp_path)
+    with pytest.raises(UserError, match="would be fitted on every image item it is scored on"):
+        run_eval(model, paths["test"], linear_probe=paths["test"], progress=False)
+    rows = paths["train"].read_text().splitlines() + paths["test"].read_text().splitlines()[:3]
+    leaky = tmp_path / "train-and-some-test.jsonl"
+    leaky.write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="mmembed.evaluate_probe"):
+        run_eval(model, paths["test"], linear_probe=leaky, progress=False)
+    assert "linear probe: 3 of the" in caplog.text and "image items scored are also among its training" in caplog.text
+    assert "text items" not in caplog.text  # a caption in both splits is the data's, not a mistake
+
+
 def test_the_command_checks_its_probe_manifest_before_loading_the_run(tmp_path, capsys):
     manifest = tmp_path / "test.jsonl"
     manifest.write_text('{"text": "a", "label": "x"}\n')

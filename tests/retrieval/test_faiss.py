@@ -289,8 +289,6 @@ def test_a_saved_ann_index_loads_its_structure_instead_of_building_it(backend, t
     answer otherwise). The save keeps the structure; the load takes it, checked."""
     import json
 
-    from mmembed.errors import CheckpointError
-
     idx = filled(backend)
     idx.remove([3, 1500])  # tombstones: the save compacts, and the structure is built for the rows saved
     idx.save(tmp_path / "ix")
