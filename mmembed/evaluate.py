@@ -24,7 +24,7 @@ from torch import Tensor
 from mmembed.checkpoint import atomic_write_json, check_output_file
 from mmembed.errors import UserError
 from mmembed.evaluate_probe import probe_report, row_labels
-from mmembed.evaluate_recall import check_finite, pairwise_report
+from mmembed.evaluate_recall import check_finite, pairwise_report, shared_files_note
 from mmembed.evaluate_zero_shot import (
     _accuracy,
     check_labels,
@@ -95,6 +95,8 @@ def manifest_report(model: Any, manifest_path: str | Path, *, ks: Sequence[int] 
     if use_label and (missing := next((r for r in rows if r.label is None), None)):
         raise UserError(f"{emb.path}:{missing.line}: row has no label (use key='row' or 'auto')")
     lines, unlabelled = {r.line for r in rows}, {r.line for r in rows if r.label is None}
+    if not use_label and (note := shared_files_note(list({r.line: r for r in rows}.values()), str(emb.path))):
+        log.warning("%s", note)
     if key == "auto" and 0 < len(unlabelled) < len(lines):  # one such row moved recall@1 from 100 % to 57 %
         log.warning("%s: %d of %d rows have no label, so recall is matched by row (only a row's own items count), "
                     "not by label; give every row a label to match by label", emb.path, len(unlabelled), len(lines))

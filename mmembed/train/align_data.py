@@ -23,6 +23,7 @@ from mmembed.modality import Modality
 from mmembed.preprocess import build_preprocessor
 from mmembed.space import SharedSpace
 from mmembed.train.data_setup import read_train_manifest, rows_fingerprint
+from mmembed.evaluate_recall import shared_files_note
 from mmembed.train.distributed import current_world
 
 log = logging.getLogger("mmembed.train.align")  # the stage's lines keep their logger name (the CLI prints it)
@@ -176,6 +177,9 @@ def _eval_loader(cfg: Config, root: Path, name: str | None, tokenizer):
     if manifest.skipped:
         log.warning("validation manifest %s: %d row(s) skipped at read time (first, line %d: %s)",
                     root / name, len(manifest.skipped), *manifest.skipped[0])
+    if not all(row.label is not None for row in manifest.rows) and (
+            note := shared_files_note(manifest.rows, f"validation manifest {root / name}")):
+        log.warning("%s", note)  # early stopping would follow a recall stuck near 0
     # validation measures the primary captions, whatever data.caption_sampling trains on
     dataset = ManifestDataset(manifest, pre, strict=cfg.data.strict, cache=True, caption_sampling="primary")
     if not keep_validation_cached(dataset, asked=cfg.data.cache):
