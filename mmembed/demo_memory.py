@@ -109,7 +109,7 @@ def memory_lines(result: dict[str, Any]) -> list[str]:
               f"{s['truth']} |" for s in result["samples"]]
     return lines + ["", "Many turns later the item must come back by recall: `mmembed train-queries RUN` adds a query "
                         "tower (a question lands near the item it names), and `python -m benchmarks.memory_horizon RUN` "
-                        "asks about items shown 3 to 29 turns before (docs/memory.md).", ""]
+                        "asks about items 3 to 38 of the user's turns back (docs/memory.md).", ""]
 
 
 def _main(argv: list[str]) -> int:
