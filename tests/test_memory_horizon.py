@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from benchmarks.memory_horizon import asked_item_recalled, plan
+from benchmarks.memory_horizon import asked_item_recalled, plan, turns_back
 
 
 def test_plan_shows_every_item_once_over_three_processes_and_asks_unique_old_objects(tiny_world):
@@ -36,3 +36,10 @@ def test_an_item_counts_as_recalled_by_its_media_or_its_description_not_the_user
     assert asked_item_recalled(question, [[5, "assistant", "text"]])
     assert not asked_item_recalled(question, [[5, "user", "text"], [4, "user", "image"], [6, "assistant", "text"]])
     assert not asked_item_recalled(question, [])
+
+
+def test_turns_back_counts_the_users_earlier_questions_too():
+    """Each question is a turn the store keeps: the k-th question of a user has k more turns between it
+    and the item than the items shown after it (the median read 15.5 for 22)."""
+    asked = [{"user": "a", "item": 9}, {"user": "a", "item": 9}, {"user": "b", "item": 0}, {"user": "a", "item": 0}]
+    assert turns_back(asked, 10) == [0, 1, 9, 11]
