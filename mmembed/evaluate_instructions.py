@@ -7,9 +7,10 @@
                 answer's length and some slack (at least 48 tokens), or up to max_new_tokens
              ─► score(row, answer) ─► accuracy per task and overall, and the answers (JSON)
 
-Scoring: an answer is right when it equals the row's answer after both are normalised (spaces
-and case, trailing punctuation: "Red." = "red") — exact match, as VQA-style benchmarks score
-short answers. Rows of the built-in world (`mmembed data synth`; every task one of the world's,
+Scoring: an answer is right when it equals the row's answer after both are normalised
+(compatibility forms, spaces and case, trailing punctuation: "Red." = "Ｒｅｄ…" = "red") — exact
+match of short answers (VQA's scorer also drops articles and inner punctuation and spells numbers
+as digits; this one does not). Rows of the built-in world (`mmembed data synth`; every task one of the world's,
 with its `objects`) are scored by the world's own reader instead, as the demo scores them: a
 description is right when it reads as one of the world's captions and names exactly the shape
 and colour of every object (its sizes and positions stated, their values not checked).

@@ -332,6 +332,9 @@ def test_score_normalises_short_answers():
     assert not score(row, "blue") and not score(row, "dark red")
     assert score({"task": "larger", "answer": "the picture"}, "The picture.")
     assert score({"task": "larger", "answer": "the picture"}, " the  picture ")  # as `mmembed eval` reads it
+    # every trailing run of punctuation, and compatibility forms (it kept "red. ." and full-width letters)
+    assert score(row, "red. .") and score(row, "Ｒｅｄ") and score(row, "red…") and score(row, "red!?")
+    assert score({"task": "larger", "answer": "a (b)"}, "A (b).") and not score({"task": "larger", "answer": "a (b)"}, "a (b")
 
 
 def test_a_reference_answer_is_normalised_as_the_generated_one_is():

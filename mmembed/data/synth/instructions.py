@@ -26,6 +26,7 @@ from the split, so both change with its size (and so with `n`).
 
 from __future__ import annotations
 
+import unicodedata
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -285,8 +286,14 @@ def task_group(task: str) -> str:
 
 
 def normalise(answer: str) -> str:
-    """Lower-case, one space between words, no trailing punctuation: ' Red  star. ' -> 'red star'."""
-    return " ".join(answer.lower().split()).rstrip(".!?,;:").strip()
+    """Compatibility forms folded (NFKC: full-width 'Ｒｅｄ' is 'Red', '…' is '...'), lower-case, one space
+    between words, no punctuation or blanks at the end however many ('red. .', 'red…' are 'red'):
+    ' Red  star. ' -> 'red star'."""
+    text = " ".join(unicodedata.normalize("NFKC", answer).casefold().split())
+    end = len(text)
+    while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1]) == "Po"):  # not a closing ")"
+        end -= 1
+    return text[:end]
 
 
 def same_answer(generated: str, reference: str) -> bool:
