@@ -13,11 +13,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmembed.errors import UserError
 from mmembed.train.collectives import all_gather_objects, broadcast_object
-from mmembed.train.metrics import better, lower_is_better
+from mmembed.train.metrics import better, lower_is_better, same_value
 from mmembed.train.optim import hyperparameters, restore_hyperparameters
-from mmembed.train.state import (checkpoint_dir, load_checkpoint, prune_checkpoints, restore_best, resume_checkpoint,
-                                 rng_state, save_checkpoint)
+from mmembed.train.state import (Progress, checkpoint_dir, load_checkpoint, prune_checkpoints, restore_best,
+                                 resume_checkpoint, rng_state, save_checkpoint)
 
 if TYPE_CHECKING:
     from mmembed.train.engine import Trainer
@@ -51,9 +52,10 @@ def evaluate_and_check(trainer: Trainer) -> tuple[bool, bool]:
     # on long answers, and the first evaluation's weights were kept and the run stopped early.
     loss = metrics.get("loss") if name.removeprefix("val/") != "loss" else None
     loss = float(loss) if loss is not None and math.isfinite(loss) else None
-    tie_won = value == p.best_metric and loss is not None and better(loss, p.best_loss, lower=True)
+    tie_won = same_value(value, p.best_metric) and loss is not None and better(loss, p.best_loss, lower=True)
     if better(value, p.best_metric, lower_is_better(name)) or tie_won:
         p.best_metric, p.best_step, p.best_loss, p.evals_since_best = value, p.step, loss, 0
+        p.best_of = name.removeprefix("val/")
         improved = True
     else:
         p.evals_since_best += 1
@@ -104,6 +106,7 @@ def resume_latest(trainer: Trainer) -> None:
     configured = hyperparameters(trainer.optimizer)
     trainer.progress = load_checkpoint(ckpt, trainer.module, trainer.optimizer, rank=trainer.world.rank,
                                        sharded=trainer.sharded)
+    _check_same_metric(trainer.progress, trainer.cfg.early_stop_metric)  # before the stage writes config.yaml
     restore_hyperparameters(trainer.optimizer, configured)  # the config's, not the checkpoint's
     if trainer.stateful is not None and "stage" in trainer.progress.extra:
         trainer.stateful.load_state_dict(trainer.progress.extra["stage"])
@@ -116,6 +119,17 @@ def resume_latest(trainer: Trainer) -> None:
     trainer.metrics.truncate(trainer.progress.step, evaluated=trainer.progress.last_eval_step == trainer.progress.step)
     log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, trainer.progress.step,
              trainer.progress.epoch, trainer.progress.batch_in_epoch)
+
+
+def _check_same_metric(p: Progress, metric: str) -> None:
+    """UserError when a resume changes the early-stop metric the run's best was kept by: its best value
+    was compared with the new metric's (a median rank never beat the old recall@1 of 0.17, and the
+    run stopped early and shipped step 3 as best). Checkpoints from before the metric was recorded
+    are not checked."""
+    if p.best_of is not None and p.best_of != metric.removeprefix("val/"):
+        raise UserError(f"--resume: train.early_stop_metric {p.best_of!r} -> {metric!r}: the run's best checkpoint "
+                        f"and its patience were kept by {p.best_of}; resume without the change, or start over "
+                        "(--overwrite, or another train.out_dir)")
 
 
 def _rescale_to_world(trainer: Trainer) -> None:

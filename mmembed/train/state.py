@@ -48,6 +48,7 @@ class Progress:
     best_metric: float | None = None  # best validation value of the early-stop metric so far
     best_step: int | None = None  # the step it was measured at; that step's checkpoint is kept
     best_loss: float | None = None  # the validation loss there: a tie of the metric goes to a lower loss
+    best_of: str | None = None  # the early-stop metric they were kept by (None: none yet, or an older checkpoint)
     evals_since_best: int = 0
     last_metric: float | None = None  # the early-stop metric at the latest evaluation (None: none yet)
     bad_steps: int = 0  # non-finite steps skipped in total
@@ -233,7 +234,7 @@ def _check_progress(p: Progress) -> None:
              "samples_in_epoch": lambda v: v is None or whole(v, 0),
              "batch_size": lambda v: v is None or whole(v, 1), "accum_steps": lambda v: v is None or whole(v, 1),
              "best_metric": lambda v: v is None or real(v), "best_step": lambda v: v is None or whole(v, 0),
-             "best_loss": lambda v: v is None or real(v),
+             "best_loss": lambda v: v is None or real(v), "best_of": lambda v: v is None or isinstance(v, str),
              "last_metric": lambda v: v is None or number(v),  # (NaN too: a diverged model's value)
              "last_eval_step": lambda v: v is None or whole(v, 0),
              "seconds": lambda v: real(v) and v >= 0, "extra": lambda v: isinstance(v, dict)}

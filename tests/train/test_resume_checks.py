@@ -182,3 +182,26 @@ def test_a_bind_run_resumes_from_its_checkpoint_after_its_source_run_moved(tiny_
     assert (run / "checkpoints" / "step_0000004").is_dir()
     resumed, ran = load_file(run / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert resumed.keys() == ran.keys() and all(resumed[k].equal(ran[k]) for k in ran)
+
+
+def test_a_resume_with_another_early_stop_metric_is_refused_before_config_yaml_changes(tiny_world, tmp_path):
+    """The kept best value of recall@1 was compared with the new metric's: a median rank (lower is
+    better, never below 0.17) never improved, and the run stopped early and shipped an old step as best."""
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1, eval_every=1, max_steps=2)
+    run = train(load_config(path))
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(UserError, match=r"^--resume: train\.early_stop_metric 'recall@1' -> 'val/median_rank': the "
+                                        r"run's best checkpoint and its patience were kept by recall@1"):
+        train(load_config(path, ["train.early_stop_metric=val/median_rank", "train.max_steps=3"]), resume=True)
+    assert (run / "config.yaml").read_text() == before
+    train(load_config(path, ["train.early_stop_metric=val/recall@1", "train.max_steps=3"]), resume=True)  # its name
+
+
+def test_a_best_is_not_beaten_by_float_rounding():
+    """The mean recall of the same hits summed in another order read 0.19444444444444445 for ...442: a
+    new best, which reset the early-stopping patience."""
+    from mmembed.train.metrics import better
+
+    assert not better(0.19444444444444445, 0.19444444444444442, lower=False)
+    assert better(0.1945, 0.19444444444444442, lower=False) and better(0.5, None, lower=True)
+    assert not better(float("nan"), None, lower=False)
