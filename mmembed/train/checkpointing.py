@@ -117,6 +117,10 @@ def resume_latest(trainer: Trainer) -> None:
             or p.accum_steps not in (None, cfg.accum_steps):
         _rescale_to_world(trainer)
     trainer.metrics.truncate(trainer.progress.step, evaluated=trainer.progress.last_eval_step == trainer.progress.step)
+    if trainer.world.main:  # train.keep_last as now configured, before the first save: a lowered one frees the
+        best = p.best_step  # room a full disk refused that save (it pruned only after writing it, which failed)
+        prune_checkpoints(trainer.run_dir, cfg.keep_last, keep={checkpoint_dir(trainer.run_dir, best)} if best is not None
+                          else set())
     log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, trainer.progress.step,
              trainer.progress.epoch, trainer.progress.batch_in_epoch)
 

@@ -205,3 +205,23 @@ def test_a_best_is_not_beaten_by_float_rounding():
     assert not better(0.19444444444444445, 0.19444444444444442, lower=False)
     assert better(0.1945, 0.19444444444444442, lower=False) and better(0.5, None, lower=True)
     assert not better(float("nan"), None, lower=False)
+
+
+def test_a_resume_with_a_lower_keep_last_prunes_before_its_first_save(tiny_world, tmp_path):
+    """On a full disk the resume with train.keep_last=1 failed as the run had: the new checkpoint was
+    written before the old ones were pruned. The newest and the best are always kept."""
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1, eval_every=1, max_steps=4)
+    run = train(load_config(path))
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(steps) == 4
+    seen = []
+
+    def at_start(event, trainer, info):
+        if event == "step" and not seen:  # the first step after the resume, before any save
+            seen.append(sorted(p.name for p in (run / "checkpoints").iterdir()))
+
+    from mmembed.train.state import resume_checkpoint
+
+    best = json.loads((resume_checkpoint(run) / "trainer.json").read_text())["progress"]["best_step"]
+    train_align(load_config(path, ["train.keep_last=1", "train.max_steps=5"]), resume=True, callbacks=[at_start])
+    assert seen[0] == sorted({"step_0000004", f"step_{best:07d}"})
