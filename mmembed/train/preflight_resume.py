@@ -6,12 +6,15 @@ preflight.py and preflight_decoder.py.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mmembed.config import Config
 from mmembed.config_decoder import DecoderConfig
 from mmembed.errors import ConfigError, UserError
 from mmembed.train.preflight_decoder import _space_copied
+
+log = logging.getLogger(__name__)
 
 
 # where a run's weights and tokenizer came from, not what they are: a resume reads the checkpoint and the
@@ -49,6 +52,14 @@ def _check_same_space(config: Config) -> None:
         raise ConfigError(f"--resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run's "
                           f"weights are of its config.yaml; resume without the change, or start over with "
                           "--overwrite")
+    if not decoder_started and (said := said_changes(ran, config)):
+        log.warning("--resume: %s: taken from the next step on (the steps before trained with the run's own)",
+                    ", ".join(said))
+
+
+# a tower's preprocess keys that act on training samples only (augmentation): no weight is of them
+_TRAINING_ONLY = {"augment", "crop_scale", "affine_degrees", "affine_translate", "color_jitter", "hflip",
+                  "spec_augment", "freq_mask", "time_mask", "freq_shift", "time_stretch", "random_crop"}
 
 
 def _space_changes(ran: Config, config: Config) -> list[str]:
@@ -56,7 +67,30 @@ def _space_changes(ran: Config, config: Config) -> list[str]:
 
     return [change for section in ("model", "tokenizer")
             for change in changes(section, to_dict(getattr(ran, section)), to_dict(getattr(config, section)))
-            if change.split(" ")[0] not in _WHERE_IT_STARTED]
+            if change.split(" ")[0] not in _WHERE_IT_STARTED and not _training_only(change)]
+
+
+def _training_only(change: str) -> bool:
+    parts = change.split(" ")[0].split(".")  # model.towers.image.preprocess.augment
+    return len(parts) == 5 and parts[3] == "preprocess" and parts[4] in _TRAINING_ONLY
+
+
+# what a resume takes from here on, though the steps before trained otherwise: said, not refused (not
+# train.lr, which a collapse restart's resume keeps at its own rate with its own word, nor the optimizer's
+# settings, which the engine names as it restores them)
+_SAID_ON_RESUME = ("train.warmup_steps", "loss.", "data.caption_sampling")
+
+
+def said_changes(ran: Config, config: Config) -> list[str]:
+    """The changes a resume of the align stage takes from its next step (warm-up, loss, caption
+    sampling, augmentation): applied, and named in a warning (they were applied silently, a changed
+    loss.kind swapping the objective mid-run without a word)."""
+    from mmembed.typed_config import to_dict
+
+    found = [c for c in changes("", {k: to_dict(getattr(ran, k)) for k in ("train", "loss", "data")},
+                                {k: to_dict(getattr(config, k)) for k in ("train", "loss", "data")})
+             if c.split(" ")[0].startswith(_SAID_ON_RESUME)]
+    return found + [c for c in changes("model", to_dict(ran.model), to_dict(config.model)) if _training_only(c)]
 
 
 def _captioner_changes(ran: Config, config: Config) -> list[str]:

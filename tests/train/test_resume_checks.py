@@ -225,3 +225,18 @@ def test_a_resume_with_a_lower_keep_last_prunes_before_its_first_save(tiny_world
     best = json.loads((resume_checkpoint(run) / "trainer.json").read_text())["progress"]["best_step"]
     train_align(load_config(path, ["train.keep_last=1", "train.max_steps=5"]), resume=True, callbacks=[at_start])
     assert seen[0] == sorted({"step_0000004", f"step_{best:07d}"})
+
+
+def test_a_resume_takes_augmentation_and_names_what_it_takes_from_the_next_step(tiny_world, tmp_path, caplog):
+    """Turning image augmentation on was refused ("the run's weights are of its config.yaml"), though
+    no weight is of it; a changed loss.kind or caption sampling was taken without a word."""
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=2, checkpoint_every=1, max_steps=1)
+    train(load_config(path))
+    changed = ["model.towers.image.preprocess.augment=true", "loss.kind=siglip", "data.caption_sampling=random",
+               "train.max_steps=2"]
+    with caplog.at_level(logging.WARNING):
+        train(load_config(path, changed), resume=True)
+    assert "--resume: data.caption_sampling 'primary' -> 'random', loss.kind 'infonce' -> 'siglip', " \
+           "model.towers.image.preprocess.augment" in caplog.text and "taken from the next step on" in caplog.text
+    with pytest.raises(ConfigError, match="preprocess.size"):  # what the model reads stays the run's
+        train(load_config(path, [*changed, "model.towers.image.preprocess.size=16", "train.max_steps=3"]), resume=True)
