@@ -154,7 +154,8 @@ def _rescale_to_world(trainer: Trainer) -> None:
     if cfg.max_steps is not None:
         trainer.total_steps = min(trainer.total_steps, cfg.max_steps)
     log.info("resuming a run of %d process(es) x batch %s x %s micro-batch(es) on %d x %d x %d: the rest of "
-             "epoch %d (%d rows done) is dealt anew, %d steps in all", p.world_size, p.batch_size or "?",
+             "epoch %d (%d rows done) is dealt anew, %d steps in all (the learning-rate schedule now ends there)",
+             p.world_size, p.batch_size or "?",
              p.accum_steps or "?", trainer.world.size, cfg.batch_size, cfg.accum_steps, p.epoch, p.samples_in_epoch,
              trainer.total_steps)
 
