@@ -8,6 +8,7 @@ state.py's, and what the run reports when it ends is engine_reports.py's.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from pathlib import Path
@@ -91,8 +92,16 @@ def checkpoint(trainer: Trainer) -> Path:
     state = trainer.sharded.full_state(trainer.optimizer) if trainer.sharded is not None else None  # collective
     if not trainer.world.main:
         return checkpoint_dir(trainer.run_dir, trainer.progress.step)
-    path = save_checkpoint(trainer.run_dir, trainer.module, trainer.optimizer, trainer.progress, trainer.extra_files,
-                           rank_rng=list(rng), state=state)
+    try:
+        path = save_checkpoint(trainer.run_dir, trainer.module, trainer.optimizer, trainer.progress,
+                               trainer.extra_files, rank_rng=list(rng), state=state)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # it named a hidden temporary file: say whose checkpoint failed and how a resume goes on
+        raise OSError(e.errno, f"no space left on the device for the checkpoint of step {trainer.progress.step}; "
+                      "free some (a --resume with a lower train.keep_last prunes the older checkpoints before "
+                      "its first save) and --resume", str(trainer.run_dir)) from None
     best = trainer.progress.best_step
     prune_checkpoints(trainer.run_dir, trainer.cfg.keep_last,
                       keep={checkpoint_dir(trainer.run_dir, best)} if best is not None else set())

@@ -240,3 +240,22 @@ def test_a_resume_takes_augmentation_and_names_what_it_takes_from_the_next_step(
            "model.towers.image.preprocess.augment" in caplog.text and "taken from the next step on" in caplog.text
     with pytest.raises(ConfigError, match="preprocess.size"):  # what the model reads stays the run's
         train(load_config(path, [*changed, "model.towers.image.preprocess.size=16", "train.max_steps=3"]), resume=True)
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_run_and_the_way_on(tiny_world, tmp_path, monkeypatch, capsys):
+    """It said "…/checkpoints/.step_0000006.tmp4176/trainer.safetensors: No space left on device"."""
+    import errno
+
+    from mmembed.cli import main
+    from mmembed.train import checkpointing
+
+    def full(run_dir, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{run_dir}/checkpoints/.step_0000002.tmp9/x")
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", full)
+    path = tiny_config(tiny_world, tmp_path / "run", epochs=1, checkpoint_every=2)
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"mmembed: error: {tmp_path / 'run'}: no space left on the device for the checkpoint of step 2; "
+                   "free some (a --resume with a lower train.keep_last prunes the older checkpoints before its first "
+                   "save) and --resume"), err
