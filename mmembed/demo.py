@@ -59,7 +59,7 @@ def _check_replaceable(run_dir: Path, config: Config) -> None:
     (which a config alone cannot tell from an interrupted demo), deleted them unasked. What is
     replaced is said: a finished demo of other settings, an interrupted one."""
     left = [p for p in run_dir.iterdir() if not _demo_hidden(p.name)] if run_dir.is_dir() else []
-    if not left and not _foreign_hidden(run_dir):  # (a leftover of an interrupted overwrite goes too)
+    if not left:  # (a leftover of an interrupted overwrite goes too; a user's hidden file is left)
         return
     finished = _finished_demo(run_dir)
     if not finished and not (run_dir / DEMO).is_file():
@@ -110,10 +110,6 @@ _HIDDEN = re.compile(rf"{re.escape(LOCK)}|{re.escape(DEMO)}|{re.escape(UNSTARTED
 
 def _demo_hidden(name: str) -> bool:
     return _HIDDEN.fullmatch(name) is not None
-
-
-def _foreign_hidden(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name.startswith(".") and not _demo_hidden(p.name) for p in run_dir.iterdir())
 
 
 def _not_written_by_the_demo(run_dir: Path) -> list[str]:

@@ -277,10 +277,14 @@ class FaissIVF(_FaissBackend):
         grown = self.nlist is None and store.n_rows >= 4 * self._trained_on
         return super()._stale(store) or (grown and store.n_rows > self._synced)
 
+    def _cells(self, n: int) -> int:
+        """The cells of a quantizer trained on `n` rows: `nlist`, or 4·sqrt(n), at most n / 39."""
+        nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
+        return max(1, min(nlist, n // 39 or 1))  # k-means wants >= 39 points per centroid
+
     def _create(self, vectors: np.ndarray) -> Any:
         n, dim = vectors.shape
-        nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
-        nlist = max(1, min(nlist, n // 39 or 1))  # k-means wants >= 39 points per centroid
+        nlist = self._cells(n)
         sample = vectors
         if n > 256 * nlist:  # what FAISS would subsample to anyway; seeded so builds repeat
             pick = np.random.default_rng(0).choice(n, 256 * nlist, replace=False)
@@ -313,7 +317,7 @@ class FaissIVF(_FaissBackend):
 
     def _other_parameters(self, index: Any, state: dict[str, Any]) -> str | None:
         n = _trained_on(state, index.ntotal)
-        nlist = max(1, min(self.nlist or max(1, int(4 * math.sqrt(n))), n // 39 or 1))  # as `_create` chose it
+        nlist = self._cells(n)  # as `_create` chose it
         return None if index.nlist == nlist else f"it has {index.nlist} cells, where nlist={self.nlist} gives {nlist}"
 
     def _rows_of(self, index: Any, rows: list[int]) -> np.ndarray:
